@@ -1,0 +1,20 @@
+"""mambakit.ops: the math of selective state space models, one folder per op family.
+
+Each public function validates its inputs, then runs on the backend chosen by `dispatch.select_backend`:
+"reference" (sequential float64), "torch" (vectorised PyTorch) or "triton" (fused GPU kernels).
+"""
+
+from .causal_conv1d import causal_conv1d, causal_conv1d_update
+from .rms_norm import rms_norm
+from .selective_scan import selective_scan, selective_state_update
+from .ssd import ssd, ssd_state_update
+
+__all__ = [
+    "selective_scan",
+    "selective_state_update",
+    "ssd",
+    "ssd_state_update",
+    "causal_conv1d",
+    "causal_conv1d_update",
+    "rms_norm",
+]

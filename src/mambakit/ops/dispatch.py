@@ -1,0 +1,61 @@
+"""Backend choice for every op, in one place.
+
+Backends:
+    "reference"  sequential recurrence in float64: the ground truth (slow, exact)
+    "torch"      vectorised / chunked PyTorch: CPU and GPU, autograd by torch or a hand-written backward
+    "triton"     fused Triton kernels: CUDA tensors (or any tensors under TRITON_INTERPRET=1, for tests)
+
+`backend=None` picks "triton" for CUDA tensors when Triton is importable, "torch" otherwise.
+Ops call `select_backend` and nothing else decides; modules never import kernels themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("reference", "torch", "triton")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether `import triton` can succeed (checked once, without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpret() -> bool:
+    """TRITON_INTERPRET=1 runs Triton kernels on CPU tensors through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def select_backend(op: str, backend: str | None, device: torch.device, supported: tuple[str, ...] = BACKENDS) -> str:
+    """Return the backend that runs `op` for tensors on `device`.
+
+    Args:
+        op: the op's public name, for error messages.
+        backend: None (automatic) or one of "reference", "torch", "triton".
+        device: the device of the op's main input.
+        supported: the backends this op implements.
+    Raises:
+        ValueError: unknown backend, or one this op / device / installation cannot run.
+    """
+    if backend is None:
+        if device.type == "cuda" and "triton" in supported and triton_available():
+            return "triton"
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be None or one of {BACKENDS}, got {backend!r}")
+    if backend not in supported:
+        raise ValueError(f"{op}: backend {backend!r} is not implemented for this op; choose one of {supported}")
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError(f"{op}: backend 'triton' needs the triton package (pip install 'mambakit[gpu]')")
+        if device.type != "cuda" and not triton_interpret():
+            raise ValueError(
+                f"{op}: backend 'triton' needs CUDA tensors, got device {device} "
+                "(set TRITON_INTERPRET=1 to run the kernels on CPU through Triton's interpreter)"
+            )
+    return backend

@@ -1,0 +1,142 @@
+"""Selective scan (Mamba-1 "S6"): the public op and its one-step decode update. See README.md for the math."""
+
+from __future__ import annotations
+
+import torch
+
+from ..checks import FLOATS, ShapeChecker, as_grouped
+from ..dispatch import select_backend
+
+__all__ = ["selective_scan", "selective_state_update"]
+
+_A_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
+_BC_DTYPES = FLOATS + (torch.complex64, torch.complex128)
+
+
+def _check_params(chk: ShapeChecker, A, D, dt_bias, z, z_dims) -> None:
+    chk.tensor("A", A, ("dim", "dstate"), dtypes=_A_DTYPES)
+    chk.tensor("D", D, ("dim",), optional=True)
+    chk.tensor("dt_bias", dt_bias, ("dim",), optional=True)
+    chk.tensor("z", z, z_dims, optional=True)
+    chk.divides("B", "ngroups", "dim")
+
+
+def _implementation(backend: str):
+    if backend == "reference":
+        from .reference import selective_scan_reference as fn
+    elif backend == "torch":
+        from .chunked import selective_scan_chunked as fn
+    else:
+        from .triton_scan import selective_scan_triton as fn
+    return fn
+
+
+def selective_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    seq_idx: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Selective state space scan of Mamba-1 (input-dependent dt, B, C; diagonal A per channel).
+
+        dt'_t = softplus(dt_t + dt_bias) if dt_softplus else dt_t + dt_bias
+        h_t = exp(dt'_t * A) * h_{t-1} + dt'_t * B_t * x_t ;  y_t = <C_t, h_t> + D * x_t ;  y *= silu(z)
+
+    Args:
+        x, dt: (batch, seqlen, dim) inputs and step sizes.
+        A: (dim, dstate) float32 state matrix (negative real part for a stable scan); complex64
+            allowed on the reference and torch backends (then y_t = 2 Re <C_t, h_t>).
+        B, C: (batch, seqlen, ngroups, dstate), or (batch, seqlen, dstate) for ngroups = 1;
+            channel d uses group d // (dim // ngroups).
+        D, dt_bias: (dim,) skip connection and step-size bias.
+        z: (batch, seqlen, dim) gate.
+        initial_state: (batch, dim, dstate) state before the first token (gradients flow into it).
+        return_final_state: also return the (batch, dim, dstate) float32 state after the last token.
+        seq_idx: (batch, seqlen) int32 document index, nondecreasing along each row; the state
+            restarts from zero where it changes (packed sequences).
+        backend: None (Triton on CUDA, PyTorch otherwise), "reference", "torch" or "triton".
+    Returns:
+        y: (batch, seqlen, dim) in x's dtype, and the final state when asked.
+
+    Example:
+        >>> x = torch.randn(2, 64, 32); dt = torch.rand(2, 64, 32)
+        >>> A = -torch.rand(32, 16); B, C = torch.randn(2, 2, 64, 1, 16)
+        >>> y, h = selective_scan(x, dt, A, B, C, return_final_state=True)   # (2, 64, 32), (2, 32, 16)
+    """
+    chk = ShapeChecker("selective_scan")
+    chk.tensor("x", x, ("batch", "seqlen", "dim"))
+    chk.tensor("dt", dt, ("batch", "seqlen", "dim"))
+    B, C = as_grouped("B", B, chk), as_grouped("C", C, chk)
+    chk.tensor("B", B, ("batch", "seqlen", "ngroups", "dstate"), dtypes=_BC_DTYPES)
+    chk.tensor("C", C, ("batch", "seqlen", "ngroups", "dstate"), dtypes=_BC_DTYPES)
+    _check_params(chk, A, D, dt_bias, z, ("batch", "seqlen", "dim"))
+    state_dtypes = (torch.float32, torch.float64) + ((torch.complex64, torch.complex128) if A.is_complex() else ())
+    chk.tensor("initial_state", initial_state, ("batch", "dim", "dstate"), dtypes=state_dtypes, optional=True)
+    chk.seq_idx(seq_idx)
+    name = select_backend("selective_scan", backend, x.device)
+    if name == "triton" and A.is_complex():
+        raise ValueError("selective_scan: complex A is supported by the 'reference' and 'torch' backends, not 'triton'")
+    return _implementation(name)(
+        x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state,
+        return_final_state=return_final_state, seq_idx=seq_idx,
+    )
+
+
+def selective_state_update(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """One recurrent step of `selective_scan` for decoding; updates `state` in place.
+
+    Args:
+        state: (batch, dim, dstate) float32 state, overwritten with the new state.
+        x, dt, z: (batch, dim).   B, C: (batch, ngroups, dstate) or (batch, dstate).
+        A: (dim, dstate).   D, dt_bias: (dim,).
+    Returns:
+        y: (batch, dim) in x's dtype.
+
+    Example:
+        >>> state = torch.zeros(2, 32, 16)
+        >>> y = selective_state_update(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+    """
+    chk = ShapeChecker("selective_state_update")
+    chk.tensor("x", x, ("batch", "dim"))
+    chk.tensor("dt", dt, ("batch", "dim"))
+    if isinstance(B, torch.Tensor) and B.dim() == 2:
+        B = B.unsqueeze(1)
+    if isinstance(C, torch.Tensor) and C.dim() == 2:
+        C = C.unsqueeze(1)
+    chk.tensor("B", B, ("batch", "ngroups", "dstate"), dtypes=_BC_DTYPES)
+    chk.tensor("C", C, ("batch", "ngroups", "dstate"), dtypes=_BC_DTYPES)
+    _check_params(chk, A, D, dt_bias, z, ("batch", "dim"))
+    state_dtypes = (torch.float32, torch.float64) + ((torch.complex64, torch.complex128) if A.is_complex() else ())
+    chk.tensor("state", state, ("batch", "dim", "dstate"), dtypes=state_dtypes)
+    name = select_backend("selective_state_update", backend, x.device)
+    if name == "reference":
+        from .reference import selective_state_update_reference as fn
+    elif name == "torch":
+        from .step import selective_state_update_torch as fn
+    else:
+        from .triton_step import selective_state_update_triton as fn
+    y, new_state = fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    if new_state is not state:
+        state.copy_(new_state)
+    return y

@@ -1,0 +1,22 @@
+"""Test configuration: run Triton kernels through Triton's interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before any kernel module is imported (Triton reads it when a
+function is decorated), hence here, at conftest import time.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

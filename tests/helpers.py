@@ -1,0 +1,71 @@
+"""Shared test helpers: one `assert_close` for every numerical comparison, and gradient plumbing.
+
+Tolerances follow DESIGN.md: float32 paths stay under 1e-4 of the reference's scale; low
+precision paths are held to at most twice the error that PyTorch itself makes in that dtype
+against the float32 reference (see `low_precision_tolerance`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, name: str = "tensor", rel: float = 1e-4,
+                 atol: float = 0.0) -> None:
+    """Assert max|actual - expected| <= rel * max|expected| + atol; NaN/inf never pass.
+
+    On failure the message names the tensor and prints the worst element, its index, and both scales.
+    """
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    a = actual.detach().to(torch.complex128 if actual.is_complex() else torch.float64).cpu()
+    e = expected.detach().to(a.dtype).cpu()
+    assert torch.isfinite(e).all(), f"{name}: the reference itself is not finite"
+    bad = ~torch.isfinite(a)
+    assert not bad.any(), f"{name}: {int(bad.sum())} non-finite values, first at {tuple(bad.nonzero()[0].tolist())}"
+    if a.numel() == 0:
+        return
+    err = (a - e).abs()
+    scale = float(e.abs().max())
+    tol = rel * scale + atol
+    worst = float(err.max())
+    if worst > tol:
+        idx = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
+        raise AssertionError(
+            f"{name}: max abs error {worst:.3e} > tol {tol:.3e} (rel {rel:g} x scale {scale:.3e} + atol {atol:g}); "
+            f"worst at {idx}: got {a[idx].item()}, expected {e[idx].item()}"
+        )
+
+
+def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max|actual - expected| in float64 (for measuring PyTorch's own low-precision error)."""
+    return float((actual.detach().double().cpu() - expected.detach().double().cpu()).abs().max())
+
+
+def low_precision_tolerance(torch_lowp: torch.Tensor, reference: torch.Tensor, factor: float = 2.0,
+                            floor_rel: float = 1e-3) -> float:
+    """Absolute tolerance for a low-precision fast path: `factor` x PyTorch's own error, with a small floor."""
+    return factor * max_error(torch_lowp, reference) + floor_rel * float(reference.detach().abs().max())
+
+
+def run_with_grads(fn: Callable[..., torch.Tensor | Sequence[torch.Tensor]], inputs: dict[str, torch.Tensor | None],
+                   upstream: Sequence[torch.Tensor], grad_names: Sequence[str]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Call fn(**inputs) on detached leaf copies, backpropagate `upstream`, return outputs and named grads.
+
+    Only inputs listed in `grad_names` require grad; a missing gradient (None) is returned as zeros,
+    so a path that silently drops a gradient fails the comparison instead of passing.
+    """
+    leaves = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach().clone()
+            if k in grad_names:
+                v.requires_grad_(True)
+        leaves[k] = v
+    out = fn(**leaves)
+    outs = [out] if isinstance(out, torch.Tensor) else [o for o in out if o is not None]
+    used = [(o, g) for o, g in zip(outs, upstream) if o.requires_grad]
+    torch.autograd.backward([o for o, _ in used], [g.to(o.dtype) for o, g in used])
+    grads = {k: (leaves[k].grad if leaves[k].grad is not None else torch.zeros_like(leaves[k])) for k in grad_names}
+    return [o.detach() for o in outs], grads
