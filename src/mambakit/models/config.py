@@ -1,0 +1,84 @@
+"""MambaConfig: a flat dataclass whose fields and defaults are those of mamba_ssm's config.json.
+
+A reference `config.json` loads as it is (`MambaConfig.from_dict(json.load(f))`). Derived sizes are
+computed in `__post_init__` and are not serialised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+MIXERS = ("Mamba1", "Mamba2")
+
+
+@dataclass
+class MambaConfig:
+    """Architecture of a Mamba language model.
+
+    Fields (as in mamba_ssm): d_model; d_intermediate (gated-MLP hidden size after each mixer, 0 = none);
+    n_layer; vocab_size; ssm_cfg (mixer kwargs, with "layer": "Mamba1" (default) or "Mamba2");
+    attn_layer_idx / attn_cfg (hybrid attention layers); rms_norm (else LayerNorm); residual_in_fp32;
+    fused_add_norm (accepted, numerics identical); pad_vocab_size_multiple; tie_embeddings.
+    Derived: `layer` (the mixer name), `padded_vocab_size`, `mixer_kwargs`.
+
+    Example:
+        >>> cfg = MambaConfig(d_model=256, n_layer=4, vocab_size=256, ssm_cfg={"layer": "Mamba2", "d_state": 64})
+        >>> cfg.padded_vocab_size, cfg.layer
+        (256, 'Mamba2')
+    """
+
+    d_model: int = 2560
+    d_intermediate: int = 0
+    n_layer: int = 64
+    vocab_size: int = 50277
+    ssm_cfg: dict[str, Any] = field(default_factory=dict)
+    attn_layer_idx: list[int] = field(default_factory=list)
+    attn_cfg: dict[str, Any] = field(default_factory=dict)
+    rms_norm: bool = True
+    residual_in_fp32: bool = True
+    fused_add_norm: bool = True
+    pad_vocab_size_multiple: int = 8
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MambaConfig: {name} must be a positive int, got {value!r}")
+        if not isinstance(self.d_intermediate, int) or self.d_intermediate < 0:
+            raise ValueError(f"MambaConfig: d_intermediate must be an int >= 0, got {self.d_intermediate!r}")
+        self.ssm_cfg = dict(self.ssm_cfg or {})
+        self.attn_cfg = dict(self.attn_cfg or {})
+        self.attn_layer_idx = list(self.attn_layer_idx or [])
+        if self.layer not in MIXERS:
+            raise ValueError(f"MambaConfig: ssm_cfg['layer'] must be one of {MIXERS}, got {self.layer!r}")
+        bad = [i for i in self.attn_layer_idx if not (0 <= i < self.n_layer)]
+        if bad:
+            raise ValueError(f"MambaConfig: attn_layer_idx {bad} outside [0, n_layer={self.n_layer})")
+
+    @property
+    def layer(self) -> str:
+        return self.ssm_cfg.get("layer", "Mamba1")
+
+    @property
+    def mixer_kwargs(self) -> dict[str, Any]:
+        return {k: v for k, v in self.ssm_cfg.items() if k != "layer"}
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MambaConfig":
+        """Build from a reference config.json dict; unknown keys are an error that names them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"MambaConfig: unknown config keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**d)

@@ -1,0 +1,148 @@
+"""MambaLM: embedding -> residual blocks (Mamba-1 or Mamba-2 mixers, optional gated MLP) -> norm -> LM head.
+
+Shapes (legend): B batch, L seqlen, M d_model, V padded vocab.
+
+    input_ids (B, L) -> embedding (B, L, M) -> n_layer x Block -> norm_f -> lm_head -> logits (B, L, V)
+
+Module names follow mamba_ssm's `MambaLMHeadModel` (backbone.embedding, backbone.layers.i.{norm, mixer,
+norm2, mlp}, backbone.norm_f, lm_head), so a reference state dict loads without renaming. Passing an
+inference cache makes every call continue from the cache's state and advance it: prefill k tokens,
+then one token at a time (the recurrent step path, constant cost per token), and the logits equal
+those of one parallel forward over the whole sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..modules import Block, GatedMLP, Mamba1, Mamba2, RMSNorm
+from .config import MambaConfig
+
+if TYPE_CHECKING:  # the cache lives in mambakit.generation, a layer above; models only read its fields
+    from ..generation.cache import InferenceCache
+
+_MIXERS = {"Mamba1": Mamba1, "Mamba2": Mamba2}
+
+
+def _init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.02) -> None:
+    """mamba_ssm's initialisation: zero biases (except dt_proj's), N(0, 0.02) embeddings, and output
+    projections of each residual branch rescaled by 1/sqrt(n_layer) (GPT-2's prenorm-residual scaling)."""
+    if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module.bias, "_no_reinit", False):
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=initializer_range)
+    for child_name in ("out_proj", "fc2"):
+        child = getattr(module, child_name, None)
+        if isinstance(child, nn.Linear):
+            nn.init.kaiming_uniform_(child.weight, a=math.sqrt(5))
+            with torch.no_grad():
+                child.weight /= math.sqrt(n_layer)
+
+
+class Backbone(nn.Module):
+    """Embedding, the residual blocks and the final norm: (B, L) ids -> (B, L, M) hidden states."""
+
+    def __init__(self, config: MambaConfig, device=None, dtype=None):
+        super().__init__()
+        if config.attn_layer_idx:
+            raise ValueError(f"MambaLM: hybrid attention layers (attn_layer_idx={config.attn_layer_idx}) "
+                             "are not supported yet; use a pure Mamba config")
+        factory = {"device": device, "dtype": dtype}
+        mixer_cls = _MIXERS[config.layer]
+        d = config.d_model
+        norm_cls = partial(RMSNorm, eps=1e-5) if config.rms_norm else partial(nn.LayerNorm, eps=1e-5)
+        self.embedding = nn.Embedding(config.padded_vocab_size, d, **factory)
+        layers = []
+        for i in range(config.n_layer):
+            mlp = GatedMLP(d, hidden_features=config.d_intermediate, out_features=d, **factory) \
+                if config.d_intermediate > 0 else None
+            layers.append(Block(
+                d, mixer_cls(d, layer_idx=i, **config.mixer_kwargs, **factory), norm_cls(d, **factory),
+                mlp=mlp, norm2=norm_cls(d, **factory) if mlp is not None else None,
+                residual_in_fp32=config.residual_in_fp32,
+            ))
+        self.layers = nn.ModuleList(layers)
+        self.norm_f = norm_cls(d, **factory)
+
+    def forward(self, input_ids: torch.Tensor, cache: "InferenceCache | None" = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        hidden, residual = self.embedding(input_ids), None
+        for i, layer in enumerate(self.layers):
+            hidden, residual = layer(hidden, residual, cache=None if cache is None else cache.layers[i], seq_idx=seq_idx)
+        residual = hidden if residual is None else hidden + residual
+        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+
+class MambaLM(nn.Module):
+    """Mamba language model.   forward(input_ids (B, L), cache=None, seq_idx=None) -> logits (B, L, V).
+
+    V is `config.padded_vocab_size` (the vocab rounded up to pad_vocab_size_multiple, as the reference).
+
+    Example:
+        >>> from mambakit import MambaConfig, MambaLM
+        >>> model = MambaLM(MambaConfig(d_model=128, n_layer=2, vocab_size=256, ssm_cfg={"layer": "Mamba2",
+        ...                 "d_state": 32, "headdim": 32}))
+        >>> logits = model(torch.randint(0, 256, (2, 64)))          # (2, 64, 256)
+        >>> cache = model.allocate_cache(batch_size=2)
+        >>> _ = model(prompt_ids, cache=cache); step_logits = model(next_ids[:, None], cache=cache)
+    """
+
+    def __init__(self, config: MambaConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, device=device, dtype=dtype)
+        self.apply(partial(_init_weights, n_layer=config.n_layer))
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    def forward(self, input_ids: torch.Tensor, cache: "InferenceCache | None" = None,
+                seq_idx: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits (B, L, V); with logits_to_keep = k > 0 only the last k positions (B, k, V), as prefill needs.
+
+        With `cache`, the tokens continue the cached sequences and the cache advances by L tokens.
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError(f"MambaLM: input_ids must be an integer tensor (batch, seqlen), got "
+                             f"{getattr(input_ids, 'dtype', type(input_ids))} {tuple(getattr(input_ids, 'shape', ()))}")
+        if cache is not None and cache.batch_size != input_ids.shape[0]:
+            raise ValueError(f"MambaLM: cache holds {cache.batch_size} sequences, input_ids has batch "
+                             f"{input_ids.shape[0]}")
+        hidden = self.backbone(input_ids, cache=cache, seq_idx=seq_idx)
+        if cache is not None:
+            cache.seqlen_offset += input_ids.shape[1]
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.lm_head(hidden)
+
+    # ---- conveniences whose implementations live in the layers above (generation/, checkpoints/) ----
+
+    def allocate_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> "InferenceCache":
+        """Zero recurrent state for `batch_size` sequences (see mambakit.generation.allocate_cache)."""
+        from ..generation.cache import allocate_cache
+
+        return allocate_cache(self, batch_size, dtype=dtype)
+
+    def generate(self, prompts, max_new_tokens: int, **kwargs) -> list[list[int]]:
+        """New tokens per prompt (see mambakit.generation.generate for the sampling arguments)."""
+        from ..generation import generate
+
+        return generate(self, prompts, max_new_tokens, **kwargs)
+
+    def save_pretrained(self, save_directory, format: str = "mambakit") -> None:
+        """Write config + weights (see mambakit.checkpoints.save_pretrained)."""
+        from ..checkpoints import save_pretrained
+
+        save_pretrained(self, save_directory, format=format)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> "MambaLM":
+        """Load a local checkpoint directory (see mambakit.checkpoints.load_pretrained)."""
+        from ..checkpoints import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device)

@@ -1,0 +1,10 @@
+"""mambakit.modules: the layers (Mamba-1 and Mamba-2 mixers, norms, gated MLP, residual block)."""
+
+from .block import Block
+from .mamba1 import Mamba1
+from .mamba2 import Mamba2
+from .mlp import GatedMLP
+from .norm import RMSNorm, RMSNormGated
+from .state import MixerState
+
+__all__ = ["Mamba1", "Mamba2", "GatedMLP", "RMSNorm", "RMSNormGated", "Block", "MixerState"]

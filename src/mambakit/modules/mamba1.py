@@ -1,0 +1,141 @@
+"""The Mamba-1 block (Gu & Dao 2023, Section 3.4, Figure 3): in_proj -> causal conv -> selective SSM, gated.
+
+Shapes (legend): B batch, L seqlen, M d_model, D d_inner = expand * d_model, N d_state,
+R dt_rank, W d_conv.
+
+    (x, z) = in_proj(u)                                 (B, L, D) each
+    x = silu(causal_conv1d(x))                          depthwise, width W
+    (dt_low, B, C) = x_proj(x)                          (B, L, R), (B, L, N), (B, L, N)
+    dt = dt_proj.weight @ dt_low   (bias added inside the scan, then softplus)
+    y = selective_scan(x, dt, A = -exp(A_log), B, C, D, z)   # gated by silu(z)
+    out = out_proj(y)                                   (B, L, M)
+
+Parameter names and shapes follow mamba_ssm's `Mamba` (in_proj, conv1d, x_proj, dt_proj, A_log, D,
+out_proj) so published checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+from .state import MixerState
+
+
+def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: float, device=None) -> torch.Tensor:
+    """Step sizes drawn log-uniformly in [dt_min, dt_max], floored, mapped through softplus^-1 (both papers).
+
+    softplus(result) equals the drawn dt, so the layer starts with time scales spread over two decades.
+    """
+    dt = torch.exp(torch.rand(n, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))  # softplus^-1(dt) = log(exp(dt) - 1), written stably
+
+
+class Mamba1(nn.Module):
+    """Mamba-1 mixer.   forward(hidden_states (B, L, d_model), cache=None, seq_idx=None) -> (B, L, d_model).
+
+    Args mirror mamba_ssm's `Mamba`: d_state 16, d_conv 4, expand 2, dt_rank "auto" = ceil(d_model / 16),
+    dt in [dt_min, dt_max] log-uniform with floor dt_init_floor, dt_proj weight uniform(±dt_rank^-0.5 * dt_scale)
+    ("random") or constant, S4D-Real A (A_log[d, n] = log(n + 1)), D = 1.
+
+    Example:
+        >>> layer = Mamba1(d_model=256)
+        >>> y = layer(torch.randn(2, 64, 256))   # (2, 64, 256)
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: float = 2,
+                 dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random",
+                 dt_scale: float = 1.0, dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
+                 use_fast_path: bool = True, layer_idx: int | None = None, device=None, dtype=None):
+        super().__init__()
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"Mamba1: dt_init must be 'random' or 'constant', got {dt_init!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.use_fast_path = use_fast_path  # accepted for config compatibility; kernels are chosen by ops.dispatch
+        self.layer_idx = layer_idx
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=conv_bias, **factory)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+
+        dt_init_std = self.dt_rank ** -0.5 * dt_scale
+        with torch.no_grad():
+            if dt_init == "constant":
+                nn.init.constant_(self.dt_proj.weight, dt_init_std)
+            else:
+                nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+            self.dt_proj.bias.copy_(inverse_softplus_dt(self.d_inner, dt_min, dt_max, dt_init_floor, device))
+        self.dt_proj.bias._no_reinit = True  # the LM's init must not zero this bias
+        self.dt_proj.bias._no_weight_decay = True
+
+        # S4D-Real: A[d, n] = -(n + 1), stored as its log so that A stays negative under training
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.D._no_weight_decay = True
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+
+    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None) -> MixerState:
+        """Zero state for decoding: conv (batch, d_inner, d_conv - 1), ssm (batch, d_inner, d_state) float32."""
+        device = device or self.out_proj.weight.device
+        dtype = dtype or self.conv1d.weight.dtype
+        return MixerState(
+            conv_state=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
+            ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32),
+        )
+
+    def _ssm_params(self, x: torch.Tensor):
+        """x_proj split and dt_proj weight: (..., D) -> dt (..., D) without bias, B (..., N), C (..., N)."""
+        dt_low, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt_low, self.dt_proj.weight)  # the bias is applied inside the scan, in fp32, before softplus
+        return dt, B, C
+
+    def forward(self, hidden_states: torch.Tensor, cache: MixerState | None = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, d_model) -> (B, L, d_model); with `cache`, continue from its state and advance it."""
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
+            raise ValueError(f"Mamba1: hidden_states must be (batch, seqlen, d_model={self.d_model}), "
+                             f"got {tuple(hidden_states.shape)}")
+        if cache is not None and hidden_states.shape[1] == 1 and seq_idx is None:
+            return self.step(hidden_states, cache)
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, L, D) each
+        conv_w = self.conv1d.weight.squeeze(1)  # (D, W)
+        A = -torch.exp(self.A_log.float())  # (D, N)
+        keep = cache is not None
+        x = causal_conv1d(x, conv_w, self.conv1d.bias, activation="silu",
+                          initial_state=cache.conv_state if keep else None, return_final_state=keep, seq_idx=seq_idx)
+        if keep:
+            x, conv_final = x
+        dt, B, C = self._ssm_params(x)
+        y = selective_scan(x, dt, A, B, C, D=self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
+                           initial_state=cache.ssm_state if keep else None, return_final_state=keep, seq_idx=seq_idx)
+        if keep:
+            y, ssm_final = y
+            cache.conv_state.copy_(conv_final)
+            cache.ssm_state.copy_(ssm_final)
+        return self.out_proj(y)
+
+    def step(self, hidden_states: torch.Tensor, cache: MixerState) -> torch.Tensor:
+        """One token: (B, 1, d_model) -> (B, 1, d_model), advancing `cache` in place (constant cost per token)."""
+        x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)  # (B, D) each
+        x = causal_conv1d_update(cache.conv_state, x, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                 activation="silu")
+        dt, B, C = self._ssm_params(x)
+        A = -torch.exp(self.A_log.float())
+        y = selective_state_update(cache.ssm_state, x, dt, A, B, C, D=self.D.float(), z=z,
+                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        return self.out_proj(y)[:, None]

@@ -1,0 +1,165 @@
+"""The Mamba-2 block (Dao & Gu 2024, Section 7, Figure 6): one in_proj, conv over x‖B‖C, SSD, gated norm.
+
+Shapes (legend): B batch, L seqlen, M d_model, I d_inner = expand * d_model, S d_ssm (<= I; defaults
+to I), H nheads = S / headdim, P headdim, G ngroups, N d_state, W d_conv, F d_mlp = (I - S).
+
+    (z0, x0, z, xBC, dt) = in_proj(u)          (B, L, F), (B, L, F), (B, L, S), (B, L, S + 2GN), (B, L, H)
+    xBC = silu(causal_conv1d(xBC))             the conv runs over x, B and C together
+    (x, B, C) = xBC                            (B, L, H, P), (B, L, G, N), (B, L, G, N)
+    y = ssd(x, dt, A = -exp(A_log), B, C, D, dt_bias, softplus, dt_limit)
+    y = norm(y * silu(z))  (or y * silu(z) without the norm);  y = [silu(z0) * x0, y] when F > 0
+    out = out_proj(y)                          (B, L, M)
+
+Parameter names and shapes follow mamba_ssm's `Mamba2` (in_proj, conv1d, dt_bias, A_log, D, norm,
+out_proj) so published checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import causal_conv1d, causal_conv1d_update, ssd, ssd_state_update
+from .mamba1 import inverse_softplus_dt
+from .norm import RMSNormGated
+from .state import MixerState
+
+
+class Mamba2(nn.Module):
+    """Mamba-2 mixer.   forward(hidden_states (B, L, d_model), cache=None, seq_idx=None) -> (B, L, d_model).
+
+    Args mirror mamba_ssm's `Mamba2`: d_state 128, d_conv 4, expand 2, headdim 64, ngroups 1, A uniform in
+    A_init_range = (1, 16) stored as log, dt log-uniform in [dt_min, dt_max] floored and stored through
+    softplus^-1 in `dt_bias`, D = 1 (per head, or per channel with D_has_hdim), gated RMSNorm with one
+    group per SSD group, chunk_size 256.
+
+    Example:
+        >>> layer = Mamba2(d_model=256, headdim=32, d_state=64)
+        >>> y = layer(torch.randn(2, 100, 256))   # (2, 100, 256)
+    """
+
+    def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, conv_init: float | None = None,
+                 expand: float = 2, headdim: int = 64, d_ssm: int | None = None, ngroups: int = 1,
+                 A_init_range: tuple[float, float] = (1, 16), D_has_hdim: bool = False, rmsnorm: bool = True,
+                 norm_before_gate: bool = False, dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4, dt_limit: tuple[float, float] = (0.0, float("inf")), bias: bool = False,
+                 conv_bias: bool = True, chunk_size: int = 256, use_mem_eff_path: bool = True,
+                 layer_idx: int | None = None, process_group=None, sequence_parallel: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        if process_group is not None:
+            raise ValueError("Mamba2: tensor parallelism (process_group) is not supported; pass process_group=None")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.d_ssm = self.d_inner if d_ssm is None else d_ssm
+        if self.d_ssm % headdim != 0:
+            raise ValueError(f"Mamba2: d_ssm={self.d_ssm} must be a multiple of headdim={headdim}")
+        self.headdim = headdim
+        self.nheads = self.d_ssm // headdim
+        if self.nheads % ngroups != 0:
+            raise ValueError(f"Mamba2: ngroups={ngroups} must divide nheads={self.nheads}")
+        self.ngroups = ngroups
+        self.D_has_hdim = D_has_hdim
+        self.rmsnorm = rmsnorm
+        self.norm_before_gate = norm_before_gate
+        self.dt_limit = tuple(dt_limit)
+        self.chunk_size = chunk_size
+        self.use_mem_eff_path = use_mem_eff_path  # accepted for config compatibility
+        self.layer_idx = layer_idx
+        self.d_mlp = self.d_inner - self.d_ssm
+
+        d_in_proj = 2 * self.d_inner + 2 * ngroups * d_state + self.nheads
+        self.in_proj = nn.Linear(d_model, d_in_proj, bias=bias, **factory)
+        self.conv_dim = self.d_ssm + 2 * ngroups * d_state
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=d_conv, groups=self.conv_dim,
+                                padding=d_conv - 1, bias=conv_bias, **factory)
+        if conv_init is not None:
+            nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
+
+        self.dt_bias = nn.Parameter(inverse_softplus_dt(self.nheads, dt_min, dt_max, dt_init_floor, device))
+        self.dt_bias._no_weight_decay = True
+        lo, hi = A_init_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"Mamba2: A_init_range must satisfy 0 < low <= high, got {A_init_range}")
+        A = torch.empty(self.nheads, dtype=torch.float32, device=device).uniform_(lo, hi)
+        self.A_log = nn.Parameter(torch.log(A).to(dtype=dtype))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_ssm if D_has_hdim else self.nheads, device=device))
+        self.D._no_weight_decay = True
+        if rmsnorm:
+            self.norm = RMSNormGated(self.d_ssm, eps=1e-5, norm_before_gate=norm_before_gate,
+                                     group_size=self.d_ssm // ngroups, **factory)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+
+    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None) -> MixerState:
+        """Zero state: conv (batch, conv_dim, d_conv - 1), ssm (batch, nheads, headdim, d_state) float32."""
+        device = device or self.out_proj.weight.device
+        dtype = dtype or self.conv1d.weight.dtype
+        return MixerState(
+            conv_state=torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
+            ssm_state=torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
+                                  dtype=torch.float32),
+        )
+
+    def _split_in_proj(self, zxbcdt: torch.Tensor):
+        sizes = [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads]
+        return torch.split(zxbcdt, sizes, dim=-1)
+
+    def _D(self) -> torch.Tensor:
+        D = self.D.float()
+        return D.view(self.nheads, self.headdim) if self.D_has_hdim else D
+
+    def _output(self, y: torch.Tensor, z: torch.Tensor, z0: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Gate (through the norm when there is one), prepend the MLP half, project. y, z: (..., S)."""
+        y = self.norm(y, z) if self.rmsnorm else y
+        if self.d_mlp > 0:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return self.out_proj(y)
+
+    def forward(self, hidden_states: torch.Tensor, cache: MixerState | None = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, d_model) -> (B, L, d_model); with `cache`, continue from its state and advance it."""
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
+            raise ValueError(f"Mamba2: hidden_states must be (batch, seqlen, d_model={self.d_model}), "
+                             f"got {tuple(hidden_states.shape)}")
+        if cache is not None and hidden_states.shape[1] == 1 and seq_idx is None:
+            return self.step(hidden_states, cache)
+        batch, seqlen, _ = hidden_states.shape
+        z0, x0, z, xBC, dt = self._split_in_proj(self.in_proj(hidden_states))
+        keep = cache is not None
+        xBC = causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
+                            initial_state=cache.conv_state if keep else None, return_final_state=keep, seq_idx=seq_idx)
+        if keep:
+            xBC, conv_final = xBC
+        x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        A = -torch.exp(self.A_log.float())  # (H,)
+        y = ssd(x.reshape(batch, seqlen, self.nheads, self.headdim), dt, A,
+                B.reshape(batch, seqlen, self.ngroups, self.d_state), C.reshape(batch, seqlen, self.ngroups, self.d_state),
+                D=self._D(), z=None if self.rmsnorm else z.reshape(batch, seqlen, self.nheads, self.headdim),
+                dt_bias=self.dt_bias.float(), dt_softplus=True, dt_limit=self.dt_limit, chunk_size=self.chunk_size,
+                initial_state=cache.ssm_state if keep else None, return_final_state=keep, seq_idx=seq_idx)
+        if keep:
+            y, ssm_final = y
+            cache.conv_state.copy_(conv_final)
+            cache.ssm_state.copy_(ssm_final)
+        return self._output(y.reshape(batch, seqlen, self.d_ssm), z, z0, x0)
+
+    def step(self, hidden_states: torch.Tensor, cache: MixerState) -> torch.Tensor:
+        """One token: (B, 1, d_model) -> (B, 1, d_model), advancing `cache` in place (constant cost per token)."""
+        batch = hidden_states.shape[0]
+        z0, x0, z, xBC, dt = self._split_in_proj(self.in_proj(hidden_states[:, 0]))
+        xBC = causal_conv1d_update(cache.conv_state, xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                   activation="silu")
+        x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        y = ssd_state_update(cache.ssm_state, x.reshape(batch, self.nheads, self.headdim), dt, A,
+                             B.reshape(batch, self.ngroups, self.d_state), C.reshape(batch, self.ngroups, self.d_state),
+                             D=self._D(), z=None if self.rmsnorm else z.reshape(batch, self.nheads, self.headdim),
+                             dt_bias=self.dt_bias.float(), dt_softplus=True, dt_limit=self.dt_limit)
+        return self._output(y.reshape(batch, self.d_ssm), z, z0, x0)[:, None]
