@@ -40,7 +40,7 @@ def causal_conv1d_reference(x, weight, bias=None, activation=None, initial_state
             y = y + bias.to(f64)
         ys.append(_activate(y, activation))
         window = full[:, :, 1:]
-    y = torch.stack(ys, dim=1).to(x.dtype)
+    y = (torch.stack(ys, dim=1) if ys else torch.zeros(batch, 0, dim, dtype=f64, device=x.device)).to(x.dtype)
     if not return_final_state:
         return y
     # the window holds inputs, so it keeps x's dtype

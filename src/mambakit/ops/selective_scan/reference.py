@@ -60,7 +60,7 @@ def selective_scan_reference(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_so
         if is_complex:
             y = 2 * y.real
         ys.append(y)
-    y = torch.stack(ys, dim=1)  # (B, L, D)
+    y = torch.stack(ys, dim=1) if ys else torch.zeros(batch, 0, dim, dtype=real, device=x.device)  # (B, L, D)
     if D is not None:
         y = y + D.to(real) * x_
     if z is not None:

@@ -69,7 +69,8 @@ def ssd_reference(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fals
         decay = torch.exp(dt_[:, t] * A_)[:, :, None, None]  # (B, H, 1, 1)
         h = decay * h + (dt_[:, t, :, None] * x_[:, t])[..., None] * B_[:, t, :, None, :]
         ys.append(torch.einsum("bhpn,bhn->bhp", h, C_[:, t]))
-    y = _skip_and_gate(torch.stack(ys, dim=1), x_, D, z).to(x.dtype)
+    y = torch.stack(ys, dim=1) if ys else torch.zeros_like(x_)  # (B, L, H, P)
+    y = _skip_and_gate(y, x_, D, z).to(x.dtype)
     if not return_final_state:
         return y
     return y, h.to(state_dtype(x.dtype))

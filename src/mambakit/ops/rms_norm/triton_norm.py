@@ -1,0 +1,250 @@
+"""Triton kernels of RMSNorm, plain and gated by silu(z), with per-group statistics.
+
+Shapes (legend): N rows (all leading dims flattened), H hidden, G group_size, H // G groups,
+BR/BG the (rows, channels) tile of one program; a program owns one group of BR rows.
+
+    h = x * silu(z) (gate first) or x;   rstd = 1 / sqrt(mean_G(h^2) + eps);   xhat = h * rstd
+    y = xhat * weight, times silu(z) when the gate comes after the norm
+
+Forward: one pass over x (and z), writes y and rstd (N, H/G) in float32 (tiny: saved for the
+backward instead of recomputing the mean square).
+Backward, per row and group, with g = silu(z) and dg = silu'(z) = sig(z) (1 + z (1 - sig(z))):
+    dxhat = dy * weight (* g when the gate comes after);  c = mean_G(dxhat * xhat)
+    dh = rstd * (dxhat - xhat * c)
+    gate first:  dx = dh * g,  dz = dh * x * dg;    gate after: dx = dh,  dz = dy * xhat * weight * dg
+    dweight = sum over rows of dy * xhat (* g): each program sums its rows in registers and writes
+    one partial row; torch sums the partials (deterministic, no atomics).
+All arithmetic in float32 (float64 for float64 inputs); outputs in their inputs' dtypes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    x_ptr, z_ptr, w_ptr, y_ptr, rstd_ptr,
+    n_rows, group, eps,
+    stride_xr, stride_zr, stride_yr, stride_rr,
+    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+    HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    rows = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # N * H can pass 2**31
+    offs_c = tl.arange(0, BLOCK_G)
+    cols = pid_g * group + offs_c
+    mask_r = rows < n_rows
+    mask = mask_r[:, None] & (offs_c < group)[None, :]
+
+    h = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(ACC)
+    if HAS_Z:
+        z = tl.load(z_ptr + rows[:, None] * stride_zr + cols[None, :], mask=mask, other=0.0).to(ACC)
+        gate = z / (1.0 + tl.exp(-z))
+        if not NORM_BEFORE_GATE:
+            h = h * gate
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / group + eps)  # (BR,)
+    w = tl.load(w_ptr + cols, mask=offs_c < group, other=0.0).to(ACC)
+    y = h * rstd[:, None] * w[None, :]
+    if HAS_Z and NORM_BEFORE_GATE:
+        y = y * gate
+    tl.store(y_ptr + rows[:, None] * stride_yr + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + rows * stride_rr + pid_g, rstd.to(rstd_ptr.dtype.element_ty), mask=mask_r)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    x_ptr, z_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dz_ptr, dw_part_ptr,
+    n_rows, group,
+    stride_xr, stride_zr, stride_dyr, stride_rr, stride_dxr, stride_dzr, stride_pr,
+    ROW_TILES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+    HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    offs_c = tl.arange(0, BLOCK_G)
+    cols = pid_g * group + offs_c
+    mask_c = offs_c < group
+    w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(ACC)[None, :]
+    # per-column weight-grad sums stay 2-D across the row loop: one cross-row reduction at the end
+    dw_acc = tl.zeros((BLOCK_R, BLOCK_G), dtype=ACC)
+
+    for it in range(ROW_TILES):
+        rows = ((pid_r * ROW_TILES + it) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        mask_r = rows < n_rows
+        mask = mask_r[:, None] & mask_c[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dyr + cols[None, :], mask=mask, other=0.0).to(ACC)
+        rstd = tl.load(rstd_ptr + rows * stride_rr + pid_g, mask=mask_r, other=0.0).to(ACC)[:, None]
+        h = x
+        if HAS_Z:
+            z = tl.load(z_ptr + rows[:, None] * stride_zr + cols[None, :], mask=mask, other=0.0).to(ACC)
+            sig = 1.0 / (1.0 + tl.exp(-z))
+            gate = z * sig
+            dgate = sig * (1.0 + z * (1.0 - sig))
+            if not NORM_BEFORE_GATE:
+                h = x * gate
+        xhat = h * rstd
+        if HAS_Z and NORM_BEFORE_GATE:
+            dy_gated = dy * gate
+            dw_acc += dy_gated * xhat
+            dxhat = dy_gated * w
+            dz = dy * xhat * w * dgate
+        else:
+            dw_acc += dy * xhat
+            dxhat = dy * w
+        c = tl.sum(dxhat * xhat, axis=1) / group
+        dh = rstd * (dxhat - xhat * c[:, None])
+        if HAS_Z and not NORM_BEFORE_GATE:
+            dx = dh * gate
+            dz = dh * x * dgate
+        else:
+            dx = dh
+        tl.store(dx_ptr + rows[:, None] * stride_dxr + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_Z:
+            tl.store(dz_ptr + rows[:, None] * stride_dzr + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+    tl.store(dw_part_ptr + pid_r * stride_pr + cols, tl.sum(dw_acc, axis=0), mask=mask_c)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers: checks, allocation, grid
+# ----------------------------------------------------------------------------------------------
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
+    """(N, H) view (a copy only when the leading dims do not flatten or channels are strided)."""
+    t2 = t.reshape(-1, hidden)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _tile(group: int, elems: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_G, num_warps): whole groups per tile, about `elems` elements, ~16 per thread."""
+    block_g = triton.next_power_of_2(group)
+    block_r = max(1, elems // block_g)
+    num_warps = min(16, max(4, block_r * block_g // 512))
+    return block_r, block_g, num_warps
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter: a "machine" of one SM makes even tiny tests loop over rows
+
+
+def _rms_norm_fwd(x2, weight, z2, eps, group, norm_before_gate, elems=4096, num_warps=None):
+    """y (N, H) in x's dtype and rstd (N, H // G) float32 (float64 for float64 x).
+
+    elems / num_warps override the tile (benchmark sweeps, tests of ragged tiles).
+    """
+    n_rows, hidden = x2.shape
+    n_groups = hidden // group
+    block_r, block_g, warps = _tile(group, elems)
+    num_warps = num_warps or warps
+    y2 = torch.empty(n_rows, hidden, dtype=x2.dtype, device=x2.device)
+    rstd = torch.empty(n_rows, n_groups, dtype=torch.float64 if x2.dtype == torch.float64 else torch.float32,
+                       device=x2.device)
+    grid = (triton.cdiv(n_rows, block_r), n_groups)
+    _rms_norm_fwd_kernel[grid](
+        x2, z2 if z2 is not None else x2, weight, y2, rstd,
+        n_rows, group, eps,
+        x2.stride(0), z2.stride(0) if z2 is not None else 0, y2.stride(0), rstd.stride(0),
+        BLOCK_R=block_r, BLOCK_G=block_g, HAS_Z=z2 is not None, NORM_BEFORE_GATE=norm_before_gate,
+        ACC=_acc(x2.dtype), num_warps=num_warps,
+    )
+    return y2, rstd
+
+
+def _rms_norm_bwd(x2, weight, z2, rstd, dy2, group, norm_before_gate, elems=2048, num_warps=None, row_tiles=None):
+    """(dx (N, H), dweight (H,), dz (N, H) or None), each in its input's dtype."""
+    n_rows, hidden = x2.shape
+    n_groups = hidden // group
+    block_r, block_g, warps = _tile(group, elems)
+    num_warps = num_warps or warps
+    n_tiles = triton.cdiv(n_rows, block_r)
+    # ~8 programs per SM (a short last wave); each loops over a power-of-two number of row tiles,
+    # so the weight-grad partials stay small (~1-2% of the traffic) and few variants get compiled
+    if row_tiles is None:
+        row_tiles = min(64, triton.next_power_of_2(max(1, n_tiles * n_groups // (8 * _num_sms(x2.device)))))
+    n_progs = triton.cdiv(n_tiles, row_tiles)
+    dx2 = torch.empty_like(x2)
+    dz2 = torch.empty_like(z2) if z2 is not None else None
+    part = torch.empty(n_progs, hidden, dtype=rstd.dtype, device=x2.device)
+    _rms_norm_bwd_kernel[(n_progs, n_groups)](
+        x2, z2 if z2 is not None else x2, weight, dy2, rstd, dx2, dz2 if dz2 is not None else dx2, part,
+        n_rows, group,
+        x2.stride(0), z2.stride(0) if z2 is not None else 0, dy2.stride(0), rstd.stride(0), dx2.stride(0),
+        dz2.stride(0) if dz2 is not None else 0, part.stride(0),
+        ROW_TILES=row_tiles, BLOCK_R=block_r, BLOCK_G=block_g, HAS_Z=z2 is not None,
+        NORM_BEFORE_GATE=norm_before_gate, ACC=_acc(x2.dtype), num_warps=num_warps,
+    )
+    return dx2, part.sum(0).to(weight.dtype), dz2
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """On (N, H) rows; saves x, z, weight and the per-row-group rstd."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, z2, eps: float, group: int, norm_before_gate: bool):
+        y2, rstd = _rms_norm_fwd(x2, weight, z2, eps, group, norm_before_gate)
+        ctx.save_for_backward(x2, weight, z2, rstd)
+        ctx.group = group
+        ctx.norm_before_gate = norm_before_gate
+        return y2
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy2):
+        x2, weight, z2, rstd = ctx.saved_tensors
+        dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
+        dx2, dweight, dz2 = _rms_norm_bwd(x2, weight, z2, rstd, dy2, ctx.group, ctx.norm_before_gate)
+        return dx2, dweight, dz2, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# public entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def rms_norm_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-5,
+    z: torch.Tensor | None = None,
+    group_size: int | None = None,
+    norm_before_gate: bool = False,
+) -> torch.Tensor:
+    """Fused Triton RMSNorm; arguments as in `mambakit.ops.rms_norm` (already validated).
+
+    Shapes: x, z (..., H) with any leading dims (flattened to rows); weight (H,).
+    Returns (..., H) in x's dtype.
+
+    Example:
+        >>> x = torch.randn(2, 1024, 4096, device="cuda", dtype=torch.bfloat16)
+        >>> y = rms_norm_triton(x, torch.ones(4096, device="cuda"), z=torch.randn_like(x), group_size=512)
+    """
+    hidden = x.shape[-1]
+    if x.numel() == 0:
+        from .norm import rms_norm_torch  # nothing to launch: the torch path handles empty tensors
+
+        return rms_norm_torch(x, weight, eps=eps, z=z, group_size=group_size, norm_before_gate=norm_before_gate)
+    group = hidden if group_size is None else group_size
+    z2 = _rows(z, hidden) if z is not None else None
+    y2 = RMSNormFunction.apply(_rows(x, hidden), weight.contiguous(), z2, float(eps), group, norm_before_gate)
+    return y2.reshape(x.shape)

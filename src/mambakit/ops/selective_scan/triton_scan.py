@@ -1,0 +1,717 @@
+"""Triton kernels of the selective scan (Mamba-1 "S6"): fused forward, backward with recomputation.
+
+Shapes (legend): B batch, L seqlen, D dim (channels), G ngroups, N dstate, K = L / CHUNK chunks.
+Kernel tiles: a program owns BD channels of one batch row and all N states of them, held as a
+(NL, NH, BD) register tile: NL states in each thread (contiguous in memory, so B_t / C_t load as
+one vector), NH lanes along the states, BD lanes along the channels. N = NL * NH (padded to a power
+of two). The expanded state (B, L, D, N) never leaves registers (Gu & Dao 2023, Section 3.3).
+
+    dt'_t = softplus(dt_t + dt_bias) (or dt_t + dt_bias);   a_t = exp(dt'_t A) (zero where seq_idx changes)
+    h_t   = a_t h_{t-1} + dt'_t x_t B_t ;   y_t = (<C_t, h_t> + D x_t) * silu(z_t)
+
+Forward: each program walks the sequence once, four steps per iteration with the inputs of each
+pair loaded one pair ahead; every CHUNK steps it saves h as (B, K, D, N) float32 for the backward
+(1/CHUNK of the expanded state). Backward, per program, chunks in reverse:
+    pass A  re-walks the chunk forward from its checkpoint, keeping h every U steps and dt', sigma(v)
+            per step in a per-program scratch buffer (L2 sized);
+    pass B  walks the chunk's U-step blocks in reverse: re-derives the block's U states in registers
+            from the scratch, then runs the adjoint recurrence g_t = C_t dy_t + a_{t+1} g_{t+1} through
+            them, emitting dx, ddt, dz per step, dB_t / dC_t (summed over the program's channels, then
+            atomically added across programs), and accumulating dA, dD, ddt_bias in registers.
+All math is float32 (float64 for float64 inputs); exponentials are exp2 with A pre-scaled by log2(e).
+
+Layout: the tile must keep its NL states inside each thread (reductions over the states are then
+register adds, B_t / C_t one vector load). Triton lets every load of >= 32 * num_warps elements
+"anchor" the layout of what it feeds, with the vectorised layout its coalescing pass picks (at most
+128 bits per thread along the contiguous axis). So the forward gathers its (dstate, BD) tiles
+(A, initial state) row by row, and the backward, whose per-chunk tiles must be real vector loads,
+holds NL <= 4 float32 states per thread, exactly one 128-bit vector: those anchors then have the
+loop's layout. Loads are never placed right after stores they could alias (Triton marks no pointer
+noalias, so the hardware would wait): each step's or block's inputs are loaded one step / block ahead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from ..dispatch import triton_interpret
+
+__all__ = ["selective_scan_triton"]
+
+DEFAULT_CHUNK = 128  # steps between forward checkpoints; backward scratch is O(CHUNK) per program
+DEFAULT_BLOCK_U = 4  # backward micro-block: states re-derived in registers per scratch checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _log1p(w, LIBDEVICE: tl.constexpr):
+    # log(1 + w) loses the low bits of a small w (dt' ~ 1e-3 is typical): keep relative accuracy
+    if LIBDEVICE:
+        r = libdevice.log1p(w)
+    else:  # Triton's interpreter has no libdevice: Goldberg's exact-rounding trick
+        u = 1.0 + w
+        r = tl.where(u == 1.0, w, tl.log(u) * (w / tl.where(u == 1.0, 1.0, u - 1.0)))
+    return r
+
+
+@triton.jit
+def _sigmoid(v, LIBDEVICE: tl.constexpr):
+    # 1 / (1 + exp(-v)) with exp2 and the approximate divide (MUFU rcp, <= 2 ulp): tl.sigmoid's IEEE
+    # division carries ~8 range-check instructions per use, paid per channel and step
+    e = tl.exp2(-v * 1.4426950408889634)
+    if LIBDEVICE:
+        r = libdevice.fast_dividef(1.0, 1.0 + e) if v.dtype == tl.float32 else 1.0 / (1.0 + e)
+    else:
+        r = 1.0 / (1.0 + e)
+    return r
+
+
+@triton.jit
+def _delta(dt, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """dt' = softplus(dt + bias) and d dt'/d dt = sigmoid(dt + bias) (1 without softplus)."""
+    v = dt
+    if HAS_BIAS:
+        v = v + bias
+    if SOFTPLUS:
+        w = tl.exp2(-tl.abs(v) * 1.4426950408889634)  # exp(-|v|) in (0, 1]: never overflows
+        delta = tl.maximum(v, 0.0) + _log1p(w, LIBDEVICE)
+        sig = _sigmoid(v, LIBDEVICE)
+    else:
+        delta = v
+        sig = tl.full(v.shape, 1.0, v.dtype)
+    return delta, sig
+
+
+@triton.jit
+def _load_rows(ptr, s_n, s_d, d1, n3, dstate, NL: tl.constexpr, NH: tl.constexpr, BD: tl.constexpr,
+               ACC: tl.constexpr):
+    """Gather a (dstate, BD) slab (element (n, d) at ptr + n * s_n + d * s_d) into an (NL, NH, BD) tile.
+
+    Row by row on purpose: a load of >= 32 * num_warps elements is a layout anchor for Triton, and a
+    vectorised (NL, NH, BD) load would push its layout (NL split over lanes) into the scan loop;
+    (BD,) row loads are not anchors, so the tile keeps the default layout with NL in-thread.
+    """
+    out = tl.zeros((NL, NH, BD), dtype=ACC)
+    for n in range(0, dstate):
+        row = tl.load(ptr + n * s_n + d1 * s_d).to(ACC)
+        out = tl.where(n3 == n, row[None, None, :], out)
+    return out
+
+
+@triton.jit
+def _load_bc(ptr, n2, n_ok2, EVEN_N: tl.constexpr):
+    """B_t or C_t of the program's group as (NL, NH): NL contiguous floats per thread, one vector load."""
+    if EVEN_N:
+        v = tl.load(ptr + n2)
+    else:
+        v = tl.load(ptr + n2, mask=n_ok2, other=0.0)
+    return v
+
+
+@triton.jit
+def _toff(t, I64: tl.constexpr):
+    # t * stride overflows int32 on long sequences (1M tokens x stride 3072): 64-bit only where
+    # the launcher says so; 32-bit offsets save ~30 address instructions per step
+    return tl.cast(t, tl.int64) if I64 else t
+
+
+@triton.jit
+def _load_step(t, seqlen, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
+               HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, EVEN_N: tl.constexpr, I64: tl.constexpr):
+    """Raw inputs of step t: x, dt, z (BD,), B, C (NL, NH), seq_idx. Past the end the index is clamped
+    (the step is masked later) so that no load needs a predicate or a zero-filled register."""
+    to = _toff(tl.minimum(t, seqlen - 1), I64)
+    x = tl.load(x_b + to * s_t + d1)
+    dt = tl.load(dt_b + to * s_t + d1)
+    z = tl.load(z_b + to * s_zt + d1) if HAS_Z else x
+    Bv = _load_bc(B_b + to * s_Bt, n2, n_ok2, EVEN_N)
+    Cv = _load_bc(C_b + to * s_Bt, n2, n_ok2, EVEN_N)
+    s = tl.load(seq_b + to * s_st) if HAS_SEQ else 0
+    return x, dt, z, Bv, Cv, s
+
+
+@triton.jit
+def _fwd_step(h, inp, s_prev, valid, A2, Dv, bias, ACC: tl.constexpr, HAS_D: tl.constexpr,
+              HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
+              LIBDEVICE: tl.constexpr):
+    """One recurrence step on the (NL, NH, BD) state; returns the new state and y_t (BD,)."""
+    x, dt, z, Bv, Cv, s = inp
+    x = x.to(ACC)
+    delta, _ = _delta(dt.to(ACC), bias, HAS_BIAS, SOFTPLUS, LIBDEVICE)
+    delta = tl.where(valid, delta, 0.0)  # a padded step is the identity: a = 1, u = 0
+    a = tl.exp2(delta[None, None, :] * A2)
+    if HAS_SEQ:
+        a = tl.where((s == s_prev) | (~valid), a, 0.0)  # new document: forget the state
+    h = a * h + (delta * x)[None, None, :] * Bv.to(ACC)[:, :, None]
+    y = tl.sum(tl.sum(h * Cv.to(ACC)[:, :, None], axis=0), axis=0)
+    if HAS_D:
+        y += Dv * x
+    if HAS_Z:
+        zf = z.to(ACC)
+        y = y * zf * _sigmoid(zf, LIBDEVICE)
+    return h, y
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, h0_ptr, seq_ptr,
+    y_ptr, hlast_ptr, hck_ptr,
+    seqlen, dim, dstate, group_size, nchunks,
+    s_b, s_t, s_zb, s_zt, s_Bb, s_Bt, s_Bg, s_sb, s_st, s_Ad, s_An,
+    CHUNK: tl.constexpr, NL: tl.constexpr, NH: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, SAVE_LAST: tl.constexpr, SAVE_CK: tl.constexpr,
+    EVEN_N: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    d1 = pid_d * BD + tl.arange(0, BD)  # (BD,) channels; BD divides group_size, so no mask
+    n2 = tl.arange(0, NH)[None, :] * NL + tl.arange(0, NL)[:, None]  # (NL, NH) state index
+    n_ok2 = n2 < dstate
+    n3 = n2[:, :, None]
+    d3 = d1[None, None, :]
+    n_ok3 = n_ok2[:, :, None]
+    g = (pid_d * BD) // group_size
+    # exp(dt' A) = exp2(dt' * A log2 e): one MUFU op per (channel, state, step)
+    A2 = _load_rows(A_ptr, s_An, s_Ad, d1, n3, dstate, NL, NH, BD, ACC) * 1.4426950408889634
+    Dv = tl.load(D_ptr + d1).to(ACC) if HAS_D else 0.0
+    bias = tl.load(bias_ptr + d1).to(ACC) if HAS_BIAS else 0.0
+    x_b = x_ptr + pid_b * s_b
+    dt_b = dt_ptr + pid_b * s_b
+    y_b = y_ptr + pid_b * s_b
+    z_b = z_ptr + pid_b * s_zb
+    B_b = B_ptr + pid_b * s_Bb + g * s_Bg
+    C_b = C_ptr + pid_b * s_Bb + g * s_Bg
+    seq_b = seq_ptr + pid_b * s_sb
+    st_off = (pid_b * dim + d3) * dstate + n3  # (B, D, N) states: initial / final
+    if HAS_H0:
+        h = _load_rows(h0_ptr + pid_b * dim * dstate, 1, dstate, d1, n3, dstate, NL, NH, BD, ACC)
+    else:
+        h = tl.zeros((NL, NH, BD), dtype=ACC)
+    ck_off = (pid_b * nchunks * dim + d3) * dstate + n3  # (B, K, D, N) checkpoints, the backward's order
+
+    # Four steps per iteration in two pairs, each pair's inputs loaded one pair ahead so HBM latency
+    # hides behind the other pair's math. The ping-pong (P loaded at the end for the next iteration,
+    # Q at the start for this one) keeps loads out of loop-carried rotation: no register moves.
+    P0 = _load_step(0, seqlen, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
+                    HAS_Z, HAS_SEQ, EVEN_N, I64)
+    P1 = _load_step(1, seqlen, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
+                    HAS_Z, HAS_SEQ, EVEN_N, I64)
+    s_prev = P0[5]
+    for t in range(0, seqlen, 4):
+        Q0 = _load_step(t + 2, seqlen, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
+                        HAS_Z, HAS_SEQ, EVEN_N, I64)
+        Q1 = _load_step(t + 3, seqlen, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
+                        HAS_Z, HAS_SEQ, EVEN_N, I64)
+        if SAVE_CK:
+            if t % CHUNK == 0:  # state before step t = start of chunk t // CHUNK (CHUNK % 4 == 0)
+                tl.store(hck_ptr + ck_off + tl.cast(t // CHUNK, tl.int64) * dim * dstate, h, mask=n_ok3)
+        y_t = y_b + _toff(t, I64) * s_t + d1
+        h, y0 = _fwd_step(h, P0, s_prev, t < seqlen, A2, Dv, bias, ACC, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                          HAS_SEQ, LIBDEVICE)
+        h, y1 = _fwd_step(h, P1, P0[5], t + 1 < seqlen, A2, Dv, bias, ACC, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                          HAS_SEQ, LIBDEVICE)
+        s_prev = P1[5]
+        tl.store(y_t, y0.to(y_ptr.dtype.element_ty))
+        tl.store(y_t + s_t, y1.to(y_ptr.dtype.element_ty), mask=t + 1 < seqlen)
+        P0 = _load_step(t + 4, seqlen, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
+                        HAS_Z, HAS_SEQ, EVEN_N, I64)
+        P1 = _load_step(t + 5, seqlen, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
+                        HAS_Z, HAS_SEQ, EVEN_N, I64)
+        h, y2 = _fwd_step(h, Q0, s_prev, t + 2 < seqlen, A2, Dv, bias, ACC, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                          HAS_SEQ, LIBDEVICE)
+        h, y3 = _fwd_step(h, Q1, Q0[5], t + 3 < seqlen, A2, Dv, bias, ACC, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                          HAS_SEQ, LIBDEVICE)
+        s_prev = Q1[5]
+        tl.store(y_t + 2 * s_t, y2.to(y_ptr.dtype.element_ty), mask=t + 2 < seqlen)
+        tl.store(y_t + 3 * s_t, y3.to(y_ptr.dtype.element_ty), mask=t + 3 < seqlen)
+    if SAVE_LAST:
+        tl.store(hlast_ptr + st_off, h, mask=n_ok3)
+
+
+@triton.jit
+def _bwd_block_inputs(j, t0, tn, x_b, B_b, seq_b, scr_b, stash_b, C_b, z_b, dy_b, s_t, s_zt, s_Bt, s_yt, s_st,
+                      d1, dl, n2, n_ok2, scr_off, BD: tl.constexpr, BN: tl.constexpr, U: tl.constexpr,
+                      HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN_N: tl.constexpr,
+                      I64: tl.constexpr, ACC: tl.constexpr):
+    """Everything pass B reads for micro-block j before its first store: the state entering the
+    block, x / B / dt' of its U steps, seq_idx, and the reverse inputs of its last step."""
+    tb = t0 + j * U
+    h = tl.load(scr_b + j * (BD * BN) + scr_off)
+    s_prev = tl.load(seq_b + _toff(tl.maximum(tb - 1, 0), I64) * s_st) if HAS_SEQ else 0
+    steps = ()
+    for u in tl.static_range(U):
+        to = _toff(tl.minimum(tb + u, tn - 1), I64)
+        x = tl.load(x_b + to * s_t + d1).to(ACC)
+        Bv = _load_bc(B_b + to * s_Bt, n2, n_ok2, EVEN_N).to(ACC)
+        delta = tl.load(stash_b + ((j * U + u) * 2) * BD + dl)  # 0 on padded steps (pass A wrote it)
+        s = tl.load(seq_b + to * s_st) if HAS_SEQ else 0
+        steps = steps + ((x, Bv, delta, s),)
+    last = _bwd_reverse_inputs(tb + U - 1, tn, (j * U + U - 1) * 2 + 1, C_b, z_b, dy_b, stash_b, s_zt, s_Bt,
+                               s_yt, d1, dl, n2, n_ok2, BD, HAS_Z, SOFTPLUS, EVEN_N, I64, ACC)
+    return h, s_prev, steps, last
+
+
+@triton.jit
+def _bwd_reverse_inputs(t, tn, sig_row, C_b, z_b, dy_b, stash_b, s_zt, s_Bt, s_yt, d1, dl, n2, n_ok2,
+                        BD: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN_N: tl.constexpr,
+                        I64: tl.constexpr, ACC: tl.constexpr):
+    """C_t, the upstream dy_t (zero on padded steps), z_t and sigmoid(dt_t + bias) for the adjoint step."""
+    to = _toff(tl.minimum(t, tn - 1), I64)
+    Cv = _load_bc(C_b + to * s_Bt, n2, n_ok2, EVEN_N).to(ACC)
+    dout = tl.where(t < tn, tl.load(dy_b + to * s_yt + d1).to(ACC), 0.0)
+    zf = tl.load(z_b + to * s_zt + d1).to(ACC) if HAS_Z else dout
+    sig = tl.load(stash_b + sig_row * BD + dl) if SOFTPLUS else dout
+    return Cv, dout, zf, sig
+
+
+@triton.jit
+def _bwd_step_reverse(carry, dA_acc, dD_acc, dbias_acc, t, valid, h_t, h_p, a, x, delta, Bv, rev,
+                      A, Dv, g, pid_b, seqlen, dstate, ngroups, d1, dl, n2, n_ok2,
+                      dx_b, ddt_b, dz_b, dB_ptr, dC_ptr, s_t,
+                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, I64: tl.constexpr,
+                      LIBDEVICE: tl.constexpr):
+    """Adjoint of step t: takes g_{t+1} a_{t+1} (`carry`), returns a_t g_t and the updated sums."""
+    Cv, dout, zf, sig = rev
+    Cv = Cv[:, :, None]
+    to = _toff(t, I64)
+    y = tl.sum(tl.sum(h_t * Cv, axis=0), axis=0)  # pre-gate output, recomputed (not stored by the forward)
+    if HAS_D:
+        y += Dv * x
+    if HAS_Z:
+        sz = _sigmoid(zf, LIBDEVICE)
+        tl.store(dz_b + to * s_t + d1, (dout * y * sz * (1.0 + zf * (1.0 - sz))).to(dz_b.dtype.element_ty),
+                 mask=valid)
+        dy = dout * zf * sz
+    else:
+        dy = dout
+    gt = Cv * dy[None, None, :] + carry  # dL/dh_t
+    S1 = tl.sum(tl.sum(gt * Bv[:, :, None], axis=0), axis=0)  # sum_n g B: for dx and ddt'
+    q = gt * a * h_p  # dL/da_t * a_t
+    S2 = tl.sum(tl.sum(q * A, axis=0), axis=0)
+    dA_acc += q * delta[None, None, :]
+    # dB_t, dC_t: sums over the program's channels, then over programs through float32 atomics. The sums
+    # are broadcast back over the channels and added by the lanes of channel 0 only: the atomic then
+    # keeps the loop's layout (a (NL, NH) atomic would go through shared memory and two barriers)
+    row = (((pid_b * seqlen + t) * ngroups + g) * dstate + n2)[:, :, None] + dl[None, None, :] * 0
+    one = n_ok2[:, :, None] & (dl[None, None, :] == 0) & valid
+    tl.atomic_add(dB_ptr + row, tl.sum(gt * (delta * x)[None, None, :], axis=2, keep_dims=True), mask=one,
+                  sem="relaxed")
+    tl.atomic_add(dC_ptr + row, tl.sum(h_t * dy[None, None, :], axis=2, keep_dims=True), mask=one,
+                  sem="relaxed")
+    dx = delta * S1
+    if HAS_D:
+        dx += Dv * dy
+        dD_acc += dy * x
+    tl.store(dx_b + to * s_t + d1, dx.to(dx_b.dtype.element_ty), mask=valid)
+    ddt = x * S1 + S2
+    if SOFTPLUS:
+        ddt = ddt * sig
+    ddt = tl.where(valid, ddt, 0.0)  # a padded step still sees the carry: keep it out of the sums
+    tl.store(ddt_b + to * s_t + d1, ddt.to(ddt_b.dtype.element_ty), mask=valid)
+    dbias_acc += ddt
+    return a * gt, dA_acc, dD_acc, dbias_acc
+
+
+@triton.jit
+def _pass_a_inputs(tb, tn, x_b, dt_b, B_b, seq_b, s_t, s_Bt, s_st, d1, n2, n_ok2, U: tl.constexpr,
+                   HAS_SEQ: tl.constexpr, EVEN_N: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr):
+    """x, dt, B, seq_idx of the U steps from tb (clamped at the chunk end)."""
+    steps = ()
+    for u in tl.static_range(U):
+        to = _toff(tl.minimum(tb + u, tn - 1), I64)
+        x = tl.load(x_b + to * s_t + d1).to(ACC)
+        dtv = tl.load(dt_b + to * s_t + d1).to(ACC)
+        Bv = _load_bc(B_b + to * s_Bt, n2, n_ok2, EVEN_N).to(ACC)
+        s = tl.load(seq_b + to * s_st) if HAS_SEQ else 0
+        steps = steps + ((x, dtv, Bv, s),)
+    return steps
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, seq_ptr, hck_ptr, dy_ptr, dhlast_ptr,
+    dx_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr, scr_ptr, stash_ptr,
+    seqlen, dim, dstate, group_size, nchunks, rep_stride,
+    s_b, s_t, s_zb, s_zt, s_Bb, s_Bt, s_Bg, s_sb, s_st, s_Ad, s_An, s_yb, s_yt,
+    NREP: tl.constexpr, CHUNK: tl.constexpr, U: tl.constexpr, NL: tl.constexpr, NH: tl.constexpr,
+    BD: tl.constexpr, ACC: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DHLAST: tl.constexpr, WANT_DH0: tl.constexpr,
+    EVEN_N: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    prog = pid_b * tl.num_programs(0) + pid_d
+    dl = tl.arange(0, BD)
+    d1 = pid_d * BD + dl
+    n2 = tl.arange(0, NH)[None, :] * NL + tl.arange(0, NL)[:, None]  # (NL, NH)
+    n_ok2 = n2 < dstate
+    n3 = n2[:, :, None]
+    d3 = d1[None, None, :]
+    n_ok3 = n_ok2[:, :, None]
+    g = (pid_d * BD) // group_size
+    ngroups = dim // group_size
+    # (D, N) and (B, *, D, N) tiles load as NL contiguous floats per thread: with NL <= 4 that vector
+    # load has exactly the scan loop's layout (NL in-thread), so these anchors cost no conversion
+    A = tl.load(A_ptr + d3 * s_Ad + n3 * s_An, mask=n_ok3, other=0.0).to(ACC)
+    A2 = A * 1.4426950408889634
+    Dv = tl.load(D_ptr + d1).to(ACC) if HAS_D else 0.0
+    bias = tl.load(bias_ptr + d1).to(ACC) if HAS_BIAS else 0.0
+    x_b = x_ptr + pid_b * s_b
+    dt_b = dt_ptr + pid_b * s_b
+    dx_b = dx_ptr + pid_b * s_b
+    ddt_b = ddt_ptr + pid_b * s_b
+    dz_b = dz_ptr + pid_b * s_b
+    z_b = z_ptr + pid_b * s_zb
+    dy_b = dy_ptr + pid_b * s_yb
+    # programs step through t in near lockstep, so their dB_t / dC_t atomics would all hit one row at
+    # once: program pid_d adds into replica pid_d % NREP (summed afterwards): NREP x less contention
+    rep = tl.cast(pid_d % NREP, tl.int64) * rep_stride
+    dB_r = dB_ptr + rep
+    dC_r = dC_ptr + rep
+    B_b = B_ptr + pid_b * s_Bb + g * s_Bg
+    C_b = C_ptr + pid_b * s_Bb + g * s_Bg
+    seq_b = seq_ptr + pid_b * s_sb
+    BN: tl.constexpr = NL * NH
+    scr_b = scr_ptr + prog * (CHUNK // U) * BD * BN  # h every U steps of the current chunk
+    scr_off = dl[None, None, :] * BN + n3
+    stash_b = stash_ptr + prog * CHUNK * 2 * BD  # dt' and sigmoid(dt + bias) of each step of the chunk
+    st_off = (pid_b * dim + d3) * dstate + n3
+    if HAS_DHLAST:
+        carry = tl.load(dhlast_ptr + st_off, mask=n_ok3, other=0.0).to(ACC)
+    else:
+        carry = tl.zeros((NL, NH, BD), dtype=ACC)
+    dA_acc = tl.zeros((NL, NH, BD), dtype=ACC)
+    dD_acc = tl.zeros((BD,), dtype=ACC)
+    dbias_acc = tl.zeros((BD,), dtype=ACC)
+    for ci in range(0, nchunks):
+        c = nchunks - 1 - ci
+        t0 = c * CHUNK
+        tn = tl.minimum(t0 + CHUNK, seqlen)
+        nblk = (tn - t0 + U - 1) // U
+        # pass A: forward over the chunk from its checkpoint, keeping h every U steps, dt' and sigma.
+        # Each block's inputs are loaded one block ahead, before the stores that would order them.
+        h = tl.load(hck_ptr + ((pid_b * nchunks + c) * dim + d3) * dstate + n3, mask=n_ok3, other=0.0)
+        s_prev = tl.load(seq_b + _toff(tl.maximum(t0 - 1, 0), I64) * s_st) if HAS_SEQ else 0
+        nxt = _pass_a_inputs(t0, tn, x_b, dt_b, B_b, seq_b, s_t, s_Bt, s_st, d1, n2, n_ok2, U, HAS_SEQ, EVEN_N,
+                             I64, ACC)
+        for j in range(0, nblk):
+            cur = nxt
+            nxt = _pass_a_inputs(t0 + (j + 1) * U, tn, x_b, dt_b, B_b, seq_b, s_t, s_Bt, s_st, d1, n2, n_ok2, U,
+                                 HAS_SEQ, EVEN_N, I64, ACC)
+            tl.store(scr_b + j * (BD * BN) + scr_off, h)
+            for u in tl.static_range(U):
+                x, dtv, Bv, s = cur[u]
+                valid = t0 + j * U + u < tn
+                delta, sig = _delta(dtv, bias, HAS_BIAS, SOFTPLUS, LIBDEVICE)
+                delta = tl.where(valid, delta, 0.0)
+                tl.store(stash_b + ((j * U + u) * 2) * BD + dl, delta)
+                if SOFTPLUS:
+                    tl.store(stash_b + ((j * U + u) * 2 + 1) * BD + dl, sig)
+                a = tl.exp2(delta[None, None, :] * A2)
+                if HAS_SEQ:
+                    a = tl.where((s == s_prev) | (~valid), a, 0.0)
+                    s_prev = s
+                h = a * h + (delta * x)[None, None, :] * Bv[:, :, None]
+        tl.debug_barrier()  # scratch written by some lanes is read by others
+        # pass B: U-step blocks in reverse; each re-derives its U states in registers, then runs the
+        # adjoint through them. Block inputs come one block ahead, reverse inputs one step ahead.
+        nxt_b = _bwd_block_inputs(nblk - 1, t0, tn, x_b, B_b, seq_b, scr_b, stash_b, C_b, z_b, dy_b, s_t, s_zt,
+                                  s_Bt, s_yt, s_st, d1, dl, n2, n_ok2, scr_off, BD, BN, U, HAS_Z, HAS_SEQ, SOFTPLUS,
+                                  EVEN_N, I64, ACC)
+        for jj in range(0, nblk):
+            j = nblk - 1 - jj
+            tb = t0 + j * U
+            h_in, s_prev, steps, rev = nxt_b
+            nxt_b = _bwd_block_inputs(tl.maximum(j - 1, 0), t0, tn, x_b, B_b, seq_b, scr_b, stash_b, C_b, z_b,
+                                      dy_b, s_t, s_zt, s_Bt, s_yt, s_st, d1, dl, n2, n_ok2, scr_off, BD, BN, U,
+                                      HAS_Z, HAS_SEQ, SOFTPLUS, EVEN_N, I64, ACC)
+            hs = (h_in,)
+            a_s = ()
+            for u in tl.static_range(U):
+                x, Bv, delta, s = steps[u]
+                a = tl.exp2(delta[None, None, :] * A2)
+                if HAS_SEQ:
+                    a = tl.where((s == s_prev) | (tb + u >= tn), a, 0.0)
+                    s_prev = s
+                hs = hs + (a * hs[u] + (delta * x)[None, None, :] * Bv[:, :, None],)
+                a_s = a_s + (a,)
+            for u1 in tl.static_range(U, 0, -1):  # step tb + u1 - 1 (indices stay constexpr inline)
+                cur_rev = rev
+                if u1 > 1:
+                    rev = _bwd_reverse_inputs(tb + u1 - 2, tn, (j * U + u1 - 2) * 2 + 1, C_b, z_b, dy_b, stash_b,
+                                              s_zt, s_Bt, s_yt, d1, dl, n2, n_ok2, BD, HAS_Z, SOFTPLUS, EVEN_N,
+                                              I64, ACC)
+                carry, dA_acc, dD_acc, dbias_acc = _bwd_step_reverse(
+                    carry, dA_acc, dD_acc, dbias_acc, tb + u1 - 1, tb + u1 - 1 < tn, hs[u1], hs[u1 - 1],
+                    a_s[u1 - 1], steps[u1 - 1][0], steps[u1 - 1][2], steps[u1 - 1][1], cur_rev,
+                    A, Dv, g, pid_b, seqlen, dstate, ngroups, d1, dl, n2, n_ok2,
+                    dx_b, ddt_b, dz_b, dB_r, dC_r, s_t, HAS_D, HAS_Z, SOFTPLUS, I64, LIBDEVICE)
+        tl.debug_barrier()  # the next chunk's pass A overwrites the scratch this pass read
+    if WANT_DH0:
+        tl.store(dh0_ptr + st_off, carry, mask=n_ok3)
+    # full-shape mask: Triton's interpreter drops all but the first element of an all-ones-shape mask
+    tl.atomic_add(dA_ptr + d3 * dstate + n3, dA_acc, mask=n_ok3 & (d3 >= 0), sem="relaxed")
+    if HAS_D:
+        tl.atomic_add(dD_ptr + d1, dD_acc, sem="relaxed")
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + d1, dbias_acc, sem="relaxed")
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Tiling knobs (defaults are chosen from the shape; tests and benchmarks override them).
+
+    fwd_nl / bwd_nl: states held per thread (NL); the rest of dstate spreads over NH lanes.
+    bwd_channels: channels per warp in the backward (more: fewer dB/dC atomics, more shuffles).
+    chunk: steps between forward checkpoints (multiple of 4 and of block_u).
+    block_u: backward micro-block, the U states re-derived in registers per scratch checkpoint.
+    """
+
+    fwd_nl: int | None = None
+    bwd_nl: int | None = None
+    bwd_channels: int | None = None
+    chunk: int = DEFAULT_CHUNK
+    block_u: int = DEFAULT_BLOCK_U
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    NL: int
+    NH: int
+    BD: int
+    num_warps: int
+
+
+def _tiles(nl: int, dstate: int, group_size: int, channels: int | None = None) -> _Tiles:
+    """(NL, NH, BD) for one program: NL states per thread, NH lanes on states, BD channels (a power
+    of two dividing the group size, so a program reads one group's B, C); lanes fill BD first."""
+    bn = triton.next_power_of_2(dstate)
+    nl = min(nl, bn)
+    nh = bn // nl
+    lanes_bd = max(1, 32 // nh) if channels is None else channels
+    bd = min(lanes_bd, group_size & -group_size)  # largest power of two dividing group_size
+    num_warps = max(1, min(8, nh * bd // 32))
+    return _Tiles(nl, nh, bd, num_warps)
+
+
+def _fwd_nl(batch: int, dim: int, dstate: int, device: torch.device) -> int:
+    """States per thread in the forward: as many as possible (no replicated per-channel math)
+    while the launch still has ~3 warps per SM to keep every scheduler issuing."""
+    bn = triton.next_power_of_2(dstate)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    nl = min(bn, 16)
+    while nl > 4 and batch * dim * (bn // nl) < 3 * sms * 32:
+        nl //= 2
+    return nl
+
+
+def _needs_i64(seqlen: int, *strides: int) -> bool:
+    return (seqlen + 4) * max(abs(s) for s in strides) >= 2**31
+
+
+def _acc_dtype(x: torch.Tensor):
+    return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _lastdim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx, save_final, save_chunks,
+              config: ScanConfig):
+    """Launch the forward. Returns y (B, L, D) in x's dtype, final state or None, checkpoints or None."""
+    batch, seqlen, dim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    acc_t, acc_tl = _acc_dtype(x)
+    x, dt = x.contiguous(), dt.contiguous()  # x, dt, y share one set of strides
+    z = _lastdim_contiguous(z)
+    D, dt_bias = _contiguous(D), _contiguous(dt_bias)  # read as dense (dim,) vectors
+    # B, C in the accumulation dtype (a tiny copy): saves two conversions per state per step
+    B = B.to(acc_t).contiguous()
+    C = C.to(acc_t).contiguous()
+    y = torch.empty_like(x)
+    nl = config.fwd_nl or _fwd_nl(batch, dim, dstate, x.device)
+    tiles = _tiles(nl, dstate, dim // ngroups)
+    chunk = config.chunk
+    nchunks = triton.cdiv(seqlen, chunk)
+    hlast = torch.empty(batch, dim, dstate, device=x.device, dtype=acc_t) if save_final else None
+    hck = torch.empty(batch, nchunks, dim, dstate, device=x.device, dtype=acc_t) if save_chunks else None
+    h0 = initial_state.to(acc_t).contiguous() if initial_state is not None else None
+    if seqlen == 0:  # nothing to scan (the kernel's clamped loads need one step)
+        if hlast is not None:
+            hlast.copy_(h0 if h0 is not None else torch.zeros_like(hlast))
+        return y, hlast, hck
+    zs = z.stride() if z is not None else (0, 0, 1)
+    ss = seq_idx.stride() if seq_idx is not None else (0, 0)
+    dummy = y
+    grid = (dim // tiles.BD, batch)
+    _scan_fwd_kernel[grid](
+        x, dt, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
+        dt_bias if dt_bias is not None else dummy, h0 if h0 is not None else dummy,
+        seq_idx if seq_idx is not None else dummy, y, hlast if hlast is not None else dummy,
+        hck if hck is not None else dummy,
+        seqlen, dim, dstate, dim // ngroups, nchunks,
+        x.stride(0), x.stride(1), zs[0], zs[1], B.stride(0), B.stride(1), B.stride(2), ss[0], ss[1],
+        A.stride(0), A.stride(1),
+        CHUNK=chunk, NL=tiles.NL, NH=tiles.NH, BD=tiles.BD, ACC=acc_tl, HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None,
+        SAVE_LAST=save_final, SAVE_CK=save_chunks, EVEN_N=dstate == tiles.NL * tiles.NH,
+        LIBDEVICE=not triton_interpret(),
+        I64=_needs_i64(seqlen, x.stride(1), zs[1], B.stride(1), ss[1]),
+        num_warps=tiles.num_warps,
+    )
+    return y, hlast, hck
+
+
+def _scan_bwd(dy, dhlast, x, dt, A, B, C, D, z, dt_bias, dt_softplus, seq_idx, hck, want_dh0, config: ScanConfig):
+    """Launch the backward. Returns dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_state."""
+    batch, seqlen, dim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    acc_t, acc_tl = _acc_dtype(x)
+    x, dt = x.contiguous(), dt.contiguous()
+    z = _lastdim_contiguous(z)
+    dy = _lastdim_contiguous(dy)
+    D, dt_bias = _contiguous(D), _contiguous(dt_bias)
+    B32 = B.to(acc_t).contiguous()
+    C32 = C.to(acc_t).contiguous()
+    # the vectorised (B, *, D, N) anchors of the backward are in-thread only up to 128-bit vectors
+    bwd_nl = config.bwd_nl or (4 if acc_t == torch.float32 else 2)
+    tiles = _tiles(bwd_nl, dstate, dim // ngroups, config.bwd_channels)
+    chunk, block_u = config.chunk, config.block_u
+    nchunks = hck.shape[1]
+    nprog = (dim // tiles.BD) * batch
+    bn = tiles.NL * tiles.NH
+    scratch = torch.empty(nprog, chunk // block_u, tiles.BD, bn, device=x.device, dtype=acc_t)
+    stash = torch.empty(nprog, chunk, 2, tiles.BD, device=x.device, dtype=acc_t)
+    dx = torch.empty_like(x)
+    ddt = torch.empty_like(dt)
+    dz = torch.empty(z.shape, device=x.device, dtype=z.dtype) if z is not None else None
+    nrep = min(32, dim // tiles.BD)  # replicas of dB, dC for the atomics (see the kernel)
+    dB = torch.zeros(nrep, batch, seqlen, ngroups, dstate, device=x.device, dtype=acc_t)
+    dC = torch.zeros_like(dB)
+    dA = torch.zeros(dim, dstate, device=x.device, dtype=acc_t)
+    dD = torch.zeros(dim, device=x.device, dtype=acc_t) if D is not None else None
+    dbias = torch.zeros(dim, device=x.device, dtype=acc_t) if dt_bias is not None else None
+    dh0 = torch.empty(batch, dim, dstate, device=x.device, dtype=acc_t) if want_dh0 else None
+    dhl = dhlast.to(acc_t).contiguous() if dhlast is not None else None
+    zs = z.stride() if z is not None else (0, 0, 1)
+    ss = seq_idx.stride() if seq_idx is not None else (0, 0)
+    dummy = dx
+    grid = (dim // tiles.BD, batch)
+    _scan_bwd_kernel[grid](
+        x, dt, z if z is not None else dummy, B32, C32, A, D if D is not None else dummy,
+        dt_bias if dt_bias is not None else dummy, seq_idx if seq_idx is not None else dummy, hck, dy,
+        dhl if dhl is not None else dummy,
+        dx, ddt, dz if dz is not None else dummy, dB, dC, dA, dD if dD is not None else dummy,
+        dbias if dbias is not None else dummy, dh0 if dh0 is not None else dummy, scratch, stash,
+        seqlen, dim, dstate, dim // ngroups, nchunks, dB.stride(0),
+        x.stride(0), x.stride(1), zs[0], zs[1], B32.stride(0), B32.stride(1), B32.stride(2), ss[0], ss[1],
+        A.stride(0), A.stride(1), dy.stride(0), dy.stride(1),
+        NREP=nrep, CHUNK=chunk, U=block_u, NL=tiles.NL, NH=tiles.NH, BD=tiles.BD, ACC=acc_tl, HAS_D=D is not None,
+        HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None,
+        HAS_DHLAST=dhl is not None, WANT_DH0=want_dh0, EVEN_N=dstate == tiles.NL * tiles.NH,
+        LIBDEVICE=not triton_interpret(),
+        I64=_needs_i64(seqlen, x.stride(1), zs[1], B32.stride(1), ss[1], dy.stride(1)),
+        num_warps=tiles.num_warps,
+    )
+    dB, dC = dB.sum(0), dC.sum(0)
+    return (dx, ddt, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), None if dD is None else dD.to(D.dtype),
+            dz, None if dbias is None else dbias.to(dt_bias.dtype), dh0)
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------
+
+
+class SelectiveScanFunction(torch.autograd.Function):
+    """Forward saves inputs and per-chunk states; backward recomputes everything else."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, return_final_state,
+                config):
+        needs_grad = any(ctx.needs_input_grad)
+        y, hlast, hck = _scan_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx,
+                                  save_final=return_final_state, save_chunks=needs_grad, config=config)
+        ctx.set_materialize_grads(False)
+        if needs_grad:
+            ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, hck)
+            ctx.dt_softplus = dt_softplus
+            ctx.has_h0 = initial_state is not None
+            ctx.h0_dtype = None if initial_state is None else initial_state.dtype
+            ctx.config = config
+        if return_final_state:
+            return y, hlast
+        return y
+
+    @staticmethod
+    def backward(ctx, dy, dhlast=None):
+        x, dt, A, B, C, D, z, dt_bias, seq_idx, hck = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(x)
+        dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = _scan_bwd(
+            dy, dhlast, x, dt, A, B, C, D, z, dt_bias, ctx.dt_softplus, seq_idx, hck,
+            want_dh0=ctx.has_h0 and ctx.needs_input_grad[8], config=ctx.config)
+        if dh0 is not None:
+            dh0 = dh0.to(ctx.h0_dtype)
+        return dx, ddt, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None
+
+
+def selective_scan_triton(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    seq_idx: torch.Tensor | None = None,
+    *,
+    config: ScanConfig | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Fused Triton selective scan; arguments as in `mambakit.ops.selective_scan` (inputs already checked).
+
+    Args:
+        x, dt, z: (batch, seqlen, dim).   A: (dim, dstate) real.   B, C: (batch, seqlen, ngroups, dstate).
+        D, dt_bias: (dim,).   initial_state: (batch, dim, dstate).   seq_idx: (batch, seqlen) int.
+        config: tiling override (benchmarks, tests); None picks from the shape.
+    Returns:
+        y (batch, seqlen, dim) in x's dtype, and the (batch, dim, dstate) float32 final state when asked
+        (float64 for float64 inputs, which run the kernels in float64).
+
+    Example:
+        >>> y = selective_scan_triton(x, dt, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True)
+    """
+    if A.is_complex():
+        raise ValueError("selective_scan_triton: complex A is not supported; use backend 'reference' or 'torch'")
+    cfg = config or ScanConfig()
+    if cfg.chunk % 4 or cfg.chunk % cfg.block_u:
+        raise ValueError(f"selective_scan_triton: chunk={cfg.chunk} must be a multiple of 4 and of "
+                         f"block_u={cfg.block_u}")
+    if seq_idx is not None and seq_idx.dtype != torch.int32:
+        seq_idx = seq_idx.to(torch.int32)
+    return SelectiveScanFunction.apply(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus,
+                                       return_final_state, cfg)

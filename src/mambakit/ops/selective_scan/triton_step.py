@@ -1,0 +1,119 @@
+"""Triton kernel of one selective-scan step (Mamba-1 decoding): read the state once, write it once.
+
+Shapes (legend): B batch, D dim (channels), G ngroups, N dstate. Tile: BD channels x BN states
+(N padded to a power of two), N contiguous, so the (B, D, N) state streams through coalesced.
+
+    dt' = softplus(dt + dt_bias);   h <- exp(dt' A) h + dt' x B;   y = (<C, h> + D x) * silu(z)
+
+Decoding is memory-bound: 8 bytes of state traffic per (channel, state) against ~5 flops, so the
+kernel is a plain streaming pass; one launch per token, no autotuning.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..dispatch import triton_interpret
+from .triton_scan import _delta
+
+__all__ = ["selective_state_update_triton"]
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _state_update_kernel(
+    state_ptr, x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, y_ptr,
+    dim, dstate, group_size,
+    s_hb, s_hd, s_xb, s_dtb, s_zb, s_Bb, s_Bg, s_Cb, s_Cg, s_Ad, s_An, s_yb,
+    BD: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LIBDEVICE: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    d = pid_d * BD + tl.arange(0, BD)  # (BD,)
+    n = tl.arange(0, BN)  # (BN,)
+    d_ok = d < dim
+    ok = d_ok[:, None] & (n < dstate)[None, :]
+    grp = (d // group_size)[:, None]  # a tile may straddle groups: gather B, C rows per channel
+    h_ptrs = state_ptr + pid_b * s_hb + d[:, None] * s_hd + n[None, :]
+    h = tl.load(h_ptrs, mask=ok, other=0.0).to(ACC)
+    x = tl.load(x_ptr + pid_b * s_xb + d, mask=d_ok, other=0.0).to(ACC)
+    dtv = tl.load(dt_ptr + pid_b * s_dtb + d, mask=d_ok, other=0.0).to(ACC)
+    bias = tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(ACC) if HAS_BIAS else 0.0
+    delta, _ = _delta(dtv, bias, HAS_BIAS, SOFTPLUS, LIBDEVICE)
+    A = tl.load(A_ptr + d[:, None] * s_Ad + n[None, :] * s_An, mask=ok, other=0.0).to(ACC)
+    Bv = tl.load(B_ptr + pid_b * s_Bb + grp * s_Bg + n[None, :], mask=ok, other=0.0).to(ACC)
+    Cv = tl.load(C_ptr + pid_b * s_Cb + grp * s_Cg + n[None, :], mask=ok, other=0.0).to(ACC)
+    h = tl.exp2(delta[:, None] * (A * 1.4426950408889634)) * h + (delta * x)[:, None] * Bv
+    tl.store(h_ptrs, h.to(state_ptr.dtype.element_ty), mask=ok)
+    y = tl.sum(h * Cv, axis=1)
+    if HAS_D:
+        y += tl.load(D_ptr + d, mask=d_ok, other=0.0).to(ACC) * x
+    if HAS_Z:
+        zf = tl.load(z_ptr + pid_b * s_zb + d, mask=d_ok, other=0.0).to(ACC)
+        y = y * zf * tl.sigmoid(zf)
+    tl.store(y_ptr + pid_b * s_yb + d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher / public entry
+# ----------------------------------------------------------------------------------------------
+
+
+def selective_state_update_triton(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the selective scan on the Triton kernel; `state` is updated in place and returned.
+
+    Args:
+        state: (batch, dim, dstate) float32 (float64 runs the step in float64).
+        x, dt, z: (batch, dim).   A: (dim, dstate) real.   B, C: (batch, ngroups, dstate).
+        D, dt_bias: (dim,).
+    Returns:
+        y (batch, dim) in x's dtype, and `state` itself (now holding the new state).
+
+    Example:
+        >>> y, state = selective_state_update_triton(state, x_t, dt_t, A, B_t, C_t, dt_softplus=True)
+    """
+    if A.is_complex():
+        raise ValueError("selective_state_update_triton: complex A is not supported; use 'reference' or 'torch'")
+    batch, dim, dstate = state.shape
+    ngroups = B.shape[1]
+    if state.stride(-1) != 1:
+        raise ValueError(f"selective_state_update_triton: state must have a contiguous last dim, got strides "
+                         f"{tuple(state.stride())}")
+    acc = tl.float64 if state.dtype == torch.float64 else tl.float32
+    x, dt, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt, B, C))
+    z = z if z is None or z.stride(-1) == 1 else z.contiguous()
+    D = D if D is None else D.contiguous()  # read as dense (dim,) vectors
+    dt_bias = dt_bias if dt_bias is None else dt_bias.contiguous()
+    y = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
+    bn = triton.next_power_of_2(dstate)
+    bd = max(1, min(triton.next_power_of_2(dim), 4096 // bn))  # ~4K states per program
+    dummy = y
+    grid = (triton.cdiv(dim, bd), batch)
+    _state_update_kernel[grid](
+        state, x, dt, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
+        dt_bias if dt_bias is not None else dummy, y,
+        dim, dstate, dim // ngroups,
+        state.stride(0), state.stride(1), x.stride(0), dt.stride(0), z.stride(0) if z is not None else 0,
+        B.stride(0), B.stride(1), C.stride(0), C.stride(1), A.stride(0), A.stride(1), y.stride(0),
+        BD=bd, BN=bn, ACC=acc, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=dt_softplus, LIBDEVICE=not triton_interpret(), num_warps=4,
+    )
+    return y, state

@@ -1,0 +1,145 @@
+"""The "triton" backend of `mambakit.ops.ssd`: chunk primitives composed forward and backward.
+
+Shapes (legend): b batch, L seqlen, H nheads, P headdim, G ngroups, N dstate, c = ceil(L / T) chunks,
+T chunk_size.
+
+Forward, four launches, all linear in L:
+    1. `chunk_decay_fwd`   dt' and the within-chunk cumsum of dt' A              (b, H, c, T) x 2, fp32
+    2. `chunk_cb_fwd`      C B^T per group and chunk, masks folded in            (b, c, G, T, T) fp32
+    3. `chunk_state_fwd`   chunk states fused with state passing                 (b, c + 1, H, P, N)
+    4. `chunk_scan_fwd`    y = diagonal blocks + incoming state + D x, z gate    (b, L, H, P)
+Backward, four launches (plus three tiny sums):
+    5. `chunk_state_bwd`   gradients of the chunk-end states (reverse walk) and of the initial state
+    6. `chunk_dcb_bwd`     dCB per group, row sums for the decay gradient
+    7. `chunk_dbc_bwd`     dB, dC per group
+    8. `chunk_dx_bwd`      dx, ddt, dz; dA, ddt_bias, dD partials (reverse cumsum of dcs fused in)
+
+Saved for the backward: the inputs, dt', cs, CB and the chunk states (everything else is cheaper to
+recompute than to store: the decays, dt' x, silu(z)); y before the gate (fp32) only when z is given.
+The states are bf16 for bf16 inputs (they are only dot operands in the backward), fp32 otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from .triton_chunk_decay import chunk_decay_fwd
+from .triton_chunk_scan import chunk_cb_fwd, chunk_scan_fwd
+from .triton_chunk_scan_bwd import bwd_config, chunk_dbc_bwd, chunk_dcb_bwd, chunk_dx_bwd
+from .triton_chunk_state import chunk_state_bwd, chunk_state_fwd
+
+__all__ = ["ssd_triton", "ssd_triton_forward"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def ssd_triton_forward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, T):
+    """Run the four forward launches; returns y, final state and what the backward needs."""
+    dtp, cs = chunk_decay_fwd(dt, A, dt_bias, dt_softplus, dt_limit, T)
+    cb = chunk_cb_fwd(C, B, seq_idx, T, x.dtype)
+    states, final = chunk_state_fwd(x, B, dtp, cs, initial_state, seq_idx, T)
+    y, y_pre = chunk_scan_fwd(x, z, D, C, cb, states, dtp, cs, seq_idx, T)
+    return y, final, (dtp, cs, cb, states, y_pre)
+
+
+class _SSDTritonFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, T):
+        y, final, (dtp, cs, cb, states, y_pre) = ssd_triton_forward(
+            x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, T)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states, y_pre)
+        ctx.dt_softplus, ctx.dt_limit, ctx.T = dt_softplus, dt_limit, T
+        ctx.has_h0 = initial_state is not None
+        ctx.set_materialize_grads(False)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states, y_pre = ctx.saved_tensors
+        T = ctx.T
+        if dy is None:
+            dy = torch.zeros_like(x)
+        elif dy.stride(-1) != 1:
+            dy = dy.contiguous()
+        if dfinal is not None:
+            dfinal = dfinal.float().contiguous()
+        G, N = B.shape[2], B.shape[3]
+        need_dh0 = ctx.has_h0 and ctx.needs_input_grad[8]
+        dH, dh0, ddend = chunk_state_bwd(dy, z, C, cs, seq_idx, states, dfinal, need_dh0, T)
+        cfg_dcb, cfg_dbc, cfg_dx, nslot = bwd_config(x.shape[0], dtp.shape[2], G, N, T, x.device)
+        dcb, rowp = chunk_dcb_bwd(x, dy, z, dtp, cs, seq_idx, cb, G, nslot, T, cfg=cfg_dcb)
+        dB, dC = chunk_dbc_bwd(x, dy, z, B, C, dtp, cs, seq_idx, states, dH, dcb, rowp, T, cfg=cfg_dbc)
+        dx, ddt, dz, dA_p, dbias_p, dD_p = chunk_dx_bwd(
+            x, dt, dy, z, y_pre, A, dt_bias, D, B, dtp, cs, seq_idx, cb, dH, rowp, ddend,
+            ctx.dt_softplus, ctx.dt_limit, T, cfg=cfg_dx)
+        dA = dA_p.sum(dim=(0, 1))
+        dbias = dbias_p.sum(dim=(0, 1)) if dt_bias is not None else None
+        dD = None
+        if D is not None:
+            dD = dD_p.sum(dim=(0, 1, 2))  # (H, P)
+            if D.dim() == 1:
+                dD = dD.sum(dim=-1)
+        return dx, ddt, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None
+
+
+def _last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Kernels take any strides except on the last dim, which must be 1 (coalesced rows)."""
+    if t is None or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+def ssd_triton(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    chunk_size: int = 256,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    seq_idx: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Chunked SSD in Triton; arguments as in `mambakit.ops.ssd` (B, C 4-D, inputs validated there).
+
+    Args:
+        x, z: (b, L, H, P) float32 / bfloat16 / float16.  dt: (b, L, H).  A: (H,).  B, C: (b, L, G, N).
+        D: (H,) or (H, P).  dt_bias: (H,).  initial_state: (b, H, P, N).  seq_idx: (b, L) int.
+        chunk_size: a power of two in [16, 256]; sequences shorter than a chunk use a smaller power of two
+            (the result does not depend on it beyond rounding).
+    Returns:
+        y: (b, L, H, P) in x's dtype; with return_final_state also the final state (b, H, P, N) float32.
+        Differentiable in x, dt, A, B, C, D, z, dt_bias, initial_state (and through the final state).
+
+    Example:
+        >>> y, h = ssd_triton(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True, return_final_state=True)
+    """
+    if not isinstance(chunk_size, int) or chunk_size < 16 or chunk_size > 256 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"ssd: backend 'triton' needs chunk_size a power of two in [16, 256], got {chunk_size!r}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"ssd: backend 'triton' needs x of dtype float32, bfloat16 or float16, got {x.dtype} "
+                         "(use backend='torch' for float64)")
+    batch, seqlen, nheads, headdim = x.shape
+    if seqlen == 0:
+        raise ValueError("ssd: backend 'triton' needs seqlen >= 1")
+    T = min(chunk_size, max(16, triton.next_power_of_2(seqlen)))
+    x, z, dt, B, C = (_last_dim_contiguous(t) for t in (x, z, dt, B, C))
+    A = A.float()
+    D = D.float().contiguous() if D is not None else None
+    dt_bias = dt_bias.float().contiguous() if dt_bias is not None else None
+    initial_state = initial_state.float().contiguous() if initial_state is not None else None
+    seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    y, final = _SSDTritonFunction.apply(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus,
+                                        (lo, hi), T)
+    if return_final_state:
+        return y, final
+    return y

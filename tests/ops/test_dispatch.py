@@ -1,0 +1,59 @@
+"""Backend selection (ops/dispatch.py) and the shared input checker (ops/checks.py)."""
+
+import pytest
+import torch
+
+from mambakit.ops import selective_scan, ssd
+from mambakit.ops.checks import ShapeChecker
+from mambakit.ops.dispatch import select_backend
+
+
+def test_default_backend_is_torch_on_cpu():
+    assert select_backend("op", None, torch.device("cpu")) == "torch"
+
+
+def test_explicit_backends_and_errors(monkeypatch):
+    cpu = torch.device("cpu")
+    assert select_backend("op", "reference", cpu) == "reference"
+    with pytest.raises(ValueError, match="backend must be None or one of"):
+        select_backend("op", "cuda", cpu)
+    with pytest.raises(ValueError, match="not implemented for this op"):
+        select_backend("op", "triton", cpu, supported=("reference", "torch"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        select_backend("op", "triton", cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert select_backend("op", "triton", cpu) == "triton"
+
+
+def test_shape_checker_binds_names_and_reports_expected_shape():
+    chk = ShapeChecker("myop")
+    chk.tensor("x", torch.zeros(2, 5, 3), ("batch", "seqlen", "dim"))
+    with pytest.raises(ValueError, match=r"myop: y must have shape \(batch=2, seqlen=5, dim=3\), got \(2, 4, 3\)"):
+        chk.tensor("y", torch.zeros(2, 4, 3), ("batch", "seqlen", "dim"))
+    with pytest.raises(ValueError, match=r"myop: w must be 2-D with shape \(dim=3, dstate\), got 1-D shape \(3,\)"):
+        chk.tensor("w", torch.zeros(3), ("dim", "dstate"))
+    with pytest.raises(ValueError, match=r"myop: i must have dtype in \(float64, float32, bfloat16, float16\)"):
+        chk.tensor("i", torch.zeros(2, 5, dtype=torch.long), ("batch", "seqlen"))
+    with pytest.raises(ValueError, match="myop: z is required"):
+        chk.tensor("z", None, ("batch",))
+    assert chk.tensor("opt", None, ("batch",), optional=True) is None
+
+
+def test_seq_idx_must_be_integer_and_nondecreasing():
+    x, dt = torch.randn(2, 6, 4), torch.rand(2, 6, 4)
+    A, B, C = -torch.rand(4, 3), torch.randn(2, 6, 3), torch.randn(2, 6, 3)
+    bad = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 1, 0, 1, 1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="seq_idx must be nondecreasing along each row.*row 1"):
+        selective_scan(x, dt, A, B, C, seq_idx=bad, backend="reference")
+    with pytest.raises(ValueError, match="seq_idx must have dtype in"):
+        selective_scan(x, dt, A, B, C, seq_idx=bad.float(), backend="reference")
+
+
+def test_ops_check_device_consistency():
+    """Every tensor must live where x lives (checked through the meta device, available everywhere)."""
+    x = torch.randn(1, 4, 2, 8)
+    dt, A = torch.rand(1, 4, 2), -torch.rand(2)
+    B = C = torch.randn(1, 4, 1, 8)
+    with pytest.raises(ValueError, match="ssd: A must be on cpu"):
+        ssd(x, dt, A.to("meta"), B, C, backend="reference")

@@ -1,0 +1,189 @@
+"""rms_norm (plain and gated): the torch and triton paths against the float64 reference.
+
+On CPU the Triton kernels run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
+which handles float64, so shapes stay tiny and comparisons are in float64. Tests marked `gpu`
+compare the kernels at real shapes on CUDA (the lead runs them on the GPU machine).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mambakit.ops import rms_norm
+from tests.helpers import assert_close, low_precision_tolerance, run_with_grads
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+F64 = torch.float64
+BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton")]
+
+
+def _inputs(shape, gated, dtype=F64):
+    """x, weight, z (None unless gated) on DEVICE."""
+    return dict(x=torch.randn(*shape, dtype=dtype, device=DEVICE),
+                weight=1.0 + 0.5 * torch.randn(shape[-1], dtype=dtype, device=DEVICE),
+                z=torch.randn(*shape, dtype=dtype, device=DEVICE) if gated else None)
+
+
+def _grad_names(inputs):
+    return ["x", "weight"] + (["z"] if inputs["z"] is not None else [])
+
+
+def _op(backend, z_view=None, **kw):
+    """The op as a function of its tensors; z_view(z) is what reaches the op (a strided slice, say)."""
+    def op(x, weight, z=None):
+        return rms_norm(x, weight, z=z if z is None or z_view is None else z_view(z), **kw, backend=backend)
+    return op
+
+
+CASES = [
+    pytest.param(dict(shape=(48,), gated=False), id="no-leading-dims"),
+    pytest.param(dict(shape=(7, 48), gated=False), id="plain-2d"),
+    pytest.param(dict(shape=(2, 5, 48), gated=False, group_size=16), id="plain-3d-groups"),
+    pytest.param(dict(shape=(2, 3, 4, 32), gated=True), id="gated-4d"),
+    pytest.param(dict(shape=(3, 6, 48), gated=True, group_size=12), id="gated-groups-not-pow2"),
+    pytest.param(dict(shape=(3, 6, 48), gated=True, group_size=48, norm_before_gate=True), id="norm-then-gate"),
+    pytest.param(dict(shape=(2, 9, 64), gated=True, group_size=16, norm_before_gate=True, eps=1e-2),
+                 id="norm-then-gate-groups-eps"),
+    pytest.param(dict(shape=(2, 7, 40), gated=True, group_size=20, strided_z=True), id="gated-z-channel-slice"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES)
+def test_norm_matches_reference(backend, case):
+    case = dict(case)
+    shape = case.pop("shape")
+    inputs = _inputs(shape, case.pop("gated"))
+    if case.pop("strided_z", False):
+        # z as a channel slice of a wider tensor (Mamba-2's in_proj output), sliced inside the op so that
+        # the row stride reaches the kernels (run_with_grads' leaf copies are contiguous)
+        hidden = shape[-1]
+        inputs["z"] = torch.randn(*shape[:-1], 3 * hidden, dtype=F64, device=DEVICE)
+        case["z_view"] = lambda z: z[..., hidden : 2 * hidden]
+    upstream = [torch.randn(inputs["x"].shape, dtype=F64, device=DEVICE)]
+    names = _grad_names(inputs)
+    (ref,), ref_grads = run_with_grads(_op("reference", **case), inputs, upstream, names)
+    (out,), grads = run_with_grads(_op(backend, **case), inputs, upstream, names)
+    assert_close(out, ref, name="y", rel=1e-10)
+    for name in names:
+        assert_close(grads[name], ref_grads[name], name=f"d{name}", rel=1e-10)
+
+
+@pytest.mark.parametrize("gating", [
+    pytest.param(dict(gated=False, norm_before_gate=False), id="plain"),
+    pytest.param(dict(gated=True, norm_before_gate=False), id="gate-then-norm"),
+    pytest.param(dict(gated=True, norm_before_gate=True), id="norm-then-gate"),
+])
+def test_triton_launchers_with_small_tiles(gating):
+    """Tiles of 2 rows x 16 channels: ragged last row tile, backward programs looping over 4 row
+    tiles with a partly empty last one, groups of 12 in 16-wide tiles."""
+    from mambakit.ops.rms_norm.triton_norm import _rms_norm_bwd, _rms_norm_fwd
+
+    inputs = _inputs((13, 36), gating["gated"])
+    nbg, group, eps = gating["norm_before_gate"], 12, 1e-5
+    upstream = [torch.randn(13, 36, dtype=F64, device=DEVICE)]
+    names = _grad_names(inputs)
+    (ref,), ref_grads = run_with_grads(_op("reference", group_size=group, norm_before_gate=nbg), inputs, upstream,
+                                       names)
+    x, w, z = inputs["x"], inputs["weight"], inputs["z"]
+    y, rstd = _rms_norm_fwd(x, w, z, eps, group, nbg, elems=32, num_warps=1)
+    dx, dw, dz = _rms_norm_bwd(x, w, z, rstd, upstream[0], group, nbg, elems=32, num_warps=1, row_tiles=4)
+    assert_close(y, ref, name="y", rel=1e-10)
+    for name, grad in (("x", dx), ("weight", dw), ("z", dz)):
+        if name in names:
+            assert_close(grad, ref_grads[name], name=f"d{name}", rel=1e-10)
+
+
+def _native_norm(x, weight, z=None, eps=1e-5, group_size=None, norm_before_gate=False):
+    """The norm written with PyTorch ops in the inputs' own dtype: the yardstick for low-precision error."""
+    h = x * F.silu(z) if z is not None and not norm_before_gate else x
+    g = h.shape[-1] if group_size is None else group_size
+    hg = h.unflatten(-1, (h.shape[-1] // g, g))
+    y = (hg * torch.rsqrt(hg.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * weight
+    y = y * F.silu(z) if z is not None and norm_before_gate else y
+    return y.to(x.dtype)  # a float32 weight promotes: round like the fast paths do
+
+
+def _check_low_precision(backend, inputs, **kw):
+    """Output and grads within 2x of PyTorch's own low-precision error, against the float32 reference."""
+    names = _grad_names(inputs)
+    upstream = [torch.randn(inputs["x"].shape, device=inputs["x"].device).to(inputs["x"].dtype)]
+    inputs_32 = {k: (v.float() if v is not None else None) for k, v in inputs.items()}
+    (ref,), ref_grads = run_with_grads(_op("reference", **kw), inputs_32, upstream, names)
+    (nat,), nat_grads = run_with_grads(lambda **a: _native_norm(**a, **kw), inputs, upstream, names)
+    (out,), grads = run_with_grads(_op(backend, **kw), inputs, upstream, names)
+    assert out.dtype == inputs["x"].dtype
+    assert_close(out, ref, name="y", rel=0.0, atol=low_precision_tolerance(nat, ref))
+    for name in names:
+        assert grads[name].dtype == inputs[name].dtype
+        assert_close(grads[name], ref_grads[name], name=f"d{name}", rel=0.0,
+                     atol=low_precision_tolerance(nat_grads[name], ref_grads[name]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [
+    pytest.param(dict(gated=False), id="plain"),
+    pytest.param(dict(gated=True, group_size=16), id="gated-groups"),
+    pytest.param(dict(gated=True, norm_before_gate=True), id="norm-then-gate"),
+])
+def test_norm_bf16_within_twice_pytorch_error(backend, case):
+    case = dict(case)
+    inputs = _inputs((4, 10, 64), case.pop("gated"), dtype=torch.bfloat16)
+    _check_low_precision(backend, inputs, **case)
+
+
+def _bad(**changes):
+    args = dict(x=torch.randn(2, 5, 8), weight=torch.randn(8), z=torch.randn(2, 5, 8), group_size=4)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("args, match", [
+    pytest.param(_bad(x=torch.tensor(1.0)), "x must be a tensor of shape", id="x-0d"),
+    pytest.param(_bad(weight=torch.randn(7)), "weight must have shape", id="weight-size"),
+    pytest.param(_bad(weight=torch.randn(8, 1)), "weight must be 1-D", id="weight-rank"),
+    pytest.param(_bad(z=torch.randn(2, 4, 8)), "z must have shape", id="z-shape"),
+    pytest.param(_bad(z=torch.randn(10, 8)), "z must be 3-D", id="z-rank"),
+    pytest.param(_bad(group_size=3), "group_size must be a positive int dividing", id="group-not-dividing"),
+    pytest.param(_bad(group_size=0), "group_size must be a positive int dividing", id="group-zero"),
+    pytest.param(_bad(group_size=4.0), "group_size must be a positive int dividing", id="group-float"),
+    pytest.param(_bad(x=torch.randint(0, 5, (2, 5, 8))), "x must have dtype", id="x-int-dtype"),
+    pytest.param(_bad(eps=-1.0), "eps must be >= 0", id="negative-eps"),
+])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_norm_rejects_bad_input(args, match, backend):
+    with pytest.raises(ValueError, match=match):
+        rms_norm(**args, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------------
+# real shapes on the GPU: Triton bf16 against the torch path in float32
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [
+    pytest.param(dict(gated=False, group_size=None), id="plain"),
+    pytest.param(dict(gated=True, group_size=512), id="gated-group512"),
+    pytest.param(dict(gated=True, group_size=4096), id="gated-group4096"),
+    pytest.param(dict(gated=True, group_size=512, norm_before_gate=True), id="norm-then-gate-group512"),
+])
+def test_norm_gpu_real_shape_bf16(case):
+    case = dict(case)
+    bf16 = torch.bfloat16
+    shape = (2, 8192, 4096)
+    inputs = dict(x=torch.randn(shape, device="cuda", dtype=bf16),
+                  weight=(1.0 + 0.5 * torch.randn(shape[-1], device="cuda")),  # float32 weight, as in training
+                  z=torch.randn(shape, device="cuda", dtype=bf16) if case.pop("gated") else None)
+    names = _grad_names(inputs)
+    upstream = [torch.randn(shape, device="cuda", dtype=bf16)]
+    inputs_32 = {k: (v.float() if v is not None else None) for k, v in inputs.items()}
+    (ref,), ref_grads = run_with_grads(_op("torch", **case), inputs_32, upstream, names)
+    (nat,), nat_grads = run_with_grads(lambda **a: _native_norm(**a, **case), inputs, upstream, names)
+    (out,), grads = run_with_grads(_op("triton", **case), inputs, upstream, names)
+    assert_close(out, ref, name="y", rel=0.0, atol=low_precision_tolerance(nat, ref))
+    for name in names:
+        assert_close(grads[name], ref_grads[name], name=f"d{name}", rel=0.0,
+                     atol=low_precision_tolerance(nat_grads[name], ref_grads[name]))

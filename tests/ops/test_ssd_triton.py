@@ -1,0 +1,293 @@
+"""The "triton" backend of `ssd` and `ssd_state_update` against the float64 reference.
+
+CPU runs go through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA), on
+tiny shapes: the interpreter is slow and its tl.dot needs block dims >= 16, hence headdim = dstate =
+chunk = 16. Every comparison covers the output, the final state and the gradient of every input
+(initial state included) under random upstream gradients on both the output and the final state.
+
+float32: the kernels multiply in IEEE fp32 (no tf32), so the float32 tolerance is DESIGN.md's 1e-4 of
+the reference's scale. bf16: each tensor may be off by at most twice what PyTorch itself makes in bf16,
+measured on the same inputs with the paper's chunked algorithm (Listing 1) evaluated entirely in bf16
+(`_ssd_listing_lowp`), both against the float64 reference (tests.helpers.low_precision_tolerance);
+float16 likewise against the listing in float16.
+GPU tests (`-m gpu`) run the benchmark shape against the float32 torch path and the float64 reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mambakit.ops import ssd, ssd_state_update
+from tests.helpers import assert_close, low_precision_tolerance, run_with_grads
+
+FLOAT_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
+
+
+def _make_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, *, D=None, z=False, dt_bias=False,
+                 initial_state=False, device="cpu"):
+    """Random SSD inputs in float32 (dt moderate so that chunks decay but do not vanish)."""
+    inp = {
+        "x": torch.randn(batch, seqlen, nheads, headdim, device=device),
+        "dt": torch.rand(batch, seqlen, nheads, device=device) * 0.5 + (-0.6 if dt_bias else 0.05),
+        "A": -torch.rand(nheads, device=device) * 1.5 - 0.1,
+        "B": torch.randn(batch, seqlen, ngroups, dstate, device=device),
+        "C": torch.randn(batch, seqlen, ngroups, dstate, device=device),
+    }
+    if D == "head":
+        inp["D"] = torch.randn(nheads, device=device)
+    elif D == "channel":
+        inp["D"] = torch.randn(nheads, headdim, device=device)
+    if z:
+        inp["z"] = torch.randn(batch, seqlen, nheads, headdim, device=device)
+    if dt_bias:
+        inp["dt_bias"] = torch.rand(nheads, device=device) * 0.5 - 0.5
+    if initial_state:
+        inp["initial_state"] = torch.randn(batch, nheads, headdim, dstate, device=device)
+    return inp
+
+
+def _grad_names(inp):
+    return [k for k in FLOAT_INPUTS if k in inp]
+
+
+def _run_ssd(inp, opts, backend, upstream):
+    """(y, final_state) and the gradient of every float input, through the public op."""
+
+    def fn(**kw):
+        return ssd(**kw, **opts, return_final_state=True, backend=backend)
+
+    return run_with_grads(fn, inp, upstream, _grad_names(inp))
+
+
+def _as_float64(inp):
+    return {k: (v.double() if v.is_floating_point() else v) for k, v in inp.items()}
+
+
+def _upstream(inp):
+    x, h = inp["x"], inp["B"]
+    batch, seqlen, nheads, headdim = x.shape
+    gy = torch.randn(batch, seqlen, nheads, headdim, device=x.device)
+    gh = torch.randn(batch, nheads, headdim, h.shape[-1], device=x.device)
+    return gy, gh
+
+
+def _seq_idx(seqlen, rows, device="cpu"):
+    """Packed documents: row 0 has a boundary at chunk boundary 16, a length-1 document at position 16,
+    and boundaries inside chunks; row 1 has a short first document and a boundary at 32."""
+    s = torch.zeros(rows, seqlen, dtype=torch.int32, device=device)
+    s[0, 16:] = 1
+    s[0, 17:] = 2
+    s[0, 30:] = 3
+    if rows > 1:
+        s[1, 5:] = 1
+        s[1, 32:] = 2
+    return s
+
+
+FULL = dict(D="head", z=True, dt_bias=True)
+FULL_OPTS = dict(dt_softplus=True, dt_limit=(0.05, 1.2))
+
+CASES = [
+    pytest.param((1, 40, 2, 16, 1, 16), {}, dict(chunk_size=16), False, id="plain"),
+    pytest.param((1, 40, 2, 16, 1, 16), FULL, FULL_OPTS, False, id="full-D-per-head-z-bias-softplus-limit"),
+    pytest.param((1, 40, 2, 16, 1, 16), dict(FULL, D="channel"), FULL_OPTS, False, id="full-D-per-channel"),
+    pytest.param((1, 40, 4, 16, 2, 16), dict(D="head"), {}, False, id="ngroups-2"),
+    pytest.param((2, 45, 2, 16, 1, 16), {}, {}, False, id="ragged-2-chunks-plus-13"),
+    pytest.param((1, 9, 2, 16, 1, 16), dict(D="head", initial_state=True), {}, False, id="seqlen-below-chunk"),
+    pytest.param((2, 48, 2, 16, 1, 16), dict(FULL, initial_state=True), FULL_OPTS, True,
+                 id="seq-idx-packed-docs-initial-state"),
+]
+
+
+@pytest.mark.parametrize("shape, features, opts, packed", CASES)
+def test_ssd_triton_float32_matches_reference(shape, features, opts, packed):
+    inp = _make_inputs(*shape, **features)
+    if packed:
+        inp["seq_idx"] = _seq_idx(shape[1], shape[0])
+    opts = {"chunk_size": 16, **opts}
+    upstream = _upstream(inp)
+    outs, grads = _run_ssd(inp, opts, "triton", upstream)
+    ref_outs, ref_grads = _run_ssd(_as_float64(inp), opts, "reference", [u.double() for u in upstream])
+    assert_close(outs[0], ref_outs[0], name="y")
+    assert_close(outs[1], ref_outs[1], name="final_state")
+    assert set(grads) == set(_grad_names(inp))
+    for k in grads:
+        assert_close(grads[k], ref_grads[k], name=f"d{k}")
+
+
+def test_ssd_triton_returns_y_alone_without_final_state():
+    inp = _make_inputs(1, 20, 2, 16, 1, 16)
+    y = ssd(**inp, chunk_size=16, backend="triton")
+    assert isinstance(y, torch.Tensor)
+    assert_close(y, ssd(**_as_float64(inp), backend="reference"), name="y")
+
+
+def _ssd_listing_lowp(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, chunk_size=16,
+                      initial_state=None, dtype=torch.bfloat16):
+    """Dao & Gu's Listing 1 (ngroups 1, seqlen a multiple of chunk_size) with every tensor in `dtype`.
+
+    This is what PyTorch itself makes of the chunked algorithm in bf16: the yardstick of the bf16 test.
+    """
+    batch, seqlen, nheads, headdim = x.shape
+    T, nc = chunk_size, seqlen // chunk_size
+    dt_ = dt.to(dtype) + (dt_bias.to(dtype) if dt_bias is not None else 0)
+    if dt_softplus:
+        dt_ = F.softplus(dt_)
+    X = (x.to(dtype) * dt_[..., None]).reshape(batch, nc, T, nheads, headdim)
+    a = (dt_ * A.to(dtype)).reshape(batch, nc, T, nheads).permute(0, 3, 1, 2)  # (b, H, c, T)
+    Bc = B.to(dtype)[:, :, 0].reshape(batch, nc, T, -1)
+    Cc = C.to(dtype)[:, :, 0].reshape(batch, nc, T, -1)
+    acs = torch.cumsum(a, dim=-1)
+    tril = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    Lmask = torch.exp((acs[..., :, None] - acs[..., None, :]).masked_fill(~tril, -math.inf))
+    y_diag = torch.einsum("bcln,bcsn,bhcls,bcshp->bclhp", Cc, Bc, Lmask, X)
+    states = torch.einsum("bcln,bhcl,bclhp->bchpn", Bc, torch.exp(acs[..., -1:] - acs), X)
+    h = initial_state.to(dtype) if initial_state is not None else torch.zeros_like(states[:, 0])
+    incoming = []
+    for k in range(nc):
+        incoming.append(h)
+        h = torch.exp(acs[:, :, k, -1])[..., None, None] * h + states[:, k]
+    y_off = torch.einsum("bcln,bchpn,bhcl->bclhp", Cc, torch.stack(incoming, 1), torch.exp(acs))
+    y = (y_diag + y_off).reshape(batch, seqlen, nheads, headdim)
+    if D is not None:
+        y = y + D.to(dtype)[:, None] * x.to(dtype)
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    return y, h.float()
+
+
+def _lowp_inputs(shape, dtype, device):
+    inp = _make_inputs(*shape, D="head", z=True, dt_bias=True, initial_state=True, device=device)
+    for k in ("x", "dt", "B", "C", "z"):
+        inp[k] = inp[k].to(dtype)  # A, D, dt_bias, initial_state stay float32 (as in a model)
+    return inp
+
+
+def _check_lowp_against_budget(inp, opts, reference_backend):
+    """Every output and gradient within 2x the error of `_ssd_listing_lowp` in the same dtype."""
+    dtype = inp["x"].dtype
+    upstream = _upstream(inp)
+    upstream = [upstream[0].to(dtype), upstream[1]]
+    outs, grads = _run_ssd(inp, opts, "triton", upstream)
+    ref_inp = _as_float64(inp) if reference_backend == "reference" else {
+        k: (v.float() if v.is_floating_point() else v) for k, v in inp.items()}
+    ref_outs, ref_grads = _run_ssd(ref_inp, opts, reference_backend, [u.to(ref_inp["x"].dtype) for u in upstream])
+    low_outs, low_grads = run_with_grads(
+        lambda **kw: _ssd_listing_lowp(**kw, dt_softplus=True, chunk_size=opts["chunk_size"], dtype=dtype),
+        inp, upstream, _grad_names(inp))
+    for name, got, ref, low in (("y", outs[0], ref_outs[0], low_outs[0]),
+                                ("final_state", outs[1], ref_outs[1], low_outs[1])):
+        assert_close(got, ref, name=name, rel=0.0, atol=low_precision_tolerance(low, ref))
+    for k in grads:
+        assert_close(grads[k], ref_grads[k], name=f"d{k}", rel=0.0,
+                     atol=low_precision_tolerance(low_grads[k], ref_grads[k]))
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")])
+def test_ssd_triton_low_precision_within_twice_torch_error(dtype):
+    _check_lowp_against_budget(_lowp_inputs((2, 48, 2, 16, 1, 16), dtype, "cpu"),
+                               dict(chunk_size=16, dt_softplus=True), "reference")
+
+
+@pytest.mark.parametrize("chunk_size", [
+    pytest.param(48, id="not-a-power-of-two"),
+    pytest.param(8, id="below-16"),
+    pytest.param(512, id="above-256"),
+])
+def test_ssd_triton_rejects_bad_chunk_size(chunk_size):
+    inp = _make_inputs(1, 8, 2, 16, 1, 16)
+    with pytest.raises(ValueError, match=r"chunk_size a power of two in \[16, 256\]"):
+        ssd(**inp, chunk_size=chunk_size, backend="triton")
+
+
+DECODE_CASES = [
+    pytest.param((2, 5, 2, 16, 1, 16), {}, {}, id="plain"),
+    pytest.param((1, 5, 4, 16, 2, 16), dict(FULL, D="channel"), FULL_OPTS, id="full-D-per-channel-ngroups-2"),
+]
+
+
+@pytest.mark.parametrize("shape, features, opts", DECODE_CASES)
+def test_ssd_state_update_triton_token_by_token_equals_parallel(shape, features, opts):
+    inp = _make_inputs(*shape, initial_state=True, **features)
+    y_par, h_par = ssd(**inp, **opts, chunk_size=16, return_final_state=True, backend="triton")
+    y_ref, h_ref = ssd(**_as_float64(inp), **opts, return_final_state=True, backend="reference")
+    state = inp["initial_state"].clone()
+    ys = []
+    for t in range(shape[1]):
+        ys.append(ssd_state_update(
+            state, inp["x"][:, t], inp["dt"][:, t], inp["A"], inp["B"][:, t], inp["C"][:, t], D=inp.get("D"),
+            z=inp["z"][:, t] if "z" in inp else None, dt_bias=inp.get("dt_bias"), **opts, backend="triton"))
+    y_step = torch.stack(ys, dim=1)
+    assert_close(y_step, y_ref, name="y (steps vs reference)")
+    assert_close(state, h_ref, name="state (steps vs reference)")
+    assert_close(y_step, y_par, name="y (steps vs parallel triton)")
+    assert_close(state, h_par, name="state (steps vs parallel triton)")
+
+
+# ---------------------------------------------------------------- GPU (benchmark shape: -m gpu)
+
+BENCH_SHAPE = dict(batch=2, nheads=64, headdim=64, ngroups=1, dstate=128)
+
+
+def _bench_inputs(seqlen, **features):
+    s = BENCH_SHAPE
+    return _make_inputs(s["batch"], seqlen, s["nheads"], s["headdim"], s["ngroups"], s["dstate"], device="cuda",
+                        **features)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqlen", [pytest.param(2048, id="L2048"), pytest.param(1000, id="L1000-ragged")])
+def test_gpu_float32_matches_torch_path(seqlen):
+    inp = _bench_inputs(seqlen, D="head", initial_state=True)
+    opts = dict(chunk_size=256, dt_softplus=True)
+    upstream = _upstream(inp)
+    outs, grads = _run_ssd(inp, opts, "triton", upstream)
+    ref_outs, ref_grads = _run_ssd(inp, opts, "torch", upstream)
+    assert_close(outs[0], ref_outs[0], name="y")
+    assert_close(outs[1], ref_outs[1], name="final_state")
+    for k in grads:
+        assert_close(grads[k], ref_grads[k], name=f"d{k}")
+
+
+@pytest.mark.gpu
+def test_gpu_float32_full_features_match_float64_reference():
+    """A short slice at the benchmark head shape with every feature on, against the sequential float64 reference."""
+    inp = _bench_inputs(300, D="channel", z=True, dt_bias=True, initial_state=True)
+    s = torch.zeros(2, 300, dtype=torch.int32, device="cuda")
+    s[0, 100:], s[0, 101:], s[0, 256:] = 1, 2, 3
+    s[1, 7:] = 1
+    inp["seq_idx"] = s
+    opts = dict(chunk_size=128, dt_softplus=True, dt_limit=(0.05, 1.2))
+    upstream = _upstream(inp)
+    outs, grads = _run_ssd(inp, opts, "triton", upstream)
+    ref_outs, ref_grads = _run_ssd(_as_float64(inp), opts, "reference", [u.double() for u in upstream])
+    assert_close(outs[0], ref_outs[0], name="y")
+    assert_close(outs[1], ref_outs[1], name="final_state")
+    for k in grads:
+        assert_close(grads[k], ref_grads[k], name=f"d{k}")
+
+
+@pytest.mark.gpu
+def test_gpu_bfloat16_within_twice_torch_bf16_error():
+    """Benchmark shape in bf16; reference: the float32 torch path on the same (bf16-valued) inputs."""
+    inp = _bench_inputs(2048, D="head", z=True, dt_bias=True, initial_state=True)
+    for k in ("x", "dt", "B", "C", "z"):
+        inp[k] = inp[k].to(torch.bfloat16)
+    _check_lowp_against_budget(inp, dict(chunk_size=256, dt_softplus=True), "torch")
+
+
+@pytest.mark.gpu
+def test_gpu_decode_steps_equal_parallel():
+    inp = _bench_inputs(32, D="head", z=True, dt_bias=True, initial_state=True)
+    opts = dict(dt_softplus=True)
+    y_par, h_par = ssd(**inp, **opts, chunk_size=256, return_final_state=True, backend="triton")
+    state = inp["initial_state"].clone()
+    ys = [ssd_state_update(state, inp["x"][:, t], inp["dt"][:, t], inp["A"], inp["B"][:, t], inp["C"][:, t],
+                           D=inp["D"], z=inp["z"][:, t], dt_bias=inp["dt_bias"], **opts, backend="triton")
+          for t in range(32)]
+    assert_close(torch.stack(ys, dim=1), y_par, name="y")
+    assert_close(state, h_par, name="state")
