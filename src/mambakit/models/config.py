@@ -20,7 +20,8 @@ class MambaConfig:
     Fields (as in mamba_ssm): d_model; d_intermediate (gated-MLP hidden size after each mixer, 0 = none);
     n_layer; vocab_size; ssm_cfg (mixer kwargs, with "layer": "Mamba1" (default) or "Mamba2");
     attn_layer_idx / attn_cfg (hybrid attention layers); rms_norm (else LayerNorm); residual_in_fp32;
-    fused_add_norm (accepted, numerics identical); pad_vocab_size_multiple; tie_embeddings.
+    fused_add_norm (accepted, numerics identical); pad_vocab_size_multiple; tie_embeddings; norm_epsilon
+    (the residual-stream norms' eps, as mamba_ssm's MixerModel argument).
     Derived: `layer` (the mixer name), `padded_vocab_size`, `mixer_kwargs`.
 
     Example:
@@ -41,6 +42,7 @@ class MambaConfig:
     fused_add_norm: bool = True
     pad_vocab_size_multiple: int = 8
     tie_embeddings: bool = True
+    norm_epsilon: float = 1e-5  # mamba_ssm's MixerModel argument; absent from its config.json, hence the default
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):

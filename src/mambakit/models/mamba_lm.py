@@ -55,7 +55,8 @@ class Backbone(nn.Module):
         factory = {"device": device, "dtype": dtype}
         mixer_cls = _MIXERS[config.layer]
         d = config.d_model
-        norm_cls = partial(RMSNorm, eps=1e-5) if config.rms_norm else partial(nn.LayerNorm, eps=1e-5)
+        eps = config.norm_epsilon
+        norm_cls = partial(RMSNorm, eps=eps) if config.rms_norm else partial(nn.LayerNorm, eps=eps)
         self.embedding = nn.Embedding(config.padded_vocab_size, d, **factory)
         layers = []
         for i in range(config.n_layer):
@@ -134,11 +135,12 @@ class MambaLM(nn.Module):
 
         return generate(self, prompts, max_new_tokens, **kwargs)
 
-    def save_pretrained(self, save_directory, format: str = "mambakit") -> None:
-        """Write config + weights (see mambakit.checkpoints.save_pretrained)."""
+    def save_pretrained(self, save_directory, format: str = "mambakit", tokenizer=None,
+                        max_shard_size: int | None = None) -> None:
+        """Write config + weights (+ tokenizer) in format "mambakit", "mamba_ssm" or "hf" (see mambakit.checkpoints)."""
         from ..checkpoints import save_pretrained
 
-        save_pretrained(self, save_directory, format=format)
+        save_pretrained(self, save_directory, format=format, tokenizer=tokenizer, max_shard_size=max_shard_size)
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> "MambaLM":

@@ -90,12 +90,13 @@ class Mamba1(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
     def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None) -> MixerState:
-        """Zero state for decoding: conv (batch, d_inner, d_conv - 1), ssm (batch, d_inner, d_state) float32."""
+        """Zero state for decoding: conv (batch, d_inner, d_conv - 1) in `dtype`, ssm (batch, d_inner, d_state) float32."""
         device = device or self.out_proj.weight.device
         dtype = dtype or self.conv1d.weight.dtype
+        ssm_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # states are fp32 (fp64 models: fp64)
         return MixerState(
             conv_state=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
-            ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32),
+            ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=ssm_dtype),
         )
 
     def _ssm_params(self, x: torch.Tensor):

@@ -33,7 +33,7 @@ class Mamba2(nn.Module):
     Args mirror mamba_ssm's `Mamba2`: d_state 128, d_conv 4, expand 2, headdim 64, ngroups 1, A uniform in
     A_init_range = (1, 16) stored as log, dt log-uniform in [dt_min, dt_max] floored and stored through
     softplus^-1 in `dt_bias`, D = 1 (per head, or per channel with D_has_hdim), gated RMSNorm with one
-    group per SSD group, chunk_size 256.
+    group per SSD group (norm_ngroups overrides the grouping, norm_eps its epsilon), chunk_size 256.
 
     Example:
         >>> layer = Mamba2(d_model=256, headdim=32, d_state=64)
@@ -47,7 +47,7 @@ class Mamba2(nn.Module):
                  dt_init_floor: float = 1e-4, dt_limit: tuple[float, float] = (0.0, float("inf")), bias: bool = False,
                  conv_bias: bool = True, chunk_size: int = 256, use_mem_eff_path: bool = True,
                  layer_idx: int | None = None, process_group=None, sequence_parallel: bool = True,
-                 device=None, dtype=None):
+                 norm_ngroups: int | None = None, norm_eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
         if process_group is not None:
             raise ValueError("Mamba2: tensor parallelism (process_group) is not supported; pass process_group=None")
@@ -93,23 +93,34 @@ class Mamba2(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_ssm if D_has_hdim else self.nheads, device=device))
         self.D._no_weight_decay = True
         if rmsnorm:
-            self.norm = RMSNormGated(self.d_ssm, eps=1e-5, norm_before_gate=norm_before_gate,
-                                     group_size=self.d_ssm // ngroups, **factory)
+            # mamba_ssm normalises each SSD group separately; transformers over the whole width (norm_ngroups=1)
+            norm_groups = ngroups if norm_ngroups is None else norm_ngroups
+            if not isinstance(norm_groups, int) or norm_groups < 1 or self.d_ssm % norm_groups:
+                raise ValueError(f"Mamba2: norm_ngroups={norm_ngroups} must be a positive int dividing "
+                                 f"d_ssm={self.d_ssm}")
+            self.norm = RMSNormGated(self.d_ssm, eps=norm_eps, norm_before_gate=norm_before_gate,
+                                     group_size=self.d_ssm // norm_groups, **factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
     def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None) -> MixerState:
         """Zero state: conv (batch, conv_dim, d_conv - 1), ssm (batch, nheads, headdim, d_state) float32."""
         device = device or self.out_proj.weight.device
         dtype = dtype or self.conv1d.weight.dtype
+        ssm_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # states are fp32 (fp64 models: fp64)
         return MixerState(
             conv_state=torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
             ssm_state=torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
-                                  dtype=torch.float32),
+                                  dtype=ssm_dtype),
         )
 
     def _split_in_proj(self, zxbcdt: torch.Tensor):
         sizes = [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads]
         return torch.split(zxbcdt, sizes, dim=-1)
+
+    def _chunk_size(self, x: torch.Tensor) -> int:
+        """The SSD block length: the config's on GPU; at most 64 on CPU, where the chunked torch path is
+        1.3-1.8x faster at 64 than at 256 (benchmarks/cpu_ssd.py). The result does not depend on it."""
+        return self.chunk_size if x.is_cuda else min(self.chunk_size, 64)
 
     def _D(self) -> torch.Tensor:
         D = self.D.float()
@@ -142,7 +153,7 @@ class Mamba2(nn.Module):
         y = ssd(x.reshape(batch, seqlen, self.nheads, self.headdim), dt, A,
                 B.reshape(batch, seqlen, self.ngroups, self.d_state), C.reshape(batch, seqlen, self.ngroups, self.d_state),
                 D=self._D(), z=None if self.rmsnorm else z.reshape(batch, seqlen, self.nheads, self.headdim),
-                dt_bias=self.dt_bias.float(), dt_softplus=True, dt_limit=self.dt_limit, chunk_size=self.chunk_size,
+                dt_bias=self.dt_bias.float(), dt_softplus=True, dt_limit=self.dt_limit, chunk_size=self._chunk_size(x),
                 initial_state=cache.ssm_state if keep else None, return_final_state=keep, seq_idx=seq_idx)
         if keep:
             y, ssm_final = y
