@@ -1,80 +1,259 @@
-"""Checkpoint directories in mambakit's own format: config.json + model.safetensors.
+"""Files of a checkpoint directory: config JSON, and weights in safetensors or PyTorch pickles, single or sharded.
 
-The state-dict keys are mamba_ssm's (backbone.embedding.weight, backbone.layers.i.mixer.*, ...),
-so the same loader also reads a reference `pytorch_model.bin`. A tied LM head is stored once.
+    model.safetensors                                   one safetensors file (mambakit, Hugging Face)
+    model.safetensors.index.json + model-0000k-of-0000n.safetensors      sharded (Hugging Face)
+    pytorch_model.bin                                   torch.save'd state dict (mamba_ssm, older HF)
+    pytorch_model.bin.index.json + pytorch_model-0000k-of-0000n.bin      sharded PyTorch
+
+`WeightFiles` reads names, shapes and dtypes first (safetensors headers, without touching the data), so
+a checkpoint that does not fit its config is refused before anything large is read; tensors are then
+loaded one at a time. Every problem is a `CheckpointError` that names the file.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from ..models import MambaConfig, MambaLM
+from .errors import CheckpointError
+
+__all__ = ["CONFIG_NAME", "GENERATION_CONFIG", "SAFETENSORS_NAME", "TORCH_NAME", "checkpoint_dir", "read_json",
+           "write_json", "WeightFiles", "write_safetensors", "write_torch", "remove_weight_files", "floating_dtype"]
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-TORCH_WEIGHTS_NAME = "pytorch_model.bin"
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_NAME = "pytorch_model.bin"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+GENERATION_CONFIG = "generation_config.json"
+# Weight files as mambakit, mamba_ssm and transformers name them (shards included), and transformers'
+# generation config: removed before a save so that nothing of an earlier checkpoint is read back later.
+_CHECKPOINT_FILE = re.compile(r"(model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin)"
+                              r"(\.index\.json)?\Z|generation_config\.json\Z")
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
 
 
 def checkpoint_dir(path) -> Path:
-    """The local directory `path`; anything else (e.g. a hub id) is a clear error: nothing is downloaded."""
+    """`path` as a local directory; anything else (a hub id, a file, a typo) is an error: nothing is downloaded."""
     p = Path(path)
     if not p.is_dir():
-        raise ValueError(f"{str(path)!r} is not a local directory; mambakit never downloads from a hub: "
-                         "download the checkpoint yourself and pass its directory")
+        what = "is a file, not a directory" if p.is_file() else "is not a local directory"
+        raise CheckpointError(f"{str(path)!r} {what}; mambakit reads checkpoints from local directories only and "
+                              "never downloads (fetch it first, e.g. `huggingface-cli download "
+                              "state-spaces/mamba-130m-hf --local-dir mamba-130m-hf`, and pass that directory)")
     return p
 
 
-def save_pretrained(model: MambaLM, save_directory, format: str = "mambakit") -> Path:
-    """Write config.json and model.safetensors into save_directory (created if missing)."""
-    if format != "mambakit":
-        raise ValueError(f"save_pretrained: format must be 'mambakit', got {format!r}")
-    out = Path(save_directory)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)  # the same tensor as the embedding: safetensors stores it once
-    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "library": "mambakit"})
-    return out
+def _decode_floats(obj: dict):
+    # transformers >= 5 writes non-finite floats as {"__float__": "Infinity"}; older versions write bare Infinity.
+    if set(obj) == {"__float__"}:
+        return float(obj["__float__"])
+    return obj
 
 
-def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """Weights from model.safetensors or pytorch_model.bin, on CPU."""
-    if (directory / WEIGHTS_NAME).exists():
-        return load_file(str(directory / WEIGHTS_NAME))
-    if (directory / TORCH_WEIGHTS_NAME).exists():
-        return torch.load(directory / TORCH_WEIGHTS_NAME, map_location="cpu", weights_only=True)
-    raise ValueError(f"{directory}: no {WEIGHTS_NAME} or {TORCH_WEIGHTS_NAME} found")
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, with a clear error for a missing, unreadable or malformed file."""
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent}: no {path.name} found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"), object_hook=_decode_floats)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not a readable JSON file ({err})") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
-def load_state_dict_strict(model: MambaLM, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `state` into `model`, naming every missing or unexpected key and every shape mismatch."""
-    expected = model.state_dict()
-    optional = {"lm_head.weight"} if model.config.tie_embeddings else set()
-    missing = sorted(set(expected) - set(state) - optional)
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{source}: state dict does not match the config: missing keys {missing}, "
-                         f"unexpected keys {unexpected}")
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, the config needs "
-                             f"{tuple(expected[key].shape)}")
-    model.load_state_dict(state, strict=False)
+def write_json(path: Path, data: dict) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
 
 
-def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> MambaLM:
-    """Load a local checkpoint directory (config.json + model.safetensors or pytorch_model.bin)."""
-    directory = checkpoint_dir(path)
-    if not (directory / CONFIG_NAME).exists():
-        raise ValueError(f"{directory}: no {CONFIG_NAME} found")
-    config = MambaConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
-    model = MambaLM(config)
-    load_state_dict_strict(model, read_state_dict(directory), str(directory))
-    if dtype is not None or device is not None:
-        model = model.to(device=device, dtype=dtype)
-    return model.eval()
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary name and rename, so an interrupted save never leaves a truncated file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ---------------------------------------------------------------- reading weights
+
+
+class _SafetensorsFile:
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = path
+        try:
+            self._f = safe_open(str(path), framework="pt")
+            self.infos = {k: (tuple(self._f.get_slice(k).get_shape()), _ST_DTYPES.get(self._f.get_slice(k).get_dtype()))
+                          for k in self._f.keys()}
+        except Exception as err:  # safetensors raises its own SafetensorError (or OSError) for a bad file
+            raise CheckpointError(f"{path}: cannot read this safetensors file ({err}); it is truncated or corrupt: "
+                                  "download or save it again") from err
+
+    def load(self, name: str) -> torch.Tensor:
+        try:
+            return self._f.get_tensor(name)
+        except Exception as err:
+            raise CheckpointError(f"{self.path}: cannot read tensor {name!r} ({err}); the file is corrupt") from err
+
+
+class _TorchFile:
+    def __init__(self, path: Path):
+        self.path = path
+        state = None
+        try:
+            try:  # mmap: a multi-GB pickle is paged in tensor by tensor instead of read whole
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):  # legacy (non-zip) pickles cannot be memory-mapped; anything else is real
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # zip, pickle and EOF errors all mean the same thing to the user
+            raise CheckpointError(f"{path}: cannot read this PyTorch weights file ({type(err).__name__}: "
+                                  f"{' '.join(str(err).split())[:300]}); it is truncated or corrupt, or not a "
+                                  "state dict") from err
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path}: expected a state dict (names -> tensors), got {type(state).__name__}")
+        self._state = state
+        self.infos = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+
+    def load(self, name: str) -> torch.Tensor:
+        return self._state[name]
+
+
+class WeightFiles:
+    """The tensors of a checkpoint directory, over one file or the shards an index lists.
+
+    Attributes:
+        infos: name -> (shape, dtype) for every tensor, read without loading the data.
+        description: the file(s) read, for messages.
+
+    Example:
+        >>> w = WeightFiles(Path("mamba-130m-hf"))
+        >>> w.infos["backbone.norm_f.weight"]
+        ((768,), torch.float32)
+        >>> t = w.load("backbone.norm_f.weight")
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self._files: dict[str, _SafetensorsFile | _TorchFile] = {}
+        for index_name, single_name, opener in ((SAFETENSORS_INDEX, SAFETENSORS_NAME, _SafetensorsFile),
+                                                (TORCH_INDEX, TORCH_NAME, _TorchFile)):
+            if (directory / single_name).is_file():
+                self._open_single(single_name, opener)
+                return
+            if (directory / index_name).is_file():
+                self._open_index(index_name, opener)
+                return
+        raise CheckpointError(f"{directory}: no weights found: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX} "
+                              f"(with its shards), {TORCH_NAME} or {TORCH_INDEX}")
+
+    def _open_single(self, name: str, opener) -> None:
+        f = opener(self.directory / name)
+        self.description = str(self.directory / name)
+        self._where = {k: name for k in f.infos}
+        self._files[name] = f
+        self.infos = dict(f.infos)
+
+    def _open_index(self, index_name: str, opener) -> None:
+        index_path = self.directory / index_name
+        weight_map = read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path}: expected a non-empty \"weight_map\" of tensor name -> shard file")
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (self.directory / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index_path}: shard files listed but not found: {missing}")
+        self.description = f"{index_path} ({len(shards)} shards)"
+        self._where, self.infos = {}, {}
+        for shard in shards:
+            f = self._files[shard] = opener(self.directory / shard)
+            listed = sorted(k for k, s in weight_map.items() if s == shard)
+            absent = [k for k in listed if k not in f.infos]
+            if absent:
+                raise CheckpointError(f"{index_path}: lists {absent} in {shard}, which does not hold them")
+            for k in listed:
+                self._where[k] = shard
+                self.infos[k] = f.infos[k]
+
+    def load(self, name: str) -> torch.Tensor:
+        """One tensor, on CPU, as stored."""
+        return self._files[self._where[name]].load(name)
+
+
+# ---------------------------------------------------------------- writing weights
+
+
+def remove_weight_files(directory: Path) -> None:
+    """Delete the weight files (single, sharded, index) and generation_config.json of an earlier save."""
+    for p in directory.iterdir():
+        if p.is_file() and _CHECKPOINT_FILE.match(p.name):
+            p.unlink()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor],
+                      max_shard_size: int | None = None) -> list[str]:
+    """Write `tensors` as model.safetensors, or as shards + index when they exceed `max_shard_size` bytes.
+
+    Tensors must not share memory (safetensors stores each once): drop tied copies first.
+    Returns the file names written.
+    """
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    metadata = {"format": "pt"}  # transformers refuses safetensors files without this
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if max_shard_size is not None and shards[-1] and size + _nbytes(t) > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += _nbytes(t)
+    if len(shards) == 1:
+        _atomic_write(directory / SAFETENSORS_NAME, lambda tmp: save_file(shards[0], str(tmp), metadata=metadata))
+        return [SAFETENSORS_NAME]
+    names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    for name, shard in zip(names, shards):
+        _atomic_write(directory / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata=metadata))
+    index = {"metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
+             "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+    write_json(directory / SAFETENSORS_INDEX, index)
+    return names + [SAFETENSORS_INDEX]
+
+
+def write_torch(directory: Path, state: dict[str, torch.Tensor]) -> list[str]:
+    """Write `state` with torch.save as pytorch_model.bin (tensors that share memory are stored once)."""
+    _atomic_write(directory / TORCH_NAME, lambda tmp: torch.save(state, tmp))
+    return [TORCH_NAME]
+
+
+def floating_dtype(infos: Iterable[tuple[tuple[int, ...], torch.dtype | None]]) -> torch.dtype | None:
+    """The floating dtype holding the most elements (the model's dtype; a few fp32 A_log/D do not decide it)."""
+    count: dict[torch.dtype, int] = {}
+    for shape, dtype in infos:
+        if dtype is not None and dtype.is_floating_point:
+            n = 1
+            for s in shape:
+                n *= s
+            count[dtype] = count.get(dtype, 0) + n
+    return max(count, key=count.get) if count else None

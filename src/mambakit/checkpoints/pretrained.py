@@ -1,0 +1,177 @@
+"""Load, save and convert checkpoint directories in the three formats.
+
+    "mambakit"   config.json (MambaConfig) + model.safetensors                        (the default)
+    "mamba_ssm"  config.json (mamba_ssm's fields) + pytorch_model.bin                 (state-spaces/mamba-*)
+    "hf"         transformers config.json + model.safetensors (or shards + index)     (state-spaces/*-hf)
+
+Reading tells the formats apart by config.json (a transformers config names its model_type) and accepts
+any of the weight layouts listed in io.py. Checkpoint names go through the format's declarative key map
+(reference.KEY_MAP, huggingface.KEY_MAP), and the weights are checked against the config before any
+tensor is read: every missing and unexpected key is listed by its name in the file, every shape
+mismatch names the key and both shapes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..models import MambaLM
+from . import huggingface, reference
+from .errors import CheckpointError
+from .io import CONFIG_NAME, WeightFiles, checkpoint_dir, floating_dtype, read_json
+from .keymap import KeyMap
+from .tokenizer_files import copy_tokenizer, has_tokenizer, load_checkpoint_tokenizer, save_tokenizer
+
+__all__ = ["FORMATS", "load_pretrained", "save_pretrained", "convert_checkpoint", "load_weights"]
+
+FORMATS = ("mambakit", "mamba_ssm", "hf")
+
+
+def load_weights(model: MambaLM, weights: WeightFiles, key_map: KeyMap) -> None:
+    """Copy the checkpoint's tensors into `model` (cast to each parameter's dtype and device).
+
+    Raises CheckpointError, before copying anything, naming every missing and unexpected key (in the
+    checkpoint's own names) and every shape mismatch; a tied head stored in the file must equal the embedding.
+    """
+    source = weights.description
+    expected = model.state_dict()
+    optional = {"lm_head.weight"} if model.config.tie_embeddings else set()
+    ours_of: dict[str, str] = {}
+    unexpected = []
+    for name in weights.infos:
+        ours = key_map.to_ours(name)
+        if ours is None or ours not in expected:
+            unexpected.append(name)
+        elif ours in ours_of.values():
+            other = next(k for k, v in ours_of.items() if v == ours)
+            raise CheckpointError(f"{source}: {other!r} and {name!r} are both the weight {ours!r}; keep one")
+        else:
+            ours_of[name] = ours
+    covered = set(ours_of.values())
+    missing = [key_map.to_theirs(k) or k for k in expected if k not in covered and k not in optional]
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: the weights do not match config.json: missing keys {missing}, "
+                              f"unexpected keys {sorted(unexpected)}")
+    bad = []
+    for name, ours in ours_of.items():
+        shape, dtype = weights.infos[name]
+        need = tuple(expected[ours].shape)
+        if shape != need:
+            bad.append(f"{name} has shape {shape}, config.json needs {need}")
+        elif dtype is None or not (dtype.is_floating_point or dtype.is_complex):
+            bad.append(f"{name} has dtype {dtype}, expected a floating-point tensor")
+    if bad:
+        raise CheckpointError(f"{source}: " + "; ".join(bad))
+    head = next((n for n, o in ours_of.items() if o == "lm_head.weight"), None) if optional else None
+    with torch.no_grad():
+        for name, ours in ours_of.items():
+            if name != head:
+                expected[ours].copy_(weights.load(name))
+        if head is not None:
+            embedding = expected["backbone.embedding.weight"]
+            if not torch.equal(weights.load(head).to(device=embedding.device, dtype=embedding.dtype), embedding):
+                raise CheckpointError(f"{source}: config.json ties the LM head to the embedding, but {head} holds "
+                                      "different values: set tie_embeddings (tie_word_embeddings) to false")
+
+
+def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> MambaLM:
+    """Load a local checkpoint directory in any of FORMATS, in eval mode.
+
+    Args:
+        path: a local directory (a hub id is an error: nothing is downloaded).
+        dtype: parameter dtype; None keeps the checkpoint's (its most common floating dtype). mambakit's
+            modules keep some parameters in float32 whatever the dtype (Mamba-1's A_log and D), as mamba_ssm.
+        device: where to build the model (default CPU).
+
+    Example:
+        >>> model = load_pretrained("mamba-130m-hf", dtype=torch.bfloat16, device="cuda")
+        >>> model = MambaLM.from_pretrained("state-spaces-mamba2-130m")      # the same, as a classmethod
+    """
+    directory = checkpoint_dir(path)
+    raw = read_json(directory / CONFIG_NAME)
+    if huggingface.is_hf_config(raw):
+        config = huggingface.config_from_hf(raw, str(directory),
+                                            generation=huggingface.read_generation_config(directory))
+        key_map = huggingface.KEY_MAP
+    elif "d_model" in raw:
+        config = reference.config_from_dict(raw, str(directory))
+        key_map = reference.KEY_MAP
+    else:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: neither a mamba_ssm/mambakit config (d_model, n_layer, "
+                              "ssm_cfg, ...) nor a Hugging Face one (model_type 'mamba' or 'mamba2')")
+    weights = WeightFiles(directory)
+    dtype = dtype or floating_dtype(weights.infos.values()) or torch.float32
+    try:
+        model = MambaLM(config, device=device, dtype=dtype)
+    except ValueError as err:  # e.g. hybrid attention layers, which mambakit does not build yet
+        raise CheckpointError(f"{directory}: {err}") from err
+    load_weights(model, weights, key_map)
+    return model.eval()
+
+
+def _parse_format(format: str) -> str:
+    if format not in FORMATS:
+        raise CheckpointError(f"format must be one of {FORMATS}, got {format!r}")
+    return format
+
+
+def save_pretrained(model: MambaLM, save_directory, format: str = "mambakit", tokenizer=None,
+                    max_shard_size: int | None = None) -> Path:
+    """Write `model` (and its tokenizer) as a checkpoint directory that `load_pretrained` reads back exactly.
+
+    Args:
+        format: "mambakit", "mamba_ssm" or "hf" (see the module docstring). A config the format cannot
+            express (e.g. a gated MLP for "hf") is refused, naming what is missing, before anything is written.
+        tokenizer: a mambakit.data tokenizer saved beside the weights; its end-of-document id becomes the
+            "hf" config's eos/bos/pad token id.
+        max_shard_size: bytes per safetensors shard ("mambakit", "hf"); None writes one file.
+    Returns:
+        the directory. Weight files of an earlier save in it are replaced; other files are left alone.
+
+    Example:
+        >>> save_pretrained(model, "out/mamba-hf", format="hf", tokenizer=tok)
+        >>> AutoModelForCausalLM.from_pretrained("out/mamba-hf")     # transformers reads it as it is
+    """
+    format = _parse_format(format)
+    out = _save_model(model, save_directory, format, None if tokenizer is None else tokenizer.eos_id, max_shard_size)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, out, format)
+    return out
+
+
+def _save_model(model: MambaLM, save_directory, format: str, eos_id: int | None, max_shard_size: int | None) -> Path:
+    out = Path(save_directory)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory")
+    if max_shard_size is not None and (not isinstance(max_shard_size, int) or max_shard_size < 1):
+        raise CheckpointError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    if format == "hf":
+        huggingface.save_hf(model, out, eos_id=eos_id, max_shard_size=max_shard_size)
+    else:
+        reference.save_reference(model, out, format, max_shard_size=max_shard_size)
+    return out
+
+
+def convert_checkpoint(src, dst, to: str, dtype: torch.dtype | None = None,
+                       max_shard_size: int | None = None) -> Path:
+    """Read checkpoint `src` (any format) and write it to `dst` in format `to`, tokenizer files included.
+
+    The weights are copied exactly (or cast to `dtype`); transformers' tokenizer files travel as they are.
+
+    Example:
+        >>> convert_checkpoint("mamba-130m-hf", "mamba-130m-kit", to="mambakit")
+    """
+    to = _parse_format(to)
+    src_dir = checkpoint_dir(src)
+    dst = Path(dst)
+    if dst.exists() and dst.resolve() == src_dir.resolve():
+        raise CheckpointError(f"the destination {dst} is the source directory: write the conversion elsewhere")
+    tokenizer = load_checkpoint_tokenizer(src_dir) if has_tokenizer(src_dir) else None
+    model = load_pretrained(src_dir, dtype=dtype)
+    _save_model(model, dst, to, None if tokenizer is None else tokenizer.eos_id, max_shard_size)
+    if tokenizer is not None:
+        copy_tokenizer(src_dir, dst, to)
+    return dst
