@@ -1,0 +1,140 @@
+"""`mambakit train`: train a Mamba language model from a recipe, with flags overriding single settings."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from .errors import Parser, UsageError
+
+SUMMARY = "train a Mamba language model (default: byte-level, on the built-in Shakespeare corpus)"
+
+EXAMPLES = """\
+examples:
+  mambakit train
+      the default recipe: a byte-level Mamba-2 LM on 36 Shakespeare plays, about 10 minutes on a
+      2-core CPU, checkpoint in ./runs/shakespeare
+  mambakit train --max-steps 200 --out runs/quick
+  mambakit train --data my_texts/ --layer mamba1 --d-model 256 --n-layer 4 --time-budget 30m
+  mambakit train --data corpus.jsonl --tokenizer 20B_tokenizer.json --seqlen 512 --batch-size 8
+  mambakit train --resume --out runs/quick
+      continue a run that stopped (time budget, Ctrl-C after a checkpoint) exactly where it left off
+  torchrun --nproc-per-node 2 -m mambakit.cli train --recipe shakespeare --device cuda
+      data-parallel on 2 GPUs; --batch-size is per process
+
+data: .txt/.md, .jsonl ("text" field), .parquet ("text" column, needs pyarrow), FASTA (.fa/.fasta/.fna),
+each optionally .gz, or a directory of them. Without --data, the built-in Shakespeare corpus."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _duration(text: str) -> float:
+    """Seconds from "600", "90s", "10m" or "1.5h"."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", text)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 600, 90s, 10m or 1.5h, got {text!r}")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+def build_parser(prog: str = "mambakit train") -> Parser:
+    from ..training.recipes import RECIPES
+
+    p = Parser(prog=prog, description=SUMMARY, epilog=EXAMPLES)
+    p.add_argument("--recipe", help=f"named settings to start from: {', '.join(RECIPES)} (default: shakespeare)")
+    p.add_argument("--data", metavar="PATH", help="training data: a file or a directory (default: built-in Shakespeare)")
+    p.add_argument("--tokenizer", metavar="PATH", help="a tokenizer.json (default: raw bytes, vocab 256)")
+    p.add_argument("--out", metavar="DIR", help="checkpoint directory (default: ./runs/<recipe>)")
+    p.add_argument("--max-steps", type=_positive_int, metavar="N", help="optimizer steps; the LR schedule spans them")
+    p.add_argument("--time-budget", type=_duration, metavar="T",
+                   help="stop gracefully (evaluate, save) after T: seconds, or 90s / 10m / 1.5h")
+    p.add_argument("--d-model", type=_positive_int, metavar="N", help="model width")
+    p.add_argument("--n-layer", type=_positive_int, metavar="N", help="number of Mamba blocks")
+    p.add_argument("--layer", choices=("mamba1", "mamba2"), help="mixer: mamba1 (S6 scan) or mamba2 (SSD)")
+    p.add_argument("--seqlen", type=_positive_int, metavar="N", help="tokens per training window")
+    p.add_argument("--batch-size", type=_positive_int, metavar="N", help="windows per step (per process)")
+    p.add_argument("--lr", type=_positive_float, metavar="LR", help="peak learning rate")
+    p.add_argument("--seed", type=int, metavar="S", help="seed for initialisation and data order")
+    p.add_argument("--device", metavar="DEV", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out (default ./runs/<recipe>)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def main(recipe: str | None = None, data: str | None = None, tokenizer: str | None = None, out: str | None = None,
+         max_steps: int | None = None, time_budget: float | None = None, d_model: int | None = None,
+         n_layer: int | None = None, layer: str | None = None, seqlen: int | None = None, batch_size: int | None = None,
+         lr: float | None = None, seed: int | None = None, device: str | None = None, resume: bool = False,
+         progress: bool = True) -> int:
+    """Train (or resume) a run; returns the exit status.
+
+    Examples:
+        mambakit train
+        mambakit train --max-steps 200 --out runs/quick
+        mambakit train --data my_texts/ --layer mamba1 --d-model 256 --n-layer 4 --time-budget 30m
+        mambakit train --resume --out runs/quick
+    """
+    from ..data import DataError
+    from ..training import TrainConfig, default_out_dir, get_recipe, load_train_state, resolve_device, train
+
+    # Flags that change what is trained; with --resume the run's own settings (in train_state.pt) apply.
+    run_flags = {"recipe": recipe, "data": data, "tokenizer": tokenizer, "max_steps": max_steps, "d_model": d_model,
+                 "n_layer": n_layer, "layer": layer, "seqlen": seqlen, "batch_size": batch_size, "lr": lr, "seed": seed}
+    given = {k: v for k, v in run_flags.items() if v is not None}
+    if resume:
+        out_dir = Path(out) if out else Path("runs") / (recipe or "shakespeare")
+        given.pop("recipe", None)  # with --resume, --recipe only names the default directory
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise UsageError(f"{flags} cannot be combined with --resume: the run's settings come from {out_dir}/train_state.pt")
+        try:
+            state = load_train_state(out_dir)
+        except FileNotFoundError as err:
+            raise UsageError(str(err)) from None
+        cfg = TrainConfig.from_dict(state["config"]).replace(out_dir=str(out_dir))
+    else:
+        try:
+            cfg = get_recipe(recipe or "shakespeare")
+        except KeyError as err:
+            raise UsageError(err.args[0]) from None
+        try:
+            cfg = cfg.replace(**{k: v for k, v in given.items() if k != "recipe"})
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        cfg.out_dir = str(Path(out) if out else default_out_dir(cfg))
+        if data is not None and not Path(data).exists():
+            raise UsageError(f"data path not found: {data}")
+        if tokenizer is not None and not Path(tokenizer).exists():
+            raise UsageError(f"tokenizer file not found: {tokenizer}")
+    cfg = cfg.replace(progress=progress)
+    if time_budget is not None:
+        cfg = cfg.replace(time_budget_s=time_budget)
+    if device is not None:
+        cfg = cfg.replace(device=device)
+    try:
+        resolve_device(cfg.device)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    try:
+        train(cfg, resume=resume)
+    except DataError as err:
+        raise UsageError(str(err)) from None
+    return 0

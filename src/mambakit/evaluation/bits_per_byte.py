@@ -1,0 +1,74 @@
+"""Held-out loss in nats per token and bits per byte, the tokenizer-independent measure of a language model.
+
+Shapes:
+    batch, seqlen   windows of the held-out stream (see `mambakit.data.eval_windows`)
+    vocab           the tokenizer's vocabulary; the model's logits may be padded past it
+
+bits per byte = (sum over scored targets of -ln p(target)) / (ln 2 * bytes of text those targets stand for)
+
+- Byte tokenizer: one token is one byte, so bits/byte = (nats per token) / ln 2.
+- Other tokenizers: the bytes are `tokenizer.count_bytes(targets)`: the UTF-8 length of the
+  decoded text of the scored targets (a contiguous run of the stream, decoded whole), each
+  end-of-document token counted as one byte, as the byte tokenizer's separator is.
+Logits past the tokenizer's vocabulary (padding to a multiple of 8) are dropped before the
+softmax: they are not tokens, and probability on them would be charged to the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..data.stream import TokenStream, eval_target_count, eval_windows
+
+__all__ = ["evaluate_bits_per_byte", "token_nll_sum"]
+
+
+def token_nll_sum(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Sum of -ln p(target) over all positions, in float32 (logits (batch, seqlen, >= vocab), targets (batch, seqlen))."""
+    logits = logits[..., :vocab_size].float()  # (batch, seqlen, vocab); fp32 softmax even under autocast
+    return F.cross_entropy(logits.reshape(-1, vocab_size), targets.reshape(-1), reduction="sum")
+
+
+@torch.no_grad()
+def evaluate_bits_per_byte(model: torch.nn.Module, stream: TokenStream, seqlen: int, batch_size: int,
+                           max_tokens: int | None = None, *, autocast_dtype: torch.dtype | None = None,
+                           rank: int = 0, world_size: int = 1) -> tuple[float, float]:
+    """Score the first `max_tokens` targets of `stream` (all when None): (loss in nats per token, bits per byte).
+
+    The targets are covered once, in order, by non-overlapping windows of `seqlen` that each start
+    from an empty state (`eval_windows`). Under torch.distributed (world_size > 1) each rank
+    scores its share of the windows and the sums are all-reduced; every rank gets the result.
+
+    Args:
+        model: maps (batch, seqlen) int64 ids to (batch, seqlen, >= vocab) logits.
+        stream: the held-out stream, with the tokenizer that made it (for vocab size and byte counts).
+        autocast_dtype: e.g. torch.bfloat16 to run the forward under CUDA autocast.
+
+    Example:
+        >>> nats, bpb = evaluate_bits_per_byte(model, val_stream, seqlen=256, batch_size=16, max_tokens=65536)
+    """
+    n_targets = eval_target_count(stream, max_tokens)
+    if n_targets == 0:
+        raise ValueError(f"nothing to evaluate: the stream has {len(stream)} tokens")
+    device = next(model.parameters()).device
+    vocab_size = stream.tokenizer.vocab_size
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for window in eval_windows(stream, seqlen, batch_size, max_tokens, rank=rank, world_size=world_size):
+        window = window.to(device, non_blocking=True)  # (b, L + 1)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(window[:, :-1])  # (b, L, padded vocab)
+        # accumulate in float64: half a million tokens of ~1 nat each lose digits in float32
+        total += token_nll_sum(logits, window[:, 1:], vocab_size).double()
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(total)
+    model.train(was_training)
+    nats = float(total)
+    n_bytes = stream.tokenizer.count_bytes(stream.tokens[1:n_targets + 1].tolist())
+    return nats / n_targets, nats / (math.log(2) * n_bytes)

@@ -1,0 +1,25 @@
+"""mambakit.training: TrainConfig, recipes and the training loop (single process or torchrun/DDP)."""
+
+from .checkpoint import TRAIN_STATE, load_train_state, save_checkpoint
+from .config import TrainConfig, lr_at, model_config
+from .loop import TrainResult, build_optimizer, default_out_dir, forward_backward, resolve_device, train
+from .recipes import RECIPES, default_recipe, get_recipe, tiny_recipe
+
+__all__ = [
+    "TrainConfig",
+    "model_config",
+    "lr_at",
+    "RECIPES",
+    "default_recipe",
+    "tiny_recipe",
+    "get_recipe",
+    "train",
+    "TrainResult",
+    "build_optimizer",
+    "forward_backward",
+    "resolve_device",
+    "default_out_dir",
+    "save_checkpoint",
+    "load_train_state",
+    "TRAIN_STATE",
+]

@@ -1,0 +1,131 @@
+"""`TrainConfig`: every setting of a training run in one flat dataclass (recipes return one).
+
+The model part (layer, d_model, n_layer, d_state, expand, headdim, chunk_size) is turned into a
+`MambaConfig` by `model_config`; the vocabulary comes from the tokenizer.
+`batch_size` is per process: under torchrun with N processes a step reads N x batch_size windows.
+The learning-rate schedule is a function of the step and `max_steps` only, so a run that ends
+early (time budget) and is resumed follows the same schedule as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+__all__ = ["TrainConfig", "model_config", "lr_at"]
+
+LAYERS = ("mamba1", "mamba2")
+
+
+@dataclass
+class TrainConfig:
+    """A training run: data, model shape, optimisation, evaluation and output."""
+
+    recipe: str = "custom"
+    # data
+    data: str | None = None  # file or directory; None = built-in Shakespeare corpus
+    tokenizer: str = "bytes"  # "bytes" or a path to a tokenizer.json (or a directory holding one)
+    val_fraction: float = 0.05  # held-out share for user data (Shakespeare holds out fixed plays)
+    # model
+    layer: str = "mamba2"  # "mamba1" or "mamba2"
+    d_model: int = 128
+    n_layer: int = 2
+    d_state: int = 64
+    expand: int = 2
+    headdim: int = 32  # mamba2 only
+    chunk_size: int = 64  # mamba2 only
+    # optimisation
+    seqlen: int = 256
+    batch_size: int = 16  # per process
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    warmup_steps: int = 50
+    max_steps: int = 1000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    time_budget_s: float | None = None  # stop gracefully (eval, save) after this many seconds of this invocation
+    # evaluation
+    eval_every: int = 250  # steps between held-out evaluations; 0 = only at the end
+    eval_tokens: int = 32768  # held-out tokens per periodic evaluation
+    final_eval_tokens: int | None = None  # None = the whole held-out stream
+    eval_batch_size: int = 16
+    # runtime and output
+    seed: int = 0
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    autocast: str = "bf16"  # "bf16" or "none": bf16 autocast on CUDA (ignored on CPU)
+    out_dir: str | None = None  # None = runs/<recipe>
+    save_every: int = 0  # steps between checkpoints during training; 0 = only at the end
+    log_every: int = 10
+    progress: bool = True  # tqdm progress bar (rank 0)
+    sample_prompt: str = ""  # generated from at the end ("" = start of a document)
+    sample_tokens: int = 300
+    sample_temperature: float = 0.8
+    sample_top_k: int = 0
+
+    def __post_init__(self) -> None:
+        if self.layer not in LAYERS:
+            raise ValueError(f"layer must be one of {LAYERS}, got {self.layer!r}")
+        positive = ("d_model", "n_layer", "d_state", "expand", "seqlen", "batch_size", "max_steps", "eval_batch_size",
+                    "log_every", "headdim", "chunk_size")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.layer == "mamba2" and (self.expand * self.d_model) % self.headdim:
+            raise ValueError(f"mamba2 needs expand * d_model ({self.expand * self.d_model}) divisible by headdim ({self.headdim})")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ValueError(f"time_budget_s must be positive, got {self.time_budget_s}")
+        if self.autocast not in ("bf16", "none"):
+            raise ValueError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def model_config(cfg: TrainConfig, vocab_size: int):
+    """The `MambaConfig` of a run (no MLP, RMSNorm, tied embeddings, fp32 residual: the mamba_ssm defaults).
+
+    Example:
+        >>> model_config(TrainConfig(layer="mamba1", d_model=128, n_layer=2, d_state=16), vocab_size=256).ssm_cfg
+        {'layer': 'Mamba1', 'd_state': 16, 'expand': 2}
+    """
+    from ..models import MambaConfig
+
+    if cfg.layer == "mamba1":
+        ssm_cfg = {"layer": "Mamba1", "d_state": cfg.d_state, "expand": cfg.expand}
+    else:
+        ssm_cfg = {"layer": "Mamba2", "d_state": cfg.d_state, "expand": cfg.expand, "headdim": cfg.headdim,
+                   "chunk_size": cfg.chunk_size}
+    return MambaConfig(d_model=cfg.d_model, d_intermediate=0, n_layer=cfg.n_layer, vocab_size=vocab_size,
+                       ssm_cfg=ssm_cfg, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
+                       pad_vocab_size_multiple=8, tie_embeddings=True)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine down to lr * min_lr_ratio.
+
+    A pure function of the step (no scheduler object): resuming needs only the step count.
+
+    Example:
+        >>> cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+        >>> lr_at(0, cfg), lr_at(10, cfg), lr_at(110, cfg)
+        (0.0001, 0.001, 0.0001)
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = max(cfg.max_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / decay_steps, 1.0)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)

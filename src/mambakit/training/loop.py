@@ -1,0 +1,323 @@
+"""The training loop: AdamW, warmup + cosine, grad clipping, periodic held-out bits per byte, checkpoints, torchrun.
+
+Shapes:
+    batch     windows per step on this process (TrainConfig.batch_size)
+    seqlen    tokens per window fed to the model (a window holds seqlen + 1 tokens)
+    vocab     the tokenizer's vocabulary (the model's logits are padded to a multiple of 8)
+
+One step: inputs (batch, seqlen) -> logits (batch, seqlen, padded vocab) -> mean cross-entropy over
+the real vocabulary -> backward (DDP averages gradients over processes) -> clip -> AdamW step at
+lr_at(step). Everything that decides a step's numbers (weights, optimizer moments, the sampler's
+generator, the step count) is in the checkpoint, so a resumed run repeats an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data import ByteTokenizer, HFTokenizer, RandomWindows, TokenStream, eval_target_count, load_corpus
+from ..evaluation import evaluate_bits_per_byte, token_nll_sum
+from .checkpoint import load_train_state, save_checkpoint
+from .config import TrainConfig, lr_at, model_config
+from .distributed import DistInfo, all_reduce_mean, destroy_distributed, dist_info_from_env, init_distributed
+
+__all__ = ["TrainResult", "train", "build_optimizer", "resolve_device", "forward_backward", "default_out_dir"]
+
+
+@dataclass
+class TrainResult:
+    """What a call to `train` did (rank 0's view; losses are averaged over processes)."""
+
+    step: int  # optimizer steps done in total (including before a resume)
+    losses: list[float]  # training loss of every step since step 0
+    evals: list[dict] = field(default_factory=list)  # {"step", "loss", "bpb", "tokens"} per held-out evaluation
+    val_loss: float | None = None  # final held-out nats per token
+    val_bpb: float | None = None  # final held-out bits per byte
+    elapsed_s: float = 0.0  # wall time of this call
+    stopped_by_budget: bool = False
+    out_dir: str = ""
+    sample: str | None = None
+
+
+def default_out_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.out_dir) if cfg.out_dir else Path("runs") / cfg.recipe
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; anything else as torch.device (ValueError if unusable).
+
+    Example:
+        >>> resolve_device("auto")          # device(type='cpu') on a machine without CUDA
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {name!r} ({err})") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def _no_decay_ids(model: torch.nn.Module) -> set[int]:
+    """Parameters kept out of weight decay: those marked `_no_weight_decay` (A_log, D, dt_bias),
+    vectors (norm weights, biases) and embeddings (tied to the output head)."""
+    ids = {id(p) for p in model.parameters() if getattr(p, "_no_weight_decay", False) or p.dim() < 2}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            ids.add(id(module.weight))
+    return ids
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with two groups: weight decay on matrices, none on `_no_decay_ids` (fused on CUDA).
+
+    The learning rate is set by the loop at every step from `lr_at(step, cfg)`.
+
+    Example:
+        >>> opt = build_optimizer(model, TrainConfig(weight_decay=0.1))
+        >>> [g["weight_decay"] for g in opt.param_groups]
+        [0.1, 0.0]
+    """
+    no_decay = _no_decay_ids(model)
+    params = list(dict.fromkeys(model.parameters()))  # tied weights appear once
+    groups = [
+        {"params": [p for p in params if id(p) not in no_decay], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+    ]
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def forward_backward(model: torch.nn.Module, window: torch.Tensor, vocab_size: int,
+                     autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of a (batch, seqlen + 1) window, backpropagated. Returns the detached loss.
+
+    Under DistributedDataParallel the backward averages the gradients over processes, so with
+    equal per-rank batches the result is the gradient of the mean over the global batch.
+
+    Example:
+        >>> loss = forward_backward(model, sampler.next_batch(), vocab_size=256)   # grads now in .grad
+    """
+    inputs, targets = window[:, :-1], window[:, 1:]  # (batch, seqlen) each
+    with torch.autocast(window.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = model(inputs)  # (batch, seqlen, padded vocab)
+    loss = token_nll_sum(logits, targets, vocab_size) / targets.numel()
+    loss.backward()
+    return loss.detach()
+
+
+def _load_data(cfg: TrainConfig):
+    """Tokenizer, (train, held-out) documents and their token streams."""
+    tokenizer = ByteTokenizer() if cfg.tokenizer == "bytes" else HFTokenizer(cfg.tokenizer)
+    docs = load_corpus(cfg.data, cfg.val_fraction)
+    return tokenizer, docs, TokenStream.from_documents(docs[0], tokenizer), TokenStream.from_documents(docs[1], tokenizer)
+
+
+def _build_or_resume(cfg: TrainConfig, vocab: int, device: torch.device, out_dir: Path, sampler: RandomWindows,
+                     resume: bool):
+    """A fresh model and optimizer at step 0, or everything restored from out_dir/train_state.pt."""
+    from ..models import MambaLM
+
+    if not resume:
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+        model = MambaLM(model_config(cfg, vocab)).to(device)
+        return model, build_optimizer(model, cfg), 0, {"losses": [], "evals": []}
+    state = load_train_state(out_dir)
+    model = MambaLM.from_pretrained(out_dir, device=device)
+    optimizer = build_optimizer(model, cfg)
+    optimizer.load_state_dict(state["optimizer"])
+    sampler.load_state_dict(state["sampler"])
+    # after from_pretrained, whose fresh initialisation draws from the global generator
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return model, optimizer, state["step"], state["history"]
+
+
+class _Printer:
+    """Prints on the main process only, through tqdm when a bar is showing (so lines do not tear it)."""
+
+    def __init__(self, info: DistInfo):
+        self.info, self.bar = info, None
+
+    def __call__(self, msg: str) -> None:
+        if not self.info.is_main:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = None) -> TrainResult:
+    """Train (or resume) the run described by `cfg`; write the checkpoint into `cfg.out_dir` (default runs/<recipe>).
+
+    Args:
+        cfg: the run. On resume, the caller passes the TrainConfig stored in the checkpoint
+            (`load_train_state(dir)["config"]`), changing at most time_budget_s, device, progress.
+        resume: continue from out_dir/train_state.pt: same weights, optimizer, sampler and step.
+        stop_at_step: stop (evaluate, save) after this step without changing the schedule,
+            as the time budget does; for interrupting a run deterministically.
+
+    Under torchrun (RANK/WORLD_SIZE set) every process calls this; each reads different windows,
+    gradients are averaged by DistributedDataParallel, and only rank 0 prints and writes.
+
+    Example:
+        >>> from mambakit.training import default_recipe, train
+        >>> result = train(default_recipe().replace(max_steps=200, out_dir="runs/short"))
+        >>> result.val_bpb
+    """
+    t_start = time.perf_counter()
+    info = dist_info_from_env()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and info.distributed:
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    created_group = init_distributed(info, device)
+    say = _Printer(info)
+    out_dir = default_out_dir(cfg)
+    autocast_dtype = torch.bfloat16 if (cfg.autocast == "bf16" and device.type == "cuda") else None
+    try:
+        tokenizer, (train_docs, val_docs), train_stream, val_stream = _load_data(cfg)
+        sampler = RandomWindows(train_stream, cfg.seqlen, cfg.batch_size, cfg.seed, info.rank, info.world_size)
+        vocab = tokenizer.vocab_size
+        model, optimizer, step, history = _build_or_resume(cfg, vocab, device, out_dir, sampler, resume)
+        raw_model = model
+        if info.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+        n_params = sum(p.numel() for p in dict.fromkeys(raw_model.parameters()))
+        say(f"mambakit train: recipe {cfg.recipe}: {cfg.layer}, d_model {cfg.d_model}, {cfg.n_layer} layers, "
+            f"{n_params / 1e6:.2f}M parameters, on {device}"
+            + (f" x {info.world_size} processes" if info.distributed else ""))
+        say(f"data: {cfg.data or 'built-in Shakespeare'}: {len(train_docs)} documents, {len(train_stream):,} tokens "
+            f"for training; {len(val_docs)} held out, {len(val_stream):,} tokens; tokenizer {tokenizer!r}")
+        if resume:
+            say(f"resuming from {out_dir} at step {step}")
+
+        def evaluate(max_tokens: int | None) -> dict:
+            loss, bpb = evaluate_bits_per_byte(raw_model, val_stream, cfg.seqlen, cfg.eval_batch_size, max_tokens,
+                                               autocast_dtype=autocast_dtype, rank=info.rank, world_size=info.world_size)
+            return {"step": step, "loss": loss, "bpb": bpb, "tokens": eval_target_count(val_stream, max_tokens)}
+
+        pending: list[torch.Tensor] = []  # losses not yet copied to the host (avoids a sync per step on GPU)
+
+        def flush_losses() -> None:
+            if pending:
+                history["losses"].extend(all_reduce_mean(torch.stack(pending), info).tolist())
+                pending.clear()
+
+        def checkpoint() -> None:
+            flush_losses()
+            if info.is_main:
+                save_checkpoint(out_dir, model=raw_model, tokenizer=tokenizer, optimizer=optimizer,
+                                sampler_state=sampler.state_dict(), step=step, config=cfg, history=history)
+
+        # ---- loop
+        tokens_per_step = cfg.batch_size * cfg.seqlen * info.world_size
+        bar = None
+        if info.is_main and cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True, desc="train")
+            say.bar = bar
+        stopped_by_budget = False
+        t_loop, step0 = time.perf_counter(), step
+        model.train()
+        while step < cfg.max_steps and (stop_at_step is None or step < stop_at_step):
+            if cfg.time_budget_s is not None and _out_of_time(t_start, cfg.time_budget_s, info, step, cfg.log_every):
+                stopped_by_budget = True
+                break
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            window = sampler.next_batch().to(device, non_blocking=True)  # (batch, seqlen + 1)
+            pending.append(forward_backward(model, window, vocab, autocast_dtype))
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                flush_losses()
+                if bar is not None:
+                    tok_s = (step - step0) * tokens_per_step / (time.perf_counter() - t_loop)
+                    bar.set_postfix(loss=f"{history['losses'][-1]:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                record = evaluate(cfg.eval_tokens)
+                history["evals"].append(record)
+                say(f"step {step}: held-out {record['loss']:.4f} nats/token, {record['bpb']:.3f} bits/byte "
+                    f"({record['tokens']:,} tokens)")
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                checkpoint()
+        if bar is not None:
+            bar.close()
+            say.bar = None
+        flush_losses()
+        train_s = time.perf_counter() - t_loop
+        if stopped_by_budget:
+            say(f"time budget of {cfg.time_budget_s:g} s reached at step {step}/{cfg.max_steps}: stopping "
+                f"(continue with --resume)")
+
+        # ---- final evaluation, checkpoint, sample
+        final = evaluate(cfg.final_eval_tokens)
+        history["evals"].append(final)
+        checkpoint()
+        result = TrainResult(step=step, losses=list(history["losses"]), evals=list(history["evals"]),
+                             val_loss=final["loss"], val_bpb=final["bpb"], stopped_by_budget=stopped_by_budget,
+                             out_dir=str(out_dir))
+        steps_done = step - step0
+        say(f"trained {steps_done} steps ({step}/{cfg.max_steps}) in {train_s:.1f} s, "
+            f"{steps_done * tokens_per_step / max(train_s, 1e-9):,.0f} tokens/s")
+        say(f"held-out: {final['loss']:.4f} nats/token, {final['bpb']:.3f} bits/byte ({final['tokens']:,} tokens)")
+        say(f"saved to {out_dir}")
+        if info.is_main and cfg.sample_tokens > 0:
+            result.sample = _sample(raw_model, tokenizer, cfg)
+            say(f"sample (temperature {cfg.sample_temperature:g}):\n{cfg.sample_prompt}{result.sample}")
+        result.elapsed_s = time.perf_counter() - t_start
+        if info.is_main:
+            metrics = {"step": step, "max_steps": cfg.max_steps, "val_loss": final["loss"], "val_bpb": final["bpb"],
+                       "val_tokens": final["tokens"], "train_s": train_s, "wall_s": result.elapsed_s,
+                       "stopped_by_budget": stopped_by_budget, "final_train_loss": history["losses"][-1] if history["losses"] else None}
+            (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        return result
+    finally:
+        destroy_distributed(created_group)
+
+
+def _out_of_time(t_start: float, budget_s: float, info: DistInfo, step: int, every: int) -> bool:
+    """Whether the time budget is spent. Under torchrun all ranks must stop at the same step:
+    rank 0's clock decides, broadcast every `every` steps (not every step: each broadcast is a sync)."""
+    if not info.distributed:
+        return time.perf_counter() - t_start > budget_s
+    if step % every:
+        return False
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(time.perf_counter() - t_start > budget_s)])
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def _sample(model: torch.nn.Module, tokenizer, cfg: TrainConfig) -> str:
+    from ..generation import generate
+
+    prompt = ([tokenizer.eos_id] if tokenizer.eos_id is not None else []) + tokenizer.encode(cfg.sample_prompt)
+    new = generate(model, [prompt], cfg.sample_tokens, temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
+                   eos_token_id=tokenizer.eos_id, seed=cfg.seed)[0]
+    if new and new[-1] == tokenizer.eos_id:  # the document ended: drop the separator itself
+        new = new[:-1]
+    return tokenizer.decode(new)
