@@ -1,0 +1,266 @@
+"""GPU benchmark of the Triton selective scan (Mamba-1) at the ANCHORS.md shape.
+
+Shape: batch 2, dim 4096 (d_model 2048 x expand 2), dstate 16, bf16 x / dt / z / B / C, float32
+A / D / dt_bias, z gating, D, dt_bias, softplus; seqlen 2048 / 8192 / 32768.
+
+For each seqlen: a correctness check first (Triton vs the PyTorch path in float32 on a channel
+subset, forward and gradients), then `triton.testing.do_bench` medians of the forward and of
+forward+backward (fresh gradients from torch.autograd.grad, nothing to zero), the fwd+bwd peak of
+torch.cuda.max_memory_allocated, achieved GB/s of useful forward bytes (x, dt, z, B, C in; y out),
+and the exp / byte floors. The PyTorch path is timed at 2048 only. --sweep also times alternative
+tilings so the defaults can be set from measurements.
+
+    python benchmarks/gpu_selective_scan.py                 # full table (about 2-4 minutes)
+    python benchmarks/gpu_selective_scan.py --quick         # seqlen 2048 only
+    python benchmarks/gpu_selective_scan.py --sweep         # plus alternative tilings
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from mambakit.ops import selective_scan
+from mambakit.ops.selective_scan.reference import selective_scan_reference
+from mambakit.ops.selective_scan.triton_scan import ScanConfig, selective_scan_triton
+
+# mamba_ssm's CUDA kernel on the same H100 (ANCHORS.md): fwd ms, fwd+bwd ms, fwd+bwd peak GB
+ANCHOR = {2048: (0.312, 1.70, 0.71), 8192: (1.415, 6.81, 2.04), 32768: (5.69, 27.0, 7.24)}
+COPY_TBPS = 3.02  # measured device copy ceiling on the H100 (ANCHORS.md)
+MUFU_PER_CLK_PER_SM = 16  # exp2 throughput of one SM (4 sub-partitions x 4 per clock)
+ASSUMED_CLOCK_GHZ = 1.755  # H100 SXM sustained clock under load; the exp floor scales with it
+
+GRAD_NAMES = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"]
+DEVICE = "cuda"
+
+
+def make_inputs(batch: int, seqlen: int, dim: int, dstate: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    bf = torch.bfloat16
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, device=DEVICE, generator=gen) * scale
+
+    return {
+        "x": rnd(batch, seqlen, dim).to(bf),
+        "dt": rnd(batch, seqlen, dim, scale=0.5).to(bf),
+        "A": -torch.exp(torch.rand(dim, dstate, device=DEVICE, generator=gen) * 2.8),
+        "B": rnd(batch, seqlen, 1, dstate).to(bf),
+        "C": rnd(batch, seqlen, 1, dstate).to(bf),
+        "D": rnd(dim),
+        "z": rnd(batch, seqlen, dim).to(bf),
+        # softplus(dt_bias) log-uniform in [1e-3, 0.1], as Mamba initialises it
+        "dt_bias": torch.log(torch.expm1(torch.exp(torch.rand(dim, device=DEVICE, generator=gen) * 4.6 - 6.9))),
+    }
+
+
+def with_grad(inp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Leaves sharing the inputs' storage (no copies, so peak memory counts each input once)."""
+    return {k: v.detach().requires_grad_(k in GRAD_NAMES) for k, v in inp.items()}
+
+
+def channel_subset(inp: dict[str, torch.Tensor], ch: torch.Tensor, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """The same problem on channels ch (ngroups 1: B, C are shared), in `dtype`."""
+    out = {}
+    for k, v in inp.items():
+        if k in ("x", "dt", "z"):
+            v = v[:, :, ch]
+        elif k in ("A", "D", "dt_bias"):
+            v = v[ch]
+        out[k] = v.detach().to(dtype)
+    return out
+
+
+def torch_path_available() -> tuple[bool, str]:
+    """Whether selective_scan(backend="torch") runs here (its module comes from another change)."""
+    probe = make_inputs(1, 8, 8, 4)
+    try:
+        selective_scan(**channel_subset(probe, torch.arange(8, device=DEVICE)), dt_softplus=True, backend="torch")
+    except (ImportError, NotImplementedError) as exc:  # reported loudly by the caller, never ignored
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, ""
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+def check(inp, seqlen: int, use_torch: bool, n_channels: int) -> list[tuple[str, float, float]]:
+    """Forward and all gradients of the Triton kernel at full shape vs a float32 (PyTorch path) or
+    float64 (reference, when the PyTorch path is missing) run on `n_channels` channels. The upstream
+    gradient is zero outside those channels, so dB and dC of the full run are comparable too.
+    Returns (name, relative max error, bound) rows; bound = 2 x bf16 rounding of the answer + 1e-3."""
+    dim = inp["x"].shape[-1]
+    ch = torch.linspace(0, dim - 1, n_channels, device=DEVICE).long()
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    dy_sub = torch.randn(inp["x"].shape[0], seqlen, n_channels, device=DEVICE, generator=gen).to(torch.bfloat16)
+    dy = torch.zeros_like(inp["x"])
+    dy[:, :, ch] = dy_sub
+    leaves = with_grad(inp)
+    y = selective_scan_triton(**leaves, dt_softplus=True)
+    grads = torch.autograd.grad(y, [leaves[k] for k in GRAD_NAMES], dy)
+    got = {"y": y[:, :, ch], **{f"d{k}": g for k, g in zip(GRAD_NAMES, grads)}}
+    for k in ("dx", "ddt", "dz"):
+        got[k] = got[k][:, :, ch]
+    for k in ("dA", "dD", "ddt_bias"):
+        got[k] = got[k][ch]
+    ref_dtype = torch.float32 if use_torch else torch.float64
+    sub = with_grad(channel_subset(inp, ch, ref_dtype))
+    if use_torch:
+        y_ref = selective_scan(**sub, dt_softplus=True, backend="torch")
+    else:
+        y_ref = selective_scan_reference(**sub, dt_softplus=True)
+    grads_ref = torch.autograd.grad(y_ref, [sub[k] for k in GRAD_NAMES], dy_sub.to(ref_dtype))
+    want = {"y": y_ref, **{f"d{k}": g for k, g in zip(GRAD_NAMES, grads_ref)}}
+    rows = []
+    for name, value in got.items():
+        w = want[name]
+        rounding = rel_err(w.to(value.dtype), w) if value.dtype != torch.float32 else 0.0
+        rows.append((name, rel_err(value, w), 2 * rounding + 1e-3))
+    return rows
+
+
+def time_triton(inp, config: ScanConfig | None) -> tuple[float, float, float]:
+    """Median ms of forward and of forward+backward, and the fwd+bwd peak memory in GB."""
+    leaves = with_grad(inp)
+    dy = torch.randn_like(inp["x"])
+    params = [leaves[k] for k in GRAD_NAMES]
+
+    def fwd():
+        with torch.no_grad():
+            return selective_scan_triton(**leaves, dt_softplus=True, config=config)
+
+    def fwd_bwd():
+        y = selective_scan_triton(**leaves, dt_softplus=True, config=config)
+        return torch.autograd.grad(y, params, dy)
+
+    t_fwd = do_bench(fwd, quantiles=[0.5])
+    t_fb = do_bench(fwd_bwd, quantiles=[0.5])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 1e9
+    return t_fwd, t_fb, peak
+
+
+def time_torch_path(inp) -> tuple[float, float]:
+    leaves = with_grad(inp)
+    dy = torch.randn_like(inp["x"])
+    params = [leaves[k] for k in GRAD_NAMES]
+
+    def fwd():
+        with torch.no_grad():
+            return selective_scan(**leaves, dt_softplus=True, backend="torch")
+
+    def fwd_bwd():
+        y = selective_scan(**leaves, dt_softplus=True, backend="torch")
+        return torch.autograd.grad(y, params, dy)
+
+    return do_bench(fwd, quantiles=[0.5]), do_bench(fwd_bwd, quantiles=[0.5])
+
+
+def floors(batch: int, seqlen: int, dim: int, dstate: int) -> tuple[float, float, float]:
+    """(useful forward bytes, byte floor ms at the copy ceiling, exp floor ms at the assumed clock)."""
+    elems = batch * seqlen * dim
+    useful = elems * 2 * 4 + 2 * batch * seqlen * dstate * 2  # x, dt, z in + y out (bf16); B, C in
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    exp_ms = elems * dstate / (MUFU_PER_CLK_PER_SM * sms * ASSUMED_CLOCK_GHZ * 1e9) * 1e3
+    return useful, useful / (COPY_TBPS * 1e12) * 1e3, exp_ms
+
+
+SWEEP = [
+    ("fwd NL=4", ScanConfig(fwd_nl=4)),
+    ("fwd NL=8", ScanConfig(fwd_nl=8)),
+    ("fwd NL=16", ScanConfig(fwd_nl=16)),
+    ("bwd 8ch U=4 chunk=64", ScanConfig(bwd_channels=8, chunk=64)),
+    ("bwd 8ch U=4 chunk=256", ScanConfig(bwd_channels=8, chunk=256)),
+    ("bwd 8ch U=2", ScanConfig(bwd_channels=8, block_u=2)),
+    ("bwd 16ch U=2", ScanConfig(bwd_channels=16, block_u=2)),
+    ("bwd 16ch U=4", ScanConfig(bwd_channels=16, block_u=4)),
+    ("bwd 32ch U=2", ScanConfig(bwd_channels=32, block_u=2)),
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--dim", type=int, default=4096)
+    parser.add_argument("--dstate", type=int, default=16)
+    parser.add_argument("--quick", action="store_true", help="seqlen 2048 only")
+    parser.add_argument("--sweep", action="store_true", help="also time alternative tilings")
+    parser.add_argument("--check-channels", type=int, default=64, help="channels in the correctness check")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("ERROR: this benchmark needs a CUDA device", file=sys.stderr)
+        return 2
+    seqlens = [2048] if args.quick else args.seqlens
+    props = torch.cuda.get_device_properties(0)
+    print(f"# selective scan (Mamba-1), Triton backend\n\ndevice: {props.name} ({props.multi_processor_count} SMs), "
+          f"torch {torch.__version__}, triton {triton.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(f"shape: batch {args.batch}, dim {args.dim}, dstate {args.dstate}, bf16 x/dt/z/B/C, fp32 A/D/dt_bias, "
+          "z gate, D, dt_bias, softplus\n")
+    use_torch, why = torch_path_available()
+    if not use_torch:
+        print(f"WARNING: the PyTorch path (backend='torch') is unavailable: {why}\n"
+              "WARNING: correctness is checked against the float64 reference instead, and the PyTorch path is "
+              "not timed.\n")
+
+    failures = 0
+    results = []
+    for seqlen in seqlens:
+        inp = make_inputs(args.batch, seqlen, args.dim, args.dstate)
+        n_ch = args.check_channels if seqlen <= 8192 or use_torch else min(args.check_channels, 16)
+        rows = check(inp, seqlen, use_torch, n_ch)
+        bad = [r for r in rows if not r[1] <= r[2]]
+        failures += len(bad)
+        print(f"check seqlen {seqlen} vs {'PyTorch path fp32' if use_torch else 'fp64 reference'} on {n_ch} "
+              f"channels: " + ", ".join(f"{n} {e:.2e}" for n, e, _ in rows)
+              + ("  OK" if not bad else "  FAILED: " + ", ".join(f"{n} {e:.2e} > {b:.2e}" for n, e, b in bad)))
+        t_fwd, t_fb, peak = time_triton(inp, None)
+        torch_t = time_torch_path(inp) if (use_torch and seqlen == 2048) else None
+        results.append((seqlen, t_fwd, t_fb, peak, torch_t))
+        del inp
+        torch.cuda.empty_cache()
+
+    print("\n| seqlen | fwd ms | fwd+bwd ms | peak GB (fwd+bwd) | fwd useful GB/s | byte floor ms | exp floor ms "
+          "| mamba_ssm fwd / fwd+bwd ms / GB | speed-up fwd / fwd+bwd | PyTorch path fwd / fwd+bwd ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for seqlen, t_fwd, t_fb, peak, torch_t in results:
+        useful, byte_ms, exp_ms = floors(args.batch, seqlen, args.dim, args.dstate)
+        a = ANCHOR.get(seqlen) if (args.batch, args.dim, args.dstate) == (2, 4096, 16) else None
+        anchor = f"{a[0]} / {a[1]} / {a[2]}" if a else "-"
+        speed = f"{a[0] / t_fwd:.2f}x / {a[1] / t_fb:.2f}x" if a else "-"
+        tt = f"{torch_t[0]:.3f} / {torch_t[1]:.3f}" if torch_t else "-"
+        print(f"| {seqlen} | {t_fwd:.3f} | {t_fb:.3f} | {peak:.2f} | {useful / t_fwd / 1e6:.0f} | {byte_ms:.3f} "
+              f"| {exp_ms:.3f} | {anchor} | {speed} | {tt} |")
+    print(f"\nexp floor: one exp2 per (channel, state, step) at {MUFU_PER_CLK_PER_SM}/clk/SM and an assumed "
+          f"{ASSUMED_CLOCK_GHZ} GHz; byte floor: useful forward bytes at {COPY_TBPS} TB/s.")
+
+    if args.sweep:
+        print("\n## tiling sweep (median ms; defaults are chosen by ScanConfig() = first table)\n")
+        print("| seqlen | config | fwd ms | fwd+bwd ms | peak GB |")
+        print("|---|---|---|---|---|")
+        for seqlen in seqlens:
+            inp = make_inputs(args.batch, seqlen, args.dim, args.dstate)
+            for name, cfg in SWEEP:
+                t_fwd, t_fb, peak = time_triton(inp, cfg)
+                print(f"| {seqlen} | {name} | {t_fwd:.3f} | {t_fb:.3f} | {peak:.2f} |", flush=True)
+            del inp
+            torch.cuda.empty_cache()
+
+    if failures:
+        print(f"\nERROR: {failures} correctness checks failed (see 'check' lines above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
