@@ -57,3 +57,35 @@ def test_ops_check_device_consistency():
     B = C = torch.randn(1, 4, 1, 8)
     with pytest.raises(ValueError, match="ssd: A must be on cpu"):
         ssd(x, dt, A.to("meta"), B, C, backend="reference")
+
+
+def test_use_backend_sets_the_automatic_choice_only():
+    from mambakit.ops import use_backend
+    from mambakit.ops.dispatch import select_backend
+
+    cpu = torch.device("cpu")
+    assert select_backend("op", None, cpu) == "torch"
+    with use_backend("reference"):
+        assert select_backend("op", None, cpu) == "reference"
+        assert select_backend("op", "torch", cpu) == "torch"  # an explicit argument wins
+        # an op without the backend keeps its automatic choice
+        assert select_backend("op", None, cpu, supported=("torch", "triton")) == "torch"
+        with use_backend(None):
+            assert select_backend("op", None, cpu) == "torch"
+        assert select_backend("op", None, cpu) == "reference"
+    assert select_backend("op", None, cpu) == "torch"
+    with pytest.raises(ValueError, match="use_backend: backend must be None or one of"):
+        with use_backend("cuda"):
+            pass
+
+
+def test_use_backend_reaches_the_ops(monkeypatch):
+    """Inside use_backend("triton") an op on CPU tensors (interpreter off) asks for CUDA: the choice reached it."""
+    from mambakit.ops import use_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, dt = torch.randn(1, 5, 3), torch.rand(1, 5, 3)
+    A, B, C = -torch.rand(3, 2), torch.randn(1, 5, 2), torch.randn(1, 5, 2)
+    selective_scan(x, dt, A, B, C)  # automatic: torch on CPU
+    with use_backend("triton"), pytest.raises(ValueError, match="selective_scan: backend 'triton' needs CUDA tensors"):
+        selective_scan(x, dt, A, B, C)

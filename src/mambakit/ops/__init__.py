@@ -4,6 +4,7 @@ Each public function validates its inputs, then runs on the backend chosen by `d
 "reference" (sequential float64), "torch" (vectorised PyTorch) or "triton" (fused GPU kernels).
 """
 
+from .dispatch import use_backend
 from .causal_conv1d import causal_conv1d, causal_conv1d_update
 from .rms_norm import rms_norm
 from .selective_scan import selective_scan, selective_state_update
@@ -17,4 +18,5 @@ __all__ = [
     "causal_conv1d",
     "causal_conv1d_update",
     "rms_norm",
+    "use_backend",
 ]

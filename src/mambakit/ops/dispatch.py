@@ -5,19 +5,46 @@ Backends:
     "torch"      vectorised / chunked PyTorch: CPU and GPU, autograd by torch or a hand-written backward
     "triton"     fused Triton kernels: CUDA tensors (or any tensors under TRITON_INTERPRET=1, for tests)
 
-`backend=None` picks "triton" for CUDA tensors when Triton is importable, "torch" otherwise.
+`backend=None` picks "triton" for CUDA tensors when Triton is importable, "torch" otherwise; inside
+`with use_backend("torch"):` it picks the named backend instead (benchmarks and tests compare whole
+layers and models on both paths this way, without threading a flag through every module).
 Ops call `select_backend` and nothing else decides; modules never import kernels themselves.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.util
 import os
+from collections.abc import Iterator
 
 import torch
 
 BACKENDS = ("reference", "torch", "triton")
+
+_DEFAULT: contextvars.ContextVar[str | None] = contextvars.ContextVar("mambakit_default_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(backend: str | None) -> Iterator[None]:
+    """Within the block, ops called with `backend=None` run `backend` (None: the automatic choice).
+
+    An op that does not implement `backend` keeps its automatic choice (e.g. `use_backend("triton")`
+    leaves an op without a Triton kernel on "torch"); an explicit `backend=` argument always wins.
+
+    Example:
+        >>> with use_backend("torch"):
+        ...     y = layer(x)          # every op inside runs its PyTorch path, even on CUDA
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"use_backend: backend must be None or one of {BACKENDS}, got {backend!r}")
+    token = _DEFAULT.set(backend)
+    try:
+        yield
+    finally:
+        _DEFAULT.reset(token)
 
 
 @functools.cache
@@ -42,6 +69,8 @@ def select_backend(op: str, backend: str | None, device: torch.device, supported
     Raises:
         ValueError: unknown backend, or one this op / device / installation cannot run.
     """
+    if backend is None and _DEFAULT.get() in supported:
+        backend = _DEFAULT.get()
     if backend is None:
         if device.type == "cuda" and "triton" in supported and triton_available():
             return "triton"

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
+# Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
+# Stages: env tests scan ssd convnorm layers decode; each runs under its own time limit so one
+# slow stage leaves the logs of the others intact.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+run() { local name=$1 limit=$2; shift 2; echo "=== $name: $*"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"; echo "=== $name exit ${PIPESTATUS[0]}"; }
+for stage in "$@"; do
+  case $stage in
+    env) run env 60 python3 -c "import torch, triton, sys; print(sys.version); print(torch.__version__, triton.__version__, torch.cuda.get_device_name())";;
+    tests) run tests 300 python3 -m pytest tests/ops -m gpu -q -p no:cacheprovider ${TEST_FLAGS:-};;
+    scan) run scan 300 python3 benchmarks/gpu_selective_scan.py ${SCAN_FLAGS:-};;
+    ssd) run ssd 300 python3 benchmarks/gpu_ssd.py ${SSD_FLAGS:-};;
+    convnorm) run convnorm 200 python3 benchmarks/gpu_conv_norm.py ${CONVNORM_FLAGS:-};;
+    layers) run layers 240 python3 benchmarks/gpu_layers.py ${LAYERS_FLAGS:-};;
+    inference) run inference 330 python3 benchmarks/gpu_inference.py ${INFERENCE_FLAGS:---out-dir $OUT};;
+    *) echo "unknown stage $stage";;
+  esac
+done

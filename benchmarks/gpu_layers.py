@@ -1,0 +1,93 @@
+"""Whole Mamba-1 and Mamba-2 layers on the GPU: the Triton path against the PyTorch path.
+
+Shape: d_model 2048 (expand 2, so 4096 inner channels), batch 2, bf16 weights and activations.
+Mamba-1: d_state 16, d_conv 4, dt_rank 128. Mamba-2: headdim 64 (64 heads), d_state 128, ngroups 1,
+chunk 256. For each layer and seqlen it prints the do_bench median of the forward and of forward +
+backward (input gradient and every weight gradient), the peak memory of forward + backward above
+the weights, and the largest relative error of the Triton path's output against the PyTorch path's.
+The PyTorch path runs the same module inside `mambakit.ops.use_backend("torch")`.
+
+    python benchmarks/gpu_layers.py                       # seqlen 2048 and 8192
+    python benchmarks/gpu_layers.py --seqlens 2048 --layers mamba2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from mambakit.modules import Mamba1, Mamba2
+from mambakit.ops import use_backend
+
+
+def build(layer: str, d_model: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if layer == "mamba1":
+        m = Mamba1(d_model, d_state=16, d_conv=4, expand=2)
+    else:
+        m = Mamba2(d_model, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=256)
+    return m.to(device="cuda", dtype=torch.bfloat16)
+
+
+def measure(module: torch.nn.Module, x: torch.Tensor, backend: str) -> tuple[float, float, float, torch.Tensor]:
+    """(fwd ms, fwd+bwd ms, peak GB above what was allocated before, output)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    dy = torch.randn_like(x)
+
+    def fwd():
+        with torch.no_grad():
+            return module(x)
+
+    def fwd_bwd():
+        y = module(x)
+        return torch.autograd.grad(y, [x, *params], dy)
+
+    with use_backend(backend):
+        out = fwd()
+        t_f = do_bench(fwd, quantiles=[0.5])
+        t_fb = do_bench(fwd_bwd, quantiles=[0.5])
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fwd_bwd()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+    return t_f, t_fb, peak, out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqlens", type=int, nargs="+", default=[2048, 8192])
+    p.add_argument("--layers", nargs="+", choices=["mamba1", "mamba2"], default=["mamba1", "mamba2"])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--d-model", type=int, default=2048)
+    args = p.parse_args()
+    print(f"# Mamba layers, {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"python {platform.python_version()}, {datetime.date.today()}")
+    print(f"batch {args.batch}, d_model {args.d_model}, bf16\n")
+    print("| layer | seqlen | path | fwd ms | fwd+bwd ms | peak GB fwd+bwd | triton vs torch max rel err |")
+    print("|---|---|---|---|---|---|---|")
+    for layer in args.layers:
+        module = build(layer, args.d_model)
+        for seqlen in args.seqlens:
+            gen = torch.Generator(device="cuda").manual_seed(seqlen)
+            x = torch.randn(args.batch, seqlen, args.d_model, device="cuda", generator=gen, dtype=torch.bfloat16)
+            x.requires_grad_(True)
+            results = {b: measure(module, x, b) for b in ("triton", "torch")}
+            ref = results["torch"][3].float()
+            err = float((results["triton"][3].float() - ref).abs().max() / ref.abs().max())
+            for b, (t_f, t_fb, peak, _) in results.items():
+                print(f"| {layer} | {seqlen} | {b} | {t_f:.3f} | {t_fb:.3f} | {peak:.2f} | "
+                      f"{f'{err:.1e}' if b == 'triton' else '-'} |", flush=True)
+            del x, results
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
