@@ -8,11 +8,14 @@ subset, forward and gradients), then `triton.testing.do_bench` medians of the fo
 forward+backward (fresh gradients from torch.autograd.grad, nothing to zero), the fwd+bwd peak of
 torch.cuda.max_memory_allocated, achieved GB/s of useful forward bytes (x, dt, z, B, C in; y out),
 and the exp / byte floors. The PyTorch path is timed at 2048 only. --sweep also times alternative
-tilings so the defaults can be set from measurements.
+tilings so the defaults can be set from measurements; --sweep-time only the time-parallel forward's
+segment counts (ScanConfig(time_chunks=...); "nc" in the main table is the default for the shape).
 
     python benchmarks/gpu_selective_scan.py                 # full table (about 2-4 minutes)
     python benchmarks/gpu_selective_scan.py --quick         # seqlen 2048 only
     python benchmarks/gpu_selective_scan.py --sweep         # plus alternative tilings
+    python benchmarks/gpu_selective_scan.py --sweep-time    # plus time_chunks 1..32 (some x NL=8)
+    python benchmarks/gpu_selective_scan.py --sweep-time --batch 1 --dim 1536 --seqlens 65536 262144
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from triton.testing import do_bench
 
 from mambakit.ops import selective_scan
 from mambakit.ops.selective_scan.reference import selective_scan_reference
-from mambakit.ops.selective_scan.triton_scan import ScanConfig, selective_scan_triton
+from mambakit.ops.selective_scan.triton_scan import ScanConfig, default_time_chunks, selective_scan_triton
 
 # mamba_ssm's CUDA kernel on the same H100 (ANCHORS.md): fwd ms, fwd+bwd ms, fwd+bwd peak GB
 ANCHOR = {2048: (0.312, 1.70, 0.71), 8192: (1.415, 6.81, 2.04), 32768: (5.69, 27.0, 7.24)}
@@ -187,6 +190,20 @@ SWEEP = [
     ("bwd 32ch U=2", ScanConfig(bwd_channels=32, block_u=2)),
 ]
 
+# time-parallel forward: segments scanned in parallel (pass 1 state-only + pass 2 combine + pass 3 full);
+# nc=1 is the sequential forward. The default (main table, "nc" column) is default_time_chunks(shape).
+SWEEP_TIME = [
+    ("fwd nc=1 (sequential)", ScanConfig(time_chunks=1)),
+    ("fwd nc=2", ScanConfig(time_chunks=2)),
+    ("fwd nc=4", ScanConfig(time_chunks=4)),
+    ("fwd nc=8", ScanConfig(time_chunks=8)),
+    ("fwd nc=16", ScanConfig(time_chunks=16)),
+    ("fwd nc=32", ScanConfig(time_chunks=32)),
+    ("fwd nc=4 NL=8", ScanConfig(time_chunks=4, fwd_nl=8)),
+    ("fwd nc=8 NL=8", ScanConfig(time_chunks=8, fwd_nl=8)),
+    ("fwd nc=16 NL=8", ScanConfig(time_chunks=16, fwd_nl=8)),
+]
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,7 +212,8 @@ def main() -> int:
     parser.add_argument("--dim", type=int, default=4096)
     parser.add_argument("--dstate", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="seqlen 2048 only")
-    parser.add_argument("--sweep", action="store_true", help="also time alternative tilings")
+    parser.add_argument("--sweep", action="store_true", help="also time alternative tilings (incl. time_chunks)")
+    parser.add_argument("--sweep-time", action="store_true", help="also time the time_chunks choices only")
     parser.add_argument("--check-channels", type=int, default=64, help="channels in the correctness check")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -230,29 +248,37 @@ def main() -> int:
         del inp
         torch.cuda.empty_cache()
 
-    print("\n| seqlen | fwd ms | fwd+bwd ms | peak GB (fwd+bwd) | fwd useful GB/s | byte floor ms | exp floor ms "
+    print("\n| seqlen | nc | fwd ms | fwd+bwd ms | peak GB (fwd+bwd) | fwd useful GB/s | byte floor ms | exp floor ms "
           "| mamba_ssm fwd / fwd+bwd ms / GB | speed-up fwd / fwd+bwd | PyTorch path fwd / fwd+bwd ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for seqlen, t_fwd, t_fb, peak, torch_t in results:
+        nc = default_time_chunks(args.batch, seqlen, args.dim, args.dstate, device=DEVICE)
         useful, byte_ms, exp_ms = floors(args.batch, seqlen, args.dim, args.dstate)
         a = ANCHOR.get(seqlen) if (args.batch, args.dim, args.dstate) == (2, 4096, 16) else None
         anchor = f"{a[0]} / {a[1]} / {a[2]}" if a else "-"
         speed = f"{a[0] / t_fwd:.2f}x / {a[1] / t_fb:.2f}x" if a else "-"
         tt = f"{torch_t[0]:.3f} / {torch_t[1]:.3f}" if torch_t else "-"
-        print(f"| {seqlen} | {t_fwd:.3f} | {t_fb:.3f} | {peak:.2f} | {useful / t_fwd / 1e6:.0f} | {byte_ms:.3f} "
+        print(f"| {seqlen} | {nc} | {t_fwd:.3f} | {t_fb:.3f} | {peak:.2f} | {useful / t_fwd / 1e6:.0f} | {byte_ms:.3f} "
               f"| {exp_ms:.3f} | {anchor} | {speed} | {tt} |")
     print(f"\nexp floor: one exp2 per (channel, state, step) at {MUFU_PER_CLK_PER_SM}/clk/SM and an assumed "
           f"{ASSUMED_CLOCK_GHZ} GHz; byte floor: useful forward bytes at {COPY_TBPS} TB/s.")
 
-    if args.sweep:
-        print("\n## tiling sweep (median ms; defaults are chosen by ScanConfig() = first table)\n")
-        print("| seqlen | config | fwd ms | fwd+bwd ms | peak GB |")
-        print("|---|---|---|---|---|")
+    if args.sweep or args.sweep_time:
+        sweep = (SWEEP if args.sweep else []) + SWEEP_TIME
+        print("\n## tiling sweep (median ms; defaults are chosen by ScanConfig() = first table; rows without nc use "
+              "the default time_chunks)\n")
+        print("| seqlen | config | fwd ms | fwd+bwd ms | peak GB | y vs sequential (rel. max) |")
+        print("|---|---|---|---|---|---|")
         for seqlen in seqlens:
             inp = make_inputs(args.batch, seqlen, args.dim, args.dstate)
-            for name, cfg in SWEEP:
+            with torch.no_grad():
+                y_seq = selective_scan_triton(**inp, dt_softplus=True, config=ScanConfig(time_chunks=1)).float()
+            for name, cfg in sweep:
+                with torch.no_grad():  # bf16 y: one bf16 ulp (~4e-3 of the largest values) is expected
+                    dev = rel_err(selective_scan_triton(**inp, dt_softplus=True, config=cfg), y_seq)
                 t_fwd, t_fb, peak = time_triton(inp, cfg)
-                print(f"| {seqlen} | {name} | {t_fwd:.3f} | {t_fb:.3f} | {peak:.2f} |", flush=True)
+                print(f"| {seqlen} | {name} | {t_fwd:.3f} | {t_fb:.3f} | {peak:.2f} | {dev:.1e} |", flush=True)
+            del y_seq
             del inp
             torch.cuda.empty_cache()
 

@@ -16,7 +16,7 @@ import torch
 from mambakit.ops import selective_scan, selective_state_update
 from mambakit.ops.dispatch import triton_interpret
 from mambakit.ops.selective_scan.reference import selective_scan_reference
-from mambakit.ops.selective_scan.triton_scan import ScanConfig, selective_scan_triton
+from mambakit.ops.selective_scan.triton_scan import ScanConfig, _scan_fwd, default_time_chunks, selective_scan_triton
 from mambakit.ops.selective_scan.triton_step import selective_state_update_triton
 from tests.conftest import DEVICE
 from tests.helpers import assert_close, low_precision_tolerance, run_with_grads
@@ -26,7 +26,10 @@ GRAD_NAMES_ALL = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state"
 
 
 def make_inputs(b=2, L=12, d=8, n=4, g=1, dtype=torch.float32, full=True, h0=True, seq=False, device=DEVICE):
-    """Random inputs; A in [-1.5, -0.5], dt + dt_bias mostly in [-3, 1] (dt' ~ 0.05 .. 1.3 after softplus)."""
+    """Random inputs; A in [-1.5, -0.5], dt + dt_bias mostly in [-3, 1] (dt' ~ 0.05 .. 1.3 after softplus).
+
+    seq: False, True (documents at L/3 and 2L/3 in row 0, a one-token first document in row 1), or a
+    tuple of per-row document start positions."""
     gen = torch.Generator().manual_seed(0)
 
     def rnd(*shape, scale=1.0):
@@ -45,10 +48,11 @@ def make_inputs(b=2, L=12, d=8, n=4, g=1, dtype=torch.float32, full=True, h0=Tru
         inp["initial_state"] = rnd(b, d, n)
     extra = {}
     if seq:
+        starts = ((L // 3, 2 * L // 3), (1,)) if seq is True else seq  # row 1: a one-token first document
         s = torch.zeros(b, L, dtype=torch.int32)
-        s[0, L // 3:] = 1
-        s[0, 2 * L // 3:] = 2
-        s[1, 1:] = 1  # a one-token first document
+        for row, row_starts in enumerate(starts):
+            for t in row_starts:
+                s[row, t:] += 1
         extra["seq_idx"] = s.to(device)
     return inp, extra
 
@@ -105,6 +109,19 @@ CASES = [
     pytest.param(dict(n=5), True, SMALL, id="dstate5-padded"),
     pytest.param(dict(n=8), True, ScanConfig(fwd_nl=2, bwd_nl=2, chunk=4, block_u=2), id="states-over-lanes"),
     pytest.param(dict(n=8), True, ScanConfig(bwd_channels=4, chunk=4, block_u=2), id="bwd-4-channels"),
+    # time-parallel forward (pass 1 state-only, pass 2 combine, pass 3 full) under the unchanged backward:
+    # 3 checkpoint chunks in 2 segments of 8 steps (the last ragged, 4 steps), initial state included
+    pytest.param(dict(), True, ScanConfig(chunk=4, block_u=2, time_chunks=2), id="time-chunks2"),
+    # one segment per checkpoint chunk (nc == seqlen / chunk), ragged 2-step last segment; documents start
+    # exactly at segment starts 4, 8, 12 and inside segments (6, 13): carried-in state must be dropped
+    pytest.param(dict(L=14, seq=((4, 6), (8, 12, 13))), True, ScanConfig(chunk=4, block_u=2, time_chunks=4),
+                 id="time-chunks-per-chunk-seq_idx-h0"),
+    # ngroups 2, no softplus (dt' may be negative: the decay sum must not assume dt' >= 0), more segments
+    # asked for than there are chunks (3 used)
+    pytest.param(dict(g=2), False, ScanConfig(chunk=4, block_u=2, time_chunks=8), id="time-chunks-ngroups2"),
+    # ragged seqlen 19, chunk 8: 2 segments of 16 and 3 steps; no initial state (zero start of segment 0)
+    pytest.param(dict(L=19, full=False, h0=False), True, ScanConfig(chunk=8, block_u=4, time_chunks=2),
+                 id="time-chunks-ragged"),
 ]
 
 
@@ -178,8 +195,43 @@ def test_scan_rejects_bad_chunk_and_complex_A():
     inp, _ = make_inputs(L=4, full=False, h0=False)
     with pytest.raises(ValueError, match="chunk"):
         selective_scan_triton(**inp, config=ScanConfig(chunk=6, block_u=4))
+    with pytest.raises(ValueError, match="time_chunks"):
+        selective_scan_triton(**inp, config=ScanConfig(time_chunks=0))
     with pytest.raises(ValueError, match="complex"):
         selective_scan_triton(inp["x"], inp["dt"], inp["A"].to(torch.complex64), inp["B"], inp["C"])
+
+
+def test_time_chunked_forward_writes_the_sequential_checkpoints():
+    """The backward reads the forward's checkpoints unchanged, so the time-parallel forward must write
+    the same (B, K, D, N) checkpoints, y and final state as the sequential one (float64: equal up to
+    rounding; a misplaced or stale checkpoint would differ at O(1)). seq_idx with a document starting
+    exactly at a segment start (8) and inside one (3, 10), ragged seqlen 13 (4 chunks)."""
+    inp, extra = make_inputs(L=13, seq=((3, 8), (10,)))
+    inp = {k: v.double() for k, v in inp.items()}
+
+    def fwd(nc):
+        return _scan_fwd(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"], inp["dt_bias"], True,
+                         inp["initial_state"], extra["seq_idx"], save_final=True, save_chunks=True,
+                         config=ScanConfig(chunk=4, block_u=2, time_chunks=nc))
+
+    y1, h1, ck1 = fwd(1)
+    for nc in (2, 4):  # segments [0, 8), [8, 13); and [0, 4), [4, 8), [8, 12), [12, 13)
+        y, h, ck = fwd(nc)
+        assert ck.shape == ck1.shape == (2, 4, 8, 4)
+        for name, got, want in (("y", y, y1), ("final_state", h, h1), ("checkpoints", ck, ck1)):
+            assert_close(got, want, name=f"{name} nc={nc}", rel=1e-12)
+
+
+def test_default_time_chunks_from_shape():
+    """Split only where the launch lacks warps (H100 numbers: 132 SMs when not on CUDA)."""
+    cpu = torch.device("cpu")
+    assert default_time_chunks(2, 2048, 4096, 16, device=cpu) == 8  # 512 -> 4096 one-warp programs
+    assert default_time_chunks(2, 32768, 4096, 16, device=cpu) == 8
+    assert default_time_chunks(2, 1024, 4096, 16, device=cpu) == 4  # segments stay >= 256 steps
+    assert default_time_chunks(2, 256, 4096, 16, device=cpu) == 1  # too short to split
+    assert default_time_chunks(16, 2048, 4096, 16, device=cpu) == 1  # enough rows already
+    assert default_time_chunks(1, 1 << 20, 1536, 16, device=cpu) == 64  # 1M tokens: 16K-step segments
+    assert default_time_chunks(2, 2048, 4096, 16, config=ScanConfig(time_chunks=16), device=cpu) == 16
 
 
 @pytest.mark.parametrize("g, d, n", [pytest.param(1, 8, 4, id="g1"), pytest.param(2, 16, 5, id="g2-dstate5")])
@@ -296,29 +348,34 @@ def test_gpu_benchmark_shape_forward_long(seqlen):
     assert_close(h[:, ch], h_r, name="final_state", rel=1e-3)
 
 
-def long_inputs(seqlen=1 << 20, dim=1536, dstate=16):
-    """x and z as the two halves of one (1, L, 2 * dim) projection, like the Mamba-1 block: z's row
-    stride 2 * dim makes t * stride pass 2^31, so the kernel must take its 64-bit offset path."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    dev, bf = "cuda", torch.bfloat16
-    xz = torch.randn(1, seqlen, 2 * dim, device=dev, generator=gen).to(bf)
+def long_inputs(seqlen=1 << 20, dim=1536, dstate=16, device="cuda"):
+    """Realistic Mamba-1 values: A = -exp(U(0, 2.8)) (S4D-real-like spread, -16 .. -1), softplus(dt_bias)
+    log-uniform in [1e-3, 0.1] as Mamba initialises it, dt ~ N(0, 0.5). x and z are the two halves of
+    one (1, L, 2 * dim) projection, like the Mamba-1 block: at 1M tokens z's row stride 2 * dim makes
+    t * stride pass 2^31, so the kernel must take its 64-bit offset path."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    bf = torch.bfloat16
+    xz = torch.randn(1, seqlen, 2 * dim, device=device, generator=gen).to(bf)
     x, z = xz.chunk(2, dim=-1)
     return {
         "x": x, "z": z,
-        "dt": (torch.randn(1, seqlen, dim, device=dev, generator=gen) * 0.5).to(bf),
-        "A": -torch.exp(torch.rand(dim, dstate, device=dev, generator=gen) * 2.8),
-        "B": torch.randn(1, seqlen, 1, dstate, device=dev, generator=gen).to(bf),
-        "C": torch.randn(1, seqlen, 1, dstate, device=dev, generator=gen).to(bf),
-        "D": torch.randn(dim, device=dev, generator=gen),
-        "dt_bias": torch.log(torch.expm1(torch.exp(torch.rand(dim, device=dev, generator=gen) * 4.6 - 6.9))),
+        "dt": (torch.randn(1, seqlen, dim, device=device, generator=gen) * 0.5).to(bf),
+        "A": -torch.exp(torch.rand(dim, dstate, device=device, generator=gen) * 2.8),
+        "B": torch.randn(1, seqlen, 1, dstate, device=device, generator=gen).to(bf),
+        "C": torch.randn(1, seqlen, 1, dstate, device=device, generator=gen).to(bf),
+        "D": torch.randn(dim, device=device, generator=gen),
+        "dt_bias": torch.log(torch.expm1(torch.exp(torch.rand(dim, device=device, generator=gen) * 4.6 - 6.9))),
     }
+
+
+SEQ_KEYS = ("x", "z", "dt", "B", "C")
 
 
 def _chunked(fn, inp, seqlen, piece):
     """Run fn on consecutive seqlen pieces, carrying the final state into the next piece."""
     ys, h = [], None
     for s in range(0, seqlen, piece):
-        part = {k: (v[:, s:s + piece] if k in ("x", "z", "dt", "B", "C") else v) for k, v in inp.items()}
+        part = {k: (v[:, s:s + piece] if k in SEQ_KEYS else v) for k, v in inp.items()}
         y, h = fn(part, h)
         ys.append(y)
     return torch.cat(ys, dim=1), h
@@ -326,36 +383,61 @@ def _chunked(fn, inp, seqlen, piece):
 
 @pytest.mark.gpu
 def test_gpu_one_million_tokens_forward_matches_chunked_runs():
-    """1M tokens, batch 1, dim 1536: the single launch (64-bit offsets) equals the same kernel run in
-    128K-token pieces with the state carried, and nothing overflows."""
+    """1M tokens, batch 1, dim 1536. The sequential forward (time_chunks=1) in one launch (64-bit
+    offsets) equals the same kernel run in 128K-token pieces with the state carried: bit for bit up to
+    float32 state storage. The default time-parallel forward (64 segments) matches it within one bf16
+    ulp of y's largest values plus a float32-level difference, final state rel 1e-3 (sum-of-dt' decays
+    vs the product of per-step exp2.approx). Nothing overflows."""
     seqlen = 1 << 20
     inp = long_inputs(seqlen)
+    seq_cfg = ScanConfig(time_chunks=1)
     with torch.no_grad():
-        y, h = selective_scan_triton(**inp, dt_softplus=True, return_final_state=True)
+        y, h = selective_scan_triton(**inp, dt_softplus=True, return_final_state=True, config=seq_cfg)
         assert torch.isfinite(y).all() and torch.isfinite(h).all()
         y_c, h_c = _chunked(lambda p, h0: selective_scan_triton(**p, dt_softplus=True, initial_state=h0,
-                                                                return_final_state=True), inp, seqlen, 1 << 17)
+                                                                return_final_state=True, config=seq_cfg),
+                            inp, seqlen, 1 << 17)
+        y_p, h_p = selective_scan_triton(**inp, dt_softplus=True, return_final_state=True)
     assert_close(y, y_c, name="y", rel=1e-5)
     assert_close(h, h_c, name="final_state", rel=1e-5)
+    assert torch.isfinite(y_p).all() and torch.isfinite(h_p).all()
+    assert_close(y_p, y, name="y time-parallel", rel=2**-7 + 1e-3)
+    assert_close(h_p, h, name="final_state time-parallel", rel=1e-3)
 
 
-@pytest.mark.gpu
-def test_gpu_one_million_tokens_forward_matches_torch_path():
-    """The same 1M-token forward against the PyTorch path in float32, run chunk by chunk with the
-    state carried (on 64 channels, so the PyTorch path stays cheap). bf16 output tolerance."""
-    seqlen, ch = 1 << 20, torch.arange(0, 1536, 24, device="cuda")
-    inp = long_inputs(seqlen)
+LONG_CASES = [
+    # the real thing: 1M tokens, default config (time-parallel forward: 64 segments of 16K steps)
+    pytest.param(1 << 20, 1536, 16, 1 << 16, None,
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")], id="1M-tokens"),
+    # the same code path at interpreter size: 4 segments of 16 steps (the last 8), pieces of 24 steps
+    # that straddle segment boundaries, z a strided half of xz
+    pytest.param(56, 16, 4, 24, ScanConfig(chunk=8, block_u=4, time_chunks=4), id="tiny"),
+]
+
+
+@pytest.mark.parametrize("seqlen, dim, dstate, piece, config", LONG_CASES)
+def test_long_forward_matches_torch_path_piece_by_piece(seqlen, dim, dstate, piece, config):
+    """A long bf16 forward in one call equals the PyTorch path in float32 (same bf16-rounded values)
+    run over successive pieces with the state carried: y on every piece (bf16 output tolerance at
+    that piece's scale), the final state (rel 1e-3: exp2.approx decays on the GPU), nothing
+    non-finite. All channels are compared: the PyTorch path is launch-bound, not size-bound."""
+    inp = long_inputs(seqlen, dim, dstate, device=DEVICE)
     with torch.no_grad():
-        y, h = selective_scan_triton(**inp, dt_softplus=True, return_final_state=True)
-        sub = {k: (v[:, :, ch] if k in ("x", "z", "dt") else v[ch] if k in ("A", "D", "dt_bias") else v)
-               for k, v in inp.items()}
-        sub = {k: v.float() for k, v in sub.items()}
-        y_t, h_t = _chunked(lambda p, h0: selective_scan(**p, dt_softplus=True, initial_state=h0,
-                                                         return_final_state=True, backend="torch"),
-                            sub, seqlen, 1 << 15)
-    assert torch.isfinite(y).all() and torch.isfinite(h).all()
-    assert_close(y[:, :, ch], y_t, name="y", rel=0.0, atol=low_precision_tolerance(y_t.to(y.dtype), y_t))
-    assert_close(h[:, ch], h_t, name="final_state", rel=1e-3)
+        y, h = selective_scan_triton(**inp, dt_softplus=True, return_final_state=True, config=config)
+    assert torch.isfinite(y).all(), "y has non-finite values"
+    assert torch.isfinite(h).all(), "final state has non-finite values"
+    h_t = None
+    for s in range(0, seqlen, piece):
+        part = {k: (v[:, s:s + piece] if k in SEQ_KEYS else v).float() for k, v in inp.items()}
+        with torch.no_grad():
+            y_t, h_t = selective_scan(**part, dt_softplus=True, initial_state=h_t, return_final_state=True,
+                                      backend="torch")
+        # the kernel's only error beyond float32 rounding is its bf16 output rounding (truncation when
+        # interpreted, round-to-nearest on the GPU)
+        rounded = truncate_to(y_t, y.dtype) if triton_interpret() else y_t.to(y.dtype)
+        assert_close(y[:, s:s + piece], y_t, name=f"y[{s}:{s + piece}]", rel=0.0,
+                     atol=low_precision_tolerance(rounded, y_t))
+    assert_close(h, h_t, name="final_state", rel=1e-3)
 
 
 @pytest.mark.gpu

@@ -11,7 +11,13 @@ of two). The expanded state (B, L, D, N) never leaves registers (Gu & Dao 2023, 
 
 Forward: each program walks the sequence once, four steps per iteration with the inputs of each
 pair loaded one pair ahead; every CHUNK steps it saves h as (B, K, D, N) float32 for the backward
-(1/CHUNK of the expanded state). Backward, per program, chunks in reverse:
+(1/CHUNK of the expanded state). When batch x dim gives too few programs (`default_time_chunks`) the
+forward is time-parallel over nc segments of whole CHUNKs: pass 1 (the same kernel, STATE_ONLY) scans
+each segment but the last from a zero state, keeping its end state, its sum of dt' (the segment's
+decay is exp(A sum dt'), zero if seq_idx restarts in it); pass 2 chains those into each segment's true
+start state; pass 3 (the full kernel) scans every segment from its start state, writing y, the final
+state and the same whole-sequence checkpoints, so the backward is the same. Backward, per program,
+chunks in reverse:
     pass A  re-walks the chunk forward from its checkpoint, keeping h every U steps and dt', sigma(v)
             per step in a per-program scratch buffer (L2 sized);
     pass B  walks the chunk's U-step blocks in reverse: re-derives the block's U states in registers
@@ -41,7 +47,7 @@ from triton.language.extra import libdevice
 
 from ..dispatch import triton_interpret
 
-__all__ = ["selective_scan_triton"]
+__all__ = ["selective_scan_triton", "ScanConfig", "default_time_chunks"]
 
 DEFAULT_CHUNK = 128  # steps between forward checkpoints; backward scratch is O(CHUNK) per program
 DEFAULT_BLOCK_U = 4  # backward micro-block: states re-derived in registers per scratch checkpoint
@@ -125,16 +131,18 @@ def _toff(t, I64: tl.constexpr):
 
 
 @triton.jit
-def _load_step(t, seqlen, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
-               HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, EVEN_N: tl.constexpr, I64: tl.constexpr):
-    """Raw inputs of step t: x, dt, z (BD,), B, C (NL, NH), seq_idx. Past the end the index is clamped
-    (the step is masked later) so that no load needs a predicate or a zero-filled register."""
-    to = _toff(tl.minimum(t, seqlen - 1), I64)
+def _load_step(t, tn, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
+               HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, EVEN_N: tl.constexpr, I64: tl.constexpr,
+               SKIP_C: tl.constexpr):
+    """Raw inputs of step t: x, dt, z (BD,), B, C (NL, NH), seq_idx. Past the segment end tn the index is
+    clamped (the step is masked later) so that no load needs a predicate or a zero-filled register.
+    With SKIP_C (the state-only pass) C is not loaded (B stands in, unused)."""
+    to = _toff(tl.minimum(t, tn - 1), I64)
     x = tl.load(x_b + to * s_t + d1)
     dt = tl.load(dt_b + to * s_t + d1)
     z = tl.load(z_b + to * s_zt + d1) if HAS_Z else x
     Bv = _load_bc(B_b + to * s_Bt, n2, n_ok2, EVEN_N)
-    Cv = _load_bc(C_b + to * s_Bt, n2, n_ok2, EVEN_N)
+    Cv = Bv if SKIP_C else _load_bc(C_b + to * s_Bt, n2, n_ok2, EVEN_N)
     s = tl.load(seq_b + to * s_st) if HAS_SEQ else 0
     return x, dt, z, Bv, Cv, s
 
@@ -142,38 +150,56 @@ def _load_step(t, seqlen, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st
 @triton.jit
 def _fwd_step(h, inp, s_prev, valid, A2, Dv, bias, ACC: tl.constexpr, HAS_D: tl.constexpr,
               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
-              LIBDEVICE: tl.constexpr):
-    """One recurrence step on the (NL, NH, BD) state; returns the new state and y_t (BD,)."""
+              STATE_ONLY: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """One recurrence step on the (NL, NH, BD) state. Returns the new state, y_t (BD,) (dt' instead in the
+    state-only pass, which forms no output), and whether the step restarts the state (seq_idx change)."""
     x, dt, z, Bv, Cv, s = inp
     x = x.to(ACC)
     delta, _ = _delta(dt.to(ACC), bias, HAS_BIAS, SOFTPLUS, LIBDEVICE)
     delta = tl.where(valid, delta, 0.0)  # a padded step is the identity: a = 1, u = 0
     a = tl.exp2(delta[None, None, :] * A2)
+    restart = False
     if HAS_SEQ:
-        a = tl.where((s == s_prev) | (~valid), a, 0.0)  # new document: forget the state
+        restart = (s != s_prev) & valid
+        a = tl.where(restart, 0.0, a)  # new document: forget the state
     h = a * h + (delta * x)[None, None, :] * Bv.to(ACC)[:, :, None]
-    y = tl.sum(tl.sum(h * Cv.to(ACC)[:, :, None], axis=0), axis=0)
-    if HAS_D:
-        y += Dv * x
-    if HAS_Z:
-        zf = z.to(ACC)
-        y = y * zf * _sigmoid(zf, LIBDEVICE)
-    return h, y
+    if STATE_ONLY:
+        y = delta
+    else:
+        y = tl.sum(tl.sum(h * Cv.to(ACC)[:, :, None], axis=0), axis=0)
+        if HAS_D:
+            y += Dv * x
+        if HAS_Z:
+            zf = z.to(ACC)
+            y = y * zf * _sigmoid(zf, LIBDEVICE)
+    return h, y, restart
 
 
 @triton.jit
 def _scan_fwd_kernel(
     x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, h0_ptr, seq_ptr,
-    y_ptr, hlast_ptr, hck_ptr,
-    seqlen, dim, dstate, group_size, nchunks,
-    s_b, s_t, s_zb, s_zt, s_Bb, s_Bt, s_Bg, s_sb, s_st, s_Ad, s_An,
+    y_ptr, hlast_ptr, hck_ptr, sdt_ptr, keep_ptr,
+    seqlen, seg_len, nseg, dim, dstate, group_size, nchunks,
+    s_b, s_t, s_zb, s_zt, s_Bb, s_Bt, s_Bg, s_sb, s_st, s_Ad, s_An, s_h0b, s_h0c,
     CHUNK: tl.constexpr, NL: tl.constexpr, NH: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, SAVE_LAST: tl.constexpr, SAVE_CK: tl.constexpr,
-    EVEN_N: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr,
+    STATE_ONLY: tl.constexpr, EVEN_N: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr,
 ):
+    """Forward over time segment pid_c = [pid_c * seg_len, +seg_len) of one batch row (the whole sequence
+    when nseg == 1); seg_len is a multiple of CHUNK, so checkpoints keep their whole-sequence indices.
+
+    Full pass: starts from h0 (HAS_H0; at h0_ptr + b * s_h0b + c * s_h0c, i.e. the segment start states
+    of the combine pass when nseg > 1), writes y, the checkpoints, and the final state (last segment).
+    STATE_ONLY (pass 1 of the time-parallel forward): starts from zero, writes only the segment's end
+    state into hlast_ptr (B, nseg, D, N), sum of dt' (B, nseg, D) into sdt_ptr and, with seq_idx,
+    keep = 0 if the state restarts anywhere in the segment (its first step included) into keep_ptr.
+    """
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
+    pid_c = tl.program_id(2)
+    t0 = pid_c * seg_len
+    tn = tl.minimum(t0 + seg_len, seqlen)
     d1 = pid_d * BD + tl.arange(0, BD)  # (BD,) channels; BD divides group_size, so no mask
     n2 = tl.arange(0, NH)[None, :] * NL + tl.arange(0, NL)[:, None]  # (NL, NH) state index
     n_ok2 = n2 < dstate
@@ -192,50 +218,104 @@ def _scan_fwd_kernel(
     B_b = B_ptr + pid_b * s_Bb + g * s_Bg
     C_b = C_ptr + pid_b * s_Bb + g * s_Bg
     seq_b = seq_ptr + pid_b * s_sb
-    st_off = (pid_b * dim + d3) * dstate + n3  # (B, D, N) states: initial / final
+    st_off = (pid_b * dim + d3) * dstate + n3  # (B, D, N) states: final
     if HAS_H0:
-        h = _load_rows(h0_ptr + pid_b * dim * dstate, 1, dstate, d1, n3, dstate, NL, NH, BD, ACC)
+        h = _load_rows(h0_ptr + pid_b * s_h0b + pid_c * s_h0c, 1, dstate, d1, n3, dstate, NL, NH, BD, ACC)
     else:
         h = tl.zeros((NL, NH, BD), dtype=ACC)
     ck_off = (pid_b * nchunks * dim + d3) * dstate + n3  # (B, K, D, N) checkpoints, the backward's order
+    sdt = tl.zeros((BD,), dtype=ACC)  # state-only pass: sum of dt' over the segment
+    restarted = t0 < 0  # state-only pass: a restart seen (False)
 
     # Four steps per iteration in two pairs, each pair's inputs loaded one pair ahead so HBM latency
     # hides behind the other pair's math. The ping-pong (P loaded at the end for the next iteration,
     # Q at the start for this one) keeps loads out of loop-carried rotation: no register moves.
-    P0 = _load_step(0, seqlen, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
-                    HAS_Z, HAS_SEQ, EVEN_N, I64)
-    P1 = _load_step(1, seqlen, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
-                    HAS_Z, HAS_SEQ, EVEN_N, I64)
-    s_prev = P0[5]
-    for t in range(0, seqlen, 4):
-        Q0 = _load_step(t + 2, seqlen, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
-                        HAS_Z, HAS_SEQ, EVEN_N, I64)
-        Q1 = _load_step(t + 3, seqlen, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
-                        HAS_Z, HAS_SEQ, EVEN_N, I64)
+    P0 = _load_step(t0, tn, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
+                    HAS_Z, HAS_SEQ, EVEN_N, I64, STATE_ONLY)
+    P1 = _load_step(t0 + 1, tn, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
+                    HAS_Z, HAS_SEQ, EVEN_N, I64, STATE_ONLY)
+    # seq_idx before the segment: a document starting exactly at t0 restarts the carried-in state
+    # (seq_idx[0] itself at t0 = 0: no restart at the first step, as in the sequential scan)
+    s_prev = tl.load(seq_b + _toff(tl.maximum(t0 - 1, 0), I64) * s_st) if HAS_SEQ else P0[5]
+    for t in range(t0, tn, 4):
+        Q0 = _load_step(t + 2, tn, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
+                        HAS_Z, HAS_SEQ, EVEN_N, I64, STATE_ONLY)
+        Q1 = _load_step(t + 3, tn, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
+                        HAS_Z, HAS_SEQ, EVEN_N, I64, STATE_ONLY)
         if SAVE_CK:
             if t % CHUNK == 0:  # state before step t = start of chunk t // CHUNK (CHUNK % 4 == 0)
                 tl.store(hck_ptr + ck_off + tl.cast(t // CHUNK, tl.int64) * dim * dstate, h, mask=n_ok3)
         y_t = y_b + _toff(t, I64) * s_t + d1
-        h, y0 = _fwd_step(h, P0, s_prev, t < seqlen, A2, Dv, bias, ACC, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
-                          HAS_SEQ, LIBDEVICE)
-        h, y1 = _fwd_step(h, P1, P0[5], t + 1 < seqlen, A2, Dv, bias, ACC, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
-                          HAS_SEQ, LIBDEVICE)
+        h, y0, r0 = _fwd_step(h, P0, s_prev, t < tn, A2, Dv, bias, ACC, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                              HAS_SEQ, STATE_ONLY, LIBDEVICE)
+        h, y1, r1 = _fwd_step(h, P1, P0[5], t + 1 < tn, A2, Dv, bias, ACC, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                              HAS_SEQ, STATE_ONLY, LIBDEVICE)
         s_prev = P1[5]
-        tl.store(y_t, y0.to(y_ptr.dtype.element_ty))
-        tl.store(y_t + s_t, y1.to(y_ptr.dtype.element_ty), mask=t + 1 < seqlen)
-        P0 = _load_step(t + 4, seqlen, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
-                        HAS_Z, HAS_SEQ, EVEN_N, I64)
-        P1 = _load_step(t + 5, seqlen, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
-                        HAS_Z, HAS_SEQ, EVEN_N, I64)
-        h, y2 = _fwd_step(h, Q0, s_prev, t + 2 < seqlen, A2, Dv, bias, ACC, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
-                          HAS_SEQ, LIBDEVICE)
-        h, y3 = _fwd_step(h, Q1, Q0[5], t + 3 < seqlen, A2, Dv, bias, ACC, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
-                          HAS_SEQ, LIBDEVICE)
+        if STATE_ONLY:
+            sdt += y0 + y1
+            restarted = restarted | r0 | r1
+        else:
+            tl.store(y_t, y0.to(y_ptr.dtype.element_ty))
+            tl.store(y_t + s_t, y1.to(y_ptr.dtype.element_ty), mask=t + 1 < tn)
+        P0 = _load_step(t + 4, tn, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
+                        HAS_Z, HAS_SEQ, EVEN_N, I64, STATE_ONLY)
+        P1 = _load_step(t + 5, tn, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
+                        HAS_Z, HAS_SEQ, EVEN_N, I64, STATE_ONLY)
+        h, y2, r2 = _fwd_step(h, Q0, s_prev, t + 2 < tn, A2, Dv, bias, ACC, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                              HAS_SEQ, STATE_ONLY, LIBDEVICE)
+        h, y3, r3 = _fwd_step(h, Q1, Q0[5], t + 3 < tn, A2, Dv, bias, ACC, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                              HAS_SEQ, STATE_ONLY, LIBDEVICE)
         s_prev = Q1[5]
-        tl.store(y_t + 2 * s_t, y2.to(y_ptr.dtype.element_ty), mask=t + 2 < seqlen)
-        tl.store(y_t + 3 * s_t, y3.to(y_ptr.dtype.element_ty), mask=t + 3 < seqlen)
-    if SAVE_LAST:
-        tl.store(hlast_ptr + st_off, h, mask=n_ok3)
+        if STATE_ONLY:
+            sdt += y2 + y3
+            restarted = restarted | r2 | r3
+        else:
+            tl.store(y_t + 2 * s_t, y2.to(y_ptr.dtype.element_ty), mask=t + 2 < tn)
+            tl.store(y_t + 3 * s_t, y3.to(y_ptr.dtype.element_ty), mask=t + 3 < tn)
+    if STATE_ONLY:
+        seg = pid_b * nseg + pid_c
+        tl.store(hlast_ptr + (seg * dim + d3) * dstate + n3, h, mask=n_ok3)
+        tl.store(sdt_ptr + seg * dim + d1, sdt)
+        if HAS_SEQ:
+            # one flag per (row, segment), written by the lane of channel 0
+            keep = tl.where(restarted, 0.0, 1.0) + tl.zeros((BD,), dtype=ACC)
+            tl.store(keep_ptr + seg + d1 * 0, keep, mask=d1 == 0)
+    elif SAVE_LAST:
+        tl.store(hlast_ptr + st_off, h, mask=n_ok3 & (pid_c == nseg - 1))
+
+
+@triton.jit
+def _seg_combine_kernel(hloc_ptr, sdt_ptr, keep_ptr, A_ptr, h0_ptr, hstart_ptr, nseg, dim, dstate, s_Ad, s_An,
+                        BLOCK: tl.constexpr, HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, ACC: tl.constexpr):
+    """Pass 2 of the time-parallel forward: the true start state of every segment, sequentially over them:
+        start_0 = h0 (or 0),   start_{c+1} = keep_c exp(A sum_c dt') start_c + local_c
+    where local_c is segment c's end state from a zero start (pass 1). Elementwise over (D, N) of one row;
+    each segment's inputs are loaded one segment ahead (no load waits behind the store it follows)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    e = pid * BLOCK + tl.arange(0, BLOCK)  # flat (d, n) index of the (D, N) state
+    ok = e < dim * dstate
+    d = e // dstate
+    n = e % dstate
+    A2 = tl.load(A_ptr + d * s_Ad + n * s_An, mask=ok, other=0.0).to(ACC) * 1.4426950408889634
+    if HAS_H0:
+        h = tl.load(h0_ptr + b * dim * dstate + e, mask=ok, other=0.0).to(ACC)
+    else:
+        h = tl.zeros((BLOCK,), dtype=ACC)
+    tl.store(hstart_ptr + b * nseg * dim * dstate + e, h, mask=ok)
+    hl = tl.load(hloc_ptr + b * nseg * dim * dstate + e, mask=ok, other=0.0)  # pass 1 wrote ACC
+    sd = tl.load(sdt_ptr + b * nseg * dim + d, mask=ok, other=0.0)
+    one = tl.full((BLOCK,), 1.0, dtype=ACC)
+    kp = tl.load(keep_ptr + b * nseg + e * 0) if HAS_SEQ else one
+    for c in range(0, nseg - 1):
+        seg = b * nseg + c
+        nxt = b * nseg + tl.minimum(c + 1, nseg - 2)
+        hl_n = tl.load(hloc_ptr + nxt * dim * dstate + e, mask=ok, other=0.0)
+        sd_n = tl.load(sdt_ptr + nxt * dim + d, mask=ok, other=0.0)
+        kp_n = tl.load(keep_ptr + nxt + e * 0) if HAS_SEQ else one
+        h = (kp * tl.exp2(A2 * sd)) * h + hl
+        tl.store(hstart_ptr + (seg + 1) * dim * dstate + e, h, mask=ok)
+        hl, sd, kp = hl_n, sd_n, kp_n
 
 
 @triton.jit
@@ -480,6 +560,9 @@ class ScanConfig:
     bwd_channels: channels per warp in the backward (more: fewer dB/dC atomics, more shuffles).
     chunk: steps between forward checkpoints (multiple of 4 and of block_u).
     block_u: backward micro-block, the U states re-derived in registers per scratch checkpoint.
+    time_chunks: time segments the forward scans in parallel (see `default_time_chunks`); None picks
+        from the shape, 1 is the plain sequential forward. Segments hold a whole number of checkpoint
+        chunks, so fewer segments than asked are used when seqlen / chunk is small.
     """
 
     fwd_nl: int | None = None
@@ -487,6 +570,7 @@ class ScanConfig:
     bwd_channels: int | None = None
     chunk: int = DEFAULT_CHUNK
     block_u: int = DEFAULT_BLOCK_U
+    time_chunks: int | None = None
 
 
 @dataclass(frozen=True)
@@ -509,15 +593,73 @@ def _tiles(nl: int, dstate: int, group_size: int, channels: int | None = None) -
     return _Tiles(nl, nh, bd, num_warps)
 
 
-def _fwd_nl(batch: int, dim: int, dstate: int, device: torch.device) -> int:
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def _fwd_nl(rows: int, dim: int, dstate: int, device: torch.device) -> int:
     """States per thread in the forward: as many as possible (no replicated per-channel math)
-    while the launch still has ~3 warps per SM to keep every scheduler issuing."""
+    while the launch still has ~3 warps per SM to keep every scheduler issuing. `rows` counts the
+    independent (batch row, time segment) scans."""
     bn = triton.next_power_of_2(dstate)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    sms = _sm_count(device)
     nl = min(bn, 16)
-    while nl > 4 and batch * dim * (bn // nl) < 3 * sms * 32:
+    while nl > 4 and rows * dim * (bn // nl) < 3 * sms * 32:
         nl //= 2
     return nl
+
+
+# Time-parallel forward (see default_time_chunks). H100 probe, batch x seqlen at equal tokens (dim 4096,
+# dstate 16, one sequential forward each): 2x2048 (512 warps) 0.718 ms, 4x1024 (512 warps of NL=16)
+# 0.320, 8x512 (1024 warps, 7.8 per SM) 0.187, 16x256 (2048 warps) 0.189: flat from ~8 warps per SM.
+FWD_MIN_WARPS_PER_SM = 15  # split until the full pass has this many one-program warps per SM (H100 sweep, BENCHMARKS.md)
+MIN_SEGMENT = 256  # shortest time segment worth a split (pass 1 + 2 are per-segment overheads)
+MAX_TIME_CHUNKS = 64
+
+
+def _fwd_warps(rows: int, dim: int, dstate: int, group_size: int, nl: int) -> int:
+    tiles = _tiles(nl, dstate, group_size)
+    return rows * (dim // tiles.BD) * tiles.num_warps
+
+
+def default_time_chunks(batch: int, seqlen: int, dim: int, dstate: int, ngroups: int = 1,
+                        config: ScanConfig | None = None, device: torch.device | str = "cuda") -> int:
+    """Time segments of the forward for this shape: 1 unless the launch lacks parallelism.
+
+    The sequential forward runs one one-warp program per (batch row, BD channels) walking the whole
+    sequence: with few programs it is latency-bound (~1 warp per scheduler at batch 2 x dim 4096 on an
+    H100; the probe above). Splitting time into nc segments multiplies the programs by nc but adds a
+    state-only pass over (nc - 1) / nc of the sequence (static SASS: 0.58 of the full pass's loop
+    instructions at NL=16, 0.92 at NL=8, where per-channel softplus dominates; it skips C, z, D, y and
+    checkpoints, not the exps) and a tiny combine pass. So: the smallest power of two nc that brings
+    the full pass to FWD_MIN_WARPS_PER_SM warps per SM (NL re-chosen for batch x nc rows), keeping
+    segments of at least MIN_SEGMENT steps and whole checkpoint chunks, at most MAX_TIME_CHUNKS.
+    The threshold comes from the H100 sweep (batch 2 x dim 4096, BENCHMARKS.md): forward at seqlen 2048
+    0.707 / 0.501 / 0.334 / 0.343 ms for nc = 1 / 4 / 8 / 16, flat beyond 8 at 8192 and 32768 too.
+    Examples on 132 SMs, dstate 16: batch 2 x dim 4096: 8 from seqlen 2048, 4 at 1024, 2 at 512;
+    batch 4: 4; batch 8: 2; batch 16: 1; batch 1 x dim 1536, 1M tokens: 64 (16K-step segments).
+    `config.time_chunks` overrides (tests, benchmarks).
+    """
+    cfg = config or ScanConfig()
+    if cfg.time_chunks is not None:
+        return max(1, cfg.time_chunks)
+    device = torch.device(device)
+    target = FWD_MIN_WARPS_PER_SM * _sm_count(device)
+    group_size = dim // ngroups
+    min_seg = max(MIN_SEGMENT, cfg.chunk)
+    nc = 1
+    while nc * 2 <= MAX_TIME_CHUNKS and seqlen >= 2 * nc * min_seg:
+        nl = cfg.fwd_nl or _fwd_nl(batch * nc, dim, dstate, device)
+        if _fwd_warps(batch * nc, dim, dstate, group_size, nl) >= target:
+            break
+        nc *= 2
+    return nc
+
+
+def _segments(seqlen: int, chunk: int, nc: int) -> tuple[int, int]:
+    """(segment length, number of segments) for nc requested segments: whole checkpoint chunks each."""
+    seg_len = chunk * max(1, triton.cdiv(triton.cdiv(seqlen, chunk), max(1, nc)))
+    return seg_len, max(1, triton.cdiv(seqlen, seg_len))
 
 
 def _needs_i64(seqlen: int, *strides: int) -> bool:
@@ -538,7 +680,13 @@ def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx, save_final, save_chunks,
               config: ScanConfig):
-    """Launch the forward. Returns y (B, L, D) in x's dtype, final state or None, checkpoints or None."""
+    """Launch the forward. Returns y (B, L, D) in x's dtype, final state or None, checkpoints or None.
+
+    With nseg > 1 time segments (`default_time_chunks`): pass 1 (state-only kernel) gives each segment
+    but the last its end state from a zero start and its sum of dt'; pass 2 chains them into every
+    segment's true start state; pass 3 (the full kernel) scans all segments from those, writing y, the
+    whole-sequence checkpoints (the backward's layout, unchanged) and the final state.
+    """
     batch, seqlen, dim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     acc_t, acc_tl = _acc_dtype(x)
@@ -549,10 +697,12 @@ def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx
     B = B.to(acc_t).contiguous()
     C = C.to(acc_t).contiguous()
     y = torch.empty_like(x)
-    nl = config.fwd_nl or _fwd_nl(batch, dim, dstate, x.device)
-    tiles = _tiles(nl, dstate, dim // ngroups)
     chunk = config.chunk
     nchunks = triton.cdiv(seqlen, chunk)
+    seg_len, nseg = _segments(seqlen, chunk, default_time_chunks(batch, seqlen, dim, dstate, ngroups, config,
+                                                                 x.device))
+    nl = config.fwd_nl or _fwd_nl(batch * nseg, dim, dstate, x.device)
+    tiles = _tiles(nl, dstate, dim // ngroups)
     hlast = torch.empty(batch, dim, dstate, device=x.device, dtype=acc_t) if save_final else None
     hck = torch.empty(batch, nchunks, dim, dstate, device=x.device, dtype=acc_t) if save_chunks else None
     h0 = initial_state.to(acc_t).contiguous() if initial_state is not None else None
@@ -563,21 +713,44 @@ def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx
     zs = z.stride() if z is not None else (0, 0, 1)
     ss = seq_idx.stride() if seq_idx is not None else (0, 0)
     dummy = y
-    grid = (dim // tiles.BD, batch)
-    _scan_fwd_kernel[grid](
-        x, dt, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
-        dt_bias if dt_bias is not None else dummy, h0 if h0 is not None else dummy,
-        seq_idx if seq_idx is not None else dummy, y, hlast if hlast is not None else dummy,
-        hck if hck is not None else dummy,
-        seqlen, dim, dstate, dim // ngroups, nchunks,
-        x.stride(0), x.stride(1), zs[0], zs[1], B.stride(0), B.stride(1), B.stride(2), ss[0], ss[1],
-        A.stride(0), A.stride(1),
-        CHUNK=chunk, NL=tiles.NL, NH=tiles.NH, BD=tiles.BD, ACC=acc_tl, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None,
-        SAVE_LAST=save_final, SAVE_CK=save_chunks, EVEN_N=dstate == tiles.NL * tiles.NH,
-        LIBDEVICE=not triton_interpret(),
-        I64=_needs_i64(seqlen, x.stride(1), zs[1], B.stride(1), ss[1]),
+    common = dict(
+        CHUNK=chunk, NL=tiles.NL, NH=tiles.NH, BD=tiles.BD, ACC=acc_tl, HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None, EVEN_N=dstate == tiles.NL * tiles.NH,
+        LIBDEVICE=not triton_interpret(), I64=_needs_i64(seqlen, x.stride(1), zs[1], B.stride(1), ss[1]),
         num_warps=tiles.num_warps,
+    )
+    strides = (x.stride(0), x.stride(1), zs[0], zs[1], B.stride(0), B.stride(1), B.stride(2), ss[0], ss[1],
+               A.stride(0), A.stride(1))
+    z_arg = z if z is not None else dummy
+    seq_arg = seq_idx if seq_idx is not None else dummy
+    bias_arg = dt_bias if dt_bias is not None else dummy
+    if nseg == 1:
+        start, s_start = h0, (dim * dstate, 0)
+    else:
+        # pass 1: end state from zero, sum of dt' and restart flag of every segment but the last
+        hloc = torch.empty(batch, nseg, dim, dstate, device=x.device, dtype=acc_t)
+        sdt = torch.empty(batch, nseg, dim, device=x.device, dtype=acc_t)
+        keep = torch.empty(batch, nseg, device=x.device, dtype=acc_t) if seq_idx is not None else sdt
+        _scan_fwd_kernel[(dim // tiles.BD, batch, nseg - 1)](
+            x, dt, dummy, B, C, A, dummy, bias_arg, dummy, seq_arg, dummy, hloc, dummy, sdt, keep,
+            seqlen, seg_len, nseg, dim, dstate, dim // ngroups, nchunks, *strides, 0, 0,
+            HAS_D=False, HAS_Z=False, HAS_H0=False, SAVE_LAST=False, SAVE_CK=False, STATE_ONLY=True, **common,
+        )
+        # pass 2: start state of every segment, chained over the segments (elementwise over (D, N))
+        start = torch.empty(batch, nseg, dim, dstate, device=x.device, dtype=acc_t)
+        block = 256
+        _seg_combine_kernel[(triton.cdiv(dim * dstate, block), batch)](
+            hloc, sdt, keep, A, h0 if h0 is not None else dummy, start, nseg, dim, dstate, A.stride(0),
+            A.stride(1), BLOCK=block, HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, ACC=acc_tl, num_warps=4,
+        )
+        s_start = (nseg * dim * dstate, dim * dstate)
+    # pass 3 (the only pass when nseg == 1): the full forward of every segment from its start state
+    _scan_fwd_kernel[(dim // tiles.BD, batch, nseg)](
+        x, dt, z_arg, B, C, A, D if D is not None else dummy, bias_arg, start if start is not None else dummy,
+        seq_arg, y, hlast if hlast is not None else dummy, hck if hck is not None else dummy, dummy, dummy,
+        seqlen, seg_len, nseg, dim, dstate, dim // ngroups, nchunks, *strides, *s_start,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=start is not None, SAVE_LAST=save_final,
+        SAVE_CK=save_chunks, STATE_ONLY=False, **common,
     )
     return y, hlast, hck
 
@@ -711,6 +884,8 @@ def selective_scan_triton(
     if cfg.chunk % 4 or cfg.chunk % cfg.block_u:
         raise ValueError(f"selective_scan_triton: chunk={cfg.chunk} must be a multiple of 4 and of "
                          f"block_u={cfg.block_u}")
+    if cfg.time_chunks is not None and cfg.time_chunks < 1:
+        raise ValueError(f"selective_scan_triton: time_chunks={cfg.time_chunks} must be >= 1 (or None)")
     if seq_idx is not None and seq_idx.dtype != torch.int32:
         seq_idx = seq_idx.to(torch.int32)
     return SelectiveScanFunction.apply(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus,
