@@ -58,21 +58,23 @@ def _conv(x_BLD, init_BSD, w_DW, bias, masks):
     """Pre-activation u (B, L, D) in x_BLD's dtype; init_BSD is the initial window as (B, S, D) or None."""
     seqlen = x_BLD.shape[1]
     width = w_DW.shape[1]
+    # taps as contiguous (D,) rows: broadcasting a strided column w_DW[:, k] is 3-5x slower on CPU
+    w_WD = w_DW.t().contiguous()
     # the current-token tap and the bias in one pass
-    u_BLD = torch.addcmul(bias.to(x_BLD.dtype), x_BLD, w_DW[:, -1]) if bias is not None else x_BLD * w_DW[:, -1]
+    u_BLD = torch.addcmul(bias.to(x_BLD.dtype), x_BLD, w_WD[-1]) if bias is not None else x_BLD * w_WD[-1]
     for k in range(width - 1):
         s = width - 1 - k
         if s < seqlen:
             tap = x_BLD[:, : seqlen - s]
             if masks is not None:
                 tap = tap * masks[k][:, s:]
-            u_BLD[:, s:].addcmul_(tap, w_DW[:, k])
+            u_BLD[:, s:].addcmul_(tap, w_WD[k])
         if init_BSD is not None:
             n = min(s, seqlen)  # rows t < s read slot t + k of the initial window
             tap = init_BSD[:, k : k + n]
             if masks is not None:
                 tap = tap * masks[k][:, :n]
-            u_BLD[:, :n].addcmul_(tap, w_DW[:, k])
+            u_BLD[:, :n].addcmul_(tap, w_WD[k])
     return u_BLD
 
 
@@ -114,13 +116,14 @@ class _CausalConv1dTorch(torch.autograd.Function):
         width = weight.shape[1]
         x_BLD = x.to(cdt)
         w_DW = weight.to(cdt)
+        w_WD = w_DW.t().contiguous()  # contiguous (D,) rows per tap (see _conv)
         init_BSD = initial_state.transpose(1, 2).to(cdt) if initial_state is not None else None
         masks = _tap_masks(seq_idx, width, cdt)
 
         du_BLD = dy_BLD.to(cdt)
         if ctx.silu:
             du_BLD = torch.ops.aten.silu_backward(du_BLD, u_BLD)  # one fused pass for dy * silu'(u)
-        dx_BLD = du_BLD * w_DW[:, -1]
+        dx_BLD = du_BLD * w_WD[-1]
         dinit_BSD = du_BLD.new_zeros(batch, width - 1, dim) if init_BSD is not None else None
         dw_DW = w_DW.new_empty(dim, width)
         prod_BLD = torch.empty_like(du_BLD)  # one scratch buffer for every weight-grad product
@@ -130,11 +133,11 @@ class _CausalConv1dTorch(torch.autograd.Function):
             du_k = du_BLD if masks is None else du_BLD * masks[k]  # m_k(t) at the output position t
             dw_k = du_BLD.new_zeros(dim)
             if s < seqlen:
-                dx_BLD[:, : seqlen - s].addcmul_(du_k[:, s:], w_DW[:, k])
+                dx_BLD[:, : seqlen - s].addcmul_(du_k[:, s:], w_WD[k])
                 dw_k += _sum_BL(torch.mul(du_k[:, s:], x_BLD[:, : seqlen - s], out=prod_BLD[:, : seqlen - s]))
             if init_BSD is not None:
                 n = min(s, seqlen)
-                dinit_BSD[:, k : k + n].addcmul_(du_k[:, :n], w_DW[:, k])
+                dinit_BSD[:, k : k + n].addcmul_(du_k[:, :n], w_WD[k])
                 dw_k += _sum_BL(du_k[:, :n] * init_BSD[:, k : k + n])
             dw_DW[:, k] = dw_k
 
