@@ -76,6 +76,14 @@ USER_ERRORS = [
                  id="bad-top-p"),
     pytest.param(["generate", "--model", "{tmp}", "--temperature", "-1"], "mambakit generate: error: argument --temperature",
                  id="bad-temperature"),
+    pytest.param(["generate", "--model", "{tmp}", "--batch-size", "0"],
+                 "mambakit generate: error: argument --batch-size: expected an integer >= 1", id="bad-batch-size"),
+    pytest.param(["generate", "--model", "{tmp}", "--output", "{tmp}/out.jsonl"],
+                 "mambakit generate: error: --output needs --prompts-file", id="output-without-prompts-file"),
+    pytest.param(["generate", "--model", "{tmp}", "--prompt", "x", "--prompts-file", "{tmp}/notes.csv"],
+                 "mambakit generate: error: give either --prompt or --prompts-file", id="prompt-and-prompts-file"),
+    pytest.param(["generate", "--model", "{tmp}", "--stop", ""], "mambakit generate: error: --stop needs a non-empty",
+                 id="empty-stop"),
 ]
 
 
@@ -123,3 +131,80 @@ def test_train_then_generate_end_to_end(tmp_path, capsys):
     assert main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
     resumed = capsys.readouterr().out
     assert "resuming from" in resumed and "trained 0 steps (6/6)" in resumed
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A random byte-level Mamba-2 LM saved as `mambakit train` saves one, and the model itself."""
+    import torch
+
+    from mambakit import MambaConfig, MambaLM
+    from mambakit.data import ByteTokenizer
+
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=256,
+                                ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 16, "chunk_size": 8})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "model", tokenizer=ByteTokenizer())
+    return tmp_path / "model", model
+
+
+def _greedy_text(model, prompt: str, n: int, **kwargs) -> str:
+    from mambakit.data import ByteTokenizer
+    from mambakit.generation import generate
+
+    tok = ByteTokenizer()
+    new = generate(model, [[tok.eos_id] + tok.encode(prompt)], n, eos_token_id=tok.eos_id, **kwargs)[0]
+    return tok.decode(new[:-1] if new and new[-1] == tok.eos_id else new)
+
+
+def test_generate_prompts_file_writes_one_json_line_per_prompt(tmp_path, capsys, tiny_checkpoint):
+    """Lines of different lengths, in batches of 2: each completion is what the prompt gets alone."""
+    model_dir, model = tiny_checkpoint
+    prompts = ["to be", "or not", "", "that is the question"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--model", str(model_dir), "--prompts-file", str(tmp_path / "prompts.txt"), "--output", str(out),
+            "--batch-size", "2", "--temperature", "0", "--max-new-tokens", "12"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "tokens/s" in captured.err
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2, 3]
+    assert [r["prompt"] for r in records] == prompts
+    for r in records:
+        assert r["completion"] == _greedy_text(model, r["prompt"], 12)
+        assert 1 <= r["new_tokens"] <= 12
+
+    # without --output the JSON lines go to stdout
+    assert main(argv[:5] + argv[7:]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == records
+
+
+def test_generate_stop_string_ends_the_streamed_text(capsys, tiny_checkpoint):
+    model_dir, model = tiny_checkpoint
+    free = _greedy_text(model, "to be", 16)
+    stop = free[2:4]  # two characters the greedy continuation contains
+    expected = free[: free.index(stop) + len(stop)]
+    argv = ["generate", "--model", str(model_dir), "--prompt", "to be", "--temperature", "0", "--max-new-tokens", "16",
+            "--stop", stop.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == "to be" + expected + "\n"
+
+
+@pytest.mark.parametrize("name, message", [
+    pytest.param("missing.txt", "prompts file not found", id="missing"),
+    pytest.param("empty.txt", "no prompts", id="empty"),
+    pytest.param("latin1.txt", "not UTF-8 text", id="not-utf8"),
+])
+def test_generate_prompts_file_errors(tmp_path, tiny_checkpoint, name, message):
+    from mambakit.cli.errors import UsageError
+    from mambakit.cli.generate import main as generate_main
+
+    model_dir, _ = tiny_checkpoint
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UsageError, match=message):
+        generate_main(str(model_dir), prompts_file=str(tmp_path / name))

@@ -198,9 +198,23 @@ def test_ssd_triton_low_precision_within_twice_torch_error(dtype):
     pytest.param(8, id="below-16"),
     pytest.param(512, id="above-256"),
 ])
+def test_ssd_triton_runs_any_chunk_size(chunk_size):
+    """A model configured with chunk 8, 48 or 512 runs on the Triton path (chunk rounded and clamped to a
+    power of two in [16, 256]); only the rounding differs from the float64 reference."""
+    inp = _make_inputs(1, 40, 2, 16, 1, 16, D="head")
+    upstream = _upstream(inp)
+    outs, grads = _run_ssd(inp, {"chunk_size": chunk_size}, "triton", upstream)
+    ref_outs, ref_grads = _run_ssd(_as_float64(inp), {"chunk_size": chunk_size}, "reference",
+                                   [u.double() for u in upstream])
+    assert_close(outs[0], ref_outs[0], name="y")
+    for k in grads:
+        assert_close(grads[k], ref_grads[k], name=f"d{k}")
+
+
+@pytest.mark.parametrize("chunk_size", [0, -16, 16.0])
 def test_ssd_triton_rejects_bad_chunk_size(chunk_size):
     inp = _make_inputs(1, 8, 2, 16, 1, 16)
-    with pytest.raises(ValueError, match=r"chunk_size a power of two in \[16, 256\]"):
+    with pytest.raises(ValueError, match=r"chunk_size must be a positive int"):
         ssd(**inp, chunk_size=chunk_size, backend="triton")
 
 

@@ -1,8 +1,10 @@
-"""`mambakit generate`: load a checkpoint and its tokenizer, stream a continuation of a prompt to stdout."""
+"""`mambakit generate`: load a checkpoint and its tokenizer, stream a continuation of a prompt to stdout,
+or continue every line of a file in batches (one JSON line per prompt)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -19,6 +21,11 @@ examples:
       greedy decoding
   mambakit generate --model runs/shakespeare --seed 1
       no prompt: the start of a new document
+  mambakit generate --model runs/shakespeare --prompt "ROMEO" --stop "\n\n"
+      stop at the first blank line
+  mambakit generate --model runs/shakespeare --prompts-file prompts.txt --output out.jsonl --batch-size 32
+      one prompt per line, generated in batches; one JSON line per prompt
+      ({"index", "prompt", "completion", "new_tokens"}) to out.jsonl (default: stdout)
 
 The directory must hold config.json, model.safetensors and the tokenizer (tokenizer_config.json,
 plus tokenizer.json for non-byte tokenizers), as `mambakit train` writes them. The text goes to
@@ -52,10 +59,23 @@ def _float_in(lo: float, hi: float, lo_open: bool, hi_open: bool):
     return parse
 
 
+def _positive_int(text: str) -> int:
+    value = _nonnegative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def build_parser(prog: str = "mambakit generate") -> Parser:
     p = Parser(prog=prog, description=SUMMARY, epilog=EXAMPLES)
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (e.g. runs/shakespeare)")
     p.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: empty, a new document)")
+    p.add_argument("--prompts-file", default=None, metavar="FILE",
+                   help="continue every line of FILE instead of --prompt (one prompt per line, UTF-8)")
+    p.add_argument("--output", default=None, metavar="FILE",
+                   help="with --prompts-file: write the JSON lines to FILE instead of stdout")
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
+                   help="with --prompts-file: prompts generated together (default 16)")
     p.add_argument("--max-new-tokens", type=_nonnegative_int, default=200, metavar="N", help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=_float_in(0, float("inf"), False, True), default=0.8, metavar="T",
                    help="sampling temperature; 0 = greedy (default 0.8)")
@@ -65,23 +85,55 @@ def build_parser(prog: str = "mambakit generate") -> Parser:
                    help="drop tokens below P x the top probability (default 0)")
     p.add_argument("--repetition-penalty", type=_float_in(0, float("inf"), True, True), default=1.0, metavar="R",
                    help="divide the logits of tokens already seen by R (default 1: off)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end a continuation once its text contains TEXT (repeatable; the text is kept)")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="seed for sampling (default: random)")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=_DTYPES, default="auto", help="weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="replay the decode step from a CUDA graph on CUDA devices (default: on)")
     return p
 
 
-def main(model: str, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 0,
-         top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
-         device: str = "auto", dtype: str = "auto") -> int:
-    """Stream a continuation of `prompt` from the checkpoint in `model`; returns the exit status.
+def _unescape(text: str) -> str:
+    """'\\n' and '\\t' typed in a shell argument stand for newline and tab ('\\\\' for a backslash)."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
 
-    The prompt is prefixed with the tokenizer's end-of-document token, as every document is in
-    training, so the model continues it as the start of a document.
+
+def _read_prompts(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"prompts file not found: {path}")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if not lines:
+        raise UsageError(f"{path}: no prompts (the file is empty)")
+    return lines
+
+
+def main(model: str, prompt: str = "", prompts_file: str | None = None, output: str | None = None,
+         batch_size: int = 16, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 0,
+         top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, stop: list[str] | None = None,
+         seed: int | None = None, device: str = "auto", dtype: str = "auto", cuda_graph: bool = True) -> int:
+    """Stream a continuation of `prompt` (or continue each line of `prompts_file`) from the checkpoint in `model`.
+
+    Every prompt is prefixed with the tokenizer's end-of-document token, as every document is in
+    training, so the model continues it as the start of a document. Returns the exit status.
 
     Examples:
         mambakit generate --model runs/shakespeare --prompt "**HAMLET**"
         mambakit generate --model runs/shakespeare --prompt "To be" --temperature 0.7 --top-p 0.9 --seed 0
+        mambakit generate --model runs/shakespeare --prompts-file prompts.txt --output out.jsonl
     """
     import torch
 
@@ -91,11 +143,19 @@ def main(model: str, prompt: str = "", max_new_tokens: int = 200, temperature: f
     from ..models import MambaLM
     from ..training import resolve_device
 
+    if prompts_file is None and output is not None:
+        raise UsageError("--output needs --prompts-file (a single prompt streams to stdout)")
+    if prompts_file is not None and prompt:
+        raise UsageError("give either --prompt or --prompts-file, not both")
+    stops = [_unescape(s) for s in stop] if stop else None
+    if stops is not None and not all(stops):
+        raise UsageError("--stop needs a non-empty text")
     directory = Path(model)
     if not directory.is_dir():
         raise UsageError(f"model directory not found: {model}")
     if not (directory / "config.json").is_file():
         raise UsageError(f"no config.json in {model}: not a model directory (train one with `mambakit train`)")
+    prompts = _read_prompts(prompts_file) if prompts_file is not None else None
     try:
         dev = resolve_device(device)
     except ValueError as err:
@@ -108,25 +168,61 @@ def main(model: str, prompt: str = "", max_new_tokens: int = 200, temperature: f
     if tokenizer.vocab_size > lm.config.padded_vocab_size:
         raise UsageError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the model's "
                          f"({lm.config.padded_vocab_size}): they do not belong together")
-    prompt_ids = ([tokenizer.eos_id] if tokenizer.eos_id is not None else []) + tokenizer.encode(prompt)
-    if not prompt_ids:
-        raise UsageError("the prompt is empty and the tokenizer has no end-of-document token to start from")
-
-    out = sys.stdout
-    out.write(prompt)
-    out.flush()
-    decoder = IncrementalDecoder(tokenizer)
-    n_new = 0
+    start = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    repetition_penalty=repetition_penalty, eos_token_id=tokenizer.eos_id, seed=seed,
+                    stop_strings=stops, decode=tokenizer.decode if stops else None, cuda_graph=cuda_graph)
     t0 = time.perf_counter()
-    for token in stream(lm, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=tokenizer.eos_id, seed=seed):
-        n_new += 1
-        if token == tokenizer.eos_id:
-            break
-        out.write(decoder.push(token))
+    if prompts is not None:
+        n_new = _generate_file(lm, tokenizer, prompts, start, output, batch_size, max_new_tokens, sampling)
+    else:
+        prompt_ids = start + tokenizer.encode(prompt)
+        if not prompt_ids:
+            raise UsageError("the prompt is empty and the tokenizer has no end-of-document token to start from")
+        out = sys.stdout
+        out.write(prompt)
         out.flush()
-    out.write(decoder.flush() + "\n")
-    out.flush()
+        decoder = IncrementalDecoder(tokenizer)
+        n_new = 0
+        for token in stream(lm, prompt_ids, max_new_tokens, **sampling):
+            n_new += 1
+            if token == tokenizer.eos_id:
+                break
+            out.write(decoder.push(token))
+            out.flush()
+        out.write(decoder.flush() + "\n")
+        out.flush()
     elapsed = time.perf_counter() - t0
-    print(f"{n_new} tokens in {elapsed:.2f} s (prompt included): {n_new / max(elapsed, 1e-9):.1f} tokens/s", file=sys.stderr)
+    print(f"{n_new} tokens in {elapsed:.2f} s (prompt included): {n_new / max(elapsed, 1e-9):.1f} tokens/s",
+          file=sys.stderr)
     return 0
+
+
+def _generate_file(lm, tokenizer, prompts: list[str], start: list[int], output: str | None, batch_size: int,
+                   max_new_tokens: int, sampling: dict) -> int:
+    """Continue each prompt in batches of batch_size; write one JSON line per prompt; return the new-token count.
+
+    Batch k is seeded with seed + k * batch_size, so a seeded run is reproducible and its batches differ.
+    """
+    from ..generation import generate
+
+    encoded = [start + tokenizer.encode(text) for text in prompts]
+    if any(not ids for ids in encoded):
+        raise UsageError("an empty prompt needs a tokenizer with an end-of-document token to start from")
+    n_new = 0
+    sink = open(output, "w", encoding="utf-8") if output is not None else sys.stdout  # noqa: SIM115
+    try:
+        for first in range(0, len(encoded), batch_size):
+            batch = encoded[first:first + batch_size]
+            seed = None if sampling["seed"] is None else sampling["seed"] + first
+            for i, new in enumerate(generate(lm, batch, max_new_tokens, **{**sampling, "seed": seed})):
+                n_new += len(new)
+                text_ids = new[:-1] if new and new[-1] == tokenizer.eos_id else new
+                record = {"index": first + i, "prompt": prompts[first + i], "completion": tokenizer.decode(text_ids),
+                          "new_tokens": len(new)}
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sink.flush()
+    finally:
+        if sink is not sys.stdout:
+            sink.close()
+    return n_new

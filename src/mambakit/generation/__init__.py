@@ -1,8 +1,11 @@
-"""mambakit.generation: inference cache, prefill, decode step, sampling, generate and stream."""
+"""mambakit.generation: inference cache, prefill, decode step, sampling, CUDA graphs, generate and stream."""
 
 from .cache import InferenceCache, allocate_cache
-from .generate import SamplingParams, decode_one_token, generate, prefill, stream
-from .sampling import apply_repetition_penalty, greedy, logits_to_probs, sample
+from .cuda_graph import CUDAGraphDecoder
+from .generate import SamplingParams, generate, stream
+from .sampling import apply_repetition_penalty, greedy, logits_to_probs, sample, seen_tokens
+from .steps import decode_one_token, prefill
+from .stopping import StopStrings
 
 __all__ = [
     "InferenceCache",
@@ -10,10 +13,13 @@ __all__ = [
     "SamplingParams",
     "prefill",
     "decode_one_token",
+    "CUDAGraphDecoder",
     "generate",
     "stream",
+    "StopStrings",
     "logits_to_probs",
     "apply_repetition_penalty",
     "sample",
     "greedy",
+    "seen_tokens",
 ]

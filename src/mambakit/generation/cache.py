@@ -1,8 +1,14 @@
 """The inference cache: one recurrent state per layer plus the number of tokens consumed.
 
-A Mamba cache has a fixed size whatever the prefix length: per layer a conv window (B, C, W-1) and
-an SSM state ((B, D, N) for Mamba-1, (B, H, P, N) for Mamba-2). That is what makes decoding cost
-the same per token at any position.
+Shapes (legend): B batch, C conv channels, W conv width, D Mamba-1 inner dim, N dstate, H heads,
+P headdim.
+
+    layers[i].conv_state: (B, C, W - 1)   the last W-1 conv inputs, in the activation dtype
+    layers[i].ssm_state:  (B, D, N) for Mamba-1, (B, H, P, N) for Mamba-2, float32
+
+A Mamba cache has a fixed size whatever the prefix length: that is what makes decoding cost the same
+per token at any position, and what lets a CUDA graph capture the decode step once: the model's
+step path updates these tensors in place, so their addresses never change.
 """
 
 from __future__ import annotations
@@ -17,6 +23,12 @@ from ..modules import MixerState
 
 @dataclass
 class InferenceCache:
+    """Per-layer recurrent states of `batch_size` sequences; `seqlen_offset` counts the tokens consumed.
+
+    With a ragged batch (rows of different lengths) `seqlen_offset` counts the longest row; a cache
+    whose `seqlen_offset` is 0 holds no tokens (`prefill` zeroes it before use).
+    """
+
     layers: list[MixerState]
     seqlen_offset: int = 0
 
@@ -25,6 +37,7 @@ class InferenceCache:
         return self.layers[0].ssm_state.shape[0]
 
     def reset(self) -> "InferenceCache":
+        """Zero every state in place (the tensors keep their addresses: a captured CUDA graph stays valid)."""
         for state in self.layers:
             state.zero_()
         self.seqlen_offset = 0
@@ -33,11 +46,29 @@ class InferenceCache:
     def nbytes(self) -> int:
         return sum(s.conv_state.nbytes + s.ssm_state.nbytes for s in self.layers)
 
+    def index_select(self, rows: torch.Tensor) -> "InferenceCache":
+        """A new cache holding copies of the states of `rows` (a 1-D index tensor on the cache's device)."""
+        layers = [MixerState(s.conv_state.index_select(0, rows), s.ssm_state.index_select(0, rows))
+                  for s in self.layers]
+        return InferenceCache(layers=layers, seqlen_offset=self.seqlen_offset)
+
+    def index_copy_(self, rows: torch.Tensor, source: "InferenceCache") -> "InferenceCache":
+        """Write `source`'s states (len(rows) sequences) into `rows` of this cache, in place."""
+        for dst, src in zip(self.layers, source.layers):
+            dst.conv_state.index_copy_(0, rows, src.conv_state)
+            dst.ssm_state.index_copy_(0, rows, src.ssm_state)
+        return self
+
 
 def allocate_cache(model: nn.Module, batch_size: int, dtype: torch.dtype | None = None,
                    device: torch.device | None = None) -> InferenceCache:
-    """Zero cache for `batch_size` sequences; conv windows in `dtype` (default: the model's), SSM states float32."""
-    if not isinstance(batch_size, int) or batch_size < 1:
+    """Zero cache for `batch_size` sequences; conv windows in `dtype` (default: the model's), SSM states float32.
+
+    Example:
+        >>> cache = allocate_cache(model, batch_size=4)
+        >>> cache.layers[0].ssm_state.shape        # Mamba-2: (4, nheads, headdim, d_state)
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"allocate_cache: batch_size must be a positive int, got {batch_size!r}")
     layers = [block.mixer.allocate_state(batch_size, dtype=dtype, device=device) for block in model.backbone.layers]
     return InferenceCache(layers=layers)

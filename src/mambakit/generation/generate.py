@@ -1,21 +1,30 @@
-"""Prefill, decode step, and the generate / stream loops on top of the inference cache.
+"""The generate and stream loops: prefill once, then sample and decode one token at a time.
 
-Shapes (legend): B batch, L prompt length, V padded vocab.
+Shapes (legend): B batch, V padded vocab, T max_new_tokens.
 
-    cache, logits = prefill(model, prompts)        # per-row prompts of any lengths -> last logits (B, V)
-    logits = decode_one_token(model, tokens, cache)  # tokens (B,) -> (B, V), constant cost per token
+    new = generate(model, prompts, T, temperature=0.8, top_p=0.9, seed=0)   # list of B token lists
+    for token in stream(model, prompt, T): ...                               # one prompt, token by token
+
+Both run the same loop (`_token_loop`), so `stream` yields exactly what `generate` returns. The loop
+keeps everything on the device: the sampled tokens of every step go into a (B, T) buffer and the
+host reads them once at the end; it synchronises only every few steps to see whether every row has
+finished (EOS), or every step when stop strings need the text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .cache import InferenceCache, allocate_cache
-from .sampling import apply_repetition_penalty, greedy, logits_to_probs, sample
+from .cuda_graph import CUDAGraphDecoder
+from .sampling import apply_repetition_penalty, greedy, logits_to_probs, sample, seen_tokens
+from .steps import decode_one_token, model_device, pack_prompts, prefill_packed
+from .stopping import StopStrings
+
+_SYNC_EVERY = 16  # steps between host checks of "every row has hit EOS" (each check is a device sync)
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,9 @@ class SamplingParams:
             ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
             ("min_p", 0.0 <= self.min_p < 1.0, "in [0, 1)"),
             ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+            ("eos_token_id", self.eos_token_id is None or all(isinstance(t, int) and t >= 0 for t in self.eos_ids),
+             "None, an int >= 0 or a list of them"),
+            ("seed", self.seed is None or isinstance(self.seed, int), "None or an int"),
         ]
         for name, ok, need in checks:
             if not ok:
@@ -49,145 +61,177 @@ class SamplingParams:
         return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _as_rows(prompts) -> list[list[int]]:
-    if isinstance(prompts, torch.Tensor):
-        if prompts.dim() != 2 or prompts.is_floating_point():
-            raise ValueError(f"generate: a prompt tensor must be integer (batch, seqlen), got {prompts.dtype} "
-                             f"{tuple(prompts.shape)}")
-        return prompts.tolist()
-    rows = [list(map(int, p)) for p in prompts]
-    if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("generate: prompts must be a non-empty list of non-empty token-id lists")
-    return rows
-
-
-@torch.inference_mode()
-def prefill(model: nn.Module, prompts, cache: InferenceCache | None = None) -> tuple[InferenceCache, torch.Tensor]:
-    """Run the prompts through the model into a fresh (or given, zeroed) cache; return it and the last logits (B, V).
-
-    Rows of different lengths never see padding: rows of equal length are prefilled together into a
-    sub-cache whose final states are copied into their rows of the batch cache.
-    """
-    rows = _as_rows(prompts)
-    vocab = model.config.padded_vocab_size
-    if any(t < 0 or t >= vocab for r in rows for t in r):
-        raise ValueError(f"generate: prompt token ids must lie in [0, {vocab})")
-    device = _model_device(model)
-    cache = cache or allocate_cache(model, len(rows))
-    last = torch.empty(len(rows), vocab, device=device, dtype=torch.float32)
-    by_length: dict[int, list[int]] = {}
-    for i, r in enumerate(rows):
-        by_length.setdefault(len(r), []).append(i)
-    for length, idx in by_length.items():
-        ids = torch.tensor([rows[i] for i in idx], device=device)
-        if len(by_length) == 1:
-            last[:] = model(ids, cache=cache, logits_to_keep=1)[:, -1].float()
-            return cache, last
-        sub = allocate_cache(model, len(idx))
-        last[idx] = model(ids, cache=sub, logits_to_keep=1)[:, -1].float()
-        index = torch.tensor(idx, device=device)
-        for dst, src in zip(cache.layers, sub.layers):
-            dst.conv_state.index_copy_(0, index, src.conv_state)
-            dst.ssm_state.index_copy_(0, index, src.ssm_state)
-    cache.seqlen_offset = max(len(r) for r in rows)
-    return cache, last
-
-
-@torch.inference_mode()
-def decode_one_token(model: nn.Module, tokens: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
-    """tokens (B,) -> next-token logits (B, V) float32, advancing the cache by one token."""
-    return model(tokens[:, None], cache=cache)[:, -1].float()
-
-
-def _token_loop(model: nn.Module, rows: list[list[int]], max_new_tokens: int,
-                params: SamplingParams) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, (B,), for up to max_new_tokens steps (stops when all rows hit EOS)."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+def _check_max_new_tokens(max_new_tokens) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+
+
+def _decoder_for(model: nn.Module, batch: int, cuda_graph: bool | CUDAGraphDecoder) -> CUDAGraphDecoder | None:
+    """The graph decoder to use: the one given, a new one (CUDA models only), or None for the eager step."""
+    if isinstance(cuda_graph, CUDAGraphDecoder):
+        if cuda_graph.model is not model or cuda_graph.batch_size != batch:
+            raise ValueError(f"generate: cuda_graph was captured for batch {cuda_graph.batch_size} of another "
+                             f"model or size; this call has {batch} prompts")
+        return cuda_graph
+    if not isinstance(cuda_graph, bool):
+        raise ValueError(f"generate: cuda_graph must be a bool or a CUDAGraphDecoder, got {type(cuda_graph).__name__}")
+    if cuda_graph and model_device(model).type == "cuda":
+        return CUDAGraphDecoder(model, batch)
+    return None  # on CPU a graph buys nothing: the eager step is the fallback
+
+
+def _token_loop(model: nn.Module, ids_BL: torch.Tensor, lengths: list[int], max_new_tokens: int,
+                params: SamplingParams, cuda_graph: bool | CUDAGraphDecoder,
+                prefill_chunk_size: int | None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,) int64 on the model's device, max_new_tokens times.
+
+    ids_BL, lengths: the prompts as `pack_prompts` returns them. Prefill runs at the first iteration; a
+    decode step runs only when the caller asks for one more token, so a caller that stops early (EOS,
+    stop string) never pays for a step it does not use.
+    """
     if max_new_tokens == 0:
         return
-    device = _model_device(model)
+    device = ids_BL.device
     vocab, real_vocab = model.config.padded_vocab_size, model.config.vocab_size
+    batch = ids_BL.shape[0]
+    decoder = _decoder_for(model, batch, cuda_graph)
+    cache = None
+    if decoder is not None:
+        cache = decoder.cache.reset()
+    cache, logits_BV = prefill_packed(model, ids_BL, lengths, cache, chunk_size=prefill_chunk_size)
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(params.seed)
-    cache, logits = prefill(model, rows)
-    seen = None
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
-        for i, r in enumerate(rows):
-            seen[i, r] = True
-    eos = torch.tensor(params.eos_ids, device=device, dtype=torch.long)
-    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    with torch.inference_mode():
+        seen_BV = None
+        if params.repetition_penalty != 1.0:
+            # tokens of the prompt (padding excluded) count as seen
+            pads_B = torch.tensor([ids_BL.shape[1] - n for n in lengths], device=device)
+            valid_BL = torch.arange(ids_BL.shape[1], device=device)[None, :] >= pads_B[:, None]
+            seen_BV = seen_tokens(ids_BL, valid_BL, vocab)
     for step in range(max_new_tokens):
         with torch.inference_mode():
-            logits[:, real_vocab:] = float("-inf")  # padded vocab rows are never sampled
-            if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+            if real_vocab < vocab:
+                logits_BV[:, real_vocab:] = float("-inf")  # padded vocab ids are never produced
+            if seen_BV is not None:
+                logits_BV = apply_repetition_penalty(logits_BV, seen_BV, params.repetition_penalty)
             if params.temperature == 0.0:
-                tokens = greedy(logits)
+                tokens_B = greedy(logits_BV)
             else:
-                probs = logits_to_probs(logits, params.temperature, params.top_k, params.top_p, params.min_p)
-                tokens = sample(probs, generator)
-        yield tokens
-        if eos.numel():
-            done |= torch.isin(tokens, eos)
-            if bool(done.all()):
-                return
-        if seen is not None:
-            seen[torch.arange(len(rows), device=device), tokens] = True
+                probs_BV = logits_to_probs(logits_BV, params.temperature, params.top_k, params.top_p, params.min_p)
+                tokens_B = sample(probs_BV, generator)
+            if seen_BV is not None:
+                seen_BV.scatter_(1, tokens_B[:, None], True)
+        yield tokens_B
         if step + 1 < max_new_tokens:
-            logits = decode_one_token(model, tokens, cache)
+            logits_BV = decoder(tokens_B) if decoder is not None else decode_one_token(model, tokens_B, cache)
+
+
+def _end_of_row(row: list[int], eos: set[int], stop_step: int | None) -> int:
+    """Length of a row's output: through its first EOS or the token that completed a stop string."""
+    end = len(row) if stop_step is None else stop_step + 1
+    for i, t in enumerate(row[:end]):
+        if t in eos:
+            return i + 1
+    return end
 
 
 def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-             eos_token_id: int | Sequence[int] | None = None, seed: int | None = None) -> list[list[int]]:
-    """Generate up to max_new_tokens new tokens per prompt; returns each row's new tokens (through its EOS).
+             eos_token_id: int | Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
+             decode: Callable[[list[int]], str] | None = None, seed: int | None = None,
+             cuda_graph: bool | CUDAGraphDecoder = False, prefill_chunk_size: int | None = 2048) -> list[list[int]]:
+    """Generate up to max_new_tokens new tokens per prompt; returns each row's new tokens.
 
     Args:
-        prompts: list of token-id lists (lengths may differ) or a (batch, seqlen) integer tensor.
-        temperature: 0 for greedy, else softmax temperature.   top_k / top_p / min_p: filters.
-        repetition_penalty: > 1 discourages tokens already in the prompt or output.
-        eos_token_id: id or ids that end a row (included in its output).   seed: for reproducible sampling.
+        prompts: B token-id lists (lengths may differ) or a (B, L) integer tensor.
+        temperature: 0 for greedy, else the softmax temperature.
+        top_k, top_p, min_p: filters of the distribution (see `logits_to_probs`).
+        repetition_penalty: > 1 discourages tokens already in the prompt or the output.
+        eos_token_id: an id or ids that end a row; the row's output includes it.
+        stop_strings: strings that end a row once its new text contains one (needs `decode`); the row's
+            output ends with the token that completed the string.
+        decode: token ids -> text, e.g. `tokenizer.decode` (only for stop_strings).
+        seed: seeds the sampler's generator, for reproducible sampling.
+        cuda_graph: True to replay the decode step from a CUDA graph (CUDA models; eager elsewhere), or a
+            `CUDAGraphDecoder` of this model and batch size to reuse one captured earlier.
+        prefill_chunk_size: tokens per row per prefill call (None: whole prompts); bounds prefill memory.
+    Returns:
+        B lists of new token ids, each ending at its EOS or stop string, or max_new_tokens long.
 
     Example:
         >>> new = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=20, temperature=0.8, top_p=0.9, seed=0)
+        >>> text = generate(model, [tok.encode("Q:")], 200, stop_strings=["\\n\\n"], decode=tok.decode)
     """
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, seed)
-    rows = _as_rows(prompts)
-    out: list[list[int]] = [[] for _ in rows]
-    finished = [False] * len(rows)
+    stopper = StopStrings(stop_strings, decode) if stop_strings is not None else None
+    _check_max_new_tokens(max_new_tokens)
+    device = model_device(model)
+    ids_BL, lengths = pack_prompts(prompts, model.config.padded_vocab_size, device)
+    batch = ids_BL.shape[0]
     eos = set(params.eos_ids)
-    for tokens in _token_loop(model, rows, max_new_tokens, params):
-        for i, t in enumerate(tokens.tolist()):
-            if not finished[i]:
-                out[i].append(t)
-                finished[i] = t in eos
-    return out
+    eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=device)
+    eos_B = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens_BT = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
+    rows: list[list[int]] = [[] for _ in range(batch)]  # host copies of the new tokens, kept for stop strings
+    stop_step: list[int | None] = [None] * batch
+    n_steps = 0
+    loop = _token_loop(model, ids_BL, lengths, max_new_tokens, params, cuda_graph, prefill_chunk_size)
+    for step, tokens_B in enumerate(loop):
+        tokens_BT[:, step] = tokens_B
+        n_steps = step + 1
+        if eos:
+            eos_B |= torch.isin(tokens_B, eos_ids)
+        if stopper is not None:
+            for i, t in enumerate(tokens_B.tolist()):
+                if stop_step[i] is None:
+                    rows[i].append(t)
+                    if stopper.hit(rows[i]):
+                        stop_step[i] = step
+            finished = eos_B.tolist() if eos else [False] * len(rows)
+            if all(f or s is not None for f, s in zip(finished, stop_step)):
+                break
+        elif eos and n_steps % _SYNC_EVERY == 0 and bool(eos_B.all()):
+            break
+    out = tokens_BT[:, :n_steps].tolist()
+    return [row[:_end_of_row(row, eos, s)] for row, s in zip(out, stop_step)]
 
 
-def stream(model: nn.Module, prompt, max_new_tokens: int, **kwargs) -> Iterator[int]:
-    """Yield the new tokens of one prompt (a list of ids or a (seqlen,) / (1, seqlen) tensor) as they are made.
+def stream(model: nn.Module, prompt, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+           eos_token_id: int | Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
+           decode: Callable[[list[int]], str] | None = None, seed: int | None = None,
+           cuda_graph: bool | CUDAGraphDecoder = False, prefill_chunk_size: int | None = 2048) -> Iterator[int]:
+    """Yield the new tokens of one prompt as they are made; the same arguments and tokens as `generate`.
 
-    Takes the same keyword arguments as `generate` and yields exactly the tokens it would return.
+    prompt: a list of token ids, or a (L,) / (1, L) integer tensor. The iterator ends after max_new_tokens
+    tokens, after an EOS token or after the token that completes a stop string (each yielded).
 
     Example:
         >>> for token in stream(model, tokenizer.encode("To be"), 100, temperature=0.7, seed=1):
         ...     print(tokenizer.decode([token]), end="", flush=True)
     """
-    params = SamplingParams(**kwargs)
+    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, seed)
+    stopper = StopStrings(stop_strings, decode) if stop_strings is not None else None
+    _check_max_new_tokens(max_new_tokens)
     if isinstance(prompt, torch.Tensor):
-        prompt = prompt.reshape(-1).tolist()
-    rows = _as_rows([prompt])
-    eos = set(params.eos_ids)
-    for tokens in _token_loop(model, rows, max_new_tokens, params):
-        t = int(tokens[0])
-        yield t
-        if t in eos:
+        if prompt.dim() not in (1, 2) or (prompt.dim() == 2 and prompt.shape[0] != 1):
+            raise ValueError(f"stream: a prompt tensor must be (seqlen,) or (1, seqlen), got {tuple(prompt.shape)}")
+        prompt = prompt.reshape(1, -1)
+    else:
+        prompt = [list(prompt)]
+    ids_BL, lengths = pack_prompts(prompt, model.config.padded_vocab_size, model_device(model))
+    # validated above, before the first token is asked for; the loop itself is a generator
+    return _stream_tokens(_token_loop(model, ids_BL, lengths, max_new_tokens, params, cuda_graph, prefill_chunk_size),
+                          set(params.eos_ids), stopper)
+
+
+def _stream_tokens(loop: Iterator[torch.Tensor], eos: set[int], stopper: StopStrings | None) -> Iterator[int]:
+    row: list[int] = []
+    for tokens_B in loop:
+        token = int(tokens_B[0])
+        yield token
+        row.append(token)
+        if token in eos or (stopper is not None and stopper.hit(row)):
             return

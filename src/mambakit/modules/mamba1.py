@@ -26,6 +26,30 @@ from ..ops import causal_conv1d, causal_conv1d_update, selective_scan, selective
 from .state import MixerState
 
 
+class DecodeParams:
+    """fp32 copies of a mixer's small derived parameters (A = -exp(A_log), D, dt bias) for the decode step.
+
+    A decode step is a few dozen small ops per layer, and recomputing -exp(A_log) alone (an exp over
+    d_inner x d_state) costs as much as the rest of the step on CPU. The copies are remade when a source
+    parameter changes (in place: its version counter moves; or rebound: its storage moves), and only
+    under no_grad / inference_mode: with autograd on, the step computes them afresh so gradients flow.
+    """
+
+    def __init__(self):
+        self.key = None
+        self.values: tuple[torch.Tensor, ...] = ()
+
+    def get(self, compute, *sources: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """compute() -> the tensors, made from `sources` (the parameters whose change invalidates them)."""
+        if torch.is_grad_enabled():
+            return compute()
+        key = tuple((id(p), p.data_ptr(), p._version, p.dtype) for p in sources)
+        if key != self.key:
+            self.values = compute()
+            self.key = key
+        return self.values
+
+
 def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: float, device=None) -> torch.Tensor:
     """Step sizes drawn log-uniformly in [dt_min, dt_max], floored, mapped through softplus^-1 (both papers).
 
@@ -88,6 +112,7 @@ class Mamba1(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        self._decode_params = DecodeParams()
 
     def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None) -> MixerState:
         """Zero state for decoding: conv (batch, d_inner, d_conv - 1) in `dtype`, ssm (batch, d_inner, d_state) float32."""
@@ -131,12 +156,16 @@ class Mamba1(nn.Module):
         return self.out_proj(y)
 
     def step(self, hidden_states: torch.Tensor, cache: MixerState) -> torch.Tensor:
-        """One token: (B, 1, d_model) -> (B, 1, d_model), advancing `cache` in place (constant cost per token)."""
+        """One token: (B, 1, d_model) -> (B, 1, d_model), advancing `cache` in place (constant cost per token).
+
+        Both states are written in place (the ops update them), never rebound: a CUDA graph captured
+        around this step keeps reading and writing the same cache tensors.
+        """
         x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)  # (B, D) each
-        x = causal_conv1d_update(cache.conv_state, x, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                 activation="silu")
+        x = causal_conv1d_update(cache.conv_state, x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
         dt, B, C = self._ssm_params(x)
-        A = -torch.exp(self.A_log.float())
-        y = selective_state_update(cache.ssm_state, x, dt, A, B, C, D=self.D.float(), z=z,
-                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        A, D, dt_bias = self._decode_params.get(
+            lambda: (-torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()),
+            self.A_log, self.D, self.dt_proj.bias)
+        y = selective_state_update(cache.ssm_state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
         return self.out_proj(y)[:, None]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import causal_conv1d, causal_conv1d_update, ssd, ssd_state_update
-from .mamba1 import inverse_softplus_dt
+from .mamba1 import DecodeParams, inverse_softplus_dt
 from .norm import RMSNormGated
 from .state import MixerState
 
@@ -101,6 +101,7 @@ class Mamba2(nn.Module):
             self.norm = RMSNormGated(self.d_ssm, eps=norm_eps, norm_before_gate=norm_before_gate,
                                      group_size=self.d_ssm // norm_groups, **factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        self._decode_params = DecodeParams()
 
     def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None) -> MixerState:
         """Zero state: conv (batch, conv_dim, d_conv - 1), ssm (batch, nheads, headdim, d_state) float32."""
@@ -162,15 +163,20 @@ class Mamba2(nn.Module):
         return self._output(y.reshape(batch, seqlen, self.d_ssm), z, z0, x0)
 
     def step(self, hidden_states: torch.Tensor, cache: MixerState) -> torch.Tensor:
-        """One token: (B, 1, d_model) -> (B, 1, d_model), advancing `cache` in place (constant cost per token)."""
+        """One token: (B, 1, d_model) -> (B, 1, d_model), advancing `cache` in place (constant cost per token).
+
+        Both states are written in place (the ops update them), never rebound: a CUDA graph captured
+        around this step keeps reading and writing the same cache tensors.
+        """
         batch = hidden_states.shape[0]
         z0, x0, z, xBC, dt = self._split_in_proj(self.in_proj(hidden_states[:, 0]))
-        xBC = causal_conv1d_update(cache.conv_state, xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+        xBC = causal_conv1d_update(cache.conv_state, xBC, self.conv1d.weight[:, 0], self.conv1d.bias,
                                    activation="silu")
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        A = -torch.exp(self.A_log.float())
-        y = ssd_state_update(cache.ssm_state, x.reshape(batch, self.nheads, self.headdim), dt, A,
-                             B.reshape(batch, self.ngroups, self.d_state), C.reshape(batch, self.ngroups, self.d_state),
-                             D=self._D(), z=None if self.rmsnorm else z.reshape(batch, self.nheads, self.headdim),
-                             dt_bias=self.dt_bias.float(), dt_softplus=True, dt_limit=self.dt_limit)
+        A, D, dt_bias = self._decode_params.get(
+            lambda: (-torch.exp(self.A_log.float()), self._D(), self.dt_bias.float()), self.A_log, self.D, self.dt_bias)
+        y = ssd_state_update(cache.ssm_state, x.view(batch, self.nheads, self.headdim), dt, A,
+                             B.view(batch, self.ngroups, self.d_state), C.view(batch, self.ngroups, self.d_state),
+                             D=D, z=None if self.rmsnorm else z.view(batch, self.nheads, self.headdim),
+                             dt_bias=dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
         return self._output(y.reshape(batch, self.d_ssm), z, z0, x0)[:, None]

@@ -113,7 +113,10 @@ def ssd_triton(
     Args:
         x, z: (b, L, H, P) float32 / bfloat16 / float16.  dt: (b, L, H).  A: (H,).  B, C: (b, L, G, N).
         D: (H,) or (H, P).  dt_bias: (H,).  initial_state: (b, H, P, N).  seq_idx: (b, L) int.
-        chunk_size: a power of two in [16, 256]; sequences shorter than a chunk use a smaller power of two
+        chunk_size: the kernels' chunk is chunk_size rounded up to a power of two and clamped to [16, 256]
+            (tiles smaller than 16 do not reach the tensor cores; the result does not depend on the chunk
+            beyond rounding, so a model configured with chunk 8 or 300 runs here unchanged); sequences
+            shorter than a chunk use a smaller power of two
             (the result does not depend on it beyond rounding).
     Returns:
         y: (b, L, H, P) in x's dtype; with return_final_state also the final state (b, H, P, N) float32.
@@ -122,15 +125,15 @@ def ssd_triton(
     Example:
         >>> y, h = ssd_triton(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True, return_final_state=True)
     """
-    if not isinstance(chunk_size, int) or chunk_size < 16 or chunk_size > 256 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"ssd: backend 'triton' needs chunk_size a power of two in [16, 256], got {chunk_size!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
     if x.dtype not in _DTYPES:
         raise ValueError(f"ssd: backend 'triton' needs x of dtype float32, bfloat16 or float16, got {x.dtype} "
                          "(use backend='torch' for float64)")
     batch, seqlen, nheads, headdim = x.shape
     if seqlen == 0:
         raise ValueError("ssd: backend 'triton' needs seqlen >= 1")
-    T = min(chunk_size, max(16, triton.next_power_of_2(seqlen)))
+    T = min(256, max(16, triton.next_power_of_2(chunk_size)), max(16, triton.next_power_of_2(seqlen)))
     x, z, dt, B, C = (_last_dim_contiguous(t) for t in (x, z, dt, B, C))
     A = A.float()
     D = D.float().contiguous() if D is not None else None

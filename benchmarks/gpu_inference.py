@@ -1,0 +1,559 @@
+"""GPU inference benchmark: Mamba-1 and Mamba-2 at the 130M shape against a Transformer of the same size.
+
+Shape: d_model 768, 24 layers (the Transformer: 12 layers, 12 heads, SwiGLU 2304; 131M parameters against
+Mamba's 129M), vocab 50280, bf16 weights, random weights and prompt ids, greedy decoding. The script
+prints, in this order:
+
+  0. self-checks, each PASS or FAIL (the exit status is 1 if any fails): CUDA-graphed decoding gives the
+     eager tokens; prefill + decode steps reproduce the parallel forward (fp32, small shape); a ragged
+     batch prefills each row as if alone (the Triton seq_idx path); the Transformer's cached decode
+     reproduces its parallel forward;
+  1. batch-1 decode latency, ms/token, with and without CUDA graphs (prompt 128, 256 steps, median of 3);
+  2. batch-64 throughput, new tokens/s (prompt 128 + 256 new): end to end through `generate` (prefill
+     included) and decode only;
+  3. throughput vs batch size at prompt 2048 + 2048 new tokens, batch 1, 2, 4, ... doubling until
+     torch.cuda.OutOfMemoryError, --max-batch or the per-model --sweep-budget: prefill time (measured),
+     decode ms/step (measured over --sweep-steps graphed steps per segment; a Mamba step costs the same at
+     any position, the Transformer's is timed in every 256-position kv bucket), the generation time they
+     add up to, and new tokens/s; one full 2048-step decode at batch 8 checks that estimate. A markdown
+     table goes to stdout, the plot to OUT_DIR/inference_throughput.png, every figure to
+     OUT_DIR/inference_results.json.
+
+Usage (repository root):
+    python benchmarks/gpu_inference.py --out-dir /tmp/out          # GPU machine: about 4 minutes on an H100
+    python benchmarks/gpu_inference.py --smoke --out-dir /tmp/smoke   # CPU, tiny shapes, no graphs: ~10 s
+    python benchmarks/gpu_inference.py --out-dir /tmp/out --skip-sweep --models mamba1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from transformer_baseline import TransformerConfig, TransformerDecoder, TransformerLM, bucket_len  # noqa: E402
+
+from mambakit import MambaConfig, MambaLM  # noqa: E402
+from mambakit.generation import CUDAGraphDecoder, allocate_cache, decode_one_token, generate, prefill  # noqa: E402
+
+MODELS = ("mamba1", "mamba2", "transformer")
+
+
+@dataclass
+class Shapes:
+    d_model: int = 768
+    n_layer: int = 24
+    vocab: int = 50280
+    m2_headdim: int = 64
+    m2_dstate: int = 128
+    m2_chunk: int = 256
+    tf_layers: int = 12
+    tf_heads: int = 12
+    tf_ff: int = 2304
+    check_d_model: int = 256  # the fp32 consistency checks run a smaller model of the same structure
+    check_layers: int = 4
+    latency_prompt: int = 128
+    latency_steps: int = 256
+    batch_tp: int = 64
+    prompt: int = 2048
+    new_tokens: int = 2048
+    bucket: int = 256
+    full_check_batch: int = 8
+
+
+SMOKE = Shapes(d_model=64, n_layer=2, vocab=512, m2_headdim=16, m2_dstate=16, m2_chunk=16, tf_layers=2, tf_heads=4,
+               tf_ff=192, check_d_model=64, check_layers=2, latency_prompt=16, latency_steps=16, batch_tp=4,
+               prompt=32, new_tokens=32, bucket=8, full_check_batch=2)
+
+
+# ---- timing -------------------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    """Seconds fn() takes, device work included."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+# ---- models and a common decoding interface --------------------------------------------------------------
+
+
+def mamba_model(layer: str, s: Shapes, d_model: int, n_layer: int, device, dtype) -> MambaLM:
+    ssm_cfg = {"layer": layer}
+    if layer == "Mamba2":
+        ssm_cfg.update(headdim=s.m2_headdim, d_state=s.m2_dstate, chunk_size=s.m2_chunk)
+    torch.manual_seed(0)
+    return MambaLM(MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=s.vocab, ssm_cfg=ssm_cfg)).to(
+        device=device, dtype=dtype).eval()
+
+
+def transformer_model(s: Shapes, d_model: int, n_layer: int, n_head: int, d_ff: int, device, dtype) -> TransformerLM:
+    torch.manual_seed(0)
+    cfg = TransformerConfig(d_model=d_model, n_layer=n_layer, n_head=n_head, d_ff=d_ff, vocab_size=s.vocab)
+    return TransformerLM(cfg, max_positions=max(s.prompt + s.new_tokens, 1024)).to(device=device, dtype=dtype).eval()
+
+
+def build(name: str, s: Shapes, device, dtype, small: bool = False):
+    d_model, n_layer = (s.check_d_model, s.check_layers) if small else (s.d_model, s.n_layer)
+    if name == "transformer":
+        n_head = max(1, s.tf_heads * d_model // s.d_model)
+        return transformer_model(s, d_model, max(1, n_layer // 2) if small else s.tf_layers, n_head,
+                                 3 * d_model, device, dtype)
+    return mamba_model("Mamba1" if name == "mamba1" else "Mamba2", s, d_model, n_layer, device, dtype)
+
+
+class Runner:
+    """prefill(ids (B, L)) -> logits (B, V); step(tokens (B,), pos) -> logits (B, V); segments() for timing."""
+
+    def __init__(self, name: str, model, batch: int, max_len: int, graphs: bool, bucket: int, prefill_tokens: int):
+        self.name, self.model, self.batch, self.bucket = name, model, batch, bucket
+        # prefill memory is bounded by ~prefill_tokens tokens per model call (a multiple of 256 per row)
+        self.rows_or_chunk = max(1, prefill_tokens // max_len) if name == "transformer" else \
+            max(256, (prefill_tokens // batch) // 256 * 256)
+        if name == "transformer":
+            self.decoder = TransformerDecoder(model, batch, max_len, bucket=bucket, graphs=graphs)
+            self.cache = self.decoder.cache
+        else:
+            self.decoder = CUDAGraphDecoder(model, batch) if graphs else None
+            self.cache = self.decoder.cache if graphs else allocate_cache(model, batch)
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.name == "transformer":
+            return self.model.prefill(ids, self.cache, rows_per_call=self.rows_or_chunk)
+        _, logits = prefill(self.model, ids, self.cache.reset(), chunk_size=self.rows_or_chunk)
+        return logits
+
+    def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        if self.name == "transformer":
+            return self.decoder(tokens, pos)
+        if self.decoder is not None:
+            return self.decoder(tokens)
+        return decode_one_token(self.model, tokens, self.cache)
+
+    def segments(self, start: int, count: int) -> list[tuple[int, int]]:
+        """(first position, steps) runs of equal step cost: one for Mamba, one per kv bucket for the Transformer."""
+        if self.name != "transformer":
+            return [(start, count)]
+        out, pos = [], start
+        while pos < start + count:
+            end = min(start + count, bucket_len(pos, self.bucket, 1 << 62))
+            out.append((pos, end - pos))
+            pos = end
+        return out
+
+
+def decode_loop(runner: Runner, logits: torch.Tensor, pos: int, n: int) -> torch.Tensor:
+    """n greedy steps from position pos: argmax then step, as generation does."""
+    for i in range(n):
+        logits = runner.step(logits.argmax(-1), pos + i)
+    return logits
+
+
+def step_seconds(runner: Runner, logits: torch.Tensor, pos: int, n: int, device) -> float:
+    """Seconds per greedy decode step at position pos (two warm-up steps first: graph capture, compilation)."""
+    logits = decode_loop(runner, logits, pos, 2)
+    return timed(lambda: decode_loop(runner, logits, pos + 2, n), device) / n
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---- 0. self-checks ----------------------------------------------------------------------------------------
+
+
+class Checks:
+    def __init__(self):
+        self.failed: list[str] = []
+
+    def report(self, name: str, ok: bool, detail: str) -> None:
+        print(f"  {'PASS' if ok else 'FAIL'}  {name}: {detail}")
+        if not ok:
+            self.failed.append(name)
+
+    def run(self, name: str, fn) -> None:
+        try:
+            fn()
+        except Exception as err:  # a crashing check is a failed check; the benchmark goes on
+            traceback.print_exc()
+            self.report(name, False, f"raised {type(err).__name__}: {err}")
+
+
+def run_checks(models: dict, names: list[str], s: Shapes, device, dtype, graphs: bool) -> Checks:
+    checks = Checks()
+    print("\n## 0. self-checks")
+    g = torch.Generator().manual_seed(1)
+    ragged = [torch.randint(0, s.vocab, (n,), generator=g).tolist() for n in (37, 5, 1, 20)]
+
+    for name in names:
+        model = models[name]
+        if True:  # on CPU (--smoke) both runners are eager: the check only exercises this code
+            def graph_vs_eager(model=model, name=name):
+                # the same tokens through both paths (teacher forcing): graph replay runs the eager step's
+                # kernels, so the logits should agree to the bit; tokens from argmax of near-flat random-init
+                # logits would flip on any difference, so compare logits
+                ids = torch.randint(0, s.vocab, (3, 40), device=device)
+                logits = {}
+                for use in (False, True):
+                    runner = Runner(name, model, 3, 48, graphs=use, bucket=16, prefill_tokens=1 << 20)
+                    out = [runner.prefill(ids[:, :24])]
+                    out += [runner.step(ids[:, pos], pos).clone() for pos in range(24, 40)]
+                    logits[use] = torch.stack(out, 1)
+                    del runner
+                diff = float((logits[True] - logits[False]).abs().max() / logits[False].abs().max())
+                same = float((logits[True].argmax(-1) == logits[False].argmax(-1)).float().mean())
+                checks.report(f"{name} CUDA-graph decode == eager", diff <= 1e-2,
+                              f"max logit difference {diff:.1e} of max |logit|, argmax agreement {same:.0%} "
+                              f"(16 steps, batch 3, {str(dtype)[6:]}{'' if graphs else ', no graphs on CPU'})")
+            checks.run(f"{name} CUDA-graph decode == eager", graph_vs_eager)
+
+        def consistency(name=name):
+            small = build(name, s, device, torch.float32, small=True)
+            ids = torch.randint(0, s.vocab, (2, 48), device=device)
+            with torch.inference_mode():
+                full = small(ids)[:, 31:47].float()
+                runner = Runner(name, small, 2, 64, graphs=False, bucket=16, prefill_tokens=1 << 20)
+                logits = [runner.prefill(ids[:, :32])]
+                for pos in range(32, 47):
+                    logits.append(runner.step(ids[:, pos], pos).clone())
+            got = torch.stack(logits, 1)
+            rel = float((got - full).abs().max() / full.abs().max())
+            checks.report(f"{name} prefill + decode == parallel forward", rel < 1e-3,
+                          f"max error {rel:.2e} of max |logit| (fp32, d_model {s.check_d_model}, 16 positions)")
+        checks.run(f"{name} prefill + decode == parallel forward", consistency)
+
+        if name != "transformer":
+            def ragged_rows(name=name):
+                small = build(name, s, device, torch.float32, small=True)
+                cache, logits = prefill(small, ragged, chunk_size=16)
+                worst = 0.0
+                for i, row in enumerate(ragged):
+                    alone, alone_logits = prefill(small, [row], chunk_size=16)
+                    worst = max(worst, float((logits[i] - alone_logits[0]).abs().max() / alone_logits.abs().max()))
+                    for st, st_alone in zip(cache.layers, alone.layers):
+                        scale = float(st_alone.ssm_state.abs().max()) + 1e-6
+                        worst = max(worst, float((st.ssm_state[i] - st_alone.ssm_state[0]).abs().max()) / scale)
+                        worst = max(worst, float((st.conv_state[i] - st_alone.conv_state[0]).abs().max()) /
+                                    (float(st_alone.conv_state.abs().max()) + 1e-6))
+                checks.report(f"{name} ragged prefill == each row alone", worst < 1e-3,
+                              f"max error {worst:.2e} (logits and every state, lengths 37/5/1/20, chunk 16)")
+            checks.run(f"{name} ragged prefill == each row alone", ragged_rows)
+    return checks
+
+
+# ---- 1. batch-1 latency ------------------------------------------------------------------------------------
+
+
+def bench_latency(models: dict, names: list[str], s: Shapes, device, graphs: bool) -> list[dict]:
+    print(f"\n## 1. batch-1 decode latency (prompt {s.latency_prompt}, {s.latency_steps} greedy steps, median of 3)")
+    rows = []
+    for name in names:
+        for use_graph in ([False, True] if graphs else [False]):
+            max_len = -(-(s.latency_prompt + s.latency_steps) // s.bucket) * s.bucket  # whole kv buckets
+            runner = Runner(name, models[name], 1, max_len, use_graph, s.bucket, 1 << 20)
+            ids = torch.randint(0, s.vocab, (1, s.latency_prompt), device=device)
+            times = []
+            for _ in range(3):
+                logits = runner.prefill(ids)
+                logits = decode_loop(runner, logits, s.latency_prompt, 2)  # capture, compile
+                times.append(timed(lambda: decode_loop(runner, logits, s.latency_prompt + 2, s.latency_steps - 4),
+                                   device) / (s.latency_steps - 4))
+            rows.append({"model": name, "cuda_graph": use_graph, "ms_per_token": statistics.median(times) * 1e3})
+            del runner
+            free_memory()
+    print("\n| model | CUDA graph | ms/token |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {'yes' if r['cuda_graph'] else 'no'} | {r['ms_per_token']:.3f} |")
+    return rows
+
+
+# ---- 2. batch-64 throughput --------------------------------------------------------------------------------
+
+
+def bench_batch(models: dict, names: list[str], s: Shapes, device, graphs: bool) -> list[dict]:
+    b, new = s.batch_tp, s.latency_steps
+    print(f"\n## 2. batch-{b} throughput (prompt {s.latency_prompt} + {new} new tokens, greedy, median of 3)")
+    rows = []
+    ids = torch.randint(0, s.vocab, (b, s.latency_prompt), device=device)
+    for name in names:
+        model = models[name]
+        runner = Runner(name, model, b, -(-(s.latency_prompt + new) // s.bucket) * s.bucket, graphs, s.bucket, 1 << 20)
+        if name == "transformer":
+            def gen():
+                logits = runner.prefill(ids)
+                decode_loop(runner, logits, s.latency_prompt, new - 1)
+        else:
+            cg = runner.decoder if graphs else False
+
+            def gen():
+                generate(model, ids, new, cuda_graph=cg)
+        gen()  # warm-up (compilation, the Transformer's bucket graphs)
+        t_gen = statistics.median(timed(gen, device) for _ in range(3))
+        logits = runner.prefill(ids)
+        t_step = step_seconds(runner, logits, s.latency_prompt, min(new - 4, 64), device)
+        rows.append({"model": name, "batch": b, "cuda_graph": graphs, "generate_tok_s": b * new / t_gen,
+                     "decode_tok_s": b / t_step, "decode_ms_per_step": t_step * 1e3})
+        del runner
+        free_memory()
+    print("\n| model | batch | end-to-end tok/s (prefill incl.) | decode tok/s | decode ms/step |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['batch']} | {r['generate_tok_s']:,.0f} | {r['decode_tok_s']:,.0f} | "
+              f"{r['decode_ms_per_step']:.3f} |")
+    return rows
+
+
+# ---- 3. throughput vs batch size ---------------------------------------------------------------------------
+
+
+def measure_batch(name: str, model, batch: int, s: Shapes, device, graphs: bool, steps: int,
+                  prefill_tokens: int) -> dict:
+    max_len = s.prompt + s.new_tokens
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    runner = Runner(name, model, batch, max_len, graphs, s.bucket, prefill_tokens)
+    try:
+        ids = torch.randint(0, s.vocab, (batch, s.prompt), device=device)
+        runner.prefill(ids[:, : min(s.prompt, 256)])  # warm-up at this batch size (compilation)
+        holder = {}
+        t_prefill = timed(lambda: holder.update(logits=runner.prefill(ids)), device)
+        logits = holder["logits"]
+        t_decode, per_step = 0.0, []
+        for pos, count in runner.segments(s.prompt, s.new_tokens):
+            sec = step_seconds(runner, logits, pos, max(1, min(count - 2, steps)), device)
+            per_step.append(sec)
+            t_decode += sec * count
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        new = batch * s.new_tokens
+        return {"model": name, "batch": batch, "prefill_s": t_prefill, "decode_s": t_decode,
+                "decode_ms_per_step": 1e3 * t_decode / s.new_tokens, "total_s": t_prefill + t_decode,
+                "tok_s": new / (t_prefill + t_decode), "decode_tok_s": new / t_decode, "peak_gib": peak,
+                "step_ms_first_last": [1e3 * per_step[0], 1e3 * per_step[-1]]}
+    finally:
+        del runner
+        free_memory()
+
+
+def full_decode_check(name: str, model, s: Shapes, device, graphs: bool, estimate: dict) -> dict:
+    """Run all new_tokens steps at one batch size: the measured decode time against the estimate."""
+    runner = Runner(name, model, estimate["batch"], s.prompt + s.new_tokens, graphs, s.bucket, 1 << 20)
+    try:
+        ids = torch.randint(0, s.vocab, (estimate["batch"], s.prompt), device=device)
+        logits = runner.prefill(ids)
+        # warm-up: one step at the start of every segment captures every graph before the timed run (a
+        # Transformer step writes only its own position, which the timed run rewrites before reading it)
+        for pos, _ in runner.segments(s.prompt, s.new_tokens):
+            runner.step(logits.argmax(-1), pos)
+        logits = runner.prefill(ids)
+        measured = timed(lambda: decode_loop(runner, logits, s.prompt, s.new_tokens), device)
+    finally:
+        del runner
+        free_memory()
+    return {"model": name, "batch": estimate["batch"], "measured_decode_s": measured,
+            "estimated_decode_s": estimate["decode_s"], "ratio": measured / estimate["decode_s"]}
+
+
+def bench_sweep(models: dict, names: list[str], s: Shapes, device, graphs: bool, max_batch: int, budget_s: float,
+                steps: int, prefill_tokens: int) -> tuple[list[dict], dict, list[dict]]:
+    print(f"\n## 3. throughput vs batch size (prompt {s.prompt} + {s.new_tokens} new tokens, greedy, "
+          f"{'CUDA graphs' if graphs else 'eager'})")
+    rows, stops, fulls = [], {}, []
+    for name in names:
+        model = models[name]
+        t_start = time.perf_counter()
+        batch, last_s = 1, 0.0
+        stop = f"--max-batch {max_batch}"
+        while batch <= max_batch:
+            elapsed = time.perf_counter() - t_start
+            if rows and rows[-1]["model"] == name and elapsed + 2.5 * last_s > budget_s:
+                stop = f"time budget ({budget_s:.0f} s per model): batch {batch} not tried"
+                break
+            t0 = time.perf_counter()
+            try:
+                row = measure_batch(name, model, batch, s, device, graphs, steps, prefill_tokens)
+            except Exception as err:
+                if not is_oom(err):
+                    traceback.print_exc()
+                    stop = f"error at batch {batch}: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+                else:
+                    stop = f"out of memory at batch {batch}"
+                free_memory()
+                break
+            last_s = time.perf_counter() - t0
+            rows.append(row)
+            print(f"  {name:11s} batch {batch:5d}: prefill {row['prefill_s']:7.3f} s, decode "
+                  f"{row['decode_ms_per_step']:8.3f} ms/step, {row['tok_s']:>11,.0f} tok/s, peak "
+                  f"{row['peak_gib']:.1f} GiB  ({last_s:.1f} s)", flush=True)
+            batch *= 2
+        stops[name] = stop
+        own = [r for r in rows if r["model"] == name]
+        check_row = next((r for r in own if r["batch"] == s.full_check_batch), None)
+        if check_row is not None:
+            try:
+                fulls.append(full_decode_check(name, model, s, device, graphs, check_row))
+            except Exception as err:
+                print(f"  full-decode check of {name} failed: {type(err).__name__}: {err}")
+    return rows, stops, fulls
+
+
+def print_sweep(rows: list[dict], stops: dict, fulls: list[dict], s: Shapes) -> list[dict]:
+    print("\n| model | batch | prefill s | decode ms/step | generation s | tok/s (new tokens) | decode-only tok/s | "
+          "peak GiB |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['batch']} | {r['prefill_s']:.3f} | {r['decode_ms_per_step']:.3f} | "
+              f"{r['total_s']:.2f} | {r['tok_s']:,.0f} | {r['decode_tok_s']:,.0f} | {r['peak_gib']:.1f} |")
+    best = []
+    for name, stop in stops.items():
+        own = [r for r in rows if r["model"] == name]
+        if own:
+            best.append({**own[-1], "stopped_by": stop})
+    base = next((b for b in best if b["model"] == "transformer"), None)
+    print(f"\nLargest batch per model (prompt {s.prompt} + {s.new_tokens} new):\n")
+    print("| model | largest batch run | why not larger | tok/s | vs Transformer |\n|---|---|---|---|---|")
+    for b in best:
+        ratio = f"{b['tok_s'] / base['tok_s']:.1f}x" if base else "n/a"
+        print(f"| {b['model']} | {b['batch']} | {b['stopped_by']} | {b['tok_s']:,.0f} | {ratio} |")
+    if fulls:
+        print("\nEstimate check (all decode steps run once):\n\n| model | batch | measured decode s | estimated | "
+              "ratio |\n|---|---|---|---|---|")
+        for f in fulls:
+            print(f"| {f['model']} | {f['batch']} | {f['measured_decode_s']:.3f} | {f['estimated_decode_s']:.3f} | "
+                  f"{f['ratio']:.2f} |")
+    return best
+
+
+def plot(rows: list[dict], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, color in zip(MODELS, ("tab:blue", "tab:orange", "tab:gray")):
+        own = [r for r in rows if r["model"] == name]
+        if not own:
+            continue
+        xs = [r["batch"] for r in own]
+        ax.plot(xs, [r["tok_s"] for r in own], "o-", color=color, label=f"{name} (generation)")
+        ax.plot(xs, [r["decode_tok_s"] for r in own], "--", color=color, alpha=0.6, label=f"{name} (decode only)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("new tokens / s")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+# ---- main --------------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", required=True, help="where the PNG plot and the JSON results go")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, no CUDA graphs: checks the script")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="largest batch of the sweep (default 2048; smoke 4)")
+    parser.add_argument("--sweep-budget", type=float, default=40.0, help="seconds of sweep per model (default 40)")
+    parser.add_argument("--sweep-steps", type=int, default=24, help="timed decode steps per segment (default 24)")
+    parser.add_argument("--prefill-tokens", type=int, default=1 << 19,
+                        help="tokens per prefill call in the sweep, bounds prefill memory (default 2^19)")
+    parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--skip-sweep", action="store_true")
+    args = parser.parse_args()
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        s, device, dtype, graphs = SMOKE, torch.device("cpu"), torch.float32, False
+        max_batch = args.max_batch or 4
+    else:
+        if not torch.cuda.is_available():
+            print("no CUDA device: run with --smoke for the CPU check of this script", file=sys.stderr)
+            return 2
+        s, device, dtype, graphs = Shapes(), torch.device("cuda"), torch.bfloat16, True
+        max_batch = args.max_batch or 2048
+    t_start = time.perf_counter()
+    print(f"# mambakit inference benchmark, {datetime.date.today()}")
+    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}, "
+          f"torch {torch.__version__}, python {platform.python_version()}, {dtype}, "
+          f"{'smoke (tiny shapes)' if args.smoke else 'd_model 768, vocab 50280'}")
+    if device.type == "cuda":
+        import triton
+
+        print(f"triton {triton.__version__}, {torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB")
+    models = {name: build(name, s, device, dtype) for name in args.models}
+    for name, model in models.items():
+        print(f"  {name}: {n_params(model) / 1e6:.1f}M parameters")
+
+    results: dict = {"date": str(datetime.date.today()), "torch": torch.__version__, "device": str(device),
+                     "dtype": str(dtype), "smoke": args.smoke, "shapes": asdict(s)}
+    failed: list[str] = []
+
+    def section_done(t0: float) -> float:
+        print(f"(section: {time.perf_counter() - t0:.0f} s)", flush=True)
+        return time.perf_counter()
+
+    t0 = time.perf_counter()
+    if not args.skip_checks:
+        checks = run_checks(models, args.models, s, device, dtype, graphs)
+        failed = checks.failed
+        results["failed_checks"] = failed
+        t0 = section_done(t0)
+    results["latency"] = bench_latency(models, args.models, s, device, graphs)
+    t0 = section_done(t0)
+    results["batch"] = bench_batch(models, args.models, s, device, graphs)
+    t0 = section_done(t0)
+    if not args.skip_sweep:
+        rows, stops, fulls = bench_sweep(models, args.models, s, device, graphs, max_batch, args.sweep_budget,
+                                         args.sweep_steps, args.prefill_tokens)
+        best = print_sweep(rows, stops, fulls, s)
+        results.update(sweep=rows, sweep_stopped_by=stops, largest=best, full_decode_checks=fulls)
+        png = out_dir / "inference_throughput.png"
+        plot(rows, png, f"prompt {s.prompt} + {s.new_tokens} new tokens, greedy, {str(dtype)[6:]}, "
+                        f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu (smoke)'}")
+        print(f"\nplot: {png}")
+    (out_dir / "inference_results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"results: {out_dir / 'inference_results.json'}; total {time.perf_counter() - t_start:.0f} s")
+    if failed:
+        print(f"FAILED checks: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
