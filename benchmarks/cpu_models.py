@@ -155,7 +155,7 @@ def main() -> None:
         }
         for name, make in makers.items():
             if name not in args.skip:
-                reps = 1 if name == "hf-mamba1" else args.repeats
+                reps = 1 if name.startswith("hf-") else args.repeats  # transformers without mamba_ssm: minutes a step
                 rows.append(bench_train(name, make(), reps))
                 print(rows[-1], flush=True)
     big = {
@@ -169,11 +169,12 @@ def main() -> None:
         if name in args.skip or args.what not in ("prefill", "decode", "all"):
             continue
         model = make()
+        reps = 1 if name.startswith("hf-") else args.repeats
         if args.what in ("prefill", "all"):
-            rows.append(bench_prefill(name, model, args.repeats))
+            rows.append(bench_prefill(name, model, reps))
             print(rows[-1], flush=True)
         if args.what in ("decode", "all"):
-            rows.append(bench_decode(name, model, args.new_tokens, args.repeats))
+            rows.append(bench_decode(name, model, args.new_tokens, reps))
             print(rows[-1], flush=True)
         del model
     print("\n| model | workload | seconds (median) | rate |\n|---|---|---|---|")

@@ -48,7 +48,9 @@ from transformer_baseline import TransformerConfig, TransformerDecoder, Transfor
 from mambakit import MambaConfig, MambaLM  # noqa: E402
 from mambakit.generation import CUDAGraphDecoder, allocate_cache, decode_one_token, generate, prefill  # noqa: E402
 
-MODELS = ("mamba1", "mamba2", "transformer")
+# mamba2-bf16state: the same Mamba-2 model decoding from a bfloat16 SSM-state cache (state_dtype)
+MODELS = ("mamba1", "mamba2", "mamba2-bf16state", "transformer")
+STATE_DTYPES = {"mamba2-bf16state": torch.bfloat16}
 
 
 @dataclass
@@ -144,8 +146,9 @@ class Runner:
             self.decoder = TransformerDecoder(model, batch, max_len, bucket=bucket, graphs=graphs)
             self.cache = self.decoder.cache
         else:
-            self.decoder = CUDAGraphDecoder(model, batch) if graphs else None
-            self.cache = self.decoder.cache if graphs else allocate_cache(model, batch)
+            state_dtype = STATE_DTYPES.get(name)
+            self.decoder = CUDAGraphDecoder(model, batch, state_dtype=state_dtype) if graphs else None
+            self.cache = self.decoder.cache if graphs else allocate_cache(model, batch, state_dtype=state_dtype)
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         if self.name == "transformer":
@@ -248,8 +251,10 @@ def run_checks(models: dict, names: list[str], s: Shapes, device, dtype, graphs:
                     logits.append(runner.step(ids[:, pos], pos).clone())
             got = torch.stack(logits, 1)
             rel = float((got - full).abs().max() / full.abs().max())
-            checks.report(f"{name} prefill + decode == parallel forward", rel < 1e-3,
-                          f"max error {rel:.2e} of max |logit| (fp32, d_model {s.check_d_model}, 16 positions)")
+            bound = 2e-2 if name in STATE_DTYPES else 1e-3  # a bf16 state rounds once per token
+            checks.report(f"{name} prefill + decode == parallel forward", rel < bound,
+                          f"max error {rel:.2e} of max |logit| (fp32 weights, d_model {s.check_d_model}, "
+                          f"16 positions, bound {bound:g})")
         checks.run(f"{name} prefill + decode == parallel forward", consistency)
 
         if name != "transformer":
@@ -344,7 +349,9 @@ def measure_batch(name: str, model, batch: int, s: Shapes, device, graphs: bool,
     runner = Runner(name, model, batch, max_len, graphs, s.bucket, prefill_tokens)
     try:
         ids = torch.randint(0, s.vocab, (batch, s.prompt), device=device)
-        runner.prefill(ids[:, : min(s.prompt, 256)])  # warm-up at this batch size (compilation)
+        # warm-up on the full prompt: kernels specialise on the shape (scan segments, chunk tiles), so a
+        # shorter warm-up would leave the timed prefill paying Triton compilation (seconds)
+        runner.prefill(ids)
         holder = {}
         t_prefill = timed(lambda: holder.update(logits=runner.prefill(ids)), device)
         logits = holder["logits"]
@@ -459,7 +466,7 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, color in zip(MODELS, ("tab:blue", "tab:orange", "tab:gray")):
+    for name, color in zip(MODELS, ("tab:blue", "tab:orange", "tab:red", "tab:gray")):
         own = [r for r in rows if r["model"] == name]
         if not own:
             continue

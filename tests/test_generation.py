@@ -57,6 +57,42 @@ def _decode_text(ids):
     return "".join(chr(65 + i) for i in ids)
 
 
+# ---- low-precision states ----------------------------------------------------------------------------------
+
+
+def test_bf16_mamba2_states_track_float32_states():
+    """A bfloat16 SSM-state cache (state_dtype) decodes what the float32 one does, up to bf16 rounding of
+    the state: prefill + 12 steps, logits within a few bf16 ulps, the same greedy tokens; the cache holds
+    bfloat16 states and prefill/decode update them in place."""
+    model = _model(LAYERS[1].values[0])
+    prompt = torch.randint(0, VOCAB, (3, 11))
+    fp32, logits32 = prefill(model, prompt)
+    bf16 = allocate_cache(model, 3, state_dtype=torch.bfloat16)
+    ptrs = [s.ssm_state.data_ptr() for s in bf16.layers]
+    bf16, logits16 = prefill(model, prompt, cache=bf16)
+    assert all(s.ssm_state.dtype == torch.bfloat16 for s in bf16.layers)
+    assert [s.ssm_state.data_ptr() for s in bf16.layers] == ptrs
+    assert_close(logits16, logits32, name="prefill logits", rel=2e-2)
+    tokens = logits32.argmax(-1)
+    for step in range(12):
+        logits32 = decode_one_token(model, tokens, fp32)
+        logits16 = decode_one_token(model, tokens, bf16)
+        assert_close(logits16, logits32, name=f"step {step} logits", rel=3e-2)
+        for a, b in zip(fp32.layers, bf16.layers):
+            assert_close(b.ssm_state.float(), a.ssm_state, name=f"step {step} state", rel=2e-2)
+        tokens = logits32.argmax(-1)
+    new32 = generate(model, prompt, max_new_tokens=10)
+    assert generate(model, prompt, max_new_tokens=10, state_dtype=torch.bfloat16) == new32
+    assert list(stream(model, prompt[0].tolist(), 10, state_dtype=torch.bfloat16)) == new32[0]
+
+
+def test_state_dtype_is_checked():
+    with pytest.raises(ValueError, match="Mamba1.allocate_state: ssm_dtype must be float32 or float64"):
+        allocate_cache(_model(LAYERS[0].values[0]), 2, state_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="Mamba2.allocate_state: ssm_dtype must be float32, float64, bfloat16"):
+        allocate_cache(_model(LAYERS[1].values[0]), 2, state_dtype=torch.int8)
+
+
 # ---- greedy, prefill ---------------------------------------------------------------------------------------
 
 

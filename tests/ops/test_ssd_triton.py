@@ -242,6 +242,31 @@ def test_ssd_state_update_triton_token_by_token_equals_parallel(shape, features,
     assert_close(state, h_par, name="state (steps vs parallel triton)")
 
 
+@pytest.mark.parametrize("state_dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")])
+def test_ssd_state_update_low_precision_state(state_dtype):
+    """A bf16 / fp16 state is updated in float32 and rounded back: the Triton steps track the torch steps
+    on the same low-precision state and a float32-state run within a few bf16 ulps (Triton's CPU
+    interpreter truncates float32 -> bf16 where the GPU rounds, so the two paths may drift by an ulp a
+    step; 3% of the state's scale is 4 ulps)."""
+    shape = (2, 6, 2, 16, 1, 16)
+    inp = _make_inputs(*shape, initial_state=True, D="head", dt_bias=True)
+    opts = dict(dt_softplus=True)
+    st_triton = inp["initial_state"].to(state_dtype)
+    st_torch = st_triton.clone()
+    st_fp32 = inp["initial_state"].clone()
+    for t in range(shape[1]):
+        args = (inp["x"][:, t], inp["dt"][:, t], inp["A"], inp["B"][:, t], inp["C"][:, t])
+        kw = dict(D=inp["D"], dt_bias=inp["dt_bias"], **opts)
+        y_tr = ssd_state_update(st_triton, *args, **kw, backend="triton")
+        y_to = ssd_state_update(st_torch, *args, **kw, backend="torch")
+        y_32 = ssd_state_update(st_fp32, *args, **kw, backend="torch")
+        assert st_triton.dtype == state_dtype
+        assert_close(st_triton.float(), st_torch.float(), name=f"step {t} state triton vs torch", rel=3e-2)
+        assert_close(y_tr, y_to, name=f"step {t} y triton vs torch", rel=3e-2)
+        assert_close(y_tr, y_32, name=f"step {t} y vs float32 state", rel=3e-2)
+    assert_close(st_triton.float(), st_fp32, name="state vs float32 state", rel=3e-2)
+
+
 # ---------------------------------------------------------------- GPU (benchmark shape: -m gpu)
 
 BENCH_SHAPE = dict(batch=2, nheads=64, headdim=64, ngroups=1, dstate=128)

@@ -61,8 +61,12 @@ class InferenceCache:
 
 
 def allocate_cache(model: nn.Module, batch_size: int, dtype: torch.dtype | None = None,
-                   device: torch.device | None = None) -> InferenceCache:
+                   device: torch.device | None = None, state_dtype: torch.dtype | None = None) -> InferenceCache:
     """Zero cache for `batch_size` sequences; conv windows in `dtype` (default: the model's), SSM states float32.
+
+    `state_dtype=torch.bfloat16` keeps Mamba-2 SSM states in bfloat16 (updated in float32, rounded back
+    each token), as mamba_ssm's inference caches do: half the bytes a large-batch decode step moves.
+    Mamba-1 layers refuse it (their d_state 16 state is small next to the weights).
 
     Example:
         >>> cache = allocate_cache(model, batch_size=4)
@@ -70,5 +74,6 @@ def allocate_cache(model: nn.Module, batch_size: int, dtype: torch.dtype | None 
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"allocate_cache: batch_size must be a positive int, got {batch_size!r}")
-    layers = [block.mixer.allocate_state(batch_size, dtype=dtype, device=device) for block in model.backbone.layers]
+    layers = [block.mixer.allocate_state(batch_size, dtype=dtype, device=device, ssm_dtype=state_dtype)
+              for block in model.backbone.layers]
     return InferenceCache(layers=layers)

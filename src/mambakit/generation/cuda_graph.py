@@ -39,13 +39,13 @@ class CUDAGraphDecoder:
     """
 
     def __init__(self, model: nn.Module, batch_size: int, *, dtype: torch.dtype | None = None,
-                 warmup_steps: int = 2):
+                 state_dtype: torch.dtype | None = None, warmup_steps: int = 2):
         if not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"CUDAGraphDecoder: warmup_steps must be an int >= 1, got {warmup_steps!r}")
         self.model = model
         self.batch_size = batch_size
         self.device = model_device(model)
-        self.cache: InferenceCache = allocate_cache(model, batch_size, dtype=dtype)
+        self.cache: InferenceCache = allocate_cache(model, batch_size, dtype=dtype, state_dtype=state_dtype)
         self.graph: torch.cuda.CUDAGraph | None = None
         self._tokens_B = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self._logits_BV: torch.Tensor | None = None

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .cache import allocate_cache
 from .cuda_graph import CUDAGraphDecoder
 from .sampling import apply_repetition_penalty, greedy, logits_to_probs, sample, seen_tokens
 from .steps import decode_one_token, model_device, pack_prompts, prefill_packed
@@ -66,7 +67,8 @@ def _check_max_new_tokens(max_new_tokens) -> None:
         raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
 
 
-def _decoder_for(model: nn.Module, batch: int, cuda_graph: bool | CUDAGraphDecoder) -> CUDAGraphDecoder | None:
+def _decoder_for(model: nn.Module, batch: int, cuda_graph: bool | CUDAGraphDecoder,
+                 state_dtype: torch.dtype | None = None) -> CUDAGraphDecoder | None:
     """The graph decoder to use: the one given, a new one (CUDA models only), or None for the eager step."""
     if isinstance(cuda_graph, CUDAGraphDecoder):
         if cuda_graph.model is not model or cuda_graph.batch_size != batch:
@@ -76,13 +78,13 @@ def _decoder_for(model: nn.Module, batch: int, cuda_graph: bool | CUDAGraphDecod
     if not isinstance(cuda_graph, bool):
         raise ValueError(f"generate: cuda_graph must be a bool or a CUDAGraphDecoder, got {type(cuda_graph).__name__}")
     if cuda_graph and model_device(model).type == "cuda":
-        return CUDAGraphDecoder(model, batch)
+        return CUDAGraphDecoder(model, batch, state_dtype=state_dtype)
     return None  # on CPU a graph buys nothing: the eager step is the fallback
 
 
 def _token_loop(model: nn.Module, ids_BL: torch.Tensor, lengths: list[int], max_new_tokens: int,
                 params: SamplingParams, cuda_graph: bool | CUDAGraphDecoder,
-                prefill_chunk_size: int | None) -> Iterator[torch.Tensor]:
+                prefill_chunk_size: int | None, state_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) int64 on the model's device, max_new_tokens times.
 
     ids_BL, lengths: the prompts as `pack_prompts` returns them. Prefill runs at the first iteration; a
@@ -94,10 +96,11 @@ def _token_loop(model: nn.Module, ids_BL: torch.Tensor, lengths: list[int], max_
     device = ids_BL.device
     vocab, real_vocab = model.config.padded_vocab_size, model.config.vocab_size
     batch = ids_BL.shape[0]
-    decoder = _decoder_for(model, batch, cuda_graph)
-    cache = None
+    decoder = _decoder_for(model, batch, cuda_graph, state_dtype)
     if decoder is not None:
         cache = decoder.cache.reset()
+    else:
+        cache = allocate_cache(model, batch, state_dtype=state_dtype)
     cache, logits_BV = prefill_packed(model, ids_BL, lengths, cache, chunk_size=prefill_chunk_size)
     generator = None
     if params.seed is not None:
@@ -141,7 +144,8 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
              top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
              eos_token_id: int | Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
              decode: Callable[[list[int]], str] | None = None, seed: int | None = None,
-             cuda_graph: bool | CUDAGraphDecoder = False, prefill_chunk_size: int | None = 2048) -> list[list[int]]:
+             cuda_graph: bool | CUDAGraphDecoder = False, prefill_chunk_size: int | None = 2048,
+             state_dtype: torch.dtype | None = None) -> list[list[int]]:
     """Generate up to max_new_tokens new tokens per prompt; returns each row's new tokens.
 
     Args:
@@ -157,6 +161,8 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
         cuda_graph: True to replay the decode step from a CUDA graph (CUDA models; eager elsewhere), or a
             `CUDAGraphDecoder` of this model and batch size to reuse one captured earlier.
         prefill_chunk_size: tokens per row per prefill call (None: whole prompts); bounds prefill memory.
+        state_dtype: the SSM states' dtype in the cache (None: float32); torch.bfloat16 halves the state
+            traffic of large-batch Mamba-2 decoding (see `allocate_cache`).
     Returns:
         B lists of new token ids, each ending at its EOS or stop string, or max_new_tokens long.
 
@@ -177,7 +183,7 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     rows: list[list[int]] = [[] for _ in range(batch)]  # host copies of the new tokens, kept for stop strings
     stop_step: list[int | None] = [None] * batch
     n_steps = 0
-    loop = _token_loop(model, ids_BL, lengths, max_new_tokens, params, cuda_graph, prefill_chunk_size)
+    loop = _token_loop(model, ids_BL, lengths, max_new_tokens, params, cuda_graph, prefill_chunk_size, state_dtype)
     for step, tokens_B in enumerate(loop):
         tokens_BT[:, step] = tokens_B
         n_steps = step + 1
@@ -202,7 +208,8 @@ def stream(model: nn.Module, prompt, max_new_tokens: int, *, temperature: float 
            top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
            eos_token_id: int | Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
            decode: Callable[[list[int]], str] | None = None, seed: int | None = None,
-           cuda_graph: bool | CUDAGraphDecoder = False, prefill_chunk_size: int | None = 2048) -> Iterator[int]:
+           cuda_graph: bool | CUDAGraphDecoder = False, prefill_chunk_size: int | None = 2048,
+           state_dtype: torch.dtype | None = None) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are made; the same arguments and tokens as `generate`.
 
     prompt: a list of token ids, or a (L,) / (1, L) integer tensor. The iterator ends after max_new_tokens
@@ -223,7 +230,8 @@ def stream(model: nn.Module, prompt, max_new_tokens: int, *, temperature: float 
         prompt = [list(prompt)]
     ids_BL, lengths = pack_prompts(prompt, model.config.padded_vocab_size, model_device(model))
     # validated above, before the first token is asked for; the loop itself is a generator
-    return _stream_tokens(_token_loop(model, ids_BL, lengths, max_new_tokens, params, cuda_graph, prefill_chunk_size),
+    return _stream_tokens(_token_loop(model, ids_BL, lengths, max_new_tokens, params, cuda_graph, prefill_chunk_size,
+                                      state_dtype),
                           set(params.eos_ids), stopper)
 
 

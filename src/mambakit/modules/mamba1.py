@@ -114,11 +114,20 @@ class Mamba1(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
         self._decode_params = DecodeParams()
 
-    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None) -> MixerState:
-        """Zero state for decoding: conv (batch, d_inner, d_conv - 1) in `dtype`, ssm (batch, d_inner, d_state) float32."""
+    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None,
+                       ssm_dtype: torch.dtype | None = None) -> MixerState:
+        """Zero state for decoding: conv (batch, d_inner, d_conv - 1) in `dtype`, ssm (batch, d_inner, d_state) float32.
+
+        `ssm_dtype` may only be float32 / float64 here: Mamba-1's state (d_state 16) is small next to the
+        weights, so a low-precision state would buy little (Mamba2.allocate_state takes bfloat16).
+        """
         device = device or self.out_proj.weight.device
         dtype = dtype or self.conv1d.weight.dtype
-        ssm_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # states are fp32 (fp64 models: fp64)
+        if ssm_dtype is None:
+            ssm_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # fp32 (fp64 models: fp64)
+        elif ssm_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"Mamba1.allocate_state: ssm_dtype must be float32 or float64, got {ssm_dtype} "
+                             "(low-precision states are offered for Mamba-2, whose state is 8x larger)")
         return MixerState(
             conv_state=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
             ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=ssm_dtype),

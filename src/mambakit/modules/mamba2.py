@@ -103,11 +103,22 @@ class Mamba2(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
         self._decode_params = DecodeParams()
 
-    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None) -> MixerState:
-        """Zero state: conv (batch, conv_dim, d_conv - 1), ssm (batch, nheads, headdim, d_state) float32."""
+    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None,
+                       ssm_dtype: torch.dtype | None = None) -> MixerState:
+        """Zero state: conv (batch, conv_dim, d_conv - 1) in `dtype`, ssm (batch, nheads, headdim, d_state).
+
+        The ssm state is float32 (float64 for float64 models) unless `ssm_dtype` says otherwise: a
+        bfloat16 / float16 state is updated in float32 and rounded back each step, which halves the
+        state traffic that bounds large-batch decoding (d_state 128: the state outweighs the weights
+        from batch ~16 on), at the price of one rounding per token.
+        """
         device = device or self.out_proj.weight.device
         dtype = dtype or self.conv1d.weight.dtype
-        ssm_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # states are fp32 (fp64 models: fp64)
+        if ssm_dtype is None:
+            ssm_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # fp32 (fp64 models: fp64)
+        elif ssm_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise ValueError(f"Mamba2.allocate_state: ssm_dtype must be float32, float64, bfloat16 or float16, "
+                             f"got {ssm_dtype}")
         return MixerState(
             conv_state=torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
             ssm_state=torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
@@ -122,6 +133,11 @@ class Mamba2(nn.Module):
         """The SSD block length: the config's on GPU; at most 64 on CPU, where the chunked torch path is
         1.3-1.8x faster at 64 than at 256 (benchmarks/cpu_ssd.py). The result does not depend on it."""
         return self.chunk_size if x.is_cuda else min(self.chunk_size, 64)
+
+    @staticmethod
+    def _state_in(state: torch.Tensor) -> torch.Tensor:
+        """The cache's ssm state as the parallel op takes it: float32 / float64 (a bf16 cache is widened)."""
+        return state if state.dtype in (torch.float32, torch.float64) else state.float()
 
     def _D(self) -> torch.Tensor:
         D = self.D.float()
@@ -155,7 +171,8 @@ class Mamba2(nn.Module):
                 B.reshape(batch, seqlen, self.ngroups, self.d_state), C.reshape(batch, seqlen, self.ngroups, self.d_state),
                 D=self._D(), z=None if self.rmsnorm else z.reshape(batch, seqlen, self.nheads, self.headdim),
                 dt_bias=self.dt_bias.float(), dt_softplus=True, dt_limit=self.dt_limit, chunk_size=self._chunk_size(x),
-                initial_state=cache.ssm_state if keep else None, return_final_state=keep, seq_idx=seq_idx)
+                initial_state=self._state_in(cache.ssm_state) if keep else None, return_final_state=keep,
+                seq_idx=seq_idx)
         if keep:
             y, ssm_final = y
             cache.conv_state.copy_(conv_final)

@@ -109,7 +109,9 @@ def ssd_state_update(
     """One recurrent step of `ssd` for decoding; updates `state` in place.
 
     Args:
-        state: (batch, nheads, headdim, dstate) float32, overwritten with the new state.
+        state: (batch, nheads, headdim, dstate) float32, overwritten with the new state. A bfloat16 /
+            float16 state (an inference cache allocated with `state_dtype=torch.bfloat16`) is read,
+            updated in float32 and rounded back: it halves the state traffic of large-batch decoding.
         x, z: (batch, nheads, headdim).   dt: (batch, nheads).   A: (nheads,).
         B, C: (batch, ngroups, dstate) or (batch, dstate).   D: (nheads,) or (nheads, headdim).
     Returns:
@@ -130,7 +132,8 @@ def ssd_state_update(
     chk.tensor("C", C, ("batch", "ngroups", "dstate"))
     chk.tensor("z", z, ("batch", "nheads", "headdim"), optional=True)
     _check_params(chk, A, D, dt_bias, dt_limit)
-    chk.tensor("state", state, ("batch", "nheads", "headdim", "dstate"), dtypes=(torch.float32, torch.float64))
+    chk.tensor("state", state, ("batch", "nheads", "headdim", "dstate"),
+               dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16))
     name = select_backend("ssd_state_update", backend, x.device)
     if name == "reference":
         from .reference import ssd_state_update_reference as fn

@@ -52,10 +52,12 @@ def _ssd_step_kernel(
     Cv = tl.load(C_ptr + b * s_C_b + g * s_C_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
     st_ptrs = state_ptr + b * s_st_b + h * s_st_h + offs_p[:, None] * s_st_p + offs_n[None, :]
     st_mask = pmask[:, None] & nmask[None, :]
-    # the state keeps its own precision (float32, or float64 when the caller holds a float64 state)
+    # math in float32 (float64 when the caller holds a float64 state); bf16 / fp16 states are widened here
     st = tl.load(st_ptrs, mask=st_mask, other=0.0)
+    if st.dtype != tl.float64:
+        st = st.to(tl.float32)
     st = st * decay + (dtp * x)[:, None] * Bv[None, :]
-    tl.store(st_ptrs, st, mask=st_mask)
+    tl.store(st_ptrs, st.to(state_ptr.dtype.element_ty), mask=st_mask)  # bf16 / fp16 caches round here
     y = tl.sum(st * Cv[None, :], axis=1).to(tl.float32)
     if HAS_D:
         if D_PER_CHANNEL:
@@ -84,7 +86,8 @@ def ssd_state_update_triton(
     """One SSD decode step in Triton; arguments as in `mambakit.ops.ssd_state_update` (validated there).
 
     Args:
-        state: (b, H, P, N) float32 (or float64), updated in place when its last dim is contiguous.
+        state: (b, H, P, N) float32 (or float64; bf16 / fp16 are updated in float32 and rounded back),
+            updated in place when its last dim is contiguous.
         x, z: (b, H, P).  dt: (b, H).  A: (H,).  B, C: (b, G, N).  D: (H,) or (H, P).  dt_bias: (H,).
     Returns:
         y: (b, H, P) in x's dtype, and the new state (the same tensor as `state` when updated in place).
