@@ -30,6 +30,8 @@ from collections.abc import Callable
 
 import torch
 
+from cpu_timing import forward_backward, forward_only, saved_bytes, time_interleaved
+
 from mambakit.ops.selective_scan.chunked import default_chunk_len, selective_scan_chunked
 
 
@@ -76,48 +78,6 @@ def mambapy_plain(inp):
     return run
 
 
-def forward_only(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-    def run():
-        with torch.no_grad():
-            fn()
-    return run
-
-
-def forward_backward(fn: Callable[[], torch.Tensor], grad_out: torch.Tensor) -> Callable[[], None]:
-    def run():
-        fn().backward(grad_out)
-    return run
-
-
-def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
-    """Bytes autograd keeps for the backward of one call."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
-
-
-def time_interleaved(variants: dict[str, Callable[[], None]], repeats: int, warmup: int,
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
-    """Seconds per call; one call of every variant per round, so machine noise hits all alike."""
-    for fn in variants.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in variants}
-    for _ in range(repeats):
-        for k, fn in variants.items():
-            t0 = clock()
-            fn()
-            times[k].append(clock() - t0)
-    return times
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=8)
@@ -159,7 +119,7 @@ def main() -> None:
         variants["mambapy pscan fwd+bwd"] = forward_backward(mambapy_plain(train), grad_out)
         saved["mambapy pscan fwd+bwd"] = saved_bytes(mambapy_plain(train))
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    train_times = time_interleaved(variants, args.repeats, args.warmup, clock)
+    train_times = time_interleaved(variants, args.repeats, args.warmup, clock=clock)
 
     pb, pl, pd = args.prefill_batch, args.prefill_seqlen, args.prefill_dim
     prefill = make_inputs(pb, pl, pd, n, seed=1)
@@ -167,7 +127,7 @@ def main() -> None:
     pre_variants = {"mambakit fwd": forward_only(mambakit_full(prefill, pck))}
     if use_mambapy:
         pre_variants["mambapy pscan fwd"] = forward_only(mambapy_plain(prefill))
-    prefill_times = time_interleaved(pre_variants, args.repeats, args.warmup, clock)
+    prefill_times = time_interleaved(pre_variants, args.repeats, args.warmup, clock=clock)
 
     print(f"# {datetime.date.today()}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
           f"{platform.processor() or platform.machine()}  cpu capability {torch.backends.cpu.get_cpu_capability()}")

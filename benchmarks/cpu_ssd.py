@@ -25,10 +25,11 @@ import argparse
 import datetime
 import platform
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+
+from cpu_timing import forward_backward, forward_only, saved_bytes, time_interleaved
 
 from mambakit.ops import ssd
 
@@ -57,54 +58,6 @@ def transformers_op(inp: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
 
     return lambda: mamba2_chunk_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], chunk_size=256, D=inp["D"],
                                      dt_bias=inp["dt_bias"], dt_softplus=True)
-
-
-def forward_only(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-    def run():
-        with torch.no_grad():
-            fn()
-    return run
-
-
-def forward_backward(fn: Callable[[], torch.Tensor], grad_out: torch.Tensor) -> Callable[[], None]:
-    def run():
-        fn().backward(grad_out)
-    return run
-
-
-def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
-    """Bytes autograd keeps for the backward of one call."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
-
-
-def time_interleaved(variants: dict[str, Callable[[], None]], repeats: int, warmup: int,
-                     limit: dict[str, int] | None = None) -> dict[str, list[float]]:
-    """Seconds per call; one call of every variant per round, so machine noise hits all alike.
-
-    `limit` caps the rounds (and skips the warm-up) of the slow variants named in it.
-    """
-    limit = limit or {}
-    for k, fn in variants.items():
-        for _ in range(0 if k in limit else warmup):
-            fn()
-    times = {k: [] for k in variants}
-    for r in range(repeats):
-        for k, fn in variants.items():
-            if r >= limit.get(k, repeats):
-                continue
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return times
 
 
 # ---- the whole mixer -------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def ssd_chunked_reference(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
     4. state -> output: each chunk's incoming state read out through C with the decay so far.
     """
     batch, seqlen, nheads, headdim = x.shape
-    ngroups, dstate = B.shape[2], B.shape[3]
+    ngroups = B.shape[2]
     f64 = torch.float64
     pad = (-seqlen) % chunk_size
     dt_ = effective_dt(dt, dt_bias, dt_softplus, dt_limit)
