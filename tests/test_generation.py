@@ -67,7 +67,7 @@ def test_bf16_mamba2_states_track_float32_states():
     model = _model(LAYERS[1].values[0])
     prompt = torch.randint(0, VOCAB, (3, 11))
     fp32, logits32 = prefill(model, prompt)
-    bf16 = allocate_cache(model, 3, state_dtype=torch.bfloat16)
+    bf16 = model.allocate_cache(3, state_dtype=torch.bfloat16)
     ptrs = [s.ssm_state.data_ptr() for s in bf16.layers]
     bf16, logits16 = prefill(model, prompt, cache=bf16)
     assert all(s.ssm_state.dtype == torch.bfloat16 for s in bf16.layers)

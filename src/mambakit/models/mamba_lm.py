@@ -123,11 +123,13 @@ class MambaLM(nn.Module):
 
     # ---- conveniences whose implementations live in the layers above (generation/, checkpoints/) ----
 
-    def allocate_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> "InferenceCache":
-        """Zero recurrent state for `batch_size` sequences (see mambakit.generation.allocate_cache)."""
+    def allocate_cache(self, batch_size: int, dtype: torch.dtype | None = None,
+                       state_dtype: torch.dtype | None = None) -> "InferenceCache":
+        """Zero recurrent state for `batch_size` sequences (see mambakit.generation.allocate_cache);
+        `state_dtype=torch.bfloat16` halves the SSM states of Mamba-2 layers."""
         from ..generation.cache import allocate_cache
 
-        return allocate_cache(self, batch_size, dtype=dtype)
+        return allocate_cache(self, batch_size, dtype=dtype, state_dtype=state_dtype)
 
     def generate(self, prompts, max_new_tokens: int, **kwargs) -> list[list[int]]:
         """New tokens per prompt (see mambakit.generation.generate for the sampling arguments)."""
