@@ -187,3 +187,77 @@ def test_norm_gpu_real_shape_bf16(case):
     for name in names:
         assert_close(grads[name], ref_grads[name], name=f"d{name}", rel=0.0,
                      atol=low_precision_tolerance(nat_grads[name], ref_grads[name]))
+
+
+# ---- add_rms_norm: the fused residual add + norm of every block --------------------------------------------
+
+ADD_CASES = [
+    # x dtype, residual dtype (None: no residual), weight dtype, residual_dtype
+    pytest.param(torch.float32, torch.float32, torch.float32, None, id="fp32"),
+    pytest.param(torch.float32, None, torch.float32, torch.float32, id="fp32-first-block"),
+    pytest.param(torch.float64, torch.float64, torch.float64, None, id="fp64"),
+    pytest.param(torch.bfloat16, torch.float32, torch.bfloat16, torch.float32, id="bf16-residual-fp32"),
+    pytest.param(torch.bfloat16, torch.bfloat16, torch.bfloat16, None, id="bf16-residual-bf16"),
+    pytest.param(torch.bfloat16, None, torch.bfloat16, torch.float32, id="bf16-first-block"),
+]
+
+
+def _unfused(x, residual, weight, eps, residual_dtype):
+    """What Block computed before the fused op: add, cast to the weight's dtype, rms_norm, cast."""
+    s = x if residual is None else x + residual
+    y = rms_norm(s.to(weight.dtype), weight, eps=eps, backend="reference")
+    return y, s if residual_dtype is None else s.to(residual_dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("x_dtype, r_dtype, w_dtype, residual_dtype", ADD_CASES)
+def test_add_rms_norm_equals_the_unfused_steps(backend, x_dtype, r_dtype, w_dtype, residual_dtype):
+    from mambakit.ops import add_rms_norm
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 48, generator=gen).to(device=DEVICE, dtype=x_dtype)
+    residual = None if r_dtype is None else (3 * torch.randn(3, 5, 48, generator=gen)).to(device=DEVICE, dtype=r_dtype)
+    weight = (1 + 0.5 * torch.randn(48, generator=gen)).to(device=DEVICE, dtype=w_dtype)
+    y, s = add_rms_norm(x, residual, weight, eps=1e-5, residual_dtype=residual_dtype, backend=backend)
+    y_ref, s_ref = _unfused(x, residual, weight, 1e-5, residual_dtype)
+    assert y.dtype == w_dtype and s.dtype == s_ref.dtype and y.shape == s.shape == x.shape
+    # the sum is exact in every case; y differs by float32 rounding of the statistics, or by one bf16
+    # ulp where Triton's CPU interpreter truncates a float32 -> bf16 cast that torch rounds
+    low = torch.bfloat16 in (x_dtype, w_dtype)
+    interp_low = low and backend == "triton" and DEVICE == "cpu"
+    assert_close(s, s_ref, name="residual", rel=2**-7 if interp_low else 1e-12)
+    assert_close(y, y_ref, name="y", rel=2**-6 if interp_low else 2**-7 if low
+                 else (1e-12 if x_dtype == torch.float64 else 1e-6))
+
+
+def test_add_rms_norm_runs_the_differentiable_path_when_gradients_are_needed():
+    """The Triton kernel is forward-only: with requires_grad inputs the op falls back to the torch path,
+    so a training step through Block gets exact gradients."""
+    from mambakit.ops import add_rms_norm
+
+    x = torch.randn(2, 4, 16, dtype=F64, device=DEVICE, requires_grad=True)
+    residual = torch.randn(2, 4, 16, dtype=F64, device=DEVICE, requires_grad=True)
+    weight = (1 + torch.rand(16, dtype=F64, device=DEVICE)).requires_grad_(True)
+    y, s = add_rms_norm(x, residual, weight, backend="triton")
+    (y.sum() + (s * s).sum()).backward()
+    x2, r2, w2 = (t.detach().clone().requires_grad_(True) for t in (x, residual, weight))
+    y2, s2 = _unfused(x2, r2, w2, 1e-5, None)
+    (y2.sum() + (s2 * s2).sum()).backward()
+    for a, b, name in ((x, x2, "dx"), (residual, r2, "dresidual"), (weight, w2, "dweight")):
+        assert_close(a.grad, b.grad, name=name, rel=1e-10)
+
+
+def test_add_rms_norm_rejects_bad_input():
+    from mambakit.ops import add_rms_norm
+
+    x, w = torch.randn(2, 8), torch.ones(8)
+    with pytest.raises(ValueError, match=r"add_rms_norm: residual must have shape \(d0=2, hidden=8\)"):
+        add_rms_norm(x, torch.randn(2, 7), w)
+    with pytest.raises(ValueError, match=r"add_rms_norm: weight must have shape \(hidden=8\)"):
+        add_rms_norm(x, None, torch.ones(7))
+    with pytest.raises(ValueError, match="add_rms_norm: eps must be >= 0"):
+        add_rms_norm(x, None, w, eps=-1.0)
+    with pytest.raises(ValueError, match="add_rms_norm: residual_dtype must be a floating dtype"):
+        add_rms_norm(x, None, w, residual_dtype=torch.int32)
+    with pytest.raises(ValueError, match="add_rms_norm: backend 'reference' is not implemented"):
+        add_rms_norm(x, None, w, backend="reference")

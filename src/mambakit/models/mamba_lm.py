@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..modules import Block, GatedMLP, Mamba1, Mamba2, RMSNorm
+from ..modules.block import add_and_norm
 from .config import MambaConfig
 
 if TYPE_CHECKING:  # the cache lives in mambakit.generation, a layer above; models only read its fields
@@ -75,8 +76,7 @@ class Backbone(nn.Module):
         hidden, residual = self.embedding(input_ids), None
         for i, layer in enumerate(self.layers):
             hidden, residual = layer(hidden, residual, cache=None if cache is None else cache.layers[i], seq_idx=seq_idx)
-        residual = hidden if residual is None else hidden + residual
-        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+        return add_and_norm(hidden, residual, self.norm_f, residual_in_fp32=False)[0]
 
 
 class MambaLM(nn.Module):

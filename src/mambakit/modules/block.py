@@ -13,7 +13,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops import add_rms_norm
+from .norm import RMSNorm
 from .state import MixerState
+
+
+def add_and_norm(hidden: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module,
+                 residual_in_fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual = hidden + residual; normed = norm(residual in norm's dtype); residual in fp32 when asked.
+
+    RMSNorm goes through the fused `add_rms_norm` op (one Triton kernel when no gradient is needed:
+    the decode step's launch count), other norms (LayerNorm) through the unfused steps. Same numbers.
+    """
+    if isinstance(norm, RMSNorm):
+        return add_rms_norm(hidden, residual, norm.weight, eps=norm.eps,
+                            residual_dtype=torch.float32 if residual_in_fp32 else None)
+    residual = hidden if residual is None else hidden + residual
+    normed = norm(residual.to(norm.weight.dtype))
+    return normed, residual.float() if residual_in_fp32 else residual
 
 
 class Block(nn.Module):
@@ -33,15 +50,9 @@ class Block(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None,
                 cache: MixerState | None = None, seq_idx: torch.Tensor | None = None):
-        residual = hidden_states if residual is None else hidden_states + residual
-        hidden_states = self.norm(residual.to(self.norm.weight.dtype))
-        if self.residual_in_fp32:
-            residual = residual.float()
+        hidden_states, residual = add_and_norm(hidden_states, residual, self.norm, self.residual_in_fp32)
         hidden_states = self.mixer(hidden_states, cache=cache, seq_idx=seq_idx)
         if self.mlp is not None:
-            residual = hidden_states + residual
-            hidden_states = self.norm2(residual.to(self.norm2.weight.dtype))
-            if self.residual_in_fp32:
-                residual = residual.float()
+            hidden_states, residual = add_and_norm(hidden_states, residual, self.norm2, self.residual_in_fp32)
             hidden_states = self.mlp(hidden_states)
         return hidden_states, residual

@@ -7,7 +7,7 @@ import torch
 from ..checks import ShapeChecker
 from ..dispatch import select_backend
 
-__all__ = ["rms_norm"]
+__all__ = ["rms_norm", "add_rms_norm"]
 
 
 def rms_norm(
@@ -53,3 +53,50 @@ def rms_norm(
     else:
         from .triton_norm import rms_norm_triton as fn
     return fn(x, weight, eps=eps, z=z, group_size=group_size, norm_before_gate=norm_before_gate)
+
+
+def add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float = 1e-5,
+    residual_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-norm residual step in one pass: s = x + residual; y = rms_norm(s in weight's dtype, weight).
+
+    Exactly what `Block` computes unfused (the same roundings: s in the promoted dtype of x and residual,
+    normalised after a cast to weight's dtype), so both give identical numbers. The Triton backend runs
+    one kernel instead of three (add, cast, norm): it matters where launches dominate, i.e. decoding. It
+    is forward-only: when autograd needs gradients of any input, the PyTorch path runs instead.
+
+    Args:
+        x: (..., hidden).   residual: like x, or None (the first block: s = x).   weight: (hidden,).
+        residual_dtype: dtype of the returned residual (None: s's own dtype; float32 keeps the residual
+            stream in float32 under bf16 weights).
+        backend: None, "torch" or "triton".
+    Returns:
+        y (..., hidden) in weight's dtype, and s (..., hidden) in residual_dtype.
+
+    Example:
+        >>> y, residual = add_rms_norm(hidden, residual, norm.weight, eps=1e-5, residual_dtype=torch.float32)
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"add_rms_norm: x must be a tensor of shape (..., hidden), got {getattr(x, 'shape', type(x))}")
+    lead = tuple(f"d{i}" for i in range(x.dim() - 1))
+    chk = ShapeChecker("add_rms_norm")
+    chk.tensor("x", x, lead + ("hidden",))
+    chk.tensor("residual", residual, lead + ("hidden",), optional=True)
+    chk.tensor("weight", weight, ("hidden",))
+    if eps < 0:
+        raise ValueError(f"add_rms_norm: eps must be >= 0, got {eps}")
+    if residual_dtype is not None and residual_dtype not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"add_rms_norm: residual_dtype must be a floating dtype, got {residual_dtype}")
+    name = select_backend("add_rms_norm", backend, x.device, supported=("torch", "triton"))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, residual, weight))
+    if name == "triton" and not needs_grad:
+        from .triton_norm import add_rms_norm_triton as fn
+    else:
+        from .norm import add_rms_norm_torch as fn
+    return fn(x, residual, weight, eps=eps, residual_dtype=residual_dtype)

@@ -43,3 +43,20 @@ def rms_norm_torch(
     if gate_NH is not None and norm_before_gate:
         y_NH = y_NH * gate_NH
     return y_NH.to(x.dtype)
+
+
+def add_rms_norm_torch(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float = 1e-5,
+    residual_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """s = x + residual, y = rms_norm(s.to(weight.dtype)); arguments as in `mambakit.ops.add_rms_norm`.
+
+    Example:
+        >>> y, s = add_rms_norm_torch(torch.randn(2, 8), None, torch.ones(8), residual_dtype=torch.float32)
+    """
+    s = x if residual is None else x + residual
+    y = rms_norm_torch(s.to(weight.dtype), weight, eps=eps)
+    return y, s if residual_dtype is None else s.to(residual_dtype)

@@ -114,6 +114,30 @@ def _rms_norm_bwd_kernel(
     tl.store(dw_part_ptr + pid_r * stride_pr + cols, tl.sum(dw_acc, axis=0), mask=mask_c)
 
 
+@triton.jit
+def _add_rms_norm_fwd_kernel(
+    x_ptr, r_ptr, w_ptr, y_ptr, s_ptr,
+    n_rows, hidden, eps,
+    stride_xr, stride_rr, stride_yr, stride_sr,
+    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, HAS_R: tl.constexpr,
+    SUM_DT: tl.constexpr, W_DT: tl.constexpr, ACC: tl.constexpr,
+):
+    """s = x + r rounded to SUM_DT (stored in s's dtype); y = rmsnorm(s rounded to W_DT) * w."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    mask = (rows < n_rows)[:, None] & (cols < hidden)[None, :]
+    v = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(ACC)
+    if HAS_R:
+        v += tl.load(r_ptr + rows[:, None] * stride_rr + cols[None, :], mask=mask, other=0.0).to(ACC)
+    v = v.to(SUM_DT).to(ACC)  # the sum as torch's promoted add rounds it
+    tl.store(s_ptr + rows[:, None] * stride_sr + cols[None, :], v.to(s_ptr.dtype.element_ty), mask=mask)
+    h = v.to(W_DT).to(ACC)  # the cast to the norm weight's dtype before normalising
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / hidden + eps)
+    w = tl.load(w_ptr + cols, mask=cols < hidden, other=0.0).to(ACC)
+    y = h * rstd[:, None] * w[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_yr + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # launchers: checks, allocation, grid
 # ----------------------------------------------------------------------------------------------
@@ -248,3 +272,47 @@ def rms_norm_triton(
     z2 = _rows(z, hidden) if z is not None else None
     y2 = RMSNormFunction.apply(_rows(x, hidden), weight.contiguous(), z2, float(eps), group, norm_before_gate)
     return y2.reshape(x.shape)
+
+
+_TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+              torch.float16: tl.float16}
+
+
+def add_rms_norm_triton(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float = 1e-5,
+    residual_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Triton kernel for s = x + residual, y = rms_norm(s in weight's dtype); forward only.
+
+    Arguments as in `mambakit.ops.add_rms_norm` (already validated). Shapes: x, residual (..., H);
+    weight (H,). Returns y (..., H) in weight's dtype and s (..., H) in residual_dtype (default: the
+    promoted dtype of x and residual).
+
+    Example:
+        >>> y, s = add_rms_norm_triton(h, r, w, residual_dtype=torch.float32)
+    """
+    hidden = x.shape[-1]
+    sum_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    out_dtype = residual_dtype or sum_dtype
+    if x.numel() == 0:
+        from .norm import add_rms_norm_torch
+
+        return add_rms_norm_torch(x, residual, weight, eps=eps, residual_dtype=residual_dtype)
+    x2 = _rows(x, hidden)
+    r2 = _rows(residual, hidden) if residual is not None else None
+    n_rows = x2.shape[0]
+    y2 = torch.empty(n_rows, hidden, dtype=weight.dtype, device=x.device)
+    s2 = torch.empty(n_rows, hidden, dtype=out_dtype, device=x.device)
+    block_r, block_h, num_warps = _tile(hidden, 4096)
+    acc = tl.float64 if torch.float64 in (sum_dtype, weight.dtype) else tl.float32
+    _add_rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
+        x2, r2 if r2 is not None else x2, weight.contiguous(), y2, s2,
+        n_rows, hidden, float(eps),
+        x2.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0), s2.stride(0),
+        BLOCK_R=block_r, BLOCK_H=block_h, HAS_R=r2 is not None,
+        SUM_DT=_TL_DTYPES[sum_dtype], W_DT=_TL_DTYPES[weight.dtype], ACC=acc, num_warps=num_warps,
+    )
+    return y2.reshape(x.shape), s2.reshape(x.shape)
