@@ -300,8 +300,9 @@ def test_hub_id_is_a_clear_error_without_network(tmp_path, monkeypatch):
 HF_REFUSED = [
     pytest.param(dict(d_intermediate=48), r"a gated MLP after each mixer \(d_intermediate=48\)", id="mlp"),
     pytest.param(dict(rms_norm=False), r"LayerNorm instead of RMSNorm \(rms_norm=False\)", id="layernorm"),
-    pytest.param(dict(ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 8, "ngroups": 2}),
-                 r"a gated RMSNorm over 2 groups .* transformers normalises the whole width", id="grouped-gated-norm"),
+    pytest.param(dict(ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 8, "ngroups": 2, "norm_ngroups": 4}),
+                 r"a gated RMSNorm over 4 groups \(transformers normalises the whole width or each of the n_groups=2",
+                 id="gated-norm-groups-not-ssd-groups"),
     pytest.param(dict(ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 8, "D_has_hdim": True}),
                  r"D per channel", id="D-per-channel"),
     pytest.param(dict(ssm_cfg={"layer": "Mamba1", "expand": 1.5}), r"a fractional expand=1\.5", id="fractional-expand"),
@@ -424,3 +425,36 @@ def test_convert_cli_user_errors_print_one_line_and_exit_2(tmp_path, capsys, arg
 def test_convert_main_raises_usage_error(tmp_path):
     with pytest.raises(UsageError, match="is not a local directory"):
         convert_cli.main(str(tmp_path / "missing"), str(tmp_path / "out"), to="mambakit")
+
+
+def test_hf_mamba2_gated_norm_grouping_follows_the_writing_transformers_version(tmp_path):
+    """transformers < 5.23 normalises Mamba-2's gated output over the whole width, >= 5.23 per group (as
+    mamba_ssm): the reader follows config.json's transformers_version, the writer stamps 5.23.0 on a
+    per-group model, and both kinds round-trip with identical logits."""
+    ids = torch.randint(0, 37, (2, 9))
+    per_group = MambaLM(MambaConfig(**{**CONFIGS["mamba1-tied-vocab37"],
+                                       "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "ngroups": 2}}))
+    save_pretrained(per_group, tmp_path / "new", format="hf")
+    cfg = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert cfg["transformers_version"] == "5.23.0" and cfg["n_groups"] == 2
+    back = load_pretrained(tmp_path / "new")
+    assert back.backbone.layers[0].mixer.norm.group_size == back.backbone.layers[0].mixer.d_ssm // 2
+    with torch.no_grad():
+        assert torch.equal(back(ids), per_group(ids))
+
+    # the same file as transformers 5.22 would have written it: read with one norm group
+    _edit_config(tmp_path / "new", lambda c: c.update(transformers_version="5.22.0"))
+    old = load_pretrained(tmp_path / "new")
+    assert old.backbone.layers[0].mixer.norm.group_size in (None, old.backbone.layers[0].mixer.d_ssm)
+    _edit_config(tmp_path / "new", lambda c: c.pop("transformers_version"))
+    assert load_pretrained(tmp_path / "new").backbone.layers[0].mixer.norm.group_size in (
+        None, old.backbone.layers[0].mixer.d_ssm)
+
+    # a whole-width model is written without a version stamp and reads back as it was
+    whole = MambaLM(MambaConfig(**{**CONFIGS["mamba1-tied-vocab37"],
+                                   "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "ngroups": 2,
+                                               "norm_ngroups": 1}}))
+    save_pretrained(whole, tmp_path / "old", format="hf")
+    assert "transformers_version" not in json.loads((tmp_path / "old" / "config.json").read_text())
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(tmp_path / "old")(ids), whole(ids))

@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 from transformers import Mamba2Config as HFMamba2Config
 from transformers import Mamba2ForCausalLM
@@ -119,8 +120,15 @@ def test_transformers_checkpoint_gives_the_same_greedy_tokens(tmp_path, name):
 
 
 def _mk_model(name: str) -> MambaLM:
+    """MK_CASES[name]; a Mamba-2 gated norm over the whole width (norm_ngroups 1) is what transformers < 5.23
+    computes, per group what 5.23+ computes: the installed version decides which model is written."""
+    from mambakit.checkpoints.huggingface import _norm_per_group
+
     torch.manual_seed(0)
-    model = MambaLM(MambaConfig(**MK_CASES[name])).eval()
+    fields = {**MK_CASES[name], "ssm_cfg": dict(MK_CASES[name]["ssm_cfg"])}
+    if _norm_per_group({"transformers_version": transformers.__version__}):
+        fields["ssm_cfg"].pop("norm_ngroups", None)
+    model = MambaLM(MambaConfig(**fields)).eval()
     _randomise(model)
     return model
 

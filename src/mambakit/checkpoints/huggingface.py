@@ -10,9 +10,12 @@ the same layouts, so no tensor is transformed.
 
 Numerics that decide the config translation (transformers 5.17 `modeling_mamba*.py`, the PyTorch path):
 - every RMSNorm uses `layer_norm_epsilon` (mamba_ssm: 1e-5 everywhere);
-- Mamba-2's gated RMSNorm normalises over the whole inner width whatever `n_groups` is, where mamba_ssm
-  normalises each of the `ngroups` groups separately: a Mamba-2 read from this format with n_groups > 1
-  gets `ssm_cfg["norm_ngroups"] = 1`, and one written to it must normalise over one group;
+- Mamba-2's gated RMSNorm: transformers up to 5.22 normalises over the whole inner width whatever
+  `n_groups` is; 5.23 normalises each of the `n_groups` groups separately, as mamba_ssm always did. The
+  config's `transformers_version` tells which wrote it: a Mamba-2 with n_groups > 1 written before 5.23
+  (or with no version) is read with `ssm_cfg["norm_ngroups"] = 1`, one written by 5.23 or later keeps
+  per-group statistics. Writing stamps `transformers_version`: "5.23.0" for a per-group norm (older
+  transformers would compute it over the whole width), nothing for a whole-width one;
 - `time_step_limit` clamps dt (mamba_ssm's `dt_limit`; transformers' one-token decode step ignores it, mambakit
   clamps in both paths, so only the parallel forward can agree when the limit binds);
 - the vocabulary is not padded: `vocab_size` is the number of embedding rows. mambakit pads its vocabulary and never samples the padded ids, so a padded
@@ -107,6 +110,20 @@ def _drop_defaults(layer: str, ssm_cfg: dict) -> dict:
     return out
 
 
+GROUPED_NORM_VERSION = "5.23.0"  # the first transformers whose Mamba-2 gated norm is per group, as mamba_ssm's
+
+
+def _norm_per_group(raw: dict) -> bool:
+    """Whether the transformers that wrote this config.json normalises Mamba-2's gated output per group."""
+    version = str(raw.get("transformers_version") or "0")
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit()) if piece else ""
+        parts.append(int(digits) if digits else 0)
+    want = tuple(int(p) for p in GROUPED_NORM_VERSION.split(".")[:2])
+    return tuple(parts + [0] * (2 - len(parts))) >= want
+
+
 def config_from_hf(raw: dict, source: str, generation: dict | None = None) -> MambaConfig:
     """MambaConfig computing what transformers computes for this config.json (+ generation_config.json)."""
     model_type = _model_type(raw, source)
@@ -131,8 +148,8 @@ def config_from_hf(raw: dict, source: str, generation: dict | None = None) -> Ma
                    ngroups=hf["n_groups"], dt_min=hf["time_step_min"], dt_max=hf["time_step_max"],
                    dt_init_floor=hf["time_step_floor"], dt_limit=[float(x) for x in hf["time_step_limit"]],
                    bias=hf["use_bias"], conv_bias=hf["use_conv_bias"], chunk_size=hf["chunk_size"])
-        if hf["n_groups"] > 1:
-            ssm["norm_ngroups"] = 1  # transformers normalises the gated output over the whole width
+        if hf["n_groups"] > 1 and not _norm_per_group(raw):
+            ssm["norm_ngroups"] = 1  # transformers < 5.23 normalises the gated output over the whole width
         if eps != _EPS:
             ssm["norm_eps"] = eps
     vocab_size, multiple = _unpadded_vocab(hf["vocab_size"], generation)
@@ -162,6 +179,7 @@ def _hf_config(model: MambaLM, eos_id: int | None) -> dict:
     cfg = model.config
     args = mixer_args(cfg)
     problems = []
+    stamp: dict = {}
     if cfg.attn_layer_idx:
         problems.append(f"attention layers (attn_layer_idx={cfg.attn_layer_idx})")
     if cfg.d_intermediate:
@@ -193,11 +211,12 @@ def _hf_config(model: MambaLM, eos_id: int | None) -> dict:
         elif args["norm_before_gate"]:
             problems.append("norm_before_gate=True (transformers computes norm(y * silu(z)))")
         else:
-            if mixer.norm.group_size not in (None, mixer.d_ssm):
-                groups = mixer.d_ssm // mixer.norm.group_size
-                problems.append(f"a gated RMSNorm over {groups} groups (mamba_ssm's ngroups={mixer.ngroups} "
-                                "behaviour; transformers normalises the whole width: build it with "
-                                "ssm_cfg['norm_ngroups'] = 1)")
+            groups = mixer.d_ssm // (mixer.norm.group_size or mixer.d_ssm)
+            if groups not in (1, mixer.ngroups):
+                problems.append(f"a gated RMSNorm over {groups} groups (transformers normalises the whole width "
+                                f"or each of the n_groups={mixer.ngroups} groups)")
+            elif groups > 1:
+                stamp = {"transformers_version": GROUPED_NORM_VERSION}  # only >= 5.23 computes it per group
             if float(mixer.norm.eps) != eps:
                 problems.append(f"a gated-norm eps {mixer.norm.eps} different from the other norms' {eps} "
                                 "(transformers has one layer_norm_epsilon)")
@@ -209,6 +228,7 @@ def _hf_config(model: MambaLM, eos_id: int | None) -> dict:
                               f"Mamba-2 cannot compute it): {'; '.join(problems)}; save it with format='mambakit' "
                               "instead")
     dtype = model.backbone.embedding.weight.dtype
+    out.update(stamp)
     out.update(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, use_cache=True,
                dtype=str(dtype).removeprefix("torch."))
     return out
