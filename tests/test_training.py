@@ -170,6 +170,24 @@ def test_resume_repeats_an_uninterrupted_run(tmp_path):
     assert rest.val_loss == full.val_loss
 
 
+def test_recompute_trains_the_same_model(tmp_path, monkeypatch):
+    """--recompute only trades compute for memory: the same losses step by step and the same weights."""
+    import mambakit.modules.mamba2 as mamba2_module
+
+    calls = []
+    real = mamba2_module.checkpoint
+    monkeypatch.setattr(mamba2_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain = train(_tiny(tmp_path, max_steps=6, out_dir=str(tmp_path / "plain")))
+    assert not calls
+    recomputed = train(_tiny(tmp_path, max_steps=6, out_dir=str(tmp_path / "rc"), recompute=True))
+    assert len(calls) >= 6  # every training forward went through the recomputing path
+    assert recomputed.losses == pytest.approx(plain.losses, rel=1e-5)
+    a = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    b = load_file(str(tmp_path / "rc" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
+
+
 def test_time_budget_stops_gracefully_with_a_checkpoint(tmp_path):
     result = train(_tiny(tmp_path, max_steps=10_000, time_budget_s=1e-3))
     assert result.stopped_by_budget and result.step < 10_000

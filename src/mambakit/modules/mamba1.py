@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 from .state import MixerState
@@ -113,6 +114,8 @@ class Mamba1(nn.Module):
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
         self._decode_params = DecodeParams()
+        # training memory: True keeps only in_proj's output per layer and recomputes the rest in the backward
+        self.recompute = False
 
     def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None,
                        ssm_dtype: torch.dtype | None = None) -> MixerState:
@@ -147,7 +150,17 @@ class Mamba1(nn.Module):
                              f"got {tuple(hidden_states.shape)}")
         if cache is not None and hidden_states.shape[1] == 1 and seq_idx is None:
             return self.step(hidden_states, cache)
-        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, L, D) each
+        xz = self.in_proj(hidden_states)  # (B, L, 2D)
+        if self.recompute and cache is None and torch.is_grad_enabled():
+            # keep only xz for the backward; conv, projections and scan run again there
+            y = checkpoint(self._mix, xz, None, seq_idx, use_reentrant=False)
+        else:
+            y = self._mix(xz, cache, seq_idx)
+        return self.out_proj(y)
+
+    def _mix(self, xz: torch.Tensor, cache: MixerState | None, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        """in_proj's output (B, L, 2D) -> the gated scan output (B, L, D), advancing `cache` when given."""
+        x, z = xz.chunk(2, dim=-1)  # (B, L, D) each
         conv_w = self.conv1d.weight.squeeze(1)  # (D, W)
         A = -torch.exp(self.A_log.float())  # (D, N)
         keep = cache is not None
@@ -162,7 +175,7 @@ class Mamba1(nn.Module):
             y, ssm_final = y
             cache.conv_state.copy_(conv_final)
             cache.ssm_state.copy_(ssm_final)
-        return self.out_proj(y)
+        return y
 
     def step(self, hidden_states: torch.Tensor, cache: MixerState) -> torch.Tensor:
         """One token: (B, 1, d_model) -> (B, 1, d_model), advancing `cache` in place (constant cost per token).

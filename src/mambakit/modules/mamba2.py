@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..ops import causal_conv1d, causal_conv1d_update, ssd, ssd_state_update
 from .mamba1 import DecodeParams, inverse_softplus_dt
@@ -102,6 +103,8 @@ class Mamba2(nn.Module):
                                      group_size=self.d_ssm // norm_groups, **factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
         self._decode_params = DecodeParams()
+        # training memory: True keeps only in_proj's output per layer and recomputes the rest in the backward
+        self.recompute = False
 
     def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None,
                        ssm_dtype: torch.dtype | None = None) -> MixerState:
@@ -158,8 +161,16 @@ class Mamba2(nn.Module):
                              f"got {tuple(hidden_states.shape)}")
         if cache is not None and hidden_states.shape[1] == 1 and seq_idx is None:
             return self.step(hidden_states, cache)
-        batch, seqlen, _ = hidden_states.shape
-        z0, x0, z, xBC, dt = self._split_in_proj(self.in_proj(hidden_states))
+        zxbcdt = self.in_proj(hidden_states)
+        if self.recompute and cache is None and torch.is_grad_enabled():
+            # keep only in_proj's output for the backward; conv, SSD, norm and out_proj run again there
+            return checkpoint(self._mix, zxbcdt, None, seq_idx, use_reentrant=False)
+        return self._mix(zxbcdt, cache, seq_idx)
+
+    def _mix(self, zxbcdt: torch.Tensor, cache: MixerState | None, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        """in_proj's output (B, L, d_in_proj) -> the layer output (B, L, d_model), advancing `cache` when given."""
+        batch, seqlen, _ = zxbcdt.shape
+        z0, x0, z, xBC, dt = self._split_in_proj(zxbcdt)
         keep = cache is not None
         xBC = causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
                             initial_state=cache.conv_state if keep else None, return_final_state=keep, seq_idx=seq_idx)

@@ -56,6 +56,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     autocast: str = "bf16"  # "bf16" or "none": bf16 autocast on CUDA (ignored on CPU)
+    recompute: bool = False  # keep only in_proj's output per layer; recompute conv, scan, norm in the backward
     out_dir: str | None = None  # None = runs/<recipe>
     save_every: int = 0  # steps between checkpoints during training; 0 = only at the end
     log_every: int = 10

@@ -190,6 +190,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = 
         vocab = tokenizer.vocab_size
         model, optimizer, step, history = _build_or_resume(cfg, vocab, device, out_dir, sampler, resume)
         raw_model = model
+        for module in raw_model.modules():  # activation recomputation is a training setting, not a weight
+            if hasattr(module, "recompute"):
+                module.recompute = cfg.recompute
         if info.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
