@@ -14,21 +14,13 @@ from __future__ import annotations
 import argparse
 
 import torch
+from cpu_timing import saved_bytes
 
 from mambakit.modules import Mamba1, Mamba2
 
 
 def saved_mib(module: torch.nn.Module, x: torch.Tensor) -> float:
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return total / 2**20
+    return saved_bytes(lambda: module(x)) / 2**20
 
 
 def main() -> None:

@@ -69,3 +69,18 @@ def run_with_grads(fn: Callable[..., torch.Tensor | Sequence[torch.Tensor]], inp
     torch.autograd.backward([o for o, _ in used], [g.to(o.dtype) for o, g in used])
     grads = {k: (leaves[k].grad if leaves[k].grad is not None else torch.zeros_like(leaves[k])) for k in grad_names}
     return [o.detach() for o in outs], grads
+
+
+def saved_bytes(fn: Callable[[], object]) -> tuple[object, int]:
+    """fn()'s result and the bytes autograd saved for its backward (tensors saved inside a checkpointed
+    region are not kept, so they are not counted)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from mambakit.modules import Mamba1, Mamba2
 
-from .helpers import assert_close
+from .helpers import assert_close, saved_bytes
 
 
 def test_mamba1_parameter_names_and_shapes_match_reference():
@@ -101,20 +101,6 @@ def test_mamba2_rejects_bad_config():
         Mamba2(d_model=64, headdim=32, ngroups=3)
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes autograd keeps for the backward of fn() (tensors saved outside any checkpointed region)."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, total
-
-
 @pytest.mark.parametrize("make", [
     pytest.param(lambda: Mamba1(32, d_state=8, dtype=torch.float64), id="mamba1"),
     pytest.param(lambda: Mamba2(32, d_state=16, headdim=16, chunk_size=16, dtype=torch.float64), id="mamba2"),
@@ -132,7 +118,7 @@ def test_recompute_gives_the_same_gradients_and_keeps_less(make):
     results = {}
     for recompute in (False, True):
         mixer.recompute = recompute
-        y, saved = _saved_bytes(lambda: mixer(x, seq_idx=seq_idx))
+        y, saved = saved_bytes(lambda: mixer(x, seq_idx=seq_idx))
         grads = torch.autograd.grad((y * y).sum(), [x, *params])
         results[recompute] = (y, grads, saved)
     (y0, g0, s0), (y1, g1, s1) = results[False], results[True]

@@ -15,7 +15,7 @@ import torch
 from mambakit.ops import selective_scan, selective_state_update
 from mambakit.ops.selective_scan.chunked import default_chunk_len, selective_scan_chunked
 from mambakit.ops.selective_scan.reference import selective_scan_reference
-from tests.helpers import assert_close, low_precision_tolerance, run_with_grads
+from tests.helpers import assert_close, low_precision_tolerance, run_with_grads, saved_bytes
 
 # float64 fast path vs float64 reference: only summation order differs
 RTOL_F64 = 1e-10
@@ -268,21 +268,14 @@ def test_saved_tensors_far_smaller_than_full_state_history():
     b, l, d, n = 2, 512, 64, 64
     inp = make_inputs(b, l, d, n, dtype=torch.float32, extras=True, initial_state=True)
     leaves = {k: v.requires_grad_() for k, v in inp.items()}
-    saved_bytes = []
-
-    def pack(t):
-        saved_bytes.append(t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y, h = selective_scan_chunked(**leaves, dt_softplus=True, return_final_state=True)
+    (y, h), saved = saved_bytes(lambda: selective_scan_chunked(**leaves, dt_softplus=True, return_final_state=True))
     full_history = b * l * d * n * 4
     chunk_len = default_chunk_len(b, d, n)
     # (l, b, d)-sized tensors (x, dt', dt raw, y_pre, z) + B, C + chunk-entry states
     expected_bound = 6 * b * l * d * 4 + 2 * b * l * n * 4 + (l // chunk_len) * b * d * n * 4 + 4 * d * n * 4
-    assert 0 < sum(saved_bytes) <= expected_bound, (sum(saved_bytes), expected_bound)
+    assert 0 < saved <= expected_bound, (saved, expected_bound)
     # at dstate 64 the (l, b, d)-sized inputs cost 5 / 64 of the history, the chunk states 1 / chunk_len
-    assert sum(saved_bytes) < full_history / 4, (sum(saved_bytes), full_history)
+    assert saved < full_history / 4, (saved, full_history)
     (y.float().square().sum() + h.sum()).backward()
     assert all(torch.isfinite(v.grad).all() for v in leaves.values())
 

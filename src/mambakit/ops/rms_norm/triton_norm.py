@@ -307,12 +307,12 @@ def add_rms_norm_triton(
     y2 = torch.empty(n_rows, hidden, dtype=weight.dtype, device=x.device)
     s2 = torch.empty(n_rows, hidden, dtype=out_dtype, device=x.device)
     block_r, block_h, num_warps = _tile(hidden, 4096)
-    acc = tl.float64 if torch.float64 in (sum_dtype, weight.dtype) else tl.float32
     _add_rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
         x2, r2 if r2 is not None else x2, weight.contiguous(), y2, s2,
         n_rows, hidden, float(eps),
         x2.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0), s2.stride(0),
         BLOCK_R=block_r, BLOCK_H=block_h, HAS_R=r2 is not None,
-        SUM_DT=_TL_DTYPES[sum_dtype], W_DT=_TL_DTYPES[weight.dtype], ACC=acc, num_warps=num_warps,
+        SUM_DT=_TL_DTYPES[sum_dtype], W_DT=_TL_DTYPES[weight.dtype],
+        ACC=_acc(torch.promote_types(sum_dtype, weight.dtype)), num_warps=num_warps,
     )
     return y2.reshape(x.shape), s2.reshape(x.shape)
