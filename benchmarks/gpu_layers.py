@@ -1,11 +1,16 @@
-"""Whole Mamba-1 and Mamba-2 layers on the GPU: the Triton path against the PyTorch path.
+"""Whole Mamba-1 and Mamba-2 layers on the GPU: the Triton path (fused mixer op, separate ops, with
+activation recomputation) against the PyTorch path.
 
 Shape: d_model 2048 (expand 2, so 4096 inner channels), batch 2, bf16 weights and activations.
 Mamba-1: d_state 16, d_conv 4, dt_rank 128. Mamba-2: headdim 64 (64 heads), d_state 128, ngroups 1,
 chunk 256. For each layer and seqlen it prints the do_bench median of the forward and of forward +
-backward (input gradient and every weight gradient), the peak memory of forward + backward above
-the weights, and the largest relative error of the Triton path's output against the PyTorch path's.
-The PyTorch path runs the same module inside `mambakit.ops.use_backend("torch")`.
+backward (input gradient and every weight gradient), the memory the forward leaves for the backward
+(activations: allocated after the forward minus before, the input excluded), the peak memory of
+forward + backward above the weights, and the largest relative error of the output against the
+PyTorch path's. Paths: "triton fused" (the default: `ops.mamba1_inner` / `ops.mamba2_inner`, one
+autograd node that recomputes the cheap parts in its backward), "triton ops" (`layer.fused = False`:
+the ops one by one), "triton recompute" (`layer.recompute = True`: activation checkpointing of the
+mixer) and "torch" (the same module inside `mambakit.ops.use_backend("torch")`).
 
     python benchmarks/gpu_layers.py                       # seqlen 2048 and 8192
     python benchmarks/gpu_layers.py --seqlens 2048 --layers mamba2
@@ -34,8 +39,17 @@ def build(layer: str, d_model: int) -> torch.nn.Module:
     return m.to(device="cuda", dtype=torch.bfloat16)
 
 
-def measure(module: torch.nn.Module, x: torch.Tensor, backend: str) -> tuple[float, float, float, torch.Tensor]:
-    """(fwd ms, fwd+bwd ms, peak GB above what was allocated before, output)."""
+PATHS = {  # name: (backend, layer.fused, layer.recompute)
+    "triton fused": ("triton", True, False),
+    "triton ops": ("triton", False, False),
+    "triton recompute": ("triton", True, True),
+    "torch": ("torch", True, False),
+}
+
+
+def measure(module: torch.nn.Module, x: torch.Tensor, path: str) -> tuple[float, float, float, float, torch.Tensor]:
+    """(fwd ms, fwd+bwd ms, activations GB, peak GB fwd+bwd above what was allocated before, output)."""
+    backend, module.fused, module.recompute = PATHS[path]
     params = [p for p in module.parameters() if p.requires_grad]
     dy = torch.randn_like(x)
 
@@ -53,11 +67,17 @@ def measure(module: torch.nn.Module, x: torch.Tensor, backend: str) -> tuple[flo
         t_fb = do_bench(fwd_bwd, quantiles=[0.5])
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
+        y = module(x)
+        torch.cuda.synchronize()
+        kept = (torch.cuda.memory_allocated() - base - y.numel() * y.element_size()) / 1e9
+        del y
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fwd_bwd()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 1e9
-    return t_f, t_fb, peak, out
+    return t_f, t_fb, kept, peak, out
 
 
 def main() -> int:
@@ -66,24 +86,26 @@ def main() -> int:
     p.add_argument("--layers", nargs="+", choices=["mamba1", "mamba2"], default=["mamba1", "mamba2"])
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--d-model", type=int, default=2048)
+    p.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
     args = p.parse_args()
     print(f"# Mamba layers, {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"python {platform.python_version()}, {datetime.date.today()}")
     print(f"batch {args.batch}, d_model {args.d_model}, bf16\n")
-    print("| layer | seqlen | path | fwd ms | fwd+bwd ms | peak GB fwd+bwd | triton vs torch max rel err |")
-    print("|---|---|---|---|---|---|---|")
+    print("| layer | seqlen | path | fwd ms | fwd+bwd ms | activations GB | peak GB fwd+bwd | max rel err vs torch |")
+    print("|---|---|---|---|---|---|---|---|")
     for layer in args.layers:
         module = build(layer, args.d_model)
         for seqlen in args.seqlens:
             gen = torch.Generator(device="cuda").manual_seed(seqlen)
             x = torch.randn(args.batch, seqlen, args.d_model, device="cuda", generator=gen, dtype=torch.bfloat16)
             x.requires_grad_(True)
-            results = {b: measure(module, x, b) for b in ("triton", "torch")}
-            ref = results["torch"][3].float()
-            err = float((results["triton"][3].float() - ref).abs().max() / ref.abs().max())
-            for b, (t_f, t_fb, peak, _) in results.items():
-                print(f"| {layer} | {seqlen} | {b} | {t_f:.3f} | {t_fb:.3f} | {peak:.2f} | "
-                      f"{f'{err:.1e}' if b == 'triton' else '-'} |", flush=True)
+            results = {path: measure(module, x, path) for path in args.paths}
+            ref = results["torch"][-1].float() if "torch" in results else None
+            for path, (t_f, t_fb, kept, peak, out) in results.items():
+                err = "-" if ref is None or path == "torch" else \
+                    f"{float((out.float() - ref).abs().max() / ref.abs().max()):.1e}"
+                print(f"| {layer} | {seqlen} | {path} | {t_f:.3f} | {t_fb:.3f} | {kept:.3f} | {peak:.2f} | {err} |",
+                      flush=True)
             del x, results
             torch.cuda.empty_cache()
     return 0

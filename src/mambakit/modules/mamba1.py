@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+from ..ops import causal_conv1d, causal_conv1d_update, mamba1_inner, selective_scan, selective_state_update
 from .state import MixerState
 
 
@@ -116,6 +116,9 @@ class Mamba1(nn.Module):
         self._decode_params = DecodeParams()
         # training memory: True keeps only in_proj's output per layer and recomputes the rest in the backward
         self.recompute = False
+        # True: conv, projections and scan run as one op (`ops.mamba1_inner`; on CUDA one autograd node that
+        # recomputes the conv output and dt in its backward); False calls the ops one by one (benchmarks compare)
+        self.fused = True
 
     def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None,
                        ssm_dtype: torch.dtype | None = None) -> MixerState:
@@ -160,10 +163,13 @@ class Mamba1(nn.Module):
 
     def _mix(self, xz: torch.Tensor, cache: MixerState | None, seq_idx: torch.Tensor | None) -> torch.Tensor:
         """in_proj's output (B, L, 2D) -> the gated scan output (B, L, D), advancing `cache` when given."""
-        x, z = xz.chunk(2, dim=-1)  # (B, L, D) each
         conv_w = self.conv1d.weight.squeeze(1)  # (D, W)
         A = -torch.exp(self.A_log.float())  # (D, N)
         keep = cache is not None
+        if self.fused and not keep:
+            return mamba1_inner(xz, conv_w, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                                self.dt_proj.bias.float(), A, self.D.float(), seq_idx=seq_idx)
+        x, z = xz.chunk(2, dim=-1)  # (B, L, D) each
         x = causal_conv1d(x, conv_w, self.conv1d.bias, activation="silu",
                           initial_state=cache.conv_state if keep else None, return_final_state=keep, seq_idx=seq_idx)
         if keep:

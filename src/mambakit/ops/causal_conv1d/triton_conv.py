@@ -371,10 +371,12 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _causal_conv1d_bwd(x, weight, bias, initial_state, seq_idx, silu, dy, dfinal, need_dinit,
-                       block_l=None, block_d=None, num_warps=None, tiles=None):
+                       block_l=None, block_d=None, num_warps=None, tiles=None, dx=None):
     """(dx, dweight, dbias or None, dinitial_state or None), each in its input's dtype.
 
     initial_state and dfinal must have channel stride 1; dinitial_state comes back with channel stride 1.
+    dx: optional (B, L, D) output buffer of any strides (e.g. a slice of a wider gradient, so a fused
+    caller needs no concatenation); allocated when None.
     """
     batch, seqlen, dim = x.shape
     width = weight.shape[1]
@@ -389,7 +391,8 @@ def _causal_conv1d_bwd(x, weight, bias, initial_state, seq_idx, silu, dy, dfinal
         tiles = min(32, triton.next_power_of_2(max(1, programs // (16 * _num_sms(x.device)))))
     n_chunks = triton.cdiv(n_tiles, tiles)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    dx = torch.empty(batch, seqlen, dim, dtype=x.dtype, device=x.device)
+    if dx is None:
+        dx = torch.empty(batch, seqlen, dim, dtype=x.dtype, device=x.device)
     dinit = None
     if need_dinit:
         dinit = _empty_window(batch, dim, width, initial_state.dtype, x.device)
