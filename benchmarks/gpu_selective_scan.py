@@ -16,6 +16,7 @@ segment counts (ScanConfig(time_chunks=...); "nc" in the main table is the defau
     python benchmarks/gpu_selective_scan.py --sweep         # plus alternative tilings
     python benchmarks/gpu_selective_scan.py --sweep-time    # plus time_chunks 1..32 (some x NL=8)
     python benchmarks/gpu_selective_scan.py --sweep-time --batch 1 --dim 1536 --seqlens 65536 262144
+    python benchmarks/gpu_selective_scan.py --host          # plus host time per call and CUDA-graph forward
 """
 
 from __future__ import annotations
@@ -169,6 +170,66 @@ def time_torch_path(inp) -> tuple[float, float]:
     return do_bench(fwd, quantiles=[0.5]), do_bench(fwd_bwd, quantiles=[0.5])
 
 
+def host_us_per_call(fn, calls: int = 300) -> float:
+    """Host microseconds per call at a shape whose GPU work is far shorter than the launches: the queue
+    never fills, so wall time / calls is what the CPU spends (validation, glue, Triton launches)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def graph_forward_ms(inp) -> float:
+    """Median ms of the default forward replayed from a CUDA graph: GPU time with no host launch cost."""
+    static = {k: v.clone() for k, v in inp.items()}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(3):  # compile and warm up outside the capture
+            selective_scan_triton(**static, dt_softplus=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        selective_scan_triton(**static, dt_softplus=True)
+    return do_bench(graph.replay, quantiles=[0.5])
+
+
+def host_report(args) -> None:
+    """Where the forward's time goes when the host is the bound: host us per call and graph-replayed ms."""
+    tiny = make_inputs(1, 256, 256, args.dstate)
+    print("\n## host overhead (forward, no grad)\n")
+    print("| what | host us per call |")
+    print("|---|---|")
+    with torch.no_grad():
+        rows = [
+            ("selective_scan (public op: validation + dispatch + launches)",
+             lambda: selective_scan(**tiny, dt_softplus=True)),
+            ("selective_scan_triton, time_chunks=1 (1 launch)",
+             lambda: selective_scan_triton(**tiny, dt_softplus=True, config=ScanConfig(time_chunks=1))),
+            ("selective_scan_triton, time_chunks=2 (3 launches)",
+             lambda: selective_scan_triton(**tiny, dt_softplus=True, config=ScanConfig(time_chunks=2, chunk=128))),
+        ]
+        for name, fn in rows:
+            print(f"| {name} | {host_us_per_call(fn):.1f} |", flush=True)
+    print("\n| seqlen | fwd ms eager (do_bench) | fwd ms CUDA graph replay |")
+    print("|---|---|---|")
+    for seqlen in args.seqlens:
+        inp = make_inputs(args.batch, seqlen, args.dim, args.dstate)
+
+        def fwd(inp=inp):
+            with torch.no_grad():
+                return selective_scan_triton(**inp, dt_softplus=True)
+
+        print(f"| {seqlen} | {do_bench(fwd, quantiles=[0.5]):.3f} | {graph_forward_ms(inp):.3f} |", flush=True)
+        del inp, fwd
+        torch.cuda.empty_cache()
+
+
 def floors(batch: int, seqlen: int, dim: int, dstate: int) -> tuple[float, float, float]:
     """(useful forward bytes, byte floor ms at the copy ceiling, exp floor ms at the assumed clock)."""
     elems = batch * seqlen * dim
@@ -214,6 +275,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="seqlen 2048 only")
     parser.add_argument("--sweep", action="store_true", help="also time alternative tilings (incl. time_chunks)")
     parser.add_argument("--sweep-time", action="store_true", help="also time the time_chunks choices only")
+    parser.add_argument("--host", action="store_true", help="also measure host time per call and graph replay")
     parser.add_argument("--check-channels", type=int, default=64, help="channels in the correctness check")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -262,6 +324,9 @@ def main() -> int:
               f"| {exp_ms:.3f} | {anchor} | {speed} | {tt} |")
     print(f"\nexp floor: one exp2 per (channel, state, step) at {MUFU_PER_CLK_PER_SM}/clk/SM and an assumed "
           f"{ASSUMED_CLOCK_GHZ} GHz; byte floor: useful forward bytes at {COPY_TBPS} TB/s.")
+
+    if args.host:
+        host_report(args)
 
     if args.sweep or args.sweep_time:
         sweep = (SWEEP if args.sweep else []) + SWEEP_TIME
