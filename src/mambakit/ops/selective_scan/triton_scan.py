@@ -226,6 +226,10 @@ def _scan_fwd_kernel(
     ck_off = (pid_b * nchunks * dim + d3) * dstate + n3  # (B, K, D, N) checkpoints, the backward's order
     sdt = tl.zeros((BD,), dtype=ACC)  # state-only pass: sum of dt' over the segment
     restarted = t0 < 0  # state-only pass: a restart seen (False)
+    # store masks compare index vectors (lane index * 0 + t), never a broadcast scalar comparison: Triton
+    # 3.9's interpreter splats a scalar i1 into a non-boolean array and rejects it as a mask. The compiler
+    # folds the zero vector, so the predicate (and the SASS) is unchanged
+    zero_d = d1 * 0  # (BD,)
 
     # Four steps per iteration in two pairs, each pair's inputs loaded one pair ahead so HBM latency
     # hides behind the other pair's math. The ping-pong (P loaded at the end for the next iteration,
@@ -256,7 +260,7 @@ def _scan_fwd_kernel(
             restarted = restarted | r0 | r1
         else:
             tl.store(y_t, y0.to(y_ptr.dtype.element_ty))
-            tl.store(y_t + s_t, y1.to(y_ptr.dtype.element_ty), mask=t + 1 < tn)
+            tl.store(y_t + s_t, y1.to(y_ptr.dtype.element_ty), mask=zero_d + (t + 1) < tn)
         P0 = _load_step(t + 4, tn, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
                         HAS_Z, HAS_SEQ, EVEN_N, I64, STATE_ONLY)
         P1 = _load_step(t + 5, tn, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
@@ -270,8 +274,8 @@ def _scan_fwd_kernel(
             sdt += y2 + y3
             restarted = restarted | r2 | r3
         else:
-            tl.store(y_t + 2 * s_t, y2.to(y_ptr.dtype.element_ty), mask=t + 2 < tn)
-            tl.store(y_t + 3 * s_t, y3.to(y_ptr.dtype.element_ty), mask=t + 3 < tn)
+            tl.store(y_t + 2 * s_t, y2.to(y_ptr.dtype.element_ty), mask=zero_d + (t + 2) < tn)
+            tl.store(y_t + 3 * s_t, y3.to(y_ptr.dtype.element_ty), mask=zero_d + (t + 3) < tn)
     if STATE_ONLY:
         seg = pid_b * nseg + pid_c
         tl.store(hlast_ptr + (seg * dim + d3) * dstate + n3, h, mask=n_ok3)
@@ -281,7 +285,7 @@ def _scan_fwd_kernel(
             keep = tl.where(restarted, 0.0, 1.0) + tl.zeros((BD,), dtype=ACC)
             tl.store(keep_ptr + seg + d1 * 0, keep, mask=d1 == 0)
     elif SAVE_LAST:
-        tl.store(hlast_ptr + st_off, h, mask=n_ok3 & (pid_c == nseg - 1))
+        tl.store(hlast_ptr + st_off, h, mask=n_ok3 & (d3 * 0 + pid_c == nseg - 1))
 
 
 @triton.jit
@@ -355,13 +359,16 @@ def _bwd_reverse_inputs(t, tn, sig_row, C_b, z_b, dy_b, stash_b, s_zt, s_Bt, s_y
 
 
 @triton.jit
-def _bwd_step_reverse(carry, dA_acc, dD_acc, dbias_acc, t, valid, h_t, h_p, a, x, delta, Bv, rev,
+def _bwd_step_reverse(carry, dA_acc, dD_acc, dbias_acc, t, tn, h_t, h_p, a, x, delta, Bv, rev,
                       A, Dv, g, pid_b, seqlen, dstate, ngroups, d1, dl, n2, n_ok2,
                       dx_b, ddt_b, dz_b, dB_ptr, dC_ptr, s_t,
                       HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, I64: tl.constexpr,
                       LIBDEVICE: tl.constexpr):
     """Adjoint of step t: takes g_{t+1} a_{t+1} (`carry`), returns a_t g_t and the updated sums."""
     Cv, dout, zf, sig = rev
+    # t < tn as a (BD,) vector, not a scalar: Triton 3.9's interpreter rejects a broadcast scalar
+    # comparison as a store / atomic mask (the compiled predicate is the same)
+    valid = dl * 0 + t < tn  # (BD,)
     Cv = Cv[:, :, None]
     to = _toff(t, I64)
     y = tl.sum(tl.sum(h_t * Cv, axis=0), axis=0)  # pre-gate output, recomputed (not stored by the forward)
@@ -383,7 +390,7 @@ def _bwd_step_reverse(carry, dA_acc, dD_acc, dbias_acc, t, valid, h_t, h_p, a, x
     # are broadcast back over the channels and added by the lanes of channel 0 only: the atomic then
     # keeps the loop's layout (a (NL, NH) atomic would go through shared memory and two barriers)
     row = (((pid_b * seqlen + t) * ngroups + g) * dstate + n2)[:, :, None] + dl[None, None, :] * 0
-    one = n_ok2[:, :, None] & (dl[None, None, :] == 0) & valid
+    one = n_ok2[:, :, None] & (dl[None, None, :] == 0) & valid[None, None, :]
     tl.atomic_add(dB_ptr + row, tl.sum(gt * (delta * x)[None, None, :], axis=2, keep_dims=True), mask=one,
                   sem="relaxed")
     tl.atomic_add(dC_ptr + row, tl.sum(h_t * dy[None, None, :], axis=2, keep_dims=True), mask=one,
@@ -532,7 +539,7 @@ def _scan_bwd_kernel(
                                               s_zt, s_Bt, s_yt, d1, dl, n2, n_ok2, BD, HAS_Z, SOFTPLUS, EVEN_N,
                                               I64, ACC)
                 carry, dA_acc, dD_acc, dbias_acc = _bwd_step_reverse(
-                    carry, dA_acc, dD_acc, dbias_acc, tb + u1 - 1, tb + u1 - 1 < tn, hs[u1], hs[u1 - 1],
+                    carry, dA_acc, dD_acc, dbias_acc, tb + u1 - 1, tn, hs[u1], hs[u1 - 1],
                     a_s[u1 - 1], steps[u1 - 1][0], steps[u1 - 1][2], steps[u1 - 1][1], cur_rev,
                     A, Dv, g, pid_b, seqlen, dstate, ngroups, d1, dl, n2, n_ok2,
                     dx_b, ddt_b, dz_b, dB_r, dC_r, s_t, HAS_D, HAS_Z, SOFTPLUS, I64, LIBDEVICE)
