@@ -7,7 +7,8 @@ float32 A/D/dt_bias, D per head, dt_bias + softplus, no z. For each seqlen it pr
   2. do_bench medians (ms) of the forward and of forward + backward, peak memory of forward + backward,
      achieved TFLOP/s (matmul flops of the chunked algorithm) and GB/s (the bytes any implementation must
      move), and the floor max(flops / 700 TFLOP/s, bytes / 3.02 TB/s) from the ceilings measured in ANCHORS.md;
-  3. per-kernel medians of every launch, forward and backward, so that the bound of each stage shows.
+  3. per-kernel medians of every launch, forward and backward, so that the bound of each stage shows;
+  4. both chunk-state forward paths (fused walk; parallel local states + state passing) and the policy's pick.
 
 Usage (on the GPU machine, from the repository root):
     python benchmarks/gpu_ssd.py                      # all of the above at seqlen 2048, 8192, 32768
@@ -141,14 +142,15 @@ def check(inp, seqlen):
 
 def time_kernels(inp, T, sweep):
     """Median ms of every launch of the forward and backward at fixed intermediates (and config sweeps)."""
-    dec, st, sc, sb = (_mod(m) for m in ("triton_chunk_decay", "triton_chunk_state", "triton_chunk_scan",
-                                        "triton_chunk_scan_bwd"))
+    dec, st, sp, sc, sb = (_mod(m) for m in ("triton_chunk_decay", "triton_chunk_state", "triton_state_passing",
+                                            "triton_chunk_scan", "triton_chunk_scan_bwd"))
     x, dt, A, B, C, D, bias = (inp[k] for k in ("x", "dt", "A", "B", "C", "D", "dt_bias"))
     b, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     dtp, cs = dec.chunk_decay_fwd(dt, A, bias, True, (0.0, math.inf), T)
     cb = sc.chunk_cb_fwd(C, B, None, T, x.dtype)
     states, _ = st.chunk_state_fwd(x, B, dtp, cs, None, None, T)
+    S_local = st.chunk_state_local_fwd(x, B, dtp, cs, None, T)  # input of the state-passing kernel alone
     dy = torch.randn_like(x)
     dH, _, ddend = st.chunk_state_bwd(dy, None, C, cs, None, states, None, False, T)
     cfg_dcb, cfg_dbc, cfg_dx, nslot = sb.bwd_config(b, dtp.shape[2], G, N, T, x.device)
@@ -164,9 +166,23 @@ def time_kernels(inp, T, sweep):
         "decay": (lambda cfg: lambda: dec.chunk_decay_fwd(dt, A, bias, True, (0.0, math.inf), T), [None]),
         "cb": (lambda cfg: lambda: sc.chunk_cb_fwd(C, B, None, T, x.dtype, cfg=cfg),
                [None, dict(BLOCK_N=128), dict(num_warps=8), dict(BLOCK_M=128, num_warps=8)]),
+        # state_fwd: the path `use_parallel_chunk_state` picks; its sweep rows are the fused walk's configs
         "state_fwd": (lambda cfg: lambda: st.chunk_state_fwd(x, B, dtp, cs, None, None, T, cfg=cfg),
-                      [None, dict(num_stages=1), dict(num_stages=3), dict(BLOCK_T=128), dict(BLOCK_N=32),
-                       dict(BLOCK_N=128, num_warps=8), dict(BLOCK_T=256, num_stages=1, num_warps=8)]),
+                      [None] + [dict(PARALLEL=False, **c) for c in (
+                          dict(num_stages=1), dict(num_stages=3), dict(BLOCK_T=128), dict(BLOCK_N=32),
+                          dict(BLOCK_N=128, num_warps=8), dict(BLOCK_T=256, num_stages=1, num_warps=8))]),
+        # both paths forced (table "state_fwd paths"), and each kernel of the parallel path alone
+        "state_fused": (lambda cfg: lambda: st.chunk_state_fwd(x, B, dtp, cs, None, None, T,
+                                                               cfg={**(cfg or {}), "PARALLEL": False}), [None]),
+        "state_parallel": (lambda cfg: lambda: st.chunk_state_fwd(x, B, dtp, cs, None, None, T,
+                                                                  cfg={**(cfg or {}), "PARALLEL": True}),
+                           [None, dict(BLOCK_N=64), dict(num_stages=2), dict(PASS_BLOCK=2048, PASS_WARPS=8)]),
+        "state_local": (lambda cfg: lambda: st.chunk_state_local_fwd(x, B, dtp, cs, None, T, cfg=cfg),
+                        [None, dict(BLOCK_N=64), dict(num_stages=2), dict(num_stages=4), dict(num_warps=8),
+                         dict(BLOCK_T=128, num_warps=8), dict(BLOCK_T=32)]),
+        "state_pass": (lambda cfg: lambda: sp.state_passing_fwd(S_local, cs, None, None, states.dtype, T, cfg=cfg),
+                       [None, dict(PASS_BLOCK=512), dict(PASS_BLOCK=2048), dict(PASS_BLOCK=2048, PASS_WARPS=8),
+                        dict(PASS_BLOCK=4096, PASS_WARPS=8), dict(PASS_BLOCK=512, PASS_WARPS=2)]),
         "scan_fwd": (lambda cfg: lambda: sc.chunk_scan_fwd(x, None, D, C, cb, states, dtp, cs, None, T, cfg=cfg),
                      [None, dict(num_stages=1), dict(num_stages=3), dict(num_warps=8),
                       dict(BLOCK_M=128, num_warps=8), dict(BLOCK_M=32), dict(BLOCK_P=32)]),
@@ -194,7 +210,9 @@ def time_kernels(inp, T, sweep):
                 except Exception as e:  # a config may not fit (shared memory, registers): report, go on
                     res.append((cfg, f"fail: {type(e).__name__}: {str(e).splitlines()[0][:80]}"))
             sweeps[name] = res
-    return times, sweeps, dict(dbc=cfg_dbc)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
+    path = "parallel" if st.use_parallel_chunk_state(b, H, dtp.shape[2], P, N, sms) else "fused"
+    return times, sweeps, dict(dbc=cfg_dbc, state=path)
 
 
 def triton_cdiv(a, b):
@@ -263,7 +281,10 @@ def run(seqlen, args, out):
         out.setdefault("kernels", []).append(
             f"| {seqlen} | " + " | ".join(f"{times[k]:.3f}" for k in ("decay", "cb", "state_fwd", "scan_fwd"))
             + f" | {fwd_sum:.3f} | " + " | ".join(f"{times[k]:.3f}" for k in ("state_bwd", "dcb", "dbc", "dx"))
-            + f" | {bwd_sum:.3f} | dbc {picked['dbc']} |")
+            + f" | {bwd_sum:.3f} | state_fwd {picked['state']}, dbc {picked['dbc']} |")
+        out.setdefault("state_paths", []).append(
+            f"| {seqlen} | {picked['state']} | " + " | ".join(
+                f"{times[k]:.3f}" for k in ("state_fused", "state_parallel", "state_local", "state_pass")) + " |")
         for name, res in sweeps.items():
             for cfg, t in res:
                 shown = f"{t:.3f}" if isinstance(t, float) else t
@@ -295,6 +316,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_ssd.py needs a CUDA device")
+    if args.device == "cpu":  # Triton 3.6's interpreter needs tests/conftest.py's loop-bound fix (NumPy >= 2.4)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        importlib.import_module("tests.conftest")
     import triton
 
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter smoke test)"
@@ -323,6 +347,10 @@ def main(argv=None):
     print("| seqlen | decay | cb | state_fwd | scan_fwd | fwd sum | state_bwd | dcb | dbc | dx | bwd sum | configs |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(out.get("kernels", [])) + "\n")
+    print("## state_fwd paths (ms): the policy's pick, both paths forced, the parallel path's two kernels alone\n")
+    print("| seqlen | policy | fused | parallel | local states | state passing |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(out.get("state_paths", [])) + "\n")
     if "sweep" in out:
         print("## Config sweep (ms; last column: the default config)\n")
         print("| seqlen | kernel | config override | ms | default ms |")

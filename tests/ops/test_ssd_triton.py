@@ -15,6 +15,8 @@ GPU tests (`-m gpu`) run the benchmark shape against the float32 torch path and 
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 
 import pytest
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from mambakit.ops import ssd, ssd_state_update
+from mambakit.ops.ssd.reference import ssd_reference
 from tests.helpers import assert_close, low_precision_tolerance, run_with_grads
 
 FLOAT_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
@@ -267,6 +270,129 @@ def test_ssd_state_update_low_precision_state(state_dtype):
     assert_close(st_triton.float(), st_fp32, name="state vs float32 state", rel=3e-2)
 
 
+# ---------------------------------------------------------------- parallel chunk-state forward
+
+# `mambakit.ops.ssd` is also the public function's name: kernel modules are imported by path
+_chunk_decay = importlib.import_module("mambakit.ops.ssd.triton_chunk_decay")
+_chunk_state = importlib.import_module("mambakit.ops.ssd.triton_chunk_state")
+_triton_ssd = importlib.import_module("mambakit.ops.ssd.triton_ssd")
+
+
+def _states_reference(inp, T):
+    """(b, c + 1, H, P, N) float64: the state entering every chunk, and the final state, as the sequential
+    float64 reference leaves them after each chunk's last token (its final state on every prefix)."""
+    x = inp["x"]
+    seqlen = x.shape[1]
+    h0 = inp.get("initial_state")
+    out = [h0.double() if h0 is not None else torch.zeros(x.shape[0], x.shape[2], x.shape[3], inp["B"].shape[-1],
+                                                         dtype=torch.float64)]
+    for end in range(T, seqlen + T, T):
+        end = min(end, seqlen)
+        seq = inp.get("seq_idx")
+        _, h = ssd_reference(*(inp[k][:, :end].double() for k in ("x", "dt")), inp["A"].double(),
+                             *(inp[k][:, :end].double() for k in ("B", "C")),
+                             initial_state=out[0], return_final_state=True,
+                             seq_idx=seq[:, :end] if seq is not None else None)
+        out.append(h)
+    return torch.stack(out, dim=1)
+
+
+STATE_CASES = [
+    pytest.param((2, 45, 2, 16, 1, 16), torch.float32, False, False, {}, id="fp32-ragged-2-chunks-plus-13"),
+    pytest.param((2, 48, 2, 16, 1, 16), torch.float32, True, True, {}, id="fp32-initial-state-seq-idx"),
+    pytest.param((2, 45, 4, 16, 2, 16), torch.float32, True, True, {}, id="fp32-ngroups-2-ragged-seq-idx-h0"),
+    pytest.param((1, 40, 2, 24, 1, 32), torch.float32, True, False,
+                 dict(BLOCK_P=16, BLOCK_N=16, PASS_BLOCK=64), id="fp32-headdim-24-several-blocks"),
+    pytest.param((2, 45, 2, 16, 1, 16), torch.bfloat16, True, True, {}, id="bf16-ragged-seq-idx-h0"),
+]
+
+
+@pytest.mark.parametrize("shape, dtype, initial_state, packed, cfg", STATE_CASES)
+def test_chunk_state_parallel_equals_fused_and_reference(shape, dtype, initial_state, packed, cfg):
+    """The parallel path (local states + state passing) stores the same states and final state as the
+    fused walk (the same fp32 terms: equal to fp32 rounding), and both match the float64 reference.
+    _seq_idx puts documents starting inside chunks and exactly at chunk starts (16, 32)."""
+    T = 16
+    inp = _make_inputs(*shape, initial_state=initial_state)
+    for k in ("x", "B", "C"):
+        inp[k] = inp[k].to(dtype)
+    if packed:
+        inp["seq_idx"] = _seq_idx(shape[1], shape[0])
+    seq, h0 = inp.get("seq_idx"), inp.get("initial_state")
+    dtp, cs = _chunk_decay.chunk_decay_fwd(inp["dt"], inp["A"], None, False, (0.0, math.inf), T)
+    args = (inp["x"], inp["B"], dtp, cs, h0, seq, T)
+    st_f, fin_f = _chunk_state.chunk_state_fwd(*args, cfg=dict(cfg, PARALLEL=False))
+    st_p, fin_p = _chunk_state.chunk_state_fwd(*args, cfg=dict(cfg, PARALLEL=True))
+    assert st_p.dtype == st_f.dtype == (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    assert_close(st_p.float(), st_f.float(), name="states parallel vs fused", rel=1e-6)
+    assert_close(fin_p, fin_f, name="final parallel vs fused", rel=1e-6)
+    ref = _states_reference(inp, T)
+    # bf16: x w and B are rounded to bf16 as dot operands (2^-9 relative each), the states stored in bf16
+    rel = 1e-4 if dtype == torch.float32 else 1e-2
+    assert_close(st_p.float(), ref, name="states vs reference", rel=rel)
+    assert_close(fin_p, ref[:, -1], name="final vs reference", rel=rel)
+    if packed:  # the documents do change the states (the masks are exercised, not vacuous)
+        free = _chunk_state.chunk_state_fwd(inp["x"], inp["B"], dtp, cs, h0, None, T, cfg=dict(cfg, PARALLEL=True))
+        assert float((free[0].float() - st_p.float()).abs().max()) > 0.1 * float(ref.abs().max())
+
+
+@pytest.fixture
+def forced_chunk_state_path(monkeypatch):
+    """Make the public op's forward take a given chunk-state path (the backward reads its `states`)."""
+
+    def force(parallel):
+        monkeypatch.setattr(_triton_ssd, "chunk_state_fwd",
+                            functools.partial(_chunk_state.chunk_state_fwd, cfg={"PARALLEL": parallel}))
+
+    return force
+
+
+PUBLIC_PARALLEL_CASES = [
+    pytest.param((2, 48, 2, 16, 1, 16), dict(FULL, initial_state=True), FULL_OPTS, True,
+                 id="seq-idx-packed-docs-initial-state-full"),
+    pytest.param((2, 45, 4, 16, 2, 16), dict(D="head", initial_state=True), {}, False,
+                 id="ngroups-2-ragged-initial-state"),
+]
+
+
+@pytest.mark.parametrize("shape, features, opts, packed", PUBLIC_PARALLEL_CASES)
+def test_ssd_triton_parallel_chunk_state_through_public_op(shape, features, opts, packed, forced_chunk_state_path):
+    """y, the final state and every gradient with the parallel forward against float64 (the backward reads
+    the states it stored; equality with the fused path's states is the test above)."""
+    inp = _make_inputs(*shape, **features)
+    if packed:
+        inp["seq_idx"] = _seq_idx(shape[1], shape[0])
+    opts = {"chunk_size": 16, **opts}
+    upstream = _upstream(inp)
+    forced_chunk_state_path(True)
+    outs, grads = _run_ssd(inp, opts, "triton", upstream)
+    ref_outs, ref_grads = _run_ssd(_as_float64(inp), opts, "reference", [u.double() for u in upstream])
+    assert_close(outs[0], ref_outs[0], name="y")
+    assert_close(outs[1], ref_outs[1], name="final_state")
+    assert set(grads) == set(_grad_names(inp))
+    for k in grads:
+        assert_close(grads[k], ref_grads[k], name=f"d{k}")
+
+
+def test_ssd_triton_parallel_chunk_state_bf16_within_twice_torch_error(forced_chunk_state_path):
+    forced_chunk_state_path(True)
+    _check_lowp_against_budget(_lowp_inputs((2, 48, 2, 16, 1, 16), torch.bfloat16, "cpu"),
+                               dict(chunk_size=16, dt_softplus=True), "reference")
+
+
+def test_chunk_state_path_policy():
+    """Parallel only with enough chunks and a fused grid too small for the GPU (H100: 132 SMs)."""
+    policy = _chunk_state.use_parallel_chunk_state
+    # benchmark shape (batch 2, 64 heads, headdim 64, dstate 128: 256 fused programs), chunk 256
+    assert not policy(2, 64, 8, 64, 128, 132)  # seqlen 2048: too few chunks to repay a second launch
+    assert policy(2, 64, 16, 64, 128, 132)  # seqlen 4096
+    assert policy(2, 64, 128, 64, 128, 132)  # seqlen 32768
+    assert not policy(8, 64, 128, 64, 128, 132)  # 1024 fused programs: enough per SM
+    assert not policy(2, 64, 128, 64, 128, 64)  # 256 fused programs on a 64-SM GPU: 4 per SM
+    assert policy(1, 24, 64, 64, 128, 132)  # a small model, long prompt
+    assert not policy(1, 24, 70000, 64, 128, 132)  # more chunks than a CUDA grid axis holds
+
+
 # ---------------------------------------------------------------- GPU (benchmark shape: -m gpu)
 
 BENCH_SHAPE = dict(batch=2, nheads=64, headdim=64, ngroups=1, dstate=128)
@@ -330,3 +456,22 @@ def test_gpu_decode_steps_equal_parallel():
           for t in range(32)]
     assert_close(torch.stack(ys, dim=1), y_par, name="y")
     assert_close(state, h_par, name="state")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqlen", [pytest.param(8192, id="L8192"), pytest.param(5000, id="L5000-ragged-packed")])
+def test_gpu_chunk_state_parallel_equals_fused(seqlen):
+    """Benchmark shape, bf16: the two chunk-state paths agree (fp32 final to rounding, bf16 states to an ulp)."""
+    inp = _bench_inputs(seqlen, initial_state=True)
+    for k in ("x", "B"):
+        inp[k] = inp[k].to(torch.bfloat16)
+    seq = None
+    if seqlen == 5000:
+        seq = torch.zeros(2, seqlen, dtype=torch.int32, device="cuda")
+        seq[0, 700:], seq[0, 1024:], seq[1, 3001:] = 1, 2, 1
+    dtp, cs = _chunk_decay.chunk_decay_fwd(inp["dt"], inp["A"], None, False, (0.0, math.inf), 256)
+    args = (inp["x"], inp["B"], dtp, cs, inp["initial_state"], seq, 256)
+    st_f, fin_f = _chunk_state.chunk_state_fwd(*args, cfg={"PARALLEL": False})
+    st_p, fin_p = _chunk_state.chunk_state_fwd(*args, cfg={"PARALLEL": True})
+    assert_close(fin_p, fin_f, name="final parallel vs fused", rel=1e-5)
+    assert_close(st_p.float(), st_f.float(), name="states parallel vs fused", rel=1e-2)

@@ -12,6 +12,12 @@ two stages means the per-chunk states are written once and never read back by a 
 loop is sequential over chunks only, and the loads of chunk c+1 do not depend on the state, so they
 overlap with chunk c's dot.
 
+Parallel path of the forward, for long sequences on a small grid (few b H programs per SM leave the
+fused walk latency-bound): `chunk_state_local_fwd` computes every S_c at once (grid over P/N blocks,
+b H and chunks) into an fp32 buffer, and `triton_state_passing.state_passing_fwd` then runs the
+recurrence elementwise. Both paths evaluate S_c with the same `_chunk_contrib`, so they agree to fp32
+rounding; `use_parallel_chunk_state` is the policy, cfg["PARALLEL"] overrides it.
+
 Backward, the same walk in reverse:
 
     dH_c   = grad of the state at the end of chunk c        dH_{c-1} = exp(cs_end) dH_c + sum_t exp(cs_t) dY_t^T C_t
@@ -25,13 +31,44 @@ the incoming state survives the chunk only if those two documents are the same (
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .triton_common import kernel_flags, mm, silu, store_dtype, to_dtype
+from .triton_state_passing import state_passing_fwd
 
-__all__ = ["chunk_state_fwd", "chunk_state_bwd"]
+__all__ = ["chunk_state_fwd", "chunk_state_local_fwd", "use_parallel_chunk_state", "chunk_state_bwd"]
+
+
+@triton.jit
+def _chunk_contrib(x_c, B_c, cs_c, dtp_c, seq_b, c, cs_end, seq_end, seqlen, offs_p, offs_n, headdim, dstate,
+                   s_x_l, s_B_l, T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_T: tl.constexpr, HAS_SEQ: tl.constexpr, OP: tl.constexpr, EMULATE: tl.constexpr):
+    """S_c of one (P-block, N-block) from zero: sum over chunk c's tokens of exp(cs_end - cs_t) dt'_t x_t B_t^T.
+
+    Shared by the fused walk and the parallel kernel, so that both paths add exactly the same fp32 terms.
+    x_c, B_c: the chunk's first row of this block; cs_c, dtp_c: its (T,) rows; seq_b: this batch row of seq_idx.
+    """
+    contrib = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        pos = c * T + offs_t
+        tmask = pos < seqlen
+        cs_t = tl.load(cs_c + offs_t)
+        dtp_t = tl.load(dtp_c + offs_t)
+        w = tl.exp(cs_end - cs_t) * dtp_t  # exponent <= 0: cs is nonincreasing inside a chunk
+        if HAS_SEQ:
+            seq_t = tl.load(seq_b + pos, mask=tmask, other=0)
+            w = tl.where(seq_t == seq_end, w, 0.0)  # only the chunk's last document reaches its end state
+        xT = tl.load(x_c + offs_t[None, :] * s_x_l, mask=(offs_p < headdim)[:, None] & tmask[None, :],
+                     other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_T)
+        Bt = tl.load(B_c + offs_t[:, None] * s_B_l, mask=tmask[:, None] & (offs_n < dstate)[None, :],
+                     other=0.0)  # (BLOCK_T, BLOCK_N)
+        contrib = mm(xT * w[None, :], Bt, contrib, OP, EMULATE)
+    return contrib
 
 
 @triton.jit(do_not_specialize=["seqlen", "nchunks"])  # one compile for every length
@@ -73,24 +110,12 @@ def _chunk_state_fwd_kernel(
         x_c = x_base + tl.cast(c * T, tl.int64) * s_x_l
         B_c = B_base + tl.cast(c * T, tl.int64) * s_B_l
         cs_end = tl.load(cs_ptr + dc_ptr + c * T + T - 1)
+        seq_end = 0
         if HAS_SEQ:
             seq_end = tl.load(seq_ptr + b * s_seq_b + tl.minimum(c * T + T - 1, seqlen - 1))
-        contrib = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T)
-            pos = c * T + offs_t
-            tmask = pos < seqlen
-            cs_t = tl.load(cs_ptr + dc_ptr + c * T + offs_t)
-            dtp_t = tl.load(dtp_ptr + dc_ptr + c * T + offs_t)
-            w = tl.exp(cs_end - cs_t) * dtp_t  # exponent <= 0: cs is nonincreasing inside a chunk
-            if HAS_SEQ:
-                seq_t = tl.load(seq_ptr + b * s_seq_b + pos, mask=tmask, other=0)
-                w = tl.where(seq_t == seq_end, w, 0.0)
-            xT = tl.load(x_c + offs_t[None, :] * s_x_l, mask=(offs_p < headdim)[:, None] & tmask[None, :],
-                         other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_T)
-            Bt = tl.load(B_c + offs_t[:, None] * s_B_l, mask=tmask[:, None] & (offs_n < dstate)[None, :],
-                         other=0.0)  # (BLOCK_T, BLOCK_N)
-            contrib = mm(xT * w[None, :], Bt, contrib, OP, EMULATE)
+        contrib = _chunk_contrib(x_c, B_c, cs_ptr + dc_ptr + c * T, dtp_ptr + dc_ptr + c * T, seq_ptr + b * s_seq_b,
+                                 c, cs_end, seq_end, seqlen, offs_p, offs_n, headdim, dstate, s_x_l, s_B_l,
+                                 T, BLOCK_P, BLOCK_N, BLOCK_T, HAS_SEQ, OP, EMULATE)
         decay = tl.exp(cs_end)
         if HAS_SEQ:
             decay = tl.where(seq_end == seq_prev, decay, 0.0)
@@ -98,6 +123,43 @@ def _chunk_state_fwd_kernel(
         state = state * decay + contrib
     tl.store(st_ptr + nchunks * chunk_stride, to_dtype(state, states_ptr.dtype.element_ty, EMULATE), mask=pn_mask)
     tl.store(final_ptr + (b * nheads + h) * PN + pn_offs, state, mask=pn_mask)
+
+
+@triton.jit(do_not_specialize=["seqlen", "nchunks"])  # one compile for every length
+def _chunk_state_local_fwd_kernel(
+    x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, S_ptr,
+    seqlen, nheads, nchunks, headdim, dstate, hpg,
+    s_x_b, s_x_l, s_x_h, s_B_b, s_B_l, s_B_g, s_seq_b,
+    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_SEQ: tl.constexpr, OP: tl.constexpr, EMULATE: tl.constexpr,
+):
+    # grid (P/N blocks, b H, c): the N blocks of one (b, h, c) are neighbours (they share the x tile in L2),
+    # then the heads of a chunk (they share B)
+    pid_pn = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    c = tl.program_id(2)
+    n_pblk = tl.cdiv(headdim, BLOCK_P)
+    pid_p = pid_pn % n_pblk
+    pid_n = pid_pn // n_pblk
+    b = tl.cast(pid_bh // nheads, tl.int64)
+    h = pid_bh % nheads
+    g = h // hpg
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pn_mask = (offs_p < headdim)[:, None] & (offs_n < dstate)[None, :]
+    PN = headdim * dstate
+    dc_ptr = ((b * nheads + h) * nchunks + c) * T  # this chunk's (T,) row of dtp / cs
+    x_c = x_ptr + b * s_x_b + tl.cast(c * T, tl.int64) * s_x_l + h * s_x_h + offs_p[:, None]
+    B_c = B_ptr + b * s_B_b + tl.cast(c * T, tl.int64) * s_B_l + g * s_B_g + offs_n[None, :]
+    cs_end = tl.load(cs_ptr + dc_ptr + T - 1)
+    seq_end = 0
+    if HAS_SEQ:
+        seq_end = tl.load(seq_ptr + b * s_seq_b + tl.minimum(c * T + T - 1, seqlen - 1))
+    contrib = _chunk_contrib(x_c, B_c, cs_ptr + dc_ptr, dtp_ptr + dc_ptr, seq_ptr + b * s_seq_b,
+                             c, cs_end, seq_end, seqlen, offs_p, offs_n, headdim, dstate, s_x_l, s_B_l,
+                             T, BLOCK_P, BLOCK_N, BLOCK_T, HAS_SEQ, OP, EMULATE)
+    S_c = S_ptr + ((b * nchunks + c) * nheads + h) * PN + offs_p[:, None] * dstate + offs_n[None, :]
+    tl.store(S_c, contrib, mask=pn_mask)
 
 
 @triton.jit(do_not_specialize=["seqlen", "nchunks"])  # one compile for every length
@@ -181,15 +243,98 @@ def _blocks(headdim: int, dstate: int, cfg: dict | None) -> dict:
     return cfg
 
 
+# Path policy of the forward (see use_parallel_chunk_state). Reasoning, H100, batch 2 x 64 heads x (64, 128):
+# the fused walk runs b H (P/64)(N/64) = 256 programs (< 2 per SM), each 32 dependent chunk steps at
+# seqlen 8192, and measured 0.210 ms for 201 MB (x in, bf16 states out): 0.96 TB/s, latency-bound. The
+# parallel path moves 2.4x the bytes (x in + fp32 S out: 268 MB; S in + bf16 states out: 203 MB) in a
+# launch of 4096 programs and a purely streaming walk (1024 programs, the next chunk's S always in
+# flight), so it wins only if the two together stream at more than 470 MB / 0.210 ms = 2.2 TB/s.
+# Short sequences keep the fused kernel: the second launch and allocation cost host time that a few
+# chunks cannot repay. Both thresholds are reasoning until the "state_fwd paths" table of
+# benchmarks/gpu_ssd.py has been read on the GPU.
+PARALLEL_MIN_CHUNKS = 16  # fewer chunks: fused (seqlen 2048 at chunk 256 has 8)
+FUSED_MIN_PROGRAMS_PER_SM = 4  # from this many fused programs per SM on, their latency is taken as hidden
+
+
+@functools.cache
+def _sm_count(device_index: int | None) -> int:
+    if device_index is None or not torch.cuda.is_available():
+        return 132  # H100 SXM (the package's convention off the GPU); only used to pick a path
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def use_parallel_chunk_state(batch: int, nheads: int, nchunks: int, headdim: int, dstate: int, sms: int) -> bool:
+    """Whether `chunk_state_fwd` takes the parallel path (local states + state passing) by default.
+
+    Parallel iff nchunks >= PARALLEL_MIN_CHUNKS and the fused kernel's grid (batch * nheads * its
+    P/N blocks at the default 64 x 64) gives fewer than FUSED_MIN_PROGRAMS_PER_SM programs per SM
+    (and the chunks fit the parallel kernel's grid: at most 65535).
+    Examples on 132 SMs, headdim 64, dstate 128 (2 fused programs per head), chunk 256: batch 2 x 64
+    heads: fused up to seqlen 3840, parallel from 3841 (16 chunks); batch 4: the same;
+    batch 8 x 64 heads (1024 programs): always fused.
+
+    Example:
+        >>> use_parallel_chunk_state(2, 64, 32, 64, 128, 132)
+        True
+    """
+    blocks = _blocks(headdim, dstate, None)
+    n_pn = triton.cdiv(headdim, blocks["BLOCK_P"]) * triton.cdiv(dstate, blocks["BLOCK_N"])
+    fits_grid = nchunks <= 65535  # the chunks are the parallel kernel's grid axis 2 (CUDA limit 65535)
+    return fits_grid and nchunks >= PARALLEL_MIN_CHUNKS and batch * nheads * n_pn < FUSED_MIN_PROGRAMS_PER_SM * sms
+
+
+def chunk_state_local_fwd(x: torch.Tensor, B: torch.Tensor, dtp: torch.Tensor, cs: torch.Tensor,
+                          seq_idx: torch.Tensor | None, chunk_size: int, cfg: dict | None = None) -> torch.Tensor:
+    """Every chunk's own contribution to its end state (from a zero state), all chunks in parallel.
+
+    Args:
+        x: (b, L, H, P).  B: (b, L, G, N).  dtp, cs: (b, H, c, T) from `chunk_decay_fwd`.
+        seq_idx: (b, L) int32 or None (only the tokens of a chunk's last document contribute).
+        cfg: optional BLOCK_P / BLOCK_N / BLOCK_T / num_warps / num_stages.
+    Returns:
+        S: (b, c, H, P, N) float32, S[:, k] = sum over chunk k of exp(cs_end - cs_t) dt'_t x_t B_t^T.
+
+    Example:
+        >>> S = chunk_state_local_fwd(x, B, dtp, cs, None, 256)
+    """
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    T = chunk_size
+    nc = dtp.shape[2]
+    cfg = dict(cfg or {})
+    # the grid is large (b H c programs per P/N block), so one program takes the whole dstate up to
+    # 128: each x tile is then loaded once instead of once per N block
+    cfg.setdefault("BLOCK_N", min(128, max(16, triton.next_power_of_2(N))))
+    cfg.setdefault("num_stages", 3)
+    cfg = _blocks(P, N, cfg)
+    cfg.setdefault("BLOCK_T", min(T, 64))
+    S = torch.empty(b, nc, H, P, N, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(N, cfg["BLOCK_N"]), b * H, nc)
+    _chunk_state_local_fwd_kernel[grid](
+        x, B, dtp, cs, seq_idx if seq_idx is not None else dtp, S,
+        L, H, nc, P, N, H // G,
+        x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
+        seq_idx.stride(0) if seq_idx is not None else 0,
+        T=T, HAS_SEQ=seq_idx is not None, **kernel_flags(x.dtype), **cfg,
+    )
+    return S
+
+
 def chunk_state_fwd(x: torch.Tensor, B: torch.Tensor, dtp: torch.Tensor, cs: torch.Tensor,
                     initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, chunk_size: int,
                     cfg: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Incoming state of every chunk plus the final state.
 
+    Two paths with the same result (up to fp32 rounding of the same terms): the fused walk (one launch,
+    chunks in sequence per program) and the parallel path (`chunk_state_local_fwd` over all chunks at
+    once, then `state_passing_fwd`); `use_parallel_chunk_state` picks one from the shape.
+
     Args:
         x: (b, L, H, P).  B: (b, L, G, N).  dtp, cs: (b, H, c, T) from `chunk_decay_fwd`.
         initial_state: (b, H, P, N) float32 or None.  seq_idx: (b, L) int32 or None.
-        cfg: optional BLOCK_P / BLOCK_N / BLOCK_T / num_warps / num_stages (benchmark sweeps).
+        cfg: optional (benchmark sweeps, tests): PARALLEL True / False forces a path (None: the policy);
+            BLOCK_P / BLOCK_N / BLOCK_T / num_warps / num_stages go to the kernel that computes the chunk
+            contributions (fused or parallel); PASS_BLOCK / PASS_WARPS to the state-passing kernel.
     Returns:
         states: (b, c + 1, H, P, N) in `store_dtype(x.dtype)`, states[:, k] entering chunk k (k = c: final).
         final: (b, H, P, N) float32.
@@ -201,6 +346,14 @@ def chunk_state_fwd(x: torch.Tensor, B: torch.Tensor, dtp: torch.Tensor, cs: tor
     G, N = B.shape[2], B.shape[3]
     T = chunk_size
     nc = dtp.shape[2]
+    cfg = dict(cfg or {})
+    parallel = cfg.pop("PARALLEL", None)
+    pass_cfg = {k: cfg.pop(k) for k in ("PASS_BLOCK", "PASS_WARPS") if k in cfg}
+    if parallel is None:
+        parallel = use_parallel_chunk_state(b, H, nc, P, N, _sm_count(x.device.index if x.is_cuda else None))
+    if parallel:
+        S = chunk_state_local_fwd(x, B, dtp, cs, seq_idx, T, cfg)
+        return state_passing_fwd(S, cs, initial_state, seq_idx, store_dtype(x.dtype), T, pass_cfg)
     cfg = _blocks(P, N, cfg)
     cfg.setdefault("BLOCK_T", min(T, 64))
     states = torch.empty(b, nc + 1, H, P, N, device=x.device, dtype=store_dtype(x.dtype))
