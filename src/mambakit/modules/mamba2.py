@@ -10,6 +10,10 @@ to I), H nheads = S / headdim, P headdim, G ngroups, N d_state, W d_conv, F d_ml
     y = norm(y * silu(z))  (or y * silu(z) without the norm);  y = [silu(z0) * x0, y] when F > 0
     out = out_proj(y)                          (B, L, M)
 
+Without a cache and with F = 0, conv, SSD, norm and out_proj run as one op (`ops.mamba2_inner`:
+on CUDA a single autograd node that keeps in_proj's output and y and recomputes the rest in the backward);
+`fused = False` calls the ops one by one, with the same math.
+
 Parameter names and shapes follow mamba_ssm's `Mamba2` (in_proj, conv1d, dt_bias, A_log, D, norm,
 out_proj) so published checkpoints load without renaming.
 """
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import causal_conv1d, causal_conv1d_update, ssd, ssd_state_update
+from ..ops import causal_conv1d, causal_conv1d_update, mamba2_inner, ssd, ssd_state_update
 from .mamba1 import DecodeParams, inverse_softplus_dt
 from .norm import RMSNormGated
 from .state import MixerState
@@ -105,6 +109,10 @@ class Mamba2(nn.Module):
         self._decode_params = DecodeParams()
         # training memory: True keeps only in_proj's output per layer and recomputes the rest in the backward
         self.recompute = False
+        # True runs conv, SSD, gated norm and out_proj as one op (`mamba2_inner`; on CUDA one autograd node
+        # that keeps in_proj's output and y only) when there is no cache and no MLP half; False calls the
+        # ops one by one (benchmarks compare the two)
+        self.fused = True
 
     def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None,
                        ssm_dtype: torch.dtype | None = None) -> MixerState:
@@ -169,6 +177,15 @@ class Mamba2(nn.Module):
 
     def _mix(self, zxbcdt: torch.Tensor, cache: MixerState | None, seq_idx: torch.Tensor | None) -> torch.Tensor:
         """in_proj's output (B, L, d_in_proj) -> the layer output (B, L, d_model), advancing `cache` when given."""
+        if cache is None and self.fused and self.d_mlp == 0:
+            return mamba2_inner(
+                zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias.float(),
+                -torch.exp(self.A_log.float()), self._D(), self.norm.weight if self.rmsnorm else None,
+                self.out_proj.weight, self.out_proj.bias, headdim=self.headdim, ngroups=self.ngroups,
+                d_state=self.d_state, chunk_size=self._chunk_size(zxbcdt), dt_limit=self.dt_limit,
+                norm_eps=self.norm.eps if self.rmsnorm else 1e-5,
+                norm_group_size=self.norm.group_size if self.rmsnorm else None,
+                norm_before_gate=self.norm_before_gate, seq_idx=seq_idx)
         batch, seqlen, _ = zxbcdt.shape
         z0, x0, z, xBC, dt = self._split_in_proj(zxbcdt)
         keep = cache is not None

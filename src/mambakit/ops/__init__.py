@@ -6,7 +6,7 @@ Each public function validates its inputs, then runs on the backend chosen by `d
 
 from .dispatch import use_backend
 from .causal_conv1d import causal_conv1d, causal_conv1d_update
-from .mamba_inner import mamba1_inner
+from .mamba_inner import mamba1_inner, mamba2_inner
 from .rms_norm import add_rms_norm, rms_norm
 from .selective_scan import selective_scan, selective_state_update
 from .ssd import ssd, ssd_state_update
@@ -21,5 +21,6 @@ __all__ = [
     "rms_norm",
     "add_rms_norm",
     "mamba1_inner",
+    "mamba2_inner",
     "use_backend",
 ]
