@@ -80,6 +80,34 @@ def measure(module: torch.nn.Module, x: torch.Tensor, path: str) -> tuple[float,
     return t_f, t_fb, kept, peak, out
 
 
+def profile(args) -> int:
+    """Where a path's fwd+bwd time goes: the profiler's top ops by CUDA time, then by CPU time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for layer in args.layers:
+        module = build(layer, args.d_model)
+        for seqlen in args.seqlens:
+            x = torch.randn(args.batch, seqlen, args.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            dy = torch.randn_like(x)
+            params = [p for p in module.parameters() if p.requires_grad]
+            for path in args.paths:
+                backend, module.fused, module.recompute = PATHS[path]
+                with use_backend(backend):
+                    for _ in range(3):
+                        torch.autograd.grad(module(x), [x, *params], dy)
+                    torch.cuda.synchronize()
+                    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                        for _ in range(5):
+                            torch.autograd.grad(module(x), [x, *params], dy)
+                        torch.cuda.synchronize()
+                print(f"\n## {layer} seqlen {seqlen} {path}: 5 x fwd+bwd\n")
+                table = prof.key_averages()
+                print(table.table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+                print(table.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqlens", type=int, nargs="+", default=[2048, 8192])
@@ -87,12 +115,16 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--d-model", type=int, default=2048)
     p.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the table: torch.profiler's top ops (CUDA and CPU time) of 5 fwd+bwd per path")
     args = p.parse_args()
     print(f"# Mamba layers, {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"python {platform.python_version()}, {datetime.date.today()}")
     print(f"batch {args.batch}, d_model {args.d_model}, bf16\n")
     print("| layer | seqlen | path | fwd ms | fwd+bwd ms | activations GB | peak GB fwd+bwd | max rel err vs torch |")
     print("|---|---|---|---|---|---|---|---|")
+    if args.profile:
+        return profile(args)
     for layer in args.layers:
         module = build(layer, args.d_model)
         for seqlen in args.seqlens:

@@ -173,7 +173,7 @@ def test_gpu_bf16_layer_fused_within_twice_torch_bf16_error():
     def run(dtype, backend):
         model = layer.to(dtype)
         model.zero_grad()
-        xi = x.to(dtype).requires_grad_(True)
+        xi = x.to(dtype).detach().requires_grad_(True)  # x.to(float32) is x itself: keep x a plain input
         with use_backend(backend):
             y = model(xi)
         y.backward(up.to(dtype))
