@@ -71,16 +71,23 @@ def run_with_grads(fn: Callable[..., torch.Tensor | Sequence[torch.Tensor]], inp
     return [o.detach() for o in outs], grads
 
 
-def saved_bytes(fn: Callable[[], object]) -> tuple[object, int]:
+def saved_bytes(fn: Callable[[], object], distinct_storages: bool = False) -> tuple[object, int]:
     """fn()'s result and the bytes autograd saved for its backward (tensors saved inside a checkpointed
-    region are not kept, so they are not counted)."""
+    region are not kept, so they are not counted).
+
+    distinct_storages: count each underlying storage once, whole (views of one tensor share it), i.e. the
+    memory the saved tensors really keep; by default every saved tensor counts its own elements."""
+    sizes: dict[int, int] = {}
     total = 0
 
     def pack(t):
         nonlocal total
-        total += t.numel() * t.element_size()
+        if distinct_storages:
+            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        else:
+            total += t.numel() * t.element_size()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
-    return out, total
+    return out, total + sum(sizes.values())

@@ -19,7 +19,7 @@ from mambakit.ops.mamba_inner.mamba1 import _composed
 from mambakit.ops.mamba_inner.triton_mamba1 import mamba1_inner_triton
 from mambakit.ops.selective_scan.triton_scan import ScanConfig
 from tests.conftest import DEVICE
-from tests.helpers import assert_close, low_precision_tolerance, run_with_grads
+from tests.helpers import assert_close, low_precision_tolerance, run_with_grads, saved_bytes
 
 GRADS = ["xz", "conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight", "dt_proj_bias", "A", "D"]
 SMALL_CHUNK = ScanConfig(chunk=8, block_u=2)
@@ -94,27 +94,14 @@ def test_torch_backend_matches_reference():
         assert_close(grads[k], g_ref[k], name=f"d{k}", rel=1e-9)
 
 
-def _saved_storage_bytes(fn):
-    """Bytes of the distinct storages autograd keeps for fn()'s backward (views of one tensor count once)."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 def test_triton_keeps_less_memory_than_the_separate_ops():
     """The fused node keeps xz, x_dbl, the scan checkpoints and the parameters; the separate ops keep the
     conv output and dt as well (distinct storages: xz 2d, xc d, dt d, x_dbl r + 2n per token), so at
     d 32, r 2, n 4 and the default checkpoint chunk: 1.8x the fused node's bytes."""
     inp, _ = make_inputs(L=128, d=32, n=4, r=2)
     leaves = {k: (v.detach().requires_grad_(k in GRADS) if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
-    fused = _saved_storage_bytes(lambda: mamba1_inner_triton(**leaves, seq_idx=None))
-    separate = _saved_storage_bytes(lambda: _composed(**leaves, seq_idx=None, backend="triton"))
+    fused = saved_bytes(lambda: mamba1_inner_triton(**leaves, seq_idx=None), distinct_storages=True)[1]
+    separate = saved_bytes(lambda: _composed(**leaves, seq_idx=None, backend="triton"), distinct_storages=True)[1]
     activations = 2 * 128 * (2 * 32 + 10) * 4  # xz and x_dbl in float32
     assert activations < fused < activations * 1.1, (fused, activations)
     assert separate >= 1.75 * fused, (separate, fused)

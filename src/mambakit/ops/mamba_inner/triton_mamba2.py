@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from ..causal_conv1d.triton_conv import _causal_conv1d_bwd, _causal_conv1d_fwd
 from ..rms_norm.triton_norm import _rms_norm_bwd, _rms_norm_fwd
-from ..ssd.triton_chunk_decay import chunk_decay_fwd
-from ..ssd.triton_chunk_scan import chunk_cb_fwd
-from ..ssd.triton_chunk_scan_bwd import bwd_config, chunk_dbc_bwd, chunk_dcb_bwd, chunk_dx_bwd
-from ..ssd.triton_chunk_state import chunk_state_bwd, chunk_state_fwd
-from ..ssd.triton_ssd import ssd_triton_forward
+from ..ssd.triton_ssd import kernel_chunk, ssd_triton_backward, ssd_triton_forward, ssd_triton_intermediates
 from .mamba2 import _views
 
 __all__ = ["mamba2_inner_triton"]
@@ -70,12 +65,9 @@ class _Mamba2InnerFunction(torch.autograd.Function):
         rows = batch * seqlen
         xBC_in = _views(zxbcdt, None, H, P, G, N)[1]
 
-        # recompute: conv output, then the three cheap SSD launches (not the output launch: y is kept)
+        # recompute the conv output
         xBC, _ = _causal_conv1d_fwd(xBC_in, conv_weight, conv_bias, None, seq_idx, True, False)
         z, _, dt, x, B, C = _views(zxbcdt, xBC, H, P, G, N)
-        dtp, cs = chunk_decay_fwd(dt, A, dt_bias, True, ctx.dt_limit, T)
-        cb = chunk_cb_fwd(C, B, seq_idx, T, x.dtype)
-        states, _ = chunk_state_fwd(x, B, dtp, cs, None, seq_idx, T)
         z2 = z.reshape(rows, S)  # a view: rows of zxbcdt
         if norm_weight is not None:
             y2 = keep.view(rows, S)
@@ -102,23 +94,13 @@ class _Mamba2InnerFunction(torch.autograd.Function):
             dy, gate, y_pre = dy_out.to(x.dtype).view(batch, seqlen, H, P), z.unflatten(-1, (H, P)), keep
         del dy_out
 
-        # SSD backward: the launch sequence of `_SSDTritonFunction.backward`, without an initial / final state
-        dH, _, ddend = chunk_state_bwd(dy, gate, C, cs, seq_idx, states, None, False, T)
-        cfg_dcb, cfg_dbc, cfg_dx, nslot = bwd_config(batch, dtp.shape[2], G, N, T, x.device)
-        dcb, rowp = chunk_dcb_bwd(x, dy, gate, dtp, cs, seq_idx, cb, G, nslot, T, cfg=cfg_dcb)
-        dB, dC = chunk_dbc_bwd(x, dy, gate, B, C, dtp, cs, seq_idx, states, dH, dcb, rowp, T, cfg=cfg_dbc)
-        del dcb, states
-        dx, ddt, dz, dA_p, dbias_p, dD_p = chunk_dx_bwd(
-            x, dt, dy, gate, y_pre, A, dt_bias, D, B, dtp, cs, seq_idx, cb, dH, rowp, ddend, True, ctx.dt_limit, T,
-            cfg=cfg_dx)
-        del dH, rowp, cb, dy, xBC, x, B, C
-        dA = dA_p.sum(dim=(0, 1))
-        d_dt_bias = dbias_p.sum(dim=(0, 1)) if dt_bias is not None else None
-        dD = None
-        if D is not None:
-            dD = dD_p.sum(dim=(0, 1, 2))  # (H, P)
-            if D.dim() == 1:
-                dD = dD.sum(dim=-1)
+        # SSD backward, from its recomputed intermediates (decay, C B^T, chunk states; y itself is kept)
+        dtp, cs, cb, states, _ = ssd_triton_intermediates(x, dt, A, B, C, dt_bias, None, seq_idx, True,
+                                                          ctx.dt_limit, T)
+        dx, ddt, dA, dB, dC, dD, dz, d_dt_bias, _ = ssd_triton_backward(
+            dy, None, x, dt, A, B, C, D, gate, dt_bias, seq_idx, dtp, cs, cb, states, y_pre, True, ctx.dt_limit, T,
+            False)
+        del dy, xBC, x, B, C, dtp, cs, cb, states
         if dz is not None:
             dzxbcdt[..., :S].copy_(dz.view(batch, seqlen, S))
         dzxbcdt[..., S + xBC_in.shape[-1]:].copy_(ddt)
@@ -145,7 +127,7 @@ def mamba2_inner_triton(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weig
     if seqlen == 0:
         raise ValueError("mamba2_inner: backend 'triton' needs seqlen >= 1")
     # the SSD launchers' chunk: as `ssd_triton` picks it (a power of two in [16, 256], no longer than needed)
-    T = min(256, max(16, triton.next_power_of_2(chunk_size)), max(16, triton.next_power_of_2(seqlen)))
+    T = kernel_chunk(chunk_size, seqlen)
     if zxbcdt.stride(-1) != 1:
         zxbcdt = zxbcdt.contiguous()
     if seq_idx is not None:

@@ -26,13 +26,11 @@ Nothing here reads a per-head copy of B or C, and dB, dC are written once, alrea
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from .triton_common import dt_transform_grad, kernel_flags, mm, silu, silu_grad, to_dtype
+from .triton_common import dt_transform_grad, kernel_flags, mm, silu, silu_grad, sm_count, to_dtype
 
 __all__ = ["chunk_dcb_bwd", "chunk_dbc_bwd", "chunk_dx_bwd", "bwd_config"]
 
@@ -383,13 +381,6 @@ def dbc_block_n(N: int) -> int:
     return min(64, max(16, triton.next_power_of_2(N)))
 
 
-@functools.cache
-def _sm_count(device_index: int | None) -> int:
-    if device_index is None or not torch.cuda.is_available():
-        return 132  # H100 SXM; only used to size grids
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def bwd_config(batch: int, nchunks: int, ngroups: int, dstate: int, chunk_size: int,
                device: torch.device) -> tuple[dict, dict, dict, int]:
     """Fixed configs of the three kernels above, chosen from the shape (no autotuning, no seqlen key).
@@ -401,7 +392,7 @@ def bwd_config(batch: int, nchunks: int, ngroups: int, dstate: int, chunk_size: 
     """
     bm = min(chunk_size, 64)
     nblk = chunk_size // bm
-    sms = _sm_count(device.index if device.type == "cuda" else None)
+    sms = sm_count(device.index if device.type == "cuda" else None)
     wide = min(128, max(16, triton.next_power_of_2(dstate)))
     if batch * nchunks * ngroups * nblk >= 2 * sms and wide > dbc_block_n(dstate):
         dbc = dict(BLOCK_M=bm, BLOCK_N=wide, num_warps=8)

@@ -31,13 +31,11 @@ the incoming state survives the chunk only if those two documents are the same (
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from .triton_common import kernel_flags, mm, silu, store_dtype, to_dtype
+from .triton_common import kernel_flags, mm, silu, sm_count, store_dtype, to_dtype
 from .triton_state_passing import state_passing_fwd
 
 __all__ = ["chunk_state_fwd", "chunk_state_local_fwd", "use_parallel_chunk_state", "chunk_state_bwd"]
@@ -256,13 +254,6 @@ PARALLEL_MIN_CHUNKS = 16  # fewer chunks: fused (seqlen 2048 at chunk 256 has 8)
 FUSED_MIN_PROGRAMS_PER_SM = 4  # from this many fused programs per SM on, their latency is taken as hidden
 
 
-@functools.cache
-def _sm_count(device_index: int | None) -> int:
-    if device_index is None or not torch.cuda.is_available():
-        return 132  # H100 SXM (the package's convention off the GPU); only used to pick a path
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def use_parallel_chunk_state(batch: int, nheads: int, nchunks: int, headdim: int, dstate: int, sms: int) -> bool:
     """Whether `chunk_state_fwd` takes the parallel path (local states + state passing) by default.
 
@@ -350,7 +341,7 @@ def chunk_state_fwd(x: torch.Tensor, B: torch.Tensor, dtp: torch.Tensor, cs: tor
     parallel = cfg.pop("PARALLEL", None)
     pass_cfg = {k: cfg.pop(k) for k in ("PASS_BLOCK", "PASS_WARPS") if k in cfg}
     if parallel is None:
-        parallel = use_parallel_chunk_state(b, H, nc, P, N, _sm_count(x.device.index if x.is_cuda else None))
+        parallel = use_parallel_chunk_state(b, H, nc, P, N, sm_count(x.device.index if x.is_cuda else None))
     if parallel:
         S = chunk_state_local_fwd(x, B, dtp, cs, seq_idx, T, cfg)
         return state_passing_fwd(S, cs, initial_state, seq_idx, store_dtype(x.dtype), T, pass_cfg)

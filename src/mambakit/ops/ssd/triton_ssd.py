@@ -31,18 +31,57 @@ from .triton_chunk_scan import chunk_cb_fwd, chunk_scan_fwd
 from .triton_chunk_scan_bwd import bwd_config, chunk_dbc_bwd, chunk_dcb_bwd, chunk_dx_bwd
 from .triton_chunk_state import chunk_state_bwd, chunk_state_fwd
 
-__all__ = ["ssd_triton", "ssd_triton_forward"]
+__all__ = ["ssd_triton", "ssd_triton_forward", "ssd_triton_intermediates", "ssd_triton_backward", "kernel_chunk"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def ssd_triton_forward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, T):
-    """Run the four forward launches; returns y, final state and what the backward needs."""
+def kernel_chunk(chunk_size: int, seqlen: int) -> int:
+    """The kernels' chunk T: chunk_size rounded up to a power of two in [16, 256], no longer than needed."""
+    return min(256, max(16, triton.next_power_of_2(chunk_size)), max(16, triton.next_power_of_2(seqlen)))
+
+
+def ssd_triton_intermediates(x, dt, A, B, C, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, T):
+    """Launches 1-3 (decay, C B^T, chunk states): dt', cs, cb, states, final state."""
     dtp, cs = chunk_decay_fwd(dt, A, dt_bias, dt_softplus, dt_limit, T)
     cb = chunk_cb_fwd(C, B, seq_idx, T, x.dtype)
     states, final = chunk_state_fwd(x, B, dtp, cs, initial_state, seq_idx, T)
+    return dtp, cs, cb, states, final
+
+
+def ssd_triton_forward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, T):
+    """Run the four forward launches; returns y, final state and what the backward needs."""
+    dtp, cs, cb, states, final = ssd_triton_intermediates(x, dt, A, B, C, dt_bias, initial_state, seq_idx,
+                                                          dt_softplus, dt_limit, T)
     y, y_pre = chunk_scan_fwd(x, z, D, C, cb, states, dtp, cs, seq_idx, T)
     return y, final, (dtp, cs, cb, states, y_pre)
+
+
+def ssd_triton_backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states, y_pre,
+                        dt_softplus, dt_limit, T, need_dh0):
+    """Launches 5-8 and the parameter sums: (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0).
+
+    dy: (b, L, H, P) with a contiguous last dim; dfinal: (b, H, P, N) float32 or None. The intermediates
+    are what `ssd_triton_forward` returns (y_pre only when z is given). Shared by the SSD's own autograd
+    node and the fused Mamba-2 node (ops/mamba_inner), which recomputes the intermediates.
+    """
+    G, N = B.shape[2], B.shape[3]
+    dH, dh0, ddend = chunk_state_bwd(dy, z, C, cs, seq_idx, states, dfinal, need_dh0, T)
+    cfg_dcb, cfg_dbc, cfg_dx, nslot = bwd_config(x.shape[0], dtp.shape[2], G, N, T, x.device)
+    dcb, rowp = chunk_dcb_bwd(x, dy, z, dtp, cs, seq_idx, cb, G, nslot, T, cfg=cfg_dcb)
+    dB, dC = chunk_dbc_bwd(x, dy, z, B, C, dtp, cs, seq_idx, states, dH, dcb, rowp, T, cfg=cfg_dbc)
+    del dcb  # (b, c, G, T, T): not needed by the dx launch
+    dx, ddt, dz, dA_p, dbias_p, dD_p = chunk_dx_bwd(
+        x, dt, dy, z, y_pre, A, dt_bias, D, B, dtp, cs, seq_idx, cb, dH, rowp, ddend, dt_softplus, dt_limit, T,
+        cfg=cfg_dx)
+    dA = dA_p.sum(dim=(0, 1))
+    dbias = dbias_p.sum(dim=(0, 1)) if dt_bias is not None else None
+    dD = None
+    if D is not None:
+        dD = dD_p.sum(dim=(0, 1, 2))  # (H, P)
+        if D.dim() == 1:
+            dD = dD.sum(dim=-1)
+    return dx, ddt, dA, dB, dC, dD, dz, dbias, dh0
 
 
 class _SSDTritonFunction(torch.autograd.Function):
@@ -66,22 +105,10 @@ class _SSDTritonFunction(torch.autograd.Function):
             dy = dy.contiguous()
         if dfinal is not None:
             dfinal = dfinal.float().contiguous()
-        G, N = B.shape[2], B.shape[3]
         need_dh0 = ctx.has_h0 and ctx.needs_input_grad[8]
-        dH, dh0, ddend = chunk_state_bwd(dy, z, C, cs, seq_idx, states, dfinal, need_dh0, T)
-        cfg_dcb, cfg_dbc, cfg_dx, nslot = bwd_config(x.shape[0], dtp.shape[2], G, N, T, x.device)
-        dcb, rowp = chunk_dcb_bwd(x, dy, z, dtp, cs, seq_idx, cb, G, nslot, T, cfg=cfg_dcb)
-        dB, dC = chunk_dbc_bwd(x, dy, z, B, C, dtp, cs, seq_idx, states, dH, dcb, rowp, T, cfg=cfg_dbc)
-        dx, ddt, dz, dA_p, dbias_p, dD_p = chunk_dx_bwd(
-            x, dt, dy, z, y_pre, A, dt_bias, D, B, dtp, cs, seq_idx, cb, dH, rowp, ddend,
-            ctx.dt_softplus, ctx.dt_limit, T, cfg=cfg_dx)
-        dA = dA_p.sum(dim=(0, 1))
-        dbias = dbias_p.sum(dim=(0, 1)) if dt_bias is not None else None
-        dD = None
-        if D is not None:
-            dD = dD_p.sum(dim=(0, 1, 2))  # (H, P)
-            if D.dim() == 1:
-                dD = dD.sum(dim=-1)
+        dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = ssd_triton_backward(
+            dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states, y_pre, ctx.dt_softplus,
+            ctx.dt_limit, T, need_dh0)
         return dx, ddt, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None
 
 
@@ -133,7 +160,7 @@ def ssd_triton(
     batch, seqlen, nheads, headdim = x.shape
     if seqlen == 0:
         raise ValueError("ssd: backend 'triton' needs seqlen >= 1")
-    T = min(256, max(16, triton.next_power_of_2(chunk_size)), max(16, triton.next_power_of_2(seqlen)))
+    T = kernel_chunk(chunk_size, seqlen)
     x, z, dt, B, C = (_last_dim_contiguous(t) for t in (x, z, dt, B, C))
     A = A.float()
     D = D.float().contiguous() if D is not None else None
