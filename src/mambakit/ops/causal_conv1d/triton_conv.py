@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count  # off the GPU: one SM, so tiny tests loop over tiles
+
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
@@ -56,6 +58,7 @@ def _load_xpad(x_row0_ptr, init_ptr, row0, shift, offs_d, mask_d, seqlen, stride
     return tile
 
 
+@fast_launch
 @triton.jit
 def _causal_conv1d_fwd_kernel(
     x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, y_ptr, final_ptr,
@@ -121,6 +124,7 @@ def _causal_conv1d_fwd_kernel(
                      window.to(final_ptr.dtype.element_ty), mask=(offs_j < W - 1)[:, None] & mask_d[None, :])
 
 
+@fast_launch
 @triton.jit
 def _causal_conv1d_bwd_kernel(
     x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dy_ptr, dfinal_ptr,
@@ -252,6 +256,7 @@ def _causal_conv1d_bwd_kernel(
         tl.store(part_ptrs + W * stride_pw, tl.sum(db_acc, axis=0), mask=mask_d)
 
 
+@fast_launch
 @triton.jit
 def _causal_conv1d_update_kernel(
     state_ptr, x_ptr, w_ptr, b_ptr, y_ptr,
@@ -325,7 +330,7 @@ def _fwd_config(dim: int) -> tuple[int, int, int]:
 
     At (2, 8192, 4096) bf16, width 4, silu, ptxas for sm_90a gives 87 registers, no spills.
     """
-    return 64, min(128, triton.next_power_of_2(dim)), 8
+    return 64, min(128, next_power_of_2(dim)), 8
 
 
 def _bwd_config(dim: int) -> tuple[int, int, int]:
@@ -334,7 +339,7 @@ def _bwd_config(dim: int) -> tuple[int, int, int]:
     (8, 128, 4) compiles to 168 registers (also with seq_idx) and no spills at width 4, bf16;
     benchmarks/gpu_conv_norm.py --sweep times the alternatives.
     """
-    return 8, min(128, triton.next_power_of_2(dim)), 4
+    return 8, min(128, next_power_of_2(dim)), 4
 
 
 def _causal_conv1d_fwd(x, weight, bias, initial_state, seq_idx, silu, return_final_state,
@@ -350,24 +355,18 @@ def _causal_conv1d_fwd(x, weight, bias, initial_state, seq_idx, silu, return_fin
     block_l, block_d, num_warps = block_l or cfg[0], block_d or cfg[1], num_warps or cfg[2]
     y = torch.empty(batch, seqlen, dim, dtype=x.dtype, device=x.device)
     final = _empty_window(batch, dim, width, x.dtype, x.device) if return_final_state else None
-    grid = (triton.cdiv(seqlen, block_l), triton.cdiv(dim, block_d), batch)
+    grid = (cdiv(seqlen, block_l), cdiv(dim, block_d), batch)
     _causal_conv1d_fwd_kernel[grid](
         x, weight, bias if bias is not None else x, initial_state if initial_state is not None else x,
         seq_idx if seq_idx is not None else x, y, final if final is not None else y,
         seqlen, dim,
         *x.stride(), *weight.stride(), *_strides(initial_state, 3), *_strides(seq_idx, 2), *y.stride(),
         *_strides(final, 3),
-        W=width, BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_W=triton.next_power_of_2(width - 1),
+        W=width, BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_W=next_power_of_2(width - 1),
         HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
         WRITE_FINAL=return_final_state, ACC=_acc(x.dtype), num_warps=num_warps,
     )
     return y, final
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # the interpreter: a "machine" of one SM makes even tiny tests loop over tiles
 
 
 def _causal_conv1d_bwd(x, weight, bias, initial_state, seq_idx, silu, dy, dfinal, need_dinit,
@@ -382,14 +381,14 @@ def _causal_conv1d_bwd(x, weight, bias, initial_state, seq_idx, silu, dy, dfinal
     width = weight.shape[1]
     cfg = _bwd_config(dim)
     block_l, block_d, num_warps = block_l or cfg[0], block_d or cfg[1], num_warps or cfg[2]
-    n_tiles = triton.cdiv(seqlen + width - 1, block_l)
-    n_dblocks = triton.cdiv(dim, block_d)
+    n_tiles = cdiv(seqlen + width - 1, block_l)
+    n_dblocks = cdiv(dim, block_d)
     # each program loops over `tiles` tiles so the weight-grad partials stay small (~5 MB at
     # L=8192, D=4096); ~16 programs per SM keep the last wave short; a power of two bounds recompiles
     if tiles is None:
         programs = n_tiles * n_dblocks * batch
-        tiles = min(32, triton.next_power_of_2(max(1, programs // (16 * _num_sms(x.device)))))
-    n_chunks = triton.cdiv(n_tiles, tiles)
+        tiles = min(32, next_power_of_2(max(1, programs // (16 * sm_count(x.device, 1)))))
+    n_chunks = cdiv(n_tiles, tiles)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if dx is None:
         dx = torch.empty(batch, seqlen, dim, dtype=x.dtype, device=x.device)
@@ -420,8 +419,8 @@ def _causal_conv1d_update(conv_state, x, weight, bias, silu):
     batch, dim = x.shape
     width = weight.shape[1]
     y = torch.empty_like(x)
-    block_d = min(256, max(128, triton.next_power_of_2(dim)))
-    grid = (triton.cdiv(dim, block_d), batch)
+    block_d = min(256, max(128, next_power_of_2(dim)))
+    grid = (cdiv(dim, block_d), batch)
     _causal_conv1d_update_kernel[grid](
         conv_state, x, weight, bias if bias is not None else x, y,
         dim, *conv_state.stride(), *x.stride(), *weight.stride(), *y.stride(),

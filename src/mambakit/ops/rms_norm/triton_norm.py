@@ -23,11 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count  # off the GPU: one SM, so tiny tests loop over rows
+
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
 
 
+@fast_launch
 @triton.jit
 def _rms_norm_fwd_kernel(
     x_ptr, z_ptr, w_ptr, y_ptr, rstd_ptr,
@@ -59,6 +62,7 @@ def _rms_norm_fwd_kernel(
     tl.store(rstd_ptr + rows * stride_rr + pid_g, rstd.to(rstd_ptr.dtype.element_ty), mask=mask_r)
 
 
+@fast_launch
 @triton.jit
 def _rms_norm_bwd_kernel(
     x_ptr, z_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dz_ptr, dw_part_ptr,
@@ -114,6 +118,7 @@ def _rms_norm_bwd_kernel(
     tl.store(dw_part_ptr + pid_r * stride_pr + cols, tl.sum(dw_acc, axis=0), mask=mask_c)
 
 
+@fast_launch
 @triton.jit
 def _add_rms_norm_fwd_kernel(
     x_ptr, r_ptr, w_ptr, y_ptr, s_ptr,
@@ -155,16 +160,10 @@ def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
 
 def _tile(group: int, elems: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_G, num_warps): whole groups per tile, about `elems` elements, ~16 per thread."""
-    block_g = triton.next_power_of_2(group)
+    block_g = next_power_of_2(group)
     block_r = max(1, elems // block_g)
     num_warps = min(16, max(4, block_r * block_g // 512))
     return block_r, block_g, num_warps
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # the interpreter: a "machine" of one SM makes even tiny tests loop over rows
 
 
 def _rms_norm_fwd(x2, weight, z2, eps, group, norm_before_gate, elems=4096, num_warps=None):
@@ -179,7 +178,7 @@ def _rms_norm_fwd(x2, weight, z2, eps, group, norm_before_gate, elems=4096, num_
     y2 = torch.empty(n_rows, hidden, dtype=x2.dtype, device=x2.device)
     rstd = torch.empty(n_rows, n_groups, dtype=torch.float64 if x2.dtype == torch.float64 else torch.float32,
                        device=x2.device)
-    grid = (triton.cdiv(n_rows, block_r), n_groups)
+    grid = (cdiv(n_rows, block_r), n_groups)
     _rms_norm_fwd_kernel[grid](
         x2, z2 if z2 is not None else x2, weight, y2, rstd,
         n_rows, group, eps,
@@ -196,12 +195,12 @@ def _rms_norm_bwd(x2, weight, z2, rstd, dy2, group, norm_before_gate, elems=2048
     n_groups = hidden // group
     block_r, block_g, warps = _tile(group, elems)
     num_warps = num_warps or warps
-    n_tiles = triton.cdiv(n_rows, block_r)
+    n_tiles = cdiv(n_rows, block_r)
     # ~8 programs per SM (a short last wave); each loops over a power-of-two number of row tiles,
     # so the weight-grad partials stay small (~1-2% of the traffic) and few variants get compiled
     if row_tiles is None:
-        row_tiles = min(64, triton.next_power_of_2(max(1, n_tiles * n_groups // (8 * _num_sms(x2.device)))))
-    n_progs = triton.cdiv(n_tiles, row_tiles)
+        row_tiles = min(64, next_power_of_2(max(1, n_tiles * n_groups // (8 * sm_count(x2.device, 1)))))
+    n_progs = cdiv(n_tiles, row_tiles)
     dx2 = torch.empty_like(x2)
     dz2 = torch.empty_like(z2) if z2 is not None else None
     part = torch.empty(n_progs, hidden, dtype=rstd.dtype, device=x2.device)
@@ -307,7 +306,7 @@ def add_rms_norm_triton(
     y2 = torch.empty(n_rows, hidden, dtype=weight.dtype, device=x.device)
     s2 = torch.empty(n_rows, hidden, dtype=out_dtype, device=x.device)
     block_r, block_h, num_warps = _tile(hidden, 4096)
-    _add_rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
+    _add_rms_norm_fwd_kernel[(cdiv(n_rows, block_r),)](
         x2, r2 if r2 is not None else x2, weight.contiguous(), y2, s2,
         n_rows, hidden, float(eps),
         x2.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0), s2.stride(0),

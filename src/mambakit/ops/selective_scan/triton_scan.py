@@ -43,9 +43,11 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
 from triton.language.extra import libdevice
 
 from ..dispatch import triton_interpret
+from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
 
 __all__ = ["selective_scan_triton", "ScanConfig", "default_time_chunks"]
 
@@ -175,6 +177,7 @@ def _fwd_step(h, inp, s_prev, valid, A2, Dv, bias, ACC: tl.constexpr, HAS_D: tl.
     return h, y, restart
 
 
+@fast_launch
 @triton.jit
 def _scan_fwd_kernel(
     x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, h0_ptr, seq_ptr,
@@ -288,6 +291,7 @@ def _scan_fwd_kernel(
         tl.store(hlast_ptr + st_off, h, mask=n_ok3 & (d3 * 0 + pid_c == nseg - 1))
 
 
+@fast_launch
 @triton.jit
 def _seg_combine_kernel(hloc_ptr, sdt_ptr, keep_ptr, A_ptr, h0_ptr, hstart_ptr, nseg, dim, dstate, s_Ad, s_An,
                         BLOCK: tl.constexpr, HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, ACC: tl.constexpr):
@@ -424,6 +428,7 @@ def _pass_a_inputs(tb, tn, x_b, dt_b, B_b, seq_b, s_t, s_Bt, s_st, d1, n2, n_ok2
     return steps
 
 
+@fast_launch
 @triton.jit
 def _scan_bwd_kernel(
     x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, seq_ptr, hck_ptr, dy_ptr, dhlast_ptr,
@@ -591,7 +596,7 @@ class _Tiles:
 def _tiles(nl: int, dstate: int, group_size: int, channels: int | None = None) -> _Tiles:
     """(NL, NH, BD) for one program: NL states per thread, NH lanes on states, BD channels (a power
     of two dividing the group size, so a program reads one group's B, C); lanes fill BD first."""
-    bn = triton.next_power_of_2(dstate)
+    bn = next_power_of_2(dstate)
     nl = min(nl, bn)
     nh = bn // nl
     lanes_bd = max(1, 32 // nh) if channels is None else channels
@@ -600,16 +605,12 @@ def _tiles(nl: int, dstate: int, group_size: int, channels: int | None = None) -
     return _Tiles(nl, nh, bd, num_warps)
 
 
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-
-
 def _fwd_nl(rows: int, dim: int, dstate: int, device: torch.device) -> int:
     """States per thread in the forward: as many as possible (no replicated per-channel math)
     while the launch still has ~3 warps per SM to keep every scheduler issuing. `rows` counts the
     independent (batch row, time segment) scans."""
-    bn = triton.next_power_of_2(dstate)
-    sms = _sm_count(device)
+    bn = next_power_of_2(dstate)
+    sms = sm_count(device, 132)
     nl = min(bn, 16)
     while nl > 4 and rows * dim * (bn // nl) < 3 * sms * 32:
         nl //= 2
@@ -651,7 +652,7 @@ def default_time_chunks(batch: int, seqlen: int, dim: int, dstate: int, ngroups:
     if cfg.time_chunks is not None:
         return max(1, cfg.time_chunks)
     device = torch.device(device)
-    target = FWD_MIN_WARPS_PER_SM * _sm_count(device)
+    target = FWD_MIN_WARPS_PER_SM * sm_count(device, 132)
     group_size = dim // ngroups
     min_seg = max(MIN_SEGMENT, cfg.chunk)
     nc = 1
@@ -665,8 +666,8 @@ def default_time_chunks(batch: int, seqlen: int, dim: int, dstate: int, ngroups:
 
 def _segments(seqlen: int, chunk: int, nc: int) -> tuple[int, int]:
     """(segment length, number of segments) for nc requested segments: whole checkpoint chunks each."""
-    seg_len = chunk * max(1, triton.cdiv(triton.cdiv(seqlen, chunk), max(1, nc)))
-    return seg_len, max(1, triton.cdiv(seqlen, seg_len))
+    seg_len = chunk * max(1, cdiv(cdiv(seqlen, chunk), max(1, nc)))
+    return seg_len, max(1, cdiv(seqlen, seg_len))
 
 
 def _needs_i64(seqlen: int, *strides: int) -> bool:
@@ -705,7 +706,7 @@ def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx
     C = C.to(acc_t).contiguous()
     y = torch.empty_like(x)
     chunk = config.chunk
-    nchunks = triton.cdiv(seqlen, chunk)
+    nchunks = cdiv(seqlen, chunk)
     seg_len, nseg = _segments(seqlen, chunk, default_time_chunks(batch, seqlen, dim, dstate, ngroups, config,
                                                                  x.device))
     nl = config.fwd_nl or _fwd_nl(batch * nseg, dim, dstate, x.device)
@@ -746,7 +747,7 @@ def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx
         # pass 2: start state of every segment, chained over the segments (elementwise over (D, N))
         start = torch.empty(batch, nseg, dim, dstate, device=x.device, dtype=acc_t)
         block = 256
-        _seg_combine_kernel[(triton.cdiv(dim * dstate, block), batch)](
+        _seg_combine_kernel[(cdiv(dim * dstate, block), batch)](
             hloc, sdt, keep, A, h0 if h0 is not None else dummy, start, nseg, dim, dstate, A.stride(0),
             A.stride(1), BLOCK=block, HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, ACC=acc_tl, num_warps=4,
         )

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import triton_interpret
+from ..triton_launch import cdiv, fast_launch, next_power_of_2
 from .triton_scan import _delta
 
 __all__ = ["selective_state_update_triton"]
@@ -26,6 +27,7 @@ __all__ = ["selective_state_update_triton"]
 # ----------------------------------------------------------------------------------------------
 
 
+@fast_launch
 @triton.jit
 def _state_update_kernel(
     state_ptr, x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, y_ptr,
@@ -103,10 +105,10 @@ def selective_state_update_triton(
     D = D if D is None else D.contiguous()  # read as dense (dim,) vectors
     dt_bias = dt_bias if dt_bias is None else dt_bias.contiguous()
     y = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
-    bn = triton.next_power_of_2(dstate)
-    bd = max(1, min(triton.next_power_of_2(dim), 4096 // bn))  # ~4K states per program
+    bn = next_power_of_2(dstate)
+    bd = max(1, min(next_power_of_2(dim), 4096 // bn))  # ~4K states per program
     dummy = y
-    grid = (triton.cdiv(dim, bd), batch)
+    grid = (cdiv(dim, bd), batch)
     _state_update_kernel[grid](
         state, x, dt, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
         dt_bias if dt_bias is not None else dummy, y,

@@ -20,11 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_launch import cdiv, fast_launch, next_power_of_2
 from .triton_common import dt_transform
 
 __all__ = ["chunk_decay_fwd"]
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["seqlen", "nchunks"])  # one compile for every length
 def _chunk_decay_fwd_kernel(
     dt_ptr, A_ptr, bias_ptr, dtp_ptr, cs_ptr,
@@ -69,13 +71,13 @@ def chunk_decay_fwd(dt: torch.Tensor, A: torch.Tensor, dt_bias: torch.Tensor | N
     """
     b, L, H = dt.shape
     T = chunk_size
-    nc = triton.cdiv(L, T)
+    nc = cdiv(L, T)
     dtp = torch.empty(b, H, nc, T, device=dt.device, dtype=torch.float32)
     cs = torch.empty_like(dtp)
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     has_limit = lo > 0.0 or hi < math.inf
-    block_h = min(triton.next_power_of_2(H), max(1, 4096 // T))
-    grid = (nc, triton.cdiv(H, block_h), b)
+    block_h = min(next_power_of_2(H), max(1, 4096 // T))
+    grid = (nc, cdiv(H, block_h), b)
     _chunk_decay_fwd_kernel[grid](
         dt, A, dt_bias if dt_bias is not None else A, dtp, cs,
         L, H, nc, lo, hi if has_limit else 0.0,

@@ -20,11 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_launch import cdiv, fast_launch, next_power_of_2
 from .triton_common import kernel_flags, mm, silu, to_dtype
 
 __all__ = ["chunk_cb_fwd", "chunk_scan_fwd"]
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["seqlen", "nchunks"])  # one compile for every length
 def _chunk_cb_kernel(
     C_ptr, B_ptr, seq_ptr, cb_ptr,
@@ -65,6 +67,7 @@ def _chunk_cb_kernel(
     tl.store(cb_base + rows[:, None] * T + cols[None, :], acc)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["seqlen", "nchunks"])  # one compile for every length
 def _chunk_scan_fwd_kernel(
     x_ptr, z_ptr, D_ptr, C_ptr, cb_ptr, states_ptr, dtp_ptr, cs_ptr, seq_ptr, y_ptr, ypre_ptr,
@@ -151,10 +154,10 @@ def chunk_cb_fwd(C: torch.Tensor, B: torch.Tensor, seq_idx: torch.Tensor | None,
     """
     b, L, G, N = C.shape
     T = chunk_size
-    nc = triton.cdiv(L, T)
+    nc = cdiv(L, T)
     cfg = dict(cfg or {})
     cfg.setdefault("BLOCK_M", min(T, 64))
-    cfg.setdefault("BLOCK_N", min(64, max(16, triton.next_power_of_2(N))))
+    cfg.setdefault("BLOCK_N", min(64, max(16, next_power_of_2(N))))
     cfg.setdefault("num_warps", 4)
     cfg.setdefault("num_stages", 2)
     cb = torch.empty(b, nc, G, T, T, device=C.device, dtype=torch.float32)
@@ -190,15 +193,15 @@ def chunk_scan_fwd(x: torch.Tensor, z: torch.Tensor | None, D: torch.Tensor | No
     nc = dtp.shape[2]
     cfg = dict(cfg or {})
     cfg.setdefault("BLOCK_M", min(T, 64))
-    cfg.setdefault("BLOCK_P", min(128, max(16, triton.next_power_of_2(P))))
+    cfg.setdefault("BLOCK_P", min(128, max(16, next_power_of_2(P))))
     cfg.setdefault("num_warps", 4)
     cfg.setdefault("num_stages", 2)
-    block_n = max(16, triton.next_power_of_2(N))
+    block_n = max(16, next_power_of_2(N))
     y = torch.empty(b, L, H, P, device=x.device, dtype=x.dtype)
     # y before the gate feeds dz = dy * y_pre * silu'(z) only; fp32 keeps one bf16 rounding out of dz
     y_pre = torch.empty_like(y, dtype=torch.float32) if z is not None else None
     zz = z if z is not None else x
-    grid = (T // cfg["BLOCK_M"], H * triton.cdiv(P, cfg["BLOCK_P"]), b * nc)
+    grid = (T // cfg["BLOCK_M"], H * cdiv(P, cfg["BLOCK_P"]), b * nc)
     _chunk_scan_fwd_kernel[grid](
         x, zz, D if D is not None else dtp, C, cb, states, dtp, cs, seq_idx if seq_idx is not None else dtp,
         y, y_pre if y_pre is not None else y,

@@ -30,11 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import dt_transform_grad, kernel_flags, mm, silu, silu_grad, sm_count, to_dtype
+from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count  # off the GPU: an H100's 132
+from .triton_common import dt_transform_grad, kernel_flags, mm, silu, silu_grad, to_dtype
 
 __all__ = ["chunk_dcb_bwd", "chunk_dbc_bwd", "chunk_dx_bwd", "bwd_config"]
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["seqlen", "nchunks"])  # one compile for every length
 def _chunk_dcb_kernel(
     x_ptr, dy_ptr, z_ptr, dtp_ptr, cs_ptr, seq_ptr, cb_ptr, dcb_ptr, rowp_ptr,
@@ -91,6 +93,7 @@ def _chunk_dcb_kernel(
     tl.store(dcb_ptr + tile, acc)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["seqlen", "nchunks"])  # one compile for every length
 def _chunk_dbc_kernel(
     x_ptr, dy_ptr, z_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, states_ptr, dH_ptr, dcb_ptr, rowp_ptr,
@@ -179,6 +182,7 @@ def _chunk_dbc_kernel(
     tl.store(dB_ptr + out, to_dtype(accB, dB_ptr.dtype.element_ty, EMULATE), mask=rn_mask)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["seqlen", "nchunks"])  # one compile for every length
 def _chunk_dx_kernel(
     x_ptr, dt_ptr, dy_ptr, z_ptr, ypre_ptr, A_ptr, bias_ptr, D_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, cb_ptr,
@@ -301,7 +305,7 @@ def _chunk_dx_kernel(
 def _cfg(cfg: dict | None, T: int, P: int, **defaults) -> dict:
     cfg = dict(cfg or {})
     cfg.setdefault("BLOCK_M", min(T, 64))
-    cfg.setdefault("BLOCK_P", min(64, max(16, triton.next_power_of_2(P))))
+    cfg.setdefault("BLOCK_P", min(64, max(16, next_power_of_2(P))))
     for k, v in defaults.items():
         cfg.setdefault(k, v)
     return cfg
@@ -360,11 +364,11 @@ def chunk_dbc_bwd(x: torch.Tensor, dy: torch.Tensor, z: torch.Tensor | None, B: 
     cfg = _cfg(cfg, T, P, num_warps=4, num_stages=2)
     cfg.setdefault("BLOCK_N", dbc_block_n(N))
     nslot = rowp.shape[3]
-    assert nslot == T // cfg["BLOCK_M"] + triton.cdiv(N, cfg["BLOCK_N"]), "rowp slots do not match the blocks"
+    assert nslot == T // cfg["BLOCK_M"] + cdiv(N, cfg["BLOCK_N"]), "rowp slots do not match the blocks"
     dB = torch.empty(b, L, G, N, device=x.device, dtype=B.dtype)
     dC = torch.empty(b, L, G, N, device=x.device, dtype=C.dtype)
     zz = z if z is not None else dy
-    grid = (T // cfg["BLOCK_M"], triton.cdiv(N, cfg["BLOCK_N"]), b * nc * G)
+    grid = (T // cfg["BLOCK_M"], cdiv(N, cfg["BLOCK_N"]), b * nc * G)
     _chunk_dbc_kernel[grid](
         x, dy, zz, B, C, dtp, cs, seq_idx if seq_idx is not None else cs, states, dH, dcb, rowp, dB, dC,
         L, H, nc, P, N, H // G, G, nslot,
@@ -378,7 +382,7 @@ def chunk_dbc_bwd(x: torch.Tensor, dy: torch.Tensor, z: torch.Tensor | None, B: 
 
 def dbc_block_n(N: int) -> int:
     """Default N block of the dB/dC kernel (it sets how many row-part slots that kernel fills)."""
-    return min(64, max(16, triton.next_power_of_2(N)))
+    return min(64, max(16, next_power_of_2(N)))
 
 
 def bwd_config(batch: int, nchunks: int, ngroups: int, dstate: int, chunk_size: int,
@@ -392,13 +396,13 @@ def bwd_config(batch: int, nchunks: int, ngroups: int, dstate: int, chunk_size: 
     """
     bm = min(chunk_size, 64)
     nblk = chunk_size // bm
-    sms = sm_count(device.index if device.type == "cuda" else None)
-    wide = min(128, max(16, triton.next_power_of_2(dstate)))
+    sms = sm_count(device, 132)
+    wide = min(128, max(16, next_power_of_2(dstate)))
     if batch * nchunks * ngroups * nblk >= 2 * sms and wide > dbc_block_n(dstate):
         dbc = dict(BLOCK_M=bm, BLOCK_N=wide, num_warps=8)
     else:
         dbc = dict(BLOCK_M=bm, BLOCK_N=dbc_block_n(dstate), num_warps=4)
-    nslot = nblk + triton.cdiv(dstate, dbc["BLOCK_N"])
+    nslot = nblk + cdiv(dstate, dbc["BLOCK_N"])
     return dict(BLOCK_M=bm), dbc, dict(BLOCK_M=bm), nslot
 
 
@@ -445,7 +449,7 @@ def chunk_dx_bwd(x: torch.Tensor, dt: torch.Tensor, dy: torch.Tensor, z: torch.T
         x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1), dt.stride(2),
         dy.stride(0), dy.stride(1), dy.stride(2), zz.stride(0), zz.stride(1), zz.stride(2),
         B.stride(0), B.stride(1), B.stride(2), seq_idx.stride(0) if seq_idx is not None else 0,
-        T=T, BLOCK_N=max(16, triton.next_power_of_2(N)), BLOCK_PN=max(2, triton.next_power_of_2(n_pn)),
+        T=T, BLOCK_N=max(16, next_power_of_2(N)), BLOCK_PN=max(2, next_power_of_2(n_pn)),
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit, HAS_D=D is not None,
         D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None,
         **kernel_flags(x.dtype), **cfg,

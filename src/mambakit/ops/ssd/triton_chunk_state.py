@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import kernel_flags, mm, silu, sm_count, store_dtype, to_dtype
+from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count  # off the GPU: an H100's 132
+from .triton_common import kernel_flags, mm, silu, store_dtype, to_dtype
 from .triton_state_passing import state_passing_fwd
 
 __all__ = ["chunk_state_fwd", "chunk_state_local_fwd", "use_parallel_chunk_state", "chunk_state_bwd"]
@@ -69,6 +70,7 @@ def _chunk_contrib(x_c, B_c, cs_c, dtp_c, seq_b, c, cs_end, seq_end, seqlen, off
     return contrib
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["seqlen", "nchunks"])  # one compile for every length
 def _chunk_state_fwd_kernel(
     x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, h0_ptr, states_ptr, final_ptr,
@@ -123,6 +125,7 @@ def _chunk_state_fwd_kernel(
     tl.store(final_ptr + (b * nheads + h) * PN + pn_offs, state, mask=pn_mask)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["seqlen", "nchunks"])  # one compile for every length
 def _chunk_state_local_fwd_kernel(
     x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, S_ptr,
@@ -160,6 +163,7 @@ def _chunk_state_local_fwd_kernel(
     tl.store(S_c, contrib, mask=pn_mask)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["seqlen", "nchunks"])  # one compile for every length
 def _chunk_state_bwd_kernel(
     dy_ptr, z_ptr, C_ptr, cs_ptr, seq_ptr, states_ptr, dfinal_ptr, dH_ptr, dh0_ptr, ddend_ptr,
@@ -234,8 +238,8 @@ def _chunk_state_bwd_kernel(
 
 def _blocks(headdim: int, dstate: int, cfg: dict | None) -> dict:
     cfg = dict(cfg or {})
-    cfg.setdefault("BLOCK_P", min(64, max(16, triton.next_power_of_2(headdim))))
-    cfg.setdefault("BLOCK_N", min(64, max(16, triton.next_power_of_2(dstate))))
+    cfg.setdefault("BLOCK_P", min(64, max(16, next_power_of_2(headdim))))
+    cfg.setdefault("BLOCK_N", min(64, max(16, next_power_of_2(dstate))))
     cfg.setdefault("num_warps", 4)
     cfg.setdefault("num_stages", 2)
     return cfg
@@ -269,7 +273,7 @@ def use_parallel_chunk_state(batch: int, nheads: int, nchunks: int, headdim: int
         True
     """
     blocks = _blocks(headdim, dstate, None)
-    n_pn = triton.cdiv(headdim, blocks["BLOCK_P"]) * triton.cdiv(dstate, blocks["BLOCK_N"])
+    n_pn = cdiv(headdim, blocks["BLOCK_P"]) * cdiv(dstate, blocks["BLOCK_N"])
     fits_grid = nchunks <= 65535  # the chunks are the parallel kernel's grid axis 2 (CUDA limit 65535)
     return fits_grid and nchunks >= PARALLEL_MIN_CHUNKS and batch * nheads * n_pn < FUSED_MIN_PROGRAMS_PER_SM * sms
 
@@ -295,12 +299,12 @@ def chunk_state_local_fwd(x: torch.Tensor, B: torch.Tensor, dtp: torch.Tensor, c
     cfg = dict(cfg or {})
     # the grid is large (b H c programs per P/N block), so one program takes the whole dstate up to
     # 128: each x tile is then loaded once instead of once per N block
-    cfg.setdefault("BLOCK_N", min(128, max(16, triton.next_power_of_2(N))))
+    cfg.setdefault("BLOCK_N", min(128, max(16, next_power_of_2(N))))
     cfg.setdefault("num_stages", 3)
     cfg = _blocks(P, N, cfg)
     cfg.setdefault("BLOCK_T", min(T, 64))
     S = torch.empty(b, nc, H, P, N, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(N, cfg["BLOCK_N"]), b * H, nc)
+    grid = (cdiv(P, cfg["BLOCK_P"]) * cdiv(N, cfg["BLOCK_N"]), b * H, nc)
     _chunk_state_local_fwd_kernel[grid](
         x, B, dtp, cs, seq_idx if seq_idx is not None else dtp, S,
         L, H, nc, P, N, H // G,
@@ -341,7 +345,7 @@ def chunk_state_fwd(x: torch.Tensor, B: torch.Tensor, dtp: torch.Tensor, cs: tor
     parallel = cfg.pop("PARALLEL", None)
     pass_cfg = {k: cfg.pop(k) for k in ("PASS_BLOCK", "PASS_WARPS") if k in cfg}
     if parallel is None:
-        parallel = use_parallel_chunk_state(b, H, nc, P, N, sm_count(x.device.index if x.is_cuda else None))
+        parallel = use_parallel_chunk_state(b, H, nc, P, N, sm_count(x.device, 132))
     if parallel:
         S = chunk_state_local_fwd(x, B, dtp, cs, seq_idx, T, cfg)
         return state_passing_fwd(S, cs, initial_state, seq_idx, store_dtype(x.dtype), T, pass_cfg)
@@ -349,7 +353,7 @@ def chunk_state_fwd(x: torch.Tensor, B: torch.Tensor, dtp: torch.Tensor, cs: tor
     cfg.setdefault("BLOCK_T", min(T, 64))
     states = torch.empty(b, nc + 1, H, P, N, device=x.device, dtype=store_dtype(x.dtype))
     final = torch.empty(b, H, P, N, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(N, cfg["BLOCK_N"]), b * H)
+    grid = (cdiv(P, cfg["BLOCK_P"]) * cdiv(N, cfg["BLOCK_N"]), b * H)
     _chunk_state_fwd_kernel[grid](
         x, B, dtp, cs, seq_idx if seq_idx is not None else dtp, initial_state if initial_state is not None else final,
         states, final,
@@ -384,7 +388,7 @@ def chunk_state_bwd(dy: torch.Tensor, z: torch.Tensor | None, C: torch.Tensor, c
     nc = cs.shape[2]
     cfg = _blocks(P, N, cfg)
     cfg.setdefault("BLOCK_T", min(T, 64))
-    n_pn = triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    n_pn = cdiv(P, cfg["BLOCK_P"]) * cdiv(N, cfg["BLOCK_N"])
     dH = torch.empty(b, nc, H, P, N, device=dy.device, dtype=states.dtype)
     dh0 = torch.empty(b, H, P, N, device=dy.device, dtype=torch.float32) if need_dh0 else None
     ddend = torch.empty(b, H, nc, n_pn, device=dy.device, dtype=torch.float32)

@@ -12,15 +12,13 @@ multiplies in fp32: CPU tests see the same roundings as the GPU.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from ..dispatch import triton_interpret
 
-__all__ = ["sm_count", "mm", "to_dtype", "softplus", "dt_transform", "dt_transform_grad", "silu", "silu_grad", "op_dtype",
+__all__ = ["mm", "to_dtype", "softplus", "dt_transform", "dt_transform_grad", "silu", "silu_grad", "op_dtype",
            "store_dtype", "kernel_flags", "dtype_of"]
 
 
@@ -127,10 +125,3 @@ def kernel_flags(x_dtype: torch.dtype) -> dict:
     """The OP / EMULATE constexprs every SSD kernel takes."""
     return {"OP": op_dtype(x_dtype), "EMULATE": triton_interpret()}
 
-
-@functools.cache
-def sm_count(device_index: int | None) -> int:
-    """Streaming multiprocessors of a CUDA device, to size grids and pick paths; 132 (H100 SXM) off the GPU."""
-    if device_index is None or not torch.cuda.is_available():
-        return 132
-    return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 
+from ..triton_launch import next_power_of_2
 from .triton_chunk_decay import chunk_decay_fwd
 from .triton_chunk_scan import chunk_cb_fwd, chunk_scan_fwd
 from .triton_chunk_scan_bwd import bwd_config, chunk_dbc_bwd, chunk_dcb_bwd, chunk_dx_bwd
@@ -38,7 +38,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def kernel_chunk(chunk_size: int, seqlen: int) -> int:
     """The kernels' chunk T: chunk_size rounded up to a power of two in [16, 256], no longer than needed."""
-    return min(256, max(16, triton.next_power_of_2(chunk_size)), max(16, triton.next_power_of_2(seqlen)))
+    return min(256, max(16, next_power_of_2(chunk_size)), max(16, next_power_of_2(seqlen)))
 
 
 def ssd_triton_intermediates(x, dt, A, B, C, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, T):

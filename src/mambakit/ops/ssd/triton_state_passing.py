@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_launch import cdiv, fast_launch
 from .triton_common import kernel_flags, to_dtype
 
 __all__ = ["state_passing_fwd"]
@@ -39,6 +40,7 @@ def _chunk_end_decay(cs_head_ptr, seq_b_ptr, c, seqlen, T: tl.constexpr, HAS_SEQ
     return decay
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["seqlen", "nchunks"])  # one compile for every length
 def _state_passing_fwd_kernel(
     S_ptr, cs_ptr, seq_ptr, h0_ptr, states_ptr, final_ptr,
@@ -103,7 +105,7 @@ def state_passing_fwd(S: torch.Tensor, cs: torch.Tensor, initial_state: torch.Te
     block, warps = _pass_config(cfg)
     states = torch.empty(b, nc + 1, H, P, N, device=S.device, dtype=states_dtype)
     final = torch.empty(b, H, P, N, device=S.device, dtype=torch.float32)
-    grid = (triton.cdiv(P * N, block), b * H)
+    grid = (cdiv(P * N, block), b * H)
     _state_passing_fwd_kernel[grid](
         S, cs, seq_idx if seq_idx is not None else cs, initial_state if initial_state is not None else final,
         states, final,

@@ -20,11 +20,13 @@ import triton
 import triton.language as tl
 
 from ..dispatch import triton_interpret
+from ..triton_launch import cdiv, fast_launch, next_power_of_2
 from .triton_common import dt_transform, silu, to_dtype
 
 __all__ = ["ssd_state_update_triton"]
 
 
+@fast_launch
 @triton.jit
 def _ssd_step_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
@@ -107,10 +109,10 @@ def ssd_state_update_triton(
     y = torch.empty(b, H, P, device=x.device, dtype=x.dtype)
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     has_limit = lo > 0.0 or hi < math.inf
-    block_n = max(16, triton.next_power_of_2(N))
-    block_p = min(triton.next_power_of_2(P), max(4, 2048 // block_n))
+    block_n = max(16, next_power_of_2(N))
+    block_p = min(next_power_of_2(P), max(4, 2048 // block_n))
     zz = z if z is not None else x
-    grid = (triton.cdiv(P, block_p), H, b)
+    grid = (cdiv(P, block_p), H, b)
     _ssd_step_kernel[grid](
         work, x, dt, A, B, C, D if D is not None else A, zz, dt_bias if dt_bias is not None else A, y,
         H, P, N, H // G, lo, hi if has_limit else 0.0,
