@@ -316,9 +316,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_ssd.py needs a CUDA device")
-    if args.device == "cpu":  # Triton 3.6's interpreter needs tests/conftest.py's loop-bound fix (NumPy >= 2.4)
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        importlib.import_module("tests.conftest")
     import triton
 
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter smoke test)"

@@ -201,3 +201,19 @@ def test_host_grid_helpers_match_triton():
         assert next_power_of_2(n) == triton.next_power_of_2(n)
         for d in [1, 2, 3, 16, 64, 255]:
             assert cdiv(n, d) == triton.cdiv(n, d)
+
+
+@pytest.mark.skipif(GPU, reason="the interpreter runs only on machines without a GPU in this suite")
+def test_interpreter_takes_runtime_loop_bounds():
+    """A loop over a runtime int (NumPy >= 2.4 rejects Triton 3.6's int(array)): the package's fix applies."""
+
+    @triton.jit
+    def _count(out_ptr, n):
+        acc = tl.zeros((1,), dtype=tl.float32)
+        for _ in range(n):
+            acc += 1.0
+        tl.store(out_ptr + tl.arange(0, 1), acc)
+
+    out = torch.zeros(1)
+    fast_launch(_count)[(1,)](out, 7)
+    assert out.item() == 7.0

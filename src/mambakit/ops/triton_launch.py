@@ -5,6 +5,9 @@ microseconds of host time per call); each family passes the count it assumes off
 
 `fast_launch`: compile through Triton once, then call the compiled kernel's launcher directly.
 
+Under TRITON_INTERPRET=1 importing this module also lets Triton 3.6's interpreter take runtime ints as
+loop bounds with NumPy >= 2.4 (`_interpreter_index_fix`); every kernel module imports it first.
+
 `kernel[grid](*args)` in Triton 3.6 costs tens of microseconds of host time per launch: it binds the
 arguments, builds the specialization key (dtype and 16-byte alignment of every tensor, int == 1 or
 divisible by 16), hashes it, checks the kernel's globals and, in the C launcher, asks the driver about
@@ -198,6 +201,31 @@ class FastLaunchKernel:
         kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, get_stream(device), kernel.function,
                    kernel.packed_metadata, None, None, None, *values)
         return kernel
+
+
+def _interpreter_index_fix() -> None:
+    """Let Triton 3.6's interpreter use runtime ints as loop bounds under NumPy >= 2.4.
+
+    The interpreter holds every scalar as a 1-element array and converts it with int(array), which NumPy
+    2.4 rejects for ndim-1 arrays, so `for c in range(nchunks)` fails on CPU although it compiles fine for
+    the GPU (Triton 3.9 squeezes the array first). Reading the element instead is exact. Idempotent.
+    """
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_mambakit_index_fix", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._mambakit_index_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_index_fix()
 
 
 def _hook_set(hook: Any) -> bool:
