@@ -217,3 +217,68 @@ def test_interpreter_takes_runtime_loop_bounds():
     out = torch.zeros(1)
     fast_launch(_count)[(1,)](out, 7)
     assert out.item() == 7.0
+
+
+class _FakeCompiled:
+    """Stands in for Triton's CompiledKernel: records what the cached path hands its launcher."""
+
+    function, packed_metadata = "fn-handle", "metadata"
+
+    def __init__(self):
+        self.runs = []
+
+    def run(self, *args):
+        self.runs.append(args)
+
+
+class _FakeJit:
+    """Stands in for the JITFunction behind a FastLaunchKernel: counts Triton's own launches."""
+
+    def __init__(self):
+        self.launches = 0
+        self.compiled = _FakeCompiled()
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+            return self.compiled
+        return launch
+
+
+def _fake_kernel():
+    kernel = FastLaunchKernel(JITFunction(_scale_add))  # the real binder of a real signature
+    kernel.fn = _FakeJit()
+    kernel._device_stream = (lambda: 0, lambda device: 777)  # device 0, stream handle 777
+    return kernel
+
+
+def test_cached_path_hands_pointers_grid_and_stream_to_the_launcher():
+    kernel = _fake_kernel()
+    x, y, out = torch.zeros(64), torch.zeros(64), torch.zeros(64)
+    assert kernel[(3,)](x, y, out, 64, 2.0, BLOCK=32) is kernel.fn.compiled  # miss: Triton's launch
+    assert kernel.fn.launches == 1 and kernel.fn.compiled.runs == []
+    kernel[(5, 2)](x, y, out, 48, 3.0, BLOCK=32)  # same specialization: the launcher, directly
+    assert kernel.fn.launches == 1
+    (run,) = kernel.fn.compiled.runs
+    assert run[:9] == (5, 2, 1, 777, "fn-handle", "metadata", None, None, None)
+    assert run[9:] == (x.data_ptr(), y.data_ptr(), out.data_ptr(), 48, 3.0, 0.0, 32, True)
+    kernel[(1,)](x[1:], y, out, 48, 3.0, BLOCK=32)  # unaligned x: a new specialization, Triton's launch
+    assert kernel.fn.launches == 2 and len(kernel.fn.compiled.runs) == 1
+
+
+@pytest.mark.parametrize("switch", ["environment", "hook", "compiling", "callable grid"])
+def test_fallbacks_use_tritons_launch(switch, monkeypatch):
+    kernel = _fake_kernel()
+    x = torch.zeros(64)
+    kernel[(1,)](x, x, x, 64, 1.0)  # compiled and cached
+    grid = (1,)
+    if switch == "environment":
+        monkeypatch.setenv("MAMBAKIT_TRITON_LAUNCH", "triton")
+    elif switch == "hook":
+        monkeypatch.setattr("mambakit.ops.triton_launch._hooked", lambda: True)
+    elif switch == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    else:
+        grid = lambda meta: (1,)  # noqa: E731
+    kernel[grid](x, x, x, 64, 1.0)
+    assert kernel.fn.launches == 2 and kernel.fn.compiled.runs == []

@@ -27,8 +27,10 @@ fine as Triton's specialization:
 Later calls with the same key pass the tensors' data pointers as plain ints to `CompiledKernel.run`, the
 call Triton's own `JITFunction.run` makes (same arguments in 3.6 through 3.9), so the launched code is
 the code Triton would have launched. Any other argument type, a callable grid, a launch hook (profilers
-such as proton set one), the interpreter (`TRITON_INTERPRET=1`), a Triton outside the checked versions
-or `MAMBAKIT_TRITON_LAUNCH=triton` in the environment falls back to `kernel[grid](...)`.
+such as proton set one), tracing by torch.compile, the interpreter (`TRITON_INTERPRET=1`), a Triton
+outside the checked versions or `MAMBAKIT_TRITON_LAUNCH=triton` in the environment falls back to
+`kernel[grid](...)`. Compile options Triton reads from the environment (TRITON_DEBUG, ...) are read at
+the first call of each specialization only (Triton's own launch rereads them): set them before launching.
 
     >>> @fast_launch
     ... @triton.jit
@@ -170,7 +172,8 @@ class FastLaunchKernel:
 
     def launch(self, grid, args: tuple, kwargs: dict):
         """Launch on the current device and stream; returns the compiled kernel like Triton's launch."""
-        if self._bind is None or callable(grid) or not fast_launch_enabled() or _hooked():
+        if (self._bind is None or callable(grid) or not fast_launch_enabled() or _hooked()
+                or torch.compiler.is_compiling()):  # torch.compile captures Triton kernels by their own launch
             return self.fn[grid](*args, **kwargs)
         try:
             bound = self._bind(*args, **kwargs)
