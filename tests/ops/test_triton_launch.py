@@ -111,9 +111,14 @@ def _clashing(_a, options):
     pass
 
 
+def _shadowing(x_ptr, type):
+    pass
+
+
 def test_kernel_with_clashing_names_always_uses_tritons_launch():
-    assert make_binder(JITFunction(_clashing)) is None
-    assert FastLaunchKernel(JITFunction(_clashing))._bind is None
+    for fn in (_clashing, _shadowing):
+        assert make_binder(JITFunction(fn)) is None
+        assert FastLaunchKernel(JITFunction(fn))._bind is None
 
 
 @pytest.mark.skipif(GPU, reason="the interpreter runs only on machines without a GPU in this suite")

@@ -105,11 +105,11 @@ def arg_key(value: Any) -> tuple[Any, Any]:
 def make_binder(fn: JITFunction):
     """A function taking the kernel's arguments as Triton does (positional or keyword, defaults, launch
     options as extra keywords) and returning (values in signature order, tensors as pointers; cache key),
-    or None for an argument type `arg_key` does not handle (the binder itself is None for a kernel whose
-    parameter names clash with the binder's). Generated per kernel, like Triton's own
-    binder, so that Python binds the arguments and no per-argument call is made for tensors and ints."""
+    or None for an argument type `arg_key` does not handle. Generated per kernel, like Triton's own binder,
+    so that Python binds the arguments and no per-argument call is made for tensors and ints. None for a
+    kernel whose parameter names clash with the names the binder uses (every launch then goes through Triton)."""
     names = [p.name for p in fn.params]
-    if any(name.startswith("_") or name == "options" for name in names):
+    if any(name.startswith("_") or name in ("options", "type", "tuple") for name in names):
         return None  # would clash with the binder's own names: every launch goes through Triton
     namespace: dict[str, Any] = {"_Tensor": torch.Tensor, "_arg_key": arg_key, "_MISSING": _MISSING}
     signature = []
@@ -162,6 +162,8 @@ class FastLaunchKernel:
         self._device_stream = None  # (get_current_device, get_current_stream), bound on first fast call
 
     def __getattr__(self, name: str) -> Any:
+        if name == "fn":  # not set yet (copy, pickle): no recursion through self.fn
+            raise AttributeError(name)
         return getattr(self.fn, name)
 
     def __getitem__(self, grid):

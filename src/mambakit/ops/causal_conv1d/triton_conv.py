@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count  # off the GPU: one SM, so tiny tests loop over tiles
+from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -387,6 +387,7 @@ def _causal_conv1d_bwd(x, weight, bias, initial_state, seq_idx, silu, dy, dfinal
     # L=8192, D=4096); ~16 programs per SM keep the last wave short; a power of two bounds recompiles
     if tiles is None:
         programs = n_tiles * n_dblocks * batch
+        # off the GPU (the interpreter) a "machine" of one SM makes even tiny tests loop over tiles
         tiles = min(32, next_power_of_2(max(1, programs // (16 * sm_count(x.device, 1)))))
     n_chunks = cdiv(n_tiles, tiles)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count  # off the GPU: one SM, so tiny tests loop over rows
+from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -199,6 +199,7 @@ def _rms_norm_bwd(x2, weight, z2, rstd, dy2, group, norm_before_gate, elems=2048
     # ~8 programs per SM (a short last wave); each loops over a power-of-two number of row tiles,
     # so the weight-grad partials stay small (~1-2% of the traffic) and few variants get compiled
     if row_tiles is None:
+        # off the GPU (the interpreter) a "machine" of one SM makes even tiny tests loop over row tiles
         row_tiles = min(64, next_power_of_2(max(1, n_tiles * n_groups // (8 * sm_count(x2.device, 1)))))
     n_progs = cdiv(n_tiles, row_tiles)
     dx2 = torch.empty_like(x2)

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-
 from triton.language.extra import libdevice
 
 from ..dispatch import triton_interpret

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count  # off the GPU: an H100's 132
+from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
 from .triton_common import dt_transform_grad, kernel_flags, mm, silu, silu_grad, to_dtype
 
 __all__ = ["chunk_dcb_bwd", "chunk_dbc_bwd", "chunk_dx_bwd", "bwd_config"]
@@ -396,7 +396,7 @@ def bwd_config(batch: int, nchunks: int, ngroups: int, dstate: int, chunk_size: 
     """
     bm = min(chunk_size, 64)
     nblk = chunk_size // bm
-    sms = sm_count(device, 132)
+    sms = sm_count(device, 132)  # off the GPU (interpreter): an H100's count
     wide = min(128, max(16, next_power_of_2(dstate)))
     if batch * nchunks * ngroups * nblk >= 2 * sms and wide > dbc_block_n(dstate):
         dbc = dict(BLOCK_M=bm, BLOCK_N=wide, num_warps=8)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count  # off the GPU: an H100's 132
+from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
 from .triton_common import kernel_flags, mm, silu, store_dtype, to_dtype
 from .triton_state_passing import state_passing_fwd
 
