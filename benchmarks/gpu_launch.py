@@ -3,7 +3,7 @@
 At short sequences the GPU waits for the host: a Triton 3.6 launch costs tens of microseconds of
 Python and driver calls, and a Mamba layer's training step runs ~40 of them. `ops/triton_launch.py`
 compiles through Triton once per specialization and then calls the compiled kernel's launcher with
-plain pointers. This script measures both, switching with MAMBAKIT_TRITON_LAUNCH in one process:
+plain pointers. This script measures both in one process (`triton_launch_mode`):
 
 1. host microseconds per call at tiny shapes (GPU work far shorter than the launches, so the queue
    never fills and wall time / calls is the CPU's cost): one bare kernel, the public ops (forward, and
@@ -21,7 +21,6 @@ import argparse
 import cProfile
 import datetime
 import io
-import os
 import platform
 import pstats
 import statistics
@@ -36,9 +35,9 @@ from gpu_selective_scan import make_inputs as scan_inputs
 from gpu_ssd import make_inputs as ssd_inputs
 from mambakit.modules import Mamba1, Mamba2
 from mambakit.ops import selective_scan, ssd
-from mambakit.ops.triton_launch import fast_launch
+from mambakit.ops.triton_launch import fast_launch, triton_launch_mode
 
-MODES = ("triton", "fast")  # MAMBAKIT_TRITON_LAUNCH values: Triton's launch, the cached direct launch
+MODES = ("triton", "fast")  # Triton's launch, the cached direct launch
 
 
 @fast_launch
@@ -115,19 +114,14 @@ def layer_fwd_bwd(layer: str, d_model: int, seqlen: int):
     return run
 
 
-def set_mode(mode: str) -> None:
-    os.environ["MAMBAKIT_TRITON_LAUNCH"] = mode
-
-
 def both(fn_factory, measure, rounds: int = 5) -> tuple[float, float]:
     """Median of `rounds` measurements per launch mode, the modes interleaved (the host's speed drifts)."""
     fn = fn_factory()  # the mode is read at every launch, so one function serves both
     got: dict[str, list[float]] = {mode: [] for mode in MODES}
     for _ in range(rounds):
         for mode in MODES:
-            set_mode(mode)
-            got[mode].append(measure(fn))
-    set_mode("fast")
+            with triton_launch_mode(mode):
+                got[mode].append(measure(fn))
     return statistics.median(got["triton"]), statistics.median(got["fast"])
 
 
@@ -178,7 +172,6 @@ def anchor_table(args) -> None:
 
 
 def profile(args) -> None:
-    set_mode("fast")
     for name, fn in [("selective_scan forward", scan_fwd(scan_inputs(1, 256, 256, 16))),
                      ("ssd forward", ssd_fwd(ssd_inputs(1, 256, 4, 64, 1, 128, torch.bfloat16)))]:
         for _ in range(20):

@@ -16,14 +16,15 @@ from triton.runtime.jit import JITFunction
 
 from mambakit.ops.triton_launch import (
     _MISSING,
-    cdiv,
     FastLaunchKernel,
     _hooked,
     arg_key,
+    cdiv,
     fast_launch,
     fast_launch_enabled,
     make_binder,
     next_power_of_2,
+    triton_launch_mode,
 )
 
 GPU = torch.cuda.is_available()
@@ -131,9 +132,17 @@ def test_interpreted_kernel_launches_through_triton():
     torch.testing.assert_close(out, 3.0 * x + 0.25 + y)
 
 
-def test_environment_switch(monkeypatch):
-    monkeypatch.setenv("MAMBAKIT_TRITON_LAUNCH", "triton")
-    assert not fast_launch_enabled()
+def test_launch_mode_switch():
+    assert fast_launch_enabled()  # the default (MAMBAKIT_TRITON_LAUNCH unset when the suite imports mambakit)
+    with triton_launch_mode("triton"):
+        assert not fast_launch_enabled()
+        with triton_launch_mode("fast"):
+            assert fast_launch_enabled()
+        assert not fast_launch_enabled()
+    assert fast_launch_enabled()
+    with pytest.raises(ValueError, match="mode must be one of"):
+        with triton_launch_mode("cached"):
+            pass
 
 
 def test_launch_hooks_force_tritons_launch():
@@ -271,14 +280,14 @@ def test_cached_path_hands_pointers_grid_and_stream_to_the_launcher():
     assert kernel.fn.launches == 2 and len(kernel.fn.compiled.runs) == 1
 
 
-@pytest.mark.parametrize("switch", ["environment", "hook", "compiling", "callable grid"])
+@pytest.mark.parametrize("switch", ["launch mode", "hook", "compiling", "callable grid"])
 def test_fallbacks_use_tritons_launch(switch, monkeypatch):
     kernel = _fake_kernel()
     x = torch.zeros(64)
     kernel[(1,)](x, x, x, 64, 1.0)  # compiled and cached
     grid = (1,)
-    if switch == "environment":
-        monkeypatch.setenv("MAMBAKIT_TRITON_LAUNCH", "triton")
+    if switch == "launch mode":
+        monkeypatch.setattr("mambakit.ops.triton_launch.fast_launch_enabled", lambda: False)
     elif switch == "hook":
         monkeypatch.setattr("mambakit.ops.triton_launch._hooked", lambda: True)
     elif switch == "compiling":

@@ -28,8 +28,8 @@ Later calls with the same key pass the tensors' data pointers as plain ints to `
 call Triton's own `JITFunction.run` makes (same arguments in 3.6 through 3.9), so the launched code is
 the code Triton would have launched. Any other argument type, a callable grid, a launch hook (profilers
 such as proton set one), tracing by torch.compile, the interpreter (`TRITON_INTERPRET=1`), a Triton
-outside the checked versions or `MAMBAKIT_TRITON_LAUNCH=triton` in the environment falls back to
-`kernel[grid](...)`. Compile options Triton reads from the environment (TRITON_DEBUG, ...) are read at
+outside the checked versions, `MAMBAKIT_TRITON_LAUNCH=triton` in the environment when mambakit is imported
+or a `triton_launch_mode("triton")` block falls back to `kernel[grid](...)`. Compile options Triton reads from the environment (TRITON_DEBUG, ...) are read at
 the first call of each specialization only (Triton's own launch rereads them): set them before launching.
 
     >>> @fast_launch
@@ -40,9 +40,12 @@ the first call of each specialization only (Triton's own launch rereads them): s
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -78,9 +81,32 @@ def sm_count(device: torch.device, off_gpu: int) -> int:
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+LAUNCH_MODES = ("fast", "triton")
+# read once: os.environ.get costs ~2 us, a sixth of a cached launch; switch at run time with triton_launch_mode
+_MODE: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "mambakit_triton_launch", default=os.environ.get("MAMBAKIT_TRITON_LAUNCH", "fast"))
+
+
+@contextlib.contextmanager
+def triton_launch_mode(mode: str) -> Iterator[None]:
+    """Within the block, `fast_launch` kernels launch the cached way ("fast") or through Triton ("triton").
+
+    Example:
+        >>> with triton_launch_mode("triton"):
+        ...     y = ssd(x, dt, A, B, C)       # every kernel through Triton's own launch, to compare
+    """
+    if mode not in LAUNCH_MODES:
+        raise ValueError(f"triton_launch_mode: mode must be one of {LAUNCH_MODES}, got {mode!r}")
+    token = _MODE.set(mode)
+    try:
+        yield
+    finally:
+        _MODE.reset(token)
+
+
 def fast_launch_enabled() -> bool:
     """Whether `fast_launch` kernels take the cached path (else every launch is `kernel[grid](...)`)."""
-    return _VERSION_CHECKED and os.environ.get("MAMBAKIT_TRITON_LAUNCH", "fast") != "triton"
+    return _VERSION_CHECKED and _MODE.get() != "triton"
 
 
 def arg_key(value: Any) -> tuple[Any, Any]:
