@@ -10,13 +10,16 @@ run the benchmark shapes on CUDA.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from mambakit.ops import selective_scan, selective_state_update
 from mambakit.ops.dispatch import triton_interpret
 from mambakit.ops.selective_scan.reference import selective_scan_reference
-from mambakit.ops.selective_scan.triton_scan import ScanConfig, _scan_fwd, default_time_chunks, selective_scan_triton
+from mambakit.ops.selective_scan.triton_scan import (ScanConfig, _scan_fwd, default_bwd_time_chunks, default_time_chunks,
+                                                    selective_scan_triton)
 from mambakit.ops.selective_scan.triton_step import selective_state_update_triton
 from tests.conftest import DEVICE
 from tests.helpers import assert_close, low_precision_tolerance, run_with_grads
@@ -109,6 +112,31 @@ CASES = [
     pytest.param(dict(n=5), True, SMALL, id="dstate5-padded"),
     pytest.param(dict(n=8), True, ScanConfig(fwd_nl=2, bwd_nl=2, chunk=4, block_u=2), id="states-over-lanes"),
     pytest.param(dict(n=8), True, ScanConfig(bwd_channels=4, chunk=4, block_u=2), id="bwd-4-channels"),
+    # dB / dC atomics from every channel lane (no shuffles) into 3 replicas (lane groups share them
+    # modulo 3), from pairs / quads of lanes, with ngroups 2 (4-channel programs) and packed documents
+    pytest.param(dict(), True, ScanConfig(chunk=4, block_u=2, bwd_reduce_channels=1, bwd_replicas=3),
+                 id="bwd-atomics-per-lane-3-replicas"),
+    pytest.param(dict(g=2), True, ScanConfig(chunk=4, block_u=2, bwd_reduce_channels=2), id="bwd-atomics-pairs-ngroups2"),
+    pytest.param(dict(L=14, seq=True), True, ScanConfig(chunk=4, block_u=2, bwd_reduce_channels=4, bwd_replicas=1),
+                 id="bwd-atomics-quads-1-replica-seq_idx"),
+    # time-parallel backward (pass 1 adjoint alone per segment, pass 2 combine, pass 3 full backward per
+    # segment from its true carry): 3 segments of one chunk, the final-state gradient seeding the last one
+    # and d(initial state) from the first; documents starting at segment starts (4, 8) and inside (6, 13),
+    # with a time-parallel forward too; ngroups 2 without softplus; ragged 3-step last segment, no D / z
+    pytest.param(dict(), True, ScanConfig(chunk=4, block_u=2, bwd_time_chunks=3), id="bwd-time-chunks3-h0"),
+    pytest.param(dict(L=14, seq=((4, 6), (8, 12, 13))), True,
+                 ScanConfig(chunk=4, block_u=2, bwd_time_chunks=4, time_chunks=2, bwd_reduce_channels=2),
+                 id="bwd-time-chunks-per-chunk-seq_idx"),
+    pytest.param(dict(g=2), False, ScanConfig(chunk=4, block_u=4, bwd_time_chunks=2), id="bwd-time-chunks-ngroups2"),
+    pytest.param(dict(L=19, full=False, h0=False), True, ScanConfig(chunk=8, block_u=2, bwd_time_chunks=8),
+                 id="bwd-time-chunks-ragged"),
+    # carry segments finer than the backward's: 2 per segment of 8 (ragged seqlen 19: 5 carry segments for 3
+    # backward ones), 3 per segment of 12 with documents inside carry segments and at their starts
+    pytest.param(dict(L=19), True, ScanConfig(chunk=8, block_u=4, bwd_time_chunks=3, bwd_carry_split=2),
+                 id="bwd-carry-split2-ragged-h0"),
+    pytest.param(dict(L=23, seq=((3, 4, 12), (8, 17))), True,
+                 ScanConfig(chunk=12, block_u=2, bwd_time_chunks=2, bwd_carry_split=3),
+                 id="bwd-carry-split3-seq_idx"),
     # time-parallel forward (pass 1 state-only, pass 2 combine, pass 3 full) under the unchanged backward:
     # 3 checkpoint chunks in 2 segments of 8 steps (the last ragged, 4 steps), initial state included
     pytest.param(dict(), True, ScanConfig(chunk=4, block_u=2, time_chunks=2), id="time-chunks2"),
@@ -197,6 +225,12 @@ def test_scan_rejects_bad_chunk_and_complex_A():
         selective_scan_triton(**inp, config=ScanConfig(chunk=6, block_u=4))
     with pytest.raises(ValueError, match="time_chunks"):
         selective_scan_triton(**inp, config=ScanConfig(time_chunks=0))
+    with pytest.raises(ValueError, match="bwd_time_chunks"):
+        selective_scan_triton(**inp, config=ScanConfig(bwd_time_chunks=0))
+    with pytest.raises(ValueError, match="bwd_reduce_channels"):
+        selective_scan_triton(**inp, config=ScanConfig(bwd_reduce_channels=3))
+    with pytest.raises(ValueError, match="bwd_replicas"):
+        selective_scan_triton(**inp, config=ScanConfig(bwd_replicas=0))
     with pytest.raises(ValueError, match="complex"):
         selective_scan_triton(inp["x"], inp["dt"], inp["A"].to(torch.complex64), inp["B"], inp["C"])
 
@@ -232,6 +266,19 @@ def test_default_time_chunks_from_shape():
     assert default_time_chunks(16, 2048, 4096, 16, device=cpu) == 1  # enough rows already
     assert default_time_chunks(1, 1 << 20, 1536, 16, device=cpu) == 64  # 1M tokens: 16K-step segments
     assert default_time_chunks(2, 2048, 4096, 16, config=ScanConfig(time_chunks=16), device=cpu) == 16
+
+
+def test_default_bwd_time_chunks_from_shape():
+    """The backward splits until its one-warp programs reach BWD_MIN_WARPS_PER_SM per SM (8 channels each)."""
+    cpu = torch.device("cpu")
+    assert default_bwd_time_chunks(2, 2048, 4096, 16, device=cpu) == 4  # 1024 -> 4096 programs
+    assert default_bwd_time_chunks(2, 32768, 4096, 16, device=cpu) == 4
+    assert default_bwd_time_chunks(4, 2048, 4096, 16, device=cpu) == 2
+    assert default_bwd_time_chunks(8, 2048, 4096, 16, device=cpu) == 1  # enough rows already
+    assert default_bwd_time_chunks(2, 512, 4096, 16, device=cpu) == 2  # segments stay >= 256 steps
+    assert default_bwd_time_chunks(2, 256, 4096, 16, device=cpu) == 1
+    assert default_bwd_time_chunks(1, 1 << 20, 1536, 16, device=cpu) == 32
+    assert default_bwd_time_chunks(2, 2048, 4096, 16, config=ScanConfig(bwd_time_chunks=3), device=cpu) == 3
 
 
 @pytest.mark.parametrize("g, d, n", [pytest.param(1, 8, 4, id="g1"), pytest.param(2, 16, 5, id="g2-dstate5")])
@@ -452,3 +499,17 @@ def test_gpu_decode_steps_equal_parallel_at_benchmark_width():
                                             dt_softplus=True)[0] for t in range(16)]
     assert_close(torch.stack(ys, dim=1), y_par, name="y", rel=1e-5)
     assert_close(state, h_par, name="state", rel=1e-5)
+
+
+def test_scan_64bit_offsets_match_reference(monkeypatch):
+    """The I64 kernels (taken from ~2^31 / stride steps on, e.g. 1M tokens) on a small case: every forward and
+    backward launch, time-parallel in both directions, through 64-bit time offsets."""
+    ts = importlib.import_module("mambakit.ops.selective_scan.triton_scan")  # the package name is shadowed
+    monkeypatch.setattr(ts, "_needs_i64", lambda *a: True)
+    inp, extra = make_inputs(L=14, seq=True)
+    names = [k for k in GRAD_NAMES_ALL if k in inp]
+    cfg = ScanConfig(chunk=4, block_u=2, time_chunks=2, bwd_time_chunks=2, bwd_carry_split=2)
+    got = named(run_triton(inp, extra, True, cfg), names)
+    want = named(run_reference(inp, extra, True), names)
+    for key in want:
+        assert_close(got[key], want[key], name=key, rel=1e-4)

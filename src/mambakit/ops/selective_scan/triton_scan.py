@@ -51,7 +51,14 @@ from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
 __all__ = ["selective_scan_triton", "ScanConfig", "default_time_chunks"]
 
 DEFAULT_CHUNK = 128  # steps between forward checkpoints; backward scratch is O(CHUNK) per program
-DEFAULT_BLOCK_U = 4  # backward micro-block: states re-derived in registers per scratch checkpoint
+DEFAULT_REPLICAS = 32  # copies of dB / dC the backward's atomics spread over
+DEFAULT_REDUCE_CHANNELS = 4  # dB / dC: channel lanes summed by shuffles before the atomic (H100 sweep)
+# Backward occupancy (H100 sweeps, BENCHMARKS.md). U = 4 needs ~224 registers a thread (9 one-warp programs per
+# SM), U = 2 ~146 (13): U = 2 issues ~15% more instructions per step but wins once the launch has the warps to
+# fill an SM (batch 8 x 512: 1.44 vs 1.72 ms fwd+bwd), U = 4 wins below (batch 2 x 2048 in one segment: 1.76 vs
+# 2.05). Time segments are added until the launch has BWD_MIN_WARPS_PER_SM warps per SM.
+BWD_U2_MIN_WARPS_PER_SM = 13
+BWD_MIN_WARPS_PER_SM = 24
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,12 +122,13 @@ def _load_rows(ptr, s_n, s_d, d1, n3, dstate, NL: tl.constexpr, NH: tl.constexpr
 
 
 @triton.jit
-def _load_bc(ptr, n2, n_ok2, EVEN_N: tl.constexpr):
-    """B_t or C_t of the program's group as (NL, NH): NL contiguous floats per thread, one vector load."""
+def _load_bc(ptr, off, n2, n_ok2, EVEN_N: tl.constexpr):
+    """B_t or C_t (at ptr + off) of the program's group as (NL, NH): NL contiguous floats per thread, one
+    vector load."""
     if EVEN_N:
-        v = tl.load(ptr + n2)
+        v = tl.load(ptr + (off + n2))
     else:
-        v = tl.load(ptr + n2, mask=n_ok2, other=0.0)
+        v = tl.load(ptr + (off + n2), mask=n_ok2, other=0.0)
     return v
 
 
@@ -129,6 +137,9 @@ def _toff(t, I64: tl.constexpr):
     # t * stride overflows int32 on long sequences (1M tokens x stride 3072): 64-bit only where
     # the launcher says so; 32-bit offsets save ~30 address instructions per step
     return tl.cast(t, tl.int64) if I64 else t
+# Addresses are written base + (offset): the integer offsets add up in 32 bits (64 with I64) and meet the
+# 64-bit base once; (base + t * stride) + lane would be two 64-bit pointer adds per access (~2 more
+# instructions each, ~25 per backward step). Accesses with the same stride share their offset.
 
 
 @triton.jit
@@ -142,8 +153,8 @@ def _load_step(t, tn, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1
     x = tl.load(x_b + to * s_t + d1)
     dt = tl.load(dt_b + to * s_t + d1)
     z = tl.load(z_b + to * s_zt + d1) if HAS_Z else x
-    Bv = _load_bc(B_b + to * s_Bt, n2, n_ok2, EVEN_N)
-    Cv = Bv if SKIP_C else _load_bc(C_b + to * s_Bt, n2, n_ok2, EVEN_N)
+    Bv = _load_bc(B_b + to * s_Bt, 0, n2, n_ok2, EVEN_N)
+    Cv = Bv if SKIP_C else _load_bc(C_b + to * s_Bt, 0, n2, n_ok2, EVEN_N)
     s = tl.load(seq_b + to * s_st) if HAS_SEQ else 0
     return x, dt, z, Bv, Cv, s
 
@@ -251,7 +262,7 @@ def _scan_fwd_kernel(
         if SAVE_CK:
             if t % CHUNK == 0:  # state before step t = start of chunk t // CHUNK (CHUNK % 4 == 0)
                 tl.store(hck_ptr + ck_off + tl.cast(t // CHUNK, tl.int64) * dim * dstate, h, mask=n_ok3)
-        y_t = y_b + _toff(t, I64) * s_t + d1
+        yo = _toff(t, I64) * s_t + d1
         h, y0, r0 = _fwd_step(h, P0, s_prev, t < tn, A2, Dv, bias, ACC, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
                               HAS_SEQ, STATE_ONLY, LIBDEVICE)
         h, y1, r1 = _fwd_step(h, P1, P0[5], t + 1 < tn, A2, Dv, bias, ACC, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
@@ -261,8 +272,8 @@ def _scan_fwd_kernel(
             sdt += y0 + y1
             restarted = restarted | r0 | r1
         else:
-            tl.store(y_t, y0.to(y_ptr.dtype.element_ty))
-            tl.store(y_t + s_t, y1.to(y_ptr.dtype.element_ty), mask=zero_d + (t + 1) < tn)
+            tl.store(y_b + yo, y0.to(y_ptr.dtype.element_ty))
+            tl.store(y_b + (yo + s_t), y1.to(y_ptr.dtype.element_ty), mask=zero_d + (t + 1) < tn)
         P0 = _load_step(t + 4, tn, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
                         HAS_Z, HAS_SEQ, EVEN_N, I64, STATE_ONLY)
         P1 = _load_step(t + 5, tn, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
@@ -276,8 +287,8 @@ def _scan_fwd_kernel(
             sdt += y2 + y3
             restarted = restarted | r2 | r3
         else:
-            tl.store(y_t + 2 * s_t, y2.to(y_ptr.dtype.element_ty), mask=zero_d + (t + 2) < tn)
-            tl.store(y_t + 3 * s_t, y3.to(y_ptr.dtype.element_ty), mask=zero_d + (t + 3) < tn)
+            tl.store(y_b + (yo + 2 * s_t), y2.to(y_ptr.dtype.element_ty), mask=zero_d + (t + 2) < tn)
+            tl.store(y_b + (yo + 3 * s_t), y3.to(y_ptr.dtype.element_ty), mask=zero_d + (t + 3) < tn)
     if STATE_ONLY:
         seg = pid_b * nseg + pid_c
         tl.store(hlast_ptr + (seg * dim + d3) * dstate + n3, h, mask=n_ok3)
@@ -333,14 +344,14 @@ def _bwd_block_inputs(j, t0, tn, x_b, B_b, seq_b, scr_b, stash_b, C_b, z_b, dy_b
     """Everything pass B reads for micro-block j before its first store: the state entering the
     block, x / B / dt' of its U steps, seq_idx, and the reverse inputs of its last step."""
     tb = t0 + j * U
-    h = tl.load(scr_b + j * (BD * BN) + scr_off)
+    h = tl.load(scr_b + (j * (BD * BN) + scr_off))
     s_prev = tl.load(seq_b + _toff(tl.maximum(tb - 1, 0), I64) * s_st) if HAS_SEQ else 0
     steps = ()
     for u in tl.static_range(U):
         to = _toff(tl.minimum(tb + u, tn - 1), I64)
-        x = tl.load(x_b + to * s_t + d1).to(ACC)
-        Bv = _load_bc(B_b + to * s_Bt, n2, n_ok2, EVEN_N).to(ACC)
-        delta = tl.load(stash_b + ((j * U + u) * 2) * BD + dl)  # 0 on padded steps (pass A wrote it)
+        x = tl.load(x_b + (to * s_t + d1)).to(ACC)
+        Bv = _load_bc(B_b, to * s_Bt, n2, n_ok2, EVEN_N).to(ACC)
+        delta = tl.load(stash_b + (((j * U + u) * 2) * BD + dl))  # 0 on padded steps (pass A wrote it)
         s = tl.load(seq_b + to * s_st) if HAS_SEQ else 0
         steps = steps + ((x, Bv, delta, s),)
     last = _bwd_reverse_inputs(tb + U - 1, tn, (j * U + U - 1) * 2 + 1, C_b, z_b, dy_b, stash_b, s_zt, s_Bt,
@@ -354,32 +365,44 @@ def _bwd_reverse_inputs(t, tn, sig_row, C_b, z_b, dy_b, stash_b, s_zt, s_Bt, s_y
                         I64: tl.constexpr, ACC: tl.constexpr):
     """C_t, the upstream dy_t (zero on padded steps), z_t and sigmoid(dt_t + bias) for the adjoint step."""
     to = _toff(tl.minimum(t, tn - 1), I64)
-    Cv = _load_bc(C_b + to * s_Bt, n2, n_ok2, EVEN_N).to(ACC)
-    dout = tl.where(t < tn, tl.load(dy_b + to * s_yt + d1).to(ACC), 0.0)
-    zf = tl.load(z_b + to * s_zt + d1).to(ACC) if HAS_Z else dout
-    sig = tl.load(stash_b + sig_row * BD + dl) if SOFTPLUS else dout
+    Cv = _load_bc(C_b, to * s_Bt, n2, n_ok2, EVEN_N).to(ACC)
+    dout = tl.where(t < tn, tl.load(dy_b + (to * s_yt + d1)).to(ACC), 0.0)
+    zf = tl.load(z_b + (to * s_zt + d1)).to(ACC) if HAS_Z else dout
+    sig = tl.load(stash_b + (sig_row * BD + dl)) if SOFTPLUS else dout
     return Cv, dout, zf, sig
 
 
 @triton.jit
+def _lane_group_sum(v, NL: tl.constexpr, NH: tl.constexpr, BD: tl.constexpr, RED_CH: tl.constexpr):
+    """(NL, NH, BD) -> the same shape, each channel holding the sum over its group of RED_CH channels."""
+    if RED_CH == 1:
+        return v
+    elif RED_CH == BD:
+        return tl.sum(v, axis=2, keep_dims=True)
+    else:
+        v4 = tl.sum(tl.reshape(v, (NL, NH, BD // RED_CH, RED_CH)), axis=3, keep_dims=True)
+        return tl.reshape(tl.broadcast_to(v4, (NL, NH, BD // RED_CH, RED_CH)), (NL, NH, BD))
+
+
+@triton.jit
 def _bwd_step_reverse(carry, dA_acc, dD_acc, dbias_acc, t, tn, h_t, h_p, a, x, delta, Bv, rev,
-                      A, Dv, g, pid_b, seqlen, dstate, ngroups, d1, dl, n2, n_ok2,
-                      dx_b, ddt_b, dz_b, dB_ptr, dC_ptr, s_t,
+                      A, Dv, s_gn, d1, dl, n2, n_ok2, dx_b, ddt_b, dz_b, dB_l, dC_l, s_t,
                       HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, I64: tl.constexpr,
-                      LIBDEVICE: tl.constexpr):
+                      LIBDEVICE: tl.constexpr, NL: tl.constexpr, NH: tl.constexpr, BD: tl.constexpr,
+                      RED_CH: tl.constexpr):
     """Adjoint of step t: takes g_{t+1} a_{t+1} (`carry`), returns a_t g_t and the updated sums."""
     Cv, dout, zf, sig = rev
     # t < tn as a (BD,) vector, not a scalar: Triton 3.9's interpreter rejects a broadcast scalar
     # comparison as a store / atomic mask (the compiled predicate is the same)
     valid = dl * 0 + t < tn  # (BD,)
     Cv = Cv[:, :, None]
-    to = _toff(t, I64)
+    xo = _toff(t, I64) * s_t + d1  # x / dx / ddt / dz offset of step t
     y = tl.sum(tl.sum(h_t * Cv, axis=0), axis=0)  # pre-gate output, recomputed (not stored by the forward)
     if HAS_D:
         y += Dv * x
     if HAS_Z:
         sz = _sigmoid(zf, LIBDEVICE)
-        tl.store(dz_b + to * s_t + d1, (dout * y * sz * (1.0 + zf * (1.0 - sz))).to(dz_b.dtype.element_ty),
+        tl.store(dz_b + xo, (dout * y * sz * (1.0 + zf * (1.0 - sz))).to(dz_b.dtype.element_ty),
                  mask=valid)
         dy = dout * zf * sz
     else:
@@ -389,25 +412,28 @@ def _bwd_step_reverse(carry, dA_acc, dD_acc, dbias_acc, t, tn, h_t, h_p, a, x, d
     q = gt * a * h_p  # dL/da_t * a_t
     S2 = tl.sum(tl.sum(q * A, axis=0), axis=0)
     dA_acc += q * delta[None, None, :]
-    # dB_t, dC_t: sums over the program's channels, then over programs through float32 atomics. The sums
-    # are broadcast back over the channels and added by the lanes of channel 0 only: the atomic then
-    # keeps the loop's layout (a (NL, NH) atomic would go through shared memory and two barriers)
-    row = (((pid_b * seqlen + t) * ngroups + g) * dstate + n2)[:, :, None] + dl[None, None, :] * 0
-    one = n_ok2[:, :, None] & (dl[None, None, :] == 0) & valid[None, None, :]
-    tl.atomic_add(dB_ptr + row, tl.sum(gt * (delta * x)[None, None, :], axis=2, keep_dims=True), mask=one,
-                  sem="relaxed")
-    tl.atomic_add(dC_ptr + row, tl.sum(h_t * dy[None, None, :], axis=2, keep_dims=True), mask=one,
-                  sem="relaxed")
+    # dB_t, dC_t: sums over channels, first over groups of RED_CH channel lanes (shuffles), then over the
+    # groups and programs through float32 atomics, each group into its own replica (`rep_off`). A group's
+    # sum is broadcast back over its lanes and added by its first lane only: the atomic then keeps the
+    # loop's layout (a (NL, NH) atomic would go through shared memory and two barriers). RED_CH = 1 needs
+    # no shuffle at all and issues as many atomic instructions (one per warp), moving 8x the bytes.
+    # dB_l / dC_l: (BD,) pointers to row (b, 0, g) of each lane's replica; s_gn = ngroups * dstate
+    row = (_toff(t, I64) * s_gn + n2)[:, :, None]
+    one = n_ok2[:, :, None] & ((dl % RED_CH) == 0)[None, None, :] & valid[None, None, :]
+    tl.atomic_add(dB_l[None, None, :] + row, _lane_group_sum(gt * (delta * x)[None, None, :], NL, NH, BD, RED_CH),
+                  mask=one, sem="relaxed")
+    tl.atomic_add(dC_l[None, None, :] + row, _lane_group_sum(h_t * dy[None, None, :], NL, NH, BD, RED_CH),
+                  mask=one, sem="relaxed")
     dx = delta * S1
     if HAS_D:
         dx += Dv * dy
         dD_acc += dy * x
-    tl.store(dx_b + to * s_t + d1, dx.to(dx_b.dtype.element_ty), mask=valid)
+    tl.store(dx_b + xo, dx.to(dx_b.dtype.element_ty), mask=valid)
     ddt = x * S1 + S2
     if SOFTPLUS:
         ddt = ddt * sig
     ddt = tl.where(valid, ddt, 0.0)  # a padded step still sees the carry: keep it out of the sums
-    tl.store(ddt_b + to * s_t + d1, ddt.to(ddt_b.dtype.element_ty), mask=valid)
+    tl.store(ddt_b + xo, ddt.to(ddt_b.dtype.element_ty), mask=valid)
     dbias_acc += ddt
     return a * gt, dA_acc, dD_acc, dbias_acc
 
@@ -419,29 +445,123 @@ def _pass_a_inputs(tb, tn, x_b, dt_b, B_b, seq_b, s_t, s_Bt, s_st, d1, n2, n_ok2
     steps = ()
     for u in tl.static_range(U):
         to = _toff(tl.minimum(tb + u, tn - 1), I64)
-        x = tl.load(x_b + to * s_t + d1).to(ACC)
-        dtv = tl.load(dt_b + to * s_t + d1).to(ACC)
-        Bv = _load_bc(B_b + to * s_Bt, n2, n_ok2, EVEN_N).to(ACC)
+        xo = to * s_t + d1
+        x = tl.load(x_b + xo).to(ACC)
+        dtv = tl.load(dt_b + xo).to(ACC)
+        Bv = _load_bc(B_b, to * s_Bt, n2, n_ok2, EVEN_N).to(ACC)
         s = tl.load(seq_b + to * s_st) if HAS_SEQ else 0
         steps = steps + ((x, dtv, Bv, s),)
     return steps
 
 
+@triton.jit
+def _carry_inputs(t, dt_b, z_b, C_b, dy_b, seq_b, s_t, s_zt, s_Bt, s_yt, s_st, d1, n2, n_ok2,
+                  HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, EVEN_N: tl.constexpr, I64: tl.constexpr):
+    """dt, z, dy (BD,), C (NL, NH) and seq_idx[t] vs seq_idx[t - 1] of step t (t >= 1) for the adjoint pass."""
+    to = _toff(t, I64)
+    dtv = tl.load(dt_b + (to * s_t + d1))
+    dout = tl.load(dy_b + (to * s_yt + d1))
+    zf = tl.load(z_b + (to * s_zt + d1)) if HAS_Z else dout
+    Cv = _load_bc(C_b, to * s_Bt, n2, n_ok2, EVEN_N)
+    if HAS_SEQ:
+        restart = tl.load(seq_b + to * s_st) != tl.load(seq_b + (to - 1) * s_st)
+    else:
+        restart = False
+    return dtv, zf, dout, Cv, restart
+
+
+@fast_launch
+@triton.jit
+def _scan_bwd_carry_kernel(
+    dt_ptr, z_ptr, C_ptr, A_ptr, bias_ptr, seq_ptr, dy_ptr, cl_ptr, sdt_ptr, keep_ptr,
+    seqlen, seg_len, nseg, dim, dstate, group_size,
+    s_b, s_zb, s_zt, s_t, s_Bb, s_Bt, s_Bg, s_sb, s_st, s_Ad, s_An, s_yb, s_yt,
+    NL: tl.constexpr, NH: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, EVEN_N: tl.constexpr,
+    LIBDEVICE: tl.constexpr, I64: tl.constexpr,
+):
+    """Pass 1 of the time-parallel backward: the adjoint alone over segment s = pid_c + 1 = [p, q).
+
+    The adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} needs no forward state (dy_t = dout_t z_t sigmoid(z_t)
+    with the gate), so each segment but the first runs it from a zero carry at its end and writes the carry
+    it hands on, a_p g_p, into cl (B, nseg, D, N) at the reversed index r = nseg - 1 - s; sum of dt' over the
+    segment into sdt (B, nseg, D); and with seq_idx keep (B, nseg) = 0 if a document starts anywhere in
+    [p, q) (a_t = 0 there, p included). The forward's segment combine then chains the true carries:
+    carry_in(s - 1) = local(s) + keep_s exp(A sum_s dt') carry_in(s), from carry_in(last) = dL/dh_final.
+    These segments (seg_len steps, any length) may be finer than the backward's: this pass is cheap per step
+    and wants many programs; its tile is the forward's (NL states in-thread, A gathered row by row).
+    """
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    seg = tl.program_id(2) + 1
+    p = seg * seg_len
+    q = tl.minimum(p + seg_len, seqlen)
+    dl = tl.arange(0, BD)
+    d1 = pid_d * BD + dl
+    n2 = tl.arange(0, NH)[None, :] * NL + tl.arange(0, NL)[:, None]  # (NL, NH)
+    n_ok2 = n2 < dstate
+    n3 = n2[:, :, None]
+    d3 = d1[None, None, :]
+    n_ok3 = n_ok2[:, :, None]
+    g = (pid_d * BD) // group_size
+    A2 = _load_rows(A_ptr, s_An, s_Ad, d1, n3, dstate, NL, NH, BD, ACC) * 1.4426950408889634
+    bias = tl.load(bias_ptr + d1).to(ACC) if HAS_BIAS else 0.0
+    dt_b = dt_ptr + pid_b * s_b
+    z_b = z_ptr + pid_b * s_zb
+    dy_b = dy_ptr + pid_b * s_yb
+    C_b = C_ptr + pid_b * s_Bb + g * s_Bg
+    seq_b = seq_ptr + pid_b * s_sb
+    carry = tl.zeros((NL, NH, BD), dtype=ACC)
+    sdt = tl.zeros((BD,), dtype=ACC)
+    restarted = dl < 0  # (BD,) False
+    nxt = _carry_inputs(q - 1, dt_b, z_b, C_b, dy_b, seq_b, s_t, s_zt, s_Bt, s_yt, s_st, d1, n2, n_ok2,
+                        HAS_Z, HAS_SEQ, EVEN_N, I64)
+    for i in range(0, q - p):
+        t = q - 1 - i
+        dtv, zf, dout, Cv, restart = nxt
+        # the next (earlier) step's inputs, one step ahead; t - 1 >= p - 1 >= seg_len - 1 >= 1 stays in bounds
+        nxt = _carry_inputs(tl.maximum(t - 1, p), dt_b, z_b, C_b, dy_b, seq_b, s_t, s_zt, s_Bt, s_yt, s_st, d1, n2,
+                            n_ok2, HAS_Z, HAS_SEQ, EVEN_N, I64)
+        delta, _ = _delta(dtv.to(ACC), bias, HAS_BIAS, SOFTPLUS, LIBDEVICE)
+        dy = dout.to(ACC)
+        if HAS_Z:
+            zz = zf.to(ACC)
+            dy = dy * zz * _sigmoid(zz, LIBDEVICE)
+        a = tl.exp2(delta[None, None, :] * A2)
+        if HAS_SEQ:
+            a = tl.where(restart, 0.0, a)
+            restarted = restarted | restart
+        carry = a * (Cv.to(ACC)[:, :, None] * dy[None, None, :] + carry)
+        sdt += delta
+    r = pid_b * nseg + (nseg - 1 - seg)
+    tl.store(cl_ptr + (r * dim + d3) * dstate + n3, carry, mask=n_ok3)
+    tl.store(sdt_ptr + r * dim + d1, sdt)
+    if HAS_SEQ:
+        keep = tl.where(restarted, 0.0, 1.0)  # (BD,): the restart flags are per step, equal over channels
+        tl.store(keep_ptr + r + d1 * 0, keep, mask=d1 == 0)
+
+
 @fast_launch
 @triton.jit
 def _scan_bwd_kernel(
-    x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, seq_ptr, hck_ptr, dy_ptr, dhlast_ptr,
+    x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, seq_ptr, hck_ptr, dy_ptr, dhlast_ptr, cin_ptr,
     dx_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr, scr_ptr, stash_ptr,
-    seqlen, dim, dstate, group_size, nchunks, rep_stride,
+    seqlen, dim, dstate, group_size, nchunks, seg_len, nseg, cin_n, cin_k, rep_stride,
     s_b, s_t, s_zb, s_zt, s_Bb, s_Bt, s_Bg, s_sb, s_st, s_Ad, s_An, s_yb, s_yt,
-    NREP: tl.constexpr, CHUNK: tl.constexpr, U: tl.constexpr, NL: tl.constexpr, NH: tl.constexpr,
+    NREP: tl.constexpr, RED_CH: tl.constexpr, CHUNK: tl.constexpr, U: tl.constexpr, NL: tl.constexpr,
+    NH: tl.constexpr,
     BD: tl.constexpr, ACC: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DHLAST: tl.constexpr, WANT_DH0: tl.constexpr,
-    EVEN_N: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr,
+    EVEN_N: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
+    """Backward over time segment pid_c = chunks [pid_c * seg_len / CHUNK, ...) of one batch row (the whole
+    sequence when nseg == 1), chunks in reverse. SEGMENTED: the carry entering the segment's last step comes
+    from cin (B, cin_n, D, N) (`_scan_bwd_carry_kernel` + the segment combine, cin_k carry segments per one);
+    otherwise from dL/dh_final (HAS_DHLAST) or zero."""
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    prog = pid_b * tl.num_programs(0) + pid_d
+    pid_c = tl.program_id(2)
+    prog = (pid_b * nseg + pid_c) * tl.num_programs(0) + pid_d
     dl = tl.arange(0, BD)
     d1 = pid_d * BD + dl
     n2 = tl.arange(0, NH)[None, :] * NL + tl.arange(0, NL)[:, None]  # (NL, NH)
@@ -465,10 +585,12 @@ def _scan_bwd_kernel(
     z_b = z_ptr + pid_b * s_zb
     dy_b = dy_ptr + pid_b * s_yb
     # programs step through t in near lockstep, so their dB_t / dC_t atomics would all hit one row at
-    # once: program pid_d adds into replica pid_d % NREP (summed afterwards): NREP x less contention
-    rep = tl.cast(pid_d % NREP, tl.int64) * rep_stride
-    dB_r = dB_ptr + rep
-    dC_r = dC_ptr + rep
+    # once: channel group k (RED_CH channels) of program pid_d adds into replica (pid_d * BD / RED_CH + k)
+    # % NREP (the replicas are summed afterwards): NREP x less contention
+    rep_off = ((pid_d * (BD // RED_CH) + dl // RED_CH) % NREP).to(tl.int64) * rep_stride  # (BD,)
+    row0 = (pid_b * seqlen * ngroups + g) * dstate  # (b, t=0, g) of a replica: (NREP, B, L, G, N)
+    dB_l = dB_ptr + (rep_off + row0)
+    dC_l = dC_ptr + (rep_off + row0)
     B_b = B_ptr + pid_b * s_Bb + g * s_Bg
     C_b = C_ptr + pid_b * s_Bb + g * s_Bg
     seq_b = seq_ptr + pid_b * s_sb
@@ -477,15 +599,23 @@ def _scan_bwd_kernel(
     scr_off = dl[None, None, :] * BN + n3
     stash_b = stash_ptr + prog * CHUNK * 2 * BD  # dt' and sigmoid(dt + bias) of each step of the chunk
     st_off = (pid_b * dim + d3) * dstate + n3
-    if HAS_DHLAST:
+    if SEGMENTED:
+        # carry segments are cin_k times finer (reversed order): the one entering this segment's last step
+        # is the carry-in of sub-segment (pid_c + 1) cin_k - 1, stored at cin_n - (pid_c + 1) cin_k (0: last)
+        r = tl.maximum(cin_n - (pid_c + 1) * cin_k, 0)
+        cin_off = ((pid_b * cin_n + r) * dim + d3) * dstate + n3
+        carry = tl.load(cin_ptr + cin_off, mask=n_ok3, other=0.0).to(ACC)
+    elif HAS_DHLAST:
         carry = tl.load(dhlast_ptr + st_off, mask=n_ok3, other=0.0).to(ACC)
     else:
         carry = tl.zeros((NL, NH, BD), dtype=ACC)
     dA_acc = tl.zeros((NL, NH, BD), dtype=ACC)
     dD_acc = tl.zeros((BD,), dtype=ACC)
     dbias_acc = tl.zeros((BD,), dtype=ACC)
-    for ci in range(0, nchunks):
-        c = nchunks - 1 - ci
+    c_lo = pid_c * (seg_len // CHUNK)
+    c_hi = tl.minimum(c_lo + seg_len // CHUNK, nchunks)
+    for ci in range(0, c_hi - c_lo):
+        c = c_hi - 1 - ci
         t0 = c * CHUNK
         tn = tl.minimum(t0 + CHUNK, seqlen)
         nblk = (tn - t0 + U - 1) // U
@@ -499,15 +629,15 @@ def _scan_bwd_kernel(
             cur = nxt
             nxt = _pass_a_inputs(t0 + (j + 1) * U, tn, x_b, dt_b, B_b, seq_b, s_t, s_Bt, s_st, d1, n2, n_ok2, U,
                                  HAS_SEQ, EVEN_N, I64, ACC)
-            tl.store(scr_b + j * (BD * BN) + scr_off, h)
+            tl.store(scr_b + (j * (BD * BN) + scr_off), h)
             for u in tl.static_range(U):
                 x, dtv, Bv, s = cur[u]
                 valid = t0 + j * U + u < tn
                 delta, sig = _delta(dtv, bias, HAS_BIAS, SOFTPLUS, LIBDEVICE)
                 delta = tl.where(valid, delta, 0.0)
-                tl.store(stash_b + ((j * U + u) * 2) * BD + dl, delta)
+                tl.store(stash_b + (((j * U + u) * 2) * BD + dl), delta)
                 if SOFTPLUS:
-                    tl.store(stash_b + ((j * U + u) * 2 + 1) * BD + dl, sig)
+                    tl.store(stash_b + (((j * U + u) * 2 + 1) * BD + dl), sig)
                 a = tl.exp2(delta[None, None, :] * A2)
                 if HAS_SEQ:
                     a = tl.where((s == s_prev) | (~valid), a, 0.0)
@@ -545,11 +675,11 @@ def _scan_bwd_kernel(
                 carry, dA_acc, dD_acc, dbias_acc = _bwd_step_reverse(
                     carry, dA_acc, dD_acc, dbias_acc, tb + u1 - 1, tn, hs[u1], hs[u1 - 1],
                     a_s[u1 - 1], steps[u1 - 1][0], steps[u1 - 1][2], steps[u1 - 1][1], cur_rev,
-                    A, Dv, g, pid_b, seqlen, dstate, ngroups, d1, dl, n2, n_ok2,
-                    dx_b, ddt_b, dz_b, dB_r, dC_r, s_t, HAS_D, HAS_Z, SOFTPLUS, I64, LIBDEVICE)
+                    A, Dv, ngroups * dstate, d1, dl, n2, n_ok2, dx_b, ddt_b, dz_b, dB_l, dC_l, s_t, HAS_D, HAS_Z, SOFTPLUS, I64, LIBDEVICE,
+                    NL, NH, BD, RED_CH)
         tl.debug_barrier()  # the next chunk's pass A overwrites the scratch this pass read
     if WANT_DH0:
-        tl.store(dh0_ptr + st_off, carry, mask=n_ok3)
+        tl.store(dh0_ptr + st_off, carry, mask=n_ok3 & (d3 * 0 + pid_c == 0))
     # full-shape mask: Triton's interpreter drops all but the first element of an all-ones-shape mask
     tl.atomic_add(dA_ptr + d3 * dstate + n3, dA_acc, mask=n_ok3 & (d3 >= 0), sem="relaxed")
     if HAS_D:
@@ -570,18 +700,35 @@ class ScanConfig:
     fwd_nl / bwd_nl: states held per thread (NL); the rest of dstate spreads over NH lanes.
     bwd_channels: channels per warp in the backward (more: fewer dB/dC atomics, more shuffles).
     chunk: steps between forward checkpoints (multiple of 4 and of block_u).
-    block_u: backward micro-block, the U states re-derived in registers per scratch checkpoint.
+    block_u: backward micro-block, the U states re-derived in registers per scratch checkpoint (None: 2 when
+        the backward launch has the warps to use the extra occupancy, else 4).
     time_chunks: time segments the forward scans in parallel (see `default_time_chunks`); None picks
         from the shape, 1 is the plain sequential forward. Segments hold a whole number of checkpoint
         chunks, so fewer segments than asked are used when seqlen / chunk is small.
+    bwd_reduce_channels: channels whose dB_t / dC_t are summed with warp shuffles before the float32
+        atomic (a power of two; capped at the program's channels). None: DEFAULT_REDUCE_CHANNELS. 1: no
+        shuffles, every channel lane adds its own value (more atomic bytes, fewer instructions).
+    bwd_replicas: copies of dB / dC the atomics spread over (summed afterwards; memory 2 x replicas x
+        batch x seqlen x ngroups x dstate floats).
+    bwd_maxnreg: register cap per thread for the backward kernel (None: the compiler's choice), to fit
+        more warps per SM.
+    bwd_time_chunks: time segments the backward runs in parallel (see `default_bwd_time_chunks`); None
+        picks from the shape, 1 is one program per (row, channels) walking the whole sequence.
+    bwd_carry_split: carry segments per backward segment in the adjoint-only pass of a time-parallel
+        backward (None: as many in all as the forward's time segments).
     """
 
     fwd_nl: int | None = None
     bwd_nl: int | None = None
     bwd_channels: int | None = None
     chunk: int = DEFAULT_CHUNK
-    block_u: int = DEFAULT_BLOCK_U
+    block_u: int | None = None
     time_chunks: int | None = None
+    bwd_reduce_channels: int | None = None
+    bwd_replicas: int = DEFAULT_REPLICAS
+    bwd_maxnreg: int | None = None
+    bwd_time_chunks: int | None = None
+    bwd_carry_split: int | None = None
 
 
 @dataclass(frozen=True)
@@ -659,6 +806,31 @@ def default_time_chunks(batch: int, seqlen: int, dim: int, dstate: int, ngroups:
         nl = cfg.fwd_nl or _fwd_nl(batch * nc, dim, dstate, device)
         if _fwd_warps(batch * nc, dim, dstate, group_size, nl) >= target:
             break
+        nc *= 2
+    return nc
+
+
+def default_bwd_time_chunks(batch: int, seqlen: int, dim: int, dstate: int, ngroups: int = 1,
+                            config: ScanConfig | None = None, device: torch.device | str = "cuda") -> int:
+    """Time segments the backward runs in parallel for this shape (1: no split).
+
+    The backward is one one-warp program per (batch row, BD channels, segment) walking its chunks in reverse;
+    with few programs the SMs hold too few warps to hide the dependent chain of each step (the H100 sweep
+    at batch 2 x dim 4096: fwd+bwd 1.76 ms in one segment, 1.64 in 4 with U = 2). A split costs an
+    adjoint-only pass over all but the first segment (~10% of the backward) and a tiny combine. So: the
+    smallest power of two nc giving BWD_MIN_WARPS_PER_SM warps per SM, with segments of at least MIN_SEGMENT
+    steps and whole checkpoint chunks, at most MAX_TIME_CHUNKS. `config.bwd_time_chunks` overrides.
+    Examples on 132 SMs, dstate 16: batch 2 x dim 4096: 4 from seqlen 2048; batch 4: 2; batch >= 8: 1.
+    """
+    cfg = config or ScanConfig()
+    if cfg.bwd_time_chunks is not None:
+        return max(1, cfg.bwd_time_chunks)
+    tiles = _tiles(4, dstate, dim // ngroups, cfg.bwd_channels)
+    target = BWD_MIN_WARPS_PER_SM * sm_count(torch.device(device), 132)
+    min_seg = max(MIN_SEGMENT, cfg.chunk)
+    nc = 1
+    while (nc * 2 <= MAX_TIME_CHUNKS and seqlen >= 2 * nc * min_seg
+           and batch * nc * (dim // tiles.BD) * tiles.num_warps < target):
         nc *= 2
     return nc
 
@@ -776,16 +948,21 @@ def _scan_bwd(dy, dhlast, x, dt, A, B, C, D, z, dt_bias, dt_softplus, seq_idx, h
     # the vectorised (B, *, D, N) anchors of the backward are in-thread only up to 128-bit vectors
     bwd_nl = config.bwd_nl or (4 if acc_t == torch.float32 else 2)
     tiles = _tiles(bwd_nl, dstate, dim // ngroups, config.bwd_channels)
-    chunk, block_u = config.chunk, config.block_u
+    chunk = config.chunk
     nchunks = hck.shape[1]
-    nprog = (dim // tiles.BD) * batch
+    seg_len, nseg = _segments(seqlen, chunk, default_bwd_time_chunks(batch, seqlen, dim, dstate, ngroups, config,
+                                                                     x.device))
+    warps = batch * nseg * (dim // tiles.BD) * tiles.num_warps
+    block_u = config.block_u or (2 if warps >= BWD_U2_MIN_WARPS_PER_SM * sm_count(x.device, 132) else 4)
+    nprog = (dim // tiles.BD) * batch * nseg
     bn = tiles.NL * tiles.NH
     scratch = torch.empty(nprog, chunk // block_u, tiles.BD, bn, device=x.device, dtype=acc_t)
     stash = torch.empty(nprog, chunk, 2, tiles.BD, device=x.device, dtype=acc_t)
     dx = torch.empty_like(x)
     ddt = torch.empty_like(dt)
     dz = torch.empty(z.shape, device=x.device, dtype=z.dtype) if z is not None else None
-    nrep = min(32, dim // tiles.BD)  # replicas of dB, dC for the atomics (see the kernel)
+    red_ch = min(config.bwd_reduce_channels or DEFAULT_REDUCE_CHANNELS, tiles.BD)
+    nrep = min(config.bwd_replicas, dim // red_ch)  # replicas of dB, dC for the atomics (see the kernel)
     dB = torch.zeros(nrep, batch, seqlen, ngroups, dstate, device=x.device, dtype=acc_t)
     dC = torch.zeros_like(dB)
     dA = torch.zeros(dim, dstate, device=x.device, dtype=acc_t)
@@ -796,22 +973,58 @@ def _scan_bwd(dy, dhlast, x, dt, A, B, C, D, z, dt_bias, dt_softplus, seq_idx, h
     zs = z.stride() if z is not None else (0, 0, 1)
     ss = seq_idx.stride() if seq_idx is not None else (0, 0)
     dummy = dx
-    grid = (dim // tiles.BD, batch)
+    i64 = _needs_i64(seqlen, x.stride(1), zs[1], B32.stride(1), ss[1], dy.stride(1))
+    cin, cin_n, cin_k = None, 1, 1
+    if nseg > 1:
+        # pass 1: the adjoint alone over every carry segment but the first, from a zero carry at its end (carry
+        # segments: cin_k per backward segment, as many as the forward's time segments when that is more);
+        # pass 2: the forward's segment combine, run over the reversed carry segments, chains them into the
+        # carry entering every one (dL/dh_final for the last)
+        if config.bwd_carry_split is not None:
+            cin_k = max(1, min(config.bwd_carry_split, seg_len))
+        else:
+            nc_fwd = default_time_chunks(batch, seqlen, dim, dstate, ngroups, ScanConfig(chunk=chunk), x.device)
+            cin_k = max(1, min(nc_fwd // nseg, seg_len // 16))
+        while seg_len % cin_k:  # carry segments must tile each backward segment exactly
+            cin_k -= 1
+        sub_len = seg_len // cin_k
+        cin_n = cdiv(seqlen, sub_len)
+        ctiles = _tiles(_fwd_nl(batch * cin_n, dim, dstate, x.device), dstate, dim // ngroups)
+        cl = torch.empty(batch, cin_n, dim, dstate, device=x.device, dtype=acc_t)
+        sdt = torch.empty(batch, cin_n, dim, device=x.device, dtype=acc_t)
+        keep = torch.empty(batch, cin_n, device=x.device, dtype=acc_t) if seq_idx is not None else sdt
+        _scan_bwd_carry_kernel[(dim // ctiles.BD, batch, cin_n - 1)](
+            dt, z if z is not None else dummy, C32, A, dt_bias if dt_bias is not None else dummy,
+            seq_idx if seq_idx is not None else dummy, dy, cl, sdt, keep,
+            seqlen, sub_len, cin_n, dim, dstate, dim // ngroups,
+            x.stride(0), zs[0], zs[1], x.stride(1), B32.stride(0), B32.stride(1), B32.stride(2), ss[0], ss[1],
+            A.stride(0), A.stride(1), dy.stride(0), dy.stride(1),
+            NL=ctiles.NL, NH=ctiles.NH, BD=ctiles.BD, ACC=acc_tl, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+            SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None, EVEN_N=dstate == ctiles.NL * ctiles.NH,
+            LIBDEVICE=not triton_interpret(), I64=i64, num_warps=ctiles.num_warps,
+        )
+        cin = torch.empty(batch, cin_n, dim, dstate, device=x.device, dtype=acc_t)
+        block = 256
+        _seg_combine_kernel[(cdiv(dim * dstate, block), batch)](
+            cl, sdt, keep, A, dhl if dhl is not None else dummy, cin, cin_n, dim, dstate, A.stride(0), A.stride(1),
+            BLOCK=block, HAS_H0=dhl is not None, HAS_SEQ=seq_idx is not None, ACC=acc_tl, num_warps=4,
+        )
+    grid = (dim // tiles.BD, batch, nseg)
     _scan_bwd_kernel[grid](
         x, dt, z if z is not None else dummy, B32, C32, A, D if D is not None else dummy,
         dt_bias if dt_bias is not None else dummy, seq_idx if seq_idx is not None else dummy, hck, dy,
-        dhl if dhl is not None else dummy,
+        dhl if dhl is not None else dummy, cin if cin is not None else dummy,
         dx, ddt, dz if dz is not None else dummy, dB, dC, dA, dD if dD is not None else dummy,
         dbias if dbias is not None else dummy, dh0 if dh0 is not None else dummy, scratch, stash,
-        seqlen, dim, dstate, dim // ngroups, nchunks, dB.stride(0),
+        seqlen, dim, dstate, dim // ngroups, nchunks, seg_len, nseg, cin_n, cin_k, dB.stride(0),
         x.stride(0), x.stride(1), zs[0], zs[1], B32.stride(0), B32.stride(1), B32.stride(2), ss[0], ss[1],
         A.stride(0), A.stride(1), dy.stride(0), dy.stride(1),
-        NREP=nrep, CHUNK=chunk, U=block_u, NL=tiles.NL, NH=tiles.NH, BD=tiles.BD, ACC=acc_tl, HAS_D=D is not None,
+        NREP=nrep, RED_CH=red_ch, CHUNK=chunk, U=block_u, NL=tiles.NL, NH=tiles.NH, BD=tiles.BD, ACC=acc_tl, HAS_D=D is not None,
         HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None,
         HAS_DHLAST=dhl is not None, WANT_DH0=want_dh0, EVEN_N=dstate == tiles.NL * tiles.NH,
         LIBDEVICE=not triton_interpret(),
-        I64=_needs_i64(seqlen, x.stride(1), zs[1], B32.stride(1), ss[1], dy.stride(1)),
-        num_warps=tiles.num_warps,
+        I64=i64, SEGMENTED=nseg > 1,
+        num_warps=tiles.num_warps, **({} if config.bwd_maxnreg is None else {"maxnreg": config.bwd_maxnreg}),
     )
     dB, dC = dB.sum(0), dC.sum(0)
     return (dx, ddt, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), None if dD is None else dD.to(D.dtype),
@@ -888,11 +1101,18 @@ def selective_scan_triton(
     if A.is_complex():
         raise ValueError("selective_scan_triton: complex A is not supported; use backend 'reference' or 'torch'")
     cfg = config or ScanConfig()
-    if cfg.chunk % 4 or cfg.chunk % cfg.block_u:
+    if cfg.chunk % 4 or (cfg.block_u is not None and cfg.chunk % cfg.block_u):
         raise ValueError(f"selective_scan_triton: chunk={cfg.chunk} must be a multiple of 4 and of "
                          f"block_u={cfg.block_u}")
     if cfg.time_chunks is not None and cfg.time_chunks < 1:
         raise ValueError(f"selective_scan_triton: time_chunks={cfg.time_chunks} must be >= 1 (or None)")
+    red = cfg.bwd_reduce_channels
+    if red is not None and (red < 1 or red & (red - 1)):
+        raise ValueError(f"selective_scan_triton: bwd_reduce_channels={red} must be a power of two (or None)")
+    if cfg.bwd_time_chunks is not None and cfg.bwd_time_chunks < 1:
+        raise ValueError(f"selective_scan_triton: bwd_time_chunks={cfg.bwd_time_chunks} must be >= 1 (or None)")
+    if cfg.bwd_replicas < 1:
+        raise ValueError(f"selective_scan_triton: bwd_replicas={cfg.bwd_replicas} must be >= 1")
     if seq_idx is not None and seq_idx.dtype != torch.int32:
         seq_idx = seq_idx.to(torch.int32)
     return SelectiveScanFunction.apply(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus,
