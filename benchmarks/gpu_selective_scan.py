@@ -15,6 +15,7 @@ segment counts (ScanConfig(time_chunks=...); "nc" in the main table is the defau
     python benchmarks/gpu_selective_scan.py --quick         # seqlen 2048 only
     python benchmarks/gpu_selective_scan.py --sweep         # plus alternative tilings
     python benchmarks/gpu_selective_scan.py --sweep-time    # plus time_chunks 1..32 (some x NL=8)
+    python benchmarks/gpu_selective_scan.py --sweep-bwd     # plus the backward's dB / dC atomic variants
     python benchmarks/gpu_selective_scan.py --sweep-time --batch 1 --dim 1536 --seqlens 65536 262144
     python benchmarks/gpu_selective_scan.py --host          # plus host time per call and CUDA-graph forward
 """
@@ -154,6 +155,34 @@ def time_triton(inp, config: ScanConfig | None) -> tuple[float, float, float]:
     return t_fwd, t_fb, peak
 
 
+def kernel_profile(inp, config: ScanConfig | None, reps: int = 10) -> list[tuple[str, float, int]]:
+    """GPU time per fwd+bwd of every kernel (torch.profiler, CUDA activity): (name, us per fwd+bwd summed over
+    the kernel's launches, launches per fwd+bwd)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    leaves = with_grad(inp)
+    dy = torch.randn_like(inp["x"])
+    params = [leaves[k] for k in GRAD_NAMES]
+
+    def fwd_bwd():
+        y = selective_scan_triton(**leaves, dt_softplus=True, config=config)
+        return torch.autograd.grad(y, params, dy)
+
+    for _ in range(3):
+        fwd_bwd()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fwd_bwd()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if us > 0 and ev.count >= reps:
+            rows.append((ev.key[:60], us / reps, ev.count // reps))
+    return sorted(rows, key=lambda r: -r[1])
+
+
 def time_torch_path(inp) -> tuple[float, float]:
     leaves = with_grad(inp)
     dy = torch.randn_like(inp["x"])
@@ -251,6 +280,19 @@ SWEEP = [
     ("bwd 32ch U=2", ScanConfig(bwd_channels=32, block_u=2)),
 ]
 
+# backward: dB / dC atomics (channels summed by shuffles first, replicas), micro-block U, register cap (more
+# warps per SM) and time segments run in parallel (bwd nc: adjoint-only pass + combine + full pass per segment)
+SWEEP_BWD = [
+    ("bwd U=4 (1 segment)", ScanConfig(bwd_reduce_channels=4, bwd_time_chunks=1, block_u=4)),
+    ("bwd nc=4 U=2 carry split 1", ScanConfig(bwd_time_chunks=4, bwd_reduce_channels=4, block_u=2, bwd_carry_split=1)),
+    ("bwd nc=4 U=2 carry split 2", ScanConfig(bwd_time_chunks=4, bwd_reduce_channels=4, block_u=2, bwd_carry_split=2)),
+    ("bwd nc=4 U=2 carry split 4", ScanConfig(bwd_time_chunks=4, bwd_reduce_channels=4, block_u=2, bwd_carry_split=4)),
+    ("bwd nc=8 U=2 carry split 1", ScanConfig(bwd_time_chunks=8, bwd_reduce_channels=4, block_u=2, bwd_carry_split=1)),
+    ("bwd nc=8 U=2 carry split 2", ScanConfig(bwd_time_chunks=8, bwd_reduce_channels=4, block_u=2, bwd_carry_split=2)),
+    ("bwd nc=4 U=2 maxnreg 128 split 2", ScanConfig(bwd_time_chunks=4, bwd_reduce_channels=4, block_u=2,
+                                                    bwd_maxnreg=128, bwd_carry_split=2)),
+]
+
 # time-parallel forward: segments scanned in parallel (pass 1 state-only + pass 2 combine + pass 3 full);
 # nc=1 is the sequential forward. The default (main table, "nc" column) is default_time_chunks(shape).
 SWEEP_TIME = [
@@ -275,6 +317,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="seqlen 2048 only")
     parser.add_argument("--sweep", action="store_true", help="also time alternative tilings (incl. time_chunks)")
     parser.add_argument("--sweep-time", action="store_true", help="also time the time_chunks choices only")
+    parser.add_argument("--sweep-bwd", action="store_true", help="also time the backward's dB / dC atomic choices")
+    parser.add_argument("--profile", action="store_true",
+                        help="also list each kernel's GPU time per fwd+bwd (default config and --sweep-bwd rows)")
     parser.add_argument("--host", action="store_true", help="also measure host time per call and graph replay")
     parser.add_argument("--check-channels", type=int, default=64, help="channels in the correctness check")
     args = parser.parse_args()
@@ -328,8 +373,21 @@ def main() -> int:
     if args.host:
         host_report(args)
 
-    if args.sweep or args.sweep_time:
-        sweep = (SWEEP if args.sweep else []) + SWEEP_TIME
+    if args.profile:
+        print("\n## GPU time per fwd+bwd by kernel (torch.profiler; us per fwd+bwd, all launches, x launches)\n")
+        for seqlen in seqlens:
+            inp = make_inputs(args.batch, seqlen, args.dim, args.dstate)
+            for name, cfg in [("default", None)] + (SWEEP_BWD if args.sweep_bwd else []):
+                rows = kernel_profile(inp, cfg)
+                total = sum(us for _, us, _ in rows)
+                print(f"seqlen {seqlen} {name}: total {total / 1e3:.3f} ms: "
+                      + "; ".join(f"{k} {us:.0f}us x{n}" for k, us, n in rows[:8]), flush=True)
+            del inp
+            torch.cuda.empty_cache()
+
+    if args.sweep or args.sweep_time or args.sweep_bwd:
+        sweep = ((SWEEP if args.sweep else []) + (SWEEP_TIME if args.sweep or args.sweep_time else [])
+                 + (SWEEP_BWD if args.sweep or args.sweep_bwd else []))
         print("\n## tiling sweep (median ms; defaults are chosen by ScanConfig() = first table; rows without nc use "
               "the default time_chunks)\n")
         print("| seqlen | config | fwd ms | fwd+bwd ms | peak GB | y vs sequential (rel. max) |")
