@@ -133,6 +133,18 @@ def _load_bc(ptr, off, n2, n_ok2, EVEN_N: tl.constexpr):
 
 
 @triton.jit
+def _tile_index(pid_d, dstate, group_size, NL: tl.constexpr, NH: tl.constexpr, BD: tl.constexpr):
+    """Indices of program pid_d's (NL, NH, BD) tile: channel lanes dl (BD,), channels d1 (BD,), states n2
+    (NL, NH) with their mask, the same as (NL, NH, 1) / (1, 1, BD) broadcasts, and the group g of its B, C
+    (BD divides group_size, so channels need no mask)."""
+    dl = tl.arange(0, BD)
+    d1 = pid_d * BD + dl
+    n2 = tl.arange(0, NH)[None, :] * NL + tl.arange(0, NL)[:, None]  # (NL, NH) state index
+    n_ok2 = n2 < dstate
+    return dl, d1, n2, n_ok2, n2[:, :, None], d1[None, None, :], n_ok2[:, :, None], (pid_d * BD) // group_size
+
+
+@triton.jit
 def _toff(t, I64: tl.constexpr):
     # t * stride overflows int32 on long sequences (1M tokens x stride 3072): 64-bit only where
     # the launcher says so; 32-bit offsets save ~30 address instructions per step
@@ -215,13 +227,7 @@ def _scan_fwd_kernel(
     pid_c = tl.program_id(2)
     t0 = pid_c * seg_len
     tn = tl.minimum(t0 + seg_len, seqlen)
-    d1 = pid_d * BD + tl.arange(0, BD)  # (BD,) channels; BD divides group_size, so no mask
-    n2 = tl.arange(0, NH)[None, :] * NL + tl.arange(0, NL)[:, None]  # (NL, NH) state index
-    n_ok2 = n2 < dstate
-    n3 = n2[:, :, None]
-    d3 = d1[None, None, :]
-    n_ok3 = n_ok2[:, :, None]
-    g = (pid_d * BD) // group_size
+    dl, d1, n2, n_ok2, n3, d3, n_ok3, g = _tile_index(pid_d, dstate, group_size, NL, NH, BD)
     # exp(dt' A) = exp2(dt' * A log2 e): one MUFU op per (channel, state, step)
     A2 = _load_rows(A_ptr, s_An, s_Ad, d1, n3, dstate, NL, NH, BD, ACC) * 1.4426950408889634
     Dv = tl.load(D_ptr + d1).to(ACC) if HAS_D else 0.0
@@ -498,14 +504,7 @@ def _scan_bwd_carry_kernel(
     seg = tl.program_id(2) + 1
     p = seg * seg_len
     q = tl.minimum(p + seg_len, seqlen)
-    dl = tl.arange(0, BD)
-    d1 = pid_d * BD + dl
-    n2 = tl.arange(0, NH)[None, :] * NL + tl.arange(0, NL)[:, None]  # (NL, NH)
-    n_ok2 = n2 < dstate
-    n3 = n2[:, :, None]
-    d3 = d1[None, None, :]
-    n_ok3 = n_ok2[:, :, None]
-    g = (pid_d * BD) // group_size
+    dl, d1, n2, n_ok2, n3, d3, n_ok3, g = _tile_index(pid_d, dstate, group_size, NL, NH, BD)
     A2 = _load_rows(A_ptr, s_An, s_Ad, d1, n3, dstate, NL, NH, BD, ACC) * 1.4426950408889634
     bias = tl.load(bias_ptr + d1).to(ACC) if HAS_BIAS else 0.0
     dt_b = dt_ptr + pid_b * s_b
@@ -564,14 +563,7 @@ def _scan_bwd_kernel(
     pid_b = tl.program_id(1).to(tl.int64)
     pid_c = tl.program_id(2)
     prog = (pid_b * nseg + pid_c) * tl.num_programs(0) + pid_d
-    dl = tl.arange(0, BD)
-    d1 = pid_d * BD + dl
-    n2 = tl.arange(0, NH)[None, :] * NL + tl.arange(0, NL)[:, None]  # (NL, NH)
-    n_ok2 = n2 < dstate
-    n3 = n2[:, :, None]
-    d3 = d1[None, None, :]
-    n_ok3 = n_ok2[:, :, None]
-    g = (pid_d * BD) // group_size
+    dl, d1, n2, n_ok2, n3, d3, n_ok3, g = _tile_index(pid_d, dstate, group_size, NL, NH, BD)
     ngroups = dim // group_size
     # (D, N) and (B, *, D, N) tiles load as NL contiguous floats per thread: with NL <= 4 that vector
     # load has exactly the scan loop's layout (NL in-thread), so these anchors cost no conversion
@@ -804,11 +796,15 @@ def default_time_chunks(batch: int, seqlen: int, dim: int, dstate: int, ngroups:
     target = FWD_MIN_WARPS_PER_SM * sm_count(device, 132)
     group_size = dim // ngroups
     min_seg = max(MIN_SEGMENT, cfg.chunk)
+    return _split_until(seqlen, min_seg, target, lambda nc: _fwd_warps(
+        batch * nc, dim, dstate, group_size, cfg.fwd_nl or _fwd_nl(batch * nc, dim, dstate, device)))
+
+
+def _split_until(seqlen: int, min_seg: int, target: int, warps) -> int:
+    """The smallest power of two nc with warps(nc) >= target, keeping segments of at least min_seg steps
+    (seqlen >= nc * min_seg) and nc <= MAX_TIME_CHUNKS."""
     nc = 1
-    while nc * 2 <= MAX_TIME_CHUNKS and seqlen >= 2 * nc * min_seg:
-        nl = cfg.fwd_nl or _fwd_nl(batch * nc, dim, dstate, device)
-        if _fwd_warps(batch * nc, dim, dstate, group_size, nl) >= target:
-            break
+    while nc * 2 <= MAX_TIME_CHUNKS and seqlen >= 2 * nc * min_seg and warps(nc) < target:
         nc *= 2
     return nc
 
@@ -831,11 +827,7 @@ def default_bwd_time_chunks(batch: int, seqlen: int, dim: int, dstate: int, ngro
     tiles = _tiles(4, dstate, dim // ngroups, cfg.bwd_channels)
     target = BWD_MIN_WARPS_PER_SM * sm_count(torch.device(device), 132)
     min_seg = max(MIN_SEGMENT, cfg.chunk)
-    nc = 1
-    while (nc * 2 <= MAX_TIME_CHUNKS and seqlen >= 2 * nc * min_seg
-           and batch * nc * (dim // tiles.BD) * tiles.num_warps < target):
-        nc *= 2
-    return nc
+    return _split_until(seqlen, min_seg, target, lambda nc: batch * nc * (dim // tiles.BD) * tiles.num_warps)
 
 
 def _segments(seqlen: int, chunk: int, nc: int) -> tuple[int, int]:
@@ -858,6 +850,21 @@ def _lastdim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
+
+
+def _chain_segments(local, sdt, keep, A, first, has_seq: bool, acc_tl) -> torch.Tensor:
+    """`_seg_combine_kernel` over segments: (B, nseg, D, N) start values from each segment's local result
+    `local` (B, nseg, D, N), sum of dt' `sdt` (B, nseg, D), restart flags `keep` (B, nseg) (read with has_seq)
+    and the first segment's start `first` (B, D, N) or None (zeros). The forward's states and, with reversed
+    segments, the backward's carries."""
+    batch, nseg, dim, dstate = local.shape
+    start = torch.empty_like(local)
+    block = 256
+    _seg_combine_kernel[(cdiv(dim * dstate, block), batch)](
+        local, sdt, keep, A, first if first is not None else local, start, nseg, dim, dstate, A.stride(0),
+        A.stride(1), BLOCK=block, HAS_H0=first is not None, HAS_SEQ=has_seq, ACC=acc_tl, num_warps=4,
+    )
+    return start
 
 
 def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx, save_final, save_chunks,
@@ -919,12 +926,7 @@ def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx
             HAS_D=False, HAS_Z=False, HAS_H0=False, SAVE_LAST=False, SAVE_CK=False, STATE_ONLY=True, **common,
         )
         # pass 2: start state of every segment, chained over the segments (elementwise over (D, N))
-        start = torch.empty(batch, nseg, dim, dstate, device=x.device, dtype=acc_t)
-        block = 256
-        _seg_combine_kernel[(cdiv(dim * dstate, block), batch)](
-            hloc, sdt, keep, A, h0 if h0 is not None else dummy, start, nseg, dim, dstate, A.stride(0),
-            A.stride(1), BLOCK=block, HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, ACC=acc_tl, num_warps=4,
-        )
+        start = _chain_segments(hloc, sdt, keep, A, h0, seq_idx is not None, acc_tl)
         s_start = (nseg * dim * dstate, dim * dstate)
     # pass 3 (the only pass when nseg == 1): the full forward of every segment from its start state
     _scan_fwd_kernel[(dim // tiles.BD, batch, nseg)](
@@ -1006,12 +1008,7 @@ def _scan_bwd(dy, dhlast, x, dt, A, B, C, D, z, dt_bias, dt_softplus, seq_idx, h
             SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None, EVEN_N=dstate == ctiles.NL * ctiles.NH,
             LIBDEVICE=not triton_interpret(), I64=i64, num_warps=ctiles.num_warps,
         )
-        cin = torch.empty(batch, cin_n, dim, dstate, device=x.device, dtype=acc_t)
-        block = 256
-        _seg_combine_kernel[(cdiv(dim * dstate, block), batch)](
-            cl, sdt, keep, A, dhl if dhl is not None else dummy, cin, cin_n, dim, dstate, A.stride(0), A.stride(1),
-            BLOCK=block, HAS_H0=dhl is not None, HAS_SEQ=seq_idx is not None, ACC=acc_tl, num_warps=4,
-        )
+        cin = _chain_segments(cl, sdt, keep, A, dhl, seq_idx is not None, acc_tl)
     grid = (dim // tiles.BD, batch, nseg)
     _scan_bwd_kernel[grid](
         x, dt, z if z is not None else dummy, B32, C32, A, D if D is not None else dummy,
