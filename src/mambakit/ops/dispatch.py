@@ -58,6 +58,13 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@torch.compiler.assume_constant_result
+def _default_backend() -> str | None:
+    """The `use_backend` block's backend. Under torch.compile it is read once, while tracing (Dynamo cannot trace
+    a ContextVar): a compiled model keeps the backend it was compiled under."""
+    return _DEFAULT.get()
+
+
 def select_backend(op: str, backend: str | None, device: torch.device, supported: tuple[str, ...] = BACKENDS) -> str:
     """Return the backend that runs `op` for tensors on `device`.
 
@@ -69,8 +76,10 @@ def select_backend(op: str, backend: str | None, device: torch.device, supported
     Raises:
         ValueError: unknown backend, or one this op / device / installation cannot run.
     """
-    if backend is None and _DEFAULT.get() in supported:
-        backend = _DEFAULT.get()
+    if backend is None:
+        default = _default_backend()
+        if default in supported:
+            backend = default
     if backend is None:
         if device.type == "cuda" and "triton" in supported and triton_available():
             return "triton"
