@@ -47,6 +47,7 @@ def use_backend(backend: str | None) -> Iterator[None]:
         _DEFAULT.reset(token)
 
 
+@torch.compiler.assume_constant_result  # a constant for torch.compile too (it would trace through the cache)
 @functools.cache
 def triton_available() -> bool:
     """Whether `import triton` can succeed (checked once, without importing it)."""
