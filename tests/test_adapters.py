@@ -53,7 +53,7 @@ def test_peft_lora_trains_and_equals_merged(layer, backend):
     frozen = {k: v.clone() for k, v in base.state_dict().items()}
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[layer], lora_dropout=0.0)
     model = peft.get_peft_model(base, cfg)
-    ids = torch.randint(0, 64, (2, 25), device=DEVICE, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ids = torch.randint(0, 64, (2, 25), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     with use_backend(backend):
         for step in range(2):

@@ -27,8 +27,10 @@ from mambakit.ops import use_backend
 from tests.conftest import DEVICE
 from tests.helpers import assert_close, max_error
 
-FACTOR = 3.0  # DESIGN.md asks for 2x in bf16; 3x covers the one extra bf16 rounding of a cast weight (see below)
-FLOOR_REL = 5e-3
+FACTOR = 3.0  # DESIGN.md asks for 2x in bf16; 3x covers the one extra bf16 rounding of a cast weight
+# Floor, as a share of each gradient's scale. Compiled: inductor fuses the low-precision graph differently from
+# eager PyTorch (other roundings); the worst seen on the H200 was 1.0% of the scale (fp16 + GradScaler, A_log).
+FLOOR_REL = {"eager": 5e-3, "compiled": 2e-2}
 LAYERS = ["Mamba1", "Mamba2"]
 PATHS = ["fused", "unfused", "recompute"]
 PRECISIONS = ["bf16-autocast", "fp16-autocast-scaler", "bf16-params"]
@@ -111,11 +113,11 @@ def _check(layer: str, path: str, precision: str, mode: str, device: str) -> Non
     pt_loss, pt_grads = _torch_lowp(layer, device, precision)
     loss, grads = _step(layer, device, precision, path, mode, "triton")
     scale = float(ref_loss.abs())
-    assert_close(loss, ref_loss, name="loss", rel=0.0,
-                 atol=FACTOR * max_error(pt_loss, ref_loss) + FLOOR_REL * scale)
+    floor = FLOOR_REL[mode]
+    assert_close(loss, ref_loss, name="loss", rel=0.0, atol=FACTOR * max_error(pt_loss, ref_loss) + floor * scale)
     assert grads.keys() == ref_grads.keys()
     for name, ref in ref_grads.items():
-        tol = FACTOR * max_error(pt_grads[name], ref) + FLOOR_REL * float(ref.abs().max())
+        tol = FACTOR * max_error(pt_grads[name], ref) + floor * float(ref.abs().max())
         assert_close(grads[name], ref, name=f"grad {name}", rel=0.0, atol=tol)
 
 

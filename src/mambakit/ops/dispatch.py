@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -47,11 +46,14 @@ def use_backend(backend: str | None) -> Iterator[None]:
         _DEFAULT.reset(token)
 
 
-@torch.compiler.assume_constant_result  # a constant for torch.compile too (it would trace through the cache)
-@functools.cache
+# whether `import triton` can succeed, checked once at import without importing it (torch.compile cannot trace
+# importlib, and the answer cannot change within a process)
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """Whether `import triton` can succeed (checked once, without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether the triton package is installed."""
+    return _TRITON_FOUND
 
 
 def triton_interpret() -> bool:

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import fake_grads, pack_grads, unpack_grads
+from ..common import autograd_op, fake_grads, pack_grads, unpack_grads
 from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
 
 # ----------------------------------------------------------------------------------------------
@@ -442,13 +442,15 @@ def _causal_conv1d_update(conv_state, x, weight, bias, silu):
 # Only the inputs are kept for the backward, which recomputes the pre-activation in registers.
 
 
-@torch.library.custom_op("mambakit::causal_conv1d_fwd", mutates_args=())
-def _conv_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, silu: bool,
-                 return_final_state: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _conv_fwd_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, initial_state: torch.Tensor | None,
+                   seq_idx: torch.Tensor | None, silu: bool, return_final_state: bool) -> tuple[torch.Tensor,
+                   torch.Tensor]:
     y, final = _causal_conv1d_fwd(x, weight, bias, _channel_contiguous(initial_state), seq_idx, silu,
                                   return_final_state)
     return y, x.new_empty(0) if final is None else final
+
+
+_conv_fwd_op = torch.library.custom_op("mambakit::causal_conv1d_fwd", mutates_args=())(_conv_fwd_impl)
 
 
 @_conv_fwd_op.register_fake
@@ -458,14 +460,16 @@ def _(x, weight, bias, initial_state, seq_idx, silu, return_final_state):
     return x.new_empty(batch, seqlen, dim), final
 
 
-@torch.library.custom_op("mambakit::causal_conv1d_bwd", mutates_args=())
-def _conv_bwd_op(dy: torch.Tensor, dfinal: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor | None, initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None,
-                 silu: bool, need_dinit: bool) -> list[torch.Tensor]:
+def _conv_bwd_impl(dy: torch.Tensor, dfinal: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None, initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None,
+                   silu: bool, need_dinit: bool) -> list[torch.Tensor]:
     dx, dweight, dbias, dinit = _causal_conv1d_bwd(x, weight, bias, _channel_contiguous(initial_state), seq_idx, silu,
                                                    dy, _channel_contiguous(dfinal), need_dinit)
     # dinitial_state keeps the kernels' channel-stride-1 window layout (its fake says so)
     return pack_grads((dx, dweight, dbias), (x, weight, bias)) + [x.new_empty(0) if dinit is None else dinit]
+
+
+_conv_bwd_op = torch.library.custom_op("mambakit::causal_conv1d_bwd", mutates_args=())(_conv_bwd_impl)
 
 
 @_conv_bwd_op.register_fake
@@ -482,17 +486,18 @@ def _conv_setup_context(ctx, inputs, output):
     ctx.silu, ctx.return_final_state = silu, return_final_state
 
 
-def _conv_backward(ctx, dy, dfinal):
+def _conv_backward(ctx, dy, dfinal, bwd):
     x, weight, bias, initial_state, seq_idx = ctx.saved_tensors
     if dy is None:  # only the final window was used
         dy = torch.zeros_like(x)
     need_dinit = initial_state is not None and ctx.needs_input_grad[3]
-    grads = _conv_bwd_op(dy, dfinal if ctx.return_final_state else None, x, weight, bias, initial_state, seq_idx,
+    grads = bwd(dy, dfinal if ctx.return_final_state else None, x, weight, bias, initial_state, seq_idx,
                          ctx.silu, need_dinit)
     return *unpack_grads(grads, (True, True, bias is not None, need_dinit)), None, None, None
 
 
-torch.library.register_autograd("mambakit::causal_conv1d_fwd", _conv_backward, setup_context=_conv_setup_context)
+_causal_conv1d_op = autograd_op("CausalConv1d", _conv_fwd_impl, _conv_fwd_op, _conv_setup_context, _conv_backward,
+                                _conv_bwd_impl, _conv_bwd_op)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -522,7 +527,7 @@ def causal_conv1d_triton(
         from .conv import causal_conv1d_torch  # nothing to launch: the torch path handles empty tensors
 
         return causal_conv1d_torch(x, weight, bias, activation, initial_state, return_final_state, seq_idx)
-    y, final = _conv_fwd_op(x, weight, bias, initial_state, seq_idx, activation in ("silu", "swish"),
+    y, final = _causal_conv1d_op(x, weight, bias, initial_state, seq_idx, activation in ("silu", "swish"),
                             return_final_state)
     return (y, final) if return_final_state else y
 

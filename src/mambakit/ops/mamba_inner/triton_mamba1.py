@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..causal_conv1d.triton_conv import _causal_conv1d_bwd, _causal_conv1d_fwd
-from ..common import fake_grads, pack_grads, unpack_grads
+from ..common import autograd_op, fake_grads, pack_grads, unpack_grads
 from ..selective_scan.triton_scan import ScanConfig, _scan_bwd, _scan_fwd
 from ..triton_launch import cdiv
 
@@ -35,11 +35,10 @@ def _split_x_dbl(x_dbl: torch.Tensor, dt_rank: int, dstate: int):
 # One custom op pair (torch.library, autograd registered): compile, autocast and FSDP see one op with fake tensors.
 
 
-@torch.library.custom_op("mambakit::mamba1_inner_fwd", mutates_args=())
-def _mamba1_inner_fwd(xz: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
-                      x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor, dt_proj_bias: torch.Tensor | None,
-                      A: torch.Tensor, D: torch.Tensor | None, seq_idx: torch.Tensor | None, save: bool,
-                      config: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _mamba1_inner_fwd_impl(xz: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+                           x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor, dt_proj_bias: torch.Tensor | None,
+                           A: torch.Tensor, D: torch.Tensor | None, seq_idx: torch.Tensor | None, save: bool,
+                           config: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y (B, L, D), and for the backward x_dbl (B, L, K) and the scan checkpoints (empty unless `save`)."""
     dim = conv_weight.shape[0]
     dt_rank, dstate = dt_proj_weight.shape[1], A.shape[1]
@@ -55,6 +54,9 @@ def _mamba1_inner_fwd(xz: torch.Tensor, conv_weight: torch.Tensor, conv_bias: to
     return y, x_dbl, hck
 
 
+_mamba1_inner_fwd = torch.library.custom_op("mambakit::mamba1_inner_fwd", mutates_args=())(_mamba1_inner_fwd_impl)
+
+
 @_mamba1_inner_fwd.register_fake
 def _(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx, save, config):
     batch, seqlen, _ = xz.shape
@@ -68,11 +70,11 @@ def _(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A
             xz.new_empty(batch, nchunks, dim, dstate, dtype=acc))
 
 
-@torch.library.custom_op("mambakit::mamba1_inner_bwd", mutates_args=())
-def _mamba1_inner_bwd(dy: torch.Tensor, xz: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
-                      x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor, dt_proj_bias: torch.Tensor | None,
-                      A: torch.Tensor, D: torch.Tensor | None, seq_idx: torch.Tensor | None, x_dbl: torch.Tensor,
-                      hck: torch.Tensor, config: list[int]) -> list[torch.Tensor]:
+def _mamba1_inner_bwd_impl(dy: torch.Tensor, xz: torch.Tensor, conv_weight: torch.Tensor,
+                           conv_bias: torch.Tensor | None, x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor,
+                           dt_proj_bias: torch.Tensor | None, A: torch.Tensor, D: torch.Tensor | None,
+                           seq_idx: torch.Tensor | None, x_dbl: torch.Tensor, hck: torch.Tensor,
+                           config: list[int]) -> list[torch.Tensor]:
     """Gradients of xz, conv weight / bias, x_proj / dt_proj weights, dt bias, A, D (empty where absent)."""
     batch, seqlen = xz.shape[:2]
     dim = conv_weight.shape[0]
@@ -101,6 +103,9 @@ def _mamba1_inner_bwd(dy: torch.Tensor, xz: torch.Tensor, conv_weight: torch.Ten
     return pack_grads(grads, (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D))
 
 
+_mamba1_inner_bwd = torch.library.custom_op("mambakit::mamba1_inner_bwd", mutates_args=())(_mamba1_inner_bwd_impl)
+
+
 @_mamba1_inner_bwd.register_fake
 def _(dy, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx, x_dbl, hck,
       config):
@@ -114,15 +119,15 @@ def _mamba1_inner_setup_context(ctx, inputs, output):
     ctx.config = config
 
 
-def _mamba1_inner_backward(ctx, dy, _dx_dbl, _dhck):
+def _mamba1_inner_backward(ctx, dy, _dx_dbl, _dhck, bwd):
     saved = ctx.saved_tensors
-    grads = _mamba1_inner_bwd(dy, *saved, ctx.config)
+    grads = bwd(dy, *saved, ctx.config)
     # conv_bias, dt_proj_bias and D are optional: their gradient slots are empty when the input was None
     return *unpack_grads(grads, [t is not None for t in saved[:8]]), None, None, None
 
 
-torch.library.register_autograd("mambakit::mamba1_inner_fwd", _mamba1_inner_backward,
-                                setup_context=_mamba1_inner_setup_context)
+_mamba1_inner_op = autograd_op("Mamba1Inner", _mamba1_inner_fwd_impl, _mamba1_inner_fwd, _mamba1_inner_setup_context,
+                               _mamba1_inner_backward, _mamba1_inner_bwd_impl, _mamba1_inner_bwd)
 
 
 def mamba1_inner_triton(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx,
@@ -135,6 +140,6 @@ def mamba1_inner_triton(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weigh
         seq_idx = seq_idx.to(torch.int32)
     tensors = (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    y, _, _ = _mamba1_inner_fwd(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D,
+    y, _, _ = _mamba1_inner_op(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D,
                                 seq_idx, save, (config or ScanConfig()).as_ints())
     return y

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..causal_conv1d.triton_conv import _causal_conv1d_bwd, _causal_conv1d_fwd
-from ..common import fake_grads, pack_grads, unpack_grads
+from ..common import autograd_op, fake_grads, pack_grads, unpack_grads
 from ..rms_norm.triton_norm import _rms_norm_bwd, _rms_norm_fwd
 from ..ssd.triton_ssd import kernel_chunk, ssd_triton_backward, ssd_triton_forward, ssd_triton_intermediates
 from .mamba2 import _views
@@ -29,13 +29,12 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # One custom op pair (torch.library, autograd registered): compile, autocast and FSDP see one op with fake tensors.
 
 
-@torch.library.custom_op("mambakit::mamba2_inner_fwd", mutates_args=())
-def _mamba2_inner_fwd(zxbcdt: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
-                      dt_bias: torch.Tensor | None, A: torch.Tensor, D: torch.Tensor | None,
-                      norm_weight: torch.Tensor | None, out_proj_weight: torch.Tensor,
-                      out_proj_bias: torch.Tensor | None, seq_idx: torch.Tensor | None, dims: list[int], T: int,
-                      dt_limit: list[float], norm_eps: float, norm_group: int,
-                      norm_before_gate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _mamba2_inner_fwd_impl(zxbcdt: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+                           dt_bias: torch.Tensor | None, A: torch.Tensor, D: torch.Tensor | None,
+                           norm_weight: torch.Tensor | None, out_proj_weight: torch.Tensor,
+                           out_proj_bias: torch.Tensor | None, seq_idx: torch.Tensor | None, dims: list[int], T: int,
+                           dt_limit: list[float], norm_eps: float, norm_group: int,
+                           norm_before_gate: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """out (b, L, M), and what the backward keeps: y (b, L, H, P) before the norm, or without a norm the SSD's
     float32 y before its gate."""
     H, P, G, N = dims
@@ -58,6 +57,9 @@ def _mamba2_inner_fwd(zxbcdt: torch.Tensor, conv_weight: torch.Tensor, conv_bias
     return out, keep
 
 
+_mamba2_inner_fwd = torch.library.custom_op("mambakit::mamba2_inner_fwd", mutates_args=())(_mamba2_inner_fwd_impl)
+
+
 @_mamba2_inner_fwd.register_fake
 def _(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight, out_proj_bias, seq_idx, dims, T,
       dt_limit, norm_eps, norm_group, norm_before_gate):
@@ -68,13 +70,12 @@ def _(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weigh
             zxbcdt.new_empty(batch, seqlen, H, P, dtype=keep_dtype))
 
 
-@torch.library.custom_op("mambakit::mamba2_inner_bwd", mutates_args=())
-def _mamba2_inner_bwd(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_weight: torch.Tensor,
-                      conv_bias: torch.Tensor | None, dt_bias: torch.Tensor | None, A: torch.Tensor,
-                      D: torch.Tensor | None, norm_weight: torch.Tensor | None, out_proj_weight: torch.Tensor,
-                      out_proj_bias: torch.Tensor | None, seq_idx: torch.Tensor | None, keep: torch.Tensor,
-                      dims: list[int], T: int, dt_limit: list[float], norm_eps: float, norm_group: int,
-                      norm_before_gate: bool) -> list[torch.Tensor]:
+def _mamba2_inner_bwd_impl(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_weight: torch.Tensor,
+                           conv_bias: torch.Tensor | None, dt_bias: torch.Tensor | None, A: torch.Tensor,
+                           D: torch.Tensor | None, norm_weight: torch.Tensor | None, out_proj_weight: torch.Tensor,
+                           out_proj_bias: torch.Tensor | None, seq_idx: torch.Tensor | None, keep: torch.Tensor,
+                           dims: list[int], T: int, dt_limit: list[float], norm_eps: float, norm_group: int,
+                           norm_before_gate: bool) -> list[torch.Tensor]:
     """Gradients of zxbcdt and the parameters (empty where a parameter is absent)."""
     dt_limit = tuple(dt_limit)
     H, P, G, N = dims
@@ -136,6 +137,9 @@ def _mamba2_inner_bwd(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_weight: tor
                               out_proj_bias))
 
 
+_mamba2_inner_bwd = torch.library.custom_op("mambakit::mamba2_inner_bwd", mutates_args=())(_mamba2_inner_bwd_impl)
+
+
 @_mamba2_inner_bwd.register_fake
 def _(dout, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight, out_proj_bias, seq_idx,
       keep, dims, T, dt_limit, norm_eps, norm_group, norm_before_gate):
@@ -148,15 +152,15 @@ def _mamba2_inner_setup_context(ctx, inputs, output):
     ctx.settings = inputs[10:]
 
 
-def _mamba2_inner_backward(ctx, dout, _dkeep):
+def _mamba2_inner_backward(ctx, dout, _dkeep, bwd):
     saved = ctx.saved_tensors
-    grads = _mamba2_inner_bwd(dout, *saved, *ctx.settings)
+    grads = bwd(dout, *saved, *ctx.settings)
     # absent parameters get no gradient
     return *unpack_grads(grads, [t is not None for t in saved[:9]]), None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("mambakit::mamba2_inner_fwd", _mamba2_inner_backward,
-                                setup_context=_mamba2_inner_setup_context)
+_mamba2_inner_op = autograd_op("Mamba2Inner", _mamba2_inner_fwd_impl, _mamba2_inner_fwd, _mamba2_inner_setup_context,
+                               _mamba2_inner_backward, _mamba2_inner_bwd_impl, _mamba2_inner_bwd)
 
 
 def mamba2_inner_triton(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight, out_proj_bias,
@@ -179,7 +183,7 @@ def mamba2_inner_triton(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weig
     dt_bias = dt_bias.float().contiguous() if dt_bias is not None else None
     norm_weight = norm_weight.contiguous() if norm_weight is not None else None
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
-    out, _ = _mamba2_inner_fwd(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight,
+    out, _ = _mamba2_inner_op(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight,
                                out_proj_bias, seq_idx, list(dims), T, [lo, hi], float(norm_eps), norm_group,
                                norm_before_gate)
     return out

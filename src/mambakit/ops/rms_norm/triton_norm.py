@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import fake_grads, pack_grads, unpack_grads
+from ..common import autograd_op, fake_grads, pack_grads, unpack_grads
 from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
 
 # ----------------------------------------------------------------------------------------------
@@ -230,10 +230,12 @@ _TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat
 # are kept for the backward.
 
 
-@torch.library.custom_op("mambakit::rms_norm_fwd", mutates_args=())
-def _rms_norm_fwd_op(x2: torch.Tensor, weight: torch.Tensor, z2: torch.Tensor | None, eps: float, group: int,
-                     norm_before_gate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_fwd_impl(x2: torch.Tensor, weight: torch.Tensor, z2: torch.Tensor | None, eps: float, group: int,
+                       norm_before_gate: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _rms_norm_fwd(x2, weight, z2, eps, group, norm_before_gate)
+
+
+_rms_norm_fwd_op = torch.library.custom_op("mambakit::rms_norm_fwd", mutates_args=())(_rms_norm_fwd_impl)
 
 
 @_rms_norm_fwd_op.register_fake
@@ -242,11 +244,13 @@ def _(x2, weight, z2, eps, group, norm_before_gate):
     return x2.new_empty(x2.shape), x2.new_empty(x2.shape[0], x2.shape[1] // group, dtype=acc)
 
 
-@torch.library.custom_op("mambakit::rms_norm_bwd", mutates_args=())
-def _rms_norm_bwd_op(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, z2: torch.Tensor | None,
-                     rstd: torch.Tensor, group: int, norm_before_gate: bool) -> list[torch.Tensor]:
+def _rms_norm_bwd_impl(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, z2: torch.Tensor | None,
+                       rstd: torch.Tensor, group: int, norm_before_gate: bool) -> list[torch.Tensor]:
     dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
     return pack_grads(_rms_norm_bwd(x2, weight, z2, rstd, dy2, group, norm_before_gate), (x2, weight, z2))
+
+
+_rms_norm_bwd_op = torch.library.custom_op("mambakit::rms_norm_bwd", mutates_args=())(_rms_norm_bwd_impl)
 
 
 @_rms_norm_bwd_op.register_fake
@@ -260,18 +264,18 @@ def _rms_norm_setup_context(ctx, inputs, output):
     ctx.group, ctx.norm_before_gate = group, norm_before_gate
 
 
-def _rms_norm_backward(ctx, dy2, _drstd):
+def _rms_norm_backward(ctx, dy2, _drstd, bwd):
     x2, weight, z2, rstd = ctx.saved_tensors
-    grads = _rms_norm_bwd_op(dy2, x2, weight, z2, rstd, ctx.group, ctx.norm_before_gate)
+    grads = bwd(dy2, x2, weight, z2, rstd, ctx.group, ctx.norm_before_gate)
     return *unpack_grads(grads, (True, True, z2 is not None)), None, None, None
 
 
-torch.library.register_autograd("mambakit::rms_norm_fwd", _rms_norm_backward, setup_context=_rms_norm_setup_context)
+_rms_norm_op = autograd_op("RMSNorm", _rms_norm_fwd_impl, _rms_norm_fwd_op, _rms_norm_setup_context, _rms_norm_backward,
+                           _rms_norm_bwd_impl, _rms_norm_bwd_op)
 
 
-@torch.library.custom_op("mambakit::add_rms_norm_fwd", mutates_args=())
-def _add_rms_norm_op(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                     out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _add_rms_norm_impl(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                       out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward only (`add_rms_norm` takes the PyTorch path when autograd needs gradients)."""
     n_rows, hidden = x2.shape
     sum_dtype = x2.dtype if r2 is None else torch.promote_types(x2.dtype, r2.dtype)
@@ -287,6 +291,9 @@ def _add_rms_norm_op(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Te
         ACC=_acc(torch.promote_types(sum_dtype, weight.dtype)), num_warps=num_warps,
     )
     return y2, s2
+
+
+_add_rms_norm_op = torch.library.custom_op("mambakit::add_rms_norm_fwd", mutates_args=())(_add_rms_norm_impl)
 
 
 @_add_rms_norm_op.register_fake
@@ -323,7 +330,7 @@ def rms_norm_triton(
         return rms_norm_torch(x, weight, eps=eps, z=z, group_size=group_size, norm_before_gate=norm_before_gate)
     group = hidden if group_size is None else group_size
     z2 = _rows(z, hidden) if z is not None else None
-    y2, _ = _rms_norm_fwd_op(_rows(x, hidden), weight.contiguous(), z2, float(eps), group, norm_before_gate)
+    y2, _ = _rms_norm_op(_rows(x, hidden), weight.contiguous(), z2, float(eps), group, norm_before_gate)
     return y2.reshape(x.shape)
 
 
@@ -351,5 +358,7 @@ def add_rms_norm_triton(
 
         return add_rms_norm_torch(x, residual, weight, eps=eps, residual_dtype=residual_dtype)
     r2 = _rows(residual, hidden) if residual is not None else None
-    y2, s2 = _add_rms_norm_op(_rows(x, hidden), r2, weight, float(eps), out_dtype)
+    # the custom op under torch.compile; in eager mode the implementation itself (no dispatcher cost per launch)
+    op = _add_rms_norm_op if torch.compiler.is_compiling() else _add_rms_norm_impl
+    y2, s2 = op(_rows(x, hidden), r2, weight, float(eps), out_dtype)
     return y2.reshape(x.shape), s2.reshape(x.shape)

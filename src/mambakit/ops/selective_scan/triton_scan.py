@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ..common import fake_grads, pack_grads, unpack_grads
+from ..common import autograd_op, fake_grads, pack_grads, unpack_grads
 from ..dispatch import triton_interpret
 from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
 
@@ -1052,17 +1052,19 @@ def _scan_bwd(dy, dhlast, x, dt, A, B, C, D, z, dt_bias, dt_softplus, seq_idx, h
 # of launcher code. Optional outputs come back as empty tensors (a schema cannot return None).
 
 
-@torch.library.custom_op("mambakit::selective_scan_fwd", mutates_args=())
-def _scan_fwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                 D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
-                 initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, dt_softplus: bool,
-                 return_final_state: bool, save_chunks: bool,
-                 config: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _scan_fwd_impl(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
+                   initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, dt_softplus: bool,
+                   return_final_state: bool, save_chunks: bool, config: list[int]) -> tuple[torch.Tensor, torch.Tensor,
+                   torch.Tensor]:
     y, hlast, hck = _scan_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx,
                               save_final=return_final_state, save_chunks=save_chunks,
                               config=ScanConfig.from_ints(config))
     acc = _acc_dtype(x)[0]
     return y, x.new_empty(0, dtype=acc) if hlast is None else hlast, x.new_empty(0, dtype=acc) if hck is None else hck
+
+
+_scan_fwd_op = torch.library.custom_op("mambakit::selective_scan_fwd", mutates_args=())(_scan_fwd_impl)
 
 
 @_scan_fwd_op.register_fake
@@ -1075,15 +1077,17 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, return
     return torch.empty_like(x), hlast, hck
 
 
-@torch.library.custom_op("mambakit::selective_scan_bwd", mutates_args=())
-def _scan_bwd_op(dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, dt: torch.Tensor,
-                 A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
-                 dt_bias: torch.Tensor | None, seq_idx: torch.Tensor | None, hck: torch.Tensor,
-                 dt_softplus: bool, want_dh0: bool, config: list[int]) -> list[torch.Tensor]:
+def _scan_bwd_impl(dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                   B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
+                   dt_bias: torch.Tensor | None, seq_idx: torch.Tensor | None, hck: torch.Tensor, dt_softplus: bool,
+                   want_dh0: bool, config: list[int]) -> list[torch.Tensor]:
     *grads, dh0 = _scan_bwd(dy, dhlast, x, dt, A, B, C, D, z, dt_bias, dt_softplus, seq_idx, hck, want_dh0,
                             ScanConfig.from_ints(config))
     # dx, ddt, dA, dB, dC, dD, dz, dbias, then dh0 (float32, or float64 for float64 inputs)
     return pack_grads(grads, (x, dt, A, B, C, D, z, dt_bias)) + [x.new_empty(0) if dh0 is None else dh0]
+
+
+_scan_bwd_op = torch.library.custom_op("mambakit::selective_scan_bwd", mutates_args=())(_scan_bwd_impl)
 
 
 @_scan_bwd_op.register_fake
@@ -1099,12 +1103,12 @@ def _scan_setup_context(ctx, inputs, output):
     ctx.h0_dtype = None if initial_state is None else initial_state.dtype
 
 
-def _scan_backward(ctx, dy, dhlast, _dhck):
+def _scan_backward(ctx, dy, dhlast, _dhck, bwd):
     x, dt, A, B, C, D, z, dt_bias, seq_idx, hck = ctx.saved_tensors
     if dy is None:  # only the final state was used
         dy = torch.zeros_like(x)
     want_dh0 = ctx.h0_dtype is not None and ctx.needs_input_grad[8]
-    grads = _scan_bwd_op(dy, dhlast if ctx.return_final_state else None, x, dt, A, B, C, D, z, dt_bias, seq_idx, hck,
+    grads = bwd(dy, dhlast if ctx.return_final_state else None, x, dt, A, B, C, D, z, dt_bias, seq_idx, hck,
                          ctx.dt_softplus, want_dh0, ctx.config)
     present = (True, True, True, True, True, D is not None, z is not None, dt_bias is not None, want_dh0)
     dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = unpack_grads(grads, present)
@@ -1113,7 +1117,8 @@ def _scan_backward(ctx, dy, dhlast, _dhck):
     return dx, ddt, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None, None
 
 
-torch.library.register_autograd("mambakit::selective_scan_fwd", _scan_backward, setup_context=_scan_setup_context)
+_selective_scan_op = autograd_op("SelectiveScan", _scan_fwd_impl, _scan_fwd_op, _scan_setup_context, _scan_backward,
+                                 _scan_bwd_impl, _scan_bwd_op)
 
 
 def selective_scan_triton(
@@ -1164,6 +1169,6 @@ def selective_scan_triton(
         seq_idx = seq_idx.to(torch.int32)
     tensors = (x, dt, A, B, C, D, z, dt_bias, initial_state)
     save_chunks = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    y, hlast, _ = _scan_fwd_op(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, return_final_state,
-                               save_chunks, cfg.as_ints())
+    y, hlast, _ = _selective_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus,
+                                     return_final_state, save_chunks, cfg.as_ints())
     return (y, hlast) if return_final_state else y

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from ..common import fake_grads, pack_grads, unpack_grads
+from ..common import autograd_op, fake_grads, pack_grads, unpack_grads
 from ..triton_launch import next_power_of_2
 from .triton_chunk_decay import chunk_decay_fwd
 from .triton_chunk_scan import chunk_cb_fwd, chunk_scan_fwd
@@ -90,15 +90,18 @@ def ssd_triton_backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp,
 # The forward returns, besides y and the final state, the intermediates its backward reads.
 
 
-@torch.library.custom_op("mambakit::ssd_fwd", mutates_args=())
-def _ssd_fwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
-                initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, dt_softplus: bool,
-                dt_limit: list[float], T: int) -> list[torch.Tensor]:
-    """[y, final state, dt', cs, C B^T, chunk states, y before the gate (empty without z)]."""
+def _ssd_fwd_impl(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                  D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
+                  initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, dt_softplus: bool,
+                  dt_limit: list[float], T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                  torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, final state, dt', cs, C B^T, chunk states, y before the gate (empty without z))."""
     y, final, (dtp, cs, cb, states, y_pre) = ssd_triton_forward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx,
                                                                 dt_softplus, tuple(dt_limit), T)
-    return [y, final, dtp, cs, cb, states, x.new_empty(0, dtype=torch.float32) if y_pre is None else y_pre]
+    return y, final, dtp, cs, cb, states, x.new_empty(0, dtype=torch.float32) if y_pre is None else y_pre
+
+
+_ssd_fwd_op = torch.library.custom_op("mambakit::ssd_fwd", mutates_args=())(_ssd_fwd_impl)
 
 
 @_ssd_fwd_op.register_fake
@@ -108,23 +111,25 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, dt_lim
     nc = -(-L // T)
     f32 = torch.float32
     y_pre = x.new_empty(b, L, H, P, dtype=f32) if z is not None else x.new_empty(0, dtype=f32)
-    return [x.new_empty(b, L, H, P), x.new_empty(b, H, P, N, dtype=f32), x.new_empty(b, H, nc, T, dtype=f32),
+    return (x.new_empty(b, L, H, P), x.new_empty(b, H, P, N, dtype=f32), x.new_empty(b, H, nc, T, dtype=f32),
             x.new_empty(b, H, nc, T, dtype=f32), x.new_empty(b, nc, G, T, T, dtype=f32),
-            x.new_empty(b, nc + 1, H, P, N, dtype=store_dtype(x.dtype)), y_pre]
+            x.new_empty(b, nc + 1, H, P, N, dtype=store_dtype(x.dtype)), y_pre)
 
 
-@torch.library.custom_op("mambakit::ssd_bwd", mutates_args=())
-def _ssd_bwd_op(dy: torch.Tensor, dfinal: torch.Tensor | None, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
-                B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
-                dt_bias: torch.Tensor | None, seq_idx: torch.Tensor | None, dtp: torch.Tensor, cs: torch.Tensor,
-                cb: torch.Tensor, states: torch.Tensor, y_pre: torch.Tensor, dt_softplus: bool, dt_limit: list[float],
-                T: int, need_dh0: bool) -> list[torch.Tensor]:
+def _ssd_bwd_impl(dy: torch.Tensor, dfinal: torch.Tensor | None, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                  B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
+                  dt_bias: torch.Tensor | None, seq_idx: torch.Tensor | None, dtp: torch.Tensor, cs: torch.Tensor,
+                  cb: torch.Tensor, states: torch.Tensor, y_pre: torch.Tensor, dt_softplus: bool, dt_limit: list[float],
+                  T: int, need_dh0: bool) -> list[torch.Tensor]:
     """[dx, ddt, dA, dB, dC, dD, dz, ddt_bias] in their inputs' dtypes, then dh0 (float32); empty where absent."""
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     dfinal = dfinal.float().contiguous() if dfinal is not None else None
     *grads, dh0 = ssd_triton_backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states,
                                       y_pre if z is not None else None, dt_softplus, tuple(dt_limit), T, need_dh0)
     return pack_grads(grads, (x, dt, A, B, C, D, z, dt_bias)) + [x.new_empty(0) if dh0 is None else dh0]
+
+
+_ssd_bwd_op = torch.library.custom_op("mambakit::ssd_bwd", mutates_args=())(_ssd_bwd_impl)
 
 
 @_ssd_bwd_op.register_fake
@@ -142,19 +147,18 @@ def _ssd_setup_context(ctx, inputs, output):
     ctx.has_h0 = initial_state is not None
 
 
-def _ssd_backward(ctx, grads_out):
-    dy, dfinal = grads_out[0], grads_out[1]
+def _ssd_backward(ctx, dy, dfinal, *_intermediates, bwd):
     x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states, y_pre = ctx.saved_tensors
     if dy is None:  # only the final state was used
         dy = torch.zeros_like(x)
     need_dh0 = ctx.has_h0 and ctx.needs_input_grad[8]
-    grads = _ssd_bwd_op(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states, y_pre,
+    grads = bwd(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states, y_pre,
                         ctx.dt_softplus, ctx.dt_limit, ctx.T, need_dh0)
     present = (True, True, True, True, True, D is not None, z is not None, dt_bias is not None, need_dh0)
     return *unpack_grads(grads, present), None, None, None, None
 
 
-torch.library.register_autograd("mambakit::ssd_fwd", _ssd_backward, setup_context=_ssd_setup_context)
+_ssd_op = autograd_op("SSD", _ssd_fwd_impl, _ssd_fwd_op, _ssd_setup_context, _ssd_backward, _ssd_bwd_impl, _ssd_bwd_op)
 
 
 def _last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -213,7 +217,7 @@ def ssd_triton(
     initial_state = initial_state.float().contiguous() if initial_state is not None else None
     seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
-    y, final = _ssd_fwd_op(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, [lo, hi], T)[:2]
+    y, final = _ssd_op(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, [lo, hi], T)[:2]
     if return_final_state:
         return y, final
     return y
