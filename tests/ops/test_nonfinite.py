@@ -33,8 +33,9 @@ def _ssd_inputs(seqlen=40, dtype=torch.float32):
     b, H, P, G, N = 2, 2, 16, 1, 16
     return {"x": torch.randn(b, seqlen, H, P).to(dtype), "dt": torch.rand(b, seqlen, H) * 0.5 - 0.5,
             "A": -torch.rand(H) - 0.1, "B": torch.randn(b, seqlen, G, N).to(dtype),
-            "C": torch.randn(b, seqlen, G, N).to(dtype), "D": torch.randn(H), "z": torch.randn(b, seqlen, H, P).to(dtype),
-            "dt_bias": torch.rand(H) * 0.3, "initial_state": torch.randn(b, H, P, N)}
+            "C": torch.randn(b, seqlen, G, N).to(dtype), "D": torch.randn(H),
+            "z": torch.randn(b, seqlen, H, P).to(dtype), "dt_bias": torch.rand(H) * 0.3,
+            "initial_state": torch.randn(b, H, P, N)}
 
 
 def _scan_inputs(seqlen=24):
