@@ -95,13 +95,20 @@ class _CausalConv1dTorch(torch.autograd.Function):
     def forward(ctx, x, weight, bias, initial_state, seq_idx, silu: bool, return_final_state: bool):
         cdt = compute_dtype(x.dtype)
         x_BLD = x.to(cdt)
-        init_BSD = initial_state.transpose(1, 2).to(cdt) if initial_state is not None else None
+        init_BSD = None
+        if initial_state is not None:
+            # always a private copy, never a view of the caller's tensor: the initial state is usually a
+            # cache that the caller overwrites with the final window right after this call (the mixers'
+            # copy_), and a saved alias would then fail the backward's version check (or, unchecked,
+            # give the gradient of the new window). (B, S, D) is W-1 rows of x's size: the copy is free.
+            init_BSD = initial_state.transpose(1, 2).to(dtype=cdt, memory_format=torch.contiguous_format, copy=True)
         w_DW = weight.to(cdt)
         u_BLD = _conv(x_BLD, init_BSD, w_DW, bias, _tap_masks(seq_idx, weight.shape[1], cdt))
         y_BLD = F.silu(u_BLD) if silu else u_BLD
         # u is kept when there is an activation: cheaper than recomputing W multiply-adds
-        ctx.save_for_backward(x, weight, initial_state, seq_idx, u_BLD if silu else None)
+        ctx.save_for_backward(x, weight, init_BSD, seq_idx, u_BLD if silu else None)
         ctx.silu = silu
+        ctx.init_dtype = None if initial_state is None else initial_state.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         y_BLD = y_BLD.to(x.dtype)
         if not return_final_state:
@@ -112,14 +119,13 @@ class _CausalConv1dTorch(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy_BLD, dfinal_BDS=None):
-        x, weight, initial_state, seq_idx, u_BLD = ctx.saved_tensors
+        x, weight, init_BSD, seq_idx, u_BLD = ctx.saved_tensors
         cdt = compute_dtype(x.dtype)
         batch, seqlen, dim = x.shape
         width = weight.shape[1]
         x_BLD = x.to(cdt)
         w_DW = weight.to(cdt)
         w_WD = w_DW.t().contiguous()  # contiguous (D,) rows per tap (see _conv)
-        init_BSD = initial_state.transpose(1, 2).to(cdt) if initial_state is not None else None
         masks = _tap_masks(seq_idx, width, cdt)
 
         du_BLD = dy_BLD.to(cdt)
@@ -157,7 +163,7 @@ class _CausalConv1dTorch(torch.autograd.Function):
         dbias = _sum_BL(du_BLD).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
         dinit = None
         if dinit_BSD is not None and ctx.needs_input_grad[3]:
-            dinit = dinit_BSD.transpose(1, 2).to(initial_state.dtype)
+            dinit = dinit_BSD.transpose(1, 2).to(ctx.init_dtype)
         return dx_BLD.to(x.dtype), dw_DW.to(weight.dtype), dbias, dinit, None, None, None
 
 

@@ -86,11 +86,33 @@ def _chunk_major(t_bLGN, c, T):
 
 def _masked_cb(Cg, Bg, masks):
     """C_i . B_j for j <= i in the same document, else 0: (c, b, G, T, T), one per group, not per head."""
-    CB = Cg @ Bg.transpose(-1, -2)
-    if masks is None:
-        return CB.tril_()
-    T = CB.shape[-1]
-    return CB.mul_(torch.ones(T, T, dtype=torch.bool, device=CB.device).tril_() & masks[0])
+    # tril_ writes zeros above the diagonal (a multiply by a 0/1 mask would turn a non-finite B_j into NaN
+    # at rows i < j); the document mask multiplies, so a non-finite value stays in the later documents of
+    # its chunk, as in the sequential reference (whose reset is h * 0)
+    CB = (Cg @ Bg.transpose(-1, -2)).tril_()
+    return CB if masks is None else CB.mul_(masks[0])
+
+
+def _causal_matmul(M, X):
+    """M @ X for a lower-triangular M (c, b, H, T, T) and X = dt x (c, b, H, T, P, a temporary: overwritten).
+
+    Row i must depend on rows j <= i of X only, non-finite values included, as in the recurrence: a NaN or
+    inf in X[j] makes outputs i >= j non-finite and leaves rows i < j exactly as without it. A plain matmul
+    breaks that (M[i, j] = 0 above the diagonal, and 0 * NaN = NaN), so the product runs on X with its
+    non-finite entries zeroed, and the non-finite part E = X - X_finite (0 or non-finite per entry) comes
+    back as its cumulative sum over the chunk: exactly 0 before the first non-finite entry of a column,
+    non-finite from it on (inf + -inf and NaN stay non-finite).
+
+    On CPU the repair is skipped when sum(X) is finite (then every entry is: a NaN or inf never sums to a
+    finite value; an overflowing sum of finite values only takes the repair needlessly): the sum costs 2% of
+    the matmul, the repair 60% (the cumsum over T is strided). Elsewhere the test would be a host sync, so
+    the repair always runs.
+    """
+    if X.device.type == "cpu" and bool(X.sum().isfinite()):
+        return M @ X
+    X_fin = torch.nan_to_num(X, nan=0.0, posinf=0.0, neginf=0.0)
+    y = M @ X_fin
+    return y.add_(X.sub_(X_fin).cumsum_(dim=-2))
 
 
 def _segment_decay(acs_bcTH):
@@ -182,7 +204,7 @@ def _chunk_fwd(x, dt, A, B, C, D, h0, T, masks, need_final):
     # 1. intra-chunk: M = (C B^T) ∘ Lmask per head, built in Lmask's buffer; Y_diag = M (dt x)
     M = _segment_decay(acs)  # (c, b, H, T, T)
     M.view(c, b, G, R, T, T).mul_(_masked_cb(Cg, Bg, masks)[:, :, :, None])
-    y_diag = M @ _head_major(x, dt, c, T)  # (c, b, H, T, P)
+    y_diag = _causal_matmul(M, _head_major(x, dt, c, T))  # (c, b, H, T, P)
     del M
 
     # 2.-3. chunk states written into h_all[1:], then passed along in place; the last chunk's state

@@ -109,19 +109,33 @@ def _chunk_scan_fwd_kernel(
         scale = tl.where(seq_m == seq_prev, scale, 0.0)
     acc = mm(C_t, hT, tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32), OP, EMULATE) * scale[:, None]
 
-    # diagonal block: causal tiles of C B^T, decayed and weighted by dt'
+    # diagonal block: causal tiles of C B^T, decayed and weighted by dt'. Non-finite values must stay causal
+    # (a NaN or inf at token j reaches rows i >= j only, as in the recurrence), but a dot multiplies the
+    # zeros above the diagonal too, and 0 * NaN = NaN: so w is selected to exactly 0 there (whatever dt'_j),
+    # the dot reads x with its non-finite entries zeroed, and those entries are added back as a sum over
+    # j <= i (0 up to the first non-finite x_j of a column, non-finite from it on): over whole tiles left of
+    # the diagonal, as a cumulative sum within the diagonal tile.
     cb_base = cb_ptr + ((b * nchunks + c) * ngroups + g) * T * T + rows[:, None] * T
     x_base = x_ptr + b * s_x_b + h * s_x_h + chunk0 * s_x_l + offs_p[None, :]
+    x_bad = tl.zeros((BLOCK_P,), dtype=tl.float32)  # sum of the non-finite x over the tiles left of the diagonal
     for k in range(0, pid_m + 1):
         cols = k * BLOCK_M + tl.arange(0, BLOCK_M)
         cb = tl.load(cb_base + cols[None, :])
         cs_k = tl.load(cs_ptr + dc_ptr + cols)
         dtp_k = tl.load(dtp_ptr + dc_ptr + cols)
-        seg = tl.where(rows[:, None] >= cols[None, :], cs_m[:, None] - cs_k[None, :], float("-inf"))
-        w = cb * tl.exp(seg) * dtp_k[None, :]
+        # above the diagonal the exponent is > 0 (it may overflow): selected away with the rest
+        w = tl.where(rows[:, None] >= cols[None, :], cb * tl.exp(cs_m[:, None] - cs_k[None, :]) * dtp_k[None, :],
+                     0.0)
         x_k = tl.load(x_base + cols[:, None] * s_x_l, mask=(c * T + cols < seqlen)[:, None] & pmask[None, :],
                       other=0.0)
-        acc = mm(w, x_k, acc, OP, EMULATE)
+        finite = tl.abs(x_k) < float("inf")  # False for NaN too
+        acc = mm(w, tl.where(finite, x_k, 0.0), acc, OP, EMULATE)
+        bad = tl.where(finite, 0.0, x_k.to(tl.float32))
+        if k < pid_m:
+            x_bad += tl.sum(bad, axis=0)
+        else:
+            acc += tl.cumsum(bad, axis=0)  # the diagonal tile: its rows are its columns
+    acc += x_bad[None, :]
 
     io_mask = rmask[:, None] & pmask[None, :]
     x_m = tl.load(x_base + rows[:, None] * s_x_l, mask=io_mask, other=0.0).to(tl.float32)
