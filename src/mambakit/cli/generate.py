@@ -26,10 +26,16 @@ examples:
   mambakit generate --model runs/shakespeare --prompts-file prompts.txt --output out.jsonl --batch-size 32
       one prompt per line, generated in batches; one JSON line per prompt
       ({"index", "prompt", "completion", "new_tokens"}) to out.jsonl (default: stdout)
+  mambakit generate --model state-spaces/mamba-130m-hf --prompt "Mamba is" --revision main
+      a Hugging Face Hub id, fetched once into huggingface_hub's cache (pip install 'mambakit[hub]';
+      HF_HUB_OFFLINE=1 reads the cache only)
+  mambakit generate --model ORG/CHAT-MODEL --chat --prompt "What is a state space model?"
+      the prompt as a user message in the tokenizer's chat template; prints the reply
 
 The directory must hold config.json, model.safetensors and the tokenizer (tokenizer_config.json,
-plus tokenizer.json for non-byte tokenizers), as `mambakit train` writes them. The text goes to
-stdout; the speed (tokens/s) to stderr."""
+plus tokenizer.json for non-byte tokenizers), as `mambakit train` writes them, or be a Hugging Face
+model folder (tokenizer.json, or sentencepiece's tokenizer.model). The text goes to stdout; the
+speed (tokens/s) to stderr."""
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -68,7 +74,9 @@ def _positive_int(text: str) -> int:
 
 def build_parser(prog: str = "mambakit generate") -> Parser:
     p = Parser(prog=prog, description=SUMMARY, epilog=EXAMPLES)
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (e.g. runs/shakespeare)")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="checkpoint directory (e.g. runs/shakespeare) or Hugging Face Hub id (e.g. org/name)")
+    p.add_argument("--revision", default=None, metavar="REV", help="branch, tag or commit of a Hub id (default main)")
     p.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: empty, a new document)")
     p.add_argument("--prompts-file", default=None, metavar="FILE",
                    help="continue every line of FILE instead of --prompt (one prompt per line, UTF-8)")
@@ -124,7 +132,8 @@ def _read_prompts(path: str) -> list[str]:
 def main(model: str, prompt: str = "", prompts_file: str | None = None, output: str | None = None,
          batch_size: int = 16, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 0,
          top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, stop: list[str] | None = None,
-         seed: int | None = None, device: str = "auto", dtype: str = "auto", cuda_graph: bool = True) -> int:
+         seed: int | None = None, device: str = "auto", dtype: str = "auto", cuda_graph: bool = True,
+         revision: str | None = None) -> int:
     """Stream a continuation of `prompt` (or continue each line of `prompts_file`) from the checkpoint in `model`.
 
     Every prompt is prefixed with the tokenizer's end-of-document token, as every document is in
@@ -137,7 +146,8 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
     """
     import torch
 
-    from ..checkpoints import load_checkpoint_tokenizer
+    from ..checkpoints import load_checkpoint_tokenizer, resolve_checkpoint
+    from ..checkpoints.hub import looks_like_hub_id
     from ..data import IncrementalDecoder
     from ..generation import stream
     from ..models import MambaLM
@@ -151,8 +161,9 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
     if stops is not None and not all(stops):
         raise UsageError("--stop needs a non-empty text")
     directory = Path(model)
-    if not directory.is_dir():
+    if not directory.is_dir() and not looks_like_hub_id(model):
         raise UsageError(f"model directory not found: {model}")
+    directory = resolve_checkpoint(model, revision)  # a Hub id: its snapshot in huggingface_hub's cache
     if not (directory / "config.json").is_file():
         raise UsageError(f"no config.json in {model}: not a model directory (train one with `mambakit train`)")
     prompts = _read_prompts(prompts_file) if prompts_file is not None else None
