@@ -169,7 +169,7 @@ class HFTokenizer(_CheckpointFields):
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         if eos_token is None and guess_eos:
             eos_token = next((t for t in _EOS_CANDIDATES if self._tok.token_to_id(t) is not None), None)
-        elif self._tok.token_to_id(eos_token) is None:
+        elif eos_token is not None and self._tok.token_to_id(eos_token) is None:
             raise DataError(f"eos_token {eos_token!r} is not in the vocabulary of {path}")
         self.eos_token = eos_token
         self.eos_id = None if eos_token is None else self._tok.token_to_id(eos_token)
