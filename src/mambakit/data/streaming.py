@@ -58,8 +58,9 @@ class _DecodeStream:
     def __init__(self, tokenizer: HFTokenizer):
         from tokenizers.decoders import DecodeStream
 
+        self._new_stream = lambda: DecodeStream(skip_special_tokens=False)
         self._backend = tokenizer.backend
-        self._stream = DecodeStream(skip_special_tokens=False)
+        self._stream = self._new_stream()
         self._tokenizer = tokenizer
         self._context: list[int] = []  # the last id the stream emitted text for
         self._pending: list[int] = []
@@ -78,7 +79,8 @@ class _DecodeStream:
         decode = self._tokenizer.decode
         before = decode(self._context)
         text = decode(self._context + self._pending)[len(before):]
-        self._pending = []
+        # the stream still holds those ids: start a fresh one, so that nothing is emitted twice
+        self._stream, self._context, self._pending = self._new_stream(), [], []
         return text
 
 
