@@ -111,9 +111,9 @@ def test_from_pretrained_hub_id_matches_the_local_directory(hub_cache, revision,
     cache, local_a, local_b = hub_cache
     got = MambaLM.from_pretrained(REPO, revision=revision)
     _assert_same_model(got, MambaLM.from_pretrained(local_a if local == "a" else local_b))
-    expected_commit = COMMIT_B if local == "b" else COMMIT_A
-    tok = load_checkpoint_tokenizer(cache / "models--org--tiny-mamba" / "snapshots" / expected_commit)
-    assert tok.encode("To be") == load_checkpoint_tokenizer(local_a).encode("To be")
+    tok = load_checkpoint_tokenizer(REPO, revision=revision)
+    assert tok.encode("To be") == load_checkpoint_tokenizer(local_a).encode("To be") and tok.eos_id == 0
+    assert str(tok.path).startswith(str(cache / "models--org--tiny-mamba" / "snapshots"))
 
 
 def test_two_revisions_differ(hub_cache):
@@ -171,16 +171,17 @@ def test_without_huggingface_hub_the_error_says_how_to_install(hub_cache, monkey
         MambaLM.from_pretrained(REPO)
 
 
-def test_cli_in_a_fresh_process_reads_hf_hub_offline_and_the_cache_from_the_environment(hub_cache, tmp_path):
+@pytest.mark.slow  # two fresh interpreters importing torch and huggingface_hub
+def test_cli_in_a_fresh_process_reads_hf_hub_offline_and_the_cache_from_the_environment(hub_cache, capsys):
     cache, local_a, _ = hub_cache
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    cmd = [sys.executable, "-m", "mambakit.cli", "generate", "--prompt", "To", "--max-new-tokens", "4",
-           "--temperature", "0", "--model"]
+    args = ["generate", "--prompt", "To", "--max-new-tokens", "4", "--temperature", "0", "--model"]
+    cmd = [sys.executable, "-m", "mambakit.cli", *args]
     hub = subprocess.run(cmd + [REPO], capture_output=True, text=True, env=env, timeout=300)
     assert hub.returncode == 0, hub.stderr
-    local = subprocess.run(cmd + [str(local_a)], capture_output=True, text=True, env=env, timeout=300)
-    assert hub.stdout == local.stdout
+    assert main(args + [str(local_a)]) == 0
+    assert hub.stdout == capsys.readouterr().out
     missing = subprocess.run(cmd + ["org/missing"], capture_output=True, text=True, env=env, timeout=300)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
     assert "'org/missing'" in missing.stderr and str(cache) in missing.stderr

@@ -48,19 +48,23 @@ def _token_text(token) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
 
 
-def load_checkpoint_tokenizer(directory: str | Path):
+def load_checkpoint_tokenizer(directory: str | Path, revision: str | None = None):
     """The tokenizer saved with a checkpoint, with the special tokens and chat template its configs give.
 
     A mambakit.data ByteTokenizer, HFTokenizer or SentencePieceTokenizer, or a TransformersTokenizer for a
     Hugging Face folder only transformers reads (see the module docstring for the order and the sources).
+    `directory` may be a Hub id (at `revision`), resolved as load_pretrained resolves it.
 
     Example:
-        >>> tok = load_checkpoint_tokenizer("mamba-130m-hf")      # tokenizer.json of GPT-NeoX-20B
+        >>> tok = load_checkpoint_tokenizer("state-spaces/mamba-130m-hf")      # tokenizer.json of GPT-NeoX-20B
         >>> tok.eos_id, tok.stop_ids
         (0, (0,))
     """
     from ..data import DataError, HFTokenizer, SentencePieceTokenizer, TransformersTokenizer, load_tokenizer
+    from .hub import resolve_checkpoint
 
+    if not Path(directory).is_dir() or revision is not None:
+        directory = resolve_checkpoint(directory, revision)  # the name as given: Path() would drop a leading ./
     directory = Path(directory)
     cfg = read_json(directory / TOKENIZER_CONFIG) if (directory / TOKENIZER_CONFIG).is_file() else {}
     names = _special_names(directory, cfg)
