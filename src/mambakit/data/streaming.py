@@ -18,8 +18,9 @@ while it ends in U+FFFD, half a character split across tokens, so what has been 
 from __future__ import annotations
 
 import codecs
+from collections.abc import Callable
 
-from .tokenizers import ByteTokenizer, HFTokenizer
+from .tokenizers import ByteTokenizer, HFTokenizer, Tokenizer
 
 __all__ = ["IncrementalDecoder"]
 
@@ -29,7 +30,7 @@ _INCOMPLETE = "\ufffd"
 class _WindowDecoder:
     """Incremental text from any `decode(ids) -> str`, decoding only the ids since the last emitted token."""
 
-    def __init__(self, decode):
+    def __init__(self, decode: Callable[[list[int]], str]):
         self._decode = decode
         self._ids: list[int] = []
         self._prefix = 0  # start of the context: the token emitted last
@@ -97,7 +98,7 @@ class IncrementalDecoder:
         ['', 'é', '!', '']
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         if isinstance(tokenizer, ByteTokenizer):
             self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
