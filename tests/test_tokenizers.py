@@ -242,6 +242,10 @@ def test_generate_chat_applies_the_template(chat_checkpoint, capsys):
     new = generate(model, [tok.encode(prompt)], 12, eos_token_id=tok.stop_ids)[0]
     expected = tok.decode(new[:-1] if new and new[-1] in tok.stop_ids else new)
     assert out == expected + "\n" and "Who's there" not in out
+    (directory / "prompts.txt").write_text("Who's there?\n")
+    assert main(["generate", "--model", str(directory), "--chat", "--prompts-file", str(directory / "prompts.txt"),
+                 "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["completion"] == expected
 
 
 def test_generate_chat_without_a_template_is_one_line(tmp_path, capsys):
