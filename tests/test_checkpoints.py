@@ -289,7 +289,11 @@ def test_hub_id_is_a_clear_error_without_network(tmp_path, monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.chdir(tmp_path)
-    message = r"'state-spaces/mamba-130m' is not a local directory; .* never downloads"
+    from huggingface_hub import constants  # offline, an empty cache: tests/test_hub.py has the full story
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    message = r"'state-spaces/mamba-130m' \(revision 'main', Hugging Face cache .*\) is not a local directory"
     with pytest.raises(CheckpointError, match=message):
         MambaLM.from_pretrained("state-spaces/mamba-130m")
     (tmp_path / "file.bin").write_bytes(b"x")

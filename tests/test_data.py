@@ -100,12 +100,12 @@ def test_tokenizers_save_and_load(tmp_path, bpe_path):
 
 @pytest.mark.parametrize("setup, message", [
     pytest.param("empty", "no tokenizer_config.json or tokenizer.json", id="missing"),
-    pytest.param("unknown-type", "unknown tokenizer type 'sentencepiece'", id="unknown-type"),
+    pytest.param("unknown-type", "unknown tokenizer type 'wordpiece-v0'", id="unknown-type"),
     pytest.param("bad-json", "expected a JSON object", id="bad-json"),
 ])
 def test_load_tokenizer_errors(tmp_path, setup, message):
     if setup == "unknown-type":
-        (tmp_path / "tokenizer_config.json").write_text('{"type": "sentencepiece"}')
+        (tmp_path / "tokenizer_config.json").write_text('{"type": "wordpiece-v0"}')
     elif setup == "bad-json":
         (tmp_path / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(DataError, match=message):

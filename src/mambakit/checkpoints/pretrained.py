@@ -8,7 +8,8 @@ Reading tells the formats apart by config.json (a transformers config names its 
 any of the weight layouts listed in io.py. Checkpoint names go through the format's declarative key map
 (reference.KEY_MAP, huggingface.KEY_MAP), and the weights are checked against the config before any
 tensor is read: every missing and unexpected key is listed by its name in the file, every shape
-mismatch names the key and both shapes.
+mismatch names the key and both shapes. A name that is not a local directory is a Hugging Face Hub id,
+resolved through huggingface_hub's cache (hub.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import torch
 from ..models import MambaLM
 from . import huggingface, reference
 from .errors import CheckpointError
-from .io import CONFIG_NAME, WeightFiles, checkpoint_dir, floating_dtype, read_json
+from .hub import push_to_hub as _hub_push
+from .hub import resolve_checkpoint
+from .io import CONFIG_NAME, WeightFiles, floating_dtype, read_json
 from .keymap import KeyMap
 from .tokenizer_files import copy_tokenizer, has_tokenizer, load_checkpoint_tokenizer, save_tokenizer
 
@@ -76,20 +79,22 @@ def load_weights(model: MambaLM, weights: WeightFiles, key_map: KeyMap) -> None:
                                       "different values: set tie_embeddings (tie_word_embeddings) to false")
 
 
-def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> MambaLM:
-    """Load a local checkpoint directory in any of FORMATS, in eval mode.
+def load_pretrained(path, dtype: torch.dtype | None = None, device=None, revision: str | None = None) -> MambaLM:
+    """Load a checkpoint in any of FORMATS, in eval mode, from a local directory or a Hugging Face Hub id.
 
     Args:
-        path: a local directory (a hub id is an error: nothing is downloaded).
+        path: a local directory, or a Hub id ("state-spaces/mamba-130m-hf") resolved through huggingface_hub's
+            cache (the `hub` extra; HF_HUB_OFFLINE=1 reads the cache only). See checkpoints.hub.
         dtype: parameter dtype; None keeps the checkpoint's (its most common floating dtype). mambakit's
             modules keep some parameters in float32 whatever the dtype (Mamba-1's A_log and D), as mamba_ssm.
         device: where to build the model (default CPU).
+        revision: the Hub repository's branch, tag or commit hash (Hub ids only; default "main").
 
     Example:
-        >>> model = load_pretrained("mamba-130m-hf", dtype=torch.bfloat16, device="cuda")
-        >>> model = MambaLM.from_pretrained("state-spaces-mamba2-130m")      # the same, as a classmethod
+        >>> model = load_pretrained("state-spaces/mamba-130m-hf", dtype=torch.bfloat16, device="cuda")
+        >>> model = MambaLM.from_pretrained("runs/shakespeare")      # the same, as a classmethod
     """
-    directory = checkpoint_dir(path)
+    directory = resolve_checkpoint(path, revision)
     raw = read_json(directory / CONFIG_NAME)
     if huggingface.is_hf_config(raw):
         config = huggingface.config_from_hf(raw, str(directory),
@@ -118,7 +123,8 @@ def _parse_format(format: str) -> str:
 
 
 def save_pretrained(model: MambaLM, save_directory, format: str = "mambakit", tokenizer=None,
-                    max_shard_size: int | None = None) -> Path:
+                    max_shard_size: int | None = None, push_to_hub: bool = False, repo_id: str | None = None,
+                    private: bool | None = None, token: str | None = None) -> Path:
     """Write `model` (and its tokenizer) as a checkpoint directory that `load_pretrained` reads back exactly.
 
     Args:
@@ -127,6 +133,8 @@ def save_pretrained(model: MambaLM, save_directory, format: str = "mambakit", to
         tokenizer: a mambakit.data tokenizer saved beside the weights; its end-of-document id becomes the
             "hf" config's eos/bos/pad token id.
         max_shard_size: bytes per safetensors shard ("mambakit", "hf"); None writes one file.
+        push_to_hub: then upload the directory to the Hub repository `repo_id` (created if missing; `private`,
+            `token` as huggingface_hub takes them). Needs the `hub` extra.
     Returns:
         the directory. Weight files of an earlier save in it are replaced; other files are left alone.
 
@@ -135,9 +143,13 @@ def save_pretrained(model: MambaLM, save_directory, format: str = "mambakit", to
         >>> AutoModelForCausalLM.from_pretrained("out/mamba-hf")     # transformers reads it as it is
     """
     format = _parse_format(format)
+    if push_to_hub and not repo_id:
+        raise CheckpointError("push_to_hub=True needs repo_id (e.g. 'me/my-mamba')")
     out = _save_model(model, save_directory, format, None if tokenizer is None else tokenizer.eos_id, max_shard_size)
     if tokenizer is not None:
         save_tokenizer(tokenizer, out, format)
+    if push_to_hub:
+        _hub_push(out, repo_id, private=private, token=token)
     return out
 
 
@@ -156,16 +168,17 @@ def _save_model(model: MambaLM, save_directory, format: str, eos_id: int | None,
 
 
 def convert_checkpoint(src, dst, to: str, dtype: torch.dtype | None = None,
-                       max_shard_size: int | None = None) -> Path:
-    """Read checkpoint `src` (any format) and write it to `dst` in format `to`, tokenizer files included.
+                       max_shard_size: int | None = None, revision: str | None = None) -> Path:
+    """Read checkpoint `src` (any format; a directory or a Hub id at `revision`) and write it to `dst` in format
+    `to`, tokenizer files included.
 
     The weights are copied exactly (or cast to `dtype`); transformers' tokenizer files travel as they are.
 
     Example:
-        >>> convert_checkpoint("mamba-130m-hf", "mamba-130m-kit", to="mambakit")
+        >>> convert_checkpoint("state-spaces/mamba-130m-hf", "mamba-130m-kit", to="mambakit")
     """
     to = _parse_format(to)
-    src_dir = checkpoint_dir(src)
+    src_dir = resolve_checkpoint(src, revision)
     dst = Path(dst)
     if dst.exists() and dst.resolve() == src_dir.resolve():
         raise CheckpointError(f"the destination {dst} is the source directory: write the conversion elsewhere")

@@ -5,8 +5,16 @@
                             every field is kept and each reader ignores what it does not know)
     tokenizer.json          a Hugging Face `tokenizers` file (e.g. GPT-NeoX-20B's), type "hf" only
 
-A Hugging Face model folder (tokenizer_config.json without "type") reads as an `HFTokenizer` whose
-end-of-document token is that file's eos_token.
+A Hugging Face model folder (tokenizer_config.json without "type", or none) reads as the first of
+    tokenizer.json     -> HFTokenizer                (the `tokenizers` package)
+    tokenizer.model    -> SentencePieceTokenizer     (the `sentencepiece` package)
+    anything else      -> TransformersTokenizer      (transformers' AutoTokenizer, when installed)
+and its special tokens come from the checkpoint's configs, never from guesses at token names:
+    ids      generation_config.json, then config.json       (bos/eos/pad_token_id; eos may be a list)
+    names    tokenizer_config.json, then special_tokens_map.json   (bos_token, eos_token, ...)
+eos_id is the first end-of-sequence id found, `stop_ids` every one of them. The chat template is
+tokenizer_config.json's "chat_template" (a string, or a list of named templates: "default") or
+chat_template.jinja.
 """
 
 from __future__ import annotations
@@ -15,19 +23,24 @@ import shutil
 from pathlib import Path
 
 from .errors import CheckpointError
-from .io import read_json, write_json
+from .io import CONFIG_NAME, GENERATION_CONFIG, read_json, write_json
 
 __all__ = ["TOKENIZER_FILES", "has_tokenizer", "load_checkpoint_tokenizer", "save_tokenizer", "copy_tokenizer"]
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER_JSON = "tokenizer.json"
 # What a converted checkpoint carries across: mambakit's two files and transformers' companions.
-TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model")
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+SENTENCEPIECE_MODEL = "tokenizer.model"
+TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, "added_tokens.json",
+                   "vocab.json", "merges.txt", SENTENCEPIECE_MODEL, CHAT_TEMPLATE_FILE)
+# transformers' names of the special tokens (what chat templates see)
+SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 def has_tokenizer(directory: Path) -> bool:
-    return (directory / TOKENIZER_CONFIG).is_file() or (directory / TOKENIZER_JSON).is_file()
+    return any((directory / name).is_file() for name in (TOKENIZER_CONFIG, TOKENIZER_JSON, SENTENCEPIECE_MODEL))
 
 
 def _token_text(token) -> str | None:
@@ -35,25 +48,115 @@ def _token_text(token) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
 
 
-def load_checkpoint_tokenizer(directory: str | Path):
-    """The tokenizer saved with a checkpoint (a mambakit.data ByteTokenizer or HFTokenizer).
+def load_checkpoint_tokenizer(directory: str | Path, revision: str | None = None):
+    """The tokenizer saved with a checkpoint, with the special tokens and chat template its configs give.
+
+    A mambakit.data ByteTokenizer, HFTokenizer or SentencePieceTokenizer, or a TransformersTokenizer for a
+    Hugging Face folder only transformers reads (see the module docstring for the order and the sources).
+    `directory` may be a Hub id (at `revision`), resolved as load_pretrained resolves it.
 
     Example:
-        >>> tok = load_checkpoint_tokenizer("mamba-130m-hf")      # tokenizer.json of GPT-NeoX-20B
-        >>> tok.eos_id
-        0
+        >>> tok = load_checkpoint_tokenizer("state-spaces/mamba-130m-hf")      # tokenizer.json of GPT-NeoX-20B
+        >>> tok.eos_id, tok.stop_ids
+        (0, (0,))
     """
-    from ..data import DataError, HFTokenizer, load_tokenizer
+    from ..data import DataError, HFTokenizer, SentencePieceTokenizer, TransformersTokenizer, load_tokenizer
+    from .hub import resolve_checkpoint
 
+    if not Path(directory).is_dir() or revision is not None:
+        directory = resolve_checkpoint(directory, revision)  # the name as given: Path() would drop a leading ./
     directory = Path(directory)
+    cfg = read_json(directory / TOKENIZER_CONFIG) if (directory / TOKENIZER_CONFIG).is_file() else {}
+    names = _special_names(directory, cfg)
     try:
-        if (directory / TOKENIZER_CONFIG).is_file() and (directory / TOKENIZER_JSON).is_file():
-            cfg = read_json(directory / TOKENIZER_CONFIG)
-            if "type" not in cfg:  # a Hugging Face folder as transformers wrote it
-                return HFTokenizer(directory, eos_token=_token_text(cfg.get("eos_token")))
-        return load_tokenizer(directory)
+        if "type" in cfg:
+            tokenizer = load_tokenizer(directory)  # mambakit's own (bytes, hf, sentencepiece)
+        elif (directory / TOKENIZER_JSON).is_file():
+            tokenizer = HFTokenizer(directory, eos_token=names.get("eos_token"), guess_eos=False)
+        elif (directory / SENTENCEPIECE_MODEL).is_file():
+            tokenizer = SentencePieceTokenizer(directory, eos_token=names.get("eos_token"),
+                                               added_tokens=_added_tokens(cfg))
+        elif (directory / TOKENIZER_CONFIG).is_file() or (directory / "vocab.json").is_file():
+            tokenizer = TransformersTokenizer(directory)
+        else:
+            tokenizer = load_tokenizer(directory)  # no tokenizer at all: its error names the files looked for
+        _apply_checkpoint_fields(tokenizer, directory, cfg, names)
     except DataError as err:
         raise CheckpointError(f"{directory}: cannot load the checkpoint's tokenizer: {err}") from err
+    return tokenizer
+
+
+def _special_names(directory: Path, cfg: dict) -> dict[str, str]:
+    """{"bos_token": "<s>", ...} from tokenizer_config.json, then special_tokens_map.json."""
+    smap = read_json(directory / SPECIAL_TOKENS_MAP) if (directory / SPECIAL_TOKENS_MAP).is_file() else {}
+    names = {}
+    for name in SPECIAL_NAMES:
+        text = _token_text(cfg.get(name))
+        if text is None:
+            text = _token_text(smap.get(name))
+        if isinstance(text, str):
+            names[name] = text
+    return names
+
+
+def _added_tokens(cfg: dict) -> dict[str, int]:
+    """transformers' added_tokens_decoder ({"32000": {"content": "<|im_start|>", ...}}) as {text: id}."""
+    added = {}
+    for key, token in (cfg.get("added_tokens_decoder") or {}).items():
+        text = _token_text(token)
+        if isinstance(text, str) and str(key).isdigit():
+            added[text] = int(key)
+    return added
+
+
+def _config_ids(directory: Path, field: str) -> list[int]:
+    """`field` (e.g. "eos_token_id") from generation_config.json, else config.json, as a list (may be empty)."""
+    for name in (GENERATION_CONFIG, CONFIG_NAME):
+        path = directory / name
+        value = read_json(path).get(field) if path.is_file() else None
+        if value is not None:
+            values = value if isinstance(value, list) else [value]
+            return [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+    return []
+
+
+def _apply_checkpoint_fields(tokenizer, directory: Path, cfg: dict, names: dict[str, str]) -> None:
+    """Set bos_id / eos_id / pad_id / stop_ids / special_tokens / chat_template from the checkpoint's configs."""
+    to_id = getattr(tokenizer, "token_to_id", None)
+    to_token = getattr(tokenizer, "id_to_token", None)
+
+    def ids_of(kind: str) -> list[int]:
+        ids = [i for i in _config_ids(directory, f"{kind}_token_id") if i < tokenizer.vocab_size]
+        named = names.get(f"{kind}_token")
+        if named is not None and to_id is not None and to_id(named) is not None and to_id(named) not in ids:
+            ids.append(to_id(named))
+        return ids
+
+    eos = ids_of("eos")
+    if eos:
+        tokenizer.eos_id = eos[0]
+    bos, pad = ids_of("bos"), ids_of("pad")
+    tokenizer.bos_id = bos[0] if bos else None
+    tokenizer.pad_id = pad[0] if pad else None
+    tokenizer.stop_ids = tuple(dict.fromkeys(eos or ([] if tokenizer.eos_id is None else [tokenizer.eos_id])))
+    special = dict(names)
+    for kind, ids in (("bos", bos), ("eos", eos), ("pad", pad)):
+        if f"{kind}_token" not in special and ids and to_token is not None and to_token(ids[0]) is not None:
+            special[f"{kind}_token"] = to_token(ids[0])
+    tokenizer.special_tokens = special
+    template = _chat_template(directory, cfg)
+    if template is not None:
+        tokenizer.chat_template = template
+
+
+def _chat_template(directory: Path, cfg: dict) -> str | None:
+    if (directory / CHAT_TEMPLATE_FILE).is_file():  # transformers >= 4.50 saves it here
+        return (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    return template if isinstance(template, str) else None
 
 
 def _finish_config(directory: Path, hf: bool) -> None:
@@ -62,7 +165,7 @@ def _finish_config(directory: Path, hf: bool) -> None:
     cfg = read_json(path) if path.is_file() else {}
     if "type" not in cfg:
         if not (directory / TOKENIZER_JSON).is_file():
-            return  # e.g. a sentencepiece-only folder: nothing mambakit can read, left as it came
+            return  # e.g. a sentencepiece folder: read as a Hugging Face folder, left as it came
         cfg["type"] = "hf"
     if cfg["type"] == "hf":
         cfg["eos_token"] = _token_text(cfg.get("eos_token"))

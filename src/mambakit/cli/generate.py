@@ -26,10 +26,16 @@ examples:
   mambakit generate --model runs/shakespeare --prompts-file prompts.txt --output out.jsonl --batch-size 32
       one prompt per line, generated in batches; one JSON line per prompt
       ({"index", "prompt", "completion", "new_tokens"}) to out.jsonl (default: stdout)
+  mambakit generate --model state-spaces/mamba-130m-hf --prompt "Mamba is" --revision main
+      a Hugging Face Hub id, fetched once into huggingface_hub's cache (pip install 'mambakit[hub]';
+      HF_HUB_OFFLINE=1 reads the cache only)
+  mambakit generate --model ORG/CHAT-MODEL --chat --prompt "What is a state space model?"
+      the prompt as a user message in the tokenizer's chat template; prints the reply
 
 The directory must hold config.json, model.safetensors and the tokenizer (tokenizer_config.json,
-plus tokenizer.json for non-byte tokenizers), as `mambakit train` writes them. The text goes to
-stdout; the speed (tokens/s) to stderr."""
+plus tokenizer.json for non-byte tokenizers), as `mambakit train` writes them, or be a Hugging Face
+model folder (tokenizer.json, or sentencepiece's tokenizer.model). The text goes to stdout; the
+speed (tokens/s) to stderr."""
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -68,8 +74,13 @@ def _positive_int(text: str) -> int:
 
 def build_parser(prog: str = "mambakit generate") -> Parser:
     p = Parser(prog=prog, description=SUMMARY, epilog=EXAMPLES)
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (e.g. runs/shakespeare)")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="checkpoint directory (e.g. runs/shakespeare) or Hugging Face Hub id (e.g. org/name)")
+    p.add_argument("--revision", default=None, metavar="REV", help="branch, tag or commit of a Hub id (default main)")
     p.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: empty, a new document)")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt (each line of --prompts-file) as a user message through the tokenizer's "
+                        "chat template; print only the reply")
     p.add_argument("--prompts-file", default=None, metavar="FILE",
                    help="continue every line of FILE instead of --prompt (one prompt per line, UTF-8)")
     p.add_argument("--output", default=None, metavar="FILE",
@@ -124,11 +135,14 @@ def _read_prompts(path: str) -> list[str]:
 def main(model: str, prompt: str = "", prompts_file: str | None = None, output: str | None = None,
          batch_size: int = 16, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 0,
          top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, stop: list[str] | None = None,
-         seed: int | None = None, device: str = "auto", dtype: str = "auto", cuda_graph: bool = True) -> int:
+         seed: int | None = None, device: str = "auto", dtype: str = "auto", cuda_graph: bool = True,
+         revision: str | None = None, chat: bool = False) -> int:
     """Stream a continuation of `prompt` (or continue each line of `prompts_file`) from the checkpoint in `model`.
 
     Every prompt is prefixed with the tokenizer's end-of-document token, as every document is in
-    training, so the model continues it as the start of a document. Returns the exit status.
+    training, so the model continues it as the start of a document (the begin-of-sequence token when the
+    checkpoint's configs name one). With `chat`, the prompt becomes a user message rendered by the tokenizer's
+    chat template (which places any special tokens itself). Returns the exit status.
 
     Examples:
         mambakit generate --model runs/shakespeare --prompt "**HAMLET**"
@@ -137,8 +151,10 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
     """
     import torch
 
-    from ..checkpoints import load_checkpoint_tokenizer
+    from ..checkpoints import load_checkpoint_tokenizer, resolve_checkpoint
+    from ..checkpoints.hub import looks_like_hub_id
     from ..data import IncrementalDecoder
+    from ..data.chat import apply_chat_template
     from ..generation import stream
     from ..models import MambaLM
     from ..training import resolve_device
@@ -151,8 +167,9 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
     if stops is not None and not all(stops):
         raise UsageError("--stop needs a non-empty text")
     directory = Path(model)
-    if not directory.is_dir():
+    if not directory.is_dir() and not looks_like_hub_id(model):
         raise UsageError(f"model directory not found: {model}")
+    directory = resolve_checkpoint(model, revision)  # a Hub id: its snapshot in huggingface_hub's cache
     if not (directory / "config.json").is_file():
         raise UsageError(f"no config.json in {model}: not a model directory (train one with `mambakit train`)")
     prompts = _read_prompts(prompts_file) if prompts_file is not None else None
@@ -168,25 +185,36 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
     if tokenizer.vocab_size > lm.config.padded_vocab_size:
         raise UsageError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the model's "
                          f"({lm.config.padded_vocab_size}): they do not belong together")
-    start = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    # every id that ends a reply (generation_config.json may list several), and the id a document starts with
+    stop_ids = list(getattr(tokenizer, "stop_ids", ()) or ([] if tokenizer.eos_id is None else [tokenizer.eos_id]))
+    first = getattr(tokenizer, "bos_id", None)
+    first = tokenizer.eos_id if first is None else first
+    start = [] if chat or first is None else [first]
+
+    def encode_prompt(text: str) -> list[int]:
+        if chat:  # a DataError (printed as one line) when the tokenizer has no chat template
+            text = apply_chat_template(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
+        return start + tokenizer.encode(text)
+
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                    repetition_penalty=repetition_penalty, eos_token_id=tokenizer.eos_id, seed=seed,
+                    repetition_penalty=repetition_penalty, eos_token_id=stop_ids or None, seed=seed,
                     stop_strings=stops, decode=tokenizer.decode if stops else None, cuda_graph=cuda_graph)
     t0 = time.perf_counter()
     if prompts is not None:
-        n_new = _generate_file(lm, tokenizer, prompts, start, output, batch_size, max_new_tokens, sampling)
+        n_new = _generate_file(lm, tokenizer, prompts, encode_prompt, stop_ids, output, batch_size, max_new_tokens,
+                               sampling)
     else:
-        prompt_ids = start + tokenizer.encode(prompt)
+        prompt_ids = encode_prompt(prompt)
         if not prompt_ids:
             raise UsageError("the prompt is empty and the tokenizer has no end-of-document token to start from")
         out = sys.stdout
-        out.write(prompt)
+        out.write("" if chat else prompt)
         out.flush()
         decoder = IncrementalDecoder(tokenizer)
         n_new = 0
         for token in stream(lm, prompt_ids, max_new_tokens, **sampling):
             n_new += 1
-            if token == tokenizer.eos_id:
+            if token in stop_ids:
                 break
             out.write(decoder.push(token))
             out.flush()
@@ -198,15 +226,15 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
     return 0
 
 
-def _generate_file(lm, tokenizer, prompts: list[str], start: list[int], output: str | None, batch_size: int,
-                   max_new_tokens: int, sampling: dict) -> int:
+def _generate_file(lm, tokenizer, prompts: list[str], encode_prompt, stop_ids: list[int], output: str | None,
+                   batch_size: int, max_new_tokens: int, sampling: dict) -> int:
     """Continue each prompt in batches of batch_size; write one JSON line per prompt; return the new-token count.
 
     Batch k is seeded with seed + k * batch_size, so a seeded run is reproducible and its batches differ.
     """
     from ..generation import generate
 
-    encoded = [start + tokenizer.encode(text) for text in prompts]
+    encoded = [encode_prompt(text) for text in prompts]
     if any(not ids for ids in encoded):
         raise UsageError("an empty prompt needs a tokenizer with an end-of-document token to start from")
     n_new = 0
@@ -217,7 +245,7 @@ def _generate_file(lm, tokenizer, prompts: list[str], start: list[int], output: 
             seed = None if sampling["seed"] is None else sampling["seed"] + first
             for i, new in enumerate(generate(lm, batch, max_new_tokens, **{**sampling, "seed": seed})):
                 n_new += len(new)
-                text_ids = new[:-1] if new and new[-1] == tokenizer.eos_id else new
+                text_ids = new[:-1] if new and new[-1] in stop_ids else new
                 record = {"index": first + i, "prompt": prompts[first + i], "completion": tokenizer.decode(text_ids),
                           "new_tokens": len(new)}
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -20,13 +20,17 @@ from .corpora import (
 )
 from .errors import DataError
 from .stream import RandomWindows, TokenStream, eval_target_count, eval_windows
-from .tokenizers import ByteTokenizer, HFTokenizer, IncrementalDecoder, Tokenizer, load_tokenizer
+from .streaming import IncrementalDecoder
+from .tokenizers import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer, TransformersTokenizer,
+                         load_tokenizer)
 
 __all__ = [
     "DataError",
     "Tokenizer",
     "ByteTokenizer",
     "HFTokenizer",
+    "SentencePieceTokenizer",
+    "TransformersTokenizer",
     "load_tokenizer",
     "IncrementalDecoder",
     "Document",

@@ -138,15 +138,20 @@ class MambaLM(nn.Module):
         return generate(self, prompts, max_new_tokens, **kwargs)
 
     def save_pretrained(self, save_directory, format: str = "mambakit", tokenizer=None,
-                        max_shard_size: int | None = None) -> None:
-        """Write config + weights (+ tokenizer) in format "mambakit", "mamba_ssm" or "hf" (see mambakit.checkpoints)."""
+                        max_shard_size: int | None = None, push_to_hub: bool = False, repo_id: str | None = None,
+                        **hub_kwargs) -> None:
+        """Write config + weights (+ tokenizer) in format "mambakit", "mamba_ssm" or "hf" (see mambakit.checkpoints);
+        with push_to_hub=True also upload them to the Hub repository `repo_id` (the `hub` extra)."""
         from ..checkpoints import save_pretrained
 
-        save_pretrained(self, save_directory, format=format, tokenizer=tokenizer, max_shard_size=max_shard_size)
+        save_pretrained(self, save_directory, format=format, tokenizer=tokenizer, max_shard_size=max_shard_size,
+                        push_to_hub=push_to_hub, repo_id=repo_id, **hub_kwargs)
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> "MambaLM":
-        """Load a local checkpoint directory (see mambakit.checkpoints.load_pretrained)."""
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None,
+                        revision: str | None = None) -> "MambaLM":
+        """Load a local checkpoint directory or a Hugging Face Hub id such as "state-spaces/mamba-130m-hf" at
+        `revision` (see mambakit.checkpoints.load_pretrained)."""
         from ..checkpoints import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, device=device)
+        return load_pretrained(path, dtype=dtype, device=device, revision=revision)
