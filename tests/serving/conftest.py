@@ -1,7 +1,7 @@
 """Fixtures for the server tests: a tiny trained byte-level checkpoint and servers on 127.0.0.1.
 
-The checkpoint is trained once per session (40 steps of a 2-layer d_model 32 Mamba-2 on repeated verse,
-a few seconds); its tokenizer_config.json gets a chat template. A server runs uvicorn in a daemon thread
+The checkpoint is trained once per session (10 steps of a 2-layer d_model 32 Mamba-2 on repeated verse,
+about 5 s on 2 cores); its tokenizer_config.json gets a chat template. A server runs uvicorn in a daemon thread
 on a free loopback port and is stopped by the fixture (should_exit, then a bounded join).
 """
 
@@ -34,7 +34,7 @@ def checkpoint(tmp_path_factory):
         (data / f"doc{i:02d}.txt").write_text("".join(lines[(i + j) % 4] for j in range(10)))
     torch.manual_seed(0)
     cfg = TrainConfig(recipe="test", data=str(data), layer="mamba2", d_model=32, n_layer=2, d_state=8, expand=2,
-                      headdim=16, chunk_size=16, seqlen=64, batch_size=4, lr=1e-2, warmup_steps=3, max_steps=40,
+                      headdim=16, chunk_size=16, seqlen=32, batch_size=4, lr=1e-2, warmup_steps=2, max_steps=10,
                       eval_every=0, eval_tokens=256, final_eval_tokens=256, eval_batch_size=4, log_every=10,
                       progress=False, sample_tokens=0, val_fraction=0.1, out_dir=str(root / "model"))
     train(cfg)
@@ -86,7 +86,7 @@ def server(checkpoint):
     from mambakit.data import ByteTokenizer
 
     srv = ServerThread(checkpoint[1], ByteTokenizer(), chat_template=CHAT_TEMPLATE, max_batch_size=8, max_queue=64,
-                       prefill_chunk=16, prefix_cache_bytes=8 << 20, max_model_len=512)
+                       prefill_chunk=16, prefix_cache_bytes=8 << 20, max_model_len=4096)
     yield srv
     srv.stop()
 

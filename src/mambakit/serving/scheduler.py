@@ -75,7 +75,7 @@ class Event:
     error: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two requests with the same settings are still two requests
 class GenerationRequest:
     """One prompt and its n choices, as the HTTP layer submits it.
 
