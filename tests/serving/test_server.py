@@ -111,6 +111,21 @@ def test_concurrent_mixed_requests_each_equal_the_request_alone(client, server):
     assert steps < tokens / 2, (steps, tokens)
 
 
+def test_several_decode_steps_per_round_trip_change_no_output(client, checkpoint):
+    """decode_steps=4: tokens after a row's end inside a block are dropped, so every output is the same."""
+    srv = ServerThread(checkpoint[1], TOK, max_batch_size=8, max_queue=64, prefill_chunk=16, decode_steps=4,
+                       max_model_len=4096)
+    try:
+        requests = _mixed_requests()[:16]
+        alone = [_run(client, r) for r in requests]
+        with openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60) as client4:
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                together = list(pool.map(lambda r: _run(client4, r), requests))
+    finally:
+        srv.stop()
+    assert together == alone
+
+
 STREAMED = [
     pytest.param(dict(prompt="to be or not", max_tokens=30, temperature=0), id="greedy"),
     pytest.param(dict(prompt="the rest is", max_tokens=30, temperature=0.9, seed=7, stop=["is", "\n"]),

@@ -73,6 +73,11 @@ def build_parser(prog: str = "mambakit serve") -> Parser:
                         "every K tokens (default 128)")
     p.add_argument("--prefix-cache-mb", type=_int_at_least(0), default=512, metavar="MB",
                    help="memory for stored prefix states, least recently used evicted first; 0 disables (default 512)")
+    p.add_argument("--decode-steps", type=_int_at_least(1), default=None, metavar="k",
+                   help="decode steps per host round trip: the host reads tokens once per k steps, a finished "
+                        "sequence may compute up to k-1 tokens for nothing (default: 4 on CUDA, 1 on CPU)")
+    p.add_argument("--max-prefill-tokens", type=_int_at_least(1), default=8192, metavar="N",
+                   help="prompt tokens of several requests prefilled in one call (default 8192)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="replay the decode step from CUDA graphs at batch sizes 1, 2, 4, ... (CUDA only; default on)")
     p.add_argument("--shutdown-timeout", type=_seconds, default=30.0, metavar="S",
@@ -84,7 +89,8 @@ def build_parser(prog: str = "mambakit serve") -> Parser:
 
 def main(model: str, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
          device: str = "auto", dtype: str = "auto", max_batch_size: int = 32, max_queue: int = 256,
-         max_model_len: int = 16384, prefill_chunk: int = 128, prefix_cache_mb: int = 512, cuda_graph: bool = True,
+         max_model_len: int = 16384, prefill_chunk: int = 128, prefix_cache_mb: int = 512,
+         decode_steps: int | None = None, max_prefill_tokens: int = 8192, cuda_graph: bool = True,
          shutdown_timeout: float = 30.0, log_level: str = "info") -> int:
     """Serve the checkpoint in `model` until SIGTERM or Ctrl-C; returns the exit status (0 after a graceful stop).
 
@@ -123,7 +129,9 @@ def main(model: str, host: str = "127.0.0.1", port: int = 8000, served_model_nam
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     scheduler = Scheduler(lm, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
                           prefill_chunk=prefill_chunk, prefix_cache_bytes=prefix_cache_mb << 20,
-                          cuda_graph=cuda_graph, max_model_len=max_model_len).start()
+                          cuda_graph=cuda_graph, max_model_len=max_model_len,
+                          decode_steps=decode_steps or (4 if dev.type == "cuda" else 1),
+                          max_prefill_tokens=max_prefill_tokens).start()
     name = served_model_name or directory.resolve().name
     app = create_app(scheduler, tokenizer, name, chat_template=load_chat_template(directory))
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)

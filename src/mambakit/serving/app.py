@@ -178,23 +178,42 @@ class _Server:
 
 async def _events(server: _Server, http: Request, channel: _Channel,
                   requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, Event]]:
-    """(prompt index, event) pairs until every choice has finished; cancels the requests if the client leaves."""
+    """(prompt index, event) pairs until every choice has finished; cancels the requests if the client leaves.
+
+    Whatever has queued up since the last look is merged per choice (one event, its texts and tokens
+    joined), so a handler that falls behind the scheduler sends fewer, larger chunks instead of a backlog.
+    """
     open_choices = {(p, c) for p, r in enumerate(requests) for c in range(r.n)}
     try:
         while open_choices:
             try:
-                p_index, events = await asyncio.wait_for(channel.queue.get(), timeout=1.0)
+                items = [await asyncio.wait_for(channel.queue.get(), timeout=1.0)]
             except asyncio.TimeoutError:
                 if await http.is_disconnected():
                     return
                 continue
-            for event in events:
-                if event.error is not None:
-                    raise APIError(500, f"generation failed: {event.error}", type="server_error")
-                if (p_index, event.index) not in open_choices:
-                    continue
-                if event.finish_reason is not None:
-                    open_choices.discard((p_index, event.index))
+            while not channel.queue.empty():
+                items.append(channel.queue.get_nowait())
+            merged: dict[tuple[int, int], Event] = {}
+            for p_index, events in items:
+                for event in events:
+                    if event.error is not None:
+                        raise APIError(500, f"generation failed: {event.error}", type="server_error")
+                    key = (p_index, event.index)
+                    if key not in open_choices:
+                        continue
+                    if event.finish_reason is not None:
+                        open_choices.discard(key)
+                    if key not in merged:
+                        merged[key] = Event(event.index, event.text, list(event.token_ids), list(event.logprobs),
+                                            event.finish_reason)
+                    else:
+                        m = merged[key]
+                        m.text += event.text
+                        m.token_ids += event.token_ids
+                        m.logprobs += event.logprobs
+                        m.finish_reason = event.finish_reason or m.finish_reason
+            for (p_index, _), event in merged.items():
                 yield p_index, event
     finally:
         if open_choices:

@@ -1,6 +1,7 @@
 """Continuous batching over cache slots: requests join and leave a running decode batch at any step.
 
-Shapes (legend): S max batch size (slots), B running rows, V padded vocab, K prefill chunk length.
+Shapes (legend): S max batch size (slots), B running rows, V padded vocab, K prefill chunk length,
+k decode steps per host round trip.
 
 A Mamba request's whole state is one row of an `InferenceCache`, a fixed size whatever its length.
 The scheduler owns one cache of S slots. Running sequences occupy slots 0..B-1 (kept contiguous: when
@@ -8,18 +9,25 @@ a sequence ends, the last running row moves into its slot, one row copy), so a d
 model call over the first B slots (on CUDA, a graph replay of the smallest captured bucket >= B).
 
 One thread runs the loop; each iteration:
-  1. takes new requests and cancellations from the HTTP side;
-  2. runs one prefill chunk (at most K tokens, one request, a 1-row cache of its own) of the oldest
-     waiting request that fits in the free slots; a request whose prefill ends joins the batch: its
+  1. takes new requests and cancellations from the HTTP side, and admits waiting requests (oldest
+     first) while their choices fit in the slots not yet taken;
+  2. runs one prefill call: the next chunk (at most K tokens, ending at a multiple of K or the prompt's
+     end) of every admitted request whose chunk has the same length as the oldest one's, up to
+     `max_prefill_tokens`, as one batch; a request whose prompt is done joins the running batch: its
      state is copied into n slots (n choices) and its last logits become those rows' next logits;
-  3. samples one token for every running row (per-row settings and seeds, `BatchSampler`), hands the
-     text to the requests, frees the slots of finished ones, and runs one decode step for the others.
+  3. runs k decode steps for the running rows (per-row settings and seeds, `BatchSampler`; the tokens
+     stay on the device between steps), copies the k x B tokens to the host while the last step's
+     model call still runs, and hands the text to the requests; finished rows free their slots.
 Prefill chunks therefore interleave with decode steps: a long prompt delays the running batch by one
-chunk per step, never by its whole length.
+chunk per iteration, never by its whole length. Tokens a row makes after it finished inside a block
+of k steps (EOS, a stop sequence, max_tokens) are dropped: k > 1 wastes a little compute near the end
+of a request to pay the host round trip (and the Python work per token) once per k steps.
 
 Prefill chunks end at the multiples of K (and at the prompt's end), and the state at each of those
 ends goes into the `PrefixCache`; a request whose prompt starts with a stored prefix starts from the
-copy and runs the same chunks after it, so its output is bitwise what it would be without the store.
+copy and runs the same chunks after it, so its output is what it would be without the store: bitwise
+when its chunks are computed in batches of the same composition (always so for a request alone); a
+different batch composition changes float rounding of the matrix products (as in any batched decode).
 """
 
 from __future__ import annotations
@@ -36,7 +44,6 @@ import torch
 from torch import nn
 
 from ..generation import InferenceCache, allocate_cache, decode_one_token
-from ..generation.steps import prefill_packed
 from ..modules import MixerState
 from .metrics import Metrics
 from .prefix_cache import PrefixCache, prefix_digest
@@ -197,6 +204,8 @@ class Scheduler:
         prefix_cache_bytes: bytes of the prefix-state store (0: no reuse).
         cuda_graph: capture the decode step at bucketed batch sizes (CUDA only).
         max_model_len: prompt + new tokens per sequence; a sequence that reaches it ends ("length").
+        decode_steps: decode steps per host round trip (k); 1 hands every token over at once.
+        max_prefill_tokens: tokens in one batched prefill call (at least one chunk always runs).
 
     Example:
         >>> sched = Scheduler(model, tokenizer, max_batch_size=8).start()
@@ -207,14 +216,17 @@ class Scheduler:
 
     def __init__(self, model: nn.Module, tokenizer, *, max_batch_size: int = 32, max_queue: int = 256,
                  prefill_chunk: int = 64, prefix_cache_bytes: int = 256 << 20, cuda_graph: bool = True,
-                 max_model_len: int = 16384, state_dtype: torch.dtype | None = None):
+                 max_model_len: int = 16384, state_dtype: torch.dtype | None = None, decode_steps: int = 1,
+                 max_prefill_tokens: int = 8192):
         for name, value, low in (("max_batch_size", max_batch_size, 1), ("max_queue", max_queue, 0),
-                                 ("prefill_chunk", prefill_chunk, 1), ("max_model_len", max_model_len, 2)):
+                                 ("prefill_chunk", prefill_chunk, 1), ("max_model_len", max_model_len, 2),
+                                 ("decode_steps", decode_steps, 1), ("max_prefill_tokens", max_prefill_tokens, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"Scheduler: {name} must be an int >= {low}, got {value!r}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.prefill_chunk, self.max_model_len = prefill_chunk, max_model_len
+        self.decode_steps, self.max_prefill_tokens = decode_steps, max_prefill_tokens
         self.device = next(model.parameters()).device
         self.state_dtype = state_dtype
         self.vocab, self.real_vocab = model.config.padded_vocab_size, model.config.vocab_size
@@ -229,7 +241,7 @@ class Scheduler:
         self._steps_B = torch.zeros(0, dtype=torch.long, device=self.device)
         self.running: list[_Seq] = []
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
-        self.prefilling: _Prefill | None = None
+        self.prefilling: list[_Prefill] = []
         self._dirty = True
         self._lock = threading.Condition()
         self._inbox: list[GenerationRequest] = []
@@ -275,7 +287,7 @@ class Scheduler:
     def gauges(self) -> dict[str, float]:
         return {"queue_length": len(self.waiting) + len(self._inbox),
                 "running_sequences": len(self.running),
-                "prefilling_requests": int(self.prefilling is not None),
+                "prefilling_requests": len(self.prefilling),
                 "free_slots": self.max_batch_size - len(self.running),
                 "prefix_cache_bytes": self.prefix_cache.nbytes,
                 "prefix_cache_entries": len(self.prefix_cache)}
@@ -295,8 +307,7 @@ class Scheduler:
             for request in cancels:
                 self._abort(request)
             if stopping:
-                for request in list(self.waiting) + ([self.prefilling.request] if self.prefilling else []) \
-                        + list({id(s.request): s.request for s in self.running}.values()):
+                for request in self._in_flight():
                     self._abort(request)
                 return
             try:
@@ -306,11 +317,16 @@ class Scheduler:
                 logger.exception("scheduler step failed")
                 self._fail_all(f"{type(err).__name__}: {err}")
 
+    def _in_flight(self) -> list[GenerationRequest]:
+        return list(self.waiting) + [job.request for job in self.prefilling] \
+            + list({id(s.request): s.request for s in self.running}.values())
+
     def _step(self) -> None:
-        if self.prefilling is None and self.waiting and \
-                self.waiting[0].n <= self.max_batch_size - len(self.running):
+        free = self.max_batch_size - len(self.running) - sum(job.request.n for job in self.prefilling)
+        while self.waiting and self.waiting[0].n <= free:
+            free -= self.waiting[0].n
             self._start_prefill(self.waiting.popleft())
-        if self.prefilling is not None:
+        if self.prefilling:
             self._prefill_chunk()
         if self.running:
             self._decode()
@@ -327,8 +343,7 @@ class Scheduler:
         request.cancelled = True
         if request in self.waiting:
             self.waiting.remove(request)
-        if self.prefilling is not None and self.prefilling.request is request:
-            self.prefilling = None
+        self.prefilling = [job for job in self.prefilling if job.request is not request]
         rows = [s for s in self.running if s.request is request and not s.finished]
         for s in rows:
             s.finished = True
@@ -339,10 +354,9 @@ class Scheduler:
         self._log(request, "abort")
 
     def _fail_all(self, message: str) -> None:
-        requests = list(self.waiting) + ([self.prefilling.request] if self.prefilling else []) \
-            + list({id(s.request): s.request for s in self.running}.values())
+        requests = self._in_flight()
         self.waiting.clear()
-        self.prefilling = None
+        self.prefilling = []
         self.running = []
         self._dirty = True
         for request in requests:
@@ -386,7 +400,7 @@ class Scheduler:
                     break
             else:
                 self.metrics.add("prefix_cache_misses_total")
-        self.prefilling = job
+        self.prefilling.append(job)
 
     def _prompt_logprobs(self, ids: list[int], top: int) -> list[TokenLogprob]:
         """Log-probability of each prompt token given the ones before it (None for the first), for echo."""
@@ -398,20 +412,38 @@ class Scheduler:
         chosen, values, top_ids = chosen.tolist(), values.tolist(), top_ids.tolist()
         return [TokenLogprob(ids[0], None, [])] + [TokenLogprob(t, c, list(zip(i, v))) for t, c, v, i in zip(ids[1:], chosen, values, top_ids)]
 
+    def _next_end(self, job: _Prefill) -> int:
+        return min((job.pos // self.prefill_chunk + 1) * self.prefill_chunk, len(job.request.prompt_ids))
+
     def _prefill_chunk(self) -> None:
-        job = self.prefilling
-        ids, chunk = job.request.prompt_ids, self.prefill_chunk
-        if job.pos < len(ids):
-            end = min((job.pos // chunk + 1) * chunk, len(ids))
-            piece = torch.tensor([ids[job.pos:end]], dtype=torch.long, device=self.device)
-            _, job.logits = prefill_packed(self.model, piece, [end - job.pos], job.cache, chunk_size=None)
+        """One model call: the next chunk of the admitted requests whose chunks have the oldest one's length."""
+        done = [job for job in self.prefilling if job.pos == len(job.request.prompt_ids)]  # whole-prompt hits
+        todo = [job for job in self.prefilling if job.pos < len(job.request.prompt_ids)]
+        if todo:
+            length = self._next_end(todo[0]) - todo[0].pos
+            group = [job for job in todo if self._next_end(job) - job.pos == length]
+            group = group[:max(1, self.max_prefill_tokens // length)]
+            ids_KL = torch.tensor([job.request.prompt_ids[job.pos:job.pos + length] for job in group],
+                                  dtype=torch.long, device=self.device)
+            batch = InferenceCache([MixerState(torch.cat([job.cache.layers[i].conv_state for job in group]),
+                                               torch.cat([job.cache.layers[i].ssm_state for job in group]))
+                                    for i in range(len(group[0].cache.layers))], seqlen_offset=1)
+            # the model reads the states as they are (zero for a new prompt): no reset, unlike prefill()
+            logits_KV = self.model(ids_KL, cache=batch, logits_to_keep=1)[:, -1].float()
             self.metrics.add("prefill_chunks_total")
-            job.digest = prefix_digest(ids[job.pos:end], job.digest)
-            job.pos = end
-            if self.prefix_cache.enabled:
-                self.prefix_cache.put(ids[:end], job.digest.digest(), job.cache, job.logits)
-        if job.pos == len(ids):
-            self.prefilling = None
+            for row, job in enumerate(group):
+                job.cache = InferenceCache([MixerState(s.conv_state[row:row + 1], s.ssm_state[row:row + 1])
+                                            for s in batch.layers], seqlen_offset=job.pos + length)
+                job.logits = logits_KV[row:row + 1]
+                ids = job.request.prompt_ids
+                job.digest = prefix_digest(ids[job.pos:job.pos + length], job.digest)
+                job.pos += length
+                if self.prefix_cache.enabled:
+                    self.prefix_cache.put(ids[:job.pos], job.digest.digest(), job.cache, job.logits)
+                if job.pos == len(ids):
+                    done.append(job)
+        for job in done:
+            self.prefilling.remove(job)
             self._join(job)
 
     def _join(self, job: _Prefill) -> None:
@@ -460,42 +492,68 @@ class Scheduler:
             self.sampler.set_rows([s.params for s in self.running])
             self._steps_B = torch.tensor([len(s.tokens) for s in self.running], dtype=torch.long, device=self.device)
             self._dirty = False
-        logits_BV = self._logits_SV[:rows]
-        tokens_B = self.sampler.sample(logits_BV, self._steps_B)
-        self._steps_B += 1
         want = max((s.request.logprobs for s in self.running if s.request.logprobs is not None), default=None)
+        logits_BV = self._logits_SV[:rows]
+        steps, logprob_parts = [], []
+        for j in range(self.decode_steps):
+            tokens_B = self.sampler.sample(logits_BV, self._steps_B)
+            self._steps_B += 1
+            steps.append(tokens_B)
+            if want is not None:
+                logprob_parts.append(token_logprobs(logits_BV, tokens_B, self.real_vocab, want))
+            if j + 1 < self.decode_steps:
+                logits_BV = self.decoder(tokens_B)
+        tokens_Bk = torch.stack(steps, dim=1)
+        on_host = tokens_Bk.to("cpu", non_blocking=True)
+        ready = torch.cuda.Event() if self.device.type == "cuda" else None
+        if ready is not None:
+            ready.record()
+        # the next logits of every row: computed while the host reads the tokens (rows that finish in this
+        # block compute one step for nothing; compaction below moves the others' results with them)
+        self._logits_SV[:rows] = self.decoder(steps[-1])
+        if ready is not None:
+            ready.synchronize()
+        tokens = on_host.tolist()
         if want is not None:
-            chosen, values, top_ids = (t.tolist() for t in token_logprobs(logits_BV, tokens_B, self.real_vocab, want))
-        tokens = tokens_B.tolist()
-        self.metrics.add("decode_steps_total")
-        self.metrics.tokens(rows)
+            lp = [[t.tolist() for t in part] for part in logprob_parts]  # per step: chosen (B,), values, ids
+        self.metrics.add("decode_steps_total", self.decode_steps)
         now = time.monotonic()
         events: dict[int, tuple[GenerationRequest, list[Event]]] = {}
         any_finished = False
-        for row, (seq, token) in enumerate(zip(self.running, tokens)):
+        produced = 0
+        for row, (seq, row_tokens) in enumerate(zip(self.running, tokens)):
             request = seq.request
-            seq.tokens.append(token)
-            request.completion_tokens += 1
-            if request.first_token_at is None:
-                request.first_token_at = now
-                self.metrics.ttft(now - request.arrival)
-            reason = None
-            if token == self.eos_id and not request.ignore_eos:
-                text, reason = seq.text.finish(), "stop"
-            else:
-                text, hit = seq.text.push(token)
-                if hit:
-                    reason = "stop"
-                elif len(seq.tokens) >= request.max_tokens or \
-                        len(request.prompt_ids) + len(seq.tokens) >= self.max_model_len:
-                    text, reason = text + seq.text.finish(), "length"
-            event = Event(seq.index, text, [token], finish_reason=reason)
-            if request.logprobs is not None:
-                k = request.logprobs
-                event.logprobs = [TokenLogprob(token, chosen[row], list(zip(top_ids[row][:k], values[row][:k])))]
+            event = Event(seq.index)
+            for j, token in enumerate(row_tokens):
+                seq.tokens.append(token)
+                request.completion_tokens += 1
+                produced += 1
+                if request.first_token_at is None:
+                    request.first_token_at = now
+                    self.metrics.ttft(now - request.arrival)
+                event.token_ids.append(token)
+                if request.logprobs is not None:
+                    chosen, values, top_ids = lp[j]
+                    k = request.logprobs
+                    event.logprobs.append(TokenLogprob(token, chosen[row], list(zip(top_ids[row][:k],
+                                                                                       values[row][:k]))))
+                if token == self.eos_id and not request.ignore_eos:
+                    event.text += seq.text.finish()
+                    event.finish_reason = "stop"
+                else:
+                    text, hit = seq.text.push(token)
+                    event.text += text
+                    if hit:
+                        event.finish_reason = "stop"
+                    elif len(seq.tokens) >= request.max_tokens or \
+                            len(request.prompt_ids) + len(seq.tokens) >= self.max_model_len:
+                        event.text += seq.text.finish()
+                        event.finish_reason = "length"
+                if event.finish_reason is not None:
+                    seq.finished = any_finished = True
+                    break  # the rest of the block is dropped
             events.setdefault(id(request), (request, []))[1].append(event)
-            if reason is not None:
-                seq.finished = any_finished = True
+        self.metrics.tokens(produced)
         for request, evs in events.values():
             self._emit(request, evs)
         if any_finished:
@@ -506,7 +564,3 @@ class Scheduler:
                     self.metrics.finished(reasons[-1] if reasons else "stop")
                     self._log(request, ",".join(sorted(set(reasons))))
             self._compact()
-        if self.running:
-            feed_B = torch.tensor([s.tokens[-1] for s in self.running], dtype=torch.long, device=self.device) \
-                if any_finished else tokens_B
-            self._logits_SV[:len(self.running)] = self.decoder(feed_B)
