@@ -98,6 +98,8 @@ def _serve(args, port: int, ready) -> None:
 
     from mambakit.serving import Scheduler, create_app
 
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     model, tokenizer = _build(args)
     scheduler = Scheduler(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk, prefix_cache_bytes=args.prefix_cache_mb << 20,
@@ -218,6 +220,8 @@ def main() -> int:
     p.add_argument("--decode-steps", type=int, default=0, help="server decode steps per host round trip "
                                                                "(default: 4 on CUDA, 1 on CPU)")
     p.add_argument("--max-prefill-tokens", type=int, default=8192)
+    p.add_argument("--switch-interval", type=float, default=0.0005,
+                   help="sys.setswitchinterval in the server, as `mambakit serve` sets it (default 0.0005)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads in the server and the baseline (default: torch's). On a CPU shared with "
                         "other jobs, 1 avoids OpenMP threads waiting on descheduled peers")

@@ -14,6 +14,7 @@ A state at a prompt's end that is not a chunk multiple is only reused by a promp
 
 from __future__ import annotations
 
+import array
 import hashlib
 import threading
 from collections import OrderedDict
@@ -27,7 +28,7 @@ from ..generation import InferenceCache
 def prefix_digest(ids: list[int], start_hash: "hashlib._Hash | None" = None) -> "hashlib._Hash":
     """An incremental blake2b over the ids (as little-endian int64): `h.copy().update(more)` extends it."""
     h = hashlib.blake2b(digest_size=16) if start_hash is None else start_hash.copy()
-    h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    h.update(array.array("q", ids).tobytes())
     return h
 
 

@@ -47,10 +47,21 @@ def mix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 31)
 
 
+_MASK = (1 << 64) - 1
+
+
+def _mix64_int(x: int) -> int:
+    """`mix64` on one Python int (unsigned 64-bit arithmetic)."""
+    x &= _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
 def request_key(seed: int, choice: int = 0) -> int:
-    """The 64-bit stream key of choice `choice` of a request seeded with `seed` (any Python ints)."""
-    x = torch.tensor([_signed(seed % (1 << 64)), _signed(choice % (1 << 64))], dtype=torch.int64)
-    return int(mix64(mix64(x[:1] + _GAMMA) ^ mix64(x[1:] * _GAMMA + 1))[0])
+    """The stream key (an int64) of choice `choice` of a request seeded with `seed` (any Python ints)."""
+    gamma = 0x9E3779B97F4A7C15
+    return _signed(_mix64_int(_mix64_int(seed * gamma + 0x632BE59BD9B4E019) + (choice + 1) * gamma))
 
 
 def exponential_noise(keys_B: torch.Tensor, steps_B: torch.Tensor, vocab: int) -> torch.Tensor:

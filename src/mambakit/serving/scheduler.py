@@ -164,8 +164,7 @@ class SlotDecoder:
 
     def _capture(self, device: torch.device) -> None:
         with torch.cuda.device(device):
-            pool = None
-            for b in reversed(self.buckets):  # largest first: the smaller graphs share its memory pool
+            for b in self.buckets:
                 view = _view(self.cache, b)
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
@@ -174,9 +173,8 @@ class SlotDecoder:
                         decode_one_token(self.model, self._tokens_S[:b], view)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph):
                     logits = decode_one_token(self.model, self._tokens_S[:b], view)
-                pool = graph.pool()
                 self.graphs[b] = (graph, logits)
             self.cache.reset()  # the warm-up advanced the states
 
@@ -295,6 +293,8 @@ class Scheduler:
     # ---- the scheduler thread ----
 
     def _run(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # the graphs and kernels run on the model's GPU from this thread
         while True:
             with self._lock:
                 while not (self._stop or self._inbox or self._cancels or self.running or self.waiting
