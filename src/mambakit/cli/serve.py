@@ -76,7 +76,7 @@ def build_parser(prog: str = "mambakit serve") -> Parser:
                    help="memory for stored prefix states, least recently used evicted first; 0 disables (default 512)")
     p.add_argument("--decode-steps", type=_int_at_least(1), default=None, metavar="k",
                    help="decode steps per host round trip: the host reads tokens once per k steps, a finished "
-                        "sequence may compute up to k-1 tokens for nothing (default: 4 on CUDA, 1 on CPU)")
+                        "sequence may compute up to k-1 tokens for nothing (default: 8 on CUDA, 1 on CPU)")
     p.add_argument("--max-prefill-tokens", type=_int_at_least(1), default=8192, metavar="N",
                    help="prompt tokens of several requests prefilled in one call (default 8192)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
@@ -134,7 +134,7 @@ def main(model: str, host: str = "127.0.0.1", port: int = 8000, served_model_nam
     scheduler = Scheduler(lm, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
                           prefill_chunk=prefill_chunk, prefix_cache_bytes=prefix_cache_mb << 20,
                           cuda_graph=cuda_graph, max_model_len=max_model_len,
-                          decode_steps=decode_steps or (4 if dev.type == "cuda" else 1),
+                          decode_steps=decode_steps or (8 if dev.type == "cuda" else 1),
                           max_prefill_tokens=max_prefill_tokens).start()
     name = served_model_name or directory.resolve().name
     app = create_app(scheduler, tokenizer, name, chat_template=load_chat_template(directory))
