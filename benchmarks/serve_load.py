@@ -107,8 +107,14 @@ def _serve(args, port: int, ready) -> None:
                           decode_steps=args.decode_steps or (8 if args.device.startswith("cuda") else 1),
                           max_prefill_tokens=args.max_prefill_tokens).start()
     app = create_app(scheduler, tokenizer, "bench")
+    if args.server_log:
+        import logging
+
+        logging.basicConfig(filename=args.server_log, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # keep-alive longer than any level: at uvicorn's 5 s a client can pick an idle pooled connection just as
+    # the server closes it (a read error that is the benchmark's, not the server's)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
+                                           timeout_graceful_shutdown=5, timeout_keep_alive=3600))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     ready.set()
@@ -154,27 +160,33 @@ async def _level(url: str, clients: int, args, vocab: int) -> dict:
     deadline = time.perf_counter() + args.time_limit
     prompts = _prompts(clients * args.requests_per_client, args.prompt_len, vocab, seed=clients)
     results: list[tuple[float, float, int]] = []
+    errors: list[str] = []
 
     async def client(i: int, http) -> None:
         for r in range(args.requests_per_client):
             if time.perf_counter() > deadline:
                 return
-            results.append(await _one_request(http, url, prompts[i * args.requests_per_client + r], args.new_tokens))
+            try:
+                results.append(await _one_request(http, url, prompts[i * args.requests_per_client + r],
+                                                  args.new_tokens))
+            except (httpx.HTTPError, RuntimeError) as err:  # counted and reported, the level goes on
+                errors.append(f"{type(err).__name__}: {err}")
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=args.time_limit + 600, limits=limits) as http:
         t0 = time.perf_counter()
         await asyncio.gather(*(client(i, http) for i in range(clients)))
         wall = time.perf_counter() - t0
-    ttfts = sorted(r[0] for r in results)
+    ttfts = sorted(r[0] for r in results) or [float("nan")]
     tokens = sum(r[2] for r in results)
 
     def pct(q: float) -> float:
         return ttfts[min(len(ttfts) - 1, int(round(q * (len(ttfts) - 1))))]
 
-    return {"clients": clients, "requests": len(results), "new_tokens": tokens, "wall_s": round(wall, 3),
+    return {"clients": clients, "requests": len(results), "errors": len(errors), "first_errors": errors[:3],
+            "new_tokens": tokens, "wall_s": round(wall, 3),
             "throughput_tok_s": round(tokens / wall, 1), "ttft_p50_s": round(pct(0.5), 4),
-            "ttft_p99_s": round(pct(0.99), 4), "latency_mean_s": round(statistics.mean(r[1] for r in results), 3)}
+            "ttft_p99_s": round(pct(0.99), 4), "latency_mean_s": round(statistics.mean(r[1] for r in results), 3) if results else None}
 
 
 def _offline(args, batch: int, vocab: int) -> float:
@@ -224,6 +236,7 @@ def main() -> int:
     p.add_argument("--decode-steps", type=int, default=0, help="server decode steps per host round trip "
                                                                "(default: 8 on CUDA, 1 on CPU)")
     p.add_argument("--max-prefill-tokens", type=int, default=8192)
+    p.add_argument("--server-log", default=None, help="write the server's request log to this file")
     p.add_argument("--switch-interval", type=float, default=0.0005,
                    help="sys.setswitchinterval in the server, as `mambakit serve` sets it (default 0.0005)")
     p.add_argument("--threads", type=int, default=0,

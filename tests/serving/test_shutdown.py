@@ -65,3 +65,24 @@ def test_sigterm_finishes_the_running_request_and_exits_0(checkpoint):
     assert "Shutting down" in output and "request " in output
     with pytest.raises(httpx.TransportError):
         httpx.get(url + "/health", timeout=2)
+
+
+SERVE_ERRORS = [
+    pytest.param(["serve"], "mambakit serve: error: the following arguments are required: --model", id="no-model"),
+    pytest.param(["serve", "--model", "{tmp}/missing"], "mambakit serve: error: model directory not found",
+                 id="missing-model"),
+    pytest.param(["serve", "--model", "{tmp}"], "mambakit serve: error: no config.json in", id="not-a-model"),
+    pytest.param(["serve", "--model", "{tmp}", "--max-batch-size", "0"],
+                 "mambakit serve: error: argument --max-batch-size: expected an integer >= 1", id="zero-slots"),
+    pytest.param(["serve", "--model", "{tmp}", "--shutdown-timeout", "soon"],
+                 "mambakit serve: error: argument --shutdown-timeout", id="bad-timeout"),
+]
+
+
+@pytest.mark.parametrize("argv, message", SERVE_ERRORS)
+def test_serve_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    from mambakit.cli.__main__ import main
+
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message.replace("{tmp}", str(tmp_path))) and err.count("\n") == 1
