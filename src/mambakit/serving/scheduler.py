@@ -15,13 +15,15 @@ One thread runs the loop; each iteration:
      end) of every admitted request whose chunk has the same length as the oldest one's, up to
      `max_prefill_tokens`, as one batch; a request whose prompt is done joins the running batch: its
      state is copied into n slots (n choices) and its last logits become those rows' next logits;
-  3. runs k decode steps for the running rows (per-row settings and seeds, `BatchSampler`; the tokens
-     stay on the device between steps), copies the k x B tokens to the host while the last step's
-     model call still runs, and hands the text to the requests; finished rows free their slots.
+  3. launches k decode steps for the running rows (per-row settings and seeds, `BatchSampler`; the
+     tokens stay on the device between steps, then go to the host with a non-blocking copy), and only
+     then reads the tokens of the block launched in the previous iteration: the host's work (text, stop
+     sequences, events, freeing the slots of finished rows) runs while the device computes the next
+     block. On a CPU the calls are synchronous and the order changes nothing.
 Prefill chunks therefore interleave with decode steps: a long prompt delays the running batch by one
-chunk per iteration, never by its whole length. Tokens a row makes after it finished inside a block
-of k steps (EOS, a stop sequence, max_tokens) are dropped: k > 1 wastes a little compute near the end
-of a request to pay the host round trip (and the Python work per token) once per k steps.
+chunk per iteration, never by its whole length. A row that finished (EOS, a stop sequence, max_tokens)
+keeps computing until the host has read its block and compacted the batch, up to 2k - 1 steps later;
+those tokens are dropped. That waste pays for reading the device once per k steps, off its critical path.
 
 Prefill chunks end at the multiples of K (and at the prompt's end), and the state at each of those
 ends goes into the `PrefixCache`; a request whose prompt starts with a stored prefix starts from the
@@ -122,6 +124,17 @@ class _Seq:
     text: TextStream
     tokens: list[int] = field(default_factory=list)
     finished: bool = False
+    launched: int = 0  # tokens sampled on the device so far (ahead of `tokens` while a block is in flight)
+
+
+@dataclass
+class _Block:
+    """k decode steps launched for `seqs` (slot order at launch): their tokens on their way to the host."""
+
+    seqs: list[_Seq]
+    tokens_Bk: torch.Tensor
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # chosen (B, k), top values / ids (B, k, t)
+    ready: "torch.cuda.Event | None"
 
 
 @dataclass
@@ -241,6 +254,7 @@ class Scheduler:
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.prefilling: list[_Prefill] = []
         self._dirty = True
+        self._pending: _Block | None = None
         self._lock = threading.Condition()
         self._inbox: list[GenerationRequest] = []
         self._cancels: list[GenerationRequest] = []
@@ -298,7 +312,7 @@ class Scheduler:
         while True:
             with self._lock:
                 while not (self._stop or self._inbox or self._cancels or self.running or self.waiting
-                           or self.prefilling):
+                           or self.prefilling or self._pending):
                     self._lock.wait(1.0)
                 self.waiting.extend(self._inbox)
                 self._inbox.clear()
@@ -328,8 +342,10 @@ class Scheduler:
             self._start_prefill(self.waiting.popleft())
         if self.prefilling:
             self._prefill_chunk()
-        if self.running:
-            self._decode()
+        block = self._launch() if self.running else None
+        if self._pending is not None:  # the previous block's tokens, read while the new block runs
+            self._process(self._pending)
+        self._pending = block
 
     def _emit(self, request: GenerationRequest, events: list[Event]) -> None:
         try:
@@ -357,6 +373,7 @@ class Scheduler:
         requests = self._in_flight()
         self.waiting.clear()
         self.prefilling = []
+        self._pending = None
         self.running = []
         self._dirty = True
         for request in requests:
@@ -486,42 +503,58 @@ class Scheduler:
         del self.running[alive:]
         self._dirty = True
 
-    def _decode(self) -> None:
+    def _launch(self) -> _Block:
+        """Queue k decode steps for the running rows (sampling included); the host does not wait for them.
+
+        Rows already finished in the block still being read compute on for nothing until the next compaction.
+        The tokens go to the host with a non-blocking copy, recorded by an event before the last step's model
+        call, so reading them waits for the sampling only, not for that call.
+        """
         rows = len(self.running)
         if self._dirty:
             self.sampler.set_rows([s.params for s in self.running])
-            self._steps_B = torch.tensor([len(s.tokens) for s in self.running], dtype=torch.long, device=self.device)
+            self._steps_B = torch.tensor([s.launched for s in self.running], dtype=torch.long, device=self.device)
             self._dirty = False
         want = max((s.request.logprobs for s in self.running if s.request.logprobs is not None), default=None)
         logits_BV = self._logits_SV[:rows]
-        steps, logprob_parts = [], []
+        steps, parts = [], []
         for j in range(self.decode_steps):
             tokens_B = self.sampler.sample(logits_BV, self._steps_B)
             self._steps_B += 1
             steps.append(tokens_B)
             if want is not None:
-                logprob_parts.append(token_logprobs(logits_BV, tokens_B, self.real_vocab, want))
+                parts.append(token_logprobs(logits_BV, tokens_B, self.real_vocab, want))
             if j + 1 < self.decode_steps:
                 logits_BV = self.decoder(tokens_B)
-        tokens_Bk = torch.stack(steps, dim=1)
-        on_host = tokens_Bk.to("cpu", non_blocking=True)
-        ready = torch.cuda.Event() if self.device.type == "cuda" else None
-        if ready is not None:
-            ready.record()
-        # the next logits of every row: computed while the host reads the tokens (rows that finish in this
-        # block compute one step for nothing; compaction below moves the others' results with them)
-        self._logits_SV[:rows] = self.decoder(steps[-1])
-        if ready is not None:
-            ready.synchronize()
-        tokens = on_host.tolist()
+        for seq in self.running:
+            seq.launched += self.decode_steps
+        tokens_Bk = torch.stack(steps, dim=1).to("cpu", non_blocking=True)
+        logprobs = None
         if want is not None:
-            lp = [[t.tolist() for t in part] for part in logprob_parts]  # per step: chosen (B,), values, ids
+            logprobs = tuple(torch.stack([p[i] for p in parts], dim=1).to("cpu", non_blocking=True) for i in range(3))
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        # the next logits of every row (compaction moves them with their rows)
+        self._logits_SV[:rows] = self.decoder(steps[-1])
         self.metrics.add("decode_steps_total", self.decode_steps)
+        return _Block(list(self.running), tokens_Bk, logprobs, ready)
+
+    def _process(self, block: _Block) -> None:
+        """Hand a block's tokens to their requests; finished rows free their slots."""
+        if block.ready is not None:
+            block.ready.synchronize()
+        tokens = block.tokens_Bk.tolist()
+        if block.logprobs is not None:
+            chosen_Bk, values_Bkt, ids_Bkt = (t.tolist() for t in block.logprobs)
         now = time.monotonic()
         events: dict[int, tuple[GenerationRequest, list[Event]]] = {}
         any_finished = False
         produced = 0
-        for row, (seq, row_tokens) in enumerate(zip(self.running, tokens)):
+        for row, (seq, row_tokens) in enumerate(zip(block.seqs, tokens)):
+            if seq.finished:  # ended in an earlier block, or cancelled since this one was launched
+                continue
             request = seq.request
             event = Event(seq.index)
             for j, token in enumerate(row_tokens):
@@ -533,10 +566,9 @@ class Scheduler:
                     self.metrics.ttft(now - request.arrival)
                 event.token_ids.append(token)
                 if request.logprobs is not None:
-                    chosen, values, top_ids = lp[j]
                     k = request.logprobs
-                    event.logprobs.append(TokenLogprob(token, chosen[row], list(zip(top_ids[row][:k],
-                                                                                       values[row][:k]))))
+                    event.logprobs.append(TokenLogprob(token, chosen_Bk[row][j],
+                                                       list(zip(ids_Bkt[row][j][:k], values_Bkt[row][j][:k]))))
                 if token == self.eos_id and not request.ignore_eos:
                     event.text += seq.text.finish()
                     event.finish_reason = "stop"
