@@ -10,7 +10,8 @@ tokens, --new-tokens new tokens each, EOS ignored so every request has the same 
     throughput_tok_s      new tokens received / wall time of the level (first request sent -> last answer)
     ttft_p50_s, ttft_p99_s  request sent -> first streamed token, over the level's requests
     offline_tok_s         generate() on the same weights: batch C (capped by --offline-max-batch), the same
-                          prompt and new-token counts, prefill included, best of --offline-repeats runs
+                          prompt and new-token counts, prefill included, best of --offline-repeats runs,
+                          measured in this process right before the level (the server idles meanwhile)
     ratio                 throughput_tok_s / offline_tok_s
 
 One JSON object goes to stdout (progress to stderr): the settings, the device, versions, the date, the
@@ -254,13 +255,6 @@ def main() -> int:
 
     load_before = os.getloadavg()
     vocab = _build_vocab(args)
-    offline = {}
-    if not args.no_offline:
-        for c in sorted({min(c, args.offline_max_batch) for c in clients}):
-            _log(f"offline generate() at batch {c} ...")
-            offline[c] = _offline(args, c, vocab)
-            _log(f"  {offline[c]:.1f} new tokens/s")
-
     port = _free_port()
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Event()
@@ -273,13 +267,19 @@ def main() -> int:
         asyncio.run(_level(url, 1, argparse.Namespace(**{**vars(args), "requests_per_client": 1,
                                                          "new_tokens": min(8, args.new_tokens)}), vocab))  # warm-up
         for c in clients:
+            # the baseline right before its level (the server idles meanwhile), so that both see the same
+            # machine: on a shared CPU the load moves between minutes
+            base = None
+            if not args.no_offline:
+                _log(f"offline generate() at batch {min(c, args.offline_max_batch)} ...")
+                base = _offline(args, min(c, args.offline_max_batch), vocab)
             _log(f"{c} clients ...")
             row = asyncio.run(_level(url, c, args, vocab))
-            base = offline.get(min(c, args.offline_max_batch))
             if base is not None:
                 row["offline_batch"] = min(c, args.offline_max_batch)
                 row["offline_tok_s"] = round(base, 1)
                 row["ratio"] = round(row["throughput_tok_s"] / base, 3)
+            row["load_avg_1min"] = round(os.getloadavg()[0], 2)
             _log("  " + json.dumps(row))
             rows.append(row)
     finally:
