@@ -175,6 +175,20 @@ def test_logprobs_and_echo(client, checkpoint):
         assert value == pytest.approx(max(top.values()), abs=1e-5)
 
 
+def test_streamed_logprobs_equal_the_non_streamed_ones(client):
+    kwargs = dict(model="tiny", prompt="all the world", max_tokens=12, temperature=0.7, seed=2, logprobs=3)
+    whole = client.completions.create(**kwargs).choices[0].logprobs
+    tokens, values, offsets = [], [], []
+    for chunk in client.completions.create(stream=True, **kwargs):
+        lp = chunk.choices[0].logprobs
+        if lp is not None:
+            tokens += lp.tokens
+            values += lp.token_logprobs
+            offsets += lp.text_offset
+    assert tokens == whole.tokens and offsets == whole.text_offset
+    assert values == pytest.approx(whole.token_logprobs, abs=1e-6)
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     body = {"model": "tiny", "prompt": "to be", "max_tokens": 4000, "temperature": 0, "stream": True,
             "ignore_eos": True}

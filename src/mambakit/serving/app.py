@@ -339,13 +339,18 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, chat_template: 
                             yield _sse({"id": rid, "object": "text_completion", "created": created,
                                         "model": model_name, "choices": [{"index": p_index * n + c, "text": text,
                                                                           "logprobs": lp, "finish_reason": None}]})
-                offsets = {}  # (prompt, choice) -> characters of that choice's text sent so far
+                offsets = {}  # (prompt, choice) -> text offset after that choice's last token
                 async for p_index, ev in _events(server, http, channel, requests):
                     if not ev.text and ev.finish_reason is None and not ev.logprobs:
                         continue
-                    offset = offsets.get((p_index, ev.index), len(prompts[p_index].echo_text) if req.echo else 0)
-                    offsets[p_index, ev.index] = offset + len(ev.text)
-                    lp = server.completion_logprobs(ev.logprobs, offset) if req.logprobs is not None else None
+                    lp = None
+                    if req.logprobs is not None:
+                        # offsets count token texts, as in the non-streamed response (not the text sent so far,
+                        # which holds back a possible stop sequence)
+                        offset = offsets.get((p_index, ev.index), len(prompts[p_index].echo_text) if req.echo else 0)
+                        lp = server.completion_logprobs(ev.logprobs, offset)
+                        if lp["tokens"]:
+                            offsets[p_index, ev.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
                     yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
                                 "choices": [{"index": p_index * n + ev.index, "text": ev.text, "logprobs": lp,
                                              "finish_reason": ev.finish_reason}]})
