@@ -13,6 +13,8 @@ tokens, --new-tokens new tokens each, EOS ignored so every request has the same 
                           prompt and new-token counts, prefill included, best of --offline-repeats runs,
                           measured in this process right before the level (the server idles meanwhile)
     ratio                 throughput_tok_s / offline_tok_s
+Before each level, every client sends one short request (8 new tokens), not counted: the device kernels
+compile for that level's batch shapes off the clock, as the baseline's warm-up run does for generate().
 
 One JSON object goes to stdout (progress to stderr): the settings, the device, versions, the date, the
 machine's load average before and after, and one row per level.
@@ -264,8 +266,6 @@ def main() -> int:
     rows = []
     try:
         _wait_ready(url, proc, ready)
-        asyncio.run(_level(url, 1, argparse.Namespace(**{**vars(args), "requests_per_client": 1,
-                                                         "new_tokens": min(8, args.new_tokens)}), vocab))  # warm-up
         for c in clients:
             # the baseline right before its level (the server idles meanwhile), so that both see the same
             # machine: on a shared CPU the load moves between minutes
@@ -273,6 +273,9 @@ def main() -> int:
             if not args.no_offline:
                 _log(f"offline generate() at batch {min(c, args.offline_max_batch)} ...")
                 base = _offline(args, min(c, args.offline_max_batch), vocab)
+            # one short request per client first: kernels compile for this level's batch shapes off the clock
+            asyncio.run(_level(url, c, argparse.Namespace(**{**vars(args), "requests_per_client": 1,
+                                                             "new_tokens": min(8, args.new_tokens)}), vocab))
             _log(f"{c} clients ...")
             row = asyncio.run(_level(url, c, args, vocab))
             if base is not None:
