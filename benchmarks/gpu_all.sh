@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
-# Stages: env tests gentests launch scan ssd convnorm layers inference; each runs under its own time limit so one
+# Stages: env tests gentests compose adapters e2e train launch scan ssd convnorm layers inference; each runs under its own time limit so one
 # slow stage leaves the logs of the others intact.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -16,6 +16,15 @@ for stage in "$@"; do
     env) run env 60 python3 -c "import torch, triton, sys; print(sys.version); print(torch.__version__, triton.__version__, torch.cuda.get_device_name())";;
     tests) run tests 300 python3 -m pytest tests/ops -m gpu -q -p no:cacheprovider ${TEST_FLAGS:-};;
     gentests) run gentests 200 python3 -m pytest tests/test_generation.py -m gpu -q -p no:cacheprovider;;
+    compose) run compose 560 python3 -m pytest tests/test_composability.py -m gpu -q -p no:cacheprovider ${COMPOSE_FLAGS:-};;
+    adapters) run adapters 200 python3 -m pytest tests/test_adapters.py -q -p no:cacheprovider;;
+    e2e) for layer in mamba1 mamba2; do
+           run "e2e-train-$layer" 200 python3 -m mambakit.cli train --device cuda --layer $layer --out /tmp/runs/$layer \
+             --time-budget ${E2E_BUDGET:-60s} --no-progress
+           run "e2e-generate-$layer" 100 python3 -m mambakit.cli generate --model /tmp/runs/$layer --device cuda \
+             --prompt "**HAMLET**" --max-new-tokens 200 --temperature 0.8 --seed 0
+         done;;
+    train) run train 560 python3 benchmarks/gpu_train.py ${TRAIN_FLAGS:-};;
     launch) run launch 300 python3 benchmarks/gpu_launch.py ${LAUNCH_FLAGS:-};;
     scan) run scan 300 python3 benchmarks/gpu_selective_scan.py ${SCAN_FLAGS:-};;
     ssd) run ssd 300 python3 benchmarks/gpu_ssd.py ${SSD_FLAGS:-};;

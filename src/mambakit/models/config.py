@@ -22,7 +22,7 @@ class MambaConfig:
     attn_layer_idx / attn_cfg (hybrid attention layers); rms_norm (else LayerNorm); residual_in_fp32;
     fused_add_norm (accepted, numerics identical); pad_vocab_size_multiple; tie_embeddings; norm_epsilon
     (the residual-stream norms' eps, as mamba_ssm's MixerModel argument).
-    Derived: `layer` (the mixer name), `padded_vocab_size`, `mixer_kwargs`.
+    Derived: `layer` (the mixer name), `model_type` ("mamba" / "mamba2"), `padded_vocab_size`, `mixer_kwargs`.
 
     Example:
         >>> cfg = MambaConfig(d_model=256, n_layer=4, vocab_size=256, ssm_cfg={"layer": "Mamba2", "d_state": 64})
@@ -63,6 +63,12 @@ class MambaConfig:
     @property
     def layer(self) -> str:
         return self.ssm_cfg.get("layer", "Mamba1")
+
+    @property
+    def model_type(self) -> str:
+        """"mamba" or "mamba2", as Hugging Face names these architectures (tools such as peft read it); derived
+        from the mixer, not stored in config.json."""
+        return "mamba2" if self.layer == "Mamba2" else "mamba"
 
     @property
     def mixer_kwargs(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..ops import add_rms_norm
+from .fusion import reads_as_plain
 from .norm import RMSNorm
 from .state import MixerState
 
@@ -22,10 +23,11 @@ def add_and_norm(hidden: torch.Tensor, residual: torch.Tensor | None, norm: nn.M
                  residual_in_fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """residual = hidden + residual; normed = norm(residual in norm's dtype); residual in fp32 when asked.
 
-    RMSNorm goes through the fused `add_rms_norm` op (one Triton kernel when no gradient is needed:
-    the decode step's launch count), other norms (LayerNorm) through the unfused steps. Same numbers.
+    A plain RMSNorm goes through the fused `add_rms_norm` op (one Triton kernel when no gradient is needed:
+    the decode step's launch count), other norms (LayerNorm, a hooked or adapted norm) are called as modules
+    after the unfused add. Same numbers.
     """
-    if isinstance(norm, RMSNorm):
+    if reads_as_plain(norm, RMSNorm):
         return add_rms_norm(hidden, residual, norm.weight, eps=norm.eps,
                             residual_dtype=torch.float32 if residual_in_fp32 else None)
     residual = hidden if residual is None else hidden + residual

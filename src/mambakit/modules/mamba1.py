@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops import causal_conv1d, causal_conv1d_update, mamba1_inner, selective_scan, selective_state_update
+from .fusion import reads_as_plain, require_plain_conv
 from .state import MixerState
 
 
@@ -140,10 +141,15 @@ class Mamba1(nn.Module):
         )
 
     def _ssm_params(self, x: torch.Tensor):
-        """x_proj split and dt_proj weight: (..., D) -> dt (..., D) without bias, B (..., N), C (..., N)."""
+        """x_proj split and dt_proj: (..., D) -> dt (..., D), B (..., N), C (..., N), and the bias the scan adds.
+
+        A plain dt_proj leaves its bias to the scan (added in fp32 before the softplus); any other dt_proj (an
+        adapter, a hook) is called as a module, bias included.
+        """
         dt_low, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt_low, self.dt_proj.weight)  # the bias is applied inside the scan, in fp32, before softplus
-        return dt, B, C
+        if reads_as_plain(self.dt_proj, nn.Linear):
+            return F.linear(dt_low, self.dt_proj.weight), B, C, self.dt_proj.bias
+        return self.dt_proj(dt_low), B, C, None
 
     def forward(self, hidden_states: torch.Tensor, cache: MixerState | None = None,
                 seq_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,10 +169,12 @@ class Mamba1(nn.Module):
 
     def _mix(self, xz: torch.Tensor, cache: MixerState | None, seq_idx: torch.Tensor | None) -> torch.Tensor:
         """in_proj's output (B, L, 2D) -> the gated scan output (B, L, D), advancing `cache` when given."""
+        require_plain_conv(self.conv1d, "Mamba1")
         conv_w = self.conv1d.weight.squeeze(1)  # (D, W)
         A = -torch.exp(self.A_log.float())  # (D, N)
         keep = cache is not None
-        if self.fused and not keep:
+        plain = reads_as_plain(self.x_proj, nn.Linear) and reads_as_plain(self.dt_proj, nn.Linear)
+        if self.fused and not keep and plain:  # otherwise the modules are called (adapters, hooks, subclasses)
             return mamba1_inner(xz, conv_w, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                                 self.dt_proj.bias.float(), A, self.D.float(), seq_idx=seq_idx)
         x, z = xz.chunk(2, dim=-1)  # (B, L, D) each
@@ -174,8 +182,9 @@ class Mamba1(nn.Module):
                           initial_state=cache.conv_state if keep else None, return_final_state=keep, seq_idx=seq_idx)
         if keep:
             x, conv_final = x
-        dt, B, C = self._ssm_params(x)
-        y = selective_scan(x, dt, A, B, C, D=self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
+        dt, B, C, dt_bias = self._ssm_params(x)
+        y = selective_scan(x, dt, A, B, C, D=self.D.float(), z=z, dt_bias=None if dt_bias is None else dt_bias.float(),
+                           dt_softplus=True,
                            initial_state=cache.ssm_state if keep else None, return_final_state=keep, seq_idx=seq_idx)
         if keep:
             y, ssm_final = y
@@ -189,11 +198,13 @@ class Mamba1(nn.Module):
         Both states are written in place (the ops update them), never rebound: a CUDA graph captured
         around this step keeps reading and writing the same cache tensors.
         """
+        require_plain_conv(self.conv1d, "Mamba1")
         x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)  # (B, D) each
         x = causal_conv1d_update(cache.conv_state, x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
-        dt, B, C = self._ssm_params(x)
+        dt, B, C, bias = self._ssm_params(x)
         A, D, dt_bias = self._decode_params.get(
             lambda: (-torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()),
             self.A_log, self.D, self.dt_proj.bias)
+        dt_bias = None if bias is None else dt_bias  # a dt_proj called as a module added its bias already
         y = selective_state_update(cache.ssm_state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
         return self.out_proj(y)[:, None]

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ops import causal_conv1d, causal_conv1d_update, mamba2_inner, ssd, ssd_state_update
 from .mamba1 import DecodeParams, inverse_softplus_dt
+from .fusion import reads_as_plain, require_plain_conv
 from .norm import RMSNormGated
 from .state import MixerState
 
@@ -175,9 +176,16 @@ class Mamba2(nn.Module):
             return checkpoint(self._mix, zxbcdt, None, seq_idx, use_reentrant=False)
         return self._mix(zxbcdt, cache, seq_idx)
 
+    def _fusable(self) -> bool:
+        """Whether the fused op may read out_proj's and the norm's weights (else the modules are called: adapters,
+        hooks, quantized or other subclassed layers)."""
+        norm_plain = not self.rmsnorm or reads_as_plain(self.norm, RMSNormGated)
+        return norm_plain and reads_as_plain(self.out_proj, nn.Linear)
+
     def _mix(self, zxbcdt: torch.Tensor, cache: MixerState | None, seq_idx: torch.Tensor | None) -> torch.Tensor:
         """in_proj's output (B, L, d_in_proj) -> the layer output (B, L, d_model), advancing `cache` when given."""
-        if cache is None and self.fused and self.d_mlp == 0:
+        require_plain_conv(self.conv1d, "Mamba2")
+        if cache is None and self.fused and self.d_mlp == 0 and self._fusable():
             return mamba2_inner(
                 zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias.float(),
                 -torch.exp(self.A_log.float()), self._D(), self.norm.weight if self.rmsnorm else None,
@@ -213,6 +221,7 @@ class Mamba2(nn.Module):
         Both states are written in place (the ops update them), never rebound: a CUDA graph captured
         around this step keeps reading and writing the same cache tensors.
         """
+        require_plain_conv(self.conv1d, "Mamba2")
         batch = hidden_states.shape[0]
         z0, x0, z, xBC, dt = self._split_in_proj(self.in_proj(hidden_states[:, 0]))
         xBC = causal_conv1d_update(cache.conv_state, xBC, self.conv1d.weight[:, 0], self.conv1d.bias,

@@ -47,6 +47,7 @@ def use_backend(backend: str | None) -> Iterator[None]:
         _DEFAULT.reset(token)
 
 
+@torch.compiler.assume_constant_result  # a constant for torch.compile too (it would trace through the cache)
 @functools.cache
 def triton_available() -> bool:
     """Whether `import triton` can succeed (checked once, without importing it)."""
@@ -56,6 +57,13 @@ def triton_available() -> bool:
 def triton_interpret() -> bool:
     """TRITON_INTERPRET=1 runs Triton kernels on CPU tensors through Triton's interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@torch.compiler.assume_constant_result
+def _default_backend() -> str | None:
+    """The `use_backend` block's backend. Under torch.compile it is read once, while tracing (Dynamo cannot trace
+    a ContextVar): a compiled model keeps the backend it was compiled under."""
+    return _DEFAULT.get()
 
 
 def select_backend(op: str, backend: str | None, device: torch.device, supported: tuple[str, ...] = BACKENDS) -> str:
@@ -69,8 +77,10 @@ def select_backend(op: str, backend: str | None, device: torch.device, supported
     Raises:
         ValueError: unknown backend, or one this op / device / installation cannot run.
     """
-    if backend is None and _DEFAULT.get() in supported:
-        backend = _DEFAULT.get()
+    if backend is None:
+        default = _default_backend()
+        if default in supported:
+            backend = default
     if backend is None:
         if device.type == "cuda" and "triton" in supported and triton_available():
             return "triton"

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..common import write_into
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else accumulates in float32."""
@@ -127,14 +129,14 @@ class _CausalConv1dTorch(torch.autograd.Function):
         dinit_BSD = du_BLD.new_zeros(batch, width - 1, dim) if init_BSD is not None else None
         dw_DW = w_DW.new_empty(dim, width)
         prod_BLD = torch.empty_like(du_BLD)  # one scratch buffer for every weight-grad product
-        dw_DW[:, -1] = _sum_BL(torch.mul(du_BLD, x_BLD, out=prod_BLD))
+        dw_DW[:, -1] = _sum_BL(write_into(prod_BLD, torch.mul, du_BLD, x_BLD))
         for k in range(width - 1):
             s = width - 1 - k
             du_k = du_BLD if masks is None else du_BLD * masks[k]  # m_k(t) at the output position t
             dw_k = du_BLD.new_zeros(dim)
             if s < seqlen:
                 dx_BLD[:, : seqlen - s].addcmul_(du_k[:, s:], w_WD[k])
-                dw_k += _sum_BL(torch.mul(du_k[:, s:], x_BLD[:, : seqlen - s], out=prod_BLD[:, : seqlen - s]))
+                dw_k += _sum_BL(write_into(prod_BLD[:, : seqlen - s], torch.mul, du_k[:, s:], x_BLD[:, : seqlen - s]))
             if init_BSD is not None:
                 n = min(s, seqlen)
                 dinit_BSD[:, k : k + n].addcmul_(du_k[:, :n], w_WD[k])

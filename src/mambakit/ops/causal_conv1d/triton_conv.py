@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import fake_grads, pack_grads, unpack_grads
 from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
 
 # ----------------------------------------------------------------------------------------------
@@ -410,8 +411,9 @@ def _causal_conv1d_bwd(x, weight, bias, initial_state, seq_idx, silu, dy, dfinal
         HAS_DFINAL=dfinal is not None, WRITE_DINIT=need_dinit, ACC=_acc(x.dtype), num_warps=num_warps,
     )
     sums = part.sum(0)  # (W + 1, D)
-    dweight = sums[:width].t().to(weight.dtype)
-    dbias = sums[width].to(bias.dtype) if bias is not None else None
+    # own storage each (not views of `sums`): custom ops may not return outputs that alias each other
+    dweight = sums[:width].t().contiguous().to(weight.dtype)
+    dbias = sums[width].to(bias.dtype, copy=True) if bias is not None else None
     return dx, dweight, dbias, dinit
 
 
@@ -436,27 +438,61 @@ def _causal_conv1d_update(conv_state, x, weight, bias, silu):
 # ----------------------------------------------------------------------------------------------
 
 
-class CausalConv1dFunction(torch.autograd.Function):
-    """Saves only the inputs: the backward recomputes the pre-activation in registers."""
+# One custom op pair (torch.library, autograd registered): compile, autocast and FSDP see one op with fake tensors.
+# Only the inputs are kept for the backward, which recomputes the pre-activation in registers.
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, initial_state, seq_idx, silu: bool, return_final_state: bool):
-        initial_state = _channel_contiguous(initial_state)
-        y, final = _causal_conv1d_fwd(x, weight, bias, initial_state, seq_idx, silu, return_final_state)
-        ctx.save_for_backward(x, weight, bias, initial_state, seq_idx)
-        ctx.silu = silu
-        if final is None:
-            return y
-        return y, final
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, dfinal=None):
-        x, weight, bias, initial_state, seq_idx = ctx.saved_tensors
-        need_dinit = initial_state is not None and ctx.needs_input_grad[3]
-        dx, dweight, dbias, dinit = _causal_conv1d_bwd(x, weight, bias, initial_state, seq_idx, ctx.silu, dy,
-                                                       _channel_contiguous(dfinal), need_dinit)
-        return dx, dweight, dbias, dinit, None, None, None
+@torch.library.custom_op("mambakit::causal_conv1d_fwd", mutates_args=())
+def _conv_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, silu: bool,
+                 return_final_state: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    y, final = _causal_conv1d_fwd(x, weight, bias, _channel_contiguous(initial_state), seq_idx, silu,
+                                  return_final_state)
+    return y, x.new_empty(0) if final is None else final
+
+
+@_conv_fwd_op.register_fake
+def _(x, weight, bias, initial_state, seq_idx, silu, return_final_state):
+    batch, seqlen, dim = x.shape
+    final = _empty_window(batch, dim, weight.shape[1], x.dtype, x.device) if return_final_state else x.new_empty(0)
+    return x.new_empty(batch, seqlen, dim), final
+
+
+@torch.library.custom_op("mambakit::causal_conv1d_bwd", mutates_args=())
+def _conv_bwd_op(dy: torch.Tensor, dfinal: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None, initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None,
+                 silu: bool, need_dinit: bool) -> list[torch.Tensor]:
+    dx, dweight, dbias, dinit = _causal_conv1d_bwd(x, weight, bias, _channel_contiguous(initial_state), seq_idx, silu,
+                                                   dy, _channel_contiguous(dfinal), need_dinit)
+    # dinitial_state keeps the kernels' channel-stride-1 window layout (its fake says so)
+    return pack_grads((dx, dweight, dbias), (x, weight, bias)) + [x.new_empty(0) if dinit is None else dinit]
+
+
+@_conv_bwd_op.register_fake
+def _(dy, dfinal, x, weight, bias, initial_state, seq_idx, silu, need_dinit):
+    batch, _, dim = x.shape
+    dinit = (_empty_window(batch, dim, weight.shape[1], initial_state.dtype, x.device) if need_dinit
+             else x.new_empty(0))
+    return fake_grads((x, weight, bias), (True, True, True)) + [dinit]
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, initial_state, seq_idx, silu, return_final_state = inputs
+    ctx.save_for_backward(x, weight, bias, initial_state, seq_idx)
+    ctx.silu, ctx.return_final_state = silu, return_final_state
+
+
+def _conv_backward(ctx, dy, dfinal):
+    x, weight, bias, initial_state, seq_idx = ctx.saved_tensors
+    if dy is None:  # only the final window was used
+        dy = torch.zeros_like(x)
+    need_dinit = initial_state is not None and ctx.needs_input_grad[3]
+    grads = _conv_bwd_op(dy, dfinal if ctx.return_final_state else None, x, weight, bias, initial_state, seq_idx,
+                         ctx.silu, need_dinit)
+    return *unpack_grads(grads, (True, True, bias is not None, need_dinit)), None, None, None
+
+
+torch.library.register_autograd("mambakit::causal_conv1d_fwd", _conv_backward, setup_context=_conv_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,8 +522,9 @@ def causal_conv1d_triton(
         from .conv import causal_conv1d_torch  # nothing to launch: the torch path handles empty tensors
 
         return causal_conv1d_torch(x, weight, bias, activation, initial_state, return_final_state, seq_idx)
-    silu = activation in ("silu", "swish")
-    return CausalConv1dFunction.apply(x, weight, bias, initial_state, seq_idx, silu, return_final_state)
+    y, final = _conv_fwd_op(x, weight, bias, initial_state, seq_idx, activation in ("silu", "swish"),
+                            return_final_state)
+    return (y, final) if return_final_state else y
 
 
 def causal_conv1d_update_triton(

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..causal_conv1d import causal_conv1d
 from ..checks import FLOATS, ShapeChecker
+from ..common import autocast_dtype
 from ..dispatch import select_backend
 from ..selective_scan import selective_scan
 
@@ -76,8 +77,16 @@ def mamba1_inner(
     if name == "triton":
         from .triton_mamba1 import mamba1_inner_triton
 
-        return mamba1_inner_triton(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D,
-                                   seq_idx)
+        amp = autocast_dtype(xz.device)
+        if amp is None:
+            return mamba1_inner_triton(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A,
+                                       D, seq_idx)
+        # under autocast, x_proj and dt_proj run in the autocast dtype as nn.Linear would (the casts are
+        # differentiable: the weights' gradients come back in their own dtype); the conv and the scan take
+        # their parameters as they are, like the separate ops
+        with torch.autocast(xz.device.type, enabled=False):
+            return mamba1_inner_triton(xz.to(amp), conv_weight, conv_bias, x_proj_weight.to(amp),
+                                       dt_proj_weight.to(amp), dt_proj_bias, A, D, seq_idx)
     return _composed(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx, name)
 
 

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from ..causal_conv1d import causal_conv1d
 from ..checks import ShapeChecker
+from ..common import autocast_dtype
 from ..dispatch import select_backend
 from ..rms_norm import rms_norm
 from ..ssd import ssd
@@ -192,5 +193,12 @@ def mamba2_inner(
     if name == "triton":
         from .triton_mamba2 import mamba2_inner_triton
 
-        return mamba2_inner_triton(*args)
+        amp = autocast_dtype(zxbcdt.device)
+        if amp is None:
+            return mamba2_inner_triton(*args)
+        # under autocast, out_proj runs in the autocast dtype as nn.Linear would (differentiable casts: the
+        # weight's gradient comes back in its own dtype); conv, SSD and norm take their parameters as they are
+        with torch.autocast(zxbcdt.device.type, enabled=False):
+            return mamba2_inner_triton(zxbcdt.to(amp), *args[1:7], out_proj_weight.to(amp),
+                                       None if out_proj_bias is None else out_proj_bias.to(amp), *args[9:])
     return _composed(*args, name)

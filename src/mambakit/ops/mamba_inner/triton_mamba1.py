@@ -7,7 +7,8 @@ and the parameters. Not saved (made again in the backward): xc = silu(conv(x)) (
 dt = dt_low @ dt_proj_weight^T (a rank-R matmul). Layers composed of the separate ops keep xc, dt, the
 fp32 B / C copies and a contiguous x for the conv as well: about 2D more values per token.
 
-Backward, in order: recompute xc and dt -> scan backward (dxc, ddt, dB, dC, dz, dA, dD, ddt_bias) ->
+Backward (a second custom op, registered as the first's autograd), in order: recompute xc and dt ->
+scan backward (dxc, ddt, dB, dC, dz, dA, dD, ddt_bias) ->
 dt_proj and x_proj backward (their input gradients added into dxc in place) -> conv backward, which
 writes dx straight into the x half of d xz (dz is copied into the other half: no concatenation).
 """
@@ -18,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from ..causal_conv1d.triton_conv import _causal_conv1d_bwd, _causal_conv1d_fwd
+from ..common import fake_grads, pack_grads, unpack_grads
 from ..selective_scan.triton_scan import ScanConfig, _scan_bwd, _scan_fwd
+from ..triton_launch import cdiv
 
 __all__ = ["mamba1_inner_triton"]
 
@@ -29,56 +32,97 @@ def _split_x_dbl(x_dbl: torch.Tensor, dt_rank: int, dstate: int):
     return dt_low, B.unsqueeze(2), C.unsqueeze(2)
 
 
-class Mamba1InnerFunction(torch.autograd.Function):
-    """xz and weights -> gated scan output; see the module docstring for what is saved and recomputed."""
+# One custom op pair (torch.library, autograd registered): compile, autocast and FSDP see one op with fake tensors.
 
-    @staticmethod
-    def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx, config):
-        dim = conv_weight.shape[0]
-        dt_rank, dstate = dt_proj_weight.shape[1], A.shape[1]
-        x, z = xz[..., :dim], xz[..., dim:]
-        xc, _ = _causal_conv1d_fwd(x, conv_weight, conv_bias, None, seq_idx, True, False)  # (B, L, D)
-        x_dbl = F.linear(xc, x_proj_weight)  # (B, L, K)
-        dt_low, B, C = _split_x_dbl(x_dbl, dt_rank, dstate)
-        dt = F.linear(dt_low, dt_proj_weight)  # (B, L, D)
-        needs_grad = any(ctx.needs_input_grad)
-        y, _, hck = _scan_fwd(xc, dt, A, B, C, D, z, dt_proj_bias, True, None, seq_idx, save_final=False,
-                              save_chunks=needs_grad, config=config)
-        if needs_grad:
-            ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D,
-                                  seq_idx, x_dbl, hck)
-            ctx.config = config
-        return y
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx, x_dbl,
-         hck) = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        batch, seqlen = xz.shape[:2]
-        dim = conv_weight.shape[0]
-        dt_rank, dstate = dt_proj_weight.shape[1], A.shape[1]
-        x, z = xz[..., :dim], xz[..., dim:]
-        # recompute what the forward did not keep
-        xc, _ = _causal_conv1d_fwd(x, conv_weight, conv_bias, None, seq_idx, True, False)
-        dt_low, B, C = _split_x_dbl(x_dbl, dt_rank, dstate)
-        dt = F.linear(dt_low, dt_proj_weight)
-        dxc, ddt, dA, dB, dC, dD, dz, ddt_bias, _ = _scan_bwd(
-            dy, None, xc, dt, A, B, C, D, z, dt_proj_bias, True, seq_idx, hck, want_dh0=False, config=ctx.config)
-        del dt
-        rows = batch * seqlen
-        ddt2 = ddt.reshape(rows, dim)
-        dx_dbl = torch.cat([ddt2 @ dt_proj_weight, dB.reshape(rows, dstate), dC.reshape(rows, dstate)], dim=1)
-        d_dt_proj_weight = ddt2.t() @ dt_low.reshape(rows, dt_rank) if need[4] else None
-        del ddt, ddt2
-        d_x_proj_weight = dx_dbl.t() @ xc.reshape(rows, dim) if need[3] else None
-        dxc.view(rows, dim).addmm_(dx_dbl, x_proj_weight)  # xc feeds both the scan and x_proj
-        dxz = torch.empty_like(xz)
-        dxz[..., dim:].copy_(dz)
-        _, d_conv_weight, d_conv_bias, _ = _causal_conv1d_bwd(x, conv_weight, conv_bias, None, seq_idx, True, dxc,
-                                                              None, False, dx=dxz[..., :dim])
-        return (dxz, d_conv_weight, d_conv_bias, d_x_proj_weight, d_dt_proj_weight, ddt_bias, dA, dD, None, None)
+@torch.library.custom_op("mambakit::mamba1_inner_fwd", mutates_args=())
+def _mamba1_inner_fwd(xz: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+                      x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor, dt_proj_bias: torch.Tensor | None,
+                      A: torch.Tensor, D: torch.Tensor | None, seq_idx: torch.Tensor | None, save: bool,
+                      config: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y (B, L, D), and for the backward x_dbl (B, L, K) and the scan checkpoints (empty unless `save`)."""
+    dim = conv_weight.shape[0]
+    dt_rank, dstate = dt_proj_weight.shape[1], A.shape[1]
+    x, z = xz[..., :dim], xz[..., dim:]
+    xc, _ = _causal_conv1d_fwd(x, conv_weight, conv_bias, None, seq_idx, True, False)  # (B, L, D)
+    x_dbl = F.linear(xc, x_proj_weight)  # (B, L, K)
+    dt_low, B, C = _split_x_dbl(x_dbl, dt_rank, dstate)
+    dt = F.linear(dt_low, dt_proj_weight)  # (B, L, D)
+    y, _, hck = _scan_fwd(xc, dt, A, B, C, D, z, dt_proj_bias, True, None, seq_idx, save_final=False,
+                          save_chunks=save, config=ScanConfig.from_ints(config))
+    if not save:
+        return y, xz.new_empty(0), xz.new_empty(0, dtype=torch.float32)
+    return y, x_dbl, hck
+
+
+@_mamba1_inner_fwd.register_fake
+def _(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx, save, config):
+    batch, seqlen, _ = xz.shape
+    dim, dstate = conv_weight.shape[0], A.shape[1]
+    y = xz.new_empty(batch, seqlen, dim)
+    if not save:
+        return y, xz.new_empty(0), xz.new_empty(0, dtype=torch.float32)
+    nchunks = cdiv(seqlen, ScanConfig.from_ints(config).chunk)
+    acc = torch.float64 if xz.dtype == torch.float64 else torch.float32
+    return (y, xz.new_empty(batch, seqlen, x_proj_weight.shape[0]),
+            xz.new_empty(batch, nchunks, dim, dstate, dtype=acc))
+
+
+@torch.library.custom_op("mambakit::mamba1_inner_bwd", mutates_args=())
+def _mamba1_inner_bwd(dy: torch.Tensor, xz: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+                      x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor, dt_proj_bias: torch.Tensor | None,
+                      A: torch.Tensor, D: torch.Tensor | None, seq_idx: torch.Tensor | None, x_dbl: torch.Tensor,
+                      hck: torch.Tensor, config: list[int]) -> list[torch.Tensor]:
+    """Gradients of xz, conv weight / bias, x_proj / dt_proj weights, dt bias, A, D (empty where absent)."""
+    batch, seqlen = xz.shape[:2]
+    dim = conv_weight.shape[0]
+    dt_rank, dstate = dt_proj_weight.shape[1], A.shape[1]
+    x, z = xz[..., :dim], xz[..., dim:]
+    # recompute what the forward did not keep
+    xc, _ = _causal_conv1d_fwd(x, conv_weight, conv_bias, None, seq_idx, True, False)
+    dt_low, B, C = _split_x_dbl(x_dbl, dt_rank, dstate)
+    dt = F.linear(dt_low, dt_proj_weight)
+    dxc, ddt, dA, dB, dC, dD, dz, ddt_bias, _ = _scan_bwd(
+        dy, None, xc, dt, A, B, C, D, z, dt_proj_bias, True, seq_idx, hck, want_dh0=False,
+        config=ScanConfig.from_ints(config))
+    del dt
+    rows = batch * seqlen
+    ddt2 = ddt.reshape(rows, dim)
+    dx_dbl = torch.cat([ddt2 @ dt_proj_weight, dB.reshape(rows, dstate), dC.reshape(rows, dstate)], dim=1)
+    d_dt_proj_weight = ddt2.t() @ dt_low.reshape(rows, dt_rank)
+    del ddt, ddt2
+    d_x_proj_weight = dx_dbl.t() @ xc.reshape(rows, dim)
+    dxc.view(rows, dim).addmm_(dx_dbl, x_proj_weight)  # xc feeds both the scan and x_proj
+    dxz = torch.empty_like(xz)
+    dxz[..., dim:].copy_(dz)
+    _, d_conv_weight, d_conv_bias, _ = _causal_conv1d_bwd(x, conv_weight, conv_bias, None, seq_idx, True, dxc,
+                                                          None, False, dx=dxz[..., :dim])
+    grads = (dxz, d_conv_weight, d_conv_bias, d_x_proj_weight, d_dt_proj_weight, ddt_bias, dA, dD)
+    return pack_grads(grads, (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D))
+
+
+@_mamba1_inner_bwd.register_fake
+def _(dy, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx, x_dbl, hck,
+      config):
+    return fake_grads((xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D), [True] * 8)
+
+
+def _mamba1_inner_setup_context(ctx, inputs, output):
+    xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx, _, config = inputs
+    ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx,
+                          output[1], output[2])
+    ctx.config = config
+
+
+def _mamba1_inner_backward(ctx, dy, _dx_dbl, _dhck):
+    saved = ctx.saved_tensors
+    grads = _mamba1_inner_bwd(dy, *saved, ctx.config)
+    # conv_bias, dt_proj_bias and D are optional: their gradient slots are empty when the input was None
+    return *unpack_grads(grads, [t is not None for t in saved[:8]]), None, None, None
+
+
+torch.library.register_autograd("mambakit::mamba1_inner_fwd", _mamba1_inner_backward,
+                                setup_context=_mamba1_inner_setup_context)
 
 
 def mamba1_inner_triton(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx,
@@ -89,5 +133,8 @@ def mamba1_inner_triton(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weigh
     """
     if seq_idx is not None and seq_idx.dtype != torch.int32:
         seq_idx = seq_idx.to(torch.int32)
-    return Mamba1InnerFunction.apply(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D,
-                                     seq_idx, config or ScanConfig())
+    tensors = (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    y, _, _ = _mamba1_inner_fwd(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D,
+                                seq_idx, save, (config or ScanConfig()).as_ints())
+    return y

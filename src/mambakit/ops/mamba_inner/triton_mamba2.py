@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..causal_conv1d.triton_conv import _causal_conv1d_bwd, _causal_conv1d_fwd
+from ..common import fake_grads, pack_grads, unpack_grads
 from ..rms_norm.triton_norm import _rms_norm_bwd, _rms_norm_fwd
 from ..ssd.triton_ssd import kernel_chunk, ssd_triton_backward, ssd_triton_forward, ssd_triton_intermediates
 from .mamba2 import _views
@@ -25,96 +26,137 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # ----------------------------------------------------------------------------------------------
 
 
-class _Mamba2InnerFunction(torch.autograd.Function):
-    """zxbcdt and parameters -> out_proj's output; the module docstring says what is kept and recomputed."""
+# One custom op pair (torch.library, autograd registered): compile, autocast and FSDP see one op with fake tensors.
 
-    @staticmethod
-    def forward(ctx, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight, out_proj_bias,
-                seq_idx, dims, T, dt_limit, norm_eps, norm_group, norm_before_gate):
-        H, P, G, N = dims
-        S = H * P
-        batch, seqlen, _ = zxbcdt.shape
-        xBC_in = _views(zxbcdt, None, H, P, G, N)[1]
-        xBC, _ = _causal_conv1d_fwd(xBC_in, conv_weight, conv_bias, None, seq_idx, True, False)  # (b, L, K)
-        z, _, dt, x, B, C = _views(zxbcdt, xBC, H, P, G, N)
-        gate = None if norm_weight is not None else z.unflatten(-1, (H, P))
-        y, _, (_, _, _, _, y_pre) = ssd_triton_forward(x, dt, A, B, C, D, gate, dt_bias, None, seq_idx, True,
-                                                       dt_limit, T)  # y: (b, L, H, P)
-        del xBC, x, B, C
-        if norm_weight is not None:
-            y_out, _ = _rms_norm_fwd(y.view(-1, S), norm_weight, z.reshape(-1, S), norm_eps, norm_group,
-                                     norm_before_gate)  # (b L, S); rstd not kept: the backward reruns this
-            keep = y
-        else:
-            y_out, keep = y.view(-1, S), y_pre  # the SSD backward needs y before the gate, in float32
-        out = F.linear(y_out, out_proj_weight, out_proj_bias).view(batch, seqlen, -1)  # (b, L, M)
-        ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight,
-                              out_proj_bias, seq_idx, keep)
-        ctx.dims, ctx.T, ctx.dt_limit = dims, T, dt_limit
-        ctx.norm_eps, ctx.norm_group, ctx.norm_before_gate = norm_eps, norm_group, norm_before_gate
-        return out
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        (zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight, out_proj_bias, seq_idx,
-         keep) = ctx.saved_tensors
-        H, P, G, N = ctx.dims
-        S, T = H * P, ctx.T
-        batch, seqlen, _ = zxbcdt.shape
-        rows = batch * seqlen
-        xBC_in = _views(zxbcdt, None, H, P, G, N)[1]
+@torch.library.custom_op("mambakit::mamba2_inner_fwd", mutates_args=())
+def _mamba2_inner_fwd(zxbcdt: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+                      dt_bias: torch.Tensor | None, A: torch.Tensor, D: torch.Tensor | None,
+                      norm_weight: torch.Tensor | None, out_proj_weight: torch.Tensor,
+                      out_proj_bias: torch.Tensor | None, seq_idx: torch.Tensor | None, dims: list[int], T: int,
+                      dt_limit: list[float], norm_eps: float, norm_group: int,
+                      norm_before_gate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (b, L, M), and what the backward keeps: y (b, L, H, P) before the norm, or without a norm the SSD's
+    float32 y before its gate."""
+    H, P, G, N = dims
+    S = H * P
+    batch, seqlen, _ = zxbcdt.shape
+    xBC_in = _views(zxbcdt, None, H, P, G, N)[1]
+    xBC, _ = _causal_conv1d_fwd(xBC_in, conv_weight, conv_bias, None, seq_idx, True, False)  # (b, L, K)
+    z, _, dt, x, B, C = _views(zxbcdt, xBC, H, P, G, N)
+    gate = None if norm_weight is not None else z.unflatten(-1, (H, P))
+    y, _, (_, _, _, _, y_pre) = ssd_triton_forward(x, dt, A, B, C, D, gate, dt_bias, None, seq_idx, True,
+                                                   tuple(dt_limit), T)  # y: (b, L, H, P)
+    del xBC, x, B, C
+    if norm_weight is not None:
+        y_out, _ = _rms_norm_fwd(y.view(-1, S), norm_weight, z.reshape(-1, S), norm_eps, norm_group,
+                                 norm_before_gate)  # (b L, S); rstd not kept: the backward reruns this
+        keep = y
+    else:
+        y_out, keep = y.view(-1, S), y_pre  # the SSD backward needs y before the gate, in float32
+    out = F.linear(y_out, out_proj_weight, out_proj_bias).view(batch, seqlen, -1)  # (b, L, M)
+    return out, keep
 
-        # recompute the conv output
-        xBC, _ = _causal_conv1d_fwd(xBC_in, conv_weight, conv_bias, None, seq_idx, True, False)
-        z, _, dt, x, B, C = _views(zxbcdt, xBC, H, P, G, N)
-        z2 = z.reshape(rows, S)  # a view: rows of zxbcdt
-        if norm_weight is not None:
-            y2 = keep.view(rows, S)
-            y_out, rstd = _rms_norm_fwd(y2, norm_weight, z2, ctx.norm_eps, ctx.norm_group, ctx.norm_before_gate)
-        else:
-            y_out = (keep * F.silu(z.unflatten(-1, (H, P)).float())).to(x.dtype).view(rows, S)
 
-        # out_proj: matmuls in dout's dtype (under autocast the forward ran in it as well)
-        dout2 = dout.reshape(rows, -1)
-        d_out_w = (dout2.t() @ y_out.to(dout2.dtype)).to(out_proj_weight.dtype)
-        d_out_b = dout2.sum(0).to(out_proj_bias.dtype) if out_proj_bias is not None else None
-        dy_out = dout2 @ out_proj_weight.to(dout2.dtype)  # (b L, S)
-        del y_out
+@_mamba2_inner_fwd.register_fake
+def _(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight, out_proj_bias, seq_idx, dims, T,
+      dt_limit, norm_eps, norm_group, norm_before_gate):
+    H, P, _, _ = dims
+    batch, seqlen, _ = zxbcdt.shape
+    keep_dtype = zxbcdt.dtype if norm_weight is not None else torch.float32
+    return (zxbcdt.new_empty(batch, seqlen, out_proj_weight.shape[0]),
+            zxbcdt.new_empty(batch, seqlen, H, P, dtype=keep_dtype))
 
-        dzxbcdt = torch.empty_like(zxbcdt)  # every gradient of in_proj's output lands here, slice by slice
-        d_norm_w = None
-        if norm_weight is not None:
-            dy2, d_norm_w, dz2 = _rms_norm_bwd(y2, norm_weight, z2, rstd, dy_out.to(y2.dtype), ctx.norm_group,
-                                               ctx.norm_before_gate)
-            dzxbcdt[..., :S].copy_(dz2.view(batch, seqlen, S))
-            dy, gate, y_pre = dy2.view(batch, seqlen, H, P), None, None
-            del dz2
-        else:
-            dy, gate, y_pre = dy_out.to(x.dtype).view(batch, seqlen, H, P), z.unflatten(-1, (H, P)), keep
-        del dy_out
 
-        # SSD backward, from its recomputed intermediates (decay, C B^T, chunk states; y itself is kept)
-        dtp, cs, cb, states, _ = ssd_triton_intermediates(x, dt, A, B, C, dt_bias, None, seq_idx, True,
-                                                          ctx.dt_limit, T)
-        dx, ddt, dA, dB, dC, dD, dz, d_dt_bias, _ = ssd_triton_backward(
-            dy, None, x, dt, A, B, C, D, gate, dt_bias, seq_idx, dtp, cs, cb, states, y_pre, True, ctx.dt_limit, T,
-            False)
-        del dy, xBC, x, B, C, dtp, cs, cb, states
-        if dz is not None:
-            dzxbcdt[..., :S].copy_(dz.view(batch, seqlen, S))
-        dzxbcdt[..., S + xBC_in.shape[-1]:].copy_(ddt)
+@torch.library.custom_op("mambakit::mamba2_inner_bwd", mutates_args=())
+def _mamba2_inner_bwd(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_weight: torch.Tensor,
+                      conv_bias: torch.Tensor | None, dt_bias: torch.Tensor | None, A: torch.Tensor,
+                      D: torch.Tensor | None, norm_weight: torch.Tensor | None, out_proj_weight: torch.Tensor,
+                      out_proj_bias: torch.Tensor | None, seq_idx: torch.Tensor | None, keep: torch.Tensor,
+                      dims: list[int], T: int, dt_limit: list[float], norm_eps: float, norm_group: int,
+                      norm_before_gate: bool) -> list[torch.Tensor]:
+    """Gradients of zxbcdt and the parameters (empty where a parameter is absent)."""
+    dt_limit = tuple(dt_limit)
+    H, P, G, N = dims
+    S = H * P
+    batch, seqlen, _ = zxbcdt.shape
+    rows = batch * seqlen
+    xBC_in = _views(zxbcdt, None, H, P, G, N)[1]
 
-        # conv backward: its upstream gradient is x‖B‖C's; its input gradient goes straight into dzxbcdt
-        dxBC = torch.empty(batch, seqlen, xBC_in.shape[-1], device=zxbcdt.device, dtype=zxbcdt.dtype)
-        dxBC[..., :S].copy_(dx.view(batch, seqlen, S))
-        dxBC[..., S:S + G * N].copy_(dB.view(batch, seqlen, G * N))
-        dxBC[..., S + G * N:].copy_(dC.view(batch, seqlen, G * N))
-        del dx, dB, dC
-        _, d_conv_w, d_conv_b, _ = _causal_conv1d_bwd(xBC_in, conv_weight, conv_bias, None, seq_idx, True, dxBC,
-                                                      None, False, dx=_views(dzxbcdt, None, H, P, G, N)[1])
-        return (dzxbcdt, d_conv_w, d_conv_b, d_dt_bias, dA, dD, d_norm_w, d_out_w, d_out_b,
-                None, None, None, None, None, None, None)
+    # recompute the conv output
+    xBC, _ = _causal_conv1d_fwd(xBC_in, conv_weight, conv_bias, None, seq_idx, True, False)
+    z, _, dt, x, B, C = _views(zxbcdt, xBC, H, P, G, N)
+    z2 = z.reshape(rows, S)  # a view: rows of zxbcdt
+    if norm_weight is not None:
+        y2 = keep.view(rows, S)
+        y_out, rstd = _rms_norm_fwd(y2, norm_weight, z2, norm_eps, norm_group, norm_before_gate)
+    else:
+        y_out = (keep * F.silu(z.unflatten(-1, (H, P)).float())).to(x.dtype).view(rows, S)
+
+    # out_proj: matmuls in dout's dtype (under autocast the forward ran in it as well)
+    dout2 = dout.reshape(rows, -1)
+    d_out_w = (dout2.t() @ y_out.to(dout2.dtype)).to(out_proj_weight.dtype)
+    d_out_b = dout2.sum(0).to(out_proj_bias.dtype) if out_proj_bias is not None else None
+    dy_out = dout2 @ out_proj_weight.to(dout2.dtype)  # (b L, S)
+    del y_out
+
+    dzxbcdt = torch.empty_like(zxbcdt)  # every gradient of in_proj's output lands here, slice by slice
+    d_norm_w = None
+    if norm_weight is not None:
+        dy2, d_norm_w, dz2 = _rms_norm_bwd(y2, norm_weight, z2, rstd, dy_out.to(y2.dtype), norm_group,
+                                           norm_before_gate)
+        dzxbcdt[..., :S].copy_(dz2.view(batch, seqlen, S))
+        dy, gate, y_pre = dy2.view(batch, seqlen, H, P), None, None
+        del dz2
+    else:
+        dy, gate, y_pre = dy_out.to(x.dtype).view(batch, seqlen, H, P), z.unflatten(-1, (H, P)), keep
+    del dy_out
+
+    # SSD backward, from its recomputed intermediates (decay, C B^T, chunk states; y itself is kept)
+    dtp, cs, cb, states, _ = ssd_triton_intermediates(x, dt, A, B, C, dt_bias, None, seq_idx, True,
+                                                      dt_limit, T)
+    dx, ddt, dA, dB, dC, dD, dz, d_dt_bias, _ = ssd_triton_backward(
+        dy, None, x, dt, A, B, C, D, gate, dt_bias, seq_idx, dtp, cs, cb, states, y_pre, True, dt_limit, T,
+        False)
+    del dy, xBC, x, B, C, dtp, cs, cb, states
+    if dz is not None:
+        dzxbcdt[..., :S].copy_(dz.view(batch, seqlen, S))
+    dzxbcdt[..., S + xBC_in.shape[-1]:].copy_(ddt)
+
+    # conv backward: its upstream gradient is x‖B‖C's; its input gradient goes straight into dzxbcdt
+    dxBC = torch.empty(batch, seqlen, xBC_in.shape[-1], device=zxbcdt.device, dtype=zxbcdt.dtype)
+    dxBC[..., :S].copy_(dx.view(batch, seqlen, S))
+    dxBC[..., S:S + G * N].copy_(dB.view(batch, seqlen, G * N))
+    dxBC[..., S + G * N:].copy_(dC.view(batch, seqlen, G * N))
+    del dx, dB, dC
+    _, d_conv_w, d_conv_b, _ = _causal_conv1d_bwd(xBC_in, conv_weight, conv_bias, None, seq_idx, True, dxBC,
+                                                  None, False, dx=_views(dzxbcdt, None, H, P, G, N)[1])
+    grads = (dzxbcdt, d_conv_w, d_conv_b, d_dt_bias, dA, dD, d_norm_w, d_out_w, d_out_b)
+    return pack_grads(grads, (zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight,
+                              out_proj_bias))
+
+
+@_mamba2_inner_bwd.register_fake
+def _(dout, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight, out_proj_bias, seq_idx,
+      keep, dims, T, dt_limit, norm_eps, norm_group, norm_before_gate):
+    params = (zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight, out_proj_bias)
+    return fake_grads(params, [True] * 9)
+
+
+def _mamba2_inner_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:10], output[1])
+    ctx.settings = inputs[10:]
+
+
+def _mamba2_inner_backward(ctx, dout, _dkeep):
+    saved = ctx.saved_tensors
+    grads = _mamba2_inner_bwd(dout, *saved, *ctx.settings)
+    # absent parameters get no gradient
+    return *unpack_grads(grads, [t is not None for t in saved[:9]]), None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("mambakit::mamba2_inner_fwd", _mamba2_inner_backward,
+                                setup_context=_mamba2_inner_setup_context)
 
 
 def mamba2_inner_triton(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight, out_proj_bias,
@@ -137,6 +179,7 @@ def mamba2_inner_triton(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weig
     dt_bias = dt_bias.float().contiguous() if dt_bias is not None else None
     norm_weight = norm_weight.contiguous() if norm_weight is not None else None
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
-    return _Mamba2InnerFunction.apply(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight,
-                                      out_proj_bias, seq_idx, dims, T, (lo, hi), float(norm_eps), norm_group,
-                                      norm_before_gate)
+    out, _ = _mamba2_inner_fwd(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight,
+                               out_proj_bias, seq_idx, list(dims), T, [lo, hi], float(norm_eps), norm_group,
+                               norm_before_gate)
+    return out

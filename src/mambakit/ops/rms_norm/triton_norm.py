@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import fake_grads, pack_grads, unpack_grads
 from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
 
 # ----------------------------------------------------------------------------------------------
@@ -221,24 +222,76 @@ def _rms_norm_bwd(x2, weight, z2, rstd, dy2, group, norm_before_gate, elems=2048
 # ----------------------------------------------------------------------------------------------
 
 
-class RMSNormFunction(torch.autograd.Function):
-    """On (N, H) rows; saves x, z, weight and the per-row-group rstd."""
+_TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+              torch.float16: tl.float16}
 
-    @staticmethod
-    def forward(ctx, x2, weight, z2, eps: float, group: int, norm_before_gate: bool):
-        y2, rstd = _rms_norm_fwd(x2, weight, z2, eps, group, norm_before_gate)
-        ctx.save_for_backward(x2, weight, z2, rstd)
-        ctx.group = group
-        ctx.norm_before_gate = norm_before_gate
-        return y2
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy2):
-        x2, weight, z2, rstd = ctx.saved_tensors
-        dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
-        dx2, dweight, dz2 = _rms_norm_bwd(x2, weight, z2, rstd, dy2, ctx.group, ctx.norm_before_gate)
-        return dx2, dweight, dz2, None, None, None
+# One custom op pair (torch.library, autograd registered) on (N, H) rows; x, z, weight and the per-row-group rstd
+# are kept for the backward.
+
+
+@torch.library.custom_op("mambakit::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd_op(x2: torch.Tensor, weight: torch.Tensor, z2: torch.Tensor | None, eps: float, group: int,
+                     norm_before_gate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rms_norm_fwd(x2, weight, z2, eps, group, norm_before_gate)
+
+
+@_rms_norm_fwd_op.register_fake
+def _(x2, weight, z2, eps, group, norm_before_gate):
+    acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    return x2.new_empty(x2.shape), x2.new_empty(x2.shape[0], x2.shape[1] // group, dtype=acc)
+
+
+@torch.library.custom_op("mambakit::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd_op(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, z2: torch.Tensor | None,
+                     rstd: torch.Tensor, group: int, norm_before_gate: bool) -> list[torch.Tensor]:
+    dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
+    return pack_grads(_rms_norm_bwd(x2, weight, z2, rstd, dy2, group, norm_before_gate), (x2, weight, z2))
+
+
+@_rms_norm_bwd_op.register_fake
+def _(dy2, x2, weight, z2, rstd, group, norm_before_gate):
+    return fake_grads((x2, weight, z2), (True, True, True))
+
+
+def _rms_norm_setup_context(ctx, inputs, output):
+    x2, weight, z2, eps, group, norm_before_gate = inputs
+    ctx.save_for_backward(x2, weight, z2, output[1])
+    ctx.group, ctx.norm_before_gate = group, norm_before_gate
+
+
+def _rms_norm_backward(ctx, dy2, _drstd):
+    x2, weight, z2, rstd = ctx.saved_tensors
+    grads = _rms_norm_bwd_op(dy2, x2, weight, z2, rstd, ctx.group, ctx.norm_before_gate)
+    return *unpack_grads(grads, (True, True, z2 is not None)), None, None, None
+
+
+torch.library.register_autograd("mambakit::rms_norm_fwd", _rms_norm_backward, setup_context=_rms_norm_setup_context)
+
+
+@torch.library.custom_op("mambakit::add_rms_norm_fwd", mutates_args=())
+def _add_rms_norm_op(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward only (`add_rms_norm` takes the PyTorch path when autograd needs gradients)."""
+    n_rows, hidden = x2.shape
+    sum_dtype = x2.dtype if r2 is None else torch.promote_types(x2.dtype, r2.dtype)
+    y2 = torch.empty(n_rows, hidden, dtype=weight.dtype, device=x2.device)
+    s2 = torch.empty(n_rows, hidden, dtype=out_dtype, device=x2.device)
+    block_r, block_h, num_warps = _tile(hidden, 4096)
+    _add_rms_norm_fwd_kernel[(cdiv(n_rows, block_r),)](
+        x2, r2 if r2 is not None else x2, weight.contiguous(), y2, s2,
+        n_rows, hidden, float(eps),
+        x2.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0), s2.stride(0),
+        BLOCK_R=block_r, BLOCK_H=block_h, HAS_R=r2 is not None,
+        SUM_DT=_TL_DTYPES[sum_dtype], W_DT=_TL_DTYPES[weight.dtype],
+        ACC=_acc(torch.promote_types(sum_dtype, weight.dtype)), num_warps=num_warps,
+    )
+    return y2, s2
+
+
+@_add_rms_norm_op.register_fake
+def _(x2, r2, weight, eps, out_dtype):
+    return x2.new_empty(x2.shape, dtype=weight.dtype), x2.new_empty(x2.shape, dtype=out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,12 +323,8 @@ def rms_norm_triton(
         return rms_norm_torch(x, weight, eps=eps, z=z, group_size=group_size, norm_before_gate=norm_before_gate)
     group = hidden if group_size is None else group_size
     z2 = _rows(z, hidden) if z is not None else None
-    y2 = RMSNormFunction.apply(_rows(x, hidden), weight.contiguous(), z2, float(eps), group, norm_before_gate)
+    y2, _ = _rms_norm_fwd_op(_rows(x, hidden), weight.contiguous(), z2, float(eps), group, norm_before_gate)
     return y2.reshape(x.shape)
-
-
-_TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
-              torch.float16: tl.float16}
 
 
 def add_rms_norm_triton(
@@ -301,18 +350,6 @@ def add_rms_norm_triton(
         from .norm import add_rms_norm_torch
 
         return add_rms_norm_torch(x, residual, weight, eps=eps, residual_dtype=residual_dtype)
-    x2 = _rows(x, hidden)
     r2 = _rows(residual, hidden) if residual is not None else None
-    n_rows = x2.shape[0]
-    y2 = torch.empty(n_rows, hidden, dtype=weight.dtype, device=x.device)
-    s2 = torch.empty(n_rows, hidden, dtype=out_dtype, device=x.device)
-    block_r, block_h, num_warps = _tile(hidden, 4096)
-    _add_rms_norm_fwd_kernel[(cdiv(n_rows, block_r),)](
-        x2, r2 if r2 is not None else x2, weight.contiguous(), y2, s2,
-        n_rows, hidden, float(eps),
-        x2.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0), s2.stride(0),
-        BLOCK_R=block_r, BLOCK_H=block_h, HAS_R=r2 is not None,
-        SUM_DT=_TL_DTYPES[sum_dtype], W_DT=_TL_DTYPES[weight.dtype],
-        ACC=_acc(torch.promote_types(sum_dtype, weight.dtype)), num_warps=num_warps,
-    )
+    y2, s2 = _add_rms_norm_op(_rows(x, hidden), r2, weight, float(eps), out_dtype)
     return y2.reshape(x.shape), s2.reshape(x.shape)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..common import write_into
 from .reference import state_dtype
 
 __all__ = ["selective_scan_chunked", "default_chunk_len"]
@@ -98,7 +99,7 @@ def _prepare(x, dt, A, B, C, dt_bias, dt_softplus, seq_idx) -> _Prepared:
         dt_raw = _time_major(dt, cdt)  # (l, b, d)
     else:  # the bias add doubles as the layout copy
         dt_raw = torch.empty(dt.shape[1], dt.shape[0], dt.shape[2], dtype=cdt, device=dt.device)
-        torch.add(dt.transpose(0, 1), dt_bias.to(cdt), out=dt_raw)
+        write_into(dt_raw, torch.add, dt.transpose(0, 1), dt_bias.to(cdt))
     dt_ = dt_raw
     if dt_softplus:
         dt_ = F.softplus(dt_raw)
@@ -135,7 +136,7 @@ def _chunk_decay(p: _Prepared, c0: int, c1: int, out: torch.Tensor) -> torch.Ten
     """a = exp(dt' A) for steps c0..c1 into out (t, b, g, n, e), zeroed where a document starts."""
     _, b, g, _, e = p.sizes
     t = c1 - c0
-    torch.mul(p.dt[c0:c1].view(t, b, g, 1, e), p.A_log2, out=out)
+    write_into(out, torch.mul, p.dt[c0:c1].view(t, b, g, 1, e), p.A_log2)
     out.exp2_()
     if p.keep is not None:
         # a_t = 0 cuts h_{t-1} out of h_t and, in the backward, the gradient flowing back across it
@@ -147,7 +148,7 @@ def _chunk_input(p: _Prepared, c0: int, c1: int, out: torch.Tensor) -> torch.Ten
     """u = dt' x B for steps c0..c1 into out (t, b, g, n, e)."""
     _, b, g, n, e = p.sizes
     t = c1 - c0
-    return torch.mul(p.dtx[c0:c1].view(t, b, g, 1, e), p.B[c0:c1].view(t, b, g, n, 1), out=out)
+    return write_into(out, torch.mul, p.dtx[c0:c1].view(t, b, g, 1, e), p.B[c0:c1].view(t, b, g, n, 1))
 
 
 def _scan_forward(p: _Prepared, h0: torch.Tensor | None, chunk_len: int,
@@ -186,7 +187,7 @@ def _scan_forward(p: _Prepared, h0: torch.Tensor | None, chunk_len: int,
                 h_steps[s].addcmul_(a_steps[s], prev)
             prev = h_steps[s]
         rows = t * b * g
-        torch.bmm(p.C[c0:c1].view(rows, 1, n), h.view(rows, n, e), out=y[c0:c1].view(rows, 1, e))
+        write_into(y[c0:c1].view(rows, 1, e), torch.bmm, p.C[c0:c1].view(rows, 1, n), h.view(rows, n, e))
     return y, prev.clone()
 
 
@@ -231,23 +232,23 @@ def _scan_backward(p: _Prepared, states: torch.Tensor, gy: torch.Tensor, g_final
             h_steps[s + 1].addcmul_(a_steps[s], h_steps[s])
         gy_rows = gy[c0:c1].view(rows, 1, e)
         if need_C:  # gC_t = sum over channels of gy_t h_t
-            torch.bmm(gy_rows, h.view(rows, n, e).transpose(1, 2), out=gC[c0:c1].view(rows, 1, n))
+            write_into(gC[c0:c1].view(rows, 1, n), torch.bmm, gy_rows, h.view(rows, n, e).transpose(1, 2))
         # adjoint recurrence, in place: gh_t = C_t gy_t + a_{t+1} gh_{t+1}
-        gh = torch.mul(gy[c0:c1].view(t, b, g, 1, e), p.C[c0:c1].view(t, b, g, n, 1), out=gh_buf[:t])
+        gh = write_into(gh_buf[:t], torch.mul, gy[c0:c1].view(t, b, g, 1, e), p.C[c0:c1].view(t, b, g, n, 1))
         if g_next is not None:
             gh_steps[t - 1].add_(g_next)
         for s in range(t - 2, -1, -1):
             gh_steps[s].addcmul_(a_steps[s + 1], gh_steps[s + 1])
-        g_next = torch.mul(a_steps[0], gh_steps[0], out=carry)  # gradient of the chunk's entry state
+        g_next = write_into(carry, torch.mul, a_steps[0], gh_steps[0])  # gradient of the chunk's entry state
         if need_B:  # gB_t = sum over channels of gh_t dt'_t x_t
-            torch.bmm(p.dtx[c0:c1].view(rows, 1, e), gh.view(rows, n, e).transpose(1, 2),
-                      out=gB[c0:c1].view(rows, 1, n))
-        torch.bmm(p.B[c0:c1].view(rows, 1, n), gh.view(rows, n, e), out=gdtx[c0:c1].view(rows, 1, e))
+            write_into(gB[c0:c1].view(rows, 1, n), torch.bmm, p.dtx[c0:c1].view(rows, 1, e),
+                       gh.view(rows, n, e).transpose(1, 2))
+        write_into(gdtx[c0:c1].view(rows, 1, e), torch.bmm, p.B[c0:c1].view(rows, 1, n), gh.view(rows, n, e))
         # q = d loss / d (dt' A) = gh_t * a_t * h_{t-1}; then gA = sum_t q dt', gdt' += sum_n q A
         q = a.mul_(gh).mul_(h_buf[:t])
-        q_dt = torch.mul(q, p.dt[c0:c1].view(t, b, g, 1, e), out=h_buf[1:t + 1])
-        gA.add_(torch.sum(q_dt.view(t * b, g, n, e), dim=0, out=gA_part))
-        torch.sum(q.mul_(p.A), dim=3, out=gdt_decay[c0:c1].view(t, b, g, e))
+        q_dt = write_into(h_buf[1:t + 1], torch.mul, q, p.dt[c0:c1].view(t, b, g, 1, e))
+        gA.add_(write_into(gA_part, torch.sum, q_dt.view(t * b, g, n, e), dim=0))
+        write_into(gdt_decay[c0:c1].view(t, b, g, e), torch.sum, q.mul_(p.A), dim=3)
     return gdtx, gdt_decay, gA, gB, gC, g_next
 
 
@@ -260,7 +261,7 @@ def _finish(p: _Prepared, y_ssm: torch.Tensor, D, z, out_dtype) -> tuple[torch.T
     if z is None:
         y.copy_(y_ssm.transpose(0, 1))
     else:
-        torch.mul(y_ssm.transpose(0, 1), F.silu(z.to(y_ssm.dtype)), out=y)
+        write_into(y, torch.mul, y_ssm.transpose(0, 1), F.silu(z.to(y_ssm.dtype)))
     return y, y_ssm
 
 
@@ -309,11 +310,11 @@ class _SelectiveScanFn(torch.autograd.Function):
         scratch = p.dtx  # (l, b, d), free once the scan's backward is done
         gdt.addcmul_(gdtx, p.x)  # d loss / d dt', in batch-major memory
         if ctx.dt_softplus:
-            gdt.mul_(torch.sigmoid(dt_raw, out=scratch))  # softplus' = sigmoid
+            gdt.mul_(write_into(scratch, torch.sigmoid, dt_raw))  # softplus' = sigmoid
         gx = gdtx.mul_(p.dt)  # gdtx is not needed any more
         if D is not None:
             gx.addcmul_(gy, D.to(cdt))
-        gD = torch.mul(gy, p.x, out=scratch).sum((0, 1)) if need[5] else None
+        gD = write_into(scratch, torch.mul, gy, p.x).sum((0, 1)) if need[5] else None
         gdt = gdt.transpose(0, 1)  # (b, l, d), contiguous
         return (
             _batch_major(gx, x_dtype) if need[0] else None,

@@ -38,6 +38,7 @@ noalias, so the hardware would wait): each step's or block's inputs are loaded o
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ..common import fake_grads, pack_grads, unpack_grads
 from ..dispatch import triton_interpret
 from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
 
@@ -725,6 +727,14 @@ class ScanConfig:
     bwd_time_chunks: int | None = None
     bwd_carry_split: int | None = None
 
+    def as_ints(self) -> list[int]:
+        """The fields as ints (None -> -1): how the config crosses the custom op's schema."""
+        return [-1 if v is None else int(v) for v in dataclasses.astuple(self)]
+
+    @classmethod
+    def from_ints(cls, values: list[int]) -> "ScanConfig":
+        return cls(*(None if v == -1 else v for v in values))
+
 
 @dataclass(frozen=True)
 class _Tiles:
@@ -1037,37 +1047,73 @@ def _scan_bwd(dy, dhlast, x, dt, A, B, C, D, z, dt_bias, dt_softplus, seq_idx, h
 # ----------------------------------------------------------------------------------------------
 
 
-class SelectiveScanFunction(torch.autograd.Function):
-    """Forward saves inputs and per-chunk states; backward recomputes everything else."""
+# One custom op pair (torch.library): the forward returns y, the final state and the checkpoints the backward
+# reads; autograd is registered on it, so torch.compile, autocast and FSDP see one op with fake tensors instead
+# of launcher code. Optional outputs come back as empty tensors (a schema cannot return None).
 
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, return_final_state,
-                config):
-        needs_grad = any(ctx.needs_input_grad)
-        y, hlast, hck = _scan_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx,
-                                  save_final=return_final_state, save_chunks=needs_grad, config=config)
-        ctx.set_materialize_grads(False)
-        if needs_grad:
-            ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, hck)
-            ctx.dt_softplus = dt_softplus
-            ctx.has_h0 = initial_state is not None
-            ctx.h0_dtype = None if initial_state is None else initial_state.dtype
-            ctx.config = config
-        if return_final_state:
-            return y, hlast
-        return y
 
-    @staticmethod
-    def backward(ctx, dy, dhlast=None):
-        x, dt, A, B, C, D, z, dt_bias, seq_idx, hck = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(x)
-        dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = _scan_bwd(
-            dy, dhlast, x, dt, A, B, C, D, z, dt_bias, ctx.dt_softplus, seq_idx, hck,
-            want_dh0=ctx.has_h0 and ctx.needs_input_grad[8], config=ctx.config)
-        if dh0 is not None:
-            dh0 = dh0.to(ctx.h0_dtype)
-        return dx, ddt, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None
+@torch.library.custom_op("mambakit::selective_scan_fwd", mutates_args=())
+def _scan_fwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
+                 initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, dt_softplus: bool,
+                 return_final_state: bool, save_chunks: bool,
+                 config: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, hlast, hck = _scan_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx,
+                              save_final=return_final_state, save_chunks=save_chunks,
+                              config=ScanConfig.from_ints(config))
+    acc = _acc_dtype(x)[0]
+    return y, x.new_empty(0, dtype=acc) if hlast is None else hlast, x.new_empty(0, dtype=acc) if hck is None else hck
+
+
+@_scan_fwd_op.register_fake
+def _(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, return_final_state, save_chunks, config):
+    batch, seqlen, dim = x.shape
+    acc = _acc_dtype(x)[0]
+    hlast = x.new_empty((batch, dim, A.shape[1]) if return_final_state else (0,), dtype=acc)
+    nchunks = cdiv(seqlen, ScanConfig.from_ints(config).chunk)
+    hck = x.new_empty((batch, nchunks, dim, A.shape[1]) if save_chunks else (0,), dtype=acc)
+    return torch.empty_like(x), hlast, hck
+
+
+@torch.library.custom_op("mambakit::selective_scan_bwd", mutates_args=())
+def _scan_bwd_op(dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, dt: torch.Tensor,
+                 A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
+                 dt_bias: torch.Tensor | None, seq_idx: torch.Tensor | None, hck: torch.Tensor,
+                 dt_softplus: bool, want_dh0: bool, config: list[int]) -> list[torch.Tensor]:
+    *grads, dh0 = _scan_bwd(dy, dhlast, x, dt, A, B, C, D, z, dt_bias, dt_softplus, seq_idx, hck, want_dh0,
+                            ScanConfig.from_ints(config))
+    # dx, ddt, dA, dB, dC, dD, dz, dbias, then dh0 (float32, or float64 for float64 inputs)
+    return pack_grads(grads, (x, dt, A, B, C, D, z, dt_bias)) + [x.new_empty(0) if dh0 is None else dh0]
+
+
+@_scan_bwd_op.register_fake
+def _(dy, dhlast, x, dt, A, B, C, D, z, dt_bias, seq_idx, hck, dt_softplus, want_dh0, config):
+    dh0 = hck.new_empty((x.shape[0], x.shape[2], A.shape[1])) if want_dh0 else x.new_empty(0)
+    return fake_grads((x, dt, A, B, C, D, z, dt_bias), [True] * 8) + [dh0]
+
+
+def _scan_setup_context(ctx, inputs, output):
+    x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, return_final_state, save_chunks, config = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, output[2])
+    ctx.dt_softplus, ctx.config, ctx.return_final_state = dt_softplus, config, return_final_state
+    ctx.h0_dtype = None if initial_state is None else initial_state.dtype
+
+
+def _scan_backward(ctx, dy, dhlast, _dhck):
+    x, dt, A, B, C, D, z, dt_bias, seq_idx, hck = ctx.saved_tensors
+    if dy is None:  # only the final state was used
+        dy = torch.zeros_like(x)
+    want_dh0 = ctx.h0_dtype is not None and ctx.needs_input_grad[8]
+    grads = _scan_bwd_op(dy, dhlast if ctx.return_final_state else None, x, dt, A, B, C, D, z, dt_bias, seq_idx, hck,
+                         ctx.dt_softplus, want_dh0, ctx.config)
+    present = (True, True, True, True, True, D is not None, z is not None, dt_bias is not None, want_dh0)
+    dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = unpack_grads(grads, present)
+    if dh0 is not None:
+        dh0 = dh0.to(ctx.h0_dtype)
+    return dx, ddt, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None, None
+
+
+torch.library.register_autograd("mambakit::selective_scan_fwd", _scan_backward, setup_context=_scan_setup_context)
 
 
 def selective_scan_triton(
@@ -1116,5 +1162,8 @@ def selective_scan_triton(
         raise ValueError(f"selective_scan_triton: bwd_replicas={cfg.bwd_replicas} must be >= 1")
     if seq_idx is not None and seq_idx.dtype != torch.int32:
         seq_idx = seq_idx.to(torch.int32)
-    return SelectiveScanFunction.apply(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus,
-                                       return_final_state, cfg)
+    tensors = (x, dt, A, B, C, D, z, dt_bias, initial_state)
+    save_chunks = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    y, hlast, _ = _scan_fwd_op(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, return_final_state,
+                               save_chunks, cfg.as_ints())
+    return (y, hlast) if return_final_state else y

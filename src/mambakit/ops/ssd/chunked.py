@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ..common import write_into
 from .reference import state_dtype
 
 __all__ = ["ssd_chunked"]
@@ -106,8 +107,8 @@ def _head_major(t_bLHP, scale_bLH, c, T):
     """t * scale written straight into the head-major, chunk-major layout (c, b, H, T, P), one pass."""
     b, _, H, P = t_bLHP.shape
     out = torch.empty(c, b, H, T, P, dtype=t_bLHP.dtype, device=t_bLHP.device)
-    torch.mul(t_bLHP.view(b, c, T, H, P).permute(1, 0, 3, 2, 4),
-              scale_bLH.reshape(b, c, T, H).permute(1, 0, 3, 2)[..., None], out=out)
+    write_into(out, torch.mul, t_bLHP.view(b, c, T, H, P).permute(1, 0, 3, 2, 4),
+               scale_bLH.reshape(b, c, T, H).permute(1, 0, 3, 2)[..., None])
     return out
 
 
@@ -117,9 +118,9 @@ def _group_major(t_bLHP, scale_bcTH, G, k0, k1):
     P = t_bLHP.shape[-1]
     R = H // G
     out = torch.empty(k1 - k0, b, G, T, R * P, dtype=t_bLHP.dtype, device=t_bLHP.device)
-    torch.mul(t_bLHP.view(b, c, T, G, R, P)[:, k0:k1].permute(1, 0, 3, 2, 4, 5),
-              scale_bcTH.view(b, c, T, G, R, 1)[:, k0:k1].permute(1, 0, 3, 2, 4, 5),
-              out=out.view(k1 - k0, b, G, T, R, P))
+    write_into(out.view(k1 - k0, b, G, T, R, P), torch.mul,
+               t_bLHP.view(b, c, T, G, R, P)[:, k0:k1].permute(1, 0, 3, 2, 4, 5),
+               scale_bcTH.view(b, c, T, G, R, 1)[:, k0:k1].permute(1, 0, 3, 2, 4, 5))
     return out
 
 
@@ -194,7 +195,7 @@ def _chunk_fwd(x, dt, A, B, C, D, h0, T, masks, need_final):
         h_all[0] = _state_from_bhpn(h0, G)
     if S > 0:
         xw = _group_major(x, dt.view(b, c, T, H) * w_end, G, 0, S)  # (S, b, G, T, R*P)
-        torch.bmm(_flat3(Bg[:S]).transpose(1, 2), _flat3(xw), out=_flat3(h_all[1:]))  # (S, b, G, N, R*P)
+        write_into(_flat3(h_all[1:]), torch.bmm, _flat3(Bg[:S]).transpose(1, 2), _flat3(xw))  # (S, b, G, N, R*P)
         del xw
         for k in range(S):
             h_all[k + 1].view(b, G, N, R, P).addcmul_(decay[:, k].view(b, G, 1, R, 1), h_all[k].view(b, G, N, R, P))
@@ -207,8 +208,8 @@ def _chunk_fwd(x, dt, A, B, C, D, h0, T, masks, need_final):
         y[:, :1] = _nat_heads(y_diag[:1], G)
     if c > first:
         y_off = Cg[first:] @ h_all[first:c]  # (c - first, b, G, T, R*P)
-        torch.addcmul(_nat_heads(y_diag[first:], G), _nat_grouped(y_off, P),
-                      w_start[:, first:].view(b, c - first, T, G, R, 1), out=y[:, first:])
+        write_into(y[:, first:], torch.addcmul, _nat_heads(y_diag[first:], G), _nat_grouped(y_off, P),
+                   w_start[:, first:].view(b, c - first, T, G, R, 1))
     y = y.view(b, Lp, H, P)
     if D is not None:
         y.addcmul_(x, _d_per_channel(D))
@@ -265,7 +266,7 @@ def _chunk_bwd(dy, dh_last, x, dt, A, B, C, D, has_h0, y, h_all, T, masks):
     dh_all = torch.empty_like(h_all)  # dh_all[k]: gradient w.r.t. h_all[k]
     if c > first:
         dyw = _group_major(dy, w_start, G, first, c)  # (c - first, b, G, T, R*P)
-        torch.bmm(_flat3(Cg[first:]).transpose(1, 2), _flat3(dyw), out=_flat3(dh_all[first:c]))
+        write_into(_flat3(dh_all[first:c]), torch.bmm, _flat3(Cg[first:]).transpose(1, 2), _flat3(dyw))
         _flat3(dCg[first:]).baddbmm_(_flat3(dyw), _flat3(h_all[first:c]).transpose(-1, -2))
         del dyw
     if S == c:
@@ -288,8 +289,8 @@ def _chunk_bwd(dy, dh_last, x, dt, A, B, C, D, has_h0, y, h_all, T, masks):
         xw = _group_major(x, dt.view(b, c, T, H) * w_end, G, 0, S)  # (S, b, G, T, R*P)
         _flat3(dBg[:S]).baddbmm_(_flat3(xw), _flat3(dS).transpose(-1, -2))
         del xw
-        torch.addcmul(_nat_heads(dxdt_h[:S], G), _nat_grouped(dxw, P), w_end[:, :S].view(b, S, T, G, R, 1),
-                      out=dxdt[:, :S])
+        write_into(dxdt[:, :S], torch.addcmul, _nat_heads(dxdt_h[:S], G), _nat_grouped(dxw, P),
+                   w_end[:, :S].view(b, S, T, G, R, 1))
         del dxw
     if S < c:
         dxdt[:, S:] = _nat_heads(dxdt_h[S:], G)

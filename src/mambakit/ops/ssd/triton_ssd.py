@@ -25,11 +25,13 @@ import math
 
 import torch
 
+from ..common import fake_grads, pack_grads, unpack_grads
 from ..triton_launch import next_power_of_2
 from .triton_chunk_decay import chunk_decay_fwd
 from .triton_chunk_scan import chunk_cb_fwd, chunk_scan_fwd
 from .triton_chunk_scan_bwd import bwd_config, chunk_dbc_bwd, chunk_dcb_bwd, chunk_dx_bwd
 from .triton_chunk_state import chunk_state_bwd, chunk_state_fwd
+from .triton_common import store_dtype
 
 __all__ = ["ssd_triton", "ssd_triton_forward", "ssd_triton_intermediates", "ssd_triton_backward", "kernel_chunk"]
 
@@ -84,32 +86,75 @@ def ssd_triton_backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp,
     return dx, ddt, dA, dB, dC, dD, dz, dbias, dh0
 
 
-class _SSDTritonFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, T):
-        y, final, (dtp, cs, cb, states, y_pre) = ssd_triton_forward(
-            x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, T)
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states, y_pre)
-        ctx.dt_softplus, ctx.dt_limit, ctx.T = dt_softplus, dt_limit, T
-        ctx.has_h0 = initial_state is not None
-        ctx.set_materialize_grads(False)
-        return y, final
+# One custom op pair (torch.library, autograd registered): compile, autocast and FSDP see one op with fake tensors.
+# The forward returns, besides y and the final state, the intermediates its backward reads.
 
-    @staticmethod
-    def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states, y_pre = ctx.saved_tensors
-        T = ctx.T
-        if dy is None:
-            dy = torch.zeros_like(x)
-        elif dy.stride(-1) != 1:
-            dy = dy.contiguous()
-        if dfinal is not None:
-            dfinal = dfinal.float().contiguous()
-        need_dh0 = ctx.has_h0 and ctx.needs_input_grad[8]
-        dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = ssd_triton_backward(
-            dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states, y_pre, ctx.dt_softplus,
-            ctx.dt_limit, T, need_dh0)
-        return dx, ddt, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None
+
+@torch.library.custom_op("mambakit::ssd_fwd", mutates_args=())
+def _ssd_fwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
+                initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, dt_softplus: bool,
+                dt_limit: list[float], T: int) -> list[torch.Tensor]:
+    """[y, final state, dt', cs, C B^T, chunk states, y before the gate (empty without z)]."""
+    y, final, (dtp, cs, cb, states, y_pre) = ssd_triton_forward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx,
+                                                                dt_softplus, tuple(dt_limit), T)
+    return [y, final, dtp, cs, cb, states, x.new_empty(0, dtype=torch.float32) if y_pre is None else y_pre]
+
+
+@_ssd_fwd_op.register_fake
+def _(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, T):
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    nc = -(-L // T)
+    f32 = torch.float32
+    y_pre = x.new_empty(b, L, H, P, dtype=f32) if z is not None else x.new_empty(0, dtype=f32)
+    return [x.new_empty(b, L, H, P), x.new_empty(b, H, P, N, dtype=f32), x.new_empty(b, H, nc, T, dtype=f32),
+            x.new_empty(b, H, nc, T, dtype=f32), x.new_empty(b, nc, G, T, T, dtype=f32),
+            x.new_empty(b, nc + 1, H, P, N, dtype=store_dtype(x.dtype)), y_pre]
+
+
+@torch.library.custom_op("mambakit::ssd_bwd", mutates_args=())
+def _ssd_bwd_op(dy: torch.Tensor, dfinal: torch.Tensor | None, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
+                dt_bias: torch.Tensor | None, seq_idx: torch.Tensor | None, dtp: torch.Tensor, cs: torch.Tensor,
+                cb: torch.Tensor, states: torch.Tensor, y_pre: torch.Tensor, dt_softplus: bool, dt_limit: list[float],
+                T: int, need_dh0: bool) -> list[torch.Tensor]:
+    """[dx, ddt, dA, dB, dC, dD, dz, ddt_bias] in their inputs' dtypes, then dh0 (float32); empty where absent."""
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    dfinal = dfinal.float().contiguous() if dfinal is not None else None
+    *grads, dh0 = ssd_triton_backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states,
+                                      y_pre if z is not None else None, dt_softplus, tuple(dt_limit), T, need_dh0)
+    return pack_grads(grads, (x, dt, A, B, C, D, z, dt_bias)) + [x.new_empty(0) if dh0 is None else dh0]
+
+
+@_ssd_bwd_op.register_fake
+def _(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states, y_pre, dt_softplus, dt_limit, T,
+      need_dh0):
+    b, _, H, P = x.shape
+    dh0 = x.new_empty(b, H, P, B.shape[3], dtype=torch.float32) if need_dh0 else x.new_empty(0)
+    return fake_grads((x, dt, A, B, C, D, z, dt_bias), [True] * 8) + [dh0]
+
+
+def _ssd_setup_context(ctx, inputs, output):
+    x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, T = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, *output[2:])
+    ctx.dt_softplus, ctx.dt_limit, ctx.T = dt_softplus, dt_limit, T
+    ctx.has_h0 = initial_state is not None
+
+
+def _ssd_backward(ctx, grads_out):
+    dy, dfinal = grads_out[0], grads_out[1]
+    x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states, y_pre = ctx.saved_tensors
+    if dy is None:  # only the final state was used
+        dy = torch.zeros_like(x)
+    need_dh0 = ctx.has_h0 and ctx.needs_input_grad[8]
+    grads = _ssd_bwd_op(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states, y_pre,
+                        ctx.dt_softplus, ctx.dt_limit, ctx.T, need_dh0)
+    present = (True, True, True, True, True, D is not None, z is not None, dt_bias is not None, need_dh0)
+    return *unpack_grads(grads, present), None, None, None, None
+
+
+torch.library.register_autograd("mambakit::ssd_fwd", _ssd_backward, setup_context=_ssd_setup_context)
 
 
 def _last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -168,8 +213,7 @@ def ssd_triton(
     initial_state = initial_state.float().contiguous() if initial_state is not None else None
     seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
-    y, final = _SSDTritonFunction.apply(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus,
-                                        (lo, hi), T)
+    y, final = _ssd_fwd_op(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, [lo, hi], T)[:2]
     if return_final_state:
         return y, final
     return y

@@ -1,0 +1,135 @@
+"""Whole-model training throughput on the GPU: tokens/s and peak memory of a MambaLM training step.
+
+The recipe of issue 12 / ANCHORS.md: float32 parameters, bf16 autocast, fused AdamW, random token ids,
+cross-entropy over the whole window. Shapes: "130m" (d_model 768, 24 layers, vocab 50277: the published 130M
+models), "1.3b" (d_model 2048, 48 layers). For each layer (Mamba-1, Mamba-2) and path it times `--steps`
+optimizer steps after `--warmup` (CUDA-synchronised wall clock) and prints one JSON line per case:
+tokens/s, ms per step, peak GB (torch.cuda.max_memory_allocated over the timed steps), the loss.
+
+Paths: "fused" (the default: one custom op per mixer), "unfused" (`mixer.fused = False`: the ops one by
+one), "recompute" (`mixer.recompute = True`), each eager or under `torch.compile(model)` (suffix
+"+compile"; compile time is reported separately and excluded from tokens/s). mamba_ssm's MambaLMHeadModel
+is timed in the same process when it is importable (path "mamba_ssm").
+
+    python benchmarks/gpu_train.py                                    # 130m, batch 8 x 2048, all paths
+    python benchmarks/gpu_train.py --shape 130m --batch 2 --seqlen 8192 --paths fused unfused
+    python benchmarks/gpu_train.py --shape 1.3b --paths fused --layers mamba1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mambakit import MambaConfig, MambaLM
+
+SHAPES = {"130m": (768, 24), "1.3b": (2048, 48)}
+
+
+def build(layer: str, shape: str) -> MambaLM:
+    d_model, n_layer = SHAPES[shape]
+    torch.manual_seed(0)
+    ssm = {"layer": "Mamba1" if layer == "mamba1" else "Mamba2"}
+    return MambaLM(MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=50277, ssm_cfg=ssm)).cuda()
+
+
+def build_mamba_ssm(layer: str, shape: str):
+    from mamba_ssm.models.config_mamba import MambaConfig as RefConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    d_model, n_layer = SHAPES[shape]
+    torch.manual_seed(0)
+    cfg = RefConfig(d_model=d_model, n_layer=n_layer, vocab_size=50277,
+                    ssm_cfg={"layer": "Mamba1" if layer == "mamba1" else "Mamba2"})
+    return MambaLMHeadModel(cfg, device="cuda")
+
+
+def run_case(layer: str, shape: str, path: str, batch: int, seqlen: int, steps: int, warmup: int) -> dict:
+    base_path, compiled = path.removesuffix("+compile"), path.endswith("+compile")
+    if base_path == "mamba_ssm":
+        model = build_mamba_ssm(layer, shape)
+
+        def forward(ids):
+            return model(ids).logits
+    else:
+        model = build(layer, shape)
+        for block in model.backbone.layers:
+            block.mixer.fused = base_path == "fused"
+            block.mixer.recompute = base_path == "recompute"
+        forward = model
+    if compiled:
+        forward = torch.compile(forward)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(0, 50277, (batch, seqlen + 1), device="cuda", generator=gen)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = forward(ids[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    row = {"layer": layer, "shape": shape, "path": path, "batch": batch, "seqlen": seqlen,
+           "tokens_per_s": round(batch * seqlen * steps / elapsed), "ms_per_step": round(1e3 * elapsed / steps, 2),
+           "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2), "loss": round(float(loss), 4),
+           "first_step_s": round(first, 1)}
+    del model, opt, forward
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="130m")
+    parser.add_argument("--layers", nargs="+", default=["mamba1", "mamba2"], choices=["mamba1", "mamba2"])
+    parser.add_argument("--paths", nargs="+", default=["fused", "unfused", "recompute", "fused+compile"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", help="append the JSON lines to this file as well")
+    args = parser.parse_args()
+    try:
+        import mamba_ssm  # noqa: F401
+
+        peers = ["mamba_ssm"]
+    except ImportError:
+        peers = []
+        print(json.dumps({"note": "mamba_ssm is not importable here: not timed"}))
+    import triton
+
+    print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                      "date": datetime.date.today().isoformat()}))
+    for layer in args.layers:
+        for path in peers + args.paths:
+            row = run_case(layer, args.shape, path, args.batch, args.seqlen, args.steps, args.warmup)
+            line = json.dumps(row)
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

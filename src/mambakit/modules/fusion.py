@@ -1,0 +1,39 @@
+"""When a fused op may read a submodule's parameters instead of calling it.
+
+The fused mixer ops (`ops.mamba1_inner`, `ops.mamba2_inner`) and the Block's fused add + norm take
+weights as tensors, so they compute exactly what the submodule would only when the submodule is a
+plain instance of its class (not a peft LoRA layer, a quantized linear or any other subclass), holds
+plain tensors (not a tensor subclass such as a quantized or float8 weight) and has no hooks. Anything
+else is called as a module: the layers fall back to their unfused path, which honours it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module
+
+
+def _global_hooks() -> bool:
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
+def reads_as_plain(module: nn.Module, cls: type[nn.Module]) -> bool:
+    """True when a fused op may use `module`'s parameters directly: exactly `cls`, plain tensors, no hooks."""
+    if type(module) is not cls:
+        return False
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+        return False
+    if _global_hooks():
+        return False
+    return all(p is None or type(p) in (nn.Parameter, torch.Tensor) for p in module._parameters.values())
+
+
+def require_plain_conv(conv: nn.Module, layer: str) -> None:
+    """The causal conv is always computed from its weight (the mixers' conv ops carry state and documents across
+    calls, which nn.Conv1d cannot): refuse a conv1d that would be skipped rather than ignore it."""
+    if not reads_as_plain(conv, nn.Conv1d):
+        raise ValueError(f"{layer}: conv1d must be a plain nn.Conv1d with plain weights and no hooks, got "
+                         f"{type(conv).__name__}: an adapter, quantized weight or hook on conv1d would be ignored "
+                         "by the causal conv op (adapt in_proj, x_proj, dt_proj or out_proj instead)")
