@@ -30,13 +30,14 @@ def _model(layer: str = "Mamba2") -> MambaLM:
 def test_prefix_cache_evicts_least_recently_used_within_its_byte_budget():
     model = _model()
     cache, logits = prefill(model, [[1, 2, 3]])
-    entry_bytes = cache.nbytes() + logits.nbytes
-    store = PrefixCache(2 * entry_bytes)
     keys = [[1], [1, 2], [1, 2, 3]]
+    entry_bytes = cache.nbytes() + logits.nbytes + 8 * 2  # the state, the logits and the ids (int64) of [1, 2]
+    store = PrefixCache(2 * entry_bytes)
     assert store.put(keys[0], prefix_digest(keys[0]).digest(), cache, logits)
     assert store.put(keys[1], prefix_digest(keys[1]).digest(), cache, logits)
     assert store.get(keys[0], prefix_digest(keys[0]).digest()) is not None  # [1] is now the most recent
     assert store.put(keys[2], prefix_digest(keys[2]).digest(), cache, logits)
+    # [1] (8 bytes of ids) and [1, 2, 3] (24) fill the budget exactly: [1, 2] had to go
     assert len(store) == 2 and store.nbytes == 2 * entry_bytes
     assert store.get(keys[1], prefix_digest(keys[1]).digest()) is None  # evicted
     hit = store.get(keys[2], prefix_digest(keys[2]).digest())

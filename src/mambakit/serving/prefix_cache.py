@@ -34,9 +34,10 @@ def prefix_digest(ids: list[int], start_hash: "hashlib._Hash | None" = None) -> 
 
 @dataclass
 class PrefixEntry:
-    """The state of one sequence (a 1-row cache) after `ids`, and the logits at its last position (1, V)."""
+    """The state of one sequence (a 1-row cache) after the ids (packed int64), and the logits at its last position
+    (1, V); nbytes counts all three."""
 
-    ids: tuple[int, ...]
+    ids: bytes
     cache: InferenceCache
     logits: torch.Tensor
     nbytes: int
@@ -86,14 +87,15 @@ class PrefixCache:
                 return True
         state = cache.index_select(torch.zeros(1, dtype=torch.long, device=cache.layers[0].ssm_state.device))
         logits = logits.detach().clone()
-        nbytes = state.nbytes() + logits.nbytes
+        packed = array.array("q", ids).tobytes()
+        nbytes = state.nbytes() + logits.nbytes + len(packed)
         if nbytes > self.capacity_bytes:
             return False
         with self._lock:
             while self.nbytes + nbytes > self.capacity_bytes and self._entries:
                 _, old = self._entries.popitem(last=False)
                 self.nbytes -= old.nbytes
-            self._entries[key] = PrefixEntry(tuple(ids), state, logits, nbytes)
+            self._entries[key] = PrefixEntry(packed, state, logits, nbytes)
             self.nbytes += nbytes
         return True
 
@@ -102,7 +104,7 @@ class PrefixCache:
         key = (len(ids), digest)
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None or entry.ids != tuple(ids):
+            if entry is None or entry.ids != array.array("q", ids).tobytes():
                 return None
             self._entries.move_to_end(key)
             return entry
