@@ -175,8 +175,12 @@ def test_logprobs_and_echo(client, checkpoint):
         assert value == pytest.approx(max(top.values()), abs=1e-5)
 
 
-def test_streamed_logprobs_equal_the_non_streamed_ones(client):
-    kwargs = dict(model="tiny", prompt="all the world", max_tokens=12, temperature=0.7, seed=2, logprobs=3)
+ECHOES = [pytest.param(False, id="no-echo"), pytest.param(True, id="echo")]
+
+
+@pytest.mark.parametrize("echo", ECHOES)
+def test_streamed_logprobs_equal_the_non_streamed_ones(client, echo):
+    kwargs = dict(model="tiny", prompt="all the world", max_tokens=12, temperature=0.7, seed=2, logprobs=3, echo=echo)
     whole = client.completions.create(**kwargs).choices[0].logprobs
     tokens, values, offsets = [], [], []
     for chunk in client.completions.create(stream=True, **kwargs):

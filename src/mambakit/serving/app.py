@@ -332,28 +332,29 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, chat_template: 
             include_usage = req.stream_options is not None and req.stream_options.include_usage
 
             async def stream():
-                if req.echo:
-                    for p_index in range(len(prompts)):
-                        text, lp = echo_part(p_index)
-                        for c in range(n):
-                            yield _sse({"id": rid, "object": "text_completion", "created": created,
-                                        "model": model_name, "choices": [{"index": p_index * n + c, "text": text,
-                                                                          "logprobs": lp, "finish_reason": None}]})
                 offsets = {}  # (prompt, choice) -> text offset after that choice's last token
+                echoed = set()
                 async for p_index, ev in _events(server, http, channel, requests):
-                    if not ev.text and ev.finish_reason is None and not ev.logprobs:
+                    key = (p_index, ev.index)
+                    # the echo goes with a choice's first event: by then the scheduler has computed the
+                    # prompt's logprobs (it does so before any event of the request)
+                    echo_text, echo_lp = echo_part(p_index) if req.echo and key not in echoed else ("", None)
+                    echoed.add(key)
+                    if not (echo_text or ev.text) and ev.finish_reason is None and not ev.logprobs:
                         continue
                     lp = None
                     if req.logprobs is not None:
                         # offsets count token texts, as in the non-streamed response (not the text sent so far,
                         # which holds back a possible stop sequence)
-                        offset = offsets.get((p_index, ev.index), len(prompts[p_index].echo_text) if req.echo else 0)
+                        offset = offsets.get(key, len(prompts[p_index].echo_text) if req.echo else 0)
                         lp = server.completion_logprobs(ev.logprobs, offset)
                         if lp["tokens"]:
-                            offsets[p_index, ev.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+                            offsets[key] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+                        if echo_lp is not None:
+                            lp = {k: echo_lp[k] + lp[k] for k in lp}
                     yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                                "choices": [{"index": p_index * n + ev.index, "text": ev.text, "logprobs": lp,
-                                             "finish_reason": ev.finish_reason}]})
+                                "choices": [{"index": p_index * n + ev.index, "text": echo_text + ev.text,
+                                             "logprobs": lp, "finish_reason": ev.finish_reason}]})
                 if include_usage:
                     yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
                                 "choices": [], "usage": _usage(requests)})
