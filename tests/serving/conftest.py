@@ -86,7 +86,7 @@ def server(checkpoint):
     from mambakit.data import ByteTokenizer
 
     srv = ServerThread(checkpoint[1], ByteTokenizer(), chat_template=CHAT_TEMPLATE, max_batch_size=8, max_queue=64,
-                       prefill_chunk=16, prefix_cache_bytes=8 << 20, max_model_len=4096)
+                       prefill_chunk=16, prefix_cache_bytes=8 << 20, max_model_len=16384)
     yield srv
     srv.stop()
 

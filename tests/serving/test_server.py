@@ -194,7 +194,7 @@ def test_streamed_logprobs_equal_the_non_streamed_ones(client, echo):
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
-    body = {"model": "tiny", "prompt": "to be", "max_tokens": 4000, "temperature": 0, "stream": True,
+    body = {"model": "tiny", "prompt": "to be", "max_tokens": 12000, "temperature": 0, "stream": True,
             "ignore_eos": True}
     before = _metrics(server)
     with httpx.Client(timeout=30) as http:
@@ -208,7 +208,17 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     key = 'mambakit_request_finish_total{reason="abort"}'
     after = _wait_for(server, lambda m: m["mambakit_running_sequences"] == 0 and m.get(key, 0) > before.get(key, 0))
     assert after["mambakit_free_slots"] == 8
-    assert after["mambakit_generation_tokens_total"] - before["mambakit_generation_tokens_total"] < 4000
+    assert after["mambakit_generation_tokens_total"] - before["mambakit_generation_tokens_total"] < 12000
+
+
+def test_a_client_that_drops_a_non_streamed_request_frees_its_slot(server):
+    body = {"model": "tiny", "prompt": "to be", "max_tokens": 12000, "temperature": 0, "ignore_eos": True}
+    before = _metrics(server)
+    with httpx.Client(timeout=1.5) as http, pytest.raises(httpx.ReadTimeout):
+        http.post(server.url + "/v1/completions", json=body)  # gives up after 1.5 s: the connection closes
+    key = 'mambakit_request_finish_total{reason="abort"}'
+    after = _wait_for(server, lambda m: m["mambakit_running_sequences"] == 0 and m.get(key, 0) > before.get(key, 0))
+    assert after["mambakit_generation_tokens_total"] - before["mambakit_generation_tokens_total"] < 12000
 
 
 def test_a_prefix_hit_gives_identical_output_and_is_counted(client, server):
@@ -245,9 +255,9 @@ BAD_REQUESTS = [
                  id="bad-temperature"),
     pytest.param({"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4",
                  id="five-stops"),
-    pytest.param({"model": "tiny", "prompt": "x" * 5000}, 400, "prompt", "maximum context length is 4096",
+    pytest.param({"model": "tiny", "prompt": "x" * 17000}, 400, "prompt", "maximum context length is 16384",
                  id="too-long-prompt"),
-    pytest.param({"model": "tiny", "prompt": "x" * 4000, "max_tokens": 100}, 400, "prompt", "maximum context length",
+    pytest.param({"model": "tiny", "prompt": "x" * 16300, "max_tokens": 100}, 400, "prompt", "maximum context length",
                  id="prompt-plus-max-tokens-too-long"),
     pytest.param({"model": "tiny", "prompt": [1, 2, 300]}, 400, "prompt", "token ids must lie in [0, 256)",
                  id="token-id-out-of-vocab"),
@@ -278,7 +288,7 @@ def test_openai_client_raises_its_error_types(client):
         client.completions.create(model="tiny", prompt="x", max_tokens=-3)
     assert info.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model="tiny", prompt="x" * 5000)
+        client.completions.create(model="tiny", prompt="x" * 17000)
     assert info.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="other", prompt="x")
@@ -297,8 +307,8 @@ def test_models_health_and_metrics_endpoints(server):
 
 
 def test_a_full_queue_gets_429_and_the_server_keeps_serving(checkpoint):
-    srv = ServerThread(checkpoint[1], TOK, max_batch_size=1, max_queue=1, prefill_chunk=16, max_model_len=8192)
-    body = {"model": "tiny", "prompt": "to be", "max_tokens": 8000, "temperature": 0, "stream": True,
+    srv = ServerThread(checkpoint[1], TOK, max_batch_size=1, max_queue=1, prefill_chunk=16, max_model_len=32768)
+    body = {"model": "tiny", "prompt": "to be", "max_tokens": 30000, "temperature": 0, "stream": True,
             "ignore_eos": True}
     try:
         with httpx.Client(timeout=30) as http, openai.OpenAI(base_url=srv.url + "/v1", api_key="unused",

@@ -40,7 +40,7 @@ def test_sigterm_finishes_the_running_request_and_exits_0(checkpoint):
         first = threading.Event()
 
         def read_stream():
-            body = {"model": "tiny", "prompt": "to be", "max_tokens": 300, "temperature": 0, "stream": True,
+            body = {"model": "tiny", "prompt": "to be", "max_tokens": 2000, "temperature": 0, "stream": True,
                     "ignore_eos": True}
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
                 for line in response.iter_lines():

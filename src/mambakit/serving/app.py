@@ -217,14 +217,21 @@ async def _events(server: _Server, http: Request, channel: _Channel,
     joined), so a handler that falls behind the scheduler sends fewer, larger chunks instead of a backlog.
     """
     open_choices = {(p, c) for p, r in enumerate(requests) for c in range(r.n)}
+    checked = time.monotonic()
     try:
         while open_choices:
             try:
                 items = [await asyncio.wait_for(channel.queue.get(), timeout=1.0)]
             except asyncio.TimeoutError:
+                items = []
+            if not items or time.monotonic() - checked > 1.0:
+                # about once a second, events or not: a client waiting for a whole (non-streamed) answer
+                # that went away frees its slots within a second, not when its last token is made
+                checked = time.monotonic()
                 if await http.is_disconnected():
                     return
-                continue
+                if not items:
+                    continue
             while not channel.queue.empty():
                 items.append(channel.queue.get_nowait())
             merged: dict[tuple[int, int], Event] = {}
