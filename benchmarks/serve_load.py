@@ -1,0 +1,341 @@
+"""Load test of `mambakit serve` on 127.0.0.1: throughput and time to first token at several client counts,
+against offline `generate()` at the same batch size and lengths.
+
+The server runs in a child process (so the load generator does not share its interpreter), built from a
+checkpoint (--model DIR) or from random weights of a named shape (--model-shape), on 127.0.0.1 only. Each
+of C clients sends streamed completion requests back to back (random token-id prompts of --prompt-len
+tokens, --new-tokens new tokens each, EOS ignored so every request has the same length); a level ends after
+--requests-per-client requests per client or --time-limit seconds, whichever comes first. Reported per level:
+
+    throughput_tok_s      new tokens received / wall time of the level (first request sent -> last answer)
+    ttft_p50_s, ttft_p99_s  request sent -> first streamed token, over the level's requests
+    offline_tok_s         generate() on the same weights: batch C (capped by --offline-max-batch), the same
+                          prompt and new-token counts, prefill included, best of --offline-repeats runs,
+                          measured in this process right before the level (the server idles meanwhile)
+    ratio                 throughput_tok_s / offline_tok_s
+Before each level, every client sends one short request (8 new tokens), not counted: the device kernels
+compile for that level's batch shapes off the clock, as the baseline's warm-up run does for generate().
+
+One JSON object goes to stdout (progress to stderr): the settings, the device, versions, the date, the
+machine's load average before and after, and one row per level.
+
+Usage (repository root; needs the serve extra and httpx):
+    python benchmarks/serve_load.py --device cpu --model-shape small --clients 1,8,64,256
+    python benchmarks/serve_load.py --device cuda --model-shape 130m --clients 1,8,64,256 \\
+        --prompt-len 128 --new-tokens 256          # GPU machine: the 130M acceptance (64 clients >= 80%)
+    python benchmarks/serve_load.py --device cpu --model runs/shakespeare --clients 1,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {
+    # name: (preset or explicit config kwargs)
+    "tiny": dict(d_model=64, n_layer=2, vocab_size=256, ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 32}),
+    "small": "bytes-mamba2-small",
+    "130m": "mamba-130m",
+    "mamba-130m": "mamba-130m",
+    "mamba2-130m": "mamba2-130m",
+}
+
+
+class IdTokenizer:
+    """A stand-in tokenizer for random-weight models: token i reads as " i" (no real vocabulary exists offline)."""
+
+    eos_id = None
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) % self.vocab_size for t in text.split()]
+
+    def decode(self, ids) -> str:
+        return "".join(f" {int(i)}" for i in ids)
+
+
+def _log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def _build(args):
+    """(model, tokenizer) on args.device in args.dtype."""
+    import torch
+
+    from mambakit import MambaConfig, MambaLM
+    from mambakit.models import preset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype if args.dtype != "auto" else ("bfloat16" if args.device.startswith("cuda")
+                                                                      else "float32"))
+    if args.model:
+        from mambakit.checkpoints import load_checkpoint_tokenizer
+
+        model = MambaLM.from_pretrained(args.model, dtype=dtype, device=torch.device(args.device)).eval()
+        return model, load_checkpoint_tokenizer(args.model)
+    spec = SHAPES[args.model_shape]
+    config = preset(spec) if isinstance(spec, str) else MambaConfig(**spec)
+    torch.manual_seed(0)
+    model = MambaLM(config, device=torch.device(args.device), dtype=dtype).eval()
+    return model, IdTokenizer(config.vocab_size)
+
+
+def _serve(args, port: int, ready) -> None:
+    """Child process: the server on 127.0.0.1:port until SIGTERM."""
+    import signal
+
+    import uvicorn
+
+    from mambakit.serving import Scheduler, create_app
+
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
+    model, tokenizer = _build(args)
+    scheduler = Scheduler(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                          prefill_chunk=args.prefill_chunk, prefix_cache_bytes=args.prefix_cache_mb << 20,
+                          cuda_graph=args.cuda_graph, max_model_len=args.prompt_len + args.new_tokens + 1,
+                          decode_steps=args.decode_steps or (8 if args.device.startswith("cuda") else 1),
+                          max_prefill_tokens=args.max_prefill_tokens).start()
+    app = create_app(scheduler, tokenizer, "bench")
+    if args.server_log:
+        import logging
+
+        logging.basicConfig(filename=args.server_log, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # keep-alive longer than any level: at uvicorn's 5 s a client can pick an idle pooled connection just as
+    # the server closes it (a read error that is the benchmark's, not the server's)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=5, timeout_keep_alive=3600))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    ready.set()
+    server.run()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(1, vocab) for _ in range(length)] for _ in range(n)]
+
+
+async def _one_request(http, url: str, prompt: list[int], new_tokens: int) -> tuple[float, float, int]:
+    """(ttft_s, total_s, new tokens) of one streamed request."""
+    body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    async with http.stream("POST", url + "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {await response.aread()}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if ttft is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                ttft = time.perf_counter() - t0
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return (ttft if ttft is not None else float("nan")), time.perf_counter() - t0, tokens
+
+
+async def _level(url: str, clients: int, args, vocab: int) -> dict:
+    import httpx
+
+    deadline = time.perf_counter() + args.time_limit
+    prompts = _prompts(clients * args.requests_per_client, args.prompt_len, vocab, seed=clients)
+    results: list[tuple[float, float, int]] = []
+    errors: list[str] = []
+
+    async def client(i: int, http) -> None:
+        for r in range(args.requests_per_client):
+            if time.perf_counter() > deadline:
+                return
+            try:
+                results.append(await _one_request(http, url, prompts[i * args.requests_per_client + r],
+                                                  args.new_tokens))
+            except (httpx.HTTPError, RuntimeError) as err:  # counted and reported, the level goes on
+                errors.append(f"{type(err).__name__}: {err}")
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=args.time_limit + 600, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(i, http) for i in range(clients)))
+        wall = time.perf_counter() - t0
+    ttfts = sorted(r[0] for r in results) or [float("nan")]
+    tokens = sum(r[2] for r in results)
+
+    def pct(q: float) -> float:
+        return ttfts[min(len(ttfts) - 1, int(round(q * (len(ttfts) - 1))))]
+
+    return {"clients": clients, "requests": len(results), "errors": len(errors), "first_errors": errors[:3],
+            "new_tokens": tokens, "wall_s": round(wall, 3),
+            "throughput_tok_s": round(tokens / wall, 1), "ttft_p50_s": round(pct(0.5), 4),
+            "ttft_p99_s": round(pct(0.99), 4), "latency_mean_s": round(statistics.mean(r[1] for r in results), 3) if results else None}
+
+
+def _offline(args, batch: int, vocab: int) -> float:
+    """New tokens/s of generate() at `batch` prompts of the same lengths (prefill included), best of N runs."""
+    import torch
+
+    from mambakit.generation import CUDAGraphDecoder, generate
+
+    model, _ = _build(args)
+    prompts = torch.tensor(_prompts(batch, args.prompt_len, vocab, seed=1000 + batch), device=args.device)
+    # captured once, outside the timing, as the server captures its graphs once at start-up
+    graph = CUDAGraphDecoder(model, batch) if args.cuda_graph and args.device.startswith("cuda") else False
+    best = float("inf")
+    for _ in range(args.offline_repeats + 1):  # the first run warms up (Triton compiles and tunes)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        generate(model, prompts, args.new_tokens, cuda_graph=graph, prefill_chunk_size=None)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    del model, graph
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return batch * args.new_tokens / best
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="checkpoint directory (default: random weights of --model-shape)")
+    src.add_argument("--model-shape", default="small", choices=sorted(SHAPES), help="random-weight shape (default small)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--clients", default="1,8,64,256", help="comma-separated client counts (default 1,8,64,256)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--time-limit", type=float, default=120.0, help="seconds per level after which no request starts")
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-queue", type=int, default=1024)
+    p.add_argument("--prefill-chunk", type=int, default=128)
+    p.add_argument("--prefix-cache-mb", type=int, default=512)
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA graphs in the server's decode step and in the generate() baseline (default on)")
+    p.add_argument("--decode-steps", type=int, default=0, help="server decode steps per host round trip "
+                                                               "(default: 8 on CUDA, 1 on CPU)")
+    p.add_argument("--max-prefill-tokens", type=int, default=8192)
+    p.add_argument("--server-log", default=None, help="write the server's request log to this file")
+    p.add_argument("--switch-interval", type=float, default=0.0005,
+                   help="sys.setswitchinterval in the server, as `mambakit serve` sets it (default 0.0005)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads in the server and the baseline (default: torch's). On a CPU shared with "
+                        "other jobs, 1 avoids OpenMP threads waiting on descheduled peers")
+    p.add_argument("--offline-max-batch", type=int, default=64, help="largest batch of the generate() baseline")
+    p.add_argument("--offline-repeats", type=int, default=2)
+    p.add_argument("--no-offline", action="store_true", help="skip the generate() baseline")
+    args = p.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+
+    import torch
+
+    import mambakit
+
+    load_before = os.getloadavg()
+    vocab = _build_vocab(args)
+    port = _free_port()
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_serve, args=(args, port, ready), daemon=True)
+    proc.start()
+    url = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        _wait_ready(url, proc, ready)
+        for c in clients:
+            # the baseline right before its level (the server idles meanwhile), so that both see the same
+            # machine: on a shared CPU the load moves between minutes
+            base = None
+            if not args.no_offline:
+                _log(f"offline generate() at batch {min(c, args.offline_max_batch)} ...")
+                base = _offline(args, min(c, args.offline_max_batch), vocab)
+            # one short request per client first: kernels compile for this level's batch shapes off the clock
+            asyncio.run(_level(url, c, argparse.Namespace(**{**vars(args), "requests_per_client": 1,
+                                                             "new_tokens": min(8, args.new_tokens)}), vocab))
+            _log(f"{c} clients ...")
+            row = asyncio.run(_level(url, c, args, vocab))
+            if base is not None:
+                row["offline_batch"] = min(c, args.offline_max_batch)
+                row["offline_tok_s"] = round(base, 1)
+                row["ratio"] = round(row["throughput_tok_s"] / base, 3)
+            row["load_avg_1min"] = round(os.getloadavg()[0], 2)
+            _log("  " + json.dumps(row))
+            rows.append(row)
+    finally:
+        proc.terminate()
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+    device_name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") \
+        else platform.processor() or platform.machine()
+    out = {"benchmark": "serve_load", "model": args.model or args.model_shape, "device": args.device,
+           "device_name": device_name, "cpu_count": os.cpu_count(),
+           "torch_threads": args.threads or torch.get_num_threads(),
+           "dtype": args.dtype, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+           "requests_per_client": args.requests_per_client, "max_batch_size": args.max_batch_size,
+           "prefill_chunk": args.prefill_chunk, "cuda_graph": args.cuda_graph,
+           "decode_steps": args.decode_steps or (8 if args.device.startswith("cuda") else 1), "levels": rows,
+           "load_avg_before": [round(x, 2) for x in load_before],
+           "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+           "versions": {"mambakit": mambakit.__version__, "torch": torch.__version__, "python": platform.python_version()},
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _build_vocab(args) -> int:
+    """The real vocabulary size of the model the run uses (prompt ids are drawn below it)."""
+    if args.model:
+        return json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    from mambakit import MambaConfig
+    from mambakit.models import preset
+
+    spec = SHAPES[args.model_shape]
+    return (preset(spec) if isinstance(spec, str) else MambaConfig(**spec)).vocab_size
+
+
+def _wait_ready(url: str, proc, ready, timeout: float = 600.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if not proc.is_alive():
+            raise RuntimeError("the server process died while starting")
+        if ready.is_set():
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("the server did not start in time")
+        time.sleep(0.2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

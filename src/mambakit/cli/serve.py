@@ -1,0 +1,152 @@
+"""`mambakit serve`: an OpenAI-compatible HTTP server for a checkpoint (continuous batching, prefix-state reuse)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from .errors import Parser, UsageError
+
+SUMMARY = "serve a checkpoint over HTTP with OpenAI's completions and chat completions APIs"
+
+EXAMPLES = """\
+examples:
+  mambakit serve --model runs/shakespeare
+      http://127.0.0.1:8000/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics
+  mambakit serve --model runs/shakespeare --port 8080 --max-batch-size 64 --max-queue 512
+  mambakit serve --model mamba-130m-hf --device cuda --dtype bfloat16 --served-model-name mamba-130m
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "shakespeare", "prompt": "ROMEO:", "max_tokens": 50, "temperature": 0}'
+
+The directory must hold config.json, model.safetensors and the tokenizer, as `mambakit train` writes them
+(or a converted / Hugging Face checkpoint). Text prompts start with the tokenizer's end-of-document token,
+as in `mambakit generate`. /v1/chat/completions needs a chat template in the checkpoint's
+tokenizer_config.json ("chat_template") or chat_template.jinja. SIGTERM or Ctrl-C stops accepting
+connections, lets running requests finish for up to --shutdown-timeout seconds, then exits 0.
+Needs the serve extra: pip install 'mambakit[serve]'."""
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def build_parser(prog: str = "mambakit serve") -> Parser:
+    p = Parser(prog=prog, description=SUMMARY, epilog=EXAMPLES)
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (e.g. runs/shakespeare)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_int_at_least(0), default=8000, help="TCP port (default 8000)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model name clients send (default: the directory's name)")
+    p.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=_DTYPES, default="auto", help="weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--max-batch-size", type=_int_at_least(1), default=32, metavar="N",
+                   help="cache slots: sequences decoded together (default 32)")
+    p.add_argument("--max-queue", type=_int_at_least(0), default=256, metavar="N",
+                   help="requests waiting for a slot; more get HTTP 429 (default 256)")
+    p.add_argument("--max-model-len", type=_int_at_least(2), default=16384, metavar="N",
+                   help="prompt + new tokens allowed per sequence (default 16384)")
+    p.add_argument("--prefill-chunk", type=_int_at_least(1), default=128, metavar="K",
+                   help="prompt tokens per prefill call, interleaved with decode steps; prefix states are kept "
+                        "every K tokens (default 128)")
+    p.add_argument("--prefix-cache-mb", type=_int_at_least(0), default=512, metavar="MB",
+                   help="memory for stored prefix states, least recently used evicted first; 0 disables (default 512)")
+    p.add_argument("--decode-steps", type=_int_at_least(1), default=None, metavar="k",
+                   help="decode steps per host round trip: the host reads tokens once per k steps, a finished "
+                        "sequence may compute up to k-1 tokens for nothing (default: 8 on CUDA, 1 on CPU)")
+    p.add_argument("--max-prefill-tokens", type=_int_at_least(1), default=8192, metavar="N",
+                   help="prompt tokens of several requests prefilled in one call (default 8192)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="replay the decode step from CUDA graphs at batch sizes 1, 2, 4, ... (CUDA only; default on)")
+    p.add_argument("--shutdown-timeout", type=_seconds, default=30.0, metavar="S",
+                   help="on SIGTERM, seconds running requests may take to finish before they are cancelled (default 30)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="request logs are at info (default info)")
+    return p
+
+
+def main(model: str, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
+         device: str = "auto", dtype: str = "auto", max_batch_size: int = 32, max_queue: int = 256,
+         max_model_len: int = 16384, prefill_chunk: int = 128, prefix_cache_mb: int = 512,
+         decode_steps: int | None = None, max_prefill_tokens: int = 8192, cuda_graph: bool = True,
+         shutdown_timeout: float = 30.0, log_level: str = "info") -> int:
+    """Serve the checkpoint in `model` until SIGTERM or Ctrl-C; returns the exit status (0 after a graceful stop).
+
+    Examples:
+        mambakit serve --model runs/shakespeare
+        mambakit serve --model runs/shakespeare --port 8080 --max-batch-size 64
+    """
+    try:
+        import uvicorn
+    except ImportError:
+        raise UsageError("mambakit serve needs FastAPI and uvicorn: pip install 'mambakit[serve]'") from None
+    import torch
+
+    from ..checkpoints import load_checkpoint_tokenizer
+    from ..models import MambaLM
+    from ..serving import Scheduler, create_app
+    from ..serving.chat import load_chat_template
+    from ..training import resolve_device
+
+    directory = Path(model)
+    if not directory.is_dir():
+        raise UsageError(f"model directory not found: {model}")
+    if not (directory / "config.json").is_file():
+        raise UsageError(f"no config.json in {model}: not a model directory (train one with `mambakit train`)")
+    try:
+        dev = resolve_device(device)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    tokenizer = load_checkpoint_tokenizer(directory)
+    lm = MambaLM.from_pretrained(directory, dtype=getattr(torch, dtype), device=dev).eval()
+    if tokenizer.vocab_size > lm.config.padded_vocab_size:
+        raise UsageError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the model's "
+                         f"({lm.config.padded_vocab_size}): they do not belong together")
+    # the scheduler thread and the HTTP event loop share the GIL: at the default 5 ms switch interval one
+    # waits up to 5 ms whenever the other runs Python, longer than a decode step
+    sys.setswitchinterval(0.0005)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    scheduler = Scheduler(lm, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
+                          prefill_chunk=prefill_chunk, prefix_cache_bytes=prefix_cache_mb << 20,
+                          cuda_graph=cuda_graph, max_model_len=max_model_len,
+                          decode_steps=decode_steps or (8 if dev.type == "cuda" else 1),
+                          max_prefill_tokens=max_prefill_tokens).start()
+    name = served_model_name or directory.resolve().name
+    app = create_app(scheduler, tokenizer, name, chat_template=load_chat_template(directory))
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal that stopped it once it has restored the previous handlers; these make
+    # that a no-op, so a graceful stop exits 0 instead of dying of SIGTERM
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        scheduler.stop()
+    return 0 if server.started else 1

@@ -1,0 +1,110 @@
+"""Exact prefix-state reuse: recurrent states after a token prefix, kept in an LRU store bounded in bytes.
+
+A Mamba model's whole memory of a prefix is its cache (conv windows and SSM states, a fixed size per
+sequence), so reusing a shared prefix (a system prompt, a few-shot header) is one copy of that state,
+not a page table. Entries are keyed by (length, blake2b digest of the token ids) and hold the ids
+themselves, so a hit is verified token for token, never trusted on the hash alone.
+
+Exactness: the scheduler prefills every prompt in chunks whose ends are the multiples of `chunk` (and
+the prompt's end), and stores states only at those ends; a request that starts from a stored state
+therefore runs exactly the model calls it would have run without it, and its output is bitwise the same.
+A state at a prompt's end that is not a chunk multiple is only reused by a prompt of exactly that length
+(it comes with the logits of the last position, so such a request skips prefill altogether).
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from ..generation import InferenceCache
+
+
+def prefix_digest(ids: list[int], start_hash: "hashlib._Hash | None" = None) -> "hashlib._Hash":
+    """An incremental blake2b over the ids (as little-endian int64): `h.copy().update(more)` extends it."""
+    h = hashlib.blake2b(digest_size=16) if start_hash is None else start_hash.copy()
+    h.update(array.array("q", ids).tobytes())
+    return h
+
+
+@dataclass
+class PrefixEntry:
+    """The state of one sequence (a 1-row cache) after the ids (packed int64), and the logits at its last position
+    (1, V); nbytes counts all three."""
+
+    ids: bytes
+    cache: InferenceCache
+    logits: torch.Tensor
+    nbytes: int
+
+
+class PrefixCache:
+    """LRU store of prefix states, at most `capacity_bytes` bytes (0 disables it). Thread-safe.
+
+    Example:
+        >>> store = PrefixCache(256 << 20)
+        >>> store.put(ids[:64], row_cache, logits)              # copies the state
+        >>> hit = store.longest(ids, boundaries=[64, 128])      # PrefixEntry or None
+    """
+
+    def __init__(self, capacity_bytes: int):
+        if not isinstance(capacity_bytes, int) or capacity_bytes < 0:
+            raise ValueError(f"PrefixCache: capacity_bytes must be an int >= 0, got {capacity_bytes!r}")
+        self.capacity_bytes = capacity_bytes
+        self._entries: OrderedDict[tuple[int, bytes], PrefixEntry] = OrderedDict()
+        self._lock = threading.Lock()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity_bytes > 0
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.nbytes = 0
+
+    def contains(self, ids: list[int], digest: bytes) -> bool:
+        with self._lock:
+            return (len(ids), digest) in self._entries
+
+    def put(self, ids: list[int], digest: bytes, cache: InferenceCache, logits: torch.Tensor) -> bool:
+        """Store a copy of the 1-row `cache` and `logits` (1, V) as the state after `ids`; False if it cannot fit."""
+        if not self.enabled:
+            return False
+        key = (len(ids), digest)
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return True
+        state = cache.index_select(torch.zeros(1, dtype=torch.long, device=cache.layers[0].ssm_state.device))
+        logits = logits.detach().clone()
+        packed = array.array("q", ids).tobytes()
+        nbytes = state.nbytes() + logits.nbytes + len(packed)
+        if nbytes > self.capacity_bytes:
+            return False
+        with self._lock:
+            while self.nbytes + nbytes > self.capacity_bytes and self._entries:
+                _, old = self._entries.popitem(last=False)
+                self.nbytes -= old.nbytes
+            self._entries[key] = PrefixEntry(packed, state, logits, nbytes)
+            self.nbytes += nbytes
+        return True
+
+    def get(self, ids: list[int], digest: bytes) -> PrefixEntry | None:
+        """The entry for exactly `ids` (verified token for token), marked most recently used; None if absent."""
+        key = (len(ids), digest)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.ids != array.array("q", ids).tobytes():
+                return None
+            self._entries.move_to_end(key)
+            return entry

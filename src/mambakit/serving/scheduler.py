@@ -1,0 +1,598 @@
+"""Continuous batching over cache slots: requests join and leave a running decode batch at any step.
+
+Shapes (legend): S max batch size (slots), B running rows, V padded vocab, K prefill chunk length,
+k decode steps per host round trip.
+
+A Mamba request's whole state is one row of an `InferenceCache`, a fixed size whatever its length.
+The scheduler owns one cache of S slots. Running sequences occupy slots 0..B-1 (kept contiguous: when
+a sequence ends, the last running row moves into its slot, one row copy), so a decode step is one
+model call over the first B slots (on CUDA, a graph replay of the smallest captured bucket >= B).
+
+One thread runs the loop; each iteration:
+  1. takes new requests and cancellations from the HTTP side, and admits waiting requests (oldest
+     first) while their choices fit in the slots not yet taken;
+  2. runs one prefill call: the next chunk (at most K tokens, ending at a multiple of K or the prompt's
+     end) of every admitted request whose chunk has the same length as the oldest one's, up to
+     `max_prefill_tokens`, as one batch; a request whose prompt is done joins the running batch: its
+     state is copied into n slots (n choices) and its last logits become those rows' next logits;
+  3. launches k decode steps for the running rows (per-row settings and seeds, `BatchSampler`; the
+     tokens stay on the device between steps, then go to the host with a non-blocking copy), and only
+     then reads the tokens of the block launched in the previous iteration: the host's work (text, stop
+     sequences, events, freeing the slots of finished rows) runs while the device computes the next
+     block. On a CPU the calls are synchronous and the order changes nothing.
+Prefill chunks therefore interleave with decode steps: a long prompt delays the running batch by one
+chunk per iteration, never by its whole length. A row that finished (EOS, a stop sequence, max_tokens)
+keeps computing until the host has read its block and compacted the batch, up to 2k - 1 steps later;
+those tokens are dropped. That waste pays for reading the device once per k steps, off its critical path.
+
+Prefill chunks end at the multiples of K (and at the prompt's end), and the state at each of those
+ends goes into the `PrefixCache`; a request whose prompt starts with a stored prefix starts from the
+copy and runs the same chunks after it, so its output is what it would be without the store: bitwise
+when its chunks are computed in batches of the same composition (always so for a request alone); a
+different batch composition changes float rounding of the matrix products (as in any batched decode).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..generation import InferenceCache, allocate_cache, decode_one_token
+from ..modules import MixerState
+from .metrics import Metrics
+from .prefix_cache import PrefixCache, prefix_digest
+from .sampler import BatchSampler, RowParams, token_logprobs
+from .text import TextStream
+
+logger = logging.getLogger("mambakit.serving")
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue holds max_queue requests already (HTTP 429)."""
+
+
+class ShuttingDownError(RuntimeError):
+    """The server is shutting down and takes no new requests (HTTP 503)."""
+
+
+@dataclass
+class TokenLogprob:
+    """A token, its log-probability under the model (None for a prompt's first token) and the `top` best."""
+
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Event:
+    """What one scheduler step produced for one choice of a request (delivered to the request's sink)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass(eq=False)  # identity: two requests with the same settings are still two requests
+class GenerationRequest:
+    """One prompt and its n choices, as the HTTP layer submits it.
+
+    sink: called from the scheduler thread with a list of Events (must not block); every choice gets
+    exactly one event with a finish_reason ("stop", "length", "abort" when cancelled or shut down), or
+    an event with `error` set.
+    """
+
+    prompt_ids: list[int]
+    max_tokens: int
+    choices: list[RowParams]
+    sink: Callable[[list[Event]], None]
+    stops: list[str] = field(default_factory=list)
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+    ignore_eos: bool = False
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    # filled by the scheduler
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    prefix_hit_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_logprob_list: list[TokenLogprob] = field(default_factory=list)
+    cancelled: bool = False
+    done: bool = False
+
+    @property
+    def n(self) -> int:
+        return len(self.choices)
+
+
+@dataclass
+class _Seq:
+    request: GenerationRequest
+    index: int
+    params: RowParams
+    text: TextStream
+    tokens: list[int] = field(default_factory=list)
+    finished: bool = False
+    launched: int = 0  # tokens sampled on the device so far (ahead of `tokens` while a block is in flight)
+
+
+@dataclass
+class _Block:
+    """k decode steps launched for `seqs` (slot order at launch): their tokens on their way to the host."""
+
+    seqs: list[_Seq]
+    tokens_Bk: torch.Tensor
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # chosen (B, k), top values / ids (B, k, t)
+    ready: "torch.cuda.Event | None"
+
+
+@dataclass
+class _Prefill:
+    request: GenerationRequest
+    cache: InferenceCache
+    pos: int = 0
+    logits: torch.Tensor | None = None  # (1, V) after the last prefilled token
+    digest: object = None  # blake2b state over ids[:pos]
+
+
+def _view(cache: InferenceCache, rows: int) -> InferenceCache:
+    """The first `rows` slots of a cache, as views (a step on it updates the slots in place)."""
+    return InferenceCache([MixerState(s.conv_state[:rows], s.ssm_state[:rows]) for s in cache.layers],
+                          seqlen_offset=max(cache.seqlen_offset, 1))
+
+
+class SlotDecoder:
+    """The decode step over slots 0..B-1 of a cache of S slots; CUDA graphs at bucketed batch sizes on CUDA.
+
+    Each bucket b (1, 2, 4, ... up to S) is captured once, over the first b slots of the same cache
+    (views: every graph reads and writes the same memory), and a step of B rows replays the smallest
+    bucket >= B; rows B..b-1 compute on free slots, whose contents nobody reads.
+    """
+
+    def __init__(self, model: nn.Module, cache: InferenceCache, cuda_graph: bool):
+        self.model, self.cache = model, cache
+        slots = cache.batch_size
+        device = cache.layers[0].ssm_state.device
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.buckets: list[int] = []
+        if cuda_graph and device.type == "cuda":
+            b = 1
+            while b < slots:
+                self.buckets.append(b)
+                b *= 2
+            self.buckets.append(slots)
+            self._tokens_S = torch.zeros(slots, dtype=torch.long, device=device)
+            self._capture(device)
+
+    def _capture(self, device: torch.device) -> None:
+        with torch.cuda.device(device):
+            for b in self.buckets:
+                view = _view(self.cache, b)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles and tunes here
+                    for _ in range(2):
+                        decode_one_token(self.model, self._tokens_S[:b], view)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    logits = decode_one_token(self.model, self._tokens_S[:b], view)
+                self.graphs[b] = (graph, logits)
+            self.cache.reset()  # the warm-up advanced the states
+
+    def __call__(self, tokens_B: torch.Tensor) -> torch.Tensor:
+        """tokens (B,) -> logits (B, V) float32, advancing slots 0..B-1 by one token."""
+        rows = tokens_B.shape[0]
+        if not self.graphs:
+            return decode_one_token(self.model, tokens_B, _view(self.cache, rows))
+        bucket = next(b for b in self.buckets if b >= rows)
+        self._tokens_S[:rows].copy_(tokens_B)
+        graph, logits = self.graphs[bucket]
+        graph.replay()
+        return logits[:rows]
+
+
+class Scheduler:
+    """Continuous batching of `GenerationRequest`s over `max_batch_size` cache slots, on its own thread.
+
+    Args:
+        model: a MambaLM in eval mode.
+        tokenizer: its tokenizer (decodes the text of each choice, knows the end-of-document id).
+        max_batch_size: cache slots, the most sequences decoded together.
+        max_queue: requests waiting for a slot beyond which `submit` raises QueueFullError.
+        prefill_chunk: tokens per prefill call (K), and the spacing of stored prefix states.
+        prefix_cache_bytes: bytes of the prefix-state store (0: no reuse).
+        cuda_graph: capture the decode step at bucketed batch sizes (CUDA only).
+        max_model_len: prompt + new tokens per sequence; a sequence that reaches it ends ("length").
+        decode_steps: decode steps per host round trip (k); 1 hands every token over at once.
+        max_prefill_tokens: tokens in one batched prefill call (at least one chunk always runs).
+
+    Example:
+        >>> sched = Scheduler(model, tokenizer, max_batch_size=8).start()
+        >>> sched.submit(GenerationRequest(prompt_ids=[0, 104, 105], max_tokens=16, choices=[RowParams()],
+        ...                                sink=print))
+        >>> sched.stop()
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, *, max_batch_size: int = 32, max_queue: int = 256,
+                 prefill_chunk: int = 64, prefix_cache_bytes: int = 256 << 20, cuda_graph: bool = True,
+                 max_model_len: int = 16384, state_dtype: torch.dtype | None = None, decode_steps: int = 1,
+                 max_prefill_tokens: int = 8192):
+        for name, value, low in (("max_batch_size", max_batch_size, 1), ("max_queue", max_queue, 0),
+                                 ("prefill_chunk", prefill_chunk, 1), ("max_model_len", max_model_len, 2),
+                                 ("decode_steps", decode_steps, 1), ("max_prefill_tokens", max_prefill_tokens, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"Scheduler: {name} must be an int >= {low}, got {value!r}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.prefill_chunk, self.max_model_len = prefill_chunk, max_model_len
+        self.decode_steps, self.max_prefill_tokens = decode_steps, max_prefill_tokens
+        self.device = next(model.parameters()).device
+        self.state_dtype = state_dtype
+        self.vocab, self.real_vocab = model.config.padded_vocab_size, model.config.vocab_size
+        self.eos_id = getattr(tokenizer, "eos_id", None)
+        self.metrics = Metrics()
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.cache = allocate_cache(model, max_batch_size, state_dtype=state_dtype, device=self.device)
+        with torch.inference_mode():
+            self.decoder = SlotDecoder(model, self.cache, cuda_graph)
+        self.sampler = BatchSampler(max_batch_size, self.vocab, self.real_vocab, self.device)
+        self._logits_SV = torch.zeros(max_batch_size, self.vocab, dtype=torch.float32, device=self.device)
+        self._steps_B = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.running: list[_Seq] = []
+        self.waiting: collections.deque[GenerationRequest] = collections.deque()
+        self.prefilling: list[_Prefill] = []
+        self._dirty = True
+        self._pending: _Block | None = None
+        self._lock = threading.Condition()
+        self._inbox: list[GenerationRequest] = []
+        self._cancels: list[GenerationRequest] = []
+        self._accepting = True
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # ---- the HTTP side (any thread) ----
+
+    def start(self) -> "Scheduler":
+        self._thread = threading.Thread(target=self._run, name="mambakit-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def submit(self, requests: list[GenerationRequest]) -> None:
+        """Queue requests (all or none); QueueFullError when max_queue would be exceeded."""
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDownError("the server is shutting down")
+            if len(self.waiting) + len(self._inbox) + len(requests) > self.max_queue:
+                self.metrics.add("requests_rejected_total", len(requests))
+                raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); retry later")
+            self._inbox.extend(requests)
+            self.metrics.add("requests_total", len(requests))
+            self._lock.notify()
+
+    def cancel(self, requests: list[GenerationRequest]) -> None:
+        """Stop requests (a client went away): their slots are freed at the next step. Idempotent."""
+        with self._lock:
+            self._cancels.extend(r for r in requests if not r.cancelled)
+            self._lock.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Refuse new requests, abort the ones in flight (each gets finish_reason "abort") and end the thread."""
+        with self._lock:
+            self._accepting = False
+            self._stop = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def gauges(self) -> dict[str, float]:
+        return {"queue_length": len(self.waiting) + len(self._inbox),
+                "running_sequences": len(self.running),
+                "prefilling_requests": len(self.prefilling),
+                "free_slots": self.max_batch_size - len(self.running),
+                "prefix_cache_bytes": self.prefix_cache.nbytes,
+                "prefix_cache_entries": len(self.prefix_cache)}
+
+    # ---- the scheduler thread ----
+
+    def _run(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # the graphs and kernels run on the model's GPU from this thread
+        while True:
+            with self._lock:
+                while not (self._stop or self._inbox or self._cancels or self.running or self.waiting
+                           or self.prefilling or self._pending):
+                    self._lock.wait(1.0)
+                self.waiting.extend(self._inbox)
+                self._inbox.clear()
+                cancels, self._cancels = self._cancels, []
+                stopping = self._stop
+            for request in cancels:
+                self._abort(request)
+            if stopping:
+                for request in self._in_flight():
+                    self._abort(request)
+                return
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as err:  # a bug or out of memory: fail what is in flight, keep serving
+                logger.exception("scheduler step failed")
+                self._fail_all(f"{type(err).__name__}: {err}")
+
+    def _in_flight(self) -> list[GenerationRequest]:
+        return list(self.waiting) + [job.request for job in self.prefilling] \
+            + list({id(s.request): s.request for s in self.running}.values())
+
+    def _step(self) -> None:
+        free = self.max_batch_size - len(self.running) - sum(job.request.n for job in self.prefilling)
+        while self.waiting and self.waiting[0].n <= free:
+            free -= self.waiting[0].n
+            self._start_prefill(self.waiting.popleft())
+        if self.prefilling:
+            self._prefill_chunk()
+        block = self._launch() if self.running else None
+        if self._pending is not None:  # the previous block's tokens, read while the new block runs
+            self._process(self._pending)
+        self._pending = block
+
+    def _emit(self, request: GenerationRequest, events: list[Event]) -> None:
+        try:
+            request.sink(events)
+        except Exception:  # a sink must never break the loop (e.g. its event loop has closed)
+            logger.exception("request %s: delivering events failed", request.request_id)
+
+    def _abort(self, request: GenerationRequest) -> None:
+        if request.cancelled or request.done:
+            return
+        request.cancelled = True
+        if request in self.waiting:
+            self.waiting.remove(request)
+        self.prefilling = [job for job in self.prefilling if job.request is not request]
+        rows = [s for s in self.running if s.request is request and not s.finished]
+        for s in rows:
+            s.finished = True
+        if rows:
+            self._compact()
+        self.metrics.finished("abort")
+        self._emit(request, [Event(index=i, finish_reason="abort") for i in range(request.n)])
+        self._log(request, "abort")
+
+    def _fail_all(self, message: str) -> None:
+        requests = self._in_flight()
+        self.waiting.clear()
+        self.prefilling = []
+        self._pending = None
+        self.running = []
+        self._dirty = True
+        for request in requests:
+            request.done = True
+            self.metrics.finished("error")
+            self._emit(request, [Event(index=-1, error=message)])
+
+    def _log(self, request: GenerationRequest, reason: str) -> None:
+        now = time.monotonic()
+        ttft = "-" if request.first_token_at is None else f"{request.first_token_at - request.arrival:.3f}s"
+        logger.info("request %s: %d prompt tokens (%d from the prefix cache), %d completion tokens, n=%d, "
+                    "first token %s, %.3fs, %s", request.request_id, len(request.prompt_ids),
+                    request.prefix_hit_tokens, request.completion_tokens, request.n, ttft, now - request.arrival, reason)
+
+    # ---- prefill ----
+
+    def _start_prefill(self, request: GenerationRequest) -> None:
+        ids, chunk = request.prompt_ids, self.prefill_chunk
+        self.metrics.add("prompt_tokens_total", len(ids))
+        if request.prompt_logprobs:
+            request.prompt_logprob_list = self._prompt_logprobs(ids, request.logprobs or 0)
+        job = _Prefill(request, allocate_cache(self.model, 1, state_dtype=self.state_dtype, device=self.device))
+        # the longest stored prefix: the whole prompt, else the longest chunk multiple inside it
+        if self.prefix_cache.enabled:
+            bounds = list(range(chunk, len(ids) + 1, chunk))
+            digests, h = {}, None
+            start = 0
+            for end in bounds + ([len(ids)] if len(ids) % chunk else []):
+                h = prefix_digest(ids[start:end], h)
+                digests[end] = h
+                start = end
+            for end in sorted(digests, reverse=True):
+                entry = self.prefix_cache.get(ids[:end], digests[end].digest())
+                if entry is not None:
+                    job.cache.index_copy_(torch.zeros(1, dtype=torch.long, device=self.device), entry.cache)
+                    job.cache.seqlen_offset = end
+                    job.pos, job.logits, job.digest = end, entry.logits, digests[end]
+                    request.prefix_hit_tokens = end
+                    self.metrics.add("prefix_cache_hits_total")
+                    self.metrics.add("prefix_cache_hit_tokens_total", end)
+                    break
+            else:
+                self.metrics.add("prefix_cache_misses_total")
+        self.prefilling.append(job)
+
+    def _prompt_logprobs(self, ids: list[int], top: int) -> list[TokenLogprob]:
+        """Log-probability of each prompt token given the ones before it (None for the first), for echo."""
+        if len(ids) < 2:
+            return [TokenLogprob(ids[0], None, [])]
+        ids_1L = torch.tensor([ids], dtype=torch.long, device=self.device)
+        logits_LV = self.model(ids_1L)[0, :-1]
+        chosen, values, top_ids = token_logprobs(logits_LV, ids_1L[0, 1:], self.real_vocab, top)
+        chosen, values, top_ids = chosen.tolist(), values.tolist(), top_ids.tolist()
+        return [TokenLogprob(ids[0], None, [])] + [TokenLogprob(t, c, list(zip(i, v))) for t, c, v, i in zip(ids[1:], chosen, values, top_ids)]
+
+    def _next_end(self, job: _Prefill) -> int:
+        return min((job.pos // self.prefill_chunk + 1) * self.prefill_chunk, len(job.request.prompt_ids))
+
+    def _prefill_chunk(self) -> None:
+        """One model call: the next chunk of the admitted requests whose chunks have the oldest one's length."""
+        done = [job for job in self.prefilling if job.pos == len(job.request.prompt_ids)]  # whole-prompt hits
+        todo = [job for job in self.prefilling if job.pos < len(job.request.prompt_ids)]
+        if todo:
+            length = self._next_end(todo[0]) - todo[0].pos
+            group = [job for job in todo if self._next_end(job) - job.pos == length]
+            group = group[:max(1, self.max_prefill_tokens // length)]
+            ids_KL = torch.tensor([job.request.prompt_ids[job.pos:job.pos + length] for job in group],
+                                  dtype=torch.long, device=self.device)
+            batch = InferenceCache([MixerState(torch.cat([job.cache.layers[i].conv_state for job in group]),
+                                               torch.cat([job.cache.layers[i].ssm_state for job in group]))
+                                    for i in range(len(group[0].cache.layers))], seqlen_offset=1)
+            # the model reads the states as they are (zero for a new prompt): no reset, unlike prefill()
+            logits_KV = self.model(ids_KL, cache=batch, logits_to_keep=1)[:, -1].float()
+            self.metrics.add("prefill_chunks_total")
+            for row, job in enumerate(group):
+                job.cache = InferenceCache([MixerState(s.conv_state[row:row + 1], s.ssm_state[row:row + 1])
+                                            for s in batch.layers], seqlen_offset=job.pos + length)
+                job.logits = logits_KV[row:row + 1]
+                ids = job.request.prompt_ids
+                job.digest = prefix_digest(ids[job.pos:job.pos + length], job.digest)
+                job.pos += length
+                if self.prefix_cache.enabled:
+                    self.prefix_cache.put(ids[:job.pos], job.digest.digest(), job.cache, job.logits)
+                if job.pos == len(ids):
+                    done.append(job)
+        for job in done:
+            self.prefilling.remove(job)
+            self._join(job)
+
+    def _join(self, job: _Prefill) -> None:
+        request = job.request
+        if request.max_tokens == 0:
+            request.done = True
+            self.metrics.finished("length")
+            self._emit(request, [Event(index=i, finish_reason="length") for i in range(request.n)])
+            self._log(request, "length")
+            return
+        first = len(self.running)
+        rows = torch.arange(first, first + request.n, device=self.device)
+        source = InferenceCache([MixerState(s.conv_state.expand(request.n, *s.conv_state.shape[1:]),
+                                            s.ssm_state.expand(request.n, *s.ssm_state.shape[1:]))
+                                 for s in job.cache.layers])
+        self.cache.index_copy_(rows, source)
+        self._logits_SV[first:first + request.n] = job.logits
+        for i, params in enumerate(request.choices):
+            self.sampler.reset_row(first + i, request.prompt_ids)
+            self.running.append(_Seq(request, i, params, TextStream(self.tokenizer, request.stops)))
+        self._dirty = True
+
+    # ---- decode ----
+
+    def _compact(self) -> None:
+        """Drop finished rows; move the last running rows into their slots so that slots 0..B-1 stay full."""
+        alive = sum(not s.finished for s in self.running)
+        holes = [r for r in range(alive) if self.running[r].finished]
+        movers = [r for r in range(alive, len(self.running)) if not self.running[r].finished]
+        if holes:
+            src = torch.tensor(movers, device=self.device)
+            dst = torch.tensor(holes, device=self.device)
+            for state in self.cache.layers:
+                state.conv_state.index_copy_(0, dst, state.conv_state.index_select(0, src))
+                state.ssm_state.index_copy_(0, dst, state.ssm_state.index_select(0, src))
+            self._logits_SV.index_copy_(0, dst, self._logits_SV.index_select(0, src))
+            for s, d in zip(movers, holes):
+                self.sampler.move_row(s, d)
+                self.running[d] = self.running[s]
+        del self.running[alive:]
+        self._dirty = True
+
+    def _launch(self) -> _Block:
+        """Queue k decode steps for the running rows (sampling included); the host does not wait for them.
+
+        Rows already finished in the block still being read compute on for nothing until the next compaction.
+        The tokens go to the host with a non-blocking copy, recorded by an event before the last step's model
+        call, so reading them waits for the sampling only, not for that call.
+        """
+        rows = len(self.running)
+        if self._dirty:
+            self.sampler.set_rows([s.params for s in self.running])
+            self._steps_B = torch.tensor([s.launched for s in self.running], dtype=torch.long, device=self.device)
+            self._dirty = False
+        want = max((s.request.logprobs for s in self.running if s.request.logprobs is not None), default=None)
+        logits_BV = self._logits_SV[:rows]
+        steps, parts = [], []
+        for j in range(self.decode_steps):
+            tokens_B = self.sampler.sample(logits_BV, self._steps_B)
+            self._steps_B += 1
+            steps.append(tokens_B)
+            if want is not None:
+                parts.append(token_logprobs(logits_BV, tokens_B, self.real_vocab, want))
+            if j + 1 < self.decode_steps:
+                logits_BV = self.decoder(tokens_B)
+        for seq in self.running:
+            seq.launched += self.decode_steps
+        tokens_Bk = torch.stack(steps, dim=1).to("cpu", non_blocking=True)
+        logprobs = None
+        if want is not None:
+            logprobs = tuple(torch.stack([p[i] for p in parts], dim=1).to("cpu", non_blocking=True) for i in range(3))
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        # the next logits of every row (compaction moves them with their rows)
+        self._logits_SV[:rows] = self.decoder(steps[-1])
+        self.metrics.add("decode_steps_total", self.decode_steps)
+        return _Block(list(self.running), tokens_Bk, logprobs, ready)
+
+    def _process(self, block: _Block) -> None:
+        """Hand a block's tokens to their requests; finished rows free their slots."""
+        if block.ready is not None:
+            block.ready.synchronize()
+        tokens = block.tokens_Bk.tolist()
+        if block.logprobs is not None:
+            chosen_Bk, values_Bkt, ids_Bkt = (t.tolist() for t in block.logprobs)
+        now = time.monotonic()
+        events: dict[int, tuple[GenerationRequest, list[Event]]] = {}
+        any_finished = False
+        produced = 0
+        for row, (seq, row_tokens) in enumerate(zip(block.seqs, tokens)):
+            if seq.finished:  # ended in an earlier block, or cancelled since this one was launched
+                continue
+            request = seq.request
+            event = Event(seq.index)
+            for j, token in enumerate(row_tokens):
+                seq.tokens.append(token)
+                request.completion_tokens += 1
+                produced += 1
+                if request.first_token_at is None:
+                    request.first_token_at = now
+                    self.metrics.ttft(now - request.arrival)
+                event.token_ids.append(token)
+                if request.logprobs is not None:
+                    k = request.logprobs
+                    event.logprobs.append(TokenLogprob(token, chosen_Bk[row][j],
+                                                       list(zip(ids_Bkt[row][j][:k], values_Bkt[row][j][:k]))))
+                if token == self.eos_id and not request.ignore_eos:
+                    event.text += seq.text.finish()
+                    event.finish_reason = "stop"
+                else:
+                    text, hit = seq.text.push(token)
+                    event.text += text
+                    if hit:
+                        event.finish_reason = "stop"
+                    elif len(seq.tokens) >= request.max_tokens or \
+                            len(request.prompt_ids) + len(seq.tokens) >= self.max_model_len:
+                        event.text += seq.text.finish()
+                        event.finish_reason = "length"
+                if event.finish_reason is not None:
+                    seq.finished = any_finished = True
+                    break  # the rest of the block is dropped
+            events.setdefault(id(request), (request, []))[1].append(event)
+        self.metrics.tokens(produced)
+        for request, evs in events.values():
+            self._emit(request, evs)
+        if any_finished:
+            for request, evs in events.values():
+                if all(s.finished for s in self.running if s.request is request):
+                    request.done = True
+                    reasons = [e.finish_reason for e in evs if e.finish_reason]
+                    self.metrics.finished(reasons[-1] if reasons else "stop")
+                    self._log(request, ",".join(sorted(set(reasons))))
+            self._compact()

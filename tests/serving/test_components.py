@@ -1,0 +1,195 @@
+"""The serving parts on their own: prefix-state store, per-row seeded sampling, stop sequences, the scheduler."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from mambakit import MambaConfig, MambaLM
+from mambakit.data import ByteTokenizer
+from mambakit.generation import allocate_cache, generate, logits_to_probs, prefill
+from mambakit.serving import BatchSampler, GenerationRequest, PrefixCache, RowParams, Scheduler, request_key
+from mambakit.serving.prefix_cache import prefix_digest
+from mambakit.serving.sampler import exponential_noise
+from mambakit.serving.text import TextStream
+
+
+def _model(layer: str = "Mamba2") -> MambaLM:
+    torch.manual_seed(0)
+    ssm = {"layer": layer, "d_state": 8, "headdim": 16, "chunk_size": 8} if layer == "Mamba2" else \
+        {"layer": layer, "d_state": 8}
+    model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=256, ssm_cfg=ssm)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def test_prefix_cache_evicts_least_recently_used_within_its_byte_budget():
+    model = _model()
+    cache, logits = prefill(model, [[1, 2, 3]])
+    keys = [[1], [1, 2], [1, 2, 3]]
+    entry_bytes = cache.nbytes() + logits.nbytes + 8 * 2  # the state, the logits and the ids (int64) of [1, 2]
+    store = PrefixCache(2 * entry_bytes)
+    assert store.put(keys[0], prefix_digest(keys[0]).digest(), cache, logits)
+    assert store.put(keys[1], prefix_digest(keys[1]).digest(), cache, logits)
+    assert store.get(keys[0], prefix_digest(keys[0]).digest()) is not None  # [1] is now the most recent
+    assert store.put(keys[2], prefix_digest(keys[2]).digest(), cache, logits)
+    # [1] (8 bytes of ids) and [1, 2, 3] (24) fill the budget exactly: [1, 2] had to go
+    assert len(store) == 2 and store.nbytes == 2 * entry_bytes
+    assert store.get(keys[1], prefix_digest(keys[1]).digest()) is None  # evicted
+    hit = store.get(keys[2], prefix_digest(keys[2]).digest())
+    assert torch.equal(hit.cache.layers[0].ssm_state, cache.layers[0].ssm_state)
+    # a stored copy, not a reference: the live cache moving on does not change it
+    with torch.inference_mode():
+        cache.layers[0].ssm_state.add_(1.0)
+    assert not torch.equal(hit.cache.layers[0].ssm_state, cache.layers[0].ssm_state)
+    # a key whose digest matches but whose ids differ is not a hit (verified token for token)
+    assert store.get([9, 9, 9], prefix_digest(keys[2]).digest()) is None
+    assert not PrefixCache(0).put(keys[0], b"", cache, logits)
+
+
+def test_incremental_prefix_digest_equals_the_digest_of_the_whole_prefix():
+    ids = list(range(40))
+    h = prefix_digest(ids[:16])
+    h = prefix_digest(ids[16:40], h)
+    assert h.digest() == prefix_digest(ids).digest()
+
+
+def test_seeded_noise_does_not_depend_on_the_batch_or_the_slot():
+    keys = torch.tensor([request_key(1), request_key(1, 1), request_key(2)])
+    steps = torch.tensor([0, 5, 3])
+    batch = exponential_noise(keys, steps, 1000)
+    for i in range(3):
+        assert torch.equal(exponential_noise(keys[i:i + 1], steps[i:i + 1], 1000)[0], batch[i])
+    assert not torch.equal(batch[0], exponential_noise(keys[:1], torch.tensor([1]), 1000)[0])  # next step differs
+    big = exponential_noise(keys[:1], steps[:1], 200_000)[0]
+    assert abs(big.mean().item() - 1.0) < 0.02 and abs(big.std().item() - 1.0) < 0.02 and big.min() > 0
+
+
+ROW_SETTINGS = [
+    pytest.param(RowParams(), id="greedy"),
+    pytest.param(RowParams(temperature=0.8, key=request_key(3)), id="temperature"),
+    pytest.param(RowParams(temperature=1.0, top_k=3, key=request_key(4)), id="top-k"),
+    pytest.param(RowParams(temperature=1.0, top_p=0.5, key=request_key(5)), id="top-p"),
+    pytest.param(RowParams(temperature=1.0, min_p=0.2, key=request_key(6)), id="min-p"),
+]
+
+
+@pytest.mark.parametrize("row", ROW_SETTINGS)
+def test_a_row_samples_the_same_tokens_alone_and_inside_a_mixed_batch(row):
+    torch.manual_seed(1)
+    logits = torch.randn(6, 256) * 3
+    others = [RowParams(temperature=0.5, top_k=7, key=request_key(9)), RowParams(), RowParams(temperature=2.0, top_p=0.9,
+                                                                                           key=request_key(10))]
+    batch = BatchSampler(4, 256, 256, torch.device("cpu"))
+    alone = BatchSampler(1, 256, 256, torch.device("cpu"))
+    batch.set_rows(others[:2] + [row] + others[2:])
+    alone.set_rows([row])
+    for step in range(6):
+        steps = torch.full((4,), step)
+        rows = torch.stack([logits[(step + i) % 6] for i in (1, 2, 0, 3)])
+        together = batch.sample(rows, steps)
+        assert together[2] == alone.sample(logits[step][None], steps[:1])[0]
+
+
+def test_sampled_rows_follow_the_filters():
+    torch.manual_seed(2)
+    logits = torch.randn(1, 256) * 2
+    allowed_top_k = set(torch.topk(logits[0], 3).indices.tolist())
+    allowed_top_p = set(logits_to_probs(logits, top_p=0.5)[0].nonzero().flatten().tolist())
+    counts_first = torch.zeros(256)
+    for key in range(200):
+        sampler = BatchSampler(2, 256, 256, torch.device("cpu"))
+        sampler.set_rows([RowParams(temperature=1.0, top_k=3, key=key), RowParams(temperature=1.0, top_p=0.5, key=key)])
+        tokens = sampler.sample(logits.expand(2, 256), torch.zeros(2, dtype=torch.long))
+        assert tokens[0].item() in allowed_top_k and tokens[1].item() in allowed_top_p
+        counts_first[tokens[0]] += 1
+    # the top-k draws follow the renormalised distribution (loosely: 200 draws)
+    probs = logits_to_probs(logits, top_k=3)[0]
+    assert (counts_first / 200 - probs).abs().max() < 0.12
+
+
+def test_greedy_with_repetition_penalty_equals_generate():
+    model = _model()
+    prompt = [0] + list(b"to be or not")
+    expected = generate(model, [prompt], 12, repetition_penalty=1.5)[0]
+    sampler = BatchSampler(1, 256, 256, torch.device("cpu"))
+    sampler.set_rows([RowParams(repetition_penalty=1.5)])
+    sampler.reset_row(0, prompt)
+    cache, logits = prefill(model, [prompt])
+    got = []
+    for step in range(12):
+        token = sampler.sample(logits, torch.tensor([step]))
+        got.append(int(token[0]))
+        with torch.inference_mode():
+            logits = model(token[:, None], cache=cache)[:, -1].float()
+    assert got == expected
+
+
+STOPS = [
+    pytest.param("to be or not", ["or"], "to be ", True, id="stop-inside"),
+    pytest.param("to be or not", ["not!"], "to be or not", False, id="partial-stop-released-at-the-end"),
+    pytest.param("ab\n\ncd", ["\n\n"], "ab", True, id="two-char-stop"),
+    pytest.param("héllo", [], "héllo", False, id="multibyte-no-stop"),
+]
+
+
+@pytest.mark.parametrize("text, stops, expected, stopped", STOPS)
+def test_text_stream_applies_stop_sequences_and_never_sends_what_it_takes_back(text, stops, expected, stopped):
+    stream = TextStream(ByteTokenizer(), stops)
+    sent, hit = "", False
+    for token in text.encode("utf-8"):
+        delta, hit = stream.push(token)
+        sent += delta
+        if hit:
+            break
+    if not hit:
+        sent += stream.finish()
+    assert (sent, hit) == (expected, stopped)
+    assert stream.text == expected
+
+
+def test_scheduler_runs_requests_without_http_and_stops_cleanly():
+    """The scheduler alone: two requests of different lengths, greedy, batched; stop() aborts a long one."""
+    model = _model("Mamba1")
+    scheduler = Scheduler(model, ByteTokenizer(), max_batch_size=4, prefill_chunk=4, prefix_cache_bytes=0).start()
+    done = threading.Event()
+    results: dict[int, list[int]] = {0: [], 1: []}
+    reasons = {}
+
+    def sink_for(i):
+        def sink(events):
+            for e in events:
+                results[i] += e.token_ids
+                if e.finish_reason:
+                    reasons[i] = e.finish_reason
+                    if len(reasons) == 2:
+                        done.set()
+        return sink
+
+    prompts = [[0] + list(b"to be or not to be"), [0] + list(b"ab")]
+    scheduler.submit([GenerationRequest(p, 10, [RowParams()], sink_for(i), ignore_eos=True)
+                      for i, p in enumerate(prompts)])
+    assert done.wait(30)
+    for i, p in enumerate(prompts):
+        assert results[i] == generate(model, [p], 10, prefill_chunk_size=4)[0]
+    assert reasons == {0: "length", 1: "length"}
+    aborted = threading.Event()
+    scheduler.submit([GenerationRequest(prompts[0], 100_000, [RowParams()],
+                                        lambda evs: aborted.set() if any(e.finish_reason == "abort" for e in evs)
+                                        else None, ignore_eos=True)])
+    scheduler.stop()
+    assert aborted.wait(5) and not scheduler._thread.is_alive()
+
+
+def test_allocate_cache_rows_are_independent_slots():
+    """Writing one slot of a batched cache leaves the others as they were (what joining the batch relies on)."""
+    model = _model()
+    big = allocate_cache(model, 3)
+    row, _ = prefill(model, [[1, 2, 3, 4]])
+    big.index_copy_(torch.tensor([1]), row)
+    assert torch.equal(big.layers[0].ssm_state[1], row.layers[0].ssm_state[0])
+    assert big.layers[0].ssm_state[0].abs().sum() == 0 and big.layers[0].ssm_state[2].abs().sum() == 0

@@ -1,0 +1,78 @@
+"""The scheduler on a GPU (run on the GPU machine: pytest -m gpu): CUDA-graph decode at batch buckets and
+several decode steps per round trip give what eager decoding and `generate()` give."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+
+from mambakit import MambaConfig, MambaLM
+from mambakit.data import ByteTokenizer
+from mambakit.generation import generate
+from mambakit.serving import GenerationRequest, RowParams, Scheduler, request_key
+
+DEVICE = os.environ.get("MAMBAKIT_SERVING_TEST_DEVICE", "cuda")  # "cpu" checks this file's harness off the GPU
+
+LAYERS = [
+    pytest.param({"layer": "Mamba1", "d_state": 16}, id="mamba1"),
+    pytest.param({"layer": "Mamba2", "d_state": 32, "headdim": 32, "chunk_size": 16}, id="mamba2"),
+]
+
+
+def _model(ssm_cfg: dict) -> MambaLM:
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(d_model=64, n_layer=2, vocab_size=256, ssm_cfg=dict(ssm_cfg))).to(DEVICE).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def _collect(scheduler: Scheduler, prompts: list[list[int]], max_tokens: list[int],
+             params: list[RowParams]) -> list[list[int]]:
+    """Submit all requests at once; each one's new tokens."""
+    results: list[list[int]] = [[] for _ in prompts]
+    finished = threading.Semaphore(0)
+
+    def sink_for(i: int):
+        def sink(events):
+            for e in events:
+                assert e.error is None, e.error
+                results[i] += e.token_ids
+                if e.finish_reason is not None:
+                    finished.release()
+        return sink
+
+    scheduler.submit([GenerationRequest(p, m, [r], sink_for(i), ignore_eos=True)
+                      for i, (p, m, r) in enumerate(zip(prompts, max_tokens, params))])
+    for _ in prompts:
+        assert finished.acquire(timeout=300)
+    return results
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ssm_cfg", LAYERS)
+@pytest.mark.parametrize("decode_steps", [pytest.param(1, id="k1"), pytest.param(8, id="k8")])
+def test_graphed_scheduler_equals_eager_and_generate(ssm_cfg, decode_steps):
+    model = _model(ssm_cfg)
+    torch.manual_seed(1)
+    prompts = [torch.randint(1, 256, (n,)).tolist() for n in (5, 40, 1, 17, 70, 9, 33, 3, 128, 12, 2)]
+    max_tokens = [3 + (7 * i) % 29 for i in range(len(prompts))]
+    params = [RowParams() if i % 2 == 0 else RowParams(temperature=0.9, top_p=0.9, key=request_key(i))
+              for i in range(len(prompts))]
+    outputs = {}
+    for graphed in (True, False):
+        scheduler = Scheduler(model, ByteTokenizer(), max_batch_size=8, prefill_chunk=16, cuda_graph=graphed,
+                              decode_steps=decode_steps, prefix_cache_bytes=0).start()
+        try:
+            if graphed and DEVICE == "cuda":
+                assert scheduler.decoder.buckets == [1, 2, 4, 8]
+            outputs[graphed] = _collect(scheduler, prompts, max_tokens, params)
+        finally:
+            scheduler.stop()
+    assert outputs[True] == outputs[False]
+    for i in range(0, len(prompts), 2):  # the greedy ones: generate() alone, same prefill chunks
+        assert outputs[True][i] == generate(model, [prompts[i]], max_tokens[i], prefill_chunk_size=16)[0]

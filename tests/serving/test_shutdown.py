@@ -1,0 +1,88 @@
+"""`mambakit serve` as a user runs it: a fresh process on 127.0.0.1 that SIGTERM stops gracefully (exit 0)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from .conftest import free_port
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_running_request_and_exits_0(checkpoint):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "mambakit.cli", "serve", "--model", str(checkpoint[0]), "--port",
+                             str(port), "--served-model-name", "tiny", "--shutdown-timeout", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+
+        chunks: list[dict] = []
+        first = threading.Event()
+
+        def read_stream():
+            body = {"model": "tiny", "prompt": "to be", "max_tokens": 2000, "temperature": 0, "stream": True,
+                    "ignore_eos": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: {"):
+                        chunks.append(json.loads(line[6:]))
+                        first.set()
+
+        reader = threading.Thread(target=read_stream, daemon=True)
+        reader.start()
+        assert first.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=90)
+        reader.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, output
+    # the request that was running when SIGTERM came was finished, not cut off
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert len(chunks) > 1
+    assert "Shutting down" in output and "request " in output
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url + "/health", timeout=2)
+
+
+SERVE_ERRORS = [
+    pytest.param(["serve"], "mambakit serve: error: the following arguments are required: --model", id="no-model"),
+    pytest.param(["serve", "--model", "{tmp}/missing"], "mambakit serve: error: model directory not found",
+                 id="missing-model"),
+    pytest.param(["serve", "--model", "{tmp}"], "mambakit serve: error: no config.json in", id="not-a-model"),
+    pytest.param(["serve", "--model", "{tmp}", "--max-batch-size", "0"],
+                 "mambakit serve: error: argument --max-batch-size: expected an integer >= 1", id="zero-slots"),
+    pytest.param(["serve", "--model", "{tmp}", "--shutdown-timeout", "soon"],
+                 "mambakit serve: error: argument --shutdown-timeout", id="bad-timeout"),
+]
+
+
+@pytest.mark.parametrize("argv, message", SERVE_ERRORS)
+def test_serve_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    from mambakit.cli.__main__ import main
+
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message.replace("{tmp}", str(tmp_path))) and err.count("\n") == 1
