@@ -105,15 +105,17 @@ def main(model: str, host: str = "127.0.0.1", port: int = 8000, served_model_nam
         raise UsageError("mambakit serve needs FastAPI and uvicorn: pip install 'mambakit[serve]'") from None
     import torch
 
-    from ..checkpoints import load_checkpoint_tokenizer
+    from ..checkpoints import load_checkpoint_tokenizer, resolve_checkpoint
+    from ..checkpoints.hub import looks_like_hub_id
     from ..models import MambaLM
     from ..serving import Scheduler, create_app
     from ..serving.chat import load_chat_template
     from ..training import resolve_device
 
     directory = Path(model)
-    if not directory.is_dir():
+    if not directory.is_dir() and not looks_like_hub_id(model):
         raise UsageError(f"model directory not found: {model}")
+    directory = resolve_checkpoint(model)  # a Hub id: its snapshot in huggingface_hub's cache
     if not (directory / "config.json").is_file():
         raise UsageError(f"no config.json in {model}: not a model directory (train one with `mambakit train`)")
     try:

@@ -107,7 +107,8 @@ class _Server:
         self.scheduler, self.tokenizer, self.model_name = scheduler, tokenizer, model_name
         eos = tokenizer.eos_id
         eos_text = tokenizer.decode([eos]) if eos is not None else ""
-        self.chat = ChatTemplate(chat_template, "", eos_text) if chat_template else None
+        special = getattr(tokenizer, "special_tokens", None) or {"bos_token": "", "eos_token": eos_text}
+        self.chat = ChatTemplate(chat_template, special) if chat_template else None
         self.created = int(time.time())
         self.dispatcher: _Dispatcher | None = None
 

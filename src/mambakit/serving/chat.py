@@ -1,15 +1,17 @@
 """Chat templates: the Jinja template of a checkpoint's tokenizer turns chat messages into one prompt.
 
 The template is read as Hugging Face stores it: the "chat_template" field of tokenizer_config.json, or a
-chat_template.jinja file beside it. It is rendered in Jinja's immutable sandbox (a template is data from
-the checkpoint, not code to trust) with `messages`, `add_generation_prompt=True`, `bos_token` and
-`eos_token`, as transformers' apply_chat_template does.
+chat_template.jinja file beside it, and rendered by `mambakit.data.chat` with `messages`,
+`add_generation_prompt=True` and the tokenizer's special tokens, as transformers' apply_chat_template does.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from ..data.chat import render_chat_template
+from ..data.errors import DataError
 
 
 class ChatTemplateError(ValueError):
@@ -34,31 +36,24 @@ def load_chat_template(directory: str | Path) -> str | None:
 
 
 class ChatTemplate:
-    """A compiled chat template. render(messages) -> the prompt text.
+    """A checkpoint's chat template. render(messages) -> the prompt text.
+
+    Rendering is `mambakit.data.chat.render_chat_template` (the Jinja environment and helpers transformers
+    gives templates: tojson, loop controls, raise_exception, strftime_now, the generation block); a failure
+    becomes a ChatTemplateError (HTTP 400).
 
     Example:
-        >>> ChatTemplate("{% for m in messages %}{{ m.role }}: {{ m.content }}\\n{% endfor %}assistant:", "", "\\0")
+        >>> ChatTemplate("{% for m in messages %}{{ m.role }}: {{ m.content }}\\n{% endfor %}assistant:")
         ...     .render([{"role": "user", "content": "hi"}])
         'user: hi\\nassistant:'
     """
 
-    def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        self._template = env.from_string(source)
-        self.bos_token, self.eos_token = bos_token, eos_token
+    def __init__(self, source: str, special_tokens: dict[str, str] | None = None):
+        self.source = source
+        self.special_tokens = dict(special_tokens or {})
 
     def render(self, messages: list[dict]) -> str:
-        from jinja2 import TemplateError
-
         try:
-            return self._template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
-                                         eos_token=self.eos_token)
-        except TemplateError as err:
+            return render_chat_template(self.source, messages, special_tokens=self.special_tokens)
+        except DataError as err:
             raise ChatTemplateError(f"the chat template cannot render these messages: {err}") from None
