@@ -109,8 +109,8 @@ def is_disk_full(err: BaseException | None) -> bool:
         seen.add(id(err))
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        text = str(err)
-        if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+        text = str(err).lower()
+        if "no space left on device" in text or "os error 28" in text or "disk quota exceeded" in text:
             return True
         err = err.__cause__ or err.__context__
     return False
