@@ -96,15 +96,21 @@ CORRUPTIONS = [
 
 
 @pytest.fixture(scope="module")
-def full_losses(tmp_path_factory) -> list[float]:
-    """The losses of the uninterrupted `_tiny` run (its data is the same wherever `_corpus` writes it)."""
-    tmp = tmp_path_factory.mktemp("full")
-    return train(_tiny(tmp)).losses
+def shared_data(tmp_path_factory) -> str:
+    """One corpus directory for the runs compared with `full_losses` (the held-out split depends on the paths)."""
+    return _corpus(tmp_path_factory.mktemp("shared") / "data")
+
+
+@pytest.fixture(scope="module")
+def full_losses(tmp_path_factory, shared_data) -> list[float]:
+    """The losses of the uninterrupted `_tiny` run on `shared_data`."""
+    return train(_tiny(tmp_path_factory.mktemp("full"), data=shared_data)).losses
 
 
 @pytest.mark.parametrize("how", CORRUPTIONS)
-def test_resume_falls_back_to_the_previous_complete_checkpoint_and_repeats_the_run(tmp_path, how, full_losses):
-    cfg = _tiny(tmp_path, save_every=4)
+def test_resume_falls_back_to_the_previous_complete_checkpoint_and_repeats_the_run(tmp_path, how, shared_data,
+                                                                                    full_losses):
+    cfg = _tiny(tmp_path, save_every=4, data=shared_data)
     train(cfg, stop_at_step=8)  # checkpoints of steps 4 and 8
     newest = tmp_path / "run" / "checkpoints" / "step-000008"
     if how == "truncate-weights":
@@ -140,9 +146,9 @@ def test_resume_with_no_complete_checkpoint_is_one_line(tmp_path, capsys):
     assert "train_state.pt" in err
 
 
-def test_resume_reads_the_layout_before_step_directories(tmp_path, full_losses):
+def test_resume_reads_the_layout_before_step_directories(tmp_path, shared_data, full_losses):
     """A run saved before checkpoints/ existed (train_state.pt beside the model) still resumes."""
-    cfg = _tiny(tmp_path)
+    cfg = _tiny(tmp_path, data=shared_data)
     train(cfg, stop_at_step=5)
     run = tmp_path / "run"
     step_dir = run / "checkpoints" / "step-000005"
