@@ -502,6 +502,8 @@ CLI_BAD_INPUT = [
                  "mambakit generate: error: argument --seed: expected an integer in [0, 2**64)", id="generate-huge-seed"),
     pytest.param(["train", "--keep-checkpoints", "0"], "mambakit train: error: argument --keep-checkpoints",
                  id="keep-no-checkpoints"),
+    pytest.param(["convert", "{model}", "/proc/mambakit-converted", "--to", "hf"],
+                 "mambakit convert: error: cannot write /proc/mambakit-converted", id="convert-dst-read-only"),
 ]
 
 
