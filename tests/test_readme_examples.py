@@ -31,6 +31,7 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch, capsys, in
         exec(compile(_python_blocks()[index], f"README.md python block {index}", "exec"), namespace)  # noqa: S102
     finally:
         torch.set_num_threads(threads)
+    assert len(namespace) > 1  # it defined something
     # what the example promises: the names it defines exist with the shapes its comments give
     if "tokens" in namespace:
         assert len(namespace["tokens"]) == 1 and len(namespace["tokens"][0]) <= 64
