@@ -588,3 +588,42 @@ def test_valid_integer_kinds_are_still_accepted(lm):
 
     assert len(generate(lm, [[np.int64(1), 2]], 2, eos_token_id=np.int64(200))[0]) in (1, 2)
     assert len(list(stream(lm, torch.tensor([[1, 2]]), 2, seed=2**64 - 1, temperature=1.0))) == 2
+
+
+# ---------------------------------------------------------------- CPU threads on a busy machine
+
+
+@pytest.mark.parametrize("load, cores, threads", [
+    pytest.param(0.0, 2, 2, id="idle"),
+    pytest.param(0.3, 2, 2, id="light-load"),
+    pytest.param(0.9, 2, 1, id="one-busy-process"),
+    pytest.param(7.0, 2, 1, id="overloaded"),
+    pytest.param(1.2, 8, 7, id="eight-cores"),
+])
+def test_threads_for_leaves_the_busy_cores_to_the_others(load, cores, threads):
+    from mambakit.training.cpu_threads import threads_for
+
+    assert threads_for(load, cores) == threads
+
+
+def test_cpu_thread_governor_follows_the_other_load_and_respects_the_user(monkeypatch):
+    import mambakit.training.cpu_threads as ct
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(ct, "available_cores", lambda: 2)
+    # (wall s, machine busy CPU-s, own CPU-s): others use ~1 core, then none
+    samples = iter([(0.0, 0.0, 0.0), (0.0, 0.0, 0.0), (0.1, 0.2, 0.1), (0.1, 0.2, 0.1), (10.1, 10.2, 10.1)])
+    monkeypatch.setattr(ct, "_sample", lambda: next(samples))
+    monkeypatch.setattr(ct.time, "sleep", lambda s: None)
+    monkeypatch.setattr(ct.time, "monotonic", lambda: 10.1)
+    threads = torch.get_num_threads()
+    try:
+        governor = ct.CPUThreadGovernor(every_s=5.0)
+        assert governor.enabled and torch.get_num_threads() == 1  # another process keeps a core busy
+        governor.update()
+        assert torch.get_num_threads() == 2  # it stopped: both cores again
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert not ct.CPUThreadGovernor().enabled
+    finally:
+        torch.set_num_threads(threads)
