@@ -152,7 +152,9 @@ def staged_directory(out: Path) -> Iterator[Path]:
     "no space left on device writing <out>".
     """
     out = Path(out)
-    stage = out.parent / f".{out.name}.staging"
+    # beside the real directory (a symlinked `out` may live on another filesystem): renames stay on one disk
+    place = out.resolve() if out.exists() else out
+    stage = place.parent / f".{place.name}.staging"
     _rmtree(stage)  # left by a killed save
     try:
         stage.mkdir(parents=True)
