@@ -175,7 +175,7 @@ def save_checkpoint(out_dir: str | Path, *, model, tokenizer, optimizer: torch.o
         for p in out_dir.glob(".*.tmp"):
             p.unlink()
         if is_disk_full(err):
-            raise disk_full_error(tmp) from None
+            raise disk_full_error(root / name) from None
         raise
     _prune(root, keep, name)
     return root / name
