@@ -518,6 +518,14 @@ def test_bad_command_line_input_is_one_line_and_exit_2(tmp_path, capsys, tiny_mo
     assert err.startswith(message) and err.count("\n") == 1
 
 
+def test_the_largest_seed_works_for_every_batch_of_a_prompts_file(tmp_path, capsys, tiny_model_dir):
+    (tmp_path / "p.txt").write_text("a\nb\nc\n")
+    argv = ["generate", "--model", str(tiny_model_dir), "--prompts-file", str(tmp_path / "p.txt"), "--batch-size", "1",
+            "--max-new-tokens", "3", "--seed", str(2**64 - 1)]
+    assert main(argv) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+
+
 def test_unreadable_weights_are_reported_as_unreadable_not_corrupt(tiny_model_dir, monkeypatch):
     import safetensors
 

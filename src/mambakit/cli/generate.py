@@ -220,7 +220,7 @@ def _generate_file(lm, tokenizer, prompts: list[str], start: list[int], output: 
     try:
         for first in range(0, len(encoded), batch_size):
             batch = encoded[first:first + batch_size]
-            seed = None if sampling["seed"] is None else sampling["seed"] + first
+            seed = None if sampling["seed"] is None else (sampling["seed"] + first) % 2**64  # seeds live in [0, 2**64)
             for i, new in enumerate(generate(lm, batch, max_new_tokens, **{**sampling, "seed": seed})):
                 n_new += len(new)
                 text_ids = new[:-1] if new and new[-1] == tokenizer.eos_id else new
