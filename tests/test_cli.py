@@ -63,7 +63,7 @@ USER_ERRORS = [
     pytest.param(["train", "--d-model", "30"], "mambakit train: error: mamba2 needs expand * d_model (60) divisible by headdim",
                  id="inconsistent-shape"),
     pytest.param(["train", "--device", "quantum"], "mambakit train: error: unknown device 'quantum'", id="bad-device"),
-    pytest.param(["train", "--resume", "--out", "{tmp}/nothing"], "mambakit train: error: no train_state.pt in",
+    pytest.param(["train", "--resume", "--out", "{tmp}/nothing"], "mambakit train: error: no checkpoint in",
                  id="resume-without-checkpoint"),
     pytest.param(["train", "--resume", "--lr", "0.1"], "mambakit train: error: --lr cannot be combined with --resume",
                  id="resume-with-run-flags"),

@@ -140,8 +140,10 @@ def test_training_reduces_the_loss_and_writes_a_checkpoint(tmp_path, layer):
     assert last < first - 1.0, f"loss {first:.3f} -> {last:.3f}"
     assert result.val_bpb is not None and result.val_bpb < math.log2(256)
     out = tmp_path / "run"
-    for name in ("config.json", "model.safetensors", "tokenizer_config.json", "train_state.pt", "metrics.json"):
+    for name in ("config.json", "model.safetensors", "tokenizer_config.json", "metrics.json"):
         assert (out / name).is_file(), name
+    for name in ("config.json", "model.safetensors", "tokenizer_config.json", "train_state.pt", "manifest.json"):
+        assert (out / "checkpoints" / "step-000030" / name).is_file(), name
     # the checkpoint reloads to the model that was evaluated: same held-out loss
     reloaded = MambaLM.from_pretrained(out)
     _, val_docs = load_corpus(cfg.data, cfg.val_fraction)

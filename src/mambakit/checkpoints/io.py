@@ -12,10 +12,13 @@ loaded one at a time. Every problem is a `CheckpointError` that names the file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
-from collections.abc import Iterable
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,7 +26,8 @@ import torch
 from .errors import CheckpointError
 
 __all__ = ["CONFIG_NAME", "GENERATION_CONFIG", "SAFETENSORS_NAME", "TORCH_NAME", "checkpoint_dir", "read_json",
-           "write_json", "WeightFiles", "write_safetensors", "write_torch", "remove_weight_files", "floating_dtype"]
+           "write_json", "WeightFiles", "write_safetensors", "write_torch", "remove_weight_files", "floating_dtype",
+           "is_disk_full", "disk_full_error", "fsync_tree", "staged_directory", "torch_save"]
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -82,12 +86,107 @@ def _atomic_write(path: Path, write) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except BaseException as err:
+        if is_disk_full(err):
+            raise disk_full_error(path) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
+# ---------------------------------------------------------------- whole directories, full disks
+
+
+def is_disk_full(err: BaseException | None) -> bool:
+    """Whether `err` (or an exception it was raised from) is a full disk or an exhausted quota.
+
+    safetensors and torch.save wrap the OSError of the failed write in their own exceptions (a
+    SafetensorError saying "os error 28", a RuntimeError whose context is the OSError), hence the walk.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(err).lower()
+        if "no space left on device" in text or "os error 28" in text or "disk quota exceeded" in text:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def disk_full_error(path) -> CheckpointError:
+    return CheckpointError(f"no space left on device writing {path}")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(directory: Path) -> None:
+    """Flush every file of `directory` (not recursive) and the directory itself to the disk."""
+    for p in directory.iterdir():
+        if p.is_file():
+            _fsync(p)
+    _fsync(directory)
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def staged_directory(out: Path) -> Iterator[Path]:
+    """Yield an empty staging directory beside `out`; when the block succeeds, publish it as `out`.
+
+    Everything is written into the staging directory first, so a full disk, an exception or a kill
+    while writing leaves `out` as it was (and, except for a kill, no staging directory behind). On
+    success a new `out` is the staging directory renamed (one atomic step); into an existing `out`
+    the new files are moved one rename each, then weight files of the earlier save that the new one
+    does not have are removed (other files are left alone). A full disk raises CheckpointError
+    "no space left on device writing <out>".
+    """
+    out = Path(out)
+    # beside the real directory (a symlinked `out` may live on another filesystem): renames stay on one disk
+    place = out.resolve() if out.exists() else out
+    stage = place.parent / f".{place.name}.staging"
+    _rmtree(stage)  # left by a killed save
+    try:
+        stage.mkdir(parents=True)
+        yield stage
+        fsync_tree(stage)
+    except BaseException as err:
+        _rmtree(stage)
+        if is_disk_full(err):
+            raise disk_full_error(out) from None
+        raise
+    if not out.exists():
+        os.rename(stage, out)
+        _fsync(out.parent)
+        return
+    new = {p.name for p in stage.iterdir()}
+    # data files before the index and the config that point at them
+    order = sorted(new, key=lambda n: (n.endswith(".json"), n == CONFIG_NAME, n))
+    for name in order:
+        os.replace(stage / name, out / name)
+    for p in out.iterdir():
+        if p.is_file() and _CHECKPOINT_FILE.match(p.name) and p.name not in new:
+            p.unlink()
+    _fsync(out)
+    _rmtree(stage)
+
+
 # ---------------------------------------------------------------- reading weights
+
+
+def _unreadable(err: BaseException) -> bool:
+    """A file the OS refuses to open (permissions), as opposed to one whose bytes are wrong."""
+    return isinstance(err, PermissionError) or "Permission denied" in str(err) or "os error 13" in str(err)
 
 
 class _SafetensorsFile:
@@ -100,6 +199,8 @@ class _SafetensorsFile:
             self.infos = {k: (tuple(self._f.get_slice(k).get_shape()), _ST_DTYPES.get(self._f.get_slice(k).get_dtype()))
                           for k in self._f.keys()}
         except Exception as err:  # safetensors raises its own SafetensorError (or OSError) for a bad file
+            if _unreadable(err):
+                raise CheckpointError(f"{path}: cannot open this file for reading ({err}): check its permissions") from err
             raise CheckpointError(f"{path}: cannot read this safetensors file ({err}); it is truncated or corrupt: "
                                   "download or save it again") from err
 
@@ -122,6 +223,8 @@ class _TorchFile:
                     raise
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # zip, pickle and EOF errors all mean the same thing to the user
+            if _unreadable(err):
+                raise CheckpointError(f"{path}: cannot open this file for reading ({err}): check its permissions") from err
             raise CheckpointError(f"{path}: cannot read this PyTorch weights file ({type(err).__name__}: "
                                   f"{' '.join(str(err).split())[:300]}); it is truncated or corrupt, or not a "
                                   "state dict") from err
@@ -241,9 +344,16 @@ def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor],
     return names + [SAFETENSORS_INDEX]
 
 
+def torch_save(obj, path: Path) -> None:
+    """torch.save through a Python file object: a failed write then keeps its OSError (errno) as the
+    context of torch's RuntimeError, so that a full disk can be told apart (see `is_disk_full`)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def write_torch(directory: Path, state: dict[str, torch.Tensor]) -> list[str]:
     """Write `state` with torch.save as pytorch_model.bin (tensors that share memory are stored once)."""
-    _atomic_write(directory / TORCH_NAME, lambda tmp: torch.save(state, tmp))
+    _atomic_write(directory / TORCH_NAME, lambda tmp: torch_save(state, tmp))
     return [TORCH_NAME]
 
 

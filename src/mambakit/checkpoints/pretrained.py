@@ -23,7 +23,7 @@ from . import huggingface, reference
 from .errors import CheckpointError
 from .hub import push_to_hub as _hub_push
 from .hub import resolve_checkpoint
-from .io import CONFIG_NAME, WeightFiles, floating_dtype, read_json
+from .io import CONFIG_NAME, WeightFiles, floating_dtype, read_json, staged_directory
 from .keymap import KeyMap
 from .tokenizer_files import copy_tokenizer, has_tokenizer, load_checkpoint_tokenizer, save_tokenizer
 
@@ -145,25 +145,34 @@ def save_pretrained(model: MambaLM, save_directory, format: str = "mambakit", to
     format = _parse_format(format)
     if push_to_hub and not repo_id:
         raise CheckpointError("push_to_hub=True needs repo_id (e.g. 'me/my-mamba')")
-    out = _save_model(model, save_directory, format, None if tokenizer is None else tokenizer.eos_id, max_shard_size)
-    if tokenizer is not None:
-        save_tokenizer(tokenizer, out, format)
+
+    def add_tokenizer(directory: Path) -> None:
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, directory, format)
+
+    out = _save_model(model, save_directory, format, None if tokenizer is None else tokenizer.eos_id, max_shard_size,
+                      add_tokenizer)
     if push_to_hub:
         _hub_push(out, repo_id, private=private, token=token)
     return out
 
 
-def _save_model(model: MambaLM, save_directory, format: str, eos_id: int | None, max_shard_size: int | None) -> Path:
+def _save_model(model: MambaLM, save_directory, format: str, eos_id: int | None, max_shard_size: int | None,
+                add_files=None) -> Path:
+    """Write the checkpoint into a staging directory beside `save_directory`, then publish it (io.staged_directory):
+    an earlier checkpoint there stays whole until the new one is complete. add_files(staging_dir) adds the rest."""
     out = Path(save_directory)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a directory")
     if max_shard_size is not None and (not isinstance(max_shard_size, int) or max_shard_size < 1):
         raise CheckpointError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
-    out.mkdir(parents=True, exist_ok=True)
-    if format == "hf":
-        huggingface.save_hf(model, out, eos_id=eos_id, max_shard_size=max_shard_size)
-    else:
-        reference.save_reference(model, out, format, max_shard_size=max_shard_size)
+    with staged_directory(out) as stage:
+        if format == "hf":
+            huggingface.save_hf(model, stage, eos_id=eos_id, max_shard_size=max_shard_size)
+        else:
+            reference.save_reference(model, stage, format, max_shard_size=max_shard_size)
+        if add_files is not None:
+            add_files(stage)
     return out
 
 
@@ -184,7 +193,9 @@ def convert_checkpoint(src, dst, to: str, dtype: torch.dtype | None = None,
         raise CheckpointError(f"the destination {dst} is the source directory: write the conversion elsewhere")
     tokenizer = load_checkpoint_tokenizer(src_dir) if has_tokenizer(src_dir) else None
     model = load_pretrained(src_dir, dtype=dtype)
-    _save_model(model, dst, to, None if tokenizer is None else tokenizer.eos_id, max_shard_size)
-    if tokenizer is not None:
-        copy_tokenizer(src_dir, dst, to)
-    return dst
+
+    def add_tokenizer(directory: Path) -> None:
+        if tokenizer is not None:
+            copy_tokenizer(src_dir, directory, to)
+
+    return _save_model(model, dst, to, None if tokenizer is None else tokenizer.eos_id, max_shard_size, add_tokenizer)

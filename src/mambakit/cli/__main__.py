@@ -12,7 +12,9 @@ and keeps its traceback.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import warnings
 
 from .errors import UsageError
 
@@ -65,10 +67,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(SUBCOMMANDS[name])
         args = module.build_parser(prog).parse_args(rest)
-        return int(module.main(**vars(args)) or 0)
+        with warnings.catch_warnings():
+            # the library's warnings (e.g. a checkpoint fallback) as one line each, not source excerpts
+            warnings.showwarning = lambda message, category, *a, **k: print(f"{prog}: warning: {message}",
+                                                                             file=sys.stderr)
+            return int(module.main(**vars(args)) or 0)
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`mambakit generate ... | head`): later writes to stdout, including the
+        # interpreter's flush at exit, go nowhere instead of raising again
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        print(f"{prog}: error: the output was closed before generation ended (broken pipe)", file=sys.stderr)
+        return 2
     except Exception as err:
         if not _is_user_error(err):
             raise

@@ -74,6 +74,8 @@ def main(src: str, dst: str, to: str, dtype: str = "auto", max_shard_size: int |
                                  max_shard_size=max_shard_size, revision=revision)
     except CheckpointError as err:
         raise UsageError(str(err)) from None
+    except OSError as err:  # e.g. DST under a file or on a read-only filesystem (a full disk is a CheckpointError)
+        raise UsageError(f"cannot write {dst}: {err.strerror or err}") from None
     files = sorted(p.name for p in out.iterdir() if p.is_file())
     print(f"wrote {out} in the {to} format: {', '.join(files)}", file=sys.stderr)
     return 0

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
+from pathlib import Path
 
-__all__ = ["UsageError", "Parser"]
+__all__ = ["UsageError", "Parser", "check_writable_dir", "check_writable_file", "seed_type"]
 
 
 class UsageError(Exception):
@@ -25,3 +28,51 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(message)
+
+
+def check_writable_dir(path: str | Path, flag: str) -> Path:
+    """Create directory `path` if needed and prove it writable with a probe file, before any work is done.
+
+    A directory the user cannot write into is a UsageError naming `flag` (e.g. "--out") and the reason.
+    """
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{flag} {path}: exists and is not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".mambakit-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UsageError(f"{flag} {path}: cannot write there ({err.strerror or err})") from None
+    return directory
+
+
+def check_writable_file(path: str | Path, flag: str) -> Path:
+    """Check that file `path` can be written (its directory exists, it is not a directory, the OS lets us open
+    it for appending) without changing it: a file the probe had to create is removed again."""
+    file = Path(path)
+    if file.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory, not a file")
+    if not file.parent.is_dir():
+        raise UsageError(f"{flag} {path}: the directory {file.parent} does not exist")
+    existed = file.exists()
+    try:
+        with open(file, "a", encoding="utf-8"):
+            pass
+    except OSError as err:
+        raise UsageError(f"{flag} {path}: cannot write there ({err.strerror or err})") from None
+    if not existed:
+        file.unlink()
+    return file
+
+
+def seed_type(text: str) -> int:
+    """An argparse type for --seed: an integer in [0, 2**64), the range torch's generators take."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64), got {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64), got {text!r}")
+    return value

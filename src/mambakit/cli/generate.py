@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import Parser, UsageError
+from .errors import Parser, UsageError, check_writable_file, seed_type
 
 SUMMARY = "generate text from a trained or converted checkpoint, streamed as it is produced"
 
@@ -98,7 +98,7 @@ def build_parser(prog: str = "mambakit generate") -> Parser:
                    help="divide the logits of tokens already seen by R (default 1: off)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end a continuation once its text contains TEXT (repeatable; the text is kept)")
-    p.add_argument("--seed", type=int, default=None, metavar="S", help="seed for sampling (default: random)")
+    p.add_argument("--seed", type=seed_type, default=None, metavar="S", help="seed for sampling (default: random)")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=_DTYPES, default="auto", help="weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
@@ -158,6 +158,7 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
     from ..generation import stream
     from ..models import MambaLM
     from ..training import resolve_device
+    from ..training.cpu_threads import CPUThreadGovernor
 
     if prompts_file is None and output is not None:
         raise UsageError("--output needs --prompts-file (a single prompt streams to stdout)")
@@ -173,6 +174,8 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
     if not (directory / "config.json").is_file():
         raise UsageError(f"no config.json in {model}: not a model directory (train one with `mambakit train`)")
     prompts = _read_prompts(prompts_file) if prompts_file is not None else None
+    if output is not None:
+        check_writable_file(output, "--output")  # before the model is loaded and anything is generated
     try:
         dev = resolve_device(device)
     except ValueError as err:
@@ -196,6 +199,8 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
             text = apply_chat_template(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
         return start + tokenizer.encode(text)
 
+    # on a CPU shared with other processes, run on the cores they leave idle (BENCHMARKS.md: a busy machine)
+    governor = CPUThreadGovernor(every_s=2.0, enabled=dev.type == "cpu")
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repetition_penalty=repetition_penalty, eos_token_id=stop_ids or None, seed=seed,
                     stop_strings=stops, decode=tokenizer.decode if stops else None, cuda_graph=cuda_graph)
@@ -213,6 +218,7 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
         decoder = IncrementalDecoder(tokenizer)
         n_new = 0
         for token in stream(lm, prompt_ids, max_new_tokens, **sampling):
+            governor.update()
             n_new += 1
             if token in stop_ids:
                 break
@@ -242,7 +248,7 @@ def _generate_file(lm, tokenizer, prompts: list[str], encode_prompt, stop_ids: l
     try:
         for first in range(0, len(encoded), batch_size):
             batch = encoded[first:first + batch_size]
-            seed = None if sampling["seed"] is None else sampling["seed"] + first
+            seed = None if sampling["seed"] is None else (sampling["seed"] + first) % 2**64  # seeds live in [0, 2**64)
             for i, new in enumerate(generate(lm, batch, max_new_tokens, **{**sampling, "seed": seed})):
                 n_new += len(new)
                 text_ids = new[:-1] if new and new[-1] in stop_ids else new

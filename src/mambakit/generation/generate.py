@@ -13,6 +13,7 @@ finished (EOS), or every step when stop strings need the text.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -47,9 +48,11 @@ class SamplingParams:
             ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
             ("min_p", 0.0 <= self.min_p < 1.0, "in [0, 1)"),
             ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
-            ("eos_token_id", self.eos_token_id is None or all(isinstance(t, int) and t >= 0 for t in self.eos_ids),
+            ("eos_token_id", self.eos_token_id is None or (not isinstance(self.eos_token_id, (bool, str, bytes))
+                                                           and all(_is_int(t) and t >= 0 for t in self.eos_ids)),
              "None, an int >= 0 or a list of them"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "None or an int"),
+            # torch generators take seeds in [0, 2**64); beyond that torch raises an overflow error
+            ("seed", self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**64), "None or an int in [0, 2**64)"),
         ]
         for name, ok, need in checks:
             if not ok:
@@ -59,7 +62,44 @@ class SamplingParams:
     def eos_ids(self) -> list[int]:
         if self.eos_token_id is None:
             return []
-        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+        if isinstance(self.eos_token_id, numbers.Integral):
+            return [int(self.eos_token_id)]
+        try:
+            return [int(t) if _is_int(t) else t for t in self.eos_token_id]
+        except TypeError:  # not iterable: reported by __post_init__
+            return [self.eos_token_id]
+
+
+def _is_int(value) -> bool:
+    """An integer (Python or NumPy), not a bool (True would silently mean token 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_id_row(row, where: str) -> None:
+    """Every element of one prompt is an integer token id (1.5 is not truncated to 1; a nested list is refused)."""
+    if isinstance(row, torch.Tensor):
+        if row.is_floating_point() or row.is_complex() or row.dtype == torch.bool:
+            raise ValueError(f"{where}: token ids must be integers, got a {row.dtype} tensor")
+        return
+    if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
+        raise ValueError(f"{where}: expected a list of token ids, got {type(row).__name__}")
+    if all(type(t) is int for t in row):  # the common case, fast
+        return
+    for t in row:
+        if not _is_int(t):
+            what = "a nested list" if isinstance(t, (Sequence, torch.Tensor)) and not isinstance(t, str) else repr(t)
+            raise ValueError(f"{where}: token ids must be ints, got {what} ({type(t).__name__})")
+
+
+def _check_prompts(prompts) -> None:
+    """generate's `prompts`: a (B, L) tensor (checked by pack_prompts) or a list of token-id lists."""
+    if isinstance(prompts, torch.Tensor) or isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        return  # pack_prompts reports these
+    if prompts and all(_is_int(t) for t in prompts):
+        raise ValueError("generate: prompts must be a list of token-id lists (one per prompt), got a flat list of "
+                         "ints: pass [prompt_ids] for one prompt (or use stream)")
+    for i, row in enumerate(prompts):
+        _check_id_row(row, f"generate: prompts[{i}]")
 
 
 def _check_max_new_tokens(max_new_tokens) -> None:
@@ -173,6 +213,7 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, seed)
     stopper = StopStrings(stop_strings, decode) if stop_strings is not None else None
     _check_max_new_tokens(max_new_tokens)
+    _check_prompts(prompts)
     device = model_device(model)
     ids_BL, lengths = pack_prompts(prompts, model.config.padded_vocab_size, device)
     batch = ids_BL.shape[0]
@@ -225,8 +266,11 @@ def stream(model: nn.Module, prompt, max_new_tokens: int, *, temperature: float 
     if isinstance(prompt, torch.Tensor):
         if prompt.dim() not in (1, 2) or (prompt.dim() == 2 and prompt.shape[0] != 1):
             raise ValueError(f"stream: a prompt tensor must be (seqlen,) or (1, seqlen), got {tuple(prompt.shape)}")
+        if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+            raise ValueError(f"stream: prompt token ids must be integers, got a {prompt.dtype} tensor")
         prompt = prompt.reshape(1, -1)
     else:
+        _check_id_row(prompt, "stream: prompt (one prompt: a flat list of token ids; for a batch use generate)")
         prompt = [list(prompt)]
     ids_BL, lengths = pack_prompts(prompt, model.config.padded_vocab_size, model_device(model))
     # validated above, before the first token is asked for; the loop itself is a generator

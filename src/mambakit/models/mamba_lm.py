@@ -111,6 +111,13 @@ class MambaLM(nn.Module):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError(f"MambaLM: input_ids must be an integer tensor (batch, seqlen), got "
                              f"{getattr(input_ids, 'dtype', type(input_ids))} {tuple(getattr(input_ids, 'shape', ()))}")
+        if input_ids.device.type == "cpu" and input_ids.numel() and not torch.compiler.is_compiling():
+            # on CPU an id outside the embedding is an IndexError deep inside; the check costs one min/max
+            # (not done on CUDA, where it would be a host sync per decode step)
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.padded_vocab_size:
+                raise ValueError(f"MambaLM: input_ids must lie in [0, {self.config.padded_vocab_size}), got values "
+                                 f"from {lo} to {hi}")
         if cache is not None and cache.batch_size != input_ids.shape[0]:
             raise ValueError(f"MambaLM: cache holds {cache.batch_size} sequences, input_ids has batch "
                              f"{input_ids.shape[0]}")

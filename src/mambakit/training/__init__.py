@@ -1,8 +1,16 @@
 """mambakit.training: TrainConfig, recipes and the training loop (single process or torchrun/DDP)."""
 
-from .checkpoint import TRAIN_STATE, load_train_state, save_checkpoint
+from .checkpoint import (
+    TRAIN_STATE,
+    Checkpoint,
+    CheckpointFallbackWarning,
+    holds_run,
+    load_train_state,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainConfig, lr_at, model_config
-from .loop import TrainResult, build_optimizer, default_out_dir, forward_backward, resolve_device, train
+from .loop import TrainingDiverged, TrainResult, build_optimizer, default_out_dir, forward_backward, resolve_device, train
 from .recipes import RECIPES, default_recipe, get_recipe, tiny_recipe
 
 __all__ = [
@@ -22,4 +30,9 @@ __all__ = [
     "save_checkpoint",
     "load_train_state",
     "TRAIN_STATE",
+    "Checkpoint",
+    "CheckpointFallbackWarning",
+    "resolve_checkpoint",
+    "holds_run",
+    "TrainingDiverged",
 ]

@@ -1,39 +1,152 @@
-"""Training checkpoints: a model directory that `mambakit generate` and `MambaLM.from_pretrained` read,
-plus the state that `--resume` needs to continue the run exactly.
+"""Training checkpoints, each written as one unit and published by one rename.
 
-    out_dir/config.json, model.safetensors   the model (MambaLM.save_pretrained)
-    out_dir/tokenizer_config.json (+ tokenizer.json)
-    out_dir/train_config.json                the TrainConfig, for people
-    out_dir/train_state.pt                   step, optimizer state, data-sampler generator, RNG states, TrainConfig
+    out_dir/checkpoints/step-000250/         one complete checkpoint:
+        config.json, model.safetensors       the model (MambaLM.save_pretrained)
+        tokenizer_config.json (+ tokenizer.json)
+        train_config.json                    the TrainConfig, for people
+        train_state.pt                       step, optimizer state, data-sampler generator, RNG states, TrainConfig
+        manifest.json                        step, and the size and sha256 of every file above
+    out_dir/checkpoints/latest               the name of the newest complete checkpoint (one line)
+    out_dir/config.json, model.safetensors, tokenizer files, train_config.json
+                                             the newest checkpoint's model, published at the top (hard links)
+                                             so that `MambaLM.from_pretrained(out_dir)` and
+                                             `mambakit generate --model out_dir` read the run directory itself
+
+A save writes `step-N.tmp/`, fsyncs it, renames it to `step-N/` (the atomic step), then replaces `latest`
+(write + os.replace) and the files at the top (one os.replace each), and finally removes the checkpoints
+beyond the newest `keep`. A kill at any point leaves the previous checkpoint complete; `resolve_checkpoint`
+checks the manifest (sizes, hashes, step numbers) and falls back, with a warning, to the newest
+checkpoint that passes. A full disk raises CheckpointError "no space left on device writing ..." and
+leaves no temporary file behind.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..checkpoints import CheckpointError
+from ..checkpoints.io import disk_full_error, fsync_tree, is_disk_full, torch_save
 from .config import TrainConfig
 
-__all__ = ["TRAIN_STATE", "save_checkpoint", "load_train_state"]
+__all__ = ["TRAIN_STATE", "CHECKPOINTS", "Checkpoint", "CheckpointFallbackWarning", "save_checkpoint",
+           "load_train_state", "resolve_checkpoint", "holds_run", "remove_strays"]
 
 TRAIN_STATE = "train_state.pt"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+MANIFEST = "manifest.json"
+# what the top of a run directory holds of the newest checkpoint (a loadable model directory)
+_PUBLISHED = ("config.json", "model.safetensors", "tokenizer_config.json", "tokenizer.json", "train_config.json")
+_STEP_DIR = re.compile(r"step-(\d+)(?:-(\d+))?\Z")
+_HASH_CHUNK = 1 << 20
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """The newest checkpoint was incomplete or corrupt; an older complete one is used instead."""
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint: its directory and the contents of its train_state.pt."""
+
+    path: Path
+    state: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_file(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Replace `path` atomically (write a temporary file, fsync, os.replace)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _step_dirs(root: Path) -> list[tuple[tuple[int, int], Path]]:
+    """Complete-looking checkpoint directories (not *.tmp), oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            found.append(((int(m.group(1)), int(m.group(2) or 0)), p))
+    return sorted(found)
+
+
+def remove_strays(out_dir: str | Path) -> list[str]:
+    """Remove what a killed save leaves behind (step-*.tmp and .*.staging directories, .*.tmp files); returns them."""
+    out_dir = Path(out_dir)
+    removed = []
+    root = out_dir / CHECKPOINTS
+    for directory in (root, out_dir):
+        if not directory.is_dir():
+            continue
+        for p in directory.iterdir():
+            if p.name.endswith((".tmp", ".staging")) and p.name.startswith((".", "step-")):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                removed.append(str(p))
+    return removed
+
+
+def holds_run(out_dir: str | Path) -> bool:
+    """Whether `out_dir` holds a training run (checkpoints, a train_state.pt or a model)."""
+    out_dir = Path(out_dir)
+    return any((out_dir / name).exists() for name in (CHECKPOINTS, TRAIN_STATE, "model.safetensors", "metrics.json"))
 
 
 def save_checkpoint(out_dir: str | Path, *, model, tokenizer, optimizer: torch.optim.Optimizer, sampler_state: dict,
-                    step: int, config: TrainConfig, history: dict) -> None:
-    """Write everything needed to use the model and to resume training from `step`.
+                    step: int, config: TrainConfig, history: dict, keep: int = 2) -> Path:
+    """Write everything needed to use the model and to resume training from `step`, as one unit.
 
-    train_state.pt is written to a temporary name and renamed, so an interrupted save never
-    leaves a truncated state next to a newer model.
+    Returns the new checkpoint directory (out_dir/checkpoints/step-NNNNNN). The previous checkpoint stays
+    until this one is complete; afterwards only the newest `keep` (>= 1) remain.
+
+    Example:
+        >>> save_checkpoint("runs/x", model=model, tokenizer=tok, optimizer=opt, sampler_state=sampler.state_dict(),
+        ...                 step=100, config=cfg, history={"losses": [], "evals": []})
+        PosixPath('runs/x/checkpoints/step-000100')
     """
+    if keep < 1:
+        raise ValueError(f"save_checkpoint: keep must be >= 1, got {keep}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save(out_dir)
-    (out_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    root = out_dir / CHECKPOINTS
+    base = f"step-{step:06d}"
+    taken = {p.name for _, p in _step_dirs(root)}
+    # a directory of this step may exist (a resumed run that had fallen back past it): never touch it
+    name = base if base not in taken else next(f"{base}-{k}" for k in range(1, 10**6) if f"{base}-{k}" not in taken)
+    tmp = root / (name + ".tmp")
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
@@ -43,14 +156,141 @@ def save_checkpoint(out_dir: str | Path, *, model, tokenizer, optimizer: torch.o
         "config": config.to_dict(),
         "history": history,
     }
-    tmp = out_dir / (TRAIN_STATE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, out_dir / TRAIN_STATE)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_strays(out_dir)
+        model.save_pretrained(tmp)  # creates tmp
+        tokenizer.save(tmp)
+        _write_file(tmp / "train_config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+        torch_save(state, tmp / TRAIN_STATE)
+        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
+        _write_file(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=2) + "\n")
+        fsync_tree(tmp)
+        os.rename(tmp, root / name)
+        fsync_tree(root)
+        _replace_file(root / LATEST, name + "\n")
+        _publish(out_dir, root / name)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in out_dir.glob(".*.tmp"):
+            p.unlink()
+        if is_disk_full(err):
+            raise disk_full_error(root / name) from None
+        raise
+    _prune(root, keep, name)
+    return root / name
+
+
+def _publish(out_dir: Path, checkpoint: Path) -> None:
+    """Make out_dir's model files those of `checkpoint`: a hard link per file (a copy where links are not
+    possible) under a temporary name, then os.replace, so each file at the top is always whole."""
+    for name in _PUBLISHED:
+        src = checkpoint / name
+        if not src.is_file():
+            continue
+        tmp = out_dir / f".{name}.tmp"
+        if tmp.exists():
+            tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, out_dir / name)
+    legacy = out_dir / TRAIN_STATE  # the layout before checkpoints/: its state now lives in the checkpoint
+    if legacy.is_file():
+        legacy.unlink()
+
+
+def _prune(root: Path, keep: int, current: str) -> None:
+    dirs = _step_dirs(root)
+    for _, p in dirs[:-keep]:
+        if p.name != current:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _verify(directory: Path) -> Checkpoint:
+    """The checkpoint in `directory` if its manifest, files and step numbers agree; CheckpointError otherwise."""
+    manifest_path = directory / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        step, files = int(manifest["step"]), dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest_path}: missing or unreadable ({type(err).__name__})") from None
+    m = _STEP_DIR.match(directory.name)
+    if m is None or int(m.group(1)) != step:
+        raise CheckpointError(f"{manifest_path}: step {step} does not match the directory name")
+    for name, info in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        if path.stat().st_size != info.get("size"):
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, the manifest says {info.get('size')}")
+        if _sha256(path) != info.get("sha256"):
+            raise CheckpointError(f"{path}: contents differ from the manifest (sha256)")
+    if TRAIN_STATE not in files:
+        raise CheckpointError(f"{manifest_path}: lists no {TRAIN_STATE}")
+    state = _load_state_file(directory / TRAIN_STATE)
+    if state.get("step") != step:
+        raise CheckpointError(f"{directory / TRAIN_STATE}: step {state.get('step')}, the manifest says {step}")
+    return Checkpoint(directory, state)
+
+
+def _load_state_file(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # zip, pickle, EOF errors: the file is damaged
+        raise CheckpointError(f"{path}: cannot read it ({type(err).__name__}: {' '.join(str(err).split())[:200]}); "
+                              "it is truncated or corrupt") from None
+    required = ("step", "optimizer", "sampler", "torch_rng", "config", "history")
+    if not isinstance(state, dict) or any(k not in state for k in required):
+        raise CheckpointError(f"{path}: not a mambakit training state (expected the keys {required})")
+    return state
+
+
+def resolve_checkpoint(out_dir: str | Path) -> Checkpoint:
+    """The checkpoint to resume the run in `out_dir` from, verified.
+
+    The one `checkpoints/latest` names; when it is incomplete or corrupt, the newest complete one, with
+    a `CheckpointFallbackWarning` saying why. A run directory in the layout before checkpoints/ (a bare
+    out_dir/train_state.pt) is read as it is. FileNotFoundError when there is no checkpoint at all;
+    CheckpointError when none is complete.
+
+    Example:
+        >>> ckpt = resolve_checkpoint("runs/shakespeare")
+        >>> ckpt.path, ckpt.step
+        (PosixPath('runs/shakespeare/checkpoints/step-001500'), 1500)
+    """
+    out_dir = Path(out_dir)
+    root = out_dir / CHECKPOINTS
+    candidates = [p for _, p in reversed(_step_dirs(root))]
+    pointed = None
+    try:
+        pointed = root / (root / LATEST).read_text(encoding="utf-8").strip()
+    except OSError:
+        pass
+    if pointed is not None and pointed in candidates:
+        candidates.remove(pointed)
+        candidates.insert(0, pointed)
+    if not candidates:
+        if (out_dir / TRAIN_STATE).is_file():
+            return Checkpoint(out_dir, _load_state_file(out_dir / TRAIN_STATE))
+        raise FileNotFoundError(f"no checkpoint in {out_dir} (no {CHECKPOINTS}/ and no {TRAIN_STATE}): nothing to resume")
+    problems = []
+    for directory in candidates:
+        try:
+            ckpt = _verify(directory)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        if problems or (pointed is not None and directory != pointed):
+            why = "; ".join(problems) if problems else f"{LATEST} names {pointed.name}, which is missing"
+            warnings.warn(CheckpointFallbackWarning(
+                f"using checkpoint {directory.name} (step {ckpt.step}): a newer one is incomplete or corrupt ({why})"),
+                stacklevel=2)
+        return ckpt
+    raise CheckpointError(f"no complete checkpoint in {root}: " + "; ".join(problems))
 
 
 def load_train_state(out_dir: str | Path) -> dict:
-    """The dict `save_checkpoint` wrote (tensors on CPU). FileNotFoundError when there is none."""
-    path = Path(out_dir) / TRAIN_STATE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {TRAIN_STATE} in {out_dir}: nothing to resume")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The train_state dict of the checkpoint `resolve_checkpoint(out_dir)` picks (tensors on CPU)."""
+    return resolve_checkpoint(out_dir).state

@@ -46,6 +46,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: "stop" the run (nothing saved) or "skip" the step
     time_budget_s: float | None = None  # stop gracefully (eval, save) after this many seconds of this invocation
     # evaluation
     eval_every: int = 250  # steps between held-out evaluations; 0 = only at the end
@@ -59,6 +60,7 @@ class TrainConfig:
     recompute: bool = False  # keep only in_proj's output per layer; recompute conv, scan, norm in the backward
     out_dir: str | None = None  # None = runs/<recipe>
     save_every: int = 0  # steps between checkpoints during training; 0 = only at the end
+    keep_checkpoints: int = 2  # complete checkpoints kept in out_dir/checkpoints (the newest ones)
     log_every: int = 10
     progress: bool = True  # tqdm progress bar (rank 0)
     sample_prompt: str = ""  # generated from at the end ("" = start of a document)
@@ -82,6 +84,13 @@ class TrainConfig:
             raise ValueError(f"time_budget_s must be positive, got {self.time_budget_s}")
         if self.autocast not in ("bf16", "none"):
             raise ValueError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be an int >= 1, got {self.keep_checkpoints!r}")
+        # torch.manual_seed takes [0, 2**64) (negatives wrap around); anything else overflows inside torch
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be an int in [0, 2**64), got {self.seed!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -9,11 +9,23 @@ One step: inputs (batch, seqlen) -> logits (batch, seqlen, padded vocab) -> mean
 the real vocabulary -> backward (DDP averages gradients over processes) -> clip -> AdamW step at
 lr_at(step). Everything that decides a step's numbers (weights, optimizer moments, the sampler's
 generator, the step count) is in the checkpoint, so a resumed run repeats an uninterrupted one.
+
+Nothing is lost (see checkpoint.py for the checkpoint layout):
+    - a step whose loss or gradient norm is not finite stops the run with `TrainingDiverged` before the
+      optimizer applies it, and nothing is saved over the last good checkpoint (cfg.on_nonfinite="skip"
+      skips such steps instead);
+    - with handle_signals, the first SIGINT / SIGTERM ends the run at the next step boundary with a
+      checkpoint (TrainResult.interrupted names the signal); a second one exits at once;
+    - metrics.json is strict JSON: a non-finite number is written as null.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +34,24 @@ import torch
 
 from ..data import ByteTokenizer, HFTokenizer, RandomWindows, TokenStream, eval_target_count, load_corpus
 from ..evaluation import evaluate_bits_per_byte, token_nll_sum
-from .checkpoint import load_train_state, save_checkpoint
+from .checkpoint import Checkpoint, remove_strays, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig, lr_at, model_config
+from .cpu_threads import CPUThreadGovernor
 from .distributed import DistInfo, all_reduce_mean, destroy_distributed, dist_info_from_env, init_distributed
 
-__all__ = ["TrainResult", "train", "build_optimizer", "resolve_device", "forward_backward", "default_out_dir"]
+__all__ = ["TrainResult", "TrainingDiverged", "train", "build_optimizer", "resolve_device", "forward_backward",
+           "default_out_dir"]
+
+_MAX_SKIPPED_IN_A_ROW = 20  # with on_nonfinite="skip": more non-finite steps in a row than this is divergence
+
+
+class TrainingDiverged(RuntimeError):
+    """A training step's loss or gradient norm was not finite (NaN or infinite); nothing was saved over
+    the last good checkpoint. `step` is the step that failed (1-based), `checkpoint_step` the last saved one."""
+
+    def __init__(self, message: str, step: int, checkpoint_step: int | None):
+        super().__init__(message)
+        self.step, self.checkpoint_step = step, checkpoint_step
 
 
 @dataclass
@@ -42,6 +67,8 @@ class TrainResult:
     stopped_by_budget: bool = False
     out_dir: str = ""
     sample: str | None = None
+    interrupted: str | None = None  # "SIGINT" or "SIGTERM" when a signal ended the run (checkpoint saved, no final eval)
+    skipped_steps: int = 0  # non-finite steps skipped (cfg.on_nonfinite == "skip")
 
 
 def default_out_dir(cfg: TrainConfig) -> Path:
@@ -120,17 +147,17 @@ def _load_data(cfg: TrainConfig):
     return tokenizer, docs, TokenStream.from_documents(docs[0], tokenizer), TokenStream.from_documents(docs[1], tokenizer)
 
 
-def _build_or_resume(cfg: TrainConfig, vocab: int, device: torch.device, out_dir: Path, sampler: RandomWindows,
-                     resume: bool):
-    """A fresh model and optimizer at step 0, or everything restored from out_dir/train_state.pt."""
+def _build_or_resume(cfg: TrainConfig, vocab: int, device: torch.device, sampler: RandomWindows,
+                     checkpoint: Checkpoint | None):
+    """A fresh model and optimizer at step 0, or everything restored from a verified checkpoint."""
     from ..models import MambaLM
 
-    if not resume:
+    if checkpoint is None:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
         model = MambaLM(model_config(cfg, vocab)).to(device)
         return model, build_optimizer(model, cfg), 0, {"losses": [], "evals": []}
-    state = load_train_state(out_dir)
-    model = MambaLM.from_pretrained(out_dir, device=device)
+    state = checkpoint.state
+    model = MambaLM.from_pretrained(checkpoint.path, device=device)
     optimizer = build_optimizer(model, cfg)
     optimizer.load_state_dict(state["optimizer"])
     sampler.load_state_dict(state["sampler"])
@@ -156,15 +183,26 @@ class _Printer:
             print(msg, flush=True)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = None) -> TrainResult:
-    """Train (or resume) the run described by `cfg`; write the checkpoint into `cfg.out_dir` (default runs/<recipe>).
+def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = None,
+          checkpoint: Checkpoint | None = None, handle_signals: bool = False,
+          adapt_cpu_threads: bool = False) -> TrainResult:
+    """Train (or resume) the run described by `cfg`; write checkpoints into `cfg.out_dir` (default runs/<recipe>).
 
     Args:
         cfg: the run. On resume, the caller passes the TrainConfig stored in the checkpoint
             (`load_train_state(dir)["config"]`), changing at most time_budget_s, device, progress.
-        resume: continue from out_dir/train_state.pt: same weights, optimizer, sampler and step.
+        resume: continue from the newest complete checkpoint in out_dir (`resolve_checkpoint`): same
+            weights, optimizer, sampler and step.
         stop_at_step: stop (evaluate, save) after this step without changing the schedule,
             as the time budget does; for interrupting a run deterministically.
+        checkpoint: with resume, the checkpoint to continue from, if the caller has resolved it already.
+        handle_signals: the first SIGINT / SIGTERM stops at the next step boundary and saves (the
+            command-line tool's behaviour); a second one exits at once. Main thread, single process only.
+        adapt_cpu_threads: on CPU, set torch's thread count to the cores other processes leave idle and
+            keep adjusting it (cpu_threads.CPUThreadGovernor; restored at the end). The thread count can
+            change the last bits of float sums: leave it off for bit-exact reproducibility.
+    Raises:
+        TrainingDiverged: a non-finite loss or gradient norm (cfg.on_nonfinite == "stop").
 
     Under torchrun (RANK/WORLD_SIZE set) every process calls this; each reads different windows,
     gradients are averaged by DistributedDataParallel, and only rank 0 prints and writes.
@@ -184,11 +222,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = 
     say = _Printer(info)
     out_dir = default_out_dir(cfg)
     autocast_dtype = torch.bfloat16 if (cfg.autocast == "bf16" and device.type == "cuda") else None
+    threads_before = torch.get_num_threads()
+    governor = CPUThreadGovernor(enabled=adapt_cpu_threads and device.type == "cpu" and not info.distributed)
+    signals = _SignalStop(enabled=handle_signals and not info.distributed)
     try:
         tokenizer, (train_docs, val_docs), train_stream, val_stream = _load_data(cfg)
         sampler = RandomWindows(train_stream, cfg.seqlen, cfg.batch_size, cfg.seed, info.rank, info.world_size)
         vocab = tokenizer.vocab_size
-        model, optimizer, step, history = _build_or_resume(cfg, vocab, device, out_dir, sampler, resume)
+        if resume and checkpoint is None:
+            checkpoint = resolve_checkpoint(out_dir)
+        if resume and info.is_main:
+            remove_strays(out_dir)
+        model, optimizer, step, history = _build_or_resume(cfg, vocab, device, sampler, checkpoint if resume else None)
+        saved_step = step if resume else None  # the step of the newest checkpoint on disk
         raw_model = model
         for module in raw_model.modules():  # activation recomputation is a training setting, not a weight
             if hasattr(module, "recompute"):
@@ -205,7 +251,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = 
         say(f"data: {cfg.data or 'built-in Shakespeare'}: {len(train_docs)} documents, {len(train_stream):,} tokens "
             f"for training; {len(val_docs)} held out, {len(val_stream):,} tokens; tokenizer {tokenizer!r}")
         if resume:
-            say(f"resuming from {out_dir} at step {step}")
+            say(f"resuming from {checkpoint.path} at step {step}")
 
         def evaluate(max_tokens: int | None) -> dict:
             loss, bpb = evaluate_bits_per_byte(raw_model, val_stream, cfg.seqlen, cfg.eval_batch_size, max_tokens,
@@ -219,11 +265,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = 
                 history["losses"].extend(all_reduce_mean(torch.stack(pending), info).tolist())
                 pending.clear()
 
-        def checkpoint() -> None:
+        def save() -> bool:
+            """Write a checkpoint of this step, unless the newest one on disk is of this step already."""
+            nonlocal saved_step
             flush_losses()
+            if step == saved_step:
+                return False
             if info.is_main:
                 save_checkpoint(out_dir, model=raw_model, tokenizer=tokenizer, optimizer=optimizer,
-                                sampler_state=sampler.state_dict(), step=step, config=cfg, history=history)
+                                sampler_state=sampler.state_dict(), step=step, config=cfg, history=history,
+                                keep=cfg.keep_checkpoints)
+            saved_step = step
+            return True
 
         # ---- loop
         tokens_per_step = cfg.batch_size * cfg.seqlen * info.world_size
@@ -234,20 +287,36 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = 
             bar = tqdm(total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True, desc="train")
             say.bar = bar
         stopped_by_budget = False
+        skipped = skipped_in_a_row = 0
         t_loop, step0 = time.perf_counter(), step
         model.train()
-        while step < cfg.max_steps and (stop_at_step is None or step < stop_at_step):
+        while step < cfg.max_steps and (stop_at_step is None or step < stop_at_step) and not signals.received:
             if cfg.time_budget_s is not None and _out_of_time(t_start, cfg.time_budget_s, info, step, cfg.log_every):
                 stopped_by_budget = True
                 break
+            governor.update()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             window = sampler.next_batch().to(device, non_blocking=True)  # (batch, seqlen + 1)
-            pending.append(forward_backward(model, window, vocab, autocast_dtype))
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            loss = forward_backward(model, window, vocab, autocast_dtype)
+            pending.append(loss)
+            # the total norm is computed even without clipping (an infinite max norm scales by exactly 1)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            # one host sync per step: a non-finite step must be caught before the optimizer applies it
+            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+            if info.distributed:
+                finite = all_reduce_mean(finite.float(), info) == 1.0
+            if bool(finite):
+                optimizer.step()
+                skipped_in_a_row = 0
+            else:
+                skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
+                if cfg.on_nonfinite == "stop" or skipped_in_a_row > _MAX_SKIPPED_IN_A_ROW:
+                    flush_losses()
+                    raise _diverged(step + 1, float(loss), float(grad_norm), saved_step, out_dir, cfg, skipped_in_a_row)
+                say(f"step {step + 1}: non-finite loss ({float(loss):.4g}) or gradient norm ({float(grad_norm):.4g}): "
+                    "step skipped")
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -263,12 +332,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = 
                 say(f"step {step}: held-out {record['loss']:.4f} nats/token, {record['bpb']:.3f} bits/byte "
                     f"({record['tokens']:,} tokens)")
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                checkpoint()
+                save()
         if bar is not None:
             bar.close()
             say.bar = None
         flush_losses()
         train_s = time.perf_counter() - t_loop
+        if signals.received:
+            # no final evaluation: whoever sent the signal wants the process gone soon
+            save()
+            say(f"{signals.received} at step {step}/{cfg.max_steps}: checkpoint saved in {out_dir}; continue with "
+                f"`mambakit train --resume --out {out_dir}`")
+            return TrainResult(step=step, losses=list(history["losses"]), evals=list(history["evals"]),
+                               elapsed_s=time.perf_counter() - t_start, out_dir=str(out_dir),
+                               interrupted=signals.received, skipped_steps=skipped)
         if stopped_by_budget:
             say(f"time budget of {cfg.time_budget_s:g} s reached at step {step}/{cfg.max_steps}: stopping "
                 f"(continue with --resume)")
@@ -276,15 +353,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = 
         # ---- final evaluation, checkpoint, sample
         final = evaluate(cfg.final_eval_tokens)
         history["evals"].append(final)
-        checkpoint()
+        saved = save()
         result = TrainResult(step=step, losses=list(history["losses"]), evals=list(history["evals"]),
                              val_loss=final["loss"], val_bpb=final["bpb"], stopped_by_budget=stopped_by_budget,
-                             out_dir=str(out_dir))
+                             out_dir=str(out_dir), skipped_steps=skipped)
         steps_done = step - step0
         say(f"trained {steps_done} steps ({step}/{cfg.max_steps}) in {train_s:.1f} s, "
-            f"{steps_done * tokens_per_step / max(train_s, 1e-9):,.0f} tokens/s")
+            f"{steps_done * tokens_per_step / max(train_s, 1e-9):,.0f} tokens/s"
+            + (f"; {skipped} non-finite steps skipped" if skipped else ""))
         say(f"held-out: {final['loss']:.4f} nats/token, {final['bpb']:.3f} bits/byte ({final['tokens']:,} tokens)")
-        say(f"saved to {out_dir}")
+        say(f"saved to {out_dir}" if saved else f"checkpoint of step {step} already in {out_dir}")
         if info.is_main and cfg.sample_tokens > 0:
             result.sample = _sample(raw_model, tokenizer, cfg)
             say(f"sample (temperature {cfg.sample_temperature:g}):\n{cfg.sample_prompt}{result.sample}")
@@ -292,11 +370,80 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = 
         if info.is_main:
             metrics = {"step": step, "max_steps": cfg.max_steps, "val_loss": final["loss"], "val_bpb": final["bpb"],
                        "val_tokens": final["tokens"], "train_s": train_s, "wall_s": result.elapsed_s,
-                       "stopped_by_budget": stopped_by_budget, "final_train_loss": history["losses"][-1] if history["losses"] else None}
-            (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+                       "stopped_by_budget": stopped_by_budget, "skipped_steps": skipped,
+                       "final_train_loss": history["losses"][-1] if history["losses"] else None}
+            write_metrics(out_dir / "metrics.json", metrics)
         return result
     finally:
+        signals.restore()
+        if governor.enabled:
+            torch.set_num_threads(threads_before)
         destroy_distributed(created_group)
+
+
+def _diverged(step: int, loss: float, grad_norm: float, saved_step: int | None, out_dir: Path, cfg: TrainConfig,
+              in_a_row: int) -> TrainingDiverged:
+    kept = (f"the last checkpoint (step {saved_step}) in {out_dir} is untouched" if saved_step is not None
+            else "no checkpoint was written")
+    what = (f"{in_a_row} steps in a row had a non-finite loss or gradient norm" if in_a_row > 1
+            else f"loss {loss:.4g}, gradient norm {grad_norm:.4g}")
+    hint = "lower the learning rate (--lr)" + ("" if cfg.on_nonfinite == "skip" else
+                                               ", or skip such steps with --skip-nonfinite")
+    return TrainingDiverged(f"training diverged at step {step} ({what}); stopped without saving: {kept}; {hint}",
+                            step, saved_step)
+
+
+def _json_safe(obj):
+    """obj with every non-finite float replaced by None (strict JSON has no NaN or Infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_metrics(path: Path, metrics: dict) -> None:
+    """Write `metrics` as strict JSON (non-finite numbers as null), atomically (temporary file + os.replace)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class _SignalStop:
+    """SIGINT / SIGTERM handlers for a run: the first asks the loop to stop at the next step boundary (it then
+    saves and returns); a second exits at once (KeyboardInterrupt for SIGINT, SystemExit(143) for SIGTERM)."""
+
+    _CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+    def __init__(self, enabled: bool):
+        self.received: str | None = None
+        self._previous = {}
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = name
+            print(f"\n{name}: stopping after this step and saving a checkpoint (again to exit at once)", flush=True)
+            return
+        self.restore()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(self._CODES[name])
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def _out_of_time(t_start: float, budget_s: float, info: DistInfo, step: int, every: int) -> bool:
