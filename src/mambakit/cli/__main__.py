@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "mambakit.cli.train",
     "generate": "mambakit.cli.generate",
     "convert": "mambakit.cli.convert",
+    "reproduce": "mambakit.cli.reproduce",
 }
 
 
