@@ -26,8 +26,11 @@ SMALL = {
     "hybrid-mamba1-gqa-conv": dict(ssm_cfg={"layer": "Mamba1", "d_state": 4}, attn_layer_idx=[1],
                                    attn_cfg={"num_heads": 4, "num_heads_kv": 2, "rotary_emb_dim": 8, "d_conv": 3,
                                              "mlp_dim": 20, "rotary_emb_interleaved": True}),
+    # attn_cfg as mamba_ssm's hybrid configs write it
     "hybrid-mamba2": dict(ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 8, "chunk_size": 4}, n_layer=3,
-                          attn_layer_idx=[1], attn_cfg=ATTN_ROPE),
+                          attn_layer_idx=[1], attn_cfg={"causal": True, "d_conv": 4, "head_dim": 16, "num_heads": 4,
+                                                        "out_proj_bias": True, "qkv_proj_bias": True,
+                                                        "rotary_emb_dim": 8}),
 }
 CASES = [pytest.param(name, id=name) for name in SMALL]
 
@@ -264,9 +267,14 @@ def test_checkpoint_round_trip(tmp_path, name, fmt):
         assert torch.equal(loaded(ids), model(ids))
 
 
-def test_hugging_face_format_refuses_the_baselines(tmp_path):
+def test_hugging_face_and_mamba_ssm_formats_refuse_what_they_cannot_hold(tmp_path):
     with pytest.raises(CheckpointError, match="transformers has no S4D mixer"):
         save_pretrained(_model("s4d-lin", torch.float32), tmp_path, format="hf")
+    with pytest.raises(CheckpointError, match=r"cannot express ssm_cfg\['layer'\]='Mamba1Ungated'"):
+        save_pretrained(_model("mamba1-ungated", torch.float32), tmp_path, format="mamba_ssm")
+    with pytest.raises(CheckpointError, match=r"cannot express attn_cfg\['absolute_pos_emb'\]=True"):
+        save_pretrained(_model("attention-abs", torch.float32), tmp_path, format="mamba_ssm")
+    assert not any(tmp_path.iterdir())  # refused before writing anything
 
 
 def test_mamba_ssm_hybrid_state_dict_names_load(tmp_path):

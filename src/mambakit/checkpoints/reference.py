@@ -72,6 +72,10 @@ def _mamba_ssm_config(config: MambaConfig) -> dict:
     bad = [f"{k}={full[k]!r}" for k, neutral in MAMBAKIT_ONLY_FIELDS.items() if k in full and full[k] != neutral]
     bad += [f"ssm_cfg[{k!r}]={ssm_cfg[k]!r}" for k, neutral in MAMBAKIT_ONLY_MIXER_ARGS.items()
             if k in ssm_cfg and ssm_cfg[k] != neutral]
+    if config.layer not in ("Mamba1", "Mamba2"):
+        bad.append(f"ssm_cfg['layer']={config.layer!r}")
+    if config.attn_cfg.get("absolute_pos_emb"):
+        bad.append("attn_cfg['absolute_pos_emb']=True")
     if bad:
         raise CheckpointError(f"the mamba_ssm format cannot express {', '.join(bad)} (mamba_ssm has no such option); "
                               "save with format='mambakit' instead")

@@ -150,6 +150,7 @@ def _plot(path, rows, s) -> None:
         ax.plot([math.log2(T) for T in Ts], [100 * r["accuracy"][str(T)] for T in Ts], marker="o", ms=3, label=r["label"],
                 linestyle="--" if r["kind"] == "attention" else "-")
     ax.axvline(math.log2(s["train_len"]), color="gray", linestyle=":", label="training length")
+    ax.set_xticks(s["test_log2"])
     ax.set_xlabel("test sequence length (log2 T)")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 102)
