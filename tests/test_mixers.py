@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from mambakit import MambaConfig, MambaLM
 from mambakit.checkpoints import CheckpointError, load_pretrained, save_pretrained
 from mambakit.generation import prefill
+from mambakit.generation.cuda_graph import CUDAGraphDecoder
 from mambakit.modules import MHA, S4D, Mamba1Ungated
 from mambakit.ops import selective_scan
 
@@ -289,3 +290,8 @@ def test_mamba_ssm_hybrid_state_dict_names_load(tmp_path):
     assert state["backbone.layers.1.mixer.in_proj.weight"].shape == (4 * 8 + 2 * 2 * 8 + 256, 32)
     assert_close(load_pretrained(tmp_path).backbone.layers[1].mixer.in_proj.weight,
                  model.backbone.layers[1].mixer.in_proj.weight, name="attention in_proj", rel=0)
+
+
+def test_cuda_graph_decoder_refuses_a_growing_kv_cache():
+    with pytest.raises(ValueError, match="growing KV cache that a CUDA graph cannot follow"):
+        CUDAGraphDecoder(_model("hybrid-mamba2", torch.float32), batch_size=1)
