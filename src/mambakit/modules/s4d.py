@@ -140,7 +140,9 @@ class S4D(nn.Module):
         if seq_idx is not None:
             y = self._scan(x, z, cache, seq_idx)
         else:
-            y = self._convolve(x, cache)
+            # the kernel, FFTs and state contractions stay in fp32 under autocast (einsum would drop to bf16)
+            with torch.autocast(x.device.type, enabled=False):
+                y = self._convolve(x, cache)
             y = y + self.D.to(y.dtype) * x.to(y.dtype)
             if z is not None:
                 y = y * F.silu(z.to(y.dtype))
