@@ -125,12 +125,38 @@ def test_time_budget_stops_and_resume_continues_exactly(tmp_path, monkeypatch):
     resumed = Run("t", tmp_path / "cut", torch.device("cpu"), quick=True, resume=True, time_budget_s=None,
                   command="x", progress=False)
     model = resumed.train(_spec(), _batches, logits_to_keep=1)
-    assert model is not None and not (tmp_path / "cut" / "_state" / "m" / "train.pt").exists()
+    assert model is not None and (tmp_path / "cut" / "_state" / "m" / "done.json").exists()
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
         assert torch.equal(a, b), name
     assert resumed.training_record(_spec())["losses"] == whole.training_record(_spec())["losses"]
     again = resumed.train(_spec(), _batches, logits_to_keep=1)  # a finished model loads instead of retraining
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+
+
+def test_more_steps_extend_a_finished_model_exactly(tmp_path):
+    """--resume --steps 6 after a 4-step run equals a 6-step run (constant lr after warmup), and drops the
+    finished model's cached evaluations."""
+    straight = Run("t", tmp_path / "a", torch.device("cpu"), quick=True, resume=False, time_budget_s=None, command="x",
+                   progress=False, steps=6)
+    reference = straight.train(_spec(), _batches, logits_to_keep=1)
+    first = Run("t", tmp_path / "b", torch.device("cpu"), quick=True, resume=False, time_budget_s=None, command="x",
+                progress=False)
+    first.train(_spec(), _batches, logits_to_keep=1)
+    assert first.cached(_spec(), "test", lambda: {"accuracy": 0.5}) == {"accuracy": 0.5}
+    extended = Run("t", tmp_path / "b", torch.device("cpu"), quick=True, resume=True, time_budget_s=None, command="x",
+                   progress=False, steps=6)
+    model = extended.train(_spec(), _batches, logits_to_keep=1)
+    assert extended.training_record(_spec())["steps"] == 6
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert extended.cached(_spec(), "test", lambda: {"accuracy": 0.75}) == {"accuracy": 0.75}  # recomputed
+
+
+def test_train_settings_describe_the_schedule():
+    text = TrainSettings(steps=10, batch_size=4, lr=2e-3, warmup_steps=3).describe()
+    assert text.startswith("10 steps of 4 fresh rows") and "lr 0.002 after a 3-step linear warmup then constant" in text
+    assert "weight decay 0," in text
+    assert "cosine to 0.1 x lr" in TrainSettings(steps=10, batch_size=4, min_lr_ratio=0.1).describe()
 
 
 def test_without_resume_the_state_is_discarded(tmp_path):

@@ -13,7 +13,9 @@ Layout of an output directory (`results/NAME/` by default):
 A run stops cleanly when its time budget is spent (saving the training state of the model in progress) and
 returns `UNFINISHED`; the same command with `--resume` continues exactly where it stopped (training batches
 are a function of the step, so a resumed run sees the batches an uninterrupted one would). Results files are
-written once every model is trained and evaluated.
+written once every model is trained and evaluated. `--resume --steps N` with N above a finished model's steps
+trains it on to N steps (the learning rate is constant after warmup, so this equals training N steps at once)
+and evaluates it again.
 """
 
 from __future__ import annotations
@@ -43,19 +45,30 @@ STATE_DIR = "_state"
 
 @dataclass
 class TrainSettings:
-    """Optimisation of one model: AdamW (training.build_optimizer), linear warmup then cosine (training.lr_at)."""
+    """Optimisation of one model: AdamW (training.build_optimizer), linear warmup then training.lr_at's cosine to
+    lr * min_lr_ratio. The default, as the Mamba paper's synthetic tasks (Appendix E.1): a constant learning rate
+    (min_lr_ratio 1) and no weight decay; a constant rate also lets `--steps` extend a finished run exactly."""
 
     steps: int
     batch_size: int
     lr: float = 1e-3
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
+    min_lr_ratio: float = 1.0
+    weight_decay: float = 0.0
     beta2: float = 0.98
     grad_clip: float = 1.0
     seed: int = 0
     save_every: int = 500  # steps between resume checkpoints (and at the time budget's end)
     log_every: int = 25  # steps between recorded losses (each one is a host sync)
+
+    def describe(self) -> str:
+        """One line for a README: the optimiser, schedule and budget."""
+        schedule = ("then constant" if self.min_lr_ratio == 1.0
+                    else f"then cosine to {self.min_lr_ratio:g} x lr over the {self.steps} steps")
+        clip = f"gradient clipping {self.grad_clip:g}" if self.grad_clip > 0 else "no gradient clipping"
+        return (f"{self.steps} steps of {self.batch_size} fresh rows; AdamW (beta2 {self.beta2:g}), lr {self.lr:g} after "
+                f"a {self.warmup_steps}-step linear warmup {schedule}, weight decay {self.weight_decay:g}, {clip}, "
+                "bf16 autocast on CUDA")
 
     def train_config(self):
         from ..training import TrainConfig
@@ -172,17 +185,21 @@ class Run:
 
         Returns the trained model in eval mode, or None when the time budget ran out first (the training
         state is then saved for --resume). logits_to_keep: only the last k positions are scored (0: all).
-        bf16 autocast on CUDA when `autocast`.
+        bf16 autocast on CUDA when `autocast`. A model finished with fewer steps than asked for trains on from
+        its saved state (and its cached evaluations are dropped).
         """
         from ..training import build_optimizer, lr_at
 
         folder = self.state / spec.key
+        settings = spec.train if self.steps_override is None else dataclasses.replace(spec.train, steps=self.steps_override)
         done = _read_json(folder / "done.json")
-        if done is not None:
+        if done is not None and done["steps"] >= settings.steps:
             return MambaLM.from_pretrained(folder / "model", device=self.device).eval()
         if self.out_of_time():
             return None
-        settings = spec.train if self.steps_override is None else dataclasses.replace(spec.train, steps=self.steps_override)
+        if done is not None:  # extending a finished model: its evaluations are out of date
+            (folder / "done.json").unlink()
+            shutil.rmtree(self.state / "evals" / spec.key, ignore_errors=True)
         cfg = settings.train_config()
         torch.manual_seed(settings.seed)
         model = MambaLM(spec.config, device=self.device)
@@ -229,15 +246,14 @@ class Run:
                 self._save_training(resume_file, model, optimizer, step, losses, train_s + time.monotonic() - t0)
         bar.close()
         train_s += time.monotonic() - t0
+        self._save_training(resume_file, model, optimizer, step, losses, train_s)  # kept: --steps may extend it
         if step < settings.steps:
-            self._save_training(resume_file, model, optimizer, step, losses, train_s)
             return None
         model.eval()
         model.save_pretrained(folder / "model")
         _write_json(folder / "done.json", {"steps": step, "train_s": train_s, "losses": losses,
                                            "final_loss": losses[-1][1] if losses else None,
                                            "params": sum(p.numel() for p in model.parameters())})
-        resume_file.unlink(missing_ok=True)
         self._save_meta()
         return model
 
@@ -262,9 +278,10 @@ class Run:
 
     # ---------------------------------------------------------------- evaluation
 
-    def cached(self, key: str, compute: Callable[[], dict]) -> dict | None:
-        """compute() once per run (memoised in _state/evals/<key>.json); None when out of time before it."""
-        path = self.state / "evals" / f"{key}.json"
+    def cached(self, spec: ModelSpec, name: str, compute: Callable[[], dict]) -> dict | None:
+        """compute() once per trained model (memoised in _state/evals/<spec.key>/<name>.json); None when out of
+        time before it."""
+        path = self.state / "evals" / spec.key / f"{name}.json"
         value = _read_json(path)
         if value is not None:
             return value

@@ -42,8 +42,12 @@ def settings(quick: bool) -> dict:
             "attention_samples": 64, "prefill_chunk": 2 ** 14, "tokens_per_call": 2 ** 22}
 
 
+def train_settings(s: dict) -> TrainSettings:
+    return TrainSettings(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], warmup_steps=s["warmup_steps"])
+
+
 def model_specs(s: dict) -> list[ModelSpec]:
-    train = TrainSettings(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], warmup_steps=s["warmup_steps"])
+    train = train_settings(s)
     ssm = {"d_model": s["ssm_d_model"], "n_layer": 2, "vocab_size": INDUCTION_VOCAB}
     heads, d_attn = s["attn_heads"], s["attn_d_model"]
     attn = {"d_model": d_attn, "n_layer": 2, "vocab_size": INDUCTION_VOCAB, "attn_layer_idx": [0, 1],
@@ -106,7 +110,7 @@ def run(run: Run) -> int:
             if attention and T > s["attention_max_len"]:
                 stopped = f"not run beyond 2^{int(math.log2(s['attention_max_len']))} (quadratic compute)"
                 break
-            result = run.cached(f"{spec.key}-T{T}", lambda: _evaluate_or_oom(model, T, s, run.device, attention))
+            result = run.cached(spec, f"T{T}", lambda: _evaluate_or_oom(model, T, s, run.device, attention))
             if result is None:
                 return run.unfinished()
             if result.get("oom"):
@@ -191,8 +195,8 @@ The SSMs are evaluated through chunked prefill (`mambakit.generation.prefill(...
 constant memory, so 2^20 costs what one chunk costs. Attention runs one SDPA forward (flash attention in bf16 on CUDA:
 memory linear in T, compute quadratic), up to {s['attention_max_len']} tokens.
 
-**Budget**: each model trains {s['steps']} steps of {s['batch_size']} fresh rows of length {s['train_len']} (AdamW,
-lr {s['lr']}, warmup {s['warmup_steps']} then cosine, loss on the last position only, bf16 autocast on CUDA).
+**Budget**: each model trains {train_settings(s).describe()}, rows of length {s['train_len']}, loss on the last
+position only. The paper trains about 200K steps of 8 rows (Adam, constant lr 1e-3 for Mamba, 2e-4 for the others).
 
 **Checkpoints**: `mamba/` (and the others) load with `MambaLM.from_pretrained("results/{NAME}/mamba")`.
 """

@@ -35,8 +35,14 @@ def settings(quick: bool) -> dict:
             "test_rows": 1024, "eval_batch": 128}
 
 
+def train_settings(s: dict) -> TrainSettings:
+    """Zoology's recipe for MQAR keeps weight decay 0.1; the learning rate is constant after warmup."""
+    return TrainSettings(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], warmup_steps=s["warmup_steps"],
+                         weight_decay=0.1)
+
+
 def model_specs(s: dict, T: int) -> list[ModelSpec]:
-    train = TrainSettings(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], warmup_steps=s["warmup_steps"])
+    train = train_settings(s)
     base = {"d_model": s["d_model"], "n_layer": 2, "vocab_size": s["vocab_size"], "d_intermediate": 0}
     specs = []
     for n in s["d_states"]:
@@ -75,7 +81,7 @@ def run(run: Run) -> int:
             model = run.train(spec, lambda step, g: mqar(s["batch_size"], T, K, s["vocab_size"], generator=g))
             if model is None:
                 return run.unfinished()
-            result = run.cached(spec.key, lambda: evaluate(model, T, s, run.device))
+            result = run.cached(spec, "test", lambda: evaluate(model, T, s, run.device))
             if result is None:
                 return run.unfinished()
             record = run.training_record(spec)
@@ -138,7 +144,6 @@ a fixed test set ({s['test_rows']} rows per length, seed {TEST_SEED} + T).
 {' / '.join(map(str, s['d_states']))}; attention with {s['heads']} heads and rotary positions (its "state" is the
 whole KV cache, shown once per length).
 
-**Budget**: every model trains {s['steps']} steps of {s['batch_size']} fresh rows (AdamW, lr {s['lr']}, warmup
-{s['warmup_steps']} then cosine, bf16 autocast on CUDA); no learning-rate sweep (the paper sweeps and reports the
-best), so a model that fails here might succeed at another learning rate.
+**Budget**: every model trains {train_settings(s).describe()}; no learning-rate sweep (the paper sweeps and
+reports the best), so a model that fails here might succeed at another learning rate.
 """
