@@ -324,8 +324,7 @@ def percent(x: float | None) -> str:
 
 def loss_plot(path: Path, curves: dict[str, list], title: str) -> None:
     """Training loss against step for each model (log scale)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure(figsize=(6, 4))
     for label, losses in curves.items():
         if losses:
             steps, values = zip(*losses)
@@ -337,16 +336,15 @@ def loss_plot(path: Path, curves: dict[str, list], title: str) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
-def _pyplot():
-    import matplotlib
+def figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **subplots_kwargs):
+    """(Figure, axes) drawn off screen: matplotlib's object API, so the caller's pyplot backend is left alone.
+    subplots_kwargs go to Figure.subplots (squeeze, sharey, ...)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **subplots_kwargs)
 
 
 def _progress(enabled: bool, **kwargs):

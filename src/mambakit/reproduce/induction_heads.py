@@ -22,7 +22,7 @@ import torch
 
 from ..data.synthetic import INDUCTION_VOCAB, induction_heads
 from ..models import MambaConfig
-from .common import FINISHED, ModelSpec, Run, TrainSettings, loss_plot, markdown_table, percent, _pyplot
+from .common import FINISHED, ModelSpec, Run, TrainSettings, loss_plot, markdown_table, percent, figure
 
 NAME = "induction-heads"
 SUMMARY = "Mamba paper Table 2: induction heads trained at T = 256, tested at T = 2^6 .. 2^20"
@@ -147,8 +147,7 @@ def _evaluate_or_oom(model, T, s, device, attention) -> dict:
 
 
 def _plot(path, rows, s) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = figure(figsize=(7, 4))
     for r in rows:
         Ts = sorted(int(T) for T in r["accuracy"])
         ax.plot([math.log2(T) for T in Ts], [100 * r["accuracy"][str(T)] for T in Ts], marker="o", ms=3, label=r["label"],
@@ -162,7 +161,6 @@ def _plot(path, rows, s) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _readme(rows, s) -> str:

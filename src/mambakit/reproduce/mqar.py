@@ -17,7 +17,7 @@ import torch
 
 from ..models import MambaConfig
 from ..data.synthetic import mqar
-from .common import FINISHED, ModelSpec, Run, TrainSettings, correct_and_count, loss_plot, markdown_table, percent, _pyplot
+from .common import FINISHED, ModelSpec, Run, TrainSettings, correct_and_count, loss_plot, markdown_table, percent, figure
 
 NAME = "mqar"
 SUMMARY = "Mamba-2 paper Figure 8: MQAR, Mamba-1 vs Mamba-2 vs attention at d_state 16 / 64 / 256, two lengths"
@@ -97,8 +97,7 @@ def run(run: Run) -> int:
 
 
 def _plot(path, rows, s) -> None:
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(s["seqlens"]), figsize=(4 * len(s["seqlens"]), 3.5), sharey=True, squeeze=False)
+    fig, axes = figure(1, len(s["seqlens"]), squeeze=False, sharey=True, figsize=(4 * len(s["seqlens"]), 3.5))
     for ax, T in zip(axes[0], s["seqlens"]):
         for mixer in ("Mamba-1", "Mamba-2"):
             pts = sorted((r["d_state"], 100 * r["accuracy"]) for r in rows if r["seqlen"] == T and r["mixer"] == mixer)
@@ -115,7 +114,6 @@ def _plot(path, rows, s) -> None:
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _readme(rows, s) -> str:

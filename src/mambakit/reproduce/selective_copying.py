@@ -20,7 +20,7 @@ import torch
 
 from ..data.synthetic import SELECTIVE_COPYING_VOCAB, selective_copying
 from ..models import MambaConfig
-from .common import FINISHED, ModelSpec, Run, TrainSettings, correct_and_count, loss_plot, markdown_table, percent, _pyplot
+from .common import FINISHED, ModelSpec, Run, TrainSettings, correct_and_count, loss_plot, markdown_table, percent, figure
 
 NAME = "selective-copying"
 SUMMARY = "Mamba paper Table 1: selective copying at L = 4096, S6 vs S4D, gated vs ungated block"
@@ -99,8 +99,7 @@ def run(run: Run) -> int:
 
 
 def _plot(path, rows, s) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = figure(figsize=(6, 3.5))
     labels = [f"{r['architecture']}\n{r['layer']}" for r in rows]
     x = range(len(rows))
     ax.bar([i - 0.2 for i in x], [100 * r["accuracy"] for r in rows], width=0.4, label="mambakit")
@@ -112,7 +111,6 @@ def _plot(path, rows, s) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _readme(rows, s, run: Run) -> str:
