@@ -295,3 +295,23 @@ def test_mamba_ssm_hybrid_state_dict_names_load(tmp_path):
 def test_cuda_graph_decoder_refuses_a_growing_kv_cache():
     with pytest.raises(ValueError, match="growing KV cache that a CUDA graph cannot follow"):
         CUDAGraphDecoder(_model("hybrid-mamba2", torch.float32), batch_size=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", CASES)
+def test_cuda_decoding_consistency_and_autocast(name):
+    """On the GPU (Triton kernels, SDPA's fused kernels): prefill + steps equal the parallel forward in float32,
+    the bf16-autocast forward stays close to it, and the CUDA model matches the CPU one."""
+    model = _model(name, torch.float32)
+    ids = torch.randint(0, VOCAB, (2, 40))
+    with torch.no_grad():
+        cpu = model(ids)
+        model = model.cuda()
+        full = model(ids.cuda())
+        cache = model.allocate_cache(2)
+        parts = [model(ids[:, :9].cuda(), cache=cache)] + [model(ids[:, t:t + 1].cuda(), cache=cache) for t in range(9, 40)]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = model(ids.cuda()).float()
+    assert_close(full, cpu, name="cuda vs cpu", rel=1e-3)
+    assert_close(torch.cat(parts, dim=1), full, name="cuda prefill + steps", rel=1e-3)
+    assert_close(low, full, name="bf16 autocast", rel=5e-2)

@@ -165,3 +165,13 @@ def test_without_resume_the_state_is_discarded(tmp_path):
     assert (tmp_path / "_state" / "m" / "done.json").exists()
     Run("t", tmp_path, torch.device("cpu"), quick=True, resume=False, time_budget_s=None, command="x", progress=False)
     assert not (tmp_path / "_state" / "m").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in ("selective-copying", "induction-heads", "mqar")])
+def test_quick_runs_on_cuda(tmp_path, name):
+    """The pipeline on the GPU (Triton backend, bf16 autocast, flash attention) before a full-size run."""
+    assert reproduce(name, tmp_path, quick=True, device="cuda", progress=False) == FINISHED
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["device"] == torch.cuda.get_device_name()
+    assert all(r["final_loss"] > 0 for r in results["rows"])
