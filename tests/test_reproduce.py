@@ -175,3 +175,9 @@ def test_quick_runs_on_cuda(tmp_path, name):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["device"] == torch.cuda.get_device_name()
     assert all(r["final_loss"] > 0 for r in results["rows"])
+
+
+def test_budget_line_reports_the_steps_really_trained():
+    settings = TrainSettings(steps=10, batch_size=4)
+    assert settings.describe([{"steps": 25}, {"steps": 25}]).startswith("25 steps of 4")
+    assert settings.describe([{"steps": 10}, {"steps": 25}]).startswith("the steps in results.json of 4")

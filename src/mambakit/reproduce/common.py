@@ -61,8 +61,13 @@ class TrainSettings:
     save_every: int = 500  # steps between resume checkpoints (and at the time budget's end)
     log_every: int = 25  # steps between recorded losses (each one is a host sync)
 
-    def describe(self) -> str:
-        """One line for a README: the optimiser, schedule and budget."""
+    def describe(self, rows: list[dict] | None = None) -> str:
+        """One line for a README: the optimiser, schedule and budget; with result `rows`, the steps they were
+        really trained for (--steps, extended runs)."""
+        steps = sorted({r["steps"] for r in rows}) if rows else [self.steps]
+        if steps != [self.steps]:
+            return dataclasses.replace(self, steps=steps[0]).describe() if len(steps) == 1 else \
+                self.describe().replace(f"{self.steps} steps", "the steps in results.json", 1)
         schedule = ("then constant" if self.min_lr_ratio == 1.0
                     else f"then cosine to {self.min_lr_ratio:g} x lr over the {self.steps} steps")
         clip = f"gradient clipping {self.grad_clip:g}" if self.grad_clip > 0 else "no gradient clipping"

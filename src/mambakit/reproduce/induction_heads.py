@@ -193,7 +193,7 @@ The SSMs are evaluated through chunked prefill (`mambakit.generation.prefill(...
 constant memory, so 2^20 costs what one chunk costs. Attention runs one SDPA forward (flash attention in bf16 on CUDA:
 memory linear in T, compute quadratic), up to {s['attention_max_len']} tokens.
 
-**Budget**: each model trains {train_settings(s).describe()}, rows of length {s['train_len']}, loss on the last
+**Budget**: each model trains {train_settings(s).describe(rows)}, rows of length {s['train_len']}, loss on the last
 position only. The paper trains about 200K steps of 8 rows (Adam, constant lr 1e-3 for Mamba, 2e-4 for the others).
 
 **Checkpoints**: `mamba/` (and the others) load with `MambaLM.from_pretrained("results/{NAME}/mamba")`.

@@ -142,6 +142,6 @@ a fixed test set ({s['test_rows']} rows per length, seed {TEST_SEED} + T).
 {' / '.join(map(str, s['d_states']))}; attention with {s['heads']} heads and rotary positions (its "state" is the
 whole KV cache, shown once per length).
 
-**Budget**: every model trains {train_settings(s).describe()}; no learning-rate sweep (the paper sweeps and
+**Budget**: every model trains {train_settings(s).describe(rows)}; no learning-rate sweep (the paper sweeps and
 reports the best), so a model that fails here might succeed at another learning rate.
 """

@@ -133,7 +133,7 @@ token. Accuracy is the share of the {rows[0]['test_targets'] if rows else 0} tar
 block, "- (no gate)" the same block without the silu(z) branch. S6 is Mamba-1's selective SSM (Δ, B, C projected from
 the input); S4D-Lin is the time-invariant diagonal SSM with complex S4D-Lin initialisation (Δ, B, C parameters).
 
-**Budget**: every model trains {train_settings(s).describe()}; loss on the 16 marker positions. The paper trains
+**Budget**: every model trains {train_settings(s).describe(rows)}; loss on the 16 marker positions. The paper trains
 400K steps of 64 at a constant lr of 1e-4. The claim checked: S6 reaches near-perfect accuracy while S4D stays well
 below.
 
