@@ -30,14 +30,16 @@ TEST_SEED = 2_000_000_011
 
 
 def settings(quick: bool) -> dict:
-    """Full size: train T 256, batch 128, 10000 steps at lr 1e-3 (the paper's lr for Mamba); test 2^6 .. 2^20
-    (attention up to 2^18). Quick: a CPU smoke run."""
+    """Full size: train T 256, batch 128, 10000 steps at lr 2e-3; test 2^6 .. 2^20 (attention up to 2^18). Quick: a
+    CPU smoke run. CPU sanity check of the recipe (2-layer Mamba, d_model 64, T 256, batch 64, lr 2e-3, 1000 steps):
+    the loss leaves chance after ~550 steps; accuracy 100% at 256 and 1024, 95% at 4096, 88% at 16384 (256 rows
+    each). Extrapolation kept improving with longer training in the shorter-T checks, hence 10x the steps here."""
     if quick:
         return {"train_len": 32, "test_log2": [4, 5, 6], "batch_size": 4, "steps": 3, "lr": 1e-3, "warmup_steps": 1,
                 "ssm_d_model": 16, "attn_d_model": 16, "attn_heads": 2, "attn_mlp": 32, "mamba2_headdim": 8,
                 "min_samples": 4, "max_samples": 4, "attention_max_len": 2 ** 5, "attention_samples": 4,
                 "prefill_chunk": 16, "tokens_per_call": 2 ** 8}
-    return {"train_len": 256, "test_log2": list(range(6, 21)), "batch_size": 128, "steps": 10000, "lr": 1e-3,
+    return {"train_len": 256, "test_log2": list(range(6, 21)), "batch_size": 128, "steps": 10000, "lr": 2e-3,
             "warmup_steps": 200, "ssm_d_model": 64, "attn_d_model": 128, "attn_heads": 8, "attn_mlp": 256,
             "mamba2_headdim": 16, "min_samples": 64, "max_samples": 512, "attention_max_len": 2 ** 18,
             "attention_samples": 64, "prefill_chunk": 2 ** 14, "tokens_per_call": 2 ** 22}
