@@ -264,7 +264,12 @@ BAD = [
                  r"ssm_cfg holds \['d_stat'\], which mambakit's Mamba1 does not take", id="unknown-ssm-cfg-key"),
     pytest.param("mamba2-untied-vocab37", "mambakit",
                  lambda d: _edit_config(d, lambda c: c.update(attn_layer_idx=[1], attn_cfg={"num_heads": 4})),
-                 r"hybrid attention layers \(attn_layer_idx=\[1\]\) are not supported yet", id="hybrid-attention"),
+                 r"missing keys \['backbone\.layers\.1\.mixer\.in_proj\.bias', .*unexpected keys "
+                 r"\['backbone\.layers\.1\.mixer\.A_log'", id="attention-layer-over-mamba-weights"),
+    pytest.param("mamba2-untied-vocab37", "mambakit",
+                 lambda d: _edit_config(d, lambda c: c.update(attn_layer_idx=[1], attn_cfg={"num_heads": 4, "window": 3})),
+                 r"attn_cfg \{'num_heads': 4, 'window': 3\} does not build an attention layer .*'window'",
+                 id="unknown-attn-cfg-key"),
     pytest.param("mamba1-tied-vocab37", "hf", lambda d: _edit_config(d, lambda c: c.update(model_type="falcon_mamba")),
                  r"model_type 'falcon_mamba' .* is not supported: mambakit reads 'mamba' \(MambaForCausalLM\)",
                  id="hf-unsupported-model-type"),

@@ -177,6 +177,9 @@ def read_generation_config(directory: Path) -> dict | None:
 def _hf_config(model: MambaLM, eos_id: int | None) -> dict:
     """transformers' config.json for `model`; CheckpointError listing whatever that format cannot express."""
     cfg = model.config
+    if cfg.layer not in ("Mamba1", "Mamba2"):
+        raise CheckpointError(f"this model cannot be written in the Hugging Face format: transformers has no "
+                              f"{cfg.layer} mixer (save with format='mambakit')")
     args = mixer_args(cfg)
     problems = []
     stamp: dict = {}

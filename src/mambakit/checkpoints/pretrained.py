@@ -110,7 +110,7 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, revisio
     dtype = dtype or floating_dtype(weights.infos.values()) or torch.float32
     try:
         model = MambaLM(config, device=device, dtype=dtype)
-    except ValueError as err:  # e.g. hybrid attention layers, which mambakit does not build yet
+    except ValueError as err:  # e.g. an attn_cfg argument MHA does not take
         raise CheckpointError(f"{directory}: {err}") from err
     load_weights(model, weights, key_map)
     return model.eval()

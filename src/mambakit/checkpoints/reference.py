@@ -15,7 +15,7 @@ import inspect
 from pathlib import Path
 
 from ..models import MambaConfig, MambaLM
-from ..modules import Mamba1, Mamba2
+from ..modules import MIXERS
 from .errors import CheckpointError
 from .io import CONFIG_NAME, remove_weight_files, write_json, write_safetensors, write_torch
 from .keymap import IDENTITY
@@ -24,7 +24,6 @@ __all__ = ["KEY_MAP", "MIXERS", "config_from_dict", "check_mixer_args", "mixer_d
            "save_reference"]
 
 KEY_MAP = IDENTITY
-MIXERS = {"Mamba1": Mamba1, "Mamba2": Mamba2}
 _NOT_CONFIG = ("self", "d_model", "layer_idx", "device", "dtype")
 
 # mamba_ssm's MambaConfig fields (models/config_mamba.py): what its config.json may hold.
@@ -37,7 +36,7 @@ MAMBAKIT_ONLY_MIXER_ARGS = {"norm_ngroups": None, "norm_eps": 1e-5}
 
 
 def mixer_defaults(layer: str) -> dict:
-    """The configurable constructor arguments of mixer `layer` ("Mamba1" or "Mamba2") and their defaults."""
+    """The configurable constructor arguments of mixer `layer` (a name in modules.MIXERS) and their defaults."""
     params = inspect.signature(MIXERS[layer]).parameters
     return {k: p.default for k, p in params.items() if k not in _NOT_CONFIG}
 
@@ -73,6 +72,10 @@ def _mamba_ssm_config(config: MambaConfig) -> dict:
     bad = [f"{k}={full[k]!r}" for k, neutral in MAMBAKIT_ONLY_FIELDS.items() if k in full and full[k] != neutral]
     bad += [f"ssm_cfg[{k!r}]={ssm_cfg[k]!r}" for k, neutral in MAMBAKIT_ONLY_MIXER_ARGS.items()
             if k in ssm_cfg and ssm_cfg[k] != neutral]
+    if config.layer not in ("Mamba1", "Mamba2"):
+        bad.append(f"ssm_cfg['layer']={config.layer!r}")
+    if config.attn_cfg.get("absolute_pos_emb"):
+        bad.append("attn_cfg['absolute_pos_emb']=True")
     if bad:
         raise CheckpointError(f"the mamba_ssm format cannot express {', '.join(bad)} (mamba_ssm has no such option); "
                               "save with format='mambakit' instead")

@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, str] = {
     "generate": "mambakit.cli.generate",
     "convert": "mambakit.cli.convert",
     "serve": "mambakit.cli.serve",
+    "reproduce": "mambakit.cli.reproduce",
 }
 
 

@@ -30,12 +30,12 @@ class InferenceCache:
     whose `seqlen_offset` is 0 holds no tokens (`prefill` zeroes it before use).
     """
 
-    layers: list[MixerState]
+    layers: list[MixerState]  # or KVState (modules/attention.py) for the attention layers of a hybrid
     seqlen_offset: int = 0
 
     @property
     def batch_size(self) -> int:
-        return self.layers[0].ssm_state.shape[0]
+        return self.layers[0].batch_size
 
     def reset(self) -> "InferenceCache":
         """Zero every state in place (the tensors keep their addresses: a captured CUDA graph stays valid)."""
@@ -45,19 +45,16 @@ class InferenceCache:
         return self
 
     def nbytes(self) -> int:
-        return sum(s.conv_state.nbytes + s.ssm_state.nbytes for s in self.layers)
+        return sum(s.nbytes() for s in self.layers)
 
     def index_select(self, rows: torch.Tensor) -> "InferenceCache":
         """A new cache holding copies of the states of `rows` (a 1-D index tensor on the cache's device)."""
-        layers = [MixerState(s.conv_state.index_select(0, rows), s.ssm_state.index_select(0, rows))
-                  for s in self.layers]
-        return InferenceCache(layers=layers, seqlen_offset=self.seqlen_offset)
+        return InferenceCache(layers=[s.index_select(rows) for s in self.layers], seqlen_offset=self.seqlen_offset)
 
     def index_copy_(self, rows: torch.Tensor, source: "InferenceCache") -> "InferenceCache":
         """Write `source`'s states (len(rows) sequences) into `rows` of this cache, in place."""
         for dst, src in zip(self.layers, source.layers):
-            dst.conv_state.index_copy_(0, rows, src.conv_state)
-            dst.ssm_state.index_copy_(0, rows, src.ssm_state)
+            dst.index_copy_(rows, src)
         return self
 
 

@@ -42,6 +42,10 @@ class CUDAGraphDecoder:
                  state_dtype: torch.dtype | None = None, warmup_steps: int = 2):
         if not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"CUDAGraphDecoder: warmup_steps must be an int >= 1, got {warmup_steps!r}")
+        if getattr(model.config, "attn_layer_idx", None):
+            # a KV cache grows (reallocates) with the sequence; a graph would keep reading the old buffers
+            raise ValueError(f"CUDAGraphDecoder: attention layers (attn_layer_idx={model.config.attn_layer_idx}) "
+                             "have a growing KV cache that a CUDA graph cannot follow; decode eagerly (cuda_graph=False)")
         self.model = model
         self.batch_size = batch_size
         self.device = model_device(model)

@@ -71,8 +71,7 @@ def _check_chunk_size(chunk_size: int | None) -> None:
 def _zero_rows(cache: InferenceCache, rows_B: torch.Tensor) -> None:
     """Zero the states of the rows where rows_B (B,) bool is True (in place: the tensors keep their addresses)."""
     for state in cache.layers:
-        state.conv_state.masked_fill_(rows_B.view(-1, 1, 1), 0)
-        state.ssm_state.masked_fill_(rows_B.view(-1, *([1] * (state.ssm_state.dim() - 1))), 0)
+        state.zero_rows_(rows_B)
 
 
 def _run_chunks(model: nn.Module, ids_BL: torch.Tensor, cache: InferenceCache, chunk_size: int | None,

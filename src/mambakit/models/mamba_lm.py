@@ -1,4 +1,4 @@
-"""MambaLM: embedding -> residual blocks (Mamba-1 or Mamba-2 mixers, optional gated MLP) -> norm -> LM head.
+"""MambaLM: embedding -> residual blocks (Mamba-1 / Mamba-2 / S4D mixers or attention, optional gated MLP) -> norm -> LM head.
 
 Shapes (legend): B batch, L seqlen, M d_model, V padded vocab.
 
@@ -20,14 +20,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..modules import Block, GatedMLP, Mamba1, Mamba2, RMSNorm
+from ..modules import ATTENTION, MIXERS, Block, GatedMLP, RMSNorm
 from ..modules.block import add_and_norm
 from .config import MambaConfig
 
 if TYPE_CHECKING:  # the cache lives in mambakit.generation, a layer above; models only read its fields
     from ..generation.cache import InferenceCache
-
-_MIXERS = {"Mamba1": Mamba1, "Mamba2": Mamba2}
 
 
 def _init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.02) -> None:
@@ -50,11 +48,8 @@ class Backbone(nn.Module):
 
     def __init__(self, config: MambaConfig, device=None, dtype=None):
         super().__init__()
-        if config.attn_layer_idx:
-            raise ValueError(f"MambaLM: hybrid attention layers (attn_layer_idx={config.attn_layer_idx}) "
-                             "are not supported yet; use a pure Mamba config")
         factory = {"device": device, "dtype": dtype}
-        mixer_cls = _MIXERS[config.layer]
+        mixer_cls = MIXERS[config.layer]
         d = config.d_model
         eps = config.norm_epsilon
         norm_cls = partial(RMSNorm, eps=eps) if config.rms_norm else partial(nn.LayerNorm, eps=eps)
@@ -63,8 +58,15 @@ class Backbone(nn.Module):
         for i in range(config.n_layer):
             mlp = GatedMLP(d, hidden_features=config.d_intermediate, out_features=d, **factory) \
                 if config.d_intermediate > 0 else None
+            if i in config.attn_layer_idx:  # mamba_ssm's hybrid layout: these layers are attention
+                try:
+                    mixer = ATTENTION(d, layer_idx=i, **config.attn_cfg, **factory)
+                except TypeError as err:  # a missing num_heads or an argument MHA does not take
+                    raise ValueError(f"MambaLM: attn_cfg {config.attn_cfg} does not build an attention layer ({err})") from None
+            else:
+                mixer = mixer_cls(d, layer_idx=i, **config.mixer_kwargs, **factory)
             layers.append(Block(
-                d, mixer_cls(d, layer_idx=i, **config.mixer_kwargs, **factory), norm_cls(d, **factory),
+                d, mixer, norm_cls(d, **factory),
                 mlp=mlp, norm2=norm_cls(d, **factory) if mlp is not None else None,
                 residual_in_fp32=config.residual_in_fp32,
             ))

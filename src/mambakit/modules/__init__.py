@@ -1,10 +1,15 @@
 """mambakit.modules: the layers (Mamba-1 and Mamba-2 mixers, norms, gated MLP, residual block)."""
 
+from .attention import MHA, KVState
 from .block import Block
 from .mamba1 import Mamba1
+from .mamba1_ungated import Mamba1Ungated
 from .mamba2 import Mamba2
 from .mlp import GatedMLP
 from .norm import RMSNorm, RMSNormGated
+from .registry import ATTENTION, MIXERS
+from .s4d import S4D
 from .state import MixerState
 
-__all__ = ["Mamba1", "Mamba2", "GatedMLP", "RMSNorm", "RMSNormGated", "Block", "MixerState"]
+__all__ = ["Mamba1", "Mamba2", "GatedMLP", "RMSNorm", "RMSNormGated", "Block", "MixerState", "Mamba1Ungated", "S4D",
+           "MHA", "KVState", "MIXERS", "ATTENTION"]

@@ -1,0 +1,209 @@
+"""S4D mixer: the Mamba block with a time-invariant diagonal SSM in place of the selective one (Mamba paper,
+Table 1's "S4" rows; Gu et al. 2022, "On the Parameterization and Initialization of Diagonal State Space Models").
+
+Shapes (legend): B batch, L seqlen, M d_model, D d_inner = expand * d_model, N d_state, W d_conv.
+
+    (x, z) = in_proj(u)                                 (B, L, D) each; z only when gated
+    x = silu(causal_conv1d(x))                          depthwise, width W (as Mamba-1)
+    dt = softplus(dt_bias)                              (D,)      a parameter, not a projection of x
+    h_t = exp(dt A) h_{t-1} + dt B x_t                  A, B, C: (D, N) parameters (complex for S4D-Lin)
+    y_t = s Re <C, h_t> + D x_t                         s = 2 for complex A (conjugate pairs), 1 for real
+    y = y * silu(z) when gated;  out = out_proj(y)      (B, L, M)
+
+This is the same discretisation as `ops.selective_scan` with Δ, B and C held fixed over time, so the
+layer is a long convolution: y = K * x + D x with K[d, l] = s Re sum_n C[d, n] dt B[d, n] exp(dt A[d, n])^l.
+The forward computes K (D, N, L powers) and convolves by FFT in O(L log L); a cache adds the initial
+state's contribution and returns the final state in closed form (decoding and chunked prefill). With
+`seq_idx` (packed documents) the state must restart inside a row, which a convolution cannot express,
+so that path runs `ops.selective_scan` with per-channel B, C (ngroups = D) on the PyTorch backend.
+
+Initialisations (`A_init`): "S4D-Lin" A[d, n] = -1/2 + i pi n (complex, the S4 baseline of the Mamba
+paper), "S4D-Real" A[d, n] = -(n + 1) (real, Mamba-1's own init). B = 1, C ~ N(0, 1) (variance 1/2 per
+part when complex), D = 1, dt log-uniform in [dt_min, dt_max] as Mamba-1.
+
+Complex parameters are stored as real tensors with a trailing dimension of 2 (real, imaginary):
+optimizers, weight decay and safetensors see plain float32 tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import causal_conv1d, causal_conv1d_update, selective_scan
+from .mamba1 import inverse_softplus_dt
+from .state import MixerState
+
+A_INITS = ("S4D-Lin", "S4D-Real")
+
+
+def _fft_len(n: int) -> int:
+    """Smallest power of two >= n: cuFFT and pocketfft are fastest there, and 2 L avoids circular wrap."""
+    return 1 << (n - 1).bit_length()
+
+
+class S4D(nn.Module):
+    """Time-invariant diagonal SSM mixer.   forward(hidden_states (B, L, M), cache=None, seq_idx=None) -> (B, L, M).
+
+    Args: d_state N (complex modes for S4D-Lin), d_conv, expand as Mamba-1; A_init "S4D-Lin" or "S4D-Real";
+    gated: multiply by silu(z) (the Mamba block) or not (the ungated block: in_proj has no z half).
+
+    Example:
+        >>> layer = S4D(d_model=64, A_init="S4D-Lin", gated=False)
+        >>> y = layer(torch.randn(2, 100, 64))        # (2, 100, 64)
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: float = 2, A_init: str = "S4D-Lin",
+                 gated: bool = True, dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
+                 conv_bias: bool = True, bias: bool = False, layer_idx: int | None = None, device=None, dtype=None):
+        super().__init__()
+        if A_init not in A_INITS:
+            raise ValueError(f"S4D: A_init must be one of {A_INITS}, got {A_init!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.d_inner = int(expand * d_model)
+        self.A_init = A_init
+        self.gated = gated
+        self.layer_idx = layer_idx
+        D = self.d_inner
+
+        self.in_proj = nn.Linear(d_model, (2 if gated else 1) * D, bias=bias, **factory)
+        self.conv1d = nn.Conv1d(D, D, kernel_size=d_conv, groups=D, padding=d_conv - 1, bias=conv_bias, **factory)
+        self.dt_bias = nn.Parameter(inverse_softplus_dt(D, dt_min, dt_max, dt_init_floor, device))
+        n = torch.arange(d_state, dtype=torch.float32, device=device).repeat(D, 1)  # (D, N)
+        if A_init == "S4D-Real":
+            self.A_log = nn.Parameter(torch.log(n + 1))
+            self.A_imag = None
+            self.B = nn.Parameter(torch.ones(D, d_state, device=device))
+            self.C = nn.Parameter(torch.randn(D, d_state, device=device))
+        else:
+            self.A_log = nn.Parameter(torch.full((D, d_state), math.log(0.5), device=device))
+            self.A_imag = nn.Parameter(math.pi * n)
+            self.B = nn.Parameter(torch.stack([torch.ones(D, d_state), torch.zeros(D, d_state)], -1).to(device))
+            self.C = nn.Parameter(torch.randn(D, d_state, 2, device=device) * math.sqrt(0.5))
+        self.D = nn.Parameter(torch.ones(D, device=device))
+        for p in (self.dt_bias, self.A_log, self.A_imag, self.B, self.C, self.D):
+            if p is not None:
+                p._no_weight_decay = True  # SSM parameters, as Mamba's A_log / D / dt bias
+        self.out_proj = nn.Linear(D, d_model, bias=bias, **factory)
+
+    @property
+    def is_complex(self) -> bool:
+        return self.A_imag is not None
+
+    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None,
+                       ssm_dtype: torch.dtype | None = None) -> MixerState:
+        """Zero state: conv (batch, D, W - 1) in `dtype`; ssm (batch, D, N) complex64 (S4D-Lin) or float32
+        (S4D-Real), 128-bit / float64 for float64 models. `ssm_dtype` may only name float32 or float64."""
+        device = device or self.out_proj.weight.device
+        dtype = dtype or self.conv1d.weight.dtype
+        if ssm_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"S4D.allocate_state: ssm_dtype must be float32 or float64, got {ssm_dtype}")
+        wide = ssm_dtype == torch.float64 or (ssm_dtype is None and dtype == torch.float64)
+        real = torch.float64 if wide else torch.float32
+        state_dtype = (torch.complex128 if wide else torch.complex64) if self.is_complex else real
+        return MixerState(
+            conv_state=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
+            ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=state_dtype),
+        )
+
+    def ssm_params(self, real: torch.dtype = torch.float32):
+        """dt (D,), A (D, N), B (D, N), C (D, N) in `real` (complex A, B, C for S4D-Lin)."""
+        dt = F.softplus(self.dt_bias.to(real))
+        A = -torch.exp(self.A_log.to(real))
+        if not self.is_complex:
+            return dt, A, self.B.to(real), self.C.to(real)
+        A = torch.complex(A, self.A_imag.to(real))
+        return dt, A, torch.view_as_complex(self.B.to(real)), torch.view_as_complex(self.C.to(real))
+
+    def forward(self, hidden_states: torch.Tensor, cache: MixerState | None = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, d_model) -> (B, L, d_model); with `cache`, continue from its state and advance it."""
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
+            raise ValueError(f"S4D: hidden_states must be (batch, seqlen, d_model={self.d_model}), "
+                             f"got {tuple(hidden_states.shape)}")
+        if cache is not None and hidden_states.shape[1] == 1 and seq_idx is None:
+            return self.step(hidden_states, cache)
+        xz = self.in_proj(hidden_states)
+        x, z = xz.chunk(2, dim=-1) if self.gated else (xz, None)  # (B, L, D)
+        keep = cache is not None
+        x = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
+                          initial_state=cache.conv_state if keep else None, return_final_state=keep, seq_idx=seq_idx)
+        if keep:
+            x, conv_final = x
+            cache.conv_state.copy_(conv_final)
+        if seq_idx is not None:
+            y = self._scan(x, z, cache, seq_idx)
+        else:
+            # the kernel, FFTs and state contractions stay in fp32 under autocast (einsum would drop to bf16)
+            with torch.autocast(x.device.type, enabled=False):
+                y = self._convolve(x, cache)
+            y = y + self.D.to(y.dtype) * x.to(y.dtype)
+            if z is not None:
+                y = y * F.silu(z.to(y.dtype))
+            y = y.to(x.dtype)
+        return self.out_proj(y)
+
+    def _convolve(self, x: torch.Tensor, cache: MixerState | None) -> torch.Tensor:
+        """SSM output without the D skip: x (B, L, D) -> y (B, L, D) in fp32 (fp64 for fp64 x), by FFT;
+        with `cache`, from its ssm_state (B, D, N), which is replaced by the state after the L tokens."""
+        real = torch.float64 if x.dtype == torch.float64 else torch.float32
+        seqlen = x.shape[1]
+        dt, A, B, C = self.ssm_params(real)
+        scale = 2.0 if self.is_complex else 1.0
+        dtA = dt[:, None] * A  # (D, N); Re <= 0, so every power below has modulus <= 1
+        t = torch.arange(seqlen, device=x.device, dtype=real)
+        powers = torch.exp(dtA[..., None] * t)  # (D, N, L): exp(dt A)^l
+        kernel = ((C * B * dt[:, None])[..., None] * powers).sum(1)  # (D, L)
+        kernel = scale * kernel.real if self.is_complex else kernel
+        x_BDL = x.to(real).transpose(1, 2)
+        n = _fft_len(2 * seqlen)
+        y_BDL = torch.fft.irfft(torch.fft.rfft(x_BDL, n=n) * torch.fft.rfft(kernel, n=n), n=n)[..., :seqlen]
+        if cache is not None:
+            h0 = cache.ssm_state.to(A.dtype)  # (B, D, N)
+            decay = powers * torch.exp(dtA)[..., None]  # exp(dt A)^(l + 1): what h0 has become at step l
+            from_h0 = torch.einsum("dnl,bdn->bdl", C[..., None] * decay, h0)
+            y_BDL = y_BDL + (scale * from_h0.real if self.is_complex else from_h0)
+            # h_L = exp(dt A)^L h0 + sum_l exp(dt A)^(L-1-l) dt B x_l
+            inputs = torch.einsum("bdl,dnl->bdn", x_BDL.to(A.dtype), powers.flip(-1))
+            cache.ssm_state.copy_(decay[..., -1] * h0 + (dt[:, None] * B) * inputs)
+        return y_BDL.transpose(1, 2)
+
+    def _scan(self, x: torch.Tensor, z: torch.Tensor | None, cache: MixerState | None,
+              seq_idx: torch.Tensor) -> torch.Tensor:
+        """Packed documents: the recurrence (selective_scan with Δ, B, C constant in time), D and gate included."""
+        batch, seqlen, dim = x.shape
+        real = torch.float64 if x.dtype == torch.float64 else torch.float32
+        _, A, B, C = self.ssm_params(real)
+        B_ = B[None, None].expand(batch, seqlen, dim, self.d_state)  # ngroups = D: each channel its own B
+        C_ = C[None, None].expand(batch, seqlen, dim, self.d_state)
+        out = selective_scan(x, torch.zeros_like(x), A, B_, C_, D=self.D.to(real), z=z, dt_bias=self.dt_bias.to(real),
+                             dt_softplus=True, initial_state=None if cache is None else cache.ssm_state,
+                             return_final_state=cache is not None, seq_idx=seq_idx,
+                             backend="torch" if self.is_complex and x.is_cuda else None)
+        if cache is None:
+            return out
+        y, final = out
+        cache.ssm_state.copy_(final)
+        return y
+
+    def step(self, hidden_states: torch.Tensor, cache: MixerState) -> torch.Tensor:
+        """One token: (B, 1, d_model) -> (B, 1, d_model), advancing `cache` in place."""
+        xz = self.in_proj(hidden_states[:, 0])
+        x, z = xz.chunk(2, dim=-1) if self.gated else (xz, None)  # (B, D)
+        x = causal_conv1d_update(cache.conv_state, x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
+        real = torch.float64 if cache.ssm_state.dtype in (torch.float64, torch.complex128) else torch.float32
+        dt, A, B, C = self.ssm_params(real)
+        h = cache.ssm_state  # (B, D, N), updated in place
+        h.mul_(torch.exp(dt[:, None] * A)).add_((dt[:, None] * B) * x.to(real)[..., None])
+        y = (h * C).sum(-1)
+        y = 2.0 * y.real if self.is_complex else y
+        y = y + self.D.to(real) * x.to(real)
+        if z is not None:
+            y = y * F.silu(z.to(real))
+        return self.out_proj(y.to(x.dtype))[:, None]

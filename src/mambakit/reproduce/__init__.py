@@ -1,0 +1,57 @@
+"""mambakit.reproduce: the papers' synthetic experiments as functions, one module per experiment.
+
+    reproduce("selective-copying", out="results/selective-copying", device="cuda")   # -> exit status (0 = done)
+
+Each experiment module exposes NAME, SUMMARY, settings(quick) and run(run: common.Run) -> status; `common`
+holds the shared training loop, resume state, evaluation memo and results writer. See README.md here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from .common import FINISHED, UNFINISHED, Run
+
+EXPERIMENTS: dict[str, str] = {
+    "selective-copying": "mambakit.reproduce.selective_copying",
+    "induction-heads": "mambakit.reproduce.induction_heads",
+    "mqar": "mambakit.reproduce.mqar",
+}
+
+__all__ = ["EXPERIMENTS", "FINISHED", "UNFINISHED", "Run", "experiment", "reproduce"]
+
+
+def experiment(name: str):
+    """The module of experiment `name` (a key of EXPERIMENTS); ValueError naming the choices otherwise."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
+    return importlib.import_module(EXPERIMENTS[name])
+
+
+def reproduce(name: str, out: str | Path | None = None, *, quick: bool = False, device: str = "auto",
+              resume: bool = False, time_budget_s: float | None = None, steps: int | None = None,
+              progress: bool = True, command: str | None = None) -> int:
+    """Run experiment `name`, writing results under `out` (default results/<name>); returns FINISHED (0) or
+    UNFINISHED (3: the time budget ran out; call again with resume=True to continue).
+
+    Args:
+        quick: tiny settings that exercise the whole pipeline in seconds on a CPU (numbers meaningless).
+        device: "auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...
+        resume: continue from <out>/_state (without it, that state is discarded and the run starts over).
+        time_budget_s: stop cleanly after this many seconds of this call, saving the state.
+        steps: override every model's training step budget.
+        command: the command line recorded in results.json / README.md (default: the equivalent CLI call).
+
+    Example:
+        >>> status = reproduce("induction-heads", quick=True, out="/tmp/ih")      # CPU, a few seconds
+    """
+    from ..training import resolve_device
+
+    module = experiment(name)
+    out = Path(out) if out is not None else Path("results") / name
+    if command is None:
+        command = f"mambakit reproduce {name}" + (" --quick" if quick else "") + (f" --steps {steps}" if steps else "")
+    run = Run(name, out, device=resolve_device(device), quick=quick, resume=resume, time_budget_s=time_budget_s,
+              command=command, progress=progress, steps=steps)
+    return module.run(run)

@@ -1,0 +1,369 @@
+"""What every `mambakit reproduce NAME` run shares: training on generated batches, resumable state, time
+budget, evaluation memo, the environment stamp and the results files.
+
+Layout of an output directory (`results/NAME/` by default):
+
+    results.json        rows of measured values + command, device, versions, date, run time, settings
+    README.md           the table, how to read it, the command, device, budget
+    *.png               plots
+    <model>/            trained checkpoints small enough to commit (MambaLM.from_pretrained loads them)
+    _state/             resume state (optimizer, step, finished models, cached evaluations); not results:
+                        a .gitignore beside results.json keeps it out of git
+
+A run stops cleanly when its time budget is spent (saving the training state of the model in progress) and
+returns `UNFINISHED`; the same command with `--resume` continues exactly where it stopped (training batches
+are a function of the step, so a resumed run sees the batches an uninterrupted one would). Results files are
+written once every model is trained and evaluated. `--resume --steps N` with N above a finished model's steps
+trains it on to N steps (the learning rate is constant after warmup, so this equals training N steps at once)
+and evaluates it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data.synthetic import IGNORE, SyntheticBatch
+from ..models import MambaConfig, MambaLM
+
+FINISHED, UNFINISHED = 0, 3  # exit statuses of a run: done, or stopped by the time budget (rerun with --resume)
+STATE_DIR = "_state"
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation of one model: AdamW (training.build_optimizer), linear warmup then training.lr_at's cosine to
+    lr * min_lr_ratio. The default, as the Mamba paper's synthetic tasks (Appendix E.1): a constant learning rate
+    (min_lr_ratio 1) and no weight decay; a constant rate also lets `--steps` extend a finished run exactly."""
+
+    steps: int
+    batch_size: int
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 1.0
+    weight_decay: float = 0.0
+    beta2: float = 0.98
+    grad_clip: float = 1.0
+    seed: int = 0
+    save_every: int = 500  # steps between resume checkpoints (and at the time budget's end)
+    log_every: int = 25  # steps between recorded losses (each one is a host sync)
+
+    def describe(self, rows: list[dict] | None = None) -> str:
+        """One line for a README: the optimiser, schedule and budget; with result `rows`, the steps they were
+        really trained for (--steps, extended runs)."""
+        steps = sorted({r["steps"] for r in rows}) if rows else [self.steps]
+        if steps != [self.steps]:
+            return dataclasses.replace(self, steps=steps[0]).describe() if len(steps) == 1 else \
+                self.describe().replace(f"{self.steps} steps", "the steps in results.json", 1)
+        schedule = ("then constant" if self.min_lr_ratio == 1.0
+                    else f"then cosine to {self.min_lr_ratio:g} x lr over the {self.steps} steps")
+        clip = f"gradient clipping {self.grad_clip:g}" if self.grad_clip > 0 else "no gradient clipping"
+        return (f"{self.steps} steps of {self.batch_size} fresh rows; AdamW (beta2 {self.beta2:g}), lr {self.lr:g} after "
+                f"a {self.warmup_steps}-step linear warmup {schedule}, weight decay {self.weight_decay:g}, {clip}, "
+                "bf16 autocast on CUDA")
+
+    def train_config(self):
+        from ..training import TrainConfig
+
+        return TrainConfig(lr=self.lr, warmup_steps=self.warmup_steps, max_steps=self.steps, weight_decay=self.weight_decay,
+                           min_lr_ratio=self.min_lr_ratio, beta2=self.beta2, grad_clip=self.grad_clip)
+
+
+@dataclass
+class ModelSpec:
+    """One row of an experiment: `key` names its state and checkpoint folder, `label` its table row."""
+
+    key: str
+    label: str
+    config: MambaConfig
+    train: TrainSettings
+    save_checkpoint: bool = True  # copy the trained model to <out>/<key>/ (a few MB at most)
+    info: dict = field(default_factory=dict)  # extra columns of the row (mixer, gate, d_state, ...)
+
+
+def environment(device: torch.device) -> dict:
+    """Device name and library versions, for results.json and the README."""
+    import importlib.metadata as md
+
+    def version(name: str) -> str | None:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return {"device": name, "torch": torch.__version__, "triton": version("triton"), "mambakit": version("mambakit"),
+            "python": platform.python_version()}
+
+
+def batch_seed(seed: int, step: int) -> int:
+    """The generator seed of training batch `step`: a pure function, so a resumed run draws the same batches."""
+    return (seed * 1_000_003 + step) % (2 ** 63)
+
+
+def masked_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Mean cross-entropy over the scored positions: logits (B, T, V_padded), targets (B, T) with IGNORE."""
+    return F.cross_entropy(logits[..., :vocab_size].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+
+
+def correct_and_count(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> tuple[int, int]:
+    """(argmax hits, scored positions) of logits (B, T, V_padded) against targets (B, T)."""
+    scored = targets != IGNORE
+    hits = (logits[..., :vocab_size].argmax(-1) == targets) & scored
+    return int(hits.sum()), int(scored.sum())
+
+
+class Run:
+    """One invocation of an experiment: output paths, device, time budget, resumable training and evaluation.
+
+    Example:
+        >>> run = Run("induction-heads", Path("results/induction-heads"), device=torch.device("cuda"),
+        ...           quick=False, resume=True, time_budget_s=420, command="mambakit reproduce induction-heads")
+        >>> model = run.train(spec, lambda step, g: induction_heads(64, 256, generator=g), logits_to_keep=1)
+        >>> if model is None: return run.unfinished()
+    """
+
+    def __init__(self, name: str, out: Path, device: torch.device, quick: bool, resume: bool,
+                 time_budget_s: float | None, command: str, progress: bool = True, steps: int | None = None):
+        self.name = name
+        self.out = Path(out)
+        self.device = device
+        self.quick = quick
+        self.progress = progress
+        self.command = command
+        self.steps_override = steps
+        self.t_start = time.monotonic()
+        self.deadline = None if time_budget_s is None else self.t_start + time_budget_s
+        self.state = self.out / STATE_DIR
+        if not resume and self.state.exists():
+            shutil.rmtree(self.state)
+        self.state.mkdir(parents=True, exist_ok=True)
+        (self.out / ".gitignore").write_text(f"{STATE_DIR}/\n")
+        self._meta_path = self.state / "run.json"
+        meta = _read_json(self._meta_path) or {}
+        if meta and meta.get("quick") != quick:
+            raise ValueError(f"{self.out}: the saved state is from a {'--quick' if meta['quick'] else 'full-size'} run; "
+                             "rerun without --resume to start over")
+        self._elapsed_before = float(meta.get("elapsed_s", 0.0))
+        self._pieces = int(meta.get("pieces", 0)) + 1
+        self._save_meta()
+
+    # ---------------------------------------------------------------- time
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def elapsed_s(self) -> float:
+        """Seconds spent on this experiment over all invocations (resumed pieces add up)."""
+        return self._elapsed_before + time.monotonic() - self.t_start
+
+    def _save_meta(self) -> None:
+        _write_json(self._meta_path, {"quick": self.quick, "elapsed_s": self.elapsed_s(), "pieces": self._pieces})
+
+    def unfinished(self) -> int:
+        self._save_meta()
+        print(f"mambakit reproduce {self.name}: time budget spent; state saved in {self.state}. "
+              "Run the same command with --resume to continue.", file=sys.stderr)
+        return UNFINISHED
+
+    # ---------------------------------------------------------------- training
+
+    def train(self, spec: ModelSpec, make_batch: Callable[[int, torch.Generator], SyntheticBatch],
+              logits_to_keep: int = 0, autocast: bool = True) -> MambaLM | None:
+        """Train `spec`'s model on make_batch(step, generator) batches (or load it if already trained).
+
+        Returns the trained model in eval mode, or None when the time budget ran out first (the training
+        state is then saved for --resume). logits_to_keep: only the last k positions are scored (0: all).
+        bf16 autocast on CUDA when `autocast`. A model finished with fewer steps than asked for trains on from
+        its saved state (and its cached evaluations are dropped).
+        """
+        from ..training import build_optimizer, lr_at
+
+        folder = self.state / spec.key
+        settings = spec.train if self.steps_override is None else dataclasses.replace(spec.train, steps=self.steps_override)
+        done = _read_json(folder / "done.json")
+        if done is not None and done["steps"] >= settings.steps:
+            return MambaLM.from_pretrained(folder / "model", device=self.device).eval()
+        if self.out_of_time():
+            return None
+        if done is not None:  # extending a finished model: its evaluations are out of date
+            (folder / "done.json").unlink()
+            shutil.rmtree(self.state / "evals" / spec.key, ignore_errors=True)
+        cfg = settings.train_config()
+        torch.manual_seed(settings.seed)
+        model = MambaLM(spec.config, device=self.device)
+        optimizer = build_optimizer(model, cfg)
+        step, losses, train_s = 0, [], 0.0
+        resume_file = folder / "train.pt"
+        if resume_file.exists():
+            saved = torch.load(resume_file, map_location=self.device, weights_only=False)
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            step, losses, train_s = saved["step"], saved["losses"], saved["train_s"]
+        vocab = spec.config.vocab_size
+        use_autocast = autocast and self.device.type == "cuda"
+        model.train()
+        bar = _progress(self.progress, total=settings.steps, initial=step, desc=f"{self.name} {spec.key}")
+        t0 = time.monotonic()
+        pending = []  # losses not yet read back (reading each step would sync the GPU every step)
+        while step < settings.steps:
+            if self.out_of_time():
+                break
+            batch = make_batch(step, torch.Generator().manual_seed(batch_seed(settings.seed, step))).to(self.device)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                logits = model(batch.inputs, logits_to_keep=logits_to_keep)
+            targets = batch.targets[:, -logits_to_keep:] if logits_to_keep else batch.targets
+            loss = masked_loss(logits, targets, vocab)
+            loss.backward()
+            if settings.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            pending.append(loss.detach())
+            if step % settings.log_every == 0 or step == settings.steps:
+                value = float(torch.stack(pending).mean())
+                pending.clear()
+                if not math.isfinite(value):
+                    raise RuntimeError(f"{spec.key}: the training loss became {value} at step {step}")
+                losses.append([step, value])
+                bar.set_postfix(loss=f"{value:.4f}")
+            bar.update(1)
+            if step % settings.save_every == 0 and step < settings.steps:
+                self._save_training(resume_file, model, optimizer, step, losses, train_s + time.monotonic() - t0)
+        bar.close()
+        train_s += time.monotonic() - t0
+        self._save_training(resume_file, model, optimizer, step, losses, train_s)  # kept: --steps may extend it
+        if step < settings.steps:
+            return None
+        model.eval()
+        model.save_pretrained(folder / "model")
+        _write_json(folder / "done.json", {"steps": step, "train_s": train_s, "losses": losses,
+                                           "final_loss": losses[-1][1] if losses else None,
+                                           "params": sum(p.numel() for p in model.parameters())})
+        self._save_meta()
+        return model
+
+    def _save_training(self, path: Path, model, optimizer, step: int, losses: list, train_s: float) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "losses": losses,
+                    "train_s": train_s}, tmp)
+        tmp.replace(path)  # atomic: a run killed while saving keeps the previous state
+        self._save_meta()
+
+    def training_record(self, spec: ModelSpec) -> dict:
+        """steps, train_s, final_loss, losses, params of a trained model."""
+        return _read_json(self.state / spec.key / "done.json")
+
+    def export_checkpoint(self, spec: ModelSpec, model: MambaLM) -> str | None:
+        """Copy the trained model to <out>/<key>/ when the spec asks for it; returns the folder name."""
+        if not spec.save_checkpoint:
+            return None
+        model.save_pretrained(self.out / spec.key)
+        return spec.key
+
+    # ---------------------------------------------------------------- evaluation
+
+    def cached(self, spec: ModelSpec, name: str, compute: Callable[[], dict]) -> dict | None:
+        """compute() once per trained model (memoised in _state/evals/<spec.key>/<name>.json); None when out of
+        time before it."""
+        path = self.state / "evals" / spec.key / f"{name}.json"
+        value = _read_json(path)
+        if value is not None:
+            return value
+        if self.out_of_time():
+            return None
+        value = compute()
+        _write_json(path, value)
+        self._save_meta()
+        return value
+
+    # ---------------------------------------------------------------- results
+
+    def write_results(self, rows: list[dict], settings: dict, readme: str) -> Path:
+        """results.json (rows + stamp) and README.md (`readme`, then the stamp); returns results.json's path."""
+        env = environment(self.device)
+        stamp = {"experiment": self.name, "command": self.command, **env,
+                 "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                 "run_time_s": round(self.elapsed_s(), 1), "pieces": self._pieces, "quick": self.quick}
+        _write_json(self.out / "results.json", {**stamp, "settings": settings, "rows": rows})
+        versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "mambakit", "python") if env[k])
+        footer = (f"\n## How these numbers were produced\n\n```\n{self.command}\n```\n\n"
+                  f"- device: {env['device']}\n- versions: {versions}\n- date: {stamp['date']}\n"
+                  f"- run time: {stamp['run_time_s']:.0f} s in {self._pieces} invocation(s) (training + evaluation)\n"
+                  + ("- **quick mode**: tiny settings that test the pipeline; the numbers mean nothing\n"
+                     if self.quick else ""))
+        (self.out / "README.md").write_text(readme.rstrip() + "\n" + footer)
+        self._save_meta()
+        return self.out / "results.json"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def loss_plot(path: Path, curves: dict[str, list], title: str) -> None:
+    """Training loss against step for each model (log scale)."""
+    fig, ax = figure(figsize=(6, 4))
+    for label, losses in curves.items():
+        if losses:
+            steps, values = zip(*losses)
+            ax.plot(steps, values, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (cross-entropy on scored positions)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **subplots_kwargs):
+    """(Figure, axes) drawn off screen: matplotlib's object API, so the caller's pyplot backend is left alone.
+    subplots_kwargs go to Figure.subplots (squeeze, sharey, ...)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **subplots_kwargs)
+
+
+def _progress(enabled: bool, **kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not enabled, dynamic_ncols=True, **kwargs)
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _write_json(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    tmp.replace(path)

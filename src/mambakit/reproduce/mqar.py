@@ -1,0 +1,147 @@
+"""`mambakit reproduce mqar`: multi-query associative recall, Mamba-1 vs Mamba-2 vs attention (Mamba-2 paper,
+Section 9.1, Figure 8; Arora et al. 2023, "Zoology").
+
+MQAR (data/synthetic.py has the exact spec): K key-value pairs, then every key again as a query whose value
+must be recalled. A recurrent model must hold all K pairs in its state, so a larger state (N = d_state) helps:
+the Mamba-2 paper's point is that SSD's larger states (N = 64, 256) solve what Mamba-1's N = 16 cannot.
+
+Grid: sequence lengths T = 256 and 512 with K = T / 8 pairs; Mamba-1 and Mamba-2 at d_state 16 / 64 / 256;
+attention (rotary) as the reference that solves it at any state size. 2 layers, d_model 64, no MLP, vocabulary
+8192. Accuracy is the share of queries of a fixed test set answered by argmax. No checkpoints are kept (the
+8192-token embedding makes each about 2 MB, 14 models).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models import MambaConfig
+from ..data.synthetic import mqar
+from .common import FINISHED, ModelSpec, Run, TrainSettings, correct_and_count, loss_plot, markdown_table, percent, figure
+
+NAME = "mqar"
+SUMMARY = "Mamba-2 paper Figure 8: MQAR, Mamba-1 vs Mamba-2 vs attention at d_state 16 / 64 / 256, two lengths"
+TEST_SEED = 3_000_000_019
+
+
+def settings(quick: bool) -> dict:
+    """Full size: T 256 / 512, K = T / 8, batch 64, 4000 steps per model; quick: a CPU smoke run."""
+    if quick:
+        return {"seqlens": [32, 64], "kv_divisor": 8, "vocab_size": 64, "d_model": 16, "d_states": [4, 8],
+                "heads": 2, "headdim": 8, "batch_size": 4, "steps": 3, "lr": 3e-3, "warmup_steps": 1, "test_rows": 8,
+                "eval_batch": 4}
+    return {"seqlens": [256, 512], "kv_divisor": 8, "vocab_size": 8192, "d_model": 64, "d_states": [16, 64, 256],
+            "heads": 4, "headdim": 16, "batch_size": 64, "steps": 4000, "lr": 2e-3, "warmup_steps": 200,
+            "test_rows": 1024, "eval_batch": 128}
+
+
+def train_settings(s: dict) -> TrainSettings:
+    """Zoology's recipe for MQAR keeps weight decay 0.1; the learning rate is constant after warmup."""
+    return TrainSettings(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], warmup_steps=s["warmup_steps"],
+                         weight_decay=0.1)
+
+
+def model_specs(s: dict, T: int) -> list[ModelSpec]:
+    train = train_settings(s)
+    base = {"d_model": s["d_model"], "n_layer": 2, "vocab_size": s["vocab_size"], "d_intermediate": 0}
+    specs = []
+    for n in s["d_states"]:
+        specs.append(ModelSpec(f"mamba1-N{n}-T{T}", "Mamba-1", MambaConfig(**base, ssm_cfg={"layer": "Mamba1", "d_state": n}),
+                               train, save_checkpoint=False, info={"mixer": "Mamba-1", "d_state": n, "seqlen": T}))
+        specs.append(ModelSpec(f"mamba2-N{n}-T{T}", "Mamba-2", MambaConfig(**base, ssm_cfg={
+            "layer": "Mamba2", "d_state": n, "headdim": s["headdim"], "chunk_size": 64}), train, save_checkpoint=False,
+            info={"mixer": "Mamba-2", "d_state": n, "seqlen": T}))
+    head_dim = s["d_model"] // s["heads"]
+    specs.append(ModelSpec(f"attention-T{T}", "attention", MambaConfig(
+        **base, attn_layer_idx=[0, 1], attn_cfg={"num_heads": s["heads"], "rotary_emb_dim": head_dim}), train,
+        save_checkpoint=False, info={"mixer": "attention", "d_state": None, "seqlen": T}))
+    return specs
+
+
+@torch.inference_mode()
+def evaluate(model, T: int, s: dict, device: torch.device) -> dict:
+    hits = count = 0
+    gen = torch.Generator().manual_seed(TEST_SEED + T)
+    for start in range(0, s["test_rows"], s["eval_batch"]):
+        batch = mqar(min(s["eval_batch"], s["test_rows"] - start), T, T // s["kv_divisor"], s["vocab_size"],
+                     generator=gen).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(batch.inputs)
+        h, c = correct_and_count(logits, batch.targets, s["vocab_size"])
+        hits, count = hits + h, count + c
+    return {"accuracy": hits / count, "test_queries": count}
+
+
+def run(run: Run) -> int:
+    s = settings(run.quick)
+    rows, curves = [], {}
+    for T in s["seqlens"]:
+        K = T // s["kv_divisor"]
+        for spec in model_specs(s, T):
+            model = run.train(spec, lambda step, g: mqar(s["batch_size"], T, K, s["vocab_size"], generator=g))
+            if model is None:
+                return run.unfinished()
+            result = run.cached(spec, "test", lambda: evaluate(model, T, s, run.device))
+            if result is None:
+                return run.unfinished()
+            record = run.training_record(spec)
+            curves[spec.key] = record["losses"]
+            rows.append({"model": spec.key, **spec.info, "num_kv_pairs": K, "accuracy": result["accuracy"],
+                         "test_queries": result["test_queries"], "steps": record["steps"],
+                         "train_s": round(record["train_s"], 1), "final_loss": record["final_loss"],
+                         "params": record["params"]})
+    _plot(run.out / "accuracy_vs_state.png", rows, s)
+    loss_plot(run.out / "training_loss.png", curves, "MQAR")
+    run.write_results(rows, {**s, "test_seed": TEST_SEED}, _readme(rows, s))
+    return FINISHED
+
+
+def _plot(path, rows, s) -> None:
+    fig, axes = figure(1, len(s["seqlens"]), squeeze=False, sharey=True, figsize=(4 * len(s["seqlens"]), 3.5))
+    for ax, T in zip(axes[0], s["seqlens"]):
+        for mixer in ("Mamba-1", "Mamba-2"):
+            pts = sorted((r["d_state"], 100 * r["accuracy"]) for r in rows if r["seqlen"] == T and r["mixer"] == mixer)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=mixer)
+        for r in rows:
+            if r["seqlen"] == T and r["mixer"] == "attention":
+                ax.axhline(100 * r["accuracy"], color="gray", linestyle="--", label="attention")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("state size N (d_state)")
+        ax.set_title(f"T = {T}, {T // s['kv_divisor']} pairs")
+        ax.set_ylim(0, 102)
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _readme(rows, s) -> str:
+    header = ["mixer"] + [f"T={T}, N={n}" for T in s["seqlens"] for n in s["d_states"]]
+    table_rows = []
+    for mixer in ("Mamba-1", "Mamba-2"):
+        acc = {(r["seqlen"], r["d_state"]): r["accuracy"] for r in rows if r["mixer"] == mixer}
+        table_rows.append([mixer] + [percent(acc.get((T, n))) for T in s["seqlens"] for n in s["d_states"]])
+    attn = {r["seqlen"]: r["accuracy"] for r in rows if r["mixer"] == "attention"}
+    table_rows.append(["attention (no state)"] + [percent(attn.get(T)) for T in s["seqlens"] for _ in s["d_states"]])
+    table = markdown_table(header, table_rows)
+    return f"""# Multi-query associative recall (Mamba-2 paper, Figure 8)
+
+Accuracy (%) of recalling every queried key's value.
+
+{table}
+
+![accuracy against state size](accuracy_vs_state.png) ![training loss](training_loss.png)
+
+**Task** (`mambakit.data.synthetic.mqar`, spec in its docstring): K = T / {s['kv_divisor']} key-value pairs
+(vocabulary {s['vocab_size']}: keys from the lower half, values from the upper), then each key once more as a query at
+a random even offset of the rest of the row; the logits at a query must predict its value. Accuracy over every query of
+a fixed test set ({s['test_rows']} rows per length, seed {TEST_SEED} + T).
+
+**Models**: 2 layers, d_model {s['d_model']}, no MLP. Mamba-1 and Mamba-2 (headdim {s['headdim']}) at d_state
+{' / '.join(map(str, s['d_states']))}; attention with {s['heads']} heads and rotary positions (its "state" is the
+whole KV cache, shown once per length).
+
+**Budget**: every model trains {train_settings(s).describe(rows)}; no learning-rate sweep (the paper sweeps and
+reports the best), so a model that fails here might succeed at another learning rate.
+"""

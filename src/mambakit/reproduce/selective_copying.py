@@ -1,0 +1,143 @@
+"""`mambakit reproduce selective-copying`: the Mamba paper's Table 1 (Gu & Dao 2023, Section 4.1.1).
+
+Selective copying (data/synthetic.py has the exact spec): 16 content tokens scattered in L = 4096 noise
+tokens must be reproduced, in order, after 16 markers. A time-invariant SSM cannot skip the noise in a
+content-aware way; the selective one can. Rows: 2-layer models, d_model 64, d_state 16, expand 2, no MLP:
+
+    architecture   layer   paper    ssm_cfg
+    Mamba block    S6      99.8     {"layer": "Mamba1"}
+    Mamba block    S4D     56.4     {"layer": "S4D", "A_init": "S4D-Lin"}
+    ungated        S6      97.0     {"layer": "Mamba1Ungated"}
+    ungated        S4D     18.3     {"layer": "S4D", "A_init": "S4D-Lin", "gated": False}
+
+(the paper's S4 rows are S4 with complex diagonal state, here S4D-Lin). Accuracy is measured on a fixed
+test set of generated rows (TEST_SEED), the share of the 16 targets predicted by argmax.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.synthetic import SELECTIVE_COPYING_VOCAB, selective_copying
+from ..models import MambaConfig
+from .common import FINISHED, ModelSpec, Run, TrainSettings, correct_and_count, loss_plot, markdown_table, percent, figure
+
+NAME = "selective-copying"
+SUMMARY = "Mamba paper Table 1: selective copying at L = 4096, S6 vs S4D, gated vs ungated block"
+TEST_SEED = 1_000_000_007
+N_TOKENS = 16
+
+# (key, architecture, layer, ssm_cfg, the paper's accuracy %)
+ROWS = [
+    ("mamba-s6", "Mamba", "S6", {"layer": "Mamba1"}, 99.8),
+    ("mamba-s4d", "Mamba", "S4D-Lin", {"layer": "S4D", "A_init": "S4D-Lin"}, 56.4),
+    ("ungated-s6", "- (no gate)", "S6", {"layer": "Mamba1Ungated"}, 97.0),
+    ("ungated-s4d", "- (no gate)", "S4D-Lin", {"layer": "S4D", "A_init": "S4D-Lin", "gated": False}, 18.3),
+]
+
+
+def settings(quick: bool) -> dict:
+    """Full size: L 4096, batch 64, 8000 steps at lr 5e-3 (a few GPU minutes per model on an H200, estimated, not
+    measured); quick: a CPU smoke run. The learning rate: at L = 128 on a CPU (2-layer Mamba, batch 32, 1200 steps)
+    lr 5e-3 constant reached 57% where 2e-3 with cosine decay and weight decay 0.1 reached 22%."""
+    if quick:
+        return {"seqlen": 32, "d_model": 16, "d_state": 4, "batch_size": 4, "steps": 3, "lr": 2e-3, "warmup_steps": 1,
+                "test_rows": 8, "eval_batch": 4}
+    return {"seqlen": 4096, "d_model": 64, "d_state": 16, "batch_size": 64, "steps": 8000, "lr": 5e-3,
+            "warmup_steps": 200, "test_rows": 1024, "eval_batch": 64}
+
+
+def train_settings(s: dict) -> TrainSettings:
+    return TrainSettings(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], warmup_steps=s["warmup_steps"])
+
+
+def model_specs(s: dict) -> list[ModelSpec]:
+    train = train_settings(s)
+    specs = []
+    for key, arch, layer, ssm_cfg, paper in ROWS:
+        config = MambaConfig(d_model=s["d_model"], n_layer=2, vocab_size=SELECTIVE_COPYING_VOCAB, d_intermediate=0,
+                             ssm_cfg={**ssm_cfg, "d_state": s["d_state"]})
+        specs.append(ModelSpec(key, f"{arch} / {layer}", config, train, save_checkpoint=True,
+                               info={"architecture": arch, "layer": layer, "paper_accuracy_pct": paper}))
+    return specs
+
+
+@torch.inference_mode()
+def evaluate(model, s: dict, device: torch.device) -> dict:
+    """Accuracy on the fixed test set: the share of the 16 targets per row predicted by argmax."""
+    hits = count = 0
+    gen = torch.Generator().manual_seed(TEST_SEED)
+    for start in range(0, s["test_rows"], s["eval_batch"]):
+        n = min(s["eval_batch"], s["test_rows"] - start)
+        batch = selective_copying(n, s["seqlen"], N_TOKENS, generator=gen).to(device)
+        logits = model(batch.inputs, logits_to_keep=N_TOKENS)
+        h, c = correct_and_count(logits, batch.targets[:, -N_TOKENS:], SELECTIVE_COPYING_VOCAB)
+        hits, count = hits + h, count + c
+    return {"accuracy": hits / count, "test_targets": count}
+
+
+def run(run: Run) -> int:
+    s = settings(run.quick)
+    specs = model_specs(s)
+    rows, curves = [], {}
+    for spec in specs:
+        model = run.train(spec, lambda step, g: selective_copying(s["batch_size"], s["seqlen"], N_TOKENS, generator=g),
+                          logits_to_keep=N_TOKENS)
+        if model is None:
+            return run.unfinished()
+        result = run.cached(spec, "test", lambda: evaluate(model, s, run.device))
+        if result is None:
+            return run.unfinished()
+        record = run.training_record(spec)
+        checkpoint = run.export_checkpoint(spec, model)
+        curves[spec.label] = record["losses"]
+        rows.append({"model": spec.key, **spec.info, "accuracy": result["accuracy"], "test_targets": result["test_targets"],
+                     "steps": record["steps"], "train_s": round(record["train_s"], 1), "final_loss": record["final_loss"],
+                     "params": record["params"], "checkpoint": checkpoint, "ssm_cfg": spec.config.ssm_cfg})
+    _plot(run.out / "accuracy.png", rows, s)
+    loss_plot(run.out / "training_loss.png", curves, f"selective copying, L = {s['seqlen']}")
+    run.write_results(rows, {**s, "n_tokens": N_TOKENS, "test_seed": TEST_SEED}, _readme(rows, s, run))
+    return FINISHED
+
+
+def _plot(path, rows, s) -> None:
+    fig, ax = figure(figsize=(6, 3.5))
+    labels = [f"{r['architecture']}\n{r['layer']}" for r in rows]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [100 * r["accuracy"] for r in rows], width=0.4, label="mambakit")
+    ax.bar([i + 0.2 for i in x], [r["paper_accuracy_pct"] for r in rows], width=0.4, label="paper (Table 1)", alpha=0.6)
+    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"selective copying, L = {s['seqlen']}, 2 layers, d_model {s['d_model']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _readme(rows, s, run: Run) -> str:
+    table = markdown_table(
+        ["architecture", "layer", "accuracy (%)", "paper (%)", "steps", "train time (s)", "checkpoint"],
+        [[r["architecture"], r["layer"], percent(r["accuracy"]), r["paper_accuracy_pct"], r["steps"], r["train_s"],
+          f"[{r['checkpoint']}/]({r['checkpoint']}/)" if r["checkpoint"] else "-"] for r in rows])
+    return f"""# Selective copying (Mamba paper, Table 1)
+
+{table}
+
+![accuracy](accuracy.png) ![training loss](training_loss.png)
+
+**Task** (`mambakit.data.synthetic.selective_copying`): a row is L = {s['seqlen']} noise tokens holding 16 content
+tokens (ids 1..16) at random positions, then 16 markers; the logits at the k-th marker must predict the k-th content
+token. Accuracy is the share of the {rows[0]['test_targets'] if rows else 0} targets of a fixed test set
+({s['test_rows']} rows, seed {TEST_SEED}) predicted by argmax; chance is 1/16 = 6.25%.
+
+**Models**: 2 layers, d_model {s['d_model']}, d_state {s['d_state']}, expand 2, no MLP. "Mamba" is the gated Mamba
+block, "- (no gate)" the same block without the silu(z) branch. S6 is Mamba-1's selective SSM (Δ, B, C projected from
+the input); S4D-Lin is the time-invariant diagonal SSM with complex S4D-Lin initialisation (Δ, B, C parameters).
+
+**Budget**: every model trains {train_settings(s).describe(rows)}; loss on the 16 marker positions. The paper trains
+400K steps of 64 at a constant lr of 1e-4. The claim checked: S6 reaches near-perfect accuracy while S4D stays well
+below.
+
+**Checkpoints**: each `<model>/` folder loads with `MambaLM.from_pretrained("results/{NAME}/<model>")`.
+"""

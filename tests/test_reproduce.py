@@ -1,0 +1,183 @@
+"""`mambakit reproduce NAME --quick` end to end on the CPU (the pipeline, the files, the metric's range; not the
+accuracy), and the resumable training under a time budget."""
+
+import json
+
+import pytest
+import torch
+
+from mambakit import MambaConfig, MambaLM
+from mambakit.cli.__main__ import main as cli_main
+from mambakit.data.synthetic import induction_heads
+from mambakit.reproduce import FINISHED, UNFINISHED, reproduce
+from mambakit.reproduce.common import ModelSpec, Run, TrainSettings
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_common_files(out, name, pngs):
+    results = json.loads((out / "results.json").read_text())
+    for key in ("command", "device", "torch", "triton", "date", "run_time_s", "settings", "rows"):
+        assert key in results, key
+    assert results["experiment"] == name and results["quick"] is True
+    assert results["command"].startswith(f"mambakit reproduce {name} --quick")
+    readme = (out / "README.md").read_text()
+    assert results["command"] in readme and "| " in readme and "quick mode" in readme
+    for png in pngs:
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC, png
+        assert f"({png})" in readme  # the README shows the plot
+    assert (out / ".gitignore").read_text().strip() == "_state/"
+    return results
+
+
+@pytest.mark.slow
+def test_selective_copying_quick(tmp_path):
+    out = tmp_path / "selective-copying"
+    assert reproduce("selective-copying", out, quick=True, device="cpu", progress=False) == FINISHED
+    results = _check_common_files(out, "selective-copying", ["accuracy.png", "training_loss.png"])
+    rows = {r["model"]: r for r in results["rows"]}
+    assert set(rows) == {"mamba-s6", "mamba-s4d", "ungated-s6", "ungated-s4d"}
+    for r in rows.values():
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["test_targets"] == 8 * 16
+        assert r["steps"] == results["settings"]["steps"] and r["final_loss"] > 0
+    assert rows["ungated-s4d"]["ssm_cfg"] == {"layer": "S4D", "A_init": "S4D-Lin", "gated": False, "d_state": 4}
+    model = MambaLM.from_pretrained(out / "mamba-s6")  # the committed checkpoint layout loads
+    assert model.config.ssm_cfg["layer"] == "Mamba1" and model.config.n_layer == 2
+    assert MambaLM.from_pretrained(out / "ungated-s4d").config.ssm_cfg["gated"] is False
+
+
+@pytest.mark.slow
+def test_induction_heads_quick(tmp_path):
+    out = tmp_path / "ih"
+    assert reproduce("induction-heads", out, quick=True, device="cpu", progress=False) == FINISHED
+    results = _check_common_files(out, "induction-heads", ["accuracy_vs_length.png", "training_loss.png"])
+    s = results["settings"]
+    rows = {r["model"]: r for r in results["rows"]}
+    assert set(rows) == {"mamba", "mamba2", "s4d", "mha-rope", "mha-abs"}
+    lengths = [str(2 ** k) for k in s["test_log2"]]
+    for key in ("mamba", "mamba2", "s4d"):  # SSMs: every length, through chunked prefill
+        assert list(rows[key]["accuracy"]) == lengths and rows[key]["stopped"] is None
+    for key in ("mha-rope", "mha-abs"):  # attention stops at attention_max_len and says so
+        assert max(int(T) for T in rows[key]["accuracy"]) == s["attention_max_len"]
+        assert "not run beyond" in rows[key]["stopped"]
+        assert rows[key]["stopped"] in (out / "README.md").read_text()
+    for r in rows.values():
+        assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
+    model = MambaLM.from_pretrained(out / "mamba")
+    ids = induction_heads(2, 40, generator=0).inputs
+    with torch.no_grad():
+        assert model(ids).shape == (2, 40, model.config.padded_vocab_size)
+
+
+@pytest.mark.slow
+def test_mqar_quick_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "mqar"
+    assert cli_main(["reproduce", "mqar", "--quick", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    results = _check_common_files(out, "mqar", ["accuracy_vs_state.png", "training_loss.png"])
+    s = results["settings"]
+    rows = results["rows"]
+    assert len(rows) == len(s["seqlens"]) * (2 * len(s["d_states"]) + 1)
+    assert {(r["mixer"], r["d_state"]) for r in rows} == (
+        {(m, n) for m in ("Mamba-1", "Mamba-2") for n in s["d_states"]} | {("attention", None)})
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["test_queries"] == s["test_rows"] * r["seqlen"] // s["kv_divisor"]
+    assert "--device=cpu" in results["command"]
+
+
+def test_cli_rejects_unknown_experiment_and_mismatched_resume(tmp_path, capsys):
+    assert cli_main(["reproduce", "lra"]) == 2
+    assert "invalid choice: 'lra'" in capsys.readouterr().err
+    Run("mqar", tmp_path, torch.device("cpu"), quick=True, resume=False, time_budget_s=None, command="x")
+    assert cli_main(["reproduce", "mqar", "--out", str(tmp_path), "--resume", "--device", "cpu"]) == 2
+    assert "saved state is from a --quick run" in capsys.readouterr().err
+
+
+def _spec(steps=4):
+    config = MambaConfig(d_model=16, n_layer=2, vocab_size=17, ssm_cfg={"layer": "Mamba1", "d_state": 4})
+    return ModelSpec("m", "m", config, TrainSettings(steps=steps, batch_size=2, log_every=1, warmup_steps=1))
+
+
+def _batches(step, generator):
+    return induction_heads(2, 16, generator=generator)
+
+
+def test_time_budget_stops_and_resume_continues_exactly(tmp_path, monkeypatch):
+    """A run stopped after 2 of 4 steps and resumed ends with the weights and losses of an uninterrupted run."""
+    whole = Run("t", tmp_path / "whole", torch.device("cpu"), quick=True, resume=False, time_budget_s=None,
+                command="x", progress=False)
+    reference = whole.train(_spec(), _batches, logits_to_keep=1)
+
+    calls = {"n": 0}
+
+    def stop_after_two_steps(self):  # 1st call: before training; 2nd and 3rd: steps 0 and 1; then out of time
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    monkeypatch.setattr(Run, "out_of_time", stop_after_two_steps)
+    cut = Run("t", tmp_path / "cut", torch.device("cpu"), quick=True, resume=False, time_budget_s=1.0, command="x",
+              progress=False)
+    assert cut.train(_spec(), _batches, logits_to_keep=1) is None
+    assert cut.unfinished() == UNFINISHED
+    saved = torch.load(tmp_path / "cut" / "_state" / "m" / "train.pt", weights_only=False)
+    assert saved["step"] == 2
+    monkeypatch.undo()
+
+    resumed = Run("t", tmp_path / "cut", torch.device("cpu"), quick=True, resume=True, time_budget_s=None,
+                  command="x", progress=False)
+    model = resumed.train(_spec(), _batches, logits_to_keep=1)
+    assert model is not None and (tmp_path / "cut" / "_state" / "m" / "done.json").exists()
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.training_record(_spec())["losses"] == whole.training_record(_spec())["losses"]
+    again = resumed.train(_spec(), _batches, logits_to_keep=1)  # a finished model loads instead of retraining
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+
+
+def test_more_steps_extend_a_finished_model_exactly(tmp_path):
+    """--resume --steps 6 after a 4-step run equals a 6-step run (constant lr after warmup), and drops the
+    finished model's cached evaluations."""
+    straight = Run("t", tmp_path / "a", torch.device("cpu"), quick=True, resume=False, time_budget_s=None, command="x",
+                   progress=False, steps=6)
+    reference = straight.train(_spec(), _batches, logits_to_keep=1)
+    first = Run("t", tmp_path / "b", torch.device("cpu"), quick=True, resume=False, time_budget_s=None, command="x",
+                progress=False)
+    first.train(_spec(), _batches, logits_to_keep=1)
+    assert first.cached(_spec(), "test", lambda: {"accuracy": 0.5}) == {"accuracy": 0.5}
+    extended = Run("t", tmp_path / "b", torch.device("cpu"), quick=True, resume=True, time_budget_s=None, command="x",
+                   progress=False, steps=6)
+    model = extended.train(_spec(), _batches, logits_to_keep=1)
+    assert extended.training_record(_spec())["steps"] == 6
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert extended.cached(_spec(), "test", lambda: {"accuracy": 0.75}) == {"accuracy": 0.75}  # recomputed
+
+
+def test_train_settings_describe_the_schedule():
+    text = TrainSettings(steps=10, batch_size=4, lr=2e-3, warmup_steps=3).describe()
+    assert text.startswith("10 steps of 4 fresh rows") and "lr 0.002 after a 3-step linear warmup then constant" in text
+    assert "weight decay 0," in text
+    assert "cosine to 0.1 x lr" in TrainSettings(steps=10, batch_size=4, min_lr_ratio=0.1).describe()
+
+
+def test_without_resume_the_state_is_discarded(tmp_path):
+    run = Run("t", tmp_path, torch.device("cpu"), quick=True, resume=False, time_budget_s=None, command="x", progress=False)
+    run.train(_spec(steps=1), _batches)
+    assert (tmp_path / "_state" / "m" / "done.json").exists()
+    Run("t", tmp_path, torch.device("cpu"), quick=True, resume=False, time_budget_s=None, command="x", progress=False)
+    assert not (tmp_path / "_state" / "m").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in ("selective-copying", "induction-heads", "mqar")])
+def test_quick_runs_on_cuda(tmp_path, name):
+    """The pipeline on the GPU (Triton backend, bf16 autocast, flash attention) before a full-size run."""
+    assert reproduce(name, tmp_path, quick=True, device="cuda", progress=False) == FINISHED
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["device"] == torch.cuda.get_device_name()
+    assert all(r["final_loss"] > 0 for r in results["rows"])
+
+
+def test_budget_line_reports_the_steps_really_trained():
+    settings = TrainSettings(steps=10, batch_size=4)
+    assert settings.describe([{"steps": 25}, {"steps": 25}]).startswith("25 steps of 4")
+    assert settings.describe([{"steps": 10}, {"steps": 25}]).startswith("the steps in results.json of 4")
