@@ -46,9 +46,9 @@ def _mamba1_direct(layer: Mamba1, u, conv0, ssm0):
     x, z = layer.in_proj(u).chunk(2, dim=-1)
     x, conv_final = causal_conv1d(x, layer.conv1d.weight.squeeze(1), layer.conv1d.bias, activation="silu",
                                   initial_state=conv0, return_final_state=True)
-    dt, B, C = layer._ssm_params(x)
+    dt, B, C, dt_bias = layer._ssm_params(x)
     y, ssm_final = selective_scan(x, dt, -torch.exp(layer.A_log.float()), B, C, D=layer.D.float(), z=z,
-                                  dt_bias=layer.dt_proj.bias.float(), dt_softplus=True, initial_state=ssm0,
+                                  dt_bias=dt_bias.float(), dt_softplus=True, initial_state=ssm0,
                                   return_final_state=True)
     return layer.out_proj(y), conv_final, ssm_final
 

@@ -482,6 +482,11 @@ def _(dy, dfinal, x, weight, bias, initial_state, seq_idx, silu, need_dinit):
 
 def _conv_setup_context(ctx, inputs, output):
     x, weight, bias, initial_state, seq_idx, silu, return_final_state = inputs
+    if initial_state is not None:
+        # a private copy (W - 1 slots, with the kernels' channel-stride-1 layout): the caller's state is often a
+        # decoding cache that it overwrites with the final window right after this call
+        batch, dim, slots = initial_state.shape
+        initial_state = _empty_window(batch, dim, slots + 1, initial_state.dtype, x.device).copy_(initial_state)
     ctx.save_for_backward(x, weight, bias, initial_state, seq_idx)
     ctx.silu, ctx.return_final_state = silu, return_final_state
 
