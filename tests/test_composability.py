@@ -30,7 +30,10 @@ from tests.helpers import assert_close, max_error
 FACTOR = 3.0  # DESIGN.md asks for 2x in bf16; 3x covers the one extra bf16 rounding of a cast weight
 # Floor, as a share of each gradient's scale. Compiled: inductor fuses the low-precision graph differently from
 # eager PyTorch (other roundings); the worst seen on the H200 was 1.0% of the scale (fp16 + GradScaler, A_log).
+# bf16 parameters: the Triton and PyTorch paths round differently in bf16; the worst seen on CPU was 1.8% of the
+# scale (Mamba-2 fused, dt_bias, whose gradient is ~5e-5).
 FLOOR_REL = {"eager": 5e-3, "compiled": 2e-2}
+FLOOR_REL_BF16_PARAMS = 3e-2
 LAYERS = ["Mamba1", "Mamba2"]
 PATHS = ["fused", "unfused", "recompute"]
 PRECISIONS = ["bf16-autocast", "fp16-autocast-scaler", "bf16-params"]
@@ -113,7 +116,7 @@ def _check(layer: str, path: str, precision: str, mode: str, device: str) -> Non
     pt_loss, pt_grads = _torch_lowp(layer, device, precision)
     loss, grads = _step(layer, device, precision, path, mode, "triton")
     scale = float(ref_loss.abs())
-    floor = FLOOR_REL[mode]
+    floor = FLOOR_REL_BF16_PARAMS if precision == "bf16-params" else FLOOR_REL[mode]
     assert_close(loss, ref_loss, name="loss", rel=0.0, atol=FACTOR * max_error(pt_loss, ref_loss) + floor * scale)
     assert grads.keys() == ref_grads.keys()
     for name, ref in ref_grads.items():

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import causal_conv1d, causal_conv1d_update, mamba1_inner, selective_scan, selective_state_update
+from ..ops import (causal_conv1d, causal_conv1d_update, mamba1_inner, pinned_backend, selective_scan,
+                   selective_state_update)
 from .fusion import reads_as_plain, require_plain_conv
 from .state import MixerState
 
@@ -162,7 +163,7 @@ class Mamba1(nn.Module):
         xz = self.in_proj(hidden_states)  # (B, L, 2D)
         if self.recompute and cache is None and torch.is_grad_enabled():
             # keep only xz for the backward; conv, projections and scan run again there
-            y = checkpoint(self._mix, xz, None, seq_idx, use_reentrant=False)
+            y = checkpoint(pinned_backend(self._mix), xz, None, seq_idx, use_reentrant=False)
         else:
             y = self._mix(xz, cache, seq_idx)
         return self.out_proj(y)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import causal_conv1d, causal_conv1d_update, mamba2_inner, ssd, ssd_state_update
+from ..ops import causal_conv1d, causal_conv1d_update, mamba2_inner, pinned_backend, ssd, ssd_state_update
 from .mamba1 import DecodeParams, inverse_softplus_dt
 from .fusion import reads_as_plain, require_plain_conv
 from .norm import RMSNormGated
@@ -173,7 +173,7 @@ class Mamba2(nn.Module):
         zxbcdt = self.in_proj(hidden_states)
         if self.recompute and cache is None and torch.is_grad_enabled():
             # keep only in_proj's output for the backward; conv, SSD, norm and out_proj run again there
-            return checkpoint(self._mix, zxbcdt, None, seq_idx, use_reentrant=False)
+            return checkpoint(pinned_backend(self._mix), zxbcdt, None, seq_idx, use_reentrant=False)
         return self._mix(zxbcdt, cache, seq_idx)
 
     def _fusable(self) -> bool:

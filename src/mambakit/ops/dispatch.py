@@ -61,6 +61,23 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def pinned_backend(fn):
+    """`fn`, run under the `use_backend` choice in force now wherever it is called later (activation recomputation
+    calls a layer again in the backward, outside the caller's `use_backend` block). Under torch.compile the
+    choice is fixed at tracing already, and `fn` is returned as it is."""
+    if torch.compiler.is_compiling():
+        return fn
+    backend = _DEFAULT.get()
+    if backend is None:
+        return fn
+
+    def run(*args, **kwargs):
+        with use_backend(backend):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 @torch.compiler.assume_constant_result
 def _default_backend() -> str | None:
     """The `use_backend` block's backend. Under torch.compile it is read once, while tracing (Dynamo cannot trace
