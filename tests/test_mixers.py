@@ -126,8 +126,8 @@ def test_mamba1_ungated_is_mamba1_without_the_gate():
     with torch.no_grad():
         x = F.silu(F.conv1d(layer.in_proj(u).transpose(1, 2), layer.conv1d.weight, layer.conv1d.bias,
                             padding=layer.d_conv - 1, groups=layer.d_inner)[..., :11]).transpose(1, 2)
-        dt, B, C = layer._ssm_params(x)
-        y = selective_scan(x, dt, -torch.exp(layer.A_log.double()), B, C, D=layer.D, dt_bias=layer.dt_proj.bias,
+        dt, B, C, dt_bias = layer._ssm_params(x)
+        y = selective_scan(x, dt, -torch.exp(layer.A_log.double()), B, C, D=layer.D, dt_bias=dt_bias,
                            dt_softplus=True, backend="reference")
         assert_close(layer(u), layer.out_proj(y), name="ungated output", rel=1e-10)
 

@@ -50,9 +50,10 @@ class Mamba1Ungated(Mamba1):
                           initial_state=cache.conv_state if keep else None, return_final_state=keep, seq_idx=seq_idx)
         if keep:
             x, conv_final = x
-        dt, B, C = self._ssm_params(x)
+        dt, B, C, dt_bias = self._ssm_params(x)  # dt_bias None: an adapted dt_proj added its bias already
         A = -torch.exp(self.A_log.float())
-        y = selective_scan(x, dt, A, B, C, D=self.D.float(), dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
+        y = selective_scan(x, dt, A, B, C, D=self.D.float(), dt_bias=None if dt_bias is None else dt_bias.float(),
+                           dt_softplus=True,
                            initial_state=cache.ssm_state if keep else None, return_final_state=keep, seq_idx=seq_idx)
         if keep:
             y, ssm_final = y
@@ -64,7 +65,7 @@ class Mamba1Ungated(Mamba1):
         """One token: (B, 1, M) -> (B, 1, M), advancing `cache` in place."""
         x = self.in_proj(hidden_states[:, 0])  # (B, D)
         x = causal_conv1d_update(cache.conv_state, x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
-        dt, B, C = self._ssm_params(x)
+        dt, B, C, dt_bias = self._ssm_params(x)
         y = selective_state_update(cache.ssm_state, x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(),
-                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+                                   dt_bias=None if dt_bias is None else dt_bias.float(), dt_softplus=True)
         return self.out_proj(y)[:, None]
