@@ -1,4 +1,5 @@
-"""Small helpers shared by the op families' PyTorch paths."""
+"""Helpers shared by the op families: out= writes on the PyTorch paths, the autocast dtype, and the custom-op
+plumbing of the Triton paths (a torch.library op for torch.compile, a plain autograd.Function in eager mode)."""
 
 from __future__ import annotations
 
