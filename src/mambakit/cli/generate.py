@@ -31,6 +31,10 @@ examples:
       HF_HUB_OFFLINE=1 reads the cache only)
   mambakit generate --model ORG/CHAT-MODEL --chat --prompt "What is a state space model?"
       the prompt as a user message in the tokenizer's chat template; prints the reply
+  mambakit generate --model runs/shakespeare --prompt "ROMEO" --dtype bfloat16
+  mambakit generate --model runs/shakespeare --prompt "ROMEO" --quantize int8
+      faster CPU decoding (it reads the weights once a token): bf16 weights, or int8 weight-only
+      linear layers (activations in bf16 for their products); figures in BENCHMARKS.md
 
 The directory must hold config.json, model.safetensors and the tokenizer (tokenizer_config.json,
 plus tokenizer.json for non-byte tokenizers), as `mambakit train` writes them, or be a Hugging Face
@@ -101,6 +105,9 @@ def build_parser(prog: str = "mambakit generate") -> Parser:
     p.add_argument("--seed", type=seed_type, default=None, metavar="S", help="seed for sampling (default: random)")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=_DTYPES, default="auto", help="weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none",
+                   help="int8: every linear layer's weight in int8 with a scale per output channel (inference only; "
+                        "mambakit.modules.quantize_weights); default none")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="replay the decode step from a CUDA graph on CUDA devices (default: on)")
     return p
@@ -136,7 +143,7 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
          batch_size: int = 16, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 0,
          top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, stop: list[str] | None = None,
          seed: int | None = None, device: str = "auto", dtype: str = "auto", cuda_graph: bool = True,
-         revision: str | None = None, chat: bool = False) -> int:
+         revision: str | None = None, chat: bool = False, quantize: str = "none") -> int:
     """Stream a continuation of `prompt` (or continue each line of `prompts_file`) from the checkpoint in `model`.
 
     Every prompt is prefixed with the tokenizer's end-of-document token, as every document is in
@@ -148,6 +155,7 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
         mambakit generate --model runs/shakespeare --prompt "**HAMLET**"
         mambakit generate --model runs/shakespeare --prompt "To be" --temperature 0.7 --top-p 0.9 --seed 0
         mambakit generate --model runs/shakespeare --prompts-file prompts.txt --output out.jsonl
+        mambakit generate --model runs/shakespeare --prompt "ROMEO" --quantize int8
     """
     import torch
 
@@ -157,6 +165,7 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
     from ..data.chat import apply_chat_template
     from ..generation import stream
     from ..models import MambaLM
+    from ..modules.quantized import quantize_weights
     from ..training import resolve_device
     from ..training.cpu_threads import CPUThreadGovernor
 
@@ -185,6 +194,8 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
     # also reads a Hugging Face folder's tokenizer (a CheckpointError, printed as a user error, if none)
     tokenizer = load_checkpoint_tokenizer(directory)
     lm = MambaLM.from_pretrained(directory, dtype=getattr(torch, dtype), device=dev)
+    if quantize != "none":
+        quantize_weights(lm.eval(), quantize)
     if tokenizer.vocab_size > lm.config.padded_vocab_size:
         raise UsageError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the model's "
                          f"({lm.config.padded_vocab_size}): they do not belong together")
@@ -227,8 +238,8 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
         out.write(decoder.flush() + "\n")
         out.flush()
     elapsed = time.perf_counter() - t0
-    print(f"{n_new} tokens in {elapsed:.2f} s (prompt included): {n_new / max(elapsed, 1e-9):.1f} tokens/s",
-          file=sys.stderr)
+    print(f"{n_new} tokens in {elapsed:.2f} s (prompt included): {n_new / max(elapsed, 1e-9):.1f} tokens/s, "
+          f"{elapsed / max(n_new, 1) * 1e3:.1f} ms/token", file=sys.stderr)
     return 0
 
 

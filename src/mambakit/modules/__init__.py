@@ -7,9 +7,11 @@ from .mamba1_ungated import Mamba1Ungated
 from .mamba2 import Mamba2
 from .mlp import GatedMLP
 from .norm import RMSNorm, RMSNormGated
+from .quantized import Int8Linear, quantize_weights
 from .registry import ATTENTION, MIXERS
 from .s4d import S4D
 from .state import MixerState
 
 __all__ = ["Mamba1", "Mamba2", "GatedMLP", "RMSNorm", "RMSNormGated", "Block", "MixerState", "Mamba1Ungated", "S4D",
-           "MHA", "KVState", "MIXERS", "ATTENTION"]
+           "MHA", "KVState", "MIXERS", "ATTENTION",
+           "Int8Linear", "quantize_weights"]
