@@ -1,0 +1,139 @@
+"""`mambakit bench quantize`: CPU decoding in float32, bfloat16 and int8 weight-only (modules/quantized.py).
+
+Variants: float32; bfloat16 (every weight and activation, `model.to(torch.bfloat16)`); int8 (the linear layers'
+weights in int8, the rest float32); bfloat16+int8 (both). For each:
+    ms_per_token     greedy decoding at batch 1 after a 16-token prompt, the model's shape (`--quick`: tiny;
+                     else the 130M checkpoints' shape, random weights: speed does not depend on their values),
+                     decode time = time(n + 1 tokens) - time(1 token), variants interleaved round by round so a
+                     busy machine slows all alike
+    bits_per_byte    on the held-out text (built-in Shakespeare's held-out plays) of the checkpoint `--model`
+                     (a trained one: a random model's figures say nothing), and its change against float32
+    argmax_agreement share of held-out positions whose most likely next token is float32's
+    greedy_match     share of greedily generated tokens equal to float32's, position by position (4 prompts
+                     from the held-out text, 64 new tokens each): one early difference changes all that follow
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+import statistics
+
+import torch
+
+from ..generation import generate
+from ..modules.quantized import quantize_weights
+from .models import build_model, model_shape, n_params
+from .timing import time_interleaved
+
+VARIANTS = ("float32", "bfloat16", "int8", "bfloat16+int8")
+
+
+def convert(model: torch.nn.Module, variant: str) -> torch.nn.Module:
+    """A copy of the float32 `model` in `variant`."""
+    out = copy.deepcopy(model)
+    if variant.startswith("bfloat16"):
+        out = out.to(torch.bfloat16)
+    if variant.endswith("int8"):
+        out = quantize_weights(out)
+    return out.eval()
+
+
+def decode_ms_per_token(models: dict[str, torch.nn.Module], vocab: int, new_tokens: int, repeats: int) -> dict[str, float]:
+    prompt = torch.randint(0, vocab, (1, 16))
+    variants = {}
+    for name, m in models.items():
+        variants[f"{name}/long"] = lambda m=m: generate(m, prompt, new_tokens + 1)
+        variants[f"{name}/short"] = lambda m=m: generate(m, prompt, 1)
+    times = time_interleaved(variants, repeats, warmup=1)
+    return {name: max(statistics.median(times[f"{name}/long"]) - statistics.median(times[f"{name}/short"]), 0.0)
+            / new_tokens * 1e3 for name in models}
+
+
+def quality(model: torch.nn.Module, tokenizer, quick: bool) -> list[dict]:
+    """bits per byte, argmax agreement and greedy match of every variant of `model` on the held-out text."""
+    from ..data import TokenStream, load_corpus
+    from ..evaluation import evaluate_bits_per_byte
+
+    _, held_out = load_corpus()
+    stream = TokenStream.from_documents(held_out, tokenizer)
+    seqlen, batch, max_tokens = (64, 2, 256) if quick else (256, 8, 32768)
+    n_new = 8 if quick else 64
+    windows = stream.tokens[: 4 * seqlen].long().view(4, seqlen)  # (4, seqlen) held-out text
+    prompts = [row[:32].tolist() for row in windows]
+    rows, base_argmax, base_greedy, base_bpb = [], None, None, None
+    for variant in VARIANTS:
+        m = convert(model, variant)
+        _, bpb = evaluate_bits_per_byte(m, stream, seqlen, batch, max_tokens)
+        with torch.no_grad():
+            argmax = m(windows)[..., : tokenizer.vocab_size].argmax(-1)
+        greedy = torch.tensor(generate(m, prompts, n_new))
+        if variant == "float32":
+            base_argmax, base_greedy, base_bpb = argmax, greedy, bpb
+        rows.append({"variant": variant, "bits_per_byte": bpb, "bpb_change": bpb - base_bpb,
+                     "argmax_agreement": float((argmax == base_argmax).float().mean()),
+                     "greedy_match": float((greedy == base_greedy).float().mean()),
+                     "eval_tokens": max_tokens})
+    return rows
+
+
+def run_quantize(device: torch.device, quick: bool, model_dir: str | None = None,
+                 log: Callable[[str], None] = print) -> dict:
+    if device.type != "cpu":
+        raise ValueError(f"bench quantize: measures CPU decoding; got device {device}")
+    shape = model_shape(quick)
+    new_tokens, repeats = (4, 1) if quick else (16, 3)
+    rows, params = [], {}
+    for name in ("mamba1", "mamba2"):
+        base = build_model(name, shape, device, torch.float32)
+        params[name] = n_params(base)
+        models = {v: convert(base, v) for v in VARIANTS}
+        ms = decode_ms_per_token(models, shape.vocab_size, new_tokens, repeats)
+        for v in VARIANTS:
+            rows.append({"model": name, "variant": v, "ms_per_token": ms[v], "speedup": ms["float32"] / max(ms[v], 1e-9)})
+            log(f"{name} {v:14s} {ms[v]:8.2f} ms/token ({rows[-1]['speedup']:.2f}x float32)")
+        del base, models
+    result = {"shape": shape.name, "params": params, "new_tokens": new_tokens, "repeats": repeats, "speed": rows}
+    if model_dir is not None:
+        from ..checkpoints import load_checkpoint_tokenizer
+        from ..models import MambaLM
+
+        model = MambaLM.from_pretrained(model_dir, dtype=torch.float32, device=device).eval()
+        tokenizer = load_checkpoint_tokenizer(Path(model_dir))
+        quality_model = {"checkpoint": str(model_dir), "params": n_params(model)}
+    else:
+        from ..data import ByteTokenizer
+
+        model = build_model("mamba2", model_shape(True), device, torch.float32)
+        tokenizer = ByteTokenizer()
+        quality_model = {"checkpoint": None, "params": n_params(model),
+                         "note": "a random tiny model: run with --model DIR (a trained checkpoint) for real figures"}
+    result["quality_model"] = quality_model
+    result["quality"] = quality(model, tokenizer, quick)
+    for r in result["quality"]:
+        log(f"{r['variant']:14s} {r['bits_per_byte']:.4f} bits/byte ({r['bpb_change']:+.4f}), argmax agreement "
+            f"{r['argmax_agreement']:.3f}, greedy match {r['greedy_match']:.3f}")
+    return result
+
+
+def plot_quantize(result: dict, out_dir, device_name: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    width = 0.38
+    for i, name in enumerate(("mamba1", "mamba2")):
+        vals = [next(r["ms_per_token"] for r in result["speed"] if r["model"] == name and r["variant"] == v)
+                for v in VARIANTS]
+        ax.bar([j + (i - 0.5) * width for j in range(len(VARIANTS))], vals, width, label=name)
+    ax.set_xticks(range(len(VARIANTS)), VARIANTS)
+    ax.set_ylabel("ms per token (batch 1)")
+    ax.set_title(f"CPU decoding by weight format ({result['shape']}; {device_name})", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "quantize_decode.png", dpi=110)
+    plt.close(fig)
+    return ["quantize_decode.png"]
