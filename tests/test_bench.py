@@ -105,7 +105,8 @@ def test_floors_take_the_binding_ceiling():
 
 
 @pytest.mark.parametrize("argv, message", [
-    pytest.param(["bench", "kernels", "--model", "x"], "--model is for `mambakit bench quantize`", id="model-not-quantize"),
+    pytest.param(["bench", "kernels", "--model", "x"], "--model is for `mambakit bench quantize`",
+                 id="model-not-quantize"),
     pytest.param(["bench", "nope"], "argument BENCHMARK: invalid choice", id="unknown-benchmark"),
 ])
 def test_bench_user_errors(capsys, argv, message):

@@ -1,4 +1,5 @@
-"""CPU bfloat16 and int8 weight-only inference: `Int8Linear`, `quantize_weights`, `mambakit generate --dtype/--quantize`.
+"""CPU bfloat16 and int8 weight-only inference: `Int8Linear`, `quantize_weights`, and
+`mambakit generate --dtype bfloat16 / --quantize int8`.
 
 The int8 product rounds activations to bfloat16 on CPU (modules/quantized.py says why), so a quantized layer is
 compared with F.linear over its dequantized weight at bfloat16's tolerance, and a quantized model's logits with

@@ -72,7 +72,8 @@ def scan_flops_and_bytes(b: int, L: int, D: int, N: int, G: int, e: int) -> tupl
     return fwd, 3 * fwd, io_fwd, io_bwd
 
 
-def ssd_flops_and_bytes(b: int, L: int, H: int, P: int, G: int, N: int, T: int, e: int) -> tuple[float, float, float, float]:
+def ssd_flops_and_bytes(b: int, L: int, H: int, P: int, G: int, N: int, T: int,
+                        e: int) -> tuple[float, float, float, float]:
     """Mamba-2 SSD, chunked: matmul FLOPs (dense T x T diagonal blocks, C B^T once per group) and minimal bytes:
     (fwd FLOPs, fwd+bwd FLOPs, fwd bytes, fwd+bwd bytes)."""
     nc = math.ceil(L / T)

@@ -68,7 +68,8 @@ def _mamba_ssm_model(name: str, shape, device, dtype):
 def _runner(impl: str, model, device: torch.device) -> Callable[[torch.Tensor, int], object]:
     """(prompt ids (B, P), n new tokens) -> runs greedy generation of exactly n tokens."""
     if impl == "mambakit":
-        graphs = device.type == "cuda" and model.config.layer in ("Mamba1", "Mamba2") and not model.config.attn_layer_idx
+        graphs = (device.type == "cuda" and model.config.layer in ("Mamba1", "Mamba2")
+                  and not model.config.attn_layer_idx)
         return lambda ids, n: generate(model, ids, n, cuda_graph=graphs)
     if impl == "transformers":
         def run(ids, n):
@@ -128,7 +129,8 @@ def run_generate(device: torch.device, quick: bool, log: Callable[[str], None] =
                 notes.append(f"{label} batch {batch}: decode time not measurable (n + 1 tokens took no longer than 1)")
                 continue
             decode = long - short
-            row.update(decode_s=decode, ms_per_step=decode / s.new_tokens * 1e3, tokens_per_s=batch * s.new_tokens / decode)
+            row.update(decode_s=decode, ms_per_step=decode / s.new_tokens * 1e3,
+                       tokens_per_s=batch * s.new_tokens / decode)
             log(f"{label:22s} batch {batch:4d}: {row['ms_per_step']:8.2f} ms/step  {row['tokens_per_s']:10.1f} tok/s")
         del model
         if device.type == "cuda":

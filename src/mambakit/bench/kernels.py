@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import selective_scan, ssd
-from .floors import (Ceilings, attention_flops_and_bytes, measure_ceilings, scan_flops_and_bytes,
-                     ssd_flops_and_bytes)
+from .floors import attention_flops_and_bytes, measure_ceilings, scan_flops_and_bytes, ssd_flops_and_bytes
 from .timing import median_ms, peak_memory_bytes, saved_bytes
 
 OPS = ("mamba1_scan", "mamba2_ssd")
@@ -97,7 +96,8 @@ def ssd_inputs(s: KernelShapes, L: int, device: torch.device, seed: int = 0) -> 
             "dt_bias": torch.log(torch.expm1(torch.exp(torch.rand(H, device=device, generator=g) * 4.6 - 6.9)))}
 
 
-def attention_inputs(b: int, L: int, width: int, head_dim: int, dtype: str, device: torch.device) -> dict[str, torch.Tensor]:
+def attention_inputs(b: int, L: int, width: int, head_dim: int, dtype: str,
+                     device: torch.device) -> dict[str, torch.Tensor]:
     """q, k, v (b, H, L, E) with H x E = width."""
     H = max(width // head_dim, 1)
     g = torch.Generator(device=device).manual_seed(0)
@@ -291,8 +291,10 @@ def plot_kernels(result: dict, out_dir, device_name: str) -> list[str]:
         ("kernels_memory.png", ("peak_mb" if any(r["peak_mb"] is not None for r in rows) else "saved_mb",),
          "MB", True),
     ]:
-        panels = [(f"{op} {'forward+backward' if key.startswith('fwd_bwd') else 'forward' if key.startswith('fwd') else ''}",
-                   [r for r in rows if r["op"] == op], key) for op in OPS for key in keys]
+        def part(key: str) -> str:
+            return "forward+backward" if key.startswith("fwd_bwd") else "forward" if key.startswith("fwd") else ""
+
+        panels = [(f"{op} {part(key)}", [r for r in rows if r["op"] == op], key) for op in OPS for key in keys]
         line_panels(out_dir / fname, panels, x="seqlen", series="impl", ylabel=ylabel, logy=logy,
                     title=f"mambakit bench kernels ({device_name})", ncols=len(keys))
         names.append(fname)

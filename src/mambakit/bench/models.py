@@ -33,7 +33,8 @@ class ModelShape:
 def model_shape(quick: bool) -> ModelShape:
     """The 130M checkpoints' shape (d_model 768, 24 layers, the GPT-NeoX vocabulary); quick: a tiny byte model."""
     if quick:
-        return ModelShape(d_model=64, n_layer=2, vocab_size=256, mamba2={"d_state": 16, "headdim": 16, "chunk_size": 16})
+        return ModelShape(d_model=64, n_layer=2, vocab_size=256,
+                          mamba2={"d_state": 16, "headdim": 16, "chunk_size": 16})
     return ModelShape(d_model=768, n_layer=24, vocab_size=50277)
 
 

@@ -11,14 +11,15 @@ weights in int8, the rest float32); bfloat16+int8 (both). For each:
     argmax_agreement share of held-out positions whose most likely next token is float32's
     greedy_match     share of greedily generated tokens equal to float32's, position by position (4 prompts
                      from the held-out text, 64 new tokens each): one early difference changes all that follow
+    greedy_prefix    mean length of the part of each greedy continuation identical to float32's, as a share
 """
 
 from __future__ import annotations
 
 import copy
+import statistics
 from collections.abc import Callable
 from pathlib import Path
-import statistics
 
 import torch
 
@@ -40,7 +41,9 @@ def convert(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     return out.eval()
 
 
-def decode_ms_per_token(models: dict[str, torch.nn.Module], vocab: int, new_tokens: int, repeats: int) -> dict[str, float]:
+def decode_ms_per_token(models: dict[str, torch.nn.Module], vocab: int, new_tokens: int,
+                        repeats: int) -> dict[str, float]:
+    """Greedy ms per new token of each model at batch 1 after a 16-token prompt (prefill excluded)."""
     prompt = torch.randint(0, vocab, (1, 16))
     variants = {}
     for name, m in models.items():
@@ -49,6 +52,13 @@ def decode_ms_per_token(models: dict[str, torch.nn.Module], vocab: int, new_toke
     times = time_interleaved(variants, repeats, warmup=1)
     return {name: max(statistics.median(times[f"{name}/long"]) - statistics.median(times[f"{name}/short"]), 0.0)
             / new_tokens * 1e3 for name in models}
+
+
+def _same_prefix(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean length of the rows' common prefix, as a share of the row length (a, b: (rows, n) token ids)."""
+    differ = (a != b).int()
+    first = torch.where(differ.any(1), differ.argmax(1), torch.full((a.shape[0],), a.shape[1]))
+    return float(first.float().mean() / a.shape[1])
 
 
 def quality(model: torch.nn.Module, tokenizer, quick: bool) -> list[dict]:
@@ -74,6 +84,7 @@ def quality(model: torch.nn.Module, tokenizer, quick: bool) -> list[dict]:
         rows.append({"variant": variant, "bits_per_byte": bpb, "bpb_change": bpb - base_bpb,
                      "argmax_agreement": float((argmax == base_argmax).float().mean()),
                      "greedy_match": float((greedy == base_greedy).float().mean()),
+                     "greedy_prefix": _same_prefix(greedy, base_greedy),
                      "eval_tokens": max_tokens})
     return rows
 
@@ -91,7 +102,8 @@ def run_quantize(device: torch.device, quick: bool, model_dir: str | None = None
         models = {v: convert(base, v) for v in VARIANTS}
         ms = decode_ms_per_token(models, shape.vocab_size, new_tokens, repeats)
         for v in VARIANTS:
-            rows.append({"model": name, "variant": v, "ms_per_token": ms[v], "speedup": ms["float32"] / max(ms[v], 1e-9)})
+            rows.append({"model": name, "variant": v, "ms_per_token": ms[v],
+                         "speedup": ms["float32"] / max(ms[v], 1e-9)})
             log(f"{name} {v:14s} {ms[v]:8.2f} ms/token ({rows[-1]['speedup']:.2f}x float32)")
         del base, models
     result = {"shape": shape.name, "params": params, "new_tokens": new_tokens, "repeats": repeats, "speed": rows}
@@ -113,7 +125,7 @@ def run_quantize(device: torch.device, quick: bool, model_dir: str | None = None
     result["quality"] = quality(model, tokenizer, quick)
     for r in result["quality"]:
         log(f"{r['variant']:14s} {r['bits_per_byte']:.4f} bits/byte ({r['bpb_change']:+.4f}), argmax agreement "
-            f"{r['argmax_agreement']:.3f}, greedy match {r['greedy_match']:.3f}")
+            f"{r['argmax_agreement']:.3f}, greedy match {r['greedy_match']:.3f} (same prefix {r['greedy_prefix']:.3f})")
     return result
 
 
