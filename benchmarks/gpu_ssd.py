@@ -38,6 +38,9 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+# matmul flops of the chunked algorithm and minimal bytes; shared with `mambakit bench kernels`
+from mambakit.bench.floors import ssd_flops_and_bytes as flops_and_bytes  # noqa: E402
+
 TARGETS = {  # mamba_ssm Triton on the H100 (ANCHORS.md): fwd ms, fwd+bwd ms, peak GB
     2048: (0.456, 4.21, 0.64),
     8192: (0.604, 3.55, 1.57),
@@ -67,18 +70,6 @@ def make_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, dtype, device="
 
 
 GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias")
-
-
-def flops_and_bytes(b, L, H, P, G, N, T, itemsize):
-    """Matmul flops of the chunked algorithm (dense T x T diagonal blocks, C B^T once per group) and minimal bytes."""
-    nc = math.ceil(L / T)
-    fwd = b * nc * (G * 2 * T * T * N + H * (2 * T * T * P + 2 * 2 * T * P * N))
-    # backward: dC, dB from dCB (per group); per head dXd_diag, dCB, and four (T x P x N) products
-    bwd = b * nc * (G * 2 * 2 * T * T * N + H * (2 * 2 * T * T * P + 4 * 2 * T * P * N))
-    io_fwd = itemsize * (2 * b * L * H * P + b * L * H + 2 * b * L * G * N)  # x, dt, B, C in; y out
-    # backward adds dy, x, dt, B, C in and dx, ddt, dB, dC out
-    io_bwd = io_fwd + itemsize * (3 * b * L * H * P + 2 * b * L * H + 4 * b * L * G * N)
-    return fwd, fwd + bwd, io_fwd, io_bwd
 
 
 def bench(fn, grad_to_none=None):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,11 +14,15 @@ import torch
 
 
 def environment(device: torch.device) -> dict:
-    """Device name and library versions (the same stamp `mambakit reproduce` writes), and the thread count."""
+    """Device name and library versions (the same stamp `mambakit reproduce` writes), the thread count and, where
+    the OS tells it, the 1-minute load average when the results are written (this run included): on a shared CPU
+    it says how busy the machine was."""
     from ..reproduce.common import environment as stamp
 
     env = stamp(device)
     env["threads"] = torch.get_num_threads()
+    if hasattr(os, "getloadavg"):
+        env["load_average_1min"] = round(os.getloadavg()[0], 2)
     return env
 
 

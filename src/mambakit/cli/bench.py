@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shlex
 
 from .errors import Parser, UsageError
@@ -60,6 +61,7 @@ def main(what: str, device: str = "auto", quick: bool = False, out: str = "resul
         raise UsageError("--model is for `mambakit bench quantize`")
     command = shlex.join(["mambakit", "bench", what, f"--device={dev.type}"] + (["--quick"] if quick else [])
                          + ([f"--model={model}"] if model else []))
-    for path in run_bench(what, dev, quick=quick, out=out, model=model, command=command):
+    log = functools.partial(print, flush=True)  # progress shows as it comes, also when piped to a file
+    for path in run_bench(what, dev, quick=quick, out=out, model=model, command=command, log=log):
         print(f"wrote {path}")
     return 0
