@@ -11,8 +11,8 @@ the time to read the weights (0.52 GB a token for the 130M shape in float32); in
 that. Activations stay in floating point.
 
 On CPU the product is `torch._weight_int8pack_mm`, PyTorch's own int8 weight-only kernel. Its fast path takes
-bfloat16 activations (a float32 or float16 input runs 5-10x slower than even the float32 matmul on the
-AVX-512 machine of BENCHMARKS.md), so the input is rounded to bfloat16 for the product and the output
+bfloat16 activations (with float32 or float16 inputs it ran 3-6x slower than even the float32 matmul on
+the AVX-512 machine of BENCHMARKS.md), so the input is rounded to bfloat16 for the product and the output
 returned in the input's dtype. That kernel also needs in_features to be a multiple of 16 (torch 2.13 CPU: other
 sizes crash the process or return garbage), so a layer of another width, and any layer off the CPU (CUDA),
 dequantizes its weight into the matmul instead, `F.linear(x, q.to(dtype)) * scale`. Inference only: neither
