@@ -50,7 +50,7 @@ class KernelShapes:
 
 def kernel_shapes(device: torch.device, quick: bool) -> KernelShapes:
     """CUDA: the shapes of issue 18's table (scan dim 4096 N 16; SSD 64 x 64 heads, N 128; batch 2; bf16) over
-    seqlen 512 ... 256K. CPU: the 130M model's widths (dim 1536; 24 x 64 heads) in float32 up to 4096.
+    seqlen 512 ... 256K. CPU: the 130M model's widths (dim 1536; 24 x 64 heads) in float32, seqlen 256 ... 2048.
     Quick: tiny widths and seqlens, a seconds-long run of the whole pipeline."""
     if quick:
         return KernelShapes(batch=1, dim=32, dstate1=8, nheads=2, headdim=16, dstate2=16, chunk=16,
@@ -60,7 +60,7 @@ def kernel_shapes(device: torch.device, quick: bool) -> KernelShapes:
                             seqlens=[512, 2048, 8192, 32768, 131072, 262144], dtype="bfloat16",
                             reference_max_len=2048)
     return KernelShapes(batch=1, dim=1536, dstate1=16, nheads=24, headdim=64, dstate2=128, chunk=256,
-                        seqlens=[512, 1024, 2048, 4096], dtype="float32", reference_max_len=512, repeats=3)
+                        seqlens=[256, 512, 1024, 2048], dtype="float32", reference_max_len=256, repeats=3)
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------
