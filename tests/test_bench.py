@@ -125,3 +125,16 @@ def test_bench_quantize_refuses_a_gpu_device(capsys):
     else:
         assert main(["bench", "quantize", "--device", "cuda", "--quick"]) == 2
         assert "mambakit bench: error:" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("what", [pytest.param("kernels", id="kernels"), pytest.param("generate", id="generate"),
+                                  pytest.param("train", id="train")])
+def test_bench_quick_cuda_writes_json_with_peak_memory(tmp_path, capsys, what):
+    """On the GPU machine: the same pipeline on CUDA (do_bench timings, Triton kernels, CUDA graphs), with peak memory."""
+    assert main(["bench", what, "--quick", "--device", "cuda", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    result = json.loads((tmp_path / f"{what}.json").read_text(encoding="utf-8"))
+    assert result["rows"] and all(r["peak_mb"] is not None and r["peak_mb"] >= 0 for r in result["rows"])
+    assert list(tmp_path.glob(f"{what}_*.png"))
