@@ -138,3 +138,13 @@ def test_bench_quick_cuda_writes_json_with_peak_memory(tmp_path, capsys, what):
     result = json.loads((tmp_path / f"{what}.json").read_text(encoding="utf-8"))
     assert result["rows"] and all(r["peak_mb"] is not None and r["peak_mb"] >= 0 for r in result["rows"])
     assert list(tmp_path.glob(f"{what}_*.png"))
+
+
+def test_bench_no_peers_names_every_peer_in_the_notes(tmp_path, capsys):
+    assert main(["bench", "kernels", "--quick", "--device", "cpu", "--no-peers", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    result = json.loads((tmp_path / "kernels.json").read_text(encoding="utf-8"))
+    assert {r["impl"] for r in result["rows"]} == {"mambakit", "reference", "sdpa"}
+    for peer in ("mamba_ssm", "mambapy", "fla"):
+        assert f"{peer}: skipped: peers turned off (--no-peers)" in result["notes"]
+    assert result["command"].endswith("--no-peers")

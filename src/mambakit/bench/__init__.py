@@ -17,10 +17,11 @@ BENCHMARKS = ("kernels", "train", "generate", "quantize")
 
 
 def run_bench(what: str, device: str | torch.device = "cpu", quick: bool = False, out: str | Path = "results/bench",
-              model: str | None = None, command: str = "", log=print) -> list[Path]:
+              model: str | None = None, command: str = "", log=print, peers: bool = True) -> list[Path]:
     """Run one benchmark and write out/<what>.json and its PNG plots; returns the paths written.
 
-    `model` (quantize only) is a trained checkpoint directory for the quality figures (bits per byte, agreement).
+    `model` (quantize only) is a trained checkpoint directory for the quality figures (bits per byte, agreement);
+    `peers=False` leaves the other libraries out (kernels, generate), each named in the JSON's notes.
     """
     if what not in BENCHMARKS:
         raise ValueError(f"run_bench: what must be one of {BENCHMARKS}, got {what!r}")
@@ -35,7 +36,7 @@ def run_bench(what: str, device: str | torch.device = "cpu", quick: bool = False
     if what == "kernels":
         from .kernels import plot_kernels as plot, run_kernels
 
-        result = run_kernels(device, quick, log)
+        result = run_kernels(device, quick, log, peers)
     elif what == "train":
         from .train import plot_train as plot, run_train
 
@@ -43,7 +44,7 @@ def run_bench(what: str, device: str | torch.device = "cpu", quick: bool = False
     elif what == "generate":
         from .generate import plot_generate as plot, run_generate
 
-        result = run_generate(device, quick, log)
+        result = run_generate(device, quick, log, peers)
     else:
         from .quantize import plot_quantize as plot, run_quantize
 

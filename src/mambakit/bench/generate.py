@@ -82,14 +82,16 @@ def _runner(impl: str, model, device: torch.device) -> Callable[[torch.Tensor, i
     return run_ref
 
 
-def run_generate(device: torch.device, quick: bool, log: Callable[[str], None] = print) -> dict:
+def run_generate(device: torch.device, quick: bool, log: Callable[[str], None] = print, peers: bool = True) -> dict:
     s = generate_settings(device, quick)
     shape = model_shape(quick)
     dtype = getattr(torch, s.dtype)
     notes, rows, params = [], [], {}
     candidates = [("mambakit", name) for name in MODELS]
     for impl, module in (("transformers", "transformers"), ("mamba_ssm", "mamba_ssm")):
-        if importlib.util.find_spec(module) is None:
+        if not peers:
+            notes.append(f"{impl}: skipped: peers turned off (--no-peers)")
+        elif importlib.util.find_spec(module) is None:
             notes.append(f"{impl}: skipped: {module} is not importable")
         elif impl == "mamba_ssm" and device.type != "cuda":
             notes.append("mamba_ssm: skipped: its generation needs CUDA")

@@ -125,8 +125,10 @@ def _sdpa(i: dict) -> torch.Tensor:
 # ---- peers: their layouts differ, so each gets its inputs converted once, outside the timed call ----------
 
 
-def peer_notes() -> dict[str, str | None]:
-    """Each peer's import status: None when importable, else the note results.json carries."""
+def peer_notes(enabled: bool = True) -> dict[str, str | None]:
+    """Each peer's status: None when it will be timed (importable), else the note results.json carries."""
+    if not enabled:
+        return {name: "skipped: peers turned off (--no-peers)" for name in ("mamba_ssm", "mambapy", "fla")}
     return {name: None if importlib.util.find_spec(module) is not None else f"skipped: {module} is not importable"
             for name, module in (("mamba_ssm", "mamba_ssm"), ("mambapy", "mambapy"), ("fla", "fla"))}
 
@@ -211,12 +213,12 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def run_kernels(device: torch.device, quick: bool, log: Callable[[str], None] = print) -> dict:
+def run_kernels(device: torch.device, quick: bool, log: Callable[[str], None] = print, peers: bool = True) -> dict:
     """Time every op x implementation x seqlen; returns {"shapes", "ceilings", "rows", "notes"}."""
     s = kernel_shapes(device, quick)
     ceilings = measure_ceilings(device, getattr(torch, s.dtype), quick)
     log(f"ceilings: copy {ceilings.copy_gbps:.1f} GB/s, matmul {ceilings.matmul_tflops:.3f} TFLOP/s ({ceilings.dtype})")
-    peers = peer_notes()
+    peers = peer_notes(peers)
     notes = [f"{name}: {note}" for name, note in peers.items() if note]
     e = torch.finfo(getattr(torch, s.dtype)).bits // 8
     rows: list[dict] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import shlex
 
@@ -18,6 +19,8 @@ examples:
   mambakit bench generate --device cuda
       decoding throughput against batch size: Mamba-1, Mamba-2, a same-size Transformer (and peers)
   mambakit bench train --device cuda
+  mambakit bench generate --device cpu --no-peers
+      only mambakit's models (transformers' pure-PyTorch Mamba-2 decoding can take many minutes on a CPU)
   mambakit bench quantize --model runs/shakespeare
       CPU decoding ms/token in float32, bfloat16 and int8 (130M shape), and the checkpoint's bits per byte and
       greedy agreement in each
@@ -35,13 +38,16 @@ def build_parser(prog: str = "mambakit bench") -> Parser:
     p.add_argument("--device", default="auto", metavar="DEV", help="auto (default: cuda when available), cpu, cuda")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a seconds-long run of the whole pipeline")
     p.add_argument("--out", default="results/bench", metavar="DIR", help="output directory (default results/bench)")
+    p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                   help="kernels, generate: also time mamba_ssm, mambapy, fla, transformers where importable "
+                        "(default: on)")
     p.add_argument("--model", default=None, metavar="DIR",
                    help="quantize: a trained checkpoint for bits per byte and agreement (default: a random tiny model)")
     return p
 
 
 def main(what: str, device: str = "auto", quick: bool = False, out: str = "results/bench",
-         model: str | None = None) -> int:
+         model: str | None = None, peers: bool = True) -> int:
     """Run benchmark `what` and write its JSON and plots to `out`; returns 0.
 
     Examples:
@@ -60,8 +66,8 @@ def main(what: str, device: str = "auto", quick: bool = False, out: str = "resul
     if model is not None and what != "quantize":
         raise UsageError("--model is for `mambakit bench quantize`")
     command = shlex.join(["mambakit", "bench", what, f"--device={dev.type}"] + (["--quick"] if quick else [])
-                         + ([f"--model={model}"] if model else []))
+                         + ([f"--model={model}"] if model else []) + ([] if peers else ["--no-peers"]))
     log = functools.partial(print, flush=True)  # progress shows as it comes, also when piped to a file
-    for path in run_bench(what, dev, quick=quick, out=out, model=model, command=command, log=log):
+    for path in run_bench(what, dev, quick=quick, out=out, model=model, command=command, log=log, peers=peers):
         print(f"wrote {path}")
     return 0
