@@ -1,0 +1,199 @@
+"""DNA: the streaming FASTA reader (plain, .gz, .xz, multi-record, lower case, N runs, constant memory), the
+nucleotide tokenizer and reverse complements, genome streams, species windows, `mambakit train --task dna`."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from mambakit.data import DataError, load_tokenizer
+from mambakit.data.dna import (
+    Genome,
+    NucleotideTokenizer,
+    SpeciesWindows,
+    genome_streams,
+    iter_fasta,
+    load_genome,
+    random_reverse_complement,
+    read_fasta,
+    reverse_complement,
+)
+
+MULTI = (">chr1 first record\nACGTacgt\nNNNNNNNNNN\nggcc\n"
+         ";a comment line\n"
+         ">chr2\r\nTTTT\r\n\r\nRYKM\r\n"
+         ">empty\n"
+         ">chr3 last\nA C\tG\n")
+EXPECTED = [("chr1", "ACGTACGTNNNNNNNNNNGGCC"), ("chr2", "TTTTRYKM"), ("empty", ""), ("chr3", "ACG")]
+
+WRITERS = [
+    pytest.param(".fa", lambda p, b: p.write_bytes(b), id="plain"),
+    pytest.param(".fa.gz", lambda p, b: p.write_bytes(gzip.compress(b)), id="gz"),
+    pytest.param(".fna.xz", lambda p, b: p.write_bytes(lzma.compress(b)), id="xz"),
+    pytest.param(".fasta.bz2", lambda p, b: p.write_bytes(bz2.compress(b)), id="bz2"),
+]
+
+
+@pytest.mark.parametrize("suffix, write", WRITERS)
+def test_reader_multi_record_lower_case_and_n_runs(tmp_path, suffix, write):
+    path = tmp_path / f"genome{suffix}"
+    write(path, MULTI.encode())
+    assert read_fasta(path) == EXPECTED
+    headers = {c.record: c.header for c in iter_fasta(path)}
+    assert headers["chr1"] == "chr1 first record" and headers["chr3"] == "chr3 last"
+
+
+@pytest.mark.parametrize("chunk_bases", [pytest.param(1, id="chunk1"), pytest.param(3, id="chunk3"),
+                                         pytest.param(7, id="chunk7"), pytest.param(1 << 20, id="chunk1M")])
+def test_reader_chunks_rebuild_every_record(tmp_path, chunk_bases):
+    path = tmp_path / "g.fa"
+    path.write_text(MULTI)
+    chunks = list(iter_fasta(path, chunk_bases=chunk_bases))
+    assert all(len(c.seq) <= chunk_bases for c in chunks)
+    rebuilt = {}
+    for c in chunks:
+        assert c.offset == len(rebuilt.get(c.record, b""))  # offsets are positions in the record
+        rebuilt[c.record] = rebuilt.get(c.record, b"") + c.seq
+    assert [(k, v.decode()) for k, v in rebuilt.items()] == EXPECTED
+
+
+def test_reader_keeps_a_long_n_run_across_chunks(tmp_path):
+    seq = "ACGT" * 100 + "N" * 5000 + "acgt" * 100
+    path = tmp_path / "gap.fa.gz"
+    path.write_bytes(gzip.compress((">gap\n" + "\n".join(seq[i:i + 60] for i in range(0, len(seq), 60)) + "\n").encode()))
+    ids = load_genome(path).tokens[0]
+    assert ids.size == len(seq)
+    assert np.count_nonzero(ids == 8) == 5000 and (ids[400:5400] == 8).all()
+
+
+def test_reader_memory_is_constant_on_a_one_line_genome(tmp_path):
+    """An 8 Mbp record on a single line: the reader holds at most a chunk and a readline piece."""
+    path = tmp_path / "oneline.fa"
+    rng = np.random.default_rng(0)
+    bases = np.frombuffer(b"ACGT", dtype=np.uint8)[rng.integers(0, 4, 8_000_000)].tobytes()
+    path.write_bytes(b">big\n" + bases + b"\n")
+    del bases
+    tracemalloc.start()
+    total = sum(len(c.seq) for c in iter_fasta(path, chunk_bases=1 << 16))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert total == 8_000_000
+    assert peak < 1_000_000, f"peak {peak} bytes while reading 8 MB"
+
+
+@pytest.mark.parametrize("text, message", [
+    pytest.param("ACGT\n>r\nAC\n", "before the first '>'", id="sequence-before-header"),
+    pytest.param("; only a comment\n", "no FASTA records", id="no-records"),
+])
+def test_reader_errors_name_the_problem(tmp_path, text, message):
+    path = tmp_path / "bad.fa"
+    path.write_text(text)
+    with pytest.raises(DataError, match=message):
+        read_fasta(path)
+
+
+def test_reader_truncated_archive_is_a_data_error(tmp_path):
+    path = tmp_path / "cut.fa.xz"
+    bases = np.frombuffer(b"ACGT", dtype=np.uint8)[np.random.default_rng(0).integers(0, 4, 40000)].tobytes()
+    whole = lzma.compress(b">r\n" + bases)
+    path.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataError, match="cannot read"):
+        read_fasta(path)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def test_tokenizer_ids_case_ambiguity_and_round_trip(tmp_path):
+    tok = NucleotideTokenizer()
+    assert tok.encode("ACGTN") == [4, 5, 6, 7, 8]
+    assert tok.encode("acgtn") == [4, 5, 6, 7, 8]
+    assert tok.encode("RYKMSWBDHV-") == [8] * 11  # ambiguity codes and anything else read as N
+    assert tok.decode([0, 4, 5, 1, 6, 7, 2, 8, 3]) == "ACGTN"  # specials are not sequence
+    assert tok.decode(tok.encode("GATTACANNN")) == "GATTACANNN"
+    assert tok.count_bytes([4, 5, 6]) == 3 and tok.vocab_size == 9 and tok.eos_id == 0
+    with pytest.raises(ValueError, match=r"\[0, 9\)"):
+        tok.decode([9])
+    tok.save(tmp_path)
+    assert isinstance(load_tokenizer(tmp_path), NucleotideTokenizer)
+
+
+def test_reverse_complement_every_container():
+    tok = NucleotideTokenizer()
+    ids = tok.encode("AACGTN")
+    assert tok.decode(reverse_complement(ids)) == "NACGTT"
+    assert reverse_complement(reverse_complement(ids)) == ids  # an involution
+    arr = np.array(ids, dtype=np.uint8)
+    assert reverse_complement(arr).tolist() == reverse_complement(ids) and reverse_complement(arr).dtype == np.uint8
+    batch = torch.tensor([ids, tok.encode("GGGGTT")])
+    out = reverse_complement(batch)
+    assert out.dtype == batch.dtype and tok.decode(out[1].tolist()) == "AACCCC"
+
+
+def test_random_reverse_complement_flips_whole_rows():
+    tok = NucleotideTokenizer()
+    batch = torch.tensor([tok.encode("AACCGGTA")] * 64)
+    out = random_reverse_complement(batch, torch.Generator().manual_seed(0))
+    flipped = (out != batch).any(1)
+    assert 10 < int(flipped.sum()) < 54  # about half, by a seeded coin
+    assert torch.equal(out[flipped], reverse_complement(batch[flipped]))
+    assert torch.equal(out[~flipped], batch[~flipped])
+
+
+# ---------------------------------------------------------------- streams and species windows
+
+def test_genome_streams_hold_out_record_tails_and_add_reverse_complements():
+    tok = NucleotideTokenizer()
+    genome = Genome(["a", "b"], [tok.encode_array("ACGTACGTAC"), tok.encode_array("GGGGGTTTTT")])
+    train, val = genome_streams(genome, val_fraction=0.2)
+    assert tok.decode(val.tokens.tolist()) == "ACTT" and val.tokens[0] == 0
+    assert tok.decode(train.tokens.tolist()) == "ACGTACGT" + "ACGTACGT" + "GGGGGTTT" + "AAACCCCC"
+    plain, _ = genome_streams(genome, val_fraction=0.2, reverse_complement_train=False)
+    assert len(plain) == 2 * (8 + 1)
+
+
+def _random_genome(n_records: int, length: int, seed: int) -> Genome:
+    rng = np.random.default_rng(seed)
+    return Genome([f"r{i}" for i in range(n_records)], [rng.integers(4, 8, length).astype(np.uint8) for _ in range(n_records)])
+
+
+def _offsets(record: np.ndarray, window: np.ndarray) -> list[int]:
+    """Every start where `window` occurs in `record` (a random 64-mer occurs once)."""
+    view = np.lib.stride_tricks.sliding_window_view(record, window.size)
+    return np.flatnonzero((view == window).all(1)).tolist()
+
+
+def test_species_windows_train_and_test_regions_are_disjoint():
+    genomes = {"x": _random_genome(2, 1000, 0), "y": _random_genome(1, 1500, 1)}
+    data = SpeciesWindows(genomes, test_fraction=0.25)
+    gen = torch.Generator().manual_seed(0)
+    assert data.max_length("train") == 750 and data.max_length("test") == 250
+    for split in ("train", "test"):
+        ids, labels = data.sample(split, 32, 64, gen)
+        assert ids.shape == (32, 64) and ids.dtype == torch.int64 and set(labels.tolist()) == {0, 1}
+        for row, label in zip(ids.numpy().astype(np.uint8), labels.tolist()):
+            found = [(r.size, o) for r in genomes[data.species[label]].tokens for o in _offsets(r, row)]
+            assert len(found) == 1  # the window comes from its own species' genome
+            size, offset = found[0]
+            cut = int(0.75 * size)
+            if split == "train":
+                assert offset + 64 <= cut
+            else:
+                assert offset >= cut
+    with pytest.raises(ValueError, match="exceeds"):
+        data.sample("test", 1, 251, gen)
+
+
+def test_species_windows_skip_mostly_n_windows():
+    tok = NucleotideTokenizer()
+    gappy = Genome(["g"], [tok.encode_array("N" * 600 + "ACGT" * 100)])
+    data = SpeciesWindows({"gappy": gappy, "plain": _random_genome(1, 1000, 2)}, test_fraction=0.05,
+                          max_n_fraction=0.1)
+    ids, labels = data.sample("train", 16, 50, torch.Generator().manual_seed(0))
+    assert ((ids == 8).float().mean(1) <= 0.1).all()
+    assert (labels == 0).any()
