@@ -197,3 +197,36 @@ def test_species_windows_skip_mostly_n_windows():
     ids, labels = data.sample("train", 16, 50, torch.Generator().manual_seed(0))
     assert ((ids == 8).float().mean(1) <= 0.1).all()
     assert (labels == 0).any()
+
+
+# ---------------------------------------------------------------- mambakit train --task dna
+
+def test_train_task_dna_end_to_end(tmp_path, capsys):
+    from mambakit.cli.__main__ import main
+    from mambakit.models import MambaLM
+
+    rng = np.random.default_rng(0)
+    letters = np.frombuffer(b"ACGTacgt", dtype=np.uint8)
+    for i in range(2):
+        seq = letters[rng.integers(0, 8, 3000)].tobytes().decode()
+        lines = "\n".join(seq[j:j + 70] for j in range(0, len(seq), 70))
+        (tmp_path / f"g{i}.fna.xz").write_bytes(lzma.compress(f">rec{i} test\n{lines}\n".encode()))
+    out = tmp_path / "run"
+    assert main(["train", "--task", "dna", "--recipe", "tiny", "--data", str(tmp_path), "--max-steps", "3",
+                 "--seqlen", "64", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "NucleotideTokenizer" in printed and "held-out" in printed
+    assert isinstance(load_tokenizer(out), NucleotideTokenizer)
+    assert MambaLM.from_pretrained(out).config.vocab_size == 9
+
+
+@pytest.mark.parametrize("argv, message", [
+    pytest.param(["--tokenizer", "t.json"], "leave out --tokenizer", id="tokenizer"),
+    pytest.param(["--data", "{tmp}/none.fa"], "data path not found", id="missing-data"),
+])
+def test_train_task_dna_user_errors(tmp_path, capsys, argv, message):
+    from mambakit.cli.__main__ import main
+
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(["train", "--task", "dna", "--out", str(tmp_path / "run"), *argv]) == 2
+    assert message in capsys.readouterr().err
