@@ -21,6 +21,16 @@ from mambakit.data.spoken_digits import (
     write_clip_set,
 )
 
+
+@pytest.fixture(autouse=True)
+def _one_cpu_thread():
+    """Tiny models on a shared 2-core machine: one thread per test process is several times faster than torch's
+    default (threads that wait on each other for matrices of a few dozen rows)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 # ---------------------------------------------------------------- WAV
 
 
@@ -156,3 +166,85 @@ def test_data_command_without_espeak_says_how_to_install(tmp_path, monkeypatch, 
     assert "apt-get install espeak-ng" in err and "brew install espeak-ng" in err
     assert ESPEAK_INSTALL.split(".")[0] in err
     assert not (tmp_path / "sd").exists()
+
+
+# ---------------------------------------------------------------- the U-Net
+
+from mambakit.models.unet import AudioUNet, UNetConfig, sample_audio  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
+
+UNETS = [
+    pytest.param({"mixer": "mamba"}, id="mamba"),
+    pytest.param({"mixer": "s4d-lin", "mlp": True}, id="s4d-lin-mlp"),
+    pytest.param({"mixer": "s4d-real", "mlp": True}, id="s4d-real-mlp"),
+]
+
+
+def _tiny_unet(**kwargs) -> AudioUNet:
+    torch.manual_seed(0)
+    model = AudioUNet(UNetConfig(d_model=8, n_layers=1, pool=[2, 4], d_state=4, **kwargs)).eval()
+    with torch.no_grad():  # larger weights than at init, so every path carries signal into the check
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("kwargs", UNETS)
+def test_unet_shapes_any_length(kwargs):
+    model = _tiny_unet(**kwargs)
+    assert model.config.widths == [8, 16, 32] and model.config.multiple == 8
+    for length in (1, 7, 8, 29):
+        assert model(torch.randint(0, 256, (2, length))).shape == (2, length, 256)
+    if kwargs["mixer"] == "s4d-lin":
+        assert model.down[0][0].mixer.is_complex  # the complex-A option is S4D-Lin
+    with pytest.raises(ValueError, match="integer tensor"):
+        model(torch.zeros(2, 8))
+
+
+@pytest.mark.parametrize("kwargs", UNETS)
+def test_unet_is_causal(kwargs):
+    """Perturb every sample from t on: the outputs before t do not move, those from t on do (the model reads its
+    input: the test would pass vacuously on a constant model)."""
+    model = _tiny_unet(**kwargs)
+    levels = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        base = model(levels)
+        for t in (0, 1, 5, 8, 13, 16, 31):
+            changed = levels.clone()
+            changed[:, t:] = torch.randint(0, 256, (2, 32 - t))
+            out = model(changed)
+            # S4D convolves by FFT, where every output carries rounding of the whole signal (~1e-7): hence a
+            # tolerance far below any real dependence (the perturbed outputs move by O(1))
+            assert_close(out[:, :t], base[:, :t], name=f"outputs before {t}", rel=1e-5)
+            assert not torch.allclose(out[:, t:], base[:, t:])
+
+
+@pytest.mark.parametrize("kwargs", UNETS)
+def test_unet_step_by_step_equals_forward(kwargs):
+    model = _tiny_unet(**kwargs)
+    levels = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        full = model(levels)
+        state = model.allocate_state(2)
+        steps = torch.stack([model.step(levels[:, t], state) for t in range(24)], dim=1)
+    assert_close(steps, full, name="step logits", rel=1e-4)
+
+
+def test_sample_audio_and_wav(tmp_path):
+    model = _tiny_unet(mixer="mamba")
+    a = sample_audio(model, 2, 20, seed=1)
+    b = sample_audio(model, 2, 20, seed=1)
+    assert a.shape == (2, 20) and torch.equal(a, b) and int(a.min()) >= 0 and int(a.max()) < 256
+    assert (a[:, 0] == 128).all()  # starts from the level of silence
+    prompt = torch.randint(0, 256, (2, 5))
+    c = sample_audio(model, 2, 12, prompt=prompt, temperature=0.0)
+    assert torch.equal(c[:, :5], prompt)
+    write_wav(tmp_path / "s.wav", mu_law_decode(a[0]), 16000)
+    assert read_wav(tmp_path / "s.wav")[0].shape == (20,)
+
+
+def test_unet_config_errors():
+    with pytest.raises(ValueError, match="mixer must be one of"):
+        UNetConfig(mixer="lstm")
+    with pytest.raises(ValueError, match="pooling factor"):
+        UNetConfig(pool=[1])

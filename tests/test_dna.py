@@ -107,6 +107,16 @@ def test_reader_truncated_archive_is_a_data_error(tmp_path):
         read_fasta(path)
 
 
+
+@pytest.fixture(autouse=True)
+def _one_cpu_thread():
+    """Tiny models on a shared 2-core machine: one thread per test process is several times faster than torch's
+    default (threads that wait on each other for matrices of a few dozen rows)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 # ---------------------------------------------------------------- tokenizer
 
 def test_tokenizer_ids_case_ambiguity_and_round_trip(tmp_path):
@@ -230,3 +240,80 @@ def test_train_task_dna_user_errors(tmp_path, capsys, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(["train", "--task", "dna", "--out", str(tmp_path / "run"), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the classification head
+
+from mambakit.models import MambaConfig  # noqa: E402
+from mambakit.models.classifier import SequenceClassifier, pool_sequence  # noqa: E402
+
+
+def test_pooling_with_and_without_mask():
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    assert torch.equal(pool_sequence(hidden, "mean"), hidden.mean(1))
+    assert torch.equal(pool_sequence(hidden, "last"), hidden[:, -1])
+    assert torch.equal(pool_sequence(hidden, "max"), hidden.amax(1))
+    assert torch.equal(pool_sequence(hidden, "mean", mask)[0], hidden[0, :2].mean(0))
+    assert torch.equal(pool_sequence(hidden, "last", mask), torch.stack([hidden[0, 1], hidden[1, 3]]))
+    assert torch.equal(pool_sequence(hidden, "max", mask)[0], hidden[0, 1])
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        pool_sequence(hidden, "sum")
+    with pytest.raises(ValueError, match=r"mask must be bool \(batch, seqlen\) = \(2, 4\)"):
+        pool_sequence(hidden, "mean", mask[:, :3])
+
+
+@pytest.mark.parametrize("layer, pooling", [
+    pytest.param("Mamba1", "mean", id="mamba1-mean"),
+    pytest.param("Mamba2", "last", id="mamba2-last"),
+    pytest.param("S4D", "max", id="s4d-max"),
+])
+def test_classifier_head_learns_a_toy_task(layer, pooling):
+    """Any backbone under the head: class = whether the window holds more G+C than A+T; 40 steps learn it."""
+    ssm_cfg = {"layer": layer, "d_state": 8}
+    if layer == "Mamba2":
+        ssm_cfg.update(headdim=16, chunk_size=16)
+    torch.manual_seed(0)
+    clf = SequenceClassifier.from_config(MambaConfig(d_model=32, n_layer=1, vocab_size=9, ssm_cfg=ssm_cfg),
+                                         num_classes=2, pooling=pooling)
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(n):
+        gc = torch.rand(n, 1, generator=gen) < 0.5
+        p_gc = torch.where(gc, 0.8, 0.2)
+        is_gc = torch.rand(n, 64, generator=gen) < p_gc
+        ids = torch.where(is_gc, 5 + torch.randint(0, 2, (n, 64), generator=gen),
+                          torch.tensor([4, 7])[torch.randint(0, 2, (n, 64), generator=gen)])
+        return ids, gc[:, 0].long()
+
+    opt = torch.optim.AdamW(clf.parameters(), lr=3e-3)
+    for _ in range(40):
+        ids, labels = batch(16)
+        loss = torch.nn.functional.cross_entropy(clf(ids), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    ids, labels = batch(128)
+    with torch.no_grad():
+        logits = clf(ids)
+    assert logits.shape == (128, 2)
+    assert (logits.argmax(-1) == labels).float().mean() > 0.8  # chance is 0.5
+
+
+def test_classifier_over_a_unet_trunk_with_mask():
+    """'Usable for any task': the audio U-Net's hidden states under the same head, padded batch masked."""
+    from mambakit.models.unet import AudioUNet, UNetConfig
+
+    unet = AudioUNet(UNetConfig(d_model=8, n_layers=1, pool=[2], d_state=4))
+    clf = SequenceClassifier(unet.hidden_states, d_model=8, num_classes=10)
+    levels = torch.randint(0, 256, (3, 20))
+    mask = torch.ones(3, 20, dtype=torch.bool)
+    mask[0, 12:] = False
+    out = clf(levels, mask)
+    assert out.shape == (3, 10)
+    # the masked tail does not reach row 0's pooled value (the U-Net is causal, the mean skips it)
+    changed = levels.clone()
+    changed[0, 12:] = (changed[0, 12:] + 1) % 256
+    assert torch.allclose(clf(changed, mask)[0], out[0], atol=1e-6)
+    with pytest.raises(ValueError, match="num_classes"):
+        SequenceClassifier(unet.hidden_states, d_model=8, num_classes=1)
