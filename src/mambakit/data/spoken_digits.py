@@ -38,7 +38,7 @@ from .audio import read_wav, resample, write_wav
 from .errors import DataError
 
 __all__ = ["DIGITS", "SPLITS", "ACCENTS", "VARIANTS", "SAMPLE_RATE", "ESPEAK_INSTALL", "Clip", "espeak_path",
-           "synthesize_word", "to_clip", "build_spoken_digits", "write_clip_set", "tone_digit_clips", "load_spoken_digits",
+           "synthesize_word", "to_clip", "build_spoken_digits", "write_clip_set", "tone_digit_clips", "load_spoken_digits", "speaker_recordings",
            "default_root", "speaker_splits"]
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -183,7 +183,10 @@ def write_clip_set(root: str | Path, clips: Sequence[Clip], source: str) -> Path
         write_wav(root / rel, clip.samples, SAMPLE_RATE)
         meta = {k: v for k, v in asdict(clip).items() if k != "samples"}
         entries.append({"path": rel, **meta})
-    manifest = {"sample_rate": SAMPLE_RATE, "clip_samples": SAMPLE_RATE, "source": source, "digits": list(DIGITS),
+    lengths = {int(clip.samples.shape[0]) for clip in clips}
+    if len(lengths) != 1:
+        raise ValueError(f"write_clip_set: every clip must have the same length, got lengths {sorted(lengths)}")
+    manifest = {"sample_rate": SAMPLE_RATE, "clip_samples": lengths.pop(), "source": source, "digits": list(DIGITS),
                 "clips": entries}
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return root
@@ -211,9 +214,11 @@ def tone_digit_clips(per_digit: int = 8, clip_samples: int = SAMPLE_RATE, seed: 
     return clips
 
 
-def load_spoken_digits(root: str | Path | None = None, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+def load_spoken_digits(root: str | Path | None = None, split: str = "train",
+                       with_speakers: bool = False) -> tuple[torch.Tensor, ...]:
     """(waveforms (n, clip_samples) float32 in [-1, 1], digits (n,) int64) of one split of a set written by
-    `build_spoken_digits` / `write_clip_set`. DataError naming the command that builds it when absent."""
+    `build_spoken_digits` / `write_clip_set`, plus the clips' speaker names (a list) when `with_speakers`.
+    DataError naming the command that builds it when absent."""
     if split not in SPLITS:
         raise ValueError(f"load_spoken_digits: split must be one of {SPLITS}, got {split!r}")
     root = Path(root) if root is not None else default_root()
@@ -231,4 +236,17 @@ def load_spoken_digits(root: str | Path | None = None, split: str = "train") -> 
         if rate != manifest["sample_rate"]:
             raise DataError(f"{root / e['path']}: sample rate {rate}, the manifest says {manifest['sample_rate']}")
         waves[i, :min(samples.size, waves.shape[1])] = samples[:waves.shape[1]]
-    return torch.from_numpy(waves), torch.tensor([e["digit"] for e in entries], dtype=torch.int64)
+    digits = torch.tensor([e["digit"] for e in entries], dtype=torch.int64)
+    if with_speakers:
+        return torch.from_numpy(waves), digits, [e["speaker"] for e in entries]
+    return torch.from_numpy(waves), digits
+
+
+def speaker_recordings(root: str | Path | None = None, split: str = "train") -> dict[str, torch.Tensor]:
+    """{speaker: (samples,) float32}: every clip of a speaker in `split`, concatenated in the manifest's order: long
+    recordings for training at contexts beyond one clip (the Mamba paper's Figure 7 uses long piano recordings)."""
+    waves, _, speakers = load_spoken_digits(root, split, with_speakers=True)
+    out: dict[str, list[torch.Tensor]] = {}
+    for wave_, speaker in zip(waves, speakers):
+        out.setdefault(speaker, []).append(wave_)
+    return {speaker: torch.cat(parts) for speaker, parts in out.items()}
