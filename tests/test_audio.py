@@ -248,3 +248,64 @@ def test_unet_config_errors():
         UNetConfig(mixer="lstm")
     with pytest.raises(ValueError, match="pooling factor"):
         UNetConfig(pool=[1])
+
+
+# ---------------------------------------------------------------- mambakit reproduce spoken-digits / audio-context --quick
+
+from mambakit.reproduce.dna_audio_common import frechet_distance  # noqa: E402
+from mambakit.reproduce.spoken_digits import inception_score  # noqa: E402
+
+
+def test_frechet_distance_and_inception_score():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=g)
+    assert abs(frechet_distance(a, torch.randn(4000, 3, generator=g))) < 0.02  # same Gaussian
+    shifted = torch.randn(4000, 3, generator=g) + torch.tensor([2.0, 0.0, 0.0])
+    assert abs(frechet_distance(a, shifted) - 4.0) < 0.15  # |mu_a - mu_b|^2 = 4, same covariance
+    scaled = 3 * torch.randn(4000, 3, generator=g)
+    assert abs(frechet_distance(a, scaled) - 3 * (1 + 9 - 2 * 3)) < 0.6  # Tr(S_a + S_b - 2 (S_a S_b)^1/2) = 3 * 4
+    assert inception_score(torch.eye(10)) == pytest.approx(10.0)  # confident and diverse
+    assert inception_score(torch.full((5, 10), 0.1)) == pytest.approx(1.0)  # no confidence
+
+
+@pytest.mark.slow
+def test_reproduce_spoken_digits_quick(tmp_path):
+    import json
+
+    from mambakit.reproduce import FINISHED, reproduce
+
+    out = tmp_path / "spoken-digits"
+    assert reproduce("spoken-digits", out, quick=True, device="cpu", progress=False) == FINISHED
+    results = json.loads((out / "results.json").read_text())
+    assert results["experiment"] == "spoken-digits" and results["quick"] is True
+    rows = {r["model"]: r for r in results["rows"]}
+    assert set(rows) == {"mamba-unet", "s4d-lin-mlp-unet", "s4d-real-mlp-unet"}
+    assert rows["s4d-lin-mlp-unet"]["A"] == "complex" and rows["s4d-real-mlp-unet"]["A"] == "real"
+    for key, r in rows.items():
+        assert 0.0 < r["bits_per_sample"] < 9.0
+        assert 0.1 <= r["confidence"] <= 1.0 and 1.0 - 1e-6 <= r["inception_score"] <= 10.0 and r["fid"] >= 0
+        assert sum(r["digit_histogram"]) == r["generated"] == results["settings"]["generate"]
+        samples, rate = read_wav(out / "samples" / f"{key}_0.wav")
+        assert rate == 16000 and samples.shape == (results["settings"]["clip_samples"],)
+    assert 0.0 <= results["settings"]["classifier"]["test_accuracy"] <= 1.0
+    readme = (out / "README.md").read_text()
+    assert "(bits_per_sample.png)" in readme and "samples/mamba-unet_0.wav" in readme and "quick mode" in readme
+
+
+@pytest.mark.slow
+def test_reproduce_audio_context_quick_through_the_cli(tmp_path):
+    import json
+
+    from mambakit.cli.__main__ import main
+
+    out = tmp_path / "audio-context"
+    assert main(["reproduce", "audio-context", "--quick", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    s = results["settings"]
+    rows = results["rows"]
+    assert {(r["label"], r["context"]) for r in rows} == {(m, 2 ** k) for m in ("Mamba-UNet", "S4D+MLP-UNet")
+                                                          for k in s["contexts_log2"]}
+    for r in rows:
+        assert 0.0 < r["bits_per_sample"] < 9.0 and r["batch_size"] * r["context"] == s["samples_per_step"]
+        assert 0 < r["val_samples"] <= s["eval_samples"]
+    assert "(bits_vs_context.png)" in (out / "README.md").read_text()

@@ -317,3 +317,62 @@ def test_classifier_over_a_unet_trunk_with_mask():
     assert torch.allclose(clf(changed, mask)[0], out[0], atol=1e-6)
     with pytest.raises(ValueError, match="num_classes"):
         SequenceClassifier(unet.hidden_states, d_model=8, num_classes=1)
+
+
+# ---------------------------------------------------------------- mambakit reproduce dna-context / dna-species --quick
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_results(out, name, pngs):
+    import json
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["experiment"] == name and results["quick"] is True
+    assert results["command"].startswith(f"mambakit reproduce {name} --quick")
+    readme = (out / "README.md").read_text()
+    assert "quick mode" in readme and "| " in readme
+    for png in pngs:
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC and f"({png})" in readme
+    return results
+
+
+@pytest.mark.slow
+def test_reproduce_dna_context_quick(tmp_path):
+    from mambakit.reproduce import FINISHED, reproduce
+
+    out = tmp_path / "dna-context"
+    assert reproduce("dna-context", out, quick=True, device="cpu", progress=False) == FINISHED
+    results = _check_results(out, "dna-context", ["perplexity_vs_context.png", "training_loss.png"])
+    s = results["settings"]
+    rows = results["rows"]
+    assert {(r["mixer"], r["context"]) for r in rows} == {(m, 2 ** k) for m in ("Mamba", "S4D") for k in s["contexts_log2"]}
+    for r in rows:
+        assert 1.0 < r["perplexity"] < 9.0 * 1.5 and r["steps"] == s["steps"]  # an untrained model guesses among 9
+        assert r["batch_size"] == s["tokens_per_step"] // r["context"]
+
+
+def test_dna_context_sequence_length_warmup():
+    from mambakit.reproduce.dna_context import window_length
+
+    s = {"slw_start": 16, "slw_fraction": 0.5, "steps": 80}
+    lengths = [window_length(step, 128, s) for step in range(80)]
+    assert lengths[0] == 16 and lengths[-1] == 128
+    assert sorted(set(lengths)) == [16, 32, 64, 128] and lengths == sorted(lengths)
+    assert lengths.index(128) == 39  # three doublings over the first half of the steps
+    assert window_length(0, 8, s) == 8  # a context below the warm-up start trains at its length throughout
+
+
+@pytest.mark.slow
+def test_reproduce_dna_species_quick_through_the_cli(tmp_path, capsys):
+    from mambakit.cli.__main__ import main
+
+    out = tmp_path / "dna-species"
+    assert main(["reproduce", "dna-species", "--quick", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    results = _check_results(out, "dna-species", ["accuracy_vs_window.png", "training_loss.png"])
+    rows = results["rows"]
+    assert {r["mixer"] for r in rows} == {"Mamba", "S4D"} and len(rows) == 2 * len(results["settings"]["windows_log2"])
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["chance"] == pytest.approx(1 / 3)
+        assert r["test_windows"] == results["settings"]["test_windows"]
+    assert "chance" in (out / "README.md").read_text()
