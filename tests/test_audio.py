@@ -288,6 +288,11 @@ def test_reproduce_spoken_digits_quick(tmp_path):
         samples, rate = read_wav(out / "samples" / f"{key}_0.wav")
         assert rate == 16000 and samples.shape == (results["settings"]["clip_samples"],)
     assert 0.0 <= results["settings"]["classifier"]["test_accuracy"] <= 1.0
+    loaded = AudioUNet.from_pretrained(out / "s4d-lin-mlp-unet")  # the committed checkpoint layout loads
+    assert loaded.config.mixer == "s4d-lin" and loaded.config.mlp
+    levels = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert loaded(levels).shape == (1, 16, 256)
     readme = (out / "README.md").read_text()
     assert "(bits_per_sample.png)" in readme and "samples/mamba-unet_0.wav" in readme and "quick mode" in readme
 
@@ -309,3 +314,13 @@ def test_reproduce_audio_context_quick_through_the_cli(tmp_path):
         assert 0.0 < r["bits_per_sample"] < 9.0 and r["batch_size"] * r["context"] == s["samples_per_step"]
         assert 0 < r["val_samples"] <= s["eval_samples"]
     assert "(bits_vs_context.png)" in (out / "README.md").read_text()
+
+
+def test_unet_save_and_load(tmp_path):
+    model = _tiny_unet(mixer="s4d-lin", mlp=True)
+    model.save_pretrained(tmp_path / "m")
+    loaded = AudioUNet.from_pretrained(tmp_path / "m")
+    levels = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(levels), model(levels))
+    assert loaded.config == model.config

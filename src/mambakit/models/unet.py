@@ -196,6 +196,36 @@ class AudioUNet(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def save_pretrained(self, directory) -> None:
+        """unet_config.json + model.safetensors in `directory` (what `from_pretrained` reads)."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "unet_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(directory / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory, device=None) -> "AudioUNet":
+        """Load what `save_pretrained` wrote.
+
+        Example:
+            >>> model = AudioUNet.from_pretrained("results/spoken-digits/mamba-unet")
+        """
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        model = cls(UNetConfig(**json.loads((directory / "unet_config.json").read_text())))
+        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+        return model.to(device)
+
     def hidden_states(self, levels: torch.Tensor) -> torch.Tensor:
         """(B, L) levels -> (B, L, H_0) final hidden states (before norm_f and head); any L (padded inside)."""
         if levels.dim() != 2 or levels.is_floating_point():

@@ -18,7 +18,8 @@ Metrics:
     (its top probability: does the clip read as some digit), an Inception-Score-like figure exp E KL(p(y|x) || p(y))
     (1 .. 10: confident and diverse), and FID: the Frechet distance between the classifier's pooled features of the
     generated clips and of the real test clips. The classifier's accuracy on real test clips says how far to trust it.
-    A few generated clips per model are written to samples/ (16-bit WAV).
+    A few generated clips per model are written to samples/ (16-bit WAV), and each trained U-Net of under 16 MB to
+    <model>/ (`AudioUNet.from_pretrained` loads it).
 """
 
 from __future__ import annotations
@@ -54,11 +55,11 @@ def settings(quick: bool) -> dict:
         return {"data": None, "clip_samples": 256, "tones_per_digit": 2, "d_model": 8, "n_layers": 1, "pool": [2, 2],
                 "d_state": 4, "batch_size": 4, "steps": 3, "lr": 2e-3, "warmup_steps": 1, "eval_batch": 4,
                 "clf_d_model": 16, "clf_layers": 1, "clf_steps": 3, "clf_batch": 8, "generate": 4, "temperature": 1.0,
-                "wavs": 1}
+                "wavs": 1, "checkpoint_max_bytes": 2 ** 22}
     return {"data": str(default_root()), "clip_samples": SAMPLE_RATE, "tones_per_digit": 0, "d_model": 64, "n_layers": 2,
             "pool": [4, 4], "d_state": 16, "batch_size": 16, "steps": 20000, "lr": 2e-3, "warmup_steps": 500,
             "eval_batch": 16, "clf_d_model": 64, "clf_layers": 2, "clf_steps": 3000, "clf_batch": 32, "generate": 64,
-            "temperature": 1.0, "wavs": 4}
+            "temperature": 1.0, "wavs": 4, "checkpoint_max_bytes": 2 ** 24}
 
 
 def _data_root(run: Run, s: dict) -> Path:
@@ -158,6 +159,8 @@ def run(run: Run) -> int:
         if gen is None:
             return run.unfinished()
         record = _read_json(run.state / key / "done.json")
+        if record["params"] * 4 < s["checkpoint_max_bytes"]:  # small enough to commit: AudioUNet.from_pretrained
+            model.save_pretrained(run.out / key)
         curves[key] = record["losses"]
         rows.append({"model": key, "label": m["label"], "mixer": m["mixer"], "mlp": m["mlp"], "A": m["A"],
                      "bits_per_sample": bps["bits_per_sample"], **gen, "steps": record["steps"],
