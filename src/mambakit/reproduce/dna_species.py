@@ -39,7 +39,11 @@ TEST_SEED = 4_000_000_007
 
 def settings(quick: bool) -> dict:
     """Full size (GPU; not yet run): windows 2^10 .. 2^17 (2^18 is past the shortest species' test region in
-    ragout-examples), 2^17 tokens per step, 1000 steps, 512 test windows per length; quick: a CPU smoke run."""
+    ragout-examples), 2^17 tokens per step, 1000 steps, 512 test windows per length; quick: a CPU smoke run.
+
+    CPU check of the real-data path (2026-12-02, ragout-examples' 4 species, these settings except windows 2^8 and
+    2^10, width 32, 2 layers, 150 steps of 4096 bases, 10 warmup steps, 200 test windows; 2.7 minutes on 1 thread):
+    Mamba 81.5% / 75.5%, S4D 75.5% / 59.5%, chance 25%. Far from converged; not a result."""
     if quick:
         return {"species_root": None, "windows_log2": [5, 6], "tokens_per_step": 256, "steps": 4, "lr": 2e-3,
                 "warmup_steps": 1, "d_model": 16, "n_layer": 2, "d_state": 4, "test_windows": 12, "eval_batch": 6,
