@@ -376,3 +376,21 @@ def test_reproduce_dna_species_quick_through_the_cli(tmp_path, capsys):
         assert 0.0 <= r["accuracy"] <= 1.0 and r["chance"] == pytest.approx(1 / 3)
         assert r["test_windows"] == results["settings"]["test_windows"]
     assert "chance" in (out / "README.md").read_text()
+
+
+def test_debian_species_layout_and_missing_package(tmp_path):
+    from mambakit.data.dna import debian_species
+
+    for species in ("E.Coli", "V.Cholerae"):
+        (tmp_path / "ragout" / species / "references").mkdir(parents=True)
+        (tmp_path / "ragout" / species / "references" / "a.fasta.gz").write_bytes(gzip.compress(b">r\nACGT\n"))
+        (tmp_path / "ragout" / species / "contigs.fasta.gz").write_bytes(gzip.compress(b">c\nAC\n"))  # drafts: not used
+    (tmp_path / "kleb").mkdir()
+    (tmp_path / "kleb" / "K1.fna.xz").write_bytes(lzma.compress(b">k\nGGCC\n"))
+    species = debian_species(tmp_path / "ragout", klebsiella=tmp_path / "kleb")
+    assert list(species) == ["E.Coli", "V.Cholerae", "K.Pneumoniae"]
+    assert [p.name for p in species["E.Coli"]] == ["a.fasta.gz"]
+    assert read_fasta(species["K.Pneumoniae"][0]) == [("k", "GGCC")]
+    assert list(debian_species(tmp_path / "ragout", klebsiella=tmp_path / "none")) == ["E.Coli", "V.Cholerae"]
+    with pytest.raises(DataError, match="apt-get install ragout-examples"):
+        debian_species(tmp_path / "absent")

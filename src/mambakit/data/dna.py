@@ -50,7 +50,7 @@ from .errors import DataError
 __all__ = [
     "FastaChunk", "iter_fasta", "read_fasta", "NucleotideTokenizer", "reverse_complement", "random_reverse_complement",
     "Genome", "load_genome", "genome_streams", "load_dna_corpus", "SpeciesWindows", "FASTA_SUFFIXES",
-    "DEBIAN_GENOMES", "debian_species",
+    "DEBIAN_GENOMES", "KLEBSIELLA_GENOMES", "debian_species",
 ]
 
 FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fas")
@@ -60,8 +60,10 @@ _HEADER_LIMIT = 1 << 16  # header text kept per record; the rest of an absurdly 
 _SKIP = b" \t\r\n"
 _UPPER = bytes.maketrans(bytes(range(ord("a"), ord("z") + 1)), bytes(range(ord("A"), ord("Z") + 1)))
 
-# Where Debian's `ragout-examples` package installs 16 complete bacterial genomes of 4 species (DATA.md).
+# Where Debian's `ragout-examples` package installs 16 complete bacterial genomes of 4 species, and
+# `kleborate-examples` 4 Klebsiella pneumoniae genomes (.fna.xz), a close relative of E. coli (DATA.md).
 DEBIAN_GENOMES = Path("/usr/share/doc/ragout/examples")
+KLEBSIELLA_GENOMES = Path("/usr/share/doc/kleborate/examples/data")
 
 
 @dataclass(frozen=True)
@@ -395,17 +397,23 @@ def load_dna_corpus(path: str | Path | None, val_fraction: float = 0.05):
     return train.tokenizer, (names, [Document(f"{d.name}#tail", "") for d in names]), train, val
 
 
-def debian_species(root: str | Path = DEBIAN_GENOMES) -> dict[str, list[Path]]:
-    """{species folder name: its genome files} of Debian's ragout-examples (the complete reference genomes only;
-    the draft contigs are left out). Raises DataError with the install command when the package is absent."""
+def debian_species(root: str | Path = DEBIAN_GENOMES,
+                   klebsiella: str | Path | None = KLEBSIELLA_GENOMES) -> dict[str, list[Path]]:
+    """{species name: its genome files}: the species folders of Debian's ragout-examples (E.Coli, H.Pylori,
+    S.Aureus, V.Cholerae; complete reference genomes only, draft contigs left out), plus "K.Pneumoniae" from
+    kleborate-examples when `klebsiella` is a directory (the species closest to E. coli here: the hard pair).
+    Raises DataError with the install command when ragout-examples is absent."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"no genomes at {root}: install them with `apt-get install ragout-examples` (Debian; 16 "
-                        "bacterial genomes of 4 species), or pass your own FASTA files")
+        raise DataError(f"no genomes at {root}: install them with `apt-get install ragout-examples "
+                        "kleborate-examples` (Debian; 20 bacterial genomes of 5 species), or pass your own FASTA files")
     species = {d.name: sorted((d / "references").glob("*.fasta*")) for d in sorted(root.iterdir()) if d.is_dir()}
     species = {k: v for k, v in species.items() if v}
     if not species:
         raise DataError(f"{root}: no <species>/references/*.fasta* files")
+    if klebsiella is not None and Path(klebsiella).is_dir():
+        files = _fasta_files(Path(klebsiella))
+        species["K.Pneumoniae"] = files
     return species
 
 
