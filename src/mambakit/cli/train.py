@@ -71,6 +71,8 @@ def build_parser(prog: str = "mambakit train") -> Parser:
     p.add_argument("--recipe", help=f"named settings to start from: {', '.join(RECIPES)} (default: shakespeare)")
     p.add_argument("--data", metavar="PATH", help="training data: a file or a directory (default: built-in Shakespeare)")
     p.add_argument("--tokenizer", metavar="PATH", help="a tokenizer.json (default: raw bytes, vocab 256)")
+    p.add_argument("--task", choices=("text", "dna"), help="text (default) or dna: FASTA genomes (--data, default "
+                   "Debian's ragout-examples), one token per base (A C G T N), reverse-complement augmentation")
     p.add_argument("--out", metavar="DIR", help="checkpoint directory (default: ./runs/<recipe>)")
     p.add_argument("--max-steps", type=_positive_int, metavar="N", help="optimizer steps; the LR schedule spans them")
     p.add_argument("--time-budget", type=_duration, metavar="T",
@@ -101,7 +103,7 @@ def main(recipe: str | None = None, data: str | None = None, tokenizer: str | No
          n_layer: int | None = None, layer: str | None = None, seqlen: int | None = None, batch_size: int | None = None,
          lr: float | None = None, seed: int | None = None, device: str | None = None, resume: bool = False,
          progress: bool = True, recompute: bool | None = None, overwrite: bool = False,
-         skip_nonfinite: bool | None = None, keep_checkpoints: int | None = None) -> int:
+         skip_nonfinite: bool | None = None, keep_checkpoints: int | None = None, task: str | None = None) -> int:
     """Train (or resume) a run; returns the exit status.
 
     Examples:
@@ -109,6 +111,7 @@ def main(recipe: str | None = None, data: str | None = None, tokenizer: str | No
         mambakit train --max-steps 200 --out runs/quick
         mambakit train --data my_texts/ --layer mamba1 --d-model 256 --n-layer 4 --time-budget 30m
         mambakit train --resume --out runs/quick
+        mambakit train --task dna --data genomes/ --seqlen 1024
     """
     from ..data import DataError
     from ..training import (
@@ -123,6 +126,11 @@ def main(recipe: str | None = None, data: str | None = None, tokenizer: str | No
     )
 
     # Flags that change what is trained; with --resume the run's own settings (in its checkpoint) apply.
+    if task == "dna" and not resume:  # the task picks the data source and the tokenizer, nothing else
+        if tokenizer is not None:
+            raise UsageError("--task dna tokenizes one base per token: leave out --tokenizer")
+        tokenizer = "nucleotides"
+        data = data if data is not None else _default_genomes()
     run_flags = {"recipe": recipe, "data": data, "tokenizer": tokenizer, "max_steps": max_steps, "d_model": d_model,
                  "n_layer": n_layer, "layer": layer, "seqlen": seqlen, "batch_size": batch_size, "lr": lr, "seed": seed}
     given = {k: v for k, v in run_flags.items() if v is not None}
@@ -162,7 +170,7 @@ def main(recipe: str | None = None, data: str | None = None, tokenizer: str | No
         cfg.out_dir = str(Path(out) if out else default_out_dir(cfg))
         if data is not None and not Path(data).exists():
             raise UsageError(f"data path not found: {data}")
-        if tokenizer is not None and not Path(tokenizer).exists():
+        if tokenizer not in (None, "nucleotides") and not Path(tokenizer).exists():
             raise UsageError(f"tokenizer file not found: {tokenizer}")
         if holds_run(cfg.out_dir) and not overwrite:
             raise UsageError(f"{cfg.out_dir} holds a run already: continue it with --resume, replace it with "
@@ -194,6 +202,16 @@ def main(recipe: str | None = None, data: str | None = None, tokenizer: str | No
     if result.interrupted:
         return {"SIGINT": 130, "SIGTERM": 143}[result.interrupted]
     return 0
+
+
+def _default_genomes() -> str:
+    """Debian's bacterial genomes (ragout-examples), the data of `--task dna` without --data."""
+    from ..data.dna import DEBIAN_GENOMES
+
+    if not DEBIAN_GENOMES.is_dir():
+        raise UsageError(f"--task dna needs FASTA files: give --data PATH (.fa/.fasta/.fna, optionally .gz/.xz), or "
+                         f"install Debian's genomes with `apt-get install ragout-examples` ({DEBIAN_GENOMES})")
+    return str(DEBIAN_GENOMES)
 
 
 def _run_name(data: str) -> str:

@@ -142,6 +142,10 @@ def forward_backward(model: torch.nn.Module, window: torch.Tensor, vocab_size: i
 
 def _load_data(cfg: TrainConfig):
     """Tokenizer, (train, held-out) documents and their token streams."""
+    if cfg.tokenizer == "nucleotides":  # `--task dna`: FASTA genomes, one token per base (data/dna.py)
+        from ..data.dna import load_dna_corpus
+
+        return load_dna_corpus(cfg.data, cfg.val_fraction)
     tokenizer = ByteTokenizer() if cfg.tokenizer == "bytes" else HFTokenizer(cfg.tokenizer)
     docs = load_corpus(cfg.data, cfg.val_fraction)
     return tokenizer, docs, TokenStream.from_documents(docs[0], tokenizer), TokenStream.from_documents(docs[1], tokenizer)
