@@ -1,0 +1,133 @@
+"""TransformerLM (models/transformer.py): decoding consistency, ragged prefill, checkpoints, config checks, training."""
+
+import json
+
+import pytest
+import torch
+
+from mambakit.checkpoints import CheckpointError
+from mambakit.generation import generate
+from mambakit.models import MambaLM, TransformerConfig, TransformerLM, build_model
+
+from .helpers import assert_close
+
+SMALL = {
+    "transformer++": dict(arch="transformer++", d_model=32, n_layer=2, vocab_size=61, num_heads=4),
+    "transformer++-gqa-half-rotary": dict(arch="transformer++", d_model=32, n_layer=2, vocab_size=61, num_heads=4,
+                                          num_heads_kv=2, rotary_emb_fraction=0.5, tie_embeddings=False),
+    "gpt3": dict(arch="gpt3", d_model=32, n_layer=2, vocab_size=61, num_heads=4, max_position_embeddings=64),
+}
+CASES = [pytest.param(name, id=name) for name in SMALL]
+
+
+def _model(name: str, dtype=torch.float64) -> TransformerLM:
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig(**SMALL[name])).to(dtype).eval()
+    with torch.no_grad():  # zero biases and unit norms at init hide mistakes: randomise every parameter a little
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("prefix", [pytest.param(1, id="prefix1"), pytest.param(7, id="prefix7")])
+def test_decode_equals_parallel_forward(name, prefix):
+    """Prefill `prefix` tokens into the KV cache, then one token at a time: every logit equals the parallel forward's."""
+    model = _model(name)
+    ids = torch.randint(0, 61, (3, 19))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.allocate_cache(3, dtype=torch.float64)
+        parts = [model(ids[:, :prefix], cache=cache)]
+        parts += [model(ids[:, t:t + 1], cache=cache) for t in range(prefix, 19)]
+    assert cache.seqlen_offset == 19
+    assert_close(torch.cat(parts, dim=1), full, name="logits, prefill + steps", rel=1e-10)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_ragged_batch_generates_what_each_prompt_generates_alone(name):
+    """Left padding (seq_idx) leaks into no row: a batch of prompts of different lengths, chunked prefill included,
+    generates per row exactly the tokens of that prompt alone (positions count from each row's first token)."""
+    model = _model(name)
+    prompts = [[5, 9, 2, 7, 7, 1, 30], [4], [11, 12, 13]]
+    together = generate(model, prompts, 8, prefill_chunk_size=2)
+    alone = [generate(model, [p], 8)[0] for p in prompts]
+    assert together == alone
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_save_and_load_give_the_same_logits(tmp_path, name):
+    model = _model(name, torch.float32)
+    model.save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert saved["arch"] == SMALL[name]["arch"]
+    loaded = MambaLM.from_pretrained(tmp_path / "ckpt")
+    assert type(loaded) is TransformerLM and loaded.config == model.config
+    ids = torch.randint(0, 61, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+
+
+@pytest.mark.parametrize("fmt", [pytest.param("hf", id="hf"), pytest.param("mamba_ssm", id="mamba_ssm")])
+def test_formats_without_transformers_are_refused(tmp_path, fmt):
+    model = _model("transformer++", torch.float32)
+    with pytest.raises(CheckpointError, match=f"mambakit format only.*format='{fmt}'"):
+        model.save_pretrained(tmp_path / "ckpt", format=fmt)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_transformer_pp_has_no_biases_and_rms_norms_gpt3_has_both():
+    tpp = build_model(TransformerConfig(**SMALL["transformer++"]))
+    gpt3 = build_model(TransformerConfig(**SMALL["gpt3"]))
+    assert isinstance(tpp, TransformerLM) and isinstance(gpt3, TransformerLM)
+    assert not [n for n, _ in tpp.named_parameters() if n.endswith(".bias")]
+    assert tpp.backbone.pos_embedding is None and tpp.backbone.layers[0].mixer.rotary_emb_dim == 8
+    assert type(tpp.backbone.norm_f).__name__ == "RMSNorm"
+    assert {"backbone.layers.0.mixer.in_proj.bias", "backbone.layers.0.mlp.fc1.bias", "backbone.norm_f.bias"} <= \
+        {n for n, _ in gpt3.named_parameters()}
+    assert gpt3.backbone.layers[0].mixer.rotary_emb_dim == 0 and gpt3.backbone.pos_embedding.num_embeddings == 64
+    # the MLPs hold the same 8 d_model^2 weights per layer: SwiGLU at 8/3 d_model (rounded to 128), GELU at 4 d_model
+    assert TransformerConfig(arch="transformer++", d_model=384, num_heads=6).mlp_hidden == 1024
+    assert TransformerConfig(arch="gpt3", d_model=384, num_heads=6).mlp_hidden == 1536
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    pytest.param(dict(arch="llama"), "arch must be one of", id="bad-arch"),
+    pytest.param(dict(d_model=30, num_heads=4), r"d_model \(30\) must be divisible by num_heads \(4\)", id="heads"),
+    pytest.param(dict(num_heads=4, num_heads_kv=3), r"num_heads \(4\) must be a multiple of num_heads_kv \(3\)",
+                 id="kv-heads"),
+    pytest.param(dict(n_layer=0), "n_layer must be a positive int, got 0", id="n-layer"),
+    pytest.param(dict(rotary_emb_fraction=1.5), r"rotary_emb_fraction must be in \[0, 1\]", id="rotary"),
+])
+def test_bad_config_names_the_field(kwargs, message):
+    base = dict(d_model=32, n_layer=2, vocab_size=61, num_heads=4)
+    with pytest.raises(ValueError, match=message):
+        TransformerConfig(**{**base, **kwargs})
+
+
+def test_gpt3_beyond_its_learned_positions_is_a_clear_error():
+    model = _model("gpt3")
+    cache = model.allocate_cache(1, dtype=torch.float64)
+    with torch.no_grad():
+        model(torch.zeros(1, 60, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="64 learned positions .* reaches position 64"):
+            model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.parametrize("arch", [pytest.param("transformer++", id="transformer++"), pytest.param("gpt3", id="gpt3")])
+def test_mambakit_train_arch_trains_saves_and_generates(tmp_path, capsys, arch):
+    """`mambakit train --arch ARCH`: the shared trainer, checkpoint and generate command run a Transformer."""
+    from mambakit.cli.__main__ import main
+
+    (tmp_path / "data").mkdir()
+    for i in range(12):
+        (tmp_path / "data" / f"d{i}.txt").write_text("the rest is silence\n" * 20)
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "tiny", "--arch", arch, "--data", str(tmp_path / "data"), "--max-steps", "4",
+                 "--seqlen", "32", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"recipe data: {arch}" in printed and "bits/byte" in printed
+    model = MambaLM.from_pretrained(out)
+    assert type(model) is TransformerLM and model.config.arch == arch
+    assert main(["generate", "--model", str(out), "--prompt", "the rest", "--max-new-tokens", "5", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("the rest")
