@@ -1,6 +1,7 @@
 """TransformerLM (models/transformer.py): decoding consistency, ragged prefill, checkpoints, config checks, training."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -131,3 +132,54 @@ def test_mambakit_train_arch_trains_saves_and_generates(tmp_path, capsys, arch):
     assert type(model) is TransformerLM and model.config.arch == arch
     assert main(["generate", "--model", str(out), "--prompt", "the rest", "--max-new-tokens", "5", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("the rest")
+
+
+# ---------------------------------------------------------------- reproduce lm-scaling / ablations (--quick)
+
+
+@pytest.mark.slow
+def test_reproduce_lm_scaling_quick_through_the_cli(tmp_path, capsys):
+    """Four families at two sizes, a learning-rate sweep, the table and the plot: the whole pipeline on CPU."""
+    from mambakit.cli.__main__ import main
+
+    out = tmp_path / "lm-scaling"
+    assert main(["reproduce", "lm-scaling", "--quick", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = [r for r in results["rows"] if not r.get("sweep")]
+    assert {r["family"] for r in rows} == {"mamba1", "mamba2", "transformer++", "hybrid"}
+    assert len(rows) == 8 and all(r["val_ppl"] > 1 and r["flops"] > 0 and r["steps"] >= 2 for r in rows)
+    # the swept family used the rate with the lowest held-out loss at the smallest size, for both sizes
+    sweep = [r for r in results["rows"] if r["family"] == "transformer++" and r["d_model"] == 16]
+    best = min(sweep, key=lambda r: r["val_loss"])["lr"]
+    assert len(sweep) == 2 and results["settings"]["chosen_lr"]["transformer++"] == best
+    assert {r["lr"] for r in rows if r["family"] == "transformer++"} == {best}
+    readme = (out / "README.md").read_text()
+    assert "| Transformer++ |" in readme and "Tokenizer: bytes" in readme and "--quick" in readme
+    assert (out / "perplexity_vs_flops.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_reproduce_ablations_quick(tmp_path):
+    from mambakit.reproduce import FINISHED, reproduce
+
+    assert reproduce("ablations", tmp_path, quick=True, device="cpu", progress=False) == FINISHED
+    results = json.loads((tmp_path / "results.json").read_text())
+    tables = {r["table"] for r in results["rows"]}
+    assert tables == {"Table 6", "Table 7", "Table 8", "Table 9", "Table 10"}
+    selective = [r["ssm_cfg"] for r in results["rows"] if r["table"] == "Table 7"]
+    assert {(c["selective_dt"], c["selective_B"], c["selective_C"]) for c in selective} == {
+        (False, False, False), (True, False, False), (False, True, False), (False, False, True), (False, True, True),
+        (True, True, True)}
+    assert all(math.isfinite(r["val_ppl"]) for r in results["rows"])
+    readme = (tmp_path / "README.md").read_text()
+    assert "## Table 10: state size N" in readme and "N = 4, constant B, C" in readme
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", [pytest.param("lm-scaling", id="lm-scaling"), pytest.param("ablations", id="ablations")])
+def test_quick_runs_on_cuda(tmp_path, name):
+    """The pipeline on the GPU (Triton kernels, bf16 autocast) before a full-size run."""
+    from mambakit.reproduce import FINISHED, reproduce
+
+    assert reproduce(name, tmp_path, quick=True, device="cuda", progress=False) == FINISHED
+    assert json.loads((tmp_path / "results.json").read_text())["device"] == torch.cuda.get_device_name()

@@ -7,7 +7,8 @@ import shlex
 from .errors import Parser, UsageError
 from .train import _duration, _positive_int
 
-SUMMARY = "rerun a paper's synthetic experiment (selective-copying, induction-heads, mqar) into results/NAME/"
+SUMMARY = ("rerun a paper's experiment (selective-copying, induction-heads, mqar, lm-scaling, ablations) into "
+           "results/NAME/")
 
 EXAMPLES = """\
 examples:

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-MIXERS = ("Mamba1", "Mamba2", "Mamba1Ungated", "S4D")  # modules/registry.py maps them to classes
+MIXERS = ("Mamba1", "Mamba2", "Mamba1Ungated", "S4D", "Mamba1Ablation")  # modules/registry.py maps them to classes
 
 
 @dataclass

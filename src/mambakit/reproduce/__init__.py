@@ -17,6 +17,8 @@ EXPERIMENTS: dict[str, str] = {
     "selective-copying": "mambakit.reproduce.selective_copying",
     "induction-heads": "mambakit.reproduce.induction_heads",
     "mqar": "mambakit.reproduce.mqar",
+    "lm-scaling": "mambakit.reproduce.lm_scaling",
+    "ablations": "mambakit.reproduce.ablations",
 }
 
 __all__ = ["EXPERIMENTS", "FINISHED", "UNFINISHED", "Run", "experiment", "reproduce"]
