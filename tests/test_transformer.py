@@ -8,7 +8,7 @@ import torch
 
 from mambakit.checkpoints import CheckpointError
 from mambakit.generation import generate
-from mambakit.models import MambaLM, TransformerConfig, TransformerLM, build_model
+from mambakit.models import MambaConfig, MambaLM, TransformerConfig, TransformerLM, build_model
 
 from .helpers import assert_close
 
@@ -133,6 +133,45 @@ def test_mambakit_train_arch_trains_saves_and_generates(tmp_path, capsys, arch):
     assert main(["generate", "--model", str(out), "--prompt", "the rest", "--max-new-tokens", "5", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("the rest")
 
+
+# ---------------------------------------------------------------- the ablation mixer (modules/mamba1_ablation.py)
+
+SELECTIVITY = [pytest.param(dt, b, c, id=f"dt{int(dt)}-B{int(b)}-C{int(c)}")
+               for dt, b, c in [(False, False, False), (True, False, False), (False, True, False), (False, False, True),
+                                (True, True, False), (True, True, True)]]
+
+
+@pytest.mark.parametrize("dt, b, c", SELECTIVITY)
+def test_ablation_mixer_decode_equals_parallel_forward(dt, b, c):
+    """Mamba1Ablation in a MambaLM: prefill + steps equal the parallel forward, and every used parameter gets a
+    gradient (the constant B, C and the dt bias of a non-selective Δ included)."""
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=61,
+                      ssm_cfg={"layer": "Mamba1Ablation", "d_state": 8, "selective_dt": dt, "selective_B": b,
+                               "selective_C": c})
+    model = MambaLM(cfg).double().eval()
+    ids = torch.randint(0, 61, (3, 13))
+    full = model(ids)
+    with torch.no_grad():
+        cache = model.allocate_cache(3, dtype=torch.float64)
+        parts = [model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 13)]
+    assert_close(torch.cat(parts, dim=1), full, name="logits, prefill + steps", rel=1e-10)
+    full.square().mean().backward()
+    mixer = model.backbone.layers[0].mixer
+    used = [mixer.dt_proj.bias] + ([mixer.B_param] if not b else []) + ([mixer.C_param] if not c else []) \
+        + ([mixer.dt_proj.weight] if dt else []) + ([mixer.x_proj.weight] if (dt or b or c) else [])
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in used)
+    assert (mixer.x_proj is None) == (not (dt or b or c))
+
+
+def test_ablation_mixer_with_every_flag_on_is_mamba1():
+    from mambakit.modules import Mamba1, Mamba1Ablation
+
+    reference = Mamba1(32, d_state=8).double()
+    ablation = Mamba1Ablation(32, d_state=8).double()
+    ablation.load_state_dict(reference.state_dict())  # the same parameters, names and shapes
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    assert_close(ablation(x), reference(x), name="Mamba1Ablation(all selective) vs Mamba1", rel=1e-12)
 
 # ---------------------------------------------------------------- reproduce lm-scaling / ablations (--quick)
 
