@@ -218,3 +218,6 @@ def test_eval_tasks_cli_prints_the_table(tmp_path, capsys, monkeypatch):
     assert "mk_choice" in printed and "acc" in printed and "|" in printed
     saved = json.loads(out_json.read_text())
     assert "acc,none" in saved["results"]["mk_choice"]
+    # an eval main(**flags) passes keywords instead of the namespace
+    assert run_tasks(model=str(ckpt), tasks="mk_choice", include_path=str(tmp_path / "tasks"), device="cpu", limit=1) == 0
+    assert "mk_choice" in capsys.readouterr().out

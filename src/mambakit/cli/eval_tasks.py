@@ -55,13 +55,18 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--dtype", metavar="DTYPE", help="float32, bfloat16, ... (default: the checkpoint's)")
 
 
-def run_tasks(args: argparse.Namespace) -> int:
+def run_tasks(args: argparse.Namespace | None = None, **flags) -> int:
     """Evaluate args.model on args.tasks with lm-evaluation-harness; print lm-eval's table; returns 0.
+
+    `args` is the parsed namespace; an eval `main(**flags)` may pass its keyword arguments instead (model, tasks,
+    include_path, num_fewshot, limit, max_length, output, device, batch_size, dtype).
 
     Examples:
         mambakit eval --model runs/shakespeare --tasks my_task --include-path my_tasks/
         mambakit eval --model state-spaces/mamba-130m-hf --tasks lambada_openai,piqa --device cuda
     """
+    if args is None:
+        args = argparse.Namespace(**flags)
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
