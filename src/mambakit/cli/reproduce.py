@@ -7,7 +7,7 @@ import shlex
 from .errors import Parser, UsageError
 from .train import _duration, _positive_int
 
-SUMMARY = "rerun a paper's experiment (synthetic tasks, DNA, audio; see --help) into results/NAME/"
+SUMMARY = "rerun a paper's experiment (synthetic tasks, language models, DNA, audio; see --help) into results/NAME/"
 
 EXAMPLES = """\
 examples:

@@ -20,6 +20,8 @@ examples:
   mambakit train --data my_texts/ --layer mamba1 --d-model 256 --n-layer 4 --time-budget 30m
       the recipe's settings on your data, checkpoint in ./runs/my_texts
   mambakit train --data corpus.jsonl --tokenizer 20B_tokenizer.json --seqlen 512 --batch-size 8
+  mambakit train --arch transformer++ --lr 6e-3 --out runs/tpp
+      the Transformer++ baseline (rotary, SwiGLU, RMSNorm, no biases) on the same recipe
   mambakit train --resume --out runs/quick
       continue a run that stopped (time budget, Ctrl-C, SIGTERM, a kill) from its newest complete checkpoint
   mambakit train --out runs/quick --overwrite
@@ -80,6 +82,9 @@ def build_parser(prog: str = "mambakit train") -> Parser:
     p.add_argument("--d-model", type=_positive_int, metavar="N", help="model width")
     p.add_argument("--n-layer", type=_positive_int, metavar="N", help="number of Mamba blocks")
     p.add_argument("--layer", choices=("mamba1", "mamba2"), help="mixer: mamba1 (S6 scan) or mamba2 (SSD)")
+    p.add_argument("--arch", dest="layer", choices=("mamba1", "mamba2", "transformer++", "gpt3"),
+                   help="the model: --layer's mixers, or a Transformer baseline: transformer++ (rotary, SwiGLU, "
+                        "RMSNorm, no biases) or gpt3, with heads of the recipe's headdim")
     p.add_argument("--seqlen", type=_positive_int, metavar="N", help="tokens per training window")
     p.add_argument("--batch-size", type=_positive_int, metavar="N", help="windows per step (per process)")
     p.add_argument("--lr", type=_positive_float, metavar="LR", help="peak learning rate")

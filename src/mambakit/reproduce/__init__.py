@@ -21,6 +21,8 @@ EXPERIMENTS: dict[str, str] = {
     "dna-species": "mambakit.reproduce.dna_species",
     "spoken-digits": "mambakit.reproduce.spoken_digits",
     "audio-context": "mambakit.reproduce.audio_context",
+    "lm-scaling": "mambakit.reproduce.lm_scaling",
+    "ablations": "mambakit.reproduce.ablations",
 }
 
 __all__ = ["EXPERIMENTS", "FINISHED", "UNFINISHED", "Run", "experiment", "reproduce"]

@@ -154,11 +154,11 @@ def _load_data(cfg: TrainConfig):
 def _build_or_resume(cfg: TrainConfig, vocab: int, device: torch.device, sampler: RandomWindows,
                      checkpoint: Checkpoint | None):
     """A fresh model and optimizer at step 0, or everything restored from a verified checkpoint."""
-    from ..models import MambaLM
+    from ..models import MambaLM, build_model
 
     if checkpoint is None:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-        model = MambaLM(model_config(cfg, vocab)).to(device)
+        model = build_model(model_config(cfg, vocab)).to(device)
         return model, build_optimizer(model, cfg), 0, {"losses": [], "evals": []}
     state = checkpoint.state
     model = MambaLM.from_pretrained(checkpoint.path, device=device)
