@@ -21,6 +21,7 @@ of the one before it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from ..data.packing import split_window
 from ..data.stream import TokenStream, eval_target_count, eval_windows
 
-__all__ = ["evaluate_bits_per_byte", "token_nll_sum"]
+__all__ = ["Evaluation", "evaluate_stream", "evaluate_bits_per_byte", "token_nll_sum"]
 
 
 def token_nll_sum(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -38,12 +39,42 @@ def token_nll_sum(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) 
     return F.cross_entropy(logits.reshape(-1, vocab_size), targets.reshape(-1), reduction="sum")
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class Evaluation:
+    """What scoring a stream measured: nats per token, bits per byte, per-token perplexity and the counts."""
+
+    loss: float  # mean -ln p(target) in nats per token
+    bits_per_byte: float
+    tokens: int  # targets scored
+    bytes: int  # bytes of text they stand for (each end-of-document token: 1)
+
+    @property
+    def perplexity(self) -> float:
+        """exp(loss): per token, so it depends on the tokenizer (bits per byte does not)."""
+        return math.exp(self.loss)
+
+
 def evaluate_bits_per_byte(model: torch.nn.Module, stream: TokenStream, seqlen: int, batch_size: int,
                            max_tokens: int | None = None, *, autocast_dtype: torch.dtype | None = None,
                            rank: int = 0, world_size: int = 1, reset_at_eos: bool = True,
                            progress: bool = False) -> tuple[float, float]:
-    """Score the first `max_tokens` targets of `stream` (all when None): (loss in nats per token, bits per byte).
+    """(loss in nats per token, bits per byte) of the first `max_tokens` targets of `stream`: `evaluate_stream`'s
+    two main numbers, with the same arguments.
+
+    Example:
+        >>> nats, bpb = evaluate_bits_per_byte(model, val_stream, seqlen=256, batch_size=16, max_tokens=65536)
+    """
+    result = evaluate_stream(model, stream, seqlen, batch_size, max_tokens, autocast_dtype=autocast_dtype, rank=rank,
+                             world_size=world_size, reset_at_eos=reset_at_eos, progress=progress)
+    return result.loss, result.bits_per_byte
+
+
+@torch.no_grad()
+def evaluate_stream(model: torch.nn.Module, stream: TokenStream, seqlen: int, batch_size: int,
+                    max_tokens: int | None = None, *, autocast_dtype: torch.dtype | None = None,
+                    rank: int = 0, world_size: int = 1, reset_at_eos: bool = True,
+                    progress: bool = False) -> Evaluation:
+    """Score the first `max_tokens` targets of `stream` (all when None): loss, bits per byte, tokens and bytes.
 
     The targets are covered once, in order, by non-overlapping windows of `seqlen` that each start
     from an empty state (`eval_windows`) and, with `reset_at_eos`, restart it at every document
@@ -59,7 +90,8 @@ def evaluate_bits_per_byte(model: torch.nn.Module, stream: TokenStream, seqlen: 
         progress: a tqdm bar over the scored tokens (rank 0 only).
 
     Example:
-        >>> nats, bpb = evaluate_bits_per_byte(model, val_stream, seqlen=256, batch_size=16, max_tokens=65536)
+        >>> result = evaluate_stream(model, val_stream, seqlen=256, batch_size=16, progress=True)
+        >>> result.bits_per_byte, result.perplexity, result.tokens
     """
     n_targets = eval_target_count(stream, max_tokens)
     if n_targets == 0:
@@ -88,4 +120,4 @@ def evaluate_bits_per_byte(model: torch.nn.Module, stream: TokenStream, seqlen: 
     model.train(was_training)
     nats = float(total)
     n_bytes = stream.tokenizer.count_bytes(stream.tokens[1:n_targets + 1].tolist())
-    return nats / n_targets, nats / (math.log(2) * n_bytes)
+    return Evaluation(nats / n_targets, nats / (math.log(2) * n_bytes), n_targets, n_bytes)
