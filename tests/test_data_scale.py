@@ -222,13 +222,19 @@ def test_a_changed_corpus_or_tokenizer_makes_a_new_cache(tmp_path, bpe_path):
     assert [r.from_cache for r in results] == [False, False, False, False]
     assert len({r.path for r in results}) == 4
     assert sorted(p.name for p in cache.iterdir()) == sorted(r.path.name for r in results)  # no temporaries left
+    assert base.path.is_dir()  # an entry whose corpus changed is left as it is
     assert grown.documents["train"] + grown.documents["val"] == 31
     assert other_tokenizer.train.tokens.dtype == torch.uint8
-    # the corpus as it was before still finds its entry (a copy elsewhere hashes the same: names are relative)
-    copy = tmp_path / "copy"
-    _jsonl_corpus(copy, _texts())
-    again = load_token_streams(str(copy), bpe, token_cache=cache)
+    # the corpus as it was before finds its entry again: the key is the content, not the file times
+    _jsonl_corpus(data, _texts())
+    again = load_token_streams(str(data), bpe, token_cache=cache)
     assert again.from_cache and again.path == base.path
+    # unsplit (as `mambakit eval` reads it), a copy elsewhere shares the entry; split, it does not, since the
+    # held-out documents are picked by their names, which hold the path
+    copy = _jsonl_corpus(tmp_path / "copy", _texts())
+    whole = load_token_streams(str(data), bpe, token_cache=cache, val_fraction=None)
+    assert load_token_streams(copy, bpe, token_cache=cache, val_fraction=None).path == whole.path
+    assert load_token_streams(copy, bpe, token_cache=cache).path != base.path
 
 
 def test_an_incomplete_cache_entry_is_rebuilt(tmp_path):

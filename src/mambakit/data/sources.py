@@ -14,8 +14,9 @@
   stream falls below `val_fraction` (a decision that needs no look at the other documents).
 
 The fingerprint hashes the bytes of every file the corpus is read from (names relative to the corpus
-root, so a moved corpus keeps its fingerprint) and the options that change what is read (split,
-streaming, text column). Hashing reads the files once, which costs a small fraction of tokenizing them.
+root) and the options that change what is read (split, streaming, text column). Where the held-out
+split is chosen by document names (corpora read whole), the path as given is hashed too: the names,
+hence the split, contain it. Hashing reads the files once, a small fraction of the cost of tokenizing.
 """
 
 from __future__ import annotations
@@ -276,6 +277,8 @@ def open_corpus(path: str | Path | None = None, *, val_fraction: float | None = 
     path = Path(path)
     if not path.exists():
         raise DataError(f"data path not found: {path}")
+    if val_fraction is not None and not streaming:
+        options["path"] = str(path)  # split_documents reads the document names, which start with the path
     if is_datasets_dir(path):
         return _datasets_dir(path, val_fraction, streaming, text_column, {**options, "source": "datasets"})
     if streaming:

@@ -167,11 +167,12 @@ def _tokenize(corpus: Corpus, tokenizer: Tokenizer, dtype: np.dtype, num_proc: i
     files = [open(out_dir / f"{s}.bin", "wb") for s in _SPLITS] if out_dir is not None else None
     kept: list[list[np.ndarray]] = [[], []]
     ntokens, ndocs = [0, 0], [0, 0]
-    bar = tqdm(total=corpus.n_documents, unit="doc", desc="tokenize", disable=not progress, dynamic_ncols=True)
+    bar = None
     try:
         for n_docs, parts in _encoded_chunks(corpus, tokenizer, dtype, num_proc):
-            if bar.total is None and corpus.n_documents is not None:  # known once a whole-read corpus is read
-                bar.total = corpus.n_documents
+            if bar is None:  # not before: a corpus that cannot be read prints its error alone, without a bar
+                bar = tqdm(total=corpus.n_documents, unit="doc", desc="tokenize", disable=not progress,
+                           dynamic_ncols=True)
             for k, ids in enumerate(parts):
                 ntokens[k] += ids.size
                 if files is not None:
@@ -182,7 +183,8 @@ def _tokenize(corpus: Corpus, tokenizer: Tokenizer, dtype: np.dtype, num_proc: i
             bar.update(sum(n_docs))
             bar.set_postfix(tokens=f"{sum(ntokens):,}", refresh=False)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         for f in files or []:
             f.close()
     arrays = None if files is not None else [np.concatenate(k) if k else np.zeros(0, dtype=dtype) for k in kept]
