@@ -82,9 +82,11 @@ def test_seq_idx_counts_documents_from_each_eos():
     assert seq_idx_from_eos(ids, eos_id=0).tolist() == [[0, 0, 1, 1, 2, 3, 3], [1, 1, 1, 1, 1, 1, 1]]
     assert seq_idx_from_eos(ids, eos_id=0).dtype == torch.int32
     batch = split_window(torch.tensor([[4, 0, 5, 6]]), eos_id=0)
-    assert (batch.inputs.tolist(), batch.targets.tolist(), batch.seq_idx.tolist()) == ([[4, 0, 5]], [[0, 5, 6]], [[0, 1, 1]])
+    assert batch.inputs.tolist() == [[4, 0, 5]] and batch.targets.tolist() == [[0, 5, 6]]
+    assert batch.seq_idx.tolist() == [[0, 1, 1]]
     assert split_window(torch.tensor([[4, 0, 5, 6]]), eos_id=None).seq_idx is None
-    with pytest.raises(ValueError, match=r"input_ids must be an integer tensor \(batch, seqlen\), got torch.float32 \(3,\)"):
+    with pytest.raises(ValueError, match=r"input_ids must be an integer tensor \(batch, seqlen\), got torch.float32 "
+                                         r"\(3,\)"):
         seq_idx_from_eos(torch.zeros(3), eos_id=0)
 
 
@@ -287,7 +289,8 @@ def test_a_datasets_directory_loads_its_text_column(tmp_path):
     assert 0 < sum(held for _, held in docs) < 30 and corpus.n_documents == 30
     # a different column, and the error that names the columns there are
     datasets.Dataset.from_dict({"content": texts}).save_to_disk(str(tmp_path / "ds2"))
-    assert [d.text for d, _ in open_corpus(tmp_path / "ds2", text_column="content", val_fraction=None).documents()] == texts
+    whole = open_corpus(tmp_path / "ds2", text_column="content", val_fraction=None)
+    assert [d.text for d, _ in whole.documents()] == texts
     with pytest.raises(DataError, match=r"no 'text' column \(columns: content\)"):
         list(open_corpus(tmp_path / "ds2").documents())
 
@@ -296,8 +299,9 @@ def test_a_dataset_dict_holds_out_its_validation_split(tmp_path):
     import datasets
 
     texts = _texts()
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts[:25]}),
-                          "validation": datasets.Dataset.from_dict({"text": texts[25:]})}).save_to_disk(str(tmp_path / "dd"))
+    splits = {"train": texts[:25], "validation": texts[25:]}
+    datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in splits.items()}).save_to_disk(
+        str(tmp_path / "dd"))
     streams = load_token_streams(str(tmp_path / "dd"), ByteTokenizer(), token_cache=tmp_path / "cache")
     assert streams.documents == {"train": 25, "val": 5}
     expected = TokenStream.from_documents([Document(str(i), t) for i, t in enumerate(texts[25:])], ByteTokenizer())

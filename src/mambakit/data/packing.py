@@ -76,6 +76,7 @@ def split_window(window: torch.Tensor, eos_id: int | None) -> WindowBatch:
         ([[4, 0, 5]], [[0, 5, 6]], [[0, 1, 1]])
     """
     if window.dim() != 2 or window.shape[1] < 2:
-        raise ValueError(f"split_window: window must be (batch, seqlen + 1) with seqlen >= 1, got {tuple(window.shape)}")
+        raise ValueError(f"split_window: window must be (batch, seqlen + 1) with seqlen >= 1, "
+                         f"got {tuple(window.shape)}")
     inputs, targets = window[:, :-1], window[:, 1:]  # (batch, seqlen) each
     return WindowBatch(inputs, targets, None if eos_id is None else seq_idx_from_eos(inputs, eos_id))
