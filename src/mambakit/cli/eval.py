@@ -48,7 +48,8 @@ def build_parser(prog: str = "mambakit eval") -> Parser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines of text")
     p.add_argument("--seqlen", type=_positive_int, metavar="N",
                    help="tokens per window (default: the model's training seqlen, else 2048)")
-    p.add_argument("--batch-size", type=_positive_int, metavar="N", help="windows per forward (default 8)")
+    p.add_argument("--batch-size", type=_positive_int, metavar="N",
+                   help="windows per forward (default: the model's training eval batch size, else 8)")
     p.add_argument("--max-tokens", type=_positive_int, metavar="N", help="score only the first N tokens")
     p.add_argument("--reset-at-eos", action=argparse.BooleanOptionalAction, default=None,
                    help="restart the state at each end-of-document token (default: as the model was trained; "
