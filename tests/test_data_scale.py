@@ -365,6 +365,12 @@ def test_streaming_refuses_what_it_cannot_stream(tmp_path):
         list(open_corpus(tmp_path / "rows.jsonl", streaming=True).documents())
 
 
+def test_an_empty_streamed_held_out_split_is_refused_before_training(tmp_path):
+    path = _write(tmp_path / "one", "jsonl", _texts(2))
+    with pytest.raises(DataError, match=r"the held-out split has 0 documents \(0 tokens\) at val_fraction 0.01"):
+        load_token_streams(path, ByteTokenizer(), streaming=True, val_fraction=0.01, token_cache="off")
+
+
 def test_token_ids_are_stored_in_the_narrowest_dtype():
     assert token_cache_module._token_dtype(256) == np.uint8
     assert token_cache_module._token_dtype(50280) == np.uint16

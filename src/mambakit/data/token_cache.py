@@ -322,4 +322,9 @@ def load_token_streams(data: str | Path | None, tokenizer: Tokenizer, *, val_fra
             cache_dir = None
     elif token_cache not in (None, "off"):
         cache_dir = Path(token_cache)
-    return tokenize_corpus(corpus, tokenizer, cache_dir=cache_dir, num_proc=num_proc, progress=progress)
+    result = tokenize_corpus(corpus, tokenizer, cache_dir=cache_dir, num_proc=num_proc, progress=progress)
+    if val_fraction is not None and len(result.val) < 2:
+        # found now, not after a whole training run whose final evaluation would have nothing to score
+        raise DataError(f"{corpus.description}: the held-out split has {result.documents['val']} documents "
+                        f"({len(result.val)} tokens) at val_fraction {val_fraction}: raise val_fraction or add data")
+    return result
