@@ -10,6 +10,7 @@ Prints and writes one JSON object.
 
     python benchmarks/seq_idx_bpb.py --steps 600 --out /tmp/seq_idx_bpb.json
     python benchmarks/seq_idx_bpb.py --steps 600 --reuse          # score the runs already in --runs-dir
+    python benchmarks/seq_idx_bpb.py --only on --threads 1 &  python benchmarks/seq_idx_bpb.py --only off --threads 1
 """
 
 from __future__ import annotations
@@ -44,14 +45,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=600, help="optimizer steps of each run")
     p.add_argument("--runs-dir", default="/tmp/seq_idx_bpb_runs")
     p.add_argument("--reuse", action="store_true", help="score the checkpoints in --runs-dir instead of training")
+    p.add_argument("--only", choices=("on", "off"), help="only the run with the reset on / off (two processes at once)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     _, val_docs = load_corpus()
     tok = ByteTokenizer()
     streams = {"plays": TokenStream.from_documents(val_docs, tok),
                "scenes": TokenStream.from_documents(_scenes(val_docs), tok)}
     rows = []
     for reset in (True, False):
+        if args.only is not None and reset != (args.only == "on"):
+            continue
         cfg = default_recipe().replace(max_steps=args.steps, time_budget_s=None, reset_at_eos=reset, eval_every=0,
                                        save_every=0, sample_tokens=0, progress=False,
                                        out_dir=f"{args.runs_dir}/reset-{reset}")
