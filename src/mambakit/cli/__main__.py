@@ -20,6 +20,7 @@ from .errors import UsageError
 
 SUBCOMMANDS: dict[str, str] = {
     "train": "mambakit.cli.train",
+    "eval": "mambakit.cli.eval",
     "generate": "mambakit.cli.generate",
     "convert": "mambakit.cli.convert",
     "serve": "mambakit.cli.serve",

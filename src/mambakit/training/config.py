@@ -27,6 +27,12 @@ class TrainConfig:
     data: str | None = None  # file or directory; None = built-in Shakespeare corpus
     tokenizer: str = "bytes"  # "bytes" or a path to a tokenizer.json (or a directory holding one)
     val_fraction: float = 0.05  # held-out share for user data (Shakespeare holds out fixed plays)
+    # documents are joined with the tokenizer's EOS; the state restarts at each one (seq_idx), in evaluation too
+    reset_at_eos: bool = True
+    token_cache: str = "auto"  # "auto" ($MAMBAKIT_TOKEN_CACHE or ~/.cache/mambakit/tokens), a directory, or "off"
+    tokenize_procs: int = 0  # processes that build the token cache; 0 = one per core (up to 8)
+    streaming: bool = False  # stream json/parquet/text files and datasets directories (corpora larger than RAM)
+    text_column: str = "text"  # the text column of datasets directories and streamed json/parquet files
     # model
     layer: str = "mamba2"  # "mamba1", "mamba2", or a Transformer baseline: "transformer++", "gpt3"
     d_model: int = 128
@@ -88,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        if self.tokenize_procs < 0:
+            raise ValueError(f"tokenize_procs must be >= 0 (0 = one per core), got {self.tokenize_procs}")
         if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be an int >= 1, got {self.keep_checkpoints!r}")
         # torch.manual_seed takes [0, 2**64) (negatives wrap around); anything else overflows inside torch
