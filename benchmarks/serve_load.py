@@ -24,6 +24,8 @@ Usage (repository root; needs the serve extra and httpx):
     python benchmarks/serve_load.py --device cuda --model-shape 130m --clients 1,8,64,256 \\
         --prompt-len 128 --new-tokens 256          # GPU machine: the 130M acceptance (64 clients >= 80%)
     python benchmarks/serve_load.py --device cpu --model runs/shakespeare --clients 1,8
+    python benchmarks/serve_load.py --device cpu --model-shape stub --clients 64,256 --decode-steps 8 --no-offline
+                                                   # the server's host cost per token: a model that costs nothing
 """
 
 from __future__ import annotations
@@ -48,7 +50,37 @@ SHAPES = {
     "130m": "mamba-130m",
     "mamba-130m": "mamba-130m",
     "mamba2-130m": "mamba2-130m",
+    # not a model: `_StubLM`, whose forward is a table lookup, so that the server's host path is all there is
+    "stub": dict(d_model=16, n_layer=1, vocab_size=256, ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 16}),
 }
+
+
+def _stub_class():
+    """`_StubLM` (built on first use: torch and mambakit are imported inside the child process)."""
+    import torch
+
+    from mambakit import MambaLM
+
+    class _StubLM(MambaLM):
+        """Benchmark-only: a MambaLM whose forward costs next to nothing (the logits of token t are row t of a
+        fixed table, the greedy successor of t is (t * 5 + 3) % vocab), with a real one-layer cache so the
+        scheduler's slot copies run as usual. Measures the server's per-token host cost (scheduling, sampling
+        readback, detokenization, JSON, HTTP) with the model's time taken out; its output means nothing."""
+
+        def __init__(self, config, device=None, dtype=None):
+            super().__init__(config, device=device, dtype=dtype)
+            V = config.padded_vocab_size
+            table = torch.zeros(V, V, device=device, dtype=dtype)
+            table[torch.arange(V), (torch.arange(V) * 5 + 3) % config.vocab_size] = 1.0
+            self.register_buffer("table", table)
+
+        def forward(self, input_ids, cache=None, seq_idx=None, logits_to_keep=0):
+            if cache is not None:
+                cache.seqlen_offset += input_ids.shape[1]
+            ids = input_ids[:, -logits_to_keep:] if logits_to_keep > 0 else input_ids
+            return self.table[ids]
+
+    return _StubLM
 
 
 class IdTokenizer:
@@ -89,7 +121,8 @@ def _build(args):
     spec = SHAPES[args.model_shape]
     config = preset(spec) if isinstance(spec, str) else MambaConfig(**spec)
     torch.manual_seed(0)
-    model = MambaLM(config, device=torch.device(args.device), dtype=dtype).eval()
+    model_cls = _stub_class() if args.model_shape == "stub" else MambaLM
+    model = model_cls(config, device=torch.device(args.device), dtype=dtype).eval()
     return model, IdTokenizer(config.vocab_size)
 
 
