@@ -14,6 +14,8 @@ comes first. Reported per level:
                           prompt and new-token counts, prefill included, best of --offline-repeats runs,
                           measured in this process right before the level (the server idles meanwhile)
     ratio                 throughput_tok_s / offline_tok_s
+    server_cpu_us_per_token  the server process's CPU time (all its threads) over the level / new tokens
+                          (Linux); with `--model-shape stub` this is the host path's cost per token
 Before each level, every client sends one short request (8 new tokens), not counted: the device kernels
 compile for that level's batch shapes off the clock, as the baseline's warm-up run does for generate().
 
@@ -39,6 +41,7 @@ import multiprocessing
 import os
 import platform
 import socket
+import ssl
 import statistics
 import sys
 import time
@@ -158,6 +161,15 @@ def _serve(args, port: int, ready) -> None:
     server.run()
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process `pid` so far (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -213,7 +225,8 @@ async def _level(url: str, clients: int, args, vocab: int) -> dict:
     # in its connections at every request start and end (at 256 connections in one shared pool, the load
     # generator spent 72% of its time there and became the bottleneck, not the server)
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    https = [httpx.AsyncClient(timeout=args.time_limit + 600, limits=limits) for _ in range(clients)]
+    tls = ssl.create_default_context()  # unused on http://, but each client would build its own (10 ms each)
+    https = [httpx.AsyncClient(timeout=args.time_limit + 600, limits=limits, verify=tls) for _ in range(clients)]
     try:
         t0 = time.perf_counter()
         await asyncio.gather(*(client(i, http) for i, http in enumerate(https)))
@@ -318,7 +331,13 @@ def main() -> int:
             asyncio.run(_level(url, c, argparse.Namespace(**{**vars(args), "requests_per_client": 1,
                                                              "new_tokens": min(8, args.new_tokens)}), vocab))
             _log(f"{c} clients ...")
+            cpu0 = _cpu_seconds(proc.pid)
             row = asyncio.run(_level(url, c, args, vocab))
+            cpu1 = _cpu_seconds(proc.pid)
+            if cpu0 is not None and cpu1 is not None and row["new_tokens"]:
+                # the server's CPU time per token: on a shared machine a steadier measure than tokens/s
+                row["server_cpu_s"] = round(cpu1 - cpu0, 2)
+                row["server_cpu_us_per_token"] = round(1e6 * (cpu1 - cpu0) / row["new_tokens"], 1)
             if base is not None:
                 row["offline_batch"] = min(c, args.offline_max_batch)
                 row["offline_tok_s"] = round(base, 1)
