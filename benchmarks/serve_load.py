@@ -99,7 +99,7 @@ class IdTokenizer:
         return [int(t) % self.vocab_size for t in text.split()]
 
     def decode(self, ids) -> str:
-        return "".join(f" {int(i)}" for i in ids)
+        return "".join([" " + str(i) for i in ids])
 
 
 def _log(*args) -> None:

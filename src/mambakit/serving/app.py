@@ -45,7 +45,7 @@ class APIError(Exception):
 @dataclass
 class _Prompt:
     ids: list[int]
-    echo_text: str  # the prompt as echo returns it
+    echo_text: str  # the prompt as echo returns it ("" for token ids sent without echo: never decoded)
     skip: int  # leading ids added by the server (the end-of-document start token), not echoed
 
 
@@ -182,11 +182,12 @@ class _Server:
                            param="prompt")
         return _Prompt(ids, text, len(start))
 
-    def id_prompt(self, ids: list[int]) -> _Prompt:
+    def id_prompt(self, ids: list[int], echo: bool) -> _Prompt:
         vocab = self.scheduler.real_vocab
-        if any(not 0 <= t < vocab for t in ids):
+        if min(ids) < 0 or max(ids) >= vocab:
             raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
-        return _Prompt(list(ids), self.tokenizer.decode(ids), 0)
+        # the prompt's text only serves echo: no tokenizer work per request otherwise
+        return _Prompt(list(ids), self.tokenizer.decode(ids) if echo else "", 0)
 
     def build(self, req, prompts: list[_Prompt], max_tokens: int | None, logprobs: int | None,
               prompt_logprobs: bool, channel: _Channel) -> list[GenerationRequest]:
@@ -363,9 +364,9 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, chat_template: 
         elif isinstance(prompt[0], str):
             prompts = [server.text_prompt(p) for p in prompt]
         elif isinstance(prompt[0], int):
-            prompts = [server.id_prompt(prompt)]
+            prompts = [server.id_prompt(prompt, req.echo)]
         else:
-            prompts = [server.id_prompt(p) for p in prompt]
+            prompts = [server.id_prompt(p, req.echo) for p in prompt]
         channel = server.channel()
         requests = server.build(req, prompts, 16 if req.max_tokens is None else req.max_tokens, req.logprobs,
                                 req.echo and req.logprobs is not None, channel)

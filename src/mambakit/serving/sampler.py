@@ -135,7 +135,8 @@ class BatchSampler:
     def sample(self, logits_BV: torch.Tensor, steps_B: torch.Tensor) -> torch.Tensor:
         """Next token of each running row, (B,) int64; steps_B (B,) int64 counts each row's tokens so far.
 
-        Updates the seen masks and counts with the sampled tokens. No host synchronisation.
+        Updates the seen masks and counts with the sampled tokens while a row of the batch has a penalty that
+        reads them. No host synchronisation.
         """
         B = logits_BV.shape[0]
         logits_BV = logits_BV.float()
@@ -153,8 +154,12 @@ class BatchSampler:
         if not self.all_greedy:
             sampled_B = torch.argmax(self._probs(logits_BV) / exponential_noise(self.keys_B, steps_B, self.vocab), dim=-1)
             tokens_B = torch.where(self.greedy_B, tokens_B, sampled_B)
-        self.seen_RV[:B].scatter_(1, tokens_B[:, None], True)
-        self.counts_RV[:B].scatter_add_(1, tokens_B[:, None], torch.ones_like(tokens_B, dtype=torch.int32)[:, None])
+        # only penalties read the masks and counts; a row's settings never change while it runs, so a batch
+        # without penalties skips them (a row that has penalties keeps them up to date from its join on)
+        if self.any_rep:
+            self.seen_RV[:B].scatter_(1, tokens_B[:, None], True)
+        if self.any_freq:
+            self.counts_RV[:B].scatter_add_(1, tokens_B[:, None], torch.ones_like(tokens_B, dtype=torch.int32)[:, None])
         return tokens_B
 
     def _probs(self, logits_BV: torch.Tensor) -> torch.Tensor:
