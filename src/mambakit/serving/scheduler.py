@@ -49,7 +49,7 @@ from ..generation import InferenceCache, allocate_cache, decode_one_token
 from ..modules import MixerState
 from .metrics import Metrics
 from .prefix_cache import PrefixCache, prefix_digest
-from .sampler import BatchSampler, RowParams, token_logprobs
+from .sampler import BatchSampler, RowParams, to_device, token_logprobs
 from .text import TextStream
 
 logger = logging.getLogger("mambakit.serving")
@@ -458,8 +458,8 @@ class Scheduler:
             length = self._next_end(todo[0]) - todo[0].pos
             group = [job for job in todo if self._next_end(job) - job.pos == length]
             group = group[:max(1, self.max_prefill_tokens // length)]
-            ids_KL = torch.tensor([job.request.prompt_ids[job.pos:job.pos + length] for job in group],
-                                  dtype=torch.long, device=self.device)
+            ids_KL = to_device([job.request.prompt_ids[job.pos:job.pos + length] for job in group], torch.long,
+                               self.device)
             batch = InferenceCache([MixerState(torch.cat([job.cache.layers[i].conv_state for job in group]),
                                                torch.cat([job.cache.layers[i].ssm_state for job in group]))
                                     for i in range(len(group[0].cache.layers))], seqlen_offset=1)
@@ -509,8 +509,8 @@ class Scheduler:
         holes = [r for r in range(alive) if self.running[r].finished]
         movers = [r for r in range(alive, len(self.running)) if not self.running[r].finished]
         if holes:
-            src = torch.tensor(movers, device=self.device)
-            dst = torch.tensor(holes, device=self.device)
+            src = to_device(movers, torch.long, self.device)
+            dst = to_device(holes, torch.long, self.device)
             for state in self.cache.layers:
                 state.conv_state.index_copy_(0, dst, state.conv_state.index_select(0, src))
                 state.ssm_state.index_copy_(0, dst, state.ssm_state.index_select(0, src))
@@ -531,7 +531,7 @@ class Scheduler:
         rows = len(self.running)
         if self._dirty:
             self.sampler.set_rows([s.params for s in self.running])
-            self._steps_B = torch.tensor([s.launched for s in self.running], dtype=torch.long, device=self.device)
+            self._steps_B = to_device([s.launched for s in self.running], torch.long, self.device)
             self._dirty = False
         want = max((s.request.logprobs for s in self.running if s.request.logprobs is not None), default=None)
         logits_BV = self._logits_SV[:rows]
