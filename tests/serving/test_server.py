@@ -157,6 +157,29 @@ def test_a_stream_sends_one_chunk_per_decode_block(checkpoint):
     assert 1 <= len(chat_deltas) <= -(-n // k) + 1, len(chat_deltas)
 
 
+CHUNK_TEXTS = [
+    pytest.param("plain", None, id="text"),
+    pytest.param('quote " backslash \\ newline \n tab \t é ✓ \u2028', None, id="escapes-and-unicode"),
+    pytest.param("", "stop", id="empty-with-finish"),
+    pytest.param("end", "length", id="text-with-finish"),
+]
+
+
+@pytest.mark.parametrize("text, finish_reason", CHUNK_TEXTS)
+def test_templated_sse_chunks_are_the_bytes_of_the_encoded_dicts(text, finish_reason):
+    from mambakit.serving.app import _chat_chunk, _completion_chunk, _completion_head, _sse
+
+    rid, created, model = "cmpl-1a2b", 1700000000, 'my "model" é'
+    assert _completion_chunk(_completion_head(rid, created, model), 3, text, finish_reason) == _sse(
+        {"id": rid, "object": "text_completion", "created": created, "model": model,
+         "choices": [{"index": 3, "text": text, "logprobs": None, "finish_reason": finish_reason}]})
+    chat_head = _completion_head(rid, created, model, "chat.completion.chunk")
+    assert _chat_chunk(chat_head, 1, text, finish_reason) == _sse(
+        {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+         "choices": [{"index": 1, "delta": {"content": text} if text else {}, "logprobs": None,
+                      "finish_reason": finish_reason}]})
+
+
 STREAMED = [
     pytest.param(dict(prompt="to be or not", max_tokens=30, temperature=0), id="greedy"),
     pytest.param(dict(prompt="the rest is", max_tokens=30, temperature=0.9, seed=7, stop=["is", "\n"]),

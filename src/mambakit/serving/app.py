@@ -311,9 +311,17 @@ def _completion_chunk(head: str, index: int, text: str, finish_reason: str | Non
     return f'{head}{index}, "text": {_JSON.encode(text)}, "logprobs": null, "finish_reason": {reason}}}]}}\n\n'
 
 
-def _completion_head(rid: str, created: int, model: str) -> str:
-    return (f'data: {{"id": {_JSON.encode(rid)}, "object": "text_completion", "created": {created}, '
+def _completion_head(rid: str, created: int, model: str, kind: str = "text_completion") -> str:
+    """The bytes of a stream's chunks up to the choice's index (`kind`: the "object" field)."""
+    return (f'data: {{"id": {_JSON.encode(rid)}, "object": "{kind}", "created": {created}, '
             f'"model": {_JSON.encode(model)}, "choices": [{{"index": ')
+
+
+def _chat_chunk(head: str, index: int, text: str, finish_reason: str | None) -> str:
+    """`_sse` of a chat completion chunk without logprobs (head: `_completion_head(..., "chat.completion.chunk")`)."""
+    reason = "null" if finish_reason is None else _JSON.encode(finish_reason)
+    delta = f'{{"content": {_JSON.encode(text)}}}' if text else "{}"
+    return f'{head}{index}, "delta": {delta}, "logprobs": null, "finish_reason": {reason}}}]}}\n\n'
 
 
 def create_app(scheduler: Scheduler, tokenizer, model_name: str, chat_template: str | None = None) -> FastAPI:
@@ -474,10 +482,14 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, chat_template: 
                 for c in range(req.n):
                     yield _sse({**head, "choices": [{"index": c, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None}]})
+                template = _completion_head(rid, created, model_name, "chat.completion.chunk")
                 async for _, ev in _events(server, http, channel, requests):
                     if not ev.text and ev.finish_reason is None and not ev.logprobs:
                         continue
-                    lp = server.chat_logprobs(ev.logprobs) if req.logprobs else None
+                    if not req.logprobs:  # the common chunk: a template
+                        yield _chat_chunk(template, ev.index, ev.text, ev.finish_reason)
+                        continue
+                    lp = server.chat_logprobs(ev.logprobs)
                     delta = {"content": ev.text} if ev.text else {}
                     yield _sse({**head, "choices": [{"index": ev.index, "delta": delta, "logprobs": lp,
                                                      "finish_reason": ev.finish_reason}]})
