@@ -266,7 +266,7 @@ WINDOW_TEXTS = [
 ]
 
 
-class _SpacedBytes:
+class _BytesViaWindow:
     """A non-byte tokenizer (it takes TextStream's window decoder) over UTF-8 bytes: broken bytes decode to U+FFFD."""
 
     eos_id = None
@@ -275,8 +275,11 @@ class _SpacedBytes:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
+TOKENIZERS = [pytest.param(ByteTokenizer(), id="bytes"), pytest.param(_BytesViaWindow(), id="window")]
+
+
 @pytest.mark.parametrize("text", WINDOW_TEXTS)
-@pytest.mark.parametrize("tokenizer", [pytest.param(ByteTokenizer(), id="bytes"), pytest.param(_SpacedBytes(), id="window")])
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
 def test_text_stream_push_many_equals_pushing_token_by_token(text, tokenizer):
     ids = list(text.encode("utf-8"))
     one = TextStream(tokenizer)
@@ -288,3 +291,16 @@ def test_text_stream_push_many_equals_pushing_token_by_token(text, tokenizer):
     assert all("\ufffd" not in piece for piece in sent)
     with pytest.raises(ValueError, match="stop sequences"):
         TextStream(tokenizer, ["x"]).push_many(ids)
+
+
+@pytest.mark.parametrize("decode_steps", [pytest.param(1, id="k1"), pytest.param(4, id="k4")])
+def test_a_prompt_at_the_model_length_gets_one_token_and_length(decode_steps):
+    """The scheduler alone takes prompts up to any length (the HTTP layer refuses those over the limit): a row
+    always takes one token before its length check, in a block as token by token."""
+    model = _model()
+    prompt = [0] + list(b"to be or not")
+    sched = Scheduler(model, ByteTokenizer(), max_batch_size=2, prefill_chunk=4, prefix_cache_bytes=0,
+                      decode_steps=decode_steps, max_model_len=len(prompt) - 3)
+    [(text, ids, reason, _, _)] = _collect(sched.start(), [(prompt, 5, [])])
+    assert ids == generate(model, [prompt], 1, prefill_chunk_size=4)[0] and reason == "length"
+    assert text == ByteTokenizer().decode(ids)

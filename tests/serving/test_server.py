@@ -136,8 +136,8 @@ def test_a_stream_sends_one_chunk_per_decode_block(checkpoint):
     try:
         with httpx.Client(timeout=60) as http:
             whole = http.post(srv.url + "/v1/completions", json=body).json()
-            with http.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True,
-                                                                         "stream_options": {"include_usage": True}}) as r:
+            streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+            with http.stream("POST", srv.url + "/v1/completions", json=streamed) as r:
                 chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
             chat = {"model": "tiny", "messages": [{"role": "user", "content": "to be"}], "max_tokens": n,
                     "temperature": 0, "ignore_eos": True}

@@ -592,7 +592,8 @@ class Scheduler:
             produced += taken
             if request.logprobs is not None:
                 k = request.logprobs
-                event.logprobs = [TokenLogprob(token, chosen_Bk[row][j], list(zip(ids_Bkt[row][j][:k], values_Bkt[row][j][:k])))
+                event.logprobs = [TokenLogprob(token, chosen_Bk[row][j],
+                                               list(zip(ids_Bkt[row][j][:k], values_Bkt[row][j][:k])))
                                   for j, token in enumerate(event.token_ids)]
             if event.finish_reason is not None:
                 seq.finished = any_finished = True  # the rest of the block is dropped
@@ -620,7 +621,7 @@ class Scheduler:
     def _row_at_once(self, seq: _Seq, row_tokens: list[int]) -> Event:
         """A row's tokens of one block as one event (no stop sequences): cut at EOS or at its length limit."""
         request = seq.request
-        limit = self._limit(seq)
+        limit = max(self._limit(seq), 1)  # a row takes at least one token, as token by token does
         take = row_tokens[:limit]
         reason = "length" if len(take) == limit else None
         if not request.ignore_eos and self.eos_id in take:
