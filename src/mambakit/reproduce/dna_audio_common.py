@@ -19,7 +19,7 @@ import torch
 
 from .common import Run, TrainSettings, _progress, _read_json, _write_json, batch_seed
 
-__all__ = ["train_module", "markov_genome_fasta", "frechet_distance", "bits_per_sample"]
+__all__ = ["train_module", "cached_eval", "markov_genome_fasta", "frechet_distance", "bits_per_sample"]
 
 
 def train_module(run: Run, key: str, build: Callable[[], torch.nn.Module], settings: TrainSettings,
@@ -105,6 +105,19 @@ def train_module(run: Run, key: str, build: Callable[[], torch.nn.Module], setti
                                        "final_loss": losses[-1][1] if losses else None,
                                        "params": sum(p.numel() for p in model.parameters())})
     return model
+
+
+def cached_eval(run: Run, key: str, name: str, compute: Callable[[], dict]) -> dict | None:
+    """`Run.cached` for a model trained by `train_module`: compute() once, memoised in _state/evals/<key>/<name>.json;
+    None when the time budget is spent before it."""
+    path = run.state / "evals" / key / f"{name}.json"
+    value = _read_json(path)
+    if value is None:
+        if run.out_of_time():
+            return None
+        value = compute()
+        _write_json(path, value)
+    return value
 
 
 def markov_genome_fasta(path: Path, n_records: int, length: int, seed: int, base_seed: int = 0,

@@ -97,7 +97,7 @@ def run(run: Run) -> int:
     train_stream, val_stream = genome_streams(genome, s["val_fraction"], reverse_complement_train=False)
     tokens = train_stream.tokens
 
-    def make_batch(context: int, batch_size: int):
+    def make_batch(context: int):
         def make(step: int, g: torch.Generator) -> SyntheticBatch:
             L = window_length(step, context, s)
             b = max(1, s["tokens_per_step"] // L)  # constant tokens per step through the warm-up
@@ -110,7 +110,7 @@ def run(run: Run) -> int:
     rows, curves = [], {}
     for spec in model_specs(s):
         L = spec.info["context"]
-        model = run.train(spec, make_batch(L, spec.train.batch_size))
+        model = run.train(spec, make_batch(L))
         if model is None:
             return run.unfinished()
         result = run.cached(spec, "val", lambda: _evaluate(model, val_stream, L, s, run.device))

@@ -31,7 +31,7 @@ from ..data.dna import DEBIAN_GENOMES, SpeciesWindows, debian_species, load_geno
 from ..models import MambaConfig
 from ..models.classifier import SequenceClassifier
 from .common import FINISHED, Run, TrainSettings, figure, loss_plot, markdown_table, percent
-from .dna_audio_common import markov_genome_fasta, train_module
+from .dna_audio_common import cached_eval, markov_genome_fasta, train_module
 
 NAME = "dna-species"
 SUMMARY = "Mamba paper Figure 6: species classification from DNA windows of 2^10 .. 2^17 bases, Mamba vs S4D vs chance"
@@ -105,7 +105,7 @@ def run(run: Run) -> int:
                                  dataclasses.replace(train, batch_size=batch), make_batch, loss_fn)
             if model is None:
                 return run.unfinished()
-            result = _cached(run, key, lambda: _evaluate(model, data, L, s, run.device))
+            result = cached_eval(run, key, "test", lambda: _evaluate(model, data, L, s, run.device))
             if result is None:
                 return run.unfinished()
             record = _record(run, key)
@@ -120,20 +120,6 @@ def run(run: Run) -> int:
     run.write_results(rows, {**s, "species": sources, "longest_test_window": data.max_length("test")},
                       _readme(rows, s, data, chance))
     return FINISHED
-
-
-def _cached(run: Run, key: str, compute):
-    """Run.cached for a model that is not a ModelSpec: compute() once, memoised in _state/evals/<key>/test.json."""
-    from .common import _read_json, _write_json
-
-    path = run.state / "evals" / key / "test.json"
-    value = _read_json(path)
-    if value is None:
-        if run.out_of_time():
-            return None
-        value = compute()
-        _write_json(path, value)
-    return value
 
 
 def _record(run: Run, key: str) -> dict:

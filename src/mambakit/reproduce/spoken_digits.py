@@ -24,7 +24,6 @@ Metrics:
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -35,8 +34,8 @@ from ..data.spoken_digits import SAMPLE_RATE, default_root, load_spoken_digits, 
 from ..models import MambaConfig
 from ..models.classifier import SequenceClassifier, pool_sequence
 from ..models.unet import AudioUNet, UNetConfig, sample_audio
-from .common import FINISHED, Run, TrainSettings, _read_json, _write_json, figure, loss_plot, markdown_table
-from .dna_audio_common import bits_per_sample, frechet_distance, train_module
+from .common import FINISHED, Run, TrainSettings, _read_json, figure, loss_plot, markdown_table
+from .dna_audio_common import bits_per_sample, cached_eval, frechet_distance, train_module
 
 NAME = "spoken-digits"
 SUMMARY = "Mamba paper Tables 4-5: spoken digits (espeak-ng SC09-like) with U-Nets of Mamba vs S4D(+MLP), real vs complex A"
@@ -139,7 +138,7 @@ def run(run: Run) -> int:
     if clf is None:
         return run.unfinished()
     features_path = run.state / "evals" / "digit-classifier" / "real_features.pt"
-    real = _cached(run, "digit-classifier", "real",
+    real = cached_eval(run, "digit-classifier", "real",
                    lambda: _judge_real(clf, test_rows[:, 1:], test_digits, s, run.device, features_path))
     if real is None:
         return run.unfinished()
@@ -151,11 +150,11 @@ def run(run: Run) -> int:
         model = train_module(run, key, _unet(key, s), unet_train, clip_batch, _lm_loss)
         if model is None:
             return run.unfinished()
-        bps = _cached(run, key, "test", lambda: {"bits_per_sample": bits_per_sample(model, test_rows, s["eval_batch"],
+        bps = cached_eval(run, key, "test", lambda: {"bits_per_sample": bits_per_sample(model, test_rows, s["eval_batch"],
                                                                                     run.device)})
         if bps is None:
             return run.unfinished()
-        gen = _cached(run, key, "generated", lambda: _judge_generated(model, clf, real_feats, key, run, s))
+        gen = cached_eval(run, key, "generated", lambda: _judge_generated(model, clf, real_feats, key, run, s))
         if gen is None:
             return run.unfinished()
         record = _read_json(run.state / key / "done.json")
@@ -171,17 +170,6 @@ def run(run: Run) -> int:
     run.write_results(rows, {**s, "data_root": str(root), "train_clips": int(train_rows.shape[0]),
                              "test_clips": int(test_rows.shape[0]), "classifier": real}, _readme(rows, s, real, root))
     return FINISHED
-
-
-def _cached(run: Run, key: str, name: str, compute):
-    path = run.state / "evals" / key / f"{name}.json"
-    value = _read_json(path)
-    if value is None:
-        if run.out_of_time():
-            return None
-        value = compute()
-        _write_json(path, value)
-    return value
 
 
 def _judge_real(clf, levels, digits, s, device, features_path: Path) -> dict:
