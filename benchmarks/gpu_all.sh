@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
-# Stages: env tests gentests compose adapters e2e train launch scan ssd convnorm layers inference; each runs under its own time limit so one
+# Stages: env tests gentests compose adapters e2e serve train launch scan ssd convnorm layers inference; each runs under its own time limit so one
 # slow stage leaves the logs of the others intact.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -24,6 +24,9 @@ for stage in "$@"; do
            run "e2e-generate-$layer" 100 python3 -m mambakit.cli generate --model /tmp/runs/$layer --device cuda \
              --prompt "**HAMLET**" --max-new-tokens 200 --temperature 0.8 --seed 0
          done;;
+    serve) run serve-tests 240 python3 -m pytest tests/serving/test_gpu.py -m gpu -q -p no:cacheprovider
+           run serve-load 420 python3 benchmarks/serve_load.py --device cuda --model-shape 130m --clients 1,8,64,256 \
+             --prompt-len 128 --new-tokens 256 --requests-per-client 4 ${SERVE_FLAGS:-};;
     train) run train 560 python3 benchmarks/gpu_train.py ${TRAIN_FLAGS:-};;
     launch) run launch 300 python3 benchmarks/gpu_launch.py ${LAUNCH_FLAGS:-};;
     scan) run scan 300 python3 benchmarks/gpu_selective_scan.py ${SCAN_FLAGS:-};;

@@ -3,9 +3,10 @@ against offline `generate()` at the same batch size and lengths.
 
 The server runs in a child process (so the load generator does not share its interpreter), built from a
 checkpoint (--model DIR) or from random weights of a named shape (--model-shape), on 127.0.0.1 only. Each
-of C clients sends streamed completion requests back to back (random token-id prompts of --prompt-len
-tokens, --new-tokens new tokens each, EOS ignored so every request has the same length); a level ends after
---requests-per-client requests per client or --time-limit seconds, whichever comes first. Reported per level:
+of C clients (each with its own HTTP connection) sends streamed completion requests back to back (random
+token-id prompts of --prompt-len tokens, --new-tokens new tokens each, EOS ignored so every request has the
+same length); a level ends after --requests-per-client requests per client or --time-limit seconds, whichever
+comes first. Reported per level:
 
     throughput_tok_s      new tokens received / wall time of the level (first request sent -> last answer)
     ttft_p50_s, ttft_p99_s  request sent -> first streamed token, over the level's requests
@@ -13,6 +14,8 @@ tokens, --new-tokens new tokens each, EOS ignored so every request has the same 
                           prompt and new-token counts, prefill included, best of --offline-repeats runs,
                           measured in this process right before the level (the server idles meanwhile)
     ratio                 throughput_tok_s / offline_tok_s
+    server_cpu_us_per_token  the server process's CPU time (all its threads) over the level / new tokens
+                          (Linux); with `--model-shape stub` this is the host path's cost per token
 Before each level, every client sends one short request (8 new tokens), not counted: the device kernels
 compile for that level's batch shapes off the clock, as the baseline's warm-up run does for generate().
 
@@ -24,6 +27,8 @@ Usage (repository root; needs the serve extra and httpx):
     python benchmarks/serve_load.py --device cuda --model-shape 130m --clients 1,8,64,256 \\
         --prompt-len 128 --new-tokens 256          # GPU machine: the 130M acceptance (64 clients >= 80%)
     python benchmarks/serve_load.py --device cpu --model runs/shakespeare --clients 1,8
+    python benchmarks/serve_load.py --device cpu --model-shape stub --clients 64,256 --decode-steps 8 --no-offline
+                                                   # the server's host cost per token: a model that costs nothing
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import multiprocessing
 import os
 import platform
 import socket
+import ssl
 import statistics
 import sys
 import time
@@ -48,7 +54,37 @@ SHAPES = {
     "130m": "mamba-130m",
     "mamba-130m": "mamba-130m",
     "mamba2-130m": "mamba2-130m",
+    # not a model: `_StubLM`, whose forward is a table lookup, so that the server's host path is all there is
+    "stub": dict(d_model=16, n_layer=1, vocab_size=256, ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 16}),
 }
+
+
+def _stub_class():
+    """`_StubLM` (built on first use: torch and mambakit are imported inside the child process)."""
+    import torch
+
+    from mambakit import MambaLM
+
+    class _StubLM(MambaLM):
+        """Benchmark-only: a MambaLM whose forward costs next to nothing (the logits of token t are row t of a
+        fixed table, the greedy successor of t is (t * 5 + 3) % vocab), with a real one-layer cache so the
+        scheduler's slot copies run as usual. Measures the server's per-token host cost (scheduling, sampling
+        readback, detokenization, JSON, HTTP) with the model's time taken out; its output means nothing."""
+
+        def __init__(self, config, device=None, dtype=None):
+            super().__init__(config, device=device, dtype=dtype)
+            V = config.padded_vocab_size
+            table = torch.zeros(V, V, device=device, dtype=dtype)
+            table[torch.arange(V), (torch.arange(V) * 5 + 3) % config.vocab_size] = 1.0
+            self.register_buffer("table", table)
+
+        def forward(self, input_ids, cache=None, seq_idx=None, logits_to_keep=0):
+            if cache is not None:
+                cache.seqlen_offset += input_ids.shape[1]
+            ids = input_ids[:, -logits_to_keep:] if logits_to_keep > 0 else input_ids
+            return self.table[ids]
+
+    return _StubLM
 
 
 class IdTokenizer:
@@ -63,7 +99,7 @@ class IdTokenizer:
         return [int(t) % self.vocab_size for t in text.split()]
 
     def decode(self, ids) -> str:
-        return "".join(f" {int(i)}" for i in ids)
+        return "".join([" " + str(i) for i in ids])
 
 
 def _log(*args) -> None:
@@ -89,7 +125,8 @@ def _build(args):
     spec = SHAPES[args.model_shape]
     config = preset(spec) if isinstance(spec, str) else MambaConfig(**spec)
     torch.manual_seed(0)
-    model = MambaLM(config, device=torch.device(args.device), dtype=dtype).eval()
+    model_cls = _stub_class() if args.model_shape == "stub" else MambaLM
+    model = model_cls(config, device=torch.device(args.device), dtype=dtype).eval()
     return model, IdTokenizer(config.vocab_size)
 
 
@@ -122,6 +159,15 @@ def _serve(args, port: int, ready) -> None:
         signal.signal(sig, lambda *_: None)
     ready.set()
     server.run()
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process `pid` so far (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -175,11 +221,19 @@ async def _level(url: str, clients: int, args, vocab: int) -> dict:
             except (httpx.HTTPError, RuntimeError) as err:  # counted and reported, the level goes on
                 errors.append(f"{type(err).__name__}: {err}")
 
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=args.time_limit + 600, limits=limits) as http:
+    # one connection pool per client, as C separate clients would have: httpcore's pool does work quadratic
+    # in its connections at every request start and end (at 256 connections in one shared pool, the load
+    # generator spent 72% of its time there and became the bottleneck, not the server)
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    tls = ssl.create_default_context()  # unused on http://, but each client would build its own (10 ms each)
+    https = [httpx.AsyncClient(timeout=args.time_limit + 600, limits=limits, verify=tls) for _ in range(clients)]
+    try:
         t0 = time.perf_counter()
-        await asyncio.gather(*(client(i, http) for i in range(clients)))
+        await asyncio.gather(*(client(i, http) for i, http in enumerate(https)))
         wall = time.perf_counter() - t0
+    finally:
+        for http in https:
+            await http.aclose()
     ttfts = sorted(r[0] for r in results) or [float("nan")]
     tokens = sum(r[2] for r in results)
 
@@ -277,7 +331,13 @@ def main() -> int:
             asyncio.run(_level(url, c, argparse.Namespace(**{**vars(args), "requests_per_client": 1,
                                                              "new_tokens": min(8, args.new_tokens)}), vocab))
             _log(f"{c} clients ...")
+            cpu0 = _cpu_seconds(proc.pid)
             row = asyncio.run(_level(url, c, args, vocab))
+            cpu1 = _cpu_seconds(proc.pid)
+            if cpu0 is not None and cpu1 is not None and row["new_tokens"]:
+                # the server's CPU time per token: on a shared machine a steadier measure than tokens/s
+                row["server_cpu_s"] = round(cpu1 - cpu0, 2)
+                row["server_cpu_us_per_token"] = round(1e6 * (cpu1 - cpu0) / row["new_tokens"], 1)
             if base is not None:
                 row["offline_batch"] = min(c, args.offline_max_batch)
                 row["offline_tok_s"] = round(base, 1)

@@ -475,3 +475,35 @@ def test_gpu_chunk_state_parallel_equals_fused(seqlen):
     st_p, fin_p = _chunk_state.chunk_state_fwd(*args, cfg={"PARALLEL": True})
     assert_close(fin_p, fin_f, name="final parallel vs fused", rel=1e-5)
     assert_close(st_p.float(), st_f.float(), name="states parallel vs fused", rel=1e-2)
+
+
+def test_batch_pieces_fit_the_grid_axes():
+    from mambakit.ops.ssd.triton_ssd import batch_pieces
+
+    assert batch_pieces(8, 2048, 24, 1, 64) == [slice(0, 8)]
+    # 512 rows of 8192 tokens at T = 64: 128 chunks a row, 65536 blocks in all: two launches of 511 and 1 rows.
+    assert batch_pieces(512, 8192, 24, 1, 64) == [slice(0, 511), slice(511, 512)]
+    pieces = batch_pieces(100, 8192, 24, 2, 64)  # 256 chunk-groups a row: 255 rows a launch
+    assert [p.stop - p.start for p in pieces] == [100]
+    with pytest.raises(ValueError, match="chunk_size"):
+        batch_pieces(1, 65536 * 64 + 1, 24, 1, 64)
+
+
+@pytest.mark.parametrize("z", [pytest.param(False, id="no-z"), pytest.param(True, id="z-gate")])
+def test_ssd_triton_split_batch_equals_one_launch(monkeypatch, z):
+    """Past the grid limit the batch runs in slices: the same outputs, final states and gradients."""
+    from mambakit.ops.ssd import triton_ssd
+
+    inp = _make_inputs(3, 48, 2, 16, 1, 16, D="head", z=z, dt_bias=True, initial_state=True)
+    inp["seq_idx"] = torch.cat([_seq_idx(48, 2), torch.zeros(1, 48, dtype=torch.int32)])
+    opts = {"chunk_size": 16, **FULL_OPTS}
+    upstream = _upstream(inp)
+    outs, grads = _run_ssd(inp, opts, "triton", upstream)
+    monkeypatch.setattr(triton_ssd, "_GRID_YZ", 3)  # 3 chunks a row: one row per launch
+    assert len(triton_ssd.batch_pieces(3, 48, 2, 1, 16)) == 3
+    split_outs, split_grads = _run_ssd(inp, opts, "triton", upstream)
+    assert_close(split_outs[0], outs[0], name="y")
+    assert_close(split_outs[1], outs[1], name="final_state")
+    assert set(split_grads) == set(grads)
+    for k in grads:
+        assert_close(split_grads[k], grads[k], name=f"d{k}")

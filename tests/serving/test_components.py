@@ -193,3 +193,114 @@ def test_allocate_cache_rows_are_independent_slots():
     big.index_copy_(torch.tensor([1]), row)
     assert torch.equal(big.layers[0].ssm_state[1], row.layers[0].ssm_state[0])
     assert big.layers[0].ssm_state[0].abs().sum() == 0 and big.layers[0].ssm_state[2].abs().sum() == 0
+
+
+class _EosTokenizer(ByteTokenizer):
+    """The byte tokenizer with another end-of-document id, so that greedy output meets EOS where a test wants."""
+
+    def __init__(self, eos_id: int):
+        super().__init__()
+        self.eos_id = eos_id
+
+
+def _collect(scheduler: Scheduler, requests: list[tuple[list[int], int, list[str]]]) -> list[tuple]:
+    """Runs (prompt, max_tokens, stops) requests together; per request (text, token ids, finish reason, events,
+    flushes): what its sink got joined, how many sink calls, and how many times its flush ran."""
+    done = threading.Semaphore(0)
+    got = [{"text": "", "ids": [], "reason": None, "events": 0, "flushes": 0} for _ in requests]
+
+    def sink_for(i):
+        def sink(events):
+            got[i]["events"] += 1
+            for e in events:
+                got[i]["text"] += e.text
+                got[i]["ids"] += e.token_ids
+                if e.finish_reason:
+                    got[i]["reason"] = e.finish_reason
+                    done.release()
+        return sink
+
+    def flush_for(i):
+        def flush():
+            got[i]["flushes"] += 1
+        return flush
+
+    scheduler.submit([GenerationRequest(p, m, [RowParams()], sink_for(i), stops=s, flush=flush_for(i))
+                      for i, (p, m, s) in enumerate(requests)])
+    for _ in requests:
+        assert done.acquire(timeout=60)
+    scheduler.stop()
+    return [(g["text"], g["ids"], g["reason"], g["events"], g["flushes"]) for g in got]
+
+
+@pytest.mark.parametrize("decode_steps", [pytest.param(3, id="k3"), pytest.param(8, id="k8")])
+def test_a_block_of_k_tokens_is_one_event_and_cuts_at_eos_and_length_inside_it(decode_steps):
+    """decode_steps k: every row's k tokens of a block reach its sink as one event (<= ceil(n/k) + 1 sink calls,
+    each followed by its flush), and a row cut inside a block (EOS, max_tokens, a stop sequence) gets exactly
+    what decode_steps 1 gives, which is generate()'s output."""
+    model = _model("Mamba1")
+    prompt = [0] + list(b"to be or not to be")
+    free_run = generate(model, [prompt], 20, prefill_chunk_size=4)[0]
+    eos = free_run[6]  # greedy output meets this id first at token 7 (or earlier): a cut inside a block
+    cut = free_run.index(eos) + 1
+    stop_text = bytes(free_run[3:5]).decode("utf-8", errors="replace")
+    requests = [(prompt, 20, []), (prompt[:5], 10, []), (prompt[:8], 19, [stop_text])]
+    tokenizer = _EosTokenizer(eos)
+    by_k = {}
+    for k in (1, decode_steps):
+        sched = Scheduler(model, tokenizer, max_batch_size=4, prefill_chunk=4, prefix_cache_bytes=0, decode_steps=k)
+        by_k[k] = _collect(sched.start(), requests)
+    assert by_k[1][0][1] == free_run[:cut] and by_k[1][0][2] == "stop"
+    expected_short = generate(model, [prompt[:5]], 10, prefill_chunk_size=4, eos_token_id=eos)[0]
+    assert by_k[1][1][1] == expected_short
+    for one, many, (_, max_tokens, _) in zip(by_k[1], by_k[decode_steps], requests):
+        assert many[:3] == one[:3]  # text, token ids, finish reason
+        n = len(many[1])
+        assert many[3] <= -(-n // decode_steps) + 1, (many[3], n, decode_steps)
+        assert many[4] >= 1 and many[4] == many[3]  # one flush after each iteration that gave it events
+
+
+WINDOW_TEXTS = [
+    pytest.param("plain ascii text", id="ascii"),
+    pytest.param("héllo wörld ✓ ok", id="multibyte-split-across-blocks"),
+]
+
+
+class _BytesViaWindow:
+    """A non-byte tokenizer (it takes TextStream's window decoder) over UTF-8 bytes: broken bytes decode to U+FFFD."""
+
+    eos_id = None
+
+    def decode(self, ids) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+TOKENIZERS = [pytest.param(ByteTokenizer(), id="bytes"), pytest.param(_BytesViaWindow(), id="window")]
+
+
+@pytest.mark.parametrize("text", WINDOW_TEXTS)
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+def test_text_stream_push_many_equals_pushing_token_by_token(text, tokenizer):
+    ids = list(text.encode("utf-8"))
+    one = TextStream(tokenizer)
+    per_token = "".join(one.push(t)[0] for t in ids) + one.finish()
+    many = TextStream(tokenizer)
+    blocks = [ids[i:i + 3] for i in range(0, len(ids), 3)]  # 3-byte blocks split the 2- and 3-byte characters
+    sent = [many.push_many(b) for b in blocks] + [many.finish()]
+    assert per_token == "".join(sent) == text
+    assert all("\ufffd" not in piece for piece in sent)
+    with pytest.raises(ValueError, match="stop sequences"):
+        TextStream(tokenizer, ["x"]).push_many(ids)
+
+
+@pytest.mark.parametrize("decode_steps", [pytest.param(1, id="k1"), pytest.param(4, id="k4")])
+def test_a_prompt_at_the_model_length_gets_one_token_and_length(decode_steps):
+    """The scheduler alone takes prompts up to any length (the HTTP layer refuses those over the limit): a row
+    always takes one token before its length check, in a block as token by token."""
+    model = _model()
+    prompt = [0] + list(b"to be or not")
+    sched = Scheduler(model, ByteTokenizer(), max_batch_size=2, prefill_chunk=4, prefix_cache_bytes=0,
+                      decode_steps=decode_steps, max_model_len=len(prompt) - 3)
+    [(text, ids, reason, _, _)] = _collect(sched.start(), [(prompt, 5, [])])
+    assert ids == generate(model, [prompt], 1, prefill_chunk_size=4)[0] and reason == "length"
+    assert text == ByteTokenizer().decode(ids)

@@ -126,6 +126,60 @@ def test_several_decode_steps_per_round_trip_change_no_output(client, checkpoint
     assert together == alone
 
 
+def test_a_stream_sends_one_chunk_per_decode_block(checkpoint):
+    """decode_steps k: a streamed choice of n tokens arrives in at most ceil(n/k) + 1 chunks (the k tokens of a
+    block are one SSE delta), which join to the non-streamed text; chat streams the same way."""
+    k, n = 8, 61
+    srv = ServerThread(checkpoint[1], TOK, chat_template=CHAT_TEMPLATE, max_batch_size=4, prefill_chunk=16,
+                       decode_steps=k, max_model_len=4096)
+    body = {"model": "tiny", "prompt": "to be or not", "max_tokens": n, "temperature": 0, "ignore_eos": True}
+    try:
+        with httpx.Client(timeout=60) as http:
+            whole = http.post(srv.url + "/v1/completions", json=body).json()
+            streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+            with http.stream("POST", srv.url + "/v1/completions", json=streamed) as r:
+                chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+            chat = {"model": "tiny", "messages": [{"role": "user", "content": "to be"}], "max_tokens": n,
+                    "temperature": 0, "ignore_eos": True}
+            chat_whole = http.post(srv.url + "/v1/chat/completions", json=chat).json()
+            with http.stream("POST", srv.url + "/v1/chat/completions", json={**chat, "stream": True}) as r:
+                chat_chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    finally:
+        srv.stop()
+    deltas = [c for c in chunks if c["choices"]]
+    assert "".join(c["choices"][0]["text"] for c in deltas) == whole["choices"][0]["text"]
+    assert chunks[-1]["usage"]["completion_tokens"] == n == whole["usage"]["completion_tokens"]
+    assert deltas[-1]["choices"][0]["finish_reason"] == "length"
+    assert 1 <= len(deltas) <= -(-n // k) + 1, len(deltas)
+    chat_deltas = chat_chunks[1:]  # after the role chunk
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chat_deltas) == \
+        chat_whole["choices"][0]["message"]["content"]
+    assert 1 <= len(chat_deltas) <= -(-n // k) + 1, len(chat_deltas)
+
+
+CHUNK_TEXTS = [
+    pytest.param("plain", None, id="text"),
+    pytest.param('quote " backslash \\ newline \n tab \t é ✓ \u2028', None, id="escapes-and-unicode"),
+    pytest.param("", "stop", id="empty-with-finish"),
+    pytest.param("end", "length", id="text-with-finish"),
+]
+
+
+@pytest.mark.parametrize("text, finish_reason", CHUNK_TEXTS)
+def test_templated_sse_chunks_are_the_bytes_of_the_encoded_dicts(text, finish_reason):
+    from mambakit.serving.app import _chat_chunk, _completion_chunk, _completion_head, _sse
+
+    rid, created, model = "cmpl-1a2b", 1700000000, 'my "model" é'
+    assert _completion_chunk(_completion_head(rid, created, model), 3, text, finish_reason) == _sse(
+        {"id": rid, "object": "text_completion", "created": created, "model": model,
+         "choices": [{"index": 3, "text": text, "logprobs": None, "finish_reason": finish_reason}]})
+    chat_head = _completion_head(rid, created, model, "chat.completion.chunk")
+    assert _chat_chunk(chat_head, 1, text, finish_reason) == _sse(
+        {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+         "choices": [{"index": 1, "delta": {"content": text} if text else {}, "logprobs": None,
+                      "finish_reason": finish_reason}]})
+
+
 STREAMED = [
     pytest.param(dict(prompt="to be or not", max_tokens=30, temperature=0), id="greedy"),
     pytest.param(dict(prompt="the rest is", max_tokens=30, temperature=0.9, seed=7, stop=["is", "\n"]),

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..models import MambaLM
+from ..models import MambaLM, TransformerConfig, build_model
+from ..models.transformer import is_transformer_config
 from . import huggingface, reference
 from .errors import CheckpointError
 from .hub import push_to_hub as _hub_push
@@ -100,6 +101,12 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, revisio
         config = huggingface.config_from_hf(raw, str(directory),
                                             generation=huggingface.read_generation_config(directory))
         key_map = huggingface.KEY_MAP
+    elif is_transformer_config(raw):  # mambakit's Transformer baselines (models/transformer.py)
+        try:
+            config = TransformerConfig.from_dict(raw)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{directory / CONFIG_NAME}: {err}") from err
+        key_map = reference.KEY_MAP
     elif "d_model" in raw:
         config = reference.config_from_dict(raw, str(directory))
         key_map = reference.KEY_MAP
@@ -109,7 +116,7 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, revisio
     weights = WeightFiles(directory)
     dtype = dtype or floating_dtype(weights.infos.values()) or torch.float32
     try:
-        model = MambaLM(config, device=device, dtype=dtype)
+        model = build_model(config, device=device, dtype=dtype)
     except ValueError as err:  # e.g. an attn_cfg argument MHA does not take
         raise CheckpointError(f"{directory}: {err}") from err
     load_weights(model, weights, key_map)
@@ -166,6 +173,9 @@ def _save_model(model: MambaLM, save_directory, format: str, eos_id: int | None,
         raise CheckpointError(f"{out} exists and is not a directory")
     if max_shard_size is not None and (not isinstance(max_shard_size, int) or max_shard_size < 1):
         raise CheckpointError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
+    if isinstance(model.config, TransformerConfig) and format != "mambakit":
+        raise CheckpointError(f"a {model.config.arch} TransformerLM is saved in the mambakit format only (mamba_ssm and "
+                              f"transformers' Mamba classes cannot read it), got format={format!r}")
     with staged_directory(out) as stage:
         if format == "hf":
             huggingface.save_hf(model, stage, eos_id=eos_id, max_shard_size=max_shard_size)

@@ -20,10 +20,12 @@ from .errors import UsageError
 
 SUBCOMMANDS: dict[str, str] = {
     "train": "mambakit.cli.train",
+    "eval": "mambakit.cli.eval",
     "generate": "mambakit.cli.generate",
     "convert": "mambakit.cli.convert",
     "serve": "mambakit.cli.serve",
     "reproduce": "mambakit.cli.reproduce",
+    "data": "mambakit.cli.data",
     "bench": "mambakit.cli.bench",
 }
 

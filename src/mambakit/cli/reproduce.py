@@ -7,12 +7,15 @@ import shlex
 from .errors import Parser, UsageError
 from .train import _duration, _positive_int
 
-SUMMARY = "rerun a paper's synthetic experiment (selective-copying, induction-heads, mqar) into results/NAME/"
+SUMMARY = "rerun a paper's experiment (synthetic tasks, language models, DNA, audio; see --help) into results/NAME/"
 
 EXAMPLES = """\
 examples:
   mambakit reproduce induction-heads --quick --out /tmp/ih
       the whole pipeline with tiny settings, seconds on a CPU (numbers meaningless)
+  mambakit reproduce spoken-digits --device cuda --time-budget 7m --resume
+      DNA and audio (dna-context, dna-species, spoken-digits, audio-context): genomes from Debian's
+      ragout-examples, clips from `mambakit data spoken-digits`; --quick needs neither
   mambakit reproduce selective-copying --device cuda
       full size (Mamba paper Table 1 at L = 4096): writes results/selective-copying/
   mambakit reproduce mqar --device cuda --time-budget 7m --resume
@@ -44,7 +47,10 @@ def main(name: str, quick: bool = False, device: str = "auto", out: str | None =
 
     Examples:
         mambakit reproduce induction-heads --quick --out /tmp/ih
-        mambakit reproduce selective-copying --device cuda --time-budget 7m --resume
+        mambakit reproduce spoken-digits --device cuda --time-budget 7m --resume
+      DNA and audio (dna-context, dna-species, spoken-digits, audio-context): genomes from Debian's
+      ragout-examples, clips from `mambakit data spoken-digits`; --quick needs neither
+  mambakit reproduce selective-copying --device cuda --time-budget 7m --resume
     """
     from ..reproduce import reproduce
 

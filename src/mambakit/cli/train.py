@@ -20,6 +20,8 @@ examples:
   mambakit train --data my_texts/ --layer mamba1 --d-model 256 --n-layer 4 --time-budget 30m
       the recipe's settings on your data, checkpoint in ./runs/my_texts
   mambakit train --data corpus.jsonl --tokenizer 20B_tokenizer.json --seqlen 512 --batch-size 8
+  mambakit train --arch transformer++ --lr 6e-3 --out runs/tpp
+      the Transformer++ baseline (rotary, SwiGLU, RMSNorm, no biases) on the same recipe
   mambakit train --resume --out runs/quick
       continue a run that stopped (time budget, Ctrl-C, SIGTERM, a kill) from its newest complete checkpoint
   mambakit train --out runs/quick --overwrite
@@ -71,6 +73,8 @@ def build_parser(prog: str = "mambakit train") -> Parser:
     p.add_argument("--recipe", help=f"named settings to start from: {', '.join(RECIPES)} (default: shakespeare)")
     p.add_argument("--data", metavar="PATH", help="training data: a file or a directory (default: built-in Shakespeare)")
     p.add_argument("--tokenizer", metavar="PATH", help="a tokenizer.json (default: raw bytes, vocab 256)")
+    p.add_argument("--task", choices=("text", "dna"), help="text (default) or dna: FASTA genomes (--data, default "
+                   "Debian's ragout-examples), one token per base (A C G T N), reverse-complement augmentation")
     p.add_argument("--out", metavar="DIR", help="checkpoint directory (default: ./runs/<recipe>)")
     p.add_argument("--max-steps", type=_positive_int, metavar="N", help="optimizer steps; the LR schedule spans them")
     p.add_argument("--time-budget", type=_duration, metavar="T",
@@ -78,6 +82,9 @@ def build_parser(prog: str = "mambakit train") -> Parser:
     p.add_argument("--d-model", type=_positive_int, metavar="N", help="model width")
     p.add_argument("--n-layer", type=_positive_int, metavar="N", help="number of Mamba blocks")
     p.add_argument("--layer", choices=("mamba1", "mamba2"), help="mixer: mamba1 (S6 scan) or mamba2 (SSD)")
+    p.add_argument("--arch", dest="layer", choices=("mamba1", "mamba2", "transformer++", "gpt3"),
+                   help="the model: --layer's mixers, or a Transformer baseline: transformer++ (rotary, SwiGLU, "
+                        "RMSNorm, no biases) or gpt3, with heads of the recipe's headdim")
     p.add_argument("--seqlen", type=_positive_int, metavar="N", help="tokens per training window")
     p.add_argument("--batch-size", type=_positive_int, metavar="N", help="windows per step (per process)")
     p.add_argument("--lr", type=_positive_float, metavar="LR", help="peak learning rate")
@@ -101,7 +108,7 @@ def main(recipe: str | None = None, data: str | None = None, tokenizer: str | No
          n_layer: int | None = None, layer: str | None = None, seqlen: int | None = None, batch_size: int | None = None,
          lr: float | None = None, seed: int | None = None, device: str | None = None, resume: bool = False,
          progress: bool = True, recompute: bool | None = None, overwrite: bool = False,
-         skip_nonfinite: bool | None = None, keep_checkpoints: int | None = None) -> int:
+         skip_nonfinite: bool | None = None, keep_checkpoints: int | None = None, task: str | None = None) -> int:
     """Train (or resume) a run; returns the exit status.
 
     Examples:
@@ -109,6 +116,7 @@ def main(recipe: str | None = None, data: str | None = None, tokenizer: str | No
         mambakit train --max-steps 200 --out runs/quick
         mambakit train --data my_texts/ --layer mamba1 --d-model 256 --n-layer 4 --time-budget 30m
         mambakit train --resume --out runs/quick
+        mambakit train --task dna --data genomes/ --seqlen 1024
     """
     from ..data import DataError
     from ..training import (
@@ -123,6 +131,11 @@ def main(recipe: str | None = None, data: str | None = None, tokenizer: str | No
     )
 
     # Flags that change what is trained; with --resume the run's own settings (in its checkpoint) apply.
+    if task == "dna" and not resume:  # the task picks the data source and the tokenizer, nothing else
+        if tokenizer is not None:
+            raise UsageError("--task dna tokenizes one base per token: leave out --tokenizer")
+        tokenizer = "nucleotides"
+        data = data if data is not None else _default_genomes()
     run_flags = {"recipe": recipe, "data": data, "tokenizer": tokenizer, "max_steps": max_steps, "d_model": d_model,
                  "n_layer": n_layer, "layer": layer, "seqlen": seqlen, "batch_size": batch_size, "lr": lr, "seed": seed}
     given = {k: v for k, v in run_flags.items() if v is not None}
@@ -162,7 +175,7 @@ def main(recipe: str | None = None, data: str | None = None, tokenizer: str | No
         cfg.out_dir = str(Path(out) if out else default_out_dir(cfg))
         if data is not None and not Path(data).exists():
             raise UsageError(f"data path not found: {data}")
-        if tokenizer is not None and not Path(tokenizer).exists():
+        if tokenizer not in (None, "nucleotides") and not Path(tokenizer).exists():
             raise UsageError(f"tokenizer file not found: {tokenizer}")
         if holds_run(cfg.out_dir) and not overwrite:
             raise UsageError(f"{cfg.out_dir} holds a run already: continue it with --resume, replace it with "
@@ -194,6 +207,16 @@ def main(recipe: str | None = None, data: str | None = None, tokenizer: str | No
     if result.interrupted:
         return {"SIGINT": 130, "SIGTERM": 143}[result.interrupted]
     return 0
+
+
+def _default_genomes() -> str:
+    """Debian's bacterial genomes (ragout-examples), the data of `--task dna` without --data."""
+    from ..data.dna import DEBIAN_GENOMES
+
+    if not DEBIAN_GENOMES.is_dir():
+        raise UsageError(f"--task dna needs FASTA files: give --data PATH (.fa/.fasta/.fna, optionally .gz/.xz), or "
+                         f"install Debian's genomes with `apt-get install ragout-examples` ({DEBIAN_GENOMES})")
+    return str(DEBIAN_GENOMES)
 
 
 def _run_name(data: str) -> str:

@@ -7,6 +7,8 @@ Typical use:
     >>> train = TokenStream.from_documents(train_docs, tok)
     >>> RandomWindows(train, seqlen=256, batch_size=16, seed=0).next_batch().shape
     torch.Size([16, 257])
+    >>> streams = load_token_streams("my_data/", tok)       # tokenized once into an on-disk cache, then memory-mapped
+    >>> split_window(window, tok.eos_id).seq_idx            # packed documents: the state restarts at each EOS
 """
 
 from .corpora import (
@@ -19,8 +21,11 @@ from .corpora import (
     split_documents,
 )
 from .errors import DataError
+from .packing import WindowBatch, seq_idx_from_eos, split_window
+from .sources import Corpus, is_datasets_dir, open_corpus
 from .stream import RandomWindows, TokenStream, eval_target_count, eval_windows
 from .streaming import IncrementalDecoder
+from .token_cache import TokenizedCorpus, default_cache_dir, load_token_streams, tokenize_corpus
 from .tokenizers import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer, TransformersTokenizer,
                          load_tokenizer)
 
@@ -44,4 +49,14 @@ __all__ = [
     "RandomWindows",
     "eval_windows",
     "eval_target_count",
+    "WindowBatch",
+    "seq_idx_from_eos",
+    "split_window",
+    "Corpus",
+    "open_corpus",
+    "is_datasets_dir",
+    "TokenizedCorpus",
+    "tokenize_corpus",
+    "load_token_streams",
+    "default_cache_dir",
 ]

@@ -392,9 +392,13 @@ def load_tokenizer(directory: str | Path) -> ByteTokenizer | HFTokenizer | Sente
         raise DataError(f"{cfg_path}: expected a JSON object with a \"type\" field ({err})") from err
     if kind == "bytes":
         return ByteTokenizer()
+    if kind == "nucleotides":  # DNA: one token per base (mambakit.data.dna)
+        from .dna import NucleotideTokenizer
+
+        return NucleotideTokenizer()
     if kind == "hf":
         return HFTokenizer(directory, eos_token=cfg.get("eos_token"))
     if kind == "sentencepiece":
         return SentencePieceTokenizer(directory, eos_token=cfg.get("eos_token"), added_tokens=cfg.get("added_tokens"))
-    raise DataError(f"{cfg_path}: unknown tokenizer type {kind!r} (expected \"bytes\", \"hf\" or "
-                    "\"sentencepiece\")")
+    raise DataError(f"{cfg_path}: unknown tokenizer type {kind!r} (expected \"bytes\", \"hf\", "
+                    "\"sentencepiece\" or \"nucleotides\")")

@@ -12,18 +12,25 @@ bits per byte = (sum over scored targets of -ln p(target)) / (ln 2 * bytes of te
   end-of-document token counted as one byte, as the byte tokenizer's separator is.
 Logits past the tokenizer's vocabulary (padding to a multiple of 8) are dropped before the
 softmax: they are not tokens, and probability on them would be charged to the model.
+
+Documents are handled as in training (mambakit.data.packing): with `reset_at_eos` (the default) the
+state restarts at every end-of-document token inside a window, so no document is read in the context
+of the one before it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from ..data.packing import split_window
 from ..data.stream import TokenStream, eval_target_count, eval_windows
 
-__all__ = ["evaluate_bits_per_byte", "token_nll_sum"]
+__all__ = ["Evaluation", "evaluate_stream", "evaluate_bits_per_byte", "token_nll_sum"]
 
 
 def token_nll_sum(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -32,23 +39,59 @@ def token_nll_sum(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) 
     return F.cross_entropy(logits.reshape(-1, vocab_size), targets.reshape(-1), reduction="sum")
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class Evaluation:
+    """What scoring a stream measured: nats per token, bits per byte, per-token perplexity and the counts."""
+
+    loss: float  # mean -ln p(target) in nats per token
+    bits_per_byte: float
+    tokens: int  # targets scored
+    bytes: int  # bytes of text they stand for (each end-of-document token: 1)
+
+    @property
+    def perplexity(self) -> float:
+        """exp(loss): per token, so it depends on the tokenizer (bits per byte does not)."""
+        return math.exp(self.loss)
+
+
 def evaluate_bits_per_byte(model: torch.nn.Module, stream: TokenStream, seqlen: int, batch_size: int,
                            max_tokens: int | None = None, *, autocast_dtype: torch.dtype | None = None,
-                           rank: int = 0, world_size: int = 1) -> tuple[float, float]:
-    """Score the first `max_tokens` targets of `stream` (all when None): (loss in nats per token, bits per byte).
+                           rank: int = 0, world_size: int = 1, reset_at_eos: bool = True,
+                           progress: bool = False) -> tuple[float, float]:
+    """(loss in nats per token, bits per byte) of the first `max_tokens` targets of `stream`: `evaluate_stream`'s
+    two main numbers, with the same arguments.
+
+    Example:
+        >>> nats, bpb = evaluate_bits_per_byte(model, val_stream, seqlen=256, batch_size=16, max_tokens=65536)
+    """
+    result = evaluate_stream(model, stream, seqlen, batch_size, max_tokens, autocast_dtype=autocast_dtype, rank=rank,
+                             world_size=world_size, reset_at_eos=reset_at_eos, progress=progress)
+    return result.loss, result.bits_per_byte
+
+
+@torch.no_grad()
+def evaluate_stream(model: torch.nn.Module, stream: TokenStream, seqlen: int, batch_size: int,
+                    max_tokens: int | None = None, *, autocast_dtype: torch.dtype | None = None,
+                    rank: int = 0, world_size: int = 1, reset_at_eos: bool = True,
+                    progress: bool = False) -> Evaluation:
+    """Score the first `max_tokens` targets of `stream` (all when None): loss, bits per byte, tokens and bytes.
 
     The targets are covered once, in order, by non-overlapping windows of `seqlen` that each start
-    from an empty state (`eval_windows`). Under torch.distributed (world_size > 1) each rank
+    from an empty state (`eval_windows`) and, with `reset_at_eos`, restart it at every document
+    boundary inside them, as training does. Under torch.distributed (world_size > 1) each rank
     scores its share of the windows and the sums are all-reduced; every rank gets the result.
 
     Args:
         model: maps (batch, seqlen) int64 ids to (batch, seqlen, >= vocab) logits.
         stream: the held-out stream, with the tokenizer that made it (for vocab size and byte counts).
         autocast_dtype: e.g. torch.bfloat16 to run the forward under CUDA autocast.
+        reset_at_eos: restart the state at each end-of-document token (passes `seq_idx` to the model, which
+            must take it); ignored when the tokenizer has no end-of-document token.
+        progress: a tqdm bar over the scored tokens (rank 0 only).
 
     Example:
-        >>> nats, bpb = evaluate_bits_per_byte(model, val_stream, seqlen=256, batch_size=16, max_tokens=65536)
+        >>> result = evaluate_stream(model, val_stream, seqlen=256, batch_size=16, progress=True)
+        >>> result.bits_per_byte, result.perplexity, result.tokens
     """
     n_targets = eval_target_count(stream, max_tokens)
     if n_targets == 0:
@@ -57,13 +100,19 @@ def evaluate_bits_per_byte(model: torch.nn.Module, stream: TokenStream, seqlen: 
     vocab_size = stream.tokenizer.vocab_size
     was_training = model.training
     model.eval()
+    eos_id = stream.tokenizer.eos_id if reset_at_eos else None
     total = torch.zeros((), dtype=torch.float64, device=device)
+    bar = tqdm(total=n_targets, unit="tok", unit_scale=True, desc="eval", dynamic_ncols=True, leave=False,
+               disable=not (progress and rank == 0))
     for window in eval_windows(stream, seqlen, batch_size, max_tokens, rank=rank, world_size=world_size):
         window = window.to(device, non_blocking=True)  # (b, L + 1)
+        bar.update(window[:, 1:].numel() * world_size)  # the other ranks score as many targets meanwhile
+        inputs, targets, seq_idx = split_window(window, eos_id)  # (b, L) each
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(window[:, :-1])  # (b, L, padded vocab)
+            logits = model(inputs) if seq_idx is None else model(inputs, seq_idx=seq_idx)  # (b, L, padded vocab)
         # accumulate in float64: half a million tokens of ~1 nat each lose digits in float32
-        total += token_nll_sum(logits, window[:, 1:], vocab_size).double()
+        total += token_nll_sum(logits, targets, vocab_size).double()
+    bar.close()
     if world_size > 1:
         import torch.distributed as dist
 
@@ -71,4 +120,4 @@ def evaluate_bits_per_byte(model: torch.nn.Module, stream: TokenStream, seqlen: 
     model.train(was_training)
     nats = float(total)
     n_bytes = stream.tokenizer.count_bytes(stream.tokens[1:n_targets + 1].tolist())
-    return nats / n_targets, nats / (math.log(2) * n_bytes)
+    return Evaluation(nats / n_targets, nats / (math.log(2) * n_bytes), n_targets, n_bytes)

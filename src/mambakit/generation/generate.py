@@ -124,12 +124,15 @@ def _decoder_for(model: nn.Module, batch: int, cuda_graph: bool | CUDAGraphDecod
 
 def _token_loop(model: nn.Module, ids_BL: torch.Tensor, lengths: list[int], max_new_tokens: int,
                 params: SamplingParams, cuda_graph: bool | CUDAGraphDecoder,
-                prefill_chunk_size: int | None, state_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+                prefill_chunk_size: int | None, state_dtype: torch.dtype | None = None,
+                logprobs_out: list[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) int64 on the model's device, max_new_tokens times.
 
-    ids_BL, lengths: the prompts as `pack_prompts` returns them. Prefill runs at the first iteration; a
-    decode step runs only when the caller asks for one more token, so a caller that stops early (EOS,
-    stop string) never pays for a step it does not use.
+    ids_BL, lengths: the prompts as `pack_prompts` returns them. logprobs_out: when a list, each step appends
+    the (B,) float32 log-probability of the tokens it yields under the model's own distribution (the softmax of
+    the logits over the real vocabulary, before repetition penalty, temperature and filters), on the device.
+    Prefill runs at the first iteration; a decode step runs only when the caller asks for one more token, so a
+    caller that stops early (EOS, stop string) never pays for a step it does not use.
     """
     if max_new_tokens == 0:
         return
@@ -157,6 +160,7 @@ def _token_loop(model: nn.Module, ids_BL: torch.Tensor, lengths: list[int], max_
         with torch.inference_mode():
             if real_vocab < vocab:
                 logits_BV[:, real_vocab:] = float("-inf")  # padded vocab ids are never produced
+            logp_BV = logits_BV.float().log_softmax(dim=-1) if logprobs_out is not None else None
             if seen_BV is not None:
                 logits_BV = apply_repetition_penalty(logits_BV, seen_BV, params.repetition_penalty)
             if params.temperature == 0.0:
@@ -166,6 +170,8 @@ def _token_loop(model: nn.Module, ids_BL: torch.Tensor, lengths: list[int], max_
                 tokens_B = sample(probs_BV, generator)
             if seen_BV is not None:
                 seen_BV.scatter_(1, tokens_B[:, None], True)
+            if logp_BV is not None:
+                logprobs_out.append(logp_BV.gather(1, tokens_B[:, None])[:, 0])
         yield tokens_B
         if step + 1 < max_new_tokens:
             logits_BV = decoder(tokens_B) if decoder is not None else decode_one_token(model, tokens_B, cache)
@@ -185,8 +191,9 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
              eos_token_id: int | Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
              decode: Callable[[list[int]], str] | None = None, seed: int | None = None,
              cuda_graph: bool | CUDAGraphDecoder = False, prefill_chunk_size: int | None = 2048,
-             state_dtype: torch.dtype | None = None) -> list[list[int]]:
-    """Generate up to max_new_tokens new tokens per prompt; returns each row's new tokens.
+             state_dtype: torch.dtype | None = None,
+             return_logprobs: bool = False) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
+    """Generate up to max_new_tokens new tokens per prompt; returns each row's new tokens (and their log-probs).
 
     Args:
         prompts: B token-id lists (lengths may differ) or a (B, L) integer tensor.
@@ -203,12 +210,17 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
         prefill_chunk_size: tokens per row per prefill call (None: whole prompts); bounds prefill memory.
         state_dtype: the SSM states' dtype in the cache (None: float32); torch.bfloat16 halves the state
             traffic of large-batch Mamba-2 decoding (see `allocate_cache`).
+        return_logprobs: also return, for every new token, its log-probability under the model's distribution
+            (log-softmax of the logits over the real vocabulary, before repetition penalty, temperature and
+            filters: what `mambakit.evaluation.score` gives for the same tokens).
     Returns:
-        B lists of new token ids, each ending at its EOS or stop string, or max_new_tokens long.
+        B lists of new token ids, each ending at its EOS or stop string, or max_new_tokens long; with
+        return_logprobs, (those lists, B lists of float log-probabilities of the same lengths).
 
     Example:
         >>> new = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=20, temperature=0.8, top_p=0.9, seed=0)
         >>> text = generate(model, [tok.encode("Q:")], 200, stop_strings=["\\n\\n"], decode=tok.decode)
+        >>> new, logprobs = generate(model, [[1, 2, 3]], 20, return_logprobs=True)
     """
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, seed)
     stopper = StopStrings(stop_strings, decode) if stop_strings is not None else None
@@ -224,7 +236,9 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     rows: list[list[int]] = [[] for _ in range(batch)]  # host copies of the new tokens, kept for stop strings
     stop_step: list[int | None] = [None] * batch
     n_steps = 0
-    loop = _token_loop(model, ids_BL, lengths, max_new_tokens, params, cuda_graph, prefill_chunk_size, state_dtype)
+    logprobs_T: list[torch.Tensor] | None = [] if return_logprobs else None
+    loop = _token_loop(model, ids_BL, lengths, max_new_tokens, params, cuda_graph, prefill_chunk_size, state_dtype,
+                       logprobs_T)
     for step, tokens_B in enumerate(loop):
         tokens_BT[:, step] = tokens_B
         n_steps = step + 1
@@ -242,7 +256,13 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
         elif eos and n_steps % _SYNC_EVERY == 0 and bool(eos_B.all()):
             break
     out = tokens_BT[:, :n_steps].tolist()
-    return [row[:_end_of_row(row, eos, s)] for row, s in zip(out, stop_step)]
+    rows_out = [row[:_end_of_row(row, eos, s)] for row, s in zip(out, stop_step)]
+    if not return_logprobs:
+        return rows_out
+    if not logprobs_T:
+        return rows_out, [[] for _ in rows_out]
+    logprobs = torch.stack(logprobs_T[:n_steps], dim=1).tolist()  # (B, steps): one host read at the end
+    return rows_out, [lp[:len(row)] for lp, row in zip(logprobs, rows_out)]
 
 
 def stream(model: nn.Module, prompt, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,

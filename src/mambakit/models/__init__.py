@@ -1,7 +1,8 @@
-"""mambakit.models: the model config, named presets and the Mamba language model."""
+"""mambakit.models: the model configs, named presets, the Mamba language model and the Transformer baselines."""
 
 from .config import MambaConfig
 from .mamba_lm import MambaLM
 from .presets import PRESETS, preset
+from .transformer import TransformerConfig, TransformerLM, build_model
 
-__all__ = ["MambaConfig", "MambaLM", "PRESETS", "preset"]
+__all__ = ["MambaConfig", "MambaLM", "PRESETS", "preset", "TransformerConfig", "TransformerLM", "build_model"]

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-MIXERS = ("Mamba1", "Mamba2", "Mamba1Ungated", "S4D")  # modules/registry.py maps them to classes
+MIXERS = ("Mamba1", "Mamba2", "Mamba1Ungated", "S4D", "Mamba1Ablation")  # modules/registry.py maps them to classes
 
 
 @dataclass
@@ -19,7 +19,7 @@ class MambaConfig:
 
     Fields (as in mamba_ssm): d_model; d_intermediate (gated-MLP hidden size after each mixer, 0 = none);
     n_layer; vocab_size; ssm_cfg (mixer kwargs, with "layer": "Mamba1" (default), "Mamba2", or the
-    baselines "Mamba1Ungated" and "S4D"); attn_layer_idx / attn_cfg (the layers that are attention, `MHA(**attn_cfg)`); rms_norm (else LayerNorm); residual_in_fp32;
+    baselines "Mamba1Ungated" and "S4D", or "Mamba1Ablation" (selective Δ / B / C flags)); attn_layer_idx / attn_cfg (the layers that are attention, `MHA(**attn_cfg)`); rms_norm (else LayerNorm); residual_in_fp32;
     fused_add_norm (accepted, numerics identical); pad_vocab_size_multiple; tie_embeddings; norm_epsilon
     (the residual-stream norms' eps, as mamba_ssm's MixerModel argument).
     Derived: `layer` (the mixer name), `model_type` ("mamba" / "mamba2"), `padded_vocab_size`, `mixer_kwargs`.

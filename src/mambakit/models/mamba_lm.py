@@ -95,10 +95,12 @@ class MambaLM(nn.Module):
         >>> _ = model(prompt_ids, cache=cache); step_logits = model(next_ids[:, None], cache=cache)
     """
 
+    backbone_cls = Backbone  # a subclass swaps the backbone (models/transformer.py) and keeps the rest
+
     def __init__(self, config: MambaConfig, device=None, dtype=None):
         super().__init__()
         self.config = config
-        self.backbone = Backbone(config, device=device, dtype=dtype)
+        self.backbone = self.backbone_cls(config, device=device, dtype=dtype)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, device=device, dtype=dtype)
         self.apply(partial(_init_weights, n_layer=config.n_layer))
         if config.tie_embeddings:

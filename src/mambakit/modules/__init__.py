@@ -3,6 +3,7 @@
 from .attention import MHA, KVState
 from .block import Block
 from .mamba1 import Mamba1
+from .mamba1_ablation import Mamba1Ablation
 from .mamba1_ungated import Mamba1Ungated
 from .mamba2 import Mamba2
 from .mlp import GatedMLP
@@ -13,5 +14,4 @@ from .s4d import S4D
 from .state import MixerState
 
 __all__ = ["Mamba1", "Mamba2", "GatedMLP", "RMSNorm", "RMSNormGated", "Block", "MixerState", "Mamba1Ungated", "S4D",
-           "MHA", "KVState", "MIXERS", "ATTENTION",
-           "Int8Linear", "quantize_weights"]
+           "MHA", "KVState", "MIXERS", "ATTENTION", "Mamba1Ablation", "Int8Linear", "quantize_weights"]

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from .attention import MHA
 from .mamba1 import Mamba1
+from .mamba1_ablation import Mamba1Ablation
 from .mamba1_ungated import Mamba1Ungated
 from .mamba2 import Mamba2
 from .s4d import S4D
 
-MIXERS = {"Mamba1": Mamba1, "Mamba2": Mamba2, "Mamba1Ungated": Mamba1Ungated, "S4D": S4D}
+MIXERS = {"Mamba1": Mamba1, "Mamba2": Mamba2, "Mamba1Ungated": Mamba1Ungated, "S4D": S4D,
+          "Mamba1Ablation": Mamba1Ablation}
 ATTENTION = MHA

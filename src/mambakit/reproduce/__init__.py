@@ -17,6 +17,12 @@ EXPERIMENTS: dict[str, str] = {
     "selective-copying": "mambakit.reproduce.selective_copying",
     "induction-heads": "mambakit.reproduce.induction_heads",
     "mqar": "mambakit.reproduce.mqar",
+    "dna-context": "mambakit.reproduce.dna_context",
+    "dna-species": "mambakit.reproduce.dna_species",
+    "spoken-digits": "mambakit.reproduce.spoken_digits",
+    "audio-context": "mambakit.reproduce.audio_context",
+    "lm-scaling": "mambakit.reproduce.lm_scaling",
+    "ablations": "mambakit.reproduce.ablations",
 }
 
 __all__ = ["EXPERIMENTS", "FINISHED", "UNFINISHED", "Run", "experiment", "reproduce"]

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.synthetic import IGNORE, SyntheticBatch
-from ..models import MambaConfig, MambaLM
+from ..models import MambaConfig, MambaLM, build_model
 
 FINISHED, UNFINISHED = 0, 3  # exit statuses of a run: done, or stopped by the time budget (rerun with --resume)
 STATE_DIR = "_state"
@@ -207,7 +207,7 @@ class Run:
             shutil.rmtree(self.state / "evals" / spec.key, ignore_errors=True)
         cfg = settings.train_config()
         torch.manual_seed(settings.seed)
-        model = MambaLM(spec.config, device=self.device)
+        model = build_model(spec.config, device=self.device)  # a MambaLM, or a TransformerLM for a TransformerConfig
         optimizer = build_optimizer(model, cfg)
         step, losses, train_s = 0, [], 0.0
         resume_file = folder / "train.pt"

@@ -3,7 +3,7 @@
 Handlers run on uvicorn's event loop and never touch the model: they validate the body, tokenize, submit
 `GenerationRequest`s to the `Scheduler` (its own thread) and relay its events, either as one JSON
 response or as server-sent events (`data: {...}` lines, then `data: [DONE]`). Events cross threads
-through `loop.call_soon_threadsafe` into an asyncio queue per HTTP request. A client that goes away
+through one `loop.call_soon_threadsafe` per scheduler iteration into a channel per HTTP request. A client that goes away
 (a closed stream, or a dropped connection while waiting) cancels its requests, which frees their slots
 at the scheduler's next step.
 
@@ -45,16 +45,18 @@ class APIError(Exception):
 @dataclass
 class _Prompt:
     ids: list[int]
-    echo_text: str  # the prompt as echo returns it
+    echo_text: str  # the prompt as echo returns it ("" for token ids sent without echo: never decoded)
     skip: int  # leading ids added by the server (the end-of-document start token), not echoed
 
 
 class _Dispatcher:
-    """Hands items from the scheduler thread to asyncio queues on one event loop, waking the loop once per burst.
+    """Hands items from the scheduler thread to `_Channel`s on one event loop, waking the loop once per burst.
 
-    A scheduler step produces events for many requests at once; one `call_soon_threadsafe` per step instead
-    of one per request spares the loop (and the GIL) a wake-up per request. The flag is cleared before the
-    drain empties the deque, so an item appended meanwhile is either drained now or schedules a new drain.
+    The scheduler's sinks only `post` (a deque append); once an iteration of its loop has delivered events
+    for every request, it calls `wake` (the requests' `flush`): one `call_soon_threadsafe` per iteration
+    instead of one per request spares the loop (and the GIL) a wake-up per request. The flag is cleared
+    before the drain empties the deque, so an item appended meanwhile is either drained now or schedules a
+    new drain.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
@@ -62,8 +64,10 @@ class _Dispatcher:
         self.items: collections.deque = collections.deque()
         self.scheduled = False
 
-    def post(self, queue: asyncio.Queue, item) -> None:
-        self.items.append((queue, item))
+    def post(self, channel: "_Channel", item) -> None:
+        self.items.append((channel, item))
+
+    def wake(self) -> None:
         if not self.scheduled:
             self.scheduled = True
             try:
@@ -74,22 +78,52 @@ class _Dispatcher:
     def _drain(self) -> None:
         self.scheduled = False
         while self.items:
-            queue, item = self.items.popleft()
-            queue.put_nowait(item)
+            channel, item = self.items.popleft()
+            channel.put(item)
 
 
 class _Channel:
-    """Events from the scheduler thread into an asyncio queue: (prompt index, events) items."""
+    """Events from the scheduler thread for one HTTP request: (prompt index, events) items.
+
+    Not an asyncio.Queue: the reader takes everything that arrived at once, and waits on one future (an
+    `asyncio.wait_for` around `Queue.get` costs a task per item).
+    """
 
     def __init__(self, dispatcher: _Dispatcher):
         self.dispatcher = dispatcher
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.items: list = []
+        self.waiter: asyncio.Future | None = None
 
     def sink(self, prompt_index: int):
         def put(events: list[Event]) -> None:
-            self.dispatcher.post(self.queue, (prompt_index, events))
+            self.dispatcher.post(self, (prompt_index, events))
 
         return put
+
+    def put(self, item) -> None:
+        """On the event loop (the dispatcher's drain)."""
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def take(self, timeout: float) -> list:
+        """Every item that arrived, waiting up to `timeout` seconds for one ([] if none came)."""
+        if not self.items:
+            loop = asyncio.get_running_loop()
+            self.waiter = loop.create_future()
+            timer = loop.call_later(timeout, _set_if_pending, self.waiter)
+            try:
+                await self.waiter
+            finally:
+                timer.cancel()
+                self.waiter = None
+        items, self.items = self.items, []
+        return items
+
+
+def _set_if_pending(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _validation_message(err: ValidationError) -> tuple[str, str | None]:
@@ -148,11 +182,12 @@ class _Server:
                            param="prompt")
         return _Prompt(ids, text, len(start))
 
-    def id_prompt(self, ids: list[int]) -> _Prompt:
+    def id_prompt(self, ids: list[int], echo: bool) -> _Prompt:
         vocab = self.scheduler.real_vocab
-        if any(not 0 <= t < vocab for t in ids):
+        if min(ids) < 0 or max(ids) >= vocab:
             raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
-        return _Prompt(list(ids), self.tokenizer.decode(ids), 0)
+        # the prompt's text only serves echo: no tokenizer work per request otherwise
+        return _Prompt(list(ids), self.tokenizer.decode(ids) if echo else "", 0)
 
     def build(self, req, prompts: list[_Prompt], max_tokens: int | None, logprobs: int | None,
               prompt_logprobs: bool, channel: _Channel) -> list[GenerationRequest]:
@@ -173,8 +208,8 @@ class _Server:
                                  presence_penalty=req.presence_penalty or 0.0,
                                  key=request_key(seed, p_index * req.n + c)) for c in range(req.n)]
             out.append(GenerationRequest(prompt.ids, budget, choices, channel.sink(p_index), stops=req.stop_list(),
-                                         logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                                         ignore_eos=req.ignore_eos))
+                                         flush=channel.dispatcher.wake, logprobs=logprobs,
+                                         prompt_logprobs=prompt_logprobs, ignore_eos=req.ignore_eos))
         return out
 
     def submit(self, requests: list[GenerationRequest]) -> None:
@@ -221,10 +256,7 @@ async def _events(server: _Server, http: Request, channel: _Channel,
     checked = time.monotonic()
     try:
         while open_choices:
-            try:
-                items = [await asyncio.wait_for(channel.queue.get(), timeout=1.0)]
-            except asyncio.TimeoutError:
-                items = []
+            items = await channel.take(timeout=1.0)
             if not items or time.monotonic() - checked > 1.0:
                 # about once a second, events or not: a client waiting for a whole (non-streamed) answer
                 # that went away frees its slots within a second, not when its last token is made
@@ -233,8 +265,6 @@ async def _events(server: _Server, http: Request, channel: _Channel,
                     return
                 if not items:
                     continue
-            while not channel.queue.empty():
-                items.append(channel.queue.get_nowait())
             merged: dict[tuple[int, int], Event] = {}
             for p_index, events in items:
                 for event in events:
@@ -267,8 +297,31 @@ def _usage(requests: list[GenerationRequest]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False)  # one encoder: json.dumps with arguments builds one per call
+
+
 def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"data: {_JSON.encode(payload)}\n\n"
+
+
+def _completion_chunk(head: str, index: int, text: str, finish_reason: str | None) -> str:
+    """`_sse` of a text completion chunk without logprobs, from `head` (`_completion_head`): the same bytes,
+    a template instead of a dict to encode for every chunk."""
+    reason = "null" if finish_reason is None else _JSON.encode(finish_reason)
+    return f'{head}{index}, "text": {_JSON.encode(text)}, "logprobs": null, "finish_reason": {reason}}}]}}\n\n'
+
+
+def _completion_head(rid: str, created: int, model: str, kind: str = "text_completion") -> str:
+    """The bytes of a stream's chunks up to the choice's index (`kind`: the "object" field)."""
+    return (f'data: {{"id": {_JSON.encode(rid)}, "object": "{kind}", "created": {created}, '
+            f'"model": {_JSON.encode(model)}, "choices": [{{"index": ')
+
+
+def _chat_chunk(head: str, index: int, text: str, finish_reason: str | None) -> str:
+    """`_sse` of a chat completion chunk without logprobs (head: `_completion_head(..., "chat.completion.chunk")`)."""
+    reason = "null" if finish_reason is None else _JSON.encode(finish_reason)
+    delta = f'{{"content": {_JSON.encode(text)}}}' if text else "{}"
+    return f'{head}{index}, "delta": {delta}, "logprobs": null, "finish_reason": {reason}}}]}}\n\n'
 
 
 def create_app(scheduler: Scheduler, tokenizer, model_name: str, chat_template: str | None = None) -> FastAPI:
@@ -319,9 +372,9 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, chat_template: 
         elif isinstance(prompt[0], str):
             prompts = [server.text_prompt(p) for p in prompt]
         elif isinstance(prompt[0], int):
-            prompts = [server.id_prompt(prompt)]
+            prompts = [server.id_prompt(prompt, req.echo)]
         else:
-            prompts = [server.id_prompt(p) for p in prompt]
+            prompts = [server.id_prompt(p, req.echo) for p in prompt]
         channel = server.channel()
         requests = server.build(req, prompts, 16 if req.max_tokens is None else req.max_tokens, req.logprobs,
                                 req.echo and req.logprobs is not None, channel)
@@ -340,6 +393,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, chat_template: 
             include_usage = req.stream_options is not None and req.stream_options.include_usage
 
             async def stream():
+                head = _completion_head(rid, created, model_name)
                 offsets = {}  # (prompt, choice) -> text offset after that choice's last token
                 echoed = set()
                 async for p_index, ev in _events(server, http, channel, requests):
@@ -350,16 +404,17 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, chat_template: 
                     echoed.add(key)
                     if not (echo_text or ev.text) and ev.finish_reason is None and not ev.logprobs:
                         continue
-                    lp = None
-                    if req.logprobs is not None:
-                        # offsets count token texts, as in the non-streamed response (not the text sent so far,
-                        # which holds back a possible stop sequence)
-                        offset = offsets.get(key, len(prompts[p_index].echo_text) if req.echo else 0)
-                        lp = server.completion_logprobs(ev.logprobs, offset)
-                        if lp["tokens"]:
-                            offsets[key] = lp["text_offset"][-1] + len(lp["tokens"][-1])
-                        if echo_lp is not None:
-                            lp = {k: echo_lp[k] + lp[k] for k in lp}
+                    if req.logprobs is None:  # the common chunk: a template
+                        yield _completion_chunk(head, p_index * n + ev.index, echo_text + ev.text, ev.finish_reason)
+                        continue
+                    # offsets count token texts, as in the non-streamed response (not the text sent so far,
+                    # which holds back a possible stop sequence)
+                    offset = offsets.get(key, len(prompts[p_index].echo_text) if req.echo else 0)
+                    lp = server.completion_logprobs(ev.logprobs, offset)
+                    if lp["tokens"]:
+                        offsets[key] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+                    if echo_lp is not None:
+                        lp = {k: echo_lp[k] + lp[k] for k in lp}
                     yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
                                 "choices": [{"index": p_index * n + ev.index, "text": echo_text + ev.text,
                                              "logprobs": lp, "finish_reason": ev.finish_reason}]})
@@ -427,10 +482,14 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, chat_template: 
                 for c in range(req.n):
                     yield _sse({**head, "choices": [{"index": c, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None}]})
+                template = _completion_head(rid, created, model_name, "chat.completion.chunk")
                 async for _, ev in _events(server, http, channel, requests):
                     if not ev.text and ev.finish_reason is None and not ev.logprobs:
                         continue
-                    lp = server.chat_logprobs(ev.logprobs) if req.logprobs else None
+                    if not req.logprobs:  # the common chunk: a template
+                        yield _chat_chunk(template, ev.index, ev.text, ev.finish_reason)
+                        continue
+                    lp = server.chat_logprobs(ev.logprobs)
                     delta = {"content": ev.text} if ev.text else {}
                     yield _sse({**head, "choices": [{"index": ev.index, "delta": delta, "logprobs": lp,
                                                      "finish_reason": ev.finish_reason}]})

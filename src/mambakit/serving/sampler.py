@@ -25,6 +25,18 @@ from dataclasses import dataclass
 import torch
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on `device`, without waiting for the device.
+
+    `torch.tensor(values, device=cuda)` copies from pageable memory and synchronises the stream: on the
+    scheduler's path that would wait for the decode block in flight, and the host's work would no longer
+    overlap the device's. From pinned memory, non-blocking, the copy is queued in stream order instead.
+    """
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def _signed(c: int) -> int:
     """A 64-bit constant as the int64 with the same bits."""
     return c - (1 << 64) if c >= 1 << 63 else c
@@ -103,7 +115,7 @@ class BatchSampler:
     def reset_row(self, row: int, prompt_ids: list[int]) -> None:
         """Slot `row` starts a request: its prompt's tokens count as seen, no output yet."""
         self.seen_RV[row] = False
-        self.seen_RV[row, torch.tensor(prompt_ids, dtype=torch.long, device=self.device)] = True
+        self.seen_RV[row, to_device(prompt_ids, torch.long, self.device)] = True
         self.counts_RV[row] = 0
 
     def move_row(self, src: int, dst: int) -> None:
@@ -116,15 +128,15 @@ class BatchSampler:
         dev = self.device
 
         def col(name, dtype=torch.float32):
-            return torch.tensor([getattr(r, name) for r in rows], dtype=dtype, device=dev)[:, None]
+            return to_device([getattr(r, name) for r in rows], dtype, dev)[:, None]
 
-        self.greedy_B = torch.tensor([r.temperature == 0.0 for r in rows], device=dev)
+        self.greedy_B = to_device([r.temperature == 0.0 for r in rows], torch.bool, dev)
         self.all_greedy = all(r.temperature == 0.0 for r in rows)
-        self.temperature_B1 = torch.tensor([r.temperature or 1.0 for r in rows], device=dev)[:, None]
+        self.temperature_B1 = to_device([r.temperature or 1.0 for r in rows], torch.float32, dev)[:, None]
         self.top_k_B1 = col("top_k", torch.long)
         self.top_p_B1, self.min_p_B1 = col("top_p"), col("min_p")
         self.rep_B1, self.freq_B1, self.pres_B1 = col("repetition_penalty"), col("frequency_penalty"), col("presence_penalty")
-        self.keys_B = torch.tensor([r.key for r in rows], dtype=torch.int64, device=dev)
+        self.keys_B = to_device([r.key for r in rows], torch.int64, dev)
         self.any_rep = any(r.repetition_penalty != 1.0 for r in rows)
         self.any_freq = any(r.frequency_penalty != 0.0 or r.presence_penalty != 0.0 for r in rows)
         self.any_top_k = any(r.top_k > 0 for r in rows)
@@ -135,7 +147,8 @@ class BatchSampler:
     def sample(self, logits_BV: torch.Tensor, steps_B: torch.Tensor) -> torch.Tensor:
         """Next token of each running row, (B,) int64; steps_B (B,) int64 counts each row's tokens so far.
 
-        Updates the seen masks and counts with the sampled tokens. No host synchronisation.
+        Updates the seen masks and counts with the sampled tokens while a row of the batch has a penalty that
+        reads them. No host synchronisation.
         """
         B = logits_BV.shape[0]
         logits_BV = logits_BV.float()
@@ -153,8 +166,12 @@ class BatchSampler:
         if not self.all_greedy:
             sampled_B = torch.argmax(self._probs(logits_BV) / exponential_noise(self.keys_B, steps_B, self.vocab), dim=-1)
             tokens_B = torch.where(self.greedy_B, tokens_B, sampled_B)
-        self.seen_RV[:B].scatter_(1, tokens_B[:, None], True)
-        self.counts_RV[:B].scatter_add_(1, tokens_B[:, None], torch.ones_like(tokens_B, dtype=torch.int32)[:, None])
+        # only penalties read the masks and counts; a row's settings never change while it runs, so a batch
+        # without penalties skips them (a row that has penalties keeps them up to date from its join on)
+        if self.any_rep:
+            self.seen_RV[:B].scatter_(1, tokens_B[:, None], True)
+        if self.any_freq:
+            self.counts_RV[:B].scatter_add_(1, tokens_B[:, None], torch.ones_like(tokens_B, dtype=torch.int32)[:, None])
         return tokens_B
 
     def _probs(self, logits_BV: torch.Tensor) -> torch.Tensor:

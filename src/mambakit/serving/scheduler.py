@@ -49,7 +49,7 @@ from ..generation import InferenceCache, allocate_cache, decode_one_token
 from ..modules import MixerState
 from .metrics import Metrics
 from .prefix_cache import PrefixCache, prefix_digest
-from .sampler import BatchSampler, RowParams, token_logprobs
+from .sampler import BatchSampler, RowParams, to_device, token_logprobs
 from .text import TextStream
 
 logger = logging.getLogger("mambakit.serving")
@@ -91,6 +91,9 @@ class GenerationRequest:
     sink: called from the scheduler thread with a list of Events (must not block); every choice gets
     exactly one event with a finish_reason ("stop", "length", "abort" when cancelled or shut down), or
     an event with `error` set.
+    flush: optional, called from the scheduler thread once per loop iteration after the sinks of that
+    iteration ran (once per distinct callable, however many requests share it): a sink may only queue its
+    events, and `flush` wakes their reader once for the whole iteration instead of once per request.
     """
 
     prompt_ids: list[int]
@@ -98,6 +101,7 @@ class GenerationRequest:
     choices: list[RowParams]
     sink: Callable[[list[Event]], None]
     stops: list[str] = field(default_factory=list)
+    flush: Callable[[], None] | None = None
     logprobs: int | None = None
     prompt_logprobs: bool = False
     ignore_eos: bool = False
@@ -258,6 +262,7 @@ class Scheduler:
         self._lock = threading.Condition()
         self._inbox: list[GenerationRequest] = []
         self._cancels: list[GenerationRequest] = []
+        self._flushes: dict[Callable[[], None], None] = {}  # the `flush` of requests that got events (ordered set)
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -323,6 +328,7 @@ class Scheduler:
             if stopping:
                 for request in self._in_flight():
                     self._abort(request)
+                self._flush()
                 return
             try:
                 with torch.inference_mode():
@@ -330,6 +336,7 @@ class Scheduler:
             except Exception as err:  # a bug or out of memory: fail what is in flight, keep serving
                 logger.exception("scheduler step failed")
                 self._fail_all(f"{type(err).__name__}: {err}")
+            self._flush()
 
     def _in_flight(self) -> list[GenerationRequest]:
         return list(self.waiting) + [job.request for job in self.prefilling] \
@@ -352,6 +359,17 @@ class Scheduler:
             request.sink(events)
         except Exception:  # a sink must never break the loop (e.g. its event loop has closed)
             logger.exception("request %s: delivering events failed", request.request_id)
+        if request.flush is not None:
+            self._flushes[request.flush] = None
+
+    def _flush(self) -> None:
+        """Call the `flush` of every request that got events in this iteration, once each."""
+        flushes, self._flushes = self._flushes, {}
+        for flush in flushes:
+            try:
+                flush()
+            except Exception:  # as for sinks: never break the loop
+                logger.exception("flushing events failed")
 
     def _abort(self, request: GenerationRequest) -> None:
         if request.cancelled or request.done:
@@ -440,8 +458,8 @@ class Scheduler:
             length = self._next_end(todo[0]) - todo[0].pos
             group = [job for job in todo if self._next_end(job) - job.pos == length]
             group = group[:max(1, self.max_prefill_tokens // length)]
-            ids_KL = torch.tensor([job.request.prompt_ids[job.pos:job.pos + length] for job in group],
-                                  dtype=torch.long, device=self.device)
+            ids_KL = to_device([job.request.prompt_ids[job.pos:job.pos + length] for job in group], torch.long,
+                               self.device)
             batch = InferenceCache([MixerState(torch.cat([job.cache.layers[i].conv_state for job in group]),
                                                torch.cat([job.cache.layers[i].ssm_state for job in group]))
                                     for i in range(len(group[0].cache.layers))], seqlen_offset=1)
@@ -491,8 +509,8 @@ class Scheduler:
         holes = [r for r in range(alive) if self.running[r].finished]
         movers = [r for r in range(alive, len(self.running)) if not self.running[r].finished]
         if holes:
-            src = torch.tensor(movers, device=self.device)
-            dst = torch.tensor(holes, device=self.device)
+            src = to_device(movers, torch.long, self.device)
+            dst = to_device(holes, torch.long, self.device)
             for state in self.cache.layers:
                 state.conv_state.index_copy_(0, dst, state.conv_state.index_select(0, src))
                 state.ssm_state.index_copy_(0, dst, state.ssm_state.index_select(0, src))
@@ -513,7 +531,7 @@ class Scheduler:
         rows = len(self.running)
         if self._dirty:
             self.sampler.set_rows([s.params for s in self.running])
-            self._steps_B = torch.tensor([s.launched for s in self.running], dtype=torch.long, device=self.device)
+            self._steps_B = to_device([s.launched for s in self.running], torch.long, self.device)
             self._dirty = False
         want = max((s.request.logprobs for s in self.running if s.request.logprobs is not None), default=None)
         logits_BV = self._logits_SV[:rows]
@@ -542,7 +560,13 @@ class Scheduler:
         return _Block(list(self.running), tokens_Bk, logprobs, ready)
 
     def _process(self, block: _Block) -> None:
-        """Hand a block's tokens to their requests; finished rows free their slots."""
+        """Hand a block's tokens to their requests; finished rows free their slots.
+
+        The host's cost per token is what bounds a server whose decode step takes a millisecond or two, so a
+        row without stop sequences takes its k tokens in one go: where they end (EOS, max_tokens, the model
+        length) is a scan of ints, and their text is one decode of the block, not one per token. Stop
+        sequences need to know which token completed one, so such rows go token by token.
+        """
         if block.ready is not None:
             block.ready.synchronize()
         tokens = block.tokens_Bk.tolist()
@@ -556,35 +580,27 @@ class Scheduler:
             if seq.finished:  # ended in an earlier block, or cancelled since this one was launched
                 continue
             request = seq.request
-            event = Event(seq.index)
-            for j, token in enumerate(row_tokens):
-                seq.tokens.append(token)
-                request.completion_tokens += 1
-                produced += 1
-                if request.first_token_at is None:
-                    request.first_token_at = now
-                    self.metrics.ttft(now - request.arrival)
-                event.token_ids.append(token)
-                if request.logprobs is not None:
-                    k = request.logprobs
-                    event.logprobs.append(TokenLogprob(token, chosen_Bk[row][j],
-                                                       list(zip(ids_Bkt[row][j][:k], values_Bkt[row][j][:k]))))
-                if token == self.eos_id and not request.ignore_eos:
-                    event.text += seq.text.finish()
-                    event.finish_reason = "stop"
-                else:
-                    text, hit = seq.text.push(token)
-                    event.text += text
-                    if hit:
-                        event.finish_reason = "stop"
-                    elif len(seq.tokens) >= request.max_tokens or \
-                            len(request.prompt_ids) + len(seq.tokens) >= self.max_model_len:
-                        event.text += seq.text.finish()
-                        event.finish_reason = "length"
-                if event.finish_reason is not None:
-                    seq.finished = any_finished = True
-                    break  # the rest of the block is dropped
-            events.setdefault(id(request), (request, []))[1].append(event)
+            if request.first_token_at is None:
+                request.first_token_at = now
+                self.metrics.ttft(now - request.arrival)
+            if seq.text.stops:
+                event = self._row_by_token(seq, row_tokens)
+            else:
+                event = self._row_at_once(seq, row_tokens)
+            taken = len(event.token_ids)
+            request.completion_tokens += taken
+            produced += taken
+            if request.logprobs is not None:
+                k = request.logprobs
+                event.logprobs = [TokenLogprob(token, chosen_Bk[row][j],
+                                               list(zip(ids_Bkt[row][j][:k], values_Bkt[row][j][:k])))
+                                  for j, token in enumerate(event.token_ids)]
+            if event.finish_reason is not None:
+                seq.finished = any_finished = True  # the rest of the block is dropped
+            if id(request) in events:
+                events[id(request)][1].append(event)
+            else:
+                events[id(request)] = (request, [event])
         self.metrics.tokens(produced)
         for request, evs in events.values():
             self._emit(request, evs)
@@ -596,3 +612,46 @@ class Scheduler:
                     self.metrics.finished(reasons[-1] if reasons else "stop")
                     self._log(request, ",".join(sorted(set(reasons))))
             self._compact()
+
+    def _limit(self, seq: _Seq) -> int:
+        """How many more tokens `seq` may take before max_tokens or the model length ends it."""
+        request = seq.request
+        return min(request.max_tokens, self.max_model_len - len(request.prompt_ids)) - len(seq.tokens)
+
+    def _row_at_once(self, seq: _Seq, row_tokens: list[int]) -> Event:
+        """A row's tokens of one block as one event (no stop sequences): cut at EOS or at its length limit."""
+        request = seq.request
+        limit = max(self._limit(seq), 1)  # a row takes at least one token, as token by token does
+        take = row_tokens[:limit]
+        reason = "length" if len(take) == limit else None
+        if not request.ignore_eos and self.eos_id in take:
+            take = take[:take.index(self.eos_id) + 1]
+            reason = "stop"
+        seq.tokens += take
+        text = seq.text.push_many(take[:-1] if reason == "stop" else take)
+        if reason is not None:
+            text += seq.text.finish()
+        return Event(seq.index, text, take, finish_reason=reason)
+
+    def _row_by_token(self, seq: _Seq, row_tokens: list[int]) -> Event:
+        """A row's tokens of one block as one event, token by token: a stop sequence can end it at any token."""
+        request = seq.request
+        event = Event(seq.index)
+        for token in row_tokens:
+            seq.tokens.append(token)
+            event.token_ids.append(token)
+            if token == self.eos_id and not request.ignore_eos:
+                event.text += seq.text.finish()
+                event.finish_reason = "stop"
+            else:
+                text, hit = seq.text.push(token)
+                event.text += text
+                if hit:
+                    event.finish_reason = "stop"
+                elif len(seq.tokens) >= request.max_tokens or \
+                        len(request.prompt_ids) + len(seq.tokens) >= self.max_model_len:
+                    event.text += seq.text.finish()
+                    event.finish_reason = "length"
+            if event.finish_reason is not None:
+                break
+        return event

@@ -10,7 +10,25 @@ response never sends what the final text does not contain.
 
 from __future__ import annotations
 
-from ..data import ByteTokenizer, IncrementalDecoder
+import codecs
+
+from ..data import ByteTokenizer
+
+
+class _ByteDecoder:
+    """UTF-8 bytes -> text for the byte tokenizer: a character split over tokens is released once complete."""
+
+    def __init__(self):
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self.decoder.decode(bytes((token_id,)))
+
+    def push_many(self, token_ids: list[int]) -> str:
+        return self.decoder.decode(bytes(token_ids))
+
+    def flush(self) -> str:
+        return self.decoder.decode(b"", final=True)
 
 
 class _WindowDecoder:
@@ -31,6 +49,17 @@ class _WindowDecoder:
         self.prefix, self.read = self.read, len(self.ids)
         return after[len(before):]
 
+    def push_many(self, token_ids: list[int]) -> str:
+        """The text of several tokens with two decodes in all (`push` costs two per token)."""
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix:] + token_ids)
+        if after.endswith("\ufffd") or len(after) <= len(before):
+            # the block ends inside a character: token by token, so that the text before it still goes now
+            return "".join(self.push(t) for t in token_ids)
+        self.ids += token_ids
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):]
+
     def flush(self) -> str:
         before = self.tokenizer.decode(self.ids[self.prefix:self.read])
         after = self.tokenizer.decode(self.ids[self.prefix:])
@@ -47,30 +76,46 @@ class TextStream:
     """
 
     def __init__(self, tokenizer, stops: list[str] | None = None):
-        self.decoder = IncrementalDecoder(tokenizer) if isinstance(tokenizer, ByteTokenizer) else _WindowDecoder(tokenizer)
+        self.decoder = _ByteDecoder() if isinstance(tokenizer, ByteTokenizer) else _WindowDecoder(tokenizer)
         self.stops = [s for s in (stops or []) if s]
         self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.text = ""
-        self.sent = 0
+        # the text not sent yet (at most `hold` characters between calls) apart from what was sent (a list:
+        # appending to one string of the whole output would copy it at every token)
+        self.pending = ""
+        self.sent: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """The sequence's text so far (cut before a stop sequence that ended it), held-back part included."""
+        return "".join(self.sent) + self.pending
 
     def _release(self, final: bool) -> tuple[str, bool]:
-        for_search = self.text[self.sent:]
-        hits = [i for i in (for_search.find(s) for s in self.stops) if i >= 0]
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
         if hits:
-            end = self.sent + min(hits)
-            delta, self.text, self.sent = self.text[self.sent:end], self.text[:end], end
+            delta, self.pending = self.pending[:min(hits)], ""
+            self.sent.append(delta)
             return delta, True
-        end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
-        delta, self.sent = self.text[self.sent:end], end
+        end = len(self.pending) if final else max(0, len(self.pending) - self.hold)
+        delta, self.pending = self.pending[:end], self.pending[end:]
+        self.sent.append(delta)
         return delta, False
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; returns (text to send now, True if a stop sequence now ends the sequence)."""
-        self.text += self.decoder.push(token_id)
+        self.pending += self.decoder.push(token_id)
         return self._release(final=False)
+
+    def push_many(self, token_ids: list[int]) -> str:
+        """Add several tokens when there are no stop sequences (nothing to search for, nothing held back):
+        the text to send now, the same as the texts of `push` for each token joined."""
+        if self.stops:
+            raise ValueError(f"TextStream.push_many: only without stop sequences, this stream has {self.stops!r}")
+        delta = self.decoder.push_many(token_ids)
+        self.sent.append(delta)
+        return delta
 
     def finish(self) -> str:
         """The sequence ended for another reason (EOS, length): the rest of the text, held-back part included."""
-        self.text += self.decoder.flush()
+        self.pending += self.decoder.flush()
         delta, _ = self._release(final=True)
         return delta

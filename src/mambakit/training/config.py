@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 __all__ = ["TrainConfig", "model_config", "lr_at"]
 
-LAYERS = ("mamba1", "mamba2")
+LAYERS = ("mamba1", "mamba2", "transformer++", "gpt3")  # the last two: models/transformer.py, heads of headdim
 
 
 @dataclass
@@ -27,13 +27,19 @@ class TrainConfig:
     data: str | None = None  # file or directory; None = built-in Shakespeare corpus
     tokenizer: str = "bytes"  # "bytes" or a path to a tokenizer.json (or a directory holding one)
     val_fraction: float = 0.05  # held-out share for user data (Shakespeare holds out fixed plays)
+    # documents are joined with the tokenizer's EOS; the state restarts at each one (seq_idx), in evaluation too
+    reset_at_eos: bool = True
+    token_cache: str = "auto"  # "auto" ($MAMBAKIT_TOKEN_CACHE or ~/.cache/mambakit/tokens), a directory, or "off"
+    tokenize_procs: int = 0  # processes that build the token cache; 0 = one per core (up to 8)
+    streaming: bool = False  # stream json/parquet/text files and datasets directories (corpora larger than RAM)
+    text_column: str = "text"  # the text column of datasets directories and streamed json/parquet files
     # model
-    layer: str = "mamba2"  # "mamba1" or "mamba2"
+    layer: str = "mamba2"  # "mamba1", "mamba2", or a Transformer baseline: "transformer++", "gpt3"
     d_model: int = 128
     n_layer: int = 2
     d_state: int = 64
     expand: int = 2
-    headdim: int = 32  # mamba2 only
+    headdim: int = 32  # mamba2, and the attention heads of the Transformers (d_model / headdim heads)
     chunk_size: int = 64  # mamba2 only
     # optimisation
     seqlen: int = 256
@@ -80,12 +86,16 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.layer == "mamba2" and (self.expand * self.d_model) % self.headdim:
             raise ValueError(f"mamba2 needs expand * d_model ({self.expand * self.d_model}) divisible by headdim ({self.headdim})")
+        if self.layer in ("transformer++", "gpt3") and self.d_model % self.headdim:
+            raise ValueError(f"{self.layer} needs d_model ({self.d_model}) divisible by headdim ({self.headdim})")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError(f"time_budget_s must be positive, got {self.time_budget_s}")
         if self.autocast not in ("bf16", "none"):
             raise ValueError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        if self.tokenize_procs < 0:
+            raise ValueError(f"tokenize_procs must be >= 0 (0 = one per core), got {self.tokenize_procs}")
         if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be an int >= 1, got {self.keep_checkpoints!r}")
         # torch.manual_seed takes [0, 2**64) (negatives wrap around); anything else overflows inside torch
@@ -105,14 +115,19 @@ class TrainConfig:
 
 
 def model_config(cfg: TrainConfig, vocab_size: int):
-    """The `MambaConfig` of a run (no MLP, RMSNorm, tied embeddings, fp32 residual: the mamba_ssm defaults).
+    """The `MambaConfig` of a run (no MLP, RMSNorm, tied embeddings, fp32 residual: the mamba_ssm defaults), or the
+    `TransformerConfig` of a Transformer baseline (d_model / headdim heads, the recipe's MLP).
 
     Example:
         >>> model_config(TrainConfig(layer="mamba1", d_model=128, n_layer=2, d_state=16), vocab_size=256).ssm_cfg
         {'layer': 'Mamba1', 'd_state': 16, 'expand': 2}
     """
-    from ..models import MambaConfig
+    from ..models import MambaConfig, TransformerConfig
 
+    if cfg.layer in ("transformer++", "gpt3"):
+        return TransformerConfig(arch=cfg.layer, d_model=cfg.d_model, n_layer=cfg.n_layer, vocab_size=vocab_size,
+                                 num_heads=cfg.d_model // cfg.headdim,
+                                 max_position_embeddings=max(2048, cfg.seqlen + cfg.sample_tokens))
     if cfg.layer == "mamba1":
         ssm_cfg = {"layer": "Mamba1", "d_state": cfg.d_state, "expand": cfg.expand}
     else:

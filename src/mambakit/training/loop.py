@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from ..data import ByteTokenizer, HFTokenizer, RandomWindows, TokenStream, eval_target_count, load_corpus
+from ..data import (ByteTokenizer, HFTokenizer, RandomWindows, WindowBatch, eval_target_count, load_token_streams,
+                    split_window)
 from ..evaluation import evaluate_bits_per_byte, token_nll_sum
 from .checkpoint import Checkpoint, remove_strays, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig, lr_at, model_config
@@ -122,9 +123,12 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def forward_backward(model: torch.nn.Module, window: torch.Tensor, vocab_size: int,
+def forward_backward(model: torch.nn.Module, window: torch.Tensor | WindowBatch, vocab_size: int,
                      autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy of a (batch, seqlen + 1) window, backpropagated. Returns the detached loss.
+
+    A `WindowBatch` (data.split_window) carries inputs, targets and the seq_idx of packed documents, which
+    the model gets so that its state restarts at each document boundary; a plain tensor runs without resets.
 
     Under DistributedDataParallel the backward averages the gradients over processes, so with
     equal per-rank batches the result is the gradient of the mean over the global batch.
@@ -132,29 +136,36 @@ def forward_backward(model: torch.nn.Module, window: torch.Tensor, vocab_size: i
     Example:
         >>> loss = forward_backward(model, sampler.next_batch(), vocab_size=256)   # grads now in .grad
     """
-    inputs, targets = window[:, :-1], window[:, 1:]  # (batch, seqlen) each
-    with torch.autocast(window.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits = model(inputs)  # (batch, seqlen, padded vocab)
+    inputs, targets, seq_idx = window if isinstance(window, WindowBatch) else split_window(window, None)
+    with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = model(inputs) if seq_idx is None else model(inputs, seq_idx=seq_idx)  # (batch, seqlen, padded vocab)
     loss = token_nll_sum(logits, targets, vocab_size) / targets.numel()
     loss.backward()
     return loss.detach()
 
 
 def _load_data(cfg: TrainConfig):
-    """Tokenizer, (train, held-out) documents and their token streams."""
+    """Tokenizer, (train, held-out) document counts and their token streams (from the token cache)."""
+    if cfg.tokenizer == "nucleotides":  # `--task dna`: FASTA genomes, one token per base (data/dna.py)
+        from ..data.dna import load_dna_corpus
+
+        tokenizer, (train_records, val_records), train, val = load_dna_corpus(cfg.data, cfg.val_fraction)
+        return tokenizer, (len(train_records), len(val_records)), train, val
     tokenizer = ByteTokenizer() if cfg.tokenizer == "bytes" else HFTokenizer(cfg.tokenizer)
-    docs = load_corpus(cfg.data, cfg.val_fraction)
-    return tokenizer, docs, TokenStream.from_documents(docs[0], tokenizer), TokenStream.from_documents(docs[1], tokenizer)
+    streams = load_token_streams(cfg.data, tokenizer, val_fraction=cfg.val_fraction, token_cache=cfg.token_cache,
+                                 num_proc=cfg.tokenize_procs, streaming=cfg.streaming, text_column=cfg.text_column,
+                                 progress=cfg.progress)
+    return tokenizer, (streams.documents["train"], streams.documents["val"]), streams.train, streams.val
 
 
 def _build_or_resume(cfg: TrainConfig, vocab: int, device: torch.device, sampler: RandomWindows,
                      checkpoint: Checkpoint | None):
     """A fresh model and optimizer at step 0, or everything restored from a verified checkpoint."""
-    from ..models import MambaLM
+    from ..models import MambaLM, build_model
 
     if checkpoint is None:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-        model = MambaLM(model_config(cfg, vocab)).to(device)
+        model = build_model(model_config(cfg, vocab)).to(device)
         return model, build_optimizer(model, cfg), 0, {"losses": [], "evals": []}
     state = checkpoint.state
     model = MambaLM.from_pretrained(checkpoint.path, device=device)
@@ -226,7 +237,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = 
     governor = CPUThreadGovernor(enabled=adapt_cpu_threads and device.type == "cpu" and not info.distributed)
     signals = _SignalStop(enabled=handle_signals and not info.distributed)
     try:
-        tokenizer, (train_docs, val_docs), train_stream, val_stream = _load_data(cfg)
+        if info.distributed and not info.is_main:
+            torch.distributed.barrier()  # rank 0 builds the token cache first; the others then read it
+        tokenizer, (n_train_docs, n_val_docs), train_stream, val_stream = _load_data(cfg)
+        if info.distributed and info.is_main:
+            torch.distributed.barrier()
+        doc_eos = tokenizer.eos_id if cfg.reset_at_eos else None  # seq_idx restarts the state at each EOS
         sampler = RandomWindows(train_stream, cfg.seqlen, cfg.batch_size, cfg.seed, info.rank, info.world_size)
         vocab = tokenizer.vocab_size
         if resume and checkpoint is None:
@@ -248,14 +264,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = 
         say(f"mambakit train: recipe {cfg.recipe}: {cfg.layer}, d_model {cfg.d_model}, {cfg.n_layer} layers, "
             f"{n_params / 1e6:.2f}M parameters, on {device}"
             + (f" x {info.world_size} processes" if info.distributed else ""))
-        say(f"data: {cfg.data or 'built-in Shakespeare'}: {len(train_docs)} documents, {len(train_stream):,} tokens "
-            f"for training; {len(val_docs)} held out, {len(val_stream):,} tokens; tokenizer {tokenizer!r}")
+        say(f"data: {cfg.data or 'built-in Shakespeare'}: {n_train_docs} documents, {len(train_stream):,} tokens "
+            f"for training; {n_val_docs} held out, {len(val_stream):,} tokens; tokenizer {tokenizer!r}")
         if resume:
             say(f"resuming from {checkpoint.path} at step {step}")
 
         def evaluate(max_tokens: int | None) -> dict:
             loss, bpb = evaluate_bits_per_byte(raw_model, val_stream, cfg.seqlen, cfg.eval_batch_size, max_tokens,
-                                               autocast_dtype=autocast_dtype, rank=info.rank, world_size=info.world_size)
+                                               autocast_dtype=autocast_dtype, rank=info.rank, world_size=info.world_size,
+                                               reset_at_eos=cfg.reset_at_eos)
             return {"step": step, "loss": loss, "bpb": bpb, "tokens": eval_target_count(val_stream, max_tokens)}
 
         pending: list[torch.Tensor] = []  # losses not yet copied to the host (avoids a sync per step on GPU)
@@ -298,7 +315,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = 
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            window = sampler.next_batch().to(device, non_blocking=True)  # (batch, seqlen + 1)
+            window = split_window(sampler.next_batch().to(device, non_blocking=True), doc_eos)  # (batch, seqlen) x 3
             loss = forward_backward(model, window, vocab, autocast_dtype)
             pending.append(loss)
             # the total norm is computed even without clipping (an infinite max norm scales by exactly 1)

@@ -33,7 +33,7 @@ from .triton_chunk_scan_bwd import bwd_config, chunk_dbc_bwd, chunk_dcb_bwd, chu
 from .triton_chunk_state import chunk_state_bwd, chunk_state_fwd
 from .triton_common import store_dtype
 
-__all__ = ["ssd_triton", "ssd_triton_forward", "ssd_triton_intermediates", "ssd_triton_backward", "kernel_chunk"]
+__all__ = ["batch_pieces", "ssd_triton", "ssd_triton_forward", "ssd_triton_intermediates", "ssd_triton_backward", "kernel_chunk"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -43,8 +43,35 @@ def kernel_chunk(chunk_size: int, seqlen: int) -> int:
     return min(256, max(16, next_power_of_2(chunk_size)), max(16, next_power_of_2(seqlen)))
 
 
+# CUDA caps grid axes 1 and 2 at 65535 blocks; the launches put batch x chunks (x groups) or batch x heads there.
+_GRID_YZ = 65535
+
+
+def batch_pieces(b: int, L: int, H: int, G: int, T: int) -> list[slice]:
+    """Batch slices whose launches fit the grid: one slice for every usual shape, several when batch x chunks x
+    groups or batch x heads would pass 65535 (e.g. 512 rows of 8192 tokens at T = 64). Each slice is an
+    independent problem, so running them one after the other gives exactly the same numbers."""
+    nc = -(-L // T)
+    per_row = max(nc * G, nc, H)
+    if per_row > _GRID_YZ:
+        raise ValueError(f"ssd: one row of seqlen {L} makes {nc} chunks of {T} ({G} groups), more than the GPU grid's "
+                         f"{_GRID_YZ} blocks per axis; use a larger chunk_size or feed the sequence in pieces "
+                         "(initial_states / return_final_states)")
+    rows = max(1, min(b, _GRID_YZ // per_row))
+    return [slice(i, min(i + rows, b)) for i in range(0, b, rows)]
+
+
+def _rows(t, piece):
+    return None if t is None else t[piece]
+
+
 def ssd_triton_intermediates(x, dt, A, B, C, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, T):
     """Launches 1-3 (decay, C B^T, chunk states): dt', cs, cb, states, final state."""
+    pieces = batch_pieces(x.shape[0], x.shape[1], x.shape[2], B.shape[2], T)
+    if len(pieces) > 1:
+        parts = [ssd_triton_intermediates(x[p], dt[p], A, B[p], C[p], dt_bias, _rows(initial_state, p),
+                                          _rows(seq_idx, p), dt_softplus, dt_limit, T) for p in pieces]
+        return tuple(torch.cat(ts) for ts in zip(*parts))
     dtp, cs = chunk_decay_fwd(dt, A, dt_bias, dt_softplus, dt_limit, T)
     cb = chunk_cb_fwd(C, B, seq_idx, T, x.dtype)
     states, final = chunk_state_fwd(x, B, dtp, cs, initial_state, seq_idx, T)
@@ -53,6 +80,13 @@ def ssd_triton_intermediates(x, dt, A, B, C, dt_bias, initial_state, seq_idx, dt
 
 def ssd_triton_forward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, T):
     """Run the four forward launches; returns y, final state and what the backward needs."""
+    pieces = batch_pieces(x.shape[0], x.shape[1], x.shape[2], B.shape[2], T)
+    if len(pieces) > 1:
+        parts = [ssd_triton_forward(x[p], dt[p], A, B[p], C[p], D, _rows(z, p), dt_bias, _rows(initial_state, p),
+                                    _rows(seq_idx, p), dt_softplus, dt_limit, T) for p in pieces]
+        ys, finals, saved = zip(*parts)
+        saved = tuple(None if ts[0] is None else torch.cat(ts) for ts in zip(*saved))
+        return torch.cat(ys), torch.cat(finals), saved
     dtp, cs, cb, states, final = ssd_triton_intermediates(x, dt, A, B, C, dt_bias, initial_state, seq_idx,
                                                           dt_softplus, dt_limit, T)
     y, y_pre = chunk_scan_fwd(x, z, D, C, cb, states, dtp, cs, seq_idx, T)
@@ -68,6 +102,15 @@ def ssd_triton_backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp,
     node and the fused Mamba-2 node (ops/mamba_inner), which recomputes the intermediates.
     """
     G, N = B.shape[2], B.shape[3]
+    pieces = batch_pieces(x.shape[0], x.shape[1], x.shape[2], G, T)
+    if len(pieces) > 1:
+        parts = [ssd_triton_backward(dy[p], _rows(dfinal, p), x[p], dt[p], A, B[p], C[p], D, _rows(z, p), dt_bias,
+                                     _rows(seq_idx, p), dtp[p], cs[p], cb[p], states[p], _rows(y_pre, p),
+                                     dt_softplus, dt_limit, T, need_dh0) for p in pieces]
+        cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731  per-row gradients
+        add = lambda ts: None if ts[0] is None else sum(ts[1:], ts[0])  # noqa: E731  parameter gradients
+        dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = zip(*parts)
+        return (cat(dx), cat(ddt), add(dA), cat(dB), cat(dC), add(dD), cat(dz), add(dbias), cat(dh0))
     dH, dh0, ddend = chunk_state_bwd(dy, z, C, cs, seq_idx, states, dfinal, need_dh0, T)
     cfg_dcb, cfg_dbc, cfg_dx, nslot = bwd_config(x.shape[0], dtp.shape[2], G, N, T, x.device)
     dcb, rowp = chunk_dcb_bwd(x, dy, z, dtp, cs, seq_idx, cb, G, nslot, T, cfg=cfg_dcb)

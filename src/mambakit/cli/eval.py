@@ -1,0 +1,153 @@
+"""`mambakit eval`: bits per byte, perplexity and token count of a saved model on a file or a `datasets` directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+from .errors import Parser, UsageError
+
+SUMMARY = "score a model on a text file or dataset: bits per byte, perplexity, tokens"
+
+EXAMPLES = """\
+examples:
+  mambakit eval --model runs/shakespeare --data macbeth.md
+  mambakit eval --model runs/my_texts --data held_out.jsonl --json
+      one JSON object on stdout: bits_per_byte, perplexity, loss, tokens, bytes, documents, ...
+  mambakit eval --model runs/my_texts --data my_dataset/ --text-column content
+      a directory written by datasets' save_to_disk (every split)
+  mambakit eval --model runs/my_texts --data shards/ --streaming --max-tokens 1000000
+      json/parquet/text files read through datasets' streaming (never held in memory whole)
+
+Every document of --data is scored (no held-out split), joined as in training: each preceded by the
+tokenizer's end-of-document token, the state restarting at each one (--no-reset-at-eos: carried across;
+the default follows the model's train_config.json when it has one). The windows of --seqlen tokens start
+from an empty state each. bits per byte = total nats / (ln 2 x UTF-8 bytes of the scored text), the
+end-of-document token counting as one byte; perplexity = exp(nats per token). The tokens are cached on
+disk as in training (--token-cache). Progress bars go to stderr."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser(prog: str = "mambakit eval") -> Parser:
+    p = Parser(prog=prog, description=SUMMARY, epilog=EXAMPLES)
+    p.add_argument("--model", required=True, metavar="DIR", help="a checkpoint directory (or a Hugging Face Hub id)")
+    p.add_argument("--data", required=True, metavar="PATH",
+                   help="a file, a directory of files, or a datasets directory (save_to_disk)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of lines of text")
+    p.add_argument("--seqlen", type=_positive_int, metavar="N",
+                   help="tokens per window (default: the model's training seqlen, else 2048)")
+    p.add_argument("--batch-size", type=_positive_int, metavar="N",
+                   help="windows per forward (default: the model's training eval batch size, else 8)")
+    p.add_argument("--max-tokens", type=_positive_int, metavar="N", help="score only the first N tokens")
+    p.add_argument("--reset-at-eos", action=argparse.BooleanOptionalAction, default=None,
+                   help="restart the state at each end-of-document token (default: as the model was trained; "
+                        "on for models without a train_config.json)")
+    p.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--autocast", choices=("bf16", "none"), default="bf16",
+                   help="bf16 autocast on CUDA (default; ignored on CPU) or none")
+    p.add_argument("--streaming", action="store_true", help="stream json/parquet/text files and datasets directories")
+    p.add_argument("--text-column", default="text", metavar="NAME",
+                   help="the text column of datasets directories and streamed json/parquet files (default text)")
+    p.add_argument("--token-cache", default="auto", metavar="DIR",
+                   help="where tokenized data is cached: auto ($MAMBAKIT_TOKEN_CACHE or ~/.cache/mambakit/tokens), "
+                        "a directory, or off")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def _trained_settings(directory: Path) -> dict:
+    """What the model's train_config.json says about seqlen and document resets ({} when it has none)."""
+    path = directory / "train_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    # a run from before document resets existed trained across document boundaries
+    return {"seqlen": cfg.get("seqlen"), "reset_at_eos": bool(cfg.get("reset_at_eos", False)),
+            "eval_batch_size": cfg.get("eval_batch_size")}
+
+
+def main(model: str, data: str, json: bool = False, seqlen: int | None = None, batch_size: int | None = None,
+         max_tokens: int | None = None, reset_at_eos: bool | None = None, device: str = "auto",
+         autocast: str = "bf16", streaming: bool = False, text_column: str = "text", token_cache: str = "auto",
+         progress: bool = True) -> int:
+    """Score `model` on every document of `data`; print bits per byte, perplexity and counts. Returns 0.
+
+    Examples:
+        mambakit eval --model runs/shakespeare --data macbeth.md
+        mambakit eval --model runs/my_texts --data held_out.jsonl --json
+    """
+    import json as json_module
+
+    import torch
+
+    from ..checkpoints import load_checkpoint_tokenizer, resolve_checkpoint
+    from ..checkpoints.hub import looks_like_hub_id
+    from ..data import load_token_streams
+    from ..evaluation import evaluate_stream
+    from ..models import MambaLM
+    from ..training import resolve_device
+
+    if not Path(data).exists():
+        raise UsageError(f"--data {data}: not found")
+    if not Path(model).is_dir() and not looks_like_hub_id(model):
+        raise UsageError(f"model directory not found: {model}")
+    directory = resolve_checkpoint(model)
+    if not (directory / "config.json").is_file():
+        raise UsageError(f"no config.json in {model}: not a model directory (train one with `mambakit train`)")
+    try:
+        dev = resolve_device(device)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    trained = _trained_settings(directory)
+    seqlen = seqlen or trained.get("seqlen") or 2048
+    batch_size = batch_size or trained.get("eval_batch_size") or 8
+    if reset_at_eos is None:
+        reset_at_eos = trained.get("reset_at_eos", True)
+
+    tokenizer = load_checkpoint_tokenizer(directory)
+    lm = MambaLM.from_pretrained(directory, device=dev)
+    if tokenizer.vocab_size > lm.config.padded_vocab_size:
+        raise UsageError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the model's "
+                         f"({lm.config.padded_vocab_size}): they do not belong together")
+    streams = load_token_streams(data, tokenizer, val_fraction=None, token_cache=token_cache, streaming=streaming,
+                                 text_column=text_column, progress=progress)
+    stream = streams.train  # val_fraction=None: every document, in order
+    if len(stream) < 2:
+        raise UsageError(f"--data {data}: nothing to score ({len(stream)} token{'s' if len(stream) != 1 else ''})")
+    t0 = time.perf_counter()
+    result = evaluate_stream(lm, stream, seqlen, batch_size, max_tokens,
+                             autocast_dtype=torch.bfloat16 if (autocast == "bf16" and dev.type == "cuda") else None,
+                             reset_at_eos=reset_at_eos, progress=progress)
+    seconds = time.perf_counter() - t0
+    report = {"model": str(model), "data": str(data), "bits_per_byte": result.bits_per_byte,
+              "perplexity": result.perplexity, "loss": result.loss, "tokens": result.tokens, "bytes": result.bytes,
+              "documents": streams.documents["train"], "seqlen": seqlen, "reset_at_eos": reset_at_eos and
+              tokenizer.eos_id is not None, "device": str(dev), "seconds": seconds}
+    if json:
+        # strict JSON: a diverged model's infinite perplexity is written as null
+        print(json_module.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                 for k, v in report.items()}))
+    else:
+        print(f"model: {model}\n"
+              f"data: {data}: {report['documents']} documents, {result.tokens:,} tokens scored, "
+              f"{result.bytes:,} bytes\n"
+              f"bits per byte: {result.bits_per_byte:.4f}\n"
+              f"perplexity: {result.perplexity:.4f} per token ({result.loss:.4f} nats/token)\n"
+              f"windows of {seqlen} tokens, state {'reset' if report['reset_at_eos'] else 'carried'} at document "
+              f"boundaries, {seconds:.1f} s on {dev}")
+    return 0

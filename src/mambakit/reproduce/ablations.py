@@ -1,0 +1,124 @@
+"""`mambakit reproduce ablations`: the spirit of the Mamba paper's ablation tables (Gu & Dao 2023, Section 4.6,
+Tables 6 to 10) on a small language model of the lm-scaling corpus.
+
+Every row is one model of the same size, trained on the same tokens with the same settings, differing in one
+field of its config (`ssm_cfg`); the table reports held-out perplexity. Groups:
+
+    Table 6  architecture x SSM layer: the Mamba block (gated) or the ungated block, with the selective S6 layer
+             (Mamba1 / Mamba1Ungated) or the LTI S4D layer (S4D, real or complex A)
+    Table 7  which of Δ, B, C are selective (Mamba1Ablation's selective_dt / selective_B / selective_C)
+    Table 8  real vs complex A. mambakit's S6 scan is real here, so the complex case is the LTI layer's: S4D-Lin
+             (complex, A = -1/2 + i pi n) against S4D-Real (A = -(n + 1)), next to S6 with its real S4D-Real init
+    Table 9  the size R of Δ's low-rank projection (Mamba1's dt_rank)
+    Table 10 the state size N, with B, C selective and with B, C learned per-channel constants (Δ selective)
+
+The data, tokenizer, evaluation, optimiser and schedule are lm-scaling's (see reproduce/lm_scaling.py); one
+learning rate for all rows. A config that appears in several tables is trained once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+from ..models import MambaConfig
+from .common import FINISHED, ModelSpec, Run, TrainSettings, markdown_table
+from .lm_scaling import english_corpus, flops, n_params, train_and_evaluate
+
+NAME = "ablations"
+SUMMARY = "Mamba paper Tables 6-10: architecture, selective Δ/B/C, real vs complex A, Δ rank, state size N"
+
+
+def settings(quick: bool) -> dict:
+    """Full size: d_model 128, 4 Mamba blocks (about 0.5M parameters), seqlen 512, batch 32, 1500 steps at lr 2e-3
+    (about 25M tokens per row, 2.5 passes over Shakespeare + KJV in bytes).
+    Quick: a CPU smoke run over every group (fewer values per group)."""
+    if quick:
+        return {"d_model": 16, "n_layer": 1, "seqlen": 32, "batch_size": 4, "steps": 2, "lr": 3e-3, "warmup_steps": 1,
+                "dt_ranks": [2, "auto"], "d_states": [1, 4], "eval_tokens": 1024, "eval_batch_size": 8,
+                "quick_corpus_chars": 20_000, "neox": False}
+    return {"d_model": 128, "n_layer": 4, "seqlen": 512, "batch_size": 32, "steps": 1500, "lr": 2e-3,
+            "warmup_steps": 100, "dt_ranks": [1, 2, 4, 8, "auto"], "d_states": [1, 2, 4, 8, 16],
+            "eval_tokens": 1_000_000, "eval_batch_size": 16, "quick_corpus_chars": None, "neox": False}
+
+
+def groups(s: dict) -> list[tuple[str, str, list[tuple[str, dict]]]]:
+    """(table, title, [(row label, ssm_cfg)]) for every group."""
+    sel = lambda dt, b, c: {"layer": "Mamba1Ablation", "selective_dt": dt, "selective_B": b, "selective_C": c}  # noqa: E731
+    return [
+        ("Table 6", "architecture x SSM layer", [
+            ("Mamba block, S6 (Mamba)", {"layer": "Mamba1"}),
+            ("ungated block, S6", {"layer": "Mamba1Ungated"}),
+            ("Mamba block, S4D-Real (LTI)", {"layer": "S4D", "A_init": "S4D-Real"}),
+            ("Mamba block, S4D-Lin (LTI, complex)", {"layer": "S4D", "A_init": "S4D-Lin"}),
+            ("ungated block, S4D-Lin (LTI, complex)", {"layer": "S4D", "A_init": "S4D-Lin", "gated": False}),
+        ]),
+        ("Table 7", "selective Δ, B, C", [
+            ("none (LTI)", sel(False, False, False)),
+            ("Δ", sel(True, False, False)),
+            ("B", sel(False, True, False)),
+            ("C", sel(False, False, True)),
+            ("B, C", sel(False, True, True)),
+            ("Δ, B, C (Mamba)", sel(True, True, True)),
+        ]),
+        ("Table 8", "real vs complex A", [
+            ("S6, real A (S4D-Real init)", {"layer": "Mamba1"}),
+            ("LTI S4D, real A (S4D-Real)", {"layer": "S4D", "A_init": "S4D-Real"}),
+            ("LTI S4D, complex A (S4D-Lin)", {"layer": "S4D", "A_init": "S4D-Lin"}),
+        ]),
+        ("Table 9", "size of Δ's projection (dt_rank)", [
+            (f"R = {r if r != 'auto' else math.ceil(s['d_model'] / 16)}" + (" (auto: d_model / 16)" if r == "auto" else ""),
+             {"layer": "Mamba1", "dt_rank": r}) for r in s["dt_ranks"]
+        ]),
+        ("Table 10", "state size N, B and C selective or constant", [
+            (f"N = {n}, {'selective' if selective else 'constant'} B, C", sel(True, selective, selective) | {"d_state": n})
+            for selective in (False, True) for n in s["d_states"]
+        ]),
+    ]
+
+
+def _key(ssm_cfg: dict) -> str:
+    """One trained model per distinct config: Mamba1Ablation with every flag on is trained as such (its own row)."""
+    text = json.dumps(ssm_cfg, sort_keys=True)
+    return f"{ssm_cfg['layer'].lower()}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+
+
+def run(run: Run) -> int:
+    s = settings(run.quick)
+    train_stream, val_stream, data = english_corpus(s)
+    vocab = data["vocab_size"]
+    train = TrainSettings(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], warmup_steps=s["warmup_steps"],
+                          min_lr_ratio=0.1, weight_decay=0.1, beta2=0.95, grad_clip=1.0, save_every=1000, log_every=10)
+    rows, sections = [], []
+    for table, title, entries in groups(s):
+        lines = []
+        for label, ssm_cfg in entries:
+            config = MambaConfig(d_model=s["d_model"], n_layer=s["n_layer"], vocab_size=vocab, ssm_cfg=ssm_cfg)
+            params = n_params(config)
+            spec = ModelSpec(_key(ssm_cfg), label, config, train, save_checkpoint=False,
+                             info={"family": ssm_cfg["layer"], "params": params, "lr": s["lr"],
+                                   "d_model": s["d_model"], "n_layer": s["n_layer"]})
+            row = train_and_evaluate(run, spec, train_stream, val_stream, s)
+            if row is None:
+                return run.unfinished()
+            row = {**row, "table": table, "ssm_cfg": ssm_cfg, "flops": flops(config, params, row["tokens"], s["seqlen"])}
+            rows.append(row)
+            lines.append([label, f"{params / 1e3:.1f}K", f"{row['val_ppl']:.3f}", f"{row['val_bpb']:.4f}",
+                          row["train_s"]])
+        sections.append(f"## {table}: {title}\n\n"
+                        + markdown_table(["model", "params", "val ppl", "val bits/byte", "train s"], lines))
+    readme = f"""# Ablations at small scale (Mamba paper, Tables 6-10)
+
+One model size (d_model {s['d_model']}, {s['n_layer']} layers), each row trained for {s['steps']} steps of
+{s['batch_size']} x {s['seqlen']} tokens at lr {s['lr']:g} (AdamW, cosine to 0.1 x lr, weight decay 0.1) on the
+lm-scaling corpus ({'; '.join(data['sources'])}; tokenizer {data['tokenizer']}), held-out perplexity on
+{data['val_documents']} whole documents. Each row changes one field of the mixer config (`ssm_cfg` in
+results.json). Lower is better; differences smaller than the spread between reruns mean nothing.
+
+{(chr(10) * 2).join(sections)}
+
+Table 8 note: mambakit's selective scan runs a real A; the complex-vs-real comparison here is the LTI S4D layer's.
+"""
+    run.write_results(rows, {**s, "data": data}, readme)
+    return FINISHED

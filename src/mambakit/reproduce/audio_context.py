@@ -1,0 +1,151 @@
+"""`mambakit reproduce audio-context`: bits per sample against training context length at fixed compute (Mamba paper,
+Section 4.4.1, Figure 7).
+
+Claim: on long recordings, a Mamba U-Net keeps improving as its training context grows (to a minute of audio there),
+at a fixed number of samples per step; the S4+MLP U-Net (SaShiMi) improves less.
+
+Data: no long real recording installs offline (the paper uses YouTubeMix piano), so every speaker's clips of the
+spoken-digits set (`mambakit data spoken-digits`) are concatenated into one long recording per speaker
+(`speaker_recordings`): 20 clips per speaker, 20 s, 320,000 samples at 16 kHz. Train speakers train; the
+validation speakers' recordings are held out. --quick: the tone stand-in set, 256-sample clips.
+
+Models: `AudioUNet` Mamba-UNet (Mamba-1 blocks) and S4D+MLP-UNet (S4D-Lin, complex A), one per context length L,
+each trained for the same steps of the same `samples_per_step` (batch = samples_per_step / L): equal compute per
+point. Windows of L + 1 mu-law levels are drawn uniformly within one speaker's recording. Metric: bits per sample
+on non-overlapping held-out windows of length L (each from an empty state), at most `eval_samples` predictions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..data.audio import mu_law_encode
+from ..data.spoken_digits import speaker_recordings
+from ..models.unet import AudioUNet, UNetConfig
+from .common import FINISHED, Run, TrainSettings, _read_json, figure, loss_plot, markdown_table
+from .dna_audio_common import bits_per_sample, cached_eval, train_module
+from .spoken_digits import _data_root, settings as _digit_settings
+
+NAME = "audio-context"
+SUMMARY = "Mamba paper Figure 7: audio bits per sample against training context length at fixed compute"
+MODELS = {"mamba-unet": ("mamba", False, "Mamba-UNet"), "s4d-lin-mlp-unet": ("s4d-lin", True, "S4D+MLP-UNet")}
+
+
+def settings(quick: bool) -> dict:
+    """Full size (GPU; not yet run): contexts 2^11 .. 2^17 samples (0.13 s .. 8 s), 2^17 samples per step, 4000
+    steps; quick: a CPU smoke run on tones."""
+    data = _digit_settings(quick)
+    if quick:
+        return {**{k: data[k] for k in ("data", "clip_samples", "tones_per_digit")}, "contexts_log2": [5, 7],
+                "samples_per_step": 512, "steps": 3, "lr": 2e-3, "warmup_steps": 1, "d_model": 8, "n_layers": 1,
+                "pool": [2, 2], "d_state": 4, "eval_samples": 1024, "eval_batch": 4}
+    return {**{k: data[k] for k in ("data", "clip_samples", "tones_per_digit")}, "contexts_log2": list(range(11, 18)),
+            "samples_per_step": 2 ** 17, "steps": 4000, "lr": 2e-3, "warmup_steps": 200, "d_model": 64, "n_layers": 2,
+            "pool": [4, 4], "d_state": 16, "eval_samples": 2 ** 21, "eval_batch": 8}
+
+
+def _windows(recordings: list[torch.Tensor], length: int, count: int, g: torch.Generator) -> torch.Tensor:
+    """count (count, length + 1) windows, each inside one recording chosen with probability ~ its usable starts."""
+    usable = [r for r in recordings if r.numel() > length]
+    weights = torch.tensor([float(r.numel() - length) for r in usable])
+    picks = torch.multinomial(weights, count, replacement=True, generator=g)
+    rows = []
+    for p in picks.tolist():
+        start = int(torch.randint(0, usable[p].numel() - length, (1,), generator=g))
+        rows.append(usable[p][start:start + length + 1])
+    return torch.stack(rows)
+
+
+def _held_out_windows(recordings: list[torch.Tensor], length: int, max_samples: int) -> torch.Tensor:
+    """Non-overlapping (n, length + 1) windows of the held-out recordings in order, n * length <= max_samples."""
+    rows = []
+    for r in recordings:
+        for start in range(0, r.numel() - length, length):
+            if (len(rows) + 1) * length > max_samples:
+                return torch.stack(rows)
+            rows.append(r[start:start + length + 1])
+    if not rows:
+        raise ValueError(f"audio-context: no held-out recording is longer than the context {length}")
+    return torch.stack(rows)
+
+
+def run(run: Run) -> int:
+    s = settings(run.quick)
+    root = _data_root(run, s)
+    train_recs = [mu_law_encode(r) for r in speaker_recordings(root, "train").values()]
+    val_recs = [mu_law_encode(r) for r in speaker_recordings(root, "validation").values()]
+
+    def lm_loss(model, rows):
+        return F.cross_entropy(model(rows[:, :-1]).float().flatten(0, 1), rows[:, 1:].flatten())
+
+    rows, curves = [], {}
+    for k in s["contexts_log2"]:
+        L = 2 ** k
+        batch = max(1, s["samples_per_step"] // L)
+        train = TrainSettings(steps=s["steps"], batch_size=batch, lr=s["lr"], warmup_steps=s["warmup_steps"])
+        for key, (mixer, mlp, label) in MODELS.items():
+            cfg = UNetConfig(d_model=s["d_model"], n_layers=s["n_layers"], pool=s["pool"], mixer=mixer, mlp=mlp,
+                             d_state=s["d_state"])
+            name = f"{key}-L{L}"
+            model = train_module(run, name, lambda: AudioUNet(cfg), train,
+                                 lambda step, g: (_windows(train_recs, L, batch, g),), lm_loss)
+            if model is None:
+                return run.unfinished()
+            held = _held_out_windows(val_recs, L, s["eval_samples"])
+            result = cached_eval(run, name, "val", lambda: {
+                "bits_per_sample": bits_per_sample(model, held, s["eval_batch"], run.device),
+                "samples": int(held[:, 1:].numel())})
+            if result is None:
+                return run.unfinished()
+            record = _read_json(run.state / name / "done.json")
+            curves[name] = record["losses"]
+            rows.append({"model": name, "label": label, "context": L, "seconds": L / 16000, "batch_size": batch,
+                         "bits_per_sample": result["bits_per_sample"], "val_samples": result["samples"],
+                         "steps": record["steps"], "train_s": round(record["train_s"], 1),
+                         "final_loss": record["final_loss"], "params": record["params"]})
+    _plot(run.out / "bits_vs_context.png", rows)
+    loss_plot(run.out / "training_loss.png", curves, "long recordings (nats per sample)")
+    run.write_results(rows, {**s, "data_root": str(root), "train_speakers": len(train_recs),
+                             "val_speakers": len(val_recs)}, _readme(rows, s, root, len(train_recs), len(val_recs)))
+    return FINISHED
+
+
+def _plot(path, rows) -> None:
+    fig, ax = figure(figsize=(5, 3.5))
+    for label in dict.fromkeys(r["label"] for r in rows):
+        pts = sorted((r["context"], r["bits_per_sample"]) for r in rows if r["label"] == label)
+        ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training context (samples at 16 kHz)")
+    ax.set_ylabel("held-out bits per sample")
+    ax.set_title("audio: context length at fixed compute")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _readme(rows, s, root, n_train, n_val) -> str:
+    contexts = [2 ** k for k in s["contexts_log2"]]
+    table_rows = []
+    for label in dict.fromkeys(r["label"] for r in rows):
+        bps = {r["context"]: r["bits_per_sample"] for r in rows if r["label"] == label}
+        table_rows.append([label] + [f"{bps[L]:.3f}" if L in bps else "-" for L in contexts])
+    table = markdown_table(["model"] + [f"2^{int(math.log2(L))} ({L / 16000:.2g} s)" for L in contexts], table_rows)
+    return f"""# Audio: bits per sample against training context length (Mamba paper, Figure 7)
+
+Held-out bits per sample (8-bit mu-law; lower is better) of U-Nets trained at each context length with equal compute.
+
+{table}
+
+![bits per sample against context](bits_vs_context.png) ![training loss](training_loss.png)
+
+**Data**: {root} ({'espeak-ng spoken digits' if s['data'] else 'synthetic digit tones (--quick)'}), every speaker's clips
+concatenated into one recording; {n_train} training speakers, {n_val} held-out (validation) speakers.
+
+**Models**: U-Nets of width {s['d_model']}, {s['n_layers']} blocks per stage, pooling {s['pool']}, d_state {s['d_state']};
+each trained {s['steps']} steps of {s['samples_per_step']:,} samples (batch = samples / context), lr {s['lr']:g}.
+Evaluation: non-overlapping held-out windows of the model's context, at most {s['eval_samples']:,} predictions.
+"""

@@ -1,0 +1,114 @@
+"""`mambakit eval --model DIR --data FILE [--json]` on a tiny checkpoint trained here."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from mambakit.cli.__main__ import main
+from mambakit.data import ByteTokenizer, TokenStream, load_documents
+from mambakit.evaluation import evaluate_stream
+from mambakit.models import MambaLM
+
+TEXTS = ["to be or not to be that is the question\n", "the rest is silence\n", "all the world's a stage\n"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny byte-level run (8 steps) and a held-out JSONL file of short documents."""
+    from mambakit.training import tiny_recipe, train
+
+    root = tmp_path_factory.mktemp("eval")
+    data = root / "train"
+    data.mkdir()
+    for i in range(12):
+        (data / f"doc{i:02d}.txt").write_text("".join(TEXTS[(i + j) % 3] for j in range(6)))
+    cfg = tiny_recipe().replace(data=str(data), max_steps=8, out_dir=str(root / "run"), progress=False,
+                                sample_tokens=0, token_cache=str(root / "cache"))
+    train(cfg)
+    held = root / "held.jsonl"
+    held.write_text("".join(json.dumps({"text": TEXTS[i % 3] * (1 + i % 2)}) + "\n" for i in range(7)))
+    return root
+
+
+def _eval(capsys, root, *flags) -> tuple[int, str, str]:
+    code = main(["eval", "--model", str(root / "run"), "--data", str(root / "held.jsonl"),
+                 "--token-cache", str(root / "cache"), *flags])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_json_reports_the_numbers_of_evaluate_stream(trained, capsys):
+    code, out, err = _eval(capsys, trained, "--json", "--no-progress")
+    assert code == 0 and err == ""
+    report = json.loads(out)
+    # the same numbers, computed here with the library on the same documents, resets at each EOS
+    docs = load_documents(trained / "held.jsonl")
+    stream = TokenStream.from_documents(docs, ByteTokenizer())
+    expected = evaluate_stream(MambaLM.from_pretrained(trained / "run"), stream, seqlen=64, batch_size=8)
+    assert report["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=1e-6)
+    assert report["perplexity"] == pytest.approx(math.exp(expected.loss), rel=1e-6)
+    assert report["tokens"] == len(stream) - 1 == expected.tokens
+    assert report["bytes"] == sum(len(d.text.encode()) + 1 for d in docs) - 1  # the first EOS is context only
+    assert report["documents"] == 7 and report["seqlen"] == 64 and report["reset_at_eos"] is True
+    assert 0 < report["bits_per_byte"] < 8  # 8 bits per byte is a uniform guess over 256 bytes
+
+
+def test_eval_text_output_and_progress_bar(trained, capsys):
+    code, out, err = _eval(capsys, trained)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == f"model: {trained / 'run'}"
+    assert lines[2].startswith("bits per byte: ") and lines[3].startswith("perplexity: ")
+    assert "state reset at document boundaries" in lines[4]
+    assert "eval" in err  # the tqdm bar, on stderr
+
+
+def test_eval_document_handling_follows_the_flag(trained, capsys):
+    reset = json.loads(_eval(capsys, trained, "--json", "--no-progress")[1])
+    carried = json.loads(_eval(capsys, trained, "--json", "--no-progress", "--no-reset-at-eos")[1])
+    assert carried["reset_at_eos"] is False and carried["tokens"] == reset["tokens"]
+    assert carried["bits_per_byte"] != reset["bits_per_byte"]
+    short = json.loads(_eval(capsys, trained, "--json", "--no-progress", "--max-tokens", "50", "--seqlen", "16")[1])
+    assert short["tokens"] == 50 and short["seqlen"] == 16
+
+
+def test_eval_reads_a_datasets_directory(trained, capsys, tmp_path):
+    import datasets
+
+    docs = load_documents(trained / "held.jsonl")
+    datasets.Dataset.from_dict({"body": [d.text for d in docs]}).save_to_disk(str(tmp_path / "ds"))
+    code = main(["eval", "--model", str(trained / "run"), "--data", str(tmp_path / "ds"), "--text-column", "body",
+                 "--json", "--no-progress", "--token-cache", "off"])
+    from_dataset = json.loads(capsys.readouterr().out)
+    from_file = json.loads(_eval(capsys, trained, "--json", "--no-progress")[1])
+    assert code == 0 and from_dataset["bits_per_byte"] == pytest.approx(from_file["bits_per_byte"], rel=1e-9)
+
+
+@pytest.mark.parametrize("flags, message", [
+    pytest.param(["--data", "missing.txt"], "--data missing.txt: not found", id="missing-data"),
+    pytest.param(["--model", "no/such/dir/here"], "model directory not found", id="missing-model"),
+    pytest.param(["--seqlen", "0"], "expected a positive integer, got '0'", id="bad-seqlen"),
+])
+def test_eval_user_errors_are_one_line(trained, capsys, flags, message):
+    args = {"--model": str(trained / "run"), "--data": str(trained / "held.jsonl")}
+    rest = []
+    for flag, value in zip(flags[::2], flags[1::2]):
+        if flag in args:
+            args[flag] = value
+        else:
+            rest += [flag, value]
+    code = main(["eval", *[x for kv in args.items() for x in kv], *rest])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("mambakit eval: error: ") and message in err and err.count("\n") == 1
+
+
+def test_eval_of_an_empty_document_set_is_a_user_error(trained, capsys, tmp_path):
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n")
+    code = main(["eval", "--model", str(trained / "run"), "--data", str(tmp_path / "empty.jsonl"), "--no-progress",
+                 "--token-cache", "off"])
+    err = capsys.readouterr().err
+    assert code == 2 and "all documents are empty" in err
+

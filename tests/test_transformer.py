@@ -1,0 +1,224 @@
+"""TransformerLM (models/transformer.py): decoding consistency, ragged prefill, checkpoints, config checks, training."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from mambakit.checkpoints import CheckpointError
+from mambakit.generation import generate
+from mambakit.models import MambaConfig, MambaLM, TransformerConfig, TransformerLM, build_model
+
+from .helpers import assert_close
+
+SMALL = {
+    "transformer++": dict(arch="transformer++", d_model=32, n_layer=2, vocab_size=61, num_heads=4),
+    "transformer++-gqa-half-rotary": dict(arch="transformer++", d_model=32, n_layer=2, vocab_size=61, num_heads=4,
+                                          num_heads_kv=2, rotary_emb_fraction=0.5, tie_embeddings=False),
+    "gpt3": dict(arch="gpt3", d_model=32, n_layer=2, vocab_size=61, num_heads=4, max_position_embeddings=64),
+}
+CASES = [pytest.param(name, id=name) for name in SMALL]
+
+
+def _model(name: str, dtype=torch.float64) -> TransformerLM:
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig(**SMALL[name])).to(dtype).eval()
+    with torch.no_grad():  # zero biases and unit norms at init hide mistakes: randomise every parameter a little
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("prefix", [pytest.param(1, id="prefix1"), pytest.param(7, id="prefix7")])
+def test_decode_equals_parallel_forward(name, prefix):
+    """Prefill `prefix` tokens into the KV cache, then one token at a time: every logit equals the parallel forward's."""
+    model = _model(name)
+    ids = torch.randint(0, 61, (3, 19))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.allocate_cache(3, dtype=torch.float64)
+        parts = [model(ids[:, :prefix], cache=cache)]
+        parts += [model(ids[:, t:t + 1], cache=cache) for t in range(prefix, 19)]
+    assert cache.seqlen_offset == 19
+    assert_close(torch.cat(parts, dim=1), full, name="logits, prefill + steps", rel=1e-10)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_ragged_batch_generates_what_each_prompt_generates_alone(name):
+    """Left padding (seq_idx) leaks into no row: a batch of prompts of different lengths, chunked prefill included,
+    generates per row exactly the tokens of that prompt alone (positions count from each row's first token)."""
+    model = _model(name)
+    prompts = [[5, 9, 2, 7, 7, 1, 30], [4], [11, 12, 13]]
+    together = generate(model, prompts, 8, prefill_chunk_size=2)
+    alone = [generate(model, [p], 8)[0] for p in prompts]
+    assert together == alone
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_save_and_load_give_the_same_logits(tmp_path, name):
+    model = _model(name, torch.float32)
+    model.save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert saved["arch"] == SMALL[name]["arch"]
+    loaded = MambaLM.from_pretrained(tmp_path / "ckpt")
+    assert type(loaded) is TransformerLM and loaded.config == model.config
+    ids = torch.randint(0, 61, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+
+
+@pytest.mark.parametrize("fmt", [pytest.param("hf", id="hf"), pytest.param("mamba_ssm", id="mamba_ssm")])
+def test_formats_without_transformers_are_refused(tmp_path, fmt):
+    model = _model("transformer++", torch.float32)
+    with pytest.raises(CheckpointError, match=f"mambakit format only.*format='{fmt}'"):
+        model.save_pretrained(tmp_path / "ckpt", format=fmt)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_transformer_pp_has_no_biases_and_rms_norms_gpt3_has_both():
+    tpp = build_model(TransformerConfig(**SMALL["transformer++"]))
+    gpt3 = build_model(TransformerConfig(**SMALL["gpt3"]))
+    assert isinstance(tpp, TransformerLM) and isinstance(gpt3, TransformerLM)
+    assert not [n for n, _ in tpp.named_parameters() if n.endswith(".bias")]
+    assert tpp.backbone.pos_embedding is None and tpp.backbone.layers[0].mixer.rotary_emb_dim == 8
+    assert type(tpp.backbone.norm_f).__name__ == "RMSNorm"
+    assert {"backbone.layers.0.mixer.in_proj.bias", "backbone.layers.0.mlp.fc1.bias", "backbone.norm_f.bias"} <= \
+        {n for n, _ in gpt3.named_parameters()}
+    assert gpt3.backbone.layers[0].mixer.rotary_emb_dim == 0 and gpt3.backbone.pos_embedding.num_embeddings == 64
+    # the MLPs hold the same 8 d_model^2 weights per layer: SwiGLU at 8/3 d_model (rounded to 128), GELU at 4 d_model
+    assert TransformerConfig(arch="transformer++", d_model=384, num_heads=6).mlp_hidden == 1024
+    assert TransformerConfig(arch="gpt3", d_model=384, num_heads=6).mlp_hidden == 1536
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    pytest.param(dict(arch="llama"), "arch must be one of", id="bad-arch"),
+    pytest.param(dict(d_model=30, num_heads=4), r"d_model \(30\) must be divisible by num_heads \(4\)", id="heads"),
+    pytest.param(dict(num_heads=4, num_heads_kv=3), r"num_heads \(4\) must be a multiple of num_heads_kv \(3\)",
+                 id="kv-heads"),
+    pytest.param(dict(n_layer=0), "n_layer must be a positive int, got 0", id="n-layer"),
+    pytest.param(dict(rotary_emb_fraction=1.5), r"rotary_emb_fraction must be in \[0, 1\]", id="rotary"),
+])
+def test_bad_config_names_the_field(kwargs, message):
+    base = dict(d_model=32, n_layer=2, vocab_size=61, num_heads=4)
+    with pytest.raises(ValueError, match=message):
+        TransformerConfig(**{**base, **kwargs})
+
+
+def test_gpt3_beyond_its_learned_positions_is_a_clear_error():
+    model = _model("gpt3")
+    cache = model.allocate_cache(1, dtype=torch.float64)
+    with torch.no_grad():
+        model(torch.zeros(1, 60, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="64 learned positions .* reaches position 64"):
+            model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.parametrize("arch", [pytest.param("transformer++", id="transformer++"), pytest.param("gpt3", id="gpt3")])
+def test_mambakit_train_arch_trains_saves_and_generates(tmp_path, capsys, arch):
+    """`mambakit train --arch ARCH`: the shared trainer, checkpoint and generate command run a Transformer."""
+    from mambakit.cli.__main__ import main
+
+    (tmp_path / "data").mkdir()
+    for i in range(12):
+        (tmp_path / "data" / f"d{i}.txt").write_text("the rest is silence\n" * 20)
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "tiny", "--arch", arch, "--data", str(tmp_path / "data"), "--max-steps", "4",
+                 "--seqlen", "32", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"recipe data: {arch}" in printed and "bits/byte" in printed
+    model = MambaLM.from_pretrained(out)
+    assert type(model) is TransformerLM and model.config.arch == arch
+    assert main(["generate", "--model", str(out), "--prompt", "the rest", "--max-new-tokens", "5", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("the rest")
+
+
+# ---------------------------------------------------------------- the ablation mixer (modules/mamba1_ablation.py)
+
+SELECTIVITY = [pytest.param(dt, b, c, id=f"dt{int(dt)}-B{int(b)}-C{int(c)}")
+               for dt, b, c in [(False, False, False), (True, False, False), (False, True, False), (False, False, True),
+                                (True, True, False), (True, True, True)]]
+
+
+@pytest.mark.parametrize("dt, b, c", SELECTIVITY)
+def test_ablation_mixer_decode_equals_parallel_forward(dt, b, c):
+    """Mamba1Ablation in a MambaLM: prefill + steps equal the parallel forward, and every used parameter gets a
+    gradient (the constant B, C and the dt bias of a non-selective Δ included)."""
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=61,
+                      ssm_cfg={"layer": "Mamba1Ablation", "d_state": 8, "selective_dt": dt, "selective_B": b,
+                               "selective_C": c})
+    model = MambaLM(cfg).double().eval()
+    ids = torch.randint(0, 61, (3, 13))
+    full = model(ids)
+    with torch.no_grad():
+        cache = model.allocate_cache(3, dtype=torch.float64)
+        parts = [model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 13)]
+    assert_close(torch.cat(parts, dim=1), full, name="logits, prefill + steps", rel=1e-10)
+    full.square().mean().backward()
+    mixer = model.backbone.layers[0].mixer
+    used = [mixer.dt_proj.bias] + ([mixer.B_param] if not b else []) + ([mixer.C_param] if not c else []) \
+        + ([mixer.dt_proj.weight] if dt else []) + ([mixer.x_proj.weight] if (dt or b or c) else [])
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in used)
+    assert (mixer.x_proj is None) == (not (dt or b or c))
+
+
+def test_ablation_mixer_with_every_flag_on_is_mamba1():
+    from mambakit.modules import Mamba1, Mamba1Ablation
+
+    reference = Mamba1(32, d_state=8).double()
+    ablation = Mamba1Ablation(32, d_state=8).double()
+    ablation.load_state_dict(reference.state_dict())  # the same parameters, names and shapes
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    assert_close(ablation(x), reference(x), name="Mamba1Ablation(all selective) vs Mamba1", rel=1e-12)
+
+# ---------------------------------------------------------------- reproduce lm-scaling / ablations (--quick)
+
+
+@pytest.mark.slow
+def test_reproduce_lm_scaling_quick_through_the_cli(tmp_path, capsys):
+    """Four families at two sizes, a learning-rate sweep, the table and the plot: the whole pipeline on CPU."""
+    from mambakit.cli.__main__ import main
+
+    out = tmp_path / "lm-scaling"
+    assert main(["reproduce", "lm-scaling", "--quick", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = [r for r in results["rows"] if not r.get("sweep")]
+    assert {r["family"] for r in rows} == {"mamba1", "mamba2", "transformer++", "hybrid"}
+    assert len(rows) == 8 and all(r["val_ppl"] > 1 and r["flops"] > 0 and r["steps"] >= 2 for r in rows)
+    # the swept family used the rate with the lowest held-out loss at the smallest size, for both sizes
+    sweep = [r for r in results["rows"] if r["family"] == "transformer++" and r["d_model"] == 16]
+    best = min(sweep, key=lambda r: r["val_loss"])["lr"]
+    assert len(sweep) == 2 and results["settings"]["chosen_lr"]["transformer++"] == best
+    assert {r["lr"] for r in rows if r["family"] == "transformer++"} == {best}
+    readme = (out / "README.md").read_text()
+    assert "| Transformer++ |" in readme and "Tokenizer: bytes" in readme and "--quick" in readme
+    assert (out / "perplexity_vs_flops.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_reproduce_ablations_quick(tmp_path):
+    from mambakit.reproduce import FINISHED, reproduce
+
+    assert reproduce("ablations", tmp_path, quick=True, device="cpu", progress=False) == FINISHED
+    results = json.loads((tmp_path / "results.json").read_text())
+    tables = {r["table"] for r in results["rows"]}
+    assert tables == {"Table 6", "Table 7", "Table 8", "Table 9", "Table 10"}
+    selective = [r["ssm_cfg"] for r in results["rows"] if r["table"] == "Table 7"]
+    assert {(c["selective_dt"], c["selective_B"], c["selective_C"]) for c in selective} == {
+        (False, False, False), (True, False, False), (False, True, False), (False, False, True), (False, True, True),
+        (True, True, True)}
+    assert all(math.isfinite(r["val_ppl"]) for r in results["rows"])
+    readme = (tmp_path / "README.md").read_text()
+    assert "## Table 10: state size N" in readme and "N = 4, constant B, C" in readme
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", [pytest.param("lm-scaling", id="lm-scaling"), pytest.param("ablations", id="ablations")])
+def test_quick_runs_on_cuda(tmp_path, name):
+    """The pipeline on the GPU (Triton kernels, bf16 autocast) before a full-size run."""
+    from mambakit.reproduce import FINISHED, reproduce
+
+    assert reproduce(name, tmp_path, quick=True, device="cuda", progress=False) == FINISHED
+    assert json.loads((tmp_path / "results.json").read_text())["device"] == torch.cuda.get_device_name()
