@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..generation import generate
+from ..models import TransformerLM
 from .models import MODELS, build_model, model_shape, n_params
 from .timing import peak_memory_bytes, wall_seconds
 
@@ -68,8 +69,8 @@ def _mamba_ssm_model(name: str, shape, device, dtype):
 def _runner(impl: str, model, device: torch.device) -> Callable[[torch.Tensor, int], object]:
     """(prompt ids (B, P), n new tokens) -> runs greedy generation of exactly n tokens."""
     if impl == "mambakit":
-        graphs = (device.type == "cuda" and model.config.layer in ("Mamba1", "Mamba2")
-                  and not model.config.attn_layer_idx)
+        # the Transformer decodes eagerly: its KV cache grows, which a captured graph would not see
+        graphs = device.type == "cuda" and not isinstance(model, TransformerLM)
         return lambda ids, n: generate(model, ids, n, cuda_graph=graphs)
     if impl == "transformers":
         def run(ids, n):

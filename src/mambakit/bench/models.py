@@ -1,19 +1,19 @@
 """The models `mambakit bench generate|train|quantize` compare: Mamba-1, Mamba-2 and a same-size Transformer.
 
-The Transformer is a MambaLM whose every layer is attention (mamba_ssm's hybrid config: `attn_layer_idx` over
-all layers) followed by a gated MLP: pre-norm RMSNorm, rotary positions, SwiGLU, SDPA attention with a KV cache,
-tied embeddings (Transformer++). Half as many layers as the Mamba models, each of about twice a Mamba layer's
-parameters (attention 4 d^2 + MLP 3 d (8d/3) = 12 d^2 against a Mamba layer's ~6 d^2), so the sizes match.
+The Transformer is `models.TransformerLM` in its "transformer++" recipe: pre-norm RMSNorm, rotary positions,
+SwiGLU MLP, SDPA attention with a KV cache, no biases, tied embeddings; heads of 64. Half as many layers as
+the Mamba models, each of about twice a Mamba layer's parameters (attention 4 d^2 + MLP 3 d (8d/3) = 12 d^2
+against a Mamba layer's ~6 d^2), so the sizes match.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-from ..models import MambaConfig, MambaLM
+from ..models import MambaConfig, MambaLM, TransformerConfig
+from ..models import build_model as build_lm
 
 MODELS = ("mamba1", "mamba2", "transformer")
 
@@ -38,7 +38,7 @@ def model_shape(quick: bool) -> ModelShape:
     return ModelShape(d_model=768, n_layer=24, vocab_size=50277)
 
 
-def model_config(name: str, shape: ModelShape) -> MambaConfig:
+def model_config(name: str, shape: ModelShape) -> MambaConfig | TransformerConfig:
     if name == "mamba1":
         return MambaConfig(d_model=shape.d_model, n_layer=shape.n_layer, vocab_size=shape.vocab_size,
                            ssm_cfg={"layer": "Mamba1"})
@@ -46,18 +46,14 @@ def model_config(name: str, shape: ModelShape) -> MambaConfig:
         return MambaConfig(d_model=shape.d_model, n_layer=shape.n_layer, vocab_size=shape.vocab_size,
                            ssm_cfg={"layer": "Mamba2", **shape.mamba2})
     if name == "transformer":
-        head_dim = min(64, shape.d_model)
-        n_layer = max(1, shape.n_layer // 2)
-        return MambaConfig(d_model=shape.d_model, n_layer=n_layer, vocab_size=shape.vocab_size,
-                           d_intermediate=math.ceil(8 * shape.d_model / 3), attn_layer_idx=list(range(n_layer)),
-                           attn_cfg={"num_heads": shape.d_model // head_dim, "rotary_emb_dim": head_dim,
-                                     "qkv_proj_bias": False, "out_proj_bias": False})
+        return TransformerConfig(arch="transformer++", d_model=shape.d_model, n_layer=max(1, shape.n_layer // 2),
+                                 vocab_size=shape.vocab_size, num_heads=max(1, shape.d_model // 64))
     raise ValueError(f"bench: model must be one of {MODELS}, got {name!r}")
 
 
 def build_model(name: str, shape: ModelShape, device: torch.device, dtype: torch.dtype) -> MambaLM:
     torch.manual_seed(0)
-    return MambaLM(model_config(name, shape), device=device, dtype=dtype).eval()
+    return build_lm(model_config(name, shape), device=device, dtype=dtype).eval()
 
 
 def n_params(model: torch.nn.Module) -> int:
