@@ -18,7 +18,7 @@ import torch
 from mambakit.ops import selective_scan, selective_state_update
 from mambakit.ops.dispatch import triton_interpret
 from mambakit.ops.selective_scan.reference import selective_scan_reference
-from mambakit.ops.selective_scan.triton_scan import (ScanConfig, _scan_fwd, default_bwd_time_chunks, default_time_chunks,
+from mambakit.ops.selective_scan.triton_scan import (ScanConfig, default_bwd_time_chunks, default_time_chunks, scan_fwd,
                                                     selective_scan_triton)
 from mambakit.ops.selective_scan.triton_step import selective_state_update_triton
 from tests.conftest import DEVICE
@@ -244,9 +244,10 @@ def test_time_chunked_forward_writes_the_sequential_checkpoints():
     inp = {k: v.double() for k, v in inp.items()}
 
     def fwd(nc):
-        return _scan_fwd(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"], inp["dt_bias"], True,
-                         inp["initial_state"], extra["seq_idx"], save_final=True, save_chunks=True,
-                         config=ScanConfig(chunk=4, block_u=2, time_chunks=nc))
+        return scan_fwd(x=inp["x"], dt=inp["dt"], A=inp["A"], B=inp["B"], C=inp["C"], D=inp["D"], z=inp["z"],
+                        dt_bias=inp["dt_bias"], dt_softplus=True, initial_state=inp["initial_state"],
+                        seq_idx=extra["seq_idx"], save_final=True, save_chunks=True,
+                        config=ScanConfig(chunk=4, block_u=2, time_chunks=nc))
 
     y1, h1, ck1 = fwd(1)
     for nc in (2, 4):  # segments [0, 8), [8, 13); and [0, 4), [4, 8), [8, 12), [12, 13)
@@ -504,8 +505,8 @@ def test_gpu_decode_steps_equal_parallel_at_benchmark_width():
 def test_scan_64bit_offsets_match_reference(monkeypatch):
     """The I64 kernels (taken from ~2^31 / stride steps on, e.g. 1M tokens) on a small case: every forward and
     backward launch, time-parallel in both directions, through 64-bit time offsets."""
-    ts = importlib.import_module("mambakit.ops.selective_scan.triton_scan")  # the package name is shadowed
-    monkeypatch.setattr(ts, "_needs_i64", lambda *a: True)
+    policy = importlib.import_module("mambakit.ops.selective_scan.scan_policy")  # the package name is shadowed
+    monkeypatch.setattr(policy, "needs_i64", lambda *a: True)
     inp, extra = make_inputs(L=14, seq=True)
     names = [k for k in GRAD_NAMES_ALL if k in inp]
     cfg = ScanConfig(chunk=4, block_u=2, time_chunks=2, bwd_time_chunks=2, bwd_carry_split=2)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..causal_conv1d.triton_conv import _causal_conv1d_bwd, _causal_conv1d_fwd
 from ..common import autograd_op, fake_grads, pack_grads, unpack_grads
-from ..selective_scan.triton_scan import ScanConfig, _scan_bwd, _scan_fwd
+from ..selective_scan.triton_scan import ScanConfig, scan_bwd, scan_fwd
 from ..triton_launch import cdiv
 
 __all__ = ["mamba1_inner_triton"]
@@ -47,8 +47,9 @@ def _mamba1_inner_fwd_impl(xz: torch.Tensor, conv_weight: torch.Tensor, conv_bia
     x_dbl = F.linear(xc, x_proj_weight)  # (B, L, K)
     dt_low, B, C = _split_x_dbl(x_dbl, dt_rank, dstate)
     dt = F.linear(dt_low, dt_proj_weight)  # (B, L, D)
-    y, _, hck = _scan_fwd(xc, dt, A, B, C, D, z, dt_proj_bias, True, None, seq_idx, save_final=False,
-                          save_chunks=save, config=ScanConfig.from_ints(config))
+    y, _, hck = scan_fwd(x=xc, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_proj_bias, dt_softplus=True,
+                         initial_state=None, seq_idx=seq_idx, save_final=False, save_chunks=save,
+                         config=ScanConfig.from_ints(config))
     if not save:
         return y, xz.new_empty(0), xz.new_empty(0, dtype=torch.float32)
     return y, x_dbl, hck
@@ -84,9 +85,9 @@ def _mamba1_inner_bwd_impl(dy: torch.Tensor, xz: torch.Tensor, conv_weight: torc
     xc, _ = _causal_conv1d_fwd(x, conv_weight, conv_bias, None, seq_idx, True, False)
     dt_low, B, C = _split_x_dbl(x_dbl, dt_rank, dstate)
     dt = F.linear(dt_low, dt_proj_weight)
-    dxc, ddt, dA, dB, dC, dD, dz, ddt_bias, _ = _scan_bwd(
-        dy, None, xc, dt, A, B, C, D, z, dt_proj_bias, True, seq_idx, hck, want_dh0=False,
-        config=ScanConfig.from_ints(config))
+    dxc, ddt, dA, dB, dC, dD, dz, ddt_bias, _ = scan_bwd(
+        dy=dy, dhlast=None, x=xc, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_proj_bias, dt_softplus=True,
+        seq_idx=seq_idx, checkpoints=hck, want_dinitial=False, config=ScanConfig.from_ints(config))
     del dt
     rows = batch * seqlen
     ddt2 = ddt.reshape(rows, dim)
