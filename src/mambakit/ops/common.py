@@ -22,6 +22,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; a same-dtype `.to` still costs a dispatch (~1.5 us), and a decode step makes a dozen."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     """t.contiguous(), passing None through (optional parameters read as dense vectors by the kernels)."""
     return None if t is None else t.contiguous()

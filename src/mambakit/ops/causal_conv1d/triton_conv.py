@@ -30,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import autograd_op, fake_grads, pack_grads, unpack_grads
+from ..common import autograd_op, compute_dtype, fake_grads, pack_grads, unpack_grads
 from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
+from ..triton_math import sigmoid, silu, tl_compute_dtype
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -104,7 +105,7 @@ def _causal_conv1d_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)[None, :]
     if SILU:
-        acc = acc / (1.0 + tl.exp(-acc))  # silu
+        acc = silu(acc)
     y_row0_ptr = y_ptr + row0.to(tl.int64) * stride_yl
     tl.store(y_row0_ptr + tl.arange(0, BLOCK_L)[:, None] * stride_yl + offs_d[None, :] * stride_yd,
              acc.to(y_ptr.dtype.element_ty), mask=(offs_t < seqlen)[:, None] & mask_d[None, :])
@@ -212,7 +213,7 @@ def _causal_conv1d_bwd_kernel(
                     if HAS_SEQ and k < W - 1:
                         tap = tl.where(seqs[j + k] == seqs[j + W - 1], tap, 0.0)
                     u += tap * w[k]
-                sig = 1.0 / (1.0 + tl.exp(-u))
+                sig = sigmoid(u)
                 du = du * sig * (1.0 + u * (1.0 - sig))
             dus = dus + (du,)
             contrib = du * w[W - 1 - j]
@@ -285,7 +286,7 @@ def _causal_conv1d_update_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
     if SILU:
-        acc = acc / (1.0 + tl.exp(-acc))  # silu
+        acc = silu(acc)
     tl.store(y_ptr + pid_b * stride_yb + offs_d * stride_yd, acc.to(y_ptr.dtype.element_ty), mask=mask_d)
 
     # every read of the old state happens before any write of the new one (state is updated in place)
@@ -298,13 +299,6 @@ def _causal_conv1d_update_kernel(
 # ----------------------------------------------------------------------------------------------
 # launchers: checks, allocation, grid
 # ----------------------------------------------------------------------------------------------
-
-_TL_ACC = {torch.float64: tl.float64}
-
-
-def _acc(dtype: torch.dtype):
-    return _TL_ACC.get(dtype, tl.float32)
-
 
 def _strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * ndim
@@ -365,7 +359,7 @@ def _causal_conv1d_fwd(x, weight, bias, initial_state, seq_idx, silu, return_fin
         *_strides(final, 3),
         W=width, BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_W=next_power_of_2(width - 1),
         HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
-        WRITE_FINAL=return_final_state, ACC=_acc(x.dtype), num_warps=num_warps,
+        WRITE_FINAL=return_final_state, ACC=tl_compute_dtype(x.dtype), num_warps=num_warps,
     )
     return y, final
 
@@ -391,7 +385,7 @@ def _causal_conv1d_bwd(x, weight, bias, initial_state, seq_idx, silu, dy, dfinal
         # off the GPU (the interpreter) a "machine" of one SM makes even tiny tests loop over tiles
         tiles = min(32, next_power_of_2(max(1, programs // (16 * sm_count(x.device, 1)))))
     n_chunks = cdiv(n_tiles, tiles)
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc_dtype = compute_dtype(x.dtype)
     if dx is None:
         dx = torch.empty(batch, seqlen, dim, dtype=x.dtype, device=x.device)
     dinit = None
@@ -408,7 +402,7 @@ def _causal_conv1d_bwd(x, weight, bias, initial_state, seq_idx, silu, dy, dfinal
         *_strides(dfinal, 3), *dx.stride(), *_strides(dinit, 3), *part.stride(),
         W=width, BLOCK_L=block_l, BLOCK_D=block_d, TILES=tiles,
         HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
-        HAS_DFINAL=dfinal is not None, WRITE_DINIT=need_dinit, ACC=_acc(x.dtype), num_warps=num_warps,
+        HAS_DFINAL=dfinal is not None, WRITE_DINIT=need_dinit, ACC=tl_compute_dtype(x.dtype), num_warps=num_warps,
     )
     sums = part.sum(0)  # (W + 1, D)
     # own storage each (not views of `sums`): custom ops may not return outputs that alias each other
@@ -427,7 +421,7 @@ def _causal_conv1d_update(conv_state, x, weight, bias, silu):
     _causal_conv1d_update_kernel[grid](
         conv_state, x, weight, bias if bias is not None else x, y,
         dim, *conv_state.stride(), *x.stride(), *weight.stride(), *y.stride(),
-        W=width, BLOCK_D=block_d, HAS_BIAS=bias is not None, SILU=silu, ACC=_acc(x.dtype),
+        W=width, BLOCK_D=block_d, HAS_BIAS=bias is not None, SILU=silu, ACC=tl_compute_dtype(x.dtype),
         num_warps=4,
     )
     return y, conv_state

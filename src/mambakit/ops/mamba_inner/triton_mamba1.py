@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..causal_conv1d.triton_conv import _causal_conv1d_bwd, _causal_conv1d_fwd
-from ..common import autograd_op, fake_grads, pack_grads, unpack_grads
+from ..common import autograd_op, compute_dtype, fake_grads, pack_grads, unpack_grads
 from ..selective_scan.triton_scan import ScanConfig, scan_bwd, scan_fwd
 from ..triton_launch import cdiv
 
@@ -66,7 +66,7 @@ def _(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A
     if not save:
         return y, xz.new_empty(0), xz.new_empty(0, dtype=torch.float32)
     nchunks = cdiv(seqlen, ScanConfig.from_ints(config).chunk)
-    acc = torch.float64 if xz.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(xz.dtype)
     return (y, xz.new_empty(batch, seqlen, x_proj_weight.shape[0]),
             xz.new_empty(batch, nchunks, dim, dstate, dtype=acc))
 

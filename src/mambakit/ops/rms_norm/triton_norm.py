@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import autograd_op, fake_grads, pack_grads, unpack_grads
+from ..common import autograd_op, compute_dtype, fake_grads, pack_grads, unpack_grads
 from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
+from ..triton_math import sigmoid, silu, tl_compute_dtype
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -51,7 +52,7 @@ def _rms_norm_fwd_kernel(
     h = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(ACC)
     if HAS_Z:
         z = tl.load(z_ptr + rows[:, None] * stride_zr + cols[None, :], mask=mask, other=0.0).to(ACC)
-        gate = z / (1.0 + tl.exp(-z))
+        gate = silu(z)
         if not NORM_BEFORE_GATE:
             h = h * gate
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / group + eps)  # (BR,)
@@ -91,7 +92,7 @@ def _rms_norm_bwd_kernel(
         h = x
         if HAS_Z:
             z = tl.load(z_ptr + rows[:, None] * stride_zr + cols[None, :], mask=mask, other=0.0).to(ACC)
-            sig = 1.0 / (1.0 + tl.exp(-z))
+            sig = sigmoid(z)
             gate = z * sig
             dgate = sig * (1.0 + z * (1.0 - sig))
             if not NORM_BEFORE_GATE:
@@ -149,10 +150,6 @@ def _add_rms_norm_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
     """(N, H) view (a copy only when the leading dims do not flatten or channels are strided)."""
     t2 = t.reshape(-1, hidden)
@@ -177,7 +174,7 @@ def _rms_norm_fwd(x2, weight, z2, eps, group, norm_before_gate, elems=4096, num_
     block_r, block_g, warps = _tile(group, elems)
     num_warps = num_warps or warps
     y2 = torch.empty(n_rows, hidden, dtype=x2.dtype, device=x2.device)
-    rstd = torch.empty(n_rows, n_groups, dtype=torch.float64 if x2.dtype == torch.float64 else torch.float32,
+    rstd = torch.empty(n_rows, n_groups, dtype=compute_dtype(x2.dtype),
                        device=x2.device)
     grid = (cdiv(n_rows, block_r), n_groups)
     _rms_norm_fwd_kernel[grid](
@@ -185,7 +182,7 @@ def _rms_norm_fwd(x2, weight, z2, eps, group, norm_before_gate, elems=4096, num_
         n_rows, group, eps,
         x2.stride(0), z2.stride(0) if z2 is not None else 0, y2.stride(0), rstd.stride(0),
         BLOCK_R=block_r, BLOCK_G=block_g, HAS_Z=z2 is not None, NORM_BEFORE_GATE=norm_before_gate,
-        ACC=_acc(x2.dtype), num_warps=num_warps,
+        ACC=tl_compute_dtype(x2.dtype), num_warps=num_warps,
     )
     return y2, rstd
 
@@ -212,7 +209,7 @@ def _rms_norm_bwd(x2, weight, z2, rstd, dy2, group, norm_before_gate, elems=2048
         x2.stride(0), z2.stride(0) if z2 is not None else 0, dy2.stride(0), rstd.stride(0), dx2.stride(0),
         dz2.stride(0) if dz2 is not None else 0, part.stride(0),
         ROW_TILES=row_tiles, BLOCK_R=block_r, BLOCK_G=block_g, HAS_Z=z2 is not None,
-        NORM_BEFORE_GATE=norm_before_gate, ACC=_acc(x2.dtype), num_warps=num_warps,
+        NORM_BEFORE_GATE=norm_before_gate, ACC=tl_compute_dtype(x2.dtype), num_warps=num_warps,
     )
     return dx2, part.sum(0).to(weight.dtype), dz2
 
@@ -240,7 +237,7 @@ _rms_norm_fwd_op = torch.library.custom_op("mambakit::rms_norm_fwd", mutates_arg
 
 @_rms_norm_fwd_op.register_fake
 def _(x2, weight, z2, eps, group, norm_before_gate):
-    acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(x2.dtype)
     return x2.new_empty(x2.shape), x2.new_empty(x2.shape[0], x2.shape[1] // group, dtype=acc)
 
 
@@ -288,7 +285,7 @@ def _add_rms_norm_impl(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.
         x2.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0), s2.stride(0),
         BLOCK_R=block_r, BLOCK_H=block_h, HAS_R=r2 is not None,
         SUM_DT=_TL_DTYPES[sum_dtype], W_DT=_TL_DTYPES[weight.dtype],
-        ACC=_acc(torch.promote_types(sum_dtype, weight.dtype)), num_warps=num_warps,
+        ACC=tl_compute_dtype(torch.promote_types(sum_dtype, weight.dtype)), num_warps=num_warps,
     )
     return y2, s2
 

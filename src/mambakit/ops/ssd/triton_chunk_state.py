@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
-from .triton_common import kernel_flags, mm, silu, store_dtype, to_dtype
+from ..triton_math import silu
+from .triton_common import kernel_flags, mm, store_dtype, to_dtype
 from .triton_state_passing import state_passing_fwd
 
 __all__ = ["chunk_state_fwd", "chunk_state_local_fwd", "use_parallel_chunk_state", "chunk_state_bwd"]
