@@ -66,7 +66,7 @@ def _mamba2_direct(layer: Mamba2, u, conv0, ssm0):
                        C.reshape(batch, seqlen, layer.ngroups, layer.d_state), D=layer._D(),
                        z=None if layer.rmsnorm else z.reshape(batch, seqlen, layer.nheads, layer.headdim),
                        dt_bias=layer.dt_bias.float(), dt_softplus=True, dt_limit=layer.dt_limit,
-                       chunk_size=layer._chunk_size(x), initial_state=ssm0, return_final_state=True)
+                       chunk_size=layer.chunk_size, initial_state=ssm0, return_final_state=True)
     return layer._output(y.reshape(batch, seqlen, layer.d_ssm), z, z0, x0), conv_final, ssm_final
 
 

@@ -304,7 +304,7 @@ def _strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * ndim
 
 
-def _channel_contiguous(state: torch.Tensor | None) -> torch.Tensor | None:
+def channel_contiguous(state: torch.Tensor | None) -> torch.Tensor | None:
     """A (B, D, W-1) window whose channel axis has stride 1, like x's (a tiny copy when it has not).
 
     The kernels read and write windows as rows of channels, i.e. with x's layout: coalesced and
@@ -337,11 +337,11 @@ def _bwd_config(dim: int) -> tuple[int, int, int]:
     return 8, min(128, next_power_of_2(dim)), 4
 
 
-def _causal_conv1d_fwd(x, weight, bias, initial_state, seq_idx, silu, return_final_state,
-                       block_l=None, block_d=None, num_warps=None):
+def causal_conv1d_fwd(*, x, weight, bias, initial_state, seq_idx, silu: bool, return_final_state: bool,
+                      block_l=None, block_d=None, num_warps=None):
     """y (B, L, D) in x's dtype and, when asked, the final window (B, D, W-1) in x's dtype.
 
-    initial_state must have channel stride 1 (`_channel_contiguous`); the final window comes back
+    initial_state must have channel stride 1 (`channel_contiguous`); the final window comes back
     as a (B, D, W-1) view with channel stride 1.
     """
     batch, seqlen, dim = x.shape
@@ -364,8 +364,8 @@ def _causal_conv1d_fwd(x, weight, bias, initial_state, seq_idx, silu, return_fin
     return y, final
 
 
-def _causal_conv1d_bwd(x, weight, bias, initial_state, seq_idx, silu, dy, dfinal, need_dinit,
-                       block_l=None, block_d=None, num_warps=None, tiles=None, dx=None):
+def causal_conv1d_bwd(*, x, weight, bias, initial_state, seq_idx, silu: bool, dy, dfinal, need_dinit: bool,
+                      block_l=None, block_d=None, num_warps=None, tiles=None, dx=None):
     """(dx, dweight, dbias or None, dinitial_state or None), each in its input's dtype.
 
     initial_state and dfinal must have channel stride 1; dinitial_state comes back with channel stride 1.
@@ -439,8 +439,8 @@ def _causal_conv1d_update(conv_state, x, weight, bias, silu):
 def _conv_fwd_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, initial_state: torch.Tensor | None,
                    seq_idx: torch.Tensor | None, silu: bool, return_final_state: bool) -> tuple[torch.Tensor,
                    torch.Tensor]:
-    y, final = _causal_conv1d_fwd(x, weight, bias, _channel_contiguous(initial_state), seq_idx, silu,
-                                  return_final_state)
+    y, final = causal_conv1d_fwd(x=x, weight=weight, bias=bias, initial_state=channel_contiguous(initial_state),
+                                 seq_idx=seq_idx, silu=silu, return_final_state=return_final_state)
     return y, x.new_empty(0) if final is None else final
 
 
@@ -457,8 +457,10 @@ def _(x, weight, bias, initial_state, seq_idx, silu, return_final_state):
 def _conv_bwd_impl(dy: torch.Tensor, dfinal: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None, initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None,
                    silu: bool, need_dinit: bool) -> list[torch.Tensor]:
-    dx, dweight, dbias, dinit = _causal_conv1d_bwd(x, weight, bias, _channel_contiguous(initial_state), seq_idx, silu,
-                                                   dy, _channel_contiguous(dfinal), need_dinit)
+    dx, dweight, dbias, dinit = causal_conv1d_bwd(x=x, weight=weight, bias=bias,
+                                                  initial_state=channel_contiguous(initial_state), seq_idx=seq_idx,
+                                                  silu=silu, dy=dy, dfinal=channel_contiguous(dfinal),
+                                                  need_dinit=need_dinit)
     # dinitial_state keeps the kernels' channel-stride-1 window layout (its fake says so)
     return pack_grads((dx, dweight, dbias), (x, weight, bias)) + [x.new_empty(0) if dinit is None else dinit]
 

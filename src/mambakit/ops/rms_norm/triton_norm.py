@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ..common import autograd_op, compute_dtype, fake_grads, pack_grads, unpack_grads
 from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
-from ..triton_math import sigmoid, silu, tl_compute_dtype
+from ..triton_math import sigmoid, silu, tl_compute_dtype, tl_dtype
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -164,7 +164,7 @@ def _tile(group: int, elems: int) -> tuple[int, int, int]:
     return block_r, block_g, num_warps
 
 
-def _rms_norm_fwd(x2, weight, z2, eps, group, norm_before_gate, elems=4096, num_warps=None):
+def rms_norm_fwd(*, x2, weight, z2, eps: float, group: int, norm_before_gate: bool, elems=4096, num_warps=None):
     """y (N, H) in x's dtype and rstd (N, H // G) float32 (float64 for float64 x).
 
     elems / num_warps override the tile (benchmark sweeps, tests of ragged tiles).
@@ -187,7 +187,8 @@ def _rms_norm_fwd(x2, weight, z2, eps, group, norm_before_gate, elems=4096, num_
     return y2, rstd
 
 
-def _rms_norm_bwd(x2, weight, z2, rstd, dy2, group, norm_before_gate, elems=2048, num_warps=None, row_tiles=None):
+def rms_norm_bwd(*, x2, weight, z2, rstd, dy2, group: int, norm_before_gate: bool, elems=2048, num_warps=None,
+                 row_tiles=None):
     """(dx (N, H), dweight (H,), dz (N, H) or None), each in its input's dtype."""
     n_rows, hidden = x2.shape
     n_groups = hidden // group
@@ -219,17 +220,13 @@ def _rms_norm_bwd(x2, weight, z2, rstd, dy2, group, norm_before_gate, elems=2048
 # ----------------------------------------------------------------------------------------------
 
 
-_TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
-              torch.float16: tl.float16}
-
-
 # One custom op pair (torch.library, autograd registered) on (N, H) rows; x, z, weight and the per-row-group rstd
 # are kept for the backward.
 
 
 def _rms_norm_fwd_impl(x2: torch.Tensor, weight: torch.Tensor, z2: torch.Tensor | None, eps: float, group: int,
                        norm_before_gate: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rms_norm_fwd(x2, weight, z2, eps, group, norm_before_gate)
+    return rms_norm_fwd(x2=x2, weight=weight, z2=z2, eps=eps, group=group, norm_before_gate=norm_before_gate)
 
 
 _rms_norm_fwd_op = torch.library.custom_op("mambakit::rms_norm_fwd", mutates_args=())(_rms_norm_fwd_impl)
@@ -244,7 +241,9 @@ def _(x2, weight, z2, eps, group, norm_before_gate):
 def _rms_norm_bwd_impl(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, z2: torch.Tensor | None,
                        rstd: torch.Tensor, group: int, norm_before_gate: bool) -> list[torch.Tensor]:
     dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
-    return pack_grads(_rms_norm_bwd(x2, weight, z2, rstd, dy2, group, norm_before_gate), (x2, weight, z2))
+    grads = rms_norm_bwd(x2=x2, weight=weight, z2=z2, rstd=rstd, dy2=dy2, group=group,
+                         norm_before_gate=norm_before_gate)
+    return pack_grads(grads, (x2, weight, z2))
 
 
 _rms_norm_bwd_op = torch.library.custom_op("mambakit::rms_norm_bwd", mutates_args=())(_rms_norm_bwd_impl)
@@ -284,7 +283,7 @@ def _add_rms_norm_impl(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.
         n_rows, hidden, float(eps),
         x2.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0), s2.stride(0),
         BLOCK_R=block_r, BLOCK_H=block_h, HAS_R=r2 is not None,
-        SUM_DT=_TL_DTYPES[sum_dtype], W_DT=_TL_DTYPES[weight.dtype],
+        SUM_DT=tl_dtype(sum_dtype), W_DT=tl_dtype(weight.dtype),
         ACC=tl_compute_dtype(torch.promote_types(sum_dtype, weight.dtype)), num_warps=num_warps,
     )
     return y2, s2

@@ -43,7 +43,7 @@ def kernel_chunk(chunk_size: int, seqlen: int) -> int:
     return min(256, max(16, next_power_of_2(chunk_size)), max(16, next_power_of_2(seqlen)))
 
 
-def ssd_triton_intermediates(x, dt, A, B, C, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, T):
+def ssd_triton_intermediates(*, x, dt, A, B, C, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, T):
     """Launches 1-3 (decay, C B^T, chunk states): dt', cs, cb, states, final state."""
     dtp, cs = chunk_decay_fwd(dt, A, dt_bias, dt_softplus, dt_limit, T)
     cb = chunk_cb_fwd(C, B, seq_idx, T, x.dtype)
@@ -51,15 +51,16 @@ def ssd_triton_intermediates(x, dt, A, B, C, dt_bias, initial_state, seq_idx, dt
     return dtp, cs, cb, states, final
 
 
-def ssd_triton_forward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, T):
+def ssd_triton_forward(*, x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, T):
     """Run the four forward launches; returns y, final state and what the backward needs."""
-    dtp, cs, cb, states, final = ssd_triton_intermediates(x, dt, A, B, C, dt_bias, initial_state, seq_idx,
-                                                          dt_softplus, dt_limit, T)
+    dtp, cs, cb, states, final = ssd_triton_intermediates(x=x, dt=dt, A=A, B=B, C=C, dt_bias=dt_bias,
+                                                          initial_state=initial_state, seq_idx=seq_idx,
+                                                          dt_softplus=dt_softplus, dt_limit=dt_limit, T=T)
     y, y_pre = chunk_scan_fwd(x, z, D, C, cb, states, dtp, cs, seq_idx, T)
     return y, final, (dtp, cs, cb, states, y_pre)
 
 
-def ssd_triton_backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states, y_pre,
+def ssd_triton_backward(*, dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states, y_pre,
                         dt_softplus, dt_limit, T, need_dh0):
     """Launches 5-8 and the parameter sums: (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0).
 
@@ -96,8 +97,9 @@ def _ssd_fwd_impl(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
                   dt_limit: list[float], T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                   torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, final state, dt', cs, C B^T, chunk states, y before the gate (empty without z))."""
-    y, final, (dtp, cs, cb, states, y_pre) = ssd_triton_forward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx,
-                                                                dt_softplus, tuple(dt_limit), T)
+    y, final, (dtp, cs, cb, states, y_pre) = ssd_triton_forward(
+        x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state, seq_idx=seq_idx,
+        dt_softplus=dt_softplus, dt_limit=tuple(dt_limit), T=T)
     return y, final, dtp, cs, cb, states, x.new_empty(0, dtype=torch.float32) if y_pre is None else y_pre
 
 
@@ -124,8 +126,10 @@ def _ssd_bwd_impl(dy: torch.Tensor, dfinal: torch.Tensor | None, x: torch.Tensor
     """[dx, ddt, dA, dB, dC, dD, dz, ddt_bias] in their inputs' dtypes, then dh0 (float32); empty where absent."""
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     dfinal = dfinal.float().contiguous() if dfinal is not None else None
-    *grads, dh0 = ssd_triton_backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states,
-                                      y_pre if z is not None else None, dt_softplus, tuple(dt_limit), T, need_dh0)
+    *grads, dh0 = ssd_triton_backward(dy=dy, dfinal=dfinal, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
+                                      seq_idx=seq_idx, dtp=dtp, cs=cs, cb=cb, states=states,
+                                      y_pre=y_pre if z is not None else None, dt_softplus=dt_softplus,
+                                      dt_limit=tuple(dt_limit), T=T, need_dh0=need_dh0)
     return pack_grads(grads, (x, dt, A, B, C, D, z, dt_bias)) + [x.new_empty(0) if dh0 is None else dh0]
 
 
