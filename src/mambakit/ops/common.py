@@ -23,7 +23,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in dtype; a same-dtype `.to` still costs a dispatch (~1.5 us), and a decode step makes a dozen."""
+    """t in dtype; a same-dtype `.to` still costs a dispatch, and a decode step makes a dozen of these."""
     return t if t.dtype == dtype else t.to(dtype)
 
 
@@ -39,7 +39,7 @@ def lastdim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for launch grids. `triton.cdiv` is a constexpr function in Triton 3.6: ~5 us per host call."""
+    """ceil(a / b) for launch grids (`triton.cdiv` is a constexpr function in Triton 3.6: microseconds per host call)."""
     return -(-a // b)
 
 

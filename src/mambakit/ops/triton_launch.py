@@ -64,7 +64,7 @@ _INT32_MIN, _INT32_MAX, _UINT64_FROM = -(2**31), 2**31, 2**63
 
 
 LAUNCH_MODES = ("fast", "triton")
-# read once: os.environ.get costs ~2 us, a sixth of a cached launch; switch at run time with triton_launch_mode
+# read once: os.environ.get costs a noticeable part of a cached launch; switch at run time with triton_launch_mode
 _MODE: contextvars.ContextVar[str] = contextvars.ContextVar(
     "mambakit_triton_launch", default=os.environ.get("MAMBAKIT_TRITON_LAUNCH", "fast"))
 

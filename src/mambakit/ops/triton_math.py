@@ -41,7 +41,7 @@ def log1p(w, LIBDEVICE: tl.constexpr):
 @triton.jit
 def fast_sigmoid(v, LIBDEVICE: tl.constexpr):
     # 1 / (1 + exp(-v)) with exp2 and the approximate divide (MUFU rcp, <= 2 ulp): tl.sigmoid's IEEE
-    # division carries ~8 range-check instructions per use, paid per channel and step
+    # division carries range-check instructions on every use, paid per channel and step
     e = tl.exp2(-v * LOG2E)
     if LIBDEVICE:
         r = libdevice.fast_dividef(1.0, 1.0 + e) if v.dtype == tl.float32 else 1.0 / (1.0 + e)

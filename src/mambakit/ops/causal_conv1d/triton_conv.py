@@ -47,7 +47,7 @@ def _load_xpad(x_row0_ptr, init_ptr, row0, shift, offs_d, mask_d, seqlen, stride
 
     x_row0_ptr already points at row row0 (one int64 offset per tile), so the in-tile offsets are
     small int32s even when L * stride passes 2**31. The initial state's load is masked, not branched
-    on: behind a runtime `if` ptxas kept both paths' registers (192 instead of 102 in the forward).
+    on: behind a runtime `if` ptxas kept both paths' registers (figures: docs/design/kernel_figures.md).
     """
     rel = tl.arange(0, ROWS) + shift
     pos = row0 + rel
@@ -321,17 +321,15 @@ def _empty_window(batch: int, dim: int, width: int, dtype: torch.dtype, device) 
 
 
 def _fwd_config(dim: int) -> tuple[int, int, int]:
-    """(BLOCK_L, BLOCK_D, num_warps): 128 channels = 256-byte rows in bf16, 32 elements per thread.
-
-    At (2, 8192, 4096) bf16, width 4, silu, ptxas for sm_90a gives 87 registers, no spills.
-    """
+    """(BLOCK_L, BLOCK_D, num_warps): 128 channels = 256-byte rows in bf16, 32 elements per thread, no
+    register spills (docs/design/kernel_figures.md)."""
     return 64, min(128, next_power_of_2(dim)), 8
 
 
 def _bwd_config(dim: int) -> tuple[int, int, int]:
     """The backward keeps 2W-1 input tiles and W gradient tiles in registers: 8 rows per step.
 
-    (8, 128, 4) compiles to 168 registers (also with seq_idx) and no spills at width 4, bf16;
+    (8, 128, 4) compiles without spills at width 4, bf16 (docs/design/kernel_figures.md);
     benchmarks/gpu_conv_norm.py --sweep times the alternatives.
     """
     return 8, min(128, next_power_of_2(dim)), 4

@@ -33,10 +33,10 @@ __all__ = ["ScanConfig", "Tiles", "pick_tiles", "fwd_nl", "default_time_chunks",
 DEFAULT_CHUNK = 128  # steps between forward checkpoints; backward scratch is O(CHUNK) per program
 DEFAULT_REPLICAS = 32  # copies of dB / dC the backward's atomics spread over
 DEFAULT_REDUCE_CHANNELS = 4  # dB / dC: channel lanes summed by shuffles before the atomic (H100 sweep)
-# Backward occupancy (H100 sweeps, BENCHMARKS.md). U = 4 needs ~224 registers a thread (9 one-warp programs per
-# SM), U = 2 ~146 (13): U = 2 issues ~15% more instructions per step but wins once the launch has the warps to
-# fill an SM (batch 8 x 512: 1.44 vs 1.72 ms fwd+bwd), U = 4 wins below (batch 2 x 2048 in one segment: 1.76 vs
-# 2.05). Time segments are added until the launch has BWD_MIN_WARPS_PER_SM warps per SM.
+# Backward occupancy: U = 2 needs fewer registers than U = 4 (more warps per SM) but issues more instructions per
+# step, so it wins once the launch has the warps to fill the SMs, U = 4 below. Time segments are added until the
+# launch has BWD_MIN_WARPS_PER_SM warps per SM. Thresholds from the H100 sweeps (figures: BENCHMARKS.md and
+# docs/design/kernel_figures.md).
 BWD_U2_MIN_WARPS_PER_SM = 13
 BWD_MIN_WARPS_PER_SM = 24
 
@@ -119,9 +119,8 @@ def fwd_nl(rows: int, dim: int, dstate: int, device: torch.device) -> int:
     return nl
 
 
-# Time-parallel forward (see default_time_chunks). H100 probe, batch x seqlen at equal tokens (dim 4096,
-# dstate 16, one sequential forward each): 2x2048 (512 warps) 0.718 ms, 4x1024 (512 warps of NL=16)
-# 0.320, 8x512 (1024 warps, 7.8 per SM) 0.187, 16x256 (2048 warps) 0.189: flat from ~8 warps per SM.
+# Time-parallel forward (see default_time_chunks): the sequential forward's time is flat from ~8 warps per SM
+# (H100 probe at equal tokens: docs/design/kernel_figures.md).
 FWD_MIN_WARPS_PER_SM = 15  # split until the full pass has this many one-program warps per SM (H100 sweep, BENCHMARKS.md)
 MIN_SEGMENT = 256  # shortest time segment worth a split (pass 1 + 2 are per-segment overheads)
 MAX_TIME_CHUNKS = 64
@@ -137,15 +136,13 @@ def default_time_chunks(batch: int, seqlen: int, dim: int, dstate: int, ngroups:
     """Time segments of the forward for this shape: 1 unless the launch lacks parallelism.
 
     The sequential forward runs one one-warp program per (batch row, BD channels) walking the whole
-    sequence: with few programs it is latency-bound (~1 warp per scheduler at batch 2 x dim 4096 on an
-    H100; the probe above). Splitting time into nc segments multiplies the programs by nc but adds a
-    state-only pass over (nc - 1) / nc of the sequence (static SASS: 0.58 of the full pass's loop
-    instructions at NL=16, 0.92 at NL=8, where per-channel softplus dominates; it skips C, z, D, y and
-    checkpoints, not the exps) and a tiny combine pass. So: the smallest power of two nc that brings
+    sequence: with few programs it is latency-bound (about one warp per scheduler at batch 2 x dim 4096 on
+    an H100). Splitting time into nc segments multiplies the programs by nc but adds a state-only pass over
+    (nc - 1) / nc of the sequence (cheaper per step than the full pass: it skips C, z, D, y and checkpoints,
+    not the exps) and a tiny combine pass. So: the smallest power of two nc that brings
     the full pass to FWD_MIN_WARPS_PER_SM warps per SM (NL re-chosen for batch x nc rows), keeping
     segments of at least MIN_SEGMENT steps and whole checkpoint chunks, at most MAX_TIME_CHUNKS.
-    The threshold comes from the H100 sweep (batch 2 x dim 4096, BENCHMARKS.md): forward at seqlen 2048
-    0.707 / 0.501 / 0.334 / 0.343 ms for nc = 1 / 4 / 8 / 16, flat beyond 8 at 8192 and 32768 too.
+    The threshold comes from the H100 sweep (batch 2 x dim 4096, BENCHMARKS.md): flat beyond 8 segments.
     Examples on 132 SMs, dstate 16: batch 2 x dim 4096: 8 from seqlen 2048, 4 at 1024, 2 at 512;
     batch 4: 4; batch 8: 2; batch 16: 1; batch 1 x dim 1536, 1M tokens: 64 (16K-step segments).
     `config.time_chunks` overrides (tests, benchmarks).
@@ -176,8 +173,8 @@ def default_bwd_time_chunks(batch: int, seqlen: int, dim: int, dstate: int, ngro
 
     The backward is one one-warp program per (batch row, BD channels, segment) walking its chunks in reverse;
     with few programs the SMs hold too few warps to hide the dependent chain of each step (the H100 sweep
-    at batch 2 x dim 4096: fwd+bwd 1.76 ms in one segment, 1.64 in 4 with U = 2). A split costs an
-    adjoint-only pass over all but the first segment (~10% of the backward) and a tiny combine. So: the
+    at batch 2 x dim 4096, BENCHMARKS.md). A split costs an adjoint-only pass over all but the first
+    segment (a small fraction of the backward) and a tiny combine. So: the
     smallest power of two nc giving BWD_MIN_WARPS_PER_SM warps per SM, with segments of at least MIN_SEGMENT
     steps and whole checkpoint chunks, at most MAX_TIME_CHUNKS. `config.bwd_time_chunks` overrides.
     Examples on 132 SMs, dstate 16: batch 2 x dim 4096: 4 from seqlen 2048; batch 4: 2; batch >= 8: 1.

@@ -43,8 +43,8 @@ def _load_step(t, tn, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1
     x = tl.load(x_b + to * s_t + d1)
     dt = tl.load(dt_b + to * s_t + d1)
     z = tl.load(z_b + to * s_zt + d1) if HAS_Z else x
-    # the forward keeps (base + t * stride) + lane here: the base + (offset) form compiled to more SASS in this
-    # loop (710 -> 741 instructions per iteration), unlike its y stores and the backward
+    # the forward keeps (base + t * stride) + lane here: the base + (offset) form compiled to more instructions
+    # in this loop (docs/design/kernel_figures.md), unlike its y stores and the backward
     Bv = load_bc(B_b + to * s_Bt, 0, n2, n_ok2, EVEN_N)
     Cv = Bv if SKIP_C else load_bc(C_b + to * s_Bt, 0, n2, n_ok2, EVEN_N)
     s = tl.load(seq_b + to * s_st) if HAS_SEQ else 0

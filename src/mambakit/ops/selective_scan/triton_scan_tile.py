@@ -63,9 +63,8 @@ def tile_index(pid_d, dstate, group_size, NL: tl.constexpr, NH: tl.constexpr, BD
 @triton.jit
 def time_offset(t, I64: tl.constexpr):
     # t * stride overflows int32 on long sequences (1M tokens x stride 3072): 64-bit only where
-    # the launcher says so; 32-bit offsets save ~30 address instructions per step
+    # the launcher says so; 32-bit offsets save address instructions in every step
     return tl.cast(t, tl.int64) if I64 else t
 # Addresses are written base + (offset): the integer offsets add up in 32 bits (64 with I64) and meet the
-# 64-bit base once; (base + t * stride) + lane would be two 64-bit pointer adds per access (~2 more
-# instructions each, ~25 per backward step). Accesses with the same stride share their offset.
+# 64-bit base once; (base + t * stride) + lane would be two 64-bit pointer adds per access. Accesses with the same stride share their offset.
 
