@@ -5,9 +5,11 @@ autograd.Function in eager mode). Nothing here imports Triton: the launch polici
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -20,6 +22,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype every family accumulates in for inputs of `dtype`: float64 stays float64 (the reference
     comparisons), everything else (float32, bf16, fp16) computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def context_value(var: contextvars.ContextVar, value) -> Iterator[None]:
+    """`var` holds `value` within the block (the backend and launch-mode switches: per thread and task)."""
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
 
 
 def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

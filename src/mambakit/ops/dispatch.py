@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .common import context_value
+
 BACKENDS = ("reference", "torch", "triton")
 
 _DEFAULT: contextvars.ContextVar[str | None] = contextvars.ContextVar("mambakit_default_backend", default=None)
@@ -52,11 +54,8 @@ def use_backend(backend: str | None) -> Iterator[None]:
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"use_backend: backend must be None or one of {BACKENDS}, got {backend!r}")
-    token = _DEFAULT.set(backend)
-    try:
+    with context_value(_DEFAULT, backend):
         yield
-    finally:
-        _DEFAULT.reset(token)
 
 
 # whether `import triton` can succeed, checked once at import without importing it (torch.compile cannot trace

@@ -51,7 +51,7 @@ from triton.runtime.jit import JITFunction
 
 # the grid arithmetic and the SM count live with the torch-side helpers (launch policies run without Triton);
 # re-exported here for the launchers
-from .common import cdiv, next_power_of_2, sm_count
+from .common import cdiv, context_value, next_power_of_2, sm_count
 
 __all__ = ["cdiv", "next_power_of_2", "sm_count", "fast_launch", "triton_launch_mode", "fast_launch_enabled",
            "FastLaunchKernel"]
@@ -79,11 +79,8 @@ def triton_launch_mode(mode: str) -> Iterator[None]:
     """
     if mode not in LAUNCH_MODES:
         raise ValueError(f"triton_launch_mode: mode must be one of {LAUNCH_MODES}, got {mode!r}")
-    token = _MODE.set(mode)
-    try:
+    with context_value(_MODE, mode):
         yield
-    finally:
-        _MODE.reset(token)
 
 
 def fast_launch_enabled() -> bool:
