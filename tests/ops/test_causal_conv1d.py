@@ -80,6 +80,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
 def test_conv_matches_reference(backend, case):
@@ -101,6 +102,7 @@ def test_conv_matches_reference(backend, case):
     _check_against_reference(outs, grads, ref_outs, ref_grads, rel=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_conv_without_final_state(backend):
     inputs = _inputs(width=4, init=True, docs=[[20, 17], [37]])
@@ -118,6 +120,7 @@ TILINGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tiling", TILINGS)
 def test_triton_launchers_with_small_tiles(tiling):
     """Many small tiles: 3 forward tiles (the final state comes from the last), a ragged channel
@@ -209,6 +212,7 @@ def _check_low_precision(backend, inputs_lp, activation):
                      atol=low_precision_tolerance(nat_grads[name], ref_grads[name]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", [
     pytest.param(dict(width=4, activation="silu", bias=True, init=True), id="w4-silu-bias-init"),

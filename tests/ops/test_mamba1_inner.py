@@ -63,6 +63,7 @@ def _reference(inp, extra):
     return y, grads, up, names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opts", [
     pytest.param({}, id="plain"),
     pytest.param({"seq": True}, id="seq_idx"),
@@ -94,6 +95,7 @@ def test_torch_backend_matches_reference():
         assert_close(grads[k], g_ref[k], name=f"d{k}", rel=1e-9)
 
 
+@pytest.mark.slow
 def test_triton_keeps_less_memory_than_the_separate_ops():
     """The fused node keeps xz, x_dbl, the scan checkpoints and the parameters; the separate ops keep the
     conv output and dt as well (distinct storages: xz 2d, xc d, dt d, x_dbl r + 2n per token), so at
@@ -107,6 +109,7 @@ def test_triton_keeps_less_memory_than_the_separate_ops():
     assert separate >= 1.75 * fused, (separate, fused)
 
 
+@pytest.mark.slow
 def test_module_fused_equals_separate_ops_on_triton():
     """Mamba1 with fused = True / False on the Triton backend: the same output, input and parameter gradients."""
     torch.manual_seed(0)

@@ -153,6 +153,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape, softplus, config", CASES)
 def test_scan_float32_matches_reference(shape, softplus, config):
     inp, extra = make_inputs(**shape)
@@ -163,6 +164,7 @@ def test_scan_float32_matches_reference(shape, softplus, config):
         assert_close(got[key], want[key], name=key, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_scan_float64_runs_in_float64():
     inp, extra = make_inputs(seq=True)
     inp = {k: v.double() for k, v in inp.items()}
@@ -174,6 +176,7 @@ def test_scan_float64_runs_in_float64():
         assert_close(got[key], want[key], name=key, rel=1e-10)
 
 
+@pytest.mark.slow
 def test_scan_bfloat16_within_twice_torch_error():
     """bf16 x, dt, z, B, C (A, D, dt_bias, initial_state float32); the kernel keeps float32 state.
 
@@ -235,6 +238,7 @@ def test_scan_rejects_bad_chunk_and_complex_A():
         selective_scan_triton(inp["x"], inp["dt"], inp["A"].to(torch.complex64), inp["B"], inp["C"])
 
 
+@pytest.mark.slow
 def test_time_chunked_forward_writes_the_sequential_checkpoints():
     """The backward reads the forward's checkpoints unchanged, so the time-parallel forward must write
     the same (B, K, D, N) checkpoints, y and final state as the sequential one (float64: equal up to
@@ -282,6 +286,7 @@ def test_default_bwd_time_chunks_from_shape():
     assert default_bwd_time_chunks(2, 2048, 4096, 16, config=ScanConfig(bwd_time_chunks=3), device=cpu) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("g, d, n", [pytest.param(1, 8, 4, id="g1"), pytest.param(2, 16, 5, id="g2-dstate5")])
 def test_decode_steps_equal_parallel_scan(g, d, n):
     inp, _ = make_inputs(L=7, d=d, n=n, g=g)
@@ -502,6 +507,7 @@ def test_gpu_decode_steps_equal_parallel_at_benchmark_width():
     assert_close(state, h_par, name="state", rel=1e-5)
 
 
+@pytest.mark.slow
 def test_scan_64bit_offsets_match_reference(monkeypatch):
     """The I64 kernels (taken from ~2^31 / stride steps on, e.g. 1M tokens) on a small case: every forward and
     backward launch, time-parallel in both directions, through 64-bit time offsets."""

@@ -106,6 +106,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape, features, opts, packed", CASES)
 def test_ssd_triton_float32_matches_reference(shape, features, opts, packed):
     inp = _make_inputs(*shape, **features)
@@ -190,6 +191,7 @@ def _check_lowp_against_budget(inp, opts, reference_backend):
                      atol=low_precision_tolerance(low_grads[k], ref_grads[k]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")])
 def test_ssd_triton_low_precision_within_twice_torch_error(dtype):
     _check_lowp_against_budget(_lowp_inputs((2, 48, 2, 16, 1, 16), dtype, "cpu"),
@@ -374,6 +376,7 @@ def test_ssd_triton_parallel_chunk_state_through_public_op(shape, features, opts
         assert_close(grads[k], ref_grads[k], name=f"d{k}")
 
 
+@pytest.mark.slow
 def test_ssd_triton_parallel_chunk_state_bf16_within_twice_torch_error(forced_chunk_state_path):
     forced_chunk_state_path(True)
     _check_lowp_against_budget(_lowp_inputs((2, 48, 2, 16, 1, 16), torch.bfloat16, "cpu"),
