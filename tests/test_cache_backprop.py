@@ -37,7 +37,8 @@ def _mamba2():
 
 
 MIXERS = [pytest.param(_mamba1, id="mamba1"), pytest.param(_mamba2, id="mamba2")]
-BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton"),
+# the Triton cases take tens of seconds under the interpreter: CI runs them, the fast lane does not
+BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton", marks=pytest.mark.slow),
             pytest.param("reference", id="reference")]
 
 
@@ -150,7 +151,7 @@ def test_cached_forward_from_a_nonzero_state_backprops_like_the_ops_given_initia
     pytest.param(_mamba1, "triton", id="mamba1-triton", marks=pytest.mark.slow),
     pytest.param(_mamba1, "reference", id="mamba1-reference"),
     pytest.param(_mamba2, "torch", id="mamba2-torch"),
-    pytest.param(_mamba2, "triton", id="mamba2-triton"),
+    pytest.param(_mamba2, "triton", id="mamba2-triton", marks=pytest.mark.slow),
     pytest.param(_mamba2, "reference", id="mamba2-reference"),
 ])
 def test_two_cached_segments_backprop_like_one_uncached_forward(make, backend):

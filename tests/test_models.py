@@ -148,6 +148,7 @@ def test_input_ids_validation():
         model(torch.zeros(3, 4, dtype=torch.long), cache=model.allocate_cache(2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
 def test_triton_path_of_a_whole_model_equals_the_torch_path(layer):
     """Every op of a small float32 LM on its Triton kernels (CPU interpreter here; CUDA on a GPU),

@@ -15,7 +15,7 @@ import torch
 
 from mambakit.modules import Mamba1
 from mambakit.ops import mamba1_inner, use_backend
-from mambakit.ops.mamba_inner.mamba1 import _composed
+from mambakit.ops.mamba_inner.mamba1 import mamba1_inner_composed
 from mambakit.ops.mamba_inner.triton_mamba1 import mamba1_inner_triton
 from mambakit.ops.selective_scan.triton_scan import ScanConfig
 from tests.conftest import DEVICE
@@ -103,7 +103,8 @@ def test_triton_keeps_less_memory_than_the_separate_ops():
     inp, _ = make_inputs(L=128, d=32, n=4, r=2)
     leaves = {k: (v.detach().requires_grad_(k in GRADS) if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
     fused = saved_bytes(lambda: mamba1_inner_triton(**leaves, seq_idx=None), distinct_storages=True)[1]
-    separate = saved_bytes(lambda: _composed(**leaves, seq_idx=None, backend="triton"), distinct_storages=True)[1]
+    separate = saved_bytes(lambda: mamba1_inner_composed(**leaves, seq_idx=None, backend="triton"),
+                           distinct_storages=True)[1]
     activations = 2 * 128 * (2 * 32 + 10) * 4  # xz and x_dbl in float32
     assert activations < fused < activations * 1.1, (fused, activations)
     assert separate >= 1.75 * fused, (separate, fused)

@@ -146,6 +146,7 @@ def test_selective_scan_nonfinite_stays_causal(name, index, value):
     _check_causal(selective_scan, _scan_inputs(), {"dt_softplus": True}, name, index, value)
 
 
+@pytest.mark.slow
 def test_selective_scan_nonfinite_stays_causal_with_seq_idx():
     _check_causal(selective_scan, _scan_inputs(), {"dt_softplus": True, "seq_idx": SEQ_IDX_24}, "x", (0, 14, 3), NAN)
 

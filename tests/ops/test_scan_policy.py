@@ -17,6 +17,7 @@ from mambakit.ops.selective_scan.scan_policy import (BWD_U2_MIN_WARPS_PER_SM, Sc
 CPU = torch.device("cpu")
 
 
+@pytest.mark.slow
 def test_policy_imports_without_triton():
     """The policy module (and ops/common.py under it) import with Triton absent."""
     code = ("import importlib, sys; sys.modules['triton'] = None; "  # a None entry makes `import triton` fail

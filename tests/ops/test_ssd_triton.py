@@ -309,6 +309,7 @@ STATE_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape, dtype, initial_state, packed, cfg", STATE_CASES)
 def test_chunk_state_parallel_equals_fused_and_reference(shape, dtype, initial_state, packed, cfg):
     """The parallel path (local states + state passing) stores the same states and final state as the
@@ -357,6 +358,7 @@ PUBLIC_PARALLEL_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape, features, opts, packed", PUBLIC_PARALLEL_CASES)
 def test_ssd_triton_parallel_chunk_state_through_public_op(shape, features, opts, packed, forced_chunk_state_path):
     """y, the final state and every gradient with the parallel forward against float64 (the backward reads
