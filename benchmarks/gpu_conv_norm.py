@@ -169,18 +169,21 @@ def conv_section(args, device: str) -> None:
 
 def conv_sweep(inputs, dy, device, bytes_f, bytes_b) -> None:
     """Time the kernels alone (launcher calls) over a few (BLOCK_L, BLOCK_D, num_warps) and TILES."""
-    from mambakit.ops.causal_conv1d.triton_conv import _causal_conv1d_bwd, _causal_conv1d_fwd
+    from mambakit.ops.causal_conv1d.triton_conv import causal_conv1d_bwd, causal_conv1d_fwd
 
     x, w, b = inputs["x"], inputs["weight"], inputs["bias"]
     print("\nsweep, forward kernel (BLOCK_L, BLOCK_D, num_warps): ms, GB/s")
     for cfg in ((32, 128, 4), (64, 128, 4), (64, 128, 8), (128, 128, 8), (64, 256, 8), (32, 64, 4)):
-        ms = bench(lambda: _causal_conv1d_fwd(x, w, b, None, None, True, False, *cfg), device)
+        ms = bench(lambda: causal_conv1d_fwd(x=x, weight=w, bias=b, initial_state=None, seq_idx=None, silu=True,
+                                             return_final_state=False, block_l=cfg[0], block_d=cfg[1],
+                                             num_warps=cfg[2]), device)
         print(f"  {cfg}: {ms:.4f} ms, {bytes_f / (ms * 1e-3) / 1e9:.0f} GB/s")
     print("sweep, backward kernel (BLOCK_L, BLOCK_D, num_warps, TILES): ms, GB/s (bytes: x, dy in, dx out)")
     for cfg in ((8, 128, 4, None), (16, 128, 4, None), (16, 128, 8, None), (32, 128, 8, None), (8, 256, 8, None),
                 (16, 64, 4, None), (8, 128, 4, 8), (8, 128, 4, 32)):
-        ms = bench(lambda: _causal_conv1d_bwd(x, w, b, None, None, True, dy, None, False, *cfg[:3], tiles=cfg[3]),
-                   device)
+        ms = bench(lambda: causal_conv1d_bwd(x=x, weight=w, bias=b, initial_state=None, seq_idx=None, silu=True, dy=dy,
+                                             dfinal=None, need_dinit=False, block_l=cfg[0], block_d=cfg[1],
+                                             num_warps=cfg[2], tiles=cfg[3]), device)
         print(f"  {cfg}: {ms:.4f} ms, {bytes_b / (ms * 1e-3) / 1e9:.0f} GB/s")
 
 
@@ -238,20 +241,21 @@ def norm_section(args, device: str) -> None:
 
 def norm_sweep(inputs, kw, dy, device, bytes_f, bytes_b) -> None:
     """Time the kernels alone over tile sizes (elements per tile) and warps."""
-    from mambakit.ops.rms_norm.triton_norm import _rms_norm_bwd, _rms_norm_fwd
+    from mambakit.ops.rms_norm.triton_norm import rms_norm_bwd, rms_norm_fwd
 
     x, w, z = inputs["x"], inputs["weight"], inputs.get("z")
     group = kw.get("group_size") or x.shape[-1]
-    _, rstd = _rms_norm_fwd(x, w, z, 1e-5, group, False)
+    _, rstd = rms_norm_fwd(x2=x, weight=w, z2=z, eps=1e-5, group=group, norm_before_gate=False)
     print("\nsweep, forward kernel (elements per tile, num_warps): ms, GB/s")
     for elems, warps in ((2048, 4), (4096, 8), (4096, 4), (8192, 8), (8192, 16)):
-        ms = bench(lambda: _rms_norm_fwd(x, w, z, 1e-5, group, False, elems=elems, num_warps=warps), device)
+        ms = bench(lambda: rms_norm_fwd(x2=x, weight=w, z2=z, eps=1e-5, group=group, norm_before_gate=False,
+                                        elems=elems, num_warps=warps), device)
         print(f"  ({elems}, {warps}): {ms:.4f} ms, {bytes_f / (ms * 1e-3) / 1e9:.0f} GB/s")
     print("sweep, backward kernel (elements per tile, num_warps, row tiles per program): ms, GB/s")
     for elems, warps, tiles in ((1024, 4, None), (2048, 4, None), (2048, 8, None), (4096, 8, None),
                                 (4096, 16, None), (2048, 8, 8), (2048, 8, 64)):
-        ms = bench(lambda: _rms_norm_bwd(x, w, z, rstd, dy, group, False, elems=elems, num_warps=warps,
-                                         row_tiles=tiles), device)
+        ms = bench(lambda: rms_norm_bwd(x2=x, weight=w, z2=z, rstd=rstd, dy2=dy, group=group, norm_before_gate=False,
+                                        elems=elems, num_warps=warps, row_tiles=tiles), device)
         print(f"  ({elems}, {warps}, {tiles}): {ms:.4f} ms, {bytes_b / (ms * 1e-3) / 1e9:.0f} GB/s")
 
 

@@ -46,6 +46,7 @@ def test_model_type_for_peft(layer):
     assert _model(layer).config.model_type == {"Mamba1": "mamba", "Mamba2": "mamba2"}[layer]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
 def test_peft_lora_trains_and_equals_merged(layer, backend):
@@ -85,6 +86,7 @@ def _lora_out_proj(mixer: nn.Module) -> None:
     mixer.out_proj = lora.to(DEVICE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
 def test_out_proj_adapter_is_not_skipped(layer, backend):
@@ -105,6 +107,7 @@ def test_out_proj_adapter_is_not_skipped(layer, backend):
         assert (adapted - lora_free(ids)).abs().max() > 1e-3, "the out_proj adapter changed nothing: skipped"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layer,target", [("Mamba1", "x_proj"), ("Mamba1", "dt_proj"), ("Mamba1", "out_proj"),
                                           ("Mamba2", "out_proj"), ("Mamba2", "norm")])

@@ -80,6 +80,7 @@ ROUND_TRIPS += [pytest.param("mamba2-mlp-layernorm-groups", fmt, torch.bfloat16,
 ROUND_TRIPS += [pytest.param("mamba1-tied-vocab37", "hf", torch.bfloat16, id="hf-bf16")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, fmt, dtype", ROUND_TRIPS)
 def test_round_trip_is_bit_exact(tmp_path, name, fmt, dtype):
     model = make_model(name, dtype)
@@ -126,6 +127,7 @@ def test_sharded_safetensors(tmp_path, fmt):
     assert_same_model(load_pretrained(tmp_path), model)
 
 
+@pytest.mark.slow
 def test_saving_again_replaces_stale_weight_files(tmp_path):
     """A sharded save followed by a single-file one leaves no shard or index behind; other files stay."""
     model = make_model("mamba2-untied-vocab37")
@@ -436,6 +438,7 @@ def test_convert_main_raises_usage_error(tmp_path):
         convert_cli.main(str(tmp_path / "missing"), str(tmp_path / "out"), to="mambakit")
 
 
+@pytest.mark.slow
 def test_hf_mamba2_gated_norm_grouping_follows_the_writing_transformers_version(tmp_path):
     """transformers < 5.23 normalises Mamba-2's gated output over the whole width, >= 5.23 per group (as
     mamba_ssm): the reader follows config.json's transformers_version, the writer stamps 5.23.0 on a

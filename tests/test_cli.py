@@ -99,12 +99,14 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
     assert captured.out == ""
 
 
+@pytest.mark.slow
 def test_user_error_in_a_fresh_process_has_no_traceback(tmp_path):
     proc = _run("train", "--data", str(tmp_path / "missing"))
     assert proc.returncode == 2
     assert proc.stderr == f"mambakit train: error: data path not found: {tmp_path / 'missing'}\n"
 
 
+@pytest.mark.slow
 def test_train_then_generate_end_to_end(tmp_path, capsys):
     (tmp_path / "data").mkdir()
     for i in range(12):

@@ -132,6 +132,7 @@ def _cases(marks, device: str):
             for layer in LAYERS for path in PATHS for precision in PRECISIONS for mode in MODES]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer,path,precision,mode", _cases(pytest.mark.slow, "cpu"))
 def test_training_step_matrix_cpu(layer, path, precision, mode):
     """Tiny shapes on CPU, Triton through the interpreter (compiled: AOTAutograd, fullgraph)."""

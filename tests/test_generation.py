@@ -60,6 +60,7 @@ def _decode_text(ids):
 # ---- low-precision states ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bf16_mamba2_states_track_float32_states():
     """A bfloat16 SSM-state cache (state_dtype) decodes what the float32 one does, up to bf16 rounding of
     the state: prefill + 12 steps, logits within a few bf16 ulps, the same greedy tokens; the cache holds
@@ -96,6 +97,7 @@ def test_state_dtype_is_checked():
 # ---- greedy, prefill ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ssm_cfg", LAYERS)
 def test_greedy_equals_argmax_of_parallel_forward(ssm_cfg):
     model = _model(ssm_cfg)
@@ -107,6 +109,7 @@ def test_greedy_equals_argmax_of_parallel_forward(ssm_cfg):
     assert torch.equal(logits.argmax(-1), new)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ssm_cfg", LAYERS)
 def test_chunked_prefill_equals_one_shot(ssm_cfg):
     """Chunks inside one call, and a long input streamed through several calls, give one-shot's logits and states."""
@@ -126,6 +129,7 @@ def test_chunked_prefill_equals_one_shot(ssm_cfg):
             assert_close(a, b, name=f"state {i}, {name}", rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ssm_cfg", LAYERS)
 @pytest.mark.parametrize("chunk_size", [pytest.param(None, id="one-call"), pytest.param(3, id="chunk3")])
 def test_ragged_prefill_gives_each_row_its_own_state(ssm_cfg, chunk_size):
@@ -139,6 +143,7 @@ def test_ragged_prefill_gives_each_row_its_own_state(ssm_cfg, chunk_size):
         _assert_row_matches(cache, logits, i, *prefill(model, [p], chunk_size=None))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ssm_cfg", LAYERS)
 def test_ragged_continuation_leaves_other_rows_untouched(ssm_cfg):
     """Continuing a cache with prompts of different lengths: each row continues its own state only."""
@@ -152,6 +157,7 @@ def test_ragged_continuation_leaves_other_rows_untouched(ssm_cfg):
         _assert_row_matches(cache, logits, i, *prefill(model, [more[i]], alone))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ssm_cfg", LAYERS)
 def test_ragged_batch_generates_what_each_row_generates_alone(ssm_cfg):
     model = _model(ssm_cfg)
@@ -161,6 +167,7 @@ def test_ragged_batch_generates_what_each_row_generates_alone(ssm_cfg):
     assert batched == alone
 
 
+@pytest.mark.slow
 def test_decode_one_token_matches_forward_and_updates_cache_in_place():
     model = _model({"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 8})
     ids = torch.randint(0, VOCAB, (2, 8))
@@ -173,6 +180,7 @@ def test_decode_one_token_matches_forward_and_updates_cache_in_place():
     assert cache.seqlen_offset == 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ssm_cfg", LAYERS)
 def test_decode_sees_parameter_updates(ssm_cfg):
     """The step path keeps fp32 copies of A, D and the dt bias; an in-place update (an optimizer step) or a
@@ -234,6 +242,7 @@ def test_seen_tokens_ignores_padding():
     assert seen[1].nonzero().flatten().tolist() == [0, 3, 4, 7]
 
 
+@pytest.mark.slow
 def test_repetition_penalty_in_generate_follows_the_hand_loop():
     """Greedy with a penalty equals a loop over the parallel forward that penalises every token seen so far
     (the row's own prompt, without the padding of the ragged batch, and its output)."""
@@ -252,6 +261,7 @@ def test_repetition_penalty_in_generate_follows_the_hand_loop():
     assert got != generate(model, prompts, 10)  # the penalty changed something
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_reproducible_and_never_yields_padded_ids():
     model = _model({"layer": "Mamba1", "d_state": 8})
     a = generate(model, [[1, 2], [3, 4]], 30, temperature=1.5, seed=11)
@@ -263,6 +273,7 @@ def test_seeded_sampling_is_reproducible_and_never_yields_padded_ids():
 # ---- stopping ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_eos_stops_each_row_separately():
     model = _model({"layer": "Mamba1", "d_state": 8})
     prompts = [[1, 2, 3], [20, 21]]
@@ -282,6 +293,7 @@ def test_eos_stops_each_row_separately():
         assert row == (full[: full.index(eos_s) + 1] if eos_s in full else full)
 
 
+@pytest.mark.slow
 def test_stop_strings_end_rows_at_the_completing_token():
     model = _model({"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 8})
     prompts = [[1, 2, 3], [20, 21, 22, 23]]
@@ -297,6 +309,7 @@ def test_stop_strings_end_rows_at_the_completing_token():
     assert list(stream(model, prompts[0], 20, stop_strings=[stop], decode=_decode_text)) == got[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kwargs", [
     pytest.param(dict(temperature=0.9, top_k=10, top_p=0.9, seed=7), id="sampled"),
     pytest.param(dict(temperature=0.0, repetition_penalty=1.3), id="greedy-penalty"),
@@ -313,6 +326,7 @@ def test_stream_yields_what_generate_returns(kwargs):
 # ---- CUDA graphs -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cuda_graph_decoder_falls_back_to_eager_on_cpu():
     model = _model({"layer": "Mamba1", "d_state": 8})
     prompts = [[1, 2, 3], [4, 5]]
@@ -413,6 +427,7 @@ def _baseline_module():
     return sys.modules[name]
 
 
+@pytest.mark.slow
 def test_transformer_baseline_cached_decoding_equals_parallel_forward():
     tb = _baseline_module()
     torch.manual_seed(0)

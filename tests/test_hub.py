@@ -101,6 +101,7 @@ def _assert_same_model(got: MambaLM, expected: MambaLM) -> None:
         assert_close(got(ids), expected(ids), name="logits", rel=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("revision, local", [
     pytest.param(None, "a", id="main"),
     pytest.param(COMMIT_A, "a", id="commit-A"),

@@ -116,6 +116,7 @@ def test_s4d_initialisations():
         S4D(8, A_init="S4D-Inv")
 
 
+@pytest.mark.slow
 def test_mamba1_ungated_is_mamba1_without_the_gate():
     """Same parameters but in_proj (D wide, no z half); output = out_proj(scan) with no silu(z) factor."""
     torch.manual_seed(0)
@@ -195,6 +196,7 @@ def test_absolute_positions_are_sinusoidal_and_added_to_the_input():
 # ---------------------------------------------------------------- models: decoding, packing, ragged prefill
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("prefix", [pytest.param(1, id="prefix1"), pytest.param(7, id="prefix7")])
 def test_decoding_consistency_float64(name, prefix):
@@ -210,6 +212,7 @@ def test_decoding_consistency_float64(name, prefix):
     assert_close(torch.cat(parts, dim=1), full, name="logits, prefill + steps", rel=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [pytest.param("s4d-lin", id="s4d-lin"), pytest.param("hybrid-mamba1-gqa-conv", id="hybrid")])
 def test_decoding_consistency_float32_chunked_prefill(name):
     model = _model(name, torch.float32)
@@ -221,6 +224,7 @@ def test_decoding_consistency_float32_chunked_prefill(name):
     assert_close(torch.cat(parts, dim=1), full, name="logits, chunked prefill", rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_seq_idx_packing_equals_separate_sequences(name):
     """Two documents in one row with seq_idx give each one's logits alone (positions restart too)."""
@@ -233,6 +237,7 @@ def test_seq_idx_packing_equals_separate_sequences(name):
         assert_close(packed[:, 11:], model(b), name="second document", rel=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [pytest.param("attention-abs", id="attention-abs"),
                                   pytest.param("hybrid-mamba1-gqa-conv", id="hybrid")])
 def test_ragged_prefill_and_continuation_equal_each_row_alone(name):
@@ -254,6 +259,7 @@ def test_ragged_prefill_and_continuation_equal_each_row_alone(name):
 # ---------------------------------------------------------------- checkpoints
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, fmt", [
     pytest.param("s4d-lin", "mambakit", id="s4d-lin"), pytest.param("mamba1-ungated", "mambakit", id="mamba1-ungated"),
     pytest.param("hybrid-mamba1-gqa-conv", "mambakit", id="hybrid-mambakit"),

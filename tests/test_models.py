@@ -36,6 +36,7 @@ def _model(name: str, dtype=torch.float64) -> MambaLM:
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("prefix", [pytest.param(1, id="prefix1"), pytest.param(7, id="prefix7")])
 def test_decoding_consistency_float64(name, prefix):
@@ -51,6 +52,7 @@ def test_decoding_consistency_float64(name, prefix):
     assert_close(torch.cat(parts, dim=1), full, name="logits, prefill + steps", rel=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [pytest.param("mamba1", id="mamba1"), pytest.param("mamba2", id="mamba2")])
 def test_decoding_consistency_float32_and_chunked_prefill(name):
     """float32, and prefill in several chunks of many tokens (the cache continues across calls)."""
@@ -63,6 +65,7 @@ def test_decoding_consistency_float32_and_chunked_prefill(name):
     assert_close(torch.cat(parts, dim=1), full, name="logits, chunked prefill", rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_seq_idx_packing_equals_separate_sequences(name):
     """Two documents packed in one row with seq_idx give the logits of each run alone."""
@@ -145,6 +148,7 @@ def test_input_ids_validation():
         model(torch.zeros(3, 4, dtype=torch.long), cache=model.allocate_cache(2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
 def test_triton_path_of_a_whole_model_equals_the_torch_path(layer):
     """Every op of a small float32 LM on its Triton kernels (CPU interpreter here; CUDA on a GPU),

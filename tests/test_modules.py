@@ -75,6 +75,7 @@ def test_mamba1_dt_floor_applies():
     assert (dt < 1.0001e-4).any()  # half of the log-uniform draws fall under the floor (1e-4 is the geometric midpoint)
 
 
+@pytest.mark.slow
 def test_mamba2_initialisation_follows_the_paper():
     m = Mamba2(d_model=4096, headdim=4, dt_min=1e-3, dt_max=1e-1, A_init_range=(1, 16))  # 2048 heads
     A = m.A_log.detach().exp()
@@ -101,6 +102,7 @@ def test_mamba2_rejects_bad_config():
         Mamba2(d_model=64, headdim=32, ngroups=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [
     pytest.param(lambda: Mamba1(32, d_state=8, dtype=torch.float64), id="mamba1"),
     pytest.param(lambda: Mamba2(32, d_state=16, headdim=16, chunk_size=16, dtype=torch.float64), id="mamba2"),

@@ -69,6 +69,7 @@ def _cli(*args: str, **kwargs) -> subprocess.Popen:
 # ---------------------------------------------------------------- checkpoints as one unit
 
 
+@pytest.mark.slow
 def test_checkpoints_are_step_directories_with_a_manifest_a_pointer_and_the_model_on_top(tmp_path):
     cfg = _tiny(tmp_path, save_every=4, keep_checkpoints=2)
     train(cfg)
@@ -107,6 +108,7 @@ def full_losses(tmp_path_factory, shared_data) -> list[float]:
     return train(_tiny(tmp_path_factory.mktemp("full"), data=shared_data)).losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", CORRUPTIONS)
 def test_resume_falls_back_to_the_previous_complete_checkpoint_and_repeats_the_run(tmp_path, how, shared_data,
                                                                                     full_losses):
@@ -137,6 +139,7 @@ def test_resume_falls_back_to_the_previous_complete_checkpoint_and_repeats_the_r
     assert rest.losses == full_losses  # every step's loss, bit for bit
 
 
+@pytest.mark.slow
 def test_resume_with_no_complete_checkpoint_is_one_line(tmp_path, capsys):
     train(_tiny(tmp_path))
     (tmp_path / "run" / "checkpoints" / "step-000012" / "train_state.pt").write_bytes(b"\x00" * 100)
@@ -146,6 +149,7 @@ def test_resume_with_no_complete_checkpoint_is_one_line(tmp_path, capsys):
     assert "train_state.pt" in err
 
 
+@pytest.mark.slow
 def test_resume_reads_the_layout_before_step_directories(tmp_path, shared_data, full_losses):
     """A run saved before checkpoints/ existed (train_state.pt beside the model) still resumes."""
     cfg = _tiny(tmp_path, data=shared_data)
@@ -243,6 +247,7 @@ def small_disk(tmp_path, monkeypatch):
     disk.close()
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_training_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, small_disk, capsys):
     out = small_disk.path / "run"
     data = _corpus(tmp_path / "data")
@@ -304,6 +309,7 @@ def test_save_pretrained_onto_an_existing_directory_replaces_the_weights_and_kee
 # ---------------------------------------------------------------- divergence
 
 
+@pytest.mark.slow
 def test_a_nan_run_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     data = _corpus(tmp_path / "data")
@@ -330,6 +336,7 @@ def test_a_nan_run_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_p
     assert not (tmp_path / "nan" / "metrics.json").exists() and not (tmp_path / "nan" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_skips_the_bad_steps_and_writes_strict_json(tmp_path, monkeypatch):
     import mambakit.training.loop as loop
 
@@ -441,6 +448,7 @@ def test_out_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path, capsy
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-000003"]
 
 
+@pytest.mark.slow
 def test_run_label_default_directory_and_sample_follow_the_data(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = _corpus(tmp_path / "my_texts")
@@ -538,6 +546,7 @@ def test_unreadable_weights_are_reported_as_unreadable_not_corrupt(tiny_model_di
     assert "corrupt" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_generate_into_a_closed_pipe_is_one_line(tiny_model_dir):
     proc = _cli("generate", "--model", str(tiny_model_dir), "--prompt", "to be", "--max-new-tokens", "3000",
                 "--seed", "0")

@@ -97,6 +97,7 @@ def _assert_nontrivial(tokens: list[list[int]]) -> None:
     assert len({t for row in tokens for t in row}) > 3, tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in HF_CASES])
 def test_transformers_checkpoint_gives_the_same_logits(tmp_path, name):
     hf = _hf_model(name, tmp_path)
@@ -109,6 +110,7 @@ def test_transformers_checkpoint_gives_the_same_logits(tmp_path, name):
     assert_close(got, expected, name=f"logits {name}", rel=RTOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in GREEDY_CASES])
 def test_transformers_checkpoint_gives_the_same_greedy_tokens(tmp_path, name):
     hf = _hf_model(name, tmp_path)
@@ -133,6 +135,7 @@ def _mk_model(name: str) -> MambaLM:
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in MK_CASES])
 def test_mambakit_hf_checkpoint_loads_in_transformers(tmp_path, name):
     model = _mk_model(name)

@@ -131,6 +131,7 @@ def test_bits_per_byte_of_a_bpe_model_divides_by_decoded_bytes(tmp_path):
 
 # ---------------------------------------------------------------- the loop
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", LAYERS)
 def test_training_reduces_the_loss_and_writes_a_checkpoint(tmp_path, layer):
     cfg = _tiny(tmp_path, layer, max_steps=30)
@@ -228,6 +229,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_gradients_equal_single_process_large_batch(tmp_path):
     import torch.multiprocessing as mp
 

@@ -80,6 +80,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
 def test_conv_matches_reference(backend, case):
@@ -101,6 +102,7 @@ def test_conv_matches_reference(backend, case):
     _check_against_reference(outs, grads, ref_outs, ref_grads, rel=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_conv_without_final_state(backend):
     inputs = _inputs(width=4, init=True, docs=[[20, 17], [37]])
@@ -118,11 +120,12 @@ TILINGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tiling", TILINGS)
 def test_triton_launchers_with_small_tiles(tiling):
     """Many small tiles: 3 forward tiles (the final state comes from the last), a ragged channel
     tile, and backward programs looping over 4 tiles of 4 rows with a partly empty last chunk."""
-    from mambakit.ops.causal_conv1d.triton_conv import _causal_conv1d_bwd, _causal_conv1d_fwd, _channel_contiguous
+    from mambakit.ops.causal_conv1d.triton_conv import causal_conv1d_bwd, causal_conv1d_fwd, channel_contiguous
 
     silu = tiling["activation"] is not None
     inputs = _inputs(seqlen=17, dim=24, width=tiling["width"], init=True, docs=tiling["docs"])
@@ -130,11 +133,12 @@ def test_triton_launchers_with_small_tiles(tiling):
     names = _grad_names(inputs)
     ref_outs, ref_grads = run_with_grads(_op("reference", tiling["activation"]), inputs, upstream, names)
     x, weight, bias, seq_idx = inputs["x"], inputs["weight"], inputs["bias"], inputs["seq_idx"]
-    init = _channel_contiguous(inputs["initial_state"])
-    y, final = _causal_conv1d_fwd(x, weight, bias, init, seq_idx, silu, True, block_l=8, block_d=16, num_warps=2)
-    dx, dw, db, dinit = _causal_conv1d_bwd(x, weight, bias, init, seq_idx, silu, upstream[0],
-                                           _channel_contiguous(upstream[1]), True, block_l=4, block_d=16,
-                                           num_warps=2, tiles=4)
+    init = channel_contiguous(inputs["initial_state"])
+    y, final = causal_conv1d_fwd(x=x, weight=weight, bias=bias, initial_state=init, seq_idx=seq_idx, silu=silu,
+                                 return_final_state=True, block_l=8, block_d=16, num_warps=2)
+    dx, dw, db, dinit = causal_conv1d_bwd(x=x, weight=weight, bias=bias, initial_state=init, seq_idx=seq_idx, silu=silu,
+                                          dy=upstream[0], dfinal=channel_contiguous(upstream[1]), need_dinit=True,
+                                          block_l=4, block_d=16, num_warps=2, tiles=4)
     grads = dict(x=dx, weight=dw, bias=db, initial_state=dinit)
     _check_against_reference([y, final], grads, ref_outs, ref_grads, rel=1e-10)
 
@@ -208,6 +212,7 @@ def _check_low_precision(backend, inputs_lp, activation):
                      atol=low_precision_tolerance(nat_grads[name], ref_grads[name]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", [
     pytest.param(dict(width=4, activation="silu", bias=True, init=True), id="w4-silu-bias-init"),

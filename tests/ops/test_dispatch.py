@@ -89,3 +89,58 @@ def test_use_backend_reaches_the_ops(monkeypatch):
     selective_scan(x, dt, A, B, C)  # automatic: torch on CPU
     with use_backend("triton"), pytest.raises(ValueError, match="selective_scan: backend 'triton' needs CUDA tensors"):
         selective_scan(x, dt, A, B, C)
+
+
+def test_backend_table_loads_every_cpu_implementation():
+    """Every op's reference / torch entries import and are callable (the Triton ones are loaded by the kernel
+    tests); each row names only known backends."""
+    from mambakit.ops.dispatch import BACKEND_TABLE, BACKENDS
+
+    for op, row in BACKEND_TABLE.items():
+        assert set(row) <= set(BACKENDS), op
+        for name, impl in row.items():
+            if name != "triton":
+                assert callable(impl.load()), (op, name)
+
+
+def test_backend_table_enforces_declared_limits():
+    from mambakit.ops.dispatch import implementation
+
+    cpu = torch.device("cpu")
+    name, _ = implementation("selective_scan", None, cpu, complex_A=True)
+    assert name == "torch"
+    with pytest.raises(ValueError, match=r"selective_scan: complex A is supported by the backends \('reference', "
+                                         r"'torch'\), not 'triton'"):
+        implementation("selective_scan", "triton", cpu, complex_A=True)
+    with pytest.raises(ValueError, match="mamba2_inner: backend 'triton' needs seqlen >= 1"):
+        implementation("mamba2_inner", "triton", cpu, empty=True)
+    # the fused add + norm kernel has no backward: a call that needs gradients runs the torch path
+    assert implementation("add_rms_norm", "triton", cpu, needs_grad=True)[0] == "torch"
+    assert implementation("add_rms_norm", "triton", cpu, needs_grad=False)[0] == "triton"
+    with pytest.raises(ValueError, match="not implemented for this op"):
+        implementation("add_rms_norm", "reference", cpu)
+
+
+def test_ssd_torch_block_is_the_backends_choice():
+    """Off CUDA the torch SSD caps its block at 64 itself (a module passes its config's chunk_size): 256 and 64
+    run the same blocks, so the results are bitwise equal."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 150, 2, 4, generator=gen)
+    dt, A = torch.rand(1, 150, 2, generator=gen), -torch.rand(2, generator=gen)
+    B, C = torch.randn(2, 1, 150, 1, 8, generator=gen)
+    y64 = ssd(x, dt, A, B, C, chunk_size=64, backend="torch")
+    y256 = ssd(x, dt, A, B, C, chunk_size=256, backend="torch")
+    assert torch.equal(y64, y256)
+
+
+def test_mixer_paths_are_constructor_arguments():
+    """`fused` and `recompute` come from the config's ssm_cfg (the mixers no longer tune the SSD block)."""
+    from mambakit import MambaConfig, MambaLM
+
+    for layer in ("Mamba1", "Mamba2"):
+        cfg = MambaConfig(d_model=16, n_layer=1, vocab_size=8,
+                          ssm_cfg={"layer": layer, "fused": False, "recompute": True, "d_state": 4, "headdim": 8}
+                          if layer == "Mamba2" else {"layer": layer, "fused": False, "recompute": True, "d_state": 4})
+        mixer = MambaLM(cfg).backbone.layers[0].mixer
+        assert (mixer.fused, mixer.recompute) == (False, True)
+        assert not hasattr(mixer, "_chunk_size")

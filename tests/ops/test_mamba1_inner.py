@@ -15,7 +15,7 @@ import torch
 
 from mambakit.modules import Mamba1
 from mambakit.ops import mamba1_inner, use_backend
-from mambakit.ops.mamba_inner.mamba1 import _composed
+from mambakit.ops.mamba_inner.mamba1 import mamba1_inner_composed
 from mambakit.ops.mamba_inner.triton_mamba1 import mamba1_inner_triton
 from mambakit.ops.selective_scan.triton_scan import ScanConfig
 from tests.conftest import DEVICE
@@ -63,6 +63,7 @@ def _reference(inp, extra):
     return y, grads, up, names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opts", [
     pytest.param({}, id="plain"),
     pytest.param({"seq": True}, id="seq_idx"),
@@ -94,6 +95,7 @@ def test_torch_backend_matches_reference():
         assert_close(grads[k], g_ref[k], name=f"d{k}", rel=1e-9)
 
 
+@pytest.mark.slow
 def test_triton_keeps_less_memory_than_the_separate_ops():
     """The fused node keeps xz, x_dbl, the scan checkpoints and the parameters; the separate ops keep the
     conv output and dt as well (distinct storages: xz 2d, xc d, dt d, x_dbl r + 2n per token), so at
@@ -101,12 +103,14 @@ def test_triton_keeps_less_memory_than_the_separate_ops():
     inp, _ = make_inputs(L=128, d=32, n=4, r=2)
     leaves = {k: (v.detach().requires_grad_(k in GRADS) if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
     fused = saved_bytes(lambda: mamba1_inner_triton(**leaves, seq_idx=None), distinct_storages=True)[1]
-    separate = saved_bytes(lambda: _composed(**leaves, seq_idx=None, backend="triton"), distinct_storages=True)[1]
+    separate = saved_bytes(lambda: mamba1_inner_composed(**leaves, seq_idx=None, backend="triton"),
+                           distinct_storages=True)[1]
     activations = 2 * 128 * (2 * 32 + 10) * 4  # xz and x_dbl in float32
     assert activations < fused < activations * 1.1, (fused, activations)
     assert separate >= 1.75 * fused, (separate, fused)
 
 
+@pytest.mark.slow
 def test_module_fused_equals_separate_ops_on_triton():
     """Mamba1 with fused = True / False on the Triton backend: the same output, input and parameter gradients."""
     torch.manual_seed(0)

@@ -82,6 +82,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape, extra", CASES)
 def test_mamba2_inner_triton_float32_matches_reference(shape, extra):
     inp, opts = make_inputs(**shape)
@@ -111,6 +112,7 @@ def _module_run(layer, u, seq_idx, upstream):
     return out.detach(), grads, saved
 
 
+@pytest.mark.slow
 def test_module_fused_equals_unfused_on_triton_and_keeps_less():
     """Mamba2.fused = True (one autograd node) against the ops one by one, both on the Triton backend:
     same output, same gradient of the input and of every parameter, and fewer bytes kept for the

@@ -92,11 +92,13 @@ SSD_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, index, value", SSD_CASES)
 def test_ssd_nonfinite_stays_causal(name, index, value):
     _check_causal(ssd, _ssd_inputs(), {"chunk_size": 16, "dt_softplus": True}, name, index, value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, index, value", [
     pytest.param("x", (0, 12, 1, 3), NAN, id="x-nan"),
     pytest.param("dt", (0, 12, 1), INF, id="dt-inf"),
@@ -109,6 +111,7 @@ def test_ssd_nonfinite_stays_causal_with_seq_idx(name, index, value):
                   value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("token", [
     # chunk 128 is two 64-row tiles in the Triton kernel: token 30 reaches rows 64..127 through the tile
     # sum left of the diagonal and rows 30..63 through the diagonal tile's cumulative sum
@@ -119,6 +122,7 @@ def test_ssd_nonfinite_stays_causal_across_row_blocks(token):
     _check_causal(ssd, _ssd_inputs(seqlen=150), {"chunk_size": 128}, "x", (0, token, 1, 3), NAN)
 
 
+@pytest.mark.slow
 def test_ssd_triton_bf16_nonfinite_stays_causal():
     _check_causal(ssd, _ssd_inputs(dtype=torch.bfloat16), {"chunk_size": 16}, "x", (0, 20, 1, 3), NAN,
                   backends=("reference", "triton"))
@@ -136,11 +140,13 @@ SCAN_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, index, value", SCAN_CASES)
 def test_selective_scan_nonfinite_stays_causal(name, index, value):
     _check_causal(selective_scan, _scan_inputs(), {"dt_softplus": True}, name, index, value)
 
 
+@pytest.mark.slow
 def test_selective_scan_nonfinite_stays_causal_with_seq_idx():
     _check_causal(selective_scan, _scan_inputs(), {"dt_softplus": True, "seq_idx": SEQ_IDX_24}, "x", (0, 14, 3), NAN)
 

@@ -79,7 +79,7 @@ def test_norm_matches_reference(backend, case):
 def test_triton_launchers_with_small_tiles(gating):
     """Tiles of 2 rows x 16 channels: ragged last row tile, backward programs looping over 4 row
     tiles with a partly empty last one, groups of 12 in 16-wide tiles."""
-    from mambakit.ops.rms_norm.triton_norm import _rms_norm_bwd, _rms_norm_fwd
+    from mambakit.ops.rms_norm.triton_norm import rms_norm_bwd, rms_norm_fwd
 
     inputs = _inputs((13, 36), gating["gated"])
     nbg, group, eps = gating["norm_before_gate"], 12, 1e-5
@@ -88,8 +88,9 @@ def test_triton_launchers_with_small_tiles(gating):
     (ref,), ref_grads = run_with_grads(_op("reference", group_size=group, norm_before_gate=nbg), inputs, upstream,
                                        names)
     x, w, z = inputs["x"], inputs["weight"], inputs["z"]
-    y, rstd = _rms_norm_fwd(x, w, z, eps, group, nbg, elems=32, num_warps=1)
-    dx, dw, dz = _rms_norm_bwd(x, w, z, rstd, upstream[0], group, nbg, elems=32, num_warps=1, row_tiles=4)
+    y, rstd = rms_norm_fwd(x2=x, weight=w, z2=z, eps=eps, group=group, norm_before_gate=nbg, elems=32, num_warps=1)
+    dx, dw, dz = rms_norm_bwd(x2=x, weight=w, z2=z, rstd=rstd, dy2=upstream[0], group=group, norm_before_gate=nbg,
+                              elems=32, num_warps=1, row_tiles=4)
     assert_close(y, ref, name="y", rel=1e-10)
     for name, grad in (("x", dx), ("weight", dw), ("z", dz)):
         if name in names:

@@ -18,7 +18,7 @@ import torch
 from mambakit.ops import selective_scan, selective_state_update
 from mambakit.ops.dispatch import triton_interpret
 from mambakit.ops.selective_scan.reference import selective_scan_reference
-from mambakit.ops.selective_scan.triton_scan import (ScanConfig, _scan_fwd, default_bwd_time_chunks, default_time_chunks,
+from mambakit.ops.selective_scan.triton_scan import (ScanConfig, default_bwd_time_chunks, default_time_chunks, scan_fwd,
                                                     selective_scan_triton)
 from mambakit.ops.selective_scan.triton_step import selective_state_update_triton
 from tests.conftest import DEVICE
@@ -153,6 +153,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape, softplus, config", CASES)
 def test_scan_float32_matches_reference(shape, softplus, config):
     inp, extra = make_inputs(**shape)
@@ -163,6 +164,7 @@ def test_scan_float32_matches_reference(shape, softplus, config):
         assert_close(got[key], want[key], name=key, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_scan_float64_runs_in_float64():
     inp, extra = make_inputs(seq=True)
     inp = {k: v.double() for k, v in inp.items()}
@@ -174,6 +176,7 @@ def test_scan_float64_runs_in_float64():
         assert_close(got[key], want[key], name=key, rel=1e-10)
 
 
+@pytest.mark.slow
 def test_scan_bfloat16_within_twice_torch_error():
     """bf16 x, dt, z, B, C (A, D, dt_bias, initial_state float32); the kernel keeps float32 state.
 
@@ -235,6 +238,7 @@ def test_scan_rejects_bad_chunk_and_complex_A():
         selective_scan_triton(inp["x"], inp["dt"], inp["A"].to(torch.complex64), inp["B"], inp["C"])
 
 
+@pytest.mark.slow
 def test_time_chunked_forward_writes_the_sequential_checkpoints():
     """The backward reads the forward's checkpoints unchanged, so the time-parallel forward must write
     the same (B, K, D, N) checkpoints, y and final state as the sequential one (float64: equal up to
@@ -244,9 +248,10 @@ def test_time_chunked_forward_writes_the_sequential_checkpoints():
     inp = {k: v.double() for k, v in inp.items()}
 
     def fwd(nc):
-        return _scan_fwd(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"], inp["dt_bias"], True,
-                         inp["initial_state"], extra["seq_idx"], save_final=True, save_chunks=True,
-                         config=ScanConfig(chunk=4, block_u=2, time_chunks=nc))
+        return scan_fwd(x=inp["x"], dt=inp["dt"], A=inp["A"], B=inp["B"], C=inp["C"], D=inp["D"], z=inp["z"],
+                        dt_bias=inp["dt_bias"], dt_softplus=True, initial_state=inp["initial_state"],
+                        seq_idx=extra["seq_idx"], save_final=True, save_chunks=True,
+                        config=ScanConfig(chunk=4, block_u=2, time_chunks=nc))
 
     y1, h1, ck1 = fwd(1)
     for nc in (2, 4):  # segments [0, 8), [8, 13); and [0, 4), [4, 8), [8, 12), [12, 13)
@@ -281,6 +286,7 @@ def test_default_bwd_time_chunks_from_shape():
     assert default_bwd_time_chunks(2, 2048, 4096, 16, config=ScanConfig(bwd_time_chunks=3), device=cpu) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("g, d, n", [pytest.param(1, 8, 4, id="g1"), pytest.param(2, 16, 5, id="g2-dstate5")])
 def test_decode_steps_equal_parallel_scan(g, d, n):
     inp, _ = make_inputs(L=7, d=d, n=n, g=g)
@@ -501,11 +507,12 @@ def test_gpu_decode_steps_equal_parallel_at_benchmark_width():
     assert_close(state, h_par, name="state", rel=1e-5)
 
 
+@pytest.mark.slow
 def test_scan_64bit_offsets_match_reference(monkeypatch):
     """The I64 kernels (taken from ~2^31 / stride steps on, e.g. 1M tokens) on a small case: every forward and
     backward launch, time-parallel in both directions, through 64-bit time offsets."""
-    ts = importlib.import_module("mambakit.ops.selective_scan.triton_scan")  # the package name is shadowed
-    monkeypatch.setattr(ts, "_needs_i64", lambda *a: True)
+    policy = importlib.import_module("mambakit.ops.selective_scan.scan_policy")  # the package name is shadowed
+    monkeypatch.setattr(policy, "needs_i64", lambda *a: True)
     inp, extra = make_inputs(L=14, seq=True)
     names = [k for k in GRAD_NAMES_ALL if k in inp]
     cfg = ScanConfig(chunk=4, block_u=2, time_chunks=2, bwd_time_chunks=2, bwd_carry_split=2)

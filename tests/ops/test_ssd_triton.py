@@ -106,6 +106,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape, features, opts, packed", CASES)
 def test_ssd_triton_float32_matches_reference(shape, features, opts, packed):
     inp = _make_inputs(*shape, **features)
@@ -190,6 +191,7 @@ def _check_lowp_against_budget(inp, opts, reference_backend):
                      atol=low_precision_tolerance(low_grads[k], ref_grads[k]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")])
 def test_ssd_triton_low_precision_within_twice_torch_error(dtype):
     _check_lowp_against_budget(_lowp_inputs((2, 48, 2, 16, 1, 16), dtype, "cpu"),
@@ -307,6 +309,7 @@ STATE_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape, dtype, initial_state, packed, cfg", STATE_CASES)
 def test_chunk_state_parallel_equals_fused_and_reference(shape, dtype, initial_state, packed, cfg):
     """The parallel path (local states + state passing) stores the same states and final state as the
@@ -355,6 +358,7 @@ PUBLIC_PARALLEL_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape, features, opts, packed", PUBLIC_PARALLEL_CASES)
 def test_ssd_triton_parallel_chunk_state_through_public_op(shape, features, opts, packed, forced_chunk_state_path):
     """y, the final state and every gradient with the parallel forward against float64 (the backward reads
@@ -374,6 +378,7 @@ def test_ssd_triton_parallel_chunk_state_through_public_op(shape, features, opts
         assert_close(grads[k], ref_grads[k], name=f"d{k}")
 
 
+@pytest.mark.slow
 def test_ssd_triton_parallel_chunk_state_bf16_within_twice_torch_error(forced_chunk_state_path):
     forced_chunk_state_path(True)
     _check_lowp_against_budget(_lowp_inputs((2, 48, 2, 16, 1, 16), torch.bfloat16, "cpu"),

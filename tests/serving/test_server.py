@@ -58,6 +58,7 @@ PROMPTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_completion_equals_generate(client, checkpoint, prompt):
     out = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0)
@@ -97,6 +98,7 @@ def _run(client, request: dict) -> list[tuple[str, str]]:
     return [(c.text, c.finish_reason) for c in sorted(out.choices, key=lambda c: c.index)]
 
 
+@pytest.mark.slow
 def test_concurrent_mixed_requests_each_equal_the_request_alone(client, server):
     requests = _mixed_requests()
     alone = [_run(client, r) for r in requests]

@@ -78,7 +78,8 @@ class Mamba1(nn.Module):
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: float = 2,
                  dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random",
                  dt_scale: float = 1.0, dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
-                 use_fast_path: bool = True, layer_idx: int | None = None, device=None, dtype=None):
+                 use_fast_path: bool = True, layer_idx: int | None = None, fused: bool = True, recompute: bool = False,
+                 device=None, dtype=None):
         super().__init__()
         if dt_init not in ("random", "constant"):
             raise ValueError(f"Mamba1: dt_init must be 'random' or 'constant', got {dt_init!r}")
@@ -117,10 +118,11 @@ class Mamba1(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
         self._decode_params = DecodeParams()
         # training memory: True keeps only in_proj's output per layer and recomputes the rest in the backward
-        self.recompute = False
+        self.recompute = recompute
         # True: conv, projections and scan run as one op (`ops.mamba1_inner`; on CUDA one autograd node that
-        # recomputes the conv output and dt in its backward); False calls the ops one by one (benchmarks compare)
-        self.fused = True
+        # recomputes the conv output and dt in its backward); False calls the ops one by one (benchmarks compare).
+        # Both are constructor arguments, so `ssm_cfg={"fused": False}` in the model config sets them
+        self.fused = fused
 
     def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None,
                        ssm_dtype: torch.dtype | None = None) -> MixerState:

@@ -53,7 +53,8 @@ class Mamba2(nn.Module):
                  dt_init_floor: float = 1e-4, dt_limit: tuple[float, float] = (0.0, float("inf")), bias: bool = False,
                  conv_bias: bool = True, chunk_size: int = 256, use_mem_eff_path: bool = True,
                  layer_idx: int | None = None, process_group=None, sequence_parallel: bool = True,
-                 norm_ngroups: int | None = None, norm_eps: float = 1e-5, device=None, dtype=None):
+                 norm_ngroups: int | None = None, norm_eps: float = 1e-5, fused: bool = True, recompute: bool = False,
+                 device=None, dtype=None):
         super().__init__()
         if process_group is not None:
             raise ValueError("Mamba2: tensor parallelism (process_group) is not supported; pass process_group=None")
@@ -109,11 +110,11 @@ class Mamba2(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
         self._decode_params = DecodeParams()
         # training memory: True keeps only in_proj's output per layer and recomputes the rest in the backward
-        self.recompute = False
+        self.recompute = recompute
         # True runs conv, SSD, gated norm and out_proj as one op (`mamba2_inner`; on CUDA one autograd node
         # that keeps in_proj's output and y only) when there is no cache and no MLP half; False calls the
-        # ops one by one (benchmarks compare the two)
-        self.fused = True
+        # ops one by one (benchmarks compare the two). Both are constructor arguments (the config's ssm_cfg)
+        self.fused = fused
 
     def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None,
                        ssm_dtype: torch.dtype | None = None) -> MixerState:
@@ -140,11 +141,6 @@ class Mamba2(nn.Module):
     def _split_in_proj(self, zxbcdt: torch.Tensor):
         sizes = [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads]
         return torch.split(zxbcdt, sizes, dim=-1)
-
-    def _chunk_size(self, x: torch.Tensor) -> int:
-        """The SSD block length: the config's on GPU; at most 64 on CPU, where the chunked torch path is
-        1.3-1.8x faster at 64 than at 256 (benchmarks/cpu_ssd.py). The result does not depend on it."""
-        return self.chunk_size if x.is_cuda else min(self.chunk_size, 64)
 
     @staticmethod
     def _state_in(state: torch.Tensor) -> torch.Tensor:
@@ -190,7 +186,7 @@ class Mamba2(nn.Module):
                 zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias.float(),
                 -torch.exp(self.A_log.float()), self._D(), self.norm.weight if self.rmsnorm else None,
                 self.out_proj.weight, self.out_proj.bias, headdim=self.headdim, ngroups=self.ngroups,
-                d_state=self.d_state, chunk_size=self._chunk_size(zxbcdt), dt_limit=self.dt_limit,
+                d_state=self.d_state, chunk_size=self.chunk_size, dt_limit=self.dt_limit,
                 norm_eps=self.norm.eps if self.rmsnorm else 1e-5,
                 norm_group_size=self.norm.group_size if self.rmsnorm else None,
                 norm_before_gate=self.norm_before_gate, seq_idx=seq_idx)
@@ -206,7 +202,7 @@ class Mamba2(nn.Module):
         y = ssd(x.reshape(batch, seqlen, self.nheads, self.headdim), dt, A,
                 B.reshape(batch, seqlen, self.ngroups, self.d_state), C.reshape(batch, seqlen, self.ngroups, self.d_state),
                 D=self._D(), z=None if self.rmsnorm else z.reshape(batch, seqlen, self.nheads, self.headdim),
-                dt_bias=self.dt_bias.float(), dt_softplus=True, dt_limit=self.dt_limit, chunk_size=self._chunk_size(x),
+                dt_bias=self.dt_bias.float(), dt_softplus=True, dt_limit=self.dt_limit, chunk_size=self.chunk_size,
                 initial_state=self._state_in(cache.ssm_state) if keep else None, return_final_state=keep,
                 seq_idx=seq_idx)
         if keep:

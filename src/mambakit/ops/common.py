@@ -1,12 +1,77 @@
-"""Helpers shared by the op families: out= writes on the PyTorch paths, the autocast dtype, and the custom-op
-plumbing of the Triton paths (a torch.library op for torch.compile, a plain autograd.Function in eager mode)."""
+"""Helpers shared by the op families, torch side (the Triton side is `triton_math.py`): the compute dtype,
+log2(e), contiguity, launch-grid arithmetic and the SM count, out= writes on the PyTorch paths, the autocast
+dtype, and the custom-op plumbing of the Triton paths (a torch.library op for torch.compile, a plain
+autograd.Function in eager mode). Nothing here imports Triton: the launch policies built on it run on CPU."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 
 import torch
+
+# exp(v) = exp2(v * LOG2E): every family's recurrences use exp2 (one MUFU instruction on the GPU; the same
+# rounding on the CPU paths that mirror the kernels)
+LOG2E = math.log2(math.e)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every family accumulates in for inputs of `dtype`: float64 stays float64 (the reference
+    comparisons), everything else (float32, bf16, fp16) computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def context_value(var: contextvars.ContextVar, value) -> Iterator[None]:
+    """`var` holds `value` within the block (the backend and launch-mode switches: per thread and task)."""
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; a same-dtype `.to` still costs a dispatch, and a decode step makes a dozen of these."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t.contiguous(), passing None through (optional parameters read as dense vectors by the kernels)."""
+    return None if t is None else t.contiguous()
+
+
+def lastdim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t with a unit stride on its last axis (a copy only if needed); None passes through. Kernels that take
+    the other strides as arguments need only this (views of a fused projection stay views)."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids (`triton.cdiv` is a constexpr function in Triton 3.6: microseconds per host call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (n itself for n <= 1), as `triton.next_power_of_2` without its host cost."""
+    return n if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device, off_gpu: int) -> int:
+    """Streaming multiprocessors of `device` if it is a CUDA device, else `off_gpu` (the interpreter).
+
+    Cached: `get_device_properties` costs microseconds of host time per call."""
+    if device.type != "cuda":
+        return off_gpu
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def write_into(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:

@@ -1,14 +1,26 @@
-"""Backend choice for every op, in one place.
+"""Backend choice for every op, in one place: the backend table and the three ways to pick a path.
 
 Backends:
     "reference"  sequential recurrence in float64: the ground truth (slow, exact)
     "torch"      vectorised / chunked PyTorch: CPU and GPU, autograd by torch or a hand-written backward
     "triton"     fused Triton kernels: CUDA tensors (or any tensors under TRITON_INTERPRET=1, for tests)
 
-`backend=None` picks "triton" for CUDA tensors when Triton is importable, "torch" otherwise; inside
-`with use_backend("torch"):` it picks the named backend instead (benchmarks and tests compare whole
-layers and models on both paths this way, without threading a flag through every module).
-Ops call `select_backend` and nothing else decides; modules never import kernels themselves.
+`BACKEND_TABLE` maps op -> backend -> `Implementation` (where the function lives and its declared limits:
+complex A, empty input, a backward). Ops call `implementation(op, backend, device, ...)`, which picks the
+backend, enforces the limits and returns the function; nothing else decides, and modules never import
+kernels themselves.
+
+Three ways to pick a path, strongest first:
+    1. `backend=` on an op call: "reference", "torch" or "triton" (an error if the op, device or
+       installation cannot run it, or the input breaks a declared limit).
+    2. `with use_backend("torch"):` sets the automatic choice for every op called inside with
+       `backend=None` (benchmarks and tests compare whole layers and models this way); an op without
+       that backend keeps its automatic choice. `pinned_backend(fn)` carries the choice into a later call
+       (activation recomputation in the backward).
+    3. Automatic (`backend=None`): "triton" for CUDA tensors when Triton is installed, "torch" otherwise.
+The mixers (`modules.Mamba1`, `modules.Mamba2`) choose *which ops* run, not backends: their constructor
+arguments `fused` (one fused mixer op, `ops.mamba1_inner` / `ops.mamba2_inner`, instead of the ops one by
+one) and `recompute` (checkpoint the whole mixer) are in the model config's `ssm_cfg`.
 """
 
 from __future__ import annotations
@@ -17,9 +29,12 @@ import contextlib
 import contextvars
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
+
+from .common import context_value
 
 BACKENDS = ("reference", "torch", "triton")
 
@@ -39,11 +54,8 @@ def use_backend(backend: str | None) -> Iterator[None]:
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"use_backend: backend must be None or one of {BACKENDS}, got {backend!r}")
-    token = _DEFAULT.set(backend)
-    try:
+    with context_value(_DEFAULT, backend):
         yield
-    finally:
-        _DEFAULT.reset(token)
 
 
 # whether `import triton` can succeed, checked once at import without importing it (torch.compile cannot trace
@@ -117,3 +129,223 @@ def select_backend(op: str, backend: str | None, device: torch.device, supported
                 "(set TRITON_INTERPRET=1 to run the kernels on CPU through Triton's interpreter)"
             )
     return backend
+
+
+# ----------------------------------------------------------------------------------------------
+# the backend table
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One backend of one op: `load()` returns the function (imported on first use, so that Triton is imported
+    only when a Triton backend runs), and the limits it declares.
+
+    complex_A: accepts a complex A (the S4D-Lin baselines); otherwise a complex A is an error naming the
+        backends that take it.
+    empty: accepts seqlen == 0.
+    grad: has a backward. Without one, a call that needs gradients runs `grad_fallback` instead.
+    """
+
+    load: Callable[[], Callable]
+    complex_A: bool = False
+    empty: bool = True
+    grad: bool = True
+    grad_fallback: str | None = None
+
+
+# Loaders use import statements, not importlib: torch.compile traces these calls (fullgraph) and cannot
+# trace importlib.
+
+
+def _selective_scan_reference():
+    from .selective_scan.reference import selective_scan_reference
+    return selective_scan_reference
+
+
+def _selective_scan_torch():
+    from .selective_scan.chunked import selective_scan_chunked
+    return selective_scan_chunked
+
+
+def _selective_scan_triton():
+    from .selective_scan.triton_scan import selective_scan_triton
+    return selective_scan_triton
+
+
+def _selective_state_update_reference():
+    from .selective_scan.reference import selective_state_update_reference
+    return selective_state_update_reference
+
+
+def _selective_state_update_torch():
+    from .selective_scan.step import selective_state_update_torch
+    return selective_state_update_torch
+
+
+def _selective_state_update_triton():
+    from .selective_scan.triton_step import selective_state_update_triton
+    return selective_state_update_triton
+
+
+def _ssd_reference():
+    from .ssd.reference import ssd_reference
+    return ssd_reference
+
+
+def _ssd_torch():
+    from .ssd.chunked import ssd_chunked
+    return ssd_chunked
+
+
+def _ssd_triton():
+    from .ssd.triton_ssd import ssd_triton
+    return ssd_triton
+
+
+def _ssd_state_update_reference():
+    from .ssd.reference import ssd_state_update_reference
+    return ssd_state_update_reference
+
+
+def _ssd_state_update_torch():
+    from .ssd.step import ssd_state_update_torch
+    return ssd_state_update_torch
+
+
+def _ssd_state_update_triton():
+    from .ssd.triton_step import ssd_state_update_triton
+    return ssd_state_update_triton
+
+
+def _causal_conv1d_reference():
+    from .causal_conv1d.reference import causal_conv1d_reference
+    return causal_conv1d_reference
+
+
+def _causal_conv1d_torch():
+    from .causal_conv1d.conv import causal_conv1d_torch
+    return causal_conv1d_torch
+
+
+def _causal_conv1d_triton():
+    from .causal_conv1d.triton_conv import causal_conv1d_triton
+    return causal_conv1d_triton
+
+
+def _causal_conv1d_update_reference():
+    from .causal_conv1d.reference import causal_conv1d_update_reference
+    return causal_conv1d_update_reference
+
+
+def _causal_conv1d_update_torch():
+    from .causal_conv1d.conv import causal_conv1d_update_torch
+    return causal_conv1d_update_torch
+
+
+def _causal_conv1d_update_triton():
+    from .causal_conv1d.triton_conv import causal_conv1d_update_triton
+    return causal_conv1d_update_triton
+
+
+def _rms_norm_reference():
+    from .rms_norm.reference import rms_norm_reference
+    return rms_norm_reference
+
+
+def _rms_norm_torch():
+    from .rms_norm.norm import rms_norm_torch
+    return rms_norm_torch
+
+
+def _rms_norm_triton():
+    from .rms_norm.triton_norm import rms_norm_triton
+    return rms_norm_triton
+
+
+def _add_rms_norm_torch():
+    from .rms_norm.norm import add_rms_norm_torch
+    return add_rms_norm_torch
+
+
+def _add_rms_norm_triton():
+    from .rms_norm.triton_norm import add_rms_norm_triton
+    return add_rms_norm_triton
+
+
+def _mamba1_inner_composed():
+    from .mamba_inner.mamba1 import mamba1_inner_composed
+    return mamba1_inner_composed
+
+
+def _mamba1_inner_triton():
+    from .mamba_inner.triton_mamba1 import mamba1_inner_triton
+    return mamba1_inner_triton
+
+
+def _mamba2_inner_composed():
+    from .mamba_inner.mamba2 import mamba2_inner_composed
+    return mamba2_inner_composed
+
+
+def _mamba2_inner_triton():
+    from .mamba_inner.triton_mamba2 import mamba2_inner_triton
+    return mamba2_inner_triton
+
+
+def _three(reference, torch_, triton, **triton_limits) -> dict[str, Implementation]:
+    return {"reference": Implementation(reference), "torch": Implementation(torch_),
+            "triton": Implementation(triton, **triton_limits)}
+
+
+# op -> backend -> implementation. The composed mixer ops run the public ops in a row on the backend named by
+# their `backend` argument ("reference" or "torch"); their Triton backend is one fused autograd node.
+BACKEND_TABLE: dict[str, dict[str, Implementation]] = {
+    "selective_scan": {
+        "reference": Implementation(_selective_scan_reference, complex_A=True),
+        "torch": Implementation(_selective_scan_torch, complex_A=True),
+        "triton": Implementation(_selective_scan_triton),
+    },
+    "selective_state_update": {
+        "reference": Implementation(_selective_state_update_reference, complex_A=True),
+        "torch": Implementation(_selective_state_update_torch, complex_A=True),
+        "triton": Implementation(_selective_state_update_triton),
+    },
+    "ssd": _three(_ssd_reference, _ssd_torch, _ssd_triton),
+    "ssd_state_update": _three(_ssd_state_update_reference, _ssd_state_update_torch, _ssd_state_update_triton),
+    "causal_conv1d": _three(_causal_conv1d_reference, _causal_conv1d_torch, _causal_conv1d_triton),
+    "causal_conv1d_update": _three(_causal_conv1d_update_reference, _causal_conv1d_update_torch,
+                                   _causal_conv1d_update_triton),
+    "rms_norm": _three(_rms_norm_reference, _rms_norm_torch, _rms_norm_triton),
+    # the Triton kernel is the fused inference path (forward only); training runs the torch path
+    "add_rms_norm": {"torch": Implementation(_add_rms_norm_torch),
+                     "triton": Implementation(_add_rms_norm_triton, grad=False, grad_fallback="torch")},
+    "mamba1_inner": _three(_mamba1_inner_composed, _mamba1_inner_composed, _mamba1_inner_triton),
+    "mamba2_inner": _three(_mamba2_inner_composed, _mamba2_inner_composed, _mamba2_inner_triton, empty=False),
+}
+
+
+def implementation(op: str, backend: str | None, device: torch.device, *, complex_A: bool = False,
+                   empty: bool = False, needs_grad: bool = False) -> tuple[str, Callable]:
+    """(backend name, function) that runs `op` for these inputs: `select_backend` over the op's row of
+    `BACKEND_TABLE`, then its declared limits.
+
+    Args:
+        op: a key of BACKEND_TABLE.   backend: None or a backend name.   device: the main input's device.
+        complex_A: the input has a complex A.   empty: seqlen == 0.   needs_grad: a backward will be needed.
+    Raises:
+        ValueError: as `select_backend`, or a limit the chosen backend declares (naming the backends that
+            accept the input).
+    """
+    row = BACKEND_TABLE[op]
+    name = select_backend(op, backend, device, supported=tuple(row))
+    impl = row[name]
+    if complex_A and not impl.complex_A:
+        ok = tuple(n for n, i in row.items() if i.complex_A)
+        raise ValueError(f"{op}: complex A is supported by the backends {ok}, not {name!r}")
+    if empty and not impl.empty:
+        raise ValueError(f"{op}: backend {name!r} needs seqlen >= 1")
+    if needs_grad and not impl.grad:
+        name = impl.grad_fallback
+        impl = row[name]
+    return name, impl.load()

@@ -1,7 +1,5 @@
-"""Launch helpers shared by the Triton op families: cheap launches and the SM count grids are sized by.
-
-`sm_count(device)`: streaming multiprocessors of a CUDA device (cached: `get_device_properties` costs
-microseconds of host time per call); each family passes the count it assumes off the GPU.
+"""Launch helpers shared by the Triton op families: cheap launches (the grid arithmetic and the SM count they are
+sized by live in `ops/common.py`, without Triton, and are re-exported here).
 
 `fast_launch`: compile through Triton once, then call the compiled kernel's launcher directly.
 
@@ -42,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import inspect
 import os
 from collections.abc import Iterator
@@ -52,6 +49,13 @@ import torch
 import triton
 from triton.runtime.jit import JITFunction
 
+# the grid arithmetic and the SM count live with the torch-side helpers (launch policies run without Triton);
+# re-exported here for the launchers
+from .common import cdiv, context_value, next_power_of_2, sm_count
+
+__all__ = ["cdiv", "next_power_of_2", "sm_count", "fast_launch", "triton_launch_mode", "fast_launch_enabled",
+           "FastLaunchKernel"]
+
 # Versions whose JITFunction.run / CompiledKernel.run protocol was read and matches this module.
 _CHECKED_VERSIONS = ((3, 6), (3, 7), (3, 8), (3, 9))
 _VERSION_CHECKED = tuple(int(v) for v in triton.__version__.split(".")[:2]) in _CHECKED_VERSIONS
@@ -59,30 +63,8 @@ _MISSING = object()
 _INT32_MIN, _INT32_MAX, _UINT64_FROM = -(2**31), 2**31, 2**63
 
 
-def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for launch grids. `triton.cdiv` is a constexpr function in Triton 3.6: ~5 us per host call."""
-    return -(-a // b)
-
-
-def next_power_of_2(n: int) -> int:
-    """Smallest power of two >= n (n itself for n <= 1), as `triton.next_power_of_2` without its host cost."""
-    return n if n <= 1 else 1 << (n - 1).bit_length()
-
-
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device, off_gpu: int) -> int:
-    """Streaming multiprocessors of `device` if it is a CUDA device, else `off_gpu` (the interpreter)."""
-    if device.type != "cuda":
-        return off_gpu
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
 LAUNCH_MODES = ("fast", "triton")
-# read once: os.environ.get costs ~2 us, a sixth of a cached launch; switch at run time with triton_launch_mode
+# read once: os.environ.get costs a noticeable part of a cached launch; switch at run time with triton_launch_mode
 _MODE: contextvars.ContextVar[str] = contextvars.ContextVar(
     "mambakit_triton_launch", default=os.environ.get("MAMBAKIT_TRITON_LAUNCH", "fast"))
 
@@ -97,11 +79,8 @@ def triton_launch_mode(mode: str) -> Iterator[None]:
     """
     if mode not in LAUNCH_MODES:
         raise ValueError(f"triton_launch_mode: mode must be one of {LAUNCH_MODES}, got {mode!r}")
-    token = _MODE.set(mode)
-    try:
+    with context_value(_MODE, mode):
         yield
-    finally:
-        _MODE.reset(token)
 
 
 def fast_launch_enabled() -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..checks import ShapeChecker
-from ..dispatch import select_backend
+from ..dispatch import implementation
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
 
@@ -51,13 +51,7 @@ def causal_conv1d(
     _check_common(chk, weight, bias, activation)
     chk.tensor("initial_state", initial_state, ("batch", "dim", chk.size("width") - 1), optional=True)
     chk.seq_idx(seq_idx)
-    name = select_backend("causal_conv1d", backend, x.device)
-    if name == "reference":
-        from .reference import causal_conv1d_reference as fn
-    elif name == "torch":
-        from .conv import causal_conv1d_torch as fn
-    else:
-        from .triton_conv import causal_conv1d_triton as fn
+    _, fn = implementation("causal_conv1d", backend, x.device)
     return fn(x, weight, bias=bias, activation=activation, initial_state=initial_state,
               return_final_state=return_final_state, seq_idx=seq_idx)
 
@@ -85,13 +79,7 @@ def causal_conv1d_update(
     chk.tensor("x", x, ("batch", "dim"))
     _check_common(chk, weight, bias, activation)
     chk.tensor("conv_state", conv_state, ("batch", "dim", chk.size("width") - 1))
-    name = select_backend("causal_conv1d_update", backend, x.device)
-    if name == "reference":
-        from .reference import causal_conv1d_update_reference as fn
-    elif name == "torch":
-        from .conv import causal_conv1d_update_torch as fn
-    else:
-        from .triton_conv import causal_conv1d_update_triton as fn
+    _, fn = implementation("causal_conv1d_update", backend, x.device)
     y, new_state = fn(conv_state, x, weight, bias=bias, activation=activation)
     if new_state is not conv_state:
         conv_state.copy_(new_state)

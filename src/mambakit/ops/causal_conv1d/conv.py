@@ -21,12 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..common import write_into
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..common import compute_dtype, write_into
 
 
 def _seq_padded(seq_idx: torch.Tensor, width: int) -> torch.Tensor:

@@ -30,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import autograd_op, fake_grads, pack_grads, unpack_grads
+from ..common import autograd_op, compute_dtype, fake_grads, pack_grads, unpack_grads
 from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
+from ..triton_math import sigmoid, silu, tl_compute_dtype
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -46,7 +47,7 @@ def _load_xpad(x_row0_ptr, init_ptr, row0, shift, offs_d, mask_d, seqlen, stride
 
     x_row0_ptr already points at row row0 (one int64 offset per tile), so the in-tile offsets are
     small int32s even when L * stride passes 2**31. The initial state's load is masked, not branched
-    on: behind a runtime `if` ptxas kept both paths' registers (192 instead of 102 in the forward).
+    on: behind a runtime `if` ptxas kept both paths' registers (figures: docs/design/kernel_figures.md).
     """
     rel = tl.arange(0, ROWS) + shift
     pos = row0 + rel
@@ -104,7 +105,7 @@ def _causal_conv1d_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)[None, :]
     if SILU:
-        acc = acc / (1.0 + tl.exp(-acc))  # silu
+        acc = silu(acc)
     y_row0_ptr = y_ptr + row0.to(tl.int64) * stride_yl
     tl.store(y_row0_ptr + tl.arange(0, BLOCK_L)[:, None] * stride_yl + offs_d[None, :] * stride_yd,
              acc.to(y_ptr.dtype.element_ty), mask=(offs_t < seqlen)[:, None] & mask_d[None, :])
@@ -212,7 +213,7 @@ def _causal_conv1d_bwd_kernel(
                     if HAS_SEQ and k < W - 1:
                         tap = tl.where(seqs[j + k] == seqs[j + W - 1], tap, 0.0)
                     u += tap * w[k]
-                sig = 1.0 / (1.0 + tl.exp(-u))
+                sig = sigmoid(u)
                 du = du * sig * (1.0 + u * (1.0 - sig))
             dus = dus + (du,)
             contrib = du * w[W - 1 - j]
@@ -285,7 +286,7 @@ def _causal_conv1d_update_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
     if SILU:
-        acc = acc / (1.0 + tl.exp(-acc))  # silu
+        acc = silu(acc)
     tl.store(y_ptr + pid_b * stride_yb + offs_d * stride_yd, acc.to(y_ptr.dtype.element_ty), mask=mask_d)
 
     # every read of the old state happens before any write of the new one (state is updated in place)
@@ -299,18 +300,11 @@ def _causal_conv1d_update_kernel(
 # launchers: checks, allocation, grid
 # ----------------------------------------------------------------------------------------------
 
-_TL_ACC = {torch.float64: tl.float64}
-
-
-def _acc(dtype: torch.dtype):
-    return _TL_ACC.get(dtype, tl.float32)
-
-
 def _strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * ndim
 
 
-def _channel_contiguous(state: torch.Tensor | None) -> torch.Tensor | None:
+def channel_contiguous(state: torch.Tensor | None) -> torch.Tensor | None:
     """A (B, D, W-1) window whose channel axis has stride 1, like x's (a tiny copy when it has not).
 
     The kernels read and write windows as rows of channels, i.e. with x's layout: coalesced and
@@ -327,27 +321,25 @@ def _empty_window(batch: int, dim: int, width: int, dtype: torch.dtype, device) 
 
 
 def _fwd_config(dim: int) -> tuple[int, int, int]:
-    """(BLOCK_L, BLOCK_D, num_warps): 128 channels = 256-byte rows in bf16, 32 elements per thread.
-
-    At (2, 8192, 4096) bf16, width 4, silu, ptxas for sm_90a gives 87 registers, no spills.
-    """
+    """(BLOCK_L, BLOCK_D, num_warps): 128 channels = 256-byte rows in bf16, 32 elements per thread, no
+    register spills (docs/design/kernel_figures.md)."""
     return 64, min(128, next_power_of_2(dim)), 8
 
 
 def _bwd_config(dim: int) -> tuple[int, int, int]:
     """The backward keeps 2W-1 input tiles and W gradient tiles in registers: 8 rows per step.
 
-    (8, 128, 4) compiles to 168 registers (also with seq_idx) and no spills at width 4, bf16;
+    (8, 128, 4) compiles without spills at width 4, bf16 (docs/design/kernel_figures.md);
     benchmarks/gpu_conv_norm.py --sweep times the alternatives.
     """
     return 8, min(128, next_power_of_2(dim)), 4
 
 
-def _causal_conv1d_fwd(x, weight, bias, initial_state, seq_idx, silu, return_final_state,
-                       block_l=None, block_d=None, num_warps=None):
+def causal_conv1d_fwd(*, x, weight, bias, initial_state, seq_idx, silu: bool, return_final_state: bool,
+                      block_l=None, block_d=None, num_warps=None):
     """y (B, L, D) in x's dtype and, when asked, the final window (B, D, W-1) in x's dtype.
 
-    initial_state must have channel stride 1 (`_channel_contiguous`); the final window comes back
+    initial_state must have channel stride 1 (`channel_contiguous`); the final window comes back
     as a (B, D, W-1) view with channel stride 1.
     """
     batch, seqlen, dim = x.shape
@@ -365,13 +357,13 @@ def _causal_conv1d_fwd(x, weight, bias, initial_state, seq_idx, silu, return_fin
         *_strides(final, 3),
         W=width, BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_W=next_power_of_2(width - 1),
         HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
-        WRITE_FINAL=return_final_state, ACC=_acc(x.dtype), num_warps=num_warps,
+        WRITE_FINAL=return_final_state, ACC=tl_compute_dtype(x.dtype), num_warps=num_warps,
     )
     return y, final
 
 
-def _causal_conv1d_bwd(x, weight, bias, initial_state, seq_idx, silu, dy, dfinal, need_dinit,
-                       block_l=None, block_d=None, num_warps=None, tiles=None, dx=None):
+def causal_conv1d_bwd(*, x, weight, bias, initial_state, seq_idx, silu: bool, dy, dfinal, need_dinit: bool,
+                      block_l=None, block_d=None, num_warps=None, tiles=None, dx=None):
     """(dx, dweight, dbias or None, dinitial_state or None), each in its input's dtype.
 
     initial_state and dfinal must have channel stride 1; dinitial_state comes back with channel stride 1.
@@ -391,7 +383,7 @@ def _causal_conv1d_bwd(x, weight, bias, initial_state, seq_idx, silu, dy, dfinal
         # off the GPU (the interpreter) a "machine" of one SM makes even tiny tests loop over tiles
         tiles = min(32, next_power_of_2(max(1, programs // (16 * sm_count(x.device, 1)))))
     n_chunks = cdiv(n_tiles, tiles)
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc_dtype = compute_dtype(x.dtype)
     if dx is None:
         dx = torch.empty(batch, seqlen, dim, dtype=x.dtype, device=x.device)
     dinit = None
@@ -408,7 +400,7 @@ def _causal_conv1d_bwd(x, weight, bias, initial_state, seq_idx, silu, dy, dfinal
         *_strides(dfinal, 3), *dx.stride(), *_strides(dinit, 3), *part.stride(),
         W=width, BLOCK_L=block_l, BLOCK_D=block_d, TILES=tiles,
         HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
-        HAS_DFINAL=dfinal is not None, WRITE_DINIT=need_dinit, ACC=_acc(x.dtype), num_warps=num_warps,
+        HAS_DFINAL=dfinal is not None, WRITE_DINIT=need_dinit, ACC=tl_compute_dtype(x.dtype), num_warps=num_warps,
     )
     sums = part.sum(0)  # (W + 1, D)
     # own storage each (not views of `sums`): custom ops may not return outputs that alias each other
@@ -427,7 +419,7 @@ def _causal_conv1d_update(conv_state, x, weight, bias, silu):
     _causal_conv1d_update_kernel[grid](
         conv_state, x, weight, bias if bias is not None else x, y,
         dim, *conv_state.stride(), *x.stride(), *weight.stride(), *y.stride(),
-        W=width, BLOCK_D=block_d, HAS_BIAS=bias is not None, SILU=silu, ACC=_acc(x.dtype),
+        W=width, BLOCK_D=block_d, HAS_BIAS=bias is not None, SILU=silu, ACC=tl_compute_dtype(x.dtype),
         num_warps=4,
     )
     return y, conv_state
@@ -445,8 +437,8 @@ def _causal_conv1d_update(conv_state, x, weight, bias, silu):
 def _conv_fwd_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, initial_state: torch.Tensor | None,
                    seq_idx: torch.Tensor | None, silu: bool, return_final_state: bool) -> tuple[torch.Tensor,
                    torch.Tensor]:
-    y, final = _causal_conv1d_fwd(x, weight, bias, _channel_contiguous(initial_state), seq_idx, silu,
-                                  return_final_state)
+    y, final = causal_conv1d_fwd(x=x, weight=weight, bias=bias, initial_state=channel_contiguous(initial_state),
+                                 seq_idx=seq_idx, silu=silu, return_final_state=return_final_state)
     return y, x.new_empty(0) if final is None else final
 
 
@@ -463,8 +455,10 @@ def _(x, weight, bias, initial_state, seq_idx, silu, return_final_state):
 def _conv_bwd_impl(dy: torch.Tensor, dfinal: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None, initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None,
                    silu: bool, need_dinit: bool) -> list[torch.Tensor]:
-    dx, dweight, dbias, dinit = _causal_conv1d_bwd(x, weight, bias, _channel_contiguous(initial_state), seq_idx, silu,
-                                                   dy, _channel_contiguous(dfinal), need_dinit)
+    dx, dweight, dbias, dinit = causal_conv1d_bwd(x=x, weight=weight, bias=bias,
+                                                  initial_state=channel_contiguous(initial_state), seq_idx=seq_idx,
+                                                  silu=silu, dy=dy, dfinal=channel_contiguous(dfinal),
+                                                  need_dinit=need_dinit)
     # dinitial_state keeps the kernels' channel-stride-1 window layout (its fake says so)
     return pack_grads((dx, dweight, dbias), (x, weight, bias)) + [x.new_empty(0) if dinit is None else dinit]
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..causal_conv1d import causal_conv1d
 from ..checks import FLOATS, ShapeChecker
 from ..common import autocast_dtype
-from ..dispatch import select_backend
+from ..dispatch import implementation
 from ..selective_scan import selective_scan
 
 __all__ = ["mamba1_inner"]
@@ -73,24 +73,26 @@ def mamba1_inner(
     chk.seq_idx(seq_idx)
     if chk.size("width") < 2:
         raise ValueError(f"mamba1_inner: conv_weight must have width >= 2, got shape {tuple(conv_weight.shape)}")
-    name = select_backend("mamba1_inner", backend, xz.device)
+    name, fn = implementation("mamba1_inner", backend, xz.device)
     if name == "triton":
-        from .triton_mamba1 import mamba1_inner_triton
-
         amp = autocast_dtype(xz.device)
         if amp is None:
-            return mamba1_inner_triton(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A,
-                                       D, seq_idx)
+            return fn(xz=xz, conv_weight=conv_weight, conv_bias=conv_bias,
+                                       x_proj_weight=x_proj_weight, dt_proj_weight=dt_proj_weight,
+                                       dt_proj_bias=dt_proj_bias, A=A, D=D, seq_idx=seq_idx)
         # under autocast, x_proj and dt_proj run in the autocast dtype as nn.Linear would (the casts are
         # differentiable: the weights' gradients come back in their own dtype); the conv and the scan take
         # their parameters as they are, like the separate ops
         with torch.autocast(xz.device.type, enabled=False):
-            return mamba1_inner_triton(xz.to(amp), conv_weight, conv_bias, x_proj_weight.to(amp),
-                                       dt_proj_weight.to(amp), dt_proj_bias, A, D, seq_idx)
-    return _composed(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx, name)
+            return fn(xz=xz.to(amp), conv_weight=conv_weight, conv_bias=conv_bias,
+                                       x_proj_weight=x_proj_weight.to(amp), dt_proj_weight=dt_proj_weight.to(amp),
+                                       dt_proj_bias=dt_proj_bias, A=A, D=D, seq_idx=seq_idx)
+    return fn(xz=xz, conv_weight=conv_weight, conv_bias=conv_bias, x_proj_weight=x_proj_weight,
+              dt_proj_weight=dt_proj_weight, dt_proj_bias=dt_proj_bias, A=A, D=D, seq_idx=seq_idx, backend=name)
 
 
-def _composed(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx, backend):
+def mamba1_inner_composed(*, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx,
+                          backend: str) -> torch.Tensor:
     """The op as the public ops in a row on `backend` (autograd through each)."""
     dt_rank, dstate = dt_proj_weight.shape[1], A.shape[1]
     x, z = xz.chunk(2, dim=-1)  # (B, L, D) each

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from ..causal_conv1d import causal_conv1d
 from ..checks import ShapeChecker
 from ..common import autocast_dtype
-from ..dispatch import select_backend
+from ..dispatch import implementation
 from ..rms_norm import rms_norm
 from ..ssd import ssd
 
@@ -68,8 +68,9 @@ def _views(zxbcdt: torch.Tensor, xBC: torch.Tensor | None, H: int, P: int, G: in
 # ----------------------------------------------------------------------------------------------
 
 
-def _composed(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight, out_proj_bias, dims,
-              chunk_size, dt_limit, norm_eps, norm_group, norm_before_gate, seq_idx, backend):
+def mamba2_inner_composed(*, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight,
+                          out_proj_bias, dims, chunk_size, dt_limit, norm_eps, norm_group, norm_before_gate, seq_idx,
+                          backend: str) -> torch.Tensor:
     """The op as the public ops in a row on `backend` (autograd through each): the module's unfused math."""
     H, P, G, N = dims
     S = H * P
@@ -186,19 +187,19 @@ def mamba2_inner(
         raise ValueError(f"mamba2_inner: chunk_size must be a positive int, got {chunk_size!r}")
     if len(dt_limit) != 2 or not (0.0 <= dt_limit[0] <= dt_limit[1]):
         raise ValueError(f"mamba2_inner: dt_limit must be (low, high) with 0 <= low <= high, got {dt_limit}")
-    name = select_backend("mamba2_inner", backend, zxbcdt.device)
+    name, fn = implementation("mamba2_inner", backend, zxbcdt.device, empty=zxbcdt.shape[1] == 0)
     norm_group = S if norm_group_size is None else norm_group_size
-    args = (zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight, out_proj_bias, (H, P, G, N),
-            chunk_size, tuple(dt_limit), norm_eps, norm_group, norm_before_gate, seq_idx)
+    args = dict(zxbcdt=zxbcdt, conv_weight=conv_weight, conv_bias=conv_bias, dt_bias=dt_bias, A=A, D=D,
+                norm_weight=norm_weight, out_proj_weight=out_proj_weight, out_proj_bias=out_proj_bias,
+                dims=(H, P, G, N), chunk_size=chunk_size, dt_limit=tuple(dt_limit), norm_eps=norm_eps,
+                norm_group=norm_group, norm_before_gate=norm_before_gate, seq_idx=seq_idx)
     if name == "triton":
-        from .triton_mamba2 import mamba2_inner_triton
-
         amp = autocast_dtype(zxbcdt.device)
         if amp is None:
-            return mamba2_inner_triton(*args)
+            return fn(**args)
         # under autocast, out_proj runs in the autocast dtype as nn.Linear would (differentiable casts: the
         # weight's gradient comes back in its own dtype); conv, SSD and norm take their parameters as they are
         with torch.autocast(zxbcdt.device.type, enabled=False):
-            return mamba2_inner_triton(zxbcdt.to(amp), *args[1:7], out_proj_weight.to(amp),
-                                       None if out_proj_bias is None else out_proj_bias.to(amp), *args[9:])
-    return _composed(*args, name)
+            return fn(**{**args, "zxbcdt": zxbcdt.to(amp), "out_proj_weight": out_proj_weight.to(amp),
+                                          "out_proj_bias": None if out_proj_bias is None else out_proj_bias.to(amp)})
+    return fn(**args, backend=name)

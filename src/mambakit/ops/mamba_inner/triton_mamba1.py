@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..causal_conv1d.triton_conv import _causal_conv1d_bwd, _causal_conv1d_fwd
-from ..common import autograd_op, fake_grads, pack_grads, unpack_grads
-from ..selective_scan.triton_scan import ScanConfig, _scan_bwd, _scan_fwd
+from ..causal_conv1d.triton_conv import causal_conv1d_bwd, causal_conv1d_fwd
+from ..common import autograd_op, compute_dtype, fake_grads, pack_grads, unpack_grads
+from ..selective_scan.triton_scan import ScanConfig, scan_bwd, scan_fwd
 from ..triton_launch import cdiv
 
 __all__ = ["mamba1_inner_triton"]
@@ -43,12 +43,14 @@ def _mamba1_inner_fwd_impl(xz: torch.Tensor, conv_weight: torch.Tensor, conv_bia
     dim = conv_weight.shape[0]
     dt_rank, dstate = dt_proj_weight.shape[1], A.shape[1]
     x, z = xz[..., :dim], xz[..., dim:]
-    xc, _ = _causal_conv1d_fwd(x, conv_weight, conv_bias, None, seq_idx, True, False)  # (B, L, D)
+    xc, _ = causal_conv1d_fwd(x=x, weight=conv_weight, bias=conv_bias, initial_state=None, seq_idx=seq_idx, silu=True,
+                              return_final_state=False)  # (B, L, D)
     x_dbl = F.linear(xc, x_proj_weight)  # (B, L, K)
     dt_low, B, C = _split_x_dbl(x_dbl, dt_rank, dstate)
     dt = F.linear(dt_low, dt_proj_weight)  # (B, L, D)
-    y, _, hck = _scan_fwd(xc, dt, A, B, C, D, z, dt_proj_bias, True, None, seq_idx, save_final=False,
-                          save_chunks=save, config=ScanConfig.from_ints(config))
+    y, _, hck = scan_fwd(x=xc, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_proj_bias, dt_softplus=True,
+                         initial_state=None, seq_idx=seq_idx, save_final=False, save_chunks=save,
+                         config=ScanConfig.from_ints(config))
     if not save:
         return y, xz.new_empty(0), xz.new_empty(0, dtype=torch.float32)
     return y, x_dbl, hck
@@ -65,7 +67,7 @@ def _(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A
     if not save:
         return y, xz.new_empty(0), xz.new_empty(0, dtype=torch.float32)
     nchunks = cdiv(seqlen, ScanConfig.from_ints(config).chunk)
-    acc = torch.float64 if xz.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(xz.dtype)
     return (y, xz.new_empty(batch, seqlen, x_proj_weight.shape[0]),
             xz.new_empty(batch, nchunks, dim, dstate, dtype=acc))
 
@@ -81,12 +83,13 @@ def _mamba1_inner_bwd_impl(dy: torch.Tensor, xz: torch.Tensor, conv_weight: torc
     dt_rank, dstate = dt_proj_weight.shape[1], A.shape[1]
     x, z = xz[..., :dim], xz[..., dim:]
     # recompute what the forward did not keep
-    xc, _ = _causal_conv1d_fwd(x, conv_weight, conv_bias, None, seq_idx, True, False)
+    xc, _ = causal_conv1d_fwd(x=x, weight=conv_weight, bias=conv_bias, initial_state=None, seq_idx=seq_idx, silu=True,
+                              return_final_state=False)
     dt_low, B, C = _split_x_dbl(x_dbl, dt_rank, dstate)
     dt = F.linear(dt_low, dt_proj_weight)
-    dxc, ddt, dA, dB, dC, dD, dz, ddt_bias, _ = _scan_bwd(
-        dy, None, xc, dt, A, B, C, D, z, dt_proj_bias, True, seq_idx, hck, want_dh0=False,
-        config=ScanConfig.from_ints(config))
+    dxc, ddt, dA, dB, dC, dD, dz, ddt_bias, _ = scan_bwd(
+        dy=dy, dhlast=None, x=xc, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_proj_bias, dt_softplus=True,
+        seq_idx=seq_idx, checkpoints=hck, want_dinitial=False, config=ScanConfig.from_ints(config))
     del dt
     rows = batch * seqlen
     ddt2 = ddt.reshape(rows, dim)
@@ -97,8 +100,9 @@ def _mamba1_inner_bwd_impl(dy: torch.Tensor, xz: torch.Tensor, conv_weight: torc
     dxc.view(rows, dim).addmm_(dx_dbl, x_proj_weight)  # xc feeds both the scan and x_proj
     dxz = torch.empty_like(xz)
     dxz[..., dim:].copy_(dz)
-    _, d_conv_weight, d_conv_bias, _ = _causal_conv1d_bwd(x, conv_weight, conv_bias, None, seq_idx, True, dxc,
-                                                          None, False, dx=dxz[..., :dim])
+    _, d_conv_weight, d_conv_bias, _ = causal_conv1d_bwd(x=x, weight=conv_weight, bias=conv_bias, initial_state=None,
+                                                         seq_idx=seq_idx, silu=True, dy=dxc, dfinal=None,
+                                                         need_dinit=False, dx=dxz[..., :dim])
     grads = (dxz, d_conv_weight, d_conv_bias, d_x_proj_weight, d_dt_proj_weight, ddt_bias, dA, dD)
     return pack_grads(grads, (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D))
 
@@ -130,7 +134,7 @@ _mamba1_inner_op = autograd_op("Mamba1Inner", _mamba1_inner_fwd_impl, _mamba1_in
                                _mamba1_inner_backward, _mamba1_inner_bwd_impl, _mamba1_inner_bwd)
 
 
-def mamba1_inner_triton(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx,
+def mamba1_inner_triton(*, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx,
                         config: ScanConfig | None = None):
     """Fused Triton path of `mambakit.ops.mamba1_inner` (arguments checked there): y (B, L, D) in xz's dtype.
 

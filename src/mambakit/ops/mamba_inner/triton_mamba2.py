@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..causal_conv1d.triton_conv import _causal_conv1d_bwd, _causal_conv1d_fwd
+from ..causal_conv1d.triton_conv import causal_conv1d_bwd, causal_conv1d_fwd
 from ..common import autograd_op, fake_grads, pack_grads, unpack_grads
-from ..rms_norm.triton_norm import _rms_norm_bwd, _rms_norm_fwd
+from ..rms_norm.triton_norm import rms_norm_bwd, rms_norm_fwd
 from ..ssd.triton_ssd import kernel_chunk, ssd_triton_backward, ssd_triton_forward, ssd_triton_intermediates
 from .mamba2 import _views
 
@@ -41,15 +41,17 @@ def _mamba2_inner_fwd_impl(zxbcdt: torch.Tensor, conv_weight: torch.Tensor, conv
     S = H * P
     batch, seqlen, _ = zxbcdt.shape
     xBC_in = _views(zxbcdt, None, H, P, G, N)[1]
-    xBC, _ = _causal_conv1d_fwd(xBC_in, conv_weight, conv_bias, None, seq_idx, True, False)  # (b, L, K)
+    xBC, _ = causal_conv1d_fwd(x=xBC_in, weight=conv_weight, bias=conv_bias, initial_state=None, seq_idx=seq_idx,
+                               silu=True, return_final_state=False)  # (b, L, K)
     z, _, dt, x, B, C = _views(zxbcdt, xBC, H, P, G, N)
     gate = None if norm_weight is not None else z.unflatten(-1, (H, P))
-    y, _, (_, _, _, _, y_pre) = ssd_triton_forward(x, dt, A, B, C, D, gate, dt_bias, None, seq_idx, True,
-                                                   tuple(dt_limit), T)  # y: (b, L, H, P)
+    y, _, (_, _, _, _, y_pre) = ssd_triton_forward(x=x, dt=dt, A=A, B=B, C=C, D=D, z=gate, dt_bias=dt_bias,
+                                                   initial_state=None, seq_idx=seq_idx, dt_softplus=True,
+                                                   dt_limit=tuple(dt_limit), T=T)  # y: (b, L, H, P)
     del xBC, x, B, C
     if norm_weight is not None:
-        y_out, _ = _rms_norm_fwd(y.view(-1, S), norm_weight, z.reshape(-1, S), norm_eps, norm_group,
-                                 norm_before_gate)  # (b L, S); rstd not kept: the backward reruns this
+        y_out, _ = rms_norm_fwd(x2=y.view(-1, S), weight=norm_weight, z2=z.reshape(-1, S), eps=norm_eps,
+                                group=norm_group, norm_before_gate=norm_before_gate)  # (b L, S); rstd not kept: the backward reruns this
         keep = y
     else:
         y_out, keep = y.view(-1, S), y_pre  # the SSD backward needs y before the gate, in float32
@@ -85,12 +87,14 @@ def _mamba2_inner_bwd_impl(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_weight
     xBC_in = _views(zxbcdt, None, H, P, G, N)[1]
 
     # recompute the conv output
-    xBC, _ = _causal_conv1d_fwd(xBC_in, conv_weight, conv_bias, None, seq_idx, True, False)
+    xBC, _ = causal_conv1d_fwd(x=xBC_in, weight=conv_weight, bias=conv_bias, initial_state=None, seq_idx=seq_idx,
+                               silu=True, return_final_state=False)
     z, _, dt, x, B, C = _views(zxbcdt, xBC, H, P, G, N)
     z2 = z.reshape(rows, S)  # a view: rows of zxbcdt
     if norm_weight is not None:
         y2 = keep.view(rows, S)
-        y_out, rstd = _rms_norm_fwd(y2, norm_weight, z2, norm_eps, norm_group, norm_before_gate)
+        y_out, rstd = rms_norm_fwd(x2=y2, weight=norm_weight, z2=z2, eps=norm_eps, group=norm_group,
+                                   norm_before_gate=norm_before_gate)
     else:
         y_out = (keep * F.silu(z.unflatten(-1, (H, P)).float())).to(x.dtype).view(rows, S)
 
@@ -104,8 +108,8 @@ def _mamba2_inner_bwd_impl(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_weight
     dzxbcdt = torch.empty_like(zxbcdt)  # every gradient of in_proj's output lands here, slice by slice
     d_norm_w = None
     if norm_weight is not None:
-        dy2, d_norm_w, dz2 = _rms_norm_bwd(y2, norm_weight, z2, rstd, dy_out.to(y2.dtype), norm_group,
-                                           norm_before_gate)
+        dy2, d_norm_w, dz2 = rms_norm_bwd(x2=y2, weight=norm_weight, z2=z2, rstd=rstd, dy2=dy_out.to(y2.dtype),
+                                          group=norm_group, norm_before_gate=norm_before_gate)
         dzxbcdt[..., :S].copy_(dz2.view(batch, seqlen, S))
         dy, gate, y_pre = dy2.view(batch, seqlen, H, P), None, None
         del dz2
@@ -114,11 +118,11 @@ def _mamba2_inner_bwd_impl(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_weight
     del dy_out
 
     # SSD backward, from its recomputed intermediates (decay, C B^T, chunk states; y itself is kept)
-    dtp, cs, cb, states, _ = ssd_triton_intermediates(x, dt, A, B, C, dt_bias, None, seq_idx, True,
-                                                      dt_limit, T)
+    dtp, cs, cb, states, _ = ssd_triton_intermediates(x=x, dt=dt, A=A, B=B, C=C, dt_bias=dt_bias, initial_state=None,
+                                                      seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit, T=T)
     dx, ddt, dA, dB, dC, dD, dz, d_dt_bias, _ = ssd_triton_backward(
-        dy, None, x, dt, A, B, C, D, gate, dt_bias, seq_idx, dtp, cs, cb, states, y_pre, True, dt_limit, T,
-        False)
+        dy=dy, dfinal=None, x=x, dt=dt, A=A, B=B, C=C, D=D, z=gate, dt_bias=dt_bias, seq_idx=seq_idx, dtp=dtp,
+        cs=cs, cb=cb, states=states, y_pre=y_pre, dt_softplus=True, dt_limit=dt_limit, T=T, need_dh0=False)
     del dy, xBC, x, B, C, dtp, cs, cb, states
     if dz is not None:
         dzxbcdt[..., :S].copy_(dz.view(batch, seqlen, S))
@@ -130,8 +134,9 @@ def _mamba2_inner_bwd_impl(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_weight
     dxBC[..., S:S + G * N].copy_(dB.view(batch, seqlen, G * N))
     dxBC[..., S + G * N:].copy_(dC.view(batch, seqlen, G * N))
     del dx, dB, dC
-    _, d_conv_w, d_conv_b, _ = _causal_conv1d_bwd(xBC_in, conv_weight, conv_bias, None, seq_idx, True, dxBC,
-                                                  None, False, dx=_views(dzxbcdt, None, H, P, G, N)[1])
+    _, d_conv_w, d_conv_b, _ = causal_conv1d_bwd(x=xBC_in, weight=conv_weight, bias=conv_bias, initial_state=None,
+                                                 seq_idx=seq_idx, silu=True, dy=dxBC, dfinal=None, need_dinit=False,
+                                                 dx=_views(dzxbcdt, None, H, P, G, N)[1])
     grads = (dzxbcdt, d_conv_w, d_conv_b, d_dt_bias, dA, dD, d_norm_w, d_out_w, d_out_b)
     return pack_grads(grads, (zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight,
                               out_proj_bias))
@@ -163,7 +168,7 @@ _mamba2_inner_op = autograd_op("Mamba2Inner", _mamba2_inner_fwd_impl, _mamba2_in
                                _mamba2_inner_backward, _mamba2_inner_bwd_impl, _mamba2_inner_bwd)
 
 
-def mamba2_inner_triton(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight, out_proj_bias,
+def mamba2_inner_triton(*, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight, out_proj_bias,
                          dims, chunk_size, dt_limit, norm_eps, norm_group, norm_before_gate, seq_idx):
     """Normalise layouts and dtypes (float32 parameters: the kernels' accumulators) and apply the node."""
     if zxbcdt.dtype not in _TRITON_DTYPES:

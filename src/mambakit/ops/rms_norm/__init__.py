@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..checks import ShapeChecker
-from ..dispatch import select_backend
+from ..dispatch import implementation
 
 __all__ = ["rms_norm", "add_rms_norm"]
 
@@ -45,13 +45,7 @@ def rms_norm(
         raise ValueError(f"rms_norm: group_size must be a positive int dividing hidden={hidden}, got {group_size!r}")
     if eps < 0:
         raise ValueError(f"rms_norm: eps must be >= 0, got {eps}")
-    name = select_backend("rms_norm", backend, x.device)
-    if name == "reference":
-        from .reference import rms_norm_reference as fn
-    elif name == "torch":
-        from .norm import rms_norm_torch as fn
-    else:
-        from .triton_norm import rms_norm_triton as fn
+    _, fn = implementation("rms_norm", backend, x.device)
     return fn(x, weight, eps=eps, z=z, group_size=group_size, norm_before_gate=norm_before_gate)
 
 
@@ -92,11 +86,7 @@ def add_rms_norm(
         raise ValueError(f"add_rms_norm: eps must be >= 0, got {eps}")
     if residual_dtype is not None and residual_dtype not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"add_rms_norm: residual_dtype must be a floating dtype, got {residual_dtype}")
-    name = select_backend("add_rms_norm", backend, x.device, supported=("torch", "triton"))
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, residual, weight))
-    if name == "triton" and not needs_grad:
-        from .triton_norm import add_rms_norm_triton as fn
-    else:
-        from .norm import add_rms_norm_torch as fn
+    _, fn = implementation("add_rms_norm", backend, x.device, needs_grad=needs_grad)
     return fn(x, residual, weight, eps=eps, residual_dtype=residual_dtype)

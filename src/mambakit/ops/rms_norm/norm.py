@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..common import compute_dtype
+
 
 def rms_norm_torch(
     x: torch.Tensor,
@@ -30,7 +32,7 @@ def rms_norm_torch(
     Example:
         >>> y = rms_norm_torch(torch.randn(2, 10, 256), torch.ones(256), z=torch.randn(2, 10, 256), group_size=128)
     """
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(x.dtype)
     h_NH = x.to(cdt)
     gate_NH = F.silu(z.to(cdt)) if z is not None else None
     if gate_NH is not None and not norm_before_gate:

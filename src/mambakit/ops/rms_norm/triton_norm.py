@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import autograd_op, fake_grads, pack_grads, unpack_grads
+from ..common import autograd_op, compute_dtype, fake_grads, pack_grads, unpack_grads
 from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
+from ..triton_math import sigmoid, silu, tl_compute_dtype, tl_dtype
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -51,7 +52,7 @@ def _rms_norm_fwd_kernel(
     h = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(ACC)
     if HAS_Z:
         z = tl.load(z_ptr + rows[:, None] * stride_zr + cols[None, :], mask=mask, other=0.0).to(ACC)
-        gate = z / (1.0 + tl.exp(-z))
+        gate = silu(z)
         if not NORM_BEFORE_GATE:
             h = h * gate
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / group + eps)  # (BR,)
@@ -91,7 +92,7 @@ def _rms_norm_bwd_kernel(
         h = x
         if HAS_Z:
             z = tl.load(z_ptr + rows[:, None] * stride_zr + cols[None, :], mask=mask, other=0.0).to(ACC)
-            sig = 1.0 / (1.0 + tl.exp(-z))
+            sig = sigmoid(z)
             gate = z * sig
             dgate = sig * (1.0 + z * (1.0 - sig))
             if not NORM_BEFORE_GATE:
@@ -149,10 +150,6 @@ def _add_rms_norm_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
     """(N, H) view (a copy only when the leading dims do not flatten or channels are strided)."""
     t2 = t.reshape(-1, hidden)
@@ -167,7 +164,7 @@ def _tile(group: int, elems: int) -> tuple[int, int, int]:
     return block_r, block_g, num_warps
 
 
-def _rms_norm_fwd(x2, weight, z2, eps, group, norm_before_gate, elems=4096, num_warps=None):
+def rms_norm_fwd(*, x2, weight, z2, eps: float, group: int, norm_before_gate: bool, elems=4096, num_warps=None):
     """y (N, H) in x's dtype and rstd (N, H // G) float32 (float64 for float64 x).
 
     elems / num_warps override the tile (benchmark sweeps, tests of ragged tiles).
@@ -177,7 +174,7 @@ def _rms_norm_fwd(x2, weight, z2, eps, group, norm_before_gate, elems=4096, num_
     block_r, block_g, warps = _tile(group, elems)
     num_warps = num_warps or warps
     y2 = torch.empty(n_rows, hidden, dtype=x2.dtype, device=x2.device)
-    rstd = torch.empty(n_rows, n_groups, dtype=torch.float64 if x2.dtype == torch.float64 else torch.float32,
+    rstd = torch.empty(n_rows, n_groups, dtype=compute_dtype(x2.dtype),
                        device=x2.device)
     grid = (cdiv(n_rows, block_r), n_groups)
     _rms_norm_fwd_kernel[grid](
@@ -185,12 +182,13 @@ def _rms_norm_fwd(x2, weight, z2, eps, group, norm_before_gate, elems=4096, num_
         n_rows, group, eps,
         x2.stride(0), z2.stride(0) if z2 is not None else 0, y2.stride(0), rstd.stride(0),
         BLOCK_R=block_r, BLOCK_G=block_g, HAS_Z=z2 is not None, NORM_BEFORE_GATE=norm_before_gate,
-        ACC=_acc(x2.dtype), num_warps=num_warps,
+        ACC=tl_compute_dtype(x2.dtype), num_warps=num_warps,
     )
     return y2, rstd
 
 
-def _rms_norm_bwd(x2, weight, z2, rstd, dy2, group, norm_before_gate, elems=2048, num_warps=None, row_tiles=None):
+def rms_norm_bwd(*, x2, weight, z2, rstd, dy2, group: int, norm_before_gate: bool, elems=2048, num_warps=None,
+                 row_tiles=None):
     """(dx (N, H), dweight (H,), dz (N, H) or None), each in its input's dtype."""
     n_rows, hidden = x2.shape
     n_groups = hidden // group
@@ -212,7 +210,7 @@ def _rms_norm_bwd(x2, weight, z2, rstd, dy2, group, norm_before_gate, elems=2048
         x2.stride(0), z2.stride(0) if z2 is not None else 0, dy2.stride(0), rstd.stride(0), dx2.stride(0),
         dz2.stride(0) if dz2 is not None else 0, part.stride(0),
         ROW_TILES=row_tiles, BLOCK_R=block_r, BLOCK_G=block_g, HAS_Z=z2 is not None,
-        NORM_BEFORE_GATE=norm_before_gate, ACC=_acc(x2.dtype), num_warps=num_warps,
+        NORM_BEFORE_GATE=norm_before_gate, ACC=tl_compute_dtype(x2.dtype), num_warps=num_warps,
     )
     return dx2, part.sum(0).to(weight.dtype), dz2
 
@@ -222,17 +220,13 @@ def _rms_norm_bwd(x2, weight, z2, rstd, dy2, group, norm_before_gate, elems=2048
 # ----------------------------------------------------------------------------------------------
 
 
-_TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
-              torch.float16: tl.float16}
-
-
 # One custom op pair (torch.library, autograd registered) on (N, H) rows; x, z, weight and the per-row-group rstd
 # are kept for the backward.
 
 
 def _rms_norm_fwd_impl(x2: torch.Tensor, weight: torch.Tensor, z2: torch.Tensor | None, eps: float, group: int,
                        norm_before_gate: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rms_norm_fwd(x2, weight, z2, eps, group, norm_before_gate)
+    return rms_norm_fwd(x2=x2, weight=weight, z2=z2, eps=eps, group=group, norm_before_gate=norm_before_gate)
 
 
 _rms_norm_fwd_op = torch.library.custom_op("mambakit::rms_norm_fwd", mutates_args=())(_rms_norm_fwd_impl)
@@ -240,14 +234,16 @@ _rms_norm_fwd_op = torch.library.custom_op("mambakit::rms_norm_fwd", mutates_arg
 
 @_rms_norm_fwd_op.register_fake
 def _(x2, weight, z2, eps, group, norm_before_gate):
-    acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(x2.dtype)
     return x2.new_empty(x2.shape), x2.new_empty(x2.shape[0], x2.shape[1] // group, dtype=acc)
 
 
 def _rms_norm_bwd_impl(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, z2: torch.Tensor | None,
                        rstd: torch.Tensor, group: int, norm_before_gate: bool) -> list[torch.Tensor]:
     dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
-    return pack_grads(_rms_norm_bwd(x2, weight, z2, rstd, dy2, group, norm_before_gate), (x2, weight, z2))
+    grads = rms_norm_bwd(x2=x2, weight=weight, z2=z2, rstd=rstd, dy2=dy2, group=group,
+                         norm_before_gate=norm_before_gate)
+    return pack_grads(grads, (x2, weight, z2))
 
 
 _rms_norm_bwd_op = torch.library.custom_op("mambakit::rms_norm_bwd", mutates_args=())(_rms_norm_bwd_impl)
@@ -287,8 +283,8 @@ def _add_rms_norm_impl(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.
         n_rows, hidden, float(eps),
         x2.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0), s2.stride(0),
         BLOCK_R=block_r, BLOCK_H=block_h, HAS_R=r2 is not None,
-        SUM_DT=_TL_DTYPES[sum_dtype], W_DT=_TL_DTYPES[weight.dtype],
-        ACC=_acc(torch.promote_types(sum_dtype, weight.dtype)), num_warps=num_warps,
+        SUM_DT=tl_dtype(sum_dtype), W_DT=tl_dtype(weight.dtype),
+        ACC=tl_compute_dtype(torch.promote_types(sum_dtype, weight.dtype)), num_warps=num_warps,
     )
     return y2, s2
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..checks import FLOATS, ShapeChecker, as_grouped
-from ..dispatch import select_backend
+from ..dispatch import implementation
 
 __all__ = ["selective_scan", "selective_state_update"]
 
@@ -19,16 +19,6 @@ def _check_params(chk: ShapeChecker, A, D, dt_bias, z, z_dims) -> None:
     chk.tensor("dt_bias", dt_bias, ("dim",), optional=True)
     chk.tensor("z", z, z_dims, optional=True)
     chk.divides("B", "ngroups", "dim")
-
-
-def _implementation(backend: str):
-    if backend == "reference":
-        from .reference import selective_scan_reference as fn
-    elif backend == "torch":
-        from .chunked import selective_scan_chunked as fn
-    else:
-        from .triton_scan import selective_scan_triton as fn
-    return fn
 
 
 def selective_scan(
@@ -82,10 +72,8 @@ def selective_scan(
     state_dtypes = (torch.float32, torch.float64) + ((torch.complex64, torch.complex128) if A.is_complex() else ())
     chk.tensor("initial_state", initial_state, ("batch", "dim", "dstate"), dtypes=state_dtypes, optional=True)
     chk.seq_idx(seq_idx)
-    name = select_backend("selective_scan", backend, x.device)
-    if name == "triton" and A.is_complex():
-        raise ValueError("selective_scan: complex A is supported by the 'reference' and 'torch' backends, not 'triton'")
-    return _implementation(name)(
+    _, fn = implementation("selective_scan", backend, x.device, complex_A=A.is_complex())
+    return fn(
         x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state,
         return_final_state=return_final_state, seq_idx=seq_idx,
     )
@@ -129,13 +117,7 @@ def selective_state_update(
     _check_params(chk, A, D, dt_bias, z, ("batch", "dim"))
     state_dtypes = (torch.float32, torch.float64) + ((torch.complex64, torch.complex128) if A.is_complex() else ())
     chk.tensor("state", state, ("batch", "dim", "dstate"), dtypes=state_dtypes)
-    name = select_backend("selective_state_update", backend, x.device)
-    if name == "reference":
-        from .reference import selective_state_update_reference as fn
-    elif name == "torch":
-        from .step import selective_state_update_torch as fn
-    else:
-        from .triton_step import selective_state_update_triton as fn
+    _, fn = implementation("selective_state_update", backend, x.device, complex_A=A.is_complex())
     y, new_state = fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
     if new_state is not state:
         state.copy_(new_state)

@@ -33,12 +33,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..common import write_into
+from ..common import LOG2E, compute_dtype, write_into
 from .reference import state_dtype
 
 __all__ = ["selective_scan_chunked", "default_chunk_len"]
-
-_LOG2E = math.log2(math.e)
 
 
 @dataclass
@@ -74,10 +72,6 @@ def default_chunk_len(batch: int, dim: int, dstate: int) -> int:
     return int(min(64, max(8, 2 ** round(math.log2(2**20 / per_step)))))
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _time_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(b, l, ...) -> contiguous (l, b, ...) in `dtype`, in one copy."""
     out = torch.empty((t.shape[1], t.shape[0]) + tuple(t.shape[2:]), dtype=dtype, device=t.device)
@@ -94,7 +88,7 @@ def _keep_mask(seq_idx: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
 
 
 def _prepare(x, dt, A, B, C, dt_bias, dt_softplus, seq_idx) -> _Prepared:
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x.dtype)
     if dt_bias is None:
         dt_raw = _time_major(dt, cdt)  # (l, b, d)
     else:  # the bias add doubles as the layout copy
@@ -110,7 +104,7 @@ def _prepared_from(x_, dt_, dt_raw, B_, C_, A, seq_idx) -> _Prepared:
     """Assemble the shared inputs from time-major x, dt', B, C (what the forward saves for the backward)."""
     g, n = B_.shape[2], B_.shape[3]
     A_gne = A.to(x_.dtype).reshape(g, A.shape[0] // g, n).transpose(1, 2).contiguous()  # (g, n, e)
-    return _Prepared(x=x_, dt=dt_, dt_raw=dt_raw, dtx=dt_ * x_, B=B_, C=C_, A=A_gne, A_log2=A_gne * _LOG2E,
+    return _Prepared(x=x_, dt=dt_, dt_raw=dt_raw, dtx=dt_ * x_, B=B_, C=C_, A=A_gne, A_log2=A_gne * LOG2E,
                      keep=_keep_mask(seq_idx, x_.dtype))
 
 
@@ -377,7 +371,7 @@ def _complex_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, ret
 
     Memory kept for the backward: the entry state of each chunk plus (l, b, d)-sized inputs.
     """
-    real = _compute_dtype(x)
+    real = compute_dtype(x.dtype)
     cplx = torch.complex128 if real == torch.float64 else torch.complex64
     batch, seqlen, dim = x.shape
     n = A.shape[1]

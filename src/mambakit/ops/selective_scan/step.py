@@ -11,19 +11,12 @@ any dimension, so a token costs a few op launches per layer. The decay is exp2(d
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
+from ..common import LOG2E, as_dtype
+
 __all__ = ["selective_state_update_torch"]
-
-_LOG2E = math.log2(math.e)
-
-
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in dtype; a same-dtype `.to` still costs a dispatch (~1.5 us), and a step makes a dozen of them."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def selective_state_update_torch(
@@ -56,16 +49,16 @@ def selective_state_update_torch(
     g = B.shape[1]
     e = d // g
     real = torch.float64 if torch.float64 in (x.dtype, state.dtype) else torch.float32
-    dt_ = _as(dt, real) if dt_bias is None else torch.add(_as(dt, real), _as(dt_bias, real))  # (b, d)
+    dt_ = as_dtype(dt, real) if dt_bias is None else torch.add(as_dtype(dt, real), as_dtype(dt_bias, real))  # (b, d)
     if dt_softplus:
         dt_ = F.softplus(dt_)
-    x_ = _as(x, real)
+    x_ = as_dtype(x, real)
     is_complex = A.is_complex() or B.is_complex() or C.is_complex()
     if is_complex:
         cplx = torch.complex128 if real == torch.float64 else torch.complex64
         decay = torch.exp(dt_[:, :, None] * A.to(cplx))  # (b, d, n)
     else:
-        decay = torch.mul(dt_[:, :, None], _as(A, real)).mul_(_LOG2E).exp2_()  # (b, d, n); exp2: see chunked.py
+        decay = torch.mul(dt_[:, :, None], as_dtype(A, real)).mul_(LOG2E).exp2_()  # (b, d, n); exp2: see chunked.py
     in_place = (state.is_complex() or not is_complex) and state.is_contiguous()  # the views below need contiguity
     if in_place:
         h = state
@@ -74,13 +67,13 @@ def selective_state_update_torch(
     work = h.dtype  # B and C join the state's dtype (real, or complex when the state is)
     h.mul_(decay)
     # channel d reads group d // e: the (b, g, e, n) view of h broadcasts B, C over e
-    h.view(b, g, e, n).addcmul_((dt_ * x_).view(b, g, e, 1), _as(B, work).view(b, g, 1, n))
+    h.view(b, g, e, n).addcmul_((dt_ * x_).view(b, g, e, 1), as_dtype(B, work).view(b, g, 1, n))
     # <C, h> as a batched matrix-vector product: a sum over the contiguous n axis is slower on CPU
-    y = torch.bmm(h.view(b * g, e, n), _as(C, work).reshape(b * g, n, 1)).view(b, d)
+    y = torch.bmm(h.view(b * g, e, n), as_dtype(C, work).reshape(b * g, n, 1)).view(b, d)
     if is_complex:
         y = (2.0 if A.is_complex() else 1.0) * y.real  # conjugate-pair convention of S4D (reference.py)
     if D is not None:
-        y = y.addcmul_(_as(D, real), x_) if y.dtype == real else y + _as(D, real) * x_
+        y = y.addcmul_(as_dtype(D, real), x_) if y.dtype == real else y + as_dtype(D, real) * x_
     if z is not None:
-        y = y.mul_(F.silu(_as(z, real))) if y.dtype == real else y * F.silu(_as(z, real))
-    return _as(y, x.dtype), h
+        y = y.mul_(F.silu(as_dtype(z, real))) if y.dtype == real else y * F.silu(as_dtype(z, real))
+    return as_dtype(y, x.dtype), h

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ..dispatch import triton_interpret
 from ..triton_launch import cdiv, fast_launch, next_power_of_2
-from .triton_scan import _delta
+from ..triton_math import LOG2E, dt_softplus_sigmoid, tl_compute_dtype
 
 __all__ = ["selective_state_update_triton"]
 
@@ -48,11 +48,11 @@ def _state_update_kernel(
     x = tl.load(x_ptr + pid_b * s_xb + d, mask=d_ok, other=0.0).to(ACC)
     dtv = tl.load(dt_ptr + pid_b * s_dtb + d, mask=d_ok, other=0.0).to(ACC)
     bias = tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(ACC) if HAS_BIAS else 0.0
-    delta, _ = _delta(dtv, bias, HAS_BIAS, SOFTPLUS, LIBDEVICE)
+    delta, _ = dt_softplus_sigmoid(dtv, bias, HAS_BIAS, SOFTPLUS, LIBDEVICE)
     A = tl.load(A_ptr + d[:, None] * s_Ad + n[None, :] * s_An, mask=ok, other=0.0).to(ACC)
     Bv = tl.load(B_ptr + pid_b * s_Bb + grp * s_Bg + n[None, :], mask=ok, other=0.0).to(ACC)
     Cv = tl.load(C_ptr + pid_b * s_Cb + grp * s_Cg + n[None, :], mask=ok, other=0.0).to(ACC)
-    h = tl.exp2(delta[:, None] * (A * 1.4426950408889634)) * h + (delta * x)[:, None] * Bv
+    h = tl.exp2(delta[:, None] * (A * LOG2E)) * h + (delta * x)[:, None] * Bv
     tl.store(h_ptrs, h.to(state_ptr.dtype.element_ty), mask=ok)
     y = tl.sum(h * Cv, axis=1)
     if HAS_D:
@@ -99,7 +99,7 @@ def selective_state_update_triton(
     if state.stride(-1) != 1:
         raise ValueError(f"selective_state_update_triton: state must have a contiguous last dim, got strides "
                          f"{tuple(state.stride())}")
-    acc = tl.float64 if state.dtype == torch.float64 else tl.float32
+    acc = tl_compute_dtype(state.dtype)
     x, dt, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt, B, C))
     z = z if z is None or z.stride(-1) == 1 else z.contiguous()
     D = D if D is None else D.contiguous()  # read as dense (dim,) vectors

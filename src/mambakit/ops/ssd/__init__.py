@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..checks import ShapeChecker, as_grouped
-from ..dispatch import select_backend
+from ..dispatch import implementation
 
 __all__ = ["ssd", "ssd_state_update"]
 
@@ -80,13 +80,7 @@ def ssd(
     chk.seq_idx(seq_idx)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
-    name = select_backend("ssd", backend, x.device)
-    if name == "reference":
-        from .reference import ssd_reference as fn
-    elif name == "torch":
-        from .chunked import ssd_chunked as fn
-    else:
-        from .triton_ssd import ssd_triton as fn
+    _, fn = implementation("ssd", backend, x.device)
     return fn(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=tuple(dt_limit),
               chunk_size=chunk_size, initial_state=initial_state, return_final_state=return_final_state,
               seq_idx=seq_idx)
@@ -134,13 +128,7 @@ def ssd_state_update(
     _check_params(chk, A, D, dt_bias, dt_limit)
     chk.tensor("state", state, ("batch", "nheads", "headdim", "dstate"),
                dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16))
-    name = select_backend("ssd_state_update", backend, x.device)
-    if name == "reference":
-        from .reference import ssd_state_update_reference as fn
-    elif name == "torch":
-        from .step import ssd_state_update_torch as fn
-    else:
-        from .triton_step import ssd_state_update_triton as fn
+    _, fn = implementation("ssd_state_update", backend, x.device)
     y, new_state = fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                       dt_limit=tuple(dt_limit))
     if new_state is not state:

@@ -17,10 +17,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..common import compute_dtype
+
 
 def state_dtype(x_dtype: torch.dtype) -> torch.dtype:
-    """States are float32, or float64 when the inputs are float64."""
-    return torch.float64 if x_dtype == torch.float64 else torch.float32
+    """States are float32, or float64 when the inputs are float64 (`ops.common.compute_dtype`)."""
+    return compute_dtype(x_dtype)
 
 
 def effective_dt(dt, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):

@@ -18,15 +18,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..common import as_dtype
 from .chunked import effective_dt_as
 from .reference import state_dtype
 
 __all__ = ["ssd_state_update_torch"]
-
-
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in dtype; a same-dtype `.to` still costs a dispatch (~1.5 us), and a step makes several."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def ssd_state_update_torch(
@@ -60,19 +56,19 @@ def ssd_state_update_torch(
     # math in the state's precision, or float64 when the inputs are float64
     cd = torch.promote_types(state.dtype, state_dtype(x.dtype))
     dt_ = effective_dt_as(dt, dt_bias, dt_softplus, dt_limit, cd)  # (b, H)
-    x_ = _as(x, cd)
+    x_ = as_dtype(x, cd)
 
     h = state if (state.dtype == cd and state.is_contiguous()) else state.to(cd).contiguous()
     # exp(dt' A) <= 1 for A <= 0: the old state only shrinks
-    h.view(b, H, P * N).mul_(torch.exp(dt_ * _as(A, cd))[..., None])
+    h.view(b, H, P * N).mul_(torch.exp(dt_ * as_dtype(A, cd))[..., None])
     h_g = h.view(b * G, R * P, N)
-    h_g.baddbmm_((x_ * dt_[..., None]).reshape(b * G, R * P, 1), _as(B, cd).reshape(b * G, 1, N))
-    y = torch.bmm(h_g, _as(C, cd).reshape(b * G, N, 1)).view(b, H, P)
+    h_g.baddbmm_((x_ * dt_[..., None]).reshape(b * G, R * P, 1), as_dtype(B, cd).reshape(b * G, 1, N))
+    y = torch.bmm(h_g, as_dtype(C, cd).reshape(b * G, N, 1)).view(b, H, P)
     if D is not None:
-        D_ = _as(D, cd)
+        D_ = as_dtype(D, cd)
         y = y.addcmul_(D_[:, None] if D_.dim() == 1 else D_, x_)  # y is bmm's fresh output: updated in place
     if z is not None:
-        y = y.mul_(F.silu(_as(z, cd)))
+        y = y.mul_(F.silu(as_dtype(z, cd)))
     if h is not state:
         state.copy_(h)
-    return _as(y, x.dtype), state
+    return as_dtype(y, x.dtype), state

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import cdiv, fast_launch, next_power_of_2
-from .triton_common import dt_transform
+from ..triton_math import dt_transform
 
 __all__ = ["chunk_decay_fwd"]
 

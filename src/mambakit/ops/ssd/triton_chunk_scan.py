@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import cdiv, fast_launch, next_power_of_2
-from .triton_common import kernel_flags, mm, silu, to_dtype
+from ..triton_math import silu
+from .triton_common import kernel_flags, mm, to_dtype
 
 __all__ = ["chunk_cb_fwd", "chunk_scan_fwd"]
 

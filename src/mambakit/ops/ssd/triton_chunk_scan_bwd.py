@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
-from .triton_common import dt_transform_grad, kernel_flags, mm, silu, silu_grad, to_dtype
+from ..triton_math import dt_transform_grad, silu, silu_grad
+from .triton_common import kernel_flags, mm, to_dtype
 
 __all__ = ["chunk_dcb_bwd", "chunk_dbc_bwd", "chunk_dx_bwd", "bwd_config"]
 

@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
-from .triton_common import kernel_flags, mm, silu, store_dtype, to_dtype
+from ..triton_math import silu
+from .triton_common import kernel_flags, mm, store_dtype, to_dtype
 from .triton_state_passing import state_passing_fwd
 
 __all__ = ["chunk_state_fwd", "chunk_state_local_fwd", "use_parallel_chunk_state", "chunk_state_bwd"]
@@ -245,12 +246,10 @@ def _blocks(headdim: int, dstate: int, cfg: dict | None) -> dict:
     return cfg
 
 
-# Path policy of the forward (see use_parallel_chunk_state). Reasoning, H100, batch 2 x 64 heads x (64, 128):
-# the fused walk runs b H (P/64)(N/64) = 256 programs (< 2 per SM), each 32 dependent chunk steps at
-# seqlen 8192, and measured 0.210 ms for 201 MB (x in, bf16 states out): 0.96 TB/s, latency-bound. The
-# parallel path moves 2.4x the bytes (x in + fp32 S out: 268 MB; S in + bf16 states out: 203 MB) in a
-# launch of 4096 programs and a purely streaming walk (1024 programs, the next chunk's S always in
-# flight), so it wins only if the two together stream at more than 470 MB / 0.210 ms = 2.2 TB/s.
+# Path policy of the forward (see use_parallel_chunk_state). The fused walk runs b H (P/64)(N/64) programs, each
+# a chain of dependent chunk steps: with few programs it is latency-bound. The parallel path moves about 2.4x
+# the bytes in two streaming launches with many programs, so it wins only when those stream fast enough
+# (the H100 reasoning with its figures: docs/design/kernel_figures.md).
 # Short sequences keep the fused kernel: the second launch and allocation cost host time that a few
 # chunks cannot repay. Both thresholds are reasoning until the "state_fwd paths" table of
 # benchmarks/gpu_ssd.py has been read on the GPU.

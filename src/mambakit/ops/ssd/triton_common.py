@@ -1,4 +1,5 @@
-"""Pieces shared by the SSD Triton kernels: the dot helper, the dt transform and its derivative, launch facts.
+"""Pieces shared by the SSD Triton kernels: the dot helper, dtype rounding, launch facts (the dt transform,
+silu and their derivatives are in ops/triton_math.py, shared with the other families).
 
 Shapes (legend): b batch, L seqlen, H nheads, P headdim, G ngroups, N dstate, c nchunks, T chunk_size.
 
@@ -18,8 +19,7 @@ import triton.language as tl
 
 from ..dispatch import triton_interpret
 
-__all__ = ["mm", "to_dtype", "softplus", "dt_transform", "dt_transform_grad", "silu", "silu_grad", "op_dtype",
-           "store_dtype", "kernel_flags", "dtype_of"]
+__all__ = ["mm", "to_dtype", "op_dtype", "store_dtype", "kernel_flags", "dtype_of"]
 
 
 @triton.jit
@@ -50,53 +50,6 @@ def mm(a, b, acc, OP: tl.constexpr, EMULATE: tl.constexpr):
     else:
         acc = tl.dot(a, b, acc)
     return acc
-
-
-@triton.jit
-def softplus(v):
-    """log(1 + exp(v)) in fp32, matching torch's threshold of 20.
-
-    log1p(u) is evaluated as u * log(w) / (w - 1), w = 1 + u (Goldberg): log(1 + u) alone would lose all
-    digits of a tiny u (dt biased far below zero) and libdevice's log1p is absent from the interpreter.
-    """
-    u = tl.exp(-tl.abs(v))
-    w = 1.0 + u
-    l1p = tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
-    return tl.where(v > 20.0, v, tl.maximum(v, 0.0) + l1p)
-
-
-@triton.jit
-def dt_transform(v, lo, hi, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
-    """dt' = clamp(softplus(v), lo, hi) where v = dt + dt_bias (fp32)."""
-    if SOFTPLUS:
-        v = softplus(v)
-    if HAS_LIMIT:
-        v = tl.minimum(tl.maximum(v, lo), hi)
-    return v
-
-
-@triton.jit
-def dt_transform_grad(v, lo, hi, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
-    """d dt' / d v, as torch's autograd of softplus (threshold 20) and clamp (passes on lo <= dt' <= hi)."""
-    g = tl.full(v.shape, 1.0, tl.float32)
-    sp = v
-    if SOFTPLUS:
-        g = tl.where(v > 20.0, 1.0, 1.0 / (1.0 + tl.exp(-v)))
-        sp = softplus(v)
-    if HAS_LIMIT:
-        g = tl.where((sp >= lo) & (sp <= hi), g, 0.0)
-    return g
-
-
-@triton.jit
-def silu(z):
-    return z / (1.0 + tl.exp(-z))
-
-
-@triton.jit
-def silu_grad(z):
-    s = 1.0 / (1.0 + tl.exp(-z))
-    return s * (1.0 + z * (1.0 - s))
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}

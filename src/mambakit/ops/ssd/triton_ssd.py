@@ -45,6 +45,9 @@ def kernel_chunk(chunk_size: int, seqlen: int) -> int:
 
 # CUDA caps grid axes 1 and 2 at 65535 blocks; the launches put batch x chunks (x groups) or batch x heads there.
 _GRID_YZ = 65535
+# The arguments with a batch dimension first (everything else is per head or a setting).
+_PER_ROW = frozenset({"x", "dt", "B", "C", "z", "initial_state", "seq_idx", "dy", "dfinal", "dtp", "cs", "cb",
+                      "states", "y_pre"})
 
 
 def batch_pieces(b: int, L: int, H: int, G: int, T: int) -> list[slice]:
@@ -61,16 +64,25 @@ def batch_pieces(b: int, L: int, H: int, G: int, T: int) -> list[slice]:
     return [slice(i, min(i + rows, b)) for i in range(0, b, rows)]
 
 
-def _rows(t, piece):
-    return None if t is None else t[piece]
+def _by_pieces(fn, kwargs: dict) -> list | None:
+    """`fn`'s results over batch slices when one launch would not fit the grid, else None (run it whole)."""
+    x, B = kwargs["x"], kwargs["B"]
+    pieces = batch_pieces(x.shape[0], x.shape[1], x.shape[2], B.shape[2], kwargs["T"])
+    if len(pieces) == 1:
+        return None
+    return [fn(**{k: (v[p] if k in _PER_ROW and v is not None else v) for k, v in kwargs.items()}) for p in pieces]
 
 
-def ssd_triton_intermediates(x, dt, A, B, C, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, T):
+def _cat(ts):
+    return None if ts[0] is None else torch.cat(ts)
+
+
+def ssd_triton_intermediates(*, x, dt, A, B, C, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, T):
     """Launches 1-3 (decay, C B^T, chunk states): dt', cs, cb, states, final state."""
-    pieces = batch_pieces(x.shape[0], x.shape[1], x.shape[2], B.shape[2], T)
-    if len(pieces) > 1:
-        parts = [ssd_triton_intermediates(x[p], dt[p], A, B[p], C[p], dt_bias, _rows(initial_state, p),
-                                          _rows(seq_idx, p), dt_softplus, dt_limit, T) for p in pieces]
+    parts = _by_pieces(ssd_triton_intermediates, dict(x=x, dt=dt, A=A, B=B, C=C, dt_bias=dt_bias,
+                                                      initial_state=initial_state, seq_idx=seq_idx,
+                                                      dt_softplus=dt_softplus, dt_limit=dt_limit, T=T))
+    if parts is not None:
         return tuple(torch.cat(ts) for ts in zip(*parts))
     dtp, cs = chunk_decay_fwd(dt, A, dt_bias, dt_softplus, dt_limit, T)
     cb = chunk_cb_fwd(C, B, seq_idx, T, x.dtype)
@@ -78,22 +90,22 @@ def ssd_triton_intermediates(x, dt, A, B, C, dt_bias, initial_state, seq_idx, dt
     return dtp, cs, cb, states, final
 
 
-def ssd_triton_forward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, T):
+def ssd_triton_forward(*, x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, T):
     """Run the four forward launches; returns y, final state and what the backward needs."""
-    pieces = batch_pieces(x.shape[0], x.shape[1], x.shape[2], B.shape[2], T)
-    if len(pieces) > 1:
-        parts = [ssd_triton_forward(x[p], dt[p], A, B[p], C[p], D, _rows(z, p), dt_bias, _rows(initial_state, p),
-                                    _rows(seq_idx, p), dt_softplus, dt_limit, T) for p in pieces]
+    parts = _by_pieces(ssd_triton_forward, dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
+                                                initial_state=initial_state, seq_idx=seq_idx,
+                                                dt_softplus=dt_softplus, dt_limit=dt_limit, T=T))
+    if parts is not None:
         ys, finals, saved = zip(*parts)
-        saved = tuple(None if ts[0] is None else torch.cat(ts) for ts in zip(*saved))
-        return torch.cat(ys), torch.cat(finals), saved
-    dtp, cs, cb, states, final = ssd_triton_intermediates(x, dt, A, B, C, dt_bias, initial_state, seq_idx,
-                                                          dt_softplus, dt_limit, T)
+        return torch.cat(ys), torch.cat(finals), tuple(_cat(ts) for ts in zip(*saved))
+    dtp, cs, cb, states, final = ssd_triton_intermediates(x=x, dt=dt, A=A, B=B, C=C, dt_bias=dt_bias,
+                                                          initial_state=initial_state, seq_idx=seq_idx,
+                                                          dt_softplus=dt_softplus, dt_limit=dt_limit, T=T)
     y, y_pre = chunk_scan_fwd(x, z, D, C, cb, states, dtp, cs, seq_idx, T)
     return y, final, (dtp, cs, cb, states, y_pre)
 
 
-def ssd_triton_backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states, y_pre,
+def ssd_triton_backward(*, dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states, y_pre,
                         dt_softplus, dt_limit, T, need_dh0):
     """Launches 5-8 and the parameter sums: (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0).
 
@@ -101,16 +113,15 @@ def ssd_triton_backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp,
     are what `ssd_triton_forward` returns (y_pre only when z is given). Shared by the SSD's own autograd
     node and the fused Mamba-2 node (ops/mamba_inner), which recomputes the intermediates.
     """
-    G, N = B.shape[2], B.shape[3]
-    pieces = batch_pieces(x.shape[0], x.shape[1], x.shape[2], G, T)
-    if len(pieces) > 1:
-        parts = [ssd_triton_backward(dy[p], _rows(dfinal, p), x[p], dt[p], A, B[p], C[p], D, _rows(z, p), dt_bias,
-                                     _rows(seq_idx, p), dtp[p], cs[p], cb[p], states[p], _rows(y_pre, p),
-                                     dt_softplus, dt_limit, T, need_dh0) for p in pieces]
-        cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731  per-row gradients
-        add = lambda ts: None if ts[0] is None else sum(ts[1:], ts[0])  # noqa: E731  parameter gradients
+    parts = _by_pieces(ssd_triton_backward, dict(dy=dy, dfinal=dfinal, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z,
+                                                 dt_bias=dt_bias, seq_idx=seq_idx, dtp=dtp, cs=cs, cb=cb,
+                                                 states=states, y_pre=y_pre, dt_softplus=dt_softplus,
+                                                 dt_limit=dt_limit, T=T, need_dh0=need_dh0))
+    if parts is not None:  # per-row gradients are concatenated, the parameters' summed over the slices
         dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = zip(*parts)
-        return (cat(dx), cat(ddt), add(dA), cat(dB), cat(dC), add(dD), cat(dz), add(dbias), cat(dh0))
+        add = lambda ts: None if ts[0] is None else sum(ts[1:], ts[0])  # noqa: E731
+        return _cat(dx), _cat(ddt), add(dA), _cat(dB), _cat(dC), add(dD), _cat(dz), add(dbias), _cat(dh0)
+    G, N = B.shape[2], B.shape[3]
     dH, dh0, ddend = chunk_state_bwd(dy, z, C, cs, seq_idx, states, dfinal, need_dh0, T)
     cfg_dcb, cfg_dbc, cfg_dx, nslot = bwd_config(x.shape[0], dtp.shape[2], G, N, T, x.device)
     dcb, rowp = chunk_dcb_bwd(x, dy, z, dtp, cs, seq_idx, cb, G, nslot, T, cfg=cfg_dcb)
@@ -139,8 +150,9 @@ def _ssd_fwd_impl(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
                   dt_limit: list[float], T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                   torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, final state, dt', cs, C B^T, chunk states, y before the gate (empty without z))."""
-    y, final, (dtp, cs, cb, states, y_pre) = ssd_triton_forward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx,
-                                                                dt_softplus, tuple(dt_limit), T)
+    y, final, (dtp, cs, cb, states, y_pre) = ssd_triton_forward(
+        x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state, seq_idx=seq_idx,
+        dt_softplus=dt_softplus, dt_limit=tuple(dt_limit), T=T)
     return y, final, dtp, cs, cb, states, x.new_empty(0, dtype=torch.float32) if y_pre is None else y_pre
 
 
@@ -167,8 +179,10 @@ def _ssd_bwd_impl(dy: torch.Tensor, dfinal: torch.Tensor | None, x: torch.Tensor
     """[dx, ddt, dA, dB, dC, dD, dz, ddt_bias] in their inputs' dtypes, then dh0 (float32); empty where absent."""
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     dfinal = dfinal.float().contiguous() if dfinal is not None else None
-    *grads, dh0 = ssd_triton_backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states,
-                                      y_pre if z is not None else None, dt_softplus, tuple(dt_limit), T, need_dh0)
+    *grads, dh0 = ssd_triton_backward(dy=dy, dfinal=dfinal, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
+                                      seq_idx=seq_idx, dtp=dtp, cs=cs, cb=cb, states=states,
+                                      y_pre=y_pre if z is not None else None, dt_softplus=dt_softplus,
+                                      dt_limit=tuple(dt_limit), T=T, need_dh0=need_dh0)
     return pack_grads(grads, (x, dt, A, B, C, D, z, dt_bias)) + [x.new_empty(0) if dh0 is None else dh0]
 
 

@@ -21,7 +21,8 @@ import triton.language as tl
 
 from ..dispatch import triton_interpret
 from ..triton_launch import cdiv, fast_launch, next_power_of_2
-from .triton_common import dt_transform, silu, to_dtype
+from ..triton_math import dt_transform, silu
+from .triton_common import to_dtype
 
 __all__ = ["ssd_state_update_triton"]
 

@@ -1,0 +1,73 @@
+"""The Triton selective scan's launch policy (ops/selective_scan/scan_policy.py): plain Python, no Triton.
+
+Off the GPU the policy assumes an H100's 132 SMs, so these figures are the GPU's choices.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mambakit.ops.selective_scan.scan_policy import (BWD_U2_MIN_WARPS_PER_SM, ScanConfig, bwd_block_u, carry_split,
+                                                     pick_tiles, segments)
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.slow
+def test_policy_imports_without_triton():
+    """The policy module (and ops/common.py under it) import with Triton absent."""
+    code = ("import importlib, sys; sys.modules['triton'] = None; "  # a None entry makes `import triton` fail
+            "p = importlib.import_module('mambakit.ops.selective_scan.scan_policy'); "
+            "print(p.default_time_chunks(2, 2048, 4096, 16, device='cpu'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "8"
+
+
+@pytest.mark.parametrize("nl, dstate, group_size, channels, want", [
+    pytest.param(16, 16, 4096, None, (16, 1, 32, 1), id="nl16-one-lane-per-channel"),
+    pytest.param(4, 16, 4096, None, (4, 4, 8, 1), id="nl4-four-lanes-on-states"),
+    pytest.param(4, 12, 4096, None, (4, 4, 8, 1), id="dstate-padded-to-16"),
+    pytest.param(4, 16, 6, None, (4, 4, 2, 1), id="bd-divides-group"),
+    pytest.param(4, 16, 4096, 16, (4, 4, 16, 2), id="channels-override"),
+])
+def test_pick_tiles(nl, dstate, group_size, channels, want):
+    t = pick_tiles(nl, dstate, group_size, channels)
+    assert (t.NL, t.NH, t.BD, t.num_warps) == want
+    assert group_size % t.BD == 0
+
+
+def test_bwd_block_u_from_warps():
+    """U = 2 once the launch fills the SMs (BWD_U2_MIN_WARPS_PER_SM warps each on 132 SMs), else U = 4."""
+    enough = BWD_U2_MIN_WARPS_PER_SM * 132
+    assert bwd_block_u(enough, ScanConfig(), CPU) == 2
+    assert bwd_block_u(enough - 1, ScanConfig(), CPU) == 4
+    assert bwd_block_u(enough, ScanConfig(block_u=4), CPU) == 4
+
+
+@pytest.mark.parametrize("seqlen, chunk, nc, want", [
+    pytest.param(13, 4, 2, (8, 2), id="ragged"),
+    pytest.param(13, 4, 4, (4, 4), id="one-interval-each"),
+    pytest.param(13, 4, 64, (4, 4), id="capped-by-intervals"),
+    pytest.param(2048, 128, 1, (2048, 1), id="sequential"),
+])
+def test_segments_hold_whole_checkpoint_intervals(seqlen, chunk, nc, want):
+    seg_len, nseg = segments(seqlen, chunk, nc)
+    assert (seg_len, nseg) == want
+    assert seg_len % chunk == 0 and (nseg - 1) * seg_len < seqlen <= nseg * seg_len
+
+
+@pytest.mark.parametrize("batch, seqlen, seg_len, nseg, cfg, want", [
+    # forward 8 segments, backward 4: two carry segments per backward segment
+    pytest.param(2, 2048, 512, 4, ScanConfig(), 2, id="as-many-as-the-forward"),
+    pytest.param(2, 13, 8, 2, ScanConfig(chunk=4, bwd_carry_split=3), 2, id="override-rounded-to-a-divisor"),
+    pytest.param(2, 13, 8, 2, ScanConfig(chunk=4, bwd_carry_split=100), 8, id="override-capped-at-seg-len"),
+])
+def test_carry_split_tiles_each_backward_segment(batch, seqlen, seg_len, nseg, cfg, want):
+    k = carry_split(batch, seqlen, 4096, 16, 1, seg_len, nseg, cfg, CPU)
+    assert k == want
+    assert seg_len % k == 0
