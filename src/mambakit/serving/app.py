@@ -3,9 +3,9 @@
 Handlers run on uvicorn's event loop and never touch the model: they validate the body, tokenize, submit
 `GenerationRequest`s to the `Scheduler` (its own thread) and relay its events, either as one JSON
 response or as server-sent events (`data: {...}` lines, then `data: [DONE]`). Events cross threads
-through one `loop.call_soon_threadsafe` per scheduler iteration into a channel per HTTP request. A client that goes away
-(a closed stream, or a dropped connection while waiting) cancels its requests, which frees their slots
-at the scheduler's next step.
+through one `loop.call_soon_threadsafe` per scheduler iteration into a channel per HTTP request. A client
+that goes away (a closed stream, or a dropped connection while waiting) cancels its requests, which frees
+their slots at the scheduler's next step.
 
 Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for a malformed body,
 an unknown field, an invalid parameter or a prompt longer than the model allows; 404 for another model
