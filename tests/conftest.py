@@ -17,6 +17,18 @@ if not torch.cuda.is_available():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _token_cache(tmp_path_factory):
+    """Training runs in tests tokenize into a throwaway cache, not the user's ~/.cache/mambakit/tokens."""
+    previous = os.environ.get("MAMBAKIT_TOKEN_CACHE")
+    os.environ["MAMBAKIT_TOKEN_CACHE"] = str(tmp_path_factory.mktemp("token-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MAMBAKIT_TOKEN_CACHE", None)
+    else:
+        os.environ["MAMBAKIT_TOKEN_CACHE"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
