@@ -175,6 +175,8 @@ def test_rolling_loglikelihood_is_the_sum_of_score_and_generate_until_stops(tmp_
 
     model = _model(name, torch.float32)
     lm = MambakitLM(model=model, tokenizer=ByteTokenizer(), batch_size=2)
+    with pytest.raises(ValueError, match=r"unknown model_args \['max_lenght'\]"):
+        MambakitLM(model=model, tokenizer=ByteTokenizer(), max_lenght=16)
     texts = ["To be, or not to be, that is the question.", "Ay, there's the rub.", "O"]
     requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
     got = lm.loglikelihood_rolling(requests, disable_tqdm=True)

@@ -80,6 +80,9 @@ class MambakitLM(TemplateLM):
                  dtype: str | None = None, batch_size=DEFAULT_BATCH_SIZE, max_batch_size=None, max_length: int = 2048,
                  revision: str | None = None, **kwargs):
         super().__init__()
+        if kwargs:  # a misspelt model_arg would otherwise be ignored without a word
+            raise ValueError(f"mambakit lm-eval model: unknown model_args {sorted(kwargs)}; it takes pretrained, model, "
+                             "tokenizer, device, dtype, batch_size, max_batch_size, max_length, revision")
         if (pretrained is None) == (model is None):
             raise ValueError("mambakit lm-eval model: give exactly one of pretrained=DIR (model_args) or model=OBJECT")
         if model is None:
