@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, str] = {
     "convert": "mambakit.cli.convert",
     "serve": "mambakit.cli.serve",
     "reproduce": "mambakit.cli.reproduce",
+    "plot": "mambakit.cli.plot",
 }
 
 
