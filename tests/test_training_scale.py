@@ -109,7 +109,11 @@ def _free_port() -> int:
 
 def _worker(rank: int, world_size: int, port: int, cfg_dict: dict, stop_at_step: int | None, resume: bool,
             out: str) -> None:
-    """One torchrun-like process running train(); rank 0 saves its TrainResult's losses."""
+    """One torchrun-like process running train(); each rank saves its TrainResult's losses."""
+    import faulthandler
+
+    # a collective that never completes fails the test with every thread's stack instead of hanging it
+    faulthandler.dump_traceback_later(240, exit=True)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)

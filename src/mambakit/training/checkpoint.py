@@ -248,7 +248,8 @@ def save_sharded_checkpoint(out_dir: str | Path, *, model, model_config, tokeniz
     name = names[0]
     tmp = root / (name + ".tmp")
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / DISTRIBUTED)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / DISTRIBUTED,
+             no_dist=not distributed)
     # the whole model on rank 0's CPU (every rank takes part in the gathers)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     error = None
@@ -281,12 +282,14 @@ def save_sharded_checkpoint(out_dir: str | Path, *, model, model_config, tokeniz
 def load_sharded_state(path: str | Path, model, optimizer: torch.optim.Optimizer) -> None:
     """Load `path`/distributed/ (written by `save_sharded_checkpoint` on any number of processes) into `model` and
     `optimizer`: FSDP2-sharded, DDP-replicated or plain, on this run's processes (every rank calls it)."""
+    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=Path(path) / DISTRIBUTED)
+    distributed = dist.is_available() and dist.is_initialized()
+    dcp.load(state, checkpoint_id=Path(path) / DISTRIBUTED, no_dist=not distributed)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

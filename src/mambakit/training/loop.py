@@ -192,9 +192,9 @@ class Run:
 
         run = Run(cfg)
         try:
-            while run.stop_reason() is None:
+            while (reason := run.stop_reason()) is None:
                 run.step()
-            result = run.finish()
+            result = run.finish(reason)
         finally:
             run.close()
 
@@ -252,13 +252,12 @@ class Run:
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss, grad norm) not yet on the host
         self._norms: list[float] = []  # gradient norms since the last record
         self._record_step, self._record_time = self.global_step, time.perf_counter()
+        self.t_loop = time.perf_counter()  # tokens/s at the end counts the steps' time, not the setup's
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seqlen * info.world_size
         if info.is_main:
             self.metrics = MetricsWriter(self.out_dir, resume_step=self.global_step if resume else None,
                                          logger=cfg.logger)
-        n_params = sum(p.numel() for p in dict.fromkeys(self.model.parameters()))
-        if self.sharded and info.distributed:
-            n_params *= info.world_size  # each process holds a 1/world_size shard (rounded up)
+        n_params = sum(p.numel() for p in dict.fromkeys(self.model.parameters()))  # a DTensor counts its global size
         how = ""
         if info.distributed:
             how = f" x {info.world_size} processes ({'FSDP2' if self.sharded else 'DDP'})"
@@ -472,7 +471,7 @@ class Run:
         reason = self.signals.received or reason
         self._close_bar()
         self._flush()
-        train_s = time.perf_counter() - self.t_start
+        train_s = time.perf_counter() - self.t_loop
         if reason in ("SIGINT", "SIGTERM"):
             self.save()
             self._say(f"{reason} at step {step}/{cfg.max_steps}: checkpoint saved in {self.out_dir}; continue with "
