@@ -156,8 +156,8 @@ def _new_name(root: Path, step: int) -> str:
 
 def _write_rest(tmp: Path, *, model, tokenizer, config: TrainConfig, state: dict) -> None:
     """Everything of a checkpoint but the sharded files: the model, tokenizer, configs, train state, manifest."""
-    if not tmp.exists():
-        tmp.mkdir(parents=True)
+    # creates tmp when it does not exist yet (the direct path: no staging directory, the save stays short);
+    # after torch.distributed.checkpoint's files it adds the model beside them
     model.save_pretrained(tmp)
     tokenizer.save(tmp)
     _write_file(tmp / "train_config.json", json.dumps(config.to_dict(), indent=2) + "\n")

@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
 from ..models.config import MambaConfig
 
 __all__ = ["TrainConfig", "model_config", "lr_at", "MODEL_OVERRIDES"]
@@ -134,8 +136,6 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         """The config as YAML, the format `mambakit train --config FILE` reads (and `--print-config` writes)."""
-        import yaml
-
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
