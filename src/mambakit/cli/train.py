@@ -95,6 +95,11 @@ def _scalar(text: str) -> Any:
         return text
 
 
+def _text(text: str) -> str | None:
+    """A text field's value as given ("yes" stays "yes", "007" stays "007"); "null" means None."""
+    return None if text == "null" else text
+
+
 # the fields whose flags keep their own names and checks (the command's flags before the derived ones)
 _OWN_FLAGS = {"recipe", "data", "tokenizer", "out_dir", "max_steps", "time_budget_s", "d_model", "n_layer", "layer",
               "seqlen", "batch_size", "lr", "seed", "device", "on_nonfinite", "keep_checkpoints", "progress",
@@ -156,7 +161,8 @@ def build_parser(prog: str = "mambakit train") -> Parser:
         if f.name in _OWN_FLAGS or f.name == "model":
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        derived.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_scalar, metavar="VALUE",
+        kind = _text if f.type in ("str", "str | None") else _scalar
+        derived.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, metavar="VALUE",
                              help=f"{f.type} (TrainConfig default: {default!r})")
     model = p.add_argument_group("MambaConfig fields (TrainConfig.model)")
     for name in MODEL_OVERRIDES:
