@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, str] = {
     "reproduce": "mambakit.cli.reproduce",
     "data": "mambakit.cli.data",
     "bench": "mambakit.cli.bench",
+    "plot": "mambakit.cli.plot",
 }
 
 

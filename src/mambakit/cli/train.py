@@ -1,11 +1,23 @@
-"""`mambakit train`: train a Mamba language model from a recipe, with flags overriding single settings."""
+"""`mambakit train`: train a Mamba language model from a recipe, with a config file and flags overriding settings.
+
+Every `TrainConfig` field is a flag, derived from the dataclass: the flags below with their own checks
+(kept from before), and for every other field `--field-name VALUE` (VALUE read as a YAML scalar:
+`--eval-every 100`, `--time-budget-s null`, `--plot false`), and for the MambaConfig fields a run may
+set, `--model.field-name VALUE` (`--model.d-intermediate 256`, `--model.ssm-cfg "{d_conv: 3}"`).
+Precedence: the recipe (or, with --resume, the run's own settings) < `--config FILE` (YAML, read and
+type-checked by OmegaConf against the dataclass) < flags. `--print-config` writes the resolved config
+as YAML and exits; every checkpoint holds the same YAML (config.yaml), so `--config` of it repeats a run.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from .errors import Parser, UsageError, check_writable_dir, seed_type
 
@@ -26,14 +38,22 @@ examples:
       continue a run that stopped (time budget, Ctrl-C, SIGTERM, a kill) from its newest complete checkpoint
   mambakit train --out runs/quick --overwrite
       start again in a directory that holds a run (without --overwrite or --resume that is refused)
+  mambakit train --recipe tiny --grad-accum 4 --log-every 1 --logger tensorboard --print-config > run.yaml
+  mambakit train --config run.yaml --lr 1e-3 --out runs/lr1e-3
+      a config file (every field optional), flags override it; `--print-config` writes the resolved one
   torchrun --nproc-per-node 2 -m mambakit.cli train --recipe shakespeare --device cuda
-      data-parallel on 2 GPUs; --batch-size is per process
+      data-parallel on 2 GPUs; --batch-size is per process (and micro-step: x --grad-accum)
+  torchrun --nproc-per-node 8 -m mambakit.cli train --config run.yaml --parallel fsdp
+      FSDP2: parameters, gradients and optimizer state sharded per block; checkpoints through
+      torch.distributed.checkpoint, which resume on any number of processes with the same global batch
 
 data: .txt/.md, .jsonl ("text" field), .parquet ("text" column, needs pyarrow), FASTA (.fa/.fasta/.fna),
 each optionally .gz, or a directory of them. Without --data, the built-in Shakespeare corpus.
 
 checkpoints: DIR/checkpoints/step-N/ (complete units, the newest --keep-checkpoints kept), the newest
-model also at the top of DIR for `mambakit generate --model DIR`. Ctrl-C or SIGTERM saves one and
+model (and its config.yaml) also at the top of DIR for `mambakit generate --model DIR`. DIR/metrics.jsonl
+gets a record every --log-every steps (loss, lr, grad_norm, tokens_per_s; eval_bits_per_byte on
+evaluations), DIR/metrics.png the curves at the end (`mambakit plot DIR` redraws them). Ctrl-C or SIGTERM saves one and
 exits (130 / 143); a second Ctrl-C exits at once. A NaN or infinite loss stops the run (exit 1)
 without saving over the last good checkpoint, unless --skip-nonfinite."""
 
@@ -66,18 +86,52 @@ def _duration(text: str) -> float:
     return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
 
 
+def _scalar(text: str) -> Any:
+    """A derived flag's value as YAML reads it ("3" -> 3, "null" -> None, "{d_conv: 3}" -> a dict); OmegaConf then
+    checks it against the field's type."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _text(text: str) -> str | None:
+    """A text field's value as given ("yes" stays "yes", "007" stays "007"); "null" means None."""
+    return None if text == "null" else text
+
+
+# the fields whose flags keep their own names and checks (the command's flags before the derived ones)
+_OWN_FLAGS = {"recipe", "data", "tokenizer", "out_dir", "max_steps", "time_budget_s", "d_model", "n_layer", "layer",
+              "seqlen", "batch_size", "lr", "seed", "device", "on_nonfinite", "keep_checkpoints", "progress",
+              "recompute", "grad_accum", "parallel", "log_every", "save_every", "logger"}
+# what may change when a run is resumed: nothing that changes a step's numbers (batch_size, grad_accum and the
+# parallel layout only with the same global batch, which the run checks)
+_RESUMABLE = {"out_dir", "time_budget_s", "device", "progress", "recompute", "on_nonfinite", "keep_checkpoints",
+              "log_every", "save_every", "logger", "plot", "eval_every", "eval_tokens", "eval_batch_size",
+              "final_eval_tokens", "batch_size", "grad_accum", "parallel", "fsdp_mixed_precision", "sample_prompt",
+              "sample_tokens", "sample_temperature", "sample_top_k", "autocast"}
+
+
 def build_parser(prog: str = "mambakit train") -> Parser:
+    from ..training.config import MODEL_OVERRIDES, TrainConfig
     from ..training.recipes import RECIPES
 
-    p = Parser(prog=prog, description=SUMMARY, epilog=EXAMPLES)
+    # only the flags given end up in the namespace: what was not given comes from the config file or recipe
+    p = Parser(prog=prog, description=SUMMARY, epilog=EXAMPLES, argument_default=argparse.SUPPRESS)
     p.add_argument("--recipe", help=f"named settings to start from: {', '.join(RECIPES)} (default: shakespeare)")
+    p.add_argument("--config", metavar="FILE", action="append",
+                   help="YAML settings (any TrainConfig fields, `model:` for MambaConfig fields) over the recipe; "
+                        "flags override them; may be given more than once")
+    p.add_argument("--print-config", action="store_true", help="print the resolved settings as YAML and exit")
     p.add_argument("--data", metavar="PATH", help="training data: a file or a directory (default: built-in Shakespeare)")
     p.add_argument("--tokenizer", metavar="PATH", help="a tokenizer.json (default: raw bytes, vocab 256)")
     p.add_argument("--task", choices=("text", "dna"), help="text (default) or dna: FASTA genomes (--data, default "
                    "Debian's ragout-examples), one token per base (A C G T N), reverse-complement augmentation")
-    p.add_argument("--out", metavar="DIR", help="checkpoint directory (default: ./runs/<recipe>)")
+    p.add_argument("--out", "--out-dir", dest="out_dir", metavar="DIR", help="run directory (default: ./runs/<recipe>)")
     p.add_argument("--max-steps", type=_positive_int, metavar="N", help="optimizer steps; the LR schedule spans them")
-    p.add_argument("--time-budget", type=_duration, metavar="T",
+    p.add_argument("--time-budget", dest="time_budget_s", type=_duration, metavar="T",
                    help="stop gracefully (evaluate, save) after T: seconds, or 90s / 10m / 1.5h")
     p.add_argument("--d-model", type=_positive_int, metavar="N", help="model width")
     p.add_argument("--n-layer", type=_positive_int, metavar="N", help="number of Mamba blocks")
@@ -86,30 +140,104 @@ def build_parser(prog: str = "mambakit train") -> Parser:
                    help="the model: --layer's mixers, or a Transformer baseline: transformer++ (rotary, SwiGLU, "
                         "RMSNorm, no biases) or gpt3, with heads of the recipe's headdim")
     p.add_argument("--seqlen", type=_positive_int, metavar="N", help="tokens per training window")
-    p.add_argument("--batch-size", type=_positive_int, metavar="N", help="windows per step (per process)")
+    p.add_argument("--batch-size", type=_positive_int, metavar="N", help="windows per micro-step (per process)")
+    p.add_argument("--grad-accum", type=_positive_int, metavar="N",
+                   help="micro-steps per optimizer step: the numbers of an N times larger batch (default 1)")
     p.add_argument("--lr", type=_positive_float, metavar="LR", help="peak learning rate")
     p.add_argument("--seed", type=seed_type, metavar="S", help="seed for initialisation and data order")
     p.add_argument("--device", metavar="DEV", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"),
+                   help="under torchrun: ddp (default) or fsdp (FSDP2, sharded checkpoints)")
+    p.add_argument("--log-every", type=_positive_int, metavar="N", help="steps between metrics.jsonl records")
+    p.add_argument("--save-every", type=_non_negative_int, metavar="N",
+                   help="steps between checkpoints (0: only at the end)")
+    p.add_argument("--logger", choices=("none", "tensorboard"),
+                   help="tensorboard: also write TensorBoard scalars into DIR/tensorboard (the `train` extra)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out (default ./runs/<recipe>)")
     p.add_argument("--overwrite", action="store_true", help="start a new run in --out even if it holds one (deletes it)")
-    p.add_argument("--skip-nonfinite", action="store_true", default=None,
+    p.add_argument("--skip-nonfinite", dest="on_nonfinite", action="store_const", const="skip",
                    help="skip a step whose loss or gradient norm is NaN or infinite instead of stopping the run")
     p.add_argument("--keep-checkpoints", type=_positive_int, metavar="N",
                    help="complete checkpoints kept in DIR/checkpoints (default 2)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--recompute", action="store_true", default=None,
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+    p.add_argument("--recompute", action="store_const", const=True,
                    help="recompute each mixer's conv, scan and norm in the backward: activation memory per layer "
                         "shrinks to its projections' inputs and outputs (2.6x / 4.2x less for Mamba-1 / Mamba-2)")
+    derived = p.add_argument_group("every other TrainConfig field (VALUE is read as YAML, checked against the type)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _OWN_FLAGS or f.name == "model":
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = _text if f.type in ("str", "str | None") else _scalar
+        derived.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, metavar="VALUE",
+                             help=f"{f.type} (TrainConfig default: {default!r})")
+    model = p.add_argument_group("MambaConfig fields (TrainConfig.model)")
+    for name in MODEL_OVERRIDES:
+        model.add_argument(f"--model.{name.replace('_', '-')}", dest=f"model.{name}", type=_scalar, metavar="VALUE")
     return p
 
 
-def main(recipe: str | None = None, data: str | None = None, tokenizer: str | None = None, out: str | None = None,
-         max_steps: int | None = None, time_budget: float | None = None, d_model: int | None = None,
-         n_layer: int | None = None, layer: str | None = None, seqlen: int | None = None, batch_size: int | None = None,
-         lr: float | None = None, seed: int | None = None, device: str | None = None, resume: bool = False,
-         progress: bool = True, recompute: bool | None = None, overwrite: bool = False,
-         skip_nonfinite: bool | None = None, keep_checkpoints: int | None = None, task: str | None = None) -> int:
-    """Train (or resume) a run; returns the exit status.
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _resolve(base, files: list[str], flags: dict[str, Any]):
+    """base < each config file < flags, merged and type-checked by OmegaConf against TrainConfig."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ..training import TrainConfig
+
+    layers = [OmegaConf.structured(base)]
+    for name in files:
+        try:
+            layers.append(OmegaConf.load(name))
+        except (OSError, OmegaConfBaseException, ValueError) as err:
+            raise UsageError(f"--config {name}: cannot read it ({' '.join(str(err).split())})") from None
+    nested: dict[str, Any] = {}
+    for key, value in flags.items():
+        if key.startswith("model."):
+            nested.setdefault("model", {})[key.split(".", 1)[1]] = value
+        else:
+            nested[key] = value
+    layers.append(OmegaConf.create(nested))
+    try:
+        merged = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=True)
+    except OmegaConfBaseException as err:
+        raise UsageError(" ".join(str(err).split())) from None
+    try:
+        return TrainConfig(**merged)
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from None
+
+
+def _file_recipe(files: list[str]) -> str | None:
+    """The recipe a config file names (its `recipe:`), when it is one of the named recipes."""
+    import yaml
+
+    from ..training.recipes import RECIPES
+
+    name = None
+    for path in files:
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue  # _resolve reports it
+        if isinstance(data, dict) and data.get("recipe") in RECIPES:
+            name = data["recipe"]
+    return name
+
+
+def main(*, resume: bool = False, overwrite: bool = False, config: list[str] | None = None,
+         print_config: bool = False, **settings: Any) -> int:
+    """Train (or resume) a run; returns the exit status. `settings`: the TrainConfig fields given as flags
+    (out_dir, max_steps, ...; "model.<name>" for MambaConfig fields).
 
     Examples:
         mambakit train
@@ -117,7 +245,24 @@ def main(recipe: str | None = None, data: str | None = None, tokenizer: str | No
         mambakit train --data my_texts/ --layer mamba1 --d-model 256 --n-layer 4 --time-budget 30m
         mambakit train --resume --out runs/quick
         mambakit train --task dna --data genomes/ --seqlen 1024
+        mambakit train --config run.yaml --grad-accum 4
     """
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("mambakit")
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        return _main(resume, overwrite, list(config or []), print_config, settings)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+def _main(resume: bool, overwrite: bool, files: list[str], print_config: bool, settings: dict[str, Any]) -> int:
     from ..data import DataError
     from ..training import (
         TrainConfig,
@@ -130,67 +275,68 @@ def main(recipe: str | None = None, data: str | None = None, tokenizer: str | No
         train,
     )
 
-    # Flags that change what is trained; with --resume the run's own settings (in its checkpoint) apply.
+    task = settings.pop("task", "text")
     if task == "dna" and not resume:  # the task picks the data source and the tokenizer, nothing else
-        if tokenizer is not None:
+        if "tokenizer" in settings:
             raise UsageError("--task dna tokenizes one base per token: leave out --tokenizer")
-        tokenizer = "nucleotides"
-        data = data if data is not None else _default_genomes()
-    run_flags = {"recipe": recipe, "data": data, "tokenizer": tokenizer, "max_steps": max_steps, "d_model": d_model,
-                 "n_layer": n_layer, "layer": layer, "seqlen": seqlen, "batch_size": batch_size, "lr": lr, "seed": seed}
-    given = {k: v for k, v in run_flags.items() if v is not None}
+        settings["tokenizer"] = "nucleotides"
+        if "data" not in settings:
+            settings["data"] = _default_genomes()
+    recipe = settings.get("recipe")
     checkpoint = None
     if resume and overwrite:
         raise UsageError("give either --resume (continue the run in --out) or --overwrite (replace it), not both")
+    for name in files:
+        if not Path(name).is_file():
+            raise UsageError(f"--config {name}: file not found")
     if resume:
+        out = settings.get("out_dir")
         out_dir = Path(out) if out else Path("runs") / (recipe or "shakespeare")
-        given.pop("recipe", None)  # with --resume, --recipe only names the default directory
-        if given:
-            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        # with --resume, --recipe only names the default directory
+        fixed = [k for k in settings if k != "recipe" and k.split(".")[0] not in _RESUMABLE]
+        if fixed:
+            flags = ", ".join("--" + k.replace("_", "-") for k in fixed)
             raise UsageError(f"{flags} cannot be combined with --resume: the run's settings come from its checkpoint "
                              f"in {out_dir}")
         try:
             checkpoint = resolve_checkpoint(out_dir)
         except FileNotFoundError as err:
             raise UsageError(str(err)) from None
-        cfg = TrainConfig.from_dict(checkpoint.state["config"]).replace(out_dir=str(out_dir))
+        base = TrainConfig.from_dict(checkpoint.state["config"])
+        cfg = _resolve(base, files, {k: v for k, v in settings.items() if k != "recipe"})
+        cfg = cfg.replace(out_dir=str(out_dir))
+        # the run's settings come from its checkpoint: a flag that would change what is trained is refused
+        changed = [f.name for f in dataclasses.fields(TrainConfig)
+                   if getattr(cfg, f.name) != getattr(base, f.name) and f.name not in _RESUMABLE]
+        if changed:
+            raise UsageError(f"the config file's {', '.join(changed)} cannot be combined with --resume: the run's "
+                             f"settings come from its checkpoint in {out_dir}")
         check_writable_dir(out_dir, "--out")
     else:
         try:
-            cfg = get_recipe(recipe or "shakespeare")
+            base = get_recipe(recipe or _file_recipe(files) or "shakespeare")
         except KeyError as err:
             raise UsageError(err.args[0]) from None
-        changes = {k: v for k, v in given.items() if k != "recipe"}
-        if data is not None and cfg.data != data:
+        cfg = _resolve(base, files, settings)
+        if cfg.data is not None and cfg.data != base.data:
             # the run is named after its data, and its sample starts a document of that data, not the recipe's
-            changes.update(recipe=_run_name(data), sample_prompt="")
-        if skip_nonfinite:
-            changes["on_nonfinite"] = "skip"
-        if keep_checkpoints is not None:
-            changes["keep_checkpoints"] = keep_checkpoints
-        try:
-            cfg = cfg.replace(**changes)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-        cfg.out_dir = str(Path(out) if out else default_out_dir(cfg))
-        if data is not None and not Path(data).exists():
-            raise UsageError(f"data path not found: {data}")
-        if tokenizer not in (None, "nucleotides") and not Path(tokenizer).exists():
-            raise UsageError(f"tokenizer file not found: {tokenizer}")
+            cfg = cfg.replace(recipe=_run_name(cfg.data) if cfg.recipe == base.recipe else cfg.recipe,
+                              sample_prompt="" if cfg.sample_prompt == base.sample_prompt else cfg.sample_prompt)
+        cfg.out_dir = str(Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg))
+        if print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
+        if cfg.data is not None and not Path(cfg.data).exists():
+            raise UsageError(f"data path not found: {cfg.data}")
+        if cfg.tokenizer not in ("bytes", "nucleotides") and not Path(cfg.tokenizer).exists():
+            raise UsageError(f"tokenizer file not found: {cfg.tokenizer}")
         if holds_run(cfg.out_dir) and not overwrite:
             raise UsageError(f"{cfg.out_dir} holds a run already: continue it with --resume, replace it with "
                              "--overwrite, or choose another --out")
         check_writable_dir(cfg.out_dir, "--out")
-    if resume and (skip_nonfinite or keep_checkpoints is not None):
-        cfg = cfg.replace(**({"on_nonfinite": "skip"} if skip_nonfinite else {}),
-                          **({"keep_checkpoints": keep_checkpoints} if keep_checkpoints is not None else {}))
-    cfg = cfg.replace(progress=progress)
-    if time_budget is not None:
-        cfg = cfg.replace(time_budget_s=time_budget)
-    if device is not None:
-        cfg = cfg.replace(device=device)
-    if recompute is not None:
-        cfg = cfg.replace(recompute=recompute)
+    if print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
     try:
         resolve_device(cfg.device)
     except ValueError as err:
@@ -204,6 +350,10 @@ def main(recipe: str | None = None, data: str | None = None, tokenizer: str | No
     except TrainingDiverged as err:
         print(f"mambakit train: error: {err}", file=sys.stderr)
         return 1
+    except ValueError as err:  # a resume onto a different global batch or layout
+        if not resume:
+            raise
+        raise UsageError(str(err)) from None
     if result.interrupted:
         return {"SIGINT": 130, "SIGTERM": 143}[result.interrupted]
     return 0
@@ -233,7 +383,8 @@ def _remove_run(out_dir: Path) -> None:
 
     remove_strays(out_dir)
     shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+    shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
     for name in ("config.json", "model.safetensors", "tokenizer_config.json", "tokenizer.json", "train_config.json",
-                 TRAIN_STATE, "metrics.json"):
+                 "config.yaml", TRAIN_STATE, "metrics.json", "metrics.jsonl", "metrics.png"):
         if (out_dir / name).is_file():
             (out_dir / name).unlink()

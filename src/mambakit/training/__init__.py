@@ -1,4 +1,4 @@
-"""mambakit.training: TrainConfig, recipes and the training loop (single process or torchrun/DDP)."""
+"""mambakit.training: TrainConfig, recipes and the training loop (single process, or torchrun with DDP or FSDP2)."""
 
 from .checkpoint import (
     TRAIN_STATE,
@@ -10,7 +10,17 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig, lr_at, model_config
-from .loop import TrainingDiverged, TrainResult, build_optimizer, default_out_dir, forward_backward, resolve_device, train
+from .loop import (
+    Run,
+    TrainingDiverged,
+    TrainResult,
+    build_optimizer,
+    default_out_dir,
+    forward_backward,
+    resolve_device,
+    train,
+)
+from .metrics import plot_metrics, read_metrics
 from .recipes import RECIPES, default_recipe, get_recipe, tiny_recipe
 
 __all__ = [
@@ -22,7 +32,10 @@ __all__ = [
     "tiny_recipe",
     "get_recipe",
     "train",
+    "Run",
     "TrainResult",
+    "read_metrics",
+    "plot_metrics",
     "build_optimizer",
     "forward_backward",
     "resolve_device",

@@ -3,11 +3,14 @@
     out_dir/checkpoints/step-000250/         one complete checkpoint:
         config.json, model.safetensors       the model (MambaLM.save_pretrained)
         tokenizer_config.json (+ tokenizer.json)
-        train_config.json                    the TrainConfig, for people
+        train_config.json, config.yaml       the TrainConfig, for people and for `mambakit train --config`
         train_state.pt                       step, optimizer state, data-sampler generator, RNG states, TrainConfig
+        distributed/                         with --parallel fsdp: model and optimizer state written by every
+                                             process through torch.distributed.checkpoint (then train_state.pt
+                                             holds optimizer None); it loads onto any number of processes
         manifest.json                        step, and the size and sha256 of every file above
     out_dir/checkpoints/latest               the name of the newest complete checkpoint (one line)
-    out_dir/config.json, model.safetensors, tokenizer files, train_config.json
+    out_dir/config.json, model.safetensors, tokenizer files, train_config.json, config.yaml
                                              the newest checkpoint's model, published at the top (hard links)
                                              so that `MambaLM.from_pretrained(out_dir)` and
                                              `mambakit generate --model out_dir` read the run directory itself
@@ -37,15 +40,17 @@ from ..checkpoints import CheckpointError
 from ..checkpoints.io import disk_full_error, fsync_tree, is_disk_full, torch_save
 from .config import TrainConfig
 
-__all__ = ["TRAIN_STATE", "CHECKPOINTS", "Checkpoint", "CheckpointFallbackWarning", "save_checkpoint",
-           "load_train_state", "resolve_checkpoint", "holds_run", "remove_strays"]
+__all__ = ["TRAIN_STATE", "CHECKPOINTS", "DISTRIBUTED", "Checkpoint", "CheckpointFallbackWarning", "save_checkpoint",
+           "save_sharded_checkpoint", "load_sharded_state", "load_train_state", "resolve_checkpoint", "holds_run", "remove_strays"]
 
 TRAIN_STATE = "train_state.pt"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MANIFEST = "manifest.json"
+DISTRIBUTED = "distributed"  # torch.distributed.checkpoint's files (--parallel fsdp)
 # what the top of a run directory holds of the newest checkpoint (a loadable model directory)
-_PUBLISHED = ("config.json", "model.safetensors", "tokenizer_config.json", "tokenizer.json", "train_config.json")
+_PUBLISHED = ("config.json", "model.safetensors", "tokenizer_config.json", "tokenizer.json", "train_config.json",
+              "config.yaml")
 _STEP_DIR = re.compile(r"step-(\d+)(?:-(\d+))?\Z")
 _HASH_CHUNK = 1 << 20
 
@@ -123,15 +128,71 @@ def remove_strays(out_dir: str | Path) -> list[str]:
 def holds_run(out_dir: str | Path) -> bool:
     """Whether `out_dir` holds a training run (checkpoints, a train_state.pt or a model)."""
     out_dir = Path(out_dir)
-    return any((out_dir / name).exists() for name in (CHECKPOINTS, TRAIN_STATE, "model.safetensors", "metrics.json"))
+    return any((out_dir / name).exists() for name in (CHECKPOINTS, TRAIN_STATE, "model.safetensors", "metrics.json",
+                                                       "metrics.jsonl"))
+
+
+def _train_state(step: int, optimizer_state: dict | None, sampler_state: dict, config: TrainConfig, history: dict,
+                 world_size: int) -> dict:
+    return {
+        "step": step,
+        "optimizer": optimizer_state,  # None: it is in distributed/
+        "sampler": sampler_state,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "config": config.to_dict(),
+        "history": history,
+        # the global batch of a step, so that a resume onto another number of processes can check it reads the same
+        "global_batch": config.batch_size * config.grad_accum * world_size,
+    }
+
+
+def _new_name(root: Path, step: int) -> str:
+    base = f"step-{step:06d}"
+    taken = {p.name for _, p in _step_dirs(root)}
+    # a directory of this step may exist (a resumed run that had fallen back past it): never touch it
+    return base if base not in taken else next(f"{base}-{k}" for k in range(1, 10**6) if f"{base}-{k}" not in taken)
+
+
+def _write_rest(tmp: Path, *, model, tokenizer, config: TrainConfig, state: dict) -> None:
+    """Everything of a checkpoint but the sharded files: the model, tokenizer, configs, train state, manifest."""
+    # creates tmp when it does not exist yet (the direct path: no staging directory, the save stays short);
+    # after torch.distributed.checkpoint's files it adds the model beside them
+    model.save_pretrained(tmp)
+    tokenizer.save(tmp)
+    _write_file(tmp / "train_config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+    _write_file(tmp / "config.yaml", config.to_yaml())
+    torch_save(state, tmp / TRAIN_STATE)
+    files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(tmp.rglob("*")) if p.is_file()}
+    _write_file(tmp / MANIFEST, json.dumps({"step": state["step"], "files": files}, indent=2) + "\n")
+
+
+def _commit(out_dir: Path, root: Path, tmp: Path, name: str, keep: int) -> Path:
+    for directory in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
+        fsync_tree(directory)
+    os.rename(tmp, root / name)
+    fsync_tree(root)
+    _replace_file(root / LATEST, name + "\n")
+    _publish(out_dir, root / name)
+    _prune(root, keep, name)
+    return root / name
+
+
+def _cleanup_failed_save(out_dir: Path, root: Path, tmp: Path, name: str, err: BaseException) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    for p in out_dir.glob(".*.tmp"):
+        p.unlink()
+    if is_disk_full(err):
+        raise disk_full_error(root / name) from None
 
 
 def save_checkpoint(out_dir: str | Path, *, model, tokenizer, optimizer: torch.optim.Optimizer, sampler_state: dict,
-                    step: int, config: TrainConfig, history: dict, keep: int = 2) -> Path:
+                    step: int, config: TrainConfig, history: dict, keep: int = 2, world_size: int = 1) -> Path:
     """Write everything needed to use the model and to resume training from `step`, as one unit.
 
     Returns the new checkpoint directory (out_dir/checkpoints/step-NNNNNN). The previous checkpoint stays
-    until this one is complete; afterwards only the newest `keep` (>= 1) remain.
+    until this one is complete; afterwards only the newest `keep` (>= 1) remain. Called by one process.
 
     Example:
         >>> save_checkpoint("runs/x", model=model, tokenizer=tok, optimizer=opt, sampler_state=sampler.state_dict(),
@@ -142,43 +203,94 @@ def save_checkpoint(out_dir: str | Path, *, model, tokenizer, optimizer: torch.o
         raise ValueError(f"save_checkpoint: keep must be >= 1, got {keep}")
     out_dir = Path(out_dir)
     root = out_dir / CHECKPOINTS
-    base = f"step-{step:06d}"
-    taken = {p.name for _, p in _step_dirs(root)}
-    # a directory of this step may exist (a resumed run that had fallen back past it): never touch it
-    name = base if base not in taken else next(f"{base}-{k}" for k in range(1, 10**6) if f"{base}-{k}" not in taken)
+    name = _new_name(root, step)
     tmp = root / (name + ".tmp")
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "sampler": sampler_state,
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "config": config.to_dict(),
-        "history": history,
-    }
+    state = _train_state(step, optimizer.state_dict(), sampler_state, config, history, world_size)
     try:
         root.mkdir(parents=True, exist_ok=True)
         remove_strays(out_dir)
-        model.save_pretrained(tmp)  # creates tmp
-        tokenizer.save(tmp)
-        _write_file(tmp / "train_config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-        torch_save(state, tmp / TRAIN_STATE)
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
-        _write_file(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=2) + "\n")
-        fsync_tree(tmp)
-        os.rename(tmp, root / name)
-        fsync_tree(root)
-        _replace_file(root / LATEST, name + "\n")
-        _publish(out_dir, root / name)
+        _write_rest(tmp, model=model, tokenizer=tokenizer, config=config, state=state)
+        return _commit(out_dir, root, tmp, name, keep)
     except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for p in out_dir.glob(".*.tmp"):
-            p.unlink()
-        if is_disk_full(err):
-            raise disk_full_error(root / name) from None
+        _cleanup_failed_save(out_dir, root, tmp, name, err)
         raise
-    _prune(root, keep, name)
+
+
+def save_sharded_checkpoint(out_dir: str | Path, *, model, model_config, tokenizer, optimizer: torch.optim.Optimizer,
+                            sampler_state: dict, step: int, config: TrainConfig, history: dict, keep: int = 2,
+                            rank: int = 0, world_size: int = 1) -> Path:
+    """`save_checkpoint` for a model wrapped by FSDP2 (or any model, any number of processes): called by every process.
+
+    Model and optimizer state go to `distributed/` through torch.distributed.checkpoint, each process writing its
+    own shards (no process holds the whole optimizer state); rank 0 then gathers the full weights once more for the
+    loadable model.safetensors, writes the rest and publishes the checkpoint as `save_checkpoint` does.
+
+    Example (every rank, after fully_shard):
+        >>> save_sharded_checkpoint("runs/x", model=model, model_config=model.config, tokenizer=tok, optimizer=opt,
+        ...                         sampler_state=s, step=100, config=cfg, history=h, rank=rank, world_size=2)
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    if keep < 1:
+        raise ValueError(f"save_sharded_checkpoint: keep must be >= 1, got {keep}")
+    out_dir = Path(out_dir)
+    root = out_dir / CHECKPOINTS
+    distributed = dist.is_available() and dist.is_initialized()
+    names = [None]
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_strays(out_dir)
+        names[0] = _new_name(root, step)
+    if distributed:
+        dist.broadcast_object_list(names, src=0)
+    name = names[0]
+    tmp = root / (name + ".tmp")
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / DISTRIBUTED,
+             no_dist=not distributed)
+    # the whole model on rank 0's CPU (every rank takes part in the gathers)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    error = None
+    if rank == 0:
+        from ..models import MambaLM
+
+        try:
+            plain = MambaLM(model_config)
+            plain.load_state_dict(full)
+            state = _train_state(step, None, sampler_state, config, history, world_size)
+            _write_rest(tmp, model=plain, tokenizer=tokenizer, config=config, state=state)
+            _commit(out_dir, root, tmp, name, keep)
+        except BaseException as err:
+            error = err
+            try:
+                _cleanup_failed_save(out_dir, root, tmp, name, err)
+            except BaseException as replaced:
+                error = replaced
+    if distributed:
+        # the other ranks wait for the checkpoint to be complete (or not) before going on
+        failed = [error is not None]
+        dist.broadcast_object_list(failed, src=0)
+        if failed[0] and error is None:
+            raise CheckpointError(f"rank 0 failed to write the checkpoint {root / name}")
+    if error is not None:
+        raise error
     return root / name
+
+
+def load_sharded_state(path: str | Path, model, optimizer: torch.optim.Optimizer) -> None:
+    """Load `path`/distributed/ (written by `save_sharded_checkpoint` on any number of processes) into `model` and
+    `optimizer`: FSDP2-sharded, DDP-replicated or plain, on this run's processes (every rank calls it)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    distributed = dist.is_available() and dist.is_initialized()
+    dcp.load(state, checkpoint_id=Path(path) / DISTRIBUTED, no_dist=not distributed)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def _publish(out_dir: Path, checkpoint: Path) -> None:

@@ -2,7 +2,8 @@
 
 The model part (layer, d_model, n_layer, d_state, expand, headdim, chunk_size) is turned into a
 `MambaConfig` by `model_config`; the vocabulary comes from the tokenizer.
-`batch_size` is per process: under torchrun with N processes a step reads N x batch_size windows.
+`batch_size` is per process and per micro-step: under torchrun with N processes and `grad_accum` G an
+optimizer step reads N x G x batch_size windows (the global batch).
 The learning-rate schedule is a function of the step and `max_steps` only, so a run that ends
 early (time budget) and is resumed follows the same schedule as one that never stopped.
 """
@@ -11,11 +12,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["TrainConfig", "model_config", "lr_at"]
+import yaml
+
+from ..models.config import MambaConfig
+
+__all__ = ["TrainConfig", "model_config", "lr_at", "MODEL_OVERRIDES"]
 
 LAYERS = ("mamba1", "mamba2", "transformer++", "gpt3")  # the last two: models/transformer.py, heads of headdim
+PARALLEL = ("ddp", "fsdp")
+LOGGERS = ("none", "tensorboard")
+# MambaConfig fields a run may set through TrainConfig.model: all but d_model and n_layer (TrainConfig fields) and
+# vocab_size (the tokenizer's)
+MODEL_OVERRIDES = tuple(f.name for f in dataclasses.fields(MambaConfig) if f.name not in ("d_model", "n_layer",
+                                                                                            "vocab_size"))
 
 
 @dataclass
@@ -41,9 +53,13 @@ class TrainConfig:
     expand: int = 2
     headdim: int = 32  # mamba2, and the attention heads of the Transformers (d_model / headdim heads)
     chunk_size: int = 64  # mamba2 only
+    # other MambaConfig fields (MODEL_OVERRIDES), e.g. {"d_intermediate": 256, "ssm_cfg": {"d_conv": 3}}; ssm_cfg
+    # entries are merged into the mixer settings above
+    model: dict[str, Any] = field(default_factory=dict)
     # optimisation
     seqlen: int = 256
-    batch_size: int = 16  # per process
+    batch_size: int = 16  # per process and micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step (gradients summed; synced across processes on the last)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     warmup_steps: int = 50
@@ -64,10 +80,14 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     autocast: str = "bf16"  # "bf16" or "none": bf16 autocast on CUDA (ignored on CPU)
     recompute: bool = False  # keep only in_proj's output per layer; recompute conv, scan, norm in the backward
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2: parameters sharded per block)
+    fsdp_mixed_precision: str = "bf16"  # "bf16": FSDP2 computes in bf16, reduces gradients in fp32 (CUDA only)
     out_dir: str | None = None  # None = runs/<recipe>
     save_every: int = 0  # steps between checkpoints during training; 0 = only at the end
     keep_checkpoints: int = 2  # complete checkpoints kept in out_dir/checkpoints (the newest ones)
-    log_every: int = 10
+    log_every: int = 10  # steps between records of out_dir/metrics.jsonl (and the progress bar's numbers)
+    logger: str = "none"  # "tensorboard" also writes the records as TensorBoard scalars (out_dir/tensorboard)
+    plot: bool = True  # out_dir/metrics.png (loss and held-out bits per byte) at the end (needs matplotlib)
     progress: bool = True  # tqdm progress bar (rank 0)
     sample_prompt: str = ""  # generated from at the end ("" = start of a document)
     sample_tokens: int = 300
@@ -78,7 +98,7 @@ class TrainConfig:
         if self.layer not in LAYERS:
             raise ValueError(f"layer must be one of {LAYERS}, got {self.layer!r}")
         positive = ("d_model", "n_layer", "d_state", "expand", "seqlen", "batch_size", "max_steps", "eval_batch_size",
-                    "log_every", "headdim", "chunk_size")
+                    "log_every", "headdim", "chunk_size", "grad_accum")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -92,6 +112,17 @@ class TrainConfig:
             raise ValueError(f"time_budget_s must be positive, got {self.time_budget_s}")
         if self.autocast not in ("bf16", "none"):
             raise ValueError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
+        if self.fsdp_mixed_precision not in ("bf16", "none"):
+            raise ValueError(f"fsdp_mixed_precision must be 'bf16' or 'none', got {self.fsdp_mixed_precision!r}")
+        if self.logger not in LOGGERS:
+            raise ValueError(f"logger must be one of {LOGGERS}, got {self.logger!r}")
+        if self.save_every < 0 or self.eval_every < 0:
+            raise ValueError(f"save_every and eval_every must be >= 0, got {self.save_every} and {self.eval_every}")
+        unknown = sorted(set(self.model) - set(MODEL_OVERRIDES))
+        if unknown:
+            raise ValueError(f"model: unknown keys {unknown}; the MambaConfig fields a run sets are {MODEL_OVERRIDES}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.tokenize_procs < 0:
@@ -113,6 +144,10 @@ class TrainConfig:
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
+    def to_yaml(self) -> str:
+        """The config as YAML, the format `mambakit train --config FILE` reads (and `--print-config` writes)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
 
 def model_config(cfg: TrainConfig, vocab_size: int):
     """The `MambaConfig` of a run (no MLP, RMSNorm, tied embeddings, fp32 residual: the mamba_ssm defaults), or the
@@ -122,7 +157,7 @@ def model_config(cfg: TrainConfig, vocab_size: int):
         >>> model_config(TrainConfig(layer="mamba1", d_model=128, n_layer=2, d_state=16), vocab_size=256).ssm_cfg
         {'layer': 'Mamba1', 'd_state': 16, 'expand': 2}
     """
-    from ..models import MambaConfig, TransformerConfig
+    from ..models import TransformerConfig
 
     if cfg.layer in ("transformer++", "gpt3"):
         return TransformerConfig(arch=cfg.layer, d_model=cfg.d_model, n_layer=cfg.n_layer, vocab_size=vocab_size,
@@ -133,9 +168,12 @@ def model_config(cfg: TrainConfig, vocab_size: int):
     else:
         ssm_cfg = {"layer": "Mamba2", "d_state": cfg.d_state, "expand": cfg.expand, "headdim": cfg.headdim,
                    "chunk_size": cfg.chunk_size}
-    return MambaConfig(d_model=cfg.d_model, d_intermediate=0, n_layer=cfg.n_layer, vocab_size=vocab_size,
-                       ssm_cfg=ssm_cfg, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
-                       pad_vocab_size_multiple=8, tie_embeddings=True)
+    fields = dict(d_intermediate=0, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
+                  pad_vocab_size_multiple=8, tie_embeddings=True)
+    overrides = dict(cfg.model)
+    ssm_cfg.update(overrides.pop("ssm_cfg", None) or {})
+    fields.update(overrides)
+    return MambaConfig(d_model=cfg.d_model, n_layer=cfg.n_layer, vocab_size=vocab_size, ssm_cfg=ssm_cfg, **fields)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -1,7 +1,8 @@
-"""torchrun / DistributedDataParallel plumbing: who am I, and set up / tear down the process group.
+"""torchrun plumbing: who am I, set up / tear down the process group, and wrap the model (DDP or FSDP2).
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK (and MASTER_ADDR/PORT); without them the run is a
-single process and nothing here touches torch.distributed. NCCL on CUDA, gloo on CPU.
+single process and nothing here touches torch.distributed. NCCL on CUDA, gloo on CPU (FSDP2
+included: fully_shard's all-gathers and reduce-scatters run over gloo, which is what the CPU tests use).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "dist_info_from_env", "init_distributed", "destroy_distributed", "all_reduce_mean"]
+__all__ = ["DistInfo", "dist_info_from_env", "init_distributed", "destroy_distributed", "all_reduce_mean",
+           "wrap_model"]
 
 
 @dataclass(frozen=True)
@@ -60,3 +62,33 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t)
     return t / info.world_size
+
+
+def wrap_model(model: torch.nn.Module, cfg, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """The model as the training step calls it: itself for one process, DistributedDataParallel for
+    cfg.parallel "ddp", or sharded in place by FSDP2 for "fsdp".
+
+    FSDP2: `fully_shard` on each block of `model.backbone.layers` (a block's parameters are gathered just
+    before its forward and backward and freed after), then on the root (embedding, final norm, head).
+    With cfg.fsdp_mixed_precision "bf16" on CUDA the gathered parameters are cast to bf16 for compute
+    and gradients are reduced in fp32 (the sharded fp32 parameters stay the optimizer's master copy).
+
+    Example (under torchrun, after init_distributed):
+        >>> model = wrap_model(MambaLM(config).cuda(), TrainConfig(parallel="fsdp"), dist_info_from_env(), device)
+    """
+    if not info.distributed:
+        return model
+    if cfg.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if cfg.fsdp_mixed_precision == "bf16" and device.type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        policy = MixedPrecisionPolicy()
+    for block in model.backbone.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model

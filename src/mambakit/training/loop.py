@@ -1,14 +1,26 @@
-"""The training loop: AdamW, warmup + cosine, grad clipping, periodic held-out bits per byte, checkpoints, torchrun.
+"""The training loop: AdamW, warmup + cosine, grad clipping, gradient accumulation, periodic held-out bits per byte,
+checkpoints, metrics.jsonl, torchrun (DDP or FSDP2).
 
 Shapes:
-    batch     windows per step on this process (TrainConfig.batch_size)
+    batch     windows per micro-step on this process (TrainConfig.batch_size)
+    accum     micro-steps per optimizer step (TrainConfig.grad_accum)
     seqlen    tokens per window fed to the model (a window holds seqlen + 1 tokens)
     vocab     the tokenizer's vocabulary (the model's logits are padded to a multiple of 8)
 
-One step: inputs (batch, seqlen) -> logits (batch, seqlen, padded vocab) -> mean cross-entropy over
-the real vocabulary -> backward (DDP averages gradients over processes) -> clip -> AdamW step at
-lr_at(step). Everything that decides a step's numbers (weights, optimizer moments, the sampler's
-generator, the step count) is in the checkpoint, so a resumed run repeats an uninterrupted one.
+One step: the sampler draws (accum * batch, seqlen + 1) windows for this process; each micro-batch runs
+inputs (batch, seqlen) -> logits (batch, seqlen, padded vocab) -> mean cross-entropy over the real
+vocabulary -> backward, the gradients summing up (synced across processes on the last micro-step only:
+DDP's no_sync, FSDP2's set_requires_gradient_sync) -> divide by accum -> clip -> AdamW step at
+lr_at(step). The sampler draws the windows of the whole global batch from one generator, so
+N processes x accum micro-steps x batch windows read exactly the windows of one process with
+N x accum x batch: the same numbers up to float summation order. Everything that decides a step's
+numbers (weights, optimizer moments, the sampler's generator, the step count) is in the checkpoint,
+so a resumed run repeats an uninterrupted one; an FSDP2 checkpoint (torch.distributed.checkpoint)
+also resumes on another number of processes with the same global batch.
+
+`Run` holds a run's state and does its parts (`step`, `evaluate`, `save`, `finish`); `train` drives it.
+Messages go to the `logging` logger "mambakit.training" on rank 0 only (`mambakit train` shows them
+on stdout); per-step numbers go to out_dir/metrics.jsonl (metrics.py).
 
 Nothing is lost (see checkpoint.py for the checkpoint layout):
     - a step whose loss or gradient norm is not finite stops the run with `TrainingDiverged` before the
@@ -21,7 +33,9 @@ Nothing is lost (see checkpoint.py for the checkpoint layout):
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import signal
@@ -35,13 +49,30 @@ import torch
 from ..data import (ByteTokenizer, HFTokenizer, RandomWindows, WindowBatch, eval_target_count, load_token_streams,
                     split_window)
 from ..evaluation import evaluate_bits_per_byte, token_nll_sum
-from .checkpoint import Checkpoint, remove_strays, resolve_checkpoint, save_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    load_sharded_state,
+    remove_strays,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from .config import TrainConfig, lr_at, model_config
 from .cpu_threads import CPUThreadGovernor
-from .distributed import DistInfo, all_reduce_mean, destroy_distributed, dist_info_from_env, init_distributed
+from .distributed import (
+    DistInfo,
+    all_reduce_mean,
+    destroy_distributed,
+    dist_info_from_env,
+    init_distributed,
+    wrap_model,
+)
+from .metrics import MetricsWriter, plot_metrics
 
-__all__ = ["TrainResult", "TrainingDiverged", "train", "build_optimizer", "resolve_device", "forward_backward",
+__all__ = ["Run", "TrainResult", "TrainingDiverged", "train", "build_optimizer", "resolve_device", "forward_backward",
            "default_out_dir"]
+
+log = logging.getLogger("mambakit.training")
 
 _MAX_SKIPPED_IN_A_ROW = 20  # with on_nonfinite="skip": more non-finite steps in a row than this is divergence
 
@@ -93,33 +124,37 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _no_decay_ids(model: torch.nn.Module) -> set[int]:
-    """Parameters kept out of weight decay: those marked `_no_weight_decay` (A_log, D, dt_bias),
-    vectors (norm weights, biases) and embeddings (tied to the output head)."""
-    ids = {id(p) for p in model.parameters() if getattr(p, "_no_weight_decay", False) or p.dim() < 2}
-    for module in model.modules():
+def no_decay_names(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters kept out of weight decay: those marked `_no_weight_decay` (A_log, D, dt_bias),
+    vectors (norm weights, biases) and embeddings (tied to the output head). By name, because FSDP2 replaces
+    the parameter objects (and their marks) while keeping their names."""
+    names = {n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False) or p.dim() < 2}
+    for prefix, module in model.named_modules():
         if isinstance(module, torch.nn.Embedding):
-            ids.add(id(module.weight))
-    return ids
+            names.add(f"{prefix}.weight" if prefix else "weight")
+    return names
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with two groups: weight decay on matrices, none on `_no_decay_ids` (fused on CUDA).
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, no_decay: set[str] | None = None) -> torch.optim.AdamW:
+    """AdamW with two groups: weight decay on matrices, none on `no_decay_names(model)` (fused on CUDA).
 
-    The learning rate is set by the loop at every step from `lr_at(step, cfg)`.
+    The learning rate is set by the loop at every step from `lr_at(step, cfg)`. Pass `no_decay` (computed
+    before wrapping) for a model that FSDP2 has sharded.
 
     Example:
         >>> opt = build_optimizer(model, TrainConfig(weight_decay=0.1))
         >>> [g["weight_decay"] for g in opt.param_groups]
         [0.1, 0.0]
     """
-    no_decay = _no_decay_ids(model)
-    params = list(dict.fromkeys(model.parameters()))  # tied weights appear once
+    no_decay = no_decay_names(model) if no_decay is None else no_decay
+    named = list(dict((id(p), (n, p)) for n, p in model.named_parameters()).values())  # tied weights appear once
     groups = [
-        {"params": [p for p in params if id(p) not in no_decay], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+        {"params": [p for n, p in named if n not in no_decay], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0},
     ]
-    fused = next(model.parameters()).device.type == "cuda"
+    param = named[0][1]
+    # the fused kernel takes plain CUDA tensors; FSDP2's sharded parameters (DTensor) go through foreach
+    fused = param.device.type == "cuda" and type(param.data) is torch.Tensor
     return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
@@ -158,40 +193,376 @@ def _load_data(cfg: TrainConfig):
     return tokenizer, (streams.documents["train"], streams.documents["val"]), streams.train, streams.val
 
 
-def _build_or_resume(cfg: TrainConfig, vocab: int, device: torch.device, sampler: RandomWindows,
-                     checkpoint: Checkpoint | None):
-    """A fresh model and optimizer at step 0, or everything restored from a verified checkpoint."""
-    from ..models import MambaLM, build_model
+class Run:
+    """One training run (this process's part of it): model, optimizer, data, step count, outputs.
 
-    if checkpoint is None:
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-        model = build_model(model_config(cfg, vocab)).to(device)
-        return model, build_optimizer(model, cfg), 0, {"losses": [], "evals": []}
-    state = checkpoint.state
-    model = MambaLM.from_pretrained(checkpoint.path, device=device)
-    optimizer = build_optimizer(model, cfg)
-    optimizer.load_state_dict(state["optimizer"])
-    sampler.load_state_dict(state["sampler"])
-    # after from_pretrained, whose fresh initialisation draws from the global generator
-    torch.set_rng_state(state["torch_rng"])
-    if device.type == "cuda" and state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return model, optimizer, state["step"], state["history"]
+    `step()` does one optimizer step and what falls on it (a metrics record, an evaluation, a
+    checkpoint); `evaluate()` scores the held-out stream; `save()` writes a checkpoint; `finish()`
+    evaluates, saves, samples and returns the `TrainResult`; `close()` gives back what the run took
+    (signal handlers, CPU threads, the process group). `train()` is the usual driver:
 
+        run = Run(cfg)
+        try:
+            while (reason := run.stop_reason()) is None:
+                run.step()
+            result = run.finish(reason)
+        finally:
+            run.close()
 
-class _Printer:
-    """Prints on the main process only, through tqdm when a bar is showing (so lines do not tear it)."""
+    The arguments are those of `train`.
+    """
 
-    def __init__(self, info: DistInfo):
-        self.info, self.bar = info, None
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, checkpoint: Checkpoint | None = None,
+                 handle_signals: bool = False, adapt_cpu_threads: bool = False):
+        self.t_start = time.perf_counter()
+        self.cfg = cfg
+        self.info = info = dist_info_from_env()
+        device = resolve_device(cfg.device)
+        if device.type == "cuda" and info.distributed:
+            device = torch.device("cuda", info.local_rank)
+            torch.cuda.set_device(device)
+        self.device = device
+        self.out_dir = default_out_dir(cfg)
+        self.autocast_dtype = torch.bfloat16 if (cfg.autocast == "bf16" and device.type == "cuda") else None
+        self.sharded = cfg.parallel == "fsdp"  # checkpoints through torch.distributed.checkpoint
+        self._threads_before = torch.get_num_threads()
+        self._created_group = init_distributed(info, device)
+        self.governor = CPUThreadGovernor(enabled=adapt_cpu_threads and device.type == "cpu" and not info.distributed)
+        self.signals = _SignalStop(enabled=handle_signals and not info.distributed)
+        self.metrics: MetricsWriter | None = None
+        self.bar = None
+        self._exit = contextlib.ExitStack()
+        try:
+            self._setup(resume, checkpoint)
+        except BaseException:
+            self.close()
+            raise
 
-    def __call__(self, msg: str) -> None:
-        if not self.info.is_main:
-            return
-        if self.bar is not None:
-            self.bar.write(msg)
+    # ------------------------------------------------------------------ setup
+
+    def _say(self, msg: str, level: int = logging.INFO) -> None:
+        if self.info.is_main:
+            log.log(level, msg)
+
+    def _setup(self, resume: bool, checkpoint: Checkpoint | None) -> None:
+        cfg, info = self.cfg, self.info
+        if info.distributed and not info.is_main:
+            torch.distributed.barrier()  # rank 0 builds the token cache first; the others then read it
+        self.tokenizer, (n_train_docs, n_val_docs), train_stream, self.val_stream = _load_data(cfg)
+        if info.distributed and info.is_main:
+            torch.distributed.barrier()
+        self.doc_eos = self.tokenizer.eos_id if cfg.reset_at_eos else None  # seq_idx restarts the state at each EOS
+        self.vocab = self.tokenizer.vocab_size
+        # one draw per optimizer step covers every micro-step of every process (see the module docstring)
+        self.sampler = RandomWindows(train_stream, cfg.seqlen, cfg.batch_size * cfg.grad_accum, cfg.seed, info.rank,
+                                     info.world_size)
+        if resume and checkpoint is None:
+            checkpoint = resolve_checkpoint(self.out_dir)
+        if resume and info.is_main:
+            remove_strays(self.out_dir)
+        checkpoint = checkpoint if resume else None
+        self._build(checkpoint)
+        self.saved_step = self.global_step if resume else None  # the step of the newest checkpoint on disk
+        self.step0 = self.global_step
+        self.skipped = self.skipped_in_a_row = 0
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss, grad norm) not yet on the host
+        self._norms: list[float] = []  # gradient norms since the last record
+        self._record_step, self._record_time = self.global_step, time.perf_counter()
+        self.t_loop = time.perf_counter()  # tokens/s at the end counts the steps' time, not the setup's
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seqlen * info.world_size
+        if info.is_main:
+            self.metrics = MetricsWriter(self.out_dir, resume_step=self.global_step if resume else None,
+                                         logger=cfg.logger)
+        n_params = sum(p.numel() for p in dict.fromkeys(self.model.parameters()))  # a DTensor counts its global size
+        how = ""
+        if info.distributed:
+            how = f" x {info.world_size} processes ({'FSDP2' if self.sharded else 'DDP'})"
+        self._say(f"mambakit train: recipe {cfg.recipe}: {cfg.layer}, d_model {cfg.d_model}, {cfg.n_layer} layers, "
+                  f"{n_params / 1e6:.2f}M parameters, on {self.device}{how}"
+                  + (f", {cfg.grad_accum} micro-steps per step" if cfg.grad_accum > 1 else ""))
+        self._say(f"data: {cfg.data or 'built-in Shakespeare'}: {n_train_docs} documents, {len(train_stream):,} "
+                  f"tokens for training; {n_val_docs} held out, {len(self.val_stream):,} tokens; tokenizer "
+                  f"{self.tokenizer!r}")
+        if checkpoint is not None:
+            self._say(f"resuming from {checkpoint.path} at step {self.global_step}")
+        if info.is_main and cfg.progress:
+            from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self.bar = tqdm(total=cfg.max_steps, initial=self.global_step, unit="step", dynamic_ncols=True,
+                            desc="train")
+            # log lines go through the bar's write, so that they do not tear it
+            self._exit.enter_context(logging_redirect_tqdm(loggers=[logging.getLogger("mambakit")]))
+
+    def _build(self, checkpoint: Checkpoint | None) -> None:
+        """A fresh model and optimizer at step 0, or everything restored from a verified checkpoint."""
+        from ..models import MambaLM, build_model
+
+        cfg, info = self.cfg, self.info
+        sharded_ckpt = checkpoint is not None and checkpoint.state["optimizer"] is None
+        if checkpoint is None or sharded_ckpt:
+            torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+            model = build_model(model_config(cfg, self.vocab)).to(self.device)
         else:
-            print(msg, flush=True)
+            model = MambaLM.from_pretrained(checkpoint.path, device=self.device)
+        for module in model.modules():  # activation recomputation is a training setting, not a weight
+            if hasattr(module, "recompute"):
+                module.recompute = cfg.recompute
+        self.model_config = model.config
+        no_decay = no_decay_names(model)
+        self.raw_model = model
+        self.model = wrap_model(model, cfg, info, self.device)  # FSDP2 shards `model` itself, DDP wraps it
+        self.optimizer = build_optimizer(self.raw_model, cfg, no_decay)
+        self.global_step, self.history = 0, {"losses": [], "evals": []}
+        if checkpoint is None:
+            return
+        state = checkpoint.state
+        global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
+        if state.get("global_batch", global_batch) != global_batch:
+            raise ValueError(f"resume: the checkpoint's steps read {state['global_batch']} windows (batch_size x "
+                             f"grad_accum x processes); this run reads {cfg.batch_size} x {cfg.grad_accum} x "
+                             f"{info.world_size} = {global_batch}: change --batch-size or --grad-accum to match")
+        if sharded_ckpt:
+            load_sharded_state(checkpoint.path, self.raw_model, self.optimizer)
+        elif self.sharded and info.distributed:
+            raise ValueError(f"resume: {checkpoint.path} was written without --parallel fsdp; resume it with "
+                             "--parallel ddp")
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        # after from_pretrained, whose fresh initialisation draws from the global generator
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.global_step, self.history = state["step"], state["history"]
+
+    # ------------------------------------------------------------------ the parts of a run
+
+    def stop_reason(self, stop_at_step: int | None = None) -> str | None:
+        """Why the loop should stop before the next step ("max_steps", "stop_at_step", "time_budget", "SIGINT",
+        "SIGTERM"), or None to go on."""
+        cfg = self.cfg
+        if self.global_step >= cfg.max_steps:
+            return "max_steps"
+        if stop_at_step is not None and self.global_step >= stop_at_step:
+            return "stop_at_step"
+        if self.signals.received:
+            return self.signals.received
+        if cfg.time_budget_s is not None and _out_of_time(self.t_start, cfg.time_budget_s, self.info,
+                                                           self.global_step, cfg.log_every):
+            return "time_budget"
+        return None
+
+    def _micro_step(self, window: torch.Tensor, last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; gradients are synced across processes on the last one only."""
+        if self.info.distributed and self.sharded:
+            self.model.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext()
+        elif self.info.distributed and not last:
+            sync = self.model.no_sync()
+        else:
+            sync = contextlib.nullcontext()
+        with sync:
+            batch = split_window(window.to(self.device, non_blocking=True), self.doc_eos)
+            return forward_backward(self.model, batch, self.vocab, self.autocast_dtype)
+
+    def step(self) -> None:
+        """One optimizer step (grad_accum micro-steps), then its record, evaluation and checkpoint when due.
+
+        Raises TrainingDiverged on a non-finite loss or gradient norm (cfg.on_nonfinite == "stop")."""
+        cfg, info = self.cfg, self.info
+        self.governor.update()
+        lr = lr_at(self.global_step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        windows = self.sampler.next_batch()  # (grad_accum * batch, seqlen + 1)
+        micro = windows.split(cfg.batch_size)  # grad_accum x (batch, seqlen + 1)
+        losses = [self._micro_step(w, last=i == len(micro) - 1) for i, w in enumerate(micro)]
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        if len(micro) > 1:
+            # each micro-step added the gradient of its own mean; the step's is the mean over the global batch
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(len(micro))
+        # the total norm is computed even without clipping (an infinite max norm scales by exactly 1)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        self._pending.append((loss, grad_norm.detach()))
+        # one host sync per step: a non-finite step must be caught before the optimizer applies it
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        if info.distributed:
+            finite = all_reduce_mean(finite.float(), info) == 1.0
+        if bool(finite):
+            self.optimizer.step()
+            self.skipped_in_a_row = 0
+        else:
+            self.skipped, self.skipped_in_a_row = self.skipped + 1, self.skipped_in_a_row + 1
+            if cfg.on_nonfinite == "stop" or self.skipped_in_a_row > _MAX_SKIPPED_IN_A_ROW:
+                self._flush()
+                raise _diverged(self.global_step + 1, float(loss), float(grad_norm), self.saved_step, self.out_dir,
+                                cfg, self.skipped_in_a_row)
+            self._say(f"step {self.global_step + 1}: non-finite loss ({float(loss):.4g}) or gradient norm "
+                      f"({float(grad_norm):.4g}): step skipped", logging.WARNING)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        step = self.global_step
+        record = {}
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            record = self._train_record(lr)
+        if self.bar is not None:
+            self.bar.update(1)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            result = self.evaluate(cfg.eval_tokens)
+            self.history["evals"].append(result)
+            record.update(step=step, eval_loss=result["loss"], eval_bits_per_byte=result["bpb"],
+                          eval_tokens=result["tokens"])
+            self._say(f"step {step}: held-out {result['loss']:.4f} nats/token, {result['bpb']:.3f} bits/byte "
+                      f"({result['tokens']:,} tokens)")
+        if record and self.metrics is not None:
+            self.metrics.write(record)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            self.save()
+
+    def _flush(self) -> None:
+        """Copy the pending losses (averaged over processes) into the history and the norms into the record."""
+        if self._pending:
+            losses = torch.stack([loss for loss, _ in self._pending])
+            self.history["losses"].extend(all_reduce_mean(losses, self.info).tolist())
+            self._norms.extend(torch.stack([norm for _, norm in self._pending]).tolist())
+            self._pending.clear()
+
+    def _train_record(self, lr: float) -> dict:
+        """The metrics record of the steps since the previous one (and the progress bar's numbers)."""
+        self._flush()
+        n = self.global_step - self._record_step
+        now = time.perf_counter()
+        record = {"step": self.global_step, "loss": _mean(self.history["losses"][-n:]) if n else None, "lr": lr,
+                  "grad_norm": _mean(self._norms[-n:]) if n else None,
+                  "tokens_per_s": n * self.tokens_per_step / max(now - self._record_time, 1e-9)}
+        self._norms.clear()
+        self._record_step, self._record_time = self.global_step, now
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{self.history['losses'][-1]:.3f}", lr=f"{lr:.2e}",
+                                 tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+        return record
+
+    def evaluate(self, max_tokens: int | None) -> dict:
+        """Held-out loss and bits per byte on the first `max_tokens` targets (all when None):
+        {"step", "loss", "bpb", "tokens"}. Every process calls it."""
+        if self.sharded and self.info.distributed:
+            # every forward of a sharded model is collective: each process scores every window
+            rank, world_size = 0, 1
+        else:
+            rank, world_size = self.info.rank, self.info.world_size
+        loss, bpb = evaluate_bits_per_byte(self.raw_model, self.val_stream, self.cfg.seqlen, self.cfg.eval_batch_size,
+                                           max_tokens, autocast_dtype=self.autocast_dtype, rank=rank,
+                                           world_size=world_size, reset_at_eos=self.cfg.reset_at_eos)
+        return {"step": self.global_step, "loss": loss, "bpb": bpb,
+                "tokens": eval_target_count(self.val_stream, max_tokens)}
+
+    def save(self) -> bool:
+        """Write a checkpoint of this step, unless the newest one on disk is of this step already. Every process
+        calls it (with FSDP2 every process writes its shards; otherwise rank 0 writes)."""
+        self._flush()
+        if self.global_step == self.saved_step:
+            return False
+        cfg, info = self.cfg, self.info
+        common = dict(tokenizer=self.tokenizer, optimizer=self.optimizer, sampler_state=self.sampler.state_dict(),
+                      step=self.global_step, config=cfg, history=self.history, keep=cfg.keep_checkpoints,
+                      world_size=info.world_size)
+        if self.sharded:
+            save_sharded_checkpoint(self.out_dir, model=self.raw_model, model_config=self.model_config, rank=info.rank,
+                                    **common)
+        elif info.is_main:
+            save_checkpoint(self.out_dir, model=self.raw_model, **common)
+        self.saved_step = self.global_step
+        return True
+
+    def finish(self, reason: str | None = None) -> TrainResult:
+        """End the run: evaluate on the whole held-out budget, save, sample, write metrics.json and the plot.
+        After a signal (`reason` "SIGINT" / "SIGTERM") only save: whoever sent it wants the process gone soon."""
+        cfg, info, step = self.cfg, self.info, self.global_step
+        reason = self.signals.received or reason
+        self._close_bar()
+        self._flush()
+        train_s = time.perf_counter() - self.t_loop
+        if reason in ("SIGINT", "SIGTERM"):
+            self.save()
+            self._say(f"{reason} at step {step}/{cfg.max_steps}: checkpoint saved in {self.out_dir}; continue with "
+                      f"`mambakit train --resume --out {self.out_dir}`", logging.WARNING)
+            return TrainResult(step=step, losses=list(self.history["losses"]), evals=list(self.history["evals"]),
+                               elapsed_s=time.perf_counter() - self.t_start, out_dir=str(self.out_dir),
+                               interrupted=reason, skipped_steps=self.skipped)
+        stopped_by_budget = reason == "time_budget"
+        if stopped_by_budget:
+            self._say(f"time budget of {cfg.time_budget_s:g} s reached at step {step}/{cfg.max_steps}: stopping "
+                      f"(continue with --resume)")
+        final = self.evaluate(cfg.final_eval_tokens)
+        self.history["evals"].append(final)
+        if self.metrics is not None:
+            self.metrics.write({"step": step, "eval_loss": final["loss"], "eval_bits_per_byte": final["bpb"],
+                                "eval_tokens": final["tokens"], "final": True})
+        saved = self.save()
+        result = TrainResult(step=step, losses=list(self.history["losses"]), evals=list(self.history["evals"]),
+                             val_loss=final["loss"], val_bpb=final["bpb"], stopped_by_budget=stopped_by_budget,
+                             out_dir=str(self.out_dir), skipped_steps=self.skipped)
+        steps_done = step - self.step0
+        self._say(f"trained {steps_done} steps ({step}/{cfg.max_steps}) in {train_s:.1f} s, "
+                  f"{steps_done * self.tokens_per_step / max(train_s, 1e-9):,.0f} tokens/s"
+                  + (f"; {self.skipped} non-finite steps skipped" if self.skipped else ""))
+        self._say(f"held-out: {final['loss']:.4f} nats/token, {final['bpb']:.3f} bits/byte ({final['tokens']:,} tokens)")
+        self._say(f"saved to {self.out_dir}" if saved else f"checkpoint of step {step} already in {self.out_dir}")
+        if info.is_main and cfg.sample_tokens > 0:
+            # a sharded model's forward needs every process: sample from the saved (whole) model instead
+            model = self.raw_model
+            if self.sharded and info.distributed:
+                from ..models import MambaLM
+
+                model = MambaLM.from_pretrained(self.out_dir, device=self.device)
+            result.sample = _sample(model, self.tokenizer, cfg)
+            self._say(f"sample (temperature {cfg.sample_temperature:g}):\n{cfg.sample_prompt}{result.sample}")
+        result.elapsed_s = time.perf_counter() - self.t_start
+        if info.is_main:
+            metrics = {"step": step, "max_steps": cfg.max_steps, "val_loss": final["loss"], "val_bpb": final["bpb"],
+                       "val_tokens": final["tokens"], "train_s": train_s, "wall_s": result.elapsed_s,
+                       "stopped_by_budget": stopped_by_budget, "skipped_steps": self.skipped,
+                       "final_train_loss": self.history["losses"][-1] if self.history["losses"] else None}
+            write_metrics(self.out_dir / "metrics.json", metrics)
+            if cfg.plot:
+                self._plot()
+        return result
+
+    def _plot(self) -> None:
+        try:
+            path = plot_metrics(self.out_dir)
+        except ImportError:
+            self._say("no plot: matplotlib is not installed (pip install 'mambakit[train]')", logging.WARNING)
+            return
+        self._say(f"plot: {path}")
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self._exit.close()
+
+    def close(self) -> None:
+        """Give back the signal handlers, the CPU thread count and the process group this run took."""
+        self._close_bar()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        self.signals.restore()
+        if self.governor.enabled:
+            torch.set_num_threads(self._threads_before)
+        destroy_distributed(self._created_group)
+        self._created_group = False
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = None,
@@ -201,7 +572,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = 
 
     Args:
         cfg: the run. On resume, the caller passes the TrainConfig stored in the checkpoint
-            (`load_train_state(dir)["config"]`), changing at most time_budget_s, device, progress.
+            (`load_train_state(dir)["config"]`), changing at most time_budget_s, device, progress, logging
+            and output settings, or batch_size / grad_accum / parallel with the same global batch.
         resume: continue from the newest complete checkpoint in out_dir (`resolve_checkpoint`): same
             weights, optimizer, sampler and step.
         stop_at_step: stop (evaluate, save) after this step without changing the schedule,
@@ -216,186 +588,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = 
         TrainingDiverged: a non-finite loss or gradient norm (cfg.on_nonfinite == "stop").
 
     Under torchrun (RANK/WORLD_SIZE set) every process calls this; each reads different windows,
-    gradients are averaged by DistributedDataParallel, and only rank 0 prints and writes.
+    gradients are averaged by DistributedDataParallel (cfg.parallel "ddp") or reduce-scattered by FSDP2
+    ("fsdp"), and only rank 0 logs and writes (with FSDP2 every process writes its checkpoint shards).
 
     Example:
         >>> from mambakit.training import default_recipe, train
         >>> result = train(default_recipe().replace(max_steps=200, out_dir="runs/short"))
         >>> result.val_bpb
     """
-    t_start = time.perf_counter()
-    info = dist_info_from_env()
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and info.distributed:
-        device = torch.device("cuda", info.local_rank)
-        torch.cuda.set_device(device)
-    created_group = init_distributed(info, device)
-    say = _Printer(info)
-    out_dir = default_out_dir(cfg)
-    autocast_dtype = torch.bfloat16 if (cfg.autocast == "bf16" and device.type == "cuda") else None
-    threads_before = torch.get_num_threads()
-    governor = CPUThreadGovernor(enabled=adapt_cpu_threads and device.type == "cpu" and not info.distributed)
-    signals = _SignalStop(enabled=handle_signals and not info.distributed)
+    run = Run(cfg, resume=resume, checkpoint=checkpoint, handle_signals=handle_signals,
+              adapt_cpu_threads=adapt_cpu_threads)
     try:
-        if info.distributed and not info.is_main:
-            torch.distributed.barrier()  # rank 0 builds the token cache first; the others then read it
-        tokenizer, (n_train_docs, n_val_docs), train_stream, val_stream = _load_data(cfg)
-        if info.distributed and info.is_main:
-            torch.distributed.barrier()
-        doc_eos = tokenizer.eos_id if cfg.reset_at_eos else None  # seq_idx restarts the state at each EOS
-        sampler = RandomWindows(train_stream, cfg.seqlen, cfg.batch_size, cfg.seed, info.rank, info.world_size)
-        vocab = tokenizer.vocab_size
-        if resume and checkpoint is None:
-            checkpoint = resolve_checkpoint(out_dir)
-        if resume and info.is_main:
-            remove_strays(out_dir)
-        model, optimizer, step, history = _build_or_resume(cfg, vocab, device, sampler, checkpoint if resume else None)
-        saved_step = step if resume else None  # the step of the newest checkpoint on disk
-        raw_model = model
-        for module in raw_model.modules():  # activation recomputation is a training setting, not a weight
-            if hasattr(module, "recompute"):
-                module.recompute = cfg.recompute
-        if info.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-        n_params = sum(p.numel() for p in dict.fromkeys(raw_model.parameters()))
-        say(f"mambakit train: recipe {cfg.recipe}: {cfg.layer}, d_model {cfg.d_model}, {cfg.n_layer} layers, "
-            f"{n_params / 1e6:.2f}M parameters, on {device}"
-            + (f" x {info.world_size} processes" if info.distributed else ""))
-        say(f"data: {cfg.data or 'built-in Shakespeare'}: {n_train_docs} documents, {len(train_stream):,} tokens "
-            f"for training; {n_val_docs} held out, {len(val_stream):,} tokens; tokenizer {tokenizer!r}")
-        if resume:
-            say(f"resuming from {checkpoint.path} at step {step}")
-
-        def evaluate(max_tokens: int | None) -> dict:
-            loss, bpb = evaluate_bits_per_byte(raw_model, val_stream, cfg.seqlen, cfg.eval_batch_size, max_tokens,
-                                               autocast_dtype=autocast_dtype, rank=info.rank, world_size=info.world_size,
-                                               reset_at_eos=cfg.reset_at_eos)
-            return {"step": step, "loss": loss, "bpb": bpb, "tokens": eval_target_count(val_stream, max_tokens)}
-
-        pending: list[torch.Tensor] = []  # losses not yet copied to the host (avoids a sync per step on GPU)
-
-        def flush_losses() -> None:
-            if pending:
-                history["losses"].extend(all_reduce_mean(torch.stack(pending), info).tolist())
-                pending.clear()
-
-        def save() -> bool:
-            """Write a checkpoint of this step, unless the newest one on disk is of this step already."""
-            nonlocal saved_step
-            flush_losses()
-            if step == saved_step:
-                return False
-            if info.is_main:
-                save_checkpoint(out_dir, model=raw_model, tokenizer=tokenizer, optimizer=optimizer,
-                                sampler_state=sampler.state_dict(), step=step, config=cfg, history=history,
-                                keep=cfg.keep_checkpoints)
-            saved_step = step
-            return True
-
-        # ---- loop
-        tokens_per_step = cfg.batch_size * cfg.seqlen * info.world_size
-        bar = None
-        if info.is_main and cfg.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True, desc="train")
-            say.bar = bar
-        stopped_by_budget = False
-        skipped = skipped_in_a_row = 0
-        t_loop, step0 = time.perf_counter(), step
-        model.train()
-        while step < cfg.max_steps and (stop_at_step is None or step < stop_at_step) and not signals.received:
-            if cfg.time_budget_s is not None and _out_of_time(t_start, cfg.time_budget_s, info, step, cfg.log_every):
-                stopped_by_budget = True
-                break
-            governor.update()
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            window = split_window(sampler.next_batch().to(device, non_blocking=True), doc_eos)  # (batch, seqlen) x 3
-            loss = forward_backward(model, window, vocab, autocast_dtype)
-            pending.append(loss)
-            # the total norm is computed even without clipping (an infinite max norm scales by exactly 1)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            # one host sync per step: a non-finite step must be caught before the optimizer applies it
-            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-            if info.distributed:
-                finite = all_reduce_mean(finite.float(), info) == 1.0
-            if bool(finite):
-                optimizer.step()
-                skipped_in_a_row = 0
-            else:
-                skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
-                if cfg.on_nonfinite == "stop" or skipped_in_a_row > _MAX_SKIPPED_IN_A_ROW:
-                    flush_losses()
-                    raise _diverged(step + 1, float(loss), float(grad_norm), saved_step, out_dir, cfg, skipped_in_a_row)
-                say(f"step {step + 1}: non-finite loss ({float(loss):.4g}) or gradient norm ({float(grad_norm):.4g}): "
-                    "step skipped")
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                flush_losses()
-                if bar is not None:
-                    tok_s = (step - step0) * tokens_per_step / (time.perf_counter() - t_loop)
-                    bar.set_postfix(loss=f"{history['losses'][-1]:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
-            if bar is not None:
-                bar.update(1)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                record = evaluate(cfg.eval_tokens)
-                history["evals"].append(record)
-                say(f"step {step}: held-out {record['loss']:.4f} nats/token, {record['bpb']:.3f} bits/byte "
-                    f"({record['tokens']:,} tokens)")
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                save()
-        if bar is not None:
-            bar.close()
-            say.bar = None
-        flush_losses()
-        train_s = time.perf_counter() - t_loop
-        if signals.received:
-            # no final evaluation: whoever sent the signal wants the process gone soon
-            save()
-            say(f"{signals.received} at step {step}/{cfg.max_steps}: checkpoint saved in {out_dir}; continue with "
-                f"`mambakit train --resume --out {out_dir}`")
-            return TrainResult(step=step, losses=list(history["losses"]), evals=list(history["evals"]),
-                               elapsed_s=time.perf_counter() - t_start, out_dir=str(out_dir),
-                               interrupted=signals.received, skipped_steps=skipped)
-        if stopped_by_budget:
-            say(f"time budget of {cfg.time_budget_s:g} s reached at step {step}/{cfg.max_steps}: stopping "
-                f"(continue with --resume)")
-
-        # ---- final evaluation, checkpoint, sample
-        final = evaluate(cfg.final_eval_tokens)
-        history["evals"].append(final)
-        saved = save()
-        result = TrainResult(step=step, losses=list(history["losses"]), evals=list(history["evals"]),
-                             val_loss=final["loss"], val_bpb=final["bpb"], stopped_by_budget=stopped_by_budget,
-                             out_dir=str(out_dir), skipped_steps=skipped)
-        steps_done = step - step0
-        say(f"trained {steps_done} steps ({step}/{cfg.max_steps}) in {train_s:.1f} s, "
-            f"{steps_done * tokens_per_step / max(train_s, 1e-9):,.0f} tokens/s"
-            + (f"; {skipped} non-finite steps skipped" if skipped else ""))
-        say(f"held-out: {final['loss']:.4f} nats/token, {final['bpb']:.3f} bits/byte ({final['tokens']:,} tokens)")
-        say(f"saved to {out_dir}" if saved else f"checkpoint of step {step} already in {out_dir}")
-        if info.is_main and cfg.sample_tokens > 0:
-            result.sample = _sample(raw_model, tokenizer, cfg)
-            say(f"sample (temperature {cfg.sample_temperature:g}):\n{cfg.sample_prompt}{result.sample}")
-        result.elapsed_s = time.perf_counter() - t_start
-        if info.is_main:
-            metrics = {"step": step, "max_steps": cfg.max_steps, "val_loss": final["loss"], "val_bpb": final["bpb"],
-                       "val_tokens": final["tokens"], "train_s": train_s, "wall_s": result.elapsed_s,
-                       "stopped_by_budget": stopped_by_budget, "skipped_steps": skipped,
-                       "final_train_loss": history["losses"][-1] if history["losses"] else None}
-            write_metrics(out_dir / "metrics.json", metrics)
-        return result
+        while (reason := run.stop_reason(stop_at_step)) is None:
+            run.step()
+        return run.finish(reason)
     finally:
-        signals.restore()
-        if governor.enabled:
-            torch.set_num_threads(threads_before)
-        destroy_distributed(created_group)
+        run.close()
 
 
 def _diverged(step: int, loss: float, grad_norm: float, saved_step: int | None, out_dir: Path, cfg: TrainConfig,
@@ -450,7 +658,7 @@ class _SignalStop:
         name = signal.Signals(signum).name
         if self.received is None:
             self.received = name
-            print(f"\n{name}: stopping after this step and saving a checkpoint (again to exit at once)", flush=True)
+            log.warning(f"{name}: stopping after this step and saving a checkpoint (again to exit at once)")
             return
         self.restore()
         if signum == signal.SIGINT:

@@ -1,0 +1,154 @@
+"""Plain vs DDP vs FSDP2 training steps of the 130M shape on one GPU: tokens/s and peak memory (issue 13).
+
+Run under torchrun with one process (DDP and FSDP2 need a process group; on one GPU they show the wrappers'
+own cost: DDP's gradient buckets, FSDP2's all-gather / reduce-scatter calls, casts and the mixed-precision
+policy), on the GPU machine:
+
+    torchrun --nproc-per-node 1 benchmarks/gpu_parallel.py                       # 130m, mamba2, batch 8 x 2048
+    torchrun --nproc-per-node 1 benchmarks/gpu_parallel.py --layer mamba1 --batch 4 --grad-accum 2
+
+Each case builds the model the way `mambakit train` does (mambakit.training: model_config, build_optimizer,
+wrap_model, the Run's micro-step with no_sync / set_requires_gradient_sync), times `--steps` optimizer steps
+after `--warmup` (CUDA-synchronised wall clock) and records torch.cuda.max_memory_allocated over the timed
+steps. Cases:
+    plain       one process, no wrapper; bf16 autocast, fp32 parameters, fused AdamW
+    ddp         DistributedDataParallel; the same numerics
+    fsdp        FSDP2 fully_shard per block + root, MixedPrecisionPolicy(param bf16, reduce fp32), autocast
+    fsdp-fp32   FSDP2 without the bf16 policy (fp32 parameters, autocast only), as with --fsdp-mixed-precision none
+Prints one JSON line per case, then a table (paste it into BENCHMARKS.md with the date, device and versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from mambakit import MambaLM
+from mambakit.evaluation import token_nll_sum
+from mambakit.training import TrainConfig, build_optimizer, model_config
+from mambakit.training.distributed import dist_info_from_env, wrap_model
+from mambakit.training.loop import no_decay_names
+
+SHAPES = {"130m": (768, 24), "370m": (1024, 48), "tiny": (64, 2)}  # tiny: the CPU smoke run
+VOCAB = 50277
+CASES = ("plain", "ddp", "fsdp", "fsdp-fp32")
+
+
+def run_case(case: str, args, device: torch.device) -> dict:
+    d_model, n_layer = SHAPES[args.shape]
+    parallel = "ddp" if case in ("plain", "ddp") else "fsdp"
+    cfg = TrainConfig(layer=args.layer, d_model=d_model, n_layer=n_layer, d_state=args.d_state, headdim=64,
+                      chunk_size=256, seqlen=args.seqlen, batch_size=args.batch, grad_accum=args.grad_accum,
+                      parallel=parallel, fsdp_mixed_precision="none" if case == "fsdp-fp32" else "bf16")
+    torch.manual_seed(0)
+    model = MambaLM(model_config(cfg, VOCAB)).to(device)
+    no_decay = no_decay_names(model)
+    if case != "plain":
+        # a one-process "world" still goes through the wrapper: that is what this benchmark measures
+        model = _wrap_one_process(model, cfg, device)
+    opt = build_optimizer(model, cfg, no_decay)
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, VOCAB, (args.grad_accum * args.batch, args.seqlen + 1), device=device, generator=gen)
+
+    def step():
+        micro = ids.split(args.batch)
+        for i, window in enumerate(micro):
+            last = i == len(micro) - 1
+            if case.startswith("fsdp"):
+                model.set_requires_gradient_sync(last)
+            ctx = model.no_sync() if (case == "ddp" and not last) else contextlib.nullcontext()
+            with ctx:
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    logits = model(window[:, :-1])
+                    loss = token_nll_sum(logits, window[:, 1:], VOCAB) / window[:, 1:].numel()
+                loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    cuda = device.type == "cuda"
+    for _ in range(args.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / args.steps
+    tokens = args.grad_accum * args.batch * args.seqlen
+    row = {"case": case, "layer": args.layer, "shape": args.shape, "batch": args.batch, "grad_accum": args.grad_accum,
+           "seqlen": args.seqlen, "tokens_per_s": tokens / seconds, "ms_per_step": 1e3 * seconds,
+           "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"), "loss": float(loss)}
+    del model, opt
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def _wrap_one_process(model, cfg: TrainConfig, device: torch.device):
+    """wrap_model as under torchrun with one process (world size 1 is 'not distributed' to the trainer, which
+    would leave the model bare)."""
+    info = dist_info_from_env()
+    forced = info.__class__(rank=info.rank, world_size=max(info.world_size, 2), local_rank=info.local_rank)
+    return wrap_model(model, cfg, forced, device)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=SHAPES, default="130m")
+    p.add_argument("--layer", choices=("mamba1", "mamba2"), default="mamba2")
+    p.add_argument("--d-state", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: a smoke run of the script itself over gloo (with --shape tiny; no memory figures)")
+    args = p.parse_args()
+    if "RANK" not in os.environ:
+        raise SystemExit("run under torchrun: torchrun --nproc-per-node 1 benchmarks/gpu_parallel.py")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if args.device == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    rows = []
+    try:
+        for case in args.cases:
+            row = run_case(case, args, device)
+            rows.append(row)
+            if dist.get_rank() == 0:
+                print(json.dumps(row), flush=True)
+    finally:
+        dist.destroy_process_group()
+    if dist_info_from_env().rank != 0:
+        return
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"\n{args.shape} {args.layer}, batch {args.batch} x {args.grad_accum} micro-steps x {args.seqlen}, "
+          f"{name}, torch {torch.__version__}, {datetime.date.today()}")
+    print("| case | tokens/s | ms/step | peak GB | vs plain tokens/s |")
+    print("|---|---:|---:|---:|---:|")
+    plain = next((r["tokens_per_s"] for r in rows if r["case"] == "plain"), None)
+    for r in rows:
+        ratio = f"{r['tokens_per_s'] / plain:.2f}x" if plain else "-"
+        print(f"| {r['case']} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | {r['peak_gb']:.2f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
