@@ -91,6 +91,7 @@ def test_eval_reads_a_datasets_directory(trained, capsys, tmp_path):
     pytest.param(["--data", "missing.txt"], "--data missing.txt: not found", id="missing-data"),
     pytest.param(["--model", "no/such/dir/here"], "model directory not found", id="missing-model"),
     pytest.param(["--seqlen", "0"], "expected a positive integer, got '0'", id="bad-seqlen"),
+    pytest.param(["--tasks", "lambada_openai"], "give --data PATH", id="data-and-tasks"),
 ])
 def test_eval_user_errors_are_one_line(trained, capsys, flags, message):
     args = {"--model": str(trained / "run"), "--data": str(trained / "held.jsonl")}

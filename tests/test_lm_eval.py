@@ -223,3 +223,9 @@ def test_eval_tasks_cli_prints_the_table(tmp_path, capsys, monkeypatch):
     # an eval main(**flags) passes keywords instead of the namespace
     assert run_tasks(model=str(ckpt), tasks="mk_choice", include_path=str(tmp_path / "tasks"), device="cpu", limit=1) == 0
     assert "mk_choice" in capsys.readouterr().out
+    # and as `mambakit eval --tasks`
+    from mambakit.cli.__main__ import main
+
+    assert main(["eval", "--model", str(ckpt), "--tasks", "mk_choice", "--include-path", str(tmp_path / "tasks"),
+                 "--device", "cpu", "--limit", "1"]) == 0
+    assert "mk_choice" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""`mambakit eval`: bits per byte, perplexity and token count of a saved model on a file or a `datasets` directory."""
+"""`mambakit eval`: bits per byte, perplexity and token count of a saved model on a file or a `datasets` directory
+(--data), or lm-evaluation-harness tasks (--tasks, cli/eval_tasks.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import time
 from pathlib import Path
 
 from .errors import Parser, UsageError
+from .eval_tasks import add_task_arguments, run_tasks
 
-SUMMARY = "score a model on a text file or dataset: bits per byte, perplexity, tokens"
+SUMMARY = "score a model on a text file or dataset (bits per byte, perplexity) or on lm-eval tasks"
 
 EXAMPLES = """\
 examples:
@@ -21,6 +23,8 @@ examples:
       a directory written by datasets' save_to_disk (every split)
   mambakit eval --model runs/my_texts --data shards/ --streaming --max-tokens 1000000
       json/parquet/text files read through datasets' streaming (never held in memory whole)
+  mambakit eval --model runs/my_texts --tasks my_task --include-path my_tasks/
+      lm-evaluation-harness tasks (pip install 'mambakit[lm_eval]'); prints lm-eval's table
 
 Every document of --data is scored (no held-out split), joined as in training: each preceded by the
 tokenizer's end-of-document token, the state restarting at each one (--no-reset-at-eos: carried across;
@@ -43,7 +47,7 @@ def _positive_int(text: str) -> int:
 def build_parser(prog: str = "mambakit eval") -> Parser:
     p = Parser(prog=prog, description=SUMMARY, epilog=EXAMPLES)
     p.add_argument("--model", required=True, metavar="DIR", help="a checkpoint directory (or a Hugging Face Hub id)")
-    p.add_argument("--data", required=True, metavar="PATH",
+    p.add_argument("--data", metavar="PATH",
                    help="a file, a directory of files, or a datasets directory (save_to_disk)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines of text")
     p.add_argument("--seqlen", type=_positive_int, metavar="N",
@@ -64,6 +68,7 @@ def build_parser(prog: str = "mambakit eval") -> Parser:
                    help="where tokenized data is cached: auto ($MAMBAKIT_TOKEN_CACHE or ~/.cache/mambakit/tokens), "
                         "a directory, or off")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_task_arguments(p)  # --tasks and its flags; --device and --batch-size are shared
     return p
 
 
@@ -81,11 +86,12 @@ def _trained_settings(directory: Path) -> dict:
             "eval_batch_size": cfg.get("eval_batch_size")}
 
 
-def main(model: str, data: str, json: bool = False, seqlen: int | None = None, batch_size: int | None = None,
+def main(model: str, data: str | None = None, json: bool = False, seqlen: int | None = None, batch_size: int | None = None,
          max_tokens: int | None = None, reset_at_eos: bool | None = None, device: str = "auto",
          autocast: str = "bf16", streaming: bool = False, text_column: str = "text", token_cache: str = "auto",
-         progress: bool = True) -> int:
+         progress: bool = True, tasks: str | None = None, **task_flags) -> int:
     """Score `model` on every document of `data`; print bits per byte, perplexity and counts. Returns 0.
+    With `tasks` instead, run those lm-evaluation-harness tasks (`task_flags`: cli/eval_tasks.py's flags).
 
     Examples:
         mambakit eval --model runs/shakespeare --data macbeth.md
@@ -102,6 +108,10 @@ def main(model: str, data: str, json: bool = False, seqlen: int | None = None, b
     from ..models import MambaLM
     from ..training import resolve_device
 
+    if (data is None) == (tasks is None):
+        raise UsageError("give --data PATH (bits per byte on a file or dataset) or --tasks NAMES (lm-eval), one of them")
+    if tasks is not None:
+        return run_tasks(model=model, tasks=tasks, device=device, batch_size=batch_size, **task_flags)
     if not Path(data).exists():
         raise UsageError(f"--data {data}: not found")
     if not Path(model).is_dir() and not looks_like_hub_id(model):
