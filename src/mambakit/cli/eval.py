@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .errors import Parser, UsageError
 from .eval_tasks import add_task_arguments, run_tasks
+from .train import _positive_int
 
 SUMMARY = "score a model on a text file or dataset (bits per byte, perplexity) or on lm-eval tasks"
 
@@ -32,16 +33,6 @@ the default follows the model's train_config.json when it has one). The windows 
 from an empty state each. bits per byte = total nats / (ln 2 x UTF-8 bytes of the scored text), the
 end-of-document token counting as one byte; perplexity = exp(nats per token). The tokens are cached on
 disk as in training (--token-cache). Progress bars go to stderr."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def build_parser(prog: str = "mambakit eval") -> Parser:
