@@ -76,3 +76,14 @@ def seed_type(text: str) -> int:
     if not 0 <= value < 2**64:
         raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64), got {text!r}")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type for counts that may be zero (--top-k, --save-every, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import Parser, UsageError, check_writable_file, seed_type
+from .errors import Parser, UsageError, check_writable_file, non_negative_int, seed_type
 
 SUMMARY = "generate text from a trained or converted checkpoint, streamed as it is produced"
 
@@ -44,16 +44,6 @@ speed (tokens/s) to stderr."""
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
 def _float_in(lo: float, hi: float, lo_open: bool, hi_open: bool):
     def parse(text: str) -> float:
         try:
@@ -70,7 +60,7 @@ def _float_in(lo: float, hi: float, lo_open: bool, hi_open: bool):
 
 
 def _positive_int(text: str) -> int:
-    value = _nonnegative_int(text)
+    value = non_negative_int(text)
     if value == 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
@@ -91,10 +81,10 @@ def build_parser(prog: str = "mambakit generate") -> Parser:
                    help="with --prompts-file: write the JSON lines to FILE instead of stdout")
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
                    help="with --prompts-file: prompts generated together (default 16)")
-    p.add_argument("--max-new-tokens", type=_nonnegative_int, default=200, metavar="N", help="tokens to generate (default 200)")
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=200, metavar="N", help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=_float_in(0, float("inf"), False, True), default=0.8, metavar="T",
                    help="sampling temperature; 0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=_nonnegative_int, default=0, metavar="K", help="keep the K likeliest tokens; 0 = all")
+    p.add_argument("--top-k", type=non_negative_int, default=0, metavar="K", help="keep the K likeliest tokens; 0 = all")
     p.add_argument("--top-p", type=_float_in(0, 1, True, False), default=1.0, metavar="P", help="nucleus sampling mass (default 1)")
     p.add_argument("--min-p", type=_float_in(0, 1, False, True), default=0.0, metavar="P",
                    help="drop tokens below P x the top probability (default 0)")

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import Parser, UsageError, check_writable_dir, seed_type
+from .errors import Parser, UsageError, check_writable_dir, non_negative_int, seed_type
 
 SUMMARY = "train a Mamba language model (default: byte-level, on the built-in Shakespeare corpus)"
 
@@ -149,7 +149,7 @@ def build_parser(prog: str = "mambakit train") -> Parser:
     p.add_argument("--parallel", choices=("ddp", "fsdp"),
                    help="under torchrun: ddp (default) or fsdp (FSDP2, sharded checkpoints)")
     p.add_argument("--log-every", type=_positive_int, metavar="N", help="steps between metrics.jsonl records")
-    p.add_argument("--save-every", type=_non_negative_int, metavar="N",
+    p.add_argument("--save-every", type=non_negative_int, metavar="N",
                    help="steps between checkpoints (0: only at the end)")
     p.add_argument("--logger", choices=("none", "tensorboard"),
                    help="tensorboard: also write TensorBoard scalars into DIR/tensorboard (the `train` extra)")
@@ -175,16 +175,6 @@ def build_parser(prog: str = "mambakit train") -> Parser:
     for name in MODEL_OVERRIDES:
         model.add_argument(f"--model.{name.replace('_', '-')}", dest=f"model.{name}", type=_scalar, metavar="VALUE")
     return p
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
 def _resolve(base, files: list[str], flags: dict[str, Any]):
