@@ -71,7 +71,7 @@ def _chunk_cb_kernel(
 @fast_launch
 @triton.jit(do_not_specialize=["seqlen", "nchunks"])  # one compile for every length
 def _chunk_scan_fwd_kernel(
-    x_ptr, z_ptr, D_ptr, C_ptr, cb_ptr, states_ptr, dtp_ptr, cs_ptr, seq_ptr, y_ptr, ypre_ptr,
+    x_ptr, z_ptr, D_ptr, C_ptr, cb_ptr, states_ptr, dtp_ptr, cs_ptr, seq_ptr, y_ptr, ypre_ptr, xsum_ptr,
     seqlen, nheads, nchunks, headdim, dstate, hpg, ngroups,
     s_x_b, s_x_l, s_x_h, s_z_b, s_z_l, s_z_h, s_C_b, s_C_l, s_C_g, s_seq_b,
     T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -113,9 +113,12 @@ def _chunk_scan_fwd_kernel(
     # diagonal block: causal tiles of C B^T, decayed and weighted by dt'. Non-finite values must stay causal
     # (a NaN or inf at token j reaches rows i >= j only, as in the recurrence), but a dot multiplies the
     # zeros above the diagonal too, and 0 * NaN = NaN: so w is selected to exactly 0 there (whatever dt'_j),
-    # the dot reads x with its non-finite entries zeroed, and those entries are added back as a sum over
-    # j <= i (0 up to the first non-finite x_j of a column, non-finite from it on): over whole tiles left of
-    # the diagonal, as a cumulative sum within the diagonal tile.
+    # and when x holds a non-finite entry anywhere (its float32 sum, `xsum_ptr`, is then non-finite) the dot
+    # reads x with its non-finite entries zeroed, and those entries are added back as a sum over j <= i
+    # (0 up to the first non-finite x_j of a column, non-finite from it on): over whole tiles left of the
+    # diagonal, as a cumulative sum within the diagonal tile. That repair costs ~60% of this kernel's time,
+    # so it runs only behind the runtime flag (one uniform branch per program; see BENCHMARKS.md, SSD).
+    all_finite = tl.abs(tl.load(xsum_ptr)) < float("inf")  # False for NaN too
     cb_base = cb_ptr + ((b * nchunks + c) * ngroups + g) * T * T + rows[:, None] * T
     x_base = x_ptr + b * s_x_b + h * s_x_h + chunk0 * s_x_l + offs_p[None, :]
     x_bad = tl.zeros((BLOCK_P,), dtype=tl.float32)  # sum of the non-finite x over the tiles left of the diagonal
@@ -129,13 +132,16 @@ def _chunk_scan_fwd_kernel(
                      0.0)
         x_k = tl.load(x_base + cols[:, None] * s_x_l, mask=(c * T + cols < seqlen)[:, None] & pmask[None, :],
                       other=0.0)
-        finite = tl.abs(x_k) < float("inf")  # False for NaN too
-        acc = mm(w, tl.where(finite, x_k, 0.0), acc, OP, EMULATE)
-        bad = tl.where(finite, 0.0, x_k.to(tl.float32))
-        if k < pid_m:
-            x_bad += tl.sum(bad, axis=0)
+        if all_finite:
+            acc = mm(w, x_k, acc, OP, EMULATE)
         else:
-            acc += tl.cumsum(bad, axis=0)  # the diagonal tile: its rows are its columns
+            finite = tl.abs(x_k) < float("inf")  # False for NaN too
+            acc = mm(w, tl.where(finite, x_k, 0.0), acc, OP, EMULATE)
+            bad = tl.where(finite, 0.0, x_k.to(tl.float32))
+            if k < pid_m:
+                x_bad += tl.sum(bad, axis=0)
+            else:
+                acc += tl.cumsum(bad, axis=0)  # the diagonal tile: its rows are its columns
     acc += x_bad[None, :]
 
     io_mask = rmask[:, None] & pmask[None, :]
@@ -216,10 +222,12 @@ def chunk_scan_fwd(x: torch.Tensor, z: torch.Tensor | None, D: torch.Tensor | No
     # y before the gate feeds dz = dy * y_pre * silu'(z) only; fp32 keeps one bf16 rounding out of dz
     y_pre = torch.empty_like(y, dtype=torch.float32) if z is not None else None
     zz = z if z is not None else x
+    # non-finite iff some x is (or the finite values overflow float32: then the exact path runs, only slower)
+    xsum = torch.sum(x, dtype=torch.float32)
     grid = (T // cfg["BLOCK_M"], H * cdiv(P, cfg["BLOCK_P"]), b * nc)
     _chunk_scan_fwd_kernel[grid](
         x, zz, D if D is not None else dtp, C, cb, states, dtp, cs, seq_idx if seq_idx is not None else dtp,
-        y, y_pre if y_pre is not None else y,
+        y, y_pre if y_pre is not None else y, xsum,
         L, H, nc, P, N, H // G, G,
         x.stride(0), x.stride(1), x.stride(2), zz.stride(0), zz.stride(1), zz.stride(2),
         C.stride(0), C.stride(1), C.stride(2), seq_idx.stride(0) if seq_idx is not None else 0,
