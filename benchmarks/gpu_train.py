@@ -14,6 +14,10 @@ is timed in the same process when it is importable (path "mamba_ssm").
     python benchmarks/gpu_train.py                                    # 130m, batch 8 x 2048, all paths
     python benchmarks/gpu_train.py --shape 130m --batch 2 --seqlen 8192 --paths fused unfused
     python benchmarks/gpu_train.py --shape 1.3b --paths fused --layers mamba1
+    python benchmarks/gpu_train.py --layers mamba2 --paths fused --profile 15   # + the 15 costliest kernels
+
+`--profile N` then runs 3 more steps under torch.profiler (CUDA activity) and prints the N kernels with the most
+GPU time per step (name, ms per step, launches per step, share of the step's kernel time): where a step goes.
 """
 
 from __future__ import annotations
@@ -49,7 +53,28 @@ def build_mamba_ssm(layer: str, shape: str):
     return MambaLMHeadModel(cfg, device="cuda")
 
 
-def run_case(layer: str, shape: str, path: str, batch: int, seqlen: int, steps: int, warmup: int) -> dict:
+def kernel_table(step, top: int, steps: int = 3) -> list[dict]:
+    """GPU time per training step of the `top` costliest kernels (torch.profiler, CUDA activity)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if us > 0:
+            rows.append((ev.key, us, ev.count))
+    total = sum(us for _, us, _ in rows) or 1.0
+    rows.sort(key=lambda r: -r[1])
+    return [{"kernel": name[:90], "ms_per_step": round(us / steps / 1e3, 3), "launches_per_step": n // steps,
+             "share": round(us / total, 3)} for name, us, n in rows[:top]]
+
+
+def run_case(layer: str, shape: str, path: str, batch: int, seqlen: int, steps: int, warmup: int,
+             profile_top: int = 0) -> dict:
     base_path, compiled = path.removesuffix("+compile"), path.endswith("+compile")
     if base_path == "mamba_ssm":
         model = build_mamba_ssm(layer, shape)
@@ -94,6 +119,8 @@ def run_case(layer: str, shape: str, path: str, batch: int, seqlen: int, steps: 
            "tokens_per_s": round(batch * seqlen * steps / elapsed), "ms_per_step": round(1e3 * elapsed / steps, 2),
            "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2), "loss": round(float(loss), 4),
            "first_step_s": round(first, 1)}
+    if profile_top:
+        row["kernels"] = kernel_table(step, profile_top)
     del model, opt, forward
     torch.cuda.empty_cache()
     return row
@@ -109,6 +136,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", help="append the JSON lines to this file as well")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also print the N kernels with the most GPU time per step (torch.profiler)")
     args = parser.parse_args()
     try:
         import mamba_ssm  # noqa: F401
@@ -123,9 +152,13 @@ def main() -> None:
                       "date": datetime.date.today().isoformat()}))
     for layer in args.layers:
         for path in peers + args.paths:
-            row = run_case(layer, args.shape, path, args.batch, args.seqlen, args.steps, args.warmup)
+            row = run_case(layer, args.shape, path, args.batch, args.seqlen, args.steps, args.warmup, args.profile)
+            kernels = row.pop("kernels", [])
             line = json.dumps(row)
             print(line, flush=True)
+            for k in kernels:
+                print(f"  {k['ms_per_step']:8.3f} ms  x{k['launches_per_step']:<4d} {100 * k['share']:5.1f}%  {k['kernel']}",
+                      flush=True)
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(line + "\n")
