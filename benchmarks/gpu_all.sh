@@ -14,7 +14,7 @@ run() { local name=$1 limit=$2; shift 2; echo "=== $name: $*"; timeout "$limit" 
 for stage in "$@"; do
   case $stage in
     env) run env 60 python3 -c "import torch, triton, sys; print(sys.version); print(torch.__version__, triton.__version__, torch.cuda.get_device_name())";;
-    tests) run tests 300 python3 -m pytest tests/ops -m gpu -q -p no:cacheprovider ${TEST_FLAGS:-};;
+    tests) run tests 480 python3 -m pytest tests/ops -m gpu -q -p no:cacheprovider ${TEST_FLAGS:-};;
     gentests) run gentests 200 python3 -m pytest tests/test_generation.py -m gpu -q -p no:cacheprovider;;
     compose) run compose 560 python3 -m pytest tests/test_composability.py -m gpu -q -p no:cacheprovider ${COMPOSE_FLAGS:-};;
     adapters) run adapters 200 python3 -m pytest tests/test_adapters.py -q -p no:cacheprovider;;
