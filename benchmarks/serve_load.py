@@ -56,6 +56,9 @@ SHAPES = {
     "mamba2-130m": "mamba2-130m",
     # not a model: `_StubLM`, whose forward is a table lookup, so that the server's host path is all there is
     "stub": dict(d_model=16, n_layer=1, vocab_size=256, ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 16}),
+    # the same with 24 layers of (tiny) cache, as many as the 130M models have: the scheduler's per-layer slot
+    # copies and prefix-state copies per request run as often as they would there (each a kernel launch on a GPU)
+    "stub24": dict(d_model=16, n_layer=24, vocab_size=256, ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 16}),
 }
 
 
@@ -125,7 +128,7 @@ def _build(args):
     spec = SHAPES[args.model_shape]
     config = preset(spec) if isinstance(spec, str) else MambaConfig(**spec)
     torch.manual_seed(0)
-    model_cls = _stub_class() if args.model_shape == "stub" else MambaLM
+    model_cls = _stub_class() if args.model_shape.startswith("stub") else MambaLM
     model = model_cls(config, device=torch.device(args.device), dtype=dtype).eval()
     return model, IdTokenizer(config.vocab_size)
 
@@ -161,10 +164,11 @@ def _serve(args, port: int, ready) -> None:
     server.run()
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of process `pid` so far (Linux /proc; None elsewhere)."""
+def _cpu_seconds(pid: int, thread: int | None = None) -> float | None:
+    """User + system CPU time of process `pid` (or of its thread `thread`) so far (Linux /proc; None elsewhere)."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -331,13 +335,15 @@ def main() -> int:
             asyncio.run(_level(url, c, argparse.Namespace(**{**vars(args), "requests_per_client": 1,
                                                              "new_tokens": min(8, args.new_tokens)}), vocab))
             _log(f"{c} clients ...")
-            cpu0 = _cpu_seconds(proc.pid)
+            cpu0, http0 = _cpu_seconds(proc.pid), _cpu_seconds(proc.pid, proc.pid)
             row = asyncio.run(_level(url, c, args, vocab))
-            cpu1 = _cpu_seconds(proc.pid)
+            cpu1, http1 = _cpu_seconds(proc.pid), _cpu_seconds(proc.pid, proc.pid)
             if cpu0 is not None and cpu1 is not None and row["new_tokens"]:
                 # the server's CPU time per token: on a shared machine a steadier measure than tokens/s
                 row["server_cpu_s"] = round(cpu1 - cpu0, 2)
                 row["server_cpu_us_per_token"] = round(1e6 * (cpu1 - cpu0) / row["new_tokens"], 1)
+                # of which the main thread's: the HTTP side (uvicorn's event loop); the rest is the scheduler
+                row["server_http_cpu_us_per_token"] = round(1e6 * (http1 - http0) / row["new_tokens"], 1)
             if base is not None:
                 row["offline_batch"] = min(c, args.offline_max_batch)
                 row["offline_tok_s"] = round(base, 1)

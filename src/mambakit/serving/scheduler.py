@@ -497,7 +497,7 @@ class Scheduler:
         self.cache.index_copy_(rows, source)
         self._logits_SV[first:first + request.n] = job.logits
         for i, params in enumerate(request.choices):
-            self.sampler.reset_row(first + i, request.prompt_ids)
+            self.sampler.reset_row(first + i, request.prompt_ids, params)
             self.running.append(_Seq(request, i, params, TextStream(self.tokenizer, request.stops)))
         self._dirty = True
 
@@ -516,7 +516,7 @@ class Scheduler:
                 state.ssm_state.index_copy_(0, dst, state.ssm_state.index_select(0, src))
             self._logits_SV.index_copy_(0, dst, self._logits_SV.index_select(0, src))
             for s, d in zip(movers, holes):
-                self.sampler.move_row(s, d)
+                self.sampler.move_row(s, d, self.running[s].params)
                 self.running[d] = self.running[s]
         del self.running[alive:]
         self._dirty = True
