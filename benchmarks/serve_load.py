@@ -16,6 +16,11 @@ comes first. Reported per level:
     ratio                 throughput_tok_s / offline_tok_s
     server_cpu_us_per_token  the server process's CPU time (all its threads) over the level / new tokens
                           (Linux); with `--model-shape stub` this is the host path's cost per token
+    server_http_cpu_us_per_token  the part of it spent by the main thread (uvicorn's event loop: HTTP, SSE)
+    scheduler_us_per_token  the scheduler thread's wall time per phase (idle, admit, prefill, launch, wait for
+                          the device, process the tokens, flush events) / new tokens, from /metrics
+    client_cpu_us_per_token, client_cpu_busy  the load generator's CPU time per token, and per second of the
+                          level (near 1.0: the client, one process, is the limit, not the server)
 Before each level, every client sends one short request (8 new tokens), not counted: the device kernels
 compile for that level's batch shapes off the clock, as the baseline's warm-up run does for generate().
 
@@ -172,6 +177,17 @@ def _cpu_seconds(pid: int, thread: int | None = None) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _phases(url: str) -> dict[str, float]:
+    """The server's `mambakit_scheduler_seconds_total` per phase (seconds so far)."""
+    import httpx
+
+    from mambakit.serving.metrics import parse_metrics
+
+    metrics = parse_metrics(httpx.get(url + "/metrics", timeout=30).text)
+    prefix = 'mambakit_scheduler_seconds_total{phase="'
+    return {name[len(prefix):-2]: value for name, value in metrics.items() if name.startswith(prefix)}
 
 
 def _free_port() -> int:
@@ -336,8 +352,17 @@ def main() -> int:
                                                              "new_tokens": min(8, args.new_tokens)}), vocab))
             _log(f"{c} clients ...")
             cpu0, http0 = _cpu_seconds(proc.pid), _cpu_seconds(proc.pid, proc.pid)
+            phases0, client0 = _phases(url), time.process_time()
             row = asyncio.run(_level(url, c, args, vocab))
             cpu1, http1 = _cpu_seconds(proc.pid), _cpu_seconds(proc.pid, proc.pid)
+            phases1, client1 = _phases(url), time.process_time()
+            if row["new_tokens"]:
+                # the load generator's own CPU time: near 1 s per second, it (not the server) is the limit
+                row["client_cpu_us_per_token"] = round(1e6 * (client1 - client0) / row["new_tokens"], 1)
+                row["client_cpu_busy"] = round((client1 - client0) / row["wall_s"], 2)
+                # the scheduler thread's wall time per phase, per new token (its /metrics counters)
+                row["scheduler_us_per_token"] = {k: round(1e6 * (phases1[k] - phases0.get(k, 0.0)) / row["new_tokens"], 2)
+                                                 for k in phases1}
             if cpu0 is not None and cpu1 is not None and row["new_tokens"]:
                 # the server's CPU time per token: on a shared machine a steadier measure than tokens/s
                 row["server_cpu_s"] = round(cpu1 - cpu0, 2)

@@ -47,7 +47,7 @@ from torch import nn
 
 from ..generation import InferenceCache, allocate_cache, decode_one_token
 from ..modules import MixerState
-from .metrics import Metrics
+from .metrics import SCHEDULER_PHASES, Metrics
 from .prefix_cache import PrefixCache, prefix_digest
 from .sampler import BatchSampler, RowParams, to_device, token_logprobs
 from .text import TextStream
@@ -259,6 +259,8 @@ class Scheduler:
         self.prefilling: list[_Prefill] = []
         self._dirty = True
         self._pending: _Block | None = None
+        self._phases = dict.fromkeys(SCHEDULER_PHASES, 0.0)  # this iteration's seconds per phase
+        self._phase_end = time.perf_counter()
         self._lock = threading.Condition()
         self._inbox: list[GenerationRequest] = []
         self._cancels: list[GenerationRequest] = []
@@ -315,6 +317,7 @@ class Scheduler:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # the graphs and kernels run on the model's GPU from this thread
         while True:
+            idle_from = time.perf_counter()
             with self._lock:
                 while not (self._stop or self._inbox or self._cancels or self.running or self.waiting
                            or self.prefilling or self._pending):
@@ -323,6 +326,7 @@ class Scheduler:
                 self._inbox.clear()
                 cancels, self._cancels = self._cancels, []
                 stopping = self._stop
+            self._phase("idle", idle_from)
             for request in cancels:
                 self._abort(request)
             if stopping:
@@ -337,6 +341,15 @@ class Scheduler:
                 logger.exception("scheduler step failed")
                 self._fail_all(f"{type(err).__name__}: {err}")
             self._flush()
+            self._phase("flush")
+            self.metrics.phases(self._phases)
+            self._phases = dict.fromkeys(self._phases, 0.0)
+
+    def _phase(self, name: str, since: float | None = None) -> None:
+        """Charge the time since `since` (default: the end of the previous phase) to phase `name`."""
+        now = time.perf_counter()
+        self._phases[name] += now - (self._phase_end if since is None else since)
+        self._phase_end = now
 
     def _in_flight(self) -> list[GenerationRequest]:
         return list(self.waiting) + [job.request for job in self.prefilling] \
@@ -347,11 +360,15 @@ class Scheduler:
         while self.waiting and self.waiting[0].n <= free:
             free -= self.waiting[0].n
             self._start_prefill(self.waiting.popleft())
+        self._phase("admit")
         if self.prefilling:
             self._prefill_chunk()
+            self._phase("prefill")
         block = self._launch() if self.running else None
+        self._phase("launch")
         if self._pending is not None:  # the previous block's tokens, read while the new block runs
             self._process(self._pending)
+            self._phase("process")
         self._pending = block
 
     def _emit(self, request: GenerationRequest, events: list[Event]) -> None:
@@ -569,6 +586,7 @@ class Scheduler:
         """
         if block.ready is not None:
             block.ready.synchronize()
+        self._phase("wait")
         tokens = block.tokens_Bk.tolist()
         if block.logprobs is not None:
             chosen_Bk, values_Bkt, ids_Bkt = (t.tolist() for t in block.logprobs)
