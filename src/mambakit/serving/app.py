@@ -424,6 +424,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, chat_template: 
                 head = _completion_head(rid, created, model_name)
                 offsets = {}  # (prompt, choice) -> text offset after that choice's last token
                 echoed = set()
+                left, last = len(prompts) * n, ""  # choices not finished; the chunk that finished the last one
                 async for p_index, ev in _events(server, http, channel, requests):
                     key = (p_index, ev.index)
                     # the echo goes with a choice's first event: by then the scheduler has computed the
@@ -433,23 +434,27 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, chat_template: 
                     if not (echo_text or ev.text) and ev.finish_reason is None and not ev.logprobs:
                         continue
                     if req.logprobs is None:  # the common chunk: a template
-                        yield _completion_chunk(head, p_index * n + ev.index, echo_text + ev.text, ev.finish_reason)
-                        continue
-                    # offsets count token texts, as in the non-streamed response (not the text sent so far,
-                    # which holds back a possible stop sequence)
-                    offset = offsets.get(key, len(prompts[p_index].echo_text) if req.echo else 0)
-                    lp = server.completion_logprobs(ev.logprobs, offset)
-                    if lp["tokens"]:
-                        offsets[key] = lp["text_offset"][-1] + len(lp["tokens"][-1])
-                    if echo_lp is not None:
-                        lp = {k: echo_lp[k] + lp[k] for k in lp}
-                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                                "choices": [{"index": p_index * n + ev.index, "text": echo_text + ev.text,
-                                             "logprobs": lp, "finish_reason": ev.finish_reason}]})
-                if include_usage:
-                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                                "choices": [], "usage": _usage(requests)})
-                yield "data: [DONE]\n\n"
+                        chunk = _completion_chunk(head, p_index * n + ev.index, echo_text + ev.text, ev.finish_reason)
+                    else:
+                        # offsets count token texts, as in the non-streamed response (not the text sent so far,
+                        # which holds back a possible stop sequence)
+                        offset = offsets.get(key, len(prompts[p_index].echo_text) if req.echo else 0)
+                        lp = server.completion_logprobs(ev.logprobs, offset)
+                        if lp["tokens"]:
+                            offsets[key] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+                        if echo_lp is not None:
+                            lp = {k: echo_lp[k] + lp[k] for k in lp}
+                        chunk = _sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                                      "choices": [{"index": p_index * n + ev.index, "text": echo_text + ev.text,
+                                                   "logprobs": lp, "finish_reason": ev.finish_reason}]})
+                    left -= ev.finish_reason is not None
+                    if left:
+                        yield chunk
+                    else:  # the last chunk goes out with the usage and [DONE]: one write instead of three
+                        last = chunk
+                usage = _sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                              "choices": [], "usage": _usage(requests)}) if include_usage else ""
+                yield last + usage + "data: [DONE]\n\n"
 
             return StreamingResponse(_guard(stream()), media_type="text/event-stream")
 
@@ -511,19 +516,24 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, chat_template: 
                     yield _sse({**head, "choices": [{"index": c, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None}]})
                 template = _completion_head(rid, created, model_name, "chat.completion.chunk")
+                left, last = req.n, ""  # as in completions: the last chunk, the usage and [DONE] in one write
                 async for _, ev in _events(server, http, channel, requests):
                     if not ev.text and ev.finish_reason is None and not ev.logprobs:
                         continue
                     if not req.logprobs:  # the common chunk: a template
-                        yield _chat_chunk(template, ev.index, ev.text, ev.finish_reason)
-                        continue
-                    lp = server.chat_logprobs(ev.logprobs)
-                    delta = {"content": ev.text} if ev.text else {}
-                    yield _sse({**head, "choices": [{"index": ev.index, "delta": delta, "logprobs": lp,
-                                                     "finish_reason": ev.finish_reason}]})
-                if include_usage:
-                    yield _sse({**head, "choices": [], "usage": _usage(requests)})
-                yield "data: [DONE]\n\n"
+                        chunk = _chat_chunk(template, ev.index, ev.text, ev.finish_reason)
+                    else:
+                        lp = server.chat_logprobs(ev.logprobs)
+                        delta = {"content": ev.text} if ev.text else {}
+                        chunk = _sse({**head, "choices": [{"index": ev.index, "delta": delta, "logprobs": lp,
+                                                           "finish_reason": ev.finish_reason}]})
+                    left -= ev.finish_reason is not None
+                    if left:
+                        yield chunk
+                    else:
+                        last = chunk
+                usage = _sse({**head, "choices": [], "usage": _usage(requests)}) if include_usage else ""
+                yield last + usage + "data: [DONE]\n\n"
 
             return StreamingResponse(_guard(stream()), media_type="text/event-stream")
 
