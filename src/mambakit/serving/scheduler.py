@@ -144,7 +144,7 @@ class _Block:
 @dataclass
 class _Prefill:
     request: GenerationRequest
-    cache: InferenceCache
+    cache: InferenceCache | None  # None: the zero state of a new prompt, allocated with its batch's
     pos: int = 0
     logits: torch.Tensor | None = None  # (1, V) after the last prefilled token
     digest: object = None  # blake2b state over ids[:pos]
@@ -430,7 +430,7 @@ class Scheduler:
         self.metrics.add("prompt_tokens_total", len(ids))
         if request.prompt_logprobs:
             request.prompt_logprob_list = self._prompt_logprobs(ids, request.logprobs or 0)
-        job = _Prefill(request, allocate_cache(self.model, 1, state_dtype=self.state_dtype, device=self.device))
+        job = _Prefill(request, None)
         # the longest stored prefix: the whole prompt, else the longest chunk multiple inside it
         if self.prefix_cache.enabled:
             bounds = list(range(chunk, len(ids) + 1, chunk))
@@ -443,6 +443,7 @@ class Scheduler:
             for end in sorted(digests, reverse=True):
                 entry = self.prefix_cache.get(ids[:end], digests[end].digest())
                 if entry is not None:
+                    job.cache = self._zero_cache(1)
                     job.cache.index_copy_(torch.zeros(1, dtype=torch.long, device=self.device), entry.cache)
                     job.cache.seqlen_offset = end
                     job.pos, job.logits, job.digest = end, entry.logits, digests[end]
@@ -477,9 +478,14 @@ class Scheduler:
             group = group[:max(1, self.max_prefill_tokens // length)]
             ids_KL = to_device([job.request.prompt_ids[job.pos:job.pos + length] for job in group], torch.long,
                                self.device)
-            batch = InferenceCache([MixerState(torch.cat([job.cache.layers[i].conv_state for job in group]),
-                                               torch.cat([job.cache.layers[i].ssm_state for job in group]))
-                                    for i in range(len(group[0].cache.layers))], seqlen_offset=1)
+            if all(job.cache is None for job in group):  # new prompts: their zero states in one allocation
+                layers = self._zero_cache(len(group)).layers
+            else:
+                caches = [self._zero_cache(1) if job.cache is None else job.cache for job in group]
+                layers = [MixerState(torch.cat([c.layers[i].conv_state for c in caches]),
+                                     torch.cat([c.layers[i].ssm_state for c in caches]))
+                          for i in range(len(caches[0].layers))]
+            batch = InferenceCache(layers, seqlen_offset=1)
             # the model reads the states as they are (zero for a new prompt): no reset, unlike prefill()
             logits_KV = self.model(ids_KL, cache=batch, logits_to_keep=1)[:, -1].float()
             self.metrics.add("prefill_chunks_total")
@@ -496,26 +502,49 @@ class Scheduler:
                     done.append(job)
         for job in done:
             self.prefilling.remove(job)
-            self._join(job)
+        self._join(done)
 
-    def _join(self, job: _Prefill) -> None:
-        request = job.request
-        if request.max_tokens == 0:
-            request.done = True
-            self.metrics.finished("length")
-            self._emit(request, [Event(index=i, finish_reason="length") for i in range(request.n)])
-            self._log(request, "length")
+    def _zero_cache(self, rows: int) -> InferenceCache:
+        return allocate_cache(self.model, rows, state_dtype=self.state_dtype, device=self.device)
+
+    def _join(self, jobs: list[_Prefill]) -> None:
+        """Requests whose prompts are done join the running batch: each one's state goes into n slots.
+
+        All of them at once: one copy per layer state for the lot, not one per request (on a GPU each copy is a
+        kernel launch, and the host's time per request is what a wave of arrivals waits for).
+        """
+        joining = []
+        for job in jobs:
+            request = job.request
+            if request.max_tokens == 0:
+                request.done = True
+                self.metrics.finished("length")
+                self._emit(request, [Event(index=i, finish_reason="length") for i in range(request.n)])
+                self._log(request, "length")
+            else:
+                joining.append(job)
+        if not joining:
             return
         first = len(self.running)
-        rows = torch.arange(first, first + request.n, device=self.device)
-        source = InferenceCache([MixerState(s.conv_state.expand(request.n, *s.conv_state.shape[1:]),
-                                            s.ssm_state.expand(request.n, *s.ssm_state.shape[1:]))
-                                 for s in job.cache.layers])
-        self.cache.index_copy_(rows, source)
-        self._logits_SV[first:first + request.n] = job.logits
-        for i, params in enumerate(request.choices):
-            self.sampler.reset_row(first + i, request.prompt_ids, params)
-            self.running.append(_Seq(request, i, params, TextStream(self.tokenizer, request.stops)))
+        total = sum(job.request.n for job in joining)
+
+        def rows(t: torch.Tensor, n: int) -> torch.Tensor:  # a 1-row state or logits as n rows (a view)
+            return t.expand(n, *t.shape[1:])
+
+        def gather(get) -> torch.Tensor:
+            parts = [rows(get(job), job.request.n) for job in joining]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        source = InferenceCache([MixerState(gather(lambda job: job.cache.layers[i].conv_state),
+                                            gather(lambda job: job.cache.layers[i].ssm_state))
+                                 for i in range(len(joining[0].cache.layers))])
+        self.cache.index_copy_(torch.arange(first, first + total, device=self.device), source)
+        self._logits_SV[first:first + total] = gather(lambda job: job.logits)
+        for job in joining:
+            request = job.request
+            for i, params in enumerate(request.choices):
+                self.sampler.reset_row(len(self.running), request.prompt_ids, params)
+                self.running.append(_Seq(request, i, params, TextStream(self.tokenizer, request.stops)))
         self._dirty = True
 
     # ---- decode ----
