@@ -226,3 +226,60 @@ def test_a_request_cancelled_while_its_block_is_in_flight_frees_its_slot_and_lea
     assert gauges["running_sequences"] == 0 and gauges["free_slots"] == 4
     metrics = sched.metrics.finish_reasons
     assert metrics.get("abort") == 1 and metrics.get("length") == 2
+
+
+def test_requests_that_finish_their_prompts_together_join_in_one_copy_and_equal_themselves_alone():
+    """Three prompts end in the same prefill call and join at once while a block is in flight: one with n=2
+    sampled choices, one greedy, one that starts from a stored prefix state (a batch of fresh and restored
+    states); each choice equals the request alone, and the scheduler's phases are counted in /metrics."""
+    model = _model()
+    tokenizer = ByteTokenizer()
+    settings = {**SETTINGS, "prefix_cache_bytes": 8 << 20, "max_batch_size": 8}
+    two = [RowParams(temperature=1.0, key=request_key(5, c)) for c in range(2)]
+    # 8-token prompts, and a 12-token one whose first 4 tokens are stored: two chunks each, in the same calls
+    specs = {"pair": (PROMPT[1:9], 9, two), "greedy": (PROMPT[8:16], 7, [RowParams()]),
+             "hit": (PROMPT[:4] + PROMPT[10:18], 10, [RowParams()]), "store": (PROMPT[:4], 1, [RowParams()])}
+
+    def run(names: list[str], sched: Scheduler) -> dict[str, list[list[int]]]:
+        done = threading.Semaphore(0)
+        got = {name: [[] for _ in specs[name][2]] for name in names}
+
+        def sink_for(name):
+            def sink(events):
+                for e in events:
+                    got[name][e.index] += e.token_ids
+                    if e.finish_reason is not None:
+                        done.release()
+            return sink
+
+        sched.submit([GenerationRequest(list(specs[n][0]), specs[n][1], specs[n][2], sink_for(n), ignore_eos=True,
+                                        request_id=n) for n in names])
+        for _ in range(sum(len(specs[n][2]) for n in names)):
+            assert done.acquire(timeout=60)
+        return got
+
+    joins: list[list[str]] = []
+
+    class _Joins(_Recorder):
+        def _join(self, jobs):
+            joins.append([job.request.request_id for job in jobs])
+            super()._join(jobs)
+
+    sched = _Joins(model, tokenizer, **settings).start()
+    run(["store"], sched)  # stores the state after PROMPT[:4]
+    sinks = {"long": _Sink(threading.Semaphore(0))}
+    sched.submit([_request(*SPECS["long"][:3], sinks["long"], request_id="long")])
+    while not any(s.request.request_id == "long" for s in sched.running):
+        threading.Event().wait(0.01)
+    together = run(["pair", "greedy", "hit"], sched)
+    assert {"pair", "greedy", "hit"} in [set(j) for j in joins], [j for j in joins if j]
+    assert sched.metrics.counters["prefix_cache_hits_total"] >= 1
+    rendered = sched.metrics.render(sched.gauges())
+    sched.stop()
+    for name in ("pair", "greedy", "hit"):
+        alone = run([name], Scheduler(model, tokenizer, **settings).start())
+        assert together[name] == alone[name], name
+    assert together["pair"][0] != together["pair"][1]  # two seeds, two samples
+    for phase in ("idle", "prefill", "launch", "process"):
+        assert f'mambakit_scheduler_seconds_total{{phase="{phase}"}}' in rendered
+    assert sum(sched.metrics.phase_seconds.values()) > 0
