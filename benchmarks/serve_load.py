@@ -361,8 +361,8 @@ def main() -> int:
                 row["client_cpu_us_per_token"] = round(1e6 * (client1 - client0) / row["new_tokens"], 1)
                 row["client_cpu_busy"] = round((client1 - client0) / row["wall_s"], 2)
                 # the scheduler thread's wall time per phase, per new token (its /metrics counters)
-                row["scheduler_us_per_token"] = {k: round(1e6 * (phases1[k] - phases0.get(k, 0.0)) / row["new_tokens"], 2)
-                                                 for k in phases1}
+                row["scheduler_us_per_token"] = {
+                    k: round(1e6 * (phases1[k] - phases0.get(k, 0.0)) / row["new_tokens"], 2) for k in phases1}
             if cpu0 is not None and cpu1 is not None and row["new_tokens"]:
                 # the server's CPU time per token: on a shared machine a steadier measure than tokens/s
                 row["server_cpu_s"] = round(cpu1 - cpu0, 2)

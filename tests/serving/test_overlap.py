@@ -25,7 +25,8 @@ PROMPT = [0] + list(b"to be or not to be")
 
 def _model() -> MambaLM:
     torch.manual_seed(0)
-    model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=256, ssm_cfg={"layer": "Mamba1", "d_state": 8})).eval()
+    config = MambaConfig(d_model=32, n_layer=2, vocab_size=256, ssm_cfg={"layer": "Mamba1", "d_state": 8})
+    model = MambaLM(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -89,7 +90,8 @@ class _Sink:
 def _request(prompt: list[int], max_tokens: int, params: RowParams, sink: _Sink, stops=(), ignore_eos=True,
              request_id: str | None = None) -> GenerationRequest:
     kwargs = {"request_id": request_id} if request_id else {}
-    return GenerationRequest(list(prompt), max_tokens, [params], sink, stops=list(stops), ignore_eos=ignore_eos, **kwargs)
+    return GenerationRequest(list(prompt), max_tokens, [params], sink, stops=list(stops), ignore_eos=ignore_eos,
+                             **kwargs)
 
 
 SPECS = {  # name: (prompt, max_tokens, params, stops, ignore_eos)
