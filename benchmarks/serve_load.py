@@ -223,6 +223,69 @@ async def _one_request(http, url: str, prompt: list[int], new_tokens: int) -> tu
     return (ttft if ttft is not None else float("nan")), time.perf_counter() - t0, tokens
 
 
+class _RawClient:
+    """One client on one keep-alive HTTP/1.1 connection, written on asyncio streams: the same requests as the
+    httpx client, at a fraction of its CPU per request and per chunk.
+
+    Why: the load generator is one process playing C clients. With identical request lengths, all C finish in
+    the same decode block and send their next requests together, so the client's per-request cost times C is
+    time in which the server's slots are empty; httpx (with h11) cost about as much CPU per token as the
+    server itself. Only the first token's chunk and the usage chunk are parsed as JSON.
+    """
+
+    def __init__(self, url: str, timeout: float):
+        host_port = url.split("://", 1)[1]
+        self.host, self.port = host_port.rsplit(":", 1)[0], int(host_port.rsplit(":", 1)[1])
+        self.timeout = timeout
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, body: dict) -> tuple[float, float, int]:
+        return await asyncio.wait_for(self._request(body), self.timeout)
+
+    async def _request(self, body: dict) -> tuple[float, float, int]:
+        data = json.dumps(body).encode()
+        t0 = time.perf_counter()
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                          f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+        reader = self.reader
+        status_line = await reader.readline()
+        if not status_line:
+            raise ConnectionError("the server closed the connection")
+        status = int(status_line.split()[1])
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip().lower()
+        ttft, tokens, pending = None, 0, b""
+        if headers.get("transfer-encoding") == "chunked":
+            while (size := int((await reader.readline()).split(b";")[0], 16)) > 0:
+                pending += (await reader.readexactly(size + 2))[:-2]  # the chunk without its CRLF
+                *lines, pending = pending.split(b"\n")  # SSE lines; a line cut by a chunk end waits
+                for line in lines:
+                    if b'"usage": {' in line:
+                        tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+                    elif ttft is None and line.startswith(b"data: {"):
+                        choices = json.loads(line[6:])["choices"]
+                        if choices and choices[0]["text"]:
+                            ttft = time.perf_counter() - t0
+            await reader.readline()  # the CRLF after the last chunk
+        else:
+            pending = await reader.readexactly(int(headers.get("content-length", 0)))
+        if headers.get("connection") == "close":
+            await self.close()
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {pending[:300]!r}")
+        return (ttft if ttft is not None else float("nan")), time.perf_counter() - t0, tokens
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+
 async def _level(url: str, clients: int, args, vocab: int) -> dict:
     import httpx
 
@@ -235,25 +298,36 @@ async def _level(url: str, clients: int, args, vocab: int) -> dict:
         for r in range(args.requests_per_client):
             if time.perf_counter() > deadline:
                 return
+            prompt = prompts[i * args.requests_per_client + r]
             try:
-                results.append(await _one_request(http, url, prompts[i * args.requests_per_client + r],
-                                                  args.new_tokens))
-            except (httpx.HTTPError, RuntimeError) as err:  # counted and reported, the level goes on
+                if isinstance(http, _RawClient):
+                    body = {"model": "bench", "prompt": prompt, "max_tokens": args.new_tokens, "temperature": 0,
+                            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+                    results.append(await http.request(body))
+                else:
+                    results.append(await _one_request(http, url, prompt, args.new_tokens))
+            except (httpx.HTTPError, RuntimeError, OSError, asyncio.IncompleteReadError,
+                    asyncio.TimeoutError, ValueError) as err:  # counted and reported, the level goes on
                 errors.append(f"{type(err).__name__}: {err}")
+                if isinstance(http, _RawClient):
+                    await http.close()
 
-    # one connection pool per client, as C separate clients would have: httpcore's pool does work quadratic
-    # in its connections at every request start and end (at 256 connections in one shared pool, the load
-    # generator spent 72% of its time there and became the bottleneck, not the server)
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    tls = ssl.create_default_context()  # unused on http://, but each client would build its own (10 ms each)
-    https = [httpx.AsyncClient(timeout=args.time_limit + 600, limits=limits, verify=tls) for _ in range(clients)]
+    if args.client == "raw":
+        https = [_RawClient(url, args.time_limit + 600) for _ in range(clients)]
+    else:
+        # one connection pool per client, as C separate clients would have: httpcore's pool does work quadratic
+        # in its connections at every request start and end (at 256 connections in one shared pool, the load
+        # generator spent 72% of its time there and became the bottleneck, not the server)
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        tls = ssl.create_default_context()  # unused on http://, but each client would build its own (10 ms each)
+        https = [httpx.AsyncClient(timeout=args.time_limit + 600, limits=limits, verify=tls) for _ in range(clients)]
     try:
         t0 = time.perf_counter()
         await asyncio.gather(*(client(i, http) for i, http in enumerate(https)))
         wall = time.perf_counter() - t0
     finally:
         for http in https:
-            await http.aclose()
+            await (http.close() if isinstance(http, _RawClient) else http.aclose())
     ttfts = sorted(r[0] for r in results) or [float("nan")]
     tokens = sum(r[2] for r in results)
 
@@ -313,6 +387,8 @@ def main() -> int:
     p.add_argument("--decode-steps", type=int, default=0, help="server decode steps per host round trip "
                                                                "(default: 8 on CUDA, 1 on CPU)")
     p.add_argument("--max-prefill-tokens", type=int, default=8192)
+    p.add_argument("--client", default="raw", choices=("raw", "httpx"),
+                   help="the load generator's HTTP client: raw asyncio streams (default, light) or httpx")
     p.add_argument("--server-log", default=None, help="write the server's request log to this file")
     p.add_argument("--switch-interval", type=float, default=0.0005,
                    help="sys.setswitchinterval in the server, as `mambakit serve` sets it (default 0.0005)")
