@@ -4,10 +4,10 @@ against offline `generate()` at the same batch size and lengths.
 The server runs in a child process (so the load generator does not share its interpreter), built from a
 checkpoint (--model DIR) or from random weights of a named shape (--model-shape), on 127.0.0.1 only. Each
 of C clients (each with its own HTTP connection; a small HTTP/1.1 client on asyncio streams, or httpx with
---client httpx) sends streamed completion requests back to back (random
-token-id prompts of --prompt-len tokens, --new-tokens new tokens each, EOS ignored so every request has the
-same length); a level ends after --requests-per-client requests per client or --time-limit seconds, whichever
-comes first. Reported per level:
+--client httpx) sends streamed completion requests back to back (random token-id prompts of --prompt-len
+tokens, --new-tokens new tokens each, EOS ignored so every request has the same length); a level ends
+after --requests-per-client requests per client or --time-limit seconds, whichever comes first. Reported
+per level:
 
     throughput_tok_s      new tokens received / wall time of the level (first request sent -> last answer)
     ttft_p50_s, ttft_p99_s  request sent -> first streamed token, over the level's requests
