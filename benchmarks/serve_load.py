@@ -3,10 +3,11 @@ against offline `generate()` at the same batch size and lengths.
 
 The server runs in a child process (so the load generator does not share its interpreter), built from a
 checkpoint (--model DIR) or from random weights of a named shape (--model-shape), on 127.0.0.1 only. Each
-of C clients (each with its own HTTP connection) sends streamed completion requests back to back (random
-token-id prompts of --prompt-len tokens, --new-tokens new tokens each, EOS ignored so every request has the
-same length); a level ends after --requests-per-client requests per client or --time-limit seconds, whichever
-comes first. Reported per level:
+of C clients (each with its own HTTP connection; a small HTTP/1.1 client on asyncio streams, or httpx with
+--client httpx) sends streamed completion requests back to back (random token-id prompts of --prompt-len
+tokens, --new-tokens new tokens each, EOS ignored so every request has the same length); a level ends
+after --requests-per-client requests per client or --time-limit seconds, whichever comes first. Reported
+per level:
 
     throughput_tok_s      new tokens received / wall time of the level (first request sent -> last answer)
     ttft_p50_s, ttft_p99_s  request sent -> first streamed token, over the level's requests
@@ -16,6 +17,11 @@ comes first. Reported per level:
     ratio                 throughput_tok_s / offline_tok_s
     server_cpu_us_per_token  the server process's CPU time (all its threads) over the level / new tokens
                           (Linux); with `--model-shape stub` this is the host path's cost per token
+    server_http_cpu_us_per_token  the part of it spent by the main thread (uvicorn's event loop: HTTP, SSE)
+    scheduler_us_per_token  the scheduler thread's wall time per phase (idle, admit, prefill, launch, wait for
+                          the device, process the tokens, flush events) / new tokens, from /metrics
+    client_cpu_us_per_token, client_cpu_busy  the load generator's CPU time per token, and per second of the
+                          level (near 1.0: the client, one process, is the limit, not the server)
 Before each level, every client sends one short request (8 new tokens), not counted: the device kernels
 compile for that level's batch shapes off the clock, as the baseline's warm-up run does for generate().
 
@@ -56,6 +62,9 @@ SHAPES = {
     "mamba2-130m": "mamba2-130m",
     # not a model: `_StubLM`, whose forward is a table lookup, so that the server's host path is all there is
     "stub": dict(d_model=16, n_layer=1, vocab_size=256, ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 16}),
+    # the same with 24 layers of (tiny) cache, as many as the 130M models have: the scheduler's per-layer slot
+    # copies and prefix-state copies per request run as often as they would there (each a kernel launch on a GPU)
+    "stub24": dict(d_model=16, n_layer=24, vocab_size=256, ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 16}),
 }
 
 
@@ -125,7 +134,7 @@ def _build(args):
     spec = SHAPES[args.model_shape]
     config = preset(spec) if isinstance(spec, str) else MambaConfig(**spec)
     torch.manual_seed(0)
-    model_cls = _stub_class() if args.model_shape == "stub" else MambaLM
+    model_cls = _stub_class() if args.model_shape.startswith("stub") else MambaLM
     model = model_cls(config, device=torch.device(args.device), dtype=dtype).eval()
     return model, IdTokenizer(config.vocab_size)
 
@@ -161,13 +170,25 @@ def _serve(args, port: int, ready) -> None:
     server.run()
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of process `pid` so far (Linux /proc; None elsewhere)."""
+def _cpu_seconds(pid: int, thread: int | None = None) -> float | None:
+    """User + system CPU time of process `pid` (or of its thread `thread`) so far (Linux /proc; None elsewhere)."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _phases(url: str) -> dict[str, float]:
+    """The server's `mambakit_scheduler_seconds_total` per phase (seconds so far)."""
+    import httpx
+
+    from mambakit.serving.metrics import parse_metrics
+
+    metrics = parse_metrics(httpx.get(url + "/metrics", timeout=30).text)
+    prefix = 'mambakit_scheduler_seconds_total{phase="'
+    return {name[len(prefix):-2]: value for name, value in metrics.items() if name.startswith(prefix)}
 
 
 def _free_port() -> int:
@@ -203,6 +224,69 @@ async def _one_request(http, url: str, prompt: list[int], new_tokens: int) -> tu
     return (ttft if ttft is not None else float("nan")), time.perf_counter() - t0, tokens
 
 
+class _RawClient:
+    """One client on one keep-alive HTTP/1.1 connection, written on asyncio streams: the same requests as the
+    httpx client, at a fraction of its CPU per request and per chunk.
+
+    Why: the load generator is one process playing C clients. With identical request lengths, all C finish in
+    the same decode block and send their next requests together, so the client's per-request cost times C is
+    time in which the server's slots are empty; httpx (with h11) cost about as much CPU per token as the
+    server itself. Only the first token's chunk and the usage chunk are parsed as JSON.
+    """
+
+    def __init__(self, url: str, timeout: float):
+        host_port = url.split("://", 1)[1]
+        self.host, self.port = host_port.rsplit(":", 1)[0], int(host_port.rsplit(":", 1)[1])
+        self.timeout = timeout
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, body: dict) -> tuple[float, float, int]:
+        return await asyncio.wait_for(self._request(body), self.timeout)
+
+    async def _request(self, body: dict) -> tuple[float, float, int]:
+        data = json.dumps(body).encode()
+        t0 = time.perf_counter()
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                          f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+        reader = self.reader
+        status_line = await reader.readline()
+        if not status_line:
+            raise ConnectionError("the server closed the connection")
+        status = int(status_line.split()[1])
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip().lower()
+        ttft, tokens, pending = None, 0, b""
+        if headers.get("transfer-encoding") == "chunked":
+            while (size := int((await reader.readline()).split(b";")[0], 16)) > 0:
+                pending += (await reader.readexactly(size + 2))[:-2]  # the chunk without its CRLF
+                *lines, pending = pending.split(b"\n")  # SSE lines; a line cut by a chunk end waits
+                for line in lines:
+                    if b'"usage": {' in line:
+                        tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+                    elif ttft is None and line.startswith(b"data: {"):
+                        choices = json.loads(line[6:])["choices"]
+                        if choices and choices[0]["text"]:
+                            ttft = time.perf_counter() - t0
+            await reader.readline()  # the CRLF after the last chunk
+        else:
+            pending = await reader.readexactly(int(headers.get("content-length", 0)))
+        if headers.get("connection") == "close":
+            await self.close()
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {pending[:300]!r}")
+        return (ttft if ttft is not None else float("nan")), time.perf_counter() - t0, tokens
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+
 async def _level(url: str, clients: int, args, vocab: int) -> dict:
     import httpx
 
@@ -215,25 +299,36 @@ async def _level(url: str, clients: int, args, vocab: int) -> dict:
         for r in range(args.requests_per_client):
             if time.perf_counter() > deadline:
                 return
+            prompt = prompts[i * args.requests_per_client + r]
             try:
-                results.append(await _one_request(http, url, prompts[i * args.requests_per_client + r],
-                                                  args.new_tokens))
-            except (httpx.HTTPError, RuntimeError) as err:  # counted and reported, the level goes on
+                if isinstance(http, _RawClient):
+                    body = {"model": "bench", "prompt": prompt, "max_tokens": args.new_tokens, "temperature": 0,
+                            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+                    results.append(await http.request(body))
+                else:
+                    results.append(await _one_request(http, url, prompt, args.new_tokens))
+            except (httpx.HTTPError, RuntimeError, OSError, asyncio.IncompleteReadError,
+                    asyncio.TimeoutError, ValueError) as err:  # counted and reported, the level goes on
                 errors.append(f"{type(err).__name__}: {err}")
+                if isinstance(http, _RawClient):
+                    await http.close()
 
-    # one connection pool per client, as C separate clients would have: httpcore's pool does work quadratic
-    # in its connections at every request start and end (at 256 connections in one shared pool, the load
-    # generator spent 72% of its time there and became the bottleneck, not the server)
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    tls = ssl.create_default_context()  # unused on http://, but each client would build its own (10 ms each)
-    https = [httpx.AsyncClient(timeout=args.time_limit + 600, limits=limits, verify=tls) for _ in range(clients)]
+    if args.client == "raw":
+        https = [_RawClient(url, args.time_limit + 600) for _ in range(clients)]
+    else:
+        # one connection pool per client, as C separate clients would have: httpcore's pool does work quadratic
+        # in its connections at every request start and end (at 256 connections in one shared pool, the load
+        # generator spent 72% of its time there and became the bottleneck, not the server)
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        tls = ssl.create_default_context()  # unused on http://, but each client would build its own (10 ms each)
+        https = [httpx.AsyncClient(timeout=args.time_limit + 600, limits=limits, verify=tls) for _ in range(clients)]
     try:
         t0 = time.perf_counter()
         await asyncio.gather(*(client(i, http) for i, http in enumerate(https)))
         wall = time.perf_counter() - t0
     finally:
         for http in https:
-            await http.aclose()
+            await (http.close() if isinstance(http, _RawClient) else http.aclose())
     ttfts = sorted(r[0] for r in results) or [float("nan")]
     tokens = sum(r[2] for r in results)
 
@@ -293,6 +388,8 @@ def main() -> int:
     p.add_argument("--decode-steps", type=int, default=0, help="server decode steps per host round trip "
                                                                "(default: 8 on CUDA, 1 on CPU)")
     p.add_argument("--max-prefill-tokens", type=int, default=8192)
+    p.add_argument("--client", default="raw", choices=("raw", "httpx"),
+                   help="the load generator's HTTP client: raw asyncio streams (default, light) or httpx")
     p.add_argument("--server-log", default=None, help="write the server's request log to this file")
     p.add_argument("--switch-interval", type=float, default=0.0005,
                    help="sys.setswitchinterval in the server, as `mambakit serve` sets it (default 0.0005)")
@@ -331,13 +428,24 @@ def main() -> int:
             asyncio.run(_level(url, c, argparse.Namespace(**{**vars(args), "requests_per_client": 1,
                                                              "new_tokens": min(8, args.new_tokens)}), vocab))
             _log(f"{c} clients ...")
-            cpu0 = _cpu_seconds(proc.pid)
+            cpu0, http0 = _cpu_seconds(proc.pid), _cpu_seconds(proc.pid, proc.pid)
+            phases0, client0 = _phases(url), time.process_time()
             row = asyncio.run(_level(url, c, args, vocab))
-            cpu1 = _cpu_seconds(proc.pid)
+            cpu1, http1 = _cpu_seconds(proc.pid), _cpu_seconds(proc.pid, proc.pid)
+            phases1, client1 = _phases(url), time.process_time()
+            if row["new_tokens"]:
+                # the load generator's own CPU time: near 1 s per second, it (not the server) is the limit
+                row["client_cpu_us_per_token"] = round(1e6 * (client1 - client0) / row["new_tokens"], 1)
+                row["client_cpu_busy"] = round((client1 - client0) / row["wall_s"], 2)
+                # the scheduler thread's wall time per phase, per new token (its /metrics counters)
+                row["scheduler_us_per_token"] = {
+                    k: round(1e6 * (phases1[k] - phases0.get(k, 0.0)) / row["new_tokens"], 2) for k in phases1}
             if cpu0 is not None and cpu1 is not None and row["new_tokens"]:
                 # the server's CPU time per token: on a shared machine a steadier measure than tokens/s
                 row["server_cpu_s"] = round(cpu1 - cpu0, 2)
                 row["server_cpu_us_per_token"] = round(1e6 * (cpu1 - cpu0) / row["new_tokens"], 1)
+                # of which the main thread's: the HTTP side (uvicorn's event loop); the rest is the scheduler
+                row["server_http_cpu_us_per_token"] = round(1e6 * (http1 - http0) / row["new_tokens"], 1)
             if base is not None:
                 row["offline_batch"] = min(c, args.offline_max_batch)
                 row["offline_tok_s"] = round(base, 1)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import secrets
+import os
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -33,6 +34,11 @@ from .chat import ChatTemplate, ChatTemplateError
 from .protocol import ChatCompletionRequest, CompletionRequest, error_body
 from .sampler import RowParams, request_key
 from .scheduler import Event, GenerationRequest, QueueFullError, Scheduler, ShuttingDownError, TokenLogprob
+
+
+# seeds of requests that send none: a generator seeded once from the OS (secrets.randbits reads os.urandom
+# per request, a system call that hands the GIL to the scheduler thread and waits up to a switch interval)
+_SEEDS = random.Random(os.urandom(16))
 
 
 class APIError(Exception):
@@ -57,12 +63,31 @@ class _Dispatcher:
     instead of one per request spares the loop (and the GIL) a wake-up per request. The flag is cleared
     before the drain empties the deque, so an item appended meanwhile is either drained now or schedules a
     new drain.
+
+    It also keeps one timer for all channels: once a second it wakes the readers that are waiting, so that
+    they look whether their client is still there (a timer armed and cancelled per wait would cost every
+    chunk of every stream a heap push and pop).
     """
+
+    tick = 1.0
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.items: collections.deque = collections.deque()
         self.scheduled = False
+        self.waiting: set["_Channel"] = set()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def waits(self, channel: "_Channel") -> None:
+        """On the event loop: `channel` waits for items; woken empty-handed within a tick if none come."""
+        self.waiting.add(channel)
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.tick, self._tick)
+
+    def _tick(self) -> None:
+        for channel in list(self.waiting):
+            channel.wake()
+        self.timer = self.loop.call_later(self.tick, self._tick) if self.waiting else None
 
     def post(self, channel: "_Channel", item) -> None:
         self.items.append((channel, item))
@@ -103,27 +128,24 @@ class _Channel:
     def put(self, item) -> None:
         """On the event loop (the dispatcher's drain)."""
         self.items.append(item)
+        self.wake()
+
+    def wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    async def take(self, timeout: float) -> list:
-        """Every item that arrived, waiting up to `timeout` seconds for one ([] if none came)."""
+    async def take(self) -> list:
+        """Every item that arrived, waiting for one ([] if none came by the dispatcher's next tick)."""
         if not self.items:
-            loop = asyncio.get_running_loop()
-            self.waiter = loop.create_future()
-            timer = loop.call_later(timeout, _set_if_pending, self.waiter)
+            self.waiter = self.dispatcher.loop.create_future()
+            self.dispatcher.waits(self)
             try:
                 await self.waiter
             finally:
-                timer.cancel()
                 self.waiter = None
+                self.dispatcher.waiting.discard(self)
         items, self.items = self.items, []
         return items
-
-
-def _set_if_pending(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _validation_message(err: ValidationError) -> tuple[str, str | None]:
@@ -192,7 +214,7 @@ class _Server:
     def build(self, req, prompts: list[_Prompt], max_tokens: int | None, logprobs: int | None,
               prompt_logprobs: bool, channel: _Channel) -> list[GenerationRequest]:
         limit = self.scheduler.max_model_len
-        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        seed = req.seed if req.seed is not None else _SEEDS.getrandbits(63)
         out = []
         for p_index, prompt in enumerate(prompts):
             n_tokens = len(prompt.ids)
@@ -256,7 +278,7 @@ async def _events(server: _Server, http: Request, channel: _Channel,
     checked = time.monotonic()
     try:
         while open_choices:
-            items = await channel.take(timeout=1.0)
+            items = await channel.take()
             if not items or time.monotonic() - checked > 1.0:
                 # about once a second, events or not: a client waiting for a whole (non-streamed) answer
                 # that went away frees its slots within a second, not when its last token is made
@@ -266,6 +288,7 @@ async def _events(server: _Server, http: Request, channel: _Channel,
                 if not items:
                     continue
             merged: dict[tuple[int, int], Event] = {}
+            copies: set[tuple[int, int]] = set()  # keys whose merged event is ours to extend (a copy)
             for p_index, events in items:
                 for event in events:
                     if event.error is not None:
@@ -276,9 +299,14 @@ async def _events(server: _Server, http: Request, channel: _Channel,
                     if event.finish_reason is not None:
                         open_choices.discard(key)
                     if key not in merged:
-                        merged[key] = Event(event.index, event.text, list(event.token_ids), list(event.logprobs),
-                                            event.finish_reason)
+                        # the scheduler's event itself (it never touches an event once delivered): a copy is
+                        # made only when a second event comes to be merged into it
+                        merged[key] = event
                     else:
+                        if key not in copies:
+                            m = merged[key]
+                            merged[key] = Event(m.index, m.text, list(m.token_ids), list(m.logprobs), m.finish_reason)
+                            copies.add(key)
                         m = merged[key]
                         m.text += event.text
                         m.token_ids += event.token_ids
@@ -396,6 +424,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, chat_template: 
                 head = _completion_head(rid, created, model_name)
                 offsets = {}  # (prompt, choice) -> text offset after that choice's last token
                 echoed = set()
+                left, last = len(prompts) * n, ""  # choices not finished; the chunk that finished the last one
                 async for p_index, ev in _events(server, http, channel, requests):
                     key = (p_index, ev.index)
                     # the echo goes with a choice's first event: by then the scheduler has computed the
@@ -405,23 +434,27 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, chat_template: 
                     if not (echo_text or ev.text) and ev.finish_reason is None and not ev.logprobs:
                         continue
                     if req.logprobs is None:  # the common chunk: a template
-                        yield _completion_chunk(head, p_index * n + ev.index, echo_text + ev.text, ev.finish_reason)
-                        continue
-                    # offsets count token texts, as in the non-streamed response (not the text sent so far,
-                    # which holds back a possible stop sequence)
-                    offset = offsets.get(key, len(prompts[p_index].echo_text) if req.echo else 0)
-                    lp = server.completion_logprobs(ev.logprobs, offset)
-                    if lp["tokens"]:
-                        offsets[key] = lp["text_offset"][-1] + len(lp["tokens"][-1])
-                    if echo_lp is not None:
-                        lp = {k: echo_lp[k] + lp[k] for k in lp}
-                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                                "choices": [{"index": p_index * n + ev.index, "text": echo_text + ev.text,
-                                             "logprobs": lp, "finish_reason": ev.finish_reason}]})
-                if include_usage:
-                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                                "choices": [], "usage": _usage(requests)})
-                yield "data: [DONE]\n\n"
+                        chunk = _completion_chunk(head, p_index * n + ev.index, echo_text + ev.text, ev.finish_reason)
+                    else:
+                        # offsets count token texts, as in the non-streamed response (not the text sent so far,
+                        # which holds back a possible stop sequence)
+                        offset = offsets.get(key, len(prompts[p_index].echo_text) if req.echo else 0)
+                        lp = server.completion_logprobs(ev.logprobs, offset)
+                        if lp["tokens"]:
+                            offsets[key] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+                        if echo_lp is not None:
+                            lp = {k: echo_lp[k] + lp[k] for k in lp}
+                        chunk = _sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                                      "choices": [{"index": p_index * n + ev.index, "text": echo_text + ev.text,
+                                                   "logprobs": lp, "finish_reason": ev.finish_reason}]})
+                    left -= ev.finish_reason is not None
+                    if left:
+                        yield chunk
+                    else:  # the last chunk goes out with the usage and [DONE]: one write instead of three
+                        last = chunk
+                usage = _sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                              "choices": [], "usage": _usage(requests)}) if include_usage else ""
+                yield last + usage + "data: [DONE]\n\n"
 
             return StreamingResponse(_guard(stream()), media_type="text/event-stream")
 
@@ -483,19 +516,24 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, chat_template: 
                     yield _sse({**head, "choices": [{"index": c, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None}]})
                 template = _completion_head(rid, created, model_name, "chat.completion.chunk")
+                left, last = req.n, ""  # as in completions: the last chunk, the usage and [DONE] in one write
                 async for _, ev in _events(server, http, channel, requests):
                     if not ev.text and ev.finish_reason is None and not ev.logprobs:
                         continue
                     if not req.logprobs:  # the common chunk: a template
-                        yield _chat_chunk(template, ev.index, ev.text, ev.finish_reason)
-                        continue
-                    lp = server.chat_logprobs(ev.logprobs)
-                    delta = {"content": ev.text} if ev.text else {}
-                    yield _sse({**head, "choices": [{"index": ev.index, "delta": delta, "logprobs": lp,
-                                                     "finish_reason": ev.finish_reason}]})
-                if include_usage:
-                    yield _sse({**head, "choices": [], "usage": _usage(requests)})
-                yield "data: [DONE]\n\n"
+                        chunk = _chat_chunk(template, ev.index, ev.text, ev.finish_reason)
+                    else:
+                        lp = server.chat_logprobs(ev.logprobs)
+                        delta = {"content": ev.text} if ev.text else {}
+                        chunk = _sse({**head, "choices": [{"index": ev.index, "delta": delta, "logprobs": lp,
+                                                           "finish_reason": ev.finish_reason}]})
+                    left -= ev.finish_reason is not None
+                    if left:
+                        yield chunk
+                    else:
+                        last = chunk
+                usage = _sse({**head, "choices": [], "usage": _usage(requests)}) if include_usage else ""
+                yield last + usage + "data: [DONE]\n\n"
 
             return StreamingResponse(_guard(stream()), media_type="text/event-stream")
 

@@ -13,6 +13,7 @@ from collections import deque
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _RATE_WINDOW_S = 10.0  # tokens/s is measured over the last 10 seconds
+SCHEDULER_PHASES = ("idle", "admit", "prefill", "launch", "wait", "process", "flush")
 
 
 class Metrics:
@@ -27,6 +28,9 @@ class Metrics:
             "prefix_cache_hit_tokens_total": 0,
         }
         self.finish_reasons: dict[str, int] = {}
+        # where the scheduler thread's time goes (wall seconds): where the host limits throughput, this shows
+        # which part; "wait" is the time spent waiting for the device to hand over a block's tokens
+        self.phase_seconds: dict[str, float] = dict.fromkeys(SCHEDULER_PHASES, 0.0)
         self._ttft_counts = [0] * (len(_TTFT_BUCKETS) + 1)
         self._ttft_sum = 0.0
         self._recent: deque[tuple[float, int]] = deque()
@@ -44,6 +48,12 @@ class Metrics:
         with self._lock:
             self._ttft_counts[bisect.bisect_left(_TTFT_BUCKETS, seconds)] += 1
             self._ttft_sum += seconds
+
+    def phases(self, seconds: dict[str, float]) -> None:
+        """Add the scheduler thread's seconds per phase (one call per loop iteration)."""
+        with self._lock:
+            for phase, value in seconds.items():
+                self.phase_seconds[phase] += value
 
     def tokens(self, n: int) -> None:
         """n tokens were generated now (counted and entered in the tokens/s window)."""
@@ -74,6 +84,9 @@ class Metrics:
             lines.append("# TYPE mambakit_request_finish_total counter")
             for reason, count in sorted(self.finish_reasons.items()):
                 lines.append(f'mambakit_request_finish_total{{reason="{reason}"}} {count}')
+            lines.append("# TYPE mambakit_scheduler_seconds_total counter")
+            for phase, value in self.phase_seconds.items():
+                lines.append(f'mambakit_scheduler_seconds_total{{phase="{phase}"}} {value:g}')
             lines.append("# TYPE mambakit_time_to_first_token_seconds histogram")
             total = 0
             for bound, count in zip(_TTFT_BUCKETS, self._ttft_counts):

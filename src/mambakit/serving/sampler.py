@@ -112,15 +112,25 @@ class BatchSampler:
         self.counts_RV = torch.zeros(max_rows, vocab, dtype=torch.int32, device=device)
         self.rows: list[RowParams] = []
 
-    def reset_row(self, row: int, prompt_ids: list[int]) -> None:
-        """Slot `row` starts a request: its prompt's tokens count as seen, no output yet."""
-        self.seen_RV[row] = False
-        self.seen_RV[row, to_device(prompt_ids, torch.long, self.device)] = True
-        self.counts_RV[row] = 0
+    def reset_row(self, row: int, prompt_ids: list[int], params: RowParams | None = None) -> None:
+        """Slot `row` starts a request: its prompt's tokens count as seen, no output yet.
 
-    def move_row(self, src: int, dst: int) -> None:
-        self.seen_RV[dst] = self.seen_RV[src]
-        self.counts_RV[dst] = self.counts_RV[src]
+        With `params`, only what its penalties read: a row without a repetition penalty never reads its seen
+        mask (the penalty 1.0 leaves every logit as it is, bit for bit) and one without frequency / presence
+        penalties never reads its counts (0 * count), so a request without penalties costs no device work here.
+        """
+        if params is None or params.repetition_penalty != 1.0:
+            self.seen_RV[row] = False
+            self.seen_RV[row, to_device(prompt_ids, torch.long, self.device)] = True
+        if params is None or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
+            self.counts_RV[row] = 0
+
+    def move_row(self, src: int, dst: int, params: RowParams | None = None) -> None:
+        """The masks of slot `src` go to slot `dst` (with `params`: only those its penalties read)."""
+        if params is None or params.repetition_penalty != 1.0:
+            self.seen_RV[dst] = self.seen_RV[src]
+        if params is None or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
+            self.counts_RV[dst] = self.counts_RV[src]
 
     def set_rows(self, rows: list[RowParams]) -> None:
         """The settings of slots 0..B-1, in slot order."""

@@ -47,7 +47,7 @@ from torch import nn
 
 from ..generation import InferenceCache, allocate_cache, decode_one_token
 from ..modules import MixerState
-from .metrics import Metrics
+from .metrics import SCHEDULER_PHASES, Metrics
 from .prefix_cache import PrefixCache, prefix_digest
 from .sampler import BatchSampler, RowParams, to_device, token_logprobs
 from .text import TextStream
@@ -144,7 +144,7 @@ class _Block:
 @dataclass
 class _Prefill:
     request: GenerationRequest
-    cache: InferenceCache
+    cache: InferenceCache | None  # None: the zero state of a new prompt, allocated with its batch's
     pos: int = 0
     logits: torch.Tensor | None = None  # (1, V) after the last prefilled token
     digest: object = None  # blake2b state over ids[:pos]
@@ -259,6 +259,8 @@ class Scheduler:
         self.prefilling: list[_Prefill] = []
         self._dirty = True
         self._pending: _Block | None = None
+        self._phases = dict.fromkeys(SCHEDULER_PHASES, 0.0)  # this iteration's seconds per phase
+        self._phase_end = time.perf_counter()
         self._lock = threading.Condition()
         self._inbox: list[GenerationRequest] = []
         self._cancels: list[GenerationRequest] = []
@@ -315,6 +317,7 @@ class Scheduler:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # the graphs and kernels run on the model's GPU from this thread
         while True:
+            idle_from = time.perf_counter()
             with self._lock:
                 while not (self._stop or self._inbox or self._cancels or self.running or self.waiting
                            or self.prefilling or self._pending):
@@ -323,6 +326,7 @@ class Scheduler:
                 self._inbox.clear()
                 cancels, self._cancels = self._cancels, []
                 stopping = self._stop
+            self._phase("idle", idle_from)
             for request in cancels:
                 self._abort(request)
             if stopping:
@@ -337,6 +341,15 @@ class Scheduler:
                 logger.exception("scheduler step failed")
                 self._fail_all(f"{type(err).__name__}: {err}")
             self._flush()
+            self._phase("flush")
+            self.metrics.phases(self._phases)
+            self._phases = dict.fromkeys(self._phases, 0.0)
+
+    def _phase(self, name: str, since: float | None = None) -> None:
+        """Charge the time since `since` (default: the end of the previous phase) to phase `name`."""
+        now = time.perf_counter()
+        self._phases[name] += now - (self._phase_end if since is None else since)
+        self._phase_end = now
 
     def _in_flight(self) -> list[GenerationRequest]:
         return list(self.waiting) + [job.request for job in self.prefilling] \
@@ -347,11 +360,15 @@ class Scheduler:
         while self.waiting and self.waiting[0].n <= free:
             free -= self.waiting[0].n
             self._start_prefill(self.waiting.popleft())
+        self._phase("admit")
         if self.prefilling:
             self._prefill_chunk()
+            self._phase("prefill")
         block = self._launch() if self.running else None
+        self._phase("launch")
         if self._pending is not None:  # the previous block's tokens, read while the new block runs
             self._process(self._pending)
+            self._phase("process")
         self._pending = block
 
     def _emit(self, request: GenerationRequest, events: list[Event]) -> None:
@@ -413,7 +430,7 @@ class Scheduler:
         self.metrics.add("prompt_tokens_total", len(ids))
         if request.prompt_logprobs:
             request.prompt_logprob_list = self._prompt_logprobs(ids, request.logprobs or 0)
-        job = _Prefill(request, allocate_cache(self.model, 1, state_dtype=self.state_dtype, device=self.device))
+        job = _Prefill(request, None)
         # the longest stored prefix: the whole prompt, else the longest chunk multiple inside it
         if self.prefix_cache.enabled:
             bounds = list(range(chunk, len(ids) + 1, chunk))
@@ -426,6 +443,7 @@ class Scheduler:
             for end in sorted(digests, reverse=True):
                 entry = self.prefix_cache.get(ids[:end], digests[end].digest())
                 if entry is not None:
+                    job.cache = self._zero_cache(1)
                     job.cache.index_copy_(torch.zeros(1, dtype=torch.long, device=self.device), entry.cache)
                     job.cache.seqlen_offset = end
                     job.pos, job.logits, job.digest = end, entry.logits, digests[end]
@@ -460,9 +478,14 @@ class Scheduler:
             group = group[:max(1, self.max_prefill_tokens // length)]
             ids_KL = to_device([job.request.prompt_ids[job.pos:job.pos + length] for job in group], torch.long,
                                self.device)
-            batch = InferenceCache([MixerState(torch.cat([job.cache.layers[i].conv_state for job in group]),
-                                               torch.cat([job.cache.layers[i].ssm_state for job in group]))
-                                    for i in range(len(group[0].cache.layers))], seqlen_offset=1)
+            if all(job.cache is None for job in group):  # new prompts: their zero states in one allocation
+                layers = self._zero_cache(len(group)).layers
+            else:
+                caches = [self._zero_cache(1) if job.cache is None else job.cache for job in group]
+                layers = [MixerState(torch.cat([c.layers[i].conv_state for c in caches]),
+                                     torch.cat([c.layers[i].ssm_state for c in caches]))
+                          for i in range(len(caches[0].layers))]
+            batch = InferenceCache(layers, seqlen_offset=1)
             # the model reads the states as they are (zero for a new prompt): no reset, unlike prefill()
             logits_KV = self.model(ids_KL, cache=batch, logits_to_keep=1)[:, -1].float()
             self.metrics.add("prefill_chunks_total")
@@ -479,26 +502,49 @@ class Scheduler:
                     done.append(job)
         for job in done:
             self.prefilling.remove(job)
-            self._join(job)
+        self._join(done)
 
-    def _join(self, job: _Prefill) -> None:
-        request = job.request
-        if request.max_tokens == 0:
-            request.done = True
-            self.metrics.finished("length")
-            self._emit(request, [Event(index=i, finish_reason="length") for i in range(request.n)])
-            self._log(request, "length")
+    def _zero_cache(self, rows: int) -> InferenceCache:
+        return allocate_cache(self.model, rows, state_dtype=self.state_dtype, device=self.device)
+
+    def _join(self, jobs: list[_Prefill]) -> None:
+        """Requests whose prompts are done join the running batch: each one's state goes into n slots.
+
+        All of them at once: one copy per layer state for the lot, not one per request (on a GPU each copy is a
+        kernel launch, and the host's time per request is what a wave of arrivals waits for).
+        """
+        joining = []
+        for job in jobs:
+            request = job.request
+            if request.max_tokens == 0:
+                request.done = True
+                self.metrics.finished("length")
+                self._emit(request, [Event(index=i, finish_reason="length") for i in range(request.n)])
+                self._log(request, "length")
+            else:
+                joining.append(job)
+        if not joining:
             return
         first = len(self.running)
-        rows = torch.arange(first, first + request.n, device=self.device)
-        source = InferenceCache([MixerState(s.conv_state.expand(request.n, *s.conv_state.shape[1:]),
-                                            s.ssm_state.expand(request.n, *s.ssm_state.shape[1:]))
-                                 for s in job.cache.layers])
-        self.cache.index_copy_(rows, source)
-        self._logits_SV[first:first + request.n] = job.logits
-        for i, params in enumerate(request.choices):
-            self.sampler.reset_row(first + i, request.prompt_ids)
-            self.running.append(_Seq(request, i, params, TextStream(self.tokenizer, request.stops)))
+        total = sum(job.request.n for job in joining)
+
+        def rows(t: torch.Tensor, n: int) -> torch.Tensor:  # a 1-row state or logits as n rows (a view)
+            return t.expand(n, *t.shape[1:])
+
+        def gather(get) -> torch.Tensor:
+            parts = [rows(get(job), job.request.n) for job in joining]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        source = InferenceCache([MixerState(gather(lambda job: job.cache.layers[i].conv_state),
+                                            gather(lambda job: job.cache.layers[i].ssm_state))
+                                 for i in range(len(joining[0].cache.layers))])
+        self.cache.index_copy_(torch.arange(first, first + total, device=self.device), source)
+        self._logits_SV[first:first + total] = gather(lambda job: job.logits)
+        for job in joining:
+            request = job.request
+            for i, params in enumerate(request.choices):
+                self.sampler.reset_row(len(self.running), request.prompt_ids, params)
+                self.running.append(_Seq(request, i, params, TextStream(self.tokenizer, request.stops)))
         self._dirty = True
 
     # ---- decode ----
@@ -516,7 +562,7 @@ class Scheduler:
                 state.ssm_state.index_copy_(0, dst, state.ssm_state.index_select(0, src))
             self._logits_SV.index_copy_(0, dst, self._logits_SV.index_select(0, src))
             for s, d in zip(movers, holes):
-                self.sampler.move_row(s, d)
+                self.sampler.move_row(s, d, self.running[s].params)
                 self.running[d] = self.running[s]
         del self.running[alive:]
         self._dirty = True
@@ -569,6 +615,7 @@ class Scheduler:
         """
         if block.ready is not None:
             block.ready.synchronize()
+        self._phase("wait")
         tokens = block.tokens_Bk.tolist()
         if block.logprobs is not None:
             chosen_Bk, values_Bkt, ids_Bkt = (t.tolist() for t in block.logprobs)
