@@ -72,6 +72,14 @@ def test_induction_heads_quick(tmp_path):
         assert rows[key]["stopped"] in (out / "README.md").read_text()
     for r in rows.values():
         assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
+        assert [x["seed"] for x in r["seeds"]] == s["seeds"] and r["checkpoint_seed"] in s["seeds"]
+        for T, median in r["accuracy"].items():  # the row is the seeds' median, with their range
+            per_seed = [x["accuracy"][T] for x in r["seeds"]]
+            assert median == statistics.median(per_seed)
+            assert (r["accuracy_min"][T], r["accuracy_max"][T]) == (min(per_seed), max(per_seed))
+    # early stopping watches the training length, and a longer length for the SSMs only
+    assert set(rows["mamba"]["seeds"][0]["val_history"][0][1]) == {f"T{s['train_len']}", f"T{s['val_long']}"}
+    assert set(rows["mha-rope"]["seeds"][0]["val_history"][0][1]) == {f"T{s['train_len']}"}
     model = MambaLM.from_pretrained(out / "mamba")
     ids = induction_heads(2, 40, generator=0).inputs
     with torch.no_grad():
