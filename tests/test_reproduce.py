@@ -98,6 +98,8 @@ def test_mqar_quick_through_the_cli(tmp_path, capsys):
         {(m, n) for m in ("Mamba-1", "Mamba-2") for n in s["d_states"]} | {("attention", None)})
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["test_queries"] == s["test_rows"] * r["seqlen"] // s["kv_divisor"]
+        accs = [x["accuracy"] for x in r["seeds"]]
+        assert [x["seed"] for x in r["seeds"]] == s["seeds"] and r["accuracy"] == statistics.median(accs)
     assert "--device=cpu" in results["command"]
 
 
