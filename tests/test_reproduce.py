@@ -62,9 +62,9 @@ def test_induction_heads_quick(tmp_path):
     results = _check_common_files(out, "induction-heads", ["accuracy_vs_length.png", "training_loss.png"])
     s = results["settings"]
     rows = {r["model"]: r for r in results["rows"]}
-    assert set(rows) == {"mamba", "mamba2", "s4d", "mha-rope", "mha-abs"}
+    assert set(rows) == {"mamba", "mamba2", "s4d", "mha-rope", "mha-abs", "mamba-sp"}
     lengths = [str(2 ** k) for k in s["test_log2"]]
-    for key in ("mamba", "mamba2", "s4d"):  # SSMs: every length, through chunked prefill
+    for key in ("mamba", "mamba2", "s4d", "mamba-sp"):  # SSMs: every length, through chunked prefill
         assert list(rows[key]["accuracy"]) == lengths and rows[key]["stopped"] is None
     for key in ("mha-rope", "mha-abs"):  # attention stops at attention_max_len and says so
         assert max(int(T) for T in rows[key]["accuracy"]) == s["attention_max_len"]
@@ -195,6 +195,39 @@ def test_early_stopping_stops_once_the_target_is_met_twice(tmp_path):
     again = extended.train(spec, _batches, logits_to_keep=1, validate=validate)
     assert torch.equal(again.lm_head.weight, model.lm_head.weight) and len(calls) == 5
     assert "at most 20 steps" in settings.describe() and "stopped early" in settings.describe()
+
+
+def test_state_passing_carries_states_and_resumes_exactly(tmp_path, monkeypatch):
+    """With state_passing each batch starts from the previous batch's final states: the training differs from
+    zero-state training, the states are saved, and a run cut after 2 of 4 steps resumes to the same weights."""
+    def spec(passing=True):
+        return ModelSpec("m", "m", _spec().config, TrainSettings(steps=4, batch_size=2, log_every=1, warmup_steps=1,
+                                                                 state_passing=passing))
+
+    def run(folder, resume=False):
+        return Run("t", tmp_path / folder, torch.device("cpu"), quick=True, resume=resume, time_budget_s=None,
+                   command="x", progress=False)
+
+    whole = run("whole").train(spec(), _batches, logits_to_keep=1)
+    plain = run("plain").train(spec(False), _batches, logits_to_keep=1)
+    assert not torch.equal(whole.lm_head.weight, plain.lm_head.weight)
+    saved = torch.load(tmp_path / "whole" / "_state" / "m" / "train.pt", weights_only=False)
+    assert saved["states"].layers[0].ssm_state.abs().sum() > 0
+    assert not saved["states"].layers[0].ssm_state.requires_grad
+    assert "state passing" in spec().train.describe()
+
+    calls = {"n": 0}
+
+    def stop_after_two_steps(self):
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    monkeypatch.setattr(Run, "out_of_time", stop_after_two_steps)
+    assert run("cut").train(spec(), _batches, logits_to_keep=1) is None
+    monkeypatch.undo()
+    resumed = run("cut", resume=True).train(spec(), _batches, logits_to_keep=1)
+    for (name, a), b in zip(resumed.state_dict().items(), whole.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_seeds_change_initialisation_and_batches_only_through_the_seed(tmp_path):

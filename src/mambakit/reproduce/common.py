@@ -64,6 +64,10 @@ class TrainSettings:
     eval_every: int = 0  # steps between validation evaluations (0: none, so no early stopping)
     target: float | None = None  # early stopping: every validation metric >= target ...
     target_evals: int = 2  # ... at this many consecutive evaluations stops the model before `steps`
+    # state passing (Buitrago Ruiz & Gu 2025, "Understanding and Improving Length Generalization in Recurrent Models"):
+    # every batch starts from the final recurrent states of the previous one (cut from its graph), so training
+    # visits the states of contexts far longer than a row; recurrent (SSM) layers only
+    state_passing: bool = False
 
     def describe(self, rows: list[dict] | None = None) -> str:
         """One line for a README: the optimiser, schedule and budget; with result `rows`, the steps they were
@@ -82,7 +86,9 @@ class TrainSettings:
                     f"consecutive evaluations (every {self.eval_every} steps)")
         return (f"{at_most}{self.steps} steps of {self.batch_size} fresh rows; AdamW (beta2 {self.beta2:g}), lr "
                 f"{self.lr:g} after a {self.warmup_steps}-step linear warmup {schedule}, weight decay "
-                f"{self.weight_decay:g}, {clip}, bf16 autocast on CUDA{stop}")
+                f"{self.weight_decay:g}, {clip}, bf16 autocast on CUDA{stop}"
+                + ("; state passing (each batch starts from the previous batch's final states)"
+                   if self.state_passing else ""))
 
     def train_config(self):
         from ..training import TrainConfig
@@ -237,6 +243,9 @@ class Run:
             optimizer.load_state_dict(saved["optimizer"])
             step, losses, train_s = saved["step"], saved["losses"], saved["train_s"]
             val_history = saved.get("val_history", [])
+            states = saved.get("states")
+        else:
+            states = None
         early_stop = None
         vocab = spec.config.vocab_size
         use_autocast = autocast and self.device.type == "cuda"
@@ -250,8 +259,10 @@ class Run:
             batch = make_batch(step, torch.Generator().manual_seed(batch_seed(settings.seed, step))).to(self.device)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
+            if settings.state_passing:
+                states = _passed_states(model, states, batch.inputs.shape[0])
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                logits = model(batch.inputs, logits_to_keep=logits_to_keep)
+                logits = model(batch.inputs, cache=states, logits_to_keep=logits_to_keep)
             targets = batch.targets[:, -logits_to_keep:] if logits_to_keep else batch.targets
             loss = masked_loss(logits, targets, vocab)
             loss.backward()
@@ -278,11 +289,11 @@ class Run:
                     break
             if step % settings.save_every == 0 and step < settings.steps:
                 self._save_training(resume_file, model, optimizer, step, losses, train_s + time.monotonic() - t0,
-                                    val_history)
+                                    val_history, states)
         bar.close()
         train_s += time.monotonic() - t0
         # kept: --steps may extend it
-        self._save_training(resume_file, model, optimizer, step, losses, train_s, val_history)
+        self._save_training(resume_file, model, optimizer, step, losses, train_s, val_history, states)
         if step < settings.steps and early_stop is None:
             return None
         model.eval()
@@ -296,11 +307,13 @@ class Run:
         return model
 
     def _save_training(self, path: Path, model, optimizer, step: int, losses: list, train_s: float,
-                       val_history: list) -> None:
+                       val_history: list, states=None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
+        # the passed states too: a resumed state-passing run continues from the states it stopped with
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "losses": losses,
-                    "train_s": train_s, "val_history": val_history}, tmp)
+                    "train_s": train_s, "val_history": val_history,
+                    "states": None if states is None else _passed_states(model, states, states.batch_size)}, tmp)
         tmp.replace(path)  # atomic: a run killed while saving keeps the previous state
         self._save_meta()
 
@@ -353,6 +366,19 @@ class Run:
         (self.out / "README.md").write_text(readme.rstrip() + "\n" + footer)
         self._save_meta()
         return self.out / "results.json"
+
+
+def _passed_states(model, previous, batch_size: int):
+    """A fresh cache (generation.allocate_cache) holding `previous`'s states without their autograd graph: the
+    next batch starts from them and backpropagates into them, not through them (truncated backprop through time).
+    Zero states when `previous` is None."""
+    from ..generation import allocate_cache
+
+    states = allocate_cache(model, batch_size)
+    if previous is not None:
+        with torch.no_grad():
+            states.index_copy_(torch.arange(batch_size, device=states.layers[0].ssm_state.device), previous)
+    return states
 
 
 def _validated(model, validate: Callable[[MambaLM], dict[str, float]]) -> dict[str, float]:
