@@ -262,7 +262,9 @@ class Run:
             if settings.state_passing:
                 states = _passed_states(model, states, batch.inputs.shape[0])
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                logits = model(batch.inputs, cache=states, logits_to_keep=logits_to_keep)
+                # cache= only with state passing: a TransformerLM (lm-scaling) takes no recurrent states
+                logits = (model(batch.inputs, cache=states, logits_to_keep=logits_to_keep) if settings.state_passing
+                          else model(batch.inputs, logits_to_keep=logits_to_keep))
             targets = batch.targets[:, -logits_to_keep:] if logits_to_keep else batch.targets
             loss = masked_loss(logits, targets, vocab)
             loss.backward()
