@@ -216,8 +216,9 @@ class Run:
 
         Determinism: the initialisation is drawn after torch.manual_seed(seed) and batch `step` from
         batch_seed(seed, step), so on the CPU a run is a function of its seed. On CUDA it is not bit-exact:
-        the Triton selective-scan backward adds dA, dD (and dB, dC over replicas) with float32 atomics in an
-        order that varies, and so does torch's embedding backward; runs of one seed drift apart.
+        the Triton selective-scan backward sums dA and dD over its programs (batch rows, channel blocks, time
+        segments) with float32 atomics in an order that varies (dB, dC too where programs share a replica), and
+        torch's embedding backward uses atomics; runs of one seed drift apart by rounding.
         """
         from ..training import build_optimizer, lr_at
 
