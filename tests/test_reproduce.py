@@ -2,6 +2,7 @@
 accuracy), and the resumable training under a time budget."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from mambakit import MambaConfig, MambaLM
 from mambakit.cli.__main__ import main as cli_main
 from mambakit.data.synthetic import induction_heads
 from mambakit.reproduce import FINISHED, UNFINISHED, reproduce
-from mambakit.reproduce.common import ModelSpec, Run, TrainSettings
+from mambakit.reproduce.common import ModelSpec, Run, TrainSettings, median_index, seeded, spread
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -37,9 +38,17 @@ def test_selective_copying_quick(tmp_path):
     results = _check_common_files(out, "selective-copying", ["accuracy.png", "training_loss.png"])
     rows = {r["model"]: r for r in results["rows"]}
     assert set(rows) == {"mamba-s6", "mamba-s4d", "ungated-s6", "ungated-s4d"}
+    seeds = results["settings"]["seeds"]
     for r in rows.values():
         assert 0.0 <= r["accuracy"] <= 1.0 and r["test_targets"] == 8 * 16
         assert r["steps"] == results["settings"]["steps"] and r["final_loss"] > 0
+        # one entry per seed; the row's accuracy is their median, the checkpoint the median seed's
+        assert [x["seed"] for x in r["seeds"]] == seeds and len(seeds) >= 2
+        accs = [x["accuracy"] for x in r["seeds"]]
+        assert r["accuracy_spread"] == {"median": statistics.median(accs), "min": min(accs), "max": max(accs)}
+        assert r["accuracy"] == r["accuracy_spread"]["median"] and r["checkpoint_seed"] in seeds
+        assert all(len(x["val_history"]) == x["steps"] // results["settings"]["eval_every"] for x in r["seeds"])
+    assert "median" in (out / "README.md").read_text()
     assert rows["ungated-s4d"]["ssm_cfg"] == {"layer": "S4D", "A_init": "S4D-Lin", "gated": False, "d_state": 4}
     model = MambaLM.from_pretrained(out / "mamba-s6")  # the committed checkpoint layout loads
     assert model.config.ssm_cfg["layer"] == "Mamba1" and model.config.n_layer == 2
@@ -53,9 +62,9 @@ def test_induction_heads_quick(tmp_path):
     results = _check_common_files(out, "induction-heads", ["accuracy_vs_length.png", "training_loss.png"])
     s = results["settings"]
     rows = {r["model"]: r for r in results["rows"]}
-    assert set(rows) == {"mamba", "mamba2", "s4d", "mha-rope", "mha-abs"}
+    assert set(rows) == {"mamba", "mamba2", "s4d", "mha-rope", "mha-abs", "mamba-sp"}
     lengths = [str(2 ** k) for k in s["test_log2"]]
-    for key in ("mamba", "mamba2", "s4d"):  # SSMs: every length, through chunked prefill
+    for key in ("mamba", "mamba2", "s4d", "mamba-sp"):  # SSMs: every length, through chunked prefill
         assert list(rows[key]["accuracy"]) == lengths and rows[key]["stopped"] is None
     for key in ("mha-rope", "mha-abs"):  # attention stops at attention_max_len and says so
         assert max(int(T) for T in rows[key]["accuracy"]) == s["attention_max_len"]
@@ -63,6 +72,14 @@ def test_induction_heads_quick(tmp_path):
         assert rows[key]["stopped"] in (out / "README.md").read_text()
     for r in rows.values():
         assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
+        assert [x["seed"] for x in r["seeds"]] == s["seeds"] and r["checkpoint_seed"] in s["seeds"]
+        for T, median in r["accuracy"].items():  # the row is the seeds' median, with their range
+            per_seed = [x["accuracy"][T] for x in r["seeds"]]
+            assert median == statistics.median(per_seed)
+            assert (r["accuracy_min"][T], r["accuracy_max"][T]) == (min(per_seed), max(per_seed))
+    # early stopping watches the training length, and a longer length for the SSMs only
+    assert set(rows["mamba"]["seeds"][0]["val_history"][0][1]) == {f"T{s['train_len']}", f"T{s['val_long']}"}
+    assert set(rows["mha-rope"]["seeds"][0]["val_history"][0][1]) == {f"T{s['train_len']}"}
     model = MambaLM.from_pretrained(out / "mamba")
     ids = induction_heads(2, 40, generator=0).inputs
     with torch.no_grad():
@@ -81,6 +98,8 @@ def test_mqar_quick_through_the_cli(tmp_path, capsys):
         {(m, n) for m in ("Mamba-1", "Mamba-2") for n in s["d_states"]} | {("attention", None)})
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["test_queries"] == s["test_rows"] * r["seqlen"] // s["kv_divisor"]
+        accs = [x["accuracy"] for x in r["seeds"]]
+        assert [x["seed"] for x in r["seeds"]] == s["seeds"] and r["accuracy"] == statistics.median(accs)
     assert "--device=cpu" in results["command"]
 
 
@@ -150,6 +169,90 @@ def test_more_steps_extend_a_finished_model_exactly(tmp_path):
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
         assert torch.equal(a, b), name
     assert extended.cached(_spec(), "test", lambda: {"accuracy": 0.75}) == {"accuracy": 0.75}  # recomputed
+
+
+def test_early_stopping_stops_once_the_target_is_met_twice(tmp_path):
+    """validate() runs every eval_every steps; two consecutive evaluations at the target stop the model, and a
+    model that stopped early counts as finished (it loads, and --steps does not extend it)."""
+    settings = TrainSettings(steps=20, batch_size=2, log_every=1, warmup_steps=1, eval_every=2, target=0.9)
+    spec = ModelSpec("m", "m", _spec().config, settings)
+    scores = iter([0.5, 0.95, 0.4, 0.92, 0.97, 0.1])
+    calls = []
+
+    def validate(model):
+        calls.append(model.training)
+        return {"accuracy": next(scores)}
+
+    run = Run("t", tmp_path, torch.device("cpu"), quick=True, resume=False, time_budget_s=None, command="x",
+              progress=False)
+    model = run.train(spec, _batches, logits_to_keep=1, validate=validate)
+    record = run.training_record(spec)
+    assert model is not None and record["steps"] == 10 and record["early_stop_step"] == 10
+    assert [s for s, _ in record["val_history"]] == [2, 4, 6, 8, 10] and calls == [False] * 5  # eval mode
+    assert model.training is False
+    extended = Run("t", tmp_path, torch.device("cpu"), quick=True, resume=True, time_budget_s=None, command="x",
+                   progress=False, steps=40)
+    again = extended.train(spec, _batches, logits_to_keep=1, validate=validate)
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight) and len(calls) == 5
+    assert "at most 20 steps" in settings.describe() and "stopped early" in settings.describe()
+
+
+def test_state_passing_carries_states_and_resumes_exactly(tmp_path, monkeypatch):
+    """With state_passing each batch starts from the previous batch's final states: the training differs from
+    zero-state training, the states are saved, and a run cut after 2 of 4 steps resumes to the same weights."""
+    def spec(passing=True):
+        return ModelSpec("m", "m", _spec().config, TrainSettings(steps=4, batch_size=2, log_every=1, warmup_steps=1,
+                                                                 state_passing=passing))
+
+    def run(folder, resume=False):
+        return Run("t", tmp_path / folder, torch.device("cpu"), quick=True, resume=resume, time_budget_s=None,
+                   command="x", progress=False)
+
+    whole = run("whole").train(spec(), _batches, logits_to_keep=1)
+    plain = run("plain").train(spec(False), _batches, logits_to_keep=1)
+    assert not torch.equal(whole.lm_head.weight, plain.lm_head.weight)
+    saved = torch.load(tmp_path / "whole" / "_state" / "m" / "train.pt", weights_only=False)
+    assert saved["states"].layers[0].ssm_state.abs().sum() > 0
+    assert not saved["states"].layers[0].ssm_state.requires_grad
+    assert "state passing" in spec().train.describe()
+
+    calls = {"n": 0}
+
+    def stop_after_two_steps(self):
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    monkeypatch.setattr(Run, "out_of_time", stop_after_two_steps)
+    assert run("cut").train(spec(), _batches, logits_to_keep=1) is None
+    monkeypatch.undo()
+    resumed = run("cut", resume=True).train(spec(), _batches, logits_to_keep=1)
+    for (name, a), b in zip(resumed.state_dict().items(), whole.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_seeds_change_initialisation_and_batches_only_through_the_seed(tmp_path):
+    """A run is a function of its seed on the CPU: the same seed twice gives the same weights, another seed others."""
+    def trained(folder, seed):
+        run = Run("t", tmp_path / folder, torch.device("cpu"), quick=True, resume=False, time_budget_s=None,
+                  command="x", progress=False)
+        spec = seeded(_spec(steps=2), seed)
+        assert spec.key == f"m-seed{seed}" and spec.train.seed == seed
+        return run.train(spec, lambda step, g: induction_heads(2, 16, generator=g), logits_to_keep=1)
+
+    a, b, c = trained("a", 1), trained("b", 1), trained("c", 2)
+    for (name, x), y, z in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
+
+
+@pytest.mark.parametrize("values, median, index", [
+    pytest.param([0.3, 0.9, 0.5], 0.5, 2, id="odd"),
+    pytest.param([0.2, 0.4], 0.30000000000000004, 0, id="even-lower-median-seed"),
+    pytest.param([0.7], 0.7, 0, id="one"),
+])
+def test_spread_and_median_seed(values, median, index):
+    assert spread(values) == {"median": pytest.approx(median), "min": min(values), "max": max(values)}
+    assert median_index(values) == index
 
 
 def test_train_settings_describe_the_schedule():

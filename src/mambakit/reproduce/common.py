@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -60,6 +61,13 @@ class TrainSettings:
     seed: int = 0
     save_every: int = 500  # steps between resume checkpoints (and at the time budget's end)
     log_every: int = 25  # steps between recorded losses (each one is a host sync)
+    eval_every: int = 0  # steps between validation evaluations (0: none, so no early stopping)
+    target: float | None = None  # early stopping: every validation metric >= target ...
+    target_evals: int = 2  # ... at this many consecutive evaluations stops the model before `steps`
+    # state passing (Buitrago Ruiz & Gu 2025, "Understanding and Improving Length Generalization in Recurrent Models"):
+    # every batch starts from the final recurrent states of the previous one (cut from its graph), so training
+    # visits the states of contexts far longer than a row; recurrent (SSM) layers only
+    state_passing: bool = False
 
     def describe(self, rows: list[dict] | None = None) -> str:
         """One line for a README: the optimiser, schedule and budget; with result `rows`, the steps they were
@@ -71,9 +79,16 @@ class TrainSettings:
         schedule = ("then constant" if self.min_lr_ratio == 1.0
                     else f"then cosine to {self.min_lr_ratio:g} x lr over the {self.steps} steps")
         clip = f"gradient clipping {self.grad_clip:g}" if self.grad_clip > 0 else "no gradient clipping"
-        return (f"{self.steps} steps of {self.batch_size} fresh rows; AdamW (beta2 {self.beta2:g}), lr {self.lr:g} after "
-                f"a {self.warmup_steps}-step linear warmup {schedule}, weight decay {self.weight_decay:g}, {clip}, "
-                "bf16 autocast on CUDA")
+        stop, at_most = "", ""
+        if self.eval_every and self.target is not None:
+            at_most = "at most "
+            stop = (f"; stopped early once the validation accuracy is >= {100 * self.target:g}% at {self.target_evals} "
+                    f"consecutive evaluations (every {self.eval_every} steps)")
+        return (f"{at_most}{self.steps} steps of {self.batch_size} fresh rows; AdamW (beta2 {self.beta2:g}), lr "
+                f"{self.lr:g} after a {self.warmup_steps}-step linear warmup {schedule}, weight decay "
+                f"{self.weight_decay:g}, {clip}, bf16 autocast on CUDA{stop}"
+                + ("; state passing (each batch starts from the previous batch's final states)"
+                   if self.state_passing else ""))
 
     def train_config(self):
         from ..training import TrainConfig
@@ -185,20 +200,32 @@ class Run:
     # ---------------------------------------------------------------- training
 
     def train(self, spec: ModelSpec, make_batch: Callable[[int, torch.Generator], SyntheticBatch],
-              logits_to_keep: int = 0, autocast: bool = True) -> MambaLM | None:
+              logits_to_keep: int = 0, autocast: bool = True,
+              validate: Callable[[MambaLM], dict[str, float]] | None = None) -> MambaLM | None:
         """Train `spec`'s model on make_batch(step, generator) batches (or load it if already trained).
 
         Returns the trained model in eval mode, or None when the time budget ran out first (the training
         state is then saved for --resume). logits_to_keep: only the last k positions are scored (0: all).
         bf16 autocast on CUDA when `autocast`. A model finished with fewer steps than asked for trains on from
-        its saved state (and its cached evaluations are dropped).
+        its saved state (and its cached evaluations are dropped), unless it stopped early.
+
+        validate(model) -> {metric: accuracy} runs every `spec.train.eval_every` steps (model in eval mode,
+        inference mode, no autocast) on a validation set of the caller's (not the test set); once every metric
+        is >= `target` at `target_evals` consecutive evaluations the model stops early. The history is kept
+        in done.json (`val_history`, `early_stop_step`).
+
+        Determinism: the initialisation is drawn after torch.manual_seed(seed) and batch `step` from
+        batch_seed(seed, step), so on the CPU a run is a function of its seed. On CUDA it is not bit-exact:
+        the Triton selective-scan backward sums dA and dD over its programs (batch rows, channel blocks, time
+        segments) with float32 atomics in an order that varies (dB, dC too where programs share a replica), and
+        torch's embedding backward uses atomics; runs of one seed drift apart by rounding.
         """
         from ..training import build_optimizer, lr_at
 
         folder = self.state / spec.key
         settings = spec.train if self.steps_override is None else dataclasses.replace(spec.train, steps=self.steps_override)
         done = _read_json(folder / "done.json")
-        if done is not None and done["steps"] >= settings.steps:
+        if done is not None and (done["steps"] >= settings.steps or done.get("early_stop_step") is not None):
             return MambaLM.from_pretrained(folder / "model", device=self.device).eval()
         if self.out_of_time():
             return None
@@ -209,13 +236,18 @@ class Run:
         torch.manual_seed(settings.seed)
         model = build_model(spec.config, device=self.device)  # a MambaLM, or a TransformerLM for a TransformerConfig
         optimizer = build_optimizer(model, cfg)
-        step, losses, train_s = 0, [], 0.0
+        step, losses, train_s, val_history = 0, [], 0.0, []
         resume_file = folder / "train.pt"
         if resume_file.exists():
             saved = torch.load(resume_file, map_location=self.device, weights_only=False)
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             step, losses, train_s = saved["step"], saved["losses"], saved["train_s"]
+            val_history = saved.get("val_history", [])
+            states = saved.get("states")
+        else:
+            states = None
+        early_stop = None
         vocab = spec.config.vocab_size
         use_autocast = autocast and self.device.type == "cuda"
         model.train()
@@ -228,8 +260,12 @@ class Run:
             batch = make_batch(step, torch.Generator().manual_seed(batch_seed(settings.seed, step))).to(self.device)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
+            if settings.state_passing:
+                states = _passed_states(model, states, batch.inputs.shape[0])
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                logits = model(batch.inputs, logits_to_keep=logits_to_keep)
+                # cache= only with state passing: a TransformerLM (lm-scaling) takes no recurrent states
+                logits = (model(batch.inputs, cache=states, logits_to_keep=logits_to_keep) if settings.state_passing
+                          else model(batch.inputs, logits_to_keep=logits_to_keep))
             targets = batch.targets[:, -logits_to_keep:] if logits_to_keep else batch.targets
             loss = masked_loss(logits, targets, vocab)
             loss.backward()
@@ -247,28 +283,46 @@ class Run:
                 losses.append([step, value])
                 bar.set_postfix(loss=f"{value:.4f}")
             bar.update(1)
+            if validate is not None and settings.eval_every and step % settings.eval_every == 0:
+                metrics = _validated(model, validate)
+                val_history.append([step, metrics])
+                bar.set_postfix(loss=losses[-1][1] if losses else None, val=min(metrics.values()))
+                if _target_met(val_history, settings):
+                    early_stop = step
+                    break
             if step % settings.save_every == 0 and step < settings.steps:
-                self._save_training(resume_file, model, optimizer, step, losses, train_s + time.monotonic() - t0)
+                self._save_training(resume_file, model, optimizer, step, losses, train_s + time.monotonic() - t0,
+                                    val_history, states)
         bar.close()
         train_s += time.monotonic() - t0
-        self._save_training(resume_file, model, optimizer, step, losses, train_s)  # kept: --steps may extend it
-        if step < settings.steps:
+        # kept: --steps may extend it
+        self._save_training(resume_file, model, optimizer, step, losses, train_s, val_history, states)
+        if step < settings.steps and early_stop is None:
             return None
         model.eval()
         model.save_pretrained(folder / "model")
         _write_json(folder / "done.json", {"steps": step, "train_s": train_s, "losses": losses,
                                            "final_loss": losses[-1][1] if losses else None,
-                                           "params": sum(p.numel() for p in model.parameters())})
+                                           "params": sum(p.numel() for p in model.parameters()),
+                                           "seed": settings.seed, "val_history": val_history,
+                                           "early_stop_step": early_stop})
         self._save_meta()
         return model
 
-    def _save_training(self, path: Path, model, optimizer, step: int, losses: list, train_s: float) -> None:
+    def _save_training(self, path: Path, model, optimizer, step: int, losses: list, train_s: float,
+                       val_history: list, states=None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
+        # the passed states too: a resumed state-passing run continues from the states it stopped with
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "losses": losses,
-                    "train_s": train_s}, tmp)
+                    "train_s": train_s, "val_history": val_history,
+                    "states": None if states is None else _passed_states(model, states, states.batch_size)}, tmp)
         tmp.replace(path)  # atomic: a run killed while saving keeps the previous state
         self._save_meta()
+
+    def trained_model(self, spec: ModelSpec) -> MambaLM:
+        """The saved model of a finished `spec` (run.train returned it once), in eval mode."""
+        return MambaLM.from_pretrained(self.state / spec.key / "model", device=self.device).eval()
 
     def training_record(self, spec: ModelSpec) -> dict:
         """steps, train_s, final_loss, losses, params of a trained model."""
@@ -315,6 +369,52 @@ class Run:
         (self.out / "README.md").write_text(readme.rstrip() + "\n" + footer)
         self._save_meta()
         return self.out / "results.json"
+
+
+def _passed_states(model, previous, batch_size: int):
+    """A fresh cache (generation.allocate_cache) holding `previous`'s states without their autograd graph: the
+    next batch starts from them and backpropagates into them, not through them (truncated backprop through time).
+    Zero states when `previous` is None."""
+    from ..generation import allocate_cache
+
+    states = allocate_cache(model, batch_size)
+    if previous is not None:
+        with torch.no_grad():
+            states.index_copy_(torch.arange(batch_size, device=states.layers[0].ssm_state.device), previous)
+    return states
+
+
+def _validated(model, validate: Callable[[MambaLM], dict[str, float]]) -> dict[str, float]:
+    """validate(model) in eval and inference mode; the model is back in training mode afterwards."""
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return {name: float(value) for name, value in validate(model).items()}
+    finally:
+        model.train()
+
+
+def _target_met(val_history: list, settings: TrainSettings) -> bool:
+    """Whether the last `target_evals` evaluations all have every metric >= target."""
+    if settings.target is None or len(val_history) < settings.target_evals:
+        return False
+    return all(min(m.values()) >= settings.target for _, m in val_history[-settings.target_evals:])
+
+
+def seeded(spec: ModelSpec, seed: int) -> ModelSpec:
+    """`spec` trained from `seed` (initialisation and batches): its own state folder `<key>-seed<seed>`."""
+    return dataclasses.replace(spec, key=f"{spec.key}-seed{seed}", train=dataclasses.replace(spec.train, seed=seed))
+
+
+def spread(values: list[float]) -> dict:
+    """median, min and max of per-seed values (the median of an even count is the mean of the middle two)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def median_index(values: list[float]) -> int:
+    """Index of the value at the (lower) median: the seed whose checkpoint represents the row."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    return order[(len(values) - 1) // 2]
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

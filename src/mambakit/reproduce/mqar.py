@@ -9,6 +9,11 @@ Grid: sequence lengths T = 256 and 512 with K = T / 8 pairs; Mamba-1 and Mamba-2
 attention (rotary) as the reference that solves it at any state size. 2 layers, d_model 64, no MLP, vocabulary
 8192. Accuracy is the share of queries of a fixed test set answered by argmax. No checkpoints are kept (the
 8192-token embedding makes each about 2 MB, 14 models).
+
+Every model trains from several seeds and the table reports the median (results.json: min, max, every seed);
+a model stops early once its accuracy on a validation set of its own (VAL_SEED) is >= `target` twice in a row.
+Recurrent models learn associative recall only in a narrow window of learning rates (Okpekpe & Orvieto 2025,
+"Revisiting associative recall in modern recurrent models"), which the paper handles with a sweep; here one rate.
 """
 
 from __future__ import annotations
@@ -17,28 +22,32 @@ import torch
 
 from ..models import MambaConfig
 from ..data.synthetic import mqar
-from .common import FINISHED, ModelSpec, Run, TrainSettings, correct_and_count, loss_plot, markdown_table, percent, figure
+from .common import (FINISHED, ModelSpec, Run, TrainSettings, correct_and_count, figure, loss_plot, markdown_table,
+                     percent, seeded, spread)
 
 NAME = "mqar"
 SUMMARY = "Mamba-2 paper Figure 8: MQAR, Mamba-1 vs Mamba-2 vs attention at d_state 16 / 64 / 256, two lengths"
 TEST_SEED = 3_000_000_019
+VAL_SEED = 3_000_000_037  # the early-stopping sets (seed + T): never a test set
 
 
 def settings(quick: bool) -> dict:
-    """Full size: T 256 / 512, K = T / 8, batch 64, 4000 steps per model; quick: a CPU smoke run."""
+    """Full size: T 256 / 512, K = T / 8, batch 64, at most 4000 steps per model, 3 seeds, early stopping at 99%
+    validation accuracy (256 rows, every 250 steps); quick: a CPU smoke run."""
     if quick:
         return {"seqlens": [32, 64], "kv_divisor": 8, "vocab_size": 64, "d_model": 16, "d_states": [4, 8],
                 "heads": 2, "headdim": 8, "batch_size": 4, "steps": 3, "lr": 3e-3, "warmup_steps": 1, "test_rows": 8,
-                "eval_batch": 4}
+                "eval_batch": 4, "seeds": [0, 1], "val_rows": 4, "eval_every": 2, "target": 0.99}
     return {"seqlens": [256, 512], "kv_divisor": 8, "vocab_size": 8192, "d_model": 64, "d_states": [16, 64, 256],
             "heads": 4, "headdim": 16, "batch_size": 64, "steps": 4000, "lr": 2e-3, "warmup_steps": 200,
-            "test_rows": 1024, "eval_batch": 128}
+            "test_rows": 1024, "eval_batch": 128, "seeds": [0, 1, 2], "val_rows": 256, "eval_every": 250,
+            "target": 0.99}
 
 
 def train_settings(s: dict) -> TrainSettings:
     """Zoology's recipe for MQAR keeps weight decay 0.1; the learning rate is constant after warmup."""
     return TrainSettings(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], warmup_steps=s["warmup_steps"],
-                         weight_decay=0.1)
+                         weight_decay=0.1, eval_every=s["eval_every"], target=s["target"])
 
 
 def model_specs(s: dict, T: int) -> list[ModelSpec]:
@@ -59,11 +68,13 @@ def model_specs(s: dict, T: int) -> list[ModelSpec]:
 
 
 @torch.inference_mode()
-def evaluate(model, T: int, s: dict, device: torch.device) -> dict:
+def evaluate(model, T: int, s: dict, device: torch.device, seed: int = TEST_SEED, rows: int | None = None) -> dict:
+    """Share of the queries of a fixed set (seed + T; the test set by default) answered by argmax."""
+    rows = s["test_rows"] if rows is None else rows
     hits = count = 0
-    gen = torch.Generator().manual_seed(TEST_SEED + T)
-    for start in range(0, s["test_rows"], s["eval_batch"]):
-        batch = mqar(min(s["eval_batch"], s["test_rows"] - start), T, T // s["kv_divisor"], s["vocab_size"],
+    gen = torch.Generator().manual_seed(seed + T)
+    for start in range(0, rows, s["eval_batch"]):
+        batch = mqar(min(s["eval_batch"], rows - start), T, T // s["kv_divisor"], s["vocab_size"],
                      generator=gen).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(batch.inputs)
@@ -74,25 +85,37 @@ def evaluate(model, T: int, s: dict, device: torch.device) -> dict:
 
 def run(run: Run) -> int:
     s = settings(run.quick)
-    rows, curves = [], {}
-    for T in s["seqlens"]:
-        K = T // s["kv_divisor"]
-        for spec in model_specs(s, T):
-            model = run.train(spec, lambda step, g: mqar(s["batch_size"], T, K, s["vocab_size"], generator=g))
+    grid = [(T, base) for T in s["seqlens"] for base in model_specs(s, T)]
+    per_seed: dict[str, list[tuple[ModelSpec, dict, dict]]] = {base.key: [] for _, base in grid}
+    for seed in s["seeds"]:  # seed-major: every cell has a first result early in a run split into pieces
+        for T, base in grid:
+            spec, K = seeded(base, seed), T // s["kv_divisor"]
+            validate = lambda model: {"accuracy": evaluate(model, T, s, run.device, VAL_SEED, s["val_rows"])["accuracy"]}
+            model = run.train(spec, lambda step, g: mqar(s["batch_size"], T, K, s["vocab_size"], generator=g),
+                              validate=validate)
             if model is None:
                 return run.unfinished()
             result = run.cached(spec, "test", lambda: evaluate(model, T, s, run.device))
             if result is None:
                 return run.unfinished()
-            record = run.training_record(spec)
-            curves[spec.key] = record["losses"]
-            rows.append({"model": spec.key, **spec.info, "num_kv_pairs": K, "accuracy": result["accuracy"],
-                         "test_queries": result["test_queries"], "steps": record["steps"],
-                         "train_s": round(record["train_s"], 1), "final_loss": record["final_loss"],
-                         "params": record["params"]})
+            per_seed[base.key].append((spec, result, run.training_record(spec)))
+    rows, curves = [], {}
+    for T, base in grid:
+        runs = per_seed[base.key]
+        accs = [result["accuracy"] for _, result, _ in runs]
+        curves[base.key] = runs[0][2]["losses"]  # seed 0's: one curve per cell keeps the plot readable
+        rows.append({"model": base.key, **base.info, "num_kv_pairs": T // s["kv_divisor"],
+                     "accuracy": spread(accs)["median"], "accuracy_spread": spread(accs),
+                     "test_queries": runs[0][1]["test_queries"], "steps": max(r["steps"] for _, _, r in runs),
+                     "train_s": round(sum(r["train_s"] for _, _, r in runs), 1), "final_loss": runs[0][2]["final_loss"],
+                     "params": runs[0][2]["params"],
+                     "seeds": [{"seed": sp.train.seed, "accuracy": res["accuracy"], "steps": rec["steps"],
+                                "early_stop_step": rec.get("early_stop_step"), "train_s": round(rec["train_s"], 1),
+                                "final_loss": rec["final_loss"], "val_history": rec.get("val_history", [])}
+                               for sp, res, rec in runs]})
     _plot(run.out / "accuracy_vs_state.png", rows, s)
-    loss_plot(run.out / "training_loss.png", curves, "MQAR")
-    run.write_results(rows, {**s, "test_seed": TEST_SEED}, _readme(rows, s))
+    loss_plot(run.out / "training_loss.png", curves, "MQAR (seed 0)")
+    run.write_results(rows, {**s, "test_seed": TEST_SEED, "val_seed": VAL_SEED}, _readme(rows, s))
     return FINISHED
 
 
@@ -100,9 +123,12 @@ def _plot(path, rows, s) -> None:
     fig, axes = figure(1, len(s["seqlens"]), squeeze=False, sharey=True, figsize=(4 * len(s["seqlens"]), 3.5))
     for ax, T in zip(axes[0], s["seqlens"]):
         for mixer in ("Mamba-1", "Mamba-2"):
-            pts = sorted((r["d_state"], 100 * r["accuracy"]) for r in rows if r["seqlen"] == T and r["mixer"] == mixer)
+            pts = sorted((r["d_state"], 100 * r["accuracy"], 100 * r["accuracy_spread"]["min"],
+                          100 * r["accuracy_spread"]["max"]) for r in rows if r["seqlen"] == T and r["mixer"] == mixer)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=mixer)
+                n, med, lo, hi = zip(*pts)
+                ax.errorbar(n, med, yerr=[[m - a for m, a in zip(med, lo)], [b - m for m, b in zip(med, hi)]],
+                            marker="o", capsize=3, label=mixer)
         for r in rows:
             if r["seqlen"] == T and r["mixer"] == "attention":
                 ax.axhline(100 * r["accuracy"], color="gray", linestyle="--", label="attention")
@@ -127,7 +153,8 @@ def _readme(rows, s) -> str:
     table = markdown_table(header, table_rows)
     return f"""# Multi-query associative recall (Mamba-2 paper, Figure 8)
 
-Accuracy (%) of recalling every queried key's value.
+Accuracy (%) of recalling every queried key's value: the median of seeds {', '.join(map(str, s['seeds']))} (the plot's
+bars: min-max; results.json: every seed).
 
 {table}
 
@@ -142,6 +169,7 @@ a fixed test set ({s['test_rows']} rows per length, seed {TEST_SEED} + T).
 {' / '.join(map(str, s['d_states']))}; attention with {s['heads']} heads and rotary positions (its "state" is the
 whole KV cache, shown once per length).
 
-**Budget**: every model trains {train_settings(s).describe(rows)}; no learning-rate sweep (the paper sweeps and
+**Budget**: every model trains {train_settings(s).describe()}; validation: {s['val_rows']} rows per length (seed
+{VAL_SEED} + T); no learning-rate sweep (the paper sweeps and
 reports the best), so a model that fails here might succeed at another learning rate.
 """
