@@ -64,7 +64,8 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t / info.world_size
 
 
-def wrap_model(model: torch.nn.Module, cfg, info: DistInfo, device: torch.device) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, cfg, info: DistInfo, device: torch.device, *,
+               reshard_after_forward: bool = True) -> torch.nn.Module:
     """The model as the training step calls it: itself for one process, DistributedDataParallel for
     cfg.parallel "ddp", or sharded in place by FSDP2 for "fsdp".
 
@@ -72,6 +73,9 @@ def wrap_model(model: torch.nn.Module, cfg, info: DistInfo, device: torch.device
     before its forward and backward and freed after), then on the root (embedding, final norm, head).
     With cfg.fsdp_mixed_precision "bf16" on CUDA the gathered parameters are cast to bf16 for compute
     and gradients are reduced in fp32 (the sharded fp32 parameters stay the optimizer's master copy).
+    `reshard_after_forward=False` keeps each block's gathered parameters from its forward to its backward
+    (one all-gather per block and step instead of two, for a full bf16 copy of the blocks' parameters held
+    through the step: 0.26 GB at 130M); benchmarks/gpu_parallel.py's "fsdp-noreshard" case measures it.
 
     Example (under torchrun, after init_distributed):
         >>> model = wrap_model(MambaLM(config).cuda(), TrainConfig(parallel="fsdp"), dist_info_from_env(), device)
@@ -89,6 +93,6 @@ def wrap_model(model: torch.nn.Module, cfg, info: DistInfo, device: torch.device
     else:
         policy = MixedPrecisionPolicy()
     for block in model.backbone.layers:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return model
