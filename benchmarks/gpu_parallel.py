@@ -13,10 +13,13 @@ after `--warmup` (CUDA-synchronised wall clock) and records torch.cuda.max_memor
 steps. Cases:
     plain           one process, no wrapper; bf16 autocast, fp32 parameters, fused AdamW
     ddp             DistributedDataParallel; the same numerics
-    fsdp            FSDP2 fully_shard per block + root, MixedPrecisionPolicy(param bf16, reduce fp32), autocast;
-                    AdamW over the sharded (DTensor) parameters: foreach, as build_optimizer makes it
-    fsdp-fp32       FSDP2 without the bf16 policy (fp32 parameters, autocast only), as --fsdp-mixed-precision none
-    fsdp-noreshard  fsdp with reshard_after_forward=False (a block's gathered parameters kept until its backward)
+    fsdp            FSDP2 fully_shard per block + root, MixedPrecisionPolicy(param bf16, reduce fp32), autocast,
+                    reshard_after_forward False (TrainConfig's default: a block's gathered parameters are kept
+                    until its backward); AdamW over the sharded (DTensor) parameters: foreach, as build_optimizer
+                    makes it
+    fsdp-fp32       fsdp without the bf16 policy (fp32 parameters, autocast only), as --fsdp-mixed-precision none
+    fsdp-reshard    fsdp with reshard_after_forward True (FSDP2's default: gathered again for the backward), as
+                    --fsdp-reshard-after-forward true; the 2026-12-02 figures (fsdp 0.34x plain) were taken so
     fsdp-fusedopt   fsdp with the fused AdamW kernel over the DTensor parameters instead of foreach
 
 Besides tokens/s and memory, each row says where the time goes:
@@ -57,7 +60,7 @@ from mambakit.training.loop import no_decay_names
 
 SHAPES = {"130m": (768, 24), "370m": (1024, 48), "tiny": (64, 2)}  # tiny: the CPU smoke run
 VOCAB = 50277
-CASES = ("plain", "ddp", "fsdp", "fsdp-fp32", "fsdp-noreshard", "fsdp-fusedopt")
+CASES = ("plain", "ddp", "fsdp", "fsdp-fp32", "fsdp-reshard", "fsdp-fusedopt")
 
 
 def run_case(case: str, args, device: torch.device) -> dict:
@@ -65,13 +68,14 @@ def run_case(case: str, args, device: torch.device) -> dict:
     parallel = "ddp" if case in ("plain", "ddp") else "fsdp"
     cfg = TrainConfig(layer=args.layer, d_model=d_model, n_layer=n_layer, d_state=args.d_state, headdim=64,
                       chunk_size=256, seqlen=args.seqlen, batch_size=args.batch, grad_accum=args.grad_accum,
-                      parallel=parallel, fsdp_mixed_precision="none" if case == "fsdp-fp32" else "bf16")
+                      parallel=parallel, fsdp_mixed_precision="none" if case == "fsdp-fp32" else "bf16",
+                      fsdp_reshard_after_forward=case == "fsdp-reshard")
     torch.manual_seed(0)
     model = MambaLM(model_config(cfg, VOCAB)).to(device)
     no_decay = no_decay_names(model)
     if case != "plain":
         # a one-process "world" still goes through the wrapper: that is what this benchmark measures
-        model = _wrap_one_process(model, cfg, device, reshard_after_forward=case != "fsdp-noreshard")
+        model = _wrap_one_process(model, cfg, device)
     opt = build_optimizer(model, cfg, no_decay)
     if case == "fsdp-fusedopt":
         groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
@@ -127,12 +131,12 @@ def run_case(case: str, args, device: torch.device) -> dict:
     return row
 
 
-def _wrap_one_process(model, cfg: TrainConfig, device: torch.device, reshard_after_forward: bool):
+def _wrap_one_process(model, cfg: TrainConfig, device: torch.device):
     """wrap_model as under torchrun with one process (world size 1 is 'not distributed' to the trainer, which
     would leave the model bare)."""
     info = dist_info_from_env()
     forced = info.__class__(rank=info.rank, world_size=max(info.world_size, 2), local_rank=info.local_rank)
-    return wrap_model(model, cfg, forced, device, reshard_after_forward=reshard_after_forward)
+    return wrap_model(model, cfg, forced, device)
 
 
 def _paths_text(seen: Counter) -> str:
