@@ -219,7 +219,12 @@ def main() -> None:
     rows = []
     try:
         for case in args.cases:
-            row = run_case(case, args, device)
+            try:
+                row = run_case(case, args, device)
+            except Exception as e:  # one case's failure (e.g. fused AdamW over DTensors) keeps the others' rows
+                if dist.get_rank() == 0:
+                    print(f"{case}: failed: {type(e).__name__}: {e}", flush=True)
+                continue
             top = row.pop("top_host_ops", "")
             rows.append(row)
             if dist.get_rank() == 0:
