@@ -8,6 +8,7 @@ order of float sums differs (tolerance 1e-4 relative). Resuming on the same layo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,15 +16,20 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
+from mambakit import MambaLM
 from mambakit.cli.__main__ import main
-from mambakit.training import TrainConfig, load_train_state, read_metrics, resolve_checkpoint, train
+from mambakit.ops import record_backends
+from mambakit.training import TrainConfig, load_train_state, model_config, read_metrics, resolve_checkpoint, train
 from mambakit.training.checkpoint import DISTRIBUTED
+from mambakit.training.distributed import DistInfo, wrap_model
 from mambakit.training.config import MODEL_OVERRIDES
 from tests.helpers import assert_close
 
@@ -321,3 +327,92 @@ def test_a_resumed_run_drops_the_records_past_its_checkpoint(tmp_path):
     train(cfg, resume=True)
     steps = [r["step"] for r in read_metrics(cfg.out_dir) if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6] and 9.0 not in [r["loss"] for r in read_metrics(cfg.out_dir) if "loss" in r]
+
+
+# ---------------------------------------------------------------- the op paths under DDP and FSDP2 (one process)
+
+
+@contextlib.contextmanager
+def _one_process_group():
+    """A gloo group of one process, in this process (the wrappers need a group; nothing is sent)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _paths(model: torch.nn.Module, ids: torch.Tensor) -> Counter:
+    """(op, backend) -> calls over one bf16-autocast forward and backward, as the trainer runs a step."""
+    with record_backends() as seen:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids)
+        logits.float().square().mean().backward()
+    return seen
+
+
+@pytest.mark.parametrize("layer, fused_op", [pytest.param("mamba1", "mamba1_inner", id="mamba1"),
+                                             pytest.param("mamba2", "mamba2_inner", id="mamba2")])
+def test_ddp_and_fsdp2_take_the_same_op_paths_as_one_bare_process(layer, fused_op):
+    """The wrappers must leave the mixers on their fused op: a mixer that falls back to the separate ops (a
+    parameter that is not a plain tensor, a hook a wrapper puts on out_proj) runs about 3x slower on the GPU.
+    Checked under a one-process gloo group for the DDP wrapper, FSDP2 as wrap_model shards, and FSDP2 with the bf16
+    parameter policy that wrap_model uses on CUDA. The backend is CPU's automatic one ("torch"): which op a mixer
+    calls does not depend on it, and on CUDA the same op runs its Triton kernels."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    cfg = TrainConfig(layer=layer, d_model=16, n_layer=2, d_state=8, expand=2, headdim=8, chunk_size=16, seqlen=16,
+                      batch_size=2)
+    ids = torch.randint(0, 64, (2, 16))
+    paths = {}
+    with _one_process_group():
+        for case in ("plain", "ddp", "fsdp", "fsdp-bf16-params"):
+            torch.manual_seed(0)
+            model = MambaLM(model_config(cfg, 64))
+            if case in ("ddp", "fsdp"):
+                # world_size 2: a one-process run is 'not distributed' to wrap_model, which would return the model
+                model = wrap_model(model, cfg.replace(parallel=case), DistInfo(0, 2, 0), torch.device("cpu"))
+            elif case == "fsdp-bf16-params":
+                policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                for block in model.backbone.layers:
+                    fully_shard(block, mp_policy=policy)
+                fully_shard(model, mp_policy=policy)
+            paths[case] = _paths(model, ids)
+            assert all(p.grad is not None for p in model.parameters()), case
+    # one fused mixer op per block (it calls the separate ops inside on this backend), one add + norm per block
+    # and the final norm
+    assert paths["plain"][(fused_op, "torch")] == 2 and paths["plain"][("add_rms_norm", "torch")] == 3
+    for case in ("ddp", "fsdp", "fsdp-bf16-params"):
+        assert paths[case] == paths["plain"], case
+
+
+def test_the_recorded_paths_show_a_mixer_that_left_its_fused_op():
+    """The check above can fail: a forward hook on one out_proj sends that mixer through the separate ops."""
+    cfg = TrainConfig(layer="mamba2", d_model=16, n_layer=2, d_state=8, expand=2, headdim=8, chunk_size=16, seqlen=16,
+                      batch_size=2)
+    model = MambaLM(model_config(cfg, 64))
+    ids = torch.randint(0, 64, (2, 16))
+    plain = _paths(model, ids)
+    model.backbone.layers[1].mixer.out_proj.register_forward_hook(lambda module, args, out: out)
+    hooked = _paths(model, ids)
+    assert plain[("mamba2_inner", "torch")] == 2 and hooked[("mamba2_inner", "torch")] == 1
+    assert hooked[("ssd", "torch")] == plain[("ssd", "torch")] == 2  # the hooked mixer calls the SSD itself
+
+
+@pytest.mark.parametrize("reshard, kept", [pytest.param(False, True, id="kept-until-backward"),
+                                           pytest.param(True, False, id="resharded-after-forward")])
+def test_fsdp_reshard_after_forward_follows_the_config(reshard, kept):
+    """fsdp_reshard_after_forward False (the default) keeps a block's gathered parameters from its forward to its
+    backward; True puts the shards (DTensor) back after the forward. After the backward both are sharded."""
+    from torch.distributed.tensor import DTensor
+
+    cfg = TrainConfig(layer="mamba2", d_model=16, n_layer=2, d_state=8, expand=2, headdim=8, chunk_size=16, seqlen=16,
+                      batch_size=2, parallel="fsdp", fsdp_reshard_after_forward=reshard)
+    assert TrainConfig().fsdp_reshard_after_forward is False
+    with _one_process_group():
+        model = wrap_model(MambaLM(model_config(cfg, 64)), cfg, DistInfo(0, 2, 0), torch.device("cpu"))
+        logits = model(torch.randint(0, 64, (2, 16)))
+        weight = model.backbone.layers[0].mixer.out_proj.weight
+        assert isinstance(weight, DTensor) is not kept
+        logits.square().mean().backward()
+        assert all(isinstance(p, DTensor) and p.grad is not None for p in model.parameters())

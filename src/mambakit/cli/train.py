@@ -110,7 +110,8 @@ _OWN_FLAGS = {"recipe", "data", "tokenizer", "out_dir", "max_steps", "time_budge
 # parallel layout only with the same global batch, which the run checks)
 _RESUMABLE = {"out_dir", "time_budget_s", "device", "progress", "recompute", "on_nonfinite", "keep_checkpoints",
               "log_every", "save_every", "logger", "plot", "eval_every", "eval_tokens", "eval_batch_size",
-              "final_eval_tokens", "batch_size", "grad_accum", "parallel", "fsdp_mixed_precision", "sample_prompt",
+              "final_eval_tokens", "batch_size", "grad_accum", "parallel", "fsdp_mixed_precision",
+              "fsdp_reshard_after_forward", "sample_prompt",
               "sample_tokens", "sample_temperature", "sample_top_k", "autocast"}
 
 

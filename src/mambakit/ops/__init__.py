@@ -4,7 +4,7 @@ Each public function validates its inputs, then runs on the backend chosen by `d
 "reference" (sequential float64), "torch" (vectorised PyTorch) or "triton" (fused GPU kernels).
 """
 
-from .dispatch import pinned_backend, use_backend
+from .dispatch import pinned_backend, record_backends, use_backend
 from .causal_conv1d import causal_conv1d, causal_conv1d_update
 from .mamba_inner import mamba1_inner, mamba2_inner
 from .rms_norm import add_rms_norm, rms_norm
@@ -24,4 +24,5 @@ __all__ = [
     "mamba2_inner",
     "use_backend",
     "pinned_backend",
+    "record_backends",
 ]

@@ -18,6 +18,7 @@ Three ways to pick a path, strongest first:
        that backend keeps its automatic choice. `pinned_backend(fn)` carries the choice into a later call
        (activation recomputation in the backward).
     3. Automatic (`backend=None`): "triton" for CUDA tensors when Triton is installed, "torch" otherwise.
+`record_backends()` counts the choices made inside a block (which path a layer, model or wrapped model took).
 The mixers (`modules.Mamba1`, `modules.Mamba2`) choose *which ops* run, not backends: their constructor
 arguments `fused` (one fused mixer op, `ops.mamba1_inner` / `ops.mamba2_inner`, instead of the ops one by
 one) and `recompute` (checkpoint the whole mixer) are in the model config's `ssm_cfg`.
@@ -29,6 +30,7 @@ import contextlib
 import contextvars
 import importlib.util
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -39,6 +41,7 @@ from .common import context_value
 BACKENDS = ("reference", "torch", "triton")
 
 _DEFAULT: contextvars.ContextVar[str | None] = contextvars.ContextVar("mambakit_default_backend", default=None)
+_RECORD: contextvars.ContextVar[Counter | None] = contextvars.ContextVar("mambakit_record_backends", default=None)
 
 
 @contextlib.contextmanager
@@ -56,6 +59,24 @@ def use_backend(backend: str | None) -> Iterator[None]:
         raise ValueError(f"use_backend: backend must be None or one of {BACKENDS}, got {backend!r}")
     with context_value(_DEFAULT, backend):
         yield
+
+
+@contextlib.contextmanager
+def record_backends() -> Iterator[Counter]:
+    """Count, within the block, the (op, backend) that every op call ran: the path a module took.
+
+    A wrapper that made a mixer leave its fused op (FSDP2, DDP, hooks, an adapter) shows up as the
+    separate ops (`ssd`, `causal_conv1d`, `rms_norm`) in place of `mamba2_inner`. Calls traced by
+    torch.compile are not counted (the choice is made once, while tracing).
+
+    Example:
+        >>> with record_backends() as seen:
+        ...     model(input_ids).sum().backward()
+        >>> seen      # Counter({('add_rms_norm', 'torch'): 3, ('mamba2_inner', 'triton'): 2})
+    """
+    seen: Counter = Counter()
+    with context_value(_RECORD, seen):
+        yield seen
 
 
 # whether `import triton` can succeed, checked once at import without importing it (torch.compile cannot trace
@@ -348,4 +369,8 @@ def implementation(op: str, backend: str | None, device: torch.device, *, comple
     if needs_grad and not impl.grad:
         name = impl.grad_fallback
         impl = row[name]
+    if not torch.compiler.is_compiling():  # Dynamo cannot trace a ContextVar; compiled calls are not counted
+        seen = _RECORD.get()
+        if seen is not None:
+            seen[(op, name)] += 1
     return name, impl.load()
