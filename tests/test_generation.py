@@ -88,9 +88,9 @@ def test_bf16_mamba2_states_track_float32_states():
 
 
 def test_state_dtype_is_checked():
-    with pytest.raises(ValueError, match="Mamba1.allocate_state: ssm_dtype must be float32 or float64"):
+    with pytest.raises(ValueError, match="Mamba1.allocate_state: state_dtype must be float32 or float64"):
         allocate_cache(_model(LAYERS[0].values[0]), 2, state_dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="Mamba2.allocate_state: ssm_dtype must be float32, float64, bfloat16"):
+    with pytest.raises(ValueError, match="Mamba2.allocate_state: state_dtype must be float32, float64, bfloat16"):
         allocate_cache(_model(LAYERS[1].values[0]), 2, state_dtype=torch.int8)
 
 

@@ -129,7 +129,7 @@ def prefill_packed(model: nn.Module, ids_BL: torch.Tensor, lengths: list[int], c
             sub = cache.index_select(rows)
             logits[rows] = _run_chunks(model, ids_BL[rows, seqlen - n:], sub, chunk_size)
             cache.index_copy_(rows, sub)
-    cache.seqlen_offset = offset + seqlen
+        cache.advance(seqlen)  # the model calls above advanced the copies, not this cache
     return cache, logits
 
 

@@ -11,7 +11,7 @@ from .norm import RMSNorm, RMSNormGated
 from .quantized import Int8Linear, quantize_weights
 from .registry import ATTENTION, MIXERS
 from .s4d import S4D
-from .state import MixerState
+from .state import InferenceCache, MixerState
 
-__all__ = ["Mamba1", "Mamba2", "GatedMLP", "RMSNorm", "RMSNormGated", "Block", "MixerState", "Mamba1Ungated", "S4D",
+__all__ = ["Mamba1", "Mamba2", "GatedMLP", "RMSNorm", "RMSNormGated", "Block", "MixerState", "InferenceCache", "Mamba1Ungated", "S4D",
            "MHA", "KVState", "MIXERS", "ATTENTION", "Mamba1Ablation", "Int8Linear", "quantize_weights"]
