@@ -5,7 +5,7 @@ Shapes (legend): B batch, L seqlen, M d_model, V padded vocab.
     input_ids (B, L) -> embedding (B, L, M) -> n_layer x Block -> norm_f -> lm_head -> logits (B, L, V)
 
 Module names follow mamba_ssm's `MambaLMHeadModel` (backbone.embedding, backbone.layers.i.{norm, mixer,
-norm2, mlp}, backbone.norm_f, lm_head), so a reference state dict loads without renaming. Passing an
+norm2, mlp}, backbone.norm_f, lm_head), so a mamba_ssm state dict loads without renaming. Passing an
 inference cache makes every call continue from the cache's state and advance it: prefill k tokens,
 then one token at a time (the recurrent step path, constant cost per token), and the logits equal
 those of one parallel forward over the whole sequence.
@@ -18,10 +18,11 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..modules import ATTENTION, MIXERS, Block, GatedMLP, RMSNorm
+from ..modules import Block, GatedMLP, RMSNorm
 from ..modules.block import add_and_norm
 from ..modules.state import InferenceCache
 from .config import MambaConfig
+from .mixers import ATTENTION, MIXERS
 
 
 def _init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.02) -> None:
@@ -80,7 +81,7 @@ class Backbone(nn.Module):
 class MambaLM(nn.Module):
     """Mamba language model.   forward(input_ids (B, L), cache=None, seq_idx=None) -> logits (B, L, V).
 
-    V is `config.padded_vocab_size` (the vocab rounded up to pad_vocab_size_multiple, as the reference).
+    V is `config.padded_vocab_size` (the vocab rounded up to pad_vocab_size_multiple, as mamba_ssm does).
 
     Example:
         >>> from mambakit import MambaConfig, MambaLM
