@@ -164,8 +164,8 @@ def _selective_scan_reference():
 
 
 def _selective_scan_torch():
-    from .selective_scan.chunked import selective_scan_chunked
-    return selective_scan_chunked
+    from .selective_scan.torch_scan import selective_scan_torch
+    return selective_scan_torch
 
 
 def _selective_scan_triton():
@@ -179,7 +179,7 @@ def _selective_state_update_reference():
 
 
 def _selective_state_update_torch():
-    from .selective_scan.step import selective_state_update_torch
+    from .selective_scan.torch_step import selective_state_update_torch
     return selective_state_update_torch
 
 
@@ -194,8 +194,8 @@ def _ssd_reference():
 
 
 def _ssd_torch():
-    from .ssd.chunked import ssd_chunked
-    return ssd_chunked
+    from .ssd.torch_ssd import ssd_torch
+    return ssd_torch
 
 
 def _ssd_triton():
@@ -209,7 +209,7 @@ def _ssd_state_update_reference():
 
 
 def _ssd_state_update_torch():
-    from .ssd.step import ssd_state_update_torch
+    from .ssd.torch_step import ssd_state_update_torch
     return ssd_state_update_torch
 
 
@@ -224,7 +224,7 @@ def _causal_conv1d_reference():
 
 
 def _causal_conv1d_torch():
-    from .causal_conv1d.conv import causal_conv1d_torch
+    from .causal_conv1d.torch_conv import causal_conv1d_torch
     return causal_conv1d_torch
 
 
@@ -239,7 +239,7 @@ def _causal_conv1d_update_reference():
 
 
 def _causal_conv1d_update_torch():
-    from .causal_conv1d.conv import causal_conv1d_update_torch
+    from .causal_conv1d.torch_conv import causal_conv1d_update_torch
     return causal_conv1d_update_torch
 
 
@@ -254,7 +254,7 @@ def _rms_norm_reference():
 
 
 def _rms_norm_torch():
-    from .rms_norm.norm import rms_norm_torch
+    from .rms_norm.torch_norm import rms_norm_torch
     return rms_norm_torch
 
 
@@ -264,7 +264,7 @@ def _rms_norm_triton():
 
 
 def _add_rms_norm_torch():
-    from .rms_norm.norm import add_rms_norm_torch
+    from .rms_norm.torch_norm import add_rms_norm_torch
     return add_rms_norm_torch
 
 

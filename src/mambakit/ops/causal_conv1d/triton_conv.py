@@ -523,7 +523,7 @@ def causal_conv1d_triton(
         >>> y = causal_conv1d_triton(torch.randn(2, 1024, 512, device="cuda"), torch.randn(512, 4, device="cuda"))
     """
     if x.numel() == 0:
-        from .conv import causal_conv1d_torch  # nothing to launch: the torch path handles empty tensors
+        from .torch_conv import causal_conv1d_torch  # nothing to launch: the torch path handles empty tensors
 
         return causal_conv1d_torch(x, weight, bias, activation, initial_state, return_final_state, seq_idx)
     y, final = _causal_conv1d_op(x, weight, bias, initial_state, seq_idx, activation in ("silu", "swish"),

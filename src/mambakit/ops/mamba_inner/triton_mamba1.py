@@ -49,7 +49,7 @@ def _mamba1_inner_fwd_impl(xz: torch.Tensor, conv_weight: torch.Tensor, conv_bia
     dt_low, B, C = _split_x_dbl(x_dbl, dt_rank, dstate)
     dt = F.linear(dt_low, dt_proj_weight)  # (B, L, D)
     y, _, hck = scan_fwd(x=xc, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_proj_bias, dt_softplus=True,
-                         initial_state=None, seq_idx=seq_idx, save_final=False, save_chunks=save,
+                         initial_state=None, seq_idx=seq_idx, save_final=False, save_checkpoints=save,
                          config=ScanConfig.from_ints(config))
     if not save:
         return y, xz.new_empty(0), xz.new_empty(0, dtype=torch.float32)
@@ -66,7 +66,7 @@ def _(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A
     y = xz.new_empty(batch, seqlen, dim)
     if not save:
         return y, xz.new_empty(0), xz.new_empty(0, dtype=torch.float32)
-    nchunks = cdiv(seqlen, ScanConfig.from_ints(config).chunk)
+    nchunks = cdiv(seqlen, ScanConfig.from_ints(config).checkpoint_interval)
     acc = compute_dtype(xz.dtype)
     return (y, xz.new_empty(batch, seqlen, x_proj_weight.shape[0]),
             xz.new_empty(batch, nchunks, dim, dstate, dtype=acc))
