@@ -11,7 +11,7 @@ from torch import nn
 import mambakit
 from mambakit import MambaConfig, MambaLM
 from mambakit.checkpoints import huggingface
-from mambakit.generation import CUDAGraphDecoder, allocate_cache, decode_one_token, prefill
+from mambakit.generation import CUDAGraphDecoder, allocate_cache, decode_one_token, generate, prefill
 from mambakit.modules import InferenceCache, Mamba1, Mamba2
 
 SRC = Path(mambakit.__file__).parent
@@ -76,7 +76,7 @@ def test_each_path_advances_the_cache_exactly_once_per_token(ssm_cfg, monkeypatc
     cache = model.allocate_cache(batch_size=2)
     model(torch.randint(0, 37, (2, 5)), cache=cache)
     assert cache.seqlen_offset == 5
-    cache, _ = prefill(model, [[1, 2, 3], [4, 5]], chunk_size=2)  # ragged, 2 model calls
+    cache, _ = prefill(model, [[1, 2, 3], [4, 5]], tokens_per_call=2)  # ragged, 2 model calls
     assert cache.seqlen_offset == 3
     cache, logits = prefill(model, [[6], [7, 8, 9, 10]], cache)  # ragged continuation: copies, then one advance
     assert cache.seqlen_offset == 7
@@ -86,7 +86,7 @@ def test_each_path_advances_the_cache_exactly_once_per_token(ssm_cfg, monkeypatc
     prefill(model, [[1, 2], [3, 4]], cache=decoder.cache.reset())
     decoder(torch.tensor([1, 2]))
     assert decoder.cache.seqlen_offset == 3
-    # forward 5; prefill chunks 2 + 1; continuation: the copies of the 1-token and the 4-token rows, then the
+    # forward 5; prefill calls of 2 + 1 tokens; continuation: the copies of the 1-token and the 4-token rows, then the
     # cache itself by the longest row; decode 1; the decoder's prefill 2 and its step 1
     assert calls == [5, 2, 1, 1, 4, 4, 1, 2, 1]
 
@@ -177,3 +177,16 @@ def test_config_stores_one_spelling_of_the_mixer_name(spelling, canonical):
     assert MambaConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match=r"ssm_cfg\['layer'\] must be one of .*got 'Mamba3'"):
         MambaConfig(d_model=32, n_layer=1, vocab_size=16, ssm_cfg={"layer": "Mamba3"})
+
+
+def test_prefill_and_generate_take_the_former_chunk_size_names_with_a_warning():
+    model = _model({"layer": "Mamba1", "d_state": 8})
+    want_cache, want = prefill(model, [[1, 2, 3, 4, 5]], tokens_per_call=2)
+    with pytest.warns(DeprecationWarning, match="'chunk_size' is renamed 'tokens_per_call'"):
+        cache, got = prefill(model, [[1, 2, 3, 4, 5]], chunk_size=2)
+    assert torch.equal(got, want) and cache.seqlen_offset == want_cache.seqlen_offset == 5
+    with pytest.warns(DeprecationWarning, match="'prefill_chunk_size' is renamed 'prefill_tokens_per_call'"):
+        old = generate(model, [[1, 2, 3]], 4, prefill_chunk_size=2)
+    assert old == generate(model, [[1, 2, 3]], 4, prefill_tokens_per_call=2)
+    with pytest.raises(ValueError, match="got both tokens_per_call=3"):
+        prefill(model, [[1, 2]], tokens_per_call=3, chunk_size=2)
