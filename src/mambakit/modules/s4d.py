@@ -13,7 +13,7 @@ Shapes (legend): B batch, L seqlen, M d_model, D d_inner = expand * d_model, N d
 This is the same discretisation as `ops.selective_scan` with Δ, B and C held fixed over time, so the
 layer is a long convolution: y = K * x + D x with K[d, l] = s Re sum_n C[d, n] dt B[d, n] exp(dt A[d, n])^l.
 The forward computes K (D, N, L powers) and convolves by FFT in O(L log L); a cache adds the initial
-state's contribution and returns the final state in closed form (decoding and chunked prefill). With
+state's contribution and returns the final state in closed form (decoding, and prefill over several calls). With
 `seq_idx` (packed documents) the state must restart inside a row, which a convolution cannot express,
 so that path runs `ops.selective_scan` with per-channel B, C (ngroups = D) on the PyTorch backend.
 

@@ -2,7 +2,8 @@
 
 Backends:
     "reference"  sequential recurrence in float64: the ground truth (slow, exact)
-    "torch"      vectorised / chunked PyTorch: CPU and GPU, autograd by torch or a hand-written backward
+    "torch"      vectorised PyTorch (by checkpoint intervals, or by SSD chunks): CPU and GPU, autograd by torch
+                 or a hand-written backward
     "triton"     fused Triton kernels: CUDA tensors (or any tensors under TRITON_INTERPRET=1, for tests)
 
 `BACKEND_TABLE` maps op -> backend -> `Implementation` (where the function lives and its declared limits:
