@@ -4,7 +4,8 @@ Each public function validates its inputs, then runs on the backend chosen by `d
 "reference" (sequential float64), "torch" (vectorised PyTorch) or "triton" (fused GPU kernels).
 
 Naming, the same in every family folder:
-    __init__.py          the public function(s): checks, then `dispatch.implementation(...)`
+    __init__.py          the public function(s): checks, then `dispatch.implementation(...)` (mamba_inner's
+                         two fused ops have a file each, mamba1.py and mamba2.py)
     reference.py         the "reference" backend: float64 ground truth ("reference" means nothing else)
     torch_<x>.py         the "torch" backend; functions `<op>_torch`, autograd classes `_<Op>TorchFunction`
     triton_<x>.py        the "triton" backend: kernels, launchers (`<op>_triton`) and their torch.library ops
