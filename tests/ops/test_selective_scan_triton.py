@@ -239,7 +239,7 @@ def test_scan_rejects_bad_checkpoint_interval_and_complex_A():
 
 
 @pytest.mark.slow
-def test_time_chunked_forward_writes_the_sequential_checkpoints():
+def test_time_segmented_forward_writes_the_sequential_checkpoints():
     """The backward reads the forward's checkpoints unchanged, so the time-parallel forward must write
     the same (B, K, D, N) checkpoints, y and final state as the sequential one (float64: equal up to
     rounding; a misplaced or stale checkpoint would differ at O(1)). seq_idx with a document starting
@@ -261,7 +261,7 @@ def test_time_chunked_forward_writes_the_sequential_checkpoints():
             assert_close(got, want, name=f"{name} nc={nc}", rel=1e-12)
 
 
-def test_default_time_chunks_from_shape():
+def test_default_time_segments_from_shape():
     """Split only where the launch lacks warps (H100 numbers: 132 SMs when not on CUDA)."""
     cpu = torch.device("cpu")
     assert default_time_segments(2, 2048, 4096, 16, device=cpu) == 8  # 512 -> 4096 one-warp programs
@@ -273,7 +273,7 @@ def test_default_time_chunks_from_shape():
     assert default_time_segments(2, 2048, 4096, 16, config=ScanConfig(time_segments=16), device=cpu) == 16
 
 
-def test_default_bwd_time_chunks_from_shape():
+def test_default_bwd_time_segments_from_shape():
     """The backward splits until its one-warp programs reach BWD_MIN_WARPS_PER_SM per SM (8 channels each)."""
     cpu = torch.device("cpu")
     assert default_bwd_time_segments(2, 2048, 4096, 16, device=cpu) == 4  # 1024 -> 4096 programs
@@ -435,7 +435,7 @@ def _chunked(fn, inp, seqlen, piece):
 
 
 @pytest.mark.gpu
-def test_gpu_one_million_tokens_forward_matches_chunked_runs():
+def test_gpu_one_million_tokens_forward_matches_runs_in_pieces():
     """1M tokens, batch 1, dim 1536. The sequential forward (time_segments=1) in one launch (64-bit
     offsets) equals the same kernel run in 128K-token pieces with the state carried: bit for bit up to
     float32 state storage. The default time-parallel forward (64 segments) matches it within one bf16
