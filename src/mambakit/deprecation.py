@@ -25,7 +25,8 @@ def renamed_argument(where: str, old: str, new: str, old_value: Any, new_value: 
     if old_value is unset:
         return new_value
     if new_value is not unset and new_value != old_value:
-        raise ValueError(f"{where}: got both {new}={new_value!r} and its former name {old}={old_value!r}; pass {new} only")
+        raise ValueError(f"{where}: got both {new}={new_value!r} and its former name {old}={old_value!r}; "
+                         f"pass {new} only")
     warnings.warn(f"{where}: the argument {old!r} is renamed {new!r}; the old name will be removed",
                   DeprecationWarning, stacklevel=stacklevel)
     return old_value

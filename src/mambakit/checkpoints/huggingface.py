@@ -4,9 +4,9 @@
     model.safetensors        or model.safetensors.index.json + shards (pytorch_model.bin read too)
     generation_config.json   token ids, and `suppress_tokens` for padded vocabulary rows
 
-Names differ from the native formats (mambakit, mamba_ssm) only in the embedding (`backbone.embeddings.weight`; transformers
-itself still accepts the older `backbone.embedding.weight`, and so does this reader). The tensors have
-the same layouts, so no tensor is transformed.
+Names differ from the native formats (mambakit, mamba_ssm) only in the embedding
+(`backbone.embeddings.weight`; transformers itself still accepts the older `backbone.embedding.weight`, and
+so does this reader). The tensors have the same layouts, so no tensor is transformed.
 
 Numerics that decide the config translation (transformers 5.17 `modeling_mamba*.py`, the PyTorch path):
 - every RMSNorm uses `layer_norm_epsilon` (mamba_ssm: 1e-5 everywhere);

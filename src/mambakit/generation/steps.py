@@ -166,7 +166,8 @@ def prefill(model: nn.Module, prompts, cache: InferenceCache | None = None, *, t
         ...     cache, logits = prefill(model, piece, cache)
     """
     ids_BL, lengths = pack_prompts(prompts, model.config.padded_vocab_size, model_device(model))
-    return prefill_packed(model, ids_BL, lengths, cache, resolve_tokens_per_call("prefill", tokens_per_call, chunk_size))
+    tokens_per_call = resolve_tokens_per_call("prefill", tokens_per_call, chunk_size)
+    return prefill_packed(model, ids_BL, lengths, cache, tokens_per_call)
 
 
 @torch.inference_mode()

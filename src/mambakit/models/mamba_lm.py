@@ -144,7 +144,8 @@ class MambaLM(nn.Module):
         """
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"allocate_cache: batch_size must be a positive int, got {batch_size!r}")
-        return InferenceCache([block.mixer.allocate_state(batch_size, dtype=dtype, device=device, state_dtype=state_dtype)
+        return InferenceCache([block.mixer.allocate_state(batch_size, dtype=dtype, device=device,
+                                                          state_dtype=state_dtype)
                                for block in self.backbone.layers])
 
     # ---- conveniences whose implementations live in the layers above (generation/, checkpoints/) ----

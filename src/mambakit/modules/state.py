@@ -124,4 +124,5 @@ class InferenceCache:
         return self
 
     def __repr__(self) -> str:
-        return f"InferenceCache(layers={len(self.layers)}, batch_size={self.batch_size}, seqlen_offset={self._seqlen_offset})"
+        return (f"InferenceCache(layers={len(self.layers)}, batch_size={self.batch_size}, "
+                f"seqlen_offset={self._seqlen_offset})")

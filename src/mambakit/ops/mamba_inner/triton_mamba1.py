@@ -2,8 +2,8 @@
 
 Shapes (legend): B batch, L seqlen, D d_inner, W d_conv, R dt_rank, N d_state, K = R + 2N, c = L / 128.
 
-Saved for the backward: xz (B, L, 2D), x_dbl (B, L, K), the scan's checkpoints, one state per checkpoint interval (B, c, D, N) float32
-and the parameters. Not saved (made again in the backward): xc = silu(conv(x)) (one conv launch) and
+Saved for the backward: xz (B, L, 2D), x_dbl (B, L, K), the scan's checkpoints (one state per checkpoint
+interval, (B, c, D, N) float32) and the parameters. Not saved (made again in the backward): xc = silu(conv(x)) (one conv launch) and
 dt = dt_low @ dt_proj_weight^T (a rank-R matmul). Layers composed of the separate ops keep xc, dt, the
 fp32 B / C copies and a contiguous x for the conv as well: about 2D more values per token.
 

@@ -12,12 +12,13 @@ How it runs (the "torch" backend, CPU and GPU):
     (b, g, n, e) with the channel axis innermost, is one contiguous slice: the per-step update is a
     single fused `addcmul_` over a contiguous block, and the reductions over channels / states are
     batched matrix products with contiguous rows.
-  * Checkpoint intervals of `checkpoint_interval` steps. Per interval the decays a (t, b, g, n, e) and inputs u come from two
-    broadcast products (plus one exp2), the recurrence runs step by step inside the interval, and y is
-    one bmm. Interval tensors stay a few MB (cache-sized) and are reused from interval to interval.
+  * Checkpoint intervals of `checkpoint_interval` steps. Per interval the decays a (t, b, g, n, e) and
+    inputs u come from two broadcast products (plus one exp2), the recurrence runs step by step inside
+    the interval, and y is one bmm. Interval tensors stay a few MB (cache-sized) and are reused from
+    interval to interval.
   * Backward by recomputation. The forward keeps only the state entering each interval, (c, b, g, n, e):
-    1 / checkpoint_interval of the (b, l, d, n) tensor that autograd over the loop would keep. The backward walks
-    the intervals in reverse, recomputes a and h of one interval from its entry state, runs the adjoint
+    1 / checkpoint_interval of the (b, l, d, n) tensor that autograd over the loop would keep. The backward
+    walks the intervals in reverse, recomputes a and h of one interval from its entry state, runs the adjoint
     recurrence  gh_t = C_t gy_t + a_{t+1} gh_{t+1}  and reduces every gradient interval by interval.
   * Numerics: everything in float32 (float64 for float64 inputs) whatever the input dtype.
   * Complex A (S4D-style, y = 2 Re <C, h>) takes `_complex_scan`: the same recurrence by checkpoint intervals,
