@@ -14,7 +14,7 @@ The "saved" column sums the bytes autograd keeps for the backward (torch.autogra
 
     python benchmarks/cpu_selective_scan.py
     python benchmarks/cpu_selective_scan.py --repeats 11 --threads 1 --clock cpu
-    python benchmarks/cpu_selective_scan.py --batch 4 --seqlen 2048 --chunk-len 16 --no-mambapy
+    python benchmarks/cpu_selective_scan.py --batch 4 --seqlen 2048 --checkpoint-interval 16 --no-mambapy
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 
 from cpu_timing import forward_backward, forward_only, saved_bytes, time_interleaved
 
-from mambakit.ops.selective_scan.chunked import default_chunk_len, selective_scan_chunked
+from mambakit.ops.selective_scan.torch_scan import default_checkpoint_interval, selective_scan_torch
 
 
 def make_inputs(b: int, l: int, d: int, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -50,17 +50,17 @@ def make_inputs(b: int, l: int, d: int, n: int, seed: int = 0) -> dict[str, torc
     )
 
 
-def mambakit_plain(inp, chunk_len):
+def mambakit_plain(inp, interval):
     """The math mambapy computes: dt used as is, no gate."""
     dt = torch.nn.functional.softplus(inp["dt"].detach()).requires_grad_(inp["dt"].requires_grad)
-    return lambda: selective_scan_chunked(inp["x"], dt, inp["A"], inp["B"][:, :, None], inp["C"][:, :, None],
-                                          inp["D"], chunk_len=chunk_len)
+    return lambda: selective_scan_torch(inp["x"], dt, inp["A"], inp["B"][:, :, None], inp["C"][:, :, None],
+                                          inp["D"], checkpoint_interval=interval)
 
 
-def mambakit_full(inp, chunk_len):
-    return lambda: selective_scan_chunked(inp["x"], inp["dt"], inp["A"], inp["B"][:, :, None], inp["C"][:, :, None],
+def mambakit_full(inp, interval):
+    return lambda: selective_scan_torch(inp["x"], inp["dt"], inp["A"], inp["B"][:, :, None], inp["C"][:, :, None],
                                           inp["D"], z=inp["z"], dt_bias=inp["dt_bias"], dt_softplus=True,
-                                          chunk_len=chunk_len)
+                                          checkpoint_interval=interval)
 
 
 def mambapy_plain(inp):
@@ -88,7 +88,9 @@ def main() -> None:
     ap.add_argument("--prefill-seqlen", type=int, default=512)
     ap.add_argument("--prefill-dim", type=int, default=1536)
     ap.add_argument("--prefill-layers", type=int, default=24, help="layers of the model the prefill row scales to")
-    ap.add_argument("--chunk-len", type=int, default=None, help="default: default_chunk_len(batch, dim, dstate)")
+    ap.add_argument("--checkpoint-interval", "--chunk-len", dest="checkpoint_interval", type=int, default=None,
+                    help="steps between saved states (--chunk-len: its former name); default: "
+                         "default_checkpoint_interval(batch, dim, dstate)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -106,7 +108,7 @@ def main() -> None:
     for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias"):
         train[k].requires_grad_(True)
     grad_out = torch.randn(b, l, d)
-    ck = args.chunk_len or default_chunk_len(b, d, n)
+    ck = args.checkpoint_interval or default_checkpoint_interval(b, d, n)
     variants: dict[str, Callable[[], None]] = {}
     saved: dict[str, int] = {}
     variants["mambakit fwd"] = forward_only(mambakit_plain(train, ck))
@@ -123,7 +125,7 @@ def main() -> None:
 
     pb, pl, pd = args.prefill_batch, args.prefill_seqlen, args.prefill_dim
     prefill = make_inputs(pb, pl, pd, n, seed=1)
-    pck = args.chunk_len or default_chunk_len(pb, pd, n)
+    pck = args.checkpoint_interval or default_checkpoint_interval(pb, pd, n)
     pre_variants = {"mambakit fwd": forward_only(mambakit_full(prefill, pck))}
     if use_mambapy:
         pre_variants["mambapy pscan fwd"] = forward_only(mambapy_plain(prefill))
@@ -149,8 +151,8 @@ def main() -> None:
     def train_peer(k: str) -> str | None:
         return "mambapy pscan fwd+bwd" if "fwd+bwd" in k else "mambapy pscan fwd"
 
-    rows(f"train b{b} l{l} d{d} n{n} (chunk {ck})", train_times, train_peer)
-    rows(f"prefill b{pb} l{pl} d{pd} n{n} (chunk {pck})", prefill_times, lambda k: "mambapy pscan fwd")
+    rows(f"train b{b} l{l} d{d} n{n} (interval {ck})", train_times, train_peer)
+    rows(f"prefill b{pb} l{pl} d{pd} n{n} (interval {pck})", prefill_times, lambda k: "mambapy pscan fwd")
     per_layer = statistics.median(prefill_times["mambakit fwd"])
     print(f"\nprefill, {args.prefill_layers} layers of the scan alone (z, dt_bias, softplus): "
           f"{per_layer * args.prefill_layers * 1e3:.0f} ms for {pl} tokens")

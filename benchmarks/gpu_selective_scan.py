@@ -9,12 +9,12 @@ forward+backward (fresh gradients from torch.autograd.grad, nothing to zero), th
 torch.cuda.max_memory_allocated, achieved GB/s of useful forward bytes (x, dt, z, B, C in; y out),
 and the exp / byte floors. The PyTorch path is timed at 2048 only. --sweep also times alternative
 tilings so the defaults can be set from measurements; --sweep-time only the time-parallel forward's
-segment counts (ScanConfig(time_chunks=...); "nc" in the main table is the default for the shape).
+segment counts (ScanConfig(time_segments=...); "nc" in the main table is the default for the shape).
 
     python benchmarks/gpu_selective_scan.py                 # full table (about 2-4 minutes)
     python benchmarks/gpu_selective_scan.py --quick         # seqlen 2048 only
     python benchmarks/gpu_selective_scan.py --sweep         # plus alternative tilings
-    python benchmarks/gpu_selective_scan.py --sweep-time    # plus time_chunks 1..32 (some x NL=8)
+    python benchmarks/gpu_selective_scan.py --sweep-time    # plus time_segments 1..32 (some x NL=8)
     python benchmarks/gpu_selective_scan.py --sweep-bwd     # plus the backward's dB / dC atomic variants
     python benchmarks/gpu_selective_scan.py --sweep-time --batch 1 --dim 1536 --seqlens 65536 262144
     python benchmarks/gpu_selective_scan.py --host          # plus host time per call and CUDA-graph forward
@@ -32,7 +32,7 @@ from triton.testing import do_bench
 
 from mambakit.ops import selective_scan
 from mambakit.ops.selective_scan.reference import selective_scan_reference
-from mambakit.ops.selective_scan.triton_scan import ScanConfig, default_time_chunks, selective_scan_triton
+from mambakit.ops.selective_scan.triton_scan import ScanConfig, default_time_segments, selective_scan_triton
 
 # mamba_ssm's CUDA kernel on the same H100 (ANCHORS.md): fwd ms, fwd+bwd ms, fwd+bwd peak GB
 ANCHOR = {2048: (0.312, 1.70, 0.71), 8192: (1.415, 6.81, 2.04), 32768: (5.69, 27.0, 7.24)}
@@ -238,10 +238,10 @@ def host_report(args) -> None:
         rows = [
             ("selective_scan (public op: validation + dispatch + launches)",
              lambda: selective_scan(**tiny, dt_softplus=True)),
-            ("selective_scan_triton, time_chunks=1 (1 launch)",
-             lambda: selective_scan_triton(**tiny, dt_softplus=True, config=ScanConfig(time_chunks=1))),
-            ("selective_scan_triton, time_chunks=2 (3 launches)",
-             lambda: selective_scan_triton(**tiny, dt_softplus=True, config=ScanConfig(time_chunks=2, chunk=128))),
+            ("selective_scan_triton, time_segments=1 (1 launch)",
+             lambda: selective_scan_triton(**tiny, dt_softplus=True, config=ScanConfig(time_segments=1))),
+            ("selective_scan_triton, time_segments=2 (3 launches)",
+             lambda: selective_scan_triton(**tiny, dt_softplus=True, config=ScanConfig(time_segments=2, checkpoint_interval=128))),
         ]
         for name, fn in rows:
             print(f"| {name} | {host_us_per_call(fn):.1f} |", flush=True)
@@ -272,8 +272,8 @@ SWEEP = [
     ("fwd NL=4", ScanConfig(fwd_nl=4)),
     ("fwd NL=8", ScanConfig(fwd_nl=8)),
     ("fwd NL=16", ScanConfig(fwd_nl=16)),
-    ("bwd 8ch U=4 chunk=64", ScanConfig(bwd_channels=8, chunk=64)),
-    ("bwd 8ch U=4 chunk=256", ScanConfig(bwd_channels=8, chunk=256)),
+    ("bwd 8ch U=4 chunk=64", ScanConfig(bwd_channels=8, checkpoint_interval=64)),
+    ("bwd 8ch U=4 chunk=256", ScanConfig(bwd_channels=8, checkpoint_interval=256)),
     ("bwd 8ch U=2", ScanConfig(bwd_channels=8, block_u=2)),
     ("bwd 16ch U=2", ScanConfig(bwd_channels=16, block_u=2)),
     ("bwd 16ch U=4", ScanConfig(bwd_channels=16, block_u=4)),
@@ -283,28 +283,28 @@ SWEEP = [
 # backward: dB / dC atomics (channels summed by shuffles first, replicas), micro-block U, register cap (more
 # warps per SM) and time segments run in parallel (bwd nc: adjoint-only pass + combine + full pass per segment)
 SWEEP_BWD = [
-    ("bwd U=4 (1 segment)", ScanConfig(bwd_reduce_channels=4, bwd_time_chunks=1, block_u=4)),
-    ("bwd nc=4 U=2 carry split 1", ScanConfig(bwd_time_chunks=4, bwd_reduce_channels=4, block_u=2, bwd_carry_split=1)),
-    ("bwd nc=4 U=2 carry split 2", ScanConfig(bwd_time_chunks=4, bwd_reduce_channels=4, block_u=2, bwd_carry_split=2)),
-    ("bwd nc=4 U=2 carry split 4", ScanConfig(bwd_time_chunks=4, bwd_reduce_channels=4, block_u=2, bwd_carry_split=4)),
-    ("bwd nc=8 U=2 carry split 1", ScanConfig(bwd_time_chunks=8, bwd_reduce_channels=4, block_u=2, bwd_carry_split=1)),
-    ("bwd nc=8 U=2 carry split 2", ScanConfig(bwd_time_chunks=8, bwd_reduce_channels=4, block_u=2, bwd_carry_split=2)),
-    ("bwd nc=4 U=2 maxnreg 128 split 2", ScanConfig(bwd_time_chunks=4, bwd_reduce_channels=4, block_u=2,
+    ("bwd U=4 (1 segment)", ScanConfig(bwd_reduce_channels=4, bwd_time_segments=1, block_u=4)),
+    ("bwd nc=4 U=2 carry split 1", ScanConfig(bwd_time_segments=4, bwd_reduce_channels=4, block_u=2, bwd_carry_split=1)),
+    ("bwd nc=4 U=2 carry split 2", ScanConfig(bwd_time_segments=4, bwd_reduce_channels=4, block_u=2, bwd_carry_split=2)),
+    ("bwd nc=4 U=2 carry split 4", ScanConfig(bwd_time_segments=4, bwd_reduce_channels=4, block_u=2, bwd_carry_split=4)),
+    ("bwd nc=8 U=2 carry split 1", ScanConfig(bwd_time_segments=8, bwd_reduce_channels=4, block_u=2, bwd_carry_split=1)),
+    ("bwd nc=8 U=2 carry split 2", ScanConfig(bwd_time_segments=8, bwd_reduce_channels=4, block_u=2, bwd_carry_split=2)),
+    ("bwd nc=4 U=2 maxnreg 128 split 2", ScanConfig(bwd_time_segments=4, bwd_reduce_channels=4, block_u=2,
                                                     bwd_maxnreg=128, bwd_carry_split=2)),
 ]
 
 # time-parallel forward: segments scanned in parallel (pass 1 state-only + pass 2 combine + pass 3 full);
-# nc=1 is the sequential forward. The default (main table, "nc" column) is default_time_chunks(shape).
+# nc=1 is the sequential forward. The default (main table, "nc" column) is default_time_segments(shape).
 SWEEP_TIME = [
-    ("fwd nc=1 (sequential)", ScanConfig(time_chunks=1)),
-    ("fwd nc=2", ScanConfig(time_chunks=2)),
-    ("fwd nc=4", ScanConfig(time_chunks=4)),
-    ("fwd nc=8", ScanConfig(time_chunks=8)),
-    ("fwd nc=16", ScanConfig(time_chunks=16)),
-    ("fwd nc=32", ScanConfig(time_chunks=32)),
-    ("fwd nc=4 NL=8", ScanConfig(time_chunks=4, fwd_nl=8)),
-    ("fwd nc=8 NL=8", ScanConfig(time_chunks=8, fwd_nl=8)),
-    ("fwd nc=16 NL=8", ScanConfig(time_chunks=16, fwd_nl=8)),
+    ("fwd nc=1 (sequential)", ScanConfig(time_segments=1)),
+    ("fwd nc=2", ScanConfig(time_segments=2)),
+    ("fwd nc=4", ScanConfig(time_segments=4)),
+    ("fwd nc=8", ScanConfig(time_segments=8)),
+    ("fwd nc=16", ScanConfig(time_segments=16)),
+    ("fwd nc=32", ScanConfig(time_segments=32)),
+    ("fwd nc=4 NL=8", ScanConfig(time_segments=4, fwd_nl=8)),
+    ("fwd nc=8 NL=8", ScanConfig(time_segments=8, fwd_nl=8)),
+    ("fwd nc=16 NL=8", ScanConfig(time_segments=16, fwd_nl=8)),
 ]
 
 
@@ -315,8 +315,8 @@ def main() -> int:
     parser.add_argument("--dim", type=int, default=4096)
     parser.add_argument("--dstate", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="seqlen 2048 only")
-    parser.add_argument("--sweep", action="store_true", help="also time alternative tilings (incl. time_chunks)")
-    parser.add_argument("--sweep-time", action="store_true", help="also time the time_chunks choices only")
+    parser.add_argument("--sweep", action="store_true", help="also time alternative tilings (incl. time_segments)")
+    parser.add_argument("--sweep-time", action="store_true", help="also time the time_segments choices only")
     parser.add_argument("--sweep-bwd", action="store_true", help="also time the backward's dB / dC atomic choices")
     parser.add_argument("--profile", action="store_true",
                         help="also list each kernel's GPU time per fwd+bwd (default config and --sweep-bwd rows)")
@@ -359,7 +359,7 @@ def main() -> int:
           "| mamba_ssm fwd / fwd+bwd ms / GB | speed-up fwd / fwd+bwd | PyTorch path fwd / fwd+bwd ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for seqlen, t_fwd, t_fb, peak, torch_t in results:
-        nc = default_time_chunks(args.batch, seqlen, args.dim, args.dstate, device=DEVICE)
+        nc = default_time_segments(args.batch, seqlen, args.dim, args.dstate, device=DEVICE)
         useful, byte_ms, exp_ms = floors(args.batch, seqlen, args.dim, args.dstate)
         a = ANCHOR.get(seqlen) if (args.batch, args.dim, args.dstate) == (2, 4096, 16) else None
         anchor = f"{a[0]} / {a[1]} / {a[2]}" if a else "-"
@@ -389,13 +389,13 @@ def main() -> int:
         sweep = ((SWEEP if args.sweep else []) + (SWEEP_TIME if args.sweep or args.sweep_time else [])
                  + (SWEEP_BWD if args.sweep or args.sweep_bwd else []))
         print("\n## tiling sweep (median ms; defaults are chosen by ScanConfig() = first table; rows without nc use "
-              "the default time_chunks)\n")
+              "the default time_segments)\n")
         print("| seqlen | config | fwd ms | fwd+bwd ms | peak GB | y vs sequential (rel. max) |")
         print("|---|---|---|---|---|---|")
         for seqlen in seqlens:
             inp = make_inputs(args.batch, seqlen, args.dim, args.dstate)
             with torch.no_grad():
-                y_seq = selective_scan_triton(**inp, dt_softplus=True, config=ScanConfig(time_chunks=1)).float()
+                y_seq = selective_scan_triton(**inp, dt_softplus=True, config=ScanConfig(time_segments=1)).float()
             for name, cfg in sweep:
                 with torch.no_grad():  # bf16 y: one bf16 ulp (~4e-3 of the largest values) is expected
                     dev = rel_err(selective_scan_triton(**inp, dt_softplus=True, config=cfg), y_seq)

@@ -60,7 +60,7 @@ USER_ERRORS = [
                  id="unsupported-data"),
     pytest.param(["train", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/run"],
                  "mambakit train: error: {tmp}/bad.jsonl:2: no \"text\" field", id="jsonl-missing-text"),
-    pytest.param(["train", "--d-model", "30"], "mambakit train: error: mamba2 needs expand * d_model (60) divisible by headdim",
+    pytest.param(["train", "--d-model", "30"], "mambakit train: error: Mamba2 needs expand * d_model (60) divisible by headdim",
                  id="inconsistent-shape"),
     pytest.param(["train", "--device", "quantum"], "mambakit train: error: unknown device 'quantum'", id="bad-device"),
     pytest.param(["train", "--resume", "--out", "{tmp}/nothing"], "mambakit train: error: no checkpoint in",

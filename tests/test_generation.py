@@ -88,9 +88,9 @@ def test_bf16_mamba2_states_track_float32_states():
 
 
 def test_state_dtype_is_checked():
-    with pytest.raises(ValueError, match="Mamba1.allocate_state: ssm_dtype must be float32 or float64"):
+    with pytest.raises(ValueError, match="Mamba1.allocate_state: state_dtype must be float32 or float64"):
         allocate_cache(_model(LAYERS[0].values[0]), 2, state_dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="Mamba2.allocate_state: ssm_dtype must be float32, float64, bfloat16"):
+    with pytest.raises(ValueError, match="Mamba2.allocate_state: state_dtype must be float32, float64, bfloat16"):
         allocate_cache(_model(LAYERS[1].values[0]), 2, state_dtype=torch.int8)
 
 
@@ -111,18 +111,18 @@ def test_greedy_equals_argmax_of_parallel_forward(ssm_cfg):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ssm_cfg", LAYERS)
-def test_chunked_prefill_equals_one_shot(ssm_cfg):
+def test_prefill_in_several_calls_equals_one_shot(ssm_cfg):
     """Chunks inside one call, and a long input streamed through several calls, give one-shot's logits and states."""
     model = _model(ssm_cfg)
     ids = torch.randint(0, VOCAB, (2, 50))
-    one_cache, one_logits = prefill(model, ids, chunk_size=None)
+    one_cache, one_logits = prefill(model, ids, tokens_per_call=None)
     with torch.no_grad():
         assert_close(one_logits, model(ids)[:, -1].float(), name="one-shot prefill vs forward", rel=1e-5)
-    chunked_cache, chunked_logits = prefill(model, ids, chunk_size=7)
+    chunked_cache, chunked_logits = prefill(model, ids, tokens_per_call=7)
     streamed, logits = None, None
     for piece in torch.split(ids, 13, dim=1):
-        streamed, logits = prefill(model, piece, streamed, chunk_size=5)
-    for name, cache, got in (("chunk 7", chunked_cache, chunked_logits), ("streamed", streamed, logits)):
+        streamed, logits = prefill(model, piece, streamed, tokens_per_call=5)
+    for name, cache, got in (("7 tokens per call", chunked_cache, chunked_logits), ("streamed", streamed, logits)):
         assert cache.seqlen_offset == 50
         assert_close(got, one_logits, name=f"logits, {name}", rel=1e-5)
         for i, (a, b) in enumerate(zip(_states(cache), _states(one_cache))):
@@ -131,16 +131,16 @@ def test_chunked_prefill_equals_one_shot(ssm_cfg):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ssm_cfg", LAYERS)
-@pytest.mark.parametrize("chunk_size", [pytest.param(None, id="one-call"), pytest.param(3, id="chunk3")])
-def test_ragged_prefill_gives_each_row_its_own_state(ssm_cfg, chunk_size):
+@pytest.mark.parametrize("tokens_per_call", [pytest.param(None, id="one-call"), pytest.param(3, id="3-per-call")])
+def test_ragged_prefill_gives_each_row_its_own_state(ssm_cfg, tokens_per_call):
     """Left padding + seq_idx: each row's logits and states equal those of the row alone. Chunk 3 cuts the
-    batch so that rows start mid-chunk, exactly at a chunk boundary (pads 3 and 6), and in the last chunk."""
+    batch so that rows start mid-call, exactly at a call boundary (pads 3 and 6), and in the last call."""
     model = _model(ssm_cfg)
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8], [9, 10, 11], [12, 13, 14, 15], [16, 17]]  # pads 0, 6, 4, 3, 5
-    cache, logits = prefill(model, prompts, chunk_size=chunk_size)
+    cache, logits = prefill(model, prompts, tokens_per_call=tokens_per_call)
     assert cache.seqlen_offset == 7
     for i, p in enumerate(prompts):
-        _assert_row_matches(cache, logits, i, *prefill(model, [p], chunk_size=None))
+        _assert_row_matches(cache, logits, i, *prefill(model, [p], tokens_per_call=None))
 
 
 @pytest.mark.slow
@@ -362,12 +362,12 @@ def test_ragged_and_chunked_prefill_on_gpu(ssm_cfg):
     """The Triton kernels' seq_idx + initial-state path: ragged rows equal each row alone, chunks equal one shot."""
     model = _model(ssm_cfg, device="cuda")
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8], [9, 10, 11], [12, 13, 14, 15]]
-    cache, logits = prefill(model, prompts, chunk_size=3)
+    cache, logits = prefill(model, prompts, tokens_per_call=3)
     for i, p in enumerate(prompts):
-        _assert_row_matches(cache, logits, i, *prefill(model, [p], chunk_size=None), rel=1e-3)
+        _assert_row_matches(cache, logits, i, *prefill(model, [p], tokens_per_call=None), rel=1e-3)
     ids = torch.randint(0, VOCAB, (2, 300), device="cuda")
-    one, one_logits = prefill(model, ids, chunk_size=None)
-    chunked, chunked_logits = prefill(model, ids, chunk_size=64)
+    one, one_logits = prefill(model, ids, tokens_per_call=None)
+    chunked, chunked_logits = prefill(model, ids, tokens_per_call=64)
     assert_close(chunked_logits, one_logits, name="chunked logits", rel=1e-3)
     for j, (a, b) in enumerate(zip(_states(chunked), _states(one))):
         assert_close(a, b, name=f"chunked state {j}", rel=1e-3)
@@ -387,7 +387,7 @@ def test_ragged_and_chunked_prefill_on_gpu(ssm_cfg):
     pytest.param(dict(stop_strings=["\n"]), "needs decode=", id="stop-without-decode"),
     pytest.param(dict(stop_strings=[""], decode=_decode_text), "non-empty strings", id="empty-stop"),
     pytest.param(dict(cuda_graph="yes"), "cuda_graph must be", id="cuda_graph"),
-    pytest.param(dict(prefill_chunk_size=0), "chunk_size must be", id="chunk"),
+    pytest.param(dict(prefill_tokens_per_call=0), "prefill_tokens_per_call must be", id="tokens-per-call"),
 ])
 def test_generate_rejects_bad_arguments(kwargs, message):
     model = _model({"layer": "Mamba1", "d_state": 8})

@@ -246,8 +246,8 @@ def test_ragged_prefill_and_continuation_equal_each_row_alone(name):
     model = _model(name)
     rows = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
     more = [[14, 15], [16, 17, 18, 19], [20]]
-    cache, logits = prefill(model, rows, chunk_size=3)
-    _, more_logits = prefill(model, more, cache, chunk_size=2)
+    cache, logits = prefill(model, rows, tokens_per_call=3)
+    _, more_logits = prefill(model, more, cache, tokens_per_call=2)
     for i in range(3):
         with torch.no_grad():
             alone = model(torch.tensor([rows[i]]))[0, -1].float()

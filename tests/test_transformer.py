@@ -51,7 +51,7 @@ def test_ragged_batch_generates_what_each_prompt_generates_alone(name):
     generates per row exactly the tokens of that prompt alone (positions count from each row's first token)."""
     model = _model(name)
     prompts = [[5, 9, 2, 7, 7, 1, 30], [4], [11, 12, 13]]
-    together = generate(model, prompts, 8, prefill_chunk_size=2)
+    together = generate(model, prompts, 8, prefill_tokens_per_call=2)
     alone = [generate(model, [p], 8)[0] for p in prompts]
     assert together == alone
 

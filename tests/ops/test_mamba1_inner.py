@@ -22,7 +22,7 @@ from tests.conftest import DEVICE
 from tests.helpers import assert_close, low_precision_tolerance, run_with_grads, saved_bytes
 
 GRADS = ["xz", "conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight", "dt_proj_bias", "A", "D"]
-SMALL_CHUNK = ScanConfig(chunk=8, block_u=2)
+SMALL_CHUNK = ScanConfig(checkpoint_interval=8, block_u=2)
 
 
 def make_inputs(b=2, L=21, d=8, w=4, r=2, n=4, dtype=torch.float32, conv_bias=True, D=True, seq=False,

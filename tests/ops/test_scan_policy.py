@@ -22,7 +22,7 @@ def test_policy_imports_without_triton():
     """The policy module (and ops/common.py under it) import with Triton absent."""
     code = ("import importlib, sys; sys.modules['triton'] = None; "  # a None entry makes `import triton` fail
             "p = importlib.import_module('mambakit.ops.selective_scan.scan_policy'); "
-            "print(p.default_time_chunks(2, 2048, 4096, 16, device='cpu'))")
+            "print(p.default_time_segments(2, 2048, 4096, 16, device='cpu'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "8"
@@ -49,25 +49,41 @@ def test_bwd_block_u_from_warps():
     assert bwd_block_u(enough, ScanConfig(block_u=4), CPU) == 4
 
 
-@pytest.mark.parametrize("seqlen, chunk, nc, want", [
+@pytest.mark.parametrize("seqlen, interval, nc, want", [
     pytest.param(13, 4, 2, (8, 2), id="ragged"),
     pytest.param(13, 4, 4, (4, 4), id="one-interval-each"),
     pytest.param(13, 4, 64, (4, 4), id="capped-by-intervals"),
     pytest.param(2048, 128, 1, (2048, 1), id="sequential"),
 ])
-def test_segments_hold_whole_checkpoint_intervals(seqlen, chunk, nc, want):
-    seg_len, nseg = segments(seqlen, chunk, nc)
+def test_segments_hold_whole_checkpoint_intervals(seqlen, interval, nc, want):
+    seg_len, nseg = segments(seqlen, interval, nc)
     assert (seg_len, nseg) == want
-    assert seg_len % chunk == 0 and (nseg - 1) * seg_len < seqlen <= nseg * seg_len
+    assert seg_len % interval == 0 and (nseg - 1) * seg_len < seqlen <= nseg * seg_len
 
 
 @pytest.mark.parametrize("batch, seqlen, seg_len, nseg, cfg, want", [
     # forward 8 segments, backward 4: two carry segments per backward segment
     pytest.param(2, 2048, 512, 4, ScanConfig(), 2, id="as-many-as-the-forward"),
-    pytest.param(2, 13, 8, 2, ScanConfig(chunk=4, bwd_carry_split=3), 2, id="override-rounded-to-a-divisor"),
-    pytest.param(2, 13, 8, 2, ScanConfig(chunk=4, bwd_carry_split=100), 8, id="override-capped-at-seg-len"),
+    pytest.param(2, 13, 8, 2, ScanConfig(checkpoint_interval=4, bwd_carry_split=3), 2, id="override-rounded-to-a-divisor"),
+    pytest.param(2, 13, 8, 2, ScanConfig(checkpoint_interval=4, bwd_carry_split=100), 8, id="override-capped-at-seg-len"),
 ])
 def test_carry_split_tiles_each_backward_segment(batch, seqlen, seg_len, nseg, cfg, want):
     k = carry_split(batch, seqlen, 4096, 16, 1, seg_len, nseg, cfg, CPU)
     assert k == want
     assert seg_len % k == 0
+
+
+@pytest.mark.parametrize("old, new", [
+    pytest.param("chunk", "checkpoint_interval", id="checkpoint-interval"),
+    pytest.param("time_chunks", "time_segments", id="time-segments"),
+    pytest.param("bwd_time_chunks", "bwd_time_segments", id="bwd-time-segments"),
+])
+def test_scan_config_takes_its_former_names_with_a_warning(old, new):
+    with pytest.warns(DeprecationWarning, match=f"'{old}' is renamed '{new}'"):
+        cfg = ScanConfig(**{old: 8}, block_u=2)
+    assert cfg == ScanConfig(**{new: 8}, block_u=2)
+    assert ScanConfig.from_ints(cfg.as_ints()) == cfg  # the custom op's int round trip keeps the new fields
+    with pytest.raises(ValueError, match=f"got both {new}=4"):
+        ScanConfig(**{old: 8, new: 4})
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        ScanConfig(chunk_len=8)

@@ -1,10 +1,10 @@
-"""Selective scan (Mamba-1 S6), "torch" backend: chunked scan and decode step against the reference.
+"""Selective scan (Mamba-1 S6), "torch" backend: the scan by checkpoint intervals and the decode step against the reference.
 
 Shapes (legend): b batch, l seqlen, d dim, g ngroups, n dstate.
 
 Every case compares y, the final state and the gradients of every input (initial_state included)
 with random upstream gradients on y and on the final state, in float64 unless stated otherwise.
-Small chunk lengths are passed explicitly so that short sequences still span several chunks.
+Small checkpoint intervals are passed explicitly so that short sequences still span several intervals.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mambakit.ops import selective_scan, selective_state_update
-from mambakit.ops.selective_scan.chunked import default_chunk_len, selective_scan_chunked
+from mambakit.ops.selective_scan.torch_scan import default_checkpoint_interval, selective_scan_torch
 from mambakit.ops.selective_scan.reference import selective_scan_reference
 from tests.helpers import assert_close, low_precision_tolerance, run_with_grads, saved_bytes
 
@@ -79,15 +79,15 @@ CASES = [
     pytest.param(dict(b=2, l=37, d=8, n=4, g=2, extras=True, initial_state=True), dict(dt_softplus=True), 8,
                  id="seqlen37"),
     pytest.param(dict(b=2, l=50, d=8, n=4, extras=True, initial_state=True), dict(dt_softplus=True), 16,
-                 id="3-chunks-ragged-tail"),
+                 id="3-intervals-ragged-tail"),
     pytest.param(dict(b=2, l=9, d=4, n=3, extras=True, initial_state=True), dict(dt_softplus=True), 1,
-                 id="chunk-len-1"),
+                 id="interval-1"),
     pytest.param(dict(b=2, l=40, d=8, n=4, extras=True, initial_state=True), dict(dt_softplus=True), None,
-                 id="default-chunk-len"),
+                 id="default-interval"),
     pytest.param(dict(b=2, l=32, d=8, n=4, extras=True, initial_state=True), {}, 8, id="extras-no-softplus"),
     pytest.param(
-        # row 0: a boundary exactly at the chunk boundary (t=8) and length-1 documents;
-        # row 1: a length-1 document first, one crossing the chunk boundary, a length-1 last one
+        # row 0: a boundary exactly at the interval boundary (t=8) and length-1 documents;
+        # row 1: a length-1 document first, one crossing the interval boundary, a length-1 last one
         dict(b=2, l=20, d=8, n=4, g=2, extras=True, initial_state=True,
              seq_idx=packed_seq_idx([[3, 5, 1, 1, 10], [1, 12, 6, 1]])),
         dict(dt_softplus=True), 8, id="seq_idx-packed-initial-state"),
@@ -99,15 +99,15 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape, flags, chunk_len", CASES)
-def test_chunked_matches_reference(shape, flags, chunk_len):
+@pytest.mark.parametrize("shape, flags, interval", CASES)
+def test_torch_path_matches_reference(shape, flags, interval):
     inp = make_inputs(**shape)
     upstream = upstream_for(inp)
     names = grad_names(inp)
     ref_out, ref_grads = run_with_grads(
         lambda **kw: selective_scan_reference(**kw, **flags, return_final_state=True), inp, upstream, names)
     out, grads = run_with_grads(
-        lambda **kw: selective_scan_chunked(**kw, **flags, return_final_state=True, chunk_len=chunk_len),
+        lambda **kw: selective_scan_torch(**kw, **flags, return_final_state=True, checkpoint_interval=interval),
         inp, upstream, names)
     for got, want, name in zip(out, ref_out, ("y", "final_state")):
         assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
@@ -115,11 +115,21 @@ def test_chunked_matches_reference(shape, flags, chunk_len):
     for name in names:
         assert grads[name].dtype == inp[name].dtype
         assert_close(grads[name], ref_grads[name], name=f"grad {name}", rel=RTOL_F64)
-    # the no-grad path (no chunk-entry states kept) gives the same outputs
+    # the no-grad path (no interval-entry states kept) gives the same outputs
     with torch.no_grad():
-        y, h = selective_scan_chunked(**inp, **flags, return_final_state=True, chunk_len=chunk_len)
+        y, h = selective_scan_torch(**inp, **flags, return_final_state=True, checkpoint_interval=interval)
     assert_close(y, ref_out[0], name="y (no grad)", rel=RTOL_F64)
     assert_close(h, ref_out[1], name="final_state (no grad)", rel=RTOL_F64)
+
+
+def test_torch_path_takes_chunk_len_as_the_former_name_of_checkpoint_interval():
+    inp = make_inputs(b=1, l=9, d=4, n=4)
+    want = selective_scan_torch(**inp, checkpoint_interval=4)
+    with pytest.warns(DeprecationWarning, match="'chunk_len' is renamed 'checkpoint_interval'"):
+        got = selective_scan_torch(**inp, chunk_len=4)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="checkpoint_interval must be >= 1, got 0"):
+        selective_scan_torch(**inp, checkpoint_interval=0)
 
 
 @pytest.mark.parametrize("names", [
@@ -132,7 +142,7 @@ def test_partial_requires_grad(names):
     upstream = upstream_for(inp)
     flags = dict(dt_softplus=True, return_final_state=True)
     _, ref_grads = run_with_grads(lambda **kw: selective_scan_reference(**kw, **flags), inp, upstream, names)
-    _, grads = run_with_grads(lambda **kw: selective_scan_chunked(**kw, **flags, chunk_len=8), inp, upstream, names)
+    _, grads = run_with_grads(lambda **kw: selective_scan_torch(**kw, **flags, checkpoint_interval=8), inp, upstream, names)
     for name in names:
         assert_close(grads[name], ref_grads[name], name=f"grad {name}", rel=RTOL_F64)
 
@@ -147,7 +157,7 @@ def test_only_y_or_only_final_state_used():
             return lambda **kw: fn(**kw, **flags)[which]
         up = [upstream_for(inp)[which]]
         ref_out, ref_grads = run_with_grads(loss_of(selective_scan_reference), inp, up, names)
-        out, grads = run_with_grads(loss_of(lambda **kw: selective_scan_chunked(**kw, chunk_len=8)), inp, up, names)
+        out, grads = run_with_grads(loss_of(lambda **kw: selective_scan_torch(**kw, checkpoint_interval=8)), inp, up, names)
         assert_close(out[0], ref_out[0], name=f"output {which}", rel=RTOL_F64)
         for name in names:
             assert_close(grads[name], ref_grads[name], name=f"grad {name} (output {which})", rel=RTOL_F64)
@@ -165,7 +175,7 @@ def test_public_op_default_backend_is_torch_on_cpu():
 
 
 def test_float32_within_1e4_of_reference():
-    """float32 inputs, several chunks: errors stay under 1e-4 of the float64 reference's scale (DESIGN.md)."""
+    """float32 inputs, several intervals: errors stay under 1e-4 of the float64 reference's scale (DESIGN.md)."""
     inp = make_inputs(2, 70, 8, 4, g=2, dtype=torch.float32, extras=True, initial_state=True,
                       seq_idx=packed_seq_idx([[30, 1, 39], [70]]))
     inp64 = {k: (v.double() if v.is_floating_point() else v) for k, v in inp.items()}
@@ -173,7 +183,7 @@ def test_float32_within_1e4_of_reference():
     names = grad_names(inp)
     flags = dict(dt_softplus=True, return_final_state=True)
     ref_out, ref_grads = run_with_grads(lambda **kw: selective_scan_reference(**kw, **flags), inp64, upstream, names)
-    out, grads = run_with_grads(lambda **kw: selective_scan_chunked(**kw, **flags, chunk_len=16), inp, upstream, names)
+    out, grads = run_with_grads(lambda **kw: selective_scan_torch(**kw, **flags, checkpoint_interval=16), inp, upstream, names)
     for got, want, name in zip(out, ref_out, ("y", "final_state")):
         assert got.dtype == torch.float32
         assert_close(got, want, name=name, rel=1e-4)
@@ -208,7 +218,7 @@ def test_bf16_inputs_within_twice_pytorch_bf16_error():
                                             names)
     lowp_out, lowp_grads = run_with_grads(lambda **kw: selective_scan_reference(**kw, **flags), inp16, upstream,
                                           names)
-    out, grads = run_with_grads(lambda **kw: selective_scan_chunked(**kw, **flags, chunk_len=16), inp16, upstream,
+    out, grads = run_with_grads(lambda **kw: selective_scan_torch(**kw, **flags, checkpoint_interval=16), inp16, upstream,
                                 names)
     assert out[0].dtype == torch.bfloat16 and out[1].dtype == torch.float32
     for got, base, want, name in zip(out, lowp_out, truth_out, ("y", "final_state")):
@@ -264,17 +274,17 @@ def test_step_updates_state_in_place_and_matches_reference_step(contiguous):
 
 
 def test_saved_tensors_far_smaller_than_full_state_history():
-    """Memory: what autograd keeps is O(b l d + b l d n / chunk_len), not the (b, l, d, n) history."""
+    """Memory: what autograd keeps is O(b l d + b l d n / checkpoint_interval), not the (b, l, d, n) history."""
     b, l, d, n = 2, 512, 64, 64
     inp = make_inputs(b, l, d, n, dtype=torch.float32, extras=True, initial_state=True)
     leaves = {k: v.requires_grad_() for k, v in inp.items()}
-    (y, h), saved = saved_bytes(lambda: selective_scan_chunked(**leaves, dt_softplus=True, return_final_state=True))
+    (y, h), saved = saved_bytes(lambda: selective_scan_torch(**leaves, dt_softplus=True, return_final_state=True))
     full_history = b * l * d * n * 4
-    chunk_len = default_chunk_len(b, d, n)
-    # (l, b, d)-sized tensors (x, dt', dt raw, y_pre, z) + B, C + chunk-entry states
-    expected_bound = 6 * b * l * d * 4 + 2 * b * l * n * 4 + (l // chunk_len) * b * d * n * 4 + 4 * d * n * 4
+    interval = default_checkpoint_interval(b, d, n)
+    # (l, b, d)-sized tensors (x, dt', dt raw, y_pre, z) + B, C + interval-entry states
+    expected_bound = 6 * b * l * d * 4 + 2 * b * l * n * 4 + (l // interval) * b * d * n * 4 + 4 * d * n * 4
     assert 0 < saved <= expected_bound, (saved, expected_bound)
-    # at dstate 64 the (l, b, d)-sized inputs cost 5 / 64 of the history, the chunk states 1 / chunk_len
+    # at dstate 64 the (l, b, d)-sized inputs cost 5 / 64 of the history, the interval-entry states 1 / checkpoint_interval
     assert saved < full_history / 4, (saved, full_history)
     (y.float().square().sum() + h.sum()).backward()
     assert all(torch.isfinite(v.grad).all() for v in leaves.values())

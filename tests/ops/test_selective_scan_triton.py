@@ -18,7 +18,7 @@ import torch
 from mambakit.ops import selective_scan, selective_state_update
 from mambakit.ops.dispatch import triton_interpret
 from mambakit.ops.selective_scan.reference import selective_scan_reference
-from mambakit.ops.selective_scan.triton_scan import (ScanConfig, default_bwd_time_chunks, default_time_chunks, scan_fwd,
+from mambakit.ops.selective_scan.triton_scan import (ScanConfig, default_bwd_time_segments, default_time_segments, scan_fwd,
                                                     selective_scan_triton)
 from mambakit.ops.selective_scan.triton_step import selective_state_update_triton
 from tests.conftest import DEVICE
@@ -96,7 +96,7 @@ def named(result, names):
     return {"y": y, "final_state": h, **{f"d{k}": grads[k] for k in names}}
 
 
-SMALL = ScanConfig(chunk=4, block_u=2)  # several chunks and micro-blocks even at seqlen 12
+SMALL = ScanConfig(checkpoint_interval=4, block_u=2)  # several chunks and micro-blocks even at seqlen 12
 
 CASES = [
     pytest.param(dict(full=False, h0=False), False, SMALL, id="plain"),
@@ -106,50 +106,50 @@ CASES = [
     pytest.param(dict(), False, SMALL, id="no-softplus"),
     pytest.param(dict(g=2), True, SMALL, id="ngroups2"),
     pytest.param(dict(L=1), True, SMALL, id="seqlen1"),
-    pytest.param(dict(L=19), True, ScanConfig(chunk=8, block_u=4), id="ragged-several-chunks"),
+    pytest.param(dict(L=19), True, ScanConfig(checkpoint_interval=8, block_u=4), id="ragged-several-intervals"),
     pytest.param(dict(L=14, seq=True), True, SMALL, id="seq_idx-packed-docs-h0"),
     pytest.param(dict(n=1), True, SMALL, id="dstate1"),
     pytest.param(dict(n=5), True, SMALL, id="dstate5-padded"),
-    pytest.param(dict(n=8), True, ScanConfig(fwd_nl=2, bwd_nl=2, chunk=4, block_u=2), id="states-over-lanes"),
-    pytest.param(dict(n=8), True, ScanConfig(bwd_channels=4, chunk=4, block_u=2), id="bwd-4-channels"),
+    pytest.param(dict(n=8), True, ScanConfig(fwd_nl=2, bwd_nl=2, checkpoint_interval=4, block_u=2), id="states-over-lanes"),
+    pytest.param(dict(n=8), True, ScanConfig(bwd_channels=4, checkpoint_interval=4, block_u=2), id="bwd-4-channels"),
     # dB / dC atomics from every channel lane (no shuffles) into 3 replicas (lane groups share them
     # modulo 3), from pairs / quads of lanes, with ngroups 2 (4-channel programs) and packed documents
-    pytest.param(dict(), True, ScanConfig(chunk=4, block_u=2, bwd_reduce_channels=1, bwd_replicas=3),
+    pytest.param(dict(), True, ScanConfig(checkpoint_interval=4, block_u=2, bwd_reduce_channels=1, bwd_replicas=3),
                  id="bwd-atomics-per-lane-3-replicas"),
-    pytest.param(dict(g=2), True, ScanConfig(chunk=4, block_u=2, bwd_reduce_channels=2), id="bwd-atomics-pairs-ngroups2"),
-    pytest.param(dict(L=14, seq=True), True, ScanConfig(chunk=4, block_u=2, bwd_reduce_channels=4, bwd_replicas=1),
+    pytest.param(dict(g=2), True, ScanConfig(checkpoint_interval=4, block_u=2, bwd_reduce_channels=2), id="bwd-atomics-pairs-ngroups2"),
+    pytest.param(dict(L=14, seq=True), True, ScanConfig(checkpoint_interval=4, block_u=2, bwd_reduce_channels=4, bwd_replicas=1),
                  id="bwd-atomics-quads-1-replica-seq_idx"),
     # time-parallel backward (pass 1 adjoint alone per segment, pass 2 combine, pass 3 full backward per
     # segment from its true carry): 3 segments of one chunk, the final-state gradient seeding the last one
     # and d(initial state) from the first; documents starting at segment starts (4, 8) and inside (6, 13),
     # with a time-parallel forward too; ngroups 2 without softplus; ragged 3-step last segment, no D / z
-    pytest.param(dict(), True, ScanConfig(chunk=4, block_u=2, bwd_time_chunks=3), id="bwd-time-chunks3-h0"),
+    pytest.param(dict(), True, ScanConfig(checkpoint_interval=4, block_u=2, bwd_time_segments=3), id="bwd-time-segments3-h0"),
     pytest.param(dict(L=14, seq=((4, 6), (8, 12, 13))), True,
-                 ScanConfig(chunk=4, block_u=2, bwd_time_chunks=4, time_chunks=2, bwd_reduce_channels=2),
-                 id="bwd-time-chunks-per-chunk-seq_idx"),
-    pytest.param(dict(g=2), False, ScanConfig(chunk=4, block_u=4, bwd_time_chunks=2), id="bwd-time-chunks-ngroups2"),
-    pytest.param(dict(L=19, full=False, h0=False), True, ScanConfig(chunk=8, block_u=2, bwd_time_chunks=8),
-                 id="bwd-time-chunks-ragged"),
+                 ScanConfig(checkpoint_interval=4, block_u=2, bwd_time_segments=4, time_segments=2, bwd_reduce_channels=2),
+                 id="bwd-time-segments-per-chunk-seq_idx"),
+    pytest.param(dict(g=2), False, ScanConfig(checkpoint_interval=4, block_u=4, bwd_time_segments=2), id="bwd-time-segments-ngroups2"),
+    pytest.param(dict(L=19, full=False, h0=False), True, ScanConfig(checkpoint_interval=8, block_u=2, bwd_time_segments=8),
+                 id="bwd-time-segments-ragged"),
     # carry segments finer than the backward's: 2 per segment of 8 (ragged seqlen 19: 5 carry segments for 3
     # backward ones), 3 per segment of 12 with documents inside carry segments and at their starts
-    pytest.param(dict(L=19), True, ScanConfig(chunk=8, block_u=4, bwd_time_chunks=3, bwd_carry_split=2),
+    pytest.param(dict(L=19), True, ScanConfig(checkpoint_interval=8, block_u=4, bwd_time_segments=3, bwd_carry_split=2),
                  id="bwd-carry-split2-ragged-h0"),
     pytest.param(dict(L=23, seq=((3, 4, 12), (8, 17))), True,
-                 ScanConfig(chunk=12, block_u=2, bwd_time_chunks=2, bwd_carry_split=3),
+                 ScanConfig(checkpoint_interval=12, block_u=2, bwd_time_segments=2, bwd_carry_split=3),
                  id="bwd-carry-split3-seq_idx"),
     # time-parallel forward (pass 1 state-only, pass 2 combine, pass 3 full) under the unchanged backward:
     # 3 checkpoint chunks in 2 segments of 8 steps (the last ragged, 4 steps), initial state included
-    pytest.param(dict(), True, ScanConfig(chunk=4, block_u=2, time_chunks=2), id="time-chunks2"),
+    pytest.param(dict(), True, ScanConfig(checkpoint_interval=4, block_u=2, time_segments=2), id="time-segments2"),
     # one segment per checkpoint chunk (nc == seqlen / chunk), ragged 2-step last segment; documents start
     # exactly at segment starts 4, 8, 12 and inside segments (6, 13): carried-in state must be dropped
-    pytest.param(dict(L=14, seq=((4, 6), (8, 12, 13))), True, ScanConfig(chunk=4, block_u=2, time_chunks=4),
-                 id="time-chunks-per-chunk-seq_idx-h0"),
+    pytest.param(dict(L=14, seq=((4, 6), (8, 12, 13))), True, ScanConfig(checkpoint_interval=4, block_u=2, time_segments=4),
+                 id="time-segments-per-chunk-seq_idx-h0"),
     # ngroups 2, no softplus (dt' may be negative: the decay sum must not assume dt' >= 0), more segments
     # asked for than there are chunks (3 used)
-    pytest.param(dict(g=2), False, ScanConfig(chunk=4, block_u=2, time_chunks=8), id="time-chunks-ngroups2"),
+    pytest.param(dict(g=2), False, ScanConfig(checkpoint_interval=4, block_u=2, time_segments=8), id="time-segments-ngroups2"),
     # ragged seqlen 19, chunk 8: 2 segments of 16 and 3 steps; no initial state (zero start of segment 0)
-    pytest.param(dict(L=19, full=False, h0=False), True, ScanConfig(chunk=8, block_u=4, time_chunks=2),
-                 id="time-chunks-ragged"),
+    pytest.param(dict(L=19, full=False, h0=False), True, ScanConfig(checkpoint_interval=8, block_u=4, time_segments=2),
+                 id="time-segments-ragged"),
 ]
 
 
@@ -222,14 +222,14 @@ def test_scan_public_api_triton_backend_3d_BC():
     assert_close(y, y_ref, name="y", rel=1e-4)
 
 
-def test_scan_rejects_bad_chunk_and_complex_A():
+def test_scan_rejects_bad_checkpoint_interval_and_complex_A():
     inp, _ = make_inputs(L=4, full=False, h0=False)
-    with pytest.raises(ValueError, match="chunk"):
-        selective_scan_triton(**inp, config=ScanConfig(chunk=6, block_u=4))
-    with pytest.raises(ValueError, match="time_chunks"):
-        selective_scan_triton(**inp, config=ScanConfig(time_chunks=0))
-    with pytest.raises(ValueError, match="bwd_time_chunks"):
-        selective_scan_triton(**inp, config=ScanConfig(bwd_time_chunks=0))
+    with pytest.raises(ValueError, match="checkpoint_interval=6 must be a multiple of 4"):
+        selective_scan_triton(**inp, config=ScanConfig(checkpoint_interval=6, block_u=4))
+    with pytest.raises(ValueError, match="time_segments"):
+        selective_scan_triton(**inp, config=ScanConfig(time_segments=0))
+    with pytest.raises(ValueError, match="bwd_time_segments"):
+        selective_scan_triton(**inp, config=ScanConfig(bwd_time_segments=0))
     with pytest.raises(ValueError, match="bwd_reduce_channels"):
         selective_scan_triton(**inp, config=ScanConfig(bwd_reduce_channels=3))
     with pytest.raises(ValueError, match="bwd_replicas"):
@@ -239,7 +239,7 @@ def test_scan_rejects_bad_chunk_and_complex_A():
 
 
 @pytest.mark.slow
-def test_time_chunked_forward_writes_the_sequential_checkpoints():
+def test_time_segmented_forward_writes_the_sequential_checkpoints():
     """The backward reads the forward's checkpoints unchanged, so the time-parallel forward must write
     the same (B, K, D, N) checkpoints, y and final state as the sequential one (float64: equal up to
     rounding; a misplaced or stale checkpoint would differ at O(1)). seq_idx with a document starting
@@ -250,8 +250,8 @@ def test_time_chunked_forward_writes_the_sequential_checkpoints():
     def fwd(nc):
         return scan_fwd(x=inp["x"], dt=inp["dt"], A=inp["A"], B=inp["B"], C=inp["C"], D=inp["D"], z=inp["z"],
                         dt_bias=inp["dt_bias"], dt_softplus=True, initial_state=inp["initial_state"],
-                        seq_idx=extra["seq_idx"], save_final=True, save_chunks=True,
-                        config=ScanConfig(chunk=4, block_u=2, time_chunks=nc))
+                        seq_idx=extra["seq_idx"], save_final=True, save_checkpoints=True,
+                        config=ScanConfig(checkpoint_interval=4, block_u=2, time_segments=nc))
 
     y1, h1, ck1 = fwd(1)
     for nc in (2, 4):  # segments [0, 8), [8, 13); and [0, 4), [4, 8), [8, 12), [12, 13)
@@ -261,29 +261,29 @@ def test_time_chunked_forward_writes_the_sequential_checkpoints():
             assert_close(got, want, name=f"{name} nc={nc}", rel=1e-12)
 
 
-def test_default_time_chunks_from_shape():
+def test_default_time_segments_from_shape():
     """Split only where the launch lacks warps (H100 numbers: 132 SMs when not on CUDA)."""
     cpu = torch.device("cpu")
-    assert default_time_chunks(2, 2048, 4096, 16, device=cpu) == 8  # 512 -> 4096 one-warp programs
-    assert default_time_chunks(2, 32768, 4096, 16, device=cpu) == 8
-    assert default_time_chunks(2, 1024, 4096, 16, device=cpu) == 4  # segments stay >= 256 steps
-    assert default_time_chunks(2, 256, 4096, 16, device=cpu) == 1  # too short to split
-    assert default_time_chunks(16, 2048, 4096, 16, device=cpu) == 1  # enough rows already
-    assert default_time_chunks(1, 1 << 20, 1536, 16, device=cpu) == 64  # 1M tokens: 16K-step segments
-    assert default_time_chunks(2, 2048, 4096, 16, config=ScanConfig(time_chunks=16), device=cpu) == 16
+    assert default_time_segments(2, 2048, 4096, 16, device=cpu) == 8  # 512 -> 4096 one-warp programs
+    assert default_time_segments(2, 32768, 4096, 16, device=cpu) == 8
+    assert default_time_segments(2, 1024, 4096, 16, device=cpu) == 4  # segments stay >= 256 steps
+    assert default_time_segments(2, 256, 4096, 16, device=cpu) == 1  # too short to split
+    assert default_time_segments(16, 2048, 4096, 16, device=cpu) == 1  # enough rows already
+    assert default_time_segments(1, 1 << 20, 1536, 16, device=cpu) == 64  # 1M tokens: 16K-step segments
+    assert default_time_segments(2, 2048, 4096, 16, config=ScanConfig(time_segments=16), device=cpu) == 16
 
 
-def test_default_bwd_time_chunks_from_shape():
+def test_default_bwd_time_segments_from_shape():
     """The backward splits until its one-warp programs reach BWD_MIN_WARPS_PER_SM per SM (8 channels each)."""
     cpu = torch.device("cpu")
-    assert default_bwd_time_chunks(2, 2048, 4096, 16, device=cpu) == 4  # 1024 -> 4096 programs
-    assert default_bwd_time_chunks(2, 32768, 4096, 16, device=cpu) == 4
-    assert default_bwd_time_chunks(4, 2048, 4096, 16, device=cpu) == 2
-    assert default_bwd_time_chunks(8, 2048, 4096, 16, device=cpu) == 1  # enough rows already
-    assert default_bwd_time_chunks(2, 512, 4096, 16, device=cpu) == 2  # segments stay >= 256 steps
-    assert default_bwd_time_chunks(2, 256, 4096, 16, device=cpu) == 1
-    assert default_bwd_time_chunks(1, 1 << 20, 1536, 16, device=cpu) == 32
-    assert default_bwd_time_chunks(2, 2048, 4096, 16, config=ScanConfig(bwd_time_chunks=3), device=cpu) == 3
+    assert default_bwd_time_segments(2, 2048, 4096, 16, device=cpu) == 4  # 1024 -> 4096 programs
+    assert default_bwd_time_segments(2, 32768, 4096, 16, device=cpu) == 4
+    assert default_bwd_time_segments(4, 2048, 4096, 16, device=cpu) == 2
+    assert default_bwd_time_segments(8, 2048, 4096, 16, device=cpu) == 1  # enough rows already
+    assert default_bwd_time_segments(2, 512, 4096, 16, device=cpu) == 2  # segments stay >= 256 steps
+    assert default_bwd_time_segments(2, 256, 4096, 16, device=cpu) == 1
+    assert default_bwd_time_segments(1, 1 << 20, 1536, 16, device=cpu) == 32
+    assert default_bwd_time_segments(2, 2048, 4096, 16, config=ScanConfig(bwd_time_segments=3), device=cpu) == 3
 
 
 @pytest.mark.slow
@@ -435,15 +435,15 @@ def _chunked(fn, inp, seqlen, piece):
 
 
 @pytest.mark.gpu
-def test_gpu_one_million_tokens_forward_matches_chunked_runs():
-    """1M tokens, batch 1, dim 1536. The sequential forward (time_chunks=1) in one launch (64-bit
+def test_gpu_one_million_tokens_forward_matches_runs_in_pieces():
+    """1M tokens, batch 1, dim 1536. The sequential forward (time_segments=1) in one launch (64-bit
     offsets) equals the same kernel run in 128K-token pieces with the state carried: bit for bit up to
     float32 state storage. The default time-parallel forward (64 segments) matches it within one bf16
     ulp of y's largest values plus a float32-level difference, final state rel 1e-3 (sum-of-dt' decays
     vs the product of per-step exp2.approx). Nothing overflows."""
     seqlen = 1 << 20
     inp = long_inputs(seqlen)
-    seq_cfg = ScanConfig(time_chunks=1)
+    seq_cfg = ScanConfig(time_segments=1)
     with torch.no_grad():
         y, h = selective_scan_triton(**inp, dt_softplus=True, return_final_state=True, config=seq_cfg)
         assert torch.isfinite(y).all() and torch.isfinite(h).all()
@@ -464,7 +464,7 @@ LONG_CASES = [
                  marks=[pytest.mark.gpu, pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")], id="1M-tokens"),
     # the same code path at interpreter size: 4 segments of 16 steps (the last 8), pieces of 24 steps
     # that straddle segment boundaries, z a strided half of xz
-    pytest.param(56, 16, 4, 24, ScanConfig(chunk=8, block_u=4, time_chunks=4), id="tiny"),
+    pytest.param(56, 16, 4, 24, ScanConfig(checkpoint_interval=8, block_u=4, time_segments=4), id="tiny"),
 ]
 
 
@@ -515,7 +515,7 @@ def test_scan_64bit_offsets_match_reference(monkeypatch):
     monkeypatch.setattr(policy, "needs_i64", lambda *a: True)
     inp, extra = make_inputs(L=14, seq=True)
     names = [k for k in GRAD_NAMES_ALL if k in inp]
-    cfg = ScanConfig(chunk=4, block_u=2, time_chunks=2, bwd_time_chunks=2, bwd_carry_split=2)
+    cfg = ScanConfig(checkpoint_interval=4, block_u=2, time_segments=2, bwd_time_segments=2, bwd_carry_split=2)
     got = named(run_triton(inp, extra, True, cfg), names)
     want = named(run_reference(inp, extra, True), names)
     for key in want:

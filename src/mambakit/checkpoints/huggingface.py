@@ -4,9 +4,9 @@
     model.safetensors        or model.safetensors.index.json + shards (pytorch_model.bin read too)
     generation_config.json   token ids, and `suppress_tokens` for padded vocabulary rows
 
-Names differ from the reference format only in the embedding (`backbone.embeddings.weight`; transformers
-itself still accepts the older `backbone.embedding.weight`, and so does this reader). The tensors have
-the same layouts, so no tensor is transformed.
+Names differ from the native formats (mambakit, mamba_ssm) only in the embedding
+(`backbone.embeddings.weight`; transformers itself still accepts the older `backbone.embedding.weight`, and
+so does this reader). The tensors have the same layouts, so no tensor is transformed.
 
 Numerics that decide the config translation (transformers 5.17 `modeling_mamba*.py`, the PyTorch path):
 - every RMSNorm uses `layer_norm_epsilon` (mamba_ssm: 1e-5 everywhere);
@@ -29,10 +29,11 @@ import math
 from pathlib import Path
 
 from ..models import MambaConfig, MambaLM
+from ..models.mixers import mixer_defaults
 from .errors import CheckpointError
 from .io import CONFIG_NAME, GENERATION_CONFIG, read_json, remove_weight_files, write_json, write_safetensors
 from .keymap import KeyMap
-from .reference import check_mixer_args, mixer_args, mixer_defaults
+from .native import check_mixer_args
 
 __all__ = ["KEY_MAP", "MODEL_TYPES", "GENERATION_CONFIG", "is_hf_config", "config_from_hf", "save_hf"]
 
@@ -63,7 +64,7 @@ HF_DEFAULTS = {
 
 
 def is_hf_config(raw: dict) -> bool:
-    """A transformers config.json (it names a model_type or architectures; the reference one does neither)."""
+    """A transformers config.json (it names a model_type or architectures; mamba_ssm's does neither)."""
     return "model_type" in raw or "architectures" in raw
 
 
@@ -180,7 +181,7 @@ def _hf_config(model: MambaLM, eos_id: int | None) -> dict:
     if cfg.layer not in ("Mamba1", "Mamba2"):
         raise CheckpointError(f"this model cannot be written in the Hugging Face format: transformers has no "
                               f"{cfg.layer} mixer (save with format='mambakit')")
-    args = mixer_args(cfg)
+    args = cfg.mixer_args
     problems = []
     stamp: dict = {}
     if cfg.attn_layer_idx:
@@ -192,7 +193,7 @@ def _hf_config(model: MambaLM, eos_id: int | None) -> dict:
     expand = args["expand"]
     if float(expand) != int(expand):
         problems.append(f"a fractional expand={expand} (transformers' expand is an integer)")
-    eps = float(model.backbone.norm_f.eps)
+    eps = float(cfg.norm_epsilon)
     common = dict(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer, vocab_size=cfg.padded_vocab_size,
                   state_size=args["d_state"], expand=int(expand), conv_kernel=args["d_conv"], use_bias=args["bias"],
                   use_conv_bias=args["conv_bias"], hidden_act="silu", residual_in_fp32=cfg.residual_in_fp32,
@@ -204,9 +205,9 @@ def _hf_config(model: MambaLM, eos_id: int | None) -> dict:
                    intermediate_size=int(expand * cfg.d_model), time_step_rank=rank,
                    time_step_scale=args["dt_scale"], time_step_init_scheme=args["dt_init"])
     else:
-        mixer = model.backbone.layers[0].mixer
-        if mixer.d_ssm != mixer.d_inner:
-            problems.append(f"an MLP half inside the mixer (d_ssm={mixer.d_ssm} < d_inner={mixer.d_inner})")
+        sizes = cfg.mixer_sizes  # from the config alone: no built mixer is read
+        if sizes["d_ssm"] != sizes["d_inner"]:
+            problems.append(f"an MLP half inside the mixer (d_ssm={sizes['d_ssm']} < d_inner={sizes['d_inner']})")
         if args["D_has_hdim"]:
             problems.append("D per channel (D_has_hdim=True; transformers has one D per head)")
         if not args["rmsnorm"]:
@@ -214,17 +215,17 @@ def _hf_config(model: MambaLM, eos_id: int | None) -> dict:
         elif args["norm_before_gate"]:
             problems.append("norm_before_gate=True (transformers computes norm(y * silu(z)))")
         else:
-            groups = mixer.d_ssm // (mixer.norm.group_size or mixer.d_ssm)
-            if groups not in (1, mixer.ngroups):
+            groups = sizes["norm_groups"]
+            if groups not in (1, sizes["ngroups"]):
                 problems.append(f"a gated RMSNorm over {groups} groups (transformers normalises the whole width "
-                                f"or each of the n_groups={mixer.ngroups} groups)")
+                                f"or each of the n_groups={sizes['ngroups']} groups)")
             elif groups > 1:
                 stamp = {"transformers_version": GROUPED_NORM_VERSION}  # only >= 5.23 computes it per group
-            if float(mixer.norm.eps) != eps:
-                problems.append(f"a gated-norm eps {mixer.norm.eps} different from the other norms' {eps} "
+            if float(sizes["norm_eps"]) != eps:
+                problems.append(f"a gated-norm eps {sizes['norm_eps']} different from the other norms' {eps} "
                                 "(transformers has one layer_norm_epsilon)")
-        out = dict(architectures=["Mamba2ForCausalLM"], model_type="mamba2", **common, num_heads=mixer.nheads,
-                   head_dim=mixer.headdim, n_groups=mixer.ngroups, chunk_size=args["chunk_size"],
+        out = dict(architectures=["Mamba2ForCausalLM"], model_type="mamba2", **common, num_heads=sizes["nheads"],
+                   head_dim=sizes["headdim"], n_groups=sizes["ngroups"], chunk_size=args["chunk_size"],
                    time_step_limit=[float(x) for x in args["dt_limit"]])
     if problems:
         raise CheckpointError("this model cannot be written in the Hugging Face format (transformers' Mamba and "

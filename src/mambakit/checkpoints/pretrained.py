@@ -6,7 +6,7 @@
 
 Reading tells the formats apart by config.json (a transformers config names its model_type) and accepts
 any of the weight layouts listed in io.py. Checkpoint names go through the format's declarative key map
-(reference.KEY_MAP, huggingface.KEY_MAP), and the weights are checked against the config before any
+(native.KEY_MAP, huggingface.KEY_MAP), and the weights are checked against the config before any
 tensor is read: every missing and unexpected key is listed by its name in the file, every shape
 mismatch names the key and both shapes. A name that is not a local directory is a Hugging Face Hub id,
 resolved through huggingface_hub's cache (hub.py).
@@ -20,7 +20,7 @@ import torch
 
 from ..models import MambaLM, TransformerConfig, build_model
 from ..models.transformer import is_transformer_config
-from . import huggingface, reference
+from . import huggingface, native
 from .errors import CheckpointError
 from .hub import push_to_hub as _hub_push
 from .hub import resolve_checkpoint
@@ -106,10 +106,10 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, revisio
             config = TransformerConfig.from_dict(raw)
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"{directory / CONFIG_NAME}: {err}") from err
-        key_map = reference.KEY_MAP
+        key_map = native.KEY_MAP
     elif "d_model" in raw:
-        config = reference.config_from_dict(raw, str(directory))
-        key_map = reference.KEY_MAP
+        config = native.config_from_dict(raw, str(directory))
+        key_map = native.KEY_MAP
     else:
         raise CheckpointError(f"{directory / CONFIG_NAME}: neither a mamba_ssm/mambakit config (d_model, n_layer, "
                               "ssm_cfg, ...) nor a Hugging Face one (model_type 'mamba' or 'mamba2')")
@@ -180,7 +180,7 @@ def _save_model(model: MambaLM, save_directory, format: str, eos_id: int | None,
         if format == "hf":
             huggingface.save_hf(model, stage, eos_id=eos_id, max_shard_size=max_shard_size)
         else:
-            reference.save_reference(model, stage, format, max_shard_size=max_shard_size)
+            native.save_native(model, stage, format, max_shard_size=max_shard_size)
         if add_files is not None:
             add_files(stage)
     return out

@@ -115,6 +115,16 @@ _RESUMABLE = {"out_dir", "time_budget_s", "device", "progress", "recompute", "on
               "sample_tokens", "sample_temperature", "sample_top_k", "autocast"}
 
 
+def _layer_name(text: str) -> str:
+    """A mixer name in any spelling -> the config's one ("mamba1" -> "Mamba1"); other names pass to `choices`."""
+    from ..models.mixers import canonical_mixer_name  # imported here: the parser itself loads no torch
+
+    try:
+        return canonical_mixer_name(text)
+    except ValueError:
+        return text
+
+
 def build_parser(prog: str = "mambakit train") -> Parser:
     from ..training.config import MODEL_OVERRIDES, TrainConfig
     from ..training.recipes import RECIPES
@@ -136,8 +146,9 @@ def build_parser(prog: str = "mambakit train") -> Parser:
                    help="stop gracefully (evaluate, save) after T: seconds, or 90s / 10m / 1.5h")
     p.add_argument("--d-model", type=_positive_int, metavar="N", help="model width")
     p.add_argument("--n-layer", type=_positive_int, metavar="N", help="number of Mamba blocks")
-    p.add_argument("--layer", choices=("mamba1", "mamba2"), help="mixer: mamba1 (S6 scan) or mamba2 (SSD)")
-    p.add_argument("--arch", dest="layer", choices=("mamba1", "mamba2", "transformer++", "gpt3"),
+    p.add_argument("--layer", type=_layer_name, choices=("Mamba1", "Mamba2"),
+                   help="mixer: Mamba1 (S6 scan) or Mamba2 (SSD); any case (mamba1, mamba-2) is accepted")
+    p.add_argument("--arch", dest="layer", type=_layer_name, choices=("Mamba1", "Mamba2", "transformer++", "gpt3"),
                    help="the model: --layer's mixers, or a Transformer baseline: transformer++ (rotary, SwiGLU, "
                         "RMSNorm, no biases) or gpt3, with heads of the recipe's headdim")
     p.add_argument("--seqlen", type=_positive_int, metavar="N", help="tokens per training window")

@@ -86,5 +86,5 @@ class CUDAGraphDecoder:
             return decode_one_token(self.model, tokens, self.cache)
         self._tokens_B.copy_(tokens)
         self.graph.replay()
-        self.cache.seqlen_offset += 1
+        self.cache.advance(1)  # the replayed step bypasses the model's forward, which would advance it
         return self._logits_BV

@@ -23,7 +23,7 @@ from torch import nn
 from .cache import allocate_cache
 from .cuda_graph import CUDAGraphDecoder
 from .sampling import apply_repetition_penalty, greedy, logits_to_probs, sample, seen_tokens
-from .steps import decode_one_token, model_device, pack_prompts, prefill_packed
+from .steps import _UNSET, decode_one_token, model_device, pack_prompts, prefill_packed, resolve_tokens_per_call
 from .stopping import StopStrings
 
 _SYNC_EVERY = 16  # steps between host checks of "every row has hit EOS" (each check is a device sync)
@@ -124,7 +124,7 @@ def _decoder_for(model: nn.Module, batch: int, cuda_graph: bool | CUDAGraphDecod
 
 def _token_loop(model: nn.Module, ids_BL: torch.Tensor, lengths: list[int], max_new_tokens: int,
                 params: SamplingParams, cuda_graph: bool | CUDAGraphDecoder,
-                prefill_chunk_size: int | None, state_dtype: torch.dtype | None = None,
+                prefill_tokens_per_call: int | None, state_dtype: torch.dtype | None = None,
                 logprobs_out: list[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) int64 on the model's device, max_new_tokens times.
 
@@ -144,7 +144,7 @@ def _token_loop(model: nn.Module, ids_BL: torch.Tensor, lengths: list[int], max_
         cache = decoder.cache.reset()
     else:
         cache = allocate_cache(model, batch, state_dtype=state_dtype)
-    cache, logits_BV = prefill_packed(model, ids_BL, lengths, cache, chunk_size=prefill_chunk_size)
+    cache, logits_BV = prefill_packed(model, ids_BL, lengths, cache, prefill_tokens_per_call)
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device)
@@ -190,9 +190,10 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
              top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
              eos_token_id: int | Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
              decode: Callable[[list[int]], str] | None = None, seed: int | None = None,
-             cuda_graph: bool | CUDAGraphDecoder = False, prefill_chunk_size: int | None = 2048,
+             cuda_graph: bool | CUDAGraphDecoder = False, prefill_tokens_per_call=_UNSET,
              state_dtype: torch.dtype | None = None,
-             return_logprobs: bool = False) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
+             return_logprobs: bool = False,
+             prefill_chunk_size=_UNSET) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
     """Generate up to max_new_tokens new tokens per prompt; returns each row's new tokens (and their log-probs).
 
     Args:
@@ -207,7 +208,8 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
         seed: seeds the sampler's generator, for reproducible sampling.
         cuda_graph: True to replay the decode step from a CUDA graph (CUDA models; eager elsewhere), or a
             `CUDAGraphDecoder` of this model and batch size to reuse one captured earlier.
-        prefill_chunk_size: tokens per row per prefill call (None: whole prompts); bounds prefill memory.
+        prefill_tokens_per_call: tokens per row per prefill call, 2048 by default (None: whole prompts); bounds
+            prefill memory. Its former name `prefill_chunk_size` still works, with a DeprecationWarning.
         state_dtype: the SSM states' dtype in the cache (None: float32); torch.bfloat16 halves the state
             traffic of large-batch Mamba-2 decoding (see `allocate_cache`).
         return_logprobs: also return, for every new token, its log-probability under the model's distribution
@@ -224,6 +226,8 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     """
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, seed)
     stopper = StopStrings(stop_strings, decode) if stop_strings is not None else None
+    tokens_per_call = resolve_tokens_per_call("generate", prefill_tokens_per_call, prefill_chunk_size,
+                                              name="prefill_tokens_per_call", old_name="prefill_chunk_size")
     _check_max_new_tokens(max_new_tokens)
     _check_prompts(prompts)
     device = model_device(model)
@@ -237,7 +241,7 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     stop_step: list[int | None] = [None] * batch
     n_steps = 0
     logprobs_T: list[torch.Tensor] | None = [] if return_logprobs else None
-    loop = _token_loop(model, ids_BL, lengths, max_new_tokens, params, cuda_graph, prefill_chunk_size, state_dtype,
+    loop = _token_loop(model, ids_BL, lengths, max_new_tokens, params, cuda_graph, tokens_per_call, state_dtype,
                        logprobs_T)
     for step, tokens_B in enumerate(loop):
         tokens_BT[:, step] = tokens_B
@@ -269,8 +273,8 @@ def stream(model: nn.Module, prompt, max_new_tokens: int, *, temperature: float 
            top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
            eos_token_id: int | Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
            decode: Callable[[list[int]], str] | None = None, seed: int | None = None,
-           cuda_graph: bool | CUDAGraphDecoder = False, prefill_chunk_size: int | None = 2048,
-           state_dtype: torch.dtype | None = None) -> Iterator[int]:
+           cuda_graph: bool | CUDAGraphDecoder = False, prefill_tokens_per_call=_UNSET,
+           state_dtype: torch.dtype | None = None, prefill_chunk_size=_UNSET) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are made; the same arguments and tokens as `generate`.
 
     prompt: a list of token ids, or a (L,) / (1, L) integer tensor. The iterator ends after max_new_tokens
@@ -282,6 +286,8 @@ def stream(model: nn.Module, prompt, max_new_tokens: int, *, temperature: float 
     """
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, seed)
     stopper = StopStrings(stop_strings, decode) if stop_strings is not None else None
+    tokens_per_call = resolve_tokens_per_call("stream", prefill_tokens_per_call, prefill_chunk_size,
+                                              name="prefill_tokens_per_call", old_name="prefill_chunk_size")
     _check_max_new_tokens(max_new_tokens)
     if isinstance(prompt, torch.Tensor):
         if prompt.dim() not in (1, 2) or (prompt.dim() == 2 and prompt.shape[0] != 1):
@@ -294,7 +300,7 @@ def stream(model: nn.Module, prompt, max_new_tokens: int, *, temperature: float 
         prompt = [list(prompt)]
     ids_BL, lengths = pack_prompts(prompt, model.config.padded_vocab_size, model_device(model))
     # validated above, before the first token is asked for; the loop itself is a generator
-    return _stream_tokens(_token_loop(model, ids_BL, lengths, max_new_tokens, params, cuda_graph, prefill_chunk_size,
+    return _stream_tokens(_token_loop(model, ids_BL, lengths, max_new_tokens, params, cuda_graph, tokens_per_call,
                                       state_dtype),
                           set(params.eos_ids), stopper)
 

@@ -1,17 +1,19 @@
 """Prefill and the decode step: the two model calls of generation, around an `InferenceCache`.
 
-Shapes (legend): B batch, L the longest prompt's length, V padded vocab, K prefill chunk length.
+Shapes (legend): B batch, L the longest prompt's length, V padded vocab, K tokens per row per model call.
 
     cache, logits = prefill(model, prompts)               # prompts of any lengths -> last logits (B, V)
     cache, logits = prefill(model, more_ids, cache)       # continue the cached rows with more tokens
     logits = decode_one_token(model, tokens, cache)       # tokens (B,) -> (B, V), constant cost per token
 
-A ragged batch is one model call per chunk, never padding leaking into the state: the rows are
+A ragged batch is one model call per K tokens, never padding leaking into the state: the rows are
 right-aligned (left padding) and `seq_idx` marks padding 0 and prompt 1, so every mixer restarts its
 conv window and SSM state from zero at a row's first real token; its final state is then its own.
-A chunk after which a row is still all padding leaves that row's state zeroed, so a row whose prompt
-starts exactly at a chunk boundary also starts from zero. Long prompts go through in chunks of K
-tokens per row: the memory of a prefill is that of K tokens whatever the prompt's length.
+A call after which a row is still all padding leaves that row's state zeroed, so a row whose prompt
+starts exactly at a call boundary also starts from zero. Long prompts go through K tokens per row per
+call (`tokens_per_call`): the memory of a prefill is that of K tokens whatever the prompt's length.
+("Chunk" is kept for the SSD's block; `chunk_size`, this argument's former name, still works with a
+DeprecationWarning.)
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..deprecation import renamed_argument
 from .cache import InferenceCache, allocate_cache
 
 _PAD_ID = 0  # any valid id: padded positions are cut off from the state by seq_idx
+DEFAULT_TOKENS_PER_CALL = 2048
+_UNSET = object()  # "not given", distinct from None (None means: the whole prompt in one call)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -63,9 +68,16 @@ def pack_prompts(prompts, vocab_size: int, device: torch.device) -> tuple[torch.
     return ids.to(device), lengths
 
 
-def _check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
-        raise ValueError(f"prefill: chunk_size must be a positive int or None, got {chunk_size!r}")
+def resolve_tokens_per_call(where: str, value, old_value=_UNSET, *, name: str = "tokens_per_call",
+                            old_name: str = "chunk_size") -> int | None:
+    """Tokens per row per prefill call: `value`, or `old_value` given under the former name (with a
+    DeprecationWarning, pointed at the caller of `where`); DEFAULT_TOKENS_PER_CALL when neither was given.
+    ValueError unless a positive int or None."""
+    value = renamed_argument(where, old_name, name, old_value, value, unset=_UNSET, stacklevel=4)
+    value = DEFAULT_TOKENS_PER_CALL if value is _UNSET else value
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{where}: {name} must be a positive int or None, got {value!r}")
+    return value
 
 
 def _zero_rows(cache: InferenceCache, rows_B: torch.Tensor) -> None:
@@ -74,15 +86,15 @@ def _zero_rows(cache: InferenceCache, rows_B: torch.Tensor) -> None:
         state.zero_rows_(rows_B)
 
 
-def _run_chunks(model: nn.Module, ids_BL: torch.Tensor, cache: InferenceCache, chunk_size: int | None,
-                pads: list[int] | None = None) -> torch.Tensor:
-    """Feed ids (B, L) through the model in chunks of K tokens; return the last position's logits (B, V) float32.
+def _run_calls(model: nn.Module, ids_BL: torch.Tensor, cache: InferenceCache, tokens_per_call: int | None,
+               pads: list[int] | None = None) -> torch.Tensor:
+    """Feed ids (B, L) through the model K tokens per call; return the last position's logits (B, V) float32.
 
-    pads: left-padding length per row (None: no padding). Chunks that reach into some row's padding carry
-    seq_idx (0 on padding, 1 on the prompt); after such a chunk, rows still all padding are zeroed.
+    pads: left-padding length per row (None: no padding). Calls that reach into some row's padding carry
+    seq_idx (0 on padding, 1 on the prompt); after such a call, rows still all padding are zeroed.
     """
     seqlen = ids_BL.shape[1]
-    step = seqlen if chunk_size is None else chunk_size
+    step = seqlen if tokens_per_call is None else tokens_per_call
     pads_B = seq_idx_BL = None
     max_pad = 0
     if pads is not None and max(pads) > 0:
@@ -92,7 +104,7 @@ def _run_chunks(model: nn.Module, ids_BL: torch.Tensor, cache: InferenceCache, c
     logits = None
     for start in range(0, seqlen, step):
         end = min(start + step, seqlen)
-        padded = start < max_pad  # some row has not started before this chunk
+        padded = start < max_pad  # some row has not started before this call
         logits = model(ids_BL[:, start:end], cache=cache, seq_idx=seq_idx_BL[:, start:end] if padded else None,
                        logits_to_keep=1)
         if padded and end < seqlen:
@@ -102,9 +114,9 @@ def _run_chunks(model: nn.Module, ids_BL: torch.Tensor, cache: InferenceCache, c
 
 @torch.inference_mode()
 def prefill_packed(model: nn.Module, ids_BL: torch.Tensor, lengths: list[int], cache: InferenceCache | None = None,
-                   chunk_size: int | None = 2048) -> tuple[InferenceCache, torch.Tensor]:
+                   tokens_per_call=_UNSET, *, chunk_size=_UNSET) -> tuple[InferenceCache, torch.Tensor]:
     """`prefill` on prompts already packed by `pack_prompts` (right-aligned ids (B, L) and their lengths)."""
-    _check_chunk_size(chunk_size)
+    tokens_per_call = resolve_tokens_per_call("prefill", tokens_per_call, chunk_size)
     batch, seqlen = ids_BL.shape
     if cache is None:
         cache = allocate_cache(model, batch)
@@ -114,9 +126,9 @@ def prefill_packed(model: nn.Module, ids_BL: torch.Tensor, lengths: list[int], c
         cache.reset()  # an offset-0 cache holds no tokens; zeroing makes a reused cache (a CUDA graph's) fresh
     offset = cache.seqlen_offset
     if min(lengths) == seqlen:  # no padding
-        logits = _run_chunks(model, ids_BL, cache, chunk_size)
+        logits = _run_calls(model, ids_BL, cache, tokens_per_call)
     elif offset == 0:
-        logits = _run_chunks(model, ids_BL, cache, chunk_size, pads=[seqlen - n for n in lengths])
+        logits = _run_calls(model, ids_BL, cache, tokens_per_call, pads=[seqlen - n for n in lengths])
     else:
         # continuing a ragged batch: padding must not touch the cached states at all, so rows of equal
         # length run together on a copy of their states, copied back afterwards
@@ -127,22 +139,23 @@ def prefill_packed(model: nn.Module, ids_BL: torch.Tensor, lengths: list[int], c
         for n, idx in by_length.items():
             rows = torch.tensor(idx, device=ids_BL.device)
             sub = cache.index_select(rows)
-            logits[rows] = _run_chunks(model, ids_BL[rows, seqlen - n:], sub, chunk_size)
+            logits[rows] = _run_calls(model, ids_BL[rows, seqlen - n:], sub, tokens_per_call)
             cache.index_copy_(rows, sub)
-    cache.seqlen_offset = offset + seqlen
+        cache.advance(seqlen)  # the model calls above advanced the copies, not this cache
     return cache, logits
 
 
-def prefill(model: nn.Module, prompts, cache: InferenceCache | None = None, *,
-            chunk_size: int | None = 2048) -> tuple[InferenceCache, torch.Tensor]:
+def prefill(model: nn.Module, prompts, cache: InferenceCache | None = None, *, tokens_per_call=_UNSET,
+            chunk_size=_UNSET) -> tuple[InferenceCache, torch.Tensor]:
     """Run prompts through the model into a cache; return the cache and each row's last logits (B, V) float32.
 
     Args:
         prompts: a (B, L) integer tensor, or B token-id lists of any lengths.
         cache: None (a new one), a cache with seqlen_offset 0 (zeroed, then filled: a CUDA graph's static
             cache), or a cache already holding tokens, which the prompts continue row by row.
-        chunk_size: tokens per row per model call (None: the whole prompt at once). Memory is that of one
-            chunk, so a 1M-token input streams through at constant memory; the result does not depend on it.
+        tokens_per_call: tokens per row per model call, 2048 by default (None: the whole prompt at once).
+            Memory is that of one call, so a 1M-token input streams through at constant memory; the result
+            does not depend on it. Its former name `chunk_size` still works, with a DeprecationWarning.
     Returns:
         (cache, logits): the cache, advanced in place by the prompts, and the logits after each row's last
         prompt token, (B, V) float32.
@@ -153,7 +166,8 @@ def prefill(model: nn.Module, prompts, cache: InferenceCache | None = None, *,
         ...     cache, logits = prefill(model, piece, cache)
     """
     ids_BL, lengths = pack_prompts(prompts, model.config.padded_vocab_size, model_device(model))
-    return prefill_packed(model, ids_BL, lengths, cache, chunk_size)
+    tokens_per_call = resolve_tokens_per_call("prefill", tokens_per_call, chunk_size)
+    return prefill_packed(model, ids_BL, lengths, cache, tokens_per_call)
 
 
 @torch.inference_mode()

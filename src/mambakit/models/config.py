@@ -1,6 +1,6 @@
 """MambaConfig: a flat dataclass whose fields and defaults are those of mamba_ssm's config.json.
 
-A reference `config.json` loads as it is (`MambaConfig.from_dict(json.load(f))`). Derived sizes are
+A mamba_ssm `config.json` loads as it is (`MambaConfig.from_dict(json.load(f))`). Derived sizes are
 computed in `__post_init__` and are not serialised.
 """
 
@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-MIXERS = ("Mamba1", "Mamba2", "Mamba1Ungated", "S4D", "Mamba1Ablation")  # modules/registry.py maps them to classes
+from .mixers import MIXERS, canonical_mixer_name, mixer_args, mixer_sizes
 
 
 @dataclass
@@ -22,7 +22,10 @@ class MambaConfig:
     baselines "Mamba1Ungated" and "S4D", or "Mamba1Ablation" (selective Δ / B / C flags)); attn_layer_idx / attn_cfg (the layers that are attention, `MHA(**attn_cfg)`); rms_norm (else LayerNorm); residual_in_fp32;
     fused_add_norm (accepted, numerics identical); pad_vocab_size_multiple; tie_embeddings; norm_epsilon
     (the residual-stream norms' eps, as mamba_ssm's MixerModel argument).
-    Derived: `layer` (the mixer name), `model_type` ("mamba" / "mamba2"), `padded_vocab_size`, `mixer_kwargs`.
+    Derived: `layer` (the mixer name), `model_type` ("mamba" / "mamba2"), `padded_vocab_size`, `mixer_kwargs`,
+    `mixer_args` (every constructor argument of the mixer) and `mixer_sizes` (d_inner, nheads, ...): what
+    checkpoints and generation need, read from the config instead of from a built mixer.
+    `ssm_cfg["layer"]` is stored in the one spelling of models/mixers.py ("Mamba2"); "mamba2" is accepted.
 
     Example:
         >>> cfg = MambaConfig(d_model=256, n_layer=4, vocab_size=256, ssm_cfg={"layer": "Mamba2", "d_state": 64})
@@ -54,15 +57,19 @@ class MambaConfig:
         self.ssm_cfg = dict(self.ssm_cfg or {})
         self.attn_cfg = dict(self.attn_cfg or {})
         self.attn_layer_idx = list(self.attn_layer_idx or [])
-        if self.layer not in MIXERS:
-            raise ValueError(f"MambaConfig: ssm_cfg['layer'] must be one of {MIXERS}, got {self.layer!r}")
+        if "layer" in self.ssm_cfg:  # left out means Mamba1, as in mamba_ssm; kept out so the file round-trips
+            try:
+                self.ssm_cfg["layer"] = canonical_mixer_name(self.ssm_cfg["layer"])
+            except ValueError:
+                raise ValueError(f"MambaConfig: ssm_cfg['layer'] must be one of {tuple(MIXERS)}, got "
+                                 f"{self.ssm_cfg['layer']!r}") from None
         bad = [i for i in self.attn_layer_idx if not (0 <= i < self.n_layer)]
         if bad:
             raise ValueError(f"MambaConfig: attn_layer_idx {bad} outside [0, n_layer={self.n_layer})")
 
     @property
     def layer(self) -> str:
-        return self.ssm_cfg.get("layer", "Mamba1")
+        return canonical_mixer_name(self.ssm_cfg.get("layer", "Mamba1"))
 
     @property
     def model_type(self) -> str:
@@ -75,6 +82,17 @@ class MambaConfig:
         return {k: v for k, v in self.ssm_cfg.items() if k != "layer"}
 
     @property
+    def mixer_args(self) -> dict[str, Any]:
+        """Every constructor argument of the mixer: its defaults overridden by ssm_cfg."""
+        return mixer_args(self.layer, self.ssm_cfg)
+
+    @property
+    def mixer_sizes(self) -> dict[str, Any]:
+        """The mixer's derived sizes (see models.mixers.mixer_sizes): d_inner, d_state, d_conv; Mamba2 also
+        d_ssm, headdim, nheads, ngroups, norm_groups, norm_eps."""
+        return mixer_sizes(self.layer, self.d_model, self.mixer_args)
+
+    @property
     def padded_vocab_size(self) -> int:
         m = self.pad_vocab_size_multiple
         return (self.vocab_size + m - 1) // m * m
@@ -84,7 +102,7 @@ class MambaConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MambaConfig":
-        """Build from a reference config.json dict; unknown keys are an error that names them."""
+        """Build from a mamba_ssm (or mambakit) config.json dict; unknown keys are an error that names them."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

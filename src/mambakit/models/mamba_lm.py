@@ -5,7 +5,7 @@ Shapes (legend): B batch, L seqlen, M d_model, V padded vocab.
     input_ids (B, L) -> embedding (B, L, M) -> n_layer x Block -> norm_f -> lm_head -> logits (B, L, V)
 
 Module names follow mamba_ssm's `MambaLMHeadModel` (backbone.embedding, backbone.layers.i.{norm, mixer,
-norm2, mlp}, backbone.norm_f, lm_head), so a reference state dict loads without renaming. Passing an
+norm2, mlp}, backbone.norm_f, lm_head), so a mamba_ssm state dict loads without renaming. Passing an
 inference cache makes every call continue from the cache's state and advance it: prefill k tokens,
 then one token at a time (the recurrent step path, constant cost per token), and the logits equal
 those of one parallel forward over the whole sequence.
@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-from ..modules import ATTENTION, MIXERS, Block, GatedMLP, RMSNorm
+from ..modules import Block, GatedMLP, RMSNorm
 from ..modules.block import add_and_norm
+from ..modules.state import InferenceCache
 from .config import MambaConfig
-
-if TYPE_CHECKING:  # the cache lives in mambakit.generation, a layer above; models only read its fields
-    from ..generation.cache import InferenceCache
+from .mixers import ATTENTION, MIXERS
 
 
 def _init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.02) -> None:
@@ -73,7 +70,7 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm_f = norm_cls(d, **factory)
 
-    def forward(self, input_ids: torch.Tensor, cache: "InferenceCache | None" = None,
+    def forward(self, input_ids: torch.Tensor, cache: InferenceCache | None = None,
                 seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         hidden, residual = self.embedding(input_ids), None
         for i, layer in enumerate(self.layers):
@@ -84,7 +81,7 @@ class Backbone(nn.Module):
 class MambaLM(nn.Module):
     """Mamba language model.   forward(input_ids (B, L), cache=None, seq_idx=None) -> logits (B, L, V).
 
-    V is `config.padded_vocab_size` (the vocab rounded up to pad_vocab_size_multiple, as the reference).
+    V is `config.padded_vocab_size` (the vocab rounded up to pad_vocab_size_multiple, as mamba_ssm does).
 
     Example:
         >>> from mambakit import MambaConfig, MambaLM
@@ -106,7 +103,7 @@ class MambaLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
 
-    def forward(self, input_ids: torch.Tensor, cache: "InferenceCache | None" = None,
+    def forward(self, input_ids: torch.Tensor, cache: InferenceCache | None = None,
                 seq_idx: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """Logits (B, L, V); with logits_to_keep = k > 0 only the last k positions (B, k, V), as prefill needs.
 
@@ -127,20 +124,31 @@ class MambaLM(nn.Module):
                              f"{input_ids.shape[0]}")
         hidden = self.backbone(input_ids, cache=cache, seq_idx=seq_idx)
         if cache is not None:
-            cache.seqlen_offset += input_ids.shape[1]
+            cache.advance(input_ids.shape[1])  # the one place a forward moves the position
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden)
 
+    def allocate_cache(self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | None = None,
+                       state_dtype: torch.dtype | None = None) -> InferenceCache:
+        """Zero recurrent state for `batch_size` sequences: one state per layer, at position 0.
+
+        Conv windows in `dtype` (default: the model's), SSM states float32 (float64 for a float64 model);
+        `state_dtype=torch.bfloat16` keeps the SSM states of Mamba-2 layers in bfloat16 (updated in float32,
+        rounded back each token), as mamba_ssm's inference caches do: half the bytes a large-batch decode
+        step moves. Mamba-1 layers refuse it (their d_state 16 state is small next to the weights).
+
+        Example:
+            >>> cache = model.allocate_cache(batch_size=4)
+            >>> cache.layers[0].ssm_state.shape        # Mamba-2: (4, nheads, headdim, d_state)
+        """
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"allocate_cache: batch_size must be a positive int, got {batch_size!r}")
+        return InferenceCache([block.mixer.allocate_state(batch_size, dtype=dtype, device=device,
+                                                          state_dtype=state_dtype)
+                               for block in self.backbone.layers])
+
     # ---- conveniences whose implementations live in the layers above (generation/, checkpoints/) ----
-
-    def allocate_cache(self, batch_size: int, dtype: torch.dtype | None = None,
-                       state_dtype: torch.dtype | None = None) -> "InferenceCache":
-        """Zero recurrent state for `batch_size` sequences (see mambakit.generation.allocate_cache);
-        `state_dtype=torch.bfloat16` halves the SSM states of Mamba-2 layers."""
-        from ..generation.cache import allocate_cache
-
-        return allocate_cache(self, batch_size, dtype=dtype, state_dtype=state_dtype)
 
     def generate(self, prompts, max_new_tokens: int, **kwargs) -> list[list[int]]:
         """New tokens per prompt (see mambakit.generation.generate for the sampling arguments)."""

@@ -27,7 +27,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +36,9 @@ from torch import nn
 from ..modules import MHA, Block, GatedMLP, RMSNorm
 from ..modules.attention import document_positions
 from ..modules.block import add_and_norm
+from ..modules.state import InferenceCache
 from .config import MambaConfig
 from .mamba_lm import MambaLM
-
-if TYPE_CHECKING:
-    from ..generation.cache import InferenceCache
 
 __all__ = ["ARCHS", "GeluMLP", "TransformerConfig", "TransformerBackbone", "TransformerLM", "build_model",
            "config_from_dict", "is_transformer_config"]
@@ -208,7 +206,7 @@ class TransformerBackbone(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm_f = norm_cls(d, **factory)
 
-    def forward(self, input_ids: torch.Tensor, cache: "InferenceCache | None" = None,
+    def forward(self, input_ids: torch.Tensor, cache: InferenceCache | None = None,
                 seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.embedding(input_ids)  # (B, L, M)
         if self.pos_embedding is not None:

@@ -9,9 +9,8 @@ from .mamba2 import Mamba2
 from .mlp import GatedMLP
 from .norm import RMSNorm, RMSNormGated
 from .quantized import Int8Linear, quantize_weights
-from .registry import ATTENTION, MIXERS
 from .s4d import S4D
-from .state import MixerState
+from .state import InferenceCache, MixerState
 
-__all__ = ["Mamba1", "Mamba2", "GatedMLP", "RMSNorm", "RMSNormGated", "Block", "MixerState", "Mamba1Ungated", "S4D",
-           "MHA", "KVState", "MIXERS", "ATTENTION", "Mamba1Ablation", "Int8Linear", "quantize_weights"]
+__all__ = ["Mamba1", "Mamba2", "GatedMLP", "RMSNorm", "RMSNormGated", "Block", "MixerState", "InferenceCache",
+           "Mamba1Ungated", "S4D", "MHA", "KVState", "Mamba1Ablation", "Int8Linear", "quantize_weights"]

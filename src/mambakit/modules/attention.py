@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..deprecation import renamed_argument
 from ..ops import causal_conv1d
 
 
@@ -248,8 +249,9 @@ class MHA(nn.Module):
                                   **factory)
 
     def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None,
-                       ssm_dtype: torch.dtype | None = None) -> KVState:
-        """An empty KV cache (capacity grows with use); `ssm_dtype` is ignored (there is no SSM state here)."""
+                       state_dtype: torch.dtype | None = None, ssm_dtype: torch.dtype | None = None) -> KVState:
+        """An empty KV cache (capacity grows with use); `state_dtype` is ignored (there is no SSM state here)."""
+        state_dtype = renamed_argument("MHA.allocate_state", "ssm_dtype", "state_dtype", ssm_dtype, state_dtype)
         device = device or self.out_proj.weight.device
         dtype = dtype or self.out_proj.weight.dtype
         kv = (batch_size, 0, self.num_heads_kv, self.head_dim)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..deprecation import renamed_argument
 from ..ops import (causal_conv1d, causal_conv1d_update, mamba1_inner, pinned_backend, selective_scan,
                    selective_state_update)
 from .fusion import reads_as_plain, require_plain_conv
@@ -125,22 +126,23 @@ class Mamba1(nn.Module):
         self.fused = fused
 
     def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None,
-                       ssm_dtype: torch.dtype | None = None) -> MixerState:
+                       state_dtype: torch.dtype | None = None, ssm_dtype: torch.dtype | None = None) -> MixerState:
         """Zero state for decoding: conv (batch, d_inner, d_conv - 1) in `dtype`, ssm (batch, d_inner, d_state) float32.
 
-        `ssm_dtype` may only be float32 / float64 here: Mamba-1's state (d_state 16) is small next to the
+        `state_dtype` may only be float32 / float64 here: Mamba-1's state (d_state 16) is small next to the
         weights, so a low-precision state would buy little (Mamba2.allocate_state takes bfloat16).
         """
+        state_dtype = renamed_argument("Mamba1.allocate_state", "ssm_dtype", "state_dtype", ssm_dtype, state_dtype)
         device = device or self.out_proj.weight.device
         dtype = dtype or self.conv1d.weight.dtype
-        if ssm_dtype is None:
-            ssm_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # fp32 (fp64 models: fp64)
-        elif ssm_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"Mamba1.allocate_state: ssm_dtype must be float32 or float64, got {ssm_dtype} "
+        if state_dtype is None:
+            state_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # fp32 (fp64 models: fp64)
+        elif state_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"Mamba1.allocate_state: state_dtype must be float32 or float64, got {state_dtype} "
                              "(low-precision states are offered for Mamba-2, whose state is 8x larger)")
         return MixerState(
             conv_state=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
-            ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=ssm_dtype),
+            ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=state_dtype),
         )
 
     def _ssm_params(self, x: torch.Tensor):

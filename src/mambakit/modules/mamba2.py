@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..deprecation import renamed_argument
 from ..ops import causal_conv1d, causal_conv1d_update, mamba2_inner, pinned_backend, ssd, ssd_state_update
 from .mamba1 import DecodeParams, inverse_softplus_dt
 from .fusion import reads_as_plain, require_plain_conv
@@ -117,25 +118,26 @@ class Mamba2(nn.Module):
         self.fused = fused
 
     def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None,
-                       ssm_dtype: torch.dtype | None = None) -> MixerState:
+                       state_dtype: torch.dtype | None = None, ssm_dtype: torch.dtype | None = None) -> MixerState:
         """Zero state: conv (batch, conv_dim, d_conv - 1) in `dtype`, ssm (batch, nheads, headdim, d_state).
 
-        The ssm state is float32 (float64 for float64 models) unless `ssm_dtype` says otherwise: a
+        The ssm state is float32 (float64 for float64 models) unless `state_dtype` says otherwise: a
         bfloat16 / float16 state is updated in float32 and rounded back each step, which halves the
         state traffic that bounds large-batch decoding (d_state 128: the state outweighs the weights
         from batch ~16 on), at the price of one rounding per token.
         """
+        state_dtype = renamed_argument("Mamba2.allocate_state", "ssm_dtype", "state_dtype", ssm_dtype, state_dtype)
         device = device or self.out_proj.weight.device
         dtype = dtype or self.conv1d.weight.dtype
-        if ssm_dtype is None:
-            ssm_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # fp32 (fp64 models: fp64)
-        elif ssm_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-            raise ValueError(f"Mamba2.allocate_state: ssm_dtype must be float32, float64, bfloat16 or float16, "
-                             f"got {ssm_dtype}")
+        if state_dtype is None:
+            state_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # fp32 (fp64 models: fp64)
+        elif state_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise ValueError(f"Mamba2.allocate_state: state_dtype must be float32, float64, bfloat16 or float16, "
+                             f"got {state_dtype}")
         return MixerState(
             conv_state=torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
             ssm_state=torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
-                                  dtype=ssm_dtype),
+                                  dtype=state_dtype),
         )
 
     def _split_in_proj(self, zxbcdt: torch.Tensor):

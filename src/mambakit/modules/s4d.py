@@ -13,7 +13,7 @@ Shapes (legend): B batch, L seqlen, M d_model, D d_inner = expand * d_model, N d
 This is the same discretisation as `ops.selective_scan` with Δ, B and C held fixed over time, so the
 layer is a long convolution: y = K * x + D x with K[d, l] = s Re sum_n C[d, n] dt B[d, n] exp(dt A[d, n])^l.
 The forward computes K (D, N, L powers) and convolves by FFT in O(L log L); a cache adds the initial
-state's contribution and returns the final state in closed form (decoding and chunked prefill). With
+state's contribution and returns the final state in closed form (decoding, and prefill over several calls). With
 `seq_idx` (packed documents) the state must restart inside a row, which a convolution cannot express,
 so that path runs `ops.selective_scan` with per-channel B, C (ngroups = D) on the PyTorch backend.
 
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..deprecation import renamed_argument
 from ..ops import causal_conv1d, causal_conv1d_update, selective_scan
 from .mamba1 import inverse_softplus_dt
 from .state import MixerState
@@ -97,19 +98,20 @@ class S4D(nn.Module):
         return self.A_imag is not None
 
     def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None,
-                       ssm_dtype: torch.dtype | None = None) -> MixerState:
+                       state_dtype: torch.dtype | None = None, ssm_dtype: torch.dtype | None = None) -> MixerState:
         """Zero state: conv (batch, D, W - 1) in `dtype`; ssm (batch, D, N) complex64 (S4D-Lin) or float32
-        (S4D-Real), 128-bit / float64 for float64 models. `ssm_dtype` may only name float32 or float64."""
+        (S4D-Real), 128-bit / float64 for float64 models. `state_dtype` may only name float32 or float64."""
+        state_dtype = renamed_argument("S4D.allocate_state", "ssm_dtype", "state_dtype", ssm_dtype, state_dtype)
         device = device or self.out_proj.weight.device
         dtype = dtype or self.conv1d.weight.dtype
-        if ssm_dtype not in (None, torch.float32, torch.float64):
-            raise ValueError(f"S4D.allocate_state: ssm_dtype must be float32 or float64, got {ssm_dtype}")
-        wide = ssm_dtype == torch.float64 or (ssm_dtype is None and dtype == torch.float64)
+        if state_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"S4D.allocate_state: state_dtype must be float32 or float64, got {state_dtype}")
+        wide = state_dtype == torch.float64 or (state_dtype is None and dtype == torch.float64)
         real = torch.float64 if wide else torch.float32
-        state_dtype = (torch.complex128 if wide else torch.complex64) if self.is_complex else real
+        ssm_state_dtype = (torch.complex128 if wide else torch.complex64) if self.is_complex else real
         return MixerState(
             conv_state=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
-            ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=state_dtype),
+            ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=ssm_state_dtype),
         )
 
     def ssm_params(self, real: torch.dtype = torch.float32):

@@ -2,6 +2,18 @@
 
 Each public function validates its inputs, then runs on the backend chosen by `dispatch.select_backend`:
 "reference" (sequential float64), "torch" (vectorised PyTorch) or "triton" (fused GPU kernels).
+
+Naming, the same in every family folder:
+    __init__.py          the public function(s): checks, then `dispatch.implementation(...)` (mamba_inner's
+                         two fused ops have a file each, mamba1.py and mamba2.py)
+    reference.py         the "reference" backend: float64 ground truth ("reference" means nothing else)
+    torch_<x>.py         the "torch" backend; functions `<op>_torch`, autograd classes `_<Op>TorchFunction`
+    triton_<x>.py        the "triton" backend: kernels, launchers (`<op>_triton`) and their torch.library ops
+    <x>_policy.py        launch policy as plain Python (no Triton import), tested on CPU
+Vocabulary: a *chunk* is the SSD's block (`chunk_size`) and nothing else; the selective scan has
+*checkpoint intervals* (steps between saved states) and *time segments* (stretches scanned by their own
+programs); prefill feeds *tokens per call*. `state_dtype` is the dtype an inference cache stores SSM states
+in; the dtype the ops return states in is `reference.final_state_dtype`.
 """
 
 from .dispatch import pinned_backend, record_backends, use_backend

@@ -77,8 +77,8 @@ def sm_count(device: torch.device, off_gpu: int) -> int:
 def write_into(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
     """fn(*args, out=out): the result lands in `out` (a preallocated buffer or a slice of one) and is returned.
 
-    Eager mode passes `out=` (no allocation per call: the chunked CPU paths reuse scratch buffers in their
-    loops). torch.compile cannot trace an `out=` into a strided view, so while compiling the result is
+    Eager mode passes `out=` (no allocation per call: the CPU paths that loop over checkpoint intervals or
+    SSD chunks reuse scratch buffers in their loops). torch.compile cannot trace an `out=` into a strided view, so while compiling the result is
     computed and copied in, which functionalises to the same values.
     """
     if torch.compiler.is_compiling():

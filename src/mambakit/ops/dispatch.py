@@ -2,7 +2,8 @@
 
 Backends:
     "reference"  sequential recurrence in float64: the ground truth (slow, exact)
-    "torch"      vectorised / chunked PyTorch: CPU and GPU, autograd by torch or a hand-written backward
+    "torch"      vectorised PyTorch (by checkpoint intervals, or by SSD chunks): CPU and GPU, autograd by torch
+                 or a hand-written backward
     "triton"     fused Triton kernels: CUDA tensors (or any tensors under TRITON_INTERPRET=1, for tests)
 
 `BACKEND_TABLE` maps op -> backend -> `Implementation` (where the function lives and its declared limits:
@@ -185,8 +186,8 @@ def _selective_scan_reference():
 
 
 def _selective_scan_torch():
-    from .selective_scan.chunked import selective_scan_chunked
-    return selective_scan_chunked
+    from .selective_scan.torch_scan import selective_scan_torch
+    return selective_scan_torch
 
 
 def _selective_scan_triton():
@@ -200,7 +201,7 @@ def _selective_state_update_reference():
 
 
 def _selective_state_update_torch():
-    from .selective_scan.step import selective_state_update_torch
+    from .selective_scan.torch_step import selective_state_update_torch
     return selective_state_update_torch
 
 
@@ -215,8 +216,8 @@ def _ssd_reference():
 
 
 def _ssd_torch():
-    from .ssd.chunked import ssd_chunked
-    return ssd_chunked
+    from .ssd.torch_ssd import ssd_torch
+    return ssd_torch
 
 
 def _ssd_triton():
@@ -230,7 +231,7 @@ def _ssd_state_update_reference():
 
 
 def _ssd_state_update_torch():
-    from .ssd.step import ssd_state_update_torch
+    from .ssd.torch_step import ssd_state_update_torch
     return ssd_state_update_torch
 
 
@@ -245,7 +246,7 @@ def _causal_conv1d_reference():
 
 
 def _causal_conv1d_torch():
-    from .causal_conv1d.conv import causal_conv1d_torch
+    from .causal_conv1d.torch_conv import causal_conv1d_torch
     return causal_conv1d_torch
 
 
@@ -260,7 +261,7 @@ def _causal_conv1d_update_reference():
 
 
 def _causal_conv1d_update_torch():
-    from .causal_conv1d.conv import causal_conv1d_update_torch
+    from .causal_conv1d.torch_conv import causal_conv1d_update_torch
     return causal_conv1d_update_torch
 
 
@@ -275,7 +276,7 @@ def _rms_norm_reference():
 
 
 def _rms_norm_torch():
-    from .rms_norm.norm import rms_norm_torch
+    from .rms_norm.torch_norm import rms_norm_torch
     return rms_norm_torch
 
 
@@ -285,7 +286,7 @@ def _rms_norm_triton():
 
 
 def _add_rms_norm_torch():
-    from .rms_norm.norm import add_rms_norm_torch
+    from .rms_norm.torch_norm import add_rms_norm_torch
     return add_rms_norm_torch
 
 

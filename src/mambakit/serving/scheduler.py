@@ -445,7 +445,7 @@ class Scheduler:
                 if entry is not None:
                     job.cache = self._zero_cache(1)
                     job.cache.index_copy_(torch.zeros(1, dtype=torch.long, device=self.device), entry.cache)
-                    job.cache.seqlen_offset = end
+                    job.cache.advance(end)  # a fresh cache (position 0) now holds the cached prefix
                     job.pos, job.logits, job.digest = end, entry.logits, digests[end]
                     request.prefix_hit_tokens = end
                     self.metrics.add("prefix_cache_hits_total")

@@ -18,10 +18,13 @@ from typing import Any
 import yaml
 
 from ..models.config import MambaConfig
+from ..models.mixers import canonical_mixer_name
 
 __all__ = ["TrainConfig", "model_config", "lr_at", "MODEL_OVERRIDES"]
 
-LAYERS = ("mamba1", "mamba2", "transformer++", "gpt3")  # the last two: models/transformer.py, heads of headdim
+# the mixers in their one spelling ("mamba2" and other spellings are accepted and stored so), then the
+# Transformer baselines of models/transformer.py, heads of headdim
+LAYERS = ("Mamba1", "Mamba2", "transformer++", "gpt3")
 PARALLEL = ("ddp", "fsdp")
 LOGGERS = ("none", "tensorboard")
 # MambaConfig fields a run may set through TrainConfig.model: all but d_model and n_layer (TrainConfig fields) and
@@ -46,7 +49,7 @@ class TrainConfig:
     streaming: bool = False  # stream json/parquet/text files and datasets directories (corpora larger than RAM)
     text_column: str = "text"  # the text column of datasets directories and streamed json/parquet files
     # model
-    layer: str = "mamba2"  # "mamba1", "mamba2", or a Transformer baseline: "transformer++", "gpt3"
+    layer: str = "Mamba2"  # "Mamba1", "Mamba2" (any case), or a Transformer baseline: "transformer++", "gpt3"
     d_model: int = 128
     n_layer: int = 2
     d_state: int = 64
@@ -98,6 +101,11 @@ class TrainConfig:
     sample_top_k: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.layer, str) and self.layer not in ("transformer++", "gpt3"):
+            try:
+                self.layer = canonical_mixer_name(self.layer)
+            except ValueError:
+                pass  # named below, with the Transformer baselines
         if self.layer not in LAYERS:
             raise ValueError(f"layer must be one of {LAYERS}, got {self.layer!r}")
         positive = ("d_model", "n_layer", "d_state", "expand", "seqlen", "batch_size", "max_steps", "eval_batch_size",
@@ -107,8 +115,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if self.layer == "mamba2" and (self.expand * self.d_model) % self.headdim:
-            raise ValueError(f"mamba2 needs expand * d_model ({self.expand * self.d_model}) divisible by headdim ({self.headdim})")
+        if self.layer == "Mamba2" and (self.expand * self.d_model) % self.headdim:
+            raise ValueError(f"Mamba2 needs expand * d_model ({self.expand * self.d_model}) divisible by headdim ({self.headdim})")
         if self.layer in ("transformer++", "gpt3") and self.d_model % self.headdim:
             raise ValueError(f"{self.layer} needs d_model ({self.d_model}) divisible by headdim ({self.headdim})")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
@@ -157,7 +165,7 @@ def model_config(cfg: TrainConfig, vocab_size: int):
     `TransformerConfig` of a Transformer baseline (d_model / headdim heads, the recipe's MLP).
 
     Example:
-        >>> model_config(TrainConfig(layer="mamba1", d_model=128, n_layer=2, d_state=16), vocab_size=256).ssm_cfg
+        >>> model_config(TrainConfig(layer="Mamba1", d_model=128, n_layer=2, d_state=16), vocab_size=256).ssm_cfg
         {'layer': 'Mamba1', 'd_state': 16, 'expand': 2}
     """
     from ..models import TransformerConfig
@@ -166,7 +174,7 @@ def model_config(cfg: TrainConfig, vocab_size: int):
         return TransformerConfig(arch=cfg.layer, d_model=cfg.d_model, n_layer=cfg.n_layer, vocab_size=vocab_size,
                                  num_heads=cfg.d_model // cfg.headdim,
                                  max_position_embeddings=max(2048, cfg.seqlen + cfg.sample_tokens))
-    if cfg.layer == "mamba1":
+    if cfg.layer == "Mamba1":
         ssm_cfg = {"layer": "Mamba1", "d_state": cfg.d_state, "expand": cfg.expand}
     else:
         ssm_cfg = {"layer": "Mamba2", "d_state": cfg.d_state, "expand": cfg.expand, "headdim": cfg.headdim,

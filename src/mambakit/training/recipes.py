@@ -22,7 +22,7 @@ def default_recipe() -> TrainConfig:
     """
     return TrainConfig(
         recipe="shakespeare",
-        layer="mamba2",
+        layer="Mamba2",
         d_model=128,
         n_layer=2,
         # d_state 16 and 4 heads of 64 rather than 8 heads of 32 with d_state 64: a training step of this
@@ -48,7 +48,7 @@ def tiny_recipe() -> TrainConfig:
     """A seconds-long smoke run (tests, checking an installation): tiny model, few steps."""
     return TrainConfig(
         recipe="tiny",
-        layer="mamba2",
+        layer="Mamba2",
         d_model=32,
         n_layer=1,
         d_state=16,

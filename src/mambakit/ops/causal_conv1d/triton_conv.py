@@ -382,15 +382,15 @@ def causal_conv1d_bwd(*, x, weight, bias, initial_state, seq_idx, silu: bool, dy
         programs = n_tiles * n_dblocks * batch
         # off the GPU (the interpreter) a "machine" of one SM makes even tiny tests loop over tiles
         tiles = min(32, next_power_of_2(max(1, programs // (16 * sm_count(x.device, 1)))))
-    n_chunks = cdiv(n_tiles, tiles)
+    n_spans = cdiv(n_tiles, tiles)  # one program per span of `tiles` time tiles (the kernel's pid_c)
     acc_dtype = compute_dtype(x.dtype)
     if dx is None:
         dx = torch.empty(batch, seqlen, dim, dtype=x.dtype, device=x.device)
     dinit = None
     if need_dinit:
         dinit = _empty_window(batch, dim, width, initial_state.dtype, x.device)
-    part = torch.empty(batch * n_chunks, width + 1, dim, dtype=acc_dtype, device=x.device)
-    grid = (n_chunks, n_dblocks, batch)
+    part = torch.empty(batch * n_spans, width + 1, dim, dtype=acc_dtype, device=x.device)
+    grid = (n_spans, n_dblocks, batch)
     _causal_conv1d_bwd_kernel[grid](
         x, weight, bias if bias is not None else x, initial_state if initial_state is not None else x,
         seq_idx if seq_idx is not None else x, dy, dfinal if dfinal is not None else dy,
@@ -523,7 +523,7 @@ def causal_conv1d_triton(
         >>> y = causal_conv1d_triton(torch.randn(2, 1024, 512, device="cuda"), torch.randn(512, 4, device="cuda"))
     """
     if x.numel() == 0:
-        from .conv import causal_conv1d_torch  # nothing to launch: the torch path handles empty tensors
+        from .torch_conv import causal_conv1d_torch  # nothing to launch: the torch path handles empty tensors
 
         return causal_conv1d_torch(x, weight, bias, activation, initial_state, return_final_state, seq_idx)
     y, final = _causal_conv1d_op(x, weight, bias, initial_state, seq_idx, activation in ("silu", "swish"),

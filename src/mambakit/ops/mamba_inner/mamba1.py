@@ -8,7 +8,7 @@ Shapes (legend): B batch, L seqlen, D d_inner (channels), W d_conv, R dt_rank, N
     dt = dt_low @ dt_proj_weight^T                (B, L, D)   (bias and softplus inside the scan)
     y = selective_scan(xc, dt, A, B, C, D, z, dt_bias, softplus)
 
-Why one op: the Triton backward of the scan needs only its inputs and per-chunk states, and the
+Why one op: the Triton backward of the scan needs only its inputs and its checkpoints (one state per interval), and the
 conv output and dt are cheap to make again (one conv launch, one (B L, R) x (R, D) matmul), so the
 "triton" backend keeps xz, x_dbl (K = R + 2N channels, ~4% of D at d_model 2048) and the scan's
 checkpoints (D N / 128 floats per token) instead of xc, dt, fp32 copies of B / C and the scan's

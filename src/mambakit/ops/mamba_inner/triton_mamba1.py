@@ -2,8 +2,8 @@
 
 Shapes (legend): B batch, L seqlen, D d_inner, W d_conv, R dt_rank, N d_state, K = R + 2N, c = L / 128.
 
-Saved for the backward: xz (B, L, 2D), x_dbl (B, L, K), the scan's per-chunk states (B, c, D, N) float32
-and the parameters. Not saved (made again in the backward): xc = silu(conv(x)) (one conv launch) and
+Saved for the backward: xz (B, L, 2D), x_dbl (B, L, K), the scan's checkpoints (one state per checkpoint
+interval, (B, c, D, N) float32) and the parameters. Not saved (made again in the backward): xc = silu(conv(x)) (one conv launch) and
 dt = dt_low @ dt_proj_weight^T (a rank-R matmul). Layers composed of the separate ops keep xc, dt, the
 fp32 B / C copies and a contiguous x for the conv as well: about 2D more values per token.
 
@@ -49,7 +49,7 @@ def _mamba1_inner_fwd_impl(xz: torch.Tensor, conv_weight: torch.Tensor, conv_bia
     dt_low, B, C = _split_x_dbl(x_dbl, dt_rank, dstate)
     dt = F.linear(dt_low, dt_proj_weight)  # (B, L, D)
     y, _, hck = scan_fwd(x=xc, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_proj_bias, dt_softplus=True,
-                         initial_state=None, seq_idx=seq_idx, save_final=False, save_chunks=save,
+                         initial_state=None, seq_idx=seq_idx, save_final=False, save_checkpoints=save,
                          config=ScanConfig.from_ints(config))
     if not save:
         return y, xz.new_empty(0), xz.new_empty(0, dtype=torch.float32)
@@ -66,10 +66,10 @@ def _(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A
     y = xz.new_empty(batch, seqlen, dim)
     if not save:
         return y, xz.new_empty(0), xz.new_empty(0, dtype=torch.float32)
-    nchunks = cdiv(seqlen, ScanConfig.from_ints(config).chunk)
+    nintervals = cdiv(seqlen, ScanConfig.from_ints(config).checkpoint_interval)
     acc = compute_dtype(xz.dtype)
     return (y, xz.new_empty(batch, seqlen, x_proj_weight.shape[0]),
-            xz.new_empty(batch, nchunks, dim, dstate, dtype=acc))
+            xz.new_empty(batch, nintervals, dim, dstate, dtype=acc))
 
 
 def _mamba1_inner_bwd_impl(dy: torch.Tensor, xz: torch.Tensor, conv_weight: torch.Tensor,
@@ -138,7 +138,7 @@ def mamba1_inner_triton(*, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_we
                         config: ScanConfig | None = None):
     """Fused Triton path of `mambakit.ops.mamba1_inner` (arguments checked there): y (B, L, D) in xz's dtype.
 
-    config: the scan's tiling (tests use a short checkpoint chunk); None picks from the shape.
+    config: the scan's tiling (tests use a short checkpoint interval); None picks from the shape.
     """
     if seq_idx is not None and seq_idx.dtype != torch.int32:
         seq_idx = seq_idx.to(torch.int32)

@@ -321,7 +321,7 @@ def rms_norm_triton(
     """
     hidden = x.shape[-1]
     if x.numel() == 0:
-        from .norm import rms_norm_torch  # nothing to launch: the torch path handles empty tensors
+        from .torch_norm import rms_norm_torch  # nothing to launch: the torch path handles empty tensors
 
         return rms_norm_torch(x, weight, eps=eps, z=z, group_size=group_size, norm_before_gate=norm_before_gate)
     group = hidden if group_size is None else group_size
@@ -350,7 +350,7 @@ def add_rms_norm_triton(
     sum_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     out_dtype = residual_dtype or sum_dtype
     if x.numel() == 0:
-        from .norm import add_rms_norm_torch
+        from .torch_norm import add_rms_norm_torch
 
         return add_rms_norm_torch(x, residual, weight, eps=eps, residual_dtype=residual_dtype)
     r2 = _rows(residual, hidden) if residual is not None else None

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 
-def state_dtype(x_dtype: torch.dtype, complex_state: bool) -> torch.dtype:
+def final_state_dtype(x_dtype: torch.dtype, complex_state: bool) -> torch.dtype:
     """States are float32 (complex64), or float64 (complex128) when the inputs are float64."""
     if x_dtype == torch.float64:
         return torch.complex128 if complex_state else torch.float64
@@ -68,7 +68,7 @@ def selective_scan_reference(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_so
     y = y.to(x.dtype)
     if not return_final_state:
         return y
-    return y, h.to(state_dtype(x.dtype, is_complex))
+    return y, h.to(final_state_dtype(x.dtype, is_complex))
 
 
 def selective_state_update_reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):

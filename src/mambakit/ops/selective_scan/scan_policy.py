@@ -6,14 +6,14 @@ off the GPU) and a `ScanConfig` override:
 
     pick_tiles               (NL, NH, BD, num_warps) of one program: states per thread, lanes on states, channels
     fwd_nl                   states per thread of the forward for the launch's number of rows
-    default_time_chunks      time segments of the forward (1: the sequential forward)
-    default_bwd_time_chunks  time segments of the backward
+    default_time_segments      time segments of the forward (1: the sequential forward)
+    default_bwd_time_segments  time segments of the backward
     bwd_block_u              the backward's micro-block U (states re-derived in registers per scratch checkpoint)
     carry_split              carry segments per backward segment in the adjoint-only pass
     segments                 (segment length, segment count) in whole checkpoint intervals
     needs_i64                whether time offsets need 64-bit arithmetic
 
-Vocabulary: a *checkpoint interval* (`ScanConfig.chunk`) is the steps between the forward's saved states;
+Vocabulary: a *checkpoint interval* (`ScanConfig.checkpoint_interval`) is the steps between the forward's saved states;
 a *time segment* is a stretch of whole checkpoint intervals scanned by its own programs. The measurements
 behind the thresholds are in BENCHMARKS.md (selective scan sections).
 """
@@ -25,12 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ...deprecation import renamed_argument
 from ..common import cdiv, next_power_of_2, sm_count
 
-__all__ = ["ScanConfig", "Tiles", "pick_tiles", "fwd_nl", "default_time_chunks", "default_bwd_time_chunks",
+__all__ = ["ScanConfig", "Tiles", "pick_tiles", "fwd_nl", "default_time_segments", "default_bwd_time_segments",
            "bwd_block_u", "carry_split", "segments", "needs_i64"]
 
-DEFAULT_CHUNK = 128  # steps between forward checkpoints; backward scratch is O(CHUNK) per program
+DEFAULT_CHECKPOINT_INTERVAL = 128  # steps between forward checkpoints; backward scratch is O(CHUNK) per program
 DEFAULT_REPLICAS = 32  # copies of dB / dC the backward's atomics spread over
 DEFAULT_REDUCE_CHANNELS = 4  # dB / dC: channel lanes summed by shuffles before the atomic (H100 sweep)
 # Backward occupancy: U = 2 needs fewer registers than U = 4 (more warps per SM) but issues more instructions per
@@ -41,18 +42,18 @@ BWD_U2_MIN_WARPS_PER_SM = 13
 BWD_MIN_WARPS_PER_SM = 24
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ScanConfig:
     """Tiling knobs (defaults are chosen from the shape; tests and benchmarks override them).
 
     fwd_nl / bwd_nl: states held per thread (NL); the rest of dstate spreads over NH lanes.
     bwd_channels: channels per warp in the backward (more: fewer dB/dC atomics, more shuffles).
-    chunk: steps between forward checkpoints (multiple of 4 and of block_u).
+    checkpoint_interval: steps between forward checkpoints (multiple of 4 and of block_u).
     block_u: backward micro-block, the U states re-derived in registers per scratch checkpoint (None: 2 when
         the backward launch has the warps to use the extra occupancy, else 4).
-    time_chunks: time segments the forward scans in parallel (see `default_time_chunks`); None picks
+    time_segments: time segments the forward scans in parallel (see `default_time_segments`); None picks
         from the shape, 1 is the plain sequential forward. Segments hold a whole number of checkpoint
-        chunks, so fewer segments than asked are used when seqlen / chunk is small.
+        intervals, so fewer segments than asked are used when seqlen / checkpoint_interval is small.
     bwd_reduce_channels: channels whose dB_t / dC_t are summed with warp shuffles before the float32
         atomic (a power of two; capped at the program's channels). None: DEFAULT_REDUCE_CHANNELS. 1: no
         shuffles, every channel lane adds its own value (more atomic bytes, fewer instructions).
@@ -60,7 +61,7 @@ class ScanConfig:
         batch x seqlen x ngroups x dstate floats).
     bwd_maxnreg: register cap per thread for the backward kernel (None: the compiler's choice), to fit
         more warps per SM.
-    bwd_time_chunks: time segments the backward runs in parallel (see `default_bwd_time_chunks`); None
+    bwd_time_segments: time segments the backward runs in parallel (see `default_bwd_time_segments`); None
         picks from the shape, 1 is one program per (row, channels) walking the whole sequence.
     bwd_carry_split: carry segments per backward segment in the adjoint-only pass of a time-parallel
         backward (None: as many in all as the forward's time segments).
@@ -69,14 +70,31 @@ class ScanConfig:
     fwd_nl: int | None = None
     bwd_nl: int | None = None
     bwd_channels: int | None = None
-    chunk: int = DEFAULT_CHUNK
+    checkpoint_interval: int = DEFAULT_CHECKPOINT_INTERVAL
     block_u: int | None = None
-    time_chunks: int | None = None
+    time_segments: int | None = None
     bwd_reduce_channels: int | None = None
     bwd_replicas: int = DEFAULT_REPLICAS
     bwd_maxnreg: int | None = None
-    bwd_time_chunks: int | None = None
+    bwd_time_segments: int | None = None
     bwd_carry_split: int | None = None
+
+    def __init__(self, *args, chunk: int | None = None, time_chunks: int | None = None,
+                 bwd_time_chunks: int | None = None, **kwargs):
+        # the former names (before "chunk" came to mean the SSD block only) still work, with a DeprecationWarning
+        for old, new, value in (("chunk", "checkpoint_interval", chunk), ("time_chunks", "time_segments", time_chunks),
+                                ("bwd_time_chunks", "bwd_time_segments", bwd_time_chunks)):
+            if value is not None:
+                kwargs[new] = renamed_argument("ScanConfig", old, new, value, kwargs.get(new))
+        fields = dataclasses.fields(self)
+        if len(args) > len(fields):
+            raise TypeError(f"ScanConfig takes at most {len(fields)} positional arguments, got {len(args)}")
+        unknown = sorted(set(kwargs) - {f.name for f in fields})
+        if unknown:
+            raise TypeError(f"ScanConfig got unexpected arguments {unknown}")
+        values = {f.name: f.default for f in fields} | dict(zip((f.name for f in fields), args)) | kwargs
+        for name, value in values.items():
+            object.__setattr__(self, name, value)  # frozen: the dataclass's own __init__ does the same
 
     def as_ints(self) -> list[int]:
         """The fields as ints (None -> -1): how the config crosses the custom op's schema."""
@@ -119,11 +137,11 @@ def fwd_nl(rows: int, dim: int, dstate: int, device: torch.device) -> int:
     return nl
 
 
-# Time-parallel forward (see default_time_chunks): the sequential forward's time is flat from ~8 warps per SM
+# Time-parallel forward (see default_time_segments): the sequential forward's time is flat from ~8 warps per SM
 # (H100 probe at equal tokens: docs/design/kernel_figures.md).
 FWD_MIN_WARPS_PER_SM = 15  # split until the full pass has this many one-program warps per SM (H100 sweep, BENCHMARKS.md)
 MIN_SEGMENT = 256  # shortest time segment worth a split (pass 1 + 2 are per-segment overheads)
-MAX_TIME_CHUNKS = 64
+MAX_TIME_SEGMENTS = 64
 
 
 def fwd_warps(rows: int, dim: int, dstate: int, group_size: int, nl: int) -> int:
@@ -131,7 +149,7 @@ def fwd_warps(rows: int, dim: int, dstate: int, group_size: int, nl: int) -> int
     return rows * (dim // tiles.BD) * tiles.num_warps
 
 
-def default_time_chunks(batch: int, seqlen: int, dim: int, dstate: int, ngroups: int = 1,
+def default_time_segments(batch: int, seqlen: int, dim: int, dstate: int, ngroups: int = 1,
                         config: ScanConfig | None = None, device: torch.device | str = "cuda") -> int:
     """Time segments of the forward for this shape: 1 unless the launch lacks parallelism.
 
@@ -141,56 +159,57 @@ def default_time_chunks(batch: int, seqlen: int, dim: int, dstate: int, ngroups:
     (nc - 1) / nc of the sequence (cheaper per step than the full pass: it skips C, z, D, y and checkpoints,
     not the exps) and a tiny combine pass. So: the smallest power of two nc that brings
     the full pass to FWD_MIN_WARPS_PER_SM warps per SM (NL re-chosen for batch x nc rows), keeping
-    segments of at least MIN_SEGMENT steps and whole checkpoint chunks, at most MAX_TIME_CHUNKS.
+    segments of at least MIN_SEGMENT steps and whole checkpoint intervals, at most MAX_TIME_SEGMENTS.
     The threshold comes from the H100 sweep (batch 2 x dim 4096, BENCHMARKS.md): flat beyond 8 segments.
     Examples on 132 SMs, dstate 16: batch 2 x dim 4096: 8 from seqlen 2048, 4 at 1024, 2 at 512;
     batch 4: 4; batch 8: 2; batch 16: 1; batch 1 x dim 1536, 1M tokens: 64 (16K-step segments).
-    `config.time_chunks` overrides (tests, benchmarks).
+    `config.time_segments` overrides (tests, benchmarks).
     """
     cfg = config or ScanConfig()
-    if cfg.time_chunks is not None:
-        return max(1, cfg.time_chunks)
+    if cfg.time_segments is not None:
+        return max(1, cfg.time_segments)
     device = torch.device(device)
     target = FWD_MIN_WARPS_PER_SM * sm_count(device, 132)
     group_size = dim // ngroups
-    min_seg = max(MIN_SEGMENT, cfg.chunk)
+    min_seg = max(MIN_SEGMENT, cfg.checkpoint_interval)
     return split_until(seqlen, min_seg, target, lambda nc: fwd_warps(
         batch * nc, dim, dstate, group_size, cfg.fwd_nl or fwd_nl(batch * nc, dim, dstate, device)))
 
 
 def split_until(seqlen: int, min_seg: int, target: int, warps) -> int:
     """The smallest power of two nc with warps(nc) >= target, keeping segments of at least min_seg steps
-    (seqlen >= nc * min_seg) and nc <= MAX_TIME_CHUNKS."""
+    (seqlen >= nc * min_seg) and nc <= MAX_TIME_SEGMENTS."""
     nc = 1
-    while nc * 2 <= MAX_TIME_CHUNKS and seqlen >= 2 * nc * min_seg and warps(nc) < target:
+    while nc * 2 <= MAX_TIME_SEGMENTS and seqlen >= 2 * nc * min_seg and warps(nc) < target:
         nc *= 2
     return nc
 
 
-def default_bwd_time_chunks(batch: int, seqlen: int, dim: int, dstate: int, ngroups: int = 1,
+def default_bwd_time_segments(batch: int, seqlen: int, dim: int, dstate: int, ngroups: int = 1,
                             config: ScanConfig | None = None, device: torch.device | str = "cuda") -> int:
     """Time segments the backward runs in parallel for this shape (1: no split).
 
-    The backward is one one-warp program per (batch row, BD channels, segment) walking its chunks in reverse;
+    The backward is one one-warp program per (batch row, BD channels, segment) walking its checkpoint
+    intervals in reverse;
     with few programs the SMs hold too few warps to hide the dependent chain of each step (the H100 sweep
     at batch 2 x dim 4096, BENCHMARKS.md). A split costs an adjoint-only pass over all but the first
     segment (a small fraction of the backward) and a tiny combine. So: the
     smallest power of two nc giving BWD_MIN_WARPS_PER_SM warps per SM, with segments of at least MIN_SEGMENT
-    steps and whole checkpoint chunks, at most MAX_TIME_CHUNKS. `config.bwd_time_chunks` overrides.
+    steps and whole checkpoint intervals, at most MAX_TIME_SEGMENTS. `config.bwd_time_segments` overrides.
     Examples on 132 SMs, dstate 16: batch 2 x dim 4096: 4 from seqlen 2048; batch 4: 2; batch >= 8: 1.
     """
     cfg = config or ScanConfig()
-    if cfg.bwd_time_chunks is not None:
-        return max(1, cfg.bwd_time_chunks)
+    if cfg.bwd_time_segments is not None:
+        return max(1, cfg.bwd_time_segments)
     tiles = pick_tiles(4, dstate, dim // ngroups, cfg.bwd_channels)
     target = BWD_MIN_WARPS_PER_SM * sm_count(torch.device(device), 132)
-    min_seg = max(MIN_SEGMENT, cfg.chunk)
+    min_seg = max(MIN_SEGMENT, cfg.checkpoint_interval)
     return split_until(seqlen, min_seg, target, lambda nc: batch * nc * (dim // tiles.BD) * tiles.num_warps)
 
 
-def segments(seqlen: int, chunk: int, nc: int) -> tuple[int, int]:
-    """(segment length, number of segments) for nc requested segments: whole checkpoint chunks each."""
-    seg_len = chunk * max(1, cdiv(cdiv(seqlen, chunk), max(1, nc)))
+def segments(seqlen: int, interval: int, nc: int) -> tuple[int, int]:
+    """(segment length, number of segments) for nc requested segments: whole checkpoint intervals each."""
+    seg_len = interval * max(1, cdiv(cdiv(seqlen, interval), max(1, nc)))
     return seg_len, max(1, cdiv(seqlen, seg_len))
 
 
@@ -215,7 +234,8 @@ def carry_split(batch: int, seqlen: int, dim: int, dstate: int, ngroups: int, se
     if config.bwd_carry_split is not None:
         cin_k = max(1, min(config.bwd_carry_split, seg_len))
     else:
-        nc_fwd = default_time_chunks(batch, seqlen, dim, dstate, ngroups, ScanConfig(chunk=config.chunk), device)
+        nc_fwd = default_time_segments(batch, seqlen, dim, dstate, ngroups,
+                                       ScanConfig(checkpoint_interval=config.checkpoint_interval), device)
         cin_k = max(1, min(nc_fwd // nseg, seg_len // 16))
     while seg_len % cin_k:
         cin_k -= 1

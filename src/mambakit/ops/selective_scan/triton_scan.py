@@ -20,12 +20,12 @@ from ..common import (autograd_op, cdiv, compute_dtype, contiguous, fake_grads, 
 from ..dispatch import triton_interpret
 from ..triton_math import tl_compute_dtype
 from . import scan_policy as policy
-from .scan_policy import ScanConfig, default_bwd_time_chunks, default_time_chunks
+from .scan_policy import ScanConfig, default_bwd_time_segments, default_time_segments
 from .triton_scan_bwd import scan_bwd_carry_kernel, scan_bwd_kernel
 from .triton_scan_fwd import scan_fwd_kernel, seg_combine_kernel
 
-__all__ = ["selective_scan_triton", "scan_fwd", "scan_bwd", "ScanConfig", "default_time_chunks",
-           "default_bwd_time_chunks"]
+__all__ = ["selective_scan_triton", "scan_fwd", "scan_bwd", "ScanConfig", "default_time_segments",
+           "default_bwd_time_segments"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,19 +51,19 @@ def _chain_segments(local, sdt, keep, A, first, has_seq: bool, acc_tl) -> torch.
 
 def scan_fwd(*, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None, dt_softplus: bool,
-             initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, save_final: bool, save_chunks: bool,
+             initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, save_final: bool, save_checkpoints: bool,
              config: ScanConfig) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch the forward (inputs already checked; seq_idx int32).
 
     Args:
         x, dt, z: (B, L, D).   A: (D, N) real.   B, C: (B, L, G, N).   D, dt_bias: (D,).
         initial_state: (B, D, N).   seq_idx: (B, L) int32.
-        save_final: return the final state.   save_chunks: return the checkpoints the backward reads.
+        save_final: return the final state.   save_checkpoints: return the checkpoints the backward reads.
     Returns:
         y (B, L, D) in x's dtype; the final state (B, D, N) or None; checkpoints (B, K, D, N) or None,
-        K = ceil(L / config.chunk); states in the compute dtype (float32, float64 for float64 inputs).
+        K = ceil(L / config.checkpoint_interval); states in the compute dtype (float32, float64 for float64 inputs).
 
-    With nseg > 1 time segments (`default_time_chunks`): pass 1 (state-only kernel) gives each segment
+    With nseg > 1 time segments (`default_time_segments`): pass 1 (state-only kernel) gives each segment
     but the last its end state from a zero start and its sum of dt'; pass 2 chains them into every
     segment's true start state; pass 3 (the full kernel) scans all segments from those, writing y, the
     whole-sequence checkpoints (the backward's layout, unchanged) and the final state.
@@ -79,14 +79,14 @@ def scan_fwd(*, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     B = B.to(acc_t).contiguous()
     C = C.to(acc_t).contiguous()
     y = torch.empty_like(x)
-    chunk = config.chunk
-    nchunks = cdiv(seqlen, chunk)
-    seg_len, nseg = policy.segments(seqlen, chunk, default_time_chunks(batch, seqlen, dim, dstate, ngroups, config,
+    interval = config.checkpoint_interval  # the kernels call it CHUNK
+    nintervals = cdiv(seqlen, interval)
+    seg_len, nseg = policy.segments(seqlen, interval, default_time_segments(batch, seqlen, dim, dstate, ngroups, config,
                                                                        x.device))
     nl = config.fwd_nl or policy.fwd_nl(batch * nseg, dim, dstate, x.device)
     tiles = policy.pick_tiles(nl, dstate, dim // ngroups)
     hlast = torch.empty(batch, dim, dstate, device=x.device, dtype=acc_t) if save_final else None
-    hck = torch.empty(batch, nchunks, dim, dstate, device=x.device, dtype=acc_t) if save_chunks else None
+    hck = torch.empty(batch, nintervals, dim, dstate, device=x.device, dtype=acc_t) if save_checkpoints else None
     h0 = initial_state.to(acc_t).contiguous() if initial_state is not None else None
     if seqlen == 0:  # nothing to scan (the kernel's clamped loads need one step)
         if hlast is not None:
@@ -99,10 +99,10 @@ def scan_fwd(*, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
         x_ptr=x, dt_ptr=dt, B_ptr=B, C_ptr=C, A_ptr=A, bias_ptr=dt_bias if dt_bias is not None else dummy,
         seq_ptr=seq_idx if seq_idx is not None else dummy,
         seqlen=seqlen, seg_len=seg_len, nseg=nseg, dim=dim, dstate=dstate, group_size=dim // ngroups,
-        nchunks=nchunks,
+        nchunks=nintervals,
         s_b=x.stride(0), s_t=x.stride(1), s_zb=zs[0], s_zt=zs[1], s_Bb=B.stride(0), s_Bt=B.stride(1),
         s_Bg=B.stride(2), s_sb=ss[0], s_st=ss[1], s_Ad=A.stride(0), s_An=A.stride(1),
-        CHUNK=chunk, NL=tiles.NL, NH=tiles.NH, BD=tiles.BD, ACC=acc_tl, HAS_BIAS=dt_bias is not None,
+        CHUNK=interval, NL=tiles.NL, NH=tiles.NH, BD=tiles.BD, ACC=acc_tl, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None, EVEN_N=dstate == tiles.NL * tiles.NH,
         LIBDEVICE=not triton_interpret(), I64=policy.needs_i64(seqlen, x.stride(1), zs[1], B.stride(1), ss[1]),
         num_warps=tiles.num_warps,
@@ -129,7 +129,7 @@ def scan_fwd(*, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
         hck_ptr=hck if hck is not None else dummy, sdt_ptr=dummy, keep_ptr=dummy, s_h0b=s_start[0],
         s_h0c=s_start[1],
         HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=start is not None, SAVE_LAST=save_final,
-        SAVE_CK=save_chunks, STATE_ONLY=False, **common,
+        SAVE_CK=save_checkpoints, STATE_ONLY=False, **common,
     )
     return y, hlast, hck
 
@@ -142,7 +142,7 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
 
     Args:
         dy: (B, L, D) gradient of y.   dhlast: (B, D, N) gradient of the final state, or None.
-        x ... seq_idx: the forward's inputs.   checkpoints: `scan_fwd(save_chunks=True)`'s.
+        x ... seq_idx: the forward's inputs.   checkpoints: `scan_fwd(save_checkpoints=True)`'s.
         want_dinitial: compute the initial state's gradient.   config: the forward's.
     Returns:
         dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_state (None where absent or not wanted), each in its
@@ -162,16 +162,16 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
     # the vectorised (B, *, D, N) anchors of the backward are in-thread only up to 128-bit vectors
     bwd_nl = config.bwd_nl or (4 if acc_t == torch.float32 else 2)
     tiles = policy.pick_tiles(bwd_nl, dstate, dim // ngroups, config.bwd_channels)
-    chunk = config.chunk
-    nchunks = hck.shape[1]
-    seg_len, nseg = policy.segments(seqlen, chunk, default_bwd_time_chunks(batch, seqlen, dim, dstate, ngroups,
+    interval = config.checkpoint_interval  # the kernels call it CHUNK
+    nintervals = hck.shape[1]
+    seg_len, nseg = policy.segments(seqlen, interval, default_bwd_time_segments(batch, seqlen, dim, dstate, ngroups,
                                                                            config, x.device))
     warps = batch * nseg * (dim // tiles.BD) * tiles.num_warps
     block_u = policy.bwd_block_u(warps, config, x.device)
     nprog = (dim // tiles.BD) * batch * nseg
     bn = tiles.NL * tiles.NH
-    scratch = torch.empty(nprog, chunk // block_u, tiles.BD, bn, device=x.device, dtype=acc_t)
-    stash = torch.empty(nprog, chunk, 2, tiles.BD, device=x.device, dtype=acc_t)
+    scratch = torch.empty(nprog, interval // block_u, tiles.BD, bn, device=x.device, dtype=acc_t)
+    stash = torch.empty(nprog, interval, 2, tiles.BD, device=x.device, dtype=acc_t)
     dx = torch.empty_like(x)
     ddt = torch.empty_like(dt)
     dz = torch.empty(z.shape, device=x.device, dtype=z.dtype) if z is not None else None
@@ -224,12 +224,12 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
         dx_ptr=dx, ddt_ptr=ddt, dz_ptr=dz if dz is not None else dummy, dB_ptr=dB, dC_ptr=dC, dA_ptr=dA,
         dD_ptr=dD if dD is not None else dummy, dbias_ptr=dbias if dbias is not None else dummy,
         dh0_ptr=dh0 if dh0 is not None else dummy, scr_ptr=scratch, stash_ptr=stash,
-        seqlen=seqlen, dim=dim, dstate=dstate, group_size=dim // ngroups, nchunks=nchunks, seg_len=seg_len,
+        seqlen=seqlen, dim=dim, dstate=dstate, group_size=dim // ngroups, nchunks=nintervals, seg_len=seg_len,
         nseg=nseg, cin_n=cin_n, cin_k=cin_k, rep_stride=dB.stride(0),
         s_b=x.stride(0), s_t=x.stride(1), s_zb=zs[0], s_zt=zs[1], s_Bb=B32.stride(0), s_Bt=B32.stride(1),
         s_Bg=B32.stride(2), s_sb=ss[0], s_st=ss[1], s_Ad=A.stride(0), s_An=A.stride(1), s_yb=dy.stride(0),
         s_yt=dy.stride(1),
-        NREP=nrep, RED_CH=red_ch, CHUNK=chunk, U=block_u, NL=tiles.NL, NH=tiles.NH, BD=tiles.BD, ACC=acc_tl,
+        NREP=nrep, RED_CH=red_ch, CHUNK=interval, U=block_u, NL=tiles.NL, NH=tiles.NH, BD=tiles.BD, ACC=acc_tl,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         HAS_SEQ=seq_idx is not None, HAS_DHLAST=dhl is not None, WANT_DH0=want_dinitial,
         EVEN_N=dstate == tiles.NL * tiles.NH, LIBDEVICE=not triton_interpret(), I64=i64, SEGMENTED=nseg > 1,
@@ -253,11 +253,11 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
 def _scan_fwd_impl(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
                    initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, dt_softplus: bool,
-                   return_final_state: bool, save_chunks: bool, config: list[int]) -> tuple[torch.Tensor, torch.Tensor,
+                   return_final_state: bool, save_checkpoints: bool, config: list[int]) -> tuple[torch.Tensor, torch.Tensor,
                    torch.Tensor]:
     y, hlast, hck = scan_fwd(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                              initial_state=initial_state, seq_idx=seq_idx, save_final=return_final_state,
-                             save_chunks=save_chunks, config=ScanConfig.from_ints(config))
+                             save_checkpoints=save_checkpoints, config=ScanConfig.from_ints(config))
     acc = compute_dtype(x.dtype)
     return y, x.new_empty(0, dtype=acc) if hlast is None else hlast, x.new_empty(0, dtype=acc) if hck is None else hck
 
@@ -266,12 +266,12 @@ _scan_fwd_op = torch.library.custom_op("mambakit::selective_scan_fwd", mutates_a
 
 
 @_scan_fwd_op.register_fake
-def _(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, return_final_state, save_chunks, config):
+def _(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, return_final_state, save_checkpoints, config):
     batch, seqlen, dim = x.shape
     acc = compute_dtype(x.dtype)
     hlast = x.new_empty((batch, dim, A.shape[1]) if return_final_state else (0,), dtype=acc)
-    nchunks = cdiv(seqlen, ScanConfig.from_ints(config).chunk)
-    hck = x.new_empty((batch, nchunks, dim, A.shape[1]) if save_chunks else (0,), dtype=acc)
+    nintervals = cdiv(seqlen, ScanConfig.from_ints(config).checkpoint_interval)
+    hck = x.new_empty((batch, nintervals, dim, A.shape[1]) if save_checkpoints else (0,), dtype=acc)
     return torch.empty_like(x), hlast, hck
 
 
@@ -296,7 +296,7 @@ def _(dy, dhlast, x, dt, A, B, C, D, z, dt_bias, seq_idx, hck, dt_softplus, want
 
 
 def _scan_setup_context(ctx, inputs, output):
-    x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, return_final_state, save_chunks, config = inputs
+    x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus, return_final_state, save_checkpoints, config = inputs
     ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, output[2])
     ctx.dt_softplus, ctx.config, ctx.return_final_state = dt_softplus, config, return_final_state
     ctx.h0_dtype = None if initial_state is None else initial_state.dtype
@@ -352,22 +352,22 @@ def selective_scan_triton(
     if A.is_complex():
         raise ValueError("selective_scan_triton: complex A is not supported; use backend 'reference' or 'torch'")
     cfg = config or ScanConfig()
-    if cfg.chunk % 4 or (cfg.block_u is not None and cfg.chunk % cfg.block_u):
-        raise ValueError(f"selective_scan_triton: chunk={cfg.chunk} must be a multiple of 4 and of "
-                         f"block_u={cfg.block_u}")
-    if cfg.time_chunks is not None and cfg.time_chunks < 1:
-        raise ValueError(f"selective_scan_triton: time_chunks={cfg.time_chunks} must be >= 1 (or None)")
+    if cfg.checkpoint_interval % 4 or (cfg.block_u is not None and cfg.checkpoint_interval % cfg.block_u):
+        raise ValueError(f"selective_scan_triton: checkpoint_interval={cfg.checkpoint_interval} must be a multiple "
+                         f"of 4 and of block_u={cfg.block_u}")
+    if cfg.time_segments is not None and cfg.time_segments < 1:
+        raise ValueError(f"selective_scan_triton: time_segments={cfg.time_segments} must be >= 1 (or None)")
     red = cfg.bwd_reduce_channels
     if red is not None and (red < 1 or red & (red - 1)):
         raise ValueError(f"selective_scan_triton: bwd_reduce_channels={red} must be a power of two (or None)")
-    if cfg.bwd_time_chunks is not None and cfg.bwd_time_chunks < 1:
-        raise ValueError(f"selective_scan_triton: bwd_time_chunks={cfg.bwd_time_chunks} must be >= 1 (or None)")
+    if cfg.bwd_time_segments is not None and cfg.bwd_time_segments < 1:
+        raise ValueError(f"selective_scan_triton: bwd_time_segments={cfg.bwd_time_segments} must be >= 1 (or None)")
     if cfg.bwd_replicas < 1:
         raise ValueError(f"selective_scan_triton: bwd_replicas={cfg.bwd_replicas} must be >= 1")
     if seq_idx is not None and seq_idx.dtype != torch.int32:
         seq_idx = seq_idx.to(torch.int32)
     tensors = (x, dt, A, B, C, D, z, dt_bias, initial_state)
-    save_chunks = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    save_checkpoints = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     y, hlast, _ = _selective_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus,
-                                     return_final_state, save_chunks, cfg.as_ints())
+                                     return_final_state, save_checkpoints, cfg.as_ints())
     return (y, hlast) if return_final_state else y

@@ -9,7 +9,7 @@ Section 3.3).
 
 Each program walks its time segment once, four steps per iteration with the inputs of each pair loaded one
 pair ahead; every CHUNK steps (the checkpoint interval) it saves h as (B, K, D, N) float32 for the backward
-(1/CHUNK of the expanded state). When batch x dim gives too few programs (`scan_policy.default_time_chunks`)
+(1/CHUNK of the expanded state). When batch x dim gives too few programs (`scan_policy.default_time_segments`)
 the forward is time-parallel over nseg segments of whole checkpoint intervals: pass 1 (`scan_fwd_kernel`,
 STATE_ONLY) scans each segment but the last from a zero state, keeping its end state, its sum of dt' (the
 segment's decay is exp(A sum dt'), zero if seq_idx restarts in it); pass 2 (`seg_combine_kernel`) chains

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..common import compute_dtype
 
 
-def state_dtype(x_dtype: torch.dtype) -> torch.dtype:
+def final_state_dtype(x_dtype: torch.dtype) -> torch.dtype:
     """States are float32, or float64 when the inputs are float64 (`ops.common.compute_dtype`)."""
     return compute_dtype(x_dtype)
 
@@ -75,7 +75,7 @@ def ssd_reference(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fals
     y = _skip_and_gate(y, x_, D, z).to(x.dtype)
     if not return_final_state:
         return y
-    return y, h.to(state_dtype(x.dtype))
+    return y, h.to(final_state_dtype(x.dtype))
 
 
 def segsum(a: torch.Tensor) -> torch.Tensor:
@@ -128,7 +128,7 @@ def ssd_chunked_reference(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
     y = _skip_and_gate(y, x.to(f64), D, z).to(x.dtype)
     if not return_final_state:
         return y
-    return y, final.to(state_dtype(x.dtype))
+    return y, final.to(final_state_dtype(x.dtype))
 
 
 def ssd_state_update_reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,

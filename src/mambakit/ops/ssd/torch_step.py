@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..common import as_dtype
-from .chunked import effective_dt_as
-from .reference import state_dtype
+from .torch_ssd import effective_dt_as
+from .reference import final_state_dtype
 
 __all__ = ["ssd_state_update_torch"]
 
@@ -54,7 +54,7 @@ def ssd_state_update_torch(
     G, N = B.shape[1], B.shape[2]
     R = H // G
     # math in the state's precision, or float64 when the inputs are float64
-    cd = torch.promote_types(state.dtype, state_dtype(x.dtype))
+    cd = torch.promote_types(state.dtype, final_state_dtype(x.dtype))
     dt_ = effective_dt_as(dt, dt_bias, dt_softplus, dt_limit, cd)  # (b, H)
     x_ = as_dtype(x, cd)
 

@@ -6,7 +6,7 @@ Shapes (legend): b batch, d dim, g ngroups, e = d // g channels per group, n dst
 
 The state is updated in place with a dozen ops, three of them over (b, d, n); no Python loop over
 any dimension, so a token costs a few op launches per layer. The decay is exp2(dt' A log2 e) as in
-`chunked.py` (exp2 is about twice as cheap as exp on AVX2).
+`torch_scan.py` (exp2 is about twice as cheap as exp on AVX2).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def selective_state_update_torch(
         cplx = torch.complex128 if real == torch.float64 else torch.complex64
         decay = torch.exp(dt_[:, :, None] * A.to(cplx))  # (b, d, n)
     else:
-        decay = torch.mul(dt_[:, :, None], as_dtype(A, real)).mul_(LOG2E).exp2_()  # (b, d, n); exp2: see chunked.py
+        decay = torch.mul(dt_[:, :, None], as_dtype(A, real)).mul_(LOG2E).exp2_()  # (b, d, n); exp2: see torch_scan.py
     in_place = (state.is_complex() or not is_complex) and state.is_contiguous()  # the views below need contiguity
     if in_place:
         h = state

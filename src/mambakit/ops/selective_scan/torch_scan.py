@@ -1,7 +1,7 @@
-"""Chunked PyTorch selective scan (Mamba-1 "S6"): linear in seqlen, hand-written backward.
+"""PyTorch selective scan in checkpoint intervals (Mamba-1 "S6"): linear in seqlen, hand-written backward.
 
 Shapes (legend): b batch, l seqlen, d dim (channels), g ngroups, e = d // g channels per group,
-n dstate, t steps of one chunk (<= chunk_len), c number of chunks.
+n dstate, t steps of one checkpoint interval (<= checkpoint_interval), c number of intervals.
 
 Math (see README.md; Gu & Dao 2023, Sec. 3.2):
     dt'_t = softplus(dt_t + dt_bias)  (or dt_t + dt_bias)
@@ -12,17 +12,18 @@ How it runs (the "torch" backend, CPU and GPU):
     (b, g, n, e) with the channel axis innermost, is one contiguous slice: the per-step update is a
     single fused `addcmul_` over a contiguous block, and the reductions over channels / states are
     batched matrix products with contiguous rows.
-  * Chunks of `chunk_len` steps. Per chunk the decays a (t, b, g, n, e) and inputs u come from two
-    broadcast products (plus one exp2), the recurrence runs step by step inside the chunk, and y is
-    one bmm. Chunk tensors stay a few MB (cache-sized) and are reused from chunk to chunk.
-  * Backward by recomputation. The forward keeps only the state entering each chunk, (c, b, g, n, e):
-    1 / chunk_len of the (b, l, d, n) tensor that autograd over the loop would keep. The backward walks
-    the chunks in reverse, recomputes a and h of one chunk from its entry state, runs the adjoint
-    recurrence  gh_t = C_t gy_t + a_{t+1} gh_{t+1}  and reduces every gradient chunk by chunk.
+  * Checkpoint intervals of `checkpoint_interval` steps. Per interval the decays a (t, b, g, n, e) and
+    inputs u come from two broadcast products (plus one exp2), the recurrence runs step by step inside
+    the interval, and y is one bmm. Interval tensors stay a few MB (cache-sized) and are reused from
+    interval to interval.
+  * Backward by recomputation. The forward keeps only the state entering each interval, (c, b, g, n, e):
+    1 / checkpoint_interval of the (b, l, d, n) tensor that autograd over the loop would keep. The backward
+    walks the intervals in reverse, recomputes a and h of one interval from its entry state, runs the adjoint
+    recurrence  gh_t = C_t gy_t + a_{t+1} gh_{t+1}  and reduces every gradient interval by interval.
   * Numerics: everything in float32 (float64 for float64 inputs) whatever the input dtype.
-  * Complex A (S4D-style, y = 2 Re <C, h>) takes `_complex_scan`: the same chunked recurrence written
-    with plain torch ops, each chunk recomputed in the backward (activation checkpointing), so that
-    torch autograd derives the complex backward while only chunk-entry states are kept.
+  * Complex A (S4D-style, y = 2 Re <C, h>) takes `_complex_scan`: the same recurrence by checkpoint intervals,
+    written with plain torch ops, each interval recomputed in the backward (activation checkpointing), so that
+    torch autograd derives the complex backward while only interval-entry states are kept.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ...deprecation import renamed_argument
 from ..common import LOG2E, compute_dtype, write_into
-from .reference import state_dtype
+from .reference import final_state_dtype
 
-__all__ = ["selective_scan_chunked", "default_chunk_len"]
+__all__ = ["selective_scan_torch", "default_checkpoint_interval"]
 
 
 @dataclass
@@ -60,13 +62,13 @@ class _Prepared:
         return l, b, g, n, e
 
 
-def default_chunk_len(batch: int, dim: int, dstate: int) -> int:
-    """Steps per chunk, chosen by measurement (README.md, "Chunk length").
+def default_checkpoint_interval(batch: int, dim: int, dstate: int) -> int:
+    """Steps per interval, chosen by measurement (README.md, "Checkpoint interval").
 
-    A chunk tensor (t, batch, dim, dstate) of about 2^20 elements (4 MB in float32) was fastest on a
-    2-core AVX2 machine: larger ones fall out of cache, smaller ones pay more per-chunk op launches.
-    Clamped to [8, 64]: at least 8 keeps the saved chunk-entry states at <= 1/8 of the full
-    (batch, seqlen, dim, dstate) tensor, at most 64 bounds the chunk buffers for tiny shapes.
+    An interval tensor (t, batch, dim, dstate) of about 2^20 elements (4 MB in float32) was fastest on a
+    2-core AVX2 machine: larger ones fall out of cache, smaller ones pay more per-interval op launches.
+    Clamped to [8, 64]: at least 8 keeps the saved interval-entry states at <= 1/8 of the full
+    (batch, seqlen, dim, dstate) tensor, at most 64 bounds the interval buffers for tiny shapes.
     """
     per_step = max(1, batch * dim * dstate)
     return int(min(64, max(8, 2 ** round(math.log2(2**20 / per_step)))))
@@ -126,7 +128,7 @@ def _state_from_gne(state: torch.Tensor) -> torch.Tensor:
     return state.transpose(2, 3).reshape(b, g * e, n)
 
 
-def _chunk_decay(p: _Prepared, c0: int, c1: int, out: torch.Tensor) -> torch.Tensor:
+def _interval_decay(p: _Prepared, c0: int, c1: int, out: torch.Tensor) -> torch.Tensor:
     """a = exp(dt' A) for steps c0..c1 into out (t, b, g, n, e), zeroed where a document starts."""
     _, b, g, _, e = p.sizes
     t = c1 - c0
@@ -138,25 +140,25 @@ def _chunk_decay(p: _Prepared, c0: int, c1: int, out: torch.Tensor) -> torch.Ten
     return out
 
 
-def _chunk_input(p: _Prepared, c0: int, c1: int, out: torch.Tensor) -> torch.Tensor:
+def _interval_input(p: _Prepared, c0: int, c1: int, out: torch.Tensor) -> torch.Tensor:
     """u = dt' x B for steps c0..c1 into out (t, b, g, n, e)."""
     _, b, g, n, e = p.sizes
     t = c1 - c0
     return write_into(out, torch.mul, p.dtx[c0:c1].view(t, b, g, 1, e), p.B[c0:c1].view(t, b, g, n, 1))
 
 
-def _scan_forward(p: _Prepared, h0: torch.Tensor | None, chunk_len: int,
+def _scan_forward(p: _Prepared, h0: torch.Tensor | None, interval: int,
                   states: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the recurrence chunk by chunk.
+    """Run the recurrence interval by interval.
 
     Args:
         h0: (b, g, n, e) state before the first token, or None for zeros.
-        states: (c, b, g, n, e) receives the state entering each chunk (for the backward), or None.
+        states: (c, b, g, n, e) receives the state entering each interval (for the backward), or None.
     Returns:
         y (l, b, d) = <C_t, h_t> in compute dtype, and the final state (b, g, n, e).
     """
     l, b, g, n, e = p.sizes
-    T = min(chunk_len, l)
+    T = min(interval, l)
     opts = dict(dtype=p.x.dtype, device=p.x.device)
     a_buf = torch.empty(T, b, g, n, e, **opts)
     h_buf = torch.empty(T, b, g, n, e, **opts)
@@ -169,13 +171,13 @@ def _scan_forward(p: _Prepared, h0: torch.Tensor | None, chunk_len: int,
         t = c1 - c0
         if states is not None:
             if prev is None:
-                states[ci].zero_()  # no initial state: the first chunk starts from zeros (skip a*0 below)
+                states[ci].zero_()  # no initial state: the first interval starts from zeros (skip a*0 below)
             else:
                 prev = states[ci].copy_(prev)
         elif prev is not None and ci > 0:
             prev = carry.copy_(prev)  # the last slice of h_buf is about to be overwritten
-        _chunk_decay(p, c0, c1, a_buf[:t])
-        h = _chunk_input(p, c0, c1, h_buf[:t])
+        _interval_decay(p, c0, c1, a_buf[:t])
+        h = _interval_input(p, c0, c1, h_buf[:t])
         for s in range(t):
             if prev is not None:
                 h_steps[s].addcmul_(a_steps[s], prev)
@@ -186,11 +188,11 @@ def _scan_forward(p: _Prepared, h0: torch.Tensor | None, chunk_len: int,
 
 
 def _scan_backward(p: _Prepared, states: torch.Tensor, gy: torch.Tensor, g_final: torch.Tensor | None,
-                   chunk_len: int, need_B: bool, need_C: bool):
+                   interval: int, need_B: bool, need_C: bool):
     """Gradients of sum(gy * <C, h>) + sum(g_final * h_last) through the recurrence.
 
     Args:
-        states: (c, b, g, n, e) chunk-entry states from the forward.
+        states: (c, b, g, n, e) interval-entry states from the forward.
         gy: (l, b, d) upstream gradient of <C_t, h_t>.   g_final: (b, g, n, e) or None.
     Returns:
         gdtx (l, b, d) w.r.t. dt' x; gdt_decay w.r.t. dt' through the decay, an (l, b, d) view of
@@ -198,7 +200,7 @@ def _scan_backward(p: _Prepared, states: torch.Tensor, gy: torch.Tensor, g_final
         gB, gC (l, b, g, n) or None, gh0 (b, g, n, e) w.r.t. the state before the first token.
     """
     l, b, g, n, e = p.sizes
-    T = min(chunk_len, l)
+    T = min(interval, l)
     opts = dict(dtype=p.x.dtype, device=p.x.device)
     a_buf = torch.empty(T, b, g, n, e, **opts)
     h_buf = torch.empty(T + 1, b, g, n, e, **opts)  # h_buf[s] = h_{s-1}: the entry state, then h
@@ -212,16 +214,16 @@ def _scan_backward(p: _Prepared, states: torch.Tensor, gy: torch.Tensor, g_final
     gA = torch.zeros(g, n, e, **opts)
     gA_part = torch.empty(g, n, e, **opts)
     g_next = g_final
-    nchunks = (l + T - 1) // T
-    for ci in range(nchunks - 1, -1, -1):
+    nintervals = (l + T - 1) // T
+    for ci in range(nintervals - 1, -1, -1):
         c0 = ci * T
         c1 = min(c0 + T, l)
         t = c1 - c0
         rows = t * b * g
-        # recompute the chunk's forward from its entry state
-        a = _chunk_decay(p, c0, c1, a_buf[:t])
+        # recompute the interval's forward from its entry state
+        a = _interval_decay(p, c0, c1, a_buf[:t])
         h_buf[0].copy_(states[ci])
-        h = _chunk_input(p, c0, c1, h_buf[1:t + 1])
+        h = _interval_input(p, c0, c1, h_buf[1:t + 1])
         for s in range(t):
             h_steps[s + 1].addcmul_(a_steps[s], h_steps[s])
         gy_rows = gy[c0:c1].view(rows, 1, e)
@@ -233,7 +235,7 @@ def _scan_backward(p: _Prepared, states: torch.Tensor, gy: torch.Tensor, g_final
             gh_steps[t - 1].add_(g_next)
         for s in range(t - 2, -1, -1):
             gh_steps[s].addcmul_(a_steps[s + 1], gh_steps[s + 1])
-        g_next = write_into(carry, torch.mul, a_steps[0], gh_steps[0])  # gradient of the chunk's entry state
+        g_next = write_into(carry, torch.mul, a_steps[0], gh_steps[0])  # gradient of the interval's entry state
         if need_B:  # gB_t = sum over channels of gh_t dt'_t x_t
             write_into(gB[c0:c1].view(rows, 1, n), torch.bmm, p.dtx[c0:c1].view(rows, 1, e),
                        gh.view(rows, n, e).transpose(1, 2))
@@ -259,20 +261,20 @@ def _finish(p: _Prepared, y_ssm: torch.Tensor, D, z, out_dtype) -> tuple[torch.T
     return y, y_ssm
 
 
-class _SelectiveScanFn(torch.autograd.Function):
-    """Real A: forward keeps chunk-entry states only; backward recomputes chunk by chunk."""
+class _SelectiveScanTorchFunction(torch.autograd.Function):
+    """Real A: forward keeps interval-entry states only; backward recomputes interval by interval."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, seq_idx, chunk_len):
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, seq_idx, interval):
         p = _prepare(x, dt, A, B, C, dt_bias, dt_softplus, seq_idx)
         l, b, g, n, e = p.sizes
-        T = min(chunk_len, l)
+        T = min(interval, l)
         states = torch.empty((l + T - 1) // T, b, g, n, e, dtype=p.x.dtype, device=x.device)
         h0 = None if initial_state is None else _state_to_gne(initial_state, g, p.x.dtype)
         y_ssm, h_last = _scan_forward(p, h0, T, states)
         y, y_pre = _finish(p, y_ssm, D, z, x.dtype)
         ctx.set_materialize_grads(False)
-        ctx.dt_softplus, ctx.chunk_len = dt_softplus, T
+        ctx.dt_softplus, ctx.interval = dt_softplus, T
         ctx.dtypes = [None if t is None else t.dtype for t in (x, dt, B, C, dt_bias, initial_state)]
         # time-major compute-dtype copies, so that the backward redoes neither layout changes nor softplus
         ctx.save_for_backward(p.x, p.dt, p.dt_raw if dt_softplus else None, A, p.B, p.C, D, z, seq_idx, states,
@@ -287,7 +289,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         p = _prepared_from(x_, dt_, dt_raw, B_, C_, A, seq_idx)
         g = p.sizes[2]
         cdt = p.x.dtype
-        # gy: gradient w.r.t. the pre-gate output, time-major (the chunk bmm operands need it contiguous).
+        # gy: gradient w.r.t. the pre-gate output, time-major (the interval bmm operands need it contiguous).
         # Elementwise work below mixes (l, b, d) tensors with transposed (b, l, d) views instead of
         # copying layouts: every avoided 8 MB temporary saves its page faults as well as a pass.
         gy = torch.zeros_like(p.x) if gout is None else _time_major(gout, cdt)  # None: only the state is used
@@ -300,7 +302,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                 gz = sz.addcmul_(silu, sz, value=-1).add_(silu).mul_(y_pre.transpose(0, 1)).mul_(gy.transpose(0, 1))
             gy.mul_(silu.transpose(0, 1))
         g_final = None if gfinal is None else _state_to_gne(gfinal, g, cdt)
-        gdtx, gdt, gA, gB, gC, gh0 = _scan_backward(p, states, gy, g_final, ctx.chunk_len, need[3], need[4])
+        gdtx, gdt, gA, gB, gC, gh0 = _scan_backward(p, states, gy, g_final, ctx.interval, need[3], need[4])
         scratch = p.dtx  # (l, b, d), free once the scan's backward is done
         gdt.addcmul_(gdtx, p.x)  # d loss / d dt', in batch-major memory
         if ctx.dt_softplus:
@@ -324,8 +326,8 @@ class _SelectiveScanFn(torch.autograd.Function):
         )
 
 
-def _complex_chunk(h0, dt_c, x_c, B_c, C_c, keep_c, A, y_scale):
-    """One chunk of the recurrence in plain torch ops (autograd derives the complex backward).
+def _complex_interval(h0, dt_c, x_c, B_c, C_c, keep_c, A, y_scale):
+    """One interval of the recurrence in plain torch ops (autograd derives the complex backward).
 
     h0 (b, d, n) complex; dt_c, x_c (t, b, d); B_c, C_c (t, b, g, n); keep_c (t, b) or None.
     Returns y (t, b, d) real and the last state (b, d, n).
@@ -344,8 +346,8 @@ def _complex_chunk(h0, dt_c, x_c, B_c, C_c, keep_c, A, y_scale):
     return y_scale * torch.stack(ys), h
 
 
-class _RecomputedComplexChunk(torch.autograd.Function):
-    """A chunk that keeps only its inputs (views of the whole-sequence tensors, and its entry state);
+class _ComplexScanIntervalTorchFunction(torch.autograd.Function):
+    """An interval that keeps only its inputs (views of the whole-sequence tensors, and its entry state);
     the backward reruns it under autograd. torch.utils.checkpoint does the same, but its first call
     imports torch._dynamo, which costs seconds."""
 
@@ -353,23 +355,23 @@ class _RecomputedComplexChunk(torch.autograd.Function):
     def forward(ctx, h0, dt_c, x_c, B_c, C_c, keep_c, A, y_scale):
         ctx.y_scale = y_scale
         ctx.save_for_backward(h0, dt_c, x_c, B_c, C_c, keep_c, A)
-        return _complex_chunk(h0, dt_c, x_c, B_c, C_c, keep_c, A, y_scale)
+        return _complex_interval(h0, dt_c, x_c, B_c, C_c, keep_c, A, y_scale)
 
     @staticmethod
     def backward(ctx, gy, gh):
         need = ctx.needs_input_grad
         with torch.enable_grad():
             inputs = [None if t is None else t.detach().requires_grad_(r) for t, r in zip(ctx.saved_tensors, need)]
-            y, h = _complex_chunk(*inputs, ctx.y_scale)
+            y, h = _complex_interval(*inputs, ctx.y_scale)
             wrt = [t for t in inputs if t is not None and t.requires_grad]
             grads = iter(torch.autograd.grad((y, h), wrt, (gy, gh), allow_unused=True))
         return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs) + (None,)
 
 
-def _complex_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, return_final_state, seq_idx, chunk_len):
-    """Complex A (or complex B / C): chunked recurrence, each chunk recomputed in the backward.
+def _complex_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, return_final_state, seq_idx, interval):
+    """Complex A (or complex B / C): recurrence in checkpoint intervals, each interval recomputed in the backward.
 
-    Memory kept for the backward: the entry state of each chunk plus (l, b, d)-sized inputs.
+    Memory kept for the backward: the entry state of each interval plus (l, b, d)-sized inputs.
     """
     real = compute_dtype(x.dtype)
     cplx = torch.complex128 if real == torch.float64 else torch.complex64
@@ -390,10 +392,10 @@ def _complex_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, ret
     track = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, dt, A, B, C, dt_bias, initial_state))
     ys = []
-    for c0 in range(0, seqlen, chunk_len):
-        c1 = min(c0 + chunk_len, seqlen)
+    for c0 in range(0, seqlen, interval):
+        c1 = min(c0 + interval, seqlen)
         args = (h, dt_[c0:c1], x_[c0:c1], B_[c0:c1], C_[c0:c1], None if keep is None else keep[c0:c1], A_, y_scale)
-        y_c, h = _RecomputedComplexChunk.apply(*args) if track else _complex_chunk(*args)
+        y_c, h = _ComplexScanIntervalTorchFunction.apply(*args) if track else _complex_interval(*args)
         ys.append(y_c)
     y = torch.cat(ys).transpose(0, 1)  # (b, l, d)
     if D is not None:
@@ -404,10 +406,10 @@ def _complex_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, ret
     if not return_final_state:
         return y
     final = h if A.is_complex() else h.real  # a real A keeps a real state (as the reference does)
-    return y, final.to(state_dtype(x.dtype, A.is_complex()))
+    return y, final.to(final_state_dtype(x.dtype, A.is_complex()))
 
 
-def selective_scan_chunked(
+def selective_scan_torch(
     x: torch.Tensor,
     dt: torch.Tensor,
     A: torch.Tensor,
@@ -421,16 +423,19 @@ def selective_scan_chunked(
     return_final_state: bool = False,
     seq_idx: torch.Tensor | None = None,
     *,
+    checkpoint_interval: int | None = None,
     chunk_len: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Selective scan in chunked PyTorch; same semantics as `selective_scan_reference` (validated inputs).
+    """Selective scan in PyTorch by checkpoint intervals; same semantics as `selective_scan_reference` (validated
+    inputs).
 
     Args:
         x, dt, z: (batch, seqlen, dim).   A: (dim, dstate), real or complex.
         B, C: (batch, seqlen, ngroups, dstate).   D, dt_bias: (dim,).
         initial_state: (batch, dim, dstate).   seq_idx: (batch, seqlen) nondecreasing ints.
-        chunk_len: steps per chunk, None for `default_chunk_len` (speed / memory trade-off only:
-            results do not depend on it beyond rounding).
+        checkpoint_interval: steps between the states kept for the backward (the former `chunk_len`, still
+            accepted with a DeprecationWarning), None for `default_checkpoint_interval` (speed / memory
+            trade-off only: results do not depend on it beyond rounding).
     Returns:
         y (batch, seqlen, dim) in x's dtype, and the final (batch, dim, dstate) state when asked
         (float32, float64 for float64 inputs, complex for complex A).
@@ -438,28 +443,30 @@ def selective_scan_chunked(
     Example:
         >>> x, dt = torch.randn(2, 64, 32), torch.rand(2, 64, 32)
         >>> A, B, C = -torch.rand(32, 16), torch.randn(2, 64, 1, 16), torch.randn(2, 64, 1, 16)
-        >>> y, h = selective_scan_chunked(x, dt, A, B, C, return_final_state=True)  # (2, 64, 32), (2, 32, 16)
+        >>> y, h = selective_scan_torch(x, dt, A, B, C, return_final_state=True)  # (2, 64, 32), (2, 32, 16)
     """
-    if chunk_len is None:
-        chunk_len = default_chunk_len(x.shape[0], x.shape[2], A.shape[1])
-    if chunk_len < 1:
-        raise ValueError(f"selective_scan_chunked: chunk_len must be >= 1, got {chunk_len}")
+    interval = renamed_argument("selective_scan_torch", "chunk_len", "checkpoint_interval", chunk_len,
+                                checkpoint_interval)
+    if interval is None:
+        interval = default_checkpoint_interval(x.shape[0], x.shape[2], A.shape[1])
+    if interval < 1:
+        raise ValueError(f"selective_scan_torch: checkpoint_interval must be >= 1, got {interval}")
     if x.shape[1] == 0:  # empty sequence: nothing to scan, the state passes through
         y = torch.empty_like(x)
         state = initial_state if initial_state is not None else x.new_zeros(x.shape[0], x.shape[2], A.shape[1])
-        return (y, state.to(state_dtype(x.dtype, A.is_complex()), copy=True)) if return_final_state else y
+        return (y, state.to(final_state_dtype(x.dtype, A.is_complex()), copy=True)) if return_final_state else y
     if A.is_complex() or B.is_complex() or C.is_complex():
         return _complex_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, return_final_state,
-                             seq_idx, chunk_len)
+                             seq_idx, interval)
     tracked = (x, dt, A, B, C, D, z, dt_bias, initial_state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked):
-        y, h_last = _SelectiveScanFn.apply(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, seq_idx,
-                                           chunk_len)
+        y, h_last = _SelectiveScanTorchFunction.apply(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus,
+                                                      seq_idx, interval)
         return (y, h_last) if return_final_state else y
-    # inference: no chunk-entry states to keep
+    # inference: no interval-entry states to keep
     p = _prepare(x, dt, A, B, C, dt_bias, dt_softplus, seq_idx)
     g = p.sizes[2]
     h0 = None if initial_state is None else _state_to_gne(initial_state, g, p.x.dtype)
-    y_ssm, h_last = _scan_forward(p, h0, chunk_len)
+    y_ssm, h_last = _scan_forward(p, h0, interval)
     y, _ = _finish(p, y_ssm, D, z, x.dtype)
     return (y, _state_from_gne(h_last)) if return_final_state else y

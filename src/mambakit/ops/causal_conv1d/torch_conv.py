@@ -85,7 +85,7 @@ def _final_window(x_BLD, init_BSD, seq_idx, width):
     return window if keep is None else window * keep.to(window.dtype)
 
 
-class _CausalConv1dTorch(torch.autograd.Function):
+class _CausalConv1dTorchFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, initial_state, seq_idx, silu: bool, return_final_state: bool):
         cdt = compute_dtype(x.dtype)
@@ -182,7 +182,7 @@ def causal_conv1d_torch(
     if seq_idx is not None and seq_idx.shape[1] == 0:
         seq_idx = None  # no tokens: nothing to separate
     silu = activation in ("silu", "swish")
-    return _CausalConv1dTorch.apply(x, weight, bias, initial_state, seq_idx, silu, return_final_state)
+    return _CausalConv1dTorchFunction.apply(x, weight, bias, initial_state, seq_idx, silu, return_final_state)
 
 
 def causal_conv1d_update_torch(

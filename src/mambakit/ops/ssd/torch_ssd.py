@@ -20,7 +20,7 @@ Layouts, chosen for the CPU's matmuls and to avoid copies:
   * the intra-chunk matmuls are head-major, (c, b, H, T, P); y and the gradients come back in the
     input's (b, L, H, P) layout by writing through permuted views (no transposing copies).
 
-`_SSDChunkFn` has a hand-written backward. It saves the inputs, y and the chunk-end states, and
+`_SSDTorchFunction` has a hand-written backward. It saves the inputs, y and the chunk-end states, and
 recomputes the (T, T) decay masks, so no (T, T) tensor outlives the forward. The gradient of the
 log-decays needs no (T, T) reduction (README.md derives it): per token and head,
     d acs_t = <dy_t, y_t> - dt_t <x_t, d(dt x)_t> + [t ends chunk k] <dh_k, h_k>.
@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..common import write_into
-from .reference import state_dtype
+from .reference import final_state_dtype
 
-__all__ = ["ssd_chunked"]
+__all__ = ["ssd_torch"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def _chunk_bwd(dy, dh_last, x, dt, A, B, C, D, has_h0, y, h_all, T, masks):
     return dx, ddt, dA, dB, dC, dD, dh0
 
 
-class _SSDChunkFn(torch.autograd.Function):
+class _SSDTorchFunction(torch.autograd.Function):
     """The chunked core with a recomputing backward; inputs padded to a multiple of T, in the compute dtype."""
 
     @staticmethod
@@ -380,7 +380,7 @@ def effective_dt_as(dt, dt_bias, dt_softplus, dt_limit, dtype):
 CPU_MAX_BLOCK = 64
 
 
-def ssd_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf),
+def ssd_torch(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf),
                 chunk_size=256, initial_state=None, return_final_state=False, seq_idx=None):
     """Chunked SSD; arguments as in `mambakit.ops.ssd` (B, C 4-D, inputs already validated).
 
@@ -391,10 +391,10 @@ def ssd_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
         y (b, L, H, P) in x's dtype, and the final state (b, H, P, N) (float32, float64 for float64 x) when asked.
 
     Example:
-        >>> y = ssd_chunked(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True, chunk_size=64)
+        >>> y = ssd_torch(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True, chunk_size=64)
     """
     b, L, H, P = x.shape
-    cd = state_dtype(x.dtype)  # compute dtype: float32, float64 for float64 inputs
+    cd = final_state_dtype(x.dtype)  # compute dtype: float32, float64 for float64 inputs
     if L == 0:  # nothing to scan: the state passes through unchanged
         h = x.new_zeros(b, H, P, B.shape[-1], dtype=cd) if initial_state is None else initial_state.to(cd)
         return (x.clone(), h) if return_final_state else x.clone()
@@ -415,7 +415,7 @@ def ssd_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
     else:
         x_p, dt_p = x_, dt_
     h0 = None if initial_state is None else initial_state.to(cd)
-    y, h_last = _SSDChunkFn.apply(x_p.contiguous(), dt_p.contiguous(), A.to(cd), B_.contiguous(), C_.contiguous(),
+    y, h_last = _SSDTorchFunction.apply(x_p.contiguous(), dt_p.contiguous(), A.to(cd), B_.contiguous(), C_.contiguous(),
                                   None if D is None else D.to(cd),
                                   h0, T, None if sidx is None else sidx.contiguous(), return_final_state)
     if pad:
@@ -425,4 +425,4 @@ def ssd_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
     y = y.to(x.dtype)
     if not return_final_state:
         return y
-    return y, h_last.to(state_dtype(x.dtype))
+    return y, h_last.to(final_state_dtype(x.dtype))

@@ -1,4 +1,4 @@
-"""The reference format (mamba_ssm's `MambaLMHeadModel`) and mambakit's own, which shares its config and names.
+"""The native formats, whose names are MambaLM's own: mambakit's and mamba_ssm's (`MambaLMHeadModel`).
 
     mambakit:   config.json (MambaConfig fields) + model.safetensors (a tied LM head stored once)
     mamba_ssm:  config.json (only mamba_ssm's fields) + pytorch_model.bin (every key, as mamba_ssm's
@@ -11,20 +11,17 @@ either weights file with either config.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 from ..models import MambaConfig, MambaLM
-from ..modules import MIXERS
+from ..models.mixers import mixer_defaults
 from .errors import CheckpointError
 from .io import CONFIG_NAME, remove_weight_files, write_json, write_safetensors, write_torch
 from .keymap import IDENTITY
 
-__all__ = ["KEY_MAP", "MIXERS", "config_from_dict", "check_mixer_args", "mixer_defaults", "mixer_args",
-           "save_reference"]
+__all__ = ["KEY_MAP", "config_from_dict", "check_mixer_args", "save_native"]
 
 KEY_MAP = IDENTITY
-_NOT_CONFIG = ("self", "d_model", "layer_idx", "device", "dtype")
 
 # mamba_ssm's MambaConfig fields (models/config_mamba.py): what its config.json may hold.
 MAMBA_SSM_FIELDS = ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg",
@@ -35,29 +32,17 @@ MAMBAKIT_ONLY_FIELDS = {"norm_epsilon": 1e-5}
 MAMBAKIT_ONLY_MIXER_ARGS = {"norm_ngroups": None, "norm_eps": 1e-5}
 
 
-def mixer_defaults(layer: str) -> dict:
-    """The configurable constructor arguments of mixer `layer` (a name in modules.MIXERS) and their defaults."""
-    params = inspect.signature(MIXERS[layer]).parameters
-    return {k: p.default for k, p in params.items() if k not in _NOT_CONFIG}
-
-
-def mixer_args(config: MambaConfig) -> dict:
-    """Every constructor argument of the config's mixer: its defaults overridden by ssm_cfg."""
-    return {**mixer_defaults(config.layer), **config.mixer_kwargs}
-
-
 def check_mixer_args(config: MambaConfig, source: str) -> None:
     """ssm_cfg may only hold arguments the mixer takes: name the others (TypeError deep in __init__ says less)."""
-    cls = MIXERS[config.layer]
     accepted = set(mixer_defaults(config.layer))
     unknown = sorted(set(config.mixer_kwargs) - accepted)
     if unknown:
-        raise CheckpointError(f"{source}: ssm_cfg holds {unknown}, which mambakit's {cls.__name__} does not take "
+        raise CheckpointError(f"{source}: ssm_cfg holds {unknown}, which mambakit's {config.layer} does not take "
                               f"(it takes {sorted(accepted)})")
 
 
 def config_from_dict(raw: dict, source: str) -> MambaConfig:
-    """MambaConfig from a reference (or mambakit) config.json dict, errors prefixed with `source`."""
+    """MambaConfig from a mamba_ssm (or mambakit) config.json dict, errors prefixed with `source`."""
     try:
         config = MambaConfig.from_dict(raw)
     except (TypeError, ValueError) as err:
@@ -86,7 +71,7 @@ def _mamba_ssm_config(config: MambaConfig) -> dict:
     return out
 
 
-def save_reference(model: MambaLM, directory: Path, format: str, max_shard_size: int | None = None) -> list[str]:
+def save_native(model: MambaLM, directory: Path, format: str, max_shard_size: int | None = None) -> list[str]:
     """Write config.json and the weights in the "mambakit" or "mamba_ssm" layout; returns the file names.
 
     max_shard_size (bytes) splits mambakit's safetensors into shards + index; mamba_ssm reads one file only.
