@@ -7,7 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["UsageError", "Parser", "check_writable_dir", "check_writable_file", "seed_type"]
+__all__ = ["UsageError", "Parser", "check_writable_dir", "check_writable_file", "seed_type", "non_negative_int",
+           "positive_int"]
 
 
 class UsageError(Exception):
@@ -86,4 +87,15 @@ def non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for sizes and counts that must be at least one (--max-steps, --batch-size, --seqlen, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value

@@ -6,9 +6,9 @@ import argparse
 import logging
 import signal
 import sys
-from pathlib import Path
 
 from .errors import Parser, UsageError
+from .loading import checkpoint_dir, load_model
 
 SUMMARY = "serve a checkpoint over HTTP with OpenAI's completions and chat completions APIs"
 
@@ -103,32 +103,12 @@ def main(model: str, host: str = "127.0.0.1", port: int = 8000, served_model_nam
         import uvicorn
     except ImportError:
         raise UsageError("mambakit serve needs FastAPI and uvicorn: pip install 'mambakit[serve]'") from None
-    import torch
-
-    from ..checkpoints import load_checkpoint_tokenizer, resolve_checkpoint
-    from ..checkpoints.hub import looks_like_hub_id
-    from ..models import MambaLM
     from ..serving import Scheduler, create_app
     from ..serving.chat import load_chat_template
-    from ..training import resolve_device
 
-    directory = Path(model)
-    if not directory.is_dir() and not looks_like_hub_id(model):
-        raise UsageError(f"model directory not found: {model}")
-    directory = resolve_checkpoint(model)  # a Hub id: its snapshot in huggingface_hub's cache
-    if not (directory / "config.json").is_file():
-        raise UsageError(f"no config.json in {model}: not a model directory (train one with `mambakit train`)")
-    try:
-        dev = resolve_device(device)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    if dtype == "auto":
-        dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    tokenizer = load_checkpoint_tokenizer(directory)
-    lm = MambaLM.from_pretrained(directory, dtype=getattr(torch, dtype), device=dev).eval()
-    if tokenizer.vocab_size > lm.config.padded_vocab_size:
-        raise UsageError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the model's "
-                         f"({lm.config.padded_vocab_size}): they do not belong together")
+    directory = checkpoint_dir(model)
+    loaded = load_model(directory, device, dtype)
+    lm, tokenizer, dev = loaded.lm.eval(), loaded.tokenizer, loaded.device
     # the scheduler thread and the HTTP event loop share the GIL: at the default 5 ms switch interval one
     # waits up to 5 ms whenever the other runs Python, longer than a decode step
     sys.setswitchinterval(0.0005)
