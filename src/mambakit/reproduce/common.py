@@ -191,23 +191,52 @@ class Run:
         Returns the trained model in eval mode, or None when the time budget ran out first (the training
         state is then saved for --resume). logits_to_keep: only the last k positions are scored (0: all).
         bf16 autocast on CUDA when `autocast`. A model finished with fewer steps than asked for trains on from
-        its saved state (and its cached evaluations are dropped).
+        its saved state (and its cached evaluations are dropped). The loop is `fit`'s.
+        """
+        vocab = spec.config.vocab_size
+
+        def loss(model: torch.nn.Module, batch: SyntheticBatch) -> torch.Tensor:
+            logits = model(batch.inputs, logits_to_keep=logits_to_keep)
+            targets = batch.targets[:, -logits_to_keep:] if logits_to_keep else batch.targets
+            return masked_loss(logits, targets, vocab)
+
+        # a MambaLM, or a TransformerLM for a TransformerConfig
+        return self.fit(spec.key, lambda: build_model(spec.config, device=self.device), spec.train, make_batch, loss,
+                        load=lambda folder: MambaLM.from_pretrained(folder / "model", device=self.device),
+                        save=lambda model, folder: model.save_pretrained(folder / "model"), autocast=autocast)
+
+    def fit(self, key: str, build: Callable[[], torch.nn.Module], settings: TrainSettings,
+            make_batch: Callable[[int, torch.Generator], object],
+            loss_fn: Callable[[torch.nn.Module, object], torch.Tensor], *,
+            load: Callable[[Path], torch.nn.Module], save: Callable[[torch.nn.Module, Path], None],
+            autocast: bool = True) -> torch.nn.Module | None:
+        """The resumable training loop of any model (`train` for LMs, `dna_audio_common.train_module` for others).
+
+        build() makes the model (after torch.manual_seed(settings.seed)); make_batch(step, generator) gives the
+        batch of a step as a pure function of it (a resumed run sees the batches an uninterrupted one would): a
+        SyntheticBatch or a tuple of tensors, moved to the run's device; loss_fn(model, batch) its loss, run
+        under bf16 autocast on CUDA when `autocast`. The AdamW, warmup and schedule are `settings`' (--steps
+        overrides the step count); the training state lives in _state/<key>/train.pt. When done, save(model,
+        folder) stores the weights and done.json the record; a later call load(folder)s them instead.
+
+        Returns the model in eval mode, or None when the time budget ran out first (state saved for --resume).
         """
         from ..training import build_optimizer, lr_at
 
-        folder = self.state / spec.key
-        settings = spec.train if self.steps_override is None else dataclasses.replace(spec.train, steps=self.steps_override)
+        folder = self.state / key
+        if self.steps_override is not None:
+            settings = dataclasses.replace(settings, steps=self.steps_override)
         done = _read_json(folder / "done.json")
         if done is not None and done["steps"] >= settings.steps:
-            return MambaLM.from_pretrained(folder / "model", device=self.device).eval()
+            return load(folder).eval()
         if self.out_of_time():
             return None
         if done is not None:  # extending a finished model: its evaluations are out of date
             (folder / "done.json").unlink()
-            shutil.rmtree(self.state / "evals" / spec.key, ignore_errors=True)
+            shutil.rmtree(self.state / "evals" / key, ignore_errors=True)
         cfg = settings.train_config()
         torch.manual_seed(settings.seed)
-        model = build_model(spec.config, device=self.device)  # a MambaLM, or a TransformerLM for a TransformerConfig
+        model = build().to(self.device)
         optimizer = build_optimizer(model, cfg)
         step, losses, train_s = 0, [], 0.0
         resume_file = folder / "train.pt"
@@ -216,34 +245,32 @@ class Run:
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             step, losses, train_s = saved["step"], saved["losses"], saved["train_s"]
-        vocab = spec.config.vocab_size
         use_autocast = autocast and self.device.type == "cuda"
         model.train()
-        bar = _progress(self.progress, total=settings.steps, initial=step, desc=f"{self.name} {spec.key}")
+        bar = _progress(self.progress, total=settings.steps, initial=step, desc=f"{self.name} {key}")
         t0 = time.monotonic()
         pending = []  # losses not yet read back (reading each step would sync the GPU every step)
         while step < settings.steps:
             if self.out_of_time():
                 break
-            batch = make_batch(step, torch.Generator().manual_seed(batch_seed(settings.seed, step))).to(self.device)
+            batch = make_batch(step, torch.Generator().manual_seed(batch_seed(settings.seed, step)))
+            batch = batch.to(self.device) if hasattr(batch, "to") else tuple(b.to(self.device) for b in batch)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                logits = model(batch.inputs, logits_to_keep=logits_to_keep)
-            targets = batch.targets[:, -logits_to_keep:] if logits_to_keep else batch.targets
-            loss = masked_loss(logits, targets, vocab)
+                loss = loss_fn(model, batch)
             loss.backward()
             if settings.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            pending.append(loss.detach())
+            pending.append(loss.detach().float())
             if step % settings.log_every == 0 or step == settings.steps:
                 value = float(torch.stack(pending).mean())
                 pending.clear()
                 if not math.isfinite(value):
-                    raise RuntimeError(f"{spec.key}: the training loss became {value} at step {step}")
+                    raise RuntimeError(f"{key}: the training loss became {value} at step {step}")
                 losses.append([step, value])
                 bar.set_postfix(loss=f"{value:.4f}")
             bar.update(1)
@@ -255,7 +282,7 @@ class Run:
         if step < settings.steps:
             return None
         model.eval()
-        model.save_pretrained(folder / "model")
+        save(model, folder)
         _write_json(folder / "done.json", {"steps": step, "train_s": train_s, "losses": losses,
                                            "final_loss": losses[-1][1] if losses else None,
                                            "params": sum(p.numel() for p in model.parameters())})
