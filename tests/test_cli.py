@@ -77,7 +77,7 @@ USER_ERRORS = [
     pytest.param(["generate", "--model", "{tmp}", "--temperature", "-1"], "mambakit generate: error: argument --temperature",
                  id="bad-temperature"),
     pytest.param(["generate", "--model", "{tmp}", "--batch-size", "0"],
-                 "mambakit generate: error: argument --batch-size: expected an integer >= 1", id="bad-batch-size"),
+                 "mambakit generate: error: argument --batch-size: expected a positive integer", id="bad-batch-size"),
     pytest.param(["generate", "--model", "{tmp}", "--output", "{tmp}/out.jsonl"],
                  "mambakit generate: error: --output needs --prompts-file", id="output-without-prompts-file"),
     pytest.param(["generate", "--model", "{tmp}", "--prompt", "x", "--prompts-file", "{tmp}/notes.csv"],

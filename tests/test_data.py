@@ -186,6 +186,35 @@ def test_fasta_records_are_documents(tmp_path, suffix):
     assert [(d.name, d.text) for d in docs] == [(f"{path}:chr1", "ACGTacgn"), (f"{path}:chr2", "TTTT")]
 
 
+@pytest.mark.parametrize("suffix, content, texts", [
+    pytest.param(".fa.xz", ">chr1 x\nACGT\n>chr2\nTT\n", ["ACGT", "TT"], id="fa-xz"),
+    pytest.param(".fna.bz2", ">chr1 x\nACGT\n>chr2\nTT\n", ["ACGT", "TT"], id="fna-bz2"),
+    pytest.param(".txt.xz", "alpha\n", ["alpha\n"], id="txt-xz"),
+    pytest.param(".jsonl.bz2", '{"text": "one"}\n', ["one"], id="jsonl-bz2"),
+])
+def test_xz_and_bz2_files_are_read_as_gz_files_are(tmp_path, suffix, content, texts):
+    """`mambakit train --data genome.fa.xz` (no --task dna) reads through load_documents: .xz and .bz2 are
+    decompressed by suffix as .gz is, given alone and found inside a directory."""
+    import bz2
+    import lzma
+
+    opener = lzma.open if suffix.endswith(".xz") else bz2.open
+    path = tmp_path / "data" / f"g{suffix}"
+    path.parent.mkdir()
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.write(content)
+    assert [d.text for d in load_documents(path)] == texts
+    assert [d.text for d in load_documents(path.parent)] == texts
+
+
+@pytest.mark.parametrize("suffix", [pytest.param(".fa.xz", id="xz"), pytest.param(".fa.bz2", id="bz2")])
+def test_corrupt_xz_or_bz2_file_is_a_data_error(tmp_path, suffix):
+    path = tmp_path / f"g{suffix}"
+    path.write_bytes(b"not compressed at all")
+    with pytest.raises(DataError, match=r"cannot read"):
+        load_documents(path)
+
+
 def test_fasta_without_header_is_an_error(tmp_path):
     (tmp_path / "g.fa").write_text("ACGT\n>chr1\nAC\n")
     with pytest.raises(DataError, match=r"g\.fa:1: FASTA sequence data before the first '>'"):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from mambakit.modules import Mamba2
 from mambakit.ops import use_backend
-from mambakit.ops import mamba2_inner
+from mambakit.ops import GatedNormSpec, mamba2_inner
 from tests.conftest import DEVICE
 from tests.helpers import assert_close, low_precision_tolerance, run_with_grads, saved_bytes
 
@@ -59,10 +59,17 @@ def make_inputs(b=2, L=40, H=4, P=8, G=1, N=8, M=16, W=4, *, conv_bias=True, D="
     return inp, opts
 
 
+def _call(norm_weight=None, norm=None, **kw):
+    """mamba2_inner with the norm weight (a leaf the gradients are taken of) and the norm's other settings
+    (`norm`: a dict of GatedNormSpec fields) bundled into the one GatedNormSpec the op takes."""
+    spec = None if norm_weight is None else GatedNormSpec(norm_weight, **(norm or {}))
+    return mamba2_inner(norm=spec, **kw)
+
+
 def _run(inp, opts, backend, upstream):
     """out_proj's output and the gradient of every given float input."""
     names = [k for k in GRADS if inp.get(k) is not None]
-    outs, grads = run_with_grads(lambda **kw: mamba2_inner(**kw, **opts, backend=backend), inp, [upstream], names)
+    outs, grads = run_with_grads(lambda **kw: _call(**kw, **opts, backend=backend), inp, [upstream], names)
     return outs[0], grads
 
 
@@ -73,11 +80,11 @@ def _float64(inp):
 # batch 1 except where packed documents need two rows: the interpreter runs every program in turn
 CASES = [
     pytest.param(dict(b=1), dict(), id="norm-D-per-head"),
-    pytest.param(dict(G=2, D="channel", seq=True), dict(norm_group_size=8),
+    pytest.param(dict(G=2, D="channel", seq=True), dict(norm=dict(group_size=8)),
                  id="ngroups-2-D-per-channel-norm-groups-packed-docs"),
     pytest.param(dict(b=1, norm=False, conv_bias=False, out_bias=False), dict(dt_limit=(0.05, 1.2)),
                  id="no-norm-z-gates-ssd-dt-limit-no-biases"),
-    pytest.param(dict(b=1), dict(norm_before_gate=True, norm_group_size=16, dt_limit=(0.0, 0.5)),
+    pytest.param(dict(b=1), dict(norm=dict(norm_before_gate=True, group_size=16), dt_limit=(0.0, 0.5)),
                  id="norm-before-gate-norm-groups-dt-limit"),
 ]
 
@@ -183,15 +190,16 @@ BAD = [
     pytest.param(dict(A=torch.randn(4).half()), r"A must have dtype", id="A-dtype"),
     pytest.param(dict(dt_bias=torch.randn(5)), r"dt_bias must have shape \(nheads=4\)", id="dt-bias"),
     pytest.param(dict(D=torch.randn(4, 7)), r"D must have shape \(nheads=4, headdim=8\)", id="D-per-channel"),
-    pytest.param(dict(norm_weight=torch.randn(31)), r"norm_weight must have shape \(d_ssm=32\)", id="norm-weight"),
+    pytest.param(dict(norm_weight=torch.randn(31)), r"norm.weight must have shape \(d_ssm=32\)", id="norm-weight"),
     pytest.param(dict(out_proj_weight=torch.randn(16, 31)), r"out_proj_weight must have shape", id="out-proj-weight"),
     pytest.param(dict(out_proj_bias=torch.randn(15)), r"out_proj_bias must have shape \(d_model=16\)",
                  id="out-proj-bias"),
     pytest.param(dict(headdim=0), r"headdim must be a positive int", id="headdim-0"),
     pytest.param(dict(ngroups=3, d_state=8), r"ngroups=3 must divide nheads=4", id="ngroups"),
-    pytest.param(dict(norm_group_size=5), r"norm_group_size must be a positive int dividing d_ssm=32",
-                 id="norm-group-size"),
-    pytest.param(dict(norm_eps=-1.0), r"norm_eps must be >= 0", id="norm-eps"),
+    pytest.param(dict(norm=dict(group_size=5)), r"norm.group_size=5 must divide d_ssm=32", id="norm-group-size"),
+    pytest.param(dict(norm=dict(eps=-1.0)), r"GatedNormSpec: eps must be >= 0", id="norm-eps"),
+    pytest.param(dict(norm=dict(group_size=0)), r"GatedNormSpec: group_size must be a positive int",
+                 id="norm-group-size-0"),
     pytest.param(dict(chunk_size=0), r"chunk_size must be a positive int", id="chunk-size"),
     pytest.param(dict(dt_limit=(1.0, 0.5)), r"dt_limit must be \(low, high\)", id="dt-limit"),
     pytest.param(dict(seq_idx=torch.tensor([[0, 1, 1, 0, 2, 2, 2, 2]], dtype=torch.int32)), r"nondecreasing",
@@ -205,13 +213,32 @@ BAD = [
 def test_mamba2_inner_rejects_bad_input(change, match):
     inp, opts = _bad(**{k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in change.items()})
     with pytest.raises(ValueError, match=match):
+        _call(**inp, **opts)
+
+
+def test_mamba2_inner_rejects_loose_norm_weight():
+    """The norm is one GatedNormSpec: a bare weight tensor in its place is refused by name."""
+    inp, opts = make_inputs(b=1, L=8)
+    inp["norm"] = inp.pop("norm_weight")
+    with pytest.raises(ValueError, match=r"mamba2_inner: norm must be a GatedNormSpec or None, got Tensor"):
         mamba2_inner(**inp, **opts)
+
+
+def test_module_norm_spec_carries_every_setting():
+    """RMSNormGated.spec() bundles the module's weight (the parameter itself: gradients reach it) and settings,
+    and applying the spec is the module's forward."""
+    layer = _module_pair(norm_before_gate=True, ngroups=2).double()
+    spec = layer.norm.spec()
+    assert spec.weight is layer.norm.weight
+    assert (spec.eps, spec.group_size, spec.norm_before_gate, spec.group) == (layer.norm.eps, 16, True, 16)
+    y, z = torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 5, 32, dtype=torch.float64)
+    assert_close(spec(y, z, backend="torch"), layer.norm(y, z), name="spec vs module", rel=1e-12)
 
 
 def test_mamba2_inner_triton_rejects_float64():
     inp, opts = make_inputs(b=1, L=8, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"backend 'triton' needs zxbcdt of dtype float32"):
-        mamba2_inner(**inp, **opts, backend="triton")
+        _call(**inp, **opts, backend="triton")
 
 
 # ---------------------------------------------------------------- GPU (-m gpu)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import Parser, UsageError
-from .train import _positive_int
+from .errors import Parser, UsageError, positive_int
 
 SUMMARY = "build a data set locally: spoken-digits (SC09-like '0'..'9' clips, synthesised with espeak-ng)"
 
@@ -23,8 +22,8 @@ def build_parser(prog: str = "mambakit data") -> Parser:
     p = Parser(prog=prog, description=SUMMARY, epilog=EXAMPLES)
     p.add_argument("name", choices=["spoken-digits"], metavar="NAME", help="spoken-digits")
     p.add_argument("--out", metavar="DIR", help="where to write it (default: ~/.cache/mambakit/spoken-digits)")
-    p.add_argument("--speakers", type=_positive_int, metavar="N", help="use N of the 280 speakers (default all)")
-    p.add_argument("--takes", type=_positive_int, default=2, metavar="K", help="clips per speaker and digit (default 2)")
+    p.add_argument("--speakers", type=positive_int, metavar="N", help="use N of the 280 speakers (default all)")
+    p.add_argument("--takes", type=positive_int, default=2, metavar="K", help="clips per speaker and digit (default 2)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the speakers' rates and pitches")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p

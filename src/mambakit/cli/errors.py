@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["UsageError", "Parser", "check_writable_dir", "check_writable_file", "seed_type"]
+__all__ = ["UsageError", "Parser", "check_writable_dir", "check_writable_file", "seed_type", "int_at_least",
+           "non_negative_int", "positive_int"]
 
 
 class UsageError(Exception):
@@ -78,12 +80,28 @@ def seed_type(text: str) -> int:
     return value
 
 
-def non_negative_int(text: str) -> int:
-    """An argparse type for counts that may be zero (--top-k, --save-every, ...)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+def int_at_least(low: int, expected: str | None = None) -> Callable[[str], int]:
+    """An argparse type for integers >= `low`; its error says "expected <expected>, got '<text>'" (`expected`
+    defaults to "an integer >= <low>").
+
+    Example:
+        >>> parser.add_argument("--port", type=int_at_least(0))
+    """
+    expected = expected or f"an integer >= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+# counts that may be zero (--top-k, --save-every, ...)
+non_negative_int = int_at_least(0)
+# sizes and counts that must be at least one (--max-steps, --batch-size, --seqlen, ...)
+positive_int = int_at_least(1, "a positive integer")

@@ -9,9 +9,9 @@ import math
 import time
 from pathlib import Path
 
-from .errors import Parser, UsageError
+from .errors import Parser, UsageError, positive_int
 from .eval_tasks import add_task_arguments, run_tasks
-from .train import _positive_int
+from .loading import checkpoint_dir, load_model
 
 SUMMARY = "score a model on a text file or dataset (bits per byte, perplexity) or on lm-eval tasks"
 
@@ -41,11 +41,11 @@ def build_parser(prog: str = "mambakit eval") -> Parser:
     p.add_argument("--data", metavar="PATH",
                    help="a file, a directory of files, or a datasets directory (save_to_disk)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines of text")
-    p.add_argument("--seqlen", type=_positive_int, metavar="N",
+    p.add_argument("--seqlen", type=positive_int, metavar="N",
                    help="tokens per window (default: the model's training seqlen, else 2048)")
-    p.add_argument("--batch-size", type=_positive_int, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, metavar="N",
                    help="windows per forward (default: the model's training eval batch size, else 8)")
-    p.add_argument("--max-tokens", type=_positive_int, metavar="N", help="score only the first N tokens")
+    p.add_argument("--max-tokens", type=positive_int, metavar="N", help="score only the first N tokens")
     p.add_argument("--reset-at-eos", action=argparse.BooleanOptionalAction, default=None,
                    help="restart the state at each end-of-document token (default: as the model was trained; "
                         "on for models without a train_config.json)")
@@ -92,12 +92,8 @@ def main(model: str, data: str | None = None, json: bool = False, seqlen: int | 
 
     import torch
 
-    from ..checkpoints import load_checkpoint_tokenizer, resolve_checkpoint
-    from ..checkpoints.hub import looks_like_hub_id
     from ..data import load_token_streams
     from ..evaluation import evaluate_stream
-    from ..models import MambaLM
-    from ..training import resolve_device
 
     if (data is None) == (tasks is None):
         raise UsageError("give --data PATH (bits per byte on a file or dataset) or --tasks NAMES (lm-eval), one of them")
@@ -105,26 +101,15 @@ def main(model: str, data: str | None = None, json: bool = False, seqlen: int | 
         return run_tasks(model=model, tasks=tasks, device=device, batch_size=batch_size, **task_flags)
     if not Path(data).exists():
         raise UsageError(f"--data {data}: not found")
-    if not Path(model).is_dir() and not looks_like_hub_id(model):
-        raise UsageError(f"model directory not found: {model}")
-    directory = resolve_checkpoint(model)
-    if not (directory / "config.json").is_file():
-        raise UsageError(f"no config.json in {model}: not a model directory (train one with `mambakit train`)")
-    try:
-        dev = resolve_device(device)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    directory = checkpoint_dir(model)
     trained = _trained_settings(directory)
     seqlen = seqlen or trained.get("seqlen") or 2048
     batch_size = batch_size or trained.get("eval_batch_size") or 8
     if reset_at_eos is None:
         reset_at_eos = trained.get("reset_at_eos", True)
 
-    tokenizer = load_checkpoint_tokenizer(directory)
-    lm = MambaLM.from_pretrained(directory, device=dev)
-    if tokenizer.vocab_size > lm.config.padded_vocab_size:
-        raise UsageError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the model's "
-                         f"({lm.config.padded_vocab_size}): they do not belong together")
+    loaded = load_model(directory, device, dtype=None)  # the dtype the checkpoint loads in (float32 on CPU)
+    lm, tokenizer, dev = loaded.lm, loaded.tokenizer, loaded.device
     streams = load_token_streams(data, tokenizer, val_fraction=None, token_cache=token_cache, streaming=streaming,
                                  text_column=text_column, progress=progress)
     stream = streams.train  # val_fraction=None: every document, in order

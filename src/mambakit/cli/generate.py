@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import Parser, UsageError, check_writable_file, non_negative_int, seed_type
+from .errors import Parser, UsageError, check_writable_file, non_negative_int, positive_int, seed_type
+from .loading import checkpoint_dir, load_model
 
 SUMMARY = "generate text from a trained or converted checkpoint, streamed as it is produced"
 
@@ -59,13 +60,6 @@ def _float_in(lo: float, hi: float, lo_open: bool, hi_open: bool):
     return parse
 
 
-def _positive_int(text: str) -> int:
-    value = non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 def build_parser(prog: str = "mambakit generate") -> Parser:
     p = Parser(prog=prog, description=SUMMARY, epilog=EXAMPLES)
     p.add_argument("--model", required=True, metavar="DIR",
@@ -79,7 +73,7 @@ def build_parser(prog: str = "mambakit generate") -> Parser:
                    help="continue every line of FILE instead of --prompt (one prompt per line, UTF-8)")
     p.add_argument("--output", default=None, metavar="FILE",
                    help="with --prompts-file: write the JSON lines to FILE instead of stdout")
-    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=16, metavar="N",
                    help="with --prompts-file: prompts generated together (default 16)")
     p.add_argument("--max-new-tokens", type=non_negative_int, default=200, metavar="N", help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=_float_in(0, float("inf"), False, True), default=0.8, metavar="T",
@@ -147,16 +141,10 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
         mambakit generate --model runs/shakespeare --prompts-file prompts.txt --output out.jsonl
         mambakit generate --model runs/shakespeare --prompt "ROMEO" --quantize int8
     """
-    import torch
-
-    from ..checkpoints import load_checkpoint_tokenizer, resolve_checkpoint
-    from ..checkpoints.hub import looks_like_hub_id
     from ..data import IncrementalDecoder
     from ..data.chat import apply_chat_template
     from ..generation import stream
-    from ..models import MambaLM
     from ..modules.quantized import quantize_weights
-    from ..training import resolve_device
     from ..training.cpu_threads import CPUThreadGovernor
 
     if prompts_file is None and output is not None:
@@ -166,29 +154,14 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
     stops = [_unescape(s) for s in stop] if stop else None
     if stops is not None and not all(stops):
         raise UsageError("--stop needs a non-empty text")
-    directory = Path(model)
-    if not directory.is_dir() and not looks_like_hub_id(model):
-        raise UsageError(f"model directory not found: {model}")
-    directory = resolve_checkpoint(model, revision)  # a Hub id: its snapshot in huggingface_hub's cache
-    if not (directory / "config.json").is_file():
-        raise UsageError(f"no config.json in {model}: not a model directory (train one with `mambakit train`)")
+    directory = checkpoint_dir(model, revision)
     prompts = _read_prompts(prompts_file) if prompts_file is not None else None
     if output is not None:
         check_writable_file(output, "--output")  # before the model is loaded and anything is generated
-    try:
-        dev = resolve_device(device)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    if dtype == "auto":
-        dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    # also reads a Hugging Face folder's tokenizer (a CheckpointError, printed as a user error, if none)
-    tokenizer = load_checkpoint_tokenizer(directory)
-    lm = MambaLM.from_pretrained(directory, dtype=getattr(torch, dtype), device=dev)
+    loaded = load_model(directory, device, dtype)
+    lm, tokenizer, dev = loaded.lm, loaded.tokenizer, loaded.device
     if quantize != "none":
         quantize_weights(lm.eval(), quantize)
-    if tokenizer.vocab_size > lm.config.padded_vocab_size:
-        raise UsageError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the model's "
-                         f"({lm.config.padded_vocab_size}): they do not belong together")
     # every id that ends a reply (generation_config.json may list several), and the id a document starts with
     stop_ids = list(getattr(tokenizer, "stop_ids", ()) or ([] if tokenizer.eos_id is None else [tokenizer.eos_id]))
     first = getattr(tokenizer, "bos_id", None)

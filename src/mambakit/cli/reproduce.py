@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import shlex
 
-from .errors import Parser, UsageError
-from .train import _duration, _positive_int
+from .errors import Parser, UsageError, positive_int
+from .train import _duration
 
 SUMMARY = "rerun a paper's experiment (synthetic tasks, language models, DNA, audio; see --help) into results/NAME/"
 
@@ -36,7 +36,7 @@ def build_parser(prog: str = "mambakit reproduce") -> Parser:
     p.add_argument("--resume", action="store_true", help="continue the run saved in DIR/_state (else start over)")
     p.add_argument("--time-budget", type=_duration, metavar="T",
                    help="stop cleanly after T (600, 90s, 10m, 1.5h), saving the state; exit status 3")
-    p.add_argument("--steps", type=_positive_int, metavar="N", help="override every model's training steps")
+    p.add_argument("--steps", type=positive_int, metavar="N", help="override every model's training steps")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 

@@ -6,9 +6,9 @@ import argparse
 import logging
 import signal
 import sys
-from pathlib import Path
 
-from .errors import Parser, UsageError
+from .errors import Parser, UsageError, int_at_least
+from .loading import checkpoint_dir, load_model
 
 SUMMARY = "serve a checkpoint over HTTP with OpenAI's completions and chat completions APIs"
 
@@ -31,19 +31,6 @@ Needs the serve extra: pip install 'mambakit[serve]'."""
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-
-    return parse
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -58,26 +45,26 @@ def build_parser(prog: str = "mambakit serve") -> Parser:
     p = Parser(prog=prog, description=SUMMARY, epilog=EXAMPLES)
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (e.g. runs/shakespeare)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=_int_at_least(0), default=8000, help="TCP port (default 8000)")
+    p.add_argument("--port", type=int_at_least(0), default=8000, help="TCP port (default 8000)")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model name clients send (default: the directory's name)")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=_DTYPES, default="auto", help="weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--max-batch-size", type=_int_at_least(1), default=32, metavar="N",
+    p.add_argument("--max-batch-size", type=int_at_least(1), default=32, metavar="N",
                    help="cache slots: sequences decoded together (default 32)")
-    p.add_argument("--max-queue", type=_int_at_least(0), default=256, metavar="N",
+    p.add_argument("--max-queue", type=int_at_least(0), default=256, metavar="N",
                    help="requests waiting for a slot; more get HTTP 429 (default 256)")
-    p.add_argument("--max-model-len", type=_int_at_least(2), default=16384, metavar="N",
+    p.add_argument("--max-model-len", type=int_at_least(2), default=16384, metavar="N",
                    help="prompt + new tokens allowed per sequence (default 16384)")
-    p.add_argument("--prefill-chunk", type=_int_at_least(1), default=128, metavar="K",
+    p.add_argument("--prefill-chunk", type=int_at_least(1), default=128, metavar="K",
                    help="prompt tokens per prefill call, interleaved with decode steps; prefix states are kept "
                         "every K tokens (default 128)")
-    p.add_argument("--prefix-cache-mb", type=_int_at_least(0), default=512, metavar="MB",
+    p.add_argument("--prefix-cache-mb", type=int_at_least(0), default=512, metavar="MB",
                    help="memory for stored prefix states, least recently used evicted first; 0 disables (default 512)")
-    p.add_argument("--decode-steps", type=_int_at_least(1), default=None, metavar="k",
+    p.add_argument("--decode-steps", type=int_at_least(1), default=None, metavar="k",
                    help="decode steps per host round trip: the host reads tokens once per k steps, a finished "
                         "sequence may compute up to k-1 tokens for nothing (default: 8 on CUDA, 1 on CPU)")
-    p.add_argument("--max-prefill-tokens", type=_int_at_least(1), default=8192, metavar="N",
+    p.add_argument("--max-prefill-tokens", type=int_at_least(1), default=8192, metavar="N",
                    help="prompt tokens of several requests prefilled in one call (default 8192)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="replay the decode step from CUDA graphs at batch sizes 1, 2, 4, ... (CUDA only; default on)")
@@ -103,32 +90,12 @@ def main(model: str, host: str = "127.0.0.1", port: int = 8000, served_model_nam
         import uvicorn
     except ImportError:
         raise UsageError("mambakit serve needs FastAPI and uvicorn: pip install 'mambakit[serve]'") from None
-    import torch
-
-    from ..checkpoints import load_checkpoint_tokenizer, resolve_checkpoint
-    from ..checkpoints.hub import looks_like_hub_id
-    from ..models import MambaLM
     from ..serving import Scheduler, create_app
     from ..serving.chat import load_chat_template
-    from ..training import resolve_device
 
-    directory = Path(model)
-    if not directory.is_dir() and not looks_like_hub_id(model):
-        raise UsageError(f"model directory not found: {model}")
-    directory = resolve_checkpoint(model)  # a Hub id: its snapshot in huggingface_hub's cache
-    if not (directory / "config.json").is_file():
-        raise UsageError(f"no config.json in {model}: not a model directory (train one with `mambakit train`)")
-    try:
-        dev = resolve_device(device)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    if dtype == "auto":
-        dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    tokenizer = load_checkpoint_tokenizer(directory)
-    lm = MambaLM.from_pretrained(directory, dtype=getattr(torch, dtype), device=dev).eval()
-    if tokenizer.vocab_size > lm.config.padded_vocab_size:
-        raise UsageError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the model's "
-                         f"({lm.config.padded_vocab_size}): they do not belong together")
+    directory = checkpoint_dir(model)
+    loaded = load_model(directory, device, dtype)
+    lm, tokenizer, dev = loaded.lm.eval(), loaded.tokenizer, loaded.device
     # the scheduler thread and the HTTP event loop share the GIL: at the default 5 ms switch interval one
     # waits up to 5 ms whenever the other runs Python, longer than a decode step
     sys.setswitchinterval(0.0005)

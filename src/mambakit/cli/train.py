@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import Parser, UsageError, check_writable_dir, non_negative_int, seed_type
+from .errors import Parser, UsageError, check_writable_dir, non_negative_int, positive_int, seed_type
 
 SUMMARY = "train a Mamba language model (default: byte-level, on the built-in Shakespeare corpus)"
 
@@ -48,7 +48,7 @@ examples:
       torch.distributed.checkpoint, which resume on any number of processes with the same global batch
 
 data: .txt/.md, .jsonl ("text" field), .parquet ("text" column, needs pyarrow), FASTA (.fa/.fasta/.fna),
-each optionally .gz, or a directory of them. Without --data, the built-in Shakespeare corpus.
+each optionally .gz, .xz or .bz2, or a directory of them. Without --data, the built-in Shakespeare corpus.
 
 checkpoints: DIR/checkpoints/step-N/ (complete units, the newest --keep-checkpoints kept), the newest
 model (and its config.yaml) also at the top of DIR for `mambakit generate --model DIR`. DIR/metrics.jsonl
@@ -56,16 +56,6 @@ gets a record every --log-every steps (loss, lr, grad_norm, tokens_per_s; eval_b
 evaluations), DIR/metrics.png the curves at the end (`mambakit plot DIR` redraws them). Ctrl-C or SIGTERM saves one and
 exits (130 / 143); a second Ctrl-C exits at once. A NaN or infinite loss stops the run (exit 1)
 without saving over the last good checkpoint, unless --skip-nonfinite."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _positive_float(text: str) -> float:
@@ -141,26 +131,26 @@ def build_parser(prog: str = "mambakit train") -> Parser:
     p.add_argument("--task", choices=("text", "dna"), help="text (default) or dna: FASTA genomes (--data, default "
                    "Debian's ragout-examples), one token per base (A C G T N), reverse-complement augmentation")
     p.add_argument("--out", "--out-dir", dest="out_dir", metavar="DIR", help="run directory (default: ./runs/<recipe>)")
-    p.add_argument("--max-steps", type=_positive_int, metavar="N", help="optimizer steps; the LR schedule spans them")
+    p.add_argument("--max-steps", type=positive_int, metavar="N", help="optimizer steps; the LR schedule spans them")
     p.add_argument("--time-budget", dest="time_budget_s", type=_duration, metavar="T",
                    help="stop gracefully (evaluate, save) after T: seconds, or 90s / 10m / 1.5h")
-    p.add_argument("--d-model", type=_positive_int, metavar="N", help="model width")
-    p.add_argument("--n-layer", type=_positive_int, metavar="N", help="number of Mamba blocks")
+    p.add_argument("--d-model", type=positive_int, metavar="N", help="model width")
+    p.add_argument("--n-layer", type=positive_int, metavar="N", help="number of Mamba blocks")
     p.add_argument("--layer", type=_layer_name, choices=("Mamba1", "Mamba2"),
                    help="mixer: Mamba1 (S6 scan) or Mamba2 (SSD); any case (mamba1, mamba-2) is accepted")
     p.add_argument("--arch", dest="layer", type=_layer_name, choices=("Mamba1", "Mamba2", "transformer++", "gpt3"),
                    help="the model: --layer's mixers, or a Transformer baseline: transformer++ (rotary, SwiGLU, "
                         "RMSNorm, no biases) or gpt3, with heads of the recipe's headdim")
-    p.add_argument("--seqlen", type=_positive_int, metavar="N", help="tokens per training window")
-    p.add_argument("--batch-size", type=_positive_int, metavar="N", help="windows per micro-step (per process)")
-    p.add_argument("--grad-accum", type=_positive_int, metavar="N",
+    p.add_argument("--seqlen", type=positive_int, metavar="N", help="tokens per training window")
+    p.add_argument("--batch-size", type=positive_int, metavar="N", help="windows per micro-step (per process)")
+    p.add_argument("--grad-accum", type=positive_int, metavar="N",
                    help="micro-steps per optimizer step: the numbers of an N times larger batch (default 1)")
     p.add_argument("--lr", type=_positive_float, metavar="LR", help="peak learning rate")
     p.add_argument("--seed", type=seed_type, metavar="S", help="seed for initialisation and data order")
     p.add_argument("--device", metavar="DEV", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--parallel", choices=("ddp", "fsdp"),
                    help="under torchrun: ddp (default) or fsdp (FSDP2, sharded checkpoints)")
-    p.add_argument("--log-every", type=_positive_int, metavar="N", help="steps between metrics.jsonl records")
+    p.add_argument("--log-every", type=positive_int, metavar="N", help="steps between metrics.jsonl records")
     p.add_argument("--save-every", type=non_negative_int, metavar="N",
                    help="steps between checkpoints (0: only at the end)")
     p.add_argument("--logger", choices=("none", "tensorboard"),
@@ -169,7 +159,7 @@ def build_parser(prog: str = "mambakit train") -> Parser:
     p.add_argument("--overwrite", action="store_true", help="start a new run in --out even if it holds one (deletes it)")
     p.add_argument("--skip-nonfinite", dest="on_nonfinite", action="store_const", const="skip",
                    help="skip a step whose loss or gradient norm is NaN or infinite instead of stopping the run")
-    p.add_argument("--keep-checkpoints", type=_positive_int, metavar="N",
+    p.add_argument("--keep-checkpoints", type=positive_int, metavar="N",
                    help="complete checkpoints kept in DIR/checkpoints (default 2)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
     p.add_argument("--recompute", action="store_const", const=True,

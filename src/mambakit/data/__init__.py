@@ -12,6 +12,7 @@ Typical use:
 """
 
 from .corpora import (
+    COMPRESSED_OPENERS,
     SHAKESPEARE_HELD_OUT,
     SUPPORTED_SUFFIXES,
     Document,
@@ -40,6 +41,7 @@ __all__ = [
     "IncrementalDecoder",
     "Document",
     "SUPPORTED_SUFFIXES",
+    "COMPRESSED_OPENERS",
     "SHAKESPEARE_HELD_OUT",
     "shakespeare_documents",
     "load_documents",

@@ -8,7 +8,7 @@ A corpus is a list of `Document(name, text)`. The held-out split works on whole 
   directions in `_..._`, two trailing spaces for a line break): that is the text being modelled.
 - User files (`load_documents`): .txt/.md (the whole file is one document), .jsonl (the "text"
   field of each line), .parquet (the "text" column; needs pyarrow), FASTA .fa/.fasta/.fna
-  (each record's sequence is a document), each optionally gzip-compressed (.gz), and
+  (each record's sequence is a document), each optionally compressed (.gz, .xz or .bz2), and
   directories (every supported file inside, recursively, in sorted order).
   `split_documents` holds out whole documents picked by a hash of their names; a corpus of one
   large document (a novel, a genome) holds out the tail of each document instead.
@@ -16,10 +16,12 @@ A corpus is a list of `Document(name, text)`. The held-out split works on whole 
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
 import importlib.util
 import json
+import lzma
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from .errors import DataError
 __all__ = [
     "Document",
     "SUPPORTED_SUFFIXES",
+    "COMPRESSED_OPENERS",
     "SHAKESPEARE_HELD_OUT",
     "shakespeare_documents",
     "load_documents",
@@ -42,6 +45,8 @@ SHAKESPEARE_HELD_OUT = ("tragedies/macbeth", "comedies/twelfth-night")
 _TEXT_SUFFIXES = (".txt", ".md")
 _FASTA_SUFFIXES = (".fa", ".fasta", ".fna")
 SUPPORTED_SUFFIXES = _TEXT_SUFFIXES + (".jsonl", ".parquet") + _FASTA_SUFFIXES
+# a final compression suffix is read through its decompressor (genomes ship as .fa.gz, .fna.xz, .fa.bz2)
+COMPRESSED_OPENERS = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
 
 
 @dataclass(frozen=True)
@@ -74,21 +79,21 @@ def shakespeare_documents() -> list[Document]:
 
 
 def _base_suffix(path: Path) -> str:
-    """The format suffix, looking through a final .gz: "genome.fa.gz" -> ".fa"."""
+    """The format suffix, looking through a final .gz, .xz or .bz2: "genome.fa.xz" -> ".fa"."""
     suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
+    if suffixes and suffixes[-1] in COMPRESSED_OPENERS:
         suffixes = suffixes[:-1]
     return suffixes[-1] if suffixes else ""
 
 
 def _read_text(path: Path) -> str:
-    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    opener = COMPRESSED_OPENERS.get(path.suffix.lower(), open)
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
-    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, lzma.LZMAError) as err:  # a corrupt or truncated archive (BadGzipFile is an OSError)
         raise DataError(f"{path}: cannot read ({err})") from err
 
 
@@ -160,7 +165,7 @@ def _read_file(path: Path) -> list[Document]:
         return list(_read_fasta(path))
     raise DataError(
         f"{path}: unsupported file type {suffix or '(no suffix)'!r}; expected one of {' '.join(SUPPORTED_SUFFIXES)} "
-        "(optionally .gz) or a directory"
+        "(optionally .gz, .xz or .bz2) or a directory"
     )
 
 
@@ -186,7 +191,7 @@ def load_documents(path: str | Path) -> list[Document]:
             if p.is_file() and _base_suffix(p) in SUPPORTED_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
         if not files:
-            raise DataError(f"{path}: no supported files inside (expected {' '.join(SUPPORTED_SUFFIXES)}, optionally .gz)")
+            raise DataError(f"{path}: no supported files inside (expected {' '.join(SUPPORTED_SUFFIXES)}, optionally .gz, .xz or .bz2)")
         docs = [d for f in files for d in _read_file(f)]
     docs = [d for d in docs if d.text]
     if not docs:

@@ -33,8 +33,6 @@ proportional to its usable length, then a start. Test windows never share a base
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import json
 import lzma
 from collections.abc import Iterator, Sequence
@@ -44,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .corpora import Document
+from .corpora import COMPRESSED_OPENERS, Document
 from .errors import DataError
 
 __all__ = [
@@ -54,7 +52,6 @@ __all__ = [
 ]
 
 FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fas")
-_OPENERS = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
 _LINE_LIMIT = 1 << 16  # readline's cap: a longer line comes in pieces, so one-line genomes stay bounded
 _HEADER_LIMIT = 1 << 16  # header text kept per record; the rest of an absurdly long header is dropped
 _SKIP = b" \t\r\n"
@@ -78,7 +75,7 @@ class FastaChunk:
 
 
 def _open_binary(path: Path):
-    opener = _OPENERS.get(path.suffix.lower(), open)
+    opener = COMPRESSED_OPENERS.get(path.suffix.lower(), open)
     return opener(path, "rb")
 
 
@@ -296,7 +293,7 @@ class Genome:
 def _fasta_files(path: Path) -> list[Path]:
     def is_fasta(p: Path) -> bool:
         suffixes = [s.lower() for s in p.suffixes]
-        if suffixes and suffixes[-1] in _OPENERS:
+        if suffixes and suffixes[-1] in COMPRESSED_OPENERS:
             suffixes = suffixes[:-1]
         return bool(suffixes) and suffixes[-1] in FASTA_SUFFIXES
 

@@ -186,12 +186,9 @@ class Mamba2(nn.Module):
         if cache is None and self.fused and self.d_mlp == 0 and self._fusable():
             return mamba2_inner(
                 zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias.float(),
-                -torch.exp(self.A_log.float()), self._D(), self.norm.weight if self.rmsnorm else None,
+                -torch.exp(self.A_log.float()), self._D(), self.norm.spec() if self.rmsnorm else None,
                 self.out_proj.weight, self.out_proj.bias, headdim=self.headdim, ngroups=self.ngroups,
-                d_state=self.d_state, chunk_size=self.chunk_size, dt_limit=self.dt_limit,
-                norm_eps=self.norm.eps if self.rmsnorm else 1e-5,
-                norm_group_size=self.norm.group_size if self.rmsnorm else None,
-                norm_before_gate=self.norm_before_gate, seq_idx=seq_idx)
+                d_state=self.d_state, chunk_size=self.chunk_size, dt_limit=self.dt_limit, seq_idx=seq_idx)
         batch, seqlen, _ = zxbcdt.shape
         z0, x0, z, xBC, dt = self._split_in_proj(zxbcdt)
         keep = cache is not None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import rms_norm
+from ..ops import GatedNormSpec, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -34,6 +34,13 @@ class RMSNormGated(nn.Module):
         self.group_size = group_size
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
 
+    def spec(self) -> GatedNormSpec:
+        """This norm as the one object the ops take (`ops.GatedNormSpec`): its weight parameter and settings."""
+        return GatedNormSpec(self.weight, eps=self.eps, group_size=self.group_size,
+                             norm_before_gate=self.norm_before_gate)
+
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        # the op directly, not through spec(): building and checking the spec costs microseconds per call, which a
+        # decode step outside a CUDA graph pays once per layer per token
         return rms_norm(x, self.weight, eps=self.eps, z=z, group_size=self.group_size,
                         norm_before_gate=self.norm_before_gate)

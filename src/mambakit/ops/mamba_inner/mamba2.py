@@ -6,7 +6,7 @@ K = S + 2 G N conv channels, E = 2 S + 2 G N + H in_proj width, W d_conv, T chun
     (z, xBC, dt) = zxbcdt                          (b, L, S), (b, L, K), (b, L, H)
     xBC = silu(causal_conv1d(xBC))                 then split into x (b, L, H, P), B, C (b, L, G, N)
     y = ssd(x, dt, A, B, C, D, dt_bias, softplus, dt_limit)     (gated by silu(z) inside when there is no norm)
-    y = rms_norm(y, norm_weight, z = z, group_size, norm_before_gate)
+    y = rms_norm(y, norm.weight, z = z, norm.group_size, norm.norm_before_gate)     norm: one GatedNormSpec
     out = y @ out_proj_weight^T + out_proj_bias    (b, L, M)
 
 Why one op: composed of the separate ops, a layer keeps for its backward in_proj's output (views of it),
@@ -44,7 +44,7 @@ from ..causal_conv1d import causal_conv1d
 from ..checks import ShapeChecker
 from ..common import autocast_dtype
 from ..dispatch import implementation
-from ..rms_norm import rms_norm
+from ..rms_norm import GatedNormSpec
 from ..ssd import ssd
 
 __all__ = ["mamba2_inner"]
@@ -68,8 +68,8 @@ def _views(zxbcdt: torch.Tensor, xBC: torch.Tensor | None, H: int, P: int, G: in
 # ----------------------------------------------------------------------------------------------
 
 
-def mamba2_inner_composed(*, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight,
-                          out_proj_bias, dims, chunk_size, dt_limit, norm_eps, norm_group, norm_before_gate, seq_idx,
+def mamba2_inner_composed(*, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm: GatedNormSpec | None,
+                          out_proj_weight, out_proj_bias, dims, chunk_size, dt_limit, seq_idx,
                           backend: str) -> torch.Tensor:
     """The op as the public ops in a row on `backend` (autograd through each): the module's unfused math."""
     H, P, G, N = dims
@@ -79,12 +79,11 @@ def mamba2_inner_composed(*, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm
     xBC = causal_conv1d(xBC, conv_weight, conv_bias, activation="silu", seq_idx=seq_idx, backend=backend)
     x, B, C = torch.split(xBC, [S, G * N, G * N], dim=-1)
     y = ssd(x.reshape(batch, seqlen, H, P), dt, A, B.reshape(batch, seqlen, G, N), C.reshape(batch, seqlen, G, N),
-            D=D, z=None if norm_weight is not None else z.reshape(batch, seqlen, H, P), dt_bias=dt_bias,
+            D=D, z=None if norm is not None else z.reshape(batch, seqlen, H, P), dt_bias=dt_bias,
             dt_softplus=True, dt_limit=dt_limit, chunk_size=chunk_size, seq_idx=seq_idx, backend=backend)
     y = y.reshape(batch, seqlen, S)
-    if norm_weight is not None:
-        y = rms_norm(y, norm_weight, eps=norm_eps, z=z, group_size=norm_group, norm_before_gate=norm_before_gate,
-                     backend=backend)
+    if norm is not None:
+        y = norm(y, z=z, backend=backend)
     return F.linear(y, out_proj_weight, out_proj_bias)
 
 
@@ -100,7 +99,7 @@ def mamba2_inner(
     dt_bias: torch.Tensor | None,
     A: torch.Tensor,
     D: torch.Tensor | None,
-    norm_weight: torch.Tensor | None,
+    norm: GatedNormSpec | None,
     out_proj_weight: torch.Tensor,
     out_proj_bias: torch.Tensor | None = None,
     *,
@@ -109,9 +108,6 @@ def mamba2_inner(
     d_state: int,
     chunk_size: int = 256,
     dt_limit: tuple[float, float] = (0.0, math.inf),
-    norm_eps: float = 1e-5,
-    norm_group_size: int | None = None,
-    norm_before_gate: bool = False,
     seq_idx: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -127,14 +123,14 @@ def mamba2_inner(
             squeezed); conv_bias: (same channels,) or None.
         dt_bias: (nheads,) or None.   A: (nheads,) float32 (= -exp(A_log)).   D: (nheads,), (nheads, headdim)
             or None.
-        norm_weight: (d_ssm,) gated RMSNorm weight; None means no norm: z then gates the SSD output
-            (y * silu(z)), as `Mamba2(rmsnorm=False)`.
+        norm: the gated RMSNorm as one `GatedNormSpec` (weight (d_ssm,), eps, group_size dividing d_ssm or
+            None for one group, norm_before_gate: norm(y) * silu(z) instead of norm(y * silu(z)));
+            `RMSNormGated.spec()` makes it from the module. None means no norm: z then gates the SSD
+            output (y * silu(z)), as `Mamba2(rmsnorm=False)`.
         out_proj_weight: (d_model, d_ssm).   out_proj_bias: (d_model,) or None.
         headdim, ngroups, d_state: nheads = A's length, d_ssm = nheads * headdim; ngroups divides nheads.
         chunk_size: the SSD's block length (the result does not depend on it beyond rounding).
-        dt_limit: (low, high) clamp of dt'.   norm_eps: the norm's epsilon.
-        norm_group_size: channels per norm group (None: one group over d_ssm); must divide d_ssm.
-        norm_before_gate: norm(y) * silu(z) instead of norm(y * silu(z)).
+        dt_limit: (low, high) clamp of dt'.
         seq_idx: (batch, seqlen) int, nondecreasing: packed documents (conv window and state restart).
         backend: None (Triton on CUDA, PyTorch otherwise), "reference", "torch" or "triton". "triton" is
             one autograd node that keeps zxbcdt and the SSD output only (see the file's docstring);
@@ -145,7 +141,7 @@ def mamba2_inner(
     Example:
         >>> layer = Mamba2(d_model=256, headdim=32, d_state=64)
         >>> out = mamba2_inner(layer.in_proj(u), layer.conv1d.weight[:, 0], layer.conv1d.bias,
-        ...                    layer.dt_bias, -torch.exp(layer.A_log.float()), layer.D, layer.norm.weight,
+        ...                    layer.dt_bias, -torch.exp(layer.A_log.float()), layer.D, layer.norm.spec(),
         ...                    layer.out_proj.weight, headdim=32, ngroups=1, d_state=64)   # (B, L, 256)
     """
     chk = ShapeChecker("mamba2_inner")
@@ -172,27 +168,23 @@ def mamba2_inner(
         chk.tensor("D", D, ("nheads", "headdim"))
     else:
         chk.tensor("D", D, ("nheads",), optional=True)
-    chk.tensor("norm_weight", norm_weight, ("d_ssm",), optional=True)
+    if norm is not None and not isinstance(norm, GatedNormSpec):
+        raise ValueError(f"mamba2_inner: norm must be a GatedNormSpec or None, got {type(norm).__name__}")
+    chk.tensor("norm.weight", None if norm is None else norm.weight, ("d_ssm",), optional=True)
     chk.tensor("out_proj_weight", out_proj_weight, ("d_model", "d_ssm"))
     chk.tensor("out_proj_bias", out_proj_bias, ("d_model",), optional=True)
     chk.seq_idx(seq_idx)
     S = H * P
-    if norm_group_size is not None and (not isinstance(norm_group_size, int) or norm_group_size < 1
-                                        or S % norm_group_size):
-        raise ValueError(f"mamba2_inner: norm_group_size must be a positive int dividing d_ssm={S}, "
-                         f"got {norm_group_size!r}")
-    if norm_eps < 0:
-        raise ValueError(f"mamba2_inner: norm_eps must be >= 0, got {norm_eps}")
+    if norm is not None and S % norm.group:
+        raise ValueError(f"mamba2_inner: norm.group_size={norm.group_size} must divide d_ssm={S}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"mamba2_inner: chunk_size must be a positive int, got {chunk_size!r}")
     if len(dt_limit) != 2 or not (0.0 <= dt_limit[0] <= dt_limit[1]):
         raise ValueError(f"mamba2_inner: dt_limit must be (low, high) with 0 <= low <= high, got {dt_limit}")
     name, fn = implementation("mamba2_inner", backend, zxbcdt.device, empty=zxbcdt.shape[1] == 0)
-    norm_group = S if norm_group_size is None else norm_group_size
     args = dict(zxbcdt=zxbcdt, conv_weight=conv_weight, conv_bias=conv_bias, dt_bias=dt_bias, A=A, D=D,
-                norm_weight=norm_weight, out_proj_weight=out_proj_weight, out_proj_bias=out_proj_bias,
-                dims=(H, P, G, N), chunk_size=chunk_size, dt_limit=tuple(dt_limit), norm_eps=norm_eps,
-                norm_group=norm_group, norm_before_gate=norm_before_gate, seq_idx=seq_idx)
+                norm=norm, out_proj_weight=out_proj_weight, out_proj_bias=out_proj_bias,
+                dims=(H, P, G, N), chunk_size=chunk_size, dt_limit=tuple(dt_limit), seq_idx=seq_idx)
     if name == "triton":
         amp = autocast_dtype(zxbcdt.device)
         if amp is None:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..causal_conv1d.triton_conv import causal_conv1d_bwd, causal_conv1d_fwd
 from ..common import autograd_op, fake_grads, pack_grads, unpack_grads
+from ..rms_norm import GatedNormSpec
 from ..rms_norm.triton_norm import rms_norm_bwd, rms_norm_fwd
 from ..ssd.triton_ssd import kernel_chunk, ssd_triton_backward, ssd_triton_forward, ssd_triton_intermediates
 from .mamba2 import _views
@@ -168,9 +169,12 @@ _mamba2_inner_op = autograd_op("Mamba2Inner", _mamba2_inner_fwd_impl, _mamba2_in
                                _mamba2_inner_backward, _mamba2_inner_bwd_impl, _mamba2_inner_bwd)
 
 
-def mamba2_inner_triton(*, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight, out_proj_bias,
-                         dims, chunk_size, dt_limit, norm_eps, norm_group, norm_before_gate, seq_idx):
-    """Normalise layouts and dtypes (float32 parameters: the kernels' accumulators) and apply the node."""
+def mamba2_inner_triton(*, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm: GatedNormSpec | None, out_proj_weight,
+                        out_proj_bias, dims, chunk_size, dt_limit, seq_idx):
+    """Normalise layouts and dtypes (float32 parameters: the kernels' accumulators) and apply the node.
+
+    The custom op's schema takes only tensors and scalars, so the norm spec is unpacked here, in this one
+    place, into its weight and (eps, group, norm_before_gate); without a norm those are unused placeholders."""
     if zxbcdt.dtype not in _TRITON_DTYPES:
         raise ValueError(f"mamba2_inner: backend 'triton' needs zxbcdt of dtype float32, bfloat16 or float16, got "
                          f"{zxbcdt.dtype} (use backend='torch' for float64)")
@@ -186,9 +190,11 @@ def mamba2_inner_triton(*, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_w
     A = A.float()
     D = D.float().contiguous() if D is not None else None
     dt_bias = dt_bias.float().contiguous() if dt_bias is not None else None
-    norm_weight = norm_weight.contiguous() if norm_weight is not None else None
+    norm_weight = norm.weight.contiguous() if norm is not None else None
+    norm_eps, norm_group, norm_before_gate = (1e-5, dims[0] * dims[1], False) if norm is None else (
+        float(norm.eps), norm.group, norm.norm_before_gate)
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     out, _ = _mamba2_inner_op(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight,
-                               out_proj_bias, seq_idx, list(dims), T, [lo, hi], float(norm_eps), norm_group,
+                               out_proj_bias, seq_idx, list(dims), T, [lo, hi], norm_eps, norm_group,
                                norm_before_gate)
     return out

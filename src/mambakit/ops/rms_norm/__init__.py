@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..checks import ShapeChecker
 from ..dispatch import implementation
 
-__all__ = ["rms_norm", "add_rms_norm"]
+__all__ = ["GatedNormSpec", "rms_norm", "add_rms_norm"]
 
 
 def rms_norm(
@@ -90,3 +92,50 @@ def add_rms_norm(
         t is not None and t.requires_grad for t in (x, residual, weight))
     _, fn = implementation("add_rms_norm", backend, x.device, needs_grad=needs_grad)
     return fn(x, residual, weight, eps=eps, residual_dtype=residual_dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class GatedNormSpec:
+    """Mamba-2's gated RMSNorm as one value: what the fused mixer op needs of the norm, and nothing loose.
+
+    The fused op (`mamba2_inner`), its composed and Triton backends and the `Mamba2` module pass this one
+    object instead of weight, eps, group size and gate order as separate arguments, so that none of them
+    can be dropped or swapped on the way to the kernels (`RMSNormGated.spec()` builds it from the module).
+
+    Fields:
+        weight: (hidden,) the norm's scale (a parameter: gradients flow to it through the ops).
+        eps: added to the mean square, >= 0.
+        group_size: channels per normalisation group, dividing hidden; None means one group.
+        norm_before_gate: False computes norm(x * silu(z)) (Mamba-2's default), True norm(x) * silu(z).
+
+    Example:
+        >>> norm = GatedNormSpec(torch.ones(256), eps=1e-5, group_size=128)
+        >>> y = norm(torch.randn(2, 10, 256), z=torch.randn(2, 10, 256))   # (2, 10, 256)
+    """
+
+    weight: torch.Tensor
+    eps: float = 1e-5
+    group_size: int | None = None
+    norm_before_gate: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weight, torch.Tensor) or self.weight.dim() != 1:
+            raise ValueError(f"GatedNormSpec: weight must be a tensor of shape (hidden,), got "
+                             f"{getattr(self.weight, 'shape', type(self.weight))}")
+        if self.eps < 0:
+            raise ValueError(f"GatedNormSpec: eps must be >= 0, got {self.eps}")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)
+                                            or self.group_size < 1):
+            raise ValueError(f"GatedNormSpec: group_size must be a positive int or None, got {self.group_size!r}")
+        if not isinstance(self.norm_before_gate, bool):
+            raise ValueError(f"GatedNormSpec: norm_before_gate must be a bool, got {self.norm_before_gate!r}")
+
+    @property
+    def group(self) -> int:
+        """Channels per group, the whole width when `group_size` is None."""
+        return self.weight.shape[0] if self.group_size is None else self.group_size
+
+    def __call__(self, x: torch.Tensor, z: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+        """`rms_norm(x, weight, eps, z, group_size, norm_before_gate, backend)`: x, z (..., hidden) -> (..., hidden)."""
+        return rms_norm(x, self.weight, eps=self.eps, z=z, group_size=self.group_size,
+                        norm_before_gate=self.norm_before_gate, backend=backend)
