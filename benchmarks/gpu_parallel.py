@@ -14,12 +14,12 @@ steps. Cases:
     plain           one process, no wrapper; bf16 autocast, fp32 parameters, fused AdamW
     ddp             DistributedDataParallel; the same numerics
     fsdp            FSDP2 fully_shard per block + root, MixedPrecisionPolicy(param bf16, reduce fp32), autocast,
-                    reshard_after_forward False (TrainConfig's default: a block's gathered parameters are kept
-                    until its backward); AdamW over the sharded (DTensor) parameters: foreach, as build_optimizer
+                    reshard_after_forward False (a block's gathered parameters are kept until its backward;
+                    TrainConfig's default is True since the 2026-12-02 GPU run); AdamW over the sharded (DTensor) parameters: foreach, as build_optimizer
                     makes it
     fsdp-fp32       fsdp without the bf16 policy (fp32 parameters, autocast only), as --fsdp-mixed-precision none
-    fsdp-reshard    fsdp with reshard_after_forward True (FSDP2's default: gathered again for the backward), as
-                    --fsdp-reshard-after-forward true; the 2026-12-02 figures (fsdp 0.34x plain) were taken so
+    fsdp-reshard    fsdp with reshard_after_forward True (FSDP2's and TrainConfig's default: gathered again for
+                    the backward); the 2026-12-02 figures (fsdp 0.34x plain) were taken so
     fsdp-fusedopt   fsdp with the fused AdamW kernel over the DTensor parameters instead of foreach
 
 Besides tokens/s and memory, each row says where the time goes:
@@ -48,7 +48,6 @@ from collections import Counter
 
 import torch
 import torch.distributed as dist
-from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from mambakit import MambaLM
@@ -183,9 +182,12 @@ def _profile(step, device: torch.device, steps: int, top: int) -> tuple[float, s
             step()
         if cuda:
             torch.cuda.synchronize()
-    kernels_us = [e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA]
-    busy = sum(kernels_us) / 1e3 / steps if kernels_us else float("nan")
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top) if top > 0 else ""
+    # self device time, as the profiler's "Self CUDA time total": summing every CUDA-side event instead counted
+    # the GPU ranges of annotations (autograd functions, FSDP's record_function scopes) on top of their kernels
+    averages = prof.key_averages()
+    self_us = [getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) for e in averages]
+    busy = sum(self_us) / 1e3 / steps if cuda else float("nan")
+    table = averages.table(sort_by="self_cpu_time_total", row_limit=top) if top > 0 else ""
     return busy, table
 
 

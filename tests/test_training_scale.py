@@ -402,13 +402,13 @@ def test_the_recorded_paths_show_a_mixer_that_left_its_fused_op():
 @pytest.mark.parametrize("reshard, kept", [pytest.param(False, True, id="kept-until-backward"),
                                            pytest.param(True, False, id="resharded-after-forward")])
 def test_fsdp_reshard_after_forward_follows_the_config(reshard, kept):
-    """fsdp_reshard_after_forward False (the default) keeps a block's gathered parameters from its forward to its
-    backward; True puts the shards (DTensor) back after the forward. After the backward both are sharded."""
+    """fsdp_reshard_after_forward False keeps a block's gathered parameters from its forward to its backward;
+    True (the default) puts the shards (DTensor) back after the forward. After the backward both are sharded."""
     from torch.distributed.tensor import DTensor
 
     cfg = TrainConfig(layer="mamba2", d_model=16, n_layer=2, d_state=8, expand=2, headdim=8, chunk_size=16, seqlen=16,
                       batch_size=2, parallel="fsdp", fsdp_reshard_after_forward=reshard)
-    assert TrainConfig().fsdp_reshard_after_forward is False
+    assert TrainConfig().fsdp_reshard_after_forward is True
     with _one_process_group():
         model = wrap_model(MambaLM(model_config(cfg, 64)), cfg, DistInfo(0, 2, 0), torch.device("cpu"))
         logits = model(torch.randint(0, 64, (2, 16)))

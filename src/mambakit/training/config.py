@@ -85,9 +85,10 @@ class TrainConfig:
     recompute: bool = False  # keep only in_proj's output per layer; recompute conv, scan, norm in the backward
     parallel: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2: parameters sharded per block)
     fsdp_mixed_precision: str = "bf16"  # "bf16": FSDP2 computes in bf16, reduces gradients in fp32 (CUDA only)
-    # False: a block's gathered parameters stay from its forward to its backward (one all-gather per block and
-    # step, not two, and less host work per step) for a bf16 copy of the blocks' parameters held through the step
-    fsdp_reshard_after_forward: bool = False
+    # True (FSDP2's own default): a block's gathered parameters are freed after its forward and gathered again
+    # for its backward. False keeps them through the step (one all-gather, not two, for a bf16 copy of the blocks'
+    # parameters held): fewer host calls on CPU, but slower on one H200 (BENCHMARKS.md, gpu_parallel.py)
+    fsdp_reshard_after_forward: bool = True
     out_dir: str | None = None  # None = runs/<recipe>
     save_every: int = 0  # steps between checkpoints during training; 0 = only at the end
     keep_checkpoints: int = 2  # complete checkpoints kept in out_dir/checkpoints (the newest ones)

@@ -72,12 +72,12 @@ def wrap_model(model: torch.nn.Module, cfg, info: DistInfo, device: torch.device
     before its forward and backward and freed after), then on the root (embedding, final norm, head).
     With cfg.fsdp_mixed_precision "bf16" on CUDA the gathered parameters are cast to bf16 for compute
     and gradients are reduced in fp32 (the sharded fp32 parameters stay the optimizer's master copy).
-    cfg.fsdp_reshard_after_forward False (the default) keeps each block's gathered parameters from its forward
-    to its backward: one all-gather per block and step instead of two, and less of FSDP2's per-parameter work
+    cfg.fsdp_reshard_after_forward True (the default, FSDP2's own) frees a block's gathered parameters after its
+    forward and gathers them again for its backward. False keeps them from its forward to its backward: one all-gather per block and step instead of two, and less of FSDP2's per-parameter work
     on the host (on CPU, 24 blocks: 82k Python calls per step instead of 92k; a bare model makes 27k), for a
     bf16 copy of the blocks' parameters held through the step on every GPU (2 bytes per parameter: 0.26 GB at
-    130M). True frees them after each block's forward and gathers them again for its backward.
-    benchmarks/gpu_parallel.py's "fsdp-reshard" case measures the difference.
+    130M). On one H200 False measured slower (54.6k vs 59.6k tok/s, 130M Mamba-2, one run each, BENCHMARKS.md),
+    so it is not the default; benchmarks/gpu_parallel.py's "fsdp" and "fsdp-reshard" cases measure both.
 
     Example (under torchrun, after init_distributed):
         >>> model = wrap_model(MambaLM(config).cuda(), TrainConfig(parallel="fsdp"), dist_info_from_env(), device)
