@@ -115,7 +115,7 @@ def evaluate_at(model, T: int, s: dict, device: torch.device, attention: bool, s
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(batch.inputs, logits_to_keep=1)[:, -1].float()
         else:  # chunked: the memory of one chunk whatever T (a million tokens included)
-            _, logits = prefill(model, batch.inputs, chunk_size=min(T, s["prefill_chunk"]))
+            _, logits = prefill(model, batch.inputs, tokens_per_call=min(T, s["prefill_chunk"]))
         hits += int((logits[:, :INDUCTION_VOCAB].argmax(-1) == batch.targets[:, -1]).sum())
     return {"accuracy": hits / n, "samples": n}
 
@@ -251,7 +251,7 @@ the Mamba row trained the same way except that every batch starts from the previ
 **Where evaluation stopped**:
 {stops}
 
-The SSMs are evaluated through chunked prefill (`mambakit.generation.prefill(..., chunk_size={s['prefill_chunk']})`):
+The SSMs are evaluated through chunked prefill (`mambakit.generation.prefill(..., tokens_per_call={s['prefill_chunk']})`):
 constant memory, so 2^20 costs what one chunk costs. Attention runs one SDPA forward (flash attention in bf16 on CUDA:
 memory linear in T, compute quadratic), up to {s['attention_max_len']} tokens.
 
