@@ -30,6 +30,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from mambakit.bench.timing import kernel_times
 from mambakit.ops import selective_scan
 from mambakit.ops.selective_scan.reference import selective_scan_reference
 from mambakit.ops.selective_scan.triton_scan import ScanConfig, default_time_segments, selective_scan_triton
@@ -175,12 +176,7 @@ def kernel_profile(inp, config: ScanConfig | None, reps: int = 10) -> list[tuple
         for _ in range(reps):
             fwd_bwd()
         torch.cuda.synchronize()
-    rows = []
-    for ev in prof.key_averages():
-        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-        if us > 0 and ev.count >= reps:
-            rows.append((ev.key[:60], us / reps, ev.count // reps))
-    return sorted(rows, key=lambda r: -r[1])
+    return [(name[:60], us, n) for name, us, n in kernel_times(prof, reps) if n >= 1]
 
 
 def time_torch_path(inp) -> tuple[float, float]:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from mambakit import MambaConfig, MambaLM
+from mambakit.bench.timing import kernel_times
 
 SHAPES = {"130m": (768, 24), "1.3b": (2048, 48)}
 
@@ -62,14 +63,9 @@ def kernel_table(step, top: int, steps: int = 3) -> list[dict]:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    rows = []
-    for ev in prof.key_averages():
-        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-        if us > 0:
-            rows.append((ev.key, us, ev.count))
+    rows = kernel_times(prof, steps)
     total = sum(us for _, us, _ in rows) or 1.0
-    rows.sort(key=lambda r: -r[1])
-    return [{"kernel": name[:90], "ms_per_step": round(us / steps / 1e3, 3), "launches_per_step": n // steps,
+    return [{"kernel": name[:90], "ms_per_step": round(us / 1e3, 3), "launches_per_step": n,
              "share": round(us / total, 3)} for name, us, n in rows[:top]]
 
 

@@ -148,3 +148,15 @@ def test_bench_no_peers_names_every_peer_in_the_notes(tmp_path, capsys):
     for peer in ("mamba_ssm", "mambapy", "fla"):
         assert f"{peer}: skipped: peers turned off (--no-peers)" in result["notes"]
     assert result["command"].endswith("--no-peers")
+
+
+def test_kernel_times_are_per_step_costliest_first_and_skip_host_only_entries():
+    from types import SimpleNamespace
+
+    from mambakit.bench.timing import kernel_times
+
+    events = [SimpleNamespace(key="host_only", device_time_total=0, count=6),
+              SimpleNamespace(key="small", device_time_total=300.0, count=3),
+              SimpleNamespace(key="big", device_time_total=900.0, count=6)]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    assert kernel_times(prof, steps=3) == [("big", 300.0, 2), ("small", 100.0, 1)]

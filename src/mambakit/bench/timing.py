@@ -116,3 +116,19 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
     fn()
     synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+def kernel_times(prof, steps: int) -> list[tuple[str, float, int]]:
+    """GPU time per step of every kernel a `torch.profiler.profile` recorded (CUDA activity), costliest first.
+
+    Args:
+        prof: a finished `torch.profiler.profile`.   steps: how many steps (calls) ran under it.
+    Returns:
+        (name, us per step summed over the kernel's launches, launches per step) for each kernel with GPU time.
+    """
+    rows = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if us > 0:
+            rows.append((ev.key, us / steps, ev.count // steps))
+    return sorted(rows, key=lambda r: -r[1])
