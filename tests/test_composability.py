@@ -151,7 +151,9 @@ def test_fused_mamba1_autocast_backward_regression(layer):
     'expected mat1 and mat2 to have the same dtype' for Mamba1 (dt_proj's matmul in the fused backward)."""
     torch.manual_seed(0)
     model = MambaLM(_config(layer, big=False)).to(DEVICE)
-    ids = torch.randint(0, 64, (2, 24), device=DEVICE)
+    # one short row: the defect is a dtype mismatch, whatever the shape, and the interpreter's cost grows with
+    # rows x steps (2 x 24 took minutes on 2 busy cores: this test is in the fast lane)
+    ids = torch.randint(0, 64, (1, 8), device=DEVICE)
     with use_backend("triton"), torch.autocast(DEVICE, dtype=torch.bfloat16):
         loss = model(ids).float().logsumexp(-1).mean()
     loss.backward()
