@@ -31,6 +31,7 @@ def _run_quick(what: str, out, capsys) -> dict:
     return result
 
 
+@pytest.mark.slow  # 15-35 s on 2 cores: out of the fast lane, CI runs it
 def test_bench_kernels_quick_cpu_writes_json_and_png(tmp_path, capsys):
     result = _run_quick("kernels", tmp_path, capsys)
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["kernels_floor.png", "kernels_memory.png",
@@ -140,6 +141,7 @@ def test_bench_quick_cuda_writes_json_with_peak_memory(tmp_path, capsys, what):
     assert list(tmp_path.glob(f"{what}_*.png"))
 
 
+@pytest.mark.slow  # 15-35 s on 2 cores: out of the fast lane, CI runs it
 def test_bench_no_peers_names_every_peer_in_the_notes(tmp_path, capsys):
     assert main(["bench", "kernels", "--quick", "--device", "cpu", "--no-peers", "--out", str(tmp_path)]) == 0
     capsys.readouterr()

@@ -338,6 +338,7 @@ def test_streaming_reads_the_same_documents_as_reading_whole(tmp_path, fmt):
     assert marks == [held for _, held in split.documents()] and 0 < sum(marks) < len(marks)
 
 
+@pytest.mark.slow  # 15-35 s on 2 cores: out of the fast lane, CI runs it
 def test_training_reads_a_streamed_corpus_and_a_datasets_directory(tmp_path):
     import datasets
 

@@ -203,6 +203,7 @@ def test_rolling_loglikelihood_is_the_sum_of_score_and_generate_until_stops(tmp_
         assert text == full.split("\n")[0]
 
 
+@pytest.mark.slow  # 15-35 s on 2 cores: out of the fast lane, CI runs it
 def test_eval_tasks_cli_prints_the_table(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     from mambakit.cli.eval_tasks import add_task_arguments, run_tasks

@@ -494,6 +494,7 @@ def test_batch_pieces_fit_the_grid_axes():
         batch_pieces(1, 65536 * 64 + 1, 24, 1, 64)
 
 
+@pytest.mark.slow  # 15-35 s on 2 cores: out of the fast lane, CI runs it
 @pytest.mark.parametrize("z", [pytest.param(False, id="no-z"), pytest.param(True, id="z-gate")])
 def test_ssd_triton_split_batch_equals_one_launch(monkeypatch, z):
     """Past the grid limit the batch runs in slices: the same outputs, final states and gradients."""
