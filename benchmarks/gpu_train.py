@@ -8,13 +8,17 @@ tokens/s, ms per step, peak GB (torch.cuda.max_memory_allocated over the timed s
 
 Paths: "fused" (the default: one custom op per mixer), "unfused" (`mixer.fused = False`: the ops one by
 one), "recompute" (`mixer.recompute = True`), each eager or under `torch.compile(model)` (suffix
-"+compile"; compile time is reported separately and excluded from tokens/s). mamba_ssm's MambaLMHeadModel
+"+compile"; compile time is reported separately and excluded from tokens/s). The suffix "+ce" takes the
+loss from the model itself, `model(ids, targets=...)` (`ops.linear_cross_entropy`, never the whole logits
+matrix: what `mambakit train` does); without it the loss is `F.cross_entropy` of the (B, L, V) logits, as
+mamba_ssm's row computes it. mamba_ssm's MambaLMHeadModel
 is timed in the same process when it is importable (path "mamba_ssm").
 
     python benchmarks/gpu_train.py                                    # 130m, batch 8 x 2048, all paths
     python benchmarks/gpu_train.py --shape 130m --batch 2 --seqlen 8192 --paths fused unfused
     python benchmarks/gpu_train.py --shape 1.3b --paths fused --layers mamba1
     python benchmarks/gpu_train.py --layers mamba2 --paths fused --profile 15   # + the 15 costliest kernels
+    python benchmarks/gpu_train.py --paths fused fused+ce unfused+ce         # the logits loss vs the model's own
 
 `--profile N` then runs 3 more steps under torch.profiler (CUDA activity) and prints the N kernels with the most
 GPU time per step (name, ms per step, launches per step, share of the step's kernel time): where a step goes.
@@ -71,7 +75,8 @@ def kernel_table(step, top: int, steps: int = 3) -> list[dict]:
 
 def run_case(layer: str, shape: str, path: str, batch: int, seqlen: int, steps: int, warmup: int,
              profile_top: int = 0) -> dict:
-    base_path, compiled = path.removesuffix("+compile"), path.endswith("+compile")
+    base_path, *flags = path.split("+")
+    compiled, own_loss = "compile" in flags, "ce" in flags
     if base_path == "mamba_ssm":
         model = build_mamba_ssm(layer, shape)
 
@@ -91,8 +96,11 @@ def run_case(layer: str, shape: str, path: str, batch: int, seqlen: int, steps: 
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = forward(ids[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+            if own_loss:  # the model's own loss: ops.linear_cross_entropy, what `mambakit train` runs
+                loss = forward(ids[:, :-1], targets=ids[:, 1:])
+            else:
+                logits = forward(ids[:, :-1])
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

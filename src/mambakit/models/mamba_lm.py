@@ -16,9 +16,12 @@ from __future__ import annotations
 import math
 from functools import partial
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..modules import Block, GatedMLP, RMSNorm
+from ..modules.fusion import reads_as_plain
+from ..ops import linear_cross_entropy
 from ..modules.block import add_and_norm
 from ..modules.state import InferenceCache
 from .config import MambaConfig
@@ -104,10 +107,25 @@ class MambaLM(nn.Module):
             self.lm_head.weight = self.backbone.embedding.weight
 
     def forward(self, input_ids: torch.Tensor, cache: InferenceCache | None = None,
-                seq_idx: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+                seq_idx: torch.Tensor | None = None, logits_to_keep: int = 0, *,
+                targets: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                vocab_size: int | None = None) -> torch.Tensor:
         """Logits (B, L, V); with logits_to_keep = k > 0 only the last k positions (B, k, V), as prefill needs.
 
         With `cache`, the tokens continue the cached sequences and the cache advances by L tokens.
+
+        With `targets` (B, L) (the next token of each position; `ignore_index` where nothing is scored) the
+        forward returns the cross-entropy instead of the logits: a float32 scalar, the mean (or, with
+        reduction="sum", the sum) over scored positions of -log p(target) under a softmax over the first
+        `vocab_size` columns (default `config.vocab_size`: padding columns are never scored). It is computed
+        by `ops.linear_cross_entropy`, a block of positions at a time, so the (B, L, V) logits and their
+        float32 copies are never held: gigabytes less at a 50k vocabulary (BENCHMARKS.md). An lm_head that
+        is not a plain nn.Linear (an adapter, a quantized weight, a hook) is called as a module instead.
+        Inside forward, so that DDP and FSDP2 see the head's parameters as they see every other.
+
+        Example:
+            >>> loss = model(ids[:, :-1], targets=ids[:, 1:])          # mean next-token loss, a scalar
+            >>> loss.backward()
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError(f"MambaLM: input_ids must be an integer tensor (batch, seqlen), got "
@@ -125,9 +143,27 @@ class MambaLM(nn.Module):
         hidden = self.backbone(input_ids, cache=cache, seq_idx=seq_idx)
         if cache is not None:
             cache.advance(input_ids.shape[1])  # the one place a forward moves the position
+        if targets is not None:
+            return self._loss(hidden, targets, ignore_index, reduction, vocab_size)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden)
+
+    def _loss(self, hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str,
+              vocab_size: int | None) -> torch.Tensor:
+        """The cross-entropy of the head's logits at `hidden` (B, L, M) against `targets` (B, L): a float32 scalar."""
+        vocab = self.config.vocab_size if vocab_size is None else vocab_size
+        if not isinstance(targets, torch.Tensor) or targets.shape != hidden.shape[:2]:
+            raise ValueError(f"MambaLM: targets must be a tensor of shape {tuple(hidden.shape[:2])} like input_ids, got "
+                             f"{tuple(getattr(targets, 'shape', ())) or type(targets).__name__}")
+        if not 0 < vocab <= self.config.padded_vocab_size:
+            raise ValueError(f"MambaLM: vocab_size must lie in [1, {self.config.padded_vocab_size}], got {vocab}")
+        if reads_as_plain(self.lm_head, nn.Linear) and self.lm_head.bias is None:
+            return linear_cross_entropy(hidden, self.lm_head.weight[:vocab], targets, ignore_index=ignore_index,
+                                        reduction=reduction)
+        logits = self.lm_head(hidden)[..., :vocab].float()
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten().long(), ignore_index=ignore_index,
+                               reduction=reduction)
 
     def allocate_cache(self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | None = None,
                        state_dtype: torch.dtype | None = None) -> InferenceCache:

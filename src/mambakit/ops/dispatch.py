@@ -320,6 +320,16 @@ def _three(reference, torch_, triton, **triton_limits) -> dict[str, Implementati
             "triton": Implementation(triton, **triton_limits)}
 
 
+def _linear_cross_entropy_reference():
+    from .cross_entropy.reference import linear_cross_entropy_reference
+    return linear_cross_entropy_reference
+
+
+def _linear_cross_entropy_torch():
+    from .cross_entropy.torch_ce import linear_cross_entropy_torch
+    return linear_cross_entropy_torch
+
+
 # op -> backend -> implementation. The composed mixer ops run the public ops in a row on the backend named by
 # their `backend` argument ("reference" or "torch"); their Triton backend is one fused autograd node.
 BACKEND_TABLE: dict[str, dict[str, Implementation]] = {
@@ -338,6 +348,8 @@ BACKEND_TABLE: dict[str, dict[str, Implementation]] = {
     "causal_conv1d": _three(_causal_conv1d_reference, _causal_conv1d_torch, _causal_conv1d_triton),
     "causal_conv1d_update": _three(_causal_conv1d_update_reference, _causal_conv1d_update_torch,
                                    _causal_conv1d_update_triton),
+    "linear_cross_entropy": {"reference": Implementation(_linear_cross_entropy_reference),
+                             "torch": Implementation(_linear_cross_entropy_torch)},
     "rms_norm": _three(_rms_norm_reference, _rms_norm_torch, _rms_norm_triton),
     # the Triton kernel is the fused inference path (forward only); training runs the torch path
     "add_rms_norm": {"torch": Implementation(_add_rms_norm_torch),

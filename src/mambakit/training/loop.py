@@ -172,11 +172,27 @@ def forward_backward(model: torch.nn.Module, window: torch.Tensor | WindowBatch,
         >>> loss = forward_backward(model, sampler.next_batch(), vocab_size=256)   # grads now in .grad
     """
     inputs, targets, seq_idx = window if isinstance(window, WindowBatch) else split_window(window, None)
+    extra = {} if seq_idx is None else {"seq_idx": seq_idx}
+    own_loss = _scores_targets(model)
     with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits = model(inputs) if seq_idx is None else model(inputs, seq_idx=seq_idx)  # (batch, seqlen, padded vocab)
-    loss = token_nll_sum(logits, targets, vocab_size) / targets.numel()
+        if own_loss:
+            # the model's own loss (ops.linear_cross_entropy): never the (batch, seqlen, vocab) logits
+            loss = model(inputs, targets=targets, vocab_size=vocab_size, reduction="sum", **extra) / targets.numel()
+        else:
+            logits = model(inputs, **extra)  # (batch, seqlen, padded vocab)
+    if not own_loss:
+        loss = token_nll_sum(logits, targets, vocab_size) / targets.numel()
     loss.backward()
     return loss.detach()
+
+
+def _scores_targets(model: torch.nn.Module) -> bool:
+    """Whether `model` (or the MambaLM inside a DDP / compile wrapper) takes `targets=` and returns the loss."""
+    from ..models import MambaLM  # training imports the models where it uses them (as Run does)
+
+    inner = getattr(model, "_orig_mod", model)
+    inner = getattr(inner, "module", inner)
+    return isinstance(inner, MambaLM)
 
 
 def _load_data(cfg: TrainConfig):

@@ -1,0 +1,114 @@
+"""The "torch" backend of linear_cross_entropy: logits made and consumed a block of rows at a time.
+
+Shapes (legend): N rows (tokens), d hidden, V vocabulary (scored columns), n rows per chunk.
+
+The loss is a scalar, so its gradients are known once the forward has seen a chunk: for each chunk
+
+    logits = h_c @ W.T                      (n, V), in the operands' dtype (the autocast dtype under autocast)
+    p      = softmax(float32(logits))       (n, V) float32, in place of the logits
+    loss  += sum(lse - logits[target])      over rows whose target is not ignore_index
+    g      = (p - onehot(target)) * scored  (n, V), cast back to the operands' dtype for the matmuls
+    dh_c   = g @ W                          (n, d)
+    dW    += g.T @ h_c                      (V, d), accumulated in float32
+
+and the backward only scales dh and dW by the incoming gradient. Peak memory is that of one chunk's
+(n, V) float32 block and its cast, plus dh (N, d) and dW (V, d) float32, instead of the (N, V) logits,
+their float32 copy, the log-softmax and its gradient of the plain `F.cross_entropy(lm_head(h))`.
+The matmuls are the same three as the plain path's, so the time is about the same.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..common import autograd_op
+
+
+def default_rows_per_chunk(vocab: int) -> int:
+    """Rows per chunk so that a chunk's float32 logits take about 128 MB (2**25 elements), at least 16."""
+    return max(16, (1 << 25) // max(vocab, 1))
+
+
+def _lce_fwd_impl(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                  rows_per_chunk: int, want_dhidden: bool, want_dweight: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss float32 (), dhidden (N, d) in hidden's dtype or empty, dweight (V, d) float32 or empty)."""
+    rows = hidden.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    loss = torch.zeros((), dtype=acc, device=hidden.device)
+    dhidden = torch.empty_like(hidden) if want_dhidden else hidden.new_empty(0)
+    dweight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_dweight else weight.new_empty(0,
+                                                                                                                dtype=acc)
+    for start in range(0, rows, rows_per_chunk):
+        h = hidden[start:start + rows_per_chunk]
+        t = targets[start:start + rows_per_chunk]
+        scored = t != ignore_index
+        safe = torch.where(scored, t, torch.zeros_like(t))[:, None]
+        p = (h @ weight.t()).to(acc)  # (n, V)
+        lse = torch.logsumexp(p, dim=-1)
+        loss += ((lse - p.gather(1, safe)[:, 0]) * scored).sum()
+        if not (want_dhidden or want_dweight):
+            continue
+        p.sub_(lse[:, None]).exp_()  # softmax, in place
+        p.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=acc))
+        p.mul_(scored[:, None])
+        g = p.to(hidden.dtype)
+        del p
+        if want_dhidden:
+            torch.mm(g, weight, out=dhidden[start:start + rows_per_chunk])
+        if want_dweight:
+            dweight += (g.t() @ h).to(acc)
+    return loss.float(), dhidden, dweight
+
+
+_lce_fwd = torch.library.custom_op("mambakit::linear_cross_entropy_fwd", mutates_args=())(_lce_fwd_impl)
+
+
+@_lce_fwd.register_fake
+def _(hidden, weight, targets, ignore_index, rows_per_chunk, want_dhidden, want_dweight):
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    dhidden = torch.empty_like(hidden) if want_dhidden else hidden.new_empty(0)
+    dweight = weight.new_empty(weight.shape if want_dweight else (0,), dtype=acc)
+    return hidden.new_empty((), dtype=torch.float32), dhidden, dweight
+
+
+def _lce_bwd_impl(dloss: torch.Tensor, dhidden: torch.Tensor, dweight: torch.Tensor, weight: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored gradients times the incoming one: (dhidden in its dtype, dweight in weight's dtype)."""
+    return ((dhidden * dloss.to(dhidden.dtype)) if dhidden.numel() else dhidden.clone(),
+            (dweight * dloss).to(weight.dtype) if dweight.numel() else weight.new_empty(0))
+
+
+_lce_bwd = torch.library.custom_op("mambakit::linear_cross_entropy_bwd", mutates_args=())(_lce_bwd_impl)
+
+
+@_lce_bwd.register_fake
+def _(dloss, dhidden, dweight, weight):
+    return (torch.empty_like(dhidden),
+            weight.new_empty(weight.shape) if dweight.numel() else weight.new_empty(0))
+
+
+def _lce_setup_context(ctx, inputs, output):
+    hidden, weight = inputs[0], inputs[1]
+    _, dhidden, dweight = output
+    ctx.save_for_backward(dhidden, dweight, weight)
+    ctx.want = (inputs[5], inputs[6])
+
+
+def _lce_backward(ctx, dloss, _ddhidden, _ddweight, bwd):
+    dhidden, dweight, weight = ctx.saved_tensors
+    gh, gw = bwd(dloss, dhidden, dweight, weight)
+    return (gh if ctx.want[0] else None, gw if ctx.want[1] else None, None, None, None, None, None)
+
+
+_lce_op = autograd_op("LinearCrossEntropy", _lce_fwd_impl, _lce_fwd, _lce_setup_context, _lce_backward,
+                      _lce_bwd_impl, _lce_bwd)
+
+
+def linear_cross_entropy_torch(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                               ignore_index: int, rows_per_chunk: int | None = None) -> torch.Tensor:
+    """The summed negative log-likelihood, float32 (); see the module docstring. Inputs already checked."""
+    rows_per_chunk = rows_per_chunk or default_rows_per_chunk(weight.shape[0])
+    want_dhidden, want_dweight = hidden.requires_grad, weight.requires_grad
+    loss, _, _ = _lce_op(hidden, weight, targets, ignore_index, rows_per_chunk, want_dhidden, want_dweight)
+    return loss
