@@ -146,6 +146,21 @@ def test_config_mixer_sizes_are_the_built_mixers_sizes(ssm_cfg):
             assert getattr(mixer, name) == value, name
 
 
+@pytest.mark.parametrize("ssm_cfg, message", [
+    pytest.param({"headdim": 48}, "d_ssm=64 must be a multiple of headdim=48", id="headdim"),
+    pytest.param({"headdim": 16, "ngroups": 3}, "ngroups=3 must divide nheads=4", id="ngroups"),
+    pytest.param({"headdim": 16, "norm_ngroups": 5}, "norm_ngroups=5 must be a positive int dividing d_ssm=64",
+                 id="norm-groups"),
+])
+def test_config_mixer_sizes_reject_what_the_mixer_rejects(ssm_cfg, message):
+    """One formula for the config and the module: the config's sizes fail where building the mixer fails."""
+    config = MambaConfig(d_model=32, n_layer=1, vocab_size=16, ssm_cfg={"layer": "Mamba2", "d_state": 8, **ssm_cfg})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config.mixer_sizes
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MambaLM(config)
+
+
 @pytest.mark.parametrize("ssm_cfg", [
     pytest.param({"layer": "Mamba1", "d_state": 8}, id="mamba1"),
     pytest.param({"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2}, id="mamba2"),
