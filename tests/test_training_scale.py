@@ -9,6 +9,7 @@ order of float sums differs (tolerance 1e-4 relative). Resuming on the same layo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -416,3 +417,22 @@ def test_fsdp_reshard_after_forward_follows_the_config(reshard, kept):
         assert isinstance(weight, DTensor) is not kept
         logits.square().mean().backward()
         assert all(isinstance(p, DTensor) and p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("rms_norm", [pytest.param(True, id="add-rms-norm-op"), pytest.param(False, id="layer-norm")])
+def test_fsdp2_blocks_return_no_view(rms_norm):
+    """FSDP2 makes a block's inputs views (its pre-forward autograd Function) and warns when a block returns a
+    view: the first block must not hand its input back as the residual (the fused add + norm op and the unfused
+    path both return a new tensor). torch 2.13 warns "FSDP2-wrapped module (FSDPBlock) returned a view tensor"."""
+    import warnings
+
+    cfg = TrainConfig(layer="mamba2", d_model=16, n_layer=2, d_state=8, expand=2, headdim=8, chunk_size=16, seqlen=16,
+                      batch_size=2, parallel="fsdp")
+    config = dataclasses.replace(model_config(cfg, 64), rms_norm=rms_norm)
+    with _one_process_group():
+        model = wrap_model(MambaLM(config), cfg, DistInfo(0, 2, 0), torch.device("cpu"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(torch.randint(0, 64, (2, 16))).square().mean().backward()
+    assert not [w for w in caught if "view tensor" in str(w.message)], [str(w.message) for w in caught]
+    assert all(p.grad is not None for p in model.parameters())
