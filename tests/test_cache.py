@@ -2,6 +2,9 @@
 position, and generation / checkpoints read what they need from the config, never from a built mixer."""
 
 import ast
+import inspect
+import pydoc
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ from torch import nn
 import mambakit
 from mambakit import MambaConfig, MambaLM
 from mambakit.checkpoints import huggingface
-from mambakit.generation import CUDAGraphDecoder, allocate_cache, decode_one_token, generate, prefill
+from mambakit.generation import CUDAGraphDecoder, allocate_cache, decode_one_token, generate, prefill, stream
 from mambakit.modules import InferenceCache, Mamba1, Mamba2
 
 SRC = Path(mambakit.__file__).parent
@@ -143,6 +146,21 @@ def test_config_mixer_sizes_are_the_built_mixers_sizes(ssm_cfg):
             assert getattr(mixer, name) == value, name
 
 
+@pytest.mark.parametrize("ssm_cfg, message", [
+    pytest.param({"headdim": 48}, "d_ssm=64 must be a multiple of headdim=48", id="headdim"),
+    pytest.param({"headdim": 16, "ngroups": 3}, "ngroups=3 must divide nheads=4", id="ngroups"),
+    pytest.param({"headdim": 16, "norm_ngroups": 5}, "norm_ngroups=5 must be a positive int dividing d_ssm=64",
+                 id="norm-groups"),
+])
+def test_config_mixer_sizes_reject_what_the_mixer_rejects(ssm_cfg, message):
+    """One formula for the config and the module: the config's sizes fail where building the mixer fails."""
+    config = MambaConfig(d_model=32, n_layer=1, vocab_size=16, ssm_cfg={"layer": "Mamba2", "d_state": 8, **ssm_cfg})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config.mixer_sizes
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MambaLM(config)
+
+
 @pytest.mark.parametrize("ssm_cfg", [
     pytest.param({"layer": "Mamba1", "d_state": 8}, id="mamba1"),
     pytest.param({"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2}, id="mamba2"),
@@ -179,6 +197,19 @@ def test_config_stores_one_spelling_of_the_mixer_name(spelling, canonical):
         MambaConfig(d_model=32, n_layer=1, vocab_size=16, ssm_cfg={"layer": "Mamba3"})
 
 
+@pytest.mark.parametrize("function, name, old_name", [
+    pytest.param(prefill, "tokens_per_call", "chunk_size", id="prefill"),
+    pytest.param(generate, "prefill_tokens_per_call", "prefill_chunk_size", id="generate"),
+    pytest.param(stream, "prefill_tokens_per_call", "prefill_chunk_size", id="stream"),
+])
+def test_help_shows_the_real_tokens_per_call_default_not_a_sentinel(function, name, old_name):
+    params = inspect.signature(function).parameters
+    assert params[name].default == 2048
+    text = pydoc.render_doc(function, renderer=pydoc.plaintext)
+    assert re.search(rf"\b{name}: '?int \| None'? = 2048", text), text
+    assert f"{old_name}=<deprecated>" in text and "object at 0x" not in text, text
+
+
 def test_prefill_and_generate_take_the_former_chunk_size_names_with_a_warning():
     model = _model({"layer": "Mamba1", "d_state": 8})
     want_cache, want = prefill(model, [[1, 2, 3, 4, 5]], tokens_per_call=2)
@@ -190,3 +221,8 @@ def test_prefill_and_generate_take_the_former_chunk_size_names_with_a_warning():
     assert old == generate(model, [[1, 2, 3]], 4, prefill_tokens_per_call=2)
     with pytest.raises(ValueError, match="got both tokens_per_call=3"):
         prefill(model, [[1, 2]], tokens_per_call=3, chunk_size=2)
+    with pytest.raises(ValueError, match="got both tokens_per_call=None"):
+        prefill(model, [[1, 2]], tokens_per_call=None, chunk_size=2)
+    with pytest.warns(DeprecationWarning, match="'chunk_size' is renamed"):
+        whole_cache, whole = prefill(model, [[1, 2, 3, 4, 5]], chunk_size=None)  # None: the whole prompt in one call
+    assert torch.allclose(whole, want, atol=1e-5) and whole_cache.seqlen_offset == 5

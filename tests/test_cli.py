@@ -210,3 +210,50 @@ def test_generate_prompts_file_errors(tmp_path, tiny_checkpoint, name, message):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(UsageError, match=message):
         generate_main(str(model_dir), prompts_file=str(tmp_path / name))
+
+
+class _FakeClock:
+    """time.perf_counter for cli/generate.py: it moves only when the fake generation says so."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_generate_speed_excludes_the_first_token_and_the_first_batch(capsys, tmp_path, monkeypatch, tiny_checkpoint):
+    """The first token carries the prefill and, on CUDA, the kernel compiles: 10 s here against 0.1 s for each
+    later token. The printed rate is the later tokens' (10 tokens/s), with the first token's time apart; with
+    --prompts-file the first batch is apart the same way."""
+    import mambakit.cli.generate as cli_generate
+    import mambakit.generation
+
+    clock = _FakeClock()
+    monkeypatch.setattr(cli_generate, "time", clock)
+
+    def fake_stream(model, prompt, max_new_tokens, **kwargs):
+        for i, token in enumerate(b"hello"[:max_new_tokens]):
+            clock.now += 10.0 if i == 0 else 0.1
+            yield token
+
+    def fake_generate(model, prompts, max_new_tokens, **kwargs):
+        clock.now += 10.0 if clock.now == 100.0 else 1.0  # the first batch 10 s, the others 1 s
+        return [list(b"abc") for _ in prompts]
+
+    monkeypatch.setattr(mambakit.generation, "stream", fake_stream)
+    monkeypatch.setattr(mambakit.generation, "generate", fake_generate)
+    model_dir, _ = tiny_checkpoint
+    assert main(["generate", "--model", str(model_dir), "--prompt", "x", "--max-new-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "xhello\n"
+    assert captured.err.strip() == ("first token in 10.00 s (prompt and first use: kernel compiles on CUDA); "
+                                    "then 4 tokens in 0.40 s: 10.0 tokens/s, 100.0 ms/token")
+
+    clock.now = 100.0
+    (tmp_path / "prompts.txt").write_text("a\nb\nc\nd\ne\n", encoding="utf-8")
+    assert main(["generate", "--model", str(model_dir), "--prompts-file", str(tmp_path / "prompts.txt"),
+                 "--batch-size", "2", "--output", str(tmp_path / "out.jsonl")]) == 0
+    assert capsys.readouterr().err.strip() == (
+        "first batch: 6 tokens in 10.00 s (prompt and first use: kernel compiles on CUDA); "
+        "then 9 tokens in 2.00 s: 4.5 tokens/s, 222.2 ms/token")

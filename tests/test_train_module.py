@@ -57,3 +57,29 @@ def test_train_module_resumes_exactly_and_loads_when_done(tmp_path, monkeypatch)
     assert not again.training
     for (name, a), b in zip(again.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_train_module_validates_and_stops_early_as_run_train_does(tmp_path):
+    """The loop is Run.fit's: validate() every eval_every steps in eval mode, an early stop once the target is met
+    twice, a model stopped early counts as finished, and run.cached(key, ...) memoises its evaluations."""
+    settings = TrainSettings(steps=20, batch_size=3, log_every=1, warmup_steps=1, eval_every=2, target=0.9)
+    scores = iter([0.95, 0.5, 0.91, 0.99, 0.0])
+    modes = []
+
+    def validate(model):
+        modes.append(model.training)
+        return {"accuracy": next(scores)}
+
+    run = _run(tmp_path, False)
+    model = train_module(run, "clf", _build, settings, _batch, _loss, validate=validate)
+    record = json.loads((tmp_path / "_state" / "clf" / "done.json").read_text())
+    assert model is not None and not model.training
+    assert record["steps"] == 8 and record["early_stop_step"] == 8 and modes == [False] * 4
+    assert [step for step, _ in record["val_history"]] == [2, 4, 6, 8]
+    longer = Run("t", tmp_path, torch.device("cpu"), quick=True, resume=True, time_budget_s=None, command="x",
+                 progress=False, steps=40)
+    again = train_module(longer, "clf", _build, settings, _batch, lambda *a: 1 / 0, validate=validate)
+    assert torch.equal(again[0].weight, model[0].weight) and len(modes) == 4
+    assert longer.cached("clf", "test", lambda: {"accuracy": 0.5}) == {"accuracy": 0.5}
+    assert longer.cached("clf", "test", lambda: 1 / 0) == {"accuracy": 0.5}
+    assert (tmp_path / "_state" / "evals" / "clf" / "test.json").exists()

@@ -9,6 +9,7 @@ order of float sums differs (tolerance 1e-4 relative). Resuming on the same layo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -27,7 +28,8 @@ from safetensors.torch import load_file
 from mambakit import MambaLM
 from mambakit.cli.__main__ import main
 from mambakit.ops import record_backends
-from mambakit.training import TrainConfig, load_train_state, model_config, read_metrics, resolve_checkpoint, train
+from mambakit.training import (TrainConfig, build_optimizer, load_train_state, model_config, read_metrics,
+                               resolve_checkpoint, train)
 from mambakit.training.checkpoint import DISTRIBUTED
 from mambakit.training.distributed import DistInfo, wrap_model
 from mambakit.training.config import MODEL_OVERRIDES
@@ -416,3 +418,51 @@ def test_fsdp_reshard_after_forward_follows_the_config(reshard, kept):
         assert isinstance(weight, DTensor) is not kept
         logits.square().mean().backward()
         assert all(isinstance(p, DTensor) and p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("rms_norm", [pytest.param(True, id="add-rms-norm-op"), pytest.param(False, id="layer-norm")])
+def test_fsdp2_blocks_return_no_view(rms_norm):
+    """FSDP2 makes a block's inputs views (its pre-forward autograd Function) and warns when a block returns a
+    view: the first block must not hand its input back as the residual (the fused add + norm op and the unfused
+    path both return a new tensor). torch 2.13 warns "FSDP2-wrapped module (FSDPBlock) returned a view tensor"."""
+    import warnings
+
+    cfg = TrainConfig(layer="mamba2", d_model=16, n_layer=2, d_state=8, expand=2, headdim=8, chunk_size=16, seqlen=16,
+                      batch_size=2, parallel="fsdp")
+    config = dataclasses.replace(model_config(cfg, 64), rms_norm=rms_norm)
+    with _one_process_group():
+        model = wrap_model(MambaLM(config), cfg, DistInfo(0, 2, 0), torch.device("cpu"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(torch.randint(0, 64, (2, 16))).square().mean().backward()
+    assert not [w for w in caught if "view tensor" in str(w.message)], [str(w.message) for w in caught]
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_fsdp2_adamw_is_foreach_and_the_fused_kernel_would_give_the_same_steps():
+    """build_optimizer over FSDP2's sharded (DTensor) parameters is not fused (host calls, see its comment); the
+    fused kernel does accept DTensors: three steps of each give the same parameters (CPU, gloo, one process)."""
+    from torch.distributed.tensor import DTensor
+
+    cfg = TrainConfig(layer="mamba2", d_model=16, n_layer=2, d_state=8, expand=2, headdim=8, chunk_size=16, seqlen=16,
+                      batch_size=2, parallel="fsdp", lr=1e-2, warmup_steps=0)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    trained = {}
+    with _one_process_group():
+        for fused in (False, True):
+            torch.manual_seed(0)
+            model = wrap_model(MambaLM(model_config(cfg, 64)), cfg, DistInfo(0, 2, 0), torch.device("cpu"))
+            assert all(isinstance(p, DTensor) for p in model.parameters())
+            opt = build_optimizer(model, cfg)
+            assert not opt.defaults["fused"]
+            initial = [p.full_tensor().clone() for p in model.parameters()]
+            if fused:
+                opt = torch.optim.AdamW(opt.param_groups, lr=opt.defaults["lr"], betas=opt.defaults["betas"], fused=True)
+            for _ in range(3):
+                model(ids).square().mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            trained[fused] = [p.full_tensor() for p in model.parameters()]
+            assert not any(torch.equal(a, b) for a, b in zip(initial, trained[fused]) if a.dim() > 1)
+    for a, b in zip(trained[False], trained[True]):
+        assert_close(b, a, rel=1e-5)

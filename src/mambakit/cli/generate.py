@@ -40,7 +40,8 @@ examples:
 The directory must hold config.json, model.safetensors and the tokenizer (tokenizer_config.json,
 plus tokenizer.json for non-byte tokenizers), as `mambakit train` writes them, or be a Hugging Face
 model folder (tokenizer.json, or sentencepiece's tokenizer.model). The text goes to stdout; the
-speed (tokens/s) to stderr."""
+speed to stderr: the first token's time (prefill and, on CUDA, kernel compiles) apart from the rate
+of the tokens after it (with --prompts-file, the first batch apart from the others)."""
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -180,35 +181,59 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
                     stop_strings=stops, decode=tokenizer.decode if stops else None, cuda_graph=cuda_graph)
     t0 = time.perf_counter()
     if prompts is not None:
-        n_new = _generate_file(lm, tokenizer, prompts, encode_prompt, stop_ids, output, batch_size, max_new_tokens,
-                               sampling)
+        batches = _generate_file(lm, tokenizer, prompts, encode_prompt, stop_ids, output, batch_size, max_new_tokens,
+                                 sampling)
+        (n_first, t_first), n_rest = batches[0], sum(n for n, _ in batches[1:])
+        print(speed_report("first batch", n_first, t_first - t0, n_rest, batches[-1][1] - t_first), file=sys.stderr)
+        return 0
+    prompt_ids = encode_prompt(prompt)
+    if not prompt_ids:
+        raise UsageError("the prompt is empty and the tokenizer has no end-of-document token to start from")
+    out = sys.stdout
+    out.write("" if chat else prompt)
+    out.flush()
+    decoder = IncrementalDecoder(tokenizer)
+    n_new, t_first = 0, None
+    for token in stream(lm, prompt_ids, max_new_tokens, **sampling):
+        if t_first is None:
+            t_first = time.perf_counter()
+        governor.update()
+        n_new += 1
+        if token in stop_ids:
+            break
+        out.write(decoder.push(token))
+        out.flush()
+    t_end = time.perf_counter()
+    out.write(decoder.flush() + "\n")
+    out.flush()
+    if t_first is None:  # --max-new-tokens 0
+        print(f"0 tokens in {t_end - t0:.2f} s", file=sys.stderr)
     else:
-        prompt_ids = encode_prompt(prompt)
-        if not prompt_ids:
-            raise UsageError("the prompt is empty and the tokenizer has no end-of-document token to start from")
-        out = sys.stdout
-        out.write("" if chat else prompt)
-        out.flush()
-        decoder = IncrementalDecoder(tokenizer)
-        n_new = 0
-        for token in stream(lm, prompt_ids, max_new_tokens, **sampling):
-            governor.update()
-            n_new += 1
-            if token in stop_ids:
-                break
-            out.write(decoder.push(token))
-            out.flush()
-        out.write(decoder.flush() + "\n")
-        out.flush()
-    elapsed = time.perf_counter() - t0
-    print(f"{n_new} tokens in {elapsed:.2f} s (prompt included): {n_new / max(elapsed, 1e-9):.1f} tokens/s, "
-          f"{elapsed / max(n_new, 1) * 1e3:.1f} ms/token", file=sys.stderr)
+        print(speed_report("first token", 1, t_first - t0, n_new - 1, t_end - t_first), file=sys.stderr)
     return 0
 
 
+def speed_report(first: str, n_first: int, first_s: float, n_rest: int, rest_s: float) -> str:
+    """The speed line of `generate`: the first token (or batch) apart, since it carries the prompt's prefill
+    and, on CUDA, the Triton compiles and CUDA graph capture of first use; the rate is the rest's.
+
+    Example:
+        >>> speed_report("first token", 1, 9.5, 199, 1.99)   # a 9.5 s first token does not touch the rate
+        'first token in 9.50 s (prompt and first use: ...); then 199 tokens in 1.99 s: 100.0 tokens/s, 10.0 ms/token'
+    """
+    first_use = "prompt and first use: kernel compiles on CUDA"
+    head = (f"{first} in {first_s:.2f} s ({first_use})" if first == "first token"
+            else f"{first}: {n_first} tokens in {first_s:.2f} s ({first_use})")
+    if n_rest == 0:
+        return f"{head}; no further tokens ({n_first / max(first_s, 1e-9):.1f} tokens/s with the first use)"
+    return (f"{head}; then {n_rest} tokens in {rest_s:.2f} s: {n_rest / max(rest_s, 1e-9):.1f} tokens/s, "
+            f"{rest_s / n_rest * 1e3:.1f} ms/token")
+
+
 def _generate_file(lm, tokenizer, prompts: list[str], encode_prompt, stop_ids: list[int], output: str | None,
-                   batch_size: int, max_new_tokens: int, sampling: dict) -> int:
-    """Continue each prompt in batches of batch_size; write one JSON line per prompt; return the new-token count.
+                   batch_size: int, max_new_tokens: int, sampling: dict) -> list[tuple[int, float]]:
+    """Continue each prompt in batches of batch_size; write one JSON line per prompt; return, per batch, its
+    new-token count and the time.perf_counter() at its end.
 
     Batch k is seeded with seed + k * batch_size, so a seeded run is reproducible and its batches differ.
     """
@@ -217,12 +242,13 @@ def _generate_file(lm, tokenizer, prompts: list[str], encode_prompt, stop_ids: l
     encoded = [encode_prompt(text) for text in prompts]
     if any(not ids for ids in encoded):
         raise UsageError("an empty prompt needs a tokenizer with an end-of-document token to start from")
-    n_new = 0
+    batches: list[tuple[int, float]] = []
     sink = open(output, "w", encoding="utf-8") if output is not None else sys.stdout  # noqa: SIM115
     try:
         for first in range(0, len(encoded), batch_size):
             batch = encoded[first:first + batch_size]
             seed = None if sampling["seed"] is None else (sampling["seed"] + first) % 2**64  # seeds live in [0, 2**64)
+            n_new = 0
             for i, new in enumerate(generate(lm, batch, max_new_tokens, **{**sampling, "seed": seed})):
                 n_new += len(new)
                 text_ids = new[:-1] if new and new[-1] in stop_ids else new
@@ -230,7 +256,8 @@ def _generate_file(lm, tokenizer, prompts: list[str], encode_prompt, stop_ids: l
                           "new_tokens": len(new)}
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
             sink.flush()
+            batches.append((n_new, time.perf_counter()))
     finally:
         if sink is not sys.stdout:
             sink.close()
-    return n_new
+    return batches

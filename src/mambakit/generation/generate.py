@@ -20,10 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..deprecation import DEPRECATED
 from .cache import allocate_cache
 from .cuda_graph import CUDAGraphDecoder
 from .sampling import apply_repetition_penalty, greedy, logits_to_probs, sample, seen_tokens
-from .steps import _UNSET, decode_one_token, model_device, pack_prompts, prefill_packed, resolve_tokens_per_call
+from .steps import (DEFAULT_TOKENS_PER_CALL, decode_one_token, model_device, pack_prompts, prefill_packed,
+                    resolve_tokens_per_call)
 from .stopping import StopStrings
 
 _SYNC_EVERY = 16  # steps between host checks of "every row has hit EOS" (each check is a device sync)
@@ -190,10 +192,10 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
              top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
              eos_token_id: int | Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
              decode: Callable[[list[int]], str] | None = None, seed: int | None = None,
-             cuda_graph: bool | CUDAGraphDecoder = False, prefill_tokens_per_call=_UNSET,
-             state_dtype: torch.dtype | None = None,
+             cuda_graph: bool | CUDAGraphDecoder = False,
+             prefill_tokens_per_call: int | None = DEFAULT_TOKENS_PER_CALL, state_dtype: torch.dtype | None = None,
              return_logprobs: bool = False,
-             prefill_chunk_size=_UNSET) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
+             prefill_chunk_size=DEPRECATED) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
     """Generate up to max_new_tokens new tokens per prompt; returns each row's new tokens (and their log-probs).
 
     Args:
@@ -208,7 +210,7 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
         seed: seeds the sampler's generator, for reproducible sampling.
         cuda_graph: True to replay the decode step from a CUDA graph (CUDA models; eager elsewhere), or a
             `CUDAGraphDecoder` of this model and batch size to reuse one captured earlier.
-        prefill_tokens_per_call: tokens per row per prefill call, 2048 by default (None: whole prompts); bounds
+        prefill_tokens_per_call: tokens per row per prefill call (None: whole prompts); bounds
             prefill memory. Its former name `prefill_chunk_size` still works, with a DeprecationWarning.
         state_dtype: the SSM states' dtype in the cache (None: float32); torch.bfloat16 halves the state
             traffic of large-batch Mamba-2 decoding (see `allocate_cache`).
@@ -273,8 +275,9 @@ def stream(model: nn.Module, prompt, max_new_tokens: int, *, temperature: float 
            top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
            eos_token_id: int | Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
            decode: Callable[[list[int]], str] | None = None, seed: int | None = None,
-           cuda_graph: bool | CUDAGraphDecoder = False, prefill_tokens_per_call=_UNSET,
-           state_dtype: torch.dtype | None = None, prefill_chunk_size=_UNSET) -> Iterator[int]:
+           cuda_graph: bool | CUDAGraphDecoder = False,
+           prefill_tokens_per_call: int | None = DEFAULT_TOKENS_PER_CALL, state_dtype: torch.dtype | None = None,
+           prefill_chunk_size=DEPRECATED) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are made; the same arguments and tokens as `generate`.
 
     prompt: a list of token ids, or a (L,) / (1, L) integer tensor. The iterator ends after max_new_tokens

@@ -23,12 +23,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..deprecation import renamed_argument
+from ..deprecation import DEPRECATED, renamed_argument
 from .cache import InferenceCache, allocate_cache
 
 _PAD_ID = 0  # any valid id: padded positions are cut off from the state by seq_idx
 DEFAULT_TOKENS_PER_CALL = 2048
-_UNSET = object()  # "not given", distinct from None (None means: the whole prompt in one call)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -68,13 +67,13 @@ def pack_prompts(prompts, vocab_size: int, device: torch.device) -> tuple[torch.
     return ids.to(device), lengths
 
 
-def resolve_tokens_per_call(where: str, value, old_value=_UNSET, *, name: str = "tokens_per_call",
+def resolve_tokens_per_call(where: str, value: int | None, old_value=DEPRECATED, *, name: str = "tokens_per_call",
                             old_name: str = "chunk_size") -> int | None:
     """Tokens per row per prefill call: `value`, or `old_value` given under the former name (with a
-    DeprecationWarning, pointed at the caller of `where`); DEFAULT_TOKENS_PER_CALL when neither was given.
+    DeprecationWarning, pointed at the caller of `where`) while `value` is the default DEFAULT_TOKENS_PER_CALL.
     ValueError unless a positive int or None."""
-    value = renamed_argument(where, old_name, name, old_value, value, unset=_UNSET, stacklevel=4)
-    value = DEFAULT_TOKENS_PER_CALL if value is _UNSET else value
+    value = renamed_argument(where, old_name, name, old_value, value, unset=DEPRECATED,
+                             new_default=DEFAULT_TOKENS_PER_CALL, stacklevel=4)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise ValueError(f"{where}: {name} must be a positive int or None, got {value!r}")
     return value
@@ -114,7 +113,8 @@ def _run_calls(model: nn.Module, ids_BL: torch.Tensor, cache: InferenceCache, to
 
 @torch.inference_mode()
 def prefill_packed(model: nn.Module, ids_BL: torch.Tensor, lengths: list[int], cache: InferenceCache | None = None,
-                   tokens_per_call=_UNSET, *, chunk_size=_UNSET) -> tuple[InferenceCache, torch.Tensor]:
+                   tokens_per_call: int | None = DEFAULT_TOKENS_PER_CALL, *,
+                   chunk_size=DEPRECATED) -> tuple[InferenceCache, torch.Tensor]:
     """`prefill` on prompts already packed by `pack_prompts` (right-aligned ids (B, L) and their lengths)."""
     tokens_per_call = resolve_tokens_per_call("prefill", tokens_per_call, chunk_size)
     batch, seqlen = ids_BL.shape
@@ -145,15 +145,16 @@ def prefill_packed(model: nn.Module, ids_BL: torch.Tensor, lengths: list[int], c
     return cache, logits
 
 
-def prefill(model: nn.Module, prompts, cache: InferenceCache | None = None, *, tokens_per_call=_UNSET,
-            chunk_size=_UNSET) -> tuple[InferenceCache, torch.Tensor]:
+def prefill(model: nn.Module, prompts, cache: InferenceCache | None = None, *,
+            tokens_per_call: int | None = DEFAULT_TOKENS_PER_CALL,
+            chunk_size=DEPRECATED) -> tuple[InferenceCache, torch.Tensor]:
     """Run prompts through the model into a cache; return the cache and each row's last logits (B, V) float32.
 
     Args:
         prompts: a (B, L) integer tensor, or B token-id lists of any lengths.
         cache: None (a new one), a cache with seqlen_offset 0 (zeroed, then filled: a CUDA graph's static
             cache), or a cache already holding tokens, which the prompts continue row by row.
-        tokens_per_call: tokens per row per model call, 2048 by default (None: the whole prompt at once).
+        tokens_per_call: tokens per row per model call (None: the whole prompt at once).
             Memory is that of one call, so a 1M-token input streams through at constant memory; the result
             does not depend on it. Its former name `chunk_size` still works, with a DeprecationWarning.
     Returns:

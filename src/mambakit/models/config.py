@@ -89,7 +89,8 @@ class MambaConfig:
     @property
     def mixer_sizes(self) -> dict[str, Any]:
         """The mixer's derived sizes (see models.mixers.mixer_sizes): d_inner, d_state, d_conv; Mamba2 also
-        d_ssm, headdim, nheads, ngroups, norm_groups, norm_eps."""
+        d_ssm, headdim, nheads, ngroups, d_mlp, conv_dim, norm_groups, norm_eps, by the module's own formula
+        (modules.mamba2.mamba2_sizes), with its ValueError for sizes that do not divide."""
         return mixer_sizes(self.layer, self.d_model, self.mixer_args)
 
     @property

@@ -19,7 +19,7 @@ from ..modules.attention import MHA
 from ..modules.mamba1 import Mamba1
 from ..modules.mamba1_ablation import Mamba1Ablation
 from ..modules.mamba1_ungated import Mamba1Ungated
-from ..modules.mamba2 import Mamba2
+from ..modules.mamba2 import Mamba2, mamba2_sizes
 from ..modules.s4d import S4D
 
 __all__ = ["MIXERS", "ATTENTION", "canonical_mixer_name", "mixer_defaults", "mixer_args", "mixer_sizes"]
@@ -29,6 +29,7 @@ MIXERS: dict[str, type] = {"Mamba1": Mamba1, "Mamba2": Mamba2, "Mamba1Ungated": 
                            "Mamba1Ablation": Mamba1Ablation}
 ATTENTION = MHA  # the attention layer of hybrid models (config.attn_layer_idx / attn_cfg)
 
+_MAMBA2_SIZE_ARGS = tuple(inspect.signature(mamba2_sizes).parameters)[1:]  # its keywords, after d_model
 _NOT_CONFIG = ("self", "d_model", "layer_idx", "device", "dtype")  # constructor arguments no config sets
 
 
@@ -68,17 +69,15 @@ def mixer_args(layer: str, ssm_cfg: dict[str, Any]) -> dict[str, Any]:
 def mixer_sizes(layer: str, d_model: int, args: dict[str, Any]) -> dict[str, Any]:
     """The sizes a mixer derives from its arguments, as its constructor derives them.
 
-    Every mixer: d_inner (= int(expand * d_model)), d_state, d_conv. Mamba2 also: d_ssm (<= d_inner; the
-    rest is an MLP half), headdim, nheads (= d_ssm / headdim), ngroups, and for its gated RMSNorm (rmsnorm
-    True) norm_groups (ngroups unless norm_ngroups overrides it) and norm_eps. tests/test_models.py checks
-    these against the attributes of built mixers.
+    Every mixer: d_inner (= int(expand * d_model)), d_state, d_conv. Mamba2 also what `mamba2_sizes` gives
+    (the module's own formula and checks: d_ssm, headdim, nheads, ngroups, d_mlp, conv_dim, norm_groups)
+    and, with its gated RMSNorm (rmsnorm True), norm_eps. tests/test_cache.py checks these against the
+    attributes of built mixers.
     """
     sizes: dict[str, Any] = {"d_inner": int(args["expand"] * d_model), "d_state": args["d_state"],
                              "d_conv": args["d_conv"]}
     if canonical_mixer_name(layer) == "Mamba2":
-        d_ssm = sizes["d_inner"] if args["d_ssm"] is None else args["d_ssm"]
-        sizes.update(d_ssm=d_ssm, headdim=args["headdim"], nheads=d_ssm // args["headdim"], ngroups=args["ngroups"])
+        sizes.update(mamba2_sizes(d_model, **{k: args[k] for k in _MAMBA2_SIZE_ARGS}))
         if args["rmsnorm"]:
-            sizes.update(norm_groups=args["ngroups"] if args["norm_ngroups"] is None else args["norm_ngroups"],
-                         norm_eps=args["norm_eps"])
+            sizes["norm_eps"] = args["norm_eps"]
     return sizes

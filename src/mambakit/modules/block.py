@@ -32,7 +32,9 @@ def add_and_norm(hidden: torch.Tensor, residual: torch.Tensor | None, norm: nn.M
                             residual_dtype=torch.float32 if residual_in_fp32 else None)
     residual = hidden if residual is None else hidden + residual
     normed = norm(residual.to(norm.weight.dtype))
-    return normed, residual.float() if residual_in_fp32 else residual
+    residual = residual.float() if residual_in_fp32 else residual
+    # never the input itself: under FSDP2 that output would be a view (see add_rms_norm_torch)
+    return normed, residual.clone() if residual is hidden else residual
 
 
 class Block(nn.Module):

@@ -34,6 +34,39 @@ from .norm import RMSNormGated
 from .state import MixerState
 
 
+def mamba2_sizes(d_model: int, *, expand: float, headdim: int, d_ssm: int | None, ngroups: int, d_state: int,
+                 rmsnorm: bool, norm_ngroups: int | None) -> dict[str, int]:
+    """The sizes Mamba2 derives from its arguments, checked: the one formula, used by `Mamba2.__init__` and by
+    the config (models.mixers.mixer_sizes), so a config says what a built mixer has without building one.
+
+    Returns d_inner (I = int(expand * d_model)), d_ssm (S, I when None), headdim (P), nheads (H = S / P),
+    ngroups (G), d_mlp (F = I - S), conv_dim (S + 2GN: the conv runs over x, B and C), and with the gated
+    norm (rmsnorm) norm_groups (G unless norm_ngroups overrides it; mamba_ssm normalises each SSD group
+    separately, transformers the whole width with norm_ngroups=1).
+    ValueError when headdim does not divide d_ssm, ngroups does not divide nheads or norm_groups d_ssm.
+
+    Example:
+        >>> mamba2_sizes(256, expand=2, headdim=64, d_ssm=None, ngroups=1, d_state=64, rmsnorm=True,
+        ...              norm_ngroups=None)["nheads"]
+        8
+    """
+    d_inner = int(expand * d_model)
+    d_ssm = d_inner if d_ssm is None else d_ssm
+    if d_ssm % headdim != 0:
+        raise ValueError(f"Mamba2: d_ssm={d_ssm} must be a multiple of headdim={headdim}")
+    nheads = d_ssm // headdim
+    if nheads % ngroups != 0:
+        raise ValueError(f"Mamba2: ngroups={ngroups} must divide nheads={nheads}")
+    sizes = {"d_inner": d_inner, "d_ssm": d_ssm, "headdim": headdim, "nheads": nheads, "ngroups": ngroups,
+             "d_mlp": d_inner - d_ssm, "conv_dim": d_ssm + 2 * ngroups * d_state}
+    if rmsnorm:
+        norm_groups = ngroups if norm_ngroups is None else norm_ngroups
+        if not isinstance(norm_groups, int) or norm_groups < 1 or d_ssm % norm_groups:
+            raise ValueError(f"Mamba2: norm_ngroups={norm_ngroups} must be a positive int dividing d_ssm={d_ssm}")
+        sizes["norm_groups"] = norm_groups
+    return sizes
+
+
 class Mamba2(nn.Module):
     """Mamba-2 mixer.   forward(hidden_states (B, L, d_model), cache=None, seq_idx=None) -> (B, L, d_model).
 
@@ -64,15 +97,11 @@ class Mamba2(nn.Module):
         self.d_state = d_state
         self.d_conv = d_conv
         self.expand = expand
-        self.d_inner = int(expand * d_model)
-        self.d_ssm = self.d_inner if d_ssm is None else d_ssm
-        if self.d_ssm % headdim != 0:
-            raise ValueError(f"Mamba2: d_ssm={self.d_ssm} must be a multiple of headdim={headdim}")
-        self.headdim = headdim
-        self.nheads = self.d_ssm // headdim
-        if self.nheads % ngroups != 0:
-            raise ValueError(f"Mamba2: ngroups={ngroups} must divide nheads={self.nheads}")
-        self.ngroups = ngroups
+        sizes = mamba2_sizes(d_model, expand=expand, headdim=headdim, d_ssm=d_ssm, ngroups=ngroups,
+                             d_state=d_state, rmsnorm=rmsnorm, norm_ngroups=norm_ngroups)
+        self.d_inner, self.d_ssm, self.d_mlp = sizes["d_inner"], sizes["d_ssm"], sizes["d_mlp"]
+        self.headdim, self.nheads, self.ngroups = headdim, sizes["nheads"], ngroups
+        self.conv_dim = sizes["conv_dim"]
         self.D_has_hdim = D_has_hdim
         self.rmsnorm = rmsnorm
         self.norm_before_gate = norm_before_gate
@@ -80,11 +109,9 @@ class Mamba2(nn.Module):
         self.chunk_size = chunk_size
         self.use_mem_eff_path = use_mem_eff_path  # accepted for config compatibility
         self.layer_idx = layer_idx
-        self.d_mlp = self.d_inner - self.d_ssm
 
         d_in_proj = 2 * self.d_inner + 2 * ngroups * d_state + self.nheads
         self.in_proj = nn.Linear(d_model, d_in_proj, bias=bias, **factory)
-        self.conv_dim = self.d_ssm + 2 * ngroups * d_state
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=d_conv, groups=self.conv_dim,
                                 padding=d_conv - 1, bias=conv_bias, **factory)
         if conv_init is not None:
@@ -101,13 +128,8 @@ class Mamba2(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_ssm if D_has_hdim else self.nheads, device=device))
         self.D._no_weight_decay = True
         if rmsnorm:
-            # mamba_ssm normalises each SSD group separately; transformers over the whole width (norm_ngroups=1)
-            norm_groups = ngroups if norm_ngroups is None else norm_ngroups
-            if not isinstance(norm_groups, int) or norm_groups < 1 or self.d_ssm % norm_groups:
-                raise ValueError(f"Mamba2: norm_ngroups={norm_ngroups} must be a positive int dividing "
-                                 f"d_ssm={self.d_ssm}")
             self.norm = RMSNormGated(self.d_ssm, eps=norm_eps, norm_before_gate=norm_before_gate,
-                                     group_size=self.d_ssm // norm_groups, **factory)
+                                     group_size=self.d_ssm // sizes["norm_groups"], **factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
         self._decode_params = DecodeParams()
         # training memory: True keeps only in_proj's output per layer and recomputes the rest in the backward

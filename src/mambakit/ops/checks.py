@@ -8,6 +8,11 @@ shape it needs, instead of an opaque error deep inside a kernel.
     >>> chk.tensor("x", x, ("batch", "seqlen", "dim"))
     >>> chk.tensor("A", A, ("dim", "dstate"), dtypes=FLOAT32_OR_COMPLEX)
     >>> chk.size("dim") % chk.size("ngroups") == 0 or chk.fail("B", "ngroups must divide dim")
+
+Below it, one helper per op family checks the arguments that the family's sequence op and its one-token
+update share (they differ only by the seqlen axis and the state's name): `check_selective_scan`,
+`check_ssd`, `check_causal_conv1d`, `check_rms_norm`; `write_back` is the updates' common ending.
+The backends (torch_*.py, triton_*.py) take these arguments already checked.
 """
 
 from __future__ import annotations
@@ -95,8 +100,118 @@ class ShapeChecker:
         return seq_idx
 
 
-def as_grouped(name: str, t: torch.Tensor | None, chk: ShapeChecker) -> torch.Tensor | None:
-    """Accept B or C as (batch, seqlen, dstate) meaning ngroups = 1: return a 4-D view."""
-    if isinstance(t, torch.Tensor) and t.dim() == 3:
-        return t.unsqueeze(2)
+def as_grouped(t: object, rank: int) -> object:
+    """Accept B or C without their ngroups axis, meaning ngroups = 1: (..., dstate) of rank - 1 dims becomes
+    the (..., 1, dstate) view of `rank` dims; anything else is returned as it is, for the checker to judge."""
+    if isinstance(t, torch.Tensor) and t.dim() == rank - 1:
+        return t.unsqueeze(-2)
     return t
+
+
+def write_back(state: torch.Tensor, result: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The end of every one-token update: a backend returns (y, new_state), updated in place or not; the
+    caller's `state` must hold new_state afterwards. Returns y."""
+    y, new_state = result
+    if new_state is not state:
+        state.copy_(new_state)
+    return y
+
+
+# ---- one helper per op family: the sequence op (tokens ("batch", "seqlen")) and its update (("batch",)) ----
+
+_REAL_STATE = (torch.float32, torch.float64)
+_COMPLEX = (torch.complex64, torch.complex128)
+
+
+def _tokens(step: bool) -> tuple[str, ...]:
+    return ("batch",) if step else ("batch", "seqlen")
+
+
+def check_selective_scan(op: str, x, dt, A, B, C, D, z, dt_bias, state, *, step: bool,
+                         seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`selective_scan` (step False: x, dt, z (batch, seqlen, dim), B, C (batch, seqlen, ngroups, dstate),
+    optional initial_state) and `selective_state_update` (step True: no seqlen axis, `state` required), both
+    with A (dim, dstate), D, dt_bias (dim,) and a (batch, dim, dstate) state, complex where A is.
+    Returns B and C with their ngroups axis."""
+    tokens = _tokens(step)
+    chk = ShapeChecker(op)
+    chk.tensor("x", x, tokens + ("dim",))
+    chk.tensor("dt", dt, tokens + ("dim",))
+    B, C = as_grouped(B, len(tokens) + 2), as_grouped(C, len(tokens) + 2)
+    chk.tensor("B", B, tokens + ("ngroups", "dstate"), dtypes=FLOATS + _COMPLEX)
+    chk.tensor("C", C, tokens + ("ngroups", "dstate"), dtypes=FLOATS + _COMPLEX)
+    chk.tensor("A", A, ("dim", "dstate"), dtypes=_REAL_STATE + _COMPLEX)
+    chk.tensor("D", D, ("dim",), optional=True)
+    chk.tensor("dt_bias", dt_bias, ("dim",), optional=True)
+    chk.tensor("z", z, tokens + ("dim",), optional=True)
+    chk.divides("B", "ngroups", "dim")
+    state_dtypes = _REAL_STATE + (_COMPLEX if A.is_complex() else ())
+    chk.tensor("state" if step else "initial_state", state, ("batch", "dim", "dstate"), dtypes=state_dtypes,
+               optional=not step)
+    chk.seq_idx(seq_idx)
+    return B, C
+
+
+def check_ssd(op: str, x, dt, A, B, C, D, z, dt_bias, dt_limit, state, *, step: bool,
+              seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ssd` (step False: x, z (batch, seqlen, nheads, headdim), dt (batch, seqlen, nheads), B, C (batch,
+    seqlen, ngroups, dstate), optional float32/64 initial_state) and `ssd_state_update` (step True: no seqlen
+    axis, `state` required, bf16 / fp16 allowed), both with A, dt_bias (nheads,), D (nheads,) or (nheads,
+    headdim), dt_limit (low, high) and a (batch, nheads, headdim, dstate) state. Returns B and C with their
+    ngroups axis."""
+    tokens = _tokens(step)
+    chk = ShapeChecker(op)
+    chk.tensor("x", x, tokens + ("nheads", "headdim"))
+    chk.tensor("dt", dt, tokens + ("nheads",))
+    B, C = as_grouped(B, len(tokens) + 2), as_grouped(C, len(tokens) + 2)
+    chk.tensor("B", B, tokens + ("ngroups", "dstate"))
+    chk.tensor("C", C, tokens + ("ngroups", "dstate"))
+    chk.tensor("z", z, tokens + ("nheads", "headdim"), optional=True)
+    chk.tensor("A", A, ("nheads",), dtypes=_REAL_STATE)
+    chk.tensor("D", D, ("nheads", "headdim") if isinstance(D, torch.Tensor) and D.dim() == 2 else ("nheads",),
+               optional=True)
+    chk.tensor("dt_bias", dt_bias, ("nheads",), optional=True)
+    chk.divides("B", "ngroups", "nheads")
+    if len(dt_limit) != 2 or not (0.0 <= dt_limit[0] <= dt_limit[1]):
+        raise ValueError(f"{op}: dt_limit must be (low, high) with 0 <= low <= high, got {dt_limit}")
+    chk.tensor("state" if step else "initial_state", state, ("batch", "nheads", "headdim", "dstate"),
+               dtypes=FLOATS if step else _REAL_STATE, optional=not step)
+    chk.seq_idx(seq_idx)
+    return B, C
+
+
+_ACTIVATIONS = (None, "silu", "swish")
+
+
+def check_causal_conv1d(op: str, x, weight, bias, activation, state, *, step: bool,
+                        seq_idx: torch.Tensor | None = None) -> None:
+    """`causal_conv1d` (step False: x (batch, seqlen, dim), optional initial_state) and `causal_conv1d_update`
+    (step True: x (batch, dim), conv_state required), both with weight (dim, width >= 2), bias (dim,), an
+    activation in (None, "silu", "swish") and a (batch, dim, width - 1) window."""
+    chk = ShapeChecker(op)
+    chk.tensor("x", x, _tokens(step) + ("dim",))
+    chk.tensor("weight", weight, ("dim", "width"))
+    chk.tensor("bias", bias, ("dim",), optional=True)
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    if chk.size("width") < 2:
+        raise ValueError(f"{op}: weight must have width >= 2, got shape {tuple(weight.shape)}")
+    chk.tensor("conv_state" if step else "initial_state", state, ("batch", "dim", chk.size("width") - 1),
+               optional=not step)
+    chk.seq_idx(seq_idx)
+
+
+def check_rms_norm(op: str, x, weight, eps: float, **like_x: torch.Tensor | None) -> ShapeChecker:
+    """`rms_norm` and `add_rms_norm`: x (..., hidden) with any leading dims, weight (hidden,), eps >= 0, and
+    the optional tensors of x's shape named in `like_x` (z, residual). Returns the checker (sizes bound)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"{op}: x must be a tensor of shape (..., hidden), got {getattr(x, 'shape', type(x))}")
+    lead = tuple(f"d{i}" for i in range(x.dim() - 1))
+    chk = ShapeChecker(op)
+    chk.tensor("x", x, lead + ("hidden",))
+    chk.tensor("weight", weight, ("hidden",))
+    for name, t in like_x.items():
+        chk.tensor(name, t, lead + ("hidden",), optional=True)
+    if eps < 0:
+        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+    return chk

@@ -26,7 +26,7 @@ from ..data.audio import mu_law_encode
 from ..data.spoken_digits import speaker_recordings
 from ..models.unet import AudioUNet, UNetConfig
 from .common import FINISHED, Run, TrainSettings, _read_json, figure, loss_plot, markdown_table
-from .dna_audio_common import bits_per_sample, cached_eval, train_module
+from .dna_audio_common import bits_per_sample, train_module
 from .spoken_digits import _data_root, settings as _digit_settings
 
 NAME = "audio-context"
@@ -95,7 +95,7 @@ def run(run: Run) -> int:
             if model is None:
                 return run.unfinished()
             held = _held_out_windows(val_recs, L, s["eval_samples"])
-            result = cached_eval(run, name, "val", lambda: {
+            result = run.cached(name, "val", lambda: {
                 "bits_per_sample": bits_per_sample(model, held, s["eval_batch"], run.device),
                 "samples": int(held[:, 1:].numel())})
             if result is None:

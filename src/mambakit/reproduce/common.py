@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -207,12 +208,8 @@ class Run:
         Returns the trained model in eval mode, or None when the time budget ran out first (the training
         state is then saved for --resume). logits_to_keep: only the last k positions are scored (0: all).
         bf16 autocast on CUDA when `autocast`. A model finished with fewer steps than asked for trains on from
-        its saved state (and its cached evaluations are dropped), unless it stopped early.
-
-        validate(model) -> {metric: accuracy} runs every `spec.train.eval_every` steps (model in eval mode,
-        inference mode, no autocast) on a validation set of the caller's (not the test set); once every metric
-        is >= `target` at `target_evals` consecutive evaluations the model stops early. The history is kept
-        in done.json (`val_history`, `early_stop_step`).
+        its saved state (and its cached evaluations are dropped), unless it stopped early. validate: see `fit`,
+        whose loop this is, with the masked cross-entropy of the batch's targets as the loss.
 
         Determinism: the initialisation is drawn after torch.manual_seed(seed) and batch `step` from
         batch_seed(seed, step), so on the CPU a run is a function of its seed. On CUDA it is not bit-exact:
@@ -220,66 +217,99 @@ class Run:
         segments) with float32 atomics in an order that varies (dB, dC too where programs share a replica), and
         torch's embedding backward uses atomics; runs of one seed drift apart by rounding.
         """
+        vocab = spec.config.vocab_size
+
+        def loss(model: torch.nn.Module, batch: SyntheticBatch, states) -> torch.Tensor:
+            # cache= only with state passing: a TransformerLM (lm-scaling) takes no recurrent states
+            logits = (model(batch.inputs, logits_to_keep=logits_to_keep) if states is None
+                      else model(batch.inputs, cache=states, logits_to_keep=logits_to_keep))
+            targets = batch.targets[:, -logits_to_keep:] if logits_to_keep else batch.targets
+            return masked_loss(logits, targets, vocab)
+
+        # a MambaLM, or a TransformerLM for a TransformerConfig
+        return self.fit(spec.key, lambda: build_model(spec.config, device=self.device), spec.train, make_batch, loss,
+                        load=lambda folder: MambaLM.from_pretrained(folder / "model", device=self.device),
+                        save=lambda model, folder: model.save_pretrained(folder / "model"), autocast=autocast,
+                        validate=validate)
+
+    def fit(self, key: str, build: Callable[[], torch.nn.Module], settings: TrainSettings,
+            make_batch: Callable[[int, torch.Generator], Any], loss_fn: Callable[..., torch.Tensor], *,
+            load: Callable[[Path], torch.nn.Module], save: Callable[[torch.nn.Module, Path], None],
+            autocast: bool = True, validate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+            ) -> torch.nn.Module | None:
+        """The one resumable training loop: `train` (language models) and `dna_audio_common.train_module` (any
+        nn.Module) call it. Returns the model in eval mode, or None when the time budget ran out first (the
+        training state is then saved in _state/<key>/train.pt for --resume).
+
+        build() makes the model, after torch.manual_seed(settings.seed). make_batch(step, generator) gives batch
+        `step` as a pure function of it (a resumed run sees the batches an uninterrupted one would): a
+        SyntheticBatch or a tuple of tensors, moved to the run's device. loss_fn(model, batch, states) is its
+        loss, under bf16 autocast on CUDA when `autocast`; states is None, or with `settings.state_passing` the
+        previous batch's final recurrent states (an InferenceCache cut from its graph, zeros at the start) for
+        the model to start from. AdamW, warmup and schedule are `settings`' (--steps overrides the step count).
+        When done, save(model, folder) stores the weights and done.json the record; a later call
+        load(folder)s them instead (a model finished with fewer steps than asked for trains on, unless it
+        stopped early; its cached evaluations are then dropped).
+
+        validate(model) -> {metric: accuracy} runs every `settings.eval_every` steps (model in eval mode,
+        inference mode, no autocast) on a validation set of the caller's (not the test set); once every metric
+        is >= `settings.target` at `settings.target_evals` consecutive evaluations the model stops early. The
+        history is kept in done.json (`val_history`, `early_stop_step`).
+        """
         from ..training import build_optimizer, lr_at
 
-        folder = self.state / spec.key
-        settings = spec.train if self.steps_override is None else dataclasses.replace(spec.train, steps=self.steps_override)
+        folder = self.state / key
+        if self.steps_override is not None:
+            settings = dataclasses.replace(settings, steps=self.steps_override)
         done = _read_json(folder / "done.json")
         if done is not None and (done["steps"] >= settings.steps or done.get("early_stop_step") is not None):
-            return MambaLM.from_pretrained(folder / "model", device=self.device).eval()
+            return load(folder).eval()
         if self.out_of_time():
             return None
         if done is not None:  # extending a finished model: its evaluations are out of date
             (folder / "done.json").unlink()
-            shutil.rmtree(self.state / "evals" / spec.key, ignore_errors=True)
+            shutil.rmtree(self.state / "evals" / key, ignore_errors=True)
         cfg = settings.train_config()
         torch.manual_seed(settings.seed)
-        model = build_model(spec.config, device=self.device)  # a MambaLM, or a TransformerLM for a TransformerConfig
+        model = build().to(self.device)
         optimizer = build_optimizer(model, cfg)
-        step, losses, train_s, val_history = 0, [], 0.0, []
+        step, losses, train_s, val_history, states = 0, [], 0.0, [], None
         resume_file = folder / "train.pt"
         if resume_file.exists():
             saved = torch.load(resume_file, map_location=self.device, weights_only=False)
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             step, losses, train_s = saved["step"], saved["losses"], saved["train_s"]
-            val_history = saved.get("val_history", [])
-            states = saved.get("states")
-        else:
-            states = None
+            val_history, states = saved.get("val_history", []), saved.get("states")
         early_stop = None
-        vocab = spec.config.vocab_size
         use_autocast = autocast and self.device.type == "cuda"
         model.train()
-        bar = _progress(self.progress, total=settings.steps, initial=step, desc=f"{self.name} {spec.key}")
+        bar = _progress(self.progress, total=settings.steps, initial=step, desc=f"{self.name} {key}")
         t0 = time.monotonic()
         pending = []  # losses not yet read back (reading each step would sync the GPU every step)
         while step < settings.steps:
             if self.out_of_time():
                 break
-            batch = make_batch(step, torch.Generator().manual_seed(batch_seed(settings.seed, step))).to(self.device)
+            batch = make_batch(step, torch.Generator().manual_seed(batch_seed(settings.seed, step)))
+            batch = batch.to(self.device) if hasattr(batch, "to") else tuple(b.to(self.device) for b in batch)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             if settings.state_passing:
-                states = _passed_states(model, states, batch.inputs.shape[0])
+                states = _passed_states(model, states, _batch_rows(batch))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                # cache= only with state passing: a TransformerLM (lm-scaling) takes no recurrent states
-                logits = (model(batch.inputs, cache=states, logits_to_keep=logits_to_keep) if settings.state_passing
-                          else model(batch.inputs, logits_to_keep=logits_to_keep))
-            targets = batch.targets[:, -logits_to_keep:] if logits_to_keep else batch.targets
-            loss = masked_loss(logits, targets, vocab)
+                loss = loss_fn(model, batch, states)
             loss.backward()
             if settings.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            pending.append(loss.detach())
+            pending.append(loss.detach().float())
             if step % settings.log_every == 0 or step == settings.steps:
                 value = float(torch.stack(pending).mean())
                 pending.clear()
                 if not math.isfinite(value):
-                    raise RuntimeError(f"{spec.key}: the training loss became {value} at step {step}")
+                    raise RuntimeError(f"{key}: the training loss became {value} at step {step}")
                 losses.append([step, value])
                 bar.set_postfix(loss=f"{value:.4f}")
             bar.update(1)
@@ -300,7 +330,7 @@ class Run:
         if step < settings.steps and early_stop is None:
             return None
         model.eval()
-        model.save_pretrained(folder / "model")
+        save(model, folder)
         _write_json(folder / "done.json", {"steps": step, "train_s": train_s, "losses": losses,
                                            "final_loss": losses[-1][1] if losses else None,
                                            "params": sum(p.numel() for p in model.parameters()),
@@ -337,10 +367,11 @@ class Run:
 
     # ---------------------------------------------------------------- evaluation
 
-    def cached(self, spec: ModelSpec, name: str, compute: Callable[[], dict]) -> dict | None:
-        """compute() once per trained model (memoised in _state/evals/<spec.key>/<name>.json); None when out of
-        time before it."""
-        path = self.state / "evals" / spec.key / f"{name}.json"
+    def cached(self, spec: ModelSpec | str, name: str, compute: Callable[[], dict]) -> dict | None:
+        """compute() once per trained model (memoised in _state/evals/<key>/<name>.json; `spec` a ModelSpec or
+        the key given to `fit`); None when out of time before it. Extending the model drops it."""
+        key = spec if isinstance(spec, str) else spec.key
+        path = self.state / "evals" / key / f"{name}.json"
         value = _read_json(path)
         if value is not None:
             return value
@@ -384,7 +415,12 @@ def _passed_states(model, previous, batch_size: int):
     return states
 
 
-def _validated(model, validate: Callable[[MambaLM], dict[str, float]]) -> dict[str, float]:
+def _batch_rows(batch) -> int:
+    """Rows of a batch: a SyntheticBatch's inputs, or a tuple's first tensor."""
+    return (batch.inputs if hasattr(batch, "inputs") else batch[0]).shape[0]
+
+
+def _validated(model, validate: Callable[[torch.nn.Module], dict[str, float]]) -> dict[str, float]:
     """validate(model) in eval and inference mode; the model is back in training mode afterwards."""
     model.eval()
     try:

@@ -1,123 +1,44 @@
 """What the DNA and audio experiments share beyond `common`: training any nn.Module (a classifier, an audio U-Net)
 with `common.Run`'s resume state and time budget, stand-in genomes for --quick runs, and the Frechet distance.
 
-`train_module` is `Run.train` for models that are not a `MambaLM`: the same AdamW, warmup and schedule
-(`TrainSettings`), batches as a pure function of the step (a resumed run sees the batches an uninterrupted one
-would), the training state in _state/<key>/train.pt, the finished weights in _state/<key>/model.pt.
+`train_module` is `Run.train` for models that are not a `MambaLM`: the same loop (`Run.fit`), AdamW, warmup
+and schedule (`TrainSettings`), the finished weights in _state/<key>/model.pt. Their evaluations are memoised
+by `run.cached(key, name, compute)`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .common import Run, TrainSettings, _progress, _read_json, _write_json, batch_seed
+from .common import Run, TrainSettings
 
-__all__ = ["train_module", "cached_eval", "markov_genome_fasta", "frechet_distance", "bits_per_sample"]
+__all__ = ["train_module", "markov_genome_fasta", "frechet_distance", "bits_per_sample"]
 
 
 def train_module(run: Run, key: str, build: Callable[[], torch.nn.Module], settings: TrainSettings,
                  make_batch: Callable[[int, torch.Generator], tuple], loss_fn: Callable[..., torch.Tensor],
-                 autocast: bool = True) -> torch.nn.Module | None:
+                 autocast: bool = True,
+                 validate: Callable[[torch.nn.Module], dict[str, float]] | None = None) -> torch.nn.Module | None:
     """Train build() on make_batch(step, generator) with loss_fn(model, *batch) (or load it when already trained).
 
-    Returns the model in eval mode, or None when the time budget ran out first (state saved for --resume).
-    Batch tensors are moved to the run's device; bf16 autocast on CUDA when `autocast`.
+    `Run.fit`'s loop (resume, time budget, --steps, validation and early stopping as there); the finished
+    weights go to _state/<key>/model.pt. Returns the model in eval mode, or None when the time budget ran out
+    first (state saved for --resume). Batch tensors are moved to the run's device; bf16 autocast on CUDA when
+    `autocast`.
     """
-    from ..training import build_optimizer, lr_at
-
-    folder = run.state / key
-    if run.steps_override is not None:
-        settings = dataclasses.replace(settings, steps=run.steps_override)
-    torch.manual_seed(settings.seed)
-    model = build().to(run.device)
-    done = _read_json(folder / "done.json")
-    if done is not None and done["steps"] >= settings.steps:
+    def load(folder: Path) -> torch.nn.Module:
+        model = build().to(run.device)
         model.load_state_dict(torch.load(folder / "model.pt", map_location=run.device, weights_only=True))
-        return model.eval()
-    if run.out_of_time():
-        return None
-    if done is not None:
-        (folder / "done.json").unlink()
-        import shutil
+        return model
 
-        shutil.rmtree(run.state / "evals" / key, ignore_errors=True)
-    cfg = settings.train_config()
-    optimizer = build_optimizer(model, cfg)
-    step, losses, train_s = 0, [], 0.0
-    resume_file = folder / "train.pt"
-    if resume_file.exists():
-        saved = torch.load(resume_file, map_location=run.device, weights_only=False)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        step, losses, train_s = saved["step"], saved["losses"], saved["train_s"]
-    use_autocast = autocast and run.device.type == "cuda"
-    model.train()
-    bar = _progress(run.progress, total=settings.steps, initial=step, desc=f"{run.name} {key}")
-    t0 = time.monotonic()
-    pending = []
-
-    def save():
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = resume_file.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "losses": losses,
-                    "train_s": train_s + time.monotonic() - t0}, tmp)
-        tmp.replace(resume_file)
-
-    while step < settings.steps and not run.out_of_time():
-        batch = make_batch(step, torch.Generator().manual_seed(batch_seed(settings.seed, step)))
-        batch = tuple(b.to(run.device) for b in batch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=use_autocast):
-            loss = loss_fn(model, *batch)
-        loss.backward()
-        if settings.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        pending.append(loss.detach().float())
-        if step % settings.log_every == 0 or step == settings.steps:
-            value = float(torch.stack(pending).mean())
-            pending.clear()
-            if not math.isfinite(value):
-                raise RuntimeError(f"{key}: the training loss became {value} at step {step}")
-            losses.append([step, value])
-            bar.set_postfix(loss=f"{value:.4f}")
-        bar.update(1)
-        if step % settings.save_every == 0 and step < settings.steps:
-            save()
-    bar.close()
-    save()
-    train_s += time.monotonic() - t0
-    if step < settings.steps:
-        return None
-    model.eval()
-    torch.save(model.state_dict(), folder / "model.pt")
-    _write_json(folder / "done.json", {"steps": step, "train_s": train_s, "losses": losses,
-                                       "final_loss": losses[-1][1] if losses else None,
-                                       "params": sum(p.numel() for p in model.parameters())})
-    return model
-
-
-def cached_eval(run: Run, key: str, name: str, compute: Callable[[], dict]) -> dict | None:
-    """`Run.cached` for a model trained by `train_module`: compute() once, memoised in _state/evals/<key>/<name>.json;
-    None when the time budget is spent before it."""
-    path = run.state / "evals" / key / f"{name}.json"
-    value = _read_json(path)
-    if value is None:
-        if run.out_of_time():
-            return None
-        value = compute()
-        _write_json(path, value)
-    return value
+    return run.fit(key, build, settings, make_batch, lambda model, batch, states: loss_fn(model, *batch), load=load,
+                   save=lambda model, folder: torch.save(model.state_dict(), folder / "model.pt"),
+                   autocast=autocast, validate=validate)
 
 
 def markov_genome_fasta(path: Path, n_records: int, length: int, seed: int, base_seed: int = 0,

@@ -31,7 +31,7 @@ from ..data.dna import DEBIAN_GENOMES, SpeciesWindows, debian_species, load_geno
 from ..models import MambaConfig
 from ..models.classifier import SequenceClassifier
 from .common import FINISHED, Run, TrainSettings, figure, loss_plot, markdown_table, percent
-from .dna_audio_common import cached_eval, markov_genome_fasta, train_module
+from .dna_audio_common import markov_genome_fasta, train_module
 
 NAME = "dna-species"
 SUMMARY = "Mamba paper Figure 6: species classification from DNA windows of 2^10 .. 2^17 bases, Mamba vs S4D vs chance"
@@ -105,7 +105,7 @@ def run(run: Run) -> int:
                                  dataclasses.replace(train, batch_size=batch), make_batch, loss_fn)
             if model is None:
                 return run.unfinished()
-            result = cached_eval(run, key, "test", lambda: _evaluate(model, data, L, s, run.device))
+            result = run.cached(key, "test", lambda: _evaluate(model, data, L, s, run.device))
             if result is None:
                 return run.unfinished()
             record = _record(run, key)

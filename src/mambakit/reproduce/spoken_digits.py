@@ -35,7 +35,7 @@ from ..models import MambaConfig
 from ..models.classifier import SequenceClassifier, pool_sequence
 from ..models.unet import AudioUNet, UNetConfig, sample_audio
 from .common import FINISHED, Run, TrainSettings, _read_json, figure, loss_plot, markdown_table
-from .dna_audio_common import bits_per_sample, cached_eval, frechet_distance, train_module
+from .dna_audio_common import bits_per_sample, frechet_distance, train_module
 
 NAME = "spoken-digits"
 SUMMARY = "Mamba paper Tables 4-5: spoken digits (espeak-ng SC09-like) with U-Nets of Mamba vs S4D(+MLP), real vs complex A"
@@ -138,8 +138,8 @@ def run(run: Run) -> int:
     if clf is None:
         return run.unfinished()
     features_path = run.state / "evals" / "digit-classifier" / "real_features.pt"
-    real = cached_eval(run, "digit-classifier", "real",
-                   lambda: _judge_real(clf, test_rows[:, 1:], test_digits, s, run.device, features_path))
+    real = run.cached("digit-classifier", "real",
+                      lambda: _judge_real(clf, test_rows[:, 1:], test_digits, s, run.device, features_path))
     if real is None:
         return run.unfinished()
     real_feats = torch.load(features_path, weights_only=True)
@@ -150,11 +150,11 @@ def run(run: Run) -> int:
         model = train_module(run, key, _unet(key, s), unet_train, clip_batch, _lm_loss)
         if model is None:
             return run.unfinished()
-        bps = cached_eval(run, key, "test", lambda: {"bits_per_sample": bits_per_sample(model, test_rows, s["eval_batch"],
-                                                                                    run.device)})
+        bps = run.cached(key, "test", lambda: {"bits_per_sample": bits_per_sample(model, test_rows, s["eval_batch"],
+                                                                                  run.device)})
         if bps is None:
             return run.unfinished()
-        gen = cached_eval(run, key, "generated", lambda: _judge_generated(model, clf, real_feats, key, run, s))
+        gen = run.cached(key, "generated", lambda: _judge_generated(model, clf, real_feats, key, run, s))
         if gen is None:
             return run.unfinished()
         record = _read_json(run.state / key / "done.json")

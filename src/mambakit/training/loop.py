@@ -153,7 +153,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, no_decay: set[str]
         {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0},
     ]
     param = named[0][1]
-    # the fused kernel takes plain CUDA tensors; FSDP2's sharded parameters (DTensor) go through foreach
+    # Fused on CUDA over plain tensors. FSDP2's sharded parameters (param.data a DTensor) go through foreach:
+    # the fused kernel accepts DTensors too (same result: tests/test_training_scale.py), but over them it made
+    # more host calls per step than foreach (19.4k vs 12.6k, BENCHMARKS.md "Host work"), and FSDP2 steps are
+    # host-bound. `benchmarks/gpu_parallel.py --cases fsdp fsdp-fusedopt` compares the two on a GPU.
     fused = param.device.type == "cuda" and type(param.data) is torch.Tensor
     return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), fused=fused)
 

@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import ShapeChecker
+from ..checks import check_causal_conv1d, write_back
 from ..dispatch import implementation
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
-
-_ACTIVATIONS = (None, "silu", "swish")
-
-
-def _check_common(chk: ShapeChecker, weight, bias, activation) -> None:
-    chk.tensor("weight", weight, ("dim", "width"))
-    chk.tensor("bias", bias, ("dim",), optional=True)
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"{chk.op}: activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    if chk.size("width") < 2:
-        raise ValueError(f"{chk.op}: weight must have width >= 2, got shape {tuple(weight.shape)}")
 
 
 def causal_conv1d(
@@ -46,11 +35,7 @@ def causal_conv1d(
     Example:
         >>> y = causal_conv1d(torch.randn(2, 100, 64), torch.randn(64, 4), activation="silu")
     """
-    chk = ShapeChecker("causal_conv1d")
-    chk.tensor("x", x, ("batch", "seqlen", "dim"))
-    _check_common(chk, weight, bias, activation)
-    chk.tensor("initial_state", initial_state, ("batch", "dim", chk.size("width") - 1), optional=True)
-    chk.seq_idx(seq_idx)
+    check_causal_conv1d("causal_conv1d", x, weight, bias, activation, initial_state, step=False, seq_idx=seq_idx)
     _, fn = implementation("causal_conv1d", backend, x.device)
     return fn(x, weight, bias=bias, activation=activation, initial_state=initial_state,
               return_final_state=return_final_state, seq_idx=seq_idx)
@@ -75,12 +60,6 @@ def causal_conv1d_update(
     Example:
         >>> state = torch.zeros(2, 64, 3); y = causal_conv1d_update(state, torch.randn(2, 64), torch.randn(64, 4))
     """
-    chk = ShapeChecker("causal_conv1d_update")
-    chk.tensor("x", x, ("batch", "dim"))
-    _check_common(chk, weight, bias, activation)
-    chk.tensor("conv_state", conv_state, ("batch", "dim", chk.size("width") - 1))
+    check_causal_conv1d("causal_conv1d_update", x, weight, bias, activation, conv_state, step=True)
     _, fn = implementation("causal_conv1d_update", backend, x.device)
-    y, new_state = fn(conv_state, x, weight, bias=bias, activation=activation)
-    if new_state is not conv_state:
-        conv_state.copy_(new_state)
-    return y
+    return write_back(conv_state, fn(conv_state, x, weight, bias=bias, activation=activation))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import ShapeChecker
+from ..checks import FLOATS, check_rms_norm
 from ..dispatch import implementation
 
 __all__ = ["GatedNormSpec", "rms_norm", "add_rms_norm"]
@@ -35,18 +35,9 @@ def rms_norm(
     Example:
         >>> y = rms_norm(torch.randn(2, 10, 256), torch.ones(256), z=torch.randn(2, 10, 256), group_size=128)
     """
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError(f"rms_norm: x must be a tensor of shape (..., hidden), got {getattr(x, 'shape', type(x))}")
-    lead = tuple(f"d{i}" for i in range(x.dim() - 1))
-    chk = ShapeChecker("rms_norm")
-    chk.tensor("x", x, lead + ("hidden",))
-    chk.tensor("weight", weight, ("hidden",))
-    chk.tensor("z", z, lead + ("hidden",), optional=True)
-    hidden = chk.size("hidden")
+    hidden = check_rms_norm("rms_norm", x, weight, eps, z=z).size("hidden")
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1 or hidden % group_size):
         raise ValueError(f"rms_norm: group_size must be a positive int dividing hidden={hidden}, got {group_size!r}")
-    if eps < 0:
-        raise ValueError(f"rms_norm: eps must be >= 0, got {eps}")
     _, fn = implementation("rms_norm", backend, x.device)
     return fn(x, weight, eps=eps, z=z, group_size=group_size, norm_before_gate=norm_before_gate)
 
@@ -77,16 +68,8 @@ def add_rms_norm(
     Example:
         >>> y, residual = add_rms_norm(hidden, residual, norm.weight, eps=1e-5, residual_dtype=torch.float32)
     """
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError(f"add_rms_norm: x must be a tensor of shape (..., hidden), got {getattr(x, 'shape', type(x))}")
-    lead = tuple(f"d{i}" for i in range(x.dim() - 1))
-    chk = ShapeChecker("add_rms_norm")
-    chk.tensor("x", x, lead + ("hidden",))
-    chk.tensor("residual", residual, lead + ("hidden",), optional=True)
-    chk.tensor("weight", weight, ("hidden",))
-    if eps < 0:
-        raise ValueError(f"add_rms_norm: eps must be >= 0, got {eps}")
-    if residual_dtype is not None and residual_dtype not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+    check_rms_norm("add_rms_norm", x, weight, eps, residual=residual)
+    if residual_dtype is not None and residual_dtype not in FLOATS:
         raise ValueError(f"add_rms_norm: residual_dtype must be a floating dtype, got {residual_dtype}")
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, residual, weight))

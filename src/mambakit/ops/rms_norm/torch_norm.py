@@ -61,4 +61,8 @@ def add_rms_norm_torch(
     """
     s = x if residual is None else x + residual
     y = rms_norm_torch(s.to(weight.dtype), weight, eps=eps)
+    if residual is None:
+        # a new tensor, never x itself (as the Triton kernel writes a new s): a block handing its input back as
+        # an output is, under FSDP2, returning a view (its pre-forward autograd Function makes the inputs views)
+        return y, s.to(s.dtype if residual_dtype is None else residual_dtype, copy=True)
     return y, s if residual_dtype is None else s.to(residual_dtype)

@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import FLOATS, ShapeChecker, as_grouped
+from ..checks import check_selective_scan, write_back
 from ..dispatch import implementation
 
 __all__ = ["selective_scan", "selective_state_update"]
-
-_A_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
-_BC_DTYPES = FLOATS + (torch.complex64, torch.complex128)
-
-
-def _check_params(chk: ShapeChecker, A, D, dt_bias, z, z_dims) -> None:
-    chk.tensor("A", A, ("dim", "dstate"), dtypes=_A_DTYPES)
-    chk.tensor("D", D, ("dim",), optional=True)
-    chk.tensor("dt_bias", dt_bias, ("dim",), optional=True)
-    chk.tensor("z", z, z_dims, optional=True)
-    chk.divides("B", "ngroups", "dim")
 
 
 def selective_scan(
@@ -62,16 +51,8 @@ def selective_scan(
         >>> A = -torch.rand(32, 16); B, C = torch.randn(2, 2, 64, 1, 16)
         >>> y, h = selective_scan(x, dt, A, B, C, return_final_state=True)   # (2, 64, 32), (2, 32, 16)
     """
-    chk = ShapeChecker("selective_scan")
-    chk.tensor("x", x, ("batch", "seqlen", "dim"))
-    chk.tensor("dt", dt, ("batch", "seqlen", "dim"))
-    B, C = as_grouped("B", B, chk), as_grouped("C", C, chk)
-    chk.tensor("B", B, ("batch", "seqlen", "ngroups", "dstate"), dtypes=_BC_DTYPES)
-    chk.tensor("C", C, ("batch", "seqlen", "ngroups", "dstate"), dtypes=_BC_DTYPES)
-    _check_params(chk, A, D, dt_bias, z, ("batch", "seqlen", "dim"))
-    state_dtypes = (torch.float32, torch.float64) + ((torch.complex64, torch.complex128) if A.is_complex() else ())
-    chk.tensor("initial_state", initial_state, ("batch", "dim", "dstate"), dtypes=state_dtypes, optional=True)
-    chk.seq_idx(seq_idx)
+    B, C = check_selective_scan("selective_scan", x, dt, A, B, C, D, z, dt_bias, initial_state, step=False,
+                                seq_idx=seq_idx)
     _, fn = implementation("selective_scan", backend, x.device, complex_A=A.is_complex())
     return fn(
         x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state,
@@ -105,20 +86,6 @@ def selective_state_update(
         >>> state = torch.zeros(2, 32, 16)
         >>> y = selective_state_update(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
     """
-    chk = ShapeChecker("selective_state_update")
-    chk.tensor("x", x, ("batch", "dim"))
-    chk.tensor("dt", dt, ("batch", "dim"))
-    if isinstance(B, torch.Tensor) and B.dim() == 2:
-        B = B.unsqueeze(1)
-    if isinstance(C, torch.Tensor) and C.dim() == 2:
-        C = C.unsqueeze(1)
-    chk.tensor("B", B, ("batch", "ngroups", "dstate"), dtypes=_BC_DTYPES)
-    chk.tensor("C", C, ("batch", "ngroups", "dstate"), dtypes=_BC_DTYPES)
-    _check_params(chk, A, D, dt_bias, z, ("batch", "dim"))
-    state_dtypes = (torch.float32, torch.float64) + ((torch.complex64, torch.complex128) if A.is_complex() else ())
-    chk.tensor("state", state, ("batch", "dim", "dstate"), dtypes=state_dtypes)
+    B, C = check_selective_scan("selective_state_update", x, dt, A, B, C, D, z, dt_bias, state, step=True)
     _, fn = implementation("selective_state_update", backend, x.device, complex_A=A.is_complex())
-    y, new_state = fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
-    if new_state is not state:
-        state.copy_(new_state)
-    return y
+    return write_back(state, fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus))

@@ -6,24 +6,10 @@ import math
 
 import torch
 
-from ..checks import ShapeChecker, as_grouped
+from ..checks import check_ssd, write_back
 from ..dispatch import implementation
 
 __all__ = ["ssd", "ssd_state_update"]
-
-_PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _check_params(chk: ShapeChecker, A, D, dt_bias, dt_limit) -> None:
-    chk.tensor("A", A, ("nheads",), dtypes=(torch.float32, torch.float64))
-    if D is not None and isinstance(D, torch.Tensor) and D.dim() == 2:
-        chk.tensor("D", D, ("nheads", "headdim"), dtypes=_PARAM_DTYPES)
-    else:
-        chk.tensor("D", D, ("nheads",), dtypes=_PARAM_DTYPES, optional=True)
-    chk.tensor("dt_bias", dt_bias, ("nheads",), dtypes=_PARAM_DTYPES, optional=True)
-    chk.divides("B", "ngroups", "nheads")
-    if len(dt_limit) != 2 or not (0.0 <= dt_limit[0] <= dt_limit[1]):
-        raise ValueError(f"ssd: dt_limit must be (low, high) with 0 <= low <= high, got {dt_limit}")
 
 
 def ssd(
@@ -67,17 +53,7 @@ def ssd(
         >>> B, C = torch.randn(2, 2, 300, 1, 128)
         >>> y, h = ssd(x, dt, A, B, C, chunk_size=128, return_final_state=True)  # h: (2, 8, 64, 128)
     """
-    chk = ShapeChecker("ssd")
-    chk.tensor("x", x, ("batch", "seqlen", "nheads", "headdim"))
-    chk.tensor("dt", dt, ("batch", "seqlen", "nheads"))
-    B, C = as_grouped("B", B, chk), as_grouped("C", C, chk)
-    chk.tensor("B", B, ("batch", "seqlen", "ngroups", "dstate"))
-    chk.tensor("C", C, ("batch", "seqlen", "ngroups", "dstate"))
-    chk.tensor("z", z, ("batch", "seqlen", "nheads", "headdim"), optional=True)
-    _check_params(chk, A, D, dt_bias, dt_limit)
-    chk.tensor("initial_state", initial_state, ("batch", "nheads", "headdim", "dstate"),
-               dtypes=(torch.float32, torch.float64), optional=True)
-    chk.seq_idx(seq_idx)
+    B, C = check_ssd("ssd", x, dt, A, B, C, D, z, dt_bias, dt_limit, initial_state, step=False, seq_idx=seq_idx)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
     _, fn = implementation("ssd", backend, x.device)
@@ -115,22 +91,7 @@ def ssd_state_update(
         >>> state = torch.zeros(2, 8, 64, 128)
         >>> y = ssd_state_update(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
     """
-    chk = ShapeChecker("ssd_state_update")
-    chk.tensor("x", x, ("batch", "nheads", "headdim"))
-    chk.tensor("dt", dt, ("batch", "nheads"))
-    if isinstance(B, torch.Tensor) and B.dim() == 2:
-        B = B.unsqueeze(1)
-    if isinstance(C, torch.Tensor) and C.dim() == 2:
-        C = C.unsqueeze(1)
-    chk.tensor("B", B, ("batch", "ngroups", "dstate"))
-    chk.tensor("C", C, ("batch", "ngroups", "dstate"))
-    chk.tensor("z", z, ("batch", "nheads", "headdim"), optional=True)
-    _check_params(chk, A, D, dt_bias, dt_limit)
-    chk.tensor("state", state, ("batch", "nheads", "headdim", "dstate"),
-               dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16))
+    B, C = check_ssd("ssd_state_update", x, dt, A, B, C, D, z, dt_bias, dt_limit, state, step=True)
     _, fn = implementation("ssd_state_update", backend, x.device)
-    y, new_state = fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
-                      dt_limit=tuple(dt_limit))
-    if new_state is not state:
-        state.copy_(new_state)
-    return y
+    return write_back(state, fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                dt_limit=tuple(dt_limit)))
