@@ -268,20 +268,26 @@ def norm_sweep(inputs, kw, dy, device, bytes_f, bytes_b) -> None:
 # causal_conv1d at the training layouts (--train-shapes): each kernel alone, per variant and tile config
 # -------------------------------------------------------------------------------------------------
 
-# (variant, block_l, block_d, num_warps, rows); block_l is the tile's rows (tile) or rows per program (stream)
+# (variant, block_l, block_d, num_warps, rows or tiles, prefetch): block_l is the tile's rows (tile) or the rows
+# per program (stream); the fifth field is ROWS per step (stream) or TILES per program (tile bwd, None: the
+# launcher's); prefetch: the stream kernels load the next step's rows before this step's arithmetic.
+# ptxas for sm_90a at Mamba-2's layout, registers: fwd tile 91/70/141/136/62, stream 48-96; bwd tile 168 (197 at
+# BLOCK_D 256; (16, 128, 4) spills, left out), stream 121 (rows 2, prefetch) / 161 (rows 4, prefetch) / 124
+# (rows 4) / 168 (rows 8); none spills.
 FWD_CANDIDATES = (
-    ("tile", 64, 128, 8, None), ("tile", 32, 128, 4, None), ("tile", 128, 128, 8, None), ("tile", 64, 256, 8, None),
-    ("tile", 32, 64, 4, None),
-    ("stream", 64, 256, 2, 4), ("stream", 32, 256, 2, 4), ("stream", 128, 256, 2, 4), ("stream", 64, 256, 2, 8),
-    ("stream", 128, 256, 2, 8), ("stream", 64, 512, 4, 4), ("stream", 64, 128, 1, 4),
+    ("tile", 64, 128, 8, None, True), ("tile", 32, 128, 4, None, True), ("tile", 128, 128, 8, None, True),
+    ("tile", 64, 256, 8, None, True), ("tile", 32, 64, 4, None, True),
+    ("stream", 128, 256, 2, 4, True), ("stream", 64, 256, 2, 4, True), ("stream", 256, 256, 2, 4, True),
+    ("stream", 128, 256, 2, 2, True), ("stream", 128, 256, 2, 4, False), ("stream", 128, 256, 2, 8, False),
+    ("stream", 128, 512, 4, 4, True), ("stream", 128, 128, 1, 4, True),
 )
-# (variant, block_l, block_d, num_warps, rows or tiles): tile's last field is TILES (None: the launcher's)
 BWD_CANDIDATES = (
-    ("tile", 8, 128, 4, None), ("tile", 16, 128, 4, None), ("tile", 8, 64, 2, None), ("tile", 8, 256, 8, None),
-    ("tile", 16, 64, 4, None),
-    ("stream", 64, 256, 2, 4), ("stream", 32, 256, 2, 4), ("stream", 128, 256, 2, 4), ("stream", 256, 256, 2, 4),
-    ("stream", 64, 256, 2, 8), ("stream", 128, 256, 2, 8), ("stream", 64, 512, 4, 4), ("stream", 64, 128, 1, 4),
-    ("stream", 128, 128, 1, 8),
+    ("tile", 8, 128, 4, None, True), ("tile", 8, 64, 2, None, True), ("tile", 8, 256, 8, None, True),
+    ("tile", 16, 64, 4, None, True),
+    ("stream", 128, 256, 2, 2, True), ("stream", 64, 256, 2, 2, True), ("stream", 256, 256, 2, 2, True),
+    ("stream", 512, 256, 2, 2, True), ("stream", 128, 256, 2, 4, True), ("stream", 128, 256, 2, 4, False),
+    ("stream", 256, 256, 2, 4, False), ("stream", 128, 256, 2, 8, False), ("stream", 128, 512, 4, 2, True),
+    ("stream", 128, 128, 1, 2, True), ("stream", 128, 128, 1, 4, False),
 )
 
 
@@ -314,14 +320,14 @@ def train_layouts(args, device: str) -> list[tuple[str, dict]]:
     return out
 
 
-def _conv_kernels(t: dict, variant, block_l, block_d, num_warps, extra):
+def _conv_kernels(t: dict, variant, block_l, block_d, num_warps, extra, prefetch):
     """fwd() and bwd() closures calling the launchers alone with one config (extra: rows or tiles)."""
     from mambakit.ops.causal_conv1d.triton_conv import causal_conv1d_bwd, causal_conv1d_fwd
 
     common = dict(x=t["x"], weight=t["weight"], bias=t["bias"], initial_state=None, seq_idx=None, silu=True,
                   variant=variant, block_l=block_l, block_d=block_d, num_warps=num_warps)
-    fwd_extra = dict(rows=extra) if variant == "stream" else {}
-    bwd_extra = dict(rows=extra) if variant == "stream" else dict(tiles=extra)
+    fwd_extra = dict(rows=extra, prefetch=prefetch) if variant == "stream" else {}
+    bwd_extra = dict(rows=extra, prefetch=prefetch) if variant == "stream" else dict(tiles=extra)
 
     def fwd():
         return causal_conv1d_fwd(**common, return_final_state=False, **fwd_extra)[0]
@@ -361,6 +367,7 @@ def train_shapes_section(args, device: str) -> None:
           "dweight, dbias from x and dy (the launcher, its partial-sum reduction included). Floor: the same "
           "bytes moved by a copy of x's slice (fwd: x in, y out; bwd: 1.5 x that, x and dy in, dx out). "
           "err: max abs err / max abs against the torch path in float32 (y, dx, dweight, dbias).")
+    t_start = time.perf_counter()
     for name, t in train_layouts(args, device):
         n_bytes = t["x"].numel() * 2
         out = torch.empty(t["x"].shape, device=device, dtype=t["x"].dtype)
@@ -373,7 +380,7 @@ def train_shapes_section(args, device: str) -> None:
         print("|---|---|---|---|---|---|")
         best = {}
         for kind, cands in (("fwd", FWD_CANDIDATES), ("bwd", BWD_CANDIDATES)):
-            defaults = (("tile", None, None, None, None), ("stream", None, None, None, None))
+            defaults = (("tile", None, None, None, None, True), ("stream", None, None, None, None, True))
             # defaults first, so that a failing config below cannot hide them
             for cand in defaults + (cands if args.sweep else ()):
                 fwd, bwd = _conv_kernels(t, *cand)
@@ -391,7 +398,8 @@ def train_shapes_section(args, device: str) -> None:
                       + ", ".join(f"{e:.1e}" for e in errs) + ("" if ok else " WRONG") + " |")
                 if ok and (kind not in best or us < best[kind][0]):
                     best[kind] = (us, label)
-        print("\nbest: " + "; ".join(f"{k} {v[1]} {v[0]:.1f} us" for k, v in best.items()))
+        print("\nbest: " + "; ".join(f"{k} {v[1]} {v[0]:.1f} us" for k, v in best.items())
+              + f"  ({time.perf_counter() - t_start:.0f} s so far)")
 
 
 def main(argv: list[str] | None = None) -> None:

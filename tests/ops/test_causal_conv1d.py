@@ -283,10 +283,10 @@ def test_update_rejects_bad_input(args, match, backend):
 
 VARIANT_CASES = [
     # (variant, launcher config, inputs): several programs along L with ragged last chunks and channel blocks
-    pytest.param("stream", dict(block_l=4, block_d=16, rows=2), dict(width=4, activation="silu", init=True,
+    pytest.param("stream", dict(block_l=4, block_d=32, rows=2), dict(width=4, activation="silu", init=True,
                  docs=[[2, 8, 3], [13]], seqlen=13, dim=20, sliced=True), id="stream-w4-silu-docs-init-sliced"),
-    pytest.param("stream", dict(block_l=4, block_d=16, rows=2), dict(width=3, activation=None, init=True, docs=None,
-                 seqlen=11, dim=9, sliced=False), id="stream-w3-plain-init-odd-dim"),
+    pytest.param("stream", dict(block_l=4, block_d=16, rows=2, prefetch=False), dict(width=3, activation=None,
+                 init=True, docs=None, seqlen=11, dim=9, sliced=False), id="stream-w3-plain-init-odd-dim-no-prefetch"),
     pytest.param("stream", dict(block_l=2, block_d=16, rows=1), dict(width=2, activation="silu", init=False,
                  docs=[[1, 4], [2, 3]], seqlen=5, dim=16, sliced=True), id="stream-w2-silu-docs-rows1"),
     pytest.param("stream", dict(block_l=4, block_d=16, rows=4), dict(width=4, activation="silu", init=True,

@@ -359,23 +359,24 @@ def _fwd_config(dim: int, variant: str) -> tuple[int, int, int, int]:
 
     tile: 128 channels = 256-byte rows in bf16, 32 elements per thread, no register spills
     (docs/design/kernel_figures.md). stream: 256 channels on 2 warps (4 per thread, 8-byte bf16 loads),
-    64 rows per program, 4 rows per step. `benchmarks/gpu_conv_norm.py --train-shapes --sweep` times the
-    alternatives.
+    128 rows per program (~1 wave of programs at batch 8 x 2048 x 1792 on 132 SMs), 4 rows per step.
+    `benchmarks/gpu_conv_norm.py --train-shapes --sweep` times the alternatives.
     """
     if variant == "tile":
         return 64, min(128, next_power_of_2(dim)), 8, 1
-    return 64, min(256, max(64, next_power_of_2(dim))), 2, 4
+    return 128, min(256, max(64, next_power_of_2(dim))), 2, 4
 
 
 def _bwd_config(dim: int, variant: str) -> tuple[int, int, int, int]:
     """(BLOCK_L or CHUNK, BLOCK_D, num_warps, ROWS) of a backward variant.
 
     tile keeps 2W-1 input tiles and W gradient tiles in registers: 8 rows per step, (8, 128, 4) compiles
-    without spills at width 4, bf16 (docs/design/kernel_figures.md). stream as the forward's.
+    without spills at width 4, bf16 (docs/design/kernel_figures.md). stream: as the forward's but 2 rows per
+    step (with the next step's 2 prefetched: 121 registers, where 4 + 4 take 161).
     """
     if variant == "tile":
         return 8, min(128, next_power_of_2(dim)), 4, 1
-    return 64, min(256, max(64, next_power_of_2(dim))), 2, 4
+    return 128, min(256, max(64, next_power_of_2(dim))), 2, 2
 
 
 def _check_variant(variant: str, width: int, chunk: int, rows: int) -> None:
@@ -387,13 +388,13 @@ def _check_variant(variant: str, width: int, chunk: int, rows: int) -> None:
 
 
 def causal_conv1d_fwd(*, x, weight, bias, initial_state, seq_idx, silu: bool, return_final_state: bool,
-                      variant=None, block_l=None, block_d=None, num_warps=None, rows=None):
+                      variant=None, block_l=None, block_d=None, num_warps=None, rows=None, prefetch=True):
     """y (B, L, D) in x's dtype and, when asked, the final window (B, D, W-1) in x's dtype.
 
     initial_state must have channel stride 1 (`channel_contiguous`); the final window comes back
     as a (B, D, W-1) view with channel stride 1. variant: "tile" (W overlapping (BL, BD) loads per tile,
-    block_l rows) or "stream" (each program walks block_l rows, `rows` per step; triton_stream.py);
-    None takes FWD_VARIANT.
+    block_l rows) or "stream" (each program walks block_l rows, `rows` per step, the next step's loads
+    issued before this step's arithmetic when `prefetch`; triton_stream.py); None takes FWD_VARIANT.
     """
     batch, seqlen, dim = x.shape
     width = weight.shape[1]
@@ -417,18 +418,20 @@ def causal_conv1d_fwd(*, x, weight, bias, initial_state, seq_idx, silu: bool, re
                                         BLOCK_W=next_power_of_2(width - 1), ALIGN=align, **flags)
     else:
         _causal_conv1d_fwd_stream_kernel[grid](*common, W=width, CHUNK=block_l, ROWS=rows, BLOCK_D=block_d,
-                                               ALIGN=align, **flags)
+                                               ALIGN=align, PREFETCH=prefetch, **flags)
     return y, final
 
 
 def causal_conv1d_bwd(*, x, weight, bias, initial_state, seq_idx, silu: bool, dy, dfinal, need_dinit: bool,
-                      variant=None, block_l=None, block_d=None, num_warps=None, tiles=None, rows=None, dx=None):
+                      variant=None, block_l=None, block_d=None, num_warps=None, tiles=None, rows=None, prefetch=True,
+                      dx=None):
     """(dx, dweight, dbias or None, dinitial_state or None), each in its input's dtype.
 
     initial_state and dfinal must have channel stride 1; dinitial_state comes back with channel stride 1.
     dx: optional (B, L, D) output buffer of any strides (e.g. a slice of a wider gradient, so a fused
     caller needs no concatenation); allocated when None. variant: "tile" (block_l rows per tile, `tiles`
-    tiles per program) or "stream" (block_l rows per program, `rows` per step); None takes BWD_VARIANT.
+    tiles per program) or "stream" (block_l rows per program, `rows` per step, `prefetch` as the forward's);
+    None takes BWD_VARIANT.
     """
     batch, seqlen, dim = x.shape
     width = weight.shape[1]
@@ -472,7 +475,7 @@ def causal_conv1d_bwd(*, x, weight, bias, initial_state, seq_idx, silu: bool, dy
                                         ALIGN=align, **flags)
     else:
         _causal_conv1d_bwd_stream_kernel[grid](*common, W=width, CHUNK=block_l, ROWS=rows, BLOCK_D=block_d,
-                                               ALIGN=align, **flags)
+                                               ALIGN=align, PREFETCH=prefetch, **flags)
     sums = part.sum(0)  # (W + 1, D)
     # own storage each (not views of `sums`): custom ops may not return outputs that alias each other
     dweight = sums[:width].t().contiguous().to(weight.dtype)

@@ -9,7 +9,8 @@ and, in the backward, the last W-1 du) are tuples of (BD,) vectors in registers,
 kernels of `triton_conv.py` instead take the W (forward) or 2W-1 (backward) shifted rows as overlapping
 (BL, BD) loads and recompute u at W shifts in the backward (W sigmoids per element); here each element
 costs one load, one sigmoid and ~3W FMAs. Chunk borders cost a halo of W-1 rows on each side (L2 hits).
-Loads of a step's ROWS rows are issued before its arithmetic, so ROWS rows per thread are in flight.
+Loads of a step's ROWS rows are issued before its arithmetic; with PREFETCH the next step's rows are loaded
+(in their storage dtype, few registers) before this step's arithmetic, so 2 x ROWS rows per thread are in flight.
 
     forward, row t:   u_t = bias + sum_k w_k * xpad_{t-(W-1)+k} * m_k(t),   y_t = act(u_t)
     backward, row t:  du_t = dy_t * act'(u_t)
@@ -57,6 +58,20 @@ def _row_seq(seq_ptr, p, seqlen, stride_sl, HAS_SEQ: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(ptr, seq_ptr, t0, offs_d, mask_d, seqlen, stride_l, stride_d, stride_sl,
+               NROWS: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """NROWS rows t0 .. t0+NROWS-1 as they are stored (zeros from row L on), and their seq values."""
+    rows = ()
+    seqs = ()
+    for r in tl.static_range(NROWS):
+        t = t0 + r
+        rows = rows + (tl.load(ptr + tl.cast(t, tl.int64) * stride_l + offs_d * stride_d, mask=mask_d & (t < seqlen),
+                               other=0.0),)
+        seqs = seqs + (_row_seq(seq_ptr, t, seqlen, stride_sl, HAS_SEQ),)
+    return rows, seqs
+
+
+@triton.jit
 def _store_final_window(x_ptr, init_ptr, seq_ptr, final_ptr, offs_d, mask_d, seqlen, stride_xl, stride_xd,
                         stride_id, stride_iw, stride_sl, stride_fd, stride_fw,
                         W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, ACC: tl.constexpr):
@@ -72,8 +87,10 @@ def _store_final_window(x_ptr, init_ptr, seq_ptr, final_ptr, offs_d, mask_d, seq
         tl.store(final_ptr + j * stride_fw + offs_d * stride_fd, r.to(final_ptr.dtype.element_ty), mask=mask_d)
 
 
+# ALIGN carries what the compiler needs of the row strides (16-byte rows): not specialising them, nor the
+# length, keeps one compile for Mamba-1's and Mamba-2's layouts and every seqlen
 @fast_launch
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen", "stride_xb", "stride_xl", "stride_yb", "stride_yl"])
 def _causal_conv1d_fwd_stream_kernel(
     x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, y_ptr, final_ptr,
     seqlen, dim,
@@ -84,7 +101,7 @@ def _causal_conv1d_fwd_stream_kernel(
     stride_yb, stride_yl, stride_yd,
     stride_fb, stride_fd, stride_fw,
     W: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
+    PREFETCH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
     WRITE_FINAL: tl.constexpr, ACC: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -118,18 +135,22 @@ def _causal_conv1d_fwd_stream_kernel(
                              W, HAS_INIT, ACC),)
         seqw = seqw + (_row_seq(seq_ptr, p, seqlen, stride_sl, HAS_SEQ),)
 
+    if PREFETCH:
+        xs, seqs = _load_rows(x_ptr, seq_ptr, c0, offs_d, mask_d, seqlen, stride_xl, stride_xd, stride_sl, ROWS,
+                              HAS_SEQ)
     for it in range(CHUNK // ROWS):
         t0 = c0 + it * ROWS
-        xs = ()
-        seqs = ()
+        if PREFETCH:
+            # the next step's rows in flight while this step computes (the last step's are past the chunk)
+            nxt_xs, nxt_seqs = _load_rows(x_ptr, seq_ptr, t0 + ROWS, offs_d, mask_d, seqlen, stride_xl, stride_xd,
+                                          stride_sl, ROWS, HAS_SEQ)
+        else:
+            xs, seqs = _load_rows(x_ptr, seq_ptr, t0, offs_d, mask_d, seqlen, stride_xl, stride_xd, stride_sl, ROWS,
+                                  HAS_SEQ)
         for r in tl.static_range(ROWS):
             t = t0 + r
-            xs = xs + (tl.load(x_ptr + t.to(tl.int64) * stride_xl + offs_d * stride_xd,
-                               mask=mask_d & (t < seqlen), other=0.0).to(ACC),)
-            seqs = seqs + (_row_seq(seq_ptr, t, seqlen, stride_sl, HAS_SEQ),)
-        for r in tl.static_range(ROWS):
-            t = t0 + r
-            u = bias + w[W - 1] * xs[r]
+            x_t = xs[r].to(ACC)
+            u = bias + w[W - 1] * x_t
             for k in tl.static_range(W - 1):
                 tap = xw[k]
                 if HAS_SEQ:
@@ -144,8 +165,10 @@ def _causal_conv1d_fwd_stream_kernel(
             for k in tl.static_range(1, W - 1):
                 new_xw = new_xw + (xw[k],)
                 new_seqw = new_seqw + (seqw[k],)
-            xw = new_xw + (xs[r],)
+            xw = new_xw + (x_t,)
             seqw = new_seqw + (seqs[r],)
+        if PREFETCH:
+            xs, seqs = nxt_xs, nxt_seqs
 
     if WRITE_FINAL:
         if pid_c == tl.num_programs(0) - 1:
@@ -155,36 +178,26 @@ def _causal_conv1d_fwd_stream_kernel(
 
 @triton.jit
 def _bwd_stream_rows(
-    x_ptr, dy_ptr, dx_ptr, dinit_ptr, seq_ptr, dfinal_ptr,
+    dx_ptr, dinit_ptr, dfinal_ptr,
     t0, c0, seqlen, last_doc, offs_d, mask_d,
-    stride_xl, stride_xd, stride_sl, stride_dyl, stride_dyd, stride_fd, stride_fw, stride_dxl, stride_dxd,
-    stride_did, stride_diw,
-    w, bias, xw, duw, seqw, dw, db,
+    stride_fd, stride_fw, stride_dxl, stride_dxd, stride_did, stride_diw,
+    w, bias, xs, dys, seqs, xw, duw, seqw, dw, db,
     NROWS: tl.constexpr, W: tl.constexpr, ACC_DW: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
     HAS_DFINAL: tl.constexpr, WRITE_DINIT: tl.constexpr, ACC: tl.constexpr,
 ):
     """NROWS rows t0 .. t0+NROWS-1 of the backward walk: returns the shifted windows and the gradient sums.
 
-    xw, duw, seqw: x, du and seq at the W-1 rows before t0 (oldest first); dw (W vectors), db: running sums,
+    xs, dys, seqs: those rows of x and dy as loaded (`_load_rows`) and their seq values. xw, duw, seqw: x, du and seq at the W-1 rows before t0 (oldest first); dw (W vectors), db: running sums,
     updated only when ACC_DW (rows inside the chunk).
     """
-    xs = ()
-    dys = ()
-    seqs = ()
-    for r in tl.static_range(NROWS):
-        t = t0 + r
-        in_seq = mask_d & (t < seqlen)
-        xs = xs + (tl.load(x_ptr + t.to(tl.int64) * stride_xl + offs_d * stride_xd, mask=in_seq, other=0.0).to(ACC),)
-        dys = dys + (tl.load(dy_ptr + t.to(tl.int64) * stride_dyl + offs_d * stride_dyd, mask=in_seq,
-                             other=0.0).to(ACC),)
-        seqs = seqs + (_row_seq(seq_ptr, t, seqlen, stride_sl, HAS_SEQ),)
     for r in tl.static_range(NROWS):
         t = t0 + r
         seq_t = seqs[r]
-        du = dys[r]
+        x_t = xs[r].to(ACC)
+        du = dys[r].to(ACC)
         if SILU:
             # u_t again from the window (never stored by the forward)
-            u = bias + w[W - 1] * xs[r]
+            u = bias + w[W - 1] * x_t
             for k in tl.static_range(W - 1):
                 tap = xw[k]
                 if HAS_SEQ:
@@ -227,7 +240,7 @@ def _bwd_stream_rows(
                 if HAS_SEQ:
                     tap = tl.where(seqw[k] == seq_t, tap, 0.0)
                 new_dw = new_dw + (dw[k] + du * tap,)
-            dw = new_dw + (dw[W - 1] + du * xs[r],)
+            dw = new_dw + (dw[W - 1] + du * x_t,)
             db += du
 
         new_xw = ()
@@ -237,14 +250,15 @@ def _bwd_stream_rows(
             new_xw = new_xw + (xw[k],)
             new_duw = new_duw + (duw[k],)
             new_seqw = new_seqw + (seqw[k],)
-        xw = new_xw + (xs[r],)
+        xw = new_xw + (x_t,)
         duw = new_duw + (du,)
         seqw = new_seqw + (seq_t,)
     return xw, duw, seqw, dw, db
 
 
 @fast_launch
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen", "stride_xb", "stride_xl", "stride_dyb", "stride_dyl", "stride_dxb",
+                               "stride_dxl"])
 def _causal_conv1d_bwd_stream_kernel(
     x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dy_ptr, dfinal_ptr,
     dx_ptr, dinit_ptr, part_ptr,
@@ -259,7 +273,7 @@ def _causal_conv1d_bwd_stream_kernel(
     stride_dib, stride_did, stride_diw,
     stride_pp, stride_pw, stride_pd,
     W: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
+    PREFETCH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
     HAS_DFINAL: tl.constexpr, WRITE_DINIT: tl.constexpr, ACC: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -307,17 +321,38 @@ def _causal_conv1d_bwd_stream_kernel(
         dw = dw + (tl.zeros((BLOCK_D,), dtype=ACC),)
     db = tl.zeros((BLOCK_D,), dtype=ACC)
 
+    if PREFETCH:
+        xs, seqs = _load_rows(x_ptr, seq_ptr, c0, offs_d, mask_d, seqlen, stride_xl, stride_xd, stride_sl, ROWS,
+                              HAS_SEQ)
+        dys, _ = _load_rows(dy_ptr, seq_ptr, c0, offs_d, mask_d, seqlen, stride_dyl, stride_dyd, stride_sl, ROWS,
+                            False)
     for it in range(CHUNK // ROWS):
+        t0 = c0 + it * ROWS
+        if PREFETCH:
+            # the next step's rows in flight while this step computes (the last step's are the tail's first)
+            nxt_xs, nxt_seqs = _load_rows(x_ptr, seq_ptr, t0 + ROWS, offs_d, mask_d, seqlen, stride_xl, stride_xd,
+                                          stride_sl, ROWS, HAS_SEQ)
+            nxt_dys, _ = _load_rows(dy_ptr, seq_ptr, t0 + ROWS, offs_d, mask_d, seqlen, stride_dyl, stride_dyd,
+                                    stride_sl, ROWS, False)
+        else:
+            xs, seqs = _load_rows(x_ptr, seq_ptr, t0, offs_d, mask_d, seqlen, stride_xl, stride_xd, stride_sl, ROWS,
+                                  HAS_SEQ)
+            dys, _ = _load_rows(dy_ptr, seq_ptr, t0, offs_d, mask_d, seqlen, stride_dyl, stride_dyd, stride_sl, ROWS,
+                                False)
         xw, duw, seqw, dw, db = _bwd_stream_rows(
-            x_ptr, dy_ptr, dx_ptr, dinit_ptr, seq_ptr, dfinal_ptr, c0 + it * ROWS, c0, seqlen, last_doc, offs_d,
-            mask_d, stride_xl, stride_xd, stride_sl, stride_dyl, stride_dyd, stride_fd, stride_fw, stride_dxl,
-            stride_dxd, stride_did, stride_diw, w, bias, xw, duw, seqw, dw, db,
+            dx_ptr, dinit_ptr, dfinal_ptr, t0, c0, seqlen, last_doc, offs_d, mask_d, stride_fd, stride_fw,
+            stride_dxl, stride_dxd, stride_did, stride_diw, w, bias, xs, dys, seqs, xw, duw, seqw, dw, db,
             ROWS, W, True, HAS_SEQ, SILU, HAS_DFINAL, WRITE_DINIT, ACC)
+        if PREFETCH:
+            xs, dys, seqs = nxt_xs, nxt_dys, nxt_seqs
     # W-1 rows past the chunk give du for the dx of its last W-1 rows (their weight gradients are the next chunk's)
+    xs, seqs = _load_rows(x_ptr, seq_ptr, c0 + CHUNK, offs_d, mask_d, seqlen, stride_xl, stride_xd, stride_sl, W - 1,
+                          HAS_SEQ)
+    dys, _ = _load_rows(dy_ptr, seq_ptr, c0 + CHUNK, offs_d, mask_d, seqlen, stride_dyl, stride_dyd, stride_sl,
+                        W - 1, False)
     xw, duw, seqw, dw, db = _bwd_stream_rows(
-        x_ptr, dy_ptr, dx_ptr, dinit_ptr, seq_ptr, dfinal_ptr, c0 + CHUNK, c0, seqlen, last_doc, offs_d,
-        mask_d, stride_xl, stride_xd, stride_sl, stride_dyl, stride_dyd, stride_fd, stride_fw, stride_dxl,
-        stride_dxd, stride_did, stride_diw, w, bias, xw, duw, seqw, dw, db,
+        dx_ptr, dinit_ptr, dfinal_ptr, c0 + CHUNK, c0, seqlen, last_doc, offs_d, mask_d, stride_fd, stride_fw,
+        stride_dxl, stride_dxd, stride_did, stride_diw, w, bias, xs, dys, seqs, xw, duw, seqw, dw, db,
         W - 1, W, False, HAS_SEQ, SILU, HAS_DFINAL, WRITE_DINIT, ACC)
 
     # partial sums (programs, W + 1, D): rows 0..W-1 the weight taps, row W the bias
