@@ -365,13 +365,15 @@ def train_shapes_section(args, device: str) -> None:
         return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
     print("\nconv kernels alone at the training layouts: width 4, bias, silu, bf16; fwd = y from x, bwd = dx, "
           "dweight, dbias from x and dy (the launcher, its partial-sum reduction included). Floor: the same "
-          "bytes moved by a copy of x's slice (fwd: x in, y out; bwd: 1.5 x that, x and dy in, dx out). "
+          "bytes moved by a contiguous copy of x's size (fwd: x in, y out; bwd: 1.5 x that, x and dy in, dx out). "
           "err: max abs err / max abs against the torch path in float32 (y, dx, dweight, dbias).")
     t_start = time.perf_counter()
     for name, t in train_layouts(args, device):
         n_bytes = t["x"].numel() * 2
-        out = torch.empty(t["x"].shape, device=device, dtype=t["x"].dtype)
-        floor_f = timer(lambda: out.copy_(t["x"])) * 1e3
+        # the floor copies a contiguous tensor of x's size: the bytes at full speed, whatever x's layout
+        src = t["x"].contiguous()
+        out = torch.empty_like(src)
+        floor_f = timer(lambda: out.copy_(src)) * 1e3
         floor_b = 1.5 * floor_f
         ref = _train_reference(t)
         print(f"\n## {name}\n\ncopy floor: fwd {floor_f:.1f} us, bwd {floor_b:.1f} us "

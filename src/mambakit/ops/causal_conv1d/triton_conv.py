@@ -343,10 +343,11 @@ def row_align(*tensors: torch.Tensor) -> int:
     for sm_90a: 160 16-bit loads instead of 17 128-bit ones in the tile forward). Passing stride // ALIGN and
     multiplying by the constexpr ALIGN in the kernel restores the 16-byte vector loads.
     """
-    align = 16 // tensors[0].element_size() if tensors[0].element_size() <= 16 else 1
+    align = max(1, min(16 // t.element_size() for t in tensors))
+    # any divisor is exact (the kernel multiplies back); a larger one only tells the compiler more
     while align > 1 and any(t.stride(i) % align for t in tensors for i in (0, 1)):
         align //= 2
-    return max(align, 1)
+    return align
 
 
 def _row_strides(t: torch.Tensor, align: int) -> tuple[int, int, int]:
