@@ -359,29 +359,41 @@ def test_stream_variant_rejects_bad_config():
 GPU_CASES = [
     pytest.param(dict(docs=None, init=False, final=False), id="silu-bias"),
     pytest.param(dict(docs=[[1000, 3, 4189, 3000], [8192]], init=True, final=True), id="silu-bias-packed-init-final"),
+    # Mamba-2 130M's training layout: x = zxbcdt[..., 1536:3328] of 3352 columns (row stride not a multiple of 16)
+    pytest.param(dict(docs=[[700, 1348], [2048]], init=False, final=False, layout=(4, 2048, 1792, 3352, 1536)),
+                 id="mamba2-slice-docs"),
 ]
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["tile", "stream"])
 @pytest.mark.parametrize("case", GPU_CASES)
-def test_conv_gpu_real_shape_bf16(case):
-    batch, seqlen, dim, width = 2, 8192, 4096, 4
+def test_conv_gpu_real_shape_bf16(case, variant, monkeypatch):
+    from mambakit.ops.causal_conv1d import triton_conv
+
+    # the launchers read their default variant at call time: the public op runs the one under test
+    monkeypatch.setattr(triton_conv, "FWD_VARIANT", variant)
+    monkeypatch.setattr(triton_conv, "BWD_VARIANT", variant)
+    batch, seqlen, dim, wide, offset = case.get("layout", (2, 8192, 4096, 4096, 0))
+    width = 4
     bf16 = torch.bfloat16
     inputs = dict(
-        x=torch.randn(batch, seqlen, dim, device="cuda", dtype=bf16),
+        x=torch.randn(batch, seqlen, wide, device="cuda", dtype=bf16),
         weight=(torch.randn(dim, width, device="cuda") / 2).to(bf16),
         bias=torch.randn(dim, device="cuda", dtype=bf16),
         initial_state=torch.randn(batch, dim, width - 1, device="cuda", dtype=bf16) if case["init"] else None,
         seq_idx=_seq_idx(case["docs"]).cuda() if case["docs"] else None,
     )
+    x_view = None if wide == dim else (lambda x: x[..., offset : offset + dim])
     names = _grad_names(inputs)
     upstream = [torch.randn(batch, seqlen, dim, device="cuda", dtype=bf16),
                 torch.randn(batch, dim, width - 1, device="cuda", dtype=bf16)][: 2 if case["final"] else 1]
     inputs_32 = {k: (v.float() if v is not None and v.is_floating_point() else v) for k, v in inputs.items()}
-    ref_outs, ref_grads = run_with_grads(_op("torch", "silu", case["final"]), inputs_32, upstream, names)
-    outs, grads = run_with_grads(_op("triton", "silu", case["final"]), inputs, upstream, names)
-    nat_outs, nat_grads = run_with_grads(lambda **kw: _native_conv(**kw, activation="silu")[: len(upstream)],
-                                         inputs, upstream, names)
+    ref_outs, ref_grads = run_with_grads(_op("torch", "silu", case["final"], x_view), inputs_32, upstream, names)
+    outs, grads = run_with_grads(_op("triton", "silu", case["final"], x_view), inputs, upstream, names)
+    nat_outs, nat_grads = run_with_grads(
+        lambda x, **kw: _native_conv(x if x_view is None else x_view(x), **kw, activation="silu")[: len(upstream)],
+        inputs, upstream, names)
     assert_close(outs[0], ref_outs[0], name="y", rel=0.0, atol=low_precision_tolerance(nat_outs[0], ref_outs[0]))
     if case["final"]:
         assert_close(outs[1], ref_outs[1], name="final_state", rel=0.0)
