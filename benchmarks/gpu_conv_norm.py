@@ -291,7 +291,7 @@ BWD_CANDIDATES = (
 )
 
 
-def train_layouts(args, device: str) -> list[tuple[str, dict]]:
+def train_layouts(args, device: str, dt: torch.dtype = torch.bfloat16) -> list[tuple[str, dict]]:
     """(name, tensors) per shape: x a column slice of in_proj's output as the fused mixers pass it, dy
     contiguous (the gradient of the conv output), dx a slice of in_proj's output gradient."""
     from mambakit.modules import Mamba1, Mamba2
@@ -307,14 +307,13 @@ def train_layouts(args, device: str) -> list[tuple[str, dict]]:
                - m2.nheads, m2.conv_dim),
               (f"isolated: {args.batch} x {args.seqlen} x {args.dim} contiguous", None, 0, args.dim)]
     g = torch.Generator(device=device).manual_seed(0)
-    dt = torch.bfloat16
     out = []
     for name, d_in_proj, offset, dim in shapes:
         bb, ll = (args.batch, args.seqlen) if d_in_proj is None else (b, L)
         wide = d_in_proj or dim
         x = torch.randn(bb, ll, wide, device=device, generator=g).to(dt)[..., offset:offset + dim]
         dx = torch.empty(bb, ll, wide, device=device, dtype=dt)[..., offset:offset + dim]
-        out.append((name, dict(x=x, weight=(torch.randn(dim, 4, device=device, generator=g) / 2).to(dt),
+        out.append((f"{name}, {str(dt).removeprefix('torch.')}", dict(x=x, weight=(torch.randn(dim, 4, device=device, generator=g) / 2).to(dt),
                                bias=torch.randn(dim, device=device, generator=g).to(dt),
                                dy=torch.randn(bb, ll, dim, device=device, generator=g).to(dt), dx=dx)))
     return out
@@ -339,9 +338,8 @@ def _conv_kernels(t: dict, variant, block_l, block_d, num_warps, extra, prefetch
 
 def _train_reference(t: dict):
     """y, dx, dweight, dbias of the torch path in float32 (the check's reference)."""
-    x32 = t["x"].float().requires_grad_(True)
-    w32 = t["weight"].float().requires_grad_(True)
-    b32 = t["bias"].float().requires_grad_(True)
+    # copies: in float32 .float() would return the benchmark's own tensors
+    x32, w32, b32 = (t[k].detach().to(torch.float32, copy=True).requires_grad_(True) for k in ("x", "weight", "bias"))
     y = causal_conv1d(x32, w32, b32, activation="silu", backend="torch")
     y.backward(t["dy"].float())
     return y.detach(), x32.grad, w32.grad, b32.grad
@@ -363,13 +361,16 @@ def train_shapes_section(args, device: str) -> None:
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
-    print("\nconv kernels alone at the training layouts: width 4, bias, silu, bf16; fwd = y from x, bwd = dx, "
+    print("\nconv kernels alone at the training layouts: width 4, bias, silu; fwd = y from x, bwd = dx, "
           "dweight, dbias from x and dy (the launcher, its partial-sum reduction included). Floor: the same "
           "bytes moved by a contiguous copy of x's size (fwd: x in, y out; bwd: 1.5 x that, x and dy in, dx out). "
           "err: max abs err / max abs against the torch path in float32 (y, dx, dweight, dbias).")
     t_start = time.perf_counter()
-    for name, t in train_layouts(args, device):
-        n_bytes = t["x"].numel() * 2
+    # bf16 at every layout (swept), then Mamba-2's layout in float16 and float32 (the defaults only)
+    layouts = [(name, t, args.sweep) for name, t in train_layouts(args, device)]
+    layouts += [(*train_layouts(args, device, dt)[1], False) for dt in (torch.float16, torch.float32)]
+    for name, t, sweep in layouts:
+        n_bytes = t["x"].numel() * t["x"].element_size()
         # the floor copies a contiguous tensor of x's size: the bytes at full speed, whatever x's layout
         src = t["x"].contiguous()
         out = torch.empty_like(src)
@@ -384,7 +385,7 @@ def train_shapes_section(args, device: str) -> None:
         for kind, cands in (("fwd", FWD_CANDIDATES), ("bwd", BWD_CANDIDATES)):
             defaults = (("tile", None, None, None, None, True), ("stream", None, None, None, None, True))
             # defaults first, so that a failing config below cannot hide them
-            for cand in defaults + (cands if args.sweep else ()):
+            for cand in defaults + (cands if sweep else ()):
                 fwd, bwd = _conv_kernels(t, *cand)
                 try:
                     errs = _errs(t, fwd, bwd, ref)
@@ -394,7 +395,8 @@ def train_shapes_section(args, device: str) -> None:
                     continue
                 nb = (2 if kind == "fwd" else 3) * n_bytes
                 floor = floor_f if kind == "fwd" else floor_b
-                ok = max(errs) < 2e-2  # bf16 in and out: ~4e-3 expected; larger is a wrong result
+                # bf16 / fp16 in and out: ~4e-3 / ~5e-4 expected, float32 ~1e-6; larger is a wrong result
+                ok = max(errs) < (1e-4 if t["x"].dtype == torch.float32 else 2e-2)
                 label = f"{cand[0]} default" if cand[1] is None else str(cand)
                 print(f"| {kind} | {label} | {us:.1f} | {nb / us / 1e3:.0f} | {100 * floor / us:.0f}% | "
                       + ", ".join(f"{e:.1e}" for e in errs) + ("" if ok else " WRONG") + " |")
