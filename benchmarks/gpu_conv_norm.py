@@ -15,8 +15,13 @@ Usage (on the GPU machine, from the repository root):
     python benchmarks/gpu_conv_norm.py                # the table
     python benchmarks/gpu_conv_norm.py --sweep        # also time a handful of tile configs per kernel
     python benchmarks/gpu_conv_norm.py --peer         # also time causal_conv1d / mamba_ssm when installed
+    python benchmarks/gpu_conv_norm.py --train-shapes [--sweep]
+                                                      # the conv kernels alone at the 130M training layouts
+                                                      # (x a column slice of in_proj's output), fwd and bwd apart,
+                                                      # per variant; --sweep adds tile / stream candidates
     TRITON_INTERPRET=1 python benchmarks/gpu_conv_norm.py --device cpu --seqlen 64 --dim 64 --sweep
-                                                      # smoke test of this script on CPU (timings meaningless)
+    TRITON_INTERPRET=1 python benchmarks/gpu_conv_norm.py --device cpu --train-shapes --sweep --train-batch 1 \
+        --train-seqlen 8 --batch 1 --seqlen 8 --dim 64       # smoke tests of this script on CPU (timings meaningless)
 """
 
 from __future__ import annotations
@@ -259,6 +264,148 @@ def norm_sweep(inputs, kw, dy, device, bytes_f, bytes_b) -> None:
         print(f"  ({elems}, {warps}, {tiles}): {ms:.4f} ms, {bytes_b / (ms * 1e-3) / 1e9:.0f} GB/s")
 
 
+# -------------------------------------------------------------------------------------------------
+# causal_conv1d at the training layouts (--train-shapes): each kernel alone, per variant and tile config
+# -------------------------------------------------------------------------------------------------
+
+# (variant, block_l, block_d, num_warps, rows or tiles, prefetch): block_l is the tile's rows (tile) or the rows
+# per program (stream); the fifth field is ROWS per step (stream) or TILES per program (tile bwd, None: the
+# launcher's); prefetch: the stream kernels load the next step's rows before this step's arithmetic.
+# ptxas for sm_90a at Mamba-2's layout, registers: fwd tile 91/70/141/136/62, stream 48-96; bwd tile 168 (197 at
+# BLOCK_D 256; (16, 128, 4) spills, left out), stream 121 (rows 2, prefetch) / 161 (rows 4, prefetch) / 124
+# (rows 4) / 168 (rows 8); none spills.
+FWD_CANDIDATES = (
+    ("tile", 64, 128, 8, None, True), ("tile", 32, 128, 4, None, True), ("tile", 128, 128, 8, None, True),
+    ("tile", 64, 256, 8, None, True), ("tile", 32, 64, 4, None, True),
+    ("stream", 128, 256, 2, 4, True), ("stream", 64, 256, 2, 4, True), ("stream", 256, 256, 2, 4, True),
+    ("stream", 128, 256, 2, 2, True), ("stream", 128, 256, 2, 4, False), ("stream", 128, 256, 2, 8, False),
+    ("stream", 128, 512, 4, 4, True), ("stream", 128, 128, 1, 4, True),
+)
+BWD_CANDIDATES = (
+    ("tile", 8, 128, 4, None, True), ("tile", 8, 64, 2, None, True), ("tile", 8, 256, 8, None, True),
+    ("tile", 16, 64, 4, None, True),
+    ("stream", 128, 256, 2, 2, True), ("stream", 64, 256, 2, 2, True), ("stream", 256, 256, 2, 2, True),
+    ("stream", 512, 256, 2, 2, True), ("stream", 128, 256, 2, 4, True), ("stream", 128, 256, 2, 4, False),
+    ("stream", 256, 256, 2, 4, False), ("stream", 128, 256, 2, 8, False), ("stream", 128, 512, 4, 2, True),
+    ("stream", 128, 128, 1, 2, True), ("stream", 128, 128, 1, 4, False),
+)
+
+
+def train_layouts(args, device: str, dt: torch.dtype = torch.bfloat16) -> list[tuple[str, dict]]:
+    """(name, tensors) per shape: x a column slice of in_proj's output as the fused mixers pass it, dy
+    contiguous (the gradient of the conv output), dx a slice of in_proj's output gradient."""
+    from mambakit.modules import Mamba1, Mamba2
+
+    m1 = Mamba1(d_model=768, device="meta")  # the 130M shapes: d_model 768, expand 2
+    m2 = Mamba2(d_model=768, d_state=128, headdim=64, ngroups=1, device="meta")
+    b, L = args.train_batch, args.train_seqlen
+    # Mamba-1: xz = (x, z), x first; Mamba-2: zxbcdt = (z, xBC, dt), xBC after d_inner columns of z
+    shapes = [(f"Mamba-1 130M: {b} x {L} x {m1.d_inner}, x = xz[..., :{m1.d_inner}] of {m1.in_proj.out_features}",
+               m1.in_proj.out_features, 0, m1.d_inner),
+              (f"Mamba-2 130M: {b} x {L} x {m2.conv_dim}, x = zxbcdt[..., {m2.d_inner}:{m2.d_inner + m2.conv_dim}] "
+               f"of {m2.in_proj.out_features}", m2.in_proj.out_features, m2.in_proj.out_features - m2.conv_dim
+               - m2.nheads, m2.conv_dim),
+              (f"isolated: {args.batch} x {args.seqlen} x {args.dim} contiguous", None, 0, args.dim)]
+    g = torch.Generator(device=device).manual_seed(0)
+    out = []
+    for name, d_in_proj, offset, dim in shapes:
+        bb, ll = (args.batch, args.seqlen) if d_in_proj is None else (b, L)
+        wide = d_in_proj or dim
+        x = torch.randn(bb, ll, wide, device=device, generator=g).to(dt)[..., offset:offset + dim]
+        dx = torch.empty(bb, ll, wide, device=device, dtype=dt)[..., offset:offset + dim]
+        out.append((f"{name}, {str(dt).removeprefix('torch.')}", dict(x=x, weight=(torch.randn(dim, 4, device=device, generator=g) / 2).to(dt),
+                               bias=torch.randn(dim, device=device, generator=g).to(dt),
+                               dy=torch.randn(bb, ll, dim, device=device, generator=g).to(dt), dx=dx)))
+    return out
+
+
+def _conv_kernels(t: dict, variant, block_l, block_d, num_warps, extra, prefetch):
+    """fwd() and bwd() closures calling the launchers alone with one config (extra: rows or tiles)."""
+    from mambakit.ops.causal_conv1d.triton_conv import causal_conv1d_bwd, causal_conv1d_fwd
+
+    common = dict(x=t["x"], weight=t["weight"], bias=t["bias"], initial_state=None, seq_idx=None, silu=True,
+                  variant=variant, block_l=block_l, block_d=block_d, num_warps=num_warps)
+    fwd_extra = dict(rows=extra, prefetch=prefetch) if variant == "stream" else {}
+    bwd_extra = dict(rows=extra, prefetch=prefetch) if variant == "stream" else dict(tiles=extra)
+
+    def fwd():
+        return causal_conv1d_fwd(**common, return_final_state=False, **fwd_extra)[0]
+
+    def bwd():
+        return causal_conv1d_bwd(**common, dy=t["dy"], dfinal=None, need_dinit=False, dx=t["dx"], **bwd_extra)
+    return fwd, bwd
+
+
+def _train_reference(t: dict):
+    """y, dx, dweight, dbias of the torch path in float32 (the check's reference)."""
+    # copies: in float32 .float() would return the benchmark's own tensors
+    x32, w32, b32 = (t[k].detach().to(torch.float32, copy=True).requires_grad_(True) for k in ("x", "weight", "bias"))
+    y = causal_conv1d(x32, w32, b32, activation="silu", backend="torch")
+    y.backward(t["dy"].float())
+    return y.detach(), x32.grad, w32.grad, b32.grad
+
+
+def _errs(t, fwd, bwd, ref) -> tuple[float, ...]:
+    y = fwd()
+    dx, dw, db, _ = bwd()
+    return tuple(max_rel_err(a, b) for a, b in zip((y, dx, dw, db), ref))
+
+
+def train_shapes_section(args, device: str) -> None:
+    """Per shape: the copy floor, each variant's default config (check, us, GB/s, % of floor), then the sweep."""
+    rep = 100 if args.sweep else 200  # ms per timing: the sweep's ~80 timings and compiles stay under 3 minutes
+
+    def timer(fn) -> float:
+        if device != "cuda":
+            return bench(fn, device)
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+    print("\nconv kernels alone at the training layouts: width 4, bias, silu; fwd = y from x, bwd = dx, "
+          "dweight, dbias from x and dy (the launcher, its partial-sum reduction included). Floor: the same "
+          "bytes moved by a contiguous copy of x's size (fwd: x in, y out; bwd: 1.5 x that, x and dy in, dx out). "
+          "err: max abs err / max abs against the torch path in float32 (y, dx, dweight, dbias).")
+    t_start = time.perf_counter()
+    # bf16 at every layout (swept), then Mamba-2's layout in float16 and float32 (the defaults only)
+    layouts = [(name, t, args.sweep) for name, t in train_layouts(args, device)]
+    layouts += [(*train_layouts(args, device, dt)[1], False) for dt in (torch.float16, torch.float32)]
+    for name, t, sweep in layouts:
+        n_bytes = t["x"].numel() * t["x"].element_size()
+        # the floor copies a contiguous tensor of x's size: the bytes at full speed, whatever x's layout
+        src = t["x"].contiguous()
+        out = torch.empty_like(src)
+        floor_f = timer(lambda: out.copy_(src)) * 1e3
+        floor_b = 1.5 * floor_f
+        ref = _train_reference(t)
+        print(f"\n## {name}\n\ncopy floor: fwd {floor_f:.1f} us, bwd {floor_b:.1f} us "
+              f"({2 * n_bytes / floor_f / 1e3:.0f} GB/s)\n")
+        print("| kernel | variant (block_l, block_d, warps, rows/tiles) | us | GB/s | % of floor | err y, dx, dw, db |")
+        print("|---|---|---|---|---|---|")
+        best = {}
+        for kind, cands in (("fwd", FWD_CANDIDATES), ("bwd", BWD_CANDIDATES)):
+            defaults = (("tile", None, None, None, None, True), ("stream", None, None, None, None, True))
+            # defaults first, so that a failing config below cannot hide them
+            for cand in defaults + (cands if sweep else ()):
+                fwd, bwd = _conv_kernels(t, *cand)
+                try:
+                    errs = _errs(t, fwd, bwd, ref)
+                    us = timer(fwd if kind == "fwd" else bwd) * 1e3
+                except Exception as e:  # noqa: BLE001  (a config that does not compile: say so, keep sweeping)
+                    print(f"| {kind} | {cand} | failed: {type(e).__name__}: {str(e)[:80]} | | | |")
+                    continue
+                nb = (2 if kind == "fwd" else 3) * n_bytes
+                floor = floor_f if kind == "fwd" else floor_b
+                # bf16 / fp16 in and out: ~4e-3 / ~5e-4 expected, float32 ~1e-6; larger is a wrong result
+                ok = max(errs) < (1e-4 if t["x"].dtype == torch.float32 else 2e-2)
+                label = f"{cand[0]} default" if cand[1] is None else str(cand)
+                print(f"| {kind} | {label} | {us:.1f} | {nb / us / 1e3:.0f} | {100 * floor / us:.0f}% | "
+                      + ", ".join(f"{e:.1e}" for e in errs) + ("" if ok else " WRONG") + " |")
+                if ok and (kind not in best or us < best[kind][0]):
+                    best[kind] = (us, label)
+        print("\nbest: " + "; ".join(f"{k} {v[1]} {v[0]:.1f} us" for k, v in best.items())
+              + f"  ({time.perf_counter() - t_start:.0f} s so far)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -268,12 +415,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sweep", action="store_true", help="also time tile configs of each kernel")
     p.add_argument("--peer", action="store_true", help="also time causal_conv1d / mamba_ssm when installed")
     p.add_argument("--only", choices=("conv", "norm"), default=None)
+    p.add_argument("--train-shapes", action="store_true",
+                   help="time the conv kernels alone at the training layouts (with --sweep: tile configs too)")
+    p.add_argument("--train-batch", type=int, default=8)
+    p.add_argument("--train-seqlen", type=int, default=2048)
     args = p.parse_args(argv)
     import triton
 
     dev = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     print(f"# mambakit causal_conv1d / rms_norm benchmark, {datetime.date.today()}, {dev}, "
           f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}")
+    if args.train_shapes:
+        train_shapes_section(args, args.device)
+        return
     if args.only in (None, "conv"):
         conv_section(args, args.device)
     if args.only in (None, "norm"):

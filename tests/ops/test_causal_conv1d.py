@@ -281,6 +281,77 @@ def test_update_rejects_bad_input(args, match, backend):
         causal_conv1d_update(**args, backend=backend)
 
 
+VARIANT_CASES = [
+    # (variant, launcher config, inputs): several programs along L with ragged last chunks and channel blocks
+    pytest.param("stream", dict(block_l=4, block_d=32, rows=2), dict(width=4, activation="silu", init=True,
+                 docs=[[2, 8, 3], [13]], seqlen=13, dim=20, sliced=True), id="stream-w4-silu-docs-init-sliced"),
+    pytest.param("stream", dict(block_l=4, block_d=16, rows=2, prefetch=False), dict(width=3, activation=None,
+                 init=True, docs=None, seqlen=11, dim=9, sliced=False), id="stream-w3-plain-init-odd-dim-no-prefetch"),
+    pytest.param("stream", dict(block_l=2, block_d=16, rows=1), dict(width=2, activation="silu", init=False,
+                 docs=[[1, 4], [2, 3]], seqlen=5, dim=16, sliced=True), id="stream-w2-silu-docs-rows1"),
+    pytest.param("stream", dict(block_l=4, block_d=16, rows=4), dict(width=4, activation="silu", init=True,
+                 docs=[[2], [2]], seqlen=2, dim=16, sliced=False), id="stream-w4-seqlen2-inside-window"),
+    pytest.param("tile", dict(block_l=4, block_d=16, tiles=2), dict(width=4, activation="silu", init=True,
+                 docs=[[5, 9, 3], [17]], seqlen=17, dim=20, sliced=True), id="tile-w4-silu-docs-init-sliced",
+                 marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("variant, config, case", VARIANT_CASES)
+def test_triton_variants_match_reference(variant, config, case):
+    """Each kernel variant through its launchers against the float64 reference: y, the final state and the
+    gradients of x, weight, bias and the initial state, with x a channel slice of a wider tensor (row stride
+    not a multiple of 16, as Mamba-2's in_proj output) and dx written into a slice of another."""
+    from mambakit.ops.causal_conv1d.triton_conv import causal_conv1d_bwd, causal_conv1d_fwd, channel_contiguous
+
+    case = dict(case)
+    silu, sliced = case.pop("activation") is not None, case.pop("sliced")
+    inputs = _inputs(**case)
+    upstream = _upstream(inputs)
+    names = _grad_names(inputs)
+    ref_outs, ref_grads = run_with_grads(_op("reference", "silu" if silu else None), inputs, upstream, names)
+    x, weight, bias, seq_idx = inputs["x"], inputs["weight"], inputs["bias"], inputs["seq_idx"]
+    batch, seqlen, dim = x.shape
+    dx = None
+    if sliced:
+        x = torch.randn(batch, seqlen, dim + 7, dtype=F64, device=DEVICE)[:, :, 3 : 3 + dim].copy_(x)
+        dx = torch.full((batch, seqlen, dim + 5), float("nan"), dtype=F64, device=DEVICE)[:, :, 2 : 2 + dim]
+    init = channel_contiguous(inputs["initial_state"])
+    fwd_config = {k: v for k, v in config.items() if k != "tiles"}
+    y, final = causal_conv1d_fwd(x=x, weight=weight, bias=bias, initial_state=init, seq_idx=seq_idx, silu=silu,
+                                 return_final_state=True, variant=variant, num_warps=1, **fwd_config)
+    dx, dw, db, dinit = causal_conv1d_bwd(x=x, weight=weight, bias=bias, initial_state=init, seq_idx=seq_idx,
+                                          silu=silu, dy=upstream[0], dfinal=channel_contiguous(upstream[1]),
+                                          need_dinit=init is not None, variant=variant, num_warps=1, dx=dx, **config)
+    grads = dict(x=dx, weight=dw, bias=db, initial_state=dinit)
+    _check_against_reference([y, final], grads, ref_outs, ref_grads, rel=1e-10)
+
+
+def test_row_align_divides_row_and_batch_strides():
+    """ALIGN is the largest power of two <= 16 bytes that divides every batch and row stride."""
+    from mambakit.ops.causal_conv1d.triton_conv import row_align
+
+    bf16 = torch.empty(2, 4, 3352, dtype=torch.bfloat16)[..., 1536 : 1536 + 1792]  # Mamba-2's xBC slice
+    assert row_align(bf16) == 8
+    assert row_align(bf16, torch.empty(2, 4, 1792, dtype=torch.bfloat16)) == 8
+    assert row_align(torch.empty(2, 4, 3352 + 4, dtype=torch.bfloat16)) == 4
+    assert row_align(torch.empty(2, 3, 7, dtype=torch.float32)) == 1
+    assert row_align(torch.empty(2, 4, 1792, dtype=torch.float32)) == 4
+
+
+def test_stream_variant_rejects_bad_config():
+    from mambakit.ops.causal_conv1d.triton_conv import causal_conv1d_fwd
+
+    x = torch.randn(1, 8, 16, dtype=F64, device=DEVICE)
+    w = torch.randn(16, 4, dtype=F64, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple of rows"):
+        causal_conv1d_fwd(x=x, weight=w, bias=None, initial_state=None, seq_idx=None, silu=False,
+                          return_final_state=False, variant="stream", block_l=6, rows=4)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        causal_conv1d_fwd(x=x, weight=w, bias=None, initial_state=None, seq_idx=None, silu=False,
+                          return_final_state=False, variant="blocked")
+
+
 # ---------------------------------------------------------------------------------------------------
 # real shapes on the GPU: Triton bf16 against the torch path in float32
 # ---------------------------------------------------------------------------------------------------
@@ -288,29 +359,41 @@ def test_update_rejects_bad_input(args, match, backend):
 GPU_CASES = [
     pytest.param(dict(docs=None, init=False, final=False), id="silu-bias"),
     pytest.param(dict(docs=[[1000, 3, 4189, 3000], [8192]], init=True, final=True), id="silu-bias-packed-init-final"),
+    # Mamba-2 130M's training layout: x = zxbcdt[..., 1536:3328] of 3352 columns (row stride not a multiple of 16)
+    pytest.param(dict(docs=[[700, 1348], [2048]], init=False, final=False, layout=(4, 2048, 1792, 3352, 1536)),
+                 id="mamba2-slice-docs"),
 ]
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["tile", "stream"])
 @pytest.mark.parametrize("case", GPU_CASES)
-def test_conv_gpu_real_shape_bf16(case):
-    batch, seqlen, dim, width = 2, 8192, 4096, 4
+def test_conv_gpu_real_shape_bf16(case, variant, monkeypatch):
+    from mambakit.ops.causal_conv1d import triton_conv
+
+    # the launchers read their default variant at call time: the public op runs the one under test
+    monkeypatch.setattr(triton_conv, "FWD_VARIANT", variant)
+    monkeypatch.setattr(triton_conv, "BWD_VARIANT", variant)
+    batch, seqlen, dim, wide, offset = case.get("layout", (2, 8192, 4096, 4096, 0))
+    width = 4
     bf16 = torch.bfloat16
     inputs = dict(
-        x=torch.randn(batch, seqlen, dim, device="cuda", dtype=bf16),
+        x=torch.randn(batch, seqlen, wide, device="cuda", dtype=bf16),
         weight=(torch.randn(dim, width, device="cuda") / 2).to(bf16),
         bias=torch.randn(dim, device="cuda", dtype=bf16),
         initial_state=torch.randn(batch, dim, width - 1, device="cuda", dtype=bf16) if case["init"] else None,
         seq_idx=_seq_idx(case["docs"]).cuda() if case["docs"] else None,
     )
+    x_view = None if wide == dim else (lambda x: x[..., offset : offset + dim])
     names = _grad_names(inputs)
     upstream = [torch.randn(batch, seqlen, dim, device="cuda", dtype=bf16),
                 torch.randn(batch, dim, width - 1, device="cuda", dtype=bf16)][: 2 if case["final"] else 1]
     inputs_32 = {k: (v.float() if v is not None and v.is_floating_point() else v) for k, v in inputs.items()}
-    ref_outs, ref_grads = run_with_grads(_op("torch", "silu", case["final"]), inputs_32, upstream, names)
-    outs, grads = run_with_grads(_op("triton", "silu", case["final"]), inputs, upstream, names)
-    nat_outs, nat_grads = run_with_grads(lambda **kw: _native_conv(**kw, activation="silu")[: len(upstream)],
-                                         inputs, upstream, names)
+    ref_outs, ref_grads = run_with_grads(_op("torch", "silu", case["final"], x_view), inputs_32, upstream, names)
+    outs, grads = run_with_grads(_op("triton", "silu", case["final"], x_view), inputs, upstream, names)
+    nat_outs, nat_grads = run_with_grads(
+        lambda x, **kw: _native_conv(x if x_view is None else x_view(x), **kw, activation="silu")[: len(upstream)],
+        inputs, upstream, names)
     assert_close(outs[0], ref_outs[0], name="y", rel=0.0, atol=low_precision_tolerance(nat_outs[0], ref_outs[0]))
     if case["final"]:
         assert_close(outs[1], ref_outs[1], name="final_state", rel=0.0)

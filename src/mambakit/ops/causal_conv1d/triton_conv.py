@@ -33,6 +33,7 @@ import triton.language as tl
 from ..common import autograd_op, compute_dtype, fake_grads, pack_grads, unpack_grads
 from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
 from ..triton_math import sigmoid, silu, tl_compute_dtype
+from .triton_stream import _causal_conv1d_bwd_stream_kernel, _causal_conv1d_fwd_stream_kernel
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -71,13 +72,16 @@ def _causal_conv1d_fwd_kernel(
     stride_sb, stride_sl,
     stride_yb, stride_yl, stride_yd,
     stride_fb, stride_fd, stride_fw,
-    W: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+    W: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, ALIGN: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
     WRITE_FINAL: tl.constexpr, ACC: tl.constexpr,
 ):
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)  # batch offsets can pass 2**31 elements
+    # row and batch strides come divided by ALIGN: the products tell the compiler rows start 16-byte aligned
+    stride_xb, stride_xl = stride_xb * ALIGN, stride_xl * ALIGN
+    stride_yb, stride_yl = stride_yb * ALIGN, stride_yl * ALIGN
     x_ptr += pid_b * stride_xb
     init_ptr += pid_b * stride_ib
     seq_ptr += pid_b * stride_sb
@@ -141,7 +145,7 @@ def _causal_conv1d_bwd_kernel(
     stride_dxb, stride_dxl, stride_dxd,
     stride_dib, stride_did, stride_diw,
     stride_pp, stride_pw, stride_pd,
-    W: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, TILES: tl.constexpr,
+    W: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, TILES: tl.constexpr, ALIGN: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
     HAS_DFINAL: tl.constexpr, WRITE_DINIT: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -149,6 +153,10 @@ def _causal_conv1d_bwd_kernel(
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2)
     b64 = pid_b.to(tl.int64)
+    # row and batch strides come divided by ALIGN (see the forward)
+    stride_xb, stride_xl = stride_xb * ALIGN, stride_xl * ALIGN
+    stride_dyb, stride_dyl = stride_dyb * ALIGN, stride_dyl * ALIGN
+    stride_dxb, stride_dxl = stride_dxb * ALIGN, stride_dxl * ALIGN
     x_ptr += b64 * stride_xb
     init_ptr += b64 * stride_ib
     seq_ptr += b64 * stride_sb
@@ -320,69 +328,130 @@ def _empty_window(batch: int, dim: int, width: int, dtype: torch.dtype, device) 
     return torch.empty(batch, width - 1, dim, dtype=dtype, device=device).transpose(1, 2)
 
 
-def _fwd_config(dim: int) -> tuple[int, int, int]:
-    """(BLOCK_L, BLOCK_D, num_warps): 128 channels = 256-byte rows in bf16, 32 elements per thread, no
-    register spills (docs/design/kernel_figures.md)."""
-    return 64, min(128, next_power_of_2(dim)), 8
+VARIANTS = ("tile", "stream")
+# the launchers' defaults (a `variant=` argument overrides them); the GPU sweep decides
+FWD_VARIANT = "tile"
+BWD_VARIANT = "tile"
 
 
-def _bwd_config(dim: int) -> tuple[int, int, int]:
-    """The backward keeps 2W-1 input tiles and W gradient tiles in registers: 8 rows per step.
+def row_align(*tensors: torch.Tensor) -> int:
+    """ALIGN for the kernels: the largest power of two <= 16 bytes / element that divides the batch and row
+    strides of every (B, L, D) tensor given.
 
-    (8, 128, 4) compiles without spills at width 4, bf16 (docs/design/kernel_figures.md);
-    benchmarks/gpu_conv_norm.py --sweep times the alternatives.
+    Triton specialises an int argument only on being divisible by 16, so a row stride such as Mamba-2's
+    d_in_proj = 3352 (a multiple of 8) looks unaligned and every bf16 row load becomes 8 scalar loads (ptxas
+    for sm_90a: 160 16-bit loads instead of 17 128-bit ones in the tile forward). Passing stride // ALIGN and
+    multiplying by the constexpr ALIGN in the kernel restores the 16-byte vector loads.
     """
-    return 8, min(128, next_power_of_2(dim)), 4
+    align = max(1, min(16 // t.element_size() for t in tensors))
+    # any divisor is exact (the kernel multiplies back); a larger one only tells the compiler more
+    while align > 1 and any(t.stride(i) % align for t in tensors for i in (0, 1)):
+        align //= 2
+    return align
+
+
+def _row_strides(t: torch.Tensor, align: int) -> tuple[int, int, int]:
+    """(batch, row, channel) strides of a (B, L, D) tensor, the first two divided by ALIGN."""
+    return t.stride(0) // align, t.stride(1) // align, t.stride(2)
+
+
+def _fwd_config(dim: int, variant: str) -> tuple[int, int, int, int]:
+    """(BLOCK_L or CHUNK, BLOCK_D, num_warps, ROWS) of a forward variant.
+
+    tile: 128 channels = 256-byte rows in bf16, 32 elements per thread, no register spills
+    (docs/design/kernel_figures.md). stream: 256 channels on 2 warps (4 per thread, 8-byte bf16 loads),
+    128 rows per program (~1 wave of programs at batch 8 x 2048 x 1792 on 132 SMs), 4 rows per step.
+    `benchmarks/gpu_conv_norm.py --train-shapes --sweep` times the alternatives.
+    """
+    if variant == "tile":
+        return 64, min(128, next_power_of_2(dim)), 8, 1
+    return 128, min(256, max(64, next_power_of_2(dim))), 2, 4
+
+
+def _bwd_config(dim: int, variant: str) -> tuple[int, int, int, int]:
+    """(BLOCK_L or CHUNK, BLOCK_D, num_warps, ROWS) of a backward variant.
+
+    tile keeps 2W-1 input tiles and W gradient tiles in registers: 8 rows per step, (8, 128, 4) compiles
+    without spills at width 4, bf16 (docs/design/kernel_figures.md). stream: as the forward's but 2 rows per
+    step (with the next step's 2 prefetched: 121 registers, where 4 + 4 take 161).
+    """
+    if variant == "tile":
+        return 8, min(128, next_power_of_2(dim)), 4, 1
+    return 128, min(256, max(64, next_power_of_2(dim))), 2, 2
+
+
+def _check_variant(variant: str, width: int, chunk: int, rows: int) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"causal_conv1d: variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "stream" and (chunk % rows or chunk < width - 1):
+        raise ValueError(f"causal_conv1d: stream needs block_l (rows per program) a multiple of rows and >= width - 1,"
+                         f" got block_l={chunk}, rows={rows}, width={width}")
 
 
 def causal_conv1d_fwd(*, x, weight, bias, initial_state, seq_idx, silu: bool, return_final_state: bool,
-                      block_l=None, block_d=None, num_warps=None):
+                      variant=None, block_l=None, block_d=None, num_warps=None, rows=None, prefetch=True):
     """y (B, L, D) in x's dtype and, when asked, the final window (B, D, W-1) in x's dtype.
 
     initial_state must have channel stride 1 (`channel_contiguous`); the final window comes back
-    as a (B, D, W-1) view with channel stride 1.
+    as a (B, D, W-1) view with channel stride 1. variant: "tile" (W overlapping (BL, BD) loads per tile,
+    block_l rows) or "stream" (each program walks block_l rows, `rows` per step, the next step's loads
+    issued before this step's arithmetic when `prefetch`; triton_stream.py); None takes FWD_VARIANT.
     """
     batch, seqlen, dim = x.shape
     width = weight.shape[1]
-    cfg = _fwd_config(dim)
-    block_l, block_d, num_warps = block_l or cfg[0], block_d or cfg[1], num_warps or cfg[2]
+    variant = variant or FWD_VARIANT
+    cfg = _fwd_config(dim, variant)
+    block_l, block_d, num_warps, rows = block_l or cfg[0], block_d or cfg[1], num_warps or cfg[2], rows or cfg[3]
+    _check_variant(variant, width, block_l, rows)
     y = torch.empty(batch, seqlen, dim, dtype=x.dtype, device=x.device)
     final = _empty_window(batch, dim, width, x.dtype, x.device) if return_final_state else None
+    align = row_align(x, y)
     grid = (cdiv(seqlen, block_l), cdiv(dim, block_d), batch)
-    _causal_conv1d_fwd_kernel[grid](
-        x, weight, bias if bias is not None else x, initial_state if initial_state is not None else x,
-        seq_idx if seq_idx is not None else x, y, final if final is not None else y,
-        seqlen, dim,
-        *x.stride(), *weight.stride(), *_strides(initial_state, 3), *_strides(seq_idx, 2), *y.stride(),
-        *_strides(final, 3),
-        W=width, BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_W=next_power_of_2(width - 1),
-        HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
-        WRITE_FINAL=return_final_state, ACC=tl_compute_dtype(x.dtype), num_warps=num_warps,
-    )
+    common = (x, weight, bias if bias is not None else x, initial_state if initial_state is not None else x,
+              seq_idx if seq_idx is not None else x, y, final if final is not None else y,
+              seqlen, dim,
+              *_row_strides(x, align), *weight.stride(), *_strides(initial_state, 3), *_strides(seq_idx, 2),
+              *_row_strides(y, align), *_strides(final, 3))
+    flags = dict(HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, HAS_SEQ=seq_idx is not None,
+                 SILU=silu, WRITE_FINAL=return_final_state, ACC=tl_compute_dtype(x.dtype), num_warps=num_warps)
+    if variant == "tile":
+        _causal_conv1d_fwd_kernel[grid](*common, W=width, BLOCK_L=block_l, BLOCK_D=block_d,
+                                        BLOCK_W=next_power_of_2(width - 1), ALIGN=align, **flags)
+    else:
+        _causal_conv1d_fwd_stream_kernel[grid](*common, W=width, CHUNK=block_l, ROWS=rows, BLOCK_D=block_d,
+                                               ALIGN=align, PREFETCH=prefetch, **flags)
     return y, final
 
 
 def causal_conv1d_bwd(*, x, weight, bias, initial_state, seq_idx, silu: bool, dy, dfinal, need_dinit: bool,
-                      block_l=None, block_d=None, num_warps=None, tiles=None, dx=None):
+                      variant=None, block_l=None, block_d=None, num_warps=None, tiles=None, rows=None, prefetch=True,
+                      dx=None):
     """(dx, dweight, dbias or None, dinitial_state or None), each in its input's dtype.
 
     initial_state and dfinal must have channel stride 1; dinitial_state comes back with channel stride 1.
     dx: optional (B, L, D) output buffer of any strides (e.g. a slice of a wider gradient, so a fused
-    caller needs no concatenation); allocated when None.
+    caller needs no concatenation); allocated when None. variant: "tile" (block_l rows per tile, `tiles`
+    tiles per program) or "stream" (block_l rows per program, `rows` per step, `prefetch` as the forward's);
+    None takes BWD_VARIANT.
     """
     batch, seqlen, dim = x.shape
     width = weight.shape[1]
-    cfg = _bwd_config(dim)
-    block_l, block_d, num_warps = block_l or cfg[0], block_d or cfg[1], num_warps or cfg[2]
-    n_tiles = cdiv(seqlen + width - 1, block_l)
+    variant = variant or BWD_VARIANT
+    cfg = _bwd_config(dim, variant)
+    block_l, block_d, num_warps, rows = block_l or cfg[0], block_d or cfg[1], num_warps or cfg[2], rows or cfg[3]
+    _check_variant(variant, width, block_l, rows)
     n_dblocks = cdiv(dim, block_d)
-    # each program loops over `tiles` tiles so the weight-grad partials stay small (~5 MB at
-    # L=8192, D=4096); ~16 programs per SM keep the last wave short; a power of two bounds recompiles
-    if tiles is None:
-        programs = n_tiles * n_dblocks * batch
-        # off the GPU (the interpreter) a "machine" of one SM makes even tiny tests loop over tiles
-        tiles = min(32, next_power_of_2(max(1, programs // (16 * sm_count(x.device, 1)))))
-    n_spans = cdiv(n_tiles, tiles)  # one program per span of `tiles` time tiles (the kernel's pid_c)
+    if variant == "tile":
+        n_tiles = cdiv(seqlen + width - 1, block_l)
+        # each program loops over `tiles` tiles so the weight-grad partials stay small (~5 MB at
+        # L=8192, D=4096); ~16 programs per SM keep the last wave short; a power of two bounds recompiles
+        if tiles is None:
+            programs = n_tiles * n_dblocks * batch
+            # off the GPU (the interpreter) a "machine" of one SM makes even tiny tests loop over tiles
+            tiles = min(32, next_power_of_2(max(1, programs // (16 * sm_count(x.device, 1)))))
+        n_spans = cdiv(n_tiles, tiles)  # one program per span of `tiles` time tiles (the kernel's pid_c)
+    else:
+        n_spans = cdiv(seqlen, block_l)  # one program per chunk of block_l rows
     acc_dtype = compute_dtype(x.dtype)
     if dx is None:
         dx = torch.empty(batch, seqlen, dim, dtype=x.dtype, device=x.device)
@@ -390,18 +459,24 @@ def causal_conv1d_bwd(*, x, weight, bias, initial_state, seq_idx, silu: bool, dy
     if need_dinit:
         dinit = _empty_window(batch, dim, width, initial_state.dtype, x.device)
     part = torch.empty(batch * n_spans, width + 1, dim, dtype=acc_dtype, device=x.device)
+    align = row_align(x, dy, dx)
     grid = (n_spans, n_dblocks, batch)
-    _causal_conv1d_bwd_kernel[grid](
-        x, weight, bias if bias is not None else x, initial_state if initial_state is not None else x,
-        seq_idx if seq_idx is not None else x, dy, dfinal if dfinal is not None else dy,
-        dx, dinit if dinit is not None else dx, part,
-        seqlen, dim,
-        *x.stride(), *weight.stride(), *_strides(initial_state, 3), *_strides(seq_idx, 2), *dy.stride(),
-        *_strides(dfinal, 3), *dx.stride(), *_strides(dinit, 3), *part.stride(),
-        W=width, BLOCK_L=block_l, BLOCK_D=block_d, TILES=tiles,
-        HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
-        HAS_DFINAL=dfinal is not None, WRITE_DINIT=need_dinit, ACC=tl_compute_dtype(x.dtype), num_warps=num_warps,
-    )
+    common = (x, weight, bias if bias is not None else x, initial_state if initial_state is not None else x,
+              seq_idx if seq_idx is not None else x, dy, dfinal if dfinal is not None else dy,
+              dx, dinit if dinit is not None else dx, part,
+              seqlen, dim,
+              *_row_strides(x, align), *weight.stride(), *_strides(initial_state, 3), *_strides(seq_idx, 2),
+              *_row_strides(dy, align), *_strides(dfinal, 3), *_row_strides(dx, align), *_strides(dinit, 3),
+              *part.stride())
+    flags = dict(HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, HAS_SEQ=seq_idx is not None,
+                 SILU=silu, HAS_DFINAL=dfinal is not None, WRITE_DINIT=need_dinit, ACC=tl_compute_dtype(x.dtype),
+                 num_warps=num_warps)
+    if variant == "tile":
+        _causal_conv1d_bwd_kernel[grid](*common, W=width, BLOCK_L=block_l, BLOCK_D=block_d, TILES=tiles,
+                                        ALIGN=align, **flags)
+    else:
+        _causal_conv1d_bwd_stream_kernel[grid](*common, W=width, CHUNK=block_l, ROWS=rows, BLOCK_D=block_d,
+                                               ALIGN=align, PREFETCH=prefetch, **flags)
     sums = part.sum(0)  # (W + 1, D)
     # own storage each (not views of `sums`): custom ops may not return outputs that alias each other
     dweight = sums[:width].t().contiguous().to(weight.dtype)
