@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ..triton_launch import fast_launch
 from ..triton_math import LOG2E, dt_softplus_sigmoid, fast_sigmoid
-from .triton_scan_tile import load_bc, load_rows, tile_index, time_offset
+from .triton_scan_tile import load_bc, load_rows, load_tile_rows, store_tile_rows, tile_index, time_offset
 
 __all__ = ["scan_bwd_carry_kernel", "scan_bwd_kernel"]
 
@@ -32,11 +32,14 @@ __all__ = ["scan_bwd_carry_kernel", "scan_bwd_kernel"]
 def _bwd_block_inputs(j, t0, tn, x_b, B_b, seq_b, scr_b, stash_b, C_b, z_b, dy_b, s_t, s_zt, s_Bt, s_yt, s_st,
                       d1, dl, n2, n_ok2, scr_off, BD: tl.constexpr, BN: tl.constexpr, U: tl.constexpr,
                       HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN_N: tl.constexpr,
-                      I64: tl.constexpr, ACC: tl.constexpr):
+                      I64: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, NL: tl.constexpr, NH: tl.constexpr):
     """Everything pass B reads for micro-block j before its first store: the state entering the
     block, x / B / dt' of its U steps, seq_idx, and the reverse inputs of its last step."""
     tb = t0 + j * U
-    h = tl.load(scr_b + (j * (BD * BN) + scr_off))
+    if ROWS:  # scratch as (state, channel) rows
+        h = load_tile_rows(scr_b + j * (BD * BN), BD, 1, dl, BN, NL, NH, BD, ACC)
+    else:
+        h = tl.load(scr_b + (j * (BD * BN) + scr_off))
     s_prev = tl.load(seq_b + time_offset(tl.maximum(tb - 1, 0), I64) * s_st) if HAS_SEQ else 0
     steps = ()
     for u in tl.static_range(U):
@@ -237,12 +240,17 @@ def scan_bwd_kernel(
     NH: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DHLAST: tl.constexpr,
     WANT_DH0: tl.constexpr, EVEN_N: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr,
-    SEGMENTED: tl.constexpr,
+    SEGMENTED: tl.constexpr, ROWS: tl.constexpr,
 ):
     """Backward over time segment pid_c = chunks [pid_c * seg_len / CHUNK, ...) of one batch row (the whole
     sequence when nseg == 1), chunks in reverse. SEGMENTED: the carry entering the segment's last step comes
     from cin (B, cin_n, D, N) (`scan_bwd_carry_kernel` + the segment combine, cin_k carry segments per one);
-    otherwise from dL/dh_final (HAS_DHLAST) or zero."""
+    otherwise from dL/dh_final (HAS_DHLAST) or zero.
+
+    ROWS (the "wide" variants, NL > 4 states per thread, see scan_policy.BWD_VARIANTS): the (D, N)-shaped tiles
+    (A, checkpoints, entering carry, the per-program scratch) move one in-thread state row at a time instead of
+    as NL-float vectors, so that no load anchors a layout with fewer states per thread than the loop's; the
+    scratch is then laid out (block, state, channel) so that each row is one coalesced access."""
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_c = tl.program_id(2)
@@ -251,7 +259,10 @@ def scan_bwd_kernel(
     ngroups = dim // group_size
     # (D, N) and (B, *, D, N) tiles load as NL contiguous floats per thread: with NL <= 4 that vector
     # load has exactly the scan loop's layout (NL in-thread), so these anchors cost no conversion
-    A = tl.load(A_ptr + d3 * s_Ad + n3 * s_An, mask=n_ok3, other=0.0).to(ACC)
+    if ROWS:
+        A = load_tile_rows(A_ptr, s_An, s_Ad, d1, dstate, NL, NH, BD, ACC)
+    else:
+        A = tl.load(A_ptr + d3 * s_Ad + n3 * s_An, mask=n_ok3, other=0.0).to(ACC)
     A2 = A * LOG2E
     Dv = tl.load(D_ptr + d1).to(ACC) if HAS_D else 0.0
     bias = tl.load(bias_ptr + d1).to(ACC) if HAS_BIAS else 0.0
@@ -281,10 +292,17 @@ def scan_bwd_kernel(
         # carry segments are cin_k times finer (reversed order): the one entering this segment's last step
         # is the carry-in of sub-segment (pid_c + 1) cin_k - 1, stored at cin_n - (pid_c + 1) cin_k (0: last)
         r = tl.maximum(cin_n - (pid_c + 1) * cin_k, 0)
-        cin_off = ((pid_b * cin_n + r) * dim + d3) * dstate + n3
-        carry = tl.load(cin_ptr + cin_off, mask=n_ok3, other=0.0).to(ACC)
+        if ROWS:
+            carry = load_tile_rows(cin_ptr + (pid_b * cin_n + r) * dim * dstate, 1, dstate, d1, dstate, NL, NH, BD,
+                                   ACC)
+        else:
+            cin_off = ((pid_b * cin_n + r) * dim + d3) * dstate + n3
+            carry = tl.load(cin_ptr + cin_off, mask=n_ok3, other=0.0).to(ACC)
     elif HAS_DHLAST:
-        carry = tl.load(dhlast_ptr + st_off, mask=n_ok3, other=0.0).to(ACC)
+        if ROWS:
+            carry = load_tile_rows(dhlast_ptr + pid_b * dim * dstate, 1, dstate, d1, dstate, NL, NH, BD, ACC)
+        else:
+            carry = tl.load(dhlast_ptr + st_off, mask=n_ok3, other=0.0).to(ACC)
     else:
         carry = tl.zeros((NL, NH, BD), dtype=ACC)
     dA_acc = tl.zeros((NL, NH, BD), dtype=ACC)
@@ -299,7 +317,10 @@ def scan_bwd_kernel(
         nblk = (tn - t0 + U - 1) // U
         # pass A: forward over the chunk from its checkpoint, keeping h every U steps, dt' and sigma.
         # Each block's inputs are loaded one block ahead, before the stores that would order them.
-        h = tl.load(hck_ptr + ((pid_b * nchunks + c) * dim + d3) * dstate + n3, mask=n_ok3, other=0.0)
+        if ROWS:
+            h = load_tile_rows(hck_ptr + (pid_b * nchunks + c) * dim * dstate, 1, dstate, d1, dstate, NL, NH, BD, ACC)
+        else:
+            h = tl.load(hck_ptr + ((pid_b * nchunks + c) * dim + d3) * dstate + n3, mask=n_ok3, other=0.0)
         s_prev = tl.load(seq_b + time_offset(tl.maximum(t0 - 1, 0), I64) * s_st) if HAS_SEQ else 0
         nxt = _pass_a_inputs(t0, tn, x_b, dt_b, B_b, seq_b, s_t, s_Bt, s_st, d1, n2, n_ok2, U, HAS_SEQ, EVEN_N,
                              I64, ACC)
@@ -307,7 +328,10 @@ def scan_bwd_kernel(
             cur = nxt
             nxt = _pass_a_inputs(t0 + (j + 1) * U, tn, x_b, dt_b, B_b, seq_b, s_t, s_Bt, s_st, d1, n2, n_ok2, U,
                                  HAS_SEQ, EVEN_N, I64, ACC)
-            tl.store(scr_b + (j * (BD * BN) + scr_off), h)
+            if ROWS:
+                store_tile_rows(scr_b + j * (BD * BN), h, BD, 1, dl, BN, NL, NH, BD)
+            else:
+                tl.store(scr_b + (j * (BD * BN) + scr_off), h)
             for u in tl.static_range(U):
                 x, dtv, Bv, s = cur[u]
                 valid = t0 + j * U + u < tn
@@ -326,14 +350,14 @@ def scan_bwd_kernel(
         # adjoint through them. Block inputs come one block ahead, reverse inputs one step ahead.
         nxt_b = _bwd_block_inputs(nblk - 1, t0, tn, x_b, B_b, seq_b, scr_b, stash_b, C_b, z_b, dy_b, s_t, s_zt,
                                   s_Bt, s_yt, s_st, d1, dl, n2, n_ok2, scr_off, BD, BN, U, HAS_Z, HAS_SEQ, SOFTPLUS,
-                                  EVEN_N, I64, ACC)
+                                  EVEN_N, I64, ACC, ROWS, NL, NH)
         for jj in range(0, nblk):
             j = nblk - 1 - jj
             tb = t0 + j * U
             h_in, s_prev, steps, rev = nxt_b
             nxt_b = _bwd_block_inputs(tl.maximum(j - 1, 0), t0, tn, x_b, B_b, seq_b, scr_b, stash_b, C_b, z_b,
                                       dy_b, s_t, s_zt, s_Bt, s_yt, s_st, d1, dl, n2, n_ok2, scr_off, BD, BN, U,
-                                      HAS_Z, HAS_SEQ, SOFTPLUS, EVEN_N, I64, ACC)
+                                      HAS_Z, HAS_SEQ, SOFTPLUS, EVEN_N, I64, ACC, ROWS, NL, NH)
             hs = (h_in,)
             a_s = ()
             for u in tl.static_range(U):
