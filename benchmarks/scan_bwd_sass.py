@@ -66,30 +66,38 @@ def compile_variant(name: str, dstate: int = 16, group_size: int = 4096, seg: bo
 
 
 def resources(k) -> tuple[int, int]:
-    """(registers per thread, bytes of local memory, i.e. spills) from the cubin."""
+    """(registers per thread, stack bytes: spills) from the cubin."""
     tool = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
         out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    return int(re.search(r"REG:(\d+)", out).group(1)), int(re.search(r"LOCAL:(\d+)", out).group(1))
+    return int(re.search(r"REG:(\d+)", out).group(1)), int(re.search(r"STACK:(\d+)", out).group(1))
 
 
-def loop_counts(sass: str) -> list[int]:
-    """Instruction counts of the loops (a label, then a later branch back to it), in program order."""
-    lines = sass.splitlines()
-    labels, loops, count = {}, [], 0
-    for ln in lines:
-        m = re.match(r"^(LBB\d+):", ln.strip())
+def inner_loops(sass: str) -> list[tuple[int, int]]:
+    """(first, last) instruction index of every innermost loop (a label with a later branch back to it)."""
+    labels, spans, count = {}, [], 0
+    for ln in sass.splitlines():
+        ln = ln.strip()
+        m = re.match(r"^(LBB\d+):", ln)
         if m:
             labels[m.group(1)] = count
-            continue
-        if re.match(r"^[-0-9a-f]{2}:", ln.strip()):
-            count += 1
+        elif re.match(r"^[-0-9a-f]{2}:", ln):
             b = re.search(r"BRA (LBB\d+);", ln)
             if b and b.group(1) in labels:
-                loops.append(count - labels[b.group(1)])
-    return loops
+                spans.append((labels[b.group(1)], count))
+            count += 1
+    return [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+
+
+def body_stats(sass: str, span: tuple[int, int]) -> dict[str, int]:
+    ins = [ln.strip() for ln in sass.splitlines() if re.match(r"^[-0-9a-f]{2}:", ln.strip())][span[0]:span[1] + 1]
+    ops = [re.split(r"\s+", re.sub(r"^\S+\s+(@!?U?P\w+\s+)?", "", i))[0] for i in ins]
+    pick = lambda *names: sum(1 for o in ops if o.split(".")[0] in names)  # noqa: E731
+    return dict(n=len(ins), mufu=pick("MUFU"), shfl=pick("SHFL"), smem=pick("STS", "LDS", "LDSM", "BAR"),
+                local=pick("LDL", "STL"), atom=pick("RED", "REDG", "ATOM", "ATOMG"),
+                fp=pick("FFMA", "FMUL", "FADD", "FSEL", "FMNMX", "FSETP"))
 
 
 def main() -> int:
@@ -101,18 +109,23 @@ def main() -> int:
         k, _, _ = compile_variant(args.dump)
         print(k.asm["sass"])
         return 0
-    print("| variant | NL x NH x BD | U | regs | spills | loop bodies (SASS instr) | per step (A + B) | per state element |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | NL x NH x BD | U | regs | spill stack B | pass A / pass B loop (SASS instr) | per step | "
+          "per state element | in pass B per step: MUFU / FP / SHFL / smem / local / atomics |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.variants:
         k, t, u = compile_variant(name)
         sass = k.asm["sass"]
-        regs, spills = resources(k)
-        loops = loop_counts(sass)
-        body = sorted(loops)[-2:]  # pass A and pass B bodies: the two largest loops
-        per_step = sum(body) / u
+        regs, stack = resources(k)
+        loops = inner_loops(sass)
+        if len(loops) < 2:
+            print(f"| {name} | {t.NL} x {t.NH} x {t.BD} | {u} | {regs} | {stack} | loops not found: {loops} |")
+            continue
+        a, b = (body_stats(sass, s) for s in loops[:2])
+        per_step = (a["n"] + b["n"]) / u
         elems = t.NL * t.NH * t.BD / (32 * t.num_warps)  # state elements per thread per step
-        print(f"| {name} | {t.NL} x {t.NH} x {t.BD} | {u} | {regs} | {spills} | {loops} | {per_step:.0f} | "
-              f"{per_step / elems:.1f} |")
+        mix = " / ".join(f"{b[key] / u:.0f}" for key in ("mufu", "fp", "shfl", "smem", "local", "atom"))
+        print(f"| {name} | {t.NL} x {t.NH} x {t.BD} | {u} | {regs} | {stack} | {a['n']} / {b['n']} | {per_step:.0f} | "
+              f"{per_step / elems:.1f} | {mix} |")
     return 0
 
 

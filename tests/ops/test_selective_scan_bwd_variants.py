@@ -25,7 +25,7 @@ def wide(name: str, **overrides):
 
 CASES = [
     # NL 16 x BD 32: two programs per row, ragged seqlen over three 8-step intervals, U = 4
-    pytest.param("wide16", dict(L=19, d=64, n=16), True, dict(checkpoint_interval=8), id="wide16-full-ragged",
+    pytest.param("wide16", dict(L=19, d=64, n=16), True, dict(checkpoint_interval=8, block_u=4), id="wide16-full-ragged",
                  marks=pytest.mark.slow),
     # documents inside and at interval starts, ngroups 2 (one group per program), U = 2, 2 backward time segments
     # (the adjoint-only carry pass and the row-gathered entering carry)
@@ -34,6 +34,9 @@ CASES = [
                  marks=pytest.mark.slow),
     # NL 8 x NH 2 x BD 16, dstate 13 (padded state rows masked), no softplus, no initial state
     pytest.param("wide8", dict(L=12, d=32, n=13, h0=False), False, dict(checkpoint_interval=4), id="wide8-dstate13"),
+    # U = 1 (the wide16 default: scratch holds every state), dB / dC atomics from every lane, documents, 2 time segments
+    pytest.param("wide16-r1", dict(L=9, d=32, n=16, seq=True), True, dict(checkpoint_interval=4, bwd_time_segments=2),
+                 id="wide16-r1-seq-segments"),
     # NL 8 x NH 1 (dstate 5 pads to 8), no D / z / bias, 3 time segments
     pytest.param("wide16", dict(L=12, d=32, n=5, full=False), True,
                  dict(checkpoint_interval=4, bwd_time_segments=3), id="wide16-dstate5-plain"),

@@ -247,18 +247,20 @@ def carry_split(batch: int, seqlen: int, dim: int, dstate: int, ngroups: int, se
 
 
 # Backward variants (A/B switch; the default stays "v1" until GPU timings say otherwise). Each is a set of
-# ScanConfig fields; docs/design/triton_selective_scan.md ("Instruction budget of the backward") says why.
-#   v1      the default: NL = 4 states per thread, NH = 4 lanes on states, 8 channels per warp
-#   wide8   NL = 8, NH = 2, 16 channels per warp, row-gathered tiles: per-channel work replicated on 2 lanes
-#           instead of 4, reductions over N one shuffle level instead of two
-#   wide16  NL = 16, NH = 1, 32 channels per warp: no replicated per-channel work, reductions over N in-thread
-# The wide variants hold 2-4x the states per warp, so their scratch (h every U steps of a checkpoint interval,
-# per program) is kept to the default's size per state with U = 4 and 64-step checkpoint intervals.
+# ScanConfig fields; docs/design/triton_selective_scan.md ("Instruction budget of the backward") gives the static
+# SASS counts behind them (benchmarks/scan_bwd_sass.py).
+#   v1         the default: NL = 4 states per thread, NH = 4 lanes on states, 8 channels per warp, U by policy
+#   wide8      NL = 8, NH = 2, 16 channels per warp, row-gathered tiles: per-channel work replicated on 2 lanes
+#              instead of 4, reductions over N one shuffle level instead of two; U = 4
+#   wide16     NL = 16, NH = 1, 32 channels per warp: no replicated per-channel work, reductions over N in
+#              registers; U = 1 (the scratch keeps every state: pass B re-derives none, and 248 registers
+#              without spills, where U = 2 / 4 spill), so 32-step checkpoint intervals keep the scratch small
+#   wide16-r1  wide16 with dB / dC added by every channel lane (no shuffles, 4x the atomic bytes)
 BWD_VARIANTS: dict[str, dict] = {
     "v1": dict(nl=None, channels=None, rows=False, block_u=None, interval=None, reduce_channels=None),
     "wide8": dict(nl=8, channels=16, rows=True, block_u=4, interval=64, reduce_channels=4),
-    "wide16": dict(nl=16, channels=32, rows=True, block_u=4, interval=64, reduce_channels=4),
-    "wide16-u2": dict(nl=16, channels=32, rows=True, block_u=2, interval=64, reduce_channels=4),
+    "wide16": dict(nl=16, channels=32, rows=True, block_u=1, interval=32, reduce_channels=4),
+    "wide16-r1": dict(nl=16, channels=32, rows=True, block_u=1, interval=32, reduce_channels=1),
 }
 
 

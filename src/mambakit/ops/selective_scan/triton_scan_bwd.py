@@ -27,6 +27,8 @@ from .triton_scan_tile import load_bc, load_rows, load_tile_rows, store_tile_row
 
 __all__ = ["scan_bwd_carry_kernel", "scan_bwd_kernel"]
 
+LN2 = tl.constexpr(0.6931471805599453)
+
 
 @triton.jit
 def _bwd_block_inputs(j, t0, tn, x_b, B_b, seq_b, scr_b, stash_b, C_b, z_b, dy_b, s_t, s_zt, s_Bt, s_yt, s_st,
@@ -84,7 +86,7 @@ def _bwd_step_reverse(carry, dA_acc, dD_acc, dbias_acc, t, tn, h_t, h_p, a, x, d
                       A, Dv, s_gn, d1, dl, n2, n_ok2, dx_b, ddt_b, dz_b, dB_l, dC_l, s_t,
                       HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, I64: tl.constexpr,
                       LIBDEVICE: tl.constexpr, NL: tl.constexpr, NH: tl.constexpr, BD: tl.constexpr,
-                      RED_CH: tl.constexpr):
+                      RED_CH: tl.constexpr, ROWS: tl.constexpr):
     """Adjoint of step t: takes g_{t+1} a_{t+1} (`carry`), returns a_t g_t and the updated sums."""
     Cv, dout, zf, sig = rev
     # t < tn as a (BD,) vector, not a scalar: Triton 3.9's interpreter rejects a broadcast scalar
@@ -106,6 +108,8 @@ def _bwd_step_reverse(carry, dA_acc, dD_acc, dbias_acc, t, tn, h_t, h_p, a, x, d
     S1 = tl.sum(tl.sum(gt * Bv[:, :, None], axis=0), axis=0)  # sum_n g B: for dx and ddt'
     q = gt * a * h_p  # dL/da_t * a_t
     S2 = tl.sum(tl.sum(q * A, axis=0), axis=0)
+    if ROWS:  # A is A log2(e) here (one (NL, NH, BD) tile of registers fewer): back to natural units
+        S2 = S2 * LN2
     dA_acc += q * delta[None, None, :]
     # dB_t, dC_t: sums over channels, first over groups of RED_CH channel lanes (shuffles), then over the
     # groups and programs through float32 atomics, each group into its own replica (`rep_off`). A group's
@@ -377,9 +381,9 @@ def scan_bwd_kernel(
                 carry, dA_acc, dD_acc, dbias_acc = _bwd_step_reverse(
                     carry, dA_acc, dD_acc, dbias_acc, tb + u1 - 1, tn, hs[u1], hs[u1 - 1],
                     a_s[u1 - 1], steps[u1 - 1][0], steps[u1 - 1][2], steps[u1 - 1][1], cur_rev,
-                    A, Dv, ngroups * dstate, d1, dl, n2, n_ok2, dx_b, ddt_b, dz_b, dB_l, dC_l, s_t, HAS_D, HAS_Z,
+                    A2 if ROWS else A, Dv, ngroups * dstate, d1, dl, n2, n_ok2, dx_b, ddt_b, dz_b, dB_l, dC_l, s_t, HAS_D, HAS_Z,
                     SOFTPLUS, I64, LIBDEVICE,
-                    NL, NH, BD, RED_CH)
+                    NL, NH, BD, RED_CH, ROWS)
         tl.debug_barrier()  # the next chunk's pass A overwrites the scratch this pass read
     if WANT_DH0:
         tl.store(dh0_ptr + st_off, carry, mask=n_ok3 & (d3 * 0 + pid_c == 0))
