@@ -171,7 +171,9 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
     block_u = policy.bwd_block_u(warps, config, x.device)
     nprog = (dim // tiles.BD) * batch * nseg
     bn = tiles.NL * tiles.NH
-    scratch = torch.empty(nprog, interval // block_u, tiles.BD, bn, device=x.device, dtype=acc_t)
+    # the row-gathered kernel at U = 1 also keeps the state after the interval's last step (one block more)
+    keep_all = bool(config.bwd_rows) and block_u == 1
+    scratch = torch.empty(nprog, interval // block_u + keep_all, tiles.BD, bn, device=x.device, dtype=acc_t)
     stash = torch.empty(nprog, interval, 2, tiles.BD, device=x.device, dtype=acc_t)
     dx = torch.empty_like(x)
     ddt = torch.empty_like(dt)

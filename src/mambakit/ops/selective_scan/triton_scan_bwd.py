@@ -288,7 +288,10 @@ def scan_bwd_kernel(
     C_b = C_ptr + pid_b * s_Bb + g * s_Bg
     seq_b = seq_ptr + pid_b * s_sb
     BN: tl.constexpr = NL * NH
-    scr_b = scr_ptr + prog * (CHUNK // U) * BD * BN  # h every U steps of the current chunk
+    # ROWS with U = 1: the scratch holds the state entering every step plus the one after the last, so pass B takes
+    # each step's resulting state from the step after it instead of re-deriving it (2 instructions per element)
+    KEEP_ALL: tl.constexpr = ROWS and U == 1
+    scr_b = scr_ptr + prog * (CHUNK // U + (1 if ROWS and U == 1 else 0)) * BD * BN  # h every U steps of the chunk
     scr_off = dl[None, None, :] * BN + n3
     stash_b = stash_ptr + prog * CHUNK * 2 * BD  # dt' and sigmoid(dt + bias) of each step of the chunk
     st_off = (pid_b * dim + d3) * dstate + n3
@@ -349,12 +352,18 @@ def scan_bwd_kernel(
                     a = tl.where((s == s_prev) | (~valid), a, 0.0)
                     s_prev = s
                 h = a * h + (delta * x)[None, None, :] * Bv[:, :, None]
+        if KEEP_ALL:  # the state after the interval's last step, for pass B's first (last) step
+            store_tile_rows(scr_b + nblk * (BD * BN), h, BD, 1, dl, BN, NL, NH, BD)
         tl.debug_barrier()  # scratch written by some lanes is read by others
         # pass B: U-step blocks in reverse; each re-derives its U states in registers, then runs the
         # adjoint through them. Block inputs come one block ahead, reverse inputs one step ahead.
         nxt_b = _bwd_block_inputs(nblk - 1, t0, tn, x_b, B_b, seq_b, scr_b, stash_b, C_b, z_b, dy_b, s_t, s_zt,
                                   s_Bt, s_yt, s_st, d1, dl, n2, n_ok2, scr_off, BD, BN, U, HAS_Z, HAS_SEQ, SOFTPLUS,
                                   EVEN_N, I64, ACC, ROWS, NL, NH)
+        if KEEP_ALL:
+            h_after = load_tile_rows(scr_b + nblk * (BD * BN), BD, 1, dl, BN, NL, NH, BD, ACC)
+        else:
+            h_after = carry  # unused
         for jj in range(0, nblk):
             j = nblk - 1 - jj
             tb = t0 + j * U
@@ -370,8 +379,13 @@ def scan_bwd_kernel(
                 if HAS_SEQ:
                     a = tl.where((s == s_prev) | (tb + u >= tn), a, 0.0)
                     s_prev = s
-                hs = hs + (a * hs[u] + (delta * x)[None, None, :] * Bv[:, :, None],)
+                if KEEP_ALL:  # the state after this step is the one entering the next: loaded a step ago
+                    hs = hs + (h_after,)
+                else:
+                    hs = hs + (a * hs[u] + (delta * x)[None, None, :] * Bv[:, :, None],)
                 a_s = a_s + (a,)
+            if KEEP_ALL:
+                h_after = h_in
             for u1 in tl.static_range(U, 0, -1):  # step tb + u1 - 1 (indices stay constexpr inline)
                 cur_rev = rev
                 if u1 > 1:
