@@ -158,6 +158,25 @@ def time_triton(inp, config: ScanConfig | None) -> tuple[float, float, float]:
     return t_fwd, t_fb, peak
 
 
+def time_fwd_bwd(inp, config: ScanConfig | None) -> tuple[float, float]:
+    """Median ms of forward+backward and its peak GB (time_triton without the no-grad forward, which would compile
+    one more forward per checkpoint interval)."""
+    leaves = with_grad(inp)
+    dy = torch.randn_like(inp["x"])
+    params = [leaves[k] for k in GRAD_NAMES]
+
+    def fwd_bwd():
+        y = selective_scan_triton(**leaves, dt_softplus=True, config=config)
+        return torch.autograd.grad(y, params, dy)
+
+    t_fb = do_bench(fwd_bwd, quantiles=[0.5])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    return t_fb, torch.cuda.max_memory_allocated() / 1e9
+
+
 def kernel_profile(inp, config: ScanConfig | None, reps: int = 10) -> list[tuple[str, float, int]]:
     """GPU time per fwd+bwd of every kernel (torch.profiler, CUDA activity): (name, us per fwd+bwd summed over
     the kernel's launches, launches per fwd+bwd)."""
@@ -345,7 +364,7 @@ def bwd_variants_report(args) -> int:
             del out
             bad = worst[1] > 1e-2
             failures += bad
-            _, t_fb, peak = time_triton(inp, cfg)
+            t_fb, peak = time_fwd_bwd(inp, cfg)
             prof = kernel_profile(inp, cfg)
             us = {k: sum(u for n, u, _ in prof if n.startswith(k)) for k in ("scan_bwd_kernel", "scan_bwd_carry",
                                                                              "scan_fwd")}
