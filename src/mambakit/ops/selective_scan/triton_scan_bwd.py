@@ -395,7 +395,8 @@ def scan_bwd_kernel(
                 carry, dA_acc, dD_acc, dbias_acc = _bwd_step_reverse(
                     carry, dA_acc, dD_acc, dbias_acc, tb + u1 - 1, tn, hs[u1], hs[u1 - 1],
                     a_s[u1 - 1], steps[u1 - 1][0], steps[u1 - 1][2], steps[u1 - 1][1], cur_rev,
-                    A2 if ROWS else A, Dv, ngroups * dstate, d1, dl, n2, n_ok2, dx_b, ddt_b, dz_b, dB_l, dC_l, s_t, HAS_D, HAS_Z,
+                    A2 if ROWS else A, Dv, ngroups * dstate, d1, dl, n2, n_ok2, dx_b, ddt_b, dz_b, dB_l, dC_l, s_t,
+                    HAS_D, HAS_Z,
                     SOFTPLUS, I64, LIBDEVICE,
                     NL, NH, BD, RED_CH, ROWS)
         tl.debug_barrier()  # the next chunk's pass A overwrites the scratch this pass read
