@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mambakit.ops.selective_scan.scan_policy import BWD_VARIANTS, bwd_variant_config, pick_tiles, variant_params
+from mambakit.ops.selective_scan.scan_policy import (BWD_VARIANTS, ScanConfig, bwd_variant_config, pick_tiles,
+                                                     variant_params)
 from tests.ops.test_selective_scan_triton import GRAD_NAMES_ALL, make_inputs, named, run_reference, run_triton
 from tests.helpers import assert_close
 
@@ -69,7 +70,7 @@ def test_bwd_variants_agree_with_each_other_in_float64():
 
 def test_variant_configs_hold_the_tiles_they_name():
     """wide16 is 16 states x 32 channels per warp, wide8 8 x 2 lanes x 16 channels, v1 the unchanged default."""
-    assert bwd_variant_config("v1") == bwd_variant_config("v1", base=None)
+    assert bwd_variant_config("v1") == ScanConfig()  # the default backward is v1, unchanged
     assert not bwd_variant_config("v1").bwd_rows and bwd_variant_config("v1").bwd_nl is None
     for name, tiles in (("wide16", (16, 1, 32, 1)), ("wide8", (8, 2, 16, 1))):
         p = variant_params(name)
