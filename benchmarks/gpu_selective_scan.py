@@ -18,6 +18,7 @@ segment counts (ScanConfig(time_segments=...); "nc" in the main table is the def
     python benchmarks/gpu_selective_scan.py --sweep-bwd     # plus the backward's dB / dC atomic variants
     python benchmarks/gpu_selective_scan.py --sweep-time --batch 1 --dim 1536 --seqlens 65536 262144
     python benchmarks/gpu_selective_scan.py --host          # plus host time per call and CUDA-graph forward
+    python benchmarks/gpu_selective_scan.py --bwd-variants  # only: backward variants A/B (agreement, fwd+bwd ms)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from triton.testing import do_bench
 from mambakit.bench.timing import kernel_times
 from mambakit.ops import selective_scan
 from mambakit.ops.selective_scan.reference import selective_scan_reference
+from mambakit.ops.selective_scan.scan_policy import BWD_VARIANTS, bwd_variant_config, default_bwd_time_segments
 from mambakit.ops.selective_scan.triton_scan import ScanConfig, default_time_segments, selective_scan_triton
 
 # mamba_ssm's CUDA kernel on the same H100 (ANCHORS.md): fwd ms, fwd+bwd ms, fwd+bwd peak GB
@@ -154,6 +156,25 @@ def time_triton(inp, config: ScanConfig | None) -> tuple[float, float, float]:
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 1e9
     return t_fwd, t_fb, peak
+
+
+def time_fwd_bwd(inp, config: ScanConfig | None) -> tuple[float, float]:
+    """Median ms of forward+backward and its peak GB (time_triton without the no-grad forward, which would compile
+    one more forward per checkpoint interval)."""
+    leaves = with_grad(inp)
+    dy = torch.randn_like(inp["x"])
+    params = [leaves[k] for k in GRAD_NAMES]
+
+    def fwd_bwd():
+        y = selective_scan_triton(**leaves, dt_softplus=True, config=config)
+        return torch.autograd.grad(y, params, dy)
+
+    t_fb = do_bench(fwd_bwd, quantiles=[0.5])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    return t_fb, torch.cuda.max_memory_allocated() / 1e9
 
 
 def kernel_profile(inp, config: ScanConfig | None, reps: int = 10) -> list[tuple[str, float, int]]:
@@ -304,6 +325,63 @@ SWEEP_TIME = [
 ]
 
 
+# mamba_ssm's CUDA fwd+bwd on the H200 (BENCHMARKS.md, issue-18 table of 2026-12-01), batch 2 x dim 4096
+MAMBA_SSM_H200_FWD_BWD = {2048: 1.588, 8192: 6.398, 32768: 25.98}
+GOAL_VS_MAMBA_SSM = 0.67  # issue 18: fwd+bwd at most 0.67x mamba_ssm's
+TRAIN_SHAPE = (8, 2048, 1536)  # the 130M model's training step: batch 8 x 2048 tokens, d_inner 1536
+
+
+def bwd_variants_report(args) -> int:
+    """A/B of the backward variants (scan_policy.BWD_VARIANTS) in one process: for each shape (batch 2 x dim 4096
+    at the seqlens, then the 130M training shape), first every variant's output and gradients against v1's
+    (max relative error over each tensor; bf16 outputs differ by rounding, float32 sums by summation order),
+    then fwd+bwd median ms, the backward kernel's GPU time per fwd+bwd (torch.profiler) and the peak memory.
+    Returns the number of disagreements above 1e-2."""
+    names = ["v1"] + [v for v in args.variants if v != "v1"]
+    shapes = [(args.batch, L, args.dim) for L in args.seqlens] + ([TRAIN_SHAPE] if args.train_shape else [])
+    print("## backward variants (each against v1: max rel err of y and every gradient; then timings)\n")
+    print("| batch x seqlen x dim | variant | bwd segments | fwd+bwd ms | vs v1 | vs mamba_ssm H200 (goal 0.67) "
+          "| scan_bwd_kernel us | carry us | fwd kernels us | peak GB | worst rel err vs v1 (tensor) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    failures = 0
+    for batch, seqlen, dim in shapes:
+        inp = make_inputs(batch, seqlen, dim, args.dstate)
+        leaves = with_grad(inp)
+        gen = torch.Generator(device=DEVICE).manual_seed(1)
+        dy = torch.randn(inp["x"].shape, device=DEVICE, generator=gen).to(inp["x"].dtype)
+        params = [leaves[k] for k in GRAD_NAMES]
+        ref, base_ms = None, None
+        for name in names:
+            cfg = bwd_variant_config(name)
+            y = selective_scan_triton(**leaves, dt_softplus=True, config=cfg)
+            out = {"y": y.detach(), **{f"d{k}": g for k, g in zip(GRAD_NAMES, torch.autograd.grad(y, params, dy))}}
+            del y
+            if ref is None:
+                ref = out
+                worst = ("-", 0.0)
+            else:
+                worst = max(((k, rel_err(out[k], ref[k])) for k in ref), key=lambda kv: kv[1])
+            del out
+            bad = worst[1] > 1e-2
+            failures += bad
+            t_fb, peak = time_fwd_bwd(inp, cfg)
+            prof = kernel_profile(inp, cfg)
+            us = {k: sum(u for n, u, _ in prof if n.startswith(k)) for k in ("scan_bwd_kernel", "scan_bwd_carry",
+                                                                             "scan_fwd")}
+            base_ms = base_ms or t_fb
+            m = MAMBA_SSM_H200_FWD_BWD.get(seqlen) if (batch, dim, args.dstate) == (2, 4096, 16) else None
+            vs = f"{t_fb / m:.2f}x" if m else "-"
+            nseg = default_bwd_time_segments(batch, seqlen, dim, args.dstate, config=cfg, device=DEVICE)
+            print(f"| {batch} x {seqlen} x {dim} | {name} | {nseg} | {t_fb:.3f} | {t_fb / base_ms:.2f}x | {vs} | "
+                  f"{us['scan_bwd_kernel']:.0f} | {us['scan_bwd_carry']:.0f} | {us['scan_fwd']:.0f} | {peak:.2f} | "
+                  f"{worst[1]:.1e} ({worst[0]}){'  FAILED' if bad else ''} |", flush=True)
+        del inp, leaves, ref, params
+        torch.cuda.empty_cache()
+    print("\nvs mamba_ssm: fwd+bwd / mamba_ssm's H200 fwd+bwd (issue 18 asks <= 0.67). Agreement bound: 1e-2 "
+          "relative to each tensor's largest value (bf16 outputs round at ~4e-3).")
+    return failures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqlens", type=int, nargs="+", default=[2048, 8192, 32768])
@@ -318,6 +396,13 @@ def main() -> int:
                         help="also list each kernel's GPU time per fwd+bwd (default config and --sweep-bwd rows)")
     parser.add_argument("--host", action="store_true", help="also measure host time per call and graph replay")
     parser.add_argument("--check-channels", type=int, default=64, help="channels in the correctness check")
+    parser.add_argument("--bwd-variants", action="store_true",
+                        help="only the backward variants' A/B (scan_policy.BWD_VARIANTS): agreement with v1, fwd+bwd "
+                             "ms, backward kernel us, peak; at --seqlens and the 130M training shape 8 x 2048 x 1536")
+    parser.add_argument("--variants", nargs="+", default=list(BWD_VARIANTS), choices=list(BWD_VARIANTS),
+                        help="with --bwd-variants: which (v1 always runs first, as the baseline)")
+    parser.add_argument("--no-train-shape", dest="train_shape", action="store_false",
+                        help="with --bwd-variants: skip the training shape")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("ERROR: this benchmark needs a CUDA device", file=sys.stderr)
@@ -326,6 +411,12 @@ def main() -> int:
     props = torch.cuda.get_device_properties(0)
     print(f"# selective scan (Mamba-1), Triton backend\n\ndevice: {props.name} ({props.multi_processor_count} SMs), "
           f"torch {torch.__version__}, triton {triton.__version__}, {time.strftime('%Y-%m-%d')}")
+    if args.bwd_variants:
+        args.seqlens = seqlens
+        failures = bwd_variants_report(args)
+        if failures:
+            print(f"\nERROR: {failures} variants disagree with v1 (see FAILED rows)", file=sys.stderr)
+        return 1 if failures else 0
     print(f"shape: batch {args.batch}, dim {args.dim}, dstate {args.dstate}, bf16 x/dt/z/B/C, fp32 A/D/dt_bias, "
           "z gate, D, dt_bias, softplus\n")
     use_torch, why = torch_path_available()

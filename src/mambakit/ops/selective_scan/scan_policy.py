@@ -29,7 +29,8 @@ from ...deprecation import renamed_argument
 from ..common import cdiv, next_power_of_2, sm_count
 
 __all__ = ["ScanConfig", "Tiles", "pick_tiles", "fwd_nl", "default_time_segments", "default_bwd_time_segments",
-           "bwd_block_u", "carry_split", "segments", "needs_i64"]
+           "bwd_block_u", "carry_split", "segments", "needs_i64", "BWD_VARIANTS", "variant_params",
+           "bwd_variant_config"]
 
 DEFAULT_CHECKPOINT_INTERVAL = 128  # steps between forward checkpoints; backward scratch is O(CHUNK) per program
 DEFAULT_REPLICAS = 32  # copies of dB / dC the backward's atomics spread over
@@ -65,6 +66,8 @@ class ScanConfig:
         picks from the shape, 1 is one program per (row, channels) walking the whole sequence.
     bwd_carry_split: carry segments per backward segment in the adjoint-only pass of a time-parallel
         backward (None: as many in all as the forward's time segments).
+    bwd_rows: move the backward's (D, N) tiles (A, checkpoints, carry, scratch) one in-thread state row at a
+        time, which allows bwd_nl > 4 (the "wide" variants of BWD_VARIANTS; `bwd_variant_config` sets it).
     """
 
     fwd_nl: int | None = None
@@ -78,6 +81,7 @@ class ScanConfig:
     bwd_maxnreg: int | None = None
     bwd_time_segments: int | None = None
     bwd_carry_split: int | None = None
+    bwd_rows: bool = False
 
     def __init__(self, *args, chunk: int | None = None, time_chunks: int | None = None,
                  bwd_time_chunks: int | None = None, **kwargs):
@@ -201,7 +205,7 @@ def default_bwd_time_segments(batch: int, seqlen: int, dim: int, dstate: int, ng
     cfg = config or ScanConfig()
     if cfg.bwd_time_segments is not None:
         return max(1, cfg.bwd_time_segments)
-    tiles = pick_tiles(4, dstate, dim // ngroups, cfg.bwd_channels)
+    tiles = pick_tiles(cfg.bwd_nl or 4, dstate, dim // ngroups, cfg.bwd_channels)
     target = BWD_MIN_WARPS_PER_SM * sm_count(torch.device(device), 132)
     min_seg = max(MIN_SEGMENT, cfg.checkpoint_interval)
     return split_until(seqlen, min_seg, target, lambda nc: batch * nc * (dim // tiles.BD) * tiles.num_warps)
@@ -240,3 +244,40 @@ def carry_split(batch: int, seqlen: int, dim: int, dstate: int, ngroups: int, se
     while seg_len % cin_k:
         cin_k -= 1
     return cin_k
+
+
+# Backward variants (A/B switch; the default stays "v1" until GPU timings say otherwise). Each is a set of
+# ScanConfig fields; docs/design/triton_selective_scan.md ("Instruction budget of the backward") gives the static
+# SASS counts behind them (benchmarks/scan_bwd_sass.py).
+#   v1         the default: NL = 4 states per thread, NH = 4 lanes on states, 8 channels per warp, U by policy
+#   wide8      NL = 8, NH = 2, 16 channels per warp, row-gathered tiles: per-channel work replicated on 2 lanes
+#              instead of 4, reductions over N one shuffle level instead of two; U = 4
+#   wide16     NL = 16, NH = 1, 32 channels per warp: no replicated per-channel work, reductions over N in
+#              registers; U = 1 (the scratch keeps every state: pass B re-derives none, and 248 registers
+#              without spills, where U = 2 / 4 spill), so 32-step checkpoint intervals keep the scratch small
+#   wide16-r1  wide16 with dB / dC added by every channel lane (no shuffles, 4x the atomic bytes)
+BWD_VARIANTS: dict[str, dict] = {
+    "v1": dict(nl=None, channels=None, rows=False, block_u=None, interval=None, reduce_channels=None),
+    "wide8": dict(nl=8, channels=16, rows=True, block_u=4, interval=64, reduce_channels=4),
+    "wide16": dict(nl=16, channels=32, rows=True, block_u=1, interval=32, reduce_channels=4),
+    "wide16-r1": dict(nl=16, channels=32, rows=True, block_u=1, interval=32, reduce_channels=1),
+}
+
+
+def variant_params(name: str) -> dict:
+    """The knobs of backward variant `name` (a key of BWD_VARIANTS)."""
+    if name not in BWD_VARIANTS:
+        raise ValueError(f"bwd variant {name!r}: expected one of {sorted(BWD_VARIANTS)}")
+    return BWD_VARIANTS[name]
+
+
+def bwd_variant_config(name: str, base: ScanConfig | None = None, **overrides) -> ScanConfig:
+    """`base` (default: ScanConfig()) with backward variant `name`'s fields, then `overrides`. The checkpoint
+    interval is a forward field too: pass the returned config to the forward and the backward alike (the
+    autograd op and `mamba_inner` do, since they take one config)."""
+    p = variant_params(name)
+    fields = dict(bwd_nl=p["nl"], bwd_channels=p["channels"], bwd_rows=p["rows"], block_u=p["block_u"],
+                  bwd_reduce_channels=p["reduce_channels"])
+    if p["interval"] is not None:
+        fields["checkpoint_interval"] = p["interval"]
+    return dataclasses.replace(base or ScanConfig(), **(fields | overrides))

@@ -159,7 +159,8 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
     D, dt_bias = contiguous(D), contiguous(dt_bias)
     B32 = B.to(acc_t).contiguous()
     C32 = C.to(acc_t).contiguous()
-    # the vectorised (B, *, D, N) anchors of the backward are in-thread only up to 128-bit vectors
+    # the vectorised (B, *, D, N) anchors of the backward are in-thread only up to 128-bit vectors; the row-gathered
+    # variant (config.bwd_rows) has no such anchors and may hold more
     bwd_nl = config.bwd_nl or (4 if acc_t == torch.float32 else 2)
     tiles = policy.pick_tiles(bwd_nl, dstate, dim // ngroups, config.bwd_channels)
     interval = config.checkpoint_interval  # the kernels call it CHUNK
@@ -170,7 +171,9 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
     block_u = policy.bwd_block_u(warps, config, x.device)
     nprog = (dim // tiles.BD) * batch * nseg
     bn = tiles.NL * tiles.NH
-    scratch = torch.empty(nprog, interval // block_u, tiles.BD, bn, device=x.device, dtype=acc_t)
+    # the row-gathered kernel at U = 1 also keeps the state after the interval's last step (one block more)
+    keep_all = bool(config.bwd_rows) and block_u == 1
+    scratch = torch.empty(nprog, interval // block_u + keep_all, tiles.BD, bn, device=x.device, dtype=acc_t)
     stash = torch.empty(nprog, interval, 2, tiles.BD, device=x.device, dtype=acc_t)
     dx = torch.empty_like(x)
     ddt = torch.empty_like(dt)
@@ -233,6 +236,7 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         HAS_SEQ=seq_idx is not None, HAS_DHLAST=dhl is not None, WANT_DH0=want_dinitial,
         EVEN_N=dstate == tiles.NL * tiles.NH, LIBDEVICE=not triton_interpret(), I64=i64, SEGMENTED=nseg > 1,
+        ROWS=bool(config.bwd_rows),
         num_warps=tiles.num_warps, **({} if config.bwd_maxnreg is None else {"maxnreg": config.bwd_maxnreg}),
     )
     dB, dC = dB.sum(0), dC.sum(0)

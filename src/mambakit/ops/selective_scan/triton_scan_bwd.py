@@ -23,20 +23,25 @@ import triton.language as tl
 
 from ..triton_launch import fast_launch
 from ..triton_math import LOG2E, dt_softplus_sigmoid, fast_sigmoid
-from .triton_scan_tile import load_bc, load_rows, tile_index, time_offset
+from .triton_scan_tile import load_bc, load_rows, load_tile_rows, store_tile_rows, tile_index, time_offset
 
 __all__ = ["scan_bwd_carry_kernel", "scan_bwd_kernel"]
+
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
 def _bwd_block_inputs(j, t0, tn, x_b, B_b, seq_b, scr_b, stash_b, C_b, z_b, dy_b, s_t, s_zt, s_Bt, s_yt, s_st,
                       d1, dl, n2, n_ok2, scr_off, BD: tl.constexpr, BN: tl.constexpr, U: tl.constexpr,
                       HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN_N: tl.constexpr,
-                      I64: tl.constexpr, ACC: tl.constexpr):
+                      I64: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, NL: tl.constexpr, NH: tl.constexpr):
     """Everything pass B reads for micro-block j before its first store: the state entering the
     block, x / B / dt' of its U steps, seq_idx, and the reverse inputs of its last step."""
     tb = t0 + j * U
-    h = tl.load(scr_b + (j * (BD * BN) + scr_off))
+    if ROWS:  # scratch as (state, channel) rows
+        h = load_tile_rows(scr_b + j * (BD * BN), BD, 1, dl, BN, NL, NH, BD, ACC)
+    else:
+        h = tl.load(scr_b + (j * (BD * BN) + scr_off))
     s_prev = tl.load(seq_b + time_offset(tl.maximum(tb - 1, 0), I64) * s_st) if HAS_SEQ else 0
     steps = ()
     for u in tl.static_range(U):
@@ -81,7 +86,7 @@ def _bwd_step_reverse(carry, dA_acc, dD_acc, dbias_acc, t, tn, h_t, h_p, a, x, d
                       A, Dv, s_gn, d1, dl, n2, n_ok2, dx_b, ddt_b, dz_b, dB_l, dC_l, s_t,
                       HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, I64: tl.constexpr,
                       LIBDEVICE: tl.constexpr, NL: tl.constexpr, NH: tl.constexpr, BD: tl.constexpr,
-                      RED_CH: tl.constexpr):
+                      RED_CH: tl.constexpr, ROWS: tl.constexpr):
     """Adjoint of step t: takes g_{t+1} a_{t+1} (`carry`), returns a_t g_t and the updated sums."""
     Cv, dout, zf, sig = rev
     # t < tn as a (BD,) vector, not a scalar: Triton 3.9's interpreter rejects a broadcast scalar
@@ -103,6 +108,8 @@ def _bwd_step_reverse(carry, dA_acc, dD_acc, dbias_acc, t, tn, h_t, h_p, a, x, d
     S1 = tl.sum(tl.sum(gt * Bv[:, :, None], axis=0), axis=0)  # sum_n g B: for dx and ddt'
     q = gt * a * h_p  # dL/da_t * a_t
     S2 = tl.sum(tl.sum(q * A, axis=0), axis=0)
+    if ROWS:  # A is A log2(e) here (one (NL, NH, BD) tile of registers fewer): back to natural units
+        S2 = S2 * LN2
     dA_acc += q * delta[None, None, :]
     # dB_t, dC_t: sums over channels, first over groups of RED_CH channel lanes (shuffles), then over the
     # groups and programs through float32 atomics, each group into its own replica (`rep_off`). A group's
@@ -237,12 +244,17 @@ def scan_bwd_kernel(
     NH: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DHLAST: tl.constexpr,
     WANT_DH0: tl.constexpr, EVEN_N: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr,
-    SEGMENTED: tl.constexpr,
+    SEGMENTED: tl.constexpr, ROWS: tl.constexpr,
 ):
     """Backward over time segment pid_c = chunks [pid_c * seg_len / CHUNK, ...) of one batch row (the whole
     sequence when nseg == 1), chunks in reverse. SEGMENTED: the carry entering the segment's last step comes
     from cin (B, cin_n, D, N) (`scan_bwd_carry_kernel` + the segment combine, cin_k carry segments per one);
-    otherwise from dL/dh_final (HAS_DHLAST) or zero."""
+    otherwise from dL/dh_final (HAS_DHLAST) or zero.
+
+    ROWS (the "wide" variants, NL > 4 states per thread, see scan_policy.BWD_VARIANTS): the (D, N)-shaped tiles
+    (A, checkpoints, entering carry, the per-program scratch) move one in-thread state row at a time instead of
+    as NL-float vectors, so that no load anchors a layout with fewer states per thread than the loop's; the
+    scratch is then laid out (block, state, channel) so that each row is one coalesced access."""
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_c = tl.program_id(2)
@@ -251,7 +263,10 @@ def scan_bwd_kernel(
     ngroups = dim // group_size
     # (D, N) and (B, *, D, N) tiles load as NL contiguous floats per thread: with NL <= 4 that vector
     # load has exactly the scan loop's layout (NL in-thread), so these anchors cost no conversion
-    A = tl.load(A_ptr + d3 * s_Ad + n3 * s_An, mask=n_ok3, other=0.0).to(ACC)
+    if ROWS:
+        A = load_tile_rows(A_ptr, s_An, s_Ad, d1, dstate, NL, NH, BD, ACC)
+    else:
+        A = tl.load(A_ptr + d3 * s_Ad + n3 * s_An, mask=n_ok3, other=0.0).to(ACC)
     A2 = A * LOG2E
     Dv = tl.load(D_ptr + d1).to(ACC) if HAS_D else 0.0
     bias = tl.load(bias_ptr + d1).to(ACC) if HAS_BIAS else 0.0
@@ -273,7 +288,10 @@ def scan_bwd_kernel(
     C_b = C_ptr + pid_b * s_Bb + g * s_Bg
     seq_b = seq_ptr + pid_b * s_sb
     BN: tl.constexpr = NL * NH
-    scr_b = scr_ptr + prog * (CHUNK // U) * BD * BN  # h every U steps of the current chunk
+    # ROWS with U = 1: the scratch holds the state entering every step plus the one after the last, so pass B takes
+    # each step's resulting state from the step after it instead of re-deriving it (2 instructions per element)
+    KEEP_ALL: tl.constexpr = ROWS and U == 1
+    scr_b = scr_ptr + prog * (CHUNK // U + (1 if ROWS and U == 1 else 0)) * BD * BN  # h every U steps of the chunk
     scr_off = dl[None, None, :] * BN + n3
     stash_b = stash_ptr + prog * CHUNK * 2 * BD  # dt' and sigmoid(dt + bias) of each step of the chunk
     st_off = (pid_b * dim + d3) * dstate + n3
@@ -281,10 +299,17 @@ def scan_bwd_kernel(
         # carry segments are cin_k times finer (reversed order): the one entering this segment's last step
         # is the carry-in of sub-segment (pid_c + 1) cin_k - 1, stored at cin_n - (pid_c + 1) cin_k (0: last)
         r = tl.maximum(cin_n - (pid_c + 1) * cin_k, 0)
-        cin_off = ((pid_b * cin_n + r) * dim + d3) * dstate + n3
-        carry = tl.load(cin_ptr + cin_off, mask=n_ok3, other=0.0).to(ACC)
+        if ROWS:
+            carry = load_tile_rows(cin_ptr + (pid_b * cin_n + r) * dim * dstate, 1, dstate, d1, dstate, NL, NH, BD,
+                                   ACC)
+        else:
+            cin_off = ((pid_b * cin_n + r) * dim + d3) * dstate + n3
+            carry = tl.load(cin_ptr + cin_off, mask=n_ok3, other=0.0).to(ACC)
     elif HAS_DHLAST:
-        carry = tl.load(dhlast_ptr + st_off, mask=n_ok3, other=0.0).to(ACC)
+        if ROWS:
+            carry = load_tile_rows(dhlast_ptr + pid_b * dim * dstate, 1, dstate, d1, dstate, NL, NH, BD, ACC)
+        else:
+            carry = tl.load(dhlast_ptr + st_off, mask=n_ok3, other=0.0).to(ACC)
     else:
         carry = tl.zeros((NL, NH, BD), dtype=ACC)
     dA_acc = tl.zeros((NL, NH, BD), dtype=ACC)
@@ -299,7 +324,10 @@ def scan_bwd_kernel(
         nblk = (tn - t0 + U - 1) // U
         # pass A: forward over the chunk from its checkpoint, keeping h every U steps, dt' and sigma.
         # Each block's inputs are loaded one block ahead, before the stores that would order them.
-        h = tl.load(hck_ptr + ((pid_b * nchunks + c) * dim + d3) * dstate + n3, mask=n_ok3, other=0.0)
+        if ROWS:
+            h = load_tile_rows(hck_ptr + (pid_b * nchunks + c) * dim * dstate, 1, dstate, d1, dstate, NL, NH, BD, ACC)
+        else:
+            h = tl.load(hck_ptr + ((pid_b * nchunks + c) * dim + d3) * dstate + n3, mask=n_ok3, other=0.0)
         s_prev = tl.load(seq_b + time_offset(tl.maximum(t0 - 1, 0), I64) * s_st) if HAS_SEQ else 0
         nxt = _pass_a_inputs(t0, tn, x_b, dt_b, B_b, seq_b, s_t, s_Bt, s_st, d1, n2, n_ok2, U, HAS_SEQ, EVEN_N,
                              I64, ACC)
@@ -307,7 +335,10 @@ def scan_bwd_kernel(
             cur = nxt
             nxt = _pass_a_inputs(t0 + (j + 1) * U, tn, x_b, dt_b, B_b, seq_b, s_t, s_Bt, s_st, d1, n2, n_ok2, U,
                                  HAS_SEQ, EVEN_N, I64, ACC)
-            tl.store(scr_b + (j * (BD * BN) + scr_off), h)
+            if ROWS:
+                store_tile_rows(scr_b + j * (BD * BN), h, BD, 1, dl, BN, NL, NH, BD)
+            else:
+                tl.store(scr_b + (j * (BD * BN) + scr_off), h)
             for u in tl.static_range(U):
                 x, dtv, Bv, s = cur[u]
                 valid = t0 + j * U + u < tn
@@ -321,19 +352,25 @@ def scan_bwd_kernel(
                     a = tl.where((s == s_prev) | (~valid), a, 0.0)
                     s_prev = s
                 h = a * h + (delta * x)[None, None, :] * Bv[:, :, None]
+        if KEEP_ALL:  # the state after the interval's last step, for pass B's first (last) step
+            store_tile_rows(scr_b + nblk * (BD * BN), h, BD, 1, dl, BN, NL, NH, BD)
         tl.debug_barrier()  # scratch written by some lanes is read by others
         # pass B: U-step blocks in reverse; each re-derives its U states in registers, then runs the
         # adjoint through them. Block inputs come one block ahead, reverse inputs one step ahead.
         nxt_b = _bwd_block_inputs(nblk - 1, t0, tn, x_b, B_b, seq_b, scr_b, stash_b, C_b, z_b, dy_b, s_t, s_zt,
                                   s_Bt, s_yt, s_st, d1, dl, n2, n_ok2, scr_off, BD, BN, U, HAS_Z, HAS_SEQ, SOFTPLUS,
-                                  EVEN_N, I64, ACC)
+                                  EVEN_N, I64, ACC, ROWS, NL, NH)
+        if KEEP_ALL:
+            h_after = load_tile_rows(scr_b + nblk * (BD * BN), BD, 1, dl, BN, NL, NH, BD, ACC)
+        else:
+            h_after = carry  # unused
         for jj in range(0, nblk):
             j = nblk - 1 - jj
             tb = t0 + j * U
             h_in, s_prev, steps, rev = nxt_b
             nxt_b = _bwd_block_inputs(tl.maximum(j - 1, 0), t0, tn, x_b, B_b, seq_b, scr_b, stash_b, C_b, z_b,
                                       dy_b, s_t, s_zt, s_Bt, s_yt, s_st, d1, dl, n2, n_ok2, scr_off, BD, BN, U,
-                                      HAS_Z, HAS_SEQ, SOFTPLUS, EVEN_N, I64, ACC)
+                                      HAS_Z, HAS_SEQ, SOFTPLUS, EVEN_N, I64, ACC, ROWS, NL, NH)
             hs = (h_in,)
             a_s = ()
             for u in tl.static_range(U):
@@ -342,8 +379,13 @@ def scan_bwd_kernel(
                 if HAS_SEQ:
                     a = tl.where((s == s_prev) | (tb + u >= tn), a, 0.0)
                     s_prev = s
-                hs = hs + (a * hs[u] + (delta * x)[None, None, :] * Bv[:, :, None],)
+                if KEEP_ALL:  # the state after this step is the one entering the next: loaded a step ago
+                    hs = hs + (h_after,)
+                else:
+                    hs = hs + (a * hs[u] + (delta * x)[None, None, :] * Bv[:, :, None],)
                 a_s = a_s + (a,)
+            if KEEP_ALL:
+                h_after = h_in
             for u1 in tl.static_range(U, 0, -1):  # step tb + u1 - 1 (indices stay constexpr inline)
                 cur_rev = rev
                 if u1 > 1:
@@ -353,9 +395,10 @@ def scan_bwd_kernel(
                 carry, dA_acc, dD_acc, dbias_acc = _bwd_step_reverse(
                     carry, dA_acc, dD_acc, dbias_acc, tb + u1 - 1, tn, hs[u1], hs[u1 - 1],
                     a_s[u1 - 1], steps[u1 - 1][0], steps[u1 - 1][2], steps[u1 - 1][1], cur_rev,
-                    A, Dv, ngroups * dstate, d1, dl, n2, n_ok2, dx_b, ddt_b, dz_b, dB_l, dC_l, s_t, HAS_D, HAS_Z,
+                    A2 if ROWS else A, Dv, ngroups * dstate, d1, dl, n2, n_ok2, dx_b, ddt_b, dz_b, dB_l, dC_l, s_t,
+                    HAS_D, HAS_Z,
                     SOFTPLUS, I64, LIBDEVICE,
-                    NL, NH, BD, RED_CH)
+                    NL, NH, BD, RED_CH, ROWS)
         tl.debug_barrier()  # the next chunk's pass A overwrites the scratch this pass read
     if WANT_DH0:
         tl.store(dh0_ptr + st_off, carry, mask=n_ok3 & (d3 * 0 + pid_c == 0))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["load_rows", "load_bc", "tile_index", "time_offset"]
+__all__ = ["load_rows", "load_bc", "tile_index", "time_offset", "load_tile_rows", "store_tile_rows"]
 
 
 @triton.jit
@@ -68,3 +68,33 @@ def time_offset(t, I64: tl.constexpr):
 # Addresses are written base + (offset): the integer offsets add up in 32 bits (64 with I64) and meet the
 # 64-bit base once; (base + t * stride) + lane would be two 64-bit pointer adds per access. Accesses with the same stride share their offset.
 
+
+
+# Row-gathered tiles (the backward's ROWS variant, NL > 4 states per thread): a vectorised (NL, NH, BD) load
+# would anchor a layout with at most 4 float32 states per thread (see the module docstring), so these move one
+# in-thread state row i (states i, NL + i, ...: an (NH, BD) slab) per access; i is a compile-time index, so
+# the selects below fold away and each row costs one load or store per thread.
+
+
+@triton.jit
+def load_tile_rows(ptr, s_n, s_d, d, dstate, NL: tl.constexpr, NH: tl.constexpr, BD: tl.constexpr,
+                   ACC: tl.constexpr):
+    """(NL, NH, BD) tile whose element (n, lane) is at ptr + n * s_n + d[lane] * s_d (n >= dstate: 0)."""
+    nl3 = tl.arange(0, NL)[:, None, None]
+    out = tl.zeros((NL, NH, BD), dtype=ACC)
+    for i in tl.static_range(NL):
+        n = tl.arange(0, NH)[:, None] * NL + i  # (NH, 1): the states of in-thread row i
+        row = tl.load(ptr + (n * s_n + d[None, :] * s_d), mask=(n < dstate) & (d[None, :] >= 0), other=0.0)
+        out = tl.where(nl3 == i, row.to(ACC)[None, :, :], out)
+    return out
+
+
+@triton.jit
+def store_tile_rows(ptr, tile, s_n, s_d, d, dstate, NL: tl.constexpr, NH: tl.constexpr, BD: tl.constexpr):
+    """Store an (NL, NH, BD) tile as load_tile_rows reads it, one in-thread row at a time."""
+    nl3 = tl.arange(0, NL)[:, None, None]
+    for i in tl.static_range(NL):
+        # an in-thread sum of one value and -0.0s: x + -0.0 == x exactly, so the compiler keeps a plain move
+        row = tl.sum(tl.where(nl3 == i, tile, -0.0), axis=0)  # (NH, BD)
+        n = tl.arange(0, NH)[:, None] * NL + i
+        tl.store(ptr + (n * s_n + d[None, :] * s_d), row, mask=(n < dstate) & (d[None, :] >= 0))

@@ -1,0 +1,133 @@
+"""Static sm_90 SASS of the selective scan's backward kernel, compiled on the CPU (no GPU needed).
+
+Compiles `scan_bwd_kernel` for an H100 / H200 (Triton's bundled ptxas, sm_90) at the benchmark shape's
+specialisation (bf16 x / dt / z / dy, float32 B / C copies, softplus, z, D, dt_bias, time-segmented, 32-bit
+offsets; pointers and strides divisible by 16 as the JIT would mark them) for each backward variant and prints
+registers, spills and the instruction count of each loop body (pass A and pass B per micro-block of U steps),
+per step and per state element (warp-instructions / (NL * NH * BD) per warp-step).
+
+    python benchmarks/scan_bwd_sass.py                        # the variants of --bwd-variants
+    python benchmarks/scan_bwd_sass.py --dump wide16 > w.sass # one variant's SASS
+
+Static counts are not timings: they say where instructions go (the backward is issue-bound once the SMs hold
+enough warps, BENCHMARKS.md), not how fast it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+import triton.backends.nvidia as nvidia_backend  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from mambakit.ops.selective_scan.scan_policy import BWD_VARIANTS, pick_tiles, variant_params  # noqa: E402
+from mambakit.ops.selective_scan.triton_scan_bwd import scan_bwd_kernel  # noqa: E402
+
+PTRS_BF16 = {"x_ptr", "dt_ptr", "z_ptr", "dy_ptr", "dx_ptr", "ddt_ptr", "dz_ptr"}
+PTRS_I32 = {"seq_ptr"}
+
+
+def compile_variant(name: str, dstate: int = 16, group_size: int = 4096, seg: bool = True):
+    fn = scan_bwd_kernel.fn if hasattr(scan_bwd_kernel, "fn") else scan_bwd_kernel
+    p = variant_params(name)
+    tiles = pick_tiles(p["nl"] or 4, dstate, group_size, p["channels"])
+    u = p["block_u"] or 2
+    const = dict(NREP=32, RED_CH=min(p["reduce_channels"] or 4, tiles.BD), CHUNK=p["interval"] or 128, U=u,
+                 NL=tiles.NL, NH=tiles.NH, BD=tiles.BD, ACC=tl.float32, HAS_D=True, HAS_Z=True, HAS_BIAS=True,
+                 SOFTPLUS=True, HAS_SEQ=False, HAS_DHLAST=False, WANT_DH0=False, EVEN_N=True, LIBDEVICE=True,
+                 I64=False, SEGMENTED=seg, ROWS=p["rows"])
+    sig, attrs = {}, {}
+    for i, a in enumerate(fn.arg_names):
+        if a in const:
+            sig[a] = "constexpr"
+        elif a.endswith("_ptr"):
+            sig[a] = "*bf16" if a in PTRS_BF16 else "*i32" if a in PTRS_I32 else "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[a] = "i32"
+            if a not in ("seqlen", "nchunks", "nseg", "cin_n", "cin_k", "seg_len", "s_Ad", "s_An", "s_st"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    # strides equal to 1 are folded by the JIT
+    const_full = dict(const, s_An=1)
+    sig["s_An"] = "constexpr"
+    src = ASTSource(fn, sig, constexprs=const_full, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": tiles.num_warps})
+    return k, tiles, u
+
+
+def resources(k) -> tuple[int, int]:
+    """(registers per thread, stack bytes: spills) from the cubin."""
+    tool = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"REG:(\d+)", out).group(1)), int(re.search(r"STACK:(\d+)", out).group(1))
+
+
+def inner_loops(sass: str) -> list[tuple[int, int]]:
+    """(first, last) instruction index of every innermost loop (a label with a later branch back to it)."""
+    labels, spans, count = {}, [], 0
+    for ln in sass.splitlines():
+        ln = ln.strip()
+        m = re.match(r"^(LBB\d+):", ln)
+        if m:
+            labels[m.group(1)] = count
+        elif re.match(r"^[-0-9a-f]{2}:", ln):
+            b = re.search(r"BRA (LBB\d+);", ln)
+            if b and b.group(1) in labels:
+                spans.append((labels[b.group(1)], count))
+            count += 1
+    return [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+
+
+def body_stats(sass: str, span: tuple[int, int]) -> dict[str, int]:
+    ins = [ln.strip() for ln in sass.splitlines() if re.match(r"^[-0-9a-f]{2}:", ln.strip())][span[0]:span[1] + 1]
+    ops = [re.split(r"\s+", re.sub(r"^\S+\s+(@!?U?P\w+\s+)?", "", i))[0] for i in ins]
+    pick = lambda *names: sum(1 for o in ops if o.split(".")[0] in names)  # noqa: E731
+    return dict(n=len(ins), mufu=pick("MUFU"), shfl=pick("SHFL"), smem=pick("STS", "LDS", "LDSM", "BAR"),
+                local=pick("LDL", "STL"), atom=pick("RED", "REDG", "ATOM", "ATOMG"),
+                fp=pick("FFMA", "FMUL", "FADD", "FSEL", "FMNMX", "FSETP"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", nargs="+", default=list(BWD_VARIANTS))
+    ap.add_argument("--dump", default=None, help="print this variant's SASS and exit")
+    args = ap.parse_args()
+    if args.dump:
+        k, _, _ = compile_variant(args.dump)
+        print(k.asm["sass"])
+        return 0
+    print("| variant | NL x NH x BD | U | regs | spill stack B | pass A / pass B loop (SASS instr) | per step | "
+          "per state element | in pass B per step: MUFU / FP / SHFL / smem / local / atomics |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.variants:
+        k, t, u = compile_variant(name)
+        sass = k.asm["sass"]
+        regs, stack = resources(k)
+        loops = inner_loops(sass)
+        if len(loops) < 2:
+            print(f"| {name} | {t.NL} x {t.NH} x {t.BD} | {u} | {regs} | {stack} | loops not found: {loops} |")
+            continue
+        a, b = (body_stats(sass, s) for s in loops[:2])
+        per_step = (a["n"] + b["n"]) / u
+        elems = t.NL * t.NH * t.BD / (32 * t.num_warps)  # state elements per thread per step
+        mix = " / ".join(f"{b[key] / u:.0f}" for key in ("mufu", "fp", "shfl", "smem", "local", "atom"))
+        print(f"| {name} | {t.NL} x {t.NH} x {t.BD} | {u} | {regs} | {stack} | {a['n']} / {b['n']} | {per_step:.0f} | "
+              f"{per_step / elems:.1f} | {mix} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

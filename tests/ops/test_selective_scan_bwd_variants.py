@@ -1,0 +1,83 @@
+"""The selective scan's backward variants (scan_policy.BWD_VARIANTS) against the float64 sequential reference.
+
+Shapes (legend): b batch, L seqlen, d dim, g ngroups, n dstate.
+
+Each variant is a ScanConfig (`bwd_variant_config`); the "wide" ones hold 8 or 16 states per thread and move the
+backward's (D, N) tiles one state row at a time (ROWS). Cases use dstate 16 and enough channels for the real
+tiles (NL x NH x BD = 16 x 1 x 32, 8 x 2 x 16), with short checkpoint intervals so that several intervals,
+micro-blocks, ragged tails and time segments occur at tiny seqlens. Output, final state and every gradient
+(initial state included) are compared, through Triton's interpreter on CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mambakit.ops.selective_scan.scan_policy import (BWD_VARIANTS, ScanConfig, bwd_variant_config, pick_tiles,
+                                                     variant_params)
+from tests.ops.test_selective_scan_triton import GRAD_NAMES_ALL, make_inputs, named, run_reference, run_triton
+from tests.helpers import assert_close
+
+
+def wide(name: str, **overrides):
+    return bwd_variant_config(name, **overrides)
+
+
+CASES = [
+    # NL 16 x BD 32: two programs per row, ragged seqlen over three 8-step intervals, U = 4 (registers spill on a
+    # GPU: correct, not fast)
+    pytest.param("wide16", dict(L=19, d=64, n=16), True, dict(checkpoint_interval=8, block_u=4),
+                 id="wide16-full-ragged",
+                 marks=pytest.mark.slow),
+    # documents inside and at interval starts, ngroups 2 (one group per program), U = 2, 2 backward time segments
+    # (the adjoint-only carry pass and the row-gathered entering carry)
+    pytest.param("wide16", dict(L=14, d=64, n=16, g=2, seq=((4, 8), (1, 12))), True,
+                 dict(checkpoint_interval=4, block_u=2, bwd_time_segments=2), id="wide16-seq-ngroups2-segments",
+                 marks=pytest.mark.slow),
+    # NL 8 x NH 2 x BD 16, dstate 13 (padded state rows masked), no softplus, no initial state
+    pytest.param("wide8", dict(L=12, d=32, n=13, h0=False), False, dict(checkpoint_interval=4), id="wide8-dstate13"),
+    # U = 1 (the wide16 default: scratch holds every state), dB / dC atomics from every lane, documents, 2 time segments
+    pytest.param("wide16-r1", dict(L=9, d=32, n=16, seq=True), True, dict(checkpoint_interval=4, bwd_time_segments=2),
+                 id="wide16-r1-seq-segments"),
+    # NL 8 x NH 1 (dstate 5 pads to 8), no D / z / bias, 3 time segments
+    pytest.param("wide16", dict(L=12, d=32, n=5, full=False), True,
+                 dict(checkpoint_interval=4, bwd_time_segments=3), id="wide16-dstate5-plain"),
+]
+
+
+@pytest.mark.parametrize("variant, shape, softplus, overrides", CASES)
+def test_bwd_variant_matches_reference(variant, shape, softplus, overrides):
+    inp, extra = make_inputs(**shape)
+    names = [k for k in GRAD_NAMES_ALL if k in inp]
+    got = named(run_triton(inp, extra, softplus, wide(variant, **overrides)), names)
+    want = named(run_reference(inp, extra, softplus), names)
+    for key in want:
+        assert_close(got[key], want[key], name=key, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_bwd_variants_agree_with_each_other_in_float64():
+    """Every variant on the same float64 problem: equal to 1e-10 (the math is the same, only its tiling moves)."""
+    inp, extra = make_inputs(L=12, d=32, n=16, seq=True)
+    inp = {k: v.double() for k, v in inp.items()}
+    names = [k for k in GRAD_NAMES_ALL if k in inp]
+    results = {v: named(run_triton(inp, extra, True, wide(v, checkpoint_interval=4)), names) for v in BWD_VARIANTS}
+    for v, got in results.items():
+        for key, value in got.items():
+            assert_close(value, results["v1"][key], name=f"{v} {key}", rel=1e-10)
+
+
+def test_variant_configs_hold_the_tiles_they_name():
+    """wide16 is 16 states x 32 channels per warp, wide8 8 x 2 lanes x 16 channels, v1 the unchanged default."""
+    assert bwd_variant_config("v1") == ScanConfig()  # the default backward is v1, unchanged
+    assert not bwd_variant_config("v1").bwd_rows and bwd_variant_config("v1").bwd_nl is None
+    for name, tiles in (("wide16", (16, 1, 32, 1)), ("wide8", (8, 2, 16, 1))):
+        p = variant_params(name)
+        cfg = bwd_variant_config(name)
+        assert cfg.bwd_rows and cfg.checkpoint_interval % cfg.block_u == 0
+        t = pick_tiles(cfg.bwd_nl, 16, 4096, cfg.bwd_channels)
+        assert (t.NL, t.NH, t.BD, t.num_warps) == tiles, name
+        assert p["rows"]
+    with pytest.raises(ValueError, match="bwd variant"):
+        variant_params("nope")
