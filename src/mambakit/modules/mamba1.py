@@ -124,6 +124,10 @@ class Mamba1(nn.Module):
         # recomputes the conv output and dt in its backward); False calls the ops one by one (benchmarks compare).
         # Both are constructor arguments, so `ssm_cfg={"fused": False}` in the model config sets them
         self.fused = fused
+        # the decode step with dt_proj computed inside the state-update kernel (one launch fewer per layer)
+        # when x_proj / dt_proj are plain and no gradient is needed; False keeps the step op by op (benchmarks
+        # compare the two: benchmarks/gpu_inference.py --count-kernels)
+        self.fused_step = True
 
     def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None,
                        state_dtype: torch.dtype | None = None, ssm_dtype: torch.dtype | None = None) -> MixerState:
@@ -206,10 +210,17 @@ class Mamba1(nn.Module):
         require_plain_conv(self.conv1d, "Mamba1")
         x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)  # (B, D) each
         x = causal_conv1d_update(cache.conv_state, x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
-        dt, B, C, bias = self._ssm_params(x)
         A, D, dt_bias = self._decode_params.get(
             lambda: (-torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()),
             self.A_log, self.D, self.dt_proj.bias)
+        if (self.fused_step and not torch.is_grad_enabled() and reads_as_plain(self.x_proj, nn.Linear)
+                and reads_as_plain(self.dt_proj, nn.Linear)):
+            # dt_proj inside the state-update op: dt = dt_proj.weight @ dt_low, + bias, softplus, in float32
+            dt_low, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+            y = selective_state_update(cache.ssm_state, x, dt_low, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                       dt_softplus=True, dt_proj_weight=self.dt_proj.weight)
+            return self.out_proj(y)[:, None]
+        dt, B, C, bias = self._ssm_params(x)
         dt_bias = None if bias is None else dt_bias  # a dt_proj called as a module added its bias already
         y = selective_state_update(cache.ssm_state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
         return self.out_proj(y)[:, None]

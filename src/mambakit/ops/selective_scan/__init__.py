@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..checks import FLOATS, ShapeChecker, as_grouped
 from ..dispatch import implementation
@@ -91,6 +92,7 @@ def selective_state_update(
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
     backend: str | None = None,
+    dt_proj_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One recurrent step of `selective_scan` for decoding; updates `state` in place.
 
@@ -98,6 +100,9 @@ def selective_state_update(
         state: (batch, dim, dstate) float32 state, overwritten with the new state.
         x, dt, z: (batch, dim).   B, C: (batch, ngroups, dstate) or (batch, dstate).
         A: (dim, dstate).   D, dt_bias: (dim,).
+        dt_proj_weight: (dim, rank), Mamba-1's dt_proj: dt is then its low-rank input (batch, rank) and the
+            step uses dt @ dt_proj_weight^T (the Triton kernel computes it in float32 in-kernel, saving a
+            matmul launch per layer; other backends call F.linear first).
     Returns:
         y: (batch, dim) in x's dtype.
 
@@ -107,7 +112,11 @@ def selective_state_update(
     """
     chk = ShapeChecker("selective_state_update")
     chk.tensor("x", x, ("batch", "dim"))
-    chk.tensor("dt", dt, ("batch", "dim"))
+    if dt_proj_weight is None:
+        chk.tensor("dt", dt, ("batch", "dim"))
+    else:
+        chk.tensor("dt", dt, ("batch", "rank"))
+        chk.tensor("dt_proj_weight", dt_proj_weight, ("dim", "rank"))
     if isinstance(B, torch.Tensor) and B.dim() == 2:
         B = B.unsqueeze(1)
     if isinstance(C, torch.Tensor) and C.dim() == 2:
@@ -117,8 +126,14 @@ def selective_state_update(
     _check_params(chk, A, D, dt_bias, z, ("batch", "dim"))
     state_dtypes = (torch.float32, torch.float64) + ((torch.complex64, torch.complex128) if A.is_complex() else ())
     chk.tensor("state", state, ("batch", "dim", "dstate"), dtypes=state_dtypes)
-    _, fn = implementation("selective_state_update", backend, x.device, complex_A=A.is_complex())
-    y, new_state = fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    name, fn = implementation("selective_state_update", backend, x.device, complex_A=A.is_complex())
+    if dt_proj_weight is not None and name == "triton":
+        y, new_state = fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                          dt_proj_weight=dt_proj_weight)
+    else:
+        if dt_proj_weight is not None:
+            dt = F.linear(dt, dt_proj_weight)
+        y, new_state = fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
     if new_state is not state:
         state.copy_(new_state)
     return y
