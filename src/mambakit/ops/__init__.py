@@ -19,6 +19,7 @@ in; the dtype the ops return states in is `reference.final_state_dtype`.
 from .dispatch import pinned_backend, record_backends, use_backend
 from .causal_conv1d import causal_conv1d, causal_conv1d_update
 from .mamba_inner import mamba1_inner, mamba2_inner
+from .norm_linear import add_rms_norm_linear, gated_rms_norm_linear
 from .rms_norm import GatedNormSpec, add_rms_norm, rms_norm
 from .selective_scan import selective_scan, selective_state_update
 from .ssd import ssd, ssd_state_update
@@ -32,6 +33,8 @@ __all__ = [
     "causal_conv1d_update",
     "rms_norm",
     "add_rms_norm",
+    "add_rms_norm_linear",
+    "gated_rms_norm_linear",
     "GatedNormSpec",
     "mamba1_inner",
     "mamba2_inner",
