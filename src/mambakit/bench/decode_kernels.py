@@ -29,7 +29,8 @@ from torch import nn
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["DecodeKernels", "KernelCounter", "count_decode_kernels", "format_decode_kernels", "launches_kernel"]
+__all__ = ["DecodeKernels", "KernelCounter", "count_decode_kernels", "format_decode_kernels", "launches_kernel",
+           "profile_decode_kernels"]
 
 _aten = torch.ops.aten
 # ops that allocate or alias without running anything on the device
@@ -175,6 +176,31 @@ def count_decode_kernels(model: nn.Module, batch_size: int = 1, cache=None) -> D
     return DecodeKernels(per_token=counter.total, per_layer=dict(sorted(per_layer.items())),
                          outside_layers=counter.by_section["other"], by_op=counter.by_op, layer_ops=layer_ops,
                          syncs=counter.syncs)
+
+
+def profile_decode_kernels(model: nn.Module, batch_size: int = 1, steps: int = 4) -> tuple[float, Counter]:
+    """CUDA only: the device activities (kernels, memcpy, memset) torch.profiler records per eager decode step.
+
+    The ground truth the dispatch count above approximates (a cuBLAS matmul may be two kernels: split-K).
+    Returns (activities per token, Counter of kernel names per token).
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from ..generation.steps import decode_one_token, model_device
+
+    device = model_device(model)
+    cache = model.allocate_cache(batch_size)
+    tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
+    for _ in range(2):
+        decode_one_token(model, tokens, cache)
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            decode_one_token(model, tokens, cache)
+        torch.cuda.synchronize(device)
+    names = Counter(ev.name for ev in prof.events() if ev.device_type == DeviceType.CUDA)
+    return sum(names.values()) / steps, Counter({k: v / steps for k, v in names.items()})
 
 
 def format_decode_kernels(name: str, k: DecodeKernels) -> str:
