@@ -238,7 +238,8 @@ class Mamba2(nn.Module):
         if not (self.fused_step and self.rmsnorm and self.d_mlp == 0 and fused_step_allowed(hidden_states)
                 and reads_as_plain(self, Mamba2) and reads_as_plain(norm, RMSNorm)
                 and reads_as_plain(self.norm, RMSNormGated) and reads_as_plain(self.in_proj, nn.Linear)
-                and reads_as_plain(self.out_proj, nn.Linear) and norm.weight.dtype == self.in_proj.weight.dtype
+                and reads_as_plain(self.out_proj, nn.Linear)
+                and norm.weight.dtype == self.in_proj.weight.dtype == self.out_proj.weight.dtype
                 and self.norm.weight.dtype == self.out_proj.weight.dtype == hidden_states.dtype):
             return None
         require_plain_conv(self.conv1d, "Mamba2")
