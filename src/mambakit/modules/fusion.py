@@ -40,6 +40,8 @@ def require_plain_conv(conv: nn.Module, layer: str) -> None:
 
 
 def fused_step_allowed(hidden: torch.Tensor) -> bool:
-    """Whether a decode step may take its fused kernels: they are forward-only and do not re-cast under autocast,
-    so with gradients or autocast on, the step runs op by op (which honours both)."""
-    return not torch.is_grad_enabled() and not torch.is_autocast_enabled(hidden.device.type)
+    """Whether a decode step may take its fused kernels: they are forward-only, do not re-cast under autocast and
+    are no torch.library ops, so with gradients or autocast on, or under torch.compile, the step runs op by op
+    (which honours all three)."""
+    return (not torch.is_grad_enabled() and not torch.is_autocast_enabled(hidden.device.type)
+            and not torch.compiler.is_compiling())

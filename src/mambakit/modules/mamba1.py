@@ -203,7 +203,10 @@ class Mamba1(nn.Module):
         return y
 
     def _plain_ssm_params(self) -> bool:
-        return reads_as_plain(self.x_proj, nn.Linear) and reads_as_plain(self.dt_proj, nn.Linear)
+        """Whether dt_proj may run inside the state-update op: plain x_proj / dt_proj, and `_ssm_params` not
+        overridden (a subclass that computes dt, B, C its own way, e.g. `Mamba1Ablation`, keeps its own)."""
+        return (type(self)._ssm_params is Mamba1._ssm_params and reads_as_plain(self.x_proj, nn.Linear)
+                and reads_as_plain(self.dt_proj, nn.Linear))
 
     def _step_ssm(self, x: torch.Tensor, z: torch.Tensor, cache: MixerState) -> torch.Tensor:
         """The conv's output x (B, D) and the gate z (B, D) -> the gated SSM output (B, D), dt_proj inside the op."""
