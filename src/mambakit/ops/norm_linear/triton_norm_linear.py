@@ -33,19 +33,22 @@ __all__ = ["norm_linear_triton"]
 @triton.jit
 def _prologue(x_ptr, r_ptr, z_ptr, rows, row_ok, k, k_ok, s_xb, s_rb, s_zb,
               GATED: tl.constexpr, HAS_R: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-              SUM_DT: tl.constexpr, NW_DT: tl.constexpr, ACC: tl.constexpr):
+              SUM_DT: tl.constexpr, NW_DT: tl.constexpr, ACC: tl.constexpr, EMULATE: tl.constexpr):
     """(BLOCK_B, BLOCK_K) values to normalise; add mode also returns s (the residual stream), gated mode the gate."""
     m = row_ok[:, None] & k_ok[None, :]
     v = tl.load(x_ptr + rows[:, None] * s_xb + k[None, :], mask=m, other=0.0).to(ACC)
     if GATED:
-        gate = silu(tl.load(z_ptr + rows[:, None] * s_zb + k[None, :], mask=m, other=0.0).to(ACC))
-        h = v if NORM_BEFORE_GATE else v * gate
-        return h, gate
+        extra = silu(tl.load(z_ptr + rows[:, None] * s_zb + k[None, :], mask=m, other=0.0).to(ACC))
+        if NORM_BEFORE_GATE:
+            h = v
+        else:
+            h = v * extra
     else:
         if HAS_R:
             v += tl.load(r_ptr + rows[:, None] * s_rb + k[None, :], mask=m, other=0.0).to(ACC)
-        v = v.to(SUM_DT).to(ACC)  # the sum as torch's promoted add rounds it
-        return v.to(NW_DT).to(ACC), v  # normalised after the cast to the norm weight's dtype
+        extra = to_dtype(v, SUM_DT, EMULATE).to(ACC)  # the sum as torch's promoted add rounds it
+        h = to_dtype(extra, NW_DT, EMULATE).to(ACC)  # normalised after the cast to the norm weight's dtype
+    return h, extra
 
 
 @fast_launch
@@ -74,7 +77,7 @@ def _norm_linear_kernel(
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
         h, _ = _prologue(x_ptr, r_ptr, z_ptr, rows, row_ok, k, k_ok, s_xb, s_rb, s_zb,
-                         GATED, HAS_R, NORM_BEFORE_GATE, SUM_DT, NW_DT, ACC)
+                         GATED, HAS_R, NORM_BEFORE_GATE, SUM_DT, NW_DT, ACC, EMULATE)
         if NG == 1:
             ss += tl.sum(h * h, axis=1)[:, None]
         else:
@@ -88,7 +91,7 @@ def _norm_linear_kernel(
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
         h, extra = _prologue(x_ptr, r_ptr, z_ptr, rows, row_ok, k, k_ok, s_xb, s_rb, s_zb,
-                             GATED, HAS_R, NORM_BEFORE_GATE, SUM_DT, NW_DT, ACC)
+                             GATED, HAS_R, NORM_BEFORE_GATE, SUM_DT, NW_DT, ACC, EMULATE)
         if not GATED:
             if pid_n == 0:  # one program per row block writes the residual stream
                 tl.store(s_ptr + rows[:, None] * s_sb + k[None, :], extra.to(s_ptr.dtype.element_ty),
@@ -224,6 +227,6 @@ def norm_linear_triton(
         CONV=conv, CONV_BIAS=conv and conv_bias is not None, WIDTH=conv_weight.shape[1] if conv else 2, NG=ng,
         SUM_DT=tl_dtype(sum_dtype), NW_DT=tl_dtype(norm_weight.dtype), OUT_DT=tl_dtype(weight.dtype), ACC=acc,
         BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot, EMULATE=triton_interpret(),
-        num_warps=4,
+        num_warps=8 if use_dot else 4,  # the tensor-core tiles with the conv epilogue: ~250 registers at 4 warps
     )
     return out, s

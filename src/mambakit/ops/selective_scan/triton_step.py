@@ -126,7 +126,7 @@ def selective_state_update_triton(
     if dt_proj_weight is not None:
         if dt_proj_weight.stride(-1) != 1:
             dt_proj_weight = dt_proj_weight.contiguous()
-        bd = max(1, min(bd, 8192 // br))  # the (BD, R) tile of W stays in registers
+        bd = max(1, min(bd, 4096 // br))  # the (BD, R) tile of W stays in registers (~32 per thread)
         # small batches: more, smaller programs, so that the step is spread over the SMs (latency, not bytes)
         while bd > 16 and cdiv(dim, bd) * batch < 64:
             bd //= 2
