@@ -18,6 +18,7 @@ from mambakit.bench.decode_kernels import count_decode_kernels
 from mambakit.ops import (add_rms_norm_linear, gated_rms_norm_linear, record_backends, selective_state_update,
                           use_backend)
 
+from .conftest import DEVICE
 from .helpers import assert_close, low_precision_tolerance
 
 LAYERS = [
@@ -35,7 +36,7 @@ def _model(ssm_cfg, dtype=torch.float32, d_model=32, n_layer=2) -> MambaLM:
         for name, p in model.named_parameters():
             if name.endswith(("A_log", ".D", "dt_bias", "norm.weight", "conv1d.bias")):
                 p.add_(0.1 * torch.randn_like(p))
-    return model.to(dtype)
+    return model.to(device=DEVICE, dtype=dtype)
 
 
 def _set_fused(model: MambaLM, on: bool) -> None:
@@ -47,8 +48,8 @@ def _random_cache(model: MambaLM, batch: int):
     cache = model.allocate_cache(batch)
     g = torch.Generator().manual_seed(1)
     for st in cache.layers:
-        st.conv_state.copy_(torch.randn(st.conv_state.shape, generator=g))
-        st.ssm_state.copy_(0.3 * torch.randn(st.ssm_state.shape, generator=g))
+        st.conv_state.copy_(torch.randn(st.conv_state.shape, generator=g).to(DEVICE))
+        st.ssm_state.copy_(0.3 * torch.randn(st.ssm_state.shape, generator=g).to(DEVICE))
     return cache
 
 
@@ -71,7 +72,7 @@ def _decode(model: MambaLM, ids: torch.Tensor, cache, backend: str, fused: bool)
     pytest.param(torch.bfloat16, 3, id="bf16-batch3"),
 ])
 def test_fused_step_matches_unfused_step(ssm_cfg, dtype, batch):
-    ids = torch.randint(0, VOCAB, (batch, 3))
+    ids = torch.randint(0, VOCAB, (batch, 3), device=DEVICE)
     ref_model = _model(ssm_cfg)
     ref = _decode(ref_model, ids, _random_cache(ref_model, batch), "torch", fused=False)  # fp32, op by op
     model = _model(ssm_cfg, dtype)
@@ -98,7 +99,7 @@ def test_fused_step_matches_unfused_step(ssm_cfg, dtype, batch):
 def test_fused_triton_step_equals_unfused_triton_step(ssm_cfg):
     """Same backend, fused or not: the fused kernels compute what the kernels op by op compute (fp32)."""
     model = _model(ssm_cfg)
-    ids = torch.randint(0, VOCAB, (2, 3))
+    ids = torch.randint(0, VOCAB, (2, 3), device=DEVICE)
     a = _decode(model, ids, _random_cache(model, 2), "triton", fused=True)
     b = _decode(model, ids, _random_cache(model, 2), "triton", fused=False)
     assert_close(a[0], b[0], name="logits", rel=1e-5)
@@ -125,7 +126,7 @@ def test_kernel_count_per_layer(ssm_cfg, fused_max, unfused_min):
 def test_hooked_in_proj_leaves_the_fused_step():
     """A forward hook on in_proj must run: the block then takes the step op by op (and the hook's effect shows)."""
     model = _model({"layer": "Mamba2", "headdim": 8, "d_state": 16})
-    ids = torch.randint(0, VOCAB, (2, 2))
+    ids = torch.randint(0, VOCAB, (2, 2), device=DEVICE)
     plain = _decode(model, ids, _random_cache(model, 2), "triton", fused=True)[0]
     calls = []
     handle = model.backbone.layers[1].mixer.in_proj.register_forward_hook(lambda m, a, o: calls.append(1) or o * 1.5)
@@ -143,13 +144,13 @@ def test_hooked_in_proj_leaves_the_fused_step():
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "first-block"])
 def test_add_rms_norm_linear_matches_the_ops_in_a_row(dtype, batch, residual):
     K, N, C, c0 = 48, 100, 30, 17
-    x = torch.randn(batch, K, dtype=dtype)
-    r = torch.randn(batch, K) if residual else None
-    nw = (1 + 0.1 * torch.randn(K)).to(dtype)
-    W = (torch.randn(N, K) / 7).to(dtype)
-    b = torch.randn(N).to(dtype)
-    cs = torch.randn(batch, C, 3, dtype=dtype)
-    cw, cb = torch.randn(C, 4, dtype=dtype), torch.randn(C, dtype=dtype)
+    x = torch.randn(batch, K, device=DEVICE).to(dtype)
+    r = torch.randn(batch, K, device=DEVICE) if residual else None
+    nw = (1 + 0.1 * torch.randn(K, device=DEVICE)).to(dtype)
+    W = (torch.randn(N, K, device=DEVICE) / 7).to(dtype)
+    b = torch.randn(N, device=DEVICE).to(dtype)
+    cs = torch.randn(batch, C, 3, device=DEVICE).to(dtype)
+    cw, cb = torch.randn(C, 4, device=DEVICE).to(dtype), torch.randn(C, device=DEVICE).to(dtype)
 
     def run(backend, cast):
         st = cs.to(cast, copy=True)
@@ -172,8 +173,8 @@ def test_add_rms_norm_linear_matches_the_ops_in_a_row(dtype, batch, residual):
 @pytest.mark.parametrize("group_size, norm_before_gate", [(None, False), (12, False), (12, True)])
 def test_gated_rms_norm_linear_matches_the_ops_in_a_row(dtype, batch, group_size, norm_before_gate):
     K, N = 48, 40
-    x, z = torch.randn(batch, K), torch.randn(batch, K)
-    nw, W, b = 1 + 0.1 * torch.randn(K), torch.randn(N, K) / 7, torch.randn(N)
+    x, z = torch.randn(batch, K, device=DEVICE), torch.randn(batch, K, device=DEVICE)
+    nw, W, b = 1 + 0.1 * torch.randn(K, device=DEVICE), torch.randn(N, K, device=DEVICE) / 7, torch.randn(N, device=DEVICE)
 
     def run(backend, cast):
         return gated_rms_norm_linear(x.to(cast), z.to(cast), nw.to(cast), W.to(cast), b.to(cast),
@@ -190,11 +191,12 @@ def test_gated_rms_norm_linear_matches_the_ops_in_a_row(dtype, batch, group_size
 def test_state_update_with_dt_proj_weight(batch):
     """dt_proj inside the kernel: the same step as F.linear first, on every backend."""
     dim, N, R = 40, 16, 6
-    x, z = torch.randn(batch, dim), torch.randn(batch, dim)
-    dt_low, W = torch.randn(batch, R), torch.randn(dim, R) / 3
-    A, D, bias = -torch.rand(dim, N) - 0.1, torch.randn(dim), torch.randn(dim) - 2
-    B, C = torch.randn(batch, 1, N), torch.randn(batch, 1, N)
-    h0 = torch.randn(batch, dim, N)
+    x, z = torch.randn(batch, dim, device=DEVICE), torch.randn(batch, dim, device=DEVICE)
+    dt_low, W = torch.randn(batch, R, device=DEVICE), torch.randn(dim, R, device=DEVICE) / 3
+    A, D = -torch.rand(dim, N, device=DEVICE) - 0.1, torch.randn(dim, device=DEVICE)
+    bias = torch.randn(dim, device=DEVICE) - 2
+    B, C = torch.randn(batch, 1, N, device=DEVICE), torch.randn(batch, 1, N, device=DEVICE)
+    h0 = torch.randn(batch, dim, N, device=DEVICE)
     results = {}
     for name, kwargs in (("reference", dict(dt=F.linear(dt_low, W).double(), backend="reference")),
                          ("torch", dict(dt=dt_low, dt_proj_weight=W, backend="torch")),
@@ -208,4 +210,4 @@ def test_state_update_with_dt_proj_weight(batch):
         assert_close(results[name][0], results["reference"][0], name=f"{name} y", rel=1e-5)
         assert_close(results[name][1], results["reference"][1], name=f"{name} state", rel=1e-5)
     with pytest.raises(ValueError, match="dt_proj_weight"):
-        selective_state_update(h0.clone(), x, dt_low, A, B, C, dt_proj_weight=torch.randn(dim, R + 1))
+        selective_state_update(h0.clone(), x, dt_low, A, B, C, dt_proj_weight=torch.randn(dim, R + 1, device=DEVICE))
