@@ -23,6 +23,9 @@ Usage (repository root):
     python benchmarks/gpu_inference.py --out-dir /tmp/out          # GPU machine: about 4 minutes on an H100
     python benchmarks/gpu_inference.py --smoke --out-dir /tmp/smoke   # CPU, tiny shapes, no graphs: ~10 s
     python benchmarks/gpu_inference.py --out-dir /tmp/out --skip-sweep --models mamba1
+    # issue 18: kernels per token and ms/token of the fused decode step against the step op by op (~2 min)
+    python benchmarks/gpu_inference.py --out-dir /tmp/out --skip-sweep --skip-checks --count-kernels \
+        --models mamba1 mamba1-unfused mamba2 mamba2-unfused
 """
 
 from __future__ import annotations
@@ -48,9 +51,15 @@ from transformer_baseline import TransformerConfig, TransformerDecoder, Transfor
 from mambakit import MambaConfig, MambaLM  # noqa: E402
 from mambakit.generation import CUDAGraphDecoder, allocate_cache, decode_one_token, generate, prefill  # noqa: E402
 
-# mamba2-bf16state: the same Mamba-2 model decoding from a bfloat16 SSM-state cache (state_dtype)
-MODELS = ("mamba1", "mamba2", "mamba2-bf16state", "transformer")
+from mambakit.bench.decode_kernels import count_decode_kernels, format_decode_kernels, profile_decode_kernels  # noqa: E402
+
+# mamba2-bf16state: the same Mamba-2 model decoding from a bfloat16 SSM-state cache (state_dtype);
+# mamba1-unfused / mamba2-unfused: the same models with the decode step op by op (`fused_step = False`: the step
+# before issue 18's fusion), to time both in one run
+MODELS = ("mamba1", "mamba2", "mamba2-bf16state", "transformer", "mamba1-unfused", "mamba2-unfused")
+DEFAULT_MODELS = ("mamba1", "mamba2", "mamba2-bf16state", "transformer")
 STATE_DTYPES = {"mamba2-bf16state": torch.bfloat16}
+UNFUSED = ("mamba1-unfused", "mamba2-unfused")
 
 
 @dataclass
@@ -110,13 +119,16 @@ def is_oom(err: BaseException) -> bool:
 # ---- models and a common decoding interface --------------------------------------------------------------
 
 
-def mamba_model(layer: str, s: Shapes, d_model: int, n_layer: int, device, dtype) -> MambaLM:
+def mamba_model(layer: str, s: Shapes, d_model: int, n_layer: int, device, dtype, fused_step: bool = True) -> MambaLM:
     ssm_cfg = {"layer": layer}
     if layer == "Mamba2":
         ssm_cfg.update(headdim=s.m2_headdim, d_state=s.m2_dstate, chunk_size=s.m2_chunk)
     torch.manual_seed(0)
-    return MambaLM(MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=s.vocab, ssm_cfg=ssm_cfg)).to(
+    model = MambaLM(MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=s.vocab, ssm_cfg=ssm_cfg)).to(
         device=device, dtype=dtype).eval()
+    for block in model.backbone.layers:
+        block.mixer.fused_step = fused_step
+    return model
 
 
 def transformer_model(s: Shapes, d_model: int, n_layer: int, n_head: int, d_ff: int, device, dtype) -> TransformerLM:
@@ -131,7 +143,8 @@ def build(name: str, s: Shapes, device, dtype, small: bool = False):
         n_head = max(1, s.tf_heads * d_model // s.d_model)
         return transformer_model(s, d_model, max(1, n_layer // 2) if small else s.tf_layers, n_head,
                                  3 * d_model, device, dtype)
-    return mamba_model("Mamba1" if name == "mamba1" else "Mamba2", s, d_model, n_layer, device, dtype)
+    return mamba_model("Mamba1" if name.startswith("mamba1") else "Mamba2", s, d_model, n_layer, device, dtype,
+                       fused_step=name not in UNFUSED)
 
 
 class Runner:
@@ -274,6 +287,40 @@ def run_checks(models: dict, names: list[str], s: Shapes, device, dtype, graphs:
                               f"max error {worst:.2e} (logits and every state, lengths 37/5/1/20, chunk 16)")
             checks.run(f"{name} ragged prefill == each row alone", ragged_rows)
     return checks
+
+
+# ---- kernels per decode step -------------------------------------------------------------------------------
+
+
+def bench_kernel_counts(models: dict, names: list[str], device) -> list[dict]:
+    """Kernels of one decode step per Mamba model: the dispatch count (aten ops that launch + Triton launches,
+    per layer) and, on CUDA, the device activities torch.profiler records (cuBLAS's own extra kernels included)."""
+    print("\n## kernels per decode step (batch 1; dispatched = aten ops that launch + Triton launches)")
+    rows = []
+    for name in names:
+        if name == "transformer":
+            continue
+        k = count_decode_kernels(models[name], 1)
+        row = {"model": name, "dispatched_per_token": k.per_token, "per_layer": k.max_per_layer,
+               "outside_layers": k.outside_layers, "layer_ops": dict(k.layer_ops)}
+        print("  " + format_decode_kernels(name, k))
+        if device.type == "cuda":
+            for batch in (1, 64):
+                n, by_name = profile_decode_kernels(models[name], batch)
+                row[f"profiled_per_token_b{batch}"] = n
+                if batch == 1:
+                    row["profiled_b1_by_kernel"] = dict(by_name)
+                    top = ", ".join(f"{v:g}x {k_[:60]}" for k_, v in by_name.most_common(8))
+                    print(f"    profiler, batch 1: {n:g} device activities per token; most launched: {top}")
+                else:
+                    print(f"    profiler, batch 64: {n:g} device activities per token")
+        rows.append(row)
+    print("\n| model | kernels/token (dispatched) | per layer | outside layers | profiled b1 | profiled b64 |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['dispatched_per_token']} | {r['per_layer']} | {r['outside_layers']} | "
+              f"{r.get('profiled_per_token_b1', float('nan')):g} | {r.get('profiled_per_token_b64', float('nan')):g} |")
+    return rows
 
 
 # ---- 1. batch-1 latency ------------------------------------------------------------------------------------
@@ -466,7 +513,7 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, color in zip(MODELS, ("tab:blue", "tab:orange", "tab:red", "tab:gray")):
+    for name, color in zip(MODELS, ("tab:blue", "tab:orange", "tab:red", "tab:gray", "tab:cyan", "tab:olive")):
         own = [r for r in rows if r["model"] == name]
         if not own:
             continue
@@ -492,7 +539,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", required=True, help="where the PNG plot and the JSON results go")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, no CUDA graphs: checks the script")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(DEFAULT_MODELS),
+                        help="mamba1-unfused / mamba2-unfused: the decode step op by op, as before the fused step")
+    parser.add_argument("--count-kernels", action="store_true",
+                        help="print the kernels of one decode step per model (dispatched per layer; CUDA: profiled)")
     parser.add_argument("--max-batch", type=int, default=None,
                         help="largest batch of the sweep (default 2048; smoke 4)")
     parser.add_argument("--sweep-budget", type=float, default=40.0, help="seconds of sweep per model (default 40)")
@@ -536,6 +586,9 @@ def main() -> int:
         return time.perf_counter()
 
     t0 = time.perf_counter()
+    if args.count_kernels:
+        results["kernels"] = bench_kernel_counts(models, args.models, device)
+        t0 = section_done(t0)
     if not args.skip_checks:
         checks = run_checks(models, args.models, s, device, dtype, graphs)
         failed = checks.failed

@@ -2,8 +2,9 @@
 
 Shapes (legend): B batch (fixed per graph), V padded vocab.
 
-A decode step of a 24-layer model is some 300-600 small kernels whose launch overhead (a few us
-each from Python) is larger than their run time at small batch. `torch.cuda.CUDAGraph` records them
+A decode step of a 24-layer model is one to a few hundred small kernels (Mamba-1: 4 per layer, Mamba-2: 3,
+with the fused step; `mambakit.bench.decode_kernels` counts them) whose launch overhead (a few us each from
+Python) is larger than their run time at small batch. `torch.cuda.CUDAGraph` records them
 once and replays them with one call. Replay reads and writes fixed addresses, so everything the step
 touches is static: the token buffer (B,), the cache (the mixers update it in place) and the logits
 buffer (B, V) the graph writes. Sampling stays outside the graph (it is cheap, and its generator

@@ -54,8 +54,17 @@ class Block(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None,
                 cache: MixerState | None = None, seq_idx: torch.Tensor | None = None):
-        hidden_states, residual = add_and_norm(hidden_states, residual, self.norm, self.residual_in_fp32)
-        hidden_states = self.mixer(hidden_states, cache=cache, seq_idx=seq_idx)
+        fused = None
+        if isinstance(cache, MixerState) and hidden_states.shape[1] == 1 and seq_idx is None:
+            # a decode step: the mixer may fold this block's norm into its first kernel (None: it does not)
+            step = getattr(self.mixer, "fused_block_step", None)
+            if step is not None:
+                fused = step(hidden_states, residual, self.norm, self.residual_in_fp32, cache)
+        if fused is not None:
+            hidden_states, residual = fused
+        else:
+            hidden_states, residual = add_and_norm(hidden_states, residual, self.norm, self.residual_in_fp32)
+            hidden_states = self.mixer(hidden_states, cache=cache, seq_idx=seq_idx)
         if self.mlp is not None:
             hidden_states, residual = add_and_norm(hidden_states, residual, self.norm2, self.residual_in_fp32)
             hidden_states = self.mlp(hidden_states)

@@ -37,3 +37,11 @@ def require_plain_conv(conv: nn.Module, layer: str) -> None:
         raise ValueError(f"{layer}: conv1d must be a plain nn.Conv1d with plain weights and no hooks, got "
                          f"{type(conv).__name__}: an adapter, quantized weight or hook on conv1d would be ignored "
                          "by the causal conv op (adapt in_proj, x_proj, dt_proj or out_proj instead)")
+
+
+def fused_step_allowed(hidden: torch.Tensor) -> bool:
+    """Whether a decode step may take its fused kernels: they are forward-only, do not re-cast under autocast and
+    are no torch.library ops, so with gradients or autocast on, or under torch.compile, the step runs op by op
+    (which honours all three)."""
+    return (not torch.is_grad_enabled() and not torch.is_autocast_enabled(hidden.device.type)
+            and not torch.compiler.is_compiling())

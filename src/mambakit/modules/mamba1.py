@@ -24,9 +24,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..deprecation import renamed_argument
-from ..ops import (causal_conv1d, causal_conv1d_update, mamba1_inner, pinned_backend, selective_scan,
-                   selective_state_update)
-from .fusion import reads_as_plain, require_plain_conv
+from ..ops import (add_rms_norm_linear, causal_conv1d, causal_conv1d_update, mamba1_inner, pinned_backend,
+                   selective_scan, selective_state_update)
+from .fusion import fused_step_allowed, reads_as_plain, require_plain_conv
+from .norm import RMSNorm
 from .state import MixerState
 
 
@@ -124,6 +125,10 @@ class Mamba1(nn.Module):
         # recomputes the conv output and dt in its backward); False calls the ops one by one (benchmarks compare).
         # Both are constructor arguments, so `ssm_cfg={"fused": False}` in the model config sets them
         self.fused = fused
+        # the decode step in 4 kernels per layer (block norm + in_proj + conv | x_proj | dt_proj + SSM step |
+        # out_proj: `fused_block_step`) when every module involved is plain and no gradient is needed; False keeps
+        # the step op by op (benchmarks compare the two: benchmarks/gpu_inference.py --count-kernels)
+        self.fused_step = True
 
     def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None,
                        state_dtype: torch.dtype | None = None, ssm_dtype: torch.dtype | None = None) -> MixerState:
@@ -197,6 +202,43 @@ class Mamba1(nn.Module):
             cache.ssm_state.copy_(ssm_final)
         return y
 
+    def _plain_ssm_params(self) -> bool:
+        """Whether dt_proj may run inside the state-update op: plain x_proj / dt_proj, and `_ssm_params` not
+        overridden (a subclass that computes dt, B, C its own way, e.g. `Mamba1Ablation`, keeps its own)."""
+        return (type(self)._ssm_params is Mamba1._ssm_params and reads_as_plain(self.x_proj, nn.Linear)
+                and reads_as_plain(self.dt_proj, nn.Linear))
+
+    def _step_ssm(self, x: torch.Tensor, z: torch.Tensor, cache: MixerState) -> torch.Tensor:
+        """The conv's output x (B, D) and the gate z (B, D) -> the gated SSM output (B, D), dt_proj inside the op."""
+        A, D, dt_bias = self._decode_params.get(
+            lambda: (-torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()),
+            self.A_log, self.D, self.dt_proj.bias)
+        # dt = dt_proj.weight @ dt_low, + bias, softplus: in float32 inside the state-update kernel
+        dt_low, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return selective_state_update(cache.ssm_state, x, dt_low, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                      dt_softplus=True, dt_proj_weight=self.dt_proj.weight)
+
+    def fused_block_step(self, hidden_states: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module,
+                         residual_in_fp32: bool, cache: MixerState) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`Block`'s decode step with its pre-norm folded in: (hidden, residual) (B, 1, M) -> (out, new residual).
+
+        Four kernels on Triton: [add + norm + in_proj + conv update + silu], x_proj, [dt_proj + SSM step + D +
+        gate], out_proj. None when it does not apply (a module that is not plain: adapter, hook, subclass;
+        gradients or autocast on; `fused_step` False): the block then runs its norm and this layer as usual.
+        """
+        if not (self.fused_step and fused_step_allowed(hidden_states) and reads_as_plain(self, Mamba1)
+                and reads_as_plain(norm, RMSNorm) and reads_as_plain(self.in_proj, nn.Linear)
+                and reads_as_plain(self.out_proj, nn.Linear) and self._plain_ssm_params()
+                and norm.weight.dtype == self.in_proj.weight.dtype):
+            return None
+        require_plain_conv(self.conv1d, "Mamba1")
+        xz, residual = add_rms_norm_linear(
+            hidden_states[:, 0], None if residual is None else residual[:, 0], norm.weight, self.in_proj.weight,
+            self.in_proj.bias, eps=norm.eps, residual_dtype=torch.float32 if residual_in_fp32 else None,
+            conv_state=cache.conv_state, conv_weight=self.conv1d.weight[:, 0], conv_bias=self.conv1d.bias)
+        x, z = xz.chunk(2, dim=-1)  # (B, D) each; x has been through the conv and silu already
+        return self.out_proj(self._step_ssm(x, z, cache))[:, None], residual[:, None]
+
     def step(self, hidden_states: torch.Tensor, cache: MixerState) -> torch.Tensor:
         """One token: (B, 1, d_model) -> (B, 1, d_model), advancing `cache` in place (constant cost per token).
 
@@ -206,6 +248,8 @@ class Mamba1(nn.Module):
         require_plain_conv(self.conv1d, "Mamba1")
         x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)  # (B, D) each
         x = causal_conv1d_update(cache.conv_state, x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
+        if self.fused_step and fused_step_allowed(hidden_states) and self._plain_ssm_params():
+            return self.out_proj(self._step_ssm(x, z, cache))[:, None]
         dt, B, C, bias = self._ssm_params(x)
         A, D, dt_bias = self._decode_params.get(
             lambda: (-torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()),

@@ -27,10 +27,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..deprecation import renamed_argument
-from ..ops import causal_conv1d, causal_conv1d_update, mamba2_inner, pinned_backend, ssd, ssd_state_update
+from ..ops import (add_rms_norm_linear, causal_conv1d, causal_conv1d_update, gated_rms_norm_linear, mamba2_inner,
+                   pinned_backend, ssd, ssd_state_update)
 from .mamba1 import DecodeParams, inverse_softplus_dt
-from .fusion import reads_as_plain, require_plain_conv
-from .norm import RMSNormGated
+from .fusion import fused_step_allowed, reads_as_plain, require_plain_conv
+from .norm import RMSNorm, RMSNormGated
 from .state import MixerState
 
 
@@ -138,6 +139,10 @@ class Mamba2(nn.Module):
         # that keeps in_proj's output and y only) when there is no cache and no MLP half; False calls the
         # ops one by one (benchmarks compare the two). Both are constructor arguments (the config's ssm_cfg)
         self.fused = fused
+        # the decode step in 3 kernels per layer (block norm + in_proj + conv | SSD step | gated norm + out_proj:
+        # `fused_block_step`) when every module involved is plain and no gradient is needed; False keeps the
+        # step op by op (benchmarks compare the two: benchmarks/gpu_inference.py --count-kernels)
+        self.fused_step = True
 
     def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None,
                        state_dtype: torch.dtype | None = None, ssm_dtype: torch.dtype | None = None) -> MixerState:
@@ -232,6 +237,47 @@ class Mamba2(nn.Module):
             cache.ssm_state.copy_(ssm_final)
         return self._output(y.reshape(batch, seqlen, self.d_ssm), z, z0, x0)
 
+    def _ssd_step(self, xBC: torch.Tensor, dt: torch.Tensor, z: torch.Tensor | None, cache: MixerState) -> torch.Tensor:
+        """The conv's output xBC (B, S + 2GN), dt (B, H) -> the SSD step's output (B, H, P); gated by z when given."""
+        batch = xBC.shape[0]
+        x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        A, D, dt_bias = self._decode_params.get(
+            lambda: (-torch.exp(self.A_log.float()), self._D(), self.dt_bias.float()), self.A_log, self.D, self.dt_bias)
+        return ssd_state_update(cache.ssm_state, x.view(batch, self.nheads, self.headdim), dt, A,
+                                B.view(batch, self.ngroups, self.d_state), C.view(batch, self.ngroups, self.d_state),
+                                D=D, z=None if z is None else z.view(batch, self.nheads, self.headdim),
+                                dt_bias=dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
+
+    def fused_block_step(self, hidden_states: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module,
+                         residual_in_fp32: bool, cache: MixerState) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`Block`'s decode step with its pre-norm folded in: (hidden, residual) (B, 1, M) -> (out, new residual).
+
+        Three kernels on Triton: [add + norm + in_proj + conv update + silu], [SSD step + D], [gated norm +
+        out_proj]. None when it does not apply (a module that is not plain: adapter, hook, subclass; gradients or
+        autocast on; an MLP half (d_ssm < d_inner) or no gated norm; `fused_step` False): the block then runs
+        its norm and this layer as usual.
+        """
+        if not (self.fused_step and self.rmsnorm and self.d_mlp == 0 and fused_step_allowed(hidden_states)
+                and reads_as_plain(self, Mamba2) and reads_as_plain(norm, RMSNorm)
+                and reads_as_plain(self.norm, RMSNormGated) and reads_as_plain(self.in_proj, nn.Linear)
+                and reads_as_plain(self.out_proj, nn.Linear)
+                and norm.weight.dtype == self.in_proj.weight.dtype == self.out_proj.weight.dtype
+                and self.norm.weight.dtype == self.out_proj.weight.dtype == hidden_states.dtype):
+            return None
+        require_plain_conv(self.conv1d, "Mamba2")
+        batch = hidden_states.shape[0]
+        zxbcdt, residual = add_rms_norm_linear(
+            hidden_states[:, 0], None if residual is None else residual[:, 0], norm.weight, self.in_proj.weight,
+            self.in_proj.bias, eps=norm.eps, residual_dtype=torch.float32 if residual_in_fp32 else None,
+            conv_state=cache.conv_state, conv_weight=self.conv1d.weight[:, 0], conv_bias=self.conv1d.bias,
+            conv_start=2 * self.d_mlp + self.d_ssm)
+        _, _, z, xBC, dt = self._split_in_proj(zxbcdt)  # xBC has been through the conv and silu already
+        y = self._ssd_step(xBC, dt, None, cache)
+        out = gated_rms_norm_linear(y.view(batch, self.d_ssm), z, self.norm.weight, self.out_proj.weight,
+                                    self.out_proj.bias, eps=self.norm.eps, group_size=self.norm.group_size,
+                                    norm_before_gate=self.norm.norm_before_gate)
+        return out[:, None], residual[:, None]
+
     def step(self, hidden_states: torch.Tensor, cache: MixerState) -> torch.Tensor:
         """One token: (B, 1, d_model) -> (B, 1, d_model), advancing `cache` in place (constant cost per token).
 
@@ -243,11 +289,5 @@ class Mamba2(nn.Module):
         z0, x0, z, xBC, dt = self._split_in_proj(self.in_proj(hidden_states[:, 0]))
         xBC = causal_conv1d_update(cache.conv_state, xBC, self.conv1d.weight[:, 0], self.conv1d.bias,
                                    activation="silu")
-        x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        A, D, dt_bias = self._decode_params.get(
-            lambda: (-torch.exp(self.A_log.float()), self._D(), self.dt_bias.float()), self.A_log, self.D, self.dt_bias)
-        y = ssd_state_update(cache.ssm_state, x.view(batch, self.nheads, self.headdim), dt, A,
-                             B.view(batch, self.ngroups, self.d_state), C.view(batch, self.ngroups, self.d_state),
-                             D=D, z=None if self.rmsnorm else z.view(batch, self.nheads, self.headdim),
-                             dt_bias=dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
+        y = self._ssd_step(xBC, dt, None if self.rmsnorm else z, cache)
         return self._output(y.reshape(batch, self.d_ssm), z, z0, x0)[:, None]

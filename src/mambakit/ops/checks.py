@@ -128,15 +128,21 @@ def _tokens(step: bool) -> tuple[str, ...]:
 
 
 def check_selective_scan(op: str, x, dt, A, B, C, D, z, dt_bias, state, *, step: bool,
-                         seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         seq_idx: torch.Tensor | None = None,
+                         dt_proj_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`selective_scan` (step False: x, dt, z (batch, seqlen, dim), B, C (batch, seqlen, ngroups, dstate),
     optional initial_state) and `selective_state_update` (step True: no seqlen axis, `state` required), both
     with A (dim, dstate), D, dt_bias (dim,) and a (batch, dim, dstate) state, complex where A is.
+    With `dt_proj_weight` (dim, rank), dt is the low-rank (..., rank) input of that projection.
     Returns B and C with their ngroups axis."""
     tokens = _tokens(step)
     chk = ShapeChecker(op)
     chk.tensor("x", x, tokens + ("dim",))
-    chk.tensor("dt", dt, tokens + ("dim",))
+    if dt_proj_weight is None:
+        chk.tensor("dt", dt, tokens + ("dim",))
+    else:
+        chk.tensor("dt", dt, tokens + ("rank",))
+        chk.tensor("dt_proj_weight", dt_proj_weight, ("dim", "rank"))
     B, C = as_grouped(B, len(tokens) + 2), as_grouped(C, len(tokens) + 2)
     chk.tensor("B", B, tokens + ("ngroups", "dstate"), dtypes=FLOATS + _COMPLEX)
     chk.tensor("C", C, tokens + ("ngroups", "dstate"), dtypes=FLOATS + _COMPLEX)

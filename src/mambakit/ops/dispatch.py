@@ -315,6 +315,16 @@ def _mamba2_inner_triton():
     return mamba2_inner_triton
 
 
+def _norm_linear_torch():
+    from .norm_linear.torch_norm_linear import norm_linear_torch
+    return norm_linear_torch
+
+
+def _norm_linear_triton():
+    from .norm_linear.triton_norm_linear import norm_linear_triton
+    return norm_linear_triton
+
+
 def _three(reference, torch_, triton, **triton_limits) -> dict[str, Implementation]:
     return {"reference": Implementation(reference), "torch": Implementation(torch_),
             "triton": Implementation(triton, **triton_limits)}
@@ -354,6 +364,11 @@ BACKEND_TABLE: dict[str, dict[str, Implementation]] = {
     # the Triton kernel is the fused inference path (forward only); training runs the torch path
     "add_rms_norm": {"torch": Implementation(_add_rms_norm_torch),
                      "triton": Implementation(_add_rms_norm_triton, grad=False, grad_fallback="torch")},
+    # the decode step's projections with their norm (and conv) fused: one kernel each, forward only
+    "add_rms_norm_linear": {"torch": Implementation(_norm_linear_torch),
+                            "triton": Implementation(_norm_linear_triton, grad=False, grad_fallback="torch")},
+    "gated_rms_norm_linear": {"torch": Implementation(_norm_linear_torch),
+                              "triton": Implementation(_norm_linear_triton, grad=False, grad_fallback="torch")},
     "mamba1_inner": _three(_mamba1_inner_composed, _mamba1_inner_composed, _mamba1_inner_triton),
     "mamba2_inner": _three(_mamba2_inner_composed, _mamba2_inner_composed, _mamba2_inner_triton, empty=False),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..checks import check_selective_scan, write_back
 from ..dispatch import implementation
@@ -72,6 +73,7 @@ def selective_state_update(
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
     backend: str | None = None,
+    dt_proj_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One recurrent step of `selective_scan` for decoding; updates `state` in place.
 
@@ -79,6 +81,9 @@ def selective_state_update(
         state: (batch, dim, dstate) float32 state, overwritten with the new state.
         x, dt, z: (batch, dim).   B, C: (batch, ngroups, dstate) or (batch, dstate).
         A: (dim, dstate).   D, dt_bias: (dim,).
+        dt_proj_weight: (dim, rank), Mamba-1's dt_proj: dt is then its low-rank input (batch, rank) and the
+            step uses dt @ dt_proj_weight^T (the Triton kernel computes it in float32 in-kernel, saving a
+            matmul launch per layer; other backends call F.linear first).
     Returns:
         y: (batch, dim) in x's dtype.
 
@@ -86,6 +91,12 @@ def selective_state_update(
         >>> state = torch.zeros(2, 32, 16)
         >>> y = selective_state_update(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
     """
-    B, C = check_selective_scan("selective_state_update", x, dt, A, B, C, D, z, dt_bias, state, step=True)
-    _, fn = implementation("selective_state_update", backend, x.device, complex_A=A.is_complex())
+    B, C = check_selective_scan("selective_state_update", x, dt, A, B, C, D, z, dt_bias, state, step=True,
+                                dt_proj_weight=dt_proj_weight)
+    name, fn = implementation("selective_state_update", backend, x.device, complex_A=A.is_complex())
+    if dt_proj_weight is not None and name == "triton":  # dt_proj inside the state-update kernel
+        return write_back(state, fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                    dt_proj_weight=dt_proj_weight))
+    if dt_proj_weight is not None:
+        dt = F.linear(dt, dt_proj_weight)
     return write_back(state, fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus))

@@ -7,6 +7,10 @@ Shapes (legend): B batch, D dim (channels), G ngroups, N dstate. Tile: BD channe
 
 Decoding is memory-bound: 8 bytes of state traffic per (channel, state) against ~5 flops, so the
 kernel is a plain streaming pass; one launch per token, no autotuning.
+
+With `dt_proj_weight` (Mamba-1's dt_proj, (D, R), R = dt_rank ~ d_model / 16) the kernel also takes dt's
+low-rank input (B, R) and computes dt = W dt_low per channel in float32: a (BD, R) tile of W per program,
+which saves the separate matmul launch (at batch 1 a decode step is bound by launches, not bytes).
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ __all__ = ["selective_state_update_triton"]
 @fast_launch
 @triton.jit
 def _state_update_kernel(
-    state_ptr, x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, y_ptr,
-    dim, dstate, group_size,
-    s_hb, s_hd, s_xb, s_dtb, s_zb, s_Bb, s_Bg, s_Cb, s_Cg, s_Ad, s_An, s_yb,
-    BD: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LIBDEVICE: tl.constexpr,
+    state_ptr, x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, y_ptr, w_ptr,
+    dim, dstate, group_size, rank,
+    s_hb, s_hd, s_xb, s_dtb, s_zb, s_Bb, s_Bg, s_Cb, s_Cg, s_Ad, s_An, s_yb, s_wd,
+    BD: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, ACC: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DT_PROJ: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -46,7 +51,14 @@ def _state_update_kernel(
     h_ptrs = state_ptr + pid_b * s_hb + d[:, None] * s_hd + n[None, :]
     h = tl.load(h_ptrs, mask=ok, other=0.0).to(ACC)
     x = tl.load(x_ptr + pid_b * s_xb + d, mask=d_ok, other=0.0).to(ACC)
-    dtv = tl.load(dt_ptr + pid_b * s_dtb + d, mask=d_ok, other=0.0).to(ACC)
+    if DT_PROJ:  # dt = W dt_low: (BD, R) @ (R,), summed in ACC precision
+        r = tl.arange(0, BR)
+        r_ok = r < rank
+        low = tl.load(dt_ptr + pid_b * s_dtb + r, mask=r_ok, other=0.0).to(ACC)
+        w = tl.load(w_ptr + d[:, None] * s_wd + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0).to(ACC)
+        dtv = tl.sum(w * low[None, :], axis=1)
+    else:
+        dtv = tl.load(dt_ptr + pid_b * s_dtb + d, mask=d_ok, other=0.0).to(ACC)
     bias = tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(ACC) if HAS_BIAS else 0.0
     delta, _ = dt_softplus_sigmoid(dtv, bias, HAS_BIAS, SOFTPLUS, LIBDEVICE)
     A = tl.load(A_ptr + d[:, None] * s_Ad + n[None, :] * s_An, mask=ok, other=0.0).to(ACC)
@@ -79,6 +91,7 @@ def selective_state_update_triton(
     z: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
+    dt_proj_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of the selective scan on the Triton kernel; `state` is updated in place and returned.
 
@@ -86,6 +99,7 @@ def selective_state_update_triton(
         state: (batch, dim, dstate) float32 (float64 runs the step in float64).
         x, dt, z: (batch, dim).   A: (dim, dstate) real.   B, C: (batch, ngroups, dstate).
         D, dt_bias: (dim,).
+        dt_proj_weight: (dim, rank): dt is then (batch, rank) and the kernel uses dt @ dt_proj_weight^T.
     Returns:
         y (batch, dim) in x's dtype, and `state` itself (now holding the new state).
 
@@ -107,15 +121,25 @@ def selective_state_update_triton(
     y = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
     bn = next_power_of_2(dstate)
     bd = max(1, min(next_power_of_2(dim), 4096 // bn))  # ~4K states per program
+    rank = 0 if dt_proj_weight is None else dt_proj_weight.shape[1]
+    br = next_power_of_2(max(rank, 1))
+    if dt_proj_weight is not None:
+        if dt_proj_weight.stride(-1) != 1:
+            dt_proj_weight = dt_proj_weight.contiguous()
+        bd = max(1, min(bd, 4096 // br))  # the (BD, R) tile of W stays in registers (~32 per thread)
+        # small batches: more, smaller programs, so that the step is spread over the SMs (latency, not bytes)
+        while bd > 16 and cdiv(dim, bd) * batch < 64:
+            bd //= 2
     dummy = y
     grid = (cdiv(dim, bd), batch)
     _state_update_kernel[grid](
         state, x, dt, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
-        dt_bias if dt_bias is not None else dummy, y,
-        dim, dstate, dim // ngroups,
+        dt_bias if dt_bias is not None else dummy, y, dt_proj_weight if dt_proj_weight is not None else dummy,
+        dim, dstate, dim // ngroups, rank,
         state.stride(0), state.stride(1), x.stride(0), dt.stride(0), z.stride(0) if z is not None else 0,
         B.stride(0), B.stride(1), C.stride(0), C.stride(1), A.stride(0), A.stride(1), y.stride(0),
-        BD=bd, BN=bn, ACC=acc, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=dt_softplus, LIBDEVICE=not triton_interpret(), num_warps=4,
+        dt_proj_weight.stride(0) if dt_proj_weight is not None else 0,
+        BD=bd, BN=bn, BR=br, ACC=acc, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=dt_softplus, DT_PROJ=dt_proj_weight is not None, LIBDEVICE=not triton_interpret(), num_warps=4,
     )
     return y, state

@@ -1,0 +1,213 @@
+"""The fused decode step (issue 18): fewer kernels per token, the same numbers as the step op by op.
+
+The fused step (`Mamba1/Mamba2.fused_block_step`, called by `Block`) runs on the Triton backend through the
+interpreter here; it is compared token by token (logits and every state) with the unfused step on the torch
+backend, in float32 (1e-4 of the scale) and bfloat16 (twice PyTorch's own bf16 error against float32), at batch
+sizes that take the CUDA-core (1, 3) and the tensor-core (17) tiles of the norm_linear kernel. A regression in
+the kernel count per layer fails `test_kernel_count_per_layer`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mambakit import MambaConfig, MambaLM
+from mambakit.bench.decode_kernels import count_decode_kernels
+from mambakit.ops import (add_rms_norm_linear, gated_rms_norm_linear, record_backends, selective_state_update,
+                          use_backend)
+
+from .conftest import DEVICE
+from .helpers import assert_close, low_precision_tolerance
+
+LAYERS = [
+    pytest.param({"layer": "Mamba1"}, id="mamba1"),
+    pytest.param({"layer": "Mamba2", "headdim": 8, "d_state": 16, "ngroups": 2}, id="mamba2"),
+]
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+VOCAB = 64
+
+
+def _model(ssm_cfg, dtype=torch.float32, d_model=32, n_layer=2) -> MambaLM:
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB, ssm_cfg=dict(ssm_cfg))).eval()
+    with torch.no_grad():  # away from the init's special values (D = 1, A_log = log(n), zero biases)
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", ".D", "dt_bias", "norm.weight", "conv1d.bias")):
+                p.add_(0.1 * torch.randn_like(p))
+    return model.to(device=DEVICE, dtype=dtype)
+
+
+def _set_fused(model: MambaLM, on: bool) -> None:
+    for block in model.backbone.layers:
+        block.mixer.fused_step = on
+
+
+def _random_cache(model: MambaLM, batch: int):
+    cache = model.allocate_cache(batch)
+    g = torch.Generator().manual_seed(1)
+    for st in cache.layers:
+        st.conv_state.copy_(torch.randn(st.conv_state.shape, generator=g).to(DEVICE))
+        st.ssm_state.copy_(0.3 * torch.randn(st.ssm_state.shape, generator=g).to(DEVICE))
+    return cache
+
+
+def _decode(model: MambaLM, ids: torch.Tensor, cache, backend: str, fused: bool):
+    """Logits of each step (batch, steps, V) and the final states, one token per call."""
+    _set_fused(model, fused)
+    out = []
+    with torch.inference_mode(), use_backend(backend):
+        for t in range(ids.shape[1]):
+            out.append(model(ids[:, t:t + 1], cache=cache)[:, 0].float())
+    _set_fused(model, True)
+    return torch.stack(out, 1), [(s.conv_state.float(), s.ssm_state.float()) for s in cache.layers]
+
+
+@pytest.mark.parametrize("ssm_cfg", LAYERS)
+@pytest.mark.parametrize("dtype, batch", [
+    pytest.param(torch.float32, 1, id="fp32-batch1"),
+    pytest.param(torch.float32, 17, id="fp32-batch17"),  # the tensor-core tiles of norm_linear
+    pytest.param(torch.bfloat16, 1, id="bf16-batch1"),
+    pytest.param(torch.bfloat16, 3, id="bf16-batch3"),
+])
+def test_fused_step_matches_unfused_step(ssm_cfg, dtype, batch):
+    ids = torch.randint(0, VOCAB, (batch, 3), device=DEVICE)
+    ref_model = _model(ssm_cfg)
+    ref = _decode(ref_model, ids, _random_cache(ref_model, batch), "torch", fused=False)  # fp32, op by op
+    model = _model(ssm_cfg, dtype)
+    with record_backends() as seen:
+        got = _decode(model, ids, _random_cache(model, batch), "triton", fused=True)
+    assert seen[("add_rms_norm_linear", "triton")] == 2 * 3  # the fused step ran, in every layer and step
+    if dtype == torch.float32:
+        tol = {"logits": (ref[0], got[0], 1e-4 * float(ref[0].abs().max()))}
+    else:  # PyTorch's own bf16 error: the unfused torch step of the bf16 model against fp32
+        lowp = _decode(model, ids, _random_cache(model, batch), "torch", fused=False)
+        tol = {"logits": (ref[0], got[0], low_precision_tolerance(lowp[0], ref[0]))}
+    for i, ((c_ref, h_ref), (c_got, h_got)) in enumerate(zip(ref[1], got[1])):
+        if dtype == torch.float32:
+            tol[f"conv_state {i}"] = (c_ref, c_got, 1e-4 * float(c_ref.abs().max()))
+            tol[f"ssm_state {i}"] = (h_ref, h_got, 1e-4 * float(h_ref.abs().max()))
+        else:
+            tol[f"conv_state {i}"] = (c_ref, c_got, low_precision_tolerance(lowp[1][i][0], c_ref))
+            tol[f"ssm_state {i}"] = (h_ref, h_got, low_precision_tolerance(lowp[1][i][1], h_ref))
+    for name, (expected, actual, atol) in tol.items():
+        assert_close(actual, expected, name=name, rel=0.0, atol=atol)
+
+
+@pytest.mark.parametrize("ssm_cfg", LAYERS)
+def test_fused_triton_step_equals_unfused_triton_step(ssm_cfg):
+    """Same backend, fused or not: the fused kernels compute what the kernels op by op compute (fp32)."""
+    model = _model(ssm_cfg)
+    ids = torch.randint(0, VOCAB, (2, 3), device=DEVICE)
+    a = _decode(model, ids, _random_cache(model, 2), "triton", fused=True)
+    b = _decode(model, ids, _random_cache(model, 2), "triton", fused=False)
+    assert_close(a[0], b[0], name="logits", rel=1e-5)
+    for (ca, ha), (cb, hb) in zip(a[1], b[1]):
+        assert_close(ca, cb, name="conv_state", rel=1e-6)
+        assert_close(ha, hb, name="ssm_state", rel=1e-5)
+
+
+@pytest.mark.parametrize("ssm_cfg, fused_max, unfused_min", [
+    pytest.param({"layer": "Mamba1"}, 4, 7, id="mamba1"),
+    pytest.param({"layer": "Mamba2", "headdim": 8, "d_state": 16}, 3, 6, id="mamba2"),
+])
+def test_kernel_count_per_layer(ssm_cfg, fused_max, unfused_min):
+    model = _model(ssm_cfg, torch.bfloat16)
+    with use_backend("triton"):
+        fused = count_decode_kernels(model, batch_size=1)
+        _set_fused(model, False)
+        unfused = count_decode_kernels(model, batch_size=1)
+    assert fused.max_per_layer <= fused_max, fused.layer_ops
+    assert unfused.max_per_layer >= unfused_min, unfused.layer_ops  # the counter sees the unfused ops
+    assert fused.per_token < unfused.per_token
+
+
+def test_hooked_in_proj_leaves_the_fused_step():
+    """A forward hook on in_proj must run: the block then takes the step op by op (and the hook's effect shows)."""
+    model = _model({"layer": "Mamba2", "headdim": 8, "d_state": 16})
+    ids = torch.randint(0, VOCAB, (2, 2), device=DEVICE)
+    plain = _decode(model, ids, _random_cache(model, 2), "triton", fused=True)[0]
+    calls = []
+    handle = model.backbone.layers[1].mixer.in_proj.register_forward_hook(lambda m, a, o: calls.append(1) or o * 1.5)
+    try:
+        with record_backends() as seen:
+            hooked = _decode(model, ids, _random_cache(model, 2), "triton", fused=True)[0]
+    finally:
+        handle.remove()
+    assert len(calls) == 2 and seen[("add_rms_norm_linear", "triton")] == 2  # layer 0 fused, layer 1 not
+    assert float((hooked - plain).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 3, 20])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "first-block"])
+def test_add_rms_norm_linear_matches_the_ops_in_a_row(dtype, batch, residual):
+    K, N, C, c0 = 48, 100, 30, 17
+    x = torch.randn(batch, K, device=DEVICE).to(dtype)
+    r = torch.randn(batch, K, device=DEVICE) if residual else None
+    nw = (1 + 0.1 * torch.randn(K, device=DEVICE)).to(dtype)
+    W = (torch.randn(N, K, device=DEVICE) / 7).to(dtype)
+    b = torch.randn(N, device=DEVICE).to(dtype)
+    cs = torch.randn(batch, C, 3, device=DEVICE).to(dtype)
+    cw, cb = torch.randn(C, 4, device=DEVICE).to(dtype), torch.randn(C, device=DEVICE).to(dtype)
+
+    def run(backend, cast):
+        st = cs.to(cast, copy=True)
+        out, s = add_rms_norm_linear(x.to(cast), r, nw.to(cast), W.to(cast), b.to(cast), residual_dtype=torch.float32,
+                                     conv_state=st, conv_weight=cw.to(cast), conv_bias=cb.to(cast), conv_start=c0,
+                                     backend=backend)
+        return out.float(), s.float(), st.float()
+
+    ref = run("torch", torch.float32)
+    got = run("triton", dtype)
+    lowp = run("torch", dtype)
+    for name, e, a, t in zip(("out", "residual", "conv_state"), ref, got, lowp):
+        atol = 1e-5 * float(e.abs().max()) if dtype == torch.float32 else low_precision_tolerance(t, e)
+        assert_close(a, e, name=name, rel=0.0, atol=atol)
+    assert not torch.equal(got[2], cs.float())  # the window moved
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 20])
+@pytest.mark.parametrize("group_size, norm_before_gate", [(None, False), (12, False), (12, True)])
+def test_gated_rms_norm_linear_matches_the_ops_in_a_row(dtype, batch, group_size, norm_before_gate):
+    K, N = 48, 40
+    x, z = torch.randn(batch, K, device=DEVICE), torch.randn(batch, K, device=DEVICE)
+    nw, W, b = 1 + 0.1 * torch.randn(K, device=DEVICE), torch.randn(N, K, device=DEVICE) / 7, torch.randn(N, device=DEVICE)
+
+    def run(backend, cast):
+        return gated_rms_norm_linear(x.to(cast), z.to(cast), nw.to(cast), W.to(cast), b.to(cast),
+                                     group_size=group_size, norm_before_gate=norm_before_gate,
+                                     backend=backend).float()
+
+    ref = run("torch", torch.float32)
+    got = run("triton", dtype)
+    atol = 1e-5 * float(ref.abs().max()) if dtype == torch.float32 else low_precision_tolerance(run("torch", dtype), ref)
+    assert_close(got, ref, name="out", rel=0.0, atol=atol)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_state_update_with_dt_proj_weight(batch):
+    """dt_proj inside the kernel: the same step as F.linear first, on every backend."""
+    dim, N, R = 40, 16, 6
+    x, z = torch.randn(batch, dim, device=DEVICE), torch.randn(batch, dim, device=DEVICE)
+    dt_low, W = torch.randn(batch, R, device=DEVICE), torch.randn(dim, R, device=DEVICE) / 3
+    A, D = -torch.rand(dim, N, device=DEVICE) - 0.1, torch.randn(dim, device=DEVICE)
+    bias = torch.randn(dim, device=DEVICE) - 2
+    B, C = torch.randn(batch, 1, N, device=DEVICE), torch.randn(batch, 1, N, device=DEVICE)
+    h0 = torch.randn(batch, dim, N, device=DEVICE)
+    results = {}
+    for name, kwargs in (("reference", dict(dt=F.linear(dt_low, W).double(), backend="reference")),
+                         ("torch", dict(dt=dt_low, dt_proj_weight=W, backend="torch")),
+                         ("triton", dict(dt=dt_low, dt_proj_weight=W, backend="triton"))):
+        h = h0.clone() if name != "reference" else h0.double()
+        cast = (lambda t: t.double()) if name == "reference" else (lambda t: t)
+        y = selective_state_update(h, cast(x), kwargs.pop("dt"), cast(A), cast(B), cast(C), D=cast(D), z=cast(z),
+                                   dt_bias=cast(bias), dt_softplus=True, **kwargs)
+        results[name] = (y, h)
+    for name in ("torch", "triton"):
+        assert_close(results[name][0], results["reference"][0], name=f"{name} y", rel=1e-5)
+        assert_close(results[name][1], results["reference"][1], name=f"{name} state", rel=1e-5)
+    with pytest.raises(ValueError, match="dt_proj_weight"):
+        selective_state_update(h0.clone(), x, dt_low, A, B, C, dt_proj_weight=torch.randn(dim, R + 1, device=DEVICE))
