@@ -89,7 +89,7 @@ def _stub_class():
 
         def forward(self, input_ids, cache=None, seq_idx=None, logits_to_keep=0):
             if cache is not None:
-                cache.seqlen_offset += input_ids.shape[1]
+                cache.advance(input_ids.shape[1])
             ids = input_ids[:, -logits_to_keep:] if logits_to_keep > 0 else input_ids
             return self.table[ids]
 

@@ -175,7 +175,7 @@ def test_scheduler_runs_requests_without_http_and_stops_cleanly():
                       for i, p in enumerate(prompts)])
     assert done.wait(30)
     for i, p in enumerate(prompts):
-        assert results[i] == generate(model, [p], 10, prefill_chunk_size=4)[0]
+        assert results[i] == generate(model, [p], 10, prefill_tokens_per_call=4)[0]
     assert reasons == {0: "length", 1: "length"}
     aborted = threading.Event()
     scheduler.submit([GenerationRequest(prompts[0], 100_000, [RowParams()],
@@ -240,7 +240,7 @@ def test_a_block_of_k_tokens_is_one_event_and_cuts_at_eos_and_length_inside_it(d
     what decode_steps 1 gives, which is generate()'s output."""
     model = _model("Mamba1")
     prompt = [0] + list(b"to be or not to be")
-    free_run = generate(model, [prompt], 20, prefill_chunk_size=4)[0]
+    free_run = generate(model, [prompt], 20, prefill_tokens_per_call=4)[0]
     eos = free_run[6]  # greedy output meets this id first at token 7 (or earlier): a cut inside a block
     cut = free_run.index(eos) + 1
     stop_text = bytes(free_run[3:5]).decode("utf-8", errors="replace")
@@ -251,7 +251,7 @@ def test_a_block_of_k_tokens_is_one_event_and_cuts_at_eos_and_length_inside_it(d
         sched = Scheduler(model, tokenizer, max_batch_size=4, prefill_chunk=4, prefix_cache_bytes=0, decode_steps=k)
         by_k[k] = _collect(sched.start(), requests)
     assert by_k[1][0][1] == free_run[:cut] and by_k[1][0][2] == "stop"
-    expected_short = generate(model, [prompt[:5]], 10, prefill_chunk_size=4, eos_token_id=eos)[0]
+    expected_short = generate(model, [prompt[:5]], 10, prefill_tokens_per_call=4, eos_token_id=eos)[0]
     assert by_k[1][1][1] == expected_short
     for one, many, (_, max_tokens, _) in zip(by_k[1], by_k[decode_steps], requests):
         assert many[:3] == one[:3]  # text, token ids, finish reason
@@ -302,5 +302,5 @@ def test_a_prompt_at_the_model_length_gets_one_token_and_length(decode_steps):
     sched = Scheduler(model, ByteTokenizer(), max_batch_size=2, prefill_chunk=4, prefix_cache_bytes=0,
                       decode_steps=decode_steps, max_model_len=len(prompt) - 3)
     [(text, ids, reason, _, _)] = _collect(sched.start(), [(prompt, 5, [])])
-    assert ids == generate(model, [prompt], 1, prefill_chunk_size=4)[0] and reason == "length"
+    assert ids == generate(model, [prompt], 1, prefill_tokens_per_call=4)[0] and reason == "length"
     assert text == ByteTokenizer().decode(ids)

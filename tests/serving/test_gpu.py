@@ -75,4 +75,4 @@ def test_graphed_scheduler_equals_eager_and_generate(ssm_cfg, decode_steps):
             scheduler.stop()
     assert outputs[True] == outputs[False]
     for i in range(0, len(prompts), 2):  # the greedy ones: generate() alone, same prefill chunks
-        assert outputs[True][i] == generate(model, [prompts[i]], max_tokens[i], prefill_chunk_size=16)[0]
+        assert outputs[True][i] == generate(model, [prompts[i]], max_tokens[i], prefill_tokens_per_call=16)[0]
