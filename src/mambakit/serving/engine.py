@@ -196,13 +196,6 @@ def _engine_main(conn, build: Callable[[], tuple], scheduler_kwargs: dict, log_l
                            "real_vocab": scheduler.real_vocab, "device": str(scheduler.device)}))
     engine.serve()
     conn.close()
-    # nothing is left to clean up: exit now, without the interpreter's teardown. In two of six stub-model runs
-    # on a loaded CPU the engine had not exited 15 s after "stop", and a stack dump (SIGUSR1) printed nothing:
-    # it was past Python, in that teardown; the user's --shutdown-timeout should not wait for it.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def load_checkpoint(directory: str, device: str = "cpu", dtype: str | None = None) -> tuple:
@@ -265,6 +258,7 @@ class EngineClient:
         self.process.start()
         child.close()
         self._send_lock = threading.Lock()
+        self._wait_lock = threading.Lock()
         self._open: dict[int, _Open] = {}
         self._lock = threading.Lock()  # guards _open and _calls between the event loop and the reader thread
         self._calls: dict[int, concurrent.futures.Future] = {}
@@ -379,13 +373,12 @@ class EngineClient:
         with self._lock:
             first = not self._stopping
             self._stopping = True
-        if first and self.process.is_alive():
+        if first and not self.crashed:
             try:
                 self._send(("stop", timeout))
             except OSError:
                 pass
-        self.process.join(timeout + 5)
-        if self.process.is_alive():
+        if not self._join(timeout + 5):
             logger.error("the engine process did not stop within %.0f s: its threads' stacks, then killing it",
                          timeout + 5)
             try:
@@ -394,9 +387,16 @@ class EngineClient:
             except OSError:
                 pass
             self.process.kill()
-            self.process.join(5)
+            self._join(5)
         self._reader.join(5)
         self._conn.close()
+
+    def _join(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for the engine to exit; True once it has. One thread at a time: two threads in
+        waitpid on one child race (the loser gets ECHILD, which multiprocessing reads as "still running")."""
+        with self._wait_lock:
+            self.process.join(timeout)
+            return self.process.exitcode is not None
 
     # ---- the reader thread ----
 
@@ -421,9 +421,10 @@ class EngineClient:
     def _deliver(self, batch: list) -> None:
         """One engine iteration's events: text for rows without stop sequences, then sinks, then each flush once."""
         flushes: dict = {}
-        for rid, completion_tokens, plp, raw_events in batch:
-            with self._lock:
-                entry = self._open.get(rid)
+        with self._lock:  # once per message, not per request
+            entries = [self._open.get(item[0]) for item in batch]
+        done = []
+        for entry, (rid, completion_tokens, plp, raw_events) in zip(entries, batch):
             if entry is None:
                 continue
             request = entry.request
@@ -442,8 +443,10 @@ class EngineClient:
                     entry.open -= 1
             if entry.open <= 0:
                 request.done = True
-                self._forget([rid])
+                done.append(rid)
             self._emit(request, events, flushes)
+        if done:
+            self._forget(done)
         for flush in flushes:
             try:
                 flush()
@@ -461,7 +464,8 @@ class EngineClient:
 
     def _gone(self) -> None:
         """The pipe closed: asked to (stop) or not (the engine died). Ends everything still open."""
-        self.process.join(10)
+        if not self._stopping:
+            self._join(10)  # for its exit code (`stop` does the waiting when it was asked to)
         with self._lock:
             crashed = not self._stopping
             self.crashed = crashed
