@@ -139,6 +139,8 @@ def main(model: str, host: str = "127.0.0.1", port: int = 8000, served_model_nam
     app = create_app(scheduler, tokenizer, name, chat_template=load_chat_template(directory))
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
     server = uvicorn.Server(config)
+    if getattr(scheduler, "crashed", False):  # the engine died before there was a server to stop
+        server.should_exit = True
     # uvicorn re-raises the signal that stopped it once it has restored the previous handlers; these make
     # that a no-op, so a graceful stop exits 0 instead of dying of SIGTERM
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}

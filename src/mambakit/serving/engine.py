@@ -30,6 +30,7 @@ error event (HTTP 503, code "engine_unavailable"), new requests get 503, and `on
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import ctypes
 import faulthandler
@@ -66,7 +67,8 @@ class EngineStartError(RuntimeError):
 
 def _die_with_parent() -> None:
     """Linux: the kernel sends SIGKILL to this process when its parent thread exits (belt and braces: a closed
-    pipe stops the engine too, but only once its scheduler thread answers)."""
+    pipe stops the engine too, but only once its scheduler thread answers). The parent *thread*: so only for
+    an engine started from the parent's main thread (a worker thread may end long before the server)."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG = 1
@@ -172,11 +174,13 @@ class _Engine:
             pass
 
 
-def _engine_main(conn, build: Callable[[], tuple], scheduler_kwargs: dict, log_level: str) -> None:
+def _engine_main(conn, build: Callable[[], tuple], scheduler_kwargs: dict, log_level: str,
+                 die_with_parent: bool) -> None:
     """The engine process: build (model, tokenizer), start a Scheduler, serve the pipe, exit."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # stopped by the HTTP process through the pipe, after its drain
-    _die_with_parent()
+    if die_with_parent:
+        _die_with_parent()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `EngineClient.stop` asks for stacks before a kill
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     # the command thread and the scheduler thread share this process's GIL: a submit waits at most 0.5 ms
@@ -253,8 +257,9 @@ class EngineClient:
         self.on_exit = on_exit
         ctx = multiprocessing.get_context("spawn")  # never fork: CUDA (and threads) do not survive a fork
         self._conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_engine_main, args=(child, build, dict(scheduler_kwargs or {}), log_level),
-                                   name="mambakit-engine", daemon=True)
+        main_thread = threading.current_thread() is threading.main_thread()
+        self.process = ctx.Process(target=_engine_main, name="mambakit-engine", daemon=True,
+                                   args=(child, build, dict(scheduler_kwargs or {}), log_level, main_thread))
         self.process.start()
         child.close()
         self._send_lock = threading.Lock()
@@ -270,6 +275,9 @@ class EngineClient:
         self.real_vocab, self.device = info["real_vocab"], info["device"]
         self._reader = threading.Thread(target=self._read, name="mambakit-engine-reader", daemon=True)
         self._reader.start()
+        # before multiprocessing's own exit handler (atexit runs the last registered first), which would wait
+        # without a timeout for an engine that ignores its SIGTERM: a script that never calls stop() still exits
+        atexit.register(self.stop)
 
     def _wait_ready(self, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
