@@ -170,4 +170,5 @@ def _engine_build(directory: str, device: str, dtype: str, decode_steps: int | N
     """In the engine process: (model, tokenizer) of the checkpoint (`load_model`'s checks), and the decode steps
     per round trip for its device. Module-level, so that the spawned process can unpickle it."""
     loaded = load_model(Path(directory), device, dtype)
-    return loaded.lm.eval(), loaded.tokenizer, {"decode_steps": decode_steps or (8 if loaded.device.type == "cuda" else 1)}
+    steps = decode_steps or (8 if loaded.device.type == "cuda" else 1)
+    return loaded.lm.eval(), loaded.tokenizer, {"decode_steps": steps}

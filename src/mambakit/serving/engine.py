@@ -310,7 +310,8 @@ class EngineClient:
             self._conn.send_bytes(data)
 
     def _unavailable(self) -> EngineUnavailableError:
-        return EngineUnavailableError("the engine process has exited" if self.crashed else "the server is shutting down")
+        return EngineUnavailableError("the engine process has exited" if self.crashed
+                                      else "the server is shutting down")
 
     def _call(self, kind: str, *args) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
