@@ -17,7 +17,10 @@ per level:
     ratio                 throughput_tok_s / offline_tok_s
     server_cpu_us_per_token  the server process's CPU time (all its threads) over the level / new tokens
                           (Linux); with `--model-shape stub` this is the host path's cost per token
+                          and, with --engine-process, of the engine process below it
     server_http_cpu_us_per_token  the part of it spent by the main thread (uvicorn's event loop: HTTP, SSE)
+    http_process_cpu_us_per_token, engine_cpu_us_per_token  with --engine-process: the HTTP process (event loop
+                          and the reader thread that detokenizes) and the engine process (scheduler, model)
     scheduler_us_per_token  the scheduler thread's wall time per phase (idle, admit, prefill, launch, wait for
                           the device, process the tokens, flush events) / new tokens, from /metrics
     client_cpu_us_per_token, client_cpu_busy  the load generator's CPU time per token, and per second of the
@@ -35,6 +38,8 @@ Usage (repository root; needs the serve extra and httpx):
     python benchmarks/serve_load.py --device cpu --model runs/shakespeare --clients 1,8
     python benchmarks/serve_load.py --device cpu --model-shape stub --clients 64,256 --decode-steps 8 --no-offline
                                                    # the server's host cost per token: a model that costs nothing
+    python benchmarks/serve_load.py --device cpu --model-shape stub --clients 64 --decode-steps 8 --no-offline \\
+        --engine-process                           # the same with the scheduler in an engine process
 """
 
 from __future__ import annotations
@@ -89,7 +94,7 @@ def _stub_class():
 
         def forward(self, input_ids, cache=None, seq_idx=None, logits_to_keep=0):
             if cache is not None:
-                cache.seqlen_offset += input_ids.shape[1]
+                cache.advance(input_ids.shape[1])
             ids = input_ids[:, -logits_to_keep:] if logits_to_keep > 0 else input_ids
             return self.table[ids]
 
@@ -139,22 +144,44 @@ def _build(args):
     return model, IdTokenizer(config.vocab_size)
 
 
+def _tokenizer(args):
+    """The tokenizer of the run's model, without building the model (the HTTP process of --engine-process)."""
+    if args.model:
+        from mambakit.checkpoints import load_checkpoint_tokenizer
+
+        return load_checkpoint_tokenizer(args.model)
+    return IdTokenizer(_build_vocab(args))
+
+
+def _engine_process(args) -> bool:
+    """--engine-process as `mambakit serve` defaults it: on for CUDA, off on CPU."""
+    return args.device.startswith("cuda") if args.engine_process is None else args.engine_process
+
+
 def _serve(args, port: int, ready) -> None:
-    """Child process: the server on 127.0.0.1:port until SIGTERM."""
+    """Child process: the server on 127.0.0.1:port until SIGTERM (with --engine-process, the model and the
+    scheduler in a grandchild, the engine process, as `mambakit serve` runs them)."""
+    import functools
     import signal
 
     import uvicorn
 
     from mambakit.serving import Scheduler, create_app
+    from mambakit.serving.engine import EngineClient
 
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
-    model, tokenizer = _build(args)
-    scheduler = Scheduler(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                          prefill_chunk=args.prefill_chunk, prefix_cache_bytes=args.prefix_cache_mb << 20,
-                          cuda_graph=args.cuda_graph, max_model_len=args.prompt_len + args.new_tokens + 1,
-                          decode_steps=args.decode_steps or (8 if args.device.startswith("cuda") else 1),
-                          max_prefill_tokens=args.max_prefill_tokens).start()
+    kwargs = dict(max_batch_size=args.max_batch_size, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                  prefix_cache_bytes=args.prefix_cache_mb << 20, cuda_graph=args.cuda_graph,
+                  max_model_len=args.prompt_len + args.new_tokens + 1,
+                  decode_steps=args.decode_steps or (8 if args.device.startswith("cuda") else 1),
+                  max_prefill_tokens=args.max_prefill_tokens)
+    if _engine_process(args):
+        tokenizer = _tokenizer(args)
+        scheduler = EngineClient(functools.partial(_build, args), tokenizer, kwargs, log_level="warning")
+    else:
+        model, tokenizer = _build(args)
+        scheduler = Scheduler(model, tokenizer, **kwargs).start()
     app = create_app(scheduler, tokenizer, "bench")
     if args.server_log:
         import logging
@@ -168,6 +195,30 @@ def _serve(args, port: int, ready) -> None:
         signal.signal(sig, lambda *_: None)
     ready.set()
     server.run()
+
+
+def _descendants(pid: int) -> list[int]:
+    """The process ids below `pid` (Linux /proc; [] elsewhere): the engine process of --engine-process."""
+    out = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            out += [child] + _descendants(child)
+    return out
+
+
+def _tree_cpu_seconds(pid: int) -> tuple[float | None, float | None]:
+    """(CPU seconds of `pid`, of its descendants together) so far."""
+    own = _cpu_seconds(pid)
+    below = [_cpu_seconds(child) for child in _descendants(pid)]
+    return own, sum(c for c in below if c is not None)
 
 
 def _cpu_seconds(pid: int, thread: int | None = None) -> float | None:
@@ -388,6 +439,9 @@ def main() -> int:
     p.add_argument("--decode-steps", type=int, default=0, help="server decode steps per host round trip "
                                                                "(default: 8 on CUDA, 1 on CPU)")
     p.add_argument("--max-prefill-tokens", type=int, default=8192)
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="the server's scheduler and model in an engine process of their own, as `mambakit serve "
+                        "--engine-process` (default: as mambakit serve, on for CUDA, off on CPU)")
     p.add_argument("--client", default="raw", choices=("raw", "httpx"),
                    help="the load generator's HTTP client: raw asyncio streams (default, light) or httpx")
     p.add_argument("--server-log", default=None, help="write the server's request log to this file")
@@ -411,7 +465,8 @@ def main() -> int:
     port = _free_port()
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Event()
-    proc = ctx.Process(target=_serve, args=(args, port, ready), daemon=True)
+    # not a daemon: a daemonic process may not start children, and --engine-process starts the engine process
+    proc = ctx.Process(target=_serve, args=(args, port, ready), daemon=False)
     proc.start()
     url = f"http://127.0.0.1:{port}"
     rows = []
@@ -428,10 +483,10 @@ def main() -> int:
             asyncio.run(_level(url, c, argparse.Namespace(**{**vars(args), "requests_per_client": 1,
                                                              "new_tokens": min(8, args.new_tokens)}), vocab))
             _log(f"{c} clients ...")
-            cpu0, http0 = _cpu_seconds(proc.pid), _cpu_seconds(proc.pid, proc.pid)
+            (cpu0, engine0), http0 = _tree_cpu_seconds(proc.pid), _cpu_seconds(proc.pid, proc.pid)
             phases0, client0 = _phases(url), time.process_time()
             row = asyncio.run(_level(url, c, args, vocab))
-            cpu1, http1 = _cpu_seconds(proc.pid), _cpu_seconds(proc.pid, proc.pid)
+            (cpu1, engine1), http1 = _tree_cpu_seconds(proc.pid), _cpu_seconds(proc.pid, proc.pid)
             phases1, client1 = _phases(url), time.process_time()
             if row["new_tokens"]:
                 # the load generator's own CPU time: near 1 s per second, it (not the server) is the limit
@@ -441,11 +496,18 @@ def main() -> int:
                 row["scheduler_us_per_token"] = {
                     k: round(1e6 * (phases1[k] - phases0.get(k, 0.0)) / row["new_tokens"], 2) for k in phases1}
             if cpu0 is not None and cpu1 is not None and row["new_tokens"]:
-                # the server's CPU time per token: on a shared machine a steadier measure than tokens/s
-                row["server_cpu_s"] = round(cpu1 - cpu0, 2)
-                row["server_cpu_us_per_token"] = round(1e6 * (cpu1 - cpu0) / row["new_tokens"], 1)
-                # of which the main thread's: the HTTP side (uvicorn's event loop); the rest is the scheduler
+                # the server's CPU time per token (its processes together: with --engine-process, the engine
+                # too): on a shared machine a steadier measure than tokens/s
+                both = (cpu1 - cpu0) + (engine1 - engine0)
+                row["server_cpu_s"] = round(both, 2)
+                row["server_cpu_us_per_token"] = round(1e6 * both / row["new_tokens"], 1)
+                # of which the main thread's: uvicorn's event loop (HTTP, SSE)
                 row["server_http_cpu_us_per_token"] = round(1e6 * (http1 - http0) / row["new_tokens"], 1)
+                if _engine_process(args):
+                    # the HTTP process (event loop + the engine client's reader: detokenization) and the engine
+                    # process (scheduler, model, pipe), each on a core of its own
+                    row["http_process_cpu_us_per_token"] = round(1e6 * (cpu1 - cpu0) / row["new_tokens"], 1)
+                    row["engine_cpu_us_per_token"] = round(1e6 * (engine1 - engine0) / row["new_tokens"], 1)
             if base is not None:
                 row["offline_batch"] = min(c, args.offline_max_batch)
                 row["offline_tok_s"] = round(base, 1)
@@ -466,7 +528,8 @@ def main() -> int:
            "dtype": args.dtype, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
            "requests_per_client": args.requests_per_client, "max_batch_size": args.max_batch_size,
            "prefill_chunk": args.prefill_chunk, "cuda_graph": args.cuda_graph,
-           "decode_steps": args.decode_steps or (8 if args.device.startswith("cuda") else 1), "levels": rows,
+           "decode_steps": args.decode_steps or (8 if args.device.startswith("cuda") else 1),
+           "engine_process": _engine_process(args), "levels": rows,
            "load_avg_before": [round(x, 2) for x in load_before],
            "load_avg_after": [round(x, 2) for x in os.getloadavg()],
            "versions": {"mambakit": mambakit.__version__, "torch": torch.__version__, "python": platform.python_version()},

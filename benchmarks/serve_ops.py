@@ -10,9 +10,15 @@ The scheduler runs as in the server (its own thread, requests through `submit`),
 requests of --prompt-len + --new-tokens tokens, --arrive requests submitted at a time as slots free up.
 One JSON line: aten operations per request and per 1000 new tokens, all and non-view, and the most frequent.
 
+--boundary measures a time instead: the host cost per token of `--engine-process`'s process boundary alone,
+without a model or sockets: the engine's side (one message per scheduler iteration: --rows requests of
+--decode-steps tokens each, built from their events and pickled) and the HTTP side (unpickled, the text made
+with the stand-in tokenizer's window decoder, events delivered to sinks), best of 5 repeats of --blocks blocks.
+
 Usage (repository root):
     python benchmarks/serve_ops.py
     python benchmarks/serve_ops.py --shape stub --rows 64 --requests 256 --decode-steps 8
+    python benchmarks/serve_ops.py --boundary --rows 64 --decode-steps 8
 """
 
 from __future__ import annotations
@@ -60,6 +66,51 @@ class _CountingScheduler(Scheduler):
             super()._step()
 
 
+def boundary(rows: int, decode_steps: int, blocks: int, vocab: int = 50277) -> dict:
+    """Microseconds per token on each side of the engine process's pipe (see the module docstring)."""
+    import pickle
+    import time
+
+    from mambakit.serving.engine import EngineClient, _Engine, _Open
+    from mambakit.serving.scheduler import Event
+
+    class _Pipe:  # the bytes the engine would write to the pipe
+        def __init__(self):
+            self.sent: list[bytes] = []
+
+        def send_bytes(self, data: bytes) -> None:
+            self.sent.append(data)
+
+    tokenizer = serve_load.IdTokenizer(vocab)
+    best_engine = best_http = float("inf")
+    for _ in range(5):
+        pipe = _Pipe()
+        engine = _Engine(pipe, None)
+        requests = [GenerationRequest(list(range(128)), 1 << 30, [RowParams()], None) for _ in range(rows)]
+        for rid, request in enumerate(requests):
+            request.sink = engine.sink(rid, request)
+        ids = [[(7 * b + r) % vocab for r in range(decode_steps)] for b in range(blocks)]
+        t0 = time.perf_counter()
+        for b in range(blocks):
+            for request in requests:
+                request.sink([Event(0, "", ids[b])])
+            engine.flush()
+        best_engine = min(best_engine, time.perf_counter() - t0)
+        client = EngineClient.__new__(EngineClient)  # the reader's side alone: no process
+        client._lock, client.tokenizer = threading.Lock(), tokenizer
+        client._open = {rid: _Open(r, tokenizer) for rid, r in enumerate(requests)}
+        for request in requests:
+            request.sink, request.flush = (lambda events: None), None
+        t0 = time.perf_counter()
+        for data in pipe.sent:
+            client._deliver(pickle.loads(data)[1])
+        best_http = min(best_http, time.perf_counter() - t0)
+    tokens = blocks * rows * decode_steps
+    return {"benchmark": "serve_ops --boundary", "rows": rows, "decode_steps": decode_steps, "blocks": blocks,
+            "message_bytes": len(pipe.sent[-1]), "engine_us_per_token": round(1e6 * best_engine / tokens, 3),
+            "http_us_per_token": round(1e6 * best_http / tokens, 3)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="stub24", choices=[s for s in serve_load.SHAPES if s.startswith("stub")])
@@ -70,7 +121,12 @@ def main() -> int:
     p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--prefill-chunk", type=int, default=128)
     p.add_argument("--arrive", type=int, default=8, help="requests submitted together (default 8)")
+    p.add_argument("--boundary", action="store_true", help="time the engine process's pipe protocol per token instead")
+    p.add_argument("--blocks", type=int, default=500, help="with --boundary: blocks per repeat (default 500)")
     args = p.parse_args()
+    if args.boundary:
+        print(json.dumps(boundary(args.rows, args.decode_steps, args.blocks)))
+        return 0
     torch.set_num_threads(1)
     config = MambaConfig(**serve_load.SHAPES[args.shape])
     model = serve_load._stub_class()(config).eval()

@@ -7,6 +7,7 @@ on a free loopback port and is stopped by the fixture (should_exit, then a bound
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import threading
@@ -14,6 +15,8 @@ import time
 
 import pytest
 import torch
+
+from mambakit.serving import Scheduler
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -53,14 +56,24 @@ def free_port() -> int:
 
 
 class ServerThread:
-    """uvicorn serving `create_app(...)` in a daemon thread on 127.0.0.1; `stop()` ends it within seconds."""
+    """uvicorn serving `create_app(...)` in a daemon thread on 127.0.0.1; `stop()` ends it within seconds.
 
-    def __init__(self, model, tokenizer, name: str = "tiny", chat_template: str | None = None, **scheduler_kwargs):
+    engine_dir: a checkpoint directory to run the scheduler in an engine process (`EngineClient`, the model
+    loaded there from the directory) instead of a thread of this process (`Scheduler` over `model`).
+    """
+
+    def __init__(self, model, tokenizer, name: str = "tiny", chat_template: str | None = None,
+                 engine_dir=None, **scheduler_kwargs):
         import uvicorn
 
         from mambakit.serving import Scheduler, create_app
+        from mambakit.serving.engine import EngineClient, load_checkpoint
 
-        self.scheduler = Scheduler(model, tokenizer, **scheduler_kwargs).start()
+        if engine_dir is None:
+            self.scheduler = Scheduler(model, tokenizer, **scheduler_kwargs).start()
+        else:
+            self.scheduler = EngineClient(functools.partial(load_checkpoint, str(engine_dir)), tokenizer,
+                                          scheduler_kwargs, log_level="warning", start_timeout=120)
         self.app = create_app(self.scheduler, tokenizer, name, chat_template=chat_template)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -74,19 +87,30 @@ class ServerThread:
                 raise RuntimeError("the test server did not start")
             time.sleep(0.02)
 
+    def clear_prefix_cache(self) -> None:
+        if isinstance(self.scheduler, Scheduler):
+            self.scheduler.prefix_cache.clear()
+        else:
+            self.scheduler.call("clear_prefix_cache")
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(15)
         self.scheduler.stop()
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint):
-    """A server with 8 slots, a queue of 64, 16-token prefill chunks and a prefix cache."""
+MODES = [pytest.param("thread", id="thread"), pytest.param("engine", id="engine-process")]
+
+
+@pytest.fixture(scope="module", params=MODES)
+def server(checkpoint, request):
+    """A server with 8 slots, a queue of 64, 16-token prefill chunks and a prefix cache: the scheduler in a thread
+    of this process, then in an engine process of its own (every test that uses it runs in both)."""
     from mambakit.data import ByteTokenizer
 
-    srv = ServerThread(checkpoint[1], ByteTokenizer(), chat_template=CHAT_TEMPLATE, max_batch_size=8, max_queue=64,
-                       prefill_chunk=16, prefix_cache_bytes=8 << 20, max_model_len=16384)
+    srv = ServerThread(checkpoint[1], ByteTokenizer(), chat_template=CHAT_TEMPLATE,
+                       engine_dir=checkpoint[0] if request.param == "engine" else None, max_batch_size=8,
+                       max_queue=64, prefill_chunk=16, prefix_cache_bytes=8 << 20, max_model_len=16384)
     yield srv
     srv.stop()
 

@@ -175,7 +175,7 @@ def test_scheduler_runs_requests_without_http_and_stops_cleanly():
                       for i, p in enumerate(prompts)])
     assert done.wait(30)
     for i, p in enumerate(prompts):
-        assert results[i] == generate(model, [p], 10, prefill_chunk_size=4)[0]
+        assert results[i] == generate(model, [p], 10, prefill_tokens_per_call=4)[0]
     assert reasons == {0: "length", 1: "length"}
     aborted = threading.Event()
     scheduler.submit([GenerationRequest(prompts[0], 100_000, [RowParams()],
@@ -240,7 +240,7 @@ def test_a_block_of_k_tokens_is_one_event_and_cuts_at_eos_and_length_inside_it(d
     what decode_steps 1 gives, which is generate()'s output."""
     model = _model("Mamba1")
     prompt = [0] + list(b"to be or not to be")
-    free_run = generate(model, [prompt], 20, prefill_chunk_size=4)[0]
+    free_run = generate(model, [prompt], 20, prefill_tokens_per_call=4)[0]
     eos = free_run[6]  # greedy output meets this id first at token 7 (or earlier): a cut inside a block
     cut = free_run.index(eos) + 1
     stop_text = bytes(free_run[3:5]).decode("utf-8", errors="replace")
@@ -251,7 +251,7 @@ def test_a_block_of_k_tokens_is_one_event_and_cuts_at_eos_and_length_inside_it(d
         sched = Scheduler(model, tokenizer, max_batch_size=4, prefill_chunk=4, prefix_cache_bytes=0, decode_steps=k)
         by_k[k] = _collect(sched.start(), requests)
     assert by_k[1][0][1] == free_run[:cut] and by_k[1][0][2] == "stop"
-    expected_short = generate(model, [prompt[:5]], 10, prefill_chunk_size=4, eos_token_id=eos)[0]
+    expected_short = generate(model, [prompt[:5]], 10, prefill_tokens_per_call=4, eos_token_id=eos)[0]
     assert by_k[1][1][1] == expected_short
     for one, many, (_, max_tokens, _) in zip(by_k[1], by_k[decode_steps], requests):
         assert many[:3] == one[:3]  # text, token ids, finish reason
@@ -302,5 +302,57 @@ def test_a_prompt_at_the_model_length_gets_one_token_and_length(decode_steps):
     sched = Scheduler(model, ByteTokenizer(), max_batch_size=2, prefill_chunk=4, prefix_cache_bytes=0,
                       decode_steps=decode_steps, max_model_len=len(prompt) - 3)
     [(text, ids, reason, _, _)] = _collect(sched.start(), [(prompt, 5, [])])
-    assert ids == generate(model, [prompt], 1, prefill_chunk_size=4)[0] and reason == "length"
+    assert ids == generate(model, [prompt], 1, prefill_tokens_per_call=4)[0] and reason == "length"
     assert text == ByteTokenizer().decode(ids)
+
+
+class _WindowWithEos(_BytesViaWindow):
+    def __init__(self, eos_id: int):
+        self.eos_id = eos_id
+
+
+@pytest.mark.parametrize("tokenizer_kind", [pytest.param("bytes", id="bytes"), pytest.param("window", id="window")])
+def test_text_made_by_the_reader_equals_the_text_made_by_the_scheduler(tokenizer_kind):
+    """detokenize=False (the engine process): rows without stop sequences come as token ids, and
+    `detokenize_event` on the reader's side (as EngineClient does) gives the texts the scheduler gives, at an
+    EOS cut, at max_tokens and for a choice that a stop sequence ends (always detokenized by the scheduler)."""
+    from mambakit.serving.scheduler import detokenize_event
+
+    model = _model("Mamba1")
+    prompt = [0] + list(b"to be or not to be")
+    free_run = generate(model, [prompt], 20, prefill_tokens_per_call=4)[0]
+    eos = free_run[6]
+    tokenizer = _EosTokenizer(eos) if tokenizer_kind == "bytes" else _WindowWithEos(eos)
+    stop_text = bytes(free_run[3:5]).decode("utf-8", errors="replace")
+    requests = [(prompt, 20, []), (prompt[:5], 10, []), (prompt[:8], 19, [stop_text]), ([0, 195], 9, [])]
+    by_mode = {}
+    for detokenize in (True, False):
+        sched = Scheduler(model, tokenizer, max_batch_size=4, prefill_chunk=4, prefix_cache_bytes=0, decode_steps=3,
+                          detokenize=detokenize).start()
+        done = threading.Semaphore(0)
+        got = [{"text": "", "ids": [], "reason": None} for _ in requests]
+
+        def sink_for(i, stops):
+            text = TextStream(tokenizer) if not (detokenize or stops) else None
+
+            def sink(events):
+                for e in events:
+                    got[i]["text"] += e.text if text is None else detokenize_event(text, e.token_ids, e.finish_reason)
+                    got[i]["ids"] += e.token_ids
+                    if e.finish_reason:
+                        got[i]["reason"] = e.finish_reason
+                        done.release()
+            return sink
+
+        sched.submit([GenerationRequest(p, m, [RowParams()], sink_for(i, s), stops=s)
+                      for i, (p, m, s) in enumerate(requests)])
+        for _ in requests:
+            assert done.acquire(timeout=60)
+        sched.stop()
+        by_mode[detokenize] = got
+    assert by_mode[False] == by_mode[True]
+    assert by_mode[True][0]["reason"] == "stop" and by_mode[True][0]["ids"][-1] == eos  # the EOS cut
+    assert by_mode[True][1]["reason"] in ("stop", "length") and by_mode[True][2]["reason"] == "stop"
+    for g in by_mode[True][:2] + by_mode[True][3:]:  # and that text is right: the whole decode, EOS not in it
+        ids = g["ids"][:-1] if g["reason"] == "stop" else g["ids"]
+        assert g["text"] == tokenizer.decode(ids) and g["text"]

@@ -1,8 +1,11 @@
 """The scheduler on a GPU (run on the GPU machine: pytest -m gpu): CUDA-graph decode at batch buckets and
-several decode steps per round trip give what eager decoding and `generate()` give."""
+several decode steps per round trip give what eager decoding and `generate()` give; the engine process
+(model and graphs in a spawned process) gives what the scheduler thread gives."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import threading
 
@@ -13,6 +16,7 @@ from mambakit import MambaConfig, MambaLM
 from mambakit.data import ByteTokenizer
 from mambakit.generation import generate
 from mambakit.serving import GenerationRequest, RowParams, Scheduler, request_key
+from mambakit.serving.engine import EngineClient
 
 DEVICE = os.environ.get("MAMBAKIT_SERVING_TEST_DEVICE", "cuda")  # "cpu" checks this file's harness off the GPU
 
@@ -31,7 +35,12 @@ def _model(ssm_cfg: dict) -> MambaLM:
     return model
 
 
-def _collect(scheduler: Scheduler, prompts: list[list[int]], max_tokens: list[int],
+def _engine_build(ssm_cfg: dict) -> tuple:
+    """In the engine process: the same model as `_model` (same seeds, same device) and its tokenizer."""
+    return _model(ssm_cfg), ByteTokenizer()
+
+
+def _collect(scheduler: Scheduler | EngineClient, prompts: list[list[int]], max_tokens: list[int],
              params: list[RowParams]) -> list[list[int]]:
     """Submit all requests at once; each one's new tokens."""
     results: list[list[int]] = [[] for _ in prompts]
@@ -46,8 +55,9 @@ def _collect(scheduler: Scheduler, prompts: list[list[int]], max_tokens: list[in
                     finished.release()
         return sink
 
-    scheduler.submit([GenerationRequest(p, m, [r], sink_for(i), ignore_eos=True)
-                      for i, (p, m, r) in enumerate(zip(prompts, max_tokens, params))])
+    requests = [GenerationRequest(p, m, [r], sink_for(i), ignore_eos=True)
+                for i, (p, m, r) in enumerate(zip(prompts, max_tokens, params))]
+    asyncio.run(scheduler.submit_async(requests))
     for _ in prompts:
         assert finished.acquire(timeout=300)
     return results
@@ -75,4 +85,30 @@ def test_graphed_scheduler_equals_eager_and_generate(ssm_cfg, decode_steps):
             scheduler.stop()
     assert outputs[True] == outputs[False]
     for i in range(0, len(prompts), 2):  # the greedy ones: generate() alone, same prefill chunks
-        assert outputs[True][i] == generate(model, [prompts[i]], max_tokens[i], prefill_chunk_size=16)[0]
+        assert outputs[True][i] == generate(model, [prompts[i]], max_tokens[i], prefill_tokens_per_call=16)[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ssm_cfg", LAYERS)
+def test_the_engine_process_gives_what_the_scheduler_thread_gives(ssm_cfg):
+    """--engine-process on the device: the model, CUDA graphs and k=8 blocks in a spawned process; the tokens
+    (greedy and seeded sampling) are those of the same scheduler in this process."""
+    model = _model(ssm_cfg)
+    torch.manual_seed(2)
+    prompts = [torch.randint(1, 256, (n,)).tolist() for n in (5, 40, 1, 17, 70, 9)]
+    max_tokens = [3 + (11 * i) % 37 for i in range(len(prompts))]
+    params = [RowParams() if i % 2 == 0 else RowParams(temperature=0.8, top_k=20, key=request_key(i))
+              for i in range(len(prompts))]
+    kwargs = dict(max_batch_size=8, prefill_chunk=16, decode_steps=8, prefix_cache_bytes=0)
+    scheduler = Scheduler(model, ByteTokenizer(), **kwargs).start()
+    try:
+        expected = _collect(scheduler, prompts, max_tokens, params)
+    finally:
+        scheduler.stop()
+    engine = EngineClient(functools.partial(_engine_build, ssm_cfg), ByteTokenizer(), kwargs, start_timeout=300)
+    try:
+        assert engine.device.startswith(DEVICE)
+        assert _collect(engine, prompts, max_tokens, params) == expected
+    finally:
+        engine.stop()
+    assert not engine.process.is_alive() and engine.process.exitcode == 0

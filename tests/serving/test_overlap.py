@@ -108,7 +108,7 @@ SETTINGS = dict(max_batch_size=4, prefill_chunk=4, prefix_cache_bytes=0, decode_
 
 
 def _eos_tokenizer(model: MambaLM) -> _EosTokenizer:
-    free_run = generate(model, [SPECS["eos"][0]], 20, prefill_chunk_size=4)[0]
+    free_run = generate(model, [SPECS["eos"][0]], 20, prefill_tokens_per_call=4)[0]
     return _EosTokenizer(free_run[5])  # greedy output meets this id at token 6 at the latest: inside block 2
 
 
@@ -171,9 +171,9 @@ def test_rows_that_finish_inside_a_block_in_flight_get_exactly_their_tokens():
         got = sinks[name]
         assert (got.ids, got.text, got.reasons) == (alone.ids, alone.text, alone.reasons), name
         assert got.after_finish == 0
-    assert sinks["len3"].ids == generate(model, [SPECS["len3"][0]], 3, prefill_chunk_size=4)[0]
-    assert sinks["len6"].ids == generate(model, [SPECS["len6"][0]], 6, prefill_chunk_size=4)[0]
-    eos_ids = generate(model, [SPECS["eos"][0]], 20, prefill_chunk_size=4, eos_token_id=tokenizer.eos_id)[0]
+    assert sinks["len3"].ids == generate(model, [SPECS["len3"][0]], 3, prefill_tokens_per_call=4)[0]
+    assert sinks["len6"].ids == generate(model, [SPECS["len6"][0]], 6, prefill_tokens_per_call=4)[0]
+    eos_ids = generate(model, [SPECS["eos"][0]], 20, prefill_tokens_per_call=4, eos_token_id=tokenizer.eos_id)[0]
     assert sinks["eos"].ids == eos_ids and sinks["eos"].reasons == ["stop"] and len(eos_ids) < 20
     assert [len(sinks[n].ids) for n in ("len3", "len6", "sampled")] == [3, 6, 13]
     assert sched.gauges()["running_sequences"] == 0 and sched.gauges()["free_slots"] == 4
@@ -197,7 +197,7 @@ def test_rows_that_join_while_a_block_is_in_flight_equal_the_request_alone():
         alone = _alone(model, tokenizer, name)
         assert (sinks[name].ids, sinks[name].text, sinks[name].reasons) == (alone.ids, alone.text, alone.reasons), name
         assert sinks[name].after_finish == 0
-    assert sinks["long"].ids == generate(model, [PROMPT], 23, prefill_chunk_size=4)[0]
+    assert sinks["long"].ids == generate(model, [PROMPT], 23, prefill_tokens_per_call=4)[0]
 
 
 def test_a_request_cancelled_while_its_block_is_in_flight_frees_its_slot_and_leaves_the_others_exact():

@@ -26,7 +26,7 @@ TOK = ByteTokenizer()
 
 def _expected_greedy(model, ids: list[int], max_tokens: int, chunk: int = 16) -> tuple[str, str]:
     """(text, finish_reason) that generate() gives: greedy, stopping at EOS (not part of the text)."""
-    new = generate(model, [ids], max_tokens, eos_token_id=TOK.eos_id, prefill_chunk_size=chunk)[0]
+    new = generate(model, [ids], max_tokens, eos_token_id=TOK.eos_id, prefill_tokens_per_call=chunk)[0]
     if new and new[-1] == TOK.eos_id:
         return TOK.decode(new[:-1]), "stop"
     return TOK.decode(new), "length"
@@ -281,9 +281,9 @@ def test_a_prefix_hit_gives_identical_output_and_is_counted(client, server):
     shared = "the rest is silence\nall the world's a stage\nnow is"  # 1 + 48 tokens: 3 whole chunks of 16
     other = shared + " the winter of our discontent"
     requests = [dict(max_tokens=25, temperature=0), dict(max_tokens=25, temperature=0.9, seed=4)]
-    server.scheduler.prefix_cache.clear()
+    server.clear_prefix_cache()
     cold = [_run(client, dict(prompt=other, **r)) for r in requests]  # the second one hits the first one's states
-    server.scheduler.prefix_cache.clear()
+    server.clear_prefix_cache()
     client.completions.create(model="tiny", prompt=shared + " the summer", max_tokens=1, temperature=0)
     before = _metrics(server)
     warm = _run(client, dict(prompt=other, **requests[0]))
@@ -362,8 +362,10 @@ def test_models_health_and_metrics_endpoints(server):
         assert f"\n{name} " in "\n" + text
 
 
-def test_a_full_queue_gets_429_and_the_server_keeps_serving(checkpoint):
-    srv = ServerThread(checkpoint[1], TOK, max_batch_size=1, max_queue=1, prefill_chunk=16, max_model_len=32768)
+@pytest.mark.parametrize("engine", [pytest.param(False, id="thread"), pytest.param(True, id="engine-process")])
+def test_a_full_queue_gets_429_and_the_server_keeps_serving(checkpoint, engine):
+    srv = ServerThread(checkpoint[1], TOK, max_batch_size=1, max_queue=1, prefill_chunk=16, max_model_len=32768,
+                       engine_dir=checkpoint[0] if engine else None)
     body = {"model": "tiny", "prompt": "to be", "max_tokens": 30000, "temperature": 0, "stream": True,
             "ignore_eos": True}
     try:

@@ -1,4 +1,5 @@
-"""`mambakit serve` as a user runs it: a fresh process on 127.0.0.1 that SIGTERM stops gracefully (exit 0)."""
+"""`mambakit serve` as a user runs it: a fresh process on 127.0.0.1 that SIGTERM stops gracefully (exit 0), with the
+scheduler in a thread of it or in an engine process of its own (which exits too)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,18 @@ from .conftest import free_port
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_the_running_request_and_exits_0(checkpoint):
+@pytest.mark.parametrize("mode", [pytest.param("--no-engine-process", id="thread"),
+                                  pytest.param("--engine-process", id="engine-process")])
+def test_sigterm_finishes_the_running_request_and_exits_0(checkpoint, mode):
+    from .test_engine import _descendants, _wait_gone
+
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-m", "mambakit.cli", "serve", "--model", str(checkpoint[0]), "--port",
-                             str(port), "--served-model-name", "tiny", "--shutdown-timeout", "60"],
+                             str(port), "--served-model-name", "tiny", "--shutdown-timeout", "60", mode],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    children: list[int] = []
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -51,6 +57,8 @@ def test_sigterm_finishes_the_running_request_and_exits_0(checkpoint):
         reader = threading.Thread(target=read_stream, daemon=True)
         reader.start()
         assert first.wait(60)
+        children = _descendants(proc.pid)  # with --engine-process: the engine (and multiprocessing's tracker)
+        assert (len(children) > 0) == (mode == "--engine-process")
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=90)
         reader.join(30)
@@ -65,6 +73,7 @@ def test_sigterm_finishes_the_running_request_and_exits_0(checkpoint):
     assert "Shutting down" in output and "request " in output
     with pytest.raises(httpx.TransportError):
         httpx.get(url + "/health", timeout=2)
+    _wait_gone(children, timeout=10)  # both processes exit: nothing left behind
 
 
 SERVE_ERRORS = [

@@ -1,15 +1,17 @@
 """The HTTP routes (FastAPI): OpenAI's /v1/completions and /v1/chat/completions, /v1/models, /health, /metrics.
 
 Handlers run on uvicorn's event loop and never touch the model: they validate the body, tokenize, submit
-`GenerationRequest`s to the `Scheduler` (its own thread) and relay its events, either as one JSON
-response or as server-sent events (`data: {...}` lines, then `data: [DONE]`). Events cross threads
-through one `loop.call_soon_threadsafe` per scheduler iteration into a channel per HTTP request. A client
+`GenerationRequest`s to the `Scheduler` (its own thread, or an engine process behind an `EngineClient`) and
+relay its events, either as one JSON response or as server-sent events (`data: {...}` lines, then
+`data: [DONE]`). Events cross threads (the scheduler's, or the engine client's reader) through one
+`loop.call_soon_threadsafe` per scheduler iteration into a channel per HTTP request. A client
 that goes away (a closed stream, or a dropped connection while waiting) cancels its requests, which frees
 their slots at the scheduler's next step.
 
 Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for a malformed body,
 an unknown field, an invalid parameter or a prompt longer than the model allows; 404 for another model
-name; 429 when the waiting queue is full; 503 while shutting down.
+name; 429 when the waiting queue is full; 503 while shutting down or once the engine process has exited
+(code "engine_unavailable").
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import ChatTemplate, ChatTemplateError
+from .engine import EngineClient, EngineUnavailableError
 from .protocol import ChatCompletionRequest, CompletionRequest, error_body
 from .sampler import RowParams, request_key
 from .scheduler import Event, GenerationRequest, QueueFullError, Scheduler, ShuttingDownError, TokenLogprob
@@ -157,9 +160,9 @@ def _validation_message(err: ValidationError) -> tuple[str, str | None]:
 
 
 class _Server:
-    """The state the routes share: the scheduler, tokenizer, names and limits."""
+    """The state the routes share: the scheduler (or engine client), tokenizer, names and limits."""
 
-    def __init__(self, scheduler: Scheduler, tokenizer, model_name: str, chat_template: str | None):
+    def __init__(self, scheduler: Scheduler | EngineClient, tokenizer, model_name: str, chat_template: str | None):
         self.scheduler, self.tokenizer, self.model_name = scheduler, tokenizer, model_name
         eos = tokenizer.eos_id
         eos_text = tokenizer.decode([eos]) if eos is not None else ""
@@ -234,11 +237,13 @@ class _Server:
                                          prompt_logprobs=prompt_logprobs, ignore_eos=req.ignore_eos))
         return out
 
-    def submit(self, requests: list[GenerationRequest]) -> None:
+    async def submit(self, requests: list[GenerationRequest]) -> None:
         try:
-            self.scheduler.submit(requests)
+            await self.scheduler.submit_async(requests)
         except QueueFullError as err:
             raise APIError(429, str(err), type="rate_limit_exceeded", code="queue_full") from None
+        except EngineUnavailableError as err:
+            raise APIError(503, str(err), type="server_unavailable", code="engine_unavailable") from None
         except ShuttingDownError as err:
             raise APIError(503, str(err), type="server_unavailable", code="shutting_down") from None
 
@@ -291,6 +296,9 @@ async def _events(server: _Server, http: Request, channel: _Channel,
             copies: set[tuple[int, int]] = set()  # keys whose merged event is ours to extend (a copy)
             for p_index, events in items:
                 for event in events:
+                    if event.error_code == "engine_unavailable":
+                        raise APIError(503, f"generation failed: {event.error}", type="server_unavailable",
+                                       code="engine_unavailable")
                     if event.error is not None:
                         raise APIError(500, f"generation failed: {event.error}", type="server_error")
                     key = (p_index, event.index)
@@ -352,8 +360,10 @@ def _chat_chunk(head: str, index: int, text: str, finish_reason: str | None) -> 
     return f'{head}{index}, "delta": {delta}, "logprobs": null, "finish_reason": {reason}}}]}}\n\n'
 
 
-def create_app(scheduler: Scheduler, tokenizer, model_name: str, chat_template: str | None = None) -> FastAPI:
-    """The FastAPI app over a started `Scheduler`; the app's shutdown stops the scheduler.
+def create_app(scheduler: Scheduler | EngineClient, tokenizer, model_name: str,
+               chat_template: str | None = None) -> FastAPI:
+    """The FastAPI app over a started `Scheduler` (same process) or an `EngineClient` (the scheduler in an engine
+    process of its own); the app's shutdown stops it.
 
     Example:
         >>> app = create_app(Scheduler(model, tokenizer).start(), tokenizer, "shakespeare")
@@ -388,8 +398,11 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, chat_template: 
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(scheduler.metrics.render(scheduler.gauges()),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+        try:
+            text = await scheduler.metrics_text()
+        except ShuttingDownError as err:  # the engine process has exited or is stopping
+            raise APIError(503, str(err), type="server_unavailable", code="engine_unavailable") from None
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/v1/completions")
     async def completions(http: Request):
@@ -406,7 +419,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, chat_template: 
         channel = server.channel()
         requests = server.build(req, prompts, 16 if req.max_tokens is None else req.max_tokens, req.logprobs,
                                 req.echo and req.logprobs is not None, channel)
-        server.submit(requests)
+        await server.submit(requests)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         n = req.n
 
@@ -504,7 +517,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, chat_template: 
         top = (req.top_logprobs or 0) if req.logprobs else None
         channel = server.channel()
         requests = server.build(req, [prompt], max_tokens, top, False, channel)
-        server.submit(requests)
+        await server.submit(requests)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         if req.stream:

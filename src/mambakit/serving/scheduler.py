@@ -82,6 +82,7 @@ class Event:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    error_code: str | None = None  # "engine_unavailable": the engine process is gone (HTTP 503, not 500)
 
 
 @dataclass(eq=False)  # identity: two requests with the same settings are still two requests
@@ -114,6 +115,7 @@ class GenerationRequest:
     prompt_logprob_list: list[TokenLogprob] = field(default_factory=list)
     cancelled: bool = False
     done: bool = False
+    engine_id: int | None = None  # its id across the process boundary (`EngineClient`), None in one process
 
     @property
     def n(self) -> int:
@@ -148,6 +150,20 @@ class _Prefill:
     pos: int = 0
     logits: torch.Tensor | None = None  # (1, V) after the last prefilled token
     digest: object = None  # blake2b state over ids[:pos]
+
+
+def detokenize_event(text: TextStream, token_ids: list[int], finish_reason: str | None) -> str:
+    """The text of one event of a row without stop sequences, from its tokens and finish reason.
+
+    Such a row ends with "stop" only at EOS, whose token is not part of the text; an ended row releases the
+    text held back (an incomplete character). An aborted row's event has no tokens and no text.
+    """
+    if finish_reason == "abort":
+        return ""
+    out = text.push_many(token_ids[:-1] if finish_reason == "stop" else token_ids)
+    if finish_reason is not None:
+        out += text.finish()
+    return out
 
 
 def _view(cache: InferenceCache, rows: int) -> InferenceCache:
@@ -221,6 +237,9 @@ class Scheduler:
         max_model_len: prompt + new tokens per sequence; a sequence that reaches it ends ("length").
         decode_steps: decode steps per host round trip (k); 1 hands every token over at once.
         max_prefill_tokens: tokens in one batched prefill call (at least one chunk always runs).
+        detokenize: False leaves the text of rows without stop sequences to the reader of the events (their
+            events carry token ids only; `EngineClient` makes the text in the HTTP process). Rows with stop
+            sequences are always detokenized here: where their text matches a stop decides where they end.
 
     Example:
         >>> sched = Scheduler(model, tokenizer, max_batch_size=8).start()
@@ -232,7 +251,7 @@ class Scheduler:
     def __init__(self, model: nn.Module, tokenizer, *, max_batch_size: int = 32, max_queue: int = 256,
                  prefill_chunk: int = 64, prefix_cache_bytes: int = 256 << 20, cuda_graph: bool = True,
                  max_model_len: int = 16384, state_dtype: torch.dtype | None = None, decode_steps: int = 1,
-                 max_prefill_tokens: int = 8192):
+                 max_prefill_tokens: int = 8192, detokenize: bool = True):
         for name, value, low in (("max_batch_size", max_batch_size, 1), ("max_queue", max_queue, 0),
                                  ("prefill_chunk", prefill_chunk, 1), ("max_model_len", max_model_len, 2),
                                  ("decode_steps", decode_steps, 1), ("max_prefill_tokens", max_prefill_tokens, 1)):
@@ -242,6 +261,7 @@ class Scheduler:
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.prefill_chunk, self.max_model_len = prefill_chunk, max_model_len
         self.decode_steps, self.max_prefill_tokens = decode_steps, max_prefill_tokens
+        self.detokenize = detokenize
         self.device = next(model.parameters()).device
         self.state_dtype = state_dtype
         self.vocab, self.real_vocab = model.config.padded_vocab_size, model.config.vocab_size
@@ -287,6 +307,14 @@ class Scheduler:
             self._inbox.extend(requests)
             self.metrics.add("requests_total", len(requests))
             self._lock.notify()
+
+    async def submit_async(self, requests: list[GenerationRequest]) -> None:
+        """`submit`, for the HTTP app (which awaits it: `EngineClient.submit_async` waits for the engine's answer)."""
+        self.submit(requests)
+
+    async def metrics_text(self) -> str:
+        """/metrics' exposition text (awaited by the app: `EngineClient` asks its engine process)."""
+        return self.metrics.render(self.gauges())
 
     def cancel(self, requests: list[GenerationRequest]) -> None:
         """Stop requests (a client went away): their slots are freed at the next step. Idempotent."""
@@ -675,10 +703,9 @@ class Scheduler:
             take = take[:take.index(self.eos_id) + 1]
             reason = "stop"
         seq.tokens += take
-        text = seq.text.push_many(take[:-1] if reason == "stop" else take)
-        if reason is not None:
-            text += seq.text.finish()
-        return Event(seq.index, text, take, finish_reason=reason)
+        if not self.detokenize:  # the reader makes the text: `detokenize_event` (the same calls, elsewhere)
+            return Event(seq.index, "", take, finish_reason=reason)
+        return Event(seq.index, detokenize_event(seq.text, take, reason), take, finish_reason=reason)
 
     def _row_by_token(self, seq: _Seq, row_tokens: list[int]) -> Event:
         """A row's tokens of one block as one event, token by token: a stop sequence can end it at any token."""
