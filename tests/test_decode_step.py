@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from mambakit import MambaConfig, MambaLM
 from mambakit.bench.decode_kernels import count_decode_kernels
+from mambakit.modules import fusion
 from mambakit.ops import (add_rms_norm_linear, gated_rms_norm_linear, record_backends, selective_state_update,
                           use_backend)
 
@@ -71,7 +72,8 @@ def _decode(model: MambaLM, ids: torch.Tensor, cache, backend: str, fused: bool)
     pytest.param(torch.bfloat16, 1, id="bf16-batch1"),
     pytest.param(torch.bfloat16, 3, id="bf16-batch3"),
 ])
-def test_fused_step_matches_unfused_step(ssm_cfg, dtype, batch):
+def test_fused_step_matches_unfused_step(ssm_cfg, dtype, batch, monkeypatch):
+    monkeypatch.setattr(fusion, "FUSED_STEP_MAX_BATCH", 64)  # batch 17 reaches the tensor-core tiles
     ids = torch.randint(0, VOCAB, (batch, 3), device=DEVICE)
     ref_model = _model(ssm_cfg)
     ref = _decode(ref_model, ids, _random_cache(ref_model, batch), "torch", fused=False)  # fp32, op by op
@@ -211,3 +213,19 @@ def test_state_update_with_dt_proj_weight(batch):
         assert_close(results[name][1], results["reference"][1], name=f"{name} state", rel=1e-5)
     with pytest.raises(ValueError, match="dt_proj_weight"):
         selective_state_update(h0.clone(), x, dt_low, A, B, C, dt_proj_weight=torch.randn(dim, R + 1, device=DEVICE))
+
+
+@pytest.mark.parametrize("ssm_cfg", LAYERS)
+def test_batches_above_the_threshold_step_op_by_op(ssm_cfg):
+    """At batch 64 the fused step lost to the ops one by one on the H200 (BENCHMARKS.md): above
+    FUSED_STEP_MAX_BATCH rows the step must not take it."""
+    model = _model(ssm_cfg)
+    batch = fusion.FUSED_STEP_MAX_BATCH + 1
+    ids = torch.randint(0, VOCAB, (batch, 2), device=DEVICE)
+    with record_backends() as seen:
+        _decode(model, ids, _random_cache(model, batch), "triton", fused=True)
+    assert seen[("add_rms_norm_linear", "triton")] == 0
+    with record_backends() as seen:
+        _decode(model, ids[:fusion.FUSED_STEP_MAX_BATCH], _random_cache(model, fusion.FUSED_STEP_MAX_BATCH), "triton",
+                fused=True)
+    assert seen[("add_rms_norm_linear", "triton")] == 2 * 2

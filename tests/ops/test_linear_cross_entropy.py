@@ -115,7 +115,21 @@ def test_bad_inputs_say_what_is_wrong():
         linear_cross_entropy(hidden, weight, targets, reduction="none")
     with pytest.raises(ValueError, match="rows_per_chunk"):
         linear_cross_entropy(hidden, weight, targets, rows_per_chunk=0)
-    assert default_rows_per_chunk(50280) * 50280 <= 1 << 25 < (default_rows_per_chunk(50280) + 1) * 50280
+    with pytest.raises(ValueError, match="vocab_size"):
+        linear_cross_entropy(hidden, weight, targets, vocab_size=51)
+    rows = default_rows_per_chunk(50280)
+    assert rows % 128 == 0 and rows * 50280 <= 1 << 26 < (rows + 128) * 50280
+
+
+def test_columns_past_vocab_size_are_not_scored():
+    hidden, weight, targets = _inputs()
+    targets = targets.clamp(max=39)
+    got = _grads(lambda: linear_cross_entropy(hidden, weight, targets, vocab_size=40, rows_per_chunk=8),
+                 hidden, weight)
+    ref = _grads(lambda: F.cross_entropy(hidden @ weight[:40].t(), targets, reduction="sum"), hidden, weight)
+    for name, a, e in zip(("loss", "dhidden", "dweight"), got, ref):
+        assert_close(a, e, name=name, rel=1e-5)
+    assert not got[2][40:].any()  # the padded rows get no gradient
 
 
 def _model(layer="Mamba2", vocab=61):

@@ -159,8 +159,8 @@ class MambaLM(nn.Module):
         if not 0 < vocab <= self.config.padded_vocab_size:
             raise ValueError(f"MambaLM: vocab_size must lie in [1, {self.config.padded_vocab_size}], got {vocab}")
         if reads_as_plain(self.lm_head, nn.Linear) and self.lm_head.bias is None:
-            return linear_cross_entropy(hidden, self.lm_head.weight[:vocab], targets, ignore_index=ignore_index,
-                                        reduction=reduction)
+            return linear_cross_entropy(hidden, self.lm_head.weight, targets, ignore_index=ignore_index,
+                                        reduction=reduction, vocab_size=vocab)
         logits = self.lm_head(hidden)[..., :vocab].float()
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten().long(), ignore_index=ignore_index,
                                reduction=reduction)

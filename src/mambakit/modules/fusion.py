@@ -39,9 +39,16 @@ def require_plain_conv(conv: nn.Module, layer: str) -> None:
                          "by the causal conv op (adapt in_proj, x_proj, dt_proj or out_proj instead)")
 
 
+# Rows up to which the fused decode step runs. H200, 130M shape, bf16, CUDA graphs (BENCHMARKS.md, 2026-12-02):
+# batch 1 fused 0.547 / 0.464 ms per token against 0.677 / 0.526 op by op (Mamba-1 / Mamba-2), batch 64 fused
+# 64.9k / 34.5k tok/s against 79.4k / 55.5k (each program of the norm + in_proj kernel re-reads its rows).
+# Only those two batch sizes were measured: 8 is a guess on the safe side of the crossover.
+FUSED_STEP_MAX_BATCH = 8
+
+
 def fused_step_allowed(hidden: torch.Tensor) -> bool:
     """Whether a decode step may take its fused kernels: they are forward-only, do not re-cast under autocast and
     are no torch.library ops, so with gradients or autocast on, or under torch.compile, the step runs op by op
-    (which honours all three)."""
-    return (not torch.is_grad_enabled() and not torch.is_autocast_enabled(hidden.device.type)
-            and not torch.compiler.is_compiling())
+    (which honours all three); and they win only at small batches (FUSED_STEP_MAX_BATCH)."""
+    return (hidden.shape[0] <= FUSED_STEP_MAX_BATCH and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(hidden.device.type) and not torch.compiler.is_compiling())

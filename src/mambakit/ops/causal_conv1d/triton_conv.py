@@ -330,8 +330,8 @@ def _empty_window(batch: int, dim: int, width: int, dtype: torch.dtype, device) 
 
 VARIANTS = ("tile", "stream")
 # the launchers' defaults (a `variant=` argument overrides them); the GPU sweep decides
-FWD_VARIANT = "tile"
-BWD_VARIANT = "tile"
+FWD_VARIANT = "stream"  # H200 sweep, 2026-12-02 (BENCHMARKS.md): 40 vs 60 us fwd, 104 vs 221 us bwd at Mamba-2's
+BWD_VARIANT = "stream"  # 130M training layout; the tile kernels stay selectable (variant="tile")
 
 
 def row_align(*tensors: torch.Tensor) -> int:
@@ -365,7 +365,8 @@ def _fwd_config(dim: int, variant: str) -> tuple[int, int, int, int]:
     """
     if variant == "tile":
         return 64, min(128, next_power_of_2(dim)), 8, 1
-    return 128, min(256, max(64, next_power_of_2(dim))), 2, 4
+    # the H200 sweep's best at all three shapes it timed (35.8 / 40.4 / 83.3 us, 79-82% of a copy)
+    return 64, min(256, max(64, next_power_of_2(dim))), 2, 4
 
 
 def _bwd_config(dim: int, variant: str) -> tuple[int, int, int, int]:
@@ -377,7 +378,9 @@ def _bwd_config(dim: int, variant: str) -> tuple[int, int, int, int]:
     """
     if variant == "tile":
         return 8, min(128, next_power_of_2(dim)), 4, 1
-    return 128, min(256, max(64, next_power_of_2(dim))), 2, 2
+    # 4 rows per step (+ 4 prefetched): 72 / 104 / 159 us at the sweep's three shapes; the configs within ~15%
+    # of each other swapped places between shapes (the lent machine's spread is about that)
+    return 128, min(256, max(64, next_power_of_2(dim))), 2, 4
 
 
 def _check_variant(variant: str, width: int, chunk: int, rows: int) -> None:

@@ -25,14 +25,20 @@ from ..common import autograd_op
 
 
 def default_rows_per_chunk(vocab: int) -> int:
-    """Rows per chunk so that a chunk's float32 logits take about 128 MB (2**25 elements), at least 16."""
-    return max(16, (1 << 25) // max(vocab, 1))
+    """Rows per chunk: a chunk's float32 logits take about 256 MB (2**26 elements); a multiple of 128 rows
+    (whole tensor-core tiles) when that many fit, at least 16."""
+    rows = max(16, (1 << 26) // max(vocab, 1))
+    return rows - rows % 128 if rows >= 128 else rows
 
 
 def _lce_fwd_impl(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                  rows_per_chunk: int, want_dhidden: bool, want_dweight: bool
+                  rows_per_chunk: int, vocab_size: int, want_dhidden: bool, want_dweight: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss float32 (), dhidden (N, d) in hidden's dtype or empty, dweight (V, d) float32 or empty)."""
+    """(loss float32 (), dhidden (N, d) in hidden's dtype or empty, dweight (V, d) float32 or empty).
+
+    Columns from `vocab_size` on take part in the matmuls (the whole weight: a padded vocabulary keeps the
+    rows of g 16-byte aligned for the tensor cores, where 50277 columns would not) but not in the softmax:
+    their logits are set to -inf, so their probability and gradient are 0."""
     rows = hidden.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     loss = torch.zeros((), dtype=acc, device=hidden.device)
@@ -45,6 +51,8 @@ def _lce_fwd_impl(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         scored = t != ignore_index
         safe = torch.where(scored, t, torch.zeros_like(t))[:, None]
         p = (h @ weight.t()).to(acc)  # (n, V)
+        if vocab_size < p.shape[1]:
+            p[:, vocab_size:] = float("-inf")
         lse = torch.logsumexp(p, dim=-1)
         loss += ((lse - p.gather(1, safe)[:, 0]) * scored).sum()
         if not (want_dhidden or want_dweight):
@@ -65,7 +73,7 @@ _lce_fwd = torch.library.custom_op("mambakit::linear_cross_entropy_fwd", mutates
 
 
 @_lce_fwd.register_fake
-def _(hidden, weight, targets, ignore_index, rows_per_chunk, want_dhidden, want_dweight):
+def _(hidden, weight, targets, ignore_index, rows_per_chunk, vocab_size, want_dhidden, want_dweight):
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     dhidden = torch.empty_like(hidden) if want_dhidden else hidden.new_empty(0)
     dweight = weight.new_empty(weight.shape if want_dweight else (0,), dtype=acc)
@@ -92,13 +100,13 @@ def _lce_setup_context(ctx, inputs, output):
     hidden, weight = inputs[0], inputs[1]
     _, dhidden, dweight = output
     ctx.save_for_backward(dhidden, dweight, weight)
-    ctx.want = (inputs[5], inputs[6])
+    ctx.want = (inputs[6], inputs[7])
 
 
 def _lce_backward(ctx, dloss, _ddhidden, _ddweight, bwd):
     dhidden, dweight, weight = ctx.saved_tensors
     gh, gw = bwd(dloss, dhidden, dweight, weight)
-    return (gh if ctx.want[0] else None, gw if ctx.want[1] else None, None, None, None, None, None)
+    return (gh if ctx.want[0] else None, gw if ctx.want[1] else None, None, None, None, None, None, None)
 
 
 _lce_op = autograd_op("LinearCrossEntropy", _lce_fwd_impl, _lce_fwd, _lce_setup_context, _lce_backward,
@@ -106,9 +114,10 @@ _lce_op = autograd_op("LinearCrossEntropy", _lce_fwd_impl, _lce_fwd, _lce_setup_
 
 
 def linear_cross_entropy_torch(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                               ignore_index: int, rows_per_chunk: int | None = None) -> torch.Tensor:
+                               ignore_index: int, vocab_size: int, rows_per_chunk: int | None = None) -> torch.Tensor:
     """The summed negative log-likelihood, float32 (); see the module docstring. Inputs already checked."""
     rows_per_chunk = rows_per_chunk or default_rows_per_chunk(weight.shape[0])
     want_dhidden, want_dweight = hidden.requires_grad, weight.requires_grad
-    loss, _, _ = _lce_op(hidden, weight, targets, ignore_index, rows_per_chunk, want_dhidden, want_dweight)
+    loss, _, _ = _lce_op(hidden, weight, targets, ignore_index, rows_per_chunk, vocab_size, want_dhidden,
+                         want_dweight)
     return loss
