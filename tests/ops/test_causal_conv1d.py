@@ -360,7 +360,8 @@ GPU_CASES = [
     pytest.param(dict(docs=None, init=False, final=False), id="silu-bias"),
     pytest.param(dict(docs=[[1000, 3, 4189, 3000], [8192]], init=True, final=True), id="silu-bias-packed-init-final"),
     # Mamba-2 130M's training layout: x = zxbcdt[..., 1536:3328] of 3352 columns (row stride not a multiple of 16)
-    pytest.param(dict(docs=[[700, 1348], [2048]], init=False, final=False, layout=(4, 2048, 1792, 3352, 1536)),
+    pytest.param(dict(docs=[[700, 1348], [2048], [2048], [1, 2047]], init=False, final=False,
+                      layout=(4, 2048, 1792, 3352, 1536)),
                  id="mamba2-slice-docs"),
 ]
 
