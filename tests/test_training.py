@@ -256,3 +256,26 @@ def test_ddp_gradients_equal_single_process_large_batch(tmp_path):
     single_weights = load_file(str(tmp_path / "single_run" / "model.safetensors"))
     for name, w in single_weights.items():
         assert_close(ddp_weights[name], w, name=name, rel=1e-3)
+
+
+def test_the_chunked_loss_step_equals_the_logits_step_and_the_config_names_both():
+    """`loss: chunked` (the model's own loss, ops.linear_cross_entropy) and `loss: logits` give one step's loss and
+    gradients alike; any other value is refused."""
+    from mambakit import MambaConfig, MambaLM
+    from mambakit.training import forward_backward
+    from mambakit.training.config import TrainConfig
+
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=61, ssm_cfg={"layer": "Mamba1"}))
+    window = torch.randint(0, 61, (2, 17), generator=torch.Generator().manual_seed(2))
+    runs = []
+    for chunked in (True, False):
+        model.zero_grad()
+        loss = forward_backward(model, window, vocab_size=61, chunked_loss=chunked)
+        runs.append((loss, [p.grad.clone() for p in model.parameters()]))
+    assert torch.allclose(runs[0][0], runs[1][0], rtol=1e-6)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert TrainConfig(loss="logits").loss == "logits" and TrainConfig().loss == "chunked"
+    with pytest.raises(ValueError, match="loss must be"):
+        TrainConfig(loss="fused")

@@ -98,7 +98,8 @@ _OWN_FLAGS = {"recipe", "data", "tokenizer", "out_dir", "max_steps", "time_budge
               "recompute", "grad_accum", "parallel", "log_every", "save_every", "logger"}
 # what may change when a run is resumed: nothing that changes a step's numbers (batch_size, grad_accum and the
 # parallel layout only with the same global batch, which the run checks)
-_RESUMABLE = {"out_dir", "time_budget_s", "device", "progress", "recompute", "on_nonfinite", "keep_checkpoints",
+_RESUMABLE = {"out_dir", "time_budget_s", "device", "progress", "recompute", "loss", "on_nonfinite",
+              "keep_checkpoints",
               "log_every", "save_every", "logger", "plot", "eval_every", "eval_tokens", "eval_batch_size",
               "final_eval_tokens", "batch_size", "grad_accum", "parallel", "fsdp_mixed_precision",
               "fsdp_reshard_after_forward", "sample_prompt",

@@ -154,7 +154,8 @@ class MambaLM(nn.Module):
         """The cross-entropy of the head's logits at `hidden` (B, L, M) against `targets` (B, L): a float32 scalar."""
         vocab = self.config.vocab_size if vocab_size is None else vocab_size
         if not isinstance(targets, torch.Tensor) or targets.shape != hidden.shape[:2]:
-            raise ValueError(f"MambaLM: targets must be a tensor of shape {tuple(hidden.shape[:2])} like input_ids, got "
+            raise ValueError(f"MambaLM: targets must be a tensor of shape {tuple(hidden.shape[:2])} like input_ids, "
+                             f"got "
                              f"{tuple(getattr(targets, 'shape', ())) or type(targets).__name__}")
         if not 0 < vocab <= self.config.padded_vocab_size:
             raise ValueError(f"MambaLM: vocab_size must lie in [1, {self.config.padded_vocab_size}], got {vocab}")

@@ -83,6 +83,10 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     autocast: str = "bf16"  # "bf16" or "none": bf16 autocast on CUDA (ignored on CPU)
     recompute: bool = False  # keep only in_proj's output per layer; recompute conv, scan, norm in the backward
+    # "chunked": the model's own loss, ops.linear_cross_entropy (never the (batch, seqlen, vocab) logits: 20.4 ->
+    # 9.8 GB at the 130M shape, batch 8 x 2048, ~8% slower on the H200, BENCHMARKS.md); "logits": F.cross_entropy
+    # of the whole logits matrix (the faster one when memory allows)
+    loss: str = "chunked"
     parallel: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2: parameters sharded per block)
     fsdp_mixed_precision: str = "bf16"  # "bf16": FSDP2 computes in bf16, reduces gradients in fp32 (CUDA only)
     # True (FSDP2's own default): a block's gathered parameters are freed after its forward and gathered again
@@ -122,6 +126,8 @@ class TrainConfig:
             raise ValueError(f"{self.layer} needs d_model ({self.d_model}) divisible by headdim ({self.headdim})")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError(f"time_budget_s must be positive, got {self.time_budget_s}")
+        if self.loss not in ("chunked", "logits"):
+            raise ValueError(f"loss must be 'chunked' or 'logits', got {self.loss!r}")
         if self.autocast not in ("bf16", "none"):
             raise ValueError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
         if self.parallel not in PARALLEL:

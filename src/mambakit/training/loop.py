@@ -162,7 +162,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, no_decay: set[str]
 
 
 def forward_backward(model: torch.nn.Module, window: torch.Tensor | WindowBatch, vocab_size: int,
-                     autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+                     autocast_dtype: torch.dtype | None = None, chunked_loss: bool = True) -> torch.Tensor:
     """Mean next-token cross-entropy of a (batch, seqlen + 1) window, backpropagated. Returns the detached loss.
 
     A `WindowBatch` (data.split_window) carries inputs, targets and the seq_idx of packed documents, which
@@ -170,13 +170,15 @@ def forward_backward(model: torch.nn.Module, window: torch.Tensor | WindowBatch,
 
     Under DistributedDataParallel the backward averages the gradients over processes, so with
     equal per-rank batches the result is the gradient of the mean over the global batch.
+    With `chunked_loss` a MambaLM computes the loss itself (`model(inputs, targets=...)`, ops.linear_cross_entropy:
+    no (batch, seqlen, vocab) logits); otherwise, and for other models, the loss is taken from the whole logits.
 
     Example:
         >>> loss = forward_backward(model, sampler.next_batch(), vocab_size=256)   # grads now in .grad
     """
     inputs, targets, seq_idx = window if isinstance(window, WindowBatch) else split_window(window, None)
     extra = {} if seq_idx is None else {"seq_idx": seq_idx}
-    own_loss = _scores_targets(model)
+    own_loss = chunked_loss and _scores_targets(model)
     with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         if own_loss:
             # the model's own loss (ops.linear_cross_entropy): never the (batch, seqlen, vocab) logits
@@ -383,7 +385,8 @@ class Run:
             sync = contextlib.nullcontext()
         with sync:
             batch = split_window(window.to(self.device, non_blocking=True), self.doc_eos)
-            return forward_backward(self.model, batch, self.vocab, self.autocast_dtype)
+            return forward_backward(self.model, batch, self.vocab, self.autocast_dtype,
+                                    chunked_loss=self.cfg.loss == "chunked")
 
     def step(self) -> None:
         """One optimizer step (grad_accum micro-steps), then its record, evaluation and checkpoint when due.

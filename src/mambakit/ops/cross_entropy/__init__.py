@@ -52,7 +52,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"linear_cross_entropy: rows_per_chunk must be a positive int, got {rows_per_chunk!r}")
     vocab = weight.shape[0] if vocab_size is None else vocab_size
     if not isinstance(vocab, int) or not 0 < vocab <= weight.shape[0]:
-        raise ValueError(f"linear_cross_entropy: vocab_size must be an int in [1, {weight.shape[0]}], got {vocab_size!r}")
+        raise ValueError(f"linear_cross_entropy: vocab_size must be an int in [1, {weight.shape[0]}], "
+                         f"got {vocab_size!r}")
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1).long()
     if targets.device.type == "cpu" and targets.numel() and not torch.compiler.is_compiling():

@@ -43,8 +43,8 @@ def _lce_fwd_impl(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     loss = torch.zeros((), dtype=acc, device=hidden.device)
     dhidden = torch.empty_like(hidden) if want_dhidden else hidden.new_empty(0)
-    dweight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_dweight else weight.new_empty(0,
-                                                                                                                dtype=acc)
+    dweight = (torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_dweight
+               else weight.new_empty(0, dtype=acc))
     for start in range(0, rows, rows_per_chunk):
         h = hidden[start:start + rows_per_chunk]
         t = targets[start:start + rows_per_chunk]
