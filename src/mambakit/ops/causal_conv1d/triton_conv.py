@@ -124,7 +124,8 @@ def _causal_conv1d_fwd_kernel(
                                 stride_xl, stride_xd, stride_id, stride_iw, BLOCK_W, W, HAS_INIT, ACC)
             if HAS_SEQ:
                 last_doc = tl.load(seq_ptr + (seqlen - 1) * stride_sl)
-                seq_j = tl.load(seq_ptr + tl.maximum(pos_j, 0) * stride_sl)
+                # BLOCK_W >= W-1 lanes: the extra ones read the last position, not one past it
+                seq_j = tl.load(seq_ptr + tl.minimum(tl.maximum(pos_j, 0), seqlen - 1) * stride_sl)
                 window = tl.where((seq_j == last_doc)[:, None], window, 0.0)
             tl.store(final_ptr + offs_j[:, None] * stride_fw + offs_d[None, :] * stride_fd,
                      window.to(final_ptr.dtype.element_ty), mask=(offs_j < W - 1)[:, None] & mask_d[None, :])
