@@ -158,9 +158,8 @@ def time_triton(inp, config: ScanConfig | None) -> tuple[float, float, float]:
     return t_fwd, t_fb, peak
 
 
-def time_fwd_bwd(inp, config: ScanConfig | None) -> tuple[float, float]:
-    """Median ms of forward+backward and its peak GB (time_triton without the no-grad forward, which would compile
-    one more forward per checkpoint interval)."""
+def fwd_bwd_call(inp, config: ScanConfig | None):
+    """A call running the Triton scan's forward and backward (all of GRAD_NAMES) on fresh leaves of `inp`."""
     leaves = with_grad(inp)
     dy = torch.randn_like(inp["x"])
     params = [leaves[k] for k in GRAD_NAMES]
@@ -169,6 +168,13 @@ def time_fwd_bwd(inp, config: ScanConfig | None) -> tuple[float, float]:
         y = selective_scan_triton(**leaves, dt_softplus=True, config=config)
         return torch.autograd.grad(y, params, dy)
 
+    return fwd_bwd
+
+
+def time_fwd_bwd(inp, config: ScanConfig | None) -> tuple[float, float]:
+    """Median ms of forward+backward and its peak GB (time_triton without the no-grad forward, which would compile
+    one more forward per checkpoint interval)."""
+    fwd_bwd = fwd_bwd_call(inp, config)
     t_fb = do_bench(fwd_bwd, quantiles=[0.5])
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -182,14 +188,7 @@ def kernel_profile(inp, config: ScanConfig | None, reps: int = 10) -> list[tuple
     the kernel's launches, launches per fwd+bwd)."""
     from torch.profiler import ProfilerActivity, profile
 
-    leaves = with_grad(inp)
-    dy = torch.randn_like(inp["x"])
-    params = [leaves[k] for k in GRAD_NAMES]
-
-    def fwd_bwd():
-        y = selective_scan_triton(**leaves, dt_softplus=True, config=config)
-        return torch.autograd.grad(y, params, dy)
-
+    fwd_bwd = fwd_bwd_call(inp, config)
     for _ in range(3):
         fwd_bwd()
     torch.cuda.synchronize()
