@@ -343,9 +343,9 @@ def test_skip_nonfinite_skips_the_bad_steps_and_writes_strict_json(tmp_path, mon
     real = loop.forward_backward
     calls = []
 
-    def poisoned(model, window, vocab, autocast_dtype=None):
+    def poisoned(model, window, *args, **kwargs):
         calls.append(1)
-        loss = real(model, window, vocab, autocast_dtype)
+        loss = real(model, window, *args, **kwargs)
         if len(calls) in (3, 7):  # two steps whose gradients are NaN
             next(model.parameters()).grad.fill_(float("nan"))
             return loss * float("nan")
