@@ -198,20 +198,13 @@ def _serve(args, port: int, ready) -> None:
 
 
 def _descendants(pid: int) -> list[int]:
-    """The process ids below `pid` (Linux /proc; [] elsewhere): the engine process of --engine-process."""
-    out = []
+    """The process ids below `pid` ([] when it is gone): the engine process of --engine-process."""
+    import psutil
+
     try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for task in tasks:
-        try:
-            children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
-        except OSError:
-            continue
-        for child in map(int, children):
-            out += [child] + _descendants(child)
-    return out
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _tree_cpu_seconds(pid: int) -> tuple[float | None, float | None]:

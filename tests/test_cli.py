@@ -247,13 +247,13 @@ def test_generate_speed_excludes_the_first_token_and_the_first_batch(capsys, tmp
     assert main(["generate", "--model", str(model_dir), "--prompt", "x", "--max-new-tokens", "5"]) == 0
     captured = capsys.readouterr()
     assert captured.out == "xhello\n"
-    assert captured.err.strip() == ("first token in 10.00 s (prompt and first use: kernel compiles on CUDA); "
-                                    "then 4 tokens in 0.40 s: 10.0 tokens/s, 100.0 ms/token")
+    assert captured.err.strip() == ("first token in 10.00 s (prompt and first use: kernel compiles on CUDA, "
+                                    "the step's compile with --compile); then 4 tokens in 0.40 s: 10.0 tokens/s, 100.0 ms/token")
 
     clock.now = 100.0
     (tmp_path / "prompts.txt").write_text("a\nb\nc\nd\ne\n", encoding="utf-8")
     assert main(["generate", "--model", str(model_dir), "--prompts-file", str(tmp_path / "prompts.txt"),
                  "--batch-size", "2", "--output", str(tmp_path / "out.jsonl")]) == 0
     assert capsys.readouterr().err.strip() == (
-        "first batch: 6 tokens in 10.00 s (prompt and first use: kernel compiles on CUDA); "
-        "then 9 tokens in 2.00 s: 4.5 tokens/s, 222.2 ms/token")
+        "first batch: 6 tokens in 10.00 s (prompt and first use: kernel compiles on CUDA, "
+        "the step's compile with --compile); then 9 tokens in 2.00 s: 4.5 tokens/s, 222.2 ms/token")

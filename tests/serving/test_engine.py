@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from mambakit.data import ByteTokenizer
@@ -38,15 +39,7 @@ def _alive(pid: int) -> bool:
 
 
 def _descendants(pid: int) -> list[int]:
-    out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
-        except OSError:
-            continue
-        for child in map(int, children):
-            out += [child] + _descendants(child)
-    return out
+    return [child.pid for child in psutil.Process(pid).children(recursive=True)]
 
 
 def _engine_pid(pid: int) -> int:

@@ -5,7 +5,8 @@ weights in int8, the rest float32); bfloat16+int8 (both). For each:
     ms_per_token     greedy decoding at batch 1 after a 16-token prompt, the model's shape (`--quick`: tiny;
                      else the 130M checkpoints' shape, random weights: speed does not depend on their values),
                      decode time = time(n + 1 tokens) - time(1 token), variants interleaved round by round so a
-                     busy machine slows all alike
+                     busy machine slows all alike; each format eager and with the compiled step
+                     (`generate(..., compile=True)`, compile time excluded: it happens in the warm-up)
     bits_per_byte    on the held-out text (built-in Shakespeare's held-out plays) of the checkpoint `--model`
                      (a trained one: a random model's figures say nothing), and its change against float32
     argmax_agreement share of held-out positions whose most likely next token is float32's
@@ -29,6 +30,7 @@ from .models import build_model, model_shape, n_params
 from .timing import time_interleaved
 
 VARIANTS = ("float32", "bfloat16", "int8", "bfloat16+int8")
+STEPS = ("eager", "compiled")  # how each variant's decode step runs
 
 
 def convert(model: torch.nn.Module, variant: str) -> torch.nn.Module:
@@ -42,13 +44,14 @@ def convert(model: torch.nn.Module, variant: str) -> torch.nn.Module:
 
 
 def decode_ms_per_token(models: dict[str, torch.nn.Module], vocab: int, new_tokens: int,
-                        repeats: int) -> dict[str, float]:
-    """Greedy ms per new token of each model at batch 1 after a 16-token prompt (prefill excluded)."""
+                        repeats: int, compile: bool = False) -> dict[str, float]:
+    """Greedy ms per new token of each model at batch 1 after a 16-token prompt (prefill excluded); with
+    `compile`, through the compiled step (its compile happens in the warm-up round, which is not timed)."""
     prompt = torch.randint(0, vocab, (1, 16))
     variants = {}
     for name, m in models.items():
-        variants[f"{name}/long"] = lambda m=m: generate(m, prompt, new_tokens + 1)
-        variants[f"{name}/short"] = lambda m=m: generate(m, prompt, 1)
+        variants[f"{name}/long"] = lambda m=m: generate(m, prompt, new_tokens + 1, compile=compile)
+        variants[f"{name}/short"] = lambda m=m: generate(m, prompt, 1, compile=compile)
     times = time_interleaved(variants, repeats, warmup=1)
     return {name: max(statistics.median(times[f"{name}/long"]) - statistics.median(times[f"{name}/short"]), 0.0)
             / new_tokens * 1e3 for name in models}
@@ -100,11 +103,14 @@ def run_quantize(device: torch.device, quick: bool, model_dir: str | None = None
         base = build_model(name, shape, device, torch.float32)
         params[name] = n_params(base)
         models = {v: convert(base, v) for v in VARIANTS}
-        ms = decode_ms_per_token(models, shape.vocab_size, new_tokens, repeats)
-        for v in VARIANTS:
-            rows.append({"model": name, "variant": v, "ms_per_token": ms[v],
-                         "speedup": ms["float32"] / max(ms[v], 1e-9)})
-            log(f"{name} {v:14s} {ms[v]:8.2f} ms/token ({rows[-1]['speedup']:.2f}x float32)")
+        for step in STEPS:
+            ms = decode_ms_per_token(models, shape.vocab_size, new_tokens, repeats, compile=step == "compiled")
+            if step == "eager":
+                eager_float32 = ms["float32"]
+            for v in VARIANTS:
+                rows.append({"model": name, "variant": v, "step": step, "ms_per_token": ms[v],
+                             "speedup": eager_float32 / max(ms[v], 1e-9)})
+                log(f"{name} {v:14s} {step:8s} {ms[v]:8.2f} ms/token ({rows[-1]['speedup']:.2f}x eager float32)")
         del base, models
     result = {"shape": shape.name, "params": params, "new_tokens": new_tokens, "repeats": repeats, "speed": rows}
     if model_dir is not None:
@@ -135,12 +141,17 @@ def plot_quantize(result: dict, out_dir, device_name: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    width = 0.38
-    for i, name in enumerate(("mamba1", "mamba2")):
-        vals = [next(r["ms_per_token"] for r in result["speed"] if r["model"] == name and r["variant"] == v)
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    series = [(name, step) for name in ("mamba1", "mamba2") for step in STEPS]
+    width = 0.8 / len(series)
+    for i, (name, step) in enumerate(series):
+        vals = [next(r["ms_per_token"] for r in result["speed"]
+                     if r["model"] == name and r["variant"] == v and r.get("step", "eager") == step)
                 for v in VARIANTS]
-        ax.bar([j + (i - 0.5) * width for j in range(len(VARIANTS))], vals, width, label=name)
+        compiled = step == "compiled"
+        ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(VARIANTS))], vals, width,
+               label=f"{name}, {step} step", color="C0" if name == "mamba1" else "C2", alpha=0.55 if compiled else 1,
+               hatch="//" if compiled else None, edgecolor="black" if compiled else None)
     ax.set_xticks(range(len(VARIANTS)), VARIANTS)
     ax.set_ylabel("ms per token (batch 1)")
     ax.set_title(f"CPU decoding by weight format ({result['shape']}; {device_name})", fontsize=9)

@@ -1,6 +1,7 @@
-"""mambakit.generation: inference cache, prefill, decode step, sampling, CUDA graphs, generate and stream."""
+"""mambakit.generation: inference cache, prefill, decode step, sampling, CUDA graphs, the compiled CPU step, generate and stream."""
 
 from .cache import InferenceCache, allocate_cache
+from .compiled import CompiledDecoder
 from .cuda_graph import CUDAGraphDecoder
 from .generate import SamplingParams, generate, stream
 from .sampling import apply_repetition_penalty, greedy, logits_to_probs, sample, seen_tokens
@@ -14,6 +15,7 @@ __all__ = [
     "prefill",
     "decode_one_token",
     "CUDAGraphDecoder",
+    "CompiledDecoder",
     "generate",
     "stream",
     "StopStrings",

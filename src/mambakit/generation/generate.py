@@ -22,6 +22,7 @@ from torch import nn
 
 from ..deprecation import DEPRECATED
 from .cache import allocate_cache
+from .compiled import CompiledDecoder
 from .cuda_graph import CUDAGraphDecoder
 from .sampling import apply_repetition_penalty, greedy, logits_to_probs, sample, seen_tokens
 from .steps import (DEFAULT_TOKENS_PER_CALL, decode_one_token, model_device, pack_prompts, prefill_packed,
@@ -109,9 +110,20 @@ def _check_max_new_tokens(max_new_tokens) -> None:
         raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
 
 
+def _check_compile(compile) -> None:
+    if not isinstance(compile, bool):
+        raise ValueError(f"generate: compile must be a bool, got {type(compile).__name__}")
+
+
 def _decoder_for(model: nn.Module, batch: int, cuda_graph: bool | CUDAGraphDecoder,
-                 state_dtype: torch.dtype | None = None) -> CUDAGraphDecoder | None:
-    """The graph decoder to use: the one given, a new one (CUDA models only), or None for the eager step."""
+                 state_dtype: torch.dtype | None = None,
+                 compile: bool = False) -> CUDAGraphDecoder | CompiledDecoder | None:
+    """The decoder to use: the graph one given, a new one (CUDA models only), a compiled one (CPU models, with
+    `compile`), or None for the eager step."""
+    if compile:
+        if isinstance(cuda_graph, CUDAGraphDecoder):
+            raise ValueError("generate: compile=True and a CUDAGraphDecoder: choose one")
+        return CompiledDecoder(model, batch, state_dtype=state_dtype)
     if isinstance(cuda_graph, CUDAGraphDecoder):
         if cuda_graph.model is not model or cuda_graph.batch_size != batch:
             raise ValueError(f"generate: cuda_graph was captured for batch {cuda_graph.batch_size} of another "
@@ -127,7 +139,7 @@ def _decoder_for(model: nn.Module, batch: int, cuda_graph: bool | CUDAGraphDecod
 def _token_loop(model: nn.Module, ids_BL: torch.Tensor, lengths: list[int], max_new_tokens: int,
                 params: SamplingParams, cuda_graph: bool | CUDAGraphDecoder,
                 prefill_tokens_per_call: int | None, state_dtype: torch.dtype | None = None,
-                logprobs_out: list[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+                logprobs_out: list[torch.Tensor] | None = None, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) int64 on the model's device, max_new_tokens times.
 
     ids_BL, lengths: the prompts as `pack_prompts` returns them. logprobs_out: when a list, each step appends
@@ -141,7 +153,7 @@ def _token_loop(model: nn.Module, ids_BL: torch.Tensor, lengths: list[int], max_
     device = ids_BL.device
     vocab, real_vocab = model.config.padded_vocab_size, model.config.vocab_size
     batch = ids_BL.shape[0]
-    decoder = _decoder_for(model, batch, cuda_graph, state_dtype)
+    decoder = _decoder_for(model, batch, cuda_graph, state_dtype, compile)
     if decoder is not None:
         cache = decoder.cache.reset()
     else:
@@ -194,7 +206,7 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
              decode: Callable[[list[int]], str] | None = None, seed: int | None = None,
              cuda_graph: bool | CUDAGraphDecoder = False,
              prefill_tokens_per_call: int | None = DEFAULT_TOKENS_PER_CALL, state_dtype: torch.dtype | None = None,
-             return_logprobs: bool = False,
+             return_logprobs: bool = False, compile: bool = False,
              prefill_chunk_size=DEPRECATED) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
     """Generate up to max_new_tokens new tokens per prompt; returns each row's new tokens (and their log-probs).
 
@@ -210,6 +222,8 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
         seed: seeds the sampler's generator, for reproducible sampling.
         cuda_graph: True to replay the decode step from a CUDA graph (CUDA models; eager elsewhere), or a
             `CUDAGraphDecoder` of this model and batch size to reuse one captured earlier.
+        compile: True to decode with the step compiled by torch.compile (`CompiledDecoder`: CPU models without
+            attention layers; about 1.4x faster at the 130M shape after a compile of seconds to a minute).
         prefill_tokens_per_call: tokens per row per prefill call (None: whole prompts); bounds
             prefill memory. Its former name `prefill_chunk_size` still works, with a DeprecationWarning.
         state_dtype: the SSM states' dtype in the cache (None: float32); torch.bfloat16 halves the state
@@ -232,6 +246,7 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
                                               name="prefill_tokens_per_call", old_name="prefill_chunk_size")
     _check_max_new_tokens(max_new_tokens)
     _check_prompts(prompts)
+    _check_compile(compile)
     device = model_device(model)
     ids_BL, lengths = pack_prompts(prompts, model.config.padded_vocab_size, device)
     batch = ids_BL.shape[0]
@@ -244,7 +259,7 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     n_steps = 0
     logprobs_T: list[torch.Tensor] | None = [] if return_logprobs else None
     loop = _token_loop(model, ids_BL, lengths, max_new_tokens, params, cuda_graph, tokens_per_call, state_dtype,
-                       logprobs_T)
+                       logprobs_T, compile)
     for step, tokens_B in enumerate(loop):
         tokens_BT[:, step] = tokens_B
         n_steps = step + 1
@@ -277,7 +292,7 @@ def stream(model: nn.Module, prompt, max_new_tokens: int, *, temperature: float 
            decode: Callable[[list[int]], str] | None = None, seed: int | None = None,
            cuda_graph: bool | CUDAGraphDecoder = False,
            prefill_tokens_per_call: int | None = DEFAULT_TOKENS_PER_CALL, state_dtype: torch.dtype | None = None,
-           prefill_chunk_size=DEPRECATED) -> Iterator[int]:
+           compile: bool = False, prefill_chunk_size=DEPRECATED) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are made; the same arguments and tokens as `generate`.
 
     prompt: a list of token ids, or a (L,) / (1, L) integer tensor. The iterator ends after max_new_tokens
@@ -292,6 +307,7 @@ def stream(model: nn.Module, prompt, max_new_tokens: int, *, temperature: float 
     tokens_per_call = resolve_tokens_per_call("stream", prefill_tokens_per_call, prefill_chunk_size,
                                               name="prefill_tokens_per_call", old_name="prefill_chunk_size")
     _check_max_new_tokens(max_new_tokens)
+    _check_compile(compile)
     if isinstance(prompt, torch.Tensor):
         if prompt.dim() not in (1, 2) or (prompt.dim() == 2 and prompt.shape[0] != 1):
             raise ValueError(f"stream: a prompt tensor must be (seqlen,) or (1, seqlen), got {tuple(prompt.shape)}")
@@ -304,7 +320,7 @@ def stream(model: nn.Module, prompt, max_new_tokens: int, *, temperature: float 
     ids_BL, lengths = pack_prompts(prompt, model.config.padded_vocab_size, model_device(model))
     # validated above, before the first token is asked for; the loop itself is a generator
     return _stream_tokens(_token_loop(model, ids_BL, lengths, max_new_tokens, params, cuda_graph, tokens_per_call,
-                                      state_dtype),
+                                      state_dtype, compile=compile),
                           set(params.eos_ids), stopper)
 
 

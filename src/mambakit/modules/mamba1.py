@@ -46,8 +46,8 @@ class DecodeParams:
 
     def get(self, compute, *sources: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """compute() -> the tensors, made from `sources` (the parameters whose change invalidates them)."""
-        if torch.is_grad_enabled():
-            return compute()
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return compute()  # a compiled step fuses the few ops into its kernels instead
         key = tuple((id(p), p.data_ptr(), p._version, p.dtype) for p in sources)
         if key != self.key:
             self.values = compute()

@@ -58,6 +58,8 @@ def ssd_state_update_torch(
     dt_ = effective_dt_as(dt, dt_bias, dt_softplus, dt_limit, cd)  # (b, H)
     x_ = as_dtype(x, cd)
 
+    if torch.compiler.is_compiling():
+        return _compiled_step(state, x_, dt_, A, B, C, D, z, cd, x.dtype)
     h = state if (state.dtype == cd and state.is_contiguous()) else state.to(cd).contiguous()
     # exp(dt' A) <= 1 for A <= 0: the old state only shrinks
     h.view(b, H, P * N).mul_(torch.exp(dt_ * as_dtype(A, cd))[..., None])
@@ -72,3 +74,22 @@ def ssd_state_update_torch(
     if h is not state:
         state.copy_(h)
     return as_dtype(y, x.dtype), state
+
+
+def _compiled_step(state, x_, dt_, A, B, C, D, z, cd, out_dtype):
+    """The same step as one broadcast expression, for torch.compile: inductor fuses the decay, the rank-1 update,
+    the write back into `state` and the readout's sum over N into one pass over the state (the eager form's
+    baddbmm / bmm are library calls that inductor cannot fuse, and its in-place update becomes a copy)."""
+    R = x_.shape[1] // B.shape[1]  # heads per group
+    B_ = as_dtype(B, cd).repeat_interleave(R, dim=1)[:, :, None, :]  # (b, H, 1, N)
+    C_ = as_dtype(C, cd).repeat_interleave(R, dim=1)[:, :, None, :]
+    decay = torch.exp(dt_ * as_dtype(A, cd))[..., None, None]  # (b, H, 1, 1)
+    h = state.to(cd) * decay + (x_ * dt_[..., None])[..., None] * B_  # (b, H, P, N)
+    state.copy_(h)
+    y = (h * C_).sum(-1)  # (b, H, P)
+    if D is not None:
+        D_ = as_dtype(D, cd)
+        y = y + (D_[:, None] if D_.dim() == 1 else D_) * x_
+    if z is not None:
+        y = y * F.silu(as_dtype(z, cd))
+    return as_dtype(y, out_dtype), state
