@@ -78,6 +78,18 @@ def test_bench_train_quick_cpu_writes_json_and_png(tmp_path, capsys):
     assert all(r["tokens_per_s"] > 0 and r["batch"] * r["seqlen"] >= 1 for r in result["rows"])
 
 
+def test_bench_prefill_quick_cpu_writes_json_and_png(tmp_path, capsys):
+    result = _run_quick("prefill", tmp_path, capsys)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["prefill_context.png"]
+    contexts = result["settings"]["contexts"]
+    assert {(r["model"], r["context"]) for r in result["rows"]} == {
+        (m, c) for m in ("mamba1", "mamba2", "transformer") for c in contexts}
+    for r in result["rows"]:
+        assert r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(r["context"] / r["seconds"])
+        assert r["peak_mb"] is None  # CPU: not tracked
+    assert contexts[-1] > result["settings"]["tokens_per_call"]  # the long prompt goes through several calls
+
+
 @pytest.mark.slow
 def test_bench_quantize_quick_cpu_writes_json_and_png(tmp_path, capsys):
     result = _run_quick("quantize", tmp_path, capsys)

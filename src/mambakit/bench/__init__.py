@@ -1,4 +1,4 @@
-"""mambakit.bench: `mambakit bench kernels|train|generate|quantize`, measured in one process, written as JSON + PNG.
+"""mambakit.bench: `mambakit bench kernels|train|generate|prefill|quantize`, measured in one process, written as JSON + PNG.
 
     from mambakit.bench import run_bench
     run_bench("kernels", device="cpu", quick=True, out="/tmp/bench")   # kernels.json, kernels_*.png
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ("kernels", "train", "generate", "quantize")
+BENCHMARKS = ("kernels", "train", "generate", "prefill", "quantize")
 
 
 def run_bench(what: str, device: str | torch.device = "cpu", quick: bool = False, out: str | Path = "results/bench",
@@ -45,6 +45,10 @@ def run_bench(what: str, device: str | torch.device = "cpu", quick: bool = False
         from .generate import plot_generate as plot, run_generate
 
         result = run_generate(device, quick, log, peers)
+    elif what == "prefill":
+        from .prefill import plot_prefill as plot, run_prefill
+
+        result = run_prefill(device, quick, log)
     else:
         from .quantize import plot_quantize as plot, run_quantize
 

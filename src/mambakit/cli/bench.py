@@ -1,4 +1,4 @@
-"""`mambakit bench`: time the ops, training, generation or CPU weight formats and write JSON + PNG plots."""
+"""`mambakit bench`: time the ops, training, generation, long prompts or CPU weight formats; write JSON + PNG plots."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import shlex
 
 from .errors import Parser, UsageError
 
-SUMMARY = "benchmark kernels, training, generation or quantized CPU decoding; JSON + PNG plots"
+SUMMARY = "benchmark kernels, training, generation, long-prompt prefill or quantized CPU decoding; JSON + PNG plots"
 
 EXAMPLES = """\
 examples:
@@ -19,6 +19,8 @@ examples:
   mambakit bench generate --device cuda
       decoding throughput against batch size: Mamba-1, Mamba-2, a same-size Transformer (and peers)
   mambakit bench train --device cuda
+  mambakit bench prefill --device cuda
+      prefill tokens/s and peak memory of one long prompt (4K, 32K, 256K tokens): Mamba-1, Mamba-2, a Transformer
   mambakit bench generate --device cpu --no-peers
       only mambakit's models (transformers' pure-PyTorch Mamba-2 decoding can take many minutes on a CPU)
   mambakit bench quantize --model runs/shakespeare
