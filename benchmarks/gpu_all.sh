@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
-# Stages: env tests synctests gentests compose adapters e2e serve train launch scan ssd convnorm layers inference; each runs under its own time limit so one
+# Stages: env tests synctests gentests compose adapters e2e serve train launch scan ssd convnorm layers layers-ab prefill
+# inference; each runs under its own time limit so one
 # slow stage leaves the logs of the others intact.
 # The lent machine has torch and Triton only: carry cp312 wheels in .whl/ (pip download --no-deps --only-binary=:all:
 # --python-version 3.12 --platform manylinux2014_x86_64 ...): omegaconf antlr4-python3-runtime pyyaml (train),
@@ -45,6 +46,14 @@ for stage in "$@"; do
     ssd) run ssd 300 python3 benchmarks/gpu_ssd.py ${SSD_FLAGS:-};;
     convnorm) run convnorm 200 python3 benchmarks/gpu_conv_norm.py ${CONVNORM_FLAGS:-};;
     layers) run layers 240 python3 benchmarks/gpu_layers.py ${LAYERS_FLAGS:-};;
+    # issue 19's before/after: the layers of an older commit beside these, in one call. Prepare the old tree here
+    # first: mkdir -p .ab/old && git archive REV src benchmarks | tar x -C .ab/old  (and carry .ab)
+    layers-ab) for side in old new; do
+                 if [ $side = old ]; then tree=$PWD/.ab/old; else tree=$PWD; fi
+                 PYTHONPATH=$tree/src:${PYTHONPATH#$PWD/src:} run "layers-$side" 150 \
+                   python3 $tree/benchmarks/gpu_layers.py --paths "triton fused" "triton ops" ${LAYERS_FLAGS:-}
+               done;;
+    prefill) run prefill 400 python3 -m mambakit.cli bench prefill --device cuda --out $OUT/prefill ${PREFILL_FLAGS:-};;
     inference) run inference 330 python3 benchmarks/gpu_inference.py ${INFERENCE_FLAGS:---out-dir $OUT};;
     *) echo "unknown stage $stage";;
   esac

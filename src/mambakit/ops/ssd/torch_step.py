@@ -9,6 +9,8 @@ Shapes (legend): b batch, H nheads, P headdim, G ngroups, R = H / G heads per gr
 A decode step is a handful of small ops on a state that fits in cache, so the op count matters more
 than flops: the decay is one in-place scale, the input one batched rank-1 update (baddbmm with K = 1)
 and the readout one bmm, each over all R heads of a group at once (B and C are not repeated per head).
+Under torch.compile (the compiled CPU decode step, `generation/compiled.py`) the same update is written as one
+broadcast expression instead, which inductor fuses into a single pass over the state.
 """
 
 from __future__ import annotations
