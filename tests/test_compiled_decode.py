@@ -109,12 +109,16 @@ def test_the_compiled_step_advances_its_cache_and_runs_under_inference_mode():
 
 
 def test_each_model_keeps_its_own_compiled_step():
-    """One step per model (dynamo's per-code-object limit of 8 graphs never binds across models), reused by every
-    later decoder of that model, so a second generate() compiles nothing."""
+    """One step per model and batch size, reused by every later decoder of them, so a second generate() of the
+    same shape compiles nothing."""
     a, b = _model("mamba1"), _model("mamba1")
-    assert compiled_step(a) is compiled_step(a) is CompiledDecoder(a, 1)._step is CompiledDecoder(a, 3)._step
-    assert compiled_step(b) is not compiled_step(a)
-    assert compiled_step(a).__wrapped__.__code__ is not compiled_step(b).__wrapped__.__code__
+    assert compiled_step(a, 1) is compiled_step(a, 1) is CompiledDecoder(a, 1)._step
+    assert CompiledDecoder(a, 3)._step is compiled_step(a, 3) is not compiled_step(a, 1)
+    assert compiled_step(b, 1) is not compiled_step(a, 1)
+    # a code object each (equal in value, distinct objects: dynamo keeps graphs per object), so dynamo's limit of
+    # 8 graphs per code object never binds
+    codes = {id(compiled_step(m, n).__wrapped__.__code__) for m in (a, b) for n in (1, 3)}
+    assert len(codes) == 4
 
 
 def test_compile_refuses_what_it_cannot_serve():
@@ -171,3 +175,43 @@ def test_cli_generate_compile(tmp_path, capsys):
     eager = capsys.readouterr().out
     assert main(flags + ["--compile"]) == 0
     assert capsys.readouterr().out == eager
+
+
+def test_a_compiled_scheduler_gives_each_request_what_generate_gives():
+    """`mambakit serve --compile`: the serving scheduler's decode step compiled at its batch-size buckets; three
+    requests at once (bucket 4, one free slot computing garbage nobody reads) each get generate()'s tokens."""
+    import threading
+
+    from mambakit.data import ByteTokenizer
+    from mambakit.serving import GenerationRequest, RowParams, Scheduler
+
+    model = _model("mamba2", vocab_size=256)
+    with pytest.raises(ValueError, match="compile must be a bool"):
+        Scheduler(model, ByteTokenizer(), compile=1)
+    with pytest.raises(ValueError, match="attention"):
+        Scheduler(_model("mamba1", vocab_size=256, attn_layer_idx=[1], attn_cfg={"num_heads": 2}), ByteTokenizer(),
+                  max_batch_size=2, compile=True)
+    sched = Scheduler(model, ByteTokenizer(), max_batch_size=4, prefill_chunk=4, prefix_cache_bytes=0, compile=True)
+    assert sorted(sched.decoder.compiled) == [1, 2, 4]  # every bucket compiled before the first request
+    sched.start()
+    prompts = [[0] + list(b"to be or not"), [0] + list(b"ab"), [0] + list(b"xyz q")]
+    results: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    finished = threading.Semaphore(0)
+
+    def sink_for(i):
+        def sink(events):
+            for e in events:
+                results[i] += e.token_ids
+                if e.finish_reason:
+                    finished.release()
+        return sink
+
+    try:
+        sched.submit([GenerationRequest(p, 12, [RowParams()], sink_for(i), ignore_eos=True)
+                      for i, p in enumerate(prompts)])
+        for _ in prompts:
+            assert finished.acquire(timeout=60)
+    finally:
+        sched.stop()
+    for i, p in enumerate(prompts):
+        assert results[i] == generate(model, [p], 12, prefill_tokens_per_call=4)[0]

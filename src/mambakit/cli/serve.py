@@ -72,6 +72,9 @@ def build_parser(prog: str = "mambakit serve") -> Parser:
                    help="prompt tokens of several requests prefilled in one call (default 8192)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="replay the decode step from CUDA graphs at batch sizes 1, 2, 4, ... (CUDA only; default on)")
+    p.add_argument("--compile", action="store_true",
+                   help="CPU: decode with the step compiled by torch.compile at batch sizes 1, 2, 4, ... (faster "
+                        "tokens; each size compiles at start-up, seconds to a minute each)")
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="run the scheduler and the model in a process of their own, apart from HTTP, tokenization, "
                         "detokenization and SSE (two cores instead of one GIL; default: on for CUDA, off on CPU, "
@@ -87,12 +90,14 @@ def main(model: str, host: str = "127.0.0.1", port: int = 8000, served_model_nam
          device: str = "auto", dtype: str = "auto", max_batch_size: int = 32, max_queue: int = 256,
          max_model_len: int = 16384, prefill_chunk: int = 128, prefix_cache_mb: int = 512,
          decode_steps: int | None = None, max_prefill_tokens: int = 8192, cuda_graph: bool = True,
-         engine_process: bool | None = None, shutdown_timeout: float = 30.0, log_level: str = "info") -> int:
+         engine_process: bool | None = None, shutdown_timeout: float = 30.0, log_level: str = "info",
+         compile: bool = False) -> int:
     """Serve the checkpoint in `model` until SIGTERM or Ctrl-C; returns the exit status (0 after a graceful stop).
 
     Examples:
         mambakit serve --model runs/shakespeare
         mambakit serve --model runs/shakespeare --port 8080 --max-batch-size 64
+        mambakit serve --model runs/shakespeare --device cpu --compile
     """
     try:
         import uvicorn
@@ -108,9 +113,11 @@ def main(model: str, host: str = "127.0.0.1", port: int = 8000, served_model_nam
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if engine_process is None:
         engine_process = _device_type(device) == "cuda"
+    if compile and _device_type(device) != "cpu":
+        raise UsageError("--compile compiles CPU decoding; on CUDA the CUDA graphs (--cuda-graph) do that job")
     scheduler_kwargs = dict(max_batch_size=max_batch_size, max_queue=max_queue, prefill_chunk=prefill_chunk,
                             prefix_cache_bytes=prefix_cache_mb << 20, cuda_graph=cuda_graph,
-                            max_model_len=max_model_len, max_prefill_tokens=max_prefill_tokens)
+                            max_model_len=max_model_len, max_prefill_tokens=max_prefill_tokens, compile=compile)
     server: uvicorn.Server | None = None
 
     def engine_exited() -> None:  # the engine process died: open requests got 503s; stop serving, exit 1

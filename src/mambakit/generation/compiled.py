@@ -35,7 +35,7 @@ from ..modules.state import InferenceCache
 from .cache import allocate_cache
 from .steps import model_device
 
-__all__ = ["CompiledDecoder"]
+__all__ = ["CompiledDecoder", "check_compilable", "compiled_step"]
 
 
 def _one_token(model: nn.Module, tokens_B: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
@@ -43,20 +43,34 @@ def _one_token(model: nn.Module, tokens_B: torch.Tensor, cache: InferenceCache) 
     return model(tokens_B[:, None], cache=cache, logits_to_keep=1)[:, 0].float()
 
 
-# model -> {mode: its compiled step}. Each model's step is a function of its own: dynamo keeps its compiled graphs
-# per code object, at most `recompile_limit` (8) of them, so one code object shared by every model would stop
-# compiling (fullgraph: fail) after 8 models or batch sizes in one process; a second generate() of the same model
-# finds its graph here instead of compiling again.
-_STEPS: "weakref.WeakKeyDictionary[nn.Module, dict[str | None, Callable]]" = weakref.WeakKeyDictionary()
+# model -> {(batch size, mode): its compiled step}. Each is a function of its own: dynamo keeps its compiled graphs
+# per code object, at most `recompile_limit` (8) of them, so one code object shared by every model and batch size
+# would stop compiling (fullgraph: fail) after 8 in one process (a server's batch-size buckets alone can be 9); a
+# second generate() of the same model and batch size finds its graph here instead of compiling again.
+_STEPS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, str | None], Callable]]" = weakref.WeakKeyDictionary()
 
 
-def compiled_step(model: nn.Module, mode: str | None = None) -> Callable:
-    """`model`'s compiled one-token step (made on first use): (model, tokens (B,), cache) -> logits (B, V)."""
+def compiled_step(model: nn.Module, batch_size: int, mode: str | None = None) -> Callable:
+    """`model`'s compiled one-token step for `batch_size` rows (made on first use):
+    (model, tokens (B,), cache) -> logits (B, V); the cache must be at position 1 (see the module docstring)."""
     steps = _STEPS.setdefault(model, {})
-    if mode not in steps:
+    if (batch_size, mode) not in steps:
         own = types.FunctionType(_one_token.__code__.replace(), _one_token.__globals__, _one_token.__name__)
-        steps[mode] = torch.compile(own, mode=mode, fullgraph=True, dynamic=False)
-    return steps[mode]
+        steps[batch_size, mode] = torch.compile(own, mode=mode, fullgraph=True, dynamic=False)
+    return steps[batch_size, mode]
+
+
+def check_compilable(model: nn.Module, who: str) -> None:
+    """Raise ValueError unless `model` is a CPU Mamba model without attention layers (what a compiled step serves)."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, MambaConfig) or config.attn_layer_idx:
+        # a KV cache grows every step: a graph of fixed shapes would be compiled again at every length
+        raise ValueError(f"{who}: only Mamba models without attention layers are compiled (a KV cache grows every "
+                         "step); decode eagerly")
+    device = model_device(model)
+    if device.type != "cpu":
+        raise ValueError(f"{who}: compiles CPU decoding; the model is on {device} (on CUDA, CUDA graphs replay "
+                         "the step: cuda_graph=True)")
 
 
 class CompiledDecoder:
@@ -83,22 +97,15 @@ class CompiledDecoder:
                  state_dtype: torch.dtype | None = None, mode: str | None = None):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"CompiledDecoder: batch_size must be an int >= 1, got {batch_size!r}")
-        config = getattr(model, "config", None)
-        if not isinstance(config, MambaConfig) or config.attn_layer_idx:
-            # a KV cache grows every step: a graph of fixed shapes would be compiled again at every length
-            raise ValueError("CompiledDecoder: only Mamba models without attention layers are compiled (a KV cache "
-                             "grows every step); decode eagerly (compile=False)")
+        check_compilable(model, "CompiledDecoder")
         device = model_device(model)
-        if device.type != "cpu":
-            raise ValueError(f"CompiledDecoder: compiles CPU decoding; the model is on {device} (on CUDA, "
-                             "cuda_graph=True replays the step from a CUDA graph)")
         self.model = model
         self.batch_size = batch_size
         # normal tensors even when called under inference_mode: a compiled graph cannot take inference tensors
         with torch.inference_mode(False):
             self.cache: InferenceCache = allocate_cache(model, batch_size, dtype=dtype, state_dtype=state_dtype)
             self._tokens_B = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self._step = compiled_step(model, mode)
+        self._step = compiled_step(model, batch_size, mode)
         # compile now, as the CUDA-graph decoder captures in its constructor: the first token pays for it, not the rate
         self(self._tokens_B)
         self.cache.reset()

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ..generation import InferenceCache, allocate_cache, decode_one_token
+from ..generation.compiled import check_compilable, compiled_step
 from ..modules import MixerState
 from .metrics import SCHEDULER_PHASES, Metrics
 from .prefix_cache import PrefixCache, prefix_digest
@@ -173,27 +174,47 @@ def _view(cache: InferenceCache, rows: int) -> InferenceCache:
 
 
 class SlotDecoder:
-    """The decode step over slots 0..B-1 of a cache of S slots; CUDA graphs at bucketed batch sizes on CUDA.
+    """The decode step over slots 0..B-1 of a cache of S slots; CUDA graphs at bucketed batch sizes on CUDA, or
+    on a CPU with `compile` the step compiled by torch.compile at the same buckets (`generation/compiled.py`).
 
-    Each bucket b (1, 2, 4, ... up to S) is captured once, over the first b slots of the same cache
+    Each bucket b (1, 2, 4, ... up to S) is captured (compiled) once, over the first b slots of the same cache
     (views: every graph reads and writes the same memory), and a step of B rows replays the smallest
     bucket >= B; rows B..b-1 compute on free slots, whose contents nobody reads.
     """
 
-    def __init__(self, model: nn.Module, cache: InferenceCache, cuda_graph: bool):
+    def __init__(self, model: nn.Module, cache: InferenceCache, cuda_graph: bool, compile: bool = False):
         self.model, self.cache = model, cache
         slots = cache.batch_size
         device = cache.layers[0].ssm_state.device
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.compiled: dict[int, Callable] = {}
         self.buckets: list[int] = []
-        if cuda_graph and device.type == "cuda":
+        if compile:
+            check_compilable(model, "Scheduler(compile=True)")
+        if (cuda_graph and device.type == "cuda") or compile:
             b = 1
             while b < slots:
                 self.buckets.append(b)
                 b *= 2
             self.buckets.append(slots)
-            self._tokens_S = torch.zeros(slots, dtype=torch.long, device=device)
+            with torch.inference_mode(False):  # a compiled graph cannot take inference tensors
+                self._tokens_S = torch.zeros(slots, dtype=torch.long, device=device)
+        if compile:
+            self._compile()
+        elif self.buckets:
             self._capture(device)
+
+    def _compile(self) -> None:
+        for b in self.buckets:  # compile every bucket now, not while requests wait
+            self.compiled[b] = compiled_step(self.model, b)
+            self._run_compiled(b, b)
+        self.cache.reset()  # the warm-up advanced the states
+
+    def _run_compiled(self, bucket: int, rows: int) -> torch.Tensor:
+        with torch.inference_mode(False), torch.no_grad():
+            view = InferenceCache([MixerState(s.conv_state[:bucket], s.ssm_state[:bucket]) for s in self.cache.layers],
+                                  seqlen_offset=1)  # the position a compiled step runs at (never read by a mixer)
+            return self.compiled[bucket](self.model, self._tokens_S[:bucket], view)[:rows]
 
     def _capture(self, device: torch.device) -> None:
         with torch.cuda.device(device):
@@ -214,10 +235,12 @@ class SlotDecoder:
     def __call__(self, tokens_B: torch.Tensor) -> torch.Tensor:
         """tokens (B,) -> logits (B, V) float32, advancing slots 0..B-1 by one token."""
         rows = tokens_B.shape[0]
-        if not self.graphs:
+        if not self.buckets:
             return decode_one_token(self.model, tokens_B, _view(self.cache, rows))
         bucket = next(b for b in self.buckets if b >= rows)
         self._tokens_S[:rows].copy_(tokens_B)
+        if self.compiled:
+            return self._run_compiled(bucket, rows)
         graph, logits = self.graphs[bucket]
         graph.replay()
         return logits[:rows]
@@ -234,6 +257,8 @@ class Scheduler:
         prefill_chunk: tokens per prefill call (K), and the spacing of stored prefix states.
         prefix_cache_bytes: bytes of the prefix-state store (0: no reuse).
         cuda_graph: capture the decode step at bucketed batch sizes (CUDA only).
+        compile: compile the decode step with torch.compile at the same bucketed batch sizes (CPU models; every
+            bucket compiles here, seconds each).
         max_model_len: prompt + new tokens per sequence; a sequence that reaches it ends ("length").
         decode_steps: decode steps per host round trip (k); 1 hands every token over at once.
         max_prefill_tokens: tokens in one batched prefill call (at least one chunk always runs).
@@ -251,12 +276,14 @@ class Scheduler:
     def __init__(self, model: nn.Module, tokenizer, *, max_batch_size: int = 32, max_queue: int = 256,
                  prefill_chunk: int = 64, prefix_cache_bytes: int = 256 << 20, cuda_graph: bool = True,
                  max_model_len: int = 16384, state_dtype: torch.dtype | None = None, decode_steps: int = 1,
-                 max_prefill_tokens: int = 8192, detokenize: bool = True):
+                 max_prefill_tokens: int = 8192, detokenize: bool = True, compile: bool = False):
         for name, value, low in (("max_batch_size", max_batch_size, 1), ("max_queue", max_queue, 0),
                                  ("prefill_chunk", prefill_chunk, 1), ("max_model_len", max_model_len, 2),
                                  ("decode_steps", decode_steps, 1), ("max_prefill_tokens", max_prefill_tokens, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"Scheduler: {name} must be an int >= {low}, got {value!r}")
+        if not isinstance(compile, bool):
+            raise ValueError(f"Scheduler: compile must be a bool, got {compile!r}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.prefill_chunk, self.max_model_len = prefill_chunk, max_model_len
@@ -270,7 +297,7 @@ class Scheduler:
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.cache = allocate_cache(model, max_batch_size, state_dtype=state_dtype, device=self.device)
         with torch.inference_mode():
-            self.decoder = SlotDecoder(model, self.cache, cuda_graph)
+            self.decoder = SlotDecoder(model, self.cache, cuda_graph, compile)
         self.sampler = BatchSampler(max_batch_size, self.vocab, self.real_vocab, self.device)
         self._logits_SV = torch.zeros(max_batch_size, self.vocab, dtype=torch.float32, device=self.device)
         self._steps_B = torch.zeros(0, dtype=torch.long, device=self.device)
