@@ -175,7 +175,7 @@ def _serve(args, port: int, ready) -> None:
                   prefix_cache_bytes=args.prefix_cache_mb << 20, cuda_graph=args.cuda_graph,
                   max_model_len=args.prompt_len + args.new_tokens + 1,
                   decode_steps=args.decode_steps or (8 if args.device.startswith("cuda") else 1),
-                  max_prefill_tokens=args.max_prefill_tokens)
+                  max_prefill_tokens=args.max_prefill_tokens, compile=args.compile)
     if _engine_process(args):
         tokenizer = _tokenizer(args)
         scheduler = EngineClient(functools.partial(_build, args), tokenizer, kwargs, log_level="warning")
@@ -396,11 +396,12 @@ def _offline(args, batch: int, vocab: int) -> float:
     # captured once, outside the timing, as the server captures its graphs once at start-up
     graph = CUDAGraphDecoder(model, batch) if args.cuda_graph and args.device.startswith("cuda") else False
     best = float("inf")
-    for _ in range(args.offline_repeats + 1):  # the first run warms up (Triton compiles and tunes)
+    for _ in range(args.offline_repeats + 1):  # the first run warms up (Triton compiles and tunes; --compile)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        generate(model, prompts, args.new_tokens, cuda_graph=graph, prefill_chunk_size=None)
+        generate(model, prompts, args.new_tokens, cuda_graph=graph, prefill_tokens_per_call=None,
+                 compile=args.compile)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
@@ -432,6 +433,8 @@ def main() -> int:
     p.add_argument("--decode-steps", type=int, default=0, help="server decode steps per host round trip "
                                                                "(default: 8 on CUDA, 1 on CPU)")
     p.add_argument("--max-prefill-tokens", type=int, default=8192)
+    p.add_argument("--compile", action="store_true",
+                   help="CPU: the decode step compiled by torch.compile, in the server and in the generate() baseline")
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="the server's scheduler and model in an engine process of their own, as `mambakit serve "
                         "--engine-process` (default: as mambakit serve, on for CUDA, off on CPU)")
@@ -520,7 +523,7 @@ def main() -> int:
            "torch_threads": args.threads or torch.get_num_threads(),
            "dtype": args.dtype, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
            "requests_per_client": args.requests_per_client, "max_batch_size": args.max_batch_size,
-           "prefill_chunk": args.prefill_chunk, "cuda_graph": args.cuda_graph,
+           "prefill_chunk": args.prefill_chunk, "cuda_graph": args.cuda_graph, "compile": args.compile,
            "decode_steps": args.decode_steps or (8 if args.device.startswith("cuda") else 1),
            "engine_process": _engine_process(args), "levels": rows,
            "load_avg_before": [round(x, 2) for x in load_before],
