@@ -98,6 +98,17 @@ def test_compiled_step_of_bfloat16_and_int8_models(layer, weights):
         assert err <= 2 * eager_err + 1e-2 * truth.ssm_state.abs().max(), (err, eager_err)
 
 
+def test_compiled_decoding_with_bfloat16_mamba2_states():
+    """state_dtype=bfloat16 (Mamba-2's low-precision cache): the compiled step rounds the state as the eager one."""
+    model = _model("mamba2")
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    eager, eager_lp = generate(model, prompts, 12, state_dtype=torch.bfloat16, return_logprobs=True)
+    compiled, compiled_lp = generate(model, prompts, 12, state_dtype=torch.bfloat16, return_logprobs=True,
+                                     compile=True)
+    assert compiled == eager
+    assert_close(torch.tensor(compiled_lp), torch.tensor(eager_lp), rel=1e-4)
+
+
 def test_the_compiled_step_advances_its_cache_and_runs_under_inference_mode():
     model = _model("mamba2")
     decoder = CompiledDecoder(model, batch_size=2)
