@@ -186,6 +186,11 @@ def test_cli_generate_compile(tmp_path, capsys):
     eager = capsys.readouterr().out
     assert main(flags + ["--compile"]) == 0
     assert capsys.readouterr().out == eager
+    hybrid = _model("mamba1", vocab_size=256, attn_layer_idx=[1], attn_cfg={"num_heads": 2})
+    hybrid.save_pretrained(tmp_path / "hybrid", tokenizer=ByteTokenizer())
+    flags[2] = str(tmp_path / "hybrid")
+    assert main(flags + ["--compile"]) == 2
+    assert "only Mamba models without attention layers" in capsys.readouterr().err
 
 
 def test_a_compiled_scheduler_gives_each_request_what_generate_gives():

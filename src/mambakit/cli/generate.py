@@ -149,7 +149,7 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
     from ..data import IncrementalDecoder
     from ..data.chat import apply_chat_template
     from ..generation import stream
-    from ..models import MambaConfig
+    from ..generation.compiled import check_compilable
     from ..modules.quantized import quantize_weights
     from ..training.cpu_threads import CPUThreadGovernor
 
@@ -168,10 +168,11 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
     lm, tokenizer, dev = loaded.lm, loaded.tokenizer, loaded.device
     if quantize != "none":
         quantize_weights(lm.eval(), quantize)
-    if compile and dev.type != "cpu":
-        raise UsageError(f"--compile compiles CPU decoding; on {dev.type} the CUDA graph (--cuda-graph) does that job")
-    if compile and (not isinstance(lm.config, MambaConfig) or lm.config.attn_layer_idx):
-        raise UsageError("--compile: only Mamba models without attention layers (a KV cache grows every step)")
+    if compile:
+        try:
+            check_compilable(lm, "--compile")
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     # every id that ends a reply (generation_config.json may list several), and the id a document starts with
     stop_ids = list(getattr(tokenizer, "stop_ids", ()) or ([] if tokenizer.eos_id is None else [tokenizer.eos_id]))
     first = getattr(tokenizer, "bos_id", None)

@@ -167,10 +167,11 @@ def detokenize_event(text: TextStream, token_ids: list[int], finish_reason: str 
     return out
 
 
-def _view(cache: InferenceCache, rows: int) -> InferenceCache:
-    """The first `rows` slots of a cache, as views (a step on it updates the slots in place)."""
+def _view(cache: InferenceCache, rows: int, seqlen_offset: int | None = None) -> InferenceCache:
+    """The first `rows` slots of a cache, as views (a step on it updates the slots in place), at `seqlen_offset`
+    (default: the cache's, at least 1)."""
     return InferenceCache([MixerState(s.conv_state[:rows], s.ssm_state[:rows]) for s in cache.layers],
-                          seqlen_offset=max(cache.seqlen_offset, 1))
+                          seqlen_offset=max(cache.seqlen_offset, 1) if seqlen_offset is None else seqlen_offset)
 
 
 class SlotDecoder:
@@ -212,9 +213,8 @@ class SlotDecoder:
 
     def _run_compiled(self, bucket: int, rows: int) -> torch.Tensor:
         with torch.inference_mode(False), torch.no_grad():
-            view = InferenceCache([MixerState(s.conv_state[:bucket], s.ssm_state[:bucket]) for s in self.cache.layers],
-                                  seqlen_offset=1)  # the position a compiled step runs at (never read by a mixer)
-            return self.compiled[bucket](self.model, self._tokens_S[:bucket], view)[:rows]
+            # at the one position a compiled step runs at (never read by a mixer)
+            return self.compiled[bucket](self.model, self._tokens_S[:bucket], _view(self.cache, bucket, 1))[:rows]
 
     def _capture(self, device: torch.device) -> None:
         with torch.cuda.device(device):
