@@ -20,7 +20,7 @@ import torch
 from ..generation import generate
 from ..models import TransformerLM
 from .models import MODELS, build_model, model_shape, n_params
-from .timing import peak_memory_bytes, wall_seconds
+from .timing import is_out_of_memory, peak_memory_bytes, wall_seconds
 
 
 @dataclass
@@ -118,8 +118,7 @@ def run_generate(device: torch.device, quick: bool, log: Callable[[str], None] =
                 short = min(wall_seconds(lambda: run(ids, 1), device) for _ in range(s.repeats))
                 peak = peak_memory_bytes(lambda: run(ids, s.new_tokens + 1), device)
             except Exception as err:
-                oom = isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
-                if impl == "mambakit" and not oom:
+                if impl == "mambakit" and not is_out_of_memory(err):
                     raise
                 notes.append(f"{label} stopped at batch {batch}: {type(err).__name__}: {str(err)[:200]}")
                 if device.type == "cuda":

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..ops import selective_scan, ssd
 from .floors import attention_flops_and_bytes, measure_ceilings, scan_flops_and_bytes, ssd_flops_and_bytes
-from .timing import median_ms, peak_memory_bytes, saved_bytes
+from .timing import is_out_of_memory, median_ms, peak_memory_bytes, saved_bytes
 
 OPS = ("mamba1_scan", "mamba2_ssd")
 
@@ -209,10 +209,6 @@ def time_variant(call: Callable[[dict], torch.Tensor], inputs: dict[str, torch.T
     return row
 
 
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
 def run_kernels(device: torch.device, quick: bool, log: Callable[[str], None] = print, peers: bool = True) -> dict:
     """Time every op x implementation x seqlen; returns {"shapes", "ceilings", "rows", "notes"}."""
     s = kernel_shapes(device, quick)
@@ -262,7 +258,7 @@ def run_kernels(device: torch.device, quick: bool, log: Callable[[str], None] = 
                 try:
                     row = time_variant(call, inp, names, device, s.repeats)
                 except Exception as err:
-                    if not _is_oom(err) and impl in ("mambakit", "pytorch", "reference", "sdpa"):
+                    if not is_out_of_memory(err) and impl in ("mambakit", "pytorch", "reference", "sdpa"):
                         raise  # our own ops and PyTorch's must run: a failure here is a bug, not a note
                     stopped.add((op, impl))
                     notes.append(f"{impl} ({op}) stopped at seqlen {L}: {type(err).__name__}: {str(err)[:200]}")

@@ -21,7 +21,7 @@ import torch
 
 from ..generation import prefill
 from .models import MODELS, build_model, model_shape, n_params
-from .timing import peak_memory_bytes, wall_seconds
+from .timing import is_out_of_memory, peak_memory_bytes, wall_seconds
 
 
 @dataclass
@@ -38,10 +38,6 @@ def prefill_settings(device: torch.device, quick: bool) -> PrefillSettings:
     if device.type == "cuda":
         return PrefillSettings(contexts=[4096, 32768, 262144], tokens_per_call=16384, dtype="bfloat16", repeats=2)
     return PrefillSettings(contexts=[1024, 4096, 16384], tokens_per_call=2048, dtype="float32", repeats=1)
-
-
-def _is_oom(err: Exception) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
 def run_prefill(device: torch.device, quick: bool, log: Callable[[str], None] = print) -> dict:
@@ -62,7 +58,7 @@ def run_prefill(device: torch.device, quick: bool, log: Callable[[str], None] = 
                 seconds = min(wall_seconds(lambda: run(ids), device) for _ in range(s.repeats))
                 peak = peak_memory_bytes(lambda: run(ids), device)
             except Exception as err:
-                if not _is_oom(err):
+                if not is_out_of_memory(err):
                     raise
                 notes.append(f"{name} stopped at context {context}: out of memory ({str(err)[:160]})")
                 torch.cuda.empty_cache()

@@ -106,6 +106,11 @@ def wall_seconds(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is the device running out of memory (a data point for a benchmark, not a bug)."""
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
     """Peak CUDA memory allocated during fn() (None off CUDA: CPU allocations are not tracked)."""
     if device.type != "cuda":

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import MODELS, build_model, model_shape, n_params
-from .timing import median_ms, peak_memory_bytes
+from .timing import is_out_of_memory, median_ms, peak_memory_bytes
 
 
 @dataclass
@@ -57,7 +57,7 @@ def run_train(device: torch.device, quick: bool, log: Callable[[str], None] = pr
                 ms = median_ms(step, device, repeats=s.repeats)
                 peak = peak_memory_bytes(step, device)
             except Exception as err:
-                if not (isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()):
+                if not is_out_of_memory(err):
                     raise
                 notes.append(f"{name} stopped at seqlen {L}: out of memory")
                 opt.zero_grad(set_to_none=True)

@@ -33,14 +33,9 @@ from torch import nn
 from ..models import MambaConfig
 from ..modules.state import InferenceCache
 from .cache import allocate_cache
-from .steps import model_device
+from .steps import model_device, one_token_logits
 
 __all__ = ["CompiledDecoder", "check_compilable", "compiled_step"]
-
-
-def _one_token(model: nn.Module, tokens_B: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
-    """The traced step: tokens (B,) -> logits (B, V) float32; the mixers update the cache's states in place."""
-    return model(tokens_B[:, None], cache=cache, logits_to_keep=1)[:, 0].float()
 
 
 # model -> {(batch size, mode): its compiled step}. Each is a function of its own: dynamo keeps its compiled graphs
@@ -55,7 +50,8 @@ def compiled_step(model: nn.Module, batch_size: int, mode: str | None = None) ->
     (model, tokens (B,), cache) -> logits (B, V); the cache must be at position 1 (see the module docstring)."""
     steps = _STEPS.setdefault(model, {})
     if (batch_size, mode) not in steps:
-        own = types.FunctionType(_one_token.__code__.replace(), _one_token.__globals__, _one_token.__name__)
+        own = types.FunctionType(one_token_logits.__code__.replace(), one_token_logits.__globals__,
+                                 one_token_logits.__name__)
         steps[batch_size, mode] = torch.compile(own, mode=mode, fullgraph=True, dynamic=False)
     return steps[batch_size, mode]
 

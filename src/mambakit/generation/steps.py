@@ -171,6 +171,12 @@ def prefill(model: nn.Module, prompts, cache: InferenceCache | None = None, *,
     return prefill_packed(model, ids_BL, lengths, cache, tokens_per_call)
 
 
+def one_token_logits(model: nn.Module, tokens: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+    """The decode step itself, outside any grad mode: what `decode_one_token` runs under inference_mode and what
+    `CompiledDecoder` compiles (a compiled graph cannot take inference tensors)."""
+    return model(tokens[:, None], cache=cache, logits_to_keep=1)[:, 0].float()
+
+
 @torch.inference_mode()
 def decode_one_token(model: nn.Module, tokens: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
     """tokens (B,) int64 -> next-token logits (B, V) float32, advancing the cache in place by one token.
@@ -181,4 +187,4 @@ def decode_one_token(model: nn.Module, tokens: torch.Tensor, cache: InferenceCac
     Example:
         >>> logits = decode_one_token(model, logits.argmax(-1), cache)
     """
-    return model(tokens[:, None], cache=cache, logits_to_keep=1)[:, 0].float()
+    return one_token_logits(model, tokens, cache)
