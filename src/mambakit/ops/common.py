@@ -128,8 +128,9 @@ def autograd_op(name: str, fwd_impl, fwd_op, setup_context, backward, bwd_impl, 
     Registers `backward` (calling `bwd_op`) as `fwd_op`'s autograd. In eager mode the dispatcher's Python path
     of a custom op (schema binding, alias checks of every output, its autograd wrapper) costs tens of
     microseconds per call, which a 130M training step at 2048 tokens pays ~150 times; the eager Function runs
-    `fwd_impl`, the same `setup_context` and `backward` (calling `bwd_impl`) with none of it. Same numbers:
-    the two paths share every function but the dispatch.
+    `fwd_impl`, the same `setup_context` and `backward` (calling `bwd_impl`) with none of it, and when no
+    backward can follow (grad disabled, or no input requires grad) `fwd_impl` alone. Same numbers: the paths
+    share every function but the dispatch.
 
     backward(ctx, *grads, bwd) -> the input gradients; setup_context(ctx, inputs, output) as for
     `torch.library.register_autograd`.
@@ -150,6 +151,12 @@ def autograd_op(name: str, fwd_impl, fwd_op, setup_context, backward, bwd_impl, 
     def call(*args):
         if torch.compiler.is_compiling():
             return fwd_op(*args)
+        if not (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+            # no backward can follow (inference, evaluation, frozen inputs): the implementation alone, without
+            # the Function's node or `setup_context` (whose saved inputs, and the conv's private copy of its
+            # initial window, nobody would read)
+            out = fwd_impl(*args)
+            return tuple(out) if isinstance(out, list) else out
         return function.apply(*args)
 
     call.__name__ = name
