@@ -23,11 +23,11 @@ for stage in "$@"; do
     env) run env 60 python3 -c "import torch, triton, sys; print(sys.version); print(torch.__version__, triton.__version__, torch.cuda.get_device_name())";;
     tests) run tests 480 python3 -m pytest tests/ops -m gpu -q -p no:cacheprovider ${TEST_FLAGS:-};;
     # one process per group with synchronous launches: an illegal memory access names its test and kernel
-    synctests) for group in tests/ops tests/test_composability.py tests/test_generation.py tests/test_reproduce.py \
-                 tests/serving/test_gpu.py; do
-                 CUDA_LAUNCH_BLOCKING=1 run "sync-$(basename $group .py)" 300 python3 -m pytest $group -m gpu -x -v \
-                   -p no:cacheprovider &
-               done; wait;;
+    # (every file that holds a gpu-marked test, found by grep, so a new GPU test file is never left out)
+    synctests) for group in $(grep -l "mark.gpu" tests/*.py tests/*/*.py); do
+                 CUDA_LAUNCH_BLOCKING=1 run "sync-$(basename $group .py)" ${SYNC_LIMIT:-330} python3 -m pytest $group -m gpu -v \
+                   -p no:cacheprovider > /dev/null &
+               done; wait; for f in $OUT/sync-*.log; do echo "$(basename $f): $(tail -n 1 $f)"; done;;
     gentests) run gentests 200 python3 -m pytest tests/test_generation.py -m gpu -q -p no:cacheprovider;;
     compose) run compose 560 python3 -m pytest tests/test_composability.py -m gpu -q -p no:cacheprovider ${COMPOSE_FLAGS:-};;
     adapters) run adapters 200 python3 -m pytest tests/test_adapters.py -q -p no:cacheprovider;;

@@ -232,7 +232,8 @@ def _phases(url: str) -> dict[str, float]:
 
     metrics = parse_metrics(httpx.get(url + "/metrics", timeout=30).text)
     prefix = 'mambakit_scheduler_seconds_total{phase="'
-    return {name[len(prefix):-2]: value for name, value in metrics.items() if name.startswith(prefix)}
+    phases = {name[len(prefix):-2]: value for name, value in metrics.items() if name.startswith(prefix)}
+    return phases | {"prefill_calls": metrics.get("mambakit_prefill_chunks_total", 0.0)}
 
 
 def _free_port() -> int:
@@ -489,8 +490,12 @@ def main() -> int:
                 row["client_cpu_us_per_token"] = round(1e6 * (client1 - client0) / row["new_tokens"], 1)
                 row["client_cpu_busy"] = round((client1 - client0) / row["wall_s"], 2)
                 # the scheduler thread's wall time per phase, per new token (its /metrics counters)
+                calls = phases1.pop("prefill_calls") - phases0.pop("prefill_calls")
                 row["scheduler_us_per_token"] = {
                     k: round(1e6 * (phases1[k] - phases0.get(k, 0.0)) / row["new_tokens"], 2) for k in phases1}
+                # model calls that prefilled prompts: one per wave of arrivals at best (each costs the host a
+                # whole forward's launches)
+                row["prefill_calls_per_request"] = round(calls / max(1, row["requests"]), 3)
             if cpu0 is not None and cpu1 is not None and row["new_tokens"]:
                 # the server's CPU time per token (its processes together: with --engine-process, the engine
                 # too): on a shared machine a steadier measure than tokens/s

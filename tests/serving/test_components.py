@@ -9,7 +9,8 @@ import torch
 
 from mambakit import MambaConfig, MambaLM
 from mambakit.data import ByteTokenizer
-from mambakit.generation import allocate_cache, generate, logits_to_probs, prefill
+from mambakit.generation import InferenceCache, allocate_cache, generate, logits_to_probs, prefill
+from mambakit.modules.state import MixerState
 from mambakit.serving import BatchSampler, GenerationRequest, PrefixCache, RowParams, Scheduler, request_key
 from mambakit.serving.prefix_cache import prefix_digest
 from mambakit.serving.sampler import exponential_noise
@@ -50,6 +51,40 @@ def test_prefix_cache_evicts_least_recently_used_within_its_byte_budget():
     assert store.get([9, 9, 9], prefix_digest(keys[2]).digest()) is None
     assert not PrefixCache(0).put(keys[0], b"", cache, logits)
 
+
+
+def test_prefix_cache_without_copy_shares_the_batch_until_an_entry_is_used_again():
+    model = _model()
+    cache, logits = prefill(model, [[1, 2, 3], [4, 5, 6], [7, 8, 9]])  # one prefill call, three rows
+    logits = logits.reshape(3, -1)
+
+    def row(r: int):
+        return InferenceCache([MixerState(s.conv_state[r:r + 1], s.ssm_state[r:r + 1]) for s in cache.layers]), \
+            logits[r:r + 1]
+
+    keys = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    one_row = row(0)[0].nbytes() + logits[:1].nbytes + 8 * 3
+    store = PrefixCache(2 * one_row)
+    for r, key in enumerate(keys[:2]):
+        assert store.put(key, prefix_digest(key).digest(), *row(r), copy=False)
+    assert store.nbytes == 2 * one_row  # each row is charged its own bytes, not the batch tensor's
+    first = store._entries[(3, prefix_digest(keys[0]).digest())]
+    assert first.cache.layers[0].ssm_state.data_ptr() == cache.layers[0].ssm_state.data_ptr()  # no copy made
+    # a hit gives the entry storage of its own (equal values), so it no longer pins the batch tensor
+    hit = store.get(keys[0], prefix_digest(keys[0]).digest())
+    assert hit.cache.layers[0].ssm_state.untyped_storage().nbytes() == hit.cache.layers[0].ssm_state.nbytes
+    assert hit.logits.untyped_storage().nbytes() == hit.logits.nbytes
+    for got, want in zip(hit.cache.layers, row(0)[0].layers):
+        assert torch.equal(got.conv_state, want.conv_state) and torch.equal(got.ssm_state, want.ssm_state)
+    assert torch.equal(hit.logits, logits[:1])
+    # the budget still holds: the third row evicts the least recently used one ([4, 5, 6], never used again)
+    assert store.put(keys[2], prefix_digest(keys[2]).digest(), *row(2), copy=False)
+    assert len(store) == 2 and store.nbytes == 2 * one_row
+    assert store.get(keys[1], prefix_digest(keys[1]).digest()) is None
+    # storing a key again also gives it its own storage
+    assert store.put(keys[2], prefix_digest(keys[2]).digest(), *row(2), copy=False)
+    again = store._entries[(3, prefix_digest(keys[2]).digest())]
+    assert again.cache.layers[-1].conv_state.untyped_storage().nbytes() == again.cache.layers[-1].conv_state.nbytes
 
 def test_incremental_prefix_digest_equals_the_digest_of_the_whole_prefix():
     ids = list(range(40))

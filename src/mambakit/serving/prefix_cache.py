@@ -76,28 +76,49 @@ class PrefixCache:
         with self._lock:
             return (len(ids), digest) in self._entries
 
-    def put(self, ids: list[int], digest: bytes, cache: InferenceCache, logits: torch.Tensor) -> bool:
-        """Store a copy of the 1-row `cache` and `logits` (1, V) as the state after `ids`; False if it cannot fit."""
+    def put(self, ids: list[int], digest: bytes, cache: InferenceCache, logits: torch.Tensor, *,
+            copy: bool = True) -> bool:
+        """Store the 1-row `cache` and `logits` (1, V) as the state after `ids`; False if it cannot fit.
+
+        copy=True stores a copy. copy=False stores the tensors themselves, for a caller that never writes them
+        again (the scheduler's prefill results: a call's states are fresh tensors, read afterwards only): no
+        device copy per request. Such rows are often views of one batch tensor of their prefill call, which
+        lives until every entry of that call is evicted; an entry that is used again (a hit, or stored again)
+        gets a copy of its own then, so the entries still sharing a batch tensor are the untouched ones, evicted
+        together in insertion order, and the store holds at most one prefill call's states beyond its bound.
+        """
         if not self.enabled:
             return False
         key = (len(ids), digest)
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
+                self._own(self._entries[key])
                 return True
-        state = cache.index_select(torch.zeros(1, dtype=torch.long, device=cache.layers[0].ssm_state.device))
-        logits = logits.detach().clone()
+        if copy:
+            cache = cache.index_select(torch.zeros(1, dtype=torch.long, device=cache.layers[0].ssm_state.device))
+            logits = logits.detach().clone()
         packed = array.array("q", ids).tobytes()
-        nbytes = state.nbytes() + logits.nbytes + len(packed)
+        nbytes = cache.nbytes() + logits.nbytes + len(packed)
         if nbytes > self.capacity_bytes:
             return False
         with self._lock:
             while self.nbytes + nbytes > self.capacity_bytes and self._entries:
                 _, old = self._entries.popitem(last=False)
                 self.nbytes -= old.nbytes
-            self._entries[key] = PrefixEntry(packed, state, logits, nbytes)
+            self._entries[key] = PrefixEntry(packed, cache, logits, nbytes)
             self.nbytes += nbytes
         return True
+
+    @staticmethod
+    def _own(entry: PrefixEntry) -> None:
+        """Give an entry whose tensors are views of a larger one (a `copy=False` row) storage of its own."""
+        tensors = [entry.logits] + [t for layer in entry.cache.layers for t in (layer.conv_state, layer.ssm_state)]
+        if all(t.untyped_storage().nbytes() == t.nbytes for t in tensors):
+            return
+        rows = torch.zeros(1, dtype=torch.long, device=entry.logits.device)
+        entry.cache = entry.cache.index_select(rows)
+        entry.logits = entry.logits.clone()
 
     def get(self, ids: list[int], digest: bytes) -> PrefixEntry | None:
         """The entry for exactly `ids` (verified token for token), marked most recently used; None if absent."""
@@ -107,4 +128,5 @@ class PrefixCache:
             if entry is None or entry.ids != array.array("q", ids).tobytes():
                 return None
             self._entries.move_to_end(key)
+            self._own(entry)
             return entry

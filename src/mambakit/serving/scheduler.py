@@ -551,8 +551,8 @@ class Scheduler:
                 ids = job.request.prompt_ids
                 job.digest = prefix_digest(ids[job.pos:job.pos + length], job.digest)
                 job.pos += length
-                if self.prefix_cache.enabled:
-                    self.prefix_cache.put(ids[:job.pos], job.digest.digest(), job.cache, job.logits)
+                if self.prefix_cache.enabled:  # no copy: this call's states are fresh and only read from now on
+                    self.prefix_cache.put(ids[:job.pos], job.digest.digest(), job.cache, job.logits, copy=False)
                 if job.pos == len(ids):
                     done.append(job)
         for job in done:
