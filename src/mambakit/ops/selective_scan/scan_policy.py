@@ -21,6 +21,7 @@ behind the thresholds are in BENCHMARKS.md (selective scan sections).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -90,23 +91,37 @@ class ScanConfig:
                                 ("bwd_time_chunks", "bwd_time_segments", bwd_time_chunks)):
             if value is not None:
                 kwargs[new] = renamed_argument("ScanConfig", old, new, value, kwargs.get(new))
-        fields = dataclasses.fields(self)
-        if len(args) > len(fields):
-            raise TypeError(f"ScanConfig takes at most {len(fields)} positional arguments, got {len(args)}")
-        unknown = sorted(set(kwargs) - {f.name for f in fields})
+        names = _SCAN_CONFIG_FIELDS
+        if len(args) > len(names):
+            raise TypeError(f"ScanConfig takes at most {len(names)} positional arguments, got {len(args)}")
+        unknown = sorted(set(kwargs).difference(names))
         if unknown:
             raise TypeError(f"ScanConfig got unexpected arguments {unknown}")
-        values = {f.name: f.default for f in fields} | dict(zip((f.name for f in fields), args)) | kwargs
+        values = _SCAN_CONFIG_DEFAULTS | dict(zip(names, args)) | kwargs
         for name, value in values.items():
             object.__setattr__(self, name, value)  # frozen: the dataclass's own __init__ does the same
 
     def as_ints(self) -> list[int]:
-        """The fields as ints (None -> -1): how the config crosses the custom op's schema."""
-        return [-1 if v is None else int(v) for v in dataclasses.astuple(self)]
+        """The fields as ints (None -> -1): how the config crosses the custom op's schema.
+
+        Every scan call makes this round trip (twice with its backward), so both directions are cheap: the fields
+        are read directly (`dataclasses.astuple` deep-copied them: ~50 us per call) and `from_ints` memoizes.
+        """
+        return [-1 if v is None else int(v) for v in map(self.__getattribute__, _SCAN_CONFIG_FIELDS)]
 
     @classmethod
     def from_ints(cls, values: list[int]) -> "ScanConfig":
-        return cls(*(None if v == -1 else v for v in values))
+        return _scan_config_from_ints(cls, tuple(values))
+
+
+_SCAN_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(ScanConfig))
+_SCAN_CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ScanConfig)}
+
+
+@functools.lru_cache(maxsize=256)
+def _scan_config_from_ints(cls: type, values: tuple[int, ...]) -> ScanConfig:
+    """One ScanConfig per distinct int list (a frozen dataclass: sharing it is safe)."""
+    return cls(*(None if v == -1 else v for v in values))
 
 
 @dataclass(frozen=True)
