@@ -63,21 +63,22 @@ class ShapeChecker:
             self.fail(name, f"is required: expected a tensor of shape {self._spec(dims)}")
         if not isinstance(t, torch.Tensor):
             self.fail(name, f"must be a torch.Tensor of shape {self._spec(dims)}, got {type(t).__name__}")
-        if t.dim() != len(dims):
-            self.fail(name, f"must be {len(dims)}-D with shape {self._spec(dims)}, got {t.dim()}-D shape {tuple(t.shape)}")
-        for d, n in zip(dims, t.shape):
-            expected = d if isinstance(d, int) else self.sizes.get(d)
-            if expected is not None and expected != n:
-                self.fail(name, f"must have shape {self._spec(dims)}, got {tuple(t.shape)}")
-            if isinstance(d, str) and d not in self.sizes:
-                self.sizes[d] = n
+        shape = t.shape
+        if len(shape) != len(dims):
+            self.fail(name, f"must be {len(dims)}-D with shape {self._spec(dims)}, got {t.dim()}-D shape {tuple(shape)}")
+        sizes = self.sizes  # (every public op runs this for each argument, per call: kept lean)
+        for d, n in zip(dims, shape):
+            expected = d if type(d) is int else sizes.setdefault(d, n)
+            if expected != n:
+                self.fail(name, f"must have shape {self._spec(dims)}, got {tuple(shape)}")
         if t.dtype not in dtypes:
             names = ", ".join(str(dt).removeprefix("torch.") for dt in dtypes)
             self.fail(name, f"must have dtype in ({names}), got {str(t.dtype).removeprefix('torch.')}")
+        device = t.device
         if self.device is None:
-            self.device = t.device
-        elif t.device != self.device:
-            self.fail(name, f"must be on {self.device} like the op's other inputs, got {t.device}")
+            self.device = device
+        elif device != self.device:
+            self.fail(name, f"must be on {self.device} like the op's other inputs, got {device}")
         return t
 
     def divides(self, name: str, small: str, big: str) -> None:

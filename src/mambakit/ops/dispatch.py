@@ -401,4 +401,10 @@ def implementation(op: str, backend: str | None, device: torch.device, *, comple
         seen = _RECORD.get()
         if seen is not None:
             seen[(op, name)] += 1
-    return name, impl.load()
+    fn = _LOADED.get(impl.load)
+    if fn is None:  # first use of this implementation: import it (an eager forward looks up ~70 per call)
+        fn = _LOADED[impl.load] = impl.load()
+    return name, fn
+
+
+_LOADED: dict[Callable[[], Callable], Callable] = {}  # Implementation.load -> the function it returned
