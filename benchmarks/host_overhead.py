@@ -12,8 +12,12 @@ Tiny shapes (d_model 64, 16 tokens) keep the torch ops' own CPU work small. One 
 median microseconds per call over --repeats runs of --calls calls, forward under no_grad and forward +
 backward (input and every weight gradient), for the fused mixer op and the separate ops.
 
+--prefill times a whole 24-layer MambaLM forward instead, as serving's prefill calls it (4 rows x 16 tokens
+from zero states, `model(ids, cache=..., logits_to_keep=1)` under inference_mode): ms per call.
+
 Usage (repository root; PYTHONPATH=OTHER/src to time another tree with this script):
     python benchmarks/host_overhead.py
+    python benchmarks/host_overhead.py --prefill
 """
 
 from __future__ import annotations
@@ -37,10 +41,13 @@ def main() -> int:
     p.add_argument("--layers", nargs="+", choices=["mamba1", "mamba2"], default=["mamba1", "mamba2"])
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--prefill", action="store_true", help="a 24-layer model's prefill call instead of one layer")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     triton_launch.FastLaunchKernel.launch = lambda self, grid, launch_args, kwargs: None
+    if args.prefill:
+        return prefill(args)
     result = {}
     for layer in args.layers:
         torch.manual_seed(0)
@@ -71,6 +78,36 @@ def main() -> int:
                         runs.append(1e6 * (time.perf_counter() - t0) / args.calls)
                     result[f"{layer} {'fused' if fused else 'ops'} {name}"] = round(statistics.median(runs), 1)
     print(json.dumps({"benchmark": "host_overhead", "torch": torch.__version__, "us_per_call": result}))
+    return 0
+
+
+def prefill(args) -> int:
+    from mambakit import MambaConfig, MambaLM
+    from mambakit.generation import InferenceCache, allocate_cache
+
+    result = {}
+    for layer in args.layers:
+        ssm = {"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 16} if layer == "mamba2" else \
+            {"layer": "Mamba1", "d_state": 16}
+        torch.manual_seed(0)
+        model = MambaLM(MambaConfig(d_model=64, n_layer=24, vocab_size=256, ssm_cfg=ssm)).eval()
+        ids = torch.randint(0, 256, (4, 16))
+
+        def call() -> None:
+            cache = allocate_cache(model, 4)
+            model(ids, cache=InferenceCache(cache.layers, seqlen_offset=1), logits_to_keep=1)
+
+        with use_backend("triton"), torch.inference_mode():
+            for _ in range(5):
+                call()
+            runs = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                for _ in range(max(1, args.calls // 4)):
+                    call()
+                runs.append(1e3 * (time.perf_counter() - t0) / max(1, args.calls // 4))
+        result[f"{layer} prefill call, 24 layers"] = round(statistics.median(runs), 2)
+    print(json.dumps({"benchmark": "host_overhead --prefill", "torch": torch.__version__, "ms_per_call": result}))
     return 0
 
 
