@@ -85,7 +85,8 @@ class PrefixCache:
         device copy per request. Such rows are often views of one batch tensor of their prefill call, which
         lives until every entry of that call is evicted; an entry that is used again (a hit, or stored again)
         gets a copy of its own then, so the entries still sharing a batch tensor are the untouched ones, evicted
-        together in insertion order, and the store holds at most one prefill call's states beyond its bound.
+        together in insertion order, and the store holds at most one prefill call's states and logits beyond its
+        bound.
         """
         if not self.enabled:
             return False
