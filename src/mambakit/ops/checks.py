@@ -68,7 +68,7 @@ class ShapeChecker:
             self.fail(name, f"must be {len(dims)}-D with shape {self._spec(dims)}, got {t.dim()}-D shape {tuple(shape)}")
         sizes = self.sizes  # (every public op runs this for each argument, per call: kept lean)
         for d, n in zip(dims, shape):
-            expected = d if type(d) is int else sizes.setdefault(d, n)
+            expected = sizes.setdefault(d, n) if isinstance(d, str) else d  # (an int, or a SymInt under compile)
             if expected != n:
                 self.fail(name, f"must have shape {self._spec(dims)}, got {tuple(shape)}")
         if t.dtype not in dtypes:

@@ -107,7 +107,8 @@ class ScanConfig:
         Every scan call makes this round trip (twice with its backward), so both directions are cheap: the fields
         are read directly (`dataclasses.astuple` deep-copied them: ~50 us per call) and `from_ints` memoizes.
         """
-        return [-1 if v is None else int(v) for v in map(self.__getattribute__, _SCAN_CONFIG_FIELDS)]
+        values = [getattr(self, name) for name in _SCAN_CONFIG_FIELDS]  # (torch.compile traces this: plain getattr)
+        return [-1 if v is None else int(v) for v in values]
 
     @classmethod
     def from_ints(cls, values: list[int]) -> "ScanConfig":
