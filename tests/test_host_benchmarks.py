@@ -1,0 +1,47 @@
+"""The host-time benchmark scripts run end to end on a CPU and print what BENCHMARKS.md quotes from them (tiny
+settings: the numbers mean nothing here, the pipeline and the fields do)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # subprocesses of a few seconds each: CI runs them, the fast lane does not
+
+
+def _run(script: str, *args: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1].lstrip()) if script != "serve_profile.py" \
+        else json.loads(done.stdout)
+
+
+def test_serve_profile_counts_one_prefill_call_per_wave_and_profiles_the_scheduler():
+    out = _run("serve_profile.py", "--shape", "stub24", "--rows", "4", "--arrive", "4", "--requests", "8",
+               "--prompt-len", "8", "--new-tokens", "4", "--profile", "--top", "5")
+    assert out["tok_s"] > 0 and out["wall_s"] > 0
+    assert out["prefill_calls_per_wave"] == 1.0  # a wave arrives together and is prefilled in one call
+    assert set(out["scheduler_us_per_token"]) >= {"idle", "prefill", "launch", "wait", "process"}
+    assert len(out["top_tottime"]) == 5 and any("scheduler.py" in line for line in out["top_cumulative"])
+
+
+@pytest.mark.parametrize("extra", [[], ["--prefill"]], ids=["layers", "prefill"])
+def test_host_overhead_times_every_path_with_the_launches_stubbed(extra):
+    out = _run("host_overhead.py", "--calls", "8", "--repeats", "1", *extra)
+    if extra:
+        assert set(out["ms_per_call"]) == {"mamba1 prefill call, 24 layers", "mamba2 prefill call, 24 layers"}
+        assert all(v > 0 for v in out["ms_per_call"].values())
+    else:
+        assert len(out["us_per_call"]) == 8 and all(v > 0 for v in out["us_per_call"].values())
+
+
+def test_autograd_op_overhead_times_both_paths():
+    out = _run("autograd_op_overhead.py", "--calls", "200", "--repeats", "1")
+    assert set(out["us_per_call"]) == {"no backward possible (implementation alone)", "autograd Function"}
+    assert all(v > 0 for v in out["us_per_call"].values())
