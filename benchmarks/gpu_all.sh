@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
-# Stages: env tests synctests gentests compose adapters e2e serve train launch scan ssd convnorm layers layers-ab prefill
-# inference; each runs under its own time limit so one
-# slow stage leaves the logs of the others intact.
+# Stages: env tests synctests gentests compose adapters e2e serve serve-repeat train launch scan ssd convnorm layers
+# layers-ab prefill inference; each runs under its own time limit so one slow stage leaves the logs of the others
+# intact.
 # The lent machine has torch and Triton only: carry cp312 wheels in .whl/ (pip download --no-deps --only-binary=:all:
 # --python-version 3.12 --platform manylinux2014_x86_64 ...): omegaconf antlr4-python3-runtime pyyaml (train),
 # peft accelerate psutil safetensors transformers==5.17.0 huggingface_hub==1.33.0 tokenizers regex (adapters),
@@ -40,6 +40,13 @@ for stage in "$@"; do
     serve) run serve-tests 240 python3 -m pytest tests/serving/test_gpu.py -m gpu -q -p no:cacheprovider
            run serve-load 420 python3 benchmarks/serve_load.py --device cuda --model-shape 130m --clients 1,8,64,256 \
              --prompt-len 128 --new-tokens 256 --requests-per-client 4 ${SERVE_FLAGS:-};;
+    # issue 17's goal needs repeats (one run's 64-client ratio ranged 0.57-0.83 in session 11): three servers in a
+    # row, then the scheduler alone with its profile
+    serve-repeat) for i in 1 2 3; do
+                    run "serve-load-$i" 200 python3 benchmarks/serve_load.py --device cuda --model-shape 130m \
+                      --clients 8,64,256 --prompt-len 128 --new-tokens 256 --requests-per-client 4 ${SERVE_FLAGS:-}
+                  done
+                  run serve-profile 150 python3 benchmarks/serve_profile.py --device cuda --shape 130m --profile;;
     train) run train 560 python3 benchmarks/gpu_train.py ${TRAIN_FLAGS:-};;
     launch) run launch 300 python3 benchmarks/gpu_launch.py ${LAUNCH_FLAGS:-};;
     scan) run scan 300 python3 benchmarks/gpu_selective_scan.py ${SCAN_FLAGS:-};;
