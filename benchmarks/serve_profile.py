@@ -38,7 +38,6 @@ from mambakit.serving import GenerationRequest, RowParams, Scheduler  # noqa: E4
 class _ProfiledScheduler(Scheduler):
     """A Scheduler whose thread runs under cProfile after the warm-up (profilers are per thread: enabled there)."""
 
-    profile = False
     profiling = False  # set after the warm-up wave: the next step enables the profiler in the scheduler thread
 
     def _step(self) -> None:
@@ -88,7 +87,6 @@ def main() -> int:
     torch.manual_seed(0)
     model_cls = serve_load._stub_class() if args.shape.startswith("stub") else MambaLM
     model = model_cls(config, device=device, dtype=dtype).eval()
-    _ProfiledScheduler.profile = args.profile
     sched = _ProfiledScheduler(model, serve_load.IdTokenizer(config.vocab_size), max_batch_size=args.rows,
                                max_queue=args.requests, prefill_chunk=args.prefill_chunk,
                                prefix_cache_bytes=args.prefix_cache_mb << 20,
