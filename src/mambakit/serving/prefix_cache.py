@@ -43,6 +43,12 @@ class PrefixEntry:
     nbytes: int
 
 
+def _copied(cache: InferenceCache, logits: torch.Tensor) -> tuple[InferenceCache, torch.Tensor]:
+    """Copies of a 1-row cache and its logits, in storage of their own."""
+    rows = torch.zeros(1, dtype=torch.long, device=logits.device)
+    return cache.index_select(rows), logits.detach().clone()
+
+
 class PrefixCache:
     """LRU store of prefix states, at most `capacity_bytes` bytes (0 disables it). Thread-safe.
 
@@ -97,8 +103,7 @@ class PrefixCache:
                 self._own(self._entries[key])
                 return True
         if copy:
-            cache = cache.index_select(torch.zeros(1, dtype=torch.long, device=cache.layers[0].ssm_state.device))
-            logits = logits.detach().clone()
+            cache, logits = _copied(cache, logits)
         packed = array.array("q", ids).tobytes()
         nbytes = cache.nbytes() + logits.nbytes + len(packed)
         if nbytes > self.capacity_bytes:
@@ -117,9 +122,7 @@ class PrefixCache:
         tensors = [entry.logits] + [t for layer in entry.cache.layers for t in (layer.conv_state, layer.ssm_state)]
         if all(t.untyped_storage().nbytes() == t.nbytes for t in tensors):
             return
-        rows = torch.zeros(1, dtype=torch.long, device=entry.logits.device)
-        entry.cache = entry.cache.index_select(rows)
-        entry.logits = entry.logits.clone()
+        entry.cache, entry.logits = _copied(entry.cache, entry.logits)
 
     def get(self, ids: list[int], digest: bytes) -> PrefixEntry | None:
         """The entry for exactly `ids` (verified token for token), marked most recently used; None if absent."""
