@@ -2,7 +2,7 @@
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
 # Stages: env tests synctests gentests compose adapters e2e serve serve-repeat train launch scan ssd convnorm layers
-# layers-ab prefill inference; each runs under its own time limit so one slow stage leaves the logs of the others
+# layers-ab synthetic-step prefill inference; each runs under its own time limit so one slow stage leaves the logs of the others
 # intact.
 # The lent machine has torch and Triton only: carry cp312 wheels in .whl/ (pip download --no-deps --only-binary=:all:
 # --python-version 3.12 --platform manylinux2014_x86_64 ...): omegaconf antlr4-python3-runtime pyyaml (train),
@@ -55,11 +55,14 @@ for stage in "$@"; do
     layers) run layers 240 python3 benchmarks/gpu_layers.py ${LAYERS_FLAGS:-};;
     # issue 19's before/after: the layers of an older commit beside these, in one call. Prepare the old tree here
     # first: mkdir -p .ab/old && git archive REV src benchmarks | tar x -C .ab/old  (and carry .ab)
-    layers-ab) for side in old new; do
-                 if [ $side = old ]; then tree=$PWD/.ab/old; else tree=$PWD; fi
-                 PYTHONPATH=$tree/src:${PYTHONPATH#$PWD/src:} run "layers-$side" 150 \
-                   python3 $tree/benchmarks/gpu_layers.py --paths "triton fused" "triton ops" ${LAYERS_FLAGS:-}
+    # this script on both trees (old, new, old, new: the host's speed drifts within a call), with the GPU's own
+    # time and the host's split out (--split)
+    layers-ab) n=0; for side in old new old new; do
+                 n=$((n + 1)); if [ $side = old ]; then tree=$PWD/.ab/old; else tree=$PWD; fi
+                 PYTHONPATH=$tree/src:${PYTHONPATH#$PWD/src:} run "layers-$n-$side" 150 \
+                   python3 benchmarks/gpu_layers.py --paths "triton fused" "triton ops" --split ${LAYERS_FLAGS:-}
                done;;
+    synthetic-step) run synthetic-step 300 python3 benchmarks/gpu_synthetic_step.py ${SYNTH_FLAGS:-};;
     prefill) run prefill 400 python3 -m mambakit.cli bench prefill --device cuda --out $OUT/prefill ${PREFILL_FLAGS:-};;
     inference) run inference 330 python3 benchmarks/gpu_inference.py ${INFERENCE_FLAGS:---out-dir $OUT};;
     *) echo "unknown stage $stage";;

@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import statistics
+import time
 
 import torch
 import triton
@@ -80,6 +82,36 @@ def measure(module: torch.nn.Module, x: torch.Tensor, path: str) -> tuple[float,
     return t_f, t_fb, kept, peak, out
 
 
+def split(module: torch.nn.Module, x: torch.Tensor, path: str, calls: int = 20) -> tuple[float, float]:
+    """(GPU ms, host ms) of one fwd+bwd: the summed durations of its kernels and copies as the profiler records
+    them on the device (free of the host's speed), and the median wall time the host takes to issue it onto an
+    idle GPU (no synchronisation inside the timed call). do_bench's figure is near the larger of the two."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    backend, module.fused, module.recompute = PATHS[path]
+    params = [p for p in module.parameters() if p.requires_grad]
+    dy = torch.randn_like(x)
+    with use_backend(backend):
+        for _ in range(3):
+            torch.autograd.grad(module(x), [x, *params], dy)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                torch.autograd.grad(module(x), [x, *params], dy)
+            torch.cuda.synchronize()
+        gpu_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+        host = []
+        for _ in range(calls):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            torch.autograd.grad(module(x), [x, *params], dy)
+            host.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+    return gpu_us / 1e3 / calls, 1e3 * statistics.median(host)
+
+
 def profile(args) -> int:
     """Where a path's fwd+bwd time goes: the profiler's top ops by CUDA time, then by CPU time."""
     from torch.profiler import ProfilerActivity
@@ -117,12 +149,16 @@ def main() -> int:
     p.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
     p.add_argument("--profile", action="store_true",
                    help="instead of the table: torch.profiler's top ops (CUDA and CPU time) of 5 fwd+bwd per path")
+    p.add_argument("--split", action="store_true",
+                   help="two more columns: fwd+bwd GPU ms (the profiler's kernel durations) and host ms (issuing it)")
     args = p.parse_args()
     print(f"# Mamba layers, {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"python {platform.python_version()}, {datetime.date.today()}")
     print(f"batch {args.batch}, d_model {args.d_model}, bf16\n")
-    print("| layer | seqlen | path | fwd ms | fwd+bwd ms | activations GB | peak GB fwd+bwd | max rel err vs torch |")
-    print("|---|---|---|---|---|---|---|---|")
+    extra = " fwd+bwd GPU ms | fwd+bwd host ms |" if args.split else ""
+    print("| layer | seqlen | path | fwd ms | fwd+bwd ms | activations GB | peak GB fwd+bwd | max rel err vs torch |"
+          + extra)
+    print("|---|---|---|---|---|---|---|---|" + "---|" * (2 if args.split else 0))
     if args.profile:
         return profile(args)
     for layer in args.layers:
@@ -132,12 +168,14 @@ def main() -> int:
             x = torch.randn(args.batch, seqlen, args.d_model, device="cuda", generator=gen, dtype=torch.bfloat16)
             x.requires_grad_(True)
             results = {path: measure(module, x, path) for path in args.paths}
+            parts = {path: split(module, x, path) for path in args.paths} if args.split else {}
             ref = results["torch"][-1].float() if "torch" in results else None
             for path, (t_f, t_fb, kept, peak, out) in results.items():
                 err = "-" if ref is None or path == "torch" else \
                     f"{float((out.float() - ref).abs().max() / ref.abs().max()):.1e}"
-                print(f"| {layer} | {seqlen} | {path} | {t_f:.3f} | {t_fb:.3f} | {kept:.3f} | {peak:.2f} | {err} |",
-                      flush=True)
+                more = " {:.3f} | {:.3f} |".format(*parts[path]) if path in parts else ""
+                print(f"| {layer} | {seqlen} | {path} | {t_f:.3f} | {t_fb:.3f} | {kept:.3f} | {peak:.2f} | {err} |"
+                      + more, flush=True)
             del x, results
             torch.cuda.empty_cache()
     return 0
