@@ -284,3 +284,57 @@ def test_budget_line_reports_the_steps_really_trained():
     settings = TrainSettings(steps=10, batch_size=4)
     assert settings.describe([{"steps": 25}, {"steps": 25}]).startswith("25 steps of 4")
     assert settings.describe([{"steps": 10}, {"steps": 25}]).startswith("the steps in results.json of 4")
+
+
+def test_a_worker_trains_only_the_models_no_other_worker_claimed(tmp_path):
+    """Workers share one state folder: a model claimed by another worker is skipped (None, and the run is not
+    ready for results), an unclaimed one is claimed and trained, and its claim goes when the worker ends."""
+    other = _spec()
+    other.key = "taken"
+    claims = tmp_path / "_state" / "claims"
+    claims.mkdir(parents=True)
+    (claims / "taken").write_text("worker 1\n")
+    worker = Run("t", tmp_path, torch.device("cpu"), quick=True, resume=True, time_budget_s=None, command="x",
+                 worker=0)
+    assert worker.train(other, _batches, logits_to_keep=1) is None
+    assert worker.incomplete and not worker.results_ready()
+    assert not (tmp_path / "_state" / "taken").exists()  # not even started
+    assert worker.train(_spec(), _batches, logits_to_keep=1) is not None
+    assert (claims / "m").exists() and (tmp_path / "_state" / "m" / "done.json").exists()
+    assert worker.cached(_spec(), "test", lambda: {"accuracy": 1.0}) == {"accuracy": 1.0}
+    assert worker.cached(other, "test", lambda: {"accuracy": 0.0}) is None  # another worker's evaluation
+    worker.release_claims()
+    assert not (claims / "m").exists() and (claims / "taken").exists()
+    assert not (tmp_path / "_state" / "run.json").exists()  # the parent keeps the run's time, not a worker
+    # the parent (no worker index) sees the finished model and may always claim
+    parent = Run("t", tmp_path, torch.device("cpu"), quick=True, resume=True, time_budget_s=None, command="x")
+    assert parent.train(_spec(), _batches, logits_to_keep=1) is not None and parent.results_ready()
+
+
+@pytest.mark.slow
+def test_workers_divide_the_models_and_give_the_results_of_one_process(tmp_path, capfd):
+    """reproduce(..., workers=2): two processes train the models between them (each model once), and the results
+    equal a single process's (on the CPU a model is a function of its seed)."""
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    assert reproduce("mqar", serial, quick=True, device="cpu", progress=False) == FINISHED
+    capfd.readouterr()
+    assert reproduce("mqar", parallel, quick=True, device="cpu", progress=False, workers=2) == FINISHED
+    log = capfd.readouterr().err
+    claimed = [line.split(": ")[-1] for line in log.splitlines() if line.startswith("[worker ")]
+    assert "[worker 0]" in log and "[worker 1]" in log
+    a, b = (json.loads((d / "results.json").read_text()) for d in (serial, parallel))
+    assert sorted(claimed) == sorted(f"{r['model']}-seed{x['seed']}" for r in a["rows"] for x in r["seeds"])
+    for ra, rb in zip(a["rows"], b["rows"]):
+        assert ra["model"] == rb["model"]
+        assert [(x["accuracy"], x["final_loss"]) for x in ra["seeds"]] == \
+            [(x["accuracy"], x["final_loss"]) for x in rb["seeds"]]
+    assert not (parallel / "_state" / "claims").exists()
+
+
+def test_workers_are_refused_for_an_experiment_whose_models_depend_on_each_other(tmp_path, capsys):
+    with pytest.raises(ValueError, match="selective-copying, induction-heads, mqar"):
+        reproduce("lm-scaling", tmp_path, quick=True, device="cpu", workers=2)
+    with pytest.raises(ValueError, match="workers must be an int >= 1"):
+        reproduce("mqar", tmp_path, quick=True, device="cpu", workers=0)
+    assert cli_main(["reproduce", "ablations", "--quick", "--out", str(tmp_path), "--workers", "3"]) == 2
+    assert "depend on each other" in capsys.readouterr().err

@@ -20,6 +20,8 @@ examples:
       full size (Mamba paper Table 1 at L = 4096): writes results/selective-copying/
   mambakit reproduce mqar --device cuda --time-budget 7m --resume
       at most 7 minutes, then save the state and exit with status 3; rerun the same command until it exits 0
+  mambakit reproduce induction-heads --device cuda --workers 4
+      four models at a time, one process each, on the same GPU (the host-bound small models leave it idle)
 
 writes results/NAME/results.json, README.md, PNG plots and the small trained checkpoints; _state/ (resume
 state) is not a result and is git-ignored."""
@@ -37,27 +39,28 @@ def build_parser(prog: str = "mambakit reproduce") -> Parser:
     p.add_argument("--time-budget", type=_duration, metavar="T",
                    help="stop cleanly after T (600, 90s, 10m, 1.5h), saving the state; exit status 3")
     p.add_argument("--steps", type=positive_int, metavar="N", help="override every model's training steps")
+    p.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                   help="train up to N models at once, one process each (selective-copying, induction-heads, mqar: "
+                        "their small models leave the GPU mostly idle; default 1)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
 
 def main(name: str, quick: bool = False, device: str = "auto", out: str | None = None, resume: bool = False,
-         time_budget: float | None = None, steps: int | None = None, progress: bool = True) -> int:
+         time_budget: float | None = None, steps: int | None = None, progress: bool = True, workers: int = 1) -> int:
     """Run experiment `name`; returns 0 when the results are written, 3 when the time budget stopped it first.
 
     Examples:
         mambakit reproduce induction-heads --quick --out /tmp/ih
-        mambakit reproduce spoken-digits --device cuda --time-budget 7m --resume
-      DNA and audio (dna-context, dna-species, spoken-digits, audio-context): genomes from Debian's
-      ragout-examples, clips from `mambakit data spoken-digits`; --quick needs neither
-  mambakit reproduce selective-copying --device cuda --time-budget 7m --resume
+        mambakit reproduce selective-copying --device cuda --workers 4 --time-budget 7m --resume
     """
     from ..reproduce import reproduce
 
     command = shlex.join(["mambakit", "reproduce", name] + (["--quick"] if quick else [])
-                         + ([f"--steps={steps}"] if steps else []) + ([f"--device={device}"] if device != "auto" else []))
+                         + ([f"--steps={steps}"] if steps else []) + ([f"--device={device}"] if device != "auto" else [])
+                         + ([f"--workers={workers}"] if workers > 1 else []))
     try:
         return reproduce(name, out, quick=quick, device=device, resume=resume, time_budget_s=time_budget, steps=steps,
-                         progress=progress, command=command)
-    except ValueError as err:  # an unusable device, a state from another kind of run
+                         progress=progress, command=command, workers=workers)
+    except ValueError as err:  # an unusable device, a state from another kind of run, workers for a serial one
         raise UsageError(str(err)) from None

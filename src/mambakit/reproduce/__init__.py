@@ -37,7 +37,7 @@ def experiment(name: str):
 
 def reproduce(name: str, out: str | Path | None = None, *, quick: bool = False, device: str = "auto",
               resume: bool = False, time_budget_s: float | None = None, steps: int | None = None,
-              progress: bool = True, command: str | None = None) -> int:
+              progress: bool = True, command: str | None = None, workers: int = 1) -> int:
     """Run experiment `name`, writing results under `out` (default results/<name>); returns FINISHED (0) or
     UNFINISHED (3: the time budget ran out; call again with resume=True to continue).
 
@@ -48,6 +48,12 @@ def reproduce(name: str, out: str | Path | None = None, *, quick: bool = False, 
         time_budget_s: stop cleanly after this many seconds of this call, saving the state.
         steps: override every model's training step budget.
         command: the command line recorded in results.json / README.md (default: the equivalent CLI call).
+        workers: train up to this many models at once, each in its own process (experiments whose models are
+            independent: selective-copying, induction-heads, mqar). The synthetic tasks' small models leave a
+            GPU mostly idle while the host prepares each step, so N processes on one GPU train up to ~N times as
+            many models per hour; with several GPUs and device "cuda", worker i uses GPU i mod count. Each model
+            trains exactly as in a single process (same seeds, batches, early stopping); this call then writes
+            the results.
 
     Example:
         >>> status = reproduce("induction-heads", quick=True, out="/tmp/ih")      # CPU, a few seconds
@@ -58,6 +64,16 @@ def reproduce(name: str, out: str | Path | None = None, *, quick: bool = False, 
     out = Path(out) if out is not None else Path("results") / name
     if command is None:
         command = f"mambakit reproduce {name}" + (" --quick" if quick else "") + (f" --steps {steps}" if steps else "")
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    if workers > 1 and not getattr(module, "INDEPENDENT_MODELS", False):
+        parallel = ", ".join(n for n in EXPERIMENTS if getattr(experiment(n), "INDEPENDENT_MODELS", False))
+        raise ValueError(f"{name}: its models depend on each other's results, so it runs in one process; "
+                         f"workers > 1 is for {parallel}")
     run = Run(name, out, device=resolve_device(device), quick=quick, resume=resume, time_budget_s=time_budget_s,
               command=command, progress=progress, steps=steps)
+    if workers > 1:
+        from .worker import run_workers
+
+        run_workers(run, workers, device)
     return module.run(run)

@@ -43,6 +43,7 @@ from ..models import MambaConfig, MambaLM, build_model
 
 FINISHED, UNFINISHED = 0, 3  # exit statuses of a run: done, or stopped by the time budget (rerun with --resume)
 STATE_DIR = "_state"
+CLAIMS_DIR = "claims"  # under STATE_DIR: which worker trains which model (reproduce(..., workers=N))
 
 
 @dataclass
@@ -151,23 +152,31 @@ class Run:
     Example:
         >>> run = Run("induction-heads", Path("results/induction-heads"), device=torch.device("cuda"),
         ...           quick=False, resume=True, time_budget_s=420, command="mambakit reproduce induction-heads")
-        >>> model = run.train(spec, lambda step, g: induction_heads(64, 256, generator=g), logits_to_keep=1)
-        >>> if model is None: return run.unfinished()
+        >>> for spec in specs:
+        ...     model = run.train(spec, lambda step, g: induction_heads(64, 256, generator=g), logits_to_keep=1)
+        ...     if model is None: continue      # the time budget, or another worker's model: later
+        >>> if not run.results_ready(): return run.unfinished()
     """
 
     def __init__(self, name: str, out: Path, device: torch.device, quick: bool, resume: bool,
-                 time_budget_s: float | None, command: str, progress: bool = True, steps: int | None = None):
+                 time_budget_s: float | None, command: str, progress: bool = True, steps: int | None = None,
+                 worker: int | None = None):
         self.name = name
         self.out = Path(out)
         self.device = device
         self.quick = quick
-        self.progress = progress
+        self.progress = progress and worker is None
         self.command = command
         self.steps_override = steps
+        # worker: one of `reproduce(..., workers=N)`'s processes. It shares the state folder with the others,
+        # trains (and evaluates) only the models it claims first, never writes run.json or the results.
+        self.worker = worker
+        self.incomplete = False  # some model or evaluation was left for later (time budget, another worker)
+        self._claimed: set[str] = set()
         self.t_start = time.monotonic()
         self.deadline = None if time_budget_s is None else self.t_start + time_budget_s
         self.state = self.out / STATE_DIR
-        if not resume and self.state.exists():
+        if not resume and worker is None and self.state.exists():
             shutil.rmtree(self.state)
         self.state.mkdir(parents=True, exist_ok=True)
         (self.out / ".gitignore").write_text(f"{STATE_DIR}/\n")
@@ -190,13 +199,46 @@ class Run:
         return self._elapsed_before + time.monotonic() - self.t_start
 
     def _save_meta(self) -> None:
-        _write_json(self._meta_path, {"quick": self.quick, "elapsed_s": self.elapsed_s(), "pieces": self._pieces})
+        if self.worker is None:  # the parent of the workers keeps the run's time
+            _write_json(self._meta_path, {"quick": self.quick, "elapsed_s": self.elapsed_s(), "pieces": self._pieces})
 
     def unfinished(self) -> int:
         self._save_meta()
-        print(f"mambakit reproduce {self.name}: time budget spent; state saved in {self.state}. "
-              "Run the same command with --resume to continue.", file=sys.stderr)
+        if self.worker is None:
+            print(f"mambakit reproduce {self.name}: time budget spent; state saved in {self.state}. "
+                  "Run the same command with --resume to continue.", file=sys.stderr)
         return UNFINISHED
+
+    def results_ready(self) -> bool:
+        """Whether every model and evaluation the experiment asked for is there, so that its results can be
+        written (never in a worker: the parent writes them). An experiment's loop goes on past a model that
+        returned None (the time budget, or another worker's) and asks this once at its end."""
+        return not self.incomplete and self.worker is None
+
+    # ---------------------------------------------------------------- workers
+
+    def _claim(self, key: str) -> bool:
+        """Whether this process may work on model `key` (train it, evaluate it): always outside workers; a worker
+        claims it by creating _state/claims/<key> (atomic: one worker wins) and keeps it until it exits."""
+        if self.worker is None or key in self._claimed:
+            return True
+        path = self.state / CLAIMS_DIR / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        os.write(fd, f"worker {self.worker}, pid {os.getpid()}\n".encode())
+        os.close(fd)
+        self._claimed.add(key)
+        print(f"[worker {self.worker}] {self.name}: {key}", file=sys.stderr, flush=True)
+        return True
+
+    def release_claims(self) -> None:
+        """Remove this worker's claims (a claimed model left unfinished is resumed by the next invocation)."""
+        for key in self._claimed:
+            (self.state / CLAIMS_DIR / key).unlink(missing_ok=True)
+        self._claimed.clear()
 
     # ---------------------------------------------------------------- training
 
@@ -264,7 +306,8 @@ class Run:
         done = _read_json(folder / "done.json")
         if done is not None and (done["steps"] >= settings.steps or done.get("early_stop_step") is not None):
             return load(folder).eval()
-        if self.out_of_time():
+        if self.out_of_time() or not self._claim(key):
+            self.incomplete = True
             return None
         if done is not None:  # extending a finished model: its evaluations are out of date
             (folder / "done.json").unlink()
@@ -328,6 +371,7 @@ class Run:
         # kept: --steps may extend it
         self._save_training(resume_file, model, optimizer, step, losses, train_s, val_history, states)
         if step < settings.steps and early_stop is None:
+            self.incomplete = True
             return None
         model.eval()
         save(model, folder)
@@ -375,7 +419,8 @@ class Run:
         value = _read_json(path)
         if value is not None:
             return value
-        if self.out_of_time():
+        if self.out_of_time() or not self._claim(key):
+            self.incomplete = True
             return None
         value = compute()
         _write_json(path, value)

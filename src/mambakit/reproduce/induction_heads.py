@@ -38,6 +38,7 @@ from .common import (FINISHED, ModelSpec, Run, TrainSettings, figure, loss_plot,
 
 NAME = "induction-heads"
 SUMMARY = "Mamba paper Table 2: induction heads trained at T = 256, tested at T = 2^6 .. 2^20"
+INDEPENDENT_MODELS = True  # no model needs another's result: `--workers N` trains N at once
 TEST_SEED = 2_000_000_011
 VAL_SEED = 2_000_000_033  # validation sets (seed + T): never a test set
 
@@ -139,16 +140,16 @@ def run(run: Run) -> int:
             model = run.train(spec, lambda step, g: induction_heads(s["batch_size"], s["train_len"], generator=g),
                               logits_to_keep=1, validate=validation(s, run.device, attention))
             if model is None:
-                return run.unfinished()
+                continue
             results, stopped = {}, None
             for k in s["test_log2"]:
                 T = 2 ** k
                 if attention and T > s["attention_max_len"]:
                     stopped = f"not run beyond 2^{int(math.log2(s['attention_max_len']))} (quadratic compute)"
                     break
-                result = run.cached(spec, f"T{T}", lambda: _evaluate_or_oom(model, T, s, run.device, attention))
-                if result is None:
-                    return run.unfinished()
+                result = run.cached(spec, f"T{T}", lambda m=model, T=T: _evaluate_or_oom(m, T, s, run.device, attention))
+                if result is None:  # the time budget, or another worker's model
+                    break
                 if result.get("oom"):
                     stopped = f"out of GPU memory at 2^{k}"
                     break
@@ -157,6 +158,8 @@ def run(run: Run) -> int:
             del model
             if run.device.type == "cuda":
                 torch.cuda.empty_cache()
+    if not run.results_ready():
+        return run.unfinished()
     rows, curves = [], {}
     for base in specs:
         runs = per_seed[base.key]

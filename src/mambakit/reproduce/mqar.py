@@ -27,6 +27,7 @@ from .common import (FINISHED, ModelSpec, Run, TrainSettings, correct_and_count,
 
 NAME = "mqar"
 SUMMARY = "Mamba-2 paper Figure 8: MQAR, Mamba-1 vs Mamba-2 vs attention at d_state 16 / 64 / 256, two lengths"
+INDEPENDENT_MODELS = True  # no model needs another's result: `--workers N` trains N at once
 TEST_SEED = 3_000_000_019
 VAL_SEED = 3_000_000_037  # the early-stopping sets (seed + T): never a test set
 
@@ -94,11 +95,13 @@ def run(run: Run) -> int:
             model = run.train(spec, lambda step, g: mqar(s["batch_size"], T, K, s["vocab_size"], generator=g),
                               validate=validate)
             if model is None:
-                return run.unfinished()
+                continue
             result = run.cached(spec, "test", lambda: evaluate(model, T, s, run.device))
             if result is None:
-                return run.unfinished()
+                continue
             per_seed[base.key].append((spec, result, run.training_record(spec)))
+    if not run.results_ready():
+        return run.unfinished()
     rows, curves = [], {}
     for T, base in grid:
         runs = per_seed[base.key]
