@@ -145,6 +145,7 @@ def test_training_step_matrix_gpu(layer, path, precision, mode):
     _check(layer, path, precision, mode, "cuda")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", LAYERS)
 def test_fused_mamba1_autocast_backward_regression(layer):
     """The first backward of the default (fused) path under bf16 autocast with float32 parameters: it raised

@@ -68,9 +68,9 @@ def _decode(model: MambaLM, ids: torch.Tensor, cache, backend: str, fused: bool)
 @pytest.mark.parametrize("ssm_cfg", LAYERS)
 @pytest.mark.parametrize("dtype, batch", [
     pytest.param(torch.float32, 1, id="fp32-batch1"),
-    pytest.param(torch.float32, 17, id="fp32-batch17"),  # the tensor-core tiles of norm_linear
-    pytest.param(torch.bfloat16, 1, id="bf16-batch1"),
-    pytest.param(torch.bfloat16, 3, id="bf16-batch3"),
+    pytest.param(torch.float32, 17, id="fp32-batch17", marks=pytest.mark.slow),  # the tensor-core tiles of norm_linear
+    pytest.param(torch.bfloat16, 1, id="bf16-batch1", marks=pytest.mark.slow),
+    pytest.param(torch.bfloat16, 3, id="bf16-batch3", marks=pytest.mark.slow),
 ])
 def test_fused_step_matches_unfused_step(ssm_cfg, dtype, batch, monkeypatch):
     monkeypatch.setattr(fusion, "FUSED_STEP_MAX_BATCH", 64)  # batch 17 reaches the tensor-core tiles
@@ -97,6 +97,7 @@ def test_fused_step_matches_unfused_step(ssm_cfg, dtype, batch, monkeypatch):
         assert_close(actual, expected, name=name, rel=0.0, atol=atol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ssm_cfg", LAYERS)
 def test_fused_triton_step_equals_unfused_triton_step(ssm_cfg):
     """Same backend, fused or not: the fused kernels compute what the kernels op by op compute (fp32)."""
@@ -215,6 +216,7 @@ def test_state_update_with_dt_proj_weight(batch):
         selective_state_update(h0.clone(), x, dt_low, A, B, C, dt_proj_weight=torch.randn(dim, R + 1, device=DEVICE))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ssm_cfg", LAYERS)
 def test_batches_above_the_threshold_step_op_by_op(ssm_cfg):
     """At batch 64 the fused step lost to the ops one by one on the H200 (BENCHMARKS.md): above
