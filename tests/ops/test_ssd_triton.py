@@ -451,6 +451,19 @@ def test_gpu_bfloat16_within_twice_torch_bf16_error():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("headdim", [8, 16, 32, 64])
+@pytest.mark.parametrize("dstate", [16, 64, 256])
+@pytest.mark.parametrize("chunk", [64, 256])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")])
+def test_gpu_small_heads_low_precision(headdim, dstate, chunk, dtype):
+    """Small models' head shapes (the reproductions' Mamba-2 rows: headdim 16, dstate 16-256, chunk 64) in bf16 and
+    fp16: session 12 found the chunk scan's 64-row tiles at headdim 16 / 32 reading outside their shared memory on
+    the H200 (an illegal memory access); every output and gradient within the low-precision budget."""
+    inp = _lowp_inputs((2, 2 * chunk + 37, 4, headdim, 1, dstate), dtype, "cuda")
+    _check_lowp_against_budget(inp, dict(chunk_size=chunk, dt_softplus=True), "torch")
+
+
+@pytest.mark.gpu
 def test_gpu_decode_steps_equal_parallel():
     inp = _bench_inputs(32, D="head", z=True, dt_bias=True, initial_state=True)
     opts = dict(dt_softplus=True)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..data.audio import mu_law_encode
 from ..data.spoken_digits import speaker_recordings
 from ..models.unet import AudioUNet, UNetConfig
-from .common import FINISHED, Run, TrainSettings, _read_json, figure, loss_plot, markdown_table
+from .common import FINISHED, Run, TrainSettings, _read_json, figure, save_plot, loss_plot, markdown_table
 from .dna_audio_common import bits_per_sample, train_module
 from .spoken_digits import _data_root, settings as _digit_settings
 
@@ -121,10 +121,7 @@ def _plot(path, rows) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("training context (samples at 16 kHz)")
     ax.set_ylabel("held-out bits per sample")
-    ax.set_title("audio: context length at fixed compute")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_plot(fig, path, ax, "audio: context length at fixed compute")
 
 
 def _readme(rows, s, root, n_train, n_val) -> str:

@@ -518,10 +518,7 @@ def loss_plot(path: Path, curves: dict[str, list], title: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (cross-entropy on scored positions)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_plot(fig, path, ax, title)
 
 
 def figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **subplots_kwargs):
@@ -531,6 +528,17 @@ def figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **su
 
     fig = Figure(figsize=figsize)
     return fig, fig.subplots(nrows, ncols, **subplots_kwargs)
+
+
+def save_plot(fig, path: Path, ax=None, title: str | None = None, legend: bool = True) -> None:
+    """The ending every results plot shares: `ax`'s title and small legend, a tight layout, a PNG at 120 dpi."""
+    if ax is not None:
+        if title is not None:
+            ax.set_title(title)
+        if legend:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _progress(enabled: bool, **kwargs):

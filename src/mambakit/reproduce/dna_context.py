@@ -32,7 +32,7 @@ import torch
 from ..data.dna import DEBIAN_GENOMES, genome_streams, load_genome, random_reverse_complement
 from ..data.synthetic import SyntheticBatch
 from ..models import MambaConfig
-from .common import FINISHED, ModelSpec, Run, TrainSettings, figure, loss_plot, markdown_table
+from .common import FINISHED, ModelSpec, Run, TrainSettings, figure, save_plot, loss_plot, markdown_table
 from .dna_audio_common import markov_genome_fasta
 
 NAME = "dna-context"
@@ -148,10 +148,7 @@ def _plot(path, rows) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("training context length (bases)")
     ax.set_ylabel("held-out perplexity")
-    ax.set_title("DNA pretraining: perplexity vs context")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_plot(fig, path, ax, "DNA pretraining: perplexity vs context")
 
 
 def _readme(rows, s, genome) -> str:

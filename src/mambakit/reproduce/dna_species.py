@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..data.dna import DEBIAN_GENOMES, SpeciesWindows, debian_species, load_genome, random_reverse_complement
 from ..models import MambaConfig
 from ..models.classifier import SequenceClassifier
-from .common import FINISHED, Run, TrainSettings, figure, loss_plot, markdown_table, percent
+from .common import FINISHED, Run, TrainSettings, figure, save_plot, loss_plot, markdown_table, percent
 from .dna_audio_common import markov_genome_fasta, train_module
 
 NAME = "dna-species"
@@ -151,10 +151,7 @@ def _plot(path, rows, chance) -> None:
     ax.set_ylim(0, 102)
     ax.set_xlabel("window length (bases)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("species classification")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_plot(fig, path, ax, "species classification")
 
 
 def _readme(rows, s, data, chance) -> str:

@@ -34,7 +34,7 @@ import torch
 from ..data.synthetic import INDUCTION_VOCAB, induction_heads
 from ..models import MambaConfig
 from .common import (FINISHED, ModelSpec, Run, TrainSettings, figure, loss_plot, markdown_table, median_index, percent,
-                     seeded, spread)
+                     save_plot, seeded, spread)
 
 NAME = "induction-heads"
 SUMMARY = "Mamba paper Table 2: induction heads trained at T = 256, tested at T = 2^6 .. 2^20"
@@ -215,10 +215,7 @@ def _plot(path, rows, s) -> None:
     ax.set_xlabel("test sequence length (log2 T)")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 102)
-    ax.set_title(f"induction heads: median and min-max of {len(s['seeds'])} seeds")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_plot(fig, path, ax, f"induction heads: median and min-max of {len(s['seeds'])} seeds")
 
 
 def _readme(rows, s) -> str:

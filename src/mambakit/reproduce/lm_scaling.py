@@ -41,7 +41,7 @@ from ..data.corpora import Document, shakespeare_documents, split_documents
 from ..data.stream import TokenStream
 from ..data.synthetic import SyntheticBatch
 from ..models import MambaConfig, TransformerConfig
-from .common import FINISHED, ModelSpec, Run, TrainSettings, figure, markdown_table
+from .common import FINISHED, ModelSpec, Run, TrainSettings, figure, save_plot, markdown_table
 
 NAME = "lm-scaling"
 SUMMARY = "Mamba paper Figure 4: Mamba-1, Mamba-2, Transformer++, hybrid at 3 sizes, perplexity against FLOPs"
@@ -289,7 +289,4 @@ def _plot(path: Path, rows: list[dict]) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("training FLOPs (6ND + attention)")
     ax.set_ylabel("held-out perplexity")
-    ax.set_title("Scaling at small scale (Mamba paper Fig. 4)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_plot(fig, path, ax, "Scaling at small scale (Mamba paper Fig. 4)")

@@ -23,7 +23,7 @@ import torch
 from ..models import MambaConfig
 from ..data.synthetic import mqar
 from .common import (FINISHED, ModelSpec, Run, TrainSettings, correct_and_count, figure, loss_plot, markdown_table,
-                     percent, seeded, spread)
+                     percent, save_plot, seeded, spread)
 
 NAME = "mqar"
 SUMMARY = "Mamba-2 paper Figure 8: MQAR, Mamba-1 vs Mamba-2 vs attention at d_state 16 / 64 / 256, two lengths"
@@ -140,9 +140,7 @@ def _plot(path, rows, s) -> None:
         ax.set_title(f"T = {T}, {T // s['kv_divisor']} pairs")
         ax.set_ylim(0, 102)
     axes[0][0].set_ylabel("accuracy (%)")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_plot(fig, path, axes[0][0])
 
 
 def _readme(rows, s) -> str:

@@ -26,7 +26,7 @@ import torch
 from ..data.synthetic import SELECTIVE_COPYING_VOCAB, selective_copying
 from ..models import MambaConfig
 from .common import (FINISHED, ModelSpec, Run, TrainSettings, correct_and_count, figure, loss_plot, markdown_table,
-                     median_index, percent, seeded, spread)
+                     median_index, percent, save_plot, seeded, spread)
 
 NAME = "selective-copying"
 SUMMARY = "Mamba paper Table 1: selective copying at L = 4096, S6 vs S4D, gated vs ungated block"
@@ -144,10 +144,7 @@ def _plot(path, rows, s) -> None:
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"selective copying, L = {s['seqlen']}, 2 layers, d_model {s['d_model']}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_plot(fig, path, ax, f"selective copying, L = {s['seqlen']}, 2 layers, d_model {s['d_model']}")
 
 
 def _readme(rows, s, run: Run) -> str:

@@ -34,7 +34,7 @@ from ..data.spoken_digits import SAMPLE_RATE, default_root, load_spoken_digits, 
 from ..models import MambaConfig
 from ..models.classifier import SequenceClassifier, pool_sequence
 from ..models.unet import AudioUNet, UNetConfig, sample_audio
-from .common import FINISHED, Run, TrainSettings, _read_json, figure, loss_plot, markdown_table
+from .common import FINISHED, Run, TrainSettings, _read_json, figure, save_plot, loss_plot, markdown_table
 from .dna_audio_common import bits_per_sample, frechet_distance, train_module
 
 NAME = "spoken-digits"
@@ -198,9 +198,7 @@ def _plot(path, rows) -> None:
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("test bits per sample")
-    ax.set_title("spoken digits, 8-bit mu-law")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_plot(fig, path, ax, "spoken digits, 8-bit mu-law", legend=False)
 
 
 def _readme(rows, s, real, root) -> str:
