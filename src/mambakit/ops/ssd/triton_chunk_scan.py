@@ -213,10 +213,11 @@ def chunk_scan_fwd(x: torch.Tensor, z: torch.Tensor | None, D: torch.Tensor | No
     T = chunk_size
     nc = dtp.shape[2]
     cfg = dict(cfg or {})
-    # 64-row tiles make the two dots one warpgroup MMA on Hopper. With a P tile of 16 or 32 in bf16 / fp16 that
-    # kernel reads outside its shared memory under Triton 3.6 on the H200 (compute-sanitizer: "Invalid __shared__
-    # read", then an illegal memory access; float32, P >= 64, 32-row tiles, 2 or 8 warps were all clean), so small
-    # heads take 32-row tiles (tests/ops/test_ssd_triton.py, test_gpu_small_heads_low_precision)
+    # Small heads take 32-row tiles. With 64 rows, 4 warps and a P tile of 16 or 32 in bf16, Triton 3.6 on the
+    # H200 miscompiled this kernel at dstate 64: y off by 6-10x its scale on contiguous inputs, and in a model's
+    # strided layout a read outside shared memory (compute-sanitizer), an illegal memory access. dstate 16 / 256,
+    # float32, P >= 64, 32-row tiles, 2 or 8 warps were right (BENCHMARKS.md, the synthetic steps; the GPU tests
+    # test_gpu_small_heads_low_precision and test_gpu_small_head_model_under_autocast)
     cfg.setdefault("BLOCK_M", min(T, 64 if P > 32 else 32))
     cfg.setdefault("BLOCK_P", min(128, max(16, next_power_of_2(P))))
     cfg.setdefault("num_warps", 4)
