@@ -40,8 +40,8 @@ def build_parser(prog: str = "mambakit reproduce") -> Parser:
                    help="stop cleanly after T (600, 90s, 10m, 1.5h), saving the state; exit status 3")
     p.add_argument("--steps", type=positive_int, metavar="N", help="override every model's training steps")
     p.add_argument("--workers", type=positive_int, default=1, metavar="N",
-                   help="train up to N models at once, one process each (selective-copying, induction-heads, mqar: "
-                        "their small models leave the GPU mostly idle; default 1)")
+                   help="train up to N models at once, one process each (selective-copying, induction-heads, mqar; "
+                        "pays where the host sets the pace, as in induction heads and MQAR; default 1)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
@@ -52,7 +52,7 @@ def main(name: str, quick: bool = False, device: str = "auto", out: str | None =
 
     Examples:
         mambakit reproduce induction-heads --quick --out /tmp/ih
-        mambakit reproduce selective-copying --device cuda --workers 4 --time-budget 7m --resume
+        mambakit reproduce induction-heads --device cuda --workers 6 --time-budget 7m --resume
     """
     from ..reproduce import reproduce
 
