@@ -2,7 +2,7 @@
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
 # Stages: env tests synctests gentests compose adapters e2e serve serve-repeat train launch scan ssd convnorm layers
-# layers-ab synthetic-step prefill inference; each runs under its own time limit so one slow stage leaves the logs of the others
+# layers-ab synthetic-step prefill inference reproduce-NAME; each runs under its own time limit so one slow stage leaves the logs of the others
 # intact.
 # The lent machine has torch and Triton only: carry cp312 wheels in .whl/ (pip download --no-deps --only-binary=:all:
 # --python-version 3.12 --platform manylinux2014_x86_64 ...): omegaconf antlr4-python3-runtime pyyaml (train),
@@ -47,6 +47,15 @@ for stage in "$@"; do
                       --clients 8,64,256 --prompt-len 128 --new-tokens 256 --requests-per-client 4 ${SERVE_FLAGS:-}
                   done
                   run serve-profile 150 python3 benchmarks/serve_profile.py --device cuda --shape 130m --profile;;
+    # one piece of a `mambakit reproduce NAME` run that spans calls: the state comes in as .state/NAME.tar (carry
+    # .state) and goes back as $OUT/NAME-state.tar (put it in .state/ for the next call); once the run exits 0,
+    # the results (README, results.json, plots, checkpoints) come back as $OUT/NAME.tar, to untar into results/
+    reproduce-*) name=${stage#reproduce-}; mkdir -p results/$name
+                 if [ -f .state/$name.tar ]; then tar xf .state/$name.tar -C results/$name; fi
+                 run "reproduce-$name" ${REPRO_LIMIT:-500} python3 -m mambakit.cli reproduce $name --device cuda --resume \
+                   --out results/$name --no-progress --workers ${WORKERS:-6} --time-budget ${REPRO_BUDGET:-420} ${REPRO_FLAGS:-}
+                 tar cf $OUT/$name-state.tar -C results/$name _state
+                 if [ -f results/$name/results.json ]; then tar cf $OUT/$name.tar --exclude=_state -C results $name; fi;;
     train) run train 560 python3 benchmarks/gpu_train.py ${TRAIN_FLAGS:-};;
     launch) run launch 300 python3 benchmarks/gpu_launch.py ${LAUNCH_FLAGS:-};;
     scan) run scan 300 python3 benchmarks/gpu_selective_scan.py ${SCAN_FLAGS:-};;

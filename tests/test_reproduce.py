@@ -338,3 +338,15 @@ def test_workers_are_refused_for_an_experiment_whose_models_depend_on_each_other
         reproduce("mqar", tmp_path, quick=True, device="cpu", workers=0)
     assert cli_main(["reproduce", "ablations", "--quick", "--out", str(tmp_path), "--workers", "3"]) == 2
     assert "depend on each other" in capsys.readouterr().err
+
+
+def test_a_quick_run_without_out_stays_out_of_results(tmp_path, monkeypatch, capsys):
+    """--quick numbers mean nothing: without --out they go to the temporary directory, never results/NAME/."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert cli_main(["reproduce", "mqar", "--quick", "--device", "cpu", "--no-progress"]) == 0
+    assert not (tmp_path / "results").exists()
+    out = tmp_path / "tmp" / "mambakit-reproduce-quick-mqar"
+    assert (out / "results.json").exists()
+    assert f"results in {out}" in capsys.readouterr().out

@@ -34,7 +34,9 @@ def build_parser(prog: str = "mambakit reproduce") -> Parser:
     p.add_argument("name", choices=list(EXPERIMENTS), metavar="NAME", help=f"one of: {', '.join(EXPERIMENTS)}")
     p.add_argument("--quick", action="store_true", help="tiny settings: a seconds-long CPU run of the whole pipeline")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:1, ...")
-    p.add_argument("--out", metavar="DIR", help="output directory (default: results/NAME)")
+    p.add_argument("--out", metavar="DIR",
+                   help="output directory (default: results/NAME; with --quick, mambakit-reproduce-quick-NAME in the "
+                        "temporary directory, so quick numbers never land on the committed ones)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in DIR/_state (else start over)")
     p.add_argument("--time-budget", type=_duration, metavar="T",
                    help="stop cleanly after T (600, 90s, 10m, 1.5h), saving the state; exit status 3")
@@ -54,13 +56,16 @@ def main(name: str, quick: bool = False, device: str = "auto", out: str | None =
         mambakit reproduce induction-heads --quick --out /tmp/ih
         mambakit reproduce induction-heads --device cuda --workers 6 --time-budget 7m --resume
     """
-    from ..reproduce import reproduce
+    from ..reproduce import FINISHED, default_out, reproduce
 
     command = shlex.join(["mambakit", "reproduce", name] + (["--quick"] if quick else [])
                          + ([f"--steps={steps}"] if steps else []) + ([f"--device={device}"] if device != "auto" else [])
                          + ([f"--workers={workers}"] if workers > 1 else []))
     try:
-        return reproduce(name, out, quick=quick, device=device, resume=resume, time_budget_s=time_budget, steps=steps,
-                         progress=progress, command=command, workers=workers)
+        status = reproduce(name, out, quick=quick, device=device, resume=resume, time_budget_s=time_budget,
+                           steps=steps, progress=progress, command=command, workers=workers)
     except ValueError as err:  # an unusable device, a state from another kind of run, workers for a serial one
         raise UsageError(str(err)) from None
+    if status == FINISHED:
+        print(f"mambakit reproduce {name}: results in {default_out(name, quick) if out is None else out}")
+    return status

@@ -9,6 +9,7 @@ holds the shared training loop, resume state, evaluation memo and results writer
 from __future__ import annotations
 
 import importlib
+import tempfile
 from pathlib import Path
 
 from .common import FINISHED, UNFINISHED, Run
@@ -25,7 +26,7 @@ EXPERIMENTS: dict[str, str] = {
     "ablations": "mambakit.reproduce.ablations",
 }
 
-__all__ = ["EXPERIMENTS", "FINISHED", "UNFINISHED", "Run", "experiment", "reproduce"]
+__all__ = ["EXPERIMENTS", "FINISHED", "UNFINISHED", "Run", "default_out", "experiment", "reproduce"]
 
 
 def experiment(name: str):
@@ -35,10 +36,17 @@ def experiment(name: str):
     return importlib.import_module(EXPERIMENTS[name])
 
 
+def default_out(name: str, quick: bool) -> Path:
+    """Where `reproduce` writes without `out`: results/<name>, or for a quick run (whose numbers mean nothing) a
+    folder in the temporary directory, never over the committed results."""
+    return Path(tempfile.gettempdir()) / f"mambakit-reproduce-quick-{name}" if quick else Path("results") / name
+
+
 def reproduce(name: str, out: str | Path | None = None, *, quick: bool = False, device: str = "auto",
               resume: bool = False, time_budget_s: float | None = None, steps: int | None = None,
               progress: bool = True, command: str | None = None, workers: int = 1) -> int:
-    """Run experiment `name`, writing results under `out` (default results/<name>); returns FINISHED (0) or
+    """Run experiment `name`, writing results under `out` (default results/<name>, or with `quick` a folder in the
+    temporary directory: quick numbers never land on the committed ones); returns FINISHED (0) or
     UNFINISHED (3: the time budget ran out; call again with resume=True to continue).
 
     Args:
@@ -61,7 +69,7 @@ def reproduce(name: str, out: str | Path | None = None, *, quick: bool = False, 
     from ..training import resolve_device
 
     module = experiment(name)
-    out = Path(out) if out is not None else Path("results") / name
+    out = default_out(name, quick) if out is None else Path(out)
     if command is None:
         command = f"mambakit reproduce {name}" + (" --quick" if quick else "") + (f" --steps {steps}" if steps else "")
     if not isinstance(workers, int) or workers < 1:

@@ -231,7 +231,8 @@ class Run:
         os.write(fd, f"worker {self.worker}, pid {os.getpid()}\n".encode())
         os.close(fd)
         self._claimed.add(key)
-        print(f"[worker {self.worker}] {self.name}: {key}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"[worker {self.worker}] {self.name}: {key}\n")  # one write: workers share the stream
+        sys.stderr.flush()
         return True
 
     def release_claims(self) -> None:
