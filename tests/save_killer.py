@@ -5,12 +5,13 @@ subprocess (a fork server: torch is imported once, each attempt is a forked chil
 
     python tests/save_killer.py WORKDIR ROUNDS SEED          -> WORKDIR/result.json
 
-Round 0 trains from scratch until a first checkpoint exists; every later round forks a child that
+Round 0 trains from scratch until a first checkpoint exists; every later round (up to ROUNDS) forks a child that
 resumes the run (`train(..., resume=True)`, a checkpoint every step) and SIGKILLs it at a random moment
 of the 0.25 s after its first save began (a save takes about that long). After each kill the
 parent checks that the newest checkpoint verifies (no fallback warning), that the model at the top of
-the run directory reads, and records whether the kill left a partial save behind. Then it finishes
-the run and, for comparison, trains the same run uninterrupted. Single thread, float32, CPU.
+the run directory reads, and records whether the kill left a partial save behind. The rounds end early
+once a child finishes the run before its kill (or finds it finished). Then the parent finishes the run if
+the rounds ran out first, and, for comparison, trains the same run uninterrupted. Single thread, float32, CPU.
 """
 
 from __future__ import annotations
@@ -89,20 +90,24 @@ def main() -> None:
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
 
-    kills, partial, steps = 0, 0, []
+    kills, partial, steps, ended = 0, 0, [], False
     for _ in range(rounds):
         pid = os.fork()
         if pid == 0:
             child(cfg, resume=True)
         # a save has begun when its step-N.tmp directory appears; kill at a random moment of the next 0.25 s
         # (writing, hashing, fsync, rename, pointer, publishing, pruning, or the step after)
+        # (a child reaped here, by either wait, must not be waited for again: the run can end in the poll loop)
         deadline = time.monotonic() + 30
+        finished_first = False
         while not any(p.name.endswith(".tmp") for p in (out / "checkpoints").iterdir()) and time.monotonic() < deadline:
-            if os.waitpid(pid, os.WNOHANG)[0] != 0:
+            finished_first = os.waitpid(pid, os.WNOHANG)[0] != 0
+            if finished_first:
                 break
             time.sleep(0.001)
-        time.sleep(rng.uniform(0.0, 0.25))
-        finished_first = os.waitpid(pid, os.WNOHANG)[0] != 0
+        if not finished_first:
+            time.sleep(rng.uniform(0.0, 0.25))
+            finished_first = os.waitpid(pid, os.WNOHANG)[0] != 0
         if not finished_first:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
@@ -110,6 +115,7 @@ def main() -> None:
             partial += partial_save_left(out)
         steps.append(check(out))
         if finished_first:
+            ended = True
             break
 
     # finish the run (in this process: no fork follows), then the same run without interruptions
@@ -118,7 +124,8 @@ def main() -> None:
     stray = partial_save_left(out)
     full = train(config(work, "full", save_every=0)).losses
     (work / "result.json").write_text(json.dumps({"kills": kills, "partial_saves_killed": partial, "steps": steps,
-                                                  "resumed": resumed, "full": full, "stray_after": stray}))
+                                                  "resumed": resumed, "full": full, "stray_after": stray,
+                                                  "ended_between_kills": ended}))
 
 
 if __name__ == "__main__":

@@ -167,14 +167,18 @@ def test_resume_reads_the_layout_before_step_directories(tmp_path, shared_data, 
 
 @pytest.mark.slow
 def test_sigkill_at_random_points_of_saves_never_loses_the_run(tmp_path):
-    """25 SIGKILLs, each at a random moment of the 0.25 s after a save began (tests/save_killer.py): after every
-    kill the newest checkpoint verifies and the model on top reads; the resumed run's losses equal an
-    uninterrupted run's exactly; nothing stray is left."""
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "save_killer.py"), str(tmp_path), "25", "0"],
+    """SIGKILLs until the run is over (each at a random moment of the 0.25 s after a save began,
+    tests/save_killer.py): after every kill the newest checkpoint verifies and the model on top reads; a child
+    that finds the run finished (or finishes it) ends the rounds cleanly; the resumed run's losses equal an
+    uninterrupted run's exactly; nothing stray is left. (With 25 rounds the kills once outlasted the 70 steps
+    on a loaded CI machine and the killer waited for a child it had already reaped: now every run takes that
+    path.)"""
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "save_killer.py"), str(tmp_path), "400", "0"],
                           env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
-    assert result["kills"] >= 20, result
+    assert result["ended_between_kills"] is True, result
+    assert result["kills"] >= 15, result
     assert result["partial_saves_killed"] >= 2, result  # kills did land inside saves
     assert result["steps"] == sorted(result["steps"]) and result["steps"][-1] > 2  # the run advanced across kills
     assert result["resumed"] == result["full"] and len(result["full"]) == 70
