@@ -175,7 +175,8 @@ def _serve(args, port: int, ready) -> None:
                   prefix_cache_bytes=args.prefix_cache_mb << 20, cuda_graph=args.cuda_graph,
                   max_model_len=args.prompt_len + args.new_tokens + 1,
                   decode_steps=args.decode_steps or (8 if args.device.startswith("cuda") else 1),
-                  max_prefill_tokens=args.max_prefill_tokens, compile=args.compile)
+                  max_prefill_tokens=args.max_prefill_tokens, compile=args.compile,
+                  prefill_graphs=args.prefill_graphs)
     if _engine_process(args):
         tokenizer = _tokenizer(args)
         scheduler = EngineClient(functools.partial(_build, args), tokenizer, kwargs, log_level="warning")
@@ -233,7 +234,8 @@ def _phases(url: str) -> dict[str, float]:
     metrics = parse_metrics(httpx.get(url + "/metrics", timeout=30).text)
     prefix = 'mambakit_scheduler_seconds_total{phase="'
     phases = {name[len(prefix):-2]: value for name, value in metrics.items() if name.startswith(prefix)}
-    return phases | {"prefill_calls": metrics.get("mambakit_prefill_chunks_total", 0.0)}
+    return phases | {"prefill_calls": metrics.get("mambakit_prefill_chunks_total", 0.0),
+                     "prefill_graph_calls": metrics.get("mambakit_prefill_graph_calls_total", 0.0)}
 
 
 def _free_port() -> int:
@@ -431,6 +433,9 @@ def main() -> int:
     p.add_argument("--prefix-cache-mb", type=int, default=512)
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="CUDA graphs in the server's decode step and in the generate() baseline (default on)")
+    p.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="the server's full prefill chunks replayed from CUDA graphs (default: with --cuda-graph on "
+                        "CUDA; --no-prefill-graphs runs them eagerly, to compare)")
     p.add_argument("--decode-steps", type=int, default=0, help="server decode steps per host round trip "
                                                                "(default: 8 on CUDA, 1 on CPU)")
     p.add_argument("--max-prefill-tokens", type=int, default=8192)
@@ -491,11 +496,13 @@ def main() -> int:
                 row["client_cpu_busy"] = round((client1 - client0) / row["wall_s"], 2)
                 # the scheduler thread's wall time per phase, per new token (its /metrics counters)
                 calls = phases1.pop("prefill_calls") - phases0.pop("prefill_calls")
+                graphed = phases1.pop("prefill_graph_calls") - phases0.pop("prefill_graph_calls")
                 row["scheduler_us_per_token"] = {
                     k: round(1e6 * (phases1[k] - phases0.get(k, 0.0)) / row["new_tokens"], 2) for k in phases1}
                 # model calls that prefilled prompts: one per wave of arrivals at best (each costs the host a
                 # whole forward's launches)
                 row["prefill_calls_per_request"] = round(calls / max(1, row["requests"]), 3)
+                row["prefill_graph_share"] = round(graphed / calls, 3) if calls else None  # of those, replayed
             if cpu0 is not None and cpu1 is not None and row["new_tokens"]:
                 # the server's CPU time per token (its processes together: with --engine-process, the engine
                 # too): on a shared machine a steadier measure than tokens/s
@@ -529,7 +536,7 @@ def main() -> int:
            "dtype": args.dtype, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
            "requests_per_client": args.requests_per_client, "max_batch_size": args.max_batch_size,
            "prefill_chunk": args.prefill_chunk, "cuda_graph": args.cuda_graph, "compile": args.compile,
-           "decode_steps": args.decode_steps or (8 if args.device.startswith("cuda") else 1),
+           "prefill_graphs": args.prefill_graphs, "decode_steps": args.decode_steps or (8 if args.device.startswith("cuda") else 1),
            "engine_process": _engine_process(args), "levels": rows,
            "load_avg_before": [round(x, 2) for x in load_before],
            "load_avg_after": [round(x, 2) for x in os.getloadavg()],

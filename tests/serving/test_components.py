@@ -9,7 +9,7 @@ import torch
 
 from mambakit import MambaConfig, MambaLM
 from mambakit.data import ByteTokenizer
-from mambakit.generation import InferenceCache, allocate_cache, generate, logits_to_probs, prefill
+from mambakit.generation import ChunkPrefillGraphs, InferenceCache, allocate_cache, generate, logits_to_probs, prefill
 from mambakit.modules.state import MixerState
 from mambakit.serving import BatchSampler, GenerationRequest, PrefixCache, RowParams, Scheduler, request_key
 from mambakit.serving.prefix_cache import prefix_digest
@@ -391,3 +391,88 @@ def test_text_made_by_the_reader_equals_the_text_made_by_the_scheduler(tokenizer
     for g in by_mode[True][:2] + by_mode[True][3:]:  # and that text is right: the whole decode, EOS not in it
         ids = g["ids"][:-1] if g["reason"] == "stop" else g["ids"]
         assert g["text"] == tokenizer.decode(ids) and g["text"]
+
+
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+def test_chunk_prefill_graphs_give_the_models_own_prefill_and_hand_out_states_of_their_own(layer):
+    """`ChunkPrefillGraphs` without graphs (the CPU runs the captured function eagerly on the same static
+    buffers): new prompts in a larger bucket (3 rows of bucket 4, the 4th row stale), then a call mixing
+    continuing rows (in another order) with a new prompt; logits and states equal the model's own prefill of the
+    same rows, and what a call returned is not touched by the next call."""
+    model = _model(layer)
+    chunk = 8
+    graphs = ChunkPrefillGraphs(model, chunk=chunk, max_rows=6, graphs=False)
+    assert graphs.buckets == [1, 2, 4, 6] and not graphs.graphed
+    torch.manual_seed(3)
+    ids1, ids2 = torch.randint(0, 256, (3, chunk)), torch.randint(0, 256, (3, chunk))
+    with torch.inference_mode():
+        graphs(torch.randint(0, 256, (4, chunk)), None)  # leaves row 3 of the static buffers non-zero
+        logits1, states1 = graphs(ids1, None)
+        ref1, ref_logits1 = prefill(model, ids1)
+        torch.testing.assert_close(logits1, ref_logits1)
+        for got, want in zip(states1.layers, ref1.layers):
+            torch.testing.assert_close(got.conv_state, want.conv_state)
+            torch.testing.assert_close(got.ssm_state, want.ssm_state)
+        kept = [(s.conv_state.clone(), s.ssm_state.clone()) for s in states1.layers]
+        rows = [states1.index_select(torch.tensor([2])), None, states1.index_select(torch.tensor([0]))]
+        logits2, states2 = graphs(ids2, rows)
+        zero = allocate_cache(model, 1)
+        entry = InferenceCache([MixerState(torch.cat([a.conv_state[2:3], z.conv_state, a.conv_state[0:1]]),
+                                           torch.cat([a.ssm_state[2:3], z.ssm_state, a.ssm_state[0:1]]))
+                                for a, z in zip(ref1.layers, zero.layers)], seqlen_offset=chunk)
+        _, ref_logits2 = prefill(model, ids2, cache=entry)
+        torch.testing.assert_close(logits2, ref_logits2)
+        for got, want in zip(states2.layers, entry.layers):
+            torch.testing.assert_close(got.ssm_state, want.ssm_state)
+            torch.testing.assert_close(got.conv_state, want.conv_state)
+    for (conv, ssm), s in zip(kept, states1.layers):  # the second call reused the buffers, not these states
+        assert torch.equal(conv, s.conv_state) and torch.equal(ssm, s.ssm_state)
+    assert logits1.dtype == torch.float32 and states2.batch_size == 3
+
+
+def test_chunk_prefill_graphs_refuse_what_they_cannot_run():
+    model = _model()
+    with pytest.raises(ValueError, match="graphs=True needs a model on CUDA"):
+        ChunkPrefillGraphs(model, 8, 4, graphs=True)
+    with pytest.raises(ValueError, match="max_rows must be an int >= 1"):
+        ChunkPrefillGraphs(model, 8, 0, graphs=False)
+    graphs = ChunkPrefillGraphs(model, 8, 4, graphs=False)
+    with pytest.raises(ValueError, match=r"ids must be \(n, 8\) with 1 <= n <= 4"):
+        graphs(torch.zeros(5, 8, dtype=torch.long), None)
+    with pytest.raises(ValueError, match=r"ids must be \(n, 8\)"):
+        graphs(torch.zeros(2, 7, dtype=torch.long), None)
+    with pytest.raises(ValueError, match="one-row entry states"):
+        graphs(torch.zeros(2, 8, dtype=torch.long), [None])
+    hybrid = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=256, attn_layer_idx=[1],
+                                 attn_cfg={"num_heads": 2}, ssm_cfg={"layer": "Mamba2", "headdim": 16}))
+    with pytest.raises(ValueError, match="attention layers"):
+        ChunkPrefillGraphs(hybrid, 8, 4, graphs=False)
+
+
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+def test_scheduler_with_prefill_graphs_gives_the_same_tokens(layer):
+    """The scheduler's full prefill chunks through `ChunkPrefillGraphs` (eager on the CPU): prompts shorter than,
+    equal to and across chunk boundaries, two waves so that the second starts from stored prefixes; the same
+    tokens as the scheduler without them, and the graph path was taken."""
+    model = _model(layer)
+    torch.manual_seed(4)
+    base, extra = torch.randint(1, 256, (40,)).tolist(), torch.randint(1, 256, (9,)).tolist()
+    first = [base[:n] for n in (3, 8, 16, 21, 40)]
+    # hits at 16 and 24, then a full chunk from the stored state (and a partial one); no hit
+    second = [base[:16] + extra, base[:24] + extra[:8], base[:5]]
+    outputs = {}
+    for graphed in (True, False):
+        kwargs = dict(max_batch_size=4, prefill_chunk=8, prefix_cache_bytes=1 << 20, prefill_graphs=graphed)
+        got, counters, store = [], [], None
+        for wave in (first, second):
+            scheduler = Scheduler(model, ByteTokenizer(), **kwargs)
+            if store is not None:
+                scheduler.prefix_cache = store  # the second wave sees the first wave's prefixes
+            got.append(_collect(scheduler.start(), [(p, 6, []) for p in wave]))
+            counters.append(scheduler.metrics.counters)
+            store = scheduler.prefix_cache
+        outputs[graphed] = [[ids for _, ids, _, _, _ in wave] for wave in got]
+        assert counters[1]["prefix_cache_hits_total"] == 2
+        # wave 1: 8 full chunks of 8 tokens in all; wave 2: the two chunks after the hits
+        assert [c["prefill_graph_calls_total"] > 0 for c in counters] == [graphed, graphed]
+    assert outputs[True] == outputs[False]

@@ -14,7 +14,7 @@ import torch
 
 from mambakit import MambaConfig, MambaLM
 from mambakit.data import ByteTokenizer
-from mambakit.generation import generate
+from mambakit.generation import ChunkPrefillGraphs, generate
 from mambakit.serving import GenerationRequest, RowParams, Scheduler, request_key
 from mambakit.serving.engine import EngineClient
 
@@ -80,7 +80,10 @@ def test_graphed_scheduler_equals_eager_and_generate(ssm_cfg, decode_steps):
         try:
             if graphed and DEVICE == "cuda":
                 assert scheduler.decoder.buckets == [1, 2, 4, 8]
+                assert scheduler.prefill_graphs.graphed and scheduler.prefill_graphs.buckets == [1, 2, 4, 8]
             outputs[graphed] = _collect(scheduler, prompts, max_tokens, params)
+            # full chunks of 16 (prompts of 17, 33, 40, 70, 128 tokens) went through the prefill graphs
+            assert (scheduler.metrics.counters["prefill_graph_calls_total"] > 0) == (graphed and DEVICE == "cuda")
         finally:
             scheduler.stop()
     assert outputs[True] == outputs[False]
@@ -112,3 +115,34 @@ def test_the_engine_process_gives_what_the_scheduler_thread_gives(ssm_cfg):
     finally:
         engine.stop()
     assert not engine.process.is_alive() and engine.process.exitcode == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ssm_cfg", LAYERS)
+def test_chunk_prefill_graphs_replay_what_the_eager_calls_compute(ssm_cfg):
+    """Replayed prefill graphs against the same calls run eagerly on the same static buffers: new prompts in a
+    larger bucket, then rows continuing (reordered) beside a new prompt; logits and states agree, and the states a
+    call returned survive the next replay."""
+    model = _model(ssm_cfg)
+    chunk = 32
+    replayed = ChunkPrefillGraphs(model, chunk=chunk, max_rows=8)
+    eager = ChunkPrefillGraphs(model, chunk=chunk, max_rows=8, graphs=False)
+    assert replayed.graphed == (DEVICE == "cuda") and replayed.buckets == [1, 2, 4, 8]
+    torch.manual_seed(5)
+    ids1 = torch.randint(0, 256, (5, chunk), device=DEVICE)
+    ids2 = torch.randint(0, 256, (3, chunk), device=DEVICE)
+    with torch.inference_mode():
+        results = []
+        for graphs in (replayed, eager):
+            logits1, states1 = graphs(ids1, None)
+            kept = states1.layers[0].ssm_state.clone()
+            rows = [states1.index_select(torch.tensor([i], device=DEVICE)) for i in (4, 0)] + [None]
+            logits2, states2 = graphs(ids2, rows)
+            assert torch.equal(states1.layers[0].ssm_state, kept)
+            results.append((logits1, states1, logits2, states2))
+    (a1, s1, a2, s2), (b1, t1, b2, t2) = results
+    torch.testing.assert_close(a1, b1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a2, b2, rtol=1e-5, atol=1e-5)
+    for x, y in zip(s1.layers + s2.layers, t1.layers + t2.layers):
+        torch.testing.assert_close(x.ssm_state, y.ssm_state, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.conv_state, y.conv_state, rtol=1e-5, atol=1e-5)

@@ -71,7 +71,8 @@ def build_parser(prog: str = "mambakit serve") -> Parser:
     p.add_argument("--max-prefill-tokens", type=int_at_least(1), default=8192, metavar="N",
                    help="prompt tokens of several requests prefilled in one call (default 8192)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
-                   help="replay the decode step from CUDA graphs at batch sizes 1, 2, 4, ... (CUDA only; default on)")
+                   help="replay the decode step from CUDA graphs at batch sizes 1, 2, 4, ..., and prefill calls of full "
+                        "--prefill-chunk chunks at as many rows (CUDA only; default on)")
     p.add_argument("--compile", action="store_true",
                    help="CPU: decode with the step compiled by torch.compile at batch sizes 1, 2, 4, ... (faster "
                         "tokens; each size compiles at start-up, seconds to a minute each)")

@@ -2,7 +2,7 @@
 
 from .cache import InferenceCache, allocate_cache
 from .compiled import CompiledDecoder
-from .cuda_graph import CUDAGraphDecoder
+from .cuda_graph import ChunkPrefillGraphs, CUDAGraphDecoder
 from .generate import SamplingParams, generate, stream
 from .sampling import apply_repetition_penalty, greedy, logits_to_probs, sample, seen_tokens
 from .steps import decode_one_token, prefill
@@ -15,6 +15,7 @@ __all__ = [
     "prefill",
     "decode_one_token",
     "CUDAGraphDecoder",
+    "ChunkPrefillGraphs",
     "CompiledDecoder",
     "generate",
     "stream",

@@ -1,4 +1,5 @@
-"""The decode step captured into a CUDA graph: one launch per token instead of a few hundred.
+"""The decode step captured into a CUDA graph: one launch per token instead of a few hundred; and a server's
+prefill calls of full chunks, captured the same way at bucketed row counts (`ChunkPrefillGraphs`).
 
 Shapes (legend): B batch (fixed per graph), V padded vocab.
 
@@ -89,3 +90,119 @@ class CUDAGraphDecoder:
         self.graph.replay()
         self.cache.advance(1)  # the replayed step bypasses the model's forward, which would advance it
         return self._logits_BV
+
+
+class ChunkPrefillGraphs:
+    """Prefill calls of exactly `chunk` tokens a row from given states, replayed from CUDA graphs at bucketed
+    row counts (what a server's prefill of full chunks is).
+
+    Shapes (legend): n rows of a call, R max rows, b bucket (1, 2, 4, ... R: the smallest >= n), K chunk, V vocab.
+
+    An eager prefill call of a 24-layer model is a few hundred kernel launches and the Python around them: on the
+    H200's host 16-29 ms for the 130M shape at 64 rows x 128 tokens, whose GPU time is 8-10 ms (BENCHMARKS.md,
+    "the prefill's host cost"). A replay issues the same kernels in one call. The graphs read static buffers:
+    the ids (R, K) and a cache of R rows (the entry states, updated in place by the forward). A call copies the
+    n rows' ids and entry states into the first n rows, replays bucket b's graph (rows n..b-1 compute on
+    whatever those rows hold; nobody reads them) and copies the states and last logits out, so the results are
+    the caller's to keep while the next call reuses the buffers. All buckets share one memory pool.
+
+    Args:
+        model: a MambaLM without attention layers (a growing KV cache cannot be captured).
+        chunk: tokens a row in every call (K).
+        max_rows: the most rows of one call (R).
+        state_dtype: as `allocate_cache` (the SSM states' dtype; default float32).
+        graphs: capture CUDA graphs (default: when the model is on CUDA). False runs the same calls eagerly
+            on the same static buffers: the bookkeeping without a GPU (what the CPU tests check).
+        warmup_calls: eager calls per bucket on a side stream before its capture (Triton compiles there).
+
+    Example:
+        >>> graphs = ChunkPrefillGraphs(model, chunk=128, max_rows=64)
+        >>> logits, states = graphs(ids_nK, None)            # n new prompts: (n, V) float32, n-row cache
+        >>> logits, states = graphs(next_ids_nK, [states])   # their next chunk, from those states
+    """
+
+    def __init__(self, model: nn.Module, chunk: int, max_rows: int, *, state_dtype: torch.dtype | None = None,
+                 graphs: bool | None = None, warmup_calls: int = 2):
+        for name, value in (("chunk", chunk), ("max_rows", max_rows), ("warmup_calls", warmup_calls)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ChunkPrefillGraphs: {name} must be an int >= 1, got {value!r}")
+        if getattr(model.config, "attn_layer_idx", None):
+            raise ValueError(f"ChunkPrefillGraphs: attention layers (attn_layer_idx={model.config.attn_layer_idx}) "
+                             "have a growing KV cache that a CUDA graph cannot follow")
+        self.model, self.chunk, self.max_rows = model, chunk, max_rows
+        self.device = model_device(model)
+        if graphs is None:
+            graphs = self.device.type == "cuda"
+        if graphs and self.device.type != "cuda":
+            raise ValueError(f"ChunkPrefillGraphs: graphs=True needs a model on CUDA, this one is on {self.device}")
+        self.buckets = [1 << i for i in range(max_rows.bit_length()) if 1 << i < max_rows] + [max_rows]
+        self._ids_RK = torch.zeros(max_rows, chunk, dtype=torch.long, device=self.device)
+        self.cache: InferenceCache = allocate_cache(model, max_rows, state_dtype=state_dtype)
+        # the first b rows of the cache as one view per bucket (the forward advances a view's position: harmless)
+        self._views = {b: InferenceCache([type(s)(s.conv_state[:b], s.ssm_state[:b]) for s in self.cache.layers],
+                                         seqlen_offset=1) for b in self.buckets}
+        # one zero row per layer state: the entry state of a new prompt inside a mixed call
+        self._zero_rows = [(s.conv_state[:1].clone().zero_(), s.ssm_state[:1].clone().zero_()) for s in self.cache.layers]
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if graphs:
+            self._capture(warmup_calls)
+
+    @property
+    def graphed(self) -> bool:
+        """Whether calls replay CUDA graphs."""
+        return bool(self.graphs)
+
+    def _forward(self, bucket: int) -> torch.Tensor:
+        """The captured call: bucket rows of the static ids from the static states -> last logits (b, V)."""
+        return self.model(self._ids_RK[:bucket], cache=self._views[bucket], logits_to_keep=1)[:, -1]
+
+    def _capture(self, warmup_calls: int) -> None:
+        pool = None
+        with torch.cuda.device(self.device), torch.inference_mode():
+            for b in reversed(self.buckets):  # the largest first: the smaller ones fit in its pool
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles, cuBLAS makes handles
+                    for _ in range(warmup_calls):
+                        self._forward(b)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._forward(b)
+                pool = graph.pool()
+                self.graphs[b] = (graph, logits)
+        self.cache.reset()
+
+    def __call__(self, ids_nK: torch.Tensor, states: "list[InferenceCache | None] | None"
+                 ) -> tuple[torch.Tensor, InferenceCache]:
+        """One prefill call: ids (n, K) from the rows' entry states -> (last logits (n, V) float32, the n rows'
+        states after the chunk as a new `InferenceCache` whose tensors are the caller's).
+
+        states: None when every row is a new prompt (zero states), else one entry per row, in order: the one-row
+            cache that row continues, or None for a new prompt.
+        The returned cache's position is 0: the caller knows where each row is.
+        """
+        n = ids_nK.shape[0]
+        if ids_nK.dim() != 2 or ids_nK.shape[1] != self.chunk or not 1 <= n <= self.max_rows:
+            raise ValueError(f"ChunkPrefillGraphs: ids must be (n, {self.chunk}) with 1 <= n <= {self.max_rows}, "
+                             f"got {tuple(ids_nK.shape)}")
+        if states is not None and (len(states) != n or any(c is not None and c.batch_size != 1 for c in states)):
+            raise ValueError(f"ChunkPrefillGraphs: {n} rows need {n} one-row entry states (or None), got "
+                             f"{[None if c is None else c.batch_size for c in states]}")
+        bucket = next(b for b in self.buckets if b >= n)
+        self._ids_RK[:n].copy_(ids_nK)
+        for i, s in enumerate(self.cache.layers):
+            if states is None:
+                s.conv_state[:n].zero_()
+                s.ssm_state[:n].zero_()
+            else:  # one launch per state: the rows are concatenated straight into the static rows
+                zero_conv, zero_ssm = self._zero_rows[i]
+                torch.cat([zero_conv if c is None else c.layers[i].conv_state for c in states], out=s.conv_state[:n])
+                torch.cat([zero_ssm if c is None else c.layers[i].ssm_state for c in states], out=s.ssm_state[:n])
+        if self.graphs:
+            graph, logits_bV = self.graphs[bucket]
+            graph.replay()
+        else:
+            logits_bV = self._forward(bucket)
+        out = InferenceCache([type(s)(s.conv_state[:n].clone(), s.ssm_state[:n].clone()) for s in self.cache.layers])
+        return logits_bV[:n].to(torch.float32, copy=True), out

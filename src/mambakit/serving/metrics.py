@@ -24,8 +24,8 @@ class Metrics:
         self.counters: dict[str, float] = {
             "requests_total": 0, "requests_finished_total": 0, "requests_rejected_total": 0,
             "prompt_tokens_total": 0, "generation_tokens_total": 0, "decode_steps_total": 0,
-            "prefill_chunks_total": 0, "prefix_cache_hits_total": 0, "prefix_cache_misses_total": 0,
-            "prefix_cache_hit_tokens_total": 0,
+            "prefill_chunks_total": 0, "prefill_graph_calls_total": 0, "prefix_cache_hits_total": 0,
+            "prefix_cache_misses_total": 0, "prefix_cache_hit_tokens_total": 0,
         }
         self.finish_reasons: dict[str, int] = {}
         # where the scheduler thread's time goes (wall seconds): where the host limits throughput, this shows

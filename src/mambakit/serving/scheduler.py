@@ -14,7 +14,9 @@ One thread runs the loop; each iteration:
   2. runs one prefill call: the next chunk (at most K tokens, ending at a multiple of K or the prompt's
      end) of every admitted request whose chunk has the same length as the oldest one's, up to
      `max_prefill_tokens`, as one batch; a request whose prompt is done joins the running batch: its
-     state is copied into n slots (n choices) and its last logits become those rows' next logits;
+     state is copied into n slots (n choices) and its last logits become those rows' next logits; on CUDA
+     a call of full chunks replays a CUDA graph captured at a row bucket (`ChunkPrefillGraphs`): one launch
+     instead of a whole forward's few hundred, whose host time the decode batch would otherwise wait for;
   3. launches k decode steps for the running rows (per-row settings and seeds, `BatchSampler`; the
      tokens stay on the device between steps, then go to the host with a non-blocking copy), and only
      then reads the tokens of the block launched in the previous iteration: the host's work (text, stop
@@ -45,7 +47,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..generation import InferenceCache, allocate_cache, decode_one_token
+from ..generation import ChunkPrefillGraphs, InferenceCache, allocate_cache, decode_one_token
 from ..generation.compiled import check_compilable, compiled_step
 from ..modules import MixerState
 from .metrics import SCHEDULER_PHASES, Metrics
@@ -257,6 +259,10 @@ class Scheduler:
         prefill_chunk: tokens per prefill call (K), and the spacing of stored prefix states.
         prefix_cache_bytes: bytes of the prefix-state store (0: no reuse).
         cuda_graph: capture the decode step at bucketed batch sizes (CUDA only).
+        prefill_graphs: replay prefill calls of full chunks (K tokens a row) from CUDA graphs captured at row
+            counts 1, 2, 4, ... up to min(max_batch_size, max_prefill_tokens // K) (`ChunkPrefillGraphs`; a
+            prompt's last, shorter chunk runs eagerly). Default: with `cuda_graph` on a CUDA model without
+            attention layers. On a CPU model True runs the same static-buffer calls eagerly (for tests).
         compile: compile the decode step with torch.compile at the same bucketed batch sizes (CPU models; every
             bucket compiles here, seconds each).
         max_model_len: prompt + new tokens per sequence; a sequence that reaches it ends ("length").
@@ -276,7 +282,8 @@ class Scheduler:
     def __init__(self, model: nn.Module, tokenizer, *, max_batch_size: int = 32, max_queue: int = 256,
                  prefill_chunk: int = 64, prefix_cache_bytes: int = 256 << 20, cuda_graph: bool = True,
                  max_model_len: int = 16384, state_dtype: torch.dtype | None = None, decode_steps: int = 1,
-                 max_prefill_tokens: int = 8192, detokenize: bool = True, compile: bool = False):
+                 max_prefill_tokens: int = 8192, detokenize: bool = True, compile: bool = False,
+                 prefill_graphs: bool | None = None):
         for name, value, low in (("max_batch_size", max_batch_size, 1), ("max_queue", max_queue, 0),
                                  ("prefill_chunk", prefill_chunk, 1), ("max_model_len", max_model_len, 2),
                                  ("decode_steps", decode_steps, 1), ("max_prefill_tokens", max_prefill_tokens, 1)):
@@ -284,6 +291,8 @@ class Scheduler:
                 raise ValueError(f"Scheduler: {name} must be an int >= {low}, got {value!r}")
         if not isinstance(compile, bool):
             raise ValueError(f"Scheduler: compile must be a bool, got {compile!r}")
+        if prefill_graphs is not None and not isinstance(prefill_graphs, bool):
+            raise ValueError(f"Scheduler: prefill_graphs must be a bool or None, got {prefill_graphs!r}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.prefill_chunk, self.max_model_len = prefill_chunk, max_model_len
@@ -298,6 +307,11 @@ class Scheduler:
         self.cache = allocate_cache(model, max_batch_size, state_dtype=state_dtype, device=self.device)
         with torch.inference_mode():
             self.decoder = SlotDecoder(model, self.cache, cuda_graph, compile)
+        if prefill_graphs is None:
+            prefill_graphs = cuda_graph and self.device.type == "cuda" and not getattr(model.config, "attn_layer_idx", None)
+        self.prefill_graphs = ChunkPrefillGraphs(
+            model, prefill_chunk, min(max_batch_size, max(1, max_prefill_tokens // prefill_chunk)),
+            state_dtype=state_dtype, graphs=self.device.type == "cuda") if prefill_graphs else None
         self.sampler = BatchSampler(max_batch_size, self.vocab, self.real_vocab, self.device)
         self._logits_SV = torch.zeros(max_batch_size, self.vocab, dtype=torch.float32, device=self.device)
         self._steps_B = torch.zeros(0, dtype=torch.long, device=self.device)
@@ -533,16 +547,22 @@ class Scheduler:
             group = group[:max(1, self.max_prefill_tokens // length)]
             ids_KL = to_device([job.request.prompt_ids[job.pos:job.pos + length] for job in group], torch.long,
                                self.device)
-            if all(job.cache is None for job in group):  # new prompts: their zero states in one allocation
-                layers = self._zero_cache(len(group)).layers
+            graphs = self.prefill_graphs
+            if graphs is not None and length == graphs.chunk and len(group) <= graphs.max_rows:
+                states = None if all(job.cache is None for job in group) else [job.cache for job in group]
+                logits_KV, batch = graphs(ids_KL, states)
+                self.metrics.add("prefill_graph_calls_total")
             else:
-                caches = [self._zero_cache(1) if job.cache is None else job.cache for job in group]
-                layers = [MixerState(torch.cat([c.layers[i].conv_state for c in caches]),
-                                     torch.cat([c.layers[i].ssm_state for c in caches]))
-                          for i in range(len(caches[0].layers))]
-            batch = InferenceCache(layers, seqlen_offset=1)
-            # the model reads the states as they are (zero for a new prompt): no reset, unlike prefill()
-            logits_KV = self.model(ids_KL, cache=batch, logits_to_keep=1)[:, -1].float()
+                if all(job.cache is None for job in group):  # new prompts: their zero states in one allocation
+                    layers = self._zero_cache(len(group)).layers
+                else:
+                    caches = [self._zero_cache(1) if job.cache is None else job.cache for job in group]
+                    layers = [MixerState(torch.cat([c.layers[i].conv_state for c in caches]),
+                                         torch.cat([c.layers[i].ssm_state for c in caches]))
+                              for i in range(len(caches[0].layers))]
+                batch = InferenceCache(layers, seqlen_offset=1)
+                # the model reads the states as they are (zero for a new prompt): no reset, unlike prefill()
+                logits_KV = self.model(ids_KL, cache=batch, logits_to_keep=1)[:, -1].float()
             self.metrics.add("prefill_chunks_total")
             for row, job in enumerate(group):
                 job.cache = InferenceCache([MixerState(s.conv_state[row:row + 1], s.ssm_state[row:row + 1])
