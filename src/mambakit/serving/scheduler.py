@@ -307,11 +307,20 @@ class Scheduler:
         self.cache = allocate_cache(model, max_batch_size, state_dtype=state_dtype, device=self.device)
         with torch.inference_mode():
             self.decoder = SlotDecoder(model, self.cache, cuda_graph, compile)
+        self.prefill_graphs: ChunkPrefillGraphs | None = None
+        asked = prefill_graphs
         if prefill_graphs is None:
             prefill_graphs = cuda_graph and self.device.type == "cuda" and not getattr(model.config, "attn_layer_idx", None)
-        self.prefill_graphs = ChunkPrefillGraphs(
-            model, prefill_chunk, min(max_batch_size, max(1, max_prefill_tokens // prefill_chunk)),
-            state_dtype=state_dtype, graphs=self.device.type == "cuda") if prefill_graphs else None
+        if prefill_graphs:
+            try:
+                self.prefill_graphs = ChunkPrefillGraphs(
+                    model, prefill_chunk, min(max_batch_size, max(1, max_prefill_tokens // prefill_chunk)),
+                    state_dtype=state_dtype, graphs=self.device.type == "cuda")
+            except (RuntimeError, ValueError) as err:
+                if asked:  # asked for by name: say so
+                    raise
+                # on by default: a model whose forward cannot be captured still serves, with eager prefill calls
+                logger.warning("prefill calls run eagerly: capturing them failed (%s: %s)", type(err).__name__, err)
         self.sampler = BatchSampler(max_batch_size, self.vocab, self.real_vocab, self.device)
         self._logits_SV = torch.zeros(max_batch_size, self.vocab, dtype=torch.float32, device=self.device)
         self._steps_B = torch.zeros(0, dtype=torch.long, device=self.device)
