@@ -118,7 +118,8 @@ class ChunkPrefillGraphs:
     Example:
         >>> graphs = ChunkPrefillGraphs(model, chunk=128, max_rows=64)
         >>> logits, states = graphs(ids_nK, None)            # n new prompts: (n, V) float32, n-row cache
-        >>> logits, states = graphs(next_ids_nK, [states])   # their next chunk, from those states
+        >>> rows = [states.index_select(torch.tensor([i])) for i in range(states.batch_size)]
+        >>> logits, states = graphs(next_ids_nK, rows)       # their next chunk: one one-row cache per row
     """
 
     def __init__(self, model: nn.Module, chunk: int, max_rows: int, *, state_dtype: torch.dtype | None = None,
