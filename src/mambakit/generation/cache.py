@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modules.state import InferenceCache
+from ..modules.state import InferenceCache, MixerState
 
-__all__ = ["InferenceCache", "allocate_cache"]
+__all__ = ["InferenceCache", "allocate_cache", "first_rows", "row_buckets"]
 
 
 def allocate_cache(model: nn.Module, batch_size: int, dtype: torch.dtype | None = None,
@@ -37,3 +37,15 @@ def allocate_cache(model: nn.Module, batch_size: int, dtype: torch.dtype | None 
         >>> cache.layers[0].ssm_state.shape        # Mamba-2: (4, nheads, headdim, d_state)
     """
     return model.allocate_cache(batch_size, dtype=dtype, device=device, state_dtype=state_dtype)
+
+
+def first_rows(cache: InferenceCache, rows: int, seqlen_offset: int | None = None) -> InferenceCache:
+    """The first `rows` sequences of a Mamba cache, as views (a step on it updates them in place), at
+    `seqlen_offset` (default: the cache's, at least 1). What a CUDA graph captured at a smaller batch reads."""
+    return InferenceCache([MixerState(s.conv_state[:rows], s.ssm_state[:rows]) for s in cache.layers],
+                          seqlen_offset=max(cache.seqlen_offset, 1) if seqlen_offset is None else seqlen_offset)
+
+
+def row_buckets(limit: int) -> list[int]:
+    """The row counts that graphs (or compiled steps) are made for: 1, 2, 4, ... below `limit`, then `limit`."""
+    return [1 << i for i in range(limit.bit_length()) if 1 << i < limit] + [limit]

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cache import InferenceCache, allocate_cache
+from ..modules.state import MixerState
+from .cache import InferenceCache, allocate_cache, first_rows, row_buckets
 from .steps import decode_one_token, model_device
 
 
@@ -136,14 +137,14 @@ class ChunkPrefillGraphs:
             graphs = self.device.type == "cuda"
         if graphs and self.device.type != "cuda":
             raise ValueError(f"ChunkPrefillGraphs: graphs=True needs a model on CUDA, this one is on {self.device}")
-        self.buckets = [1 << i for i in range(max_rows.bit_length()) if 1 << i < max_rows] + [max_rows]
+        self.buckets = row_buckets(max_rows)
         self._ids_RK = torch.zeros(max_rows, chunk, dtype=torch.long, device=self.device)
         self.cache: InferenceCache = allocate_cache(model, max_rows, state_dtype=state_dtype)
         # the first b rows of the cache as one view per bucket (the forward advances a view's position: harmless)
-        self._views = {b: InferenceCache([type(s)(s.conv_state[:b], s.ssm_state[:b]) for s in self.cache.layers],
-                                         seqlen_offset=1) for b in self.buckets}
+        self._views = {b: first_rows(self.cache, b, 1) for b in self.buckets}
         # one zero row per layer state: the entry state of a new prompt inside a mixed call
-        self._zero_rows = [(s.conv_state[:1].clone().zero_(), s.ssm_state[:1].clone().zero_()) for s in self.cache.layers]
+        self._zero_rows = [(torch.zeros_like(s.conv_state[:1]), torch.zeros_like(s.ssm_state[:1]))
+                           for s in self.cache.layers]
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if graphs:
             self._capture(warmup_calls)
@@ -205,5 +206,6 @@ class ChunkPrefillGraphs:
             graph.replay()
         else:
             logits_bV = self._forward(bucket)
-        out = InferenceCache([type(s)(s.conv_state[:n].clone(), s.ssm_state[:n].clone()) for s in self.cache.layers])
+        out = InferenceCache([MixerState(s.conv_state[:n].clone(), s.ssm_state[:n].clone())
+                              for s in self.cache.layers])
         return logits_bV[:n].to(torch.float32, copy=True), out

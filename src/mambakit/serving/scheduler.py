@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from ..generation import ChunkPrefillGraphs, InferenceCache, allocate_cache, decode_one_token
+from ..generation.cache import first_rows, row_buckets
 from ..generation.compiled import check_compilable, compiled_step
 from ..modules import MixerState
 from .metrics import SCHEDULER_PHASES, Metrics
@@ -169,13 +170,6 @@ def detokenize_event(text: TextStream, token_ids: list[int], finish_reason: str 
     return out
 
 
-def _view(cache: InferenceCache, rows: int, seqlen_offset: int | None = None) -> InferenceCache:
-    """The first `rows` slots of a cache, as views (a step on it updates the slots in place), at `seqlen_offset`
-    (default: the cache's, at least 1)."""
-    return InferenceCache([MixerState(s.conv_state[:rows], s.ssm_state[:rows]) for s in cache.layers],
-                          seqlen_offset=max(cache.seqlen_offset, 1) if seqlen_offset is None else seqlen_offset)
-
-
 class SlotDecoder:
     """The decode step over slots 0..B-1 of a cache of S slots; CUDA graphs at bucketed batch sizes on CUDA, or
     on a CPU with `compile` the step compiled by torch.compile at the same buckets (`generation/compiled.py`).
@@ -195,11 +189,7 @@ class SlotDecoder:
         if compile:
             check_compilable(model, "Scheduler(compile=True)")
         if (cuda_graph and device.type == "cuda") or compile:
-            b = 1
-            while b < slots:
-                self.buckets.append(b)
-                b *= 2
-            self.buckets.append(slots)
+            self.buckets = row_buckets(slots)
             with torch.inference_mode(False):  # a compiled graph cannot take inference tensors
                 self._tokens_S = torch.zeros(slots, dtype=torch.long, device=device)
         if compile:
@@ -216,12 +206,12 @@ class SlotDecoder:
     def _run_compiled(self, bucket: int, rows: int) -> torch.Tensor:
         with torch.inference_mode(False), torch.no_grad():
             # at the one position a compiled step runs at (never read by a mixer)
-            return self.compiled[bucket](self.model, self._tokens_S[:bucket], _view(self.cache, bucket, 1))[:rows]
+            return self.compiled[bucket](self.model, self._tokens_S[:bucket], first_rows(self.cache, bucket, 1))[:rows]
 
     def _capture(self, device: torch.device) -> None:
         with torch.cuda.device(device):
             for b in self.buckets:
-                view = _view(self.cache, b)
+                view = first_rows(self.cache, b)
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles and tunes here
@@ -238,7 +228,7 @@ class SlotDecoder:
         """tokens (B,) -> logits (B, V) float32, advancing slots 0..B-1 by one token."""
         rows = tokens_B.shape[0]
         if not self.buckets:
-            return decode_one_token(self.model, tokens_B, _view(self.cache, rows))
+            return decode_one_token(self.model, tokens_B, first_rows(self.cache, rows))
         bucket = next(b for b in self.buckets if b >= rows)
         self._tokens_S[:rows].copy_(tokens_B)
         if self.compiled:
@@ -310,7 +300,8 @@ class Scheduler:
         self.prefill_graphs: ChunkPrefillGraphs | None = None
         asked = prefill_graphs
         if prefill_graphs is None:
-            prefill_graphs = cuda_graph and self.device.type == "cuda" and not getattr(model.config, "attn_layer_idx", None)
+            prefill_graphs = (cuda_graph and self.device.type == "cuda"
+                              and not getattr(model.config, "attn_layer_idx", None))
         if prefill_graphs:
             try:
                 self.prefill_graphs = ChunkPrefillGraphs(
