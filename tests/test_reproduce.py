@@ -197,6 +197,37 @@ def test_early_stopping_stops_once_the_target_is_met_twice(tmp_path):
     assert "at most 20 steps" in settings.describe() and "stopped early" in settings.describe()
 
 
+def test_an_unmeasured_validation_metric_is_not_met():
+    from mambakit.reproduce.common import _target_met
+
+    settings = TrainSettings(steps=10, batch_size=2, target=0.9, eval_every=1)
+    assert _target_met([[1, {"a": 0.95, "b": 0.91}], [2, {"a": 1.0, "b": 0.9}]], settings)
+    assert not _target_met([[1, {"a": 0.95, "b": None}], [2, {"a": 1.0, "b": 0.95}]], settings)
+    assert not _target_met([[1, {"a": 0.95, "b": 0.95}], [2, {"a": 1.0, "b": 0.89}]], settings)
+    assert not _target_met([[2, {"a": 1.0, "b": 1.0}]], settings)  # one evaluation of the two needed
+
+
+def test_induction_heads_validates_the_long_length_only_once_the_training_length_passes(monkeypatch):
+    from mambakit.reproduce import induction_heads as ih
+
+    s = ih.settings(quick=False)
+    assert s["val_long"] == 2 ** 20  # the stop is judged at the longest test length
+    calls, short_scores = [], iter([0.5, 1.0])
+
+    def fake_evaluate(model, T, s_, device, attention, seed, rows):
+        calls.append((T, rows, seed))
+        return {"accuracy": next(short_scores) if T == s["train_len"] else 0.97, "samples": rows}
+
+    monkeypatch.setattr(ih, "evaluate_at", fake_evaluate)
+    validate = ih.validation(s, torch.device("cpu"), attention=False)
+    assert validate(None) == {"T256": 0.5, f"T{2 ** 20}": None}
+    assert validate(None) == {"T256": 1.0, f"T{2 ** 20}": 0.97}
+    assert calls == [(256, s["val_rows"], ih.VAL_SEED), (256, s["val_rows"], ih.VAL_SEED),
+                     (2 ** 20, s["val_long_rows"], ih.VAL_SEED)]
+    short_scores = iter([1.0])
+    assert ih.validation(s, torch.device("cpu"), attention=True)(None) == {"T256": 1.0}
+
+
 def test_state_passing_carries_states_and_resumes_exactly(tmp_path, monkeypatch):
     """With state_passing each batch starts from the previous batch's final states: the training differs from
     zero-state training, the states are saved, and a run cut after 2 of 4 steps resumes to the same weights."""

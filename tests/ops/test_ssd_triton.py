@@ -132,19 +132,21 @@ def test_ssd_triton_returns_y_alone_without_final_state():
 
 def _ssd_listing_lowp(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, chunk_size=16,
                       initial_state=None, dtype=torch.bfloat16):
-    """Dao & Gu's Listing 1 (ngroups 1, seqlen a multiple of chunk_size) with every tensor in `dtype`.
+    """Dao & Gu's Listing 1 (ngroups 1) with every tensor in `dtype`.
 
-    This is what PyTorch itself makes of the chunked algorithm in bf16: the yardstick of the bf16 test.
+    This is what PyTorch itself makes of the chunked algorithm in bf16: the yardstick of the bf16 test. A ragged
+    last chunk is padded with steps of Δ = 0 and x = 0, which neither decay nor write the state.
     """
     batch, seqlen, nheads, headdim = x.shape
-    T, nc = chunk_size, seqlen // chunk_size
+    T, nc = chunk_size, -(-seqlen // chunk_size)
+    pad = nc * T - seqlen
     dt_ = dt.to(dtype) + (dt_bias.to(dtype) if dt_bias is not None else 0)
     if dt_softplus:
         dt_ = F.softplus(dt_)
-    X = (x.to(dtype) * dt_[..., None]).reshape(batch, nc, T, nheads, headdim)
-    a = (dt_ * A.to(dtype)).reshape(batch, nc, T, nheads).permute(0, 3, 1, 2)  # (b, H, c, T)
-    Bc = B.to(dtype)[:, :, 0].reshape(batch, nc, T, -1)
-    Cc = C.to(dtype)[:, :, 0].reshape(batch, nc, T, -1)
+    X = F.pad(x.to(dtype) * dt_[..., None], (0, 0, 0, 0, 0, pad)).reshape(batch, nc, T, nheads, headdim)
+    a = F.pad(dt_ * A.to(dtype), (0, 0, 0, pad)).reshape(batch, nc, T, nheads).permute(0, 3, 1, 2)  # (b, H, c, T)
+    Bc = F.pad(B.to(dtype)[:, :, 0], (0, 0, 0, pad)).reshape(batch, nc, T, -1)
+    Cc = F.pad(C.to(dtype)[:, :, 0], (0, 0, 0, pad)).reshape(batch, nc, T, -1)
     acs = torch.cumsum(a, dim=-1)
     tril = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     Lmask = torch.exp((acs[..., :, None] - acs[..., None, :]).masked_fill(~tril, -math.inf))
@@ -156,12 +158,22 @@ def _ssd_listing_lowp(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=
         incoming.append(h)
         h = torch.exp(acs[:, :, k, -1])[..., None, None] * h + states[:, k]
     y_off = torch.einsum("bcln,bchpn,bhcl->bclhp", Cc, torch.stack(incoming, 1), torch.exp(acs))
-    y = (y_diag + y_off).reshape(batch, seqlen, nheads, headdim)
+    y = (y_diag + y_off).reshape(batch, nc * T, nheads, headdim)[:, :seqlen]
     if D is not None:
         y = y + D.to(dtype)[:, None] * x.to(dtype)
     if z is not None:
         y = y * F.silu(z.to(dtype))
     return y, h.float()
+
+
+@pytest.mark.parametrize("seqlen", [48, 45, 9], ids=["whole-chunks", "ragged", "below-one-chunk"])
+def test_lowp_listing_in_float64_equals_the_reference(seqlen):
+    """The yardstick of the low-precision tests is exact in float64, ragged last chunk included."""
+    inp = _as_float64(_make_inputs(2, seqlen, 2, 8, 1, 16, D="head", z=True, dt_bias=True, initial_state=True))
+    y, h = _ssd_listing_lowp(**inp, dt_softplus=True, chunk_size=16, dtype=torch.float64)
+    ref_y, ref_h = ssd(**inp, dt_softplus=True, chunk_size=16, return_final_state=True, backend="reference")
+    assert_close(y, ref_y, name="y")
+    assert_close(h.double(), ref_h, name="final_state")
 
 
 def _lowp_inputs(shape, dtype, device):

@@ -360,7 +360,8 @@ class Run:
             if validate is not None and settings.eval_every and step % settings.eval_every == 0:
                 metrics = _validated(model, validate)
                 val_history.append([step, metrics])
-                bar.set_postfix(loss=losses[-1][1] if losses else None, val=min(metrics.values()))
+                measured = [v for v in metrics.values() if v is not None]
+                bar.set_postfix(loss=losses[-1][1] if losses else None, val=min(measured) if measured else None)
                 if _target_met(val_history, settings):
                     early_stop = step
                     break
@@ -466,21 +467,24 @@ def _batch_rows(batch) -> int:
     return (batch.inputs if hasattr(batch, "inputs") else batch[0]).shape[0]
 
 
-def _validated(model, validate: Callable[[torch.nn.Module], dict[str, float]]) -> dict[str, float]:
-    """validate(model) in eval and inference mode; the model is back in training mode afterwards."""
+def _validated(model, validate: Callable[[torch.nn.Module], dict]) -> dict[str, float | None]:
+    """validate(model) in eval and inference mode (a metric it left unmeasured stays None); the model is back in
+    training mode afterwards."""
     model.eval()
     try:
         with torch.inference_mode():
-            return {name: float(value) for name, value in validate(model).items()}
+            return {name: None if value is None else float(value) for name, value in validate(model).items()}
     finally:
         model.train()
 
 
 def _target_met(val_history: list, settings: TrainSettings) -> bool:
-    """Whether the last `target_evals` evaluations all have every metric >= target."""
+    """Whether the last `target_evals` evaluations all have every metric >= target (a metric the validation left
+    unmeasured, None, is not met)."""
     if settings.target is None or len(val_history) < settings.target_evals:
         return False
-    return all(min(m.values()) >= settings.target for _, m in val_history[-settings.target_evals:])
+    return all(v is not None and v >= settings.target for _, m in val_history[-settings.target_evals:]
+               for v in m.values())
 
 
 def seeded(spec: ModelSpec, seed: int) -> ModelSpec:
