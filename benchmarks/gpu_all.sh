@@ -53,14 +53,19 @@ for stage in "$@"; do
                 run "serve-ab-$mode-$((++SERVE_AB))" 200 python3 benchmarks/serve_load.py --device cuda --model-shape 130m \
                   --clients 64,64 --prompt-len 128 --new-tokens 256 --requests-per-client 4 --$mode ${SERVE_FLAGS:-}
               done;;
-    # one piece of a `mambakit reproduce NAME` run that spans calls: the state comes in as .state/NAME.tar (carry
-    # .state) and goes back as $OUT/NAME-state.tar (put it in .state/ for the next call); once the run exits 0,
-    # the results (README, results.json, plots, checkpoints) come back as $OUT/NAME.tar, to untar into results/
+    # one piece of a `mambakit reproduce NAME` run that spans calls: the state comes in as .state/NAME-state.tgz.NN
+    # (carry .state) and goes back as $OUT/NAME-state.tgz.NN, gzipped tar parts of at most 15 MiB (a file back from
+    # the machine is at most 16 MiB; put the parts in .state/ for the next call). A finished model's train.pt (its
+    # optimizer, kept only so that --steps can extend it) stays behind. Once the run exits 0, the results (README,
+    # results.json, plots, checkpoints) come back as $OUT/NAME.tar, to untar into results/
     reproduce-*) name=${stage#reproduce-}; mkdir -p results/$name
-                 if [ -f .state/$name.tar ]; then tar xf .state/$name.tar -C results/$name; fi
+                 if compgen -G ".state/$name-state.tgz.*" > /dev/null; then cat .state/$name-state.tgz.* | tar xzf - -C results/$name; fi
                  run "reproduce-$name" ${REPRO_LIMIT:-500} python3 -m mambakit.cli reproduce $name --device cuda --resume \
                    --out results/$name --no-progress --workers ${WORKERS:-6} --time-budget ${REPRO_BUDGET:-420} ${REPRO_FLAGS:-}
-                 tar cf $OUT/$name-state.tar -C results/$name _state
+                 (cd results/$name && for f in _state/*/train.pt; do [ -f "${f%train.pt}done.json" ] && echo "$f"; done) \
+                   > /tmp/$name-finished-optimizers
+                 tar czf - -X /tmp/$name-finished-optimizers -C results/$name _state | split -b 15m -d - $OUT/$name-state.tgz.
+                 ls -l $OUT/$name-state.tgz.*
                  if [ -f results/$name/results.json ]; then tar cf $OUT/$name.tar --exclude=_state -C results $name; fi;;
     train) run train 560 python3 benchmarks/gpu_train.py ${TRAIN_FLAGS:-};;
     launch) run launch 300 python3 benchmarks/gpu_launch.py ${LAUNCH_FLAGS:-};;
