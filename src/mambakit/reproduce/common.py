@@ -273,13 +273,13 @@ class Run:
         return self.fit(spec.key, lambda: build_model(spec.config, device=self.device), spec.train, make_batch, loss,
                         load=lambda folder: MambaLM.from_pretrained(folder / "model", device=self.device),
                         save=lambda model, folder: model.save_pretrained(folder / "model"), autocast=autocast,
-                        validate=validate)
+                        validate=validate, recipe=spec.config.to_dict())
 
     def fit(self, key: str, build: Callable[[], torch.nn.Module], settings: TrainSettings,
             make_batch: Callable[[int, torch.Generator], Any], loss_fn: Callable[..., torch.Tensor], *,
             load: Callable[[Path], torch.nn.Module], save: Callable[[torch.nn.Module, Path], None],
             autocast: bool = True, validate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
-            ) -> torch.nn.Module | None:
+            recipe: dict | None = None) -> torch.nn.Module | None:
         """The one resumable training loop: `train` (language models) and `dna_audio_common.train_module` (any
         nn.Module) call it. Returns the model in eval mode, or None when the time budget ran out first (the
         training state is then saved in _state/<key>/train.pt for --resume).
@@ -298,21 +298,34 @@ class Run:
         inference mode, no autocast) on a validation set of the caller's (not the test set); once every metric
         is >= `settings.target` at `settings.target_evals` consecutive evaluations the model stops early. The
         history is kept in done.json (`val_history`, `early_stop_step`).
+
+        The state remembers what it was trained with (recipe.json: `settings` but its step count, and `recipe`,
+        e.g. the model config): when either has changed since, the model's state and evaluations are dropped and
+        it trains again, so that an edited experiment never reports a model of the old recipe. A state from
+        before recipe.json is taken as it is.
         """
         from ..training import build_optimizer, lr_at
 
         folder = self.state / key
         if self.steps_override is not None:
             settings = dataclasses.replace(settings, steps=self.steps_override)
-        done = _read_json(folder / "done.json")
+        trained_with = json.loads(json.dumps({"settings": {k: v for k, v in dataclasses.asdict(settings).items()
+                                                           if k != "steps"}, "recipe": recipe}))
+        stale = _read_json(folder / "recipe.json") not in (None, trained_with)
+        done = None if stale else _read_json(folder / "done.json")
         if done is not None and (done["steps"] >= settings.steps or done.get("early_stop_step") is not None):
             return load(folder).eval()
         if self.out_of_time() or not self._claim(key):
             self.incomplete = True
             return None
-        if done is not None:  # extending a finished model: its evaluations are out of date
-            (folder / "done.json").unlink()
+        if stale:
+            print(f"mambakit reproduce {self.name}: {key}'s settings changed since its state was saved; "
+                  "training it again", file=sys.stderr)
+            shutil.rmtree(folder)
+        if stale or done is not None:  # a changed or extended model: its evaluations are out of date
+            (folder / "done.json").unlink(missing_ok=True)
             shutil.rmtree(self.state / "evals" / key, ignore_errors=True)
+        _write_json(folder / "recipe.json", trained_with)
         cfg = settings.train_config()
         torch.manual_seed(settings.seed)
         model = build().to(self.device)
