@@ -21,6 +21,8 @@ per level:
     server_http_cpu_us_per_token  the part of it spent by the main thread (uvicorn's event loop: HTTP, SSE)
     http_process_cpu_us_per_token, engine_cpu_us_per_token  with --engine-process: the HTTP process (event loop
                           and the reader thread that detokenizes) and the engine process (scheduler, model)
+    device_mallocs        CUDA: the server's cudaMalloc calls during the level (its caching allocator growing:
+                          each call synchronises the device)
     scheduler_us_per_token  the scheduler thread's wall time per phase (idle, admit, prefill, launch, wait for
                           the device, process the tokens, flush events) / new tokens, from /metrics
     client_cpu_us_per_token, client_cpu_busy  the load generator's CPU time per token, and per second of the
@@ -235,7 +237,8 @@ def _phases(url: str) -> dict[str, float]:
     prefix = 'mambakit_scheduler_seconds_total{phase="'
     phases = {name[len(prefix):-2]: value for name, value in metrics.items() if name.startswith(prefix)}
     return phases | {"prefill_calls": metrics.get("mambakit_prefill_chunks_total", 0.0),
-                     "prefill_graph_calls": metrics.get("mambakit_prefill_graph_calls_total", 0.0)}
+                     "prefill_graph_calls": metrics.get("mambakit_prefill_graph_calls_total", 0.0),
+                     "device_mallocs": metrics.get("mambakit_device_mallocs")}  # None off CUDA
 
 
 def _free_port() -> int:
@@ -497,12 +500,15 @@ def main() -> int:
                 # the scheduler thread's wall time per phase, per new token (its /metrics counters)
                 calls = phases1.pop("prefill_calls") - phases0.pop("prefill_calls")
                 graphed = phases1.pop("prefill_graph_calls") - phases0.pop("prefill_graph_calls")
+                mallocs0, mallocs1 = phases0.pop("device_mallocs"), phases1.pop("device_mallocs")
                 row["scheduler_us_per_token"] = {
                     k: round(1e6 * (phases1[k] - phases0.get(k, 0.0)) / row["new_tokens"], 2) for k in phases1}
                 # model calls that prefilled prompts: one per wave of arrivals at best (each costs the host a
                 # whole forward's launches)
                 row["prefill_calls_per_request"] = round(calls / max(1, row["requests"]), 3)
                 row["prefill_graph_share"] = round(graphed / calls, 3) if calls else None  # of those, replayed
+                if mallocs1 is not None:  # CUDA: the caching allocator's cudaMalloc calls during the level
+                    row["device_mallocs"] = int(mallocs1 - mallocs0)
             if cpu0 is not None and cpu1 is not None and row["new_tokens"]:
                 # the server's CPU time per token (its processes together: with --engine-process, the engine
                 # too): on a shared machine a steadier measure than tokens/s

@@ -84,6 +84,10 @@ def test_graphed_scheduler_equals_eager_and_generate(ssm_cfg, decode_steps):
             outputs[graphed] = _collect(scheduler, prompts, max_tokens, params)
             # full chunks of 16 (prompts of 17, 33, 40, 70, 128 tokens) went through the prefill graphs
             assert (scheduler.metrics.counters["prefill_graph_calls_total"] > 0) == (graphed and DEVICE == "cuda")
+            gauges = scheduler.gauges()  # the caching allocator's figures, on CUDA only
+            assert ("device_mallocs" in gauges) == (DEVICE == "cuda")
+            if DEVICE == "cuda":
+                assert gauges["device_mallocs"] >= 1 and gauges["device_reserved_bytes"] > 0
         finally:
             scheduler.stop()
     assert outputs[True] == outputs[False]

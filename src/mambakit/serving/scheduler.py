@@ -373,12 +373,20 @@ class Scheduler:
             self._thread.join(timeout)
 
     def gauges(self) -> dict[str, float]:
-        return {"queue_length": len(self.waiting) + len(self._inbox),
-                "running_sequences": len(self.running),
-                "prefilling_requests": len(self.prefilling),
-                "free_slots": self.max_batch_size - len(self.running),
-                "prefix_cache_bytes": self.prefix_cache.nbytes,
-                "prefix_cache_entries": len(self.prefix_cache)}
+        """The /metrics gauges, read now. On CUDA also the caching allocator's reserved bytes and its device
+        allocations so far (`device_mallocs`, cudaMalloc calls: each one synchronises the device, so a count
+        that grows under load is a stall the scheduler's phases do not name)."""
+        gauges = {"queue_length": len(self.waiting) + len(self._inbox),
+                  "running_sequences": len(self.running),
+                  "prefilling_requests": len(self.prefilling),
+                  "free_slots": self.max_batch_size - len(self.running),
+                  "prefix_cache_bytes": self.prefix_cache.nbytes,
+                  "prefix_cache_entries": len(self.prefix_cache)}
+        if self.device.type == "cuda":
+            stats = torch.cuda.memory_stats(self.device)
+            gauges["device_reserved_bytes"] = stats.get("reserved_bytes.all.current", 0)
+            gauges["device_mallocs"] = stats.get("segment.all.allocated", 0)
+        return gauges
 
     # ---- the scheduler thread ----
 
