@@ -81,6 +81,7 @@ def test_induction_heads_quick(tmp_path):
     # early stopping watches the training length, and a longer length for the SSMs only
     assert set(rows["mamba"]["seeds"][0]["val_history"][0][1]) == {f"T{s['train_len']}", f"T{s['val_long']}"}
     assert set(rows["mha-rope"]["seeds"][0]["val_history"][0][1]) == {f"T{s['train_len']}"}
+    assert all(1 <= x["selected_step"] <= x["steps"] for r in rows.values() for x in r["seeds"])
     model = MambaLM.from_pretrained(out / "mamba")
     ids = induction_heads(2, 40, generator=0).inputs
     with torch.no_grad():
@@ -267,6 +268,43 @@ def test_induction_heads_attention_trains_at_its_own_rate():
     lrs = {spec.key: spec.train.lr for spec in ih.model_specs(s)}
     assert lrs["mha-rope"] == lrs["mha-abs"] == s["attn_lr"] == 2e-4
     assert {lrs[k] for k in lrs if not k.startswith("mha")} == {s["lr"]}
+
+
+def test_a_model_that_never_meets_the_target_keeps_its_best_evaluation(tmp_path, monkeypatch):
+    """Without an early stop the model ends as the weights of its best validation (the latest of equals; an
+    unmeasured metric counts as the worst), also across a time-budget stop and a resume; done.json says which
+    step that was. Constant lr on the CPU: those weights equal a run of that many steps."""
+    settings = TrainSettings(steps=8, batch_size=2, log_every=1, warmup_steps=1, eval_every=2, target=0.99)
+    spec = ModelSpec("m", "m", _spec().config, settings)
+    scores = {2: (0.5, 0.5), 4: (0.9, 0.8), 6: (0.9, None), 8: (0.3, 0.3)}
+
+    def validate(model):
+        step = len(seen) * 2 + 2
+        seen.append(step)
+        short, long = scores[step]
+        return {"short": short, "long": long}
+
+    seen, asked = [], []
+    # the time budget ends after step 5: asked once before training (the claim), then before each step
+    monkeypatch.setattr(Run, "out_of_time", lambda self: asked.append(1) or len(asked) > 6)
+    stopped = Run("t", tmp_path / "a", torch.device("cpu"), quick=True, resume=False, time_budget_s=50.0,
+                  command="x", progress=False)
+    assert stopped.train(spec, _batches, logits_to_keep=1, validate=validate) is None
+    monkeypatch.undo()
+    saved = torch.load(tmp_path / "a" / "_state" / "m" / "train.pt", weights_only=False)
+    assert saved["step"] == 5 and saved["best"]["step"] == 4  # the best so far travels with the state
+    resumed = Run("t", tmp_path / "a", torch.device("cpu"), quick=True, resume=True, time_budget_s=None,
+                  command="x", progress=False)
+    model = resumed.train(spec, _batches, logits_to_keep=1, validate=validate)
+    record = resumed.training_record(spec)
+    assert seen == [2, 4, 6, 8] and record["steps"] == 8 and record["early_stop_step"] is None
+    assert record["selected_step"] == 4
+    four = Run("t", tmp_path / "b", torch.device("cpu"), quick=True, resume=False, time_budget_s=None, command="x",
+               progress=False).train(ModelSpec("m", "m", _spec().config, dataclasses.replace(
+                   settings, steps=4, eval_every=0, target=None)), _batches, logits_to_keep=1)
+    for (name, a), b in zip(model.state_dict().items(), four.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(resumed.trained_model(spec).lm_head.weight, four.lm_head.weight)  # saved as selected
 
 
 def test_state_passing_carries_states_and_resumes_exactly(tmp_path, monkeypatch):

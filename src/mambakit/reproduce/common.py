@@ -85,7 +85,8 @@ class TrainSettings:
         if self.eval_every and self.target is not None:
             at_most = "at most "
             stop = (f"; stopped early once the validation accuracy is >= {100 * self.target:g}% at {self.target_evals} "
-                    f"consecutive evaluations (every {self.eval_every} steps)")
+                    f"consecutive evaluations (every {self.eval_every} steps), else the weights of the best "
+                    "evaluation are kept")
         return (f"{at_most}{self.steps} steps of {self.batch_size} fresh rows; AdamW (beta2 {self.beta2:g}), lr "
                 f"{self.lr:g} after a {self.warmup_steps}-step linear warmup {schedule}, weight decay "
                 f"{self.weight_decay:g}, {clip}, bf16 autocast on CUDA{stop}"
@@ -296,8 +297,12 @@ class Run:
 
         validate(model) -> {metric: accuracy} runs every `settings.eval_every` steps (model in eval mode,
         inference mode, no autocast) on a validation set of the caller's (not the test set); once every metric
-        is >= `settings.target` at `settings.target_evals` consecutive evaluations the model stops early. The
-        history is kept in done.json (`val_history`, `early_stop_step`).
+        is >= `settings.target` at `settings.target_evals` consecutive evaluations the model stops early. A model
+        that never gets there ends as the weights of its best evaluation (the highest lowest metric; the latest
+        of equals), not of its last step: past the point where the training loss is ~0, a constant learning rate
+        lets what the training length does not constrain drift (induction heads' accuracy at 2^20 went 94% ->
+        34% -> 59% over 4,500 more steps of one Mamba). The history is kept in done.json (`val_history`,
+        `early_stop_step`, `selected_step`: the step whose weights were kept).
 
         The state remembers what it was trained with (recipe.json: `settings` but its step count, and `recipe`,
         e.g. the model config): when either has changed since, the model's state and evaluations are dropped and
@@ -330,14 +335,14 @@ class Run:
         torch.manual_seed(settings.seed)
         model = build().to(self.device)
         optimizer = build_optimizer(model, cfg)
-        step, losses, train_s, val_history, states = 0, [], 0.0, [], None
+        step, losses, train_s, val_history, states, best = 0, [], 0.0, [], None, None
         resume_file = folder / "train.pt"
         if resume_file.exists():
             saved = torch.load(resume_file, map_location=self.device, weights_only=False)
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             step, losses, train_s = saved["step"], saved["losses"], saved["train_s"]
-            val_history, states = saved.get("val_history", []), saved.get("states")
+            val_history, states, best = saved.get("val_history", []), saved.get("states"), saved.get("best")
         early_stop = None
         use_autocast = autocast and self.device.type == "cuda"
         model.train()
@@ -375,36 +380,44 @@ class Run:
                 val_history.append([step, metrics])
                 measured = [v for v in metrics.values() if v is not None]
                 bar.set_postfix(loss=losses[-1][1] if losses else None, val=min(measured) if measured else None)
+                score = min(measured) if len(measured) == len(metrics) else -1.0  # an unmeasured metric: worst
+                if best is None or score >= best["score"]:
+                    best = {"step": step, "score": score,
+                            "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
                 if _target_met(val_history, settings):
                     early_stop = step
                     break
             if step % settings.save_every == 0 and step < settings.steps:
                 self._save_training(resume_file, model, optimizer, step, losses, train_s + time.monotonic() - t0,
-                                    val_history, states)
+                                    val_history, states, best)
         bar.close()
         train_s += time.monotonic() - t0
         # kept: --steps may extend it
-        self._save_training(resume_file, model, optimizer, step, losses, train_s, val_history, states)
+        self._save_training(resume_file, model, optimizer, step, losses, train_s, val_history, states, best)
         if step < settings.steps and early_stop is None:
             self.incomplete = True
             return None
+        selected = step
+        if early_stop is None and best is not None and best["step"] != step:
+            model.load_state_dict(best["model"])  # the best evaluation's weights, not the last step's
+            selected = best["step"]
         model.eval()
         save(model, folder)
         _write_json(folder / "done.json", {"steps": step, "train_s": train_s, "losses": losses,
                                            "final_loss": losses[-1][1] if losses else None,
                                            "params": sum(p.numel() for p in model.parameters()),
                                            "seed": settings.seed, "val_history": val_history,
-                                           "early_stop_step": early_stop})
+                                           "early_stop_step": early_stop, "selected_step": selected})
         self._save_meta()
         return model
 
     def _save_training(self, path: Path, model, optimizer, step: int, losses: list, train_s: float,
-                       val_history: list, states=None) -> None:
+                       val_history: list, states=None, best: dict | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         # the passed states too: a resumed state-passing run continues from the states it stopped with
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "losses": losses,
-                    "train_s": train_s, "val_history": val_history,
+                    "train_s": train_s, "val_history": val_history, "best": best,
                     "states": None if states is None else _passed_states(model, states, states.batch_size)}, tmp)
         tmp.replace(path)  # atomic: a run killed while saving keeps the previous state
         self._save_meta()

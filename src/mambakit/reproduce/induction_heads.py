@@ -19,7 +19,9 @@ Seeds and early stopping: every model trains from several seeds and the table re
 the min and max). The same command run twice gave a Mamba that held 100% to 2^15 and one that fell to 91% at 2^12
 (both 100% at the training length): which solution a run finds varies, so one run says little. Validation (a seed
 of its own, never the test set) at the training length and, for the SSMs, at `val_long` (2^20) stops a model once
-every validation accuracy is >= `target` twice in a row; a model that never gets there trains the full budget.
+every validation accuracy is >= `target` twice in a row; a model that never gets there trains the full budget
+and keeps the weights of its best validation (`selected_step`): its accuracy at 2^20 drifted widely at a
+constant lr once the loss was ~0 (one Mamba: 94% at step 4,500, 34% at 6,750, 59% at 10,000).
 The long validation runs only once the training length passes (before that it is recorded as None, unmet): it
 costs about as much as a few hundred training steps. With `val_long` at 2^14 (session 12, H200), Mamba stopped
 after 3,500 and 5,000 steps and then held 100% only to 2^13 / 2^14, falling to 85-97% at 2^15 and to 36% at 2^20
@@ -200,6 +202,7 @@ def run(run: Run) -> int:
                      "checkpoint": checkpoint, "checkpoint_seed": spec.train.seed,
                      "seeds": [{"seed": sp.train.seed, "accuracy": {str(T): r["accuracy"] for T, r in res.items()},
                                 "steps": rec["steps"], "early_stop_step": rec.get("early_stop_step"),
+                                "selected_step": rec.get("selected_step"),
                                 "train_s": round(rec["train_s"], 1), "final_loss": rec["final_loss"],
                                 "val_history": rec.get("val_history", [])} for sp, res, _, rec in runs],
                      "config": {"d_model": base.config.d_model, "ssm_cfg": base.config.ssm_cfg,

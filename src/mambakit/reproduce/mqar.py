@@ -113,7 +113,8 @@ def run(run: Run) -> int:
                      "train_s": round(sum(r["train_s"] for _, _, r in runs), 1), "final_loss": runs[0][2]["final_loss"],
                      "params": runs[0][2]["params"],
                      "seeds": [{"seed": sp.train.seed, "accuracy": res["accuracy"], "steps": rec["steps"],
-                                "early_stop_step": rec.get("early_stop_step"), "train_s": round(rec["train_s"], 1),
+                                "early_stop_step": rec.get("early_stop_step"),
+                                "selected_step": rec.get("selected_step"), "train_s": round(rec["train_s"], 1),
                                 "final_loss": rec["final_loss"], "val_history": rec.get("val_history", [])}
                                for sp, res, rec in runs]})
     _plot(run.out / "accuracy_vs_state.png", rows, s)

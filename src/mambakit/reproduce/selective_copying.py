@@ -121,7 +121,8 @@ def run(run: Run) -> int:
                      "checkpoint": checkpoint, "checkpoint_seed": spec.train.seed,
                      "ssm_cfg": base.config.ssm_cfg,
                      "seeds": [{"seed": sp.train.seed, "accuracy": res["accuracy"], "steps": rec["steps"],
-                                "early_stop_step": rec.get("early_stop_step"), "train_s": round(rec["train_s"], 1),
+                                "early_stop_step": rec.get("early_stop_step"),
+                                "selected_step": rec.get("selected_step"), "train_s": round(rec["train_s"], 1),
                                 "final_loss": rec["final_loss"], "val_history": rec.get("val_history", [])}
                                for sp, res, rec in per_seed[base.key]]})
     _plot(run.out / "accuracy.png", rows, s)
