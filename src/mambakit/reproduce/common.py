@@ -380,7 +380,7 @@ class Run:
                 val_history.append([step, metrics])
                 measured = [v for v in metrics.values() if v is not None]
                 bar.set_postfix(loss=losses[-1][1] if losses else None, val=min(measured) if measured else None)
-                score = min(measured) if len(measured) == len(metrics) else -1.0  # an unmeasured metric: worst
+                score = _lowest(metrics)
                 if best is None or score >= best["score"]:
                     best = {"step": step, "score": score,
                             "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
@@ -504,13 +504,17 @@ def _validated(model, validate: Callable[[torch.nn.Module], dict]) -> dict[str, 
         model.train()
 
 
+def _lowest(metrics: dict) -> float:
+    """An evaluation's score: its lowest metric; one left unmeasured (None) makes it -1, below any accuracy."""
+    return min(-1.0 if v is None else v for v in metrics.values())
+
+
 def _target_met(val_history: list, settings: TrainSettings) -> bool:
     """Whether the last `target_evals` evaluations all have every metric >= target (a metric the validation left
     unmeasured, None, is not met)."""
     if settings.target is None or len(val_history) < settings.target_evals:
         return False
-    return all(v is not None and v >= settings.target for _, m in val_history[-settings.target_evals:]
-               for v in m.values())
+    return all(_lowest(m) >= settings.target for _, m in val_history[-settings.target_evals:])
 
 
 def seeded(spec: ModelSpec, seed: int) -> ModelSpec:
