@@ -53,6 +53,12 @@ for stage in "$@"; do
                 run "serve-ab-$mode-$((++SERVE_AB))" 200 python3 benchmarks/serve_load.py --device cuda --model-shape 130m \
                   --clients 64,64 --prompt-len 128 --new-tokens 256 --requests-per-client 4 --$mode ${SERVE_FLAGS:-}
               done;;
+    # issue 17: the servers' start-up heaps frozen out of the garbage collector or not (a first 64-client level paid
+    # a 160-170 ms full collection in the HTTP process without it), two levels of 64 per server
+    serve-gc) for mode in freeze-heap no-freeze-heap freeze-heap no-freeze-heap; do
+                run "serve-$mode-$((++SERVE_AB))" 200 python3 benchmarks/serve_load.py --device cuda --model-shape 130m \
+                  --clients 64,64 --prompt-len 128 --new-tokens 256 --requests-per-client 4 --$mode ${SERVE_FLAGS:-}
+              done;;
     # one piece of a `mambakit reproduce NAME` run that spans calls: the state comes in as .state/NAME-state.tgz.NN
     # (carry .state) and goes back as $OUT/NAME-state.tgz.NN, gzipped tar parts of at most 15 MiB (a file back from
     # the machine is at most 16 MiB; put the parts in .state/ for the next call). A finished model's train.pt (its

@@ -23,6 +23,8 @@ per level:
                           and the reader thread that detokenizes) and the engine process (scheduler, model)
     device_mallocs        CUDA: the server's cudaMalloc calls during the level (its caching allocator growing:
                           each call synchronises the device)
+    gc                    the garbage collector's pauses in the scheduler's process during the level (ms, all
+                          generations; full collections) and, with --engine-process, in the HTTP process (http_)
     scheduler_us_per_token  the scheduler thread's wall time per phase (idle, admit, prefill, launch, wait for
                           the device, process the tokens, flush events) / new tokens, from /metrics
     client_cpu_us_per_token, client_cpu_busy  the load generator's CPU time per token, and per second of the
@@ -170,6 +172,7 @@ def _serve(args, port: int, ready) -> None:
 
     from mambakit.serving import Scheduler, create_app
     from mambakit.serving.engine import EngineClient
+    from mambakit.serving.heap import freeze_heap
 
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
@@ -181,10 +184,13 @@ def _serve(args, port: int, ready) -> None:
                   prefill_graphs=args.prefill_graphs)
     if _engine_process(args):
         tokenizer = _tokenizer(args)
-        scheduler = EngineClient(functools.partial(_build, args), tokenizer, kwargs, log_level="warning")
+        scheduler = EngineClient(functools.partial(_build, args), tokenizer, kwargs, log_level="warning",
+                                 freeze_heap=args.freeze_heap)
     else:
         model, tokenizer = _build(args)
         scheduler = Scheduler(model, tokenizer, **kwargs).start()
+    if args.freeze_heap:
+        freeze_heap()
     app = create_app(scheduler, tokenizer, "bench")
     if args.server_log:
         import logging
@@ -238,7 +244,11 @@ def _phases(url: str) -> dict[str, float]:
     phases = {name[len(prefix):-2]: value for name, value in metrics.items() if name.startswith(prefix)}
     return phases | {"prefill_calls": metrics.get("mambakit_prefill_chunks_total", 0.0),
                      "prefill_graph_calls": metrics.get("mambakit_prefill_graph_calls_total", 0.0),
-                     "device_mallocs": metrics.get("mambakit_device_mallocs")}  # None off CUDA
+                     "device_mallocs": metrics.get("mambakit_device_mallocs"),  # None off CUDA
+                     # garbage-collector pauses of the scheduler's process and (engine process) of the HTTP one
+                     "gc": {name: metrics.get(f"mambakit_{name}") for name in (
+                         "gc_pause_seconds", "gc_collections_gen2", "http_gc_pause_seconds",
+                         "http_gc_collections_gen2")}}
 
 
 def _free_port() -> int:
@@ -434,6 +444,9 @@ def main() -> int:
     p.add_argument("--max-queue", type=int, default=1024)
     p.add_argument("--prefill-chunk", type=int, default=128)
     p.add_argument("--prefix-cache-mb", type=int, default=512)
+    p.add_argument("--freeze-heap", action=argparse.BooleanOptionalAction, default=True,
+                   help="freeze the server processes' start-up heaps out of the garbage collector, as `mambakit serve` "
+                        "does (default on)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="CUDA graphs in the server's decode step and in the generate() baseline (default on)")
     p.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=None,
@@ -501,6 +514,11 @@ def main() -> int:
                 calls = phases1.pop("prefill_calls") - phases0.pop("prefill_calls")
                 graphed = phases1.pop("prefill_graph_calls") - phases0.pop("prefill_graph_calls")
                 mallocs0, mallocs1 = phases0.pop("device_mallocs"), phases1.pop("device_mallocs")
+                gc0, gc1 = phases0.pop("gc"), phases1.pop("gc")
+                # the collector's pauses during the level: ms (all generations) and full collections, per process
+                row["gc"] = {name.replace("seconds", "ms"):
+                             round((1000 if "seconds" in name else 1) * (gc1[name] - gc0[name]), 1)
+                             for name in gc1 if gc1[name] is not None and gc0[name] is not None}
                 row["scheduler_us_per_token"] = {
                     k: round(1e6 * (phases1[k] - phases0.get(k, 0.0)) / row["new_tokens"], 2) for k in phases1}
                 # model calls that prefilled prompts: one per wave of arrivals at best (each costs the host a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
@@ -13,6 +14,7 @@ from mambakit.generation import ChunkPrefillGraphs, InferenceCache, allocate_cac
 from mambakit.modules.state import MixerState
 from mambakit.serving import BatchSampler, GenerationRequest, PrefixCache, RowParams, Scheduler, request_key
 from mambakit.serving.prefix_cache import prefix_digest
+from mambakit.serving.heap import freeze_heap, gc_pauses
 from mambakit.serving.sampler import exponential_noise
 from mambakit.serving.text import TextStream
 
@@ -476,3 +478,19 @@ def test_scheduler_with_prefill_graphs_gives_the_same_tokens(layer):
         # wave 1: 8 full chunks of 8 tokens in all; wave 2: the two chunks after the hits
         assert [c["prefill_graph_calls_total"] > 0 for c in counters] == [graphed, graphed]
     assert outputs[True] == outputs[False]
+
+
+def test_gc_pauses_count_this_process_collections_and_freeze_heap_freezes_what_is_alive():
+    pauses = gc_pauses()
+    assert gc_pauses() is pauses  # one callback per process
+    full, seconds = pauses.collections[2], sum(pauses.seconds)
+    gc.collect()
+    assert pauses.collections[2] == full + 1 and sum(pauses.seconds) > seconds
+    assert pauses.gauges("http_") == {"http_gc_collections_gen2": full + 1, "http_gc_pause_seconds": sum(pauses.seconds),
+                                      "http_gc_frozen_objects": 0}
+    try:
+        frozen = freeze_heap()
+        assert frozen == gc.get_freeze_count() > 1000  # torch and the test session are alive
+        assert pauses.gauges()["gc_frozen_objects"] == frozen
+    finally:
+        gc.unfreeze()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-import pytest
 import torch
 
 from mambakit import MambaConfig, MambaLM

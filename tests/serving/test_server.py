@@ -358,8 +358,12 @@ def test_models_health_and_metrics_endpoints(server):
         assert [m["id"] for m in models["data"]] == ["tiny"] and models["object"] == "list"
         text = http.get(server.url + "/metrics").text
     for name in ("mambakit_queue_length", "mambakit_running_sequences", "mambakit_tokens_per_second",
-                 "mambakit_time_to_first_token_seconds_count", "mambakit_prefix_cache_hits_total"):
+                 "mambakit_time_to_first_token_seconds_count", "mambakit_prefix_cache_hits_total",
+                 "mambakit_gc_pause_seconds", "mambakit_gc_collections_gen2"):
         assert f"\n{name} " in "\n" + text
+    # with an engine process, the HTTP process's own collector pauses follow the engine's figures
+    engine = server.scheduler.__class__.__name__ == "EngineClient"
+    assert ("\nmambakit_http_gc_pause_seconds " in text) == engine
 
 
 @pytest.mark.parametrize("engine", [pytest.param(False, id="thread"), pytest.param(True, id="engine-process")])

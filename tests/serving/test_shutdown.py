@@ -14,6 +14,8 @@ import time
 import httpx
 import pytest
 
+from mambakit.serving.metrics import parse_metrics
+
 from .conftest import free_port
 
 
@@ -41,6 +43,11 @@ def test_sigterm_finishes_the_running_request_and_exits_0(checkpoint, mode):
                 pass
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.2)
+        # start-up froze the heap of each process out of the garbage collector's scans
+        metrics = parse_metrics(httpx.get(url + "/metrics", timeout=10).text)
+        assert metrics["mambakit_gc_frozen_objects"] > 1000
+        if mode == "--engine-process":
+            assert metrics["mambakit_http_gc_frozen_objects"] > 1000
 
         chunks: list[dict] = []
         first = threading.Event()

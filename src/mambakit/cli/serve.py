@@ -105,6 +105,7 @@ def main(model: str, host: str = "127.0.0.1", port: int = 8000, served_model_nam
     except ImportError:
         raise UsageError("mambakit serve needs FastAPI and uvicorn: pip install 'mambakit[serve]'") from None
     from ..serving import Scheduler, create_app
+    from ..serving.heap import freeze_heap
     from ..serving.chat import load_chat_template
 
     directory = checkpoint_dir(model)
@@ -143,6 +144,7 @@ def main(model: str, host: str = "127.0.0.1", port: int = 8000, served_model_nam
         lm, tokenizer, dev = loaded.lm.eval(), loaded.tokenizer, loaded.device
         scheduler = Scheduler(lm, tokenizer, **scheduler_kwargs,
                               decode_steps=decode_steps or (8 if dev.type == "cuda" else 1)).start()
+    freeze_heap()  # start-up is done: later garbage collections scan only what serving allocates
     name = served_model_name or directory.resolve().name
     app = create_app(scheduler, tokenizer, name, chat_template=load_chat_template(directory))
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)

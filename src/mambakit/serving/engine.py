@@ -45,6 +45,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from .heap import freeze_heap, gc_pauses
 from .scheduler import (Event, GenerationRequest, QueueFullError, Scheduler, ShuttingDownError, TokenLogprob,
                         detokenize_event)
 from .text import TextStream
@@ -175,8 +176,9 @@ class _Engine:
 
 
 def _engine_main(conn, build: Callable[[], tuple], scheduler_kwargs: dict, log_level: str,
-                 die_with_parent: bool) -> None:
-    """The engine process: build (model, tokenizer), start a Scheduler, serve the pipe, exit."""
+                 die_with_parent: bool, freeze: bool = True) -> None:
+    """The engine process: build (model, tokenizer), start a Scheduler, serve the pipe, exit. freeze: keep the
+    start-up heap out of the garbage collector's scans (`heap.freeze_heap`)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # stopped by the HTTP process through the pipe, after its drain
     if die_with_parent:
@@ -194,6 +196,8 @@ def _engine_main(conn, build: Callable[[], tuple], scheduler_kwargs: dict, log_l
         conn.send_bytes(pickle.dumps(("failed", f"{type(err).__name__}: {err}"), _PROTOCOL))
         conn.close()
         return
+    if freeze:
+        freeze_heap()
     engine = _Engine(conn, scheduler)
     scheduler.start()
     engine.send(("ready", {"max_batch_size": scheduler.max_batch_size, "max_model_len": scheduler.max_model_len,
@@ -243,6 +247,8 @@ class EngineClient:
         on_exit: called (from the reader thread) once the engine has exited without being asked to:
             `mambakit serve` stops the HTTP server then.
         start_timeout: seconds for the engine to load the model and start.
+        freeze_heap: the engine process freezes its start-up heap out of the garbage collector's scans once the
+            scheduler is built (`heap.freeze_heap`: no full collection walks torch and the model mid-serving).
 
     Raises EngineStartError when the engine fails to start (its exception's message) or exits while starting.
 
@@ -252,14 +258,16 @@ class EngineClient:
     """
 
     def __init__(self, build: Callable[[], tuple], tokenizer, scheduler_kwargs: dict | None = None, *,
-                 log_level: str = "info", on_exit: Callable[[], None] | None = None, start_timeout: float = 600.0):
+                 log_level: str = "info", on_exit: Callable[[], None] | None = None, start_timeout: float = 600.0,
+                 freeze_heap: bool = True):
         self.tokenizer = tokenizer
         self.on_exit = on_exit
         ctx = multiprocessing.get_context("spawn")  # never fork: CUDA (and threads) do not survive a fork
         self._conn, child = ctx.Pipe(duplex=True)
         main_thread = threading.current_thread() is threading.main_thread()
         self.process = ctx.Process(target=_engine_main, name="mambakit-engine", daemon=True,
-                                   args=(child, build, dict(scheduler_kwargs or {}), log_level, main_thread))
+                                   args=(child, build, dict(scheduler_kwargs or {}), log_level, main_thread,
+                                         freeze_heap))
         self.process.start()
         child.close()
         self._send_lock = threading.Lock()
@@ -270,6 +278,7 @@ class EngineClient:
         self._ids = itertools.count(1)
         self._stopping = False
         self.crashed = False  # the engine exited without being asked to
+        self._gc = gc_pauses()
         info = self._wait_ready(start_timeout)
         self.max_batch_size, self.max_model_len = info["max_batch_size"], info["max_model_len"]
         self.real_vocab, self.device = info["real_vocab"], info["device"]
@@ -371,10 +380,13 @@ class EngineClient:
         return value
 
     async def metrics_text(self) -> str:
+        """The engine's /metrics text, then this (HTTP) process's garbage-collector pauses (`http_gc_*`)."""
         ok, value = await asyncio.wrap_future(self._call("call", "metrics"))
         if not ok:
             raise RuntimeError(value[1])
-        return value
+        lines = [f"# TYPE mambakit_{name} gauge\nmambakit_{name} {float(v):g}"
+                 for name, v in self._gc.gauges("http_").items()]
+        return value.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the engine (what is in flight ends with "abort"), wait for it to exit (killed after `timeout`

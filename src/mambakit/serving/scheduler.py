@@ -51,6 +51,7 @@ from ..generation import ChunkPrefillGraphs, InferenceCache, allocate_cache, dec
 from ..generation.cache import first_rows, row_buckets
 from ..generation.compiled import check_compilable, compiled_step
 from ..modules import MixerState
+from .heap import gc_pauses
 from .metrics import SCHEDULER_PHASES, Metrics
 from .prefix_cache import PrefixCache, prefix_digest
 from .sampler import BatchSampler, RowParams, to_device, token_logprobs
@@ -293,6 +294,7 @@ class Scheduler:
         self.vocab, self.real_vocab = model.config.padded_vocab_size, model.config.vocab_size
         self.eos_id = getattr(tokenizer, "eos_id", None)
         self.metrics = Metrics()
+        self._gc = gc_pauses()
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.cache = allocate_cache(model, max_batch_size, state_dtype=state_dtype, device=self.device)
         with torch.inference_mode():
@@ -375,13 +377,14 @@ class Scheduler:
     def gauges(self) -> dict[str, float]:
         """The /metrics gauges, read now. On CUDA also the caching allocator's reserved bytes and its device
         allocations so far (`device_mallocs`, cudaMalloc calls: each one synchronises the device, so a count
-        that grows under load is a stall the scheduler's phases do not name)."""
+        that grows under load is a stall the scheduler's phases do not name). `gc_collections_gen2` and
+        `gc_pause_seconds` count this process's garbage-collector pauses (serving.heap), another such stall."""
         gauges = {"queue_length": len(self.waiting) + len(self._inbox),
                   "running_sequences": len(self.running),
                   "prefilling_requests": len(self.prefilling),
                   "free_slots": self.max_batch_size - len(self.running),
                   "prefix_cache_bytes": self.prefix_cache.nbytes,
-                  "prefix_cache_entries": len(self.prefix_cache)}
+                  "prefix_cache_entries": len(self.prefix_cache), **self._gc.gauges()}
         if self.device.type == "cuda":
             stats = torch.cuda.memory_stats(self.device)
             gauges["device_reserved_bytes"] = stats.get("reserved_bytes.all.current", 0)
