@@ -9,6 +9,8 @@ never its test set) at several lengths every --eval-every steps, so recipes can 
 
     python benchmarks/induction_recipe.py --batch 8 --lr 1e-3 --time-budget 300 --json OUT/b8.json
     python benchmarks/induction_recipe.py --batch 128 --lr 2e-3 --steps 10000 --decay cosine --json OUT/b128.json
+    python benchmarks/induction_recipe.py --device cpu --train-len 64 --batch 32 --lr 2e-3 --steps 3000 --loss all \
+        --lengths 6 10 12 14 --eval-every 1000 --json OUT/cpu-all.json      # a CPU proxy
 
 Several processes at once fill the GPU: a step of this 2-layer d_model 64 model is host-bound.
 """
@@ -37,6 +39,10 @@ def main() -> None:
     p.add_argument("--decay", choices=["constant", "cosine"], default="constant")
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-len", type=int, default=256, help="training length T (the experiment's: 256)")
+    p.add_argument("--loss", choices=["last", "all"], default="last",
+                   help="last: the target token only (the experiment's); all: next-token loss at every position too, "
+                        "as H3's / safari's synthetic training (the noise is unpredictable, the target is not)")
     p.add_argument("--time-budget", type=float, default=300.0, help="seconds of training (evaluations excluded)")
     p.add_argument("--eval-every", type=int, default=2000)
     p.add_argument("--lengths", type=int, nargs="+", default=[8, 12, 16, 20], help="log2 of the validation lengths")
@@ -44,8 +50,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", required=True)
     a = p.parse_args()
-    if a.batch < 1 or a.lr <= 0 or a.steps < 1 or a.eval_every < 1:
-        p.error("--batch, --lr, --steps and --eval-every must be positive")
+    if a.batch < 1 or a.lr <= 0 or a.steps < 1 or a.eval_every < 1 or a.train_len < 3:
+        p.error("--batch, --lr, --steps and --eval-every must be positive, --train-len at least 3")
     device = torch.device(a.device)
     s = ih.settings(False)
     spec = next(sp for sp in ih.model_specs(s) if sp.key == a.model)
@@ -79,12 +85,16 @@ def main() -> None:
     model.train()
     while step < a.steps and train_s < a.time_budget:
         t0 = time.perf_counter()
-        batch = induction_heads(a.batch, s["train_len"], generator=gen).to(device)
+        batch = induction_heads(a.batch, a.train_len, generator=gen).to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(batch.inputs, logits_to_keep=1)
-            loss = masked_loss(logits, batch.targets[:, -1:], spec.config.vocab_size)
+            if a.loss == "last":
+                logits = model(batch.inputs, logits_to_keep=1)
+                loss = masked_loss(logits, batch.targets[:, -1:], spec.config.vocab_size)
+            else:  # every position predicts the next input; the last one the target
+                targets = torch.cat([batch.inputs[:, 1:], batch.targets[:, -1:]], dim=1)
+                loss = masked_loss(model(batch.inputs), targets, spec.config.vocab_size)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.train.grad_clip)
