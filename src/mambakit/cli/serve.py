@@ -105,8 +105,8 @@ def main(model: str, host: str = "127.0.0.1", port: int = 8000, served_model_nam
     except ImportError:
         raise UsageError("mambakit serve needs FastAPI and uvicorn: pip install 'mambakit[serve]'") from None
     from ..serving import Scheduler, create_app
-    from ..serving.heap import freeze_heap
     from ..serving.chat import load_chat_template
+    from ..serving.heap import freeze_heap
 
     directory = checkpoint_dir(model)
     # the scheduler thread and the HTTP event loop share the GIL: at the default 5 ms switch interval one

@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable
 
 from .heap import freeze_heap, gc_pauses
+from .metrics import gauge_lines
 from .scheduler import (Event, GenerationRequest, QueueFullError, Scheduler, ShuttingDownError, TokenLogprob,
                         detokenize_event)
 from .text import TextStream
@@ -384,9 +385,7 @@ class EngineClient:
         ok, value = await asyncio.wrap_future(self._call("call", "metrics"))
         if not ok:
             raise RuntimeError(value[1])
-        lines = [f"# TYPE mambakit_{name} gauge\nmambakit_{name} {float(v):g}"
-                 for name, v in self._gc.gauges("http_").items()]
-        return value.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
+        return value + "\n".join(gauge_lines(self._gc.gauges("http_"))) + "\n"
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the engine (what is in flight ends with "abort"), wait for it to exit (killed after `timeout`

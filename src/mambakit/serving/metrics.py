@@ -73,9 +73,7 @@ class Metrics:
 
     def render(self, gauges: dict[str, float]) -> str:
         """The exposition text: `gauges` (name -> value, read by the caller now) and every counter."""
-        lines = []
-        for name, value in gauges.items():
-            lines += [f"# TYPE mambakit_{name} gauge", f"mambakit_{name} {float(value):g}"]
+        lines = gauge_lines(gauges)
         lines += ["# TYPE mambakit_tokens_per_second gauge",
                   f"mambakit_tokens_per_second {self.tokens_per_second():g}"]
         with self._lock:
@@ -97,6 +95,14 @@ class Metrics:
                       f"mambakit_time_to_first_token_seconds_sum {self._ttft_sum:g}",
                       f"mambakit_time_to_first_token_seconds_count {total}"]
         return "\n".join(lines) + "\n"
+
+
+def gauge_lines(gauges: dict[str, float]) -> list[str]:
+    """The exposition lines of `gauges` (name -> value), each as `mambakit_<name>`."""
+    lines = []
+    for name, value in gauges.items():
+        lines += [f"# TYPE mambakit_{name} gauge", f"mambakit_{name} {float(value):g}"]
+    return lines
 
 
 def parse_metrics(text: str) -> dict[str, float]:
