@@ -18,8 +18,8 @@ Several processes at once fill the GPU: a step of this 2-layer d_model 64 model 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import time
 
 import torch
@@ -28,11 +28,12 @@ from mambakit.data.synthetic import induction_heads
 from mambakit.models import build_model
 from mambakit.reproduce import induction_heads as ih
 from mambakit.reproduce.common import masked_loss
+from mambakit.training import build_optimizer, lr_at
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="mamba", help="a model key of the experiment (mamba, mamba2, mamba-sp, ...)")
+    p.add_argument("--model", default="mamba", help="a model key of the experiment (mamba, mamba2, s4d, ...)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=200_000, help="the schedule's length (cosine decays over it)")
@@ -54,21 +55,20 @@ def main() -> None:
         p.error("--batch, --lr, --steps and --eval-every must be positive, --train-len at least 3")
     device = torch.device(a.device)
     s = ih.settings(False)
-    spec = next(sp for sp in ih.model_specs(s) if sp.key == a.model)
+    spec = next((sp for sp in ih.model_specs(s) if sp.key == a.model), None)
+    if spec is None or spec.train.state_passing:
+        p.error(f"--model must be one of {[sp.key for sp in ih.model_specs(s) if not sp.train.state_passing]} "
+                "(this loop does not pass states between batches)")
+    # the experiment's optimiser and schedule (training.build_optimizer, training.lr_at) under this recipe
+    settings = dataclasses.replace(spec.train, batch_size=a.batch, lr=a.lr, steps=a.steps, warmup_steps=a.warmup,
+                                   min_lr_ratio=0.0 if a.decay == "cosine" else 1.0)
+    cfg = settings.train_config()
     torch.manual_seed(a.seed)
     model = build_model(spec.config, device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, spec.train.beta2), weight_decay=0.0)
+    opt = build_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(a.seed)
     attention = spec.info["kind"] == "attention"
     record = {"args": vars(a), "model": a.model, "evals": [], "losses": []}
-
-    def lr_at(step: int) -> float:
-        if step < a.warmup:
-            return a.lr * (step + 1) / a.warmup
-        if a.decay == "constant":
-            return a.lr
-        t = min(1.0, (step - a.warmup) / max(1, a.steps - a.warmup))
-        return a.lr * 0.5 * (1 + math.cos(math.pi * t))
 
     def evaluate(step: int) -> None:
         model.eval()
@@ -87,7 +87,7 @@ def main() -> None:
         t0 = time.perf_counter()
         batch = induction_heads(a.batch, a.train_len, generator=gen).to(device)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr_at(step, cfg)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             if a.loss == "last":
                 logits = model(batch.inputs, logits_to_keep=1)
@@ -97,7 +97,7 @@ def main() -> None:
                 loss = masked_loss(model(batch.inputs), targets, spec.config.vocab_size)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.train.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         opt.step()
         step += 1
         if step % 100 == 0:

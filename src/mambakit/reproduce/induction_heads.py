@@ -33,10 +33,11 @@ points per doubling), not a cliff. A CPU proxy (train T 64, batch 32, 3,000 step
 (the paper's) than at 2e-3: 35.9 against 85.9% at 2^10. The attention models trained at 2e-3 then and stayed at
 chance; they now train at 2e-4 (`attn_lr`).
 Session 15 compared recipes for Mamba alone (`benchmarks/induction_recipe.py`, BENCHMARKS.md): batch 8 / 32 / 64 /
-128, lr 1e-3 / 2e-3, constant or cosine, up to 29k steps, state passing. None held 2^20. All reached 100% at 256,
-but the 32-row validation at 2^20 swung by tens of points between evaluations 2,500 steps apart. Two runs touched
-100% there once (batch 8 at lr 1e-3 with seed 1, and state passing at batch 32), which the kept-best selection can
-catch. The recipe here is unchanged until a full run shows which one wins on the test set.
+128, lr 1e-3 / 2e-3, constant or cosine, up to 29k steps. None held 2^20. All reached 100% at 256, but the 32-row
+validation at 2^20 swung by tens of points between evaluations 2,500 steps apart, and two runs of the same seed
+(differing only by the GPU's nondeterministic sums) followed different curves. Two runs touched 100% there once,
+which the kept-best selection can catch. The recipe here is unchanged until a full run shows which one wins on the
+test set.
 Checking the evaluation numerics ruled them out: on the CPU the same model gives the same predictions at 2^13 in
 float32, float64, bf16 autocast and without chunked prefill (README.md beside this module).
 """
