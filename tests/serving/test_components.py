@@ -13,8 +13,8 @@ from mambakit.data import ByteTokenizer
 from mambakit.generation import ChunkPrefillGraphs, InferenceCache, allocate_cache, generate, logits_to_probs, prefill
 from mambakit.modules.state import MixerState
 from mambakit.serving import BatchSampler, GenerationRequest, PrefixCache, RowParams, Scheduler, request_key
-from mambakit.serving.prefix_cache import prefix_digest
 from mambakit.serving.heap import freeze_heap, gc_pauses
+from mambakit.serving.prefix_cache import prefix_digest
 from mambakit.serving.sampler import exponential_noise
 from mambakit.serving.text import TextStream
 
@@ -486,8 +486,8 @@ def test_gc_pauses_count_this_process_collections_and_freeze_heap_freezes_what_i
     full, seconds = pauses.collections[2], sum(pauses.seconds)
     gc.collect()
     assert pauses.collections[2] == full + 1 and sum(pauses.seconds) > seconds
-    assert pauses.gauges("http_") == {"http_gc_collections_gen2": full + 1, "http_gc_pause_seconds": sum(pauses.seconds),
-                                      "http_gc_frozen_objects": 0}
+    assert pauses.gauges("http_") == {"http_gc_collections_gen2": full + 1,
+                                      "http_gc_pause_seconds": sum(pauses.seconds), "http_gc_frozen_objects": 0}
     try:
         frozen = freeze_heap()
         assert frozen == gc.get_freeze_count() > 1000  # torch and the test session are alive
