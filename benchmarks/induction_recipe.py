@@ -81,7 +81,7 @@ def main() -> None:
         with open(a.json, "w") as f:
             json.dump(record, f)
 
-    train_s, step, running = 0.0, 0, 0.0
+    train_s, step = 0.0, 0
     model.train()
     while step < a.steps and train_s < a.time_budget:
         t0 = time.perf_counter()
@@ -101,8 +101,7 @@ def main() -> None:
         opt.step()
         step += 1
         if step % 100 == 0:
-            running = float(loss.detach())  # one sync per 100 steps
-            record["losses"].append([step, running])
+            record["losses"].append([step, float(loss.detach())])  # one sync per 100 steps
         train_s += time.perf_counter() - t0
         if step % a.eval_every == 0:
             record["train_s"] = round(train_s, 1)
