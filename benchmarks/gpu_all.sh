@@ -2,8 +2,8 @@
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
 # Stages: env tests synctests gentests compose adapters e2e serve serve-repeat serve-ab serve-gc train launch scan ssd
-# convnorm layers layers-ab synthetic-step prefill inference reproduce-NAME; each runs under its own time limit so one
-# slow stage leaves the logs of the others intact.
+# convnorm layers layers-ab synthetic-step prefill inference decode reproduce-NAME; each runs under its own time limit
+# so one slow stage leaves the logs of the others intact.
 # The lent machine has torch and Triton only: carry cp312 wheels in .whl/ (pip download --no-deps --only-binary=:all:
 # --python-version 3.12 --platform manylinux2014_x86_64 ...): omegaconf antlr4-python3-runtime pyyaml (train),
 # peft accelerate psutil safetensors transformers==5.17.0 huggingface_hub==1.33.0 tokenizers regex (adapters),
@@ -90,6 +90,9 @@ for stage in "$@"; do
                done;;
     synthetic-step) run synthetic-step 300 python3 benchmarks/gpu_synthetic_step.py ${SYNTH_FLAGS:-};;
     prefill) run prefill 400 python3 -m mambakit.cli bench prefill --device cuda --out $OUT/prefill ${PREFILL_FLAGS:-};;
+    # the fused decode step's tests on CUDA, then its projections kernel by kernel (issue 18's batch-1 latency)
+    decode) run decode-tests 240 python3 -m pytest tests/test_decode_step.py -q -p no:cacheprovider
+            run decode-proj 200 python3 benchmarks/gpu_decode_proj.py ${DECODE_FLAGS:-};;
     inference) run inference 330 python3 benchmarks/gpu_inference.py ${INFERENCE_FLAGS:---out-dir $OUT};;
     *) echo "unknown stage $stage";;
   esac

@@ -306,14 +306,18 @@ def bench_kernel_counts(models: dict, names: list[str], device) -> list[dict]:
         print("  " + format_decode_kernels(name, k))
         if device.type == "cuda":
             for batch in (1, 64):
-                n, by_name = profile_decode_kernels(models[name], batch)
+                n, by_name, micros = profile_decode_kernels(models[name], batch)
                 row[f"profiled_per_token_b{batch}"] = n
+                row[f"profiled_us_per_token_b{batch}"] = sum(micros.values())
+                row[f"profiled_b{batch}_us_by_kernel"] = {k_: round(v, 2) for k_, v in micros.most_common()}
                 if batch == 1:
                     row["profiled_b1_by_kernel"] = dict(by_name)
                     top = ", ".join(f"{v:g}x {k_[:60]}" for k_, v in by_name.most_common(8))
                     print(f"    profiler, batch 1: {n:g} device activities per token; most launched: {top}")
-                else:
-                    print(f"    profiler, batch 64: {n:g} device activities per token")
+                print(f"    profiler, batch {batch}: {n:g} device activities, {sum(micros.values()):.1f} us of kernels "
+                      f"per token; by device time:")
+                for k_, v in micros.most_common(12):
+                    print(f"      {v:8.1f} us  {by_name[k_]:5g}x  {k_[:100]}")
         rows.append(row)
     print("\n| model | kernels/token (dispatched) | per layer | outside layers | profiled b1 | profiled b64 |")
     print("|---|---|---|---|---|---|")

@@ -3,8 +3,8 @@
 The fused step (`Mamba1/Mamba2.fused_block_step`, called by `Block`) runs on the Triton backend through the
 interpreter here; it is compared token by token (logits and every state) with the unfused step on the torch
 backend, in float32 (1e-4 of the scale) and bfloat16 (twice PyTorch's own bf16 error against float32), at batch
-sizes that take the CUDA-core (1, 3) and the tensor-core (17) tiles of the norm_linear kernel. A regression in
-the kernel count per layer fails `test_kernel_count_per_layer`.
+sizes that take the few-rows kernel (1, 3: `triton_gemv.py`), the tiled kernel's CUDA-core tiles (9) and its
+tensor-core tiles (17, 20). A regression in the kernel count per layer fails `test_kernel_count_per_layer`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from mambakit import MambaConfig, MambaLM
 from mambakit.bench.decode_kernels import count_decode_kernels
 from mambakit.modules import fusion
-from mambakit.ops import (add_rms_norm_linear, gated_rms_norm_linear, record_backends, selective_state_update,
-                          use_backend)
+from mambakit.ops import (add_rms_norm_linear, decode_linear, gated_rms_norm_linear, record_backends,
+                          selective_state_update, use_backend)
+from mambakit.ops.norm_linear.triton_gemv import GEMV_MAX_ROWS, gemv_tiles
 
 from .conftest import DEVICE
 from .helpers import assert_close, low_precision_tolerance
@@ -143,7 +144,7 @@ def test_hooked_in_proj_leaves_the_fused_step():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch", [1, 3, 20])
+@pytest.mark.parametrize("batch", [1, 3, 9, 20])
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "first-block"])
 def test_add_rms_norm_linear_matches_the_ops_in_a_row(dtype, batch, residual):
     K, N, C, c0 = 48, 100, 30, 17
@@ -172,7 +173,7 @@ def test_add_rms_norm_linear_matches_the_ops_in_a_row(dtype, batch, residual):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch", [1, 20])
+@pytest.mark.parametrize("batch", [1, 3, 9, 20])
 @pytest.mark.parametrize("group_size, norm_before_gate", [(None, False), (12, False), (12, True)])
 def test_gated_rms_norm_linear_matches_the_ops_in_a_row(dtype, batch, group_size, norm_before_gate):
     K, N = 48, 40
@@ -188,6 +189,47 @@ def test_gated_rms_norm_linear_matches_the_ops_in_a_row(dtype, batch, group_size
     got = run("triton", dtype)
     atol = 1e-5 * float(ref.abs().max()) if dtype == torch.float32 else low_precision_tolerance(run("torch", dtype), ref)
     assert_close(got, ref, name="out", rel=0.0, atol=atol)
+
+
+def test_few_rows_kernel_takes_up_to_eight_rows():
+    """Which kernel a shape gets: the few-rows one up to GEMV_MAX_ROWS rows of at most 8192 features."""
+    assert GEMV_MAX_ROWS == 8
+    assert gemv_tiles(1, 3352, 768) == (8, 1024)  # Mamba-2 130M in_proj: 419 programs of 8 outputs
+    assert gemv_tiles(1, 768, 1536) == (2, 2048)  # out_proj: halved to >= 256 programs
+    assert gemv_tiles(1, 80, 1536) == (1, 2048)  # Mamba-1 x_proj: one output per program
+    assert gemv_tiles(8, 100, 48) is not None
+    assert gemv_tiles(9, 100, 48) is None and gemv_tiles(1, 100, 8193) is None
+    assert gemv_tiles(1, 100, 4096, groups=8) is None  # the group one-hot would not fit
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 3, 8, 9])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_decode_linear_matches_f_linear(dtype, batch, bias):
+    """`decode_linear` on the Triton backend (the few-rows kernel to 8 rows, F.linear beyond) against F.linear."""
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 40, generator=g).to(DEVICE)
+    W, b = (torch.randn(70, 40, generator=g) / 6).to(DEVICE), torch.randn(70, generator=g).to(DEVICE)
+    ref = F.linear(x, W, b if bias else None)
+    with record_backends() as seen:
+        got = decode_linear(x.to(dtype), W.to(dtype), b.to(dtype) if bias else None, backend="triton")
+    assert seen[("decode_linear", "triton")] == 1 and got.dtype == dtype and got.shape == (batch, 70)
+    lowp = F.linear(x.to(dtype), W.to(dtype), b.to(dtype) if bias else None).float()
+    atol = 1e-5 * float(ref.abs().max()) if dtype == torch.float32 else low_precision_tolerance(lowp, ref)
+    assert_close(got.float(), ref, name="out", rel=0.0, atol=atol)
+
+
+def test_decode_linear_checks_its_arguments():
+    x, W = torch.randn(2, 8, device=DEVICE), torch.randn(5, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="weight's dtype"):
+        decode_linear(x.double(), W)
+    with pytest.raises(ValueError, match="features"):
+        decode_linear(x, torch.randn(5, 9, device=DEVICE))
+    with pytest.raises(ValueError, match="out_features"):
+        decode_linear(x, W, torch.randn(4, device=DEVICE))
+    W.requires_grad_(True)  # with gradients the torch path runs, and the gradient arrives
+    decode_linear(x, W, backend="triton").sum().backward()
+    assert_close(W.grad, x.sum(0).expand(5, 8), name="dW")
 
 
 @pytest.mark.parametrize("batch", [1, 5])

@@ -178,11 +178,14 @@ def count_decode_kernels(model: nn.Module, batch_size: int = 1, cache=None) -> D
                          syncs=counter.syncs)
 
 
-def profile_decode_kernels(model: nn.Module, batch_size: int = 1, steps: int = 4) -> tuple[float, Counter]:
+def profile_decode_kernels(model: nn.Module, batch_size: int = 1,
+                           steps: int = 4) -> tuple[float, Counter, Counter]:
     """CUDA only: the device activities (kernels, memcpy, memset) torch.profiler records per eager decode step.
 
     The ground truth the dispatch count above approximates (a cuBLAS matmul may be two kernels: split-K).
-    Returns (activities per token, Counter of kernel names per token).
+    Returns (activities per token, Counter of kernel names per token, Counter of their device microseconds per
+    token). The durations are the kernels' own: a CUDA graph replays the same kernels without the host's gaps, so
+    their sum is the floor of a graphed step at this batch.
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -199,8 +202,13 @@ def profile_decode_kernels(model: nn.Module, batch_size: int = 1, steps: int = 4
         for _ in range(steps):
             decode_one_token(model, tokens, cache)
         torch.cuda.synchronize(device)
-    names = Counter(ev.name for ev in prof.events() if ev.device_type == DeviceType.CUDA)
-    return sum(names.values()) / steps, Counter({k: v / steps for k, v in names.items()})
+    names, micros = Counter(), Counter()
+    for ev in prof.events():
+        if ev.device_type == DeviceType.CUDA:
+            names[ev.name] += 1
+            micros[ev.name] += ev.time_range.elapsed_us()
+    return (sum(names.values()) / steps, Counter({k: v / steps for k, v in names.items()}),
+            Counter({k: v / steps for k, v in micros.items()}))
 
 
 def format_decode_kernels(name: str, k: DecodeKernels) -> str:

@@ -24,8 +24,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..deprecation import renamed_argument
-from ..ops import (add_rms_norm_linear, causal_conv1d, causal_conv1d_update, mamba1_inner, pinned_backend,
-                   selective_scan, selective_state_update)
+from ..ops import (add_rms_norm_linear, causal_conv1d, causal_conv1d_update, decode_linear, mamba1_inner,
+                   pinned_backend, selective_scan, selective_state_update)
 from .fusion import fused_step_allowed, reads_as_plain, require_plain_conv
 from .norm import RMSNorm
 from .state import MixerState
@@ -214,7 +214,8 @@ class Mamba1(nn.Module):
             lambda: (-torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()),
             self.A_log, self.D, self.dt_proj.bias)
         # dt = dt_proj.weight @ dt_low, + bias, softplus: in float32 inside the state-update kernel
-        dt_low, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt_low, B, C = torch.split(decode_linear(x, self.x_proj.weight, self.x_proj.bias),
+                                   [self.dt_rank, self.d_state, self.d_state], dim=-1)
         return selective_state_update(cache.ssm_state, x, dt_low, A, B, C, D=D, z=z, dt_bias=dt_bias,
                                       dt_softplus=True, dt_proj_weight=self.dt_proj.weight)
 
@@ -237,7 +238,8 @@ class Mamba1(nn.Module):
             self.in_proj.bias, eps=norm.eps, residual_dtype=torch.float32 if residual_in_fp32 else None,
             conv_state=cache.conv_state, conv_weight=self.conv1d.weight[:, 0], conv_bias=self.conv1d.bias)
         x, z = xz.chunk(2, dim=-1)  # (B, D) each; x has been through the conv and silu already
-        return self.out_proj(self._step_ssm(x, z, cache))[:, None], residual[:, None]
+        out = decode_linear(self._step_ssm(x, z, cache), self.out_proj.weight, self.out_proj.bias)
+        return out[:, None], residual[:, None]
 
     def step(self, hidden_states: torch.Tensor, cache: MixerState) -> torch.Tensor:
         """One token: (B, 1, d_model) -> (B, 1, d_model), advancing `cache` in place (constant cost per token).

@@ -325,6 +325,15 @@ def _norm_linear_triton():
     return norm_linear_triton
 
 
+def _decode_linear_torch():
+    return torch.nn.functional.linear
+
+
+def _decode_linear_triton():
+    from .norm_linear.triton_gemv import linear_rows_triton
+    return linear_rows_triton
+
+
 def _three(reference, torch_, triton, **triton_limits) -> dict[str, Implementation]:
     return {"reference": Implementation(reference), "torch": Implementation(torch_),
             "triton": Implementation(triton, **triton_limits)}
@@ -369,6 +378,8 @@ BACKEND_TABLE: dict[str, dict[str, Implementation]] = {
                             "triton": Implementation(_norm_linear_triton, grad=False, grad_fallback="torch")},
     "gated_rms_norm_linear": {"torch": Implementation(_norm_linear_torch),
                               "triton": Implementation(_norm_linear_triton, grad=False, grad_fallback="torch")},
+    "decode_linear": {"torch": Implementation(_decode_linear_torch),
+                      "triton": Implementation(_decode_linear_triton, grad=False, grad_fallback="torch")},
     "mamba1_inner": _three(_mamba1_inner_composed, _mamba1_inner_composed, _mamba1_inner_triton),
     "mamba2_inner": _three(_mamba2_inner_composed, _mamba2_inner_composed, _mamba2_inner_triton, empty=False),
 }

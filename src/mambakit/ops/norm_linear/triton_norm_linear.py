@@ -14,6 +14,10 @@ that normalises each K block and multiplies it into its (BLOCK_N,) slice of outp
 so an output channel needs only its own window: the program that computes a channel updates its window, and
 no two programs touch one window. Roundings follow the unfused ops: s in the promoted dtype, the normalised
 activation in the weight's dtype, the projection's output in its dtype before the conv reads it.
+
+Up to 8 rows (the fused decode step's batches) with K <= 8192, `norm_linear_triton` launches the few-rows kernel
+of `triton_gemv.py` instead (one load of the weights, one pass over each row): this tiled kernel serves the
+larger batches (tensor cores from 16 rows) and the wider rows.
 """
 
 from __future__ import annotations
@@ -25,30 +29,11 @@ import triton.language as tl
 from ..dispatch import triton_interpret
 from ..ssd.triton_common import to_dtype
 from ..triton_launch import cdiv, fast_launch, next_power_of_2
-from ..triton_math import silu, tl_compute_dtype, tl_dtype
+from ..triton_math import tl_compute_dtype, tl_dtype
+from .triton_gemv import gemv_tiles, launch_gemv
+from .triton_parts import _conv_epilogue, _prologue
 
 __all__ = ["norm_linear_triton"]
-
-
-@triton.jit
-def _prologue(x_ptr, r_ptr, z_ptr, rows, row_ok, k, k_ok, s_xb, s_rb, s_zb,
-              GATED: tl.constexpr, HAS_R: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-              SUM_DT: tl.constexpr, NW_DT: tl.constexpr, ACC: tl.constexpr, EMULATE: tl.constexpr):
-    """(BLOCK_B, BLOCK_K) values to normalise; add mode also returns s (the residual stream), gated mode the gate."""
-    m = row_ok[:, None] & k_ok[None, :]
-    v = tl.load(x_ptr + rows[:, None] * s_xb + k[None, :], mask=m, other=0.0).to(ACC)
-    if GATED:
-        extra = silu(tl.load(z_ptr + rows[:, None] * s_zb + k[None, :], mask=m, other=0.0).to(ACC))
-        if NORM_BEFORE_GATE:
-            h = v
-        else:
-            h = v * extra
-    else:
-        if HAS_R:
-            v += tl.load(r_ptr + rows[:, None] * s_rb + k[None, :], mask=m, other=0.0).to(ACC)
-        extra = to_dtype(v, SUM_DT, EMULATE).to(ACC)  # the sum as torch's promoted add rounds it
-        h = to_dtype(extra, NW_DT, EMULATE).to(ACC)  # normalised after the cast to the norm weight's dtype
-    return h, extra
 
 
 @fast_launch
@@ -122,24 +107,8 @@ def _norm_linear_kernel(
     out = to_dtype(out, OUT_DT, EMULATE).to(ACC)  # the projection's output dtype, as the conv reads it
 
     if CONV:
-        c = n - c0
-        is_conv = (c >= 0) & (c < n_conv) & n_ok
-        cm = row_ok[:, None] & is_conv[None, :]
-        st = cs_ptr + rows[:, None] * s_csb + c[None, :] * s_csd
-        conv = out * tl.load(cw_ptr + c * s_cwd + (WIDTH - 1) * s_cww, mask=is_conv, other=0.0).to(ACC)[None, :]
-        slots = ()
-        for j in tl.static_range(WIDTH - 1):
-            s_j = tl.load(st + j * s_csw, mask=cm, other=0.0)
-            slots = slots + (s_j,)
-            conv += s_j.to(ACC) * tl.load(cw_ptr + c * s_cwd + j * s_cww, mask=is_conv, other=0.0).to(ACC)[None, :]
-        if CONV_BIAS:
-            conv += tl.load(cb_ptr + c, mask=is_conv, other=0.0).to(ACC)[None, :]
-        # every read of the old window happens before any write of the new one (the window is updated in place)
-        tl.debug_barrier()
-        for j in tl.static_range(WIDTH - 2):
-            tl.store(st + j * s_csw, slots[j + 1], mask=cm)
-        tl.store(st + (WIDTH - 2) * s_csw, out.to(cs_ptr.dtype.element_ty), mask=cm)
-        out = tl.where(is_conv[None, :], silu(conv), out)
+        out = _conv_epilogue(out, rows, row_ok, n, n_ok, cs_ptr, cw_ptr, cb_ptr, c0, n_conv, s_csb, s_csd, s_csw,
+                             s_cwd, s_cww, CONV_BIAS, WIDTH, ACC)
     tl.store(out_ptr + rows[:, None] * s_ob + n[None, :], to_dtype(out, OUT_DT, EMULATE),
              mask=row_ok[:, None] & n_ok[None, :])
 
@@ -209,6 +178,13 @@ def norm_linear_triton(
     group = K if not gated or group_size is None else group_size
     ng = next_power_of_2(K // group)
     conv = conv_state is not None
+    few_rows = gemv_tiles(batch, N, K, ng)
+    if few_rows is not None and batch > 0:
+        launch_gemv(x, weight, out, few_rows, norm=True, residual=residual, z=z, norm_weight=norm_weight.contiguous(),
+                    bias=bias, s=s, eps=eps, group=group, ng=ng, norm_before_gate=norm_before_gate,
+                    sum_dtype=sum_dtype, conv_state=conv_state, conv_weight=conv_weight, conv_bias=conv_bias,
+                    conv_start=conv_start)
+        return out, s
     block_b, block_n, block_k, use_dot = _tiles(batch, N, K)
     if ng > 1:
         block_k = min(block_k, 32)  # the one-hot group tiles are (BLOCK_B, BLOCK_K, NG)
