@@ -18,7 +18,10 @@ from mambakit.bench.decode_kernels import count_decode_kernels
 from mambakit.modules import fusion
 from mambakit.ops import (add_rms_norm_linear, decode_linear, gated_rms_norm_linear, record_backends,
                           selective_state_update, use_backend)
-from mambakit.ops.norm_linear.triton_gemv import GEMV_MAX_ROWS, gemv_tiles
+from mambakit.ops.norm_linear import triton_gemv
+from mambakit.ops.norm_linear.triton_gemv import GEMV_MAX_ROWS, PLAIN_MAX_ROWS, gemv_tiles
+
+triton_gemv_launch = triton_gemv.launch_gemv
 
 from .conftest import DEVICE
 from .helpers import assert_close, low_precision_tolerance
@@ -193,7 +196,7 @@ def test_gated_rms_norm_linear_matches_the_ops_in_a_row(dtype, batch, group_size
 
 def test_few_rows_kernel_takes_up_to_eight_rows():
     """Which kernel a shape gets: the few-rows one up to GEMV_MAX_ROWS rows of at most 8192 features."""
-    assert GEMV_MAX_ROWS == 8
+    assert GEMV_MAX_ROWS == 8 and PLAIN_MAX_ROWS == 4  # decode_linear: cuBLAS from 5 rows
     assert gemv_tiles(1, 3352, 768) == (8, 1024)  # Mamba-2 130M in_proj: 419 programs of 8 outputs
     assert gemv_tiles(1, 768, 1536) == (2, 2048)  # out_proj: halved to >= 256 programs
     assert gemv_tiles(1, 80, 1536) == (1, 2048)  # Mamba-1 x_proj: one output per program
@@ -205,15 +208,18 @@ def test_few_rows_kernel_takes_up_to_eight_rows():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", [1, 3, 8, 9])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_decode_linear_matches_f_linear(dtype, batch, bias):
-    """`decode_linear` on the Triton backend (the few-rows kernel to 8 rows, F.linear beyond) against F.linear."""
+def test_decode_linear_matches_f_linear(dtype, batch, bias, monkeypatch):
+    """`decode_linear` on the Triton backend (the few-rows kernel to 4 rows, F.linear beyond) against F.linear."""
     g = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, 40, generator=g).to(DEVICE)
     W, b = (torch.randn(70, 40, generator=g) / 6).to(DEVICE), torch.randn(70, generator=g).to(DEVICE)
     ref = F.linear(x, W, b if bias else None)
+    launches = []
+    monkeypatch.setattr(triton_gemv, "launch_gemv", lambda *a, **k: launches.append(triton_gemv_launch(*a, **k)))
     with record_backends() as seen:
         got = decode_linear(x.to(dtype), W.to(dtype), b.to(dtype) if bias else None, backend="triton")
     assert seen[("decode_linear", "triton")] == 1 and got.dtype == dtype and got.shape == (batch, 70)
+    assert len(launches) == (batch <= PLAIN_MAX_ROWS)  # the few-rows kernel ran, or F.linear beyond 4 rows
     lowp = F.linear(x.to(dtype), W.to(dtype), b.to(dtype) if bias else None).float()
     atol = 1e-5 * float(ref.abs().max()) if dtype == torch.float32 else low_precision_tolerance(lowp, ref)
     assert_close(got.float(), ref, name="out", rel=0.0, atol=atol)
