@@ -287,10 +287,7 @@ def _chunk_dx_kernel(
         for s in range(nblk, nslot):
             rowp += tl.load(rowp_ptr + (bhc * nslot + s) * T + rows)
         dcs = rowp - dtp_j * xdx + tl.where(rows == T - 1, dd_end, 0.0)
-        # the reverse cumsum within the block as a masked row sum: Triton's reverse scan (tl.cumsum(reverse=True))
-        # is the suspect of a GPU-only dA error at headdim 64, dstate 16, chunk 256 (ops/ssd/README.md)
-        suffix = tl.arange(0, BLOCK_M)[None, :] >= tl.arange(0, BLOCK_M)[:, None]
-        da = tl.sum(tl.where(suffix, dcs[None, :], 0.0), axis=1) + carry
+        da = tl.cumsum(dcs, axis=0, reverse=True) + carry
         carry += tl.sum(dcs)
         ddtp = xdx + A * da
         v = tl.load(dt_ptr + b * s_dt_b + (c * T + rows) * s_dt_l + h * s_dt_h, mask=rmask, other=0.0)
