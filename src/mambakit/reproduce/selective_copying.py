@@ -15,7 +15,8 @@ test set of generated rows (TEST_SEED), the share of the 16 targets predicted by
 
 Every row trains from several seeds (initialisation and batches; the same seeds for every row) and reports the
 median with the min and max: the S6 model sits at chance for a stochastic number of steps before it learns (one
-full-size run learned after ~1200 steps, a rerun of the same command after ~4800), so a single run says little.
+full-size run learned after ~1200 steps, a rerun of the same command after ~4800, and session 16's seed 0 had not
+after 8000: 13.3%, BENCHMARKS.md), so a single run says little, and 8000 steps may be too few for the median.
 A model stops early once its accuracy on a separate validation set (VAL_SEED) reaches `target` twice in a row.
 """
 
