@@ -2,8 +2,9 @@
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
 # Stages: env tests synctests gentests compose adapters e2e serve serve-repeat serve-ab serve-gc train launch scan ssd
-# convnorm layers layers-ab synthetic-step prefill inference decode reproduce-NAME; each runs under its own time limit
-# so one slow stage leaves the logs of the others intact.
+# convnorm layers layers-ab synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
+# limit so one slow stage leaves the logs of the others intact. The machine returns at most 8 files from $OUT: end a
+# call of many stages with `pack` (every log into $OUT/logs.tgz), or logs beyond the eighth file are lost.
 # The lent machine has torch and Triton only: carry cp312 wheels in .whl/ (pip download --no-deps --only-binary=:all:
 # --python-version 3.12 --platform manylinux2014_x86_64 ...): omegaconf antlr4-python3-runtime pyyaml (train),
 # peft accelerate psutil safetensors transformers==5.17.0 huggingface_hub==1.33.0 tokenizers regex (adapters),
@@ -94,6 +95,8 @@ for stage in "$@"; do
     decode) run decode-tests 240 python3 -m pytest tests/test_decode_step.py -q -p no:cacheprovider
             run decode-proj 200 python3 benchmarks/gpu_decode_proj.py ${DECODE_FLAGS:-};;
     inference) run inference 330 python3 benchmarks/gpu_inference.py ${INFERENCE_FLAGS:---out-dir $OUT};;
+    pack) (cd "$OUT" && find . -name "*.log" -print0 | tar czf logs.tgz --null -T - --remove-files) \
+            && echo "=== pack: $OUT/logs.tgz";;
     *) echo "unknown stage $stage";;
   esac
 done

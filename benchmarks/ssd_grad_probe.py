@@ -418,6 +418,31 @@ def run_variants(args, base: dict) -> None:
               f"| {time.perf_counter() - t0:.1f} |", flush=True)
 
 
+def run_sweep(args) -> None:
+    """--sweep: dA of the Triton path against its budget for seeds args.seed .. args.seed + SWEEP - 1 (the test's
+    case drawn from each seed), next to the bf16-operand model's dA error; nothing else (a before / after table)."""
+    print("| seed | dA err | model | budget | err/budget | worst head: got / expected | worst other grad | s |")
+    print("|---|---|---|---|---|---|---|---|")
+    ratios = []
+    for seed in range(args.seed, args.seed + args.sweep):
+        t0 = time.perf_counter()
+        inp, up = make_case(seed, args.headdim, args.dstate, 2 * args.chunk + 37, args.device)
+        ref, budget = yardstick(inp, up, args.chunk)
+        model = model_error(inp, up, args.chunk)
+        _, grads = _run_ssd(inp, dict(chunk_size=args.chunk, **OPTS), "triton", up)
+        err, (h,), got, exp = worst(grads["A"], ref["A"])
+        others = {k: worst(grads[k], ref[k])[0] / budget[k] for k in grads if k != "A"}
+        other = max(others, key=others.get)
+        ratios.append(err / budget["A"])
+        flag = "  **FAIL**" if err > budget["A"] else ""
+        print(f"| {seed} | {err:.3e} | {float(model.abs().max()):.3e} | {budget['A']:.3e} | {ratios[-1]:.3f}{flag} "
+              f"| {h}: {got:.5g} / {exp:.5g} | d{other} {others[other]:.2f} | {time.perf_counter() - t0:.1f} |",
+              flush=True)
+    r = sorted(ratios)
+    print(f"\ndA err/budget over {len(r)} seeds: max {r[-1]:.3f}, median {r[len(r) // 2]:.3f}, "
+          f"mean {sum(r) / len(r):.3f}, min {r[0]:.3f}, over budget {sum(x > 1 for x in r)}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="cuda; cpu runs the kernels in Triton's interpreter")
@@ -426,6 +451,8 @@ def main(argv=None) -> None:
     p.add_argument("--chunk", type=int, default=256, help="chunk_size; seqlen is 2 chunk + 37 as in the test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=6, help="variants with seeds 1..SEEDS (no compiles)")
+    p.add_argument("--sweep", type=int, metavar="K", help="only a table of dA against its budget for the K seeds "
+                   "SEED .. SEED + K - 1 (before / after comparisons; CPU interpreter ~25 s a seed)")
     p.add_argument("--quick", action="store_true", help="only the variants marked quick (a CPU smoke run)")
     p.add_argument("--time-budget", type=float, help="seconds after which the remaining variants are skipped "
                    "(default 60 on cuda, none on cpu)")
@@ -441,6 +468,11 @@ def main(argv=None) -> None:
         args.time_budget = 60.0 if args.device == "cuda" else math.inf
     import triton
 
+    if args.sweep:
+        print(f"# SSD grad probe, seed sweep: {args.device}, triton {triton.__version__}; batch {BATCH}, seqlen "
+              f"{2 * args.chunk + 37}, {NHEADS} heads x headdim {args.headdim}, dstate {args.dstate}, chunk "
+              f"{args.chunk}, bf16\n")
+        return run_sweep(args)
     t_start = time.perf_counter()
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter)"
     if args.inputs:
