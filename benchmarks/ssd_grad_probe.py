@@ -7,10 +7,15 @@ Rebuilds the inputs of tests/ops/test_ssd_triton.py::test_gpu_small_heads_low_pr
      of the bf16 Listing 1 plus 1e-3 of the scale): whether the failure reproduces, and what else is off;
   2. the backward's intermediates (dt', cs, C B^T, states, dH, the chunk-end terms ddend, the row parts of
      dcs) against a float64 recomputation, and every dA partial (batch, chunk, head) with its error split by
-     the launch that made each ingredient. With dcs_i = diag_i (dcb kernel's row sums) + off_i (dbc
-     kernel's) - dt'_i x_i.dXd_i (dx kernel) + [i = T - 1] ddend (chunk_state_bwd), a partial is
-     sum_i dcs_i W_i with W_i = sum_{j <= i} dt'_j, so each ingredient's error enters it exactly; "rest" is
-     the dx kernel's own share, cross-checked by rerunning the dx kernel on the exact row parts and ddend.
+     the launch that made each ingredient. With dcs_i = intra_i (dcb kernel: row sums minus column sums of
+     one fp32 tile, i.e. dY_i.y_diag_i - dt'_i x_i.dXd_diag_i) + off_i (dbc kernel's dY_i.y_off_i)
+     - dt'_i x_i.dXo_i (dx kernel; dXo the inter-chunk part of dXd) + [i = T - 1] (ddend + <dH, S>), with
+     ddend = exp(cs_end) <dH, h_in> (chunk_state_bwd) and <dH, S> = sum_i dt'_i x_i.dXo_i (dx kernel, the same
+     row terms), a partial is sum_i dcs_i W_i with W_i = sum_{j <= i} dt'_j, so each ingredient's error enters
+     it exactly; "rest" is the dx kernel's own share, cross-checked by rerunning the dx kernel on the exact row
+     parts and ddend. (Before 2026-12 the dcb kernel gave the row sums only, the dx kernel subtracted
+     dt'_i x_i.dXd_i from its own bf16 dot, and ddend was <dH, h_end> from the bf16 states: the "M", "dH" and
+     "states" roundings below then entered dcs through two cancellations and made the error.)
      Next to each error, the same for a float64 model that rounds only where the bf16 kernels round (dot
      operands, bf16 stores): equal columns mean the kernels compute what they were designed to, and the
      error is their designed rounding; then the model with each rounding left out (which one makes it);
@@ -23,6 +28,7 @@ Rebuilds the inputs of tests/ops/test_ssd_triton.py::test_gpu_small_heads_low_pr
     .venv/bin/python benchmarks/ssd_grad_probe.py                 # GPU: about 60-80 s, mostly Triton compiles
     .venv/bin/python benchmarks/ssd_grad_probe.py --headdim 64 --dstate 64   # a passing control case
     TRITON_INTERPRET=1 .venv/bin/python benchmarks/ssd_grad_probe.py --device cpu --quick   # interpreter, ~90 s
+    TRITON_INTERPRET=1 .venv/bin/python benchmarks/ssd_grad_probe.py --device cpu --sweep 16  # dA of 16 seeds only
 
 On the CPU the seeds draw other values (CPU generator), so to run the interpreter, which reproduces the GPU's
 roundings, on the failing values, save them on the GPU and load them on the CPU:
@@ -112,7 +118,7 @@ def chunked(t: torch.Tensor, T: int) -> torch.Tensor:
 # Where the bf16 kernels round (a dot operand or a bf16 store); everything else is fp32 in them.
 ROUNDINGS = {
     "dY": "dy silu(z) as a dot operand (dcb, dbc, dx kernels)",
-    "M": "the dx kernel's decayed C B^T tile (the dcb kernel decays after its dot, unrounded)",
+    "M": "the dx kernel's decayed C B^T tile (its dot gives dx and ddt; dcs takes the dcb kernel's fp32 tile)",
     "dH": "dH stored bf16 (the dx kernel's dH B term)",
     "states": "the chunk states stored bf16 (the off part, ddend)",
     "walk": "the chunk-state walks' operands x dt' w (forward) and dY w (backward)",
@@ -157,19 +163,23 @@ def reference_parts(inp: dict, dy: torch.Tensor, dfinal: torch.Tensor, T: int, r
             "bthp,bthn->bhpn", rnd("walk", w_in[:, k].transpose(1, 2)[..., None] * dY[:, k]), Ch[:, k])
     dH = torch.stack(dH, 1)  # (b, c, H, P, N): gradient of the state at the end of chunk c
     dYo = rnd("dY", dY)  # as a dot operand
-    dXd = (torch.einsum("bchij,bcihp->bcjhp", rnd("M", M), dYo)
-           + torch.einsum("bcht,bchpn,bcthn->bcthp", w_out, rnd("dH", dH), Bh))
+    dXo = torch.einsum("bcht,bchpn,bcthn->bcthp", w_out, rnd("dH", dH), Bh)  # inter-chunk part of dXd
+    dXd = torch.einsum("bchij,bcihp->bcjhp", rnd("M", M), dYo) + dXo  # the dx kernel's (dx, ddt)
+    dXs = torch.einsum("bchij,bcihp->bcjhp", M, dYo)  # the dcb kernel's fp32 tile's column sums (dcs)
     rows = lambda t: t.permute(0, 1, 3, 2)  # noqa: E731  (b, c, T, H) -> (b, c, H, T)
     diag, off, xdx = rows((dYo * y_diag).sum(-1)), rows((dYo * y_off).sum(-1)), rows((X * dXd).sum(-1))
-    ddend = (dH * hs[:, 1:]).sum((-1, -2))  # (b, c, H)
-    dcs = diag + off - dtp * xdx
-    dcs[..., -1] += ddend
-    da = dcs.flip(-1).cumsum(-1).flip(-1)
+    intra = diag - dtp * rows((X * dXs).sum(-1))
+    # the chunk-end term <dH, h_end> = exp(cs_end) <dH, h_in> (chunk_state_bwd: ddend) + <dH, S> (the dx kernel,
+    # as the sum of its row terms dt' x.dXo):
+    #     da_j = sum_{i >= j} (intra_i + off_i) + ddend + sum_{i < j} dt'_i x_i.dXo_i
+    ddend = torch.exp(cs_end) * (dH * hs[:, :-1]).sum((-1, -2))  # (b, c, H)
+    xdo = dtp * rows((X * dXo).sum(-1))
+    da = (intra + off).flip(-1).cumsum(-1).flip(-1) + ddend[..., None] + xdo.cumsum(-1) - xdo
     ddt = ((xdx + A[:, None] * da) * torch.sigmoid(chunked(v, T)).permute(0, 1, 3, 2))
     dx = dXd * rows(dtp)[..., None] + D[:, None] * dY
     unchunk = lambda t: t.reshape(b, -1, *t.shape[3:])[:, :L]  # noqa: E731
     bhc = lambda t: t.transpose(1, 2)  # noqa: E731  (b, c, H, ...) -> (b, H, c, ...)
-    return dict(dtp=bhc(dtp), cs=bhc(cs), cb=CB[:, :, ::R], states=hs, dH=dH, ddend=bhc(ddend), diag=bhc(diag),
+    return dict(dtp=bhc(dtp), cs=bhc(cs), cb=CB[:, :, ::R], states=hs, dH=dH, ddend=bhc(ddend), intra=bhc(intra),
                 off=bhc(off), dA_part=bhc((dtp * da).sum(-1)), ddt=unchunk(rows(ddt)), dx=unchunk(dx),
                 dA=(dtp * da).sum((0, 1, 3)))
 
@@ -196,11 +206,9 @@ def triton_parts(inp: dict, dy: torch.Tensor, dfinal: torch.Tensor, T: int) -> d
     dx, ddt, _, dA_p, _, _ = dx_launch(rowp, ddend)
     bm = cfg_dx["BLOCK_M"]
     nblk = T // bm
-    # row block jb of the dx kernel reads slots 0..jb (dcb tiles left of the diagonal; later slots are never
-    # written) and nblk.. (the dbc kernel's N blocks)
-    seen = torch.arange(nblk, device=x.device)[:, None] <= torch.arange(T, device=x.device)[None, :] // bm
-    diag = torch.where(seen, rowp[:, :, :, :nblk], 0.0).sum(3)
-    return dict(dtp=dtp, cs=cs, cb=cb, states=states, dH=dH, ddend=ddend.sum(-1), diag=diag,
+    # slots < nblk: the dcb kernel's tiles (row sums of the tiles left of the diagonal, the diagonal tile's row
+    # minus column sums, minus the column sums of the tiles below it); slots >= nblk: the dbc kernel's N blocks
+    return dict(dtp=dtp, cs=cs, cb=cb, states=states, dH=dH, ddend=ddend.sum(-1), intra=rowp[:, :, :, :nblk].sum(3),
                 off=rowp[:, :, :, nblk:].sum(3), dA_part=dA_p.transpose(1, 2), ddt=ddt, dx=dx, dA=dA_p.sum((0, 1)),
                 rowp=rowp, ddend_raw=ddend, nblk=nblk, bm=bm, dx_launch=dx_launch)
 
@@ -222,7 +230,7 @@ def print_intermediates(tri: dict, ref: dict) -> None:
     tiles = (torch.arange(T)[:, None] // bm >= torch.arange(T)[None, :] // bm).to(tri["cb"].device)  # stored tiles
     rows = [("dtp", "1 chunk_decay"), ("cs", "1 chunk_decay"), ("cb", "2 chunk_cb (lower tiles)"),
             ("states", "3 chunk_state_fwd"), ("dH", "5 chunk_state_bwd"), ("ddend", "5 chunk_state_bwd"),
-            ("diag", "6 dcb: rowp slots <= jb"), ("off", "7 dbc: rowp slots >= nblk"), ("dx", "8 dx"),
+            ("intra", "6 dcb: rowp slots < nblk"), ("off", "7 dbc: rowp slots >= nblk"), ("dx", "8 dx"),
             ("ddt", "8 dx"), ("dA_part", "8 dx (b, H, c)"), ("dA", "sum of partials")]
     print("| tensor | launch | max err | scale | err/scale | worst at | got | expected |")
     print("|---|---|---|---|---|---|---|---|")
@@ -240,10 +248,10 @@ def split(parts: dict, ref: dict, W: torch.Tensor) -> dict:
     """Error of each dA partial (b, H, c) against `ref` and its shares: dA_part = sum_i dcs_i W_i, so an
     ingredient's error e_i enters as sum_i e_i W_i; rest is what is left, the dx kernel's x.dXd and sums."""
     err = dict(total=parts["dA_part"].double() - ref["dA_part"],
-               diag=(W * (parts["diag"].double() - ref["diag"])).sum(-1),
+               intra=(W * (parts["intra"].double() - ref["intra"])).sum(-1),
                off=(W * (parts["off"].double() - ref["off"])).sum(-1),
                ddend=W[..., -1] * (parts["ddend"].double() - ref["ddend"]))
-    err["rest"] = err["total"] - err["diag"] - err["off"] - err["ddend"]
+    err["rest"] = err["total"] - err["intra"] - err["off"] - err["ddend"]
     return err
 
 
@@ -254,16 +262,16 @@ def print_partials(tri: dict, ref: dict, model: dict, seqlen: int) -> None:
     W = tri["dtp"].double().cumsum(-1)
     got, exp = split(tri, ref, W), split(model, ref, W)
     exact = torch.zeros_like(tri["rowp"])
-    exact[:, :, :, 0], exact[:, :, :, tri["nblk"]] = ref["diag"].float(), ref["off"].float()
+    exact[:, :, :, 0], exact[:, :, :, tri["nblk"]] = ref["intra"].float(), ref["off"].float()
     ddend_exact = torch.zeros_like(tri["ddend_raw"])
     ddend_exact[..., 0] = ref["ddend"].float()
     got["alone"] = tri["dx_launch"](exact, ddend_exact)[3].transpose(1, 2).double() - ref["dA_part"]
-    cols = [("err", got["total"]), ("model", exp["total"]), ("diag (dcb)", got["diag"]), ("model", exp["diag"]),
+    cols = [("err", got["total"]), ("model", exp["total"]), ("intra (dcb)", got["intra"]), ("model", exp["intra"]),
             ("off (dbc)", got["off"]), ("ddend (state_bwd)", got["ddend"]), ("model", exp["ddend"]),
             ("rest (dx)", got["rest"]), ("model", exp["rest"]), ("dx alone", got["alone"])]
     print("error of each dA partial (Triton - float64) split by the launch that made the ingredient; 'model': the "
           "same for the bf16-operand model, i.e. what the kernels' designed roundings alone give; 'dx alone': the "
-          "dx kernel rerun on the exact diag, off and ddend (should equal rest)\n")
+          "dx kernel rerun on the exact intra, off and ddend (should equal rest)\n")
     print("| b | c | h | rows | dA_part | " + " | ".join(n for n, _ in cols) + " |")
     print("|---" * (5 + len(cols)) + "|")
     for i in range(b):
@@ -282,10 +290,10 @@ def print_partials(tri: dict, ref: dict, model: dict, seqlen: int) -> None:
     ddt_err = chunked((tri["ddt"].double() - ref["ddt"]), T)[i, c, :, h].abs()  # (T,)
     dx_err = chunked((tri["dx"].double() - ref["dx"]), T)[i, c, :, h].abs().amax(-1)
     ddt_scale, dx_scale = float(ref["ddt"].abs().max()), float(ref["dx"].abs().max())
-    d_diag, m_diag = W * (tri["diag"].double() - ref["diag"]), W * (model["diag"] - ref["diag"])
+    d_diag, m_diag = W * (tri["intra"].double() - ref["intra"]), W * (model["intra"] - ref["intra"])
     print(f"\nworst partial (b {i}, c {c}, h {h}) by row block of the dx kernel (BLOCK_M {bm}); "
           f"ddt / dx errors relative to their scales {ddt_scale:.3g} / {dx_scale:.3g}\n")
-    print("| rows | diag err x W | model | max ddt err / scale | max dx err / scale |")
+    print("| rows | intra err x W | model | max ddt err / scale | max dx err / scale |")
     print("|---|---|---|---|---|")
     for jb in range(T // bm):
         r = slice(jb * bm, (jb + 1) * bm)

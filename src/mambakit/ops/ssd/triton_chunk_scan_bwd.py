@@ -13,14 +13,29 @@ The log-decay cumsum cs enters y through differences only, which gives its gradi
 
     dcs_i = dY_i . y_ssm_i - Xd_i . dXd_i + [i = T - 1] <dH, h_end>
 
-where dY_i . y_ssm_i splits into the row sums of (dY Xd^T o M) (tile by tile, in `_chunk_dcb_kernel`)
-and C_i . dC_off_i (in `_chunk_dbc_kernel`); the rest is known to the dx kernel, which then runs the
-reverse cumsum (da_j = sum_{i >= j} dcs_i) and the chain rule through dt' = clamp(softplus(dt + bias))
-and a = dt' A, so the cumulative-decay stage needs no kernel of its own.
+Its terms are large and cancel (and the reverse cumsum da_j = sum_{i >= j} dcs_i, weighted by the running sum
+of dt' in dA, amplifies what is left), so each cancelling pair is taken from one set of fp32 numbers:
+
+  * intra-chunk: with the fp32 tile S[i, j] = (dY_i . Xd_j) M[i, j] (`_chunk_dcb_kernel`, decay applied after
+    the dot), dY_i . y_diag_i = sum_j S[i, j] and Xd_j . dXd_diag_j = sum_i S[i, j]: row sums minus column
+    sums of S. (The dx kernel's dXd dot rounds the decayed C B^T tile to bf16 first; it serves dx and ddt,
+    not dcs.)
+  * inter-chunk: dY_i . y_off_i = C_i . dC_off_i (`_chunk_dbc_kernel`); <dH, h_end> = exp(cs_end) <dH, h_in>
+    (`chunk_state_bwd`) + <dH, S_c>, and <dH, S_c> = sum_i Xd_i . dXo_i (dXo = exp(cs_end - cs_i) dH B_i, dXd's
+    inter-chunk part) is summed by the dx kernel from the very row terms it subtracts:
+
+    da_j = sum_{i >= j} (rowsum_i S - colsum_i S + C_i . dC_off_i) + exp(cs_end) <dH, h_in>
+           + sum_{i < j} Xd_i . dXo_i
+
+The row parts go through `rowp` (b, H, c, nslot, T), slots 0..nblk-1 from the dcb kernel (its tile (i, j), i > j,
+writes its row sums to slot j at rows of block i and minus its column sums to slot i at rows of block j; the
+diagonal tile both, to slot i: every slot of every row is written once) and slots nblk.. from the dbc kernel (one
+per N block). The dx kernel sums them, runs the cumsums and the chain rule through dt' = clamp(softplus(dt +
+bias)) and a = dt' A, so the cumulative-decay stage needs no kernel of its own.
 
 Kernels: `_chunk_dcb_kernel` (one (i, j) tile per program, heads of a group summed in registers),
 `_chunk_dbc_kernel` (one row block per program: dC and dB of the group, finished), `_chunk_dx_kernel`
-(one (b, c, h) per program, row blocks from the last to the first so that the reverse cumsum is a carry).
+(one (b, c, h) per program, row blocks from the first to the last, da at the block's first row a carry).
 Nothing here reads a per-head copy of B or C, and dB, dC are written once, already summed over heads.
 """
 
@@ -89,8 +104,17 @@ def _chunk_dcb_kernel(
         seg = tl.where(keep, cs_r[:, None] - cs_c[None, :], float("-inf"))  # <= 0 where kept
         dG = dM * tl.exp(seg) * dtp_c[None, :]
         acc += dG
-        # row part of dcs: sum_j (dY_i . Xd_j) M[i, j], this tile's columns only
-        tl.store(rowp_ptr + (((b * nheads + h) * nchunks + c) * nslot + pid_j) * T + rows, tl.sum(dG * cb, axis=1))
+        # intra-chunk part of dcs from this one fp32 tile S[i, j] = (dY_i . Xd_j) M[i, j]: + its row sums at rows i
+        # (dY_i . y_diag_i), - its column sums at rows j (dt'_j x_j . dXd_diag_j), so that the two cancel exactly
+        # as they should. Slot pid_j takes the rows of block pid_i, slot pid_i the columns of block pid_j (the
+        # diagonal tile: both, one store); every slot < nblk of every row is written by exactly one tile.
+        S = dG * cb
+        slots = ((b * nheads + h) * nchunks + c) * nslot
+        if pid_i == pid_j:
+            tl.store(rowp_ptr + (slots + pid_j) * T + rows, tl.sum(S, axis=1) - tl.sum(S, axis=0))
+        else:
+            tl.store(rowp_ptr + (slots + pid_j) * T + rows, tl.sum(S, axis=1))
+            tl.store(rowp_ptr + (slots + pid_i) * T + cols, -tl.sum(S, axis=0))
     tl.store(dcb_ptr + tile, acc)
 
 
@@ -210,7 +234,7 @@ def _chunk_dx_kernel(
     cs_end = tl.load(cs_ptr + dc_ptr + T - 1)
     A = tl.load(A_ptr + h)
     offs_pn = tl.arange(0, BLOCK_PN)
-    dd_end = tl.sum(tl.load(ddend_ptr + bhc * n_pn + offs_pn, mask=offs_pn < n_pn, other=0.0))
+    dd_in = tl.sum(tl.load(ddend_ptr + bhc * n_pn + offs_pn, mask=offs_pn < n_pn, other=0.0))
     if HAS_BIAS:
         bias = tl.load(bias_ptr + h)
     if HAS_SEQ:
@@ -225,11 +249,18 @@ def _chunk_dx_kernel(
     z_base = z_ptr + b * s_z_b + h * s_z_h + chunk0 * s_z_l
     out_base = (b * seqlen + chunk0) * nheads * headdim + h * headdim  # contiguous dx, dz, y_pre
 
-    carry = 0.0  # sum of dcs over the rows after the current block: the reverse cumsum across blocks
+    # da_j = sum_{i >= j} dcs_i with dcs_i = rowp_i - dt'_i x_i . dXo_i + [i = T - 1] (dd_in + <dH, S>), and
+    # <dH, S> = sum_i dt'_i x_i . dXo_i (dXo: dXd's inter-chunk part), so
+    #     da_j = sum_{i >= j} rowp_i + dd_in + sum_{i < j} dt'_i x_i . dXo_i :
+    # the chunk state's two terms cancel exactly (a prefix sum of the row terms, not <dH, h_end> from the
+    # bf16 states minus them). Row blocks from the first; carry = da at the current block's first row.
+    offs_t = tl.arange(0, T)
+    carry = dd_in
+    for s in range(0, nslot):
+        carry += tl.sum(tl.load(rowp_ptr + (bhc * nslot + s) * T + offs_t))
     dA_acc = 0.0
     dbias_acc = 0.0
-    for jj in range(nblk):
-        jb = nblk - 1 - jj
+    for jb in range(nblk):
         rows = jb * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = c * T + rows < seqlen
         cs_j = tl.load(cs_ptr + dc_ptr + rows)
@@ -240,12 +271,12 @@ def _chunk_dx_kernel(
             w_out = tl.where(seq_j == seq_end, w_out, 0.0)
         B_j = tl.load(B_ptr + b * s_B_b + g * s_B_g + (chunk0 + rows[:, None]) * s_B_l + offs_n[None, :],
                       mask=rmask[:, None] & nmask[None, :], other=0.0)
-        xdx = tl.zeros((BLOCK_M,), dtype=tl.float32)  # x_j . dXd_j
+        xdx = tl.zeros((BLOCK_M,), dtype=tl.float32)  # x_j . dXd_j (ddt)
+        xdo = tl.zeros((BLOCK_M,), dtype=tl.float32)  # x_j . (its inter-chunk part) (dcs)
         for p0 in range(0, headdim, BLOCK_P):
             offs_p = p0 + tl.arange(0, BLOCK_P)
             pmask = offs_p < headdim
-            dHT = tl.load(dH_base + offs_p[None, :] * dstate, mask=nmask[:, None] & pmask[None, :], other=0.0)
-            dXd = mm(B_j, dHT, tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32), OP, EMULATE) * w_out[:, None]
+            dXd = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
             for ib in range(jb, nblk):
                 rows_i = ib * BLOCK_M + tl.arange(0, BLOCK_M)
                 m_i = (c * T + rows_i < seqlen)[:, None] & pmask[None, :]
@@ -257,8 +288,13 @@ def _chunk_dx_kernel(
                     dy_i = dy_i.to(tl.float32) * silu(tl.load(z_base + rows_i[:, None] * s_z_l + offs_p[None, :],
                                                                mask=m_i, other=0.0).to(tl.float32))
                 dXd = mm(cbT * tl.exp(seg), dy_i, dXd, OP, EMULATE)
+            # the inter-chunk part after the loop, not as its accumulator: its own tile is live only until xdo
+            dHT = tl.load(dH_base + offs_p[None, :] * dstate, mask=nmask[:, None] & pmask[None, :], other=0.0)
+            dXo = mm(B_j, dHT, tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32), OP, EMULATE) * w_out[:, None]
+            dXd += dXo
             m_j = rmask[:, None] & pmask[None, :]
             x_j = tl.load(x_base + rows[:, None] * s_x_l + offs_p[None, :], mask=m_j, other=0.0).to(tl.float32)
+            xdo += tl.sum(dXo * x_j, axis=1)
             dyraw_j = tl.load(dy_base + rows[:, None] * s_dy_l + offs_p[None, :], mask=m_j, other=0.0).to(tl.float32)
             dy_j = dyraw_j
             if HAS_Z:
@@ -280,15 +316,15 @@ def _chunk_dx_kernel(
             tl.store(dx_ptr + out_base + rows[:, None] * nheads * headdim + offs_p[None, :],
                      to_dtype(dx, dx_ptr.dtype.element_ty, EMULATE), mask=m_j)
             xdx += tl.sum(dXd * x_j, axis=1)
-        # dcs_j = dY_j . y_ssm_j - Xd_j . dXd_j (+ the chunk-end term on the last row)
+        # dcs_j = dY_j . y_ssm_j - Xd_j . dXd_j but the chunk-end term: the slots hold the intra-chunk part (dcb:
+        # row sums - column sums of one fp32 tile) and dY_j . y_off_j (dbc). The bf16 dot above (dXd - dXo) is
+        # not used for dcs: its intra-chunk part would not cancel the dcb kernel's row sums (ddt takes it).
         rowp = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for s in range(0, jb + 1):
+        for s in range(0, nslot):
             rowp += tl.load(rowp_ptr + (bhc * nslot + s) * T + rows)
-        for s in range(nblk, nslot):
-            rowp += tl.load(rowp_ptr + (bhc * nslot + s) * T + rows)
-        dcs = rowp - dtp_j * xdx + tl.where(rows == T - 1, dd_end, 0.0)
-        da = tl.cumsum(dcs, axis=0, reverse=True) + carry
-        carry += tl.sum(dcs)
+        dcs = rowp - dtp_j * xdo
+        da = carry - (tl.cumsum(dcs, axis=0) - dcs)
+        carry -= tl.sum(dcs)
         ddtp = xdx + A * da
         v = tl.load(dt_ptr + b * s_dt_b + (c * T + rows) * s_dt_l + h * s_dt_h, mask=rmask, other=0.0)
         v = v.to(tl.float32)
@@ -315,13 +351,17 @@ def _cfg(cfg: dict | None, T: int, P: int, **defaults) -> dict:
 def chunk_dcb_bwd(x: torch.Tensor, dy: torch.Tensor, z: torch.Tensor | None, dtp: torch.Tensor, cs: torch.Tensor,
                   seq_idx: torch.Tensor | None, cb: torch.Tensor, ngroups: int, nslot: int, chunk_size: int,
                   cfg: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """dCB per group (summed over its heads) and the per-tile row sums of dY Xd^T o M per head.
+    """dCB per group (summed over its heads) and, per head, the intra-chunk part of dcs: the row sums minus the
+    column sums of the fp32 tile S = (dY Xd^T) o M, tile by tile.
 
     Args:
         x, dy, z: (b, L, H, P).  dtp, cs: (b, H, c, T).  cb: (b, c, G, T, T) from `chunk_cb_fwd`.
-        nslot: rows of the row-part buffer (nblk tile columns + the dbc kernel's N blocks).
+        nslot: slots of the row-part buffer (nblk tile slots + the dbc kernel's N blocks).
     Returns:
-        dcb: (b, c, G, T, T) float32 (lower tiles).  rowp: (b, H, c, nslot, T) float32 (slots < nblk filled here).
+        dcb: (b, c, G, T, T) float32 (lower tiles).
+        rowp: (b, H, c, nslot, T) float32; slots < nblk filled here (tile (i, j): its row sums in slot j at the
+            rows of block i, minus its column sums in slot i at the rows of block j; their sum over slots is
+            dY_t . y_diag_t - dt'_t x_t . dXd_diag_t), slots >= nblk left to `chunk_dbc_bwd`.
 
     Example:
         >>> dcb, rowp = chunk_dcb_bwd(x, dy, None, dtp, cs, None, cb, 1, 6, 256)
@@ -348,7 +388,8 @@ def chunk_dbc_bwd(x: torch.Tensor, dy: torch.Tensor, z: torch.Tensor | None, B: 
                   dtp: torch.Tensor, cs: torch.Tensor, seq_idx: torch.Tensor | None, states: torch.Tensor,
                   dH: torch.Tensor, dcb: torch.Tensor, rowp: torch.Tensor, chunk_size: int,
                   cfg: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """dB and dC, summed over the heads of each group; fills the row-part slots >= nblk of `rowp`.
+    """dB and dC, summed over the heads of each group; fills the row-part slots >= nblk of `rowp` (dY_t . y_off_t,
+    one partial per N block).
 
     Args:
         B, C: (b, L, G, N).  states: (b, c + 1, H, P, N).  dH: (b, c, H, P, N).  dcb, rowp: from `chunk_dcb_bwd`.
@@ -416,8 +457,10 @@ def chunk_dx_bwd(x: torch.Tensor, dt: torch.Tensor, dy: torch.Tensor, z: torch.T
 
     Args:
         x, dy, z, y_pre: (b, L, H, P).  dt: (b, L, H).  A, dt_bias: (H,) float32.  D: (H,) / (H, P) float32.
-        B: (b, L, G, N).  cb: (b, c, G, T, T).  dH: (b, c, H, P, N).  rowp: (b, H, c, nslot, T).
-        ddend: (b, H, c, n_pn) from `chunk_state_bwd`.
+        B: (b, L, G, N).  cb: (b, c, G, T, T).  dH: (b, c, H, P, N).
+        rowp: (b, H, c, nslot, T) from `chunk_dcb_bwd` and `chunk_dbc_bwd` (every slot filled).
+        ddend: (b, H, c, n_pn) from `chunk_state_bwd` (the incoming state's share of the chunk-end term; the
+            kernel adds the chunk state's share from its own row terms).
     Returns:
         dx (b, L, H, P) x.dtype, ddt (b, L, H) dt.dtype, dz (like z) or None,
         dA_part, dbias_part: (b, c, H) float32, dD_part: (b, c, nblk, H, P) float32 or None.

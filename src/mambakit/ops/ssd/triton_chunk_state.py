@@ -22,7 +22,8 @@ Backward, the same walk in reverse:
 
     dH_c   = grad of the state at the end of chunk c        dH_{c-1} = exp(cs_end) dH_c + sum_t exp(cs_t) dY_t^T C_t
 
-plus the chunk-end decay's gradient <dH_c, h_{c+1}> (one partial per program, summed by the dx kernel).
+plus the incoming state's share of the chunk-end decay's gradient, exp(cs_end) <dH_c, h_c> (one partial per
+program, summed by the dx kernel, which adds the chunk state's share <dH_c, S_c> from its own row terms).
 
 seq_idx: tokens only feed the end state of their chunk if they belong to the chunk's last document,
 only read the incoming state if they belong to the document of the previous chunk's last token, and
@@ -205,15 +206,20 @@ def _chunk_state_bwd_kernel(
         c = nchunks - 1 - i
         # dstate_ is now the gradient of the state at the end of chunk c
         tl.store(dH_base + c * chunk_stride, to_dtype(dstate_, dH_ptr.dtype.element_ty, EMULATE), mask=pn_mask)
-        h_end = tl.load(st_ptr + (c + 1) * chunk_stride, mask=pn_mask, other=0.0).to(tl.float32)
+        h_in = tl.load(st_ptr + c * chunk_stride, mask=pn_mask, other=0.0).to(tl.float32)
         dy_c = dy_base + tl.cast(c * T, tl.int64) * s_dy_l
         z_c = z_base + tl.cast(c * T, tl.int64) * s_z_l
         C_c = C_base + tl.cast(c * T, tl.int64) * s_C_l
-        tl.store(ddend_ptr + ((b * nheads + h) * nchunks + c) * n_pn + pid_pn, tl.sum(dstate_ * h_end))
         cs_end = tl.load(cs_ptr + dc_ptr + c * T + T - 1)
         if HAS_SEQ:
             seq_prev = tl.load(seq_ptr + b * s_seq_b + tl.maximum(c * T - 1, 0))
             seq_end = tl.load(seq_ptr + b * s_seq_b + tl.minimum(c * T + T - 1, seqlen - 1))
+        decay = tl.exp(cs_end)
+        if HAS_SEQ:
+            decay = tl.where(seq_end == seq_prev, decay, 0.0)
+        # the incoming state's share of <dH_c, h_end> (d h_end / d cs_end = decay h_in + S_c); the dx kernel
+        # adds the chunk state's share <dH_c, S_c> from the very row terms it subtracts, so that they cancel
+        tl.store(ddend_ptr + ((b * nheads + h) * nchunks + c) * n_pn + pid_pn, decay * tl.sum(dstate_ * h_in))
         contrib = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -229,9 +235,6 @@ def _chunk_state_bwd_kernel(
                 dyT *= silu(tl.load(z_c + offs_t[None, :] * s_z_l, mask=ptmask, other=0.0).to(tl.float32))
             Ct = tl.load(C_c + offs_t[:, None] * s_C_l, mask=tmask[:, None] & (offs_n < dstate)[None, :], other=0.0)
             contrib = mm(dyT * w[None, :], Ct, contrib, OP, EMULATE)
-        decay = tl.exp(cs_end)
-        if HAS_SEQ:
-            decay = tl.where(seq_end == seq_prev, decay, 0.0)
         dstate_ = dstate_ * decay + contrib
     if HAS_DH0:
         tl.store(dh0_ptr + (b * nheads + h) * PN + pn_offs, dstate_, mask=pn_mask)
@@ -376,7 +379,8 @@ def chunk_state_bwd(dy: torch.Tensor, z: torch.Tensor | None, C: torch.Tensor, c
     Returns:
         dH: (b, c, H, P, N) in states' dtype, dH[:, k] = gradient of the state at the end of chunk k.
         dh0: (b, H, P, N) float32 (or None).
-        ddend: (b, H, c, n_pn) float32 partials of <dH_k, h_{k+1}>, summed by the dx kernel.
+        ddend: (b, H, c, n_pn) float32 partials of exp(cs_end) <dH_k, h_k> (0 where seq_idx lets no state
+            through chunk k), summed by the dx kernel: the incoming state's share of <dH_k, h_{k+1}>.
 
     Example:
         >>> dH, dh0, ddend = chunk_state_bwd(dy, None, C, cs, None, states, None, False, 256)

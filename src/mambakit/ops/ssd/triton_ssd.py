@@ -10,7 +10,7 @@ Forward, four launches, all linear in L:
     4. `chunk_scan_fwd`    y = diagonal blocks + incoming state + D x, z gate    (b, L, H, P)
 Backward, four launches (plus three tiny sums):
     5. `chunk_state_bwd`   gradients of the chunk-end states (reverse walk) and of the initial state
-    6. `chunk_dcb_bwd`     dCB per group, row sums for the decay gradient
+    6. `chunk_dcb_bwd`     dCB per group; the decay gradient's intra-chunk part (one fp32 tile's row - column sums)
     7. `chunk_dbc_bwd`     dB, dC per group
     8. `chunk_dx_bwd`      dx, ddt, dz; dA, ddt_bias, dD partials (reverse cumsum of dcs fused in)
 
