@@ -78,6 +78,18 @@ def _upstream(inp):
     return gy, gh
 
 
+def _assert_triton_matches_float64_reference(inp, opts):
+    """y, the final state and every gradient of the Triton path against the float64 reference on the same inputs."""
+    upstream = _upstream(inp)
+    outs, grads = _run_ssd(inp, opts, "triton", upstream)
+    ref_outs, ref_grads = _run_ssd(_as_float64(inp), opts, "reference", [u.double() for u in upstream])
+    assert_close(outs[0], ref_outs[0], name="y")
+    assert_close(outs[1], ref_outs[1], name="final_state")
+    assert set(grads) == set(_grad_names(inp))
+    for k in grads:
+        assert_close(grads[k], ref_grads[k], name=f"d{k}")
+
+
 def _seq_idx(seqlen, rows, device="cpu"):
     """Packed documents: row 0 has a boundary at chunk boundary 16, a length-1 document at position 16,
     and boundaries inside chunks; row 1 has a short first document and a boundary at 32."""
@@ -113,14 +125,7 @@ def test_ssd_triton_float32_matches_reference(shape, features, opts, packed):
     if packed:
         inp["seq_idx"] = _seq_idx(shape[1], shape[0])
     opts = {"chunk_size": 16, **opts}
-    upstream = _upstream(inp)
-    outs, grads = _run_ssd(inp, opts, "triton", upstream)
-    ref_outs, ref_grads = _run_ssd(_as_float64(inp), opts, "reference", [u.double() for u in upstream])
-    assert_close(outs[0], ref_outs[0], name="y")
-    assert_close(outs[1], ref_outs[1], name="final_state")
-    assert set(grads) == set(_grad_names(inp))
-    for k in grads:
-        assert_close(grads[k], ref_grads[k], name=f"d{k}")
+    _assert_triton_matches_float64_reference(inp, opts)
 
 
 def test_ssd_triton_returns_y_alone_without_final_state():
@@ -228,13 +233,7 @@ def test_ssd_triton_float32_several_row_blocks(shape, features, opts, packed):
         s[1, 130:] = 1
         inp["seq_idx"] = s
     opts = {"chunk_size": 256, **opts}
-    upstream = _upstream(inp)
-    outs, grads = _run_ssd(inp, opts, "triton", upstream)
-    ref_outs, ref_grads = _run_ssd(_as_float64(inp), opts, "reference", [u.double() for u in upstream])
-    assert_close(outs[0], ref_outs[0], name="y")
-    assert_close(outs[1], ref_outs[1], name="final_state")
-    for k in grads:
-        assert_close(grads[k], ref_grads[k], name=f"d{k}")
+    _assert_triton_matches_float64_reference(inp, opts)
 
 
 def test_ssd_triton_bf16_decay_gradient_cancels():
@@ -436,15 +435,8 @@ def test_ssd_triton_parallel_chunk_state_through_public_op(shape, features, opts
     if packed:
         inp["seq_idx"] = _seq_idx(shape[1], shape[0])
     opts = {"chunk_size": 16, **opts}
-    upstream = _upstream(inp)
     forced_chunk_state_path(True)
-    outs, grads = _run_ssd(inp, opts, "triton", upstream)
-    ref_outs, ref_grads = _run_ssd(_as_float64(inp), opts, "reference", [u.double() for u in upstream])
-    assert_close(outs[0], ref_outs[0], name="y")
-    assert_close(outs[1], ref_outs[1], name="final_state")
-    assert set(grads) == set(_grad_names(inp))
-    for k in grads:
-        assert_close(grads[k], ref_grads[k], name=f"d{k}")
+    _assert_triton_matches_float64_reference(inp, opts)
 
 
 @pytest.mark.slow
@@ -501,13 +493,7 @@ def test_gpu_float32_full_features_match_float64_reference():
     s[1, 7:] = 1
     inp["seq_idx"] = s
     opts = dict(chunk_size=128, dt_softplus=True, dt_limit=(0.05, 1.2))
-    upstream = _upstream(inp)
-    outs, grads = _run_ssd(inp, opts, "triton", upstream)
-    ref_outs, ref_grads = _run_ssd(_as_float64(inp), opts, "reference", [u.double() for u in upstream])
-    assert_close(outs[0], ref_outs[0], name="y")
-    assert_close(outs[1], ref_outs[1], name="final_state")
-    for k in grads:
-        assert_close(grads[k], ref_grads[k], name=f"d{k}")
+    _assert_triton_matches_float64_reference(inp, opts)
 
 
 @pytest.mark.gpu
