@@ -93,7 +93,8 @@ def main() -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     args = p.parse_args()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("| projection | batch | gemv us (tiles) | tiled / F.linear us | unfused us | gemv GB/s | other gemv tiles us |")
+    print("| projection | batch | gemv us (tiles) | tiled / F.linear us | unfused us | gemv GB/s "
+          "| other gemv tiles us |")
     print("|---|---|---|---|---|---|---|")
     for name, mode, K, N, conv, c0 in SHAPES:
         for batch in args.batches:

@@ -8,12 +8,13 @@ W conv width.
     gated mode:  out = rmsnorm_per_group(x * silu(z)) * norm_weight @ weight^T (+ bias)
 
 Why a second kernel: at batch 1 a projection reads a few MB of weights (0.6-1.3 us at the H200's 4 TB/s), yet
-the tiled kernel (`triton_norm_linear.py`) took ~7 us a launch (session-16 profile): it walks K in blocks, a
-first pass for the norm's sums and a second for the products, so each program waits for ~6 dependent loads in a
-row. Here a program holds its whole (BLOCK_N, K) slice of the weights in registers (K contiguous, vector loads),
-issued before anything else, and each row is read once, in one block of K: the norm's sums, the normalised
-row and the products need no second trip to memory. The rows loop inside the program over the registers'
-weights, so the weights are read once whatever the batch. Roundings are the tiled kernel's (the unfused ops').
+the tiled kernel (`triton_norm_linear.py`) took ~7 us a launch (session-16 profile). It walks K in blocks, a
+first pass for the norm's sums and a second for the products; its chain of dependent loads is the likely cause
+(not measured apart). Here a program holds its whole (BLOCK_N, K) slice of the weights in registers (K
+contiguous, vector loads), issued before anything else, and each row is read once, in one block of K: the norm's
+sums, the normalised row and the products need no second trip to memory. The rows loop inside the program over
+the registers' weights, so the weights are read once whatever the batch. Roundings are the tiled kernel's (the
+unfused ops').
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ def launch_gemv(x, weight, out, tiles, *, norm=False, residual=None, z=None, nor
         NORM=norm, GATED=gated, HAS_R=residual is not None, NORM_BEFORE_GATE=norm_before_gate,
         HAS_BIAS=bias is not None, CONV=conv, CONV_BIAS=conv and conv_bias is not None,
         WIDTH=conv_weight.shape[1] if conv else 2, NG=ng,
-        SUM_DT=tl_dtype(sum_dtype or x.dtype), NW_DT=tl_dtype(norm_weight.dtype if norm_weight is not None else x.dtype),
+        SUM_DT=tl_dtype(sum_dtype or x.dtype),
+        NW_DT=tl_dtype(norm_weight.dtype if norm_weight is not None else x.dtype),
         OUT_DT=tl_dtype(weight.dtype), ACC=tl_compute_dtype(torch.promote_types(x.dtype, weight.dtype)),
         ROWS=batch, BLOCK_N=tiles[0], BLOCK_K=tiles[1], EMULATE=triton_interpret(), num_warps=4,
     )
