@@ -97,7 +97,7 @@ def _(dloss, dhidden, dweight, weight):
 
 
 def _lce_setup_context(ctx, inputs, output):
-    hidden, weight = inputs[0], inputs[1]
+    weight = inputs[1]
     _, dhidden, dweight = output
     ctx.save_for_backward(dhidden, dweight, weight)
     ctx.want = (inputs[6], inputs[7])
