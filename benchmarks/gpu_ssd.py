@@ -182,13 +182,13 @@ def time_kernels(inp, T, sweep):
                        dict(BLOCK_N=128, num_warps=8)]),
         "dcb": (lambda cfg: lambda: sb.chunk_dcb_bwd(x, dy, None, dtp, cs, None, cb, G, nslot, T,
                                                      cfg={**cfg_dcb, **(cfg or {})}),
-                [None, dict(num_warps=8), dict(num_stages=1), dict(num_stages=3)]),
+                [None, dict(num_warps=2), dict(num_warps=8), dict(num_stages=1), dict(num_stages=3)]),
         "dbc": (lambda cfg: dbc_call({**cfg_dbc, **(cfg or {})}),
                 [None, dict(BLOCK_N=64, num_warps=4), dict(BLOCK_N=128, num_warps=8), dict(BLOCK_N=128, num_warps=4),
                  dict(num_stages=1), dict(num_stages=3)]),
         "dx": (lambda cfg: lambda: sb.chunk_dx_bwd(x, dt, dy, None, None, A, bias, D, B, dtp, cs, None, cb, dH, rowp,
                                                    ddend, True, (0.0, math.inf), T, cfg={**cfg_dx, **(cfg or {})}),
-               [None, dict(num_warps=8), dict(num_stages=1), dict(num_stages=3), dict(BLOCK_P=32)]),
+               [None, dict(num_warps=2), dict(num_warps=8), dict(num_stages=1), dict(num_stages=3), dict(BLOCK_P=32)]),
     }
     times, sweeps = {}, {}
     for name, (make, cfgs) in kernels.items():
