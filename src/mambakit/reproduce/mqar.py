@@ -57,12 +57,11 @@ setting at steps 100, 200, ...):
 | Mamba-2 N64, T 64, V 256, lr 5e-3 | 0.9 / 3.0 / 3.6 / 6.9 / 8.7 / 10.5 | 0.20 |
 | Mamba-2 N64, T 128, V 256, lr 2e-3 | 1.1 / 1.0 / 2.3 / 3.1 / 3.7 / 5.6 / 5.2 / 5.9 | 0.55 |
 ("easier rows": T 32 / 64 / 128 with 2 / 4 / 8 pairs at T 128, T 16 / 32 with 2 / 4 pairs at T 64, padded with
-filler.) Attention leaves its plateau later as T grows (T 64: step ~300, T 128: ~450), so 2000 steps leave room at
-T 256 / 512. Mamba-2 N64 left its plateau at T 64 by step 600 (vocabulary 1024) but was still on it (5.9%, loss
-falling slowly) at T 128 after 800 steps. Attention at T 256 did not learn in 1200 steps on the CPU either (fp32 and
-bf16 autocast both 6.0-6.5%; lr 2e-3, rotary on 8 of 16 dims, one head of 64, d_model 128: all 5.8-6.7% at 700-1200 steps): its failure
-at T 256 in the H200 pilot is this recipe at that length, not the GPU. A model short of the target trains on with
-`--resume --steps N`.
+filler.) Attention leaves its plateau later as T grows (T 64: step ~300, T 128: ~450). At T 256 it had not left it
+after 1200 CPU steps (fp32 and bf16 autocast alike, 6.0-6.5%; lr 2e-3, rotary on 8 of 16 dims, one head of 64 dims
+and d_model 128 all 5.8-6.7% at 700-1200 steps) nor after 2000 on the H200: at that length it is this recipe, not
+the GPU. Mamba-2 N64 left its plateau at T 64 by step 600 (vocabulary 1024) but was still on it (5.9%, loss falling
+slowly) at T 128 after 800 steps. A model short of the target trains on with `--resume --steps N`.
 """
 
 from __future__ import annotations
