@@ -173,29 +173,33 @@ def test_more_steps_extend_a_finished_model_exactly(tmp_path):
     assert extended.cached(_spec(), "test", lambda: {"accuracy": 0.75}) == {"accuracy": 0.75}  # recomputed
 
 
-@pytest.mark.parametrize("change", ["lr", "config"])
+@pytest.mark.parametrize("change", ["lr", "config", "recipe_extra"])
 def test_a_model_whose_recipe_changed_trains_again(tmp_path, capsys, change):
-    """A finished model whose settings or config changed since is not reused: its state and evaluations are
-    dropped and it trains from scratch, as a fresh run of the new recipe would; unchanged, it loads."""
+    """A finished model whose settings, config or recorded extras (`recipe_extra`: selective copying's length
+    curriculum) changed since is not reused: its state and evaluations are dropped and it trains from scratch, as a
+    fresh run of the new recipe would; unchanged, it loads."""
     def run(out, resume=True):
         return Run("t", tmp_path / out, torch.device("cpu"), quick=True, resume=resume, time_budget_s=None,
                    command="x", progress=False)
 
     old = _spec()
-    if change == "lr":
+    old_extra = new_extra = None
+    if change == "recipe_extra":
+        new, old_extra, new_extra = old, {"curriculum": [[16, 1]]}, {"curriculum": [[16, 2]]}
+    elif change == "lr":
         new = dataclasses.replace(old, train=dataclasses.replace(old.train, lr=3e-3))
     else:
         new = dataclasses.replace(old, config=dataclasses.replace(old.config, ssm_cfg={"layer": "Mamba1", "d_state": 8}))
     first = run("a", resume=False)
-    first.train(old, _batches, logits_to_keep=1)
+    first.train(old, _batches, logits_to_keep=1, recipe_extra=old_extra)
     assert first.cached(old, "test", lambda: {"accuracy": 0.5}) == {"accuracy": 0.5}
     again = run("a")
-    assert torch.equal(again.train(old, _batches, logits_to_keep=1).lm_head.weight,
+    assert torch.equal(again.train(old, _batches, logits_to_keep=1, recipe_extra=old_extra).lm_head.weight,
                        first.trained_model(old).lm_head.weight)  # unchanged: loaded
     assert "changed" not in capsys.readouterr().err
-    changed = run("a").train(new, _batches, logits_to_keep=1)
+    changed = run("a").train(new, _batches, logits_to_keep=1, recipe_extra=new_extra)
     assert "m's settings changed since its state was saved" in capsys.readouterr().err
-    fresh = run("fresh", resume=False).train(new, _batches, logits_to_keep=1)
+    fresh = run("fresh", resume=False).train(new, _batches, logits_to_keep=1, recipe_extra=new_extra)
     for (name, a), b in zip(changed.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
     assert run("a").cached(new, "test", lambda: {"accuracy": 0.75}) == {"accuracy": 0.75}  # recomputed

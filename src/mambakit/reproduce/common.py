@@ -246,14 +246,17 @@ class Run:
 
     def train(self, spec: ModelSpec, make_batch: Callable[[int, torch.Generator], SyntheticBatch],
               logits_to_keep: int = 0, autocast: bool = True,
-              validate: Callable[[MambaLM], dict[str, float]] | None = None) -> MambaLM | None:
+              validate: Callable[[MambaLM], dict[str, float]] | None = None,
+              recipe_extra: dict | None = None) -> MambaLM | None:
         """Train `spec`'s model on make_batch(step, generator) batches (or load it if already trained).
 
         Returns the trained model in eval mode, or None when the time budget ran out first (the training
         state is then saved for --resume). logits_to_keep: only the last k positions are scored (0: all).
         bf16 autocast on CUDA when `autocast`. A model finished with fewer steps than asked for trains on from
         its saved state (and its cached evaluations are dropped), unless it stopped early. validate: see `fit`,
-        whose loop this is, with the masked cross-entropy of the batch's targets as the loss.
+        whose loop this is, with the masked cross-entropy of the batch's targets as the loss. recipe_extra: what
+        else decides the trained weights besides the config (e.g. a length curriculum), recorded with it, so that a
+        state saved under another value is trained again rather than resumed.
 
         Determinism: the initialisation is drawn after torch.manual_seed(seed) and batch `step` from
         batch_seed(seed, step), so on the CPU a run is a function of its seed. On CUDA it is not bit-exact:
@@ -274,7 +277,7 @@ class Run:
         return self.fit(spec.key, lambda: build_model(spec.config, device=self.device), spec.train, make_batch, loss,
                         load=lambda folder: MambaLM.from_pretrained(folder / "model", device=self.device),
                         save=lambda model, folder: model.save_pretrained(folder / "model"), autocast=autocast,
-                        validate=validate, recipe=spec.config.to_dict())
+                        validate=validate, recipe={**spec.config.to_dict(), **(recipe_extra or {})})
 
     def fit(self, key: str, build: Callable[[], torch.nn.Module], settings: TrainSettings,
             make_batch: Callable[[int, torch.Generator], Any], loss_fn: Callable[..., torch.Tensor], *,

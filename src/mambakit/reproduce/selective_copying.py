@@ -48,9 +48,9 @@ from __future__ import annotations
 import torch
 
 from ..data.synthetic import SELECTIVE_COPYING_VOCAB, selective_copying
-from ..models import MambaConfig, MambaLM, build_model
+from ..models import MambaConfig
 from .common import (FINISHED, ModelSpec, Run, TrainSettings, correct_and_count, figure, loss_plot, markdown_table,
-                     masked_loss, median_index, percent, save_plot, seeded, spread)
+                     median_index, percent, save_plot, seeded, spread)
 
 NAME = "selective-copying"
 SUMMARY = "Mamba paper Table 1: selective copying at L = 4096, S6 vs S4D, gated vs ungated block"
@@ -115,24 +115,6 @@ def seqlen_at(step: int, s: dict) -> int:
     return s["seqlen"]
 
 
-def _train(run: Run, spec: ModelSpec, s: dict, validate):
-    """run.train's loop (Run.fit) on batches of L = seqlen_at(step): a pure function of the step, so a resumed run
-    sees the batches an uninterrupted one would. The curriculum is part of the recorded recipe, so a state trained
-    with another curriculum (or none) is trained again rather than resumed."""
-    vocab = spec.config.vocab_size
-
-    def loss(model, batch, states):
-        return masked_loss(model(batch.inputs, logits_to_keep=N_TOKENS), batch.targets[:, -N_TOKENS:], vocab)
-
-    def make_batch(step, g):
-        return selective_copying(s["batch_size"], seqlen_at(step, s), N_TOKENS, generator=g)
-
-    return run.fit(spec.key, lambda: build_model(spec.config, device=run.device), spec.train, make_batch, loss,
-                   load=lambda folder: MambaLM.from_pretrained(folder / "model", device=run.device),
-                   save=lambda model, folder: model.save_pretrained(folder / "model"), validate=validate,
-                   recipe={**spec.config.to_dict(), "curriculum": [list(c) for c in s["curriculum"]]})
-
-
 @torch.inference_mode()
 def evaluate(model, s: dict, device: torch.device, seed: int = TEST_SEED, rows: int | None = None) -> dict:
     """Accuracy on a fixed set (the test set unless `seed` says otherwise): the share of the 16 targets per row
@@ -157,7 +139,12 @@ def run(run: Run) -> int:
     for seed in s["seeds"]:  # seed-major: every row has a first result early in a run split into pieces
         for base in specs:
             spec = seeded(base, seed)
-            model = _train(run, spec, s, validate)
+            # batch `step` at the curriculum's length (a pure function of the step, as resuming needs); the
+            # curriculum is part of the recorded recipe, so a state trained under another one is not resumed
+            model = run.train(spec, lambda step, g: selective_copying(s["batch_size"], seqlen_at(step, s), N_TOKENS,
+                                                                      generator=g),
+                              logits_to_keep=N_TOKENS, validate=validate,
+                              recipe_extra={"curriculum": [list(c) for c in s["curriculum"]]})
             if model is None:
                 continue
             result = run.cached(spec, "test", lambda: evaluate(model, s, run.device))
