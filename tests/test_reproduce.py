@@ -464,3 +464,15 @@ def test_a_quick_run_without_out_stays_out_of_results(tmp_path, monkeypatch, cap
     out = tmp_path / "tmp" / "mambakit-reproduce-quick-mqar"
     assert (out / "results.json").exists()
     assert f"results in {out}" in capsys.readouterr().out
+
+
+def test_selective_copying_curriculum_lengths():
+    """Batch `step`'s row length: each (L, steps) stage in turn, then the full L from the curriculum's end on (so
+    --steps extends a model at full length); an empty curriculum is the full L throughout."""
+    from mambakit.reproduce.selective_copying import CURRICULUM, seqlen_at, settings
+
+    s = settings(quick=False)
+    assert s["curriculum"] == CURRICULUM and sum(n for _, n in CURRICULUM) == 1600
+    assert [seqlen_at(t, s) for t in (0, 299, 300, 599, 600, 799, 800, 1399, 1400, 1599, 1600, 4999)] == \
+        [32, 32, 64, 64, 128, 128, 256, 1024, 2048, 2048, 4096, 4096]
+    assert seqlen_at(0, {**s, "curriculum": []}) == 4096
