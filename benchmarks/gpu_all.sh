@@ -61,19 +61,23 @@ for stage in "$@"; do
                   --clients 64,64 --prompt-len 128 --new-tokens 256 --requests-per-client 4 --$mode ${SERVE_FLAGS:-}
               done;;
     # one piece of a `mambakit reproduce NAME` run that spans calls: the state comes in as .state/NAME-state.tgz.NN
-    # (carry .state) and goes back as $OUT/NAME-state.tgz.NN, gzipped tar parts of at most 15 MiB (a file back from
-    # the machine is at most 16 MiB; put the parts in .state/ for the next call). A finished model's train.pt (its
+    # (carry .state), or else from results/NAME/in-progress/ (a run in progress, committed so that a later session can
+    # go on), and goes back as $OUT/NAME-state.tgz.NN, gzipped tar parts of at most 15 MiB (a file back from the
+    # machine is at most 16 MiB; put the parts in .state/ for the next call). A finished model's train.pt (its
     # optimizer, kept only so that --steps can extend it) stays behind. Once the run exits 0, the results (README,
     # results.json, plots, checkpoints) come back as $OUT/NAME.tar, to untar into results/
     reproduce-*) name=${stage#reproduce-}; mkdir -p results/$name
-                 if compgen -G ".state/$name-state.tgz.*" > /dev/null; then cat .state/$name-state.tgz.* | tar xzf - -C results/$name; fi
+                 # the state from .state/, else a run in progress committed under results/NAME/in-progress/
+                 for src in .state results/$name/in-progress; do
+                   if compgen -G "$src/$name-state.tgz.*" > /dev/null; then cat $src/$name-state.tgz.* | tar xzf - -C results/$name; break; fi
+                 done
                  run "reproduce-$name" ${REPRO_LIMIT:-500} python3 -m mambakit.cli reproduce $name --device cuda --resume \
                    --out results/$name --no-progress --workers ${WORKERS:-6} --time-budget ${REPRO_BUDGET:-420} ${REPRO_FLAGS:-}
                  (cd results/$name && for f in _state/*/train.pt; do [ -f "${f%train.pt}done.json" ] && echo "$f"; done) \
                    > /tmp/$name-finished-optimizers
                  tar czf - -X /tmp/$name-finished-optimizers -C results/$name _state | split -b 15m -d - $OUT/$name-state.tgz.
                  ls -l $OUT/$name-state.tgz.*
-                 if [ -f results/$name/results.json ]; then tar cf $OUT/$name.tar --exclude=_state -C results $name; fi;;
+                 if [ -f results/$name/results.json ]; then tar cf $OUT/$name.tar --exclude=_state --exclude=in-progress -C results $name; fi;;
     train) run train 560 python3 benchmarks/gpu_train.py ${TRAIN_FLAGS:-};;
     launch) run launch 300 python3 benchmarks/gpu_launch.py ${LAUNCH_FLAGS:-};;
     scan) run scan 300 python3 benchmarks/gpu_selective_scan.py ${SCAN_FLAGS:-};;
