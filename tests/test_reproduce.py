@@ -476,3 +476,22 @@ def test_selective_copying_curriculum_lengths():
     assert [seqlen_at(t, s) for t in (0, 299, 300, 599, 600, 799, 800, 1399, 1400, 1599, 1600, 4999)] == \
         [32, 32, 64, 64, 128, 128, 256, 1024, 2048, 2048, 4096, 4096]
     assert seqlen_at(0, {**s, "curriculum": []}) == 4096
+
+
+def test_mqar_curriculum_lengths_and_batches():
+    """MQAR's stages: T 64 and each doubling below the tested length, 300 steps each, then the tested length; every
+    batch has K = length / 8 pairs (the scored queries) and is the same for the same step and generator seed."""
+    from mambakit.reproduce.mqar import _batch, curriculum, seqlen_at, settings
+
+    s = settings(quick=False)
+    assert curriculum(256, s) == [(64, 300), (128, 300)]
+    assert curriculum(512, s) == [(64, 300), (128, 300), (256, 300)]
+    assert curriculum(64, s) == []
+    assert [seqlen_at(t, 256, s) for t in (0, 299, 300, 599, 600, 3999)] == [64, 64, 128, 128, 256, 256]
+    assert [seqlen_at(t, 512, s) for t in (599, 600, 899, 900)] == [128, 256, 256, 512]
+    for step, length in ((0, 64), (450, 128), (700, 256)):
+        batch = _batch(step, 256, s, torch.Generator().manual_seed(5))
+        assert batch.inputs.shape == (s["batch_size"], length)
+        assert int(batch.scored.sum()) == s["batch_size"] * length // 8
+        again = _batch(step, 256, s, torch.Generator().manual_seed(5))
+        assert torch.equal(batch.inputs, again.inputs) and torch.equal(batch.targets, again.targets)
