@@ -481,13 +481,18 @@ def test_scheduler_with_prefill_graphs_gives_the_same_tokens(layer):
 
 
 def test_gc_pauses_count_this_process_collections_and_freeze_heap_freezes_what_is_alive():
+    # other tests of this worker process may have left threads that allocate (a full collection of their own may
+    # land in between: hence >=) or a heap frozen by an in-process `serve` (unfrozen first)
+    gc.unfreeze()
     pauses = gc_pauses()
     assert gc_pauses() is pauses  # one callback per process
     full, seconds = pauses.collections[2], sum(pauses.seconds)
     gc.collect()
-    assert pauses.collections[2] == full + 1 and sum(pauses.seconds) > seconds
-    assert pauses.gauges("http_") == {"http_gc_collections_gen2": full + 1,
-                                      "http_gc_pause_seconds": sum(pauses.seconds), "http_gc_frozen_objects": 0}
+    assert pauses.collections[2] >= full + 1 and sum(pauses.seconds) > seconds
+    gauges = pauses.gauges("http_")
+    assert set(gauges) == {"http_gc_collections_gen2", "http_gc_pause_seconds", "http_gc_frozen_objects"}
+    assert gauges["http_gc_collections_gen2"] >= full + 1 and gauges["http_gc_pause_seconds"] > seconds
+    assert gauges["http_gc_frozen_objects"] == 0
     try:
         frozen = freeze_heap()
         assert frozen == gc.get_freeze_count() > 1000  # torch and the test session are alive
