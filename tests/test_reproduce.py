@@ -479,17 +479,18 @@ def test_selective_copying_curriculum_lengths():
 
 
 def test_mqar_curriculum_lengths_and_batches():
-    """MQAR's stages: T 64 and each doubling below the tested length, 300 steps each, then the tested length; every
+    """MQAR's stages: T 32 and each doubling below the tested length, 300 steps each, then the tested length; every
     batch has K = length / 8 pairs (the scored queries) and is the same for the same step and generator seed."""
     from mambakit.reproduce.mqar import _batch, curriculum, seqlen_at, settings
 
     s = settings(quick=False)
-    assert curriculum(256, s) == [(64, 300), (128, 300)]
-    assert curriculum(512, s) == [(64, 300), (128, 300), (256, 300)]
-    assert curriculum(64, s) == []
-    assert [seqlen_at(t, 256, s) for t in (0, 299, 300, 599, 600, 3999)] == [64, 64, 128, 128, 256, 256]
-    assert [seqlen_at(t, 512, s) for t in (599, 600, 899, 900)] == [128, 256, 256, 512]
-    for step, length in ((0, 64), (450, 128), (700, 256)):
+    assert curriculum(256, s) == [(32, 300), (64, 300), (128, 300)]
+    assert curriculum(512, s) == [(32, 300), (64, 300), (128, 300), (256, 300)]
+    assert curriculum(32, s) == []
+    assert [seqlen_at(t, 256, s) for t in (0, 299, 300, 599, 600, 899, 900, 3999)] == [32, 32, 64, 64, 128, 128,
+                                                                                        256, 256]
+    assert [seqlen_at(t, 512, s) for t in (899, 900, 1199, 1200)] == [128, 256, 256, 512]
+    for step, length in ((0, 32), (450, 64), (700, 128), (950, 256)):
         batch = _batch(step, 256, s, torch.Generator().manual_seed(5))
         assert batch.inputs.shape == (s["batch_size"], length)
         assert int(batch.scored.sum()) == s["batch_size"] * length // 8

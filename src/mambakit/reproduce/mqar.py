@@ -33,17 +33,19 @@ H200: after 4000 steps attention at T = 256 had 1.0% test accuracy, loss 7.44 of
   stopping at 99% validation accuracy. A 2000-step pilot on an H200 (reproduce/README.md) trained 29 of the 42 runs
   in 240 s with `--workers 6` (21-108 s per model) and left Mamba-2 N64 at T 256 still rising (97.3%, 89.6%, 8.3%),
   hence 4000: the full grid is then about 12-15 GPU-minutes.
-- **A length curriculum** for every model (`curriculum`): 300 steps at T 64, then 300 at each doubling below the
-  tested length (T 128; for T 512 also T 256), always K = T / 8, then the tested length to the end; like Zoology,
+- **A length curriculum** for every model (`curriculum`): 300 steps at T 32, then 300 at each doubling below the
+  tested length (T 64, 128; for T 512 also 256), always K = T / 8, then the tested length to the end; like Zoology,
   which trains on a mixture of shorter rows with fewer pairs. Without it attention never left its plateau at
-  T 256 (6.0-6.8%: two seeds on an H200 in 2000 steps, the CPU proxy in 1200). With it, on the CPU proxy (seeds
-  0 / 1 / 2, session 18) attention reached 99.6% at step 700 / stayed at 6.4% (1200 steps; 600 steps at T 64 did not
-  help it either) / reached 91.3% at step 1200, still rising: a model leaves the plateau during the short stages
-  (seed 0 at T 64, seed 2 at T 128) and carries what it learnt to T 256. Stages of 150 steps were too short (seed
-  0: 6.4% at 1500). Mamba-2 N64 (seed 0) was not hurt: 4.4% at step 1000 with the curriculum, 0.8-0.9% for 700
-  steps without (the CPU proxy is far slower to learn than the H200, where N64 reached 89-97% in 2 of 3 seeds at
-  2000 steps without it). Mixing easier rows into every batch instead (half the batch at T 16 / 32 with 2 / 4
-  pairs) had slowed attention down (below).
+  T 256 (6.0-6.8%: two seeds on an H200 in 2000 steps, the CPU proxy in 1200). A model leaves the plateau during
+  a short stage and carries what it learnt to T 256. CPU proxy, session 18, attention at T 256 (validation, 128
+  rows): stages from T 64 (64, 128 x 300 steps): seed 0 99.6% at step 700, seed 2 91.3% at 1200 and rising, seed 1
+  6.4% at 1200 (also with 600 steps at T 64; at lr 1e-2 6.0% at 1000); stages from T 32 (32, 64, 128 x 300):
+  seed 1 99.5% at step 1000 (seeds 0 and 2 not rerun). Stages of 150 steps were too short (seed 0 from T 64:
+  6.4% at 1500). Mamba-2 N64 (seed 0, stages from T 64) was not hurt: 4.4% at step 1000, 0.8-0.9% for 700 steps
+  without (the CPU proxy is far slower to learn than the H200, where N64 reached 89-97% in 2 of 3 seeds at 2000
+  steps without it).
+  Mixing easier rows into every batch instead (half the batch at T 16 / 32 with 2 / 4 pairs) had slowed attention
+  down (below).
 
 CPU proxy (1 thread, d_model 64, batch 64, K = T / 8, seed 0, validation accuracy on 128 rows of the tested
 setting at steps 100, 200, ...):
@@ -100,12 +102,12 @@ def settings(quick: bool) -> dict:
     return {"seqlens": [256, 512], "kv_divisor": 8, "vocab_size": 256, "d_model": 64, "d_states": [16, 64, 256],
             "heads": 4, "headdim": 16, "batch_size": 64, "steps": 4000, "lr": 2e-3, "attention_lr": 5e-3,
             "warmup_steps": 100, "test_rows": 1024, "eval_batch": 128, "seeds": [0, 1, 2], "val_rows": 256,
-            "eval_every": 250, "target": 0.99, "curriculum_start": 64, "stage_steps": 300}
+            "eval_every": 250, "target": 0.99, "curriculum_start": 32, "stage_steps": 300}
 
 
 def curriculum(T: int, s: dict) -> list[tuple[int, int]]:
     """The (length, steps) stages before a model trains at its tested length T: `curriculum_start`, doubled while
-    below T, `stage_steps` each (full size: T 256 -> [(64, 300), (128, 300)]; T 512 adds (256, 300))."""
+    below T, `stage_steps` each (full size: T 256 -> [(32, 300), (64, 300), (128, 300)]; T 512 adds (256, 300))."""
     stages, length = [], s["curriculum_start"]
     while length < T:
         stages.append((length, s["stage_steps"]))
