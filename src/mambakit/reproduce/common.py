@@ -520,6 +520,18 @@ def _target_met(val_history: list, settings: TrainSettings) -> bool:
     return all(_lowest(m) >= settings.target for _, m in val_history[-settings.target_evals:])
 
 
+def curriculum_length(step: int, stages, full: int) -> int:
+    """Row length of training batch `step` under a length curriculum: the (length, steps) `stages` in turn, then
+    `full` to the end (so `--steps N` extends a model at the full length). A pure function of the step, as resuming
+    needs."""
+    end = 0
+    for length, steps in stages:
+        end += steps
+        if step < end:
+            return length
+    return full
+
+
 def seeded(spec: ModelSpec, seed: int) -> ModelSpec:
     """`spec` trained from `seed` (initialisation and batches): its own state folder `<key>-seed<seed>`."""
     return dataclasses.replace(spec, key=f"{spec.key}-seed{seed}", train=dataclasses.replace(spec.train, seed=seed))

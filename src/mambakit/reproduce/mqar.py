@@ -80,8 +80,8 @@ import torch
 
 from ..models import MambaConfig
 from ..data.synthetic import mqar
-from .common import (FINISHED, ModelSpec, Run, TrainSettings, correct_and_count, figure, loss_plot, markdown_table,
-                     percent, save_plot, seeded, spread)
+from .common import (FINISHED, ModelSpec, Run, TrainSettings, correct_and_count, curriculum_length, figure, loss_plot,
+                     markdown_table, percent, save_plot, seeded, spread)
 
 NAME = "mqar"
 SUMMARY = "Mamba-2 paper Figure 8: MQAR, Mamba-1 vs Mamba-2 vs attention at d_state 16 / 64 / 256, two lengths"
@@ -118,12 +118,7 @@ def curriculum(T: int, s: dict) -> list[tuple[int, int]]:
 def seqlen_at(step: int, T: int, s: dict) -> int:
     """Row length of training batch `step` of a model tested at T (K = length / kv_divisor pairs): the curriculum's
     stages in turn, then T to the end (so `--steps N` extends a model at the tested length)."""
-    end = 0
-    for length, steps in curriculum(T, s):
-        end += steps
-        if step < end:
-            return length
-    return T
+    return curriculum_length(step, curriculum(T, s), T)
 
 
 def train_settings(s: dict, attention: bool = False) -> TrainSettings:

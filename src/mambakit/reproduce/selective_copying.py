@@ -49,8 +49,8 @@ import torch
 
 from ..data.synthetic import SELECTIVE_COPYING_VOCAB, selective_copying
 from ..models import MambaConfig
-from .common import (FINISHED, ModelSpec, Run, TrainSettings, correct_and_count, figure, loss_plot, markdown_table,
-                     median_index, percent, save_plot, seeded, spread)
+from .common import (FINISHED, ModelSpec, Run, TrainSettings, correct_and_count, curriculum_length, figure, loss_plot,
+                     markdown_table, median_index, percent, save_plot, seeded, spread)
 
 NAME = "selective-copying"
 SUMMARY = "Mamba paper Table 1: selective copying at L = 4096, S6 vs S4D, gated vs ungated block"
@@ -107,12 +107,7 @@ def model_specs(s: dict) -> list[ModelSpec]:
 def seqlen_at(step: int, s: dict) -> int:
     """L of training batch `step`: the curriculum's stages (L, steps) in turn, then s["seqlen"] to the end (so
     `--steps N` extends a model at the full length)."""
-    end = 0
-    for length, steps in s["curriculum"]:
-        end += steps
-        if step < end:
-            return length
-    return s["seqlen"]
+    return curriculum_length(step, s["curriculum"], s["seqlen"])
 
 
 @torch.inference_mode()
