@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -21,8 +22,10 @@ from mambakit.training import (
     load_train_state,
     lr_at,
     model_config,
+    read_metrics,
     train,
 )
+from mambakit.training.loop import steady_rate
 from tests.helpers import assert_close
 
 LAYERS = [pytest.param("mamba2", id="mamba2"), pytest.param("mamba1", id="mamba1")]
@@ -195,6 +198,21 @@ def test_time_budget_stops_gracefully_with_a_checkpoint(tmp_path):
     result = train(_tiny(tmp_path, max_steps=10_000, time_budget_s=1e-3))
     assert result.stopped_by_budget and result.step < 10_000
     assert load_train_state(tmp_path / "run")["step"] == result.step
+
+
+def test_the_final_report_gives_the_steady_rate_the_median_of_the_metrics_windows(tmp_path, caplog):
+    """The overall tokens/s counts first compiles and evaluations; the steady rate beside it is the median of the
+    tokens/s that metrics.jsonl records for each window of `log_every` steps."""
+    assert steady_rate([1000.0, 5000.0, 5200.0, 900.0, 5100.0], 10) == \
+        " (steady: 5,000 tokens/s, the median of 5 windows of 10 steps)"
+    assert steady_rate([1.0, 3.0, 2.0, 10.0], 4) == " (steady: 2 tokens/s, the median of 4 windows of 4 steps)"
+    assert steady_rate([7.0, 8.0], 10) == ""  # too few windows to say
+    with caplog.at_level(logging.INFO, logger="mambakit.training"):
+        train(_tiny(tmp_path, max_steps=30, log_every=5))
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("trained 30 steps"))
+    rates = sorted(r["tokens_per_s"] for r in read_metrics(tmp_path / "run") if "tokens_per_s" in r)
+    assert len(rates) == 6
+    assert f"(steady: {(rates[2] + rates[3]) / 2:,.0f} tokens/s, the median of 6 windows of 5 steps)" in line
 
 
 # ---------------------------------------------------------------- DDP (2 processes, gloo)

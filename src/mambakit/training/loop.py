@@ -288,6 +288,9 @@ class Run:
         self.skipped = self.skipped_in_a_row = 0
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss, grad norm) not yet on the host
         self._norms: list[float] = []  # gradient norms since the last record
+        # tokens/s of each record's window of steps: their median is the steady rate, which the first windows'
+        # kernel compiles and the windows holding an evaluation do not move
+        self._window_rates: list[float] = []
         self._record_step, self._record_time = self.global_step, time.perf_counter()
         self.t_loop = time.perf_counter()  # tokens/s at the end counts the steps' time, not the setup's
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seqlen * info.world_size
@@ -464,6 +467,8 @@ class Run:
                   "grad_norm": _mean(self._norms[-n:]) if n else None,
                   "tokens_per_s": n * self.tokens_per_step / max(now - self._record_time, 1e-9)}
         self._norms.clear()
+        if n:
+            self._window_rates.append(record["tokens_per_s"])
         self._record_step, self._record_time = self.global_step, now
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{self.history['losses'][-1]:.3f}", lr=f"{lr:.2e}",
@@ -533,6 +538,7 @@ class Run:
         steps_done = step - self.step0
         self._say(f"trained {steps_done} steps ({step}/{cfg.max_steps}) in {train_s:.1f} s, "
                   f"{steps_done * self.tokens_per_step / max(train_s, 1e-9):,.0f} tokens/s"
+                  + steady_rate(self._window_rates, cfg.log_every)
                   + (f"; {self.skipped} non-finite steps skipped" if self.skipped else ""))
         self._say(f"held-out: {final['loss']:.4f} nats/token, {final['bpb']:.3f} bits/byte ({final['tokens']:,} tokens)")
         self._say(f"saved to {self.out_dir}" if saved else f"checkpoint of step {step} already in {self.out_dir}")
@@ -585,6 +591,24 @@ class Run:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
+
+
+def steady_rate(window_rates: list[float], log_every: int) -> str:
+    """The final report's steady throughput: the median tokens/s of the windows of `log_every` steps between
+    metrics records, as " (steady: X tokens/s, the median of N windows of K steps)"; "" with fewer than 3 windows.
+    The overall rate beside it counts everything since the loop started: on a fresh GPU the kernels' first
+    compiles, and every evaluation.
+
+    Example:
+        >>> steady_rate([1000.0, 5000.0, 5200.0, 900.0, 5100.0], 10)
+        ' (steady: 5,000 tokens/s, the median of 5 windows of 10 steps)'
+    """
+    if len(window_rates) < 3:
+        return ""
+    rates = sorted(window_rates)
+    mid = len(rates) // 2
+    median = rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
+    return f" (steady: {median:,.0f} tokens/s, the median of {len(rates)} windows of {log_every} steps)"
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = None,
