@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 
 import torch
@@ -50,9 +51,15 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=32, help="validation rows per length")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", required=True)
+    p.add_argument("--save-every", type=int, default=0,
+                   help="also save the weights every N steps as SAVE_DIR/step-N.pt (benchmarks/induction_horizon.py "
+                        "reads them); 0: never")
+    p.add_argument("--save-dir", default=None, help="the folder of --save-every's weights")
     a = p.parse_args()
     if a.batch < 1 or a.lr <= 0 or a.steps < 1 or a.eval_every < 1 or a.train_len < 3:
         p.error("--batch, --lr, --steps and --eval-every must be positive, --train-len at least 3")
+    if a.save_every < 0 or (a.save_every and not a.save_dir):
+        p.error("--save-every must be >= 0 and needs --save-dir")
     device = torch.device(a.device)
     s = ih.settings(False)
     spec = next((sp for sp in ih.model_specs(s) if sp.key == a.model), None)
@@ -103,6 +110,9 @@ def main() -> None:
         if step % 100 == 0:
             record["losses"].append([step, float(loss.detach())])  # one sync per 100 steps
         train_s += time.perf_counter() - t0
+        if a.save_every and step % a.save_every == 0:
+            os.makedirs(a.save_dir, exist_ok=True)
+            torch.save(model.state_dict(), os.path.join(a.save_dir, f"step-{step}.pt"))
         if step % a.eval_every == 0:
             record["train_s"] = round(train_s, 1)
             evaluate(step)

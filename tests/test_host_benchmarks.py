@@ -45,3 +45,24 @@ def test_autograd_op_overhead_times_both_paths():
     out = _run("autograd_op_overhead.py", "--calls", "200", "--repeats", "1")
     assert set(out["us_per_call"]) == {"no backward possible (implementation alone)", "autograd Function"}
     assert all(v > 0 for v in out["us_per_call"].values())
+
+
+def test_induction_recipe_saves_weights_that_induction_horizon_measures(tmp_path):
+    """The recipe script saves the weights every --save-every steps; the horizon script reads them back and reports
+    accuracy against distance and against length (fractions of its rows) and each layer's slowest forgetting rates."""
+    run = _run("induction_recipe.py", "--device", "cpu", "--train-len", "16", "--batch", "2", "--steps", "4",
+               "--warmup", "1", "--eval-every", "4", "--lengths", "4", "5", "--rows", "2", "--save-every", "2",
+               "--save-dir", str(tmp_path / "w"), "--json", str(tmp_path / "recipe.json"))
+    assert run["step"] == 4 and set(run) >= {"T16", "T32"}
+    saved = sorted(p.name for p in (tmp_path / "w").iterdir())
+    assert saved == ["step-2.pt", "step-4.pt"]
+    _run("induction_horizon.py", *(str(tmp_path / "w" / n) for n in saved), "--length", "64", "--distances", "1", "30",
+         "62", "--near", "4", "--prefix-lengths", "16", "64", "--rows", "3", "--json", str(tmp_path / "h.json"))
+    report = json.loads((tmp_path / "h.json").read_text())
+    assert [Path(r["weights"]).name for r in report["rows"]] == saved
+    for row in report["rows"]:
+        assert set(row["by_distance"]) == {"1", "30", "62"} and set(row["by_length"]) == {"16", "64"}
+        assert all(abs(3 * v - round(3 * v)) < 1e-6 and 0 <= v <= 1  # a share of 3 rows
+                   for v in [*row["by_distance"].values(), *row["by_length"].values()])
+        assert len(row["slowest_rates"]) == 2  # one list per layer: 4 rates, positive, slowest first
+        assert all(len(r) == 4 and r == sorted(r) and r[0] > 0 for r in row["slowest_rates"])
