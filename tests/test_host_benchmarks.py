@@ -66,3 +66,11 @@ def test_induction_recipe_saves_weights_that_induction_horizon_measures(tmp_path
                    for v in [*row["by_distance"].values(), *row["by_length"].values()])
         assert len(row["slowest_rates"]) == 2  # one list per layer: 4 rates, positive, slowest first
         assert all(len(r) == 4 and r == sorted(r) and r[0] > 0 for r in row["slowest_rates"])
+
+
+def test_mqar_probe_trains_a_model_of_the_experiment_on_its_curriculum():
+    out = _run("mqar_probe.py", "--model", "mamba2-N16-T16", "--final-t", "16", "--stages", "8:2", "--steps", "3",
+               "--eval-every", "2", "--val-rows", "4", "--lr", "1e-3")
+    assert out["stages"] == [[8, 2]] and out["lr"] == 1e-3 and out["steps"] == 3
+    assert [(e["step"], e["train_T"]) for e in out["evals"]] == [(2, 8), (3, 16)]  # stage at T 8, then the tested T
+    assert all(0 <= e["val_accuracy"] <= 1 and e["train_loss"] > 0 for e in out["evals"])
