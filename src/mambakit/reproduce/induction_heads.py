@@ -40,6 +40,9 @@ which the kept-best selection can catch. The recipe here is unchanged until a fu
 test set.
 Checking the evaluation numerics ruled them out: on the CPU the same model gives the same predictions at 2^13 in
 float32, float64, bf16 autocast and without chunked prefill (README.md beside this module).
+What fails is the distance to the value, not the length (session 19, `benchmarks/induction_horizon.py`, BENCHMARKS.md):
+a value 128 tokens back is recalled behind 16K tokens of noise, one 16K tokens back is lost more often. So the
+memory of the value fades (Mamba-1 forgets at Δ·|A| per token), and 2^20 needs a rate below about 1e-6.
 """
 
 from __future__ import annotations
