@@ -39,9 +39,8 @@ H200: after 4000 steps attention at T = 256 had 1.0% test accuracy, loss 7.44 of
   T 256 (6.0-6.8%: two seeds on an H200 in 2000 steps, the CPU proxy in 1200). A model leaves the plateau during
   a short stage and carries what it learnt to T 256. CPU proxy, session 18 (`benchmarks/mqar_probe.py`'s first
   version), attention at T 256 (validation, 128 rows): stages from T 64 (64, 128 x 300 steps): seed 0 99.6% at
-  step 700, seed 2 91.3% at 1200 and rising, seed 1
-  6.4% at 1200 (5.4-6.3% also with 600 steps at T 64, at lr 1e-2 and at lr 2e-3); stages from T 32 (32, 64, 128 x 300):
-  seed 1 99.5% at step 1000 (seeds 0 and 2 not rerun). Stages of 150 steps were too short (seed 0 from T 64:
+  step 700, seed 2 91.3% at 1200 and rising, seed 1 6.4% at 1200 (5.4-6.3% also with 600 steps at T 64, at lr
+  1e-2 and at lr 2e-3); stages from T 32 (32, 64, 128 x 300): seed 1 99.5% at step 1000 (seeds 0 and 2 not rerun). Stages of 150 steps were too short (seed 0 from T 64:
   6.4% at 1500). Mamba-2 N64 (seed 0, stages from T 64) was not hurt: 4.4% at step 1000, 0.8-0.9% for 700 steps
   without (the CPU proxy is far slower to learn than the H200, where N64 reached 89-97% in 2 of 3 seeds at 2000
   steps without it).

@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import signal
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -605,10 +606,8 @@ def steady_rate(window_rates: list[float], log_every: int) -> str:
     """
     if len(window_rates) < 3:
         return ""
-    rates = sorted(window_rates)
-    mid = len(rates) // 2
-    median = rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
-    return f" (steady: {median:,.0f} tokens/s, the median of {len(rates)} windows of {log_every} steps)"
+    return (f" (steady: {statistics.median(window_rates):,.0f} tokens/s, the median of {len(window_rates)} windows "
+            f"of {log_every} steps)")
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = None,
