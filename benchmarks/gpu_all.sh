@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
-# Stages: env tests synctests gentests compose adapters e2e serve serve-repeat serve-ab serve-gc train launch scan ssd
+# Stages: env tests graphtests synctests gentests compose adapters e2e serve serve-repeat serve-ab serve-gc train launch scan ssd
 # convnorm layers layers-ab synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
 # limit so one slow stage leaves the logs of the others intact. The machine returns at most 8 files from $OUT: end a
 # call of many stages with `pack` (every log into $OUT/logs.tgz), or logs beyond the eighth file are lost.
@@ -29,6 +29,8 @@ for stage in "$@"; do
                  CUDA_LAUNCH_BLOCKING=1 run "sync-$(basename $group .py)" ${SYNC_LIMIT:-330} python3 -m pytest $group -m gpu -v \
                    -p no:cacheprovider > /dev/null &
                done; wait; for f in $OUT/sync-*.log; do echo "$(basename $f): $(tail -n 1 $f)"; done;;
+    graphtests) run graph-tests 300 python3 -m pytest tests/test_cuda_graph.py tests/test_reproduce.py -m gpu -q \
+                  -p no:cacheprovider;;
     gentests) run gentests 200 python3 -m pytest tests/test_generation.py -m gpu -q -p no:cacheprovider;;
     compose) run compose 560 python3 -m pytest tests/test_composability.py -m gpu -q -p no:cacheprovider ${COMPOSE_FLAGS:-};;
     adapters) run adapters 200 python3 -m pytest tests/test_adapters.py -q -p no:cacheprovider;;

@@ -7,13 +7,19 @@ clipping, the experiment's batches) for --steps steps after a warm-up run, and p
 ratio. A ratio well below 1 means the step waits on the host (Python, launches, batch generation), so several
 models trained at once in separate processes (`mambakit reproduce --workers N`) fill the idle GPU.
 
+With --cuda-graph it compares instead the eager step with the step replayed from a CUDA graph (what `Run.train`
+does on CUDA by default after the warm-up; here the warm-up is set to 0 so that the graph starts after its own 3
+eager steps): wall ms per step each way over --steps steps, and the speed-up.
+
     python benchmarks/gpu_synthetic_step.py
     python benchmarks/gpu_synthetic_step.py --models selective-copying:mamba-s6 induction-heads:mha-rope --steps 50
+    python benchmarks/gpu_synthetic_step.py --cuda-graph --steps 500 --batch 8 --models induction-heads:mamba
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import platform
 import tempfile
@@ -31,22 +37,26 @@ DEFAULT = ["selective-copying:mamba-s6", "selective-copying:mamba-s4d", "inducti
            "mqar:attention-T512"]
 
 
-def spec_and_batches(name: str, key: str):
-    """(ModelSpec, make_batch, logits_to_keep) of one full-size model of an experiment."""
+def spec_and_batches(name: str, key: str, batch: int | None = None):
+    """(ModelSpec, make_batch, logits_to_keep) of one full-size model of an experiment (batch: replace the spec's
+    batch size)."""
     module = experiment(name)
     s = module.settings(False)
+    if batch is not None:
+        s["batch_size"] = s["mamba_batch_size"] = batch
     if name == "mqar":
         T = int(key.rsplit("-T", 1)[1])
         spec = next(sp for sp in module.model_specs(s, T) if sp.key == key)
         K = T // s["kv_divisor"]
         return spec, (lambda step, g: mqar(s["batch_size"], T, K, s["vocab_size"], generator=g)), 0
     spec = next(sp for sp in module.model_specs(s) if sp.key == key)
+    rows = spec.train.batch_size
     if name == "selective-copying":
-        return spec, (lambda step, g: selective_copying(s["batch_size"], s["seqlen"], 16, generator=g)), 16
-    return spec, (lambda step, g: induction_heads(s["batch_size"], s["train_len"], generator=g)), 1
+        return spec, (lambda step, g: selective_copying(rows, s["seqlen"], 16, generator=g)), 16
+    return spec, (lambda step, g: induction_heads(rows, s["train_len"], generator=g)), 1
 
 
-def timed(spec, make_batch, keep: int, steps: int, profile: bool) -> tuple[float, float | None]:
+def timed(spec, make_batch, keep: int, steps: int, profile: bool, cuda_graph: bool = False) -> tuple[float, float | None]:
     """(wall ms per step, GPU busy ms per step or None) of `steps` steps of Run.train in a fresh directory."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
@@ -54,7 +64,7 @@ def timed(spec, make_batch, keep: int, steps: int, profile: bool) -> tuple[float
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Run("step", Path(tmp), device=torch.device("cuda"), quick=False, resume=False, time_budget_s=None,
-                  command="", progress=False, steps=steps)
+                  command="", progress=False, steps=steps, cuda_graph=cuda_graph)
         if not profile:
             run.train(spec, make_batch, logits_to_keep=keep)
             return 1e3 * run.training_record(spec)["train_s"] / steps, None
@@ -69,14 +79,28 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=DEFAULT, help="EXPERIMENT:KEY of each model")
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--cuda-graph", action="store_true", help="compare eager steps with CUDA-graph replays")
+    p.add_argument("--batch", type=int, default=None, help="replace the experiment's batch size")
     args = p.parse_args()
     print(f"# synthetic training steps, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"triton {triton.__version__}, python {platform.python_version()}, {datetime.date.today()}\n")
-    print("| experiment | model | params | ms / step | GPU busy ms / step | busy share |")
-    print("|---|---|---|---|---|---|")
+    if args.cuda_graph:
+        print("| experiment | model | batch | eager ms / step | graph ms / step | speed-up |")
+        print("|---|---|---|---|---|---|")
+    else:
+        print("| experiment | model | params | ms / step | GPU busy ms / step | busy share |")
+        print("|---|---|---|---|---|---|")
     for item in args.models:
         name, key = item.split(":", 1)
-        spec, make_batch, keep = spec_and_batches(name, key)
+        spec, make_batch, keep = spec_and_batches(name, key, args.batch)
+        if args.cuda_graph:
+            spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, warmup_steps=0, eval_every=0))
+            timed(spec, make_batch, keep, 10, profile=False, cuda_graph=True)  # compile, warm the allocator
+            eager, _ = timed(spec, make_batch, keep, args.steps, profile=False)
+            graph, _ = timed(spec, make_batch, keep, args.steps, profile=False, cuda_graph=True)
+            print(f"| {name} | {key} | {spec.train.batch_size} | {eager:.2f} | {graph:.2f} | {eager / graph:.1f}x |",
+                  flush=True)
+            continue
         timed(spec, make_batch, keep, 10, profile=False)  # compile the kernels, warm the allocator
         wall, _ = timed(spec, make_batch, keep, args.steps, profile=False)
         _, busy = timed(spec, make_batch, keep, args.steps, profile=True)

@@ -44,12 +44,16 @@ def build_parser(prog: str = "mambakit reproduce") -> Parser:
     p.add_argument("--workers", type=positive_int, default=1, metavar="N",
                    help="train up to N models at once, one process each (selective-copying, induction-heads, mqar; "
                         "pays where the host sets the pace, as in induction heads and MQAR; default 1)")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="run every training step eagerly (default on CUDA: the constant-rate steps replay one "
+                        "captured CUDA graph, the same computation without the host's per-kernel launches)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
 
 def main(name: str, quick: bool = False, device: str = "auto", out: str | None = None, resume: bool = False,
-         time_budget: float | None = None, steps: int | None = None, progress: bool = True, workers: int = 1) -> int:
+         time_budget: float | None = None, steps: int | None = None, progress: bool = True, workers: int = 1,
+         cuda_graph: bool = True) -> int:
     """Run experiment `name`; returns 0 when the results are written, 3 when the time budget stopped it first.
 
     Examples:
@@ -63,7 +67,8 @@ def main(name: str, quick: bool = False, device: str = "auto", out: str | None =
                          + ([f"--workers={workers}"] if workers > 1 else []))
     try:
         status = reproduce(name, out, quick=quick, device=device, resume=resume, time_budget_s=time_budget,
-                           steps=steps, progress=progress, command=command, workers=workers)
+                           steps=steps, progress=progress, command=command, workers=workers,
+                           cuda_graph=cuda_graph)
     except ValueError as err:  # an unusable device, a state from another kind of run, workers for a serial one
         raise UsageError(str(err)) from None
     if status == FINISHED:

@@ -44,7 +44,8 @@ def default_out(name: str, quick: bool) -> Path:
 
 def reproduce(name: str, out: str | Path | None = None, *, quick: bool = False, device: str = "auto",
               resume: bool = False, time_budget_s: float | None = None, steps: int | None = None,
-              progress: bool = True, command: str | None = None, workers: int = 1) -> int:
+              progress: bool = True, command: str | None = None, workers: int = 1,
+              cuda_graph: bool = True) -> int:
     """Run experiment `name`, writing results under `out` (default results/<name>, or with `quick` a folder in the
     temporary directory: quick numbers never land on the committed ones); returns FINISHED (0) or
     UNFINISHED (3: the time budget ran out; call again with resume=True to continue).
@@ -62,6 +63,9 @@ def reproduce(name: str, out: str | Path | None = None, *, quick: bool = False, 
             up to ~N times as many models per hour (6 workers: 4x); selective copying at L = 4096 keeps the GPU
             busy and gains little. With several GPUs and device "cuda", worker i uses GPU i mod count. Each model
             keeps its seed, batches and early stopping; this call then writes the results.
+        cuda_graph: on CUDA, replay each model's constant-rate training steps from one captured CUDA graph
+            (training.GraphedTrainStep; the same computation, one launch per step instead of hundreds). False:
+            every step eager.
 
     Example:
         >>> status = reproduce("induction-heads", quick=True, out="/tmp/ih")      # CPU, a few seconds
@@ -79,7 +83,7 @@ def reproduce(name: str, out: str | Path | None = None, *, quick: bool = False, 
         raise ValueError(f"{name}: its models depend on each other's results, so it runs in one process; "
                          f"workers > 1 is for {parallel}")
     run = Run(name, out, device=resolve_device(device), quick=quick, resume=resume, time_budget_s=time_budget_s,
-              command=command, progress=progress, steps=steps)
+              command=command, progress=progress, steps=steps, cuda_graph=cuda_graph)
     if workers > 1:
         from .worker import run_workers
 

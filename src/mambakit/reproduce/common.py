@@ -161,7 +161,7 @@ class Run:
 
     def __init__(self, name: str, out: Path, device: torch.device, quick: bool, resume: bool,
                  time_budget_s: float | None, command: str, progress: bool = True, steps: int | None = None,
-                 worker: int | None = None):
+                 worker: int | None = None, cuda_graph: bool = True):
         self.name = name
         self.out = Path(out)
         self.device = device
@@ -172,6 +172,9 @@ class Run:
         # worker: one of `reproduce(..., workers=N)`'s processes. It shares the state folder with the others,
         # trains (and evaluates) only the models it claims first, never writes run.json or the results.
         self.worker = worker
+        # on CUDA, the constant-rate steps of a model (no state passing) replay one captured CUDA graph
+        # (training.GraphedTrainStep): the same computation, without the host's launch cost per kernel
+        self.cuda_graph = cuda_graph
         self.incomplete = False  # some model or evaluation was left for later (time budget, another worker)
         self._claimed: set[str] = set()
         self.t_start = time.monotonic()
@@ -348,6 +351,12 @@ class Run:
             val_history, states, best = saved.get("val_history", []), saved.get("states"), saved.get("best")
         early_stop = None
         use_autocast = autocast and self.device.type == "cuda"
+        graphed = None
+        if self.cuda_graph and self.device.type == "cuda" and not settings.state_passing:
+            from ..training.cuda_graph import GraphedTrainStep
+
+            graphed = GraphedTrainStep(model, optimizer, lambda m, b: loss_fn(m, b, None), grad_clip=settings.grad_clip,
+                                       autocast_dtype=torch.bfloat16 if use_autocast else None)
         model.train()
         bar = _progress(self.progress, total=settings.steps, initial=step, desc=f"{self.name} {key}")
         t0 = time.monotonic()
@@ -359,15 +368,18 @@ class Run:
             batch = batch.to(self.device) if hasattr(batch, "to") else tuple(b.to(self.device) for b in batch)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            if settings.state_passing:
-                states = _passed_states(model, states, _batch_rows(batch))
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                loss = loss_fn(model, batch, states)
-            loss.backward()
-            if settings.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if graphed is not None and settings.min_lr_ratio == 1.0 and step >= settings.warmup_steps:
+                loss = graphed.step(batch)  # the rate is constant from here on: one graph replay per step
+            else:
+                if settings.state_passing:
+                    states = _passed_states(model, states, _batch_rows(batch))
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                    loss = loss_fn(model, batch, states)
+                loss.backward()
+                if settings.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             step += 1
             pending.append(loss.detach().float())
             if step % settings.log_every == 0 or step == settings.steps:
@@ -410,7 +422,10 @@ class Run:
                                            "final_loss": losses[-1][1] if losses else None,
                                            "params": sum(p.numel() for p in model.parameters()),
                                            "seed": settings.seed, "val_history": val_history,
-                                           "early_stop_step": early_stop, "selected_step": selected})
+                                           "early_stop_step": early_stop, "selected_step": selected,
+                                           "cuda_graph": None if graphed is None else {
+                                               "captures": graphed.captures, "replays": graphed.replays,
+                                               "failed": graphed.disabled}})
         self._save_meta()
         return model
 

@@ -31,7 +31,8 @@ def run_workers(run: Run, workers: int, device: str) -> None:
     procs = []
     for i in range(workers):
         spec = {"name": run.name, "out": str(run.out), "quick": run.quick, "device": _device_of(device, i),
-                "time_budget_s": left, "steps": run.steps_override, "command": run.command, "index": i}
+                "time_budget_s": left, "steps": run.steps_override, "command": run.command, "index": i,
+                "cuda_graph": run.cuda_graph}
         procs.append(subprocess.Popen([sys.executable, "-m", "mambakit.reproduce.worker", json.dumps(spec)]))
     statuses = [p.wait() for p in procs]
     shutil.rmtree(run.state / CLAIMS_DIR, ignore_errors=True)
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> int:
     module = experiment(spec["name"])
     run = Run(spec["name"], spec["out"], device=resolve_device(spec["device"]), quick=spec["quick"], resume=True,
               time_budget_s=spec["time_budget_s"], command=spec["command"], steps=spec["steps"],
-              worker=spec["index"])
+              worker=spec["index"], cuda_graph=spec.get("cuda_graph", True))
     try:
         return module.run(run)
     finally:
