@@ -352,11 +352,25 @@ class Run:
         early_stop = None
         use_autocast = autocast and self.device.type == "cuda"
         graphed = None
-        if self.cuda_graph and self.device.type == "cuda" and not settings.state_passing:
+        # state passing through the graph: every replay starts from carried["states"] (tensors that outlive the
+        # graph), trains on a copy of them as the eager steps do, and writes its final states back into them
+        carried: dict[str, Any] = {"states": None, "step": None}
+        if self.cuda_graph and self.device.type == "cuda":
             from ..training.cuda_graph import GraphedTrainStep
 
-            graphed = GraphedTrainStep(model, optimizer, lambda m, b: loss_fn(m, b, None), grad_clip=settings.grad_clip,
-                                       autocast_dtype=torch.bfloat16 if use_autocast else None)
+            def graph_loss(m, b):
+                if not settings.state_passing:
+                    return loss_fn(m, b, None)
+                carried["step"] = _passed_states(m, carried["states"], _batch_rows(b))
+                return loss_fn(m, b, carried["step"])
+
+            def carry_states():
+                if settings.state_passing:
+                    rows = carried["states"].batch_size
+                    carried["states"].index_copy_(torch.arange(rows, device=self.device), carried["step"])
+
+            graphed = GraphedTrainStep(model, optimizer, graph_loss, grad_clip=settings.grad_clip,
+                                       autocast_dtype=torch.bfloat16 if use_autocast else None, after_step=carry_states)
         model.train()
         bar = _progress(self.progress, total=settings.steps, initial=step, desc=f"{self.name} {key}")
         t0 = time.monotonic()
@@ -369,7 +383,10 @@ class Run:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             if graphed is not None and settings.min_lr_ratio == 1.0 and step >= settings.warmup_steps:
+                if settings.state_passing and carried["states"] is None:  # the eager steps' states, carried on
+                    carried["states"] = _passed_states(model, states, _batch_rows(batch))
                 loss = graphed.step(batch)  # the rate is constant from here on: one graph replay per step
+                states = carried["states"]
             else:
                 if settings.state_passing:
                     states = _passed_states(model, states, _batch_rows(batch))

@@ -54,7 +54,9 @@ class GraphedTrainStep:
     loss_fn(model, batch) -> scalar loss tensor (its forward; autocast is applied around it here). grad_clip > 0
     clips the global gradient norm before the optimizer step. autocast_dtype: the torch.autocast dtype of the
     forward (None: none). warmup: eager steps of each new batch shape before its capture (lazy initialisation,
-    Triton compilation and the optimizer's state happen in them).
+    Triton compilation and the optimizer's state happen in them). after_step(): runs after the optimizer step,
+    without autograd, and is captured with the rest, e.g. to copy the step's final recurrent states into the
+    tensors the next step starts from (state passing: only in-place writes to tensors that outlive the step).
 
     `step(batch)` returns the step's loss (a detached float32 scalar on the GPU, not yet read back, so no sync).
     If the capture fails (an op that syncs the host or is not capturable), a warning says why, and every later
@@ -63,7 +65,8 @@ class GraphedTrainStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], *, grad_clip: float = 0.0,
-                 autocast_dtype: torch.dtype | None = torch.bfloat16, warmup: int = 3):
+                 autocast_dtype: torch.dtype | None = torch.bfloat16, warmup: int = 3,
+                 after_step: Callable[[], None] | None = None):
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if not params or params[0].device.type != "cuda":
             raise ValueError("GraphedTrainStep: the model's parameters must be on a CUDA device")
@@ -72,6 +75,7 @@ class GraphedTrainStep:
                              f"got {warmup}")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.grad_clip, self.autocast_dtype, self.warmup = grad_clip, autocast_dtype, warmup
+        self.after_step = after_step
         self.device = params[0].device
         self.disabled = False  # set when a capture failed: eager from then on
         self.captures = 0  # graphs captured so far (one per batch shape met)
@@ -92,6 +96,9 @@ class GraphedTrainStep:
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
+        if self.after_step is not None:
+            with torch.no_grad():
+                self.after_step()
         return loss.detach().float()
 
     def eager_step(self, batch: Any) -> torch.Tensor:
