@@ -29,6 +29,10 @@ H200: after 4000 steps attention at T = 256 had 1.0% test accuracy, loss 7.44 of
 - **Learning rate per family**: attention 5e-3, the SSMs 2e-3 (Zoology and the Mamba-2 paper sweep the rate per
   model and report the best). On the CPU proxy attention at 2e-3 stayed on its plateau where 5e-3 solved it; Mamba-2
   N64 at T 64 had 37% at step 600 with 2e-3 (vocabulary 1024) but 10.5% with 5e-3 (vocabulary 256).
+  The full run (session 20, results/mqar/) left every Mamba-1 on the plateau at 2e-3. A CPU study at T 32
+  (BENCHMARKS.md, "why MQAR's Mamba-1 stays on the plateau") found Mamba-1 leaving it at ~3,100 steps at 2e-3
+  (Mamba-2 N64: ~1,300) and sooner at higher rates (1e-2: ~750-1,000, but one seed of three not within 2,000),
+  with no bug and no help from other A or dt initialisations: the next candidate for Mamba-1 is a higher rate.
 - **4000 steps at most** (batch 64, 100-step warmup, then constant; weight decay 0.1 as Zoology), with early
   stopping at 99% validation accuracy. A 2000-step pilot on an H200 (reproduce/README.md) trained 29 of the 42 runs
   in 240 s with `--workers 6` (21-108 s per model) and left Mamba-2 N64 at T 256 still rising (97.3%, 89.6%, 8.3%),
