@@ -107,6 +107,8 @@ def main() -> None:
     p.add_argument("--stop-at", type=float, default=None, help="stop once validation accuracy >= this")
     p.add_argument("--out", default=None, help="write the JSON summary here")
     a = p.parse_args()
+    if (a.dt_min is None) != (a.dt_max is None):
+        p.error("--dt-min and --dt-max go together")
     try:
         stages = parse_stages(a.stages)
     except ValueError as e:

@@ -365,12 +365,12 @@ class Run:
                 return loss_fn(m, b, carried["step"])
 
             def carry_states():
-                if settings.state_passing:
-                    rows = carried["states"].batch_size
-                    carried["states"].index_copy_(torch.arange(rows, device=self.device), carried["step"])
+                rows = carried["states"].batch_size
+                carried["states"].index_copy_(torch.arange(rows, device=self.device), carried["step"])
 
             graphed = GraphedTrainStep(model, optimizer, graph_loss, grad_clip=settings.grad_clip,
-                                       autocast_dtype=torch.bfloat16 if use_autocast else None, after_step=carry_states)
+                                       autocast_dtype=torch.bfloat16 if use_autocast else None,
+                                       after_step=carry_states if settings.state_passing else None)
         model.train()
         bar = _progress(self.progress, total=settings.steps, initial=step, desc=f"{self.name} {key}")
         t0 = time.monotonic()
