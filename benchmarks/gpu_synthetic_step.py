@@ -43,7 +43,7 @@ def spec_and_batches(name: str, key: str, batch: int | None = None):
     module = experiment(name)
     s = module.settings(False)
     if batch is not None:
-        s["batch_size"] = s["mamba_batch_size"] = batch
+        s["batch_size"] = batch
     if name == "mqar":
         T = int(key.rsplit("-T", 1)[1])
         spec = next(sp for sp in module.model_specs(s, T) if sp.key == key)

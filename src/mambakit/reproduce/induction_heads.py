@@ -6,9 +6,13 @@ extrapolates perfectly to a million tokens, attention fails beyond about twice i
 
 Models (2 layers each): Mamba (Mamba-1, d_model 64), Mamba-2 (d_model 64, d_state 64), S4D (S4D-Lin, d_model
 64), and two Transformers of d_model 128 with 8 heads and a gated MLP: rotary positions (MHA-RoPE) and sinusoidal
-absolute positions (MHA-Abs). One row the paper does not have: "Mamba + state passing", the same Mamba and recipe
-with every training batch starting from the previous batch's final states (Buitrago Ruiz & Gu 2025's state-coverage
-intervention for length generalisation; `TrainSettings.state_passing`).
+absolute positions (MHA-Abs). The Mamba row trains with state passing (`TrainSettings.state_passing`: every batch
+starts from the previous batch's final states, detached; Buitrago Ruiz & Gu 2025's state-coverage intervention for
+length generalisation), on the same rows of 256 tokens. Without it no recipe tried here extrapolated to 2^20 on most
+seeds, the paper's own included (batch 8, constant lr 1e-3, 204,800 steps: one seed froze at 69% at 2^20 with its
+loss at ~0, another stayed at 3-53% for 160,000 steps; BENCHMARKS.md, session 20). Training sees distances of at
+most 253 tokens between the value and the query either way; what state passing adds is the states that follow long
+histories, which is what a test row of 2^20 tokens begins its query from.
 
 Evaluation memory: the SSM models run every test length through `generation.prefill` in chunks (constant memory
 whatever T: a million tokens cost what one chunk costs); attention runs one causal SDPA forward per batch (bf16 on
@@ -23,26 +27,12 @@ every validation accuracy is >= `target` twice in a row; a model that never gets
 and keeps the weights of its best validation (`selected_step`): its accuracy at 2^20 drifted widely at a
 constant lr once the loss was ~0 (one Mamba: 94% at step 4,500, 34% at 6,750, 59% at 10,000).
 The long validation runs only once the training length passes (before that it is recorded as None, unmet): it
-costs about as much as a few hundred training steps. With `val_long` at 2^14 (session 12, H200), Mamba stopped
-after 3,500 and 5,000 steps and then held 100% only to 2^13 / 2^14, falling to 85-97% at 2^15 and to 36% at 2^20
-(seed 0): passing at 2^14 said little about 2^20, so the stop is now judged at the longest test length, on
-validation rows of their own seed. Session 14 (H200, this recipe, seed 0): Mamba never passed it and trained the
-full 10,000 steps (loss ~0 from step ~1,000): 100% to 2^12, then 97.9 / 93.0 / 88.7 / 85.0% at 2^13 .. 2^16 and
-54.7% at 2^20; with state passing 100% to 2^13, 99.0% at 2^14, 42.2% at 2^20. The decline is gradual (a few
-points per doubling), not a cliff. A CPU proxy (train T 64, batch 32, 3,000 steps) extrapolated worse at lr 1e-3
-(the paper's) than at 2e-3: 35.9 against 85.9% at 2^10. The attention models trained at 2e-3 then and stayed at
-chance; they now train at 2e-4 (`attn_lr`).
-Session 15 compared recipes for Mamba alone (`benchmarks/induction_recipe.py`, BENCHMARKS.md): batch 8 / 32 / 64 /
-128, lr 1e-3 / 2e-3, constant or cosine, up to 29k steps. None held 2^20. All reached 100% at 256, but the 32-row
-validation at 2^20 swung by tens of points between evaluations 2,500 steps apart, and two runs of the same seed
-(differing only by the GPU's nondeterministic sums) followed different curves. Two runs touched 100% there once,
-which the kept-best selection can catch. The recipe here is unchanged until a full run shows which one wins on the
-test set.
-Checking the evaluation numerics ruled them out: on the CPU the same model gives the same predictions at 2^13 in
-float32, float64, bf16 autocast and without chunked prefill (README.md beside this module).
-What fails is the distance to the value, not the length (session 19, `benchmarks/induction_horizon.py`, BENCHMARKS.md):
-a value 128 tokens back is recalled behind 16K tokens of noise, one 16K tokens back is lost more often. So the
-memory of the value fades (Mamba-1 forgets at Δ·|A| per token), and 2^20 needs a rate below about 1e-6.
+costs about as much as a few hundred training steps. What sessions 12-20 tried before state passing is in
+BENCHMARKS.md: validation at 2^14 (passing it said little about 2^20); batch 8 to 128, lr 1e-3 / 2e-3, constant or
+cosine, up to 204,800 steps (all 100% at 256, none held 2^20 on most seeds); the evaluation's numerics (the same
+predictions in float32, float64, bf16 and without chunked prefill); and what fails, the distance to the value, not the
+length (`benchmarks/induction_horizon.py`): the memory of the value fades at Δ·|A| per token, and 2^20 needs a rate
+below about 1e-6.
 """
 
 from __future__ import annotations
@@ -76,14 +66,13 @@ def settings(quick: bool) -> dict:
                 "min_samples": 4, "max_samples": 4, "attention_max_len": 2 ** 5, "attention_samples": 4,
                 "prefill_chunk": 16, "tokens_per_call": 2 ** 8, "seeds": [0, 1], "eval_every": 2, "target": 0.995,
                 "val_rows": 4, "val_long": 2 ** 6, "val_long_rows": 2, "attn_lr": 1e-3,
-                "mamba_batch_size": 2, "mamba_lr": 1e-3, "mamba_steps": 4, "mamba_eval_every": 2}
+                "mamba_steps": 4, "mamba_eval_every": 2}
     return {"train_len": 256, "test_log2": list(range(6, 21)), "batch_size": 128, "steps": 10000, "lr": 2e-3,
             "warmup_steps": 200, "ssm_d_model": 64, "attn_d_model": 128, "attn_heads": 8, "attn_mlp": 256,
             "mamba2_headdim": 16, "min_samples": 64, "max_samples": 512, "attention_max_len": 2 ** 18,
             "attention_samples": 64, "prefill_chunk": 2 ** 14, "tokens_per_call": 2 ** 22, "seeds": [0, 1, 2],
             "eval_every": 250, "target": 0.995, "val_rows": 256, "val_long": 2 ** 20, "val_long_rows": 32,
-            "attn_lr": 2e-4, "mamba_batch_size": 8, "mamba_lr": 1e-3, "mamba_steps": 204_800,
-            "mamba_eval_every": 4096}
+            "attn_lr": 2e-4, "mamba_steps": 40_000, "mamba_eval_every": 500}
 
 
 def train_settings(s: dict) -> TrainSettings:
@@ -99,13 +88,13 @@ def model_specs(s: dict) -> list[ModelSpec]:
     attn = {"d_model": d_attn, "n_layer": 2, "vocab_size": INDUCTION_VOCAB, "attn_layer_idx": [0, 1],
             "d_intermediate": s["attn_mlp"]}
     head_dim = d_attn // heads
-    # the paper's recipe for its Mamba row (Appendix E.1: batch 8, Adam at a constant 1e-3, 25 "epochs" of 8192
-    # steps); the graphed step (training.GraphedTrainStep) makes its 204,800 steps affordable
-    paper = dataclasses.replace(train, batch_size=s["mamba_batch_size"], lr=s["mamba_lr"], steps=s["mamba_steps"],
-                                eval_every=s["mamba_eval_every"])
+    # the Mamba row trains with state passing (module docstring: the paper's recipe did not extrapolate here); with
+    # it one seed held 100% to 2^18 after 10,000 steps, still rising at 2^20, so it may train longer
+    mamba_train = dataclasses.replace(train, state_passing=True, steps=s["mamba_steps"],
+                                      eval_every=s["mamba_eval_every"])
     return [
-        ModelSpec("mamba", "Mamba", MambaConfig(**ssm, ssm_cfg={"layer": "Mamba1", "d_state": 16}), paper,
-                  info={"kind": "ssm"}),
+        ModelSpec("mamba", "Mamba (state passing)", MambaConfig(**ssm, ssm_cfg={"layer": "Mamba1", "d_state": 16}),
+                  mamba_train, info={"kind": "ssm"}),
         ModelSpec("mamba2", "Mamba-2", MambaConfig(**ssm, ssm_cfg={"layer": "Mamba2", "d_state": 64,
                                                                    "headdim": s["mamba2_headdim"], "chunk_size": 64}),
                   train, info={"kind": "ssm"}),
@@ -115,10 +104,6 @@ def model_specs(s: dict) -> list[ModelSpec]:
                   attn_train, info={"kind": "attention"}),
         ModelSpec("mha-abs", "MHA-Abs", MambaConfig(**attn, attn_cfg={"num_heads": heads, "absolute_pos_emb": True}),
                   attn_train, info={"kind": "attention"}),
-        # not in the paper: the same Mamba and recipe, trained with state passing (a length-generalisation
-        # intervention of Buitrago Ruiz & Gu 2025), reported as its own row
-        ModelSpec("mamba-sp", "Mamba + state passing", MambaConfig(**ssm, ssm_cfg={"layer": "Mamba1", "d_state": 16}),
-                  dataclasses.replace(train, state_passing=True), info={"kind": "ssm"}),
     ]
 
 
@@ -282,9 +267,15 @@ attention beyond 2^14 uses {s['attention_samples']} rows. The "samples" field of
 
 **Models** (2 layers): Mamba (Mamba-1) d_model {s['ssm_d_model']}, Mamba-2 d_model {s['ssm_d_model']} d_state 64,
 S4D (S4D-Lin) d_model {s['ssm_d_model']}; MHA-RoPE / MHA-Abs: d_model {s['attn_d_model']}, {s['attn_heads']} heads,
-gated MLP {s['attn_mlp']}, rotary or sinusoidal absolute positions. **Not in the paper**: "Mamba + state passing" is
-the Mamba row trained the same way except that every batch starts from the previous batch's final recurrent states
-(detached), the state-coverage intervention of Buitrago Ruiz & Gu 2025; the paper's claim is judged on the "Mamba" row.
+gated MLP {s['attn_mlp']}, rotary or sinusoidal absolute positions.
+
+**Not the paper's recipe: the Mamba row trains with state passing.** Every training batch starts from the previous
+batch's final recurrent states (detached), the state-coverage intervention of Buitrago Ruiz & Gu 2025; the rows are
+still {s['train_len']} tokens and the value is never more than {s['train_len'] - 3} tokens before the query. The
+paper's recipe (batch 8, Adam at a constant 1e-3, 204,800 steps) did not extrapolate in mambakit's runs on an H200:
+one seed's validation accuracy at 2^20 froze at 69% once its loss reached ~0, another stayed at 3-53% for 160,000
+steps (BENCHMARKS.md, session 20). Without state passing no recipe tried (batch 8 to 128, lr 1e-3 / 2e-3, constant
+or cosine) held 2^20 on most seeds.
 
 **Where evaluation stopped**:
 {stops}
@@ -293,13 +284,14 @@ The SSMs are evaluated through chunked prefill (`mambakit.generation.prefill(...
 constant memory, so 2^20 costs what one chunk costs. Attention runs one SDPA forward (flash attention in bf16 on CUDA:
 memory linear in T, compute quadratic), up to {s['attention_max_len']} tokens.
 
-**Budget**: the Mamba row trains with the paper's recipe, {model_specs(s)[0].train.describe()}. The other models
+**Budget**: the Mamba row trains {model_specs(s)[0].train.describe()}. The other models
 train {train_settings(s).describe()}, rows of length {s['train_len']}, loss on the last position only; the
 attention models the same at lr {s['attn_lr']:g} (at 2e-3 both stayed at chance, loss ln 16, for
 10,000 steps on the H200, and a CPU check at T = 64 learned at 2e-4 and not at 1e-3 or 2e-3). Validation (seed
 {VAL_SEED} + T): {s['val_rows']} rows at T = {s['train_len']} and, for the SSMs, {s['val_long_rows']} rows at
 T = {s['val_long']} (measured once the training length passes); every one must reach the target. The paper trains
-about 200K steps of 8 rows (Adam, constant lr 1e-3 for Mamba, 2e-4 for the others).
+about 200K steps of 8 rows (Adam, constant lr 1e-3 for Mamba, 2e-4 for the others); the attention rows here
+train on batches of {s['batch_size']}.
 
 **Checkpoints**: `mamba/` (and the others) load with `MambaLM.from_pretrained("results/{NAME}/mamba")`: the median
 seed's model (results.json: `checkpoint_seed`).
