@@ -385,9 +385,10 @@ class Run:
             if graphed is not None and settings.min_lr_ratio == 1.0 and step >= settings.warmup_steps:
                 if settings.state_passing and carried["states"] is None:  # the eager steps' states, carried on
                     carried["states"] = _passed_states(model, states, _batch_rows(batch))
-                # drop the last eager step's graph first: its AccumulateGrad nodes, bound to the default stream, would
-                # otherwise serve the graph's warm-up on its side stream (PyTorch warns of the stream mismatch)
-                loss = None
+                # drop the last eager step's graph first (held by its loss and by the states it wrote): its
+                # AccumulateGrad nodes, bound to the default stream, would otherwise serve the graph's warm-up on its
+                # side stream (PyTorch warns of the stream mismatch)
+                loss = states = None
                 loss = graphed.step(batch)  # the rate is constant from here on: one graph replay per step
                 states = carried["states"]
             else:
