@@ -245,7 +245,7 @@ def run_checks(models: dict, names: list[str], s: Shapes, device, dtype, graphs:
                     out = [runner.prefill(ids[:, :24])]
                     out += [runner.step(ids[:, pos], pos).clone() for pos in range(24, 40)]
                     logits[use] = torch.stack(out, 1)
-                    del runner
+                    runner = None
                 diff = float((logits[True] - logits[False]).abs().max() / logits[False].abs().max())
                 same = float((logits[True].argmax(-1) == logits[False].argmax(-1)).float().mean())
                 checks.report(f"{name} CUDA-graph decode == eager", diff <= 1e-2,
@@ -345,7 +345,7 @@ def bench_latency(models: dict, names: list[str], s: Shapes, device, graphs: boo
                 times.append(timed(lambda: decode_loop(runner, logits, s.latency_prompt + 2, s.latency_steps - 4),
                                    device) / (s.latency_steps - 4))
             rows.append({"model": name, "cuda_graph": use_graph, "ms_per_token": statistics.median(times) * 1e3})
-            del runner
+            runner = None
             free_memory()
     print("\n| model | CUDA graph | ms/token |\n|---|---|---|")
     for r in rows:
@@ -379,7 +379,7 @@ def bench_batch(models: dict, names: list[str], s: Shapes, device, graphs: bool)
         t_step = step_seconds(runner, logits, s.latency_prompt, min(new - 4, 64), device)
         rows.append({"model": name, "batch": b, "cuda_graph": graphs, "generate_tok_s": b * new / t_gen,
                      "decode_tok_s": b / t_step, "decode_ms_per_step": t_step * 1e3})
-        del runner
+        runner = None
         free_memory()
     print("\n| model | batch | end-to-end tok/s (prefill incl.) | decode tok/s | decode ms/step |")
     print("|---|---|---|---|---|")
@@ -418,7 +418,7 @@ def measure_batch(name: str, model, batch: int, s: Shapes, device, graphs: bool,
                 "tok_s": new / (t_prefill + t_decode), "decode_tok_s": new / t_decode, "peak_gib": peak,
                 "step_ms_first_last": [1e3 * per_step[0], 1e3 * per_step[-1]]}
     finally:
-        del runner
+        runner = None
         free_memory()
 
 
@@ -435,7 +435,7 @@ def full_decode_check(name: str, model, s: Shapes, device, graphs: bool, estimat
         logits = runner.prefill(ids)
         measured = timed(lambda: decode_loop(runner, logits, s.prompt, s.new_tokens), device)
     finally:
-        del runner
+        runner = None
         free_memory()
     return {"model": name, "batch": estimate["batch"], "measured_decode_s": measured,
             "estimated_decode_s": estimate["decode_s"], "ratio": measured / estimate["decode_s"]}

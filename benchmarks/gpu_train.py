@@ -125,7 +125,7 @@ def run_case(layer: str, shape: str, path: str, batch: int, seqlen: int, steps: 
            "first_step_s": round(first, 1)}
     if profile_top:
         row["kernels"] = kernel_table(step, profile_top)
-    del model, opt, forward
+    model = opt = forward = None  # frees them (a del would confuse pyflakes over the closures above)
     torch.cuda.empty_cache()
     return row
 

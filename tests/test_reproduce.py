@@ -454,12 +454,28 @@ def test_workers_divide_the_models_and_give_the_results_of_one_process(tmp_path,
     assert not (parallel / "_state" / "claims").exists()
 
 
+@pytest.mark.slow
+def test_ablations_workers_train_every_row_once_and_give_the_rows_of_one_process(tmp_path, capfd):
+    """Every ablation row is its own model: two workers divide them (a config in two tables is trained once) and
+    the results equal a single process's (on the CPU a model is a function of its seed)."""
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    assert reproduce("ablations", serial, quick=True, device="cpu", progress=False) == FINISHED
+    capfd.readouterr()
+    assert reproduce("ablations", parallel, quick=True, device="cpu", progress=False, workers=2) == FINISHED
+    log = capfd.readouterr().err
+    claimed = [line.split(": ")[-1] for line in log.splitlines() if line.startswith("[worker ")]
+    assert "[worker 0]" in log and "[worker 1]" in log
+    a, b = (json.loads((d / "results.json").read_text())["rows"] for d in (serial, parallel))
+    assert sorted(claimed) == sorted({r["key"] for r in a})  # each distinct model once
+    assert [(r["table"], r["label"], r["val_loss"]) for r in a] == [(r["table"], r["label"], r["val_loss"]) for r in b]
+
+
 def test_workers_are_refused_for_an_experiment_whose_models_depend_on_each_other(tmp_path, capsys):
-    with pytest.raises(ValueError, match="selective-copying, induction-heads, mqar"):
-        reproduce("lm-scaling", tmp_path, quick=True, device="cpu", workers=2)
+    with pytest.raises(ValueError, match="selective-copying, induction-heads, mqar, .*ablations"):
+        reproduce("lm-scaling", tmp_path, quick=True, device="cpu", workers=2)  # its sizes wait for the lr sweep
     with pytest.raises(ValueError, match="workers must be an int >= 1"):
         reproduce("mqar", tmp_path, quick=True, device="cpu", workers=0)
-    assert cli_main(["reproduce", "ablations", "--quick", "--out", str(tmp_path), "--workers", "3"]) == 2
+    assert cli_main(["reproduce", "lm-scaling", "--quick", "--out", str(tmp_path), "--workers", "3"]) == 2
     assert "depend on each other" in capsys.readouterr().err
 
 

@@ -68,7 +68,7 @@ def run_prefill(device: torch.device, quick: bool, log: Callable[[str], None] = 
             rows.append(row)
             memory = "" if peak is None else f", peak {row['peak_mb']:,.0f} MB"
             log(f"{name:12s} context {context:8,d}: {seconds:8.3f} s  {row['tokens_per_s']:12,.0f} tok/s{memory}")
-        del model
+        model = None  # frees it (a del would confuse pyflakes over the closure above)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {"settings": asdict(s), "shape": asdict(shape), "params": params, "rows": rows, "notes": notes}

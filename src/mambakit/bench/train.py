@@ -67,7 +67,7 @@ def run_train(device: torch.device, quick: bool, log: Callable[[str], None] = pr
                    "peak_mb": None if peak is None else peak / 2 ** 20}
             rows.append(row)
             log(f"{name:12s} seqlen {L:6d} x {batch:3d}: {ms:9.1f} ms/step  {row['tokens_per_s']:10.0f} tok/s")
-        del model, opt
+        model = opt = None  # frees them (a del would confuse pyflakes over the closure above)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {"settings": asdict(s), "shape": asdict(shape), "params": params, "rows": rows, "notes": notes,

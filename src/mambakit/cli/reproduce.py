@@ -42,8 +42,8 @@ def build_parser(prog: str = "mambakit reproduce") -> Parser:
                    help="stop cleanly after T (600, 90s, 10m, 1.5h), saving the state; exit status 3")
     p.add_argument("--steps", type=positive_int, metavar="N", help="override every model's training steps")
     p.add_argument("--workers", type=positive_int, default=1, metavar="N",
-                   help="train up to N models at once, one process each (selective-copying, induction-heads, mqar; "
-                        "pays where the host sets the pace, as in induction heads and MQAR; default 1)")
+                   help="train up to N models at once, one process each (selective-copying, induction-heads, mqar, "
+                        "ablations; pays where the host sets the pace, as in induction heads and MQAR; default 1)")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="run every training step eagerly (default on CUDA: the constant-rate steps replay one "
                         "captured CUDA graph, the same computation without the host's per-kernel launches)")

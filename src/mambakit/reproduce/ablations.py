@@ -28,6 +28,7 @@ from .lm_scaling import english_corpus, flops, n_params, train_and_evaluate
 
 NAME = "ablations"
 SUMMARY = "Mamba paper Tables 6-10: architecture, selective Δ/B/C, real vs complex A, Δ rank, state size N"
+INDEPENDENT_MODELS = True  # every row is its own model at one fixed lr: `--workers N` trains N at once
 
 
 def settings(quick: bool) -> dict:
@@ -100,14 +101,16 @@ def run(run: Run) -> int:
                              info={"family": ssm_cfg["layer"], "params": params, "lr": s["lr"],
                                    "d_model": s["d_model"], "n_layer": s["n_layer"]})
             row = train_and_evaluate(run, spec, train_stream, val_stream, s)
-            if row is None:
-                return run.unfinished()
+            if row is None:  # the time budget, or another worker's model: go on to the next row
+                continue
             row = {**row, "table": table, "ssm_cfg": ssm_cfg, "flops": flops(config, params, row["tokens"], s["seqlen"])}
             rows.append(row)
             lines.append([label, f"{params / 1e3:.1f}K", f"{row['val_ppl']:.3f}", f"{row['val_bpb']:.4f}",
                           row["train_s"]])
         sections.append(f"## {table}: {title}\n\n"
                         + markdown_table(["model", "params", "val ppl", "val bits/byte", "train s"], lines))
+    if not run.results_ready():
+        return run.unfinished()
     readme = f"""# Ablations at small scale (Mamba paper, Tables 6-10)
 
 One model size (d_model {s['d_model']}, {s['n_layer']} layers), each row trained for {s['steps']} steps of
