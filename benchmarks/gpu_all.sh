@@ -67,14 +67,16 @@ for stage in "$@"; do
     # go on), and goes back as $OUT/NAME-state.tgz.NN, gzipped tar parts of at most 15 MiB (a file back from the
     # machine is at most 16 MiB; put the parts in .state/ for the next call). A finished model's train.pt (its
     # optimizer, kept only so that --steps can extend it) stays behind. Once the run exits 0, the results (README,
-    # results.json, plots, checkpoints) come back as $OUT/NAME.tar, to untar into results/
+    # results.json, plots, checkpoints) come back as $OUT/NAME.tar, to untar into results/. WORKERS (default 1) only
+    # for the experiments whose models are independent (selective-copying, induction-heads, mqar, ablations: 6 pays
+    # for the small models); the others refuse more than one
     reproduce-*) name=${stage#reproduce-}; mkdir -p results/$name
                  # the state from .state/, else a run in progress committed under results/NAME/in-progress/
                  for src in .state results/$name/in-progress; do
                    if compgen -G "$src/$name-state.tgz.*" > /dev/null; then cat $src/$name-state.tgz.* | tar xzf - -C results/$name; break; fi
                  done
                  run "reproduce-$name" ${REPRO_LIMIT:-500} python3 -m mambakit.cli reproduce $name --device cuda --resume \
-                   --out results/$name --no-progress --workers ${WORKERS:-6} --time-budget ${REPRO_BUDGET:-420} ${REPRO_FLAGS:-}
+                   --out results/$name --no-progress --workers ${WORKERS:-1} --time-budget ${REPRO_BUDGET:-420} ${REPRO_FLAGS:-}
                  (cd results/$name && for f in _state/*/train.pt; do [ -f "${f%train.pt}done.json" ] && echo "$f"; done) \
                    > /tmp/$name-finished-optimizers
                  tar czf - -X /tmp/$name-finished-optimizers -C results/$name _state | split -b 15m -d - $OUT/$name-state.tgz.

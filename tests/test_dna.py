@@ -361,6 +361,8 @@ def test_dna_context_sequence_length_warmup():
     assert sorted(set(lengths)) == [16, 32, 64, 128] and lengths == sorted(lengths)
     assert lengths.index(128) == 39  # three doublings over the first half of the steps
     assert window_length(0, 8, s) == 8  # a context below the warm-up start trains at its length throughout
+    short = [window_length(step, 128, s, steps=40) for step in range(40)]  # --steps 40: the warm-up shrinks with it
+    assert short.index(128) == 18 and short[-1] == 128
 
 
 @pytest.mark.slow
@@ -394,3 +396,33 @@ def test_debian_species_layout_and_missing_package(tmp_path):
     assert list(debian_species(tmp_path / "ragout", klebsiella=tmp_path / "none")) == ["E.Coli", "V.Cholerae"]
     with pytest.raises(DataError, match="apt-get install ragout-examples"):
         debian_species(tmp_path / "absent")
+
+    # a machine without the packages: the ragout folders copied, K. pneumoniae as a flat folder beside them
+    (tmp_path / "ragout" / "K.Pneumoniae").mkdir()
+    (tmp_path / "ragout" / "K.Pneumoniae" / "K1.fna.xz").write_bytes(lzma.compress(b">k\nGGCC\n"))
+    (tmp_path / "ragout" / "notes").mkdir()  # no FASTA inside: not a species
+    species = debian_species(tmp_path / "ragout", klebsiella=tmp_path / "kleb")
+    assert list(species) == ["E.Coli", "K.Pneumoniae", "V.Cholerae"]  # the folder's copy, not also kleborate's
+    assert [p.name for p in species["K.Pneumoniae"]] == ["K1.fna.xz"]
+
+
+def test_a_pretraining_corpus_in_ragouts_layout_reads_the_references_not_the_draft_contigs(tmp_path):
+    """The draft contigs beside ragout's references re-assemble the same strains: read with them, the held-out
+    tail of a contig would be bases the reference's training part holds."""
+    from mambakit.data.dna import genome_files, load_dna_corpus
+
+    for species in ("E.Coli", "V.Cholerae"):
+        (tmp_path / "ragout" / species / "references").mkdir(parents=True)
+        (tmp_path / "ragout" / species / "references" / "ref.fasta.gz").write_bytes(
+            gzip.compress(f">{species}\n".encode() + b"ACGT" * 8 + b"\n"))
+        (tmp_path / "ragout" / species / "draft_contigs.fasta.gz").write_bytes(gzip.compress(b">c\nACGTACGT\n"))
+    files = genome_files(tmp_path / "ragout")
+    assert [(p.parent.parent.name, p.name) for p in files] == [("E.Coli", "ref.fasta.gz"),
+                                                               ("V.Cholerae", "ref.fasta.gz")]
+    assert load_genome(files).names == ["ref.fasta.gz:E.Coli", "ref.fasta.gz:V.Cholerae"]  # no contig "c"
+    _, (names, _), _, _ = load_dna_corpus(tmp_path / "ragout")
+    assert [d.name for d in names] == ["ref.fasta.gz:E.Coli", "ref.fasta.gz:V.Cholerae"]
+    plain = tmp_path / "mine"  # any other folder: every FASTA file in it, as before
+    plain.mkdir()
+    (plain / "a.fa").write_text(">a\nACGT\n")
+    assert genome_files(plain) == plain and genome_files(plain / "a.fa") == plain / "a.fa"

@@ -214,6 +214,22 @@ def test_reproduce_ablations_quick(tmp_path):
     assert "## Table 10: state size N" in readme and "N = 4, constant B, C" in readme
 
 
+def test_ablations_train_a_config_spelled_with_its_defaults_once():
+    """Full size (d_model 128): Table 9's R = 8 and R = auto are the default Mamba of Tables 6 and 8, and Table 10's
+    N = 16 rows are Table 7's; every other row is a model of its own."""
+    from mambakit.reproduce import ablations
+
+    s = ablations.settings(False)
+    key = {(table, label): ablations._key(cfg, s["d_model"]) for table, _, rows in ablations.groups(s)
+           for label, cfg in rows}
+    mamba = key[("Table 6", "Mamba block, S6 (Mamba)")]
+    assert key[("Table 9", "R = 8")] == key[("Table 9", "R = 8 (auto: d_model / 16)")] == mamba
+    assert key[("Table 10", "N = 16, selective B, C")] == key[("Table 7", "Δ, B, C (Mamba)")] != mamba
+    assert key[("Table 10", "N = 16, constant B, C")] == key[("Table 7", "Δ")]
+    assert key[("Table 9", "R = 4")] != mamba and key[("Table 10", "N = 8, selective B, C")] != mamba
+    assert (len(key), len(set(key.values()))) == (29, 22)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", [pytest.param("lm-scaling", id="lm-scaling"), pytest.param("ablations", id="ablations")])
 def test_quick_runs_on_cuda(tmp_path, name):

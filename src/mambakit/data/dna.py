@@ -48,7 +48,7 @@ from .errors import DataError
 __all__ = [
     "FastaChunk", "iter_fasta", "read_fasta", "NucleotideTokenizer", "reverse_complement", "random_reverse_complement",
     "Genome", "load_genome", "genome_streams", "load_dna_corpus", "SpeciesWindows", "FASTA_SUFFIXES",
-    "DEBIAN_GENOMES", "KLEBSIELLA_GENOMES", "debian_species",
+    "DEBIAN_GENOMES", "KLEBSIELLA_GENOMES", "debian_species", "genome_files",
 ]
 
 FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fas")
@@ -388,7 +388,7 @@ def load_dna_corpus(path: str | Path | None, val_fraction: float = 0.05):
             raise DataError(f"--task dna needs FASTA files: give --data PATH (.fa/.fasta/.fna, optionally .gz/.xz), "
                             f"or install Debian's bacterial genomes (apt-get install ragout-examples: {DEBIAN_GENOMES})")
         path = DEBIAN_GENOMES
-    genome = load_genome(path)
+    genome = load_genome(genome_files(path))  # ragout: references, not draft contigs
     train, val = genome_streams(genome, val_fraction)
     names = [Document(name, "") for name in genome.names]  # one document per record, for the run's log line
     return train.tokenizer, (names, [Document(f"{d.name}#tail", "") for d in names]), train, val
@@ -399,19 +399,40 @@ def debian_species(root: str | Path = DEBIAN_GENOMES,
     """{species name: its genome files}: the species folders of Debian's ragout-examples (E.Coli, H.Pylori,
     S.Aureus, V.Cholerae; complete reference genomes only, draft contigs left out), plus "K.Pneumoniae" from
     kleborate-examples when `klebsiella` is a directory (the species closest to E. coli here: the hard pair).
+    A folder of `root` without a references/ subfolder is a species of its own FASTA files, so a copy of the
+    ragout folders with a K.Pneumoniae folder beside them (a machine without the Debian packages) gives all five.
     Raises DataError with the install command when ragout-examples is absent."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"no genomes at {root}: install them with `apt-get install ragout-examples "
                         "kleborate-examples` (Debian; 20 bacterial genomes of 5 species), or pass your own FASTA files")
-    species = {d.name: sorted((d / "references").glob("*.fasta*")) for d in sorted(root.iterdir()) if d.is_dir()}
-    species = {k: v for k, v in species.items() if v}
+    species = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if (d / "references").is_dir():
+            files = sorted((d / "references").glob("*.fasta*"))
+        else:
+            try:
+                files = _fasta_files(d)
+            except DataError:  # no FASTA inside: not a species
+                files = []
+        if files:
+            species[d.name] = files
     if not species:
         raise DataError(f"{root}: no <species>/references/*.fasta* files")
-    if klebsiella is not None and Path(klebsiella).is_dir():
-        files = _fasta_files(Path(klebsiella))
-        species["K.Pneumoniae"] = files
+    if klebsiella is not None and Path(klebsiella).is_dir() and "K.Pneumoniae" not in species:
+        species["K.Pneumoniae"] = _fasta_files(Path(klebsiella))
     return species
+
+
+def genome_files(path: str | Path) -> Path | list[Path]:
+    """What `load_genome` should read for a pretraining corpus at `path`: a folder in ragout-examples' layout
+    (<species>/references/) gives its complete references only, not the draft contigs beside them (those re-assemble
+    the references' own strains, so their held-out tails would be in the references' training part); anything
+    else is returned as it is."""
+    path = Path(path)
+    if path.is_dir() and any((d / "references").is_dir() for d in path.iterdir() if d.is_dir()):
+        return [f for files in debian_species(path, klebsiella=None).values() for f in files]
+    return path
 
 
 # ---------------------------------------------------------------- species classification

