@@ -79,10 +79,16 @@ def test_s4d_fft_convolution_equals_the_recurrence(A_init, gated):
     assert_close(state.ssm_state, h_ref, name="final state", rel=1e-10)
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["kernel-whole", "kernel-in-pieces"])
 @pytest.mark.parametrize("A_init, gated", S4D_CASES)
-def test_s4d_fft_path_gradients_equal_the_scan_path(A_init, gated):
-    """Every parameter's gradient through the FFT path equals the one through the scan op (the seq_idx path)."""
+def test_s4d_fft_path_gradients_equal_the_scan_path(A_init, gated, chunked, monkeypatch):
+    """Every parameter's gradient through the FFT path equals the one through the scan op (the seq_idx path); also
+    with the kernel built 5 positions at a time (6 checkpointed pieces of L 29, recomputed in the backward)."""
+    from mambakit.modules import s4d
+
     layer = _s4d(A_init, gated)
+    if chunked:
+        monkeypatch.setattr(s4d, "KERNEL_CHUNK_ELEMENTS", layer.d_inner * layer.d_state * 5)
     u = torch.randn(2, 29, 16, dtype=torch.float64)
     upstream = torch.randn(2, 29, 16, dtype=torch.float64)
     grads = []

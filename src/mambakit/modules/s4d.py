@@ -12,7 +12,8 @@ Shapes (legend): B batch, L seqlen, M d_model, D d_inner = expand * d_model, N d
 
 This is the same discretisation as `ops.selective_scan` with Δ, B and C held fixed over time, so the
 layer is a long convolution: y = K * x + D x with K[d, l] = s Re sum_n C[d, n] dt B[d, n] exp(dt A[d, n])^l.
-The forward computes K (D, N, L powers) and convolves by FFT in O(L log L); a cache adds the initial
+The forward computes K (`ssm_kernel`: the (D, N, L) powers in pieces, recomputed in the backward) and
+convolves by FFT in O(L log L); a cache adds the initial
 state's contribution and returns the final state in closed form (decoding, and prefill over several calls). With
 `seq_idx` (packed documents) the state must restart inside a row, which a convolution cannot express,
 so that path runs `ops.selective_scan` with per-channel B, C (ngroups = D) on the PyTorch backend.
@@ -31,6 +32,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..deprecation import renamed_argument
@@ -44,6 +46,32 @@ A_INITS = ("S4D-Lin", "S4D-Real")
 def _fft_len(n: int) -> int:
     """Smallest power of two >= n: cuFFT and pocketfft are fastest there, and 2 L avoids circular wrap."""
     return 1 << (n - 1).bit_length()
+
+
+# (D, N, chunk) powers built at a time by ssm_kernel: 2^24 complex64 elements, 128 MB
+KERNEL_CHUNK_ELEMENTS = 1 << 24
+
+
+def ssm_kernel(coef: torch.Tensor, dtA: torch.Tensor, seqlen: int, chunk: int | None = None) -> torch.Tensor:
+    """K[d, l] = sum_n coef[d, n] exp(dtA[d, n] l) for l < seqlen: (D, N), (D, N) -> (D, L), real or complex.
+
+    Built `chunk` positions at a time (default: KERNEL_CHUNK_ELEMENTS / (D N)); under autograd each piece is
+    recomputed in the backward (torch.utils.checkpoint), so what is kept is O(D L), not the (D, N, L) powers:
+    at D 256, N 16, L 2^20 those are 34 GB of complex64 a layer.
+    """
+    d, n = dtA.shape
+    chunk = chunk or max(1, KERNEL_CHUNK_ELEMENTS // (d * n))
+
+    def piece(coef: torch.Tensor, dtA: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        t = torch.arange(start, stop, device=dtA.device, dtype=coef.real.dtype)
+        return (coef[..., None] * torch.exp(dtA[..., None] * t)).sum(1)
+
+    if seqlen <= chunk:
+        return piece(coef, dtA, 0, seqlen)
+    keep = torch.is_grad_enabled() and (coef.requires_grad or dtA.requires_grad)
+    pieces = [torch.utils.checkpoint.checkpoint(piece, coef, dtA, s, min(seqlen, s + chunk), use_reentrant=False)
+              if keep else piece(coef, dtA, s, min(seqlen, s + chunk)) for s in range(0, seqlen, chunk)]
+    return torch.cat(pieces, -1)
 
 
 class S4D(nn.Module):
@@ -159,9 +187,12 @@ class S4D(nn.Module):
         dt, A, B, C = self.ssm_params(real)
         scale = 2.0 if self.is_complex else 1.0
         dtA = dt[:, None] * A  # (D, N); Re <= 0, so every power below has modulus <= 1
-        t = torch.arange(seqlen, device=x.device, dtype=real)
-        powers = torch.exp(dtA[..., None] * t)  # (D, N, L): exp(dt A)^l
-        kernel = ((C * B * dt[:, None])[..., None] * powers).sum(1)  # (D, L)
+        coef = C * B * dt[:, None]  # (D, N)
+        if cache is None:  # training: the kernel in pieces, O(D N chunk) memory kept for the backward
+            kernel = ssm_kernel(coef, dtA, seqlen)
+        else:  # the powers serve the initial state's terms too
+            powers = torch.exp(dtA[..., None] * torch.arange(seqlen, device=x.device, dtype=real))  # (D, N, L)
+            kernel = (coef[..., None] * powers).sum(1)  # (D, L)
         kernel = scale * kernel.real if self.is_complex else kernel
         x_BDL = x.to(real).transpose(1, 2)
         n = _fft_len(2 * seqlen)
