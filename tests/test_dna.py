@@ -361,7 +361,7 @@ def test_dna_context_sequence_length_warmup():
     assert sorted(set(lengths)) == [16, 32, 64, 128] and lengths == sorted(lengths)
     assert lengths.index(128) == 39  # three doublings over the first half of the steps
     assert window_length(0, 8, s) == 8  # a context below the warm-up start trains at its length throughout
-    short = [window_length(step, 128, s, steps=40) for step in range(40)]  # --steps 40: the warm-up shrinks with it
+    short = [window_length(step, 128, {**s, "steps": 40}) for step in range(40)]  # --steps 40 (Run.with_steps)
     assert short.index(128) == 18 and short[-1] == 128
 
 

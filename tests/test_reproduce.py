@@ -470,6 +470,18 @@ def test_ablations_workers_train_every_row_once_and_give_the_rows_of_one_process
     assert [(r["table"], r["label"], r["val_loss"]) for r in a] == [(r["table"], r["label"], r["val_loss"]) for r in b]
 
 
+def test_with_steps_puts_the_steps_override_into_the_settings(tmp_path):
+    """`--steps N` reaches an experiment's settings (its README, results.json and step-derived schedules such as
+    dna-context's warm-up), not only the training loop."""
+    def run(steps):
+        return Run("t", tmp_path, torch.device("cpu"), quick=True, resume=False, time_budget_s=None, command="x",
+                   progress=False, steps=steps)
+
+    s = {"steps": 2000, "lr": 1e-3}
+    assert run(None).with_steps(s) is s
+    assert run(800).with_steps(s) == {"steps": 800, "lr": 1e-3} and s["steps"] == 2000
+
+
 def test_workers_are_refused_for_an_experiment_whose_models_depend_on_each_other(tmp_path, capsys):
     with pytest.raises(ValueError, match="selective-copying, induction-heads, mqar, .*ablations"):
         reproduce("lm-scaling", tmp_path, quick=True, device="cpu", workers=2)  # its sizes wait for the lr sweep

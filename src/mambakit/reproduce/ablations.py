@@ -92,7 +92,7 @@ def _key(ssm_cfg: dict, d_model: int) -> str:
 
 
 def run(run: Run) -> int:
-    s = settings(run.quick)
+    s = run.with_steps(settings(run.quick))  # --steps: every model, the README and the schedules
     train_stream, val_stream, data = english_corpus(s)
     vocab = data["vocab_size"]
     train = TrainSettings(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], warmup_steps=s["warmup_steps"],

@@ -73,7 +73,7 @@ def _held_out_windows(recordings: list[torch.Tensor], length: int, max_samples: 
 
 
 def run(run: Run) -> int:
-    s = settings(run.quick)
+    s = run.with_steps(settings(run.quick))  # --steps: every model, the README and the schedules
     root = _data_root(run, s)
     train_recs = [mu_law_encode(r) for r in speaker_recordings(root, "train").values()]
     val_recs = [mu_law_encode(r) for r in speaker_recordings(root, "validation").values()]

@@ -213,6 +213,12 @@ class Run:
                   "Run the same command with --resume to continue.", file=sys.stderr)
         return UNFINISHED
 
+    def with_steps(self, s: dict) -> dict:
+        """An experiment's settings with s["steps"] replaced by --steps when given, for the experiments whose every
+        model trains s["steps"] steps: what their README and results.json say, and what schedules derived from
+        the step count (dna-context's sequence-length warm-up) use, is then the run's real budget."""
+        return s if self.steps_override is None else {**s, "steps": self.steps_override}
+
     def results_ready(self) -> bool:
         """Whether every model and evaluation the experiment asked for is there, so that its results can be
         written (never in a worker: the parent writes them). An experiment's loop goes on past a model that

@@ -55,14 +55,14 @@ def settings(quick: bool) -> dict:
             "val_fraction": 0.05}
 
 
-def window_length(step: int, context: int, s: dict, steps: int | None = None) -> int:
+def window_length(step: int, context: int, s: dict) -> int:
     """The sequence-length warm-up: slw_start doubling in equal stages over the first slw_fraction of the steps
-    (`steps`, the run's step count: s["steps"] unless --steps overrides it)."""
+    (s["steps"]: `run` replaces it with --steps, so a shorter run warms up in proportion)."""
     start = min(s["slw_start"], context)
     stages = int(math.log2(context // start))
     if stages == 0:
         return context
-    stage_steps = max(1, int(s["slw_fraction"] * (steps or s["steps"])) // stages)
+    stage_steps = max(1, int(s["slw_fraction"] * s["steps"]) // stages)
     return min(context, start * 2 ** (step // stage_steps))
 
 
@@ -94,16 +94,14 @@ def _genome_path(run: Run, s: dict) -> Path:
 
 
 def run(run: Run) -> int:
-    s = settings(run.quick)
+    s = run.with_steps(settings(run.quick))  # --steps: every model, the README and the schedules
     genome = load_genome(genome_files(_genome_path(run, s)))  # ragout's layout: references, not draft contigs
     train_stream, val_stream = genome_streams(genome, s["val_fraction"], reverse_complement_train=False)
     tokens = train_stream.tokens
 
-    steps = run.steps_override or s["steps"]  # --steps shortens (or stretches) the warm-up with the run
-
     def make_batch(context: int):
         def make(step: int, g: torch.Generator) -> SyntheticBatch:
-            L = window_length(step, context, s, steps)
+            L = window_length(step, context, s)
             b = max(1, s["tokens_per_step"] // L)  # constant tokens per step through the warm-up
             starts = torch.randint(0, tokens.numel() - L - 1, (b,), generator=g)
             rows = tokens[starts[:, None] + torch.arange(L + 1)].long()  # (b, L + 1)

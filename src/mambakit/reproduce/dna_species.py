@@ -80,7 +80,7 @@ def _classifier(mixer: str, s: dict, num_classes: int):
 
 
 def run(run: Run) -> int:
-    s = settings(run.quick)
+    s = run.with_steps(settings(run.quick))  # --steps: every model, the README and the schedules
     files = _species_files(run, s)
     data = SpeciesWindows({name: load_genome(paths, min_length=s["min_record"]) for name, paths in files.items()},
                           test_fraction=s["test_fraction"])
