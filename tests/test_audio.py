@@ -325,15 +325,3 @@ def test_unet_save_and_load(tmp_path):
         assert torch.equal(loaded(levels), model(levels))
     assert loaded.config == model.config
 
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", ["spoken-digits", "audio-context"])
-def test_reproduce_quick_runs_on_cuda(tmp_path, name):
-    """The pipeline on the GPU (the U-Nets' Triton kernels, bf16 autocast, sampling) before a full-size run."""
-    import json
-
-    from mambakit.reproduce import FINISHED, reproduce
-
-    assert reproduce(name, tmp_path, quick=True, device="cuda", progress=False) == FINISHED
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["device"] == torch.cuda.get_device_name() and results["rows"]

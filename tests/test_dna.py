@@ -427,15 +427,3 @@ def test_a_pretraining_corpus_in_ragouts_layout_reads_the_references_not_the_dra
     (plain / "a.fa").write_text(">a\nACGT\n")
     assert genome_files(plain) == plain and genome_files(plain / "a.fa") == plain / "a.fa"
 
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", ["dna-context", "dna-species"])
-def test_reproduce_quick_runs_on_cuda(tmp_path, name):
-    """The pipeline on the GPU (Triton kernels, bf16 autocast, S4D's kernel in pieces) before a full-size run."""
-    import json
-
-    from mambakit.reproduce import FINISHED, reproduce
-
-    assert reproduce(name, tmp_path, quick=True, device="cuda", progress=False) == FINISHED
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["device"] == torch.cuda.get_device_name() and results["rows"]

@@ -11,7 +11,7 @@ import torch
 from mambakit import MambaConfig, MambaLM
 from mambakit.cli.__main__ import main as cli_main
 from mambakit.data.synthetic import induction_heads
-from mambakit.reproduce import FINISHED, UNFINISHED, reproduce
+from mambakit.reproduce import EXPERIMENTS, FINISHED, UNFINISHED, reproduce
 from mambakit.reproduce.common import ModelSpec, Run, TrainSettings, median_index, seeded, spread
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -394,13 +394,15 @@ def test_without_resume_the_state_is_discarded(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in ("selective-copying", "induction-heads", "mqar")])
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
 def test_quick_runs_on_cuda(tmp_path, name):
-    """The pipeline on the GPU (Triton backend, bf16 autocast, flash attention) before a full-size run."""
+    """Every experiment's pipeline on the GPU (Triton kernels, bf16 autocast, flash attention, S4D's kernel in
+    pieces, the U-Nets' sampling) before a full-size run."""
     assert reproduce(name, tmp_path, quick=True, device="cuda", progress=False) == FINISHED
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["device"] == torch.cuda.get_device_name()
-    assert all(r["final_loss"] > 0 for r in results["rows"])
+    assert results["device"] == torch.cuda.get_device_name() and results["rows"]
+    losses = [r[k] for r in results["rows"] for k in ("final_loss", "final_train_loss") if k in r]
+    assert all(loss > 0 for loss in losses)
 
 
 def test_budget_line_reports_the_steps_really_trained():
@@ -434,38 +436,38 @@ def test_a_worker_trains_only_the_models_no_other_worker_claimed(tmp_path):
     assert parent.train(_spec(), _batches, logits_to_keep=1) is not None and parent.results_ready()
 
 
+def _serial_and_two_workers(name: str, tmp_path, capfd) -> tuple[list[dict], list[dict], list[str]]:
+    """The rows of `name` (--quick, CPU) from one process and from two workers, and the models the workers claimed.
+    Neither run may retrain a model whose recipe it just saved (two spellings of one model under one key did)."""
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    assert reproduce(name, serial, quick=True, device="cpu", progress=False) == FINISHED
+    assert "settings changed" not in capfd.readouterr().err
+    assert reproduce(name, parallel, quick=True, device="cpu", progress=False, workers=2) == FINISHED
+    log = capfd.readouterr().err
+    assert "[worker 0]" in log and "[worker 1]" in log and "settings changed" not in log
+    assert not (parallel / "_state" / "claims").exists()
+    claimed = [line.split(": ")[-1] for line in log.splitlines() if line.startswith("[worker ")]
+    serial_rows, parallel_rows = (json.loads((d / "results.json").read_text())["rows"] for d in (serial, parallel))
+    return serial_rows, parallel_rows, claimed
+
+
 @pytest.mark.slow
 def test_workers_divide_the_models_and_give_the_results_of_one_process(tmp_path, capfd):
     """reproduce(..., workers=2): two processes train the models between them (each model once), and the results
     equal a single process's (on the CPU a model is a function of its seed)."""
-    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
-    assert reproduce("mqar", serial, quick=True, device="cpu", progress=False) == FINISHED
-    capfd.readouterr()
-    assert reproduce("mqar", parallel, quick=True, device="cpu", progress=False, workers=2) == FINISHED
-    log = capfd.readouterr().err
-    claimed = [line.split(": ")[-1] for line in log.splitlines() if line.startswith("[worker ")]
-    assert "[worker 0]" in log and "[worker 1]" in log
-    a, b = (json.loads((d / "results.json").read_text()) for d in (serial, parallel))
-    assert sorted(claimed) == sorted(f"{r['model']}-seed{x['seed']}" for r in a["rows"] for x in r["seeds"])
-    for ra, rb in zip(a["rows"], b["rows"]):
+    a, b, claimed = _serial_and_two_workers("mqar", tmp_path, capfd)
+    assert sorted(claimed) == sorted(f"{r['model']}-seed{x['seed']}" for r in a for x in r["seeds"])
+    for ra, rb in zip(a, b):
         assert ra["model"] == rb["model"]
         assert [(x["accuracy"], x["final_loss"]) for x in ra["seeds"]] == \
             [(x["accuracy"], x["final_loss"]) for x in rb["seeds"]]
-    assert not (parallel / "_state" / "claims").exists()
 
 
 @pytest.mark.slow
 def test_ablations_workers_train_every_row_once_and_give_the_rows_of_one_process(tmp_path, capfd):
     """Every ablation row is its own model: two workers divide them (a config in two tables is trained once) and
     the results equal a single process's (on the CPU a model is a function of its seed)."""
-    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
-    assert reproduce("ablations", serial, quick=True, device="cpu", progress=False) == FINISHED
-    capfd.readouterr()
-    assert reproduce("ablations", parallel, quick=True, device="cpu", progress=False, workers=2) == FINISHED
-    log = capfd.readouterr().err
-    claimed = [line.split(": ")[-1] for line in log.splitlines() if line.startswith("[worker ")]
-    assert "[worker 0]" in log and "[worker 1]" in log
-    a, b = (json.loads((d / "results.json").read_text())["rows"] for d in (serial, parallel))
+    a, b, claimed = _serial_and_two_workers("ablations", tmp_path, capfd)
     assert sorted(claimed) == sorted({r["key"] for r in a})  # each distinct model once
     assert [(r["table"], r["label"], r["val_loss"]) for r in a] == [(r["table"], r["label"], r["val_loss"]) for r in b]
 

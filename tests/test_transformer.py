@@ -228,13 +228,3 @@ def test_ablations_train_a_config_spelled_with_its_defaults_once():
     assert key[("Table 10", "N = 16, constant B, C")] == key[("Table 7", "Δ")]
     assert key[("Table 9", "R = 4")] != mamba and key[("Table 10", "N = 8, selective B, C")] != mamba
     assert (len(key), len(set(key.values()))) == (29, 22)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", [pytest.param("lm-scaling", id="lm-scaling"), pytest.param("ablations", id="ablations")])
-def test_quick_runs_on_cuda(tmp_path, name):
-    """The pipeline on the GPU (Triton kernels, bf16 autocast) before a full-size run."""
-    from mambakit.reproduce import FINISHED, reproduce
-
-    assert reproduce(name, tmp_path, quick=True, device="cuda", progress=False) == FINISHED
-    assert json.loads((tmp_path / "results.json").read_text())["device"] == torch.cuda.get_device_name()

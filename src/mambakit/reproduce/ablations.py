@@ -79,16 +79,24 @@ def groups(s: dict) -> list[tuple[str, str, list[tuple[str, dict]]]]:
     ]
 
 
+def normalised(ssm_cfg: dict, d_model: int) -> dict:
+    """The config a row's model is built from: a Mamba-1 config with its defaults spelled out (d_state 16; dt_rank
+    "auto" = ceil(d_model / 16)), so that the same model spelled two ways is one model, with one recipe: Table 9's
+    R = 8 is "auto" at d_model 128, and Table 10's N = 16 rows are Table 7's."""
+    if ssm_cfg["layer"] not in ("Mamba1", "Mamba1Ablation"):
+        return ssm_cfg
+    ssm_cfg = {"d_state": 16, **ssm_cfg}
+    if ssm_cfg.get("dt_rank", "auto") == "auto":
+        ssm_cfg["dt_rank"] = math.ceil(d_model / 16)
+    return ssm_cfg
+
+
 def _key(ssm_cfg: dict, d_model: int) -> str:
-    """One trained model per distinct config: Mamba1Ablation with every flag on is trained as such (its own row).
-    A Mamba-1 config spelled with its defaults is the same model as without them (d_state 16; dt_rank "auto" =
-    ceil(d_model / 16)): Table 9's R = 8 is "auto" at d_model 128, and Table 10's N = 16 rows are Table 7's."""
-    if ssm_cfg["layer"] in ("Mamba1", "Mamba1Ablation"):
-        ssm_cfg = {"d_state": 16, **ssm_cfg}
-        if ssm_cfg.get("dt_rank", "auto") == "auto":
-            ssm_cfg["dt_rank"] = math.ceil(d_model / 16)
-    text = json.dumps(ssm_cfg, sort_keys=True)
-    return f"{ssm_cfg['layer'].lower()}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+    """One trained model per distinct normalised config: Mamba1Ablation with every flag on is trained as such (its
+    own row)."""
+    cfg = normalised(ssm_cfg, d_model)
+    text = json.dumps(cfg, sort_keys=True)
+    return f"{cfg['layer'].lower()}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
 
 def run(run: Run) -> int:
@@ -101,7 +109,8 @@ def run(run: Run) -> int:
     for table, title, entries in groups(s):
         lines = []
         for label, ssm_cfg in entries:
-            config = MambaConfig(d_model=s["d_model"], n_layer=s["n_layer"], vocab_size=vocab, ssm_cfg=ssm_cfg)
+            config = MambaConfig(d_model=s["d_model"], n_layer=s["n_layer"], vocab_size=vocab,
+                                 ssm_cfg=normalised(ssm_cfg, s["d_model"]))  # one model, one recipe per key
             params = n_params(config)
             spec = ModelSpec(_key(ssm_cfg, s["d_model"]), label, config, train, save_checkpoint=False,
                              info={"family": ssm_cfg["layer"], "params": params, "lr": s["lr"],
