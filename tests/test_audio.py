@@ -324,4 +324,3 @@ def test_unet_save_and_load(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(levels), model(levels))
     assert loaded.config == model.config
-

@@ -220,8 +220,8 @@ def test_ablations_train_a_config_spelled_with_its_defaults_once():
     from mambakit.reproduce import ablations
 
     s = ablations.settings(False)
-    key = {(table, label): ablations._key(cfg, s["d_model"]) for table, _, rows in ablations.groups(s)
-           for label, cfg in rows}
+    key = {(table, label): ablations._key(ablations.normalised(cfg, s["d_model"]))
+           for table, _, rows in ablations.groups(s) for label, cfg in rows}
     mamba = key[("Table 6", "Mamba block, S6 (Mamba)")]
     assert key[("Table 9", "R = 8")] == key[("Table 9", "R = 8 (auto: d_model / 16)")] == mamba
     assert key[("Table 10", "N = 16, selective B, C")] == key[("Table 7", "Δ, B, C (Mamba)")] != mamba

@@ -91,10 +91,9 @@ def normalised(ssm_cfg: dict, d_model: int) -> dict:
     return ssm_cfg
 
 
-def _key(ssm_cfg: dict, d_model: int) -> str:
-    """One trained model per distinct normalised config: Mamba1Ablation with every flag on is trained as such (its
+def _key(cfg: dict) -> str:
+    """One trained model per distinct `normalised` config: Mamba1Ablation with every flag on is trained as such (its
     own row)."""
-    cfg = normalised(ssm_cfg, d_model)
     text = json.dumps(cfg, sort_keys=True)
     return f"{cfg['layer'].lower()}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
@@ -109,10 +108,10 @@ def run(run: Run) -> int:
     for table, title, entries in groups(s):
         lines = []
         for label, ssm_cfg in entries:
-            config = MambaConfig(d_model=s["d_model"], n_layer=s["n_layer"], vocab_size=vocab,
-                                 ssm_cfg=normalised(ssm_cfg, s["d_model"]))  # one model, one recipe per key
+            cfg = normalised(ssm_cfg, s["d_model"])  # one model, one recipe per key
+            config = MambaConfig(d_model=s["d_model"], n_layer=s["n_layer"], vocab_size=vocab, ssm_cfg=cfg)
             params = n_params(config)
-            spec = ModelSpec(_key(ssm_cfg, s["d_model"]), label, config, train, save_checkpoint=False,
+            spec = ModelSpec(_key(cfg), label, config, train, save_checkpoint=False,
                              info={"family": ssm_cfg["layer"], "params": params, "lr": s["lr"],
                                    "d_model": s["d_model"], "n_layer": s["n_layer"]})
             row = train_and_evaluate(run, spec, train_stream, val_stream, s)
