@@ -472,6 +472,16 @@ def test_ablations_workers_train_every_row_once_and_give_the_rows_of_one_process
     assert [(r["table"], r["label"], r["val_loss"]) for r in a] == [(r["table"], r["label"], r["val_loss"]) for r in b]
 
 
+@pytest.mark.slow
+def test_dna_species_workers_train_every_window_once_and_give_the_rows_of_one_process(tmp_path, capfd):
+    """One model per (mixer, window): two workers divide them, a worker that meets another's model goes on to the
+    next instead of stopping, and the accuracies equal a single process's."""
+    a, b, claimed = _serial_and_two_workers("dna-species", tmp_path, capfd)
+    assert sorted(claimed) == sorted(r["model"] for r in a)
+    assert [(r["model"], r["accuracy"], r["final_loss"]) for r in a] == \
+        [(r["model"], r["accuracy"], r["final_loss"]) for r in b]
+
+
 def test_with_steps_puts_the_steps_override_into_the_settings(tmp_path):
     """`--steps N` reaches an experiment's settings (its README, results.json and step-derived schedules such as
     dna-context's warm-up), not only the training loop."""

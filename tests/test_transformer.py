@@ -194,6 +194,9 @@ def test_reproduce_lm_scaling_quick_through_the_cli(tmp_path, capsys):
     assert {r["lr"] for r in rows if r["family"] == "transformer++"} == {best}
     readme = (out / "README.md").read_text()
     assert "| Transformer++ |" in readme and "Tokenizer: bytes" in readme and "--quick" in readme
+    # a rate chosen at the top of its grid is flagged (only the swept family has more than one rate)
+    assert ("The rate chosen for Transformer++ is its grid's largest" in readme) == (best == 6e-3)
+    assert "The rate chosen for Mamba" not in readme
     assert (out / "perplexity_vs_flops.png").stat().st_size > 0
 
 

@@ -58,7 +58,7 @@ def reproduce(name: str, out: str | Path | None = None, *, quick: bool = False, 
         steps: override every model's training step budget.
         command: the command line recorded in results.json / README.md (default: the equivalent CLI call).
         workers: train up to this many models at once, each in its own process (experiments whose models are
-            independent: selective-copying, induction-heads, mqar, ablations). Where the host sets the pace of a
+            independent: selective-copying, induction-heads, mqar, ablations, dna-species). Where the host sets the pace of a
             step, as for induction heads' small models (GPU busy 16% of a step on an H200), N processes on one GPU train
             up to ~N times as many models per hour (6 workers: 4x); selective copying at L = 4096 keeps the GPU
             busy and gains little. With several GPUs and device "cuda", worker i uses GPU i mod count. Each model

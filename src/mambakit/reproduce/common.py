@@ -513,6 +513,8 @@ class Run:
         footer = (f"\n## How these numbers were produced\n\n```\n{self.command}\n```\n\n"
                   f"- device: {env['device']}\n- versions: {versions}\n- date: {stamp['date']}\n"
                   f"- run time: {stamp['run_time_s']:.0f} s in {self._pieces} invocation(s) (training + evaluation)\n"
+                  "- times (run time, train s) are wall clock on a device shared with whatever else ran on it (this "
+                  "run's workers, other runs): not speed measurements\n"
                   + ("- **quick mode**: tiny settings that test the pipeline; the numbers mean nothing\n"
                      if self.quick else ""))
         (self.out / "README.md").write_text(readme.rstrip() + "\n" + footer)
