@@ -81,7 +81,10 @@ for stage in "$@"; do
                    > /tmp/$name-finished-optimizers
                  tar czf - -X /tmp/$name-finished-optimizers -C results/$name _state | split -b 15m -d - $OUT/$name-state.tgz.
                  ls -l $OUT/$name-state.tgz.*
-                 if [ -f results/$name/results.json ]; then tar cf $OUT/$name.tar --exclude=_state --exclude=in-progress -C results $name; fi;;
+                 # a finished run returns its results only (the state parts of three runs can pass the 64 MiB that
+                 # comes back, and a file past it is lost); KEEP_STATE=1 returns both
+                 if [ -f results/$name/results.json ]; then tar cf $OUT/$name.tar --exclude=_state --exclude=in-progress -C results $name
+                   [ "${KEEP_STATE:-0}" = 1 ] || rm -f $OUT/$name-state.tgz.*; fi;;
     train) run train 560 python3 benchmarks/gpu_train.py ${TRAIN_FLAGS:-};;
     launch) run launch 300 python3 benchmarks/gpu_launch.py ${LAUNCH_FLAGS:-};;
     scan) run scan 300 python3 benchmarks/gpu_selective_scan.py ${SCAN_FLAGS:-};;
