@@ -34,8 +34,10 @@ for stage in "$@"; do
     gentests) run gentests 200 python3 -m pytest tests/test_generation.py -m gpu -q -p no:cacheprovider;;
     compose) run compose 560 python3 -m pytest tests/test_composability.py -m gpu -q -p no:cacheprovider ${COMPOSE_FLAGS:-};;
     adapters) run adapters 200 python3 -m pytest tests/test_adapters.py -q -p no:cacheprovider;;
-    e2e) for layer in mamba1 mamba2; do
-           run "e2e-train-$layer" 200 python3 -m mambakit.cli train --device cuda --layer $layer --out /tmp/runs/$layer \
+    # both Mamba layers, then the Transformer++ baseline (`--arch`, issue 15), each trained and then sampled
+    e2e) for layer in mamba1 mamba2 transformer++; do
+           case $layer in transformer++) model_flag="--arch $layer";; *) model_flag="--layer $layer";; esac
+           run "e2e-train-$layer" 200 python3 -m mambakit.cli train --device cuda $model_flag --out /tmp/runs/$layer \
              --time-budget ${E2E_BUDGET:-60s} --no-progress
            run "e2e-generate-$layer" 100 python3 -m mambakit.cli generate --model /tmp/runs/$layer --device cuda \
              --prompt "**HAMLET**" --max-new-tokens 200 --temperature 0.8 --seed 0
