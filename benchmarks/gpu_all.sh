@@ -70,8 +70,8 @@ for stage in "$@"; do
     # machine is at most 16 MiB; put the parts in .state/ for the next call). A finished model's train.pt (its
     # optimizer, kept only so that --steps can extend it) stays behind. Once the run exits 0, the results (README,
     # results.json, plots, checkpoints) come back as $OUT/NAME.tar, to untar into results/. WORKERS (default 1) only
-    # for the experiments whose models are independent (selective-copying, induction-heads, mqar, ablations: 6 pays
-    # for the small models); the others refuse more than one
+    # for the experiments whose models are independent (selective-copying, induction-heads, mqar, ablations,
+    # dna-species, dna-context: 6 pays for the small models); the others refuse more than one
     reproduce-*) name=${stage#reproduce-}; mkdir -p results/$name
                  # the state from .state/, else a run in progress committed under results/NAME/in-progress/
                  for src in .state results/$name/in-progress; do

@@ -352,6 +352,21 @@ def test_reproduce_dna_context_quick(tmp_path):
         assert r["batch_size"] == s["tokens_per_step"] // r["context"]
 
 
+@pytest.mark.parametrize("quick", [True, False])
+def test_dna_context_trains_every_context_on_the_same_tokens(quick):
+    """Figure 5's points cost the same compute: every context's batch x context is the step's tokens (a context
+    longer than tokens_per_step would get a batch of 1 and more tokens than the others), through the warm-up too."""
+    from mambakit.reproduce.dna_context import model_specs, settings, window_length
+
+    s = settings(quick)
+    for spec in model_specs(s):
+        L = spec.info["context"]
+        assert spec.train.batch_size * L == s["tokens_per_step"]
+        for step in range(0, s["steps"], max(1, s["steps"] // 50)):
+            w = window_length(step, L, s)
+            assert max(1, s["tokens_per_step"] // w) * w == s["tokens_per_step"]
+
+
 def test_dna_context_sequence_length_warmup():
     from mambakit.reproduce.dna_context import window_length
 

@@ -473,13 +473,13 @@ def test_ablations_workers_train_every_row_once_and_give_the_rows_of_one_process
 
 
 @pytest.mark.slow
-def test_dna_species_workers_train_every_window_once_and_give_the_rows_of_one_process(tmp_path, capfd):
-    """One model per (mixer, window): two workers divide them, a worker that meets another's model goes on to the
-    next instead of stopping, and the accuracies equal a single process's."""
-    a, b, claimed = _serial_and_two_workers("dna-species", tmp_path, capfd)
+@pytest.mark.parametrize("name, metric", [("dna-species", "accuracy"), ("dna-context", "perplexity")])
+def test_dna_workers_train_every_model_once_and_give_the_rows_of_one_process(tmp_path, capfd, name, metric):
+    """One model per (mixer, window or context): two workers divide them, a worker that meets another's model goes
+    on to the next instead of stopping, and the results equal a single process's."""
+    a, b, claimed = _serial_and_two_workers(name, tmp_path, capfd)
     assert sorted(claimed) == sorted(r["model"] for r in a)
-    assert [(r["model"], r["accuracy"], r["final_loss"]) for r in a] == \
-        [(r["model"], r["accuracy"], r["final_loss"]) for r in b]
+    assert [(r["model"], r[metric], r["final_loss"]) for r in a] == [(r["model"], r[metric], r["final_loss"]) for r in b]
 
 
 def test_with_steps_puts_the_steps_override_into_the_settings(tmp_path):
