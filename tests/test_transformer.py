@@ -215,6 +215,7 @@ def test_reproduce_ablations_quick(tmp_path):
     assert all(math.isfinite(r["val_ppl"]) for r in results["rows"])
     readme = (tmp_path / "README.md").read_text()
     assert "## Table 10: state size N" in readme and "N = 4, constant B, C" in readme
+    assert "](bits_per_byte_by_row.png)" in readme and (tmp_path / "bits_per_byte_by_row.png").stat().st_size > 0
 
 
 def test_ablations_train_a_config_spelled_with_its_defaults_once():

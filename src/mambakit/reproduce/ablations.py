@@ -21,9 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from pathlib import Path
 
 from ..models import MambaConfig
-from .common import FINISHED, ModelSpec, Run, TrainSettings, markdown_table
+from .common import FINISHED, ModelSpec, Run, TrainSettings, figure, markdown_table, save_plot
 from .lm_scaling import english_corpus, flops, n_params, train_and_evaluate
 
 NAME = "ablations"
@@ -133,9 +134,36 @@ lm-scaling corpus ({'; '.join(data['sources'])}; tokenizer {data['tokenizer']}),
 {data['val_documents']} whole documents. Each row changes one field of the mixer config (`ssm_cfg` in
 results.json). Lower is better; differences smaller than the spread between reruns mean nothing.
 
+![held-out bits per byte of every row](bits_per_byte_by_row.png)
+
 {(chr(10) * 2).join(sections)}
 
 Table 8 note: mambakit's selective scan runs a real A; the complex-vs-real comparison here is the LTI S4D layer's.
 """
+    plot_rows(run.out / "bits_per_byte_by_row.png", rows)
     run.write_results(rows, {**s, "data": data}, readme)
     return FINISHED
+
+
+def plot_rows(path: Path, rows: list[dict]) -> None:
+    """One panel per table: each row's held-out bits per byte as a labelled dot, each panel's axis zoomed to its own
+    rows' range (the differences are a few percent; compare panels by the labels)."""
+    tables = list(dict.fromkeys(r["table"] for r in rows))
+    counts = [sum(r["table"] == t for r in rows) for t in tables]
+    fig, axes = figure(len(tables), 1, figsize=(7, 1.0 + 0.32 * sum(counts) + 0.45 * len(tables)), squeeze=False,
+                       gridspec_kw={"height_ratios": counts})
+    for ax, table in zip(axes[:, 0], tables):
+        mine = [r for r in rows if r["table"] == table]
+        lo, hi = min(r["val_bpb"] for r in mine), max(r["val_bpb"] for r in mine)
+        pad = 0.15 * (hi - lo) or 0.01
+        y = list(range(len(mine)))[::-1]
+        ax.plot([r["val_bpb"] for r in mine], y, "o", color="tab:blue")  # dots: the axis does not start at 0
+        ax.grid(axis="x", alpha=0.3)
+        ax.margins(y=0.2)
+        ax.set_yticks(y, [r["label"] for r in mine], fontsize=7)
+        for yi, r in zip(y, mine):
+            ax.text(r["val_bpb"], yi, f" {r['val_bpb']:.4f}", va="center", fontsize=7)
+        ax.set_xlim(lo - 2 * pad, hi + 2 * pad)
+        ax.set_title(table, fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("held-out bits per byte (lower is better)")
+    save_plot(fig, path, legend=False)
