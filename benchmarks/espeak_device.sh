@@ -7,9 +7,9 @@
 # Usage (repository root, on the GPU machine; carry .espeak, and the same command then runs the experiment, since a
 # fresh machine has neither the set nor espeak-ng):
 #   bash benchmarks/espeak_device.sh && bash benchmarks/gpu_all.sh reproduce-spoken-digits pack
-# Knobs (environment): JOBS (parallel espeak-ng processes, default the cores; JOBS=1 runs the plain `mambakit data
-# spoken-digits` command), SPEAKERS (default all 280), TAKES (default 2), SEED (default 0), FORCE=1 (rebuild even
-# if a complete set is there), PYTHON (default python3), ESPEAK_PREFIX (where the packages unpack, default
+# Knobs (environment): JOBS (espeak-ng processes at once, `mambakit data spoken-digits --jobs`, default the cores;
+# the set does not depend on it), SPEAKERS (default all 280), TAKES (default 2), SEED (default 0), FORCE=1 (rebuild
+# even if a complete set is there), PYTHON (default python3), ESPEAK_PREFIX (where the packages unpack, default
 # /tmp/espeak), OUT (a log goes to $OUT/espeak-data.log, default /tmp/out), MAMBAKIT_DATA (as for mambakit).
 #
 # Needs: the 31 .deb files in .espeak/ (9,958,404 bytes), Debian 12 "bookworm" amd64, fetched on a dev machine with
@@ -23,18 +23,12 @@
 # $ESPEAK_PREFIX/bin sets LD_LIBRARY_PATH and ESPEAK_DATA_PATH for it alone, and mambakit finds it on PATH
 # (`shutil.which("espeak-ng")`), so mambakit needs no change.
 #
-# Parallel build (JOBS > 1): mambakit's loop is serial (about 22 ms an espeak-ng call, 2 ms of resampling). This
-# script runs `build_spoken_digits` itself twice in one process: once with stand-ins that only record its
-# espeak-ng calls in order (the rates and pitches come from its seeded generator, which the audio never touches),
-# then again with `synthesize_word` answering from a pool of JOBS threads that ran those calls, checking each call
-# against the record. The files are byte-identical to `mambakit data spoken-digits` (checked: diff -r, full set).
-#
 # Measured on the 2-core dev machine (another job running; OMP_NUM_THREADS=1): the full set, 5,600 clips (train
 # 4,480, validation 560, test 560), 180,607,053 bytes (177 MiB: 5,600 WAVs of 32,044 bytes + an 862 KB manifest),
-# took 125 s with plain `mambakit data spoken-digits` (22 ms a clip, espeak-ng ~20 ms of it) and 64 s with this
-# script at JOBS=2 (77 s for the whole script: unpacking the packages 2 s, 27 MB unpacked; reading the set back);
-# peak memory 1.1 GB. Not yet run on the GPU machine: with 16 threads, expect about 15-25 s for the build
-# (extrapolated: 5,600 x 20 ms / 16 of espeak-ng in parallel, and 7 s of serial resampling and writing).
+# took 125 s with one job (22 ms a clip, espeak-ng ~20 ms of it) and 64 s on 2 threads (byte-identical, diff -r);
+# the whole script 77 s (unpacking the packages 2 s, 27 MB unpacked; reading the set back); peak memory 1.1 GB.
+# Not yet run on the GPU machine: with 16 jobs, expect about 15-25 s for the build (extrapolated: 5,600 x 20 ms / 16
+# of espeak-ng at once, plus the resampling, which the jobs share under the GIL, and 7 s of writing).
 set -euo pipefail
 DEBS=${ESPEAK_DEBS:-.espeak}
 PREFIX=${ESPEAK_PREFIX:-/tmp/espeak}
@@ -99,47 +93,8 @@ then
   echo "espeak_device.sh: a complete set is already at $ROOT (FORCE=1 rebuilds it)"
 else
   start=$(date +%s)
-  if [ "$JOBS" -le 1 ]; then
-    "$PYTHON" -m mambakit.cli data spoken-digits --no-progress --takes "$TAKES" --seed "$SEED" ${SPEAKERS:+--speakers "$SPEAKERS"}
-  else
-    "$PYTHON" - <<'PY'
-import json, os
-from concurrent.futures import ThreadPoolExecutor
-
-import numpy as np
-
-import mambakit.data.spoken_digits as sd
-
-kw = {"speakers": int(os.environ["SPEAKERS"]) if os.environ["SPEAKERS"] else None,
-      "takes": int(os.environ["TAKES"]), "seed": int(os.environ["SEED"]), "progress": False}
-real_synthesize, real_write = sd.synthesize_word, sd.write_clip_set
-calls = []
-
-
-def record(word, voice, rate=175, pitch=50):
-    calls.append((word, voice, rate, pitch))
-    return np.zeros(16, np.float32), sd.SAMPLE_RATE
-
-
-sd.synthesize_word, sd.write_clip_set = record, lambda root, clips, source: None
-sd.build_spoken_digits(None, **kw)  # pass 1: the espeak-ng calls, in order
-with ThreadPoolExecutor(int(os.environ["JOBS"])) as pool:
-    pending = iter([(call, pool.submit(real_synthesize, *call)) for call in calls])
-
-    def replay(word, voice, rate=175, pitch=50):
-        call, future = next(pending)
-        if call != (word, voice, rate, pitch):
-            raise RuntimeError(f"espeak_device.sh: call {(word, voice, rate, pitch)} where {call} was recorded")
-        return future.result()
-
-    sd.synthesize_word, sd.write_clip_set = replay, real_write
-    root = sd.build_spoken_digits(None, **kw)  # pass 2: the real set, from the pool's audio
-clips = json.loads((root / "manifest.json").read_text())["clips"]
-counts = {split: sum(c["split"] == split for c in clips) for split in sd.SPLITS}
-print(f"wrote {len(clips)} clips to {root} ({', '.join(f'{k} {v}' for k, v in counts.items())}) "
-      f"from {len(calls)} espeak-ng calls on {os.environ['JOBS']} threads")
-PY
-  fi
+  "$PYTHON" -m mambakit.cli data spoken-digits --no-progress --jobs "$JOBS" --takes "$TAKES" --seed "$SEED" \
+    ${SPEAKERS:+--speakers "$SPEAKERS"}
   echo "espeak_device.sh: built in $(( $(date +%s) - start )) s, $(du -sb "$ROOT" | cut -f1) bytes at $ROOT"
 fi
 

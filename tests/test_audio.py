@@ -168,6 +168,45 @@ def test_data_command_without_espeak_says_how_to_install(tmp_path, monkeypatch, 
     assert not (tmp_path / "sd").exists()
 
 
+def test_data_command_jobs_run_espeak_in_parallel_and_write_the_same_set(tmp_path, monkeypatch, capsys):
+    """--jobs N: N synthesiser calls at once (a fake espeak-ng that finishes out of order), and byte for byte the
+    set of one job: the rates and pitches are drawn before any synthesis."""
+    import hashlib
+    import threading
+    import time
+
+    import mambakit.data.spoken_digits as sd
+    from mambakit.cli.__main__ import main
+
+    threads, calls = set(), []
+
+    def fake_synthesize(word, voice, rate=175, pitch=50):
+        threads.add(threading.get_ident())
+        calls.append((word, voice, rate, pitch))
+        key = int(hashlib.sha1(f"{word}{voice}{rate}{pitch}".encode()).hexdigest()[:6], 16)
+        time.sleep((key % 5) * 1e-3)  # out of order across threads
+        t = np.arange(8000) / 8000
+        return (0.5 * np.sin(2 * np.pi * (200 + key % 300) * t) * (t > 0.2) * (t < 0.6)).astype(np.float32), 8000
+
+    monkeypatch.setattr(sd, "espeak_path", lambda: "espeak-ng")
+    monkeypatch.setattr(sd, "synthesize_word", fake_synthesize)
+    sets = {}
+    for jobs in (1, 4):
+        threads.clear()
+        calls.clear()
+        out = tmp_path / f"jobs{jobs}"
+        assert main(["data", "spoken-digits", "--out", str(out), "--speakers", "3", "--takes", "2", "--jobs",
+                     str(jobs), "--no-progress"]) == 0
+        assert f"wrote 60 clips to {out}" in capsys.readouterr().out
+        assert len(threads) == 1 if jobs == 1 else len(threads) > 1
+        sets[jobs] = ({p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()},
+                      sorted(calls))
+    assert sets[1][1] == sets[4][1] and len(sets[1][1]) == 60
+    assert sets[1][0] == sets[4][0]
+    with pytest.raises(ValueError, match="jobs must be a positive int"):
+        sd.build_spoken_digits(tmp_path / "bad", speakers=1, jobs=0, progress=False)
+
+
 # ---------------------------------------------------------------- the U-Net
 
 from mambakit.models.unet import AudioUNet, UNetConfig, sample_audio  # noqa: E402

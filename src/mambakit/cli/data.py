@@ -25,12 +25,14 @@ def build_parser(prog: str = "mambakit data") -> Parser:
     p.add_argument("--speakers", type=positive_int, metavar="N", help="use N of the 280 speakers (default all)")
     p.add_argument("--takes", type=positive_int, default=2, metavar="K", help="clips per speaker and digit (default 2)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the speakers' rates and pitches")
+    p.add_argument("--jobs", type=positive_int, metavar="N",
+                   help="espeak-ng processes at once (default: the CPU count; the set does not depend on it)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
 
 def main(name: str, out: str | None = None, speakers: int | None = None, takes: int = 2, seed: int = 0,
-         progress: bool = True) -> int:
+         progress: bool = True, jobs: int | None = None) -> int:
     """Build data set `name`; returns 0 (2 with a one-line error when espeak-ng is missing).
 
     Examples:
@@ -43,7 +45,7 @@ def main(name: str, out: str | None = None, speakers: int | None = None, takes: 
     from ..data.spoken_digits import build_spoken_digits
 
     try:
-        root = build_spoken_digits(out, speakers=speakers, takes=takes, seed=seed, progress=progress)
+        root = build_spoken_digits(out, speakers=speakers, takes=takes, seed=seed, progress=progress, jobs=jobs)
     except DataError as err:
         raise UsageError(str(err)) from None
     clips = json.loads((root / "manifest.json").read_text())["clips"]

@@ -135,12 +135,14 @@ def to_clip(samples: np.ndarray, sample_rate: int, clip_samples: int = SAMPLE_RA
 
 
 def build_spoken_digits(root: str | Path | None = None, *, speakers: int | None = None, takes: int = 2, seed: int = 0,
-                        progress: bool = True) -> Path:
+                        progress: bool = True, jobs: int | None = None) -> Path:
     """Synthesise the set into `root` (default `default_root()`) and return it.
 
     Args:
         speakers: how many (accent, variant) speakers to use (default all, 7 x 40 = 280); each says every digit
             `takes` times at a rate and pitch drawn from RATES x PITCHES (seeded).
+        jobs: espeak-ng processes at once (default: the CPU count). The rates and pitches are drawn before any
+            synthesis, so the set is the same for every `jobs` (about 22 ms a clip on one core).
     Raises:
         DataError: espeak-ng is missing (the message says how to install it) or fails.
 
@@ -154,18 +156,27 @@ def build_spoken_digits(root: str | Path | None = None, *, speakers: int | None 
     if speakers is not None:
         order = rng.permutation(len(all_speakers))[:speakers]
         all_speakers = [all_speakers[i] for i in sorted(order)]
+    if jobs is not None and (not isinstance(jobs, int) or jobs < 1):
+        raise ValueError(f"jobs must be a positive int, got {jobs!r}")
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
-    clips = []
     splits = speaker_splits([f"{accent}+{variant}" for accent, variant in all_speakers])
-    for accent, variant in tqdm(all_speakers, desc="espeak-ng speakers", disable=not progress):
+    plan = []  # (digit, split, speaker, rate, pitch) of every clip, in the order of the written set
+    for accent, variant in all_speakers:
         speaker = f"{accent}+{variant}"
-        split = splits[speaker]
-        for digit, word in enumerate(DIGITS):
+        for digit in range(len(DIGITS)):
             for _ in range(takes):
-                rate, pitch = int(rng.choice(RATES)), int(rng.choice(PITCHES))
-                samples, sr = synthesize_word(word, speaker, rate, pitch)
-                clips.append(Clip(digit, split, speaker, to_clip(samples, sr), rate, pitch))
+                plan.append((digit, splits[speaker], speaker, int(rng.choice(RATES)), int(rng.choice(PITCHES))))
+
+    def make(item) -> Clip:
+        digit, split, speaker, rate, pitch = item
+        samples, sr = synthesize_word(DIGITS[digit], speaker, rate, pitch)
+        return Clip(digit, split, speaker, to_clip(samples, sr), rate, pitch)
+
+    with ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool:  # threads: each waits on its espeak-ng process
+        clips = list(tqdm(pool.map(make, plan), total=len(plan), desc="espeak-ng clips", disable=not progress))
     return write_clip_set(root if root is not None else default_root(), clips, source="espeak-ng")
 
 
