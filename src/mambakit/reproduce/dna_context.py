@@ -112,14 +112,13 @@ def run(run: Run) -> int:
             return SyntheticBatch(rows[:, :-1], rows[:, 1:])
         return make
 
-    rows, curves, pending = [], {}, False
+    rows, curves = [], {}
     for spec in model_specs(s):
         L = spec.info["context"]
         model = run.train(spec, make_batch(L))
         result = None if model is None else run.cached(spec, "val", lambda: _evaluate(model, val_stream, L, s,
                                                                                       run.device))
         if result is None:  # the time budget, or another worker's model: go on to the next one
-            pending = True
             continue
         record = run.training_record(spec)
         curves[spec.key] = record["losses"]
@@ -128,7 +127,7 @@ def run(run: Run) -> int:
                      "batch_size": spec.train.batch_size, "steps": record["steps"],
                      "train_s": round(record["train_s"], 1), "final_loss": record["final_loss"],
                      "params": record["params"]})
-    if pending:
+    if not run.results_ready():
         return run.unfinished()
     _plot(run.out / "perplexity_vs_context.png", rows)
     loss_plot(run.out / "training_loss.png", curves, "DNA pretraining")

@@ -91,7 +91,7 @@ def run(run: Run) -> int:
     def loss_fn(model, ids, labels):
         return F.cross_entropy(model(ids).float(), labels)
 
-    rows, curves, pending = [], {}, False
+    rows, curves = [], {}
     for k in s["windows_log2"]:
         L = 2 ** k
         batch = max(1, s["tokens_per_step"] // L)
@@ -107,7 +107,6 @@ def run(run: Run) -> int:
             result = None if model is None else run.cached(key, "test", lambda: _evaluate(model, data, L, s,
                                                                                           run.device))
             if result is None:  # the time budget, or another worker's model: go on to the next one
-                pending = True
                 continue
             record = _record(run, key)
             curves[key] = record["losses"]
@@ -115,7 +114,7 @@ def run(run: Run) -> int:
                          "test_windows": result["test_windows"], "chance": chance, "batch_size": batch,
                          "steps": record["steps"], "train_s": round(record["train_s"], 1),
                          "final_loss": record["final_loss"], "params": record["params"]})
-    if pending:
+    if not run.results_ready():
         return run.unfinished()
     _plot(run.out / "accuracy_vs_window.png", rows, chance)
     loss_plot(run.out / "training_loss.png", curves, "species classification")
