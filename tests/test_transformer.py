@@ -132,6 +132,31 @@ def test_mambakit_train_arch_trains_saves_and_generates(tmp_path, capsys, arch):
     assert type(model) is TransformerLM and model.config.arch == arch
     assert main(["generate", "--model", str(out), "--prompt", "the rest", "--max-new-tokens", "5", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("the rest")
+    # its KV cache grows, so no CUDA graph: asked for by name it is a usage error, by default it decodes eagerly
+    # (on CUDA the default used to capture a graph and raise, session 23)
+    assert main(["generate", "--model", str(out), "--prompt", "the rest", "--max-new-tokens", "5", "--cuda-graph"]) == 2
+    assert "attention layers" in capsys.readouterr().err
+
+
+def test_generate_command_captures_cuda_graphs_by_default_only_without_attention(tmp_path, monkeypatch):
+    """What `mambakit generate` passes to `stream` as cuda_graph, without --cuda-graph: True for a Mamba model, False
+    for a Transformer (a graph of its decode step raised on CUDA, where the default took it)."""
+    import mambakit.generation as generation
+    from mambakit.cli.__main__ import main
+    from mambakit.data import ByteTokenizer
+
+    seen = []
+
+    def fake_stream(model, prompt_ids, max_new_tokens, **kw):
+        seen.append(kw["cuda_graph"])
+        return iter(())
+
+    monkeypatch.setattr(generation, "stream", fake_stream)
+    for name, model in [("mamba", MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=256))),
+                        ("transformer", build_model(TransformerConfig(**{**SMALL["transformer++"], "vocab_size": 256})))]:
+        model.save_pretrained(tmp_path / name, tokenizer=ByteTokenizer())
+        assert main(["generate", "--model", str(tmp_path / name), "--prompt", "a", "--max-new-tokens", "2"]) == 0
+    assert seen == [True, False]
 
 
 # ---------------------------------------------------------------- the ablation mixer (modules/mamba1_ablation.py)

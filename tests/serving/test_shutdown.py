@@ -102,3 +102,23 @@ def test_serve_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, mes
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message.replace("{tmp}", str(tmp_path))) and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("engine", ["--engine-process", "--no-engine-process"])
+def test_serve_refuses_a_model_with_attention_layers_in_one_line(tmp_path, capsys, engine):
+    """A hybrid's (or a Transformer's) KV cache grows with each sequence, which the server's slots do not keep: the
+    command says so and exits 2, in the engine process as in this one (it died of an AttributeError, session 23)."""
+    from mambakit.cli.__main__ import main
+    from mambakit.data import ByteTokenizer
+    from mambakit.models import MambaConfig, MambaLM
+    from mambakit.serving import Scheduler
+
+    hybrid = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=256, attn_layer_idx=[0],
+                                 attn_cfg={"num_heads": 2}))
+    with pytest.raises(ValueError, match=r"attention at layers \[0\]"):
+        Scheduler(hybrid.eval(), ByteTokenizer(), max_batch_size=2)
+    hybrid.save_pretrained(tmp_path / "hybrid", tokenizer=ByteTokenizer())
+    assert main(["serve", "--model", str(tmp_path / "hybrid"), "--device", "cpu", engine]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mambakit serve: error: the server decodes Mamba models without attention layers")
+    assert err.count("\n") == 1

@@ -142,6 +142,7 @@ def main(model: str, host: str = "127.0.0.1", port: int = 8000, served_model_nam
     else:
         loaded = load_model(directory, device, dtype)
         lm, tokenizer, dev = loaded.lm.eval(), loaded.tokenizer, loaded.device
+        _check_servable(lm)
         scheduler = Scheduler(lm, tokenizer, **scheduler_kwargs,
                               decode_steps=decode_steps or (8 if dev.type == "cuda" else 1)).start()
     freeze_heap()  # start-up is done: later garbage collections scan only what serving allocates
@@ -176,9 +177,20 @@ def _device_type(device: str) -> str:
         raise UsageError(str(err)) from None
 
 
+def _check_servable(lm) -> None:
+    """A UsageError (one line, exit 2) for a model the server does not decode (attention layers)."""
+    from ..serving.scheduler import check_servable
+
+    try:
+        check_servable(lm)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
 def _engine_build(directory: str, device: str, dtype: str, decode_steps: int | None):
     """In the engine process: (model, tokenizer) of the checkpoint (`load_model`'s checks), and the decode steps
     per round trip for its device. Module-level, so that the spawned process can unpickle it."""
     loaded = load_model(Path(directory), device, dtype)
+    _check_servable(loaded.lm)
     steps = decode_steps or (8 if loaded.device.type == "cuda" else 1)
     return loaded.lm.eval(), loaded.tokenizer, {"decode_steps": steps}

@@ -58,10 +58,10 @@ def reproduce(name: str, out: str | Path | None = None, *, quick: bool = False, 
         steps: override every model's training step budget.
         command: the command line recorded in results.json / README.md (default: the equivalent CLI call).
         workers: train up to this many models at once, each in its own process (experiments whose models are
-            independent: selective-copying, induction-heads, mqar, ablations, dna-species, dna-context). Where the
-            host sets the pace of a step, as for induction heads' small models (GPU busy 16% of a step on an H200),
-            N processes on one GPU train up to ~N times as many models per hour (6 workers: 4x); selective copying
-            at L = 4096 keeps the GPU busy and gains little. With several GPUs and device "cuda", worker i uses GPU
+            independent: selective-copying, induction-heads, mqar, ablations, dna-species, dna-context, spoken-digits,
+            audio-context). Where the host sets the pace of a step, as for induction heads' small models (GPU busy
+            16% of a step on an H200), N processes on one GPU train up to ~N times as many models per hour (6
+            workers: 4x); selective copying at L = 4096 keeps the GPU busy and gains little. With several GPUs and device "cuda", worker i uses GPU
             i mod count. Each model keeps its seed, batches and early stopping; this call then writes the results.
         cuda_graph: on CUDA, replay each model's constant-rate training steps from one captured CUDA graph
             (training.GraphedTrainStep; the same computation, one launch per step instead of hundreds). False:
@@ -87,5 +87,7 @@ def reproduce(name: str, out: str | Path | None = None, *, quick: bool = False, 
     if workers > 1:
         from .worker import run_workers
 
+        if hasattr(module, "prepare"):  # data the workers all read (quick stand-ins), written once before they start
+            module.prepare(run)
         run_workers(run, workers, device)
     return module.run(run)

@@ -31,6 +31,7 @@ from .spoken_digits import _data_root, settings as _digit_settings
 
 NAME = "audio-context"
 SUMMARY = "Mamba paper Figure 7: audio bits per sample against training context length at fixed compute"
+INDEPENDENT_MODELS = True  # one model per (mixer, context), none needs another's result: `--workers N` trains N at once
 MODELS = {"mamba-unet": ("mamba", False, "Mamba-UNet"), "s4d-lin-mlp-unet": ("s4d-lin", True, "S4D+MLP-UNet")}
 
 
@@ -72,6 +73,11 @@ def _held_out_windows(recordings: list[torch.Tensor], length: int, max_samples: 
     return torch.stack(rows)
 
 
+def prepare(run: Run) -> None:
+    """The --quick tone clips, written before `--workers` start (each would otherwise write them at once)."""
+    _data_root(run, settings(run.quick))
+
+
 def run(run: Run) -> int:
     s = run.with_steps(settings(run.quick))  # --steps: every model, the README and the schedules
     root = _data_root(run, s)
@@ -92,20 +98,20 @@ def run(run: Run) -> int:
             name = f"{key}-L{L}"
             model = train_module(run, name, lambda: AudioUNet(cfg), train,
                                  lambda step, g: (_windows(train_recs, L, batch, g),), lm_loss)
-            if model is None:
-                return run.unfinished()
             held = _held_out_windows(val_recs, L, s["eval_samples"])
-            result = run.cached(name, "val", lambda: {
+            result = None if model is None else run.cached(name, "val", lambda: {
                 "bits_per_sample": bits_per_sample(model, held, s["eval_batch"], run.device),
                 "samples": int(held[:, 1:].numel())})
-            if result is None:
-                return run.unfinished()
+            if result is None:  # the time budget, or another worker's model: go on to the next one
+                continue
             record = _read_json(run.state / name / "done.json")
             curves[name] = record["losses"]
             rows.append({"model": name, "label": label, "context": L, "seconds": L / 16000, "batch_size": batch,
                          "bits_per_sample": result["bits_per_sample"], "val_samples": result["samples"],
                          "steps": record["steps"], "train_s": round(record["train_s"], 1),
                          "final_loss": record["final_loss"], "params": record["params"]})
+    if not run.results_ready():
+        return run.unfinished()
     _plot(run.out / "bits_vs_context.png", rows)
     loss_plot(run.out / "training_loss.png", curves, "long recordings (nats per sample)")
     run.write_results(rows, {**s, "data_root": str(root), "train_speakers": len(train_recs),

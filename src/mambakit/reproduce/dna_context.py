@@ -96,6 +96,11 @@ def _genome_path(run: Run, s: dict) -> Path:
     return folder
 
 
+def prepare(run: Run) -> None:
+    """The --quick stand-in genomes, written before `--workers` start (each would otherwise write them at once)."""
+    _genome_path(run, settings(run.quick))
+
+
 def run(run: Run) -> int:
     s = run.with_steps(settings(run.quick))  # --steps: every model, the README and the schedules
     genome = load_genome(genome_files(_genome_path(run, s)))  # ragout's layout: references, not draft contigs

@@ -80,6 +80,11 @@ def _classifier(mixer: str, s: dict, num_classes: int):
     return lambda: SequenceClassifier.from_config(cfg, num_classes, pooling="mean")
 
 
+def prepare(run: Run) -> None:
+    """The --quick stand-in genomes, written before `--workers` start (each would otherwise write them at once)."""
+    _species_files(run, settings(run.quick))
+
+
 def run(run: Run) -> int:
     s = run.with_steps(settings(run.quick))  # --steps: every model, the README and the schedules
     files = _species_files(run, s)

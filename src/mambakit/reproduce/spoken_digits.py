@@ -40,6 +40,8 @@ from .dna_audio_common import bits_per_sample, frechet_distance, train_module
 NAME = "spoken-digits"
 SUMMARY = "Mamba paper Tables 4-5: spoken digits (espeak-ng SC09-like) with U-Nets of Mamba vs S4D(+MLP), real vs complex A"
 SILENCE = 128
+# the classifier and the three U-Nets train apart (a U-Net's generated clips wait for the classifier): `--workers N`
+INDEPENDENT_MODELS = True
 MODELS = {
     "mamba-unet": {"mixer": "mamba", "mlp": False, "label": "Mamba-UNet", "A": "real"},
     "s4d-lin-mlp-unet": {"mixer": "s4d-lin", "mlp": True, "label": "S4D+MLP-UNet", "A": "complex"},
@@ -113,6 +115,11 @@ def inception_score(probs: torch.Tensor) -> float:
     return float(kl.mean().exp())
 
 
+def prepare(run: Run) -> None:
+    """The --quick tone clips, written before `--workers` start (each would otherwise write them at once)."""
+    _data_root(run, settings(run.quick))
+
+
 def run(run: Run) -> int:
     s = settings(run.quick)
     root = _data_root(run, s)
@@ -133,31 +140,45 @@ def run(run: Run) -> int:
         idx = torch.randint(0, train_rows.shape[0], (s["clf_batch"],), generator=g)
         return train_rows[idx, 1:], train_digits[idx]
 
-    clf = train_module(run, "digit-classifier", _digit_classifier(s), clf_train, labelled_batch,
-                       lambda m, x, y: F.cross_entropy(m(x).float(), y))
-    if clf is None:
-        return run.unfinished()
-    features_path = run.state / "evals" / "digit-classifier" / "real_features.pt"
-    real = run.cached("digit-classifier", "real",
-                      lambda: _judge_real(clf, test_rows[:, 1:], test_digits, s, run.device, features_path))
-    if real is None:
-        return run.unfinished()
-    real_feats = torch.load(features_path, weights_only=True)
+    def classifier():
+        return train_module(run, "digit-classifier", _digit_classifier(s), clf_train, labelled_batch,
+                            lambda m, x, y: F.cross_entropy(m(x).float(), y))
 
-    rows, curves = [], {}
+    features_path = run.state / "evals" / "digit-classifier" / "real_features.pt"
+
+    def judge():
+        """(classifier, its figures on the real test clips), or None while another worker (or the time budget)
+        still holds it. The worker that trains the classifier also judges the real clips (its claim)."""
+        clf = classifier()
+        real = None if clf is None else run.cached(
+            "digit-classifier", "real", lambda: _judge_real(clf, test_rows[:, 1:], test_digits, s, run.device,
+                                                            features_path))
+        return None if real is None else (clf, real)
+
+    judged = judge()
     (run.out / "samples").mkdir(parents=True, exist_ok=True)
-    for key, m in MODELS.items():
+    finished = {}  # key -> (model, test figures, generated figures)
+    for key in MODELS:  # a model left for later (the time budget, another worker's): go on to the next one
         model = train_module(run, key, _unet(key, s), unet_train, clip_batch, _lm_loss)
-        if model is None:
-            return run.unfinished()
-        bps = run.cached(key, "test", lambda: {"bits_per_sample": bits_per_sample(model, test_rows, s["eval_batch"],
-                                                                                  run.device)})
+        bps = None if model is None else run.cached(key, "test", lambda: {"bits_per_sample": bits_per_sample(
+            model, test_rows, s["eval_batch"], run.device)})
         if bps is None:
-            return run.unfinished()
+            continue
+        judged = judged or judge()  # trained by another worker meanwhile?
+        if judged is None:
+            run.incomplete = True
+            continue
+        clf, real = judged
+        real_feats = torch.load(features_path, weights_only=True)
         gen = run.cached(key, "generated", lambda: _judge_generated(model, clf, real_feats, key, run, s))
-        if gen is None:
-            return run.unfinished()
-        record = _read_json(run.state / key / "done.json")
+        if gen is not None:
+            finished[key] = (model, bps, gen)
+    if not run.results_ready():
+        return run.unfinished()
+    real = judged[1]
+    rows, curves = [], {}
+    for key, m in MODELS.items():
+        (model, bps, gen), record = finished[key], _read_json(run.state / key / "done.json")
         # small enough to commit (AudioUNet.from_pretrained); 2^23 at full size keeps the Mamba-UNet (7.3 MB) and
         # leaves out the S4D ones (10-11 MB): all three made a 29 MB results tar, past the device's 16 MiB per file
         if record["params"] * 4 < s["checkpoint_max_bytes"]:

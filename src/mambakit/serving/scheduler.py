@@ -239,6 +239,17 @@ class SlotDecoder:
         return logits[:rows]
 
 
+def check_servable(model: nn.Module) -> None:
+    """Raise ValueError unless `model` is what the scheduler serves: a language model of Mamba layers only. Its
+    slots hold each sequence's fixed-size recurrent state; an attention layer's KV cache (a Transformer's, a
+    hybrid's) grows with the sequence, which neither the slots nor the captured decode graphs follow."""
+    attention = getattr(getattr(model, "config", None), "attn_layer_idx", None)
+    if attention:
+        raise ValueError(f"the server decodes Mamba models without attention layers; this one has attention at layers "
+                         f"{list(attention)}, whose KV cache grows with each sequence (generate from it with "
+                         "`mambakit generate` or mambakit.generation.generate)")
+
+
 class Scheduler:
     """Continuous batching of `GenerationRequest`s over `max_batch_size` cache slots, on its own thread.
 
@@ -284,6 +295,7 @@ class Scheduler:
             raise ValueError(f"Scheduler: compile must be a bool, got {compile!r}")
         if prefill_graphs is not None and not isinstance(prefill_graphs, bool):
             raise ValueError(f"Scheduler: prefill_graphs must be a bool or None, got {prefill_graphs!r}")
+        check_servable(model)
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.prefill_chunk, self.max_model_len = prefill_chunk, max_model_len
