@@ -50,15 +50,19 @@ MODELS = {
 
 
 def settings(quick: bool) -> dict:
-    """Full size (GPU; not yet run): width 64, 2 blocks per stage, pooling (4, 4), batch 16 clips of 1 s, 20000 steps;
-    64 generated clips per model; quick: a CPU smoke run on 256-sample tones."""
+    """Full size (GPU): width 64, 2 blocks per stage, pooling (4, 4), batch 16 clips of 1 s, 2000 steps (7 epochs of
+    the train clips); 64 generated clips per model; quick: a CPU smoke run on 256-sample tones.
+
+    The step budget is what one device call holds: on an H200 a graphed step takes 35 ms (Mamba-UNet), 57 ms
+    (S4D-Lin+MLP) and 52 ms (S4D-Real+MLP) (`benchmarks/gpu_audio_step.py`, session 23), so 2000 steps of the three
+    are ~5 min of GPU and 64 sampled clips ~100 s a model; 20000 steps, the first setting, would be ~48 min."""
     if quick:
         return {"data": None, "clip_samples": 256, "tones_per_digit": 2, "d_model": 8, "n_layers": 1, "pool": [2, 2],
                 "d_state": 4, "batch_size": 4, "steps": 3, "lr": 2e-3, "warmup_steps": 1, "eval_batch": 4,
                 "clf_d_model": 16, "clf_layers": 1, "clf_steps": 3, "clf_batch": 8, "generate": 4, "temperature": 1.0,
                 "wavs": 1, "checkpoint_max_bytes": 2 ** 22}
     return {"data": str(default_root()), "clip_samples": SAMPLE_RATE, "tones_per_digit": 0, "d_model": 64, "n_layers": 2,
-            "pool": [4, 4], "d_state": 16, "batch_size": 16, "steps": 20000, "lr": 2e-3, "warmup_steps": 500,
+            "pool": [4, 4], "d_state": 16, "batch_size": 16, "steps": 2000, "lr": 2e-3, "warmup_steps": 500,
             "eval_batch": 16, "clf_d_model": 64, "clf_layers": 2, "clf_steps": 3000, "clf_batch": 32, "generate": 64,
             "temperature": 1.0, "wavs": 4, "checkpoint_max_bytes": 2 ** 23}
 
@@ -121,7 +125,9 @@ def prepare(run: Run) -> None:
 
 
 def run(run: Run) -> int:
-    s = settings(run.quick)
+    s = run.with_steps(settings(run.quick))  # --steps: every model's (the classifier's too), and the README's
+    if run.steps_override is not None:
+        s["clf_steps"] = run.steps_override
     root = _data_root(run, s)
     train_waves, train_digits = load_spoken_digits(root, "train")
     test_waves, test_digits = load_spoken_digits(root, "test")

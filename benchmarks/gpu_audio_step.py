@@ -1,0 +1,105 @@
+"""The audio U-Nets' training step and sampling step on the GPU, at the shapes of `mambakit reproduce spoken-digits`
+and `mambakit reproduce audio-context`: what a full run of each costs, before it is started.
+
+For each U-Net of the experiments (Mamba-UNet, S4D-Lin+MLP, S4D-Real+MLP) and each shape, this trains it as the
+experiments do (`training.GraphedTrainStep`: AdamW, bf16 autocast, gradient clipping 1, the step replayed from a
+CUDA graph after 3 eager steps) on random mu-law levels, and prints ms per step, samples per second and the peak
+memory; then the ms per generated sample of `sample_audio` (a batch of --gen-batch clips, one sample at a time).
+The last column multiplies out a full run's training time at the experiment's default steps.
+
+    python benchmarks/gpu_audio_step.py
+    python benchmarks/gpu_audio_step.py --steps 50 --shapes spoken ctx2^11 ctx2^17
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from mambakit.models.unet import AudioUNet, UNetConfig, sample_audio
+from mambakit.reproduce import experiment
+from mambakit.training.cuda_graph import GraphedTrainStep
+
+
+def shapes() -> dict[str, tuple[int, int, int]]:
+    """name -> (batch, samples per row, the experiment's steps per model) at the full-size settings."""
+    digits, context = experiment("spoken-digits").settings(False), experiment("audio-context").settings(False)
+    out = {"spoken": (digits["batch_size"], digits["clip_samples"], digits["steps"])}
+    for k in context["contexts_log2"]:
+        out[f"ctx2^{k}"] = (max(1, context["samples_per_step"] // 2 ** k), 2 ** k, context["steps"])
+    return out
+
+
+def unet(key: str) -> AudioUNet:
+    module = experiment("spoken-digits")
+    s, m = module.settings(False), module.MODELS[key]
+    return AudioUNet(UNetConfig(d_model=s["d_model"], n_layers=s["n_layers"], pool=s["pool"], mixer=m["mixer"],
+                                mlp=m["mlp"], d_state=s["d_state"]))
+
+
+def train_ms(key: str, batch: int, length: int, steps: int) -> tuple[float, float]:
+    """(ms per step, peak GB) of `steps` graphed training steps."""
+    torch.manual_seed(0)
+    model = unet(key).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, fused=True)
+    step = GraphedTrainStep(model, opt, lambda m, rows: F.cross_entropy(
+        m(rows[:, :-1]).float().flatten(0, 1), rows[:, 1:].flatten()), grad_clip=1.0)
+    rows = torch.randint(0, 256, (batch, length + 1), device="cuda")
+    for _ in range(step.warmup + 2):  # eager warm-up, capture, a first replay
+        step.step(rows)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step.step(rows)
+    float(loss)
+    ms = (time.perf_counter() - t0) * 1e3 / steps
+    assert not step.disabled, "the capture failed: the figure is of eager steps"
+    return ms, torch.cuda.max_memory_allocated() / 1e9
+
+
+def sample_ms(key: str, batch: int, samples: int) -> float:
+    torch.manual_seed(0)
+    model = unet(key).cuda()
+    sample_audio(model, batch, 16, seed=0)  # first use: kernel compiles
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    sample_audio(model, batch, samples, seed=0)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / samples
+
+
+def main() -> None:
+    known = shapes()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(experiment("spoken-digits").MODELS))
+    p.add_argument("--shapes", nargs="+", default=list(known), choices=list(known))
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--gen-batch", type=int, default=64)
+    p.add_argument("--gen-samples", type=int, default=200)
+    args = p.parse_args()
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"python {platform.python_version()}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print("| model | shape | batch x samples | ms / step | M samples / s | peak GB | steps | full run (min) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for key in args.models:
+        for name in args.shapes:
+            batch, length, full_steps = known[name]
+            ms, peak = train_ms(key, batch, length, args.steps)
+            print(f"| {key} | {name} | {batch} x {length} | {ms:.2f} | {batch * length / ms / 1e3:.2f} | {peak:.2f} "
+                  f"| {full_steps} | {ms * full_steps / 6e4:.1f} |", flush=True)
+    print(f"\n| model | sampling, batch {args.gen_batch}: ms per sample | 1 s clip (16,001 samples), s |")
+    print("|---|---:|---:|")
+    for key in args.models:
+        ms = sample_ms(key, args.gen_batch, args.gen_samples)
+        print(f"| {key} | {ms:.3f} | {ms * 16.001:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
