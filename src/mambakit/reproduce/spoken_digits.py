@@ -54,7 +54,7 @@ def settings(quick: bool) -> dict:
     the train clips); 64 generated clips per model; quick: a CPU smoke run on 256-sample tones.
 
     The step budget is what one device call holds: on an H200 a graphed step takes 35 ms (Mamba-UNet), 57 ms
-    (S4D-Lin+MLP) and 52 ms (S4D-Real+MLP) (`benchmarks/gpu_audio_step.py`, session 23), so 2000 steps of the three
+    (S4D-Lin+MLP) and 52 ms (S4D-Real+MLP) (`benchmarks/gpu_repro_step.py`, session 23), so 2000 steps of the three
     are ~5 min of GPU and 64 sampled clips ~100 s a model; 20000 steps, the first setting, would be ~48 min."""
     if quick:
         return {"data": None, "clip_samples": 256, "tones_per_digit": 2, "d_model": 8, "n_layers": 1, "pool": [2, 2],
