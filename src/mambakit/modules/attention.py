@@ -20,19 +20,26 @@ ragged batches) a document starts at position 0, exactly as if it were alone.
 
 The KV cache (`KVState`) grows by doubling its capacity, so a decode step usually writes in place; a
 growth reallocates it (a captured CUDA graph of the decode step would not see that: decode hybrids eagerly).
+Calls with a cache attend over the whole capacity (unused slots masked) and, on CUDA, leave SDPA's cuDNN backend
+out: it builds a plan for every new key length, which cost eager decoding 40 ms a token at the e2e shape.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..deprecation import renamed_argument
 from ..ops import causal_conv1d
+
+
+_CACHED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -118,7 +125,7 @@ class KVState:
 
     def append(self, k: torch.Tensor, v: torch.Tensor, seq_idx: torch.Tensor | None, positions: torch.Tensor):
         """Add k, v (B, L, K, E) at `positions` (B, L); return all keys, values (B, S, K, E) and the mask
-        (B, 1, L, S) of the new queries.
+        (B, 1, L, S) of the new queries, S the capacity (slots past the cached and new tokens are masked out).
 
         A query sees the cached keys still valid if no document starts before it in this call (seq_idx equal
         to the call's first), and the new keys up to itself within its own document.
@@ -142,7 +149,11 @@ class KVState:
         self.valid[:, start:end] = last_doc
         self.next_pos.copy_(positions[:, -1] + 1)
         self.length = end
-        return self.key[:, :end], self.value[:, :end], mask[:, None]
+        # every slot up to the capacity, the unused ones masked: the attention's shapes then change only when the
+        # capacity doubles, not at every token (on CUDA, SDPA's cuDNN backend builds a plan per new shape)
+        if end < self.capacity:
+            mask = torch.cat([mask, mask.new_zeros(mask.shape[0], seqlen, self.capacity - end)], dim=-1)
+        return self.key, self.value, mask[:, None]
 
 
 def document_positions(seq_idx: torch.Tensor | None, batch: int, seqlen: int, start: torch.Tensor | None,
@@ -299,8 +310,13 @@ class MHA(nn.Module):
             mask = (causal & (seq_idx[:, :, None] == seq_idx[:, None, :]))[:, None]
         if K != H:
             k, v = k.repeat_interleave(H // K, dim=2), v.repeat_interleave(H // K, dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                             is_causal=mask is None, scale=self.softmax_scale)  # (B, H, L, E)
+        # with a KV cache, not SDPA's cuDNN backend: it builds a plan for every new key length, which made eager
+        # decoding 3-14x slower on an H200 (BENCHMARKS.md, session 23); the others take the same inputs
+        backends = sdpa_kernel(_CACHED_BACKENDS) if cache is not None and q.is_cuda else contextlib.nullcontext()
+        with backends:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=mask, is_causal=mask is None,
+                                                 scale=self.softmax_scale)  # (B, H, L, E)
         out = out.transpose(1, 2).reshape(batch, seqlen, H * E)
         if self.mlp_dim > 0:
             out = torch.cat([out, x_mlp], dim=-1)
