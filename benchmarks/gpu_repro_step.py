@@ -4,8 +4,8 @@ full-size shapes, and the audio U-Nets' sampling step: what a full run of each c
 For each U-Net of the experiments (Mamba-UNet, S4D-Lin+MLP, S4D-Real+MLP) and each shape, this trains it as the
 experiments do (`training.GraphedTrainStep`: AdamW, bf16 autocast, gradient clipping 1, the step replayed from a
 CUDA graph after 3 eager steps) on random mu-law levels, and prints ms per step, samples per second and the peak
-memory; then the ms per generated sample of `sample_audio` (a batch of --gen-batch clips, one sample at a time).
-The last column multiplies out a full run's training time at the experiment's default steps. --dna: the DNA
+memory (over the eager steps and the capture: what a replay uses is allocated then); then the ms per generated
+sample of `sample_audio` (a batch of --gen-batch clips, one sample at a time). The last column multiplies out a full run's training time at the experiment's default steps. --dna: the DNA
 language models of dna-context instead (Mamba and S4D, 2^20 tokens a step at every context; the experiment's loss).
 
     python benchmarks/gpu_repro_step.py
@@ -53,10 +53,11 @@ def train_ms(model: torch.nn.Module, vocab: int, batch: int, length: int, steps:
     step = GraphedTrainStep(model, opt, lambda m, rows: F.cross_entropy(
         m(rows[:, :-1]).float().flatten(0, 1)[:, :vocab], rows[:, 1:].flatten()), grad_clip=1.0)
     rows = torch.randint(0, vocab, (batch, length + 1), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()  # before the eager steps: a replay allocates nothing (the graph's pool is set)
     for _ in range(step.warmup + 2):  # eager warm-up, capture, a first replay
         step.step(rows)
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = step.step(rows)

@@ -79,16 +79,11 @@ def test_s4d_fft_convolution_equals_the_recurrence(A_init, gated):
     assert_close(state.ssm_state, h_ref, name="final state", rel=1e-10)
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["kernel-whole", "kernel-in-pieces"])
 @pytest.mark.parametrize("A_init, gated", S4D_CASES)
-def test_s4d_fft_path_gradients_equal_the_scan_path(A_init, gated, chunked, monkeypatch):
-    """Every parameter's gradient through the FFT path equals the one through the scan op (the seq_idx path); also
-    with the kernel built 5 positions at a time (6 checkpointed pieces of L 29, recomputed in the backward)."""
-    from mambakit.modules import s4d
-
+def test_s4d_fft_path_gradients_equal_the_scan_path(A_init, gated):
+    """Every parameter's gradient through the FFT path (the kernel factored into blocks of 8 positions at L 29: 4
+    blocks, the last one cut) equals the one through the scan op (the seq_idx path)."""
     layer = _s4d(A_init, gated)
-    if chunked:
-        monkeypatch.setattr(s4d, "KERNEL_CHUNK_ELEMENTS", layer.d_inner * layer.d_state * 5)
     u = torch.randn(2, 29, 16, dtype=torch.float64)
     upstream = torch.randn(2, 29, 16, dtype=torch.float64)
     grads = []
@@ -103,6 +98,33 @@ def test_s4d_fft_path_gradients_equal_the_scan_path(A_init, gated, chunked, monk
     assert set(grads[0]) == {n for n, _ in layer.named_parameters()}
     for name in grads[0]:
         assert_close(grads[0][name], grads[1][name], name=f"grad {name}", rel=1e-9)
+
+
+@pytest.mark.parametrize("complex_", [False, True], ids=["real", "complex"])
+@pytest.mark.parametrize("seqlen, block", [(1, None), (29, None), (64, None), (100, 7), (1000, None), (1000, 1000)])
+def test_s4d_kernel_equals_the_powers_summed(complex_, seqlen, block):
+    """ssm_kernel's factored product equals sum_n coef exp(dtA l) built directly, at lengths that are and are not a
+    multiple of the block, one block, one position, and with gradients for coef and dtA."""
+    from mambakit.modules.s4d import ssm_kernel
+
+    torch.manual_seed(0)
+    shape = (3, 4)
+    if complex_:
+        coef = torch.complex(torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64))
+        dtA = torch.complex(-torch.rand(shape, dtype=torch.float64) * 0.1, torch.randn(shape, dtype=torch.float64))
+    else:
+        coef, dtA = torch.randn(shape, dtype=torch.float64), -torch.rand(shape, dtype=torch.float64) * 0.1
+    coef.requires_grad_(), dtA.requires_grad_()
+    l = torch.arange(seqlen, dtype=torch.float64)
+    direct = (coef[..., None] * torch.exp(dtA[..., None] * l)).sum(1)
+    fast = ssm_kernel(coef, dtA, seqlen, block)
+    assert fast.shape == (3, seqlen)
+    assert_close(fast, direct, name="kernel", rel=1e-12)
+    upstream = torch.randn_like(direct)
+    g_direct = torch.autograd.grad((direct * upstream.conj()).real.sum(), (coef, dtA))
+    g_fast = torch.autograd.grad((fast * upstream.conj()).real.sum(), (coef, dtA))
+    for a, b, name in zip(g_fast, g_direct, ("coef", "dtA")):
+        assert_close(a, b, name=f"grad {name}", rel=1e-10)
 
 
 def test_s4d_initialisations():
