@@ -13,8 +13,8 @@ Shapes (legend): B batch, L seqlen, M d_model, D d_inner = expand * d_model, N d
 This is the same discretisation as `ops.selective_scan` with Δ, B and C held fixed over time, so the
 layer is a long convolution: y = K * x + D x with K[d, l] = s Re sum_n C[d, n] dt B[d, n] exp(dt A[d, n])^l.
 The forward computes K (`ssm_kernel`: a matrix product of two (D, N, sqrt L) factors of the powers) and
-convolves by FFT in O(L log L); a cache adds the initial
-state's contribution and returns the final state in closed form (decoding, and prefill over several calls). With
+convolves by FFT in O(L log L); a cache adds the initial state's contribution and returns the final state in closed
+form (`decayed_sum`; decoding, and prefill over several calls), factored the same way. With
 `seq_idx` (packed documents) the state must restart inside a row, which a convolution cannot express,
 so that path runs `ops.selective_scan` with per-channel B, C (ngroups = D) on the PyTorch backend.
 
@@ -65,6 +65,24 @@ def ssm_kernel(coef: torch.Tensor, dtA: torch.Tensor, seqlen: int, block: int | 
     starts = torch.arange(blocks, device=dtA.device, dtype=real) * T
     outer = coef[..., None] * torch.exp(dtA[..., None] * starts)  # (D, N, C)
     return torch.bmm(outer.transpose(1, 2), inner).reshape(d, blocks * T)[:, :seqlen]
+
+
+def decayed_sum(x: torch.Tensor, dtA: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """S[b, d, n] = sum_l x[b, d, l] exp(dtA[d, n] (L - 1 - l)): (B, D, L), (D, N) -> (B, D, N) (x in dtA's dtype).
+
+    What a state holds after L inputs (the state's closed form), factored as `ssm_kernel` is: with the time reversed,
+    l' = c T + t, S = sum_c exp(dtA c T) sum_t x'[c T + t] exp(dtA t), two contractions of O(B D N L) multiply-adds
+    that never hold the (D, N, L) powers.
+    """
+    batch, d, seqlen = x.shape
+    T = block or 1 << (((max(seqlen, 1) - 1).bit_length() + 1) // 2)
+    blocks = -(-seqlen // T)
+    real = dtA.real.dtype
+    rev = F.pad(x.flip(-1), (0, blocks * T - seqlen)).view(batch, d, blocks, T)  # zeros past the start add nothing
+    inner = torch.exp(dtA[..., None] * torch.arange(T, device=dtA.device, dtype=real))  # (D, N, T)
+    outer = torch.exp(dtA[..., None] * (torch.arange(blocks, device=dtA.device, dtype=real) * T))  # (D, N, C)
+    per_block = torch.einsum("bdct,dnt->bdnc", rev, inner)  # (B, D, N, C)
+    return (per_block * outer).sum(-1)
 
 
 class S4D(nn.Module):
@@ -181,23 +199,22 @@ class S4D(nn.Module):
         scale = 2.0 if self.is_complex else 1.0
         dtA = dt[:, None] * A  # (D, N); Re <= 0, so every power below has modulus <= 1
         coef = C * B * dt[:, None]  # (D, N)
-        if cache is None:  # training: the factored kernel, O(D N sqrt L) kept for the backward
-            kernel = ssm_kernel(coef, dtA, seqlen)
-        else:  # the powers serve the initial state's terms too
-            powers = torch.exp(dtA[..., None] * torch.arange(seqlen, device=x.device, dtype=real))  # (D, N, L)
-            kernel = (coef[..., None] * powers).sum(1)  # (D, L)
+        kernel = ssm_kernel(coef, dtA, seqlen)  # (D, L); autograd keeps O(D N sqrt L)
         kernel = scale * kernel.real if self.is_complex else kernel
         x_BDL = x.to(real).transpose(1, 2)
         n = _fft_len(2 * seqlen)
         y_BDL = torch.fft.irfft(torch.fft.rfft(x_BDL, n=n) * torch.fft.rfft(kernel, n=n), n=n)[..., :seqlen]
         if cache is not None:
             h0 = cache.ssm_state.to(A.dtype)  # (B, D, N)
-            decay = powers * torch.exp(dtA)[..., None]  # exp(dt A)^(l + 1): what h0 has become at step l
-            from_h0 = torch.einsum("dnl,bdn->bdl", C[..., None] * decay, h0)
+            batch, dim, n_state = h0.shape
+            # what h0 has become at step l, read out: sum_n C h0 exp(dt A)^(l + 1), a kernel per row
+            start = (C * torch.exp(dtA) * h0).reshape(batch * dim, n_state)
+            from_h0 = ssm_kernel(start, dtA.expand(batch, dim, n_state).reshape(batch * dim, n_state), seqlen)
+            from_h0 = from_h0.view(batch, dim, seqlen)
             y_BDL = y_BDL + (scale * from_h0.real if self.is_complex else from_h0)
-            # h_L = exp(dt A)^L h0 + sum_l exp(dt A)^(L-1-l) dt B x_l
-            inputs = torch.einsum("bdl,dnl->bdn", x_BDL.to(A.dtype), powers.flip(-1))
-            cache.ssm_state.copy_(decay[..., -1] * h0 + (dt[:, None] * B) * inputs)
+            # h_L = exp(dt A)^L h0 + dt B sum_l exp(dt A)^(L-1-l) x_l
+            inputs = decayed_sum(x_BDL.to(A.dtype), dtA)
+            cache.ssm_state.copy_(torch.exp(dtA * seqlen) * h0 + (dt[:, None] * B) * inputs)
         return y_BDL.transpose(1, 2)
 
     def _scan(self, x: torch.Tensor, z: torch.Tensor | None, cache: MixerState | None,
