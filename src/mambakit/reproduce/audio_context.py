@@ -36,15 +36,19 @@ MODELS = {"mamba-unet": ("mamba", False, "Mamba-UNet"), "s4d-lin-mlp-unet": ("s4
 
 
 def settings(quick: bool) -> dict:
-    """Full size (GPU; not yet run): contexts 2^11 .. 2^17 samples (0.13 s .. 8 s), 2^17 samples per step, 4000
-    steps; quick: a CPU smoke run on tones."""
+    """Full size (GPU; not yet run): contexts 2^11, 2^13, 2^15, 2^17 samples (0.13 s .. 8 s), 2^17 samples per step,
+    1000 steps (~1.8 passes over the 72M training samples); quick: a CPU smoke run on tones.
+
+    Session 23 cut 7 contexts x 4000 steps (~39 min of an H200 for the 14 U-Nets, `benchmarks/gpu_repro_step.py`) to
+    this, which one device call holds: a step of the eight U-Nets is ~0.2 s, so ~3-4 min of training. A U-Net's
+    resume state is 22-33 MB, so a run cut by the time budget with many models in flight would not all come back."""
     data = _digit_settings(quick)
     if quick:
         return {**{k: data[k] for k in ("data", "clip_samples", "tones_per_digit")}, "contexts_log2": [5, 7],
                 "samples_per_step": 512, "steps": 3, "lr": 2e-3, "warmup_steps": 1, "d_model": 8, "n_layers": 1,
                 "pool": [2, 2], "d_state": 4, "eval_samples": 1024, "eval_batch": 4}
-    return {**{k: data[k] for k in ("data", "clip_samples", "tones_per_digit")}, "contexts_log2": list(range(11, 18)),
-            "samples_per_step": 2 ** 17, "steps": 4000, "lr": 2e-3, "warmup_steps": 200, "d_model": 64, "n_layers": 2,
+    return {**{k: data[k] for k in ("data", "clip_samples", "tones_per_digit")}, "contexts_log2": [11, 13, 15, 17],
+            "samples_per_step": 2 ** 17, "steps": 1000, "lr": 2e-3, "warmup_steps": 100, "d_model": 64, "n_layers": 2,
             "pool": [4, 4], "d_state": 16, "eval_samples": 2 ** 21, "eval_batch": 8}
 
 

@@ -45,15 +45,20 @@ INDEPENDENT_MODELS = True  # one model per (mixer, context), none needs another'
 def settings(quick: bool) -> dict:
     """Full size (GPU; not yet run): contexts 2^10 .. 2^20, 2^20 tokens per step (one window of the longest
     context, so every context trains on the same tokens: with fewer tokens per step than bases in a window the
-    longest contexts would see more), 500 steps per model (2^29 tokens), lr 8e-3 (the paper's small-model DNA rate;
-    a constant rate after warmup, as the synthetic experiments); quick: a CPU smoke run on stand-in genomes.
-    Session 22 changed 2^18 tokens x 2000 steps (as many tokens, but 4x at 2^20) to this before any full run."""
+    longest contexts would see more), 250 steps per model (2^28 tokens, ~13 passes over the ~20M bases), lr 8e-3
+    (the paper's small-model DNA rate; a constant rate after warmup, as the synthetic experiments); quick: a CPU
+    smoke run on stand-in genomes.
+
+    Session 22 changed 2^18 tokens x 2000 steps (as many tokens, but 4x at 2^20) to 500 steps of 2^20; session 23
+    halved the steps to what a session's device time holds: a step of the twelve models is ~1.5 s of Mamba and
+    ~2.2 s of S4D on an H200 (`benchmarks/gpu_repro_step.py --dna`; S4D at 2^20 estimated after its kernel fix), so
+    250 steps are ~15 min of GPU."""
     if quick:
         return {"genomes": None, "contexts_log2": [5, 6], "tokens_per_step": 256, "steps": 4, "lr": 2e-3,
                 "warmup_steps": 1, "d_model": 16, "n_layer": 2, "d_state": 4, "slw_start": 16, "slw_fraction": 0.5,
                 "eval_tokens": 512, "eval_batch": 4, "val_fraction": 0.05}
     return {"genomes": os.environ.get("MAMBAKIT_GENOMES", str(DEBIAN_GENOMES)), "contexts_log2": list(range(10, 21, 2)),
-            "tokens_per_step": 2 ** 20, "steps": 500, "lr": 8e-3, "warmup_steps": 25, "d_model": 128, "n_layer": 6,
+            "tokens_per_step": 2 ** 20, "steps": 250, "lr": 8e-3, "warmup_steps": 25, "d_model": 128, "n_layer": 6,
             "d_state": 16, "slw_start": 2 ** 10, "slw_fraction": 0.5, "eval_tokens": 2 ** 22, "eval_batch": 8,
             "val_fraction": 0.05}
 
