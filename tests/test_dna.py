@@ -442,3 +442,27 @@ def test_a_pretraining_corpus_in_ragouts_layout_reads_the_references_not_the_dra
     (plain / "a.fa").write_text(">a\nACGT\n")
     assert genome_files(plain) == plain and genome_files(plain / "a.fa") == plain / "a.fa"
 
+
+
+def test_species_folders_follow_ragouts_layout_as_the_pretraining_corpus_does(tmp_path, monkeypatch):
+    """dna-species reads a species root the way genome_files reads a corpus: once any folder has references/ (here
+    not the first in sorted order, which it used to look at alone) the drafts beside them are left out; a flat
+    folder per species (a user's own) gets nothing added, Debian's K. pneumoniae included."""
+    from mambakit.reproduce import dna_species
+
+    root = tmp_path / "species"
+    (root / "A.Flat").mkdir(parents=True)
+    (root / "A.Flat" / "a.fa").write_text(">a\nACGT\n")
+    (root / "B.Rag" / "references").mkdir(parents=True)
+    (root / "B.Rag" / "references" / "b.fasta").write_text(">b\nGGCC\n")
+    (root / "B.Rag" / "contigs.fasta").write_text(">c\nAC\n")  # a draft: not read
+    (tmp_path / "kleb").mkdir()
+    (tmp_path / "kleb" / "K1.fna").write_text(">k\nTTAA\n")
+    monkeypatch.setattr(dna_species, "KLEBSIELLA_GENOMES", tmp_path / "kleb")
+    files = dna_species._species_files(None, {"species_root": str(root)})
+    assert {k: [p.name for p in v] for k, v in files.items()} == {"A.Flat": ["a.fa"], "B.Rag": ["b.fasta"],
+                                                                    "K.Pneumoniae": ["K1.fna"]}
+    (root / "B.Rag" / "references" / "b.fasta").unlink()
+    (root / "B.Rag" / "references").rmdir()  # now flat folders only: nothing added
+    files = dna_species._species_files(None, {"species_root": str(root)})
+    assert {k: sorted(p.name for p in v) for k, v in files.items()} == {"A.Flat": ["a.fa"], "B.Rag": ["contigs.fasta"]}

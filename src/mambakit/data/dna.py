@@ -430,9 +430,15 @@ def genome_files(path: str | Path) -> Path | list[Path]:
     the references' own strains, so their held-out tails would be in the references' training part); anything
     else is returned as it is."""
     path = Path(path)
-    if path.is_dir() and any((d / "references").is_dir() for d in path.iterdir() if d.is_dir()):
+    if is_ragout_layout(path):
         return [f for files in debian_species(path, klebsiella=None).values() for f in files]
     return path
+
+
+def is_ragout_layout(path: str | Path) -> bool:
+    """Whether `path` is a folder in ragout-examples' layout: some <species>/references/ folder inside it."""
+    path = Path(path)
+    return path.is_dir() and any((d / "references").is_dir() for d in path.iterdir() if d.is_dir())
 
 
 # ---------------------------------------------------------------- species classification

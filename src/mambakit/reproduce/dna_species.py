@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..data.dna import DEBIAN_GENOMES, SpeciesWindows, debian_species, load_genome, random_reverse_complement
+from ..data.dna import (DEBIAN_GENOMES, KLEBSIELLA_GENOMES, SpeciesWindows, debian_species, is_ragout_layout, load_genome,
+                        random_reverse_complement)
 from ..models import MambaConfig
 from ..models.classifier import SequenceClassifier
 from .common import FINISHED, Run, TrainSettings, figure, save_plot, loss_plot, markdown_table, percent
@@ -68,9 +69,11 @@ def _species_files(run: Run, s: dict) -> dict[str, list[Path]]:
             out[f"stand-in {i}"] = [path]
         return out
     root = Path(s["species_root"])
-    if (root / next(iter(sorted(p.name for p in root.iterdir() if p.is_dir())), "") / "references").is_dir():
-        return debian_species(root)
-    return {d.name: [d] for d in sorted(root.iterdir()) if d.is_dir()}
+    if not root.is_dir():
+        return debian_species(root)  # its DataError says how to install the genomes
+    # ragout's layout (some folder has references/, as genome_files decides): its references, not its draft contigs,
+    # and Debian's K. pneumoniae where installed; otherwise a folder of FASTA files per species, nothing added
+    return debian_species(root, klebsiella=KLEBSIELLA_GENOMES if is_ragout_layout(root) else None)
 
 
 def _classifier(mixer: str, s: dict, num_classes: int):
