@@ -23,6 +23,7 @@ from mambakit.data import (
     load_corpus,
     load_documents,
     load_tokenizer,
+    segment_windows,
     shakespeare_documents,
     split_documents,
 )
@@ -368,6 +369,34 @@ def test_eval_windows_ranks_partition_the_windows():
     parts = [list(eval_windows(stream, 10, 2, rank=r, world_size=3)) for r in range(3)]
     targets = sorted(t for part in parts for w in part for t in w[:, 1:].reshape(-1).tolist())
     assert targets == list(range(1, 95))
+
+
+@pytest.mark.parametrize("n, seqlen, batch, world, max_tokens", [
+    pytest.param(101, 10, 4, 1, None, id="one-rank"),
+    pytest.param(107, 10, 3, 2, None, id="two-ranks"),
+    pytest.param(107, 4, 8, 1, 45, id="max-tokens"),
+    pytest.param(6, 10, 4, 1, None, id="shorter-than-a-window"),
+])
+def test_segment_windows_give_each_row_a_contiguous_run_that_continues_from_window_to_window(n, seqlen, batch, world,
+                                                                                             max_tokens):
+    """Every target once; row r of each window continues row r of the window before (what a carried state needs);
+    the ranks' rows partition the segments; padding past a segment's end is never scored."""
+    stream = TokenStream(torch.arange(n, dtype=torch.int32), ByteTokenizer())
+    scored = []
+    for rank in range(world):
+        windows = list(segment_windows(stream, seqlen, batch, max_tokens, rank=rank, world_size=world))
+        assert all(i.shape == t.shape and i.shape[0] <= batch and i.shape[1] <= seqlen for i, t in windows)
+        rows = windows[0][0].shape[0]
+        for r in range(rows):
+            ins = torch.cat([i[r] for i, t in windows])
+            outs = torch.cat([t[r] for i, t in windows])
+            real = outs != -100
+            assert bool(real[:int(real.sum())].all())  # padding only at the end of a row
+            assert torch.equal(outs[real], ins[real] + 1)  # each target is the next token of its input
+            run = ins[real]
+            assert torch.equal(run, torch.arange(int(run[0]), int(run[0]) + len(run)))  # contiguous across windows
+            scored += outs[real].tolist()
+    assert sorted(scored) == list(range(1, eval_target_count(stream, max_tokens) + 1))
 
 
 def test_train_and_held_out_streams_share_no_document(tmp_path):

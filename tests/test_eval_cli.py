@@ -8,7 +8,7 @@ import math
 import pytest
 
 from mambakit.cli.__main__ import main
-from mambakit.data import ByteTokenizer, TokenStream, load_documents
+from mambakit.data import ByteTokenizer, Document, TokenStream, load_documents
 from mambakit.evaluation import evaluate_stream
 from mambakit.models import MambaLM
 
@@ -47,8 +47,14 @@ def test_eval_json_reports_the_numbers_of_evaluate_stream(trained, capsys):
     # the same numbers, computed here with the library on the same documents, resets at each EOS
     docs = load_documents(trained / "held.jsonl")
     stream = TokenStream.from_documents(docs, ByteTokenizer())
-    expected = evaluate_stream(MambaLM.from_pretrained(trained / "run"), stream, seqlen=64, batch_size=8)
+    model = MambaLM.from_pretrained(trained / "run")
+    expected = evaluate_stream(model, stream, seqlen=64, batch_size=8, carry_state=True)
     assert report["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=1e-6)
+    assert report["carry_state"] is True  # the default for a model without attention layers
+    windows = json.loads(_eval(capsys, trained, "--json", "--no-progress", "--no-carry-state")[1])
+    assert windows["carry_state"] is False
+    assert windows["bits_per_byte"] == pytest.approx(evaluate_stream(model, stream, seqlen=64, batch_size=8)
+                                                     .bits_per_byte, rel=1e-6)
     assert report["perplexity"] == pytest.approx(math.exp(expected.loss), rel=1e-6)
     assert report["tokens"] == len(stream) - 1 == expected.tokens
     assert report["bytes"] == sum(len(d.text.encode()) + 1 for d in docs) - 1  # the first EOS is context only
@@ -62,7 +68,7 @@ def test_eval_text_output_and_progress_bar(trained, capsys):
     lines = out.splitlines()
     assert lines[0] == f"model: {trained / 'run'}"
     assert lines[2].startswith("bits per byte: ") and lines[3].startswith("perplexity: ")
-    assert "state reset at document boundaries" in lines[4]
+    assert "state carried across windows and reset at document boundaries" in lines[4]
     assert "eval" in err  # the tqdm bar, on stderr
 
 
@@ -73,6 +79,43 @@ def test_eval_document_handling_follows_the_flag(trained, capsys):
     assert carried["bits_per_byte"] != reset["bits_per_byte"]
     short = json.loads(_eval(capsys, trained, "--json", "--no-progress", "--max-tokens", "50", "--seqlen", "16")[1])
     assert short["tokens"] == 50 and short["seqlen"] == 16
+
+
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+@pytest.mark.parametrize("reset", [True, False], ids=["reset-at-eos", "across-documents"])
+def test_carried_state_scores_each_segment_as_one_forward_would(layer, reset):
+    """evaluate_stream(carry_state=True): windows of 7 tokens whose states carry over (documents starting at a
+    window's first token among them) give the loss of one forward over each row's whole segment, with the state
+    restarting at each document (or not, with reset_at_eos False)."""
+    import torch
+
+    from mambakit.data.packing import seq_idx_from_eos
+    from mambakit.models import MambaConfig
+    from mambakit.models.mamba_lm import MambaLM as LM
+
+    torch.manual_seed(0)
+    extra = {"headdim": 16, "chunk_size": 8} if layer == "Mamba2" else {}
+    model = LM(MambaConfig(d_model=32, n_layer=2, vocab_size=256, ssm_cfg={"layer": layer, **extra})).double()
+    docs = ["abcdef", "gh", "ijklmnopqrstu", "vw", "xyzabcdefghijklmnopq", "rs"]  # EOS at 0, 7, 10, 24, 27, 48
+    stream = TokenStream.from_documents([Document(f"d{i}", d) for i, d in enumerate(docs)], ByteTokenizer())
+    tokens = stream.tokens.long()
+    n = len(stream) - 1
+    assert any(int(tokens[i]) == 0 for i in range(7, n, 7))  # a document starts at a window's first token
+    for batch in (1, 3):
+        length = -(-n // batch)
+        nats = 0.0
+        with torch.no_grad():
+            for a in range(0, n, length):
+                b = min(a + length, n)
+                inputs = tokens[a:b][None]
+                logits = model(inputs, seq_idx=seq_idx_from_eos(inputs, 0) if reset else None)
+                nats += float(torch.nn.functional.cross_entropy(logits[0, :, :256], tokens[a + 1:b + 1],
+                                                                 reduction="sum"))
+        got = evaluate_stream(model, stream, seqlen=7, batch_size=batch, reset_at_eos=reset, carry_state=True)
+        assert got.tokens == n
+        assert got.loss == pytest.approx(nats / n, rel=1e-6)  # token_nll_sum scores in float32
+    windowed = evaluate_stream(model, stream, seqlen=7, batch_size=3, reset_at_eos=reset)
+    assert abs(windowed.loss - got.loss) > 1e-4 * got.loss  # windows that start empty lose context
 
 
 def test_eval_reads_a_datasets_directory(trained, capsys, tmp_path):

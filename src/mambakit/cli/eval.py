@@ -29,8 +29,10 @@ examples:
 
 Every document of --data is scored (no held-out split), joined as in training: each preceded by the
 tokenizer's end-of-document token, the state restarting at each one (--no-reset-at-eos: carried across;
-the default follows the model's train_config.json when it has one). The windows of --seqlen tokens start
-from an empty state each. bits per byte = total nats / (ln 2 x UTF-8 bytes of the scored text), the
+the default follows the model's train_config.json when it has one). Each of --batch-size rows reads one
+contiguous segment of the data, --seqlen tokens a call, its state carried from call to call, so a document longer
+than a window is read whole (--no-carry-state: every window starts from an empty state, as training's held-out
+figure does; the default for models with attention layers, whose KV cache would grow over a segment). bits per byte = total nats / (ln 2 x UTF-8 bytes of the scored text), the
 end-of-document token counting as one byte; perplexity = exp(nats per token). The tokens are cached on
 disk as in training (--token-cache). Progress bars go to stderr."""
 
@@ -49,6 +51,9 @@ def build_parser(prog: str = "mambakit eval") -> Parser:
     p.add_argument("--reset-at-eos", action=argparse.BooleanOptionalAction, default=None,
                    help="restart the state at each end-of-document token (default: as the model was trained; "
                         "on for models without a train_config.json)")
+    p.add_argument("--carry-state", action=argparse.BooleanOptionalAction, default=None,
+                   help="carry each row's state from window to window (default: on for models without attention "
+                        "layers)")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--autocast", choices=("bf16", "none"), default="bf16",
                    help="bf16 autocast on CUDA (default; ignored on CPU) or none")
@@ -78,7 +83,8 @@ def _trained_settings(directory: Path) -> dict:
 
 
 def main(model: str, data: str | None = None, json: bool = False, seqlen: int | None = None, batch_size: int | None = None,
-         max_tokens: int | None = None, reset_at_eos: bool | None = None, device: str = "auto",
+         max_tokens: int | None = None, reset_at_eos: bool | None = None, carry_state: bool | None = None,
+         device: str = "auto",
          autocast: str = "bf16", streaming: bool = False, text_column: str = "text", token_cache: str = "auto",
          progress: bool = True, tasks: str | None = None, **task_flags) -> int:
     """Score `model` on every document of `data`; print bits per byte, perplexity and counts. Returns 0.
@@ -112,18 +118,20 @@ def main(model: str, data: str | None = None, json: bool = False, seqlen: int | 
     lm, tokenizer, dev = loaded.lm, loaded.tokenizer, loaded.device
     streams = load_token_streams(data, tokenizer, val_fraction=None, token_cache=token_cache, streaming=streaming,
                                  text_column=text_column, progress=progress)
+    if carry_state is None:  # an SSM's state is fixed-size; a KV cache would grow over the whole segment
+        carry_state = not getattr(lm.config, "attn_layer_idx", None)
     stream = streams.train  # val_fraction=None: every document, in order
     if len(stream) < 2:
         raise UsageError(f"--data {data}: nothing to score ({len(stream)} token{'s' if len(stream) != 1 else ''})")
     t0 = time.perf_counter()
     result = evaluate_stream(lm, stream, seqlen, batch_size, max_tokens,
                              autocast_dtype=torch.bfloat16 if (autocast == "bf16" and dev.type == "cuda") else None,
-                             reset_at_eos=reset_at_eos, progress=progress)
+                             reset_at_eos=reset_at_eos, progress=progress, carry_state=carry_state)
     seconds = time.perf_counter() - t0
     report = {"model": str(model), "data": str(data), "bits_per_byte": result.bits_per_byte,
               "perplexity": result.perplexity, "loss": result.loss, "tokens": result.tokens, "bytes": result.bytes,
               "documents": streams.documents["train"], "seqlen": seqlen, "reset_at_eos": reset_at_eos and
-              tokenizer.eos_id is not None, "device": str(dev), "seconds": seconds}
+              tokenizer.eos_id is not None, "carry_state": carry_state, "device": str(dev), "seconds": seconds}
     if json:
         # strict JSON: a diverged model's infinite perplexity is written as null
         print(json_module.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
@@ -134,6 +142,6 @@ def main(model: str, data: str | None = None, json: bool = False, seqlen: int | 
               f"{result.bytes:,} bytes\n"
               f"bits per byte: {result.bits_per_byte:.4f}\n"
               f"perplexity: {result.perplexity:.4f} per token ({result.loss:.4f} nats/token)\n"
-              f"windows of {seqlen} tokens, state {'reset' if report['reset_at_eos'] else 'carried'} at document "
-              f"boundaries, {seconds:.1f} s on {dev}")
+              f"windows of {seqlen} tokens, state {'carried across windows' if carry_state else 'empty at each window'}"
+              f" and {'reset' if report['reset_at_eos'] else 'carried'} at document boundaries, {seconds:.1f} s on {dev}")
     return 0

@@ -24,7 +24,7 @@ from .corpora import (
 from .errors import DataError
 from .packing import WindowBatch, seq_idx_from_eos, split_window
 from .sources import Corpus, is_datasets_dir, open_corpus
-from .stream import RandomWindows, TokenStream, eval_target_count, eval_windows
+from .stream import RandomWindows, TokenStream, eval_target_count, eval_windows, segment_windows
 from .streaming import IncrementalDecoder
 from .token_cache import TokenizedCorpus, default_cache_dir, load_token_streams, tokenize_corpus
 from .tokenizers import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer, TransformersTokenizer,
@@ -51,6 +51,7 @@ __all__ = [
     "RandomWindows",
     "eval_windows",
     "eval_target_count",
+    "segment_windows",
     "WindowBatch",
     "seq_idx_from_eos",
     "split_window",

@@ -22,7 +22,7 @@ from .corpora import Document
 from .errors import DataError
 from .tokenizers import ByteTokenizer, Tokenizer
 
-__all__ = ["TokenStream", "RandomWindows", "eval_windows", "eval_target_count"]
+__all__ = ["TokenStream", "RandomWindows", "eval_windows", "eval_target_count", "segment_windows"]
 
 
 class TokenStream:
@@ -137,3 +137,42 @@ def eval_windows(stream: TokenStream, seqlen: int, batch_size: int, max_tokens: 
         yield stream.tokens[starts[:, None] + arange].long()  # (b, seqlen + 1)
     if rest and n_full % world_size == rank:
         yield stream.tokens[n_full * seqlen:n + 1].long()[None]  # (1, rest + 1)
+
+
+def segment_windows(stream: TokenStream, seqlen: int, batch_size: int, max_tokens: int | None = None,
+                    rank: int = 0, world_size: int = 1,
+                    ignore_index: int = -100) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Windows for a reader that carries each row's state from one window to the next: the targets 1..n cut into
+    up to batch_size x world_size contiguous segments of equal length (the last shorter), one per row, read
+    seqlen at a time in lockstep, so row r of a window continues row r of the window before. Segment j belongs
+    to rank j % world_size. Every target is scored exactly once; a state starts empty only at a segment's start
+    (batch_size x world_size places) instead of at every window's.
+
+    Yields:
+        (inputs, targets), int64 (b, l) each, b the rank's rows, l <= seqlen (shorter at the end); a row whose
+        segment has ended holds inputs 0 and targets `ignore_index` (cross_entropy's default skips them).
+
+    Example:
+        >>> [(i.tolist(), t.tolist()) for i, t in segment_windows(stream_of_9_tokens, seqlen=2, batch_size=2)]
+        [([[t0, t1], [t4, t5]], [[t1, t2], [t5, t6]]), ([[t2, t3], [t6, t7]], [[t3, t4], [t7, t8]])]
+    """
+    n = eval_target_count(stream, max_tokens)
+    if n == 0:
+        return
+    rows = max(1, min(batch_size * world_size, -(-n // seqlen)))
+    length = -(-n // rows)  # targets per segment
+    segments = [(j * length, min((j + 1) * length, n)) for j in range(rows)][rank::world_size]
+    segments = [(a, b) for a, b in segments if b > a]
+    if not segments:
+        return
+    tokens = stream.tokens
+    for start in range(0, length, seqlen):
+        width = min(seqlen, length - start)
+        inputs = torch.zeros(len(segments), width, dtype=torch.long)
+        targets = torch.full((len(segments), width), ignore_index, dtype=torch.long)
+        for row, (a, b) in enumerate(segments):
+            lo, hi = a + start, min(a + start + width, b)
+            if hi > lo:
+                inputs[row, :hi - lo] = tokens[lo:hi]
+                targets[row, :hi - lo] = tokens[lo + 1:hi + 1]
+        yield inputs, targets

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data.packing import split_window
-from ..data.stream import TokenStream, eval_target_count, eval_windows
+from ..data.packing import seq_idx_from_eos, split_window
+from ..data.stream import TokenStream, eval_target_count, eval_windows, segment_windows
 
 __all__ = ["Evaluation", "evaluate_stream", "evaluate_bits_per_byte", "token_nll_sum"]
 
@@ -54,10 +54,33 @@ class Evaluation:
         return math.exp(self.loss)
 
 
+def _score_segments(model: torch.nn.Module, stream: TokenStream, seqlen: int, batch_size: int, max_tokens: int | None,
+                    autocast_dtype, rank: int, world_size: int, eos_id: int | None, total: torch.Tensor, bar) -> None:
+    """evaluate_stream's carry_state loop: adds the summed -ln p of this rank's segments to `total` (float64)."""
+    device = total.device
+    cache = None
+    for inputs, targets in segment_windows(stream, seqlen, batch_size, max_tokens, rank=rank, world_size=world_size):
+        bar.update(int((targets != -100).sum()) * world_size)  # counted on the host, before the copy
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)  # (b, l)
+        if cache is None:
+            cache = model.allocate_cache(inputs.shape[0])
+        seq_idx = None
+        if eos_id is not None:
+            seq_idx = seq_idx_from_eos(inputs, eos_id)
+            # a document that starts at a window's first token: its seq_idx cannot say so (it is the window's
+            # first), so the rows' carried states are cleared instead
+            starts = inputs[:, 0] == eos_id
+            for layer in cache.layers:
+                layer.zero_rows_(starts)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(inputs, cache=cache, seq_idx=seq_idx)  # (b, l, padded vocab)
+        total += token_nll_sum(logits, targets, stream.tokenizer.vocab_size).double()
+
+
 def evaluate_bits_per_byte(model: torch.nn.Module, stream: TokenStream, seqlen: int, batch_size: int,
                            max_tokens: int | None = None, *, autocast_dtype: torch.dtype | None = None,
                            rank: int = 0, world_size: int = 1, reset_at_eos: bool = True,
-                           progress: bool = False) -> tuple[float, float]:
+                           progress: bool = False, carry_state: bool = False) -> tuple[float, float]:
     """(loss in nats per token, bits per byte) of the first `max_tokens` targets of `stream`: `evaluate_stream`'s
     two main numbers, with the same arguments.
 
@@ -65,7 +88,8 @@ def evaluate_bits_per_byte(model: torch.nn.Module, stream: TokenStream, seqlen: 
         >>> nats, bpb = evaluate_bits_per_byte(model, val_stream, seqlen=256, batch_size=16, max_tokens=65536)
     """
     result = evaluate_stream(model, stream, seqlen, batch_size, max_tokens, autocast_dtype=autocast_dtype, rank=rank,
-                             world_size=world_size, reset_at_eos=reset_at_eos, progress=progress)
+                             world_size=world_size, reset_at_eos=reset_at_eos, progress=progress,
+                             carry_state=carry_state)
     return result.loss, result.bits_per_byte
 
 
@@ -73,13 +97,19 @@ def evaluate_bits_per_byte(model: torch.nn.Module, stream: TokenStream, seqlen: 
 def evaluate_stream(model: torch.nn.Module, stream: TokenStream, seqlen: int, batch_size: int,
                     max_tokens: int | None = None, *, autocast_dtype: torch.dtype | None = None,
                     rank: int = 0, world_size: int = 1, reset_at_eos: bool = True,
-                    progress: bool = False) -> Evaluation:
+                    progress: bool = False, carry_state: bool = False) -> Evaluation:
     """Score the first `max_tokens` targets of `stream` (all when None): loss, bits per byte, tokens and bytes.
 
     The targets are covered once, in order, by non-overlapping windows of `seqlen` that each start
     from an empty state (`eval_windows`) and, with `reset_at_eos`, restart it at every document
     boundary inside them, as training does. Under torch.distributed (world_size > 1) each rank
     scores its share of the windows and the sums are all-reduced; every rank gets the result.
+
+    With `carry_state` the windows do not start empty: each batch row reads one contiguous segment of the
+    stream (`segment_windows`) and its recurrent state (an `allocate_cache` cache: a Mamba state, or a KV cache
+    that grows over the segment) goes on from one window to the next, so a document longer than a window is
+    scored as a whole, as lm-eval's loglikelihood_rolling reads it; with `reset_at_eos` the state still restarts
+    at each document. The model must take `cache=` (and `seq_idx=`) as MambaLM does.
 
     Args:
         model: maps (batch, seqlen) int64 ids to (batch, seqlen, >= vocab) logits.
@@ -104,14 +134,18 @@ def evaluate_stream(model: torch.nn.Module, stream: TokenStream, seqlen: int, ba
     total = torch.zeros((), dtype=torch.float64, device=device)
     bar = tqdm(total=n_targets, unit="tok", unit_scale=True, desc="eval", dynamic_ncols=True, leave=False,
                disable=not (progress and rank == 0))
-    for window in eval_windows(stream, seqlen, batch_size, max_tokens, rank=rank, world_size=world_size):
-        window = window.to(device, non_blocking=True)  # (b, L + 1)
-        bar.update(window[:, 1:].numel() * world_size)  # the other ranks score as many targets meanwhile
-        inputs, targets, seq_idx = split_window(window, eos_id)  # (b, L) each
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(inputs) if seq_idx is None else model(inputs, seq_idx=seq_idx)  # (b, L, padded vocab)
-        # accumulate in float64: half a million tokens of ~1 nat each lose digits in float32
-        total += token_nll_sum(logits, targets, vocab_size).double()
+    if carry_state:
+        _score_segments(model, stream, seqlen, batch_size, max_tokens, autocast_dtype, rank, world_size, eos_id,
+                        total, bar)
+    else:
+        for window in eval_windows(stream, seqlen, batch_size, max_tokens, rank=rank, world_size=world_size):
+            window = window.to(device, non_blocking=True)  # (b, L + 1)
+            bar.update(window[:, 1:].numel() * world_size)  # the other ranks score as many targets meanwhile
+            inputs, targets, seq_idx = split_window(window, eos_id)  # (b, L) each
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(inputs) if seq_idx is None else model(inputs, seq_idx=seq_idx)  # (b, L, padded vocab)
+            # accumulate in float64: half a million tokens of ~1 nat each lose digits in float32
+            total += token_nll_sum(logits, targets, vocab_size).double()
     bar.close()
     if world_size > 1:
         import torch.distributed as dist
