@@ -5,8 +5,9 @@ For each U-Net of the experiments (Mamba-UNet, S4D-Lin+MLP, S4D-Real+MLP) and ea
 experiments do (`training.GraphedTrainStep`: AdamW, bf16 autocast, gradient clipping 1, the step replayed from a
 CUDA graph after 3 eager steps) on random mu-law levels, and prints ms per step, samples per second and the peak
 memory (over the eager steps and the capture: what a replay uses is allocated then); then the ms per generated
-sample of `sample_audio` (a batch of --gen-batch clips, one sample at a time). The last column multiplies out a full run's training time at the experiment's default steps. --dna: the DNA
-language models of dna-context instead (Mamba and S4D, 2^20 tokens a step at every context; the experiment's loss).
+sample of `sample_audio` (a batch of --gen-batch clips, one sample at a time). The last column multiplies out a
+full run's training time at the experiment's default steps. --dna: the DNA language models of dna-context instead
+(Mamba and S4D, 2^20 tokens a step at every context; the experiment's loss).
 
     python benchmarks/gpu_repro_step.py
     python benchmarks/gpu_repro_step.py --steps 50 --shapes spoken ctx2^11 ctx2^17
@@ -92,9 +93,9 @@ def dna(steps: int) -> None:
         torch.manual_seed(0)
         model = build_model(spec.config, device=torch.device("cuda"))
         ms, peak = train_ms(model, module.VOCAB, spec.train.batch_size, L, steps)
+        rate = spec.train.batch_size * L / ms / 1e3
         print(f"| {spec.info['mixer']} | 2^{L.bit_length() - 1} | {spec.train.batch_size} x {L} | {ms:.1f} "
-              f"| {spec.train.batch_size * L / ms / 1e3:.2f} | {peak:.2f} | {s['steps']} | {ms * s['steps'] / 6e4:.1f} |",
-              flush=True)
+              f"| {rate:.2f} | {peak:.2f} | {s['steps']} | {ms * s['steps'] / 6e4:.1f} |", flush=True)
         del model
         torch.cuda.empty_cache()
 

@@ -480,7 +480,8 @@ def test_dna_workers_train_every_model_once_and_give_the_rows_of_one_process(tmp
     divide them, a worker that meets another's model goes on to the next instead of stopping, and the results equal
     a single process's (spoken digits: the U-Nets' generated clips judged by the classifier another worker trained)."""
     a, b, claimed = _serial_and_two_workers(name, tmp_path, capfd)
-    assert sorted(claimed) == sorted([r["model"] for r in a] + (["digit-classifier"] if name == "spoken-digits" else []))
+    judge = ["digit-classifier"] if name == "spoken-digits" else []
+    assert sorted(claimed) == sorted([r["model"] for r in a] + judge)
     assert [(r["model"], r[metric], r["final_loss"]) for r in a] == [(r["model"], r[metric], r["final_loss"]) for r in b]
 
 

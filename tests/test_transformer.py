@@ -174,8 +174,9 @@ def test_generate_command_captures_cuda_graphs_by_default_only_without_attention
         return iter(())
 
     monkeypatch.setattr(generation, "stream", fake_stream)
+    transformer = TransformerConfig(**{**SMALL["transformer++"], "vocab_size": 256})
     for name, model in [("mamba", MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=256))),
-                        ("transformer", build_model(TransformerConfig(**{**SMALL["transformer++"], "vocab_size": 256})))]:
+                        ("transformer", build_model(transformer))]:
         model.save_pretrained(tmp_path / name, tokenizer=ByteTokenizer())
         assert main(["generate", "--model", str(tmp_path / name), "--prompt", "a", "--max-new-tokens", "2"]) == 0
     assert seen == [True, False]

@@ -30,11 +30,12 @@ examples:
 Every document of --data is scored (no held-out split), joined as in training: each preceded by the
 tokenizer's end-of-document token, the state restarting at each one (--no-reset-at-eos: carried across;
 the default follows the model's train_config.json when it has one). Each of --batch-size rows reads one
-contiguous segment of the data, --seqlen tokens a call, its state carried from call to call, so a document longer
-than a window is read whole (--no-carry-state: every window starts from an empty state, as training's held-out
-figure does; the default for models with attention layers, whose KV cache would grow over a segment). bits per byte = total nats / (ln 2 x UTF-8 bytes of the scored text), the
-end-of-document token counting as one byte; perplexity = exp(nats per token). The tokens are cached on
-disk as in training (--token-cache). Progress bars go to stderr."""
+contiguous segment of the data, --seqlen tokens a call, its state carried from call to call, so a document
+longer than a window is read whole (--no-carry-state: every window starts from an empty state, as training's
+held-out figure does; the default for models with attention layers, whose KV cache would grow over a segment).
+bits per byte = total nats / (ln 2 x UTF-8 bytes of the scored text), the end-of-document token counting as
+one byte; perplexity = exp(nats per token). The tokens are cached on disk as in training (--token-cache).
+Progress bars go to stderr."""
 
 
 def build_parser(prog: str = "mambakit eval") -> Parser:
@@ -143,5 +144,6 @@ def main(model: str, data: str | None = None, json: bool = False, seqlen: int | 
               f"bits per byte: {result.bits_per_byte:.4f}\n"
               f"perplexity: {result.perplexity:.4f} per token ({result.loss:.4f} nats/token)\n"
               f"windows of {seqlen} tokens, state {'carried across windows' if carry_state else 'empty at each window'}"
-              f" and {'reset' if report['reset_at_eos'] else 'carried'} at document boundaries, {seconds:.1f} s on {dev}")
+              f" and {'reset' if report['reset_at_eos'] else 'carried'} at document boundaries, "
+              f"{seconds:.1f} s on {dev}")
     return 0

@@ -48,40 +48,51 @@ def _fft_len(n: int) -> int:
 
 
 def ssm_kernel(coef: torch.Tensor, dtA: torch.Tensor, seqlen: int, block: int | None = None) -> torch.Tensor:
-    """K[d, l] = sum_n coef[d, n] exp(dtA[d, n] l) for l < seqlen: (D, N), (D, N) -> (D, L), real or complex.
+    """K[d, l] = Re sum_n coef[d, n] exp(dtA[d, n] l) for l < seqlen: (D, N), (D, N) real or complex -> (D, L) real.
 
     Factored over blocks of T positions (default T ~ sqrt(L), a power of two), l = c T + t:
     K[d, c T + t] = sum_n (coef exp(dtA c T))[d, n] exp(dtA t)[d, n], one (C, N) @ (N, T) matrix product per
-    channel. The exps are D N (C + T) ~ 2 D N sqrt(L) instead of D N L, the D N L multiply-adds run as a batched
-    matmul, and autograd keeps the two (D, N, sqrt L) factors, not the (D, N, L) powers (34 GB of complex64 a
+    channel (complex: one real product over 2N, since only the real part is asked for). The exps are D N (C + T) ~
+    2 D N sqrt(L) instead of D N L, the D N L multiply-adds run as a batched real matmul (its result does not
+    depend on the thread count, which a complex one's did on the CPU), and autograd keeps the two (D, N, sqrt L) factors, not the (D, N, L) powers (34 GB of complex64 a
     layer at D 256, N 16, L 2^20, which the first version built in checkpointed pieces: 2.35 s a training step of
     dna-context's S4D at one window of 2^20 against 0.36 s at 64 of 2^14, on an H200).
     """
-    d, n = dtA.shape
+    inner, outer = _block_powers(dtA, seqlen, block)
+    outer = coef[..., None] * outer  # (D, N, C)
+    if outer.is_complex():  # Re(o i) = Re o Re i - Im o Im i: one real product over 2N (what the callers read)
+        outer = torch.cat([outer.real, outer.imag], 1)
+        inner = torch.cat([inner.real, -inner.imag], 1)
+    return torch.bmm(outer.transpose(1, 2), inner).reshape(dtA.shape[0], -1)[:, :seqlen]
+
+
+def _block_powers(dtA: torch.Tensor, seqlen: int, block: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(dtA t) for t < T (D, N, T) and exp(dtA c T) for c < C (D, N, C): the two factors of exp(dtA l) for
+    l = c T + t < C T, T = `block` or ~sqrt(seqlen) (a power of two), C T >= seqlen."""
     T = block or 1 << (((max(seqlen, 1) - 1).bit_length() + 1) // 2)
-    blocks = -(-seqlen // T)
-    real = coef.real.dtype
-    inner = torch.exp(dtA[..., None] * torch.arange(T, device=dtA.device, dtype=real))  # (D, N, T)
-    starts = torch.arange(blocks, device=dtA.device, dtype=real) * T
-    outer = coef[..., None] * torch.exp(dtA[..., None] * starts)  # (D, N, C)
-    return torch.bmm(outer.transpose(1, 2), inner).reshape(d, blocks * T)[:, :seqlen]
+    real = dtA.real.dtype
+    steps = torch.arange(T, device=dtA.device, dtype=real)
+    starts = torch.arange(-(-seqlen // T), device=dtA.device, dtype=real) * T
+    return torch.exp(dtA[..., None] * steps), torch.exp(dtA[..., None] * starts)
 
 
 def decayed_sum(x: torch.Tensor, dtA: torch.Tensor, block: int | None = None) -> torch.Tensor:
-    """S[b, d, n] = sum_l x[b, d, l] exp(dtA[d, n] (L - 1 - l)): (B, D, L), (D, N) -> (B, D, N) (x in dtA's dtype).
+    """S[b, d, n] = sum_l x[b, d, l] exp(dtA[d, n] (L - 1 - l)): (B, D, L) real, (D, N) -> (B, D, N) in dtA's dtype.
 
     What a state holds after L inputs (the state's closed form), factored as `ssm_kernel` is: with the time reversed,
     l' = c T + t, S = sum_c exp(dtA c T) sum_t x'[c T + t] exp(dtA t), two contractions of O(B D N L) multiply-adds
     that never hold the (D, N, L) powers.
     """
     batch, d, seqlen = x.shape
-    T = block or 1 << (((max(seqlen, 1) - 1).bit_length() + 1) // 2)
-    blocks = -(-seqlen // T)
-    real = dtA.real.dtype
+    inner, outer = _block_powers(dtA, seqlen, block)  # (D, N, T), (D, N, C)
+    blocks, T = outer.shape[-1], inner.shape[-1]
     rev = F.pad(x.flip(-1), (0, blocks * T - seqlen)).view(batch, d, blocks, T)  # zeros past the start add nothing
-    inner = torch.exp(dtA[..., None] * torch.arange(T, device=dtA.device, dtype=real))  # (D, N, T)
-    outer = torch.exp(dtA[..., None] * (torch.arange(blocks, device=dtA.device, dtype=real) * T))  # (D, N, C)
-    per_block = torch.einsum("bdct,dnt->bdnc", rev, inner)  # (B, D, N, C)
+    if inner.is_complex():  # x is real: the real and imaginary parts in one real product (as in ssm_kernel)
+        n = inner.shape[1]
+        parts = torch.einsum("bdct,dnt->bdnc", rev, torch.cat([inner.real, inner.imag], 1))  # (B, D, 2N, C)
+        per_block = torch.complex(parts[:, :, :n], parts[:, :, n:])
+    else:
+        per_block = torch.einsum("bdct,dnt->bdnc", rev, inner)  # (B, D, N, C)
     return (per_block * outer).sum(-1)
 
 
@@ -199,8 +210,7 @@ class S4D(nn.Module):
         scale = 2.0 if self.is_complex else 1.0
         dtA = dt[:, None] * A  # (D, N); Re <= 0, so every power below has modulus <= 1
         coef = C * B * dt[:, None]  # (D, N)
-        kernel = ssm_kernel(coef, dtA, seqlen)  # (D, L); autograd keeps O(D N sqrt L)
-        kernel = scale * kernel.real if self.is_complex else kernel
+        kernel = scale * ssm_kernel(coef, dtA, seqlen)  # (D, L) real; autograd keeps O(D N sqrt L)
         x_BDL = x.to(real).transpose(1, 2)
         n = _fft_len(2 * seqlen)
         y_BDL = torch.fft.irfft(torch.fft.rfft(x_BDL, n=n) * torch.fft.rfft(kernel, n=n), n=n)[..., :seqlen]
@@ -210,10 +220,9 @@ class S4D(nn.Module):
             # what h0 has become at step l, read out: sum_n C h0 exp(dt A)^(l + 1), a kernel per row
             start = (C * torch.exp(dtA) * h0).reshape(batch * dim, n_state)
             from_h0 = ssm_kernel(start, dtA.expand(batch, dim, n_state).reshape(batch * dim, n_state), seqlen)
-            from_h0 = from_h0.view(batch, dim, seqlen)
-            y_BDL = y_BDL + (scale * from_h0.real if self.is_complex else from_h0)
+            y_BDL = y_BDL + scale * from_h0.view(batch, dim, seqlen)
             # h_L = exp(dt A)^L h0 + dt B sum_l exp(dt A)^(L-1-l) x_l
-            inputs = decayed_sum(x_BDL.to(A.dtype), dtA)
+            inputs = decayed_sum(x_BDL, dtA)
             cache.ssm_state.copy_(torch.exp(dtA * seqlen) * h0 + (dt[:, None] * B) * inputs)
         return y_BDL.transpose(1, 2)
 

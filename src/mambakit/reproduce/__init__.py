@@ -61,8 +61,9 @@ def reproduce(name: str, out: str | Path | None = None, *, quick: bool = False, 
             independent: selective-copying, induction-heads, mqar, ablations, dna-species, dna-context, spoken-digits,
             audio-context). Where the host sets the pace of a step, as for induction heads' small models (GPU busy
             16% of a step on an H200), N processes on one GPU train up to ~N times as many models per hour (6
-            workers: 4x); selective copying at L = 4096 keeps the GPU busy and gains little. With several GPUs and device "cuda", worker i uses GPU
-            i mod count. Each model keeps its seed, batches and early stopping; this call then writes the results.
+            workers: 4x); selective copying at L = 4096 keeps the GPU busy and gains little. With several GPUs and
+            device "cuda", worker i uses GPU i mod count. Each model keeps its seed, batches and early stopping;
+            this call then writes the results.
         cuda_graph: on CUDA, replay each model's constant-rate training steps from one captured CUDA graph
             (training.GraphedTrainStep; the same computation, one launch per step instead of hundreds). False:
             every step eager.

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..data.dna import (DEBIAN_GENOMES, KLEBSIELLA_GENOMES, SpeciesWindows, debian_species, is_ragout_layout, load_genome,
-                        random_reverse_complement)
+from ..data.dna import (DEBIAN_GENOMES, KLEBSIELLA_GENOMES, SpeciesWindows, debian_species, is_ragout_layout,
+                        load_genome, random_reverse_complement)
 from ..models import MambaConfig
 from ..models.classifier import SequenceClassifier
 from .common import FINISHED, Run, TrainSettings, figure, save_plot, loss_plot, markdown_table, percent
