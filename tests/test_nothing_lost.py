@@ -651,3 +651,42 @@ def test_cpu_thread_governor_follows_the_other_load_and_respects_the_user(monkey
         assert not ct.CPUThreadGovernor().enabled
     finally:
         torch.set_num_threads(threads)
+
+
+def test_generate_command_gives_the_thread_count_back(tmp_path, monkeypatch):
+    """`mambakit generate` on a CPU shared with others runs on the idle cores (CPUThreadGovernor), and when it
+    returns the process has its thread count back: run in-process it used to leave 1 thread behind, which changed
+    the float rounding of later work in that process (a test of dna-context's workers caught it in session 23)."""
+    import mambakit.training.cpu_threads as ct
+    from mambakit.cli.__main__ import main
+    from mambakit.data import ByteTokenizer
+    from mambakit.models import MambaConfig, MambaLM
+
+    model = MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=256))
+    model.save_pretrained(tmp_path / "m", tokenizer=ByteTokenizer())
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(ct, "available_cores", lambda: 2)
+    monkeypatch.setattr(ct, "other_cpu_load", lambda interval_s=0.1: 1.0)  # another process keeps a core busy
+    import time
+
+    monkeypatch.setattr(ct, "_sample", lambda: (time.monotonic(), 0.0, 0.0))  # no re-measurement within 2 s
+    threads = torch.get_num_threads()
+    seen = []
+    import mambakit.generation as generation
+
+    real_stream = generation.stream
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_stream(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "stream", spy)
+    try:
+        torch.set_num_threads(2)
+        assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "a", "--max-new-tokens", "3",
+                     "--device", "cpu"]) == 0
+        assert seen == [1]  # it ran on the idle core
+        assert torch.get_num_threads() == 2  # and gave the second one back
+    finally:
+        torch.set_num_threads(threads)

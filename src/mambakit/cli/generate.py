@@ -147,9 +147,7 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
         mambakit generate --model runs/shakespeare --prompt "ROMEO" --quantize int8
         mambakit generate --model runs/shakespeare --prompt "ROMEO" --quantize int8 --compile --max-new-tokens 2000
     """
-    from ..data import IncrementalDecoder
     from ..data.chat import apply_chat_template
-    from ..generation import stream
     from ..generation.compiled import check_compilable
     from ..modules.quantized import quantize_weights
     from ..training.cpu_threads import CPUThreadGovernor
@@ -199,6 +197,19 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
                     repetition_penalty=repetition_penalty, eos_token_id=stop_ids or None, seed=seed,
                     stop_strings=stops, decode=tokenizer.decode if stops else None, cuda_graph=cuda_graph,
                     compile=compile)
+    try:
+        return _generate(lm, tokenizer, prompt, prompts, output, batch_size, max_new_tokens, chat, encode_prompt,
+                         stop_ids, governor, sampling)
+    finally:
+        governor.restore()  # main may run in a process that goes on (tests, a notebook)
+
+
+def _generate(lm, tokenizer, prompt, prompts, output, batch_size, max_new_tokens, chat, encode_prompt, stop_ids,
+              governor, sampling) -> int:
+    """`main` after the checks and the loading: stream one prompt to stdout, or a prompts file to --output."""
+    from ..data import IncrementalDecoder
+    from ..generation import stream
+
     t0 = time.perf_counter()
     if prompts is not None:
         batches = _generate_file(lm, tokenizer, prompts, encode_prompt, stop_ids, output, batch_size, max_new_tokens,

@@ -89,6 +89,7 @@ class CPUThreadGovernor:
 
     def __init__(self, every_s: float = 5.0, enabled: bool = True):
         self.every_s = every_s
+        self.threads_before = torch.get_num_threads()  # what `restore` gives back
         self.cores = available_cores()
         self.enabled = enabled and not user_fixed_threads() and self.cores > 1 and _sample() is not None
         self._last = None
@@ -101,6 +102,12 @@ class CPUThreadGovernor:
         threads = threads_for(load, self.cores)
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
+
+    def restore(self) -> None:
+        """Set the thread count back to what it was before this governor (a caller in the same process, a test
+        after a command run in-process, gets the count it had)."""
+        if self.enabled:
+            torch.set_num_threads(self.threads_before)
 
     def update(self) -> None:
         """Re-measure the others' load (at most every `every_s` seconds) and adjust the thread count."""

@@ -247,7 +247,6 @@ class Run:
         self.out_dir = default_out_dir(cfg)
         self.autocast_dtype = torch.bfloat16 if (cfg.autocast == "bf16" and device.type == "cuda") else None
         self.sharded = cfg.parallel == "fsdp"  # checkpoints through torch.distributed.checkpoint
-        self._threads_before = torch.get_num_threads()
         self._created_group = init_distributed(info, device)
         self.governor = CPUThreadGovernor(enabled=adapt_cpu_threads and device.type == "cpu" and not info.distributed)
         self.signals = _SignalStop(enabled=handle_signals and not info.distributed)
@@ -584,8 +583,7 @@ class Run:
             self.metrics.close()
             self.metrics = None
         self.signals.restore()
-        if self.governor.enabled:
-            torch.set_num_threads(self._threads_before)
+        self.governor.restore()
         destroy_distributed(self._created_group)
         self._created_group = False
 
