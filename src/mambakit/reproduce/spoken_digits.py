@@ -171,8 +171,7 @@ def run(run: Run) -> int:
         if bps is None:
             continue
         judged = judged or judge()  # trained by another worker meanwhile?
-        if judged is None:
-            run.incomplete = True
+        if judged is None:  # still another worker's (judge's calls marked the run incomplete)
             continue
         clf, real = judged
         real_feats = torch.load(features_path, weights_only=True)
