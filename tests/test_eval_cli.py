@@ -156,3 +156,36 @@ def test_eval_of_an_empty_document_set_is_a_user_error(trained, capsys, tmp_path
     err = capsys.readouterr().err
     assert code == 2 and "all documents are empty" in err
 
+
+
+@pytest.mark.parametrize("carry", [False, True], ids=["windows", "carried-state"])
+def test_windows_without_a_document_boundary_reach_the_model_without_seq_idx(carry, monkeypatch):
+    """A batch whose rows each hold one document gets seq_idx=None (S4D then convolves by FFT instead of
+    scanning: 186 s against seconds for one DNA eval on an H200), and the loss is what the seq_idx path gives."""
+    import torch
+
+    from mambakit.models import MambaConfig
+    from mambakit.models.mamba_lm import MambaLM as LM
+
+    torch.manual_seed(0)
+    model = LM(MambaConfig(d_model=16, n_layer=1, vocab_size=256, ssm_cfg={"layer": "S4D", "d_state": 4})).double()
+    docs = ["abcdefghijklmnopqrstuvwxyz" * 2, "0123456789"]  # EOS at 0 and 53: one window of 8 in 8 holds one
+    stream = TokenStream.from_documents([Document(f"d{i}", d) for i, d in enumerate(docs)], ByteTokenizer())
+    seen = []
+    forward = model.forward
+
+    def recording(*args, seq_idx=None, **kwargs):
+        seen.append(seq_idx)
+        return forward(*args, seq_idx=seq_idx, **kwargs)
+
+    model.forward = recording
+    got = evaluate_stream(model, stream, seqlen=8, batch_size=1, carry_state=carry)
+    with_boundary = [s for s in seen if s is not None]
+    assert len(seen) == 8 and len(with_boundary) == 1
+    assert int(with_boundary[0][0, -1]) != int(with_boundary[0][0, 0])
+    # the same numbers as every window given its seq_idx: an S4D model's scan and its convolution agree
+    monkeypatch.setattr("mambakit.evaluation.bits_per_byte._boundaries_or_none", lambda seq_idx: seq_idx)
+    seen.clear()
+    every = evaluate_stream(model, stream, seqlen=8, batch_size=1, carry_state=carry)
+    assert all(s is not None for s in seen) and len(seen) == 8
+    assert got.loss == pytest.approx(every.loss, rel=1e-9)

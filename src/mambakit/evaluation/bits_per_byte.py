@@ -54,6 +54,13 @@ class Evaluation:
         return math.exp(self.loss)
 
 
+def _boundaries_or_none(seq_idx: torch.Tensor) -> torch.Tensor | None:
+    """seq_idx (b, L), or None when no row holds a document boundary (each row's first and last index agree):
+    the same outputs, by a model's fastest path. S4D, for one, turns from an FFT convolution into a scan when it
+    is given seq_idx; a held-out genome of a few records has a boundary in one batch of hundreds."""
+    return seq_idx if bool((seq_idx[:, -1] != seq_idx[:, 0]).any()) else None
+
+
 def _score_segments(model: torch.nn.Module, stream: TokenStream, seqlen: int, batch_size: int, max_tokens: int | None,
                     autocast_dtype, rank: int, world_size: int, eos_id: int | None, total: torch.Tensor, bar) -> None:
     """evaluate_stream's carry_state loop: adds the summed -ln p of this rank's segments to `total` (float64)."""
@@ -66,7 +73,7 @@ def _score_segments(model: torch.nn.Module, stream: TokenStream, seqlen: int, ba
             cache = model.allocate_cache(inputs.shape[0])
         seq_idx = None
         if eos_id is not None:
-            seq_idx = seq_idx_from_eos(inputs, eos_id)
+            seq_idx = _boundaries_or_none(seq_idx_from_eos(inputs, eos_id))
             # a document that starts at a window's first token: its seq_idx cannot say so (it is the window's
             # first), so the rows' carried states are cleared instead
             starts = inputs[:, 0] == eos_id
@@ -142,6 +149,7 @@ def evaluate_stream(model: torch.nn.Module, stream: TokenStream, seqlen: int, ba
             window = window.to(device, non_blocking=True)  # (b, L + 1)
             bar.update(window[:, 1:].numel() * world_size)  # the other ranks score as many targets meanwhile
             inputs, targets, seq_idx = split_window(window, eos_id)  # (b, L) each
+            seq_idx = None if seq_idx is None else _boundaries_or_none(seq_idx)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = model(inputs) if seq_idx is None else model(inputs, seq_idx=seq_idx)  # (b, L, padded vocab)
             # accumulate in float64: half a million tokens of ~1 nat each lose digits in float32
