@@ -71,7 +71,8 @@ for stage in "$@"; do
     # optimizer, kept only so that --steps can extend it) stays behind. Once the run exits 0, the results (README,
     # results.json, plots, checkpoints) come back as $OUT/NAME.tar, to untar into results/. WORKERS (default 1) only
     # for the experiments whose models are independent (selective-copying, induction-heads, mqar, ablations,
-    # dna-species, dna-context: 6 pays for the small models); the others refuse more than one
+    # dna-species: 6 pays for the small models; audio-context: 4 ran; dna-context: 1, its models hold 28-106 GB of
+    # an H200 each and four at once ran out of memory); the others refuse more than one
     reproduce-*) name=${stage#reproduce-}; mkdir -p results/$name
                  # the state from .state/, else a run in progress committed under results/NAME/in-progress/
                  for src in .state results/$name/in-progress; do
@@ -86,7 +87,16 @@ for stage in "$@"; do
                  # a finished run returns its results only (the state parts of three runs can pass the 64 MiB that
                  # comes back, and a file past it is lost); KEEP_STATE=1 returns both
                  if [ -f results/$name/results.json ]; then tar cf $OUT/$name.tar --exclude=_state --exclude=in-progress -C results $name
-                   [ "${KEEP_STATE:-0}" = 1 ] || rm -f $OUT/$name-state.tgz.*; fi;;
+                   [ "${KEEP_STATE:-0}" = 1 ] || rm -f $OUT/$name-state.tgz.*; fi
+                 # a call returns 64 MiB at most, and a part past that is lost. gzip on a pipe writes no time stamp,
+                 # so on the still-warm machine the same tar | split gives the same bytes: fetch the lost parts in a
+                 # call of their own right away (the md5 sums say whether they match)
+                 if compgen -G "$OUT/$name-state.tgz.*" > /dev/null; then
+                   (cd $OUT && md5sum $name-state.tgz.*) > $OUT/$name-state.md5
+                   size=$(cat $OUT/$name-state.tgz.* | wc -c)
+                   [ $size -le $((56 * 2 ** 20)) ] || echo "=== WARNING: $name's state is $((size / 2 ** 20)) MiB;" \
+                     "parts past the 64 MiB a call returns will be lost"
+                 fi;;
     train) run train 560 python3 benchmarks/gpu_train.py ${TRAIN_FLAGS:-};;
     launch) run launch 300 python3 benchmarks/gpu_launch.py ${LAUNCH_FLAGS:-};;
     scan) run scan 300 python3 benchmarks/gpu_selective_scan.py ${SCAN_FLAGS:-};;
