@@ -40,8 +40,9 @@ def settings(quick: bool) -> dict:
     1000 steps (~1.8 passes over the 72M training samples); quick: a CPU smoke run on tones.
 
     Session 23 cut 7 contexts x 4000 steps (~39 min of an H200 for the 14 U-Nets, `benchmarks/gpu_repro_step.py`) to
-    this, which one device call holds: a step of the eight U-Nets is ~0.2 s, so ~3-4 min of training. A U-Net's
-    resume state is 22-33 MB, so a run cut by the time budget with many models in flight would not all come back."""
+    this, which one device call holds: a U-Net trains its 1,000 steps in ~100 s with four at once (session 24). A
+    U-Net's resume state is 22-33 MB, so a run cut by the time budget with many models in flight would not all come
+    back: run it whole in one call."""
     data = _digit_settings(quick)
     if quick:
         return {**{k: data[k] for k in ("data", "clip_samples", "tones_per_digit")}, "contexts_log2": [5, 7],

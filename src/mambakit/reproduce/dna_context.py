@@ -50,9 +50,8 @@ def settings(quick: bool) -> dict:
     smoke run on stand-in genomes.
 
     Session 22 changed 2^18 tokens x 2000 steps (as many tokens, but 4x at 2^20) to 500 steps of 2^20; session 23
-    halved the steps to what a session's device time holds: a step of the twelve models is ~1.5 s of Mamba and
-    ~2.2 s of S4D on an H200 (`benchmarks/gpu_repro_step.py --dna`; S4D at 2^20 estimated after its kernel fix), so
-    250 steps are ~15 min of GPU."""
+    halved the steps: a model trains in 55 s (Mamba) to 85 s (S4D) at 2^10..2^14 on an H200, and S4D's step is
+    715 ms at 2^20 (session 24), so the twelve take ~15 min of GPU, one model at a time (up to 106 GB each)."""
     if quick:
         return {"genomes": None, "contexts_log2": [5, 6], "tokens_per_step": 256, "steps": 4, "lr": 2e-3,
                 "warmup_steps": 1, "d_model": 16, "n_layer": 2, "d_state": 4, "slw_start": 16, "slw_fraction": 0.5,
