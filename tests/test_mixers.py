@@ -328,9 +328,34 @@ def test_mamba_ssm_hybrid_state_dict_names_load(tmp_path):
                  model.backbone.layers[1].mixer.in_proj.weight, name="attention in_proj", rel=0)
 
 
-def test_cuda_graph_decoder_refuses_a_growing_kv_cache():
-    with pytest.raises(ValueError, match="growing KV cache that a CUDA graph cannot follow"):
+def test_cuda_graph_decoder_of_an_attention_model_needs_the_length_its_kv_caches_are_fixed_at():
+    with pytest.raises(ValueError, match="needs max_length"):
         CUDAGraphDecoder(_model("hybrid-mamba2", torch.float32), batch_size=1)
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_a_hybrid_decodes_from_fixed_capacity_kv_caches_as_from_growing_ones(sampled):
+    """CUDAGraphDecoder's caches (on a CPU model it runs the step eagerly on them): the attention layer's KV cache
+    at a fixed capacity, one-token steps writing at a device-side slot. A ragged batch, chunked prefill: the same
+    tokens and log-probabilities as the growing caches of a plain generate call, and the decoder serves a
+    second call after its reset."""
+    from mambakit.generation import generate
+    from mambakit.modules.attention import KVState
+
+    model = _model("hybrid-mamba2")
+    prompts = [[5, 9, 2, 7, 7, 1, 30], [4], [11, 12, 13]]
+    kw = dict(prefill_tokens_per_call=3, return_logprobs=True, **({"temperature": 0.8, "seed": 3} if sampled else {}))
+    decoder = CUDAGraphDecoder(model, batch_size=3, max_length=7 + 9)
+    kv = [s for s in decoder.cache.layers if isinstance(s, KVState)]
+    assert len(kv) == 1 and kv[0].capacity == 16 and kv[0].slot is not None
+    for _ in range(2):
+        fixed, fixed_lp = generate(model, prompts, 9, cuda_graph=decoder, **kw)
+        grown, grown_lp = generate(model, prompts, 9, **kw)
+        assert fixed == grown
+        assert_close(torch.tensor(fixed_lp), torch.tensor(grown_lp), name="log-probabilities", rel=1e-10)
+        assert kv[0].capacity == 16 and kv[0].length == 7 + 8 and int(kv[0].slot) == 15
+    with pytest.raises(ValueError, match="hold 16 tokens a row; this call needs 17"):
+        generate(model, prompts, 10, cuda_graph=decoder)
 
 
 @pytest.mark.gpu

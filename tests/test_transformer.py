@@ -79,6 +79,35 @@ def test_ragged_batch_generates_what_each_prompt_generates_alone(name):
 
 
 @pytest.mark.parametrize("name", CASES)
+def test_fixed_capacity_kv_cache_decodes_as_the_growing_one(name):
+    """`KVState.fix_capacity` (what CUDAGraphDecoder gives a Transformer's caches): prefill, then one-token steps
+    at the device-side slot, logits equal to the growing cache's; the cached tokens survive the change of
+    capacity; a token past it raises instead of reallocating (a graph would go on reading the old buffers)."""
+    from mambakit.modules.attention import KVState
+
+    model = _model(name)
+    ids = torch.randint(0, 61, (2, 20))
+    with torch.no_grad():
+        grown = model.allocate_cache(2, dtype=torch.float64)
+        fixed = model.allocate_cache(2, dtype=torch.float64)
+        expected = [model(ids[:, :6], cache=grown)] + [model(ids[:, t:t + 1], cache=grown) for t in range(6, 20)]
+        got = [model(ids[:, :6], cache=fixed)]
+        for state in fixed.layers:
+            assert isinstance(state, KVState) and state.length == 6
+            state.fix_capacity(20)
+        got += [model(ids[:, t:t + 1], cache=fixed) for t in range(6, 20)]
+        assert all(s.capacity == 20 and s.length == 20 and int(s.slot) == 20 for s in fixed.layers)
+        assert_close(torch.cat(got, 1), torch.cat(expected, 1), name="logits, fixed capacity", rel=1e-10)
+        with pytest.raises(ValueError, match="fixed capacity of 20"):
+            model(ids[:, :1], cache=fixed)
+        fixed.reset()
+        assert all(s.length == 0 and int(s.slot) == 0 for s in fixed.layers)
+        assert_close(model(ids[:, :3], cache=fixed), model(ids[:, :3]), name="after reset", rel=1e-10)
+    with pytest.raises(ValueError, match="at least the 3 cached tokens"):
+        fixed.layers[0].fix_capacity(2)
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_save_and_load_give_the_same_logits(tmp_path, name):
     model = _model(name, torch.float32)
     model.save_pretrained(tmp_path / "ckpt")
@@ -280,3 +309,26 @@ def test_ablations_train_a_config_spelled_with_its_defaults_once():
     assert key[("Table 10", "N = 16, constant B, C")] == key[("Table 7", "Δ")]
     assert key[("Table 9", "R = 4")] != mamba and key[("Table 10", "N = 8, selective B, C")] != mamba
     assert (len(key), len(set(key.values()))) == (29, 22)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["transformer++", "gpt3"])
+def test_cuda_graph_decoding_of_a_transformer_equals_eager(name):
+    """On CUDA: the decode step of a Transformer captured with fixed-capacity KV caches and replayed gives the
+    eager (growing-cache) tokens and log-probabilities for a ragged batch, twice from the same decoder; a replay
+    past the capacity raises before it runs."""
+    from mambakit.generation import CUDAGraphDecoder
+
+    model = _model(name, torch.float32).cuda()
+    prompts = [[5, 9, 2, 7, 7, 1, 30], [4], [11, 12, 13]]
+    decoder = CUDAGraphDecoder(model, batch_size=3, max_length=7 + 12)
+    assert decoder.graphed
+    eager, eager_lp = generate(model, prompts, 12, return_logprobs=True)
+    for _ in range(2):
+        graphed, graphed_lp = generate(model, prompts, 12, cuda_graph=decoder, return_logprobs=True)
+        assert graphed == eager
+        assert_close(torch.tensor(graphed_lp), torch.tensor(eager_lp), name="log-probabilities", rel=1e-4)
+    assert all(s.length == 7 + 11 for s in decoder.cache.layers)
+    decoder(torch.zeros(3, dtype=torch.long, device="cuda"))  # the last slot
+    with pytest.raises(ValueError, match="fixed capacity of 19 tokens is full"):
+        decoder(torch.zeros(3, dtype=torch.long, device="cuda"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..modules.attention import KVState
 from ..modules.state import MixerState
 from .cache import InferenceCache, allocate_cache, first_rows, row_buckets
 from .steps import decode_one_token, model_device
@@ -30,6 +31,10 @@ class CUDAGraphDecoder:
         batch_size: the number of rows; the graph serves this batch size only.
         dtype: dtype of the conv windows in the cache (default: the model's).
         warmup_steps: eager steps run on a side stream before capture (Triton compiles and tunes there).
+        max_length: for models with attention layers (a hybrid, a Transformer), the most tokens a row will hold,
+            prompt (with its left padding) and generated tokens together: their KV caches get exactly this
+            capacity (`KVState.fix_capacity`), so the step writes at fixed addresses; a step past it raises.
+            Ignored by models without attention, whose cache has one size whatever the length.
     Attributes:
         cache: the static InferenceCache the graph reads and advances. Prefill into it with
             `prefill(model, prompts, cache=decoder.cache)` after `decoder.cache.reset()`.
@@ -42,17 +47,23 @@ class CUDAGraphDecoder:
     """
 
     def __init__(self, model: nn.Module, batch_size: int, *, dtype: torch.dtype | None = None,
-                 state_dtype: torch.dtype | None = None, warmup_steps: int = 2):
+                 state_dtype: torch.dtype | None = None, warmup_steps: int = 2, max_length: int | None = None):
         if not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"CUDAGraphDecoder: warmup_steps must be an int >= 1, got {warmup_steps!r}")
-        if getattr(model.config, "attn_layer_idx", None):
-            # a KV cache grows (reallocates) with the sequence; a graph would keep reading the old buffers
-            raise ValueError(f"CUDAGraphDecoder: attention layers (attn_layer_idx={model.config.attn_layer_idx}) "
-                             "have a growing KV cache that a CUDA graph cannot follow; decode eagerly (cuda_graph=False)")
+        attention = getattr(model.config, "attn_layer_idx", None)
+        if attention and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
+            # a growing KV cache reallocates, and a graph would go on reading the old buffers: fix its capacity
+            raise ValueError(f"CUDAGraphDecoder: a model with attention layers (attn_layer_idx={list(attention)}) "
+                             f"needs max_length (an int >= 1: prompt plus generated tokens), the capacity its KV "
+                             f"caches are fixed at; got {max_length!r}")
         self.model = model
         self.batch_size = batch_size
         self.device = model_device(model)
         self.cache: InferenceCache = allocate_cache(model, batch_size, dtype=dtype, state_dtype=state_dtype)
+        # the attention layers' caches at a fixed capacity (the warm-up steps below need room too)
+        self._kv_layers = [s for s in self.cache.layers if isinstance(s, KVState)]
+        for state in self._kv_layers:
+            state.fix_capacity(max(max_length, warmup_steps + 1))  # max_length is an int: checked above
         self.graph: torch.cuda.CUDAGraph | None = None
         self._tokens_B = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self._logits_BV: torch.Tensor | None = None
@@ -87,6 +98,8 @@ class CUDAGraphDecoder:
         """
         if self.graph is None:
             return decode_one_token(self.model, tokens, self.cache)
+        for state in self._kv_layers:  # raises before the replay when a KV cache is full
+            state.advance_slot(1)
         self._tokens_B.copy_(tokens)
         self.graph.replay()
         self.cache.advance(1)  # the replayed step bypasses the model's forward, which would advance it

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..deprecation import DEPRECATED
+from ..modules.attention import KVState
 from .cache import allocate_cache
 from .compiled import CompiledDecoder
 from .cuda_graph import CUDAGraphDecoder
@@ -116,10 +117,11 @@ def _check_compile(compile) -> None:
 
 
 def _decoder_for(model: nn.Module, batch: int, cuda_graph: bool | CUDAGraphDecoder,
-                 state_dtype: torch.dtype | None = None,
-                 compile: bool = False) -> CUDAGraphDecoder | CompiledDecoder | None:
+                 state_dtype: torch.dtype | None = None, compile: bool = False,
+                 max_length: int = 1) -> CUDAGraphDecoder | CompiledDecoder | None:
     """The decoder to use: the graph one given, a new one (CUDA models only), a compiled one (CPU models, with
-    `compile`), or None for the eager step."""
+    `compile`), or None for the eager step. max_length: the tokens a row will hold (prompt, padding included,
+    and generated), the KV caches' capacity in a graph of a model with attention layers."""
     if compile:
         if isinstance(cuda_graph, CUDAGraphDecoder):
             raise ValueError("generate: compile=True and a CUDAGraphDecoder: choose one")
@@ -128,11 +130,15 @@ def _decoder_for(model: nn.Module, batch: int, cuda_graph: bool | CUDAGraphDecod
         if cuda_graph.model is not model or cuda_graph.batch_size != batch:
             raise ValueError(f"generate: cuda_graph was captured for batch {cuda_graph.batch_size} of another "
                              f"model or size; this call has {batch} prompts")
+        room = min((s.capacity for s in cuda_graph.cache.layers if isinstance(s, KVState)), default=max_length)
+        if room < max_length:
+            raise ValueError(f"generate: cuda_graph's KV caches hold {room} tokens a row; this call needs "
+                             f"{max_length} (prompt and new tokens): make a decoder with a larger max_length")
         return cuda_graph
     if not isinstance(cuda_graph, bool):
         raise ValueError(f"generate: cuda_graph must be a bool or a CUDAGraphDecoder, got {type(cuda_graph).__name__}")
     if cuda_graph and model_device(model).type == "cuda":
-        return CUDAGraphDecoder(model, batch, state_dtype=state_dtype)
+        return CUDAGraphDecoder(model, batch, state_dtype=state_dtype, max_length=max_length)
     return None  # on CPU a graph buys nothing: the eager step is the fallback
 
 
@@ -153,7 +159,7 @@ def _token_loop(model: nn.Module, ids_BL: torch.Tensor, lengths: list[int], max_
     device = ids_BL.device
     vocab, real_vocab = model.config.padded_vocab_size, model.config.vocab_size
     batch = ids_BL.shape[0]
-    decoder = _decoder_for(model, batch, cuda_graph, state_dtype, compile)
+    decoder = _decoder_for(model, batch, cuda_graph, state_dtype, compile, max_length=ids_BL.shape[1] + max_new_tokens)
     if decoder is not None:
         cache = decoder.cache.reset()
     else:
@@ -221,7 +227,9 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
         decode: token ids -> text, e.g. `tokenizer.decode` (only for stop_strings).
         seed: seeds the sampler's generator, for reproducible sampling.
         cuda_graph: True to replay the decode step from a CUDA graph (CUDA models; eager elsewhere), or a
-            `CUDAGraphDecoder` of this model and batch size to reuse one captured earlier.
+            `CUDAGraphDecoder` of this model and batch size to reuse one captured earlier. A model with
+            attention layers then decodes from KV caches of a fixed capacity, the longest prompt plus
+            max_new_tokens (`KVState.fix_capacity`).
         compile: True to decode with the step compiled by torch.compile (`CompiledDecoder`: CPU models without
             attention layers; about 1.4x faster at the 130M shape after a compile of seconds to a minute).
         prefill_tokens_per_call: tokens per row per prefill call (None: whole prompts); bounds

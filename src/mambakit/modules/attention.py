@@ -19,7 +19,9 @@ length). Positions count from each document's first token: with `seq_idx` (packe
 ragged batches) a document starts at position 0, exactly as if it were alone.
 
 The KV cache (`KVState`) grows by doubling its capacity, so a decode step usually writes in place; a
-growth reallocates it (a captured CUDA graph of the decode step would not see that: decode hybrids eagerly).
+growth reallocates it. A cache given a fixed capacity (`KVState.fix_capacity`, what `CUDAGraphDecoder` does with
+the prompt and the tokens to generate) never reallocates, and its one-token step writes at a slot held in a device
+tensor: the same kernels at the same addresses every token, which a CUDA graph can replay.
 Calls with a cache attend over the whole capacity (unused slots masked) and, on CUDA, leave SDPA's cuDNN backend
 out: it builds a plan for every new key length, which cost eager decoding 40 ms a token at the e2e shape.
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +52,9 @@ class KVState:
     key, value: (B, capacity, K, E) in the activation dtype; valid: (B, capacity) bool, the cached keys
     the next tokens may attend to (False on padding, on a restarted row, and beyond `length`);
     next_pos: (B,) int64, the position of each row's next token in its document; length: slots used (the
-    same for every row); conv_state: (B, (H + 2K) E, d_conv - 1) or None.
+    same for every row); conv_state: (B, (H + 2K) E, d_conv - 1) or None; slot: None, or with a fixed capacity
+    (`fix_capacity`) a (1,) int64 tensor on the cache's device equal to `length`: where a one-token step writes.
+    Slots at and past `length` are never valid.
     """
 
     key: torch.Tensor
@@ -58,6 +63,7 @@ class KVState:
     next_pos: torch.Tensor
     length: int = 0
     conv_state: torch.Tensor | None = None
+    slot: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -67,6 +73,8 @@ class KVState:
         self.valid.zero_()
         self.next_pos.zero_()
         self.length = 0
+        if self.slot is not None:
+            self.slot.zero_()
         if self.conv_state is not None:
             self.conv_state.zero_()
         return self
@@ -104,16 +112,45 @@ class KVState:
         if self.conv_state is not None:
             self.conv_state.index_copy_(0, rows, source.conv_state)
         self.length = max(self.length, n)
+        if self.slot is not None:
+            self.slot.fill_(self.length)
         return self
 
     @property
     def capacity(self) -> int:
         return self.key.shape[1]
 
+    def fix_capacity(self, n: int) -> "KVState":
+        """Hold exactly room for n tokens from now on (at least the cached ones): no call reallocates the cache
+        again (one past the capacity raises), and a one-token step writes at `slot`, a device tensor, so a CUDA
+        graph of it can be replayed token after token. The cached tokens are kept."""
+        n = operator.index(n)
+        if n < max(self.length, 1):
+            raise ValueError(f"KVState.fix_capacity: n must be at least the {self.length} cached tokens and 1, got {n}")
+        if n != self.capacity:
+            key = self.key.new_zeros(self.batch_size, n, *self.key.shape[2:])
+            value = self.value.new_zeros(self.batch_size, n, *self.value.shape[2:])
+            valid = self.valid.new_zeros(self.batch_size, n)
+            used = self.length
+            key[:, :used], value[:, :used], valid[:, :used] = self.key[:, :used], self.value[:, :used], self.valid[:, :used]
+            self.key, self.value, self.valid = key, value, valid
+        self.slot = torch.full((1,), self.length, dtype=torch.long, device=self.key.device)
+        return self
+
+    def advance_slot(self, n: int) -> None:
+        """Count n tokens written by a replayed step (whose Python bookkeeping did not run); the slot tensor
+        itself was advanced on the device."""
+        if self.length + n > self.capacity:
+            raise ValueError(f"KVState: the fixed capacity of {self.capacity} tokens is full")
+        self.length += n
+
     def reserve(self, n: int) -> None:
         """Make room for n tokens (capacity doubles, so appending one token at a time is amortised O(1))."""
         if n <= self.capacity:
             return
+        if self.slot is not None:
+            raise ValueError(f"KVState: {n} tokens do not fit the fixed capacity of {self.capacity} "
+                             "(fix_capacity: the prompt and the tokens to generate)")
         cap = max(n, 2 * self.capacity, 64)
         key = self.key.new_zeros(self.batch_size, cap, *self.key.shape[2:])
         value = self.value.new_zeros(self.batch_size, cap, *self.value.shape[2:])
@@ -132,6 +169,8 @@ class KVState:
         """
         start, seqlen = self.length, k.shape[1]
         self.reserve(start + seqlen)
+        if self.slot is not None and seqlen == 1 and seq_idx is None:
+            return self._append_at_slot(k, v, positions)
         end = start + seqlen
         self.key[:, start:end] = k
         self.value[:, start:end] = v
@@ -149,11 +188,25 @@ class KVState:
         self.valid[:, start:end] = last_doc
         self.next_pos.copy_(positions[:, -1] + 1)
         self.length = end
+        if self.slot is not None:
+            self.slot.fill_(end)
         # every slot up to the capacity, the unused ones masked: the attention's shapes then change only when the
         # capacity doubles, not at every token (on CUDA, SDPA's cuDNN backend builds a plan per new shape)
         if end < self.capacity:
             mask = torch.cat([mask, mask.new_zeros(mask.shape[0], seqlen, self.capacity - end)], dim=-1)
         return self.key, self.value, mask[:, None]
+
+    def _append_at_slot(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """`append` of one token per row (no seq_idx) at the device-side slot: no Python int reaches a kernel,
+        so the same launches replay from a CUDA graph. The mask is `valid` itself (every slot past the new one is
+        invalid), as `append` would build it."""
+        self.key.index_copy_(1, self.slot, k)
+        self.value.index_copy_(1, self.slot, v)
+        self.valid.index_fill_(1, self.slot, True)
+        self.next_pos.copy_(positions[:, -1] + 1)
+        self.slot.add_(1)
+        self.length += 1
+        return self.key, self.value, self.valid[:, None, None, :]
 
 
 def document_positions(seq_idx: torch.Tensor | None, batch: int, seqlen: int, start: torch.Tensor | None,
