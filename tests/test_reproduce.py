@@ -548,3 +548,42 @@ def test_mqar_curriculum_lengths_and_batches():
         assert int(batch.scored.sum()) == s["batch_size"] * length // 8
         again = _batch(step, 256, s, torch.Generator().manual_seed(5))
         assert torch.equal(batch.inputs, again.inputs) and torch.equal(batch.targets, again.targets)
+
+
+def test_a_worker_out_of_device_memory_says_so_and_the_command_says_what_to_do(tmp_path, monkeypatch, capsys):
+    """A worker whose model runs out of device memory exits with OUT_OF_MEMORY and one line (its claims released);
+    the parent names the workers and says to resume with fewer of them, and the CLI prints that line, exit 1."""
+    import mambakit.reproduce as reproduce_pkg
+    from mambakit.cli.__main__ import main
+    from mambakit.reproduce import worker
+
+    class Exhausting:
+        @staticmethod
+        def run(run):
+            assert run._claim("big-model")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    monkeypatch.setattr(reproduce_pkg, "experiment", lambda name: Exhausting)
+    spec = {"name": "mqar", "out": str(tmp_path), "quick": True, "device": "cpu", "time_budget_s": None,
+            "steps": None, "command": "x", "index": 1}
+    assert worker.main([json.dumps(spec)]) == worker.OUT_OF_MEMORY
+    assert capsys.readouterr().err.endswith("[worker 1] mqar: out of memory on cpu (big-model)\n")
+    assert not (tmp_path / "_state" / "claims" / "big-model").exists()
+
+    class Finished:
+        def __init__(self, status):
+            self.status = status
+
+        def wait(self):
+            return self.status
+
+    statuses = iter([0, worker.OUT_OF_MEMORY, 3, worker.OUT_OF_MEMORY])
+    monkeypatch.undo()  # the CLI below must see the real experiments
+    monkeypatch.setattr(worker.subprocess, "Popen", lambda *a, **k: Finished(next(statuses)))
+    code = main(["reproduce", "mqar", "--quick", "--device", "cpu", "--out", str(tmp_path / "run"), "--workers", "4",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert ("mambakit reproduce: error: reproduce mqar: worker(s) 1, 3 of 4 ran out of cpu memory: their models do "
+            "not fit the device together. Run the same command with --resume and fewer --workers") in err
+    assert "Traceback" not in err

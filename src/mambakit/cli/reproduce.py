@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import sys
 
 from .errors import Parser, UsageError, positive_int
 from .train import _duration
@@ -61,6 +62,7 @@ def main(name: str, quick: bool = False, device: str = "auto", out: str | None =
         mambakit reproduce induction-heads --device cuda --workers 6 --time-budget 7m --resume
     """
     from ..reproduce import FINISHED, default_out, reproduce
+    from ..reproduce.worker import WorkerError
 
     command = shlex.join(["mambakit", "reproduce", name] + (["--quick"] if quick else [])
                          + ([f"--steps={steps}"] if steps else []) + ([f"--device={device}"] if device != "auto" else [])
@@ -71,6 +73,9 @@ def main(name: str, quick: bool = False, device: str = "auto", out: str | None =
                            cuda_graph=cuda_graph)
     except ValueError as err:  # an unusable device, a state from another kind of run, workers for a serial one
         raise UsageError(str(err)) from None
+    except WorkerError as err:  # the workers' own logs are above; this says what to do
+        print(f"mambakit reproduce: error: {err}", file=sys.stderr)
+        return 1
     if status == FINISHED:
         print(f"mambakit reproduce {name}: results in {default_out(name, quick) if out is None else out}")
     return status

@@ -22,10 +22,17 @@ import torch
 
 from .common import CLAIMS_DIR, Run
 
+OUT_OF_MEMORY = 4  # a worker's exit status when its device ran out of memory (3 is the time budget's)
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed; the message says which and, when it is known, why."""
+
 
 def run_workers(run: Run, workers: int, device: str) -> None:
     """Start `workers` worker processes on `run`'s state folder, with what is left of its time budget, and wait
-    for them. Raises RuntimeError when a worker fails (its log is on this process's stderr)."""
+    for them. Raises WorkerError when a worker fails (its log is on this process's stderr); the models finished
+    by then are saved, so the same command with --resume goes on from them."""
     shutil.rmtree(run.state / CLAIMS_DIR, ignore_errors=True)  # claims of a killed earlier run
     left = None if run.deadline is None else max(0.0, run.deadline - time.monotonic())
     procs = []
@@ -37,9 +44,14 @@ def run_workers(run: Run, workers: int, device: str) -> None:
     statuses = [p.wait() for p in procs]
     shutil.rmtree(run.state / CLAIMS_DIR, ignore_errors=True)
     failed = [(i, s) for i, s in enumerate(statuses) if s not in (0, 3)]
+    out_of_memory = [i for i, s in failed if s == OUT_OF_MEMORY]
+    if out_of_memory:
+        raise WorkerError(f"reproduce {run.name}: worker(s) {', '.join(map(str, out_of_memory))} of {workers} ran out "
+                          f"of {run.device.type} memory: their models do not fit the device together. Run the same command "
+                          "with --resume and fewer --workers (the finished models are kept)")
     if failed:
-        raise RuntimeError(f"reproduce {run.name}: worker(s) failed: "
-                           + ", ".join(f"worker {i} exit status {s}" for i, s in failed))
+        raise WorkerError(f"reproduce {run.name}: worker(s) failed: "
+                          + ", ".join(f"worker {i} exit status {s}" for i, s in failed))
 
 
 def _device_of(device: str, index: int) -> str:
@@ -60,6 +72,11 @@ def main(argv: list[str]) -> int:
               worker=spec["index"], cuda_graph=spec.get("cuda_graph", True))
     try:
         return module.run(run)
+    except torch.OutOfMemoryError:
+        # one line instead of the traceback; the parent names every worker this happened to
+        working = ", ".join(sorted(run._claimed)) or "its first model"
+        sys.stderr.write(f"[worker {run.worker}] {run.name}: out of memory on {run.device} ({working})\n")
+        return OUT_OF_MEMORY
     finally:
         run.release_claims()
 
