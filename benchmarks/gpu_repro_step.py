@@ -5,7 +5,8 @@ For each U-Net of the experiments (Mamba-UNet, S4D-Lin+MLP, S4D-Real+MLP) and ea
 experiments do (`training.GraphedTrainStep`: AdamW, bf16 autocast, gradient clipping 1, the step replayed from a
 CUDA graph after 3 eager steps) on random mu-law levels, and prints ms per step, samples per second and the peak
 memory (over the eager steps and the capture: what a replay uses is allocated then); then the ms per generated
-sample of `sample_audio` (a batch of --gen-batch clips, one sample at a time). The last column multiplies out a
+sample of `sample_audio` (a batch of --gen-batch clips, one sample at a time; eager, and replayed from the
+per-phase CUDA graphs of `UNetStepGraphs`, whose capture is reported apart). The last column multiplies out a
 full run's training time at the experiment's default steps. --dna: the DNA language models of dna-context instead
 (Mamba and S4D, 2^20 tokens a step at every context; the experiment's loss).
 
@@ -68,15 +69,21 @@ def train_ms(model: torch.nn.Module, vocab: int, batch: int, length: int, steps:
     return ms, torch.cuda.max_memory_allocated() / 1e9
 
 
-def sample_ms(key: str, batch: int, samples: int) -> float:
+def sample_ms(key: str, batch: int, samples: int, cuda_graph: bool = False) -> tuple[float, float]:
+    """(ms per sample, ms of the rest of a call) of sample_audio: calls of `samples` and 2 x `samples` samples, the
+    difference per sample, and what that leaves of the shorter call (with cuda_graph, mostly the graphs' capture)."""
     torch.manual_seed(0)
     model = unet(key).cuda()
     sample_audio(model, batch, 16, seed=0)  # first use: kernel compiles
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    sample_audio(model, batch, samples, seed=0)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3 / samples
+    times = []
+    for n in (samples, 2 * samples):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        sample_audio(model, batch, n, seed=0, cuda_graph=cuda_graph)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    per_sample = (times[1] - times[0]) / samples
+    return per_sample, times[0] - per_sample * samples
 
 
 def dna(steps: int) -> None:
@@ -123,11 +130,14 @@ def main() -> None:
             ms, peak = train_ms(unet(key).cuda(), 256, batch, length, args.steps)
             print(f"| {key} | {name} | {batch} x {length} | {ms:.2f} | {batch * length / ms / 1e3:.2f} | {peak:.2f} "
                   f"| {full_steps} | {ms * full_steps / 6e4:.1f} |", flush=True)
-    print(f"\n| model | sampling, batch {args.gen_batch}: ms per sample | 1 s clip (16,001 samples), s |")
-    print("|---|---:|---:|")
+    print(f"\n| model | sampling, batch {args.gen_batch}: ms per sample, eager | CUDA graphs | graphs' fixed cost "
+          "(capture), ms | 1 s clip (16,001 samples), s, eager / graphs |")
+    print("|---|---:|---:|---:|---:|")
     for key in args.models:
-        ms = sample_ms(key, args.gen_batch, args.gen_samples)
-        print(f"| {key} | {ms:.3f} | {ms * 16.001:.1f} |", flush=True)
+        eager, _ = sample_ms(key, args.gen_batch, args.gen_samples)
+        graphed, fixed = sample_ms(key, args.gen_batch, args.gen_samples, cuda_graph=True)
+        print(f"| {key} | {eager:.3f} | {graphed:.3f} | {fixed:.0f} | {eager * 16.001:.1f} / "
+              f"{(graphed * 16.001 + fixed / 1e3):.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -269,6 +269,52 @@ def test_unet_step_by_step_equals_forward(kwargs):
     assert_close(steps, full, name="step logits", rel=1e-4)
 
 
+@pytest.mark.parametrize("kwargs", UNETS)
+def test_unet_state_resets_in_place_and_the_step_runner_steps_as_the_model(kwargs):
+    """UNetStepGraphs without graphs (a CPU model) steps as `model.step` does on its own state; `reset` empties the
+    state in place (the tensors a captured graph reads keep their addresses) and the same inputs give the same
+    logits again, across several pooling groups."""
+    from mambakit.models.unet import UNetStepGraphs
+
+    model = _tiny_unet(**kwargs)
+    levels = torch.randint(0, 256, (2, 19))
+    with torch.no_grad():
+        state = model.allocate_state(2)
+        expected = torch.stack([model.step(levels[:, t], state) for t in range(19)], dim=1)
+        runner = UNetStepGraphs(model, 2)
+        assert not runner.graphed and runner.period == 8
+        addresses = [t.data_ptr() for t in runner.state.buffers + runner.state.pending]
+        first = torch.stack([runner(levels[:, t]) for t in range(19)], dim=1)
+        assert runner.state.t == 19 and any(bool(t.any()) for t in runner.state.pending)
+        runner.state.reset()
+        assert runner.state.t == 0 and not any(bool(t.any()) for t in runner.state.buffers + runner.state.pending)
+        assert [t.data_ptr() for t in runner.state.buffers + runner.state.pending] == addresses
+        again = torch.stack([runner(levels[:, t]) for t in range(19)], dim=1)
+    assert torch.equal(first, expected) and torch.equal(again, expected)
+    with pytest.raises(ValueError, match="needs a model on CUDA"):
+        UNetStepGraphs(model, 2, graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kwargs", UNETS)
+def test_unet_step_graphs_replay_every_phase_as_the_eager_step(kwargs):
+    """On CUDA: one graph per phase of the pooling (8 for pool [2, 4]); 3 rounds of replays give the eager step's
+    logits, and greedy sampling with graphs gives the eager samples."""
+    from mambakit.models.unet import UNetStepGraphs
+
+    model = _tiny_unet(**kwargs).cuda()
+    levels = torch.randint(0, 256, (2, 24), device="cuda")
+    with torch.no_grad():
+        state = model.allocate_state(2)
+        eager = torch.stack([model.step(levels[:, t], state) for t in range(24)], dim=1)
+        runner = UNetStepGraphs(model, 2)
+        assert runner.graphed and len(runner._graphs) == 8
+        graphed = torch.stack([runner(levels[:, t]).clone() for t in range(24)], dim=1)
+    assert_close(graphed, eager, name="graphed step logits", rel=1e-5)
+    assert torch.equal(sample_audio(model, 2, 40, temperature=0.0, cuda_graph=True),
+                       sample_audio(model, 2, 40, temperature=0.0))
+
+
 def test_sample_audio_and_wav(tmp_path):
     model = _tiny_unet(mixer="mamba")
     a = sample_audio(model, 2, 20, seed=1)

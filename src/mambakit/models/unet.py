@@ -149,15 +149,26 @@ class _UpPool(nn.Module):
 
 @dataclass
 class UNetState:
-    """Recurrent state of `AudioUNet.step`: per level, the mixer caches of its down / up stages, the samples of the
-    group being collected for DownPool, and the up-pooled vectors (B, p, H) that the current group adds."""
+    """Recurrent state of `AudioUNet.step`: per level k, the mixer caches of its down / up stages, the group of
+    samples being collected for DownPool (buffers[k], (B, p_k, H_k): slot r holds the group's r-th sample) and the
+    up-pooled vectors (B, p_k, H_k) that the current group adds (pending[k]); t, the samples consumed. Every tensor
+    is updated in place, so a captured step (`UNetStepGraphs`) stays valid."""
 
     caches_down: list[list]
     caches_up: list[list]
     caches_center: list
-    buffers: list[list[torch.Tensor]]
+    buffers: list[torch.Tensor]
     pending: list[torch.Tensor]
     t: int = 0
+
+    def reset(self) -> "UNetState":
+        """Back to the empty state, in place (the tensors keep their addresses)."""
+        for cache in [c for stage in self.caches_down + self.caches_up for c in stage] + self.caches_center:
+            cache.zero_()
+        for tensor in self.buffers + self.pending:
+            tensor.zero_()
+        self.t = 0
+        return self
 
 
 class AudioUNet(nn.Module):
@@ -252,10 +263,11 @@ class AudioUNet(nn.Module):
     def allocate_state(self, batch_size: int) -> UNetState:
         device = self.lm_head.weight.device
         alloc = lambda stage: [b.mixer.allocate_state(batch_size, device=device) for b in stage]  # noqa: E731
+        dtype = self.lm_head.weight.dtype
+        groups = lambda: [torch.zeros(batch_size, p, w, device=device, dtype=dtype)  # noqa: E731
+                          for p, w in zip(self.config.pool, self.config.widths)]
         return UNetState(caches_down=[alloc(s) for s in self.down], caches_up=[alloc(s) for s in self.up],
-                         caches_center=alloc(self.center), buffers=[[] for _ in self.down],
-                         pending=[torch.zeros(batch_size, p, w, device=device)
-                                  for p, w in zip(self.config.pool, self.config.widths)])
+                         caches_center=alloc(self.center), buffers=groups(), pending=groups())
 
     def step(self, levels: torch.Tensor, state: UNetState) -> torch.Tensor:
         """One sample per row: levels (B,) -> logits (B, V) of the next sample, advancing `state`."""
@@ -270,23 +282,87 @@ class AudioUNet(nn.Module):
             return self.center(x, state.caches_center)
         x = self.down[k](x, state.caches_down[k])
         p, r = self.config.pool[k], t % self.config.pool[k]
-        state.buffers[k].append(x)
+        state.buffers[k][:, r] = x[:, 0]
         out = self.up[k](state.pending[k][:, r:r + 1] + x, state.caches_up[k])
         if r == p - 1:  # the group is complete: the deeper levels step once, for the next group's samples
-            pooled = self.pools[k](torch.cat(state.buffers[k], dim=1))  # (B, 1, H_{k+1})
-            state.buffers[k] = []
+            pooled = self.pools[k](state.buffers[k])  # (B, 1, H_{k+1})
             deeper = self._step_level(k + 1, pooled, t // p, state)
-            state.pending[k] = self.unpools[k].groups(deeper)[:, 0]  # (B, p, H_k)
+            state.pending[k].copy_(self.unpools[k].groups(deeper)[:, 0])  # (B, p, H_k)
         return out
+
+
+class UNetStepGraphs:
+    """`AudioUNet.step` for a fixed batch, replayed from CUDA graphs: one launch per sample instead of the ~100
+    small kernels of a step (sampling 1 s clips eagerly on an H200 took 4.5-6.1 ms a sample, BENCHMARKS.md).
+
+    Which levels step depends on the phase t mod prod(pool) (level k steps when a group of level k - 1 completes),
+    so there is one graph per phase (16 for pool [4, 4]), all in one memory pool, each reading the same static
+    levels buffer (B,) and state (`state`, updated in place) and writing its own logits (B, V). Sampling stays
+    outside. graphs=False runs the same steps eagerly on the same state (what the CPU tests check).
+
+    Example:
+        >>> steps = UNetStepGraphs(model, batch_size=64)
+        >>> logits = steps(levels_B)           # (64, 256); valid until the next call with the same phase
+    """
+
+    def __init__(self, model: "AudioUNet", batch_size: int, *, graphs: bool | None = None, warmup_rounds: int = 1):
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"UNetStepGraphs: batch_size must be an int >= 1, got {batch_size!r}")
+        self.model = model
+        self.device = model.lm_head.weight.device
+        if graphs is None:
+            graphs = self.device.type == "cuda"
+        if graphs and self.device.type != "cuda":
+            raise ValueError(f"UNetStepGraphs: graphs=True needs a model on CUDA, this one is on {self.device}")
+        self.period = model.config.multiple
+        self.state = model.allocate_state(batch_size)
+        self._levels_B = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self._graphs: list[tuple[torch.cuda.CUDAGraph, torch.Tensor]] = []
+        if graphs:
+            self._capture(warmup_rounds)
+
+    @property
+    def graphed(self) -> bool:
+        return bool(self._graphs)
+
+    def _capture(self, warmup_rounds: int) -> None:
+        pool = None
+        with torch.cuda.device(self.device), torch.inference_mode():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # every phase runs eagerly first: Triton compiles, cuBLAS makes handles
+                for _ in range(warmup_rounds * self.period):
+                    self.model.step(self._levels_B, self.state)
+            torch.cuda.current_stream().wait_stream(side)
+            for phase in range(self.period):
+                self.state.t = phase
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self.model.step(self._levels_B, self.state)
+                pool = graph.pool()
+                self._graphs.append((graph, logits))
+        self.state.reset()
+
+    def __call__(self, levels: torch.Tensor) -> torch.Tensor:
+        """levels (B,) -> logits (B, V) of the next sample, advancing `state` by one sample."""
+        if not self._graphs:
+            return self.model.step(levels, self.state)
+        graph, logits = self._graphs[self.state.t % self.period]
+        self._levels_B.copy_(levels)
+        graph.replay()
+        self.state.t += 1
+        return logits
 
 
 @torch.no_grad()
 def sample_audio(model: AudioUNet, batch_size: int, num_samples: int, *, temperature: float = 1.0,
-                 prompt: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
+                 prompt: torch.Tensor | None = None, seed: int | None = None,
+                 cuda_graph: bool = False) -> torch.Tensor:
     """Draw (B, num_samples) mu-law levels from the model, one sample at a time (constant cost per sample).
 
     The first input is the level of silence (mu-law 0.0 -> level vocab // 2) unless `prompt` (B, P) levels is given;
-    the returned tensor holds the prompt followed by the new samples, num_samples in all.
+    the returned tensor holds the prompt followed by the new samples, num_samples in all. cuda_graph: replay the
+    step from CUDA graphs (`UNetStepGraphs`; a model on CUDA), captured at the start of the call.
 
     Example:
         >>> levels = sample_audio(model, 4, 16000, seed=0)                   # 1 s at 16 kHz
@@ -302,17 +378,17 @@ def sample_audio(model: AudioUNet, batch_size: int, num_samples: int, *, tempera
         gen.manual_seed(seed)
     else:
         gen.seed()
-    state = model.allocate_state(batch_size)
     if prompt is None:
         prompt = torch.full((batch_size, 1), model.config.vocab_size // 2, dtype=torch.long, device=device)
     if prompt.dim() != 2 or prompt.shape[0] != batch_size or prompt.shape[1] < 1:
         raise ValueError(f"sample_audio: prompt must be (batch_size={batch_size}, P >= 1), got {tuple(prompt.shape)}")
+    step = UNetStepGraphs(model, batch_size, graphs=cuda_graph)
     out = [prompt[:, i] for i in range(prompt.shape[1])]
     for i in range(prompt.shape[1] - 1):
-        model.step(prompt[:, i].to(device), state)
+        step(prompt[:, i].to(device))
     current = prompt[:, -1].to(device)
     while len(out) < num_samples:
-        logits = model.step(current, state).float()
+        logits = step(current).float()
         if temperature == 0:
             current = logits.argmax(-1)
         else:
