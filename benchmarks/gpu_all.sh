@@ -118,6 +118,12 @@ for stage in "$@"; do
     decode) run decode-tests 240 python3 -m pytest tests/test_decode_step.py -q -p no:cacheprovider
             run decode-proj 200 python3 benchmarks/gpu_decode_proj.py ${DECODE_FLAGS:-};;
     inference) run inference 330 python3 benchmarks/gpu_inference.py ${INFERENCE_FLAGS:---out-dir $OUT};;
+    # session 24's decode graphs, written on the CPU: the GPU tests of the fixed-capacity KV caches (Transformers)
+    # and of the U-Net's per-phase step graphs, then their timings against eager decoding
+    graphs) run graphs-tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu -k "graph" tests/test_transformer.py \
+              tests/test_audio.py
+            run attention-decode 200 python3 benchmarks/gpu_attention_decode.py
+            run unet-sampling 200 python3 benchmarks/gpu_repro_step.py --steps 5 --shapes spoken;;
     pack) (cd "$OUT" && find . -name "*.log" -print0 | tar czf logs.tgz --null -T - --remove-files) \
             && echo "=== pack: $OUT/logs.tgz";;
     *) echo "unknown stage $stage";;

@@ -105,6 +105,12 @@ def test_fixed_capacity_kv_cache_decodes_as_the_growing_one(name):
         assert_close(model(ids[:, :3], cache=fixed), model(ids[:, :3]), name="after reset", rel=1e-10)
     with pytest.raises(ValueError, match="at least the 3 cached tokens"):
         fixed.layers[0].fix_capacity(2)
+    if name == "gpt3":  # a replay would index past the learned position table, which the forward checks on the host
+        from mambakit.generation import CUDAGraphDecoder
+
+        with pytest.raises(ValueError, match="max_length 65 passes the model's 64 learned positions"):
+            CUDAGraphDecoder(model, 1, max_length=65)
+        assert CUDAGraphDecoder(model, 1, max_length=64).cache.layers[0].capacity == 64
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -56,6 +56,11 @@ class CUDAGraphDecoder:
             raise ValueError(f"CUDAGraphDecoder: a model with attention layers (attn_layer_idx={list(attention)}) "
                              f"needs max_length (an int >= 1: prompt plus generated tokens), the capacity its KV "
                              f"caches are fixed at; got {max_length!r}")
+        backbone = getattr(model, "backbone", None)
+        if attention and getattr(backbone, "pos_embedding", None) is not None and max_length > backbone.max_positions:
+            # a replay skips the forward's host-side check of the position table's length
+            raise ValueError(f"CUDAGraphDecoder: max_length {max_length} passes the model's "
+                             f"{backbone.max_positions} learned positions (max_position_embeddings)")
         self.model = model
         self.batch_size = batch_size
         self.device = model_device(model)
