@@ -292,8 +292,8 @@ class AudioUNet(nn.Module):
 
 
 class UNetStepGraphs:
-    """`AudioUNet.step` for a fixed batch, replayed from CUDA graphs: one launch per sample instead of the ~100
-    small kernels of a step (sampling 1 s clips eagerly on an H200 took 4.5-6.1 ms a sample, BENCHMARKS.md).
+    """`AudioUNet.step` for a fixed batch, replayed from CUDA graphs: one launch per sample instead of the many small
+    kernels of a step (sampling 1 s clips eagerly on an H200 took 4.5-6.1 ms a sample, BENCHMARKS.md).
 
     Which levels step depends on the phase t mod prod(pool) (level k steps when a group of level k - 1 completes),
     so there is one graph per phase (16 for pool [4, 4]), all in one memory pool, each reading the same static

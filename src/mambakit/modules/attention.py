@@ -128,12 +128,7 @@ class KVState:
         if n < max(self.length, 1):
             raise ValueError(f"KVState.fix_capacity: n must be at least the {self.length} cached tokens and 1, got {n}")
         if n != self.capacity:
-            key = self.key.new_zeros(self.batch_size, n, *self.key.shape[2:])
-            value = self.value.new_zeros(self.batch_size, n, *self.value.shape[2:])
-            valid = self.valid.new_zeros(self.batch_size, n)
-            used = self.length
-            key[:, :used], value[:, :used], valid[:, :used] = self.key[:, :used], self.value[:, :used], self.valid[:, :used]
-            self.key, self.value, self.valid = key, value, valid
+            self._reallocate(n)
         self.slot = torch.full((1,), self.length, dtype=torch.long, device=self.key.device)
         return self
 
@@ -151,13 +146,18 @@ class KVState:
         if self.slot is not None:
             raise ValueError(f"KVState: {n} tokens do not fit the fixed capacity of {self.capacity} "
                              "(fix_capacity: the prompt and the tokens to generate)")
-        cap = max(n, 2 * self.capacity, 64)
-        key = self.key.new_zeros(self.batch_size, cap, *self.key.shape[2:])
-        value = self.value.new_zeros(self.batch_size, cap, *self.value.shape[2:])
-        valid = self.valid.new_zeros(self.batch_size, cap)
-        key[:, :self.capacity] = self.key
-        value[:, :self.capacity] = self.value
-        valid[:, :self.capacity] = self.valid
+        self._reallocate(max(n, 2 * self.capacity, 64))
+
+    def _reallocate(self, n: int) -> None:
+        """New key, value and valid tensors of capacity n holding the first min(capacity, n) slots (at least the
+        cached tokens: slots past `length` are invalid anyway)."""
+        keep = min(self.capacity, n)
+        key = self.key.new_zeros(self.batch_size, n, *self.key.shape[2:])
+        value = self.value.new_zeros(self.batch_size, n, *self.value.shape[2:])
+        valid = self.valid.new_zeros(self.batch_size, n)
+        key[:, :keep] = self.key[:, :keep]
+        value[:, :keep] = self.value[:, :keep]
+        valid[:, :keep] = self.valid[:, :keep]
         self.key, self.value, self.valid = key, value, valid
 
     def append(self, k: torch.Tensor, v: torch.Tensor, seq_idx: torch.Tensor | None, positions: torch.Tensor):

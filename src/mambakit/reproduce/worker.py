@@ -46,9 +46,9 @@ def run_workers(run: Run, workers: int, device: str) -> None:
     failed = [(i, s) for i, s in enumerate(statuses) if s not in (0, 3)]
     out_of_memory = [i for i, s in failed if s == OUT_OF_MEMORY]
     if out_of_memory:
-        raise WorkerError(f"reproduce {run.name}: worker(s) {', '.join(map(str, out_of_memory))} of {workers} ran out "
-                          f"of {run.device.type} memory: their models do not fit the device together. Run the same command "
-                          "with --resume and fewer --workers (the finished models are kept)")
+        raise WorkerError(f"reproduce {run.name}: worker(s) {', '.join(map(str, out_of_memory))} of {workers} ran "
+                          f"out of {run.device.type} memory: their models do not fit the device together. Run the "
+                          "same command with --resume and fewer --workers (the finished models are kept)")
     if failed:
         raise WorkerError(f"reproduce {run.name}: worker(s) failed: "
                           + ", ".join(f"worker {i} exit status {s}" for i, s in failed))
