@@ -36,6 +36,7 @@ class CUDAGraphDecoder:
             capacity (`KVState.fix_capacity`), so the step writes at fixed addresses; a step past it raises.
             Ignored by models without attention, whose cache has one size whatever the length.
     Attributes:
+        max_length: the KV caches' fixed capacity (None for a model without attention layers).
         cache: the static InferenceCache the graph reads and advances. Prefill into it with
             `prefill(model, prompts, cache=decoder.cache)` after `decoder.cache.reset()`.
 
@@ -67,8 +68,10 @@ class CUDAGraphDecoder:
         self.cache: InferenceCache = allocate_cache(model, batch_size, dtype=dtype, state_dtype=state_dtype)
         # the attention layers' caches at a fixed capacity (the warm-up steps below need room too)
         self._kv_layers = [s for s in self.cache.layers if isinstance(s, KVState)]
+        # tokens a row may hold: the KV caches' capacity, or None (a Mamba cache holds any number)
+        self.max_length = max(max_length, warmup_steps + 1) if self._kv_layers else None
         for state in self._kv_layers:
-            state.fix_capacity(max(max_length, warmup_steps + 1))  # max_length is an int: checked above
+            state.fix_capacity(self.max_length)  # max_length is an int: checked above
         self.graph: torch.cuda.CUDAGraph | None = None
         self._tokens_B = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self._logits_BV: torch.Tensor | None = None

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from ..deprecation import DEPRECATED
-from ..modules.attention import KVState
 from .cache import allocate_cache
 from .compiled import CompiledDecoder
 from .cuda_graph import CUDAGraphDecoder
@@ -130,10 +129,9 @@ def _decoder_for(model: nn.Module, batch: int, cuda_graph: bool | CUDAGraphDecod
         if cuda_graph.model is not model or cuda_graph.batch_size != batch:
             raise ValueError(f"generate: cuda_graph was captured for batch {cuda_graph.batch_size} of another "
                              f"model or size; this call has {batch} prompts")
-        room = min((s.capacity for s in cuda_graph.cache.layers if isinstance(s, KVState)), default=max_length)
-        if room < max_length:
-            raise ValueError(f"generate: cuda_graph's KV caches hold {room} tokens a row; this call needs "
-                             f"{max_length} (prompt and new tokens): make a decoder with a larger max_length")
+        if cuda_graph.max_length is not None and cuda_graph.max_length < max_length:
+            raise ValueError(f"generate: cuda_graph's KV caches hold {cuda_graph.max_length} tokens a row; this "
+                             f"call needs {max_length} (prompt and new tokens): make a decoder with a larger max_length")
         return cuda_graph
     if not isinstance(cuda_graph, bool):
         raise ValueError(f"generate: cuda_graph must be a bool or a CUDAGraphDecoder, got {type(cuda_graph).__name__}")
