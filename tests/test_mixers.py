@@ -12,6 +12,8 @@ from mambakit.checkpoints import CheckpointError, load_pretrained, save_pretrain
 from mambakit.generation import prefill
 from mambakit.generation.cuda_graph import CUDAGraphDecoder
 from mambakit.modules import MHA, S4D, Mamba1Ungated
+from mambakit.modules import s4d as s4d_module
+from mambakit.modules.s4d import document_segments
 from mambakit.ops import selective_scan
 
 from .helpers import assert_close
@@ -82,9 +84,10 @@ def test_s4d_fft_convolution_equals_the_recurrence(A_init, gated, seqlen):
 
 
 @pytest.mark.parametrize("A_init, gated", S4D_CASES)
-def test_s4d_fft_path_gradients_equal_the_scan_path(A_init, gated):
+def test_s4d_fft_path_gradients_equal_the_scan_path(A_init, gated, monkeypatch):
     """Every parameter's gradient through the FFT path (the kernel factored into blocks of 8 positions at L 29: 4
-    blocks, the last one cut) equals the one through the scan op (the seq_idx path)."""
+    blocks, the last one cut) equals the one through the scan op (the seq_idx path under compile or capture)."""
+    monkeypatch.setattr(s4d_module, "_documents_by_convolution", lambda x: False)
     layer = _s4d(A_init, gated)
     u = torch.randn(2, 29, 16, dtype=torch.float64)
     upstream = torch.randn(2, 29, 16, dtype=torch.float64)
@@ -100,6 +103,68 @@ def test_s4d_fft_path_gradients_equal_the_scan_path(A_init, gated):
     assert set(grads[0]) == {n for n, _ in layer.named_parameters()}
     for name in grads[0]:
         assert_close(grads[0][name], grads[1][name], name=f"grad {name}", rel=1e-9)
+
+
+def test_document_segments():
+    """Runs of one seq_idx value inside each row, as flat starts and lengths; every row starts one."""
+    seq_idx = torch.tensor([[0, 0, 1, 1, 1, 2], [5, 5, 5, 5, 5, 5], [7, 8, 8, 7, 7, 7]], dtype=torch.int32)
+    starts, lengths = document_segments(seq_idx)
+    assert starts.tolist() == [0, 2, 5, 6, 12, 13, 15]
+    assert lengths.tolist() == [2, 3, 1, 6, 1, 2, 3]
+    with pytest.raises(ValueError, match="batch, seqlen"):
+        document_segments(seq_idx[0])
+
+
+@pytest.mark.parametrize("with_cache", [False, True], ids=["no-cache", "cache"])
+@pytest.mark.parametrize("A_init, gated", S4D_CASES)
+def test_s4d_documents_by_convolution_equal_the_scan(A_init, gated, with_cache, monkeypatch):
+    """seq_idx through the per-document FFT convolution (documents of 1 to 23 tokens in buckets 1 .. 32, a row
+    without a boundary, a cache with a random state reaching the first document only) equals the scan op with the
+    state restarting at each document: output, the cache's final ssm and conv states, the input's and every
+    parameter's gradient, float64."""
+    layer = _s4d(A_init, gated)
+    seq_idx = torch.tensor([[0] * 5 + [1] * 23 + [2] * 9, [4] * 37, [3] + [4] * 2 + [5] * 34, [1] * 36 + [2]],
+                           dtype=torch.int32)
+    u = torch.randn(4, 37, 16, dtype=torch.float64)
+    upstream = torch.randn(4, 37, 16, dtype=torch.float64)
+    state0 = layer.allocate_state(4)
+    state0.ssm_state.copy_(torch.randn_like(state0.ssm_state))
+    state0.conv_state.normal_()
+    runs = {}
+    for by_convolution in (True, False):
+        monkeypatch.setattr(s4d_module, "_documents_by_convolution", lambda x, on=by_convolution: on)
+        layer.zero_grad()
+        x = u.clone().requires_grad_(True)
+        cache = None
+        if with_cache:
+            cache = layer.allocate_state(4)
+            cache.ssm_state.copy_(state0.ssm_state)
+            cache.conv_state.copy_(state0.conv_state)
+        out = layer(x, cache=cache, seq_idx=seq_idx)
+        (out * upstream).sum().backward()
+        runs[by_convolution] = (out.detach(), cache, x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()})
+    (y1, c1, gx1, g1), (y0, c0, gx0, g0) = runs[True], runs[False]
+    assert_close(y1, y0, name="output", rel=1e-10)
+    assert_close(gx1, gx0, name="input grad", rel=1e-9)
+    assert set(g1) == {n for n, _ in layer.named_parameters()}
+    for name in g1:
+        assert_close(g1[name], g0[name], name=f"grad {name}", rel=1e-9)
+    if with_cache:
+        assert_close(c1.ssm_state, c0.ssm_state, name="final ssm state", rel=1e-10)
+        assert_close(c1.conv_state, c0.conv_state, name="final conv state", rel=1e-12)
+        assert not torch.allclose(c1.ssm_state, state0.ssm_state)
+
+
+def test_s4d_documents_compile_through_the_scan():
+    """Under torch.compile(fullgraph=True) the seq_idx path is the scan (no host read of the documents' bounds): the
+    same output as eager's per-document convolution. (S4D-Real: the complex scan's PyTorch backward calls
+    torch.autograd.grad, which Dynamo does not trace in one graph.)"""
+    layer = _s4d("S4D-Real", True).float()
+    u = torch.randn(2, 24, 16)
+    seq_idx = torch.tensor([[0] * 7 + [1] * 17, [2] * 24], dtype=torch.int32)
+    eager = layer(u, seq_idx=seq_idx)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")(u, seq_idx=seq_idx)
+    assert_close(compiled, eager, name="compiled vs eager", rel=1e-4)
 
 
 @pytest.mark.parametrize("complex_", [False, True], ids=["real", "complex"])

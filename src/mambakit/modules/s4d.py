@@ -15,8 +15,12 @@ layer is a long convolution: y = K * x + D x with K[d, l] = s Re sum_n C[d, n] d
 The forward computes K (`ssm_kernel`: a matrix product of two (D, N, sqrt L) factors of the powers) and
 convolves by FFT in O(L log L); a cache adds the initial state's contribution and returns the final state in closed
 form (`decayed_sum`; decoding, and prefill over several calls), factored the same way. With
-`seq_idx` (packed documents) the state must restart inside a row, which a convolution cannot express,
-so that path runs `ops.selective_scan` with per-channel B, C (ngroups = D) on the PyTorch backend.
+`seq_idx` (packed documents) the state restarts inside a row: each document (a run of one seq_idx value) is
+convolved on its own (`document_segments`; documents grouped by length into power-of-two buckets, one batched FFT
+per bucket, each right-aligned so that its leading padding adds nothing), the initial state reaches the first
+document of each row only and the final state comes from the last. That path reads the documents' bounds on the
+host; under torch.compile or CUDA-graph capture it runs `ops.selective_scan` with per-channel B, C (ngroups = D)
+instead (the PyTorch backend for complex A), the same numbers 100-300x slower on a CPU for S4D-Lin.
 
 Initialisations (`A_init`): "S4D-Lin" A[d, n] = -1/2 + i pi n (complex, the S4 baseline of the Mamba
 paper), "S4D-Real" A[d, n] = -(n + 1) (real, Mamba-1's own init). B = 1, C ~ N(0, 1) (variance 1/2 per
@@ -76,6 +80,28 @@ def _block_powers(dtA: torch.Tensor, seqlen: int, block: int | None) -> tuple[to
     return torch.exp(dtA[..., None] * steps), torch.exp(dtA[..., None] * starts)
 
 
+def document_segments(seq_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The documents of packed rows: seq_idx (B, L) -> starts (S,) as flat positions b L + t, lengths (S,), in row
+    order. A document is a run of one seq_idx value inside a row; every row starts one (so S >= B)."""
+    if seq_idx.dim() != 2:
+        raise ValueError(f"seq_idx must be (batch, seqlen), got {tuple(seq_idx.shape)}")
+    batch, seqlen = seq_idx.shape
+    begins = torch.ones(batch, seqlen, dtype=torch.bool, device=seq_idx.device)
+    begins[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    starts = begins.flatten().nonzero().squeeze(1)  # (S,), sorted; a row's first start is b L
+    ends = torch.cat([starts[1:], starts.new_full((1,), batch * seqlen)])
+    return starts, ends - starts
+
+
+def _segment_index(starts: torch.Tensor, lengths: torch.Tensor, width: int, pad: int) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """Gather index (S, width) of segments right-aligned in `width` positions (`pad` where a segment has none) and
+    the (S, width) mask of real positions."""
+    offs = torch.arange(width, device=starts.device)[None, :] - (width - lengths)[:, None]
+    valid = offs >= 0
+    return torch.where(valid, starts[:, None] + offs, pad), valid
+
+
 def decayed_sum(x: torch.Tensor, dtA: torch.Tensor, block: int | None = None) -> torch.Tensor:
     """S[b, d, n] = sum_l x[b, d, l] exp(dtA[d, n] (L - 1 - l)): (B, D, L) real, (D, N) -> (B, D, N) in dtA's dtype.
 
@@ -94,6 +120,14 @@ def decayed_sum(x: torch.Tensor, dtA: torch.Tensor, block: int | None = None) ->
     else:
         per_block = torch.einsum("bdct,dnt->bdnc", rev, inner)  # (B, D, N, C)
     return (per_block * outer).sum(-1)
+
+
+def _documents_by_convolution(x: torch.Tensor) -> bool:
+    """Whether the seq_idx path may convolve document by document: its bounds are read on the host, which neither
+    torch.compile's tracing nor a CUDA graph's capture allows (there the scan runs)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 class S4D(nn.Module):
@@ -189,12 +223,12 @@ class S4D(nn.Module):
         if keep:
             x, conv_final = x
             cache.conv_state.copy_(conv_final)
-        if seq_idx is not None:
+        if seq_idx is not None and not _documents_by_convolution(x):
             y = self._scan(x, z, cache, seq_idx)
         else:
             # the kernel, FFTs and state contractions stay in fp32 under autocast (einsum would drop to bf16)
             with torch.autocast(x.device.type, enabled=False):
-                y = self._convolve(x, cache)
+                y = self._convolve(x, cache) if seq_idx is None else self._convolve_documents(x, cache, seq_idx)
             y = y + self.D.to(y.dtype) * x.to(y.dtype)
             if z is not None:
                 y = y * F.silu(z.to(y.dtype))
@@ -215,7 +249,7 @@ class S4D(nn.Module):
         n = _fft_len(2 * seqlen)
         y_BDL = torch.fft.irfft(torch.fft.rfft(x_BDL, n=n) * torch.fft.rfft(kernel, n=n), n=n)[..., :seqlen]
         if cache is not None:
-            h0 = cache.ssm_state.to(A.dtype)  # (B, D, N)
+            h0 = cache.ssm_state.to(A.dtype, copy=True)  # (B, D, N); copied: the cache is overwritten below
             batch, dim, n_state = h0.shape
             # what h0 has become at step l, read out: sum_n C h0 exp(dt A)^(l + 1), a kernel per row
             start = (C * torch.exp(dtA) * h0).reshape(batch * dim, n_state)
@@ -225,6 +259,56 @@ class S4D(nn.Module):
             inputs = decayed_sum(x_BDL, dtA)
             cache.ssm_state.copy_(torch.exp(dtA * seqlen) * h0 + (dt[:, None] * B) * inputs)
         return y_BDL.transpose(1, 2)
+
+    def _convolve_documents(self, x: torch.Tensor, cache: MixerState | None, seq_idx: torch.Tensor) -> torch.Tensor:
+        """`_convolve` with the state restarting at each document of seq_idx (B, L): x (B, L, D) -> y (B, L, D) fp32.
+
+        Each document is convolved alone (right-aligned in its length's power-of-two bucket: the zeros before it
+        add nothing to its outputs or to its closing state); a cache's state reaches each row's first document only,
+        and is replaced by the state at the end of each row's last document."""
+        batch, seqlen, dim = x.shape
+        starts, lengths = document_segments(seq_idx)
+        if starts.numel() == batch:  # no boundary inside any row: the plain convolution
+            return self._convolve(x, cache)
+        real = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dt, A, B, C = self.ssm_params(real)
+        scale = 2.0 if self.is_complex else 1.0
+        dtA = dt[:, None] * A  # (D, N)
+        kernel = scale * ssm_kernel(C * B * dt[:, None], dtA, seqlen)  # (D, L): no document is longer
+        x_flat = torch.cat([x.to(real).reshape(batch * seqlen, dim), x.new_zeros(1, dim, dtype=real)])  # + a zero row
+        widths = torch.exp2(torch.log2(lengths.double()).ceil()).long()  # (S,) the power-of-two bucket >= length
+        positions, values = [], []
+        for width in widths.unique().tolist():
+            members = (widths == width).nonzero().squeeze(1)
+            src, valid = _segment_index(starts[members], lengths[members], width, batch * seqlen)  # (S_w, width)
+            n = _fft_len(2 * width)
+            xs = x_flat[src].transpose(1, 2)  # (S_w, D, width)
+            ys = torch.fft.irfft(torch.fft.rfft(xs, n=n) * torch.fft.rfft(kernel[:, :width], n=n), n=n)[..., :width]
+            values.append(ys.transpose(1, 2)[valid])  # (tokens, D)
+            positions.append(src[valid])
+        order = starts.new_empty(batch * seqlen)
+        positions = torch.cat(positions)
+        order[positions] = torch.arange(positions.numel(), device=positions.device)
+        y_BLD = torch.cat(values)[order].view(batch, seqlen, dim)
+        if cache is None:
+            return y_BLD
+        rows = torch.arange(batch, device=starts.device)
+        first = torch.searchsorted(starts, rows * seqlen)  # (B,) each row's first and last document
+        last = torch.searchsorted(starts, (rows + 1) * seqlen) - 1
+        h0 = cache.ssm_state.to(A.dtype, copy=True)  # (B, D, N); copied: the cache is overwritten below
+        n_state = h0.shape[-1]
+        # the initial state read out over each row's first document only
+        start = (C * torch.exp(dtA) * h0).reshape(batch * dim, n_state)
+        from_h0 = ssm_kernel(start, dtA.expand(batch, dim, n_state).reshape(batch * dim, n_state), seqlen)
+        reach = torch.arange(seqlen, device=x.device)[None, :] < lengths[first][:, None]  # (B, L)
+        y_BLD = y_BLD + (scale * from_h0.view(batch, dim, seqlen) * reach[:, None, :]).transpose(1, 2)
+        # the state after each row's last document (right-aligned: the zeros before it add nothing), plus the
+        # decayed initial state where that document is the row's only one
+        src, _ = _segment_index(starts[last], lengths[last], int(lengths[last].max()), batch * seqlen)
+        inputs = decayed_sum(x_flat[src].transpose(1, 2), dtA)  # (B, D, N)
+        carried = torch.where((first == last)[:, None, None], torch.exp(dtA * seqlen) * h0, torch.zeros_like(h0))
+        cache.ssm_state.copy_(carried + (dt[:, None] * B) * inputs)
+        return y_BLD
 
     def _scan(self, x: torch.Tensor, z: torch.Tensor | None, cache: MixerState | None,
               seq_idx: torch.Tensor) -> torch.Tensor:

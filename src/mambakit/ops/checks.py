@@ -90,12 +90,14 @@ class ShapeChecker:
         """Check seq_idx is (batch, seqlen) integer and nondecreasing along each row.
 
         The monotonicity check reads values, which on CUDA would force a device sync in every layer of
-        every step, so it runs on CPU tensors only; shapes and dtypes are checked everywhere.
+        every step, so it runs on eager CPU tensors only (torch.compile cannot branch on a value: a fullgraph
+        trace would fail); shapes and dtypes are checked everywhere.
         """
         if seq_idx is None:
             return None
         self.tensor("seq_idx", seq_idx, ("batch", "seqlen"), dtypes=INTS)
-        if seq_idx.device.type == "cpu" and seq_idx.shape[1] > 1 and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
+        if (seq_idx.device.type == "cpu" and seq_idx.shape[1] > 1 and not torch.compiler.is_compiling()
+                and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any())):
             row = int((seq_idx[:, 1:] < seq_idx[:, :-1]).any(dim=1).nonzero()[0, 0])
             self.fail("seq_idx", f"must be nondecreasing along each row (packed documents), row {row} decreases")
         return seq_idx
