@@ -124,6 +124,12 @@ def test_config_round_trip_and_errors():
         MambaConfig.from_dict({**cfg.to_dict(), "hidden_size": 64})
     with pytest.raises(ValueError, match="ssm_cfg"):
         MambaConfig(ssm_cfg={"layer": "Mamba3"})
+    # a key the mixer does not take fails here, naming it and what the mixer takes (not a TypeError at build time)
+    with pytest.raises(ValueError, match=r"ssm_cfg holds \['headdim'\], which mambakit's S4D does not take "
+                                         r"\(it takes \['A_init'"):
+        MambaConfig(ssm_cfg={"layer": "S4D", "headdim": 64})
+    with pytest.raises(ValueError, match=r"\['nheads'\], which mambakit's Mamba1 does not take"):
+        MambaConfig(ssm_cfg={"nheads": 4})
     with pytest.raises(ValueError, match="d_model"):
         MambaConfig(d_model=0)
     with pytest.raises(ValueError, match="attn_layer_idx"):

@@ -36,3 +36,18 @@ def test_unknown_names_are_refused_everywhere():
         canonical_mixer_name("mamba3")
     with pytest.raises(ValueError, match=r"ssm_cfg\['layer'\] must be one of"):
         MambaConfig(d_model=32, n_layer=1, vocab_size=16, ssm_cfg={"layer": "mamba3"})
+
+
+@pytest.mark.parametrize("run_layer", ["Mamba1", "Mamba2"])
+def test_ssm_cfg_naming_another_mixer_takes_the_run_sizes_it_has(run_layer):
+    """`mambakit train --model.ssm-cfg '{layer: s4d}'`: the S4D mixer gets the run's d_state and expand, and none of
+    Mamba-2's headdim / chunk_size (which once reached its constructor as a TypeError); naming Mamba2 from a Mamba1
+    run brings them."""
+    cfg = TrainConfig(layer=run_layer, d_model=32, n_layer=1, d_state=8, expand=2, headdim=16, chunk_size=32,
+                      model={"ssm_cfg": {"layer": "s4d", "A_init": "S4D-Real"}})
+    config = model_config(cfg, vocab_size=16)
+    assert config.layer == "S4D"
+    assert config.mixer_kwargs == {"d_state": 8, "expand": 2, "A_init": "S4D-Real"}
+    cfg = TrainConfig(layer="Mamba1", d_model=32, n_layer=1, d_state=8, headdim=16, chunk_size=32,
+                      model={"ssm_cfg": {"layer": "Mamba2"}})
+    assert model_config(cfg, vocab_size=16).mixer_kwargs == {"d_state": 8, "expand": 2, "headdim": 16, "chunk_size": 32}

@@ -33,7 +33,6 @@ from ..models.mixers import mixer_defaults
 from .errors import CheckpointError
 from .io import CONFIG_NAME, GENERATION_CONFIG, read_json, remove_weight_files, write_json, write_safetensors
 from .keymap import KeyMap
-from .native import check_mixer_args
 
 __all__ = ["KEY_MAP", "MODEL_TYPES", "GENERATION_CONFIG", "is_hf_config", "config_from_hf", "save_hf"]
 
@@ -102,7 +101,7 @@ def _drop_defaults(layer: str, ssm_cfg: dict) -> dict:
     defaults = mixer_defaults(layer)
     out = {"layer": layer}
     for k, v in ssm_cfg.items():
-        if k not in defaults:  # kept, so that check_mixer_args names it
+        if k not in defaults:  # kept, so that MambaConfig names it
             out[k] = v
             continue
         same = tuple(v) == tuple(defaults[k]) if isinstance(v, (list, tuple)) else v == defaults[k]
@@ -163,7 +162,6 @@ def config_from_hf(raw: dict, source: str, generation: dict | None = None) -> Ma
         config = MambaConfig.from_dict(fields)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{source}: {err}") from err
-    check_mixer_args(config, source)
     return config
 
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..models import MambaConfig, MambaLM
-from ..models.mixers import mixer_defaults
 from .errors import CheckpointError
 from .io import CONFIG_NAME, remove_weight_files, write_json, write_safetensors, write_torch
 from .keymap import IDENTITY
 
-__all__ = ["KEY_MAP", "config_from_dict", "check_mixer_args", "save_native"]
+__all__ = ["KEY_MAP", "config_from_dict", "save_native"]
 
 KEY_MAP = IDENTITY
 
@@ -32,22 +31,12 @@ MAMBAKIT_ONLY_FIELDS = {"norm_epsilon": 1e-5}
 MAMBAKIT_ONLY_MIXER_ARGS = {"norm_ngroups": None, "norm_eps": 1e-5}
 
 
-def check_mixer_args(config: MambaConfig, source: str) -> None:
-    """ssm_cfg may only hold arguments the mixer takes: name the others (TypeError deep in __init__ says less)."""
-    accepted = set(mixer_defaults(config.layer))
-    unknown = sorted(set(config.mixer_kwargs) - accepted)
-    if unknown:
-        raise CheckpointError(f"{source}: ssm_cfg holds {unknown}, which mambakit's {config.layer} does not take "
-                              f"(it takes {sorted(accepted)})")
-
-
 def config_from_dict(raw: dict, source: str) -> MambaConfig:
     """MambaConfig from a mamba_ssm (or mambakit) config.json dict, errors prefixed with `source`."""
     try:
         config = MambaConfig.from_dict(raw)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{source}: {err}") from err
-    check_mixer_args(config, source)
     return config
 
 

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .mixers import MIXERS, canonical_mixer_name, mixer_args, mixer_sizes
+from .mixers import MIXERS, canonical_mixer_name, mixer_args, mixer_defaults, mixer_sizes, unknown_mixer_args
 
 
 @dataclass
@@ -63,6 +63,10 @@ class MambaConfig:
             except ValueError:
                 raise ValueError(f"MambaConfig: ssm_cfg['layer'] must be one of {tuple(MIXERS)}, got "
                                  f"{self.ssm_cfg['layer']!r}") from None
+        unknown = unknown_mixer_args(self.layer, self.ssm_cfg)
+        if unknown:
+            raise ValueError(f"MambaConfig: ssm_cfg holds {unknown}, which mambakit's {self.layer} does not take "
+                             f"(it takes {sorted(mixer_defaults(self.layer))})")
         bad = [i for i in self.attn_layer_idx if not (0 <= i < self.n_layer)]
         if bad:
             raise ValueError(f"MambaConfig: attn_layer_idx {bad} outside [0, n_layer={self.n_layer})")

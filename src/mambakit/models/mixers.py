@@ -22,7 +22,8 @@ from ..modules.mamba1_ungated import Mamba1Ungated
 from ..modules.mamba2 import Mamba2, mamba2_sizes
 from ..modules.s4d import S4D
 
-__all__ = ["MIXERS", "ATTENTION", "canonical_mixer_name", "mixer_defaults", "mixer_args", "mixer_sizes"]
+__all__ = ["MIXERS", "ATTENTION", "canonical_mixer_name", "mixer_defaults", "mixer_args", "mixer_sizes",
+           "unknown_mixer_args"]
 
 # the spelling of config.json (mamba_ssm's "Mamba1" / "Mamba2"); canonical_mixer_name accepts the others
 MIXERS: dict[str, type] = {"Mamba1": Mamba1, "Mamba2": Mamba2, "Mamba1Ungated": Mamba1Ungated, "S4D": S4D,
@@ -59,6 +60,19 @@ def mixer_defaults(layer: str) -> dict[str, Any]:
     """The configurable constructor arguments of mixer `layer` (a name in MIXERS) and their defaults."""
     params = inspect.signature(MIXERS[canonical_mixer_name(layer)]).parameters
     return {k: p.default for k, p in params.items() if k not in _NOT_CONFIG}
+
+
+def unknown_mixer_args(layer: str, ssm_cfg: dict[str, Any]) -> list[str]:
+    """The keys of `ssm_cfg` (besides "layer") that mixer `layer`'s constructor does not take, sorted.
+
+    Example:
+        >>> unknown_mixer_args("S4D", {"layer": "S4D", "d_state": 16, "headdim": 64})
+        ['headdim']
+    """
+    params = inspect.signature(MIXERS[canonical_mixer_name(layer)]).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    return sorted(k for k in ssm_cfg if k != "layer" and (k not in params or k in _NOT_CONFIG))
 
 
 def mixer_args(layer: str, ssm_cfg: dict[str, Any]) -> dict[str, Any]:

@@ -176,20 +176,27 @@ def model_config(cfg: TrainConfig, vocab_size: int):
         {'layer': 'Mamba1', 'd_state': 16, 'expand': 2}
     """
     from ..models import TransformerConfig
+    from ..models.mixers import canonical_mixer_name
 
     if cfg.layer in ("transformer++", "gpt3"):
         return TransformerConfig(arch=cfg.layer, d_model=cfg.d_model, n_layer=cfg.n_layer, vocab_size=vocab_size,
                                  num_heads=cfg.d_model // cfg.headdim,
                                  max_position_embeddings=max(2048, cfg.seqlen + cfg.sample_tokens))
-    if cfg.layer == "Mamba1":
-        ssm_cfg = {"layer": "Mamba1", "d_state": cfg.d_state, "expand": cfg.expand}
-    else:
-        ssm_cfg = {"layer": "Mamba2", "d_state": cfg.d_state, "expand": cfg.expand, "headdim": cfg.headdim,
-                   "chunk_size": cfg.chunk_size}
+    overrides = dict(cfg.model)
+    ssm_overrides = dict(overrides.pop("ssm_cfg", None) or {})
+    # `--model.ssm-cfg '{layer: S4D}'` names another mixer than --layer: the run's sizes that mixer takes too
+    # (d_state, expand), not Mamba-2's headdim / chunk_size
+    layer = ssm_overrides.get("layer", cfg.layer)
+    ssm_cfg = {"layer": layer, "d_state": cfg.d_state, "expand": cfg.expand}
+    try:
+        mamba2 = canonical_mixer_name(layer) == "Mamba2"
+    except ValueError:  # MambaConfig below says which names there are
+        mamba2 = False
+    if mamba2:
+        ssm_cfg.update(headdim=cfg.headdim, chunk_size=cfg.chunk_size)
     fields = dict(d_intermediate=0, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
                   pad_vocab_size_multiple=8, tie_embeddings=True)
-    overrides = dict(cfg.model)
-    ssm_cfg.update(overrides.pop("ssm_cfg", None) or {})
+    ssm_cfg.update(ssm_overrides)
     fields.update(overrides)
     return MambaConfig(d_model=cfg.d_model, n_layer=cfg.n_layer, vocab_size=vocab_size, ssm_cfg=ssm_cfg, **fields)
 
