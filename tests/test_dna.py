@@ -6,6 +6,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+import re
 import tracemalloc
 
 import numpy as np
@@ -212,22 +213,30 @@ def test_species_windows_skip_mostly_n_windows():
 # ---------------------------------------------------------------- mambakit train --task dna
 
 def test_train_task_dna_end_to_end(tmp_path, capsys):
+    """A species directory named as ragout's are ("E.Coli": the run is named after all of it), an S4D mixer through
+    --model.ssm-cfg (the banner names it, not --layer's default), held-out bits per base."""
     from mambakit.cli.__main__ import main
     from mambakit.models import MambaLM
 
     rng = np.random.default_rng(0)
     letters = np.frombuffer(b"ACGTacgt", dtype=np.uint8)
+    genomes = tmp_path / "E.Coli"
+    genomes.mkdir()
     for i in range(2):
         seq = letters[rng.integers(0, 8, 3000)].tobytes().decode()
         lines = "\n".join(seq[j:j + 70] for j in range(0, len(seq), 70))
-        (tmp_path / f"g{i}.fna.xz").write_bytes(lzma.compress(f">rec{i} test\n{lines}\n".encode()))
+        (genomes / f"g{i}.fna.xz").write_bytes(lzma.compress(f">rec{i} test\n{lines}\n".encode()))
     out = tmp_path / "run"
-    assert main(["train", "--task", "dna", "--recipe", "tiny", "--data", str(tmp_path), "--max-steps", "3",
-                 "--seqlen", "64", "--out", str(out), "--no-progress"]) == 0
+    assert main(["train", "--task", "dna", "--recipe", "tiny", "--data", str(genomes), "--max-steps", "3",
+                 "--seqlen", "64", "--out", str(out), "--no-progress",
+                 "--model.ssm-cfg", '{"layer": "S4D", "A_init": "S4D-Real"}']) == 0
     printed = capsys.readouterr().out
     assert "NucleotideTokenizer" in printed and "held-out" in printed
+    assert "recipe E.Coli: S4D, d_model" in printed
+    assert re.search(r"held-out: [0-9.]+ nats/token, [0-9.]+ bits/base", printed)
     assert isinstance(load_tokenizer(out), NucleotideTokenizer)
-    assert MambaLM.from_pretrained(out).config.vocab_size == 9
+    config = MambaLM.from_pretrained(out).config
+    assert config.vocab_size == 9 and config.layer == "S4D"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -363,8 +363,10 @@ def _default_genomes() -> str:
 
 
 def _run_name(data: str) -> str:
-    """runs/<name> for a run on `data`: the file or directory name without extensions ("my_texts/" -> my_texts)."""
-    name = Path(data.rstrip("/\\")).name.split(".")[0]
+    """runs/<name> for a run on `data`: the file name without extensions ("plays.txt.gz" -> plays), or the directory
+    name as it is ("my_texts/" -> my_texts, "E.Coli" -> E.Coli)."""
+    path = Path(data.rstrip("/\\"))
+    name = path.name if path.is_dir() else path.name.split(".")[0]
     return name or "custom"
 
 

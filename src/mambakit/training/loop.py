@@ -301,7 +301,9 @@ class Run:
         how = ""
         if info.distributed:
             how = f" x {info.world_size} processes ({'FSDP2' if self.sharded else 'DDP'})"
-        self._say(f"mambakit train: recipe {cfg.recipe}: {cfg.layer}, d_model {cfg.d_model}, {cfg.n_layer} layers, "
+        # the mixer built (--model.ssm-cfg may name another than --layer); a Transformer baseline has none
+        mixer = self.model_config.layer if hasattr(self.model_config, "ssm_cfg") else cfg.layer
+        self._say(f"mambakit train: recipe {cfg.recipe}: {mixer}, d_model {cfg.d_model}, {cfg.n_layer} layers, "
                   f"{n_params / 1e6:.2f}M parameters, on {self.device}{how}"
                   + (f", {cfg.grad_accum} micro-steps per step" if cfg.grad_accum > 1 else ""))
         self._say(f"data: {cfg.data or 'built-in Shakespeare'}: {n_train_docs} documents, {len(train_stream):,} "
@@ -540,7 +542,8 @@ class Run:
                   f"{steps_done * self.tokens_per_step / max(train_s, 1e-9):,.0f} tokens/s"
                   + steady_rate(self._window_rates, cfg.log_every)
                   + (f"; {self.skipped} non-finite steps skipped" if self.skipped else ""))
-        self._say(f"held-out: {final['loss']:.4f} nats/token, {final['bpb']:.3f} bits/byte ({final['tokens']:,} tokens)")
+        unit = "bits/base" if cfg.tokenizer == "nucleotides" else "bits/byte"  # --task dna: one byte per base
+        self._say(f"held-out: {final['loss']:.4f} nats/token, {final['bpb']:.3f} {unit} ({final['tokens']:,} tokens)")
         self._say(f"saved to {self.out_dir}" if saved else f"checkpoint of step {step} already in {self.out_dir}")
         if info.is_main and cfg.sample_tokens > 0:
             # a sharded model's forward needs every process: sample from the saved (whole) model instead
