@@ -4,6 +4,7 @@ accuracy), and the resumable training under a time budget."""
 import dataclasses
 import json
 import statistics
+import time
 
 import pytest
 import torch
@@ -152,6 +153,25 @@ def test_time_budget_stops_and_resume_continues_exactly(tmp_path, monkeypatch):
     assert resumed.training_record(_spec())["losses"] == whole.training_record(_spec())["losses"]
     again = resumed.train(_spec(), _batches, logits_to_keep=1)  # a finished model loads instead of retraining
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+
+
+def test_an_evaluation_that_would_overrun_the_budget_waits_for_the_next_piece(tmp_path):
+    """cached() times each evaluation; one of a name that took longer than the time left is not started (the piece
+    ends within its budget, and the next piece runs it), unless it could never fit in a budget."""
+    run = Run("t", tmp_path, torch.device("cpu"), quick=True, resume=False, time_budget_s=100.0, command="x",
+              progress=False)
+    assert run.cached("a", "val", lambda: {"bits": 1.0}) == {"bits": 1.0}  # nothing timed yet: it runs
+    timing = tmp_path / "_state" / "evals" / "a" / "val.time.json"
+    assert json.loads(timing.read_text())["seconds"] >= 0
+    timing.write_text(json.dumps({"seconds": 30.0}))  # as if model a's evaluation had taken 30 s
+    run.deadline = time.monotonic() + 10.0
+    assert run.cached("b", "val", lambda: {"bits": 2.0}) is None and run.incomplete
+    assert run.cached("b", "other", lambda: {"n": 3}) == {"n": 3}  # another evaluation: not timed yet
+    run.deadline = time.monotonic() + 60.0
+    assert run.cached("b", "val", lambda: {"bits": 2.0}) == {"bits": 2.0}
+    timing.write_text(json.dumps({"seconds": 500.0}))  # longer than any piece's budget: waiting would never end
+    run.deadline = time.monotonic() + 10.0
+    assert run.cached("c", "val", lambda: {"bits": 4.0}) == {"bits": 4.0}
 
 
 def test_more_steps_extend_a_finished_model_exactly(tmp_path):

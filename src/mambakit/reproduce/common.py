@@ -178,6 +178,7 @@ class Run:
         self.incomplete = False  # some model or evaluation was left for later (time budget, another worker)
         self._claimed: set[str] = set()
         self.t_start = time.monotonic()
+        self.time_budget_s = time_budget_s
         self.deadline = None if time_budget_s is None else self.t_start + time_budget_s
         self.state = self.out / STATE_DIR
         if not resume and worker is None and self.state.exists():
@@ -486,19 +487,33 @@ class Run:
 
     def cached(self, spec: ModelSpec | str, name: str, compute: Callable[[], dict]) -> dict | None:
         """compute() once per trained model (memoised in _state/evals/<key>/<name>.json; `spec` a ModelSpec or
-        the key given to `fit`); None when out of time before it. Extending the model drops it."""
+        the key given to `fit`); None when out of time before it, or when it would not finish in the time left
+        (`eval_fits`): the next piece does it. Extending the model drops it."""
         key = spec if isinstance(spec, str) else spec.key
         path = self.state / "evals" / key / f"{name}.json"
         value = _read_json(path)
         if value is not None:
             return value
-        if self.out_of_time() or not self._claim(key):
+        if self.out_of_time() or not self.eval_fits(name) or not self._claim(key):
             self.incomplete = True
             return None
+        t0 = time.monotonic()
         value = compute()
+        _write_json(path.with_name(f"{name}.time.json"), {"seconds": round(time.monotonic() - t0, 3)})
         _write_json(path, value)
         self._save_meta()
         return value
+
+    def eval_fits(self, name: str) -> bool:
+        """Whether evaluation `name` should finish before the deadline, judged by the longest one of that name
+        timed in this run so far (any model, any piece; _state/evals/<key>/<name>.time.json). Starting one that
+        would overrun puts the piece past its budget, and past the device call's limit a killed process loses the
+        evaluation; it is left to the next piece instead, unless it could never fit in a budget (then it runs)."""
+        if self.deadline is None:
+            return True
+        longest = max((float((_read_json(p) or {}).get("seconds", 0.0))
+                       for p in (self.state / "evals").glob(f"*/{name}.time.json")), default=0.0)
+        return longest > self.time_budget_s or time.monotonic() + longest <= self.deadline
 
     # ---------------------------------------------------------------- results
 
