@@ -3,8 +3,8 @@
 One S4D layer (d_model 128, d_state 16, gated), forward + backward of the sum of its output, best of `--repeats`,
 float32, the process's torch threads. Rows: no seq_idx (the plain FFT convolution), seq_idx with two documents in
 the first row, seq_idx with a document boundary every ~300 tokens; each through the convolution (the eager default)
-and, with `--scan`, through the selective scan that the seq_idx path ran before (and still runs under torch.compile
-or CUDA-graph capture), timed once: it takes minutes at the larger shapes for S4D-Lin.
+and, with `--scan`, through the selective scan that the seq_idx path ran before (and still runs under CUDA-graph
+capture, and under torch.compile for real A), timed once: it takes minutes at the larger shapes for S4D-Lin.
 
     python benchmarks/cpu_s4d_documents.py                  # both A inits, 8 x 2048 and 2 x 16384
     python benchmarks/cpu_s4d_documents.py --scan --shapes 8x2048 2x8192
@@ -56,7 +56,7 @@ def main() -> None:
                 scan = "-"
                 if args.scan and seq_idx is not None:
                     real = s4d_module._documents_by_convolution
-                    s4d_module._documents_by_convolution = lambda x: False
+                    s4d_module._documents_by_convolution = lambda x, is_complex: False
                     try:
                         scan = f"{fwd_bwd_ms(layer, x, seq_idx, 1):,.0f}"
                     finally:

@@ -87,7 +87,7 @@ def test_s4d_fft_convolution_equals_the_recurrence(A_init, gated, seqlen):
 def test_s4d_fft_path_gradients_equal_the_scan_path(A_init, gated, monkeypatch):
     """Every parameter's gradient through the FFT path (the kernel factored into blocks of 8 positions at L 29: 4
     blocks, the last one cut) equals the one through the scan op (the seq_idx path under compile or capture)."""
-    monkeypatch.setattr(s4d_module, "_documents_by_convolution", lambda x: False)
+    monkeypatch.setattr(s4d_module, "_documents_by_convolution", lambda x, is_complex: False)
     layer = _s4d(A_init, gated)
     u = torch.randn(2, 29, 16, dtype=torch.float64)
     upstream = torch.randn(2, 29, 16, dtype=torch.float64)
@@ -132,7 +132,7 @@ def test_s4d_documents_by_convolution_equal_the_scan(A_init, gated, with_cache, 
     state0.conv_state.normal_()
     runs = {}
     for by_convolution in (True, False):
-        monkeypatch.setattr(s4d_module, "_documents_by_convolution", lambda x, on=by_convolution: on)
+        monkeypatch.setattr(s4d_module, "_documents_by_convolution", lambda x, is_complex, on=by_convolution: on)
         layer.zero_grad()
         x = u.clone().requires_grad_(True)
         cache = None
@@ -155,16 +155,20 @@ def test_s4d_documents_by_convolution_equal_the_scan(A_init, gated, with_cache, 
         assert not torch.allclose(c1.ssm_state, state0.ssm_state)
 
 
-def test_s4d_documents_compile_through_the_scan():
-    """Under torch.compile(fullgraph=True) the seq_idx path is the scan (no host read of the documents' bounds): the
-    same output as eager's per-document convolution. (S4D-Real: the complex scan's PyTorch backward calls
-    torch.autograd.grad, which Dynamo does not trace in one graph.)"""
-    layer = _s4d("S4D-Real", True).float()
-    u = torch.randn(2, 24, 16)
+def test_s4d_documents_under_compile():
+    """S4D-Real with seq_idx compiles in one graph (torch.compile(fullgraph=True): the scan, no host read of the
+    documents' bounds); S4D-Lin compiles with graph breaks around the per-document convolution (its scan traces in
+    no graph). Output and input gradient equal eager's."""
     seq_idx = torch.tensor([[0] * 7 + [1] * 17, [2] * 24], dtype=torch.int32)
-    eager = layer(u, seq_idx=seq_idx)
-    compiled = torch.compile(layer, fullgraph=True, backend="eager")(u, seq_idx=seq_idx)
-    assert_close(compiled, eager, name="compiled vs eager", rel=1e-4)
+    for A_init, fullgraph in (("S4D-Real", True), ("S4D-Lin", False)):
+        layer = _s4d(A_init, True).float()
+        u = torch.randn(2, 24, 16, requires_grad=True)
+        eager = layer(u, seq_idx=seq_idx)
+        (g_eager,) = torch.autograd.grad(eager.sum(), u)
+        compiled = torch.compile(layer, fullgraph=fullgraph, backend="eager")(u, seq_idx=seq_idx)
+        (g_compiled,) = torch.autograd.grad(compiled.sum(), u)
+        assert_close(compiled, eager, name=f"{A_init} compiled vs eager", rel=1e-4)
+        assert_close(g_compiled, g_eager, name=f"{A_init} input grad, compiled vs eager", rel=1e-4)
 
 
 @pytest.mark.parametrize("complex_", [False, True], ids=["real", "complex"])

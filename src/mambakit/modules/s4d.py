@@ -19,8 +19,8 @@ form (`decayed_sum`; decoding, and prefill over several calls), factored the sam
 convolved on its own (`document_segments`; documents grouped by length into power-of-two buckets, one batched FFT
 per bucket, each right-aligned so that its leading padding adds nothing), the initial state reaches the first
 document of each row only and the final state comes from the last. That path reads the documents' bounds on the
-host; under torch.compile or CUDA-graph capture it runs `ops.selective_scan` with per-channel B, C (ngroups = D)
-instead (the PyTorch backend for complex A), the same numbers 100-300x slower on a CPU for S4D-Lin.
+host; under CUDA-graph capture, and under torch.compile for real A, it runs `ops.selective_scan` with per-channel
+B, C (ngroups = D) instead (`_documents_by_convolution`), the same numbers 5-200x slower on a CPU.
 
 Initialisations (`A_init`): "S4D-Lin" A[d, n] = -1/2 + i pi n (complex, the S4 baseline of the Mamba
 paper), "S4D-Real" A[d, n] = -(n + 1) (real, Mamba-1's own init). B = 1, C ~ N(0, 1) (variance 1/2 per
@@ -122,11 +122,13 @@ def decayed_sum(x: torch.Tensor, dtA: torch.Tensor, block: int | None = None) ->
     return (per_block * outer).sum(-1)
 
 
-def _documents_by_convolution(x: torch.Tensor) -> bool:
-    """Whether the seq_idx path may convolve document by document: its bounds are read on the host, which neither
-    torch.compile's tracing nor a CUDA graph's capture allows (there the scan runs)."""
+def _documents_by_convolution(x: torch.Tensor, is_complex: bool) -> bool:
+    """Whether the seq_idx path convolves document by document. Its bounds are read on the host, which a CUDA
+    graph's capture does not allow and which splits a torch.compile graph: there the scan runs instead, except for
+    complex A under torch.compile, whose scan (a Python loop over time with a recomputing backward) traces in no
+    graph at all, so the convolution's graph breaks are the better trade (fullgraph=True fails either way)."""
     if torch.compiler.is_compiling():
-        return False
+        return is_complex
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
@@ -223,7 +225,7 @@ class S4D(nn.Module):
         if keep:
             x, conv_final = x
             cache.conv_state.copy_(conv_final)
-        if seq_idx is not None and not _documents_by_convolution(x):
+        if seq_idx is not None and not _documents_by_convolution(x, self.is_complex):
             y = self._scan(x, z, cache, seq_idx)
         else:
             # the kernel, FFTs and state contractions stay in fp32 under autocast (einsum would drop to bf16)
