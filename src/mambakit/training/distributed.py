@@ -50,8 +50,14 @@ def init_distributed(info: DistInfo, device: torch.device) -> bool:
     return True
 
 
-def destroy_distributed(created: bool) -> None:
+def destroy_distributed(created: bool, finished: bool = False) -> None:
+    """Leave the process group this process created. finished: every rank got to the end of its run, so all wait
+    for the slowest first (rank 0 writes the metrics, plot and sample alone, and hosts the store the others' teardown
+    still talks to: a rank tearing down ahead of it was seen to abort, under load, with "terminate called without an
+    active exception"). After an error no rank waits: the others may never arrive."""
     if created and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -579,15 +579,16 @@ class Run:
             self.bar = None
         self._exit.close()
 
-    def close(self) -> None:
-        """Give back the signal handlers, the CPU thread count and the process group this run took."""
+    def close(self, finished: bool = False) -> None:
+        """Give back the signal handlers, the CPU thread count and the process group this run took (finished: every
+        rank finished its run, so they leave the group together)."""
         self._close_bar()
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
         self.signals.restore()
         self.governor.restore()
-        destroy_distributed(self._created_group)
+        destroy_distributed(self._created_group, finished=finished)
         self._created_group = False
 
 
@@ -644,12 +645,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = 
     """
     run = Run(cfg, resume=resume, checkpoint=checkpoint, handle_signals=handle_signals,
               adapt_cpu_threads=adapt_cpu_threads)
+    finished = False
     try:
         while (reason := run.stop_reason(stop_at_step)) is None:
             run.step()
-        return run.finish(reason)
+        result = run.finish(reason)
+        finished = True
+        return result
     finally:
-        run.close()
+        run.close(finished=finished)
 
 
 def _diverged(step: int, loss: float, grad_norm: float, saved_step: int | None, out_dir: Path, cfg: TrainConfig,
