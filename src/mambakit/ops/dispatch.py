@@ -408,10 +408,14 @@ def implementation(op: str, backend: str | None, device: torch.device, *, comple
     if needs_grad and not impl.grad:
         name = impl.grad_fallback
         impl = row[name]
-    if not torch.compiler.is_compiling():  # Dynamo cannot trace a ContextVar; compiled calls are not counted
-        seen = _RECORD.get()
-        if seen is not None:
-            seen[(op, name)] += 1
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace a ContextVar (compiled calls are not counted), and reading _LOADED would guard the graph
+        # on that dict's contents: the first eager call after a compile (a prefill) fills it and every compiled graph
+        # was compiled again (`mambakit generate --compile` paid its step's compile twice, inside the timed rate)
+        return name, impl.load()
+    seen = _RECORD.get()
+    if seen is not None:
+        seen[(op, name)] += 1
     fn = _LOADED.get(impl.load)
     if fn is None:  # first use of this implementation: import it (an eager forward looks up ~70 per call)
         fn = _LOADED[impl.load] = impl.load()
