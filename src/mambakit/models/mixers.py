@@ -72,7 +72,8 @@ def unknown_mixer_args(layer: str, ssm_cfg: dict[str, Any]) -> list[str]:
     params = inspect.signature(MIXERS[canonical_mixer_name(layer)]).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return []
-    return sorted(k for k in ssm_cfg if k != "layer" and (k not in params or k in _NOT_CONFIG))
+    accepted = mixer_defaults(layer)
+    return sorted(k for k in ssm_cfg if k != "layer" and k not in accepted)
 
 
 def mixer_args(layer: str, ssm_cfg: dict[str, Any]) -> dict[str, Any]:
