@@ -122,6 +122,15 @@ def decayed_sum(x: torch.Tensor, dtA: torch.Tensor, block: int | None = None) ->
     return (per_block * outer).sum(-1)
 
 
+def _initial_state_readout(h0: torch.Tensor, C: torch.Tensor, dtA: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """What a state h0 (B, D, N) has become at each step l < seqlen, read out: Re sum_n C h0 exp(dtA)^(l + 1), one
+    kernel per row: (B, D, L) real (without the conjugate-pair scale)."""
+    batch, dim, n_state = h0.shape
+    start = (C * torch.exp(dtA) * h0).reshape(batch * dim, n_state)
+    per_row = ssm_kernel(start, dtA.expand(batch, dim, n_state).reshape(batch * dim, n_state), seqlen)
+    return per_row.view(batch, dim, seqlen)
+
+
 def _documents_by_convolution(x: torch.Tensor, is_complex: bool) -> bool:
     """Whether the seq_idx path convolves document by document. Its bounds are read on the host, which a CUDA
     graph's capture does not allow and which splits a torch.compile graph: there the scan runs instead, except for
@@ -252,11 +261,7 @@ class S4D(nn.Module):
         y_BDL = torch.fft.irfft(torch.fft.rfft(x_BDL, n=n) * torch.fft.rfft(kernel, n=n), n=n)[..., :seqlen]
         if cache is not None:
             h0 = cache.ssm_state.to(A.dtype, copy=True)  # (B, D, N); copied: the cache is overwritten below
-            batch, dim, n_state = h0.shape
-            # what h0 has become at step l, read out: sum_n C h0 exp(dt A)^(l + 1), a kernel per row
-            start = (C * torch.exp(dtA) * h0).reshape(batch * dim, n_state)
-            from_h0 = ssm_kernel(start, dtA.expand(batch, dim, n_state).reshape(batch * dim, n_state), seqlen)
-            y_BDL = y_BDL + scale * from_h0.view(batch, dim, seqlen)
+            y_BDL = y_BDL + scale * _initial_state_readout(h0, C, dtA, seqlen)
             # h_L = exp(dt A)^L h0 + dt B sum_l exp(dt A)^(L-1-l) x_l
             inputs = decayed_sum(x_BDL, dtA)
             cache.ssm_state.copy_(torch.exp(dtA * seqlen) * h0 + (dt[:, None] * B) * inputs)
@@ -298,12 +303,9 @@ class S4D(nn.Module):
         first = torch.searchsorted(starts, rows * seqlen)  # (B,) each row's first and last document
         last = torch.searchsorted(starts, (rows + 1) * seqlen) - 1
         h0 = cache.ssm_state.to(A.dtype, copy=True)  # (B, D, N); copied: the cache is overwritten below
-        n_state = h0.shape[-1]
         # the initial state read out over each row's first document only
-        start = (C * torch.exp(dtA) * h0).reshape(batch * dim, n_state)
-        from_h0 = ssm_kernel(start, dtA.expand(batch, dim, n_state).reshape(batch * dim, n_state), seqlen)
         reach = torch.arange(seqlen, device=x.device)[None, :] < lengths[first][:, None]  # (B, L)
-        y_BLD = y_BLD + (scale * from_h0.view(batch, dim, seqlen) * reach[:, None, :]).transpose(1, 2)
+        y_BLD = y_BLD + (scale * _initial_state_readout(h0, C, dtA, seqlen) * reach[:, None, :]).transpose(1, 2)
         # the state after each row's last document (right-aligned: the zeros before it add nothing), plus the
         # decayed initial state where that document is the row's only one
         src, _ = _segment_index(starts[last], lengths[last], int(lengths[last].max()), batch * seqlen)
