@@ -88,7 +88,10 @@ USER_ERRORS = [
 
 
 @pytest.mark.parametrize("argv, message", USER_ERRORS)
-def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
+def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, monkeypatch, argv, message):
+    # in an empty directory: the README's first command leaves runs/shakespeare in the checkout, which the flags
+    # without --out would otherwise find (and refuse as a run that exists already)
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.csv").write_text("a,b\n")
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"content": "no text field"}\n')
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

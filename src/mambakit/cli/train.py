@@ -41,6 +41,9 @@ examples:
   mambakit train --recipe tiny --grad-accum 4 --log-every 1 --logger tensorboard --print-config > run.yaml
   mambakit train --config run.yaml --lr 1e-3 --out runs/lr1e-3
       a config file (every field optional), flags override it; `--print-config` writes the resolved one
+  mambakit train --init-from state-spaces/mamba-130m-hf --data my_texts/ --lora-rank 8
+      fine-tune a trained model on your text: LoRA adapters (or, without --lora-rank, every weight); the run
+      directory holds the merged model and the adapter in peft's layout; step 0 scores the model as loaded
   torchrun --nproc-per-node 2 -m mambakit.cli train --recipe shakespeare --device cuda
       data-parallel on 2 GPUs; --batch-size is per process (and micro-step: x --grad-accum)
   torchrun --nproc-per-node 8 -m mambakit.cli train --config run.yaml --parallel fsdp
@@ -95,7 +98,9 @@ def _text(text: str) -> str | None:
 # the fields whose flags keep their own names and checks (the command's flags before the derived ones)
 _OWN_FLAGS = {"recipe", "data", "tokenizer", "out_dir", "max_steps", "time_budget_s", "d_model", "n_layer", "layer",
               "seqlen", "batch_size", "lr", "seed", "device", "on_nonfinite", "keep_checkpoints", "progress",
-              "recompute", "grad_accum", "parallel", "log_every", "save_every", "logger"}
+              "recompute", "grad_accum", "parallel", "log_every", "save_every", "logger", "init_from", "lora_rank"}
+# the model's shape: a fine-tuning run (--init-from) takes it from the loaded model
+_SHAPE_FIELDS = ("d_model", "n_layer", "layer", "d_state", "expand", "headdim", "chunk_size")
 # what may change when a run is resumed: nothing that changes a step's numbers (batch_size, grad_accum and the
 # parallel layout only with the same global batch, which the run checks)
 _RESUMABLE = {"out_dir", "time_budget_s", "device", "progress", "recompute", "loss", "on_nonfinite",
@@ -128,7 +133,14 @@ def build_parser(prog: str = "mambakit train") -> Parser:
                         "flags override them; may be given more than once")
     p.add_argument("--print-config", action="store_true", help="print the resolved settings as YAML and exit")
     p.add_argument("--data", metavar="PATH", help="training data: a file or a directory (default: built-in Shakespeare)")
-    p.add_argument("--tokenizer", metavar="PATH", help="a tokenizer.json (default: raw bytes, vocab 256)")
+    p.add_argument("--tokenizer", metavar="PATH", help="a tokenizer.json (default: raw bytes, vocab 256; with "
+                   "--init-from, the model's own)")
+    p.add_argument("--init-from", metavar="MODEL", help="fine-tune: start from this model (a `mambakit train` run, a "
+                   "mamba_ssm or Hugging Face folder, or a Hub id); its shape and tokenizer are the run's, and the "
+                   "recipe defaults to `finetune` (lr 3e-4) or, with --lora-rank, `lora` (lr 1e-3)")
+    p.add_argument("--lora-rank", type=non_negative_int, metavar="N", help="with --init-from: train peft LoRA adapters "
+                   "of rank N on in_proj, x_proj, dt_proj (--lora-targets) instead of every weight (needs peft: the "
+                   "`train` extra)")
     p.add_argument("--task", choices=("text", "dna"), help="text (default) or dna: FASTA genomes (--data, default "
                    "Debian's ragout-examples), one token per base (A C G T N), reverse-complement augmentation")
     p.add_argument("--out", "--out-dir", dest="out_dir", metavar="DIR", help="run directory (default: ./runs/<recipe>)")
@@ -306,11 +318,30 @@ def _main(resume: bool, overwrite: bool, files: list[str], print_config: bool, s
                              f"settings come from its checkpoint in {out_dir}")
         check_writable_dir(out_dir, "--out")
     else:
+        fine_tune = "init_from" in settings or _file_field(files, "init_from") is not None
+        if fine_tune:
+            _check_fine_tune_flags(settings)
+        default = ("lora" if settings.get("lora_rank") or _file_field(files, "lora_rank") else "finetune") \
+            if fine_tune else "shakespeare"
         try:
-            base = get_recipe(recipe or _file_recipe(files) or "shakespeare")
+            base = get_recipe(recipe or _file_recipe(files) or default)
         except KeyError as err:
             raise UsageError(err.args[0]) from None
+        if fine_tune and "tokenizer" not in settings and _file_field(files, "tokenizer") is None:
+            base = base.replace(tokenizer="init")  # the model's own tokenizer
         cfg = _resolve(base, files, settings)
+        if (missing := cfg.missing_init_from()) is not None:
+            raise UsageError(missing.replace("init_from", "--init-from").replace("lora_rank", "--lora-rank"))
+        if cfg.lora_rank:
+            import importlib.util
+
+            if importlib.util.find_spec("peft") is None:
+                raise UsageError("--lora-rank trains peft's LoRA adapters: pip install 'mambakit[train]' (or peft)")
+        if cfg.init_from and not Path(cfg.init_from).is_dir():
+            from ..checkpoints.hub import looks_like_hub_id
+
+            if not looks_like_hub_id(cfg.init_from):
+                raise UsageError(f"--init-from {cfg.init_from}: no such model directory (nor a Hub id)")
         if cfg.data is not None and cfg.data != base.data:
             # the run is named after its data, and its sample starts a document of that data, not the recipe's
             cfg = cfg.replace(recipe=_run_name(cfg.data) if cfg.recipe == base.recipe else cfg.recipe,
@@ -321,7 +352,7 @@ def _main(resume: bool, overwrite: bool, files: list[str], print_config: bool, s
             return 0
         if cfg.data is not None and not Path(cfg.data).exists():
             raise UsageError(f"data path not found: {cfg.data}")
-        if cfg.tokenizer not in ("bytes", "nucleotides") and not Path(cfg.tokenizer).exists():
+        if cfg.tokenizer not in ("bytes", "nucleotides", "init") and not Path(cfg.tokenizer).exists():
             raise UsageError(f"tokenizer file not found: {cfg.tokenizer}")
         if holds_run(cfg.out_dir) and not overwrite:
             raise UsageError(f"{cfg.out_dir} holds a run already: continue it with --resume, replace it with "
@@ -352,6 +383,31 @@ def _main(resume: bool, overwrite: bool, files: list[str], print_config: bool, s
     return 0
 
 
+def _file_field(files: list[str], name: str) -> Any:
+    """The value the last of the config files that sets `name` gives it (None when none does)."""
+    import yaml
+
+    value = None
+    for path in files:
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue  # _resolve reports it
+        if isinstance(data, dict) and data.get(name) is not None:
+            value = data[name]
+    return value
+
+
+def _check_fine_tune_flags(settings: dict[str, Any]) -> None:
+    """A fine-tuning run's model is the one it loads: flags that would size a new one are refused. (A config file's
+    model fields are not: a run's own config.yaml holds them all, and the run rewrites them from the loaded model.)"""
+    shape = [k for k in settings if k in _SHAPE_FIELDS or k.startswith("model.")]
+    if shape:
+        names = ", ".join("--" + k.replace("_", "-") for k in shape)
+        raise UsageError(f"{names}: a fine-tuning run (--init-from) trains the model it loads, with that model's "
+                         "shape; leave these out")
+
+
 def _default_genomes() -> str:
     """Debian's bacterial genomes (ragout-examples), the data of `--task dna` without --data."""
     from ..data.dna import DEBIAN_GENOMES
@@ -374,12 +430,11 @@ def _remove_run(out_dir: Path) -> None:
     """Delete what `mambakit train` wrote in out_dir (checkpoints, the published model, metrics); nothing else."""
     import shutil
 
-    from ..training.checkpoint import CHECKPOINTS, TRAIN_STATE, remove_strays
+    from ..training.checkpoint import CHECKPOINTS, PUBLISHED, TRAIN_STATE, remove_strays
 
     remove_strays(out_dir)
     shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
     shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
-    for name in ("config.json", "model.safetensors", "tokenizer_config.json", "tokenizer.json", "train_config.json",
-                 "config.yaml", TRAIN_STATE, "metrics.json", "metrics.jsonl", "metrics.png"):
+    for name in PUBLISHED + (TRAIN_STATE, "metrics.json", "metrics.jsonl", "metrics.png"):
         if (out_dir / name).is_file():
             (out_dir / name).unlink()

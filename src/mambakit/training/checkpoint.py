@@ -4,6 +4,8 @@
         config.json, model.safetensors       the model (MambaLM.save_pretrained)
         tokenizer_config.json (+ tokenizer.json)
         train_config.json, config.yaml       the TrainConfig, for people and for `mambakit train --config`
+        adapter_config.json,                 a LoRA run's adapter in peft's layout (model.safetensors holds the
+        adapter_model.safetensors            base with the adapter merged in); training/finetune.py
         train_state.pt                       step, optimizer state, data-sampler generator, RNG states, TrainConfig
         distributed/                         with --parallel fsdp: model and optimizer state written by every
                                              process through torch.distributed.checkpoint (then train_state.pt
@@ -38,9 +40,10 @@ import torch
 
 from ..checkpoints import CheckpointError
 from ..checkpoints.io import disk_full_error, fsync_tree, is_disk_full, torch_save
+from ..checkpoints.tokenizer_files import TOKENIZER_FILES
 from .config import TrainConfig
 
-__all__ = ["TRAIN_STATE", "CHECKPOINTS", "DISTRIBUTED", "Checkpoint", "CheckpointFallbackWarning", "save_checkpoint",
+__all__ = ["TRAIN_STATE", "PUBLISHED", "CHECKPOINTS", "DISTRIBUTED", "Checkpoint", "CheckpointFallbackWarning", "save_checkpoint",
            "save_sharded_checkpoint", "load_sharded_state", "load_train_state", "resolve_checkpoint", "holds_run", "remove_strays"]
 
 TRAIN_STATE = "train_state.pt"
@@ -49,8 +52,8 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 DISTRIBUTED = "distributed"  # torch.distributed.checkpoint's files (--parallel fsdp)
 # what the top of a run directory holds of the newest checkpoint (a loadable model directory)
-_PUBLISHED = ("config.json", "model.safetensors", "tokenizer_config.json", "tokenizer.json", "train_config.json",
-              "config.yaml")
+PUBLISHED = ("config.json", "model.safetensors", "train_config.json", "config.yaml", "adapter_config.json",
+              "adapter_model.safetensors") + TOKENIZER_FILES
 _STEP_DIR = re.compile(r"step-(\d+)(?:-(\d+))?\Z")
 _HASH_CHUNK = 1 << 20
 
@@ -133,7 +136,7 @@ def holds_run(out_dir: str | Path) -> bool:
 
 
 def _train_state(step: int, optimizer_state: dict | None, sampler_state: dict, config: TrainConfig, history: dict,
-                 world_size: int) -> dict:
+                 world_size: int, init: dict | None = None) -> dict:
     return {
         "step": step,
         "optimizer": optimizer_state,  # None: it is in distributed/
@@ -144,6 +147,8 @@ def _train_state(step: int, optimizer_state: dict | None, sampler_state: dict, c
         "history": history,
         # the global batch of a step, so that a resume onto another number of processes can check it reads the same
         "global_batch": config.batch_size * config.grad_accum * world_size,
+        # a LoRA run's base: {"from": init_from, "fingerprint": sha256 of its weights} (training/finetune.py)
+        "init": init,
     }
 
 
@@ -154,11 +159,16 @@ def _new_name(root: Path, step: int) -> str:
     return base if base not in taken else next(f"{base}-{k}" for k in range(1, 10**6) if f"{base}-{k}" not in taken)
 
 
-def _write_rest(tmp: Path, *, model, tokenizer, config: TrainConfig, state: dict) -> None:
-    """Everything of a checkpoint but the sharded files: the model, tokenizer, configs, train state, manifest."""
+def _write_rest(tmp: Path, *, model, tokenizer, config: TrainConfig, state: dict, adapter=None) -> None:
+    """Everything of a checkpoint but the sharded files: the model, tokenizer, configs, train state, manifest (and a
+    LoRA run's adapter)."""
     # creates tmp when it does not exist yet (the direct path: no staging directory, the save stays short);
     # after torch.distributed.checkpoint's files it adds the model beside them
     model.save_pretrained(tmp)
+    if adapter is not None:
+        from .finetune import save_adapter
+
+        save_adapter(adapter, tmp)
     tokenizer.save(tmp)
     _write_file(tmp / "train_config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     _write_file(tmp / "config.yaml", config.to_yaml())
@@ -188,8 +198,12 @@ def _cleanup_failed_save(out_dir: Path, root: Path, tmp: Path, name: str, err: B
 
 
 def save_checkpoint(out_dir: str | Path, *, model, tokenizer, optimizer: torch.optim.Optimizer, sampler_state: dict,
-                    step: int, config: TrainConfig, history: dict, keep: int = 2, world_size: int = 1) -> Path:
+                    step: int, config: TrainConfig, history: dict, keep: int = 2, world_size: int = 1, adapter=None,
+                    init: dict | None = None) -> Path:
     """Write everything needed to use the model and to resume training from `step`, as one unit.
+
+    A LoRA run passes its peft model as `adapter` (written in peft's layout beside the merged `model`) and its base's
+    {"from", "fingerprint"} as `init` (kept in train_state.pt).
 
     Returns the new checkpoint directory (out_dir/checkpoints/step-NNNNNN). The previous checkpoint stays
     until this one is complete; afterwards only the newest `keep` (>= 1) remain. Called by one process.
@@ -205,11 +219,11 @@ def save_checkpoint(out_dir: str | Path, *, model, tokenizer, optimizer: torch.o
     root = out_dir / CHECKPOINTS
     name = _new_name(root, step)
     tmp = root / (name + ".tmp")
-    state = _train_state(step, optimizer.state_dict(), sampler_state, config, history, world_size)
+    state = _train_state(step, optimizer.state_dict(), sampler_state, config, history, world_size, init)
     try:
         root.mkdir(parents=True, exist_ok=True)
         remove_strays(out_dir)
-        _write_rest(tmp, model=model, tokenizer=tokenizer, config=config, state=state)
+        _write_rest(tmp, model=model, tokenizer=tokenizer, config=config, state=state, adapter=adapter)
         return _commit(out_dir, root, tmp, name, keep)
     except BaseException as err:
         _cleanup_failed_save(out_dir, root, tmp, name, err)
@@ -296,7 +310,7 @@ def load_sharded_state(path: str | Path, model, optimizer: torch.optim.Optimizer
 def _publish(out_dir: Path, checkpoint: Path) -> None:
     """Make out_dir's model files those of `checkpoint`: a hard link per file (a copy where links are not
     possible) under a temporary name, then os.replace, so each file at the top is always whole."""
-    for name in _PUBLISHED:
+    for name in PUBLISHED:
         src = checkpoint / name
         if not src.is_file():
             continue

@@ -40,7 +40,9 @@ class TrainConfig:
     recipe: str = "custom"
     # data
     data: str | None = None  # file or directory; None = built-in Shakespeare corpus
-    tokenizer: str = "bytes"  # "bytes" or a path to a tokenizer.json (or a directory holding one)
+    # "bytes", a path to a tokenizer.json (or a directory holding one), "nucleotides" (DNA), or "init": the tokenizer
+    # saved with init_from
+    tokenizer: str = "bytes"
     val_fraction: float = 0.05  # held-out share for user data (Shakespeare holds out fixed plays)
     # documents are joined with the tokenizer's EOS; the state restarts at each one (seq_idx), in evaluation too
     reset_at_eos: bool = True
@@ -56,6 +58,13 @@ class TrainConfig:
     expand: int = 2
     headdim: int = 32  # mamba2, and the attention heads of the Transformers (d_model / headdim heads)
     chunk_size: int = 64  # mamba2 only
+    # fine-tuning (training/finetune.py): start from this model directory or Hub id; the model fields above and
+    # `model` are then not used (a run rewrites them from the loaded model where they can say it)
+    init_from: str | None = None
+    lora_rank: int = 0  # > 0: train peft LoRA adapters of this rank on lora_targets only (needs init_from)
+    lora_alpha: float = 16.0  # the adapters' scale is lora_alpha / lora_rank
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["in_proj", "x_proj", "dt_proj"])  # those a model has
     # other MambaConfig fields (MODEL_OVERRIDES), e.g. {"d_intermediate": 256, "ssm_cfg": {"d_conv": 3}}; ssm_cfg
     # entries are merged into the mixer settings above
     model: dict[str, Any] = field(default_factory=dict)
@@ -147,9 +156,38 @@ class TrainConfig:
             raise ValueError(f"tokenize_procs must be >= 0 (0 = one per core), got {self.tokenize_procs}")
         if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be an int >= 1, got {self.keep_checkpoints!r}")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be an int >= 0 (0: train every weight), got {self.lora_rank!r}")
+        if self.lora_rank and self.parallel == "fsdp":
+            raise ValueError("LoRA runs train a few adapters: use parallel 'ddp', not 'fsdp'")
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if (not isinstance(self.lora_targets, (list, tuple)) or not self.lora_targets
+                or not all(isinstance(t, str) and t for t in self.lora_targets)):
+            raise ValueError(f"lora_targets must be a non-empty list of layer names, got {self.lora_targets!r}")
+        self.lora_targets = list(self.lora_targets)
         # torch.manual_seed takes [0, 2**64) (negatives wrap around); anything else overflows inside torch
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be an int in [0, 2**64), got {self.seed!r}")
+
+    def missing_init_from(self) -> str | None:
+        """What needs init_from and does not have it (a run refuses to start then), or None. Not checked at
+        construction: the `finetune` and `lora` recipes are completed by init_from later.
+
+        Example:
+            >>> TrainConfig(lora_rank=8).missing_init_from()
+            'lora_rank 8 trains LoRA adapters on a trained model: give init_from (a model directory or Hub id)'
+        """
+        if self.init_from:
+            return None
+        if self.lora_rank:
+            return (f"lora_rank {self.lora_rank} trains LoRA adapters on a trained model: give init_from (a model "
+                    "directory or Hub id)")
+        if self.tokenizer == "init":
+            return "tokenizer 'init' is the tokenizer of init_from's model: give init_from (a model directory or Hub id)"
+        return None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -208,7 +208,12 @@ def _load_data(cfg: TrainConfig):
 
         tokenizer, (train_records, val_records), train, val = load_dna_corpus(cfg.data, cfg.val_fraction)
         return tokenizer, (len(train_records), len(val_records)), train, val
-    tokenizer = ByteTokenizer() if cfg.tokenizer == "bytes" else HFTokenizer(cfg.tokenizer)
+    if cfg.tokenizer == "init":  # the tokenizer saved with the model a fine-tuning run starts from
+        from .finetune import init_tokenizer
+
+        tokenizer = init_tokenizer(cfg)
+    else:
+        tokenizer = ByteTokenizer() if cfg.tokenizer == "bytes" else HFTokenizer(cfg.tokenizer)
     streams = load_token_streams(cfg.data, tokenizer, val_fraction=cfg.val_fraction, token_cache=cfg.token_cache,
                                  num_proc=cfg.tokenize_procs, streaming=cfg.streaming, text_column=cfg.text_column,
                                  progress=cfg.progress)
@@ -237,6 +242,8 @@ class Run:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, checkpoint: Checkpoint | None = None,
                  handle_signals: bool = False, adapt_cpu_threads: bool = False):
         self.t_start = time.perf_counter()
+        if (missing := cfg.missing_init_from()) is not None:
+            raise ValueError(missing)
         self.cfg = cfg
         self.info = info = dist_info_from_env()
         device = resolve_device(cfg.device)
@@ -260,6 +267,10 @@ class Run:
             raise
 
     # ------------------------------------------------------------------ setup
+
+    @property
+    def _unit(self) -> str:
+        return "bits/base" if self.cfg.tokenizer == "nucleotides" else "bits/byte"  # --task dna: one byte per base
 
     def _say(self, msg: str, level: int = logging.INFO) -> None:
         if self.info.is_main:
@@ -297,20 +308,39 @@ class Run:
         if info.is_main:
             self.metrics = MetricsWriter(self.out_dir, resume_step=self.global_step if resume else None,
                                          logger=cfg.logger)
-        n_params = sum(p.numel() for p in dict.fromkeys(self.model.parameters()))  # a DTensor counts its global size
+        # a DTensor counts its global size; LoRA's adapters are not counted (the banner gives them)
+        n_params = sum(p.numel() for n, p in dict((id(p), (n, p)) for n, p in self.model.named_parameters()).values()
+                       if ".lora_" not in n)
         how = ""
         if info.distributed:
             how = f" x {info.world_size} processes ({'FSDP2' if self.sharded else 'DDP'})"
         # the mixer built (--model.ssm-cfg may name another than --layer); a Transformer baseline has none
-        mixer = self.model_config.layer if hasattr(self.model_config, "ssm_cfg") else cfg.layer
-        self._say(f"mambakit train: recipe {cfg.recipe}: {mixer}, d_model {cfg.d_model}, {cfg.n_layer} layers, "
-                  f"{n_params / 1e6:.2f}M parameters, on {self.device}{how}"
+        mc = self.model_config
+        mixer = mc.layer if hasattr(mc, "ssm_cfg") else mc.arch
+        start = f", from {cfg.init_from}" if cfg.init_from else ""
+        if self.adapter is not None:
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            from .finetune import adapted_layers
+
+            start += (f", LoRA rank {cfg.lora_rank} on {', '.join(adapted_layers(self.adapter))} "
+                      f"({trainable / 1e6:.3f}M parameters trained)")
+        self._say(f"mambakit train: recipe {cfg.recipe}: {mixer}, d_model {mc.d_model}, {mc.n_layer} layers, "
+                  f"{n_params / 1e6:.2f}M parameters{start}, on {self.device}{how}"
                   + (f", {cfg.grad_accum} micro-steps per step" if cfg.grad_accum > 1 else ""))
         self._say(f"data: {cfg.data or 'built-in Shakespeare'}: {n_train_docs} documents, {len(train_stream):,} "
                   f"tokens for training; {n_val_docs} held out, {len(self.val_stream):,} tokens; tokenizer "
                   f"{self.tokenizer!r}")
         if checkpoint is not None:
             self._say(f"resuming from {checkpoint.path} at step {self.global_step}")
+        elif cfg.init_from:  # where fine-tuning starts: the loaded model on the held-out text, as step 0
+            result = self.evaluate(cfg.eval_tokens)
+            self.history["evals"].append(result)
+            if self.metrics is not None:
+                self.metrics.write({"step": 0, "eval_loss": result["loss"], "eval_bits_per_byte": result["bpb"],
+                                    "eval_tokens": result["tokens"]})
+            self._say(f"step 0 ({cfg.init_from} as loaded): held-out {result['loss']:.4f} nats/token, "
+                      f"{result['bpb']:.3f} {self._unit} ({result['tokens']:,} tokens)")
+            self._record_time = self.t_loop = time.perf_counter()
         if info.is_main and cfg.progress:
             from tqdm.auto import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
@@ -321,16 +351,21 @@ class Run:
             self._exit.enter_context(logging_redirect_tqdm(loggers=[logging.getLogger("mambakit")]))
 
     def _build(self, checkpoint: Checkpoint | None) -> None:
-        """A fresh model and optimizer at step 0, or everything restored from a verified checkpoint."""
+        """A fresh model and optimizer at step 0 (initialised, or init_from's), or everything restored from a
+        verified checkpoint (a LoRA run: init_from's base and the checkpoint's adapter)."""
         from ..models import MambaLM, build_model
 
         cfg, info = self.cfg, self.info
         sharded_ckpt = checkpoint is not None and checkpoint.state["optimizer"] is None
-        if checkpoint is None or sharded_ckpt:
+        self.adapter = None  # the peft model around self.raw_model in a LoRA run
+        self.init_fingerprint = None
+        if cfg.init_from and (checkpoint is None or sharded_ckpt or cfg.lora_rank):
+            model = self._init_model(checkpoint)
+        elif checkpoint is None or sharded_ckpt:
             torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
             model = build_model(model_config(cfg, self.vocab)).to(self.device)
         else:
-            model = MambaLM.from_pretrained(checkpoint.path, device=self.device)
+            model = MambaLM.from_pretrained(checkpoint.path, device=self.device).train()
         for module in model.modules():  # activation recomputation is a training setting, not a weight
             if hasattr(module, "recompute"):
                 module.recompute = cfg.recompute
@@ -361,6 +396,49 @@ class Run:
         if self.device.type == "cuda" and state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.global_step, self.history = state["step"], state["history"]
+
+    def _init_model(self, checkpoint: Checkpoint | None) -> torch.nn.Module:
+        """init_from's model (with LoRA adapters, and a resumed run's adapter weights, when lora_rank > 0)."""
+        from .finetune import add_lora, describe_model, load_adapter, load_init_model, weights_fingerprint
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # the adapters' initialisation
+        model = load_init_model(cfg, self.device)
+        if self.vocab > model.config.padded_vocab_size:
+            raise ValueError(f"init_from {cfg.init_from}: the tokenizer's vocabulary ({self.vocab}) is larger than "
+                             f"the model's ({model.config.padded_vocab_size}); fine-tune with the model's own "
+                             "tokenizer (tokenizer 'init')")
+        if checkpoint is None:
+            self.cfg = cfg = describe_model(cfg, model.config)
+            if cfg.tokenizer != "init":
+                self._check_tokenizer()
+        if not cfg.lora_rank:
+            return model
+        self.init_fingerprint = weights_fingerprint(model)
+        if checkpoint is not None:
+            saved = (checkpoint.state.get("init") or {}).get("fingerprint")
+            if saved != self.init_fingerprint:
+                raise ValueError(f"resume: the base model in {cfg.init_from} is not the one this LoRA run started "
+                                 "from (its weights changed); restore it, or start a new run")
+        self.adapter = add_lora(model, cfg)
+        if checkpoint is not None:
+            load_adapter(self.adapter, checkpoint.path)
+        return model
+
+    def _check_tokenizer(self) -> None:
+        """Warn when a fine-tuning run tokenizes otherwise than the model it loads was trained to read."""
+        from ..checkpoints import CheckpointError
+        from ..data.token_cache import tokenizer_fingerprint
+        from .finetune import init_tokenizer
+
+        try:
+            own = init_tokenizer(self.cfg)
+        except CheckpointError:  # the model came without a tokenizer: nothing to compare with
+            return
+        if tokenizer_fingerprint(own) != tokenizer_fingerprint(self.tokenizer):
+            self._say(f"tokenizer {self.cfg.tokenizer!r} ({self.tokenizer!r}) is not the one saved with "
+                      f"{self.cfg.init_from} ({own!r}): the model's embeddings were trained on that one's ids "
+                      "(tokenizer 'init' uses it)", logging.WARNING)
 
     # ------------------------------------------------------------------ the parts of a run
 
@@ -504,6 +582,12 @@ class Run:
         if self.sharded:
             save_sharded_checkpoint(self.out_dir, model=self.raw_model, model_config=self.model_config, rank=info.rank,
                                     **common)
+        elif info.is_main and self.adapter is not None:
+            from .finetune import merged_model
+
+            # the merged model (loads anywhere, no peft needed), the adapter in peft's layout, the base's fingerprint
+            save_checkpoint(self.out_dir, model=merged_model(self.adapter), adapter=self.adapter,
+                            init={"from": cfg.init_from, "fingerprint": self.init_fingerprint}, **common)
         elif info.is_main:
             save_checkpoint(self.out_dir, model=self.raw_model, **common)
         self.saved_step = self.global_step
@@ -542,8 +626,8 @@ class Run:
                   f"{steps_done * self.tokens_per_step / max(train_s, 1e-9):,.0f} tokens/s"
                   + steady_rate(self._window_rates, cfg.log_every)
                   + (f"; {self.skipped} non-finite steps skipped" if self.skipped else ""))
-        unit = "bits/base" if cfg.tokenizer == "nucleotides" else "bits/byte"  # --task dna: one byte per base
-        self._say(f"held-out: {final['loss']:.4f} nats/token, {final['bpb']:.3f} {unit} ({final['tokens']:,} tokens)")
+        self._say(f"held-out: {final['loss']:.4f} nats/token, {final['bpb']:.3f} {self._unit} "
+                  f"({final['tokens']:,} tokens)")
         self._say(f"saved to {self.out_dir}" if saved else f"checkpoint of step {step} already in {self.out_dir}")
         if info.is_main and cfg.sample_tokens > 0:
             # a sharded model's forward needs every process: sample from the saved (whole) model instead

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from .config import TrainConfig
 
-__all__ = ["default_recipe", "tiny_recipe", "RECIPES", "get_recipe"]
+__all__ = ["default_recipe", "tiny_recipe", "finetune_recipe", "lora_recipe", "RECIPES", "get_recipe"]
 
 
 def default_recipe() -> TrainConfig:
@@ -69,9 +69,40 @@ def tiny_recipe() -> TrainConfig:
     )
 
 
+def finetune_recipe() -> TrainConfig:
+    """Fine-tune every weight of a trained model (`mambakit train --init-from MODEL`): a tenth of the peak learning
+    rate the published Mamba models were pretrained with (3e-3 at 130M; less for larger ones, so less here too for
+    those), short warmup, no weight decay (it would pull the trained weights toward zero), held-out scores every 100
+    steps. The model, its shape and its tokenizer come from init_from; the data default is the built-in Shakespeare
+    corpus. benchmarks/cpu_finetune.py compares it with training from scratch (BENCHMARKS.md)."""
+    return TrainConfig(
+        recipe="finetune",
+        tokenizer="init",
+        seqlen=512,
+        batch_size=8,
+        lr=3e-4,
+        min_lr_ratio=0.1,
+        warmup_steps=20,
+        max_steps=300,
+        weight_decay=0.0,
+        eval_every=100,
+        eval_tokens=16384,
+        save_every=100,
+        sample_tokens=200,
+    )
+
+
+def lora_recipe() -> TrainConfig:
+    """`finetune_recipe` with LoRA adapters of rank 8 (alpha 16) on in_proj, x_proj and dt_proj (those the model
+    has) and the larger learning rate adapters take (`mambakit train --init-from MODEL --lora-rank 8`)."""
+    return finetune_recipe().replace(recipe="lora", lora_rank=8, lora_alpha=16.0, lr=1e-3)
+
+
 RECIPES: dict[str, Callable[[], TrainConfig]] = {
     "shakespeare": default_recipe,
     "tiny": tiny_recipe,
+    "finetune": finetune_recipe,
+    "lora": lora_recipe,
 }
 
 
