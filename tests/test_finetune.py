@@ -222,3 +222,18 @@ def test_cli_fine_tuning_usage_errors(tmp_path, capsys, argv, message):
     argv = [a.replace("BASE", str(tmp_path)) for a in argv]
     assert main(["train", *argv, "--out", str(tmp_path / "run")]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_lora_run_on_two_processes_equals_one_with_the_same_global_batch(tmp_path):
+    from tests.helpers import assert_close
+    from tests.test_training_scale import _spawn
+
+    base = _base(tmp_path, "Mamba1")
+    one = train(_finetune(tmp_path, base, "one", lora_rank=2, batch_size=4, max_steps=4))
+    two = _spawn(_finetune(tmp_path, base, "two", lora_rank=2, batch_size=2, max_steps=4), tmp_path)
+    assert_close(torch.tensor(two), torch.tensor(one.losses), name="losses", rel=1e-4)
+    a, b = load_file(str(tmp_path / "one" / "adapter_model.safetensors")), load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) == 2 * 3 * 2  # 2 layers x 3 targets x (A, B)
+    for k in a:
+        assert_close(b[k], a[k], name=k, rel=1e-3)
