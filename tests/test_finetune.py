@@ -237,3 +237,18 @@ def test_a_lora_run_on_two_processes_equals_one_with_the_same_global_batch(tmp_p
     assert a.keys() == b.keys() and len(a) == 2 * 3 * 2  # 2 layers x 3 targets x (A, B)
     for k in a:
         assert_close(b[k], a[k], name=k, rel=1e-3)
+
+
+def test_print_config_of_a_fine_tuning_run_gives_the_loaded_models_shape(tmp_path, capsys):
+    import yaml
+
+    base = _base(tmp_path, "Mamba1")
+    capsys.readouterr()
+    assert main(["train", "--init-from", base, "--print-config", "--out", str(tmp_path / "run")]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["layer"], printed["d_model"], printed["n_layer"], printed["d_state"]) == ("Mamba1", 16, 2, 8)
+    assert (printed["recipe"], printed["init_from"], printed["tokenizer"], printed["lr"]) == ("finetune", base, "init",
+                                                                                               3e-4)
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--init-from", str(tmp_path / "empty"), "--out", str(tmp_path / "run")]) == 2
+    assert "--init-from" in capsys.readouterr().err

@@ -13,8 +13,8 @@ needs into huggingface_hub's cache (the `hub` extra; HF_HUB_OFFLINE=1 reads the 
 
 from .errors import CheckpointError
 from .hub import push_to_hub, resolve_checkpoint
-from .pretrained import FORMATS, convert_checkpoint, load_pretrained, save_pretrained
+from .pretrained import FORMATS, convert_checkpoint, load_config, load_pretrained, save_pretrained
 from .tokenizer_files import load_checkpoint_tokenizer
 
-__all__ = ["CheckpointError", "FORMATS", "load_pretrained", "save_pretrained", "convert_checkpoint",
+__all__ = ["CheckpointError", "FORMATS", "load_pretrained", "load_config", "save_pretrained", "convert_checkpoint",
            "load_checkpoint_tokenizer", "resolve_checkpoint", "push_to_hub"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import MambaLM, TransformerConfig, build_model
+from ..models import MambaConfig, MambaLM, TransformerConfig, build_model
 from ..models.transformer import is_transformer_config
 from . import huggingface, native
 from .errors import CheckpointError
@@ -28,7 +28,7 @@ from .io import CONFIG_NAME, WeightFiles, floating_dtype, read_json, staged_dire
 from .keymap import KeyMap
 from .tokenizer_files import copy_tokenizer, has_tokenizer, load_checkpoint_tokenizer, save_tokenizer
 
-__all__ = ["FORMATS", "load_pretrained", "save_pretrained", "convert_checkpoint", "load_weights"]
+__all__ = ["FORMATS", "load_pretrained", "load_config", "save_pretrained", "convert_checkpoint", "load_weights"]
 
 FORMATS = ("mambakit", "mamba_ssm", "hf")
 
@@ -96,6 +96,29 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, revisio
         >>> model = MambaLM.from_pretrained("runs/shakespeare")      # the same, as a classmethod
     """
     directory = resolve_checkpoint(path, revision)
+    config, key_map = _read_config(directory)
+    weights = WeightFiles(directory)
+    dtype = dtype or floating_dtype(weights.infos.values()) or torch.float32
+    try:
+        model = build_model(config, device=device, dtype=dtype)
+    except ValueError as err:  # e.g. an attn_cfg argument MHA does not take
+        raise CheckpointError(f"{directory}: {err}") from err
+    load_weights(model, weights, key_map)
+    return model.eval()
+
+
+def load_config(path, revision: str | None = None) -> MambaConfig | TransformerConfig:
+    """The model config of a checkpoint in any of FORMATS (a local directory or a Hub id), without its weights.
+
+    Example:
+        >>> load_config("runs/shakespeare").d_model
+        128
+    """
+    return _read_config(resolve_checkpoint(path, revision))[0]
+
+
+def _read_config(directory: Path):
+    """(config, key map) of the checkpoint in `directory`: Hugging Face, mambakit Transformer, or mamba_ssm/mambakit."""
     raw = read_json(directory / CONFIG_NAME)
     if huggingface.is_hf_config(raw):
         config = huggingface.config_from_hf(raw, str(directory),
@@ -113,14 +136,7 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, revisio
     else:
         raise CheckpointError(f"{directory / CONFIG_NAME}: neither a mamba_ssm/mambakit config (d_model, n_layer, "
                               "ssm_cfg, ...) nor a Hugging Face one (model_type 'mamba' or 'mamba2')")
-    weights = WeightFiles(directory)
-    dtype = dtype or floating_dtype(weights.infos.values()) or torch.float32
-    try:
-        model = build_model(config, device=device, dtype=dtype)
-    except ValueError as err:  # e.g. an attn_cfg argument MHA does not take
-        raise CheckpointError(f"{directory}: {err}") from err
-    load_weights(model, weights, key_map)
-    return model.eval()
+    return config, key_map
 
 
 def _parse_format(format: str) -> str:

@@ -347,6 +347,14 @@ def _main(resume: bool, overwrite: bool, files: list[str], print_config: bool, s
             cfg = cfg.replace(recipe=_run_name(cfg.data) if cfg.recipe == base.recipe else cfg.recipe,
                               sample_prompt="" if cfg.sample_prompt == base.sample_prompt else cfg.sample_prompt)
         cfg.out_dir = str(Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg))
+        if cfg.init_from and Path(cfg.init_from).is_dir():  # the shape of the model it loads (config only)
+            from ..checkpoints import CheckpointError, load_config
+            from ..training.finetune import describe_model
+
+            try:
+                cfg = describe_model(cfg, load_config(cfg.init_from))
+            except (CheckpointError, OSError, ValueError) as err:
+                raise UsageError(f"--init-from {cfg.init_from}: {err}") from None
         if print_config:
             print(cfg.to_yaml(), end="")
             return 0
