@@ -44,7 +44,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="runs/shakespeare", help="a trained byte-level run (mambakit train)")
     parser.add_argument("--steps", type=int, default=300)
-    # the held-out books are picked by a hash of their names, which hold the data's path: a fixed path, a fixed split
     parser.add_argument("--out", default="runs/finetune-bench", help="where the data and the runs go")
     args = parser.parse_args()
     base = TrainConfig.from_dict(json.loads((Path(args.base) / "train_config.json").read_text()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,7 +140,7 @@ def test_text_markdown_and_gz_files(tmp_path):
     (tmp_path / "b.md").write_text("# Title\n")
     with gzip.open(tmp_path / "c.txt.gz", "wt") as f:
         f.write("gamma")
-    assert load_documents(tmp_path / "a.txt") == [Document(str(tmp_path / "a.txt"), "alpha\nbeta\n")]
+    assert load_documents(tmp_path / "a.txt") == [Document("a.txt", "alpha\nbeta\n")]
     assert [d.text for d in load_documents(tmp_path / "b.md")] == ["# Title\n"]
     assert [d.text for d in load_documents(tmp_path / "c.txt.gz")] == ["gamma"]
 
@@ -149,7 +150,7 @@ def test_jsonl_file(tmp_path):
     path.write_text('{"text": "one", "id": 1}\n\n{"text": "two\\u2028lines"}\n')
     docs = load_documents(path)
     assert [d.text for d in docs] == ["one", "two\u2028lines"]
-    assert docs[0].name == f"{path}:1" and docs[1].name == f"{path}:3"
+    assert docs[0].name == f"{Path(path).name}:1" and docs[1].name == f"{Path(path).name}:3"
 
 
 @pytest.mark.parametrize("content, message", [
@@ -184,7 +185,7 @@ def test_fasta_records_are_documents(tmp_path, suffix):
     else:
         path.write_text(content)
     docs = load_documents(path)
-    assert [(d.name, d.text) for d in docs] == [(f"{path}:chr1", "ACGTacgn"), (f"{path}:chr2", "TTTT")]
+    assert [(d.name, d.text) for d in docs] == [(f"{Path(path).name}:chr1", "ACGTacgn"), (f"{Path(path).name}:chr2", "TTTT")]
 
 
 @pytest.mark.parametrize("suffix, content, texts", [
@@ -409,3 +410,34 @@ def test_train_and_held_out_streams_share_no_document(tmp_path):
     held = [f"unique-{i:02d}-".encode() for i in range(30) if f"unique-{i:02d}-".encode() in val]
     assert held and all(marker not in train for marker in held)
     assert len(held) + sum(f"unique-{i:02d}-".encode() in train for i in range(30)) == 30
+
+
+@pytest.mark.parametrize("kind", ["files", "datasets"])
+def test_the_held_out_split_does_not_depend_on_how_the_corpus_path_is_written(tmp_path, monkeypatch, kind):
+    """Relative or absolute, moved or copied: the same documents are held out (their names are relative to the
+    corpus root), so runs on the same data are scored on the same text."""
+    from mambakit.data.sources import open_corpus
+
+    def make(root):
+        root.mkdir(parents=True)
+        texts = [f"document number {i} " * (i % 5 + 1) for i in range(40)]
+        if kind == "files":
+            for i, text in enumerate(texts):
+                (root / f"sub{i % 3}").mkdir(exist_ok=True)
+                (root / f"sub{i % 3}" / f"d{i:02d}.txt").write_text(text)
+        else:
+            import datasets
+
+            datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(root))
+
+    make(tmp_path / "a" / "corpus")
+    make(tmp_path / "elsewhere" / "copy")
+    monkeypatch.chdir(tmp_path / "a")
+
+    def held(path):
+        corpus = open_corpus(path, val_fraction=0.2)
+        return corpus.fingerprint, sorted(d.name for d, h in corpus.documents() if h)
+
+    absolute = held(tmp_path / "a" / "corpus")
+    assert absolute[1] and all(not n.startswith(str(tmp_path)) for n in absolute[1])
+    assert held("corpus") == held("./corpus/") == absolute == held(tmp_path / "elsewhere" / "copy")

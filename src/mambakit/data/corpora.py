@@ -10,7 +10,9 @@ A corpus is a list of `Document(name, text)`. The held-out split works on whole 
   field of each line), .parquet (the "text" column; needs pyarrow), FASTA .fa/.fasta/.fna
   (each record's sequence is a document), each optionally compressed (.gz, .xz or .bz2), and
   directories (every supported file inside, recursively, in sorted order).
-  `split_documents` holds out whole documents picked by a hash of their names; a corpus of one
+  Documents are named by their file's path inside the corpus (a directory's files relative to it, a single
+  file by its name; + ":line", ":row" or ":record" within a file), so the split does not depend on how the
+  corpus path was written. `split_documents` holds out whole documents picked by a hash of their names; a corpus of one
   large document (a novel, a genome) holds out the tail of each document instead.
 """
 
@@ -169,8 +171,17 @@ def _read_file(path: Path) -> list[Document]:
     )
 
 
+def _named(docs: list[Document], file: Path, name: str) -> list[Document]:
+    """`docs` read from `file`, named after `name` (the file's path inside the corpus) instead of the path as given:
+    "notes/a.txt", "shard.jsonl:12". The held-out split hashes these names, so it is the same whichever way the
+    corpus is reached (relative or absolute path, moved or copied)."""
+    prefix = str(file)
+    return [Document(name + d.name[len(prefix):] if d.name.startswith(prefix) else d.name, d.text) for d in docs]
+
+
 def load_documents(path: str | Path) -> list[Document]:
-    """Read a file or a directory of files into documents (see the module docstring for formats).
+    """Read a file or a directory of files into documents (see the module docstring for formats), named by their
+    path inside the corpus ("a.txt", "sub/b.jsonl:3", "genome.fa:chr1"), never by the path the corpus was given as.
 
     Raises:
         DataError: the path does not exist, a file has an unsupported type or a malformed
@@ -184,7 +195,7 @@ def load_documents(path: str | Path) -> list[Document]:
     if not path.exists():
         raise DataError(f"data path not found: {path}")
     if path.is_file():
-        docs = _read_file(path)
+        docs = _named(_read_file(path), path, path.name)
     else:
         files = sorted(
             p for p in path.rglob("*")
@@ -192,7 +203,7 @@ def load_documents(path: str | Path) -> list[Document]:
         )
         if not files:
             raise DataError(f"{path}: no supported files inside (expected {' '.join(SUPPORTED_SUFFIXES)}, optionally .gz, .xz or .bz2)")
-        docs = [d for f in files for d in _read_file(f)]
+        docs = [d for f in files for d in _named(_read_file(f), f, f.relative_to(path).as_posix())]
     docs = [d for d in docs if d.text]
     if not docs:
         raise DataError(f"{path}: all documents are empty")

@@ -14,9 +14,9 @@
   stream falls below `val_fraction` (a decision that needs no look at the other documents).
 
 The fingerprint hashes the bytes of every file the corpus is read from (names relative to the corpus
-root) and the options that change what is read (split, streaming, text column). Where the held-out
-split is chosen by document names (corpora read whole), the path as given is hashed too: the names,
-hence the split, contain it. Hashing reads the files once, a small fraction of the cost of tokenizing.
+root) and the options that change what is read (split, streaming, text column). Document names, which the
+held-out split hashes, are relative to the corpus root too, so neither the split nor the cache entry depends
+on the path the corpus was given as. Hashing reads the files once, a small fraction of the cost of tokenizing.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from .errors import DataError
 
 __all__ = ["Corpus", "open_corpus", "is_datasets_dir"]
 
-_FINGERPRINT_VERSION = "1"
+# "2": document names relative to the corpus root (the held-out split of "1" depended on the path as given)
+_FINGERPRINT_VERSION = "2"
 # `datasets` builders for streamed files (a .txt/.md file is one document, as load_documents reads it)
 _STREAM_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".md": "text"}
 _ROW_BATCH = 1000  # rows read at once from a datasets directory
@@ -178,12 +179,14 @@ def _datasets_dir(path: Path, val_fraction: float | None, streaming: bool, text_
                     yield Document(f"{where}:{row}", text), held_out
 
         return Corpus(str(path), fingerprint, sum(len(ds) for _, ds, _ in parts), documents)
-    # a single split read whole: held out as files are (whole documents, by split_documents)
+    # a single split read whole: held out as files are (whole documents, by split_documents, which hashes their
+    # names: "[train]:12", "12", without the directory's path)
     name, ds, _ = parts[0]
     where = f"{path}[{name}]" if name else str(path)
+    label = f"[{name}]:" if name else ""
 
     def load() -> list[Document]:
-        docs = [Document(f"{where}:{row}", text) for row, text in _text_rows(ds, text_column, where) if text]
+        docs = [Document(f"{label}{row}", text) for row, text in _text_rows(ds, text_column, where) if text]
         if not docs:
             raise DataError(f"{path}: all documents are empty")
         return docs
@@ -277,8 +280,6 @@ def open_corpus(path: str | Path | None = None, *, val_fraction: float | None = 
     path = Path(path)
     if not path.exists():
         raise DataError(f"data path not found: {path}")
-    if val_fraction is not None and not streaming:
-        options["path"] = str(path)  # split_documents reads the document names, which start with the path
     if is_datasets_dir(path):
         return _datasets_dir(path, val_fraction, streaming, text_column, {**options, "source": "datasets"})
     if streaming:
