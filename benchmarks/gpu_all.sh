@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
-# Stages: env tests graphtests synctests gentests compose adapters e2e serve serve-repeat serve-ab serve-gc train launch scan ssd
+# Stages: env tests graphtests synctests gentests compose adapters e2e finetune serve serve-repeat serve-ab serve-gc train launch scan ssd
 # convnorm layers layers-ab synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
 # limit so one slow stage leaves the logs of the others intact. The machine returns at most 8 files from $OUT: end a
 # call of many stages with `pack` (every log into $OUT/logs.tgz), or logs beyond the eighth file are lost.
@@ -42,6 +42,17 @@ for stage in "$@"; do
            run "e2e-generate-$layer" 100 python3 -m mambakit.cli generate --model /tmp/runs/$layer --device cuda \
              --prompt "**HAMLET**" --max-new-tokens 200 --temperature 0.8 --seed 0
          done;;
+    # after e2e (its Mamba runs in /tmp/runs): fine-tune each on the same corpus, every weight and LoRA, then sample
+    # (peft and its wheels, as for `adapters`)
+    finetune) for layer in mamba1 mamba2; do
+                for how in full lora; do
+                  case $how in lora) lora_flag="--lora-rank 8";; *) lora_flag="";; esac
+                  run "finetune-$how-$layer" 200 python3 -m mambakit.cli train --device cuda --init-from /tmp/runs/$layer \
+                    $lora_flag --out /tmp/runs/$layer-$how --time-budget ${E2E_BUDGET:-60s} --no-progress
+                  run "finetune-generate-$how-$layer" 100 python3 -m mambakit.cli generate --model /tmp/runs/$layer-$how \
+                    --device cuda --prompt "**HAMLET**" --max-new-tokens 200 --temperature 0.8 --seed 0
+                done
+              done;;
     serve) run serve-tests 240 python3 -m pytest tests/serving/test_gpu.py -m gpu -q -p no:cacheprovider
            run serve-load 420 python3 benchmarks/serve_load.py --device cuda --model-shape 130m --clients 1,8,64,256 \
              --prompt-len 128 --new-tokens 256 --requests-per-client 4 ${SERVE_FLAGS:-};;

@@ -327,7 +327,8 @@ class Run:
         self._say(f"mambakit train: recipe {cfg.recipe}: {mixer}, d_model {mc.d_model}, {mc.n_layer} layers, "
                   f"{n_params / 1e6:.2f}M parameters{start}, on {self.device}{how}"
                   + (f", {cfg.grad_accum} micro-steps per step" if cfg.grad_accum > 1 else ""))
-        self._say(f"data: {cfg.data or 'built-in Shakespeare'}: {n_train_docs} documents, {len(train_stream):,} "
+        docs = "document" if n_train_docs == 1 else "documents"
+        self._say(f"data: {cfg.data or 'built-in Shakespeare'}: {n_train_docs} {docs}, {len(train_stream):,} "
                   f"tokens for training; {n_val_docs} held out, {len(self.val_stream):,} tokens; tokenizer "
                   f"{self.tokenizer!r}")
         if checkpoint is not None:
