@@ -31,7 +31,8 @@ for stage in "$@"; do
                done; wait; for f in $OUT/sync-*.log; do echo "$(basename $f): $(tail -n 1 $f)"; done;;
     graphtests) run graph-tests 300 python3 -m pytest tests/test_cuda_graph.py tests/test_reproduce.py -m gpu -q \
                   -p no:cacheprovider;;
-    gentests) run gentests 200 python3 -m pytest tests/test_generation.py -m gpu -q -p no:cacheprovider;;
+    gentests) run gentests 200 python3 -m pytest tests/test_generation.py tests/test_state_file.py -m gpu -q \
+                -p no:cacheprovider;;
     compose) run compose 560 python3 -m pytest tests/test_composability.py -m gpu -q -p no:cacheprovider ${COMPOSE_FLAGS:-};;
     adapters) run adapters 200 python3 -m pytest tests/test_adapters.py -q -p no:cacheprovider;;
     # both Mamba layers, then the Transformer++ baseline (`--arch`, issue 15), each trained and then sampled

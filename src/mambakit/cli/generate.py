@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .errors import Parser, UsageError, check_writable_file, non_negative_int, positive_int, seed_type
@@ -32,6 +33,11 @@ examples:
       HF_HUB_OFFLINE=1 reads the cache only)
   mambakit generate --model ORG/CHAT-MODEL --chat --prompt "What is a state space model?"
       the prompt as a user message in the tokenizer's chat template; prints the reply
+  mambakit generate --model runs/shakespeare --context macbeth.md --save-state macbeth.state --max-new-tokens 0
+      read a long text once and save the model's state after it (a few MB, whatever the text's length)
+  mambakit generate --model runs/shakespeare --state macbeth.state --prompt "**MACBETH**" --temperature 0
+  mambakit generate --model runs/shakespeare --state macbeth.state --prompts-file questions.txt
+      continue the saved state: the prompt (every line, in batches) is read after the text, not the text again
   mambakit generate --model runs/shakespeare --prompt "ROMEO" --dtype bfloat16
   mambakit generate --model runs/shakespeare --prompt "ROMEO" --quantize int8
       faster CPU decoding (it reads the weights once a token): bf16 weights, or int8 weight-only
@@ -76,6 +82,14 @@ def build_parser(prog: str = "mambakit generate") -> Parser:
                    help="with --prompts-file: write the JSON lines to FILE instead of stdout")
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="N",
                    help="with --prompts-file: prompts generated together (default 16)")
+    p.add_argument("--context", default=None, metavar="FILE",
+                   help="read the text of FILE (UTF-8, whole) before the prompt (or before every line of "
+                        "--prompts-file, read once for all of them)")
+    p.add_argument("--state", default=None, metavar="FILE",
+                   help="start from a state saved by --save-state: what it read is not read again (Mamba models)")
+    p.add_argument("--save-state", default=None, metavar="FILE",
+                   help="save the model's state after the context and the prompt (with --prompts-file: after the "
+                        "context), before generating, for --state later")
     p.add_argument("--max-new-tokens", type=non_negative_int, default=200, metavar="N", help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=_float_in(0, float("inf"), False, True), default=0.8, metavar="T",
                    help="sampling temperature; 0 = greedy (default 0.8)")
@@ -132,7 +146,8 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
          batch_size: int = 16, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 0,
          top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, stop: list[str] | None = None,
          seed: int | None = None, device: str = "auto", dtype: str = "auto", cuda_graph: bool | None = None,
-         revision: str | None = None, chat: bool = False, quantize: str = "none", compile: bool = False) -> int:
+         revision: str | None = None, chat: bool = False, quantize: str = "none", compile: bool = False,
+         context: str | None = None, state: str | None = None, save_state: str | None = None) -> int:
     """Stream a continuation of `prompt` (or continue each line of `prompts_file`) from the checkpoint in `model`.
 
     Every prompt is prefixed with the tokenizer's end-of-document token, as every document is in
@@ -159,10 +174,22 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
     stops = [_unescape(s) for s in stop] if stop else None
     if stops is not None and not all(stops):
         raise UsageError("--stop needs a non-empty text")
+    if chat and (context or state or save_state):
+        raise UsageError("--chat renders the prompt as a whole conversation: it does not combine with --context, "
+                         "--state or --save-state")
     directory = checkpoint_dir(model, revision)
     prompts = _read_prompts(prompts_file) if prompts_file is not None else None
+    context_text = _read_context(context) if context is not None else ""
+    if state is not None and not Path(state).is_file():
+        raise UsageError(f"--state: state file not found: {state}")
+    if (state or context) and prompts is not None and any(not line for line in prompts):
+        line = next(i for i, text in enumerate(prompts, start=1) if not text)
+        raise UsageError(f"{prompts_file}:{line}: an empty line; with --context or --state every line is read after "
+                         "the text, so each needs some")
     if output is not None:
         check_writable_file(output, "--output")  # before the model is loaded and anything is generated
+    if save_state is not None:
+        check_writable_file(save_state, "--save-state")
     loaded = load_model(directory, device, dtype)
     lm, tokenizer, dev = loaded.lm, loaded.tokenizer, loaded.device
     if quantize != "none":
@@ -185,9 +212,16 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
     first = tokenizer.eos_id if first is None else first
     start = [] if chat or first is None else [first]
 
+    continuing = bool(state or context or save_state)
+    if continuing and getattr(lm.config, "attn_layer_idx", None):
+        raise UsageError("--context, --state and --save-state keep the model's state between texts: Mamba models only "
+                         "(this one has attention layers, whose cache grows with the text)")
+
     def encode_prompt(text: str) -> list[int]:
         if chat:  # a DataError (printed as one line) when the tokenizer has no chat template
             text = apply_chat_template(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
+        if continuing:  # read after the start token, the saved state or the context (see _read_before)
+            return tokenizer.encode(text)
         return start + tokenizer.encode(text)
 
     # on a CPU shared with other processes, run on the cores they leave idle (BENCHMARKS.md: a busy machine);
@@ -197,8 +231,17 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
                     repetition_penalty=repetition_penalty, eos_token_id=stop_ids or None, seed=seed,
                     stop_strings=stops, decode=tokenizer.decode if stops else None, cuda_graph=cuda_graph,
                     compile=compile)
+    if continuing:
+        # the start token (without --state), the context and (one prompt) the prompt, read once into a state that
+        # generation continues; --save-state writes it before anything is generated
+        shared = _read_before(lm, dev, [] if state else start, tokenizer.encode(context_text) if context_text else [],
+                              state, save_state, encode_prompt(prompt) if prompts is None else [])
+        sampling["state"] = shared
+        encode = encode_prompt if prompts is not None else (lambda text: [])
+    else:
+        encode = encode_prompt
     try:
-        return _generate(lm, tokenizer, prompt, prompts, output, batch_size, max_new_tokens, chat, encode_prompt,
+        return _generate(lm, tokenizer, prompt, prompts, output, batch_size, max_new_tokens, chat, encode,
                          stop_ids, governor, sampling)
     finally:
         governor.restore()  # main may run in a process that goes on (tests, a notebook)
@@ -218,7 +261,7 @@ def _generate(lm, tokenizer, prompt, prompts, output, batch_size, max_new_tokens
         print(speed_report("first batch", n_first, t_first - t0, n_rest, batches[-1][1] - t_first), file=sys.stderr)
         return 0
     prompt_ids = encode_prompt(prompt)
-    if not prompt_ids:
+    if not prompt_ids and sampling.get("state") is None:
         raise UsageError("the prompt is empty and the tokenizer has no end-of-document token to start from")
     out = sys.stdout
     out.write("" if chat else prompt)
@@ -242,6 +285,59 @@ def _generate(lm, tokenizer, prompt, prompts, output, batch_size, max_new_tokens
     else:
         print(speed_report("first token", 1, t_first - t0, n_new - 1, t_end - t_first), file=sys.stderr)
     return 0
+
+
+def _read_context(path: str) -> str:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--context: file not found: {path}")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _read_before(lm, device, start: list[int], context_ids: list[int], state_path: str | None,
+                 save_path: str | None, prompt_ids: list[int]):
+    """The state generation continues: the saved one (--state), then `start`, the context and the prompt read
+    into it; written to --save-state. Reports what it read and how long it took on stderr."""
+    import torch
+
+    from ..generation import SavedState, StateFileWarning, load_state, prefill, save_state
+
+    t0 = time.perf_counter()
+    saved = None
+    if state_path is not None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", StateFileWarning)
+            try:
+                saved = load_state(state_path, lm, device=device)
+            except ValueError as err:
+                raise UsageError(f"--state {err}") from None
+        for w in caught:
+            print(f"mambakit generate: warning: {w.message}", file=sys.stderr)
+        if saved.batch_size != 1:
+            raise UsageError(f"--state {state_path}: holds {saved.batch_size} rows; the command continues one")
+    ids = start + context_ids + prompt_ids
+    if ids:
+        cache = None if saved is None else saved.cache.index_select(torch.zeros(1, dtype=torch.long, device=device))
+        cache, logits = prefill(lm, [ids], cache)
+        saved = SavedState(cache, logits)
+    elif saved is None:
+        raise UsageError("nothing to read: the context and prompt are empty and the tokenizer has no end-of-document "
+                         "token to start from")
+    read = f"read {len(ids):,} tokens in {time.perf_counter() - t0:.2f} s" if ids else "nothing more read"
+    if save_path is not None:
+        try:
+            save_state(save_path, lm, saved.cache, saved.logits)
+        except OSError as err:
+            raise UsageError(f"--save-state {save_path}: cannot write it ({err})") from None
+        size = Path(save_path).stat().st_size
+        size_text = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+        print(f"state after {saved.tokens:,} tokens saved to {save_path} ({size_text}); {read}", file=sys.stderr)
+    elif ids:
+        print(f"{read}, {saved.tokens:,} in the state", file=sys.stderr)
+    return saved
 
 
 def speed_report(first: str, n_first: int, first_s: float, n_rest: int, rest_s: float) -> str:

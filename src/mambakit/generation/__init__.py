@@ -5,11 +5,16 @@ from .compiled import CompiledDecoder
 from .cuda_graph import ChunkPrefillGraphs, CUDAGraphDecoder
 from .generate import SamplingParams, generate, stream
 from .sampling import apply_repetition_penalty, greedy, logits_to_probs, sample, seen_tokens
+from .state_file import SavedState, StateFileWarning, load_state, save_state
 from .steps import decode_one_token, prefill
 from .stopping import StopStrings
 
 __all__ = [
     "InferenceCache",
+    "SavedState",
+    "StateFileWarning",
+    "save_state",
+    "load_state",
     "allocate_cache",
     "SamplingParams",
     "prefill",

@@ -27,6 +27,7 @@ from .cuda_graph import CUDAGraphDecoder
 from .sampling import apply_repetition_penalty, greedy, logits_to_probs, sample, seen_tokens
 from .steps import (DEFAULT_TOKENS_PER_CALL, decode_one_token, model_device, pack_prompts, prefill_packed,
                     resolve_tokens_per_call)
+from .state_file import SavedState
 from .stopping import StopStrings
 
 _SYNC_EVERY = 16  # steps between host checks of "every row has hit EOS" (each check is a device sync)
@@ -143,14 +144,17 @@ def _decoder_for(model: nn.Module, batch: int, cuda_graph: bool | CUDAGraphDecod
 def _token_loop(model: nn.Module, ids_BL: torch.Tensor, lengths: list[int], max_new_tokens: int,
                 params: SamplingParams, cuda_graph: bool | CUDAGraphDecoder,
                 prefill_tokens_per_call: int | None, state_dtype: torch.dtype | None = None,
-                logprobs_out: list[torch.Tensor] | None = None, compile: bool = False) -> Iterator[torch.Tensor]:
+                logprobs_out: list[torch.Tensor] | None = None, compile: bool = False,
+                state: SavedState | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) int64 on the model's device, max_new_tokens times.
 
     ids_BL, lengths: the prompts as `pack_prompts` returns them. logprobs_out: when a list, each step appends
     the (B,) float32 log-probability of the tokens it yields under the model's own distribution (the softmax of
     the logits over the real vocabulary, before repetition penalty, temperature and filters), on the device.
     Prefill runs at the first iteration; a decode step runs only when the caller asks for one more token, so a
-    caller that stops early (EOS, stop string) never pays for a step it does not use.
+    caller that stops early (EOS, stop string) never pays for a step it does not use. With `state` (a saved state,
+    `state_file.load_state`) every row starts from it (a state of one row is every row's); ids_BL of seqlen 0 then
+    means no prompt: the first token comes from the state's own logits.
     """
     if max_new_tokens == 0:
         return
@@ -162,7 +166,12 @@ def _token_loop(model: nn.Module, ids_BL: torch.Tensor, lengths: list[int], max_
         cache = decoder.cache.reset()
     else:
         cache = allocate_cache(model, batch, state_dtype=state_dtype)
-    cache, logits_BV = prefill_packed(model, ids_BL, lengths, cache, prefill_tokens_per_call)
+    if state is not None:
+        _start_from(cache, state)
+    if state is not None and ids_BL.shape[1] == 0:
+        logits_BV = state.logits.to(device).expand(batch, -1).clone()
+    else:
+        cache, logits_BV = prefill_packed(model, ids_BL, lengths, cache, prefill_tokens_per_call)
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device)
@@ -195,6 +204,36 @@ def _token_loop(model: nn.Module, ids_BL: torch.Tensor, lengths: list[int], max_
             logits_BV = decoder(tokens_B) if decoder is not None else decode_one_token(model, tokens_B, cache)
 
 
+def _start_from(cache, state: SavedState) -> None:
+    """Copy a saved state into a zeroed cache (its tensors keep their addresses: a CUDA graph's cache) and move its
+    position to the state's; a state of one row goes into every row."""
+    if state.batch_size not in (1, cache.batch_size):
+        raise ValueError(f"generate: the state holds {state.batch_size} rows; this call has {cache.batch_size} "
+                         "prompts (a state of one row continues any number of them)")
+    if len(state.cache.layers) != len(cache.layers):
+        raise ValueError(f"generate: the state has {len(state.cache.layers)} layers, the model {len(cache.layers)}")
+    for dst, src in zip(cache.layers, state.cache.layers):
+        dst.conv_state.copy_(src.conv_state.expand_as(dst.conv_state))
+        dst.ssm_state.copy_(src.ssm_state.expand_as(dst.ssm_state))
+    cache.advance(state.tokens)
+
+
+def _pack_continuations(prompts, model: nn.Module, device: torch.device,
+                        state: SavedState | None) -> tuple[torch.Tensor, list[int]]:
+    """pack_prompts, except that with a state the prompts may all be empty (ids (B, 0): continue the state as it
+    is); a mix of empty and non-empty rows is refused (their first tokens would come from different places)."""
+    if state is not None:
+        if isinstance(prompts, torch.Tensor) and prompts.dim() == 2 and prompts.shape[1] == 0:
+            return torch.empty(prompts.shape[0], 0, dtype=torch.long, device=device), [0] * prompts.shape[0]
+        if isinstance(prompts, Sequence) and not isinstance(prompts, (str, bytes)) and prompts:
+            sizes = [len(r) if not isinstance(r, torch.Tensor) else r.numel() for r in prompts]
+            if all(n == 0 for n in sizes):
+                return torch.empty(len(prompts), 0, dtype=torch.long, device=device), [0] * len(prompts)
+            if any(n == 0 for n in sizes):
+                raise ValueError("generate: with a state, give every row a prompt to read after it, or none at all")
+    return pack_prompts(prompts, model.config.padded_vocab_size, device)
+
+
 def _end_of_row(row: list[int], eos: set[int], stop_step: int | None) -> int:
     """Length of a row's output: through its first EOS or the token that completed a stop string."""
     end = len(row) if stop_step is None else stop_step + 1
@@ -210,7 +249,7 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
              decode: Callable[[list[int]], str] | None = None, seed: int | None = None,
              cuda_graph: bool | CUDAGraphDecoder = False,
              prefill_tokens_per_call: int | None = DEFAULT_TOKENS_PER_CALL, state_dtype: torch.dtype | None = None,
-             return_logprobs: bool = False, compile: bool = False,
+             return_logprobs: bool = False, compile: bool = False, state: SavedState | None = None,
              prefill_chunk_size=DEPRECATED) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
     """Generate up to max_new_tokens new tokens per prompt; returns each row's new tokens (and their log-probs).
 
@@ -237,6 +276,10 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
         return_logprobs: also return, for every new token, its log-probability under the model's distribution
             (log-softmax of the logits over the real vocabulary, before repetition penalty, temperature and
             filters: what `mambakit.evaluation.score` gives for the same tokens).
+        state: a saved state (`mambakit.generation.load_state`) the prompts continue: every row reads its prompt
+            after the state's text (a state of one row is every row's); empty prompts continue it as it is. Mamba
+            models only; the state is copied, so it can be used again. The repetition penalty sees the prompts,
+            not the state's text.
     Returns:
         B lists of new token ids, each ending at its EOS or stop string, or max_new_tokens long; with
         return_logprobs, (those lists, B lists of float log-probabilities of the same lengths).
@@ -254,7 +297,7 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     _check_prompts(prompts)
     _check_compile(compile)
     device = model_device(model)
-    ids_BL, lengths = pack_prompts(prompts, model.config.padded_vocab_size, device)
+    ids_BL, lengths = _pack_continuations(prompts, model, device, state)
     batch = ids_BL.shape[0]
     eos = set(params.eos_ids)
     eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=device)
@@ -265,7 +308,7 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     n_steps = 0
     logprobs_T: list[torch.Tensor] | None = [] if return_logprobs else None
     loop = _token_loop(model, ids_BL, lengths, max_new_tokens, params, cuda_graph, tokens_per_call, state_dtype,
-                       logprobs_T, compile)
+                       logprobs_T, compile, state)
     for step, tokens_B in enumerate(loop):
         tokens_BT[:, step] = tokens_B
         n_steps = step + 1
@@ -298,7 +341,7 @@ def stream(model: nn.Module, prompt, max_new_tokens: int, *, temperature: float 
            decode: Callable[[list[int]], str] | None = None, seed: int | None = None,
            cuda_graph: bool | CUDAGraphDecoder = False,
            prefill_tokens_per_call: int | None = DEFAULT_TOKENS_PER_CALL, state_dtype: torch.dtype | None = None,
-           compile: bool = False, prefill_chunk_size=DEPRECATED) -> Iterator[int]:
+           compile: bool = False, state: SavedState | None = None, prefill_chunk_size=DEPRECATED) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are made; the same arguments and tokens as `generate`.
 
     prompt: a list of token ids, or a (L,) / (1, L) integer tensor. The iterator ends after max_new_tokens
@@ -323,10 +366,12 @@ def stream(model: nn.Module, prompt, max_new_tokens: int, *, temperature: float 
     else:
         _check_id_row(prompt, "stream: prompt (one prompt: a flat list of token ids; for a batch use generate)")
         prompt = [list(prompt)]
-    ids_BL, lengths = pack_prompts(prompt, model.config.padded_vocab_size, model_device(model))
+    if state is not None and state.batch_size != 1:
+        raise ValueError(f"stream: the state holds {state.batch_size} rows; stream continues one (use generate)")
+    ids_BL, lengths = _pack_continuations(prompt, model, model_device(model), state)
     # validated above, before the first token is asked for; the loop itself is a generator
     return _stream_tokens(_token_loop(model, ids_BL, lengths, max_new_tokens, params, cuda_graph, tokens_per_call,
-                                      state_dtype, compile=compile),
+                                      state_dtype, compile=compile, state=state),
                           set(params.eos_ids), stopper)
 
 
