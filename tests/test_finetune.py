@@ -252,3 +252,17 @@ def test_print_config_of_a_fine_tuning_run_gives_the_loaded_models_shape(tmp_pat
     (tmp_path / "empty").mkdir()
     assert main(["train", "--init-from", str(tmp_path / "empty"), "--out", str(tmp_path / "run")]) == 2
     assert "--init-from" in capsys.readouterr().err
+
+
+def test_a_full_fine_tune_resumes_without_its_base_and_repeats_an_uninterrupted_run(tmp_path):
+    import shutil
+
+    base = _base(tmp_path, "Mamba2")
+    whole = train(_finetune(tmp_path, base, "whole"))
+    cfg = _finetune(tmp_path, base, "parts")
+    train(cfg, stop_at_step=3)
+    shutil.rmtree(base)  # the weights and the tokenizer ("init") now come from the run's own checkpoint
+    rest = train(TrainConfig.from_dict(load_train_state(cfg.out_dir)["config"]), resume=True)
+    assert rest.losses == whole.losses and rest.step == 8
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "parts")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -53,8 +53,9 @@ def init_tokenizer(cfg: TrainConfig):
     """The tokenizer saved with init_from (TrainConfig.tokenizer "init")."""
     from ..checkpoints import load_checkpoint_tokenizer
 
+    directory = init_directory(cfg)
     try:
-        return load_checkpoint_tokenizer(init_directory(cfg))
+        return load_checkpoint_tokenizer(directory)
     except CheckpointError as err:  # a mamba_ssm folder comes without one
         raise CheckpointError(f"{err}; give the tokenizer the model was trained with (--tokenizer PATH to a "
                               "tokenizer.json, or bytes)") from None

@@ -201,14 +201,19 @@ def _scores_targets(model: torch.nn.Module) -> bool:
     return isinstance(inner, MambaLM)
 
 
-def _load_data(cfg: TrainConfig):
-    """Tokenizer, (train, held-out) document counts and their token streams (from the token cache)."""
+def _load_data(cfg: TrainConfig, checkpoint: Checkpoint | None = None):
+    """Tokenizer, (train, held-out) document counts and their token streams (from the token cache). A resumed run
+    reads tokenizer "init" from its checkpoint (which holds it), not from init_from again."""
     if cfg.tokenizer == "nucleotides":  # `--task dna`: FASTA genomes, one token per base (data/dna.py)
         from ..data.dna import load_dna_corpus
 
         tokenizer, (train_records, val_records), train, val = load_dna_corpus(cfg.data, cfg.val_fraction)
         return tokenizer, (len(train_records), len(val_records)), train, val
-    if cfg.tokenizer == "init":  # the tokenizer saved with the model a fine-tuning run starts from
+    if cfg.tokenizer == "init" and checkpoint is not None:
+        from ..checkpoints import load_checkpoint_tokenizer
+
+        tokenizer = load_checkpoint_tokenizer(checkpoint.path)
+    elif cfg.tokenizer == "init":  # the tokenizer saved with the model a fine-tuning run starts from
         from .finetune import init_tokenizer
 
         tokenizer = init_tokenizer(cfg)
@@ -278,9 +283,12 @@ class Run:
 
     def _setup(self, resume: bool, checkpoint: Checkpoint | None) -> None:
         cfg, info = self.cfg, self.info
+        if resume and checkpoint is None:
+            checkpoint = resolve_checkpoint(self.out_dir)
         if info.distributed and not info.is_main:
             torch.distributed.barrier()  # rank 0 builds the token cache first; the others then read it
-        self.tokenizer, (n_train_docs, n_val_docs), train_stream, self.val_stream = _load_data(cfg)
+        self.tokenizer, (n_train_docs, n_val_docs), train_stream, self.val_stream = _load_data(
+            cfg, checkpoint if resume else None)
         if info.distributed and info.is_main:
             torch.distributed.barrier()
         self.doc_eos = self.tokenizer.eos_id if cfg.reset_at_eos else None  # seq_idx restarts the state at each EOS
@@ -288,8 +296,6 @@ class Run:
         # one draw per optimizer step covers every micro-step of every process (see the module docstring)
         self.sampler = RandomWindows(train_stream, cfg.seqlen, cfg.batch_size * cfg.grad_accum, cfg.seed, info.rank,
                                      info.world_size)
-        if resume and checkpoint is None:
-            checkpoint = resolve_checkpoint(self.out_dir)
         if resume and info.is_main:
             remove_strays(self.out_dir)
         checkpoint = checkpoint if resume else None
@@ -360,8 +366,12 @@ class Run:
         sharded_ckpt = checkpoint is not None and checkpoint.state["optimizer"] is None
         self.adapter = None  # the peft model around self.raw_model in a LoRA run
         self.init_fingerprint = None
-        if cfg.init_from and (checkpoint is None or sharded_ckpt or cfg.lora_rank):
+        if cfg.init_from and (checkpoint is None or cfg.lora_rank):
             model = self._init_model(checkpoint)
+        elif cfg.init_from and sharded_ckpt:  # a fine-tune's shape is its checkpoint's, not the TrainConfig's
+            from ..checkpoints import load_config
+
+            model = build_model(load_config(checkpoint.path)).to(self.device)
         elif checkpoint is None or sharded_ckpt:
             torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
             model = build_model(model_config(cfg, self.vocab)).to(self.device)
