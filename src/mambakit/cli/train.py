@@ -224,18 +224,13 @@ def _resolve(base, files: list[str], flags: dict[str, Any]):
 
 def _file_recipe(files: list[str]) -> str | None:
     """The recipe a config file names (its `recipe:`), when it is one of the named recipes."""
-    import yaml
-
     from ..training.recipes import RECIPES
 
     name = None
     for path in files:
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError):
-            continue  # _resolve reports it
-        if isinstance(data, dict) and data.get("recipe") in RECIPES:
-            name = data["recipe"]
+        value = _file_field([path], "recipe")
+        if isinstance(value, str) and value in RECIPES:
+            name = value
     return name
 
 
