@@ -42,6 +42,7 @@ from ..checkpoints import CheckpointError
 from ..checkpoints.io import disk_full_error, fsync_tree, is_disk_full, torch_save
 from ..checkpoints.tokenizer_files import TOKENIZER_FILES
 from .config import TrainConfig
+from .finetune import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 __all__ = ["TRAIN_STATE", "PUBLISHED", "CHECKPOINTS", "DISTRIBUTED", "Checkpoint", "CheckpointFallbackWarning", "save_checkpoint",
            "save_sharded_checkpoint", "load_sharded_state", "load_train_state", "resolve_checkpoint", "holds_run", "remove_strays"]
@@ -52,8 +53,8 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 DISTRIBUTED = "distributed"  # torch.distributed.checkpoint's files (--parallel fsdp)
 # what the top of a run directory holds of the newest checkpoint (a loadable model directory)
-PUBLISHED = ("config.json", "model.safetensors", "train_config.json", "config.yaml", "adapter_config.json",
-              "adapter_model.safetensors") + TOKENIZER_FILES
+PUBLISHED = ("config.json", "model.safetensors", "train_config.json", "config.yaml", ADAPTER_CONFIG,
+             ADAPTER_WEIGHTS) + TOKENIZER_FILES
 _STEP_DIR = re.compile(r"step-(\d+)(?:-(\d+))?\Z")
 _HASH_CHUNK = 1 << 20
 
