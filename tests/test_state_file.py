@@ -99,8 +99,11 @@ def test_models_with_attention_layers_are_refused(tmp_path):
         save_state(tmp_path / "h.state", hybrid, cache, logits)
 
 
-def test_cli_context_save_state_and_state_give_the_text_read_whole(tmp_path, capsys):
+def test_cli_context_save_state_and_state_give_the_text_read_whole(tmp_path, capsys, monkeypatch):
+    from mambakit.cli import generate as generate_cli
     from mambakit.data import ByteTokenizer
+
+    monkeypatch.setattr(generate_cli, "_READ_PIECE", 256)  # the context read in 5 pieces
 
     lm = _model("Mamba1")
     lm.save_pretrained(tmp_path / "model", tokenizer=ByteTokenizer())

@@ -50,6 +50,7 @@ speed to stderr: the first token's time (prefill and, on CUDA, kernel compiles) 
 of the tokens after it (with --prompts-file, the first batch apart from the others)."""
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+_READ_PIECE = 16384  # tokens of --context read per progress-bar update
 
 
 def _float_in(lo: float, hi: float, lo_open: bool, hi_open: bool):
@@ -320,8 +321,15 @@ def _read_before(lm, device, start: list[int], context_ids: list[int], state_pat
             raise UsageError(f"--state {state_path}: holds {saved.batch_size} rows; the command continues one")
     ids = start + context_ids + prompt_ids
     if ids:
+        from tqdm.auto import tqdm
+
         cache = None if saved is None else saved.cache.index_select(torch.zeros(1, dtype=torch.long, device=device))
-        cache, logits = prefill(lm, [ids], cache)
+        # in pieces under a progress bar (a book takes minutes on a CPU); the state does not depend on the pieces
+        with tqdm(total=len(ids), unit="tok", unit_scale=True, desc="read", file=sys.stderr, leave=False,
+                  dynamic_ncols=True, disable=len(ids) <= _READ_PIECE) as bar:
+            for first in range(0, len(ids), _READ_PIECE):
+                cache, logits = prefill(lm, [ids[first:first + _READ_PIECE]], cache)
+                bar.update(min(_READ_PIECE, len(ids) - first))
         saved = SavedState(cache, logits)
     elif saved is None:
         raise UsageError("nothing to read: the context and prompt are empty and the tokenizer has no end-of-document "
