@@ -165,3 +165,17 @@ def test_a_saved_state_continues_under_cuda_graphs(tmp_path, layer):
     eager = [generate(lm, [book + q], 16)[0] for q in (q1, q2)]
     assert generate(lm, [q1, q2], 16, state=state, cuda_graph=True) == eager
     assert generate(lm, [[], []], 16, state=state, cuda_graph=True) == generate(lm, [book, book], 16)
+
+
+def test_copy_from_fills_every_row_and_takes_the_position():
+    lm = _model("Mamba1")
+    cache, _ = prefill(lm, [_ids(10, 1)])
+    big = lm.allocate_cache(3)
+    addresses = [layer.ssm_state.data_ptr() for layer in big.layers]
+    big.copy_from_(cache)
+    assert big.seqlen_offset == 10 and [layer.ssm_state.data_ptr() for layer in big.layers] == addresses
+    for dst, src in zip(big.layers, cache.layers):
+        assert all(torch.equal(dst.ssm_state[i], src.ssm_state[0]) for i in range(3))
+        assert all(torch.equal(dst.conv_state[i], src.conv_state[0]) for i in range(3))
+    with pytest.raises(ValueError, match="the source holds 3 rows, this cache 2"):
+        lm.allocate_cache(2).copy_from_(big)

@@ -205,17 +205,11 @@ def _token_loop(model: nn.Module, ids_BL: torch.Tensor, lengths: list[int], max_
 
 
 def _start_from(cache, state: SavedState) -> None:
-    """Copy a saved state into a zeroed cache (its tensors keep their addresses: a CUDA graph's cache) and move its
-    position to the state's; a state of one row goes into every row."""
+    """Copy a saved state into the loop's cache (in place: a CUDA graph's cache); a state of one row fills every row."""
     if state.batch_size not in (1, cache.batch_size):
         raise ValueError(f"generate: the state holds {state.batch_size} rows; this call has {cache.batch_size} "
                          "prompts (a state of one row continues any number of them)")
-    if len(state.cache.layers) != len(cache.layers):
-        raise ValueError(f"generate: the state has {len(state.cache.layers)} layers, the model {len(cache.layers)}")
-    for dst, src in zip(cache.layers, state.cache.layers):
-        dst.conv_state.copy_(src.conv_state.expand_as(dst.conv_state))
-        dst.ssm_state.copy_(src.ssm_state.expand_as(dst.ssm_state))
-    cache.advance(state.tokens)
+    cache.copy_from_(state.cache)
 
 
 def _pack_continuations(prompts, model: nn.Module, device: torch.device,

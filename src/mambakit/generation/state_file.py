@@ -155,15 +155,11 @@ def load_state(path: str | Path, model: nn.Module, device: torch.device | str | 
                                        "quantization); its continuations may differ from that model's"), stacklevel=2)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     logits = tensors["logits"]
-    # a cache as the model allocates it (its conv dtype, the SSM state dtype asked for), filled with the saved states
-    cache = allocate_cache(model, logits.shape[0], device=device, state_dtype=state_dtype)
-    if len(cache.layers) != int(meta["layers"]):
-        raise ValueError(f"{path}: {meta['layers']} layers, the model has {len(cache.layers)}")
     try:
-        for i, layer in enumerate(cache.layers):
-            layer.conv_state.copy_(tensors[f"layers.{i}.conv_state"])
-            layer.ssm_state.copy_(tensors[f"layers.{i}.ssm_state"])
-    except (KeyError, RuntimeError) as err:
+        saved = InferenceCache([MixerState(tensors[f"layers.{i}.conv_state"], tensors[f"layers.{i}.ssm_state"])
+                                for i in range(int(meta["layers"]))], seqlen_offset=int(meta["tokens"]))
+        # a cache as the model allocates it (its conv dtype, the SSM state dtype asked for), holding the saved states
+        cache = allocate_cache(model, logits.shape[0], device=device, state_dtype=state_dtype).copy_from_(saved)
+    except (KeyError, RuntimeError, ValueError) as err:
         raise ValueError(f"{path}: its states do not fit this model ({err})") from None
-    cache.advance(int(meta["tokens"]))
     return SavedState(cache, logits.to(device), path)

@@ -123,6 +123,24 @@ class InferenceCache:
             dst.index_copy_(rows, src)
         return self
 
+    def copy_from_(self, source: "InferenceCache") -> "InferenceCache":
+        """Make this cache hold `source`'s states and position, in place (the tensors keep their addresses and
+        dtypes: a captured CUDA graph's cache can take a saved state). A source of one row fills every row.
+
+        Raises ValueError when the layer counts or the rows differ (other than a source of one row)."""
+        if len(source.layers) != len(self.layers):
+            raise ValueError(f"copy_from_: the source has {len(source.layers)} layers, this cache {len(self.layers)}")
+        if source.batch_size not in (1, self.batch_size):
+            raise ValueError(f"copy_from_: the source holds {source.batch_size} rows, this cache {self.batch_size} "
+                             "(a source of one row fills any number)")
+        for dst, src in zip(self.layers, source.layers):
+            if not (isinstance(dst, MixerState) and isinstance(src, MixerState)):
+                raise ValueError(f"copy_from_: Mamba states only, got {type(src).__name__} into {type(dst).__name__}")
+            dst.conv_state.copy_(src.conv_state.expand_as(dst.conv_state))
+            dst.ssm_state.copy_(src.ssm_state.expand_as(dst.ssm_state))
+        self._seqlen_offset = source.seqlen_offset
+        return self
+
     def __repr__(self) -> str:
         return (f"InferenceCache(layers={len(self.layers)}, batch_size={self.batch_size}, "
                 f"seqlen_offset={self._seqlen_offset})")
