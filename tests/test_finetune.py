@@ -149,6 +149,14 @@ def test_a_lora_run_resumes_exactly_and_refuses_a_changed_base(tmp_path):
     for name in ("adapter_model.safetensors", "model.safetensors"):
         a, b = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "parts" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # the base moved: `--resume --init-from NEW` finds it (the fingerprint says it is the same model)
+    import shutil
+
+    moved = shutil.copytree(base, tmp_path / "moved-base")
+    assert main(["train", "--resume", "--out", str(tmp_path / "parts"), "--init-from", str(moved), "--max-steps", "9",
+                 "--no-progress"]) == 2  # max_steps is not resumable; init_from is
+    assert main(["train", "--resume", "--out", str(tmp_path / "parts"), "--init-from", str(moved),
+                 "--no-progress"]) == 0
     # the base changed on disk since the run started: resuming would train another model, so it is refused
     weights = _weights(base)
     name = next(iter(weights))

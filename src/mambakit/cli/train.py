@@ -108,7 +108,9 @@ _RESUMABLE = {"out_dir", "time_budget_s", "device", "progress", "recompute", "lo
               "log_every", "save_every", "logger", "plot", "eval_every", "eval_tokens", "eval_batch_size",
               "final_eval_tokens", "batch_size", "grad_accum", "parallel", "fsdp_mixed_precision",
               "fsdp_reshard_after_forward", "sample_prompt",
-              "sample_tokens", "sample_temperature", "sample_top_k", "autocast"}
+              "sample_tokens", "sample_temperature", "sample_top_k", "autocast",
+              # where the base of a fine-tune now lies: a LoRA run checks its weights' fingerprint on resume
+              "init_from"}
 
 
 def _layer_name(text: str) -> str:
