@@ -464,7 +464,10 @@ def _serial_and_two_workers(name: str, tmp_path, capfd) -> tuple[list[dict], lis
     assert "settings changed" not in capfd.readouterr().err
     assert reproduce(name, parallel, quick=True, device="cpu", progress=False, workers=2) == FINISHED
     log = capfd.readouterr().err
-    assert "[worker 0]" in log and "[worker 1]" in log and "settings changed" not in log
+    # which worker claims what is timing: on a loaded machine one worker may take every model of a short --quick
+    # list before the other has started (CI, 2026-12-05: dna-context's four); each model trained exactly once and
+    # the rows of one process are what the callers check
+    assert "[worker " in log and "settings changed" not in log
     assert not (parallel / "_state" / "claims").exists()
     claimed = [line.split(": ")[-1] for line in log.splitlines() if line.startswith("[worker ")]
     serial_rows, parallel_rows = (json.loads((d / "results.json").read_text())["rows"] for d in (serial, parallel))
