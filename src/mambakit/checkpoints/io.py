@@ -27,7 +27,7 @@ from .errors import CheckpointError
 
 __all__ = ["CONFIG_NAME", "GENERATION_CONFIG", "SAFETENSORS_NAME", "TORCH_NAME", "checkpoint_dir", "read_json",
            "write_json", "WeightFiles", "write_safetensors", "write_torch", "remove_weight_files", "floating_dtype",
-           "is_disk_full", "disk_full_error", "fsync_tree", "staged_directory", "torch_save"]
+           "is_disk_full", "disk_full_error", "fsync_tree", "staged_directory", "torch_save", "atomic_write"]
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -77,10 +77,10 @@ def read_json(path: Path) -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary name and rename, so an interrupted save never leaves a truncated file."""
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -333,11 +333,11 @@ def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor],
         shards[-1][name] = t
         size += _nbytes(t)
     if len(shards) == 1:
-        _atomic_write(directory / SAFETENSORS_NAME, lambda tmp: save_file(shards[0], str(tmp), metadata=metadata))
+        atomic_write(directory / SAFETENSORS_NAME, lambda tmp: save_file(shards[0], str(tmp), metadata=metadata))
         return [SAFETENSORS_NAME]
     names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     for name, shard in zip(names, shards):
-        _atomic_write(directory / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata=metadata))
+        atomic_write(directory / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata=metadata))
     index = {"metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
              "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
     write_json(directory / SAFETENSORS_INDEX, index)
@@ -353,7 +353,7 @@ def torch_save(obj, path: Path) -> None:
 
 def write_torch(directory: Path, state: dict[str, torch.Tensor]) -> list[str]:
     """Write `state` with torch.save as pytorch_model.bin (tensors that share memory are stored once)."""
-    _atomic_write(directory / TORCH_NAME, lambda tmp: torch_save(state, tmp))
+    atomic_write(directory / TORCH_NAME, lambda tmp: torch_save(state, tmp))
     return [TORCH_NAME]
 
 

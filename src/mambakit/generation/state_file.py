@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints.io import atomic_write
 from ..modules.state import InferenceCache, MixerState
 from .cache import allocate_cache
 
@@ -110,13 +111,7 @@ def save_state(path: str | Path, model: nn.Module, cache: InferenceCache, logits
     meta = {"format": FORMAT, "version": VERSION, "tokens": str(cache.seqlen_offset), "layers": str(len(cache.layers)),
             "config": config_digest(model), "weights": weights_digest(model)}
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))  # a kill never leaves half a file
     return path
 
 
