@@ -398,7 +398,27 @@ def test_reproduce_audio_context_quick_through_the_cli(tmp_path):
     for r in rows:
         assert 0.0 < r["bits_per_sample"] < 9.0 and r["batch_size"] * r["context"] == s["samples_per_step"]
         assert 0 < r["val_samples"] <= s["eval_samples"]
-    assert "(bits_vs_context.png)" in (out / "README.md").read_text()
+    readme = (out / "README.md").read_text()
+    assert "(bits_vs_context.png)" in readme and "## What it shows" in readme and "paper's claim" in readme
+
+
+@pytest.mark.parametrize("mamba, s4d, verdict", [
+    ([1.5, 1.4, 1.3], [1.5, 1.5, 1.5], "claim holds here"),
+    ([1.3, 1.4, 1.5], [1.3, 1.5, 1.7], "only loses less"),
+    ([1.5, 1.4, 1.45], [1.5, 1.3, 1.2], "gains no more"),
+])
+def test_audio_context_verdict_follows_the_numbers(mamba, s4d, verdict):
+    from mambakit.reproduce.audio_context import _verdict
+
+    contexts = [2 ** 11, 2 ** 13, 2 ** 15]
+    rows = [{"label": label, "context": L, "bits_per_sample": b}
+            for label, values in (("Mamba-UNet", mamba), ("S4D+MLP-UNet", s4d)) for L, b in zip(contexts, values)]
+    text = _verdict(rows, contexts)
+    assert verdict in text
+    assert f"Mamba-UNet: {mamba[0]:.3f} -> {mamba[-1]:.3f}" in text
+    trend = "falls at every" if mamba == sorted(mamba, reverse=True) else "rises at every" if mamba == sorted(mamba) \
+        else "does not move one way"
+    assert trend in text.splitlines()[0]
 
 
 def test_unet_save_and_load(tmp_path):
