@@ -274,3 +274,55 @@ def test_a_full_fine_tune_resumes_without_its_base_and_repeats_an_uninterrupted_
     assert rest.losses == whole.losses and rest.step == 8
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "parts")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _bpe_with_chat_tokens(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = tmp_path / "bpe" / "tokenizer.json"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(["to be or not to be, the rest is silence"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_end|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.parent.mkdir()
+    tok.save(str(bpe))
+    return bpe, tok
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_fine_tuned_chat_model_keeps_its_chat_template_special_tokens_and_stop_ids(tmp_path, lora):
+    """The fields a checkpoint's configs give its tokenizer (chat template, special token names, pad and every stop
+    id) were dropped by every checkpoint the run wrote: a fine-tuned chat model came out without its template."""
+    from mambakit.checkpoints import load_checkpoint_tokenizer
+
+    bpe, tok = _bpe_with_chat_tokens(tmp_path)
+    base = _base(tmp_path, "Mamba2", tokenizer=str(bpe))
+    template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|im_end|>{% endfor %}"
+    (tmp_path / "base-Mamba2" / "chat_template.jinja").write_text(template)
+    cfg_path = tmp_path / "base-Mamba2" / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "pad_token": "<|pad|>"}))
+    eos, im_end, pad = (tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_end|>", "<|pad|>"))
+    (tmp_path / "base-Mamba2" / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, im_end],
+                                                                                 "pad_token_id": pad}))
+    before = load_checkpoint_tokenizer(base)
+    assert before.chat_template == template and before.stop_ids == (eos, im_end) and before.pad_id == pad
+
+    train(_finetune(tmp_path, base, "chat", max_steps=2, save_every=1, **({"lora_rank": 2} if lora else {})))
+    run_dir = tmp_path / "chat"
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
+    assert checkpoints
+    for directory in [run_dir, *checkpoints]:  # the published model and every checkpoint
+        after = load_checkpoint_tokenizer(directory)
+        assert after.chat_template == template, directory
+        assert (after.eos_id, after.stop_ids, after.pad_id) == (eos, (eos, im_end), pad), directory
+        assert after.special_tokens["pad_token"] == "<|pad|>"
+        assert after.special_tokens["eos_token"] == "<|endoftext|>"
+
+
+def test_a_plain_tokenizer_writes_no_extra_files(tmp_path):
+    base = _base(tmp_path, "Mamba1")  # bytes: no template, no special names, no ids beyond eos
+    assert not (tmp_path / "base-Mamba1" / "chat_template.jinja").exists()
+    assert not (tmp_path / "base-Mamba1" / "generation_config.json").exists()
+    assert json.loads((tmp_path / "base-Mamba1" / "tokenizer_config.json").read_text()) == {"type": "bytes"}

@@ -231,6 +231,25 @@ def chat_checkpoint(tmp_path):
     return tmp_path / "chat", model
 
 
+@pytest.mark.parametrize("fmt", ["mambakit", "hf"])
+def test_saving_a_loaded_chat_tokenizer_keeps_its_template_and_special_tokens(chat_checkpoint, tmp_path, fmt):
+    """What the configs gave the tokenizer (template, special names, every stop id, bos) survives a save: it was
+    dropped by `save_pretrained(tokenizer=...)` and by training checkpoints."""
+    directory, model = chat_checkpoint
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [
+        _bpe().token_to_id("<|im_end|>"), _bpe().token_to_id("<|endoftext|>")]}))
+    tok = load_checkpoint_tokenizer(directory)
+    assert tok.chat_template == CHATML and len(tok.stop_ids) == 2 and tok.bos_id is not None
+    model.save_pretrained(tmp_path / "saved", format=fmt, tokenizer=tok)
+    back = load_checkpoint_tokenizer(tmp_path / "saved")
+    assert back.chat_template == CHATML
+    assert (back.eos_id, back.stop_ids, back.bos_id) == (tok.eos_id, tok.stop_ids, tok.bos_id)
+    # (the "hf" format's config.json also names the end-of-document id as the pad id)
+    assert {k: back.special_tokens.get(k) for k in tok.special_tokens} == tok.special_tokens
+    messages = [{"role": "user", "content": "Who's there?"}]
+    assert apply_chat_template(back, messages) == apply_chat_template(tok, messages)
+
+
 def test_generate_chat_applies_the_template(chat_checkpoint, capsys):
     directory, model = chat_checkpoint
     assert main(["generate", "--model", str(directory), "--chat", "--prompt", "Who's there?", "--max-new-tokens",

@@ -25,7 +25,8 @@ from pathlib import Path
 from .errors import CheckpointError
 from .io import CONFIG_NAME, GENERATION_CONFIG, read_json, write_json
 
-__all__ = ["TOKENIZER_FILES", "has_tokenizer", "load_checkpoint_tokenizer", "save_tokenizer", "copy_tokenizer"]
+__all__ = ["TOKENIZER_FILES", "has_tokenizer", "load_checkpoint_tokenizer", "save_tokenizer", "save_checkpoint_fields",
+           "copy_tokenizer"]
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER_JSON = "tokenizer.json"
@@ -175,9 +176,41 @@ def _finish_config(directory: Path, hf: bool) -> None:
 
 
 def save_tokenizer(tokenizer, directory: Path, format: str) -> None:
-    """tokenizer.save(directory), plus transformers' fields when the checkpoint is in the "hf" format."""
+    """tokenizer.save(directory), plus transformers' fields when the checkpoint is in the "hf" format, plus what
+    the tokenizer's own files do not hold but a checkpoint's configs gave it (`save_checkpoint_fields`)."""
     tokenizer.save(directory)
     _finish_config(directory, hf=format == "hf")
+    save_checkpoint_fields(tokenizer, Path(directory))
+
+
+def save_checkpoint_fields(tokenizer, directory: Path) -> None:
+    """Write back what `load_checkpoint_tokenizer` took from a checkpoint's configs rather than from the tokenizer's
+    own files, so that loading `directory` gives it again: the chat template (chat_template.jinja), the special
+    token names (tokenizer_config.json: bos_token, pad_token, ...; a name already there is kept) and the bos, pad
+    and every stop id (generation_config.json's bos_token_id, pad_token_id and eos_token_id, merged into one that is
+    there). Without it a model fine-tuned from a chat model would be saved without its template and stop tokens.
+    A tokenizer with none of these fields (e.g. a plain ByteTokenizer) writes nothing."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and template:
+        (directory / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+    names = {k: v for k, v in (getattr(tokenizer, "special_tokens", None) or {}).items()
+             if k in SPECIAL_NAMES and isinstance(v, str)}
+    path = directory / TOKENIZER_CONFIG
+    if names and path.is_file():
+        cfg = read_json(path)
+        write_json(path, {**names, **cfg})
+    ids: dict = {}
+    for field, value in (("bos_token_id", getattr(tokenizer, "bos_id", None)),
+                         ("pad_token_id", getattr(tokenizer, "pad_id", None))):
+        if value is not None:
+            ids[field] = int(value)
+    eos = getattr(tokenizer, "eos_id", None)
+    stops = [int(i) for i in dict.fromkeys(([] if eos is None else [eos]) + list(getattr(tokenizer, "stop_ids", ())))]
+    if stops and stops != ([] if eos is None else [eos]):
+        ids["eos_token_id"] = stops  # the first is eos_id, the rest also end generation
+    if ids:
+        gen = directory / GENERATION_CONFIG
+        write_json(gen, {**(read_json(gen) if gen.is_file() else {}), **ids})
 
 
 def copy_tokenizer(src: Path, dst: Path, format: str) -> list[str]:

@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import CheckpointError
-from ..checkpoints.io import disk_full_error, fsync_tree, is_disk_full, torch_save
-from ..checkpoints.tokenizer_files import TOKENIZER_FILES
+from ..checkpoints.io import GENERATION_CONFIG, disk_full_error, fsync_tree, is_disk_full, torch_save
+from ..checkpoints.tokenizer_files import TOKENIZER_FILES, save_checkpoint_fields
 from .config import TrainConfig
 from .finetune import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
@@ -54,7 +54,7 @@ MANIFEST = "manifest.json"
 DISTRIBUTED = "distributed"  # torch.distributed.checkpoint's files (--parallel fsdp)
 # what the top of a run directory holds of the newest checkpoint (a loadable model directory)
 PUBLISHED = ("config.json", "model.safetensors", "train_config.json", "config.yaml", ADAPTER_CONFIG,
-             ADAPTER_WEIGHTS) + TOKENIZER_FILES
+             ADAPTER_WEIGHTS, GENERATION_CONFIG) + TOKENIZER_FILES
 _STEP_DIR = re.compile(r"step-(\d+)(?:-(\d+))?\Z")
 _HASH_CHUNK = 1 << 20
 
@@ -171,6 +171,7 @@ def _write_rest(tmp: Path, *, model, tokenizer, config: TrainConfig, state: dict
 
         save_adapter(adapter, tmp)
     tokenizer.save(tmp)
+    save_checkpoint_fields(tokenizer, tmp)  # a fine-tuned chat model keeps its chat template and stop tokens
     _write_file(tmp / "train_config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     _write_file(tmp / "config.yaml", config.to_yaml())
     torch_save(state, tmp / TRAIN_STATE)
