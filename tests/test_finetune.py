@@ -322,7 +322,7 @@ def test_a_fine_tuned_chat_model_keeps_its_chat_template_special_tokens_and_stop
 
 
 def test_a_plain_tokenizer_writes_no_extra_files(tmp_path):
-    base = _base(tmp_path, "Mamba1")  # bytes: no template, no special names, no ids beyond eos
+    _base(tmp_path, "Mamba1")  # bytes: no template, no special names, no ids beyond eos
     assert not (tmp_path / "base-Mamba1" / "chat_template.jinja").exists()
     assert not (tmp_path / "base-Mamba1" / "generation_config.json").exists()
     assert json.loads((tmp_path / "base-Mamba1" / "tokenizer_config.json").read_text()) == {"type": "bytes"}
