@@ -14,7 +14,7 @@ and its special tokens come from the checkpoint's configs, never from guesses at
     names    tokenizer_config.json, then special_tokens_map.json   (bos_token, eos_token, ...)
 eos_id is the first end-of-sequence id found, `stop_ids` every one of them. The chat template is
 tokenizer_config.json's "chat_template" (a string, or a list of named templates: "default") or
-chat_template.jinja.
+chat_template.jinja; texts that end generation, generation_config.json's "stop_strings".
 """
 
 from __future__ import annotations
@@ -148,6 +148,12 @@ def _apply_checkpoint_fields(tokenizer, directory: Path, cfg: dict, names: dict[
     template = _chat_template(directory, cfg)
     if template is not None:
         tokenizer.chat_template = template
+    gen = directory / GENERATION_CONFIG
+    stops = read_json(gen).get("stop_strings") if gen.is_file() else None
+    if isinstance(stops, str):
+        stops = [stops]
+    if isinstance(stops, list):
+        tokenizer.stop_strings = tuple(s for s in stops if isinstance(s, str) and s)
 
 
 def _chat_template(directory: Path, cfg: dict) -> str | None:
@@ -186,9 +192,9 @@ def save_tokenizer(tokenizer, directory: Path, format: str) -> None:
 def save_checkpoint_fields(tokenizer, directory: Path) -> None:
     """Write back what `load_checkpoint_tokenizer` took from a checkpoint's configs rather than from the tokenizer's
     own files, so that loading `directory` gives it again: the chat template (chat_template.jinja), the special
-    token names (tokenizer_config.json: bos_token, pad_token, ...; a name already there is kept) and the bos, pad
-    and every stop id (generation_config.json's bos_token_id, pad_token_id and eos_token_id, merged into one that is
-    there). Without it a model fine-tuned from a chat model would be saved without its template and stop tokens.
+    token names (tokenizer_config.json: bos_token, pad_token, ...; a name already there is kept), the bos, pad and
+    every stop id, and the stop strings (generation_config.json's bos_token_id, pad_token_id, eos_token_id and
+    stop_strings, merged into one that is there). Without it a model fine-tuned from a chat model would be saved without its template and stop tokens.
     A tokenizer with none of these fields (e.g. a plain ByteTokenizer) writes nothing."""
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str) and template:
@@ -208,6 +214,9 @@ def save_checkpoint_fields(tokenizer, directory: Path) -> None:
     stops = [int(i) for i in dict.fromkeys(([] if eos is None else [eos]) + list(getattr(tokenizer, "stop_ids", ())))]
     if stops and stops != ([] if eos is None else [eos]):
         ids["eos_token_id"] = stops  # the first is eos_id, the rest also end generation
+    stop_strings = [s for s in getattr(tokenizer, "stop_strings", ()) or () if isinstance(s, str) and s]
+    if stop_strings:
+        ids["stop_strings"] = stop_strings  # transformers' GenerationConfig field of the same name
     if ids:
         gen = directory / GENERATION_CONFIG
         write_json(gen, {**(read_json(gen) if gen.is_file() else {}), **ids})

@@ -209,6 +209,11 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
             raise UsageError(str(err)) from None
     # every id that ends a reply (generation_config.json may list several), and the id a document starts with
     stop_ids = list(getattr(tokenizer, "stop_ids", ()) or ([] if tokenizer.eos_id is None else [tokenizer.eos_id]))
+    # and every text that does (generation_config.json's stop_strings: e.g. a model fine-tuned on conversations
+    # with mambakit's default template ends each turn with "<|end|>"), besides --stop
+    model_stops = [s for s in getattr(tokenizer, "stop_strings", ()) or () if s not in (stops or [])]
+    if model_stops:
+        stops = (stops or []) + model_stops
     first = getattr(tokenizer, "bos_id", None)
     first = tokenizer.eos_id if first is None else first
     start = [] if chat or first is None else [first]
@@ -243,21 +248,21 @@ def main(model: str, prompt: str = "", prompts_file: str | None = None, output: 
         encode = encode_prompt
     try:
         return _generate(lm, tokenizer, prompt, prompts, output, batch_size, max_new_tokens, chat, encode,
-                         stop_ids, governor, sampling)
+                         stop_ids, governor, sampling, model_stops)
     finally:
         governor.restore()  # main may run in a process that goes on (tests, a notebook)
 
 
 def _generate(lm, tokenizer, prompt, prompts, output, batch_size, max_new_tokens, chat, encode_prompt, stop_ids,
-              governor, sampling) -> int:
+              governor, sampling, model_stops: list[str]) -> int:
     """`main` after the checks and the loading: stream one prompt to stdout, or a prompts file to --output."""
     from ..data import IncrementalDecoder
-    from ..generation import stream
+    from ..generation import StopTextFilter, stream
 
     t0 = time.perf_counter()
     if prompts is not None:
         batches = _generate_file(lm, tokenizer, prompts, encode_prompt, stop_ids, output, batch_size, max_new_tokens,
-                                 sampling)
+                                 sampling, model_stops)
         (n_first, t_first), n_rest = batches[0], sum(n for n, _ in batches[1:])
         print(speed_report("first batch", n_first, t_first - t0, n_rest, batches[-1][1] - t_first), file=sys.stderr)
         return 0
@@ -268,6 +273,8 @@ def _generate(lm, tokenizer, prompt, prompts, output, batch_size, max_new_tokens
     out.write("" if chat else prompt)
     out.flush()
     decoder = IncrementalDecoder(tokenizer)
+    # the model's own stop strings are not printed (a tail that may begin one is held back); --stop's are
+    shown = StopTextFilter(model_stops)
     n_new, t_first = 0, None
     for token in stream(lm, prompt_ids, max_new_tokens, **sampling):
         if t_first is None:
@@ -276,10 +283,10 @@ def _generate(lm, tokenizer, prompt, prompts, output, batch_size, max_new_tokens
         n_new += 1
         if token in stop_ids:
             break
-        out.write(decoder.push(token))
+        out.write(shown.push(decoder.push(token)))
         out.flush()
     t_end = time.perf_counter()
-    out.write(decoder.flush() + "\n")
+    out.write(shown.push(decoder.flush()) + shown.flush() + "\n")
     out.flush()
     if t_first is None:  # --max-new-tokens 0
         print(f"0 tokens in {t_end - t0:.2f} s", file=sys.stderr)
@@ -366,13 +373,14 @@ def speed_report(first: str, n_first: int, first_s: float, n_rest: int, rest_s: 
 
 
 def _generate_file(lm, tokenizer, prompts: list[str], encode_prompt, stop_ids: list[int], output: str | None,
-                   batch_size: int, max_new_tokens: int, sampling: dict) -> list[tuple[int, float]]:
+                   batch_size: int, max_new_tokens: int, sampling: dict,
+                   model_stops: list[str]) -> list[tuple[int, float]]:
     """Continue each prompt in batches of batch_size; write one JSON line per prompt; return, per batch, its
     new-token count and the time.perf_counter() at its end.
 
     Batch k is seeded with seed + k * batch_size, so a seeded run is reproducible and its batches differ.
     """
-    from ..generation import generate
+    from ..generation import StopTextFilter, generate
 
     encoded = [encode_prompt(text) for text in prompts]
     if any(not ids for ids in encoded):
@@ -387,8 +395,9 @@ def _generate_file(lm, tokenizer, prompts: list[str], encode_prompt, stop_ids: l
             for i, new in enumerate(generate(lm, batch, max_new_tokens, **{**sampling, "seed": seed})):
                 n_new += len(new)
                 text_ids = new[:-1] if new and new[-1] in stop_ids else new
-                record = {"index": first + i, "prompt": prompts[first + i], "completion": tokenizer.decode(text_ids),
-                          "new_tokens": len(new)}
+                shown = StopTextFilter(model_stops)  # the text before the model's first stop string
+                text = shown.push(tokenizer.decode(text_ids)) + shown.flush()
+                record = {"index": first + i, "prompt": prompts[first + i], "completion": text, "new_tokens": len(new)}
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
             sink.flush()
             batches.append((n_new, time.perf_counter()))

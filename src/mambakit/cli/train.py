@@ -98,7 +98,8 @@ def _text(text: str) -> str | None:
 # the fields whose flags keep their own names and checks (the command's flags before the derived ones)
 _OWN_FLAGS = {"recipe", "data", "tokenizer", "out_dir", "max_steps", "time_budget_s", "d_model", "n_layer", "layer",
               "seqlen", "batch_size", "lr", "seed", "device", "on_nonfinite", "keep_checkpoints", "progress",
-              "recompute", "grad_accum", "parallel", "log_every", "save_every", "logger", "init_from", "lora_rank"}
+              "recompute", "grad_accum", "parallel", "log_every", "save_every", "logger", "init_from", "lora_rank",
+              "chat_template"}
 # the model's shape: a fine-tuning run (--init-from) takes it from the loaded model
 _SHAPE_FIELDS = ("d_model", "n_layer", "layer", "d_state", "expand", "headdim", "chunk_size")
 # what may change when a run is resumed: nothing that changes a step's numbers (batch_size, grad_accum and the
@@ -143,8 +144,13 @@ def build_parser(prog: str = "mambakit train") -> Parser:
     p.add_argument("--lora-rank", type=non_negative_int, metavar="N", help="with --init-from: train peft LoRA adapters "
                    "of rank N on in_proj, x_proj, dt_proj (--lora-targets) instead of every weight (needs peft: the "
                    "`train` extra)")
-    p.add_argument("--task", choices=("text", "dna"), help="text (default) or dna: FASTA genomes (--data, default "
-                   "Debian's ragout-examples), one token per base (A C G T N), reverse-complement augmentation")
+    p.add_argument("--task", choices=("text", "dna", "chat"), help="text (default); dna: FASTA genomes (--data, "
+                   "default Debian's ragout-examples), one token per base (A C G T N), reverse-complement "
+                   "augmentation; chat: --data is conversations (.jsonl of {\"messages\": [...]} or {\"prompt\", "
+                   "\"completion\"}), rendered with the model's chat template, only the assistant's tokens scored")
+    p.add_argument("--chat-template", metavar="FILE", help="with --task chat: a Jinja chat template to render the "
+                   "conversations with (saved with the model), or 'default'; without it the tokenizer's own, else "
+                   "mambakit's default (role headers, turns ending in <|end|>, which generation then stops at)")
     p.add_argument("--out", "--out-dir", dest="out_dir", metavar="DIR", help="run directory (default: ./runs/<recipe>)")
     p.add_argument("--max-steps", type=positive_int, metavar="N", help="optimizer steps; the LR schedule spans them")
     p.add_argument("--time-budget", dest="time_budget_s", type=_duration, metavar="T",
@@ -278,6 +284,14 @@ def _main(resume: bool, overwrite: bool, files: list[str], print_config: bool, s
     )
 
     task = settings.pop("task", "text")
+    if task != "chat" and "chat_template" in settings:
+        raise UsageError("--chat-template renders conversations: give --task chat too")
+    if task == "chat" and not resume:
+        if "data" not in settings:
+            raise UsageError("--task chat needs --data: a .jsonl / .json file (or a folder of them) of conversations, "
+                             "one {\"messages\": [{\"role\": \"user\", \"content\": ...}, {\"role\": "
+                             "\"assistant\", ...}]} per line")
+        settings["chat"] = True
     if task == "dna" and not resume:  # the task picks the data source and the tokenizer, nothing else
         if "tokenizer" in settings:
             raise UsageError("--task dna tokenizes one base per token: leave out --tokenizer")

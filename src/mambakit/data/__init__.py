@@ -9,6 +9,7 @@ Typical use:
     torch.Size([16, 257])
     >>> streams = load_token_streams("my_data/", tok)       # tokenized once into an on-disk cache, then memory-mapped
     >>> split_window(window, tok.eos_id).seq_idx            # packed documents: the state restarts at each EOS
+    >>> chats = conversation_streams("chats.jsonl", tok)      # fine-tuning on conversations: the assistant's tokens
 """
 
 from .corpora import (
@@ -21,8 +22,10 @@ from .corpora import (
     shakespeare_documents,
     split_documents,
 )
+from .conversations import (DEFAULT_CHAT_TEMPLATE, ConversationStreams, conversation_streams, encode_conversation,
+                            load_conversations)
 from .errors import DataError
-from .packing import WindowBatch, seq_idx_from_eos, split_window
+from .packing import IGNORE_INDEX, WindowBatch, seq_idx_from_eos, split_window
 from .sources import Corpus, is_datasets_dir, open_corpus
 from .stream import RandomWindows, TokenStream, eval_target_count, eval_windows, segment_windows
 from .streaming import IncrementalDecoder
@@ -55,6 +58,12 @@ __all__ = [
     "WindowBatch",
     "seq_idx_from_eos",
     "split_window",
+    "IGNORE_INDEX",
+    "DEFAULT_CHAT_TEMPLATE",
+    "load_conversations",
+    "encode_conversation",
+    "ConversationStreams",
+    "conversation_streams",
     "Corpus",
     "open_corpus",
     "is_datasets_dir",

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["WindowBatch", "seq_idx_from_eos", "split_window"]
+__all__ = ["IGNORE_INDEX", "WindowBatch", "seq_idx_from_eos", "split_window"]
 
 
 class WindowBatch(NamedTuple):
@@ -64,11 +64,20 @@ def seq_idx_from_eos(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return torch.cumsum(input_ids == eos_id, dim=1, dtype=torch.int32)
 
 
-def split_window(window: torch.Tensor, eos_id: int | None) -> WindowBatch:
+IGNORE_INDEX = -100  # a target that is not scored (cross_entropy's default ignore_index)
+
+
+def split_window(window: torch.Tensor, eos_id: int | None, scored: torch.Tensor | None = None,
+                 starts: torch.Tensor | None = None) -> WindowBatch:
     """(batch, seqlen + 1) windows -> inputs, targets and the seq_idx that resets the state at each `eos_id`.
 
     `eos_id=None` (a tokenizer without an end-of-document token, or resets turned off) gives seq_idx None:
     the state runs across document boundaries.
+
+    A conversation stream (data.conversations) gives two (batch, seqlen + 1) bool masks of the window's tokens:
+    `scored` (the assistant's tokens) turns every target it does not mark into IGNORE_INDEX, and `starts` (where a
+    conversation begins) makes the seq_idx instead of `eos_id`: the state restarts at each conversation's first
+    token, and an end-of-document token inside a conversation (a template's bos text) is read as any other.
 
     Example:
         >>> b = split_window(torch.tensor([[4, 0, 5, 6]]), eos_id=0)
@@ -79,4 +88,12 @@ def split_window(window: torch.Tensor, eos_id: int | None) -> WindowBatch:
         raise ValueError(f"split_window: window must be (batch, seqlen + 1) with seqlen >= 1, "
                          f"got {tuple(window.shape)}")
     inputs, targets = window[:, :-1], window[:, 1:]  # (batch, seqlen) each
+    for name, mask in (("scored", scored), ("starts", starts)):
+        if mask is not None and mask.shape != window.shape:
+            raise ValueError(f"split_window: {name} must have the window's shape {tuple(window.shape)}, "
+                             f"got {tuple(mask.shape)}")
+    if scored is not None:
+        targets = targets.masked_fill(~scored[:, 1:], IGNORE_INDEX)
+    if starts is not None:
+        return WindowBatch(inputs, targets, torch.cumsum(starts[:, :-1], dim=1, dtype=torch.int32))
     return WindowBatch(inputs, targets, None if eos_id is None else seq_idx_from_eos(inputs, eos_id))

@@ -41,6 +41,12 @@ class TokenStream:
             raise ValueError(f"tokens must be 1-D (ntokens,), got shape {tuple(tokens.shape)}")
         self.tokens = tokens  # (ntokens,)
         self.tokenizer = tokenizer
+        # A conversation set (data.conversations) adds two (ntokens,) bool masks: `scored`, whether token i is
+        # scored as a target (the assistant's tokens), and `starts`, whether a conversation starts at token i (the
+        # state restarts there: conversations are not separated by an end-of-document token, so each is read as
+        # a chat request renders it). None for a stream of documents: every token scored, EOS separates.
+        self.scored: torch.Tensor | None = None
+        self.starts: torch.Tensor | None = None
 
     @classmethod
     def from_documents(cls, docs: list[Document], tokenizer: Tokenizer) -> TokenStream:
@@ -90,13 +96,46 @@ class RandomWindows:
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
         self._arange = torch.arange(seqlen + 1)  # (seqlen + 1,)
+        # a conversation stream: windows start at conversation starts (see _conversation_batch)
+        self._conversations = None if stream.starts is None else torch.nonzero(stream.starts).flatten()
 
     def next_batch(self) -> torch.Tensor:
         """The next (batch_size, seqlen + 1) int64 windows of this rank (on CPU)."""
-        n_starts = len(self.stream) - self.seqlen  # valid starts: 0 .. ntokens - (seqlen + 1)
+        return self.next_batch_masked()[0]
+
+    def next_batch_masked(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The next windows (as `next_batch`) and, for a conversation stream, its `scored` and `starts` masks'
+        (batch_size, seqlen + 1) bool windows at the same places (None otherwise). One draw either way: the two
+        methods advance the generator alike.
+
+        A conversation stream's windows each start at a random conversation's first token (never inside one: an
+        assistant's token is always read after its whole conversation so far, as in a chat request); a
+        conversation longer than the window is trained on its first seqlen + 1 tokens only."""
+        s = self.stream
+        if self._conversations is not None:
+            return self._conversation_batch()
+        n_starts = len(s) - self.seqlen  # valid starts: 0 .. ntokens - (seqlen + 1)
         starts = torch.randint(0, n_starts, (self.world_size * self.batch_size,), generator=self.generator)
         starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]  # (batch,)
-        return self.stream.tokens[starts[:, None] + self._arange].long()  # (batch, seqlen + 1)
+        index = starts[:, None] + self._arange  # (batch, seqlen + 1)
+        return s.tokens[index].long(), None, None
+
+    def _conversation_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Windows that start where a conversation starts (a random one each), so no scored token loses its
+        context: a window holds that conversation and those after it, cut at seqlen + 1 tokens, padded (token 0,
+        not scored, its own segment) past the stream's end."""
+        s, n = self.stream, len(self.stream)
+        pick = torch.randint(0, len(self._conversations), (self.world_size * self.batch_size,),
+                             generator=self.generator)
+        starts = self._conversations[pick[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]]
+        index = starts[:, None] + self._arange  # (batch, seqlen + 1)
+        inside = index < n
+        index = index.clamp(max=n - 1)
+        tokens = torch.where(inside, s.tokens[index].long(), 0)
+        first_pad = inside & ~torch.cat([inside[:, 1:], torch.zeros_like(inside[:, :1])], dim=1)
+        starts_mask = s.starts[index] & inside
+        starts_mask[:, 1:] |= first_pad[:, :-1]  # the padding after the end restarts the state
+        return tokens, s.scored[index] & inside, starts_mask
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

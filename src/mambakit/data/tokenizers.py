@@ -62,7 +62,9 @@ class _CheckpointFields:
 
     bos_id, pad_id: begin-of-sequence and padding ids. stop_ids: every id that ends generation (eos_id and,
     e.g., generation_config.json's list). special_tokens: {"bos_token": "<s>", "eos_token": "</s>", ...}, the
-    names a chat template reads. chat_template: a Jinja template (see mambakit.data.chat).
+    names a chat template reads. chat_template: a Jinja template (see mambakit.data.chat). stop_strings: texts that
+    end generation (generation_config.json's "stop_strings"; e.g. the end of turn of a model fine-tuned on
+    conversations with mambakit's default template).
     """
 
     bos_id: int | None = None
@@ -70,6 +72,7 @@ class _CheckpointFields:
     stop_ids: tuple[int, ...] = ()
     special_tokens: dict[str, str] | None = None
     chat_template: str | None = None
+    stop_strings: tuple[str, ...] = ()
 
 
 class ByteTokenizer(_CheckpointFields):

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..data.conversations import conversation_spans, conversation_windows
 from ..data.packing import seq_idx_from_eos, split_window
 from ..data.stream import TokenStream, eval_target_count, eval_windows, segment_windows
 
@@ -133,6 +134,10 @@ def evaluate_stream(model: torch.nn.Module, stream: TokenStream, seqlen: int, ba
     n_targets = eval_target_count(stream, max_tokens)
     if n_targets == 0:
         raise ValueError(f"nothing to evaluate: the stream has {len(stream)} tokens")
+    scored = getattr(stream, "scored", None)  # (ntokens,) bool: only these targets count (conversations)
+    if scored is not None and carry_state:
+        raise ValueError("carry_state reads a stream of documents; a stream with a scored mask (conversations) is "
+                         "scored window by window")
     device = next(model.parameters()).device
     vocab_size = stream.tokenizer.vocab_size
     was_training = model.training
@@ -145,10 +150,17 @@ def evaluate_stream(model: torch.nn.Module, stream: TokenStream, seqlen: int, ba
         _score_segments(model, stream, seqlen, batch_size, max_tokens, autocast_dtype, rank, world_size, eos_id,
                         total, bar)
     else:
-        for window in eval_windows(stream, seqlen, batch_size, max_tokens, rank=rank, world_size=world_size):
+        if scored is None:
+            windows = ((w, None, None) for w in eval_windows(stream, seqlen, batch_size, max_tokens, rank=rank,
+                                                             world_size=world_size))
+        else:  # conversations: a row per conversation, from its start (data.conversation_windows)
+            windows = conversation_windows(stream, seqlen, batch_size, max_tokens, rank=rank, world_size=world_size)
+        for window, mask, starts in windows:
             window = window.to(device, non_blocking=True)  # (b, L + 1)
             bar.update(window[:, 1:].numel() * world_size)  # the other ranks score as many targets meanwhile
-            inputs, targets, seq_idx = split_window(window, eos_id)  # (b, L) each
+            if mask is not None:
+                mask, starts = mask.to(device, non_blocking=True), starts.to(device, non_blocking=True)
+            inputs, targets, seq_idx = split_window(window, eos_id, mask, starts)  # (b, L) each
             seq_idx = None if seq_idx is None else _boundaries_or_none(seq_idx)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = model(inputs) if seq_idx is None else model(inputs, seq_idx=seq_idx)  # (b, L, padded vocab)
@@ -161,5 +173,25 @@ def evaluate_stream(model: torch.nn.Module, stream: TokenStream, seqlen: int, ba
         dist.all_reduce(total)
     model.train(was_training)
     nats = float(total)
-    n_bytes = stream.tokenizer.count_bytes(stream.tokens[1:n_targets + 1].tolist())
+    if scored is None:
+        n_bytes = stream.tokenizer.count_bytes(stream.tokens[1:n_targets + 1].tolist())
+    else:  # the scored targets of the conversations read (whole ones), each run of them decoded whole
+        n_read = conversation_spans(stream, max_tokens)[-1][1] - 1
+        n_bytes, n_targets = _scored_bytes(stream, n_read), int(scored[1:n_read + 1].sum())
+        if n_targets == 0:
+            raise ValueError("nothing to evaluate: the held-out conversations read have no assistant tokens")
     return Evaluation(nats / n_targets, nats / (math.log(2) * n_bytes), n_targets, n_bytes)
+
+
+def _scored_bytes(stream: TokenStream, n_targets: int) -> int:
+    """Bytes of text of the scored targets among targets 1..n_targets, each run of consecutive ones decoded whole."""
+    mask = stream.scored[1:n_targets + 1].tolist()
+    tokens = stream.tokens[1:n_targets + 1].tolist()
+    total, start = 0, None
+    for i, on in enumerate(mask + [False]):
+        if on and start is None:
+            start = i
+        elif not on and start is not None:
+            total += stream.tokenizer.count_bytes(tokens[start:i])
+            start = None
+    return total

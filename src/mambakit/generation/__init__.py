@@ -7,7 +7,7 @@ from .generate import SamplingParams, generate, stream
 from .sampling import apply_repetition_penalty, greedy, logits_to_probs, sample, seen_tokens
 from .state_file import SavedState, StateFileWarning, load_state, save_state
 from .steps import decode_one_token, prefill
-from .stopping import StopStrings
+from .stopping import StopStrings, StopTextFilter
 
 __all__ = [
     "InferenceCache",
@@ -25,6 +25,7 @@ __all__ = [
     "generate",
     "stream",
     "StopStrings",
+    "StopTextFilter",
     "logits_to_probs",
     "apply_repetition_penalty",
     "sample",

@@ -36,3 +36,40 @@ class StopStrings:
         """Whether the text of `tokens` (a row's new tokens so far) contains a stop string ending in its tail."""
         text = self.decode(tokens[-self.window:])
         return any(s in text for s in self.stops)
+
+
+class StopTextFilter:
+    """Streamed text with the stop strings cut: what may be shown now, holding back a tail that could still
+    become a stop string, and nothing from the first stop string on (as OpenAI's `stop` reads).
+
+    Example:
+        >>> f = StopTextFilter(["<|end|>"])
+        >>> f.push("42<|e"), f.push("nd|>\\n"), f.stopped
+        ('42', '', True)
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        """The part of the text so far that is safe to show (none once a stop string has been seen)."""
+        if self.stopped:
+            return ""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[:min(hits)], ""
+            return out
+        # hold back the longest tail that is the start of a stop string
+        keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(self.pending)), 0, -1)
+                    if s.startswith(self.pending[-k:])), default=0)
+        out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return out
+
+    def flush(self) -> str:
+        """What was held back, at the end of the stream (no stop string completed it)."""
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out

@@ -218,6 +218,9 @@ class _Server:
               prompt_logprobs: bool, channel: _Channel) -> list[GenerationRequest]:
         limit = self.scheduler.max_model_len
         seed = req.seed if req.seed is not None else _SEEDS.getrandbits(63)
+        # the request's stop sequences and the model's own (generation_config.json's stop_strings: e.g. the end of
+        # turn of a model fine-tuned on conversations with mambakit's default template)
+        stops = list(dict.fromkeys(req.stop_list() + list(getattr(self.tokenizer, "stop_strings", ()) or ())))
         out = []
         for p_index, prompt in enumerate(prompts):
             n_tokens = len(prompt.ids)
@@ -232,7 +235,7 @@ class _Server:
                                  frequency_penalty=req.frequency_penalty or 0.0,
                                  presence_penalty=req.presence_penalty or 0.0,
                                  key=request_key(seed, p_index * req.n + c)) for c in range(req.n)]
-            out.append(GenerationRequest(prompt.ids, budget, choices, channel.sink(p_index), stops=req.stop_list(),
+            out.append(GenerationRequest(prompt.ids, budget, choices, channel.sink(p_index), stops=stops,
                                          flush=channel.dispatcher.wake, logprobs=logprobs,
                                          prompt_logprobs=prompt_logprobs, ignore_eos=req.ignore_eos))
         return out

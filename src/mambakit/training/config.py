@@ -50,6 +50,12 @@ class TrainConfig:
     tokenize_procs: int = 0  # processes that build the token cache; 0 = one per core (up to 8)
     streaming: bool = False  # stream json/parquet/text files and datasets directories (corpora larger than RAM)
     text_column: str = "text"  # the text column of datasets directories and streamed json/parquet files
+    # data is conversations (.jsonl / .json of {"messages": [...]}, data.conversations): rendered with a chat
+    # template, only the assistant's tokens scored, in training and evaluation
+    chat: bool = False
+    # with chat: None = the tokenizer's chat template, else mambakit's default (data.DEFAULT_CHAT_TEMPLATE);
+    # "default"; or the path of a Jinja file
+    chat_template: str | None = None
     # model
     layer: str = "Mamba2"  # "Mamba1", "Mamba2" (any case), or a Transformer baseline: "transformer++", "gpt3"
     d_model: int = 128
@@ -168,6 +174,10 @@ class TrainConfig:
                 or not all(isinstance(t, str) and t for t in self.lora_targets)):
             raise ValueError(f"lora_targets must be a non-empty list of layer names, got {self.lora_targets!r}")
         self.lora_targets = list(self.lora_targets)
+        if self.chat and (self.streaming or self.tokenizer == "nucleotides"):
+            raise ValueError("chat reads a file or folder of conversations: not with streaming or the DNA tokenizer")
+        if self.chat_template is not None and not self.chat:
+            raise ValueError("chat_template renders conversations: set chat too")
         # torch.manual_seed takes [0, 2**64) (negatives wrap around); anything else overflows inside torch
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be an int in [0, 2**64), got {self.seed!r}")

@@ -47,9 +47,8 @@ from pathlib import Path
 
 import torch
 
-from ..data import (ByteTokenizer, HFTokenizer, RandomWindows, WindowBatch, eval_target_count, load_token_streams,
-                    split_window)
-from ..evaluation import evaluate_bits_per_byte, token_nll_sum
+from ..data import IGNORE_INDEX, ByteTokenizer, HFTokenizer, RandomWindows, WindowBatch, load_token_streams, split_window
+from ..evaluation import evaluate_stream, token_nll_sum
 from .checkpoint import (
     Checkpoint,
     load_sharded_state,
@@ -163,8 +162,12 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, no_decay: set[str]
 
 
 def forward_backward(model: torch.nn.Module, window: torch.Tensor | WindowBatch, vocab_size: int,
-                     autocast_dtype: torch.dtype | None = None, chunked_loss: bool = True) -> torch.Tensor:
+                     autocast_dtype: torch.dtype | None = None, chunked_loss: bool = True,
+                     scored_only: bool = False) -> torch.Tensor:
     """Mean next-token cross-entropy of a (batch, seqlen + 1) window, backpropagated. Returns the detached loss.
+
+    With `scored_only` the targets set to IGNORE_INDEX (data.split_window's `scored` mask: a conversation's
+    non-assistant tokens) are left out, and the mean is over the others (per micro-batch).
 
     A `WindowBatch` (data.split_window) carries inputs, targets and the seq_idx of packed documents, which
     the model gets so that its state restarts at each document boundary; a plain tensor runs without resets.
@@ -179,15 +182,18 @@ def forward_backward(model: torch.nn.Module, window: torch.Tensor | WindowBatch,
     """
     inputs, targets, seq_idx = window if isinstance(window, WindowBatch) else split_window(window, None)
     extra = {} if seq_idx is None else {"seq_idx": seq_idx}
+    # the mean over the scored targets: all of them, or those a conversation's mask left (IGNORE_INDEX elsewhere;
+    # a batch with none scores 0); the same number either way for a batch without a mask
+    n_scored = (targets != IGNORE_INDEX).sum().clamp_min(1) if scored_only else targets.numel()
     own_loss = chunked_loss and _scores_targets(model)
     with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         if own_loss:
             # the model's own loss (ops.linear_cross_entropy): never the (batch, seqlen, vocab) logits
-            loss = model(inputs, targets=targets, vocab_size=vocab_size, reduction="sum", **extra) / targets.numel()
+            loss = model(inputs, targets=targets, vocab_size=vocab_size, reduction="sum", **extra) / n_scored
         else:
             logits = model(inputs, **extra)  # (batch, seqlen, padded vocab)
     if not own_loss:
-        loss = token_nll_sum(logits, targets, vocab_size) / targets.numel()
+        loss = token_nll_sum(logits, targets, vocab_size) / n_scored
     loss.backward()
     return loss.detach()
 
@@ -202,13 +208,14 @@ def _scores_targets(model: torch.nn.Module) -> bool:
 
 
 def _load_data(cfg: TrainConfig, checkpoint: Checkpoint | None = None):
-    """Tokenizer, (train, held-out) document counts and their token streams (from the token cache). A resumed run
-    reads tokenizer "init" from its checkpoint (which holds it), not from init_from again."""
+    """Tokenizer, (train, held-out) document counts, their token streams (from the token cache) and, for a
+    conversation set (cfg.chat), the held-out conversations (else None). A resumed run reads tokenizer "init" from
+    its checkpoint (which holds it), not from init_from again."""
     if cfg.tokenizer == "nucleotides":  # `--task dna`: FASTA genomes, one token per base (data/dna.py)
         from ..data.dna import load_dna_corpus
 
         tokenizer, (train_records, val_records), train, val = load_dna_corpus(cfg.data, cfg.val_fraction)
-        return tokenizer, (len(train_records), len(val_records)), train, val
+        return tokenizer, (len(train_records), len(val_records)), train, val, None
     if cfg.tokenizer == "init" and checkpoint is not None:
         from ..checkpoints import load_checkpoint_tokenizer
 
@@ -219,10 +226,23 @@ def _load_data(cfg: TrainConfig, checkpoint: Checkpoint | None = None):
         tokenizer = init_tokenizer(cfg)
     else:
         tokenizer = ByteTokenizer() if cfg.tokenizer == "bytes" else HFTokenizer(cfg.tokenizer)
+    if cfg.chat:  # conversations: the assistant's tokens scored (stream.scored), rendered with a chat template
+        from ..data.conversations import conversation_streams
+
+        if cfg.data is None:
+            raise ValueError("chat fine-tuning needs data: a .jsonl / .json file (or a folder of them) of "
+                             "conversations, {\"messages\": [{\"role\": ..., \"content\": ...}, ...]} per line")
+        chats = conversation_streams(cfg.data, tokenizer, cfg.val_fraction, template=cfg.chat_template,
+                                     progress=cfg.progress)
+        # saved with every checkpoint (checkpoints.save_checkpoint_fields): generate --chat and serve render
+        # prompts as the model was trained, and stop where its turns end
+        tokenizer.chat_template = chats.template
+        tokenizer.stop_strings = tuple(dict.fromkeys((*getattr(tokenizer, "stop_strings", ()), *chats.stop_strings)))
+        return tokenizer, (chats.n_train, chats.n_val), chats.train, chats.val, chats.val_conversations
     streams = load_token_streams(cfg.data, tokenizer, val_fraction=cfg.val_fraction, token_cache=cfg.token_cache,
                                  num_proc=cfg.tokenize_procs, streaming=cfg.streaming, text_column=cfg.text_column,
                                  progress=cfg.progress)
-    return tokenizer, (streams.documents["train"], streams.documents["val"]), streams.train, streams.val
+    return tokenizer, (streams.documents["train"], streams.documents["val"]), streams.train, streams.val, None
 
 
 class Run:
@@ -287,7 +307,7 @@ class Run:
             checkpoint = resolve_checkpoint(self.out_dir)
         if info.distributed and not info.is_main:
             torch.distributed.barrier()  # rank 0 builds the token cache first; the others then read it
-        self.tokenizer, (n_train_docs, n_val_docs), train_stream, self.val_stream = _load_data(
+        self.tokenizer, (n_train_docs, n_val_docs), train_stream, self.val_stream, self.val_chats = _load_data(
             cfg, checkpoint if resume else None)
         if info.distributed and info.is_main:
             torch.distributed.barrier()
@@ -333,9 +353,11 @@ class Run:
         self._say(f"mambakit train: recipe {cfg.recipe}: {mixer}, d_model {mc.d_model}, {mc.n_layer} layers, "
                   f"{n_params / 1e6:.2f}M parameters{start}, on {self.device}{how}"
                   + (f", {cfg.grad_accum} micro-steps per step" if cfg.grad_accum > 1 else ""))
-        docs = "document" if n_train_docs == 1 else "documents"
+        docs = ("conversation" if cfg.chat else "document") + ("" if n_train_docs == 1 else "s")
+        scored = "" if train_stream.scored is None else \
+            f" ({float(train_stream.scored.float().mean()):.0%} of them the assistant's, the only ones scored)"
         self._say(f"data: {cfg.data or 'built-in Shakespeare'}: {n_train_docs} {docs}, {len(train_stream):,} "
-                  f"tokens for training; {n_val_docs} held out, {len(self.val_stream):,} tokens; tokenizer "
+                  f"tokens for training{scored}; {n_val_docs} held out, {len(self.val_stream):,} tokens; tokenizer "
                   f"{self.tokenizer!r}")
         if checkpoint is not None:
             self._say(f"resuming from {checkpoint.path} at step {self.global_step}")
@@ -468,7 +490,8 @@ class Run:
             return "time_budget"
         return None
 
-    def _micro_step(self, window: torch.Tensor, last: bool) -> torch.Tensor:
+    def _micro_step(self, window: torch.Tensor, scored: torch.Tensor | None, starts: torch.Tensor | None,
+                    last: bool) -> torch.Tensor:
         """Forward and backward of one micro-batch; gradients are synced across processes on the last one only."""
         if self.info.distributed and self.sharded:
             self.model.set_requires_gradient_sync(last)
@@ -478,9 +501,12 @@ class Run:
         else:
             sync = contextlib.nullcontext()
         with sync:
-            batch = split_window(window.to(self.device, non_blocking=True), self.doc_eos)
+            if scored is not None:  # a conversation stream: its masks (data.split_window)
+                scored = scored.to(self.device, non_blocking=True)
+                starts = starts.to(self.device, non_blocking=True)
+            batch = split_window(window.to(self.device, non_blocking=True), self.doc_eos, scored, starts)
             return forward_backward(self.model, batch, self.vocab, self.autocast_dtype,
-                                    chunked_loss=self.cfg.loss == "chunked")
+                                    chunked_loss=self.cfg.loss == "chunked", scored_only=scored is not None)
 
     def step(self) -> None:
         """One optimizer step (grad_accum micro-steps), then its record, evaluation and checkpoint when due.
@@ -491,9 +517,12 @@ class Run:
         lr = lr_at(self.global_step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        windows = self.sampler.next_batch()  # (grad_accum * batch, seqlen + 1)
+        # (grad_accum * batch, seqlen + 1) windows; of conversations also their bool masks, else None
+        windows, scored, starts = self.sampler.next_batch_masked()
         micro = windows.split(cfg.batch_size)  # grad_accum x (batch, seqlen + 1)
-        losses = [self._micro_step(w, last=i == len(micro) - 1) for i, w in enumerate(micro)]
+        masks = [(None, None)] * len(micro) if scored is None else list(zip(scored.split(cfg.batch_size),
+                                                                           starts.split(cfg.batch_size)))
+        losses = [self._micro_step(w, *masks[i], last=i == len(micro) - 1) for i, w in enumerate(micro)]
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         if len(micro) > 1:
             # each micro-step added the gradient of its own mean; the step's is the mean over the global batch
@@ -567,18 +596,17 @@ class Run:
         return record
 
     def evaluate(self, max_tokens: int | None) -> dict:
-        """Held-out loss and bits per byte on the first `max_tokens` targets (all when None):
-        {"step", "loss", "bpb", "tokens"}. Every process calls it."""
+        """Held-out loss and bits per byte on the first `max_tokens` targets (all when None; of a conversation set,
+        the assistant's among them): {"step", "loss", "bpb", "tokens"}. Every process calls it."""
         if self.sharded and self.info.distributed:
             # every forward of a sharded model is collective: each process scores every window
             rank, world_size = 0, 1
         else:
             rank, world_size = self.info.rank, self.info.world_size
-        loss, bpb = evaluate_bits_per_byte(self.raw_model, self.val_stream, self.cfg.seqlen, self.cfg.eval_batch_size,
-                                           max_tokens, autocast_dtype=self.autocast_dtype, rank=rank,
-                                           world_size=world_size, reset_at_eos=self.cfg.reset_at_eos)
-        return {"step": self.global_step, "loss": loss, "bpb": bpb,
-                "tokens": eval_target_count(self.val_stream, max_tokens)}
+        result = evaluate_stream(self.raw_model, self.val_stream, self.cfg.seqlen, self.cfg.eval_batch_size,
+                                 max_tokens, autocast_dtype=self.autocast_dtype, rank=rank, world_size=world_size,
+                                 reset_at_eos=self.cfg.reset_at_eos)
+        return {"step": self.global_step, "loss": result.loss, "bpb": result.bits_per_byte, "tokens": result.tokens}
 
     def save(self) -> bool:
         """Write a checkpoint of this step, unless the newest one on disk is of this step already. Every process
@@ -647,8 +675,12 @@ class Run:
                 from ..models import MambaLM
 
                 model = MambaLM.from_pretrained(self.out_dir, device=self.device)
-            result.sample = _sample(model, self.tokenizer, cfg)
-            self._say(f"sample (temperature {cfg.sample_temperature:g}):\n{cfg.sample_prompt}{result.sample}")
+            if self.val_chats:  # replies to held-out conversations, beside the held-out answers
+                result.sample = _chat_samples(model, self.tokenizer, cfg, self.val_chats)
+                self._say(f"held-out conversations, greedy replies:\n{result.sample}")
+            else:
+                result.sample = _sample(model, self.tokenizer, cfg)
+                self._say(f"sample (temperature {cfg.sample_temperature:g}):\n{cfg.sample_prompt}{result.sample}")
         result.elapsed_s = time.perf_counter() - self.t_start
         if info.is_main:
             metrics = {"step": step, "max_steps": cfg.max_steps, "val_loss": final["loss"], "val_bpb": final["bpb"],
@@ -830,6 +862,35 @@ def _out_of_time(t_start: float, budget_s: float, info: DistInfo, step: int, eve
         flag = flag.cuda()
     dist.broadcast(flag, src=0)
     return bool(flag.item())
+
+
+def chat_reply(model: torch.nn.Module, tokenizer, messages: list[dict], max_new_tokens: int) -> str:
+    """The model's greedy reply to `messages`, rendered with the tokenizer's chat template as a chat request is,
+    ended by a stop id or one of the tokenizer's stop strings (cut there)."""
+    from ..data.chat import apply_chat_template
+    from ..generation import generate
+
+    ids = tokenizer.encode(apply_chat_template(tokenizer, messages, add_generation_prompt=True))
+    stop_ids = list(getattr(tokenizer, "stop_ids", ()) or ([] if tokenizer.eos_id is None else [tokenizer.eos_id]))
+    stops = list(getattr(tokenizer, "stop_strings", ()) or ())
+    new = generate(model, [ids], max_new_tokens, temperature=0.0, eos_token_id=stop_ids or None,
+                   stop_strings=stops or None, decode=tokenizer.decode if stops else None)[0]
+    if new and new[-1] in stop_ids:
+        new = new[:-1]
+    text = tokenizer.decode(new)
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+def _chat_samples(model: torch.nn.Module, tokenizer, cfg: TrainConfig, conversations: list[list[dict]],
+                  n: int = 3) -> str:
+    """Lines "user text -> reply (held out: answer)" for the first assistant turn of the first `n` conversations."""
+    lines = []
+    for conv in conversations[:n]:
+        i = next(k for k, m in enumerate(conv) if m["role"] == "assistant")
+        reply = chat_reply(model, tokenizer, conv[:i], max(cfg.sample_tokens, 1))
+        lines.append(f"{conv[i - 1]['content']!r} -> {reply!r} (held out: {conv[i]['content']!r})")
+    return "\n".join(lines)
 
 
 def _sample(model: torch.nn.Module, tokenizer, cfg: TrainConfig) -> str:
