@@ -342,3 +342,13 @@ def test_stop_text_filter_shows_the_text_before_the_first_stop_string(pieces, st
     f = StopTextFilter(stops)
     out = "".join(f.push(p) for p in pieces) + f.flush()
     assert out == shown
+
+
+def test_chat_loss_all_trains_on_every_token_and_still_scores_the_assistant_held_out(tmp_path):
+    path = _write_jsonl(tmp_path / "c.jsonl", _color_chats(20))
+    masked = conversation_streams(path, ByteTokenizer(), 0.2)
+    every = conversation_streams(path, ByteTokenizer(), 0.2, train_loss="all")
+    assert torch.equal(every.train.scored, ~every.train.starts) and bool((~masked.train.scored & every.train.scored).any())
+    assert torch.equal(every.val.scored, masked.val.scored)
+    with pytest.raises(ValueError, match="chat_loss must be"):
+        TrainConfig(chat=True, chat_loss="user")

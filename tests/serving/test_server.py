@@ -404,3 +404,25 @@ def test_chat_without_a_template_is_a_clear_400(checkpoint):
             _still_serves(client)
     finally:
         srv.stop()
+
+
+def test_the_models_own_stop_strings_end_completions_and_chats(checkpoint):
+    """A tokenizer's stop_strings (generation_config.json: a model fine-tuned with `--task chat` and the default
+    template ends its turns with "<|end|>") end every reply without being asked, as a request's `stop` does."""
+    with_stops = ByteTokenizer()
+    free = TOK.decode(generate(checkpoint[1], [[TOK.eos_id] + TOK.encode("to be")], 24, temperature=0.0)[0])
+    stop = free[3:5]
+    with_stops.stop_strings = (stop,)
+    srv = ServerThread(checkpoint[1], with_stops, chat_template=CHAT_TEMPLATE, max_batch_size=2, prefill_chunk=16,
+                       max_model_len=4096)
+    try:
+        with httpx.Client(timeout=60) as http:
+            text = http.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": "to be", "max_tokens": 24,
+                                                               "temperature": 0}).json()["choices"][0]
+            chat = http.post(srv.url + "/v1/chat/completions", json={
+                "model": "tiny", "messages": [{"role": "user", "content": "to be"}], "max_tokens": 24,
+                "temperature": 0}).json()["choices"][0]
+    finally:
+        srv.stop()
+    assert text["text"] == free[:free.index(stop)] and text["finish_reason"] == "stop"
+    assert stop not in chat["message"]["content"]

@@ -205,12 +205,13 @@ def _stream(encoded: list[tuple[list[int], list[bool]]], tokenizer) -> TokenStre
 
 
 def conversation_streams(path: str | Path, tokenizer, val_fraction: float = 0.05, *, template: str | None = None,
-                         seed: int = 0, progress: bool = False) -> ConversationStreams:
+                         seed: int = 0, train_loss: str = "assistant", progress: bool = False) -> ConversationStreams:
     """Load the conversations at `path`, hold out a seeded random `val_fraction` of them (at least one, and at
     least one left to train on), render and tokenize each (`encode_conversation`) and pack each split into a stream.
 
     The held-out set depends on the conversations' order in the files and the seed only. `template` as in
-    `chat_template_of`.
+    `chat_template_of`. `train_loss` "all" scores every training token but each conversation's first (the
+    baseline without a loss mask); the held-out stream always scores the assistant's tokens only.
 
     Example:
         >>> data = conversation_streams("chats.jsonl", tokenizer, 0.05)
@@ -230,7 +231,11 @@ def conversation_streams(path: str | Path, tokenizer, val_fraction: float = 0.05
 
     encoded = [encode_conversation(tokenizer, c, template)
                for c in tqdm(conversations, desc="tokenize", unit="conv", disable=not progress, leave=False)]
+    if train_loss not in ("assistant", "all"):
+        raise DataError(f"train_loss must be 'assistant' or 'all', got {train_loss!r}")
     train = _stream([e for i, e in enumerate(encoded) if i not in val_ids], tokenizer)
+    if train_loss == "all":
+        train.scored = ~train.starts
     val = _stream([e for i, e in enumerate(encoded) if i in val_ids], tokenizer)
     if not bool(train.scored.any()):
         raise DataError(f"{path}: the training conversations have no assistant tokens after rendering")

@@ -56,6 +56,9 @@ class TrainConfig:
     # with chat: None = the tokenizer's chat template, else mambakit's default (data.DEFAULT_CHAT_TEMPLATE);
     # "default"; or the path of a Jinja file
     chat_template: str | None = None
+    # with chat: the training loss on "assistant" tokens only, or on "all" of a conversation's tokens (the usual
+    # baseline without a mask); held-out figures always score the assistant's
+    chat_loss: str = "assistant"
     # model
     layer: str = "Mamba2"  # "Mamba1", "Mamba2" (any case), or a Transformer baseline: "transformer++", "gpt3"
     d_model: int = 128
@@ -176,6 +179,8 @@ class TrainConfig:
         self.lora_targets = list(self.lora_targets)
         if self.chat and (self.streaming or self.tokenizer == "nucleotides"):
             raise ValueError("chat reads a file or folder of conversations: not with streaming or the DNA tokenizer")
+        if self.chat_loss not in ("assistant", "all"):
+            raise ValueError(f"chat_loss must be 'assistant' or 'all', got {self.chat_loss!r}")
         if self.chat_template is not None and not self.chat:
             raise ValueError("chat_template renders conversations: set chat too")
         # torch.manual_seed takes [0, 2**64) (negatives wrap around); anything else overflows inside torch

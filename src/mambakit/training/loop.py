@@ -233,7 +233,7 @@ def _load_data(cfg: TrainConfig, checkpoint: Checkpoint | None = None):
             raise ValueError("chat fine-tuning needs data: a .jsonl / .json file (or a folder of them) of "
                              "conversations, {\"messages\": [{\"role\": ..., \"content\": ...}, ...]} per line")
         chats = conversation_streams(cfg.data, tokenizer, cfg.val_fraction, template=cfg.chat_template,
-                                     progress=cfg.progress)
+                                     train_loss=cfg.chat_loss, progress=cfg.progress)
         # saved with every checkpoint (checkpoints.save_checkpoint_fields): generate --chat and serve render
         # prompts as the model was trained, and stop where its turns end
         tokenizer.chat_template = chats.template
@@ -354,7 +354,7 @@ class Run:
                   f"{n_params / 1e6:.2f}M parameters{start}, on {self.device}{how}"
                   + (f", {cfg.grad_accum} micro-steps per step" if cfg.grad_accum > 1 else ""))
         docs = ("conversation" if cfg.chat else "document") + ("" if n_train_docs == 1 else "s")
-        scored = "" if train_stream.scored is None else \
+        scored = "" if train_stream.scored is None or cfg.chat_loss == "all" else \
             f" ({float(train_stream.scored.float().mean()):.0%} of them the assistant's, the only ones scored)"
         self._say(f"data: {cfg.data or 'built-in Shakespeare'}: {n_train_docs} {docs}, {len(train_stream):,} "
                   f"tokens for training{scored}; {n_val_docs} held out, {len(self.val_stream):,} tokens; tokenizer "
