@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from ..data.audio import mu_law_encode
 from ..data.spoken_digits import speaker_recordings
 from ..models.unet import AudioUNet, UNetConfig
-from .common import FINISHED, Run, TrainSettings, _read_json, figure, save_plot, loss_plot, markdown_table
+from .common import (FINISHED, Run, TrainSettings, _read_json, context_verdict, figure, loss_plot,
+                     markdown_table, save_plot)
 from .dna_audio_common import bits_per_sample, train_module
 from .spoken_digits import _data_root, settings as _digit_settings
 
@@ -172,28 +173,7 @@ but not exactly the same speakers, each window from an empty state.
 
 
 def _verdict(rows, contexts) -> str:
-    """The trend of each model's bits per sample over the contexts, and whether the paper's claim holds: Mamba's
-    falls from the shortest context to the longest, and by more than S4D+MLP's (or rises by less)."""
-    lines, change = [], {}
-    for label in dict.fromkeys(r["label"] for r in rows):
-        bps = {r["context"]: r["bits_per_sample"] for r in rows if r["label"] == label}
-        seen = [bps[L] for L in contexts if L in bps]
-        if len(seen) < 2:
-            continue
-        steps = [b - a for a, b in zip(seen, seen[1:])]
-        trend = ("falls at every longer context" if all(d < 0 for d in steps) else
-                 "rises at every longer context" if all(d > 0 for d in steps) else "does not move one way")
-        change[label] = seen[-1] - seen[0]
-        lines.append(f"- {label}: {seen[0]:.3f} -> {seen[-1]:.3f} bits per sample ({change[label]:+.3f}); it {trend}.")
-    mamba, s4d = change.get("Mamba-UNet"), change.get("S4D+MLP-UNet")
-    if mamba is None or s4d is None:
-        return "\n".join(lines)
-    if mamba < 0 and mamba < s4d:
-        verdict = "The paper's claim holds here: Mamba-UNet improves with longer training context, more than S4D+MLP-UNet."
-    elif mamba < s4d:
-        verdict = ("The paper's claim does not hold at this budget and on this data: longer training context does not "
-                   "improve Mamba-UNet; it only loses less than S4D+MLP-UNet.")
-    else:
-        verdict = ("The paper's claim does not hold at this budget and on this data: Mamba-UNet gains no more from longer "
-                   "training context than S4D+MLP-UNet.")
-    return "\n".join(lines + ["", verdict])
+    """Each U-Net's bits per sample over the contexts and whether the paper's claim holds (`context_verdict`)."""
+    series = {label: {r["context"]: r["bits_per_sample"] for r in rows if r["label"] == label and r["context"] in
+                      contexts} for label in dict.fromkeys(r["label"] for r in rows)}
+    return context_verdict(series, "Mamba-UNet", "S4D+MLP-UNet", "bits per sample")

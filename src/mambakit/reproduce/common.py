@@ -607,6 +607,44 @@ def median_index(values: list[float]) -> int:
     return order[(len(values) - 1) // 2]
 
 
+def context_verdict(series: dict[str, dict[int, float]], selective: str, baseline: str, unit: str) -> str:
+    """What a lower-is-better metric does as the training context grows, per model, and whether the Mamba paper's
+    claim holds: the selective model's value falls from the shortest context to the longest, by more than the
+    time-invariant baseline's (or the baseline's rises more). Markdown lines, then the verdict.
+
+    Args:
+        series: {model label: {context: value}}; selective, baseline: two of its labels; unit: e.g. "bits per sample".
+
+    Example:
+        >>> context_verdict({"Mamba": {1024: 3.7, 4096: 3.6}, "S4D": {1024: 3.6, 4096: 3.6}}, "Mamba", "S4D", "ppl")
+    """
+    lines, change = [], {}
+    for label, values in series.items():
+        seen = [values[L] for L in sorted(values)]
+        if len(seen) < 2:
+            continue
+        steps = [b - a for a, b in zip(seen, seen[1:])]
+        trend = ("falls at every longer context" if all(d < 0 for d in steps) else
+                 "rises at every longer context" if all(d > 0 for d in steps) else "does not move one way")
+        best = min(values, key=values.get)
+        change[label] = seen[-1] - seen[0]
+        lines.append(f"- {label}: {seen[0]:.3f} -> {seen[-1]:.3f} {unit} ({change[label]:+.3f}); it {trend} "
+                     f"(best at 2^{int(math.log2(best))}).")
+    mine, theirs = change.get(selective), change.get(baseline)
+    if mine is None or theirs is None:
+        return "\n".join(lines)
+    if mine < 0 and mine < theirs:
+        verdict = (f"The paper's claim holds here: {selective} improves with longer training context, more than "
+                   f"{baseline}.")
+    elif mine < theirs:
+        verdict = (f"The paper's claim does not hold at this budget and on this data: longer training context does not "
+                   f"improve {selective}; it only loses less than {baseline}.")
+    else:
+        verdict = (f"The paper's claim does not hold at this budget and on this data: {selective} gains no more from "
+                   f"longer training context than {baseline}.")
+    return "\n".join(lines + ["", verdict])
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -33,7 +33,8 @@ import torch
 from ..data.dna import DEBIAN_GENOMES, genome_files, genome_streams, load_genome, random_reverse_complement
 from ..data.synthetic import SyntheticBatch
 from ..models import MambaConfig
-from .common import FINISHED, ModelSpec, Run, TrainSettings, figure, save_plot, loss_plot, markdown_table
+from .common import (FINISHED, ModelSpec, Run, TrainSettings, context_verdict, figure, loss_plot, markdown_table,
+                     save_plot)
 from .dna_audio_common import markov_genome_fasta
 
 NAME = "dna-context"
@@ -189,4 +190,15 @@ d_state {s['d_state']}, no MLP. Each context length L is a separate model traine
 {s['tokens_per_step']:,} tokens (batch = tokens / L), with a sequence-length warm-up from {s['slw_start']} bases doubling
 over the first {s['slw_fraction']:.0%} of the steps. Evaluation: non-overlapping held-out windows of length L, at most
 {s['eval_tokens']:,} bases.
+
+## What it shows
+
+{context_verdict({m: {r["context"]: r["perplexity"] for r in rows if r["mixer"] == m} for m in ("Mamba", "S4D")},
+                 "Mamba", "S4D", "perplexity")}
+
+How this differs from the paper's run: bacterial genomes, not the human genome; {s['steps']} steps of
+{s['tokens_per_step']:,} tokens for every model ({s['steps'] * s['tokens_per_step'] / 1e6:,.0f}M tokens), so the model at
+the longest context sees {max(1, s['tokens_per_step'] // contexts[-1])} window(s) a step and, after the warm-up,
+~{max(1, round(s['steps'] * (1 - s['slw_fraction']))) * max(1, s['tokens_per_step'] // contexts[-1])} windows of its
+full length in all; the paper trains each model far longer.
 """
