@@ -359,6 +359,20 @@ def test_reproduce_dna_context_quick(tmp_path):
     for r in rows:
         assert 1.0 < r["perplexity"] < 9.0 * 1.5 and r["steps"] == s["steps"]  # an untrained model guesses among 9
         assert r["batch_size"] == s["tokens_per_step"] // r["context"]
+    readme = (out / "README.md").read_text()
+    mamba = sorted((r["context"], r["perplexity"]) for r in rows if r["mixer"] == "Mamba")
+    assert f"- Mamba: {mamba[0][1]:.3f} -> {mamba[-1][1]:.3f} perplexity" in readme and "The paper's claim" in readme
+
+
+def test_context_verdict_follows_the_numbers():
+    from mambakit.reproduce.common import context_verdict
+
+    holds = context_verdict({"Mamba": {1024: 3.7, 4096: 3.6, 16384: 3.5}, "S4D": {1024: 3.6, 4096: 3.6, 16384: 3.65}},
+                            "Mamba", "S4D", "perplexity")
+    assert "claim holds here" in holds and "falls at every longer context (best at 2^14)" in holds
+    assert "- S4D: 3.600 -> 3.650 perplexity (+0.050); it does not move one way" in holds  # flat, then up
+    worse = context_verdict({"Mamba": {1024: 3.6, 4096: 3.7}, "S4D": {1024: 3.6, 4096: 3.65}}, "Mamba", "S4D", "ppl")
+    assert "gains no more" in worse and "(+0.100)" in worse
 
 
 @pytest.mark.parametrize("quick", [True, False])
