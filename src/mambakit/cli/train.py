@@ -44,6 +44,9 @@ examples:
   mambakit train --init-from state-spaces/mamba-130m-hf --data my_texts/ --lora-rank 8
       fine-tune a trained model on your text: LoRA adapters (or, without --lora-rank, every weight); the run
       directory holds the merged model and the adapter in peft's layout; step 0 scores the model as loaded
+  mambakit train --task chat --init-from runs/shakespeare --data chats.jsonl --out runs/chat
+      fine-tune on conversations ({"messages": [...]} per line): only the assistant's tokens are scored; the
+      chat template and its stop strings are saved with the model (mambakit generate --model runs/chat --chat)
   torchrun --nproc-per-node 2 -m mambakit.cli train --recipe shakespeare --device cuda
       data-parallel on 2 GPUs; --batch-size is per process (and micro-step: x --grad-accum)
   torchrun --nproc-per-node 8 -m mambakit.cli train --config run.yaml --parallel fsdp
@@ -253,6 +256,7 @@ def main(*, resume: bool = False, overwrite: bool = False, config: list[str] | N
         mambakit train --data my_texts/ --layer mamba1 --d-model 256 --n-layer 4 --time-budget 30m
         mambakit train --resume --out runs/quick
         mambakit train --task dna --data genomes/ --seqlen 1024
+        mambakit train --task chat --init-from runs/shakespeare --data chats.jsonl --out runs/chat
         mambakit train --config run.yaml --grad-accum 4
     """
     handler = logging.StreamHandler(sys.stdout)
