@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 
 from ..data import ByteTokenizer
+from ..generation import StopTextFilter
 
 
 class _ByteDecoder:
@@ -77,33 +78,22 @@ class TextStream:
 
     def __init__(self, tokenizer, stops: list[str] | None = None):
         self.decoder = _ByteDecoder() if isinstance(tokenizer, ByteTokenizer) else _WindowDecoder(tokenizer)
-        self.stops = [s for s in (stops or []) if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        # the text not sent yet (at most `hold` characters between calls) apart from what was sent (a list:
-        # appending to one string of the whole output would copy it at every token)
-        self.pending = ""
+        # what may be sent, holding back a tail that could begin a stop sequence (as `mambakit generate` prints)
+        self.filter = StopTextFilter(stops or [])
+        self.stops = self.filter.stops
+        # what was sent (a list: appending to one string of the whole output would copy it at every token)
         self.sent: list[str] = []
 
     @property
     def text(self) -> str:
         """The sequence's text so far (cut before a stop sequence that ended it), held-back part included."""
-        return "".join(self.sent) + self.pending
-
-    def _release(self, final: bool) -> tuple[str, bool]:
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            delta, self.pending = self.pending[:min(hits)], ""
-            self.sent.append(delta)
-            return delta, True
-        end = len(self.pending) if final else max(0, len(self.pending) - self.hold)
-        delta, self.pending = self.pending[:end], self.pending[end:]
-        self.sent.append(delta)
-        return delta, False
+        return "".join(self.sent) + self.filter.pending
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; returns (text to send now, True if a stop sequence now ends the sequence)."""
-        self.pending += self.decoder.push(token_id)
-        return self._release(final=False)
+        delta = self.filter.push(self.decoder.push(token_id))
+        self.sent.append(delta)
+        return delta, self.filter.stopped
 
     def push_many(self, token_ids: list[int]) -> str:
         """Add several tokens when there are no stop sequences (nothing to search for, nothing held back):
@@ -116,6 +106,6 @@ class TextStream:
 
     def finish(self) -> str:
         """The sequence ended for another reason (EOS, length): the rest of the text, held-back part included."""
-        self.pending += self.decoder.flush()
-        delta, _ = self._release(final=True)
+        delta = self.filter.push(self.decoder.flush()) + self.filter.flush()
+        self.sent.append(delta)
         return delta

@@ -868,7 +868,7 @@ def chat_reply(model: torch.nn.Module, tokenizer, messages: list[dict], max_new_
     """The model's greedy reply to `messages`, rendered with the tokenizer's chat template as a chat request is,
     ended by a stop id or one of the tokenizer's stop strings (cut there)."""
     from ..data.chat import apply_chat_template
-    from ..generation import generate
+    from ..generation import StopTextFilter, generate
 
     ids = tokenizer.encode(apply_chat_template(tokenizer, messages, add_generation_prompt=True))
     stop_ids = list(getattr(tokenizer, "stop_ids", ()) or ([] if tokenizer.eos_id is None else [tokenizer.eos_id]))
@@ -877,9 +877,8 @@ def chat_reply(model: torch.nn.Module, tokenizer, messages: list[dict], max_new_
                    stop_strings=stops or None, decode=tokenizer.decode if stops else None)[0]
     if new and new[-1] in stop_ids:
         new = new[:-1]
-    text = tokenizer.decode(new)
-    cut = min((text.find(s) for s in stops if s in text), default=-1)
-    return text if cut < 0 else text[:cut]
+    shown = StopTextFilter(stops)  # the text before the first stop string
+    return shown.push(tokenizer.decode(new)) + shown.flush()
 
 
 def _chat_samples(model: torch.nn.Module, tokenizer, cfg: TrainConfig, conversations: list[list[dict]],
