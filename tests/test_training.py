@@ -240,9 +240,13 @@ def _ddp_worker(rank: int, world_size: int, port: int, tmp: str) -> None:
         forward_backward(model, windows.next_batch(), 256)
         if rank == 0:
             torch.save({n: p.grad for n, p in model.module.named_parameters()}, os.path.join(tmp, "ddp_grads.pt"))
+        # the wrapper's Reducer holds the process group: freed only after destroy_process_group (at this function's
+        # return), gloo's teardown joined threads that never ended and hung CI (session 27, both ranks' work done)
+        del model
         cfg = TrainConfig.from_dict(torch.load(os.path.join(tmp, "cfg.pt")))
         result = train(cfg)
         torch.save(result.losses, os.path.join(tmp, f"losses{rank}.pt"))
+        dist.barrier()  # leave together: a rank tearing down ahead of the other can take the store from it
     finally:
         dist.destroy_process_group()
 

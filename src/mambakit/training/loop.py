@@ -715,6 +715,10 @@ class Run:
             self.metrics = None
         self.signals.restore()
         self.governor.restore()
+        if self._created_group and getattr(self, "raw_model", None) is not None:
+            # a DDP wrapper's Reducer holds the process group: freed after destroy_process_group (when the Run is),
+            # gloo's teardown joins threads that may never end (a test's process hung so in session 27)
+            self.model = self.raw_model
         destroy_distributed(self._created_group, finished=finished)
         self._created_group = False
 
