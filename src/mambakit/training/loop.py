@@ -34,6 +34,7 @@ Nothing is lost (see checkpoint.py for the checkpoint layout):
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -715,10 +716,13 @@ class Run:
             self.metrics = None
         self.signals.restore()
         self.governor.restore()
-        if self._created_group and getattr(self, "raw_model", None) is not None:
-            # a DDP wrapper's Reducer holds the process group: freed after destroy_process_group (when the Run is),
-            # gloo's teardown joins threads that may never end (a test's process hung so in session 27)
-            self.model = self.raw_model
+        if self._created_group:
+            # what holds the process group (a DDP wrapper's Reducer, FSDP2's sharded parameters and their optimizer
+            # state) goes first: freed after destroy_process_group (when the Run is), gloo's teardown joined
+            # threads that never ended (a hung test process) or destroyed joinable ones ("terminate called without
+            # an active exception", an aborted rank), session 27
+            self.model = self.raw_model = self.optimizer = self.adapter = None
+            gc.collect()
         destroy_distributed(self._created_group, finished=finished)
         self._created_group = False
 
