@@ -398,8 +398,31 @@ def test_reproduce_audio_context_quick_through_the_cli(tmp_path):
     for r in rows:
         assert 0.0 < r["bits_per_sample"] < 9.0 and r["batch_size"] * r["context"] == s["samples_per_step"]
         assert 0 < r["val_samples"] <= s["eval_samples"]
+    assert len({r["val_samples"] for r in rows}) == 1  # every context scores the same held-out samples
     readme = (out / "README.md").read_text()
     assert "(bits_vs_context.png)" in readme and "## What it shows" in readme and "paper's claim" in readme
+
+
+def test_audio_context_scores_the_same_held_out_samples_at_every_context():
+    from mambakit.reproduce.audio_context import _held_out_spans, _held_out_windows
+
+    recordings = [torch.arange(1000, 1000 + n) for n in (70, 9, 300)]  # distinct values: positions are traceable
+    spans = _held_out_spans(recordings, 32, 200)  # 6 spans of 32 predictions: 2 from the first, 4 from the third
+    assert [s[0].item() for s in spans] == [1000, 1032, 1000, 1032, 1064, 1096]
+    predicted = None
+    for length in (4, 8, 32):
+        windows = _held_out_windows(spans, length)
+        assert windows.shape == (6 * 32 // length, length + 1)
+        targets = windows[:, 1:].flatten().tolist()
+        predicted = predicted or targets
+        assert targets == predicted  # the same samples, in the same order, whatever the context
+    assert predicted == [v for s in spans for v in s[1:].tolist()]  # each span's 2nd .. last sample, once
+    with pytest.raises(ValueError, match="does not divide"):
+        _held_out_windows(spans, 12)
+    with pytest.raises(ValueError, match="smaller than the longest context"):
+        _held_out_spans(recordings, 32, 16)
+    with pytest.raises(ValueError, match="no held-out recording is longer"):
+        _held_out_spans(recordings[1:2], 32, 200)
 
 
 @pytest.mark.parametrize("mamba, s4d, verdict", [

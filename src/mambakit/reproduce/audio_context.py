@@ -12,7 +12,8 @@ validation speakers' recordings are held out. --quick: the tone stand-in set, 25
 Models: `AudioUNet` Mamba-UNet (Mamba-1 blocks) and S4D+MLP-UNet (S4D-Lin, complex A), one per context length L,
 each trained for the same steps of the same `samples_per_step` (batch = samples_per_step / L): equal compute per
 point. Windows of L + 1 mu-law levels are drawn uniformly within one speaker's recording. Metric: bits per sample
-on non-overlapping held-out windows of length L (each from an empty state), at most `eval_samples` predictions.
+on the same held-out samples for every L: the first `eval_samples` (a whole number of the longest context) of the
+held-out recordings, cut into non-overlapping windows of length L, each read from an empty state.
 """
 
 from __future__ import annotations
@@ -67,17 +68,30 @@ def _windows(recordings: list[torch.Tensor], length: int, count: int, g: torch.G
     return torch.stack(rows)
 
 
-def _held_out_windows(recordings: list[torch.Tensor], length: int, max_samples: int) -> torch.Tensor:
-    """Non-overlapping (n, length + 1) windows of the held-out recordings in order, n * length <= max_samples."""
-    rows = []
+def _held_out_spans(recordings: list[torch.Tensor], span: int, max_samples: int) -> list[torch.Tensor]:
+    """The held-out samples every context scores: (span + 1,) pieces of the held-out recordings, in order,
+    non-overlapping (each piece's last sample is the next one's first), at most max_samples // span of them."""
+    count = max_samples // span
+    if count < 1:
+        raise ValueError(f"audio-context: eval_samples {max_samples} is smaller than the longest context {span}")
+    spans = []
     for r in recordings:
-        for start in range(0, r.numel() - length, length):
-            if (len(rows) + 1) * length > max_samples:
-                return torch.stack(rows)
-            rows.append(r[start:start + length + 1])
-    if not rows:
-        raise ValueError(f"audio-context: no held-out recording is longer than the context {length}")
-    return torch.stack(rows)
+        for start in range(0, r.numel() - span, span):
+            if len(spans) == count:
+                return spans
+            spans.append(r[start:start + span + 1])
+    if not spans:
+        raise ValueError(f"audio-context: no held-out recording is longer than the longest context {span}")
+    return spans
+
+
+def _held_out_windows(spans: list[torch.Tensor], length: int) -> torch.Tensor:
+    """(n, length + 1) windows cutting every held-out span into span / length pieces, so that every context predicts
+    exactly the same samples (each span's 2nd .. last); `length` must divide the span length."""
+    span = spans[0].numel() - 1
+    if span % length:
+        raise ValueError(f"audio-context: context {length} does not divide the held-out span {span}")
+    return torch.stack([s[i:i + length + 1] for s in spans for i in range(0, span, length)])
 
 
 def prepare(run: Run) -> None:
@@ -94,6 +108,8 @@ def run(run: Run) -> int:
     def lm_loss(model, rows):
         return F.cross_entropy(model(rows[:, :-1]).float().flatten(0, 1), rows[:, 1:].flatten())
 
+    # the same held-out samples for every context: spans of the longest one, cut into each context's windows
+    spans = _held_out_spans(val_recs, 2 ** max(s["contexts_log2"]), s["eval_samples"])
     rows, curves = [], {}
     for k in s["contexts_log2"]:
         L = 2 ** k
@@ -105,7 +121,7 @@ def run(run: Run) -> int:
             name = f"{key}-L{L}"
             model = train_module(run, name, lambda: AudioUNet(cfg), train,
                                  lambda step, g: (_windows(train_recs, L, batch, g),), lm_loss)
-            held = _held_out_windows(val_recs, L, s["eval_samples"])
+            held = _held_out_windows(spans, L)
             result = None if model is None else run.cached(name, "val", lambda: {
                 "bits_per_sample": bits_per_sample(model, held, s["eval_batch"], run.device),
                 "samples": int(held[:, 1:].numel())})
@@ -157,7 +173,9 @@ concatenated into one recording; {n_train} training speakers, {n_val} held-out (
 
 **Models**: U-Nets of width {s['d_model']}, {s['n_layers']} blocks per stage, pooling {s['pool']}, d_state {s['d_state']};
 each trained {s['steps']} steps of {s['samples_per_step']:,} samples (batch = samples / context), lr {s['lr']:g}.
-Evaluation: non-overlapping held-out windows of the model's context, at most {s['eval_samples']:,} predictions.
+Evaluation: the same {max((r['val_samples'] for r in rows), default=0):,} held-out predictions for every context (spans of the
+longest context from the held-out recordings, in order), cut into non-overlapping windows of each model's context, each
+read from an empty state.
 
 ## What it shows
 
@@ -166,9 +184,7 @@ Evaluation: non-overlapping held-out windows of the model's context, at most {s[
 How this differs from the paper's setting: a recording here is one speaker's 1 s digit clips put end to end, so context
 past a second carries the voice but no longer structure (the paper's YouTubeMix piano has minutes of music); at equal
 samples per step a model at the longest context sees {max(1, s['samples_per_step'] // contexts[-1])} window(s) a step
-against {max(1, s['samples_per_step'] // contexts[0])} at the shortest; and the paper trains far longer. The held-out
-windows are the first ones of the held-out speakers, in order, up to the prediction cap, so each context scores nearly
-but not exactly the same speakers, each window from an empty state.
+against {max(1, s['samples_per_step'] // contexts[0])} at the shortest; and the paper trains far longer.
 """
 
 
