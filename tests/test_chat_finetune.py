@@ -296,6 +296,17 @@ def test_a_chat_run_learns_the_answers_and_saves_what_chat_requests_need(tmp_pat
     assert main(["generate", "--model", str(run), "--chat", "--prompt", "light green", "--temperature", "0",
                  "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out == "go\n"
+    # `mambakit eval` on conversations scores as the run's held-out figure does (on by default for a chat model)
+    from mambakit.data import conversation_streams
+
+    held_out = _write_jsonl(tmp_path / "held_out.jsonl", conversation_streams(data, tok, 0.1).val_conversations)
+    assert main(["eval", "--model", str(run), "--data", held_out, "--json", "--no-progress", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["chat"] is True and report["carry_state"] is False
+    assert report["loss"] == pytest.approx(result.val_loss, rel=1e-4, abs=1e-6)
+    assert report["documents"] == 30 and report["tokens"] < report["bytes"] * 1.01  # bytes: assistant text only
+    assert main(["eval", "--model", str(run), "--data", held_out, "--no-chat", "--no-progress", "--device", "cpu"]) == 2
+    assert "holds conversations: give --chat" in capsys.readouterr().err
 
 
 def test_a_chat_run_resumes_exactly(tmp_path):
@@ -318,6 +329,16 @@ def test_chat_settings_and_cli_errors(tmp_path, capsys):
     data = _write_jsonl(tmp_path / "c.jsonl", _color_chats(10))
     assert main(["train", "--task", "chat", "--data", data, "--chat-template", str(tmp_path / "none.jinja"),
                  "--out", str(tmp_path / "y"), "--max-steps", "1", "--no-progress"]) != 0
+    assert "none.jinja: no such file" in capsys.readouterr().err
+    model_dir = tmp_path / "m"
+    _tiny_lm("mamba1").save_pretrained(model_dir, tokenizer=ByteTokenizer())
+    for flags, message in ((["--chat", "--streaming"], "not with --streaming or --carry-state"),
+                           (["--chat", "--carry-state"], "not with --streaming or --carry-state"),
+                           (["--chat-template", "default"], "give --chat too")):
+        assert main(["eval", "--model", str(model_dir), "--data", data, *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["eval", "--model", str(model_dir), "--data", data, "--chat", "--chat-template",
+                 str(tmp_path / "none.jinja"), "--no-progress"]) == 2
     assert "none.jinja: no such file" in capsys.readouterr().err
 
 

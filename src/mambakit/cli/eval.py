@@ -24,6 +24,9 @@ examples:
       a directory written by datasets' save_to_disk (every split)
   mambakit eval --model runs/my_texts --data shards/ --streaming --max-tokens 1000000
       json/parquet/text files read through datasets' streaming (never held in memory whole)
+  mambakit eval --model runs/chat --data held_out_chats.jsonl --chat
+      conversations ({"messages": [...]} per line) rendered with the model's chat template, each read from an
+      empty state, only the assistant's tokens scored (the default for a model trained with --task chat)
   mambakit eval --model runs/my_texts --tasks my_task --include-path my_tasks/
       lm-evaluation-harness tasks (pip install 'mambakit[lm_eval]'); prints lm-eval's table
 
@@ -55,6 +58,11 @@ def build_parser(prog: str = "mambakit eval") -> Parser:
     p.add_argument("--carry-state", action=argparse.BooleanOptionalAction, default=None,
                    help="carry each row's state from window to window (default: on for models without attention "
                         "layers)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="--data is conversations: score the assistant's tokens only, each conversation from an empty "
+                        "state (default: on for a model trained with --task chat)")
+    p.add_argument("--chat-template", metavar="FILE", help="with --chat: a Jinja chat template, or 'default' "
+                                                           "(mambakit's); default: the model's own")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--autocast", choices=("bf16", "none"), default="bf16",
                    help="bf16 autocast on CUDA (default; ignored on CPU) or none")
@@ -80,12 +88,23 @@ def _trained_settings(directory: Path) -> dict:
         return {}
     # a run from before document resets existed trained across document boundaries
     return {"seqlen": cfg.get("seqlen"), "reset_at_eos": bool(cfg.get("reset_at_eos", False)),
-            "eval_batch_size": cfg.get("eval_batch_size")}
+            "eval_batch_size": cfg.get("eval_batch_size"), "chat": bool(cfg.get("chat", False))}
+
+
+def _holds_conversations(path: str) -> bool:
+    """Whether `path` reads as conversations ({"messages": [...]} items), for a hint when it is read as text."""
+    from ..data import load_conversations
+
+    try:
+        load_conversations(path)
+    except (ValueError, OSError):
+        return False
+    return True
 
 
 def main(model: str, data: str | None = None, json: bool = False, seqlen: int | None = None, batch_size: int | None = None,
          max_tokens: int | None = None, reset_at_eos: bool | None = None, carry_state: bool | None = None,
-         device: str = "auto",
+         chat: bool | None = None, chat_template: str | None = None, device: str = "auto",
          autocast: str = "bf16", streaming: bool = False, text_column: str = "text", token_cache: str = "auto",
          progress: bool = True, tasks: str | None = None, **task_flags) -> int:
     """Score `model` on every document of `data`; print bits per byte, perplexity and counts. Returns 0.
@@ -115,13 +134,38 @@ def main(model: str, data: str | None = None, json: bool = False, seqlen: int | 
     if reset_at_eos is None:
         reset_at_eos = trained.get("reset_at_eos", True)
 
+    if chat is None:
+        chat = trained.get("chat", False)
+    if chat and (streaming or carry_state):
+        raise UsageError("--chat reads each conversation from an empty state, from a file or folder of them: "
+                         "not with --streaming or --carry-state")
+    if chat_template is not None and not chat:
+        raise UsageError("--chat-template renders conversations: give --chat too")
+
     loaded = load_model(directory, device, dtype=None)  # the dtype the checkpoint loads in (float32 on CPU)
     lm, tokenizer, dev = loaded.lm, loaded.tokenizer, loaded.device
-    streams = load_token_streams(data, tokenizer, val_fraction=None, token_cache=token_cache, streaming=streaming,
-                                 text_column=text_column, progress=progress)
+    if chat:  # the assistant's tokens (stream.scored), each conversation from an empty state (stream.starts)
+        from ..data import conversation_stream
+        from ..data.errors import DataError
+
+        try:
+            stream, n_docs, _ = conversation_stream(data, tokenizer, template=chat_template, progress=progress)
+        except DataError as e:
+            hint = " (a model trained with --task chat reads conversations: --no-chat scores plain text)" \
+                if trained.get("chat") else ""
+            raise UsageError(f"--chat: {e}{hint}") from e
+        carry_state = False
+    else:
+        try:
+            streams = load_token_streams(data, tokenizer, val_fraction=None, token_cache=token_cache,
+                                         streaming=streaming, text_column=text_column, progress=progress)
+        except ValueError as e:
+            if not _holds_conversations(data):
+                raise
+            raise UsageError(f"{e}; {data} holds conversations: give --chat to score the assistant's turns") from e
+        stream, n_docs = streams.train, streams.documents["train"]  # val_fraction=None: every document, in order
     if carry_state is None:  # an SSM's state is fixed-size; a KV cache would grow over the whole segment
         carry_state = not getattr(lm.config, "attn_layer_idx", None)
-    stream = streams.train  # val_fraction=None: every document, in order
     if len(stream) < 2:
         raise UsageError(f"--data {data}: nothing to score ({len(stream)} token{'s' if len(stream) != 1 else ''})")
     t0 = time.perf_counter()
@@ -131,19 +175,23 @@ def main(model: str, data: str | None = None, json: bool = False, seqlen: int | 
     seconds = time.perf_counter() - t0
     report = {"model": str(model), "data": str(data), "bits_per_byte": result.bits_per_byte,
               "perplexity": result.perplexity, "loss": result.loss, "tokens": result.tokens, "bytes": result.bytes,
-              "documents": streams.documents["train"], "seqlen": seqlen, "reset_at_eos": reset_at_eos and
-              tokenizer.eos_id is not None, "carry_state": carry_state, "device": str(dev), "seconds": seconds}
+              "documents": n_docs, "chat": chat, "seqlen": seqlen,
+              "reset_at_eos": reset_at_eos and tokenizer.eos_id is not None and not chat, "carry_state": carry_state,
+              "device": str(dev), "seconds": seconds}
     if json:
         # strict JSON: a diverged model's infinite perplexity is written as null
         print(json_module.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                  for k, v in report.items()}))
     else:
+        what = ("conversations", "assistant tokens scored") if chat else ("documents", "tokens scored")
         print(f"model: {model}\n"
-              f"data: {data}: {report['documents']} documents, {result.tokens:,} tokens scored, "
+              f"data: {data}: {report['documents']} {what[0]}, {result.tokens:,} {what[1]}, "
               f"{result.bytes:,} bytes\n"
               f"bits per byte: {result.bits_per_byte:.4f}\n"
               f"perplexity: {result.perplexity:.4f} per token ({result.loss:.4f} nats/token)\n"
-              f"windows of {seqlen} tokens, state {'carried across windows' if carry_state else 'empty at each window'}"
-              f" and {'reset' if report['reset_at_eos'] else 'carried'} at document boundaries, "
-              f"{seconds:.1f} s on {dev}")
+              + (f"each conversation read from an empty state (in windows of {seqlen} tokens), " if chat else
+                 f"windows of {seqlen} tokens, state "
+                 f"{'carried across windows' if carry_state else 'empty at each window'} and "
+                 f"{'reset' if report['reset_at_eos'] else 'carried'} at document boundaries, ")
+              + f"{seconds:.1f} s on {dev}")
     return 0

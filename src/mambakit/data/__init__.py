@@ -22,8 +22,8 @@ from .corpora import (
     shakespeare_documents,
     split_documents,
 )
-from .conversations import (DEFAULT_CHAT_TEMPLATE, ConversationStreams, conversation_streams, encode_conversation,
-                            load_conversations)
+from .conversations import (DEFAULT_CHAT_TEMPLATE, ConversationStreams, conversation_stream, conversation_streams,
+                            encode_conversation, load_conversations)
 from .errors import DataError
 from .packing import IGNORE_INDEX, WindowBatch, seq_idx_from_eos, split_window
 from .sources import Corpus, is_datasets_dir, open_corpus
@@ -64,6 +64,7 @@ __all__ = [
     "encode_conversation",
     "ConversationStreams",
     "conversation_streams",
+    "conversation_stream",
     "Corpus",
     "open_corpus",
     "is_datasets_dir",

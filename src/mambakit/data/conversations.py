@@ -33,7 +33,7 @@ from .errors import DataError
 from .stream import TokenStream
 
 __all__ = ["DEFAULT_CHAT_TEMPLATE", "DEFAULT_STOP", "load_conversations", "encode_conversation",
-           "ConversationStreams", "conversation_streams", "chat_template_of", "conversation_spans",
+           "ConversationStreams", "conversation_streams", "conversation_stream", "chat_template_of", "conversation_spans",
            "conversation_windows"]
 
 DEFAULT_STOP = "<|end|>"
@@ -243,6 +243,26 @@ def conversation_streams(path: str | Path, tokenizer, val_fraction: float = 0.05
                                [c for i, c in enumerate(conversations) if i in val_ids])
 
 
+def conversation_stream(path: str | Path, tokenizer, *, template: str | None = None,
+                        progress: bool = False) -> tuple[TokenStream, int, str]:
+    """Every conversation at `path`, in the files' order, rendered and tokenized as `conversation_streams` does and
+    packed into one stream that scores the assistant's tokens only: what `mambakit eval --chat` reads.
+
+    Returns:
+        (stream, number of conversations, the template rendered with); stream.scored and .starts: (ntokens,) bool.
+    """
+    conversations = load_conversations(path)
+    template, _ = chat_template_of(tokenizer, template)
+    from tqdm.auto import tqdm
+
+    stream = _stream([encode_conversation(tokenizer, c, template)
+                      for c in tqdm(conversations, desc="tokenize", unit="conv", disable=not progress, leave=False)],
+                     tokenizer)
+    if not bool(stream.scored.any()):
+        raise DataError(f"{path}: the conversations have no assistant tokens after rendering")
+    return stream, len(conversations), template
+
+
 def conversation_spans(stream: TokenStream, max_tokens: int | None = None) -> list[tuple[int, int]]:
     """[start, end) token ranges of a conversation stream's conversations, in order: all of them, or the first ones
     up to the one that reaches `max_tokens` tokens (at least one)."""
@@ -258,19 +278,21 @@ def conversation_spans(stream: TokenStream, max_tokens: int | None = None) -> li
 
 
 def conversation_windows(stream: TokenStream, seqlen: int, batch_size: int, max_tokens: int | None = None,
-                         rank: int = 0, world_size: int = 1):
+                         rank: int = 0, world_size: int = 1, spans: list[tuple[int, int]] | None = None):
     """Held-out windows of a conversation stream that never cut a conversation's context: one row per conversation,
     from its first token (an empty state, as a chat request), padded at the end; a conversation longer than
     seqlen + 1 tokens is read in pieces of seqlen targets, each from an empty state. Rows come in batches of up to
     `batch_size`; row i belongs to rank i % world_size. Together the rows score every target inside the
     conversations of `conversation_spans(stream, max_tokens)` exactly once.
 
+    `spans`: `conversation_spans(stream, max_tokens)` when the caller has it already.
+
     Yields:
         (tokens, scored, starts): (b, l + 1) int64, bool, bool; l <= seqlen the batch's longest row; padding is
         token 0, never scored.
     """
     pieces = []
-    for a, b in conversation_spans(stream, max_tokens):
+    for a, b in (conversation_spans(stream, max_tokens) if spans is None else spans):
         for lo in range(a, b - 1, seqlen):
             pieces.append((lo, min(lo + seqlen + 1, b)))
     mine = pieces[rank::world_size]

@@ -138,6 +138,13 @@ def evaluate_stream(model: torch.nn.Module, stream: TokenStream, seqlen: int, ba
     if scored is not None and carry_state:
         raise ValueError("carry_state reads a stream of documents; a stream with a scored mask (conversations) is "
                          "scored window by window")
+    spans = None
+    if scored is not None:  # conversations: whole ones are read, only their assistant targets count
+        spans = conversation_spans(stream, max_tokens)
+        n_read = spans[-1][1] - 1
+        n_targets = int(scored[1:n_read + 1].sum())
+        if n_targets == 0:
+            raise ValueError("nothing to evaluate: the held-out conversations read have no assistant tokens")
     device = next(model.parameters()).device
     vocab_size = stream.tokenizer.vocab_size
     was_training = model.training
@@ -154,10 +161,12 @@ def evaluate_stream(model: torch.nn.Module, stream: TokenStream, seqlen: int, ba
             windows = ((w, None, None) for w in eval_windows(stream, seqlen, batch_size, max_tokens, rank=rank,
                                                              world_size=world_size))
         else:  # conversations: a row per conversation, from its start (data.conversation_windows)
-            windows = conversation_windows(stream, seqlen, batch_size, max_tokens, rank=rank, world_size=world_size)
+            windows = conversation_windows(stream, seqlen, batch_size, max_tokens, rank=rank, world_size=world_size,
+                                           spans=spans)
         for window, mask, starts in windows:
             window = window.to(device, non_blocking=True)  # (b, L + 1)
-            bar.update(window[:, 1:].numel() * world_size)  # the other ranks score as many targets meanwhile
+            # the other ranks score about as many targets meanwhile
+            bar.update((window[:, 1:].numel() if mask is None else int(mask[:, 1:].sum())) * world_size)
             if mask is not None:
                 mask, starts = mask.to(device, non_blocking=True), starts.to(device, non_blocking=True)
             inputs, targets, seq_idx = split_window(window, eos_id, mask, starts)  # (b, L) each
@@ -176,10 +185,7 @@ def evaluate_stream(model: torch.nn.Module, stream: TokenStream, seqlen: int, ba
     if scored is None:
         n_bytes = stream.tokenizer.count_bytes(stream.tokens[1:n_targets + 1].tolist())
     else:  # the scored targets of the conversations read (whole ones), each run of them decoded whole
-        n_read = conversation_spans(stream, max_tokens)[-1][1] - 1
-        n_bytes, n_targets = _scored_bytes(stream, n_read), int(scored[1:n_read + 1].sum())
-        if n_targets == 0:
-            raise ValueError("nothing to evaluate: the held-out conversations read have no assistant tokens")
+        n_bytes = _scored_bytes(stream, n_read)
     return Evaluation(nats / n_targets, nats / (math.log(2) * n_bytes), n_targets, n_bytes)
 
 
