@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
-# Stages: env tests graphtests synctests gentests compose adapters e2e finetune serve serve-repeat serve-ab serve-gc train launch scan ssd
+# Stages: env tests graphtests synctests gentests compose adapters e2e finetune serve serve-repeat serve-ab serve-gc train ce launch scan ssd
 # convnorm layers layers-ab synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
 # limit so one slow stage leaves the logs of the others intact. The machine returns at most 8 files from $OUT: end a
 # call of many stages with `pack` (every log into $OUT/logs.tgz), or logs beyond the eighth file are lost.
@@ -110,6 +110,11 @@ for stage in "$@"; do
                      "parts past the 64 MiB a call returns will be lost"
                  fi;;
     train) run train 560 python3 benchmarks/gpu_train.py ${TRAIN_FLAGS:-};;
+    # the loss alone (plain logits vs linear_cross_entropy's torch and Triton backends), then the 130M step with
+    # the model's own loss on each backend
+    ce) run ce 120 python3 benchmarks/gpu_cross_entropy.py ${CE_FLAGS:-}
+        run ce-train 400 python3 benchmarks/gpu_train.py --layers mamba2 mamba1 --paths fused fused+ce fused+cetorch \
+          --steps 10 --warmup 3;;
     launch) run launch 300 python3 benchmarks/gpu_launch.py ${LAUNCH_FLAGS:-};;
     scan) run scan 300 python3 benchmarks/gpu_selective_scan.py ${SCAN_FLAGS:-};;
     ssd) run ssd 300 python3 benchmarks/gpu_ssd.py ${SSD_FLAGS:-};;

@@ -10,8 +10,8 @@ Paths: "fused" (the default: one custom op per mixer), "unfused" (`mixer.fused =
 one), "recompute" (`mixer.recompute = True`), each eager or under `torch.compile(model)` (suffix
 "+compile"; compile time is reported separately and excluded from tokens/s). The suffix "+ce" takes the
 loss from the model itself, `model(ids, targets=...)` (`ops.linear_cross_entropy`, never the whole logits
-matrix: what `mambakit train` does); without it the loss is `F.cross_entropy` of the (B, L, V) logits, as
-mamba_ssm's row computes it. mamba_ssm's MambaLMHeadModel
+matrix: what `mambakit train` does; its Triton backend on CUDA, "+cetorch" its torch backend, for the A/B);
+without either the loss is `F.cross_entropy` of the (B, L, V) logits, as mamba_ssm's row computes it. mamba_ssm's MambaLMHeadModel
 is timed in the same process when it is importable (path "mamba_ssm").
 
     python benchmarks/gpu_train.py                                    # 130m, batch 8 x 2048, all paths
@@ -27,6 +27,7 @@ GPU time per step (name, ms per step, launches per step, share of the step's ker
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import time
@@ -73,10 +74,26 @@ def kernel_table(step, top: int, steps: int = 3) -> list[dict]:
              "share": round(us / total, 3)} for name, us, n in rows[:top]]
 
 
+@contextlib.contextmanager
+def _loss_backend(backend: str | None):
+    """linear_cross_entropy's automatic backend replaced by `backend` within the block (None: unchanged)."""
+    from mambakit.ops import dispatch
+
+    row = dispatch.BACKEND_TABLE["linear_cross_entropy"]
+    saved = dict(row)
+    if backend is not None:
+        row["triton"] = row[backend]
+    try:
+        yield
+    finally:
+        row.update(saved)
+
+
 def run_case(layer: str, shape: str, path: str, batch: int, seqlen: int, steps: int, warmup: int,
              profile_top: int = 0) -> dict:
     base_path, *flags = path.split("+")
-    compiled, own_loss = "compile" in flags, "ce" in flags
+    compiled, own_loss = "compile" in flags, "ce" in flags or "cetorch" in flags
+    ce_backend = "torch" if "cetorch" in flags else None
     if base_path == "mamba_ssm":
         model = build_mamba_ssm(layer, shape)
 
@@ -97,7 +114,8 @@ def run_case(layer: str, shape: str, path: str, batch: int, seqlen: int, steps: 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             if own_loss:  # the model's own loss: ops.linear_cross_entropy, what `mambakit train` runs
-                loss = forward(ids[:, :-1], targets=ids[:, 1:])
+                with _loss_backend(ce_backend):
+                    loss = forward(ids[:, :-1], targets=ids[:, 1:])
             else:
                 logits = forward(ids[:, :-1])
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())

@@ -34,12 +34,16 @@ def _grads(loss_fn, hidden, weight):
     return loss.detach(), hidden.grad.clone(), weight.grad.clone()
 
 
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rows_per_chunk", [None, 1, 8, 37, 64])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_matches_the_float64_reference(rows_per_chunk, reduction):
+def test_matches_the_float64_reference(rows_per_chunk, reduction, backend):
     hidden, weight, targets = _inputs()
     got = _grads(lambda: linear_cross_entropy(hidden, weight, targets, reduction=reduction,
-                                              rows_per_chunk=rows_per_chunk), hidden, weight)
+                                              rows_per_chunk=rows_per_chunk, backend=backend), hidden, weight)
     ref = _grads(lambda: linear_cross_entropy(hidden, weight, targets, reduction=reduction, backend="reference"),
                  hidden, weight)
     plain = F.cross_entropy((hidden.double() @ weight.double().t()), targets, reduction=reduction)
@@ -47,6 +51,36 @@ def test_matches_the_float64_reference(rows_per_chunk, reduction):
     for name, a, e in zip(("loss", "dhidden", "dweight"), got, ref):
         assert_close(a, e, name=name, rel=1e-5)
     assert got[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_softmax_kernel_over_many_column_blocks(dtype):
+    """The kernel's online log-sum-exp across blocks (the largest logit in a later block than the first, values
+    whose exp overflows float32 without the running max), a ragged last block, padded columns, an ignored row."""
+    from mambakit.ops.cross_entropy.triton_ce import softmax_xent_grad_
+
+    gen = torch.Generator().manual_seed(1)
+    logits = (torch.randn(6, 300, generator=gen) * 3).to(dtype)
+    logits[0, 250] = 120.0  # exp(120) is inf in float32: only the rescaled sum survives it
+    logits[1, :64] = -30.0
+    targets = torch.tensor([250, 7, 289, -100, 0, 64])
+    vocab = 290
+    ref_logits = logits.double()[:, :vocab]
+    lse = torch.logsumexp(ref_logits, dim=-1)
+    scored = targets != -100
+    safe = targets.clamp(min=0)
+    ref_loss = torch.where(scored, lse - ref_logits.gather(1, safe[:, None])[:, 0], torch.zeros(()))
+    ref_grad = torch.softmax(ref_logits, dim=-1) - F.one_hot(safe, vocab).double()
+    ref_grad = F.pad(ref_grad * scored[:, None], (0, 10))
+    got = logits.clone()
+    loss = softmax_xent_grad_(got, targets, vocab, -100, block=64)  # 5 blocks, the last one ragged
+    assert loss.dtype == torch.float32 and got.dtype == dtype
+    assert_close(loss.double(), ref_loss, name="row loss", rel=1e-5)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3  # the gradient is rounded to the logits' dtype
+    assert float((got.double() - ref_grad).abs().max()) <= tol
+    assert not got[:, vocab:].any() and not got[3].any()  # padded columns and the ignored row: no gradient
+    with pytest.raises(ValueError, match="contiguous"):
+        softmax_xent_grad_(logits.t(), targets[:6], 6, -100)
 
 
 def test_float64_inputs_stay_float64_in_the_gradients():
@@ -58,10 +92,12 @@ def test_float64_inputs_stay_float64_in_the_gradients():
     assert_close(dw, ref[2], name="dweight", rel=1e-12)
 
 
-def test_all_rows_ignored_gives_zero_and_zero_gradients():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored_gives_zero_and_zero_gradients(backend):
     hidden, weight, targets = _inputs()
     targets[:] = -100
-    loss, dh, dw = _grads(lambda: linear_cross_entropy(hidden, weight, targets, reduction="mean"), hidden, weight)
+    loss, dh, dw = _grads(lambda: linear_cross_entropy(hidden, weight, targets, reduction="mean", backend=backend),
+                          hidden, weight)
     assert loss.item() == 0.0 and not dh.any() and not dw.any()
 
 
@@ -73,11 +109,12 @@ def test_gradients_only_where_asked():
     assert hidden.grad is not None and weight.grad is None
 
 
-def test_under_bf16_autocast_equals_the_plain_head_under_the_same_autocast():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_under_bf16_autocast_equals_the_plain_head_under_the_same_autocast(backend):
     hidden, weight, targets = _inputs(rows=64, d=32, vocab=96)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = _grads(lambda: linear_cross_entropy(hidden, weight, targets, reduction="mean", rows_per_chunk=16),
-                     hidden, weight)
+        got = _grads(lambda: linear_cross_entropy(hidden, weight, targets, reduction="mean", rows_per_chunk=16,
+                                                  backend=backend), hidden, weight)
 
     def plain():
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -93,11 +130,14 @@ def test_under_bf16_autocast_equals_the_plain_head_under_the_same_autocast():
         assert float((got[i] - exact[i]).abs().max()) <= bound, name
 
 
-def test_compiles_fullgraph_and_matches_eager():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiles_fullgraph_and_matches_eager(backend):
     torch._dynamo.reset()
     hidden, weight, targets = _inputs()
-    eager = _grads(lambda: linear_cross_entropy(hidden, weight, targets, rows_per_chunk=8), hidden, weight)
-    fn = torch.compile(lambda h, w, t: linear_cross_entropy(h, w, t, rows_per_chunk=8), fullgraph=True)
+    eager = _grads(lambda: linear_cross_entropy(hidden, weight, targets, rows_per_chunk=8, backend=backend),
+                   hidden, weight)
+    fn = torch.compile(lambda h, w, t: linear_cross_entropy(h, w, t, rows_per_chunk=8, backend=backend),
+                       fullgraph=True)
     compiled = _grads(lambda: fn(hidden, weight, targets), hidden, weight)
     for name, a, e in zip(("loss", "dhidden", "dweight"), compiled, eager):
         assert_close(a, e, name=name, rel=1e-5)
@@ -121,11 +161,12 @@ def test_bad_inputs_say_what_is_wrong():
     assert rows % 128 == 0 and rows * 50280 <= 1 << 26 < (rows + 128) * 50280
 
 
-def test_columns_past_vocab_size_are_not_scored():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_columns_past_vocab_size_are_not_scored(backend):
     hidden, weight, targets = _inputs()
     targets = targets.clamp(max=39)
-    got = _grads(lambda: linear_cross_entropy(hidden, weight, targets, vocab_size=40, rows_per_chunk=8),
-                 hidden, weight)
+    got = _grads(lambda: linear_cross_entropy(hidden, weight, targets, vocab_size=40, rows_per_chunk=8,
+                                              backend=backend), hidden, weight)
     ref = _grads(lambda: F.cross_entropy(hidden @ weight[:40].t(), targets, reduction="sum"), hidden, weight)
     for name, a, e in zip(("loss", "dhidden", "dweight"), got, ref):
         assert_close(a, e, name=name, rel=1e-5)
@@ -179,3 +220,23 @@ def test_an_lm_head_adapter_is_called_not_skipped():
         with lora.disable_adapter():
             base = inner(ids[:, :-1], targets=ids[:, 1:])
     assert abs(base.item() - loss.item()) > 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, vocab, padded", [(4096, 50277, 50280), (333, 1000, 1024)])
+def test_triton_backend_on_cuda_matches_the_torch_backend(rows, vocab, padded):
+    """The 130M head's shape under bf16 autocast on CUDA (the default backend there): the Triton kernel against the
+    torch backend's float32 softmax, loss and both gradients."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(rows, 768, device="cuda", generator=gen).requires_grad_()
+    weight = (torch.randn(padded, 768, device="cuda", generator=gen) * 0.02).requires_grad_()
+    targets = torch.randint(0, vocab, (rows,), device="cuda", generator=gen)
+    targets[::7] = -100
+    out = {}
+    for backend in ("torch", "triton"):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out[backend] = _grads(lambda: linear_cross_entropy(hidden, weight, targets, vocab_size=vocab,
+                                                               reduction="mean", backend=backend), hidden, weight)
+    for name, a, e in zip(("loss", "dhidden", "dweight"), out["triton"], out["torch"]):
+        assert_close(a, e, name=name, rel=2e-2 if name != "loss" else 1e-4)
+    assert not out["triton"][2][vocab:].any()

@@ -349,6 +349,11 @@ def _linear_cross_entropy_torch():
     return linear_cross_entropy_torch
 
 
+def _linear_cross_entropy_triton():
+    from .cross_entropy.triton_ce import linear_cross_entropy_triton
+    return linear_cross_entropy_triton
+
+
 # op -> backend -> implementation. The composed mixer ops run the public ops in a row on the backend named by
 # their `backend` argument ("reference" or "torch"); their Triton backend is one fused autograd node.
 BACKEND_TABLE: dict[str, dict[str, Implementation]] = {
@@ -367,8 +372,8 @@ BACKEND_TABLE: dict[str, dict[str, Implementation]] = {
     "causal_conv1d": _three(_causal_conv1d_reference, _causal_conv1d_torch, _causal_conv1d_triton),
     "causal_conv1d_update": _three(_causal_conv1d_update_reference, _causal_conv1d_update_torch,
                                    _causal_conv1d_update_triton),
-    "linear_cross_entropy": {"reference": Implementation(_linear_cross_entropy_reference),
-                             "torch": Implementation(_linear_cross_entropy_torch)},
+    "linear_cross_entropy": _three(_linear_cross_entropy_reference, _linear_cross_entropy_torch,
+                                   _linear_cross_entropy_triton),
     "rms_norm": _three(_rms_norm_reference, _rms_norm_torch, _rms_norm_triton),
     # the Triton kernel is the fused inference path (forward only); training runs the torch path
     "add_rms_norm": {"torch": Implementation(_add_rms_norm_torch),

@@ -24,21 +24,26 @@ import torch
 from ..common import autograd_op
 
 
-def default_rows_per_chunk(vocab: int) -> int:
-    """Rows per chunk: a chunk's float32 logits take about 256 MB (2**26 elements); a multiple of 128 rows
-    (whole tensor-core tiles) when that many fit, at least 16."""
-    rows = max(16, (1 << 26) // max(vocab, 1))
+def default_rows_per_chunk(vocab: int, bytes_per_logit: int = 4) -> int:
+    """Rows per chunk: a chunk's logits block takes about 256 MB (2**26 float32 logits, or 2**27 of 2 bytes, the
+    Triton backend's block in the matmul's dtype); a multiple of 128 rows (whole tensor-core tiles) when that many
+    fit, at least 16."""
+    rows = max(16, (1 << 28) // (max(vocab, 1) * bytes_per_logit))
     return rows - rows % 128 if rows >= 128 else rows
 
 
 def _lce_fwd_impl(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                  rows_per_chunk: int, vocab_size: int, want_dhidden: bool, want_dweight: bool
+                  rows_per_chunk: int, vocab_size: int, want_dhidden: bool, want_dweight: bool, fused: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss float32 (), dhidden (N, d) in hidden's dtype or empty, dweight (V, d) float32 or empty).
 
     Columns from `vocab_size` on take part in the matmuls (the whole weight: a padded vocabulary keeps the
     rows of g 16-byte aligned for the tensor cores, where 50277 columns would not) but not in the softmax:
-    their logits are set to -inf, so their probability and gradient are 0."""
+    their logits are set to -inf, so their probability and gradient are 0. `fused`: each chunk's softmax, loss
+    and gradient in the Triton kernel (triton_ce.softmax_xent_grad_), in the logits' own block."""
+    if fused:
+        return _lce_fwd_fused(hidden, weight, targets, ignore_index, rows_per_chunk, vocab_size, want_dhidden,
+                              want_dweight)
     rows = hidden.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     loss = torch.zeros((), dtype=acc, device=hidden.device)
@@ -65,15 +70,35 @@ def _lce_fwd_impl(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         if want_dhidden:
             torch.mm(g, weight, out=dhidden[start:start + rows_per_chunk])
         if want_dweight:
-            dweight += (g.t() @ h).to(acc)
+            dweight += g.t() @ h  # accumulated in float32 (promoted in place)
     return loss.float(), dhidden, dweight
+
+
+def _lce_fwd_fused(hidden, weight, targets, ignore_index, rows_per_chunk, vocab_size, want_dhidden, want_dweight):
+    """`_lce_fwd_impl` with each chunk's softmax, loss and gradient in one Triton kernel (no float32 block)."""
+    from .triton_ce import softmax_xent_grad_
+
+    rows = hidden.shape[0]
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    dhidden = torch.empty_like(hidden) if want_dhidden else hidden.new_empty(0)
+    dweight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dweight
+               else weight.new_empty(0, dtype=torch.float32))
+    for start in range(0, rows, rows_per_chunk):
+        h = hidden[start:start + rows_per_chunk]
+        g = h @ weight.t()  # (n, V) logits, then their gradient in place
+        loss += softmax_xent_grad_(g, targets[start:start + rows_per_chunk], vocab_size, ignore_index).sum()
+        if want_dhidden:
+            torch.mm(g, weight, out=dhidden[start:start + rows_per_chunk])
+        if want_dweight:
+            dweight += g.t() @ h
+    return loss, dhidden, dweight
 
 
 _lce_fwd = torch.library.custom_op("mambakit::linear_cross_entropy_fwd", mutates_args=())(_lce_fwd_impl)
 
 
 @_lce_fwd.register_fake
-def _(hidden, weight, targets, ignore_index, rows_per_chunk, vocab_size, want_dhidden, want_dweight):
+def _(hidden, weight, targets, ignore_index, rows_per_chunk, vocab_size, want_dhidden, want_dweight, fused=False):
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     dhidden = torch.empty_like(hidden) if want_dhidden else hidden.new_empty(0)
     dweight = weight.new_empty(weight.shape if want_dweight else (0,), dtype=acc)
@@ -101,23 +126,33 @@ def _lce_setup_context(ctx, inputs, output):
     _, dhidden, dweight = output
     ctx.save_for_backward(dhidden, dweight, weight)
     ctx.want = (inputs[6], inputs[7])
+    ctx.n_inputs = len(inputs)
 
 
 def _lce_backward(ctx, dloss, _ddhidden, _ddweight, bwd):
     dhidden, dweight, weight = ctx.saved_tensors
     gh, gw = bwd(dloss, dhidden, dweight, weight)
-    return (gh if ctx.want[0] else None, gw if ctx.want[1] else None, None, None, None, None, None, None)
+    return (gh if ctx.want[0] else None, gw if ctx.want[1] else None) + (None,) * (ctx.n_inputs - 2)
 
 
 _lce_op = autograd_op("LinearCrossEntropy", _lce_fwd_impl, _lce_fwd, _lce_setup_context, _lce_backward,
                       _lce_bwd_impl, _lce_bwd)
 
 
+def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                                 ignore_index: int, vocab_size: int, rows_per_chunk: int | None = None,
+                                 fused: bool = False) -> torch.Tensor:
+    """The summed negative log-likelihood, float32 (), as one custom op; `fused` as in `_lce_fwd_impl`."""
+    itemsize = torch.promote_types(hidden.dtype, weight.dtype).itemsize
+    rows_per_chunk = rows_per_chunk or default_rows_per_chunk(weight.shape[0], min(itemsize, 4) if fused else 4)
+    want_dhidden, want_dweight = hidden.requires_grad, weight.requires_grad
+    loss, _, _ = _lce_op(hidden, weight, targets, ignore_index, rows_per_chunk, vocab_size, want_dhidden,
+                         want_dweight, fused)
+    return loss
+
+
 def linear_cross_entropy_torch(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                                ignore_index: int, vocab_size: int, rows_per_chunk: int | None = None) -> torch.Tensor:
     """The summed negative log-likelihood, float32 (); see the module docstring. Inputs already checked."""
-    rows_per_chunk = rows_per_chunk or default_rows_per_chunk(weight.shape[0])
-    want_dhidden, want_dweight = hidden.requires_grad, weight.requires_grad
-    loss, _, _ = _lce_op(hidden, weight, targets, ignore_index, rows_per_chunk, vocab_size, want_dhidden,
-                         want_dweight)
-    return loss
+    return chunked_linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index, vocab_size=vocab_size,
+                                        rows_per_chunk=rows_per_chunk)
