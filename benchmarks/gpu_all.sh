@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
-# Stages: env tests graphtests synctests gentests compose adapters e2e finetune serve serve-repeat serve-ab serve-gc train ce launch scan ssd
+# Stages: env tests graphtests synctests gentests compose adapters e2e finetune serve serve-repeat serve-ab serve-gc train ce bench launch scan ssd
 # convnorm layers layers-ab synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
 # limit so one slow stage leaves the logs of the others intact. The machine returns at most 8 files from $OUT: end a
 # call of many stages with `pack` (every log into $OUT/logs.tgz), or logs beyond the eighth file are lost.
@@ -131,6 +131,12 @@ for stage in "$@"; do
                done;;
     synthetic-step) run synthetic-step 300 python3 benchmarks/gpu_synthetic_step.py ${SYNTH_FLAGS:-};;
     prefill) run prefill 400 python3 -m mambakit.cli bench prefill --device cuda --out $OUT/prefill ${PREFILL_FLAGS:-};;
+    # issue 18's figures for docs/benchmarks.md (docs/bench/gpu/): kernels, generation and training against size;
+    # JSON and PNG come back under $OUT/bench-NAME (copy them into docs/bench/gpu/)
+    bench) for what in kernels generate train; do
+             run "bench-$what" ${BENCH_LIMIT:-240} python3 -m mambakit.cli bench $what --device cuda --out $OUT/bench-$what \
+               ${BENCH_FLAGS:-}
+           done;;
     # the fused decode step's tests on CUDA, then its projections kernel by kernel (issue 18's batch-1 latency)
     decode) run decode-tests 240 python3 -m pytest tests/test_decode_step.py -q -p no:cacheprovider
             run decode-proj 200 python3 benchmarks/gpu_decode_proj.py ${DECODE_FLAGS:-};;
