@@ -132,11 +132,12 @@ for stage in "$@"; do
     synthetic-step) run synthetic-step 300 python3 benchmarks/gpu_synthetic_step.py ${SYNTH_FLAGS:-};;
     prefill) run prefill 400 python3 -m mambakit.cli bench prefill --device cuda --out $OUT/prefill ${PREFILL_FLAGS:-};;
     # issue 18's figures for docs/benchmarks.md (docs/bench/gpu/): kernels, generation and training against size;
-    # JSON and PNG come back under $OUT/bench-NAME (copy them into docs/bench/gpu/)
+    # JSON and PNG come back in $OUT/bench.tar (bench-NAME/: copy them into docs/bench/gpu/)
     bench) for what in kernels generate train; do
              run "bench-$what" ${BENCH_LIMIT:-240} python3 -m mambakit.cli bench $what --device cuda --out $OUT/bench-$what \
                ${BENCH_FLAGS:-}
-           done;;
+           done
+           (cd "$OUT" && tar cf bench.tar --remove-files bench-*) && echo "=== bench: $OUT/bench.tar";;
     # the fused decode step's tests on CUDA, then its projections kernel by kernel (issue 18's batch-1 latency)
     decode) run decode-tests 240 python3 -m pytest tests/test_decode_step.py -q -p no:cacheprovider
             run decode-proj 200 python3 benchmarks/gpu_decode_proj.py ${DECODE_FLAGS:-};;
