@@ -37,6 +37,9 @@ CASES = [
                  marks=pytest.mark.slow),
     # NL 8 x NH 2 x BD 16, dstate 13 (padded state rows masked), no softplus, no initial state
     pytest.param("wide8", dict(L=12, d=32, n=13, h0=False), False, dict(checkpoint_interval=4), id="wide8-dstate13"),
+    # wide8's tile at U = 1 (every state in the scratch), documents, ngroups 2, 2 time segments, ragged seqlen
+    pytest.param("wide8-u1", dict(L=11, d=32, n=16, g=2, seq=True), True,
+                 dict(checkpoint_interval=4, bwd_time_segments=2), id="wide8-u1-seq-ngroups2-segments"),
     # U = 1 (the wide16 default: scratch holds every state), dB / dC atomics from every lane, documents, 2 time segments
     pytest.param("wide16-r1", dict(L=9, d=32, n=16, seq=True), True, dict(checkpoint_interval=4, bwd_time_segments=2),
                  id="wide16-r1-seq-segments"),

@@ -275,6 +275,9 @@ def carry_split(batch: int, seqlen: int, dim: int, dstate: int, ngroups: int, se
 BWD_VARIANTS: dict[str, dict] = {
     "v1": dict(nl=None, channels=None, rows=False, block_u=None, interval=None, reduce_channels=None),
     "wide8": dict(nl=8, channels=16, rows=True, block_u=4, interval=64, reduce_channels=4),
+    # wide8's tile at U = 1: 189 registers (10 warps per SM where wide8 holds 8) for 69 instructions per element
+    # (v1: 93 at 128 registers, 16 warps): static sm_90 counts (benchmarks/scan_bwd_sass.py), not yet timed
+    "wide8-u1": dict(nl=8, channels=16, rows=True, block_u=1, interval=32, reduce_channels=4),
     "wide16": dict(nl=16, channels=32, rows=True, block_u=1, interval=32, reduce_channels=4),
     "wide16-r1": dict(nl=16, channels=32, rows=True, block_u=1, interval=32, reduce_channels=1),
 }
