@@ -250,6 +250,29 @@ def test_training_windows_start_at_conversation_starts_and_carry_their_masks(tmp
     assert padded  # 64 draws among 27 conversations: the last ones (shorter than a window to the end) came up
 
 
+def test_assistant_tokens_past_the_window_are_counted_and_reported(tmp_path, caplog):
+    from mambakit.data.conversations import unreached_scored
+
+    tok = ByteTokenizer()
+    long_answer = "x" * 80
+    data = _write_jsonl(tmp_path / "c.jsonl", [_chat("q", long_answer), _chat("hi", "yo")] * 6)
+    chats = conversation_streams(data, tok, 0.2)
+    far, scored, longest = unreached_scored(chats.train, 64)
+    # the long conversation: "<|user|>\nq<|end|>\n<|assistant|>\n" is 31 bytes, its answer + "<|end|>\n" 88: the
+    # answer's tokens at offsets 65 .. 118 of it are never a target of a 64-target window that starts where it does
+    ids, mask = encode_conversation(tok, _chat("q", long_answer), DEFAULT_CHAT_TEMPLATE)
+    per_long = sum(1 for i, m in enumerate(mask) if m and i > 64)
+    n_long = sum(1 for c in load_conversations(data) if c[1]["content"] == long_answer) - sum(
+        1 for c in chats.val_conversations if c[1]["content"] == long_answer)
+    assert per_long > 0 and far == n_long * per_long
+    assert scored == int(chats.train.scored.sum()) and longest == len(ids)
+    assert unreached_scored(chats.train, len(ids))[0] == 0
+    with caplog.at_level("WARNING", logger="mambakit.training"):
+        train(_chat_cfg(tmp_path, data, "run", seqlen=64, max_steps=1, sample_tokens=0, final_eval_tokens=64,
+                        val_fraction=0.2))
+    assert f"{far:,} of the {scored:,} assistant tokens" in caplog.text and "raise --seqlen" in caplog.text
+
+
 def test_held_out_windows_read_every_conversation_from_its_start(tmp_path):
     from mambakit.data.conversations import conversation_spans, conversation_windows
 

@@ -34,7 +34,7 @@ from .stream import TokenStream
 
 __all__ = ["DEFAULT_CHAT_TEMPLATE", "DEFAULT_STOP", "load_conversations", "encode_conversation",
            "ConversationStreams", "conversation_streams", "conversation_stream", "chat_template_of", "conversation_spans",
-           "conversation_windows"]
+           "unreached_scored", "conversation_windows"]
 
 DEFAULT_STOP = "<|end|>"
 DEFAULT_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}" + DEFAULT_STOP
@@ -261,6 +261,26 @@ def conversation_stream(path: str | Path, tokenizer, *, template: str | None = N
     if not bool(stream.scored.any()):
         raise DataError(f"{path}: the conversations have no assistant tokens after rendering")
     return stream, len(conversations), template
+
+
+def unreached_scored(stream: TokenStream, seqlen: int) -> tuple[int, int, int]:
+    """What training windows of `seqlen` targets never score in a conversation stream: a window starts at a
+    conversation's first token, so a scored token more than seqlen tokens after it is never a target.
+
+    Returns:
+        (scored tokens never reached, scored tokens, the longest conversation's length in tokens).
+    """
+    if stream.starts is None or stream.scored is None:
+        raise ValueError("unreached_scored: not a conversation stream (no `starts` / `scored` masks)")
+    n = len(stream)
+    if n == 0:
+        return 0, 0, 0
+    first = torch.nonzero(stream.starts).flatten()
+    conv = torch.cumsum(stream.starts.long(), 0) - 1  # (n,) each token's conversation
+    offset = torch.arange(n) - first[conv.clamp(min=0)]
+    far = stream.scored & (offset > seqlen)
+    longest = int(torch.diff(torch.cat([first, torch.tensor([n])])).max()) if first.numel() else n
+    return int(far.sum()), int(stream.scored.sum()), longest
 
 
 def conversation_spans(stream: TokenStream, max_tokens: int | None = None) -> list[tuple[int, int]]:

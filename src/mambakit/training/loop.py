@@ -228,7 +228,7 @@ def _load_data(cfg: TrainConfig, checkpoint: Checkpoint | None = None):
     else:
         tokenizer = ByteTokenizer() if cfg.tokenizer == "bytes" else HFTokenizer(cfg.tokenizer)
     if cfg.chat:  # conversations: the assistant's tokens scored (stream.scored), rendered with a chat template
-        from ..data.conversations import conversation_streams
+        from ..data.conversations import conversation_streams, unreached_scored
 
         if cfg.data is None:
             raise ValueError("chat fine-tuning needs data: a .jsonl / .json file (or a folder of them) of "
@@ -239,6 +239,12 @@ def _load_data(cfg: TrainConfig, checkpoint: Checkpoint | None = None):
         # prompts as the model was trained, and stop where its turns end
         tokenizer.chat_template = chats.template
         tokenizer.stop_strings = tuple(dict.fromkeys((*getattr(tokenizer, "stop_strings", ()), *chats.stop_strings)))
+        far, scored, longest = unreached_scored(chats.train, cfg.seqlen)
+        if far:
+            log.warning(f"{far:,} of the {scored:,} assistant tokens ({100 * far / scored:.1f}%) lie more than "
+                        f"seqlen = {cfg.seqlen} tokens into their conversation and are never trained (windows start "
+                        f"where a conversation starts; the longest has {longest:,} tokens): raise --seqlen to train "
+                        "on them")
         return tokenizer, (chats.n_train, chats.n_val), chats.train, chats.val, chats.val_conversations
     streams = load_token_streams(cfg.data, tokenizer, val_fraction=cfg.val_fraction, token_cache=cfg.token_cache,
                                  num_proc=cfg.tokenize_procs, streaming=cfg.streaming, text_column=cfg.text_column,
