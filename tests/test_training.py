@@ -301,3 +301,34 @@ def test_the_chunked_loss_step_equals_the_logits_step_and_the_config_names_both(
     assert TrainConfig(loss="logits").loss == "logits" and TrainConfig().loss == "chunked"
     with pytest.raises(ValueError, match="loss must be"):
         TrainConfig(loss="fused")
+
+
+@pytest.mark.parametrize("layer", ["mamba1", "mamba2"])
+def test_bf16_autocast_on_a_cpu_only_when_asked(tmp_path, layer, monkeypatch, caplog):
+    """autocast "bf16" leaves a CPU in float32 (as before); "bf16+cpu" runs the CPU's steps under bf16 autocast:
+    the projections see bf16, the run still learns, and a CPU without native bf16 gets a warning."""
+    from mambakit.training.loop import autocast_dtype_for
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype_for("bf16", cpu) is None and autocast_dtype_for("none", cpu) is None
+    assert autocast_dtype_for("bf16+cpu", cpu) is torch.bfloat16
+    assert autocast_dtype_for("bf16", torch.device("cuda")) is torch.bfloat16
+    with pytest.raises(ValueError, match="'bf16\\+cpu'"):
+        TrainConfig(autocast="cpu")
+    from mambakit.training import loop
+
+    seen, original = [], loop.forward_backward
+
+    def spy(model, batch, vocab, autocast_dtype, *args, **kwargs):
+        seen.append(autocast_dtype)
+        return original(model, batch, vocab, autocast_dtype, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "forward_backward", spy)
+    result = train(_tiny(tmp_path, layer, autocast="bf16+cpu", max_steps=20))
+    assert seen == [torch.bfloat16] * 20  # every step under bf16 autocast
+    first, last = sum(result.losses[:4]) / 4, sum(result.losses[-4:]) / 4
+    assert math.isfinite(result.val_loss) and last < first - 0.5, f"loss {first:.3f} -> {last:.3f}"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with caplog.at_level("WARNING", logger="mambakit.training"):
+        assert autocast_dtype_for("bf16+cpu", cpu) is torch.bfloat16
+    assert "no native bf16" in caplog.text

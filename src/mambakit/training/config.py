@@ -99,7 +99,9 @@ class TrainConfig:
     # runtime and output
     seed: int = 0
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    autocast: str = "bf16"  # "bf16" or "none": bf16 autocast on CUDA (ignored on CPU)
+    # "bf16": bf16 autocast on CUDA (none on a CPU); "bf16+cpu": on a CPU too (1.4x faster steps at d_model 512 on
+    # a CPU with AMX-BF16, BENCHMARKS.md; slower where the CPU has no native bf16); "none": float32 everywhere
+    autocast: str = "bf16"
     recompute: bool = False  # keep only in_proj's output per layer; recompute conv, scan, norm in the backward
     # "chunked": the model's own loss, ops.linear_cross_entropy (never the (batch, seqlen, vocab) logits: 20.4 ->
     # 9.8 GB at the 130M shape, batch 8 x 2048, ~8% slower on the H200, BENCHMARKS.md); "logits": F.cross_entropy
@@ -146,8 +148,8 @@ class TrainConfig:
             raise ValueError(f"time_budget_s must be positive, got {self.time_budget_s}")
         if self.loss not in ("chunked", "logits"):
             raise ValueError(f"loss must be 'chunked' or 'logits', got {self.loss!r}")
-        if self.autocast not in ("bf16", "none"):
-            raise ValueError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
+        if self.autocast not in ("bf16", "bf16+cpu", "none"):
+            raise ValueError(f"autocast must be 'bf16', 'bf16+cpu' or 'none', got {self.autocast!r}")
         if self.parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
         if self.fsdp_mixed_precision not in ("bf16", "none"):

@@ -162,6 +162,17 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, no_decay: set[str]
     return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
+def autocast_dtype_for(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of TrainConfig.autocast on `device`: bf16 on CUDA for "bf16" and "bf16+cpu", on a CPU
+    for "bf16+cpu" only (warning once when the CPU has no native bf16 matmul, where it runs slower), else None."""
+    if setting == "none" or (device.type != "cuda" and setting != "bf16+cpu"):
+        return None
+    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("autocast bf16+cpu: this CPU has no native bf16 matrix instructions (AVX512-BF16 / AMX), so "
+                    "bf16 steps may be slower than float32 ones (--autocast bf16 keeps a CPU in float32)")
+    return torch.bfloat16
+
+
 def forward_backward(model: torch.nn.Module, window: torch.Tensor | WindowBatch, vocab_size: int,
                      autocast_dtype: torch.dtype | None = None, chunked_loss: bool = True,
                      scored_only: bool = False) -> torch.Tensor:
@@ -284,7 +295,7 @@ class Run:
             torch.cuda.set_device(device)
         self.device = device
         self.out_dir = default_out_dir(cfg)
-        self.autocast_dtype = torch.bfloat16 if (cfg.autocast == "bf16" and device.type == "cuda") else None
+        self.autocast_dtype = autocast_dtype_for(cfg.autocast, device)
         self.sharded = cfg.parallel == "fsdp"  # checkpoints through torch.distributed.checkpoint
         self._created_group = init_distributed(info, device)
         self.governor = CPUThreadGovernor(enabled=adapt_cpu_threads and device.type == "cpu" and not info.distributed)
