@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
-# Stages: env tests graphtests synctests gentests compose adapters e2e finetune serve serve-repeat serve-ab serve-gc train ce bench launch scan ssd
+# Stages: env tests graphtests synctests gentests compose adapters e2e finetune chat serve serve-repeat serve-ab serve-gc train ce bench launch scan ssd
 # convnorm layers layers-ab synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
 # limit so one slow stage leaves the logs of the others intact. The machine returns at most 8 files from $OUT: end a
 # call of many stages with `pack` (every log into $OUT/logs.tgz), or logs beyond the eighth file are lost.
@@ -54,6 +54,19 @@ for stage in "$@"; do
                     --device cuda --prompt "**HAMLET**" --max-new-tokens 200 --temperature 0.8 --seed 0
                 done
               done;;
+    # after e2e: fine-tune each Mamba run on conversations (`--task chat`: which play a speech is from, built from the
+    # default corpus by benchmarks/cpu_chat_finetune.py), then a chat reply and `eval --chat` (on 40 of its conversations: a smoke test, not a held-out figure)
+    chat) PYTHONPATH=$PYTHONPATH:benchmarks python3 -c "import json, cpu_chat_finetune as c
+with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in c.play_conversations(60)]"
+          head -n 40 /tmp/chats.jsonl > /tmp/chats-first40.jsonl
+          for layer in mamba1 mamba2; do
+            run "chat-train-$layer" 200 python3 -m mambakit.cli train --device cuda --task chat --init-from /tmp/runs/$layer \
+              --data /tmp/chats.jsonl --out /tmp/runs/$layer-chat --time-budget ${E2E_BUDGET:-60s} --no-progress
+            run "chat-generate-$layer" 100 python3 -m mambakit.cli generate --model /tmp/runs/$layer-chat --device cuda \
+              --chat --prompt "Which play is this from? To be, or not to be, that is the question" --temperature 0
+            run "chat-eval-$layer" 100 python3 -m mambakit.cli eval --model /tmp/runs/$layer-chat --device cuda \
+              --data /tmp/chats-first40.jsonl --no-progress
+          done;;
     serve) run serve-tests 240 python3 -m pytest tests/serving/test_gpu.py -m gpu -q -p no:cacheprovider
            run serve-load 420 python3 benchmarks/serve_load.py --device cuda --model-shape 130m --clients 1,8,64,256 \
              --prompt-len 128 --new-tokens 256 --requests-per-client 4 ${SERVE_FLAGS:-};;
