@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from mambakit.cli.__main__ import main
 from mambakit.data import ByteTokenizer, Document, TokenStream, load_documents
@@ -60,6 +61,12 @@ def test_eval_json_reports_the_numbers_of_evaluate_stream(trained, capsys):
     assert report["bytes"] == sum(len(d.text.encode()) + 1 for d in docs) - 1  # the first EOS is context only
     assert report["documents"] == 7 and report["seqlen"] == 64 and report["reset_at_eos"] is True
     assert 0 < report["bits_per_byte"] < 8  # 8 bits per byte is a uniform guess over 256 bytes
+    # --autocast bf16+cpu: the same evaluation under bf16 autocast on this CPU (close, not equal)
+    bf16 = json.loads(_eval(capsys, trained, "--json", "--no-progress", "--autocast", "bf16+cpu")[1])
+    expected_bf16 = evaluate_stream(model, stream, seqlen=64, batch_size=8, carry_state=True,
+                                    autocast_dtype=torch.bfloat16)
+    assert bf16["bits_per_byte"] == pytest.approx(expected_bf16.bits_per_byte, rel=1e-6)
+    assert bf16["bits_per_byte"] == pytest.approx(report["bits_per_byte"], rel=2e-2)
 
 
 def test_eval_text_output_and_progress_bar(trained, capsys):

@@ -64,8 +64,8 @@ def build_parser(prog: str = "mambakit eval") -> Parser:
     p.add_argument("--chat-template", metavar="FILE", help="with --chat: a Jinja chat template, or 'default' "
                                                            "(mambakit's); default: the model's own")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:1, ...")
-    p.add_argument("--autocast", choices=("bf16", "none"), default="bf16",
-                   help="bf16 autocast on CUDA (default; ignored on CPU) or none")
+    p.add_argument("--autocast", choices=("bf16", "bf16+cpu", "none"), default="bf16",
+                   help="bf16 autocast on CUDA (default; a CPU stays in float32), bf16+cpu (on a CPU too) or none")
     p.add_argument("--streaming", action="store_true", help="stream json/parquet/text files and datasets directories")
     p.add_argument("--text-column", default="text", metavar="NAME",
                    help="the text column of datasets directories and streamed json/parquet files (default text)")
@@ -116,10 +116,9 @@ def main(model: str, data: str | None = None, json: bool = False, seqlen: int | 
     """
     import json as json_module
 
-    import torch
-
     from ..data import load_token_streams
     from ..evaluation import evaluate_stream
+    from ..training.loop import autocast_dtype_for
 
     if (data is None) == (tasks is None):
         raise UsageError("give --data PATH (bits per byte on a file or dataset) or --tasks NAMES (lm-eval), one of them")
@@ -170,7 +169,7 @@ def main(model: str, data: str | None = None, json: bool = False, seqlen: int | 
         raise UsageError(f"--data {data}: nothing to score ({len(stream)} token{'s' if len(stream) != 1 else ''})")
     t0 = time.perf_counter()
     result = evaluate_stream(lm, stream, seqlen, batch_size, max_tokens,
-                             autocast_dtype=torch.bfloat16 if (autocast == "bf16" and dev.type == "cuda") else None,
+                             autocast_dtype=autocast_dtype_for(autocast, dev),
                              reset_at_eos=reset_at_eos, progress=progress, carry_state=carry_state)
     seconds = time.perf_counter() - t0
     report = {"model": str(model), "data": str(data), "bits_per_byte": result.bits_per_byte,
