@@ -126,7 +126,7 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
     # the loss alone (plain logits vs linear_cross_entropy's torch and Triton backends), then the 130M step with
     # the model's own loss on each backend
     ce) run ce 120 python3 benchmarks/gpu_cross_entropy.py ${CE_FLAGS:-}
-        run ce-train 400 python3 benchmarks/gpu_train.py --layers mamba2 mamba1 --paths fused fused+ce fused+cetorch \
+        run ce-train 400 python3 benchmarks/gpu_train.py --layers mamba2 mamba1 --paths fused fused+cetorch fused+cetriton \
           --steps 10 --warmup 3;;
     launch) run launch 300 python3 benchmarks/gpu_launch.py ${LAUNCH_FLAGS:-};;
     scan) run scan 300 python3 benchmarks/gpu_selective_scan.py ${SCAN_FLAGS:-};;

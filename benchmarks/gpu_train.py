@@ -10,8 +10,8 @@ Paths: "fused" (the default: one custom op per mixer), "unfused" (`mixer.fused =
 one), "recompute" (`mixer.recompute = True`), each eager or under `torch.compile(model)` (suffix
 "+compile"; compile time is reported separately and excluded from tokens/s). The suffix "+ce" takes the
 loss from the model itself, `model(ids, targets=...)` (`ops.linear_cross_entropy`, never the whole logits
-matrix: what `mambakit train` does; its Triton backend on CUDA, "+cetorch" its torch backend, for the A/B);
-without either the loss is `F.cross_entropy` of the (B, L, V) logits, as mamba_ssm's row computes it. mamba_ssm's MambaLMHeadModel
+matrix: what `mambakit train` does, its automatic backend; "+cetorch" / "+cetriton" name the backend, for the
+A/B); without any of them the loss is `F.cross_entropy` of the (B, L, V) logits, as mamba_ssm's row computes it. mamba_ssm's MambaLMHeadModel
 is timed in the same process when it is importable (path "mamba_ssm").
 
     python benchmarks/gpu_train.py                                    # 130m, batch 8 x 2048, all paths
@@ -76,13 +76,16 @@ def kernel_table(step, top: int, steps: int = 3) -> list[dict]:
 
 @contextlib.contextmanager
 def _loss_backend(backend: str | None):
-    """linear_cross_entropy's automatic backend replaced by `backend` within the block (None: unchanged)."""
+    """linear_cross_entropy's automatic choice made `backend` within the block (None: unchanged)."""
+    import dataclasses
+
     from mambakit.ops import dispatch
 
     row = dispatch.BACKEND_TABLE["linear_cross_entropy"]
     saved = dict(row)
     if backend is not None:
-        row["triton"] = row[backend]
+        for name, impl in row.items():
+            row[name] = dataclasses.replace(impl, automatic=name == backend)
     try:
         yield
     finally:
@@ -92,8 +95,8 @@ def _loss_backend(backend: str | None):
 def run_case(layer: str, shape: str, path: str, batch: int, seqlen: int, steps: int, warmup: int,
              profile_top: int = 0) -> dict:
     base_path, *flags = path.split("+")
-    compiled, own_loss = "compile" in flags, "ce" in flags or "cetorch" in flags
-    ce_backend = "torch" if "cetorch" in flags else None
+    compiled, own_loss = "compile" in flags, bool({"ce", "cetorch", "cetriton"} & set(flags))
+    ce_backend = "torch" if "cetorch" in flags else "triton" if "cetriton" in flags else None
     if base_path == "mamba_ssm":
         model = build_mamba_ssm(layer, shape)
 

@@ -144,3 +144,17 @@ def test_mixer_paths_are_constructor_arguments():
         mixer = MambaLM(cfg).backbone.layers[0].mixer
         assert (mixer.fused, mixer.recompute) == (False, True)
         assert not hasattr(mixer, "_chunk_size")
+
+
+def test_a_backend_not_yet_timed_runs_only_when_named():
+    """linear_cross_entropy's Triton backend is `automatic=False`: on CUDA the automatic choice stays "torch" (the
+    other ops' Triton backends are picked), while backend="triton" and use_backend("triton") still run it."""
+    from mambakit.ops import dispatch
+
+    cuda = torch.device("cuda")
+    assert not dispatch.BACKEND_TABLE["linear_cross_entropy"]["triton"].automatic
+    assert dispatch.implementation("linear_cross_entropy", None, cuda)[0] == "torch"
+    assert dispatch.implementation("ssd", None, cuda)[0] == "triton"
+    assert dispatch.implementation("linear_cross_entropy", "triton", cuda)[0] == "triton"
+    with dispatch.use_backend("triton"):
+        assert dispatch.implementation("linear_cross_entropy", None, cuda)[0] == "triton"

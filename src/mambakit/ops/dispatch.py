@@ -167,6 +167,8 @@ class Implementation:
         backends that take it.
     empty: accepts seqlen == 0.
     grad: has a backward. Without one, a call that needs gradients runs `grad_fallback` instead.
+    automatic: the automatic choice (backend=None, no `use_backend` block) may pick it. False for a backend that
+        is tested but not yet timed against the one it would replace: it runs only when named.
     """
 
     load: Callable[[], Callable]
@@ -174,6 +176,7 @@ class Implementation:
     empty: bool = True
     grad: bool = True
     grad_fallback: str | None = None
+    automatic: bool = True
 
 
 # Loaders use import statements, not importlib: torch.compile traces these calls (fullgraph) and cannot
@@ -372,8 +375,11 @@ BACKEND_TABLE: dict[str, dict[str, Implementation]] = {
     "causal_conv1d": _three(_causal_conv1d_reference, _causal_conv1d_torch, _causal_conv1d_triton),
     "causal_conv1d_update": _three(_causal_conv1d_update_reference, _causal_conv1d_update_torch,
                                    _causal_conv1d_update_triton),
-    "linear_cross_entropy": _three(_linear_cross_entropy_reference, _linear_cross_entropy_torch,
-                                   _linear_cross_entropy_triton),
+    # the Triton backend runs when named (backend="triton" or use_backend) until a GPU A/B has timed it against the
+    # torch backend (`bash benchmarks/gpu_all.sh ce`); then the automatic choice on CUDA
+    "linear_cross_entropy": {"reference": Implementation(_linear_cross_entropy_reference),
+                             "torch": Implementation(_linear_cross_entropy_torch),
+                             "triton": Implementation(_linear_cross_entropy_triton, automatic=False)},
     "rms_norm": _three(_rms_norm_reference, _rms_norm_torch, _rms_norm_triton),
     # the Triton kernel is the fused inference path (forward only); training runs the torch path
     "add_rms_norm": {"torch": Implementation(_add_rms_norm_torch),
@@ -403,7 +409,10 @@ def implementation(op: str, backend: str | None, device: torch.device, *, comple
             accept the input).
     """
     row = BACKEND_TABLE[op]
-    name = select_backend(op, backend, device, supported=tuple(row))
+    supported = tuple(row)
+    if backend is None and _default_backend() is None:
+        supported = tuple(n for n, i in row.items() if i.automatic)
+    name = select_backend(op, backend, device, supported=supported)
     impl = row[name]
     if complex_A and not impl.complex_A:
         ok = tuple(n for n, i in row.items() if i.complex_A)

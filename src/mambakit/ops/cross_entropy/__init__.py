@@ -30,8 +30,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
             are left out. Pass the whole padded weight rather than a slice: its row count keeps the matmuls
             aligned for the tensor cores.
         rows_per_chunk: rows per block of logits (default: about 128 MB of float32 logits per block).
-        backend: None (automatic: "triton" on CUDA, else "torch"), "reference" (float64, whole matrix), "torch" or
-            "triton" (the torch backend's chunks with each chunk's softmax and gradient in one kernel).
+        backend: None (automatic: "torch"), "reference" (float64, whole matrix), "torch" or "triton" (the torch
+            backend's chunks with each chunk's softmax and gradient in one kernel; runs only when named, or under
+            `use_backend("triton")`, until it is timed on a GPU).
     Returns:
         a float32 scalar; gradients flow to hidden and weight in their own dtypes.
 
