@@ -20,6 +20,7 @@ from mambakit.generation import StopTextFilter
 from mambakit.models import MambaConfig, MambaLM
 from mambakit.training import TrainConfig, forward_backward, load_train_state, train
 from mambakit.training.loop import chat_reply
+from tests.helpers import assert_close
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -396,3 +397,92 @@ def test_chat_loss_all_trains_on_every_token_and_still_scores_the_assistant_held
     assert torch.equal(every.val.scored, masked.val.scored)
     with pytest.raises(ValueError, match="chat_loss must be"):
         TrainConfig(chat=True, chat_loss="user")
+
+
+# ---------------------------------------------------------------- multi-turn chat with the state carried
+
+
+@pytest.fixture(scope="module")
+def color_chat_model(tmp_path_factory):
+    """A model that has learned the six color answers (as the learning test above), saved with its template."""
+    tmp = tmp_path_factory.mktemp("chat-session")
+    data = _write_jsonl(tmp / "colors.jsonl", _color_chats(300))
+    train(_chat_cfg(tmp, data, "run", sample_tokens=0))
+    return tmp / "run"
+
+
+def apply_chat_template_for(tok, messages, prompt=False):
+    from mambakit.data.chat import apply_chat_template
+
+    return apply_chat_template(tok, messages, add_generation_prompt=prompt)
+
+
+def test_a_chat_session_reads_only_each_turns_new_text_and_holds_the_whole_conversation(color_chat_model):
+    from mambakit.generation import ChatSession, prefill
+
+    tok = load_checkpoint_tokenizer(color_chat_model)
+    model = MambaLM.from_pretrained(color_chat_model).eval()
+    chat = ChatSession(model, tok)
+    assert "".join(chat.reply("light green", 12)) == "go"
+    first = chat.tokens_in_state
+    assert "".join(chat.reply("light red", 12)) == "stop"
+    assert chat.messages == [{"role": "user", "content": "light green"}, {"role": "assistant", "content": "go"},
+                             {"role": "user", "content": "light red"}, {"role": "assistant", "content": "stop"}]
+    # turn 2 read only what the template put between the first reply and the second assistant header
+    after_turn_1 = apply_chat_template_for(tok, chat.messages[:1], prompt=True) + "go<|end|>"  # what turn 1 read
+    new_text = apply_chat_template_for(tok, chat.messages[:3], prompt=True)[len(after_turn_1):]
+    assert new_text == "\n<|user|>\nlight red<|end|>\n<|assistant|>\n"
+    assert chat.last_read == len(tok.encode(new_text)) < first and chat.restarts == 0
+    text = apply_chat_template_for(tok, chat.messages)
+    # the carried state is the state of the whole conversation read at once (its text up to the last reply's
+    # end of turn: the template's newline after it comes with the next turn)
+    read = text[:text.rindex("<|end|>") + len("<|end|>")]
+    with torch.inference_mode():
+        cache, logits = prefill(model, [tok.encode(read)])
+    assert chat.tokens_in_state == len(tok.encode(read)) == cache.seqlen_offset
+    assert_close(chat._state.logits, logits, name="next-token logits", rel=1e-4)
+    chat.reset()
+    assert chat.tokens_in_state == 0 and chat.messages == []
+    assert "".join(chat.reply("light blue", 12)) == "swim"
+
+
+def test_a_chat_session_reads_the_conversation_again_when_the_template_rewrites_it(color_chat_model):
+    from mambakit.generation import ChatSession, prefill
+
+    tok = load_checkpoint_tokenizer(color_chat_model)
+    model = MambaLM.from_pretrained(color_chat_model).eval()
+    # a template that numbers the turns from the end: every turn changes the text before it
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ messages|length - loop.index }}\n"
+                         "{{ m['content'] }}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n"
+                         "{% endif %}")
+    chat = ChatSession(model, tok)
+    "".join(chat.reply("light green", 12))
+    "".join(chat.reply("light red", 12))
+    assert chat.restarts == 1  # turn 2 found its earlier text rewritten and read the whole conversation
+    with torch.inference_mode():
+        _, logits = prefill(model, [tok.encode(chat._read_text)])
+    assert_close(chat._state.logits, logits, name="next-token logits", rel=1e-4)
+
+
+def test_chat_session_refusals(color_chat_model):
+    from mambakit.generation import ChatSession
+
+    tok = load_checkpoint_tokenizer(color_chat_model)
+    with pytest.raises(DataError, match="no chat template"):
+        ChatSession(MambaLM.from_pretrained(color_chat_model), ByteTokenizer())
+    hybrid = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=256, attn_layer_idx=[1],
+                                 attn_cfg={"num_heads": 2}, ssm_cfg={"layer": "Mamba2", "headdim": 8}))
+    with pytest.raises(ValueError, match="attention layers"):
+        ChatSession(hybrid, tok)
+
+
+def test_mambakit_chat_reads_messages_from_stdin(color_chat_model, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("light green\n\nlight amber\n/reset\nlight white\n/exit\nlight red\n"))
+    assert main(["chat", "--model", str(color_chat_model), "--temperature", "0", "--max-new-tokens", "12",
+                 "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "go\nwait\nsnow\n"  # one reply a message; the blank line skipped, nothing after /exit
+    assert err.count("[read ") == 3 and "(a new conversation)" in err
+    assert "in the state]" in err

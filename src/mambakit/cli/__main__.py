@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "mambakit.cli.train",
     "eval": "mambakit.cli.eval",
     "generate": "mambakit.cli.generate",
+    "chat": "mambakit.cli.chat",
     "convert": "mambakit.cli.convert",
     "serve": "mambakit.cli.serve",
     "reproduce": "mambakit.cli.reproduce",

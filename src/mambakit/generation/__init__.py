@@ -1,6 +1,8 @@
-"""mambakit.generation: inference cache, prefill, decode step, sampling, CUDA graphs, the compiled CPU step, generate and stream."""
+"""mambakit.generation: inference cache, prefill, decode step, sampling, CUDA graphs, the compiled CPU step, generate and
+stream, and multi-turn chat with the state carried across turns."""
 
 from .cache import InferenceCache, allocate_cache
+from .chat import ChatSession
 from .compiled import CompiledDecoder
 from .cuda_graph import ChunkPrefillGraphs, CUDAGraphDecoder
 from .generate import SamplingParams, generate, stream
@@ -24,6 +26,7 @@ __all__ = [
     "CompiledDecoder",
     "generate",
     "stream",
+    "ChatSession",
     "StopStrings",
     "StopTextFilter",
     "logits_to_probs",
