@@ -66,6 +66,8 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
               --chat --prompt "Which play is this from? To be, or not to be, that is the question" --temperature 0
             run "chat-eval-$layer" 100 python3 -m mambakit.cli eval --model /tmp/runs/$layer-chat --device cuda \
               --data /tmp/chats-first40.jsonl --no-progress
+            printf 'Which play is this from? Out, damned spot!\nAnd this? To be, or not to be\n' | run "chat-session-$layer" 100 \
+              python3 -m mambakit.cli chat --model /tmp/runs/$layer-chat --device cuda --temperature 0
           done;;
     serve) run serve-tests 240 python3 -m pytest tests/serving/test_gpu.py -m gpu -q -p no:cacheprovider
            run serve-load 420 python3 benchmarks/serve_load.py --device cuda --model-shape 130m --clients 1,8,64,256 \
