@@ -444,6 +444,18 @@ def test_a_chat_session_reads_only_each_turns_new_text_and_holds_the_whole_conve
     chat.reset()
     assert chat.tokens_in_state == 0 and chat.messages == []
     assert "".join(chat.reply("light blue", 12)) == "swim"
+    # one decoder kept for the session (a CUDA graph on CUDA; on a CPU it runs the eager step): the same replies
+    # and states as the session without it, turn after turn (the model learned single turns: later answers may be
+    # wrong, but they must be the same)
+    plain, graphed = ChatSession(model, tok, cuda_graph=False), ChatSession(model, tok, cuda_graph=True)
+    decoder = None
+    for message in ("light green", "light red", "light white"):
+        assert "".join(graphed.reply(message, 12)) == "".join(plain.reply(message, 12))
+        assert graphed.tokens_in_state == plain.tokens_in_state
+        assert torch.equal(graphed._state.logits, plain._state.logits)
+        assert decoder is None or graphed._decoder is decoder
+        decoder = graphed._decoder
+    assert decoder is not None and plain._decoder is None
 
 
 def test_a_chat_session_reads_the_conversation_again_when_the_template_rewrites_it(color_chat_model):

@@ -4,6 +4,7 @@ new text, however long the conversation has grown."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -46,12 +47,16 @@ def build_parser(prog: str = "mambakit chat") -> Parser:
                    help="seed for sampling (turn i samples with S + i; default: random)")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=_DTYPES, default="auto", help="weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the decode step from a CUDA graph captured once for the conversation (default: on "
+                        "CUDA)")
     return p
 
 
 def main(model: str, revision: str | None = None, system: str | None = None, max_new_tokens: int = 256,
          temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-         repetition_penalty: float = 1.0, seed: int | None = None, device: str = "auto", dtype: str = "auto") -> int:
+         repetition_penalty: float = 1.0, seed: int | None = None, device: str = "auto", dtype: str = "auto",
+         cuda_graph: bool | None = None) -> int:
     """Read user messages from stdin (one a line) and stream each reply to stdout until EOF or /exit.
 
     Examples:
@@ -64,7 +69,7 @@ def main(model: str, revision: str | None = None, system: str | None = None, max
         raise UsageError(f"--top-k must be >= 0, got {top_k}")
     loaded = load_model(checkpoint_dir(model, revision), device, dtype)
     try:
-        session = ChatSession(loaded.lm.eval(), loaded.tokenizer, system=system)
+        session = ChatSession(loaded.lm.eval(), loaded.tokenizer, system=system, cuda_graph=cuda_graph)
     except ValueError as err:  # attention layers (DataError, no chat template, prints as a user error itself)
         if type(err) is not ValueError:
             raise

@@ -21,9 +21,10 @@ from torch import nn
 
 from ..data import IncrementalDecoder
 from ..data.chat import apply_chat_template
+from .cuda_graph import CUDAGraphDecoder
 from .generate import stream
 from .state_file import SavedState
-from .steps import prefill
+from .steps import model_device, prefill
 from .stopping import StopTextFilter
 
 __all__ = ["ChatSession"]
@@ -37,6 +38,8 @@ class ChatSession:
         tokenizer: the checkpoint's tokenizer; its chat template renders the conversation, its `stop_ids` /
             `stop_strings` (generation_config.json) end a reply, and a reply shows no stop string.
         system: an optional system message that opens the conversation.
+        cuda_graph: replay the decode step from one CUDA graph kept for the session (None: when the model is on
+            CUDA). On a CPU the same decoder runs the eager step.
 
     Example:
         >>> chat = ChatSession(model, tokenizer)
@@ -45,7 +48,7 @@ class ChatSession:
         >>> chat.messages, chat.tokens_in_state
     """
 
-    def __init__(self, model: nn.Module, tokenizer, *, system: str | None = None):
+    def __init__(self, model: nn.Module, tokenizer, *, system: str | None = None, cuda_graph: bool | None = None):
         if getattr(model.config, "attn_layer_idx", None):
             raise ValueError("ChatSession keeps a Mamba model's fixed-size state between turns; this model has "
                              f"attention layers (attn_layer_idx={list(model.config.attn_layer_idx)}), whose cache "
@@ -56,6 +59,10 @@ class ChatSession:
         self.stop_ids = list(getattr(tokenizer, "stop_ids", ()) or
                              ([] if tokenizer.eos_id is None else [tokenizer.eos_id]))
         self.stop_strings = [s for s in (getattr(tokenizer, "stop_strings", ()) or ()) if s]
+        if cuda_graph is None:
+            cuda_graph = model_device(model).type == "cuda"
+        self._use_graph = bool(cuda_graph)
+        self._decoder: CUDAGraphDecoder | None = None  # captured at the first reply, kept for every turn
         self.reset()
 
     def reset(self) -> None:
@@ -97,11 +104,14 @@ class ChatSession:
         decoder, shown = IncrementalDecoder(self.tokenizer), StopTextFilter(stops)
         reply_ids: list[int] = []
         text = ""
+        if self._use_graph and self._decoder is None:
+            self._decoder = CUDAGraphDecoder(self.model, 1)
         try:
             for token in stream(self.model, [], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, repetition_penalty=repetition_penalty,
                                 eos_token_id=self.stop_ids or None, stop_strings=stops or None,
-                                decode=self.tokenizer.decode if stops else None, seed=seed, state=self._state):
+                                decode=self.tokenizer.decode if stops else None, seed=seed, state=self._state,
+                                cuda_graph=self._decoder or False):
                 reply_ids.append(token)
                 if token in self.stop_ids:
                     break
