@@ -41,32 +41,24 @@ def _lce_fwd_impl(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     rows of g 16-byte aligned for the tensor cores, where 50277 columns would not) but not in the softmax:
     their logits are set to -inf, so their probability and gradient are 0. `fused`: each chunk's softmax, loss
     and gradient in the Triton kernel (triton_ce.softmax_xent_grad_), in the logits' own block."""
-    if fused:
-        return _lce_fwd_fused(hidden, weight, targets, ignore_index, rows_per_chunk, vocab_size, want_dhidden,
-                              want_dweight)
     rows = hidden.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     loss = torch.zeros((), dtype=acc, device=hidden.device)
     dhidden = torch.empty_like(hidden) if want_dhidden else hidden.new_empty(0)
     dweight = (torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_dweight
                else weight.new_empty(0, dtype=acc))
+    if fused:
+        from .triton_ce import softmax_xent_grad_
     for start in range(0, rows, rows_per_chunk):
         h = hidden[start:start + rows_per_chunk]
         t = targets[start:start + rows_per_chunk]
-        scored = t != ignore_index
-        safe = torch.where(scored, t, torch.zeros_like(t))[:, None]
-        p = (h @ weight.t()).to(acc)  # (n, V)
-        if vocab_size < p.shape[1]:
-            p[:, vocab_size:] = float("-inf")
-        lse = torch.logsumexp(p, dim=-1)
-        loss += ((lse - p.gather(1, safe)[:, 0]) * scored).sum()
-        if not (want_dhidden or want_dweight):
-            continue
-        p.sub_(lse[:, None]).exp_()  # softmax, in place
-        p.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=acc))
-        p.mul_(scored[:, None])
-        g = p.to(hidden.dtype)
-        del p
+        if fused:
+            g = h @ weight.t()  # (n, V) logits, then (in place) their gradient
+            loss += softmax_xent_grad_(g, t, vocab_size, ignore_index).sum()
+        else:
+            chunk_loss, g = _softmax_xent_grad_torch(h @ weight.t(), t, vocab_size, ignore_index, acc,
+                                                     want_dhidden or want_dweight)
+            loss += chunk_loss
         if want_dhidden:
             torch.mm(g, weight, out=dhidden[start:start + rows_per_chunk])
         if want_dweight:
@@ -74,24 +66,23 @@ def _lce_fwd_impl(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     return loss.float(), dhidden, dweight
 
 
-def _lce_fwd_fused(hidden, weight, targets, ignore_index, rows_per_chunk, vocab_size, want_dhidden, want_dweight):
-    """`_lce_fwd_impl` with each chunk's softmax, loss and gradient in one Triton kernel (no float32 block)."""
-    from .triton_ce import softmax_xent_grad_
-
-    rows = hidden.shape[0]
-    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    dhidden = torch.empty_like(hidden) if want_dhidden else hidden.new_empty(0)
-    dweight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dweight
-               else weight.new_empty(0, dtype=torch.float32))
-    for start in range(0, rows, rows_per_chunk):
-        h = hidden[start:start + rows_per_chunk]
-        g = h @ weight.t()  # (n, V) logits, then their gradient in place
-        loss += softmax_xent_grad_(g, targets[start:start + rows_per_chunk], vocab_size, ignore_index).sum()
-        if want_dhidden:
-            torch.mm(g, weight, out=dhidden[start:start + rows_per_chunk])
-        if want_dweight:
-            dweight += g.t() @ h
-    return loss, dhidden, dweight
+def _softmax_xent_grad_torch(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, ignore_index: int,
+                             acc: torch.dtype, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A chunk's summed loss (acc ()) and, when asked, the gradient of it over the logits (n, V) in their dtype:
+    the float32 (acc) softmax the Triton kernel computes in place, in torch ops."""
+    scored = targets != ignore_index
+    safe = torch.where(scored, targets, torch.zeros_like(targets))[:, None]
+    p = logits.to(acc)  # (n, V)
+    if vocab_size < p.shape[1]:
+        p[:, vocab_size:] = float("-inf")
+    lse = torch.logsumexp(p, dim=-1)
+    loss = ((lse - p.gather(1, safe)[:, 0]) * scored).sum()
+    if not want_grad:
+        return loss, None
+    p.sub_(lse[:, None]).exp_()  # softmax, in place
+    p.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=acc))
+    p.mul_(scored[:, None])
+    return loss, p.to(logits.dtype)
 
 
 _lce_fwd = torch.library.custom_op("mambakit::linear_cross_entropy_fwd", mutates_args=())(_lce_fwd_impl)
