@@ -8,7 +8,7 @@ import argparse
 import sys
 import time
 
-from .errors import Parser, UsageError, positive_int, seed_type
+from .errors import Parser, UsageError, non_negative_int, positive_int, seed_type
 from .generate import _DTYPES, _float_in
 from .loading import checkpoint_dir, load_model
 
@@ -36,7 +36,7 @@ def build_parser(prog: str = "mambakit chat") -> Parser:
                    help="at most N tokens a reply (default 256)")
     p.add_argument("--temperature", type=_float_in(0, float("inf"), False, True), default=0.7, metavar="T",
                    help="sampling temperature; 0 = greedy (default 0.7)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K likeliest tokens; 0 = all")
+    p.add_argument("--top-k", type=non_negative_int, default=0, metavar="K", help="keep the K likeliest tokens; 0 = all")
     p.add_argument("--top-p", type=_float_in(0, 1, True, False), default=1.0, metavar="P",
                    help="nucleus sampling mass (default 1)")
     p.add_argument("--min-p", type=_float_in(0, 1, False, True), default=0.0, metavar="P",
@@ -65,8 +65,6 @@ def main(model: str, revision: str | None = None, system: str | None = None, max
     """
     from ..generation.chat import ChatSession
 
-    if top_k < 0:
-        raise UsageError(f"--top-k must be >= 0, got {top_k}")
     loaded = load_model(checkpoint_dir(model, revision), device, dtype)
     try:
         session = ChatSession(loaded.lm.eval(), loaded.tokenizer, system=system, cuda_graph=cuda_graph)

@@ -204,6 +204,15 @@ def _stream(encoded: list[tuple[list[int], list[bool]]], tokenizer) -> TokenStre
     return stream
 
 
+def _encode_all(conversations: list[list[dict]], tokenizer, template: str,
+                progress: bool) -> list[tuple[list[int], list[bool]]]:
+    """`encode_conversation` of each conversation, under a progress bar."""
+    from tqdm.auto import tqdm
+
+    return [encode_conversation(tokenizer, c, template)
+            for c in tqdm(conversations, desc="tokenize", unit="conv", disable=not progress, leave=False)]
+
+
 def conversation_streams(path: str | Path, tokenizer, val_fraction: float = 0.05, *, template: str | None = None,
                          seed: int = 0, train_loss: str = "assistant", progress: bool = False) -> ConversationStreams:
     """Load the conversations at `path`, hold out a seeded random `val_fraction` of them (at least one, and at
@@ -227,10 +236,7 @@ def conversation_streams(path: str | Path, tokenizer, val_fraction: float = 0.05
     random.Random(seed).shuffle(order)
     n_val = min(max(1, round(val_fraction * len(conversations))), len(conversations) - 1)
     val_ids = set(order[:n_val])
-    from tqdm.auto import tqdm
-
-    encoded = [encode_conversation(tokenizer, c, template)
-               for c in tqdm(conversations, desc="tokenize", unit="conv", disable=not progress, leave=False)]
+    encoded = _encode_all(conversations, tokenizer, template, progress)
     if train_loss not in ("assistant", "all"):
         raise DataError(f"train_loss must be 'assistant' or 'all', got {train_loss!r}")
     train = _stream([e for i, e in enumerate(encoded) if i not in val_ids], tokenizer)
@@ -253,11 +259,7 @@ def conversation_stream(path: str | Path, tokenizer, *, template: str | None = N
     """
     conversations = load_conversations(path)
     template, _ = chat_template_of(tokenizer, template)
-    from tqdm.auto import tqdm
-
-    stream = _stream([encode_conversation(tokenizer, c, template)
-                      for c in tqdm(conversations, desc="tokenize", unit="conv", disable=not progress, leave=False)],
-                     tokenizer)
+    stream = _stream(_encode_all(conversations, tokenizer, template, progress), tokenizer)
     if not bool(stream.scored.any()):
         raise DataError(f"{path}: the conversations have no assistant tokens after rendering")
     return stream, len(conversations), template
