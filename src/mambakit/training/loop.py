@@ -164,7 +164,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, no_decay: set[str]
 
 def autocast_dtype_for(setting: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of TrainConfig.autocast on `device`: bf16 on CUDA for "bf16" and "bf16+cpu", on a CPU
-    for "bf16+cpu" only (warning once when the CPU has no native bf16 matmul, where it runs slower), else None."""
+    for "bf16+cpu" only (with a warning when the CPU has no native bf16 matmul, where it runs slower), else None."""
     if setting == "none" or (device.type != "cuda" and setting != "bf16+cpu"):
         return None
     if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
