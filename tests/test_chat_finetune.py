@@ -498,3 +498,53 @@ def test_mambakit_chat_reads_messages_from_stdin(color_chat_model, capsys, monke
     assert out == "go\nwait\nsnow\n"  # one reply a message; the blank line skipped, nothing after /exit
     assert err.count("[read ") == 3 and "(a new conversation)" in err
     assert "in the state]" in err
+
+
+def test_a_saved_chat_goes_on_where_it_stopped(color_chat_model, tmp_path, capsys, monkeypatch):
+    import io
+
+    from mambakit.generation import ChatSession, load_state, save_state
+
+    tok = load_checkpoint_tokenizer(color_chat_model)
+    model = MambaLM.from_pretrained(color_chat_model).eval()
+    whole = ChatSession(model, tok, system="be brief")
+    replies = ["".join(whole.reply(m, 12)) for m in ("light green", "light red", "light blue")]
+    part = ChatSession(model, tok, system="be brief")
+    with pytest.raises(ValueError, match="nothing to save"):
+        part.save(tmp_path / "early.state")
+    "".join(part.reply("light green", 12))
+    part.save(tmp_path / "talk.state")
+    again = ChatSession.load(tmp_path / "talk.state", model, tok)
+    assert again.messages == part.messages and again.system == "be brief" and again.tokens_in_state == part.tokens_in_state
+    assert ["".join(again.reply(m, 12)) for m in ("light red", "light blue")] == replies[1:]
+    assert torch.equal(again._state.logits, whole._state.logits) and again.messages == whole.messages
+    assert again.restarts == 0 and again.last_read < again.tokens_in_state  # it did not read the first turn again
+    # a plain state file is not a conversation
+    cache, logits = prefill_for(model, tok)
+    save_state(tmp_path / "plain.state", model, cache, logits, metadata={"note": "x"})
+    assert load_state(tmp_path / "plain.state", model).metadata == {"note": "x"}
+    with pytest.raises(ValueError, match="without a conversation"):
+        ChatSession.load(tmp_path / "plain.state", model, tok)
+    with pytest.raises(ValueError, match="strings to strings"):
+        save_state(tmp_path / "bad.state", model, cache, logits, metadata={"n": 1})
+    # the command: --save after every reply, --resume goes on
+    state = tmp_path / "cli.state"
+    monkeypatch.setattr("sys.stdin", io.StringIO("light green\n"))
+    assert main(["chat", "--model", str(color_chat_model), "--temperature", "0", "--max-new-tokens", "12",
+                 "--system", "be brief", "--save", str(state)]) == 0
+    assert capsys.readouterr().out == replies[0] + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("light red\nlight blue\n"))
+    assert main(["chat", "--model", str(color_chat_model), "--temperature", "0", "--max-new-tokens", "12",
+                 "--resume", str(state)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "".join(r + "\n" for r in replies[1:]) and "resumed" in err and "1 turn," in err
+    assert main(["chat", "--model", str(color_chat_model), "--resume", str(tmp_path / "none.state")]) == 2
+    assert main(["chat", "--model", str(color_chat_model), "--resume", str(state), "--system", "x"]) == 2
+    assert "not with --resume" in capsys.readouterr().err
+
+
+def prefill_for(model, tok):
+    from mambakit.generation import prefill
+
+    with torch.inference_mode():
+        return prefill(model, [tok.encode("light")])

@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
-from .errors import Parser, UsageError, non_negative_int, positive_int, seed_type
+from .errors import Parser, UsageError, check_writable_file, non_negative_int, positive_int, seed_type
 from .generate import _DTYPES, _float_in
 from .loading import checkpoint_dir, load_model
 
@@ -21,6 +22,10 @@ examples:
   mambakit chat --model runs/chat --system "Answer in one word." --temperature 0
   printf 'Hello\\nAnd then?\\n' | mambakit chat --model runs/chat --temperature 0 --seed 0
       from a pipe: one reply per line of input, nothing else on stdout
+  mambakit chat --model runs/chat --save talk.state
+  mambakit chat --model runs/chat --resume talk.state --save talk.state
+      keep the conversation (its messages and the model's state, a few MB), then go on from it another day without
+      reading it again
 
 The model needs a chat template (a chat model's own, or the one `mambakit train --task chat` saved) and no
 attention layers (a Transformer's cache grows with the conversation: use `mambakit generate --chat`).
@@ -47,6 +52,10 @@ def build_parser(prog: str = "mambakit chat") -> Parser:
                    help="seed for sampling (turn i samples with S + i; default: random)")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=_DTYPES, default="auto", help="weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--save", default=None, metavar="FILE",
+                   help="write the conversation (messages and the model's state) to FILE after every reply")
+    p.add_argument("--resume", default=None, metavar="FILE",
+                   help="go on from a conversation --save wrote (its messages are not read again)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the decode step from a CUDA graph captured once for the conversation (default: on "
                         "CUDA)")
@@ -56,7 +65,7 @@ def build_parser(prog: str = "mambakit chat") -> Parser:
 def main(model: str, revision: str | None = None, system: str | None = None, max_new_tokens: int = 256,
          temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
          repetition_penalty: float = 1.0, seed: int | None = None, device: str = "auto", dtype: str = "auto",
-         cuda_graph: bool | None = None) -> int:
+         cuda_graph: bool | None = None, save: str | None = None, resume: str | None = None) -> int:
     """Read user messages from stdin (one a line) and stream each reply to stdout until EOF or /exit.
 
     Examples:
@@ -65,13 +74,26 @@ def main(model: str, revision: str | None = None, system: str | None = None, max
     """
     from ..generation.chat import ChatSession
 
+    if resume is not None and not Path(resume).is_file():
+        raise UsageError(f"--resume: no such file: {resume}")
+    if resume is not None and system is not None:
+        raise UsageError("--system opens a new conversation: not with --resume (the saved one keeps its own)")
+    if save is not None:
+        check_writable_file(save, "--save")
     loaded = load_model(checkpoint_dir(model, revision), device, dtype)
     try:
-        session = ChatSession(loaded.lm.eval(), loaded.tokenizer, system=system, cuda_graph=cuda_graph)
-    except ValueError as err:  # attention layers (DataError, no chat template, prints as a user error itself)
+        if resume is not None:
+            session = ChatSession.load(resume, loaded.lm.eval(), loaded.tokenizer, cuda_graph=cuda_graph)
+        else:
+            session = ChatSession(loaded.lm.eval(), loaded.tokenizer, system=system, cuda_graph=cuda_graph)
+    except ValueError as err:  # attention layers, a foreign state file (a DataError prints as a user error itself)
         if type(err) is not ValueError:
             raise
-        raise UsageError(str(err)) from None
+        raise UsageError(f"--resume {err}" if resume is not None else str(err)) from None
+    if resume is not None:
+        turns = sum(m["role"] == "user" for m in session.messages)
+        print(f"resumed {resume}: {turns} turn{'s' if turns != 1 else ''}, {session.tokens_in_state:,} tokens in the "
+              "state (not read again)", file=sys.stderr)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {model} (/reset: a new conversation, /exit or Ctrl-D: leave)", file=sys.stderr)
@@ -106,4 +128,6 @@ def main(model: str, revision: str | None = None, system: str | None = None, max
         note = " (the conversation did not render as read: read it whole again)" if again else ""
         print(f"[read {session.last_read:,} tokens, generated {generated:,} in {time.perf_counter() - t0:.2f} s; "
               f"{session.tokens_in_state:,} in the state]{note}", file=sys.stderr)
+        if save is not None:
+            session.save(save)
     return 0

@@ -14,7 +14,9 @@ state always holds exactly the rendered conversation's text.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,7 +25,7 @@ from ..data import IncrementalDecoder
 from ..data.chat import apply_chat_template
 from .cuda_graph import CUDAGraphDecoder
 from .generate import stream
-from .state_file import SavedState
+from .state_file import SavedState, load_state, save_state
 from .steps import model_device, prefill
 from .stopping import StopTextFilter
 
@@ -125,6 +127,27 @@ class ChatSession:
                 yield tail
         finally:
             self._finish(text, reply_ids)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the conversation (its messages and the state after them) to a state file; `ChatSession.load`
+        continues it later without reading it again. Raises ValueError before the first turn (no state yet)."""
+        if self._state is None:
+            raise ValueError("ChatSession.save: nothing to save before the first turn")
+        record = {"messages": self.messages, "read_text": self._read_text, "system": self.system}
+        return save_state(path, self.model, self._state.cache, self._state.logits,
+                          metadata={"chat": json.dumps(record, ensure_ascii=False)})
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module, tokenizer, *, cuda_graph: bool | None = None) -> "ChatSession":
+        """A session that goes on from a conversation `save` wrote (the same model: `load_state` checks it)."""
+        saved = load_state(path, model)
+        if "chat" not in saved.metadata:
+            raise ValueError(f"{path}: a state file without a conversation (written by save_state, not "
+                             "ChatSession.save): continue it with `generate --state`")
+        record = json.loads(saved.metadata["chat"])
+        session = cls(model, tokenizer, system=record["system"], cuda_graph=cuda_graph)
+        session.messages, session._read_text, session._state = record["messages"], record["read_text"], saved
+        return session
 
     def _finish(self, text: str, reply_ids: list[int]) -> None:
         """The reply joins the conversation, and its tokens the state (so the next turn reads only new text)."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -54,6 +54,7 @@ class SavedState:
     cache: InferenceCache
     logits: torch.Tensor
     path: Path | None = None
+    metadata: dict[str, str] = field(default_factory=dict)  # what the writer's `metadata=` added (e.g. a chat's)
 
     @property
     def tokens(self) -> int:
@@ -88,10 +89,13 @@ def _check_model(model: nn.Module, who: str) -> None:
                          "with the text")
 
 
-def save_state(path: str | Path, model: nn.Module, cache: InferenceCache, logits: torch.Tensor) -> Path:
+def save_state(path: str | Path, model: nn.Module, cache: InferenceCache, logits: torch.Tensor,
+               metadata: dict[str, str] | None = None) -> Path:
     """Write `cache` (after `prefill`) and `logits` (B, V), the logits `prefill` returned, to `path` (safetensors).
 
-    Raises ValueError for a model with attention layers, or logits whose rows do not match the cache's.
+    metadata: extra string fields kept in the file (`SavedState.metadata` when read; e.g. a chat's messages).
+    Raises ValueError for a model with attention layers, logits whose rows do not match the cache's, or metadata
+    that does not map strings to strings.
 
     Example:
         >>> cache, logits = prefill(model, [ids])
@@ -110,6 +114,10 @@ def save_state(path: str | Path, model: nn.Module, cache: InferenceCache, logits
         tensors[f"layers.{i}.ssm_state"] = layer.ssm_state.detach().contiguous().cpu()
     meta = {"format": FORMAT, "version": VERSION, "tokens": str(cache.seqlen_offset), "layers": str(len(cache.layers)),
             "config": config_digest(model), "weights": weights_digest(model)}
+    extra = dict(metadata or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+        raise ValueError("save_state: metadata must map strings to strings")
+    meta.update({f"user.{k}": v for k, v in extra.items()})
     path = Path(path)
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))  # a kill never leaves half a file
     return path
@@ -157,4 +165,5 @@ def load_state(path: str | Path, model: nn.Module, device: torch.device | str | 
         cache = allocate_cache(model, logits.shape[0], device=device, state_dtype=state_dtype).copy_from_(saved)
     except (KeyError, RuntimeError, ValueError) as err:
         raise ValueError(f"{path}: its states do not fit this model ({err})") from None
-    return SavedState(cache, logits.to(device), path)
+    return SavedState(cache, logits.to(device), path,
+                      {k[len("user."):]: v for k, v in meta.items() if k.startswith("user.")})
