@@ -55,7 +55,8 @@ for stage in "$@"; do
                 done
               done;;
     # after e2e: fine-tune each Mamba run on conversations (`--task chat`: which play a speech is from, built from the
-    # default corpus by benchmarks/cpu_chat_finetune.py), then a chat reply and `eval --chat` (on 40 of its conversations: a smoke test, not a held-out figure)
+    # default corpus by benchmarks/cpu_chat_finetune.py), then a chat reply, `eval --chat` (on 40 of its
+    # conversations: a smoke test, not a held-out figure) and two turns of `mambakit chat`
     chat) PYTHONPATH=$PYTHONPATH:benchmarks python3 -c "import json, cpu_chat_finetune as c
 with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in c.play_conversations(60)]"
           head -n 40 /tmp/chats.jsonl > /tmp/chats-first40.jsonl

@@ -225,8 +225,8 @@ def test_an_lm_head_adapter_is_called_not_skipped():
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows, vocab, padded", [(4096, 50277, 50280), (333, 1000, 1024)])
 def test_triton_backend_on_cuda_matches_the_torch_backend(rows, vocab, padded):
-    """The 130M head's shape under bf16 autocast on CUDA (the default backend there): the Triton kernel against the
-    torch backend's float32 softmax, loss and both gradients."""
+    """The 130M head's shape under bf16 autocast on CUDA: the Triton kernel (named: not yet the automatic choice)
+    against the torch backend's float32 softmax, loss and both gradients."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     hidden = torch.randn(rows, 768, device="cuda", generator=gen).requires_grad_()
     weight = (torch.randn(padded, 768, device="cuda", generator=gen) * 0.02).requires_grad_()
