@@ -5,7 +5,7 @@ import torch
 
 from mambakit.ops import selective_scan, ssd
 from mambakit.ops.checks import ShapeChecker
-from mambakit.ops.dispatch import select_backend
+from mambakit.ops.dispatch import select_backend, triton_available
 
 
 def test_default_backend_is_torch_on_cpu():
@@ -114,9 +114,15 @@ def test_backend_table_enforces_declared_limits():
         implementation("selective_scan", "triton", cpu, complex_A=True)
     with pytest.raises(ValueError, match="mamba2_inner: backend 'triton' needs seqlen >= 1"):
         implementation("mamba2_inner", "triton", cpu, empty=True)
-    # the fused add + norm kernel has no backward: a call that needs gradients runs the torch path
-    assert implementation("add_rms_norm", "triton", cpu, needs_grad=True)[0] == "torch"
-    assert implementation("add_rms_norm", "triton", cpu, needs_grad=False)[0] == "triton"
+    # the decode step's fused norm + projection has no backward: a call that needs gradients runs the torch path
+    assert implementation("add_rms_norm_linear", "triton", cpu, needs_grad=True)[0] == "torch"
+    assert implementation("add_rms_norm_linear", "triton", cpu, needs_grad=False)[0] == "triton"
+    assert implementation("add_rms_norm", "triton", cpu, needs_grad=True)[0] == "triton"
+    # a backward not yet timed on a GPU (grad_automatic=False) runs when named, not by the automatic choice
+    cuda = torch.device("cuda")
+    if triton_available():
+        assert implementation("add_rms_norm", None, cuda, needs_grad=False)[0] == "triton"
+        assert implementation("add_rms_norm", None, cuda, needs_grad=True)[0] == "torch"
     with pytest.raises(ValueError, match="not implemented for this op"):
         implementation("add_rms_norm", "reference", cpu)
 

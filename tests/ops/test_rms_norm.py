@@ -231,21 +231,64 @@ def test_add_rms_norm_equals_the_unfused_steps(backend, x_dtype, r_dtype, w_dtyp
                  else (1e-12 if x_dtype == torch.float64 else 1e-6))
 
 
-def test_add_rms_norm_runs_the_differentiable_path_when_gradients_are_needed():
-    """The Triton kernel is forward-only: with requires_grad inputs the op falls back to the torch path,
-    so a training step through Block gets exact gradients."""
+def _add_norm_grads(backend, x, residual, weight, residual_dtype, out_dtype, gy, gs):
+    """y, s and the gradients of (x, residual, weight) for the loss <y, gy> + <s, gs> (gy / gs None: that output
+    gets no gradient)."""
+    x, residual, weight = (None if t is None else t.detach().clone().requires_grad_(True) for t in (x, residual, weight))
     from mambakit.ops import add_rms_norm
 
-    x = torch.randn(2, 4, 16, dtype=F64, device=DEVICE, requires_grad=True)
-    residual = torch.randn(2, 4, 16, dtype=F64, device=DEVICE, requires_grad=True)
-    weight = (1 + torch.rand(16, dtype=F64, device=DEVICE)).requires_grad_(True)
-    y, s = add_rms_norm(x, residual, weight, backend="triton")
-    (y.sum() + (s * s).sum()).backward()
-    x2, r2, w2 = (t.detach().clone().requires_grad_(True) for t in (x, residual, weight))
-    y2, s2 = _unfused(x2, r2, w2, 1e-5, None)
-    (y2.sum() + (s2 * s2).sum()).backward()
-    for a, b, name in ((x, x2, "dx"), (residual, r2, "dresidual"), (weight, w2, "dweight")):
-        assert_close(a.grad, b.grad, name=name, rel=1e-10)
+    y, s = add_rms_norm(x, residual, weight, eps=1e-5, residual_dtype=residual_dtype, out_dtype=out_dtype,
+                        backend=backend)
+    loss = sum((out.double() * g).sum() for out, g in ((y, gy), (s, gs)) if g is not None)
+    loss.backward()
+    leaves = {"dx": x, "dweight": weight, **({"dresidual": residual} if residual is not None else {})}
+    # an input the loss does not reach (the weight when only s gets a gradient) counts as a zero gradient
+    return y, s, {name: t.grad if t.grad is not None else torch.zeros_like(t) for name, t in leaves.items()}
+
+
+@pytest.mark.parametrize("outputs", ["both", "y-only", "s-only"])
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16], ids=["y-weight-dtype", "y-bf16"])
+@pytest.mark.parametrize("x_dtype, r_dtype, w_dtype, residual_dtype", ADD_CASES)
+def test_add_rms_norm_triton_backward_equals_the_torch_path(x_dtype, r_dtype, w_dtype, residual_dtype, out_dtype,
+                                                            outputs):
+    """The Triton backward (one kernel: dx, dresidual and the weight's partial sums) against autograd through the
+    torch path, for every dtype mix a block meets, y written in the weight's dtype or in bf16 (what Block asks for
+    under autocast), and with y or s getting no gradient (the final norm's s; a block whose residual is unused)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 48, generator=gen).to(device=DEVICE, dtype=x_dtype)
+    residual = None if r_dtype is None else (3 * torch.randn(3, 5, 48, generator=gen)).to(device=DEVICE, dtype=r_dtype)
+    weight = (1 + 0.5 * torch.randn(48, generator=gen)).to(device=DEVICE, dtype=w_dtype)
+    gy = None if outputs == "s-only" else torch.randn(3, 5, 48, generator=gen, dtype=F64).to(DEVICE)
+    gs = None if outputs == "y-only" else torch.randn(3, 5, 48, generator=gen, dtype=F64).to(DEVICE)
+    y, s, grads = _add_norm_grads("triton", x, residual, weight, residual_dtype, out_dtype, gy, gs)
+    y_ref, s_ref, ref = _add_norm_grads("torch", x, residual, weight, residual_dtype, out_dtype, gy, gs)
+    assert y.dtype == (out_dtype or w_dtype) == y_ref.dtype and s.dtype == s_ref.dtype
+    assert grads.keys() == ref.keys()
+    assert_close(s, s_ref, name="s", rel=2**-7 if torch.bfloat16 in (x_dtype, w_dtype) else 1e-12)
+    low = torch.bfloat16 in (x_dtype, r_dtype, w_dtype, out_dtype)
+    for name, g in grads.items():
+        assert g is not None and g.dtype == ref[name].dtype, name
+        # float64: the same math; float32: rounding of the statistics; bf16 (inputs, weight or y): one bf16 ulp
+        # of an input or of the gradient through the cast to bf16 (the interpreter truncates where CUDA rounds)
+        rel = 2**-6 if low else (1e-12 if x_dtype == torch.float64 else 1e-5)
+        assert_close(g, ref[name], name=name, rel=rel)
+
+
+def test_add_rms_norm_triton_backward_keeps_no_copy_of_y():
+    """What the backward keeps: s (the residual the next block holds anyway) and one rstd per row, never y."""
+    from mambakit.ops import add_rms_norm
+
+    x = torch.randn(4, 64, dtype=torch.float32, device=DEVICE, requires_grad=True)
+    residual = torch.randn(4, 64, dtype=torch.float32, device=DEVICE, requires_grad=True)
+    weight = torch.ones(64, device=DEVICE, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        y, s = add_rms_norm(x, residual, weight, residual_dtype=torch.float32, out_dtype=torch.bfloat16,
+                            backend="triton")
+    shapes = sorted(tuple(t.shape) for t in kept)
+    assert shapes == [(4,), (4, 64), (64,)], shapes
+    assert any(t.data_ptr() == s.data_ptr() for t in kept), "the backward should keep s itself, not a copy"
+    assert not any(t.data_ptr() == y.data_ptr() for t in kept)
 
 
 def test_add_rms_norm_rejects_bad_input():
@@ -262,3 +305,5 @@ def test_add_rms_norm_rejects_bad_input():
         add_rms_norm(x, None, w, residual_dtype=torch.int32)
     with pytest.raises(ValueError, match="add_rms_norm: backend 'reference' is not implemented"):
         add_rms_norm(x, None, w, backend="reference")
+    with pytest.raises(ValueError, match="add_rms_norm: out_dtype must be a floating dtype"):
+        add_rms_norm(x, None, w, out_dtype=torch.int64)

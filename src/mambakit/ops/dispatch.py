@@ -169,6 +169,9 @@ class Implementation:
     grad: has a backward. Without one, a call that needs gradients runs `grad_fallback` instead.
     automatic: the automatic choice (backend=None, no `use_backend` block) may pick it. False for a backend that
         is tested but not yet timed against the one it would replace: it runs only when named.
+    grad_automatic: the automatic choice may run its backward. False for a backward tested (interpreter, static
+        SASS) but not yet timed on a GPU: an automatic call that needs gradients runs `grad_fallback`; named (or in
+        a `use_backend` block) it runs.
     """
 
     load: Callable[[], Callable]
@@ -177,6 +180,7 @@ class Implementation:
     grad: bool = True
     grad_fallback: str | None = None
     automatic: bool = True
+    grad_automatic: bool = True
 
 
 # Loaders use import statements, not importlib: torch.compile traces these calls (fullgraph) and cannot
@@ -381,9 +385,11 @@ BACKEND_TABLE: dict[str, dict[str, Implementation]] = {
                              "torch": Implementation(_linear_cross_entropy_torch),
                              "triton": Implementation(_linear_cross_entropy_triton, automatic=False)},
     "rms_norm": _three(_rms_norm_reference, _rms_norm_torch, _rms_norm_triton),
-    # the Triton kernel is the fused inference path (forward only); training runs the torch path
+    # one Triton kernel forward and one backward: every block's pre-norm. The backward runs when named (or under
+    # use_backend) until a GPU A/B has timed a training step with it (`gpu_train.py`, old tree against new);
+    # then the automatic choice on CUDA. Decoding (no gradient) runs the kernel already.
     "add_rms_norm": {"torch": Implementation(_add_rms_norm_torch),
-                     "triton": Implementation(_add_rms_norm_triton, grad=False, grad_fallback="torch")},
+                     "triton": Implementation(_add_rms_norm_triton, grad_automatic=False, grad_fallback="torch")},
     # the decode step's projections with their norm (and conv) fused: one kernel each, forward only
     "add_rms_norm_linear": {"torch": Implementation(_norm_linear_torch),
                             "triton": Implementation(_norm_linear_triton, grad=False, grad_fallback="torch")},
@@ -410,7 +416,8 @@ def implementation(op: str, backend: str | None, device: torch.device, *, comple
     """
     row = BACKEND_TABLE[op]
     supported = tuple(row)
-    if backend is None and _default_backend() is None:
+    automatic = backend is None and _default_backend() is None
+    if automatic:
         supported = tuple(n for n, i in row.items() if i.automatic)
     name = select_backend(op, backend, device, supported=supported)
     impl = row[name]
@@ -419,7 +426,7 @@ def implementation(op: str, backend: str | None, device: torch.device, *, comple
         raise ValueError(f"{op}: complex A is supported by the backends {ok}, not {name!r}")
     if empty and not impl.empty:
         raise ValueError(f"{op}: backend {name!r} needs seqlen >= 1")
-    if needs_grad and not impl.grad:
+    if needs_grad and (not impl.grad or (automatic and not impl.grad_automatic)):
         name = impl.grad_fallback
         impl = row[name]
     if torch.compiler.is_compiling():

@@ -49,21 +49,25 @@ def add_rms_norm(
     eps: float = 1e-5,
     residual_dtype: torch.dtype | None = None,
     backend: str | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pre-norm residual step in one pass: s = x + residual; y = rms_norm(s in weight's dtype, weight).
 
     Exactly what `Block` computes unfused (the same roundings: s in the promoted dtype of x and residual,
-    normalised after a cast to weight's dtype), so both give identical numbers. The Triton backend runs
-    one kernel instead of three (add, cast, norm): it matters where launches dominate, i.e. decoding. It
-    is forward-only: when autograd needs gradients of any input, the PyTorch path runs instead.
+    normalised after a cast to weight's dtype), so both give identical numbers up to float32 rounding of the
+    statistics. The Triton backend runs one kernel forward (instead of add, cast, norm, scale and a cast for the
+    next matmul) and one backward, and keeps only s and one float32 per row for the backward: it is the
+    training path of every block on CUDA, and the decode step's norm.
 
     Args:
         x: (..., hidden).   residual: like x, or None (the first block: s = x).   weight: (hidden,).
         residual_dtype: dtype of the returned residual (None: s's own dtype; float32 keeps the residual
             stream in float32 under bf16 weights).
         backend: None, "torch" or "triton".
+        out_dtype: dtype of y (None: weight's dtype). `Block` passes the autocast dtype when the mixer's first
+            op is a matmul that autocast would cast y to anyway: the same values, without the cast.
     Returns:
-        y (..., hidden) in weight's dtype, and s (..., hidden) in residual_dtype.
+        y (..., hidden) in out_dtype, and s (..., hidden) in residual_dtype.
 
     Example:
         >>> y, residual = add_rms_norm(hidden, residual, norm.weight, eps=1e-5, residual_dtype=torch.float32)
@@ -71,10 +75,12 @@ def add_rms_norm(
     check_rms_norm("add_rms_norm", x, weight, eps, residual=residual)
     if residual_dtype is not None and residual_dtype not in FLOATS:
         raise ValueError(f"add_rms_norm: residual_dtype must be a floating dtype, got {residual_dtype}")
+    if out_dtype is not None and out_dtype not in FLOATS:
+        raise ValueError(f"add_rms_norm: out_dtype must be a floating dtype, got {out_dtype}")
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, residual, weight))
     _, fn = implementation("add_rms_norm", backend, x.device, needs_grad=needs_grad)
-    return fn(x, residual, weight, eps=eps, residual_dtype=residual_dtype)
+    return fn(x, residual, weight, eps=eps, residual_dtype=residual_dtype, out_dtype=out_dtype)
 
 
 @dataclass(frozen=True, eq=False)

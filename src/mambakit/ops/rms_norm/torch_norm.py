@@ -53,14 +53,18 @@ def add_rms_norm_torch(
     weight: torch.Tensor,
     eps: float = 1e-5,
     residual_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """s = x + residual, y = rms_norm(s.to(weight.dtype)); arguments as in `mambakit.ops.add_rms_norm`.
+    """s = x + residual, y = rms_norm(s.to(weight.dtype)) in out_dtype (default: weight's dtype); arguments as in
+    `mambakit.ops.add_rms_norm`.
 
     Example:
         >>> y, s = add_rms_norm_torch(torch.randn(2, 8), None, torch.ones(8), residual_dtype=torch.float32)
     """
     s = x if residual is None else x + residual
     y = rms_norm_torch(s.to(weight.dtype), weight, eps=eps)
+    if out_dtype is not None:
+        y = y.to(out_dtype)
     if residual is None:
         # a new tensor, never x itself (as the Triton kernel writes a new s): a block handing its input back as
         # an output is, under FSDP2, returning a view (its pre-forward autograd Function makes the inputs views)

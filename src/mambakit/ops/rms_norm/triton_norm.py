@@ -123,13 +123,14 @@ def _rms_norm_bwd_kernel(
 @fast_launch
 @triton.jit
 def _add_rms_norm_fwd_kernel(
-    x_ptr, r_ptr, w_ptr, y_ptr, s_ptr,
+    x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, rstd_ptr,
     n_rows, hidden, eps,
     stride_xr, stride_rr, stride_yr, stride_sr,
-    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, HAS_R: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, HAS_R: tl.constexpr, STORE_RSTD: tl.constexpr,
     SUM_DT: tl.constexpr, W_DT: tl.constexpr, ACC: tl.constexpr,
 ):
-    """s = x + r rounded to SUM_DT (stored in s's dtype); y = rmsnorm(s rounded to W_DT) * w."""
+    """s = x + r rounded to SUM_DT (stored in s's dtype); y = rmsnorm(s rounded to W_DT) * w (stored in y's
+    dtype); rstd (N,) in ACC when STORE_RSTD (kept for the backward)."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = (rows < n_rows)[:, None] & (cols < hidden)[None, :]
@@ -143,6 +144,46 @@ def _add_rms_norm_fwd_kernel(
     w = tl.load(w_ptr + cols, mask=cols < hidden, other=0.0).to(ACC)
     y = h * rstd[:, None] * w[None, :]
     tl.store(y_ptr + rows[:, None] * stride_yr + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    if STORE_RSTD:
+        tl.store(rstd_ptr + rows, rstd.to(rstd_ptr.dtype.element_ty), mask=rows < n_rows)
+
+
+@fast_launch
+@triton.jit
+def _add_rms_norm_bwd_kernel(
+    s_ptr, w_ptr, rstd_ptr, dy_ptr, ds_ptr, dx_ptr, dr_ptr, dw_part_ptr,
+    n_rows, hidden,
+    stride_sr, stride_dyr, stride_dsr, stride_dxr, stride_drr, stride_pr,
+    ROW_TILES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, HAS_DS: tl.constexpr,
+    HAS_R: tl.constexpr, SUM_DT: tl.constexpr, W_DT: tl.constexpr, ACC: tl.constexpr,
+):
+    """The backward of `_add_rms_norm_fwd_kernel` over ROW_TILES row tiles: with h = s in W_DT, xhat = h * rstd,
+    dxhat = dy * w, c = mean(dxhat * xhat):   dsum = ds + (rstd (dxhat - xhat c) rounded to W_DT), in SUM_DT;
+    dx = dsum (x's dtype), dr = dsum (r's dtype); one partial row of dweight = sum of dy * xhat per program."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    mask_c = cols < hidden
+    w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(ACC)
+    dw_acc = tl.zeros((BLOCK_R, BLOCK_H), dtype=ACC)
+    for i in range(ROW_TILES):
+        rows = ((pid * ROW_TILES + i) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        mask_r = rows < n_rows
+        mask = mask_r[:, None] & mask_c[None, :]
+        h = tl.load(s_ptr + rows[:, None] * stride_sr + cols[None, :], mask=mask, other=0.0).to(W_DT).to(ACC)
+        rstd = tl.load(rstd_ptr + rows, mask=mask_r, other=0.0)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dyr + cols[None, :], mask=mask, other=0.0).to(ACC)
+        xhat = h * rstd[:, None]
+        dw_acc += dy * xhat
+        dxhat = dy * w[None, :]
+        c = tl.sum(dxhat * xhat, axis=1) / hidden
+        dh = (rstd[:, None] * (dxhat - xhat * c[:, None])).to(W_DT).to(SUM_DT)  # back through the cast to W_DT
+        if HAS_DS:
+            ds = tl.load(ds_ptr + rows[:, None] * stride_dsr + cols[None, :], mask=mask, other=0.0).to(SUM_DT)
+            dh = (dh.to(ACC) + ds.to(ACC)).to(SUM_DT)
+        tl.store(dx_ptr + rows[:, None] * stride_dxr + cols[None, :], dh.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_R:
+            tl.store(dr_ptr + rows[:, None] * stride_drr + cols[None, :], dh.to(dr_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_part_ptr + pid * stride_pr + cols, tl.sum(dw_acc, axis=0), mask=mask_c)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,31 +311,112 @@ _rms_norm_op = autograd_op("RMSNorm", _rms_norm_fwd_impl, _rms_norm_fwd_op, _rms
                            _rms_norm_bwd_impl, _rms_norm_bwd_op)
 
 
+# The fused residual add + norm of every block: forward (y, s, rstd), backward from (dy, ds) to (dx, dresidual,
+# dweight). s (the new residual stream, saved anyway as the next block's input) and rstd (N,) are kept for the
+# backward; y is never kept, so the block's norm costs no activation memory of its own.
+
+
 def _add_rms_norm_impl(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                       out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward only (`add_rms_norm` takes the PyTorch path when autograd needs gradients)."""
+                       s_dtype: torch.dtype, y_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y (N, H) in y_dtype, s (N, H) in s_dtype and rstd (N,) float32 (float64 for float64 sums)."""
     n_rows, hidden = x2.shape
     sum_dtype = x2.dtype if r2 is None else torch.promote_types(x2.dtype, r2.dtype)
-    y2 = torch.empty(n_rows, hidden, dtype=weight.dtype, device=x2.device)
-    s2 = torch.empty(n_rows, hidden, dtype=out_dtype, device=x2.device)
+    acc = compute_dtype(torch.promote_types(sum_dtype, weight.dtype))
+    # Triton's CPU interpreter truncates a float32 -> bf16 store where CUDA rounds: off the GPU y is stored wide
+    # and torch rounds it (the values CUDA gives)
+    y_store = y_dtype if x2.is_cuda else torch.promote_types(y_dtype, acc)
+    y2 = torch.empty(n_rows, hidden, dtype=y_store, device=x2.device)
+    s2 = torch.empty(n_rows, hidden, dtype=s_dtype, device=x2.device)
+    rstd = torch.empty(n_rows, dtype=acc, device=x2.device)
     block_r, block_h, num_warps = _tile(hidden, 4096)
     _add_rms_norm_fwd_kernel[(cdiv(n_rows, block_r),)](
-        x2, r2 if r2 is not None else x2, weight.contiguous(), y2, s2,
+        x2, r2 if r2 is not None else x2, weight.contiguous(), y2, s2, rstd,
         n_rows, hidden, float(eps),
         x2.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0), s2.stride(0),
-        BLOCK_R=block_r, BLOCK_H=block_h, HAS_R=r2 is not None,
-        SUM_DT=tl_dtype(sum_dtype), W_DT=tl_dtype(weight.dtype),
-        ACC=tl_compute_dtype(torch.promote_types(sum_dtype, weight.dtype)), num_warps=num_warps,
+        BLOCK_R=block_r, BLOCK_H=block_h, HAS_R=r2 is not None, STORE_RSTD=True,
+        SUM_DT=tl_dtype(sum_dtype), W_DT=tl_dtype(weight.dtype), ACC=tl_compute_dtype(acc), num_warps=num_warps,
     )
-    return y2, s2
+    return y2.to(y_dtype), s2, rstd
 
 
 _add_rms_norm_op = torch.library.custom_op("mambakit::add_rms_norm_fwd", mutates_args=())(_add_rms_norm_impl)
 
 
 @_add_rms_norm_op.register_fake
-def _(x2, r2, weight, eps, out_dtype):
-    return x2.new_empty(x2.shape, dtype=weight.dtype), x2.new_empty(x2.shape, dtype=out_dtype)
+def _(x2, r2, weight, eps, s_dtype, y_dtype):
+    sum_dtype = x2.dtype if r2 is None else torch.promote_types(x2.dtype, r2.dtype)
+    acc = compute_dtype(torch.promote_types(sum_dtype, weight.dtype))
+    return (x2.new_empty(x2.shape, dtype=y_dtype), x2.new_empty(x2.shape, dtype=s_dtype),
+            x2.new_empty(x2.shape[0], dtype=acc))
+
+
+def add_rms_norm_bwd(*, s2, weight, rstd, dy2, ds2, x_dtype, r_dtype, sum_dtype, elems=2048, row_tiles=None):
+    """(dx (N, H) in x_dtype, dresidual (N, H) in r_dtype or None, dweight (H,) in weight's dtype) from the
+    gradients of y (dy2) and of s (ds2, or None when s got none)."""
+    n_rows, hidden = s2.shape
+    block_r, block_h, num_warps = _tile(hidden, elems)
+    n_tiles = cdiv(n_rows, block_r)
+    if row_tiles is None:  # ~8 programs per SM, as `rms_norm_bwd`
+        row_tiles = min(64, next_power_of_2(max(1, n_tiles // (8 * sm_count(s2.device, 1)))))
+    n_progs = cdiv(n_tiles, row_tiles)
+    dx2 = torch.empty(n_rows, hidden, dtype=x_dtype, device=s2.device)
+    dr2 = torch.empty(n_rows, hidden, dtype=r_dtype, device=s2.device) if r_dtype is not None else None
+    part = torch.empty(n_progs, hidden, dtype=rstd.dtype, device=s2.device)
+    _add_rms_norm_bwd_kernel[(n_progs,)](
+        s2, weight, rstd, dy2, ds2 if ds2 is not None else dy2, dx2, dr2 if dr2 is not None else dx2, part,
+        n_rows, hidden,
+        s2.stride(0), dy2.stride(0), ds2.stride(0) if ds2 is not None else 0, dx2.stride(0),
+        dr2.stride(0) if dr2 is not None else 0, part.stride(0),
+        ROW_TILES=row_tiles, BLOCK_R=block_r, BLOCK_H=block_h, HAS_DS=ds2 is not None, HAS_R=dr2 is not None,
+        SUM_DT=tl_dtype(sum_dtype), W_DT=tl_dtype(weight.dtype), ACC=tl_compute_dtype(rstd.dtype),
+        num_warps=num_warps,
+    )
+    return dx2, dr2, part.sum(0).to(weight.dtype)
+
+
+def _rows_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None or t.numel() == 0 else (t if t.stride(-1) == 1 else t.contiguous())
+
+
+def _add_rms_norm_bwd_impl(dy2: torch.Tensor, ds2: torch.Tensor | None, s2: torch.Tensor, weight: torch.Tensor,
+                           rstd: torch.Tensor, x_like: torch.Tensor, r_like: torch.Tensor | None) -> list[torch.Tensor]:
+    """x_like / r_like: empty tensors of x's and the residual's dtypes (their dtypes say what to return)."""
+    sum_dtype = x_like.dtype if r_like is None else torch.promote_types(x_like.dtype, r_like.dtype)
+    dx2, dr2, dw = add_rms_norm_bwd(s2=s2, weight=weight, rstd=rstd, dy2=_rows_or_none(dy2), ds2=_rows_or_none(ds2),
+                                    x_dtype=x_like.dtype, r_dtype=None if r_like is None else r_like.dtype,
+                                    sum_dtype=sum_dtype)
+    return [dx2, dr2 if dr2 is not None else dx2.new_empty(0), dw]
+
+
+_add_rms_norm_bwd_op = torch.library.custom_op("mambakit::add_rms_norm_bwd", mutates_args=())(_add_rms_norm_bwd_impl)
+
+
+@_add_rms_norm_bwd_op.register_fake
+def _(dy2, ds2, s2, weight, rstd, x_like, r_like):
+    return [s2.new_empty(s2.shape, dtype=x_like.dtype),
+            s2.new_empty(s2.shape, dtype=r_like.dtype) if r_like is not None else s2.new_empty(0),
+            weight.new_empty(weight.shape)]
+
+
+def _add_rms_norm_setup_context(ctx, inputs, output):
+    x2, r2, weight, _eps, _s_dtype, _y_dtype = inputs
+    ctx.save_for_backward(output[1], weight, output[2])
+    ctx.set_materialize_grads(False)  # the final norm's s gets no gradient: no zeros tensor for it
+    # empty tensors that carry the input dtypes into the registered backward (a custom op takes no dtype list)
+    ctx.x_like = x2.new_empty(0)
+    ctx.r_like = r2.new_empty(0) if r2 is not None else None
+
+
+def _add_rms_norm_backward(ctx, dy2, ds2, _drstd, bwd):
+    s2, weight, rstd = ctx.saved_tensors
+    if dy2 is None:
+        dy2 = torch.zeros_like(s2, dtype=ctx.x_like.dtype)
+    dx2, dr2, dw = bwd(dy2, ds2, s2, weight, rstd, ctx.x_like, ctx.r_like)
+    return dx2, (dr2 if ctx.r_like is not None else None), dw, None, None, None
+
+
+_add_rms_norm_grad_op = autograd_op("AddRMSNorm", _add_rms_norm_impl, _add_rms_norm_op, _add_rms_norm_setup_context,
+                                    _add_rms_norm_backward, _add_rms_norm_bwd_impl, _add_rms_norm_bwd_op)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,25 +458,29 @@ def add_rms_norm_triton(
     weight: torch.Tensor,
     eps: float = 1e-5,
     residual_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Triton kernel for s = x + residual, y = rms_norm(s in weight's dtype); forward only.
+    """s = x + residual, y = rms_norm(s in weight's dtype): one Triton kernel forward, one backward.
 
     Arguments as in `mambakit.ops.add_rms_norm` (already validated). Shapes: x, residual (..., H);
-    weight (H,). Returns y (..., H) in weight's dtype and s (..., H) in residual_dtype (default: the
-    promoted dtype of x and residual).
+    weight (H,). Returns y (..., H) in out_dtype (default: weight's dtype) and s (..., H) in residual_dtype
+    (default: the promoted dtype of x and residual). The backward keeps s and the (N,) rstd, no copy of y.
 
     Example:
-        >>> y, s = add_rms_norm_triton(h, r, w, residual_dtype=torch.float32)
+        >>> y, s = add_rms_norm_triton(h, r, w, residual_dtype=torch.float32, out_dtype=torch.bfloat16)
     """
     hidden = x.shape[-1]
     sum_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    out_dtype = residual_dtype or sum_dtype
-    if x.numel() == 0:
+    s_dtype = residual_dtype or sum_dtype
+    y_dtype = out_dtype or weight.dtype
+    # the backward recomputes the norm from the stored s: it must hold the sum exactly
+    lossy_s = torch.promote_types(s_dtype, sum_dtype) != s_dtype
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight))
+    if x.numel() == 0 or (needs_grad and lossy_s):
         from .torch_norm import add_rms_norm_torch
 
-        return add_rms_norm_torch(x, residual, weight, eps=eps, residual_dtype=residual_dtype)
+        return add_rms_norm_torch(x, residual, weight, eps=eps, residual_dtype=residual_dtype, out_dtype=out_dtype)
     r2 = _rows(residual, hidden) if residual is not None else None
     # the custom op under torch.compile; in eager mode the implementation itself (no dispatcher cost per launch)
-    op = _add_rms_norm_op if torch.compiler.is_compiling() else _add_rms_norm_impl
-    y2, s2 = op(_rows(x, hidden), r2, weight, float(eps), out_dtype)
+    y2, s2, _ = _add_rms_norm_grad_op(_rows(x, hidden), r2, weight, float(eps), s_dtype, y_dtype)
     return y2.reshape(x.shape), s2.reshape(x.shape)
