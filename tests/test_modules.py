@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mambakit import MambaConfig, MambaLM
 from mambakit.modules import Mamba1, Mamba2
 
 from .helpers import assert_close, saved_bytes
@@ -128,3 +129,59 @@ def test_recompute_gives_the_same_gradients_and_keeps_less(make):
     for i, (a, b) in enumerate(zip(g0, g1)):
         assert_close(b, a, name=f"grad {i}", rel=1e-12)
     assert s1 < 0.5 * s0, (s1, s0)
+
+
+# ---- the block's norm writes the dtype autocast would cast the mixer's input to -------------------------------
+
+
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+def test_block_norm_output_under_autocast_is_the_cast_in_proj_would_make(layer, monkeypatch):
+    """Under autocast the block's add + norm writes its output in the autocast dtype when the mixer's first op is a
+    plain in_proj (`fusion.autocast_input_dtype`): the block's output and every gradient are bitwise those of the
+    float32 norm output cast by autocast at in_proj."""
+    from mambakit.modules import block as block_mod
+    from mambakit.modules import fusion
+
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=64, pad_vocab_size_multiple=8,
+                      ssm_cfg={"layer": layer, **({"headdim": 16, "d_state": 16, "chunk_size": 16}
+                                                  if layer == "Mamba2" else {})})
+    model = MambaLM(cfg)
+    ids = torch.randint(0, 64, (2, 12))
+    mixer = model.backbone.layers[0].mixer
+    x = torch.randn(2, 12, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fusion.autocast_input_dtype(mixer, x, torch.float32) == torch.bfloat16
+        assert fusion.autocast_input_dtype(mixer, x, torch.float64) is None  # autocast leaves float64 alone
+    assert fusion.autocast_input_dtype(mixer, x, torch.float32) is None  # autocast off
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids)
+        logits.float().square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    logits, grads = run()
+    monkeypatch.setattr(block_mod, "autocast_input_dtype", lambda *args: None)
+    logits_ref, grads_ref = run()
+    assert torch.equal(logits, logits_ref)
+    for name, g in grads.items():
+        assert torch.equal(g, grads_ref[name]), name
+
+
+def test_autocast_input_dtype_refuses_what_it_cannot_vouch_for():
+    """A hooked mixer, an adapted (non-plain) in_proj or a mixer that does not start with in_proj keeps the norm's
+    own dtype: autocast's cast at the first op is left to happen as it would."""
+    from mambakit.modules import fusion
+
+    x = torch.randn(1, 4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixer = Mamba1(d_model=16)
+        assert fusion.autocast_input_dtype(mixer, x, torch.float32) == torch.bfloat16
+        handle = mixer.register_forward_pre_hook(lambda module, args: None)
+        assert fusion.autocast_input_dtype(mixer, x, torch.float32) is None
+        handle.remove()
+        mixer.in_proj = torch.nn.Sequential(mixer.in_proj)  # anything but a plain nn.Linear
+        assert fusion.autocast_input_dtype(mixer, x, torch.float32) is None
+        assert fusion.autocast_input_dtype(torch.nn.Linear(16, 16), x, torch.float32) is None

@@ -14,22 +14,23 @@ import torch
 from torch import nn
 
 from ..ops import add_rms_norm
-from .fusion import reads_as_plain
+from .fusion import autocast_input_dtype, reads_as_plain
 from .norm import RMSNorm
 from .state import MixerState
 
 
 def add_and_norm(hidden: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module,
-                 residual_in_fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 residual_in_fp32: bool, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """residual = hidden + residual; normed = norm(residual in norm's dtype); residual in fp32 when asked.
 
-    A plain RMSNorm goes through the fused `add_rms_norm` op (one Triton kernel when no gradient is needed:
-    the decode step's launch count), other norms (LayerNorm, a hooked or adapted norm) are called as modules
-    after the unfused add. Same numbers.
+    A plain RMSNorm goes through the fused `add_rms_norm` op (on CUDA one Triton kernel forward and one
+    backward), other norms (LayerNorm, a hooked or adapted norm) are called as modules after the unfused add.
+    Same numbers. out_dtype: the dtype the normed output is written in by the fused op (the autocast dtype the
+    next op casts it to, `fusion.autocast_input_dtype`); a norm called as a module keeps its own.
     """
     if reads_as_plain(norm, RMSNorm):
         return add_rms_norm(hidden, residual, norm.weight, eps=norm.eps,
-                            residual_dtype=torch.float32 if residual_in_fp32 else None)
+                            residual_dtype=torch.float32 if residual_in_fp32 else None, out_dtype=out_dtype)
     residual = hidden if residual is None else hidden + residual
     normed = norm(residual.to(norm.weight.dtype))
     residual = residual.float() if residual_in_fp32 else residual
@@ -63,7 +64,10 @@ class Block(nn.Module):
         if fused is not None:
             hidden_states, residual = fused
         else:
-            hidden_states, residual = add_and_norm(hidden_states, residual, self.norm, self.residual_in_fp32)
+            weight = getattr(self.norm, "weight", None)
+            out_dtype = None if weight is None else autocast_input_dtype(self.mixer, hidden_states, weight.dtype)
+            hidden_states, residual = add_and_norm(hidden_states, residual, self.norm, self.residual_in_fp32,
+                                                   out_dtype)
             hidden_states = self.mixer(hidden_states, cache=cache, seq_idx=seq_idx)
         if self.mlp is not None:
             hidden_states, residual = add_and_norm(hidden_states, residual, self.norm2, self.residual_in_fp32)

@@ -30,6 +30,27 @@ def reads_as_plain(module: nn.Module, cls: type[nn.Module]) -> bool:
     return all(p is None or type(p) in (nn.Parameter, torch.Tensor) for p in module._parameters.values())
 
 
+def autocast_input_dtype(mixer: nn.Module, x: torch.Tensor, norm_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype autocast will cast the mixer's input `x` to before its first op, or None when that is not known.
+
+    Known for a mixer whose first op on its input is `in_proj` (class attribute `first_op_in_proj`: Mamba1,
+    Mamba2), a plain nn.Linear, with no hooks on the mixer, while autocast is on for x's device and the input
+    would be a float32 tensor (norm_dtype: the dtype the norm writes by default). The block's norm then writes
+    its output in that dtype directly: the values the cast would give, without the cast's pass over them and
+    without the float32 copy it keeps for the backward.
+    """
+    device = x.device.type
+    if not getattr(type(mixer), "first_op_in_proj", False) or norm_dtype != torch.float32:
+        return None
+    if not torch.is_autocast_enabled(device):
+        return None
+    if mixer._forward_hooks or mixer._forward_pre_hooks or _global_hooks():
+        return None
+    if not reads_as_plain(getattr(mixer, "in_proj", None), nn.Linear):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
 def require_plain_conv(conv: nn.Module, layer: str) -> None:
     """The causal conv is always computed from its weight (the mixers' conv ops carry state and documents across
     calls, which nn.Conv1d cannot): refuse a conv1d that would be skipped rather than ignore it."""

@@ -77,6 +77,9 @@ class Mamba1(nn.Module):
         >>> y = layer(torch.randn(2, 64, 256))   # (2, 64, 256)
     """
 
+    # the first op on the input is in_proj (see fusion.autocast_input_dtype)
+    first_op_in_proj = True
+
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: float = 2,
                  dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random",
                  dt_scale: float = 1.0, dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,

@@ -81,6 +81,9 @@ class Mamba2(nn.Module):
         >>> y = layer(torch.randn(2, 100, 256))   # (2, 100, 256)
     """
 
+    # the first op on the input is in_proj (see fusion.autocast_input_dtype)
+    first_op_in_proj = True
+
     def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, conv_init: float | None = None,
                  expand: float = 2, headdim: int = 64, d_ssm: int | None = None, ngroups: int = 1,
                  A_init_range: tuple[float, float] = (1, 16), D_has_hdim: bool = False, rmsnorm: bool = True,
