@@ -36,7 +36,8 @@ for stage in "$@"; do
     compose) run compose 560 python3 -m pytest tests/test_composability.py -m gpu -q -p no:cacheprovider ${COMPOSE_FLAGS:-};;
     adapters) run adapters 200 python3 -m pytest tests/test_adapters.py -q -p no:cacheprovider;;
     # both Mamba layers, then the Transformer++ baseline (`--arch`, issue 15), each trained and then sampled
-    e2e) for layer in mamba1 mamba2 transformer++; do
+    # (E2E_LAYERS picks some of them)
+    e2e) for layer in ${E2E_LAYERS:-mamba1 mamba2 transformer++}; do
            case $layer in transformer++) model_flag="--arch $layer";; *) model_flag="--layer $layer";; esac
            run "e2e-train-$layer" 200 python3 -m mambakit.cli train --device cuda $model_flag --out /tmp/runs/$layer \
              --time-budget ${E2E_BUDGET:-60s} --no-progress

@@ -11,14 +11,17 @@ one), "recompute" (`mixer.recompute = True`), each eager or under `torch.compile
 "+compile"; compile time is reported separately and excluded from tokens/s). The suffix "+ce" takes the
 loss from the model itself, `model(ids, targets=...)` (`ops.linear_cross_entropy`, never the whole logits
 matrix: what `mambakit train` does, its automatic backend; "+cetorch" / "+cetriton" name the backend, for the
-A/B); without any of them the loss is `F.cross_entropy` of the (B, L, V) logits, as mamba_ssm's row computes it. mamba_ssm's MambaLMHeadModel
-is timed in the same process when it is importable (path "mamba_ssm").
+A/B); without any of them the loss is `F.cross_entropy` of the (B, L, V) logits, as mamba_ssm's row computes it.
+"+normtriton" lets the automatic choice run the block norm's Triton backward (`ops.add_rms_norm`, not yet the
+default in training). mamba_ssm's MambaLMHeadModel is timed in the same process when it is importable (path
+"mamba_ssm").
 
     python benchmarks/gpu_train.py                                    # 130m, batch 8 x 2048, all paths
     python benchmarks/gpu_train.py --shape 130m --batch 2 --seqlen 8192 --paths fused unfused
     python benchmarks/gpu_train.py --shape 1.3b --paths fused --layers mamba1
     python benchmarks/gpu_train.py --layers mamba2 --paths fused --profile 15   # + the 15 costliest kernels
     python benchmarks/gpu_train.py --paths fused fused+ce unfused+ce         # the logits loss vs the model's own
+    python benchmarks/gpu_train.py --paths fused+cetriton fused+cetriton+normtriton   # the block norm's backward
 
 `--profile N` then runs 3 more steps under torch.profiler (CUDA activity) and prints the N kernels with the most
 GPU time per step (name, ms per step, launches per step, share of the step's kernel time): where a step goes.
@@ -75,21 +78,26 @@ def kernel_table(step, top: int, steps: int = 3) -> list[dict]:
 
 
 @contextlib.contextmanager
-def _loss_backend(backend: str | None):
-    """linear_cross_entropy's automatic choice made `backend` within the block (None: unchanged)."""
+def _backends(loss: str | None, norm_backward: bool):
+    """Within the block: linear_cross_entropy's automatic choice made `loss` (None: unchanged), and with
+    `norm_backward` the block norm's Triton backward (add_rms_norm, `grad_automatic=False` until timed) allowed to
+    the automatic choice."""
     import dataclasses
 
     from mambakit.ops import dispatch
 
-    row = dispatch.BACKEND_TABLE["linear_cross_entropy"]
-    saved = dict(row)
-    if backend is not None:
-        for name, impl in row.items():
-            row[name] = dataclasses.replace(impl, automatic=name == backend)
+    rows = {op: dispatch.BACKEND_TABLE[op] for op in ("linear_cross_entropy", "add_rms_norm")}
+    saved = {op: dict(row) for op, row in rows.items()}
+    if loss is not None:
+        for name, impl in rows["linear_cross_entropy"].items():
+            rows["linear_cross_entropy"][name] = dataclasses.replace(impl, automatic=name == loss)
+    if norm_backward:
+        rows["add_rms_norm"]["triton"] = dataclasses.replace(rows["add_rms_norm"]["triton"], grad_automatic=True)
     try:
         yield
     finally:
-        row.update(saved)
+        for op, row in rows.items():
+            row.update(saved[op])
 
 
 def run_case(layer: str, shape: str, path: str, batch: int, seqlen: int, steps: int, warmup: int,
@@ -97,6 +105,7 @@ def run_case(layer: str, shape: str, path: str, batch: int, seqlen: int, steps: 
     base_path, *flags = path.split("+")
     compiled, own_loss = "compile" in flags, bool({"ce", "cetorch", "cetriton"} & set(flags))
     ce_backend = "torch" if "cetorch" in flags else "triton" if "cetriton" in flags else None
+    norm_backward = "normtriton" in flags
     if base_path == "mamba_ssm":
         model = build_mamba_ssm(layer, shape)
 
@@ -115,14 +124,13 @@ def run_case(layer: str, shape: str, path: str, batch: int, seqlen: int, steps: 
     ids = torch.randint(0, 50277, (batch, seqlen + 1), device="cuda", generator=gen)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16), _backends(ce_backend, norm_backward):
             if own_loss:  # the model's own loss: ops.linear_cross_entropy, what `mambakit train` runs
-                with _loss_backend(ce_backend):
-                    loss = forward(ids[:, :-1], targets=ids[:, 1:])
+                loss = forward(ids[:, :-1], targets=ids[:, 1:])
             else:
                 logits = forward(ids[:, :-1])
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
-        loss.backward()
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
