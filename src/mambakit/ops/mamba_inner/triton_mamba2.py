@@ -109,29 +109,33 @@ def _mamba2_inner_bwd_impl(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_weight
     dzxbcdt = torch.empty_like(zxbcdt)  # every gradient of in_proj's output lands here, slice by slice
     d_norm_w = None
     if norm_weight is not None:
-        dy2, d_norm_w, dz2 = rms_norm_bwd(x2=y2, weight=norm_weight, z2=z2, rstd=rstd, dy2=dy_out.to(y2.dtype),
-                                          group=norm_group, norm_before_gate=norm_before_gate)
-        dzxbcdt[..., :S].copy_(dz2.view(batch, seqlen, S))
+        # dz straight into its slice of dzxbcdt (rows d_in_proj apart)
+        dy2, d_norm_w, _ = rms_norm_bwd(x2=y2, weight=norm_weight, z2=z2, rstd=rstd, dy2=dy_out.to(y2.dtype),
+                                        group=norm_group, norm_before_gate=norm_before_gate,
+                                        dz_out=dzxbcdt.view(rows, -1)[:, :S])
         dy, gate, y_pre = dy2.view(batch, seqlen, H, P), None, None
-        del dz2
     else:
         dy, gate, y_pre = dy_out.to(x.dtype).view(batch, seqlen, H, P), z.unflatten(-1, (H, P)), keep
     del dy_out
 
+    # the conv's upstream gradient (x || B || C's): the SSD backward writes dx into its first S channels
+    dxBC = torch.empty(batch, seqlen, xBC_in.shape[-1], device=zxbcdt.device, dtype=zxbcdt.dtype)
+    dx_out = dxBC[..., :S].unflatten(-1, (H, P))
     # SSD backward, from its recomputed intermediates (decay, C B^T, chunk states; y itself is kept)
     dtp, cs, cb, states, _ = ssd_triton_intermediates(x=x, dt=dt, A=A, B=B, C=C, dt_bias=dt_bias, initial_state=None,
                                                       seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit, T=T)
     dx, ddt, dA, dB, dC, dD, dz, d_dt_bias, _ = ssd_triton_backward(
         dy=dy, dfinal=None, x=x, dt=dt, A=A, B=B, C=C, D=D, z=gate, dt_bias=dt_bias, seq_idx=seq_idx, dtp=dtp,
-        cs=cs, cb=cb, states=states, y_pre=y_pre, dt_softplus=True, dt_limit=dt_limit, T=T, need_dh0=False)
+        cs=cs, cb=cb, states=states, y_pre=y_pre, dt_softplus=True, dt_limit=dt_limit, T=T, need_dh0=False,
+        dx_out=dx_out)
     del dy, xBC, x, B, C, dtp, cs, cb, states
     if dz is not None:
         dzxbcdt[..., :S].copy_(dz.view(batch, seqlen, S))
     dzxbcdt[..., S + xBC_in.shape[-1]:].copy_(ddt)
 
-    # conv backward: its upstream gradient is x‖B‖C's; its input gradient goes straight into dzxbcdt
-    dxBC = torch.empty(batch, seqlen, xBC_in.shape[-1], device=zxbcdt.device, dtype=zxbcdt.dtype)
-    dxBC[..., :S].copy_(dx.view(batch, seqlen, S))
+    # conv backward: its input gradient goes straight into dzxbcdt
+    if dx.data_ptr() != dx_out.data_ptr():  # the SSD backward cut its input into pieces: dx is a new tensor
+        dx_out.copy_(dx)
     dxBC[..., S:S + G * N].copy_(dB.view(batch, seqlen, G * N))
     dxBC[..., S + G * N:].copy_(dC.view(batch, seqlen, G * N))
     del dx, dB, dC

@@ -229,8 +229,9 @@ def rms_norm_fwd(*, x2, weight, z2, eps: float, group: int, norm_before_gate: bo
 
 
 def rms_norm_bwd(*, x2, weight, z2, rstd, dy2, group: int, norm_before_gate: bool, elems=2048, num_warps=None,
-                 row_tiles=None):
-    """(dx (N, H), dweight (H,), dz (N, H) or None), each in its input's dtype."""
+                 row_tiles=None, dz_out=None):
+    """(dx (N, H), dweight (H,), dz (N, H) or None), each in its input's dtype. dz_out: where dz goes, (N, H) of z's
+    dtype with contiguous rows at any row stride (Mamba-2 writes it into its slice of in_proj's gradient)."""
     n_rows, hidden = x2.shape
     n_groups = hidden // group
     block_r, block_g, warps = _tile(group, elems)
@@ -243,7 +244,10 @@ def rms_norm_bwd(*, x2, weight, z2, rstd, dy2, group: int, norm_before_gate: boo
         row_tiles = min(64, next_power_of_2(max(1, n_tiles * n_groups // (8 * sm_count(x2.device, 1)))))
     n_progs = cdiv(n_tiles, row_tiles)
     dx2 = torch.empty_like(x2)
-    dz2 = torch.empty_like(z2) if z2 is not None else None
+    dz2 = (dz_out if dz_out is not None else torch.empty_like(z2)) if z2 is not None else None
+    if dz_out is not None and (dz_out.shape != z2.shape or dz_out.dtype != z2.dtype or dz_out.stride(1) != 1):
+        raise ValueError(f"rms_norm_bwd: dz_out must be {tuple(z2.shape)} {z2.dtype} with contiguous rows, got "
+                         f"{tuple(dz_out.shape)} {dz_out.dtype} strides {dz_out.stride()}")
     part = torch.empty(n_progs, hidden, dtype=rstd.dtype, device=x2.device)
     _rms_norm_bwd_kernel[(n_progs, n_groups)](
         x2, z2 if z2 is not None else x2, weight, dy2, rstd, dx2, dz2 if dz2 is not None else dx2, part,

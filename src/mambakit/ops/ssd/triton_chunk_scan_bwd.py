@@ -215,7 +215,7 @@ def _chunk_dx_kernel(
     dx_ptr, ddt_ptr, dz_ptr, dA_ptr, dbias_ptr, dD_ptr,
     seqlen, nheads, nchunks, headdim, dstate, hpg, ngroups, nslot, n_pn, lo, hi,
     s_x_b, s_x_l, s_x_h, s_dt_b, s_dt_l, s_dt_h, s_dy_b, s_dy_l, s_dy_h, s_z_b, s_z_l, s_z_h,
-    s_B_b, s_B_l, s_B_g, s_seq_b,
+    s_B_b, s_B_l, s_B_g, s_seq_b, s_dx_l,
     T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_PN: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_D: tl.constexpr,
@@ -247,7 +247,8 @@ def _chunk_dx_kernel(
     x_base = x_ptr + b * s_x_b + h * s_x_h + chunk0 * s_x_l
     dy_base = dy_ptr + b * s_dy_b + h * s_dy_h + chunk0 * s_dy_l
     z_base = z_ptr + b * s_z_b + h * s_z_h + chunk0 * s_z_l
-    out_base = (b * seqlen + chunk0) * nheads * headdim + h * headdim  # contiguous dx, dz, y_pre
+    out_base = (b * seqlen + chunk0) * nheads * headdim + h * headdim  # contiguous dz, y_pre
+    dx_base = (b * seqlen + chunk0) * s_dx_l + h * headdim  # dx: rows s_dx_l apart (a slice of a wider buffer)
 
     # da_j = sum_{i >= j} dcs_i with dcs_i = rowp_i - dt'_i x_i . dXo_i + [i = T - 1] (dd_in + <dH, S>), and
     # <dH, S> = sum_i dt'_i x_i . dXo_i (dXo: dXd's inter-chunk part), so
@@ -313,7 +314,7 @@ def _chunk_dx_kernel(
                 # per-channel partial of dD, one row of (b, c, nblk, H, P)
                 tl.store(dD_ptr + (((b * nchunks + c) * nblk + jb) * nheads + h) * headdim + offs_p,
                          tl.sum(dy_j * x_j, axis=0), mask=pmask)
-            tl.store(dx_ptr + out_base + rows[:, None] * nheads * headdim + offs_p[None, :],
+            tl.store(dx_ptr + dx_base + rows[:, None] * s_dx_l + offs_p[None, :],
                      to_dtype(dx, dx_ptr.dtype.element_ty, EMULATE), mask=m_j)
             xdx += tl.sum(dXd * x_j, axis=1)
         # dcs_j = dY_j . y_ssm_j - Xd_j . dXd_j but the chunk-end term: the slots hold the intra-chunk part (dcb:
@@ -452,7 +453,8 @@ def chunk_dx_bwd(x: torch.Tensor, dt: torch.Tensor, dy: torch.Tensor, z: torch.T
                  y_pre: torch.Tensor | None, A: torch.Tensor, dt_bias: torch.Tensor | None, D: torch.Tensor | None,
                  B: torch.Tensor, dtp: torch.Tensor, cs: torch.Tensor, seq_idx: torch.Tensor | None,
                  cb: torch.Tensor, dH: torch.Tensor, rowp: torch.Tensor, ddend: torch.Tensor,
-                 dt_softplus: bool, dt_limit: tuple[float, float], chunk_size: int, cfg: dict | None = None):
+                 dt_softplus: bool, dt_limit: tuple[float, float], chunk_size: int, cfg: dict | None = None,
+                 dx_out: torch.Tensor | None = None):
     """dx, ddt, dz, and per-chunk partials of dA, ddt_bias and dD.
 
     Args:
@@ -461,6 +463,8 @@ def chunk_dx_bwd(x: torch.Tensor, dt: torch.Tensor, dy: torch.Tensor, z: torch.T
         rowp: (b, H, c, nslot, T) from `chunk_dcb_bwd` and `chunk_dbc_bwd` (every slot filled).
         ddend: (b, H, c, n_pn) from `chunk_state_bwd` (the incoming state's share of the chunk-end term; the
             kernel adds the chunk state's share from its own row terms).
+        dx_out: where dx goes, (b, L, H, P) of x's dtype with contiguous (H, P) and a batch stride of L rows (a
+            channel slice of a (b, L, wider) buffer: Mamba-2's gradient of x || B || C); None: a new tensor.
     Returns:
         dx (b, L, H, P) x.dtype, ddt (b, L, H) dt.dtype, dz (like z) or None,
         dA_part, dbias_part: (b, c, H) float32, dD_part: (b, c, nblk, H, P) float32 or None.
@@ -477,7 +481,14 @@ def chunk_dx_bwd(x: torch.Tensor, dt: torch.Tensor, dy: torch.Tensor, z: torch.T
     nblk = T // cfg["BLOCK_M"]
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     has_limit = lo > 0.0 or hi < float("inf")
-    dx = torch.empty(b, L, H, P, device=x.device, dtype=x.dtype)
+    if dx_out is None:
+        dx = torch.empty(b, L, H, P, device=x.device, dtype=x.dtype)
+    else:
+        dx = dx_out
+        if (dx.shape != x.shape or dx.dtype != x.dtype or dx.stride(3) != 1 or dx.stride(2) != P
+                or dx.stride(0) != L * dx.stride(1)):
+            raise ValueError(f"chunk_dx_bwd: dx_out must be (b, L, H, P) {tuple(x.shape)} of {x.dtype} with contiguous "
+                             f"(H, P) rows, got {tuple(dx.shape)} {dx.dtype} strides {dx.stride()}")
     ddt = torch.empty(b, L, H, device=x.device, dtype=dt.dtype)
     dz = torch.empty(b, L, H, P, device=x.device, dtype=z.dtype) if z is not None else None
     dA_part = torch.empty(b, nc, H, device=x.device, dtype=torch.float32)
@@ -492,7 +503,7 @@ def chunk_dx_bwd(x: torch.Tensor, dt: torch.Tensor, dy: torch.Tensor, z: torch.T
         L, H, nc, P, N, H // G, G, rowp.shape[3], n_pn, lo, hi if has_limit else 0.0,
         x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1), dt.stride(2),
         dy.stride(0), dy.stride(1), dy.stride(2), zz.stride(0), zz.stride(1), zz.stride(2),
-        B.stride(0), B.stride(1), B.stride(2), seq_idx.stride(0) if seq_idx is not None else 0,
+        B.stride(0), B.stride(1), B.stride(2), seq_idx.stride(0) if seq_idx is not None else 0, dx.stride(1),
         T=T, BLOCK_N=max(16, next_power_of_2(N)), BLOCK_PN=max(2, next_power_of_2(n_pn)),
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit, HAS_D=D is not None,
         D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None,

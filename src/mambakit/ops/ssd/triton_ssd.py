@@ -106,12 +106,14 @@ def ssd_triton_forward(*, x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx,
 
 
 def ssd_triton_backward(*, dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, dtp, cs, cb, states, y_pre,
-                        dt_softplus, dt_limit, T, need_dh0):
+                        dt_softplus, dt_limit, T, need_dh0, dx_out=None):
     """Launches 5-8 and the parameter sums: (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0).
 
     dy: (b, L, H, P) with a contiguous last dim; dfinal: (b, H, P, N) float32 or None. The intermediates
     are what `ssd_triton_forward` returns (y_pre only when z is given). Shared by the SSD's own autograd
-    node and the fused Mamba-2 node (ops/mamba_inner), which recomputes the intermediates.
+    node and the fused Mamba-2 node (ops/mamba_inner), which recomputes the intermediates and passes dx_out
+    (a channel slice of its conv's upstream gradient, see `chunk_dx_bwd`): dx is written there unless the
+    input is cut into pieces, so a caller copies only when the returned dx is not dx_out.
     """
     parts = _by_pieces(ssd_triton_backward, dict(dy=dy, dfinal=dfinal, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z,
                                                  dt_bias=dt_bias, seq_idx=seq_idx, dtp=dtp, cs=cs, cb=cb,
@@ -129,7 +131,7 @@ def ssd_triton_backward(*, dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, d
     del dcb  # (b, c, G, T, T): not needed by the dx launch
     dx, ddt, dz, dA_p, dbias_p, dD_p = chunk_dx_bwd(
         x, dt, dy, z, y_pre, A, dt_bias, D, B, dtp, cs, seq_idx, cb, dH, rowp, ddend, dt_softplus, dt_limit, T,
-        cfg=cfg_dx)
+        cfg=cfg_dx, dx_out=dx_out)
     dA = dA_p.sum(dim=(0, 1))
     dbias = dbias_p.sum(dim=(0, 1)) if dt_bias is not None else None
     dD = None
