@@ -307,3 +307,24 @@ def test_add_rms_norm_rejects_bad_input():
         add_rms_norm(x, None, w, backend="reference")
     with pytest.raises(ValueError, match="add_rms_norm: out_dtype must be a floating dtype"):
         add_rms_norm(x, None, w, out_dtype=torch.int64)
+
+
+def test_rms_norm_bwd_writes_dz_into_a_strided_slice():
+    """`dz_out` (Mamba-2's slice of in_proj's gradient, rows wider than the norm): the same dz as a new tensor,
+    nothing written outside the slice; a slice of the wrong shape or dtype is refused."""
+    from mambakit.ops.rms_norm.triton_norm import rms_norm_bwd, rms_norm_fwd
+
+    gen = torch.Generator().manual_seed(0)
+    x2, z2, dy2 = (torch.randn(6, 32, generator=gen, dtype=F64).to(DEVICE) for _ in range(3))
+    weight = (1 + 0.5 * torch.randn(32, generator=gen, dtype=F64)).to(DEVICE)
+    _, rstd = rms_norm_fwd(x2=x2, weight=weight, z2=z2, eps=1e-5, group=16, norm_before_gate=False)
+    dx, dw, dz = rms_norm_bwd(x2=x2, weight=weight, z2=z2, rstd=rstd, dy2=dy2, group=16, norm_before_gate=False)
+    wide = torch.full((6, 50), 7.0, dtype=F64, device=DEVICE)
+    dx2, dw2, dz2 = rms_norm_bwd(x2=x2, weight=weight, z2=z2, rstd=rstd, dy2=dy2, group=16, norm_before_gate=False,
+                                 dz_out=wide[:, 5:37])
+    assert dz2.data_ptr() == wide[:, 5:37].data_ptr()
+    assert torch.equal(dz2, dz) and torch.equal(dx2, dx) and torch.equal(dw2, dw)
+    assert (wide[:, :5] == 7).all() and (wide[:, 37:] == 7).all()
+    with pytest.raises(ValueError, match="dz_out must be"):
+        rms_norm_bwd(x2=x2, weight=weight, z2=z2, rstd=rstd, dy2=dy2, group=16, norm_before_gate=False,
+                     dz_out=wide[:, :31])
