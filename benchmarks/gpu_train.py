@@ -12,8 +12,9 @@ one), "recompute" (`mixer.recompute = True`), each eager or under `torch.compile
 loss from the model itself, `model(ids, targets=...)` (`ops.linear_cross_entropy`, never the whole logits
 matrix: what `mambakit train` does, its automatic backend; "+cetorch" / "+cetriton" name the backend, for the
 A/B); without any of them the loss is `F.cross_entropy` of the (B, L, V) logits, as mamba_ssm's row computes it.
-"+normtriton" lets the automatic choice run the block norm's Triton backward (`ops.add_rms_norm`, not yet the
-default in training). mamba_ssm's MambaLMHeadModel is timed in the same process when it is importable (path
+"+graph" replays the whole step (forward, backward, fused AdamW) from one CUDA graph (`GraphedTrainStep`, what
+`Run` does): the step without its host time. "+normtorch" / "+normtriton" make the block norm's backward (`ops.add_rms_norm`) the torch path's autograd or the
+Triton kernel (the default on CUDA since session 29). mamba_ssm's MambaLMHeadModel is timed in the same process when it is importable (path
 "mamba_ssm").
 
     python benchmarks/gpu_train.py                                    # 130m, batch 8 x 2048, all paths
@@ -21,7 +22,7 @@ default in training). mamba_ssm's MambaLMHeadModel is timed in the same process 
     python benchmarks/gpu_train.py --shape 1.3b --paths fused --layers mamba1
     python benchmarks/gpu_train.py --layers mamba2 --paths fused --profile 15   # + the 15 costliest kernels
     python benchmarks/gpu_train.py --paths fused fused+ce unfused+ce         # the logits loss vs the model's own
-    python benchmarks/gpu_train.py --paths fused+cetriton fused+cetriton+normtriton   # the block norm's backward
+    python benchmarks/gpu_train.py --paths fused+cetriton+normtorch fused+cetriton   # the block norm's backward
 
 `--profile N` then runs 3 more steps under torch.profiler (CUDA activity) and prints the N kernels with the most
 GPU time per step (name, ms per step, launches per step, share of the step's kernel time): where a step goes.
@@ -78,10 +79,10 @@ def kernel_table(step, top: int, steps: int = 3) -> list[dict]:
 
 
 @contextlib.contextmanager
-def _backends(loss: str | None, norm_backward: bool):
-    """Within the block: linear_cross_entropy's automatic choice made `loss` (None: unchanged), and with
-    `norm_backward` the block norm's Triton backward (add_rms_norm, `grad_automatic=False` until timed) allowed to
-    the automatic choice."""
+def _backends(loss: str | None, norm_backward: bool | None):
+    """Within the block: linear_cross_entropy's automatic choice made `loss` (None: unchanged), and the block norm's
+    Triton backward (add_rms_norm) allowed to the automatic choice (True) or not (False: the torch path's autograd;
+    None: unchanged)."""
     import dataclasses
 
     from mambakit.ops import dispatch
@@ -91,8 +92,9 @@ def _backends(loss: str | None, norm_backward: bool):
     if loss is not None:
         for name, impl in rows["linear_cross_entropy"].items():
             rows["linear_cross_entropy"][name] = dataclasses.replace(impl, automatic=name == loss)
-    if norm_backward:
-        rows["add_rms_norm"]["triton"] = dataclasses.replace(rows["add_rms_norm"]["triton"], grad_automatic=True)
+    if norm_backward is not None:
+        rows["add_rms_norm"]["triton"] = dataclasses.replace(rows["add_rms_norm"]["triton"],
+                                                             grad_automatic=norm_backward)
     try:
         yield
     finally:
@@ -105,7 +107,7 @@ def run_case(layer: str, shape: str, path: str, batch: int, seqlen: int, steps: 
     base_path, *flags = path.split("+")
     compiled, own_loss = "compile" in flags, bool({"ce", "cetorch", "cetriton"} & set(flags))
     ce_backend = "torch" if "cetorch" in flags else "triton" if "cetriton" in flags else None
-    norm_backward = "normtriton" in flags
+    norm_backward = True if "normtriton" in flags else False if "normtorch" in flags else None
     if base_path == "mamba_ssm":
         model = build_mamba_ssm(layer, shape)
 
@@ -119,21 +121,32 @@ def run_case(layer: str, shape: str, path: str, batch: int, seqlen: int, steps: 
         forward = model
     if compiled:
         forward = torch.compile(forward)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    graphed = "graph" in flags
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graphed)
     gen = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(0, 50277, (batch, seqlen + 1), device="cuda", generator=gen)
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16), _backends(ce_backend, norm_backward):
-            if own_loss:  # the model's own loss: ops.linear_cross_entropy, what `mambakit train` runs
-                loss = forward(ids[:, :-1], targets=ids[:, 1:])
-            else:
-                logits = forward(ids[:, :-1])
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+    def loss_of(m, ids):
+        if own_loss:  # the model's own loss: ops.linear_cross_entropy, what `mambakit train` runs
+            return m(ids[:, :-1], targets=ids[:, 1:])
+        return F.cross_entropy(m(ids[:, :-1]).flatten(0, 1).float(), ids[:, 1:].flatten())
+
+    if graphed:  # the whole step (forward, backward, fused AdamW) replayed from one CUDA graph, as `Run` trains
+        from mambakit.training.cuda_graph import GraphedTrainStep
+
+        graph_step = GraphedTrainStep(forward, opt, loss_of, autocast_dtype=torch.bfloat16, warmup=max(1, warmup - 1))
+
+        def step():
+            with _backends(ce_backend, norm_backward):
+                return graph_step.step(ids)
+    else:
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16), _backends(ce_backend, norm_backward):
+                loss = loss_of(forward, ids)
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
 
     t0 = time.perf_counter()
     step()

@@ -118,11 +118,30 @@ def test_backend_table_enforces_declared_limits():
     assert implementation("add_rms_norm_linear", "triton", cpu, needs_grad=True)[0] == "torch"
     assert implementation("add_rms_norm_linear", "triton", cpu, needs_grad=False)[0] == "triton"
     assert implementation("add_rms_norm", "triton", cpu, needs_grad=True)[0] == "triton"
-    # a backward not yet timed on a GPU (grad_automatic=False) runs when named, not by the automatic choice
+    cuda = torch.device("cuda")
+    if triton_available():
+        assert implementation("add_rms_norm", None, cuda, needs_grad=True)[0] == "triton"
+
+
+def test_a_backward_not_automatic_runs_only_when_named(monkeypatch):
+    """Implementation.grad_automatic=False (a backward tested but not timed): the automatic choice falls back for a
+    call that needs gradients; named, or in a use_backend block, the backend runs."""
+    import dataclasses
+
+    from mambakit.ops import dispatch, use_backend
+    from mambakit.ops.dispatch import implementation
+
+    row = dict(dispatch.BACKEND_TABLE["add_rms_norm"])
+    row["triton"] = dataclasses.replace(row["triton"], grad_automatic=False, grad_fallback="torch")
+    monkeypatch.setitem(dispatch.BACKEND_TABLE, "add_rms_norm", row)
     cuda = torch.device("cuda")
     if triton_available():
         assert implementation("add_rms_norm", None, cuda, needs_grad=False)[0] == "triton"
         assert implementation("add_rms_norm", None, cuda, needs_grad=True)[0] == "torch"
+    cpu = torch.device("cpu")
+    assert implementation("add_rms_norm", "triton", cpu, needs_grad=True)[0] == "triton"
+    with use_backend("triton"):
+        assert implementation("add_rms_norm", None, cpu, needs_grad=True)[0] == "triton"
     with pytest.raises(ValueError, match="not implemented for this op"):
         implementation("add_rms_norm", "reference", cpu)
 

@@ -385,11 +385,10 @@ BACKEND_TABLE: dict[str, dict[str, Implementation]] = {
                              "torch": Implementation(_linear_cross_entropy_torch),
                              "triton": Implementation(_linear_cross_entropy_triton, automatic=False)},
     "rms_norm": _three(_rms_norm_reference, _rms_norm_torch, _rms_norm_triton),
-    # one Triton kernel forward and one backward: every block's pre-norm. The backward runs when named (or under
-    # use_backend) until a GPU A/B has timed a training step with it (`gpu_train.py`, old tree against new);
-    # then the automatic choice on CUDA. Decoding (no gradient) runs the kernel already.
+    # one Triton kernel forward and one backward: every block's pre-norm, in training and decoding (the 130M
+    # training step's kernels 7 ms faster on an H200, BENCHMARKS.md session 29)
     "add_rms_norm": {"torch": Implementation(_add_rms_norm_torch),
-                     "triton": Implementation(_add_rms_norm_triton, grad_automatic=False, grad_fallback="torch")},
+                     "triton": Implementation(_add_rms_norm_triton)},
     # the decode step's projections with their norm (and conv) fused: one kernel each, forward only
     "add_rms_norm_linear": {"torch": Implementation(_norm_linear_torch),
                             "triton": Implementation(_norm_linear_triton, grad=False, grad_fallback="torch")},
