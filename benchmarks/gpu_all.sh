@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
-# Stages: env tests graphtests synctests gentests compose adapters e2e finetune chat serve serve-repeat serve-ab serve-gc train ce bench launch scan ssd
+# Stages: env tests graphtests synctests gentests compose adapters e2e finetune chat serve serve-repeat serve-ab serve-gc train train-ab ce bench launch scan ssd
 # convnorm layers layers-ab synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
 # limit so one slow stage leaves the logs of the others intact. The machine returns at most 8 files from $OUT: end a
 # call of many stages with `pack` (every log into $OUT/logs.tgz), or logs beyond the eighth file are lost.
@@ -132,6 +132,10 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
     ce) run ce 120 python3 benchmarks/gpu_cross_entropy.py ${CE_FLAGS:-}
         run ce-train 400 python3 benchmarks/gpu_train.py --layers mamba2 mamba1 --paths fused fused+cetorch fused+cetriton \
           --steps 10 --warmup 3;;
+    # issue 12: the block norm's backward (torch path's autograd vs the Triton kernel, the default) twice, interleaved
+    # in one process (the eager Mamba-2 step is host-bound and its wall time noisy), then the step as one CUDA graph
+    train-ab) run train-ab 400 python3 benchmarks/gpu_train.py --layers mamba2 mamba1 --steps 10 --warmup 3 --paths \
+                fused+cetriton+normtorch fused+cetriton fused+cetriton+normtorch fused+cetriton fused+cetriton+graph;;
     launch) run launch 300 python3 benchmarks/gpu_launch.py ${LAUNCH_FLAGS:-};;
     scan) run scan 300 python3 benchmarks/gpu_selective_scan.py ${SCAN_FLAGS:-};;
     ssd) run ssd 300 python3 benchmarks/gpu_ssd.py ${SSD_FLAGS:-};;

@@ -94,7 +94,7 @@ def _backends(loss: str | None, norm_backward: bool | None):
             rows["linear_cross_entropy"][name] = dataclasses.replace(impl, automatic=name == loss)
     if norm_backward is not None:
         rows["add_rms_norm"]["triton"] = dataclasses.replace(rows["add_rms_norm"]["triton"],
-                                                             grad_automatic=norm_backward)
+                                                             grad_automatic=norm_backward, grad_fallback="torch")
     try:
         yield
     finally:
