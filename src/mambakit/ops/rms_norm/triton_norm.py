@@ -321,8 +321,10 @@ _rms_norm_op = autograd_op("RMSNorm", _rms_norm_fwd_impl, _rms_norm_fwd_op, _rms
 
 
 def _add_rms_norm_impl(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                       s_dtype: torch.dtype, y_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y (N, H) in y_dtype, s (N, H) in s_dtype and rstd (N,) float32 (float64 for float64 sums)."""
+                       s_dtype: torch.dtype, y_dtype: torch.dtype,
+                       keep_rstd: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y (N, H) in y_dtype, s (N, H) in s_dtype and rstd (N,) float32 (float64 for float64 sums); rstd empty unless
+    keep_rstd (a backward will follow: the decode step neither writes nor allocates it)."""
     n_rows, hidden = x2.shape
     sum_dtype = x2.dtype if r2 is None else torch.promote_types(x2.dtype, r2.dtype)
     acc = compute_dtype(torch.promote_types(sum_dtype, weight.dtype))
@@ -331,13 +333,13 @@ def _add_rms_norm_impl(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.
     y_store = y_dtype if x2.is_cuda else torch.promote_types(y_dtype, acc)
     y2 = torch.empty(n_rows, hidden, dtype=y_store, device=x2.device)
     s2 = torch.empty(n_rows, hidden, dtype=s_dtype, device=x2.device)
-    rstd = torch.empty(n_rows, dtype=acc, device=x2.device)
+    rstd = torch.empty(n_rows if keep_rstd else 0, dtype=acc, device=x2.device)
     block_r, block_h, num_warps = _tile(hidden, 4096)
     _add_rms_norm_fwd_kernel[(cdiv(n_rows, block_r),)](
-        x2, r2 if r2 is not None else x2, weight.contiguous(), y2, s2, rstd,
+        x2, r2 if r2 is not None else x2, weight.contiguous(), y2, s2, rstd if keep_rstd else s2,
         n_rows, hidden, float(eps),
         x2.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0), s2.stride(0),
-        BLOCK_R=block_r, BLOCK_H=block_h, HAS_R=r2 is not None, STORE_RSTD=True,
+        BLOCK_R=block_r, BLOCK_H=block_h, HAS_R=r2 is not None, STORE_RSTD=keep_rstd,
         SUM_DT=tl_dtype(sum_dtype), W_DT=tl_dtype(weight.dtype), ACC=tl_compute_dtype(acc), num_warps=num_warps,
     )
     return y2.to(y_dtype), s2, rstd
@@ -347,11 +349,11 @@ _add_rms_norm_op = torch.library.custom_op("mambakit::add_rms_norm_fwd", mutates
 
 
 @_add_rms_norm_op.register_fake
-def _(x2, r2, weight, eps, s_dtype, y_dtype):
+def _(x2, r2, weight, eps, s_dtype, y_dtype, keep_rstd):
     sum_dtype = x2.dtype if r2 is None else torch.promote_types(x2.dtype, r2.dtype)
     acc = compute_dtype(torch.promote_types(sum_dtype, weight.dtype))
     return (x2.new_empty(x2.shape, dtype=y_dtype), x2.new_empty(x2.shape, dtype=s_dtype),
-            x2.new_empty(x2.shape[0], dtype=acc))
+            x2.new_empty(x2.shape[0] if keep_rstd else 0, dtype=acc))
 
 
 def add_rms_norm_bwd(*, s2, weight, rstd, dy2, ds2, x_dtype, r_dtype, sum_dtype, elems=2048, row_tiles=None):
@@ -403,7 +405,7 @@ def _(dy2, ds2, s2, weight, rstd, x_like, r_like):
 
 
 def _add_rms_norm_setup_context(ctx, inputs, output):
-    x2, r2, weight, _eps, _s_dtype, _y_dtype = inputs
+    x2, r2, weight, _eps, _s_dtype, _y_dtype, _keep_rstd = inputs
     ctx.save_for_backward(output[1], weight, output[2])
     ctx.set_materialize_grads(False)  # the final norm's s gets no gradient: no zeros tensor for it
     # empty tensors that carry the input dtypes into the registered backward (a custom op takes no dtype list)
@@ -416,7 +418,7 @@ def _add_rms_norm_backward(ctx, dy2, ds2, _drstd, bwd):
     if dy2 is None:
         dy2 = torch.zeros_like(s2, dtype=ctx.x_like.dtype)
     dx2, dr2, dw = bwd(dy2, ds2, s2, weight, rstd, ctx.x_like, ctx.r_like)
-    return dx2, (dr2 if ctx.r_like is not None else None), dw, None, None, None
+    return dx2, (dr2 if ctx.r_like is not None else None), dw, None, None, None, None
 
 
 _add_rms_norm_grad_op = autograd_op("AddRMSNorm", _add_rms_norm_impl, _add_rms_norm_op, _add_rms_norm_setup_context,
@@ -486,5 +488,5 @@ def add_rms_norm_triton(
         return add_rms_norm_torch(x, residual, weight, eps=eps, residual_dtype=residual_dtype, out_dtype=out_dtype)
     r2 = _rows(residual, hidden) if residual is not None else None
     # the custom op under torch.compile; in eager mode the implementation itself (no dispatcher cost per launch)
-    y2, s2, _ = _add_rms_norm_grad_op(_rows(x, hidden), r2, weight, float(eps), s_dtype, y_dtype)
+    y2, s2, _ = _add_rms_norm_grad_op(_rows(x, hidden), r2, weight, float(eps), s_dtype, y_dtype, needs_grad)
     return y2.reshape(x.shape), s2.reshape(x.shape)
