@@ -17,12 +17,15 @@ from mambakit.ops import linear_cross_entropy
 from mambakit.ops.cross_entropy.torch_ce import default_rows_per_chunk
 from tests.helpers import assert_close
 
+# tests that run the Triton backend make their tensors here (_inputs(device=DEVICE)): CUDA, else the CPU (interpreter)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-def _inputs(rows=37, d=16, vocab=50, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(rows, d, generator=gen, dtype=dtype).requires_grad_()
-    weight = torch.randn(vocab, d, generator=gen, dtype=dtype).requires_grad_()
-    targets = torch.randint(0, vocab, (rows,), generator=gen)
+
+def _inputs(rows=37, d=16, vocab=50, dtype=torch.float32, seed=0, device="cpu"):
+    gen = torch.Generator(device).manual_seed(seed)
+    hidden = torch.randn(rows, d, generator=gen, dtype=dtype, device=device).requires_grad_()
+    weight = torch.randn(vocab, d, generator=gen, dtype=dtype, device=device).requires_grad_()
+    targets = torch.randint(0, vocab, (rows,), generator=gen, device=device)
     targets[::5] = -100  # unscored rows
     return hidden, weight, targets
 
@@ -41,7 +44,7 @@ BACKENDS = ["torch", "triton"]
 @pytest.mark.parametrize("rows_per_chunk", [None, 1, 8, 37, 64])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_matches_the_float64_reference(rows_per_chunk, reduction, backend):
-    hidden, weight, targets = _inputs()
+    hidden, weight, targets = _inputs(device=DEVICE)
     got = _grads(lambda: linear_cross_entropy(hidden, weight, targets, reduction=reduction,
                                               rows_per_chunk=rows_per_chunk, backend=backend), hidden, weight)
     ref = _grads(lambda: linear_cross_entropy(hidden, weight, targets, reduction=reduction, backend="reference"),
@@ -59,17 +62,17 @@ def test_triton_softmax_kernel_over_many_column_blocks(dtype):
     whose exp overflows float32 without the running max), a ragged last block, padded columns, an ignored row."""
     from mambakit.ops.cross_entropy.triton_ce import softmax_xent_grad_
 
-    gen = torch.Generator().manual_seed(1)
-    logits = (torch.randn(6, 300, generator=gen) * 3).to(dtype)
+    gen = torch.Generator(DEVICE).manual_seed(1)
+    logits = (torch.randn(6, 300, generator=gen, device=DEVICE) * 3).to(dtype)
     logits[0, 250] = 120.0  # exp(120) is inf in float32: only the rescaled sum survives it
     logits[1, :64] = -30.0
-    targets = torch.tensor([250, 7, 289, -100, 0, 64])
+    targets = torch.tensor([250, 7, 289, -100, 0, 64], device=DEVICE)
     vocab = 290
     ref_logits = logits.double()[:, :vocab]
     lse = torch.logsumexp(ref_logits, dim=-1)
     scored = targets != -100
     safe = targets.clamp(min=0)
-    ref_loss = torch.where(scored, lse - ref_logits.gather(1, safe[:, None])[:, 0], torch.zeros(()))
+    ref_loss = torch.where(scored, lse - ref_logits.gather(1, safe[:, None])[:, 0], torch.zeros((), device=DEVICE))
     ref_grad = torch.softmax(ref_logits, dim=-1) - F.one_hot(safe, vocab).double()
     ref_grad = F.pad(ref_grad * scored[:, None], (0, 10))
     got = logits.clone()
@@ -94,7 +97,7 @@ def test_float64_inputs_stay_float64_in_the_gradients():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_rows_ignored_gives_zero_and_zero_gradients(backend):
-    hidden, weight, targets = _inputs()
+    hidden, weight, targets = _inputs(device=DEVICE)
     targets[:] = -100
     loss, dh, dw = _grads(lambda: linear_cross_entropy(hidden, weight, targets, reduction="mean", backend=backend),
                           hidden, weight)
@@ -111,13 +114,13 @@ def test_gradients_only_where_asked():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_under_bf16_autocast_equals_the_plain_head_under_the_same_autocast(backend):
-    hidden, weight, targets = _inputs(rows=64, d=32, vocab=96)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    hidden, weight, targets = _inputs(rows=64, d=32, vocab=96, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         got = _grads(lambda: linear_cross_entropy(hidden, weight, targets, reduction="mean", rows_per_chunk=16,
                                                   backend=backend), hidden, weight)
 
     def plain():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             logits = F.linear(hidden, weight)
         return F.cross_entropy(logits.float(), targets)
 
@@ -133,7 +136,7 @@ def test_under_bf16_autocast_equals_the_plain_head_under_the_same_autocast(backe
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiles_fullgraph_and_matches_eager(backend):
     torch._dynamo.reset()
-    hidden, weight, targets = _inputs()
+    hidden, weight, targets = _inputs(device=DEVICE)
     eager = _grads(lambda: linear_cross_entropy(hidden, weight, targets, rows_per_chunk=8, backend=backend),
                    hidden, weight)
     fn = torch.compile(lambda h, w, t: linear_cross_entropy(h, w, t, rows_per_chunk=8, backend=backend),
@@ -163,7 +166,7 @@ def test_bad_inputs_say_what_is_wrong():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_columns_past_vocab_size_are_not_scored(backend):
-    hidden, weight, targets = _inputs()
+    hidden, weight, targets = _inputs(device=DEVICE)
     targets = targets.clamp(max=39)
     got = _grads(lambda: linear_cross_entropy(hidden, weight, targets, vocab_size=40, rows_per_chunk=8,
                                               backend=backend), hidden, weight)

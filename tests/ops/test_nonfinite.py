@@ -9,8 +9,9 @@ for each backend:
 * the set of non-finite outputs and of non-finite final-state entries is the sequential reference's;
 * every output that stays finite equals the clean run's exactly.
 
-Triton runs through TRITON_INTERPRET=1 on CPU (tests/conftest.py); headdim = dstate = 16 because the
-interpreter's tl.dot needs block dims >= 16. Gradients with non-finite inputs are not covered.
+The inputs are made on DEVICE: CUDA where there is one, else the CPU, where Triton runs through
+TRITON_INTERPRET=1 (tests/conftest.py); headdim = dstate = 16 because the interpreter's tl.dot needs block
+dims >= 16. Gradients with non-finite inputs are not covered.
 """
 
 from __future__ import annotations
@@ -23,33 +24,41 @@ from mambakit.ops import causal_conv1d, selective_scan, ssd
 # numpy (under Triton's interpreter) warns on every NaN it computes with: here that is the point
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAN, INF = float("nan"), float("inf")
 BACKENDS = ("reference", "torch", "triton")
+# document indices, on the CPU (a parametrize value): .to(DEVICE) where used
 SEQ_IDX = torch.tensor([[0] * 10 + [1] * 8 + [2] * 12 + [3] * 10, [0] * 40], dtype=torch.int32)  # (2, 40)
 SEQ_IDX_24 = torch.tensor([[0] * 6 + [1] * 5 + [2] * 13, [0] * 24], dtype=torch.int32)  # (2, 24)
 
 
 def _ssd_inputs(seqlen=40, dtype=torch.float32):
     b, H, P, G, N = 2, 2, 16, 1, 16
-    return {"x": torch.randn(b, seqlen, H, P).to(dtype), "dt": torch.rand(b, seqlen, H) * 0.5 - 0.5,
-            "A": -torch.rand(H) - 0.1, "B": torch.randn(b, seqlen, G, N).to(dtype),
-            "C": torch.randn(b, seqlen, G, N).to(dtype), "D": torch.randn(H),
-            "z": torch.randn(b, seqlen, H, P).to(dtype), "dt_bias": torch.rand(H) * 0.3,
-            "initial_state": torch.randn(b, H, P, N)}
+    dev = DEVICE
+    return {"x": torch.randn(b, seqlen, H, P, device=dev).to(dtype),
+            "dt": torch.rand(b, seqlen, H, device=dev) * 0.5 - 0.5, "A": -torch.rand(H, device=dev) - 0.1,
+            "B": torch.randn(b, seqlen, G, N, device=dev).to(dtype),
+            "C": torch.randn(b, seqlen, G, N, device=dev).to(dtype), "D": torch.randn(H, device=dev),
+            "z": torch.randn(b, seqlen, H, P, device=dev).to(dtype), "dt_bias": torch.rand(H, device=dev) * 0.3,
+            "initial_state": torch.randn(b, H, P, N, device=dev)}
 
 
 def _scan_inputs(seqlen=24):
     # small: the interpreter runs the Triton scan about 1 s per call at this size (4 s at 40 tokens x 32)
     b, d, g, n = 2, 16, 2, 16
-    return {"x": torch.randn(b, seqlen, d), "dt": torch.rand(b, seqlen, d) * 0.5 - 0.5, "A": -(torch.rand(d, n) + 0.5),
-            "B": torch.randn(b, seqlen, g, n), "C": torch.randn(b, seqlen, g, n), "D": torch.randn(d),
-            "z": torch.randn(b, seqlen, d), "dt_bias": torch.rand(d) * 0.3, "initial_state": torch.randn(b, d, n)}
+    dev = DEVICE
+    return {"x": torch.randn(b, seqlen, d, device=dev), "dt": torch.rand(b, seqlen, d, device=dev) * 0.5 - 0.5,
+            "A": -(torch.rand(d, n, device=dev) + 0.5), "B": torch.randn(b, seqlen, g, n, device=dev),
+            "C": torch.randn(b, seqlen, g, n, device=dev), "D": torch.randn(d, device=dev),
+            "z": torch.randn(b, seqlen, d, device=dev), "dt_bias": torch.rand(d, device=dev) * 0.3,
+            "initial_state": torch.randn(b, d, n, device=dev)}
 
 
 def _conv_inputs(seqlen=40):
     b, d, w = 2, 32, 4
-    return {"x": torch.randn(b, seqlen, d), "weight": torch.randn(d, w), "bias": torch.randn(d),
-            "initial_state": torch.randn(b, d, w - 1)}
+    dev = DEVICE
+    return {"x": torch.randn(b, seqlen, d, device=dev), "weight": torch.randn(d, w, device=dev),
+            "bias": torch.randn(d, device=dev), "initial_state": torch.randn(b, d, w - 1, device=dev)}
 
 
 def _check_causal(op, inputs, options, name, index, value, backends=BACKENDS):
@@ -107,8 +116,8 @@ def test_ssd_nonfinite_stays_causal(name, index, value):
 ])
 def test_ssd_nonfinite_stays_causal_with_seq_idx(name, index, value):
     # the reference's document reset is h * 0, which keeps a NaN: the chunked paths match that pattern too
-    _check_causal(ssd, _ssd_inputs(), {"chunk_size": 16, "dt_softplus": True, "seq_idx": SEQ_IDX}, name, index,
-                  value)
+    _check_causal(ssd, _ssd_inputs(), {"chunk_size": 16, "dt_softplus": True, "seq_idx": SEQ_IDX.to(DEVICE)}, name,
+                  index, value)
 
 
 @pytest.mark.slow
@@ -148,10 +157,12 @@ def test_selective_scan_nonfinite_stays_causal(name, index, value):
 
 @pytest.mark.slow
 def test_selective_scan_nonfinite_stays_causal_with_seq_idx():
-    _check_causal(selective_scan, _scan_inputs(), {"dt_softplus": True, "seq_idx": SEQ_IDX_24}, "x", (0, 14, 3), NAN)
+    _check_causal(selective_scan, _scan_inputs(), {"dt_softplus": True, "seq_idx": SEQ_IDX_24.to(DEVICE)}, "x",
+                  (0, 14, 3), NAN)
 
 
 @pytest.mark.parametrize("value", [pytest.param(NAN, id="nan"), pytest.param(INF, id="inf")])
 @pytest.mark.parametrize("seq_idx", [pytest.param(None, id="one-document"), pytest.param(SEQ_IDX, id="seq_idx")])
 def test_causal_conv1d_nonfinite_stays_causal(value, seq_idx):
+    seq_idx = seq_idx.to(DEVICE) if seq_idx is not None else None
     _check_causal(causal_conv1d, _conv_inputs(), {"activation": "silu", "seq_idx": seq_idx}, "x", (0, 12, 3), value)

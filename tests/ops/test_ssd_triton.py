@@ -1,9 +1,10 @@
 """The "triton" backend of `ssd` and `ssd_state_update` against the float64 reference.
 
-CPU runs go through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA), on
-tiny shapes: the interpreter is slow and its tl.dot needs block dims >= 16, hence headdim = dstate =
-chunk = 16. Every comparison covers the output, the final state and the gradient of every input
-(initial state included) under random upstream gradients on both the output and the final state.
+The inputs are made on DEVICE: CUDA where there is one, else the CPU, where the kernels run through Triton's
+interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA), on tiny shapes: the interpreter is slow
+and its tl.dot needs block dims >= 16, hence headdim = dstate = chunk = 16. Every comparison covers the output,
+the final state and the gradient of every input (initial state included) under random upstream gradients on
+both the output and the final state.
 
 float32: the kernels multiply in IEEE fp32 (no tf32), so the float32 tolerance is DESIGN.md's 1e-4 of
 the reference's scale. bf16: each tensor may be off by at most twice what PyTorch itself makes in bf16,
@@ -27,12 +28,13 @@ from mambakit.ops import ssd, ssd_state_update
 from mambakit.ops.ssd.reference import ssd_reference
 from tests.helpers import assert_close, low_precision_tolerance, max_error, run_with_grads
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOAT_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 
 
 def _make_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, *, D=None, z=False, dt_bias=False,
-                 initial_state=False, device="cpu"):
-    """Random SSD inputs in float32 (dt moderate so that chunks decay but do not vanish)."""
+                 initial_state=False, device=DEVICE):
+    """Random SSD inputs in float32 on `device` (dt moderate so that chunks decay but do not vanish)."""
     inp = {
         "x": torch.randn(batch, seqlen, nheads, headdim, device=device),
         "dt": torch.rand(batch, seqlen, nheads, device=device) * 0.5 + (-0.6 if dt_bias else 0.05),
@@ -90,7 +92,7 @@ def _assert_triton_matches_float64_reference(inp, opts):
         assert_close(grads[k], ref_grads[k], name=f"d{k}")
 
 
-def _seq_idx(seqlen, rows, device="cpu"):
+def _seq_idx(seqlen, rows, device=DEVICE):
     """Packed documents: row 0 has a boundary at chunk boundary 16, a length-1 document at position 16,
     and boundaries inside chunks; row 1 has a short first document and a boundary at 32."""
     s = torch.zeros(rows, seqlen, dtype=torch.int32, device=device)
@@ -211,7 +213,7 @@ def _check_lowp_against_budget(inp, opts, reference_backend):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")])
 def test_ssd_triton_low_precision_within_twice_torch_error(dtype):
-    _check_lowp_against_budget(_lowp_inputs((2, 48, 2, 16, 1, 16), dtype, "cpu"),
+    _check_lowp_against_budget(_lowp_inputs((2, 48, 2, 16, 1, 16), dtype, DEVICE),
                                dict(chunk_size=16, dt_softplus=True), "reference")
 
 
@@ -228,7 +230,7 @@ ROW_BLOCK_CASES = [
 def test_ssd_triton_float32_several_row_blocks(shape, features, opts, packed):
     inp = _make_inputs(*shape, **features)
     if packed:  # boundaries inside row blocks, on a row-block edge (64) and on the chunk edge (256)
-        s = torch.zeros(shape[0], shape[1], dtype=torch.int32)
+        s = torch.zeros(shape[0], shape[1], dtype=torch.int32, device=DEVICE)
         s[0, 64:], s[0, 71:], s[0, 256:] = 1, 2, 3
         s[1, 130:] = 1
         inp["seq_idx"] = s
@@ -249,7 +251,7 @@ def test_ssd_triton_bf16_decay_gradient_cancels():
     ratio = {}  # (gradient, seed): max error / budget
     for seed in range(4):
         torch.manual_seed(seed)
-        inp = _lowp_inputs((1, 256, 2, 64, 1, 16), torch.bfloat16, "cpu")
+        inp = _lowp_inputs((1, 256, 2, 64, 1, 16), torch.bfloat16, DEVICE)
         gy, gh = _upstream(inp)
         upstream = [gy.to(torch.bfloat16), gh]
         _, grads = _run_ssd(inp, opts, "triton", upstream)
@@ -355,7 +357,7 @@ def _states_reference(inp, T):
     seqlen = x.shape[1]
     h0 = inp.get("initial_state")
     out = [h0.double() if h0 is not None else torch.zeros(x.shape[0], x.shape[2], x.shape[3], inp["B"].shape[-1],
-                                                         dtype=torch.float64)]
+                                                         dtype=torch.float64, device=x.device)]
     for end in range(T, seqlen + T, T):
         end = min(end, seqlen)
         seq = inp.get("seq_idx")
@@ -442,7 +444,7 @@ def test_ssd_triton_parallel_chunk_state_through_public_op(shape, features, opts
 @pytest.mark.slow
 def test_ssd_triton_parallel_chunk_state_bf16_within_twice_torch_error(forced_chunk_state_path):
     forced_chunk_state_path(True)
-    _check_lowp_against_budget(_lowp_inputs((2, 48, 2, 16, 1, 16), torch.bfloat16, "cpu"),
+    _check_lowp_against_budget(_lowp_inputs((2, 48, 2, 16, 1, 16), torch.bfloat16, DEVICE),
                                dict(chunk_size=16, dt_softplus=True), "reference")
 
 
@@ -594,7 +596,7 @@ def test_ssd_triton_split_batch_equals_one_launch(monkeypatch, z):
     from mambakit.ops.ssd import triton_ssd
 
     inp = _make_inputs(3, 48, 2, 16, 1, 16, D="head", z=z, dt_bias=True, initial_state=True)
-    inp["seq_idx"] = torch.cat([_seq_idx(48, 2), torch.zeros(1, 48, dtype=torch.int32)])
+    inp["seq_idx"] = torch.cat([_seq_idx(48, 2), torch.zeros(1, 48, dtype=torch.int32, device=DEVICE)])
     opts = {"chunk_size": 16, **FULL_OPTS}
     upstream = _upstream(inp)
     outs, grads = _run_ssd(inp, opts, "triton", upstream)
