@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
-# Stages: env tests graphtests synctests gentests compose adapters e2e finetune chat serve serve-repeat serve-ab serve-gc train train-ab ce bench launch scan ssd
+# Stages: env tests graphtests synctests gentests compose adapters e2e finetune chat serve serve-repeat serve-ab serve-gc train train-ab train-graph ce bench launch scan ssd
 # convnorm layers layers-ab synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
 # limit so one slow stage leaves the logs of the others intact. The machine returns at most 8 files from $OUT: end a
 # call of many stages with `pack` (every log into $OUT/logs.tgz), or logs beyond the eighth file are lost.
@@ -40,7 +40,7 @@ for stage in "$@"; do
     e2e) for layer in ${E2E_LAYERS:-mamba1 mamba2 transformer++}; do
            case $layer in transformer++) model_flag="--arch $layer";; *) model_flag="--layer $layer";; esac
            run "e2e-train-$layer" 200 python3 -m mambakit.cli train --device cuda $model_flag --out /tmp/runs/$layer \
-             --time-budget ${E2E_BUDGET:-60s} --no-progress
+             --time-budget ${E2E_BUDGET:-60s} --no-progress ${E2E_FLAGS:-}
            run "e2e-generate-$layer" 100 python3 -m mambakit.cli generate --model /tmp/runs/$layer --device cuda \
              --prompt "**HAMLET**" --max-new-tokens 200 --temperature 0.8 --seed 0
          done;;
@@ -136,6 +136,16 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
     # in one process (the eager Mamba-2 step is host-bound and its wall time noisy), then the step as one CUDA graph
     train-ab) run train-ab 400 python3 benchmarks/gpu_train.py --layers mamba2 mamba1 --steps 10 --warmup 3 --paths \
                 fused+cetriton+normtorch fused+cetriton fused+cetriton+normtorch fused+cetriton fused+cetriton+graph;;
+    # `mambakit train` itself at the 130M mixer shapes (byte vocabulary: the built-in corpus), eager then
+    # --cuda-graph, interleaved (TRAIN_GRAPH_REPS times): the steady tokens/s of its closing line
+    train-graph) n=0; for rep in $(seq ${TRAIN_GRAPH_REPS:-1}); do for layer in mamba2 mamba1; do for graph in "" --cuda-graph; do
+                   n=$((n + 1)); case $layer in mamba2) shape="--d-state 128 --headdim 64 --chunk-size 256";;
+                                               *) shape="--d-state 16";; esac
+                   run "train-graph-$n-$layer${graph:+-graph}" 150 python3 -m mambakit.cli train --device cuda \
+                     --layer $layer --d-model 768 --n-layer 24 $shape --seqlen 2048 --batch-size 8 --max-steps 40 \
+                     --warmup-steps 10 --log-every 5 --eval-every 0 --final-eval-tokens 32768 --sample-tokens 0 \
+                     --plot false --no-progress --out /tmp/runs/graph-$n $graph
+                 done; done; done;;
     launch) run launch 300 python3 benchmarks/gpu_launch.py ${LAUNCH_FLAGS:-};;
     scan) run scan 300 python3 benchmarks/gpu_selective_scan.py ${SCAN_FLAGS:-};;
     ssd) run ssd 300 python3 benchmarks/gpu_ssd.py ${SSD_FLAGS:-};;

@@ -133,3 +133,130 @@ def test_gpu_graphed_state_passing_trains_like_the_eager_one(tmp_path, layer):
     for a, b in zip(saved[0].layers, saved[1].layers):
         assert a.ssm_state.abs().max() > 0  # states were carried, not zeros
         torch.testing.assert_close(a.ssm_state, b.ssm_state, rtol=5e-2, atol=5e-2)
+
+
+# ---------------------------------------------------------------- `mambakit train --cuda-graph` (training.Run)
+
+
+def _corpus_cfg(tmp_path, layer: str, **changes):
+    from tests.test_training import _tiny
+
+    return _tiny(tmp_path, layer, **changes)
+
+
+def test_captured_step_refuses_a_cpu_device_and_a_zero_warmup():
+    from mambakit.training.cuda_graph import CapturedStep
+
+    with pytest.raises(ValueError, match="CUDA device"):
+        CapturedStep(lambda x: (x,), "cpu")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="warmup"):
+            CapturedStep(lambda x: (x,), "cuda", warmup=0)
+
+
+def test_train_cuda_graph_needs_one_process_on_a_cuda_device_and_is_off_elsewhere(tmp_path):
+    from mambakit.training import Run
+
+    with pytest.raises(ValueError, match="cuda_graph: .*CUDA device; this run has cpu"):
+        Run(_corpus_cfg(tmp_path, "mamba2", cuda_graph=True, device="cpu"))
+    with pytest.raises(ValueError, match="cuda_graph must be true, false or null"):
+        _corpus_cfg(tmp_path, "mamba2", cuda_graph="yes")
+    run = Run(_corpus_cfg(tmp_path, "mamba2", device="cpu"))  # left to the run (None): off on a CPU
+    try:
+        assert run.cfg.cuda_graph is None and run.graph is None
+        run.step()
+    finally:
+        run.close()
+
+
+def test_a_graphed_runs_optimizer_state_loads_like_an_eager_runs():
+    """The checkpoint of a graphed run holds the rate as a number and capturable off (what an eager run saves), so
+    it resumes on any device; the live optimizer keeps its tensor rate."""
+    from mambakit.training.loop import _portable_optimizer_state
+
+    model = torch.nn.Linear(3, 2)
+    lr = torch.tensor(0.25)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, foreach=False)
+    opt.param_groups[0].update(lr=lr, capturable=True)
+    opt.register_state_dict_post_hook(_portable_optimizer_state)
+    state = opt.state_dict()
+    assert state["param_groups"][0]["lr"] == 0.25 and type(state["param_groups"][0]["lr"]) is float
+    assert state["param_groups"][0]["capturable"] is False
+    assert opt.param_groups[0]["lr"] is lr and opt.param_groups[0]["capturable"] is True
+    fresh = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters())
+    fresh.load_state_dict(state)
+    assert fresh.param_groups[0]["lr"] == 0.25
+
+
+def _graphed_and_eager(tmp_path, layer, **changes):
+    from mambakit.training import train
+
+    runs = {}
+    for graph in (False, True):
+        cfg = _corpus_cfg(tmp_path, layer, device="cuda", cuda_graph=graph, out_dir=str(tmp_path / f"run-{graph}"),
+                          **changes)
+        runs[graph] = train(cfg)
+    return runs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layer", ["mamba1", "mamba2"])
+def test_gpu_train_cuda_graph_trains_like_the_eager_loop(tmp_path, layer):
+    """`mambakit train --cuda-graph`: 3 eager steps, then replays; the learning rate changes every step (warm-up,
+    cosine) and 2 micro-steps accumulate, all inside the graph. Losses and the saved weights agree with the eager
+    run's to rounding (the Triton backwards sum with atomics)."""
+    from safetensors.torch import load_file
+
+    from mambakit.training import load_train_state
+
+    runs = _graphed_and_eager(tmp_path, layer, max_steps=16, warmup_steps=6, grad_accum=2, batch_size=2)
+    eager, graphed = runs[False], runs[True]
+    assert len(graphed.losses) == 16
+    torch.testing.assert_close(torch.tensor(graphed.losses), torch.tensor(eager.losses), rtol=2e-2, atol=2e-2)
+    assert eager.losses[-1] < eager.losses[0] - 0.5  # it learned: the comparison is not of two idle runs
+    a, b = (load_file(str(tmp_path / f"run-{g}" / "model.safetensors")) for g in (True, False))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=3e-2, atol=3e-2, msg=lambda m: f"{name}: {m}")
+    # the checkpoint is an eager run's: a number for the rate, capturable off
+    groups = load_train_state(tmp_path / "run-True")["optimizer"]["param_groups"]
+    assert all(type(g["lr"]) is float and g["capturable"] is False for g in groups)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["skip", "stop"])
+def test_gpu_cuda_graph_leaves_a_nonfinite_step_unapplied(tmp_path, mode):
+    """A replayed step whose loss turns NaN: fused AdamW's found_inf leaves every parameter, moment and step count
+    as they were, and the loop skips (counting it) or stops with TrainingDiverged, as the eager loop does."""
+    from mambakit.training import Run, TrainingDiverged
+
+    run = Run(_corpus_cfg(tmp_path, "mamba2", device="cuda", cuda_graph=True, on_nonfinite=mode, max_steps=20))
+    try:
+        for _ in range(5):
+            run.step()
+        assert run.graph.captures == 1 and run.graph.replays == 2
+        params = [p for g in run.optimizer.param_groups for p in g["params"]]
+        before = [p.detach().clone() for p in params]
+        moments = [run.optimizer.state[p]["exp_avg"].clone() for p in params]
+        steps = [run.optimizer.state[p]["step"].clone() for p in params]
+        weight = run.raw_model.backbone.embedding.weight
+        good = weight.detach().clone()
+        with torch.no_grad():
+            weight.fill_(float("nan"))  # in place: the graph reads this storage
+        if mode == "stop":
+            with pytest.raises(TrainingDiverged):
+                run.step()
+        else:
+            run.step()
+            assert run.skipped == 1 and run.skipped_in_a_row == 1
+        for p, old, m, s in zip(params, before, moments, steps):
+            if p is not weight:
+                assert torch.equal(p, old)
+            assert torch.equal(run.optimizer.state[p]["exp_avg"], m) and torch.equal(run.optimizer.state[p]["step"], s)
+        if mode == "skip":
+            with torch.no_grad():
+                weight.copy_(good)
+            run.step()  # applied again: the step counts move on
+            assert run.skipped_in_a_row == 0
+            assert all(torch.equal(run.optimizer.state[p]["step"], s + 1) for p, s in zip(params, steps))
+    finally:
+        run.close()

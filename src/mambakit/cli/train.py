@@ -102,12 +102,12 @@ def _text(text: str) -> str | None:
 _OWN_FLAGS = {"recipe", "data", "tokenizer", "out_dir", "max_steps", "time_budget_s", "d_model", "n_layer", "layer",
               "seqlen", "batch_size", "lr", "seed", "device", "on_nonfinite", "keep_checkpoints", "progress",
               "recompute", "grad_accum", "parallel", "log_every", "save_every", "logger", "init_from", "lora_rank",
-              "chat_template"}
+              "chat_template", "cuda_graph"}
 # the model's shape: a fine-tuning run (--init-from) takes it from the loaded model
 _SHAPE_FIELDS = ("d_model", "n_layer", "layer", "d_state", "expand", "headdim", "chunk_size")
 # what may change when a run is resumed: nothing that changes a step's numbers (batch_size, grad_accum and the
 # parallel layout only with the same global batch, which the run checks)
-_RESUMABLE = {"out_dir", "time_budget_s", "device", "progress", "recompute", "loss", "on_nonfinite",
+_RESUMABLE = {"out_dir", "time_budget_s", "device", "progress", "recompute", "cuda_graph", "loss", "on_nonfinite",
               "keep_checkpoints",
               "log_every", "save_every", "logger", "plot", "eval_every", "eval_tokens", "eval_batch_size",
               "final_eval_tokens", "batch_size", "grad_accum", "parallel", "fsdp_mixed_precision",
@@ -189,6 +189,12 @@ def build_parser(prog: str = "mambakit train") -> Parser:
     p.add_argument("--recompute", action="store_const", const=True,
                    help="recompute each mixer's conv, scan and norm in the backward: activation memory per layer "
                         "shrinks to its projections' inputs and outputs (2.6x / 4.2x less for Mamba-1 / Mamba-2)")
+    graph = p.add_mutually_exclusive_group()
+    graph.add_argument("--cuda-graph", action="store_const", const=True,
+                       help="replay each optimizer step from one CUDA graph after 3 eager steps (the default on one "
+                            "CUDA device; this flag makes anything else an error): one launch per step")
+    graph.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_const", const=False,
+                       help="launch every step's kernels from Python (the eager step; e.g. to profile it)")
     derived = p.add_argument_group("every other TrainConfig field (VALUE is read as YAML, checked against the type)")
     for f in dataclasses.fields(TrainConfig):
         if f.name in _OWN_FLAGS or f.name == "model":
@@ -385,9 +391,12 @@ def _main(resume: bool, overwrite: bool, files: list[str], print_config: bool, s
         print(cfg.to_yaml(), end="")
         return 0
     try:
-        resolve_device(cfg.device)
+        device = resolve_device(cfg.device)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if cfg.cuda_graph and device.type != "cuda":
+        raise UsageError(f"--cuda-graph captures the step on a CUDA device; this run is on {device} "
+                         "(--device cuda, or leave --cuda-graph off)")
     if overwrite:
         _remove_run(Path(cfg.out_dir))
     try:

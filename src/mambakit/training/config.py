@@ -103,6 +103,11 @@ class TrainConfig:
     # a CPU with AMX-BF16, BENCHMARKS.md; slower where the CPU has no native bf16); "none": float32 everywhere
     autocast: str = "bf16"
     recompute: bool = False  # keep only in_proj's output per layer; recompute conv, scan, norm in the backward
+    # replay each optimizer step (every micro-step, clipping, AdamW) from one CUDA graph after 3 eager steps: one
+    # launch per step instead of thousands (BENCHMARKS.md: 1.6x tokens/s for the 130M Mamba-2, 1.2x Mamba-1, ~10x
+    # for the default recipe's small models). None: on wherever it can be (CUDA, one process, fused AdamW); True
+    # insists (an error elsewhere); a step that cannot be captured runs eagerly, with a warning
+    cuda_graph: bool | None = None
     # "chunked": the model's own loss, ops.linear_cross_entropy (never the (batch, seqlen, vocab) logits: 20.4 ->
     # 9.8 GB at the 130M shape, batch 8 x 2048, ~8% slower on the H200, BENCHMARKS.md); "logits": F.cross_entropy
     # of the whole logits matrix (the faster one when memory allows)
@@ -146,6 +151,8 @@ class TrainConfig:
             raise ValueError(f"{self.layer} needs d_model ({self.d_model}) divisible by headdim ({self.headdim})")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError(f"time_budget_s must be positive, got {self.time_budget_s}")
+        if self.cuda_graph not in (None, True, False):
+            raise ValueError(f"cuda_graph must be true, false or null (on where it can be), got {self.cuda_graph!r}")
         if self.loss not in ("chunked", "logits"):
             raise ValueError(f"loss must be 'chunked' or 'logits', got {self.loss!r}")
         if self.autocast not in ("bf16", "bf16+cpu", "none"):

@@ -25,7 +25,9 @@ on stdout); per-step numbers go to out_dir/metrics.jsonl (metrics.py).
 Nothing is lost (see checkpoint.py for the checkpoint layout):
     - a step whose loss or gradient norm is not finite stops the run with `TrainingDiverged` before the
       optimizer applies it, and nothing is saved over the last good checkpoint (cfg.on_nonfinite="skip"
-      skips such steps instead);
+      skips such steps instead); with cfg.cuda_graph the whole step is one graph replay, and fused AdamW's
+      `found_inf` (set on the GPU from the same check) leaves parameters, moments and step counts untouched
+      before the loop reads the flag, so the outcome is the same;
     - with handle_signals, the first SIGINT / SIGTERM ends the run at the next step boundary with a
       checkpoint (TrainResult.interrupted names the signal); a second one exits at once;
     - metrics.json is strict JSON: a non-finite number is written as null.
@@ -210,6 +212,16 @@ def forward_backward(model: torch.nn.Module, window: torch.Tensor | WindowBatch,
     return loss.detach()
 
 
+def _portable_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """optimizer.state_dict() of a graphed run (Run._graphed_step) as an eager run's: the learning rate as a number
+    (read back once per checkpoint) and capturable off (the state's step counts load onto any device then)."""
+    for group in state["param_groups"]:  # copies of the optimizer's groups, made by state_dict()
+        if isinstance(group.get("lr"), torch.Tensor):
+            group["lr"] = float(group["lr"])
+        group["capturable"] = False
+    return state
+
+
 def _scores_targets(model: torch.nn.Module) -> bool:
     """Whether `model` (or the MambaLM inside a DDP / compile wrapper) takes `targets=` and returns the loss."""
     from ..models import MambaLM  # training imports the models where it uses them (as Run does)
@@ -297,6 +309,11 @@ class Run:
         self.out_dir = default_out_dir(cfg)
         self.autocast_dtype = autocast_dtype_for(cfg.autocast, device)
         self.sharded = cfg.parallel == "fsdp"  # checkpoints through torch.distributed.checkpoint
+        if cfg.cuda_graph and (device.type != "cuda" or info.distributed):
+            raise ValueError("cuda_graph: a training step is captured as a CUDA graph on one process with a CUDA "
+                             f"device; this run has {device}" + (f" and {info.world_size} processes"
+                                                                 if info.distributed else "")
+                             + " (leave --cuda-graph off)")
         self._created_group = init_distributed(info, device)
         self.governor = CPUThreadGovernor(enabled=adapt_cpu_threads and device.type == "cpu" and not info.distributed)
         self.signals = _SignalStop(enabled=handle_signals and not info.distributed)
@@ -338,6 +355,9 @@ class Run:
             remove_strays(self.out_dir)
         checkpoint = checkpoint if resume else None
         self._build(checkpoint)
+        # cuda_graph None: on wherever it can be (the check in __init__ refused an explicit True elsewhere)
+        can_graph = self.device.type == "cuda" and not info.distributed
+        self.graph = self._graphed_step() if cfg.cuda_graph or (cfg.cuda_graph is None and can_graph) else None
         self.saved_step = self.global_step if resume else None  # the step of the newest checkpoint on disk
         self.step0 = self.global_step
         self.skipped = self.skipped_in_a_row = 0
@@ -476,6 +496,42 @@ class Run:
             load_adapter(self.adapter, checkpoint.path)
         return model
 
+    def _graphed_step(self):
+        """The optimizer step as a `CapturedStep` (cfg.cuda_graph): `_graph_body` eagerly for 3 steps, then replayed
+        (None where cuda_graph is left to the run and the optimizer is not fused AdamW).
+
+        What the eager step reads on the host becomes a tensor the graph reads: the learning rate (one CUDA tensor
+        in every param group, refilled before each step) and the non-finite check (fused AdamW's `found_inf`: the
+        kernel leaves parameters, moments and step counts untouched when it is set; the loop still reads the flag
+        after the step, to count, skip or stop as the eager loop does)."""
+        from .cuda_graph import CapturedStep, make_capturable
+
+        if not self.optimizer.defaults.get("fused"):
+            if self.cfg.cuda_graph is None:
+                return None
+            raise ValueError("cuda_graph: the step is captured with fused AdamW, which these parameters do not take")
+        make_capturable(self.optimizer, self.device)
+        # a checkpoint says what an eager run says (a rate as a number, not capturable): it resumes anywhere
+        self.optimizer.register_state_dict_post_hook(_portable_optimizer_state)
+        self._lr = torch.tensor(lr_at(self.global_step, self.cfg), device=self.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr
+        return CapturedStep(self._graph_body, self.device, warmup=3,
+                            on_failure=lambda: self.optimizer.zero_grad(set_to_none=True))
+
+    def _graph_body(self, windows: torch.Tensor, *masks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What a captured step does: zero-grad (captured: the gradients land in the graph's own tensors), the
+        micro-steps, clipping, and an AdamW step that `found_inf` turns off on the GPU. -> (loss, grad norm, finite)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, grad_norm = self._gradients(windows, *(masks or (None, None)))
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        self.optimizer.found_inf = (~finite).float()
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        return loss, grad_norm.detach(), finite
+
     def _check_tokenizer(self) -> None:
         """Warn when a fine-tuning run tokenizes otherwise than the model it loads was trained to read."""
         from ..checkpoints import CheckpointError
@@ -533,32 +589,29 @@ class Run:
         cfg, info = self.cfg, self.info
         self.governor.update()
         lr = lr_at(self.global_step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        if self.graph is not None:
+            self._lr.fill_(lr)
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         # (grad_accum * batch, seqlen + 1) windows; of conversations also their bool masks, else None
         windows, scored, starts = self.sampler.next_batch_masked()
-        micro = windows.split(cfg.batch_size)  # grad_accum x (batch, seqlen + 1)
-        masks = [(None, None)] * len(micro) if scored is None else list(zip(scored.split(cfg.batch_size),
-                                                                           starts.split(cfg.batch_size)))
-        losses = [self._micro_step(w, *masks[i], last=i == len(micro) - 1) for i, w in enumerate(micro)]
-        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
-        if len(micro) > 1:
-            # each micro-step added the gradient of its own mean; the step's is the mean over the global batch
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.div_(len(micro))
-        # the total norm is computed even without clipping (an infinite max norm scales by exactly 1)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-            grad_norm = grad_norm.full_tensor()
-        self._pending.append((loss, grad_norm.detach()))
-        # one host sync per step: a non-finite step must be caught before the optimizer applies it
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        if info.distributed:
-            finite = all_reduce_mean(finite.float(), info) == 1.0
-        if bool(finite):
-            self.optimizer.step()
+        if self.graph is not None:
+            # the whole step on the GPU (AdamW skips a non-finite one there); then the same host read as below
+            loss, grad_norm, finite = self.graph(windows, *(() if scored is None else (scored, starts)))
+            self._pending.append((loss, grad_norm))
+            applied = bool(finite)
+        else:
+            loss, grad_norm = self._gradients(windows, scored, starts)
+            self._pending.append((loss, grad_norm.detach()))
+            # one host sync per step: a non-finite step must be caught before the optimizer applies it
+            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+            if info.distributed:
+                finite = all_reduce_mean(finite.float(), info) == 1.0
+            applied = bool(finite)
+            if applied:
+                self.optimizer.step()
+        if applied:
             self.skipped_in_a_row = 0
         else:
             self.skipped, self.skipped_in_a_row = self.skipped + 1, self.skipped_in_a_row + 1
@@ -568,7 +621,8 @@ class Run:
                                 cfg, self.skipped_in_a_row)
             self._say(f"step {self.global_step + 1}: non-finite loss ({float(loss):.4g}) or gradient norm "
                       f"({float(grad_norm):.4g}): step skipped", logging.WARNING)
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.graph is None:  # a graph's gradients are its own tensors, overwritten by each replay
+            self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         step = self.global_step
         record = {}
@@ -587,6 +641,36 @@ class Run:
             self.metrics.write(record)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             self.save()
+
+    def _gradients(self, windows: torch.Tensor, scored: torch.Tensor | None,
+                   starts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-steps of one step's (grad_accum * batch, seqlen + 1) windows, their gradients averaged and
+        clipped in p.grad. -> (mean loss, total gradient norm before clipping), both on the device."""
+        cfg = self.cfg
+        micro = windows.split(cfg.batch_size)  # grad_accum x (batch, seqlen + 1)
+        masks = [(None, None)] * len(micro) if scored is None else list(zip(scored.split(cfg.batch_size),
+                                                                           starts.split(cfg.batch_size)))
+        losses = [self._micro_step(w, *masks[i], last=i == len(micro) - 1) for i, w in enumerate(micro)]
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        if len(micro) > 1:
+            # each micro-step added the gradient of its own mean; the step's is the mean over the global batch
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(len(micro))
+        # the total norm is computed even without clipping (an infinite max norm scales by exactly 1)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        return loss, grad_norm
+
+    def _graph_summary(self) -> str:
+        """How many steps the CUDA graph ran (cfg.cuda_graph), for the closing line."""
+        if self.graph is None:
+            return ""
+        if self.graph.disabled:
+            return "; the step could not be captured as a CUDA graph: every step ran eagerly"
+        return f"; {self.graph.replays} steps replayed from a CUDA graph"
 
     def _flush(self) -> None:
         """Copy the pending losses (averaged over processes) into the history and the norms into the record."""
@@ -682,6 +766,7 @@ class Run:
         self._say(f"trained {steps_done} steps ({step}/{cfg.max_steps}) in {train_s:.1f} s, "
                   f"{steps_done * self.tokens_per_step / max(train_s, 1e-9):,.0f} tokens/s"
                   + steady_rate(self._window_rates, cfg.log_every)
+                  + self._graph_summary()
                   + (f"; {self.skipped} non-finite steps skipped" if self.skipped else ""))
         self._say(f"held-out: {final['loss']:.4f} nats/token, {final['bpb']:.3f} {self._unit} "
                   f"({final['tokens']:,} tokens)")
