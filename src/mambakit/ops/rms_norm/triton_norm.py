@@ -320,14 +320,24 @@ _rms_norm_op = autograd_op("RMSNorm", _rms_norm_fwd_impl, _rms_norm_fwd_op, _rms
 # backward; y is never kept, so the block's norm costs no activation memory of its own.
 
 
+def _sum_dtype(x_dtype: torch.dtype, r_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype x + residual is formed in (x's alone without a residual)."""
+    return x_dtype if r_dtype is None else torch.promote_types(x_dtype, r_dtype)
+
+
+def _acc_dtype(sum_dtype: torch.dtype, weight_dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulator (and rstd's) dtype: float32, or float64 where the sum or the weight is float64."""
+    return compute_dtype(torch.promote_types(sum_dtype, weight_dtype))
+
+
 def _add_rms_norm_impl(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor, eps: float,
                        s_dtype: torch.dtype, y_dtype: torch.dtype,
                        keep_rstd: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y (N, H) in y_dtype, s (N, H) in s_dtype and rstd (N,) float32 (float64 for float64 sums); rstd empty unless
     keep_rstd (a backward will follow: the decode step neither writes nor allocates it)."""
     n_rows, hidden = x2.shape
-    sum_dtype = x2.dtype if r2 is None else torch.promote_types(x2.dtype, r2.dtype)
-    acc = compute_dtype(torch.promote_types(sum_dtype, weight.dtype))
+    sum_dtype = _sum_dtype(x2.dtype, None if r2 is None else r2.dtype)
+    acc = _acc_dtype(sum_dtype, weight.dtype)
     # Triton's CPU interpreter truncates a float32 -> bf16 store where CUDA rounds: off the GPU y is stored wide
     # and torch rounds it (the values CUDA gives)
     y_store = y_dtype if x2.is_cuda else torch.promote_types(y_dtype, acc)
@@ -350,8 +360,7 @@ _add_rms_norm_op = torch.library.custom_op("mambakit::add_rms_norm_fwd", mutates
 
 @_add_rms_norm_op.register_fake
 def _(x2, r2, weight, eps, s_dtype, y_dtype, keep_rstd):
-    sum_dtype = x2.dtype if r2 is None else torch.promote_types(x2.dtype, r2.dtype)
-    acc = compute_dtype(torch.promote_types(sum_dtype, weight.dtype))
+    acc = _acc_dtype(_sum_dtype(x2.dtype, None if r2 is None else r2.dtype), weight.dtype)
     return (x2.new_empty(x2.shape, dtype=y_dtype), x2.new_empty(x2.shape, dtype=s_dtype),
             x2.new_empty(x2.shape[0] if keep_rstd else 0, dtype=acc))
 
@@ -387,7 +396,7 @@ def _rows_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
 def _add_rms_norm_bwd_impl(dy2: torch.Tensor, ds2: torch.Tensor | None, s2: torch.Tensor, weight: torch.Tensor,
                            rstd: torch.Tensor, x_like: torch.Tensor, r_like: torch.Tensor | None) -> list[torch.Tensor]:
     """x_like / r_like: empty tensors of x's and the residual's dtypes (their dtypes say what to return)."""
-    sum_dtype = x_like.dtype if r_like is None else torch.promote_types(x_like.dtype, r_like.dtype)
+    sum_dtype = _sum_dtype(x_like.dtype, None if r_like is None else r_like.dtype)
     dx2, dr2, dw = add_rms_norm_bwd(s2=s2, weight=weight, rstd=rstd, dy2=_rows_or_none(dy2), ds2=_rows_or_none(ds2),
                                     x_dtype=x_like.dtype, r_dtype=None if r_like is None else r_like.dtype,
                                     sum_dtype=sum_dtype)
@@ -477,7 +486,7 @@ def add_rms_norm_triton(
         >>> y, s = add_rms_norm_triton(h, r, w, residual_dtype=torch.float32, out_dtype=torch.bfloat16)
     """
     hidden = x.shape[-1]
-    sum_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    sum_dtype = _sum_dtype(x.dtype, None if residual is None else residual.dtype)
     s_dtype = residual_dtype or sum_dtype
     y_dtype = out_dtype or weight.dtype
     # the backward recomputes the norm from the stored s: it must hold the sum exactly
