@@ -188,6 +188,76 @@ def test_a_graphed_runs_optimizer_state_loads_like_an_eager_runs():
     assert fresh.param_groups[0]["lr"] == 0.25
 
 
+class _BodyEagerly:
+    """Stands in for Run.graph's CapturedStep on a CPU: calls the step body the graph would capture, every time."""
+
+    disabled, replays = False, 0
+
+    def __init__(self, body):
+        self.body = body
+
+    def __call__(self, *inputs):
+        return self.body(*inputs)
+
+
+def _fused_cpu_run(cfg):
+    """A CPU Run whose optimizer is fused AdamW (what build_optimizer gives on CUDA; fused AdamW runs on a CPU too)."""
+    from mambakit.training import Run
+
+    run = Run(cfg)
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in run.optimizer.param_groups]
+    run.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    return run
+
+
+def test_the_graphed_step_body_trains_like_the_eager_step_and_leaves_a_nonfinite_step_unapplied(tmp_path):
+    """What Run's CUDA graph captures, run eagerly on a CPU (CI has no GPU): the rate from a tensor refilled each
+    step, 2 micro-steps, and the non-finite check as fused AdamW's found_inf. The losses are the eager loop's (the
+    rate is a float32 tensor there, a float here: rounding apart); a NaN step changes no parameter, moment or step
+    count, is counted as skipped, and the next good step applies."""
+    from mambakit.training import lr_at
+
+    cfg = _corpus_cfg(tmp_path, "mamba2", device="cpu", grad_accum=2, batch_size=2, max_steps=8, warmup_steps=3,
+                      on_nonfinite="skip")
+    eager = _fused_cpu_run(cfg.replace(out_dir=str(tmp_path / "eager")))
+    body = _fused_cpu_run(cfg.replace(out_dir=str(tmp_path / "body")))
+    try:
+        body._prepare_optimizer_for_graph()
+        body.graph = _BodyEagerly(body._graph_body)
+        for _ in range(6):
+            eager.step()
+            body.step()
+        eager._flush()
+        body._flush()
+        torch.testing.assert_close(torch.tensor(body.history["losses"]), torch.tensor(eager.history["losses"]),
+                                   rtol=1e-4, atol=1e-5)
+        assert body.optimizer.param_groups[0]["lr"] is body._lr
+        assert body._lr.item() == pytest.approx(lr_at(5, cfg), rel=1e-6)  # the 6th step's rate (step index 5)
+        for p, q in zip(body.raw_model.parameters(), eager.raw_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+        params = [p for g in body.optimizer.param_groups for p in g["params"]]
+        before = [p.detach().clone() for p in params]
+        state = [{k: v.clone() for k, v in body.optimizer.state[p].items()} for p in params]
+        weight = body.raw_model.backbone.embedding.weight
+        good = weight.detach().clone()
+        with torch.no_grad():
+            weight.fill_(float("nan"))
+        body.step()
+        assert body.skipped == 1 and body.skipped_in_a_row == 1
+        for p, old, saved in zip(params, before, state):
+            if p is not weight:
+                assert torch.equal(p, old)
+            assert all(torch.equal(body.optimizer.state[p][k], v) for k, v in saved.items())
+        with torch.no_grad():
+            weight.copy_(good)
+        body.step()
+        assert body.skipped_in_a_row == 0
+        assert all(torch.equal(body.optimizer.state[p]["step"], s["step"] + 1) for p, s in zip(params, state))
+    finally:
+        eager.close()
+        body.close()
+
+
 def _graphed_and_eager(tmp_path, layer, **changes):
     from mambakit.training import train
 

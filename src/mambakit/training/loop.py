@@ -504,20 +504,26 @@ class Run:
         in every param group, refilled before each step) and the non-finite check (fused AdamW's `found_inf`: the
         kernel leaves parameters, moments and step counts untouched when it is set; the loop still reads the flag
         after the step, to count, skip or stop as the eager loop does)."""
-        from .cuda_graph import CapturedStep, make_capturable
+        from .cuda_graph import CapturedStep
 
         if not self.optimizer.defaults.get("fused"):
             if self.cfg.cuda_graph is None:
                 return None
             raise ValueError("cuda_graph: the step is captured with fused AdamW, which these parameters do not take")
+        self._prepare_optimizer_for_graph()
+        return CapturedStep(self._graph_body, self.device, warmup=3,
+                            on_failure=lambda: self.optimizer.zero_grad(set_to_none=True))
+
+    def _prepare_optimizer_for_graph(self) -> None:
+        """Capturable AdamW whose every param group reads the rate from one tensor on the device (`self._lr`)."""
+        from .cuda_graph import make_capturable
+
         make_capturable(self.optimizer, self.device)
         # a checkpoint says what an eager run says (a rate as a number, not capturable): it resumes anywhere
         self.optimizer.register_state_dict_post_hook(_portable_optimizer_state)
         self._lr = torch.tensor(lr_at(self.global_step, self.cfg), device=self.device)
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr
-        return CapturedStep(self._graph_body, self.device, warmup=3,
-                            on_failure=lambda: self.optimizer.zero_grad(set_to_none=True))
 
     def _graph_body(self, windows: torch.Tensor, *masks: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """What a captured step does: zero-grad (captured: the gradients land in the graph's own tensors), the
