@@ -104,9 +104,9 @@ class TrainConfig:
     autocast: str = "bf16"
     recompute: bool = False  # keep only in_proj's output per layer; recompute conv, scan, norm in the backward
     # replay each optimizer step (every micro-step, clipping, AdamW) from one CUDA graph after 3 eager steps: one
-    # launch per step instead of thousands (BENCHMARKS.md: 1.6x tokens/s for the 130M Mamba-2, 1.2x Mamba-1, ~10x
-    # for the default recipe's small models). None: on wherever it can be (CUDA, one process, fused AdamW); True
-    # insists (an error elsewhere); a step that cannot be captured runs eagerly, with a warning
+    # launch per step instead of thousands (BENCHMARKS.md: 1.6x tokens/s for the 130M Mamba-2, 1.2x Mamba-1, an
+    # order of magnitude for the default recipe's small models). None: on wherever it can be (CUDA, one process,
+    # fused AdamW); True insists (an error elsewhere); a step that cannot be captured runs eagerly, with a warning
     cuda_graph: bool | None = None
     # "chunked": the model's own loss, ops.linear_cross_entropy (never the (batch, seqlen, vocab) logits: 20.4 ->
     # 9.8 GB at the 130M shape, batch 8 x 2048, ~8% slower on the H200, BENCHMARKS.md); "logits": F.cross_entropy
