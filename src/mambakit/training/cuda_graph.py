@@ -25,12 +25,14 @@ with atomics in either case, so two runs agree to rounding, not bit for bit).
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 from typing import Any, Callable
 
 import torch
 
 __all__ = ["CapturedStep", "GraphedTrainStep", "batch_tensors", "make_capturable"]
+
+log = logging.getLogger("mambakit.training")
 
 
 def batch_tensors(batch: Any) -> tuple[torch.Tensor, ...]:
@@ -64,8 +66,8 @@ class CapturedStep:
     warmup: eager calls of each signature first, on a side stream as the capture will be (lazy initialisation,
         Triton's compilation and the optimizer's state happen in them).
     before_capture(): runs before each capture (e.g. make the optimizer capturable).
-    on_failure(): runs when a capture fails (an op that syncs the host or is not capturable); a warning on stderr
-        says why, and every later call runs eagerly: the run goes on, only slower.
+    on_failure(): runs when a capture fails (an op that syncs the host or is not capturable); a warning (logger
+        "mambakit.training") says why, and every later call runs eagerly: the run goes on, only slower.
 
     A call returns fn's outputs: an eager call's as fn returned them, a replay's as copies (the graph's own output
     tensors are overwritten by the next replay). Nothing is read back to the host.
@@ -128,8 +130,8 @@ class CapturedStep:
             self.disabled = True
             if self.on_failure is not None:
                 self.on_failure()
-            print(f"mambakit: {self.what} could not be captured as a CUDA graph ({str(e).splitlines()[0]}); "
-                  "going on without one", file=sys.stderr)
+            log.warning("%s could not be captured as a CUDA graph (%s); going on without one", self.what,
+                        str(e).splitlines()[0])
             return
         self._graph, self._static, self._outputs = graph, static, outputs
         self.captures += 1
