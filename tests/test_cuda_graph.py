@@ -213,7 +213,7 @@ def _fused_cpu_run(cfg):
 def test_the_graphed_step_body_trains_like_the_eager_step_and_leaves_a_nonfinite_step_unapplied(tmp_path):
     """What Run's CUDA graph captures, run eagerly on a CPU (CI has no GPU): the rate from a tensor refilled each
     step, 2 micro-steps, and the non-finite check as fused AdamW's found_inf. The losses are the eager loop's (the
-    rate is a float32 tensor there, a float here: rounding apart); a NaN step changes no parameter, moment or step
+    body reads the rate from a float32 tensor, the eager loop as a float: rounding apart); a NaN step changes no parameter, moment or step
     count, is counted as skipped, and the next good step applies."""
     from mambakit.training import lr_at
 
