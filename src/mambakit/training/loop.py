@@ -529,14 +529,13 @@ class Run:
         """What a captured step does: zero-grad (captured: the gradients land in the graph's own tensors), the
         micro-steps, clipping, and an AdamW step that `found_inf` turns off on the GPU. -> (loss, grad norm, finite)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss, grad_norm = self._gradients(windows, *(masks or (None, None)))
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        loss, grad_norm, finite = self._gradients(windows, *(masks or (None, None)))
         self.optimizer.found_inf = (~finite).float()
         try:
             self.optimizer.step()
         finally:
             del self.optimizer.found_inf
-        return loss, grad_norm.detach(), finite
+        return loss, grad_norm, finite
 
     def _check_tokenizer(self) -> None:
         """Warn when a fine-tuning run tokenizes otherwise than the model it loads was trained to read."""
@@ -603,20 +602,17 @@ class Run:
         # (grad_accum * batch, seqlen + 1) windows; of conversations also their bool masks, else None
         windows, scored, starts = self.sampler.next_batch_masked()
         if self.graph is not None:
-            # the whole step on the GPU (AdamW skips a non-finite one there); then the same host read as below
+            # the whole step on the GPU, where AdamW skips a non-finite one (found_inf)
             loss, grad_norm, finite = self.graph(windows, *(() if scored is None else (scored, starts)))
-            self._pending.append((loss, grad_norm))
-            applied = bool(finite)
         else:
-            loss, grad_norm = self._gradients(windows, scored, starts)
-            self._pending.append((loss, grad_norm.detach()))
-            # one host sync per step: a non-finite step must be caught before the optimizer applies it
-            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+            loss, grad_norm, finite = self._gradients(windows, scored, starts)
             if info.distributed:
                 finite = all_reduce_mean(finite.float(), info) == 1.0
-            applied = bool(finite)
-            if applied:
-                self.optimizer.step()
+        self._pending.append((loss, grad_norm))
+        # one host sync per step: a non-finite step must be caught before the optimizer applies it
+        applied = bool(finite)
+        if applied and self.graph is None:
+            self.optimizer.step()
         if applied:
             self.skipped_in_a_row = 0
         else:
@@ -649,9 +645,10 @@ class Run:
             self.save()
 
     def _gradients(self, windows: torch.Tensor, scored: torch.Tensor | None,
-                   starts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                   starts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The micro-steps of one step's (grad_accum * batch, seqlen + 1) windows, their gradients averaged and
-        clipped in p.grad. -> (mean loss, total gradient norm before clipping), both on the device."""
+        clipped in p.grad. -> (mean loss, total gradient norm before clipping, whether both are finite), detached,
+        on the device."""
         cfg = self.cfg
         micro = windows.split(cfg.batch_size)  # grad_accum x (batch, seqlen + 1)
         masks = [(None, None)] * len(micro) if scored is None else list(zip(scored.split(cfg.batch_size),
@@ -668,7 +665,8 @@ class Run:
                                                    cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
-        return loss, grad_norm
+        grad_norm = grad_norm.detach()
+        return loss, grad_norm, torch.isfinite(loss) & torch.isfinite(grad_norm)
 
     def _graph_summary(self) -> str:
         """How many steps the CUDA graph ran (cfg.cuda_graph), for the closing line."""
