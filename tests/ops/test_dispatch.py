@@ -6,6 +6,7 @@ import torch
 from mambakit.ops import selective_scan, ssd
 from mambakit.ops.checks import ShapeChecker
 from mambakit.ops.dispatch import select_backend, triton_available
+from tests.conftest import DEVICE
 
 
 def test_default_backend_is_torch_on_cpu():
@@ -109,15 +110,17 @@ def test_backend_table_enforces_declared_limits():
     cpu = torch.device("cpu")
     name, _ = implementation("selective_scan", None, cpu, complex_A=True)
     assert name == "torch"
+    # the Triton backend runs where Triton does: CUDA, or the CPU through the interpreter (CI)
+    tdev = torch.device(DEVICE)
     with pytest.raises(ValueError, match=r"selective_scan: complex A is supported by the backends \('reference', "
                                          r"'torch'\), not 'triton'"):
-        implementation("selective_scan", "triton", cpu, complex_A=True)
+        implementation("selective_scan", "triton", tdev, complex_A=True)
     with pytest.raises(ValueError, match="mamba2_inner: backend 'triton' needs seqlen >= 1"):
-        implementation("mamba2_inner", "triton", cpu, empty=True)
+        implementation("mamba2_inner", "triton", tdev, empty=True)
     # the decode step's fused norm + projection has no backward: a call that needs gradients runs the torch path
-    assert implementation("add_rms_norm_linear", "triton", cpu, needs_grad=True)[0] == "torch"
-    assert implementation("add_rms_norm_linear", "triton", cpu, needs_grad=False)[0] == "triton"
-    assert implementation("add_rms_norm", "triton", cpu, needs_grad=True)[0] == "triton"
+    assert implementation("add_rms_norm_linear", "triton", tdev, needs_grad=True)[0] == "torch"
+    assert implementation("add_rms_norm_linear", "triton", tdev, needs_grad=False)[0] == "triton"
+    assert implementation("add_rms_norm", "triton", tdev, needs_grad=True)[0] == "triton"
     cuda = torch.device("cuda")
     if triton_available():
         assert implementation("add_rms_norm", None, cuda, needs_grad=True)[0] == "triton"
@@ -138,12 +141,12 @@ def test_a_backward_not_automatic_runs_only_when_named(monkeypatch):
     if triton_available():
         assert implementation("add_rms_norm", None, cuda, needs_grad=False)[0] == "triton"
         assert implementation("add_rms_norm", None, cuda, needs_grad=True)[0] == "torch"
-    cpu = torch.device("cpu")
-    assert implementation("add_rms_norm", "triton", cpu, needs_grad=True)[0] == "triton"
+    tdev = torch.device(DEVICE)  # where the Triton backend runs: CUDA, or the CPU through the interpreter
+    assert implementation("add_rms_norm", "triton", tdev, needs_grad=True)[0] == "triton"
     with use_backend("triton"):
-        assert implementation("add_rms_norm", None, cpu, needs_grad=True)[0] == "triton"
+        assert implementation("add_rms_norm", None, tdev, needs_grad=True)[0] == "triton"
     with pytest.raises(ValueError, match="not implemented for this op"):
-        implementation("add_rms_norm", "reference", cpu)
+        implementation("add_rms_norm", "reference", tdev)
 
 
 def test_ssd_torch_block_is_the_backends_choice():
