@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
-# Stages: env tests graphtests synctests gentests compose adapters e2e finetune chat serve serve-repeat serve-ab serve-gc train train-ab train-graph ce bench launch scan ssd
+# Stages: env tests graphtests synctests gentests compose adapters e2e finetune chat serve serve-repeat serve-ab serve-gc train train-ab train-graph train-paths ce bench launch scan ssd
 # convnorm layers layers-ab synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
 # limit so one slow stage leaves the logs of the others intact. The machine returns at most 8 files from $OUT: end a
 # call of many stages with `pack` (every log into $OUT/logs.tgz), or logs beyond the eighth file are lost.
@@ -138,14 +138,24 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
                 fused+cetriton+normtorch fused+cetriton fused+cetriton+normtorch fused+cetriton fused+cetriton+graph;;
     # `mambakit train` itself at the 130M mixer shapes (byte vocabulary: the built-in corpus), eager then
     # --cuda-graph, interleaved (TRAIN_GRAPH_REPS times): the steady tokens/s of its closing line
-    train-graph) n=0; for rep in $(seq ${TRAIN_GRAPH_REPS:-1}); do for layer in mamba2 mamba1; do for graph in "" --cuda-graph; do
+    train-graph) n=0; for rep in $(seq ${TRAIN_GRAPH_REPS:-1}); do for layer in mamba2 mamba1; do for graph in --no-cuda-graph --cuda-graph; do
                    n=$((n + 1)); case $layer in mamba2) shape="--d-state 128 --headdim 64 --chunk-size 256";;
                                                *) shape="--d-state 16";; esac
-                   run "train-graph-$n-$layer${graph:+-graph}" 150 python3 -m mambakit.cli train --device cuda \
+                   run "train-graph-$n-$layer${graph#--}" 150 python3 -m mambakit.cli train --device cuda \
                      --layer $layer --d-model 768 --n-layer 24 $shape --seqlen 2048 --batch-size 8 --max-steps 40 \
                      --warmup-steps 10 --log-every 5 --eval-every 0 --final-eval-tokens 32768 --sample-tokens 0 \
                      --plot false --no-progress --out /tmp/runs/graph-$n $graph
                  done; done; done;;
+    # the graphed step (the default on one GPU) with activation recompute, stopped by its time budget, then resumed
+    # from its checkpoint to the end (its optimizer state is saved as an eager run's), then sampled
+    train-paths) for layer in mamba1 mamba2; do
+                   run "train-recompute-$layer" 150 python3 -m mambakit.cli train --device cuda --layer $layer --recompute \
+                     --max-steps 600 --time-budget ${PATHS_BUDGET:-8s} --out /tmp/runs/rc-$layer --no-progress
+                   run "train-resume-$layer" 150 python3 -m mambakit.cli train --device cuda --recompute \
+                     --out /tmp/runs/rc-$layer --resume --no-progress
+                   run "train-resume-generate-$layer" 100 python3 -m mambakit.cli generate --model /tmp/runs/rc-$layer \
+                     --device cuda --prompt "**HAMLET**" --max-new-tokens 100 --seed 0
+                 done;;
     launch) run launch 300 python3 benchmarks/gpu_launch.py ${LAUNCH_FLAGS:-};;
     scan) run scan 300 python3 benchmarks/gpu_selective_scan.py ${SCAN_FLAGS:-};;
     ssd) run ssd 300 python3 benchmarks/gpu_ssd.py ${SSD_FLAGS:-};;

@@ -13,7 +13,7 @@ import torch
 from mambakit import MambaConfig, MambaLM
 from mambakit.data.synthetic import SyntheticBatch, induction_heads
 from mambakit.reproduce.common import masked_loss
-from mambakit.training import TrainConfig, build_optimizer
+from mambakit.training import TrainConfig, build_optimizer, lr_at
 from mambakit.training.cuda_graph import GraphedTrainStep, _with_tensors, batch_tensors
 
 
@@ -78,30 +78,61 @@ def test_gpu_graphed_steps_train_like_eager_ones(layer, autocast):
 
 
 @pytest.mark.gpu
-def test_gpu_reproduce_run_uses_the_graph_after_warmup(tmp_path):
-    """Run.fit on CUDA: eager through the warm-up, graph replays after it; done.json says how many."""
+def test_gpu_reproduce_run_graphs_every_step_of_its_schedule(tmp_path):
+    """Run.fit on CUDA: the graph's own eager warm-up calls, then replays through the rate's warm-up and cosine (the
+    rate is a tensor the graph reads); done.json says how many. The rate each step used is the schedule's."""
     from mambakit.reproduce.common import ModelSpec, Run, TrainSettings
 
     spec = ModelSpec("m", "M", MambaConfig(d_model=16, n_layer=2, vocab_size=17,
                                            ssm_cfg={"layer": "Mamba1", "d_state": 4}),
-                     TrainSettings(steps=20, batch_size=4, warmup_steps=5, log_every=5))
+                     TrainSettings(steps=20, batch_size=4, warmup_steps=5, log_every=5, min_lr_ratio=0.1))
     run = Run("t", tmp_path, torch.device("cuda"), quick=True, resume=False, time_budget_s=None, command="x",
               progress=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert run.train(spec, lambda step, g: induction_heads(4, 32, generator=g), logits_to_keep=1) is not None
-    # the eager steps' autograd graph is gone before the graph's warm-up on its side stream
     assert not [w for w in caught if "AccumulateGrad" in str(w.message)]
     import json
 
     done = json.loads((tmp_path / "_state" / "m" / "done.json").read_text())
-    assert done["cuda_graph"] == {"captures": 1, "replays": 20 - 5 - 3, "failed": False}
+    assert done["cuda_graph"] == {"captures": 1, "replays": 20 - 3, "failed": False}
+    # the checkpoint reads as an eager run's: a number for the rate (the last step's), capturable off
+    saved = torch.load(tmp_path / "_state" / "m" / "train.pt", weights_only=False)["optimizer"]["param_groups"][0]
+    assert saved["lr"] == pytest.approx(lr_at(19, spec.train.train_config())) and saved["capturable"] is False
     assert all(torch.isfinite(torch.tensor(v)) for _, v in done["losses"])
     # and the switch: every step eager
     run2 = Run("t", tmp_path / "eager", torch.device("cuda"), quick=True, resume=False, time_budget_s=None,
                command="x", progress=False, cuda_graph=False)
     run2.train(dataclasses.replace(spec), lambda step, g: induction_heads(4, 32, generator=g), logits_to_keep=1)
     assert json.loads((tmp_path / "eager" / "_state" / "m" / "done.json").read_text())["cuda_graph"] is None
+
+
+@pytest.mark.gpu
+def test_gpu_a_scheduled_rate_reaches_the_replayed_step():
+    """GraphedTrainStep(scheduled_lr=True): the replays read the rate set_lr last wrote (0: AdamW and its weight
+    decay leave every weight as it was; then a positive rate moves them); without it set_lr is refused."""
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=17, ssm_cfg={"layer": "Mamba2", "d_state": 8,
+                                                                              "headdim": 8, "chunk_size": 16})).cuda()
+    opt = build_optimizer(model, TrainConfig(lr=1e-2, warmup_steps=0, max_steps=10))
+    step = GraphedTrainStep(model, opt, _loss, scheduled_lr=True)
+    batch = _batches([32])[0]
+    for _ in range(step.warmup + 2):  # eager warm-up calls, the capture, then replays
+        step.set_lr(1e-2)
+        step.step(batch)
+    assert step.captures == 1 and step.replays >= 1
+    before = [p.detach().clone() for p in model.parameters()]
+    step.set_lr(0.0)
+    step.step(batch)
+    torch.cuda.synchronize()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    step.set_lr(1e-2)
+    step.step(batch)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert step.replays >= 3
+    plain = GraphedTrainStep(model, build_optimizer(model, TrainConfig(lr=1e-2, warmup_steps=0, max_steps=10)), _loss)
+    with pytest.raises(RuntimeError, match="scheduled_lr=True"):
+        plain.set_lr(0.0)
 
 
 @pytest.mark.gpu
@@ -125,7 +156,7 @@ def test_gpu_graphed_state_passing_trains_like_the_eager_one(tmp_path, layer):
     import json
 
     done = json.loads((tmp_path / "True" / "_state" / "m" / "done.json").read_text())
-    assert done["cuda_graph"] == {"captures": 1, "replays": 16 - 4 - 3, "failed": False}
+    assert done["cuda_graph"] == {"captures": 1, "replays": 16 - 3, "failed": False}
     for (name, p), q in zip(trained[True].named_parameters(), trained[False].parameters()):
         torch.testing.assert_close(p, q, rtol=3e-2, atol=3e-2, msg=lambda m: f"{name}: {m}")
     saved = [torch.load(tmp_path / str(g) / "_state" / "m" / "train.pt", weights_only=False)["states"]
@@ -172,13 +203,13 @@ def test_train_cuda_graph_needs_one_process_on_a_cuda_device_and_is_off_elsewher
 def test_a_graphed_runs_optimizer_state_loads_like_an_eager_runs():
     """The checkpoint of a graphed run holds the rate as a number and capturable off (what an eager run saves), so
     it resumes on any device; the live optimizer keeps its tensor rate."""
-    from mambakit.training.loop import _portable_optimizer_state
+    from mambakit.training.cuda_graph import portable_optimizer_state
 
     model = torch.nn.Linear(3, 2)
     lr = torch.tensor(0.25)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, foreach=False)
     opt.param_groups[0].update(lr=lr, capturable=True)
-    opt.register_state_dict_post_hook(_portable_optimizer_state)
+    opt.register_state_dict_post_hook(portable_optimizer_state)
     state = opt.state_dict()
     assert state["param_groups"][0]["lr"] == 0.25 and type(state["param_groups"][0]["lr"]) is float
     assert state["param_groups"][0]["capturable"] is False

@@ -64,9 +64,10 @@ def reproduce(name: str, out: str | Path | None = None, *, quick: bool = False, 
             workers: 4x); selective copying at L = 4096 keeps the GPU busy and gains little. With several GPUs and
             device "cuda", worker i uses GPU i mod count. Each model keeps its seed, batches and early stopping;
             this call then writes the results.
-        cuda_graph: on CUDA, replay each model's constant-rate training steps from one captured CUDA graph
-            (training.GraphedTrainStep; the same computation, one launch per step instead of hundreds). False:
-            every step eager.
+        cuda_graph: on CUDA, replay each model's training steps from one captured CUDA graph per batch shape
+            (training.GraphedTrainStep, the learning rate read from a tensor, so the schedule's warm-up and cosine
+            are graphed too; the same computation, one launch per step instead of hundreds). False: every step
+            eager.
 
     Example:
         >>> status = reproduce("induction-heads", quick=True, out="/tmp/ih")      # CPU, a few seconds

@@ -172,8 +172,8 @@ class Run:
         # worker: one of `reproduce(..., workers=N)`'s processes. It shares the state folder with the others,
         # trains (and evaluates) only the models it claims first, never writes run.json or the results.
         self.worker = worker
-        # on CUDA, the constant-rate steps of a model (no state passing) replay one captured CUDA graph
-        # (training.GraphedTrainStep): the same computation, without the host's launch cost per kernel
+        # on CUDA, every training step of a model replays one captured CUDA graph (training.GraphedTrainStep, the
+        # rate read from a tensor): the same computation, without the host's launch cost per kernel
         self.cuda_graph = cuda_graph
         self.incomplete = False  # some model or evaluation was left for later (time budget, another worker)
         self._claimed: set[str] = set()
@@ -375,9 +375,11 @@ class Run:
                 rows = carried["states"].batch_size
                 carried["states"].index_copy_(torch.arange(rows, device=self.device), carried["step"])
 
+            # the rate lives in a tensor the graph reads: one graph serves the warm-up and any schedule
             graphed = GraphedTrainStep(model, optimizer, graph_loss, grad_clip=settings.grad_clip,
                                        autocast_dtype=torch.bfloat16 if use_autocast else None,
-                                       after_step=carry_states if settings.state_passing else None)
+                                       after_step=carry_states if settings.state_passing else None,
+                                       scheduled_lr=True)
         model.train()
         bar = _progress(self.progress, total=settings.steps, initial=step, desc=f"{self.name} {key}")
         t0 = time.monotonic()
@@ -387,18 +389,15 @@ class Run:
                 break
             batch = make_batch(step, torch.Generator().manual_seed(batch_seed(settings.seed, step)))
             batch = batch.to(self.device) if hasattr(batch, "to") else tuple(b.to(self.device) for b in batch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            if graphed is not None and settings.min_lr_ratio == 1.0 and step >= settings.warmup_steps:
-                if settings.state_passing and carried["states"] is None:  # the eager steps' states, carried on
+            if graphed is not None:
+                if settings.state_passing and carried["states"] is None:  # the resumed run's states, carried on
                     carried["states"] = _passed_states(model, states, _batch_rows(batch))
-                # drop the last eager step's graph first (held by its loss and by the states it wrote): its
-                # AccumulateGrad nodes, bound to the default stream, would otherwise serve the graph's warm-up on its
-                # side stream (PyTorch warns of the stream mismatch)
-                loss = states = None
-                loss = graphed.step(batch)  # the rate is constant from here on: one graph replay per step
+                graphed.set_lr(lr_at(step, cfg))
+                loss = graphed.step(batch)  # one graph replay per step (after its eager warm-up calls)
                 states = carried["states"]
             else:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, cfg)
                 if settings.state_passing:
                     states = _passed_states(model, states, _batch_rows(batch))
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_autocast):

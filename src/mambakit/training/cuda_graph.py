@@ -13,8 +13,8 @@ What a graph fixes at capture, and so what the caller must keep fixed while it i
 - the inputs' shapes and dtypes (a new shape, e.g. the next stage of a length curriculum, is captured anew
   after its own eager warm-up steps; the graph of the previous shape is released);
 - every number the step reads on the host: AdamW's learning rate and other hyperparameters are read as numbers at
-  capture time unless they are tensors (GraphedTrainStep: call `step` only where the schedule is constant and do
-  the other steps eagerly with `eager_step`; Run keeps the rate in a tensor it refills each step);
+  capture time unless they are tensors (`scheduled_rate` puts the rate in one tensor on the device that the
+  caller refills each step: GraphedTrainStep(scheduled_lr=True) + `set_lr`, and Run, use it);
 - the parameters' storage (they are updated in place, which is what optimizers do; `load_state_dict` copies
   into them too) and `p.grad` (set to the graph's own tensors: do not replace or free them while the graph lives).
 
@@ -30,7 +30,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["CapturedStep", "GraphedTrainStep", "batch_tensors", "make_capturable"]
+__all__ = ["CapturedStep", "GraphedTrainStep", "batch_tensors", "make_capturable", "portable_optimizer_state",
+           "scheduled_rate"]
 
 log = logging.getLogger("mambakit.training")
 
@@ -146,6 +147,28 @@ def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> N
             state["step"] = state["step"].to(device, torch.float32)
 
 
+def portable_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """State-dict post-hook: `optimizer.state_dict()` of a graphed run as an eager run's, the learning rate as a
+    number (read back once per checkpoint) and capturable off (the state's step counts then load onto any device)."""
+    for group in state["param_groups"]:  # copies of the optimizer's groups, made by state_dict()
+        if isinstance(group.get("lr"), torch.Tensor):
+            group["lr"] = float(group["lr"])
+        group["capturable"] = False
+    return state
+
+
+def scheduled_rate(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
+    """Let a captured optimizer step follow a learning-rate schedule: the optimizer becomes capturable, every param
+    group reads its rate from the one returned 0-d tensor on `device` (fill it before each step; it starts at the
+    first group's rate), and its checkpoints stay an eager run's (`portable_optimizer_state`)."""
+    make_capturable(optimizer, device)
+    optimizer.register_state_dict_post_hook(portable_optimizer_state)
+    rate = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device)
+    for group in optimizer.param_groups:
+        group["lr"] = rate
+    return rate
+
+
 class GraphedTrainStep:
     """One training step of `model` with `optimizer`, eager or replayed from a CUDA graph (a `CapturedStep`).
 
@@ -156,6 +179,10 @@ class GraphedTrainStep:
     without autograd, and is captured with the rest, e.g. to copy the step's final recurrent states into the
     tensors the next step starts from (state passing: only in-place writes to tensors that outlive the step).
 
+    scheduled_lr: the optimizer reads its rate from a tensor (`scheduled_rate`) that `set_lr(value)` refills, so
+    one graph serves every step of a schedule (warm-up, cosine); without it the rate is fixed at capture, and a
+    step at another rate must be taken with `eager_step`.
+
     `step(batch)` returns the step's loss (a detached float32 scalar on the GPU, not yet read back, so no sync).
     If the capture fails (an op that syncs the host or is not capturable), a warning says why, and every later
     step runs eagerly: the run goes on, only slower.
@@ -164,7 +191,7 @@ class GraphedTrainStep:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], *, grad_clip: float = 0.0,
                  autocast_dtype: torch.dtype | None = torch.bfloat16, warmup: int = 3,
-                 after_step: Callable[[], None] | None = None):
+                 after_step: Callable[[], None] | None = None, scheduled_lr: bool = False):
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if not params or params[0].device.type != "cuda":
             raise ValueError("GraphedTrainStep: the model's parameters must be on a CUDA device")
@@ -175,6 +202,7 @@ class GraphedTrainStep:
         self.grad_clip, self.autocast_dtype, self.warmup = grad_clip, autocast_dtype, warmup
         self.after_step = after_step
         self.device = params[0].device
+        self._rate = scheduled_rate(optimizer, self.device) if scheduled_lr else None
         self._like: Any = None  # the structure of the batch being stepped on (batch_tensors' inverse needs it)
         self._captured = CapturedStep(
             self._graph_step, self.device, warmup=warmup,
@@ -193,6 +221,13 @@ class GraphedTrainStep:
     @property
     def replays(self) -> int:
         return self._captured.replays
+
+    def set_lr(self, value: float) -> None:
+        """The learning rate of the following steps, graphed or eager (needs `scheduled_lr=True`)."""
+        if self._rate is None:
+            raise RuntimeError("GraphedTrainStep.set_lr needs scheduled_lr=True: a graph captured without it keeps the "
+                               "rate it was captured with")
+        self._rate.fill_(value)
 
     def _graph_step(self, *tensors: torch.Tensor) -> tuple[torch.Tensor]:
         return (self.eager_step(_with_tensors(self._like, tensors)),)

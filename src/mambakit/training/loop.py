@@ -212,16 +212,6 @@ def forward_backward(model: torch.nn.Module, window: torch.Tensor | WindowBatch,
     return loss.detach()
 
 
-def _portable_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> dict:
-    """optimizer.state_dict() of a graphed run (Run._graphed_step) as an eager run's: the learning rate as a number
-    (read back once per checkpoint) and capturable off (the state's step counts load onto any device then)."""
-    for group in state["param_groups"]:  # copies of the optimizer's groups, made by state_dict()
-        if isinstance(group.get("lr"), torch.Tensor):
-            group["lr"] = float(group["lr"])
-        group["capturable"] = False
-    return state
-
-
 def _scores_targets(model: torch.nn.Module) -> bool:
     """Whether `model` (or the MambaLM inside a DDP / compile wrapper) takes `targets=` and returns the loss."""
     from ..models import MambaLM  # training imports the models where it uses them (as Run does)
@@ -516,14 +506,11 @@ class Run:
 
     def _prepare_optimizer_for_graph(self) -> None:
         """Capturable AdamW whose every param group reads the rate from one tensor on the device (`self._lr`)."""
-        from .cuda_graph import make_capturable
+        from .cuda_graph import scheduled_rate
 
-        make_capturable(self.optimizer, self.device)
         # a checkpoint says what an eager run says (a rate as a number, not capturable): it resumes anywhere
-        self.optimizer.register_state_dict_post_hook(_portable_optimizer_state)
-        self._lr = torch.tensor(lr_at(self.global_step, self.cfg), device=self.device)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self._lr
+        self._lr = scheduled_rate(self.optimizer, self.device)
+        self._lr.fill_(lr_at(self.global_step, self.cfg))
 
     def _graph_body(self, windows: torch.Tensor, *masks: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """What a captured step does: zero-grad (captured: the gradients land in the graph's own tensors), the
@@ -668,6 +655,13 @@ class Run:
         grad_norm = grad_norm.detach()
         return loss, grad_norm, torch.isfinite(loss) & torch.isfinite(grad_norm)
 
+    def _peak_memory(self) -> str:
+        """The device's peak allocated memory over the run (training and evaluation), for the closing line; "" off
+        CUDA. A graphed step keeps its activations in the graph's pool between steps: they count here."""
+        if self.device.type != "cuda":
+            return ""
+        return f"; peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 1e9:.2f} GB"
+
     def _graph_summary(self) -> str:
         """How many steps the CUDA graph ran (cfg.cuda_graph), for the closing line."""
         if self.graph is None:
@@ -771,7 +765,8 @@ class Run:
                   f"{steps_done * self.tokens_per_step / max(train_s, 1e-9):,.0f} tokens/s"
                   + steady_rate(self._window_rates, cfg.log_every)
                   + self._graph_summary()
-                  + (f"; {self.skipped} non-finite steps skipped" if self.skipped else ""))
+                  + (f"; {self.skipped} non-finite steps skipped" if self.skipped else "")
+                  + self._peak_memory())
         self._say(f"held-out: {final['loss']:.4f} nats/token, {final['bpb']:.3f} {self._unit} "
                   f"({final['tokens']:,} tokens)")
         self._say(f"saved to {self.out_dir}" if saved else f"checkpoint of step {step} already in {self.out_dir}")
