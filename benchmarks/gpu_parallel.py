@@ -124,7 +124,7 @@ def run_case(case: str, args, device: torch.device) -> dict:
            "loss": float(loss.detach())}
     if top:
         row["top_host_ops"] = top
-    del model, opt
+    model = opt = None  # the step closure holds them too: drop both before the next case (frees the GPU memory)
     if cuda:
         torch.cuda.empty_cache()
     return row
