@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
-# Stages: env tests graphtests synctests gentests compose adapters e2e finetune chat serve serve-repeat serve-ab serve-gc train train-ab train-graph train-paths ce bench launch scan ssd
+# Stages: env tests graphtests synctests gentests compose adapters e2e finetune chat serve serve-repeat serve-ab serve-gc train train-ab train-graph train-paths ce bench launch scan ssd rows-matmul
 # convnorm layers layers-ab synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
 # limit so one slow stage leaves the logs of the others intact. The machine returns at most 8 files from $OUT: end a
 # call of many stages with `pack` (every log into $OUT/logs.tgz), or logs beyond the eighth file are lost.
@@ -182,6 +182,10 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
     # the fused decode step's tests on CUDA, then its projections kernel by kernel (issue 18's batch-1 latency)
     decode) run decode-tests 240 python3 -m pytest tests/test_decode_step.py -q -p no:cacheprovider
             run decode-proj 200 python3 benchmarks/gpu_decode_proj.py ${DECODE_FLAGS:-};;
+    # issue 18's batch-64 decode: cuBLAS against the many-rows kernel on the plain projections (its tests first)
+    rows-matmul) run rows-matmul-tests 200 python3 -m pytest tests/test_decode_step.py -q -k "rows_matmul or decode_linear" \
+                   -p no:cacheprovider
+                 run rows-matmul 300 python3 benchmarks/gpu_decode_proj.py --rows-matmul ${DECODE_FLAGS:-};;
     inference) run inference 330 python3 benchmarks/gpu_inference.py ${INFERENCE_FLAGS:---out-dir $OUT};;
     # session 24's decode graphs, written on the CPU: the GPU tests of the fixed-capacity KV caches (Transformers)
     # and of the U-Net's per-phase step graphs, then their timings against eager decoding

@@ -12,7 +12,14 @@ inside a CUDA graph (`triton.testing.do_bench_cudagraph`: no host launch cost, a
 
 after checking gemv against the unfused ops. GB/s count the weights once.
 
+`--rows-matmul` times instead the plain projections of a larger batch (Mamba-1's in_proj, x_proj, out_proj and
+Mamba-2's in_proj as plain x @ W^T; batch 64 is where Mamba-1's decode step is its cuBLAS GEMMs, issue 18):
+cuBLAS (F.linear) against the many-rows kernel (`ops/norm_linear/triton_rows_matmul.py`) at its default tiles and a
+sweep of (BLOCK_N, BLOCK_K, warps, stages), each checked against F.linear first; the best tile is what
+`rows_matmul_tiles` and ROWS_MATMUL_MAX_ROWS (off until measured) should be set from.
+
     python benchmarks/gpu_decode_proj.py [--batches 1 4 8]
+    python benchmarks/gpu_decode_proj.py --rows-matmul [--batches 16 32 64 128]
 """
 
 from __future__ import annotations
@@ -88,11 +95,57 @@ def us_per_call(fn) -> float:
     return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
+# (name, K, N) of the plain projections a batch-64 decode step runs through cuBLAS today
+PLAIN_SHAPES = [("mamba1 in_proj", 768, 3072), ("mamba1 x_proj", 1536, 80), ("mamba1 out_proj", 1536, 768),
+                ("mamba2 in_proj", 768, 3352)]
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the many-rows kernel's sweep
+ROWS_MATMUL_SWEEP = [(16, 128, 4, 3), (32, 128, 4, 3), (64, 128, 4, 3), (16, 64, 4, 4), (32, 64, 4, 4),
+                     (16, 256, 4, 2), (32, 256, 8, 2), (64, 64, 8, 4)]
+
+
+def rows_matmul_table(batches: list[int]) -> None:
+    """cuBLAS vs the many-rows kernel (default tiles, then the sweep) per plain projection and batch."""
+    from mambakit.ops.norm_linear.triton_rows_matmul import rows_matmul, rows_matmul_tiles
+
+    print("| projection | batch | cuBLAS us | rows_matmul us (default tiles) | best of the sweep us (BLOCK_N, BLOCK_K, "
+          "warps, stages) | weights GB/s at the best |")
+    print("|---|---|---|---|---|---|")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for name, K, N in PLAIN_SHAPES:
+        for batch in batches:
+            x = torch.randn(batch, K, generator=g, device="cuda").bfloat16()
+            W = (torch.randn(N, K, generator=g, device="cuda") * K ** -0.5).bfloat16()
+            with torch.inference_mode():
+                ref = torch.nn.functional.linear(x, W).float()
+                cublas = us_per_call(lambda: torch.nn.functional.linear(x, W))
+                default = rows_matmul_tiles(batch, N, K)
+                timed = {}
+                for bn, bk, warps, stages in [(default[1], default[2], 4, 3), *ROWS_MATMUL_SWEEP]:
+                    tile = rows_matmul_tiles(batch, N, K, block_n=bn, block_k=bk)
+
+                    def call(tile=tile, warps=warps, stages=stages):
+                        return rows_matmul(x, W, tiles=tile, num_warps=warps, num_stages=stages)
+
+                    err = float((call().float() - ref).abs().max() / ref.abs().max())
+                    assert err < 2e-2, f"{name} batch {batch} tiles {tile}: relative error {err:.2e}"
+                    timed.setdefault((bn, bk, warps, stages), us_per_call(call))
+            best = min(timed, key=timed.get)
+            gbs = N * K * 2 / (timed[best] * 1e-6) / 1e9
+            print(f"| {name} | {batch} | {cublas:.2f} | {timed[(default[1], default[2], 4, 3)]:.2f} {default} | "
+                  f"{timed[best]:.2f} {best} | {gbs:.0f} |", flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--batches", type=int, nargs="+", default=None)
+    p.add_argument("--rows-matmul", action="store_true",
+                   help="cuBLAS vs the many-rows kernel on the plain projections (default batches 16 32 64 128)")
     args = p.parse_args()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.rows_matmul:
+        rows_matmul_table(args.batches or [16, 32, 64, 128])
+        return 0
+    args.batches = args.batches or [1, 4, 8]
     print("| projection | batch | gemv us (tiles) | tiled / F.linear us | unfused us | gemv GB/s "
           "| other gemv tiles us |")
     print("|---|---|---|---|---|---|---|")

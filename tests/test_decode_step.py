@@ -225,6 +225,43 @@ def test_decode_linear_matches_f_linear(dtype, batch, bias, monkeypatch):
     assert_close(got.float(), ref, name="out", rel=0.0, atol=atol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch, N, K", [(9, 70, 40), (64, 80, 200), (100, 33, 130)],
+                         ids=["9x70x40", "64x80x200", "100x33x130"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_rows_matmul_matches_f_linear(dtype, batch, N, K, bias, monkeypatch):
+    """The many-rows kernel (triton_rows_matmul.py; 9-128 rows, off by default until timed) through decode_linear,
+    against F.linear: rows past one 64-row block, outputs and features not multiples of its blocks."""
+    from mambakit.ops.norm_linear import triton_rows_matmul
+
+    monkeypatch.setattr(triton_gemv, "ROWS_MATMUL_MAX_ROWS", 128)
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, K, generator=g).to(DEVICE)
+    W, b = (torch.randn(N, K, generator=g) / K ** 0.5).to(DEVICE), torch.randn(N, generator=g).to(DEVICE)
+    ref = F.linear(x.double(), W.double(), b.double() if bias else None).float()
+    calls = []
+    real = triton_rows_matmul.rows_matmul
+    monkeypatch.setattr(triton_gemv, "rows_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = decode_linear(x.to(dtype), W.to(dtype), b.to(dtype) if bias else None, backend="triton")
+    assert calls == [1] and got.dtype == dtype and got.shape == (batch, N)
+    lowp = F.linear(x.to(dtype), W.to(dtype), b.to(dtype) if bias else None).float()
+    atol = 1e-5 * float(ref.abs().max()) if dtype == torch.float32 else low_precision_tolerance(lowp, ref)
+    assert_close(got.float(), ref, name="out", rel=0.0, atol=atol)
+
+
+def test_rows_matmul_tiles_and_the_default_route():
+    """Tiles: every row in one block up to 64 (at least 16, tl.dot's minimum), outputs halved to >= 128 programs;
+    off by default (ROWS_MATMUL_MAX_ROWS 0): 64 rows go to F.linear until a GPU measurement says otherwise."""
+    from mambakit.ops.norm_linear.triton_rows_matmul import rows_matmul_tiles
+
+    assert rows_matmul_tiles(64, 3072, 768) == (64, 16, 128)  # Mamba-1 130M in_proj: 192 programs of 16 outputs
+    assert rows_matmul_tiles(64, 768, 1536) == (64, 16, 128)  # out_proj: 48 programs (16 is the floor)
+    assert rows_matmul_tiles(9, 80, 40) == (16, 16, 64)
+    assert rows_matmul_tiles(128, 3072, 768) == (64, 32, 128)  # 2 row blocks x 96
+    assert rows_matmul_tiles(64, 3072, 768, block_n=64, block_k=64) == (64, 64, 64)  # the sweep's override
+    assert triton_gemv.ROWS_MATMUL_MAX_ROWS == 0
+
+
 def test_decode_linear_checks_its_arguments():
     x, W = torch.randn(2, 8, device=DEVICE), torch.randn(5, 8, device=DEVICE)
     with pytest.raises(ValueError, match="weight's dtype"):
