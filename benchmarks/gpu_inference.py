@@ -26,6 +26,8 @@ Usage (repository root):
     # issue 18: kernels per token and ms/token of the fused decode step against the step op by op (~2 min)
     python benchmarks/gpu_inference.py --out-dir /tmp/out --skip-sweep --skip-checks --count-kernels \
         --models mamba1 mamba1-unfused mamba2 mamba2-unfused
+    # issue 18's batch 64: Mamba-1's step through the many-rows projection kernel (run again without the flag)
+    python benchmarks/gpu_inference.py --out-dir /tmp/out --skip-sweep --models mamba1 --rows-matmul-max-rows 128
 """
 
 from __future__ import annotations
@@ -555,7 +557,15 @@ def main() -> int:
                         help="tokens per prefill call in the sweep, bounds prefill memory (default 2^19)")
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--rows-matmul-max-rows", type=int, default=None, metavar="N",
+                        help="decode steps of 9 to N rows take the many-rows projection kernel (Mamba-1: "
+                             "ops/norm_linear/triton_rows_matmul.py; default: the library's, off until timed)")
     args = parser.parse_args()
+    if args.rows_matmul_max_rows is not None:
+        from mambakit.ops.norm_linear import triton_gemv
+
+        triton_gemv.ROWS_MATMUL_MAX_ROWS = args.rows_matmul_max_rows
+        print(f"many-rows projection kernel for decode steps of 9 to {args.rows_matmul_max_rows} rows")
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -101,6 +101,27 @@ def test_fused_step_matches_unfused_step(ssm_cfg, dtype, batch, monkeypatch):
         assert_close(actual, expected, name=name, rel=0.0, atol=atol)
 
 
+def test_many_rows_mamba1_step_matches_the_step_op_by_op(monkeypatch):
+    """A Mamba-1 decode step of 12 rows (past the fused step's 8) with the many-rows route switched on: in_proj,
+    x_proj and out_proj through decode_linear (the many-rows kernel) and dt_proj inside the state update; the
+    logits and every state as the float32 torch step op by op. Off (the default), the step stays op by op."""
+    ssm_cfg, batch = {"layer": "Mamba1"}, 12
+    ids = torch.randint(0, VOCAB, (batch, 3), device=DEVICE)
+    model = _model(ssm_cfg)
+    ref = _decode(model, ids, _random_cache(model, batch), "torch", fused=False)
+    with record_backends() as seen:
+        _decode(model, ids, _random_cache(model, batch), "triton", fused=True)
+    assert seen[("decode_linear", "triton")] == 0  # ROWS_MATMUL_MAX_ROWS 0: cuBLAS / the modules, as before
+    monkeypatch.setattr(triton_gemv, "ROWS_MATMUL_MAX_ROWS", 128)
+    with record_backends() as seen:
+        got = _decode(model, ids, _random_cache(model, batch), "triton", fused=True)
+    assert seen[("decode_linear", "triton")] == 3 * 2 * 3  # in_proj, x_proj, out_proj; 2 layers; 3 steps
+    assert_close(got[0], ref[0], name="logits", rel=0.0, atol=1e-4 * float(ref[0].abs().max()))
+    for i, ((c_ref, h_ref), (c_got, h_got)) in enumerate(zip(ref[1], got[1])):
+        assert_close(c_got, c_ref, name=f"conv_state {i}", rel=0.0, atol=1e-4 * float(c_ref.abs().max()))
+        assert_close(h_got, h_ref, name=f"ssm_state {i}", rel=0.0, atol=1e-4 * float(h_ref.abs().max()))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ssm_cfg", LAYERS)
 def test_fused_triton_step_equals_unfused_triton_step(ssm_cfg):

@@ -67,6 +67,20 @@ def require_plain_conv(conv: nn.Module, layer: str) -> None:
 FUSED_STEP_MAX_BATCH = 8
 
 
+def many_rows_step_allowed(hidden: torch.Tensor) -> bool:
+    """Whether a decode step of more rows than the fused step takes runs its plain projections through
+    `ops.decode_linear` (on Triton the many-rows kernel, `ops/norm_linear/triton_rows_matmul.py`) and dt_proj inside
+    the state update: for ROWS_MATMUL_MIN_ROWS to `triton_gemv.ROWS_MATMUL_MAX_ROWS` rows, which is 0 (off) until the
+    kernel is timed against cuBLAS; otherwise under fused_step_allowed's conditions (no gradients, autocast or
+    torch.compile)."""
+    from ..ops.norm_linear import triton_gemv, triton_rows_matmul
+
+    rows = hidden.shape[0]
+    return (FUSED_STEP_MAX_BATCH < rows and triton_rows_matmul.ROWS_MATMUL_MIN_ROWS <= rows
+            <= triton_gemv.ROWS_MATMUL_MAX_ROWS and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(hidden.device.type) and not torch.compiler.is_compiling())
+
+
 def fused_step_allowed(hidden: torch.Tensor) -> bool:
     """Whether a decode step may take its fused kernels: they are forward-only, do not re-cast under autocast and
     are no torch.library ops, so with gradients or autocast on, or under torch.compile, the step runs op by op

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from ..deprecation import renamed_argument
 from ..ops import (add_rms_norm_linear, causal_conv1d, causal_conv1d_update, decode_linear, mamba1_inner,
                    pinned_backend, selective_scan, selective_state_update)
-from .fusion import fused_step_allowed, reads_as_plain, require_plain_conv
+from .fusion import fused_step_allowed, many_rows_step_allowed, reads_as_plain, require_plain_conv
 from .norm import RMSNorm
 from .state import MixerState
 
@@ -251,8 +251,19 @@ class Mamba1(nn.Module):
         around this step keeps reading and writing the same cache tensors.
         """
         require_plain_conv(self.conv1d, "Mamba1")
-        x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)  # (B, D) each
+        # a batch past the fused step's: the plain projections through decode_linear (the many-rows kernel) and
+        # dt_proj inside the state update, where many_rows_step_allowed says (off by default, see fusion.py)
+        many = (self.fused_step and many_rows_step_allowed(hidden_states) and self._plain_ssm_params()
+                and reads_as_plain(self.in_proj, nn.Linear) and reads_as_plain(self.out_proj, nn.Linear)
+                and hidden_states.dtype == self.in_proj.weight.dtype == self.out_proj.weight.dtype)
+        if many:
+            xz = decode_linear(hidden_states[:, 0], self.in_proj.weight, self.in_proj.bias)
+        else:
+            xz = self.in_proj(hidden_states[:, 0])
+        x, z = xz.chunk(2, dim=-1)  # (B, D) each
         x = causal_conv1d_update(cache.conv_state, x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
+        if many:
+            return decode_linear(self._step_ssm(x, z, cache), self.out_proj.weight, self.out_proj.bias)[:, None]
         if self.fused_step and fused_step_allowed(hidden_states) and self._plain_ssm_params():
             return self.out_proj(self._step_ssm(x, z, cache))[:, None]
         dt, B, C, bias = self._ssm_params(x)
