@@ -183,13 +183,13 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
     decode) run decode-tests 240 python3 -m pytest tests/test_decode_step.py -q -p no:cacheprovider
             run decode-proj 200 python3 benchmarks/gpu_decode_proj.py ${DECODE_FLAGS:-};;
     # issue 18's batch-64 decode: cuBLAS against the many-rows kernel on the plain projections (its tests first)
-    rows-matmul) run rows-matmul-tests 200 python3 -m pytest tests/test_decode_step.py -q -k "rows_matmul or decode_linear" \
+    rows-matmul) run rows-matmul-tests 200 python3 -m pytest tests/test_decode_step.py -q -k "rows_matmul or decode_linear or many_rows" \
                    -p no:cacheprovider
                  run rows-matmul 300 python3 benchmarks/gpu_decode_proj.py --rows-matmul ${DECODE_FLAGS:-}
-                 # the whole Mamba-1 model at batch 1 and 64, without and with it (checks included)
+                 # the whole models at batch 1 and 64, without and with it (checks included)
                  for max_rows in 0 128; do
                    run "rows-matmul-inference-$max_rows" 300 python3 benchmarks/gpu_inference.py --out-dir $OUT/rm$max_rows \
-                     --skip-sweep --models mamba1 --rows-matmul-max-rows $max_rows
+                     --skip-sweep --models mamba1 mamba2 --rows-matmul-max-rows $max_rows
                  done;;
     inference) run inference 330 python3 benchmarks/gpu_inference.py ${INFERENCE_FLAGS:---out-dir $OUT};;
     # session 24's decode graphs, written on the CPU: the GPU tests of the fixed-capacity KV caches (Transformers)

@@ -26,8 +26,8 @@ Usage (repository root):
     # issue 18: kernels per token and ms/token of the fused decode step against the step op by op (~2 min)
     python benchmarks/gpu_inference.py --out-dir /tmp/out --skip-sweep --skip-checks --count-kernels \
         --models mamba1 mamba1-unfused mamba2 mamba2-unfused
-    # issue 18's batch 64: Mamba-1's step through the many-rows projection kernel (run again without the flag)
-    python benchmarks/gpu_inference.py --out-dir /tmp/out --skip-sweep --models mamba1 --rows-matmul-max-rows 128
+    # issue 18's batch 64: the step's projections through the many-rows kernel (run again with 0 to compare)
+    python benchmarks/gpu_inference.py --out-dir /tmp/out --skip-sweep --models mamba1 mamba2 --rows-matmul-max-rows 128
 """
 
 from __future__ import annotations
@@ -558,8 +558,8 @@ def main() -> int:
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--rows-matmul-max-rows", type=int, default=None, metavar="N",
-                        help="decode steps of 9 to N rows take the many-rows projection kernel (Mamba-1: "
-                             "ops/norm_linear/triton_rows_matmul.py; default: the library's, off until timed)")
+                        help="decode steps of 9 to N rows take the many-rows projection kernel "
+                             "(ops/norm_linear/triton_rows_matmul.py; default: the library's, off until timed)")
     args = parser.parse_args()
     if args.rows_matmul_max_rows is not None:
         from mambakit.ops.norm_linear import triton_gemv

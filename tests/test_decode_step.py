@@ -101,11 +101,14 @@ def test_fused_step_matches_unfused_step(ssm_cfg, dtype, batch, monkeypatch):
         assert_close(actual, expected, name=name, rel=0.0, atol=atol)
 
 
-def test_many_rows_mamba1_step_matches_the_step_op_by_op(monkeypatch):
-    """A Mamba-1 decode step of 12 rows (past the fused step's 8) with the many-rows route switched on: in_proj,
-    x_proj and out_proj through decode_linear (the many-rows kernel) and dt_proj inside the state update; the
-    logits and every state as the float32 torch step op by op. Off (the default), the step stays op by op."""
-    ssm_cfg, batch = {"layer": "Mamba1"}, 12
+@pytest.mark.parametrize("ssm_cfg, projections", [(LAYERS[0].values[0], 3), (LAYERS[1].values[0], 2)],
+                         ids=["mamba1", "mamba2"])
+def test_many_rows_step_matches_the_step_op_by_op(ssm_cfg, projections, monkeypatch):
+    """A decode step of 12 rows (past the fused step's 8) with the many-rows route switched on: the plain
+    projections through decode_linear (the many-rows kernel: Mamba-1's in_proj, x_proj, out_proj with dt_proj
+    inside the state update; Mamba-2's in_proj and out_proj); the logits and every state as the float32 torch step
+    op by op. Off (the default), no decode_linear call."""
+    batch = 12
     ids = torch.randint(0, VOCAB, (batch, 3), device=DEVICE)
     model = _model(ssm_cfg)
     ref = _decode(model, ids, _random_cache(model, batch), "torch", fused=False)
@@ -115,7 +118,7 @@ def test_many_rows_mamba1_step_matches_the_step_op_by_op(monkeypatch):
     monkeypatch.setattr(triton_gemv, "ROWS_MATMUL_MAX_ROWS", 128)
     with record_backends() as seen:
         got = _decode(model, ids, _random_cache(model, batch), "triton", fused=True)
-    assert seen[("decode_linear", "triton")] == 3 * 2 * 3  # in_proj, x_proj, out_proj; 2 layers; 3 steps
+    assert seen[("decode_linear", "triton")] == projections * 2 * 3  # per layer; 2 layers; 3 steps
     assert_close(got[0], ref[0], name="logits", rel=0.0, atol=1e-4 * float(ref[0].abs().max()))
     for i, ((c_ref, h_ref), (c_got, h_got)) in enumerate(zip(ref[1], got[1])):
         assert_close(c_got, c_ref, name=f"conv_state {i}", rel=0.0, atol=1e-4 * float(c_ref.abs().max()))

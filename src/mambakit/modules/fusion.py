@@ -69,10 +69,10 @@ FUSED_STEP_MAX_BATCH = 8
 
 def many_rows_step_allowed(hidden: torch.Tensor) -> bool:
     """Whether a decode step of more rows than the fused step takes runs its plain projections through
-    `ops.decode_linear` (on Triton the many-rows kernel, `ops/norm_linear/triton_rows_matmul.py`) and dt_proj inside
-    the state update: for ROWS_MATMUL_MIN_ROWS to `triton_gemv.ROWS_MATMUL_MAX_ROWS` rows, which is 0 (off) until the
-    kernel is timed against cuBLAS; otherwise under fused_step_allowed's conditions (no gradients, autocast or
-    torch.compile)."""
+    `ops.decode_linear` (on Triton the many-rows kernel, `ops/norm_linear/triton_rows_matmul.py`; Mamba-1 also moves
+    dt_proj inside the state update): for ROWS_MATMUL_MIN_ROWS to `triton_gemv.ROWS_MATMUL_MAX_ROWS` rows, which is 0
+    (off) until the kernel is timed against cuBLAS; otherwise under fused_step_allowed's conditions (no gradients,
+    autocast or torch.compile)."""
     from ..ops.norm_linear import triton_gemv, triton_rows_matmul
 
     rows = hidden.shape[0]

@@ -27,10 +27,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..deprecation import renamed_argument
-from ..ops import (add_rms_norm_linear, causal_conv1d, causal_conv1d_update, gated_rms_norm_linear, mamba2_inner,
-                   pinned_backend, ssd, ssd_state_update)
+from ..ops import (add_rms_norm_linear, causal_conv1d, causal_conv1d_update, decode_linear, gated_rms_norm_linear,
+                   mamba2_inner, pinned_backend, ssd, ssd_state_update)
 from .mamba1 import DecodeParams, inverse_softplus_dt
-from .fusion import fused_step_allowed, reads_as_plain, require_plain_conv
+from .fusion import fused_step_allowed, many_rows_step_allowed, reads_as_plain, require_plain_conv
 from .norm import RMSNorm, RMSNormGated
 from .state import MixerState
 
@@ -183,11 +183,15 @@ class Mamba2(nn.Module):
         D = self.D.float()
         return D.view(self.nheads, self.headdim) if self.D_has_hdim else D
 
-    def _output(self, y: torch.Tensor, z: torch.Tensor, z0: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """Gate (through the norm when there is one), prepend the MLP half, project. y, z: (..., S)."""
+    def _output(self, y: torch.Tensor, z: torch.Tensor, z0: torch.Tensor, x0: torch.Tensor,
+                many_rows: bool = False) -> torch.Tensor:
+        """Gate (through the norm when there is one), prepend the MLP half, project. y, z: (..., S). many_rows: a
+        decode step's (B, S) rows, out_proj through `ops.decode_linear` (see `step`)."""
         y = self.norm(y, z) if self.rmsnorm else y
         if self.d_mlp > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        if many_rows and y.dtype == self.out_proj.weight.dtype:
+            return decode_linear(y, self.out_proj.weight, self.out_proj.bias)
         return self.out_proj(y)
 
     def forward(self, hidden_states: torch.Tensor, cache: MixerState | None = None,
@@ -289,8 +293,14 @@ class Mamba2(nn.Module):
         """
         require_plain_conv(self.conv1d, "Mamba2")
         batch = hidden_states.shape[0]
-        z0, x0, z, xBC, dt = self._split_in_proj(self.in_proj(hidden_states[:, 0]))
+        # a batch past the fused step's: in_proj and out_proj through decode_linear (the many-rows kernel) where
+        # many_rows_step_allowed says (off by default, see fusion.py)
+        many = (self.fused_step and many_rows_step_allowed(hidden_states) and reads_as_plain(self.in_proj, nn.Linear)
+                and reads_as_plain(self.out_proj, nn.Linear) and hidden_states.dtype == self.in_proj.weight.dtype)
+        u = hidden_states[:, 0]
+        zxbcdt = decode_linear(u, self.in_proj.weight, self.in_proj.bias) if many else self.in_proj(u)
+        z0, x0, z, xBC, dt = self._split_in_proj(zxbcdt)
         xBC = causal_conv1d_update(cache.conv_state, xBC, self.conv1d.weight[:, 0], self.conv1d.bias,
                                    activation="silu")
         y = self._ssd_step(xBC, dt, None if self.rmsnorm else z, cache)
-        return self._output(y.reshape(batch, self.d_ssm), z, z0, x0)[:, None]
+        return self._output(y.reshape(batch, self.d_ssm), z, z0, x0, many_rows=many)[:, None]
