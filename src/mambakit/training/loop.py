@@ -751,6 +751,11 @@ class Run:
         if stopped_by_budget:
             self._say(f"time budget of {cfg.time_budget_s:g} s reached at step {step}/{cfg.max_steps}: stopping "
                       f"(continue with --resume)")
+            if step == self.step0:  # nothing trained: say where the time went rather than report an idle run
+                self._say(f"no step was trained in the {cfg.time_budget_s:g} s budget: it went to setting up (the "
+                          "data, the model, a fine-tune's evaluation of the loaded model) and, on a fresh GPU "
+                          "machine, to compiling the kernels (about 15 s for Mamba-1); give a larger --time-budget",
+                          logging.WARNING)
         final = self.evaluate(cfg.final_eval_tokens)
         self.history["evals"].append(final)
         if self.metrics is not None:
