@@ -77,13 +77,17 @@ def many_rows_step_allowed(hidden: torch.Tensor) -> bool:
 
     rows = hidden.shape[0]
     return (FUSED_STEP_MAX_BATCH < rows and triton_rows_matmul.ROWS_MATMUL_MIN_ROWS <= rows
-            <= triton_gemv.ROWS_MATMUL_MAX_ROWS and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled(hidden.device.type) and not torch.compiler.is_compiling())
+            <= triton_gemv.ROWS_MATMUL_MAX_ROWS and _plain_inference(hidden))
 
 
 def fused_step_allowed(hidden: torch.Tensor) -> bool:
     """Whether a decode step may take its fused kernels: they are forward-only, do not re-cast under autocast and
     are no torch.library ops, so with gradients or autocast on, or under torch.compile, the step runs op by op
     (which honours all three); and they win only at small batches (FUSED_STEP_MAX_BATCH)."""
-    return (hidden.shape[0] <= FUSED_STEP_MAX_BATCH and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled(hidden.device.type) and not torch.compiler.is_compiling())
+    return hidden.shape[0] <= FUSED_STEP_MAX_BATCH and _plain_inference(hidden)
+
+
+def _plain_inference(hidden: torch.Tensor) -> bool:
+    """No gradients, no autocast on hidden's device, not under torch.compile: where the decode kernels may run."""
+    return (not torch.is_grad_enabled() and not torch.is_autocast_enabled(hidden.device.type)
+            and not torch.compiler.is_compiling())
