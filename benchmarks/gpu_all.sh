@@ -149,10 +149,11 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
     # the graphed step (the default on one GPU) with activation recompute, stopped by its time budget, then resumed
     # from its checkpoint to the end (its optimizer state is saved as an eager run's), then sampled
     train-paths) for layer in mamba1 mamba2; do
+                   # (session 31: 600 steps took 3 s, inside an 8 s budget, and left nothing to resume)
                    run "train-recompute-$layer" 150 python3 -m mambakit.cli train --device cuda --layer $layer --recompute \
-                     --max-steps 600 --time-budget ${PATHS_BUDGET:-8s} --out /tmp/runs/rc-$layer --no-progress
+                     --max-steps 30000 --time-budget ${PATHS_BUDGET:-25s} --out /tmp/runs/rc-$layer --no-progress
                    run "train-resume-$layer" 150 python3 -m mambakit.cli train --device cuda --recompute \
-                     --out /tmp/runs/rc-$layer --resume --no-progress
+                     --out /tmp/runs/rc-$layer --resume --time-budget 12s --no-progress
                    run "train-resume-generate-$layer" 100 python3 -m mambakit.cli generate --model /tmp/runs/rc-$layer \
                      --device cuda --prompt "**HAMLET**" --max-new-tokens 100 --seed 0
                  done;;
