@@ -119,6 +119,14 @@ def test_many_rows_step_matches_the_step_op_by_op(ssm_cfg, projections, monkeypa
     with record_backends() as seen:
         got = _decode(model, ids, _random_cache(model, batch), "triton", fused=True)
     assert seen[("decode_linear", "triton")] == projections * 2 * 3  # per layer; 2 layers; 3 steps
+    # kernels per layer: Mamba-1's dt_proj GEMM goes into the state update (8 -> 7), Mamba-2 keeps its 7
+    with use_backend("triton"):
+        on = count_decode_kernels(model, batch_size=batch)
+        monkeypatch.setattr(triton_gemv, "ROWS_MATMUL_MAX_ROWS", 0)
+        off = count_decode_kernels(model, batch_size=batch)
+    assert on.max_per_layer == off.max_per_layer - (projections == 3), (on.layer_ops, off.layer_ops)
+    kernel = "triton._rows_matmul_kernel"
+    assert on.layer_ops[kernel] == projections and kernel not in off.layer_ops
     assert_close(got[0], ref[0], name="logits", rel=0.0, atol=1e-4 * float(ref[0].abs().max()))
     for i, ((c_ref, h_ref), (c_got, h_got)) in enumerate(zip(ref[1], got[1])):
         assert_close(c_got, c_ref, name=f"conv_state {i}", rel=0.0, atol=1e-4 * float(c_ref.abs().max()))
