@@ -16,7 +16,7 @@ after checking gemv against the unfused ops. GB/s count the weights once.
 Mamba-2's in_proj as plain x @ W^T; batch 64 is where Mamba-1's decode step is its cuBLAS GEMMs, issue 18):
 cuBLAS (F.linear) against the many-rows kernel (`ops/norm_linear/triton_rows_matmul.py`) at its default tiles and a
 sweep of (BLOCK_N, BLOCK_K, warps, stages), each checked against F.linear first; the best tile is what
-`rows_matmul_tiles` and ROWS_MATMUL_MAX_ROWS (off until measured) should be set from.
+`rows_matmul_tiles` and `rows_policy.ROWS_MATMUL_MAX_ROWS` (off until measured) should be set from.
 
     python benchmarks/gpu_decode_proj.py [--batches 1 4 8]
     python benchmarks/gpu_decode_proj.py --rows-matmul [--batches 16 32 64 128]

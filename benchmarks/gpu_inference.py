@@ -562,9 +562,9 @@ def main() -> int:
                              "(ops/norm_linear/triton_rows_matmul.py; default: the library's, off until timed)")
     args = parser.parse_args()
     if args.rows_matmul_max_rows is not None:
-        from mambakit.ops.norm_linear import triton_gemv
+        from mambakit.ops.norm_linear import rows_policy
 
-        triton_gemv.ROWS_MATMUL_MAX_ROWS = args.rows_matmul_max_rows
+        rows_policy.ROWS_MATMUL_MAX_ROWS = args.rows_matmul_max_rows
         print(f"many-rows projection kernel for decode steps of 9 to {args.rows_matmul_max_rows} rows")
 
     out_dir = Path(args.out_dir)

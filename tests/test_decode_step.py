@@ -18,7 +18,7 @@ from mambakit.bench.decode_kernels import count_decode_kernels
 from mambakit.modules import fusion
 from mambakit.ops import (add_rms_norm_linear, decode_linear, gated_rms_norm_linear, record_backends,
                           selective_state_update, use_backend)
-from mambakit.ops.norm_linear import triton_gemv
+from mambakit.ops.norm_linear import rows_policy, triton_gemv
 from mambakit.ops.norm_linear.triton_gemv import GEMV_MAX_ROWS, PLAIN_MAX_ROWS, gemv_tiles
 
 triton_gemv_launch = triton_gemv.launch_gemv
@@ -115,14 +115,14 @@ def test_many_rows_step_matches_the_step_op_by_op(ssm_cfg, projections, monkeypa
     with record_backends() as seen:
         _decode(model, ids, _random_cache(model, batch), "triton", fused=True)
     assert seen[("decode_linear", "triton")] == 0  # ROWS_MATMUL_MAX_ROWS 0: cuBLAS / the modules, as before
-    monkeypatch.setattr(triton_gemv, "ROWS_MATMUL_MAX_ROWS", 128)
+    monkeypatch.setattr(rows_policy, "ROWS_MATMUL_MAX_ROWS", 128)
     with record_backends() as seen:
         got = _decode(model, ids, _random_cache(model, batch), "triton", fused=True)
     assert seen[("decode_linear", "triton")] == projections * 2 * 3  # per layer; 2 layers; 3 steps
     # kernels per layer: Mamba-1's dt_proj GEMM goes into the state update (8 -> 7), Mamba-2 keeps its 7
     with use_backend("triton"):
         on = count_decode_kernels(model, batch_size=batch)
-        monkeypatch.setattr(triton_gemv, "ROWS_MATMUL_MAX_ROWS", 0)
+        monkeypatch.setattr(rows_policy, "ROWS_MATMUL_MAX_ROWS", 0)
         off = count_decode_kernels(model, batch_size=batch)
     assert on.max_per_layer == off.max_per_layer - (projections == 3), (on.layer_ops, off.layer_ops)
     kernel = "triton._rows_matmul_kernel"
@@ -266,7 +266,7 @@ def test_rows_matmul_matches_f_linear(dtype, batch, N, K, bias, monkeypatch):
     against F.linear: rows past one 64-row block, outputs and features not multiples of its blocks."""
     from mambakit.ops.norm_linear import triton_rows_matmul
 
-    monkeypatch.setattr(triton_gemv, "ROWS_MATMUL_MAX_ROWS", 128)
+    monkeypatch.setattr(rows_policy, "ROWS_MATMUL_MAX_ROWS", 128)
     g = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, K, generator=g).to(DEVICE)
     W, b = (torch.randn(N, K, generator=g) / K ** 0.5).to(DEVICE), torch.randn(N, generator=g).to(DEVICE)
@@ -281,6 +281,27 @@ def test_rows_matmul_matches_f_linear(dtype, batch, N, K, bias, monkeypatch):
     assert_close(got.float(), ref, name="out", rel=0.0, atol=atol)
 
 
+def test_a_decode_step_of_many_rows_runs_without_triton():
+    """A CPU install may lack Triton: the mixers' decode step past 8 rows asks whether to take the many-rows kernel
+    (rows_policy.py, plain Python) and must not import Triton to find out (it did once: ModuleNotFoundError)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys; sys.modules["triton"] = None  # as if not installed
+import torch
+from mambakit import MambaConfig, MambaLM
+for ssm_cfg in ({"layer": "Mamba1"}, {"layer": "Mamba2", "headdim": 8, "d_state": 16}):
+    model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=64, ssm_cfg=ssm_cfg)).eval()
+    with torch.inference_mode():
+        print(tuple(model(torch.zeros(12, 1, dtype=torch.long), cache=model.allocate_cache(12)).shape))
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["(12,", "1,", "64)"] * 2
+
+
 def test_rows_matmul_tiles_and_the_default_route():
     """Tiles: every row in one block up to 64 (at least 16, tl.dot's minimum), outputs halved to >= 128 programs;
     off by default (ROWS_MATMUL_MAX_ROWS 0): 64 rows go to F.linear until a GPU measurement says otherwise."""
@@ -291,7 +312,7 @@ def test_rows_matmul_tiles_and_the_default_route():
     assert rows_matmul_tiles(9, 80, 40) == (16, 16, 64)
     assert rows_matmul_tiles(128, 3072, 768) == (64, 32, 128)  # 2 row blocks x 96
     assert rows_matmul_tiles(64, 3072, 768, block_n=64, block_k=64) == (64, 64, 64)  # the sweep's override
-    assert triton_gemv.ROWS_MATMUL_MAX_ROWS == 0
+    assert rows_policy.ROWS_MATMUL_MAX_ROWS == 0 and not rows_policy.takes_rows_matmul(64)
 
 
 def test_decode_linear_checks_its_arguments():

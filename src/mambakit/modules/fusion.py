@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
+from ..ops.norm_linear import rows_policy
+
 
 def _global_hooks() -> bool:
     return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
@@ -70,14 +72,11 @@ FUSED_STEP_MAX_BATCH = 8
 def many_rows_step_allowed(hidden: torch.Tensor) -> bool:
     """Whether a decode step of more rows than the fused step takes runs its plain projections through
     `ops.decode_linear` (on Triton the many-rows kernel, `ops/norm_linear/triton_rows_matmul.py`; Mamba-1 also moves
-    dt_proj inside the state update): for ROWS_MATMUL_MIN_ROWS to `triton_gemv.ROWS_MATMUL_MAX_ROWS` rows, which is 0
-    (off) until the kernel is timed against cuBLAS; otherwise under fused_step_allowed's conditions (no gradients,
+    dt_proj inside the state update): where `rows_policy.takes_rows_matmul` says (off until the kernel is timed
+    against cuBLAS; read without importing Triton), otherwise under fused_step_allowed's conditions (no gradients,
     autocast or torch.compile)."""
-    from ..ops.norm_linear import triton_gemv, triton_rows_matmul
-
     rows = hidden.shape[0]
-    return (FUSED_STEP_MAX_BATCH < rows and triton_rows_matmul.ROWS_MATMUL_MIN_ROWS <= rows
-            <= triton_gemv.ROWS_MATMUL_MAX_ROWS and _plain_inference(hidden))
+    return FUSED_STEP_MAX_BATCH < rows and rows_policy.takes_rows_matmul(rows) and _plain_inference(hidden)
 
 
 def fused_step_allowed(hidden: torch.Tensor) -> bool:

@@ -28,18 +28,16 @@ from ..ssd.triton_common import to_dtype
 from ..triton_launch import cdiv, fast_launch, next_power_of_2
 from ..triton_math import tl_compute_dtype, tl_dtype
 from .triton_parts import _conv_epilogue, _prologue
-from .triton_rows_matmul import ROWS_MATMUL_MIN_ROWS, rows_matmul
+from .rows_policy import takes_rows_matmul
+from .triton_rows_matmul import rows_matmul
 
-__all__ = ["GEMV_MAX_ROWS", "PLAIN_MAX_ROWS", "ROWS_MATMUL_MAX_ROWS", "gemv_tiles", "linear_rows_triton"]
+__all__ = ["GEMV_MAX_ROWS", "PLAIN_MAX_ROWS", "gemv_tiles", "linear_rows_triton"]
 
 GEMV_MAX_ROWS = 8  # rows per program (every row of the batch); the fused decode step runs up to 8 rows
 # without a norm the kernel competes with cuBLAS alone: in a CUDA graph on an H200 (session 16,
 # benchmarks/gpu_decode_proj.py) it won at 1 and 4 rows (x_proj 1.85 / 3.02 us against 4.07, out_proj 2.36 / 4.15
 # against 5.82 / 5.04) and lost at 8 (4.70 against 4.23, 6.24 against 5.62)
 PLAIN_MAX_ROWS = 4
-# rows from ROWS_MATMUL_MIN_ROWS up to this take the many-rows kernel (triton_rows_matmul.py) instead of cuBLAS: 0,
-# off, until benchmarks/gpu_decode_proj.py --rows-matmul has timed it on a GPU (the benchmark sets it for its A/B)
-ROWS_MATMUL_MAX_ROWS = 0
 _WEIGHTS_PER_PROGRAM = 8192  # (BLOCK_N x BLOCK_K) weights a program holds: 64 per thread at 4 warps
 _MIN_PROGRAMS = 256  # about two per SM on an H100 / H200 (132 SMs): the loads spread over every SM
 
@@ -150,13 +148,13 @@ def linear_rows_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """`F.linear` for a few rows: x (B, K) @ weight (N, K)^T + bias (N,) -> (B, N) in weight's dtype (x has it too).
 
     The few-rows kernel up to PLAIN_MAX_ROWS rows where it applies (`gemv_tiles`); the many-rows kernel
-    (`triton_rows_matmul.rows_matmul`) for ROWS_MATMUL_MIN_ROWS to ROWS_MATMUL_MAX_ROWS rows of a 16- or 32-bit
-    float type (off by default: not yet timed); else `F.linear` (cuBLAS).
+    (`triton_rows_matmul.rows_matmul`) where `rows_policy.takes_rows_matmul` says, for a 16- or 32-bit float type
+    (off by default: not yet timed); else `F.linear` (cuBLAS).
 
     Example:
         >>> y = linear_rows_triton(h, out_proj.weight, out_proj.bias)
     """
-    if (ROWS_MATMUL_MIN_ROWS <= x.shape[0] <= ROWS_MATMUL_MAX_ROWS and x.shape[1] > 0
+    if (takes_rows_matmul(x.shape[0]) and x.shape[1] > 0
             and weight.dtype in (torch.float32, torch.bfloat16, torch.float16)):
         return rows_matmul(x, weight, bias)
     tiles = gemv_tiles(x.shape[0], weight.shape[0], x.shape[1])

@@ -7,8 +7,8 @@ per step, 2.8-4.8 us a launch, where reading a projection's weights takes 0.5-1.
 picks few, large tiles for so few rows, so few SMs pull the weights. Here each program takes all the rows of a
 block (BLOCK_M up to 64) against a narrow slice of outputs (BLOCK_N), so the weights are read once and spread over
 ~N / BLOCK_N programs; the K loop is a tl.dot accumulation in float32 (IEEE products for float32 inputs, as
-F.linear's default). Not yet timed on a GPU: `linear_rows_triton` takes it only where `ROWS_MATMUL_MAX_ROWS` says
-(0, off, until `benchmarks/gpu_decode_proj.py --rows-matmul` has measured it against cuBLAS).
+F.linear's default). Not yet timed on a GPU: `linear_rows_triton` takes it only where `rows_policy.py` says (off
+until `benchmarks/gpu_decode_proj.py --rows-matmul` has measured it against cuBLAS).
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from ..ssd.triton_common import mm, op_dtype, to_dtype
 from ..triton_launch import cdiv, fast_launch, next_power_of_2
 from ..triton_math import tl_dtype
 
-__all__ = ["ROWS_MATMUL_MIN_ROWS", "rows_matmul_tiles", "rows_matmul"]
+__all__ = ["rows_matmul_tiles", "rows_matmul"]
 
-ROWS_MATMUL_MIN_ROWS = 9  # below: the few-rows kernel (triton_gemv.py) or cuBLAS
 _MAX_BLOCK_M = 64
 _MIN_PROGRAMS = 128  # about one per SM on an H100 / H200 (132 SMs): the weight loads spread over the SMs
 
