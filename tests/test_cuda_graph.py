@@ -232,12 +232,11 @@ class _BodyEagerly:
 
 
 def _fused_cpu_run(cfg):
-    """A CPU Run whose optimizer is fused AdamW (what build_optimizer gives on CUDA; fused AdamW runs on a CPU too)."""
+    """A CPU Run; its optimizer is fused AdamW, as on CUDA (build_optimizer fuses over plain tensors anywhere)."""
     from mambakit.training import Run
 
     run = Run(cfg)
-    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in run.optimizer.param_groups]
-    run.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    assert run.optimizer.defaults["fused"] and run.device_checks
     return run
 
 
@@ -274,6 +273,8 @@ def test_the_graphed_step_body_trains_like_the_eager_step_and_leaves_a_nonfinite
         with torch.no_grad():
             weight.fill_(float("nan"))
         body.step()
+        assert body.skipped == 0 and len(body._pending) == 1  # read on the host at the next record, not here
+        body._flush()
         assert body.skipped == 1 and body.skipped_in_a_row == 1
         for p, old, saved in zip(params, before, state):
             if p is not weight:
@@ -282,6 +283,7 @@ def test_the_graphed_step_body_trains_like_the_eager_step_and_leaves_a_nonfinite
         with torch.no_grad():
             weight.copy_(good)
         body.step()
+        body._flush()
         assert body.skipped_in_a_row == 0
         assert all(torch.equal(body.optimizer.state[p]["step"], s["step"] + 1) for p, s in zip(params, state))
     finally:
@@ -343,11 +345,16 @@ def test_gpu_cuda_graph_leaves_a_nonfinite_step_unapplied(tmp_path, mode):
         good = weight.detach().clone()
         with torch.no_grad():
             weight.fill_(float("nan"))  # in place: the graph reads this storage
+        run.step()
         if mode == "stop":
-            with pytest.raises(TrainingDiverged):
-                run.step()
-        else:
+            # the flag stays on the device until the host reads it; the step after is left unapplied too
+            with torch.no_grad():
+                weight.copy_(good)
             run.step()
+            with pytest.raises(TrainingDiverged, match="at step 6 "):
+                run._flush()
+        else:
+            run._flush()
             assert run.skipped == 1 and run.skipped_in_a_row == 1
         for p, old, m, s in zip(params, before, moments, steps):
             if p is not weight:
@@ -361,3 +368,32 @@ def test_gpu_cuda_graph_leaves_a_nonfinite_step_unapplied(tmp_path, mode):
             assert all(torch.equal(run.optimizer.state[p]["step"], s + 1) for p, s in zip(params, steps))
     finally:
         run.close()
+
+
+@pytest.mark.gpu
+def test_gpu_a_foreach_cpu_checkpoint_resumes_on_cuda_through_the_graph(tmp_path):
+    """A CPU run's checkpoint of foreach AdamW (the CPU's optimizer until session 32) resumed on CUDA: the optimizer
+    becomes this machine's fused one, its step counts move to the GPU, and the graph captures and replays it."""
+    from mambakit.training import Run
+
+    cfg = _corpus_cfg(tmp_path, "mamba2", device="cpu", max_steps=12)
+    run = Run(cfg)
+    try:
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in run.optimizer.param_groups]
+        run.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
+        for _ in range(3):
+            run.step()
+        run.save()
+    finally:
+        run.close()
+    resumed = Run(cfg.replace(device="cuda"), resume=True)
+    try:
+        assert resumed.graph is not None and resumed.device_checks
+        assert all(s["step"].device.type == "cuda" for s in resumed.optimizer.state.values())
+        for _ in range(6):
+            resumed.step()
+        resumed._flush()
+        assert resumed.graph.replays == 3 and resumed.skipped == 0
+        assert all(s["step"].item() == 9 for s in resumed.optimizer.state.values())
+    finally:
+        resumed.close()

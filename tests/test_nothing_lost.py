@@ -365,6 +365,128 @@ def test_skip_nonfinite_skips_the_bad_steps_and_writes_strict_json(tmp_path, mon
     assert metrics["skipped_steps"] == 2
 
 
+def _poison_step(run, nan: bool) -> None:
+    """Fill the embedding with NaN (every later loss is NaN) or give it back its saved values."""
+    weight = run.raw_model.backbone.embedding.weight
+    if nan:
+        run._good = weight.detach().clone()
+    with torch.no_grad():
+        weight.copy_(torch.full_like(weight, float("nan")) if nan else run._good)
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_the_nonfinite_check_stays_on_the_device_until_the_next_record(tmp_path, mode):
+    """Fused AdamW (the optimizer on CUDA and on the CPU) leaves a non-finite step unapplied by itself, so `step`
+    reads no flag: steps 3 and 4 run before the host hears of step 3's NaN at the record of step 5. With "stop"
+    step 4 (finite again) is left unapplied too, and the error names step 3; with "skip" only step 3 is skipped."""
+    from mambakit.training import Run
+
+    run = Run(_tiny(tmp_path, on_nonfinite=mode, log_every=5))
+    try:
+        assert run.device_checks
+        run.step()
+        run.step()
+        run._flush()
+        before = {n: p.detach().clone() for n, p in run.raw_model.named_parameters()}
+        _poison_step(run, nan=True)
+        run.step()  # step 3: NaN
+        _poison_step(run, nan=False)
+        run.step()  # step 4: finite
+        assert run.skipped == 0 and [s for s, *_ in run._pending] == [3, 4]  # nothing read yet
+        changed = {n for n, p in run.raw_model.named_parameters() if not torch.equal(p, before[n])}
+        if mode == "stop":
+            assert not changed
+            with pytest.raises(TrainingDiverged, match=r"training diverged at step 3 \(loss nan"):
+                run.step()  # step 5: its record reads the flags
+        else:
+            assert changed  # step 4 applied
+            run.step()
+            assert run.skipped == 1 and run.skipped_in_a_row == 0 and run._pending == []
+            assert [math.isnan(x) for x in run.history["losses"]] == [False, False, True, False, False]
+    finally:
+        run.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layer", ["mamba1", "mamba2"])
+def test_gpu_an_eager_step_never_waits_for_the_gpu(tmp_path, layer):
+    """`--no-cuda-graph` (and every torchrun step): between records the host reads nothing back, so it queues the
+    next step while the GPU runs this one. torch's sync debug mode names any synchronising call in steps 2-4."""
+    import warnings
+
+    from mambakit.training import Run
+
+    run = Run(_tiny(tmp_path, layer=layer, device="cuda", cuda_graph=False, log_every=5))
+    try:
+        run.step()  # the first step compiles the kernels and fills the allocator's cache
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(3):
+                    run.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message) for w in seen if "synchroniz" in str(w.message).lower()]
+        assert syncs == [], syncs
+        assert [s for s, *_ in run._pending] == [2, 3, 4]
+        run.step()
+        assert run._pending == [] and len(run.history["losses"]) == 5 and run.skipped == 0
+    finally:
+        run.close()
+
+
+def test_an_optimizer_that_cannot_skip_on_the_device_is_checked_after_every_step(tmp_path):
+    """Foreach AdamW (what FSDP2's sharded parameters get) has no found_inf: the loop reads the flag after each step
+    and applies it only when finite."""
+    from mambakit.training import Run
+
+    run = Run(_tiny(tmp_path, on_nonfinite="skip"))
+    try:
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in run.optimizer.param_groups]
+        run.optimizer = torch.optim.AdamW(groups, lr=1e-2, foreach=True)
+        assert not run.device_checks
+        run.step()
+        assert run._pending == [] and run.skipped == 0
+        before = {n: p.detach().clone() for n, p in run.raw_model.named_parameters()}
+        _poison_step(run, nan=True)
+        run.step()
+        assert run.skipped == 1 and run._pending == []
+        _poison_step(run, nan=False)
+        assert all(torch.equal(p, before[n]) for n, p in run.raw_model.named_parameters())
+    finally:
+        run.close()
+
+
+def test_a_checkpoint_of_a_foreach_optimizer_resumes_with_this_machines_fused_one(tmp_path):
+    """`Optimizer.load_state_dict` takes the saved groups' fused / foreach flags: a CPU run's checkpoint (foreach
+    AdamW until session 32) resumed on CUDA stepped with foreach while the loop took it for fused AdamW and handed it
+    `found_inf`, which a foreach step refuses (AssertionError). The resumed optimizer is this machine's."""
+    from mambakit.training import Run
+
+    cfg = _tiny(tmp_path, max_steps=6)
+    run = Run(cfg)
+    try:
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in run.optimizer.param_groups]
+        run.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
+        for _ in range(3):
+            run.step()
+        run.save()
+    finally:
+        run.close()
+    resumed = Run(cfg, resume=True)
+    try:
+        assert resumed.global_step == 3 and resumed.device_checks
+        assert all(g["fused"] and not g["foreach"] for g in resumed.optimizer.param_groups)
+        assert all(s["step"].item() == 3 for s in resumed.optimizer.state.values())
+        resumed.step()
+        resumed._flush()
+        assert resumed.skipped == 0 and all(s["step"].item() == 4 for s in resumed.optimizer.state.values())
+    finally:
+        resumed.close()
+
+
 def test_metrics_json_writes_non_finite_numbers_as_null(tmp_path):
     write_metrics(tmp_path / "m.json", {"val_loss": float("nan"), "bpb": float("inf"), "rows": [1.0, float("-inf")]})
     text = (tmp_path / "m.json").read_text()

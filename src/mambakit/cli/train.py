@@ -61,7 +61,9 @@ model (and its config.yaml) also at the top of DIR for `mambakit generate --mode
 gets a record every --log-every steps (loss, lr, grad_norm, tokens_per_s; eval_bits_per_byte on
 evaluations), DIR/metrics.png the curves at the end (`mambakit plot DIR` redraws them). Ctrl-C or SIGTERM saves one and
 exits (130 / 143); a second Ctrl-C exits at once. A NaN or infinite loss stops the run (exit 1)
-without saving over the last good checkpoint, unless --skip-nonfinite."""
+without saving over the last good checkpoint, unless --skip-nonfinite. The check runs on the device:
+that step and every later one are left unapplied, and the run stops at the next --log-every record,
+naming the step."""
 
 
 def _positive_float(text: str) -> float:

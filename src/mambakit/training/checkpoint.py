@@ -45,7 +45,8 @@ from .config import TrainConfig
 from .finetune import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 __all__ = ["TRAIN_STATE", "PUBLISHED", "CHECKPOINTS", "DISTRIBUTED", "Checkpoint", "CheckpointFallbackWarning", "save_checkpoint",
-           "save_sharded_checkpoint", "load_sharded_state", "load_train_state", "resolve_checkpoint", "holds_run", "remove_strays"]
+           "save_sharded_checkpoint", "load_sharded_state", "load_train_state", "resolve_checkpoint", "holds_run", "remove_strays",
+           "keep_own_implementation"]
 
 TRAIN_STATE = "train_state.pt"
 CHECKPOINTS = "checkpoints"
@@ -307,6 +308,26 @@ def load_sharded_state(path: str | Path, model, optimizer: torch.optim.Optimizer
     distributed = dist.is_available() and dist.is_initialized()
     dcp.load(state, checkpoint_id=Path(path) / DISTRIBUTED, no_dist=not distributed)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def keep_own_implementation(optimizer: torch.optim.Optimizer) -> None:
+    """After loading an optimizer's state: give its param groups back this optimizer's implementation flags (fused,
+    foreach, capturable) and put each step count where that implementation keeps it (on the parameter's device
+    when fused or capturable, else on the CPU).
+
+    `Optimizer.load_state_dict` takes every group setting from the saved state, these included, so a checkpoint of a
+    CPU foreach run resumed on CUDA stepped with foreach there while the loop, reading `defaults`, took it for
+    fused AdamW (whose `found_inf` a foreach step refuses). They say how a step is computed on this machine, not
+    what it computes."""
+    for group in optimizer.param_groups:
+        for key in ("fused", "foreach", "capturable"):
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if state and type(state.get("step")) is torch.Tensor:  # (not a DTensor: FSDP2 keeps those as they are)
+                state["step"] = state["step"].to(dtype=torch.float32, device=param.device if on_device else "cpu")
 
 
 def _publish(out_dir: Path, checkpoint: Path) -> None:

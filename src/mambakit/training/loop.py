@@ -23,11 +23,14 @@ Messages go to the `logging` logger "mambakit.training" on rank 0 only (`mambaki
 on stdout); per-step numbers go to out_dir/metrics.jsonl (metrics.py).
 
 Nothing is lost (see checkpoint.py for the checkpoint layout):
-    - a step whose loss or gradient norm is not finite stops the run with `TrainingDiverged` before the
-      optimizer applies it, and nothing is saved over the last good checkpoint (cfg.on_nonfinite="skip"
-      skips such steps instead); with cfg.cuda_graph the whole step is one graph replay, and fused AdamW's
-      `found_inf` (set on the GPU from the same check) leaves parameters, moments and step counts untouched
-      before the loop reads the flag, so the outcome is the same;
+    - a step whose loss or gradient norm is not finite is never applied: the run stops with `TrainingDiverged`
+      and nothing is saved over the last good checkpoint (cfg.on_nonfinite="skip" skips such steps instead).
+      With fused AdamW (CUDA, and the CPU over plain tensors) the check stays on the device: `found_inf` leaves
+      parameters, moments and step counts untouched, and with "stop" a sticky flag keeps every later step
+      unapplied too, so the host reads the flags only where it reads the losses (each metrics record,
+      evaluation, checkpoint and the end of the run) and queues the next step while the GPU runs this one. The
+      outcome is the eager read's: the same steps skipped, the same step named in the error. An optimizer that
+      cannot skip on the device (FSDP2's foreach AdamW) reads the flag after every step, before applying it;
     - with handle_signals, the first SIGINT / SIGTERM ends the run at the next step boundary with a
       checkpoint (TrainResult.interrupted names the signal); a second one exits at once;
     - metrics.json is strict JSON: a non-finite number is written as null.
@@ -54,6 +57,7 @@ from ..data import IGNORE_INDEX, ByteTokenizer, HFTokenizer, RandomWindows, Wind
 from ..evaluation import evaluate_stream, token_nll_sum
 from .checkpoint import (
     Checkpoint,
+    keep_own_implementation,
     load_sharded_state,
     remove_strays,
     resolve_checkpoint,
@@ -139,7 +143,7 @@ def no_decay_names(model: torch.nn.Module) -> set[str]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, no_decay: set[str] | None = None) -> torch.optim.AdamW:
-    """AdamW with two groups: weight decay on matrices, none on `no_decay_names(model)` (fused on CUDA).
+    """AdamW with two groups: weight decay on matrices, none on `no_decay_names(model)` (fused over plain tensors).
 
     The learning rate is set by the loop at every step from `lr_at(step, cfg)`. Pass `no_decay` (computed
     before wrapping) for a model that FSDP2 has sharded.
@@ -160,7 +164,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, no_decay: set[str]
     # the fused kernel accepts DTensors too (same result: tests/test_training_scale.py), but over them it made
     # more host calls per step than foreach (19.4k vs 12.6k, BENCHMARKS.md "Host work"), and FSDP2 steps are
     # host-bound. `benchmarks/gpu_parallel.py --cases fsdp fsdp-fusedopt` compares the two on a GPU.
-    fused = param.device.type == "cuda" and type(param.data) is torch.Tensor
+    # The CPU takes the fused kernel too: it skips a non-finite step on its own (`found_inf`), as on CUDA.
+    fused = param.device.type in ("cuda", "cpu") and type(param.data) is torch.Tensor
     return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
@@ -347,11 +352,14 @@ class Run:
         self._build(checkpoint)
         # cuda_graph None: on wherever it can be (the check in __init__ refused an explicit True elsewhere)
         can_graph = self.device.type == "cuda" and not info.distributed
+        # with "stop": set by the first non-finite step, it keeps every later one unapplied until the host reads it
+        self._halt = torch.zeros((), dtype=torch.bool, device=self.device) if cfg.on_nonfinite == "stop" else None
         self.graph = self._graphed_step() if cfg.cuda_graph or (cfg.cuda_graph is None and can_graph) else None
         self.saved_step = self.global_step if resume else None  # the step of the newest checkpoint on disk
         self.step0 = self.global_step
         self.skipped = self.skipped_in_a_row = 0
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss, grad norm) not yet on the host
+        # (step, loss, grad norm, finite) of the steps not yet read on the host (see `_flush`)
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._norms: list[float] = []  # gradient norms since the last record
         # tokens/s of each record's window of steps: their median is the steady rate, which the first windows'
         # kernel compiles and the windows holding an evaluation do not move
@@ -451,6 +459,7 @@ class Run:
                              "--parallel ddp")
         else:
             self.optimizer.load_state_dict(state["optimizer"])
+        keep_own_implementation(self.optimizer)  # a checkpoint of another machine's run steps as this machine's
         self.sampler.load_state_dict(state["sampler"])
         # after from_pretrained, whose fresh initialisation draws from the global generator
         torch.set_rng_state(state["torch_rng"])
@@ -496,7 +505,7 @@ class Run:
         after the step, to count, skip or stop as the eager loop does)."""
         from .cuda_graph import CapturedStep
 
-        if not self.optimizer.defaults.get("fused"):
+        if not self.device_checks:
             if self.cfg.cuda_graph is None:
                 return None
             raise ValueError("cuda_graph: the step is captured with fused AdamW, which these parameters do not take")
@@ -517,12 +526,27 @@ class Run:
         micro-steps, clipping, and an AdamW step that `found_inf` turns off on the GPU. -> (loss, grad norm, finite)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss, grad_norm, finite = self._gradients(windows, *(masks or (None, None)))
-        self.optimizer.found_inf = (~finite).float()
+        self._step_unless_nonfinite(finite)
+        return loss, grad_norm, finite
+
+    @property
+    def device_checks(self) -> bool:
+        """Whether a non-finite step is left unapplied on the device (fused AdamW's `found_inf`), so that the host
+        reads the flags in batches (`_flush`) rather than after every step."""
+        return all(group.get("fused") for group in self.optimizer.param_groups)
+
+    def _step_unless_nonfinite(self, finite: torch.Tensor) -> None:
+        """The fused AdamW step, left unapplied on the device (parameters, moments, step counts) when `finite` is
+        False or, with on_nonfinite "stop", when any earlier step since the last read was not finite (`_halt`)."""
+        skip = ~finite
+        if self._halt is not None:
+            self._halt.logical_or_(skip)
+            skip = self._halt
+        self.optimizer.found_inf = skip.float()
         try:
             self.optimizer.step()
         finally:
             del self.optimizer.found_inf
-        return loss, grad_norm, finite
 
     def _check_tokenizer(self) -> None:
         """Warn when a fine-tuning run tokenizes otherwise than the model it loads was trained to read."""
@@ -595,31 +619,24 @@ class Run:
             loss, grad_norm, finite = self._gradients(windows, scored, starts)
             if info.distributed:
                 finite = all_reduce_mean(finite.float(), info) == 1.0
-        self._pending.append((loss, grad_norm))
-        # one host sync per step: a non-finite step must be caught before the optimizer applies it
-        applied = bool(finite)
-        if applied and self.graph is None:
-            self.optimizer.step()
-        if applied:
-            self.skipped_in_a_row = 0
-        else:
-            self.skipped, self.skipped_in_a_row = self.skipped + 1, self.skipped_in_a_row + 1
-            if cfg.on_nonfinite == "stop" or self.skipped_in_a_row > _MAX_SKIPPED_IN_A_ROW:
-                self._flush()
-                raise _diverged(self.global_step + 1, float(loss), float(grad_norm), self.saved_step, self.out_dir,
-                                cfg, self.skipped_in_a_row)
-            self._say(f"step {self.global_step + 1}: non-finite loss ({float(loss):.4g}) or gradient norm "
-                      f"({float(grad_norm):.4g}): step skipped", logging.WARNING)
-        if self.graph is None:  # a graph's gradients are its own tensors, overwritten by each replay
+            if self.device_checks:
+                self._step_unless_nonfinite(finite)
+            elif bool(finite):  # a host sync: this optimizer cannot skip a step on the device
+                self.optimizer.step()
+            # (a graph's gradients are its own tensors, overwritten by each replay)
             self.optimizer.zero_grad(set_to_none=True)
+        self._pending.append((self.global_step + 1, loss, grad_norm, finite))
         self.global_step += 1
         step = self.global_step
+        if not self.device_checks:
+            self._flush()  # the flag is on the host already: count, skip or stop now
         record = {}
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             record = self._train_record(lr)
         if self.bar is not None:
             self.bar.update(1)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            self._flush()  # a run that diverged stops before evaluating
             result = self.evaluate(cfg.eval_tokens)
             self.history["evals"].append(result)
             record.update(step=step, eval_loss=result["loss"], eval_bits_per_byte=result["bpb"],
@@ -671,12 +688,28 @@ class Run:
         return f"; {self.graph.replays} steps replayed from a CUDA graph"
 
     def _flush(self) -> None:
-        """Copy the pending losses (averaged over processes) into the history and the norms into the record."""
-        if self._pending:
-            losses = torch.stack([loss for loss, _ in self._pending])
-            self.history["losses"].extend(all_reduce_mean(losses, self.info).tolist())
-            self._norms.extend(torch.stack([norm for _, norm in self._pending]).tolist())
-            self._pending.clear()
+        """Read the steps not yet read on the host (one sync): their losses (averaged over processes) into the
+        history, norms into the record, and their non-finite flags in step order: count each skipped step, or raise
+        TrainingDiverged at the first one (on_nonfinite "stop") or at the 21st in a row ("skip"). The device left
+        every such step unapplied (see the module docstring), so reading late changes nothing but when the run
+        hears of it."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        losses = all_reduce_mean(torch.stack([loss.float() for _, loss, _, _ in pending]), self.info)
+        read = torch.stack([losses, torch.stack([norm.float() for _, _, norm, _ in pending]),
+                            torch.stack([finite.float() for _, _, _, finite in pending])]).tolist()
+        self.history["losses"].extend(read[0])
+        self._norms.extend(read[1])
+        for (step, _, _, _), loss, norm, finite in zip(pending, *read):
+            if finite:
+                self.skipped_in_a_row = 0
+                continue
+            self.skipped, self.skipped_in_a_row = self.skipped + 1, self.skipped_in_a_row + 1
+            if self.cfg.on_nonfinite == "stop" or self.skipped_in_a_row > _MAX_SKIPPED_IN_A_ROW:
+                raise _diverged(step, loss, norm, self.saved_step, self.out_dir, self.cfg, self.skipped_in_a_row)
+            self._say(f"step {step}: non-finite loss ({loss:.4g}) or gradient norm ({norm:.4g}): step skipped",
+                      logging.WARNING)
 
     def _train_record(self, lr: float) -> dict:
         """The metrics record of the steps since the previous one (and the progress bar's numbers)."""
