@@ -3,8 +3,9 @@
 Compiles `scan_bwd_kernel` for an H100 / H200 (Triton's bundled ptxas, sm_90) at the benchmark shape's
 specialisation (bf16 x / dt / z / dy, float32 B / C copies, softplus, z, D, dt_bias, time-segmented, 32-bit
 offsets; pointers and strides divisible by 16 as the JIT would mark them) for each backward variant and prints
-registers, spills and the instruction count of each loop body (pass A and pass B per micro-block of U steps),
-per step and per state element (warp-instructions / (NL * NH * BD) per warp-step).
+registers, spills and the instruction count of each loop body (the stash loop per TB = 2 NH steps, pass A and
+pass B per micro-block of U steps), per step and per state element (warp-instructions / (NL * NH * BD) per
+warp-step).
 
     python benchmarks/scan_bwd_sass.py                        # the variants of --bwd-variants
     python benchmarks/scan_bwd_sass.py --dump wide16 > w.sass # one variant's SASS
@@ -109,23 +110,23 @@ def main() -> int:
         k, _, _ = compile_variant(args.dump)
         print(k.asm["sass"])
         return 0
-    print("| variant | NL x NH x BD | U | regs | spill stack B | pass A / pass B loop (SASS instr) | per step | "
+    print("| variant | NL x NH x BD | U | regs | spill stack B | stash / pass A / pass B loop (SASS instr) | per step | "
           "per state element | in pass B per step: MUFU / FP / SHFL / smem / local / atomics |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.variants:
         k, t, u = compile_variant(name)
         sass = k.asm["sass"]
         regs, stack = resources(k)
-        loops = inner_loops(sass)
-        if len(loops) < 2:
+        loops = inner_loops(sass)  # in program order: the stash's dt' loop, pass A, pass B (then the epilogue's)
+        if len(loops) < 3:
             print(f"| {name} | {t.NL} x {t.NH} x {t.BD} | {u} | {regs} | {stack} | loops not found: {loops} |")
             continue
-        a, b = (body_stats(sass, s) for s in loops[:2])
-        per_step = (a["n"] + b["n"]) / u
+        st, a, b = (body_stats(sass, s) for s in loops[:3])
+        per_step = st["n"] / (2 * t.NH) + (a["n"] + b["n"]) / u  # the kernel's TB = 2 NH steps per stash tile
         elems = t.NL * t.NH * t.BD / (32 * t.num_warps)  # state elements per thread per step
         mix = " / ".join(f"{b[key] / u:.0f}" for key in ("mufu", "fp", "shfl", "smem", "local", "atom"))
-        print(f"| {name} | {t.NL} x {t.NH} x {t.BD} | {u} | {regs} | {stack} | {a['n']} / {b['n']} | {per_step:.0f} | "
-              f"{per_step / elems:.1f} | {mix} |")
+        print(f"| {name} | {t.NL} x {t.NH} x {t.BD} | {u} | {regs} | {stack} | {st['n']} / {a['n']} / {b['n']} | "
+              f"{per_step:.0f} | {per_step / elems:.1f} | {mix} |")
     return 0
 
 

@@ -138,18 +138,41 @@ def _bwd_step_reverse(carry, dA_acc, dD_acc, dbias_acc, t, tn, h_t, h_p, a, x, d
 
 
 @triton.jit
-def _pass_a_inputs(tb, tn, x_b, dt_b, B_b, seq_b, s_t, s_Bt, s_st, d1, n2, n_ok2, U: tl.constexpr,
-                   HAS_SEQ: tl.constexpr, EVEN_N: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr):
-    """x, dt, B, seq_idx of the U steps from tb (clamped at the chunk end)."""
+def _stash_dt(t0, tn, nsteps, dt_b, bias, stash_b, s_t, d1, dl, CHUNK: tl.constexpr, TB: tl.constexpr,
+              BD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LIBDEVICE: tl.constexpr,
+              I64: tl.constexpr, ACC: tl.constexpr):
+    """dt' = softplus(dt + bias) (0 on the steps past tn) and sigmoid(dt + bias) of the chunk's first `nsteps` steps
+    (its micro-blocks, padding included) into the stash, as (TB, BD) tiles: each lane computes other (step, channel)
+    pairs. In the scan's (NL, NH, BD)
+    layout every state lane of a channel repeated this work, and the compiler kept a second copy of it (loads and
+    softplus) in the layout of the stash's stores: the softplus was some 40% of pass A's instructions."""
+    tt = tl.arange(0, TB)
+    for i in range(0, tl.cdiv(nsteps, TB)):
+        tl_ = i * TB + tt  # (TB,) steps of the chunk
+        ok = (t0 + tl_) < tn
+        off = time_offset(tl.minimum(t0 + tl_, tn - 1), I64)[:, None] * s_t + d1[None, :]
+        delta, sig = dt_softplus_sigmoid(tl.load(dt_b + off).to(ACC), bias[None, :], HAS_BIAS, SOFTPLUS, LIBDEVICE)
+        row = (tl_ * 2)[:, None] * BD + dl[None, :]
+        # full-shape mask (the interpreter mishandles a broadcast one)
+        keep = (tl_ < CHUNK)[:, None] & (dl >= 0)[None, :]
+        tl.store(stash_b + row, tl.where(ok[:, None], delta, 0.0), mask=keep)
+        if SOFTPLUS:
+            tl.store(stash_b + (row + BD), sig, mask=keep)
+
+
+@triton.jit
+def _pass_a_inputs(tb, t0, tn, x_b, stash_b, B_b, seq_b, s_t, s_Bt, s_st, d1, dl, n2, n_ok2, U: tl.constexpr,
+                   CHUNK: tl.constexpr, BD: tl.constexpr, HAS_SEQ: tl.constexpr, EVEN_N: tl.constexpr,
+                   I64: tl.constexpr, ACC: tl.constexpr):
+    """x, dt' (from the stash: 0 past tn), B, seq_idx of the U steps from tb (clamped at the chunk end)."""
     steps = ()
     for u in tl.static_range(U):
         to = time_offset(tl.minimum(tb + u, tn - 1), I64)
-        xo = to * s_t + d1
-        x = tl.load(x_b + xo).to(ACC)
-        dtv = tl.load(dt_b + xo).to(ACC)
+        x = tl.load(x_b + (to * s_t + d1)).to(ACC)
+        delta = tl.load(stash_b + ((tl.minimum(tb + u - t0, CHUNK - 1) * 2) * BD + dl))
         Bv = load_bc(B_b, to * s_Bt, n2, n_ok2, EVEN_N).to(ACC)
         s = tl.load(seq_b + to * s_st) if HAS_SEQ else 0
-        steps = steps + ((x, dtv, Bv, s),)
+        steps = steps + ((x, delta, Bv, s),)
     return steps
 
 
@@ -288,6 +311,7 @@ def scan_bwd_kernel(
     C_b = C_ptr + pid_b * s_Bb + g * s_Bg
     seq_b = seq_ptr + pid_b * s_sb
     BN: tl.constexpr = NL * NH
+    TB: tl.constexpr = 2 * NH  # steps per stash tile (TB, BD): two (step, channel) pairs per lane
     # ROWS with U = 1: the scratch holds the state entering every step plus the one after the last, so pass B takes
     # each step's resulting state from the step after it instead of re-deriving it (2 instructions per element)
     KEEP_ALL: tl.constexpr = ROWS and U == 1
@@ -329,27 +353,24 @@ def scan_bwd_kernel(
         else:
             h = tl.load(hck_ptr + ((pid_b * nchunks + c) * dim + d3) * dstate + n3, mask=n_ok3, other=0.0)
         s_prev = tl.load(seq_b + time_offset(tl.maximum(t0 - 1, 0), I64) * s_st) if HAS_SEQ else 0
-        nxt = _pass_a_inputs(t0, tn, x_b, dt_b, B_b, seq_b, s_t, s_Bt, s_st, d1, n2, n_ok2, U, HAS_SEQ, EVEN_N,
-                             I64, ACC)
+        _stash_dt(t0, tn, nblk * U, dt_b, bias, stash_b, s_t, d1, dl, CHUNK, TB, BD, HAS_BIAS, SOFTPLUS, LIBDEVICE,
+                  I64, ACC)
+        tl.debug_barrier()  # the stash written by some lanes is read by others
+        nxt = _pass_a_inputs(t0, t0, tn, x_b, stash_b, B_b, seq_b, s_t, s_Bt, s_st, d1, dl, n2, n_ok2, U, CHUNK, BD,
+                             HAS_SEQ, EVEN_N, I64, ACC)
         for j in range(0, nblk):
             cur = nxt
-            nxt = _pass_a_inputs(t0 + (j + 1) * U, tn, x_b, dt_b, B_b, seq_b, s_t, s_Bt, s_st, d1, n2, n_ok2, U,
-                                 HAS_SEQ, EVEN_N, I64, ACC)
+            nxt = _pass_a_inputs(t0 + (j + 1) * U, t0, tn, x_b, stash_b, B_b, seq_b, s_t, s_Bt, s_st, d1, dl, n2,
+                                 n_ok2, U, CHUNK, BD, HAS_SEQ, EVEN_N, I64, ACC)
             if ROWS:
                 store_tile_rows(scr_b + j * (BD * BN), h, BD, 1, dl, BN, NL, NH, BD)
             else:
                 tl.store(scr_b + (j * (BD * BN) + scr_off), h)
             for u in tl.static_range(U):
-                x, dtv, Bv, s = cur[u]
-                valid = t0 + j * U + u < tn
-                delta, sig = dt_softplus_sigmoid(dtv, bias, HAS_BIAS, SOFTPLUS, LIBDEVICE)
-                delta = tl.where(valid, delta, 0.0)
-                tl.store(stash_b + (((j * U + u) * 2) * BD + dl), delta)
-                if SOFTPLUS:
-                    tl.store(stash_b + (((j * U + u) * 2 + 1) * BD + dl), sig)
+                x, delta, Bv, s = cur[u]  # delta: 0 on the steps past tn (the stash says so)
                 a = tl.exp2(delta[None, None, :] * A2)
                 if HAS_SEQ:
-                    a = tl.where((s == s_prev) | (~valid), a, 0.0)
+                    a = tl.where((s == s_prev) | (t0 + j * U + u >= tn), a, 0.0)
                     s_prev = s
                 h = a * h + (delta * x)[None, None, :] * Bv[:, :, None]
         if KEEP_ALL:  # the state after the interval's last step, for pass B's first (last) step
