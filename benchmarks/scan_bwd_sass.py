@@ -31,7 +31,15 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from mambakit.ops.selective_scan.scan_policy import BWD_VARIANTS, pick_tiles, variant_params  # noqa: E402
+import torch  # noqa: E402
+
+from mambakit.ops.selective_scan.scan_policy import (  # noqa: E402
+    BWD_VARIANTS,
+    bwd_maxnreg,
+    bwd_variant_config,
+    pick_tiles,
+    variant_params,
+)
 from mambakit.ops.selective_scan.triton_scan_bwd import scan_bwd_kernel  # noqa: E402
 
 PTRS_BF16 = {"x_ptr", "dt_ptr", "z_ptr", "dy_ptr", "dx_ptr", "ddt_ptr", "dz_ptr"}
@@ -62,7 +70,9 @@ def compile_variant(name: str, dstate: int = 16, group_size: int = 4096, seg: bo
     const_full = dict(const, s_An=1)
     sig["s_An"] = "constexpr"
     src = ASTSource(fn, sig, constexprs=const_full, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": tiles.num_warps})
+    cap = bwd_maxnreg(bwd_variant_config(name), u, torch.float32)  # the launcher's register cap, if any
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": tiles.num_warps, **({} if cap is None else {"maxnreg": cap})})
     return k, tiles, u
 
 

@@ -30,7 +30,7 @@ from ...deprecation import renamed_argument
 from ..common import cdiv, next_power_of_2, sm_count
 
 __all__ = ["ScanConfig", "Tiles", "pick_tiles", "fwd_nl", "default_time_segments", "default_bwd_time_segments",
-           "bwd_block_u", "carry_split", "segments", "needs_i64", "BWD_VARIANTS", "variant_params",
+           "bwd_block_u", "bwd_maxnreg", "carry_split", "segments", "needs_i64", "BWD_VARIANTS", "variant_params",
            "bwd_variant_config"]
 
 DEFAULT_CHECKPOINT_INTERVAL = 128  # steps between forward checkpoints; backward scratch is O(CHUNK) per program
@@ -42,6 +42,7 @@ DEFAULT_REDUCE_CHANNELS = 4  # dB / dC: channel lanes summed by shuffles before 
 # docs/design/kernel_figures.md).
 BWD_U2_MIN_WARPS_PER_SM = 13
 BWD_MIN_WARPS_PER_SM = 24
+BWD_U2_MAXNREG = 128  # registers of the U = 2 backward: see `bwd_maxnreg`
 
 
 @dataclass(frozen=True, init=False)
@@ -243,6 +244,21 @@ def bwd_block_u(warps: int, config: ScanConfig, device: torch.device) -> int:
     BWD_U2_MIN_WARPS_PER_SM warps per SM (U = 2 needs fewer registers, so more warps fit), else 4.
     `config.block_u` overrides."""
     return config.block_u or (2 if warps >= BWD_U2_MIN_WARPS_PER_SM * sm_count(device, 132) else 4)
+
+
+def bwd_maxnreg(config: ScanConfig, block_u: int, acc_dtype: torch.dtype) -> int | None:
+    """The backward kernel's register cap per thread: `config.bwd_maxnreg`, else BWD_U2_MAXNREG for the default
+    tiles (NL <= 4 states per thread, not `bwd_rows`) at U = 2 in float32, else None (the compiler's choice).
+
+    U = 2 is the occupancy choice (`bwd_block_u`): its kernel used 128 registers, 16 one-warp programs per SM. Since
+    the per-(step, channel) numbers moved into the stash (session 32) the compiler takes 156 for 2% fewer
+    instructions; capped at 128 it keeps that occupancy, without spills, at 66.4 static sm_90 instructions per state
+    element (64.5 uncapped; 93.2 before the stash: benchmarks/scan_bwd_sass.py)."""
+    if config.bwd_maxnreg is not None:
+        return config.bwd_maxnreg
+    if block_u == 2 and not config.bwd_rows and acc_dtype == torch.float32:
+        return BWD_U2_MAXNREG
+    return None
 
 
 def carry_split(batch: int, seqlen: int, dim: int, dstate: int, ngroups: int, seg_len: int, nseg: int,

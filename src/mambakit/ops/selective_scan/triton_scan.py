@@ -169,12 +169,15 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
                                                                            config, x.device))
     warps = batch * nseg * (dim // tiles.BD) * tiles.num_warps
     block_u = policy.bwd_block_u(warps, config, x.device)
+    # (the interpreter has no registers to cap)
+    maxnreg = None if triton_interpret() else policy.bwd_maxnreg(config, block_u, acc_t)
     nprog = (dim // tiles.BD) * batch * nseg
     bn = tiles.NL * tiles.NH
     # the row-gathered kernel at U = 1 also keeps the state after the interval's last step (one block more)
     keep_all = bool(config.bwd_rows) and block_u == 1
     scratch = torch.empty(nprog, interval // block_u + keep_all, tiles.BD, bn, device=x.device, dtype=acc_t)
-    stash = torch.empty(nprog, interval, 2, tiles.BD, device=x.device, dtype=acc_t)
+    # per (step, channel): dt', sigmoid(dt + bias), dy, the gate's factor (triton_scan_bwd._stash_chunk)
+    stash = torch.empty(nprog, interval, 4, tiles.BD, device=x.device, dtype=acc_t)
     dx = torch.empty_like(x)
     ddt = torch.empty_like(dt)
     dz = torch.empty(z.shape, device=x.device, dtype=z.dtype) if z is not None else None
@@ -237,7 +240,7 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
         HAS_SEQ=seq_idx is not None, HAS_DHLAST=dhl is not None, WANT_DH0=want_dinitial,
         EVEN_N=dstate == tiles.NL * tiles.NH, LIBDEVICE=not triton_interpret(), I64=i64, SEGMENTED=nseg > 1,
         ROWS=bool(config.bwd_rows),
-        num_warps=tiles.num_warps, **({} if config.bwd_maxnreg is None else {"maxnreg": config.bwd_maxnreg}),
+        num_warps=tiles.num_warps, **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     dB, dC = dB.sum(0), dC.sum(0)
     return (dx, ddt, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), None if dD is None else dD.to(D.dtype),
