@@ -2,7 +2,7 @@
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
 # Stages: env tests graphtests synctests gentests compose adapters e2e finetune chat serve serve-repeat serve-ab serve-gc train train-ab train-graph train-paths ce bench launch scan ssd rows-matmul
-# convnorm layers layers-ab synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
+# convnorm layers layers-ab scan-ab synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
 # limit so one slow stage leaves the logs of the others intact. The machine returns at most 8 files from $OUT: end a
 # call of many stages with `pack` (every log into $OUT/logs.tgz), or logs beyond the eighth file are lost.
 # The lent machine has torch and Triton only: carry cp312 wheels in .whl/ (pip download --no-deps --only-binary=:all:
@@ -171,6 +171,18 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
                  PYTHONPATH=$tree/src:${PYTHONPATH#$PWD/src:} run "layers-$n-$side" 150 \
                    python3 benchmarks/gpu_layers.py --paths "triton fused" "triton ops" --split ${LAYERS_FLAGS:-}
                done;;
+    # session 32's scan-backward stash (static SASS: 93.2 -> 66.4 instructions per element), before and after in one
+    # call: old, new, old, new. Prepare the old tree first (the commit before the stash, 2f6aa9f):
+    #   mkdir -p .ab/old && git archive 2f6aa9f src benchmarks | tar x -C .ab/old  (and carry .ab)
+    # the scan alone (fwd and fwd+bwd at 2048 / 8192 / 32768, its correctness check first), then the 130M Mamba-1
+    # training step as `mambakit train` runs it (fused, Triton loss, one CUDA graph)
+    scan-ab) n=0; for side in old new old new; do
+               n=$((n + 1)); if [ $side = old ]; then tree=$PWD/.ab/old; else tree=$PWD; fi
+               PYTHONPATH=$tree/src:${PYTHONPATH#$PWD/src:} run "scan-$n-$side" 200 \
+                 python3 benchmarks/gpu_selective_scan.py --no-train-shape ${SCAN_FLAGS:-}
+               PYTHONPATH=$tree/src:${PYTHONPATH#$PWD/src:} run "scan-train-$n-$side" 200 \
+                 python3 benchmarks/gpu_train.py --layers mamba1 --paths fused+cetriton+graph --steps 10 --warmup 3
+             done;;
     synthetic-step) run synthetic-step 300 python3 benchmarks/gpu_synthetic_step.py ${SYNTH_FLAGS:-};;
     prefill) run prefill 400 python3 -m mambakit.cli bench prefill --device cuda --out $OUT/prefill ${PREFILL_FLAGS:-};;
     # issue 18's figures for docs/benchmarks.md (docs/bench/gpu/): kernels, generation and training against size;
