@@ -18,8 +18,8 @@ import torch
 from mambakit.ops import selective_scan, selective_state_update
 from mambakit.ops.dispatch import triton_interpret
 from mambakit.ops.selective_scan.reference import selective_scan_reference
-from mambakit.ops.selective_scan.triton_scan import (ScanConfig, default_bwd_time_segments, default_time_segments, scan_fwd,
-                                                    selective_scan_triton)
+from mambakit.ops.selective_scan.triton_scan import (ScanConfig, default_bwd_time_segments, default_time_segments, scan_bwd,
+                                                    scan_fwd, selective_scan_triton)
 from mambakit.ops.selective_scan.triton_step import selective_state_update_triton
 from tests.conftest import DEVICE
 from tests.helpers import assert_close, low_precision_tolerance, run_with_grads
@@ -259,6 +259,40 @@ def test_time_segmented_forward_writes_the_sequential_checkpoints():
         assert ck.shape == ck1.shape == (2, 4, 8, 4)
         for name, got, want in (("y", y, y1), ("final_state", h, h1), ("checkpoints", ck, ck1)):
             assert_close(got, want, name=f"{name} nc={nc}", rel=1e-12)
+
+
+def test_scan_backward_writes_dz_into_a_strided_view_of_the_callers_tensor():
+    """`scan_bwd(dz_out=...)`: dz lands in the z half of a (B, L, 2D) gradient, as the fused Mamba-1 op asks (no
+    copy), with z itself such a half; every other gradient as without it, and the other half untouched. A dz_out
+    of the wrong shape, dtype or last stride is refused."""
+    inp, extra = make_inputs(L=13, d=8, seq=True)
+    inp = {k: v.double() for k, v in inp.items()}
+    b, L, d = inp["x"].shape
+    xz = torch.cat([inp["x"], inp["z"]], dim=-1)  # z as the strided half of xz
+    z = xz[..., d:]
+    cfg = ScanConfig(checkpoint_interval=4, block_u=2)
+    _, _, hck = scan_fwd(x=inp["x"], dt=inp["dt"], A=inp["A"], B=inp["B"], C=inp["C"], D=inp["D"], z=z,
+                         dt_bias=inp["dt_bias"], dt_softplus=True, initial_state=None, seq_idx=extra["seq_idx"],
+                         save_final=False, save_checkpoints=True, config=cfg)
+    dy = torch.randn(b, L, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(DEVICE)
+
+    def bwd(dz_out=None):
+        return scan_bwd(dy=dy, dhlast=None, x=inp["x"], dt=inp["dt"], A=inp["A"], B=inp["B"], C=inp["C"],
+                        D=inp["D"], z=z, dt_bias=inp["dt_bias"], dt_softplus=True, seq_idx=extra["seq_idx"],
+                        checkpoints=hck, want_dinitial=False, config=cfg, dz_out=dz_out)
+
+    plain = bwd()
+    dxz = torch.full_like(xz, 7.0)
+    into = bwd(dxz[..., d:])
+    assert into[6].data_ptr() == dxz[..., d:].data_ptr()
+    assert_close(dxz[..., d:], plain[6], name="dz", rel=1e-12)
+    assert torch.equal(dxz[..., :d], torch.full_like(dxz[..., :d], 7.0))
+    for i, name in enumerate(("dx", "ddt", "dA", "dB", "dC", "dD")):
+        assert_close(into[i], plain[i], name=name, rel=1e-12)
+    for bad in (torch.empty(b, L, d + 1, dtype=torch.float64), torch.empty(b, L, d, dtype=torch.float32),
+                torch.empty(b, d, L, dtype=torch.float64).transpose(1, 2)):
+        with pytest.raises(ValueError, match="dz_out must be"):
+            bwd(bad.to(DEVICE))
 
 
 def test_default_time_segments_from_shape():

@@ -10,7 +10,7 @@ fp32 B / C copies and a contiguous x for the conv as well: about 2D more values 
 Backward (a second custom op, registered as the first's autograd), in order: recompute xc and dt ->
 scan backward (dxc, ddt, dB, dC, dz, dA, dD, ddt_bias) ->
 dt_proj and x_proj backward (their input gradients added into dxc in place) -> conv backward, which
-writes dx straight into the x half of d xz (dz is copied into the other half: no concatenation).
+writes dx straight into the x half of d xz (the scan wrote dz into the other half: no copy, no concatenation).
 """
 
 from __future__ import annotations
@@ -87,9 +87,12 @@ def _mamba1_inner_bwd_impl(dy: torch.Tensor, xz: torch.Tensor, conv_weight: torc
                               return_final_state=False)
     dt_low, B, C = _split_x_dbl(x_dbl, dt_rank, dstate)
     dt = F.linear(dt_low, dt_proj_weight)
+    dxz = torch.empty_like(xz)
+    # the scan writes dz straight into the z half of d xz (no copy) when that half has a unit last stride
+    dz_half = dxz[..., dim:] if dxz.stride(-1) == 1 else None
     dxc, ddt, dA, dB, dC, dD, dz, ddt_bias, _ = scan_bwd(
         dy=dy, dhlast=None, x=xc, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_proj_bias, dt_softplus=True,
-        seq_idx=seq_idx, checkpoints=hck, want_dinitial=False, config=ScanConfig.from_ints(config))
+        seq_idx=seq_idx, checkpoints=hck, want_dinitial=False, config=ScanConfig.from_ints(config), dz_out=dz_half)
     del dt
     rows = batch * seqlen
     ddt2 = ddt.reshape(rows, dim)
@@ -98,8 +101,8 @@ def _mamba1_inner_bwd_impl(dy: torch.Tensor, xz: torch.Tensor, conv_weight: torc
     del ddt, ddt2
     d_x_proj_weight = dx_dbl.t() @ xc.reshape(rows, dim)
     dxc.view(rows, dim).addmm_(dx_dbl, x_proj_weight)  # xc feeds both the scan and x_proj
-    dxz = torch.empty_like(xz)
-    dxz[..., dim:].copy_(dz)
+    if dz_half is None:
+        dxz[..., dim:].copy_(dz)
     _, d_conv_weight, d_conv_bias, _ = causal_conv1d_bwd(x=x, weight=conv_weight, bias=conv_bias, initial_state=None,
                                                          seq_idx=seq_idx, silu=True, dy=dxc, dfinal=None,
                                                          need_dinit=False, dx=dxz[..., :dim])

@@ -137,13 +137,15 @@ def scan_fwd(*, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
 def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
              B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
              dt_bias: torch.Tensor | None, dt_softplus: bool, seq_idx: torch.Tensor | None, checkpoints: torch.Tensor,
-             want_dinitial: bool, config: ScanConfig) -> tuple:
+             want_dinitial: bool, config: ScanConfig, dz_out: torch.Tensor | None = None) -> tuple:
     """Launch the backward (the forward's inputs, its checkpoints (B, K, D, N) and the output gradients).
 
     Args:
         dy: (B, L, D) gradient of y.   dhlast: (B, D, N) gradient of the final state, or None.
         x ... seq_idx: the forward's inputs.   checkpoints: `scan_fwd(save_checkpoints=True)`'s.
         want_dinitial: compute the initial state's gradient.   config: the forward's.
+        dz_out: where to write dz (z's shape and dtype, unit last stride, any other strides), e.g. the z half of
+            a caller's d xz; None: a new tensor.
     Returns:
         dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_state (None where absent or not wanted), each in its
         input's dtype; dinitial_state in the compute dtype.
@@ -180,7 +182,16 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
     stash = torch.empty(nprog, interval, 4, tiles.BD, device=x.device, dtype=acc_t)
     dx = torch.empty_like(x)
     ddt = torch.empty_like(dt)
-    dz = torch.empty(z.shape, device=x.device, dtype=z.dtype) if z is not None else None
+    if dz_out is not None:
+        if z is None or dz_out.shape != z.shape or dz_out.dtype != z.dtype or dz_out.device != z.device \
+                or dz_out.stride(-1) != 1:
+            raise ValueError(f"scan_bwd: dz_out must be a {tuple(z.shape) if z is not None else 'z-shaped'} "
+                             f"{None if z is None else z.dtype} tensor on z's device with a unit last stride, got "
+                             f"{tuple(dz_out.shape)} {dz_out.dtype} strides {dz_out.stride()}")
+        dz = dz_out
+    else:
+        dz = torch.empty(z.shape, device=x.device, dtype=z.dtype) if z is not None else None
+    dzs = dz.stride() if dz is not None else (0, 0, 1)
     red_ch = min(config.bwd_reduce_channels or policy.DEFAULT_REDUCE_CHANNELS, tiles.BD)
     nrep = min(config.bwd_replicas, dim // red_ch)  # replicas of dB, dC for the atomics (see the kernel)
     dB = torch.zeros(nrep, batch, seqlen, ngroups, dstate, device=x.device, dtype=acc_t)
@@ -193,7 +204,7 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
     zs = z.stride() if z is not None else (0, 0, 1)
     ss = seq_idx.stride() if seq_idx is not None else (0, 0)
     dummy = dx  # stands in for absent tensors: the flags keep the kernels from reading it
-    i64 = policy.needs_i64(seqlen, x.stride(1), zs[1], B32.stride(1), ss[1], dy.stride(1))
+    i64 = policy.needs_i64(seqlen, x.stride(1), zs[1], B32.stride(1), ss[1], dy.stride(1), dzs[1])
     z_arg = z if z is not None else dummy
     bias_arg = dt_bias if dt_bias is not None else dummy
     seq_arg = seq_idx if seq_idx is not None else dummy
@@ -234,7 +245,7 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
         nseg=nseg, cin_n=cin_n, cin_k=cin_k, rep_stride=dB.stride(0),
         s_b=x.stride(0), s_t=x.stride(1), s_zb=zs[0], s_zt=zs[1], s_Bb=B32.stride(0), s_Bt=B32.stride(1),
         s_Bg=B32.stride(2), s_sb=ss[0], s_st=ss[1], s_Ad=A.stride(0), s_An=A.stride(1), s_yb=dy.stride(0),
-        s_yt=dy.stride(1),
+        s_yt=dy.stride(1), s_dzb=dzs[0], s_dzt=dzs[1],
         NREP=nrep, RED_CH=red_ch, CHUNK=interval, U=block_u, NL=tiles.NL, NH=tiles.NH, BD=tiles.BD, ACC=acc_tl,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         HAS_SEQ=seq_idx is not None, HAS_DHLAST=dhl is not None, WANT_DH0=want_dinitial,

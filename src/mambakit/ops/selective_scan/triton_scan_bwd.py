@@ -85,7 +85,7 @@ def _lane_group_sum(v, NL: tl.constexpr, NH: tl.constexpr, BD: tl.constexpr, RED
 
 @triton.jit
 def _bwd_step_reverse(carry, dA_acc, dD_acc, dbias_acc, t, tn, h_t, h_p, a, x, delta, Bv, rev,
-                      A, Dv, s_gn, d1, dl, n2, n_ok2, dx_b, ddt_b, dz_b, dB_l, dC_l, s_t,
+                      A, Dv, s_gn, d1, dl, n2, n_ok2, dx_b, ddt_b, dz_b, dB_l, dC_l, s_t, s_dzt,
                       HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, I64: tl.constexpr,
                       LIBDEVICE: tl.constexpr, NL: tl.constexpr, NH: tl.constexpr, BD: tl.constexpr,
                       RED_CH: tl.constexpr, ROWS: tl.constexpr):
@@ -95,12 +95,12 @@ def _bwd_step_reverse(carry, dA_acc, dD_acc, dbias_acc, t, tn, h_t, h_p, a, x, d
     # comparison as a store / atomic mask (the compiled predicate is the same)
     valid = dl * 0 + t < tn  # (BD,)
     Cv = Cv[:, :, None]
-    xo = time_offset(t, I64) * s_t + d1  # x / dx / ddt / dz offset of step t
+    xo = time_offset(t, I64) * s_t + d1  # x / dx / ddt offset of step t (dz has strides of its own)
     y = tl.sum(tl.sum(h_t * Cv, axis=0), axis=0)  # pre-gate output, recomputed (not stored by the forward)
     if HAS_D:
         y += Dv * x
     if HAS_Z:  # dz = dout * y * d silu(z) / dz = gz * y (gz from the stash)
-        tl.store(dz_b + xo, (gz * y).to(dz_b.dtype.element_ty), mask=valid)
+        tl.store(dz_b + (time_offset(t, I64) * s_dzt + d1), (gz * y).to(dz_b.dtype.element_ty), mask=valid)
     gt = Cv * dy[None, None, :] + carry  # dL/dh_t
     S1 = tl.sum(tl.sum(gt * Bv[:, :, None], axis=0), axis=0)  # sum_n g B: for dx and ddt'
     q = gt * a * h_p  # dL/da_t * a_t
@@ -270,7 +270,7 @@ def scan_bwd_kernel(
     x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, seq_ptr, hck_ptr, dy_ptr, dhlast_ptr, cin_ptr,
     dx_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr, scr_ptr, stash_ptr,
     seqlen, dim, dstate, group_size, nchunks, seg_len, nseg, cin_n, cin_k, rep_stride,
-    s_b, s_t, s_zb, s_zt, s_Bb, s_Bt, s_Bg, s_sb, s_st, s_Ad, s_An, s_yb, s_yt,
+    s_b, s_t, s_zb, s_zt, s_Bb, s_Bt, s_Bg, s_sb, s_st, s_Ad, s_An, s_yb, s_yt, s_dzb, s_dzt,
     NREP: tl.constexpr, RED_CH: tl.constexpr, CHUNK: tl.constexpr, U: tl.constexpr, NL: tl.constexpr,
     NH: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DHLAST: tl.constexpr,
@@ -305,7 +305,7 @@ def scan_bwd_kernel(
     dt_b = dt_ptr + pid_b * s_b
     dx_b = dx_ptr + pid_b * s_b
     ddt_b = ddt_ptr + pid_b * s_b
-    dz_b = dz_ptr + pid_b * s_b
+    dz_b = dz_ptr + pid_b * s_dzb
     z_b = z_ptr + pid_b * s_zb
     dy_b = dy_ptr + pid_b * s_yb
     # programs step through t in near lockstep, so their dB_t / dC_t atomics would all hit one row at
@@ -425,6 +425,7 @@ def scan_bwd_kernel(
                     carry, dA_acc, dD_acc, dbias_acc, tb + u1 - 1, tn, hs[u1], hs[u1 - 1],
                     a_s[u1 - 1], steps[u1 - 1][0], steps[u1 - 1][2], steps[u1 - 1][1], cur_rev,
                     A2 if ROWS else A, Dv, ngroups * dstate, d1, dl, n2, n_ok2, dx_b, ddt_b, dz_b, dB_l, dC_l, s_t,
+                    s_dzt,
                     HAS_D, HAS_Z,
                     SOFTPLUS, I64, LIBDEVICE,
                     NL, NH, BD, RED_CH, ROWS)
