@@ -439,7 +439,8 @@ def test_gpu_an_eager_step_never_waits_for_the_gpu(tmp_path, layer):
 
 def test_an_optimizer_that_cannot_skip_on_the_device_is_checked_after_every_step(tmp_path):
     """Foreach AdamW (what FSDP2's sharded parameters get) has no found_inf: the loop reads the flag after each step
-    and applies it only when finite."""
+    and applies the step only when finite, counting it there; the losses still wait for the next record (under
+    torchrun reading them is a collective)."""
     from mambakit.training import Run
 
     run = Run(_tiny(tmp_path, on_nonfinite="skip"))
@@ -448,13 +449,17 @@ def test_an_optimizer_that_cannot_skip_on_the_device_is_checked_after_every_step
         run.optimizer = torch.optim.AdamW(groups, lr=1e-2, foreach=True)
         assert not run.device_checks
         run.step()
-        assert run._pending == [] and run.skipped == 0
+        assert run.skipped == 0 and [(s, f) for s, _, _, f in run._pending] == [(1, None)]
         before = {n: p.detach().clone() for n, p in run.raw_model.named_parameters()}
         _poison_step(run, nan=True)
         run.step()
-        assert run.skipped == 1 and run._pending == []
+        assert run.skipped == 1 and run.skipped_in_a_row == 1 and len(run._pending) == 2
         _poison_step(run, nan=False)
         assert all(torch.equal(p, before[n]) for n, p in run.raw_model.named_parameters())
+        run.step()
+        run._flush()
+        assert run.skipped == 1 and run.skipped_in_a_row == 0 and len(run.history["losses"]) == 3
+        assert math.isnan(run.history["losses"][1])
     finally:
         run.close()
 

@@ -612,6 +612,7 @@ class Run:
                 group["lr"] = lr
         # (grad_accum * batch, seqlen + 1) windows; of conversations also their bool masks, else None
         windows, scored, starts = self.sampler.next_batch_masked()
+        applied = None  # whether the step applied, when read on the host (else the device decides, found_inf)
         if self.graph is not None:
             # the whole step on the GPU, where AdamW skips a non-finite one (found_inf)
             loss, grad_norm, finite = self.graph(windows, *(() if scored is None else (scored, starts)))
@@ -621,15 +622,17 @@ class Run:
                 finite = all_reduce_mean(finite.float(), info) == 1.0
             if self.device_checks:
                 self._step_unless_nonfinite(finite)
-            elif bool(finite):  # a host sync: this optimizer cannot skip a step on the device
-                self.optimizer.step()
+            else:
+                applied = bool(finite)  # a host sync: this optimizer cannot skip a step on the device
+                if applied:
+                    self.optimizer.step()
             # (a graph's gradients are its own tensors, overwritten by each replay)
             self.optimizer.zero_grad(set_to_none=True)
-        self._pending.append((self.global_step + 1, loss, grad_norm, finite))
+        self._pending.append((self.global_step + 1, loss, grad_norm, finite if applied is None else None))
         self.global_step += 1
         step = self.global_step
-        if not self.device_checks:
-            self._flush()  # the flag is on the host already: count, skip or stop now
+        if applied is not None:
+            self._count_step(step, applied, loss, grad_norm)
         record = {}
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             record = self._train_record(lr)
@@ -689,27 +692,39 @@ class Run:
 
     def _flush(self) -> None:
         """Read the steps not yet read on the host (one sync): their losses (averaged over processes) into the
-        history, norms into the record, and their non-finite flags in step order: count each skipped step, or raise
-        TrainingDiverged at the first one (on_nonfinite "stop") or at the 21st in a row ("skip"). The device left
-        every such step unapplied (see the module docstring), so reading late changes nothing but when the run
-        hears of it."""
+        history, norms into the record, and the non-finite flags the device kept (`device_checks`) in step order
+        (`_count_step`). The device left every such step unapplied (see the module docstring), so reading late
+        changes nothing but when the run hears of it."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
         losses = all_reduce_mean(torch.stack([loss.float() for _, loss, _, _ in pending]), self.info)
-        read = torch.stack([losses, torch.stack([norm.float() for _, _, norm, _ in pending]),
-                            torch.stack([finite.float() for _, _, _, finite in pending])]).tolist()
+        rows = [losses, torch.stack([norm.float() for _, _, norm, _ in pending])]
+        flagged = [finite is not None for *_, finite in pending]  # None: read on the host at its step already
+        if any(flagged):
+            rows.append(torch.stack([finite.float() if finite is not None else torch.ones_like(losses[0])
+                                     for *_, finite in pending]))
+        read = torch.stack(rows).tolist()
         self.history["losses"].extend(read[0])
         self._norms.extend(read[1])
-        for (step, _, _, _), loss, norm, finite in zip(pending, *read):
-            if finite:
-                self.skipped_in_a_row = 0
-                continue
-            self.skipped, self.skipped_in_a_row = self.skipped + 1, self.skipped_in_a_row + 1
-            if self.cfg.on_nonfinite == "stop" or self.skipped_in_a_row > _MAX_SKIPPED_IN_A_ROW:
-                raise _diverged(step, loss, norm, self.saved_step, self.out_dir, self.cfg, self.skipped_in_a_row)
-            self._say(f"step {step}: non-finite loss ({loss:.4g}) or gradient norm ({norm:.4g}): step skipped",
-                      logging.WARNING)
+        if any(flagged):
+            for (step, *_), loss, norm, finite, own in zip(pending, read[0], read[1], read[2], flagged):
+                if own:
+                    self._count_step(step, bool(finite), loss, norm)
+
+    def _count_step(self, step: int, finite: bool, loss, norm) -> None:
+        """Count step `step` as applied or skipped (non-finite): TrainingDiverged at the first skipped one
+        (on_nonfinite "stop") or at the 21st in a row ("skip"), else a warning. loss / norm: floats or tensors."""
+        if finite:
+            self.skipped_in_a_row = 0
+            return
+        self.skipped, self.skipped_in_a_row = self.skipped + 1, self.skipped_in_a_row + 1
+        if self.cfg.on_nonfinite == "stop" or self.skipped_in_a_row > _MAX_SKIPPED_IN_A_ROW:
+            self._flush()  # the history up to this step (under torchrun every process is here: the flag is global)
+            raise _diverged(step, float(loss), float(norm), self.saved_step, self.out_dir, self.cfg,
+                            self.skipped_in_a_row)
+        self._say(f"step {step}: non-finite loss ({float(loss):.4g}) or gradient norm ({float(norm):.4g}): step "
+                  "skipped", logging.WARNING)
 
     def _train_record(self, lr: float) -> dict:
         """The metrics record of the steps since the previous one (and the progress bar's numbers)."""
