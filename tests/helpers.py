@@ -91,3 +91,25 @@ def saved_bytes(fn: Callable[[], object], distinct_storages: bool = False) -> tu
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, total + sum(sizes.values())
+
+
+def use_foreach_adamw(run) -> None:
+    """Give a training `Run` foreach AdamW over its own param groups: what FSDP2's sharded parameters get, and the
+    CPU's optimizer before session 32 (no `found_inf`: the loop must read each step's flag on the host)."""
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in run.optimizer.param_groups]
+    run.optimizer = torch.optim.AdamW(groups, lr=run.cfg.lr, foreach=True)
+
+
+def save_foreach_checkpoint(cfg, steps: int = 3) -> None:
+    """Train `steps` steps of `cfg` with foreach AdamW (`use_foreach_adamw`) and save: a checkpoint whose param
+    groups say fused=False, as a CPU run's did before session 32."""
+    from mambakit.training import Run
+
+    run = Run(cfg)
+    try:
+        use_foreach_adamw(run)
+        for _ in range(steps):
+            run.step()
+        run.save()
+    finally:
+        run.close()

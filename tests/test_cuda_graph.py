@@ -375,17 +375,10 @@ def test_gpu_a_foreach_cpu_checkpoint_resumes_on_cuda_through_the_graph(tmp_path
     """A CPU run's checkpoint of foreach AdamW (the CPU's optimizer until session 32) resumed on CUDA: the optimizer
     becomes this machine's fused one, its step counts move to the GPU, and the graph captures and replays it."""
     from mambakit.training import Run
+    from tests.helpers import save_foreach_checkpoint
 
     cfg = _corpus_cfg(tmp_path, "mamba2", device="cpu", max_steps=12)
-    run = Run(cfg)
-    try:
-        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in run.optimizer.param_groups]
-        run.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
-        for _ in range(3):
-            run.step()
-        run.save()
-    finally:
-        run.close()
+    save_foreach_checkpoint(cfg, steps=3)
     resumed = Run(cfg.replace(device="cuda"), resume=True)
     try:
         assert resumed.graph is not None and resumed.device_checks

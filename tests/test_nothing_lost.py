@@ -443,10 +443,11 @@ def test_an_optimizer_that_cannot_skip_on_the_device_is_checked_after_every_step
     torchrun reading them is a collective)."""
     from mambakit.training import Run
 
+    from tests.helpers import use_foreach_adamw
+
     run = Run(_tiny(tmp_path, on_nonfinite="skip"))
     try:
-        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in run.optimizer.param_groups]
-        run.optimizer = torch.optim.AdamW(groups, lr=1e-2, foreach=True)
+        use_foreach_adamw(run)
         assert not run.device_checks
         run.step()
         assert run.skipped == 0 and [(s, f) for s, _, _, f in run._pending] == [(1, None)]
@@ -469,17 +470,10 @@ def test_a_checkpoint_of_a_foreach_optimizer_resumes_with_this_machines_fused_on
     AdamW until session 32) resumed on CUDA stepped with foreach while the loop took it for fused AdamW and handed it
     `found_inf`, which a foreach step refuses (AssertionError). The resumed optimizer is this machine's."""
     from mambakit.training import Run
+    from tests.helpers import save_foreach_checkpoint
 
     cfg = _tiny(tmp_path, max_steps=6)
-    run = Run(cfg)
-    try:
-        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in run.optimizer.param_groups]
-        run.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
-        for _ in range(3):
-            run.step()
-        run.save()
-    finally:
-        run.close()
+    save_foreach_checkpoint(cfg, steps=3)
     resumed = Run(cfg, resume=True)
     try:
         assert resumed.global_step == 3 and resumed.device_checks
