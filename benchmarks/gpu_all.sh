@@ -2,7 +2,7 @@
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
 # Stages: env tests graphtests synctests gentests compose adapters e2e finetune chat serve serve-repeat serve-ab serve-gc train train-ab train-graph train-paths ce bench launch scan ssd rows-matmul
-# convnorm layers layers-ab scan-ab synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
+# convnorm layers layers-ab s32-tests scan-ab synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
 # limit so one slow stage leaves the logs of the others intact. The machine returns at most 8 files from $OUT: end a
 # call of many stages with `pack` (every log into $OUT/logs.tgz), or logs beyond the eighth file are lost.
 # The lent machine has torch and Triton only: carry cp312 wheels in .whl/ (pip download --no-deps --only-binary=:all:
@@ -171,6 +171,13 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
                  PYTHONPATH=$tree/src:${PYTHONPATH#$PWD/src:} run "layers-$n-$side" 150 \
                    python3 benchmarks/gpu_layers.py --paths "triton fused" "triton ops" --split ${LAYERS_FLAGS:-}
                done;;
+    # session 32's changes on CUDA: the scan (stash, register cap, dz into d xz) and the fused Mamba-1 op against their
+    # references (every test of those files: on a GPU machine the unmarked ones run on CUDA too), then the training loop's device-side non-finite check (no host sync in an eager step, a skipped or
+    # halted step unapplied, a CPU foreach checkpoint resumed through the graph)
+    s32-tests) run s32-scan-tests 300 python3 -m pytest -q -p no:cacheprovider -n 3 tests/ops/test_selective_scan_triton.py \
+                 tests/ops/test_selective_scan_bwd_variants.py tests/ops/test_mamba1_inner.py
+               run s32-train-tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_nothing_lost.py \
+                 tests/test_cuda_graph.py -k "nonfinite or never_waits or foreach";;
     # session 32's scan-backward stash (static SASS: 93.2 -> 66.4 instructions per element), before and after in one
     # call: old, new, old, new. Prepare the old tree first (the commit before the stash, 2f6aa9f):
     #   mkdir -p .ab/old && git archive 2f6aa9f src benchmarks | tar x -C .ab/old  (and carry .ab)
