@@ -2,7 +2,8 @@
 
 Compiles `scan_bwd_kernel` for an H100 / H200 (Triton's bundled ptxas, sm_90) at the benchmark shape's
 specialisation (bf16 x / dt / z / dy, float32 B / C copies, softplus, z, D, dt_bias, time-segmented, 32-bit
-offsets; pointers and strides divisible by 16 as the JIT would mark them) for each backward variant and prints
+offsets; pointers and strides divisible by 16 as the JIT would mark them; the launcher's register cap,
+`scan_policy.bwd_maxnreg`) for each backward variant and prints
 registers, spills and the instruction count of each loop body (the stash loop per TB = 2 NH steps, pass A and
 pass B per micro-block of U steps), per step and per state element (warp-instructions / (NL * NH * BD) per
 warp-step).
