@@ -252,7 +252,7 @@ def bwd_maxnreg(config: ScanConfig, block_u: int, acc_dtype: torch.dtype) -> int
 
     U = 2 is the occupancy choice (`bwd_block_u`): its kernel used 128 registers, 16 one-warp programs per SM. Since
     the per-(step, channel) numbers moved into the stash (session 32) the compiler takes 156 for 2% fewer
-    instructions; capped at 128 it keeps that occupancy, without spills, at 66.4 static sm_90 instructions per state
+    instructions; capped at 128 it keeps that occupancy, without spills, at 66.0 static sm_90 instructions per state
     element (64.5 uncapped; 93.2 before the stash: benchmarks/scan_bwd_sass.py)."""
     if config.bwd_maxnreg is not None:
         return config.bwd_maxnreg
