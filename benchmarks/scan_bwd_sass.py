@@ -47,21 +47,40 @@ PTRS_BF16 = {"x_ptr", "dt_ptr", "z_ptr", "dy_ptr", "dx_ptr", "ddt_ptr", "dz_ptr"
 PTRS_I32 = {"seq_ptr"}
 
 
-def compile_variant(name: str, dstate: int = 16, group_size: int = 4096, seg: bool = True):
+# the specialisations `--specialisations` compiles besides the benchmark's (flags of the kernel; "float64": float64
+# inputs and tiles, NL 2 as the launcher picks; "U": the micro-block)
+SPECIALISATIONS = {
+    "benchmark": {},
+    "seq_idx, dstate 13": dict(HAS_SEQ=True, EVEN_N=False),
+    "no z, no softplus, 64-bit offsets": dict(HAS_Z=False, SOFTPLUS=False, I64=True),
+    "no D / bias, dh_last, dh0, one segment": dict(HAS_D=False, HAS_BIAS=False, HAS_DHLAST=True, WANT_DH0=True,
+                                                   SEGMENTED=False),
+    "U = 4": dict(U=4),
+    "float64": dict(float64=True),
+}
+
+
+def compile_variant(name: str, dstate: int = 16, group_size: int = 4096, seg: bool = True, **flags):
+    """Compile `scan_bwd_kernel` for sm_90 at the benchmark's specialisation, with `flags` overriding kernel
+    constexprs (and float64=True for float64 inputs). -> (compiled kernel, tiles, U)."""
     fn = scan_bwd_kernel.fn if hasattr(scan_bwd_kernel, "fn") else scan_bwd_kernel
     p = variant_params(name)
-    tiles = pick_tiles(p["nl"] or 4, dstate, group_size, p["channels"])
-    u = p["block_u"] or 2
-    const = dict(NREP=32, RED_CH=min(p["reduce_channels"] or 4, tiles.BD), CHUNK=p["interval"] or 128, U=u,
-                 NL=tiles.NL, NH=tiles.NH, BD=tiles.BD, ACC=tl.float32, HAS_D=True, HAS_Z=True, HAS_BIAS=True,
-                 SOFTPLUS=True, HAS_SEQ=False, HAS_DHLAST=False, WANT_DH0=False, EVEN_N=True, LIBDEVICE=True,
-                 I64=False, SEGMENTED=seg, ROWS=p["rows"])
+    f64 = flags.pop("float64", False)
+    if not flags.get("EVEN_N", True):
+        dstate = 13
+    tiles = pick_tiles(p["nl"] or (2 if f64 else 4), dstate, group_size, p["channels"])
+    const = dict(NREP=32, RED_CH=min(p["reduce_channels"] or 4, tiles.BD), CHUNK=p["interval"] or 128,
+                 U=p["block_u"] or 2, NL=tiles.NL, NH=tiles.NH, BD=tiles.BD, ACC=tl.float64 if f64 else tl.float32,
+                 HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_SEQ=False, HAS_DHLAST=False,
+                 WANT_DH0=False, EVEN_N=True, LIBDEVICE=True, I64=False, SEGMENTED=seg, ROWS=p["rows"])
+    const.update(flags)
+    u = const["U"]
     sig, attrs = {}, {}
     for i, a in enumerate(fn.arg_names):
         if a in const:
             sig[a] = "constexpr"
         elif a.endswith("_ptr"):
-            sig[a] = "*bf16" if a in PTRS_BF16 else "*i32" if a in PTRS_I32 else "*fp32"
+            sig[a] = ("*i32" if a in PTRS_I32 else "*fp64" if f64 else "*bf16" if a in PTRS_BF16 else "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[a] = "i32"
@@ -71,7 +90,8 @@ def compile_variant(name: str, dstate: int = 16, group_size: int = 4096, seg: bo
     const_full = dict(const, s_An=1)
     sig["s_An"] = "constexpr"
     src = ASTSource(fn, sig, constexprs=const_full, attrs=attrs)
-    cap = bwd_maxnreg(bwd_variant_config(name), u, torch.float32)  # the launcher's register cap, if any
+    # the launcher's register cap, if any
+    cap = bwd_maxnreg(bwd_variant_config(name), u, torch.float64 if f64 else torch.float32, const["I64"])
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": tiles.num_warps, **({} if cap is None else {"maxnreg": cap})})
     return k, tiles, u
@@ -116,13 +136,24 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", default=list(BWD_VARIANTS))
     ap.add_argument("--dump", default=None, help="print this variant's SASS and exit")
+    ap.add_argument("--specialisations", action="store_true",
+                    help="compile the default variant (v1) at other specialisations too (SPECIALISATIONS): registers, "
+                         "spills; a kernel that fails to compile for sm_90 fails here, without a GPU")
     args = ap.parse_args()
+    if args.specialisations:
+        print("| v1 specialisation | regs | spill stack B |")
+        print("|---|---|---|")
+        for label, flags in SPECIALISATIONS.items():
+            k, _, _ = compile_variant("v1", **flags)
+            regs, stack = resources(k)
+            print(f"| {label} | {regs} | {stack} |")
+        return 0
     if args.dump:
         k, _, _ = compile_variant(args.dump)
         print(k.asm["sass"])
         return 0
-    print("| variant | NL x NH x BD | U | regs | spill stack B | stash / pass A / pass B loop (SASS instr) | per step | "
-          "per state element | in pass B per step: MUFU / FP / SHFL / smem / local / atomics |")
+    print("| variant | NL x NH x BD | U | regs | spill stack B | stash / pass A / pass B loop (SASS instr) | "
+          "per step | per state element | in pass B per step: MUFU / FP / SHFL / smem / local / atomics |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.variants:
         k, t, u = compile_variant(name)

@@ -52,9 +52,10 @@ def test_bwd_block_u_from_warps():
 
 
 def test_bwd_maxnreg_caps_the_u2_float32_kernel_only():
-    """The U = 2 float32 backward keeps the registers of its occupancy (128); U = 4, float64 tiles and the wide
-    row-gathered variants keep the compiler's choice; an explicit bwd_maxnreg always wins."""
+    """The U = 2 float32 backward keeps the registers of its occupancy (128); U = 4, float64 tiles, 64-bit offsets
+    and the wide row-gathered variants keep the compiler's choice; an explicit bwd_maxnreg always wins."""
     assert bwd_maxnreg(ScanConfig(), 2, torch.float32) == BWD_U2_MAXNREG == 128
+    assert bwd_maxnreg(ScanConfig(), 2, torch.float32, i64=True) is None
     assert bwd_maxnreg(ScanConfig(), 4, torch.float32) is None
     assert bwd_maxnreg(ScanConfig(), 2, torch.float64) is None
     assert bwd_maxnreg(bwd_variant_config("wide8", block_u=2), 2, torch.float32) is None

@@ -12,7 +12,6 @@ micro-blocks, ragged tails and time segments occur at tiny seqlens. Output, fina
 from __future__ import annotations
 
 import pytest
-import torch
 
 from mambakit.ops.selective_scan.scan_policy import (BWD_VARIANTS, ScanConfig, bwd_variant_config, pick_tiles,
                                                      variant_params)
@@ -84,3 +83,25 @@ def test_variant_configs_hold_the_tiles_they_name():
         assert p["rows"]
     with pytest.raises(ValueError, match="bwd variant"):
         variant_params("nope")
+
+
+@pytest.mark.slow
+def test_the_default_backward_compiles_for_sm90_without_spills():
+    """`benchmarks/scan_bwd_sass.py --specialisations` compiles the default backward for an H100 / H200 with Triton's
+    bundled ptxas on this CPU (no GPU): the interpreter runs kernels no compiler has seen, so a kernel that fails to
+    compile for sm_90, or spills under its register cap (`scan_policy.bwd_maxnreg`), fails here. The benchmark
+    specialisation keeps the 128 registers of its occupancy."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "benchmarks/scan_bwd_sass.py", "--specialisations"], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[2], env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {cells[0]: (int(cells[1]), int(cells[2])) for line in out.stdout.splitlines()
+            if line.startswith("| ") and (cells := [c.strip() for c in line.strip("|").split("|")])[1].isdigit()}
+    assert len(rows) == 6, out.stdout
+    assert all(stack == 0 for _, stack in rows.values()), rows
+    assert rows["benchmark"][0] <= 128, rows

@@ -246,9 +246,10 @@ def bwd_block_u(warps: int, config: ScanConfig, device: torch.device) -> int:
     return config.block_u or (2 if warps >= BWD_U2_MIN_WARPS_PER_SM * sm_count(device, 132) else 4)
 
 
-def bwd_maxnreg(config: ScanConfig, block_u: int, acc_dtype: torch.dtype) -> int | None:
+def bwd_maxnreg(config: ScanConfig, block_u: int, acc_dtype: torch.dtype, i64: bool = False) -> int | None:
     """The backward kernel's register cap per thread: `config.bwd_maxnreg`, else BWD_U2_MAXNREG for the default
-    tiles (NL <= 4 states per thread, not `bwd_rows`) at U = 2 in float32, else None (the compiler's choice).
+    tiles (NL <= 4 states per thread, not `bwd_rows`) at U = 2 in float32 with 32-bit offsets, else None (the
+    compiler's choice; with 64-bit offsets the cap spilled 64-88 bytes).
 
     U = 2 is the occupancy choice (`bwd_block_u`): its kernel used 128 registers, 16 one-warp programs per SM. Since
     the per-(step, channel) numbers moved into the stash (session 32) the compiler takes 156 for 2% fewer
@@ -256,7 +257,7 @@ def bwd_maxnreg(config: ScanConfig, block_u: int, acc_dtype: torch.dtype) -> int
     element (64.5 uncapped; 93.2 before the stash: benchmarks/scan_bwd_sass.py)."""
     if config.bwd_maxnreg is not None:
         return config.bwd_maxnreg
-    if block_u == 2 and not config.bwd_rows and acc_dtype == torch.float32:
+    if block_u == 2 and not config.bwd_rows and acc_dtype == torch.float32 and not i64:
         return BWD_U2_MAXNREG
     return None
 

@@ -171,8 +171,6 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
                                                                            config, x.device))
     warps = batch * nseg * (dim // tiles.BD) * tiles.num_warps
     block_u = policy.bwd_block_u(warps, config, x.device)
-    # (the interpreter has no registers to cap)
-    maxnreg = None if triton_interpret() else policy.bwd_maxnreg(config, block_u, acc_t)
     nprog = (dim // tiles.BD) * batch * nseg
     bn = tiles.NL * tiles.NH
     # the row-gathered kernel at U = 1 also keeps the state after the interval's last step (one block more)
@@ -205,6 +203,8 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
     ss = seq_idx.stride() if seq_idx is not None else (0, 0)
     dummy = dx  # stands in for absent tensors: the flags keep the kernels from reading it
     i64 = policy.needs_i64(seqlen, x.stride(1), zs[1], B32.stride(1), ss[1], dy.stride(1), dzs[1])
+    # (the interpreter has no registers to cap)
+    maxnreg = None if triton_interpret() else policy.bwd_maxnreg(config, block_u, acc_t, i64)
     z_arg = z if z is not None else dummy
     bias_arg = dt_bias if dt_bias is not None else dummy
     seq_arg = seq_idx if seq_idx is not None else dummy
