@@ -698,19 +698,15 @@ class Run:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        losses = all_reduce_mean(torch.stack([loss.float() for _, loss, _, _ in pending]), self.info)
-        rows = [losses, torch.stack([norm.float() for _, _, norm, _ in pending])]
-        flagged = [finite is not None for *_, finite in pending]  # None: read on the host at its step already
-        if any(flagged):
-            rows.append(torch.stack([finite.float() if finite is not None else torch.ones_like(losses[0])
-                                     for *_, finite in pending]))
-        read = torch.stack(rows).tolist()
-        self.history["losses"].extend(read[0])
-        self._norms.extend(read[1])
-        if any(flagged):
-            for (step, *_), loss, norm, finite, own in zip(pending, read[0], read[1], read[2], flagged):
-                if own:
-                    self._count_step(step, bool(finite), loss, norm)
+        n = len(pending)
+        flagged = [i for i, (*_, finite) in enumerate(pending) if finite is not None]  # None: read at its step
+        read = torch.cat([all_reduce_mean(torch.stack([loss.float() for _, loss, _, _ in pending]), self.info),
+                          torch.stack([norm.float() for _, _, norm, _ in pending]),
+                          *([torch.stack([pending[i][3].float() for i in flagged])] if flagged else [])]).tolist()
+        self.history["losses"].extend(read[:n])
+        self._norms.extend(read[n:2 * n])
+        for i, finite in zip(flagged, read[2 * n:]):
+            self._count_step(pending[i][0], bool(finite), read[i], read[n + i])
 
     def _count_step(self, step: int, finite: bool, loss, norm) -> None:
         """Count step `step` as applied or skipped (non-finite): TrainingDiverged at the first skipped one

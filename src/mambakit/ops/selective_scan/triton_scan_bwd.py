@@ -4,8 +4,10 @@ Shapes (legend): B batch, L seqlen, D dim (channels), G ngroups, N dstate, K = L
 Tiles: see triton_scan_tile.py (NL <= 4 float32 states per thread here: one 128-bit vector load).
 
 Per program, checkpoint intervals in reverse (`scan_bwd_kernel`):
-    pass A  re-walks the interval forward from its checkpoint, keeping h every U steps and dt', sigma(v)
-            per step in a per-program scratch buffer (L2 sized);
+    stash   the interval's per-(step, channel) numbers, dt', sigmoid(v), the gated dy and the z gate's
+            factor, computed once per pair in a dense tile into a per-program stash (`_stash_chunk`);
+    pass A  re-walks the interval forward from its checkpoint, keeping h every U steps in a per-program
+            scratch buffer (L2 sized);
     pass B  walks the interval's U-step blocks in reverse: re-derives the block's U states in registers
             from the scratch, then runs the adjoint recurrence g_t = C_t dy_t + a_{t+1} g_{t+1} through
             them, emitting dx, ddt, dz per step, dB_t / dC_t (summed over the program's channels, then
@@ -57,14 +59,14 @@ def _bwd_block_inputs(j, t0, tn, x_b, B_b, seq_b, scr_b, stash_b, C_b, s_t, s_Bt
 
 
 @triton.jit
-def _bwd_reverse_inputs(t, tn, tl_, C_b, stash_b, s_Bt, dl, n2, n_ok2, BD: tl.constexpr, SR: tl.constexpr,
+def _bwd_reverse_inputs(t, tn, tloc, C_b, stash_b, s_Bt, dl, n2, n_ok2, BD: tl.constexpr, SR: tl.constexpr,
                         HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN_N: tl.constexpr, I64: tl.constexpr,
                         ACC: tl.constexpr):
-    """C_t and, from the stash row of local step tl_, sigmoid(dt_t + bias), the gated upstream gradient dy_t and
+    """C_t and, from the stash row of local step tloc, sigmoid(dt_t + bias), the gated upstream gradient dy_t and
     the gate's factor gz_t (both zero on padded steps) for the adjoint step."""
     to = time_offset(tl.minimum(t, tn - 1), I64)
     Cv = load_bc(C_b, to * s_Bt, n2, n_ok2, EVEN_N).to(ACC)
-    row = stash_b + ((tl_ * SR) * BD + dl)
+    row = stash_b + ((tloc * SR) * BD + dl)
     dy = tl.load(row + 2 * BD)
     gz = tl.load(row + 3 * BD) if HAS_Z else dy
     sig = tl.load(row + BD) if SOFTPLUS else dy
@@ -87,8 +89,8 @@ def _lane_group_sum(v, NL: tl.constexpr, NH: tl.constexpr, BD: tl.constexpr, RED
 def _bwd_step_reverse(carry, dA_acc, dD_acc, dbias_acc, t, tn, h_t, h_p, a, x, delta, Bv, rev,
                       A, Dv, s_gn, d1, dl, n2, n_ok2, dx_b, ddt_b, dz_b, dB_l, dC_l, s_t, s_dzt,
                       HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, I64: tl.constexpr,
-                      LIBDEVICE: tl.constexpr, NL: tl.constexpr, NH: tl.constexpr, BD: tl.constexpr,
-                      RED_CH: tl.constexpr, ROWS: tl.constexpr):
+                      NL: tl.constexpr, NH: tl.constexpr, BD: tl.constexpr, RED_CH: tl.constexpr,
+                      ROWS: tl.constexpr):
     """Adjoint of step t: takes g_{t+1} a_{t+1} (`carry`), returns a_t g_t and the updated sums."""
     Cv, dy, gz, sig = rev
     # t < tn as a (BD,) vector, not a scalar: Triton 3.9's interpreter rejects a broadcast scalar
@@ -147,15 +149,15 @@ def _stash_chunk(t0, tn, nsteps, dt_b, z_b, dy_b, bias, stash_b, s_t, s_zt, s_yt
     instructions and most of pass B's per-channel ones."""
     tt = tl.arange(0, TB)
     for i in range(0, tl.cdiv(nsteps, TB)):
-        tl_ = i * TB + tt  # (TB,) steps of the chunk
-        ok = ((t0 + tl_) < tn)[:, None]
-        to = time_offset(tl.minimum(t0 + tl_, tn - 1), I64)[:, None]
+        tloc = i * TB + tt  # (TB,) steps of the chunk
+        ok = ((t0 + tloc) < tn)[:, None]
+        to = time_offset(tl.minimum(t0 + tloc, tn - 1), I64)[:, None]
         delta, sig = dt_softplus_sigmoid(tl.load(dt_b + (to * s_t + d1[None, :])).to(ACC), bias[None, :], HAS_BIAS,
                                          SOFTPLUS, LIBDEVICE)
         dout = tl.where(ok, tl.load(dy_b + (to * s_yt + d1[None, :])).to(ACC), 0.0)
-        row = stash_b + ((tl_ * SR)[:, None] * BD + dl[None, :])
+        row = stash_b + ((tloc * SR)[:, None] * BD + dl[None, :])
         # full-shape mask (the interpreter mishandles a broadcast one); the stash holds CHUNK steps
-        keep = (tl_ < CHUNK)[:, None] & (dl >= 0)[None, :]
+        keep = (tloc < CHUNK)[:, None] & (dl >= 0)[None, :]
         tl.store(row, tl.where(ok, delta, 0.0), mask=keep)
         if SOFTPLUS:
             tl.store(row + BD, sig, mask=keep)
@@ -427,7 +429,7 @@ def scan_bwd_kernel(
                     A2 if ROWS else A, Dv, ngroups * dstate, d1, dl, n2, n_ok2, dx_b, ddt_b, dz_b, dB_l, dC_l, s_t,
                     s_dzt,
                     HAS_D, HAS_Z,
-                    SOFTPLUS, I64, LIBDEVICE,
+                    SOFTPLUS, I64,
                     NL, NH, BD, RED_CH, ROWS)
         tl.debug_barrier()  # the next chunk's pass A overwrites the scratch this pass read
     if WANT_DH0:
