@@ -171,18 +171,18 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
                  PYTHONPATH=$tree/src:${PYTHONPATH#$PWD/src:} run "layers-$n-$side" 150 \
                    python3 benchmarks/gpu_layers.py --paths "triton fused" "triton ops" --split ${LAYERS_FLAGS:-}
                done;;
-    # session 32's changes on CUDA: the scan (stash, register cap, dz into d xz) and the fused Mamba-1 op against their
-    # references (every test of those files: on a GPU machine the unmarked ones run on CUDA too), then the training loop's device-side non-finite check (no host sync in an eager step, a skipped or
-    # halted step unapplied, a CPU foreach checkpoint resumed through the graph)
+    # the scan (every dz addressing) and the fused Mamba-1 op against their references (every test of those files: on
+    # a GPU machine the unmarked ones run on CUDA too), then the training loop's device-side non-finite check (no
+    # host sync in an eager step, a skipped or halted step unapplied, a CPU foreach checkpoint resumed through the graph)
     s32-tests) run s32-scan-tests 300 python3 -m pytest -q -p no:cacheprovider -n 3 tests/ops/test_selective_scan_triton.py \
                  tests/ops/test_selective_scan_bwd_variants.py tests/ops/test_mamba1_inner.py
                run s32-train-tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_nothing_lost.py \
                  tests/test_cuda_graph.py -k "nonfinite or never_waits or foreach";;
-    # session 32's scan-backward stash (static SASS: 93.2 -> 66.4 instructions per element), before and after in one
-    # call: old, new, old, new. Prepare the old tree first (the commit before the stash, 2f6aa9f):
-    #   mkdir -p .ab/old && git archive 2f6aa9f src benchmarks | tar x -C .ab/old  (and carry .ab)
+    # a scan change before and after in one call: old, new, old, new. Prepare the old tree first, e.g.
+    #   mkdir -p .ab/old && git archive <commit before the change> src benchmarks | tar x -C .ab/old  (and carry .ab)
     # the scan alone (fwd and fwd+bwd at 2048 / 8192 / 32768, its correctness check first), then the 130M Mamba-1
-    # training step as `mambakit train` runs it (fused, Triton loss, one CUDA graph)
+    # training step as `mambakit train` runs it (fused, Triton loss, one CUDA graph). Session 33 timed session 32's
+    # stash this way (BENCHMARKS.md): 4-6% slower, reverted.
     scan-ab) n=0; for side in old new old new; do
                n=$((n + 1)); if [ $side = old ]; then tree=$PWD/.ab/old; else tree=$PWD; fi
                PYTHONPATH=$tree/src:${PYTHONPATH#$PWD/src:} run "scan-$n-$side" 200 \

@@ -4,15 +4,15 @@ Compiles `scan_bwd_kernel` for an H100 / H200 (Triton's bundled ptxas, sm_90) at
 specialisation (bf16 x / dt / z / dy, float32 B / C copies, softplus, z, D, dt_bias, time-segmented, 32-bit
 offsets; pointers and strides divisible by 16 as the JIT would mark them; the launcher's register cap,
 `scan_policy.bwd_maxnreg`) for each backward variant and prints
-registers, spills and the instruction count of each loop body (the stash loop per TB = 2 NH steps, pass A and
-pass B per micro-block of U steps), per step and per state element (warp-instructions / (NL * NH * BD) per
-warp-step).
+registers, spills and the instruction count of each loop body (pass A and pass B per micro-block of U steps), per
+step and per state element (warp-instructions / (NL * NH * BD) per warp-step).
 
     python benchmarks/scan_bwd_sass.py                        # the variants of --bwd-variants
     python benchmarks/scan_bwd_sass.py --dump wide16 > w.sass # one variant's SASS
 
-Static counts are not timings: they say where instructions go (the backward is issue-bound once the SMs hold
-enough warps, BENCHMARKS.md), not how fast it runs.
+Static counts are not timings: they say where instructions go, not how fast it runs. Session 32 cut v1 from 93.2 to
+66.0 per state element (a per-(step, channel) stash loop before pass A, a 128-register cap) and the H100 then timed
+that kernel 4-6% slower (BENCHMARKS.md, session 33): time every change on a GPU before keeping it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-import torch  # noqa: E402
 
 from mambakit.ops.selective_scan.scan_policy import (  # noqa: E402
     BWD_VARIANTS,
@@ -72,7 +71,8 @@ def compile_variant(name: str, dstate: int = 16, group_size: int = 4096, seg: bo
     const = dict(NREP=32, RED_CH=min(p["reduce_channels"] or 4, tiles.BD), CHUNK=p["interval"] or 128,
                  U=p["block_u"] or 2, NL=tiles.NL, NH=tiles.NH, BD=tiles.BD, ACC=tl.float64 if f64 else tl.float32,
                  HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_SEQ=False, HAS_DHLAST=False,
-                 WANT_DH0=False, EVEN_N=True, LIBDEVICE=True, I64=False, SEGMENTED=seg, ROWS=p["rows"])
+                 WANT_DH0=False, EVEN_N=True, LIBDEVICE=True, I64=False, SEGMENTED=seg, ROWS=p["rows"],
+                 DZ_AT=0)
     const.update(flags)
     u = const["U"]
     sig, attrs = {}, {}
@@ -91,7 +91,7 @@ def compile_variant(name: str, dstate: int = 16, group_size: int = 4096, seg: bo
     sig["s_An"] = "constexpr"
     src = ASTSource(fn, sig, constexprs=const_full, attrs=attrs)
     # the launcher's register cap, if any
-    cap = bwd_maxnreg(bwd_variant_config(name), u, torch.float64 if f64 else torch.float32, const["I64"])
+    cap = bwd_maxnreg(bwd_variant_config(name))
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": tiles.num_warps, **({} if cap is None else {"maxnreg": cap})})
     return k, tiles, u
@@ -152,22 +152,22 @@ def main() -> int:
         k, _, _ = compile_variant(args.dump)
         print(k.asm["sass"])
         return 0
-    print("| variant | NL x NH x BD | U | regs | spill stack B | stash / pass A / pass B loop (SASS instr) | "
+    print("| variant | NL x NH x BD | U | regs | spill stack B | pass A / pass B loop (SASS instr) | "
           "per step | per state element | in pass B per step: MUFU / FP / SHFL / smem / local / atomics |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.variants:
         k, t, u = compile_variant(name)
         sass = k.asm["sass"]
         regs, stack = resources(k)
-        loops = inner_loops(sass)  # in program order: the stash's dt' loop, pass A, pass B (then the epilogue's)
-        if len(loops) < 3:
+        loops = inner_loops(sass)  # in program order: pass A, pass B (then the epilogue's, if any)
+        if len(loops) < 2:
             print(f"| {name} | {t.NL} x {t.NH} x {t.BD} | {u} | {regs} | {stack} | loops not found: {loops} |")
             continue
-        st, a, b = (body_stats(sass, s) for s in loops[:3])
-        per_step = st["n"] / (2 * t.NH) + (a["n"] + b["n"]) / u  # the kernel's TB = 2 NH steps per stash tile
+        a, b = (body_stats(sass, s) for s in loops[:2])
+        per_step = (a["n"] + b["n"]) / u
         elems = t.NL * t.NH * t.BD / (32 * t.num_warps)  # state elements per thread per step
         mix = " / ".join(f"{b[key] / u:.0f}" for key in ("mufu", "fp", "shfl", "smem", "local", "atom"))
-        print(f"| {name} | {t.NL} x {t.NH} x {t.BD} | {u} | {regs} | {stack} | {st['n']} / {a['n']} / {b['n']} | "
+        print(f"| {name} | {t.NL} x {t.NH} x {t.BD} | {u} | {regs} | {stack} | {a['n']} / {b['n']} | "
               f"{per_step:.0f} | {per_step / elems:.1f} | {mix} |")
     return 0
 

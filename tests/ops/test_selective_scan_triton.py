@@ -263,8 +263,9 @@ def test_time_segmented_forward_writes_the_sequential_checkpoints():
 
 def test_scan_backward_writes_dz_into_a_strided_view_of_the_callers_tensor():
     """`scan_bwd(dz_out=...)`: dz lands in the z half of a (B, L, 2D) gradient, as the fused Mamba-1 op asks (no
-    copy), with z itself such a half; every other gradient as without it, and the other half untouched. A dz_out
-    of the wrong shape, dtype or last stride is refused."""
+    copy), with z itself such a half; every other gradient as without it, and the other half untouched. The same
+    in a slice whose strides are neither x's nor z's. A dz_out of the wrong shape, dtype or last stride is
+    refused."""
     inp, extra = make_inputs(L=13, d=8, seq=True)
     inp = {k: v.double() for k, v in inp.items()}
     b, L, d = inp["x"].shape
@@ -289,6 +290,12 @@ def test_scan_backward_writes_dz_into_a_strided_view_of_the_callers_tensor():
     assert torch.equal(dxz[..., :d], torch.full_like(dxz[..., :d], 7.0))
     for i, name in enumerate(("dx", "ddt", "dA", "dB", "dC", "dD")):
         assert_close(into[i], plain[i], name=name, rel=1e-12)
+    # strides that are neither x's nor z's: dz at offsets of its own (the kernel's third dz addressing)
+    wide = torch.full((b, L, 3 * d), 7.0, dtype=torch.float64, device=DEVICE)
+    bwd(wide[..., d:2 * d])
+    assert_close(wide[..., d:2 * d], plain[6], name="dz in a (B, L, 3D) slice", rel=1e-12)
+    assert torch.equal(wide[..., :d], torch.full_like(wide[..., :d], 7.0))
+    assert torch.equal(wide[..., 2 * d:], torch.full_like(wide[..., 2 * d:], 7.0))
     for bad in (torch.empty(b, L, d + 1, dtype=torch.float64), torch.empty(b, L, d, dtype=torch.float32),
                 torch.empty(b, d, L, dtype=torch.float64).transpose(1, 2)):
         with pytest.raises(ValueError, match="dz_out must be"):

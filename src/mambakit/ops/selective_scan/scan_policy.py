@@ -42,7 +42,6 @@ DEFAULT_REDUCE_CHANNELS = 4  # dB / dC: channel lanes summed by shuffles before 
 # docs/design/kernel_figures.md).
 BWD_U2_MIN_WARPS_PER_SM = 13
 BWD_MIN_WARPS_PER_SM = 24
-BWD_U2_MAXNREG = 128  # registers of the U = 2 backward: see `bwd_maxnreg`
 
 
 @dataclass(frozen=True, init=False)
@@ -246,20 +245,13 @@ def bwd_block_u(warps: int, config: ScanConfig, device: torch.device) -> int:
     return config.block_u or (2 if warps >= BWD_U2_MIN_WARPS_PER_SM * sm_count(device, 132) else 4)
 
 
-def bwd_maxnreg(config: ScanConfig, block_u: int, acc_dtype: torch.dtype, i64: bool = False) -> int | None:
-    """The backward kernel's register cap per thread: `config.bwd_maxnreg`, else BWD_U2_MAXNREG for the default
-    tiles (NL <= 4 states per thread, not `bwd_rows`) at U = 2 in float32 with 32-bit offsets, else None (the
-    compiler's choice; with 64-bit offsets the cap spilled 64-88 bytes).
+def bwd_maxnreg(config: ScanConfig) -> int | None:
+    """The backward kernel's register cap per thread: `config.bwd_maxnreg`, else None (the compiler's choice).
 
-    U = 2 is the occupancy choice (`bwd_block_u`): its kernel used 128 registers, 16 one-warp programs per SM. Since
-    the per-(step, channel) numbers moved into the stash (session 32) the compiler takes 156 for 2% fewer
-    instructions; capped at 128 it keeps that occupancy, without spills, at 66.0 static sm_90 instructions per state
-    element (64.5 uncapped; 93.2 before the stash: benchmarks/scan_bwd_sass.py)."""
-    if config.bwd_maxnreg is not None:
-        return config.bwd_maxnreg
-    if block_u == 2 and not config.bwd_rows and acc_dtype == torch.float32 and not i64:
-        return BWD_U2_MAXNREG
-    return None
+    The default U = 2 float32 kernel compiles to 128 registers without a cap (16 one-warp programs per SM:
+    `benchmarks/scan_bwd_sass.py`, and a slow CI test keeps it there). Session 32 capped a kernel that wanted 156
+    at 128; that kernel measured 4-6% slower on an H100 and went (BENCHMARKS.md, session 33), and with it the cap."""
+    return config.bwd_maxnreg
 
 
 def carry_split(batch: int, seqlen: int, dim: int, dstate: int, ngroups: int, seg_len: int, nseg: int,

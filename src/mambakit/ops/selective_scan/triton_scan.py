@@ -176,8 +176,8 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
     # the row-gathered kernel at U = 1 also keeps the state after the interval's last step (one block more)
     keep_all = bool(config.bwd_rows) and block_u == 1
     scratch = torch.empty(nprog, interval // block_u + keep_all, tiles.BD, bn, device=x.device, dtype=acc_t)
-    # per (step, channel): dt', sigmoid(dt + bias), dy, the gate's factor (triton_scan_bwd._stash_chunk)
-    stash = torch.empty(nprog, interval, 4, tiles.BD, device=x.device, dtype=acc_t)
+    # per (step, channel): dt' and sigmoid(dt + bias), written by pass A, read by pass B
+    stash = torch.empty(nprog, interval, 2, tiles.BD, device=x.device, dtype=acc_t)
     dx = torch.empty_like(x)
     ddt = torch.empty_like(dt)
     if dz_out is not None:
@@ -190,6 +190,8 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
     else:
         dz = torch.empty(z.shape, device=x.device, dtype=z.dtype) if z is not None else None
     dzs = dz.stride() if dz is not None else (0, 0, 1)
+    # dz's offsets: x's (0) or z's (1) where its strides are theirs (no address arithmetic of its own), else its own
+    dz_at = 0 if dz is None or dz.stride() == x.stride() else 1 if dz.stride() == z.stride() else 2
     red_ch = min(config.bwd_reduce_channels or policy.DEFAULT_REDUCE_CHANNELS, tiles.BD)
     nrep = min(config.bwd_replicas, dim // red_ch)  # replicas of dB, dC for the atomics (see the kernel)
     dB = torch.zeros(nrep, batch, seqlen, ngroups, dstate, device=x.device, dtype=acc_t)
@@ -204,7 +206,7 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
     dummy = dx  # stands in for absent tensors: the flags keep the kernels from reading it
     i64 = policy.needs_i64(seqlen, x.stride(1), zs[1], B32.stride(1), ss[1], dy.stride(1), dzs[1])
     # (the interpreter has no registers to cap)
-    maxnreg = None if triton_interpret() else policy.bwd_maxnreg(config, block_u, acc_t, i64)
+    maxnreg = None if triton_interpret() else policy.bwd_maxnreg(config)
     z_arg = z if z is not None else dummy
     bias_arg = dt_bias if dt_bias is not None else dummy
     seq_arg = seq_idx if seq_idx is not None else dummy
@@ -250,7 +252,7 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         HAS_SEQ=seq_idx is not None, HAS_DHLAST=dhl is not None, WANT_DH0=want_dinitial,
         EVEN_N=dstate == tiles.NL * tiles.NH, LIBDEVICE=not triton_interpret(), I64=i64, SEGMENTED=nseg > 1,
-        ROWS=bool(config.bwd_rows),
+        ROWS=bool(config.bwd_rows), DZ_AT=dz_at,
         num_warps=tiles.num_warps, **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     dB, dC = dB.sum(0), dC.sum(0)

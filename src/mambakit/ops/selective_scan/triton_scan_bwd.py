@@ -4,10 +4,8 @@ Shapes (legend): B batch, L seqlen, D dim (channels), G ngroups, N dstate, K = L
 Tiles: see triton_scan_tile.py (NL <= 4 float32 states per thread here: one 128-bit vector load).
 
 Per program, checkpoint intervals in reverse (`scan_bwd_kernel`):
-    stash   the interval's per-(step, channel) numbers, dt', sigmoid(v), the gated dy and the z gate's
-            factor, computed once per pair in a dense tile into a per-program stash (`_stash_chunk`);
-    pass A  re-walks the interval forward from its checkpoint, keeping h every U steps in a per-program
-            scratch buffer (L2 sized);
+    pass A  re-walks the interval forward from its checkpoint, keeping h every U steps and dt', sigma(v)
+            per step in a per-program scratch buffer (L2 sized);
     pass B  walks the interval's U-step blocks in reverse: re-derives the block's U states in registers
             from the scratch, then runs the adjoint recurrence g_t = C_t dy_t + a_{t+1} g_{t+1} through
             them, emitting dx, ddt, dz per step, dB_t / dC_t (summed over the program's channels, then
@@ -33,10 +31,10 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _bwd_block_inputs(j, t0, tn, x_b, B_b, seq_b, scr_b, stash_b, C_b, s_t, s_Bt, s_st, d1, dl, n2, n_ok2, scr_off,
-                      BD: tl.constexpr, BN: tl.constexpr, U: tl.constexpr, SR: tl.constexpr, HAS_Z: tl.constexpr,
-                      HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN_N: tl.constexpr, I64: tl.constexpr,
-                      ACC: tl.constexpr, ROWS: tl.constexpr, NL: tl.constexpr, NH: tl.constexpr):
+def _bwd_block_inputs(j, t0, tn, x_b, B_b, seq_b, scr_b, stash_b, C_b, z_b, dy_b, s_t, s_zt, s_Bt, s_yt, s_st,
+                      d1, dl, n2, n_ok2, scr_off, BD: tl.constexpr, BN: tl.constexpr, U: tl.constexpr,
+                      HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN_N: tl.constexpr,
+                      I64: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, NL: tl.constexpr, NH: tl.constexpr):
     """Everything pass B reads for micro-block j before its first store: the state entering the
     block, x / B / dt' of its U steps, seq_idx, and the reverse inputs of its last step."""
     tb = t0 + j * U
@@ -50,27 +48,26 @@ def _bwd_block_inputs(j, t0, tn, x_b, B_b, seq_b, scr_b, stash_b, C_b, s_t, s_Bt
         to = time_offset(tl.minimum(tb + u, tn - 1), I64)
         x = tl.load(x_b + (to * s_t + d1)).to(ACC)
         Bv = load_bc(B_b, to * s_Bt, n2, n_ok2, EVEN_N).to(ACC)
-        delta = tl.load(stash_b + (((j * U + u) * SR) * BD + dl))  # 0 on padded steps
+        delta = tl.load(stash_b + (((j * U + u) * 2) * BD + dl))  # 0 on padded steps (pass A wrote it)
         s = tl.load(seq_b + to * s_st) if HAS_SEQ else 0
         steps = steps + ((x, Bv, delta, s),)
-    last = _bwd_reverse_inputs(tb + U - 1, tn, j * U + U - 1, C_b, stash_b, s_Bt, dl, n2, n_ok2, BD, SR, HAS_Z,
-                               SOFTPLUS, EVEN_N, I64, ACC)
+    last = _bwd_reverse_inputs(tb + U - 1, tn, (j * U + U - 1) * 2 + 1, C_b, z_b, dy_b, stash_b, s_zt, s_Bt,
+                               s_yt, d1, dl, n2, n_ok2, BD, HAS_Z, SOFTPLUS, EVEN_N, I64, ACC)
     return h, s_prev, steps, last
 
 
 @triton.jit
-def _bwd_reverse_inputs(t, tn, tloc, C_b, stash_b, s_Bt, dl, n2, n_ok2, BD: tl.constexpr, SR: tl.constexpr,
-                        HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN_N: tl.constexpr, I64: tl.constexpr,
-                        ACC: tl.constexpr):
-    """C_t and, from the stash row of local step tloc, sigmoid(dt_t + bias), the gated upstream gradient dy_t and
-    the gate's factor gz_t (both zero on padded steps) for the adjoint step."""
+def _bwd_reverse_inputs(t, tn, sig_row, C_b, z_b, dy_b, stash_b, s_zt, s_Bt, s_yt, d1, dl, n2, n_ok2,
+                        BD: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN_N: tl.constexpr,
+                        I64: tl.constexpr, ACC: tl.constexpr):
+    """C_t, the upstream dy_t (zero on padded steps), z_t and sigmoid(dt_t + bias) for the adjoint step."""
     to = time_offset(tl.minimum(t, tn - 1), I64)
     Cv = load_bc(C_b, to * s_Bt, n2, n_ok2, EVEN_N).to(ACC)
-    row = stash_b + ((tloc * SR) * BD + dl)
-    dy = tl.load(row + 2 * BD)
-    gz = tl.load(row + 3 * BD) if HAS_Z else dy
-    sig = tl.load(row + BD) if SOFTPLUS else dy
-    return Cv, dy, gz, sig
+    dout = tl.where(t < tn, tl.load(dy_b + (to * s_yt + d1)).to(ACC), 0.0)
+    zo = to * s_zt + d1
+    zf = tl.load(z_b + zo).to(ACC) if HAS_Z else dout
+    sig = tl.load(stash_b + (sig_row * BD + dl)) if SOFTPLUS else dout
+    return Cv, dout, zf, sig, zo
 
 
 @triton.jit
@@ -89,20 +86,26 @@ def _lane_group_sum(v, NL: tl.constexpr, NH: tl.constexpr, BD: tl.constexpr, RED
 def _bwd_step_reverse(carry, dA_acc, dD_acc, dbias_acc, t, tn, h_t, h_p, a, x, delta, Bv, rev,
                       A, Dv, s_gn, d1, dl, n2, n_ok2, dx_b, ddt_b, dz_b, dB_l, dC_l, s_t, s_dzt,
                       HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, I64: tl.constexpr,
-                      NL: tl.constexpr, NH: tl.constexpr, BD: tl.constexpr, RED_CH: tl.constexpr,
-                      ROWS: tl.constexpr):
+                      LIBDEVICE: tl.constexpr, NL: tl.constexpr, NH: tl.constexpr, BD: tl.constexpr,
+                      RED_CH: tl.constexpr, ROWS: tl.constexpr, DZ_AT: tl.constexpr):
     """Adjoint of step t: takes g_{t+1} a_{t+1} (`carry`), returns a_t g_t and the updated sums."""
-    Cv, dy, gz, sig = rev
+    Cv, dout, zf, sig, zo = rev
     # t < tn as a (BD,) vector, not a scalar: Triton 3.9's interpreter rejects a broadcast scalar
     # comparison as a store / atomic mask (the compiled predicate is the same)
     valid = dl * 0 + t < tn  # (BD,)
     Cv = Cv[:, :, None]
-    xo = time_offset(t, I64) * s_t + d1  # x / dx / ddt offset of step t (dz has strides of its own)
+    xo = time_offset(t, I64) * s_t + d1  # x / dx / ddt offset of step t
     y = tl.sum(tl.sum(h_t * Cv, axis=0), axis=0)  # pre-gate output, recomputed (not stored by the forward)
     if HAS_D:
         y += Dv * x
-    if HAS_Z:  # dz = dout * y * d silu(z) / dz = gz * y (gz from the stash)
-        tl.store(dz_b + (time_offset(t, I64) * s_dzt + d1), (gz * y).to(dz_b.dtype.element_ty), mask=valid)
+    if HAS_Z:
+        sz = fast_sigmoid(zf, LIBDEVICE)
+        # dz at x's offsets (DZ_AT 0), z's (1: the z half of the fused op's d xz) or strides of its own (2)
+        dzo = xo if DZ_AT == 0 else zo if DZ_AT == 1 else time_offset(t, I64) * s_dzt + d1
+        tl.store(dz_b + dzo, (dout * y * sz * (1.0 + zf * (1.0 - sz))).to(dz_b.dtype.element_ty), mask=valid)
+        dy = dout * zf * sz
+    else:
+        dy = dout
     gt = Cv * dy[None, None, :] + carry  # dL/dh_t
     S1 = tl.sum(tl.sum(gt * Bv[:, :, None], axis=0), axis=0)  # sum_n g B: for dx and ddt'
     q = gt * a * h_p  # dL/da_t * a_t
@@ -137,52 +140,18 @@ def _bwd_step_reverse(carry, dA_acc, dD_acc, dbias_acc, t, tn, h_t, h_p, a, x, d
 
 
 @triton.jit
-def _stash_chunk(t0, tn, nsteps, dt_b, z_b, dy_b, bias, stash_b, s_t, s_zt, s_yt, d1, dl, CHUNK: tl.constexpr,
-                 TB: tl.constexpr, BD: tl.constexpr, SR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr,
-                 SOFTPLUS: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr):
-    """The per-(step, channel) numbers of the chunk's first `nsteps` steps (its micro-blocks, padding included) into
-    the stash's SR rows per step: dt' = softplus(dt + bias), sigmoid(dt + bias), the gated upstream gradient
-    dy = dout z sigmoid(z) (dout without z) and the gate's factor gz = dout sigmoid(z) (1 + z (1 - sigmoid(z)))
-    (dz = gz y), dt' / dy / gz zero on the steps past tn. As (TB, BD) tiles: each lane computes other pairs. In
-    the scan's (NL, NH, BD) layout every state lane of a channel repeated this work, and the compiler kept a second
-    copy of it (loads, softplus, sigmoid) in the layout of the per-channel stores: some 40% of pass A's
-    instructions and most of pass B's per-channel ones."""
-    tt = tl.arange(0, TB)
-    for i in range(0, tl.cdiv(nsteps, TB)):
-        tloc = i * TB + tt  # (TB,) steps of the chunk
-        ok = ((t0 + tloc) < tn)[:, None]
-        to = time_offset(tl.minimum(t0 + tloc, tn - 1), I64)[:, None]
-        delta, sig = dt_softplus_sigmoid(tl.load(dt_b + (to * s_t + d1[None, :])).to(ACC), bias[None, :], HAS_BIAS,
-                                         SOFTPLUS, LIBDEVICE)
-        dout = tl.where(ok, tl.load(dy_b + (to * s_yt + d1[None, :])).to(ACC), 0.0)
-        row = stash_b + ((tloc * SR)[:, None] * BD + dl[None, :])
-        # full-shape mask (the interpreter mishandles a broadcast one); the stash holds CHUNK steps
-        keep = (tloc < CHUNK)[:, None] & (dl >= 0)[None, :]
-        tl.store(row, tl.where(ok, delta, 0.0), mask=keep)
-        if SOFTPLUS:
-            tl.store(row + BD, sig, mask=keep)
-        if HAS_Z:
-            zf = tl.load(z_b + (to * s_zt + d1[None, :])).to(ACC)
-            sz = fast_sigmoid(zf, LIBDEVICE)
-            tl.store(row + 2 * BD, dout * zf * sz, mask=keep)
-            tl.store(row + 3 * BD, dout * sz * (1.0 + zf * (1.0 - sz)), mask=keep)
-        else:
-            tl.store(row + 2 * BD, dout, mask=keep)
-
-
-@triton.jit
-def _pass_a_inputs(tb, t0, tn, x_b, stash_b, B_b, seq_b, s_t, s_Bt, s_st, d1, dl, n2, n_ok2, U: tl.constexpr,
-                   CHUNK: tl.constexpr, BD: tl.constexpr, SR: tl.constexpr, HAS_SEQ: tl.constexpr,
-                   EVEN_N: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr):
-    """x, dt' (from the stash: 0 past tn), B, seq_idx of the U steps from tb (clamped at the chunk end)."""
+def _pass_a_inputs(tb, tn, x_b, dt_b, B_b, seq_b, s_t, s_Bt, s_st, d1, n2, n_ok2, U: tl.constexpr,
+                   HAS_SEQ: tl.constexpr, EVEN_N: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr):
+    """x, dt, B, seq_idx of the U steps from tb (clamped at the chunk end)."""
     steps = ()
     for u in tl.static_range(U):
         to = time_offset(tl.minimum(tb + u, tn - 1), I64)
-        x = tl.load(x_b + (to * s_t + d1)).to(ACC)
-        delta = tl.load(stash_b + ((tl.minimum(tb + u - t0, CHUNK - 1) * SR) * BD + dl))
+        xo = to * s_t + d1
+        x = tl.load(x_b + xo).to(ACC)
+        dtv = tl.load(dt_b + xo).to(ACC)
         Bv = load_bc(B_b, to * s_Bt, n2, n_ok2, EVEN_N).to(ACC)
         s = tl.load(seq_b + to * s_st) if HAS_SEQ else 0
-        steps = steps + ((x, delta, Bv, s),)
+        steps = steps + ((x, dtv, Bv, s),)
     return steps
 
 
@@ -277,7 +246,7 @@ def scan_bwd_kernel(
     NH: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DHLAST: tl.constexpr,
     WANT_DH0: tl.constexpr, EVEN_N: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr,
-    SEGMENTED: tl.constexpr, ROWS: tl.constexpr,
+    SEGMENTED: tl.constexpr, ROWS: tl.constexpr, DZ_AT: tl.constexpr,
 ):
     """Backward over time segment pid_c = chunks [pid_c * seg_len / CHUNK, ...) of one batch row (the whole
     sequence when nseg == 1), chunks in reverse. SEGMENTED: the carry entering the segment's last step comes
@@ -321,14 +290,12 @@ def scan_bwd_kernel(
     C_b = C_ptr + pid_b * s_Bb + g * s_Bg
     seq_b = seq_ptr + pid_b * s_sb
     BN: tl.constexpr = NL * NH
-    TB: tl.constexpr = 2 * NH  # steps per stash tile (TB, BD): two (step, channel) pairs per lane
-    SR: tl.constexpr = 4  # stash rows per step: dt', sigmoid(dt + bias), dy, gz (see _stash_chunk)
     # ROWS with U = 1: the scratch holds the state entering every step plus the one after the last, so pass B takes
     # each step's resulting state from the step after it instead of re-deriving it (2 instructions per element)
     KEEP_ALL: tl.constexpr = ROWS and U == 1
     scr_b = scr_ptr + prog * (CHUNK // U + (1 if ROWS and U == 1 else 0)) * BD * BN  # h every U steps of the chunk
     scr_off = dl[None, None, :] * BN + n3
-    stash_b = stash_ptr + prog * CHUNK * SR * BD  # (CHUNK, SR, BD): the per-(step, channel) numbers of the chunk
+    stash_b = stash_ptr + prog * CHUNK * 2 * BD  # dt' and sigmoid(dt + bias) of each step of the chunk
     st_off = (pid_b * dim + d3) * dstate + n3
     if SEGMENTED:
         # carry segments are cin_k times finer (reversed order): the one entering this segment's last step
@@ -364,24 +331,27 @@ def scan_bwd_kernel(
         else:
             h = tl.load(hck_ptr + ((pid_b * nchunks + c) * dim + d3) * dstate + n3, mask=n_ok3, other=0.0)
         s_prev = tl.load(seq_b + time_offset(tl.maximum(t0 - 1, 0), I64) * s_st) if HAS_SEQ else 0
-        _stash_chunk(t0, tn, nblk * U, dt_b, z_b, dy_b, bias, stash_b, s_t, s_zt, s_yt, d1, dl, CHUNK, TB, BD, SR,
-                     HAS_BIAS, HAS_Z, SOFTPLUS, LIBDEVICE, I64, ACC)
-        tl.debug_barrier()  # the stash written by some lanes is read by others
-        nxt = _pass_a_inputs(t0, t0, tn, x_b, stash_b, B_b, seq_b, s_t, s_Bt, s_st, d1, dl, n2, n_ok2, U, CHUNK, BD,
-                             SR, HAS_SEQ, EVEN_N, I64, ACC)
+        nxt = _pass_a_inputs(t0, tn, x_b, dt_b, B_b, seq_b, s_t, s_Bt, s_st, d1, n2, n_ok2, U, HAS_SEQ, EVEN_N,
+                             I64, ACC)
         for j in range(0, nblk):
             cur = nxt
-            nxt = _pass_a_inputs(t0 + (j + 1) * U, t0, tn, x_b, stash_b, B_b, seq_b, s_t, s_Bt, s_st, d1, dl, n2,
-                                 n_ok2, U, CHUNK, BD, SR, HAS_SEQ, EVEN_N, I64, ACC)
+            nxt = _pass_a_inputs(t0 + (j + 1) * U, tn, x_b, dt_b, B_b, seq_b, s_t, s_Bt, s_st, d1, n2, n_ok2, U,
+                                 HAS_SEQ, EVEN_N, I64, ACC)
             if ROWS:
                 store_tile_rows(scr_b + j * (BD * BN), h, BD, 1, dl, BN, NL, NH, BD)
             else:
                 tl.store(scr_b + (j * (BD * BN) + scr_off), h)
             for u in tl.static_range(U):
-                x, delta, Bv, s = cur[u]  # delta: 0 on the steps past tn (the stash says so)
+                x, dtv, Bv, s = cur[u]
+                valid = t0 + j * U + u < tn
+                delta, sig = dt_softplus_sigmoid(dtv, bias, HAS_BIAS, SOFTPLUS, LIBDEVICE)
+                delta = tl.where(valid, delta, 0.0)
+                tl.store(stash_b + (((j * U + u) * 2) * BD + dl), delta)
+                if SOFTPLUS:
+                    tl.store(stash_b + (((j * U + u) * 2 + 1) * BD + dl), sig)
                 a = tl.exp2(delta[None, None, :] * A2)
                 if HAS_SEQ:
-                    a = tl.where((s == s_prev) | (t0 + j * U + u >= tn), a, 0.0)
+                    a = tl.where((s == s_prev) | (~valid), a, 0.0)
                     s_prev = s
                 h = a * h + (delta * x)[None, None, :] * Bv[:, :, None]
         if KEEP_ALL:  # the state after the interval's last step, for pass B's first (last) step
@@ -389,9 +359,9 @@ def scan_bwd_kernel(
         tl.debug_barrier()  # scratch written by some lanes is read by others
         # pass B: U-step blocks in reverse; each re-derives its U states in registers, then runs the
         # adjoint through them. Block inputs come one block ahead, reverse inputs one step ahead.
-        nxt_b = _bwd_block_inputs(nblk - 1, t0, tn, x_b, B_b, seq_b, scr_b, stash_b, C_b, s_t, s_Bt, s_st, d1, dl, n2,
-                                  n_ok2, scr_off, BD, BN, U, SR, HAS_Z, HAS_SEQ, SOFTPLUS, EVEN_N, I64, ACC, ROWS, NL,
-                                  NH)
+        nxt_b = _bwd_block_inputs(nblk - 1, t0, tn, x_b, B_b, seq_b, scr_b, stash_b, C_b, z_b, dy_b, s_t, s_zt,
+                                  s_Bt, s_yt, s_st, d1, dl, n2, n_ok2, scr_off, BD, BN, U, HAS_Z, HAS_SEQ, SOFTPLUS,
+                                  EVEN_N, I64, ACC, ROWS, NL, NH)
         if KEEP_ALL:
             h_after = load_tile_rows(scr_b + nblk * (BD * BN), BD, 1, dl, BN, NL, NH, BD, ACC)
         else:
@@ -400,9 +370,9 @@ def scan_bwd_kernel(
             j = nblk - 1 - jj
             tb = t0 + j * U
             h_in, s_prev, steps, rev = nxt_b
-            nxt_b = _bwd_block_inputs(tl.maximum(j - 1, 0), t0, tn, x_b, B_b, seq_b, scr_b, stash_b, C_b, s_t, s_Bt,
-                                      s_st, d1, dl, n2, n_ok2, scr_off, BD, BN, U, SR, HAS_Z, HAS_SEQ, SOFTPLUS,
-                                      EVEN_N, I64, ACC, ROWS, NL, NH)
+            nxt_b = _bwd_block_inputs(tl.maximum(j - 1, 0), t0, tn, x_b, B_b, seq_b, scr_b, stash_b, C_b, z_b,
+                                      dy_b, s_t, s_zt, s_Bt, s_yt, s_st, d1, dl, n2, n_ok2, scr_off, BD, BN, U,
+                                      HAS_Z, HAS_SEQ, SOFTPLUS, EVEN_N, I64, ACC, ROWS, NL, NH)
             hs = (h_in,)
             a_s = ()
             for u in tl.static_range(U):
@@ -421,16 +391,17 @@ def scan_bwd_kernel(
             for u1 in tl.static_range(U, 0, -1):  # step tb + u1 - 1 (indices stay constexpr inline)
                 cur_rev = rev
                 if u1 > 1:
-                    rev = _bwd_reverse_inputs(tb + u1 - 2, tn, j * U + u1 - 2, C_b, stash_b, s_Bt, dl, n2, n_ok2, BD,
-                                              SR, HAS_Z, SOFTPLUS, EVEN_N, I64, ACC)
+                    rev = _bwd_reverse_inputs(tb + u1 - 2, tn, (j * U + u1 - 2) * 2 + 1, C_b, z_b, dy_b, stash_b,
+                                              s_zt, s_Bt, s_yt, d1, dl, n2, n_ok2, BD, HAS_Z, SOFTPLUS, EVEN_N,
+                                              I64, ACC)
                 carry, dA_acc, dD_acc, dbias_acc = _bwd_step_reverse(
                     carry, dA_acc, dD_acc, dbias_acc, tb + u1 - 1, tn, hs[u1], hs[u1 - 1],
                     a_s[u1 - 1], steps[u1 - 1][0], steps[u1 - 1][2], steps[u1 - 1][1], cur_rev,
                     A2 if ROWS else A, Dv, ngroups * dstate, d1, dl, n2, n_ok2, dx_b, ddt_b, dz_b, dB_l, dC_l, s_t,
                     s_dzt,
                     HAS_D, HAS_Z,
-                    SOFTPLUS, I64,
-                    NL, NH, BD, RED_CH, ROWS)
+                    SOFTPLUS, I64, LIBDEVICE,
+                    NL, NH, BD, RED_CH, ROWS, DZ_AT)
         tl.debug_barrier()  # the next chunk's pass A overwrites the scratch this pass read
     if WANT_DH0:
         tl.store(dh0_ptr + st_off, carry, mask=n_ok3 & (d3 * 0 + pid_c == 0))
