@@ -178,16 +178,18 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
                  tests/ops/test_selective_scan_bwd_variants.py tests/ops/test_mamba1_inner.py
                run s32-train-tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_nothing_lost.py \
                  tests/test_cuda_graph.py -k "nonfinite or never_waits or foreach";;
-    # a scan change before and after in one call: old, new, old, new. Prepare the old tree first, e.g.
-    #   mkdir -p .ab/old && git archive <commit before the change> src benchmarks | tar x -C .ab/old  (and carry .ab)
-    # the scan alone (fwd and fwd+bwd at 2048 / 8192 / 32768, its correctness check first), then the 130M Mamba-1
-    # training step as `mambakit train` runs it (fused, Triton loss, one CUDA graph). Session 33 timed session 32's
-    # stash this way (BENCHMARKS.md): 4-6% slower, reverted.
-    scan-ab) n=0; for side in old new old new; do
-               n=$((n + 1)); if [ $side = old ]; then tree=$PWD/.ab/old; else tree=$PWD; fi
+    # a scan change before and after in one call, sides alternated: AB_SIDES names trees under .ab/ ("new" is this
+    # tree; default "old new old new"). Prepare them on the developer's machine (and carry .ab), e.g.
+    #   for s in old=2f6aa9f; do mkdir -p .ab/${s%=*} && git archive ${s#*=} src | tar x -C .ab/${s%=*}; done
+    # each side: the scan alone (fwd and fwd+bwd at 2048 / 8192 / 32768, its correctness check first), then, unless
+    # AB_NO_TRAIN is set, the 130M Mamba-1 training step as `mambakit train` runs it (fused, Triton loss, one CUDA
+    # graph). Session 33 timed session 32's stash this way (BENCHMARKS.md): 4-6% slower, reverted.
+    scan-ab) n=0; for side in ${AB_SIDES:-old new old new}; do
+               n=$((n + 1)); if [ $side = new ]; then tree=$PWD; else tree=$PWD/.ab/$side; fi
+               [ -d $tree/src ] || { echo "=== scan-ab: no tree $tree/src"; continue; }
                PYTHONPATH=$tree/src:${PYTHONPATH#$PWD/src:} run "scan-$n-$side" 200 \
                  python3 benchmarks/gpu_selective_scan.py --no-train-shape ${SCAN_FLAGS:-}
-               PYTHONPATH=$tree/src:${PYTHONPATH#$PWD/src:} run "scan-train-$n-$side" 200 \
+               [ -n "${AB_NO_TRAIN:-}" ] || PYTHONPATH=$tree/src:${PYTHONPATH#$PWD/src:} run "scan-train-$n-$side" 200 \
                  python3 benchmarks/gpu_train.py --layers mamba1 --paths fused+cetriton+graph --steps 10 --warmup 3
              done;;
     synthetic-step) run synthetic-step 300 python3 benchmarks/gpu_synthetic_step.py ${SYNTH_FLAGS:-};;
