@@ -3,7 +3,7 @@
 Compiles `scan_bwd_kernel` for an H100 / H200 (Triton's bundled ptxas, sm_90) at the benchmark shape's
 specialisation (bf16 x / dt / z / dy, float32 B / C copies, softplus, z, D, dt_bias, time-segmented, 32-bit
 offsets; pointers and strides divisible by 16 as the JIT would mark them; the launcher's register cap,
-`scan_policy.bwd_maxnreg`) for each backward variant and prints
+`ScanConfig.bwd_maxnreg`) for each backward variant and prints
 registers, spills and the instruction count of each loop body (pass A and pass B per micro-block of U steps), per
 step and per state element (warp-instructions / (NL * NH * BD) per warp-step).
 
@@ -35,7 +35,6 @@ import triton.language as tl  # noqa: E402
 
 from mambakit.ops.selective_scan.scan_policy import (  # noqa: E402
     BWD_VARIANTS,
-    bwd_maxnreg,
     bwd_variant_config,
     pick_tiles,
     variant_params,
@@ -91,7 +90,7 @@ def compile_variant(name: str, dstate: int = 16, group_size: int = 4096, seg: bo
     sig["s_An"] = "constexpr"
     src = ASTSource(fn, sig, constexprs=const_full, attrs=attrs)
     # the launcher's register cap, if any
-    cap = bwd_maxnreg(bwd_variant_config(name))
+    cap = bwd_variant_config(name).bwd_maxnreg
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": tiles.num_warps, **({} if cap is None else {"maxnreg": cap})})
     return k, tiles, u

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mambakit.ops.selective_scan.scan_policy import (BWD_U2_MIN_WARPS_PER_SM, ScanConfig, bwd_block_u,
-                                                     bwd_maxnreg, bwd_variant_config, carry_split, pick_tiles,
+                                                     bwd_variant_config, carry_split, pick_tiles,
                                                      segments)
 
 CPU = torch.device("cpu")
@@ -53,10 +53,10 @@ def test_bwd_block_u_from_warps():
 
 def test_bwd_maxnreg_is_the_configs_cap_only():
     """No default register cap (the default kernel fits 128 registers by itself; session 32's cap went with the
-    kernel that needed it); an explicit bwd_maxnreg is passed on, the variants keep the compiler's choice."""
-    assert bwd_maxnreg(ScanConfig()) is None
-    assert bwd_maxnreg(bwd_variant_config("wide8", block_u=2)) is None
-    assert bwd_maxnreg(ScanConfig(bwd_maxnreg=96)) == 96
+    kernel that needed it); an explicit bwd_maxnreg is kept, the variants keep the compiler's choice."""
+    assert ScanConfig().bwd_maxnreg is None
+    assert bwd_variant_config("wide8", block_u=2).bwd_maxnreg is None
+    assert ScanConfig(bwd_maxnreg=96).bwd_maxnreg == 96
 
 
 @pytest.mark.parametrize("seqlen, interval, nc, want", [

@@ -89,7 +89,7 @@ def test_variant_configs_hold_the_tiles_they_name():
 def test_the_default_backward_compiles_for_sm90_without_spills():
     """`benchmarks/scan_bwd_sass.py --specialisations` compiles the default backward for an H100 / H200 with Triton's
     bundled ptxas on this CPU (no GPU): the interpreter runs kernels no compiler has seen, so a kernel that fails to
-    compile for sm_90, or spills under its register cap (`scan_policy.bwd_maxnreg`), fails here. The benchmark
+    compile for sm_90, or spills under its register cap (`ScanConfig.bwd_maxnreg`), fails here. The benchmark
     specialisation keeps the 128 registers of its occupancy."""
     import os
     import subprocess

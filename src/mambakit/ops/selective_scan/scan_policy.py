@@ -30,7 +30,7 @@ from ...deprecation import renamed_argument
 from ..common import cdiv, next_power_of_2, sm_count
 
 __all__ = ["ScanConfig", "Tiles", "pick_tiles", "fwd_nl", "default_time_segments", "default_bwd_time_segments",
-           "bwd_block_u", "bwd_maxnreg", "carry_split", "segments", "needs_i64", "BWD_VARIANTS", "variant_params",
+           "bwd_block_u", "carry_split", "segments", "needs_i64", "BWD_VARIANTS", "variant_params",
            "bwd_variant_config"]
 
 DEFAULT_CHECKPOINT_INTERVAL = 128  # steps between forward checkpoints; backward scratch is O(CHUNK) per program
@@ -62,7 +62,9 @@ class ScanConfig:
     bwd_replicas: copies of dB / dC the atomics spread over (summed afterwards; memory 2 x replicas x
         batch x seqlen x ngroups x dstate floats).
     bwd_maxnreg: register cap per thread for the backward kernel (None: the compiler's choice), to fit
-        more warps per SM.
+        more warps per SM. None by default: the default U = 2 float32 kernel compiles to 128 registers by
+        itself (16 one-warp programs per SM; a slow CI test keeps it there). Session 32 capped a kernel that
+        wanted 156 at 128; it measured 4-6% slower on an H100 and went, with its cap (BENCHMARKS.md, session 33).
     bwd_time_segments: time segments the backward runs in parallel (see `default_bwd_time_segments`); None
         picks from the shape, 1 is one program per (row, channels) walking the whole sequence.
     bwd_carry_split: carry segments per backward segment in the adjoint-only pass of a time-parallel
@@ -243,15 +245,6 @@ def bwd_block_u(warps: int, config: ScanConfig, device: torch.device) -> int:
     BWD_U2_MIN_WARPS_PER_SM warps per SM (U = 2 needs fewer registers, so more warps fit), else 4.
     `config.block_u` overrides."""
     return config.block_u or (2 if warps >= BWD_U2_MIN_WARPS_PER_SM * sm_count(device, 132) else 4)
-
-
-def bwd_maxnreg(config: ScanConfig) -> int | None:
-    """The backward kernel's register cap per thread: `config.bwd_maxnreg`, else None (the compiler's choice).
-
-    The default U = 2 float32 kernel compiles to 128 registers without a cap (16 one-warp programs per SM:
-    `benchmarks/scan_bwd_sass.py`, and a slow CI test keeps it there). Session 32 capped a kernel that wanted 156
-    at 128; that kernel measured 4-6% slower on an H100 and went (BENCHMARKS.md, session 33), and with it the cap."""
-    return config.bwd_maxnreg
 
 
 def carry_split(batch: int, seqlen: int, dim: int, dstate: int, ngroups: int, seg_len: int, nseg: int,

@@ -206,7 +206,7 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
     dummy = dx  # stands in for absent tensors: the flags keep the kernels from reading it
     i64 = policy.needs_i64(seqlen, x.stride(1), zs[1], B32.stride(1), ss[1], dy.stride(1), dzs[1])
     # (the interpreter has no registers to cap)
-    maxnreg = None if triton_interpret() else policy.bwd_maxnreg(config)
+    maxnreg = None if triton_interpret() else config.bwd_maxnreg
     z_arg = z if z is not None else dummy
     bias_arg = dt_bias if dt_bias is not None else dummy
     seq_arg = seq_idx if seq_idx is not None else dummy
