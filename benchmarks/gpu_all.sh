@@ -2,9 +2,9 @@
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
 # Stages: env tests graphtests synctests gentests compose adapters e2e finetune chat serve serve-repeat serve-ab serve-gc train train-ab train-graph train-paths ce bench launch scan ssd rows-matmul
-# convnorm layers layers-ab s32-tests scan-ab synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
+# convnorm layers layers-ab s32-tests scan-ab scan-train-shape synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
 # limit so one slow stage leaves the logs of the others intact. The machine returns at most 8 files from $OUT: end a
-# call of many stages with `pack` (every log into $OUT/logs.tgz), or logs beyond the eighth file are lost.
+# call of many stages with `pack` (every log and file into $OUT/logs.tgz), or logs beyond the eighth file are lost.
 # The lent machine has torch and Triton only: carry cp312 wheels in .whl/ (pip download --no-deps --only-binary=:all:
 # --python-version 3.12 --platform manylinux2014_x86_64 ...): omegaconf antlr4-python3-runtime pyyaml (train),
 # peft accelerate psutil safetensors transformers==5.17.0 huggingface_hub==1.33.0 tokenizers regex (adapters),
@@ -192,6 +192,13 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
                [ -n "${AB_NO_TRAIN:-}" ] || PYTHONPATH=$tree/src:${PYTHONPATH#$PWD/src:} run "scan-train-$n-$side" 200 \
                  python3 benchmarks/gpu_train.py --layers mamba1 --paths fused+cetriton+graph --steps 10 --warmup 3
              done;;
+    # the 130M training shape (batch 8 x 2048, d_inner 1536), where the policy picks 4 backward time segments:
+    # the backward's segment counts and micro-blocks timed (SCAN_FLAGS="--sweep-time --profile" adds the forward's
+    # and each kernel's GPU time), then where the eager Mamba-1 training step's GPU time goes (torch.profiler)
+    scan-train-shape) run scan-train-shape 220 python3 benchmarks/gpu_selective_scan.py --batch 8 --dim 1536 --seqlens 2048 \
+                        --sweep-bwd ${SCAN_FLAGS:-}
+                      run train-profile 150 python3 benchmarks/gpu_train.py --layers mamba1 --paths fused+cetriton \
+                        --steps 10 --warmup 3 --profile 20;;
     synthetic-step) run synthetic-step 300 python3 benchmarks/gpu_synthetic_step.py ${SYNTH_FLAGS:-};;
     prefill) run prefill 400 python3 -m mambakit.cli bench prefill --device cuda --out $OUT/prefill ${PREFILL_FLAGS:-};;
     # issue 18's figures for docs/benchmarks.md (docs/bench/gpu/): kernels, generation and training against size;
@@ -220,7 +227,7 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
               tests/test_audio.py
             run attention-decode 200 python3 benchmarks/gpu_attention_decode.py
             run unet-sampling 200 python3 benchmarks/gpu_repro_step.py --steps 5 --shapes spoken;;
-    pack) (cd "$OUT" && find . -name "*.log" -print0 | tar czf logs.tgz --null -T - --remove-files) \
+    pack) (cd "$OUT" && find . -type f ! -name logs.tgz ! -name bench.tar -print0 | tar czf logs.tgz --null -T - --remove-files) \
             && echo "=== pack: $OUT/logs.tgz";;
     *) echo "unknown stage $stage";;
   esac

@@ -300,6 +300,9 @@ SWEEP = [
 # warps per SM) and time segments run in parallel (bwd nc: adjoint-only pass + combine + full pass per segment)
 SWEEP_BWD = [
     ("bwd U=4 (1 segment)", ScanConfig(bwd_reduce_channels=4, bwd_time_segments=1, block_u=4)),
+    ("bwd U=2 (1 segment)", ScanConfig(bwd_reduce_channels=4, bwd_time_segments=1, block_u=2)),
+    ("bwd nc=2 U=2 carry split 2", ScanConfig(bwd_time_segments=2, bwd_reduce_channels=4, block_u=2, bwd_carry_split=2)),
+    ("bwd nc=2 U=2 carry split 4", ScanConfig(bwd_time_segments=2, bwd_reduce_channels=4, block_u=2, bwd_carry_split=4)),
     ("bwd nc=4 U=2 carry split 1", ScanConfig(bwd_time_segments=4, bwd_reduce_channels=4, block_u=2, bwd_carry_split=1)),
     ("bwd nc=4 U=2 carry split 2", ScanConfig(bwd_time_segments=4, bwd_reduce_channels=4, block_u=2, bwd_carry_split=2)),
     ("bwd nc=4 U=2 carry split 4", ScanConfig(bwd_time_segments=4, bwd_reduce_channels=4, block_u=2, bwd_carry_split=4)),
