@@ -2,7 +2,7 @@
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
 # Stages: env tests graphtests synctests gentests compose adapters e2e finetune chat serve serve-repeat serve-ab serve-gc train train-ab train-graph train-paths ce bench launch scan ssd rows-matmul
-# convnorm layers layers-ab s32-tests scan-ab scan-train-shape synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
+# convnorm layers layers-ab scan-tests loop-tests scan-ab scan-train-shape synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
 # limit so one slow stage leaves the logs of the others intact. The machine returns at most 8 files from $OUT: end a
 # call of many stages with `pack` (every log and file into $OUT/logs.tgz), or logs beyond the eighth file are lost.
 # The lent machine has torch and Triton only: carry cp312 wheels in .whl/ (pip download --no-deps --only-binary=:all:
@@ -172,12 +172,13 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
                    python3 benchmarks/gpu_layers.py --paths "triton fused" "triton ops" --split ${LAYERS_FLAGS:-}
                done;;
     # the scan (every dz addressing) and the fused Mamba-1 op against their references (every test of those files: on
-    # a GPU machine the unmarked ones run on CUDA too), then the training loop's device-side non-finite check (no
-    # host sync in an eager step, a skipped or halted step unapplied, a CPU foreach checkpoint resumed through the graph)
-    s32-tests) run s32-scan-tests 300 python3 -m pytest -q -p no:cacheprovider -n 3 tests/ops/test_selective_scan_triton.py \
-                 tests/ops/test_selective_scan_bwd_variants.py tests/ops/test_mamba1_inner.py
-               run s32-train-tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_nothing_lost.py \
-                 tests/test_cuda_graph.py -k "nonfinite or never_waits or foreach";;
+    # a GPU machine the unmarked ones run on CUDA too)
+    scan-tests) run scan-tests 300 python3 -m pytest -q -p no:cacheprovider -n 3 tests/ops/test_selective_scan_triton.py \
+                  tests/ops/test_selective_scan_bwd_variants.py tests/ops/test_mamba1_inner.py;;
+    # the training loop's device-side non-finite check: no host sync in an eager step, a skipped or halted step
+    # unapplied, a CPU foreach checkpoint resumed through the graph
+    loop-tests) run loop-tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_nothing_lost.py \
+                  tests/test_cuda_graph.py -k "nonfinite or never_waits or foreach";;
     # a scan change before and after in one call, sides alternated: AB_SIDES names trees under .ab/ ("new" is this
     # tree; default "old new old new"). Prepare them on the developer's machine (and carry .ab), e.g.
     #   for s in old=2f6aa9f; do mkdir -p .ab/${s%=*} && git archive ${s#*=} src | tar x -C .ab/${s%=*}; done

@@ -1,9 +1,11 @@
 """Which decode projections take the many-rows kernel (`triton_rows_matmul.py`): plain Python, so that the modules
 can ask without importing Triton (which a CPU install may not have).
 
-ROWS_MATMUL_MAX_ROWS is 0, off, until `benchmarks/gpu_decode_proj.py --rows-matmul` has timed the kernel against
-cuBLAS on a GPU; the benchmarks (`gpu_inference.py --rows-matmul-max-rows N`) and the tests set it. It is read at
-each call, so setting it switches both `decode_linear`'s Triton path and the mixers' decode step.
+ROWS_MATMUL_MAX_ROWS is 0, off: timed against cuBLAS on an H100 (session 34, BENCHMARKS.md), the kernel is no faster
+at 16-128 rows (every 130M projection takes 3.1-4.9 us either way: the launch and the weights' first bytes, not the
+tiles) and batch-64 decoding measured 78.4k vs 78.0k tokens/s (Mamba-1) and 44.7k vs 46.2k (Mamba-2) with it on vs
+off. The benchmarks (`gpu_inference.py --rows-matmul-max-rows N`) and the tests set it. It is read at each call, so
+setting it switches both `decode_linear`'s Triton path and the mixers' decode step.
 """
 
 from __future__ import annotations
