@@ -168,7 +168,7 @@ class Runner:
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         if self.name == "transformer":
             return self.model.prefill(ids, self.cache, rows_per_call=self.rows_or_chunk)
-        _, logits = prefill(self.model, ids, self.cache.reset(), chunk_size=self.rows_or_chunk)
+        _, logits = prefill(self.model, ids, self.cache.reset(), tokens_per_call=self.rows_or_chunk)
         return logits
 
     def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
@@ -275,10 +275,10 @@ def run_checks(models: dict, names: list[str], s: Shapes, device, dtype, graphs:
         if name != "transformer":
             def ragged_rows(name=name):
                 small = build(name, s, device, torch.float32, small=True)
-                cache, logits = prefill(small, ragged, chunk_size=16)
+                cache, logits = prefill(small, ragged, tokens_per_call=16)
                 worst = 0.0
                 for i, row in enumerate(ragged):
-                    alone, alone_logits = prefill(small, [row], chunk_size=16)
+                    alone, alone_logits = prefill(small, [row], tokens_per_call=16)
                     worst = max(worst, float((logits[i] - alone_logits[0]).abs().max() / alone_logits.abs().max()))
                     for st, st_alone in zip(cache.layers, alone.layers):
                         scale = float(st_alone.ssm_state.abs().max()) + 1e-6

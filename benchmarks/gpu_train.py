@@ -163,7 +163,7 @@ def run_case(layer: str, shape: str, path: str, batch: int, seqlen: int, steps: 
     elapsed = time.perf_counter() - t0
     row = {"layer": layer, "shape": shape, "path": path, "batch": batch, "seqlen": seqlen,
            "tokens_per_s": round(batch * seqlen * steps / elapsed), "ms_per_step": round(1e3 * elapsed / steps, 2),
-           "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2), "loss": round(float(loss), 4),
+           "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2), "loss": round(float(loss.detach()), 4),
            "first_step_s": round(first, 1)}
     if profile_top:
         row["kernels"] = kernel_table(step, profile_top)
