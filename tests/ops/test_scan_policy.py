@@ -71,14 +71,19 @@ def test_segments_hold_whole_checkpoint_intervals(seqlen, interval, nc, want):
     assert seg_len % interval == 0 and (nseg - 1) * seg_len < seqlen <= nseg * seg_len
 
 
-@pytest.mark.parametrize("batch, seqlen, seg_len, nseg, cfg, want", [
-    # forward 8 segments, backward 4: two carry segments per backward segment
-    pytest.param(2, 2048, 512, 4, ScanConfig(), 2, id="as-many-as-the-forward"),
-    pytest.param(2, 13, 8, 2, ScanConfig(checkpoint_interval=4, bwd_carry_split=3), 2, id="override-rounded-to-a-divisor"),
-    pytest.param(2, 13, 8, 2, ScanConfig(checkpoint_interval=4, bwd_carry_split=100), 8, id="override-capped-at-seg-len"),
+@pytest.mark.parametrize("batch, seqlen, dim, seg_len, nseg, cfg, want", [
+    # forward 8 segments, backward 4: four carry segments per backward segment (16 in all, twice the forward's)
+    pytest.param(2, 2048, 4096, 512, 4, ScanConfig(), 4, id="twice-the-forward"),
+    pytest.param(8, 2048, 1536, 512, 4, ScanConfig(), 4, id="twice-the-forward-130m-shape"),
+    # 32-step backward segments: at least 16 steps a carry segment caps it at 2
+    pytest.param(2, 2048, 4096, 32, 4, ScanConfig(), 2, id="at-least-16-steps"),
+    pytest.param(2, 13, 4096, 8, 2, ScanConfig(checkpoint_interval=4, bwd_carry_split=3), 2,
+                 id="override-rounded-to-a-divisor"),
+    pytest.param(2, 13, 4096, 8, 2, ScanConfig(checkpoint_interval=4, bwd_carry_split=100), 8,
+                 id="override-capped-at-seg-len"),
 ])
-def test_carry_split_tiles_each_backward_segment(batch, seqlen, seg_len, nseg, cfg, want):
-    k = carry_split(batch, seqlen, 4096, 16, 1, seg_len, nseg, cfg, CPU)
+def test_carry_split_tiles_each_backward_segment(batch, seqlen, dim, seg_len, nseg, cfg, want):
+    k = carry_split(batch, seqlen, dim, 16, 1, seg_len, nseg, cfg, CPU)
     assert k == want
     assert seg_len % k == 0
 

@@ -68,7 +68,7 @@ class ScanConfig:
     bwd_time_segments: time segments the backward runs in parallel (see `default_bwd_time_segments`); None
         picks from the shape, 1 is one program per (row, channels) walking the whole sequence.
     bwd_carry_split: carry segments per backward segment in the adjoint-only pass of a time-parallel
-        backward (None: as many in all as the forward's time segments).
+        backward (None: twice as many in all as the forward's time segments, `carry_split`).
     bwd_rows: move the backward's (D, N) tiles (A, checkpoints, carry, scratch) one in-thread state row at a
         time, which allows bwd_nl > 4 (the "wide" variants of BWD_VARIANTS; `bwd_variant_config` sets it).
     """
@@ -247,18 +247,25 @@ def bwd_block_u(warps: int, config: ScanConfig, device: torch.device) -> int:
     return config.block_u or (2 if warps >= BWD_U2_MIN_WARPS_PER_SM * sm_count(device, 132) else 4)
 
 
+# Carry segments of the backward's adjoint-only pass per forward time segment. H100 sweeps (BENCHMARKS.md, "bwd nc=4
+# U=2 carry split 2 / 4" rows): at the 130M training shape (batch 8 x 2048 x 1536) 16 carry segments (split 4) ran
+# fwd+bwd in 2.469 ms against 2.515 for 8 (session 34); at batch 2 x 4096 the two were level (1.646 / 6.261 / 24.93
+# against 1.641 / 6.266 / 25.09 ms at 2048 / 8192 / 32768, an earlier session's kernel).
+CARRY_SEGMENTS_PER_FWD_SEGMENT = 2
+
+
 def carry_split(batch: int, seqlen: int, dim: int, dstate: int, ngroups: int, seg_len: int, nseg: int,
                 config: ScanConfig, device: torch.device) -> int:
     """Carry segments per backward segment in the adjoint-only pass of a time-parallel backward (nseg > 1):
-    as many in all as the forward's time segments when that is more (the pass is cheap per step and wants
-    programs), at least 16 steps each, and a divisor of seg_len (they tile each backward segment exactly).
-    `config.bwd_carry_split` overrides (then capped at seg_len)."""
+    CARRY_SEGMENTS_PER_FWD_SEGMENT times as many in all as the forward's time segments when that is more (the
+    pass is cheap per step and wants programs), at least 16 steps each, and a divisor of seg_len (they tile each
+    backward segment exactly). `config.bwd_carry_split` overrides (then capped at seg_len)."""
     if config.bwd_carry_split is not None:
         cin_k = max(1, min(config.bwd_carry_split, seg_len))
     else:
         nc_fwd = default_time_segments(batch, seqlen, dim, dstate, ngroups,
                                        ScanConfig(checkpoint_interval=config.checkpoint_interval), device)
-        cin_k = max(1, min(nc_fwd // nseg, seg_len // 16))
+        cin_k = max(1, min(CARRY_SEGMENTS_PER_FWD_SEGMENT * nc_fwd // nseg, seg_len // 16))
     while seg_len % cin_k:
         cin_k -= 1
     return cin_k
