@@ -213,8 +213,7 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
     cin, cin_n, cin_k = None, 1, 1
     if nseg > 1:
         # pass 1: the adjoint alone over every carry segment but the first, from a zero carry at its end (carry
-        # segments: cin_k per backward segment, twice as many in all as the forward's time segments when that is
-        # more);
+        # segments: cin_k per backward segment, `scan_policy.carry_split`);
         # pass 2: the forward's segment combine, run over the reversed carry segments, chains them into the
         # carry entering every one (dL/dh_final for the last)
         cin_k = policy.carry_split(batch, seqlen, dim, dstate, ngroups, seg_len, nseg, config, x.device)
