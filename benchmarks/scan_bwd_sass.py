@@ -32,7 +32,6 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-
 from mambakit.ops.selective_scan.scan_policy import (  # noqa: E402
     BWD_VARIANTS,
     bwd_variant_config,

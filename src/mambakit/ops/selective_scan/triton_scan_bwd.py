@@ -4,8 +4,8 @@ Shapes (legend): B batch, L seqlen, D dim (channels), G ngroups, N dstate, K = L
 Tiles: see triton_scan_tile.py (NL <= 4 float32 states per thread here: one 128-bit vector load).
 
 Per program, checkpoint intervals in reverse (`scan_bwd_kernel`):
-    pass A  re-walks the interval forward from its checkpoint, keeping h every U steps and dt', sigma(v)
-            per step in a per-program scratch buffer (L2 sized);
+    pass A  re-walks the interval forward from its checkpoint, keeping h every U steps in a per-program
+            scratch buffer (L2 sized) and dt', sigma(v) of each step in a per-program stash;
     pass B  walks the interval's U-step blocks in reverse: re-derives the block's U states in registers
             from the scratch, then runs the adjoint recurrence g_t = C_t dy_t + a_{t+1} g_{t+1} through
             them, emitting dx, ddt, dz per step, dB_t / dC_t (summed over the program's channels, then
