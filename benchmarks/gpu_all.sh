@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
-# Stages: env tests graphtests synctests gentests compose adapters e2e finetune chat serve serve-repeat serve-ab serve-gc train train-ab train-graph train-paths ce bench launch scan ssd rows-matmul
+# Stages: env tests graphtests synctests gentests compose adapters e2e finetune chat serve serve-repeat serve-ab serve-gc train train-ab train-graph train-paths ce-tests ce bench launch scan ssd rows-matmul
 # convnorm layers layers-ab scan-tests loop-tests scan-ab scan-train-shape synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
 # limit so one slow stage leaves the logs of the others intact. The machine returns at most 8 files from $OUT: end a
 # call of many stages with `pack` (every log and file into $OUT/logs.tgz), or logs beyond the eighth file are lost.
@@ -129,6 +129,7 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
     train) run train 560 python3 benchmarks/gpu_train.py ${TRAIN_FLAGS:-};;
     # the loss alone (plain logits vs linear_cross_entropy's torch and Triton backends), then the 130M step with
     # the model's own loss on each backend
+    ce-tests) run ce-tests 150 python3 -m pytest tests/ops/test_linear_cross_entropy.py -m gpu -q -p no:cacheprovider;;
     ce) run ce 120 python3 benchmarks/gpu_cross_entropy.py ${CE_FLAGS:-}
         run ce-train 400 python3 benchmarks/gpu_train.py --layers mamba2 mamba1 --paths fused fused+cetorch fused+cetriton \
           --steps 10 --warmup 3;;

@@ -310,6 +310,14 @@ SWEEP_BWD = [
     ("bwd nc=8 U=2 carry split 2", ScanConfig(bwd_time_segments=8, bwd_reduce_channels=4, block_u=2, bwd_carry_split=2)),
     ("bwd nc=4 U=2 maxnreg 128 split 2", ScanConfig(bwd_time_segments=4, bwd_reduce_channels=4, block_u=2,
                                                     bwd_maxnreg=128, bwd_carry_split=2)),
+    # dB / dC replicas (each zero-filled, atomically added into, then summed: 2 x R x (B, L, G, N) float32) and the
+    # channel lanes summed by shuffles before each atomic, at the 4-segment split-4 default
+    ("bwd nc=4 split 4 replicas 8", ScanConfig(bwd_time_segments=4, bwd_carry_split=4, bwd_replicas=8)),
+    ("bwd nc=4 split 4 replicas 16", ScanConfig(bwd_time_segments=4, bwd_carry_split=4, bwd_replicas=16)),
+    ("bwd nc=4 split 4 replicas 64", ScanConfig(bwd_time_segments=4, bwd_carry_split=4, bwd_replicas=64)),
+    ("bwd nc=4 split 4 reduce 8 ch, replicas 16", ScanConfig(bwd_time_segments=4, bwd_carry_split=4,
+                                                             bwd_reduce_channels=8, bwd_replicas=16)),
+    ("bwd nc=4 split 4 reduce 2 ch", ScanConfig(bwd_time_segments=4, bwd_carry_split=4, bwd_reduce_channels=2)),
 ]
 
 # time-parallel forward: segments scanned in parallel (pass 1 state-only + pass 2 combine + pass 3 full);

@@ -243,3 +243,26 @@ def test_triton_backend_on_cuda_matches_the_torch_backend(rows, vocab, padded):
     for name, a, e in zip(("loss", "dhidden", "dweight"), out["triton"], out["torch"]):
         assert_close(a, e, name=name, rel=2e-2 if name != "loss" else 1e-4)
     assert not out["triton"][2][vocab:].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dweight_accumulates_in_float32_inside_the_matmul_on_cuda(dtype):
+    """The chunked head's dW += g.T @ h on CUDA: cuBLAS adds into the float32 accumulator in place (the out= tensor
+    is also the addend), chunk after chunk, without rounding each chunk's product to 16 bits first."""
+    from mambakit.ops.cross_entropy.torch_ce import _accumulate_dweight
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    dweight = torch.randn(1000, 768, device="cuda", generator=gen)
+    expected, rounded = dweight.double(), dweight.double()
+    for _ in range(3):
+        g = (torch.randn(512, 1000, device="cuda", generator=gen) * 1e-2).to(dtype)
+        h = torch.randn(512, 768, device="cuda", generator=gen).to(dtype)
+        ptr = dweight.data_ptr()
+        _accumulate_dweight(dweight, g, h)
+        assert dweight.data_ptr() == ptr and dweight.dtype == torch.float32  # in place
+        expected = expected + g.double().t() @ h.double()
+        rounded = rounded + (g.t() @ h).double()  # what a 16-bit product added afterwards gives
+    err = float((dweight.double() - expected).abs().max())
+    assert err < 1e-4, err
+    assert err < float((rounded - expected).abs().max()) / 4

@@ -62,8 +62,21 @@ def _lce_fwd_impl(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         if want_dhidden:
             torch.mm(g, weight, out=dhidden[start:start + rows_per_chunk])
         if want_dweight:
-            dweight += g.t() @ h  # accumulated in float32 (promoted in place)
+            _accumulate_dweight(dweight, g, h)
     return loss.float(), dhidden, dweight
+
+
+def _accumulate_dweight(dweight: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """dweight (V, d) float32 += g.T @ h, g (n, V) and h (n, d) in the matmul's dtype.
+
+    On CUDA with 16-bit operands, cuBLAS adds into the float32 accumulator in the matmul's epilogue
+    (`addmm(..., out_dtype=float32)`): no (V, d) 16-bit product is written, read back and added by a second
+    kernel, and the chunk's product is not rounded to 16 bits before the sum. Elsewhere (CPU has no
+    mixed-dtype addmm; float32 and float64 operands need none) the product is added in place."""
+    if dweight.is_cuda and g.dtype in (torch.bfloat16, torch.float16) and dweight.dtype == torch.float32:
+        torch.addmm(dweight, g.t(), h, out_dtype=torch.float32, out=dweight)
+    else:
+        dweight += g.t() @ h  # promoted in place
 
 
 def _softmax_xent_grad_torch(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, ignore_index: int,
