@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mambakit.ops.selective_scan.scan_policy import (BWD_U2_MIN_WARPS_PER_SM, ScanConfig, bwd_block_u,
-                                                     bwd_variant_config, carry_split, pick_tiles,
+                                                     bwd_replicas, bwd_variant_config, carry_split, pick_tiles,
                                                      segments)
 
 CPU = torch.device("cpu")
@@ -49,6 +49,22 @@ def test_bwd_block_u_from_warps():
     assert bwd_block_u(enough, ScanConfig(), CPU) == 2
     assert bwd_block_u(enough - 1, ScanConfig(), CPU) == 4
     assert bwd_block_u(enough, ScanConfig(block_u=4), CPU) == 4
+
+
+@pytest.mark.parametrize("group_size, reduce_channels, override, want", [
+    pytest.param(1536, 4, None, 8, id="130m-d_inner-384-groups"),
+    pytest.param(2048, 4, None, 16, id="d_inner-2048"),
+    pytest.param(4096, 4, None, 32, id="d_inner-4096-as-before"),
+    pytest.param(8192, 4, None, 32, id="capped"),
+    pytest.param(64, 4, None, 1, id="few-groups"),
+    pytest.param(16, 4, None, 1, id="tiny"),
+    pytest.param(1536, 4, 3, 3, id="override"),
+    pytest.param(8, 4, 32, 2, id="override-capped-at-the-groups"),
+])
+def test_bwd_replicas_from_channel_groups(group_size, reduce_channels, override, want):
+    """About SOURCES_PER_REPLICA channel groups per replica row, a power of two up to MAX_REPLICAS; an explicit
+    count is kept, up to the groups there are."""
+    assert bwd_replicas(group_size, reduce_channels, ScanConfig(bwd_replicas=override)) == want
 
 
 def test_bwd_maxnreg_is_the_configs_cap_only():

@@ -31,10 +31,11 @@ from ..common import cdiv, next_power_of_2, sm_count
 
 __all__ = ["ScanConfig", "Tiles", "pick_tiles", "fwd_nl", "default_time_segments", "default_bwd_time_segments",
            "bwd_block_u", "carry_split", "segments", "needs_i64", "BWD_VARIANTS", "variant_params",
-           "bwd_variant_config"]
+           "bwd_variant_config", "bwd_replicas"]
 
 DEFAULT_CHECKPOINT_INTERVAL = 128  # steps between forward checkpoints; backward scratch is O(CHUNK) per program
-DEFAULT_REPLICAS = 32  # copies of dB / dC the backward's atomics spread over
+MAX_REPLICAS = 32  # copies of dB / dC the backward's atomics spread over, at most (see `bwd_replicas`)
+SOURCES_PER_REPLICA = 48  # channel groups adding into one replica's (b, t, g) row (H100 sweep, `bwd_replicas`)
 DEFAULT_REDUCE_CHANNELS = 4  # dB / dC: channel lanes summed by shuffles before the atomic (H100 sweep)
 # Backward occupancy: U = 2 needs fewer registers than U = 4 (more warps per SM) but issues more instructions per
 # step, so it wins once the launch has the warps to fill the SMs, U = 4 below. Time segments are added until the
@@ -59,8 +60,9 @@ class ScanConfig:
     bwd_reduce_channels: channels whose dB_t / dC_t are summed with warp shuffles before the float32
         atomic (a power of two; capped at the program's channels). None: DEFAULT_REDUCE_CHANNELS. 1: no
         shuffles, every channel lane adds its own value (more atomic bytes, fewer instructions).
-    bwd_replicas: copies of dB / dC the atomics spread over (summed afterwards; memory 2 x replicas x
-        batch x seqlen x ngroups x dstate floats).
+    bwd_replicas: copies of dB / dC the atomics spread over (each zero-filled, then summed afterwards;
+        memory 2 x replicas x batch x seqlen x ngroups x dstate floats). None picks from the shape
+        (`bwd_replicas`).
     bwd_maxnreg: register cap per thread for the backward kernel (None: the compiler's choice), to fit
         more warps per SM. None by default: the default U = 2 float32 kernel compiles to 128 registers by
         itself (16 one-warp programs per SM; a slow CI test keeps it there). Session 32 capped a kernel that
@@ -80,7 +82,7 @@ class ScanConfig:
     block_u: int | None = None
     time_segments: int | None = None
     bwd_reduce_channels: int | None = None
-    bwd_replicas: int = DEFAULT_REPLICAS
+    bwd_replicas: int | None = None
     bwd_maxnreg: int | None = None
     bwd_time_segments: int | None = None
     bwd_carry_split: int | None = None
@@ -238,6 +240,22 @@ def segments(seqlen: int, interval: int, nc: int) -> tuple[int, int]:
 def needs_i64(seqlen: int, *strides: int) -> bool:
     return (seqlen + 4) * max(abs(s) for s in strides) >= 2**31
 
+
+
+def bwd_replicas(group_size: int, reduce_channels: int, config: ScanConfig) -> int:
+    """Copies of dB / dC the backward's atomics spread over: enough that about SOURCES_PER_REPLICA channel
+    groups (of `reduce_channels` channels, one atomic each per step) add into each (b, t, g) row of a replica,
+    a power of two, at most MAX_REPLICAS and at most the groups there are.
+
+    More replicas mean less contention on each row but more memory to zero-fill and sum afterwards (two
+    (replicas, B, L, G, N) float32 tensors). H100 sweep at the 130M training shape (batch 8 x 2048, d_inner
+    1536: 384 groups of 4 channels; BENCHMARKS.md, session 35): fwd+bwd 2.419 / 2.434 / 2.463 / 2.525 ms at
+    8 / 16 / 32 / 64 replicas, so 8 there (48 groups a replica); d_inner 4096 (1024 groups) keeps the 32 that
+    its earlier sweeps were run with. `config.bwd_replicas` overrides."""
+    if config.bwd_replicas is not None:
+        return max(1, min(config.bwd_replicas, group_size // reduce_channels))
+    groups = max(1, group_size // reduce_channels)
+    return min(MAX_REPLICAS, groups, next_power_of_2(cdiv(groups, SOURCES_PER_REPLICA)))
 
 
 def bwd_block_u(warps: int, config: ScanConfig, device: torch.device) -> int:

@@ -193,7 +193,7 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
     # dz's offsets: x's (0) or z's (1) where its strides are theirs (no address arithmetic of its own), else its own
     dz_at = 0 if dz is None or dz.stride() == x.stride() else 1 if dz.stride() == z.stride() else 2
     red_ch = min(config.bwd_reduce_channels or policy.DEFAULT_REDUCE_CHANNELS, tiles.BD)
-    nrep = min(config.bwd_replicas, dim // red_ch)  # replicas of dB, dC for the atomics (see the kernel)
+    nrep = policy.bwd_replicas(dim // ngroups, red_ch, config)  # replicas of dB, dC for the atomics (see the kernel)
     dB = torch.zeros(nrep, batch, seqlen, ngroups, dstate, device=x.device, dtype=acc_t)
     dC = torch.zeros_like(dB)
     dA = torch.zeros(dim, dstate, device=x.device, dtype=acc_t)
@@ -382,7 +382,7 @@ def selective_scan_triton(
         raise ValueError(f"selective_scan_triton: bwd_reduce_channels={red} must be a power of two (or None)")
     if cfg.bwd_time_segments is not None and cfg.bwd_time_segments < 1:
         raise ValueError(f"selective_scan_triton: bwd_time_segments={cfg.bwd_time_segments} must be >= 1 (or None)")
-    if cfg.bwd_replicas < 1:
+    if cfg.bwd_replicas is not None and cfg.bwd_replicas < 1:
         raise ValueError(f"selective_scan_triton: bwd_replicas={cfg.bwd_replicas} must be >= 1")
     if seq_idx is not None and seq_idx.dtype != torch.int32:
         seq_idx = seq_idx.to(torch.int32)

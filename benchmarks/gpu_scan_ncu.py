@@ -1,0 +1,62 @@
+"""Run the Mamba-1 scan's forward + backward a few times at one shape, for Nsight Compute to profile its kernels.
+
+The script only makes the launches; `ncu` picks the kernel and the launch (`gpu_all.sh scan-ncu` shows how):
+
+    ncu --clock-control none -k regex:scan_bwd_kernel --launch-skip 2 --launch-count 1 --section WarpStateStats \\
+        python benchmarks/gpu_scan_ncu.py --batch 8 --dim 1536 --seqlen 2048
+
+Default shape: the 130M training shape (batch 8 x 2048, d_inner 1536, dstate 16), bf16 inputs as
+gpu_selective_scan.py makes them. `--calls` fwd+bwd calls in all (the first compiles the kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from mambakit.ops.selective_scan.triton_scan import selective_scan_triton
+
+DEVICE = "cuda"
+GRAD_NAMES = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"]
+
+
+def make_inputs(batch: int, seqlen: int, dim: int, dstate: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    bf = torch.bfloat16
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, device=DEVICE, generator=gen) * scale
+
+    inp = {
+        "x": rnd(batch, seqlen, dim).to(bf),
+        "dt": rnd(batch, seqlen, dim, scale=0.5).to(bf),
+        "A": -torch.exp(torch.rand(dim, dstate, device=DEVICE, generator=gen) * 2.8),
+        "B": rnd(batch, seqlen, 1, dstate).to(bf),
+        "C": rnd(batch, seqlen, 1, dstate).to(bf),
+        "D": rnd(dim),
+        "z": rnd(batch, seqlen, dim).to(bf),
+        "dt_bias": torch.log(torch.expm1(torch.exp(torch.rand(dim, device=DEVICE, generator=gen) * 4.6 - 6.9))),
+    }
+    return {k: v.requires_grad_(k in GRAD_NAMES) for k, v in inp.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=1536)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--calls", type=int, default=3)
+    args = parser.parse_args()
+    inp = make_inputs(args.batch, args.seqlen, args.dim, 16)
+    dy = torch.randn(args.batch, args.seqlen, args.dim, device=DEVICE, dtype=torch.bfloat16)
+    params = [inp[k] for k in GRAD_NAMES]
+    for _ in range(args.calls):
+        y = selective_scan_triton(**inp, dt_softplus=True)
+        torch.autograd.grad(y, params, dy)
+    torch.cuda.synchronize()
+    print(f"{args.calls} fwd+bwd calls at batch {args.batch} x {args.seqlen} x {args.dim}: done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
