@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from mambakit.ops.selective_scan.triton_scan import selective_scan_triton
+from mambakit.ops.selective_scan.triton_scan import ScanConfig, selective_scan_triton
 
 DEVICE = "cuda"
 GRAD_NAMES = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"]
@@ -47,12 +47,14 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1536)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--interval", type=int, default=None, help="checkpoint interval (default: ScanConfig's)")
     args = parser.parse_args()
     inp = make_inputs(args.batch, args.seqlen, args.dim, 16)
     dy = torch.randn(args.batch, args.seqlen, args.dim, device=DEVICE, dtype=torch.bfloat16)
     params = [inp[k] for k in GRAD_NAMES]
+    config = None if args.interval is None else ScanConfig(checkpoint_interval=args.interval)
     for _ in range(args.calls):
-        y = selective_scan_triton(**inp, dt_softplus=True)
+        y = selective_scan_triton(**inp, dt_softplus=True, config=config)
         torch.autograd.grad(y, params, dy)
     torch.cuda.synchronize()
     print(f"{args.calls} fwd+bwd calls at batch {args.batch} x {args.seqlen} x {args.dim}: done", flush=True)

@@ -318,6 +318,12 @@ SWEEP_BWD = [
     ("bwd nc=4 split 4 reduce 8 ch, replicas 16", ScanConfig(bwd_time_segments=4, bwd_carry_split=4,
                                                              bwd_reduce_channels=8, bwd_replicas=16)),
     ("bwd nc=4 split 4 reduce 2 ch", ScanConfig(bwd_time_segments=4, bwd_carry_split=4, bwd_reduce_channels=2)),
+    # the checkpoint interval sizes the backward's per-program scratch (h every U steps of an interval): at 16
+    # resident programs per SM, 128 steps make ~69 MB of live scratch, more than the 50 MB L2 (Nsight Compute,
+    # session 35: 2.2 GB of DRAM traffic in a backward that needs ~0.4 GB)
+    ("bwd interval 128", ScanConfig(checkpoint_interval=128)),
+    ("bwd interval 64", ScanConfig(checkpoint_interval=64)),
+    ("bwd interval 32", ScanConfig(checkpoint_interval=32)),
 ]
 
 # time-parallel forward: segments scanned in parallel (pass 1 state-only + pass 2 combine + pass 3 full);
@@ -402,6 +408,7 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="also time alternative tilings (incl. time_segments)")
     parser.add_argument("--sweep-time", action="store_true", help="also time the time_segments choices only")
     parser.add_argument("--sweep-bwd", action="store_true", help="also time the backward's dB / dC atomic choices")
+    parser.add_argument("--rows", default=None, help="only the sweep rows whose name contains this text")
     parser.add_argument("--profile", action="store_true",
                         help="also list each kernel's GPU time per fwd+bwd (default config and --sweep-bwd rows)")
     parser.add_argument("--host", action="store_true", help="also measure host time per call and graph replay")
@@ -475,6 +482,8 @@ def main() -> int:
         for seqlen in seqlens:
             inp = make_inputs(args.batch, seqlen, args.dim, args.dstate)
             for name, cfg in [("default", None)] + (SWEEP_BWD if args.sweep_bwd else []):
+                if name != "default" and args.rows is not None and args.rows not in name:
+                    continue
                 rows = kernel_profile(inp, cfg)
                 total = sum(us for _, us, _ in rows)
                 print(f"seqlen {seqlen} {name}: total {total / 1e3:.3f} ms: "
@@ -485,6 +494,7 @@ def main() -> int:
     if args.sweep or args.sweep_time or args.sweep_bwd:
         sweep = ((SWEEP if args.sweep else []) + (SWEEP_TIME if args.sweep or args.sweep_time else [])
                  + (SWEEP_BWD if args.sweep or args.sweep_bwd else []))
+        sweep = [(name, cfg) for name, cfg in sweep if args.rows is None or args.rows in name]
         print("\n## tiling sweep (median ms; defaults are chosen by ScanConfig() = first table; rows without nc use "
               "the default time_segments)\n")
         print("| seqlen | config | fwd ms | fwd+bwd ms | peak GB | y vs sequential (rel. max) |")

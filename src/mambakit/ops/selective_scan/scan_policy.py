@@ -33,7 +33,12 @@ __all__ = ["ScanConfig", "Tiles", "pick_tiles", "fwd_nl", "default_time_segments
            "bwd_block_u", "carry_split", "segments", "needs_i64", "BWD_VARIANTS", "variant_params",
            "bwd_variant_config", "bwd_replicas"]
 
-DEFAULT_CHECKPOINT_INTERVAL = 128  # steps between forward checkpoints; backward scratch is O(CHUNK) per program
+# steps between forward checkpoints. The backward's per-program scratch (h every U steps of an interval) grows with it:
+# at 128 steps its live scratch (16 resident programs per SM) passed the H100's 50 MB L2 and spilled to DRAM
+# (Nsight Compute: 2.2 GB of DRAM traffic in a 130M-shape backward that needs ~0.4 GB; 1.9 GB at 64). H100, session
+# 35: fwd+bwd 2.420 / 2.400 / 2.346 ms at 128 / 64 / 32 (130M training shape), 1.652 / 6.275 / 25.06 -> 1.639 /
+# 6.216 / 24.93 ms at batch 2 x 4096 from 128 to 64, and less peak memory; 32 is unmeasured beyond the first shape
+DEFAULT_CHECKPOINT_INTERVAL = 64
 MAX_REPLICAS = 32  # copies of dB / dC the backward's atomics spread over, at most (see `bwd_replicas`)
 SOURCES_PER_REPLICA = 48  # channel groups adding into one replica's (b, t, g) row (H100 sweep, `bwd_replicas`)
 DEFAULT_REDUCE_CHANNELS = 4  # dB / dC: channel lanes summed by shuffles before the atomic (H100 sweep)
