@@ -324,6 +324,9 @@ SWEEP_BWD = [
     ("bwd interval 128", ScanConfig(checkpoint_interval=128)),
     ("bwd interval 64", ScanConfig(checkpoint_interval=64)),
     ("bwd interval 32", ScanConfig(checkpoint_interval=32)),
+    # register caps for the default backward (16 / 15 one-warp programs per SM at 128 / 136 registers)
+    ("bwd maxnreg 128", ScanConfig(bwd_maxnreg=128)),
+    ("bwd maxnreg 136", ScanConfig(bwd_maxnreg=136)),
 ]
 
 # time-parallel forward: segments scanned in parallel (pass 1 state-only + pass 2 combine + pass 3 full);
@@ -408,7 +411,7 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="also time alternative tilings (incl. time_segments)")
     parser.add_argument("--sweep-time", action="store_true", help="also time the time_segments choices only")
     parser.add_argument("--sweep-bwd", action="store_true", help="also time the backward's dB / dC atomic choices")
-    parser.add_argument("--rows", default=None, help="only the sweep rows whose name contains this text")
+    parser.add_argument("--rows", nargs="+", default=None, help="only the sweep rows whose name contains one of these")
     parser.add_argument("--profile", action="store_true",
                         help="also list each kernel's GPU time per fwd+bwd (default config and --sweep-bwd rows)")
     parser.add_argument("--host", action="store_true", help="also measure host time per call and graph replay")
@@ -482,7 +485,7 @@ def main() -> int:
         for seqlen in seqlens:
             inp = make_inputs(args.batch, seqlen, args.dim, args.dstate)
             for name, cfg in [("default", None)] + (SWEEP_BWD if args.sweep_bwd else []):
-                if name != "default" and args.rows is not None and args.rows not in name:
+                if name != "default" and args.rows is not None and not any(r in name for r in args.rows):
                     continue
                 rows = kernel_profile(inp, cfg)
                 total = sum(us for _, us, _ in rows)
@@ -494,7 +497,7 @@ def main() -> int:
     if args.sweep or args.sweep_time or args.sweep_bwd:
         sweep = ((SWEEP if args.sweep else []) + (SWEEP_TIME if args.sweep or args.sweep_time else [])
                  + (SWEEP_BWD if args.sweep or args.sweep_bwd else []))
-        sweep = [(name, cfg) for name, cfg in sweep if args.rows is None or args.rows in name]
+        sweep = [(name, cfg) for name, cfg in sweep if args.rows is None or any(r in name for r in args.rows)]
         print("\n## tiling sweep (median ms; defaults are chosen by ScanConfig() = first table; rows without nc use "
               "the default time_segments)\n")
         print("| seqlen | config | fwd ms | fwd+bwd ms | peak GB | y vs sequential (rel. max) |")
