@@ -24,27 +24,7 @@ from triton.testing import do_bench
 import mambakit
 from mambakit.ops.selective_scan.triton_scan import selective_scan_triton
 
-DEVICE = "cuda"
-
-
-def make_inputs(batch: int, seqlen: int, dim: int, dstate: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """gpu_selective_scan.py's inputs: bf16 x / dt / z / B / C, float32 A / D / dt_bias."""
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    bf = torch.bfloat16
-
-    def rnd(*shape, scale=1.0):
-        return torch.randn(*shape, device=DEVICE, generator=gen) * scale
-
-    return {
-        "x": rnd(batch, seqlen, dim).to(bf),
-        "dt": rnd(batch, seqlen, dim, scale=0.5).to(bf),
-        "A": -torch.exp(torch.rand(dim, dstate, device=DEVICE, generator=gen) * 2.8),
-        "B": rnd(batch, seqlen, 1, dstate).to(bf),
-        "C": rnd(batch, seqlen, 1, dstate).to(bf),
-        "D": rnd(dim),
-        "z": rnd(batch, seqlen, dim).to(bf),
-        "dt_bias": torch.log(torch.expm1(torch.exp(torch.rand(dim, device=DEVICE, generator=gen) * 4.6 - 6.9))),
-    }
+from scan_inputs import make_inputs  # benchmarks/ (torch only: runs under any tree)
 
 
 def forward(inp):

@@ -17,28 +17,7 @@ import torch
 
 from mambakit.ops.selective_scan.triton_scan import ScanConfig, selective_scan_triton
 
-DEVICE = "cuda"
-GRAD_NAMES = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"]
-
-
-def make_inputs(batch: int, seqlen: int, dim: int, dstate: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    bf = torch.bfloat16
-
-    def rnd(*shape, scale=1.0):
-        return torch.randn(*shape, device=DEVICE, generator=gen) * scale
-
-    inp = {
-        "x": rnd(batch, seqlen, dim).to(bf),
-        "dt": rnd(batch, seqlen, dim, scale=0.5).to(bf),
-        "A": -torch.exp(torch.rand(dim, dstate, device=DEVICE, generator=gen) * 2.8),
-        "B": rnd(batch, seqlen, 1, dstate).to(bf),
-        "C": rnd(batch, seqlen, 1, dstate).to(bf),
-        "D": rnd(dim),
-        "z": rnd(batch, seqlen, dim).to(bf),
-        "dt_bias": torch.log(torch.expm1(torch.exp(torch.rand(dim, device=DEVICE, generator=gen) * 4.6 - 6.9))),
-    }
-    return {k: v.requires_grad_(k in GRAD_NAMES) for k, v in inp.items()}
+from scan_inputs import GRAD_NAMES, make_inputs  # benchmarks/
 
 
 def main() -> None:
@@ -49,8 +28,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--interval", type=int, default=None, help="checkpoint interval (default: ScanConfig's)")
     args = parser.parse_args()
-    inp = make_inputs(args.batch, args.seqlen, args.dim, 16)
-    dy = torch.randn(args.batch, args.seqlen, args.dim, device=DEVICE, dtype=torch.bfloat16)
+    inp = make_inputs(args.batch, args.seqlen, args.dim, 16, requires_grad=True)
+    dy = torch.randn(args.batch, args.seqlen, args.dim, device="cuda", dtype=torch.bfloat16)
     params = [inp[k] for k in GRAD_NAMES]
     config = None if args.interval is None else ScanConfig(checkpoint_interval=args.interval)
     for _ in range(args.calls):

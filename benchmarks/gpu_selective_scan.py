@@ -37,34 +37,20 @@ from mambakit.ops.selective_scan.reference import selective_scan_reference
 from mambakit.ops.selective_scan.scan_policy import BWD_VARIANTS, bwd_variant_config, default_bwd_time_segments
 from mambakit.ops.selective_scan.triton_scan import ScanConfig, default_time_segments, selective_scan_triton
 
+import scan_inputs  # benchmarks/: the inputs the other scan scripts share
+
 # mamba_ssm's CUDA kernel on the same H100 (ANCHORS.md): fwd ms, fwd+bwd ms, fwd+bwd peak GB
 ANCHOR = {2048: (0.312, 1.70, 0.71), 8192: (1.415, 6.81, 2.04), 32768: (5.69, 27.0, 7.24)}
 COPY_TBPS = 3.02  # measured device copy ceiling on the H100 (ANCHORS.md)
 MUFU_PER_CLK_PER_SM = 16  # exp2 throughput of one SM (4 sub-partitions x 4 per clock)
 ASSUMED_CLOCK_GHZ = 1.755  # H100 SXM sustained clock under load; the exp floor scales with it
 
-GRAD_NAMES = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"]
+GRAD_NAMES = scan_inputs.GRAD_NAMES
 DEVICE = "cuda"
 
 
 def make_inputs(batch: int, seqlen: int, dim: int, dstate: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    bf = torch.bfloat16
-
-    def rnd(*shape, scale=1.0):
-        return torch.randn(*shape, device=DEVICE, generator=gen) * scale
-
-    return {
-        "x": rnd(batch, seqlen, dim).to(bf),
-        "dt": rnd(batch, seqlen, dim, scale=0.5).to(bf),
-        "A": -torch.exp(torch.rand(dim, dstate, device=DEVICE, generator=gen) * 2.8),
-        "B": rnd(batch, seqlen, 1, dstate).to(bf),
-        "C": rnd(batch, seqlen, 1, dstate).to(bf),
-        "D": rnd(dim),
-        "z": rnd(batch, seqlen, dim).to(bf),
-        # softplus(dt_bias) log-uniform in [1e-3, 0.1], as Mamba initialises it
-        "dt_bias": torch.log(torch.expm1(torch.exp(torch.rand(dim, device=DEVICE, generator=gen) * 4.6 - 6.9))),
-    }
+    return scan_inputs.make_inputs(batch, seqlen, dim, dstate, seed, device=DEVICE)
 
 
 def with_grad(inp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
