@@ -313,6 +313,10 @@ SWEEP_BWD = [
     # register caps for the default backward (16 / 15 one-warp programs per SM at 128 / 136 registers)
     ("bwd maxnreg 128", ScanConfig(bwd_maxnreg=128)),
     ("bwd maxnreg 136", ScanConfig(bwd_maxnreg=136)),
+    # pass A asks the L2 for x / dt rows this many steps ahead and for its own steps' dy / z (ScanConfig.bwd_prefetch)
+    ("bwd prefetch 8", ScanConfig(bwd_prefetch=8)),
+    ("bwd prefetch 16", ScanConfig(bwd_prefetch=16)),
+    ("bwd prefetch 32", ScanConfig(bwd_prefetch=32)),
 ]
 
 # time-parallel forward: segments scanned in parallel (pass 1 state-only + pass 2 combine + pass 3 full);

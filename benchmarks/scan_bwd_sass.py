@@ -53,6 +53,7 @@ SPECIALISATIONS = {
     "no D / bias, dh_last, dh0, one segment": dict(HAS_D=False, HAS_BIAS=False, HAS_DHLAST=True, WANT_DH0=True,
                                                    SEGMENTED=False),
     "U = 4": dict(U=4),
+    "pass A prefetch 16 steps": dict(PREFETCH=16),
     "float64": dict(float64=True),
 }
 
@@ -70,7 +71,7 @@ def compile_variant(name: str, dstate: int = 16, group_size: int = 4096, seg: bo
                  U=p["block_u"] or 2, NL=tiles.NL, NH=tiles.NH, BD=tiles.BD, ACC=tl.float64 if f64 else tl.float32,
                  HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_SEQ=False, HAS_DHLAST=False,
                  WANT_DH0=False, EVEN_N=True, LIBDEVICE=True, I64=False, SEGMENTED=seg, ROWS=p["rows"],
-                 DZ_AT=0)
+                 DZ_AT=0, PREFETCH=0)
     const.update(flags)
     u = const["U"]
     sig, attrs = {}, {}

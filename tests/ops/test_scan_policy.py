@@ -121,11 +121,11 @@ def test_scan_config_takes_its_former_names_with_a_warning(old, new):
 
 
 def test_scan_config_int_round_trip_covers_every_field_and_is_memoized():
-    cfg = ScanConfig(fwd_nl=2, bwd_nl=8, bwd_channels=4, checkpoint_interval=64, block_u=2, time_segments=3,
+    cfg = ScanConfig(fwd_nl=2, bwd_nl=8, bwd_channels=4, checkpoint_interval=32, block_u=2, time_segments=3,
                      bwd_reduce_channels=16, bwd_replicas=2, bwd_maxnreg=128, bwd_time_segments=5, bwd_carry_split=2,
-                     bwd_rows=True)
+                     bwd_rows=True, bwd_prefetch=16)
     ints = cfg.as_ints()
-    assert ints == [2, 8, 4, 64, 2, 3, 16, 2, 128, 5, 2, 1] and len(ints) == len(dataclasses.fields(ScanConfig))
+    assert ints == [2, 8, 4, 32, 2, 3, 16, 2, 128, 5, 2, 1, 16] and len(ints) == len(dataclasses.fields(ScanConfig))
     back = ScanConfig.from_ints(ints)
     assert back == cfg and back.bwd_rows  # bool fields come back truthy (the op's schema carries ints)
     assert ScanConfig.from_ints(list(ints)) is back  # one instance per int list: the per-call round trip is cheap

@@ -102,6 +102,6 @@ def test_the_default_backward_compiles_for_sm90_without_spills():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {cells[0]: (int(cells[1]), int(cells[2])) for line in out.stdout.splitlines()
             if line.startswith("| ") and (cells := [c.strip() for c in line.strip("|").split("|")])[1].isdigit()}
-    assert len(rows) == 6, out.stdout
+    assert len(rows) == 7, out.stdout
     assert all(stack == 0 for _, stack in rows.values()), rows
     assert rows["benchmark"][0] <= 128, rows

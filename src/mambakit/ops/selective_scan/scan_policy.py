@@ -76,6 +76,9 @@ class ScanConfig:
         picks from the shape, 1 is one program per (row, channels) walking the whole sequence.
     bwd_carry_split: carry segments per backward segment in the adjoint-only pass of a time-parallel
         backward (None: twice as many in all as the forward's time segments, `carry_split`).
+    bwd_prefetch: steps ahead at which the backward's pass A asks the L2 for the x / dt rows it reads next,
+        together with the dy / z rows of its own steps that pass B reads after it (None or 0: off, the default;
+        not timed yet). GPU only: the interpreter skips it (a prefetch changes no value).
     bwd_rows: move the backward's (D, N) tiles (A, checkpoints, carry, scratch) one in-thread state row at a
         time, which allows bwd_nl > 4 (the "wide" variants of BWD_VARIANTS; `bwd_variant_config` sets it).
     """
@@ -92,6 +95,7 @@ class ScanConfig:
     bwd_time_segments: int | None = None
     bwd_carry_split: int | None = None
     bwd_rows: bool = False
+    bwd_prefetch: int | None = None
 
     def __init__(self, *args, chunk: int | None = None, time_chunks: int | None = None,
                  bwd_time_chunks: int | None = None, **kwargs):

@@ -252,7 +252,7 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         HAS_SEQ=seq_idx is not None, HAS_DHLAST=dhl is not None, WANT_DH0=want_dinitial,
         EVEN_N=dstate == tiles.NL * tiles.NH, LIBDEVICE=not triton_interpret(), I64=i64, SEGMENTED=nseg > 1,
-        ROWS=bool(config.bwd_rows), DZ_AT=dz_at,
+        ROWS=bool(config.bwd_rows), DZ_AT=dz_at, PREFETCH=0 if triton_interpret() else config.bwd_prefetch or 0,
         num_warps=tiles.num_warps, **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     dB, dC = dB.sum(0), dC.sum(0)
@@ -382,6 +382,8 @@ def selective_scan_triton(
         raise ValueError(f"selective_scan_triton: bwd_reduce_channels={red} must be a power of two (or None)")
     if cfg.bwd_time_segments is not None and cfg.bwd_time_segments < 1:
         raise ValueError(f"selective_scan_triton: bwd_time_segments={cfg.bwd_time_segments} must be >= 1 (or None)")
+    if cfg.bwd_prefetch is not None and cfg.bwd_prefetch < 0:
+        raise ValueError(f"selective_scan_triton: bwd_prefetch={cfg.bwd_prefetch} must be >= 0 steps (or None)")
     if cfg.bwd_replicas is not None and cfg.bwd_replicas < 1:
         raise ValueError(f"selective_scan_triton: bwd_replicas={cfg.bwd_replicas} must be >= 1")
     if seq_idx is not None and seq_idx.dtype != torch.int32:

@@ -23,7 +23,8 @@ import triton.language as tl
 
 from ..triton_launch import fast_launch
 from ..triton_math import LOG2E, dt_softplus_sigmoid, fast_sigmoid
-from .triton_scan_tile import load_bc, load_rows, load_tile_rows, store_tile_rows, tile_index, time_offset
+from .triton_scan_tile import (load_bc, load_rows, load_tile_rows, prefetch_l2, store_tile_rows, tile_index,
+                               time_offset)
 
 __all__ = ["scan_bwd_carry_kernel", "scan_bwd_kernel"]
 
@@ -246,7 +247,7 @@ def scan_bwd_kernel(
     NH: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DHLAST: tl.constexpr,
     WANT_DH0: tl.constexpr, EVEN_N: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr,
-    SEGMENTED: tl.constexpr, ROWS: tl.constexpr, DZ_AT: tl.constexpr,
+    SEGMENTED: tl.constexpr, ROWS: tl.constexpr, DZ_AT: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Backward over time segment pid_c = chunks [pid_c * seg_len / CHUNK, ...) of one batch row (the whole
     sequence when nseg == 1), chunks in reverse. SEGMENTED: the carry entering the segment's last step comes
@@ -256,7 +257,11 @@ def scan_bwd_kernel(
     ROWS (the "wide" variants, NL > 4 states per thread, see scan_policy.BWD_VARIANTS): the (D, N)-shaped tiles
     (A, checkpoints, entering carry, the per-program scratch) move one in-thread state row at a time instead of
     as NL-float vectors, so that no load anchors a layout with fewer states per thread than the loop's; the
-    scratch is then laid out (block, state, channel) so that each row is one coalesced access."""
+    scratch is then laid out (block, state, channel) so that each row is one coalesced access.
+
+    PREFETCH > 0 (`ScanConfig.bwd_prefetch`, off by default, untimed): pass A asks the L2 for the x / dt rows
+    PREFETCH steps ahead and for the dy / z rows of its own steps, which pass B reads next (Nsight Compute,
+    session 35: the kernel's top stalls wait on those DRAM loads)."""
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_c = tl.program_id(2)
@@ -337,6 +342,15 @@ def scan_bwd_kernel(
             cur = nxt
             nxt = _pass_a_inputs(t0 + (j + 1) * U, tn, x_b, dt_b, B_b, seq_b, s_t, s_Bt, s_st, d1, n2, n_ok2, U,
                                  HAS_SEQ, EVEN_N, I64, ACC)
+            if PREFETCH > 0:
+                for u in tl.static_range(U):
+                    ahead = time_offset(tl.minimum(t0 + j * U + PREFETCH + u, tn - 1), I64) * s_t + d1
+                    prefetch_l2(x_b + ahead)
+                    prefetch_l2(dt_b + ahead)
+                    own = time_offset(tl.minimum(t0 + j * U + u, tn - 1), I64)
+                    prefetch_l2(dy_b + (own * s_yt + d1))
+                    if HAS_Z:
+                        prefetch_l2(z_b + (own * s_zt + d1))
             if ROWS:
                 store_tile_rows(scr_b + j * (BD * BN), h, BD, 1, dl, BN, NL, NH, BD)
             else:
