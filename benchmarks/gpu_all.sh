@@ -195,7 +195,7 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
                  python3 benchmarks/gpu_train.py --layers mamba1 --paths fused+cetriton+graph --steps 10 --warmup 3
              done;;
     # the scan's forward under several source trees (FWD_AB_SIDES names trees under .ab/, "new" is this tree): eager,
-    # graph-replayed and per-kernel GPU time, to find where the forward lost ~17% between 2026-11-23 and 2026-12-02
+    # graph-replayed and per-kernel GPU time (session 35: the trees of 2026-11-23 to now took the same time on one H100)
     fwd-ab) for side in ${FWD_AB_SIDES:-old new}; do
               if [ $side = new ]; then tree=$PWD; else tree=$PWD/.ab/$side; fi
               [ -d $tree/src ] || { echo "=== fwd-ab: no tree $tree/src"; continue; }

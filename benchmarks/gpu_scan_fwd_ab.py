@@ -5,6 +5,8 @@ The forward measured 0.310 / 1.138 ms at seqlen 2048 / 8192 on an H100 on 2026-1
 uses only what every tree since then has (`triton_scan.selective_scan_triton`, no config), so one call can run it
 under several trees (PYTHONPATH=TREE/src) on one GPU and say where the time went: eager `do_bench` median, the
 same forward replayed from a CUDA graph (GPU time alone), and each kernel's GPU time from torch.profiler.
+Session 35 ran it on the trees of 2026-11-23 (1ff4318), 704c3c0, f188eb2, 5f99edc and main on one H100: the same
+0.362 / 1.342 ms in every tree, so the difference was the lent machines, not the code (BENCHMARKS.md).
 
     PYTHONPATH=.ab/old/src python benchmarks/gpu_scan_fwd_ab.py --label old
 
