@@ -261,9 +261,9 @@ def bwd_replicas(group_size: int, reduce_channels: int, config: ScanConfig) -> i
     1536: 384 groups of 4 channels; BENCHMARKS.md, session 35): fwd+bwd 2.419 / 2.434 / 2.463 / 2.525 ms at
     8 / 16 / 32 / 64 replicas, so 8 there (48 groups a replica); d_inner 4096 (1024 groups) keeps the 32 that
     its earlier sweeps were run with. `config.bwd_replicas` overrides."""
-    if config.bwd_replicas is not None:
-        return max(1, min(config.bwd_replicas, group_size // reduce_channels))
     groups = max(1, group_size // reduce_channels)
+    if config.bwd_replicas is not None:
+        return max(1, min(config.bwd_replicas, groups))
     return min(MAX_REPLICAS, groups, next_power_of_2(cdiv(groups, SOURCES_PER_REPLICA)))
 
 
