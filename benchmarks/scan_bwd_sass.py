@@ -34,6 +34,9 @@ import triton.language as tl  # noqa: E402
 
 from mambakit.ops.selective_scan.scan_policy import (  # noqa: E402
     BWD_VARIANTS,
+    DEFAULT_CHECKPOINT_INTERVAL,
+    ScanConfig,
+    bwd_replicas,
     bwd_variant_config,
     pick_tiles,
     variant_params,
@@ -67,7 +70,10 @@ def compile_variant(name: str, dstate: int = 16, group_size: int = 4096, seg: bo
     if not flags.get("EVEN_N", True):
         dstate = 13
     tiles = pick_tiles(p["nl"] or (2 if f64 else 4), dstate, group_size, p["channels"])
-    const = dict(NREP=32, RED_CH=min(p["reduce_channels"] or 4, tiles.BD), CHUNK=p["interval"] or 128,
+    red_ch = min(p["reduce_channels"] or 4, tiles.BD)
+    # the launcher's choices at this shape: its replica count and its default checkpoint interval
+    const = dict(NREP=bwd_replicas(group_size, red_ch, ScanConfig()), RED_CH=red_ch,
+                 CHUNK=p["interval"] or DEFAULT_CHECKPOINT_INTERVAL,
                  U=p["block_u"] or 2, NL=tiles.NL, NH=tiles.NH, BD=tiles.BD, ACC=tl.float64 if f64 else tl.float32,
                  HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_SEQ=False, HAS_DHLAST=False,
                  WANT_DH0=False, EVEN_N=True, LIBDEVICE=True, I64=False, SEGMENTED=seg, ROWS=p["rows"],
