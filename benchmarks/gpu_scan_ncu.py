@@ -27,11 +27,16 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--interval", type=int, default=None, help="checkpoint interval (default: ScanConfig's)")
+    parser.add_argument("--prefetch", type=int, default=None, help="ScanConfig.bwd_prefetch (default: the policy's)")
+    parser.add_argument("--fwd-prefetch", type=int, default=None, help="ScanConfig.fwd_prefetch")
+    parser.add_argument("--carry-prefetch", type=int, default=None, help="ScanConfig.carry_prefetch")
     args = parser.parse_args()
     inp = make_inputs(args.batch, args.seqlen, args.dim, 16, requires_grad=True)
     dy = torch.randn(args.batch, args.seqlen, args.dim, device="cuda", dtype=torch.bfloat16)
     params = [inp[k] for k in GRAD_NAMES]
-    config = None if args.interval is None else ScanConfig(checkpoint_interval=args.interval)
+    knobs = {"checkpoint_interval": args.interval, "bwd_prefetch": args.prefetch, "fwd_prefetch": args.fwd_prefetch,
+             "carry_prefetch": args.carry_prefetch}
+    config = ScanConfig(**{k: v for k, v in knobs.items() if v is not None})
     for _ in range(args.calls):
         y = selective_scan_triton(**inp, dt_softplus=True, config=config)
         torch.autograd.grad(y, params, dy)

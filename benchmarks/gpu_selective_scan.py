@@ -317,6 +317,18 @@ SWEEP_BWD = [
     ("bwd prefetch 8", ScanConfig(bwd_prefetch=8)),
     ("bwd prefetch 16", ScanConfig(bwd_prefetch=16)),
     ("bwd prefetch 32", ScanConfig(bwd_prefetch=32)),
+    ("bwd prefetch 0", ScanConfig(bwd_prefetch=0)),
+    ("bwd interval 32 prefetch 8", ScanConfig(checkpoint_interval=32, bwd_prefetch=8)),
+    ("bwd interval 32 prefetch 16", ScanConfig(checkpoint_interval=32, bwd_prefetch=16)),
+    ("bwd interval 32 prefetch 0", ScanConfig(checkpoint_interval=32, bwd_prefetch=0)),
+    # the same L2 prefetch in the forward's passes (x / dt / z ahead) and in the carry pass (dt / dy / z back)
+    ("fwd-prefetch 8", ScanConfig(fwd_prefetch=8)),
+    ("fwd-prefetch 16", ScanConfig(fwd_prefetch=16)),
+    ("fwd-prefetch 32", ScanConfig(fwd_prefetch=32)),
+    ("carry-prefetch 4", ScanConfig(carry_prefetch=4)),
+    ("carry-prefetch 8", ScanConfig(carry_prefetch=8)),
+    ("carry-prefetch 16", ScanConfig(carry_prefetch=16)),
+    ("all-prefetch 8 / 16 / 8", ScanConfig(bwd_prefetch=8, fwd_prefetch=16, carry_prefetch=8)),
 ]
 
 # time-parallel forward: segments scanned in parallel (pass 1 state-only + pass 2 combine + pass 3 full);

@@ -123,10 +123,24 @@ def test_scan_config_takes_its_former_names_with_a_warning(old, new):
 def test_scan_config_int_round_trip_covers_every_field_and_is_memoized():
     cfg = ScanConfig(fwd_nl=2, bwd_nl=8, bwd_channels=4, checkpoint_interval=32, block_u=2, time_segments=3,
                      bwd_reduce_channels=16, bwd_replicas=2, bwd_maxnreg=128, bwd_time_segments=5, bwd_carry_split=2,
-                     bwd_rows=True, bwd_prefetch=16)
+                     bwd_rows=True, bwd_prefetch=16, fwd_prefetch=8, carry_prefetch=4)
     ints = cfg.as_ints()
-    assert ints == [2, 8, 4, 32, 2, 3, 16, 2, 128, 5, 2, 1, 16] and len(ints) == len(dataclasses.fields(ScanConfig))
+    assert ints == [2, 8, 4, 32, 2, 3, 16, 2, 128, 5, 2, 1, 16, 8, 4] and len(ints) == len(dataclasses.fields(ScanConfig))
     back = ScanConfig.from_ints(ints)
     assert back == cfg and back.bwd_rows  # bool fields come back truthy (the op's schema carries ints)
     assert ScanConfig.from_ints(list(ints)) is back  # one instance per int list: the per-call round trip is cheap
     assert ScanConfig().as_ints()[0] == -1 and ScanConfig.from_ints(ScanConfig().as_ints()) == ScanConfig()
+
+
+def test_prefetch_distances_come_from_the_policy_unless_the_config_sets_them():
+    from mambakit.ops.selective_scan import scan_policy as policy
+
+    default = ScanConfig()
+    # forward and carry pass prefetch by default (H100-timed), the backward's pass A does not
+    assert policy.fwd_prefetch(default) == policy.DEFAULT_FWD_PREFETCH > 0
+    assert policy.carry_prefetch(default) == policy.DEFAULT_CARRY_PREFETCH > 0
+    assert policy.bwd_prefetch(default) == policy.DEFAULT_BWD_PREFETCH == 0
+    off = ScanConfig(fwd_prefetch=0, carry_prefetch=0, bwd_prefetch=0)
+    assert (policy.fwd_prefetch(off), policy.carry_prefetch(off), policy.bwd_prefetch(off)) == (0, 0, 0)
+    on = ScanConfig(fwd_prefetch=4, carry_prefetch=2, bwd_prefetch=8)
+    assert (policy.fwd_prefetch(on), policy.carry_prefetch(on), policy.bwd_prefetch(on)) == (4, 2, 8)

@@ -234,8 +234,9 @@ def test_scan_rejects_bad_checkpoint_interval_and_complex_A():
         selective_scan_triton(**inp, config=ScanConfig(bwd_reduce_channels=3))
     with pytest.raises(ValueError, match="bwd_replicas"):
         selective_scan_triton(**inp, config=ScanConfig(bwd_replicas=0))
-    with pytest.raises(ValueError, match="bwd_prefetch"):
-        selective_scan_triton(**inp, config=ScanConfig(bwd_prefetch=-1))
+    for name in ("bwd_prefetch", "fwd_prefetch", "carry_prefetch"):
+        with pytest.raises(ValueError, match=name):
+            selective_scan_triton(**inp, config=ScanConfig(**{name: -1}))
     with pytest.raises(ValueError, match="complex"):
         selective_scan_triton(inp["x"], inp["dt"], inp["A"].to(torch.complex64), inp["B"], inp["C"])
 

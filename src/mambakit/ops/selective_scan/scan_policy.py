@@ -31,7 +31,7 @@ from ..common import cdiv, next_power_of_2, sm_count
 
 __all__ = ["ScanConfig", "Tiles", "pick_tiles", "fwd_nl", "default_time_segments", "default_bwd_time_segments",
            "bwd_block_u", "carry_split", "segments", "needs_i64", "BWD_VARIANTS", "variant_params",
-           "bwd_variant_config", "bwd_replicas"]
+           "bwd_variant_config", "bwd_replicas", "bwd_prefetch", "fwd_prefetch", "carry_prefetch"]
 
 # steps between forward checkpoints. The backward's per-program scratch (h every U steps of an interval) grows with it:
 # at 128 steps its live scratch (16 resident programs per SM) passed the H100's 50 MB L2 and spilled to DRAM
@@ -48,6 +48,16 @@ DEFAULT_REDUCE_CHANNELS = 4  # dB / dC: channel lanes summed by shuffles before 
 # docs/design/kernel_figures.md).
 BWD_U2_MIN_WARPS_PER_SM = 13
 BWD_MIN_WARPS_PER_SM = 24
+# L2 prefetch distances in steps (0: off): the forward's passes (x / dt / z ahead), the backward's adjoint-only carry
+# pass (dt / dy / z, back in time) and the backward's pass A (x / dt ahead, dy / z of its own steps). Nsight Compute
+# (session 36, H100, 130M training shape): the carry pass spent 51% of its cycles on long-scoreboard waits, the
+# forward's passes ~31%. H100 sweeps: forward 0.538 -> 0.449 ms at the training shape, 1.338 -> 1.132 at batch 2 x
+# 4096 x 8192 (8 steps: 0.451 / 1.219, 32: 0.453 / 1.135); the carry pass 228 -> 194 us; the graphed 130M Mamba-1
+# training step 174.9k / 175.5k -> 178.2k / 178.3k tokens/s (two alternated pairs). The backward's own prefetch made
+# the scan alone 1-2% faster but the training step slower (176.1k / 175.7k with it on top): it stays off.
+DEFAULT_BWD_PREFETCH = 0
+DEFAULT_FWD_PREFETCH = 16
+DEFAULT_CARRY_PREFETCH = 8
 
 
 @dataclass(frozen=True, init=False)
@@ -77,8 +87,12 @@ class ScanConfig:
     bwd_carry_split: carry segments per backward segment in the adjoint-only pass of a time-parallel
         backward (None: twice as many in all as the forward's time segments, `carry_split`).
     bwd_prefetch: steps ahead at which the backward's pass A asks the L2 for the x / dt rows it reads next,
-        together with the dy / z rows of its own steps that pass B reads after it (None or 0: off, the default;
-        not timed yet). GPU only: the interpreter skips it (a prefetch changes no value).
+        together with the dy / z rows of its own steps that pass B reads after it (None: the policy's
+        DEFAULT_BWD_PREFETCH, off: it made the training step slower; 0: off). GPU only: the interpreter skips it (a
+        prefetch changes no value).
+    fwd_prefetch / carry_prefetch: the same L2 prefetch in the forward kernel (x / dt / z rows this many steps
+        ahead) and in the backward's adjoint-only carry pass (dt / dy / z rows this many steps back). None: the
+        policy's default (DEFAULT_FWD_PREFETCH / DEFAULT_CARRY_PREFETCH); 0: off. GPU only, like bwd_prefetch.
     bwd_rows: move the backward's (D, N) tiles (A, checkpoints, carry, scratch) one in-thread state row at a
         time, which allows bwd_nl > 4 (the "wide" variants of BWD_VARIANTS; `bwd_variant_config` sets it).
     """
@@ -96,6 +110,8 @@ class ScanConfig:
     bwd_carry_split: int | None = None
     bwd_rows: bool = False
     bwd_prefetch: int | None = None
+    fwd_prefetch: int | None = None
+    carry_prefetch: int | None = None
 
     def __init__(self, *args, chunk: int | None = None, time_chunks: int | None = None,
                  bwd_time_chunks: int | None = None, **kwargs):
@@ -265,6 +281,22 @@ def bwd_replicas(group_size: int, reduce_channels: int, config: ScanConfig) -> i
     if config.bwd_replicas is not None:
         return max(1, min(config.bwd_replicas, groups))
     return min(MAX_REPLICAS, groups, next_power_of_2(cdiv(groups, SOURCES_PER_REPLICA)))
+
+
+def bwd_prefetch(config: ScanConfig) -> int:
+    """Steps ahead of pass A's L2 prefetch in the backward (0: none): `config.bwd_prefetch`, else
+    DEFAULT_BWD_PREFETCH."""
+    return DEFAULT_BWD_PREFETCH if config.bwd_prefetch is None else config.bwd_prefetch
+
+
+def fwd_prefetch(config: ScanConfig) -> int:
+    """Steps ahead of the forward kernel's L2 prefetch (0: none): `config.fwd_prefetch`, else DEFAULT_FWD_PREFETCH."""
+    return DEFAULT_FWD_PREFETCH if config.fwd_prefetch is None else config.fwd_prefetch
+
+
+def carry_prefetch(config: ScanConfig) -> int:
+    """Steps back of the carry pass's L2 prefetch (0: none): `config.carry_prefetch`, else DEFAULT_CARRY_PREFETCH."""
+    return DEFAULT_CARRY_PREFETCH if config.carry_prefetch is None else config.carry_prefetch
 
 
 def bwd_block_u(warps: int, config: ScanConfig, device: torch.device) -> int:

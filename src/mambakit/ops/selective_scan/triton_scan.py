@@ -105,7 +105,7 @@ def scan_fwd(*, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
         CHUNK=interval, NL=tiles.NL, NH=tiles.NH, BD=tiles.BD, ACC=acc_tl, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None, EVEN_N=dstate == tiles.NL * tiles.NH,
         LIBDEVICE=not triton_interpret(), I64=policy.needs_i64(seqlen, x.stride(1), zs[1], B.stride(1), ss[1]),
-        num_warps=tiles.num_warps,
+        PREFETCH=0 if triton_interpret() else policy.fwd_prefetch(config), num_warps=tiles.num_warps,
     )
     if nseg == 1:
         start, s_start = h0, (dim * dstate, 0)
@@ -232,7 +232,8 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
             s_yt=dy.stride(1),
             NL=ctiles.NL, NH=ctiles.NH, BD=ctiles.BD, ACC=acc_tl, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
             SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None, EVEN_N=dstate == ctiles.NL * ctiles.NH,
-            LIBDEVICE=not triton_interpret(), I64=i64, num_warps=ctiles.num_warps,
+            LIBDEVICE=not triton_interpret(), I64=i64,
+            PREFETCH=0 if triton_interpret() else policy.carry_prefetch(config), num_warps=ctiles.num_warps,
         )
         cin = _chain_segments(cl, sdt, keep, A, dhl, seq_idx is not None, acc_tl)
     grid = (dim // tiles.BD, batch, nseg)
@@ -252,7 +253,7 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         HAS_SEQ=seq_idx is not None, HAS_DHLAST=dhl is not None, WANT_DH0=want_dinitial,
         EVEN_N=dstate == tiles.NL * tiles.NH, LIBDEVICE=not triton_interpret(), I64=i64, SEGMENTED=nseg > 1,
-        ROWS=bool(config.bwd_rows), DZ_AT=dz_at, PREFETCH=0 if triton_interpret() else config.bwd_prefetch or 0,
+        ROWS=bool(config.bwd_rows), DZ_AT=dz_at, PREFETCH=0 if triton_interpret() else policy.bwd_prefetch(config),
         num_warps=tiles.num_warps, **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     dB, dC = dB.sum(0), dC.sum(0)
@@ -382,8 +383,9 @@ def selective_scan_triton(
         raise ValueError(f"selective_scan_triton: bwd_reduce_channels={red} must be a power of two (or None)")
     if cfg.bwd_time_segments is not None and cfg.bwd_time_segments < 1:
         raise ValueError(f"selective_scan_triton: bwd_time_segments={cfg.bwd_time_segments} must be >= 1 (or None)")
-    if cfg.bwd_prefetch is not None and cfg.bwd_prefetch < 0:
-        raise ValueError(f"selective_scan_triton: bwd_prefetch={cfg.bwd_prefetch} must be >= 0 steps (or None)")
+    for name in ("bwd_prefetch", "fwd_prefetch", "carry_prefetch"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
+            raise ValueError(f"selective_scan_triton: {name}={getattr(cfg, name)} must be >= 0 steps (or None)")
     if cfg.bwd_replicas is not None and cfg.bwd_replicas < 1:
         raise ValueError(f"selective_scan_triton: bwd_replicas={cfg.bwd_replicas} must be >= 1")
     if seq_idx is not None and seq_idx.dtype != torch.int32:

@@ -180,7 +180,7 @@ def scan_bwd_carry_kernel(
     s_b, s_zb, s_zt, s_t, s_Bb, s_Bt, s_Bg, s_sb, s_st, s_Ad, s_An, s_yb, s_yt,
     NL: tl.constexpr, NH: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, EVEN_N: tl.constexpr,
-    LIBDEVICE: tl.constexpr, I64: tl.constexpr,
+    LIBDEVICE: tl.constexpr, I64: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Pass 1 of the time-parallel backward: the adjoint alone over segment s = pid_c + 1 = [p, q).
 
@@ -192,6 +192,8 @@ def scan_bwd_carry_kernel(
     carry_in(s - 1) = local(s) + keep_s exp(A sum_s dt') carry_in(s), from carry_in(last) = dL/dh_final.
     These segments (seg_len steps, any length) may be finer than the backward's: this pass is cheap per step
     and wants many programs; its tile is the forward's (NL states in-thread, A gathered row by row).
+    PREFETCH > 0 (`ScanConfig.carry_prefetch`): each step asks the L2 for the dt / dy / z rows PREFETCH steps
+    earlier, which the loop reaches later (it walks back in time).
     """
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -217,6 +219,12 @@ def scan_bwd_carry_kernel(
         # the next (earlier) step's inputs, one step ahead, clamped at p >= 1 (seq_idx[t - 1] stays in bounds)
         nxt = _carry_inputs(tl.maximum(t - 1, p), dt_b, z_b, C_b, dy_b, seq_b, s_t, s_zt, s_Bt, s_yt, s_st, d1, n2,
                             n_ok2, HAS_Z, HAS_SEQ, EVEN_N, I64)
+        if PREFETCH > 0:
+            ahead = time_offset(tl.maximum(t - PREFETCH, p), I64)
+            prefetch_l2(dt_b + (ahead * s_t + d1))
+            prefetch_l2(dy_b + (ahead * s_yt + d1))
+            if HAS_Z:
+                prefetch_l2(z_b + (ahead * s_zt + d1))
         delta, _ = dt_softplus_sigmoid(dtv.to(ACC), bias, HAS_BIAS, SOFTPLUS, LIBDEVICE)
         dy = dout.to(ACC)
         if HAS_Z:
@@ -259,9 +267,9 @@ def scan_bwd_kernel(
     as NL-float vectors, so that no load anchors a layout with fewer states per thread than the loop's; the
     scratch is then laid out (block, state, channel) so that each row is one coalesced access.
 
-    PREFETCH > 0 (`ScanConfig.bwd_prefetch`, off by default, untimed): pass A asks the L2 for the x / dt rows
-    PREFETCH steps ahead and for the dy / z rows of its own steps, which pass B reads next (Nsight Compute,
-    session 35: the kernel's top stalls wait on those DRAM loads)."""
+    PREFETCH > 0 (`ScanConfig.bwd_prefetch`; off by default: on an H100 it made the scan alone 1-2% faster and the
+    training step slower): pass A asks the L2 for the x / dt rows PREFETCH steps ahead and for the dy / z rows of its
+    own steps, which pass B reads next (Nsight Compute, session 35: the kernel's top stalls wait on those loads)."""
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_c = tl.program_id(2)

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ..triton_launch import fast_launch
 from ..triton_math import LOG2E, dt_softplus_sigmoid, fast_sigmoid
-from .triton_scan_tile import load_bc, load_rows, tile_index, time_offset
+from .triton_scan_tile import load_bc, load_rows, prefetch_l2, tile_index, time_offset
 
 __all__ = ["scan_fwd_kernel", "seg_combine_kernel"]
 
@@ -92,6 +92,7 @@ def scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, SAVE_LAST: tl.constexpr, SAVE_CK: tl.constexpr,
     STATE_ONLY: tl.constexpr, EVEN_N: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Forward over time segment pid_c = [pid_c * seg_len, +seg_len) of one batch row (the whole sequence
     when nseg == 1); seg_len is a multiple of CHUNK, so checkpoints keep their whole-sequence indices.
@@ -101,6 +102,9 @@ def scan_fwd_kernel(
     STATE_ONLY (pass 1 of the time-parallel forward): starts from zero, writes only the segment's end
     state into hlast_ptr (B, nseg, D, N), sum of dt' (B, nseg, D) into sdt_ptr and, with seq_idx,
     keep = 0 if the state restarts anywhere in the segment (its first step included) into keep_ptr.
+
+    PREFETCH > 0 (`ScanConfig.fwd_prefetch`): each 4-step iteration asks the L2 for the x / dt (and z) rows
+    PREFETCH steps ahead, so the loads one pair ahead find them there instead of in DRAM.
     """
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -147,6 +151,13 @@ def scan_fwd_kernel(
                         HAS_Z, HAS_SEQ, EVEN_N, I64, STATE_ONLY)
         Q1 = _load_step(t + 3, tn, x_b, dt_b, z_b, B_b, C_b, seq_b, s_t, s_zt, s_Bt, s_st, d1, n2, n_ok2,
                         HAS_Z, HAS_SEQ, EVEN_N, I64, STATE_ONLY)
+        if PREFETCH > 0:
+            for u in tl.static_range(4):
+                ahead = time_offset(tl.minimum(t + PREFETCH + u, tn - 1), I64)
+                prefetch_l2(x_b + ahead * s_t + d1)
+                prefetch_l2(dt_b + ahead * s_t + d1)
+                if HAS_Z and not STATE_ONLY:
+                    prefetch_l2(z_b + ahead * s_zt + d1)
         if SAVE_CK:
             if t % CHUNK == 0:  # state before step t = start of chunk t // CHUNK (CHUNK % 4 == 0)
                 tl.store(hck_ptr + ck_off + tl.cast(t // CHUNK, tl.int64) * dim * dstate, h, mask=n_ok3)
