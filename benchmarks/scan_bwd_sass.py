@@ -80,26 +80,33 @@ def compile_variant(name: str, dstate: int = 16, group_size: int = 4096, seg: bo
                  DZ_AT=0, PREFETCH=0)
     const.update(flags)
     u = const["U"]
+    undivisible = {"seqlen", "nchunks", "nseg", "cin_n", "cin_k", "seg_len", "s_Ad", "s_An", "s_st"}
+    ptr_type = lambda a: "*i32" if a in PTRS_I32 else "*fp64" if f64 else "*bf16" if a in PTRS_BF16 else "*fp32"  # noqa: E731
+    # the launcher's register cap, if any
+    k = compile_sm90(fn, const, ptr_type, undivisible, tiles.num_warps, bwd_variant_config(name).bwd_maxnreg)
+    return k, tiles, u
+
+
+def compile_sm90(fn, const: dict, ptr_type, undivisible: set[str], num_warps: int, maxnreg: int | None = None,
+                 folded_ones: tuple[str, ...] = ("s_An",)):
+    """Compile the Triton kernel `fn` for sm_90 (Triton's bundled ptxas, no GPU) as the JIT would specialise it:
+    the `const` constexprs, each pointer typed by ptr_type(name) and marked 16-byte aligned, every other argument an
+    i32 marked divisible by 16 unless named in `undivisible`, and the strides in `folded_ones` equal to 1 (the JIT
+    folds those). -> the compiled kernel (its .asm["sass"], .asm["cubin"])."""
     sig, attrs = {}, {}
     for i, a in enumerate(fn.arg_names):
-        if a in const:
+        if a in const or a in folded_ones:
             sig[a] = "constexpr"
         elif a.endswith("_ptr"):
-            sig[a] = ("*i32" if a in PTRS_I32 else "*fp64" if f64 else "*bf16" if a in PTRS_BF16 else "*fp32")
+            sig[a] = ptr_type(a)
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[a] = "i32"
-            if a not in ("seqlen", "nchunks", "nseg", "cin_n", "cin_k", "seg_len", "s_Ad", "s_An", "s_st"):
+            if a not in undivisible:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    # strides equal to 1 are folded by the JIT
-    const_full = dict(const, s_An=1)
-    sig["s_An"] = "constexpr"
-    src = ASTSource(fn, sig, constexprs=const_full, attrs=attrs)
-    # the launcher's register cap, if any
-    cap = bwd_variant_config(name).bwd_maxnreg
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": tiles.num_warps, **({} if cap is None else {"maxnreg": cap})})
-    return k, tiles, u
+    src = ASTSource(fn, sig, constexprs=dict(const, **{a: 1 for a in folded_ones}), attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, **({} if maxnreg is None else {"maxnreg": maxnreg})})
 
 
 def resources(k) -> tuple[int, int]:

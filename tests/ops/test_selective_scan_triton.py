@@ -564,3 +564,29 @@ def test_scan_64bit_offsets_match_reference(monkeypatch):
     want = named(run_reference(inp, extra, True), names)
     for key in want:
         assert_close(got[key], want[key], name=key, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_the_prefetching_forward_and_carry_pass_compile_for_sm90():
+    """The forward's and the carry pass's L2 prefetch (on by default on GPUs) is inline PTX that the interpreter
+    skips, so no CPU test runs it: `benchmarks/scan_fwd_sass.py` compiles both kernels for an H100 / H200 with
+    Triton's bundled ptxas, with and without the prefetch. Each must build without spills, the prefetch must be in
+    the SASS (CCTL) only when asked for, and it must hold no register (at most a few more for its addresses)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "benchmarks/scan_fwd_sass.py"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2], env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
+            if line.startswith("| ") and line.split("|")[2].strip().isdigit()]
+    by = {(r[0], int(r[1]) > 0): (int(r[2]), int(r[3]), int(r[4])) for r in rows}
+    assert len(rows) == 6 and len(by) == 6, out.stdout
+    for kernel in ("forward, full pass", "forward, state-only pass", "backward, carry pass"):
+        (regs0, stack0, pf0), (regs1, stack1, pf1) = by[(kernel, False)], by[(kernel, True)]
+        assert stack0 == stack1 == 0, (kernel, out.stdout)
+        assert pf0 == 0 < pf1, (kernel, out.stdout)
+        assert regs1 <= regs0 + 8, (kernel, out.stdout)
