@@ -81,7 +81,9 @@ def compile_variant(name: str, dstate: int = 16, group_size: int = 4096, seg: bo
     const.update(flags)
     u = const["U"]
     undivisible = {"seqlen", "nchunks", "nseg", "cin_n", "cin_k", "seg_len", "s_Ad", "s_An", "s_st"}
-    ptr_type = lambda a: "*i32" if a in PTRS_I32 else "*fp64" if f64 else "*bf16" if a in PTRS_BF16 else "*fp32"  # noqa: E731
+    def ptr_type(a: str) -> str:
+        return "*i32" if a in PTRS_I32 else "*fp64" if f64 else "*bf16" if a in PTRS_BF16 else "*fp32"
+
     # the launcher's register cap, if any
     k = compile_sm90(fn, const, ptr_type, undivisible, tiles.num_warps, bwd_variant_config(name).bwd_maxnreg)
     return k, tiles, u
