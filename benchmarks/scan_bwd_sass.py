@@ -80,7 +80,8 @@ def compile_variant(name: str, dstate: int = 16, group_size: int = 4096, seg: bo
                  DZ_AT=0, PREFETCH=0)
     const.update(flags)
     u = const["U"]
-    undivisible = {"seqlen", "nchunks", "nseg", "cin_n", "cin_k", "seg_len", "s_Ad", "s_An", "s_st"}
+    undivisible = {"seqlen", "nchunks", "nseg", "cin_n", "cin_k", "seg_len", "s_Ad", "s_st"}  # s_An: folded to 1
+
     def ptr_type(a: str) -> str:
         return "*i32" if a in PTRS_I32 else "*fp64" if f64 else "*bf16" if a in PTRS_BF16 else "*fp32"
 

@@ -25,6 +25,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from mambakit.ops.common import cdiv  # noqa: E402
 from mambakit.ops.selective_scan import scan_policy as policy  # noqa: E402
 from mambakit.ops.selective_scan.triton_scan_bwd import scan_bwd_carry_kernel  # noqa: E402
 from mambakit.ops.selective_scan.triton_scan_fwd import scan_fwd_kernel  # noqa: E402
@@ -64,7 +65,7 @@ def compile_kernels(batch: int, seqlen: int, dim: int, dstate: int) -> list[tupl
     seg_len, bseg = policy.segments(seqlen, cfg.checkpoint_interval,
                                     policy.default_bwd_time_segments(batch, seqlen, dim, dstate, 1, cfg, cpu))
     cin_k = policy.carry_split(batch, seqlen, dim, dstate, 1, seg_len, bseg, cfg, cpu)
-    cin_n = -(-seqlen // (seg_len // cin_k))
+    cin_n = cdiv(seqlen, seg_len // cin_k)
     ctiles = policy.pick_tiles(policy.fwd_nl(batch * cin_n, dim, dstate, cpu), dstate, dim)
     cfn = scan_bwd_carry_kernel.fn if hasattr(scan_bwd_carry_kernel, "fn") else scan_bwd_carry_kernel
     cconst = dict(NL=ctiles.NL, NH=ctiles.NH, BD=ctiles.BD, ACC=tl.float32, HAS_Z=True, HAS_BIAS=True,
