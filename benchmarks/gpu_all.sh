@@ -2,7 +2,7 @@
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
 # Stages: env tests graphtests synctests gentests compose adapters e2e finetune chat serve serve-repeat serve-ab serve-gc train train-ab train-graph train-paths ce-tests ce bench launch scan ssd rows-matmul
-# convnorm layers layers-ab scan-tests loop-tests scan-ab fwd-ab scan-ncu scan-train-shape synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
+# convnorm layers layers-ab scan-tests loop-tests scan-ab fwd-ab scan-ncu ssd-ncu scan-train-shape synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
 # limit so one slow stage leaves the logs of the others intact. The machine returns at most 8 files from $OUT: end a
 # call of many stages with `pack` (every log and file into $OUT/logs.tgz), or logs beyond the eighth file are lost.
 # The lent machine has torch and Triton only: carry cp312 wheels in .whl/ (pip download --no-deps --only-binary=:all:
@@ -214,6 +214,16 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
               run scan-ncu-source 240 "$ncu_bin" --clock-control none -k regex:scan_bwd_kernel --launch-skip 1 \
                 --launch-count 1 --section SourceCounters --section WarpStateStats --page source --print-source sass \
                 python3 benchmarks/gpu_scan_ncu.py --calls 2 ${NCU_SHAPE:-};;
+    # the SSD's kernels (Mamba-2), one fwd+bwd each under Nsight Compute at NCU_SSD_SEQLENS (default 32768 8192)
+    ssd-ncu) ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+             [ -n "$ncu_bin" ] || { echo "=== ssd-ncu: no ncu here"; continue; }
+             for L in ${NCU_SSD_SEQLENS:-32768 8192}; do
+               run "ssd-ncu-$L" 240 "$ncu_bin" --clock-control none --profile-from-start off \
+                 -k "regex:_(chunk|state)_" --section SpeedOfLight --section ComputeWorkloadAnalysis \
+                 --section InstructionStats --section LaunchStats --section Occupancy --section SchedulerStats \
+                 --section WarpStateStats --section MemoryWorkloadAnalysis \
+                 python3 benchmarks/gpu_ssd_ncu.py --seqlen "$L" ${NCU_SSD_FLAGS:-}
+             done;;
     # the 130M training shape (batch 8 x 2048, d_inner 1536), where the policy picks 4 backward time segments:
     # the backward's segment counts and micro-blocks timed (SCAN_FLAGS="--sweep-time --profile" adds the forward's
     # and each kernel's GPU time), then where the eager Mamba-1 training step's GPU time goes (torch.profiler)

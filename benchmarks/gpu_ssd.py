@@ -144,7 +144,7 @@ def time_kernels(inp, T, sweep):
     S_local = st.chunk_state_local_fwd(x, B, dtp, cs, None, T)  # input of the state-passing kernel alone
     dy = torch.randn_like(x)
     dH, _, ddend = st.chunk_state_bwd(dy, None, C, cs, None, states, None, False, T)
-    cfg_dcb, cfg_dbc, cfg_dx, nslot = sb.bwd_config(b, dtp.shape[2], G, N, T, x.device)
+    cfg_dcb, cfg_dbc, cfg_dx, nslot = sb.bwd_config(N, T)
     dcb, rowp = sb.chunk_dcb_bwd(x, dy, None, dtp, cs, None, cb, G, nslot, T, cfg=cfg_dcb)
     sb.chunk_dbc_bwd(x, dy, None, B, C, dtp, cs, None, states, dH, dcb, rowp, T, cfg=cfg_dbc)  # fills rowp for dx
 
@@ -160,8 +160,8 @@ def time_kernels(inp, T, sweep):
         # state_fwd: the path `use_parallel_chunk_state` picks; its sweep rows are the fused walk's configs
         "state_fwd": (lambda cfg: lambda: st.chunk_state_fwd(x, B, dtp, cs, None, None, T, cfg=cfg),
                       [None] + [dict(PARALLEL=False, **c) for c in (
-                          dict(num_stages=1), dict(num_stages=3), dict(BLOCK_T=128), dict(BLOCK_N=32),
-                          dict(BLOCK_N=128, num_warps=8), dict(BLOCK_T=256, num_stages=1, num_warps=8))]),
+                          dict(BLOCK_T=64, num_stages=2), dict(num_stages=2), dict(num_stages=4), dict(BLOCK_T=64),
+                          dict(BLOCK_T=256, num_stages=2), dict(BLOCK_N=32), dict(BLOCK_N=128, num_warps=8))]),
         # both paths forced (table "state_fwd paths"), and each kernel of the parallel path alone
         "state_fused": (lambda cfg: lambda: st.chunk_state_fwd(x, B, dtp, cs, None, None, T,
                                                                cfg={**(cfg or {}), "PARALLEL": False}), [None]),
@@ -175,20 +175,25 @@ def time_kernels(inp, T, sweep):
                        [None, dict(PASS_BLOCK=512), dict(PASS_BLOCK=2048), dict(PASS_BLOCK=2048, PASS_WARPS=8),
                         dict(PASS_BLOCK=4096, PASS_WARPS=8), dict(PASS_BLOCK=512, PASS_WARPS=2)]),
         "scan_fwd": (lambda cfg: lambda: sc.chunk_scan_fwd(x, None, D, C, cb, states, dtp, cs, None, T, cfg=cfg),
-                     [None, dict(num_stages=1), dict(num_stages=3), dict(num_warps=8),
-                      dict(BLOCK_M=128, num_warps=8), dict(BLOCK_M=32), dict(BLOCK_P=32)]),
+                     [None, dict(BLOCK_M=64, num_warps=4), dict(num_stages=1), dict(num_stages=3), dict(num_warps=4),
+                      dict(BLOCK_M=128, num_warps=8), dict(BLOCK_M=16), dict(BLOCK_P=32)]),
         "state_bwd": (lambda cfg: lambda: st.chunk_state_bwd(dy, None, C, cs, None, states, None, False, T, cfg=cfg),
-                      [None, dict(num_stages=1), dict(num_stages=3), dict(BLOCK_T=128), dict(BLOCK_N=32),
-                       dict(BLOCK_N=128, num_warps=8)]),
-        "dcb": (lambda cfg: lambda: sb.chunk_dcb_bwd(x, dy, None, dtp, cs, None, cb, G, nslot, T,
-                                                     cfg={**cfg_dcb, **(cfg or {})}),
-                [None, dict(num_warps=2), dict(num_warps=8), dict(num_stages=1), dict(num_stages=3)]),
+                      [None, dict(BLOCK_T=64, num_stages=2), dict(num_stages=2), dict(num_stages=4), dict(BLOCK_T=64),
+                       dict(BLOCK_T=256, num_stages=2), dict(BLOCK_N=32), dict(BLOCK_N=128, num_warps=8)]),
+        # a smaller row block writes more row-part slots: the buffer is sized for the config timed
+        "dcb": (lambda cfg: lambda: sb.chunk_dcb_bwd(x, dy, None, dtp, cs, None, cb, G,
+                                                     nslot + T // {**cfg_dcb, **(cfg or {})}["BLOCK_M"]
+                                                     - T // cfg_dcb["BLOCK_M"], T, cfg={**cfg_dcb, **(cfg or {})}),
+                [None, dict(num_stages=2), dict(num_warps=2), dict(num_warps=8), dict(num_stages=3),
+                 dict(BLOCK_M=32), dict(BLOCK_M=32, num_stages=2)]),
         "dbc": (lambda cfg: dbc_call({**cfg_dbc, **(cfg or {})}),
                 [None, dict(BLOCK_N=64, num_warps=4), dict(BLOCK_N=128, num_warps=8), dict(BLOCK_N=128, num_warps=4),
-                 dict(num_stages=1), dict(num_stages=3)]),
+                 dict(num_stages=1), dict(num_stages=3), dict(BLOCK_N=32, num_warps=4), dict(BLOCK_N=64, num_warps=8),
+                 dict(BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_N=64, num_warps=4, num_stages=1)]),
         "dx": (lambda cfg: lambda: sb.chunk_dx_bwd(x, dt, dy, None, None, A, bias, D, B, dtp, cs, None, cb, dH, rowp,
                                                    ddend, True, (0.0, math.inf), T, cfg={**cfg_dx, **(cfg or {})}),
-               [None, dict(num_warps=2), dict(num_warps=8), dict(num_stages=1), dict(num_stages=3), dict(BLOCK_P=32)]),
+               [None, dict(num_stages=2), dict(num_warps=2), dict(num_warps=8), dict(num_stages=3), dict(BLOCK_P=32),
+                dict(BLOCK_M=32), dict(BLOCK_M=32, num_stages=2), dict(BLOCK_M=128, num_warps=8)]),
     }
     times, sweeps = {}, {}
     for name, (make, cfgs) in kernels.items():

@@ -195,7 +195,7 @@ def triton_parts(inp: dict, dy: torch.Tensor, dfinal: torch.Tensor, T: int) -> d
         dt_limit=lim, T=T)
     G, N = B.shape[2], B.shape[3]
     dH, _, ddend = ts.chunk_state_bwd(dy, z, C, cs, None, states, dfinal, True, T)
-    cfg_dcb, cfg_dbc, cfg_dx, nslot = ts.bwd_config(x.shape[0], dtp.shape[2], G, N, T, x.device)
+    cfg_dcb, cfg_dbc, cfg_dx, nslot = ts.bwd_config(N, T)
     dcb, rowp = ts.chunk_dcb_bwd(x, dy, z, dtp, cs, None, cb, G, nslot, T, cfg=cfg_dcb)
     ts.chunk_dbc_bwd(x, dy, z, B, C, dtp, cs, None, states, dH, dcb, rowp, T, cfg=cfg_dbc)  # rowp slots >= nblk
 

@@ -449,14 +449,14 @@ def test_ssd_triton_parallel_chunk_state_bf16_within_twice_torch_error(forced_ch
 
 
 def test_chunk_state_path_policy():
-    """Parallel only with enough chunks and a fused grid too small for the GPU (H100: 132 SMs)."""
+    """Parallel only with enough chunks and a fused grid under one program per SM (H100: 132 SMs)."""
     policy = _chunk_state.use_parallel_chunk_state
     # benchmark shape (batch 2, 64 heads, headdim 64, dstate 128: 256 fused programs), chunk 256
-    assert not policy(2, 64, 8, 64, 128, 132)  # seqlen 2048: too few chunks to repay a second launch
-    assert policy(2, 64, 16, 64, 128, 132)  # seqlen 4096
-    assert policy(2, 64, 128, 64, 128, 132)  # seqlen 32768
-    assert not policy(8, 64, 128, 64, 128, 132)  # 1024 fused programs: enough per SM
-    assert not policy(2, 64, 128, 64, 128, 64)  # 256 fused programs on a 64-SM GPU: 4 per SM
+    assert not policy(2, 64, 8, 64, 128, 132)  # seqlen 2048
+    assert not policy(2, 64, 128, 64, 128, 132)  # seqlen 32768: 2 fused programs per SM
+    assert not policy(1, 64, 8, 64, 128, 132)  # batch 1, seqlen 2048: too few chunks to repay a second launch
+    assert policy(1, 64, 16, 64, 128, 132)  # batch 1, seqlen 4096: 128 fused programs on 132 SMs
+    assert not policy(1, 64, 128, 64, 128, 64)  # the same on a 64-SM GPU: 2 per SM
     assert policy(1, 24, 64, 64, 128, 132)  # a small model, long prompt
     assert not policy(1, 24, 70000, 64, 128, 132)  # more chunks than a CUDA grid axis holds
 

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
+from ..triton_launch import cdiv, fast_launch, next_power_of_2
 from ..triton_math import dt_transform_grad, silu, silu_grad
 from .triton_common import kernel_flags, mm, to_dtype
 
@@ -428,25 +428,24 @@ def dbc_block_n(N: int) -> int:
     return min(64, max(16, next_power_of_2(N)))
 
 
-def bwd_config(batch: int, nchunks: int, ngroups: int, dstate: int, chunk_size: int,
-               device: torch.device) -> tuple[dict, dict, dict, int]:
+def bwd_config(dstate: int, chunk_size: int) -> tuple[dict, dict, dict, int]:
     """Fixed configs of the three kernels above, chosen from the shape (no autotuning, no seqlen key).
 
-    The row block is shared (it lays out the row-part slots). The dB/dC kernel takes the whole dstate
-    per program (each head's dY, x tiles then load once, not once per N block) when that still leaves
-    two programs per SM; short sequences split N in two to fill the GPU.
+    The row block is shared (it lays out the row-part slots). The dCB and dx kernels run unpipelined
+    (num_stages 1): their loops are short chains of dependent tiles at 2 programs per SM, and a second
+    stage only costs shared memory. On an H100 (session 37, batch 2 x 64 heads x 64, dstate 128, chunk 256,
+    bf16, `benchmarks/gpu_ssd.py --sweep`) dCB took 0.174 / 0.477 / 1.571 ms at seqlen 2048 / 8192 / 32768
+    against 0.197 / 0.558 / 1.825 with 2 stages, dx 0.861 / 3.181 at 8192 / 32768 against 0.947 / 3.631.
+    The dB/dC kernel takes N in blocks of 64 with 4 warps at every length: the whole dstate of 128 per
+    program with 8 warps (each head's dY, x tiles loaded once, not once per N block), taken before from
+    two programs per SM on, ran 1.280 ms at 32768 against 1.145 (the same call).
     Returns (dcb cfg, dbc cfg, dx cfg, nslot).
     """
     bm = min(chunk_size, 64)
     nblk = chunk_size // bm
-    sms = sm_count(device, 132)  # off the GPU (interpreter): an H100's count
-    wide = min(128, max(16, next_power_of_2(dstate)))
-    if batch * nchunks * ngroups * nblk >= 2 * sms and wide > dbc_block_n(dstate):
-        dbc = dict(BLOCK_M=bm, BLOCK_N=wide, num_warps=8)
-    else:
-        dbc = dict(BLOCK_M=bm, BLOCK_N=dbc_block_n(dstate), num_warps=4)
+    dbc = dict(BLOCK_M=bm, BLOCK_N=dbc_block_n(dstate), num_warps=4)
     nslot = nblk + cdiv(dstate, dbc["BLOCK_N"])
-    return dict(BLOCK_M=bm), dbc, dict(BLOCK_M=bm), nslot
+    return dict(BLOCK_M=bm, num_stages=1), dbc, dict(BLOCK_M=bm, num_stages=1), nslot
 
 
 def chunk_dx_bwd(x: torch.Tensor, dt: torch.Tensor, dy: torch.Tensor, z: torch.Tensor | None,

@@ -240,6 +240,21 @@ def _chunk_state_bwd_kernel(
         tl.store(dh0_ptr + (b * nheads + h) * PN + pn_offs, dstate_, mask=pn_mask)
 
 
+def _walk_blocks(headdim: int, dstate: int, chunk_size: int, x_dtype: torch.dtype, cfg: dict | None) -> dict:
+    """Tiles of the two chunk walks (the fused forward, the backward): 16-bit inputs take 128-token steps with a
+    3-stage pipeline. On an H100 (session 37, batch 2 x 64 heads x 64, dstate 128, chunk 256, bf16) the forward
+    walk ran 0.045 / 0.143 / 0.530 ms at seqlen 2048 / 8192 / 32768 against 0.062 / 0.209 / 0.792 with 64-token
+    steps and 2 stages, the backward 0.058 / 0.192 / 0.720 against 0.072 / 0.254 / 0.980. float32 keeps 64-token
+    steps and 2 stages (twice the bytes a stage: not measured)."""
+    cfg = dict(cfg or {})
+    if x_dtype in (torch.bfloat16, torch.float16):
+        cfg.setdefault("BLOCK_T", min(chunk_size, 128))
+        cfg.setdefault("num_stages", 3)
+    cfg = _blocks(headdim, dstate, cfg)
+    cfg.setdefault("BLOCK_T", min(chunk_size, 64))
+    return cfg
+
+
 def _blocks(headdim: int, dstate: int, cfg: dict | None) -> dict:
     cfg = dict(cfg or {})
     cfg.setdefault("BLOCK_P", min(64, max(16, next_power_of_2(headdim))))
@@ -254,10 +269,12 @@ def _blocks(headdim: int, dstate: int, cfg: dict | None) -> dict:
 # the bytes in two streaming launches with many programs, so it wins only when those stream fast enough
 # (the H100 reasoning with its figures: docs/design/kernel_figures.md).
 # Short sequences keep the fused kernel: the second launch and allocation cost host time that a few
-# chunks cannot repay. Both thresholds are reasoning until the "state_fwd paths" table of
-# benchmarks/gpu_ssd.py has been read on the GPU.
+# chunks cannot repay. Since the walk's 128-token, 3-stage tiles (session 37, H100, `benchmarks/gpu_ssd.py`'s
+# "state_fwd paths" table) the fused walk wins at 2 programs per SM (batch 2 x 64 heads: 0.143 / 0.530 ms at
+# seqlen 8192 / 32768 against the parallel path's 0.185 / 0.686), so only a grid under one program per SM
+# takes the parallel path.
 PARALLEL_MIN_CHUNKS = 16  # fewer chunks: fused (seqlen 2048 at chunk 256 has 8)
-FUSED_MIN_PROGRAMS_PER_SM = 4  # from this many fused programs per SM on, their latency is taken as hidden
+FUSED_MIN_PROGRAMS_PER_SM = 1  # from this many fused programs per SM on, their latency is taken as hidden
 
 
 def use_parallel_chunk_state(batch: int, nheads: int, nchunks: int, headdim: int, dstate: int, sms: int) -> bool:
@@ -267,11 +284,11 @@ def use_parallel_chunk_state(batch: int, nheads: int, nchunks: int, headdim: int
     P/N blocks at the default 64 x 64) gives fewer than FUSED_MIN_PROGRAMS_PER_SM programs per SM
     (and the chunks fit the parallel kernel's grid: at most 65535).
     Examples on 132 SMs, headdim 64, dstate 128 (2 fused programs per head), chunk 256: batch 2 x 64
-    heads: fused up to seqlen 3840, parallel from 3841 (16 chunks); batch 4: the same;
-    batch 8 x 64 heads (1024 programs): always fused.
+    heads (256 programs): always fused; batch 1 x 64 heads (128): fused up to seqlen 3840, parallel from
+    3841 (16 chunks); batch 1 x 24 heads (a 130M Mamba-2's prefill): the same.
 
     Example:
-        >>> use_parallel_chunk_state(2, 64, 32, 64, 128, 132)
+        >>> use_parallel_chunk_state(1, 24, 32, 64, 128, 132)
         True
     """
     blocks = _blocks(headdim, dstate, None)
@@ -351,8 +368,7 @@ def chunk_state_fwd(x: torch.Tensor, B: torch.Tensor, dtp: torch.Tensor, cs: tor
     if parallel:
         S = chunk_state_local_fwd(x, B, dtp, cs, seq_idx, T, cfg)
         return state_passing_fwd(S, cs, initial_state, seq_idx, store_dtype(x.dtype), T, pass_cfg)
-    cfg = _blocks(P, N, cfg)
-    cfg.setdefault("BLOCK_T", min(T, 64))
+    cfg = _walk_blocks(P, N, T, x.dtype, cfg)
     states = torch.empty(b, nc + 1, H, P, N, device=x.device, dtype=store_dtype(x.dtype))
     final = torch.empty(b, H, P, N, device=x.device, dtype=torch.float32)
     grid = (cdiv(P, cfg["BLOCK_P"]) * cdiv(N, cfg["BLOCK_N"]), b * H)
@@ -389,8 +405,7 @@ def chunk_state_bwd(dy: torch.Tensor, z: torch.Tensor | None, C: torch.Tensor, c
     G, N = C.shape[2], C.shape[3]
     T = chunk_size
     nc = cs.shape[2]
-    cfg = _blocks(P, N, cfg)
-    cfg.setdefault("BLOCK_T", min(T, 64))
+    cfg = _walk_blocks(P, N, T, dy.dtype, cfg)
     n_pn = cdiv(P, cfg["BLOCK_P"]) * cdiv(N, cfg["BLOCK_N"])
     dH = torch.empty(b, nc, H, P, N, device=dy.device, dtype=states.dtype)
     dh0 = torch.empty(b, H, P, N, device=dy.device, dtype=torch.float32) if need_dh0 else None

@@ -125,7 +125,7 @@ def ssd_triton_backward(*, dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, d
         return _cat(dx), _cat(ddt), add(dA), _cat(dB), _cat(dC), add(dD), _cat(dz), add(dbias), _cat(dh0)
     G, N = B.shape[2], B.shape[3]
     dH, dh0, ddend = chunk_state_bwd(dy, z, C, cs, seq_idx, states, dfinal, need_dh0, T)
-    cfg_dcb, cfg_dbc, cfg_dx, nslot = bwd_config(x.shape[0], dtp.shape[2], G, N, T, x.device)
+    cfg_dcb, cfg_dbc, cfg_dx, nslot = bwd_config(N, T)
     dcb, rowp = chunk_dcb_bwd(x, dy, z, dtp, cs, seq_idx, cb, G, nslot, T, cfg=cfg_dcb)
     dB, dC = chunk_dbc_bwd(x, dy, z, B, C, dtp, cs, seq_idx, states, dH, dcb, rowp, T, cfg=cfg_dbc)
     del dcb  # (b, c, G, T, T): not needed by the dx launch
