@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import json
 import math
 import platform
 import sys
@@ -131,7 +132,7 @@ def check(inp, seqlen):
     return head, rows
 
 
-def time_kernels(inp, T, sweep):
+def time_kernels(inp, T, sweep, sweep_only=None, extra=None):
     """Median ms of every launch of the forward and backward at fixed intermediates (and config sweeps)."""
     dec, st, sp, sc, sb = (_mod(m) for m in ("triton_chunk_decay", "triton_chunk_state", "triton_state_passing",
                                             "triton_chunk_scan", "triton_chunk_scan_bwd"))
@@ -195,10 +196,13 @@ def time_kernels(inp, T, sweep):
                [None, dict(num_stages=2), dict(num_warps=2), dict(num_warps=8), dict(num_stages=3), dict(BLOCK_P=32),
                 dict(BLOCK_M=32), dict(BLOCK_M=32, num_stages=2), dict(BLOCK_M=128, num_warps=8)]),
     }
+    for item in extra or ():
+        name, cfg = item.split("=", 1)
+        kernels[name][1].append(json.loads(cfg))
     times, sweeps = {}, {}
     for name, (make, cfgs) in kernels.items():
         times[name] = bench(make(None))
-        if sweep:
+        if sweep and (not sweep_only or name in sweep_only):
             res = []
             for cfg in cfgs[1:]:
                 try:
@@ -271,7 +275,7 @@ def run(seqlen, args, out):
         f"{f_all / fb / 1e9:.0f} | {by_all / fb / 1e6:.0f} | {floor_fwd:.3f} / {floor_all:.3f} | "
         f"{tgt[0]} / {tgt[1]} / {tgt[2]} |")
     try:
-        times, sweeps, picked = time_kernels(inp, T, args.sweep)
+        times, sweeps, picked = time_kernels(inp, T, args.sweep, args.sweep_kernels, args.extra)
         fwd_sum = sum(times[k] for k in ("decay", "cb", "state_fwd", "scan_fwd"))
         bwd_sum = sum(times[k] for k in ("state_bwd", "dcb", "dbc", "dx"))
         out.setdefault("kernels", []).append(
@@ -307,6 +311,11 @@ def main(argv=None):
     p.add_argument("--check-max-seqlen", type=int, default=8192,
                    help="largest seqlen checked against the torch path (it needs O(seqlen * chunk * heads) memory)")
     p.add_argument("--sweep", action="store_true", help="time a handful of configs of every kernel")
+    p.add_argument("--sweep-kernels", nargs="+", metavar="NAME",
+                   help="sweep only these kernels (decay cb state_fwd state_parallel state_local state_pass scan_fwd "
+                        "state_bwd dcb dbc dx)")
+    p.add_argument("--extra", action="append", default=[], metavar="KERNEL=JSON",
+                   help='one more sweep row, e.g. dx=\'{"maxnreg": 168}\' (repeatable; GPU only for maxnreg)')
     p.add_argument("--peer", action="store_true", help="also time mamba_ssm's Triton SSD if it is installed")
     p.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke test under TRITON_INTERPRET=1")
     args = p.parse_args(argv)

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import cdiv, fast_launch, next_power_of_2
-from ..triton_math import dt_transform_grad, silu, silu_grad
+from ..triton_math import LOG2E, dt_transform_grad, silu, silu_grad
 from .triton_common import kernel_flags, mm, to_dtype
 
 __all__ = ["chunk_dcb_bwd", "chunk_dbc_bwd", "chunk_dx_bwd", "bwd_config"]
@@ -85,8 +85,8 @@ def _chunk_dcb_kernel(
     for r in range(hpg):
         h = g * hpg + r
         dc_ptr = ((b * nheads + h) * nchunks + c) * T
-        cs_r = tl.load(cs_ptr + dc_ptr + rows)
-        cs_c = tl.load(cs_ptr + dc_ptr + cols)
+        cs2_r = tl.load(cs_ptr + dc_ptr + rows) * LOG2E  # exp(a - b) = exp2(a log2(e) - b log2(e))
+        cs2_c = tl.load(cs_ptr + dc_ptr + cols) * LOG2E
         dtp_c = tl.load(dtp_ptr + dc_ptr + cols)
         dM = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
         for p0 in range(0, headdim, BLOCK_P):
@@ -101,8 +101,8 @@ def _chunk_dcb_kernel(
             xT = tl.load(x_ptr + b * s_x_b + h * s_x_h + (chunk0 + cols[None, :]) * s_x_l + offs_p[:, None],
                          mask=pmask[:, None] & cmask[None, :], other=0.0)  # (BP, BM)
             dM = mm(dy_r, xT, dM, OP, EMULATE)
-        seg = tl.where(keep, cs_r[:, None] - cs_c[None, :], float("-inf"))  # <= 0 where kept
-        dG = dM * tl.exp(seg) * dtp_c[None, :]
+        seg = tl.where(keep, cs2_r[:, None] - cs2_c[None, :], float("-inf"))  # <= 0 where kept
+        dG = dM * tl.exp2(seg) * dtp_c[None, :]
         acc += dG
         # intra-chunk part of dcs from this one fp32 tile S[i, j] = (dY_i . Xd_j) M[i, j]: + its row sums at rows i
         # (dY_i . y_diag_i), - its column sums at rows j (dt'_j x_j . dXd_diag_j), so that the two cancel exactly
@@ -207,6 +207,27 @@ def _chunk_dbc_kernel(
     tl.store(dB_ptr + out, to_dtype(accB, dB_ptr.dtype.element_ty, EMULATE), mask=rn_mask)
 
 
+@triton.jit
+def _dxd_tile(cb_base, cs_row, dy_base, z_base, ib, rows, cs2_j, offs_p, pmask, chunk0, seqlen, s_dy_l, s_z_l, acc,
+              T: tl.constexpr, BLOCK_M: tl.constexpr, DIAG: tl.constexpr, HAS_Z: tl.constexpr, OP: tl.constexpr,
+              EMULATE: tl.constexpr):
+    """acc + M[i, j]^T dY_i over the rows i of block ib, for the rows j (`rows`) of the dx kernel's block:
+    M[i, j] = CB[i, j] exp(cs_i - cs_j), as exp2 of log2(e)-scaled cumsums (cs2_j: the rows' own). DIAG: the
+    tile on the diagonal, masked to i >= j (its upper half is exp(> 0) times CB entries never written);
+    below it every i > j and cs_i <= cs_j, so no mask and no exponent > 0."""
+    rows_i = ib * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_i = (chunk0 + rows_i < seqlen)[:, None] & pmask[None, :]
+    cbT = tl.load(cb_base + rows_i[None, :] * T + rows[:, None])  # (BM j, BM i) = CB[i, j]^T
+    seg = tl.load(cs_row + rows_i)[None, :] * LOG2E - cs2_j[:, None]
+    if DIAG:
+        seg = tl.where(rows_i[None, :] >= rows[:, None], seg, float("-inf"))
+    dy_i = tl.load(dy_base + rows_i[:, None] * s_dy_l + offs_p[None, :], mask=m_i, other=0.0)
+    if HAS_Z:  # gated, then rounded to the operand type at once (as mm would): no float32 tile kept
+        dy_i = to_dtype(dy_i.to(tl.float32) * silu(tl.load(z_base + rows_i[:, None] * s_z_l + offs_p[None, :],
+                                                            mask=m_i, other=0.0).to(tl.float32)), OP, EMULATE)
+    return mm(cbT * tl.exp2(seg), dy_i, acc, OP, EMULATE)
+
+
 @fast_launch
 @triton.jit(do_not_specialize=["seqlen", "nchunks"])  # one compile for every length
 def _chunk_dx_kernel(
@@ -265,6 +286,7 @@ def _chunk_dx_kernel(
         rows = jb * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = c * T + rows < seqlen
         cs_j = tl.load(cs_ptr + dc_ptr + rows)
+        cs2_j = cs_j * LOG2E
         dtp_j = tl.load(dtp_ptr + dc_ptr + rows)
         w_out = tl.exp(cs_end - cs_j)  # exponent <= 0
         if HAS_SEQ:
@@ -278,17 +300,16 @@ def _chunk_dx_kernel(
             offs_p = p0 + tl.arange(0, BLOCK_P)
             pmask = offs_p < headdim
             dXd = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-            for ib in range(jb, nblk):
-                rows_i = ib * BLOCK_M + tl.arange(0, BLOCK_M)
-                m_i = (c * T + rows_i < seqlen)[:, None] & pmask[None, :]
-                cbT = tl.load(cb_base + rows_i[None, :] * T + rows[:, None])  # (BM j, BM i) = CB[i, j]^T
-                cs_i = tl.load(cs_ptr + dc_ptr + rows_i)
-                seg = tl.where(rows_i[None, :] >= rows[:, None], cs_i[None, :] - cs_j[:, None], float("-inf"))
-                dy_i = tl.load(dy_base + rows_i[:, None] * s_dy_l + offs_p[None, :], mask=m_i, other=0.0)
-                if HAS_Z:
-                    dy_i = dy_i.to(tl.float32) * silu(tl.load(z_base + rows_i[:, None] * s_z_l + offs_p[None, :],
-                                                               mask=m_i, other=0.0).to(tl.float32))
-                dXd = mm(cbT * tl.exp(seg), dy_i, dXd, OP, EMULATE)
+            if HAS_Z:  # one masked loop: peeled as below, the gated kernel spills 616 bytes a thread (184 so; sm_90)
+                for ib in range(jb, nblk):
+                    dXd = _dxd_tile(cb_base, cs_ptr + dc_ptr, dy_base, z_base, ib, rows, cs2_j, offs_p, pmask, c * T,
+                                    seqlen, s_dy_l, s_z_l, dXd, T, BLOCK_M, True, HAS_Z, OP, EMULATE)
+            else:  # the diagonal tile (causal mask), then the tiles below it (no mask: every i > every j there)
+                dXd = _dxd_tile(cb_base, cs_ptr + dc_ptr, dy_base, z_base, jb, rows, cs2_j, offs_p, pmask, c * T,
+                                seqlen, s_dy_l, s_z_l, dXd, T, BLOCK_M, True, HAS_Z, OP, EMULATE)
+                for ib in range(jb + 1, nblk):
+                    dXd = _dxd_tile(cb_base, cs_ptr + dc_ptr, dy_base, z_base, ib, rows, cs2_j, offs_p, pmask, c * T,
+                                    seqlen, s_dy_l, s_z_l, dXd, T, BLOCK_M, False, HAS_Z, OP, EMULATE)
             # the inter-chunk part after the loop, not as its accumulator: its own tile is live only until xdo
             dHT = tl.load(dH_base + offs_p[None, :] * dstate, mask=nmask[:, None] & pmask[None, :], other=0.0)
             dXo = mm(B_j, dHT, tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32), OP, EMULATE) * w_out[:, None]
