@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import cdiv, fast_launch, next_power_of_2
-from ..triton_math import LOG2E, silu
+from ..triton_math import silu
 from .triton_common import kernel_flags, mm, to_dtype
 
 __all__ = ["chunk_cb_fwd", "chunk_scan_fwd"]
@@ -66,33 +66,6 @@ def _chunk_cb_kernel(
     acc = tl.where(keep, acc, 0.0)
     cb_base = cb_ptr + ((b * nchunks + c) * ngroups + g) * T * T
     tl.store(cb_base + rows[:, None] * T + cols[None, :], acc)
-
-
-@triton.jit
-def _y_tile(cb_base, cs_row, dtp_row, x_base, k, rows, cs2_m, pmask, chunk0, seqlen, s_x_l, acc, x_bad, all_finite,
-            BLOCK_M: tl.constexpr, DIAG: tl.constexpr, OP: tl.constexpr, EMULATE: tl.constexpr):
-    """One column block k of the diagonal block's product: acc + (C B^T o decay o dt')[rows, cols] x[cols], the
-    decay exp2 of log2(e)-scaled cumsums (cs2_m: the rows' own). DIAG: the tile on the diagonal, masked to
-    rows >= cols (above it the exponent is > 0 and may overflow: selected away with the rest); left of it every
-    row is after every column, so no mask and no exponent > 0. Non-finite x: see the caller (x_bad gathers the
-    tiles left of the diagonal, the diagonal tile adds its cumulative sum)."""
-    cols = k * BLOCK_M + tl.arange(0, BLOCK_M)
-    cb = tl.load(cb_base + cols[None, :])
-    w = cb * tl.exp2(cs2_m[:, None] - tl.load(cs_row + cols)[None, :] * LOG2E) * tl.load(dtp_row + cols)[None, :]
-    if DIAG:
-        w = tl.where(rows[:, None] >= cols[None, :], w, 0.0)
-    x_k = tl.load(x_base + cols[:, None] * s_x_l, mask=(chunk0 + cols < seqlen)[:, None] & pmask[None, :], other=0.0)
-    if all_finite:
-        acc = mm(w, x_k, acc, OP, EMULATE)
-    else:
-        finite = tl.abs(x_k) < float("inf")  # False for NaN too
-        acc = mm(w, tl.where(finite, x_k, 0.0), acc, OP, EMULATE)
-        bad = tl.where(finite, 0.0, x_k.to(tl.float32))
-        if DIAG:
-            acc += tl.cumsum(bad, axis=0)  # the diagonal tile: its rows are its columns
-        else:
-            x_bad += tl.sum(bad, axis=0)
-    return acc, x_bad
 
 
 @fast_launch
@@ -149,13 +122,26 @@ def _chunk_scan_fwd_kernel(
     cb_base = cb_ptr + ((b * nchunks + c) * ngroups + g) * T * T + rows[:, None] * T
     x_base = x_ptr + b * s_x_b + h * s_x_h + chunk0 * s_x_l + offs_p[None, :]
     x_bad = tl.zeros((BLOCK_P,), dtype=tl.float32)  # sum of the non-finite x over the tiles left of the diagonal
-    # the tiles left of the diagonal (no mask), then the diagonal tile (causal mask): the same order as one loop
-    cs2_m = cs_m * LOG2E
-    for k in range(0, pid_m):
-        acc, x_bad = _y_tile(cb_base, cs_ptr + dc_ptr, dtp_ptr + dc_ptr, x_base, k, rows, cs2_m, pmask, c * T, seqlen,
-                             s_x_l, acc, x_bad, all_finite, BLOCK_M, False, OP, EMULATE)
-    acc, x_bad = _y_tile(cb_base, cs_ptr + dc_ptr, dtp_ptr + dc_ptr, x_base, pid_m, rows, cs2_m, pmask, c * T, seqlen,
-                         s_x_l, acc, x_bad, all_finite, BLOCK_M, True, OP, EMULATE)
+    for k in range(0, pid_m + 1):
+        cols = k * BLOCK_M + tl.arange(0, BLOCK_M)
+        cb = tl.load(cb_base + cols[None, :])
+        cs_k = tl.load(cs_ptr + dc_ptr + cols)
+        dtp_k = tl.load(dtp_ptr + dc_ptr + cols)
+        # above the diagonal the exponent is > 0 (it may overflow): selected away with the rest
+        w = tl.where(rows[:, None] >= cols[None, :], cb * tl.exp(cs_m[:, None] - cs_k[None, :]) * dtp_k[None, :],
+                     0.0)
+        x_k = tl.load(x_base + cols[:, None] * s_x_l, mask=(c * T + cols < seqlen)[:, None] & pmask[None, :],
+                      other=0.0)
+        if all_finite:
+            acc = mm(w, x_k, acc, OP, EMULATE)
+        else:
+            finite = tl.abs(x_k) < float("inf")  # False for NaN too
+            acc = mm(w, tl.where(finite, x_k, 0.0), acc, OP, EMULATE)
+            bad = tl.where(finite, 0.0, x_k.to(tl.float32))
+            if k < pid_m:
+                x_bad += tl.sum(bad, axis=0)
+            else:
+                acc += tl.cumsum(bad, axis=0)  # the diagonal tile: its rows are its columns
     acc += x_bad[None, :]
 
     io_mask = rmask[:, None] & pmask[None, :]
