@@ -608,3 +608,35 @@ def test_ssd_triton_split_batch_equals_one_launch(monkeypatch, z):
     assert set(split_grads) == set(grads)
     for k in grads:
         assert_close(split_grads[k], grads[k], name=f"d{k}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, max_stack", [
+    pytest.param([], 64, id="bf16-anchors-shape"),
+    pytest.param(["--batch", "8", "--nheads", "24", "--seqlen", "2048", "--z", "--dtype", "float32"], None,
+                 id="float32-z-training-shape"),
+])
+def test_every_ssd_kernel_compiles_for_sm90_at_the_launchers_configs(flags, max_stack):
+    """No CPU test runs the GPU configs (the interpreter ignores warps, stages and shared memory): the launchers'
+    tiles for a GPU shape go through `benchmarks/ssd_sass.py`, which records a forward + backward's launches on meta
+    tensors and compiles each for an H100 / H200 with Triton's bundled ptxas. Every kernel must build within the
+    227 KB of shared memory a block may use (exit code), and in bf16 (the models' path) spill at most a few words
+    (64 bytes a thread: the dx kernel spills 48 at 255 registers)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "benchmarks/ssd_sass.py", *flags], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2], env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
+            if line.startswith("| _")]
+    names = {r[0] for r in rows}
+    assert {"_chunk_cb_kernel", "_chunk_scan_fwd_kernel", "_chunk_state_bwd_kernel", "_chunk_dcb_kernel",
+            "_chunk_dbc_kernel", "_chunk_dx_kernel"} <= names, out.stdout
+    for name, _, regs, stack, smem_kb, _ in rows:
+        assert int(regs) <= 255 and float(smem_kb) * 1024 <= 232448, (name, out.stdout)
+        if max_stack is not None:
+            assert int(stack) <= max_stack, (name, out.stdout)
