@@ -2,7 +2,7 @@
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
 # Stages: env tests graphtests synctests gentests compose adapters e2e finetune chat serve serve-repeat serve-ab serve-gc train train-ab train-graph train-paths ce-tests ce bench launch scan ssd rows-matmul
-# convnorm layers layers-ab scan-tests loop-tests scan-ab fwd-ab scan-ncu ssd-ncu scan-train-shape synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
+# convnorm layers layers-ab scan-tests loop-tests scan-ab ssd-ab fwd-ab scan-ncu ssd-ncu scan-train-shape synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
 # limit so one slow stage leaves the logs of the others intact. The machine returns at most 8 files from $OUT: end a
 # call of many stages with `pack` (every log and file into $OUT/logs.tgz), or logs beyond the eighth file are lost.
 # The lent machine has torch and Triton only: carry cp312 wheels in .whl/ (pip download --no-deps --only-binary=:all:
@@ -194,6 +194,16 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
                [ -n "${AB_NO_TRAIN:-}" ] || PYTHONPATH=$tree/src:${PYTHONPATH#$PWD/src:} run "scan-train-$n-$side" 200 \
                  python3 benchmarks/gpu_train.py --layers mamba1 --paths fused+cetriton+graph --steps 10 --warmup 3
              done;;
+    # the SSD op and the 130M Mamba-2 training step under several source trees (AB_SIDES as in scan-ab; this tree's
+    # gpu_ssd.py runs each: it reads the kernels' configs whatever their signature was); SSD_FLAGS adds to --no-check
+    ssd-ab) n=0; for side in ${AB_SIDES:-old new old new}; do
+              n=$((n + 1)); if [ $side = new ]; then tree=$PWD; else tree=$PWD/.ab/$side; fi
+              [ -d $tree/src ] || { echo "=== ssd-ab: no tree $tree/src"; continue; }
+              PYTHONPATH=$tree/src:${PYTHONPATH#$PWD/src:} run "ssd-$n-$side" 200 \
+                python3 benchmarks/gpu_ssd.py --no-check ${SSD_FLAGS:-}
+              [ -n "${AB_NO_TRAIN:-}" ] || PYTHONPATH=$tree/src:${PYTHONPATH#$PWD/src:} run "ssd-train-$n-$side" 200 \
+                python3 benchmarks/gpu_train.py --layers mamba2 --paths fused+cetriton+graph --steps 10 --warmup 3
+            done;;
     # the scan's forward under several source trees (FWD_AB_SIDES names trees under .ab/, "new" is this tree): eager,
     # graph-replayed and per-kernel GPU time (session 35: the trees of 2026-11-23 to now took the same time on one H100)
     fwd-ab) for side in ${FWD_AB_SIDES:-old new}; do

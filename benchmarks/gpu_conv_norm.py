@@ -38,9 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-try:
-    import mambakit  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
+if importlib.util.find_spec("mambakit") is None:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mambakit.ops import causal_conv1d, causal_conv1d_update, rms_norm  # noqa: E402

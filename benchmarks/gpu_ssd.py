@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import importlib.util
+import inspect
 import json
 import math
 import platform
@@ -34,9 +36,7 @@ from pathlib import Path
 
 import torch
 
-try:
-    import mambakit  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
+if importlib.util.find_spec("mambakit") is None:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 # matmul flops of the chunked algorithm and minimal bytes; shared with `mambakit bench kernels`
@@ -145,7 +145,10 @@ def time_kernels(inp, T, sweep, sweep_only=None, extra=None):
     S_local = st.chunk_state_local_fwd(x, B, dtp, cs, None, T)  # input of the state-passing kernel alone
     dy = torch.randn_like(x)
     dH, _, ddend = st.chunk_state_bwd(dy, None, C, cs, None, states, None, False, T)
-    cfg_dcb, cfg_dbc, cfg_dx, nslot = sb.bwd_config(N, T)
+    if len(inspect.signature(sb.bwd_config).parameters) == 2:  # (dstate, chunk) from session 37 on
+        cfg_dcb, cfg_dbc, cfg_dx, nslot = sb.bwd_config(N, T)
+    else:  # older trees (`gpu_all.sh ssd-ab`): (batch, nchunks, ngroups, dstate, chunk, device)
+        cfg_dcb, cfg_dbc, cfg_dx, nslot = sb.bwd_config(b, dtp.shape[2], G, N, T, x.device)
     dcb, rowp = sb.chunk_dcb_bwd(x, dy, None, dtp, cs, None, cb, G, nslot, T, cfg=cfg_dcb)
     sb.chunk_dbc_bwd(x, dy, None, B, C, dtp, cs, None, states, dH, dcb, rowp, T, cfg=cfg_dbc)  # fills rowp for dx
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib
 import json
 import time
 
@@ -185,9 +186,8 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also print the N kernels with the most GPU time per step (torch.profiler)")
     args = parser.parse_args()
-    try:
-        import mamba_ssm  # noqa: F401
-
+    try:  # imported, not only found: a mamba_ssm built for another CUDA fails here
+        importlib.import_module("mamba_ssm")
         peers = ["mamba_ssm"]
     except ImportError:
         peers = []

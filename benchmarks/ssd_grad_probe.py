@@ -46,6 +46,7 @@ import argparse
 import contextlib
 import functools
 import importlib
+import importlib.util
 import math
 import os
 import platform
@@ -59,9 +60,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tests' helpers build the inputs and the budget
-try:
-    import mambakit  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
+if importlib.util.find_spec("mambakit") is None:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT / "src"))
 
 from mambakit.ops.triton_launch import triton_launch_mode  # noqa: E402
