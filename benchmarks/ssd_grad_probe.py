@@ -318,14 +318,14 @@ def bwd_config_patch(bm: int | None = None, dx: dict | None = None, dbc: dict | 
     """`triton_ssd.bwd_config` with a row block for all three kernels and extra settings for dx / dbc."""
     original = ts.bwd_config
 
-    def patched(batch, nchunks, ngroups, dstate, chunk_size, device):
-        cfg_dcb, cfg_dbc, cfg_dx, _ = original(batch, nchunks, ngroups, dstate, chunk_size, device)
+    def patched(dstate, chunk_size):
+        cfg_dcb, cfg_dbc, cfg_dx, _ = original(dstate, chunk_size)
         if bm is not None:
             for cfg in (cfg_dcb, cfg_dbc, cfg_dx):
                 cfg["BLOCK_M"] = min(bm, chunk_size)
         cfg_dx.update(dx or {})
         cfg_dbc.update(dbc or {})
-        nslot = chunk_size // cfg_dx["BLOCK_M"] + -(-dstate // cfg_dbc["BLOCK_N"])
+        nslot = chunk_size // cfg_dbc["BLOCK_M"] + -(-dstate // cfg_dbc["BLOCK_N"])
         return cfg_dcb, cfg_dbc, cfg_dx, nslot
 
     return mock.patch.object(ts, "bwd_config", patched)
