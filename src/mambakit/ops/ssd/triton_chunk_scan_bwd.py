@@ -213,8 +213,8 @@ def _dxd_tile(cb_base, cs_row, dy_base, z_base, ib, rows, cs2_j, offs_p, pmask, 
               EMULATE: tl.constexpr):
     """acc + M[i, j]^T dY_i over the rows i of block ib, for the rows j (`rows`) of the dx kernel's block:
     M[i, j] = CB[i, j] exp(cs_i - cs_j), as exp2 of log2(e)-scaled cumsums (cs2_j: the rows' own). DIAG: the
-    tile on the diagonal, masked to i >= j (its upper half is exp(> 0) times CB entries never written);
-    below it every i > j and cs_i <= cs_j, so no mask and no exponent > 0."""
+    tile on the diagonal, masked to i >= j (above that the exponent is > 0: it may overflow, and inf times CB's
+    zero there is NaN); below the diagonal every i > j and cs_i <= cs_j, so no mask and no exponent > 0."""
     rows_i = ib * BLOCK_M + tl.arange(0, BLOCK_M)
     m_i = (chunk0 + rows_i < seqlen)[:, None] & pmask[None, :]
     cbT = tl.load(cb_base + rows_i[None, :] * T + rows[:, None])  # (BM j, BM i) = CB[i, j]^T
@@ -222,9 +222,9 @@ def _dxd_tile(cb_base, cs_row, dy_base, z_base, ib, rows, cs2_j, offs_p, pmask, 
     if DIAG:
         seg = tl.where(rows_i[None, :] >= rows[:, None], seg, float("-inf"))
     dy_i = tl.load(dy_base + rows_i[:, None] * s_dy_l + offs_p[None, :], mask=m_i, other=0.0)
-    if HAS_Z:  # gated, then rounded to the operand type at once (as mm would): no float32 tile kept
-        dy_i = to_dtype(dy_i.to(tl.float32) * silu(tl.load(z_base + rows_i[:, None] * s_z_l + offs_p[None, :],
-                                                            mask=m_i, other=0.0).to(tl.float32)), OP, EMULATE)
+    if HAS_Z:
+        dy_i = dy_i.to(tl.float32) * silu(tl.load(z_base + rows_i[:, None] * s_z_l + offs_p[None, :],
+                                                   mask=m_i, other=0.0).to(tl.float32))
     return mm(cbT * tl.exp2(seg), dy_i, acc, OP, EMULATE)
 
 
@@ -300,7 +300,8 @@ def _chunk_dx_kernel(
             offs_p = p0 + tl.arange(0, BLOCK_P)
             pmask = offs_p < headdim
             dXd = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-            if HAS_Z:  # one masked loop: peeled as below, the gated kernel spills 616 bytes a thread (184 so; sm_90)
+            if HAS_Z:  # one masked loop: peeled like the branch below, the gated kernel spilled 616 bytes a thread
+                # for sm_90 (184 as one loop)
                 for ib in range(jb, nblk):
                     dXd = _dxd_tile(cb_base, cs_ptr + dc_ptr, dy_base, z_base, ib, rows, cs2_j, offs_p, pmask, c * T,
                                     seqlen, s_dy_l, s_z_l, dXd, T, BLOCK_M, True, HAS_Z, OP, EMULATE)
@@ -454,7 +455,7 @@ def bwd_config(dstate: int, chunk_size: int) -> tuple[dict, dict, dict, int]:
 
     The row block is shared (it lays out the row-part slots). The dCB and dx kernels run unpipelined
     (num_stages 1): their loops are short chains of dependent tiles at 2 programs per SM, and a second
-    stage only costs shared memory. On an H100 (session 37, batch 2 x 64 heads x 64, dstate 128, chunk 256,
+    stage did not pay. On an H100 (session 37, batch 2 x 64 heads x 64, dstate 128, chunk 256,
     bf16, `benchmarks/gpu_ssd.py --sweep`) dCB took 0.174 / 0.477 / 1.571 ms at seqlen 2048 / 8192 / 32768
     against 0.197 / 0.558 / 1.825 with 2 stages, dx 0.861 / 3.181 at 8192 / 32768 against 0.947 / 3.631.
     The dB/dC kernel takes N in blocks of 64 with 4 warps at every length: the whole dstate of 128 per
