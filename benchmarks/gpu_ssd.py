@@ -152,6 +152,10 @@ def time_kernels(inp, T, sweep, sweep_only=None, extra=None):
     dcb, rowp = sb.chunk_dcb_bwd(x, dy, None, dtp, cs, None, cb, G, nslot, T, cfg=cfg_dcb)
     sb.chunk_dbc_bwd(x, dy, None, B, C, dtp, cs, None, states, dH, dcb, rowp, T, cfg=cfg_dbc)  # fills rowp for dx
 
+    def dcb_call(cfg):
+        ns = nslot - T // cfg_dcb["BLOCK_M"] + T // cfg["BLOCK_M"]  # its row block sets how many tile slots it fills
+        return lambda: sb.chunk_dcb_bwd(x, dy, None, dtp, cs, None, cb, G, ns, T, cfg=cfg)
+
     def dbc_call(cfg):
         ns = T // cfg.get("BLOCK_M", 64) + triton_cdiv(N, cfg["BLOCK_N"])
         rp = torch.empty(b, H, dtp.shape[2], ns, T, device=x.device)
@@ -184,10 +188,7 @@ def time_kernels(inp, T, sweep, sweep_only=None, extra=None):
         "state_bwd": (lambda cfg: lambda: st.chunk_state_bwd(dy, None, C, cs, None, states, None, False, T, cfg=cfg),
                       [None, dict(BLOCK_T=64, num_stages=2), dict(num_stages=2), dict(num_stages=4), dict(BLOCK_T=64),
                        dict(BLOCK_T=256, num_stages=2), dict(BLOCK_N=32), dict(BLOCK_N=128, num_warps=8)]),
-        # a smaller row block writes more row-part slots: the buffer is sized for the config timed
-        "dcb": (lambda cfg: lambda: sb.chunk_dcb_bwd(x, dy, None, dtp, cs, None, cb, G,
-                                                     nslot + T // {**cfg_dcb, **(cfg or {})}["BLOCK_M"]
-                                                     - T // cfg_dcb["BLOCK_M"], T, cfg={**cfg_dcb, **(cfg or {})}),
+        "dcb": (lambda cfg: dcb_call({**cfg_dcb, **(cfg or {})}),
                 [None, dict(num_stages=2), dict(num_warps=2), dict(num_warps=8), dict(num_stages=3),
                  dict(BLOCK_M=32), dict(BLOCK_M=32, num_stages=2)]),
         "dbc": (lambda cfg: dbc_call({**cfg_dbc, **(cfg or {})}),
