@@ -7,7 +7,12 @@ against the float32 reference (see `low_precision_tolerance`).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -113,3 +118,11 @@ def save_foreach_checkpoint(cfg, steps: int = 3) -> None:
         run.save()
     finally:
         run.close()
+
+
+def run_sass_script(script: str, *flags: str) -> subprocess.CompletedProcess:
+    """Run `benchmarks/<script>` (an sm_90 compile on the CPU: `scan_bwd_sass.py`, `scan_fwd_sass.py`,
+    `ssd_sass.py`) from the repository root without TRITON_INTERPRET, which would keep Triton from compiling."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, f"benchmarks/{script}", *flags], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], env=env, timeout=600)

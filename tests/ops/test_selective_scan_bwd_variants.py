@@ -16,7 +16,7 @@ import pytest
 from mambakit.ops.selective_scan.scan_policy import (BWD_VARIANTS, ScanConfig, bwd_variant_config, pick_tiles,
                                                      variant_params)
 from tests.ops.test_selective_scan_triton import GRAD_NAMES_ALL, make_inputs, named, run_reference, run_triton
-from tests.helpers import assert_close
+from tests.helpers import assert_close, run_sass_script
 
 
 def wide(name: str, **overrides):
@@ -91,14 +91,7 @@ def test_the_default_backward_compiles_for_sm90_without_spills():
     bundled ptxas on this CPU (no GPU): the interpreter runs kernels no compiler has seen, so a kernel that fails to
     compile for sm_90, or spills under its register cap (`ScanConfig.bwd_maxnreg`), fails here. The benchmark
     specialisation keeps the 128 registers of its occupancy."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "benchmarks/scan_bwd_sass.py", "--specialisations"], capture_output=True,
-                         text=True, cwd=Path(__file__).resolve().parents[2], env=env, timeout=600)
+    out = run_sass_script("scan_bwd_sass.py", "--specialisations")
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {cells[0]: (int(cells[1]), int(cells[2])) for line in out.stdout.splitlines()
             if line.startswith("| ") and (cells := [c.strip() for c in line.strip("|").split("|")])[1].isdigit()}

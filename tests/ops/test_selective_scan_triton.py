@@ -22,7 +22,7 @@ from mambakit.ops.selective_scan.triton_scan import (ScanConfig, default_bwd_tim
                                                     scan_fwd, selective_scan_triton)
 from mambakit.ops.selective_scan.triton_step import selective_state_update_triton
 from tests.conftest import DEVICE
-from tests.helpers import assert_close, low_precision_tolerance, run_with_grads
+from tests.helpers import assert_close, low_precision_tolerance, run_sass_script, run_with_grads
 
 
 GRAD_NAMES_ALL = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state"]
@@ -572,14 +572,7 @@ def test_the_prefetching_forward_and_carry_pass_compile_for_sm90():
     skips, so no CPU test runs it: `benchmarks/scan_fwd_sass.py` compiles both kernels for an H100 / H200 with
     Triton's bundled ptxas, with and without the prefetch. Each must build without spills, the prefetch must be in
     the SASS (CCTL) only when asked for, and it must hold no register (at most a few more for its addresses)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "benchmarks/scan_fwd_sass.py"], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[2], env=env, timeout=600)
+    out = run_sass_script("scan_fwd_sass.py")
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
             if line.startswith("| ") and line.split("|")[2].strip().isdigit()]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from mambakit.ops import ssd, ssd_state_update
 from mambakit.ops.ssd.reference import ssd_reference
-from tests.helpers import assert_close, low_precision_tolerance, max_error, run_with_grads
+from tests.helpers import assert_close, low_precision_tolerance, max_error, run_sass_script, run_with_grads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOAT_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
@@ -622,14 +622,7 @@ def test_every_ssd_kernel_compiles_for_sm90_at_the_launchers_configs(flags, max_
     tensors and compiles each for an H100 / H200 with Triton's bundled ptxas. Every kernel must build within the
     227 KB of shared memory a block may use (exit code), and in bf16 (the models' path) spill at most a few words
     (64 bytes a thread: the dx kernel spills 48 at 255 registers)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "benchmarks/ssd_sass.py", *flags], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[2], env=env, timeout=600)
+    out = run_sass_script("ssd_sass.py", *flags)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
             if line.startswith("| _")]
