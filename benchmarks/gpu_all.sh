@@ -2,7 +2,7 @@
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
 # Stages: env tests graphtests synctests gentests compose adapters e2e finetune chat serve serve-repeat serve-ab serve-gc train train-ab train-graph train-paths ce-tests ce bench launch scan ssd rows-matmul
-# convnorm layers layers-ab scan-tests loop-tests scan-ab ssd-ab fwd-ab scan-ncu ssd-ncu scan-train-shape synthetic-step prefill inference decode reproduce-NAME pack; each runs under its own time
+# convnorm layers layers-ab scan-tests loop-tests scan-ab ssd-ab fwd-ab scan-ncu ssd-ncu scan-train-shape synthetic-step prefill inference decode mamba1-step reproduce-NAME pack; each runs under its own time
 # limit so one slow stage leaves the logs of the others intact. The machine returns at most 8 files from $OUT: end a
 # call of many stages with `pack` (every log and file into $OUT/logs.tgz), or logs beyond the eighth file are lost.
 # The lent machine has torch and Triton only: carry cp312 wheels in .whl/ (pip download --no-deps --only-binary=:all:
@@ -261,6 +261,15 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
                  for max_rows in 0 128; do
                    run "rows-matmul-inference-$max_rows" 300 python3 benchmarks/gpu_inference.py --out-dir $OUT/rm$max_rows \
                      --skip-sweep --models mamba1 mamba2 --rows-matmul-max-rows $max_rows
+                 done;;
+    # issue 18's batch-64 decode: Mamba-1's step after the norm as ops.mamba1_step (its tests on CUDA, the op against
+    # the step op by op and a tile sweep, then the whole model with it off (8) and on (128), kernels counted)
+    mamba1-step) run mamba1-step-tests 240 python3 -m pytest tests/ops/test_mamba1_step.py tests/test_decode_step.py -q \
+                   -k "mamba1_step or many_rows" -p no:cacheprovider
+                 run mamba1-step-bench 240 python3 benchmarks/gpu_decode_proj.py --mamba1-step ${DECODE_FLAGS:-}
+                 for max_batch in ${MAMBA1_STEP_SIDES:-8 128}; do
+                   run "mamba1-step-inference-$max_batch" 300 python3 benchmarks/gpu_inference.py --out-dir $OUT/m1s$max_batch \
+                     --skip-sweep --count-kernels --models mamba1 --mamba1-step-max-batch $max_batch ${INFERENCE_FLAGS:-}
                  done;;
     inference) run inference 330 python3 benchmarks/gpu_inference.py ${INFERENCE_FLAGS:---out-dir $OUT};;
     # session 24's decode graphs, written on the CPU: the GPU tests of the fixed-capacity KV caches (Transformers)

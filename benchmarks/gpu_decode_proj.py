@@ -18,8 +18,15 @@ cuBLAS (F.linear) against the many-rows kernel (`ops/norm_linear/triton_rows_mat
 sweep of (BLOCK_N, BLOCK_K, warps, stages), each checked against F.linear first; the best tile is what
 `rows_matmul_tiles` and `rows_policy.ROWS_MATMUL_MAX_ROWS` (off until measured) should be set from.
 
+`--mamba1-step` times Mamba-1's decode step between the block's norm and out_proj at 9-128 rows (130M layer, bf16
+weights, float32 states): op by op as the module ran it before (cuBLAS in_proj, conv update, cuBLAS x_proj and
+dt_proj, state update: five launches) against `ops.mamba1_step` (two kernels) at its default tiles and a sweep of
+kernel 1's (BLOCK_N, BLOCK_K, warps, stages) and kernel 2's channels per program, each checked against the ops
+first.
+
     python benchmarks/gpu_decode_proj.py [--batches 1 4 8]
     python benchmarks/gpu_decode_proj.py --rows-matmul [--batches 16 32 64 128]
+    python benchmarks/gpu_decode_proj.py --mamba1-step [--batches 16 32 64 128]
 """
 
 from __future__ import annotations
@@ -137,13 +144,96 @@ def rows_matmul_table(batches: list[int]) -> None:
                   f"{timed[best]:.2f} {best} | {gbs:.0f} |", flush=True)
 
 
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, kernel 2's channels per program) of mamba1_step's sweep
+MAMBA1_STEP_SWEEP = [(64, 128, 4, 2, None), (32, 128, 4, 2, None), (128, 128, 8, 2, None), (64, 64, 4, 3, None),
+                     (64, 128, 8, 2, None), (64, 256, 8, 2, None), (64, 128, 4, 2, 32), (64, 128, 4, 2, 128),
+                     (32, 128, 4, 2, 128)]
+
+
+def mamba1_step_table(batches: list[int]) -> None:
+    """Mamba-1's decode step after the norm, before out_proj: op by op against `mamba1_step` (default, sweep)."""
+    import torch.nn.functional as F
+
+    from mambakit.ops import causal_conv1d_update, mamba1_step, selective_state_update
+    from mambakit.ops.mamba_inner.triton_mamba1_step import mamba1_step_tiles, mamba1_step_triton
+
+    d_model, dim, width, rank, dstate = 768, 1536, 4, 48, 16
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rnd(*shape, scale=1.0, dtype=torch.bfloat16):
+        return (scale * torch.randn(*shape, generator=g, device="cuda")).to(dtype)
+
+    W = dict(in_proj_weight=rnd(2 * dim, d_model, scale=d_model ** -0.5), in_proj_bias=None,
+             conv_weight=rnd(dim, width, scale=0.5), conv_bias=rnd(dim, scale=0.1),
+             x_proj_weight=rnd(rank + 2 * dstate, dim, scale=dim ** -0.5), x_proj_bias=None,
+             dt_proj_weight=rnd(dim, rank, scale=rank ** -0.5), dt_proj_bias=rnd(dim, dtype=torch.float32) - 4.0,
+             A=-torch.rand(dim, dstate, generator=g, device="cuda") - 0.5, D=rnd(dim, dtype=torch.float32))
+    print("| batch | op by op us (5 launches) | mamba1_step us (default tiles) | best of the sweep us (BLOCK_N, "
+          "BLOCK_K, warps, stages, block_d) | max rel. error y / states |")
+    print("|---|---|---|---|---|")
+    for batch in batches:
+        h = rnd(batch, d_model)
+        states = (rnd(batch, dim, width - 1), rnd(batch, dim, dstate, scale=0.3, dtype=torch.float32))
+
+        def op_by_op(conv_state, ssm_state):
+            x, z = F.linear(h, W["in_proj_weight"]).chunk(2, dim=-1)
+            x = causal_conv1d_update(conv_state, x, W["conv_weight"], W["conv_bias"], activation="silu")
+            dt_low, B, C = torch.split(F.linear(x, W["x_proj_weight"]), [rank, dstate, dstate], dim=-1)
+            dt = F.linear(dt_low, W["dt_proj_weight"])
+            return selective_state_update(ssm_state, x, dt, W["A"], B, C, D=W["D"], z=z, dt_bias=W["dt_proj_bias"],
+                                          dt_softplus=True)
+
+        with torch.inference_mode():
+            ref_states = [s.clone() for s in states]
+            ref = op_by_op(*ref_states).float()
+            got_states = [s.clone() for s in states]
+            got = mamba1_step(h, W["in_proj_weight"], None, got_states[0], W["conv_weight"], W["conv_bias"],
+                              W["x_proj_weight"], None, W["dt_proj_weight"], W["dt_proj_bias"], W["A"], W["D"],
+                              got_states[1]).float()
+            errs = [float((a.float() - b.float()).abs().max() / b.float().abs().max())
+                    for a, b in [(got, ref), *zip(got_states, ref_states)]]
+            assert max(errs) < 2e-2, f"mamba1_step batch {batch}: relative errors {errs}"
+            work = [s.clone() for s in states]
+            base = us_per_call(lambda: op_by_op(*work))
+            timed = {}
+            for bn, bk, warps, stages, bd in [(None, None, 4, 2, None), *MAMBA1_STEP_SWEEP]:
+                tile = mamba1_step_tiles(batch, 2 * dim, d_model, block_n=bn, block_k=bk)
+                key = (tile[1], tile[2], warps, stages, bd)
+                if key in timed:
+                    continue
+
+                def call(tile=tile, warps=warps, stages=stages, bd=bd):
+                    return mamba1_step_triton(h, W["in_proj_weight"], None, work[0], W["conv_weight"],
+                                              W["conv_bias"], W["x_proj_weight"], None, W["dt_proj_weight"],
+                                              W["dt_proj_bias"], W["A"], W["D"], work[1], tiles=tile,
+                                              num_warps=warps, num_stages=stages, block_d=bd)
+
+                chk = [s.clone() for s in states]
+                y = mamba1_step_triton(h, W["in_proj_weight"], None, chk[0], W["conv_weight"], W["conv_bias"],
+                                       W["x_proj_weight"], None, W["dt_proj_weight"], W["dt_proj_bias"], W["A"],
+                                       W["D"], chk[1], tiles=tile, num_warps=warps, num_stages=stages, block_d=bd)
+                err = float((y.float() - ref).abs().max() / ref.abs().max())
+                assert err < 2e-2, f"mamba1_step batch {batch} {key}: relative error {err:.2e}"
+                timed[key] = us_per_call(call)
+        default = next(iter(timed))
+        best = min(timed, key=timed.get)
+        print(f"| {batch} | {base:.2f} | {timed[default]:.2f} {default} | {timed[best]:.2f} {best} | "
+              f"{errs[0]:.1e} / {max(errs[1:]):.1e} |", flush=True)
+        print("  sweep: " + ", ".join(f"{k}: {v:.2f}" for k, v in timed.items()), flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs="+", default=None)
     p.add_argument("--rows-matmul", action="store_true",
                    help="cuBLAS vs the many-rows kernel on the plain projections (default batches 16 32 64 128)")
+    p.add_argument("--mamba1-step", action="store_true",
+                   help="Mamba-1's decode step op by op vs ops.mamba1_step (default batches 16 32 64 128)")
     args = p.parse_args()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.mamba1_step:
+        mamba1_step_table(args.batches or [16, 32, 64, 128])
+        return 0
     if args.rows_matmul:
         rows_matmul_table(args.batches or [16, 32, 64, 128])
         return 0

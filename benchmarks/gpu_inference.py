@@ -560,7 +560,15 @@ def main() -> int:
     parser.add_argument("--rows-matmul-max-rows", type=int, default=None, metavar="N",
                         help="decode steps of 9 to N rows take the many-rows projection kernel "
                              "(ops/norm_linear/triton_rows_matmul.py; default: the library's, off until timed)")
+    parser.add_argument("--mamba1-step-max-batch", type=int, default=None, metavar="N",
+                        help="Mamba-1 decode steps of 9 to N rows run ops.mamba1_step (default: the library's, "
+                             "modules.fusion.MAMBA1_STEP_MAX_BATCH; 8 turns it off)")
     args = parser.parse_args()
+    if args.mamba1_step_max_batch is not None:
+        from mambakit.modules import fusion
+
+        fusion.MAMBA1_STEP_MAX_BATCH = args.mamba1_step_max_batch
+        print(f"Mamba-1 decode steps of 9 to {args.mamba1_step_max_batch} rows run ops.mamba1_step")
     if args.rows_matmul_max_rows is not None:
         from mambakit.ops.norm_linear import rows_policy
 

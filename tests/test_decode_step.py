@@ -109,6 +109,7 @@ def test_many_rows_step_matches_the_step_op_by_op(ssm_cfg, projections, monkeypa
     inside the state update; Mamba-2's in_proj and out_proj); the logits and every state as the float32 torch step
     op by op. Off (the default), no decode_linear call."""
     batch = 12
+    monkeypatch.setattr(fusion, "MAMBA1_STEP_MAX_BATCH", 0)  # Mamba-1's default route past 8 rows: its own test
     ids = torch.randint(0, VOCAB, (batch, 3), device=DEVICE)
     model = _model(ssm_cfg)
     ref = _decode(model, ids, _random_cache(model, batch), "torch", fused=False)
@@ -255,6 +256,46 @@ def test_decode_linear_matches_f_linear(dtype, batch, bias, monkeypatch):
     lowp = F.linear(x.to(dtype), W.to(dtype), b.to(dtype) if bias else None).float()
     atol = 1e-5 * float(ref.abs().max()) if dtype == torch.float32 else low_precision_tolerance(lowp, ref)
     assert_close(got.float(), ref, name="out", rel=0.0, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mamba1_many_rows_step_takes_mamba1_step(dtype, monkeypatch):
+    """Mamba-1's decode step of 12 rows (past the fused step's 8) runs `ops.mamba1_step` by default: the block's
+    norm, the op's two kernels and out_proj, 4 kernels a layer where the step op by op takes 7; logits and every
+    state as the float32 torch step op by op (bf16: twice PyTorch's own bf16 error). Under torch.compile,
+    gradients or with fused_step off, the step runs op by op."""
+    batch = 12
+    ssm_cfg = LAYERS[0].values[0]
+    ids = torch.randint(0, VOCAB, (batch, 3), device=DEVICE)
+    ref_model = _model(ssm_cfg)
+    ref = _decode(ref_model, ids, _random_cache(ref_model, batch), "torch", fused=False)
+    model = _model(ssm_cfg, dtype)
+    with record_backends() as seen:
+        got = _decode(model, ids, _random_cache(model, batch), "triton", fused=True)
+    assert seen[("mamba1_step", "triton")] == 2 * 3  # every layer and step
+    with record_backends() as seen:
+        _decode(model, ids[:, :1], _random_cache(model, batch), "triton", fused=False)
+    assert seen[("mamba1_step", "triton")] == 0
+    if dtype == torch.float32:
+        def tol(r, lp):
+            return 1e-4 * float(r.abs().max())
+        lowp = ref
+    else:
+        lowp = _decode(model, ids, _random_cache(model, batch), "torch", fused=False)
+        tol = low_precision_tolerance
+    assert_close(got[0], ref[0], name="logits", rel=0.0, atol=tol(ref[0], lowp[0]))
+    for i, ((c_ref, h_ref), (c_got, h_got)) in enumerate(zip(ref[1], got[1])):
+        assert_close(c_got, c_ref, name=f"conv_state {i}", rel=0.0, atol=tol(c_ref, lowp[1][i][0]))
+        assert_close(h_got, h_ref, name=f"ssm_state {i}", rel=0.0, atol=tol(h_ref, lowp[1][i][1]))
+    with use_backend("triton"):
+        on = count_decode_kernels(model, batch_size=batch)
+        monkeypatch.setattr(fusion, "MAMBA1_STEP_MAX_BATCH", 8)
+        off = count_decode_kernels(model, batch_size=batch)
+    # (a bf16 model on CPU adds one aten.to a layer, either way: the norm's interpreter-only rounding copy)
+    assert on.max_per_layer == off.max_per_layer - 3, (on.layer_ops, off.layer_ops)
+    assert {k: v for k, v in on.layer_ops.items() if k != "aten.to"} == {
+        "triton._add_rms_norm_fwd_kernel": 1, "triton._in_proj_conv_kernel": 1, "triton._state_update_kernel": 1,
+        "aten.linear": 1}, on.layer_ops  # out_proj
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

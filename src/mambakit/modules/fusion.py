@@ -69,6 +69,18 @@ def require_plain_conv(conv: nn.Module, layer: str) -> None:
 FUSED_STEP_MAX_BATCH = 8
 
 
+# Rows from FUSED_STEP_MAX_BATCH + 1 up to which Mamba-1's decode step runs `ops.mamba1_step` (in_proj + conv +
+# x_proj's partial sums in one kernel, dt_proj + the state update in another: 4 launches a layer with the block's
+# norm and out_proj, against 7).
+MAMBA1_STEP_MAX_BATCH = 128
+
+
+def mamba1_step_allowed(hidden: torch.Tensor) -> bool:
+    """Whether Mamba-1's decode step of more rows than the fused step takes runs `ops.mamba1_step`: up to
+    MAMBA1_STEP_MAX_BATCH rows, under fused_step_allowed's conditions (no gradients, autocast or torch.compile)."""
+    return FUSED_STEP_MAX_BATCH < hidden.shape[0] <= MAMBA1_STEP_MAX_BATCH and _plain_inference(hidden)
+
+
 def many_rows_step_allowed(hidden: torch.Tensor) -> bool:
     """Whether a decode step of more rows than the fused step takes runs its plain projections through
     `ops.decode_linear` (on Triton the many-rows kernel, `ops/norm_linear/triton_rows_matmul.py`; Mamba-1 also moves

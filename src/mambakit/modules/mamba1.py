@@ -25,8 +25,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..deprecation import renamed_argument
 from ..ops import (add_rms_norm_linear, causal_conv1d, causal_conv1d_update, decode_linear, mamba1_inner,
-                   pinned_backend, selective_scan, selective_state_update)
-from .fusion import fused_step_allowed, many_rows_step_allowed, reads_as_plain, require_plain_conv
+                   mamba1_step, pinned_backend, selective_scan, selective_state_update)
+from .fusion import (fused_step_allowed, mamba1_step_allowed, many_rows_step_allowed, reads_as_plain,
+                     require_plain_conv)
 from .norm import RMSNorm
 from .state import MixerState
 
@@ -251,6 +252,16 @@ class Mamba1(nn.Module):
         around this step keeps reading and writing the same cache tensors.
         """
         require_plain_conv(self.conv1d, "Mamba1")
+        if (self.fused_step and mamba1_step_allowed(hidden_states) and self._plain_ssm_params()
+                and reads_as_plain(self.in_proj, nn.Linear) and hidden_states.dtype == self.in_proj.weight.dtype):
+            # a batch past the fused step's: everything between the block's norm and out_proj in two kernels
+            A, D, dt_bias = self._decode_params.get(
+                lambda: (-torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()),
+                self.A_log, self.D, self.dt_proj.bias)
+            y = mamba1_step(hidden_states[:, 0], self.in_proj.weight, self.in_proj.bias, cache.conv_state,
+                            self.conv1d.weight[:, 0], self.conv1d.bias, self.x_proj.weight, self.x_proj.bias,
+                            self.dt_proj.weight, dt_bias, A, D, cache.ssm_state)
+            return self.out_proj(y)[:, None]
         # a batch past the fused step's: the plain projections through decode_linear (the many-rows kernel) and
         # dt_proj inside the state update, where many_rows_step_allowed says (off by default, see fusion.py)
         many = (self.fused_step and many_rows_step_allowed(hidden_states) and self._plain_ssm_params()

@@ -19,7 +19,7 @@ in; the dtype the ops return states in is `reference.final_state_dtype`.
 from .dispatch import pinned_backend, record_backends, use_backend
 from .causal_conv1d import causal_conv1d, causal_conv1d_update
 from .cross_entropy import linear_cross_entropy
-from .mamba_inner import mamba1_inner, mamba2_inner
+from .mamba_inner import mamba1_inner, mamba1_step, mamba2_inner
 from .norm_linear import add_rms_norm_linear, decode_linear, gated_rms_norm_linear
 from .rms_norm import GatedNormSpec, add_rms_norm, rms_norm
 from .selective_scan import selective_scan, selective_state_update
@@ -40,6 +40,7 @@ __all__ = [
     "GatedNormSpec",
     "linear_cross_entropy",
     "mamba1_inner",
+    "mamba1_step",
     "mamba2_inner",
     "use_backend",
     "pinned_backend",

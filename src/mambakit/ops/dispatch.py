@@ -341,6 +341,16 @@ def _decode_linear_triton():
     return linear_rows_triton
 
 
+def _mamba1_step_composed():
+    from .mamba_inner.mamba1_step import mamba1_step_composed
+    return mamba1_step_composed
+
+
+def _mamba1_step_triton():
+    from .mamba_inner.triton_mamba1_step import mamba1_step_triton
+    return mamba1_step_triton
+
+
 def _three(reference, torch_, triton, **triton_limits) -> dict[str, Implementation]:
     return {"reference": Implementation(reference), "torch": Implementation(torch_),
             "triton": Implementation(triton, **triton_limits)}
@@ -398,6 +408,10 @@ BACKEND_TABLE: dict[str, dict[str, Implementation]] = {
                       "triton": Implementation(_decode_linear_triton, grad=False, grad_fallback="torch")},
     "mamba1_inner": _three(_mamba1_inner_composed, _mamba1_inner_composed, _mamba1_inner_triton),
     "mamba2_inner": _three(_mamba2_inner_composed, _mamba2_inner_composed, _mamba2_inner_triton, empty=False),
+    # Mamba-1's decode step after the norm, before out_proj, in two kernels (forward only)
+    "mamba1_step": {"reference": Implementation(_mamba1_step_composed),
+                    "torch": Implementation(_mamba1_step_composed),
+                    "triton": Implementation(_mamba1_step_triton, grad=False, grad_fallback="torch")},
 }
 
 

@@ -4,6 +4,7 @@ See README.md: what each saves for the backward and what it recomputes there.
 """
 
 from .mamba1 import mamba1_inner
+from .mamba1_step import mamba1_step
 from .mamba2 import mamba2_inner
 
-__all__ = ["mamba1_inner", "mamba2_inner"]
+__all__ = ["mamba1_inner", "mamba1_step", "mamba2_inner"]

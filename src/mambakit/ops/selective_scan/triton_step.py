@@ -11,6 +11,11 @@ kernel is a plain streaming pass; one launch per token, no autotuning.
 With `dt_proj_weight` (Mamba-1's dt_proj, (D, R), R = dt_rank ~ d_model / 16) the kernel also takes dt's
 low-rank input (B, R) and computes dt = W dt_low per channel in float32: a (BD, R) tile of W per program,
 which saves the separate matmul launch (at batch 1 a decode step is bound by launches, not bytes).
+
+With `xdbl_partials` ((P, B, R + 2N) float32: x_proj's output as P partial sums over channel blocks, written by
+`mamba1_step`'s first kernel, `ops/mamba_inner/triton_mamba1_step.py`) the kernel sums them itself (+ x_proj's
+bias, rounded to x's dtype as F.linear would round x_proj's output) and takes dt_low, B and C from the sum: the
+x_proj reduction needs no launch of its own. Partials mode implies dt_proj_weight and one group.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import triton
 import triton.language as tl
 
 from ..dispatch import triton_interpret
+from ..ssd.triton_common import to_dtype
 from ..triton_launch import cdiv, fast_launch, next_power_of_2
-from ..triton_math import LOG2E, dt_softplus_sigmoid, tl_compute_dtype
+from ..triton_math import LOG2E, dt_softplus_sigmoid, tl_compute_dtype, tl_dtype
 
 __all__ = ["selective_state_update_triton"]
 
@@ -31,15 +37,28 @@ __all__ = ["selective_state_update_triton"]
 # ----------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _xdbl_sum(row_ptr, xb_ptr, q, q_ok, n_part, s_dtp, BP: tl.constexpr, XB: tl.constexpr, XDT: tl.constexpr,
+              EMULATE: tl.constexpr):
+    """x_proj's outputs q of one row from its partial sums: sum over the P partials (+ bias), rounded to XDT."""
+    p = tl.arange(0, BP)
+    v = tl.sum(tl.load(row_ptr + p[:, None] * s_dtp + q[None, :], mask=(p < n_part)[:, None] & q_ok[None, :],
+                       other=0.0), axis=0)
+    if XB:
+        v += tl.load(xb_ptr + q, mask=q_ok, other=0.0).to(tl.float32)
+    return to_dtype(v, XDT, EMULATE)
+
+
 @fast_launch
 @triton.jit
 def _state_update_kernel(
-    state_ptr, x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, y_ptr, w_ptr,
-    dim, dstate, group_size, rank,
-    s_hb, s_hd, s_xb, s_dtb, s_zb, s_Bb, s_Bg, s_Cb, s_Cg, s_Ad, s_An, s_yb, s_wd,
+    state_ptr, x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, y_ptr, w_ptr, xb_ptr,
+    dim, dstate, group_size, rank, n_part,
+    s_hb, s_hd, s_xb, s_dtb, s_zb, s_Bb, s_Bg, s_Cb, s_Cg, s_Ad, s_An, s_yb, s_wd, s_dtp,
     BD: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, ACC: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DT_PROJ: tl.constexpr,
-    LIBDEVICE: tl.constexpr,
+    LIBDEVICE: tl.constexpr, PARTIALS: tl.constexpr = False, BP: tl.constexpr = 1, XB: tl.constexpr = False,
+    XDT: tl.constexpr = tl.float32, EMULATE: tl.constexpr = False,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -54,7 +73,10 @@ def _state_update_kernel(
     if DT_PROJ:  # dt = W dt_low: (BD, R) @ (R,), summed in ACC precision
         r = tl.arange(0, BR)
         r_ok = r < rank
-        low = tl.load(dt_ptr + pid_b * s_dtb + r, mask=r_ok, other=0.0).to(ACC)
+        if PARTIALS:
+            low = _xdbl_sum(dt_ptr + pid_b * s_dtb, xb_ptr, r, r_ok, n_part, s_dtp, BP, XB, XDT, EMULATE).to(ACC)
+        else:
+            low = tl.load(dt_ptr + pid_b * s_dtb + r, mask=r_ok, other=0.0).to(ACC)
         w = tl.load(w_ptr + d[:, None] * s_wd + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0).to(ACC)
         dtv = tl.sum(w * low[None, :], axis=1)
     else:
@@ -62,8 +84,15 @@ def _state_update_kernel(
     bias = tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(ACC) if HAS_BIAS else 0.0
     delta, _ = dt_softplus_sigmoid(dtv, bias, HAS_BIAS, SOFTPLUS, LIBDEVICE)
     A = tl.load(A_ptr + d[:, None] * s_Ad + n[None, :] * s_An, mask=ok, other=0.0).to(ACC)
-    Bv = tl.load(B_ptr + pid_b * s_Bb + grp * s_Bg + n[None, :], mask=ok, other=0.0).to(ACC)
-    Cv = tl.load(C_ptr + pid_b * s_Cb + grp * s_Cg + n[None, :], mask=ok, other=0.0).to(ACC)
+    if PARTIALS:  # one group: B and C are the row's, the same for every channel
+        n_ok = n < dstate
+        Bv = _xdbl_sum(dt_ptr + pid_b * s_dtb, xb_ptr, rank + n, n_ok, n_part, s_dtp, BP, XB, XDT,
+                       EMULATE).to(ACC)[None, :]
+        Cv = _xdbl_sum(dt_ptr + pid_b * s_dtb, xb_ptr, rank + dstate + n, n_ok, n_part, s_dtp, BP, XB, XDT,
+                       EMULATE).to(ACC)[None, :]
+    else:
+        Bv = tl.load(B_ptr + pid_b * s_Bb + grp * s_Bg + n[None, :], mask=ok, other=0.0).to(ACC)
+        Cv = tl.load(C_ptr + pid_b * s_Cb + grp * s_Cg + n[None, :], mask=ok, other=0.0).to(ACC)
     h = tl.exp2(delta[:, None] * (A * LOG2E)) * h + (delta * x)[:, None] * Bv
     tl.store(h_ptrs, h.to(state_ptr.dtype.element_ty), mask=ok)
     y = tl.sum(h * Cv, axis=1)
@@ -83,23 +112,30 @@ def _state_update_kernel(
 def selective_state_update_triton(
     state: torch.Tensor,
     x: torch.Tensor,
-    dt: torch.Tensor,
+    dt: torch.Tensor | None,
     A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
+    B: torch.Tensor | None,
+    C: torch.Tensor | None,
     D: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
     dt_proj_weight: torch.Tensor | None = None,
+    *,
+    xdbl_partials: torch.Tensor | None = None,
+    x_proj_bias: torch.Tensor | None = None,
+    block_d: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of the selective scan on the Triton kernel; `state` is updated in place and returned.
 
     Args:
-        state: (batch, dim, dstate) float32 (float64 runs the step in float64).
+        state: (batch, dim, dstate) float32 (float64 runs the step in float64; bfloat16 / float16 store it so).
         x, dt, z: (batch, dim).   A: (dim, dstate) real.   B, C: (batch, ngroups, dstate).
         D, dt_bias: (dim,).
         dt_proj_weight: (dim, rank): dt is then (batch, rank) and the kernel uses dt @ dt_proj_weight^T.
+        xdbl_partials: (P, batch, rank + 2 dstate) float32 partial sums of x_proj's output (then dt, B and C
+            are None, dt_proj_weight is required, one group); x_proj_bias: (rank + 2 dstate,) added to their sum.
+        block_d: channels per program (default: ~4K states per program, fewer at small batches).
     Returns:
         y (batch, dim) in x's dtype, and `state` itself (now holding the new state).
 
@@ -109,11 +145,17 @@ def selective_state_update_triton(
     if A.is_complex():
         raise ValueError("selective_state_update_triton: complex A is not supported; use 'reference' or 'torch'")
     batch, dim, dstate = state.shape
-    ngroups = B.shape[1]
+    partials = xdbl_partials is not None
+    if partials and dt_proj_weight is None:
+        raise ValueError("selective_state_update_triton: xdbl_partials needs dt_proj_weight (dt_low is in them)")
+    ngroups = 1 if partials else B.shape[1]
     if state.stride(-1) != 1:
         raise ValueError(f"selective_state_update_triton: state must have a contiguous last dim, got strides "
                          f"{tuple(state.stride())}")
     acc = tl_compute_dtype(state.dtype)
+    if partials:
+        dt = xdbl_partials if xdbl_partials.stride(-1) == 1 else xdbl_partials.contiguous()
+        B = C = dt[0]  # unread: dt, B and C come from the partials
     x, dt, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt, B, C))
     z = z if z is None or z.stride(-1) == 1 else z.contiguous()
     D = D if D is None else D.contiguous()  # read as dense (dim,) vectors
@@ -130,16 +172,20 @@ def selective_state_update_triton(
         # small batches: more, smaller programs, so that the step is spread over the SMs (latency, not bytes)
         while bd > 16 and cdiv(dim, bd) * batch < 64:
             bd //= 2
+    bd = block_d or bd
     dummy = y
     grid = (cdiv(dim, bd), batch)
     _state_update_kernel[grid](
         state, x, dt, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
         dt_bias if dt_bias is not None else dummy, y, dt_proj_weight if dt_proj_weight is not None else dummy,
-        dim, dstate, dim // ngroups, rank,
-        state.stride(0), state.stride(1), x.stride(0), dt.stride(0), z.stride(0) if z is not None else 0,
-        B.stride(0), B.stride(1), C.stride(0), C.stride(1), A.stride(0), A.stride(1), y.stride(0),
-        dt_proj_weight.stride(0) if dt_proj_weight is not None else 0,
+        x_proj_bias if x_proj_bias is not None else dummy,
+        dim, dstate, dim // ngroups, rank, dt.shape[0] if partials else 1,
+        state.stride(0), state.stride(1), x.stride(0), dt.stride(-2), z.stride(0) if z is not None else 0,
+        B.stride(0), B.stride(-2), C.stride(0), C.stride(-2), A.stride(0), A.stride(1), y.stride(0),
+        dt_proj_weight.stride(0) if dt_proj_weight is not None else 0, dt.stride(0) if partials else 0,
         BD=bd, BN=bn, BR=br, ACC=acc, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=dt_softplus, DT_PROJ=dt_proj_weight is not None, LIBDEVICE=not triton_interpret(), num_warps=4,
+        SOFTPLUS=dt_softplus, DT_PROJ=dt_proj_weight is not None, LIBDEVICE=not triton_interpret(),
+        PARTIALS=partials, BP=next_power_of_2(dt.shape[0]) if partials else 1, XB=x_proj_bias is not None,
+        XDT=tl_dtype(x.dtype), EMULATE=triton_interpret(), num_warps=4,
     )
     return y, state

@@ -1,0 +1,96 @@
+"""`ops.mamba1_step`: Mamba-1's decode step after the norm, before out_proj (in_proj, conv update, x_proj, dt_proj,
+state update, gate), on its two Triton kernels (through the interpreter on CPU) against the public ops composed in
+float64: y, the conv window and the SSM state, in float32 and bfloat16, at row counts of one and two row blocks
+(20, 70), with and without biases, and with d_inner not a multiple of the kernel's 64-channel blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mambakit.ops import mamba1_step, record_backends
+from mambakit.ops.mamba_inner import triton_mamba1_step
+
+from ..conftest import DEVICE
+from ..helpers import assert_close, low_precision_tolerance
+
+
+def _inputs(rows, d_model=32, dim=64, width=4, rank=4, dstate=8, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(DEVICE)
+
+    return dict(
+        h=r(rows, d_model), in_proj_weight=r(2 * dim, d_model, scale=d_model ** -0.5),
+        in_proj_bias=r(2 * dim, scale=0.1) if bias else None, conv_state=r(rows, dim, width - 1),
+        conv_weight=r(dim, width, scale=0.5), conv_bias=r(dim, scale=0.1) if bias else None,
+        x_proj_weight=r(rank + 2 * dstate, dim, scale=dim ** -0.5),
+        x_proj_bias=r(rank + 2 * dstate, scale=0.1) if bias else None,
+        dt_proj_weight=r(dim, rank, scale=rank ** -0.5), dt_proj_bias=r(dim, scale=0.5),
+        A=-(0.5 + torch.rand(dim, dstate, generator=g)).to(DEVICE), D=r(dim), ssm_state=r(rows, dim, dstate),
+    )
+
+
+_LOW = ("h", "in_proj_weight", "in_proj_bias", "conv_state", "conv_weight", "conv_bias", "x_proj_weight",
+        "x_proj_bias", "dt_proj_weight")  # the tensors a low-precision model holds in its dtype
+
+
+def _run(inputs, dtype, backend, state_dtype=torch.float32):
+    """One call on copies of `inputs` (the states advance in place): (y, conv_state, ssm_state) in float64."""
+    args = {k: (v.to(dtype) if k in _LOW else v).clone() if v is not None else None for k, v in inputs.items()}
+    args["ssm_state"] = args["ssm_state"].to(state_dtype)
+    y = mamba1_step(**args, backend=backend)
+    return y.double(), args["conv_state"].double(), args["ssm_state"].double()
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("rows, dim, bias", [(20, 64, True), (70, 96, False), (9, 40, True)],
+                         ids=["20rows", "70rows-two-blocks-no-bias", "9rows-dim40"])
+def test_mamba1_step_triton_matches_the_composed_ops(dtype, rows, dim, bias):
+    inputs = _inputs(rows, dim=dim, bias=bias)
+    ref = _run({k: v.double() if v is not None and v.is_floating_point() else v for k, v in inputs.items()},
+               torch.float64, "torch", torch.float64)
+    with record_backends() as seen:
+        got = _run(inputs, dtype, "triton")
+    assert seen[("mamba1_step", "triton")] == 1
+    if dtype == torch.float32:
+        atols = [1e-4 * float(t.abs().max()) for t in ref]
+    else:  # twice PyTorch's own error: the composed torch ops on the bf16 inputs against float64
+        lowp = _run(inputs, dtype, "torch")
+        atols = [low_precision_tolerance(lp, t) for lp, t in zip(lowp, ref)]
+    for name, r, gt, atol in zip(("y", "conv_state", "ssm_state"), ref, got, atols):
+        assert_close(gt, r, name=name, rel=0.0, atol=atol)
+
+
+def test_mamba1_step_partials_and_tiles():
+    """Kernel 1 writes one x_proj partial sum per 64 x channels (the last block straddling x and z when d_inner is
+    not a multiple of 64) and kernel 2 reads them; the tiles."""
+    inputs = _inputs(20, dim=40)
+    seen = []
+    real = triton_mamba1_step.selective_state_update_triton
+    try:
+        triton_mamba1_step.selective_state_update_triton = lambda *a, **k: seen.append(k["xdbl_partials"].shape) or real(*a, **k)
+        y, _, state = _run(inputs, torch.float32, "triton")
+    finally:
+        triton_mamba1_step.selective_state_update_triton = real
+    assert seen == [(1, 20, 4 + 2 * 8)]
+    assert triton_mamba1_step.mamba1_step_tiles(64, 3072, 768) == (64, 64, 128)
+    assert triton_mamba1_step.mamba1_step_tiles(9, 80, 32) == (16, 64, 32)
+    ref = _run(inputs, torch.float32, "torch")
+    assert_close(state, ref[2], name="ssm_state", rel=0.0, atol=1e-4 * float(ref[2].abs().max()))
+    assert_close(y, ref[0], name="y", rel=0.0, atol=1e-4 * float(ref[0].abs().max()))
+
+
+def test_mamba1_step_checks_its_arguments():
+    inputs = _inputs(3)
+    with pytest.raises(ValueError, match="x_proj_weight"):
+        mamba1_step(**{**inputs, "x_proj_weight": inputs["x_proj_weight"][:-1]})
+    with pytest.raises(ValueError, match="conv_state"):
+        mamba1_step(**{**inputs, "conv_state": inputs["conv_state"][:, :, :1]})
+    with pytest.raises(ValueError, match="in_proj_weight's dtype"):
+        mamba1_step(**{**inputs, "h": inputs["h"].double()})
+    with pytest.raises(ValueError, match="ssm_state"):
+        mamba1_step(**{**inputs, "ssm_state": inputs["ssm_state"][:2]})
+    with pytest.raises(ValueError, match="ssm_state must have dtype"):
+        mamba1_step(**{**inputs, "ssm_state": inputs["ssm_state"].bfloat16()})
