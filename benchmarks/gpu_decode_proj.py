@@ -144,10 +144,13 @@ def rows_matmul_table(batches: list[int]) -> None:
                   f"{timed[best]:.2f} {best} | {gbs:.0f} |", flush=True)
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages, kernel 2's channels per program) of mamba1_step's sweep
-MAMBA1_STEP_SWEEP = [(64, 128, 4, 2, None), (32, 128, 4, 2, None), (128, 128, 8, 2, None), (64, 64, 4, 3, None),
-                     (64, 128, 8, 2, None), (64, 256, 8, 2, None), (64, 128, 4, 2, 32), (64, 128, 4, 2, 128),
-                     (32, 128, 4, 2, 128)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, kernel 2's (channels per block, blocks per program),
+# in_proj through cuBLAS) of mamba1_step's sweep; session 38's first sweep found BLOCK_M 16, 4 warps best
+MAMBA1_STEP_SWEEP = [(16, n, 128, 4, 2, bd, cub) for n in (32, 64, 128, 256) for cub in (False, True)
+                     for bd in ((None, 1), (64, 4), (64, 8), (128, 2), (128, 4))
+                     if not (n == 256 and not cub)] + [(32, 64, 128, 4, 2, (64, 4), True),
+                                                       (64, 64, 128, 4, 2, (64, 4), True),
+                                                       (32, 128, 128, 4, 2, (64, 8), True)]
 
 
 def mamba1_step_table(batches: list[int]) -> None:
@@ -168,8 +171,8 @@ def mamba1_step_table(batches: list[int]) -> None:
              x_proj_weight=rnd(rank + 2 * dstate, dim, scale=dim ** -0.5), x_proj_bias=None,
              dt_proj_weight=rnd(dim, rank, scale=rank ** -0.5), dt_proj_bias=rnd(dim, dtype=torch.float32) - 4.0,
              A=-torch.rand(dim, dstate, generator=g, device="cuda") - 0.5, D=rnd(dim, dtype=torch.float32))
-    print("| batch | op by op us (5 launches) | mamba1_step us (default tiles) | best of the sweep us (BLOCK_N, "
-          "BLOCK_K, warps, stages, block_d) | max rel. error y / states |")
+    print("| batch | op by op us (5 launches) | mamba1_step us (default tiles) | best of the sweep us (BLOCK_M, "
+          "BLOCK_N, BLOCK_K, warps, stages, block_d, sub_blocks, in_proj) | max rel. error y / states |")
     print("|---|---|---|---|---|")
     for batch in batches:
         h = rnd(batch, d_model)
@@ -196,30 +199,85 @@ def mamba1_step_table(batches: list[int]) -> None:
             work = [s.clone() for s in states]
             base = us_per_call(lambda: op_by_op(*work))
             timed = {}
-            for bn, bk, warps, stages, bd in [(None, None, 4, 2, None), *MAMBA1_STEP_SWEEP]:
-                tile = mamba1_step_tiles(batch, 2 * dim, d_model, block_n=bn, block_k=bk)
-                key = (tile[1], tile[2], warps, stages, bd)
+            for bm, bn, bk, warps, stages, (bd, sub), cub in [(None, None, None, 4, 2, (None, 1), False),
+                                                               *MAMBA1_STEP_SWEEP]:
+                if bm is not None and bm > max(16, batch):
+                    continue
+                tile = mamba1_step_tiles(batch, 2 * dim, d_model, block_n=bn, block_k=bk, block_m=bm)
+                key = (*tile, warps, stages, bd, sub, "cublas" if cub else "fused")
                 if key in timed:
                     continue
 
-                def call(tile=tile, warps=warps, stages=stages, bd=bd):
-                    return mamba1_step_triton(h, W["in_proj_weight"], None, work[0], W["conv_weight"],
+                def call(st, tile=tile, warps=warps, stages=stages, bd=bd, sub=sub, cub=cub):
+                    return mamba1_step_triton(h, W["in_proj_weight"], None, st[0], W["conv_weight"],
                                               W["conv_bias"], W["x_proj_weight"], None, W["dt_proj_weight"],
-                                              W["dt_proj_bias"], W["A"], W["D"], work[1], tiles=tile,
-                                              num_warps=warps, num_stages=stages, block_d=bd)
+                                              W["dt_proj_bias"], W["A"], W["D"], st[1], tiles=tile,
+                                              num_warps=warps, num_stages=stages, block_d=bd, sub_blocks=sub,
+                                              in_proj_cublas=cub)
 
-                chk = [s.clone() for s in states]
-                y = mamba1_step_triton(h, W["in_proj_weight"], None, chk[0], W["conv_weight"], W["conv_bias"],
-                                       W["x_proj_weight"], None, W["dt_proj_weight"], W["dt_proj_bias"], W["A"],
-                                       W["D"], chk[1], tiles=tile, num_warps=warps, num_stages=stages, block_d=bd)
+                y = call([s.clone() for s in states])
                 err = float((y.float() - ref).abs().max() / ref.abs().max())
                 assert err < 2e-2, f"mamba1_step batch {batch} {key}: relative error {err:.2e}"
-                timed[key] = us_per_call(call)
+                timed[key] = us_per_call(lambda call=call: call(work))
+            parts = mamba1_step_parts(h, W, work, rank, dstate, best=min(timed, key=timed.get))
         default = next(iter(timed))
         best = min(timed, key=timed.get)
         print(f"| {batch} | {base:.2f} | {timed[default]:.2f} {default} | {timed[best]:.2f} {best} | "
               f"{errs[0]:.1e} / {max(errs[1:]):.1e} |", flush=True)
         print("  sweep: " + ", ".join(f"{k}: {v:.2f}" for k, v in timed.items()), flush=True)
+        print("  parts (us, best tiles): " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()), flush=True)
+
+
+def mamba1_step_parts(h, W, work, rank, dstate, best) -> dict[str, float]:
+    """Each kernel of mamba1_step at the tiles `best` alone, against what it replaces: kernel 1 against in_proj
+    through cuBLAS and through the many-rows kernel (the same GEMM without the conv and x_proj epilogue) and the
+    conv update; kernel 2 (partials) against the state update fed dt_low / B / C (dt_proj inside) and fed dt."""
+    import torch.nn.functional as F
+
+    from mambakit.ops import causal_conv1d_update
+    from mambakit.ops.mamba_inner import triton_mamba1_step as k
+    from mambakit.ops.norm_linear.triton_rows_matmul import rows_matmul
+    from mambakit.ops.selective_scan.triton_step import selective_state_update_triton
+
+    bm, bn, bk, warps, stages, bd, sub, _ = best
+    M, K = h.shape
+    N = W["in_proj_weight"].shape[0]
+    dim = N // 2
+    Q = rank + 2 * dstate
+    xz = torch.empty(M, N, device=h.device, dtype=h.dtype)
+    partials = torch.zeros(-(-dim // bn), M, Q, device=h.device)
+
+    def kernel1(gemm=True):
+        k._in_proj_conv_kernel[(-(-(N if gemm else dim) // bn), -(-M // bm))](
+            h, W["in_proj_weight"], xz, xz, work[0], W["conv_weight"], W["conv_bias"], W["x_proj_weight"], partials,
+            M, N, K, dim, Q, h.stride(0), W["in_proj_weight"].stride(0), xz.stride(0), *work[0].stride(),
+            *W["conv_weight"].stride(), W["x_proj_weight"].stride(0), partials.stride(0), partials.stride(1),
+            HAS_BIAS=False, CONV_BIAS=True, WIDTH=W["conv_weight"].shape[1], OP=k.op_dtype(h.dtype),
+            OUT_DT=k.tl_dtype(h.dtype), EMULATE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_Q=128, GEMM=gemm,
+            num_warps=warps, num_stages=stages)
+
+    kernel1()
+    x, z = xz[:, :dim], xz[:, dim:]
+    dbl = F.linear(x, W["x_proj_weight"])
+    dt = F.linear(dbl[:, :rank], W["dt_proj_weight"])
+    B, C = dbl[:, None, rank:rank + dstate], dbl[:, None, rank + dstate:]
+    common = dict(D=W["D"], z=z, dt_bias=W["dt_proj_bias"], dt_softplus=True)
+    return {
+        "kernel 1 (in_proj + conv + x_proj partials)": us_per_call(kernel1),
+        "kernel 1 without in_proj (conv + x_proj partials)": us_per_call(lambda: kernel1(gemm=False)),
+        "in_proj cuBLAS": us_per_call(lambda: F.linear(h, W["in_proj_weight"])),
+        "in_proj many-rows kernel": us_per_call(lambda: rows_matmul(h, W["in_proj_weight"], tiles=(bm, bn, bk),
+                                                                    num_warps=warps, num_stages=stages)),
+        "conv update": us_per_call(lambda: causal_conv1d_update(work[0], x, W["conv_weight"], W["conv_bias"],
+                                                                activation="silu")),
+        "kernel 2 (partials)": us_per_call(lambda: selective_state_update_triton(
+            work[1], x, None, W["A"], None, None, dt_proj_weight=W["dt_proj_weight"], xdbl_partials=partials,
+            block_d=bd, sub_blocks=sub, **common)),
+        "state update (dt_low, dt_proj inside)": us_per_call(lambda: selective_state_update_triton(
+            work[1], x, dbl[:, :rank], W["A"], B, C, dt_proj_weight=W["dt_proj_weight"], block_d=bd, **common)),
+        "state update (dt)": us_per_call(lambda: selective_state_update_triton(work[1], x, dt, W["A"], B, C,
+                                                                               **common)),
+    }
 
 
 def main() -> int:

@@ -41,7 +41,7 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -560,6 +560,8 @@ def main() -> int:
     parser.add_argument("--rows-matmul-max-rows", type=int, default=None, metavar="N",
                         help="decode steps of 9 to N rows take the many-rows projection kernel "
                              "(ops/norm_linear/triton_rows_matmul.py; default: the library's, off until timed)")
+    parser.add_argument("--throughput-batch", type=int, default=None, metavar="B",
+                        help="batch of section 2's throughput run (default 64)")
     parser.add_argument("--mamba1-step-max-batch", type=int, default=None, metavar="N",
                         help="Mamba-1 decode steps of 9 to N rows run ops.mamba1_step (default: the library's, "
                              "modules.fusion.MAMBA1_STEP_MAX_BATCH; 8 turns it off)")
@@ -586,6 +588,8 @@ def main() -> int:
             return 2
         s, device, dtype, graphs = Shapes(), torch.device("cuda"), torch.bfloat16, True
         max_batch = args.max_batch or 2048
+    if args.throughput_batch is not None:
+        s = replace(s, batch_tp=args.throughput_batch)
     t_start = time.perf_counter()
     print(f"# mambakit inference benchmark, {datetime.date.today()}")
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}, "

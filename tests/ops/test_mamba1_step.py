@@ -94,3 +94,22 @@ def test_mamba1_step_checks_its_arguments():
         mamba1_step(**{**inputs, "ssm_state": inputs["ssm_state"][:2]})
     with pytest.raises(ValueError, match="ssm_state must have dtype"):
         mamba1_step(**{**inputs, "ssm_state": inputs["ssm_state"].bfloat16()})
+
+
+@pytest.mark.parametrize("in_proj_cublas, sub_blocks, block_m", [(False, 3, 16), (True, 2, 32)],
+                         ids=["fused-in_proj-3-sub-blocks", "cublas-in_proj-2-sub-blocks"])
+def test_mamba1_step_triton_options(in_proj_cublas, sub_blocks, block_m):
+    """The launcher's options the GPU sweep compares give the same numbers: in_proj through F.linear with the first
+    kernel reduced to conv + x_proj partials, several state-update blocks per program (the partials summed once for
+    them, the last program's blocks partly past d_inner), row blocks smaller than the batch."""
+    rows, dim = 40, 96
+    inputs = _inputs(rows, dim=dim)
+    ref = _run(inputs, torch.float32, "torch")
+    a = {k: v.clone() if v is not None else None for k, v in inputs.items()}
+    y = triton_mamba1_step.mamba1_step_triton(
+        *(a[k] for k in ("h", "in_proj_weight", "in_proj_bias", "conv_state", "conv_weight", "conv_bias",
+                         "x_proj_weight", "x_proj_bias", "dt_proj_weight", "dt_proj_bias", "A", "D", "ssm_state")),
+        tiles=triton_mamba1_step.mamba1_step_tiles(rows, 2 * dim, 32, block_n=32, block_m=block_m),
+        block_d=16, sub_blocks=sub_blocks, in_proj_cublas=in_proj_cublas)
+    for name, got, r in zip(("y", "conv_state", "ssm_state"), (y, a["conv_state"], a["ssm_state"]), ref):
+        assert_close(got.double(), r, name=name, rel=0.0, atol=1e-4 * float(r.abs().max()))

@@ -39,11 +39,12 @@ __all__ = ["mamba1_step_tiles", "mamba1_step_triton"]
 _MAX_BLOCK_M = 64
 
 
-def mamba1_step_tiles(M: int, N: int, K: int, block_n: int | None = None,
-                      block_k: int | None = None) -> tuple[int, int, int]:
+def mamba1_step_tiles(M: int, N: int, K: int, block_n: int | None = None, block_k: int | None = None,
+                      block_m: int | None = None) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) of kernel 1: all rows in one block up to 64 (tl.dot needs >= 16), 64 outputs
-    per program, BLOCK_K 128 (64 for K < 128); `block_n` / `block_k` override (the GPU benchmark's sweep)."""
-    block_m = min(_MAX_BLOCK_M, max(16, next_power_of_2(M)))
+    per program, BLOCK_K 128 (64 for K < 128); `block_n` / `block_k` / `block_m` override (the GPU benchmark's
+    sweep)."""
+    block_m = block_m or min(_MAX_BLOCK_M, max(16, next_power_of_2(M)))
     block_n = block_n or 64
     block_k = block_k or (128 if K >= 128 else max(16, next_power_of_2(K)))
     return block_m, block_n, block_k
@@ -57,26 +58,31 @@ def _in_proj_conv_kernel(
     s_hm, s_wn, s_xzm, s_csb, s_csd, s_csw, s_cwd, s_cww, s_xwq, s_pp, s_pm,
     HAS_BIAS: tl.constexpr, CONV_BIAS: tl.constexpr, WIDTH: tl.constexpr, OP: tl.constexpr, OUT_DT: tl.constexpr,
     EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
+    BLOCK_Q: tl.constexpr, GEMM: tl.constexpr = True,
 ):
     """Program (pid_n, pid_m): in_proj's outputs of block pid_n for the rows of block pid_m; a block that holds x
-    channels (pid_n * BLOCK_N < D) also updates their conv windows and writes x_proj's partial sum number pid_n."""
+    channels (pid_n * BLOCK_N < D) also updates their conv windows and writes x_proj's partial sum number pid_n.
+    GEMM False: in_proj's output is in xz already (cuBLAS), the grid covers the x channels only."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < K
-        a = tl.load(h_ptr + rm[:, None] * s_hm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + rn[None, :] * s_wn + rk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = mm(a, wt, acc, OP, EMULATE)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = to_dtype(acc, OUT_DT, EMULATE).to(tl.float32)  # in_proj's output dtype, as the conv reads it
+    if GEMM:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K
+            a = tl.load(h_ptr + rm[:, None] * s_hm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_ptr + rn[None, :] * s_wn + rk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = mm(a, wt, acc, OP, EMULATE)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out = to_dtype(acc, OUT_DT, EMULATE).to(tl.float32)  # in_proj's output dtype, as the conv reads it
+    else:
+        out = tl.load(xz_ptr + rm[:, None] * s_xzm + rn[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                      other=0.0).to(tl.float32)
     if pid_n * BLOCK_N < D:
         out = _conv_epilogue(out, rm, m_ok, rn, n_ok, cs_ptr, cw_ptr, cb_ptr, 0, D, s_csb, s_csd, s_csw, s_cwd,
                              s_cww, CONV_BIAS, WIDTH, tl.float32)
@@ -95,7 +101,7 @@ def _in_proj_conv_kernel(
 def mamba1_step_triton(h, in_proj_weight, in_proj_bias, conv_state, conv_weight, conv_bias, x_proj_weight,
                        x_proj_bias, dt_proj_weight, dt_proj_bias, A, D, ssm_state, *,
                        tiles: tuple[int, int, int] | None = None, num_warps: int = 4, num_stages: int = 2,
-                       block_d: int | None = None) -> torch.Tensor:
+                       block_d: int | None = None, sub_blocks: int = 1, in_proj_cublas: bool = False) -> torch.Tensor:
     """`mamba1_step` on its two kernels (arguments validated by the public op). Returns y (M, D) in h's dtype.
 
     Float64 weights take the composed ops (the kernels' tensor-core products are 16- or 32-bit). `tiles`
@@ -118,10 +124,13 @@ def mamba1_step_triton(h, in_proj_weight, in_proj_bias, conv_state, conv_weight,
                                         for t in (h, in_proj_weight, x_proj_weight))
     dtype = in_proj_weight.dtype
     bm, bn, bk = tiles or mamba1_step_tiles(M, N, K)
-    xz = torch.empty(M, N, device=h.device, dtype=dtype)
+    if in_proj_cublas:
+        xz = torch.nn.functional.linear(h, in_proj_weight, in_proj_bias)
+    else:
+        xz = torch.empty(M, N, device=h.device, dtype=dtype)
     partials = torch.empty(cdiv(dim, bn), M, Q, device=h.device, dtype=torch.float32)
     x_proj_weight = x_proj_weight.to(dtype)
-    _in_proj_conv_kernel[(cdiv(N, bn), cdiv(M, bm))](
+    _in_proj_conv_kernel[(cdiv(dim if in_proj_cublas else N, bn), cdiv(M, bm))](
         h, in_proj_weight, in_proj_bias if in_proj_bias is not None else xz, xz, conv_state, conv_weight,
         conv_bias if conv_bias is not None else xz, x_proj_weight, partials,
         M, N, K, dim, Q,
@@ -129,9 +138,11 @@ def mamba1_step_triton(h, in_proj_weight, in_proj_bias, conv_state, conv_weight,
         x_proj_weight.stride(0), partials.stride(0), partials.stride(1),
         HAS_BIAS=in_proj_bias is not None, CONV_BIAS=conv_bias is not None, WIDTH=conv_weight.shape[1],
         OP=op_dtype(dtype), OUT_DT=tl_dtype(dtype), EMULATE=triton_interpret(), BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_K=bk, BLOCK_Q=max(16, next_power_of_2(Q)), num_warps=num_warps, num_stages=num_stages,
+        BLOCK_K=bk, BLOCK_Q=max(16, next_power_of_2(Q)), GEMM=not in_proj_cublas, num_warps=num_warps,
+        num_stages=num_stages,
     )
     y, _ = selective_state_update_triton(ssm_state, xz[:, :dim], None, A, None, None, D=D, z=xz[:, dim:],
                                          dt_bias=dt_proj_bias, dt_softplus=True, dt_proj_weight=dt_proj_weight,
-                                         xdbl_partials=partials, x_proj_bias=x_proj_bias, block_d=block_d)
+                                         xdbl_partials=partials, x_proj_bias=x_proj_bias, block_d=block_d,
+                                         sub_blocks=sub_blocks)
     return y

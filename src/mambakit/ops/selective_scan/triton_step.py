@@ -58,50 +58,51 @@ def _state_update_kernel(
     BD: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, ACC: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DT_PROJ: tl.constexpr,
     LIBDEVICE: tl.constexpr, PARTIALS: tl.constexpr = False, BP: tl.constexpr = 1, XB: tl.constexpr = False,
-    XDT: tl.constexpr = tl.float32, EMULATE: tl.constexpr = False,
+    XDT: tl.constexpr = tl.float32, EMULATE: tl.constexpr = False, SUB: tl.constexpr = 1,
 ):
+    """Program (pid_d, pid_b): row pid_b, channels [pid_d SUB BD, (pid_d + 1) SUB BD) in SUB blocks of BD."""
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    d = pid_d * BD + tl.arange(0, BD)  # (BD,)
     n = tl.arange(0, BN)  # (BN,)
-    d_ok = d < dim
-    ok = d_ok[:, None] & (n < dstate)[None, :]
-    grp = (d // group_size)[:, None]  # a tile may straddle groups: gather B, C rows per channel
-    h_ptrs = state_ptr + pid_b * s_hb + d[:, None] * s_hd + n[None, :]
-    h = tl.load(h_ptrs, mask=ok, other=0.0).to(ACC)
-    x = tl.load(x_ptr + pid_b * s_xb + d, mask=d_ok, other=0.0).to(ACC)
-    if DT_PROJ:  # dt = W dt_low: (BD, R) @ (R,), summed in ACC precision
-        r = tl.arange(0, BR)
-        r_ok = r < rank
-        if PARTIALS:
-            low = _xdbl_sum(dt_ptr + pid_b * s_dtb, xb_ptr, r, r_ok, n_part, s_dtp, BP, XB, XDT, EMULATE).to(ACC)
+    n_ok = n < dstate
+    r = tl.arange(0, BR)
+    r_ok = r < rank
+    if PARTIALS:  # x_proj's outputs of this row, summed once for all the program's channels; one group
+        row = dt_ptr + pid_b * s_dtb
+        low = _xdbl_sum(row, xb_ptr, r, r_ok, n_part, s_dtp, BP, XB, XDT, EMULATE).to(ACC)
+        Bv = _xdbl_sum(row, xb_ptr, rank + n, n_ok, n_part, s_dtp, BP, XB, XDT, EMULATE).to(ACC)[None, :]
+        Cv = _xdbl_sum(row, xb_ptr, rank + dstate + n, n_ok, n_part, s_dtp, BP, XB, XDT, EMULATE).to(ACC)[None, :]
+    elif DT_PROJ:
+        low = tl.load(dt_ptr + pid_b * s_dtb + r, mask=r_ok, other=0.0).to(ACC)
+    for sub in tl.static_range(SUB):
+        d = (pid_d * SUB + sub) * BD + tl.arange(0, BD)  # (BD,)
+        d_ok = d < dim
+        ok = d_ok[:, None] & n_ok[None, :]
+        h_ptrs = state_ptr + pid_b * s_hb + d[:, None] * s_hd + n[None, :]
+        h = tl.load(h_ptrs, mask=ok, other=0.0).to(ACC)
+        x = tl.load(x_ptr + pid_b * s_xb + d, mask=d_ok, other=0.0).to(ACC)
+        if DT_PROJ:  # dt = W dt_low: (BD, R) @ (R,), summed in ACC precision
+            w = tl.load(w_ptr + d[:, None] * s_wd + r[None, :], mask=d_ok[:, None] & r_ok[None, :],
+                        other=0.0).to(ACC)
+            dtv = tl.sum(w * low[None, :], axis=1)
         else:
-            low = tl.load(dt_ptr + pid_b * s_dtb + r, mask=r_ok, other=0.0).to(ACC)
-        w = tl.load(w_ptr + d[:, None] * s_wd + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0).to(ACC)
-        dtv = tl.sum(w * low[None, :], axis=1)
-    else:
-        dtv = tl.load(dt_ptr + pid_b * s_dtb + d, mask=d_ok, other=0.0).to(ACC)
-    bias = tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(ACC) if HAS_BIAS else 0.0
-    delta, _ = dt_softplus_sigmoid(dtv, bias, HAS_BIAS, SOFTPLUS, LIBDEVICE)
-    A = tl.load(A_ptr + d[:, None] * s_Ad + n[None, :] * s_An, mask=ok, other=0.0).to(ACC)
-    if PARTIALS:  # one group: B and C are the row's, the same for every channel
-        n_ok = n < dstate
-        Bv = _xdbl_sum(dt_ptr + pid_b * s_dtb, xb_ptr, rank + n, n_ok, n_part, s_dtp, BP, XB, XDT,
-                       EMULATE).to(ACC)[None, :]
-        Cv = _xdbl_sum(dt_ptr + pid_b * s_dtb, xb_ptr, rank + dstate + n, n_ok, n_part, s_dtp, BP, XB, XDT,
-                       EMULATE).to(ACC)[None, :]
-    else:
-        Bv = tl.load(B_ptr + pid_b * s_Bb + grp * s_Bg + n[None, :], mask=ok, other=0.0).to(ACC)
-        Cv = tl.load(C_ptr + pid_b * s_Cb + grp * s_Cg + n[None, :], mask=ok, other=0.0).to(ACC)
-    h = tl.exp2(delta[:, None] * (A * LOG2E)) * h + (delta * x)[:, None] * Bv
-    tl.store(h_ptrs, h.to(state_ptr.dtype.element_ty), mask=ok)
-    y = tl.sum(h * Cv, axis=1)
-    if HAS_D:
-        y += tl.load(D_ptr + d, mask=d_ok, other=0.0).to(ACC) * x
-    if HAS_Z:
-        zf = tl.load(z_ptr + pid_b * s_zb + d, mask=d_ok, other=0.0).to(ACC)
-        y = y * zf * tl.sigmoid(zf)
-    tl.store(y_ptr + pid_b * s_yb + d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
+            dtv = tl.load(dt_ptr + pid_b * s_dtb + d, mask=d_ok, other=0.0).to(ACC)
+        bias = tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(ACC) if HAS_BIAS else 0.0
+        delta, _ = dt_softplus_sigmoid(dtv, bias, HAS_BIAS, SOFTPLUS, LIBDEVICE)
+        A = tl.load(A_ptr + d[:, None] * s_Ad + n[None, :] * s_An, mask=ok, other=0.0).to(ACC)
+        if not PARTIALS:
+            grp = (d // group_size)[:, None]  # a tile may straddle groups: gather B, C rows per channel
+            Bv = tl.load(B_ptr + pid_b * s_Bb + grp * s_Bg + n[None, :], mask=ok, other=0.0).to(ACC)
+            Cv = tl.load(C_ptr + pid_b * s_Cb + grp * s_Cg + n[None, :], mask=ok, other=0.0).to(ACC)
+        h = tl.exp2(delta[:, None] * (A * LOG2E)) * h + (delta * x)[:, None] * Bv
+        tl.store(h_ptrs, h.to(state_ptr.dtype.element_ty), mask=ok)
+        y = tl.sum(h * Cv, axis=1)
+        if HAS_D:
+            y += tl.load(D_ptr + d, mask=d_ok, other=0.0).to(ACC) * x
+        if HAS_Z:
+            zf = tl.load(z_ptr + pid_b * s_zb + d, mask=d_ok, other=0.0).to(ACC)
+            y = y * zf * tl.sigmoid(zf)
+        tl.store(y_ptr + pid_b * s_yb + d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,6 +126,7 @@ def selective_state_update_triton(
     xdbl_partials: torch.Tensor | None = None,
     x_proj_bias: torch.Tensor | None = None,
     block_d: int | None = None,
+    sub_blocks: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of the selective scan on the Triton kernel; `state` is updated in place and returned.
 
@@ -135,7 +137,8 @@ def selective_state_update_triton(
         dt_proj_weight: (dim, rank): dt is then (batch, rank) and the kernel uses dt @ dt_proj_weight^T.
         xdbl_partials: (P, batch, rank + 2 dstate) float32 partial sums of x_proj's output (then dt, B and C
             are None, dt_proj_weight is required, one group); x_proj_bias: (rank + 2 dstate,) added to their sum.
-        block_d: channels per program (default: ~4K states per program, fewer at small batches).
+        block_d: channels per block (default: ~4K states per block, fewer at small batches); sub_blocks: blocks
+            per program, one after the other (with partials: their sum is read once for all of them).
     Returns:
         y (batch, dim) in x's dtype, and `state` itself (now holding the new state).
 
@@ -174,7 +177,7 @@ def selective_state_update_triton(
             bd //= 2
     bd = block_d or bd
     dummy = y
-    grid = (cdiv(dim, bd), batch)
+    grid = (cdiv(dim, bd * sub_blocks), batch)
     _state_update_kernel[grid](
         state, x, dt, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
         dt_bias if dt_bias is not None else dummy, y, dt_proj_weight if dt_proj_weight is not None else dummy,
@@ -186,6 +189,6 @@ def selective_state_update_triton(
         BD=bd, BN=bn, BR=br, ACC=acc, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=dt_softplus, DT_PROJ=dt_proj_weight is not None, LIBDEVICE=not triton_interpret(),
         PARTIALS=partials, BP=next_power_of_2(dt.shape[0]) if partials else 1, XB=x_proj_bias is not None,
-        XDT=tl_dtype(x.dtype), EMULATE=triton_interpret(), num_warps=4,
+        XDT=tl_dtype(x.dtype), EMULATE=triton_interpret(), SUB=sub_blocks, num_warps=4,
     )
     return y, state
