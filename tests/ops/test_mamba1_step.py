@@ -1,7 +1,7 @@
 """`ops.mamba1_step`: Mamba-1's decode step after the norm, before out_proj (in_proj, conv update, x_proj, dt_proj,
 state update, gate), on its two Triton kernels (through the interpreter on CPU) against the public ops composed in
 float64: y, the conv window and the SSM state, in float32 and bfloat16, at row counts of one and two row blocks
-(20, 70), with and without biases, and with d_inner not a multiple of the kernel's 64-channel blocks."""
+(20, 70), with and without biases, and with d_inner not a multiple of the kernel's 32-channel blocks."""
 
 from __future__ import annotations
 
@@ -64,8 +64,8 @@ def test_mamba1_step_triton_matches_the_composed_ops(dtype, rows, dim, bias):
 
 
 def test_mamba1_step_partials_and_tiles():
-    """Kernel 1 writes one x_proj partial sum per 64 x channels (the last block straddling x and z when d_inner is
-    not a multiple of 64) and kernel 2 reads them; the tiles."""
+    """Kernel 1 writes one x_proj partial sum per 32 x channels (the last block straddling x and z when d_inner is
+    not a multiple of 32) and kernel 2 reads them; the tiles."""
     inputs = _inputs(20, dim=40)
     seen = []
     real = triton_mamba1_step.selective_state_update_triton
@@ -74,9 +74,10 @@ def test_mamba1_step_partials_and_tiles():
         y, _, state = _run(inputs, torch.float32, "triton")
     finally:
         triton_mamba1_step.selective_state_update_triton = real
-    assert seen == [(1, 20, 4 + 2 * 8)]
-    assert triton_mamba1_step.mamba1_step_tiles(64, 3072, 768) == (64, 64, 128)
-    assert triton_mamba1_step.mamba1_step_tiles(9, 80, 32) == (16, 64, 32)
+    assert seen == [(2, 20, 4 + 2 * 8)]  # 40 x channels in blocks of 32
+    assert triton_mamba1_step.mamba1_step_tiles(64, 3072, 768) == (16, 32, 128)
+    assert triton_mamba1_step.mamba1_step_tiles(9, 80, 32) == (16, 32, 32)
+    assert triton_mamba1_step.mamba1_step_tiles(64, 3072, 768, block_n=64, block_m=64) == (64, 64, 128)
     ref = _run(inputs, torch.float32, "torch")
     assert_close(state, ref[2], name="ssm_state", rel=0.0, atol=1e-4 * float(ref[2].abs().max()))
     assert_close(y, ref[0], name="y", rel=0.0, atol=1e-4 * float(ref[0].abs().max()))

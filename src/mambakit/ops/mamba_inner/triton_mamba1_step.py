@@ -41,11 +41,13 @@ _MAX_BLOCK_M = 64
 
 def mamba1_step_tiles(M: int, N: int, K: int, block_n: int | None = None, block_k: int | None = None,
                       block_m: int | None = None) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) of kernel 1: all rows in one block up to 64 (tl.dot needs >= 16), 64 outputs
-    per program, BLOCK_K 128 (64 for K < 128); `block_n` / `block_k` / `block_m` override (the GPU benchmark's
-    sweep)."""
-    block_m = block_m or min(_MAX_BLOCK_M, max(16, next_power_of_2(M)))
-    block_n = block_n or 64
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of kernel 1: 16 rows (tl.dot's minimum) and 32 outputs per program, BLOCK_K 128
+    (K rounded up to a power of two below 128); `block_n` / `block_k` / `block_m` override (the GPU benchmark's
+    sweep). Session 38's sweep on an H100 (130M layer, BENCHMARKS.md): at 64 rows 16 x 32 tiles took 18.7 us
+    (kernel 2 at 128 channels a program) where all 64 rows x 64 outputs took 42.8 (a program's conv and x_proj
+    epilogue over 64 x 64 values runs out of registers); at 16 rows 11.3 us against 13.3 with 64 outputs."""
+    block_m = block_m or min(_MAX_BLOCK_M, 16)
+    block_n = block_n or 32
     block_k = block_k or (128 if K >= 128 else max(16, next_power_of_2(K)))
     return block_m, block_n, block_k
 
