@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ..dispatch import triton_interpret
 from ..norm_linear.triton_parts import _conv_epilogue
+from ..norm_linear.triton_rows_matmul import rows_tile_matmul
 from ..selective_scan.triton_step import selective_state_update_triton
 from ..ssd.triton_common import mm, op_dtype, to_dtype
 from ..triton_launch import cdiv, fast_launch, next_power_of_2
@@ -72,13 +73,8 @@ def _in_proj_conv_kernel(
     m_ok = rm < M
     n_ok = rn < N
     if GEMM:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = rk < K
-            a = tl.load(h_ptr + rm[:, None] * s_hm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            wt = tl.load(w_ptr + rn[None, :] * s_wn + rk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = mm(a, wt, acc, OP, EMULATE)
+        acc = rows_tile_matmul(h_ptr, w_ptr, rm, rn, m_ok, n_ok, K, s_hm, s_wn, OP, EMULATE, BLOCK_M, BLOCK_N,
+                               BLOCK_K)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         out = to_dtype(acc, OUT_DT, EMULATE).to(tl.float32)  # in_proj's output dtype, as the conv reads it

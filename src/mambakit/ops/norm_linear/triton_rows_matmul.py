@@ -43,6 +43,21 @@ def rows_matmul_tiles(M: int, N: int, K: int, block_n: int | None = None,
     return block_m, block_n, block_k
 
 
+@triton.jit
+def rows_tile_matmul(x_ptr, w_ptr, rm, rn, m_ok, n_ok, K, s_xm, s_wn, OP: tl.constexpr, EMULATE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) float32 tile of x @ weight^T for rows rm and outputs rn: the K loop of the many-rows
+    kernels (this one and `mamba1_step`'s first), weights loaded as their (BLOCK_K, BLOCK_N) transpose."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        a = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + rn[None, :] * s_wn + rk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = mm(a, wt, acc, OP, EMULATE)
+    return acc
+
+
 @fast_launch
 @triton.jit
 def _rows_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, s_xm, s_wn, s_om,
@@ -57,13 +72,7 @@ def _rows_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, s_xm, s_wn, s_om,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < K
-        a = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + rn[None, :] * s_wn + rk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = mm(a, wt, acc, OP, EMULATE)
+    acc = rows_tile_matmul(x_ptr, w_ptr, rm, rn, m_ok, n_ok, K, s_xm, s_wn, OP, EMULATE, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm[:, None] * s_om + rn[None, :], to_dtype(acc, OUT_DT, EMULATE),
