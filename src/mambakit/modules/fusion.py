@@ -71,10 +71,11 @@ FUSED_STEP_MAX_BATCH = 8
 
 # Rows from FUSED_STEP_MAX_BATCH + 1 up to which Mamba-1's decode step runs `ops.mamba1_step` (in_proj + conv +
 # x_proj's partial sums in one kernel, dt_proj + the state update in another: 4 launches a layer with the block's
-# norm and out_proj, against 7). On an H100 (session 38, 130M layer, `gpu_decode_proj.py --mamba1-step`) the op
-# took 11.3 us at 16 rows against 14.9 for the five ops it replaces, 18.7 against 18.3 at 64 and 30.4 against 24.3
-# at 128: it wins up to 16.
-MAMBA1_STEP_MAX_BATCH = 16
+# norm and out_proj, against 7). On an H100 (session 38, 130M shape, BENCHMARKS.md) the op took 11.5 / 16.1 / 22.9
+# us at 16 / 32 / 64 rows against 15.0 / 16.7 / 18.2 for the five ops it replaces (`gpu_decode_proj.py
+# --mamba1-step`), and graphed decoding of the whole model ran 25.3k against 23.0k tokens/s at batch 16 and 44.6k
+# against 43.3k at batch 32: it wins up to 32, not at 64.
+MAMBA1_STEP_MAX_BATCH = 32
 
 
 def mamba1_step_allowed(hidden: torch.Tensor) -> bool:
