@@ -9,11 +9,11 @@ Shapes (legend): B batch (one token per row), M d_model, D d_inner, W d_conv, R 
     y = selective_state_update(ssm_state, xc, dt_low, A, B, C, D, z, dt_proj_bias, softplus,
                                dt_proj_weight)            (B, D), ssm_state (B, D, N) updated in place
 
-Why one op: at batch 64 a Mamba-1 layer's decode step was seven launches (norm, four cuBLAS GEMMs, conv update,
-state update) of 2-7 us each, where its weights take ~2 us to read (BENCHMARKS.md, session 17's profile). The
-"triton" backend runs the part after the norm and before out_proj in two kernels (`triton_mamba1_step.py`); the
-"torch" and "reference" backends compose the public ops, dt_proj inside the state update as the fused decode
-step computes it (dt in float32, not rounded to the weights' dtype).
+Why one op: past the fused step's 8 rows a Mamba-1 layer's decode step was seven launches (norm, four cuBLAS GEMMs,
+conv update, state update) of 2-7 us each (BENCHMARKS.md, session 17's profile). The "triton" backend runs the part
+after the norm and before out_proj in two kernels (`triton_mamba1_step.py`; faster up to 32 rows, slower at 64); the
+"torch" and "reference" backends compose the public ops, dt_proj through `selective_state_update`'s
+dt_proj_weight (as the fused decode step passes it: F.linear first on those backends).
 """
 
 from __future__ import annotations

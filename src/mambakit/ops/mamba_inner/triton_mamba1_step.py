@@ -11,13 +11,14 @@ outputs), P = D / BLOCK_N partial sums of x_proj (one per block of x channels).
         x_dbl = round(sum_p partial[p] + x_proj_bias) = [dt_low | B | C]
         dt = dt_low @ dt_proj_weight^T (float32);  ssm_state, y as `selective_state_update`      y (M, D)
 
-Why: at batch 64 a layer's decode step was seven launches (norm, in_proj, conv update, x_proj, dt_proj, state
-update, out_proj), each 2-7 us for a few MB (session 17's profile, BENCHMARKS.md): a batch-64 step is bound by
-its launches, not its bytes. Here the conv rides in in_proj's epilogue (depthwise: a channel needs only its own
+Why: past the fused step's 8 rows a layer's decode step was seven launches (norm, in_proj, conv update, x_proj,
+dt_proj, state update, out_proj), each 2-7 us for a few MB (session 17's profile, BENCHMARKS.md). Here the conv rides in in_proj's epilogue (depthwise: a channel needs only its own
 window, which only the program computing that channel touches), x_proj's reduction over channels is split over
 the same programs (each holds its channels' conv output already) and finished inside the state update, which
 also computes dt_proj: three launches fewer per layer. Partial sums, not atomics: the result does not depend on
-the order programs run in. Roundings are the composed ops': in_proj's output and the conv's in the weights'
+the order programs run in. Measured on an H100 (session 38): 11.5 against 15.0 us at 16 rows, 16.1 against 16.7 at
+32, but 22.9 against 18.2 at 64, where the x_proj epilogue (~4 us) and the partials' reading (~1.5 us) cost more
+than the launches saved; `Mamba1.step` takes it up to 32 rows. Roundings are the composed ops': in_proj's output and the conv's in the weights'
 dtype, x_proj's output rounded once after its float32 sum, dt in float32.
 """
 
@@ -37,9 +38,6 @@ from ..triton_math import tl_dtype
 
 __all__ = ["mamba1_step_tiles", "mamba1_step_triton"]
 
-_MAX_BLOCK_M = 64
-
-
 def mamba1_step_tiles(M: int, N: int, K: int, block_n: int | None = None, block_k: int | None = None,
                       block_m: int | None = None) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) of kernel 1: 16 rows (tl.dot's minimum) and 32 outputs per program, BLOCK_K 128
@@ -47,7 +45,7 @@ def mamba1_step_tiles(M: int, N: int, K: int, block_n: int | None = None, block_
     sweep). Session 38's sweep on an H100 (130M layer, BENCHMARKS.md): at 64 rows 16 x 32 tiles took 18.7 us
     (kernel 2 at 128 channels a program) where all 64 rows x 64 outputs took 42.8 (a program's conv and x_proj
     epilogue over 64 x 64 values runs out of registers); at 16 rows 11.3 us against 13.3 with 64 outputs."""
-    block_m = block_m or min(_MAX_BLOCK_M, 16)
+    block_m = block_m or 16
     block_n = block_n or 32
     block_k = block_k or (128 if K >= 128 else max(16, next_power_of_2(K)))
     return block_m, block_n, block_k
