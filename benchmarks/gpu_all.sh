@@ -262,14 +262,15 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
                    run "rows-matmul-inference-$max_rows" 300 python3 benchmarks/gpu_inference.py --out-dir $OUT/rm$max_rows \
                      --skip-sweep --models mamba1 mamba2 --rows-matmul-max-rows $max_rows
                  done;;
-    # issue 18's batch-64 decode: Mamba-1's step after the norm as ops.mamba1_step (its tests on CUDA, the op against
-    # the step op by op and a tile sweep, then the whole model with it off (8) and on (128), kernels counted)
+    # issue 18's many-rows decode: Mamba-1's step after the norm as ops.mamba1_step (its tests on CUDA, the op against
+    # the step op by op and a tile sweep, then the whole model at batch M1S_BATCH (default 32) with it off (8) and on)
     mamba1-step) run mamba1-step-tests 240 python3 -m pytest tests/ops/test_mamba1_step.py tests/test_decode_step.py -q \
                    -k "mamba1_step or many_rows" -p no:cacheprovider
                  run mamba1-step-bench 240 python3 benchmarks/gpu_decode_proj.py --mamba1-step ${DECODE_FLAGS:-}
-                 for max_batch in ${MAMBA1_STEP_SIDES:-8 128}; do
-                   run "mamba1-step-inference-$max_batch" 300 python3 benchmarks/gpu_inference.py --out-dir $OUT/m1s$max_batch \
-                     --skip-sweep --count-kernels --models mamba1 --mamba1-step-max-batch $max_batch ${INFERENCE_FLAGS:-}
+                 for max_batch in ${MAMBA1_STEP_SIDES:-8 32 8 32}; do
+                   run "mamba1-step-inference-$max_batch" 120 python3 benchmarks/gpu_inference.py --out-dir $OUT/m1s$max_batch \
+                     --skip-sweep --skip-checks --models mamba1 --throughput-batch ${M1S_BATCH:-32} \
+                     --mamba1-step-max-batch $max_batch ${INFERENCE_FLAGS:-}
                  done;;
     inference) run inference 330 python3 benchmarks/gpu_inference.py ${INFERENCE_FLAGS:---out-dir $OUT};;
     # session 24's decode graphs, written on the CPU: the GPU tests of the fixed-capacity KV caches (Transformers)
