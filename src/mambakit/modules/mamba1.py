@@ -212,11 +212,16 @@ class Mamba1(nn.Module):
         return (type(self)._ssm_params is Mamba1._ssm_params and reads_as_plain(self.x_proj, nn.Linear)
                 and reads_as_plain(self.dt_proj, nn.Linear))
 
-    def _step_ssm(self, x: torch.Tensor, z: torch.Tensor, cache: MixerState) -> torch.Tensor:
-        """The conv's output x (B, D) and the gate z (B, D) -> the gated SSM output (B, D), dt_proj inside the op."""
-        A, D, dt_bias = self._decode_params.get(
+    def _step_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A, D, dt_bias) in float32 for the decode step (A = -exp(A_log)): kept copies, remade when a parameter
+        changes, computed afresh with autograd on (`DecodeParams`)."""
+        return self._decode_params.get(
             lambda: (-torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()),
             self.A_log, self.D, self.dt_proj.bias)
+
+    def _step_ssm(self, x: torch.Tensor, z: torch.Tensor, cache: MixerState) -> torch.Tensor:
+        """The conv's output x (B, D) and the gate z (B, D) -> the gated SSM output (B, D), dt_proj inside the op."""
+        A, D, dt_bias = self._step_params()
         # dt = dt_proj.weight @ dt_low, + bias, softplus: in float32 inside the state-update kernel
         dt_low, B, C = torch.split(decode_linear(x, self.x_proj.weight, self.x_proj.bias),
                                    [self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -255,9 +260,7 @@ class Mamba1(nn.Module):
         if (self.fused_step and mamba1_step_allowed(hidden_states) and self._plain_ssm_params()
                 and reads_as_plain(self.in_proj, nn.Linear) and hidden_states.dtype == self.in_proj.weight.dtype):
             # a batch past the fused step's: everything between the block's norm and out_proj in two kernels
-            A, D, dt_bias = self._decode_params.get(
-                lambda: (-torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()),
-                self.A_log, self.D, self.dt_proj.bias)
+            A, D, dt_bias = self._step_params()
             y = mamba1_step(hidden_states[:, 0], self.in_proj.weight, self.in_proj.bias, cache.conv_state,
                             self.conv1d.weight[:, 0], self.conv1d.bias, self.x_proj.weight, self.x_proj.bias,
                             self.dt_proj.weight, dt_bias, A, D, cache.ssm_state)
@@ -278,9 +281,7 @@ class Mamba1(nn.Module):
         if self.fused_step and fused_step_allowed(hidden_states) and self._plain_ssm_params():
             return self.out_proj(self._step_ssm(x, z, cache))[:, None]
         dt, B, C, bias = self._ssm_params(x)
-        A, D, dt_bias = self._decode_params.get(
-            lambda: (-torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()),
-            self.A_log, self.D, self.dt_proj.bias)
+        A, D, dt_bias = self._step_params()
         dt_bias = None if bias is None else dt_bias  # a dt_proj called as a module added its bias already
         y = selective_state_update(cache.ssm_state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
         return self.out_proj(y)[:, None]
