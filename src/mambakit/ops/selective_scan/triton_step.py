@@ -131,7 +131,7 @@ def selective_state_update_triton(
     """One step of the selective scan on the Triton kernel; `state` is updated in place and returned.
 
     Args:
-        state: (batch, dim, dstate) float32 (float64 runs the step in float64; bfloat16 / float16 store it so).
+        state: (batch, dim, dstate) float32 (float64 runs the step in float64).
         x, dt, z: (batch, dim).   A: (dim, dstate) real.   B, C: (batch, ngroups, dstate).
         D, dt_bias: (dim,).
         dt_proj_weight: (dim, rank): dt is then (batch, rank) and the kernel uses dt @ dt_proj_weight^T.
