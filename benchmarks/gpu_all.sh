@@ -2,7 +2,7 @@
 # Run the GPU tests and the GPU benchmarks on the lent GPU machine, logging each stage to $OUT.
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_all.sh STAGE...
 # Stages: env tests graphtests synctests gentests compose adapters e2e finetune chat serve serve-repeat serve-ab serve-gc train train-ab train-graph train-paths ce-tests ce bench launch scan ssd rows-matmul
-# convnorm layers layers-ab scan-tests loop-tests scan-ab ssd-ab fwd-ab scan-ncu ssd-ncu scan-train-shape synthetic-step prefill inference decode mamba1-step reproduce-NAME pack; each runs under its own time
+# convnorm layers layers-ab scan-tests loop-tests scan-ab ssd-ab fwd-ab scan-ncu ssd-ncu scan-train-shape synthetic-step prefill inference decode mamba1-step pdl reproduce-NAME pack; each runs under its own time
 # limit so one slow stage leaves the logs of the others intact. The machine returns at most 8 files from $OUT: end a
 # call of many stages with `pack` (every log and file into $OUT/logs.tgz), or logs beyond the eighth file are lost.
 # The lent machine has torch and Triton only: carry cp312 wheels in .whl/ (pip download --no-deps --only-binary=:all:
@@ -272,6 +272,18 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
                      --skip-sweep --skip-checks --models mamba1 --throughput-batch ${M1S_BATCH:-32} \
                      --mamba1-step-max-batch $max_batch ${INFERENCE_FLAGS:-}
                  done;;
+    # session 39: programmatic dependent launch of the decode kernels. The PDL tests and the decode tests on CUDA
+    # (PDL on, the default), graphed decoding off / on alternated (gpu_inference.py --pdl-ab: batch 1 and
+    # PDL_BATCHES, after its self-checks with PDL on), then Mamba-1 at batch 64 with the many-rows projection kernel
+    # (every kernel of its step then launches with PDL)
+    pdl) run pdl-tests 420 python3 -m pytest tests/ops/test_pdl.py tests/test_decode_step.py tests/ops/test_mamba1_step.py \
+           tests/ops/test_selective_scan_triton.py tests/ops/test_ssd_triton.py tests/ops/test_causal_conv1d.py \
+           tests/ops/test_rms_norm.py -q -p no:cacheprovider -k "pdl or decode or step or update or rows or linear or gpu" \
+           ${PDL_TEST_FLAGS:-}
+         run pdl-ab 300 python3 benchmarks/gpu_inference.py --out-dir $OUT/pdl --skip-sweep --pdl-ab --models mamba1 mamba2 \
+           --ab-batches ${PDL_BATCHES:-16 64}
+         run pdl-ab-rows 200 python3 benchmarks/gpu_inference.py --out-dir $OUT/pdl-rows --skip-sweep --skip-checks --pdl-ab \
+           --models mamba1 --ab-batches 64 --rows-matmul-max-rows 128;;
     inference) run inference 330 python3 benchmarks/gpu_inference.py ${INFERENCE_FLAGS:---out-dir $OUT};;
     # session 24's decode graphs, written on the CPU: the GPU tests of the fixed-capacity KV caches (Transformers)
     # and of the U-Net's per-phase step graphs, then their timings against eager decoding

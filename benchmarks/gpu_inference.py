@@ -52,6 +52,7 @@ from transformer_baseline import TransformerConfig, TransformerDecoder, Transfor
 
 from mambakit import MambaConfig, MambaLM  # noqa: E402
 from mambakit.generation import CUDAGraphDecoder, allocate_cache, decode_one_token, generate, prefill  # noqa: E402
+from mambakit.ops.common import pdl_mode  # noqa: E402
 
 from mambakit.bench.decode_kernels import count_decode_kernels, format_decode_kernels, profile_decode_kernels  # noqa: E402
 
@@ -391,6 +392,38 @@ def bench_batch(models: dict, names: list[str], s: Shapes, device, graphs: bool)
     return rows
 
 
+# ---- programmatic dependent launch off / on --------------------------------------------------------------
+
+
+def bench_pdl_ab(models: dict, names: list[str], s: Shapes, device, graphs: bool, batches: list[int]) -> list[dict]:
+    """Sections 1 and 2 (at each batch of `batches`) with PDL off, then on, twice: CUDA graphs are captured inside
+    each setting, so the replayed steps launch as it says."""
+    rows = []
+    for rep in range(2):
+        for on in (False, True):
+            print(f"\n# PDL {'on' if on else 'off'}, round {rep + 1}")
+            with pdl_mode(on):
+                for r in bench_latency(models, names, s, device, graphs):
+                    rows.append({"pdl": on, "round": rep + 1, "batch": 1, **r})
+                for b in batches:
+                    for r in bench_batch(models, names, replace(s, batch_tp=b), device, graphs):
+                        rows.append({"pdl": on, "round": rep + 1, **r})
+    print("\n## PDL off / on (each round's figure; decode ms/step from the replayed graph)\n")
+    print("| model | batch | CUDA graph | off round 1 | on round 1 | off round 2 | on round 2 | on / off (means) |")  # ms
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:  # batch 1: ms per token of section 1; larger batches: the replayed step of section 2
+        r["ab_ms"] = r["ms_per_token"] if "ms_per_token" in r else r["decode_ms_per_step"]
+    for model, batch, graph in sorted({(r["model"], r["batch"], r["cuda_graph"]) for r in rows}):
+        vals = {(r["pdl"], r["round"]): r["ab_ms"] for r in rows
+                if (r["model"], r["batch"], r["cuda_graph"]) == (model, batch, graph)}
+        off = [v for (p, _), v in vals.items() if not p]
+        on = [v for (p, _), v in vals.items() if p]
+        cells = " | ".join(f"{vals.get((p, i), float('nan')):.4f}" for i in (1, 2) for p in (False, True))
+        print(f"| {model} | {batch} | {'yes' if graph else 'no'} | {cells} | "
+              f"{statistics.mean(on) / statistics.mean(off):.3f} |")
+    return rows
+
+
 # ---- 3. throughput vs batch size ---------------------------------------------------------------------------
 
 
@@ -565,6 +598,11 @@ def main() -> int:
     parser.add_argument("--mamba1-step-max-batch", type=int, default=None, metavar="N",
                         help="Mamba-1 decode steps of 9 to N rows run ops.mamba1_step (default: the library's, "
                              "modules.fusion.MAMBA1_STEP_MAX_BATCH; 8 turns it off)")
+    parser.add_argument("--pdl-ab", action="store_true",
+                        help="after the checks, instead of the sections: batch-1 latency and the throughput at each --ab-batches batch "
+                             "with programmatic dependent launch off, then on, twice (ops.common.pdl_mode)")
+    parser.add_argument("--ab-batches", type=int, nargs="+", default=[16, 64], metavar="B",
+                        help="throughput batches of --pdl-ab (default 16 64)")
     args = parser.parse_args()
     if args.mamba1_step_max_batch is not None:
         from mambakit.modules import fusion
@@ -620,6 +658,11 @@ def main() -> int:
         failed = checks.failed
         results["failed_checks"] = failed
         t0 = section_done(t0)
+    if args.pdl_ab:
+        results["pdl_ab"] = bench_pdl_ab(models, args.models, s, device, graphs, args.ab_batches)
+        (out_dir / "inference_results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"results: {out_dir / 'inference_results.json'}; total {time.perf_counter() - t_start:.0f} s")
+        return 1 if failed else 0
     results["latency"] = bench_latency(models, args.models, s, device, graphs)
     t0 = section_done(t0)
     results["batch"] = bench_batch(models, args.models, s, device, graphs)

@@ -1,7 +1,8 @@
 """Helpers shared by the op families, torch side (the Triton side is `triton_math.py`): the compute dtype,
 log2(e), contiguity, launch-grid arithmetic and the SM count, out= writes on the PyTorch paths, the autocast
-dtype, and the custom-op plumbing of the Triton paths (a torch.library op for torch.compile, a plain
-autograd.Function in eager mode). Nothing here imports Triton: the launch policies built on it run on CPU."""
+dtype, the custom-op plumbing of the Triton paths (a torch.library op for torch.compile, a plain autograd.Function
+in eager mode), and whether the decode kernels launch with programmatic dependent launch (`pdl_launch`). Nothing
+here imports Triton: the launch policies built on it run on CPU."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import os
 from collections.abc import Callable, Iterator
 
 import torch
@@ -72,6 +74,44 @@ def sm_count(device: torch.device, off_gpu: int) -> int:
     if device.type != "cuda":
         return off_gpu
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# Programmatic dependent launch (PDL, CUDA on sm_90+): a kernel launched with it may start while the kernel before
+# it in the stream is still running; it reads only constant data (weights) until `griddepcontrol.wait`, which
+# returns once that kernel has finished and its writes are visible (`triton_math.pdl_enter`). The decode step's
+# kernels (a few us each, most of it launch and first-load latency) then overlap their start with the previous
+# kernel's end. On by default where the GPU has it; `MAMBAKIT_PDL=0` in the environment (read at import) or a
+# `pdl_mode(False)` block turns it off (the benchmarks' A/B).
+_PDL: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "mambakit_pdl", default=os.environ.get("MAMBAKIT_PDL", "1") != "0")
+
+
+@contextlib.contextmanager
+def pdl_mode(on: bool) -> Iterator[None]:
+    """Within the block the decode kernels launch with programmatic dependent launch (True) or without (False).
+
+    Example:
+        >>> with pdl_mode(False):
+        ...     out = generate(model, ids, max_new_tokens=32)   # every decode kernel launched the plain way
+    """
+    if not isinstance(on, bool):
+        raise TypeError(f"pdl_mode: on must be a bool, got {type(on).__name__}")
+    with context_value(_PDL, on):
+        yield
+
+
+@functools.cache
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def pdl_launch(device: torch.device) -> bool:
+    """Whether a decode kernel on `device` launches with programmatic dependent launch: a CUDA device of compute
+    capability 9.0 or later, `pdl_mode` on (the default), not while torch.compile traces (it launches Triton
+    kernels its own way). False on CPU tensors (Triton's interpreter has no `griddepcontrol`)."""
+    if device.type != "cuda" or not _PDL.get() or torch.compiler.is_compiling():
+        return False
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
 
 
 def write_into(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:

@@ -9,6 +9,9 @@ numerics that the kernels' tests and figures rely on:
     dt_transform         (SSD)             softplus with torch's threshold of 20, then clamp to dt_limit;
                                            `dt_transform_grad` is its derivative
 
+`pdl_enter` and `prefetch_l2` are inline PTX (programmatic dependent launch, L2 prefetch): kernels call them under
+a constexpr that their launchers set False under the interpreter, which cannot run PTX.
+
 `LIBDEVICE` is False under Triton's interpreter (`TRITON_INTERPRET=1`), which has no libdevice: the helpers
 that take it fall back to portable formulas with the same accuracy.
 """
@@ -19,9 +22,11 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 __all__ = ["LOG2E", "log1p", "fast_sigmoid", "dt_softplus_sigmoid", "softplus", "dt_transform", "dt_transform_grad",
-           "sigmoid", "silu", "silu_grad", "tl_dtype", "tl_compute_dtype"]
+           "sigmoid", "silu", "silu_grad", "tl_dtype", "tl_compute_dtype", "pdl_enter", "prefetch_l2",
+           "prefetch_rows_l2"]
 
 # exp(v) = exp2(v * LOG2E): one MUFU instruction per exponential; kernels pre-scale A by it once
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -123,6 +128,38 @@ def silu_grad(z):
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
               torch.float16: tl.float16}
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """With PDL (the kernel launched with programmatic dependent launch, `ops.common.pdl_launch`): wait until the
+    kernel before this one in the stream has finished and its writes are visible, then let the next kernel
+    launch. Everything a program does before this call may read only data no recent kernel writes (weights,
+    biases); every store and every read of activations or states comes after it. The next kernel is released
+    only after the wait, so at most two kernels are in flight and each still sees every earlier one finished.
+    Without PDL: nothing."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask the L2 to fetch the lines holding `ptrs` (PTX `prefetch.global.L2`, SASS `CCTL.E.PF2`): no register
+    waits for it, so a row needed many steps later costs one instruction now and an L2 hit then. Inline PTX, which
+    Triton's interpreter cannot run: launchers pass a zero prefetch distance there (a prefetch changes no value)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_rows_l2(ptr, rows, row_ok, s_row, K, LINES: tl.constexpr, LINE: tl.constexpr):
+    """L2 prefetch of `K` contiguous elements from each of `rows` (row r starts at ptr + r * s_row): one request per
+    LINE elements (128 bytes), LINES of them per row (LINES * LINE >= K). A program's weight slice, asked for
+    before `pdl_enter` so that it is on its way while the previous kernel finishes. Requests outside the rows
+    (row_ok False) or past K ask for `ptr` itself instead: a prefetch cannot be masked."""
+    off = tl.arange(0, LINES) * LINE
+    ok = row_ok[:, None] & (off < K)[None, :]
+    prefetch_l2(tl.where(ok, ptr + rows[:, None] * s_row + off[None, :], ptr))
 
 
 def tl_dtype(dtype: torch.dtype):

@@ -30,9 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import autograd_op, compute_dtype, fake_grads, pack_grads, unpack_grads
+from ..common import autograd_op, compute_dtype, fake_grads, pack_grads, pdl_launch, unpack_grads
 from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
-from ..triton_math import sigmoid, silu, tl_compute_dtype
+from ..triton_math import pdl_enter, sigmoid, silu, tl_compute_dtype
 from .triton_stream import _causal_conv1d_bwd_stream_kernel, _causal_conv1d_fwd_stream_kernel
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +277,9 @@ def _causal_conv1d_update_kernel(
     stride_wd, stride_ww,
     stride_yb, stride_yd,
     W: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)  # launched with programmatic dependent launch: wait for the previous kernel first
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     state_ptr += pid_b * stride_sb
@@ -495,11 +497,12 @@ def _causal_conv1d_update(conv_state, x, weight, bias, silu):
     y = torch.empty_like(x)
     block_d = min(256, max(128, next_power_of_2(dim)))
     grid = (cdiv(dim, block_d), batch)
+    pdl = pdl_launch(x.device)
     _causal_conv1d_update_kernel[grid](
         conv_state, x, weight, bias if bias is not None else x, y,
         dim, *conv_state.stride(), *x.stride(), *weight.stride(), *y.stride(),
         W=width, BLOCK_D=block_d, HAS_BIAS=bias is not None, SILU=silu, ACC=tl_compute_dtype(x.dtype),
-        num_warps=4,
+        PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     return y, conv_state
 

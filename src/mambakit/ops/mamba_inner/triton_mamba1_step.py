@@ -30,11 +30,12 @@ import triton.language as tl
 
 from ..dispatch import triton_interpret
 from ..norm_linear.triton_parts import _conv_epilogue
-from ..norm_linear.triton_rows_matmul import rows_tile_matmul
+from ..common import pdl_launch
+from ..norm_linear.triton_rows_matmul import prefetch_lines, rows_tile_matmul
 from ..selective_scan.triton_step import selective_state_update_triton
 from ..ssd.triton_common import mm, op_dtype, to_dtype
 from ..triton_launch import cdiv, fast_launch, next_power_of_2
-from ..triton_math import tl_dtype
+from ..triton_math import pdl_enter, tl_dtype
 
 __all__ = ["mamba1_step_tiles", "mamba1_step_triton"]
 
@@ -59,11 +60,13 @@ def _in_proj_conv_kernel(
     s_hm, s_wn, s_xzm, s_csb, s_csd, s_csw, s_cwd, s_cww, s_xwq, s_pp, s_pm,
     HAS_BIAS: tl.constexpr, CONV_BIAS: tl.constexpr, WIDTH: tl.constexpr, OP: tl.constexpr, OUT_DT: tl.constexpr,
     EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_Q: tl.constexpr, GEMM: tl.constexpr = True,
+    BLOCK_Q: tl.constexpr, GEMM: tl.constexpr = True, PDL: tl.constexpr = False, LINES: tl.constexpr = 1,
+    LINE: tl.constexpr = 64,
 ):
     """Program (pid_n, pid_m): in_proj's outputs of block pid_n for the rows of block pid_m; a block that holds x
     channels (pid_n * BLOCK_N < D) also updates their conv windows and writes x_proj's partial sum number pid_n.
-    GEMM False: in_proj's output is in xz already (cuBLAS), the grid covers the x channels only."""
+    GEMM False: in_proj's output is in xz already (cuBLAS), the grid covers the x channels only. PDL: launched with
+    programmatic dependent launch (the weights' L2 prefetch before the wait, `rows_tile_matmul`)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -72,11 +75,12 @@ def _in_proj_conv_kernel(
     n_ok = rn < N
     if GEMM:
         acc = rows_tile_matmul(h_ptr, w_ptr, rm, rn, m_ok, n_ok, K, s_hm, s_wn, OP, EMULATE, BLOCK_M, BLOCK_N,
-                               BLOCK_K)
+                               BLOCK_K, PDL, LINES, LINE)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         out = to_dtype(acc, OUT_DT, EMULATE).to(tl.float32)  # in_proj's output dtype, as the conv reads it
     else:
+        pdl_enter(PDL)
         out = tl.load(xz_ptr + rm[:, None] * s_xzm + rn[None, :], mask=m_ok[:, None] & n_ok[None, :],
                       other=0.0).to(tl.float32)
     if pid_n * BLOCK_N < D:
@@ -126,6 +130,8 @@ def mamba1_step_triton(h, in_proj_weight, in_proj_bias, conv_state, conv_weight,
         xz = torch.empty(M, N, device=h.device, dtype=dtype)
     partials = torch.empty(cdiv(dim, bn), M, Q, device=h.device, dtype=torch.float32)
     x_proj_weight = x_proj_weight.to(dtype)
+    pdl = pdl_launch(h.device)
+    lines, line = prefetch_lines(K, dtype)
     _in_proj_conv_kernel[(cdiv(dim if in_proj_cublas else N, bn), cdiv(M, bm))](
         h, in_proj_weight, in_proj_bias if in_proj_bias is not None else xz, xz, conv_state, conv_weight,
         conv_bias if conv_bias is not None else xz, x_proj_weight, partials,
@@ -134,8 +140,8 @@ def mamba1_step_triton(h, in_proj_weight, in_proj_bias, conv_state, conv_weight,
         x_proj_weight.stride(0), partials.stride(0), partials.stride(1),
         HAS_BIAS=in_proj_bias is not None, CONV_BIAS=conv_bias is not None, WIDTH=conv_weight.shape[1],
         OP=op_dtype(dtype), OUT_DT=tl_dtype(dtype), EMULATE=triton_interpret(), BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_K=bk, BLOCK_Q=max(16, next_power_of_2(Q)), GEMM=not in_proj_cublas, num_warps=num_warps,
-        num_stages=num_stages,
+        BLOCK_K=bk, BLOCK_Q=max(16, next_power_of_2(Q)), GEMM=not in_proj_cublas, PDL=pdl, LINES=lines, LINE=line,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     y, _ = selective_state_update_triton(ssm_state, xz[:, :dim], None, A, None, None, D=D, z=xz[:, dim:],
                                          dt_bias=dt_proj_bias, dt_softplus=True, dt_proj_weight=dt_proj_weight,

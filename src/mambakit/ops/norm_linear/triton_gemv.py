@@ -26,7 +26,8 @@ import triton.language as tl
 from ..dispatch import triton_interpret
 from ..ssd.triton_common import to_dtype
 from ..triton_launch import cdiv, fast_launch, next_power_of_2
-from ..triton_math import tl_compute_dtype, tl_dtype
+from ..common import pdl_launch
+from ..triton_math import pdl_enter, tl_compute_dtype, tl_dtype
 from .triton_parts import _conv_epilogue, _prologue
 from .rows_policy import takes_rows_matmul
 from .triton_rows_matmul import rows_matmul
@@ -52,6 +53,7 @@ def _norm_gemv_kernel(
     HAS_BIAS: tl.constexpr, CONV: tl.constexpr, CONV_BIAS: tl.constexpr, WIDTH: tl.constexpr, NG: tl.constexpr,
     SUM_DT: tl.constexpr, NW_DT: tl.constexpr, OUT_DT: tl.constexpr, ACC: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -64,6 +66,8 @@ def _norm_gemv_kernel(
         bias = tl.load(b_ptr + n, mask=n_ok, other=0.0).to(ACC)[None, :]
     if NORM:
         nw = tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(ACC)[None, :]
+    # with PDL the weights above load while the previous kernel finishes; the rows, written by it, only after
+    pdl_enter(PDL)
     gi = tl.arange(0, NG)
     for i in tl.static_range(ROWS):
         rows = (i + tl.arange(0, 1)).to(tl.int64)  # (1,): one row, kept 2-D for the shared prologue / epilogue
@@ -125,6 +129,7 @@ def launch_gemv(x, weight, out, tiles, *, norm=False, residual=None, z=None, nor
     gated = z is not None
     conv = conv_state is not None
     dummy = out
+    pdl = pdl_launch(x.device)
     _norm_gemv_kernel[(cdiv(N, tiles[0]),)](
         x, residual if residual is not None else dummy, z if gated else dummy,
         norm_weight if norm_weight is not None else dummy, weight, bias if bias is not None else dummy, out,
@@ -140,7 +145,8 @@ def launch_gemv(x, weight, out, tiles, *, norm=False, residual=None, z=None, nor
         SUM_DT=tl_dtype(sum_dtype or x.dtype),
         NW_DT=tl_dtype(norm_weight.dtype if norm_weight is not None else x.dtype),
         OUT_DT=tl_dtype(weight.dtype), ACC=tl_compute_dtype(torch.promote_types(x.dtype, weight.dtype)),
-        ROWS=batch, BLOCK_N=tiles[0], BLOCK_K=tiles[1], EMULATE=triton_interpret(), num_warps=4,
+        ROWS=batch, BLOCK_N=tiles[0], BLOCK_K=tiles[1], EMULATE=triton_interpret(), PDL=pdl, num_warps=4,
+        launch_pdl=pdl,
     )
 
 

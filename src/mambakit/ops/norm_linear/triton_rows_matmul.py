@@ -20,9 +20,10 @@ import triton.language as tl
 from ..dispatch import triton_interpret
 from ..ssd.triton_common import mm, op_dtype, to_dtype
 from ..triton_launch import cdiv, fast_launch, next_power_of_2
-from ..triton_math import tl_dtype
+from ..common import pdl_launch
+from ..triton_math import pdl_enter, prefetch_rows_l2, tl_dtype
 
-__all__ = ["rows_matmul_tiles", "rows_matmul"]
+__all__ = ["rows_matmul_tiles", "rows_matmul", "prefetch_lines"]
 
 _MAX_BLOCK_M = 64
 _MIN_PROGRAMS = 128  # about one per SM on an H100 / H200 (132 SMs): the weight loads spread over the SMs
@@ -43,11 +44,25 @@ def rows_matmul_tiles(M: int, N: int, K: int, block_n: int | None = None,
     return block_m, block_n, block_k
 
 
+def prefetch_lines(K: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(LINES, LINE) for `prefetch_rows_l2` of a weight row of K elements of `dtype`: LINE elements make 128 bytes,
+    LINES (a power of two) of them cover the row."""
+    line = max(1, 128 // dtype.itemsize)
+    return next_power_of_2(cdiv(K, line)), line
+
+
 @triton.jit
 def rows_tile_matmul(x_ptr, w_ptr, rm, rn, m_ok, n_ok, K, s_xm, s_wn, OP: tl.constexpr, EMULATE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+                     LINES: tl.constexpr = 1, LINE: tl.constexpr = 64):
     """(BLOCK_M, BLOCK_N) float32 tile of x @ weight^T for rows rm and outputs rn: the K loop of the many-rows
-    kernels (this one and `mamba1_step`'s first), weights loaded as their (BLOCK_K, BLOCK_N) transpose."""
+    kernels (this one and `mamba1_step`'s first), weights loaded as their (BLOCK_K, BLOCK_N) transpose.
+
+    PDL: the program's weight rows (LINES requests of LINE elements each, 128 bytes) are asked of the L2 first,
+    then `pdl_enter` waits for the previous kernel, which wrote x."""
+    if PDL:
+        prefetch_rows_l2(w_ptr, rn, n_ok, s_wn, K, LINES, LINE)
+    pdl_enter(PDL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -62,7 +77,8 @@ def rows_tile_matmul(x_ptr, w_ptr, rm, rn, m_ok, n_ok, K, s_xm, s_wn, OP: tl.con
 @triton.jit
 def _rows_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, s_xm, s_wn, s_om,
                         HAS_BIAS: tl.constexpr, OP: tl.constexpr, EMULATE: tl.constexpr, OUT_DT: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+                        LINES: tl.constexpr = 1, LINE: tl.constexpr = 64):
     """Program (pid_n, pid_m): out[rows of block pid_m, outputs of block pid_n] = x @ weight^T (+ bias). The
     weights load as their (BLOCK_K, BLOCK_N) transpose; products through the SSD kernels' `mm` (operands in OP,
     float32 accumulation; EMULATE: the interpreter's stand-in for a bf16 dot, see ssd/triton_common.py)."""
@@ -72,7 +88,8 @@ def _rows_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, s_xm, s_wn, s_om,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    acc = rows_tile_matmul(x_ptr, w_ptr, rm, rn, m_ok, n_ok, K, s_xm, s_wn, OP, EMULATE, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = rows_tile_matmul(x_ptr, w_ptr, rm, rn, m_ok, n_ok, K, s_xm, s_wn, OP, EMULATE, BLOCK_M, BLOCK_N, BLOCK_K,
+                           PDL, LINES, LINE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm[:, None] * s_om + rn[None, :], to_dtype(acc, OUT_DT, EMULATE),
@@ -94,9 +111,12 @@ def rows_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     out = torch.empty(M, N, device=x.device, dtype=weight.dtype)
     bm, bn, bk = tiles or rows_matmul_tiles(M, N, K)
+    pdl = pdl_launch(x.device)
+    lines, line = prefetch_lines(K, weight.dtype)
     _rows_matmul_kernel[(cdiv(N, bn), cdiv(M, bm))](
         x, weight, bias if bias is not None else out, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, OP=op_dtype(weight.dtype), EMULATE=triton_interpret(), OUT_DT=tl_dtype(weight.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl, LINES=lines, LINE=line, num_warps=num_warps,
+        num_stages=num_stages, launch_pdl=pdl,
     )
     return out

@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import autograd_op, compute_dtype, fake_grads, pack_grads, unpack_grads
+from ..common import autograd_op, compute_dtype, fake_grads, pack_grads, pdl_launch, unpack_grads
 from ..triton_launch import cdiv, fast_launch, next_power_of_2, sm_count
-from ..triton_math import sigmoid, silu, tl_compute_dtype, tl_dtype
+from ..triton_math import pdl_enter, sigmoid, silu, tl_compute_dtype, tl_dtype
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -127,12 +127,15 @@ def _add_rms_norm_fwd_kernel(
     n_rows, hidden, eps,
     stride_xr, stride_rr, stride_yr, stride_sr,
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, HAS_R: tl.constexpr, STORE_RSTD: tl.constexpr,
-    SUM_DT: tl.constexpr, W_DT: tl.constexpr, ACC: tl.constexpr,
+    SUM_DT: tl.constexpr, W_DT: tl.constexpr, ACC: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """s = x + r rounded to SUM_DT (stored in s's dtype); y = rmsnorm(s rounded to W_DT) * w (stored in y's
-    dtype); rstd (N,) in ACC when STORE_RSTD (kept for the backward)."""
+    dtype); rstd (N,) in ACC when STORE_RSTD (kept for the backward). PDL: launched with programmatic dependent
+    launch (the norm weight loads before the wait for the previous kernel)."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
+    w = tl.load(w_ptr + cols, mask=cols < hidden, other=0.0).to(ACC)
+    pdl_enter(PDL)
     mask = (rows < n_rows)[:, None] & (cols < hidden)[None, :]
     v = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(ACC)
     if HAS_R:
@@ -141,7 +144,6 @@ def _add_rms_norm_fwd_kernel(
     tl.store(s_ptr + rows[:, None] * stride_sr + cols[None, :], v.to(s_ptr.dtype.element_ty), mask=mask)
     h = v.to(W_DT).to(ACC)  # the cast to the norm weight's dtype before normalising
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / hidden + eps)
-    w = tl.load(w_ptr + cols, mask=cols < hidden, other=0.0).to(ACC)
     y = h * rstd[:, None] * w[None, :]
     tl.store(y_ptr + rows[:, None] * stride_yr + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     if STORE_RSTD:
@@ -345,12 +347,14 @@ def _add_rms_norm_impl(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.
     s2 = torch.empty(n_rows, hidden, dtype=s_dtype, device=x2.device)
     rstd = torch.empty(n_rows if keep_rstd else 0, dtype=acc, device=x2.device)
     block_r, block_h, num_warps = _tile(hidden, 4096)
+    pdl = not keep_rstd and pdl_launch(x2.device)  # inference (decode steps): overlap the previous kernel's end
     _add_rms_norm_fwd_kernel[(cdiv(n_rows, block_r),)](
         x2, r2 if r2 is not None else x2, weight.contiguous(), y2, s2, rstd if keep_rstd else s2,
         n_rows, hidden, float(eps),
         x2.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0), s2.stride(0),
         BLOCK_R=block_r, BLOCK_H=block_h, HAS_R=r2 is not None, STORE_RSTD=keep_rstd,
-        SUM_DT=tl_dtype(sum_dtype), W_DT=tl_dtype(weight.dtype), ACC=tl_compute_dtype(acc), num_warps=num_warps,
+        SUM_DT=tl_dtype(sum_dtype), W_DT=tl_dtype(weight.dtype), ACC=tl_compute_dtype(acc), PDL=pdl,
+        num_warps=num_warps, launch_pdl=pdl,
     )
     return y2.to(y_dtype), s2, rstd
 

@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import fast_launch
-from ..triton_math import LOG2E, dt_softplus_sigmoid, fast_sigmoid
-from .triton_scan_tile import (load_bc, load_rows, load_tile_rows, prefetch_l2, store_tile_rows, tile_index,
+from ..triton_math import LOG2E, dt_softplus_sigmoid, fast_sigmoid, prefetch_l2
+from .triton_scan_tile import (load_bc, load_rows, load_tile_rows, store_tile_rows, tile_index,
                                time_offset)
 
 __all__ = ["scan_bwd_carry_kernel", "scan_bwd_kernel"]

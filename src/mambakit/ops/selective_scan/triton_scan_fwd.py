@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import fast_launch
-from ..triton_math import LOG2E, dt_softplus_sigmoid, fast_sigmoid
-from .triton_scan_tile import load_bc, load_rows, prefetch_l2, tile_index, time_offset
+from ..triton_math import LOG2E, dt_softplus_sigmoid, fast_sigmoid, prefetch_l2
+from .triton_scan_tile import load_bc, load_rows, tile_index, time_offset
 
 __all__ = ["scan_fwd_kernel", "seg_combine_kernel"]
 

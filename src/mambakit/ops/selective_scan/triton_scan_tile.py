@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["load_rows", "load_bc", "tile_index", "time_offset", "load_tile_rows", "store_tile_rows", "prefetch_l2"]
+__all__ = ["load_rows", "load_bc", "tile_index", "time_offset", "load_tile_rows", "store_tile_rows"]
 
 
 @triton.jit
@@ -98,11 +98,3 @@ def store_tile_rows(ptr, tile, s_n, s_d, d, dstate, NL: tl.constexpr, NH: tl.con
         row = tl.sum(tl.where(nl3 == i, tile, -0.0), axis=0)  # (NH, BD)
         n = tl.arange(0, NH)[:, None] * NL + i
         tl.store(ptr + (n * s_n + d[None, :] * s_d), row, mask=(n < dstate) & (d[None, :] >= 0))
-
-
-@triton.jit
-def prefetch_l2(ptrs):
-    """Ask the L2 to fetch the lines holding `ptrs` (PTX `prefetch.global.L2`, SASS `CCTL.E.PF2`): no register
-    waits for it, so a row needed many steps later costs one instruction now and an L2 hit then. Inline PTX, which
-    Triton's interpreter cannot run: launchers pass a zero prefetch distance there (a prefetch changes no value)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)

@@ -27,7 +27,8 @@ import triton.language as tl
 from ..dispatch import triton_interpret
 from ..ssd.triton_common import to_dtype
 from ..triton_launch import cdiv, fast_launch, next_power_of_2
-from ..triton_math import LOG2E, dt_softplus_sigmoid, tl_compute_dtype, tl_dtype
+from ..common import pdl_launch
+from ..triton_math import LOG2E, dt_softplus_sigmoid, pdl_enter, tl_compute_dtype, tl_dtype
 
 __all__ = ["selective_state_update_triton"]
 
@@ -58,9 +59,11 @@ def _state_update_kernel(
     BD: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, ACC: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DT_PROJ: tl.constexpr,
     LIBDEVICE: tl.constexpr, PARTIALS: tl.constexpr = False, BP: tl.constexpr = 1, XB: tl.constexpr = False,
-    XDT: tl.constexpr = tl.float32, EMULATE: tl.constexpr = False, SUB: tl.constexpr = 1,
+    XDT: tl.constexpr = tl.float32, EMULATE: tl.constexpr = False, SUB: tl.constexpr = 1, PDL: tl.constexpr = False,
 ):
-    """Program (pid_d, pid_b): row pid_b, channels [pid_d SUB BD, (pid_d + 1) SUB BD) in SUB blocks of BD."""
+    """Program (pid_d, pid_b): row pid_b, channels [pid_d SUB BD, (pid_d + 1) SUB BD) in SUB blocks of BD.
+    PDL: launched with programmatic dependent launch; waits for the previous kernel first."""
+    pdl_enter(PDL)
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     n = tl.arange(0, BN)  # (BN,)
@@ -178,6 +181,7 @@ def selective_state_update_triton(
     bd = block_d or bd
     dummy = y
     grid = (cdiv(dim, bd * sub_blocks), batch)
+    pdl = pdl_launch(x.device)
     _state_update_kernel[grid](
         state, x, dt, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
         dt_bias if dt_bias is not None else dummy, y, dt_proj_weight if dt_proj_weight is not None else dummy,
@@ -189,6 +193,6 @@ def selective_state_update_triton(
         BD=bd, BN=bn, BR=br, ACC=acc, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=dt_softplus, DT_PROJ=dt_proj_weight is not None, LIBDEVICE=not triton_interpret(),
         PARTIALS=partials, BP=next_power_of_2(dt.shape[0]) if partials else 1, XB=x_proj_bias is not None,
-        XDT=tl_dtype(x.dtype), EMULATE=triton_interpret(), SUB=sub_blocks, num_warps=4,
+        XDT=tl_dtype(x.dtype), EMULATE=triton_interpret(), SUB=sub_blocks, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     return y, state

@@ -21,7 +21,8 @@ import triton.language as tl
 
 from ..dispatch import triton_interpret
 from ..triton_launch import cdiv, fast_launch, next_power_of_2
-from ..triton_math import dt_transform, silu
+from ..common import pdl_launch
+from ..triton_math import dt_transform, pdl_enter, silu
 from .triton_common import to_dtype
 
 __all__ = ["ssd_state_update_triton"]
@@ -35,8 +36,9 @@ def _ssd_step_kernel(
     s_st_b, s_st_h, s_st_p, s_x_b, s_x_h, s_dt_b, s_dt_h, s_B_b, s_B_g, s_C_b, s_C_g, s_z_b, s_z_h,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, EMULATE: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)  # launched with programmatic dependent launch: wait for the previous kernel first
     pid_p = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.cast(tl.program_id(2), tl.int64)
@@ -114,6 +116,7 @@ def ssd_state_update_triton(
     block_p = min(next_power_of_2(P), max(4, 2048 // block_n))
     zz = z if z is not None else x
     grid = (cdiv(P, block_p), H, b)
+    pdl = pdl_launch(x.device)
     _ssd_step_kernel[grid](
         work, x, dt, A, B, C, D if D is not None else A, zz, dt_bias if dt_bias is not None else A, y,
         H, P, N, H // G, lo, hi if has_limit else 0.0,
@@ -121,6 +124,6 @@ def ssd_state_update_triton(
         B.stride(0), B.stride(1), C.stride(0), C.stride(1), zz.stride(0), zz.stride(1),
         BLOCK_P=block_p, BLOCK_N=block_n, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
         HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
-        EMULATE=triton_interpret(), num_warps=4,
+        EMULATE=triton_interpret(), PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     return y, work
