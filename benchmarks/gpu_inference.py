@@ -52,7 +52,7 @@ from transformer_baseline import TransformerConfig, TransformerDecoder, Transfor
 
 from mambakit import MambaConfig, MambaLM  # noqa: E402
 from mambakit.generation import CUDAGraphDecoder, allocate_cache, decode_one_token, generate, prefill  # noqa: E402
-from mambakit.ops.common import pdl_mode  # noqa: E402
+from mambakit.ops import pdl_mode  # noqa: E402
 
 from mambakit.bench.decode_kernels import count_decode_kernels, format_decode_kernels, profile_decode_kernels  # noqa: E402
 

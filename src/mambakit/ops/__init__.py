@@ -17,6 +17,7 @@ in; the dtype the ops return states in is `reference.final_state_dtype`.
 """
 
 from .dispatch import pinned_backend, record_backends, use_backend
+from .common import pdl_mode
 from .causal_conv1d import causal_conv1d, causal_conv1d_update
 from .cross_entropy import linear_cross_entropy
 from .mamba_inner import mamba1_inner, mamba1_step, mamba2_inner
@@ -45,4 +46,5 @@ __all__ = [
     "use_backend",
     "pinned_backend",
     "record_backends",
+    "pdl_mode",
 ]
