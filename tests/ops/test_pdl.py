@@ -72,6 +72,7 @@ def test_decode_kernels_read_only_weights_before_their_wait():
 @pytest.mark.parametrize("layer, batch, rows_matmul", [
     pytest.param("Mamba1", 1, 0, id="mamba1-batch1"),        # the fused step
     pytest.param("Mamba1", 16, 0, id="mamba1-batch16"),      # ops.mamba1_step
+    pytest.param("Mamba1", 64, 0, id="mamba1-batch64"),      # op by op between cuBLAS GEMMs: PDL off inside
     pytest.param("Mamba1", 64, 128, id="mamba1-batch64-rows"),  # op by op, the many-rows projection kernel
     pytest.param("Mamba2", 1, 0, id="mamba2-batch1"),
     pytest.param("Mamba2", 64, 0, id="mamba2-batch64"),

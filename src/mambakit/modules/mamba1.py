@@ -25,7 +25,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..deprecation import renamed_argument
 from ..ops import (add_rms_norm_linear, causal_conv1d, causal_conv1d_update, decode_linear, mamba1_inner,
-                   mamba1_step, pinned_backend, selective_scan, selective_state_update)
+                   mamba1_step, pdl_mode, pinned_backend, selective_scan, selective_state_update)
+from . import fusion
 from .fusion import (fused_step_allowed, mamba1_step_allowed, many_rows_step_allowed, reads_as_plain,
                      require_plain_conv)
 from .norm import RMSNorm
@@ -270,6 +271,17 @@ class Mamba1(nn.Module):
         many = (self.fused_step and many_rows_step_allowed(hidden_states) and self._plain_ssm_params()
                 and reads_as_plain(self.in_proj, nn.Linear) and reads_as_plain(self.out_proj, nn.Linear)
                 and hidden_states.dtype == self.in_proj.weight.dtype == self.out_proj.weight.dtype)
+        if (not many and hidden_states.shape[0] > fusion.FUSED_STEP_MAX_BATCH and hidden_states.is_cuda
+                and not torch.compiler.is_compiling()):
+            # cuBLAS GEMMs between every two of this step's kernels: none follows a PDL kernel, and PDL made the
+            # 130M step 1.8% slower at batch 64 (H100, session 39, BENCHMARKS.md): launched the plain way here
+            with pdl_mode(False):
+                return self._step_op_by_op(hidden_states, cache, many)
+        return self._step_op_by_op(hidden_states, cache, many)
+
+    def _step_op_by_op(self, hidden_states: torch.Tensor, cache: MixerState, many: bool) -> torch.Tensor:
+        """`step` one op at a time: in_proj, conv update, x_proj / dt_proj (or dt_proj inside the state update),
+        state update, out_proj; `many`: the projections through decode_linear (the many-rows kernel)."""
         if many:
             xz = decode_linear(hidden_states[:, 0], self.in_proj.weight, self.in_proj.bias)
         else:
