@@ -14,7 +14,9 @@ first pass for the norm's sums and a second for the products; its chain of depen
 contiguous, vector loads), issued before anything else, and each row is read once, in one block of K: the norm's
 sums, the normalised row and the products need no second trip to memory. The rows loop inside the program over
 the registers' weights, so the weights are read once whatever the batch. Roundings are the tiled kernel's (the
-unfused ops').
+unfused ops'). On sm_90+ the kernel launches with programmatic dependent launch (`ops.common.pdl_launch`): those
+weight loads are issued while the previous kernel is still running, and only the rows wait for it (session 39,
+H100: graphed batch-1 decoding 0.395 -> 0.312 ms a token for Mamba-1, 0.370 -> 0.291 for Mamba-2).
 """
 
 from __future__ import annotations
