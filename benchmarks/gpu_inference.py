@@ -56,12 +56,13 @@ from mambakit.ops import pdl_mode  # noqa: E402
 
 from mambakit.bench.decode_kernels import count_decode_kernels, format_decode_kernels, profile_decode_kernels  # noqa: E402
 
-# mamba2-bf16state: the same Mamba-2 model decoding from a bfloat16 SSM-state cache (state_dtype);
+# mamba2-bf16state / mamba1-bf16state: the same model decoding from a bfloat16 SSM-state cache (state_dtype; mamba_ssm's
+# cache keeps both layers' states in the weights' dtype);
 # mamba1-unfused / mamba2-unfused: the same models with the decode step op by op (`fused_step = False`: the step
 # before issue 18's fusion), to time both in one run
-MODELS = ("mamba1", "mamba2", "mamba2-bf16state", "transformer", "mamba1-unfused", "mamba2-unfused")
+MODELS = ("mamba1", "mamba2", "mamba2-bf16state", "transformer", "mamba1-unfused", "mamba2-unfused", "mamba1-bf16state")
 DEFAULT_MODELS = ("mamba1", "mamba2", "mamba2-bf16state", "transformer")
-STATE_DTYPES = {"mamba2-bf16state": torch.bfloat16}
+STATE_DTYPES = {"mamba2-bf16state": torch.bfloat16, "mamba1-bf16state": torch.bfloat16}
 UNFUSED = ("mamba1-unfused", "mamba2-unfused")
 
 
@@ -552,7 +553,8 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, color in zip(MODELS, ("tab:blue", "tab:orange", "tab:red", "tab:gray", "tab:cyan", "tab:olive")):
+    colors = ("tab:blue", "tab:orange", "tab:red", "tab:gray", "tab:cyan", "tab:olive", "tab:purple")
+    for name, color in zip(MODELS, colors):
         own = [r for r in rows if r["model"] == name]
         if not own:
             continue

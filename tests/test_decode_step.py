@@ -395,6 +395,42 @@ def test_state_update_with_dt_proj_weight(batch):
         selective_state_update(h0.clone(), x, dt_low, A, B, C, dt_proj_weight=torch.randn(dim, R + 1, device=DEVICE))
 
 
+@pytest.mark.parametrize("state_dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize("dt_proj", [pytest.param(False, id="dt"), pytest.param(True, id="dt_proj")])
+def test_state_update_low_precision_state(state_dtype, dt_proj):
+    """Mamba-1's step on a bf16 / fp16 state (mamba_ssm's cache keeps its Mamba-1 state in the weights' dtype): updated
+    in float32 and rounded back in place. The Triton steps track the torch steps on the same low-precision state and a
+    float32-state run within a few bf16 ulps (the CPU interpreter truncates float32 -> bf16 where the GPU rounds, so the
+    two may drift by an ulp a step: 3% of the state's scale is 4 ulps)."""
+    dim, N, R, batch, steps = 40, 16, 6, 3, 6
+    g = torch.Generator().manual_seed(5)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(DEVICE)
+
+    W, A = rnd(dim, R, scale=0.3), -torch.rand(dim, N, generator=g).to(DEVICE) - 0.1
+    D, bias = rnd(dim), rnd(dim) - 1
+    h32 = rnd(batch, dim, N)
+    h_triton = h32.to(state_dtype)
+    h_torch = h_triton.clone()
+    ptr = h_triton.data_ptr()
+    for t in range(steps):
+        x, z, dt_low = rnd(batch, dim), rnd(batch, dim), rnd(batch, R)
+        B, C = rnd(batch, 1, N), rnd(batch, 1, N)
+        kw = dict(D=D, z=z, dt_bias=bias, dt_softplus=True)
+        dt = dict(dt_proj_weight=W) if dt_proj else {}
+        dt_in = dt_low if dt_proj else F.linear(dt_low, W)
+        y_tr = selective_state_update(h_triton, x, dt_in, A, B, C, **kw, **dt, backend="triton")
+        y_to = selective_state_update(h_torch, x, dt_in, A, B, C, **kw, **dt, backend="torch")
+        y_32 = selective_state_update(h32, x, dt_in, A, B, C, **kw, **dt, backend="torch")
+        assert h_triton.dtype == h_torch.dtype == state_dtype and h_triton.data_ptr() == ptr
+        assert_close(h_triton.float(), h_torch.float(), name=f"step {t} state triton vs torch", rel=3e-2)
+        assert_close(y_tr, y_to, name=f"step {t} y triton vs torch", rel=3e-2)
+        assert_close(y_tr, y_32, name=f"step {t} y vs float32 state", rel=3e-2)
+    assert_close(h_triton.float(), h32, name="state vs float32 state", rel=3e-2)
+    assert (h_triton.float() - h32).abs().max() > 0  # the state was rounded: a float32 update would be exact
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ssm_cfg", LAYERS)
 def test_batches_above_the_threshold_step_op_by_op(ssm_cfg):

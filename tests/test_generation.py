@@ -61,11 +61,12 @@ def _decode_text(ids):
 
 
 @pytest.mark.slow
-def test_bf16_mamba2_states_track_float32_states():
+@pytest.mark.parametrize("ssm_cfg", LAYERS)
+def test_bf16_states_track_float32_states(ssm_cfg):
     """A bfloat16 SSM-state cache (state_dtype) decodes what the float32 one does, up to bf16 rounding of
     the state: prefill + 12 steps, logits within a few bf16 ulps, the same greedy tokens; the cache holds
-    bfloat16 states and prefill/decode update them in place."""
-    model = _model(LAYERS[1].values[0])
+    bfloat16 states and prefill/decode update them in place (Mamba-1 since session 39, as mamba_ssm keeps it)."""
+    model = _model(ssm_cfg)
     prompt = torch.randint(0, VOCAB, (3, 11))
     fp32, logits32 = prefill(model, prompt)
     bf16 = model.allocate_cache(3, state_dtype=torch.bfloat16)
@@ -88,8 +89,10 @@ def test_bf16_mamba2_states_track_float32_states():
 
 
 def test_state_dtype_is_checked():
-    with pytest.raises(ValueError, match="Mamba1.allocate_state: state_dtype must be float32 or float64"):
-        allocate_cache(_model(LAYERS[0].values[0]), 2, state_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="Mamba1.allocate_state: state_dtype must be float32, float64, bfloat16"):
+        allocate_cache(_model(LAYERS[0].values[0]), 2, state_dtype=torch.int8)
+    assert allocate_cache(_model(LAYERS[0].values[0]), 2, state_dtype=torch.float16).layers[0].ssm_state.dtype == \
+        torch.float16
     with pytest.raises(ValueError, match="Mamba2.allocate_state: state_dtype must be float32, float64, bfloat16"):
         allocate_cache(_model(LAYERS[1].values[0]), 2, state_dtype=torch.int8)
 

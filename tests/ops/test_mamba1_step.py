@@ -94,7 +94,22 @@ def test_mamba1_step_checks_its_arguments():
     with pytest.raises(ValueError, match="ssm_state"):
         mamba1_step(**{**inputs, "ssm_state": inputs["ssm_state"][:2]})
     with pytest.raises(ValueError, match="ssm_state must have dtype"):
-        mamba1_step(**{**inputs, "ssm_state": inputs["ssm_state"].bfloat16()})
+        mamba1_step(**{**inputs, "ssm_state": inputs["ssm_state"].int()})
+
+
+def test_mamba1_step_on_a_bf16_state():
+    """A bf16 SSM state (mamba_ssm's Mamba-1 cache dtype) is updated in float32 and rounded back in place: the
+    kernels against the composed torch ops on the same bf16 state, within two bf16 ulps of the state's scale (the
+    CPU interpreter truncates where the GPU rounds), and against a float32 state within a few."""
+    inputs = _inputs(20, dim=40)
+    got = _run(inputs, torch.bfloat16, "triton", torch.bfloat16)
+    ref = _run(inputs, torch.bfloat16, "torch", torch.bfloat16)
+    wide = _run(inputs, torch.bfloat16, "torch", torch.float32)
+    for name, gt, r, w in zip(("y", "conv_state", "ssm_state"), got, ref, wide):
+        scale = float(w.abs().max())
+        assert_close(gt, r, name=name, rel=0.0, atol=2 * 2 ** -8 * scale)
+        assert_close(gt, w, name=f"{name} vs float32 state", rel=0.0, atol=4 * 2 ** -8 * scale)
+    assert (got[2] - wide[2]).abs().max() > 0  # the state was rounded to bf16
 
 
 @pytest.mark.parametrize("in_proj_cublas, sub_blocks, block_m", [(False, 3, 16), (True, 2, 32)],

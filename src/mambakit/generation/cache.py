@@ -4,8 +4,8 @@ Shapes (legend): B batch, C conv channels, W conv width, D Mamba-1 inner dim, N 
 P headdim.
 
     layers[i].conv_state: (B, C, W - 1)   the last W-1 conv inputs, in the activation dtype
-    layers[i].ssm_state:  (B, D, N) for Mamba-1, (B, H, P, N) for Mamba-2, float32 (Mamba-2: bfloat16
-                          when allocated with state_dtype=torch.bfloat16)
+    layers[i].ssm_state:  (B, D, N) for Mamba-1, (B, H, P, N) for Mamba-2, float32 (bfloat16 when
+                          allocated with state_dtype=torch.bfloat16)
 
 A Mamba cache has a fixed size whatever the prefix length: that is what makes decoding cost the same
 per token at any position, and what lets a CUDA graph capture the decode step once: the model's
@@ -30,7 +30,7 @@ def allocate_cache(model: nn.Module, batch_size: int, dtype: torch.dtype | None 
     """Zero cache for `batch_size` sequences: `model.allocate_cache(...)` (see `MambaLM.allocate_cache`).
 
     Conv windows in `dtype` (default: the model's), SSM states float32; `state_dtype=torch.bfloat16`
-    keeps Mamba-2 SSM states in bfloat16 (updated in float32, rounded back each token).
+    keeps the Mamba-1 / Mamba-2 SSM states in bfloat16 (updated in float32, rounded back each token).
 
     Example:
         >>> cache = allocate_cache(model, batch_size=4)

@@ -266,7 +266,7 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
         prefill_tokens_per_call: tokens per row per prefill call (None: whole prompts); bounds
             prefill memory. Its former name `prefill_chunk_size` still works, with a DeprecationWarning.
         state_dtype: the SSM states' dtype in the cache (None: float32); torch.bfloat16 halves the state
-            traffic of large-batch Mamba-2 decoding (see `allocate_cache`).
+            traffic of large-batch decoding (see `allocate_cache`).
         return_logprobs: also return, for every new token, its log-probability under the model's distribution
             (log-softmax of the logits over the real vocabulary, before repetition penalty, temperature and
             filters: what `mambakit.evaluation.score` gives for the same tokens).

@@ -139,17 +139,19 @@ class Mamba1(nn.Module):
                        state_dtype: torch.dtype | None = None, ssm_dtype: torch.dtype | None = None) -> MixerState:
         """Zero state for decoding: conv (batch, d_inner, d_conv - 1) in `dtype`, ssm (batch, d_inner, d_state) float32.
 
-        `state_dtype` may only be float32 / float64 here: Mamba-1's state (d_state 16) is small next to the
-        weights, so a low-precision state would buy little (Mamba2.allocate_state takes bfloat16).
+        The ssm state is float32 (float64 for float64 models) unless `state_dtype` says otherwise: a bfloat16 /
+        float16 state is updated in float32 and rounded back each step (mamba_ssm keeps its Mamba-1 state in the
+        weights' dtype), which halves the state traffic of large-batch decoding at the price of one rounding per
+        token; prefill widens it to float32 and rounds the final state back.
         """
         state_dtype = renamed_argument("Mamba1.allocate_state", "ssm_dtype", "state_dtype", ssm_dtype, state_dtype)
         device = device or self.out_proj.weight.device
         dtype = dtype or self.conv1d.weight.dtype
         if state_dtype is None:
             state_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # fp32 (fp64 models: fp64)
-        elif state_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"Mamba1.allocate_state: state_dtype must be float32 or float64, got {state_dtype} "
-                             "(low-precision states are offered for Mamba-2, whose state is 8x larger)")
+        elif state_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise ValueError(f"Mamba1.allocate_state: state_dtype must be float32, float64, bfloat16 or float16, "
+                             f"got {state_dtype}")
         return MixerState(
             conv_state=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
             ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=state_dtype),
@@ -200,7 +202,8 @@ class Mamba1(nn.Module):
         dt, B, C, dt_bias = self._ssm_params(x)
         y = selective_scan(x, dt, A, B, C, D=self.D.float(), z=z, dt_bias=None if dt_bias is None else dt_bias.float(),
                            dt_softplus=True,
-                           initial_state=cache.ssm_state if keep else None, return_final_state=keep, seq_idx=seq_idx)
+                           initial_state=cache.ssm_state_in() if keep else None, return_final_state=keep,
+                           seq_idx=seq_idx)
         if keep:
             y, ssm_final = y
             cache.conv_state.copy_(conv_final)

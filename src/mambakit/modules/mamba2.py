@@ -174,11 +174,6 @@ class Mamba2(nn.Module):
         sizes = [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads]
         return torch.split(zxbcdt, sizes, dim=-1)
 
-    @staticmethod
-    def _state_in(state: torch.Tensor) -> torch.Tensor:
-        """The cache's ssm state as the parallel op takes it: float32 / float64 (a bf16 cache is widened)."""
-        return state if state.dtype in (torch.float32, torch.float64) else state.float()
-
     def _D(self) -> torch.Tensor:
         D = self.D.float()
         return D.view(self.nheads, self.headdim) if self.D_has_hdim else D
@@ -236,7 +231,7 @@ class Mamba2(nn.Module):
                 B.reshape(batch, seqlen, self.ngroups, self.d_state), C.reshape(batch, seqlen, self.ngroups, self.d_state),
                 D=self._D(), z=None if self.rmsnorm else z.reshape(batch, seqlen, self.nheads, self.headdim),
                 dt_bias=self.dt_bias.float(), dt_softplus=True, dt_limit=self.dt_limit, chunk_size=self.chunk_size,
-                initial_state=self._state_in(cache.ssm_state) if keep else None, return_final_state=keep,
+                initial_state=cache.ssm_state_in() if keep else None, return_final_state=keep,
                 seq_idx=seq_idx)
         if keep:
             y, ssm_final = y

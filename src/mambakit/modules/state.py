@@ -27,6 +27,12 @@ class MixerState:
     conv_state: torch.Tensor
     ssm_state: torch.Tensor
 
+    def ssm_state_in(self) -> torch.Tensor:
+        """The ssm state as the sequence ops (prefill) take it: float32 / float64 (a bf16 / fp16 cache widened to a
+        float32 copy; the mixer copies the final state back, rounding it)."""
+        s = self.ssm_state
+        return s if s.dtype in (torch.float32, torch.float64) else s.float()
+
     def zero_(self) -> "MixerState":
         self.conv_state.zero_()
         self.ssm_state.zero_()

@@ -134,8 +134,9 @@ def check_selective_scan(op: str, x, dt, A, B, C, D, z, dt_bias, state, *, step:
                          seq_idx: torch.Tensor | None = None,
                          dt_proj_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`selective_scan` (step False: x, dt, z (batch, seqlen, dim), B, C (batch, seqlen, ngroups, dstate),
-    optional initial_state) and `selective_state_update` (step True: no seqlen axis, `state` required), both
-    with A (dim, dstate), D, dt_bias (dim,) and a (batch, dim, dstate) state, complex where A is.
+    optional float32/64 initial_state) and `selective_state_update` (step True: no seqlen axis, `state` required,
+    bf16 / fp16 allowed for a real A), both with A (dim, dstate), D, dt_bias (dim,) and a (batch, dim, dstate)
+    state, complex where A is.
     With `dt_proj_weight` (dim, rank), dt is the low-rank (..., rank) input of that projection.
     Returns B and C with their ngroups axis."""
     tokens = _tokens(step)
@@ -154,7 +155,8 @@ def check_selective_scan(op: str, x, dt, A, B, C, D, z, dt_bias, state, *, step:
     chk.tensor("dt_bias", dt_bias, ("dim",), optional=True)
     chk.tensor("z", z, tokens + ("dim",), optional=True)
     chk.divides("B", "ngroups", "dim")
-    state_dtypes = _REAL_STATE + (_COMPLEX if A.is_complex() else ())
+    # a decode cache may keep a real state in bf16 / fp16 (updated in float32 and rounded back each step)
+    state_dtypes = (_COMPLEX + _REAL_STATE if A.is_complex() else FLOATS if step else _REAL_STATE)
     chk.tensor("state" if step else "initial_state", state, ("batch", "dim", "dstate"), dtypes=state_dtypes,
                optional=not step)
     chk.seq_idx(seq_idx)

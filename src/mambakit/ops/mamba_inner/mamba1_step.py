@@ -56,7 +56,8 @@ def mamba1_step(
         x_proj_weight: (dt_rank + 2 * dstate, dim), rows [dt_low | B | C]; x_proj_bias: its (dt_rank + 2 dstate,).
         dt_proj_weight: (dim, dt_rank).   dt_proj_bias: (dim,) step-size bias (softplus(dt + bias)).
         A: (dim, dstate) float32 (= -exp(A_log)).   D: (dim,) skip connection.
-        ssm_state: (batch, dim, dstate) float32 (or float64), updated in place.
+        ssm_state: (batch, dim, dstate) float32 (or float64; bf16 / fp16: updated in float32 and rounded back),
+            updated in place.
         backend: None (Triton on CUDA, PyTorch otherwise), "reference", "torch" or "triton".
     Returns:
         y: (batch, dim) in h's dtype, gated by silu(z): out_proj's input.
@@ -80,7 +81,7 @@ def mamba1_step(
     chk.tensor("dt_proj_bias", dt_proj_bias, (dim,), optional=True)
     chk.tensor("A", A, (dim, "dstate"), dtypes=(torch.float32, torch.float64))
     chk.tensor("D", D, (dim,), optional=True)
-    chk.tensor("ssm_state", ssm_state, ("batch", dim, "dstate"), dtypes=(torch.float32, torch.float64))
+    chk.tensor("ssm_state", ssm_state, ("batch", dim, "dstate"), dtypes=FLOATS)
     chk.tensor("x_proj_weight", x_proj_weight, (chk.size("dt_rank") + 2 * chk.size("dstate"), dim))
     chk.tensor("x_proj_bias", x_proj_bias, (chk.size("dt_rank") + 2 * chk.size("dstate"),), optional=True)
     if h.dtype != in_proj_weight.dtype:

@@ -34,7 +34,8 @@ def selective_state_update_torch(
     """Advance `state` by one token, in place; arguments as `selective_state_update` (validated).
 
     Args:
-        state: (b, d, n) float32 / float64 (complex for complex A).
+        state: (b, d, n) float32 / float64 (complex for complex A; bf16 / fp16: updated in float32, returned
+            as a new float32 tensor that the public op rounds into `state`).
         x, dt, z: (b, d).   A: (d, n).   B, C: (b, g, n).   D, dt_bias: (d,).
     Returns:
         y (b, d) in x's dtype, and the new state: `state` itself, updated in place, unless `state` is
@@ -59,11 +60,13 @@ def selective_state_update_torch(
         decay = torch.exp(dt_[:, :, None] * A.to(cplx))  # (b, d, n)
     else:
         decay = torch.mul(dt_[:, :, None], as_dtype(A, real)).mul_(LOG2E).exp2_()  # (b, d, n); exp2: see torch_scan.py
-    in_place = (state.is_complex() or not is_complex) and state.is_contiguous()  # the views below need contiguity
+    low = state.dtype in (torch.bfloat16, torch.float16)  # updated in `real`, rounded back by the public op
+    in_place = (state.is_complex() or not is_complex) and state.is_contiguous() and not low  # the views need it
     if in_place:
         h = state
     else:
-        h = state.to(decay.dtype if is_complex else state.dtype, memory_format=torch.contiguous_format, copy=True)
+        h = state.to(decay.dtype if is_complex else real if low else state.dtype, memory_format=torch.contiguous_format,
+                     copy=True)
     work = h.dtype  # B and C join the state's dtype (real, or complex when the state is)
     h.mul_(decay)
     # channel d reads group d // e: the (b, g, e, n) view of h broadcasts B, C over e

@@ -134,7 +134,8 @@ def selective_state_update_triton(
     """One step of the selective scan on the Triton kernel; `state` is updated in place and returned.
 
     Args:
-        state: (batch, dim, dstate) float32 (float64 runs the step in float64).
+        state: (batch, dim, dstate) float32 (float64 runs the step in float64; bf16 / fp16 are read into float32
+            and rounded back when stored).
         x, dt, z: (batch, dim).   A: (dim, dstate) real.   B, C: (batch, ngroups, dstate).
         D, dt_bias: (dim,).
         dt_proj_weight: (dim, rank): dt is then (batch, rank) and the kernel uses dt @ dt_proj_weight^T.
