@@ -281,7 +281,7 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
            tests/ops/test_rms_norm.py -q -p no:cacheprovider -k "pdl or decode or step or update or rows or linear or gpu" \
            ${PDL_TEST_FLAGS:-}
          run pdl-ab 300 python3 benchmarks/gpu_inference.py --out-dir $OUT/pdl --skip-sweep --pdl-ab --models mamba1 mamba2 \
-           --ab-batches ${PDL_BATCHES:-16 64}
+           --ab-batches ${PDL_BATCHES:-1 16 64}
          run pdl-ab-rows 200 python3 benchmarks/gpu_inference.py --out-dir $OUT/pdl-rows --skip-sweep --skip-checks --pdl-ab \
            --models mamba1 --ab-batches 64 --rows-matmul-max-rows 128;;
     inference) run inference 330 python3 benchmarks/gpu_inference.py ${INFERENCE_FLAGS:---out-dir $OUT};;

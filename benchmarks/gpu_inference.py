@@ -397,16 +397,17 @@ def bench_batch(models: dict, names: list[str], s: Shapes, device, graphs: bool)
 
 
 def bench_pdl_ab(models: dict, names: list[str], s: Shapes, device, graphs: bool, batches: list[int]) -> list[dict]:
-    """Sections 1 and 2 (at each batch of `batches`) with PDL off, then on, twice: CUDA graphs are captured inside
-    each setting, so the replayed steps launch as it says."""
+    """Section 1 (when `batches` holds 1) and section 2 at each larger batch of `batches`, with PDL off, then on,
+    twice: CUDA graphs are captured inside each setting, so the replayed steps launch as it says."""
     rows = []
     for rep in range(2):
         for on in (False, True):
             print(f"\n# PDL {'on' if on else 'off'}, round {rep + 1}")
             with pdl_mode(on):
-                for r in bench_latency(models, names, s, device, graphs):
-                    rows.append({"pdl": on, "round": rep + 1, "batch": 1, **r})
-                for b in batches:
+                if 1 in batches:
+                    for r in bench_latency(models, names, s, device, graphs):
+                        rows.append({"pdl": on, "round": rep + 1, "batch": 1, **r})
+                for b in (b for b in batches if b > 1):
                     for r in bench_batch(models, names, replace(s, batch_tp=b), device, graphs):
                         rows.append({"pdl": on, "round": rep + 1, **r})
     print("\n## PDL off / on (each round's figure; decode ms/step from the replayed graph)\n")
@@ -603,8 +604,8 @@ def main() -> int:
     parser.add_argument("--pdl-ab", action="store_true",
                         help="after the checks, instead of the sections: batch-1 latency and the throughput at each --ab-batches batch "
                              "with programmatic dependent launch off, then on, twice (ops.common.pdl_mode)")
-    parser.add_argument("--ab-batches", type=int, nargs="+", default=[16, 64], metavar="B",
-                        help="throughput batches of --pdl-ab (default 16 64)")
+    parser.add_argument("--ab-batches", type=int, nargs="+", default=[1, 16, 64], metavar="B",
+                        help="batches of --pdl-ab (default 1 16 64; 1: section 1's latency, eager and graphed)")
     args = parser.parse_args()
     if args.mamba1_step_max_batch is not None:
         from mambakit.modules import fusion
