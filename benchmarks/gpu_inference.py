@@ -602,7 +602,7 @@ def main() -> int:
                         help="Mamba-1 decode steps of 9 to N rows run ops.mamba1_step (default: the library's, "
                              "modules.fusion.MAMBA1_STEP_MAX_BATCH; 8 turns it off)")
     parser.add_argument("--pdl-ab", action="store_true",
-                        help="after the checks, instead of the sections: batch-1 latency and the throughput at each --ab-batches batch "
+                        help="after the checks, instead of the sections: the latency and throughput of --ab-batches "
                              "with programmatic dependent launch off, then on, twice (ops.common.pdl_mode)")
     parser.add_argument("--ab-batches", type=int, nargs="+", default=[1, 16, 64], metavar="B",
                         help="batches of --pdl-ab (default 1 16 64; 1: section 1's latency, eager and graphed)")
