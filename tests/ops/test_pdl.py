@@ -55,6 +55,27 @@ def test_the_environment_turns_pdl_off():
         assert out.stdout.strip() == expect
 
 
+@pytest.mark.parametrize("rows, many, pdl", [(40, 0, False), (40, 128, True), (2, 0, True)],
+                         ids=["op-by-op-between-gemms", "many-rows-kernel", "few-rows"])
+def test_mamba1_steps_op_by_op_between_gemms_without_pdl(rows, many, pdl, monkeypatch):
+    """Past mamba1_step's rows Mamba-1's step alternates cuBLAS GEMMs with its kernels: no kernel follows a PDL one,
+    and PDL made that step 1.8% slower (H100, BENCHMARKS.md), so it runs inside pdl_mode(False); with the many-rows
+    projection kernel (every kernel ours) and at few rows it keeps the caller's setting."""
+    from mambakit.modules import mamba1 as mamba1_module
+
+    monkeypatch.setattr(rows_policy, "ROWS_MATMUL_MAX_ROWS", many)
+    seen = []
+    real = mamba1_module.causal_conv1d_update
+    monkeypatch.setattr(mamba1_module, "causal_conv1d_update",
+                        lambda *a, **k: seen.append(common._PDL.get()) or real(*a, **k))
+    model = MambaLM(MambaConfig(d_model=32, n_layer=1, vocab_size=64, ssm_cfg={"layer": "Mamba1"})).eval()
+    mixer = model.backbone.layers[0].mixer
+    cache = mixer.allocate_state(rows)
+    with torch.inference_mode(), pdl_mode(True):
+        mixer.step(torch.randn(rows, 1, 32), cache)
+    assert seen == [pdl]
+
+
 @pytest.mark.slow
 def test_decode_kernels_read_only_weights_before_their_wait():
     """Every decode kernel compiled for sm_90 with PDL on: one wait, the release after it, no store before it,

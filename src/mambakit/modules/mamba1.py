@@ -274,8 +274,7 @@ class Mamba1(nn.Module):
         many = (self.fused_step and many_rows_step_allowed(hidden_states) and self._plain_ssm_params()
                 and reads_as_plain(self.in_proj, nn.Linear) and reads_as_plain(self.out_proj, nn.Linear)
                 and hidden_states.dtype == self.in_proj.weight.dtype == self.out_proj.weight.dtype)
-        if (not many and hidden_states.shape[0] > fusion.FUSED_STEP_MAX_BATCH and hidden_states.is_cuda
-                and not torch.compiler.is_compiling()):
+        if not many and hidden_states.shape[0] > fusion.FUSED_STEP_MAX_BATCH and not torch.compiler.is_compiling():
             # cuBLAS GEMMs between every two of this step's kernels: none follows a PDL kernel, and PDL made the
             # 130M step 1.8% slower at batch 64 (H100, session 39, BENCHMARKS.md): launched the plain way here
             with pdl_mode(False):
