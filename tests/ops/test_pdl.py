@@ -76,6 +76,28 @@ def test_mamba1_steps_op_by_op_between_gemms_without_pdl(rows, many, pdl, monkey
     assert seen == [pdl]
 
 
+def test_a_weight_copied_right_before_its_kernel_launches_it_without_pdl(monkeypatch):
+    """The few-rows projection and the block norm read their weights before the wait: a weight the launcher had to
+    copy (not contiguous) was written by the kernel right before, so those launches go without PDL."""
+    from mambakit.ops import triton_launch
+    from mambakit.ops.norm_linear import triton_gemv
+    from mambakit.ops.rms_norm import triton_norm
+
+    seen = []
+    monkeypatch.setattr(triton_launch.FastLaunchKernel, "launch",
+                        lambda self, grid, args, kwargs: seen.append((self.fn.__name__, kwargs["launch_pdl"])))
+    monkeypatch.setattr(triton_gemv, "pdl_launch", lambda device: True)
+    monkeypatch.setattr(triton_norm, "pdl_launch", lambda device: True)
+    x, w = torch.randn(2, 64), torch.randn(64, 32).t()  # w (32, 64) with strides (1, 32)
+    triton_gemv.linear_rows_triton(x, w.contiguous())
+    triton_gemv.linear_rows_triton(x, w)
+    norm_w = torch.randn(128)
+    for weight in (norm_w[:64], norm_w[::2]):
+        triton_norm._add_rms_norm_impl(x, None, weight, 1e-5, torch.float32, torch.float32, False)
+    assert seen == [("_norm_gemv_kernel", True), ("_norm_gemv_kernel", False),
+                    ("_add_rms_norm_fwd_kernel", True), ("_add_rms_norm_fwd_kernel", False)]
+
+
 @pytest.mark.slow
 def test_decode_kernels_read_only_weights_before_their_wait():
     """Every decode kernel compiled for sm_90 with PDL on: one wait, the release after it, no store before it,

@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import pdl_launch
 from ..dispatch import triton_interpret
 from ..norm_linear.triton_parts import _conv_epilogue
-from ..common import pdl_launch
 from ..norm_linear.triton_rows_matmul import prefetch_lines, rows_tile_matmul
 from ..selective_scan.triton_step import selective_state_update_triton
 from ..ssd.triton_common import mm, op_dtype, to_dtype

@@ -124,14 +124,17 @@ def gemv_tiles(batch: int, N: int, K: int, groups: int = 1) -> tuple[int, int] |
 
 def launch_gemv(x, weight, out, tiles, *, norm=False, residual=None, z=None, norm_weight=None, bias=None,
                 s=None, eps=1e-5, group=1, ng=1, norm_before_gate=False, sum_dtype=None, conv_state=None,
-                conv_weight=None, conv_bias=None, conv_start=0) -> None:
-    """Launch the few-rows kernel; tensors as `norm_linear_triton` prepares them (row-contiguous, out allocated)."""
+                conv_weight=None, conv_bias=None, conv_start=0, pdl_ok: bool = True) -> None:
+    """Launch the few-rows kernel; tensors as `norm_linear_triton` prepares them (row-contiguous, out allocated).
+
+    pdl_ok False: the caller just copied a weight (a non-contiguous one made contiguous), so the kernel before this
+    one writes it; with PDL the kernel reads its weights before waiting for that kernel, so it launches without."""
     batch, K = x.shape
     N = weight.shape[0]
     gated = z is not None
     conv = conv_state is not None
     dummy = out
-    pdl = pdl_launch(x.device)
+    pdl = pdl_ok and pdl_launch(x.device)
     _norm_gemv_kernel[(cdiv(N, tiles[0]),)](
         x, residual if residual is not None else dummy, z if gated else dummy,
         norm_weight if norm_weight is not None else dummy, weight, bias if bias is not None else dummy, out,
@@ -169,7 +172,8 @@ def linear_rows_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if tiles is None or not 0 < x.shape[0] <= PLAIN_MAX_ROWS:
         return torch.nn.functional.linear(x, weight, bias)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    as_given = weight.stride(-1) == 1
+    weight = weight if as_given else weight.contiguous()
     out = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=weight.dtype)
-    launch_gemv(x, weight, out, tiles, bias=bias)
+    launch_gemv(x, weight, out, tiles, bias=bias, pdl_ok=as_given)
     return out

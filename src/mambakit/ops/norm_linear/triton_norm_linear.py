@@ -164,6 +164,7 @@ def norm_linear_triton(
     gated = z is not None
     acc = tl_compute_dtype(torch.promote_types(x.dtype, weight.dtype))
     x = x if x.stride(-1) == 1 else x.contiguous()
+    weights_as_given = weight.stride(-1) == 1 and norm_weight.is_contiguous()  # no copy right before the kernel
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     out = torch.empty(batch, N, device=x.device, dtype=weight.dtype)
     s = None
@@ -183,7 +184,7 @@ def norm_linear_triton(
         launch_gemv(x, weight, out, few_rows, norm=True, residual=residual, z=z, norm_weight=norm_weight.contiguous(),
                     bias=bias, s=s, eps=eps, group=group, ng=ng, norm_before_gate=norm_before_gate,
                     sum_dtype=sum_dtype, conv_state=conv_state, conv_weight=conv_weight, conv_bias=conv_bias,
-                    conv_start=conv_start)
+                    conv_start=conv_start, pdl_ok=weights_as_given)
         return out, s
     block_b, block_n, block_k, use_dot = _tiles(batch, N, K)
     if ng > 1:

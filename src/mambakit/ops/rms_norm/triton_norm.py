@@ -347,7 +347,9 @@ def _add_rms_norm_impl(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.
     s2 = torch.empty(n_rows, hidden, dtype=s_dtype, device=x2.device)
     rstd = torch.empty(n_rows if keep_rstd else 0, dtype=acc, device=x2.device)
     block_r, block_h, num_warps = _tile(hidden, 4096)
-    pdl = not keep_rstd and pdl_launch(x2.device)  # inference (decode steps): overlap the previous kernel's end
+    # inference (decode steps): overlap the previous kernel's end; not for a weight copied right before (the kernel
+    # reads it before waiting for the previous kernel)
+    pdl = not keep_rstd and weight.is_contiguous() and pdl_launch(x2.device)
     _add_rms_norm_fwd_kernel[(cdiv(n_rows, block_r),)](
         x2, r2 if r2 is not None else x2, weight.contiguous(), y2, s2, rstd if keep_rstd else s2,
         n_rows, hidden, float(eps),
