@@ -25,10 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import pdl_launch
 from ..dispatch import triton_interpret
 from ..ssd.triton_common import to_dtype
 from ..triton_launch import cdiv, fast_launch, next_power_of_2
-from ..common import pdl_launch
 from ..triton_math import pdl_enter, tl_compute_dtype, tl_dtype
 from .triton_parts import _conv_epilogue, _prologue
 from .rows_policy import takes_rows_matmul

@@ -17,10 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import pdl_launch
 from ..dispatch import triton_interpret
 from ..ssd.triton_common import mm, op_dtype, to_dtype
 from ..triton_launch import cdiv, fast_launch, next_power_of_2
-from ..common import pdl_launch
 from ..triton_math import pdl_enter, prefetch_rows_l2, tl_dtype
 
 __all__ = ["rows_matmul_tiles", "rows_matmul", "prefetch_lines"]
