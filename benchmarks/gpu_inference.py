@@ -410,8 +410,8 @@ def bench_pdl_ab(models: dict, names: list[str], s: Shapes, device, graphs: bool
                 for b in (b for b in batches if b > 1):
                     for r in bench_batch(models, names, replace(s, batch_tp=b), device, graphs):
                         rows.append({"pdl": on, "round": rep + 1, **r})
-    print("\n## PDL off / on (each round's figure; decode ms/step from the replayed graph)\n")
-    print("| model | batch | CUDA graph | off round 1 | on round 1 | off round 2 | on round 2 | on / off (means) |")  # ms
+    print("\n## PDL off / on: ms per token (batch 1, section 1) or per replayed decode step (section 2), each round\n")
+    print("| model | batch | CUDA graph | off round 1 | on round 1 | off round 2 | on round 2 | on / off (means) |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:  # batch 1: ms per token of section 1; larger batches: the replayed step of section 2
         r["ab_ms"] = r["ms_per_token"] if "ms_per_token" in r else r["decode_ms_per_step"]
