@@ -276,7 +276,8 @@ with open('/tmp/chats.jsonl', 'w') as f: [f.write(json.dumps(x) + '\n') for x in
     # (PDL on, the default), graphed decoding off / on alternated (gpu_inference.py --pdl-ab: batch 1 and
     # PDL_BATCHES, after its self-checks with PDL on), then Mamba-1 at batch 64 with the many-rows projection kernel
     # (every kernel of its step then launches with PDL)
-    pdl) run pdl-tests 420 python3 -m pytest tests/ops/test_pdl.py tests/test_decode_step.py tests/ops/test_mamba1_step.py \
+    # (-n 8: one process compiles the 195 tests' kernels in more than the 420 s, as session 39's call showed)
+    pdl) run pdl-tests 420 python3 -m pytest -n 8 tests/ops/test_pdl.py tests/test_decode_step.py tests/ops/test_mamba1_step.py \
            tests/ops/test_selective_scan_triton.py tests/ops/test_ssd_triton.py tests/ops/test_causal_conv1d.py \
            tests/ops/test_rms_norm.py -q -p no:cacheprovider -k "pdl or decode or step or update or rows or linear or gpu" \
            ${PDL_TEST_FLAGS:-}

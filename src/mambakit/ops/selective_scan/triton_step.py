@@ -24,10 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import pdl_launch
 from ..dispatch import triton_interpret
 from ..ssd.triton_common import to_dtype
 from ..triton_launch import cdiv, fast_launch, next_power_of_2
-from ..common import pdl_launch
 from ..triton_math import LOG2E, dt_softplus_sigmoid, pdl_enter, tl_compute_dtype, tl_dtype
 
 __all__ = ["selective_state_update_triton"]

@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import pdl_launch
 from ..dispatch import triton_interpret
 from ..triton_launch import cdiv, fast_launch, next_power_of_2
-from ..common import pdl_launch
 from ..triton_math import dt_transform, pdl_enter, silu
 from .triton_common import to_dtype
 
