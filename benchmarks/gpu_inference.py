@@ -601,6 +601,9 @@ def main() -> int:
     parser.add_argument("--mamba1-step-max-batch", type=int, default=None, metavar="N",
                         help="Mamba-1 decode steps of 9 to N rows run ops.mamba1_step (default: the library's, "
                              "modules.fusion.MAMBA1_STEP_MAX_BATCH; 8 turns it off)")
+    parser.add_argument("--fused-step-max-batch", type=int, default=None, metavar="N",
+                        help="decode steps of up to N rows take the block's fused step (norm + in_proj + conv in one "
+                             "kernel, the tiled one past 8 rows; default: modules.fusion.FUSED_STEP_MAX_BATCH)")
     parser.add_argument("--pdl-ab", action="store_true",
                         help="after the checks, instead of the sections: the latency and throughput of --ab-batches "
                              "with programmatic dependent launch off, then on, twice (ops.common.pdl_mode)")
@@ -612,6 +615,11 @@ def main() -> int:
 
         fusion.MAMBA1_STEP_MAX_BATCH = args.mamba1_step_max_batch
         print(f"Mamba-1 decode steps of 9 to {args.mamba1_step_max_batch} rows run ops.mamba1_step")
+    if args.fused_step_max_batch is not None:
+        from mambakit.modules import fusion
+
+        fusion.FUSED_STEP_MAX_BATCH = args.fused_step_max_batch
+        print(f"decode steps of up to {args.fused_step_max_batch} rows take the fused step")
     if args.rows_matmul_max_rows is not None:
         from mambakit.ops.norm_linear import rows_policy
 

@@ -14,6 +14,7 @@ import torch
 
 from mambakit import MambaConfig, MambaLM
 from mambakit.generation import generate
+from mambakit.modules import fusion
 from mambakit.ops import common
 from mambakit.ops.common import pdl_launch, pdl_mode
 from mambakit.ops.norm_linear import rows_policy
@@ -107,21 +108,25 @@ def test_decode_kernels_read_only_weights_before_their_wait():
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "_kernel" in line]
     kernels = {line.split("|")[2].strip() for line in rows}
     assert kernels == {"_norm_gemv_kernel", "_state_update_kernel", "_in_proj_conv_kernel", "_add_rms_norm_fwd_kernel",
-                       "_rows_matmul_kernel", "_causal_conv1d_update_kernel", "_ssd_step_kernel"}, out.stdout
+                       "_rows_matmul_kernel", "_causal_conv1d_update_kernel", "_ssd_step_kernel",
+                       "_norm_linear_kernel"}, out.stdout
     assert all(line.rstrip(" |").endswith("ok") for line in rows), out.stdout
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layer, batch, rows_matmul", [
-    pytest.param("Mamba1", 1, 0, id="mamba1-batch1"),        # the fused step
-    pytest.param("Mamba1", 16, 0, id="mamba1-batch16"),      # ops.mamba1_step
-    pytest.param("Mamba1", 64, 0, id="mamba1-batch64"),      # op by op between cuBLAS GEMMs: PDL off inside
-    pytest.param("Mamba1", 64, 128, id="mamba1-batch64-rows"),  # op by op, the many-rows projection kernel
-    pytest.param("Mamba2", 1, 0, id="mamba2-batch1"),
-    pytest.param("Mamba2", 64, 0, id="mamba2-batch64"),
+@pytest.mark.parametrize("layer, batch, rows_matmul, fused_rows", [
+    pytest.param("Mamba1", 1, 0, 8, id="mamba1-batch1"),        # the fused step
+    pytest.param("Mamba1", 16, 0, 8, id="mamba1-batch16"),      # ops.mamba1_step
+    pytest.param("Mamba1", 64, 0, 8, id="mamba1-batch64"),      # op by op between cuBLAS GEMMs: PDL off inside
+    pytest.param("Mamba1", 64, 128, 8, id="mamba1-batch64-rows"),  # op by op, the many-rows projection kernel
+    pytest.param("Mamba1", 64, 128, 64, id="mamba1-batch64-fused"),  # the fused step: the tiled norm kernel
+    pytest.param("Mamba2", 1, 0, 8, id="mamba2-batch1"),
+    pytest.param("Mamba2", 64, 0, 8, id="mamba2-batch64"),
+    pytest.param("Mamba2", 64, 128, 64, id="mamba2-batch64-fused"),
 ])
-def test_gpu_graphed_decoding_with_pdl_equals_without(layer, batch, rows_matmul, monkeypatch):
+def test_gpu_graphed_decoding_with_pdl_equals_without(layer, batch, rows_matmul, fused_rows, monkeypatch):
     monkeypatch.setattr(rows_policy, "ROWS_MATMUL_MAX_ROWS", rows_matmul)
+    monkeypatch.setattr(fusion, "FUSED_STEP_MAX_BATCH", fused_rows)
     assert pdl_launch(torch.device("cuda")) == (torch.cuda.get_device_capability() >= (9, 0))
     model = MambaLM(MambaConfig(d_model=256, n_layer=4, vocab_size=512, ssm_cfg={"layer": layer}))
     model = model.to("cuda", torch.bfloat16).eval()
