@@ -41,7 +41,7 @@ from ssd_sass import compile_launch  # noqa: E402  (benchmarks/)
 # kernel -> what it may read before its wait: "loads" (its weights into registers), "prefetch" (its weights
 # into the L2 only), "none"
 EARLY = {"_norm_gemv_kernel": "loads", "_add_rms_norm_fwd_kernel": "loads", "_rows_matmul_kernel": "prefetch",
-         "_in_proj_conv_kernel": "prefetch", "_norm_linear_kernel": "prefetch", "_state_update_kernel": "none", "_ssd_step_kernel": "none",
+         "_in_proj_conv_kernel": "prefetch", "_state_update_kernel": "none", "_ssd_step_kernel": "none",
          "_causal_conv1d_update_kernel": "none"}
 
 
@@ -82,12 +82,6 @@ def record_decode_launches(dtype: torch.dtype = torch.bfloat16) -> list[tuple[st
                            False)
         case[0] = "batch 64: in_proj (many-rows kernel)"
         rows_matmul(t(64, d_model), t(2 * d_inner, d_model))
-        case[0] = "mamba1 batch 64, fused step: add + norm + in_proj + conv (tiled kernel)"
-        norm_linear_triton(t(64, d_model), t(2 * d_inner, d_model), t(d_model),
-                           residual=t(64, d_model, dt=torch.float32), residual_dtype=torch.float32,
-                           conv_state=t(64, d_inner, width - 1), conv_weight=t(d_inner, width), conv_bias=t(d_inner))
-        case[0] = "mamba2 batch 64, fused step: gated norm + out_proj (tiled kernel)"
-        norm_linear_triton(t(64, d_inner), t(d_model, d_inner), t(d_inner), z=t(64, d_inner))
         case[0] = "batch 64: conv update"
         _causal_conv1d_update(t(64, d_inner, width - 1), t(64, d_inner), t(d_inner, width), t(d_inner), True)
         case[0] = "mamba2 batch 1: state update"

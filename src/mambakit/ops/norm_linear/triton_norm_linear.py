@@ -17,8 +17,9 @@ activation in the weight's dtype, the projection's output in its dtype before th
 
 Up to 8 rows (the fused decode step's batches) with K <= 8192, `norm_linear_triton` launches the few-rows kernel
 of `triton_gemv.py` instead (one load of the weights, one pass over each row): this tiled kernel serves the
-larger batches (tensor cores from 16 rows) and the wider rows. On sm_90+ it launches with programmatic dependent
-launch (`ops.common.pdl_launch`): each program asks the L2 for its weight rows, then waits for the kernel before.
+larger batches (tensor cores from 16 rows) and the wider rows. It launches without programmatic dependent launch:
+with PDL in it (weights asked of the L2, then the wait) and in every other kernel of that step, Mamba-1's fused step
+at 64 rows ran 14% slower than with PDL off (H100, session 40, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -30,11 +31,9 @@ import triton.language as tl
 from ..dispatch import triton_interpret
 from ..ssd.triton_common import to_dtype
 from ..triton_launch import cdiv, fast_launch, next_power_of_2
-from ..common import pdl_launch
-from ..triton_math import pdl_enter, prefetch_rows_l2, tl_compute_dtype, tl_dtype
+from ..triton_math import tl_compute_dtype, tl_dtype
 from .triton_gemv import gemv_tiles, launch_gemv
 from .triton_parts import _conv_epilogue, _prologue
-from .triton_rows_matmul import prefetch_lines
 
 __all__ = ["norm_linear_triton"]
 
@@ -49,7 +48,7 @@ def _norm_linear_kernel(
     CONV: tl.constexpr, CONV_BIAS: tl.constexpr, WIDTH: tl.constexpr, NG: tl.constexpr,
     SUM_DT: tl.constexpr, NW_DT: tl.constexpr, OUT_DT: tl.constexpr, ACC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-    EMULATE: tl.constexpr, PDL: tl.constexpr = False, LINES: tl.constexpr = 1, LINE: tl.constexpr = 64,
+    EMULATE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -58,9 +57,6 @@ def _norm_linear_kernel(
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     gi = tl.arange(0, NG)
-    if PDL:  # the program's weight rows asked of the L2 while the previous kernel finishes; then wait for it
-        prefetch_rows_l2(w_ptr, n, n_ok, s_wn, K, LINES, LINE)
-    pdl_enter(PDL)
 
     # pass 1: sums of squares per row and norm group
     ss = tl.zeros((BLOCK_B, NG), dtype=ACC)
@@ -197,8 +193,6 @@ def norm_linear_triton(
         block_k = min(block_k, 32)  # the one-hot group tiles are (BLOCK_B, BLOCK_K, NG)
     dummy = out
     grid = (cdiv(N, block_n), cdiv(batch, block_b))
-    pdl = pdl_launch(x.device)  # only the L2 is asked for weights before the wait: a weight copy before is harmless
-    lines, line = prefetch_lines(K, weight.dtype)
     _norm_linear_kernel[grid](
         x, residual if residual is not None else dummy, z if gated else dummy, norm_weight.contiguous(), weight,
         bias if bias is not None else dummy, out, s if s is not None else dummy,
@@ -212,7 +206,6 @@ def norm_linear_triton(
         CONV=conv, CONV_BIAS=conv and conv_bias is not None, WIDTH=conv_weight.shape[1] if conv else 2, NG=ng,
         SUM_DT=tl_dtype(sum_dtype), NW_DT=tl_dtype(norm_weight.dtype), OUT_DT=tl_dtype(weight.dtype), ACC=acc,
         BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot, EMULATE=triton_interpret(),
-        PDL=pdl, LINES=lines, LINE=line, launch_pdl=pdl,
         num_warps=8 if use_dot else 4,  # the tensor-core tiles with the conv epilogue: ~250 registers at 4 warps
     )
     return out, s
