@@ -52,6 +52,7 @@ from transformer_baseline import TransformerConfig, TransformerDecoder, Transfor
 
 from mambakit import MambaConfig, MambaLM  # noqa: E402
 from mambakit.generation import CUDAGraphDecoder, allocate_cache, decode_one_token, generate, prefill  # noqa: E402
+from mambakit.modules import fusion  # noqa: E402
 from mambakit.ops import pdl_mode  # noqa: E402
 
 from mambakit.bench.decode_kernels import count_decode_kernels, format_decode_kernels, profile_decode_kernels  # noqa: E402
@@ -611,13 +612,9 @@ def main() -> int:
                         help="batches of --pdl-ab (default 1 16 64; 1: section 1's latency, eager and graphed)")
     args = parser.parse_args()
     if args.mamba1_step_max_batch is not None:
-        from mambakit.modules import fusion
-
         fusion.MAMBA1_STEP_MAX_BATCH = args.mamba1_step_max_batch
         print(f"Mamba-1 decode steps of 9 to {args.mamba1_step_max_batch} rows run ops.mamba1_step")
     if args.fused_step_max_batch is not None:
-        from mambakit.modules import fusion
-
         fusion.FUSED_STEP_MAX_BATCH = args.fused_step_max_batch
         print(f"decode steps of up to {args.fused_step_max_batch} rows take the fused step")
     if args.rows_matmul_max_rows is not None:
