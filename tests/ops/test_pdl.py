@@ -114,18 +114,19 @@ def test_decode_kernels_read_only_weights_before_their_wait():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layer, batch, rows_matmul, fused_rows", [
-    pytest.param("Mamba1", 1, 0, 8, id="mamba1-batch1"),        # the fused step
-    pytest.param("Mamba1", 16, 0, 8, id="mamba1-batch16"),      # ops.mamba1_step
-    pytest.param("Mamba1", 64, 0, 8, id="mamba1-batch64"),      # op by op between cuBLAS GEMMs: PDL off inside
-    pytest.param("Mamba1", 64, 128, 8, id="mamba1-batch64-rows"),  # op by op, the many-rows projection kernel
+    pytest.param("Mamba1", 1, 0, None, id="mamba1-batch1"),     # the fused step
+    pytest.param("Mamba1", 16, 0, None, id="mamba1-batch16"),   # ops.mamba1_step
+    pytest.param("Mamba1", 64, 0, None, id="mamba1-batch64"),   # op by op between cuBLAS GEMMs: PDL off inside
+    pytest.param("Mamba1", 64, 128, None, id="mamba1-batch64-rows"),  # op by op, the many-rows projection kernel
     pytest.param("Mamba1", 64, 128, 64, id="mamba1-batch64-fused"),  # the fused step: the tiled norm kernel (no PDL)
-    pytest.param("Mamba2", 1, 0, 8, id="mamba2-batch1"),
-    pytest.param("Mamba2", 64, 0, 8, id="mamba2-batch64"),
+    pytest.param("Mamba2", 1, 0, None, id="mamba2-batch1"),
+    pytest.param("Mamba2", 64, 0, None, id="mamba2-batch64"),
     pytest.param("Mamba2", 64, 128, 64, id="mamba2-batch64-fused"),
 ])
 def test_gpu_graphed_decoding_with_pdl_equals_without(layer, batch, rows_matmul, fused_rows, monkeypatch):
     monkeypatch.setattr(rows_policy, "ROWS_MATMUL_MAX_ROWS", rows_matmul)
-    monkeypatch.setattr(fusion, "FUSED_STEP_MAX_BATCH", fused_rows)
+    if fused_rows is not None:  # None: the library's FUSED_STEP_MAX_BATCH
+        monkeypatch.setattr(fusion, "FUSED_STEP_MAX_BATCH", fused_rows)
     assert pdl_launch(torch.device("cuda")) == (torch.cuda.get_device_capability() >= (9, 0))
     model = MambaLM(MambaConfig(d_model=256, n_layer=4, vocab_size=512, ssm_cfg={"layer": layer}))
     model = model.to("cuda", torch.bfloat16).eval()
