@@ -34,7 +34,8 @@ from triton.testing import do_bench
 from mambakit.bench.timing import kernel_times
 from mambakit.ops import selective_scan
 from mambakit.ops.selective_scan.reference import selective_scan_reference
-from mambakit.ops.selective_scan.scan_policy import BWD_VARIANTS, bwd_variant_config, default_bwd_time_segments
+from mambakit.ops.selective_scan.scan_policy import (BWD_VARIANTS, bwd_variant_config, chunked_bwd_time_segments,
+                                                     default_bwd_time_segments)
 from mambakit.ops.selective_scan.triton_scan import ScanConfig, default_time_segments, selective_scan_triton
 
 import scan_inputs  # benchmarks/: the inputs the other scan scripts share
@@ -388,11 +389,13 @@ def bwd_variants_report(args) -> int:
             t_fb, peak = time_fwd_bwd(inp, cfg)
             prof = kernel_profile(inp, cfg)
             us = {k: sum(u for n, u, _ in prof if n.startswith(k)) for k in ("scan_bwd_kernel", "scan_bwd_carry",
-                                                                             "scan_fwd")}
+                                                                             "scan_fwd", "scan_bwd_chunked")}
+            us["scan_bwd_kernel"] += us.pop("scan_bwd_chunked")  # the backward kernel, whichever variant
             base_ms = base_ms or t_fb
             m = MAMBA_SSM_H200_FWD_BWD.get(seqlen) if (batch, dim, args.dstate) == (2, 4096, 16) else None
             vs = f"{t_fb / m:.2f}x" if m else "-"
-            nseg = default_bwd_time_segments(batch, seqlen, dim, args.dstate, config=cfg, device=DEVICE)
+            nseg = (chunked_bwd_time_segments(batch, seqlen, dim, 1, cfg, DEVICE) if cfg.bwd_chunked else
+                    default_bwd_time_segments(batch, seqlen, dim, args.dstate, config=cfg, device=DEVICE))
             print(f"| {batch} x {seqlen} x {dim} | {name} | {nseg} | {t_fb:.3f} | {t_fb / base_ms:.2f}x | {vs} | "
                   f"{us['scan_bwd_kernel']:.0f} | {us['scan_bwd_carry']:.0f} | {us['scan_fwd']:.0f} | {peak:.2f} | "
                   f"{worst[1]:.1e} ({worst[0]}){'  FAILED' if bad else ''} |", flush=True)

@@ -9,6 +9,7 @@ step and per state element (warp-instructions / (NL * NH * BD) per warp-step).
 
     python benchmarks/scan_bwd_sass.py                        # the variants of --bwd-variants
     python benchmarks/scan_bwd_sass.py --dump wide16 > w.sass # one variant's SASS
+    python benchmarks/scan_bwd_sass.py --chunked              # the chunked backward at three tiles
 
 Static counts are not timings: they say where instructions go, not how fast it runs. Session 32 cut v1 from 93.2 to
 66.0 per state element (a per-(step, channel) stash loop before pass A, a 128-register cap) and the H100 then timed
@@ -112,6 +113,33 @@ def compile_sm90(fn, const: dict, ptr_type, undivisible: set[str], num_warps: in
                           options={"num_warps": num_warps, **({} if maxnreg is None else {"maxnreg": maxnreg})})
 
 
+def compile_chunked(bd: int, interval: int, warps: int, dstate: int = 16):
+    """Compile `scan_bwd_chunked_kernel` (the "chunked" variant) for sm_90 at the benchmark's specialisation with a
+    (interval, bd) tile over `warps` warps."""
+    from mambakit.ops.selective_scan.triton_scan_bwd_chunked import scan_bwd_chunked_kernel
+
+    fn = scan_bwd_chunked_kernel.fn if hasattr(scan_bwd_chunked_kernel, "fn") else scan_bwd_chunked_kernel
+    const = dict(NREP=4, CHUNK=interval, BD=bd, DSTATE=dstate, ACC=tl.float32, HAS_D=True, HAS_Z=True, HAS_BIAS=True,
+                 SOFTPLUS=True, HAS_SEQ=False, HAS_DHLAST=False, WANT_DH0=False, LIBDEVICE=True, I64=False,
+                 SEGMENTED=True, DZ_AT=0)
+    ptr_type = lambda a: "*i32" if a in PTRS_I32 else "*bf16" if a in PTRS_BF16 else "*fp32"  # noqa: E731
+    return compile_sm90(fn, const, ptr_type, {"seqlen", "nchunks", "nseg", "cin_n", "cin_k", "seg_len", "s_Ad", "s_st"},
+                        warps)
+
+
+def opcode_counts(k) -> dict[str, int]:
+    """Every SASS instruction of the cubin by opcode (cuobjdump: `.asm["sass"]` stops at 4,096 instructions)."""
+    tool = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    counts: dict[str, int] = {}
+    for op in re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)[.\s]", out):
+        counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
 def resources(k) -> tuple[int, int]:
     """(registers per thread, stack bytes: spills) from the cubin."""
     tool = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "cuobjdump")
@@ -154,7 +182,25 @@ def main() -> int:
     ap.add_argument("--specialisations", action="store_true",
                     help="compile the default variant (v1) at other specialisations too (SPECIALISATIONS): registers, "
                          "spills; a kernel that fails to compile for sm_90 fails here, without a GPU")
+    ap.add_argument("--chunked", action="store_true",
+                    help="compile the chunked backward at three tiles: registers, spills, instructions per element")
     args = ap.parse_args()
+    if args.chunked:
+        # one interval of the kernel is its loop body: the whole count over the interval's state elements per thread
+        print("| interval x channels, warps | regs | spill stack B | SASS instr | per state element | "
+              "SHFL / LDS+STS / BAR / MUFU / local per element |")
+        print("|---|---|---|---|---|---|")
+        for bd, interval, warps in ((32, 64, 4), (32, 32, 4), (16, 64, 4)):
+            k = compile_chunked(bd, interval, warps)
+            regs, stack = resources(k)
+            c = opcode_counts(k)
+            n = sum(c.values())
+            elems = interval * bd * 16 / (32 * warps)
+            mix = " / ".join(f"{v / elems:.1f}" for v in (c.get("SHFL", 0), c.get("LDS", 0) + c.get("STS", 0),
+                                                          c.get("BAR", 0), c.get("MUFU", 0),
+                                                          c.get("LDL", 0) + c.get("STL", 0)))
+            print(f"| {interval} x {bd}, {warps} | {regs} | {stack} | {n} | {n / elems:.0f} | {mix} |", flush=True)
+        return 0
     if args.specialisations:
         print("| v1 specialisation | regs | spill stack B |")
         print("|---|---|---|")

@@ -3,7 +3,8 @@
 Shapes (legend): b batch, L seqlen, d dim, g ngroups, n dstate.
 
 Each variant is a ScanConfig (`bwd_variant_config`); the "wide" ones hold 8 or 16 states per thread and move the
-backward's (D, N) tiles one state row at a time (ROWS). Cases use dstate 16 and enough channels for the real
+backward's (D, N) tiles one state row at a time (ROWS); "chunked" holds a (time, channels) tile and scans time in
+parallel inside it (`triton_scan_bwd_chunked.py`). Cases use dstate 16 and enough channels for the real
 tiles (NL x NH x BD = 16 x 1 x 32, 8 x 2 x 16), with short checkpoint intervals so that several intervals,
 micro-blocks, ragged tails and time segments occur at tiny seqlens. Output, final state and every gradient
 (initial state included) are compared, through Triton's interpreter on CPU.
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import pytest
 
-from mambakit.ops.selective_scan.scan_policy import (BWD_VARIANTS, ScanConfig, bwd_variant_config, pick_tiles,
-                                                     variant_params)
+import torch
+
+from mambakit.ops.selective_scan.scan_policy import (BWD_VARIANTS, ScanConfig, bwd_variant_config, chunked_bwd_tiles,
+                                                     chunked_bwd_time_segments, pick_tiles, variant_params)
 from tests.ops.test_selective_scan_triton import GRAD_NAMES_ALL, make_inputs, named, run_reference, run_triton
 from tests.helpers import assert_close, run_sass_script
 
@@ -45,6 +48,18 @@ CASES = [
     # NL 8 x NH 1 (dstate 5 pads to 8), no D / z / bias, 3 time segments
     pytest.param("wide16", dict(L=12, d=32, n=5, full=False), True,
                  dict(checkpoint_interval=4, bwd_time_segments=3), id="wide16-dstate5-plain"),
+    # the chunked backward: (8-step interval, 32-channel) tiles, a ragged last interval (rows past seqlen)
+    pytest.param("chunked", dict(L=19, d=32, n=16), True, dict(checkpoint_interval=8), id="chunked-ragged"),
+    # documents inside and at interval starts (a_t and a_{t+1} cut), ngroups 2, 2 time segments (the entering carry
+    # from the adjoint-only pass), 32 channels in two programs of 16 per group
+    pytest.param("chunked", dict(L=14, d=64, n=16, g=2, seq=((4, 8), (1, 12))), True,
+                 dict(checkpoint_interval=4, bwd_time_segments=2, bwd_channels=16), id="chunked-seq-ngroups2-segments"),
+    # dstate 13 (unrolled exactly, no padding), no softplus, no initial state; dstate 5 without D / z / bias in 3
+    # segments
+    pytest.param("chunked", dict(L=12, d=32, n=13, h0=False), False, dict(checkpoint_interval=4),
+                 id="chunked-dstate13"),
+    pytest.param("chunked", dict(L=12, d=32, n=5, full=False), True, dict(checkpoint_interval=4, bwd_time_segments=3),
+                 id="chunked-dstate5-plain"),
 ]
 
 
@@ -98,3 +113,31 @@ def test_the_default_backward_compiles_for_sm90_without_spills():
     assert len(rows) == 7, out.stdout
     assert all(stack == 0 for _, stack in rows.values()), rows
     assert rows["benchmark"][0] <= 128, rows
+
+
+def test_chunked_policy_and_limits():
+    """The chunked backward's tile is capped by the group (one group's B / C per program), its time segments come
+    from programs per SM (the override wins), and a dstate it would not unroll is refused with the limit named."""
+    cfg = bwd_variant_config("chunked")
+    assert cfg.bwd_chunked and cfg.checkpoint_interval == 64
+    assert chunked_bwd_tiles(4096, cfg) == (32, 4)
+    assert chunked_bwd_tiles(24, cfg) == (8, 2)  # 24 = 8 x 3: 8 channels, a (64, 8) tile over 2 warps
+    cpu = torch.device("cpu")  # 132 SMs assumed off the GPU: 396 programs wanted
+    assert chunked_bwd_time_segments(8, 2048, 1536, 1, cfg, cpu) == 2  # 384 programs -> 768
+    assert chunked_bwd_time_segments(2, 8192, 4096, 1, cfg, cpu) == 2  # 256 -> 512
+    assert chunked_bwd_time_segments(2, 256, 4096, 1, cfg, cpu) == 1  # segments of at least 256 steps
+    assert chunked_bwd_time_segments(2, 8192, 4096, 1, bwd_variant_config("chunked", bwd_time_segments=8), cpu) == 8
+    inp, extra = make_inputs(L=4, d=8, n=65, h0=False)
+    with pytest.raises(ValueError, match="dstate <= 64, got 65"):
+        run_triton(inp, extra, True, bwd_variant_config("chunked", checkpoint_interval=4))
+
+
+@pytest.mark.slow
+def test_the_chunked_backward_compiles_for_sm90():
+    """The interpreter runs the chunked kernel without compiling it: `scan_bwd_sass.py --chunked` compiles it for an
+    H100 / H200 at three tiles on this CPU, so a kernel that Triton or ptxas rejects fails here, not on a GPU."""
+    out = run_sass_script("scan_bwd_sass.py", "--chunked")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 3, out.stdout
+    assert all(int(r.split("|")[4]) > 1000 for r in rows), rows  # SASS instructions counted past .asm's 4,096 cap

@@ -31,7 +31,8 @@ from ..common import cdiv, next_power_of_2, sm_count
 
 __all__ = ["ScanConfig", "Tiles", "pick_tiles", "fwd_nl", "default_time_segments", "default_bwd_time_segments",
            "bwd_block_u", "carry_split", "segments", "needs_i64", "BWD_VARIANTS", "variant_params",
-           "bwd_variant_config", "bwd_replicas", "bwd_prefetch", "fwd_prefetch", "carry_prefetch"]
+           "bwd_variant_config", "bwd_replicas", "chunked_bwd_tiles", "chunked_bwd_time_segments", "bwd_prefetch",
+           "fwd_prefetch", "carry_prefetch"]
 
 # steps between forward checkpoints. The backward's per-program scratch (h every U steps of an interval) grows with it:
 # at 128 steps its live scratch (16 resident programs per SM) passed the H100's 50 MB L2 and spilled to DRAM
@@ -95,6 +96,9 @@ class ScanConfig:
         policy's default (DEFAULT_FWD_PREFETCH / DEFAULT_CARRY_PREFETCH); 0: off. GPU only, like bwd_prefetch.
     bwd_rows: move the backward's (D, N) tiles (A, checkpoints, carry, scratch) one in-thread state row at a
         time, which allows bwd_nl > 4 (the "wide" variants of BWD_VARIANTS; `bwd_variant_config` sets it).
+    bwd_chunked: the "chunked" backward (`triton_scan_bwd_chunked.py`): a (checkpoint interval, bwd_channels)
+        tile of time x channels per program, time scanned in parallel inside it; bwd_nl, block_u, bwd_rows and
+        bwd_reduce_channels do not apply to it. dstate must then be at most CHUNKED_MAX_DSTATE.
     """
 
     fwd_nl: int | None = None
@@ -109,6 +113,7 @@ class ScanConfig:
     bwd_time_segments: int | None = None
     bwd_carry_split: int | None = None
     bwd_rows: bool = False
+    bwd_chunked: bool = False
     bwd_prefetch: int | None = None
     fwd_prefetch: int | None = None
     carry_prefetch: int | None = None
@@ -330,6 +335,34 @@ def carry_split(batch: int, seqlen: int, dim: int, dstate: int, ngroups: int, se
     return cin_k
 
 
+# The chunked backward (BWD_VARIANTS["chunked"]): channels per program (the tile's width), warps per program, the
+# largest dstate it unrolls, and the programs per SM that its time segments aim for (a first guess, not yet swept)
+CHUNKED_CHANNELS = 32
+CHUNKED_WARPS = 4
+CHUNKED_MAX_DSTATE = 64
+CHUNKED_MIN_PROGRAMS_PER_SM = 3
+
+
+def chunked_bwd_tiles(group_size: int, config: ScanConfig) -> tuple[int, int]:
+    """(channels per program, warps) of the chunked backward: config.bwd_channels (default CHUNKED_CHANNELS) capped
+    at the largest power of two dividing the group size, so that a program reads one group's B and C."""
+    bd = min(config.bwd_channels or CHUNKED_CHANNELS, group_size & -group_size)
+    return bd, max(1, min(CHUNKED_WARPS, bd * config.checkpoint_interval // 256))
+
+
+def chunked_bwd_time_segments(batch: int, seqlen: int, dim: int, ngroups: int, config: ScanConfig,
+                              device: torch.device | str = "cuda") -> int:
+    """Time segments of the chunked backward: the smallest power of two giving CHUNKED_MIN_PROGRAMS_PER_SM programs
+    per SM, segments of at least MIN_SEGMENT steps and whole checkpoint intervals. `config.bwd_time_segments`
+    overrides."""
+    if config.bwd_time_segments is not None:
+        return max(1, config.bwd_time_segments)
+    bd, _ = chunked_bwd_tiles(dim // ngroups, config)
+    target = CHUNKED_MIN_PROGRAMS_PER_SM * sm_count(torch.device(device), 132)
+    return split_until(seqlen, max(MIN_SEGMENT, config.checkpoint_interval), target,
+                       lambda nc: batch * nc * (dim // bd))
+
+
 # Backward variants (A/B switch; the default stays "v1" until GPU timings say otherwise). Each is a set of
 # ScanConfig fields; docs/design/triton_selective_scan.md ("Instruction budget of the backward") gives the static
 # SASS counts behind them (benchmarks/scan_bwd_sass.py).
@@ -348,6 +381,10 @@ BWD_VARIANTS: dict[str, dict] = {
     "wide8-u1": dict(nl=8, channels=16, rows=True, block_u=1, interval=32, reduce_channels=4),
     "wide16": dict(nl=16, channels=32, rows=True, block_u=1, interval=32, reduce_channels=4),
     "wide16-r1": dict(nl=16, channels=32, rows=True, block_u=1, interval=32, reduce_channels=1),
+    # time inside the tile: a (64-step interval, 32 channels) tile per program, 4 warps, two associative scans per
+    # state over its rows (triton_scan_bwd_chunked.py)
+    "chunked": dict(nl=None, channels=CHUNKED_CHANNELS, rows=False, block_u=None, interval=64, reduce_channels=None,
+                    chunked=True),
 }
 
 
@@ -364,7 +401,7 @@ def bwd_variant_config(name: str, base: ScanConfig | None = None, **overrides) -
     autograd op and `mamba_inner` do, since they take one config)."""
     p = variant_params(name)
     fields = dict(bwd_nl=p["nl"], bwd_channels=p["channels"], bwd_rows=p["rows"], block_u=p["block_u"],
-                  bwd_reduce_channels=p["reduce_channels"])
+                  bwd_reduce_channels=p["reduce_channels"], bwd_chunked=p.get("chunked", False))
     if p["interval"] is not None:
         fields["checkpoint_interval"] = p["interval"]
     return dataclasses.replace(base or ScanConfig(), **(fields | overrides))

@@ -22,6 +22,7 @@ from ..triton_math import tl_compute_dtype
 from . import scan_policy as policy
 from .scan_policy import ScanConfig, default_bwd_time_segments, default_time_segments
 from .triton_scan_bwd import scan_bwd_carry_kernel, scan_bwd_kernel
+from .triton_scan_bwd_chunked import scan_bwd_chunked_kernel
 from .triton_scan_fwd import scan_fwd_kernel, seg_combine_kernel
 
 __all__ = ["selective_scan_triton", "scan_fwd", "scan_bwd", "ScanConfig", "default_time_segments",
@@ -49,6 +50,12 @@ def _chain_segments(local, sdt, keep, A, first, has_seq: bool, acc_tl) -> torch.
     return start
 
 
+def _check_bwd_config(config: ScanConfig, dstate: int) -> None:
+    if config.bwd_chunked and dstate > policy.CHUNKED_MAX_DSTATE:
+        raise ValueError(f"selective scan: the chunked backward (ScanConfig.bwd_chunked) unrolls its states and takes "
+                         f"dstate <= {policy.CHUNKED_MAX_DSTATE}, got {dstate}")
+
+
 def scan_fwd(*, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None, dt_softplus: bool,
              initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, save_final: bool, save_checkpoints: bool,
@@ -70,6 +77,8 @@ def scan_fwd(*, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     """
     batch, seqlen, dim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
+    if save_checkpoints:  # a backward will follow: refuse a config it cannot run before the forward's work
+        _check_bwd_config(config, dstate)
     acc_t = compute_dtype(x.dtype)
     acc_tl = tl_compute_dtype(x.dtype)
     x, dt = x.contiguous(), dt.contiguous()  # x, dt, y share one set of strides
@@ -161,23 +170,30 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
     D, dt_bias = contiguous(D), contiguous(dt_bias)
     B32 = B.to(acc_t).contiguous()
     C32 = C.to(acc_t).contiguous()
-    # the vectorised (B, *, D, N) anchors of the backward are in-thread only up to 128-bit vectors; the row-gathered
-    # variant (config.bwd_rows) has no such anchors and may hold more
-    bwd_nl = config.bwd_nl or (4 if acc_t == torch.float32 else 2)
-    tiles = policy.pick_tiles(bwd_nl, dstate, dim // ngroups, config.bwd_channels)
     interval = config.checkpoint_interval  # the kernels call it CHUNK
     nintervals = hck.shape[1]
-    seg_len, nseg = policy.segments(seqlen, interval, default_bwd_time_segments(batch, seqlen, dim, dstate, ngroups,
-                                                                           config, x.device))
-    warps = batch * nseg * (dim // tiles.BD) * tiles.num_warps
-    block_u = policy.bwd_block_u(warps, config, x.device)
-    nprog = (dim // tiles.BD) * batch * nseg
-    bn = tiles.NL * tiles.NH
-    # the row-gathered kernel at U = 1 also keeps the state after the interval's last step (one block more)
-    keep_all = bool(config.bwd_rows) and block_u == 1
-    scratch = torch.empty(nprog, interval // block_u + keep_all, tiles.BD, bn, device=x.device, dtype=acc_t)
-    # per (step, channel): dt' and sigmoid(dt + bias), written by pass A, read by pass B
-    stash = torch.empty(nprog, interval, 2, tiles.BD, device=x.device, dtype=acc_t)
+    chunked = bool(config.bwd_chunked)
+    _check_bwd_config(config, dstate)
+    if chunked:  # the chunked backward: a (interval, bd) tile of time x channels per program, no scratch
+        bd, nwarps = policy.chunked_bwd_tiles(dim // ngroups, config)
+        seg_len, nseg = policy.segments(seqlen, interval, policy.chunked_bwd_time_segments(
+            batch, seqlen, dim, ngroups, config, x.device))
+    else:
+        # the vectorised (B, *, D, N) anchors of the backward are in-thread only up to 128-bit vectors; the
+        # row-gathered variant (config.bwd_rows) has no such anchors and may hold more
+        bwd_nl = config.bwd_nl or (4 if acc_t == torch.float32 else 2)
+        tiles = policy.pick_tiles(bwd_nl, dstate, dim // ngroups, config.bwd_channels)
+        seg_len, nseg = policy.segments(seqlen, interval, default_bwd_time_segments(batch, seqlen, dim, dstate,
+                                                                               ngroups, config, x.device))
+        warps = batch * nseg * (dim // tiles.BD) * tiles.num_warps
+        block_u = policy.bwd_block_u(warps, config, x.device)
+        nprog = (dim // tiles.BD) * batch * nseg
+        bn = tiles.NL * tiles.NH
+        # the row-gathered kernel at U = 1 also keeps the state after the interval's last step (one block more)
+        keep_all = bool(config.bwd_rows) and block_u == 1
+        scratch = torch.empty(nprog, interval // block_u + keep_all, tiles.BD, bn, device=x.device, dtype=acc_t)
+        # per (step, channel): dt' and sigmoid(dt + bias), written by pass A, read by pass B
+        stash = torch.empty(nprog, interval, 2, tiles.BD, device=x.device, dtype=acc_t)
     dx = torch.empty_like(x)
     ddt = torch.empty_like(dt)
     if dz_out is not None:
@@ -192,7 +208,8 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
     dzs = dz.stride() if dz is not None else (0, 0, 1)
     # dz's offsets: x's (0) or z's (1) where its strides are theirs (no address arithmetic of its own), else its own
     dz_at = 0 if dz is None or dz.stride() == x.stride() else 1 if dz.stride() == z.stride() else 2
-    red_ch = min(config.bwd_reduce_channels or policy.DEFAULT_REDUCE_CHANNELS, tiles.BD)
+    # channels summed before each dB / dC atomic: a group of lanes (default backward) or the program's (chunked)
+    red_ch = bd if chunked else min(config.bwd_reduce_channels or policy.DEFAULT_REDUCE_CHANNELS, tiles.BD)
     nrep = policy.bwd_replicas(dim // ngroups, red_ch, config)  # replicas of dB, dC for the atomics (see the kernel)
     dB = torch.zeros(nrep, batch, seqlen, ngroups, dstate, device=x.device, dtype=acc_t)
     dC = torch.zeros_like(dB)
@@ -236,26 +253,45 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
             PREFETCH=0 if triton_interpret() else policy.carry_prefetch(config), num_warps=ctiles.num_warps,
         )
         cin = _chain_segments(cl, sdt, keep, A, dhl, seq_idx is not None, acc_tl)
-    grid = (dim // tiles.BD, batch, nseg)
-    scan_bwd_kernel[grid](
-        x_ptr=x, dt_ptr=dt, z_ptr=z_arg, B_ptr=B32, C_ptr=C32, A_ptr=A, D_ptr=D if D is not None else dummy,
-        bias_ptr=bias_arg, seq_ptr=seq_arg, hck_ptr=hck, dy_ptr=dy, dhlast_ptr=dhl if dhl is not None else dummy,
-        cin_ptr=cin if cin is not None else dummy,
-        dx_ptr=dx, ddt_ptr=ddt, dz_ptr=dz if dz is not None else dummy, dB_ptr=dB, dC_ptr=dC, dA_ptr=dA,
-        dD_ptr=dD if dD is not None else dummy, dbias_ptr=dbias if dbias is not None else dummy,
-        dh0_ptr=dh0 if dh0 is not None else dummy, scr_ptr=scratch, stash_ptr=stash,
-        seqlen=seqlen, dim=dim, dstate=dstate, group_size=dim // ngroups, nchunks=nintervals, seg_len=seg_len,
-        nseg=nseg, cin_n=cin_n, cin_k=cin_k, rep_stride=dB.stride(0),
-        s_b=x.stride(0), s_t=x.stride(1), s_zb=zs[0], s_zt=zs[1], s_Bb=B32.stride(0), s_Bt=B32.stride(1),
-        s_Bg=B32.stride(2), s_sb=ss[0], s_st=ss[1], s_Ad=A.stride(0), s_An=A.stride(1), s_yb=dy.stride(0),
-        s_yt=dy.stride(1), s_dzb=dzs[0], s_dzt=dzs[1],
-        NREP=nrep, RED_CH=red_ch, CHUNK=interval, U=block_u, NL=tiles.NL, NH=tiles.NH, BD=tiles.BD, ACC=acc_tl,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-        HAS_SEQ=seq_idx is not None, HAS_DHLAST=dhl is not None, WANT_DH0=want_dinitial,
-        EVEN_N=dstate == tiles.NL * tiles.NH, LIBDEVICE=not triton_interpret(), I64=i64, SEGMENTED=nseg > 1,
-        ROWS=bool(config.bwd_rows), DZ_AT=dz_at, PREFETCH=0 if triton_interpret() else policy.bwd_prefetch(config),
-        num_warps=tiles.num_warps, **({} if maxnreg is None else {"maxnreg": maxnreg}),
-    )
+    if chunked:
+        scan_bwd_chunked_kernel[(dim // bd, batch, nseg)](
+            x_ptr=x, dt_ptr=dt, z_ptr=z_arg, B_ptr=B32, C_ptr=C32, A_ptr=A, D_ptr=D if D is not None else dummy,
+            bias_ptr=bias_arg, seq_ptr=seq_arg, hck_ptr=hck, dy_ptr=dy, dhlast_ptr=dhl if dhl is not None else dummy,
+            cin_ptr=cin if cin is not None else dummy,
+            dx_ptr=dx, ddt_ptr=ddt, dz_ptr=dz if dz is not None else dummy, dB_ptr=dB, dC_ptr=dC, dA_ptr=dA,
+            dD_ptr=dD if dD is not None else dummy, dbias_ptr=dbias if dbias is not None else dummy,
+            dh0_ptr=dh0 if dh0 is not None else dummy,
+            cbuf_ptr=torch.empty(batch * nseg * (dim // bd), dstate, bd, device=x.device, dtype=acc_t),
+            seqlen=seqlen, dim=dim, group_size=dim // ngroups, nchunks=nintervals, seg_len=seg_len, nseg=nseg,
+            cin_n=cin_n, cin_k=cin_k, rep_stride=dB.stride(0),
+            s_b=x.stride(0), s_t=x.stride(1), s_zb=zs[0], s_zt=zs[1], s_Bb=B32.stride(0), s_Bt=B32.stride(1),
+            s_Bg=B32.stride(2), s_sb=ss[0], s_st=ss[1], s_Ad=A.stride(0), s_An=A.stride(1), s_yb=dy.stride(0),
+            s_yt=dy.stride(1), s_dzb=dzs[0], s_dzt=dzs[1],
+            NREP=nrep, CHUNK=interval, BD=bd, DSTATE=dstate, ACC=acc_tl, HAS_D=D is not None, HAS_Z=z is not None,
+            HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None,
+            HAS_DHLAST=dhl is not None, WANT_DH0=want_dinitial, LIBDEVICE=not triton_interpret(), I64=i64,
+            SEGMENTED=nseg > 1, DZ_AT=dz_at, num_warps=nwarps,
+        )
+    else:
+        scan_bwd_kernel[(dim // tiles.BD, batch, nseg)](
+            x_ptr=x, dt_ptr=dt, z_ptr=z_arg, B_ptr=B32, C_ptr=C32, A_ptr=A, D_ptr=D if D is not None else dummy,
+            bias_ptr=bias_arg, seq_ptr=seq_arg, hck_ptr=hck, dy_ptr=dy, dhlast_ptr=dhl if dhl is not None else dummy,
+            cin_ptr=cin if cin is not None else dummy,
+            dx_ptr=dx, ddt_ptr=ddt, dz_ptr=dz if dz is not None else dummy, dB_ptr=dB, dC_ptr=dC, dA_ptr=dA,
+            dD_ptr=dD if dD is not None else dummy, dbias_ptr=dbias if dbias is not None else dummy,
+            dh0_ptr=dh0 if dh0 is not None else dummy, scr_ptr=scratch, stash_ptr=stash,
+            seqlen=seqlen, dim=dim, dstate=dstate, group_size=dim // ngroups, nchunks=nintervals, seg_len=seg_len,
+            nseg=nseg, cin_n=cin_n, cin_k=cin_k, rep_stride=dB.stride(0),
+            s_b=x.stride(0), s_t=x.stride(1), s_zb=zs[0], s_zt=zs[1], s_Bb=B32.stride(0), s_Bt=B32.stride(1),
+            s_Bg=B32.stride(2), s_sb=ss[0], s_st=ss[1], s_Ad=A.stride(0), s_An=A.stride(1), s_yb=dy.stride(0),
+            s_yt=dy.stride(1), s_dzb=dzs[0], s_dzt=dzs[1],
+            NREP=nrep, RED_CH=red_ch, CHUNK=interval, U=block_u, NL=tiles.NL, NH=tiles.NH, BD=tiles.BD, ACC=acc_tl,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+            HAS_SEQ=seq_idx is not None, HAS_DHLAST=dhl is not None, WANT_DH0=want_dinitial,
+            EVEN_N=dstate == tiles.NL * tiles.NH, LIBDEVICE=not triton_interpret(), I64=i64, SEGMENTED=nseg > 1,
+            ROWS=bool(config.bwd_rows), DZ_AT=dz_at, PREFETCH=0 if triton_interpret() else policy.bwd_prefetch(config),
+            num_warps=tiles.num_warps, **({} if maxnreg is None else {"maxnreg": maxnreg}),
+        )
     dB, dC = dB.sum(0), dC.sum(0)
     return (dx, ddt, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), None if dD is None else dD.to(D.dtype),
             dz, None if dbias is None else dbias.to(dt_bias.dtype), dh0)
