@@ -127,26 +127,26 @@ def compile_chunked(bd: int, interval: int, warps: int, dstate: int = 16):
                         warps)
 
 
-def opcode_counts(k) -> dict[str, int]:
-    """Every SASS instruction of the cubin by opcode (cuobjdump: `.asm["sass"]` stops at 4,096 instructions)."""
+def cuobjdump(k, flag: str) -> str:
+    """`cuobjdump FLAG` (Triton's bundled copy) of the compiled kernel's cubin."""
     tool = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
-        out = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def opcode_counts(k) -> dict[str, int]:
+    """Every SASS instruction of the cubin by opcode (`.asm["sass"]` stops at 4,096 instructions)."""
     counts: dict[str, int] = {}
-    for op in re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)[.\s]", out):
+    for op in re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)[.\s]", cuobjdump(k, "-sass")):
         counts[op] = counts.get(op, 0) + 1
     return counts
 
 
 def resources(k) -> tuple[int, int]:
     """(registers per thread, stack bytes: spills) from the cubin."""
-    tool = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    out = cuobjdump(k, "-res-usage")
     return int(re.search(r"REG:(\d+)", out).group(1)), int(re.search(r"STACK:(\d+)", out).group(1))
 
 
