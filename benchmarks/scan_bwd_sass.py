@@ -35,6 +35,7 @@ import triton.language as tl  # noqa: E402
 
 from mambakit.ops.selective_scan.scan_policy import (  # noqa: E402
     BWD_VARIANTS,
+    CHUNKED_CHANNELS,
     DEFAULT_CHECKPOINT_INTERVAL,
     ScanConfig,
     bwd_replicas,
@@ -113,18 +114,18 @@ def compile_sm90(fn, const: dict, ptr_type, undivisible: set[str], num_warps: in
                           options={"num_warps": num_warps, **({} if maxnreg is None else {"maxnreg": maxnreg})})
 
 
-def compile_chunked(bd: int, interval: int, warps: int, dstate: int = 16):
-    """Compile `scan_bwd_chunked_kernel` (the "chunked" variant) for sm_90 at the benchmark's specialisation with a
-    (interval, bd) tile over `warps` warps."""
+def compile_chunked(bd: int, interval: int, warps: int = 1, maxnreg: int | None = None):
+    """Compile `scan_bwd_chunked_kernel` (the "chunked" variant) for sm_90 at the benchmark's specialisation: bd
+    channels, `interval` steps in registers."""
     from mambakit.ops.selective_scan.triton_scan_bwd_chunked import scan_bwd_chunked_kernel
 
     fn = scan_bwd_chunked_kernel.fn if hasattr(scan_bwd_chunked_kernel, "fn") else scan_bwd_chunked_kernel
-    const = dict(NREP=4, CHUNK=interval, BD=bd, DSTATE=dstate, ACC=tl.float32, HAS_D=True, HAS_Z=True, HAS_BIAS=True,
+    const = dict(NREP=4, CHUNK=interval, BD=bd, ACC=tl.float32, HAS_D=True, HAS_Z=True, HAS_BIAS=True,
                  SOFTPLUS=True, HAS_SEQ=False, HAS_DHLAST=False, WANT_DH0=False, LIBDEVICE=True, I64=False,
                  SEGMENTED=True, DZ_AT=0)
     ptr_type = lambda a: "*i32" if a in PTRS_I32 else "*bf16" if a in PTRS_BF16 else "*fp32"  # noqa: E731
-    return compile_sm90(fn, const, ptr_type, {"seqlen", "nchunks", "nseg", "cin_n", "cin_k", "seg_len", "s_Ad", "s_st"},
-                        warps)
+    return compile_sm90(fn, const, ptr_type, {"seqlen", "dstate", "nchunks", "nseg", "cin_n", "cin_k", "seg_len", "s_Ad",
+                                              "s_st"}, warps, maxnreg)
 
 
 def cuobjdump(k, flag: str) -> str:
@@ -136,12 +137,16 @@ def cuobjdump(k, flag: str) -> str:
         return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
 
 
-def opcode_counts(k) -> dict[str, int]:
-    """Every SASS instruction of the cubin by opcode (`.asm["sass"]` stops at 4,096 instructions)."""
-    counts: dict[str, int] = {}
-    for op in re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)[.\s]", cuobjdump(k, "-sass")):
-        counts[op] = counts.get(op, 0) + 1
-    return counts
+def backward_loops(sass: str) -> list[list[str]]:
+    """The opcodes of every loop in cuobjdump's SASS (a branch back to an earlier address), shortest first."""
+    lines = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)([^;]*);", sass)
+    index = {int(a, 16): i for i, (a, _, _) in enumerate(lines)}
+    loops = []
+    for i, (a, op, rest) in enumerate(lines):
+        m = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if m and index.get(int(m.group(1), 16), i) < i:
+            loops.append([o for _, o, _ in lines[index[int(m.group(1), 16)]:i + 1]])
+    return sorted(loops, key=len)
 
 
 def resources(k) -> tuple[int, int]:
@@ -186,20 +191,23 @@ def main() -> int:
                     help="compile the chunked backward at three tiles: registers, spills, instructions per element")
     args = ap.parse_args()
     if args.chunked:
-        # one interval of the kernel is its loop body: the whole count over the interval's state elements per thread
-        print("| interval x channels, warps | regs | spill stack B | SASS instr | per state element | "
-              "SHFL / LDS+STS / BAR / MUFU / local per element |")
-        print("|---|---|---|---|---|---|")
-        for bd, interval, warps in ((32, 64, 4), (32, 32, 4), (16, 64, 4)):
-            k = compile_chunked(bd, interval, warps)
+        # the state loop is the kernel's largest innermost loop (one state over the interval's steps); the interval
+        # loop around it adds the per-(step, channel) work. Per state element: each over the elements it covers.
+        print("| variant | interval | regs | spill stack B | state loop (SASS instr) | per state element: state loop "
+              "+ the rest of the interval loop | in the state loop per element: SHFL / FP / LDG / atomics / local |")
+        print("|---|---|---|---|---|---|---|")
+        for name in [v for v in BWD_VARIANTS if variant_params(v).get("chunked")]:
+            cfg = bwd_variant_config(name)
+            iv = cfg.checkpoint_interval
+            k = compile_chunked(CHUNKED_CHANNELS, iv, maxnreg=cfg.bwd_maxnreg)
             regs, stack = resources(k)
-            c = opcode_counts(k)
-            n = sum(c.values())
-            elems = interval * bd * 16 / (32 * warps)
-            mix = " / ".join(f"{v / elems:.1f}" for v in (c.get("SHFL", 0), c.get("LDS", 0) + c.get("STS", 0),
-                                                          c.get("BAR", 0), c.get("MUFU", 0),
-                                                          c.get("LDL", 0) + c.get("STL", 0)))
-            print(f"| {interval} x {bd}, {warps} | {regs} | {stack} | {n} | {n / elems:.0f} | {mix} |", flush=True)
+            big = [lp for lp in backward_loops(cuobjdump(k, "-sass")) if len(lp) > 64]  # state loop, interval loop
+            state, interval = big[0], big[1]
+            pick = lambda *ops: sum(1 for o in state if o in ops) / iv  # noqa: E731
+            print(f"| {name} | {iv} | {regs} | {stack} | {len(state)} | {len(state) / iv:.1f} + "
+                  f"{(len(interval) - len(state)) / (iv * 16):.1f} | {pick('SHFL'):.1f} / "
+                  f"{pick('FFMA', 'FMUL', 'FADD', 'FSEL', 'FSETP', 'FMNMX'):.1f} / {pick('LDG'):.1f} / "
+                  f"{pick('RED', 'REDG', 'ATOM', 'ATOMG'):.1f} / {pick('LDL', 'STL'):.1f} |", flush=True)
         return 0
     if args.specialisations:
         print("| v1 specialisation | regs | spill stack B |")

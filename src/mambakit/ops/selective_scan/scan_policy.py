@@ -96,9 +96,9 @@ class ScanConfig:
         policy's default (DEFAULT_FWD_PREFETCH / DEFAULT_CARRY_PREFETCH); 0: off. GPU only, like bwd_prefetch.
     bwd_rows: move the backward's (D, N) tiles (A, checkpoints, carry, scratch) one in-thread state row at a
         time, which allows bwd_nl > 4 (the "wide" variants of BWD_VARIANTS; `bwd_variant_config` sets it).
-    bwd_chunked: the "chunked" backward (`triton_scan_bwd_chunked.py`): a (checkpoint interval, bwd_channels)
-        tile of time x channels per program, time scanned in parallel inside it; bwd_nl, block_u, bwd_rows and
-        bwd_reduce_channels do not apply to it. dstate must then be at most CHUNKED_MAX_DSTATE.
+    bwd_chunked: the "chunked" backward (`triton_scan_bwd_chunked.py`): one warp over bwd_channels channels (a lane
+        each) holds the steps of a checkpoint interval in registers and loops over the states; bwd_nl, block_u,
+        bwd_rows and bwd_reduce_channels do not apply to it.
     """
 
     fwd_nl: int | None = None
@@ -335,30 +335,28 @@ def carry_split(batch: int, seqlen: int, dim: int, dstate: int, ngroups: int, se
     return cin_k
 
 
-# The chunked backward (BWD_VARIANTS["chunked"]): channels per program (the tile's width), warps per program, the
-# largest dstate it unrolls, and the programs per SM that its time segments aim for (a first guess, not yet swept)
+# The chunked backward (BWD_VARIANTS["chunked"]): channels per one-warp program (a lane each), and the warps per SM
+# its time segments aim for (a first guess, not yet swept)
 CHUNKED_CHANNELS = 32
-CHUNKED_WARPS = 4
-CHUNKED_MAX_DSTATE = 64
-CHUNKED_MIN_PROGRAMS_PER_SM = 3
+CHUNKED_MIN_WARPS_PER_SM = 16
 
 
 def chunked_bwd_tiles(group_size: int, config: ScanConfig) -> tuple[int, int]:
-    """(channels per program, warps) of the chunked backward: config.bwd_channels (default CHUNKED_CHANNELS) capped
-    at the largest power of two dividing the group size, so that a program reads one group's B and C."""
-    bd = min(config.bwd_channels or CHUNKED_CHANNELS, group_size & -group_size)
-    return bd, max(1, min(CHUNKED_WARPS, bd * config.checkpoint_interval // 256))
+    """(channels per program, warps) of the chunked backward: one warp, config.bwd_channels (default CHUNKED_CHANNELS,
+    at most 32) capped at the largest power of two dividing the group size, so that a program reads one group's B
+    and C."""
+    return min(config.bwd_channels or CHUNKED_CHANNELS, 32, group_size & -group_size), 1
 
 
 def chunked_bwd_time_segments(batch: int, seqlen: int, dim: int, ngroups: int, config: ScanConfig,
                               device: torch.device | str = "cuda") -> int:
-    """Time segments of the chunked backward: the smallest power of two giving CHUNKED_MIN_PROGRAMS_PER_SM programs
-    per SM, segments of at least MIN_SEGMENT steps and whole checkpoint intervals. `config.bwd_time_segments`
-    overrides."""
+    """Time segments of the chunked backward: the smallest power of two giving CHUNKED_MIN_WARPS_PER_SM one-warp
+    programs per SM, segments of at least MIN_SEGMENT steps and whole checkpoint intervals.
+    `config.bwd_time_segments` overrides."""
     if config.bwd_time_segments is not None:
         return max(1, config.bwd_time_segments)
     bd, _ = chunked_bwd_tiles(dim // ngroups, config)
-    target = CHUNKED_MIN_PROGRAMS_PER_SM * sm_count(torch.device(device), 132)
+    target = CHUNKED_MIN_WARPS_PER_SM * sm_count(torch.device(device), 132)
     return split_until(seqlen, max(MIN_SEGMENT, config.checkpoint_interval), target,
                        lambda nc: batch * nc * (dim // bd))
 
@@ -381,10 +379,16 @@ BWD_VARIANTS: dict[str, dict] = {
     "wide8-u1": dict(nl=8, channels=16, rows=True, block_u=1, interval=32, reduce_channels=4),
     "wide16": dict(nl=16, channels=32, rows=True, block_u=1, interval=32, reduce_channels=4),
     "wide16-r1": dict(nl=16, channels=32, rows=True, block_u=1, interval=32, reduce_channels=1),
-    # time inside the tile: a (64-step interval, 32 channels) tile per program, 4 warps, two associative scans per
-    # state over its rows (triton_scan_bwd_chunked.py)
-    "chunked": dict(nl=None, channels=CHUNKED_CHANNELS, rows=False, block_u=None, interval=64, reduce_channels=None,
-                    chunked=True),
+    # the states as the loop: a warp over 32 channels holds an 8-step checkpoint interval in registers, capped at
+    # 128 registers (16 warps per SM, v1's occupancy; spills outside the state loop); "-nocap" takes the compiler's
+    # 255 (8 warps per SM, no spills), "-i4" 4-step intervals (128 registers without a cap, 2x the checkpoints)
+    # (triton_scan_bwd_chunked.py)
+    "chunked": dict(nl=None, channels=CHUNKED_CHANNELS, rows=False, block_u=None, interval=8, reduce_channels=None,
+                    chunked=True, maxnreg=128),
+    "chunked-nocap": dict(nl=None, channels=CHUNKED_CHANNELS, rows=False, block_u=None, interval=8,
+                          reduce_channels=None, chunked=True),
+    "chunked-i4": dict(nl=None, channels=CHUNKED_CHANNELS, rows=False, block_u=None, interval=4, reduce_channels=None,
+                       chunked=True),
 }
 
 
@@ -401,7 +405,8 @@ def bwd_variant_config(name: str, base: ScanConfig | None = None, **overrides) -
     autograd op and `mamba_inner` do, since they take one config)."""
     p = variant_params(name)
     fields = dict(bwd_nl=p["nl"], bwd_channels=p["channels"], bwd_rows=p["rows"], block_u=p["block_u"],
-                  bwd_reduce_channels=p["reduce_channels"], bwd_chunked=p.get("chunked", False))
+                  bwd_reduce_channels=p["reduce_channels"], bwd_chunked=p.get("chunked", False),
+                  bwd_maxnreg=p.get("maxnreg"))
     if p["interval"] is not None:
         fields["checkpoint_interval"] = p["interval"]
     return dataclasses.replace(base or ScanConfig(), **(fields | overrides))

@@ -50,12 +50,6 @@ def _chain_segments(local, sdt, keep, A, first, has_seq: bool, acc_tl) -> torch.
     return start
 
 
-def _check_bwd_config(config: ScanConfig, dstate: int) -> None:
-    if config.bwd_chunked and dstate > policy.CHUNKED_MAX_DSTATE:
-        raise ValueError(f"selective scan: the chunked backward (ScanConfig.bwd_chunked) unrolls its states and takes "
-                         f"dstate <= {policy.CHUNKED_MAX_DSTATE}, got {dstate}")
-
-
 def scan_fwd(*, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None, dt_softplus: bool,
              initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, save_final: bool, save_checkpoints: bool,
@@ -77,8 +71,6 @@ def scan_fwd(*, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     """
     batch, seqlen, dim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
-    if save_checkpoints:  # a backward will follow: refuse a config it cannot run before the forward's work
-        _check_bwd_config(config, dstate)
     acc_t = compute_dtype(x.dtype)
     acc_tl = tl_compute_dtype(x.dtype)
     x, dt = x.contiguous(), dt.contiguous()  # x, dt, y share one set of strides
@@ -173,8 +165,7 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
     interval = config.checkpoint_interval  # the kernels call it CHUNK
     nintervals = hck.shape[1]
     chunked = bool(config.bwd_chunked)
-    _check_bwd_config(config, dstate)
-    if chunked:  # the chunked backward: a (interval, bd) tile of time x channels per program, no scratch
+    if chunked:  # the chunked backward: one warp over bd channels holds an interval's steps, no scratch
         bd, nwarps = policy.chunked_bwd_tiles(dim // ngroups, config)
         seg_len, nseg = policy.segments(seqlen, interval, policy.chunked_bwd_time_segments(
             batch, seqlen, dim, ngroups, config, x.device))
@@ -261,16 +252,16 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
             dx_ptr=dx, ddt_ptr=ddt, dz_ptr=dz if dz is not None else dummy, dB_ptr=dB, dC_ptr=dC, dA_ptr=dA,
             dD_ptr=dD if dD is not None else dummy, dbias_ptr=dbias if dbias is not None else dummy,
             dh0_ptr=dh0 if dh0 is not None else dummy,
-            cbuf_ptr=torch.empty(batch * nseg * (dim // bd), dstate, bd, device=x.device, dtype=acc_t),
-            seqlen=seqlen, dim=dim, group_size=dim // ngroups, nchunks=nintervals, seg_len=seg_len, nseg=nseg,
+            buf_ptr=torch.empty(batch * nseg * (dim // bd), 2, dstate, bd, device=x.device, dtype=acc_t),
+            seqlen=seqlen, dim=dim, dstate=dstate, group_size=dim // ngroups, nchunks=nintervals, seg_len=seg_len, nseg=nseg,
             cin_n=cin_n, cin_k=cin_k, rep_stride=dB.stride(0),
             s_b=x.stride(0), s_t=x.stride(1), s_zb=zs[0], s_zt=zs[1], s_Bb=B32.stride(0), s_Bt=B32.stride(1),
             s_Bg=B32.stride(2), s_sb=ss[0], s_st=ss[1], s_Ad=A.stride(0), s_An=A.stride(1), s_yb=dy.stride(0),
             s_yt=dy.stride(1), s_dzb=dzs[0], s_dzt=dzs[1],
-            NREP=nrep, CHUNK=interval, BD=bd, DSTATE=dstate, ACC=acc_tl, HAS_D=D is not None, HAS_Z=z is not None,
+            NREP=nrep, CHUNK=interval, BD=bd, ACC=acc_tl, HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None,
             HAS_DHLAST=dhl is not None, WANT_DH0=want_dinitial, LIBDEVICE=not triton_interpret(), I64=i64,
-            SEGMENTED=nseg > 1, DZ_AT=dz_at, num_warps=nwarps,
+            SEGMENTED=nseg > 1, DZ_AT=dz_at, num_warps=nwarps, **({} if maxnreg is None else {"maxnreg": maxnreg}),
         )
     else:
         scan_bwd_kernel[(dim // tiles.BD, batch, nseg)](
