@@ -185,7 +185,13 @@ def main() -> None:
     parser.add_argument("--out", help="append the JSON lines to this file as well")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also print the N kernels with the most GPU time per step (torch.profiler)")
+    parser.add_argument("--scan-variant", default=None,
+                        help="the Mamba-1 scan's backward variant (scan_policy.BWD_VARIANTS; default: the policy's)")
     args = parser.parse_args()
+    if args.scan_variant:
+        from mambakit.ops.selective_scan import scan_policy
+
+        scan_policy.DEFAULT_CONFIG = scan_policy.bwd_variant_config(args.scan_variant)
     try:  # imported, not only found: a mamba_ssm built for another CUDA fails here
         importlib.import_module("mamba_ssm")
         peers = ["mamba_ssm"]
@@ -195,7 +201,7 @@ def main() -> None:
     import triton
 
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                      "date": datetime.date.today().isoformat()}))
+                      "date": datetime.date.today().isoformat(), "scan_variant": args.scan_variant or "default"}))
     for layer in args.layers:
         for path in peers + args.paths:
             row = run_case(layer, args.shape, path, args.batch, args.seqlen, args.steps, args.warmup, args.profile)

@@ -84,6 +84,22 @@ def test_triton_matches_reference_composition(opts):
         assert_close(grads[k], g_ref[k], name=f"d{k}", rel=1e-4)
 
 
+def test_triton_with_the_chunked_backward_by_default(monkeypatch):
+    """The fused node called without a config takes `scan_policy.DEFAULT_CONFIG` (how `gpu_train.py --scan-variant`
+    A/Bs a backward variant in whole models): with the chunked backward there, dz lands in the z half of d xz from
+    that kernel, and output and every gradient still match the float64 composition (documents, a ragged tail)."""
+    from mambakit.ops.selective_scan import scan_policy
+
+    monkeypatch.setattr(scan_policy, "DEFAULT_CONFIG", scan_policy.bwd_variant_config("chunked", checkpoint_interval=4))
+    inp, extra = make_inputs(seq=True, L=19)
+    y_ref, g_ref, up, names = _reference(inp, extra)
+    (y,), grads = run_with_grads(lambda **kw: mamba1_inner_triton(**kw, seq_idx=extra["seq_idx"]), inp, [up.float()],
+                                 names)
+    assert_close(y, y_ref, name="y", rel=2e-5)
+    for k in names:
+        assert_close(grads[k], g_ref[k], name=f"d{k}", rel=1e-4)
+
+
 def test_torch_backend_matches_reference():
     """The CPU path (the composition on the torch backend) agrees with the reference in float64."""
     inp, extra = make_inputs(seq=True)

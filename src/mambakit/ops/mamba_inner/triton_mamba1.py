@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..causal_conv1d.triton_conv import causal_conv1d_bwd, causal_conv1d_fwd
 from ..common import autograd_op, compute_dtype, fake_grads, pack_grads, unpack_grads
+from ..selective_scan import scan_policy
 from ..selective_scan.triton_scan import ScanConfig, scan_bwd, scan_fwd
 from ..triton_launch import cdiv
 
@@ -141,12 +142,13 @@ def mamba1_inner_triton(*, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_we
                         config: ScanConfig | None = None):
     """Fused Triton path of `mambakit.ops.mamba1_inner` (arguments checked there): y (B, L, D) in xz's dtype.
 
-    config: the scan's tiling (tests use a short checkpoint interval); None picks from the shape.
+    config: the scan's tiling (tests use a short checkpoint interval); None: `scan_policy.DEFAULT_CONFIG`, whose
+        fields left None pick from the shape.
     """
     if seq_idx is not None and seq_idx.dtype != torch.int32:
         seq_idx = seq_idx.to(torch.int32)
     tensors = (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     y, _, _ = _mamba1_inner_op(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D,
-                                seq_idx, save, (config or ScanConfig()).as_ints())
+                                seq_idx, save, (config or scan_policy.DEFAULT_CONFIG).as_ints())
     return y

@@ -153,6 +153,11 @@ _SCAN_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(ScanConfig))
 _SCAN_CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ScanConfig)}
 
 
+# The config of a Triton scan called without one (`selective_scan`, the fused Mamba-1 op): benchmarks set it to A/B a
+# backward variant through whole models (`gpu_train.py --scan-variant`), as they set the decode policies
+DEFAULT_CONFIG = ScanConfig()
+
+
 @functools.lru_cache(maxsize=256)
 def _scan_config_from_ints(cls: type, values: tuple[int, ...]) -> ScanConfig:
     """One ScanConfig per distinct int list (a frozen dataclass: sharing it is safe)."""

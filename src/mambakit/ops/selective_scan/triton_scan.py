@@ -399,7 +399,7 @@ def selective_scan_triton(
     """
     if A.is_complex():
         raise ValueError("selective_scan_triton: complex A is not supported; use backend 'reference' or 'torch'")
-    cfg = config or ScanConfig()
+    cfg = config or policy.DEFAULT_CONFIG
     if cfg.checkpoint_interval % 4 or (cfg.block_u is not None and cfg.checkpoint_interval % cfg.block_u):
         raise ValueError(f"selective_scan_triton: checkpoint_interval={cfg.checkpoint_interval} must be a multiple "
                          f"of 4 and of block_u={cfg.block_u}")
