@@ -40,6 +40,7 @@ from mambakit.ops.selective_scan.scan_policy import (  # noqa: E402
     ScanConfig,
     bwd_replicas,
     bwd_variant_config,
+    chunked_bwd_rows,
     pick_tiles,
     variant_params,
 )
@@ -114,13 +115,13 @@ def compile_sm90(fn, const: dict, ptr_type, undivisible: set[str], num_warps: in
                           options={"num_warps": num_warps, **({} if maxnreg is None else {"maxnreg": maxnreg})})
 
 
-def compile_chunked(bd: int, interval: int, warps: int = 1, maxnreg: int | None = None):
-    """Compile `scan_bwd_chunked_kernel` (the "chunked" variant) for sm_90 at the benchmark's specialisation: bd
-    channels, `interval` steps in registers."""
+def compile_chunked(bd: int, interval: int, rows: int, warps: int = 1, maxnreg: int | None = None):
+    """Compile `scan_bwd_chunked_kernel` (the "chunked" variants) for sm_90 at the benchmark's specialisation: bd
+    channels, checkpoint intervals of `interval` steps walked `rows` steps at a time."""
     from mambakit.ops.selective_scan.triton_scan_bwd_chunked import scan_bwd_chunked_kernel
 
     fn = scan_bwd_chunked_kernel.fn if hasattr(scan_bwd_chunked_kernel, "fn") else scan_bwd_chunked_kernel
-    const = dict(NREP=4, CHUNK=interval, BD=bd, ACC=tl.float32, HAS_D=True, HAS_Z=True, HAS_BIAS=True,
+    const = dict(NREP=4, CHUNK=interval, SUB=rows, BD=bd, ACC=tl.float32, HAS_D=True, HAS_Z=True, HAS_BIAS=True,
                  SOFTPLUS=True, HAS_SEQ=False, HAS_DHLAST=False, WANT_DH0=False, LIBDEVICE=True, I64=False,
                  SEGMENTED=True, DZ_AT=0)
     ptr_type = lambda a: "*i32" if a in PTRS_I32 else "*bf16" if a in PTRS_BF16 else "*fp32"  # noqa: E731
@@ -137,16 +138,24 @@ def cuobjdump(k, flag: str) -> str:
         return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
 
 
-def backward_loops(sass: str) -> list[list[str]]:
-    """The opcodes of every loop in cuobjdump's SASS (a branch back to an earlier address), shortest first."""
+def backward_loops(sass: str) -> tuple[list[str], list[str], list[str]]:
+    """The opcodes of the chunked backward's state loop over the blocks in reverse, of that block loop, and of the
+    forward pass's block loop before them (empty if none): in cuobjdump's SASS a loop is a branch back to an earlier
+    address; the state loop is the last loop of more than 64 instructions inside another loop, its block loop."""
     lines = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)([^;]*);", sass)
     index = {int(a, 16): i for i, (a, _, _) in enumerate(lines)}
-    loops = []
+    spans = []
     for i, (a, op, rest) in enumerate(lines):
         m = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
         if m and index.get(int(m.group(1), 16), i) < i:
-            loops.append([o for _, o, _ in lines[index[int(m.group(1), 16)]:i + 1]])
-    return sorted(loops, key=len)
+            spans.append((index[int(m.group(1), 16)], i))
+    nested = [(s, e) for s, e in spans if e - s > 64 and any(o != (s, e) and o[0] <= s and e <= o[1] for o in spans)]
+    state = max(nested, key=lambda se: se[0])
+    block = min((o for o in spans if o != state and o[0] <= state[0] and state[1] <= o[1]), key=lambda se: se[1] - se[0])
+    # the forward pass's block loop (its state loop inside), if the kernel has one: the largest nested loop before
+    fwd = [se for se in nested if se[1] < block[0]]
+    ops = lambda se: [o for _, o, _ in lines[se[0]:se[1] + 1]]  # noqa: E731
+    return ops(state), ops(block), ops(max(fwd, key=lambda se: se[1] - se[0])) if fwd else []
 
 
 def resources(k) -> tuple[int, int]:
@@ -191,21 +200,25 @@ def main() -> int:
                     help="compile the chunked backward at three tiles: registers, spills, instructions per element")
     args = ap.parse_args()
     if args.chunked:
-        # the state loop is the kernel's largest innermost loop (one state over the interval's steps); the interval
-        # loop around it adds the per-(step, channel) work. Per state element: each over the elements it covers.
-        print("| variant | interval | regs | spill stack B | state loop (SASS instr) | per state element: state loop "
-              "+ the rest of the interval loop | in the state loop per element: SHFL / FP / LDG / atomics / local |")
+        # the state loop of the blocks in reverse is the kernel's last loop of more than 64 instructions with an outer
+        # loop around it (the blocks); per state element: its instructions over the block's steps, plus the rest of
+        # the block loop over the block's steps x 16 states
+        print("| variant | interval / block | regs | spill stack B | state loop (SASS instr) | per state element: "
+              "state loop + the rest of the block loop + the forward pass | in the state loop per element: SHFL / FP / "
+              "LDG / atomics / local |")
         print("|---|---|---|---|---|---|---|")
         for name in [v for v in BWD_VARIANTS if variant_params(v).get("chunked")]:
             cfg = bwd_variant_config(name)
-            iv = cfg.checkpoint_interval
-            k = compile_chunked(CHUNKED_CHANNELS, iv, maxnreg=cfg.bwd_maxnreg)
+            iv, sub = cfg.checkpoint_interval, chunked_bwd_rows(cfg)
+            k = compile_chunked(CHUNKED_CHANNELS, iv, sub, maxnreg=cfg.bwd_maxnreg)
             regs, stack = resources(k)
-            big = [lp for lp in backward_loops(cuobjdump(k, "-sass")) if len(lp) > 64]  # state loop, interval loop
-            state, interval = big[0], big[1]
-            pick = lambda *ops: sum(1 for o in state if o in ops) / iv  # noqa: E731
-            print(f"| {name} | {iv} | {regs} | {stack} | {len(state)} | {len(state) / iv:.1f} + "
-                  f"{(len(interval) - len(state)) / (iv * 16):.1f} | {pick('SHFL'):.1f} / "
+            state, block, fwd = backward_loops(cuobjdump(k, "-sass"))
+            # the forward pass walks all blocks of an interval but the last, sub x 16 elements each
+            fwd_per = len(fwd) / (sub * 16) * (iv // sub - 1) / (iv // sub)
+            pick = lambda *ops: sum(1 for o in state if o in ops) / sub  # noqa: E731
+            total = len(state) / sub + (len(block) - len(state)) / (sub * 16) + fwd_per
+            print(f"| {name} | {iv} / {sub} | {regs} | {stack} | {len(state)} | {len(state) / sub:.1f} + "
+                  f"{(len(block) - len(state)) / (sub * 16):.1f} + {fwd_per:.1f} = {total:.1f} | {pick('SHFL'):.1f} / "
                   f"{pick('FFMA', 'FMUL', 'FADD', 'FSEL', 'FSETP', 'FMNMX'):.1f} / {pick('LDG'):.1f} / "
                   f"{pick('RED', 'REDG', 'ATOM', 'ATOMG'):.1f} / {pick('LDL', 'STL'):.1f} |", flush=True)
         return 0

@@ -90,7 +90,7 @@ def test_triton_with_the_chunked_backward_by_default(monkeypatch):
     that kernel, and output and every gradient still match the float64 composition (documents, a ragged tail)."""
     from mambakit.ops.selective_scan import scan_policy
 
-    monkeypatch.setattr(scan_policy, "DEFAULT_CONFIG", scan_policy.bwd_variant_config("chunked", checkpoint_interval=4))
+    monkeypatch.setattr(scan_policy, "DEFAULT_CONFIG", scan_policy.bwd_variant_config("chunked", checkpoint_interval=8, block_u=4))
     inp, extra = make_inputs(seq=True, L=19)
     y_ref, g_ref, up, names = _reference(inp, extra)
     (y,), grads = run_with_grads(lambda **kw: mamba1_inner_triton(**kw, seq_idx=extra["seq_idx"]), inp, [up.float()],

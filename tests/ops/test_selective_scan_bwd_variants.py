@@ -13,11 +13,11 @@ micro-blocks, ragged tails and time segments occur at tiny seqlens. Output, fina
 from __future__ import annotations
 
 import pytest
-
 import torch
 
-from mambakit.ops.selective_scan.scan_policy import (BWD_VARIANTS, ScanConfig, bwd_variant_config, chunked_bwd_tiles,
-                                                     chunked_bwd_time_segments, pick_tiles, variant_params)
+from mambakit.ops.selective_scan.scan_policy import (BWD_VARIANTS, ScanConfig, bwd_variant_config, chunked_bwd_rows,
+                                                     chunked_bwd_tiles, chunked_bwd_time_segments, pick_tiles,
+                                                     variant_params)
 from tests.ops.test_selective_scan_triton import GRAD_NAMES_ALL, make_inputs, named, run_reference, run_triton
 from tests.helpers import assert_close, run_sass_script
 
@@ -48,18 +48,19 @@ CASES = [
     # NL 8 x NH 1 (dstate 5 pads to 8), no D / z / bias, 3 time segments
     pytest.param("wide16", dict(L=12, d=32, n=5, full=False), True,
                  dict(checkpoint_interval=4, bwd_time_segments=3), id="wide16-dstate5-plain"),
-    # the chunked backward: (8-step interval, 32-channel) tiles, a ragged last interval (rows past seqlen)
-    pytest.param("chunked", dict(L=19, d=32, n=16), True, dict(checkpoint_interval=8), id="chunked-ragged"),
-    # documents inside and at interval starts (a_t and a_{t+1} cut), ngroups 2, 2 time segments (the entering carry
-    # from the adjoint-only pass), 32 channels in two programs of 16 per group
+    # the chunked backward: 8-step intervals walked in 4-step blocks (the forward pass keeping each block's entering
+    # state), a ragged last interval of one block partly past seqlen
+    pytest.param("chunked", dict(L=19, d=32, n=16), True, dict(checkpoint_interval=8, block_u=4), id="chunked-ragged"),
+    # documents inside and at interval and block starts (a_t cut), ngroups 2, 2 time segments (the entering carry
+    # from the adjoint-only pass), 32 channels in two programs of 16 per group, 2-step blocks
     pytest.param("chunked", dict(L=14, d=64, n=16, g=2, seq=((4, 8), (1, 12))), True,
-                 dict(checkpoint_interval=4, bwd_time_segments=2, bwd_channels=16), id="chunked-seq-ngroups2-segments"),
-    # dstate 13 (unrolled exactly, no padding), no softplus, no initial state; dstate 5 without D / z / bias in 3
-    # segments
-    pytest.param("chunked", dict(L=12, d=32, n=13, h0=False), False, dict(checkpoint_interval=4),
-                 id="chunked-dstate13"),
-    pytest.param("chunked", dict(L=12, d=32, n=5, full=False), True, dict(checkpoint_interval=4, bwd_time_segments=3),
-                 id="chunked-dstate5-plain"),
+                 dict(checkpoint_interval=8, block_u=2, bwd_time_segments=2, bwd_channels=16),
+                 id="chunked-seq-ngroups2-segments"),
+    # the block is the interval (no forward pass); dstate 13, no softplus, no initial state; dstate 5 without D / z /
+    # bias in 3 segments
+    pytest.param("chunked-i4", dict(L=12, d=32, n=13, h0=False), False, dict(), id="chunked-i4-dstate13"),
+    pytest.param("chunked-i8", dict(L=12, d=32, n=5, full=False), True,
+                 dict(checkpoint_interval=4, block_u=4, bwd_time_segments=3), id="chunked-i8-dstate5-plain"),
 ]
 
 
@@ -119,7 +120,9 @@ def test_chunked_policy():
     """The chunked backward is one warp over at most 32 channels, capped by the group (one group's B / C per program);
     its time segments come from warps per SM (the override wins)."""
     cfg = bwd_variant_config("chunked")
-    assert cfg.bwd_chunked and cfg.checkpoint_interval == 8 and cfg.bwd_maxnreg == 128
+    assert cfg.bwd_chunked and cfg.checkpoint_interval == 64 and cfg.bwd_maxnreg == 128
+    assert chunked_bwd_rows(cfg) == 8 and chunked_bwd_rows(bwd_variant_config("chunked-i4")) == 4
+    assert chunked_bwd_rows(bwd_variant_config("chunked", checkpoint_interval=12)) == 6  # a divisor of the interval
     assert chunked_bwd_tiles(4096, cfg) == (32, 1)
     assert chunked_bwd_tiles(24, cfg) == (8, 1)  # 24 = 8 x 3
     assert chunked_bwd_tiles(4096, bwd_variant_config("chunked", bwd_channels=64)) == (32, 1)
@@ -139,6 +142,6 @@ def test_the_chunked_backward_compiles_for_sm90():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {cells[0]: cells for line in out.stdout.splitlines()
             if line.startswith("| chunked") and (cells := [c.strip() for c in line.strip("|").split("|")])}
-    assert set(rows) == {"chunked", "chunked-nocap", "chunked-i4"}, out.stdout
-    assert int(rows["chunked"][2]) <= 128 and int(rows["chunked-i4"][2]) <= 128, rows
+    assert set(rows) == {"chunked", "chunked-i8", "chunked-i8-nocap", "chunked-i4"}, out.stdout
+    assert all(int(rows[v][2]) <= 128 for v in ("chunked", "chunked-i8", "chunked-i4")), rows
     assert all(int(r[4]) > 64 for r in rows.values()), rows  # the state loop was found

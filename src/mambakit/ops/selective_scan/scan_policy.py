@@ -69,7 +69,8 @@ class ScanConfig:
     bwd_channels: channels per warp in the backward (more: fewer dB/dC atomics, more shuffles).
     checkpoint_interval: steps between forward checkpoints (multiple of 4 and of block_u).
     block_u: backward micro-block, the U states re-derived in registers per scratch checkpoint (None: 2 when
-        the backward launch has the warps to use the extra occupancy, else 4).
+        the backward launch has the warps to use the extra occupancy, else 4); in the chunked backward the steps
+        held in registers (`chunked_bwd_rows`).
     time_segments: time segments the forward scans in parallel (see `default_time_segments`); None picks
         from the shape, 1 is the plain sequential forward. Segments hold a whole number of checkpoint
         intervals, so fewer segments than asked are used when seqlen / checkpoint_interval is small.
@@ -97,8 +98,8 @@ class ScanConfig:
     bwd_rows: move the backward's (D, N) tiles (A, checkpoints, carry, scratch) one in-thread state row at a
         time, which allows bwd_nl > 4 (the "wide" variants of BWD_VARIANTS; `bwd_variant_config` sets it).
     bwd_chunked: the "chunked" backward (`triton_scan_bwd_chunked.py`): one warp over bwd_channels channels (a lane
-        each) holds the steps of a checkpoint interval in registers and loops over the states; bwd_nl, block_u,
-        bwd_rows and bwd_reduce_channels do not apply to it.
+        each) holds block_u steps in registers and loops over the states; bwd_nl, bwd_rows and bwd_reduce_channels
+        do not apply to it.
     """
 
     fwd_nl: int | None = None
@@ -343,6 +344,7 @@ def carry_split(batch: int, seqlen: int, dim: int, dstate: int, ngroups: int, se
 # The chunked backward (BWD_VARIANTS["chunked"]): channels per one-warp program (a lane each), and the warps per SM
 # its time segments aim for (a first guess, not yet swept)
 CHUNKED_CHANNELS = 32
+CHUNKED_ROWS = 8  # steps in registers (SASS at 4 / 8 / 16: 128 / 255 / 255 registers, the last spilling)
 CHUNKED_MIN_WARPS_PER_SM = 16
 
 
@@ -351,6 +353,15 @@ def chunked_bwd_tiles(group_size: int, config: ScanConfig) -> tuple[int, int]:
     at most 32) capped at the largest power of two dividing the group size, so that a program reads one group's B
     and C."""
     return min(config.bwd_channels or CHUNKED_CHANNELS, 32, group_size & -group_size), 1
+
+
+def chunked_bwd_rows(config: ScanConfig) -> int:
+    """Steps the chunked backward holds in registers: config.block_u (default CHUNKED_ROWS) or the checkpoint interval
+    if smaller, the largest divisor of the interval at most that."""
+    sub = min(config.block_u or CHUNKED_ROWS, config.checkpoint_interval)
+    while config.checkpoint_interval % sub:
+        sub -= 1
+    return sub
 
 
 def chunked_bwd_time_segments(batch: int, seqlen: int, dim: int, ngroups: int, config: ScanConfig,
@@ -384,15 +395,18 @@ BWD_VARIANTS: dict[str, dict] = {
     "wide8-u1": dict(nl=8, channels=16, rows=True, block_u=1, interval=32, reduce_channels=4),
     "wide16": dict(nl=16, channels=32, rows=True, block_u=1, interval=32, reduce_channels=4),
     "wide16-r1": dict(nl=16, channels=32, rows=True, block_u=1, interval=32, reduce_channels=1),
-    # the states as the loop: a warp over 32 channels holds an 8-step checkpoint interval in registers, capped at
-    # 128 registers (16 warps per SM, v1's occupancy; spills outside the state loop); "-nocap" takes the compiler's
-    # 255 (8 warps per SM, no spills), "-i4" 4-step intervals (128 registers without a cap, 2x the checkpoints)
-    # (triton_scan_bwd_chunked.py)
-    "chunked": dict(nl=None, channels=CHUNKED_CHANNELS, rows=False, block_u=None, interval=8, reduce_channels=None,
+    # the states as the loop (triton_scan_bwd_chunked.py): a warp over 32 channels holds 8 steps in registers
+    # (block_u) and loops over the states; "chunked" walks the default 64-step checkpoint intervals in 8-step blocks
+    # after a forward pass over each interval, capped at v1's 128 registers (16 warps per SM); "-i8" makes the
+    # checkpoint interval the block (no forward pass, 8x the checkpoints), "-nocap" leaves the compiler its 255
+    # registers (8 warps per SM), "-i4" 4-step intervals and blocks (128 registers without a cap, 16x the checkpoints)
+    "chunked": dict(nl=None, channels=CHUNKED_CHANNELS, rows=False, block_u=8, interval=64, reduce_channels=None,
                     chunked=True, maxnreg=128),
-    "chunked-nocap": dict(nl=None, channels=CHUNKED_CHANNELS, rows=False, block_u=None, interval=8,
-                          reduce_channels=None, chunked=True),
-    "chunked-i4": dict(nl=None, channels=CHUNKED_CHANNELS, rows=False, block_u=None, interval=4, reduce_channels=None,
+    "chunked-i8": dict(nl=None, channels=CHUNKED_CHANNELS, rows=False, block_u=8, interval=8, reduce_channels=None,
+                       chunked=True, maxnreg=128),
+    "chunked-i8-nocap": dict(nl=None, channels=CHUNKED_CHANNELS, rows=False, block_u=8, interval=8,
+                             reduce_channels=None, chunked=True),
+    "chunked-i4": dict(nl=None, channels=CHUNKED_CHANNELS, rows=False, block_u=4, interval=4, reduce_channels=None,
                        chunked=True),
 }
 

@@ -167,6 +167,7 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
     chunked = bool(config.bwd_chunked)
     if chunked:  # the chunked backward: one warp over bd channels holds an interval's steps, no scratch
         bd, nwarps = policy.chunked_bwd_tiles(dim // ngroups, config)
+        sub = policy.chunked_bwd_rows(config)
         seg_len, nseg = policy.segments(seqlen, interval, policy.chunked_bwd_time_segments(
             batch, seqlen, dim, ngroups, config, x.device))
     else:
@@ -252,13 +253,14 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
             dx_ptr=dx, ddt_ptr=ddt, dz_ptr=dz if dz is not None else dummy, dB_ptr=dB, dC_ptr=dC, dA_ptr=dA,
             dD_ptr=dD if dD is not None else dummy, dbias_ptr=dbias if dbias is not None else dummy,
             dh0_ptr=dh0 if dh0 is not None else dummy,
-            buf_ptr=torch.empty(batch * nseg * (dim // bd), 2, dstate, bd, device=x.device, dtype=acc_t),
+            buf_ptr=torch.empty(batch * nseg * (dim // bd), 2 + interval // sub, dstate, bd, device=x.device,
+                                dtype=acc_t),
             seqlen=seqlen, dim=dim, dstate=dstate, group_size=dim // ngroups, nchunks=nintervals, seg_len=seg_len, nseg=nseg,
             cin_n=cin_n, cin_k=cin_k, rep_stride=dB.stride(0),
             s_b=x.stride(0), s_t=x.stride(1), s_zb=zs[0], s_zt=zs[1], s_Bb=B32.stride(0), s_Bt=B32.stride(1),
             s_Bg=B32.stride(2), s_sb=ss[0], s_st=ss[1], s_Ad=A.stride(0), s_An=A.stride(1), s_yb=dy.stride(0),
             s_yt=dy.stride(1), s_dzb=dzs[0], s_dzt=dzs[1],
-            NREP=nrep, CHUNK=interval, BD=bd, ACC=acc_tl, HAS_D=D is not None, HAS_Z=z is not None,
+            NREP=nrep, CHUNK=interval, SUB=sub, BD=bd, ACC=acc_tl, HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None,
             HAS_DHLAST=dhl is not None, WANT_DH0=want_dinitial, LIBDEVICE=not triton_interpret(), I64=i64,
             SEGMENTED=nseg > 1, DZ_AT=dz_at, num_warps=nwarps, **({} if maxnreg is None else {"maxnreg": maxnreg}),
@@ -400,7 +402,9 @@ def selective_scan_triton(
     if A.is_complex():
         raise ValueError("selective_scan_triton: complex A is not supported; use backend 'reference' or 'torch'")
     cfg = config or policy.DEFAULT_CONFIG
-    if cfg.checkpoint_interval % 4 or (cfg.block_u is not None and cfg.checkpoint_interval % cfg.block_u):
+    # (the chunked backward takes the largest divisor of the interval up to block_u: `chunked_bwd_rows`)
+    if cfg.checkpoint_interval % 4 or (cfg.block_u is not None and not cfg.bwd_chunked
+                                       and cfg.checkpoint_interval % cfg.block_u):
         raise ValueError(f"selective_scan_triton: checkpoint_interval={cfg.checkpoint_interval} must be a multiple "
                          f"of 4 and of block_u={cfg.block_u}")
     if cfg.time_segments is not None and cfg.time_segments < 1:

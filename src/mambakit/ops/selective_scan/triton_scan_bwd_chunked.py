@@ -39,6 +39,38 @@ __all__ = ["scan_bwd_chunked_kernel"]
 LN2 = tl.constexpr(0.6931471805599453)
 
 
+@triton.jit
+def _rows(ts, tn, x_b, dt_b, dy_b, z_b, seq_b, d, dl, bias, s_t, s_yt, s_zt, s_st, SUB: tl.constexpr,
+          WITH_DY: tl.constexpr, ACC: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+          SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr):
+    """The SUB rows from step ts, once per (step, channel): (dt' x, dt', dy gated (WITH_DY), keep) each, (BD,)
+    vectors; steps past tn are zeros (dt' = 0: a = 1, no input). keep is False where a document starts at the step
+    (its state entering is cut, also at a checkpoint); steps past tn compare the last step with itself, so that
+    they pass the carry through."""
+    rows = ()
+    for u in tl.static_range(SUB):
+        t = ts + u
+        ok = dl * 0 + t < tn  # (BD,): full-shape masks (the interpreter wants them)
+        to = time_offset(tl.minimum(t, tn - 1), I64)
+        x = tl.load(x_b + (to * s_t + d), mask=ok, other=0.0).to(ACC)
+        delta, _ = dt_softplus_sigmoid(tl.load(dt_b + (to * s_t + d)).to(ACC), bias, HAS_BIAS, SOFTPLUS, LIBDEVICE)
+        delta = tl.where(ok, delta, 0.0)
+        if WITH_DY:
+            dy = tl.load(dy_b + (to * s_yt + d), mask=ok, other=0.0).to(ACC)
+            if HAS_Z:
+                zf = tl.load(z_b + (to * s_zt + d)).to(ACC)
+                dy = dy * zf * fast_sigmoid(zf, LIBDEVICE)
+        else:
+            dy = delta  # (unused)
+        if HAS_SEQ:
+            prev = time_offset(tl.minimum(tl.maximum(t - 1, 0), tn - 1), I64)
+            keep = tl.load(seq_b + to * s_st) == tl.load(seq_b + prev * s_st)
+        else:
+            keep = t < tn  # (unused)
+        rows = rows + ((delta * x, delta, dy, keep),)
+    return rows
+
+
 @fast_launch
 @triton.jit
 def scan_bwd_chunked_kernel(
@@ -46,7 +78,7 @@ def scan_bwd_chunked_kernel(
     dx_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr, buf_ptr,
     seqlen, dim, dstate, group_size, nchunks, seg_len, nseg, cin_n, cin_k, rep_stride,
     s_b, s_t, s_zb, s_zt, s_Bb, s_Bt, s_Bg, s_sb, s_st, s_Ad, s_An, s_yb, s_yt, s_dzb, s_dzt,
-    NREP: tl.constexpr, CHUNK: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
+    NREP: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_DHLAST: tl.constexpr, WANT_DH0: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr,
     SEGMENTED: tl.constexpr, DZ_AT: tl.constexpr,
@@ -54,7 +86,10 @@ def scan_bwd_chunked_kernel(
     """Backward of time segment pid_c (the whole sequence when nseg == 1) for BD channels of batch row pid_b,
     checkpoint intervals in reverse; the arguments are `scan_bwd_kernel`'s, less its scratch and tiling knobs.
     dB / dC: (NREP, B, L, G, N) float32 replicas (program pid_d adds into replica pid_d % NREP).
-    buf: (programs, 2, N, BD) float32: each lane's carry and dA_n partial sum of its channel, between intervals."""
+    SUB: the steps held in registers, a divisor of CHUNK; SUB < CHUNK walks each interval in SUB-step blocks, after a
+    forward pass that keeps the state entering each block.
+    buf: (programs, 2 + CHUNK / SUB, N, BD) float32, each lane's own channel: its carry and dA_n partial sum between
+    intervals, then the state entering each block of the interval."""
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_c = tl.program_id(2)
@@ -81,7 +116,9 @@ def scan_bwd_chunked_kernel(
     dC_b = dC_ptr + (rep + row0)
     st_off = (pid_b * dim + d) * dstate  # (b, d, n=0) of a (B, D, N) state
     prog = (pid_b * nseg + pid_c) * tl.num_programs(0) + pid_d
-    cb = buf_ptr + prog * (2 * dstate * BD) + dl  # carry of state n at cb + n * BD, dA_n at cb + (dstate + n) * BD
+    # carry of state n at cb + n * BD, dA_n at cb + (dstate + n) * BD, the state entering block k at hb + (k N + n) BD
+    cb = buf_ptr + prog * ((2 + CHUNK // SUB) * dstate * BD) + dl
+    hb = cb + 2 * dstate * BD
     if SEGMENTED:
         # carry segments are cin_k times finer (reversed order): the one entering this segment's last step is
         # the carry-in of sub-segment (pid_c + 1) cin_k - 1, stored at cin_n - (pid_c + 1) cin_k (0: last)
@@ -104,100 +141,107 @@ def scan_bwd_chunked_kernel(
         c = c_hi - 1 - ci
         t0 = c * CHUNK
         tn = tl.minimum(t0 + CHUNK, seqlen)
-        # the interval's rows, once per (step, channel); steps past seqlen are zeros (dt' = 0: a = 1, no input). Only
-        # what the state loop reads stays in registers through it: x, dz's and ddt's inputs are loaded again after it
-        rows = ()
-        for u in tl.static_range(CHUNK):
-            t = t0 + u
-            ok = dl * 0 + t < tn  # (BD,): full-shape masks (the interpreter wants them)
-            to = time_offset(tl.minimum(t, tn - 1), I64)
-            x = tl.load(x_b + (to * s_t + d), mask=ok, other=0.0).to(ACC)
-            delta, _ = dt_softplus_sigmoid(tl.load(dt_b + (to * s_t + d)).to(ACC), bias, HAS_BIAS, SOFTPLUS, LIBDEVICE)
-            delta = tl.where(ok, delta, 0.0)
-            dy = tl.load(dy_b + (to * s_yt + d), mask=ok, other=0.0).to(ACC)
-            if HAS_Z:
-                zf = tl.load(z_b + (to * s_zt + d)).to(ACC)
-                dy = dy * zf * fast_sigmoid(zf, LIBDEVICE)
-            if HAS_SEQ:  # a document starting at t cuts the state entering it (t0's from the checkpoint too);
-                # steps past seqlen compare the last step with itself: they must pass the carry through
-                prev = time_offset(tl.minimum(tl.maximum(t - 1, 0), tn - 1), I64)
-                keep = tl.load(seq_b + to * s_st) == tl.load(seq_b + prev * s_st)
-            else:
-                keep = t < tn  # (unused)
-            rows = rows + ((delta * x, delta, dy, keep),)
-        S1 = ()  # sum_n g B_n, per row
-        S2 = ()  # sum_n g a h_{t-1} A_n log2(e)
-        Y = ()  # sum_n C_n h: the pre-gate output, recomputed
-        for u in tl.static_range(CHUNK):
-            S1 = S1 + (tl.zeros((BD,), dtype=ACC),)
-            S2 = S2 + (tl.zeros((BD,), dtype=ACC),)
-            Y = Y + (tl.zeros((BD,), dtype=ACC),)
         ck = hck_ptr + ((pid_b * nchunks + c) * dim + d) * dstate  # the state entering the interval
-        for n in range(0, dstate):
-            A2 = tl.load(A_ptr + (d * s_Ad + n * s_An)).to(ACC) * LOG2E
-            h = tl.load(ck + n).to(ACC)
-            # forward through the interval: keep a_t, h_{t-1}, B, C of each row for the reverse
-            fw = ()
-            Y_new = ()
-            for u in tl.static_range(CHUNK):
+        nsb = (tn - t0 + SUB - 1) // SUB
+        if SUB < CHUNK:  # forward through the blocks: the state entering each one into hb
+            for n in range(0, dstate):
+                tl.store(hb + n * BD, tl.load(ck + n).to(ACC))
+            for sb in range(0, nsb - 1):
+                ts = t0 + sb * SUB
+                rows = _rows(ts, tn, x_b, dt_b, dy_b, z_b, seq_b, d, dl, bias, s_t, s_yt, s_zt, s_st, SUB, False, ACC,
+                             HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ, LIBDEVICE, I64)
+                for n in range(0, dstate):
+                    A2 = tl.load(A_ptr + (d * s_Ad + n * s_An)).to(ACC) * LOG2E
+                    h = tl.load(hb + (sb * dstate + n) * BD)
+                    for u in tl.static_range(SUB):
+                        xdt, delta, dy, keep = rows[u]
+                        to = time_offset(tl.minimum(ts + u, tn - 1), I64)
+                        a = tl.exp2(delta * A2)
+                        if HAS_SEQ:
+                            a = tl.where(keep, a, 0.0)
+                        h = a * h + xdt * tl.load(B_b + (to * s_Bt + n)).to(ACC)
+                    tl.store(hb + ((sb + 1) * dstate + n) * BD, h)
+        for sbi in range(0, nsb):  # the blocks in reverse
+            sb = nsb - 1 - sbi
+            ts = t0 + sb * SUB
+            # only what the state loop reads stays in registers through it: x, dz's and ddt's inputs are loaded again
+            # after it
+            rows = _rows(ts, tn, x_b, dt_b, dy_b, z_b, seq_b, d, dl, bias, s_t, s_yt, s_zt, s_st, SUB, True, ACC,
+                         HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ, LIBDEVICE, I64)
+            S1 = ()  # sum_n g B_n, per row
+            S2 = ()  # sum_n g a h_{t-1} A_n log2(e)
+            Y = ()  # sum_n C_n h: the pre-gate output, recomputed
+            for u in tl.static_range(SUB):
+                S1 = S1 + (tl.zeros((BD,), dtype=ACC),)
+                S2 = S2 + (tl.zeros((BD,), dtype=ACC),)
+                Y = Y + (tl.zeros((BD,), dtype=ACC),)
+            for n in range(0, dstate):
+                A2 = tl.load(A_ptr + (d * s_Ad + n * s_An)).to(ACC) * LOG2E
+                # the state entering the block
+                h = tl.load(hb + (sb * dstate + n) * BD) if SUB < CHUNK else tl.load(ck + n).to(ACC)
+                # forward through the block: keep a_t, h_{t-1}, B, C of each row for the reverse
+                fw = ()
+                Y_new = ()
+                for u in tl.static_range(SUB):
+                    xdt, delta, dy, keep = rows[u]
+                    to = time_offset(tl.minimum(ts + u, tn - 1), I64)
+                    Bn = tl.load(B_b + (to * s_Bt + n)).to(ACC)
+                    Cn = tl.load(C_b + (to * s_Bt + n)).to(ACC)
+                    a = tl.exp2(delta * A2)
+                    if HAS_SEQ:
+                        a = tl.where(keep, a, 0.0)
+                    fw = fw + ((a, h, Bn, Cn),)
+                    h = a * h + xdt * Bn
+                    Y_new = Y_new + (Y[u] + Cn * h,)
+                    # (no mask: a step past seqlen adds dy * h = 0 to the last step's row)
+                    tl.atomic_add(dC_b + (to * s_gn + n), tl.sum(dy * h, axis=0), sem="relaxed")
+                Y = Y_new
+                # reverse through the block
+                carry = tl.load(cb + n * BD)
+                dA_n = tl.load(cb + (dstate + n) * BD)
+                S1_new = ()
+                S2_new = ()
+                for u in tl.static_range(SUB - 1, -1, -1):  # (a constexpr index: tuples take no other)
+                    xdt, delta, dy, keep = rows[u]
+                    to = time_offset(tl.minimum(ts + u, tn - 1), I64)
+                    a, h_prev, Bn, Cn = fw[u]
+                    gt = Cn * dy + carry  # dL/dh_t
+                    q = gt * a * h_prev
+                    S1_new = (S1[u] + gt * Bn,) + S1_new
+                    S2_new = (S2[u] + q * A2,) + S2_new
+                    dA_n += q * delta
+                    # (x = 0 past seqlen)
+                    tl.atomic_add(dB_b + (to * s_gn + n), tl.sum(gt * xdt, axis=0), sem="relaxed")
+                    carry = a * gt
+                S1 = S1_new
+                S2 = S2_new
+                tl.store(cb + n * BD, carry)
+                tl.store(cb + (dstate + n) * BD, dA_n)
+            for u in tl.static_range(SUB):
                 xdt, delta, dy, keep = rows[u]
-                to = time_offset(tl.minimum(t0 + u, tn - 1), I64)
-                Bn = tl.load(B_b + (to * s_Bt + n)).to(ACC)
-                Cn = tl.load(C_b + (to * s_Bt + n)).to(ACC)
-                a = tl.exp2(delta * A2)
-                if HAS_SEQ:
-                    a = tl.where(keep, a, 0.0)
-                fw = fw + ((a, h, Bn, Cn),)
-                h = a * h + xdt * Bn
-                Y_new = Y_new + (Y[u] + Cn * h,)
-                # (no mask: a step past seqlen adds dy * h = 0 to the last step's row)
-                tl.atomic_add(dC_b + (to * s_gn + n), tl.sum(dy * h, axis=0), sem="relaxed")
-            Y = Y_new
-            # reverse through the interval
-            carry = tl.load(cb + n * BD)
-            dA_n = tl.load(cb + (dstate + n) * BD)
-            S1_new = ()
-            S2_new = ()
-            for u in tl.static_range(CHUNK - 1, -1, -1):  # (a constexpr index: tuples take no other)
-                xdt, delta, dy, keep = rows[u]
-                to = time_offset(tl.minimum(t0 + u, tn - 1), I64)
-                a, h_prev, Bn, Cn = fw[u]
-                gt = Cn * dy + carry  # dL/dh_t
-                q = gt * a * h_prev
-                S1_new = (S1[u] + gt * Bn,) + S1_new
-                S2_new = (S2[u] + q * A2,) + S2_new
-                dA_n += q * delta
-                tl.atomic_add(dB_b + (to * s_gn + n), tl.sum(gt * xdt, axis=0), sem="relaxed")  # (x = 0 past seqlen)
-                carry = a * gt
-            S1 = S1_new
-            S2 = S2_new
-            tl.store(cb + n * BD, carry)
-            tl.store(cb + (dstate + n) * BD, dA_n)
-        for u in tl.static_range(CHUNK):
-            xdt, delta, dy, keep = rows[u]
-            ok = dl * 0 + t0 + u < tn
-            to = time_offset(tl.minimum(t0 + u, tn - 1), I64)
-            xo = to * s_t + d
-            x = tl.load(x_b + xo, mask=ok, other=0.0).to(ACC)
-            if HAS_Z:
-                y = Y[u] + Dv * x if HAS_D else Y[u]
-                dout = tl.load(dy_b + (to * s_yt + d), mask=ok, other=0.0).to(ACC)
-                zf = tl.load(z_b + (to * s_zt + d)).to(ACC)
-                sz = fast_sigmoid(zf, LIBDEVICE)
-                dzo = xo if DZ_AT == 0 else to * s_zt + d if DZ_AT == 1 else to * s_dzt + d
-                tl.store(dz_b + dzo, (dout * y * sz * (1.0 + zf * (1.0 - sz))).to(dz_b.dtype.element_ty), mask=ok)
-            dx = delta * S1[u]
-            if HAS_D:
-                dx += Dv * dy
-                dD_acc += dy * x
-            tl.store(dx_b + xo, dx.to(dx_b.dtype.element_ty), mask=ok)
-            ddt = x * S1[u] + S2[u] * LN2
-            if SOFTPLUS:  # d dt' / d dt = sigmoid(dt + bias)
-                v = tl.load(dt_b + xo).to(ACC)
-                ddt = ddt * fast_sigmoid(v + bias if HAS_BIAS else v, LIBDEVICE)
-            ddt = tl.where(ok, ddt, 0.0)
-            tl.store(ddt_b + xo, ddt.to(ddt_b.dtype.element_ty), mask=ok)
-            dbias_acc += ddt
+                ok = dl * 0 + ts + u < tn
+                to = time_offset(tl.minimum(ts + u, tn - 1), I64)
+                xo = to * s_t + d
+                x = tl.load(x_b + xo, mask=ok, other=0.0).to(ACC)
+                if HAS_Z:
+                    y = Y[u] + Dv * x if HAS_D else Y[u]
+                    dout = tl.load(dy_b + (to * s_yt + d), mask=ok, other=0.0).to(ACC)
+                    zf = tl.load(z_b + (to * s_zt + d)).to(ACC)
+                    sz = fast_sigmoid(zf, LIBDEVICE)
+                    dzo = xo if DZ_AT == 0 else to * s_zt + d if DZ_AT == 1 else to * s_dzt + d
+                    tl.store(dz_b + dzo, (dout * y * sz * (1.0 + zf * (1.0 - sz))).to(dz_b.dtype.element_ty), mask=ok)
+                dx = delta * S1[u]
+                if HAS_D:
+                    dx += Dv * dy
+                    dD_acc += dy * x
+                tl.store(dx_b + xo, dx.to(dx_b.dtype.element_ty), mask=ok)
+                ddt = x * S1[u] + S2[u] * LN2
+                if SOFTPLUS:  # d dt' / d dt = sigmoid(dt + bias)
+                    v = tl.load(dt_b + xo).to(ACC)
+                    ddt = ddt * fast_sigmoid(v + bias if HAS_BIAS else v, LIBDEVICE)
+                ddt = tl.where(ok, ddt, 0.0)
+                tl.store(ddt_b + xo, ddt.to(ddt_b.dtype.element_ty), mask=ok)
+                dbias_acc += ddt
     for n in range(0, dstate):
         if WANT_DH0:
             tl.store(dh0_ptr + (st_off + n), tl.load(cb + n * BD), mask=d * 0 + pid_c == 0)
