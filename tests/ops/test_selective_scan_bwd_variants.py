@@ -59,6 +59,9 @@ CASES = [
     # the block is the interval (no forward pass); dstate 13, no softplus, no initial state; dstate 5 without D / z /
     # bias in 3 segments
     pytest.param("chunked-i4", dict(L=12, d=32, n=13, h0=False), False, dict(), id="chunked-i4-dstate13"),
+    # dB / dC over groups of 8 lanes into 3 replicas (groups 0..7 of the two programs cycle through them), documents
+    pytest.param("chunked-r8", dict(L=13, d=64, n=16, seq=True), True,
+                 dict(checkpoint_interval=8, block_u=4, bwd_replicas=3), id="chunked-r8-replicas3-seq"),
     pytest.param("chunked-i8", dict(L=12, d=32, n=5, full=False), True,
                  dict(checkpoint_interval=4, block_u=4, bwd_time_segments=3), id="chunked-i8-dstate5-plain"),
 ]
@@ -142,6 +145,6 @@ def test_the_chunked_backward_compiles_for_sm90():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {cells[0]: cells for line in out.stdout.splitlines()
             if line.startswith("| chunked") and (cells := [c.strip() for c in line.strip("|").split("|")])}
-    assert set(rows) == {"chunked", "chunked-i8", "chunked-i8-nocap", "chunked-i4"}, out.stdout
-    assert all(int(rows[v][2]) <= 128 for v in ("chunked", "chunked-i8", "chunked-i4")), rows
+    assert set(rows) == {"chunked", "chunked-i8", "chunked-i8-nocap", "chunked-i4", "chunked-r8"}, out.stdout
+    assert all(int(rows[v][2]) <= 128 for v in ("chunked", "chunked-i8", "chunked-i4", "chunked-r8")), rows
     assert all(int(r[4]) > 64 for r in rows.values()), rows  # the state loop was found

@@ -98,8 +98,8 @@ class ScanConfig:
     bwd_rows: move the backward's (D, N) tiles (A, checkpoints, carry, scratch) one in-thread state row at a
         time, which allows bwd_nl > 4 (the "wide" variants of BWD_VARIANTS; `bwd_variant_config` sets it).
     bwd_chunked: the "chunked" backward (`triton_scan_bwd_chunked.py`): one warp over bwd_channels channels (a lane
-        each) holds block_u steps in registers and loops over the states; bwd_nl, bwd_rows and bwd_reduce_channels
-        do not apply to it.
+        each) holds block_u steps in registers and loops over the states; bwd_reduce_channels is then the lanes
+        summed before each dB / dC atomic (default: the warp's); bwd_nl and bwd_rows do not apply to it.
     """
 
     fwd_nl: int | None = None
@@ -408,6 +408,9 @@ BWD_VARIANTS: dict[str, dict] = {
                              reduce_channels=None, chunked=True),
     "chunked-i4": dict(nl=None, channels=CHUNKED_CHANNELS, rows=False, block_u=4, interval=4, reduce_channels=None,
                        chunked=True),
+    # "chunked" with dB_t / dC_t summed over groups of 8 lanes (3 shuffle levels instead of 5), 4 atomics a warp
+    "chunked-r8": dict(nl=None, channels=CHUNKED_CHANNELS, rows=False, block_u=8, interval=64, reduce_channels=8,
+                       chunked=True, maxnreg=128),
 }
 
 

@@ -201,7 +201,8 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
     # dz's offsets: x's (0) or z's (1) where its strides are theirs (no address arithmetic of its own), else its own
     dz_at = 0 if dz is None or dz.stride() == x.stride() else 1 if dz.stride() == z.stride() else 2
     # channels summed before each dB / dC atomic: a group of lanes (default backward) or the program's (chunked)
-    red_ch = bd if chunked else min(config.bwd_reduce_channels or policy.DEFAULT_REDUCE_CHANNELS, tiles.BD)
+    red_ch = (min(config.bwd_reduce_channels or bd, bd) if chunked else
+              min(config.bwd_reduce_channels or policy.DEFAULT_REDUCE_CHANNELS, tiles.BD))
     nrep = policy.bwd_replicas(dim // ngroups, red_ch, config)  # replicas of dB, dC for the atomics (see the kernel)
     dB = torch.zeros(nrep, batch, seqlen, ngroups, dstate, device=x.device, dtype=acc_t)
     dC = torch.zeros_like(dB)
@@ -260,7 +261,7 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
             s_b=x.stride(0), s_t=x.stride(1), s_zb=zs[0], s_zt=zs[1], s_Bb=B32.stride(0), s_Bt=B32.stride(1),
             s_Bg=B32.stride(2), s_sb=ss[0], s_st=ss[1], s_Ad=A.stride(0), s_An=A.stride(1), s_yb=dy.stride(0),
             s_yt=dy.stride(1), s_dzb=dzs[0], s_dzt=dzs[1],
-            NREP=nrep, CHUNK=interval, SUB=sub, BD=bd, ACC=acc_tl, HAS_D=D is not None, HAS_Z=z is not None,
+            NREP=nrep, RED_CH=red_ch, CHUNK=interval, SUB=sub, BD=bd, ACC=acc_tl, HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None,
             HAS_DHLAST=dhl is not None, WANT_DH0=want_dinitial, LIBDEVICE=not triton_interpret(), I64=i64,
             SEGMENTED=nseg > 1, DZ_AT=dz_at, num_warps=nwarps, **({} if maxnreg is None else {"maxnreg": maxnreg}),

@@ -40,6 +40,12 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _group_sum(v, BD: tl.constexpr, RED_CH: tl.constexpr):
+    """(BD,) -> (BD / RED_CH,): the sums over groups of RED_CH consecutive lanes (warp shuffles)."""
+    return tl.sum(tl.reshape(v, (BD // RED_CH, RED_CH)), axis=1)
+
+
+@triton.jit
 def _rows(ts, tn, x_b, dt_b, dy_b, z_b, seq_b, d, dl, bias, s_t, s_yt, s_zt, s_st, SUB: tl.constexpr,
           WITH_DY: tl.constexpr, ACC: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
           SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr):
@@ -78,14 +84,16 @@ def scan_bwd_chunked_kernel(
     dx_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr, buf_ptr,
     seqlen, dim, dstate, group_size, nchunks, seg_len, nseg, cin_n, cin_k, rep_stride,
     s_b, s_t, s_zb, s_zt, s_Bb, s_Bt, s_Bg, s_sb, s_st, s_Ad, s_An, s_yb, s_yt, s_dzb, s_dzt,
-    NREP: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
+    NREP: tl.constexpr, RED_CH: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, BD: tl.constexpr,
+    ACC: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_DHLAST: tl.constexpr, WANT_DH0: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr,
     SEGMENTED: tl.constexpr, DZ_AT: tl.constexpr,
 ):
     """Backward of time segment pid_c (the whole sequence when nseg == 1) for BD channels of batch row pid_b,
     checkpoint intervals in reverse; the arguments are `scan_bwd_kernel`'s, less its scratch and tiling knobs.
-    dB / dC: (NREP, B, L, G, N) float32 replicas (program pid_d adds into replica pid_d % NREP).
+    dB / dC: (NREP, B, L, G, N) float32 replicas: the sum of each group of RED_CH channels (a divisor of BD) goes to
+    replica (pid_d BD / RED_CH + group) % NREP.
     SUB: the steps held in registers, a divisor of CHUNK; SUB < CHUNK walks each interval in SUB-step blocks, after a
     forward pass that keeps the state entering each block.
     buf: (programs, 2 + CHUNK / SUB, N, BD) float32, each lane's own channel: its carry and dA_n partial sum between
@@ -110,7 +118,9 @@ def scan_bwd_chunked_kernel(
     B_b = B_ptr + pid_b * s_Bb + g * s_Bg
     C_b = C_ptr + pid_b * s_Bb + g * s_Bg
     seq_b = seq_ptr + pid_b * s_sb
-    rep = (pid_d % NREP).to(tl.int64) * rep_stride
+    # dB_t / dC_t: each group of RED_CH lanes (the whole warp when RED_CH == BD) adds its sum into its own replica
+    grp = tl.arange(0, BD // RED_CH)
+    rep = ((pid_d * (BD // RED_CH) + grp) % NREP).to(tl.int64) * rep_stride  # (BD / RED_CH,)
     row0 = (pid_b * seqlen * ngroups + g) * dstate  # (b, t=0, g) of a replica
     dB_b = dB_ptr + (rep + row0)
     dC_b = dC_ptr + (rep + row0)
@@ -194,7 +204,7 @@ def scan_bwd_chunked_kernel(
                     h = a * h + xdt * Bn
                     Y_new = Y_new + (Y[u] + Cn * h,)
                     # (no mask: a step past seqlen adds dy * h = 0 to the last step's row)
-                    tl.atomic_add(dC_b + (to * s_gn + n), tl.sum(dy * h, axis=0), sem="relaxed")
+                    tl.atomic_add(dC_b + (to * s_gn + n), _group_sum(dy * h, BD, RED_CH), sem="relaxed")
                 Y = Y_new
                 # reverse through the block
                 carry = tl.load(cb + n * BD)
@@ -211,7 +221,7 @@ def scan_bwd_chunked_kernel(
                     S2_new = (S2[u] + q * A2,) + S2_new
                     dA_n += q * delta
                     # (x = 0 past seqlen)
-                    tl.atomic_add(dB_b + (to * s_gn + n), tl.sum(gt * xdt, axis=0), sem="relaxed")
+                    tl.atomic_add(dB_b + (to * s_gn + n), _group_sum(gt * xdt, BD, RED_CH), sem="relaxed")
                     carry = a * gt
                 S1 = S1_new
                 S2 = S2_new
