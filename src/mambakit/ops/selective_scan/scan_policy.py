@@ -31,8 +31,8 @@ from ..common import cdiv, next_power_of_2, sm_count
 
 __all__ = ["ScanConfig", "Tiles", "pick_tiles", "fwd_nl", "default_time_segments", "default_bwd_time_segments",
            "bwd_block_u", "carry_split", "segments", "needs_i64", "BWD_VARIANTS", "variant_params",
-           "bwd_variant_config", "bwd_replicas", "chunked_bwd_tiles", "chunked_bwd_time_segments", "bwd_prefetch",
-           "fwd_prefetch", "carry_prefetch"]
+           "bwd_variant_config", "bwd_replicas", "chunked_bwd_tiles", "chunked_bwd_rows", "chunked_bwd_time_segments",
+           "bwd_prefetch", "fwd_prefetch", "carry_prefetch", "DEFAULT_CONFIG"]
 
 # steps between forward checkpoints. The backward's per-program scratch (h every U steps of an interval) grows with it:
 # at 128 steps its live scratch (16 resident programs per SM) passed the H100's 50 MB L2 and spilled to DRAM
@@ -344,7 +344,9 @@ def carry_split(batch: int, seqlen: int, dim: int, dstate: int, ngroups: int, se
 # The chunked backward (BWD_VARIANTS["chunked"]): channels per one-warp program (a lane each), and the warps per SM
 # its time segments aim for (a first guess, not yet swept)
 CHUNKED_CHANNELS = 32
-CHUNKED_ROWS = 8  # steps in registers (SASS at 4 / 8 / 16: 128 / 255 / 255 registers, the last spilling)
+# steps in registers: uncapped sm_90 compiles (session 41) took 126 / 255 / 255 registers at 4 / 8 / 16, the last
+# spilling; the 8-step variants are capped at 128 instead (BWD_VARIANTS)
+CHUNKED_ROWS = 8
 CHUNKED_MIN_WARPS_PER_SM = 16
 
 
