@@ -1,28 +1,31 @@
 """The selective scan's backward with states outside the tile: the "chunked" backward variant (Mamba-1 "S6").
 
-Shapes (legend): B batch, L seqlen, D dim (channels), G ngroups, N dstate, T = CHUNK the checkpoint interval.
+Shapes (legend): B batch, L seqlen, D dim (channels), G ngroups, N dstate; CHUNK the checkpoint interval, SUB the block.
 
 `scan_bwd_kernel` (triton_scan_bwd.py) holds all N states of a few channels per step, (NL, NH, BD) in registers, and
 walks time: its per-(step, channel) work (loads, softplus, the gate, dx / ddt / dz) is repeated by the NH lanes that
 share a channel, and its sums over the states (y, sum_n g B, sum_n g a h A) are shuffles. Here a program is one warp
-over BD = 32 channels, a lane per channel, and holds the T steps of one checkpoint interval in registers (a tuple of
-T rows); the states are the loop:
+over BD = 32 channels, a lane per channel, and holds SUB steps (a block, a tuple of SUB rows) in registers; the states
+are the loop:
 
-    per interval (in reverse): the rows' x, dt' = softplus(dt + bias), sigma, dy (gated), once per (step, channel)
-        per state n:
-            forward from the interval's checkpoint: a_t = exp(dt'_t A_n), h_t = a_t h_{t-1} + dt'_t B_tn x_t
-                y_t += C_tn h_t,   dC_tn += sum_d dy_t h_t
-            reverse from the carry a_{t+1} g_{t+1} of the interval after:  g_t = C_tn dy_t + carry,
-                S1_t += g_t B_tn,   S2_t += g_t a_t h_{t-1} A_n,   dA_n += g_t a_t h_{t-1} dt'_t,
-                dB_tn += sum_d g_t dt'_t x_t,   carry = a_t g_t
-        then per (step, channel): dz from y, dx = dt' S1 + D dy, ddt = (x S1 + S2) sigma
+    per checkpoint interval (in reverse):
+        forward pass (SUB < CHUNK): from the interval's checkpoint through all blocks but the last, per state, keeping
+            the state entering each block (a per-program buffer)
+        per block (in reverse): the rows' dt' x, dt' = softplus(dt + bias), dy (gated), once per (step, channel)
+            per state n:
+                forward from the block's entering state: a_t = exp(dt'_t A_n), h_t = a_t h_{t-1} + dt'_t B_tn x_t,
+                    y_t += C_tn h_t,   dC_tn += sum_d dy_t h_t
+                reverse from the carry a_{t+1} g_{t+1} of the step after the block:  g_t = C_tn dy_t + carry,
+                    S1_t += g_t B_tn,   S2_t += g_t a_t h_{t-1} A_n,   dA_n += g_t a_t h_{t-1} dt'_t,
+                    dB_tn += sum_d g_t dt'_t x_t,   carry = a_t g_t
+            then per (step, channel): dz from y, dx = dt' S1 + D dy, ddt = (x S1 + S2) sigma (x, z, sigma loaded again)
 
 so the per-(step, channel) work is done once for all N states, the sums over the states are register adds, and the
-sums over channels (dB, dC) are one warp reduction per (step, state), added by a float32 atomic. The checkpoint
-interval is the tile's height (the variant sets 8: every 8th state is a checkpoint, 8x the default's 64). Each lane
-keeps its own channel's carry and dA_n in a per-program buffer between intervals (the state loop is a runtime loop:
-one body, not N unrolled copies), so no barrier is needed. A time-parallel launch (SEGMENTED) takes the carry
-entering each segment from the adjoint-only pass, as the default backward does.
+sums over channels (dB, dC) are warp reductions per (step, state) over groups of RED_CH lanes, each group's added by a
+float32 atomic into its replica. Each lane keeps its own channel's carry, dA_n and block states in the per-program
+buffer (the state loop is a runtime loop: one body, not N unrolled copies), so no barrier is needed. A time-parallel
+launch (SEGMENTED) takes the carry entering each segment from the adjoint-only pass, as the default backward does.
+The variants (scan_policy.BWD_VARIANTS, "chunked*") and their static counts: docs/design/triton_selective_scan.md.
 """
 
 from __future__ import annotations
