@@ -23,8 +23,8 @@ import triton.language as tl
 
 from ..triton_launch import fast_launch
 from ..triton_math import LOG2E, dt_softplus_sigmoid, fast_sigmoid, prefetch_l2
-from .triton_scan_tile import (load_bc, load_rows, load_tile_rows, store_tile_rows, tile_index,
-                               time_offset)
+from .triton_scan_tile import (entering_carry_index, load_bc, load_rows, load_tile_rows, store_tile_rows,
+                               tile_index, time_offset)
 
 __all__ = ["scan_bwd_carry_kernel", "scan_bwd_kernel"]
 
@@ -311,9 +311,7 @@ def scan_bwd_kernel(
     stash_b = stash_ptr + prog * CHUNK * 2 * BD  # dt' and sigmoid(dt + bias) of each step of the chunk
     st_off = (pid_b * dim + d3) * dstate + n3
     if SEGMENTED:
-        # carry segments are cin_k times finer (reversed order): the one entering this segment's last step
-        # is the carry-in of sub-segment (pid_c + 1) cin_k - 1, stored at cin_n - (pid_c + 1) cin_k (0: last)
-        r = tl.maximum(cin_n - (pid_c + 1) * cin_k, 0)
+        r = entering_carry_index(pid_c, cin_n, cin_k)
         if ROWS:
             carry = load_tile_rows(cin_ptr + (pid_b * cin_n + r) * dim * dstate, 1, dstate, d1, dstate, NL, NH, BD,
                                    ACC)

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ..triton_launch import fast_launch
 from ..triton_math import LOG2E, dt_softplus_sigmoid, fast_sigmoid
-from .triton_scan_tile import time_offset
+from .triton_scan_tile import entering_carry_index, time_offset
 
 __all__ = ["scan_bwd_chunked_kernel"]
 
@@ -133,9 +133,7 @@ def scan_bwd_chunked_kernel(
     cb = buf_ptr + prog * ((2 + CHUNK // SUB) * dstate * BD) + dl
     hb = cb + 2 * dstate * BD
     if SEGMENTED:
-        # carry segments are cin_k times finer (reversed order): the one entering this segment's last step is
-        # the carry-in of sub-segment (pid_c + 1) cin_k - 1, stored at cin_n - (pid_c + 1) cin_k (0: last)
-        r = tl.maximum(cin_n - (pid_c + 1) * cin_k, 0)
+        r = entering_carry_index(pid_c, cin_n, cin_k)
         cin_b = cin_ptr + ((pid_b * cin_n + r) * dim + d) * dstate
     for n in range(0, dstate):  # the carry entering the segment's last step, dA_n = 0
         if SEGMENTED:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["load_rows", "load_bc", "tile_index", "time_offset", "load_tile_rows", "store_tile_rows"]
+__all__ = ["load_rows", "load_bc", "tile_index", "time_offset", "entering_carry_index", "load_tile_rows",
+           "store_tile_rows"]
 
 
 @triton.jit
@@ -65,6 +66,14 @@ def time_offset(t, I64: tl.constexpr):
     # t * stride overflows int32 on long sequences (1M tokens x stride 3072): 64-bit only where
     # the launcher says so; 32-bit offsets save address instructions in every step
     return tl.cast(t, tl.int64) if I64 else t
+@triton.jit
+def entering_carry_index(pid_c, cin_n, cin_k):
+    """Where the carry entering time segment pid_c's last step lies among the adjoint-only pass's (B, cin_n, D, N)
+    carries: carry segments are cin_k times finer and stored in reversed order, so it is the carry-in of sub-segment
+    (pid_c + 1) cin_k - 1, at cin_n - (pid_c + 1) cin_k (0: dL/dh_final, for the last segment)."""
+    return tl.maximum(cin_n - (pid_c + 1) * cin_k, 0)
+
+
 # Addresses are written base + (offset): the integer offsets add up in 32 bits (64 with I64) and meet the
 # 64-bit base once; (base + t * stride) + lane would be two 64-bit pointer adds per access. Accesses with the same stride share their offset.
 
