@@ -41,6 +41,7 @@ from mambakit.ops.selective_scan.scan_policy import (  # noqa: E402
     bwd_replicas,
     bwd_variant_config,
     chunked_bwd_rows,
+    chunked_bwd_transposed,
     pick_tiles,
     variant_params,
 )
@@ -115,15 +116,16 @@ def compile_sm90(fn, const: dict, ptr_type, undivisible: set[str], num_warps: in
                           options={"num_warps": num_warps, **({} if maxnreg is None else {"maxnreg": maxnreg})})
 
 
-def compile_chunked(bd: int, interval: int, rows: int, red_ch: int, warps: int = 1, maxnreg: int | None = None):
+def compile_chunked(bd: int, interval: int, rows: int, red_ch: int, warps: int = 1, maxnreg: int | None = None,
+                    transposed: bool = False):
     """Compile `scan_bwd_chunked_kernel` (the "chunked" variants) for sm_90 at the benchmark's specialisation: bd
-    channels, checkpoint intervals of `interval` steps walked `rows` steps at a time."""
+    channels, checkpoint intervals of `interval` steps walked `rows` steps at a time (dB / dC summed transposed)."""
     from mambakit.ops.selective_scan.triton_scan_bwd_chunked import scan_bwd_chunked_kernel
 
     fn = scan_bwd_chunked_kernel.fn if hasattr(scan_bwd_chunked_kernel, "fn") else scan_bwd_chunked_kernel
     const = dict(NREP=4, RED_CH=red_ch, CHUNK=interval, SUB=rows, BD=bd, ACC=tl.float32, HAS_D=True, HAS_Z=True, HAS_BIAS=True,
                  SOFTPLUS=True, HAS_SEQ=False, HAS_DHLAST=False, WANT_DH0=False, LIBDEVICE=True, I64=False,
-                 SEGMENTED=True, DZ_AT=0)
+                 SEGMENTED=True, DZ_AT=0, TRANSPOSED=transposed)
     ptr_type = lambda a: "*i32" if a in PTRS_I32 else "*bf16" if a in PTRS_BF16 else "*fp32"  # noqa: E731
     return compile_sm90(fn, const, ptr_type, {"seqlen", "dstate", "nchunks", "nseg", "cin_n", "cin_k", "seg_len", "s_Ad",
                                               "s_st"}, warps, maxnreg)
@@ -211,7 +213,8 @@ def main() -> int:
             cfg = bwd_variant_config(name)
             iv, sub = cfg.checkpoint_interval, chunked_bwd_rows(cfg)
             k = compile_chunked(CHUNKED_CHANNELS, iv, sub, cfg.bwd_reduce_channels or CHUNKED_CHANNELS,
-                                maxnreg=cfg.bwd_maxnreg)
+                                maxnreg=cfg.bwd_maxnreg,
+                                transposed=chunked_bwd_transposed(cfg, CHUNKED_CHANNELS, sub))
             regs, stack = resources(k)
             state, block, fwd = backward_loops(cuobjdump(k, "-sass"))
             # the forward pass walks all blocks of an interval but the last, sub x 16 elements each

@@ -123,12 +123,14 @@ def test_scan_config_takes_its_former_names_with_a_warning(old, new):
 def test_scan_config_int_round_trip_covers_every_field_and_is_memoized():
     cfg = ScanConfig(fwd_nl=2, bwd_nl=8, bwd_channels=4, checkpoint_interval=32, block_u=2, time_segments=3,
                      bwd_reduce_channels=16, bwd_replicas=2, bwd_maxnreg=128, bwd_time_segments=5, bwd_carry_split=2,
-                     bwd_rows=True, bwd_chunked=True, bwd_prefetch=16, fwd_prefetch=8, carry_prefetch=4)
+                     bwd_rows=True, bwd_chunked=True, bwd_prefetch=16, fwd_prefetch=8, carry_prefetch=4,
+                     bwd_transposed_sums=True)
     ints = cfg.as_ints()
-    assert ints == [2, 8, 4, 32, 2, 3, 16, 2, 128, 5, 2, 1, 1, 16, 8, 4]
+    assert ints == [2, 8, 4, 32, 2, 3, 16, 2, 128, 5, 2, 1, 1, 16, 8, 4, 1]
     assert len(ints) == len(dataclasses.fields(ScanConfig))
     back = ScanConfig.from_ints(ints)
-    assert back == cfg and back.bwd_rows and back.bwd_chunked  # bool fields come back truthy (the schema carries ints)
+    # bool fields come back truthy (the schema carries ints)
+    assert back == cfg and back.bwd_rows and back.bwd_chunked and back.bwd_transposed_sums
     assert ScanConfig.from_ints(list(ints)) is back  # one instance per int list: the per-call round trip is cheap
     assert ScanConfig().as_ints()[0] == -1 and ScanConfig.from_ints(ScanConfig().as_ints()) == ScanConfig()
 

@@ -3,9 +3,9 @@
 Shapes (legend): b batch, L seqlen, d dim, g ngroups, n dstate.
 
 Each variant is a ScanConfig (`bwd_variant_config`); the "wide" ones hold 8 or 16 states per thread and move the
-backward's (D, N) tiles one state row at a time (ROWS); "chunked" holds a (time, channels) tile and scans time in
-parallel inside it (`triton_scan_bwd_chunked.py`). Cases use dstate 16 and enough channels for the real
-tiles (NL x NH x BD = 16 x 1 x 32, 8 x 2 x 16), with short checkpoint intervals so that several intervals,
+backward's (D, N) tiles one state row at a time (ROWS); "chunked" holds a block of steps for 32 channels (a lane
+each) in registers and loops over the states (`triton_scan_bwd_chunked.py`). Cases use dstate 16 and enough channels
+for the real tiles (NL x NH x BD = 16 x 1 x 32, 8 x 2 x 16), with short checkpoint intervals so that several intervals,
 micro-blocks, ragged tails and time segments occur at tiny seqlens. Output, final state and every gradient
 (initial state included) are compared, through Triton's interpreter on CPU.
 """
@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from mambakit.ops.selective_scan.scan_policy import (BWD_VARIANTS, ScanConfig, bwd_variant_config, chunked_bwd_rows,
-                                                     chunked_bwd_tiles, chunked_bwd_time_segments, pick_tiles,
+                                                     chunked_bwd_tiles, chunked_bwd_time_segments,
+                                                     chunked_bwd_transposed, pick_tiles,
                                                      variant_params)
 from tests.ops.test_selective_scan_triton import GRAD_NAMES_ALL, make_inputs, named, run_reference, run_triton
 from tests.helpers import assert_close, run_sass_script
@@ -64,6 +65,18 @@ CASES = [
                  dict(checkpoint_interval=8, block_u=4, bwd_replicas=3), id="chunked-r8-replicas3-seq"),
     pytest.param("chunked-i8", dict(L=12, d=32, n=5, full=False), True,
                  dict(checkpoint_interval=4, block_u=4, bwd_time_segments=3), id="chunked-i8-dstate5-plain"),
+    # dB / dC summed transposed: 4-step blocks over 32 lanes (two reduce-scatter stages, then three butterfly levels;
+    # lane l adds row l // 8), a ragged last block partly past seqlen, documents, 2 time segments, 3 replicas
+    pytest.param("chunked-t", dict(L=19, d=64, n=16, seq=True), True,
+                 dict(checkpoint_interval=8, block_u=4, bwd_time_segments=2, bwd_replicas=3),
+                 id="chunked-t-ragged-seq-segments-replicas3"),
+    # 8-step blocks over 8 lanes (the block is the lanes: three reduce-scatter stages, no butterfly), ngroups 2,
+    # dstate 13, no initial state
+    pytest.param("chunked-t", dict(L=21, d=16, n=13, g=2, h0=False), True,
+                 dict(checkpoint_interval=16, block_u=8, bwd_channels=8), id="chunked-t-rows-equal-lanes-ngroups2"),
+    # 6-step blocks (a 12-step interval): not a power of two, so the per-row sums run instead
+    pytest.param("chunked-t", dict(L=15, d=32, n=16, full=False), True,
+                 dict(checkpoint_interval=12, block_u=8), id="chunked-t-rows6-falls-back"),
 ]
 
 
@@ -134,6 +147,10 @@ def test_chunked_policy():
     assert chunked_bwd_time_segments(2, 8192, 4096, 1, cfg, cpu) == 16  # 256 -> 4,096
     assert chunked_bwd_time_segments(2, 512, 4096, 1, cfg, cpu) == 2  # segments of at least 256 steps
     assert chunked_bwd_time_segments(2, 8192, 4096, 1, bwd_variant_config("chunked", bwd_time_segments=3), cpu) == 3
+    t = bwd_variant_config("chunked-t")
+    assert chunked_bwd_transposed(t, 32, 8) and chunked_bwd_transposed(t, 8, 8)
+    assert not chunked_bwd_transposed(cfg, 32, 8)  # off unless the config asks
+    assert not chunked_bwd_transposed(t, 32, 6) and not chunked_bwd_transposed(t, 4, 8)  # powers of two, rows <= lanes
 
 
 @pytest.mark.slow
@@ -145,6 +162,11 @@ def test_the_chunked_backward_compiles_for_sm90():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {cells[0]: cells for line in out.stdout.splitlines()
             if line.startswith("| chunked") and (cells := [c.strip() for c in line.strip("|").split("|")])}
-    assert set(rows) == {"chunked", "chunked-i8", "chunked-i8-nocap", "chunked-i4", "chunked-r8"}, out.stdout
-    assert all(int(rows[v][2]) <= 128 for v in ("chunked", "chunked-i8", "chunked-i4", "chunked-r8")), rows
+    capped = ("chunked", "chunked-i8", "chunked-i4", "chunked-r8", "chunked-t")
+    assert set(rows) == {*capped, "chunked-i8-nocap"}, out.stdout
+    assert all(int(rows[v][2]) <= 128 for v in capped), rows
     assert all(int(r[4]) > 64 for r in rows.values()), rows  # the state loop was found
+    # the transposed sums take fewer shuffles and atomics per state element than the per-row warp sums
+    per_element = {v: [float(c) for c in rows[v][6].split("/")] for v in ("chunked", "chunked-t")}
+    assert per_element["chunked-t"][0] < per_element["chunked"][0] / 2, per_element  # SHFL
+    assert per_element["chunked-t"][3] < per_element["chunked"][3] / 2, per_element  # atomics

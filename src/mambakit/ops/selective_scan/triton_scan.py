@@ -168,9 +168,11 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
     if chunked:  # the chunked backward: one warp over bd channels holds an interval's steps, no scratch
         bd, nwarps = policy.chunked_bwd_tiles(dim // ngroups, config)
         sub = policy.chunked_bwd_rows(config)
+        transposed = policy.chunked_bwd_transposed(config, bd, sub)
         seg_len, nseg = policy.segments(seqlen, interval, policy.chunked_bwd_time_segments(
             batch, seqlen, dim, ngroups, config, x.device))
     else:
+        transposed = False
         # the vectorised (B, *, D, N) anchors of the backward are in-thread only up to 128-bit vectors; the
         # row-gathered variant (config.bwd_rows) has no such anchors and may hold more
         bwd_nl = config.bwd_nl or (4 if acc_t == torch.float32 else 2)
@@ -201,7 +203,8 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
     # dz's offsets: x's (0) or z's (1) where its strides are theirs (no address arithmetic of its own), else its own
     dz_at = 0 if dz is None or dz.stride() == x.stride() else 1 if dz.stride() == z.stride() else 2
     # channels summed before each dB / dC atomic: a group of lanes (default backward) or the program's (chunked)
-    red_ch = (min(config.bwd_reduce_channels or bd, bd) if chunked else
+    # (the program's when the chunked backward sums transposed)
+    red_ch = (bd if transposed else min(config.bwd_reduce_channels or bd, bd) if chunked else
               min(config.bwd_reduce_channels or policy.DEFAULT_REDUCE_CHANNELS, tiles.BD))
     nrep = policy.bwd_replicas(dim // ngroups, red_ch, config)  # replicas of dB, dC for the atomics (see the kernel)
     dB = torch.zeros(nrep, batch, seqlen, ngroups, dstate, device=x.device, dtype=acc_t)
@@ -264,7 +267,8 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
             NREP=nrep, RED_CH=red_ch, CHUNK=interval, SUB=sub, BD=bd, ACC=acc_tl, HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None,
             HAS_DHLAST=dhl is not None, WANT_DH0=want_dinitial, LIBDEVICE=not triton_interpret(), I64=i64,
-            SEGMENTED=nseg > 1, DZ_AT=dz_at, num_warps=nwarps, **({} if maxnreg is None else {"maxnreg": maxnreg}),
+            SEGMENTED=nseg > 1, DZ_AT=dz_at, TRANSPOSED=transposed, num_warps=nwarps,
+            **({} if maxnreg is None else {"maxnreg": maxnreg}),
         )
     else:
         scan_bwd_kernel[(dim // tiles.BD, batch, nseg)](

@@ -49,6 +49,29 @@ def _group_sum(v, BD: tl.constexpr, RED_CH: tl.constexpr):
 
 
 @triton.jit
+def _transposed_sum(vals, dl, BD: tl.constexpr, SUB: tl.constexpr):
+    """SUB rows of (BD,) -> (BD,): lane l holds the sum over all BD lanes of row l // (BD / SUB) (SUB and BD powers of
+    two, SUB <= BD). A reduce-scatter first: each of log2(SUB) stages pairs the rows' halves, every lane sends the half
+    it gives up to its partner across the stage's lane bit and adds the one it receives to the half it keeps (one
+    shuffle per pair, not one per row); then log2(BD / SUB) butterfly levels on the one row left. 4 shuffles and adds
+    per row at SUB 8 of BD 32 where a warp sum per row takes 5 of each (and one atomic for the SUB rows, not SUB)."""
+    for stage in tl.static_range(5):  # log2(SUB) <= 5 reduce-scatter stages (constexpr: unrolled)
+        if (SUB >> stage) > 1:  # rows i and i + SUB / 2^(stage+1) pair up across lane bit BD / 2^(stage+1)
+            upper = (dl & (BD >> (stage + 1))) != 0
+            kept = ()
+            for i in tl.static_range(SUB >> (stage + 1)):
+                send = tl.where(upper, vals[i], vals[i + (SUB >> (stage + 1))])
+                keep = tl.where(upper, vals[i + (SUB >> (stage + 1))], vals[i])
+                kept = kept + (keep + tl.gather(send, dl ^ (BD >> (stage + 1)), 0),)
+            vals = kept
+    v = vals[0]
+    for level in tl.static_range(5):  # the butterfly over the lanes sharing a row
+        if (BD // SUB) >> level > 1:
+            v = v + tl.gather(v, dl ^ ((BD // SUB) >> (level + 1)), 0)
+    return v
+
+
+@triton.jit
 def _rows(ts, tn, x_b, dt_b, dy_b, z_b, seq_b, d, dl, bias, s_t, s_yt, s_zt, s_st, SUB: tl.constexpr,
           WITH_DY: tl.constexpr, ACC: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
           SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr):
@@ -91,7 +114,7 @@ def scan_bwd_chunked_kernel(
     ACC: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_DHLAST: tl.constexpr, WANT_DH0: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr,
-    SEGMENTED: tl.constexpr, DZ_AT: tl.constexpr,
+    SEGMENTED: tl.constexpr, DZ_AT: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
     """Backward of time segment pid_c (the whole sequence when nseg == 1) for BD channels of batch row pid_b,
     checkpoint intervals in reverse; the arguments are `scan_bwd_kernel`'s, less its scratch and tiling knobs.
@@ -127,6 +150,12 @@ def scan_bwd_chunked_kernel(
     row0 = (pid_b * seqlen * ngroups + g) * dstate  # (b, t=0, g) of a replica
     dB_b = dB_ptr + (rep + row0)
     dC_b = dC_ptr + (rep + row0)
+    if TRANSPOSED:  # a block's SUB rows summed at once (_transposed_sum): lane l ends with row l // (BD / SUB)'s sum
+        lrow = dl // (BD // SUB)
+        own = dl % (BD // SUB) == 0  # the lane that adds it
+        rep_t = (pid_d % NREP).to(tl.int64) * rep_stride
+        dB_t = dB_ptr + (rep_t + row0)
+        dC_t = dC_ptr + (rep_t + row0)
     st_off = (pid_b * dim + d) * dstate  # (b, d, n=0) of a (B, D, N) state
     prog = (pid_b * nseg + pid_c) * tl.num_programs(0) + pid_d
     # carry of state n at cb + n * BD, dA_n at cb + (dstate + n) * BD, the state entering block k at hb + (k N + n) BD
@@ -179,6 +208,9 @@ def scan_bwd_chunked_kernel(
             # after it
             rows = _rows(ts, tn, x_b, dt_b, dy_b, z_b, seq_b, d, dl, bias, s_t, s_yt, s_zt, s_st, SUB, True, ACC,
                          HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ, LIBDEVICE, I64)
+            if TRANSPOSED:  # each lane's row of the block in dB / dC, and whether it adds it
+                red_off = time_offset(tl.minimum(ts + lrow, tn - 1), I64) * s_gn
+                red_ok = own & (ts + lrow < tn)
             S1 = ()  # sum_n g B_n, per row
             S2 = ()  # sum_n g a h_{t-1} A_n log2(e)
             Y = ()  # sum_n C_n h: the pre-gate output, recomputed
@@ -193,6 +225,7 @@ def scan_bwd_chunked_kernel(
                 # forward through the block: keep a_t, h_{t-1}, B, C of each row for the reverse
                 fw = ()
                 Y_new = ()
+                dCv = ()
                 for u in tl.static_range(SUB):
                     xdt, delta, dy, keep = rows[u]
                     to = time_offset(tl.minimum(ts + u, tn - 1), I64)
@@ -204,14 +237,19 @@ def scan_bwd_chunked_kernel(
                     fw = fw + ((a, h, Bn, Cn),)
                     h = a * h + xdt * Bn
                     Y_new = Y_new + (Y[u] + Cn * h,)
-                    # (no mask: a step past seqlen adds dy * h = 0 to the last step's row)
-                    tl.atomic_add(dC_b + (to * s_gn + n), _group_sum(dy * h, BD, RED_CH), sem="relaxed")
+                    if TRANSPOSED:
+                        dCv = dCv + (dy * h,)
+                    else:  # (no mask: a step past seqlen adds dy * h = 0 to the last step's row)
+                        tl.atomic_add(dC_b + (to * s_gn + n), _group_sum(dy * h, BD, RED_CH), sem="relaxed")
                 Y = Y_new
+                if TRANSPOSED:
+                    tl.atomic_add(dC_t + (red_off + n), _transposed_sum(dCv, dl, BD, SUB), mask=red_ok, sem="relaxed")
                 # reverse through the block
                 carry = tl.load(cb + n * BD)
                 dA_n = tl.load(cb + (dstate + n) * BD)
                 S1_new = ()
                 S2_new = ()
+                dBv = ()
                 for u in tl.static_range(SUB - 1, -1, -1):  # (a constexpr index: tuples take no other)
                     xdt, delta, dy, keep = rows[u]
                     to = time_offset(tl.minimum(ts + u, tn - 1), I64)
@@ -221,9 +259,13 @@ def scan_bwd_chunked_kernel(
                     S1_new = (S1[u] + gt * Bn,) + S1_new
                     S2_new = (S2[u] + q * A2,) + S2_new
                     dA_n += q * delta
-                    # (x = 0 past seqlen)
-                    tl.atomic_add(dB_b + (to * s_gn + n), _group_sum(gt * xdt, BD, RED_CH), sem="relaxed")
+                    if TRANSPOSED:
+                        dBv = (gt * xdt,) + dBv
+                    else:  # (x = 0 past seqlen)
+                        tl.atomic_add(dB_b + (to * s_gn + n), _group_sum(gt * xdt, BD, RED_CH), sem="relaxed")
                     carry = a * gt
+                if TRANSPOSED:
+                    tl.atomic_add(dB_t + (red_off + n), _transposed_sum(dBv, dl, BD, SUB), mask=red_ok, sem="relaxed")
                 S1 = S1_new
                 S2 = S2_new
                 tl.store(cb + n * BD, carry)
