@@ -123,7 +123,7 @@ def compile_chunked(bd: int, interval: int, rows: int, red_ch: int, warps: int =
     from mambakit.ops.selective_scan.triton_scan_bwd_chunked import scan_bwd_chunked_kernel
 
     fn = scan_bwd_chunked_kernel.fn if hasattr(scan_bwd_chunked_kernel, "fn") else scan_bwd_chunked_kernel
-    const = dict(NREP=4, RED_CH=red_ch, CHUNK=interval, SUB=rows, BD=bd, ACC=tl.float32, HAS_D=True, HAS_Z=True, HAS_BIAS=True,
+    const = dict(S_BT=16, NREP=4, RED_CH=red_ch, CHUNK=interval, SUB=rows, BD=bd, ACC=tl.float32, HAS_D=True, HAS_Z=True, HAS_BIAS=True,
                  SOFTPLUS=True, HAS_SEQ=False, HAS_DHLAST=False, WANT_DH0=False, LIBDEVICE=True, I64=False,
                  SEGMENTED=True, DZ_AT=0, TRANSPOSED=transposed)
     ptr_type = lambda a: "*i32" if a in PTRS_I32 else "*bf16" if a in PTRS_BF16 else "*fp32"  # noqa: E731
@@ -141,9 +141,12 @@ def cuobjdump(k, flag: str) -> str:
 
 
 def backward_loops(sass: str) -> tuple[list[str], list[str], list[str]]:
-    """The opcodes of the chunked backward's state loop over the blocks in reverse, of that block loop, and of the
-    forward pass's block loop before them (empty if none): in cuobjdump's SASS a loop is a branch back to an earlier
-    address; the state loop is the last loop of more than 64 instructions inside another loop, its block loop."""
+    """The opcodes of the chunked backward's state loop over a whole block, of the loop over the blocks in reverse as
+    it runs for a whole block (less the state loop of a ragged last block), and of the forward pass's block loop
+    before them (empty if none). In cuobjdump's SASS a loop is a branch back to an earlier address; the block loop is
+    the innermost loop around the last loop of more than 64 instructions nested in another, and its state loops are
+    the loops of more than 64 instructions inside it: the shortest is the whole block's (its B / C at constant
+    offsets), any other the ragged block's."""
     lines = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)([^;]*);", sass)
     index = {int(a, 16): i for i, (a, _, _) in enumerate(lines)}
     spans = []
@@ -151,13 +154,18 @@ def backward_loops(sass: str) -> tuple[list[str], list[str], list[str]]:
         m = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
         if m and index.get(int(m.group(1), 16), i) < i:
             spans.append((index[int(m.group(1), 16)], i))
-    nested = [(s, e) for s, e in spans if e - s > 64 and any(o != (s, e) and o[0] <= s and e <= o[1] for o in spans)]
-    state = max(nested, key=lambda se: se[0])
-    block = min((o for o in spans if o != state and o[0] <= state[0] and state[1] <= o[1]), key=lambda se: se[1] - se[0])
+    inside = lambda a, b: a != b and b[0] <= a[0] and a[1] <= b[1]  # noqa: E731
+    nested = [se for se in spans if se[1] - se[0] > 64 and any(inside(se, o) for o in spans)]
+    last = max(nested, key=lambda se: se[0])
+    block = min((o for o in spans if inside(last, o)), key=lambda se: se[1] - se[0])
+    states = [se for se in nested if inside(se, block)]
+    state = min(states, key=lambda se: se[1] - se[0])
     # the forward pass's block loop (its state loop inside), if the kernel has one: the largest nested loop before
     fwd = [se for se in nested if se[1] < block[0]]
     ops = lambda se: [o for _, o, _ in lines[se[0]:se[1] + 1]]  # noqa: E731
-    return ops(state), ops(block), ops(max(fwd, key=lambda se: se[1] - se[0])) if fwd else []
+    ragged = {i for se in states if se != state for i in range(se[0], se[1] + 1)}
+    whole_block = [o for i, (_, o, _) in enumerate(lines[block[0]:block[1] + 1], block[0]) if i not in ragged]
+    return ops(state), whole_block, ops(max(fwd, key=lambda se: se[1] - se[0])) if fwd else []
 
 
 def resources(k) -> tuple[int, int]:

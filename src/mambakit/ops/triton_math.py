@@ -9,8 +9,9 @@ numerics that the kernels' tests and figures rely on:
     dt_transform         (SSD)             softplus with torch's threshold of 20, then clamp to dt_limit;
                                            `dt_transform_grad` is its derivative
 
-`pdl_enter` and `prefetch_l2` are inline PTX (programmatic dependent launch, L2 prefetch): kernels call them under
-a constexpr that their launchers set False under the interpreter, which cannot run PTX.
+`pdl_enter`, `prefetch_l2` and `lane_xor` are inline PTX (programmatic dependent launch, L2 prefetch, a warp
+shuffle): kernels call them under a constexpr that their launchers set False under the interpreter, which cannot run
+PTX.
 
 `LIBDEVICE` is False under Triton's interpreter (`TRITON_INTERPRET=1`), which has no libdevice: the helpers
 that take it fall back to portable formulas with the same accuracy.
@@ -26,7 +27,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 __all__ = ["LOG2E", "log1p", "fast_sigmoid", "dt_softplus_sigmoid", "softplus", "dt_transform", "dt_transform_grad",
            "sigmoid", "silu", "silu_grad", "tl_dtype", "tl_compute_dtype", "pdl_enter", "prefetch_l2",
-           "prefetch_rows_l2"]
+           "prefetch_rows_l2", "lane_xor"]
 
 # exp(v) = exp2(v * LOG2E): one MUFU instruction per exponential; kernels pre-scale A by it once
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -149,6 +150,19 @@ def prefetch_l2(ptrs):
     waits for it, so a row needed many steps later costs one instruction now and an L2 hit then. Inline PTX, which
     Triton's interpreter cannot run: launchers pass a zero prefetch distance there (a prefetch changes no value)."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def lane_xor(v, lanes, M: tl.constexpr, PTX: tl.constexpr):
+    """The value of lane i ^ M on lane i, for a (32,) float32 `v` held one element per lane (one warp, element i on
+    lane i; `lanes` = tl.arange(0, 32)). PTX: one `shfl.sync.bfly` with M folded into it; else tl.gather, which the
+    interpreter runs (compiled, a SHFL.IDX that keeps lanes ^ M in a register)."""
+    if PTX:
+        r = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 31, -1;", "=r,r,r",
+                                      [v, tl.full(v.shape, M, tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        r = tl.gather(v, lanes ^ M, 0)
+    return r
 
 
 @triton.jit

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import fast_launch
-from ..triton_math import LOG2E, dt_softplus_sigmoid, fast_sigmoid
+from ..triton_math import LOG2E, dt_softplus_sigmoid, fast_sigmoid, lane_xor
 from .triton_scan_tile import entering_carry_index, time_offset
 
 __all__ = ["scan_bwd_chunked_kernel"]
@@ -49,7 +49,7 @@ def _group_sum(v, BD: tl.constexpr, RED_CH: tl.constexpr):
 
 
 @triton.jit
-def _transposed_sum(vals, dl, BD: tl.constexpr, SUB: tl.constexpr):
+def _transposed_sum(vals, dl, BD: tl.constexpr, SUB: tl.constexpr, PTX: tl.constexpr):
     """SUB rows of (BD,) -> (BD,): lane l holds the sum over all BD lanes of row l // (BD / SUB) (SUB and BD powers of
     two, SUB <= BD). A reduce-scatter first: each of log2(SUB) stages pairs the rows' halves, every lane sends the half
     it gives up to its partner across the stage's lane bit and adds the one it receives to the half it keeps (one
@@ -62,12 +62,12 @@ def _transposed_sum(vals, dl, BD: tl.constexpr, SUB: tl.constexpr):
             for i in tl.static_range(SUB >> (stage + 1)):
                 send = tl.where(upper, vals[i], vals[i + (SUB >> (stage + 1))])
                 keep = tl.where(upper, vals[i + (SUB >> (stage + 1))], vals[i])
-                kept = kept + (keep + tl.gather(send, dl ^ (BD >> (stage + 1)), 0),)
+                kept = kept + (keep + lane_xor(send, dl, BD >> (stage + 1), PTX),)
             vals = kept
     v = vals[0]
     for level in tl.static_range(5):  # the butterfly over the lanes sharing a row
         if (BD // SUB) >> level > 1:
-            v = v + tl.gather(v, dl ^ ((BD // SUB) >> (level + 1)), 0)
+            v = v + lane_xor(v, dl, (BD // SUB) >> (level + 1), PTX)
     return v
 
 
@@ -103,15 +103,88 @@ def _rows(ts, tn, x_b, dt_b, dy_b, z_b, seq_b, d, dl, bias, s_t, s_yt, s_zt, s_s
     return rows
 
 
+@triton.jit
+def _state_loop(rows, ts, tn, S1, S2, Y, h_at, h_sn, cb, A_ptr, d, s_Ad, s_An, dstate, B_b, C_b, dB_b, dC_b, dB_t, dC_t,
+                red_off, red_ok, s_gn, dl, S_BT: tl.constexpr, BD: tl.constexpr, RED_CH: tl.constexpr,
+                SUB: tl.constexpr, ACC: tl.constexpr, HAS_SEQ: tl.constexpr, TRANSPOSED: tl.constexpr,
+                LIBDEVICE: tl.constexpr, I64: tl.constexpr, FULL: tl.constexpr):
+    """One block's loop over the states (the block from step ts, its `rows` from `_rows`): per state n, forward from
+    the state entering the block (h_at + n h_sn) and back from the carry in cb, adding dB / dC (atomics) and dA_n,
+    the carry (cb); -> the sums over the states (S1, S2, Y) of each row, added to those given. FULL: the block lies
+    before tn, so row u is step ts + u (B / C at constant offsets from one address); else steps past tn read step
+    tn - 1's B / C (their dt' = 0 and dy = 0 keep them out of every sum)."""
+    for n in range(0, dstate):
+        A2 = tl.load(A_ptr + (d * s_Ad + n * s_An)).to(ACC) * LOG2E
+        h = tl.load(h_at + n * h_sn).to(ACC)
+        # (a whole block: one address per state, and its rows at constant offsets from it)
+        Bp = B_b + (time_offset(ts, I64) * S_BT + n)
+        Cp = C_b + (time_offset(ts, I64) * S_BT + n)
+        # forward through the block: keep a_t, h_{t-1}, B, C of each row for the reverse
+        fw = ()
+        Y_new = ()
+        dCv = ()
+        for u in tl.static_range(SUB):
+            xdt, delta, dy, keep = rows[u]
+            to = time_offset(ts + u if FULL else tl.minimum(ts + u, tn - 1), I64)
+            if FULL:
+                Bn = tl.load(Bp + u * S_BT).to(ACC)
+                Cn = tl.load(Cp + u * S_BT).to(ACC)
+            else:
+                Bn = tl.load(B_b + (to * S_BT + n)).to(ACC)
+                Cn = tl.load(C_b + (to * S_BT + n)).to(ACC)
+            a = tl.exp2(delta * A2)
+            if HAS_SEQ:
+                a = tl.where(keep, a, 0.0)
+            fw = fw + ((a, h, Bn, Cn),)
+            h = a * h + xdt * Bn
+            Y_new = Y_new + (Y[u] + Cn * h,)
+            if TRANSPOSED:
+                dCv = dCv + (dy * h,)
+            else:  # (no mask: a step past seqlen adds dy * h = 0 to the last step's row)
+                tl.atomic_add(dC_b + (to * s_gn + n), _group_sum(dy * h, BD, RED_CH), sem="relaxed")
+        Y = Y_new
+        if TRANSPOSED:
+            tl.atomic_add(dC_t + (red_off + n), _transposed_sum(dCv, dl, BD, SUB, LIBDEVICE), mask=red_ok,
+                          sem="relaxed")
+        # reverse through the block
+        carry = tl.load(cb + n * BD)
+        dA_n = tl.load(cb + (dstate + n) * BD)
+        S1_new = ()
+        S2_new = ()
+        dBv = ()
+        for u in tl.static_range(SUB - 1, -1, -1):  # (a constexpr index: tuples take no other)
+            xdt, delta, dy, keep = rows[u]
+            to = time_offset(ts + u if FULL else tl.minimum(ts + u, tn - 1), I64)
+            a, h_prev, Bn, Cn = fw[u]
+            gt = Cn * dy + carry  # dL/dh_t
+            q = gt * a * h_prev
+            S1_new = (S1[u] + gt * Bn,) + S1_new
+            S2_new = (S2[u] + q * A2,) + S2_new
+            dA_n += q * delta
+            if TRANSPOSED:
+                dBv = (gt * xdt,) + dBv
+            else:  # (x = 0 past seqlen)
+                tl.atomic_add(dB_b + (to * s_gn + n), _group_sum(gt * xdt, BD, RED_CH), sem="relaxed")
+            carry = a * gt
+        if TRANSPOSED:
+            tl.atomic_add(dB_t + (red_off + n), _transposed_sum(dBv, dl, BD, SUB, LIBDEVICE), mask=red_ok,
+                          sem="relaxed")
+        S1 = S1_new
+        S2 = S2_new
+        tl.store(cb + n * BD, carry)
+        tl.store(cb + (dstate + n) * BD, dA_n)
+    return S1, S2, Y
+
+
 @fast_launch
 @triton.jit
 def scan_bwd_chunked_kernel(
     x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, seq_ptr, hck_ptr, dy_ptr, dhlast_ptr, cin_ptr,
     dx_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr, buf_ptr,
     seqlen, dim, dstate, group_size, nchunks, seg_len, nseg, cin_n, cin_k, rep_stride,
-    s_b, s_t, s_zb, s_zt, s_Bb, s_Bt, s_Bg, s_sb, s_st, s_Ad, s_An, s_yb, s_yt, s_dzb, s_dzt,
-    NREP: tl.constexpr, RED_CH: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, BD: tl.constexpr,
-    ACC: tl.constexpr,
+    s_b, s_t, s_zb, s_zt, s_Bb, s_Bg, s_sb, s_st, s_Ad, s_An, s_yb, s_yt, s_dzb, s_dzt,
+    S_BT: tl.constexpr, NREP: tl.constexpr, RED_CH: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+    BD: tl.constexpr, ACC: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_DHLAST: tl.constexpr, WANT_DH0: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr,
     SEGMENTED: tl.constexpr, DZ_AT: tl.constexpr, TRANSPOSED: tl.constexpr,
@@ -156,6 +229,9 @@ def scan_bwd_chunked_kernel(
         rep_t = (pid_d % NREP).to(tl.int64) * rep_stride
         dB_t = dB_ptr + (rep_t + row0)
         dC_t = dC_ptr + (rep_t + row0)
+    else:
+        dB_t = dB_ptr
+        dC_t = dC_ptr
     st_off = (pid_b * dim + d) * dstate  # (b, d, n=0) of a (B, D, N) state
     prog = (pid_b * nseg + pid_c) * tl.num_programs(0) + pid_d
     # carry of state n at cb + n * BD, dA_n at cb + (dstate + n) * BD, the state entering block k at hb + (k N + n) BD
@@ -195,11 +271,11 @@ def scan_bwd_chunked_kernel(
                     h = tl.load(hb + (sb * dstate + n) * BD)
                     for u in tl.static_range(SUB):
                         xdt, delta, dy, keep = rows[u]
-                        to = time_offset(tl.minimum(ts + u, tn - 1), I64)
+                        to = time_offset(ts + u, I64)  # (a block before the last: whole)
                         a = tl.exp2(delta * A2)
                         if HAS_SEQ:
                             a = tl.where(keep, a, 0.0)
-                        h = a * h + xdt * tl.load(B_b + (to * s_Bt + n)).to(ACC)
+                        h = a * h + xdt * tl.load(B_b + (to * S_BT + n)).to(ACC)
                     tl.store(hb + ((sb + 1) * dstate + n) * BD, h)
         for sbi in range(0, nsb):  # the blocks in reverse
             sb = nsb - 1 - sbi
@@ -211,6 +287,9 @@ def scan_bwd_chunked_kernel(
             if TRANSPOSED:  # each lane's row of the block in dB / dC, and whether it adds it
                 red_off = time_offset(tl.minimum(ts + lrow, tn - 1), I64) * s_gn
                 red_ok = own & (ts + lrow < tn)
+            else:
+                red_off = 0
+                red_ok = False
             S1 = ()  # sum_n g B_n, per row
             S2 = ()  # sum_n g a h_{t-1} A_n log2(e)
             Y = ()  # sum_n C_n h: the pre-gate output, recomputed
@@ -218,58 +297,16 @@ def scan_bwd_chunked_kernel(
                 S1 = S1 + (tl.zeros((BD,), dtype=ACC),)
                 S2 = S2 + (tl.zeros((BD,), dtype=ACC),)
                 Y = Y + (tl.zeros((BD,), dtype=ACC),)
-            for n in range(0, dstate):
-                A2 = tl.load(A_ptr + (d * s_Ad + n * s_An)).to(ACC) * LOG2E
-                # the state entering the block
-                h = tl.load(hb + (sb * dstate + n) * BD) if SUB < CHUNK else tl.load(ck + n).to(ACC)
-                # forward through the block: keep a_t, h_{t-1}, B, C of each row for the reverse
-                fw = ()
-                Y_new = ()
-                dCv = ()
-                for u in tl.static_range(SUB):
-                    xdt, delta, dy, keep = rows[u]
-                    to = time_offset(tl.minimum(ts + u, tn - 1), I64)
-                    Bn = tl.load(B_b + (to * s_Bt + n)).to(ACC)
-                    Cn = tl.load(C_b + (to * s_Bt + n)).to(ACC)
-                    a = tl.exp2(delta * A2)
-                    if HAS_SEQ:
-                        a = tl.where(keep, a, 0.0)
-                    fw = fw + ((a, h, Bn, Cn),)
-                    h = a * h + xdt * Bn
-                    Y_new = Y_new + (Y[u] + Cn * h,)
-                    if TRANSPOSED:
-                        dCv = dCv + (dy * h,)
-                    else:  # (no mask: a step past seqlen adds dy * h = 0 to the last step's row)
-                        tl.atomic_add(dC_b + (to * s_gn + n), _group_sum(dy * h, BD, RED_CH), sem="relaxed")
-                Y = Y_new
-                if TRANSPOSED:
-                    tl.atomic_add(dC_t + (red_off + n), _transposed_sum(dCv, dl, BD, SUB), mask=red_ok, sem="relaxed")
-                # reverse through the block
-                carry = tl.load(cb + n * BD)
-                dA_n = tl.load(cb + (dstate + n) * BD)
-                S1_new = ()
-                S2_new = ()
-                dBv = ()
-                for u in tl.static_range(SUB - 1, -1, -1):  # (a constexpr index: tuples take no other)
-                    xdt, delta, dy, keep = rows[u]
-                    to = time_offset(tl.minimum(ts + u, tn - 1), I64)
-                    a, h_prev, Bn, Cn = fw[u]
-                    gt = Cn * dy + carry  # dL/dh_t
-                    q = gt * a * h_prev
-                    S1_new = (S1[u] + gt * Bn,) + S1_new
-                    S2_new = (S2[u] + q * A2,) + S2_new
-                    dA_n += q * delta
-                    if TRANSPOSED:
-                        dBv = (gt * xdt,) + dBv
-                    else:  # (x = 0 past seqlen)
-                        tl.atomic_add(dB_b + (to * s_gn + n), _group_sum(gt * xdt, BD, RED_CH), sem="relaxed")
-                    carry = a * gt
-                if TRANSPOSED:
-                    tl.atomic_add(dB_t + (red_off + n), _transposed_sum(dBv, dl, BD, SUB), mask=red_ok, sem="relaxed")
-                S1 = S1_new
-                S2 = S2_new
-                tl.store(cb + n * BD, carry)
-                tl.store(cb + (dstate + n) * BD, dA_n)
+            # the state entering the block: kept by the forward pass, or the interval's checkpoint
+            h_at, h_sn = (hb + sb * dstate * BD, BD) if SUB < CHUNK else (ck, 1)
+            if ts + SUB <= tn:  # a whole block (every block but a ragged last one): rows ts + u unclamped
+                S1, S2, Y = _state_loop(rows, ts, tn, S1, S2, Y, h_at, h_sn, cb, A_ptr, d, s_Ad, s_An, dstate, B_b, C_b,
+                                        dB_b, dC_b, dB_t, dC_t, red_off, red_ok, s_gn, dl, S_BT, BD, RED_CH, SUB, ACC,
+                                        HAS_SEQ, TRANSPOSED, LIBDEVICE, I64, True)
+            else:
+                S1, S2, Y = _state_loop(rows, ts, tn, S1, S2, Y, h_at, h_sn, cb, A_ptr, d, s_Ad, s_An, dstate, B_b, C_b,
+                                        dB_b, dC_b, dB_t, dC_t, red_off, red_ok, s_gn, dl, S_BT, BD, RED_CH, SUB, ACC,
+                                        HAS_SEQ, TRANSPOSED, LIBDEVICE, I64, False)
             for u in tl.static_range(SUB):
                 xdt, delta, dy, keep = rows[u]
                 ok = dl * 0 + ts + u < tn
