@@ -19,6 +19,7 @@ from mambakit.ops.selective_scan.scan_policy import (BWD_VARIANTS, ScanConfig, b
                                                      chunked_bwd_tiles, chunked_bwd_time_segments,
                                                      chunked_bwd_transposed, pick_tiles,
                                                      variant_params)
+from tests.conftest import DEVICE
 from tests.ops.test_selective_scan_triton import GRAD_NAMES_ALL, make_inputs, named, run_reference, run_triton
 from tests.helpers import assert_close, run_sass_script
 
@@ -88,6 +89,21 @@ def test_bwd_variant_matches_reference(variant, shape, softplus, overrides):
     want = named(run_reference(inp, extra, softplus), names)
     for key in want:
         assert_close(got[key], want[key], name=key, rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
+@pytest.mark.parametrize("variant", ["v1"] + [v for v in BWD_VARIANTS if variant_params(v).get("chunked")])
+def test_gpu_bwd_variant_matches_reference(variant):
+    """Compiled for the GPU, what the interpreter cannot check (the PTX shuffles of the transposed sums, the register
+    caps, a whole block's B / C at constant offsets): 300 steps (four 64-step intervals, the last one ragged),
+    ngroups 2, documents, 2 backward time segments, against the float64 reference."""
+    inp, extra = make_inputs(L=300, d=64, n=16, g=2, seq=True)
+    names = [k for k in GRAD_NAMES_ALL if k in inp]
+    got = named(run_triton(inp, extra, True, wide(variant, bwd_time_segments=2)), names)
+    want = named(run_reference(inp, extra, True), names)
+    for key in want:
+        assert_close(got[key], want[key], name=f"{variant} {key}", rel=1e-4)
 
 
 @pytest.mark.slow

@@ -154,10 +154,10 @@ def prefetch_l2(ptrs):
 
 @triton.jit
 def lane_xor(v, lanes, M: tl.constexpr, PTX: tl.constexpr):
-    """The value of lane i ^ M on lane i, for a (32,) float32 `v` held one element per lane (one warp, element i on
-    lane i; `lanes` = tl.arange(0, 32)). PTX: one `shfl.sync.bfly` with M folded into it; else tl.gather, which the
-    interpreter runs (compiled, a SHFL.IDX that keeps lanes ^ M in a register)."""
-    if PTX:
+    """The value of lane i ^ M on lane i, for a (32,) `v` held one element per lane (one warp, element i on lane i;
+    `lanes` = tl.arange(0, 32)). PTX and float32: one `shfl.sync.bfly` with M folded into it; else tl.gather, which
+    the interpreter runs (compiled, a SHFL.IDX per 32 bits that keeps lanes ^ M in a register)."""
+    if PTX and v.dtype == tl.float32:
         r = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 31, -1;", "=r,r,r",
                                       [v, tl.full(v.shape, M, tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
     else:
