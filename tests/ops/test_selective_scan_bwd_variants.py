@@ -93,14 +93,16 @@ def test_bwd_variant_matches_reference(variant, shape, softplus, overrides):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
-@pytest.mark.parametrize("variant", ["v1"] + [v for v in BWD_VARIANTS if variant_params(v).get("chunked")])
-def test_gpu_bwd_variant_matches_reference(variant):
-    """Compiled for the GPU, what the interpreter cannot check (the PTX shuffles of the transposed sums, the register
-    caps, a whole block's B / C at constant offsets): 300 steps (four 64-step intervals, the last one ragged),
-    ngroups 2, documents, 2 backward time segments, against the float64 reference."""
+@pytest.mark.parametrize("variant, overrides", [("v1", {})] + [
+    (v, {}) for v in BWD_VARIANTS if variant_params(v).get("chunked")] + [
+    pytest.param("chunked-t", dict(bwd_channels=8), id="chunked-t-8-lanes")])
+def test_gpu_bwd_variant_matches_reference(variant, overrides):
+    """Compiled for the GPU, what the interpreter cannot check (the PTX shuffles of the transposed sums, also over 8
+    channels of a 32-lane warp, the register caps, a whole block's B / C at constant offsets): 300 steps (four 64-step
+    intervals, the last one ragged), ngroups 2, documents, 2 backward time segments, against the float64 reference."""
     inp, extra = make_inputs(L=300, d=64, n=16, g=2, seq=True)
     names = [k for k in GRAD_NAMES_ALL if k in inp]
-    got = named(run_triton(inp, extra, True, wide(variant, bwd_time_segments=2)), names)
+    got = named(run_triton(inp, extra, True, wide(variant, bwd_time_segments=2, **overrides)), names)
     want = named(run_reference(inp, extra, True), names)
     for key in want:
         assert_close(got[key], want[key], name=f"{variant} {key}", rel=1e-4)
