@@ -125,7 +125,7 @@ def compile_chunked(bd: int, interval: int, rows: int, red_ch: int, warps: int =
     fn = scan_bwd_chunked_kernel.fn if hasattr(scan_bwd_chunked_kernel, "fn") else scan_bwd_chunked_kernel
     const = dict(S_BT=16, NREP=4, RED_CH=red_ch, CHUNK=interval, SUB=rows, BD=bd, ACC=tl.float32, HAS_D=True, HAS_Z=True, HAS_BIAS=True,
                  SOFTPLUS=True, HAS_SEQ=False, HAS_DHLAST=False, WANT_DH0=False, LIBDEVICE=True, I64=False,
-                 SEGMENTED=True, DZ_AT=0, TRANSPOSED=transposed)
+                 SEGMENTED=True, DZ_AT=0, TRANSPOSED=transposed, EVEN_T=True)
     ptr_type = lambda a: "*i32" if a in PTRS_I32 else "*bf16" if a in PTRS_BF16 else "*fp32"  # noqa: E731
     return compile_sm90(fn, const, ptr_type, {"seqlen", "dstate", "nchunks", "nseg", "cin_n", "cin_k", "seg_len", "s_Ad",
                                               "s_st"}, warps, maxnreg)

@@ -71,6 +71,9 @@ CASES = [
     pytest.param("chunked-t", dict(L=19, d=64, n=16, seq=True), True,
                  dict(checkpoint_interval=8, block_u=4, bwd_time_segments=2, bwd_replicas=3),
                  id="chunked-t-ragged-seq-segments-replicas3"),
+    # every block whole (4 divides seqlen: the kernel has no ragged path), 2 intervals of 8, no initial state
+    pytest.param("chunked-t", dict(L=16, d=32, n=16, h0=False, seq=True), True,
+                 dict(checkpoint_interval=8, block_u=4), id="chunked-t-whole-blocks"),
     # 8-step blocks over 8 lanes (the block is the lanes: three reduce-scatter stages, no butterfly), ngroups 2,
     # dstate 13, no initial state
     pytest.param("chunked-t", dict(L=21, d=16, n=13, g=2, h0=False), True,
@@ -99,13 +102,15 @@ def test_bwd_variant_matches_reference(variant, shape, softplus, overrides):
 def test_gpu_bwd_variant_matches_reference(variant, overrides):
     """Compiled for the GPU, what the interpreter cannot check (the PTX shuffles of the transposed sums, also over 8
     channels of a 32-lane warp, the register caps, a whole block's B / C at constant offsets): 300 steps (four 64-step
-    intervals, the last one ragged), ngroups 2, documents, 2 backward time segments, against the float64 reference."""
-    inp, extra = make_inputs(L=300, d=64, n=16, g=2, seq=True)
-    names = [k for k in GRAD_NAMES_ALL if k in inp]
-    got = named(run_triton(inp, extra, True, wide(variant, bwd_time_segments=2, **overrides)), names)
-    want = named(run_reference(inp, extra, True), names)
-    for key in want:
-        assert_close(got[key], want[key], name=f"{variant} {key}", rel=1e-4)
+    intervals, the last one ragged) and 256 (no ragged block), ngroups 2, documents, 2 backward time segments, against
+    the float64 reference."""
+    for L in (300, 256):  # a ragged last block; every block whole
+        inp, extra = make_inputs(L=L, d=64, n=16, g=2, seq=True)
+        names = [k for k in GRAD_NAMES_ALL if k in inp]
+        got = named(run_triton(inp, extra, True, wide(variant, bwd_time_segments=2, **overrides)), names)
+        want = named(run_reference(inp, extra, True), names)
+        for key in want:
+            assert_close(got[key], want[key], name=f"{variant} L={L} {key}", rel=1e-4)
 
 
 @pytest.mark.slow

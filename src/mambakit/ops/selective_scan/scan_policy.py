@@ -413,7 +413,7 @@ BWD_VARIANTS: dict[str, dict] = {
     # (block_u) and loops over the states; "chunked" walks the default 64-step checkpoint intervals in 8-step blocks
     # after a forward pass over each interval, capped at v1's 128 registers (16 warps per SM); "-i8" makes the
     # checkpoint interval the block (no forward pass, 8x the checkpoints), "-nocap" leaves the compiler its 255
-    # registers (8 warps per SM), "-i4" 4-step intervals and blocks (128 registers without a cap, 16x the checkpoints)
+    # registers (8 warps per SM), "-i4" 4-step intervals and blocks (capped at 128 too, 16x the checkpoints)
     "chunked": dict(nl=None, channels=CHUNKED_CHANNELS, rows=False, block_u=8, interval=64, reduce_channels=None,
                     chunked=True, maxnreg=128),
     "chunked-i8": dict(nl=None, channels=CHUNKED_CHANNELS, rows=False, block_u=8, interval=8, reduce_channels=None,
@@ -421,7 +421,7 @@ BWD_VARIANTS: dict[str, dict] = {
     "chunked-i8-nocap": dict(nl=None, channels=CHUNKED_CHANNELS, rows=False, block_u=8, interval=8,
                              reduce_channels=None, chunked=True),
     "chunked-i4": dict(nl=None, channels=CHUNKED_CHANNELS, rows=False, block_u=4, interval=4, reduce_channels=None,
-                       chunked=True),
+                       chunked=True, maxnreg=128),
     # "chunked" with dB_t / dC_t summed over groups of 8 lanes (3 shuffle levels instead of 5), 4 atomics a warp
     "chunked-r8": dict(nl=None, channels=CHUNKED_CHANNELS, rows=False, block_u=8, interval=64, reduce_channels=8,
                        chunked=True, maxnreg=128),

@@ -267,7 +267,8 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
             S_BT=B32.stride(1), NREP=nrep, RED_CH=red_ch, CHUNK=interval, SUB=sub, BD=bd, ACC=acc_tl, HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None,
             HAS_DHLAST=dhl is not None, WANT_DH0=want_dinitial, LIBDEVICE=not triton_interpret(), I64=i64,
-            SEGMENTED=nseg > 1, DZ_AT=dz_at, TRANSPOSED=transposed, num_warps=nwarps,
+            SEGMENTED=nseg > 1, DZ_AT=dz_at, TRANSPOSED=transposed, EVEN_T=seqlen % sub == 0,
+            num_warps=nwarps,
             **({} if maxnreg is None else {"maxnreg": maxnreg}),
         )
     else:

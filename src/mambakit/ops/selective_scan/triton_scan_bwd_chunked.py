@@ -74,28 +74,36 @@ def _transposed_sum(vals, dl, BD: tl.constexpr, SUB: tl.constexpr, PTX: tl.const
 @triton.jit
 def _rows(ts, tn, x_b, dt_b, dy_b, z_b, seq_b, d, dl, bias, s_t, s_yt, s_zt, s_st, SUB: tl.constexpr,
           WITH_DY: tl.constexpr, ACC: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-          SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr):
+          SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr,
+          FULL: tl.constexpr):
     """The SUB rows from step ts, once per (step, channel): (dt' x, dt', dy gated (WITH_DY), keep) each, (BD,)
     vectors; steps past tn are zeros (dt' = 0: a = 1, no input). keep is False where a document starts at the step
     (its state entering is cut, also at a checkpoint); steps past tn compare the last step with itself, so that
-    they pass the carry through."""
+    they pass the carry through. FULL: the block lies before tn (no masks, no clamped steps)."""
     rows = ()
     for u in tl.static_range(SUB):
         t = ts + u
         ok = dl * 0 + t < tn  # (BD,): full-shape masks (the interpreter wants them)
-        to = time_offset(tl.minimum(t, tn - 1), I64)
-        x = tl.load(x_b + (to * s_t + d), mask=ok, other=0.0).to(ACC)
+        to = time_offset(t if FULL else tl.minimum(t, tn - 1), I64)
+        if FULL:
+            x = tl.load(x_b + (to * s_t + d)).to(ACC)
+        else:
+            x = tl.load(x_b + (to * s_t + d), mask=ok, other=0.0).to(ACC)
         delta, _ = dt_softplus_sigmoid(tl.load(dt_b + (to * s_t + d)).to(ACC), bias, HAS_BIAS, SOFTPLUS, LIBDEVICE)
-        delta = tl.where(ok, delta, 0.0)
+        if not FULL:
+            delta = tl.where(ok, delta, 0.0)
         if WITH_DY:
-            dy = tl.load(dy_b + (to * s_yt + d), mask=ok, other=0.0).to(ACC)
+            if FULL:
+                dy = tl.load(dy_b + (to * s_yt + d)).to(ACC)
+            else:
+                dy = tl.load(dy_b + (to * s_yt + d), mask=ok, other=0.0).to(ACC)
             if HAS_Z:
                 zf = tl.load(z_b + (to * s_zt + d)).to(ACC)
                 dy = dy * zf * fast_sigmoid(zf, LIBDEVICE)
         else:
             dy = delta  # (unused)
         if HAS_SEQ:
-            prev = time_offset(tl.minimum(tl.maximum(t - 1, 0), tn - 1), I64)
+            prev = time_offset(tl.maximum(t - 1, 0) if FULL else tl.minimum(tl.maximum(t - 1, 0), tn - 1), I64)
             keep = tl.load(seq_b + to * s_st) == tl.load(seq_b + prev * s_st)
         else:
             keep = t < tn  # (unused)
@@ -176,6 +184,58 @@ def _state_loop(rows, ts, tn, S1, S2, Y, h_at, h_sn, cb, A_ptr, d, s_Ad, s_An, d
     return S1, S2, Y
 
 
+@triton.jit
+def _epilogue(rows, S1, S2, Y, ts, tn, x_b, dt_b, dy_b, z_b, dx_b, ddt_b, dz_b, d, dl, bias, Dv, s_t, s_yt, s_zt, s_dzt,
+              dD_acc, dbias_acc, SUB: tl.constexpr, ACC: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr,
+              DZ_AT: tl.constexpr, FULL: tl.constexpr):
+    """A block's per-(step, channel) gradients from the sums over the states (S1, S2, Y): dz (from the recomputed
+    y), dx, ddt stored, x, dz's and ddt's inputs loaded again; -> dD_acc, dbias_acc with the block's added. FULL: the
+    block lies before tn (no masks)."""
+    for u in tl.static_range(SUB):
+        xdt, delta, dy, keep = rows[u]
+        ok = dl * 0 + ts + u < tn
+        to = time_offset(ts + u if FULL else tl.minimum(ts + u, tn - 1), I64)
+        xo = to * s_t + d
+        if FULL:
+            x = tl.load(x_b + xo).to(ACC)
+        else:
+            x = tl.load(x_b + xo, mask=ok, other=0.0).to(ACC)
+        if HAS_Z:
+            y = Y[u] + Dv * x if HAS_D else Y[u]
+            if FULL:
+                dout = tl.load(dy_b + (to * s_yt + d)).to(ACC)
+            else:
+                dout = tl.load(dy_b + (to * s_yt + d), mask=ok, other=0.0).to(ACC)
+            zf = tl.load(z_b + (to * s_zt + d)).to(ACC)
+            sz = fast_sigmoid(zf, LIBDEVICE)
+            dzo = xo if DZ_AT == 0 else to * s_zt + d if DZ_AT == 1 else to * s_dzt + d
+            dz = (dout * y * sz * (1.0 + zf * (1.0 - sz))).to(dz_b.dtype.element_ty)
+            if FULL:
+                tl.store(dz_b + dzo, dz)
+            else:
+                tl.store(dz_b + dzo, dz, mask=ok)
+        dx = delta * S1[u]
+        if HAS_D:
+            dx += Dv * dy
+            dD_acc += dy * x
+        if FULL:
+            tl.store(dx_b + xo, dx.to(dx_b.dtype.element_ty))
+        else:
+            tl.store(dx_b + xo, dx.to(dx_b.dtype.element_ty), mask=ok)
+        ddt = x * S1[u] + S2[u] * LN2
+        if SOFTPLUS:  # d dt' / d dt = sigmoid(dt + bias)
+            v = tl.load(dt_b + xo).to(ACC)
+            ddt = ddt * fast_sigmoid(v + bias if HAS_BIAS else v, LIBDEVICE)
+        if FULL:
+            tl.store(ddt_b + xo, ddt.to(ddt_b.dtype.element_ty))
+        else:
+            ddt = tl.where(ok, ddt, 0.0)
+            tl.store(ddt_b + xo, ddt.to(ddt_b.dtype.element_ty), mask=ok)
+        dbias_acc += ddt
+    return dD_acc, dbias_acc
+
+
 @fast_launch
 @triton.jit
 def scan_bwd_chunked_kernel(
@@ -187,7 +247,7 @@ def scan_bwd_chunked_kernel(
     BD: tl.constexpr, ACC: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_DHLAST: tl.constexpr, WANT_DH0: tl.constexpr, LIBDEVICE: tl.constexpr, I64: tl.constexpr,
-    SEGMENTED: tl.constexpr, DZ_AT: tl.constexpr, TRANSPOSED: tl.constexpr,
+    SEGMENTED: tl.constexpr, DZ_AT: tl.constexpr, TRANSPOSED: tl.constexpr, EVEN_T: tl.constexpr,
 ):
     """Backward of time segment pid_c (the whole sequence when nseg == 1) for BD channels of batch row pid_b,
     checkpoint intervals in reverse; the arguments are `scan_bwd_kernel`'s, less its scratch and tiling knobs.
@@ -265,7 +325,7 @@ def scan_bwd_chunked_kernel(
             for sb in range(0, nsb - 1):
                 ts = t0 + sb * SUB
                 rows = _rows(ts, tn, x_b, dt_b, dy_b, z_b, seq_b, d, dl, bias, s_t, s_yt, s_zt, s_st, SUB, False, ACC,
-                             HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ, LIBDEVICE, I64)
+                             HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ, LIBDEVICE, I64, True)
                 for n in range(0, dstate):
                     A2 = tl.load(A_ptr + (d * s_Ad + n * s_An)).to(ACC) * LOG2E
                     h = tl.load(hb + (sb * dstate + n) * BD)
@@ -282,8 +342,14 @@ def scan_bwd_chunked_kernel(
             ts = t0 + sb * SUB
             # only what the state loop reads stays in registers through it: x, dz's and ddt's inputs are loaded again
             # after it
-            rows = _rows(ts, tn, x_b, dt_b, dy_b, z_b, seq_b, d, dl, bias, s_t, s_yt, s_zt, s_st, SUB, True, ACC,
-                         HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ, LIBDEVICE, I64)
+            # a whole block: every block but a ragged last one, all of them when SUB divides seqlen (EVEN_T)
+            full = True if EVEN_T else ts + SUB <= tn
+            if full:
+                rows = _rows(ts, tn, x_b, dt_b, dy_b, z_b, seq_b, d, dl, bias, s_t, s_yt, s_zt, s_st, SUB, True, ACC,
+                             HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ, LIBDEVICE, I64, True)
+            else:
+                rows = _rows(ts, tn, x_b, dt_b, dy_b, z_b, seq_b, d, dl, bias, s_t, s_yt, s_zt, s_st, SUB, True, ACC,
+                             HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ, LIBDEVICE, I64, False)
             if TRANSPOSED:  # each lane's row of the block in dB / dC, and whether it adds it
                 red_off = time_offset(tl.minimum(ts + lrow, tn - 1), I64) * s_gn
                 red_ok = own & (ts + lrow < tn)
@@ -299,7 +365,7 @@ def scan_bwd_chunked_kernel(
                 Y = Y + (tl.zeros((BD,), dtype=ACC),)
             # the state entering the block: kept by the forward pass, or the interval's checkpoint
             h_at, h_sn = (hb + sb * dstate * BD, BD) if SUB < CHUNK else (ck, 1)
-            if ts + SUB <= tn:  # a whole block (every block but a ragged last one): rows ts + u unclamped
+            if full:  # rows ts + u unclamped
                 S1, S2, Y = _state_loop(rows, ts, tn, S1, S2, Y, h_at, h_sn, cb, A_ptr, d, s_Ad, s_An, dstate, B_b, C_b,
                                         dB_b, dC_b, dB_t, dC_t, red_off, red_ok, s_gn, dl, S_BT, BD, RED_CH, SUB, ACC,
                                         HAS_SEQ, TRANSPOSED, LIBDEVICE, I64, True)
@@ -307,31 +373,14 @@ def scan_bwd_chunked_kernel(
                 S1, S2, Y = _state_loop(rows, ts, tn, S1, S2, Y, h_at, h_sn, cb, A_ptr, d, s_Ad, s_An, dstate, B_b, C_b,
                                         dB_b, dC_b, dB_t, dC_t, red_off, red_ok, s_gn, dl, S_BT, BD, RED_CH, SUB, ACC,
                                         HAS_SEQ, TRANSPOSED, LIBDEVICE, I64, False)
-            for u in tl.static_range(SUB):
-                xdt, delta, dy, keep = rows[u]
-                ok = dl * 0 + ts + u < tn
-                to = time_offset(tl.minimum(ts + u, tn - 1), I64)
-                xo = to * s_t + d
-                x = tl.load(x_b + xo, mask=ok, other=0.0).to(ACC)
-                if HAS_Z:
-                    y = Y[u] + Dv * x if HAS_D else Y[u]
-                    dout = tl.load(dy_b + (to * s_yt + d), mask=ok, other=0.0).to(ACC)
-                    zf = tl.load(z_b + (to * s_zt + d)).to(ACC)
-                    sz = fast_sigmoid(zf, LIBDEVICE)
-                    dzo = xo if DZ_AT == 0 else to * s_zt + d if DZ_AT == 1 else to * s_dzt + d
-                    tl.store(dz_b + dzo, (dout * y * sz * (1.0 + zf * (1.0 - sz))).to(dz_b.dtype.element_ty), mask=ok)
-                dx = delta * S1[u]
-                if HAS_D:
-                    dx += Dv * dy
-                    dD_acc += dy * x
-                tl.store(dx_b + xo, dx.to(dx_b.dtype.element_ty), mask=ok)
-                ddt = x * S1[u] + S2[u] * LN2
-                if SOFTPLUS:  # d dt' / d dt = sigmoid(dt + bias)
-                    v = tl.load(dt_b + xo).to(ACC)
-                    ddt = ddt * fast_sigmoid(v + bias if HAS_BIAS else v, LIBDEVICE)
-                ddt = tl.where(ok, ddt, 0.0)
-                tl.store(ddt_b + xo, ddt.to(ddt_b.dtype.element_ty), mask=ok)
-                dbias_acc += ddt
+            if full:
+                dD_acc, dbias_acc = _epilogue(rows, S1, S2, Y, ts, tn, x_b, dt_b, dy_b, z_b, dx_b, ddt_b, dz_b, d, dl, bias,
+                                              Dv, s_t, s_yt, s_zt, s_dzt, dD_acc, dbias_acc, SUB, ACC, HAS_D, HAS_Z,
+                                              HAS_BIAS, SOFTPLUS, LIBDEVICE, I64, DZ_AT, True)
+            else:
+                dD_acc, dbias_acc = _epilogue(rows, S1, S2, Y, ts, tn, x_b, dt_b, dy_b, z_b, dx_b, ddt_b, dz_b, d, dl, bias,
+                                              Dv, s_t, s_yt, s_zt, s_dzt, dD_acc, dbias_acc, SUB, ACC, HAS_D, HAS_Z,
+                                              HAS_BIAS, SOFTPLUS, LIBDEVICE, I64, DZ_AT, False)
     for n in range(0, dstate):
         if WANT_DH0:
             tl.store(dh0_ptr + (st_off + n), tl.load(cb + n * BD), mask=d * 0 + pid_c == 0)
