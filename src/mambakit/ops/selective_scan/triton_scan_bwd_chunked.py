@@ -374,13 +374,13 @@ def scan_bwd_chunked_kernel(
                                         dB_b, dC_b, dB_t, dC_t, red_off, red_ok, s_gn, dl, S_BT, BD, RED_CH, SUB, ACC,
                                         HAS_SEQ, TRANSPOSED, LIBDEVICE, I64, False)
             if full:
-                dD_acc, dbias_acc = _epilogue(rows, S1, S2, Y, ts, tn, x_b, dt_b, dy_b, z_b, dx_b, ddt_b, dz_b, d, dl, bias,
-                                              Dv, s_t, s_yt, s_zt, s_dzt, dD_acc, dbias_acc, SUB, ACC, HAS_D, HAS_Z,
-                                              HAS_BIAS, SOFTPLUS, LIBDEVICE, I64, DZ_AT, True)
+                dD_acc, dbias_acc = _epilogue(rows, S1, S2, Y, ts, tn, x_b, dt_b, dy_b, z_b, dx_b, ddt_b, dz_b, d, dl,
+                                              bias, Dv, s_t, s_yt, s_zt, s_dzt, dD_acc, dbias_acc, SUB, ACC, HAS_D,
+                                              HAS_Z, HAS_BIAS, SOFTPLUS, LIBDEVICE, I64, DZ_AT, True)
             else:
-                dD_acc, dbias_acc = _epilogue(rows, S1, S2, Y, ts, tn, x_b, dt_b, dy_b, z_b, dx_b, ddt_b, dz_b, d, dl, bias,
-                                              Dv, s_t, s_yt, s_zt, s_dzt, dD_acc, dbias_acc, SUB, ACC, HAS_D, HAS_Z,
-                                              HAS_BIAS, SOFTPLUS, LIBDEVICE, I64, DZ_AT, False)
+                dD_acc, dbias_acc = _epilogue(rows, S1, S2, Y, ts, tn, x_b, dt_b, dy_b, z_b, dx_b, ddt_b, dz_b, d, dl,
+                                              bias, Dv, s_t, s_yt, s_zt, s_dzt, dD_acc, dbias_acc, SUB, ACC, HAS_D,
+                                              HAS_Z, HAS_BIAS, SOFTPLUS, LIBDEVICE, I64, DZ_AT, False)
     for n in range(0, dstate):
         if WANT_DH0:
             tl.store(dh0_ptr + (st_off + n), tl.load(cb + n * BD), mask=d * 0 + pid_c == 0)
