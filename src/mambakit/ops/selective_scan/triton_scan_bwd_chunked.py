@@ -25,6 +25,10 @@ sums over channels (dB, dC) are warp reductions per (step, state) over groups of
 float32 atomic into its replica. Each lane keeps its own channel's carry, dA_n and block states in the per-program
 buffer (the state loop is a runtime loop: one body, not N unrolled copies), so no barrier is needed. A time-parallel
 launch (SEGMENTED) takes the carry entering each segment from the adjoint-only pass, as the default backward does.
+TRANSPOSED (variant "chunked-t") sums a block's SUB rows of dB / dC over the warp at once (`_transposed_sum`: a
+reduce-scatter, then one atomic for the block's rows) instead of one warp sum and one atomic per row. A whole block
+(every block but a ragged last one; all of them when SUB divides seqlen, EVEN_T) runs copies of the block's code
+without masks or clamped steps, its B / C at constant offsets (the row stride S_BT is a constexpr).
 The variants (scan_policy.BWD_VARIANTS, "chunked*") and their static counts: docs/design/triton_selective_scan.md.
 """
 
