@@ -264,12 +264,11 @@ def scan_bwd(*, dy: torch.Tensor, dhlast: torch.Tensor | None, x: torch.Tensor, 
             s_b=x.stride(0), s_t=x.stride(1), s_zb=zs[0], s_zt=zs[1], s_Bb=B32.stride(0),
             s_Bg=B32.stride(2), s_sb=ss[0], s_st=ss[1], s_Ad=A.stride(0), s_An=A.stride(1), s_yb=dy.stride(0),
             s_yt=dy.stride(1), s_dzb=dzs[0], s_dzt=dzs[1],
-            S_BT=B32.stride(1), NREP=nrep, RED_CH=red_ch, CHUNK=interval, SUB=sub, BD=bd, ACC=acc_tl, HAS_D=D is not None, HAS_Z=z is not None,
-            HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None,
-            HAS_DHLAST=dhl is not None, WANT_DH0=want_dinitial, LIBDEVICE=not triton_interpret(), I64=i64,
-            SEGMENTED=nseg > 1, DZ_AT=dz_at, TRANSPOSED=transposed, EVEN_T=seqlen % sub == 0,
-            num_warps=nwarps,
-            **({} if maxnreg is None else {"maxnreg": maxnreg}),
+            S_BT=B32.stride(1), NREP=nrep, RED_CH=red_ch, CHUNK=interval, SUB=sub, BD=bd, ACC=acc_tl,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+            HAS_SEQ=seq_idx is not None, HAS_DHLAST=dhl is not None, WANT_DH0=want_dinitial,
+            LIBDEVICE=not triton_interpret(), I64=i64, SEGMENTED=nseg > 1, DZ_AT=dz_at, TRANSPOSED=transposed,
+            EVEN_T=seqlen % sub == 0, num_warps=nwarps, **({} if maxnreg is None else {"maxnreg": maxnreg}),
         )
     else:
         scan_bwd_kernel[(dim // tiles.BD, batch, nseg)](

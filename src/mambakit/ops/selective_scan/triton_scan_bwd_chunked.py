@@ -128,9 +128,9 @@ def _state_loop(rows, ts, tn, S1, S2, Y, h_at, h_sn, cb, A_ptr, d, s_Ad, s_An, d
     for n in range(0, dstate):
         A2 = tl.load(A_ptr + (d * s_Ad + n * s_An)).to(ACC) * LOG2E
         h = tl.load(h_at + n * h_sn).to(ACC)
-        # (a whole block: one address per state, and its rows at constant offsets from it)
-        Bp = B_b + (time_offset(ts, I64) * S_BT + n)
-        Cp = C_b + (time_offset(ts, I64) * S_BT + n)
+        if FULL:  # one address per state, the block's rows at constant offsets from it
+            Bp = B_b + (time_offset(ts, I64) * S_BT + n)
+            Cp = C_b + (time_offset(ts, I64) * S_BT + n)
         # forward through the block: keep a_t, h_{t-1}, B, C of each row for the reverse
         fw = ()
         Y_new = ()
